@@ -1,0 +1,88 @@
+/* kvmesh.c - the `kvmesh` command: a thin dispatcher over the subcommands in cli/cmd_*.c.
+ * Each subcommand is `int cmd_<name>(int argc, char **argv)` (argv[0] = subcommand name) returning the
+ * process exit status. Subcommands not linked in (weak symbols) say so. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "runtime/core/core.h"
+
+typedef int (*cmd_fn)(int, char **);
+#define KVM_WEAK __attribute__((weak))
+KVM_WEAK int cmd_generate(int, char **);
+KVM_WEAK int cmd_tokenize(int, char **);
+KVM_WEAK int cmd_eval(int, char **);
+KVM_WEAK int cmd_minitasks(int, char **);
+KVM_WEAK int cmd_run(int, char **);
+KVM_WEAK int cmd_serve(int, char **);
+KVM_WEAK int cmd_trace(int, char **);
+KVM_WEAK int cmd_bench(int, char **);
+KVM_WEAK int cmd_info(int, char **);
+
+static const struct {
+    const char *name;
+    cmd_fn *fn;
+    const char *help;
+} cmds[] = {
+    {"generate", (cmd_fn *)0, "generate text from a prompt, streaming tokens"},
+    {"tokenize", (cmd_fn *)0, "print the token ids of a text as a JSON array"},
+    {"info", (cmd_fn *)0, "describe a model and the backend that would run it"},
+    {"eval", (cmd_fn *)0, "evaluate a model on a task suite (minitasks)"},
+    {"minitasks", (cmd_fn *)0, "generate minitasks items (training / evaluation data)"},
+    {"run", (cmd_fn *)0, "run a Lua workflow of agents"},
+    {"serve", (cmd_fn *)0, "serve the ZeroMQ JSON interface"},
+    {"trace", (cmd_fn *)0, "inspect run traces"},
+    {"bench", (cmd_fn *)0, "run a benchmark (engine, kvcomm, ...)"},
+};
+
+static cmd_fn lookup(const char *name) {
+    if (!strcmp(name, "generate")) return cmd_generate;
+    if (!strcmp(name, "tokenize")) return cmd_tokenize;
+    if (!strcmp(name, "info")) return cmd_info;
+    if (!strcmp(name, "eval")) return cmd_eval;
+    if (!strcmp(name, "minitasks")) return cmd_minitasks;
+    if (!strcmp(name, "run")) return cmd_run;
+    if (!strcmp(name, "serve")) return cmd_serve;
+    if (!strcmp(name, "trace")) return cmd_trace;
+    if (!strcmp(name, "bench")) return cmd_bench;
+    return NULL;
+}
+
+static void usage(FILE *f) {
+    fprintf(f, "kvmesh %s - a runtime for multi-agent LLM systems that share KV caches\n\n", KVM_VERSION);
+    fprintf(f, "usage: kvmesh <command> [options]    (kvmesh <command> --help for its options)\n\ncommands:\n");
+    for (size_t i = 0; i < sizeof cmds / sizeof cmds[0]; i++) {
+        cmd_fn fn = lookup(cmds[i].name);
+        fprintf(f, "  %-10s %s%s\n", cmds[i].name, cmds[i].help, fn ? "" : " (not in this build)");
+    }
+    fprintf(f, "\nenvironment: KVM_THREADS=N (CPU threads), KVM_BACKEND=auto|cpu|cuda, KVM_LOG=debug|info|warn|error\n");
+}
+
+int main(int argc, char **argv) {
+    const char *lv = getenv("KVM_LOG");
+    if (lv) {
+        if (!strcmp(lv, "debug")) kvm_log_set_level(KVM_LOG_DEBUG);
+        else if (!strcmp(lv, "info")) kvm_log_set_level(KVM_LOG_INFO);
+        else if (!strcmp(lv, "error")) kvm_log_set_level(KVM_LOG_ERROR);
+    }
+    if (argc < 2 || !strcmp(argv[1], "--help") || !strcmp(argv[1], "-h") || !strcmp(argv[1], "help")) {
+        usage(stdout);
+        return argc < 2 ? 2 : 0;
+    }
+    if (!strcmp(argv[1], "--version")) {
+        printf("kvmesh %s\n", KVM_VERSION);
+        return 0;
+    }
+    cmd_fn fn = lookup(argv[1]);
+    if (!fn) {
+        for (size_t i = 0; i < sizeof cmds / sizeof cmds[0]; i++)
+            if (!strcmp(cmds[i].name, argv[1])) {
+                fprintf(stderr, "kvmesh: '%s' is not part of this build yet\n", argv[1]);
+                return 2;
+            }
+        fprintf(stderr, "kvmesh: unknown command '%s'\n\n", argv[1]);
+        usage(stderr);
+        return 2;
+    }
+    return fn(argc - 1, argv + 1);
+}

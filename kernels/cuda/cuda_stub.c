@@ -1,0 +1,10 @@
+/* cuda_stub.c - stands in for the CUDA backend when the build has no nvcc. */
+#include "../ops.h"
+#include "../../runtime/core/status.h"
+
+#include <stddef.h>
+
+const kvm_ops_t *kvm_ops_cuda(void) {
+    kvm_seterr(KVM_EUNSUPPORTED, "this kvmesh was built without the CUDA backend (nvcc was not found at build time)");
+    return NULL;
+}

@@ -1,0 +1,107 @@
+/* ops.h - the backend-neutral op table (L0).
+ *
+ * The model forward (runtime/model/forward.c) is written once against this table; a backend supplies
+ * the memory functions and the ops. All activations are fp32 in backend memory; weight matrices are
+ * views of F32/F16/BF16 data in backend memory; norm weights and biases are fp32 arrays in backend
+ * memory. The CPU backend (kernels/cpu) is the reference and is always built; the CUDA backend
+ * (kernels/cuda) is built when nvcc is found and chosen at run time when a GPU is present.
+ *
+ * KV cache layout (the contract between kv/ and the attention kernels): the pool is an array of blocks
+ * of KVM_KV_BLOCK tokens; block b holds, for each layer l, K then V, each [n_kv_heads][KVM_KV_BLOCK][head_dim]:
+ *   elem(b, l, kv, h, t, d) = ((((b * L + l) * 2 + kv) * H + h) * KVM_KV_BLOCK + t) * D + d
+ * Keys are stored post-RoPE (post QK-norm for Qwen3) in the frame of their absolute position. */
+#ifndef KVM_OPS_H
+#define KVM_OPS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#define KVM_KV_BLOCK 16
+
+typedef enum kvm_dtype { KVM_F32 = 0, KVM_F16 = 1, KVM_BF16 = 2 } kvm_dtype_t;
+size_t kvm_dtype_size(kvm_dtype_t t);
+const char *kvm_dtype_name(kvm_dtype_t t);
+
+typedef enum kvm_rope_layout {
+    KVM_ROPE_HALF = 0,        /* rotate-half (HF, Llama-3, Qwen): pair j = (x[j], x[j + D/2]) */
+    KVM_ROPE_INTERLEAVED = 1, /* llama2.c / Meta original: pair j = (x[2j], x[2j+1]) */
+} kvm_rope_layout_t;
+
+/* A weight matrix W[rows = out][cols = in], row-major, in backend memory. */
+typedef struct kvm_wmat {
+    const void *data;
+    kvm_dtype_t dtype;
+    int rows, cols;
+} kvm_wmat_t;
+
+/* Describes one forward step over several sequences (rows of q are grouped by sequence). */
+typedef struct kvm_attn_batch {
+    int n_seqs;
+    const int32_t *row_start;   /* [n_seqs + 1] first row of each sequence in q/out (backend memory) */
+    const int32_t *ctx_len;     /* [n_seqs] tokens in the cache after this step's append (backend memory) */
+    const int32_t *block_table; /* [n_seqs][max_blocks] block ids (backend memory) */
+    int max_blocks;
+    int total_rows;
+    /* host copies of the above, for backends that plan on the host */
+    const int32_t *h_row_start, *h_ctx_len, *h_block_table;
+} kvm_attn_batch_t;
+
+typedef struct kvm_kv_geom {
+    int n_layers, n_kv_heads, head_dim;
+    kvm_dtype_t dtype; /* storage dtype of the pool */
+} kvm_kv_geom_t;
+
+typedef struct kvm_ops {
+    const char *name; /* "cpu" or "cuda" */
+
+    /* memory in this backend; alloc returns NULL on failure (message set) */
+    void *(*alloc)(size_t bytes);
+    void (*free)(void *p);
+    int (*h2d)(void *dst, const void *src, size_t bytes);
+    int (*d2h)(void *dst, const void *src, size_t bytes);
+    int (*d2d)(void *dst, const void *src, size_t bytes);
+    int (*memset0)(void *dst, size_t bytes);
+    int (*sync)(void);
+
+    /* out[n][dim] = table[ids[n]][:] (table in dtype) */
+    void (*embed)(float *out, const void *table, kvm_dtype_t dtype, const int32_t *ids, int n, int dim);
+    /* out[n][dim] = x / rms(x) * w  (out may equal x) */
+    void (*rmsnorm)(float *out, const float *x, const float *w, int n, int dim, float eps);
+    /* per-head RMSNorm in place: x[n][heads][hd] (Qwen3 q_norm / k_norm); row stride = heads*hd */
+    void (*head_rmsnorm)(float *x, const float *w, int n, int heads, int hd, float eps);
+    /* y[n][rows] = x[n][cols] @ W^T (+ bias[rows] if bias) */
+    void (*matmul)(float *y, const float *x, const kvm_wmat_t *W, const float *bias, int n);
+    /* in place rotation of x[n][heads][hd] by positions pos[n] (backend memory) with table inv_freq[hd/2]
+     * (backend memory, the scaled frequencies). Angles are formed in fp64 and reduced to [-pi, pi). */
+    void (*rope)(float *x, int n, int heads, int hd, const int32_t *pos, const float *inv_freq, kvm_rope_layout_t layout);
+    /* out[i] = silu(gate[i]) * up[i] */
+    void (*swiglu)(float *out, const float *gate, const float *up, size_t n);
+    /* x[i] += y[i] */
+    void (*add)(float *x, const float *y, size_t n);
+    /* writes k,v [rows][kvh*hd] of this step into the cache at positions ctx_len - n_new .. ctx_len - 1 */
+    void (*kv_write)(void *kv, const kvm_kv_geom_t *g, int layer, const float *k, const float *v, const kvm_attn_batch_t *b);
+    /* causal grouped-query attention of q [rows][heads*hd] over the cache (which already holds this step's
+     * keys); out [rows][heads*hd]; scale = 1/sqrt(hd) */
+    void (*attention)(float *out, const float *q, const void *kv, const kvm_kv_geom_t *g, int layer, int heads,
+                      const kvm_attn_batch_t *b, float scale);
+    /* rotates the keys of `n` tokens in the cache by delta[i] positions (all layers, K only):
+     * tokens are (block ids blk[i], slot t[i]); both layouts. One launch for all layers. */
+    void (*rope_shift)(void *kv, const kvm_kv_geom_t *g, const int32_t *blk, const int32_t *slot, const int32_t *delta,
+                       int n, const float *inv_freq, kvm_rope_layout_t layout);
+    /* index of the max of x[n] (first on ties) */
+    int (*argmax)(const float *x, int n);
+} kvm_ops_t;
+
+/* The CPU reference backend (always available). */
+const kvm_ops_t *kvm_ops_cpu(void);
+/* The CUDA backend, or NULL (with a message in kvm_errmsg) when it is not compiled in, no driver or
+ * no GPU is present. */
+const kvm_ops_t *kvm_ops_cuda(void);
+/* "auto" (CUDA if usable, else CPU), "cpu" or "cuda". NULL + message if the request cannot be met. */
+const kvm_ops_t *kvm_ops_select(const char *name);
+
+/* Shared helpers of the reference math (used by every backend's host-side code and the tests). */
+/* Angle p*w reduced to [-pi, pi), computed in fp64. */
+double kvm_rope_angle(double pos, float inv_freq);
+
+#endif

@@ -1,0 +1,286 @@
+/* core.c - files, counted allocation, logging, hashing, time, fp16/bf16. */
+#include "core.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+/* ---- files ---------------------------------------------------------------------------------- */
+
+int kvm_mmap_open(kvm_mmap_t *m, const char *path) {
+    memset(m, 0, sizeof *m);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return kvm_seterr(errno == ENOENT ? KVM_ENOENT : KVM_EIO, "%s: cannot open: %s", path, strerror(errno));
+    struct stat st;
+    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+        close(fd);
+        return kvm_seterr(KVM_EIO, "%s: not a regular file", path);
+    }
+    m->size = (size_t)st.st_size;
+    if (m->size > 0) {
+        void *p = mmap(NULL, m->size, PROT_READ, MAP_PRIVATE, fd, 0);
+        if (p == MAP_FAILED) {
+            close(fd);
+            return kvm_seterr(KVM_EIO, "%s: mmap failed: %s", path, strerror(errno));
+        }
+        m->data = p;
+    }
+    close(fd);
+    m->path = strdup(path);
+    return 0;
+}
+
+void kvm_mmap_close(kvm_mmap_t *m) {
+    if (!m) return;
+    if (m->data) munmap(m->data, m->size);
+    free(m->path);
+    memset(m, 0, sizeof *m);
+}
+
+int kvm_read_file(const char *path, char **out, size_t *len, size_t max_bytes) {
+    *out = NULL;
+    if (len) *len = 0;
+    if (max_bytes == 0) max_bytes = (size_t)1 << 30;
+    FILE *f = fopen(path, "rb");
+    if (!f) return kvm_seterr(errno == ENOENT ? KVM_ENOENT : KVM_EIO, "%s: cannot open: %s", path, strerror(errno));
+    struct stat st;
+    if (fstat(fileno(f), &st) != 0 || !S_ISREG(st.st_mode)) {
+        fclose(f);
+        return kvm_seterr(KVM_EIO, "%s: not a regular file", path);
+    }
+    if ((size_t)st.st_size > max_bytes) {
+        fclose(f);
+        return kvm_seterr(KVM_ERANGE, "%s: file is %lld bytes, more than the limit of %zu", path,
+                          (long long)st.st_size, max_bytes);
+    }
+    size_t n = (size_t)st.st_size;
+    char *buf = malloc(n + 1);
+    if (!buf) {
+        fclose(f);
+        return kvm_seterr(KVM_ENOMEM, "%s: out of memory reading %zu bytes", path, n);
+    }
+    size_t got = fread(buf, 1, n, f);
+    fclose(f);
+    if (got != n) {
+        free(buf);
+        return kvm_seterr(KVM_EIO, "%s: short read (%zu of %zu bytes)", path, got, n);
+    }
+    buf[n] = 0;
+    *out = buf;
+    if (len) *len = n;
+    return 0;
+}
+
+bool kvm_file_exists(const char *path) {
+    struct stat st;
+    return stat(path, &st) == 0 && S_ISREG(st.st_mode);
+}
+
+bool kvm_dir_exists(const char *path) {
+    struct stat st;
+    return stat(path, &st) == 0 && S_ISDIR(st.st_mode);
+}
+
+int kvm_path_join(char *buf, size_t cap, const char *dir, const char *name) {
+    size_t dl = strlen(dir);
+    int n = (dl > 0 && dir[dl - 1] == '/') ? snprintf(buf, cap, "%s%s", dir, name)
+                                           : snprintf(buf, cap, "%s/%s", dir, name);
+    if (n < 0 || (size_t)n >= cap) return kvm_seterr(KVM_ERANGE, "path too long: %s/%s", dir, name);
+    return 0;
+}
+
+/* ---- counted allocation --------------------------------------------------------------------- */
+
+/* Each block carries a 16-byte header with its size so that free can subtract it. */
+#define KVM_HDR 16
+static atomic_size_t g_live;
+
+void *kvm_malloc(size_t n) {
+    if (n > SIZE_MAX - KVM_HDR) { kvm_seterr(KVM_ENOMEM, "allocation of %zu bytes overflows", n); return NULL; }
+    unsigned char *p = malloc(n + KVM_HDR);
+    if (!p) { kvm_seterr(KVM_ENOMEM, "out of memory allocating %zu bytes", n); return NULL; }
+    memcpy(p, &n, sizeof n);
+    atomic_fetch_add(&g_live, n);
+    return p + KVM_HDR;
+}
+
+void *kvm_calloc(size_t count, size_t size) {
+    if (size && count > SIZE_MAX / size) { kvm_seterr(KVM_ENOMEM, "calloc(%zu, %zu) overflows", count, size); return NULL; }
+    void *p = kvm_malloc(count * size);
+    if (p) memset(p, 0, count * size);
+    return p;
+}
+
+void *kvm_realloc(void *p, size_t n) {
+    if (!p) return kvm_malloc(n);
+    if (n == 0) { kvm_free(p); return NULL; }
+    unsigned char *base = (unsigned char *)p - KVM_HDR;
+    size_t old;
+    memcpy(&old, base, sizeof old);
+    if (n > SIZE_MAX - KVM_HDR) { kvm_seterr(KVM_ENOMEM, "allocation of %zu bytes overflows", n); return NULL; }
+    unsigned char *q = realloc(base, n + KVM_HDR);
+    if (!q) { kvm_seterr(KVM_ENOMEM, "out of memory reallocating to %zu bytes", n); return NULL; }
+    memcpy(q, &n, sizeof n);
+    atomic_fetch_sub(&g_live, old);
+    atomic_fetch_add(&g_live, n);
+    return q + KVM_HDR;
+}
+
+void kvm_free(void *p) {
+    if (!p) return;
+    unsigned char *base = (unsigned char *)p - KVM_HDR;
+    size_t n;
+    memcpy(&n, base, sizeof n);
+    atomic_fetch_sub(&g_live, n);
+    free(base);
+}
+
+char *kvm_strdup(const char *s) {
+    size_t n = strlen(s) + 1;
+    char *p = kvm_malloc(n);
+    if (p) memcpy(p, s, n);
+    return p;
+}
+
+size_t kvm_alloc_bytes_live(void) { return atomic_load(&g_live); }
+
+/* ---- logging -------------------------------------------------------------------------------- */
+
+static int g_log_level = KVM_LOG_WARN;
+void kvm_log_set_level(int level) { g_log_level = level; }
+int kvm_log_get_level(void) { return g_log_level; }
+
+void kvm_log(int level, const char *fmt, ...) {
+    if (level < g_log_level) return;
+    static const char *names[] = {"debug", "info", "warning", "error"};
+    char buf[2048];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(buf, sizeof buf, fmt, ap);
+    va_end(ap);
+    fprintf(stderr, "kvmesh %s: %s\n", names[level < 0 ? 0 : level > 3 ? 3 : level], buf);
+}
+
+/* ---- hashing and time ----------------------------------------------------------------------- */
+
+uint64_t kvm_hash64(const void *data, size_t n, uint64_t seed) {
+    const unsigned char *p = data;
+    uint64_t h = seed;
+    for (size_t i = 0; i < n; i++) {
+        h ^= p[i];
+        h *= 0x100000001b3ULL;
+    }
+    return h;
+}
+
+uint64_t kvm_now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
+}
+
+uint64_t kvm_wall_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
+}
+
+/* ---- numeric conversions -------------------------------------------------------------------- */
+
+float kvm_bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+uint16_t kvm_f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40); /* quiet NaN */
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+float kvm_f16_to_f32(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+    uint32_t exp = (h >> 10) & 0x1fu;
+    uint32_t man = h & 0x3ffu;
+    uint32_t u;
+    if (exp == 0) {
+        if (man == 0) {
+            u = sign;
+        } else { /* subnormal: normalize */
+            int e = -1;
+            do { e++; man <<= 1; } while (!(man & 0x400u));
+            u = sign | ((uint32_t)(127 - 15 - e) << 23) | ((man & 0x3ffu) << 13);
+        }
+    } else if (exp == 31) {
+        u = sign | 0x7f800000u | (man << 13);
+    } else {
+        u = sign | ((exp + 127 - 15) << 23) | (man << 13);
+    }
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+uint16_t kvm_f32_to_f16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    uint32_t sign = (u >> 16) & 0x8000u;
+    int32_t exp = (int32_t)((u >> 23) & 0xff) - 127 + 15;
+    uint32_t man = u & 0x7fffffu;
+    if (((u >> 23) & 0xff) == 0xff) return (uint16_t)(sign | 0x7c00u | (man ? 0x200u : 0));
+    if (exp >= 31) return (uint16_t)(sign | 0x7c00u);
+    if (exp <= 0) {
+        if (exp < -10) return (uint16_t)sign;
+        man |= 0x800000u;
+        uint32_t shift = (uint32_t)(14 - exp);
+        uint32_t half = man >> shift;
+        uint32_t rem = man & ((1u << shift) - 1);
+        uint32_t mid = 1u << (shift - 1);
+        if (rem > mid || (rem == mid && (half & 1))) half++;
+        return (uint16_t)(sign | half);
+    }
+    uint32_t h = sign | ((uint32_t)exp << 10) | (man >> 13);
+    uint32_t rem = man & 0x1fffu;
+    if (rem > 0x1000u || (rem == 0x1000u && (h & 1))) h++;
+    return (uint16_t)h;
+}
+
+/* ---- threads -------------------------------------------------------------------------------- */
+
+static int g_threads;
+
+int kvm_threads(void) {
+    if (g_threads > 0) return g_threads;
+    const char *e = getenv("KVM_THREADS");
+    int n = e ? atoi(e) : 0;
+    if (n <= 0) {
+        long c = sysconf(_SC_NPROCESSORS_ONLN);
+        n = c > 0 ? (int)c : 1;
+    }
+    if (n > 256) n = 256;
+    g_threads = n;
+    return n;
+}
+
+void kvm_set_threads(int n) {
+    g_threads = n > 0 ? n : 0;
+#ifdef _OPENMP
+    omp_set_num_threads(kvm_threads());
+#endif
+}

@@ -1,0 +1,75 @@
+/* core.h - small services every layer uses: files, mmap, counted allocation, logging, hashing, time.
+ * (status.h is separate because every file includes it.) */
+#ifndef KVM_CORE_H
+#define KVM_CORE_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <stdbool.h>
+#include "status.h"
+
+/* ---- files ---------------------------------------------------------------------------------- */
+
+/* A read-only mapping of a whole file. kvm_mmap_open() fills *m; kvm_mmap_close() unmaps.
+ * An empty file maps to data == NULL, size == 0. */
+typedef struct kvm_mmap {
+    void *data;
+    size_t size;
+    char *path; /* owned copy */
+} kvm_mmap_t;
+int kvm_mmap_open(kvm_mmap_t *m, const char *path);
+void kvm_mmap_close(kvm_mmap_t *m);
+
+/* Reads a whole file into a NUL-terminated heap buffer; *out is freed by the caller with free().
+ * Refuses files larger than max_bytes (0 = 1 GiB). */
+int kvm_read_file(const char *path, char **out, size_t *len, size_t max_bytes);
+bool kvm_file_exists(const char *path);
+bool kvm_dir_exists(const char *path);
+/* Joins dir and name into buf (always NUL-terminated); returns KVM_ERANGE if it did not fit. */
+int kvm_path_join(char *buf, size_t cap, const char *dir, const char *name);
+
+/* ---- counted allocation --------------------------------------------------------------------- */
+
+/* malloc/calloc/realloc/free that keep a global byte count (for budgets, leak checks and the
+ * Lua/cJSON hooks). They return NULL and set KVM_ENOMEM on failure. */
+void *kvm_malloc(size_t n);
+void *kvm_calloc(size_t count, size_t size);
+void *kvm_realloc(void *p, size_t n);
+void kvm_free(void *p);
+char *kvm_strdup(const char *s);
+size_t kvm_alloc_bytes_live(void);
+
+/* ---- logging -------------------------------------------------------------------------------- */
+
+enum kvm_log_level { KVM_LOG_DEBUG = 0, KVM_LOG_INFO = 1, KVM_LOG_WARN = 2, KVM_LOG_ERROR = 3, KVM_LOG_OFF = 4 };
+void kvm_log_set_level(int level);
+int kvm_log_get_level(void);
+void kvm_log(int level, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+#define KVM_LOGD(...) kvm_log(KVM_LOG_DEBUG, __VA_ARGS__)
+#define KVM_LOGI(...) kvm_log(KVM_LOG_INFO, __VA_ARGS__)
+#define KVM_LOGW(...) kvm_log(KVM_LOG_WARN, __VA_ARGS__)
+#define KVM_LOGE(...) kvm_log(KVM_LOG_ERROR, __VA_ARGS__)
+
+/* ---- hashing and time ----------------------------------------------------------------------- */
+
+/* 64-bit FNV-1a over bytes, chained from seed (use KVM_HASH_SEED to start). */
+#define KVM_HASH_SEED 0xcbf29ce484222325ULL
+uint64_t kvm_hash64(const void *data, size_t n, uint64_t seed);
+/* Monotonic time in nanoseconds and wall-clock time in ns since the Unix epoch. */
+uint64_t kvm_now_ns(void);
+uint64_t kvm_wall_ns(void);
+
+/* ---- numeric conversions -------------------------------------------------------------------- */
+
+float kvm_bf16_to_f32(uint16_t h);
+uint16_t kvm_f32_to_bf16(float f); /* round to nearest even */
+float kvm_f16_to_f32(uint16_t h);
+uint16_t kvm_f32_to_f16(float f);
+
+/* ---- threads -------------------------------------------------------------------------------- */
+
+/* Number of worker threads the CPU kernels use (default: all cores; KVM_THREADS overrides). */
+int kvm_threads(void);
+void kvm_set_threads(int n);
+
+#endif

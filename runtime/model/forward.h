@@ -1,0 +1,33 @@
+/* forward.h - the transformer forward pass over batches of sequences (L2).
+ *
+ * One call runs the new tokens of several sequences through the model together: the linear layers see
+ * all rows at once (continuous batching), attention reads each sequence's cache through its block
+ * table, so reused and computed tokens look the same to it. */
+#ifndef KVM_FORWARD_H
+#define KVM_FORWARD_H
+
+#include "model.h"
+#include "../kv/kv.h"
+
+typedef struct kvm_batch_item {
+    kvm_seq_t *seq;          /* new tokens go at positions seq->n_tokens .. +n_tokens-1 */
+    const int32_t *tokens;   /* [n_tokens] host */
+    int n_tokens;
+    float *logits;           /* host; [vocab] for the last token, or [n_tokens][vocab] when all_logits;
+                                NULL = no logits wanted */
+    bool all_logits;
+} kvm_batch_item_t;
+
+/* Prepares the backend copy of the weights and the workspace for up to max_rows tokens per step.
+ * Called by kvm_model_load; safe to call again with a larger max_rows. */
+int kvm_forward_init(kvm_model_t *m, int max_rows);
+void kvm_forward_free(kvm_model_t *m);
+
+/* Runs one step. On success every item's seq has grown by its n_tokens. On error (KV budget, bad
+ * token id, rows beyond the context) no sequence is changed and the message says which item. */
+int kvm_forward(kvm_model_t *m, kvm_batch_item_t *items, int n_items);
+
+/* A KV pool sized for this model on its backend (kv_bytes of budget; 0 = enough for 4 full contexts). */
+kvm_kv_pool_t *kvm_model_kv_pool(kvm_model_t *m, size_t kv_bytes);
+
+#endif

@@ -1,0 +1,157 @@
+/* model.h - model configuration, weights, loading and the forward pass (L2).
+ *
+ * A model is loaded from either
+ *   - a llama2.c checkpoint (file, e.g. stories260K.bin) plus its tokenizer.bin, or
+ *   - a Hugging Face directory: config.json + model.safetensors | model.safetensors.index.json (+ shards),
+ *     tokenizer.json, tokenizer_config.json, generation_config.json.
+ * Weights are mmapped and pointed into (never copied on the CPU backend). */
+#ifndef KVM_MODEL_H
+#define KVM_MODEL_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "../core/core.h"
+#include "../../kernels/ops.h"
+
+#define KVM_MAX_EOS 8
+#define KVM_MAX_LAYERS 256
+
+typedef enum kvm_arch {
+    KVM_ARCH_LLAMA = 0, /* LlamaForCausalLM and llama2.c checkpoints */
+    KVM_ARCH_MISTRAL,   /* MistralForCausalLM */
+    KVM_ARCH_QWEN2,     /* Qwen2ForCausalLM: q/k/v biases */
+    KVM_ARCH_QWEN3,     /* Qwen3ForCausalLM: per-head q_norm/k_norm before RoPE */
+} kvm_arch_t;
+
+typedef enum kvm_rope_scaling_type { KVM_ROPE_SCALING_NONE = 0, KVM_ROPE_SCALING_LINEAR, KVM_ROPE_SCALING_LLAMA3 } kvm_rope_scaling_type_t;
+
+typedef enum kvm_chat_format {
+    KVM_CHAT_NONE = 0, /* plain text (llama2.c stories) */
+    KVM_CHAT_LLAMA3,   /* <|start_header_id|>role<|end_header_id|>\n\n ... <|eot_id|> */
+    KVM_CHAT_CHATML,   /* <|im_start|>role\n ... <|im_end|>\n (Qwen) */
+    KVM_CHAT_LLAMA2,   /* [INST] <<SYS>> ... <</SYS>> ... [/INST] */
+} kvm_chat_format_t;
+
+typedef struct kvm_config {
+    kvm_arch_t arch;
+    char arch_name[64];      /* "LlamaForCausalLM", ..., "llama2c" */
+    int dim;                 /* hidden size */
+    int hidden_dim;          /* FFN intermediate size */
+    int n_layers;
+    int n_heads;             /* query heads */
+    int n_kv_heads;
+    int head_dim;            /* may differ from dim / n_heads (Qwen3) */
+    int vocab_size;
+    int max_seq_len;
+    float rms_eps;
+    double rope_theta;
+    kvm_rope_layout_t rope_layout;
+    kvm_rope_scaling_type_t rope_scaling;
+    double rope_factor;          /* linear and llama3 */
+    double rope_low_freq_factor; /* llama3 */
+    double rope_high_freq_factor;
+    int rope_original_max_pos;
+    bool tied_embeddings;
+    bool qkv_bias;
+    bool qk_norm;
+    int bos_id;                  /* -1 if the model has none */
+    bool add_bos;                /* prepend BOS when encoding a prompt */
+    int eos_ids[KVM_MAX_EOS];    /* from config.json + generation_config.json (+ chat end token) */
+    int n_eos;
+    int pad_id;
+    kvm_chat_format_t chat_format;
+    kvm_dtype_t weight_dtype;    /* dtype of the stored matrices */
+    /* defaults from generation_config.json (0 when absent) */
+    float gen_temperature, gen_top_p;
+    int gen_top_k;
+    float gen_repetition_penalty;
+} kvm_config_t;
+
+/* A tensor view (host memory, usually inside an mmap). */
+typedef struct kvm_tensor {
+    const void *data;
+    kvm_dtype_t dtype;
+    int ndim;
+    int64_t shape[4];
+} kvm_tensor_t;
+
+typedef struct kvm_layer_weights {
+    kvm_tensor_t attn_norm;     /* (dim) */
+    kvm_tensor_t wq;            /* (n_heads * head_dim, dim) */
+    kvm_tensor_t wk;            /* (n_kv_heads * head_dim, dim) */
+    kvm_tensor_t wv;            /* (n_kv_heads * head_dim, dim) */
+    kvm_tensor_t wo;            /* (dim, n_heads * head_dim) */
+    kvm_tensor_t bq, bk, bv;    /* (n_heads*head_dim), (n_kv_heads*head_dim) x2; Qwen2 only (data NULL otherwise) */
+    kvm_tensor_t q_norm, k_norm;/* (head_dim); Qwen3 only */
+    kvm_tensor_t ffn_norm;      /* (dim) */
+    kvm_tensor_t w_gate;        /* (hidden_dim, dim)  llama2.c w1 */
+    kvm_tensor_t w_down;        /* (dim, hidden_dim)  llama2.c w2 */
+    kvm_tensor_t w_up;          /* (hidden_dim, dim)  llama2.c w3 */
+} kvm_layer_weights_t;
+
+typedef struct kvm_weights {
+    kvm_tensor_t tok_emb;       /* (vocab, dim) */
+    kvm_tensor_t final_norm;    /* (dim) */
+    kvm_tensor_t lm_head;       /* (vocab, dim); == tok_emb when tied */
+    kvm_layer_weights_t *layers;/* [n_layers] */
+} kvm_weights_t;
+
+struct kvm_tokenizer;
+struct kvm_backend_model;
+
+typedef struct kvm_model {
+    kvm_config_t cfg;
+    kvm_weights_t w;
+    struct kvm_tokenizer *tok;
+    kvm_mmap_t *maps;           /* weight files */
+    int n_maps;
+    void *owned;                /* buffers the loader allocated (synthetic weights); freed with the model */
+    double *inv_freq64;         /* [head_dim/2] scaled RoPE frequencies (fp64 master) */
+    float *inv_freq;            /* [head_dim/2] the same rounded to fp32: one table for forward and shifts */
+    char *path;
+    char name[128];             /* model id (directory or file base name) */
+    uint64_t model_id;          /* hash of config + path; segments record it */
+    const kvm_ops_t *ops;       /* backend the forward runs on */
+    struct kvm_backend_model *bm; /* backend copies of weights + workspace (forward.c) */
+} kvm_model_t;
+
+typedef struct kvm_load_opts {
+    const char *tokenizer_path; /* llama2.c: tokenizer.bin (default: tokenizer.bin or tok<vocab>.bin beside it) */
+    const char *backend;        /* "auto" (default), "cpu", "cuda" */
+    bool quiet;                 /* no progress on stderr */
+    kvm_dtype_t device_dtype;   /* GPU weight dtype (default BF16; F32 = parity mode) */
+    bool device_dtype_set;
+} kvm_load_opts_t;
+
+/* Loads a model (see the header comment). Returns NULL and sets the message on any error; the model
+ * is freed with kvm_model_free(). */
+kvm_model_t *kvm_model_load(const char *path, const kvm_load_opts_t *opts);
+void kvm_model_free(kvm_model_t *m);
+
+/* Loader entry points (model.c dispatches). Each fills m->cfg, m->w, m->maps; errors name file and tensor. */
+int kvm_load_llama2c(kvm_model_t *m, const char *path);
+int kvm_load_hf(kvm_model_t *m, const char *dir);
+/* Parses HF config.json text into cfg (generation/tokenizer configs are merged by kvm_load_hf). */
+int kvm_config_parse_hf(kvm_config_t *cfg, const char *json, const char *path_for_errors);
+/* Validates cfg itself (positive sizes, divisibility, supported rope) */
+int kvm_config_validate(const kvm_config_t *cfg, const char *where);
+/* Builds m->inv_freq{,64} from cfg (rope scaling included). */
+int kvm_model_build_rope(kvm_model_t *m);
+/* Checks one tensor's presence, dtype and shape; the message names the tensor, expected and found. */
+int kvm_tensor_check(const kvm_tensor_t *t, const char *name, int ndim, int64_t d0, int64_t d1);
+
+/* Element i of a tensor as fp32. */
+static inline float kvm_tensor_get(const kvm_tensor_t *t, size_t i) {
+    switch (t->dtype) {
+    case KVM_F32: return ((const float *)t->data)[i];
+    case KVM_F16: return kvm_f16_to_f32(((const uint16_t *)t->data)[i]);
+    default: return kvm_bf16_to_f32(((const uint16_t *)t->data)[i]);
+    }
+}
+
+/* Human-readable one-line summary ("LlamaForCausalLM, 2 layers, dim 64, ... bf16"). */
+void kvm_model_describe(const kvm_model_t *m, char *buf, size_t cap);
+
+#endif
