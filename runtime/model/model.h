@@ -115,6 +115,9 @@ typedef struct kvm_model {
     uint64_t model_id;          /* hash of config + path; segments record it */
     const kvm_ops_t *ops;       /* backend the forward runs on */
     struct kvm_backend_model *bm; /* backend copies of weights + workspace (forward.c) */
+    bool weights_on_device;     /* tensors already live in backend memory (synthetic models); then norm
+                                   weights and biases must be F32 there, matrices any dtype */
+    kvm_dtype_t device_dtype;   /* dtype of matrices uploaded to a GPU backend (BF16 default, F32 parity mode) */
 } kvm_model_t;
 
 typedef struct kvm_load_opts {

@@ -1,0 +1,387 @@
+/* forward.c - the backend-neutral transformer forward over batches of sequences.
+ *
+ * Llama-family block: x += Wo·attn(rope(norm(x)·Wq), rope(norm(x)·Wk), norm(x)·Wv);
+ *                     x += Wdown·(silu(norm(x)·Wgate) * norm(x)·Wup); logits = norm(x)·lm_headᵀ.
+ * Qwen2 adds q/k/v biases, Qwen3 an RMSNorm per head on q and k before RoPE. Every op goes through
+ * the model's kvm_ops_t, so the same code runs on the CPU reference and on CUDA. */
+#include "forward.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef struct kvm_backend_layer {
+    kvm_wmat_t wq, wk, wv, wo, w_gate, w_up, w_down;
+    float *attn_norm, *ffn_norm, *bq, *bk, *bv, *q_norm, *k_norm; /* fp32, backend memory */
+} kvm_backend_layer_t;
+
+typedef struct kvm_backend_model {
+    const kvm_ops_t *ops;
+    kvm_backend_layer_t *layers;
+    kvm_wmat_t tok_emb, lm_head;
+    float *final_norm;
+    float *inv_freq;           /* backend copy of m->inv_freq */
+    void **owned;              /* backend allocations to free */
+    int n_owned, cap_owned;
+    /* workspace for max_rows rows */
+    int max_rows, max_logit_rows;
+    float *x, *xb, *q, *k, *v, *att, *hb, *hb2, *logits, *last;
+    int32_t *ids, *pos, *row_start, *ctx_len, *block_table;
+    int max_seqs, max_blocks_total;
+    /* host staging */
+    int32_t *h_ids, *h_pos, *h_row_start, *h_ctx_len, *h_block_table;
+} kvm_backend_model_t;
+
+static void *bm_alloc(kvm_backend_model_t *b, size_t bytes) {
+    if (b->n_owned == b->cap_owned) {
+        int cap = b->cap_owned ? b->cap_owned * 2 : 64;
+        void **n = kvm_realloc(b->owned, (size_t)cap * sizeof(void *));
+        if (!n) return NULL;
+        b->owned = n;
+        b->cap_owned = cap;
+    }
+    void *p = b->ops->alloc(bytes ? bytes : 1);
+    if (p) b->owned[b->n_owned++] = p;
+    return p;
+}
+
+static void bm_release(kvm_backend_model_t *b, void *p) {
+    if (!p) return;
+    for (int i = 0; i < b->n_owned; i++)
+        if (b->owned[i] == p) {
+            b->ops->free(p);
+            b->owned[i] = b->owned[--b->n_owned];
+            return;
+        }
+}
+
+/* fp32 copy of a small tensor (norm weight, bias) in backend memory; NULL data -> NULL. */
+static int upload_vec(kvm_backend_model_t *b, const kvm_model_t *m, const kvm_tensor_t *t, float **out) {
+    *out = NULL;
+    if (!t->data) return 0;
+    size_t n = (size_t)t->shape[0];
+    if (m->weights_on_device) {
+        if (t->dtype != KVM_F32) return kvm_seterr(KVM_EINTERNAL, "device-resident norm/bias must be F32");
+        *out = (float *)t->data;
+        return 0;
+    }
+    float *h = kvm_malloc(n * sizeof(float));
+    if (!h) return KVM_ENOMEM;
+    for (size_t i = 0; i < n; i++) h[i] = kvm_tensor_get(t, i);
+    float *d = bm_alloc(b, n * sizeof(float));
+    int rc = d ? b->ops->h2d(d, h, n * sizeof(float)) : KVM_ENOMEM;
+    kvm_free(h);
+    if (rc) return rc;
+    *out = d;
+    return 0;
+}
+
+/* A matrix view in backend memory: the mapping itself on the CPU, an uploaded (converted) copy elsewhere. */
+static int upload_mat(kvm_backend_model_t *b, const kvm_model_t *m, const kvm_tensor_t *t, kvm_wmat_t *out) {
+    out->rows = (int)t->shape[0];
+    out->cols = (int)t->shape[1];
+    if (m->weights_on_device || b->ops == kvm_ops_cpu()) {
+        out->data = t->data;
+        out->dtype = t->dtype;
+        return 0;
+    }
+    kvm_dtype_t dt = m->device_dtype;
+    size_t n = (size_t)out->rows * out->cols;
+    void *h = NULL;
+    const void *src = t->data;
+    if (dt != t->dtype) {
+        h = kvm_malloc(n * kvm_dtype_size(dt));
+        if (!h) return KVM_ENOMEM;
+        for (size_t i = 0; i < n; i++) {
+            float f = kvm_tensor_get(t, i);
+            if (dt == KVM_F32) ((float *)h)[i] = f;
+            else if (dt == KVM_BF16) ((uint16_t *)h)[i] = kvm_f32_to_bf16(f);
+            else ((uint16_t *)h)[i] = kvm_f32_to_f16(f);
+        }
+        src = h;
+    }
+    void *d = bm_alloc(b, n * kvm_dtype_size(dt));
+    int rc = d ? b->ops->h2d(d, src, n * kvm_dtype_size(dt)) : KVM_ENOMEM;
+    kvm_free(h);
+    if (rc) return rc;
+    out->data = d;
+    out->dtype = dt;
+    return 0;
+}
+
+static void free_workspace(kvm_backend_model_t *b) {
+    void *bufs[] = {b->x, b->xb, b->q, b->k, b->v, b->att, b->hb, b->hb2, b->logits, b->last,
+                    b->ids, b->pos, b->row_start, b->ctx_len, b->block_table};
+    for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) bm_release(b, bufs[i]);
+    b->x = b->xb = b->q = b->k = b->v = b->att = b->hb = b->hb2 = b->logits = b->last = NULL;
+    b->ids = b->pos = b->row_start = b->ctx_len = b->block_table = NULL;
+    kvm_free(b->h_ids);
+    kvm_free(b->h_pos);
+    kvm_free(b->h_row_start);
+    kvm_free(b->h_ctx_len);
+    kvm_free(b->h_block_table);
+    b->h_ids = b->h_pos = b->h_row_start = b->h_ctx_len = b->h_block_table = NULL;
+    b->max_rows = b->max_logit_rows = b->max_seqs = b->max_blocks_total = 0;
+}
+
+/* Sizes the workspace for rows tokens per step, seqs sequences, blocks block-table entries, logit_rows
+ * rows of logits. Only grows. */
+static int ensure_workspace(kvm_model_t *m, int rows, int seqs, int blocks, int logit_rows) {
+    kvm_backend_model_t *b = m->bm;
+    const kvm_config_t *c = &m->cfg;
+    if (rows <= b->max_rows && seqs <= b->max_seqs && blocks <= b->max_blocks_total && logit_rows <= b->max_logit_rows)
+        return 0;
+    int R = rows > b->max_rows ? rows : b->max_rows;
+    int S = seqs > b->max_seqs ? seqs : b->max_seqs;
+    int B = blocks > b->max_blocks_total ? blocks : b->max_blocks_total;
+    int LR = logit_rows > b->max_logit_rows ? logit_rows : b->max_logit_rows;
+    if (R < 16) R = 16;
+    if (S < 8) S = 8;
+    if (B < 64) B = 64;
+    if (LR < 8) LR = 8;
+    free_workspace(b);
+    size_t qd = (size_t)c->n_heads * c->head_dim, kd = (size_t)c->n_kv_heads * c->head_dim;
+    size_t dmax = (size_t)c->dim > qd ? (size_t)c->dim : qd;
+    b->x = bm_alloc(b, (size_t)R * c->dim * 4);
+    b->xb = bm_alloc(b, (size_t)R * dmax * 4);
+    b->q = bm_alloc(b, (size_t)R * qd * 4);
+    b->k = bm_alloc(b, (size_t)R * kd * 4);
+    b->v = bm_alloc(b, (size_t)R * kd * 4);
+    b->att = bm_alloc(b, (size_t)R * qd * 4);
+    b->hb = bm_alloc(b, (size_t)R * c->hidden_dim * 4);
+    b->hb2 = bm_alloc(b, (size_t)R * c->hidden_dim * 4);
+    b->logits = bm_alloc(b, (size_t)LR * c->vocab_size * 4);
+    b->last = bm_alloc(b, (size_t)LR * c->dim * 4);
+    b->ids = bm_alloc(b, (size_t)R * 4);
+    b->pos = bm_alloc(b, (size_t)R * 4);
+    b->row_start = bm_alloc(b, (size_t)(S + 1) * 4);
+    b->ctx_len = bm_alloc(b, (size_t)S * 4);
+    b->block_table = bm_alloc(b, (size_t)B * 4);
+    b->h_ids = kvm_malloc((size_t)R * 4);
+    b->h_pos = kvm_malloc((size_t)R * 4);
+    b->h_row_start = kvm_malloc((size_t)(S + 1) * 4);
+    b->h_ctx_len = kvm_malloc((size_t)S * 4);
+    b->h_block_table = kvm_malloc((size_t)B * 4);
+    if (!b->x || !b->xb || !b->q || !b->k || !b->v || !b->att || !b->hb || !b->hb2 || !b->logits || !b->last ||
+        !b->ids || !b->pos || !b->row_start || !b->ctx_len || !b->block_table || !b->h_ids || !b->h_pos ||
+        !b->h_row_start || !b->h_ctx_len || !b->h_block_table) {
+        free_workspace(b);
+        return kvm_seterr(KVM_ENOMEM, "forward: cannot allocate the workspace for %d rows on the %s backend", R, b->ops->name);
+    }
+    b->max_rows = R;
+    b->max_seqs = S;
+    b->max_blocks_total = B;
+    b->max_logit_rows = LR;
+    return 0;
+}
+
+int kvm_forward_init(kvm_model_t *m, int max_rows) {
+    if (m->bm) return ensure_workspace(m, max_rows, 0, 0, 0);
+    if (!m->ops) m->ops = kvm_ops_cpu();
+    if (!m->device_dtype && m->ops != kvm_ops_cpu()) m->device_dtype = KVM_BF16;
+    kvm_backend_model_t *b = kvm_calloc(1, sizeof *b);
+    if (!b) return KVM_ENOMEM;
+    b->ops = m->ops;
+    m->bm = b;
+    const kvm_config_t *c = &m->cfg;
+    int rc = 0;
+    b->layers = kvm_calloc((size_t)c->n_layers, sizeof *b->layers);
+    if (!b->layers) rc = KVM_ENOMEM;
+    for (int l = 0; !rc && l < c->n_layers; l++) {
+        const kvm_layer_weights_t *w = &m->w.layers[l];
+        kvm_backend_layer_t *bl = &b->layers[l];
+        if (!m->cfg.n_layers || kvm_log_get_level() <= KVM_LOG_INFO) KVM_LOGI("uploading layer %d/%d", l + 1, c->n_layers);
+        rc = upload_mat(b, m, &w->wq, &bl->wq);
+        if (!rc) rc = upload_mat(b, m, &w->wk, &bl->wk);
+        if (!rc) rc = upload_mat(b, m, &w->wv, &bl->wv);
+        if (!rc) rc = upload_mat(b, m, &w->wo, &bl->wo);
+        if (!rc) rc = upload_mat(b, m, &w->w_gate, &bl->w_gate);
+        if (!rc) rc = upload_mat(b, m, &w->w_up, &bl->w_up);
+        if (!rc) rc = upload_mat(b, m, &w->w_down, &bl->w_down);
+        if (!rc) rc = upload_vec(b, m, &w->attn_norm, &bl->attn_norm);
+        if (!rc) rc = upload_vec(b, m, &w->ffn_norm, &bl->ffn_norm);
+        if (!rc) rc = upload_vec(b, m, &w->bq, &bl->bq);
+        if (!rc) rc = upload_vec(b, m, &w->bk, &bl->bk);
+        if (!rc) rc = upload_vec(b, m, &w->bv, &bl->bv);
+        if (!rc) rc = upload_vec(b, m, &w->q_norm, &bl->q_norm);
+        if (!rc) rc = upload_vec(b, m, &w->k_norm, &bl->k_norm);
+    }
+    if (!rc) rc = upload_mat(b, m, &m->w.tok_emb, &b->tok_emb);
+    if (!rc) {
+        if (m->w.lm_head.data == m->w.tok_emb.data) b->lm_head = b->tok_emb;
+        else rc = upload_mat(b, m, &m->w.lm_head, &b->lm_head);
+    }
+    if (!rc) rc = upload_vec(b, m, &m->w.final_norm, &b->final_norm);
+    if (!rc) {
+        size_t n = (size_t)c->head_dim / 2 * sizeof(float);
+        b->inv_freq = bm_alloc(b, n);
+        rc = b->inv_freq ? b->ops->h2d(b->inv_freq, m->inv_freq, n) : KVM_ENOMEM;
+    }
+    if (!rc) rc = ensure_workspace(m, max_rows > 0 ? max_rows : 64, 8, 256, 8);
+    if (rc) {
+        kvm_forward_free(m);
+        return rc;
+    }
+    return 0;
+}
+
+void kvm_forward_free(kvm_model_t *m) {
+    kvm_backend_model_t *b = m ? m->bm : NULL;
+    if (!b) return;
+    free_workspace(b);
+    for (int i = 0; i < b->n_owned; i++) b->ops->free(b->owned[i]);
+    kvm_free(b->owned);
+    kvm_free(b->layers);
+    kvm_free(b);
+    m->bm = NULL;
+}
+
+kvm_kv_pool_t *kvm_model_kv_pool(kvm_model_t *m, size_t kv_bytes) {
+    kvm_kv_geom_t g = {.n_layers = m->cfg.n_layers, .n_kv_heads = m->cfg.n_kv_heads, .head_dim = m->cfg.head_dim,
+                       .dtype = m->ops == kvm_ops_cpu() ? KVM_F32 : KVM_BF16};
+    int n_blocks;
+    if (kv_bytes == 0) {
+        int ctx = m->cfg.max_seq_len > 0 && m->cfg.max_seq_len < 8192 ? m->cfg.max_seq_len : 8192;
+        n_blocks = 4 * ((ctx + KVM_KV_BLOCK - 1) / KVM_KV_BLOCK);
+    } else {
+        n_blocks = kvm_kv_blocks_for_bytes(&g, kv_bytes);
+    }
+    if (n_blocks <= 0) {
+        kvm_seterr(KVM_EINVAL, "KV budget of %zu bytes holds no block of %zu bytes", kv_bytes, kvm_kv_block_bytes(&g));
+        return NULL;
+    }
+    return kvm_kv_pool_create(m->ops, &g, n_blocks, m->model_id);
+}
+
+static inline float *rowp(float *base, int row, int width) { return base + (size_t)row * width; }
+
+int kvm_forward(kvm_model_t *m, kvm_batch_item_t *items, int n_items) {
+    const kvm_config_t *c = &m->cfg;
+    kvm_backend_model_t *b = m->bm;
+    if (!b) return kvm_seterr(KVM_EINVAL, "forward: model has no backend state");
+    if (n_items <= 0) return 0;
+    const kvm_ops_t *ops = b->ops;
+    int rows = 0, logit_rows = 0, blocks = 0;
+    for (int i = 0; i < n_items; i++) {
+        kvm_batch_item_t *it = &items[i];
+        if (!it->seq || it->n_tokens <= 0 || !it->tokens)
+            return kvm_seterr(KVM_EINVAL, "forward: batch item %d has no tokens or no sequence", i);
+        if (it->seq->pool->model_id != m->model_id)
+            return kvm_seterr(KVM_EMODEL, "forward: batch item %d's KV pool belongs to another model", i);
+        for (int t = 0; t < it->n_tokens; t++)
+            if (it->tokens[t] < 0 || it->tokens[t] >= c->vocab_size)
+                return kvm_seterr(KVM_ERANGE, "forward: batch item %d token %d has id %d, outside the vocabulary [0, %d)", i,
+                                  t, it->tokens[t], c->vocab_size);
+        int total = it->seq->n_tokens + it->n_tokens;
+        if (c->max_seq_len > 0 && total > c->max_seq_len)
+            return kvm_seterr(KVM_ERANGE, "forward: batch item %d would reach %d tokens, beyond the model's context of %d", i,
+                              total, c->max_seq_len);
+        for (int j = 0; j < i; j++)
+            if (items[j].seq == it->seq) return kvm_seterr(KVM_EINVAL, "forward: sequence appears twice in one batch");
+        rows += it->n_tokens;
+        if (it->logits) logit_rows += it->all_logits ? it->n_tokens : 1;
+    }
+    /* reserve KV for everyone first; on failure give back what this call took */
+    int *old_n = kvm_malloc((size_t)n_items * sizeof(int));
+    if (!old_n) return KVM_ENOMEM;
+    for (int i = 0; i < n_items; i++) old_n[i] = items[i].seq->n_tokens;
+    for (int i = 0; i < n_items; i++) {
+        int rc = kvm_seq_reserve(items[i].seq, old_n[i] + items[i].n_tokens);
+        if (rc) {
+            for (int j = 0; j <= i; j++) {
+                kvm_seq_t *s = items[j].seq;
+                int keep = (old_n[j] + KVM_KV_BLOCK - 1) / KVM_KV_BLOCK;
+                while (s->n_blocks > keep) kvm_kv_block_unref(s->pool, s->blocks[--s->n_blocks]);
+            }
+            kvm_free(old_n);
+            return kvm_errctx(rc, "forward: batch item %d", i);
+        }
+    }
+    int max_blocks = 0;
+    for (int i = 0; i < n_items; i++)
+        if (items[i].seq->n_blocks > max_blocks) max_blocks = items[i].seq->n_blocks;
+    blocks = max_blocks * n_items;
+    int rc = ensure_workspace(m, rows, n_items, blocks, logit_rows);
+    if (rc) {
+        kvm_free(old_n);
+        return rc;
+    }
+    /* host-side plan */
+    int r = 0;
+    for (int i = 0; i < n_items; i++) {
+        kvm_batch_item_t *it = &items[i];
+        b->h_row_start[i] = r;
+        b->h_ctx_len[i] = old_n[i] + it->n_tokens;
+        for (int t = 0; t < it->n_tokens; t++, r++) {
+            b->h_ids[r] = it->tokens[t];
+            b->h_pos[r] = old_n[i] + t;
+        }
+        memcpy(b->h_block_table + (size_t)i * max_blocks, it->seq->blocks, (size_t)it->seq->n_blocks * 4);
+        for (int k = it->seq->n_blocks; k < max_blocks; k++) b->h_block_table[(size_t)i * max_blocks + k] = -1;
+    }
+    b->h_row_start[n_items] = rows;
+    ops->h2d(b->ids, b->h_ids, (size_t)rows * 4);
+    ops->h2d(b->pos, b->h_pos, (size_t)rows * 4);
+    ops->h2d(b->row_start, b->h_row_start, (size_t)(n_items + 1) * 4);
+    ops->h2d(b->ctx_len, b->h_ctx_len, (size_t)n_items * 4);
+    ops->h2d(b->block_table, b->h_block_table, (size_t)blocks * 4);
+    kvm_attn_batch_t ab = {.n_seqs = n_items, .row_start = b->row_start, .ctx_len = b->ctx_len,
+                           .block_table = b->block_table, .max_blocks = max_blocks, .total_rows = rows,
+                           .h_row_start = b->h_row_start, .h_ctx_len = b->h_ctx_len, .h_block_table = b->h_block_table};
+    kvm_kv_pool_t *pool = items[0].seq->pool;
+    const int D = c->dim, HD = c->head_dim, QD = c->n_heads * HD, KD = c->n_kv_heads * HD, FF = c->hidden_dim;
+    const float scale = 1.0f / sqrtf((float)HD);
+
+    ops->embed(b->x, b->tok_emb.data, b->tok_emb.dtype, b->ids, rows, D);
+    for (int l = 0; l < c->n_layers; l++) {
+        const kvm_backend_layer_t *L = &b->layers[l];
+        ops->rmsnorm(b->xb, b->x, L->attn_norm, rows, D, c->rms_eps);
+        ops->matmul(b->q, b->xb, &L->wq, L->bq, rows);
+        ops->matmul(b->k, b->xb, &L->wk, L->bk, rows);
+        ops->matmul(b->v, b->xb, &L->wv, L->bv, rows);
+        if (L->q_norm) ops->head_rmsnorm(b->q, L->q_norm, rows, c->n_heads, HD, c->rms_eps);
+        if (L->k_norm) ops->head_rmsnorm(b->k, L->k_norm, rows, c->n_kv_heads, HD, c->rms_eps);
+        ops->rope(b->q, rows, c->n_heads, HD, b->pos, b->inv_freq, c->rope_layout);
+        ops->rope(b->k, rows, c->n_kv_heads, HD, b->pos, b->inv_freq, c->rope_layout);
+        /* every item shares one pool (one pool per model and backend) */
+        ops->kv_write(pool->data, &pool->geom, l, b->k, b->v, &ab);
+        ops->attention(b->att, b->q, pool->data, &pool->geom, l, c->n_heads, &ab, scale);
+        ops->matmul(b->xb, b->att, &L->wo, NULL, rows);
+        ops->add(b->x, b->xb, (size_t)rows * D);
+        ops->rmsnorm(b->xb, b->x, L->ffn_norm, rows, D, c->rms_eps);
+        ops->matmul(b->hb, b->xb, &L->w_gate, NULL, rows);
+        ops->matmul(b->hb2, b->xb, &L->w_up, NULL, rows);
+        ops->swiglu(b->hb, b->hb, b->hb2, (size_t)rows * FF);
+        ops->matmul(b->xb, b->hb, &L->w_down, NULL, rows);
+        ops->add(b->x, b->xb, (size_t)rows * D);
+    }
+    (void)QD;
+    (void)KD;
+    /* logits only for the rows that want them */
+    if (logit_rows > 0) {
+        int lr = 0;
+        for (int i = 0; i < n_items; i++) {
+            kvm_batch_item_t *it = &items[i];
+            if (!it->logits) continue;
+            int first = it->all_logits ? b->h_row_start[i] : b->h_row_start[i + 1] - 1;
+            int n = it->all_logits ? it->n_tokens : 1;
+            ops->d2d(rowp(b->last, lr, D), rowp(b->x, first, D), (size_t)n * D * 4);
+            lr += n;
+        }
+        ops->rmsnorm(b->last, b->last, b->final_norm, logit_rows, D, c->rms_eps);
+        ops->matmul(b->logits, b->last, &b->lm_head, NULL, logit_rows);
+        lr = 0;
+        for (int i = 0; i < n_items; i++) {
+            kvm_batch_item_t *it = &items[i];
+            if (!it->logits) continue;
+            int n = it->all_logits ? it->n_tokens : 1;
+            ops->d2h(it->logits, rowp(b->logits, lr, c->vocab_size), (size_t)n * c->vocab_size * 4);
+            lr += n;
+        }
+    }
+    ops->sync();
+    for (int i = 0; i < n_items; i++) kvm_seq_push_tokens(items[i].seq, items[i].tokens, items[i].n_tokens);
+    kvm_free(old_n);
+    return 0;
+}
