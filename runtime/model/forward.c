@@ -267,6 +267,8 @@ int kvm_forward(kvm_model_t *m, kvm_batch_item_t *items, int n_items) {
         kvm_batch_item_t *it = &items[i];
         if (!it->seq || it->n_tokens <= 0 || !it->tokens)
             return kvm_seterr(KVM_EINVAL, "forward: batch item %d has no tokens or no sequence", i);
+        if (it->seq->pool != items[0].seq->pool)
+            return kvm_seterr(KVM_EINVAL, "forward: batch item %d uses another KV pool than item 0 (one pool per model)", i);
         if (it->seq->pool->model_id != m->model_id)
             return kvm_seterr(KVM_EMODEL, "forward: batch item %d's KV pool belongs to another model", i);
         for (int t = 0; t < it->n_tokens; t++)

@@ -154,6 +154,11 @@ static inline float kvm_tensor_get(const kvm_tensor_t *t, size_t i) {
     }
 }
 
+/* A model with seeded random F32 weights (normal, std 0.02 x scale) for the given config, on the given
+ * backend ("cpu" when NULL); no tokenizer. For tests and examples. Fill cfg's sizes, arch flags, rope
+ * fields; the rest gets defaults. NULL + message on error. Free with kvm_model_free. */
+kvm_model_t *kvm_model_random(const kvm_config_t *cfg, uint64_t seed, float scale, const char *backend);
+
 /* Human-readable one-line summary ("LlamaForCausalLM, 2 layers, dim 64, ... bf16"). */
 void kvm_model_describe(const kvm_model_t *m, char *buf, size_t cap);
 

@@ -1,0 +1,304 @@
+/* test_engine.c - the CPU engine: KV pool, batched forward, sampler, chat formats (no shared data needed). */
+#include <math.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <cmocka.h>
+
+#include "runtime/model/generate.h"
+
+static kvm_config_t small_cfg(bool gqa_bias_norm) {
+    kvm_config_t c = {0};
+    c.dim = 48;
+    c.hidden_dim = 96;
+    c.n_layers = 2;
+    c.n_heads = 6;
+    c.n_kv_heads = gqa_bias_norm ? 2 : 6;
+    c.head_dim = gqa_bias_norm ? 16 : 8; /* head_dim != dim / heads for the Qwen3-like case */
+    c.vocab_size = 97;
+    c.max_seq_len = 256;
+    c.rope_theta = 10000;
+    c.rope_layout = gqa_bias_norm ? KVM_ROPE_HALF : KVM_ROPE_INTERLEAVED;
+    c.qkv_bias = gqa_bias_norm;
+    c.qk_norm = gqa_bias_norm;
+    c.rms_eps = 1e-6f;
+    return c;
+}
+
+static float max_rel(const float *a, const float *b, size_t n) {
+    float md = 0, mr = 0;
+    for (size_t i = 0; i < n; i++) {
+        md = fmaxf(md, fabsf(a[i] - b[i]));
+        mr = fmaxf(mr, fabsf(b[i]));
+    }
+    return md / (mr > 0 ? mr : 1);
+}
+
+static void test_kv_pool_reports_exhaustion_and_changes_nothing(void **st) {
+    (void)st;
+    kvm_kv_geom_t g = {.n_layers = 2, .n_kv_heads = 2, .head_dim = 8, .dtype = KVM_F32};
+    kvm_kv_pool_t *p = kvm_kv_pool_create(kvm_ops_cpu(), &g, 3, 1);
+    assert_non_null(p);
+    kvm_seq_t s;
+    kvm_seq_init(&s, p);
+    assert_int_equal(kvm_seq_reserve(&s, 40), 0); /* 3 blocks */
+    assert_int_equal(p->n_free, 0);
+    kvm_seq_t s2;
+    kvm_seq_init(&s2, p);
+    assert_int_equal(kvm_seq_reserve(&s2, 1), KVM_ENOMEM);
+    assert_non_null(strstr(kvm_errmsg(), "KV budget exhausted"));
+    assert_int_equal(s2.n_blocks, 0);
+    kvm_seq_free(&s);
+    assert_int_equal(p->n_free, 3);
+    kvm_seq_free(&s2);
+    kvm_kv_pool_free(p);
+}
+
+static void test_shared_partial_block_is_copied_before_append(void **st) {
+    (void)st;
+    kvm_config_t c = small_cfg(false);
+    kvm_model_t *m = kvm_model_random(&c, 7, 1, "cpu");
+    assert_non_null(m);
+    kvm_kv_pool_t *pool = kvm_model_kv_pool(m, 0);
+    kvm_seq_t a, b;
+    kvm_seq_init(&a, pool);
+    kvm_seq_init(&b, pool);
+    int32_t toks[20];
+    for (int i = 0; i < 20; i++) toks[i] = (i * 7 + 3) % c.vocab_size;
+    kvm_batch_item_t it = {.seq = &a, .tokens = toks, .n_tokens = 20};
+    assert_int_equal(kvm_forward(m, &it, 1), 0);
+    /* b shares a's two blocks by reference */
+    assert_int_equal(kvm_seq_reserve(&b, 0), 0);
+    for (int i = 0; i < a.n_blocks; i++) kvm_kv_block_ref(pool, a.blocks[i]);
+    b.blocks = kvm_malloc(8 * sizeof(int32_t));
+    b.cap_blocks = 8;
+    memcpy(b.blocks, a.blocks, (size_t)a.n_blocks * 4);
+    b.n_blocks = a.n_blocks;
+    kvm_seq_push_tokens(&b, toks, 20);
+    int32_t shared_last = a.blocks[1];
+    float snapshot[64];
+    memcpy(snapshot, (char *)pool->data + (size_t)shared_last * pool->block_bytes, sizeof snapshot);
+    int32_t more = 5;
+    kvm_batch_item_t it2 = {.seq = &b, .tokens = &more, .n_tokens = 1};
+    assert_int_equal(kvm_forward(m, &it2, 1), 0);
+    assert_int_not_equal(b.blocks[1], shared_last);
+    assert_memory_equal(snapshot, (char *)pool->data + (size_t)shared_last * pool->block_bytes, sizeof snapshot);
+    kvm_seq_free(&a);
+    kvm_seq_free(&b);
+    assert_int_equal(pool->n_free, pool->n_blocks);
+    kvm_kv_pool_free(pool);
+    kvm_model_free(m);
+}
+
+/* Prefill of T tokens, token-by-token decode, and a batch mixing two sequences give the same logits. */
+static void check_forward_consistency(bool qwen_like) {
+    kvm_config_t c = small_cfg(qwen_like);
+    kvm_model_t *m = kvm_model_random(&c, 11, 1, "cpu");
+    assert_non_null(m);
+    kvm_kv_pool_t *pool = kvm_model_kv_pool(m, 0);
+    const int T = 37, V = c.vocab_size;
+    int32_t toks[37], toks2[37];
+    for (int i = 0; i < T; i++) {
+        toks[i] = (i * 13 + 5) % V;
+        toks2[i] = (i * 29 + 1) % V;
+    }
+    float *all = malloc((size_t)T * V * 4), *inc = malloc((size_t)V * 4), *b1 = malloc((size_t)V * 4),
+          *b2 = malloc((size_t)V * 4), *ref2 = malloc((size_t)V * 4);
+    kvm_seq_t s1, s2, s3;
+    kvm_seq_init(&s1, pool);
+    kvm_seq_init(&s2, pool);
+    kvm_seq_init(&s3, pool);
+    kvm_batch_item_t it = {.seq = &s1, .tokens = toks, .n_tokens = T, .logits = all, .all_logits = true};
+    assert_int_equal(kvm_forward(m, &it, 1), 0);
+    for (int t = 0; t < T; t++) {
+        kvm_batch_item_t one = {.seq = &s2, .tokens = &toks[t], .n_tokens = 1, .logits = inc};
+        assert_int_equal(kvm_forward(m, &one, 1), 0);
+        assert_true(max_rel(inc, all + (size_t)t * V, (size_t)V) < 1e-5f);
+    }
+    /* reference for the second sequence alone */
+    kvm_batch_item_t r2 = {.seq = &s3, .tokens = toks2, .n_tokens = T, .logits = ref2};
+    assert_int_equal(kvm_forward(m, &r2, 1), 0);
+    kvm_seq_free(&s1);
+    kvm_seq_free(&s3);
+    kvm_seq_init(&s1, pool);
+    kvm_seq_init(&s3, pool);
+    /* batch: s1 prefill of T-1 tokens + its last token, together with s3's full prefill */
+    kvm_batch_item_t pre = {.seq = &s1, .tokens = toks, .n_tokens = T - 1};
+    assert_int_equal(kvm_forward(m, &pre, 1), 0);
+    kvm_batch_item_t both[2] = {{.seq = &s1, .tokens = &toks[T - 1], .n_tokens = 1, .logits = b1},
+                                {.seq = &s3, .tokens = toks2, .n_tokens = T, .logits = b2}};
+    assert_int_equal(kvm_forward(m, both, 2), 0);
+    assert_true(max_rel(b1, all + (size_t)(T - 1) * V, (size_t)V) < 1e-5f);
+    assert_true(max_rel(b2, ref2, (size_t)V) < 1e-5f);
+    kvm_seq_free(&s1);
+    kvm_seq_free(&s2);
+    kvm_seq_free(&s3);
+    free(all);
+    free(inc);
+    free(b1);
+    free(b2);
+    free(ref2);
+    kvm_kv_pool_free(pool);
+    kvm_model_free(m);
+}
+
+static void test_prefill_decode_and_batch_agree_llama_interleaved(void **st) { (void)st; check_forward_consistency(false); }
+static void test_prefill_decode_and_batch_agree_qwen3_like_gqa(void **st) { (void)st; check_forward_consistency(true); }
+
+static void test_forward_rejects_bad_token_and_keeps_sequence(void **st) {
+    (void)st;
+    kvm_config_t c = small_cfg(false);
+    kvm_model_t *m = kvm_model_random(&c, 3, 1, "cpu");
+    kvm_kv_pool_t *pool = kvm_model_kv_pool(m, 0);
+    kvm_seq_t s;
+    kvm_seq_init(&s, pool);
+    int32_t bad[2] = {1, 5000};
+    kvm_batch_item_t it = {.seq = &s, .tokens = bad, .n_tokens = 2};
+    assert_int_equal(kvm_forward(m, &it, 1), KVM_ERANGE);
+    assert_non_null(strstr(kvm_errmsg(), "5000"));
+    assert_int_equal(s.n_tokens, 0);
+    assert_int_equal(pool->n_free, pool->n_blocks);
+    kvm_seq_free(&s);
+    kvm_kv_pool_free(pool);
+    kvm_model_free(m);
+}
+
+static void test_forward_beyond_context_is_an_error(void **st) {
+    (void)st;
+    kvm_config_t c = small_cfg(false);
+    c.max_seq_len = 8;
+    kvm_model_t *m = kvm_model_random(&c, 3, 1, "cpu");
+    kvm_kv_pool_t *pool = kvm_model_kv_pool(m, 0);
+    kvm_seq_t s;
+    kvm_seq_init(&s, pool);
+    int32_t t[9] = {1, 2, 3, 4, 5, 6, 7, 8, 9};
+    kvm_batch_item_t it = {.seq = &s, .tokens = t, .n_tokens = 9};
+    assert_int_equal(kvm_forward(m, &it, 1), KVM_ERANGE);
+    assert_non_null(strstr(kvm_errmsg(), "context"));
+    kvm_seq_free(&s);
+    kvm_kv_pool_free(pool);
+    kvm_model_free(m);
+}
+
+static void test_sampler_greedy_topk1_and_tiny_topp_pick_the_argmax(void **st) {
+    (void)st;
+    float base[50];
+    for (int i = 0; i < 50; i++) base[i] = sinf((float)i * 1.7f) * 3;
+    int best = 0;
+    for (int i = 1; i < 50; i++)
+        if (base[i] > base[best]) best = i;
+    kvm_sampler_params_t ps[3] = {{.temperature = 0}, {.temperature = 1.0f, .top_k = 1, .seed = 4},
+                                  {.temperature = 0.7f, .top_p = 1e-6f, .seed = 9}};
+    for (int k = 0; k < 3; k++) {
+        kvm_sampler_t *s = kvm_sampler_create(&ps[k], 50);
+        float l[50];
+        memcpy(l, base, sizeof l);
+        assert_int_equal(kvm_sampler_sample(s, l, NULL, 0), best);
+        kvm_sampler_free(s);
+    }
+}
+
+static void test_sampler_is_reproducible_for_a_seed_and_varies_across_seeds(void **st) {
+    (void)st;
+    int seq_a[40], seq_b[40], seq_c[40];
+    int *outs[3] = {seq_a, seq_b, seq_c};
+    uint64_t seeds[3] = {1, 1, 2};
+    for (int k = 0; k < 3; k++) {
+        kvm_sampler_params_t p = {.temperature = 1.0f, .top_p = 0.95f, .top_k = 40, .seed = seeds[k]};
+        kvm_sampler_t *s = kvm_sampler_create(&p, 64);
+        for (int i = 0; i < 40; i++) {
+            float l[64];
+            for (int j = 0; j < 64; j++) l[j] = cosf((float)(j * 3 + i));
+            outs[k][i] = kvm_sampler_sample(s, l, NULL, 0);
+        }
+        kvm_sampler_free(s);
+    }
+    assert_memory_equal(seq_a, seq_b, sizeof seq_a);
+    assert_memory_not_equal(seq_a, seq_c, sizeof seq_a);
+}
+
+static void test_repetition_penalty_follows_hf_semantics(void **st) {
+    (void)st;
+    kvm_sampler_params_t p = {.temperature = 0, .repetition_penalty = 2.0f};
+    kvm_sampler_t *s = kvm_sampler_create(&p, 4);
+    float l[4] = {3.0f, 2.0f, -1.0f, 1.0f};
+    int32_t hist[3] = {0, 0, 2};
+    /* 0: 3/2 = 1.5 ; 2: -1*2 = -2 ; so argmax becomes 1 (2.0) */
+    assert_int_equal(kvm_sampler_sample(s, l, hist, 3), 1);
+    assert_true(fabsf(l[0] - 1.5f) < 1e-6f);
+    assert_true(fabsf(l[2] + 2.0f) < 1e-6f);
+    kvm_sampler_free(s);
+}
+
+static void test_sampler_rejects_bad_parameters(void **st) {
+    (void)st;
+    kvm_sampler_params_t p = {.temperature = -1};
+    assert_null(kvm_sampler_create(&p, 10));
+    assert_int_equal(kvm_errcode(), KVM_EINVAL);
+    kvm_sampler_params_t q = {.top_p = 1.5f};
+    assert_null(kvm_sampler_create(&q, 10));
+}
+
+static void test_chat_formats_render_exactly(void **st) {
+    (void)st;
+    kvm_chat_msg_t msgs[2] = {{"system", "Be brief."}, {"user", "Hi"}};
+    char *out = NULL;
+    assert_int_equal(kvm_chat_render(KVM_CHAT_CHATML, msgs, 2, true, &out), 0);
+    assert_string_equal(out, "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n");
+    kvm_free(out);
+    assert_int_equal(kvm_chat_render(KVM_CHAT_LLAMA3, msgs, 2, true, &out), 0);
+    assert_string_equal(out, "<|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|><|start_header_id|>user"
+                             "<|end_header_id|>\n\nHi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n");
+    kvm_free(out);
+    assert_int_equal(kvm_chat_render(KVM_CHAT_LLAMA2, msgs, 2, true, &out), 0);
+    assert_string_equal(out, "[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi [/INST]");
+    kvm_free(out);
+}
+
+static void test_llama3_rope_scaling_matches_reference_frequencies(void **st) {
+    (void)st;
+    /* kvcomm.md §3.3 reference values (transformers 5.17 inv_freq), Llama-3.1-8B */
+    kvm_config_t c = {0};
+    c.dim = 4096;
+    c.hidden_dim = 64;
+    c.n_layers = 1;
+    c.n_heads = 32;
+    c.n_kv_heads = 8;
+    c.head_dim = 128;
+    c.vocab_size = 8;
+    c.rope_theta = 500000;
+    c.rope_scaling = KVM_ROPE_SCALING_LLAMA3;
+    c.rope_factor = 8;
+    c.rope_low_freq_factor = 1;
+    c.rope_high_freq_factor = 4;
+    c.rope_original_max_pos = 8192;
+    kvm_model_t m = {0};
+    m.cfg = c;
+    assert_int_equal(kvm_model_build_rope(&m), 0);
+    const struct { int j; double w; } ref[] = {{0, 1.0}, {1, 0.81461722}, {28, 3.2114461e-3}, {29, 2.1665706e-3},
+                                                {30, 1.3718938e-3}, {34, 1.7850779e-4}, {35, 9.5562122e-5}, {63, 3.0689259e-7}};
+    for (size_t i = 0; i < sizeof ref / sizeof ref[0]; i++) assert_true(fabs(m.inv_freq[ref[i].j] - ref[i].w) / ref[i].w < 1e-6);
+    kvm_free(m.inv_freq);
+    kvm_free(m.inv_freq64);
+}
+
+int main(void) {
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_kv_pool_reports_exhaustion_and_changes_nothing),
+        cmocka_unit_test(test_shared_partial_block_is_copied_before_append),
+        cmocka_unit_test(test_prefill_decode_and_batch_agree_llama_interleaved),
+        cmocka_unit_test(test_prefill_decode_and_batch_agree_qwen3_like_gqa),
+        cmocka_unit_test(test_forward_rejects_bad_token_and_keeps_sequence),
+        cmocka_unit_test(test_forward_beyond_context_is_an_error),
+        cmocka_unit_test(test_sampler_greedy_topk1_and_tiny_topp_pick_the_argmax),
+        cmocka_unit_test(test_sampler_is_reproducible_for_a_seed_and_varies_across_seeds),
+        cmocka_unit_test(test_repetition_penalty_follows_hf_semantics),
+        cmocka_unit_test(test_sampler_rejects_bad_parameters),
+        cmocka_unit_test(test_chat_formats_render_exactly),
+        cmocka_unit_test(test_llama3_rope_scaling_matches_reference_frequencies),
+    };
+    return cmocka_run_group_tests_name("engine", tests, NULL, NULL);
+}
