@@ -23,6 +23,10 @@ typedef struct kvm_kv_pool {
     int32_t *free_list;        /* [n_blocks] host stack of free block ids */
     int n_free;
     uint64_t model_id;
+    /* Optional eviction hook (set by the KV store, kv/store.h): called when an allocation needs
+     * n_blocks free blocks and fewer are free; returns 0 when n_free >= n_blocks after it. NULL = none. */
+    int (*reclaim)(void *ud, int n_blocks);
+    void *reclaim_ud;
 } kvm_kv_pool_t;
 
 /* Makes a pool of n_blocks blocks in the backend's memory. Free with kvm_kv_pool_free(). */

@@ -51,6 +51,7 @@ void kvm_kv_pool_free(kvm_kv_pool_t *p) {
 }
 
 int32_t kvm_kv_block_alloc(kvm_kv_pool_t *p) {
+    if (p->n_free == 0 && p->reclaim) p->reclaim(p->reclaim_ud, 1);
     if (p->n_free == 0) {
         kvm_seterr(KVM_ENOMEM, "KV budget exhausted: all %d blocks of %d tokens are in use (%zu MiB); "
                    "raise the KV budget or free sequences", p->n_blocks, KVM_KV_BLOCK,
@@ -91,9 +92,13 @@ int kvm_seq_reserve(kvm_seq_t *s, int n_total) {
     if (n_total < 0) return kvm_seterr(KVM_EINVAL, "kv: negative token count");
     int need = (n_total + KVM_KV_BLOCK - 1) / KVM_KV_BLOCK;
     /* copy-on-write of a shared, partially filled last block that the new tokens will write into */
-    bool cow = s->n_blocks > 0 && (s->n_tokens % KVM_KV_BLOCK) != 0 && n_total > s->n_tokens &&
-               s->pool->refcount[s->blocks[s->n_blocks - 1]] > 1;
+    /* the block the next token goes into (not necessarily the last one: blocks may be reserved ahead) */
+    int wb = s->n_tokens / KVM_KV_BLOCK;
+    bool cow = wb < s->n_blocks && (s->n_tokens % KVM_KV_BLOCK) != 0 && n_total > s->n_tokens &&
+               s->pool->refcount[s->blocks[wb]] > 1;
     int extra = need > s->n_blocks ? need - s->n_blocks : 0;
+    if (extra + (cow ? 1 : 0) > s->pool->n_free && s->pool->reclaim)
+        s->pool->reclaim(s->pool->reclaim_ud, extra + (cow ? 1 : 0));
     if (extra + (cow ? 1 : 0) > s->pool->n_free)
         return kvm_seterr(KVM_ENOMEM, "KV budget exhausted: a sequence of %d tokens needs %d more blocks, %d of %d are free; "
                           "raise the KV budget or free sequences", n_total, extra + (cow ? 1 : 0), s->pool->n_free,
@@ -107,12 +112,12 @@ int kvm_seq_reserve(kvm_seq_t *s, int n_total) {
         s->cap_blocks = cap;
     }
     if (cow) {
-        int32_t old = s->blocks[s->n_blocks - 1];
+        int32_t old = s->blocks[wb];
         int32_t nb = kvm_kv_block_alloc(s->pool);
         s->pool->ops->d2d((char *)s->pool->data + (size_t)nb * s->pool->block_bytes,
                           (char *)s->pool->data + (size_t)old * s->pool->block_bytes, s->pool->block_bytes);
         kvm_kv_block_unref(s->pool, old);
-        s->blocks[s->n_blocks - 1] = nb;
+        s->blocks[wb] = nb;
     }
     while (s->n_blocks < need) s->blocks[s->n_blocks++] = kvm_kv_block_alloc(s->pool);
     return 0;

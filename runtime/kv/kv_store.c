@@ -1,0 +1,731 @@
+/* kv_store.c - the shared KV store: segments, prefix index, budget with LRU eviction, RoPE shifts.
+ * Contract in store.h. */
+#include "store.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "../core/core.h"
+
+/* ==== types ======================================================================================= */
+
+struct kvm_segment {
+    kvm_kv_store_t *store;   /* NULL once the store is gone (orphan: blocks already dropped) */
+    kvm_segment_info_t info;
+    int32_t *ids;
+    char *producer_id;
+    int32_t *blocks;
+    int n_blocks;
+    bool cached;             /* in the store's list (evictable when refcount 0 and not pinned) */
+    uint64_t last_use;
+    struct kvm_segment *prev, *next;
+};
+
+/* One registered full block of the prefix index. */
+typedef struct px_entry {
+    uint64_t hash;           /* chained, masked */
+    int32_t parent;          /* entry index of the previous block, -1 for the first block */
+    int32_t block;           /* pool block (the index holds one reference) */
+    int32_t next;            /* next entry in the same bucket, -1 = end; free-list link when dead */
+    int32_t n_children;
+    bool alive;
+    uint64_t last_use;
+    int32_t tokens[KVM_KV_BLOCK];
+} px_entry_t;
+
+struct kvm_kv_store {
+    kvm_kv_pool_t *pool;
+    kvm_rope_params_t rope;
+    float *inv_freq;         /* host copy */
+    float *inv_freq_dev;     /* backend copy */
+    /* shift scratch in backend memory: blk, slot, delta [cap] each */
+    int32_t *d_shift;
+    int shift_cap;
+    int32_t *h_shift;
+    /* one block of staging in host memory */
+    unsigned char *h_block;
+    /* segments: LRU list, head = least recently used */
+    kvm_segment_t *lru_head, *lru_tail;
+    int n_segments;
+    uint64_t next_id, tick;
+    /* prefix index */
+    px_entry_t *px;
+    int px_n, px_cap, px_free;
+    int32_t *px_buckets;
+    int px_nbuckets;
+    int hash_bits;
+    kvm_kv_store_stats_t st;
+};
+
+/* ==== helpers ====================================================================================== */
+
+static inline size_t kv_elem(const kvm_kv_geom_t *g, int32_t blk, int layer, int kv, int h, int t) {
+    return ((((size_t)blk * g->n_layers + layer) * 2 + kv) * g->n_kv_heads + h) * KVM_KV_BLOCK * (size_t)g->head_dim +
+           (size_t)t * g->head_dim;
+}
+
+static inline float load_elem(const void *p, kvm_dtype_t dt, size_t i) {
+    if (dt == KVM_F32) return ((const float *)p)[i];
+    if (dt == KVM_BF16) return kvm_bf16_to_f32(((const uint16_t *)p)[i]);
+    return kvm_f16_to_f32(((const uint16_t *)p)[i]);
+}
+
+static inline void store_elem(void *p, kvm_dtype_t dt, size_t i, float v) {
+    if (dt == KVM_F32) ((float *)p)[i] = v;
+    else if (dt == KVM_BF16) ((uint16_t *)p)[i] = kvm_f32_to_bf16(v);
+    else ((uint16_t *)p)[i] = kvm_f32_to_f16(v);
+}
+
+const char *kvm_producer_kind_name(kvm_producer_kind_t k) {
+    switch (k) {
+    case KVM_PRODUCER_TEXT: return "text";
+    case KVM_PRODUCER_INPUT: return "input";
+    case KVM_PRODUCER_TOOL: return "tool";
+    case KVM_PRODUCER_AGENT: return "agent";
+    case KVM_PRODUCER_STATE: return "state";
+    case KVM_PRODUCER_TEMPLATE: return "template";
+    }
+    return "?";
+}
+
+uint64_t kvm_ctx_hash(const int32_t *ids, int n) {
+    uint64_t h = kvm_hash64(&n, sizeof n, KVM_HASH_SEED);
+    return n > 0 ? kvm_hash64(ids, (size_t)n * sizeof(int32_t), h) : h;
+}
+
+static int store_reclaim_hook(void *ud, int n_blocks) { return kvm_kv_store_reclaim(ud, n_blocks); }
+
+/* ==== store ========================================================================================= */
+
+kvm_kv_store_t *kvm_kv_store_create(kvm_kv_pool_t *pool, const kvm_rope_params_t *rope) {
+    if (!pool || !rope || !rope->inv_freq || rope->n_freq != pool->geom.head_dim / 2) {
+        kvm_seterr(KVM_EINVAL, "kv store: need a pool and a RoPE table of head_dim/2 = %d entries (got %d)",
+                   pool ? pool->geom.head_dim / 2 : -1, rope ? rope->n_freq : -1);
+        return NULL;
+    }
+    if (pool->reclaim) {
+        kvm_seterr(KVM_EBUSY, "kv store: the pool already has a store");
+        return NULL;
+    }
+    kvm_kv_store_t *s = kvm_calloc(1, sizeof *s);
+    if (!s) return NULL;
+    s->pool = pool;
+    s->rope = *rope;
+    s->hash_bits = 64;
+    s->next_id = 1;
+    size_t fb = (size_t)rope->n_freq * sizeof(float);
+    s->inv_freq = kvm_malloc(fb);
+    s->inv_freq_dev = pool->ops->alloc(fb);
+    s->h_block = kvm_malloc(pool->block_bytes);
+    s->px_nbuckets = 1024;
+    s->px_buckets = kvm_malloc((size_t)s->px_nbuckets * sizeof(int32_t));
+    if (!s->inv_freq || !s->inv_freq_dev || !s->h_block || !s->px_buckets) {
+        kvm_errctx(KVM_ENOMEM, "kv store");
+        kvm_kv_store_free(s);
+        return NULL;
+    }
+    memcpy(s->inv_freq, rope->inv_freq, fb);
+    s->rope.inv_freq = s->inv_freq;
+    if (pool->ops->h2d(s->inv_freq_dev, s->inv_freq, fb)) {
+        kvm_kv_store_free(s);
+        return NULL;
+    }
+    for (int i = 0; i < s->px_nbuckets; i++) s->px_buckets[i] = -1;
+    s->px_free = -1;
+    pool->reclaim = store_reclaim_hook;
+    pool->reclaim_ud = s;
+    return s;
+}
+
+static void lru_unlink(kvm_kv_store_t *s, kvm_segment_t *g) {
+    if (g->prev) g->prev->next = g->next;
+    else s->lru_head = g->next;
+    if (g->next) g->next->prev = g->prev;
+    else s->lru_tail = g->prev;
+    g->prev = g->next = NULL;
+}
+
+static void lru_push_tail(kvm_kv_store_t *s, kvm_segment_t *g) {
+    g->prev = s->lru_tail;
+    g->next = NULL;
+    if (s->lru_tail) s->lru_tail->next = g;
+    else s->lru_head = g;
+    s->lru_tail = g;
+}
+
+static void segment_drop_blocks(kvm_segment_t *g) {
+    if (g->store)
+        for (int i = 0; i < g->n_blocks; i++) kvm_kv_block_unref(g->store->pool, g->blocks[i]);
+    g->n_blocks = 0;
+}
+
+static void segment_destroy(kvm_segment_t *g) {
+    segment_drop_blocks(g);
+    kvm_free(g->blocks);
+    kvm_free(g->ids);
+    kvm_free(g->producer_id);
+    kvm_free(g);
+}
+
+/* Removes g from the store's cache; frees it when no caller holds it. */
+static void segment_uncache(kvm_kv_store_t *s, kvm_segment_t *g) {
+    if (!g->cached) return;
+    lru_unlink(s, g);
+    g->cached = false;
+    s->n_segments--;
+    if (g->info.refcount == 0) segment_destroy(g);
+}
+
+void kvm_kv_store_free(kvm_kv_store_t *s) {
+    if (!s) return;
+    kvm_kv_pool_t *pool = s->pool;
+    while (s->lru_head) {
+        kvm_segment_t *g = s->lru_head;
+        lru_unlink(s, g);
+        g->cached = false;
+        if (g->info.refcount == 0) {
+            segment_destroy(g);
+        } else {
+            segment_drop_blocks(g); /* orphan: the handle stays valid for info, its KV is gone */
+            g->store = NULL;
+        }
+    }
+    for (int i = 0; i < s->px_n; i++)
+        if (s->px[i].alive) kvm_kv_block_unref(pool, s->px[i].block);
+    kvm_free(s->px);
+    kvm_free(s->px_buckets);
+    if (s->inv_freq_dev) pool->ops->free(s->inv_freq_dev);
+    if (s->d_shift) pool->ops->free(s->d_shift);
+    kvm_free(s->h_shift);
+    kvm_free(s->inv_freq);
+    kvm_free(s->h_block);
+    if (pool->reclaim_ud == s) {
+        pool->reclaim = NULL;
+        pool->reclaim_ud = NULL;
+    }
+    kvm_free(s);
+}
+
+kvm_kv_pool_t *kvm_kv_store_pool(const kvm_kv_store_t *s) { return s->pool; }
+const kvm_rope_params_t *kvm_kv_store_rope(const kvm_kv_store_t *s) { return &s->rope; }
+const float *kvm_kv_store_inv_freq_dev(const kvm_kv_store_t *s) { return s->inv_freq_dev; }
+
+/* ==== prefix index ================================================================================== */
+
+static uint64_t px_mask(const kvm_kv_store_t *s, uint64_t h) {
+    return s->hash_bits >= 64 ? h : (s->hash_bits <= 0 ? 0 : (h & ((1ULL << s->hash_bits) - 1)));
+}
+
+static uint64_t px_chain(const kvm_kv_store_t *s, uint64_t parent_hash, const int32_t *tokens) {
+    return px_mask(s, kvm_hash64(tokens, KVM_KV_BLOCK * sizeof(int32_t), parent_hash ^ 0x9e3779b97f4a7c15ULL));
+}
+
+/* Finds the verified entry for (hash, parent, tokens); counts collisions (same hash, other content). */
+static int32_t px_find(kvm_kv_store_t *s, uint64_t h, int32_t parent, const int32_t *tokens, bool count) {
+    for (int32_t e = s->px_buckets[h % (uint64_t)s->px_nbuckets]; e >= 0; e = s->px[e].next) {
+        px_entry_t *x = &s->px[e];
+        if (x->hash != h) continue;
+        if (x->parent == parent && !memcmp(x->tokens, tokens, sizeof x->tokens)) return e;
+        if (count) s->st.index_collisions++;
+    }
+    return -1;
+}
+
+static void px_unlink_bucket(kvm_kv_store_t *s, int32_t e) {
+    int32_t *pp = &s->px_buckets[s->px[e].hash % (uint64_t)s->px_nbuckets];
+    while (*pp >= 0 && *pp != e) pp = &s->px[*pp].next;
+    if (*pp == e) *pp = s->px[e].next;
+}
+
+void kvm_prefix_index_set_hash_bits(kvm_kv_store_t *s, int bits) { s->hash_bits = bits; }
+
+int kvm_prefix_index_insert(kvm_kv_store_t *s, const kvm_seq_t *seq, int n_exact) {
+    if (!seq || seq->pool != s->pool) return kvm_seterr(KVM_EINVAL, "prefix index: sequence of another pool");
+    if (n_exact > seq->n_tokens) n_exact = seq->n_tokens;
+    int nb = n_exact / KVM_KV_BLOCK, added = 0;
+    uint64_t ph = KVM_HASH_SEED;
+    int32_t parent = -1;
+    for (int b = 0; b < nb && b < seq->n_blocks; b++) {
+        const int32_t *tok = seq->tokens + (size_t)b * KVM_KV_BLOCK;
+        uint64_t h = px_chain(s, ph, tok);
+        int32_t e = px_find(s, h, parent, tok, false);
+        if (e < 0) {
+            if (s->px_free >= 0) {
+                e = s->px_free;
+                s->px_free = s->px[e].next;
+            } else {
+                if (s->px_n == s->px_cap) {
+                    int cap = s->px_cap ? s->px_cap * 2 : 256;
+                    px_entry_t *np = kvm_realloc(s->px, (size_t)cap * sizeof *np);
+                    if (!np) return KVM_ENOMEM;
+                    s->px = np;
+                    s->px_cap = cap;
+                }
+                e = s->px_n++;
+            }
+            px_entry_t *x = &s->px[e];
+            memset(x, 0, sizeof *x);
+            x->hash = h;
+            x->parent = parent;
+            x->block = seq->blocks[b];
+            x->alive = true;
+            memcpy(x->tokens, tok, sizeof x->tokens);
+            kvm_kv_block_ref(s->pool, x->block);
+            uint64_t bi = h % (uint64_t)s->px_nbuckets;
+            x->next = s->px_buckets[bi];
+            s->px_buckets[bi] = e;
+            if (parent >= 0) s->px[parent].n_children++;
+            s->st.index_entries++;
+            added++;
+        }
+        s->px[e].last_use = ++s->tick;
+        parent = e;
+        ph = h;
+    }
+    return added;
+}
+
+int kvm_prefix_index_lookup(kvm_kv_store_t *s, const int32_t *ids, int n, int max_tokens, kvm_seq_t *seq) {
+    if (!seq || seq->pool != s->pool) return kvm_seterr(KVM_EINVAL, "prefix index: sequence of another pool");
+    if (seq->n_tokens != 0 || seq->n_blocks != 0) return kvm_seterr(KVM_EINVAL, "prefix index: lookup needs an empty sequence");
+    if (max_tokens > n) max_tokens = n;
+    int nb = max_tokens / KVM_KV_BLOCK;
+    s->st.index_lookups++;
+    uint64_t ph = KVM_HASH_SEED;
+    int32_t parent = -1;
+    int hit = 0;
+    int32_t *found = nb ? kvm_malloc((size_t)nb * sizeof(int32_t)) : NULL;
+    if (nb && !found) return KVM_ENOMEM;
+    for (int b = 0; b < nb; b++) {
+        const int32_t *tok = ids + (size_t)b * KVM_KV_BLOCK;
+        uint64_t h = px_chain(s, ph, tok);
+        int32_t e = px_find(s, h, parent, tok, true);
+        if (e < 0) break;
+        found[hit++] = e;
+        parent = e;
+        ph = h;
+    }
+    if (hit) {
+        int rc = 0;
+        if (seq->cap_blocks < hit) {
+            int32_t *nbk = kvm_realloc(seq->blocks, (size_t)hit * sizeof(int32_t));
+            if (!nbk) rc = KVM_ENOMEM;
+            else {
+                seq->blocks = nbk;
+                seq->cap_blocks = hit;
+            }
+        }
+        if (!rc) rc = kvm_seq_push_tokens(seq, ids, hit * KVM_KV_BLOCK);
+        if (rc) {
+            kvm_free(found);
+            return rc;
+        }
+        for (int b = 0; b < hit; b++) {
+            px_entry_t *x = &s->px[found[b]];
+            kvm_kv_block_ref(s->pool, x->block);
+            seq->blocks[seq->n_blocks++] = x->block;
+            x->last_use = ++s->tick;
+        }
+        s->st.index_hit_blocks += (uint64_t)hit;
+    }
+    kvm_free(found);
+    return hit * KVM_KV_BLOCK;
+}
+
+/* ==== budget / eviction ============================================================================= */
+
+int kvm_kv_store_reclaim(kvm_kv_store_t *s, int n_blocks) {
+    kvm_kv_pool_t *p = s->pool;
+    while (p->n_free < n_blocks) {
+        /* 1. the least recently used segment nobody holds */
+        kvm_segment_t *victim = NULL;
+        for (kvm_segment_t *g = s->lru_head; g; g = g->next)
+            if (g->info.refcount == 0 && !g->info.pinned) {
+                victim = g;
+                break;
+            }
+        if (victim) {
+            KVM_LOGD("kv store: evicting segment %llu (%d tokens, %s)", (unsigned long long)victim->info.id,
+                     victim->info.n_tokens, kvm_producer_kind_name(victim->info.producer_kind));
+            s->st.evicted_segments++;
+            segment_uncache(s, victim);
+            continue;
+        }
+        /* 2. the least recently used prefix leaf whose block only the index holds */
+        int32_t best = -1;
+        for (int32_t e = 0; e < s->px_n; e++) {
+            px_entry_t *x = &s->px[e];
+            if (!x->alive || x->n_children || p->refcount[x->block] != 1) continue;
+            if (best < 0 || x->last_use < s->px[best].last_use) best = e;
+        }
+        if (best < 0) break;
+        px_entry_t *x = &s->px[best];
+        px_unlink_bucket(s, best);
+        if (x->parent >= 0) s->px[x->parent].n_children--;
+        kvm_kv_block_unref(p, x->block);
+        x->alive = false;
+        x->next = s->px_free;
+        s->px_free = best;
+        s->st.index_entries--;
+        s->st.evicted_index_blocks++;
+    }
+    if (p->n_free >= n_blocks) return 0;
+    return kvm_seterr(KVM_ENOMEM, "KV budget exhausted: %d blocks needed, %d of %d free after evicting every "
+                      "unreferenced segment and prefix block; raise the KV budget or release segments",
+                      n_blocks, p->n_free, p->n_blocks);
+}
+
+void kvm_kv_store_stats(const kvm_kv_store_t *s, kvm_kv_store_stats_t *out) {
+    *out = s->st;
+    out->n_blocks = s->pool->n_blocks;
+    out->n_free = s->pool->n_free;
+    out->n_segments = s->n_segments;
+    out->n_segments_pinned = 0;
+    out->segment_blocks = 0;
+    for (kvm_segment_t *g = s->lru_head; g; g = g->next) {
+        out->segment_blocks += g->n_blocks;
+        if (g->info.pinned) out->n_segments_pinned++;
+    }
+    out->index_blocks_only = 0;
+    for (int e = 0; e < s->px_n; e++)
+        if (s->px[e].alive && s->pool->refcount[s->px[e].block] == 1) out->index_blocks_only++;
+}
+
+/* ==== raw rows ====================================================================================== */
+
+int kvm_kv_read_rows(const kvm_kv_pool_t *p, const int32_t *blocks, int pos, int n, float *out) {
+    const kvm_kv_geom_t *g = &p->geom;
+    const int L = g->n_layers, H = g->n_kv_heads, D = g->head_dim;
+    const kvm_dtype_t dt = g->dtype;
+    const bool host = p->ops == kvm_ops_cpu();
+    unsigned char *stage = host ? NULL : kvm_malloc(p->block_bytes);
+    if (!host && !stage) return KVM_ENOMEM;
+    int t = 0;
+    while (t < n) {
+        int abs = pos + t, bi = abs / KVM_KV_BLOCK, s0 = abs % KVM_KV_BLOCK;
+        int cnt = KVM_KV_BLOCK - s0;
+        if (cnt > n - t) cnt = n - t;
+        int32_t blk = blocks[bi];
+        const void *src;
+        if (host) {
+            src = p->data;
+        } else {
+            int rc = p->ops->d2h(stage, (const char *)p->data + (size_t)blk * p->block_bytes, p->block_bytes);
+            if (rc) {
+                kvm_free(stage);
+                return rc;
+            }
+            src = stage;
+        }
+        int32_t sblk = host ? blk : 0;
+        for (int l = 0; l < L; l++)
+            for (int kv = 0; kv < 2; kv++)
+                for (int h = 0; h < H; h++)
+                    for (int r = 0; r < cnt; r++) {
+                        size_t si = kv_elem(g, sblk, l, kv, h, s0 + r);
+                        float *o = out + ((((size_t)l * 2 + kv) * H + h) * n + (t + r)) * D;
+                        if (dt == KVM_F32) memcpy(o, (const float *)src + si, (size_t)D * sizeof(float));
+                        else
+                            for (int d = 0; d < D; d++) o[d] = load_elem(src, dt, si + d);
+                    }
+        t += cnt;
+    }
+    kvm_free(stage);
+    return 0;
+}
+
+int kvm_kv_write_rows(kvm_kv_pool_t *p, const int32_t *blocks, int pos, int n, const float *in) {
+    const kvm_kv_geom_t *g = &p->geom;
+    const int L = g->n_layers, H = g->n_kv_heads, D = g->head_dim;
+    const kvm_dtype_t dt = g->dtype;
+    const bool host = p->ops == kvm_ops_cpu();
+    unsigned char *stage = host ? NULL : kvm_malloc(p->block_bytes);
+    if (!host && !stage) return KVM_ENOMEM;
+    int t = 0;
+    while (t < n) {
+        int abs = pos + t, bi = abs / KVM_KV_BLOCK, s0 = abs % KVM_KV_BLOCK;
+        int cnt = KVM_KV_BLOCK - s0;
+        if (cnt > n - t) cnt = n - t;
+        int32_t blk = blocks[bi];
+        void *dst;
+        if (host) {
+            dst = p->data;
+        } else {
+            if (cnt < KVM_KV_BLOCK) {
+                int rc = p->ops->d2h(stage, (const char *)p->data + (size_t)blk * p->block_bytes, p->block_bytes);
+                if (rc) {
+                    kvm_free(stage);
+                    return rc;
+                }
+            }
+            dst = stage;
+        }
+        int32_t sblk = host ? blk : 0;
+        for (int l = 0; l < L; l++)
+            for (int kv = 0; kv < 2; kv++)
+                for (int h = 0; h < H; h++)
+                    for (int r = 0; r < cnt; r++) {
+                        size_t di = kv_elem(g, sblk, l, kv, h, s0 + r);
+                        const float *src = in + ((((size_t)l * 2 + kv) * H + h) * n + (t + r)) * D;
+                        if (dt == KVM_F32) memcpy((float *)dst + di, src, (size_t)D * sizeof(float));
+                        else
+                            for (int d = 0; d < D; d++) store_elem(dst, dt, di + d, src[d]);
+                    }
+        if (!host) {
+            int rc = p->ops->h2d((char *)p->data + (size_t)blk * p->block_bytes, stage, p->block_bytes);
+            if (rc) {
+                kvm_free(stage);
+                return rc;
+            }
+        }
+        t += cnt;
+    }
+    kvm_free(stage);
+    return 0;
+}
+
+/* ==== shifts ======================================================================================== */
+
+int kvm_kv_shift(kvm_kv_store_t *s, const int32_t *blocks, int pos, int n, int32_t delta, const int32_t *deltas) {
+    if (n <= 0) return 0;
+    if (n > s->shift_cap) {
+        int cap = s->shift_cap ? s->shift_cap : 256;
+        while (cap < n) cap *= 2;
+        int32_t *h = kvm_realloc(s->h_shift, (size_t)cap * 3 * sizeof(int32_t));
+        if (!h) return KVM_ENOMEM;
+        s->h_shift = h;
+        int32_t *d = s->pool->ops->alloc((size_t)cap * 3 * sizeof(int32_t));
+        if (!d) return kvm_errctx(KVM_ENOMEM, "kv shift scratch");
+        if (s->d_shift) s->pool->ops->free(s->d_shift);
+        s->d_shift = d;
+        s->shift_cap = cap;
+    }
+    int32_t *hb = s->h_shift, *hs = hb + n, *hd = hb + 2 * (size_t)n;
+    bool any = false;
+    for (int i = 0; i < n; i++) {
+        int p = pos + i;
+        hb[i] = blocks[p / KVM_KV_BLOCK];
+        hs[i] = p % KVM_KV_BLOCK;
+        hd[i] = deltas ? deltas[i] : delta;
+        any |= hd[i] != 0;
+    }
+    if (!any) return 0;
+    int rc = s->pool->ops->h2d(s->d_shift, s->h_shift, (size_t)n * 3 * sizeof(int32_t));
+    if (rc) return rc;
+    s->pool->ops->rope_shift(s->pool->data, &s->pool->geom, s->d_shift, s->d_shift + n, s->d_shift + 2 * (size_t)n, n,
+                             s->inv_freq_dev, s->rope.layout);
+    return 0;
+}
+
+void kvm_rope_rotate_rows(float *x, int n, int D, int row_stride, int32_t delta, const int32_t *deltas,
+                          const float *inv_freq, kvm_rope_layout_t layout) {
+    const int half = D / 2;
+    for (int i = 0; i < n; i++) {
+        int32_t dl = deltas ? deltas[i] : delta;
+        if (dl == 0) continue;
+        float *v = x + (size_t)i * row_stride;
+        for (int j = 0; j < half; j++) {
+            double a = kvm_rope_angle((double)dl, inv_freq[j]);
+            float c = (float)cos(a), sn = (float)sin(a);
+            float *pa = layout == KVM_ROPE_HALF ? &v[j] : &v[2 * j];
+            float *pb = layout == KVM_ROPE_HALF ? &v[j + half] : &v[2 * j + 1];
+            float xa = *pa, yb = *pb;
+            *pa = xa * c - yb * sn;
+            *pb = xa * sn + yb * c;
+        }
+    }
+}
+
+/* ==== sequences ===================================================================================== */
+
+int kvm_seq_share_prefix(kvm_seq_t *dst, const kvm_seq_t *src, int n) {
+    if (dst->pool != src->pool) return kvm_seterr(KVM_EINVAL, "kv: cannot share blocks across pools");
+    if (dst->n_tokens || dst->n_blocks) return kvm_seterr(KVM_EINVAL, "kv: share_prefix needs an empty sequence");
+    if (n < 0 || n > src->n_tokens)
+        return kvm_seterr(KVM_ERANGE, "kv: share of %d tokens from a sequence of %d", n, src->n_tokens);
+    int nb = (n + KVM_KV_BLOCK - 1) / KVM_KV_BLOCK;
+    if (nb > dst->cap_blocks) {
+        int32_t *b = kvm_realloc(dst->blocks, (size_t)(nb ? nb : 1) * sizeof(int32_t));
+        if (!b) return KVM_ENOMEM;
+        dst->blocks = b;
+        dst->cap_blocks = nb ? nb : 1;
+    }
+    int rc = kvm_seq_push_tokens(dst, src->tokens, n);
+    if (rc) return rc;
+    for (int i = 0; i < nb; i++) {
+        kvm_kv_block_ref(dst->pool, src->blocks[i]);
+        dst->blocks[dst->n_blocks++] = src->blocks[i];
+    }
+    return 0;
+}
+
+/* ==== segments ====================================================================================== */
+
+static kvm_segment_t *segment_new(kvm_kv_store_t *s, const int32_t *ids, int n, int32_t frame,
+                                  const kvm_segment_info_t *meta) {
+    kvm_segment_t *g = kvm_calloc(1, sizeof *g);
+    if (!g) return NULL;
+    g->store = s;
+    int nb = (n + KVM_KV_BLOCK - 1) / KVM_KV_BLOCK;
+    g->ids = kvm_malloc((size_t)(n ? n : 1) * sizeof(int32_t));
+    g->blocks = kvm_malloc((size_t)(nb ? nb : 1) * sizeof(int32_t));
+    g->producer_id = kvm_strdup(meta && meta->producer_id ? meta->producer_id : "");
+    if (!g->ids || !g->blocks || !g->producer_id) {
+        segment_destroy(g);
+        return NULL;
+    }
+    if (n) memcpy(g->ids, ids, (size_t)n * sizeof(int32_t));
+    if (meta) g->info = *meta;
+    g->info.id = 0;
+    g->info.model_id = s->pool->model_id;
+    g->info.frame = frame;
+    g->info.n_tokens = n;
+    g->info.ids = g->ids;
+    g->info.producer_id = g->producer_id;
+    g->info.refcount = 1;
+    g->info.pinned = false;
+    g->info.bytes = (size_t)nb * s->pool->block_bytes;
+    /* blocks: reclaim first so that an exhausted budget fails cleanly before anything is taken */
+    if (nb > s->pool->n_free && kvm_kv_store_reclaim(s, nb) != 0) {
+        kvm_errctx(KVM_ENOMEM, "segment of %d tokens (%s '%s')", n, kvm_producer_kind_name(g->info.producer_kind),
+                   g->producer_id);
+        segment_destroy(g);
+        return NULL;
+    }
+    for (int i = 0; i < nb; i++) g->blocks[g->n_blocks++] = kvm_kv_block_alloc(s->pool);
+    return g;
+}
+
+static void segment_cache(kvm_kv_store_t *s, kvm_segment_t *g) {
+    g->info.id = s->next_id++;
+    g->cached = true;
+    g->last_use = ++s->tick;
+    lru_push_tail(s, g);
+    s->n_segments++;
+}
+
+int kvm_segment_publish(kvm_kv_store_t *s, const kvm_seq_t *seq, int first, int n, int rebase,
+                        const kvm_segment_info_t *meta, kvm_segment_t **out) {
+    *out = NULL;
+    if (!seq || seq->pool != s->pool) return kvm_seterr(KVM_EINVAL, "segment publish: sequence of another pool");
+    if (first < 0 || n <= 0 || first + n > seq->n_tokens)
+        return kvm_seterr(KVM_ERANGE, "segment publish: rows [%d, %d) outside the sequence's %d tokens", first, first + n,
+                          seq->n_tokens);
+    kvm_segment_t *g = segment_new(s, seq->tokens + first, n, first + rebase, meta);
+    if (!g) return kvm_errcode() ? kvm_errcode() : KVM_ENOMEM;
+    size_t elems = (size_t)s->pool->geom.n_layers * 2 * s->pool->geom.n_kv_heads * n * s->pool->geom.head_dim;
+    float *buf = kvm_malloc(elems * sizeof(float));
+    int rc = buf ? kvm_kv_read_rows(s->pool, seq->blocks, first, n, buf) : KVM_ENOMEM;
+    if (!rc) rc = kvm_kv_write_rows(s->pool, g->blocks, 0, n, buf);
+    kvm_free(buf);
+    if (!rc && rebase) rc = kvm_kv_shift(s, g->blocks, 0, n, rebase, NULL);
+    if (rc) {
+        segment_destroy(g);
+        return rc;
+    }
+    segment_cache(s, g);
+    *out = g;
+    return 0;
+}
+
+int kvm_segment_publish_f32(kvm_kv_store_t *s, const float *kv, const int32_t *ids, int n, int32_t frame,
+                            const kvm_segment_info_t *meta, kvm_segment_t **out) {
+    *out = NULL;
+    if (n <= 0) return kvm_seterr(KVM_EINVAL, "segment publish: empty segment");
+    kvm_segment_t *g = segment_new(s, ids, n, frame, meta);
+    if (!g) return kvm_errcode() ? kvm_errcode() : KVM_ENOMEM;
+    int rc = kvm_kv_write_rows(s->pool, g->blocks, 0, n, kv);
+    if (rc) {
+        segment_destroy(g);
+        return rc;
+    }
+    segment_cache(s, g);
+    *out = g;
+    return 0;
+}
+
+void kvm_segment_ref(kvm_segment_t *g) { g->info.refcount++; }
+
+void kvm_segment_release(kvm_segment_t *g) {
+    if (!g) return;
+    KVM_ASSERT(g->info.refcount > 0);
+    if (--g->info.refcount == 0 && !g->cached) segment_destroy(g);
+}
+
+kvm_segment_t *kvm_segment_get(kvm_kv_store_t *s, uint64_t id) {
+    for (kvm_segment_t *g = s->lru_head; g; g = g->next)
+        if (g->info.id == id) {
+            g->info.refcount++;
+            return g;
+        }
+    kvm_seterr(KVM_ESTALE, "segment %llu is not in the KV store (evicted or never published)", (unsigned long long)id);
+    return NULL;
+}
+
+void kvm_segment_pin(kvm_segment_t *g, bool pinned) { g->info.pinned = pinned; }
+const kvm_segment_info_t *kvm_segment_info(const kvm_segment_t *g) { return &g->info; }
+kvm_kv_store_t *kvm_segment_store(const kvm_segment_t *g) { return g->store; }
+
+void kvm_segment_touch(kvm_segment_t *g) {
+    kvm_kv_store_t *s = g->store;
+    if (!s || !g->cached) return;
+    g->last_use = ++s->tick;
+    lru_unlink(s, g);
+    lru_push_tail(s, g);
+}
+
+int kvm_segment_check(const kvm_segment_t *g, const kvm_kv_pool_t *pool, int32_t frame) {
+    if (!g) return kvm_seterr(KVM_EINVAL, "segment: NULL handle");
+    if (!g->store) return kvm_seterr(KVM_ESTALE, "segment %llu: its KV store was freed", (unsigned long long)g->info.id);
+    if (g->info.model_id != pool->model_id)
+        return kvm_seterr(KVM_EMODEL, "segment %llu (%s '%s') was computed by model %016llx, not by this model %016llx",
+                          (unsigned long long)g->info.id, kvm_producer_kind_name(g->info.producer_kind),
+                          g->info.producer_id, (unsigned long long)g->info.model_id,
+                          (unsigned long long)pool->model_id);
+    if (g->store->pool != pool)
+        return kvm_seterr(KVM_EMODEL, "segment %llu lives in another KV pool (same model id, other backend or store)",
+                          (unsigned long long)g->info.id);
+    if (g->info.frame != frame)
+        return kvm_seterr(KVM_EFRAME, "segment %llu (%s '%s') has keys in frame %d, expected frame %d",
+                          (unsigned long long)g->info.id, kvm_producer_kind_name(g->info.producer_kind),
+                          g->info.producer_id, g->info.frame, frame);
+    return 0;
+}
+
+int kvm_segment_read_f32(const kvm_segment_t *g, int first, int n, float *out) {
+    if (!g->store) return kvm_seterr(KVM_ESTALE, "segment %llu: its KV store was freed", (unsigned long long)g->info.id);
+    if (first < 0 || n < 0 || first + n > g->info.n_tokens)
+        return kvm_seterr(KVM_ERANGE, "segment %llu: rows [%d, %d) of %d", (unsigned long long)g->info.id, first,
+                          first + n, g->info.n_tokens);
+    return kvm_kv_read_rows(g->store->pool, g->blocks, first, n, out);
+}
+
+const int32_t *kvm_segment_blocks(const kvm_segment_t *g, int *n_blocks) {
+    if (n_blocks) *n_blocks = g->n_blocks;
+    return g->blocks;
+}
+
+int kvm_seq_append_segment(kvm_seq_t *seq, kvm_kv_store_t *s, const kvm_segment_t *g, int n) {
+    int rc = kvm_segment_check(g, seq->pool, g->info.frame);
+    if (rc) return rc;
+    if (g->store != s) return kvm_seterr(KVM_EMODEL, "segment %llu belongs to another KV store", (unsigned long long)g->info.id);
+    if (n < 0 || n > g->info.n_tokens) n = g->info.n_tokens;
+    int pos = seq->n_tokens;
+    size_t elems = (size_t)s->pool->geom.n_layers * 2 * s->pool->geom.n_kv_heads * n * s->pool->geom.head_dim;
+    float *buf = kvm_malloc(elems * sizeof(float));
+    if (!buf) return KVM_ENOMEM;
+    int old_blocks = seq->n_blocks;
+    rc = kvm_kv_read_rows(s->pool, g->blocks, 0, n, buf);
+    if (!rc) rc = kvm_seq_reserve(seq, pos + n);
+    if (!rc) rc = kvm_kv_write_rows(s->pool, seq->blocks, pos, n, buf);
+    if (!rc) rc = kvm_kv_shift(s, seq->blocks, pos, n, pos - g->info.frame, NULL);
+    if (!rc) rc = kvm_seq_push_tokens(seq, g->ids, n);
+    kvm_free(buf);
+    if (rc) {
+        while (seq->n_blocks > old_blocks) kvm_kv_block_unref(seq->pool, seq->blocks[--seq->n_blocks]);
+        return rc;
+    }
+    kvm_segment_touch((kvm_segment_t *)g);
+    return 0;
+}
