@@ -90,6 +90,23 @@ typedef struct kvm_ops {
                        int n, const float *inv_freq, kvm_rope_layout_t layout);
     /* index of the max of x[n] (first on ties) */
     int (*argmax)(const float *x, int n);
+
+    /* ---- optional (NULL on backends that lack them; callers fall back to the ops above) ---- */
+    /* x[n][dim] += y; out = rmsnorm(x) * w  (one pass; out may not alias x) */
+    void (*add_rmsnorm)(float *x, const float *y, float *out, const float *w, int n, int dim, float eps);
+    /* out[r] = argmax of x[r][0..n) (first on ties), out in backend memory */
+    void (*argmax_rows)(int32_t *out, const float *x, int rows, int n);
+    /* fills dst[n] (dtype dt) with the synthetic-weight generator of runtime/model/synthetic.h */
+    int (*fill_synthetic)(void *dst, kvm_dtype_t dt, size_t n, uint64_t seed, float stddev, float mean);
+    /* graph capture of everything enqueued between begin and end; launch replays it */
+    int (*graph_begin)(void);
+    int (*graph_end)(void **graph);
+    int (*graph_launch)(void *graph);
+    void (*graph_free)(void *graph);
+    /* device-side timing: an event recorded now in the op stream; elapsed waits for b */
+    void *(*event_record)(void);
+    float (*event_elapsed_ms)(void *a, void *b);
+    void (*event_free)(void *ev);
 } kvm_ops_t;
 
 /* The CPU reference backend (always available). */
@@ -97,6 +114,8 @@ const kvm_ops_t *kvm_ops_cpu(void);
 /* The CUDA backend, or NULL (with a message in kvm_errmsg) when it is not compiled in, no driver or
  * no GPU is present. */
 const kvm_ops_t *kvm_ops_cuda(void);
+/* One line describing the GPU the CUDA backend uses (name, SMs, L2, memory, driver); error if none. */
+int kvm_cuda_describe(char *buf, size_t cap);
 /* "auto" (CUDA if usable, else CPU), "cpu" or "cuda". NULL + message if the request cannot be met. */
 const kvm_ops_t *kvm_ops_select(const char *name);
 

@@ -8,3 +8,8 @@ const kvm_ops_t *kvm_ops_cuda(void) {
     kvm_seterr(KVM_EUNSUPPORTED, "this kvmesh was built without the CUDA backend (nvcc was not found at build time)");
     return NULL;
 }
+
+int kvm_cuda_describe(char *buf, size_t cap) {
+    if (cap) buf[0] = 0;
+    return kvm_seterr(KVM_EUNSUPPORTED, "this kvmesh was built without the CUDA backend (nvcc was not found at build time)");
+}

@@ -31,6 +31,10 @@ typedef struct kvm_backend_model {
     int max_seqs, max_blocks_total;
     /* host staging */
     int32_t *h_ids, *h_pos, *h_row_start, *h_ctx_len, *h_block_table;
+    /* CUDA graph of the device part of a decode step (backends with graph ops): the graph, the step shape
+     * it was captured for, and the shape of the last eager decode step (captured when seen twice) */
+    void *graph;
+    uint64_t graph_key, warm_key;
 } kvm_backend_model_t;
 
 static void *bm_alloc(kvm_backend_model_t *b, size_t bytes) {
@@ -110,7 +114,14 @@ static int upload_mat(kvm_backend_model_t *b, const kvm_model_t *m, const kvm_te
     return 0;
 }
 
+static void drop_graph(kvm_backend_model_t *b) {
+    if (b->graph && b->ops->graph_free) b->ops->graph_free(b->graph);
+    b->graph = NULL;
+    b->graph_key = b->warm_key = 0;
+}
+
 static void free_workspace(kvm_backend_model_t *b) {
+    drop_graph(b); /* the graph points into the workspace */
     void *bufs[] = {b->x, b->xb, b->q, b->k, b->v, b->att, b->hb, b->hb2, b->logits, b->last,
                     b->ids, b->pos, b->row_start, b->ctx_len, b->block_table};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) bm_release(b, bufs[i]);
@@ -179,7 +190,12 @@ static int ensure_workspace(kvm_model_t *m, int rows, int seqs, int blocks, int 
 int kvm_forward_init(kvm_model_t *m, int max_rows) {
     if (m->bm) return ensure_workspace(m, max_rows, 0, 0, 0);
     if (!m->ops) m->ops = kvm_ops_cpu();
-    if (!m->device_dtype && m->ops != kvm_ops_cpu()) m->device_dtype = KVM_BF16;
+    if (m->ops != kvm_ops_cpu() && !m->weights_on_device) {
+        /* KVM_DEVICE_DTYPE=f32|bf16|f16 overrides (f32 = the parity mode of the GPU tests) */
+        const char *e = getenv("KVM_DEVICE_DTYPE");
+        if (e && *e) m->device_dtype = !strcmp(e, "f32") ? KVM_F32 : !strcmp(e, "f16") ? KVM_F16 : KVM_BF16;
+        else if (!m->device_dtype) m->device_dtype = KVM_BF16;
+    }
     kvm_backend_model_t *b = kvm_calloc(1, sizeof *b);
     if (!b) return KVM_ENOMEM;
     b->ops = m->ops;
@@ -226,6 +242,20 @@ int kvm_forward_init(kvm_model_t *m, int max_rows) {
     return 0;
 }
 
+int kvm_forward_adopt(kvm_model_t *m, void *p) {
+    kvm_backend_model_t *b = m ? m->bm : NULL;
+    if (!b || !p) return kvm_seterr(KVM_EINVAL, "forward: adopt needs an initialised model and a buffer");
+    if (b->n_owned == b->cap_owned) {
+        int cap = b->cap_owned ? b->cap_owned * 2 : 64;
+        void **n = kvm_realloc(b->owned, (size_t)cap * sizeof(void *));
+        if (!n) return KVM_ENOMEM;
+        b->owned = n;
+        b->cap_owned = cap;
+    }
+    b->owned[b->n_owned++] = p;
+    return 0;
+}
+
 void kvm_forward_free(kvm_model_t *m) {
     kvm_backend_model_t *b = m ? m->bm : NULL;
     if (!b) return;
@@ -239,7 +269,7 @@ void kvm_forward_free(kvm_model_t *m) {
 
 kvm_kv_pool_t *kvm_model_kv_pool(kvm_model_t *m, size_t kv_bytes) {
     kvm_kv_geom_t g = {.n_layers = m->cfg.n_layers, .n_kv_heads = m->cfg.n_kv_heads, .head_dim = m->cfg.head_dim,
-                       .dtype = m->ops == kvm_ops_cpu() ? KVM_F32 : KVM_BF16};
+                       .dtype = m->ops == kvm_ops_cpu() || m->device_dtype == KVM_F32 ? KVM_F32 : KVM_BF16};
     int n_blocks;
     if (kv_bytes == 0) {
         int ctx = m->cfg.max_seq_len > 0 && m->cfg.max_seq_len < 8192 ? m->cfg.max_seq_len : 8192;
@@ -255,6 +285,64 @@ kvm_kv_pool_t *kvm_model_kv_pool(kvm_model_t *m, size_t kv_bytes) {
 }
 
 static inline float *rowp(float *base, int row, int width) { return base + (size_t)row * width; }
+
+/* The device part of one step (no host synchronisation inside, so a decode step can be captured into a
+ * graph): embedding, the layers, and the logits of the rows that want them into b->logits. Uses the fused
+ * add+RMSNorm when the backend has it (the CPU reference runs the separate ops). */
+static void run_device_step(kvm_model_t *m, kvm_batch_item_t *items, int n_items, const kvm_attn_batch_t *abp,
+                            kvm_kv_pool_t *pool, int rows, int logit_rows) {
+    const kvm_config_t *c = &m->cfg;
+    kvm_backend_model_t *b = m->bm;
+    const kvm_ops_t *ops = b->ops;
+    const kvm_attn_batch_t ab = *abp;
+    const int D = c->dim, HD = c->head_dim, FF = c->hidden_dim;
+    const float scale = 1.0f / sqrtf((float)HD);
+    const bool fuse = ops->add_rmsnorm != NULL;
+
+    ops->embed(b->x, b->tok_emb.data, b->tok_emb.dtype, b->ids, rows, D);
+    if (fuse) ops->rmsnorm(b->xb, b->x, b->layers[0].attn_norm, rows, D, c->rms_eps);
+    for (int l = 0; l < c->n_layers; l++) {
+        const kvm_backend_layer_t *L = &b->layers[l];
+        if (!fuse) ops->rmsnorm(b->xb, b->x, L->attn_norm, rows, D, c->rms_eps);
+        ops->matmul(b->q, b->xb, &L->wq, L->bq, rows);
+        ops->matmul(b->k, b->xb, &L->wk, L->bk, rows);
+        ops->matmul(b->v, b->xb, &L->wv, L->bv, rows);
+        if (L->q_norm) ops->head_rmsnorm(b->q, L->q_norm, rows, c->n_heads, HD, c->rms_eps);
+        if (L->k_norm) ops->head_rmsnorm(b->k, L->k_norm, rows, c->n_kv_heads, HD, c->rms_eps);
+        ops->rope(b->q, rows, c->n_heads, HD, b->pos, b->inv_freq, c->rope_layout);
+        ops->rope(b->k, rows, c->n_kv_heads, HD, b->pos, b->inv_freq, c->rope_layout);
+        /* every item shares one pool (one pool per model and backend) */
+        ops->kv_write(pool->data, &pool->geom, l, b->k, b->v, &ab);
+        ops->attention(b->att, b->q, pool->data, &pool->geom, l, c->n_heads, &ab, scale);
+        ops->matmul(b->xb, b->att, &L->wo, NULL, rows);
+        if (fuse) {
+            ops->add_rmsnorm(b->x, b->xb, b->xb, L->ffn_norm, rows, D, c->rms_eps);
+        } else {
+            ops->add(b->x, b->xb, (size_t)rows * D);
+            ops->rmsnorm(b->xb, b->x, L->ffn_norm, rows, D, c->rms_eps);
+        }
+        ops->matmul(b->hb, b->xb, &L->w_gate, NULL, rows);
+        ops->matmul(b->hb2, b->xb, &L->w_up, NULL, rows);
+        ops->swiglu(b->hb, b->hb, b->hb2, (size_t)rows * FF);
+        ops->matmul(b->xb, b->hb, &L->w_down, NULL, rows);
+        if (fuse && l + 1 < c->n_layers) ops->add_rmsnorm(b->x, b->xb, b->xb, b->layers[l + 1].attn_norm, rows, D, c->rms_eps);
+        else ops->add(b->x, b->xb, (size_t)rows * D);
+    }
+    /* logits only for the rows that want them */
+    if (logit_rows > 0) {
+        int lr = 0;
+        for (int i = 0; i < n_items; i++) {
+            kvm_batch_item_t *it = &items[i];
+            if (!it->logits) continue;
+            int first = it->all_logits ? ab.h_row_start[i] : ab.h_row_start[i + 1] - 1;
+            int n = it->all_logits ? it->n_tokens : 1;
+            ops->d2d(rowp(b->last, lr, D), rowp(b->x, first, D), (size_t)n * D * 4);
+            lr += n;
+        }
+        ops->rmsnorm(b->last, b->last, b->final_norm, logit_rows, D, c->rms_eps);
+        ops->matmul(b->logits, b->last, &b->lm_head, NULL, logit_rows);
+    }
+}
 
 int kvm_forward(kvm_model_t *m, kvm_batch_item_t *items, int n_items) {
     const kvm_config_t *c = &m->cfg;
@@ -303,6 +391,12 @@ int kvm_forward(kvm_model_t *m, kvm_batch_item_t *items, int n_items) {
     int max_blocks = 0;
     for (int i = 0; i < n_items; i++)
         if (items[i].seq->n_blocks > max_blocks) max_blocks = items[i].seq->n_blocks;
+    /* a decode step (one token per item) on a backend with graphs replays one captured graph; its block
+     * table width is rounded up (to 64 blocks = 1024 tokens) so the graph stays valid as contexts grow */
+    bool decode = rows == n_items && ops->graph_begin != NULL;
+    const char *genv = getenv("KVM_CUDA_GRAPHS");
+    if (genv && !strcmp(genv, "0")) decode = false;
+    if (decode) max_blocks = (max_blocks + 63) / 64 * 64;
     blocks = max_blocks * n_items;
     int rc = ensure_workspace(m, rows, n_items, blocks, logit_rows);
     if (rc) {
@@ -332,48 +426,41 @@ int kvm_forward(kvm_model_t *m, kvm_batch_item_t *items, int n_items) {
                            .block_table = b->block_table, .max_blocks = max_blocks, .total_rows = rows,
                            .h_row_start = b->h_row_start, .h_ctx_len = b->h_ctx_len, .h_block_table = b->h_block_table};
     kvm_kv_pool_t *pool = items[0].seq->pool;
-    const int D = c->dim, HD = c->head_dim, QD = c->n_heads * HD, KD = c->n_kv_heads * HD, FF = c->hidden_dim;
-    const float scale = 1.0f / sqrtf((float)HD);
 
-    ops->embed(b->x, b->tok_emb.data, b->tok_emb.dtype, b->ids, rows, D);
-    for (int l = 0; l < c->n_layers; l++) {
-        const kvm_backend_layer_t *L = &b->layers[l];
-        ops->rmsnorm(b->xb, b->x, L->attn_norm, rows, D, c->rms_eps);
-        ops->matmul(b->q, b->xb, &L->wq, L->bq, rows);
-        ops->matmul(b->k, b->xb, &L->wk, L->bk, rows);
-        ops->matmul(b->v, b->xb, &L->wv, L->bv, rows);
-        if (L->q_norm) ops->head_rmsnorm(b->q, L->q_norm, rows, c->n_heads, HD, c->rms_eps);
-        if (L->k_norm) ops->head_rmsnorm(b->k, L->k_norm, rows, c->n_kv_heads, HD, c->rms_eps);
-        ops->rope(b->q, rows, c->n_heads, HD, b->pos, b->inv_freq, c->rope_layout);
-        ops->rope(b->k, rows, c->n_kv_heads, HD, b->pos, b->inv_freq, c->rope_layout);
-        /* every item shares one pool (one pool per model and backend) */
-        ops->kv_write(pool->data, &pool->geom, l, b->k, b->v, &ab);
-        ops->attention(b->att, b->q, pool->data, &pool->geom, l, c->n_heads, &ab, scale);
-        ops->matmul(b->xb, b->att, &L->wo, NULL, rows);
-        ops->add(b->x, b->xb, (size_t)rows * D);
-        ops->rmsnorm(b->xb, b->x, L->ffn_norm, rows, D, c->rms_eps);
-        ops->matmul(b->hb, b->xb, &L->w_gate, NULL, rows);
-        ops->matmul(b->hb2, b->xb, &L->w_up, NULL, rows);
-        ops->swiglu(b->hb, b->hb, b->hb2, (size_t)rows * FF);
-        ops->matmul(b->xb, b->hb, &L->w_down, NULL, rows);
-        ops->add(b->x, b->xb, (size_t)rows * D);
+    uint64_t key = 0;
+    if (decode) {
+        /* the shape of this step: everything the captured launches depend on */
+        uint64_t kd[6] = {(uint64_t)n_items, (uint64_t)max_blocks, (uint64_t)logit_rows, (uint64_t)(uintptr_t)pool->data,
+                          (uint64_t)(uintptr_t)b->x, 0};
+        for (int i = 0; i < n_items; i++) kd[5] = kd[5] * 31 + (items[i].logits ? 1 : 0);
+        key = kvm_hash64(kd, sizeof kd, KVM_HASH_SEED) | 1;
     }
-    (void)QD;
-    (void)KD;
-    /* logits only for the rows that want them */
+    int frc = 0;
+    if (decode && b->graph && b->graph_key == key) {
+        frc = ops->graph_launch(b->graph);
+    } else if (decode && b->warm_key == key) {
+        /* seen this shape before (so every buffer the step needs exists): capture it, then replay */
+        if (b->graph) ops->graph_free(b->graph);
+        b->graph = NULL;
+        frc = ops->graph_begin();
+        if (!frc) {
+            run_device_step(m, items, n_items, &ab, pool, rows, logit_rows);
+            frc = ops->graph_end(&b->graph);
+        }
+        if (!frc) {
+            b->graph_key = key;
+            frc = ops->graph_launch(b->graph);
+        }
+    } else {
+        run_device_step(m, items, n_items, &ab, pool, rows, logit_rows);
+        if (decode) b->warm_key = key;
+    }
+    if (frc) {
+        kvm_free(old_n);
+        return kvm_errctx(frc, "forward: decode graph");
+    }
     if (logit_rows > 0) {
         int lr = 0;
-        for (int i = 0; i < n_items; i++) {
-            kvm_batch_item_t *it = &items[i];
-            if (!it->logits) continue;
-            int first = it->all_logits ? b->h_row_start[i] : b->h_row_start[i + 1] - 1;
-            int n = it->all_logits ? it->n_tokens : 1;
-            ops->d2d(rowp(b->last, lr, D), rowp(b->x, first, D), (size_t)n * D * 4);
-            lr += n;
-        }
-        ops->rmsnorm(b->last, b->last, b->final_norm, logit_rows, D, c->rms_eps);
-        ops->matmul(b->logits, b->last, &b->lm_head, NULL, logit_rows);
-        lr = 0;
         for (int i = 0; i < n_items; i++) {
             kvm_batch_item_t *it = &items[i];
             if (!it->logits) continue;
@@ -382,7 +469,11 @@ int kvm_forward(kvm_model_t *m, kvm_batch_item_t *items, int n_items) {
             lr += n;
         }
     }
-    ops->sync();
+    int src = ops->sync(); /* reports a failure of any op of this step (GPU backends) */
+    if (src) {
+        kvm_free(old_n);
+        return kvm_errctx(src, "forward");
+    }
     for (int i = 0; i < n_items; i++) kvm_seq_push_tokens(items[i].seq, items[i].tokens, items[i].n_tokens);
     kvm_free(old_n);
     return 0;

@@ -22,6 +22,9 @@ typedef struct kvm_batch_item {
  * Called by kvm_model_load; safe to call again with a larger max_rows. */
 int kvm_forward_init(kvm_model_t *m, int max_rows);
 void kvm_forward_free(kvm_model_t *m);
+/* Hands a backend allocation (e.g. the device buffer of synthetic weights) to the model's backend state,
+ * which frees it in kvm_forward_free. */
+int kvm_forward_adopt(kvm_model_t *m, void *backend_ptr);
 
 /* Runs one step. On success every item's seq has grown by its n_tokens. On error (KV budget, bad
  * token id, rows beyond the context) no sequence is changed and the message says which item. */

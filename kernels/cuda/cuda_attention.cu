@@ -1,0 +1,424 @@
+/* cuda_attention.cu - causal grouped-query attention over the paged KV cache.
+ *
+ * Two kernels, both reading keys and values through the block tables and never forming the T x T score
+ * matrix:
+ *  - k_attn_mma (prefill; BF16/F16 cache, head_dim 64 or 128): FlashAttention-2 style. A CTA of 4 warps
+ *    takes 64 query rows of one sequence and one query head; it walks the keys in tiles of 64 tokens
+ *    (4 cache blocks) staged in shared memory, computes S = Q K^T and O += P V with mma.sync m16n8k16
+ *    (16-bit operands, fp32 accumulation) and keeps an online softmax per row in registers.
+ *  - k_attn_split (decode, and every other case, fp32 cache included): a CTA of 4 warps takes one query
+ *    row and one head over one chunk of the context (split-K); each warp runs an online softmax over
+ *    every 4th group of 4 tokens; the warps merge in shared memory and, when the context was split,
+ *    k_attn_merge combines the chunks. The split count depends only on the batch shape and the block
+ *    table width (not on the context lengths), so a captured decode graph stays valid as sequences grow.
+ * scale is applied to q.k in fp32 as in the CPU reference. */
+#include "cuda_internal.cuh"
+
+#include <stdint.h>
+
+#define S g_cuda.stream
+
+__device__ __forceinline__ size_t kv_off(int L, int H, int D, int32_t blk, int layer, int kv, int h, int t) {
+    return ((((size_t)blk * L + layer) * 2 + kv) * H + h) * KVM_KV_BLOCK * (size_t)D + (size_t)t * D;
+}
+
+__device__ __forceinline__ int seq_of_row_a(const int32_t *row_start, int n_seqs, int r) {
+    int lo = 0, hi = n_seqs - 1;
+    while (lo < hi) {
+        int mid = (lo + hi + 1) >> 1;
+        if (row_start[mid] <= r) lo = mid;
+        else hi = mid - 1;
+    }
+    return lo;
+}
+
+/* ==== split-K kernel (any dtype, head_dim <= 32 * DPL) ==================================================== */
+
+#define SPLIT_WARPS 4
+#define SPLIT_TB 4 /* tokens per warp iteration (independent loads in flight) */
+
+template <typename T, int DPL>
+__global__ void __launch_bounds__(SPLIT_WARPS * 32)
+    k_attn_split(float *__restrict__ out, float *__restrict__ partial, const float *__restrict__ q, const T *__restrict__ kv,
+                 int L, int H, int D, int layer, int heads, int group, const int32_t *__restrict__ row_start,
+                 const int32_t *__restrict__ ctx_len, const int32_t *__restrict__ block_table, int n_seqs, int max_blocks,
+                 float scale, int n_splits, int chunk) {
+    __shared__ float sm_m[SPLIT_WARPS], sm_l[SPLIT_WARPS];
+    __shared__ float sm_acc[SPLIT_WARPS][32 * DPL];
+    const int wi = blockIdx.x, split = blockIdx.y;
+    const int r = wi / heads, h = wi % heads, kh = h / group;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int s = seq_of_row_a(row_start, n_seqs, r);
+    const int r0 = row_start[s], r1 = row_start[s + 1];
+    const int pos = ctx_len[s] - (r1 - r0) + (r - r0);
+    const int t0 = split * chunk;
+    const int t1 = min(t0 + chunk, pos + 1);
+    const int32_t *bt = block_table + (size_t)s * max_blocks;
+
+    float qv[DPL], acc[DPL];
+#pragma unroll
+    for (int i = 0; i < DPL; i++) {
+        const int d = lane * DPL + i;
+        qv[i] = d < D ? q[((size_t)r * heads + h) * D + d] : 0.0f;
+        acc[i] = 0.0f;
+    }
+    float m = -INFINITY, l = 0.0f;
+    for (int tb = t0 + warp * SPLIT_TB; tb < t1; tb += SPLIT_WARPS * SPLIT_TB) {
+        float kf[SPLIT_TB][DPL], vf[SPLIT_TB][DPL], sc[SPLIT_TB];
+#pragma unroll
+        for (int u = 0; u < SPLIT_TB; u++) {
+            const int t = tb + u;
+            if (t < t1) {
+                const int32_t blk = bt[t / KVM_KV_BLOCK];
+                const T *kp = kv + kv_off(L, H, D, blk, layer, 0, kh, t % KVM_KV_BLOCK);
+                const T *vp = kv + kv_off(L, H, D, blk, layer, 1, kh, t % KVM_KV_BLOCK);
+#pragma unroll
+                for (int i = 0; i < DPL; i++) {
+                    const int d = lane * DPL + i;
+                    kf[u][i] = d < D ? kvm_to_f32<T>(kp[d]) : 0.0f;
+                    vf[u][i] = d < D ? kvm_to_f32<T>(vp[d]) : 0.0f;
+                }
+            } else {
+#pragma unroll
+                for (int i = 0; i < DPL; i++) kf[u][i] = vf[u][i] = 0.0f;
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < SPLIT_TB; u++) {
+            float d = 0.0f;
+#pragma unroll
+            for (int i = 0; i < DPL; i++) d += qv[i] * kf[u][i];
+            sc[u] = d;
+        }
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1)
+#pragma unroll
+            for (int u = 0; u < SPLIT_TB; u++) sc[u] += __shfl_xor_sync(0xffffffffu, sc[u], o);
+        float mx = m;
+#pragma unroll
+        for (int u = 0; u < SPLIT_TB; u++) {
+            sc[u] = (tb + u < t1) ? sc[u] * scale : -INFINITY;
+            mx = fmaxf(mx, sc[u]);
+        }
+        const float corr = __expf(m - mx); /* m = -inf on the first group: 0 */
+        l *= corr;
+#pragma unroll
+        for (int i = 0; i < DPL; i++) acc[i] *= corr;
+#pragma unroll
+        for (int u = 0; u < SPLIT_TB; u++) {
+            const float p = __expf(sc[u] - mx);
+            l += p;
+#pragma unroll
+            for (int i = 0; i < DPL; i++) acc[i] += p * vf[u][i];
+        }
+        m = mx;
+    }
+    /* merge the warps */
+    if (lane == 0) {
+        sm_m[warp] = m;
+        sm_l[warp] = l;
+    }
+#pragma unroll
+    for (int i = 0; i < DPL; i++) sm_acc[warp][lane * DPL + i] = acc[i];
+    __syncthreads();
+    float M = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < SPLIT_WARPS; w++) M = fmaxf(M, sm_m[w]);
+    float wsc[SPLIT_WARPS], Lsum = 0.0f;
+#pragma unroll
+    for (int w = 0; w < SPLIT_WARPS; w++) {
+        wsc[w] = sm_m[w] == -INFINITY ? 0.0f : __expf(sm_m[w] - M);
+        Lsum += sm_l[w] * wsc[w];
+    }
+    for (int d = threadIdx.x; d < D; d += blockDim.x) {
+        float a = 0.0f;
+#pragma unroll
+        for (int w = 0; w < SPLIT_WARPS; w++) a += sm_acc[w][d] * wsc[w];
+        if (n_splits == 1) {
+            out[((size_t)r * heads + h) * D + d] = a / Lsum;
+        } else {
+            float *pp = partial + ((size_t)wi * n_splits + split) * (D + 2);
+            pp[2 + d] = a;
+            if (d == 0) {
+                pp[0] = M;
+                pp[1] = Lsum;
+            }
+        }
+    }
+}
+
+/* Combines the n_splits partial results (m, l, acc[D]) of each (row, head). */
+__global__ void k_attn_merge(float *__restrict__ out, const float *__restrict__ partial, int D, int n_splits) {
+    const int wi = blockIdx.x;
+    const float *pp = partial + (size_t)wi * n_splits * (D + 2);
+    float M = -INFINITY;
+    for (int sp = 0; sp < n_splits; sp++) M = fmaxf(M, pp[(size_t)sp * (D + 2)]);
+    for (int d = threadIdx.x; d < D; d += blockDim.x) {
+        float a = 0.0f, l = 0.0f;
+        for (int sp = 0; sp < n_splits; sp++) {
+            const float *p = pp + (size_t)sp * (D + 2);
+            const float w = p[0] == -INFINITY ? 0.0f : __expf(p[0] - M);
+            l += p[1] * w;
+            a += p[2 + d] * w;
+        }
+        out[(size_t)wi * D + d] = a / l;
+    }
+}
+
+/* ==== tensor-core prefill kernel ============================================================================= */
+
+#define MMA_Q 64   /* query rows per CTA (16 per warp) */
+#define MMA_K 64   /* keys per tile */
+
+template <typename T> struct mma_t;
+template <> struct mma_t<__nv_bfloat16> {
+    static __device__ __forceinline__ uint32_t pack(float a, float b) {
+        __nv_bfloat162 v = __floats2bfloat162_rn(a, b);
+        return *reinterpret_cast<uint32_t *>(&v);
+    }
+    static __device__ __forceinline__ void mma(float *c, const uint32_t *a, uint32_t b0, uint32_t b1) {
+        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                     "{%0,%1,%2,%3};\n"
+                     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    }
+};
+template <> struct mma_t<__half> {
+    static __device__ __forceinline__ uint32_t pack(float a, float b) {
+        __half2 v = __floats2half2_rn(a, b);
+        return *reinterpret_cast<uint32_t *>(&v);
+    }
+    static __device__ __forceinline__ void mma(float *c, const uint32_t *a, uint32_t b0, uint32_t b1) {
+        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                     "{%0,%1,%2,%3};\n"
+                     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    }
+};
+
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t *r, const void *smem) {
+    uint32_t a = (uint32_t)__cvta_generic_to_shared(smem);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(128)
+    k_attn_mma(float *__restrict__ out, const float *__restrict__ q, const T *__restrict__ kv, int L, int H, int layer,
+               int heads, int group, const int32_t *__restrict__ row_start, const int32_t *__restrict__ ctx_len,
+               const int32_t *__restrict__ block_table, int max_blocks, float scale_log2) {
+    constexpr int DP = D + 8; /* padded row (bank-conflict free fragment loads) */
+    __shared__ __align__(16) T Ks[MMA_K][DP];
+    __shared__ __align__(16) T Vs[MMA_K][DP];
+    const int s = blockIdx.z, h = blockIdx.y, kh = h / group;
+    const int r0 = row_start[s], nrows = row_start[s + 1] - r0;
+    const int qt0 = blockIdx.x * MMA_Q;
+    if (qt0 >= nrows) return;
+    const int ctx = ctx_len[s];
+    const int first_pos = ctx - nrows;
+    const int32_t *bt = block_table + (size_t)s * max_blocks;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t4 = lane & 3;
+
+    /* this warp's 16 query rows as A fragments (rows past the sequence read as 0) */
+    const int qr_a = qt0 + warp * 16 + g, qr_b = qr_a + 8;
+    uint32_t qa[D / 16][4];
+    {
+        const float *qa_p = q + ((size_t)(r0 + qr_a) * heads + h) * D;
+        const float *qb_p = q + ((size_t)(r0 + qr_b) * heads + h) * D;
+        const bool va = qr_a < nrows, vb = qr_b < nrows;
+#pragma unroll
+        for (int kk = 0; kk < D / 16; kk++) {
+            const int c = kk * 16 + 2 * t4;
+            float2 x0 = va ? *reinterpret_cast<const float2 *>(qa_p + c) : make_float2(0.f, 0.f);
+            float2 x1 = vb ? *reinterpret_cast<const float2 *>(qb_p + c) : make_float2(0.f, 0.f);
+            float2 x2 = va ? *reinterpret_cast<const float2 *>(qa_p + c + 8) : make_float2(0.f, 0.f);
+            float2 x3 = vb ? *reinterpret_cast<const float2 *>(qb_p + c + 8) : make_float2(0.f, 0.f);
+            qa[kk][0] = mma_t<T>::pack(x0.x, x0.y);
+            qa[kk][1] = mma_t<T>::pack(x1.x, x1.y);
+            qa[kk][2] = mma_t<T>::pack(x2.x, x2.y);
+            qa[kk][3] = mma_t<T>::pack(x3.x, x3.y);
+        }
+    }
+    const int pos_a = first_pos + qr_a, pos_b = first_pos + qr_b;
+    float o[D / 8][4];
+#pragma unroll
+    for (int i = 0; i < D / 8; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
+    float m_a = -INFINITY, m_b = -INFINITY, l_a = 0.0f, l_b = 0.0f;
+
+    const int last_pos = first_pos + min(qt0 + MMA_Q, nrows) - 1;
+    const int n_tiles = last_pos / MMA_K + 1;
+    constexpr int CH = D / 8; /* 16-byte chunks per row */
+    for (int j = 0; j < n_tiles; j++) {
+        __syncthreads(); /* the previous tile is no longer read */
+        for (int idx = threadIdx.x; idx < MMA_K * CH; idx += blockDim.x) {
+            const int tl = idx / CH, c = idx % CH, tok = j * MMA_K + tl;
+            uint4 kz = make_uint4(0, 0, 0, 0), vz = make_uint4(0, 0, 0, 0);
+            if (tok < ctx) {
+                const int32_t blk = bt[tok / KVM_KV_BLOCK];
+                kz = *reinterpret_cast<const uint4 *>(kv + kv_off(L, H, D, blk, layer, 0, kh, tok % KVM_KV_BLOCK) + c * 8);
+                vz = *reinterpret_cast<const uint4 *>(kv + kv_off(L, H, D, blk, layer, 1, kh, tok % KVM_KV_BLOCK) + c * 8);
+            }
+            *reinterpret_cast<uint4 *>(&Ks[tl][c * 8]) = kz;
+            *reinterpret_cast<uint4 *>(&Vs[tl][c * 8]) = vz;
+        }
+        __syncthreads();
+        /* S = Q K^T for 16 rows x 64 keys */
+        float sc[MMA_K / 8][4];
+#pragma unroll
+        for (int nt = 0; nt < MMA_K / 8; nt++) {
+            sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.0f;
+#pragma unroll
+            for (int kk = 0; kk < D / 16; kk++) {
+                const uint32_t b0 = *reinterpret_cast<const uint32_t *>(&Ks[nt * 8 + g][kk * 16 + 2 * t4]);
+                const uint32_t b1 = *reinterpret_cast<const uint32_t *>(&Ks[nt * 8 + g][kk * 16 + 8 + 2 * t4]);
+                mma_t<T>::mma(sc[nt], qa[kk], b0, b1);
+            }
+        }
+        /* mask, scale (to log2 units) and the online softmax */
+        float mx_a = m_a, mx_b = m_b;
+#pragma unroll
+        for (int nt = 0; nt < MMA_K / 8; nt++) {
+            const int tok = j * MMA_K + nt * 8 + 2 * t4;
+            sc[nt][0] = tok <= pos_a && tok < ctx ? sc[nt][0] * scale_log2 : -INFINITY;
+            sc[nt][1] = tok + 1 <= pos_a && tok + 1 < ctx ? sc[nt][1] * scale_log2 : -INFINITY;
+            sc[nt][2] = tok <= pos_b && tok < ctx ? sc[nt][2] * scale_log2 : -INFINITY;
+            sc[nt][3] = tok + 1 <= pos_b && tok + 1 < ctx ? sc[nt][3] * scale_log2 : -INFINITY;
+            mx_a = fmaxf(mx_a, fmaxf(sc[nt][0], sc[nt][1]));
+            mx_b = fmaxf(mx_b, fmaxf(sc[nt][2], sc[nt][3]));
+        }
+        mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, 1));
+        mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, 2));
+        mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, 1));
+        mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, 2));
+        const float base_a = mx_a == -INFINITY ? 0.0f : mx_a, base_b = mx_b == -INFINITY ? 0.0f : mx_b;
+        const float corr_a = exp2f(m_a - base_a), corr_b = exp2f(m_b - base_b);
+        m_a = mx_a;
+        m_b = mx_b;
+        l_a *= corr_a;
+        l_b *= corr_b;
+#pragma unroll
+        for (int i = 0; i < D / 8; i++) {
+            o[i][0] *= corr_a;
+            o[i][1] *= corr_a;
+            o[i][2] *= corr_b;
+            o[i][3] *= corr_b;
+        }
+        uint32_t pa[MMA_K / 16][4];
+#pragma unroll
+        for (int nt = 0; nt < MMA_K / 8; nt++) {
+            const float p0 = exp2f(sc[nt][0] - base_a), p1 = exp2f(sc[nt][1] - base_a);
+            const float p2 = exp2f(sc[nt][2] - base_b), p3 = exp2f(sc[nt][3] - base_b);
+            l_a += p0 + p1;
+            l_b += p2 + p3;
+            pa[nt / 2][(nt & 1) * 2 + 0] = mma_t<T>::pack(p0, p1);
+            pa[nt / 2][(nt & 1) * 2 + 1] = mma_t<T>::pack(p2, p3);
+        }
+        /* O += P V */
+#pragma unroll
+        for (int kj = 0; kj < MMA_K / 16; kj++) {
+#pragma unroll
+            for (int dp = 0; dp < D / 16; dp++) {
+                uint32_t b[4];
+                ldmatrix_x4_trans(b, &Vs[kj * 16 + ((lane >> 3) & 1) * 8 + (lane & 7)][dp * 16 + (lane >> 4) * 8]);
+                mma_t<T>::mma(o[2 * dp], pa[kj], b[0], b[1]);
+                mma_t<T>::mma(o[2 * dp + 1], pa[kj], b[2], b[3]);
+            }
+        }
+    }
+    l_a += __shfl_xor_sync(0xffffffffu, l_a, 1);
+    l_a += __shfl_xor_sync(0xffffffffu, l_a, 2);
+    l_b += __shfl_xor_sync(0xffffffffu, l_b, 1);
+    l_b += __shfl_xor_sync(0xffffffffu, l_b, 2);
+    const float ia = 1.0f / l_a, ib = 1.0f / l_b;
+#pragma unroll
+    for (int i = 0; i < D / 8; i++) {
+        const int d = i * 8 + 2 * t4;
+        if (qr_a < nrows)
+            *reinterpret_cast<float2 *>(out + ((size_t)(r0 + qr_a) * heads + h) * D + d) = make_float2(o[i][0] * ia, o[i][1] * ia);
+        if (qr_b < nrows)
+            *reinterpret_cast<float2 *>(out + ((size_t)(r0 + qr_b) * heads + h) * D + d) = make_float2(o[i][2] * ib, o[i][3] * ib);
+    }
+}
+
+/* ==== dispatch ================================================================================================== */
+
+template <typename T>
+static void launch_split(float *out, const float *q, const T *kv, const kvm_kv_geom_t *g, int layer, int heads,
+                         const kvm_attn_batch_t *b, float scale) {
+    const int D = g->head_dim, work = b->total_rows * heads;
+    const int max_ctx = b->max_blocks * KVM_KV_BLOCK;
+    int want = (4 * g_cuda.prop.multiProcessorCount + work - 1) / work;
+    int n_splits = want < 1 ? 1 : want;
+    const int max_by_len = (max_ctx + 63) / 64; /* chunks of at least 64 tokens */
+    if (n_splits > max_by_len) n_splits = max_by_len;
+    if (n_splits < 1) n_splits = 1;
+    int chunk = (max_ctx + n_splits - 1) / n_splits;
+    chunk = (chunk + SPLIT_TB * SPLIT_WARPS - 1) / (SPLIT_TB * SPLIT_WARPS) * (SPLIT_TB * SPLIT_WARPS);
+    n_splits = (max_ctx + chunk - 1) / chunk;
+    float *partial = NULL;
+    if (n_splits > 1) {
+        partial = (float *)kvm_cuda_scratch((size_t)work * n_splits * (D + 2) * sizeof(float));
+        if (!partial) return;
+    }
+    dim3 grid((unsigned)work, (unsigned)n_splits);
+    const int group = heads / g->n_kv_heads;
+#define KVM_SPLIT(DPL)                                                                                                  \
+    k_attn_split<T, DPL><<<grid, SPLIT_WARPS * 32, 0, S>>>(out, partial, q, kv, g->n_layers, g->n_kv_heads, D, layer,    \
+                                                           heads, group, b->row_start, b->ctx_len, b->block_table,      \
+                                                           b->n_seqs, b->max_blocks, scale, n_splits, chunk)
+    if (D <= 32) KVM_SPLIT(1);
+    else if (D <= 64) KVM_SPLIT(2);
+    else if (D <= 128) KVM_SPLIT(4);
+    else KVM_SPLIT(8);
+#undef KVM_SPLIT
+    if (KVM_CU_LAUNCH("attention (split)")) return;
+    if (n_splits > 1) {
+        k_attn_merge<<<work, D <= 128 ? 128 : 256, 0, S>>>(out, partial, D, n_splits);
+        KVM_CU_LAUNCH("attention (merge)");
+    }
+}
+
+template <typename T>
+static void launch_mma(float *out, const float *q, const T *kv, const kvm_kv_geom_t *g, int layer, int heads,
+                       const kvm_attn_batch_t *b, float scale, int max_rows) {
+    dim3 grid((unsigned)((max_rows + MMA_Q - 1) / MMA_Q), (unsigned)heads, (unsigned)b->n_seqs);
+    const float sl2 = scale * 1.4426950408889634f;
+    const int group = heads / g->n_kv_heads;
+    if (g->head_dim == 128)
+        k_attn_mma<T, 128><<<grid, 128, 0, S>>>(out, q, kv, g->n_layers, g->n_kv_heads, layer, heads, group, b->row_start,
+                                                b->ctx_len, b->block_table, b->max_blocks, sl2);
+    else
+        k_attn_mma<T, 64><<<grid, 128, 0, S>>>(out, q, kv, g->n_layers, g->n_kv_heads, layer, heads, group, b->row_start,
+                                               b->ctx_len, b->block_table, b->max_blocks, sl2);
+    KVM_CU_LAUNCH("attention (mma)");
+}
+
+/* Rows per sequence >= this use the tensor-core kernel (when the cache dtype and head_dim allow). */
+#define KVM_MMA_MIN_ROWS 16
+
+void kvm_cuda_attention(float *out, const float *q, const void *kv, const kvm_kv_geom_t *g, int layer, int heads,
+                        const kvm_attn_batch_t *b, float scale) {
+    if (b->total_rows <= 0 || b->n_seqs <= 0) return;
+    if (g->head_dim > 256 || heads % g->n_kv_heads) {
+        kvm_cuda_fail(KVM_EUNSUPPORTED, "cuda attention: head_dim %d / heads %d over %d KV heads not supported", g->head_dim,
+                      heads, g->n_kv_heads);
+        return;
+    }
+    int max_rows = 0;
+    if (b->h_row_start)
+        for (int s = 0; s < b->n_seqs; s++) {
+            int nr = b->h_row_start[s + 1] - b->h_row_start[s];
+            if (nr > max_rows) max_rows = nr;
+        }
+    const bool mma_ok = g->dtype != KVM_F32 && (g->head_dim == 64 || g->head_dim == 128) && max_rows >= KVM_MMA_MIN_ROWS &&
+                        ((uintptr_t)q % 8) == 0 && ((uintptr_t)out % 8) == 0 && getenv("KVM_CUDA_NO_MMA_ATTN") == NULL;
+    if (mma_ok) {
+        if (g->dtype == KVM_BF16) launch_mma<__nv_bfloat16>(out, q, (const __nv_bfloat16 *)kv, g, layer, heads, b, scale, max_rows);
+        else launch_mma<__half>(out, q, (const __half *)kv, g, layer, heads, b, scale, max_rows);
+        return;
+    }
+    if (g->dtype == KVM_F32) launch_split<float>(out, q, (const float *)kv, g, layer, heads, b, scale);
+    else if (g->dtype == KVM_BF16) launch_split<__nv_bfloat16>(out, q, (const __nv_bfloat16 *)kv, g, layer, heads, b, scale);
+    else launch_split<__half>(out, q, (const __half *)kv, g, layer, heads, b, scale);
+}

@@ -1,0 +1,295 @@
+/* cuda_backend.cu - the CUDA backend's context, memory functions and op table.
+ *
+ * kvm_ops_cuda() initialises the context once (device 0, or KVM_CUDA_DEVICE): one non-blocking stream,
+ * one cuBLAS handle with a fixed workspace, and a grow-only scratch buffer. Every op enqueues on that
+ * stream; sync() waits for it and reports the first error any void op hit since the last sync. When
+ * there is no driver or no GPU it returns NULL with a message (the caller then runs on the CPU). */
+#include "cuda_internal.cuh"
+
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+kvm_cuda_ctx g_cuda;
+
+int kvm_cuda_fail(int code, const char *fmt, ...) {
+    if (g_cuda.err_code == 0) {
+        va_list ap;
+        va_start(ap, fmt);
+        vsnprintf(g_cuda.err_msg, sizeof g_cuda.err_msg, fmt, ap);
+        va_end(ap);
+        g_cuda.err_code = code;
+    }
+    return code;
+}
+
+int kvm_cuda_check(cudaError_t e, const char *what, const char *file, int line) {
+    if (e == cudaSuccess) return 0;
+    kvm_cuda_fail(KVM_EDEVICE, "cuda: %s failed: %s (%s:%d)", what, cudaGetErrorString(e), file, line);
+    return KVM_EDEVICE;
+}
+
+int kvm_cuda_capturing(void) {
+    cudaStreamCaptureStatus st = cudaStreamCaptureStatusNone;
+    if (cudaStreamIsCapturing(g_cuda.stream, &st) != cudaSuccess) return 0;
+    return st != cudaStreamCaptureStatusNone;
+}
+
+void *kvm_cuda_scratch(size_t bytes) {
+    if (bytes <= g_cuda.ws_bytes) return g_cuda.ws;
+    if (kvm_cuda_capturing()) {
+        kvm_cuda_fail(KVM_EDEVICE, "cuda: scratch of %zu bytes needed while capturing a graph (have %zu); "
+                      "run the step once eagerly first", bytes, g_cuda.ws_bytes);
+        return NULL;
+    }
+    size_t nb = g_cuda.ws_bytes ? g_cuda.ws_bytes : ((size_t)64 << 20);
+    while (nb < bytes) nb *= 2;
+    /* the old scratch is retired, not freed: queued work and captured graphs may still point into it
+     * (growth is geometric, so the retired buffers total less than the live one) */
+    if (g_cuda.ws) {
+        if (g_cuda.n_retired < (int)(sizeof g_cuda.retired / sizeof g_cuda.retired[0])) {
+            g_cuda.retired[g_cuda.n_retired++] = g_cuda.ws;
+        }
+        g_cuda.ws = NULL;
+        g_cuda.ws_bytes = 0;
+    }
+    void *p = NULL;
+    if (KVM_CU(cudaMalloc(&p, nb), "cudaMalloc(scratch)")) return NULL;
+    g_cuda.ws = p;
+    g_cuda.ws_bytes = nb;
+    return p;
+}
+
+/* ---- memory ------------------------------------------------------------------------------------ */
+
+static void *cu_alloc(size_t bytes) {
+    void *p = NULL;
+    cudaError_t e = cudaMalloc(&p, bytes ? bytes : 256);
+    if (e != cudaSuccess) {
+        size_t fr = 0, tot = 0;
+        cudaGetLastError();
+        cudaMemGetInfo(&fr, &tot);
+        kvm_seterr(KVM_ENOMEM, "cuda: cannot allocate %zu bytes of device memory (%zu MiB free of %zu MiB): %s", bytes,
+                   fr >> 20, tot >> 20, cudaGetErrorString(e));
+        return NULL;
+    }
+    return p;
+}
+
+static void cu_free(void *p) {
+    if (!p) return;
+    /* queued work may still use p */
+    cudaStreamSynchronize(g_cuda.stream);
+    cudaFree(p);
+}
+
+static int cu_take_error(void) {
+    if (g_cuda.err_code) {
+        int c = g_cuda.err_code;
+        kvm_seterr(c, "%s", g_cuda.err_msg);
+        g_cuda.err_code = 0;
+        g_cuda.err_msg[0] = 0;
+        return c;
+    }
+    return 0;
+}
+
+static int cu_sync(void) {
+    cudaError_t e = cudaStreamSynchronize(g_cuda.stream);
+    if (e != cudaSuccess) kvm_cuda_check(e, "stream synchronize", __FILE__, __LINE__);
+    return cu_take_error();
+}
+
+static int cu_h2d(void *dst, const void *src, size_t n) {
+    if (!n) return 0;
+    if (KVM_CU(cudaMemcpyAsync(dst, src, n, cudaMemcpyHostToDevice, g_cuda.stream), "copy host to device"))
+        return cu_take_error();
+    /* the source is pageable host memory the caller may reuse at once */
+    return cu_sync();
+}
+
+static int cu_d2h(void *dst, const void *src, size_t n) {
+    if (!n) return 0;
+    if (KVM_CU(cudaMemcpyAsync(dst, src, n, cudaMemcpyDeviceToHost, g_cuda.stream), "copy device to host"))
+        return cu_take_error();
+    return cu_sync();
+}
+
+static int cu_d2d(void *dst, const void *src, size_t n) {
+    if (!n) return 0;
+    if (KVM_CU(cudaMemcpyAsync(dst, src, n, cudaMemcpyDeviceToDevice, g_cuda.stream), "copy device to device"))
+        return cu_take_error();
+    return 0;
+}
+
+static int cu_memset0(void *dst, size_t n) {
+    if (!n) return 0;
+    if (KVM_CU(cudaMemsetAsync(dst, 0, n, g_cuda.stream), "memset")) return cu_take_error();
+    return 0;
+}
+
+/* ---- graphs (optional ops) --------------------------------------------------------------------- */
+
+static int cu_graph_begin(void) {
+    int rc = cu_take_error();
+    if (rc) return rc;
+    if (KVM_CU(cudaStreamBeginCapture(g_cuda.stream, cudaStreamCaptureModeThreadLocal), "begin graph capture"))
+        return cu_take_error();
+    return 0;
+}
+
+static int cu_graph_end(void **out) {
+    cudaGraph_t graph = NULL;
+    cudaGraphExec_t exec = NULL;
+    *out = NULL;
+    cudaError_t e = cudaStreamEndCapture(g_cuda.stream, &graph);
+    int rc = cu_take_error(); /* an op failed during capture */
+    if (e != cudaSuccess || rc) {
+        if (graph) cudaGraphDestroy(graph);
+        cudaGetLastError();
+        if (rc) return rc;
+        return kvm_seterr(KVM_EDEVICE, "cuda: graph capture failed: %s", cudaGetErrorString(e));
+    }
+    e = cudaGraphInstantiate(&exec, graph, 0);
+    cudaGraphDestroy(graph);
+    if (e != cudaSuccess) return kvm_seterr(KVM_EDEVICE, "cuda: graph instantiate failed: %s", cudaGetErrorString(e));
+    *out = exec;
+    return 0;
+}
+
+static int cu_graph_launch(void *g) {
+    if (KVM_CU(cudaGraphLaunch((cudaGraphExec_t)g, g_cuda.stream), "graph launch")) return cu_take_error();
+    return 0;
+}
+
+static void cu_graph_free(void *g) {
+    if (g) cudaGraphExecDestroy((cudaGraphExec_t)g);
+}
+
+/* ---- timing (optional ops, for benchmarks) ------------------------------------------------------- */
+
+static void *cu_event_record(void) {
+    cudaEvent_t ev = NULL;
+    if (cudaEventCreate(&ev) != cudaSuccess) return NULL;
+    cudaEventRecord(ev, g_cuda.stream);
+    return ev;
+}
+
+static float cu_event_elapsed_ms(void *a, void *b) {
+    float ms = -1.0f;
+    cudaEventSynchronize((cudaEvent_t)b);
+    if (cudaEventElapsedTime(&ms, (cudaEvent_t)a, (cudaEvent_t)b) != cudaSuccess) ms = -1.0f;
+    return ms;
+}
+
+static void cu_event_free(void *e) {
+    if (e) cudaEventDestroy((cudaEvent_t)e);
+}
+
+/* ---- the table ------------------------------------------------------------------------------------ */
+
+static kvm_ops_t make_ops(void);
+static kvm_ops_t cuda_ops = make_ops();
+
+static void cu_describe(char *buf, size_t cap) {
+    int drv = 0, rt = 0;
+    cudaDriverGetVersion(&drv);
+    cudaRuntimeGetVersion(&rt);
+    snprintf(buf, cap, "%s (sm_%d%d, %d SMs, L2 %d MiB, %zu MiB), driver CUDA %d.%d, runtime %d.%d", g_cuda.prop.name,
+             g_cuda.prop.major, g_cuda.prop.minor, g_cuda.prop.multiProcessorCount, g_cuda.prop.l2CacheSize >> 20,
+             g_cuda.prop.totalGlobalMem >> 20, drv / 1000, (drv % 1000) / 10, rt / 1000, (rt % 1000) / 10);
+}
+
+static int cu_init(void) {
+    int n = 0;
+    cudaError_t e = cudaGetDeviceCount(&n);
+    if (e != cudaSuccess) {
+        cudaGetLastError();
+        return kvm_seterr(KVM_EUNSUPPORTED, "cuda: no usable GPU (%s); running on the CPU", cudaGetErrorString(e));
+    }
+    if (n <= 0) return kvm_seterr(KVM_EUNSUPPORTED, "cuda: no GPU found; running on the CPU");
+    int dev = 0;
+    const char *ds = getenv("KVM_CUDA_DEVICE");
+    if (ds && *ds) dev = atoi(ds);
+    if (dev < 0 || dev >= n) return kvm_seterr(KVM_EINVAL, "cuda: KVM_CUDA_DEVICE=%d but %d GPU(s) present", dev, n);
+    if ((e = cudaSetDevice(dev)) != cudaSuccess ||
+        (e = cudaGetDeviceProperties(&g_cuda.prop, dev)) != cudaSuccess) {
+        cudaGetLastError();
+        return kvm_seterr(KVM_EDEVICE, "cuda: cannot open GPU %d: %s", dev, cudaGetErrorString(e));
+    }
+    if (g_cuda.prop.major < 8)
+        return kvm_seterr(KVM_EUNSUPPORTED, "cuda: %s (sm_%d%d) is too old; kvmesh needs sm_80 or newer", g_cuda.prop.name,
+                          g_cuda.prop.major, g_cuda.prop.minor);
+    g_cuda.device = dev;
+    if ((e = cudaStreamCreateWithFlags(&g_cuda.stream, cudaStreamNonBlocking)) != cudaSuccess)
+        return kvm_seterr(KVM_EDEVICE, "cuda: cannot create a stream: %s", cudaGetErrorString(e));
+    if (cublasCreate(&g_cuda.blas) != CUBLAS_STATUS_SUCCESS)
+        return kvm_seterr(KVM_EDEVICE, "cuda: cublasCreate failed (is libcublas usable?)");
+    cublasSetStream(g_cuda.blas, g_cuda.stream);
+    /* fp32 GEMMs must stay true fp32 (parity mode): no TF32 */
+    cublasSetMathMode(g_cuda.blas, CUBLAS_DEFAULT_MATH);
+    g_cuda.blas_ws_bytes = (size_t)32 << 20;
+    if ((e = cudaMalloc(&g_cuda.blas_ws, g_cuda.blas_ws_bytes)) != cudaSuccess)
+        return kvm_seterr(KVM_ENOMEM, "cuda: cannot allocate the cuBLAS workspace: %s", cudaGetErrorString(e));
+    cublasSetWorkspace(g_cuda.blas, g_cuda.blas_ws, g_cuda.blas_ws_bytes);
+    if (!kvm_cuda_scratch((size_t)64 << 20)) return cu_take_error();
+    g_cuda.ready = 1;
+    return 0;
+}
+
+extern "C" const kvm_ops_t *kvm_ops_cuda(void) {
+    static int tried = 0, rc = 0;
+    static char msg[512];
+    if (!tried) {
+        tried = 1;
+        rc = cu_init();
+        if (rc) snprintf(msg, sizeof msg, "%s", kvm_errmsg());
+    }
+    if (rc) {
+        kvm_seterr(rc, "%s", msg);
+        return NULL;
+    }
+    return &cuda_ops;
+}
+
+extern "C" int kvm_cuda_describe(char *buf, size_t cap) {
+    if (!kvm_ops_cuda()) return kvm_errcode();
+    cu_describe(buf, cap);
+    return 0;
+}
+
+static kvm_ops_t make_ops(void) {
+    kvm_ops_t o;
+    memset(&o, 0, sizeof o);
+    o.name = "cuda";
+    o.alloc = cu_alloc;
+    o.free = cu_free;
+    o.h2d = cu_h2d;
+    o.d2h = cu_d2h;
+    o.d2d = cu_d2d;
+    o.memset0 = cu_memset0;
+    o.sync = cu_sync;
+    o.embed = kvm_cuda_embed;
+    o.rmsnorm = kvm_cuda_rmsnorm;
+    o.head_rmsnorm = kvm_cuda_head_rmsnorm;
+    o.matmul = kvm_cuda_matmul;
+    o.rope = kvm_cuda_rope;
+    o.swiglu = kvm_cuda_swiglu;
+    o.add = kvm_cuda_add;
+    o.kv_write = kvm_cuda_kv_write;
+    o.attention = kvm_cuda_attention;
+    o.rope_shift = kvm_cuda_rope_shift;
+    o.argmax = kvm_cuda_argmax;
+    o.add_rmsnorm = kvm_cuda_add_rmsnorm;
+    o.argmax_rows = kvm_cuda_argmax_rows;
+    o.fill_synthetic = kvm_cuda_fill_synthetic;
+    o.graph_begin = cu_graph_begin;
+    o.graph_end = cu_graph_end;
+    o.graph_launch = cu_graph_launch;
+    o.graph_free = cu_graph_free;
+    o.event_record = cu_event_record;
+    o.event_elapsed_ms = cu_event_elapsed_ms;
+    o.event_free = cu_event_free;
+    return o;
+}

@@ -1,0 +1,100 @@
+/* cuda_internal.cuh - what the CUDA backend's translation units share (never included by C code).
+ *
+ * One process, one device, one stream: every op is enqueued on g_cuda.stream, so the ops run in the
+ * order the forward calls them and a whole decode step can be captured into a CUDA graph. Ops that
+ * return void record the first failure in a sticky error that sync() reports (and clears). */
+#ifndef KVM_CUDA_INTERNAL_CUH
+#define KVM_CUDA_INTERNAL_CUH
+
+#include <cuda_runtime.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cublas_v2.h>
+#include <stdint.h>
+#include <stddef.h>
+
+extern "C" {
+#include "../ops.h"
+#include "../../runtime/core/status.h"
+}
+
+struct kvm_cuda_ctx {
+    int ready;               /* 1 after a successful init */
+    int device;
+    cudaDeviceProp prop;
+    cudaStream_t stream;
+    cublasHandle_t blas;
+    void *blas_ws;           /* cuBLAS workspace (fixed, so graph capture is allowed) */
+    size_t blas_ws_bytes;
+    void *ws;                /* scratch of the ops (bf16 activations, attention partials, ...) */
+    size_t ws_bytes;
+    void *retired[48];       /* outgrown scratch buffers, kept alive (see kvm_cuda_scratch) */
+    int n_retired;
+    int err_code;            /* sticky first error of a void op (0 = none) */
+    char err_msg[512];
+};
+extern kvm_cuda_ctx g_cuda;
+
+/* Records a failure of a void op (first one wins); returns code. */
+int kvm_cuda_fail(int code, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* Checks a CUDA call; on error records "what: cudaGetErrorString" and returns nonzero. */
+#define KVM_CU(call, what) kvm_cuda_check((call), (what), __FILE__, __LINE__)
+int kvm_cuda_check(cudaError_t e, const char *what, const char *file, int line);
+/* Checks the last launch (call after every <<<>>>). */
+#define KVM_CU_LAUNCH(what) kvm_cuda_check(cudaGetLastError(), (what), __FILE__, __LINE__)
+/* Scratch of at least `bytes` (grows outside graph capture; fails while capturing). NULL on failure. */
+void *kvm_cuda_scratch(size_t bytes);
+/* True while g_cuda.stream is being captured into a graph. */
+int kvm_cuda_capturing(void);
+
+/* ---- ops, one file each ------------------------------------------------------------------------ */
+/* cuda_kernels.cu */
+void kvm_cuda_embed(float *out, const void *table, kvm_dtype_t dtype, const int32_t *ids, int n, int dim);
+void kvm_cuda_rmsnorm(float *out, const float *x, const float *w, int n, int dim, float eps);
+void kvm_cuda_head_rmsnorm(float *x, const float *w, int n, int heads, int hd, float eps);
+void kvm_cuda_rope(float *x, int n, int heads, int hd, const int32_t *pos, const float *inv_freq, kvm_rope_layout_t layout);
+void kvm_cuda_swiglu(float *out, const float *gate, const float *up, size_t n);
+void kvm_cuda_add(float *x, const float *y, size_t n);
+void kvm_cuda_add_rmsnorm(float *x, const float *y, float *out, const float *w, int n, int dim, float eps);
+void kvm_cuda_kv_write(void *kv, const kvm_kv_geom_t *g, int layer, const float *k, const float *v, const kvm_attn_batch_t *b);
+void kvm_cuda_rope_shift(void *kv, const kvm_kv_geom_t *g, const int32_t *blk, const int32_t *slot, const int32_t *delta,
+                         int n, const float *inv_freq, kvm_rope_layout_t layout);
+int kvm_cuda_argmax(const float *x, int n);
+void kvm_cuda_argmax_rows(int32_t *out, const float *x, int rows, int n);
+int kvm_cuda_fill_synthetic(void *dst, kvm_dtype_t dt, size_t n, uint64_t seed, float stddev, float mean);
+/* cuda_matmul.cu */
+void kvm_cuda_matmul(float *y, const float *x, const kvm_wmat_t *W, const float *bias, int n);
+/* cuda_attention.cu */
+void kvm_cuda_attention(float *out, const float *q, const void *kv, const kvm_kv_geom_t *g, int layer, int heads,
+                        const kvm_attn_batch_t *b, float scale);
+
+/* ---- small device helpers --------------------------------------------------------------------- */
+template <typename T> __device__ __forceinline__ float kvm_to_f32(T v);
+template <> __device__ __forceinline__ float kvm_to_f32<float>(float v) { return v; }
+template <> __device__ __forceinline__ float kvm_to_f32<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
+template <> __device__ __forceinline__ float kvm_to_f32<__half>(__half v) { return __half2float(v); }
+template <typename T> __device__ __forceinline__ T kvm_from_f32(float v);
+template <> __device__ __forceinline__ float kvm_from_f32<float>(float v) { return v; }
+template <> __device__ __forceinline__ __nv_bfloat16 kvm_from_f32<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+template <> __device__ __forceinline__ __half kvm_from_f32<__half>(float v) { return __float2half_rn(v); }
+
+__device__ __forceinline__ float kvm_warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+__device__ __forceinline__ float kvm_warp_max(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+/* Same reduction as kvm_rope_angle (ops_common.c): p*w in fp64, fmod 2π, into [-π, π). */
+__device__ __forceinline__ double kvm_rope_angle_dev(double pos, float inv_freq) {
+    double a = pos * (double)inv_freq;
+    const double two_pi = 6.283185307179586476925286766559;
+    a = fmod(a, two_pi);
+    if (a >= 3.141592653589793238462643383279) a -= two_pi;
+    else if (a < -3.141592653589793238462643383279) a += two_pi;
+    return a;
+}
+
+#endif

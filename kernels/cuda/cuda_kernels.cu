@@ -1,0 +1,347 @@
+/* cuda_kernels.cu - the small ops of the CUDA backend: embedding gather, RMSNorm (plain, per head and fused
+ * with the residual add), RoPE, SwiGLU, add, KV writes, the RoPE shift of cached keys, argmax and the
+ * synthetic-weight generator. Each matches its CPU reference in kernels/cpu/ops_cpu.c (same formulas,
+ * fp32 arithmetic; RoPE angles in fp64 reduced to [-pi, pi) and cos/sin rounded to fp32). */
+#include "cuda_internal.cuh"
+
+#include <float.h>
+
+#include "../../runtime/model/synthetic.h"
+
+#define S g_cuda.stream
+
+static inline unsigned grid_for(size_t n, int threads) {
+    size_t b = (n + threads - 1) / threads;
+    if (b > 65535u * 32u) b = 65535u * 32u; /* kernels loop grid-stride */
+    return (unsigned)(b ? b : 1);
+}
+
+/* ---- embed ----------------------------------------------------------------------------------------- */
+
+template <typename T>
+__global__ void k_embed(float *__restrict__ out, const T *__restrict__ table, const int32_t *__restrict__ ids, int dim) {
+    const int r = blockIdx.x;
+    const T *src = table + (size_t)ids[r] * dim;
+    float *o = out + (size_t)r * dim;
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) o[i] = kvm_to_f32<T>(src[i]);
+}
+
+void kvm_cuda_embed(float *out, const void *table, kvm_dtype_t dt, const int32_t *ids, int n, int dim) {
+    if (n <= 0) return;
+    if (dt == KVM_F32) k_embed<float><<<n, 256, 0, S>>>(out, (const float *)table, ids, dim);
+    else if (dt == KVM_BF16) k_embed<__nv_bfloat16><<<n, 256, 0, S>>>(out, (const __nv_bfloat16 *)table, ids, dim);
+    else k_embed<__half><<<n, 256, 0, S>>>(out, (const __half *)table, ids, dim);
+    KVM_CU_LAUNCH("embed");
+}
+
+/* ---- RMSNorm ------------------------------------------------------------------------------------------ */
+
+/* Block sum for blockDim.x <= 1024 (multiple of 32). */
+__device__ __forceinline__ float block_sum(float v, float *sh) {
+    const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    v = kvm_warp_sum(v);
+    __syncthreads(); /* sh may be reused by a previous call */
+    if (lane == 0) sh[wid] = v;
+    __syncthreads();
+    float t = lane < nw ? sh[lane] : 0.0f;
+    return kvm_warp_sum(t);
+}
+
+/* One block per row; optional residual add first (x += y) when y != NULL. */
+__global__ void k_rmsnorm(float *__restrict__ out, float *x, const float *__restrict__ y, const float *__restrict__ w,
+                          int dim, float eps) {
+    __shared__ float sh[32];
+    const size_t base = (size_t)blockIdx.x * dim;
+    float ss = 0.0f;
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) {
+        float v = x[base + i];
+        if (y) {
+            v += y[base + i];
+            x[base + i] = v;
+        }
+        ss += v * v;
+    }
+    ss = block_sum(ss, sh);
+    const float inv = 1.0f / sqrtf(ss / (float)dim + eps);
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) out[base + i] = w[i] * (x[base + i] * inv);
+}
+
+/* One warp per row of hd (head RMSNorm), in place. */
+__global__ void k_head_rmsnorm(float *x, const float *__restrict__ w, int rows, int hd, float eps) {
+    const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+    if (row >= rows) return;
+    float *p = x + (size_t)row * hd;
+    float ss = 0.0f;
+    for (int i = lane; i < hd; i += 32) ss += p[i] * p[i];
+    ss = kvm_warp_sum(ss);
+    const float inv = 1.0f / sqrtf(ss / (float)hd + eps);
+    for (int i = lane; i < hd; i += 32) p[i] = w[i] * (p[i] * inv);
+}
+
+static int norm_threads(int dim) {
+    int t = 32;
+    while (t < dim / 4 && t < 1024) t *= 2;
+    return t;
+}
+
+void kvm_cuda_rmsnorm(float *out, const float *x, const float *w, int n, int dim, float eps) {
+    if (n <= 0) return;
+    k_rmsnorm<<<n, norm_threads(dim), 0, S>>>(out, (float *)x, NULL, w, dim, eps);
+    KVM_CU_LAUNCH("rmsnorm");
+}
+
+void kvm_cuda_add_rmsnorm(float *x, const float *y, float *out, const float *w, int n, int dim, float eps) {
+    if (n <= 0) return;
+    k_rmsnorm<<<n, norm_threads(dim), 0, S>>>(out, x, y, w, dim, eps);
+    KVM_CU_LAUNCH("add_rmsnorm");
+}
+
+void kvm_cuda_head_rmsnorm(float *x, const float *w, int n, int heads, int hd, float eps) {
+    int rows = n * heads;
+    if (rows <= 0) return;
+    k_head_rmsnorm<<<(rows + 7) / 8, 256, 0, S>>>(x, w, rows, hd, eps);
+    KVM_CU_LAUNCH("head_rmsnorm");
+}
+
+/* ---- RoPE ----------------------------------------------------------------------------------------------- */
+
+/* Rotates pair (a, b) like rotate_pair() of the CPU reference: cos/sin of the fp64 angle rounded to fp32. */
+__device__ __forceinline__ void rot(float *a, float *b, float c, float s) {
+    float x = *a, y = *b;
+    *a = __fsub_rn(__fmul_rn(x, c), __fmul_rn(y, s));
+    *b = __fadd_rn(__fmul_rn(x, s), __fmul_rn(y, c));
+}
+
+/* Block per token; the cos/sin of its hd/2 angles go to shared memory, then every head is rotated. */
+__global__ void k_rope(float *x, int heads, int hd, const int32_t *__restrict__ pos, const float *__restrict__ inv_freq,
+                       int interleaved) {
+    extern __shared__ float cs[]; /* [half] cos, [half] sin */
+    const int t = blockIdx.x, half = hd / 2;
+    const double p = (double)pos[t];
+    for (int j = threadIdx.x; j < half; j += blockDim.x) {
+        double a = kvm_rope_angle_dev(p, inv_freq[j]);
+        double sn, cn;
+        sincos(a, &sn, &cn);
+        cs[j] = (float)cn;
+        cs[half + j] = (float)sn;
+    }
+    __syncthreads();
+    float *xt = x + (size_t)t * heads * hd;
+    for (int i = threadIdx.x; i < heads * half; i += blockDim.x) {
+        int h = i / half, j = i % half;
+        float *v = xt + (size_t)h * hd;
+        if (interleaved) rot(&v[2 * j], &v[2 * j + 1], cs[j], cs[half + j]);
+        else rot(&v[j], &v[j + half], cs[j], cs[half + j]);
+    }
+}
+
+void kvm_cuda_rope(float *x, int n, int heads, int hd, const int32_t *pos, const float *inv_freq, kvm_rope_layout_t layout) {
+    if (n <= 0) return;
+    k_rope<<<n, 128, (size_t)hd * sizeof(float), S>>>(x, heads, hd, pos, inv_freq, layout == KVM_ROPE_INTERLEAVED);
+    KVM_CU_LAUNCH("rope");
+}
+
+/* ---- elementwise ------------------------------------------------------------------------------------------ */
+
+__global__ void k_swiglu(float *__restrict__ out, const float *__restrict__ gate, const float *__restrict__ up, size_t n) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        float g = gate[i];
+        out[i] = (g / (1.0f + expf(-g))) * up[i];
+    }
+}
+
+__global__ void k_add(float *x, const float *__restrict__ y, size_t n) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) x[i] += y[i];
+}
+
+void kvm_cuda_swiglu(float *out, const float *gate, const float *up, size_t n) {
+    if (!n) return;
+    k_swiglu<<<grid_for(n, 256), 256, 0, S>>>(out, gate, up, n);
+    KVM_CU_LAUNCH("swiglu");
+}
+
+void kvm_cuda_add(float *x, const float *y, size_t n) {
+    if (!n) return;
+    k_add<<<grid_for(n, 256), 256, 0, S>>>(x, y, n);
+    KVM_CU_LAUNCH("add");
+}
+
+/* ---- KV cache --------------------------------------------------------------------------------------------- */
+
+__device__ __forceinline__ size_t kv_index(int L, int H, int D, int32_t blk, int layer, int kv, int h, int t) {
+    return ((((size_t)blk * L + layer) * 2 + kv) * H + h) * KVM_KV_BLOCK * (size_t)D + (size_t)t * D;
+}
+
+/* Sequence of row r (rows are grouped by sequence): the last s with row_start[s] <= r. */
+__device__ __forceinline__ int seq_of_row(const int32_t *row_start, int n_seqs, int r) {
+    int lo = 0, hi = n_seqs - 1;
+    while (lo < hi) {
+        int mid = (lo + hi + 1) >> 1;
+        if (row_start[mid] <= r) lo = mid;
+        else hi = mid - 1;
+    }
+    return lo;
+}
+
+/* Block per row: writes its K and V (H heads x D) at its position. */
+template <typename T>
+__global__ void k_kv_write(T *kv, int L, int H, int D, int layer, const float *__restrict__ k, const float *__restrict__ v,
+                           const int32_t *__restrict__ row_start, const int32_t *__restrict__ ctx_len,
+                           const int32_t *__restrict__ block_table, int n_seqs, int max_blocks) {
+    const int r = blockIdx.x;
+    const int s = seq_of_row(row_start, n_seqs, r);
+    const int r0 = row_start[s], r1 = row_start[s + 1];
+    const int pos = ctx_len[s] - (r1 - r0) + (r - r0);
+    const int32_t blk = block_table[(size_t)s * max_blocks + pos / KVM_KV_BLOCK];
+    const int t = pos % KVM_KV_BLOCK;
+    for (int i = threadIdx.x; i < H * D; i += blockDim.x) {
+        int h = i / D, d = i % D;
+        kv[kv_index(L, H, D, blk, layer, 0, h, t) + d] = kvm_from_f32<T>(k[(size_t)r * H * D + i]);
+        kv[kv_index(L, H, D, blk, layer, 1, h, t) + d] = kvm_from_f32<T>(v[(size_t)r * H * D + i]);
+    }
+}
+
+void kvm_cuda_kv_write(void *kv, const kvm_kv_geom_t *g, int layer, const float *k, const float *v, const kvm_attn_batch_t *b) {
+    if (b->total_rows <= 0) return;
+    const int L = g->n_layers, H = g->n_kv_heads, D = g->head_dim;
+    if (g->dtype == KVM_F32)
+        k_kv_write<float><<<b->total_rows, 128, 0, S>>>((float *)kv, L, H, D, layer, k, v, b->row_start, b->ctx_len,
+                                                        b->block_table, b->n_seqs, b->max_blocks);
+    else if (g->dtype == KVM_BF16)
+        k_kv_write<__nv_bfloat16><<<b->total_rows, 128, 0, S>>>((__nv_bfloat16 *)kv, L, H, D, layer, k, v, b->row_start,
+                                                                b->ctx_len, b->block_table, b->n_seqs, b->max_blocks);
+    else
+        k_kv_write<__half><<<b->total_rows, 128, 0, S>>>((__half *)kv, L, H, D, layer, k, v, b->row_start, b->ctx_len,
+                                                         b->block_table, b->n_seqs, b->max_blocks);
+    KVM_CU_LAUNCH("kv_write");
+}
+
+/* Block per (token, layer): the token's cos/sin table in shared memory, then every KV head's key rotated
+ * in place. One launch covers all layers. */
+template <typename T>
+__global__ void k_rope_shift(T *kv, int L, int H, int D, const int32_t *__restrict__ blk, const int32_t *__restrict__ slot,
+                             const int32_t *__restrict__ delta, const float *__restrict__ inv_freq, int interleaved) {
+    extern __shared__ float cs[];
+    const int i = blockIdx.x, layer = blockIdx.y, half = D / 2;
+    const int dl = delta[i];
+    if (dl == 0) return;
+    for (int j = threadIdx.x; j < half; j += blockDim.x) {
+        double a = kvm_rope_angle_dev((double)dl, inv_freq[j]);
+        double sn, cn;
+        sincos(a, &sn, &cn);
+        cs[j] = (float)cn;
+        cs[half + j] = (float)sn;
+    }
+    __syncthreads();
+    for (int w = threadIdx.x; w < H * half; w += blockDim.x) {
+        int h = w / half, j = w % half;
+        T *kp = kv + kv_index(L, H, D, blk[i], layer, 0, h, slot[i]);
+        int ia = interleaved ? 2 * j : j, ib = interleaved ? 2 * j + 1 : j + half;
+        float a = kvm_to_f32<T>(kp[ia]), bb = kvm_to_f32<T>(kp[ib]);
+        rot(&a, &bb, cs[j], cs[half + j]);
+        kp[ia] = kvm_from_f32<T>(a);
+        kp[ib] = kvm_from_f32<T>(bb);
+    }
+}
+
+void kvm_cuda_rope_shift(void *kv, const kvm_kv_geom_t *g, const int32_t *blk, const int32_t *slot, const int32_t *delta,
+                         int n, const float *inv_freq, kvm_rope_layout_t layout) {
+    if (n <= 0) return;
+    dim3 grid((unsigned)n, (unsigned)g->n_layers);
+    size_t sh = (size_t)g->head_dim * sizeof(float);
+    int il = layout == KVM_ROPE_INTERLEAVED;
+    const int L = g->n_layers, H = g->n_kv_heads, D = g->head_dim;
+    if (g->dtype == KVM_F32)
+        k_rope_shift<float><<<grid, 128, sh, S>>>((float *)kv, L, H, D, blk, slot, delta, inv_freq, il);
+    else if (g->dtype == KVM_BF16)
+        k_rope_shift<__nv_bfloat16><<<grid, 128, sh, S>>>((__nv_bfloat16 *)kv, L, H, D, blk, slot, delta, inv_freq, il);
+    else
+        k_rope_shift<__half><<<grid, 128, sh, S>>>((__half *)kv, L, H, D, blk, slot, delta, inv_freq, il);
+    KVM_CU_LAUNCH("rope_shift");
+}
+
+/* ---- argmax ---------------------------------------------------------------------------------------------- */
+
+/* Block per row; first index on ties (and NaN never wins, as in the CPU loop with `>`). */
+__global__ void k_argmax_rows(int32_t *out, const float *__restrict__ x, int n) {
+    __shared__ float sv[32];
+    __shared__ int si[32];
+    const float *xr = x + (size_t)blockIdx.x * n;
+    float best = -INFINITY;
+    int bi = 0x7fffffff;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        float v = xr[i];
+        if (bi == 0x7fffffff || v > best) { /* this thread's first element, or a strictly larger one */
+            best = v;
+            bi = i;
+        }
+    }
+    for (int o = 16; o > 0; o >>= 1) {
+        float ov = __shfl_xor_sync(0xffffffffu, best, o);
+        int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+        if (ov > best || (ov == best && oi < bi)) {
+            best = ov;
+            bi = oi;
+        }
+    }
+    const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
+    if (lane == 0) {
+        sv[wid] = best;
+        si[wid] = bi;
+    }
+    __syncthreads();
+    if (wid == 0) {
+        int nw = blockDim.x >> 5;
+        best = lane < nw ? sv[lane] : -INFINITY;
+        bi = lane < nw ? si[lane] : 0x7fffffff;
+        for (int o = 16; o > 0; o >>= 1) {
+            float ov = __shfl_xor_sync(0xffffffffu, best, o);
+            int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+            if (ov > best || (ov == best && oi < bi)) {
+                best = ov;
+                bi = oi;
+            }
+        }
+        if (lane == 0) out[blockIdx.x] = bi == 0x7fffffff ? 0 : bi;
+    }
+}
+
+void kvm_cuda_argmax_rows(int32_t *out, const float *x, int rows, int n) {
+    if (rows <= 0 || n <= 0) return;
+    k_argmax_rows<<<rows, 1024, 0, S>>>(out, x, n);
+    KVM_CU_LAUNCH("argmax");
+}
+
+int kvm_cuda_argmax(const float *x, int n) {
+    int32_t *d = (int32_t *)kvm_cuda_scratch(sizeof(int32_t));
+    if (!d || n <= 0) return 0;
+    kvm_cuda_argmax_rows(d, x, 1, n);
+    int32_t h = 0;
+    if (KVM_CU(cudaMemcpyAsync(&h, d, sizeof h, cudaMemcpyDeviceToHost, S), "argmax copy") ||
+        KVM_CU(cudaStreamSynchronize(S), "argmax sync"))
+        return 0;
+    return h;
+}
+
+/* ---- synthetic weights ------------------------------------------------------------------------------------ */
+
+template <typename T>
+__global__ void k_fill(T *dst, size_t n, uint64_t stream, float stddev, float mean) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+        dst[i] = kvm_from_f32<T>(kvm_synthetic_value(stream, i, stddev, mean));
+}
+
+int kvm_cuda_fill_synthetic(void *dst, kvm_dtype_t dt, size_t n, uint64_t stream, float stddev, float mean) {
+    if (!n) return 0;
+    unsigned grid = (unsigned)(g_cuda.prop.multiProcessorCount * 8);
+    if (dt == KVM_F32) k_fill<float><<<grid, 256, 0, S>>>((float *)dst, n, stream, stddev, mean);
+    else if (dt == KVM_BF16) k_fill<__nv_bfloat16><<<grid, 256, 0, S>>>((__nv_bfloat16 *)dst, n, stream, stddev, mean);
+    else k_fill<__half><<<grid, 256, 0, S>>>((__half *)dst, n, stream, stddev, mean);
+    if (KVM_CU_LAUNCH("fill_synthetic")) {
+        int c = g_cuda.err_code;
+        kvm_seterr(c, "%s", g_cuda.err_msg);
+        g_cuda.err_code = 0;
+        return c;
+    }
+    return 0;
+}

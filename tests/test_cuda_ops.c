@@ -1,0 +1,543 @@
+/* test_cuda_ops.c - every op of the CUDA backend against the CPU reference op (kernels/cpu/ops_cpu.c).
+ *
+ * Random non-zero inputs (seeded), GPU outputs poisoned with NaN before each op, relative error
+ * ||gpu - cpu|| / ||cpu|| <= 1e-5 in fp32 mode and <= 1e-2 where 16-bit operands are involved. Without a
+ * usable GPU every test says why and is skipped. */
+#include <math.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <cmocka.h>
+
+#include "kernels/ops.h"
+#include "runtime/core/core.h"
+#include "runtime/model/synthetic.h"
+
+static const kvm_ops_t *G; /* CUDA */
+static const kvm_ops_t *C; /* CPU reference */
+
+#define NEED_GPU()                                                                        \
+    do {                                                                                  \
+        if (!G) {                                                                         \
+            printf("SKIPPED (no CUDA backend here): %s\n", skip_reason);                  \
+            skip();                                                                       \
+        }                                                                                 \
+    } while (0)
+static char skip_reason[512];
+
+/* ---- helpers ---------------------------------------------------------------------------------- */
+
+static uint64_t rng_state = 0x1234567ULL;
+static float frand(void) { /* uniform in [-1, 1), never exactly 0 */
+    uint64_t h = kvm_splitmix64(rng_state++);
+    float v = (float)((double)(h >> 40) / 8388608.0 - 1.0);
+    return v == 0.0f ? 0.5f : v;
+}
+static float *rand_vec(size_t n, float scale) {
+    float *v = malloc(n * sizeof(float));
+    for (size_t i = 0; i < n; i++) v[i] = frand() * scale;
+    return v;
+}
+static void *dev_from(const void *h, size_t bytes) {
+    void *d = G->alloc(bytes);
+    assert_non_null(d);
+    assert_int_equal(G->h2d(d, h, bytes), 0);
+    return d;
+}
+static void *dev_poisoned(size_t n_floats) {
+    float *h = malloc(n_floats * sizeof(float));
+    for (size_t i = 0; i < n_floats; i++) h[i] = NAN;
+    void *d = dev_from(h, n_floats * sizeof(float));
+    free(h);
+    return d;
+}
+static float *host_from(const void *d, size_t n_floats) {
+    float *h = malloc(n_floats * sizeof(float));
+    assert_int_equal(G->sync(), 0);
+    assert_int_equal(G->d2h(h, d, n_floats * sizeof(float)), 0);
+    return h;
+}
+/* ||a - b|| / ||b||; NaN anywhere fails */
+static double rel_err(const float *a, const float *b, size_t n) {
+    double d = 0, r = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (isnan(a[i]) || isnan(b[i])) return INFINITY;
+        d += ((double)a[i] - b[i]) * ((double)a[i] - b[i]);
+        r += (double)b[i] * b[i];
+    }
+    return sqrt(d) / (r > 0 ? sqrt(r) : 1.0);
+}
+static void expect_close(const char *what, const float *gpu, const float *cpu, size_t n, double tol) {
+    double e = rel_err(gpu, cpu, n);
+    printf("  %-44s rel err %.3g (tol %.0e)\n", what, e, tol);
+    if (!(e <= tol)) fail_msg("%s: relative error %.3g > %.0e", what, e, tol);
+}
+static void *to_dtype(const float *f, size_t n, kvm_dtype_t dt) {
+    if (dt == KVM_F32) {
+        float *o = malloc(n * 4);
+        memcpy(o, f, n * 4);
+        return o;
+    }
+    uint16_t *o = malloc(n * 2);
+    for (size_t i = 0; i < n; i++) o[i] = dt == KVM_BF16 ? kvm_f32_to_bf16(f[i]) : kvm_f32_to_f16(f[i]);
+    return o;
+}
+
+/* ---- elementwise and norms -------------------------------------------------------------------- */
+
+static void check_embed(kvm_dtype_t dt) {
+    const int V = 300, D = 136, N = 9;
+    float *tf = rand_vec((size_t)V * D, 1.0f);
+    void *tab = to_dtype(tf, (size_t)V * D, dt);
+    int32_t ids[9] = {0, 5, 299, 17, 17, 150, 3, 298, 1};
+    float *ref = malloc((size_t)N * D * 4);
+    C->embed(ref, tab, dt, ids, N, D);
+    void *dtab = dev_from(tab, (size_t)V * D * kvm_dtype_size(dt));
+    void *dids = dev_from(ids, sizeof ids);
+    float *dout = dev_poisoned((size_t)N * D);
+    G->embed(dout, dtab, dt, dids, N, D);
+    float *out = host_from(dout, (size_t)N * D);
+    char what[64];
+    snprintf(what, sizeof what, "embed %s", kvm_dtype_name(dt));
+    expect_close(what, out, ref, (size_t)N * D, 1e-6);
+    G->free(dtab), G->free(dids), G->free(dout);
+    free(tf), free(tab), free(ref), free(out);
+}
+static void test_embed_gathers_rows_of_every_dtype(void **st) {
+    (void)st;
+    NEED_GPU();
+    check_embed(KVM_F32);
+    check_embed(KVM_BF16);
+    check_embed(KVM_F16);
+}
+
+static void test_rmsnorm_matches_cpu(void **st) {
+    (void)st;
+    NEED_GPU();
+    const int N = 7, D = 4096;
+    float *x = rand_vec((size_t)N * D, 3.0f), *w = rand_vec(D, 1.0f), *ref = malloc((size_t)N * D * 4);
+    C->rmsnorm(ref, x, w, N, D, 1e-5f);
+    float *dx = dev_from(x, (size_t)N * D * 4), *dw = dev_from(w, (size_t)D * 4), *dout = dev_poisoned((size_t)N * D);
+    G->rmsnorm(dout, dx, dw, N, D, 1e-5f);
+    float *out = host_from(dout, (size_t)N * D);
+    expect_close("rmsnorm", out, ref, (size_t)N * D, 1e-5);
+    G->rmsnorm(dx, dx, dw, N, D, 1e-5f); /* in place */
+    float *out2 = host_from(dx, (size_t)N * D);
+    expect_close("rmsnorm in place", out2, ref, (size_t)N * D, 1e-5);
+    G->free(dx), G->free(dw), G->free(dout);
+    free(x), free(w), free(ref), free(out), free(out2);
+}
+
+static void test_fused_add_rmsnorm_matches_add_then_rmsnorm(void **st) {
+    (void)st;
+    NEED_GPU();
+    const int N = 5, D = 896;
+    float *x = rand_vec((size_t)N * D, 2.0f), *y = rand_vec((size_t)N * D, 2.0f), *w = rand_vec(D, 1.0f);
+    float *xr = malloc((size_t)N * D * 4), *ref = malloc((size_t)N * D * 4);
+    memcpy(xr, x, (size_t)N * D * 4);
+    C->add(xr, y, (size_t)N * D);
+    C->rmsnorm(ref, xr, w, N, D, 1e-6f);
+    float *dx = dev_from(x, (size_t)N * D * 4), *dy = dev_from(y, (size_t)N * D * 4), *dw = dev_from(w, (size_t)D * 4);
+    G->add_rmsnorm(dx, dy, dy, dw, N, D, 1e-6f); /* out aliases y, as the forward uses it */
+    float *gx = host_from(dx, (size_t)N * D), *gout = host_from(dy, (size_t)N * D);
+    expect_close("add_rmsnorm: residual", gx, xr, (size_t)N * D, 1e-6);
+    expect_close("add_rmsnorm: normed", gout, ref, (size_t)N * D, 1e-5);
+    G->free(dx), G->free(dy), G->free(dw);
+    free(x), free(y), free(w), free(xr), free(ref), free(gx), free(gout);
+}
+
+static void test_head_rmsnorm_matches_cpu(void **st) {
+    (void)st;
+    NEED_GPU();
+    const int N = 6, H = 16, HD = 128;
+    size_t n = (size_t)N * H * HD;
+    float *x = rand_vec(n, 2.0f), *w = rand_vec(HD, 1.0f), *ref = malloc(n * 4);
+    memcpy(ref, x, n * 4);
+    C->head_rmsnorm(ref, w, N, H, HD, 1e-6f);
+    float *dx = dev_from(x, n * 4), *dw = dev_from(w, HD * 4);
+    G->head_rmsnorm(dx, dw, N, H, HD, 1e-6f);
+    float *out = host_from(dx, n);
+    expect_close("head_rmsnorm", out, ref, n, 1e-5);
+    G->free(dx), G->free(dw);
+    free(x), free(w), free(ref), free(out);
+}
+
+static void test_swiglu_and_add_match_cpu(void **st) {
+    (void)st;
+    NEED_GPU();
+    const size_t n = 100003;
+    float *g = rand_vec(n, 4.0f), *u = rand_vec(n, 2.0f), *ref = malloc(n * 4), *ref2 = malloc(n * 4);
+    C->swiglu(ref, g, u, n);
+    memcpy(ref2, g, n * 4);
+    C->add(ref2, u, n);
+    float *dg = dev_from(g, n * 4), *du = dev_from(u, n * 4), *dout = dev_poisoned(n);
+    G->swiglu(dout, dg, du, n);
+    float *out = host_from(dout, n);
+    expect_close("swiglu", out, ref, n, 1e-5);
+    G->add(dg, du, n);
+    float *out2 = host_from(dg, n);
+    expect_close("add", out2, ref2, n, 1e-7);
+    G->free(dg), G->free(du), G->free(dout);
+    free(g), free(u), free(ref), free(ref2), free(out), free(out2);
+}
+
+/* ---- matmul ------------------------------------------------------------------------------------ */
+
+static void check_matmul(kvm_dtype_t dt, int rows, int cols, int n, bool bias, double tol) {
+    float *wf = rand_vec((size_t)rows * cols, 0.05f), *x = rand_vec((size_t)n * cols, 1.0f);
+    float *b = bias ? rand_vec(rows, 0.5f) : NULL;
+    void *wh = to_dtype(wf, (size_t)rows * cols, dt);
+    kvm_wmat_t W = {.data = wh, .dtype = dt, .rows = rows, .cols = cols};
+    float *ref = malloc((size_t)n * rows * 4);
+    C->matmul(ref, x, &W, b, n);
+    void *dw = dev_from(wh, (size_t)rows * cols * kvm_dtype_size(dt));
+    float *dx = dev_from(x, (size_t)n * cols * 4), *db = b ? dev_from(b, (size_t)rows * 4) : NULL;
+    float *dy = dev_poisoned((size_t)n * rows);
+    kvm_wmat_t GW = {.data = dw, .dtype = dt, .rows = rows, .cols = cols};
+    G->matmul(dy, dx, &GW, db, n);
+    float *y = host_from(dy, (size_t)n * rows);
+    char what[96];
+    snprintf(what, sizeof what, "matmul %s [%d x %d] x %d rows%s", kvm_dtype_name(dt), rows, cols, n, bias ? " +bias" : "");
+    expect_close(what, y, ref, (size_t)n * rows, tol);
+    G->free(dw), G->free(dx), G->free(dy);
+    if (db) G->free(db);
+    free(wf), free(x), free(b), free(wh), free(ref), free(y);
+}
+
+static void test_matmul_fp32_matches_cpu(void **st) {
+    (void)st;
+    NEED_GPU();
+    check_matmul(KVM_F32, 256, 1024, 1, false, 1e-5);
+    check_matmul(KVM_F32, 172, 64, 7, true, 1e-5);
+    check_matmul(KVM_F32, 1000, 512, 37, true, 1e-5);
+}
+
+static void test_matmul_bf16_gemv_and_gemm_match_cpu(void **st) {
+    (void)st;
+    NEED_GPU();
+    for (int n = 1; n <= 8; n++) check_matmul(KVM_BF16, 1024, 4096, n, n == 3, 1e-2); /* GEMV path */
+    check_matmul(KVM_BF16, 1000, 512, 16, true, 1e-2);  /* cuBLAS */
+    check_matmul(KVM_BF16, 4864, 896, 67, false, 1e-2); /* cuBLAS */
+    check_matmul(KVM_BF16, 333, 172, 2, false, 1e-2);   /* cols % 8 != 0: cuBLAS */
+}
+
+static void test_matmul_f16_matches_cpu(void **st) {
+    (void)st;
+    NEED_GPU();
+    check_matmul(KVM_F16, 512, 1024, 1, true, 1e-2);
+    check_matmul(KVM_F16, 512, 1024, 24, false, 1e-2);
+}
+
+/* ---- RoPE ----------------------------------------------------------------------------------------- */
+
+static void check_rope(kvm_rope_layout_t layout, int hd) {
+    const int N = 11, H = 5, half = hd / 2;
+    size_t n = (size_t)N * H * hd;
+    float *x = rand_vec(n, 1.0f), *ref = malloc(n * 4), *inv = malloc(half * 4);
+    for (int j = 0; j < half; j++) inv[j] = (float)pow(500000.0, -2.0 * j / hd);
+    int32_t pos[11] = {0, 1, 2, 17, 255, 1000, 4095, 8191, 32768, 100000, 131071};
+    memcpy(ref, x, n * 4);
+    C->rope(ref, N, H, hd, pos, inv, layout);
+    float *dx = dev_from(x, n * 4), *dinv = dev_from(inv, half * 4);
+    int32_t *dpos = dev_from(pos, sizeof pos);
+    G->rope(dx, N, H, hd, dpos, dinv, layout);
+    float *out = host_from(dx, n);
+    char what[64];
+    snprintf(what, sizeof what, "rope %s hd %d", layout == KVM_ROPE_HALF ? "rotate-half" : "interleaved", hd);
+    expect_close(what, out, ref, n, 1e-6);
+    G->free(dx), G->free(dinv), G->free(dpos);
+    free(x), free(ref), free(inv), free(out);
+}
+
+static void test_rope_matches_cpu_in_both_layouts_at_large_positions(void **st) {
+    (void)st;
+    NEED_GPU();
+    check_rope(KVM_ROPE_HALF, 128);
+    check_rope(KVM_ROPE_INTERLEAVED, 8);
+    check_rope(KVM_ROPE_INTERLEAVED, 64);
+}
+
+/* ---- KV cache and attention ----------------------------------------------------------------------- */
+
+typedef struct attn_case {
+    int n_seqs;
+    int rows[4];  /* new rows of each sequence */
+    int ctx[4];   /* tokens in the cache after this step */
+} attn_case_t;
+
+/* Builds a pool with shuffled block tables, fills the history with random keys/values through the CPU
+ * kv_write, then runs this step's kv_write + attention on both backends. */
+static void check_attention(kvm_dtype_t dt, int heads, int kvh, int hd, const attn_case_t *ac, double tol,
+                            const char *label) {
+    const int L = 2, layer = 1;
+    kvm_kv_geom_t g = {.n_layers = L, .n_kv_heads = kvh, .head_dim = hd, .dtype = dt};
+    int max_blocks = 0, total_blocks = 0, total_rows = 0;
+    for (int s = 0; s < ac->n_seqs; s++) {
+        int nb = (ac->ctx[s] + KVM_KV_BLOCK - 1) / KVM_KV_BLOCK;
+        if (nb > max_blocks) max_blocks = nb;
+        total_blocks += nb;
+        total_rows += ac->rows[s];
+    }
+    max_blocks += 3; /* unused, -1 entries past the end (as the forward pads them) */
+    int n_pool = total_blocks + 5;
+    size_t block_elems = (size_t)L * 2 * kvh * KVM_KV_BLOCK * hd;
+    size_t pool_bytes = (size_t)n_pool * block_elems * kvm_dtype_size(dt);
+    void *pool = calloc(1, pool_bytes);
+    /* a shuffled permutation of block ids */
+    int32_t *perm = malloc((size_t)n_pool * 4);
+    for (int i = 0; i < n_pool; i++) perm[i] = i;
+    for (int i = n_pool - 1; i > 0; i--) {
+        int j = (int)(kvm_splitmix64(rng_state++) % (uint64_t)(i + 1));
+        int32_t t = perm[i];
+        perm[i] = perm[j];
+        perm[j] = t;
+    }
+    int32_t *bt = malloc((size_t)ac->n_seqs * max_blocks * 4);
+    int used = 0;
+    for (int s = 0; s < ac->n_seqs; s++) {
+        int nb = (ac->ctx[s] + KVM_KV_BLOCK - 1) / KVM_KV_BLOCK;
+        for (int k = 0; k < max_blocks; k++) bt[(size_t)s * max_blocks + k] = k < nb ? perm[used + k] : -1;
+        used += nb;
+    }
+    /* history: every layer, positions before this step */
+    for (int s = 0; s < ac->n_seqs; s++) {
+        int hist = ac->ctx[s] - ac->rows[s];
+        if (hist <= 0) continue;
+        int32_t rs[2] = {0, hist}, cl[1] = {hist};
+        kvm_attn_batch_t hb = {.n_seqs = 1, .max_blocks = max_blocks, .total_rows = hist, .h_row_start = rs,
+                               .h_ctx_len = cl, .h_block_table = bt + (size_t)s * max_blocks};
+        float *k = rand_vec((size_t)hist * kvh * hd, 1.0f), *v = rand_vec((size_t)hist * kvh * hd, 1.0f);
+        for (int l = 0; l < L; l++) C->kv_write(pool, &g, l, k, v, &hb);
+        free(k), free(v);
+    }
+    /* this step */
+    int32_t rs[5], cl[4];
+    rs[0] = 0;
+    for (int s = 0; s < ac->n_seqs; s++) {
+        rs[s + 1] = rs[s] + ac->rows[s];
+        cl[s] = ac->ctx[s];
+    }
+    float *k = rand_vec((size_t)total_rows * kvh * hd, 1.0f), *v = rand_vec((size_t)total_rows * kvh * hd, 1.0f);
+    float *q = rand_vec((size_t)total_rows * heads * hd, 1.0f);
+    void *dpool = dev_from(pool, pool_bytes);
+    kvm_attn_batch_t cb = {.n_seqs = ac->n_seqs, .row_start = rs, .ctx_len = cl, .block_table = bt, .max_blocks = max_blocks,
+                           .total_rows = total_rows, .h_row_start = rs, .h_ctx_len = cl, .h_block_table = bt};
+    C->kv_write(pool, &g, layer, k, v, &cb);
+    float *ref = malloc((size_t)total_rows * heads * hd * 4);
+    const float scale = 1.0f / sqrtf((float)hd);
+    C->attention(ref, q, pool, &g, layer, heads, &cb, scale);
+
+    kvm_attn_batch_t gb = cb;
+    gb.row_start = dev_from(rs, sizeof rs);
+    gb.ctx_len = dev_from(cl, sizeof cl);
+    gb.block_table = dev_from(bt, (size_t)ac->n_seqs * max_blocks * 4);
+    float *dk = dev_from(k, (size_t)total_rows * kvh * hd * 4), *dv = dev_from(v, (size_t)total_rows * kvh * hd * 4);
+    float *dq = dev_from(q, (size_t)total_rows * heads * hd * 4);
+    float *dout = dev_poisoned((size_t)total_rows * heads * hd);
+    G->kv_write(dpool, &g, layer, dk, dv, &gb);
+    G->attention(dout, dq, dpool, &g, layer, heads, &gb, scale);
+    float *out = host_from(dout, (size_t)total_rows * heads * hd);
+    /* the cache itself must be identical after the writes */
+    void *gpool = malloc(pool_bytes);
+    assert_int_equal(G->d2h(gpool, dpool, pool_bytes), 0);
+    char what[128];
+    snprintf(what, sizeof what, "kv_write %s (%s)", kvm_dtype_name(dt), label);
+    printf("  %-44s %s\n", what, memcmp(gpool, pool, pool_bytes) ? "DIFFERS" : "identical");
+    assert_memory_equal(gpool, pool, pool_bytes);
+    snprintf(what, sizeof what, "attention %s %d/%d x %d (%s)", kvm_dtype_name(dt), heads, kvh, hd, label);
+    expect_close(what, out, ref, (size_t)total_rows * heads * hd, tol);
+    G->free(dpool), G->free((void *)gb.row_start), G->free((void *)gb.ctx_len), G->free((void *)gb.block_table);
+    G->free(dk), G->free(dv), G->free(dq), G->free(dout);
+    free(pool), free(perm), free(bt), free(k), free(v), free(q), free(ref), free(out), free(gpool);
+}
+
+static const attn_case_t MIXED = {3, {40, 1, 5}, {40, 300, 77}};      /* prefill, decode, chunked prefill */
+static const attn_case_t DECODE = {4, {1, 1, 1, 1}, {1, 17, 1024, 333}};
+static const attn_case_t PREFILL = {2, {130, 64}, {130, 200}};        /* 200: 136 cached + 64 new */
+
+static void test_attention_fp32_matches_cpu_on_mixed_batches(void **st) {
+    (void)st;
+    NEED_GPU();
+    check_attention(KVM_F32, 8, 2, 64, &MIXED, 1e-5, "mixed");
+    check_attention(KVM_F32, 8, 4, 8, &MIXED, 1e-5, "mixed, stories260K heads");
+    check_attention(KVM_F32, 32, 8, 128, &DECODE, 1e-5, "decode");
+    check_attention(KVM_F32, 4, 2, 128, &PREFILL, 1e-5, "prefill");
+}
+
+static void test_attention_bf16_split_kernel_matches_cpu_on_decode_batches(void **st) {
+    (void)st;
+    NEED_GPU();
+    check_attention(KVM_BF16, 32, 8, 128, &DECODE, 1e-5, "decode");
+    check_attention(KVM_F16, 14, 2, 64, &DECODE, 1e-5, "decode");
+}
+
+static void test_attention_bf16_tensor_core_prefill_matches_cpu(void **st) {
+    (void)st;
+    NEED_GPU();
+    check_attention(KVM_BF16, 4, 2, 128, &PREFILL, 1e-2, "prefill, mma");
+    check_attention(KVM_BF16, 8, 2, 64, &PREFILL, 1e-2, "prefill, mma");
+    check_attention(KVM_BF16, 8, 2, 64, &MIXED, 1e-2, "mixed, mma");
+    check_attention(KVM_F16, 16, 8, 128, &MIXED, 1e-2, "mixed, mma");
+}
+
+static void check_rope_shift(kvm_dtype_t dt, kvm_rope_layout_t layout, double tol) {
+    const int L = 3, H = 2, hd = 64, NB = 4, half = hd / 2;
+    kvm_kv_geom_t g = {.n_layers = L, .n_kv_heads = H, .head_dim = hd, .dtype = dt};
+    size_t elems = (size_t)NB * L * 2 * H * KVM_KV_BLOCK * hd;
+    float *pf = rand_vec(elems, 1.0f);
+    void *pool = to_dtype(pf, elems, dt);
+    float *inv = malloc(half * 4);
+    for (int j = 0; j < half; j++) inv[j] = (float)pow(10000.0, -2.0 * j / hd);
+    int32_t blk[6] = {0, 3, 2, 2, 1, 0}, slot[6] = {0, 15, 7, 8, 3, 9}, delta[6] = {5, -300, 0, 1024, -1, 70000};
+    void *dpool = dev_from(pool, elems * kvm_dtype_size(dt));
+    float *dinv = dev_from(inv, half * 4);
+    int32_t *dblk = dev_from(blk, sizeof blk), *dslot = dev_from(slot, sizeof slot), *ddel = dev_from(delta, sizeof delta);
+    C->rope_shift(pool, &g, blk, slot, delta, 6, inv, layout);
+    G->rope_shift(dpool, &g, dblk, dslot, ddel, 6, dinv, layout);
+    void *gp = malloc(elems * kvm_dtype_size(dt));
+    assert_int_equal(G->sync(), 0);
+    assert_int_equal(G->d2h(gp, dpool, elems * kvm_dtype_size(dt)), 0);
+    float *a = malloc(elems * 4), *b = malloc(elems * 4);
+    for (size_t i = 0; i < elems; i++) {
+        if (dt == KVM_F32) {
+            a[i] = ((float *)gp)[i];
+            b[i] = ((float *)pool)[i];
+        } else if (dt == KVM_BF16) {
+            a[i] = kvm_bf16_to_f32(((uint16_t *)gp)[i]);
+            b[i] = kvm_bf16_to_f32(((uint16_t *)pool)[i]);
+        } else {
+            a[i] = kvm_f16_to_f32(((uint16_t *)gp)[i]);
+            b[i] = kvm_f16_to_f32(((uint16_t *)pool)[i]);
+        }
+    }
+    char what[64];
+    snprintf(what, sizeof what, "rope_shift %s %s", kvm_dtype_name(dt), layout == KVM_ROPE_HALF ? "half" : "interleaved");
+    expect_close(what, a, b, elems, tol);
+    G->free(dpool), G->free(dinv), G->free(dblk), G->free(dslot), G->free(ddel);
+    free(pf), free(pool), free(inv), free(gp), free(a), free(b);
+}
+
+static void test_rope_shift_matches_cpu_for_all_layers(void **st) {
+    (void)st;
+    NEED_GPU();
+    check_rope_shift(KVM_F32, KVM_ROPE_HALF, 1e-6);
+    check_rope_shift(KVM_F32, KVM_ROPE_INTERLEAVED, 1e-6);
+    check_rope_shift(KVM_BF16, KVM_ROPE_HALF, 1e-2);
+}
+
+/* ---- argmax, generator, graphs ------------------------------------------------------------------------ */
+
+static void test_argmax_finds_the_first_maximum(void **st) {
+    (void)st;
+    NEED_GPU();
+    const int V = 151936, R = 3;
+    float *x = rand_vec((size_t)V * R, 10.0f);
+    x[77777] = 50.0f; /* row 0: unique max */
+    x[V + 5] = 60.0f; /* row 1: tie, first wins */
+    x[V + 150000] = 60.0f;
+    x[2 * V + V - 1] = 70.0f; /* row 2: the last element */
+    float *dx = dev_from(x, (size_t)V * R * 4);
+    assert_int_equal(G->argmax(dx, V), C->argmax(x, V));
+    assert_int_equal(G->argmax(dx, V), 77777);
+    int32_t *dout = G->alloc(R * 4), out[3];
+    G->argmax_rows(dout, dx, R, V);
+    assert_int_equal(G->sync(), 0);
+    assert_int_equal(G->d2h(out, dout, sizeof out), 0);
+    assert_int_equal(out[0], 77777);
+    assert_int_equal(out[1], 5);
+    assert_int_equal(out[2], V - 1);
+    G->free(dx), G->free(dout);
+    free(x);
+}
+
+static void test_device_generator_matches_the_host_generator_bit_for_bit(void **st) {
+    (void)st;
+    NEED_GPU();
+    const size_t n = 1000003;
+    kvm_dtype_t dts[3] = {KVM_F32, KVM_BF16, KVM_F16};
+    for (int k = 0; k < 3; k++) {
+        size_t bytes = n * kvm_dtype_size(dts[k]);
+        void *h = malloc(bytes), *g = malloc(bytes), *d = G->alloc(bytes);
+        kvm_synthetic_fill_host(h, dts[k], n, 1234, 77, 0.02f, 0.0f);
+        assert_int_equal(G->fill_synthetic(d, dts[k], n, kvm_synthetic_stream(1234, 77), 0.02f, 0.0f), 0);
+        assert_int_equal(G->sync(), 0);
+        assert_int_equal(G->d2h(g, d, bytes), 0);
+        printf("  synthetic %s: %s\n", kvm_dtype_name(dts[k]), memcmp(h, g, bytes) ? "DIFFERS" : "identical");
+        assert_memory_equal(h, g, bytes);
+        G->free(d);
+        free(h), free(g);
+    }
+}
+
+static void test_captured_graph_replays_the_same_result(void **st) {
+    (void)st;
+    NEED_GPU();
+    const int N = 3, D = 1024;
+    float *x = rand_vec((size_t)N * D, 1.0f), *w = rand_vec(D, 1.0f);
+    float *dx = dev_from(x, (size_t)N * D * 4), *dw = dev_from(w, D * 4), *dy = dev_poisoned((size_t)N * D);
+    G->rmsnorm(dy, dx, dw, N, D, 1e-5f);
+    G->add(dy, dx, (size_t)N * D);
+    float *eager = host_from(dy, (size_t)N * D);
+    void *graph = NULL;
+    assert_int_equal(G->graph_begin(), 0);
+    G->rmsnorm(dy, dx, dw, N, D, 1e-5f);
+    G->add(dy, dx, (size_t)N * D);
+    assert_int_equal(G->graph_end(&graph), 0);
+    assert_non_null(graph);
+    float *nan = rand_vec((size_t)N * D, 0.0f);
+    for (int i = 0; i < N * D; i++) nan[i] = NAN;
+    assert_int_equal(G->h2d(dy, nan, (size_t)N * D * 4), 0);
+    assert_int_equal(G->graph_launch(graph), 0);
+    float *replay = host_from(dy, (size_t)N * D);
+    assert_memory_equal(eager, replay, (size_t)N * D * 4);
+    G->graph_free(graph);
+    G->free(dx), G->free(dw), G->free(dy);
+    free(x), free(w), free(eager), free(nan), free(replay);
+}
+
+static void test_backend_without_gpu_says_why(void **st) {
+    (void)st;
+    if (G) {
+        char d[256];
+        assert_int_equal(kvm_cuda_describe(d, sizeof d), 0);
+        printf("  GPU: %s\n", d);
+        return;
+    }
+    /* no GPU: the reason must be a readable sentence and auto selection must fall back to the CPU */
+    assert_true(strlen(skip_reason) > 10);
+    const kvm_ops_t *a = kvm_ops_select("auto");
+    assert_non_null(a);
+    assert_string_equal(a->name, "cpu");
+    assert_null(kvm_ops_select("cuda"));
+}
+
+int main(void) {
+    C = kvm_ops_cpu();
+    G = kvm_ops_cuda();
+    if (!G) snprintf(skip_reason, sizeof skip_reason, "%s", kvm_errmsg());
+    if (!G) printf("test_cuda_ops: every GPU test is SKIPPED: %s\n", skip_reason);
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_backend_without_gpu_says_why),
+        cmocka_unit_test(test_embed_gathers_rows_of_every_dtype),
+        cmocka_unit_test(test_rmsnorm_matches_cpu),
+        cmocka_unit_test(test_fused_add_rmsnorm_matches_add_then_rmsnorm),
+        cmocka_unit_test(test_head_rmsnorm_matches_cpu),
+        cmocka_unit_test(test_swiglu_and_add_match_cpu),
+        cmocka_unit_test(test_matmul_fp32_matches_cpu),
+        cmocka_unit_test(test_matmul_bf16_gemv_and_gemm_match_cpu),
+        cmocka_unit_test(test_matmul_f16_matches_cpu),
+        cmocka_unit_test(test_rope_matches_cpu_in_both_layouts_at_large_positions),
+        cmocka_unit_test(test_attention_fp32_matches_cpu_on_mixed_batches),
+        cmocka_unit_test(test_attention_bf16_split_kernel_matches_cpu_on_decode_batches),
+        cmocka_unit_test(test_attention_bf16_tensor_core_prefill_matches_cpu),
+        cmocka_unit_test(test_rope_shift_matches_cpu_for_all_layers),
+        cmocka_unit_test(test_argmax_finds_the_first_maximum),
+        cmocka_unit_test(test_device_generator_matches_the_host_generator_bit_for_bit),
+        cmocka_unit_test(test_captured_graph_replays_the_same_result),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
