@@ -41,7 +41,7 @@ static int read_ids(const cJSON *arr, int32_t *out, int cap) {
 }
 
 static void load_fixture(const char *dir, fixture_t *fx) {
-    char path[1024];
+    char path[1100];
     char *text = NULL;
     size_t len = 0;
     snprintf(path, sizeof path, "%s/fixture.json", dir);
