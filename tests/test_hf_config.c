@@ -19,6 +19,7 @@
 
 #include "runtime/model/model.h"
 #include "runtime/model/safetensors.h"
+#include "runtime/model/tokenizer.h"
 
 static char g_dir[256];
 
@@ -786,6 +787,62 @@ static void test_broken_tokenizer_json_fails_the_load_naming_it(void **st) {
     kvm_model_free(m);
 }
 
+/* The real Llama 3 tokenizer (fetched by scripts/fetch-tokenizers.sh into build-deps/tokenizers). */
+static bool llama3_tokenizer(char *tj, char *tc, size_t cap) {
+    snprintf(tj, cap, "%s/build-deps/tokenizers/llama3/tokenizer.json", KVM_SOURCE_DIR);
+    snprintf(tc, cap, "%s/build-deps/tokenizers/llama3/tokenizer_config.json", KVM_SOURCE_DIR);
+    if (kvm_file_exists(tj) && kvm_file_exists(tc)) return true;
+    fprintf(stderr, "SKIPPED: %s not found (run scripts/fetch-tokenizers.sh)\n", tj);
+    return false;
+}
+
+static void link_into(const char *dir, const char *target, const char *name) {
+    char p[700];
+    snprintf(p, sizeof p, "%s/%s", dir, name);
+    assert_int_equal(symlink(target, p), 0);
+}
+
+static void test_real_llama3_tokenizer_sets_bos_chat_format_and_end_of_turn(void **st) {
+    (void)st;
+    char tj[600], tc[600];
+    if (!llama3_tokenizer(tj, tc, sizeof tj)) skip();
+    synth_t s = {.arch = "LlamaForCausalLM", .dim = 8, .ffn = 8, .layers = 1, .heads = 2, .kv = 1, .head_dim = 4,
+                 .vocab = 128256, .tied = true, .dtype = KVM_BF16};
+    const char *dir = write_model("llama3_tok", &s);
+    link_into(dir, tj, "tokenizer.json");
+    link_into(dir, tc, "tokenizer_config.json");
+    kvm_model_t *m = new_model();
+    int rc = kvm_load_hf(m, dir);
+    if (rc) fprintf(stderr, "%s\n", kvm_errmsg());
+    assert_int_equal(rc, 0);
+    assert_non_null(m->tok);
+    const kvm_config_t *c = &m->cfg;
+    assert_int_equal(c->chat_format, KVM_CHAT_LLAMA3);
+    assert_int_equal(c->bos_id, 128000);
+    /* the tokenizer decides (this npm copy's post_processor adds no BOS, unlike Meta's file) */
+    assert_int_equal(c->add_bos, kvm_tokenizer_adds_bos(m->tok));
+    bool eot = false, eot_text = false;
+    for (int i = 0; i < c->n_eos; i++) {
+        eot |= c->eos_ids[i] == 128009;
+        eot_text |= c->eos_ids[i] == 128001;
+    }
+    assert_true(eot);
+    assert_true(eot_text);
+    kvm_model_free(m);
+}
+
+static void test_tokenizer_larger_than_the_vocabulary_is_refused(void **st) {
+    (void)st;
+    char tj[600], tc[600];
+    if (!llama3_tokenizer(tj, tc, sizeof tj)) skip();
+    synth_t s = synth_llama();
+    const char *dir = write_model("small_vocab_tok", &s);
+    link_into(dir, tj, "tokenizer.json");
+    kvm_model_t *m = new_model();
+    expect_err(kvm_load_hf(m, dir), KVM_EMODEL, "tokenizer.json has 128256 tokens", "vocab_size = 40", NULL);
+    kvm_model_free(m);
+}
+
 int main(void) {
     kvm_log_set_level(KVM_LOG_ERROR);
     const struct CMUnitTest tests[] = {
@@ -828,6 +885,8 @@ int main(void) {
         cmocka_unit_test(test_llama3_chat_template_in_jinja_file_adds_eot_to_eos),
         cmocka_unit_test(test_generation_config_that_is_not_json_is_named),
         cmocka_unit_test(test_broken_tokenizer_json_fails_the_load_naming_it),
+        cmocka_unit_test(test_real_llama3_tokenizer_sets_bos_chat_format_and_end_of_turn),
+        cmocka_unit_test(test_tokenizer_larger_than_the_vocabulary_is_refused),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

@@ -219,6 +219,10 @@ static int hf_load_tokenizer_side(hf_ctx_t *x) {
             if (!strstr(kvm_errmsg(), "tokenizer.json")) kvm_errctx(rc, "%s", tj_path);
             return rc;
         }
+        int tv = kvm_tokenizer_vocab_size(m->tok);
+        if (tv > c->vocab_size)
+            return kvm_seterr(KVM_EMODEL, "%s has %d tokens, but config.json has vocab_size = %d: the tokenizer is not "
+                              "this model's", tj_path, tv, c->vocab_size);
     }
     const char *tmpl;
     char *owned;
