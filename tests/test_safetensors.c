@@ -277,6 +277,58 @@ static void test_missing_file_is_not_found(void **st) {
     assert_non_null(strstr(kvm_errmsg(), "nope.safetensors"));
 }
 
+/* Seeded random corruption of a valid file's header and length field: every result is either a clean
+ * index whose tensors lie inside the buffer, or an error code with a message; never a crash (ASan build). */
+static void test_random_corruptions_are_rejected_or_indexed_safely(void **st) {
+    (void)st;
+    fill_data();
+    kvm_st_entry_t e[3] = {
+        {.name = "model.embed_tokens.weight", .dtype = KVM_F32, .ndim = 2, .shape = {4, 4}, .data = g_data},
+        {.name = "model.norm.weight", .dtype = KVM_BF16, .ndim = 1, .shape = {8}, .data = g_data},
+        {.name = "lm_head.weight", .dtype = KVM_F16, .ndim = 2, .shape = {2, 8}, .data = g_data},
+    };
+    const char *p = tmp_path("fuzz.safetensors");
+    assert_int_equal(kvm_st_write(p, e, 3), 0);
+    char *orig = NULL;
+    size_t n = 0;
+    assert_int_equal(kvm_read_file(p, &orig, &n, 0), 0);
+    uint8_t *buf = malloc(n);
+    uint32_t s = 0x2545F491u;
+    int ok = 0, rejected = 0;
+    for (int iter = 0; iter < 3000; iter++) {
+        memcpy(buf, orig, n);
+        int flips = 1 + iter % 4;
+        for (int k = 0; k < flips; k++) {
+            s = s * 1664525u + 1013904223u;
+            size_t at = (s >> 8) % (iter % 5 == 0 ? 8 : (n - 64)); /* length field, or the header */
+            s = s * 1664525u + 1013904223u;
+            static const char alphabet[] = "{}[]\",:0123456789-. eE\x00\xff" "FBI";
+            buf[at] = iter % 3 ? (uint8_t)alphabet[(s >> 10) % (sizeof alphabet - 1)] : (uint8_t)(s >> 16);
+        }
+        size_t len = iter % 7 == 0 ? n - (s >> 12) % 40 : n; /* sometimes truncated as well */
+        kvm_st_file_t f;
+        int rc = kvm_st_parse(&f, buf, len, "fuzz", iter % 2 ? KVM_ST_EXACT : 0);
+        if (rc == 0) {
+            ok++;
+            for (int i = 0; i < f.n_tensors; i++) {
+                const kvm_st_tensor_t *t = &f.tensors[i];
+                assert_true((const uint8_t *)t->data >= buf && t->end <= f.data_bytes);
+                assert_true((const uint8_t *)t->data + (t->end - t->begin) <= buf + len);
+            }
+            kvm_st_close(&f);
+        } else {
+            rejected++;
+            assert_true(rc == KVM_EFORMAT || rc == KVM_EDTYPE);
+            assert_true(strlen(kvm_errmsg()) > 0);
+            assert_null(f.tensors);
+        }
+    }
+    fprintf(stderr, "random corruptions: %d indexed, %d rejected\n", ok, rejected);
+    assert_true(rejected > 1000);
+    free(buf);
+    free(orig);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_valid_file_is_indexed_in_place_without_copying),
@@ -298,6 +350,7 @@ int main(void) {
         cmocka_unit_test(test_shape_with_a_negative_dimension_is_rejected),
         cmocka_unit_test(test_exact_mode_rejects_holes_and_trailing_data),
         cmocka_unit_test(test_missing_file_is_not_found),
+        cmocka_unit_test(test_random_corruptions_are_rejected_or_indexed_safely),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }
