@@ -1,0 +1,133 @@
+/* test_stories260k.c - greedy generation with the real stories260K model reproduces the llama2.c
+ * golden outputs byte for byte (../shared/models/stories260K; skipped loudly when absent). */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <unistd.h>
+#include <string.h>
+#include <cmocka.h>
+
+#include "runtime/model/generate.h"
+
+#define S260 KVM_SHARED_DIR "/models/stories260K"
+
+static int setup(void **st) {
+    if (!kvm_file_exists(S260 "/stories260K.bin") || !kvm_file_exists(S260 "/tok512.bin")) {
+        *st = NULL;
+        return 0;
+    }
+    kvm_load_opts_t o = {.tokenizer_path = S260 "/tok512.bin", .backend = "cpu"};
+    kvm_model_t *m = kvm_model_load(S260 "/stories260K.bin", &o);
+    if (!m) fprintf(stderr, "load failed: %s\n", kvm_errmsg());
+    *st = m;
+    return m ? 0 : -1;
+}
+
+static int teardown(void **st) {
+    kvm_model_free(*st);
+    return 0;
+}
+
+#define NEED_MODEL(st)                                                                                     \
+    do {                                                                                                   \
+        if (!*(st)) {                                                                                      \
+            fprintf(stderr, "SKIPPED: stories260K not found at %s (the shared models folder is absent)\n", S260); \
+            skip();                                                                                        \
+        }                                                                                                  \
+    } while (0)
+
+/* llama2.c convention (README of stories260K): BOS + prompt, greedy until the sequence reaches `steps`
+ * or BOS is produced; the file holds the decoded prompt + output. */
+static void check_golden(kvm_model_t *m, const char *prompt, int steps, const char *golden_file) {
+    char *golden = NULL;
+    size_t glen = 0;
+    assert_int_equal(kvm_read_file(golden_file, &golden, &glen, 0), 0);
+    int32_t *ids = NULL;
+    int n = 0;
+    assert_int_equal(kvm_prompt_encode(m, NULL, prompt, false, &ids, &n), 0);
+    assert_int_equal(ids[0], 1);
+    char *ptext = NULL;
+    size_t plen = 0;
+    assert_int_equal(kvm_detokenize(m->tok, ids, n, true, &ptext, &plen), 0);
+    kvm_kv_pool_t *pool = kvm_model_kv_pool(m, 0);
+    kvm_seq_t seq;
+    kvm_seq_init(&seq, pool);
+    static const int32_t bos[1] = {1};
+    kvm_gen_params_t gp = {.max_tokens = steps, .max_total_tokens = steps, .stop_ids = bos, .n_stop_ids = 1};
+    kvm_gen_result_t res;
+    assert_int_equal(kvm_generate(m, &seq, ids, n, &gp, NULL, NULL, &res), 0);
+    size_t tl = plen + res.text_len;
+    char *text = malloc(tl + 1);
+    memcpy(text, ptext, plen);
+    memcpy(text + plen, res.text, res.text_len);
+    text[tl] = 0;
+    if (tl != glen || memcmp(text, golden, glen)) fprintf(stderr, "ours (%zu bytes):\n[%s]\ngolden (%zu bytes):\n[%s]\n", tl, text, glen, golden);
+    assert_int_equal(tl, glen);
+    assert_memory_equal(text, golden, glen);
+    free(text);
+    kvm_free(ptext);
+    kvm_free(ids);
+    kvm_gen_result_free(&res);
+    kvm_seq_free(&seq);
+    kvm_kv_pool_free(pool);
+    free(golden);
+}
+
+static void test_greedy_once_upon_a_time_matches_llama2c_golden(void **st) {
+    NEED_MODEL(st);
+    check_golden(*st, "Once upon a time", 256, S260 "/golden-once-upon-a-time.txt");
+}
+
+static void test_greedy_tim_and_lily_matches_llama2c_golden(void **st) {
+    NEED_MODEL(st);
+    check_golden(*st, "Tim and Lily went to the park", 200, S260 "/golden-tim-and-lily.txt");
+}
+
+static void test_truncated_checkpoint_is_rejected_with_sizes(void **st) {
+    (void)st;
+    if (!kvm_file_exists(S260 "/stories260K.bin")) {
+        fprintf(stderr, "SKIPPED: stories260K not found at %s\n", S260);
+        skip();
+    }
+    kvm_mmap_t mm;
+    assert_int_equal(kvm_mmap_open(&mm, S260 "/stories260K.bin"), 0);
+    char path[] = "/tmp/kvm_trunc_XXXXXX";
+    int fd = mkstemp(path);
+    assert_true(fd >= 0);
+    FILE *f = fdopen(fd, "wb");
+    fwrite(mm.data, 1, mm.size / 2, f);
+    fclose(f);
+    kvm_mmap_close(&mm);
+    kvm_load_opts_t o = {.backend = "cpu"};
+    assert_null(kvm_model_load(path, &o));
+    assert_non_null(strstr(kvm_errmsg(), "truncated"));
+    assert_non_null(strstr(kvm_errmsg(), path));
+    unlink(path);
+}
+
+static void test_garbage_header_is_rejected(void **st) {
+    (void)st;
+    char path[] = "/tmp/kvm_garbage_XXXXXX";
+    int fd = mkstemp(path);
+    int32_t h[7] = {64, 172, -5, 8, 4, 512, 512};
+    assert_int_equal(write(fd, h, sizeof h), (ssize_t)sizeof h);
+    close(fd);
+    kvm_load_opts_t o = {.backend = "cpu"};
+    assert_null(kvm_model_load(path, &o));
+    assert_int_equal(kvm_errcode(), KVM_EFORMAT);
+    assert_non_null(strstr(kvm_errmsg(), "implausible"));
+    unlink(path);
+}
+
+int main(void) {
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_greedy_once_upon_a_time_matches_llama2c_golden),
+        cmocka_unit_test(test_greedy_tim_and_lily_matches_llama2c_golden),
+        cmocka_unit_test(test_truncated_checkpoint_is_rejected_with_sizes),
+        cmocka_unit_test(test_garbage_header_is_rejected),
+    };
+    return cmocka_run_group_tests_name("stories260k", tests, setup, teardown);
+}
