@@ -1,0 +1,106 @@
+/* llm.h - the agents layer's one door to the models: "run one agent step" (L4, internal).
+ *
+ * An agent step is a prompt given as pieces (fixed text, and placeholders bound to content with their
+ * KVCOMM placeholder names) plus generation settings; its result is the output text, what the model
+ * saw (rendered prompt and ids), how the prompt's KV was obtained (exact / offset / naive / recomputed
+ * counts, kvcomm.md §6) and timings. Steps are submitted, advanced together by wf_llm_step() (one
+ * forward pass per model per call: continuous batching across agents and runs) and collected with
+ * wf_llm_take(). Two engines sit behind it:
+ *   - "mock:<spec>" models: deterministic fake text, one token per step, for tests and dry runs;
+ *   - any other path: kvm_model_load + runtime/sched (dense prefill; prefix/kvcomm reuse comes through
+ *     runtime/comm when available). */
+#ifndef KVM_AGENTS_LLM_H
+#define KVM_AGENTS_LLM_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include <cjson/cJSON.h>
+
+#include "../runtime/model/generate.h"
+
+typedef enum wf_kv_policy { WF_KV_DENSE = 0, WF_KV_PREFIX = 1, WF_KV_KVCOMM = 2 } wf_kv_policy_t;
+const char *wf_kv_policy_name(wf_kv_policy_t p);
+/* "dense" | "prefix" | "kvcomm" -> policy; -1 if unknown. */
+int wf_kv_policy_parse(const char *s);
+
+typedef struct wf_piece {
+    bool is_slot;        /* a placeholder bound to content (else fixed template text) */
+    const char *name;    /* slots: the KVCOMM placeholder name ("input", "agent:planner:current", ...) */
+    const char *text;    /* fixed text, or the slot's content */
+} wf_piece_t;
+
+typedef struct wf_llm_req {
+    int model;                   /* from wf_llm_model_open */
+    const char *agent;           /* agent name (anchor pools, logs) */
+    const char *run_id;
+    const char *system;          /* role text, may be NULL */
+    const wf_piece_t *pieces;    /* the user message, in order */
+    int n_pieces;
+    kvm_sampler_params_t sampling;
+    int max_tokens;
+    const char *const *stop;     /* stop strings */
+    int n_stop;
+    wf_kv_policy_t kv;
+    uint64_t tag;                /* returned in the result */
+} wf_llm_req_t;
+
+typedef struct wf_llm_kv {
+    int exact, offset, naive, recomputed, fused; /* partition of the prompt tokens (kvcomm.md §6) */
+    int anchors;                                 /* anchors used (kvcomm reuse) */
+    char mode[16];                               /* "dense" | "prefix" | "reuse" */
+} wf_llm_kv_t;
+
+typedef struct wf_llm_result {
+    uint64_t tag;
+    int status;                  /* 0 or KVM_E*; error holds the message */
+    char *error;
+    char *text;                  /* output text (stop string removed) */
+    int n_out;                   /* output tokens */
+    int stop_reason;             /* enum kvm_stop_reason */
+    char *prompt_text;           /* the prompt exactly as rendered for the model (chat markup included) */
+    int32_t *prompt_ids;         /* [n_prompt] */
+    int n_prompt;
+    wf_llm_kv_t kv;
+    cJSON *kv_detail;            /* per-placeholder decisions (owned; may be NULL) */
+    double queue_ms, ttft_ms, decode_ms;
+    int n_forward, batch_max_seqs, batch_max_rows;
+    double batch_mean_seqs;
+} wf_llm_result_t;
+
+typedef struct wf_llm wf_llm_t;
+
+typedef struct wf_llm_opts {
+    const char *backend;   /* kvm_load_opts backend ("auto", "cpu", "cuda") */
+    int max_rows;          /* tokens per forward pass (sched) */
+    int max_active;        /* sequences in flight per model */
+    size_t kv_bytes;       /* KV pool budget per model (0 = model default) */
+    bool quiet;
+} wf_llm_opts_t;
+
+/* Creates the engine (no models yet). NULL + message on error; free with wf_llm_free(). */
+wf_llm_t *wf_llm_create(const wf_llm_opts_t *o);
+void wf_llm_free(wf_llm_t *l);
+/* Opens a model once per path (later calls with the same path share it) and returns its index. */
+int wf_llm_model_open(wf_llm_t *l, const char *path, int *idx);
+/* A JSON description of model idx (name, path, arch, layers, dim, vocab, chat format, backend). */
+cJSON *wf_llm_model_describe(const wf_llm_t *l, int idx);
+const char *wf_llm_model_name(const wf_llm_t *l, int idx);
+/* Queues a step. Pieces, strings and stop lists are copied. */
+int wf_llm_submit(wf_llm_t *l, const wf_llm_req_t *r);
+/* Advances all queued work by one forward pass per model. Returns the number of sequences advanced. */
+int wf_llm_step(wf_llm_t *l);
+/* Takes one finished step into *out (free with wf_llm_result_clear); 1 if taken, 0 if none. */
+int wf_llm_take(wf_llm_t *l, wf_llm_result_t *out);
+/* Steps submitted and not yet taken. */
+int wf_llm_pending(const wf_llm_t *l);
+void wf_llm_result_clear(wf_llm_result_t *r);
+/* Forward passes and sequences run so far, over all models. */
+void wf_llm_counters(const wf_llm_t *l, uint64_t *steps, uint64_t *seqs, int *max_seqs);
+
+/* Renders the prompt text the way the engine does for a model without a tokenizer (mock): system and
+ * pieces joined as "<system>\n\n<pieces...>". Used by trace replay to check prompts. New string,
+ * kvm_free. */
+char *wf_llm_render_plain(const char *system, const wf_piece_t *pieces, int n);
+
+#endif

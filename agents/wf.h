@@ -1,0 +1,106 @@
+/* wf.h - workflows: Lua 5.4 scripts that define agents and graphs, and the executor that runs them
+ * (L4). The Lua API is documented in docs/lua-api.md; the trace each run writes in
+ * docs/trace-format.md.
+ *
+ * Life cycle: kvm_wf_load() runs the script once in a sandboxed Lua state (it must return a graph),
+ * validates the graph and opens the models; kvm_wf_start() starts runs (each a set of coroutines
+ * with its own budgets, state and trace); kvm_wf_drive() interleaves all started runs on this thread,
+ * batching their agents' model work step by step, until every run has finished. A bad run (script
+ * error, budget, memory cap, model error) ends alone with its message; the others go on. */
+#ifndef KVM_AGENTS_WF_H
+#define KVM_AGENTS_WF_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include <cjson/cJSON.h>
+
+#include "llm.h"
+
+typedef struct kvm_workflow kvm_workflow_t;
+
+/* Progress of one finished step (agent call, func or tool node), for live displays. */
+typedef struct kvm_wf_step_info {
+    int run;               /* run index */
+    const char *run_id;
+    int superstep;
+    const char *node;
+    const char *agent;     /* NULL for func/tool nodes */
+    const char *op;        /* "chat" | "func" | "tool" */
+    int status;            /* 0 or KVM_E* */
+    const char *error;     /* NULL if ok */
+    int tokens_in, tokens_out, reused;
+    double ttft_ms, decode_ms;
+    const char *text;      /* agent output (may be long) */
+} kvm_wf_step_info_t;
+
+typedef struct kvm_wf_opts {
+    const char *kv_override;       /* NULL, or "dense" | "prefix" | "kvcomm": overrides every agent's kv */
+    bool mock;                     /* every kvmesh.model() resolves to "mock:echo" (dry runs, tests) */
+    const char *model_override;    /* NULL, or a model path every kvmesh.model() resolves to */
+    const char *trace_root;        /* NULL = no traces; else each run writes <trace_root>/<run_id>/ */
+    size_t mem_cap_bytes;          /* whole Lua state (default 512 MiB) */
+    size_t run_mem_cap_bytes;      /* Lua memory of one run (default 64 MiB; graph limit memory_mb overrides) */
+    uint64_t max_instructions;     /* Lua instructions per run (default 1e9; graph limit overrides) */
+    double lua_cpu_ms;             /* Lua CPU time per run, excluding waits for agents (default 5000) */
+    wf_llm_opts_t llm;             /* engine options (backend, batch rows, KV bytes) */
+    void (*on_step)(void *ud, const kvm_wf_step_info_t *s);
+    void *ud;
+    bool echo_print;               /* print() in scripts also goes to stderr */
+} kvm_wf_opts_t;
+
+/* Per-agent figures summed over every run of the workflow. */
+typedef struct kvm_wf_agent_stats {
+    const char *name;
+    const char *model;
+    const char *kv;                /* effective policy */
+    int calls, errors, reuse_calls;
+    long prompt_tokens, output_tokens;
+    long exact, offset, naive, recomputed, fused;
+    double ttft_ms_sum, decode_ms_sum;
+    long decode_tokens;            /* output tokens after the first (for tokens/s) */
+} kvm_wf_agent_stats_t;
+
+/* Loads and validates a workflow script. NULL + message ("file:line: ...") on any error. Free with
+ * kvm_wf_free(). */
+kvm_workflow_t *kvm_wf_load(const char *path, const kvm_wf_opts_t *o);
+/* The same from a string; name is the chunk name used in messages (e.g. "team.lua"). */
+kvm_workflow_t *kvm_wf_load_string(const char *name, const char *src, size_t len, const kvm_wf_opts_t *o);
+void kvm_wf_free(kvm_workflow_t *wf);
+const char *kvm_wf_name(const kvm_workflow_t *wf);
+
+/* Starts a run with inputs (a JSON object; values strings, numbers, booleans or nested data; may be
+ * NULL) and a seed. Nothing runs until kvm_wf_drive(). *run receives the run index. */
+int kvm_wf_start(kvm_workflow_t *wf, const cJSON *inputs, uint64_t seed, int *run);
+/* Whether the graph has a dataset (g:dataset) and a scorer (g:score). */
+bool kvm_wf_has_dataset(const kvm_workflow_t *wf);
+bool kvm_wf_has_score(const kvm_workflow_t *wf);
+/* Calls g:dataset(seed) and starts a run with its inputs (merged over `extra`, which may be NULL). */
+int kvm_wf_start_seeded(kvm_workflow_t *wf, uint64_t seed, const cJSON *extra, int *run);
+/* Runs every started run to its end. Returns 0 (per-run failures are in the runs), or <0 when the
+ * engine itself failed. */
+int kvm_wf_drive(kvm_workflow_t *wf);
+
+int kvm_wf_n_runs(const kvm_workflow_t *wf);
+/* The run's status: 0 ok, or KVM_E*; *msg (may be NULL) gets the message with file:line + traceback. */
+int kvm_wf_run_status(const kvm_workflow_t *wf, int run, const char **msg);
+const char *kvm_wf_run_id(const kvm_workflow_t *wf, int run);
+/* The run's trace directory, or NULL when tracing is off. */
+const char *kvm_wf_run_trace_dir(const kvm_workflow_t *wf, int run);
+/* Final outputs / state / inputs as JSON (owned by the workflow; valid until kvm_wf_free). */
+const cJSON *kvm_wf_run_outputs(const kvm_workflow_t *wf, int run);
+const cJSON *kvm_wf_run_state(const kvm_workflow_t *wf, int run);
+const cJSON *kvm_wf_run_inputs(const kvm_workflow_t *wf, int run);
+/* Calls g:score(result, inputs) for a finished run: 1 and *score set (true = 1, false = 0, or the
+ * number returned), 0 if there is no scorer, <0 on a script error. */
+int kvm_wf_run_score(kvm_workflow_t *wf, int run, double *score);
+/* Lua heap statistics. */
+size_t kvm_wf_lua_bytes(const kvm_workflow_t *wf);
+
+int kvm_wf_n_agents(const kvm_workflow_t *wf);
+const kvm_wf_agent_stats_t *kvm_wf_agent_stats(const kvm_workflow_t *wf, int i);
+/* The engine, for counters (forward passes, batch sizes). */
+wf_llm_t *kvm_wf_llm(kvm_workflow_t *wf);
+
+#endif

@@ -1,0 +1,1635 @@
+/* wf_lua.c - the sandboxed Lua state of a workflow and the kvmesh.* API that scripts build graphs with.
+ *
+ * Sandbox (interfaces.md §1): a counted allocator with a per-run and a per-state cap, an instruction
+ * and CPU-time hook that pcall cannot swallow, text chunks only, no io/os/package/debug/load, frozen
+ * library tables and a locked string metatable, globals frozen once the script has loaded, per-run
+ * math.random. The API itself is documented in docs/lua-api.md. */
+#include "wf_internal.h"
+
+#include <ctype.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define WF_MT_MODEL "kvmesh.model"
+#define WF_MT_AGENT "kvmesh.agent"
+#define WF_MT_GRAPH "kvmesh.graph"
+#define WF_SOURCE_CAP (1u << 20)
+
+static kvm_workflow_t *getwf(lua_State *L) {
+    void *ud = NULL;
+    lua_getallocf(L, &ud);
+    return ud;
+}
+
+/* ---- allocator ---------------------------------------------------------------------------------- */
+
+typedef struct ahdr {
+    wf_account_t *acct;
+    size_t pad;            /* keeps the block 16-byte aligned */
+} ahdr_t;
+
+static void acct_sub(kvm_workflow_t *wf, wf_account_t *a, size_t n) {
+    a->bytes -= n;
+    wf->total_bytes -= n;
+    if (a->closed && a->bytes == 0 && a != wf->acct_shared) free(a);
+}
+
+static int acct_room(const kvm_workflow_t *wf, const wf_account_t *a, size_t n) {
+    return wf->total_bytes + n <= wf->total_cap && a->bytes + n <= a->cap;
+}
+
+static void acct_add(kvm_workflow_t *wf, wf_account_t *a, size_t n) {
+    a->bytes += n;
+    if (a->bytes > a->peak) a->peak = a->bytes;
+    wf->total_bytes += n;
+}
+
+/* lua_Alloc: refuses only growth past the block owner's cap or the state's cap; never fails a shrink.
+ * When ptr is NULL, osize is a type tag, not a size (Lua manual), so it is not used. */
+static void *wf_alloc(void *ud, void *ptr, size_t osize, size_t nsize) {
+    kvm_workflow_t *wf = ud;
+    if (nsize == 0) {
+        if (ptr) {
+            ahdr_t *h = (ahdr_t *)ptr - 1;
+            acct_sub(wf, h->acct, osize);
+            free(h);
+        }
+        return NULL;
+    }
+    if (!ptr) {
+        wf_account_t *a = wf->cur_acct ? wf->cur_acct : wf->acct_shared;
+        if (!acct_room(wf, a, nsize)) return NULL;
+        ahdr_t *h = malloc(sizeof *h + nsize);
+        if (!h) return NULL;
+        h->acct = a;
+        acct_add(wf, a, nsize);
+        return h + 1;
+    }
+    ahdr_t *h = (ahdr_t *)ptr - 1;
+    wf_account_t *a = h->acct;
+    if (nsize > osize && !acct_room(wf, a, nsize - osize)) return NULL;
+    ahdr_t *nh = realloc(h, sizeof *h + nsize);
+    if (!nh) return nsize <= osize ? ptr : NULL;
+    if (nsize > osize) acct_add(wf, a, nsize - osize);
+    else {
+        a->bytes -= osize - nsize;
+        wf->total_bytes -= osize - nsize;
+    }
+    return nh + 1;
+}
+
+void wf_account_charge_close(kvm_workflow_t *wf, wf_account_t *a) {
+    if (!a) return;
+    a->closed = true;
+    if (a->bytes == 0 && a != wf->acct_shared) free(a);
+}
+
+/* ---- budget hook -------------------------------------------------------------------------------- */
+
+/* Charges executed instructions and Lua CPU time to the current budget. Once exceeded, the budget is
+ * marked killed and the hook re-arms itself to fire on every instruction, so a pcall that catches the
+ * error is hit again at once: the kill cannot be swallowed. */
+static void wf_hook(lua_State *L, lua_Debug *ar) {
+    (void)ar;
+    kvm_workflow_t *wf = getwf(L);
+    wf_budget_t *b = wf->cur_budget;
+    if (!b) return;
+    if (!b->killed) {
+        int cnt = lua_gethookcount(L);
+        b->instructions += (uint64_t)(cnt > 0 ? cnt : 1);
+        if (cnt != WF_HOOK_COUNT) lua_sethook(L, wf_hook, LUA_MASKCOUNT, WF_HOOK_COUNT);
+        uint64_t used = b->lua_ns + (b->slice_t0 ? kvm_now_ns() - b->slice_t0 : 0);
+        if (b->max_instructions && b->instructions > b->max_instructions)
+            snprintf(b->kill_msg, sizeof b->kill_msg, "instruction budget exceeded (%llu Lua instructions; raise it with g:limit{instructions = N})",
+                     (unsigned long long)b->max_instructions);
+        else if (b->max_lua_ns && used > b->max_lua_ns)
+            snprintf(b->kill_msg, sizeof b->kill_msg, "Lua CPU budget exceeded (%.0f ms; raise it with g:limit{lua_ms = N})",
+                     (double)b->max_lua_ns / 1e6);
+        else
+            return;
+        b->killed = true;
+        b->kill_code = KVM_EBUDGET;
+        lua_sethook(L, wf_hook, LUA_MASKCOUNT, 1);
+    }
+    lua_Debug d;
+    if (lua_getstack(L, 0, &d) && lua_getinfo(L, "Sl", &d) && d.currentline > 0)
+        lua_pushfstring(L, "%s:%d: kvmesh: %s", d.short_src, d.currentline, b->kill_msg);
+    else
+        lua_pushfstring(L, "kvmesh: %s", b->kill_msg);
+    lua_error(L);
+}
+
+int wf_lua_msgh(lua_State *L) {
+    const char *msg = lua_tostring(L, 1);
+    if (!msg) {
+        if (luaL_callmeta(L, 1, "__tostring") && lua_type(L, -1) == LUA_TSTRING) msg = lua_tostring(L, -1);
+        else msg = lua_pushfstring(L, "(error object is a %s value)", luaL_typename(L, 1));
+    }
+    luaL_traceback(L, L, msg, 1);
+    return 1;
+}
+
+/* ---- RNG ---------------------------------------------------------------------------------------- */
+
+uint64_t wf_rng_next(uint64_t s[2]) { /* xorshift128+ */
+    uint64_t s1 = s[0];
+    const uint64_t s0 = s[1];
+    s[0] = s0;
+    s1 ^= s1 << 23;
+    s[1] = s1 ^ s0 ^ (s1 >> 17) ^ (s0 >> 26);
+    return s[1] + s0;
+}
+
+static int l_random(lua_State *L) {
+    uint64_t *s = wf_current_rng(getwf(L));
+    uint64_t r = wf_rng_next(s);
+    lua_Integer lo, up;
+    switch (lua_gettop(L)) {
+    case 0: lua_pushnumber(L, (lua_Number)(r >> 11) * (1.0 / 9007199254740992.0)); return 1;
+    case 1: lo = 1; up = luaL_checkinteger(L, 1); break;
+    case 2: lo = luaL_checkinteger(L, 1); up = luaL_checkinteger(L, 2); break;
+    default: return luaL_error(L, "wrong number of arguments to 'random'");
+    }
+    luaL_argcheck(L, lo <= up, lua_gettop(L), "interval is empty");
+    uint64_t span = (uint64_t)up - (uint64_t)lo;
+    uint64_t v = span == UINT64_MAX ? r : r % (span + 1);
+    lua_pushinteger(L, (lua_Integer)((uint64_t)lo + v));
+    return 1;
+}
+
+static int l_randomseed(lua_State *L) {
+    uint64_t *s = wf_current_rng(getwf(L));
+    lua_Integer n = luaL_optinteger(L, 1, 0);
+    s[0] = (uint64_t)n ^ 0x9e3779b97f4a7c15ULL;
+    s[1] = kvm_hash64(&n, sizeof n, KVM_HASH_SEED) | 1;
+    return 0;
+}
+
+/* ---- replaced base functions -------------------------------------------------------------------- */
+
+static int l_print(lua_State *L) {
+    int n = lua_gettop(L);
+    luaL_Buffer b;
+    luaL_buffinit(L, &b);
+    for (int i = 1; i <= n; i++) {
+        size_t l;
+        const char *s = luaL_tolstring(L, i, &l);
+        if (i > 1) luaL_addchar(&b, '\t');
+        luaL_addvalue(&b);
+        (void)s;
+        (void)l;
+    }
+    luaL_pushresult(&b);
+    wf_log(getwf(L), "info", lua_tostring(L, -1));
+    return 0;
+}
+
+static int l_collectgarbage(lua_State *L) {
+    const char *opt = luaL_optstring(L, 1, "count");
+    if (strcmp(opt, "count") != 0) return luaL_error(L, "collectgarbage: only \"count\" is allowed in kvmesh scripts");
+    int k = lua_gc(L, LUA_GCCOUNT, 0), b = lua_gc(L, LUA_GCCOUNTB, 0);
+    lua_pushnumber(L, (lua_Number)k + (lua_Number)b / 1024.0);
+    return 1;
+}
+
+static int is_locked(lua_State *L, int idx) {
+    if (!lua_getmetatable(L, idx)) return 0;
+    lua_getfield(L, -1, "__metatable");
+    int locked = lua_type(L, -1) == LUA_TSTRING && !strcmp(lua_tostring(L, -1), "locked");
+    lua_pop(L, 2);
+    return locked;
+}
+
+static int l_rawset(lua_State *L) {
+    luaL_checktype(L, 1, LUA_TTABLE);
+    luaL_checkany(L, 2);
+    luaL_checkany(L, 3);
+    if (is_locked(L, 1)) return luaL_error(L, "rawset: table is read-only");
+    lua_settop(L, 3);
+    lua_rawset(L, 1);
+    return 1;
+}
+
+static int l_readonly(lua_State *L) {
+    if (lua_type(L, 2) == LUA_TSTRING) return luaL_error(L, "attempt to modify read-only table (field '%s')", lua_tostring(L, 2));
+    return luaL_error(L, "attempt to modify read-only table");
+}
+
+static int l_frozen_global(lua_State *L) {
+    const char *k = lua_type(L, 2) == LUA_TSTRING ? lua_tostring(L, 2) : "?";
+    return luaL_error(L, "attempt to set global '%s': globals are read-only once the script has loaded "
+                         "(keep per-run data in the run state)", k);
+}
+
+static int l_proxy_pairs(lua_State *L) {
+    lua_getglobal(L, "next");
+    lua_pushvalue(L, lua_upvalueindex(1));
+    lua_pushnil(L);
+    return 3;
+}
+
+/* Replaces the table at the top of the stack by a read-only proxy of it. */
+void wf_lua_push_proxy(lua_State *L) {
+    int t = lua_gettop(L);
+    lua_newtable(L);                  /* proxy */
+    lua_newtable(L);                  /* its metatable */
+    lua_pushvalue(L, t);
+    lua_setfield(L, -2, "__index");
+    lua_pushcfunction(L, l_readonly);
+    lua_setfield(L, -2, "__newindex");
+    lua_pushliteral(L, "locked");
+    lua_setfield(L, -2, "__metatable");
+    lua_pushvalue(L, t);
+    lua_pushcclosure(L, l_proxy_pairs, 1);
+    lua_setfield(L, -2, "__pairs");
+    lua_setmetatable(L, -2);
+    lua_replace(L, t);
+}
+
+/* ---- handles ------------------------------------------------------------------------------------ */
+
+typedef struct wf_handle {
+    uint32_t magic;
+    int idx;
+} wf_handle_t;
+#define WF_HANDLE_MAGIC 0x6b766d68u
+
+static void push_handle(lua_State *L, const char *mt, int idx) {
+    wf_handle_t *h = lua_newuserdatauv(L, sizeof *h, 0);
+    h->magic = WF_HANDLE_MAGIC;
+    h->idx = idx;
+    luaL_setmetatable(L, mt);
+}
+
+static int check_handle(lua_State *L, int i, const char *mt) { return ((wf_handle_t *)luaL_checkudata(L, i, mt))->idx; }
+
+static int test_handle(lua_State *L, int i, const char *mt) {
+    wf_handle_t *h = luaL_testudata(L, i, mt);
+    return h ? h->idx : -1;
+}
+
+int wf_lua_test_agent(lua_State *L, int idx) { return test_handle(L, idx, WF_MT_AGENT); }
+
+/* "file:line" of the script line calling the running C function (new string, kvm_free). */
+static char *where_dup(lua_State *L) {
+    luaL_where(L, 1);
+    size_t n;
+    const char *s = lua_tolstring(L, -1, &n);
+    char buf[512];
+    snprintf(buf, sizeof buf, "%.*s", (int)(n >= 2 && s[n - 2] == ':' ? n - 2 : n), s);
+    lua_pop(L, 1);
+    if (!buf[0]) snprintf(buf, sizeof buf, "?");
+    return kvm_strdup(buf);
+}
+
+static char *dup_or_die(lua_State *L, const char *s) {
+    char *d = kvm_strdup(s ? s : "");
+    if (!d) luaL_error(L, "out of memory");
+    return d;
+}
+
+static void *grow(lua_State *L, void *arr, int n, size_t elem) {
+    void *na = kvm_realloc(arr, (size_t)(n + 1) * elem);
+    if (!na) luaL_error(L, "out of memory");
+    return na;
+}
+
+/* ---- templates ---------------------------------------------------------------------------------- */
+
+static bool name_char(char c) { return isalnum((unsigned char)c) || c == '_' || c == '-'; }
+
+void wf_template_free(wf_tpart_t *parts, int n) {
+    for (int i = 0; i < n; i++) {
+        kvm_free(parts[i].text);
+        kvm_free(parts[i].key);
+        kvm_free(parts[i].ph_name);
+    }
+    kvm_free(parts);
+}
+
+static int add_part(wf_tpart_t **parts, int *n, bool slot, const char *text, size_t len) {
+    wf_tpart_t *np = kvm_realloc(*parts, (size_t)(*n + 1) * sizeof *np);
+    if (!np) return KVM_ENOMEM;
+    *parts = np;
+    wf_tpart_t *p = &np[*n];
+    memset(p, 0, sizeof *p);
+    p->slot = slot;
+    p->node = -1;
+    p->text = kvm_malloc(len + 1);
+    if (!p->text) return KVM_ENOMEM;
+    memcpy(p->text, text, len);
+    p->text[len] = '\0';
+    (*n)++;
+    return 0;
+}
+
+/* Template grammar: fixed text with placeholders {input}, {input.KEY}, {agent.NAME}, {agent.NAME.prev},
+ * {tool.NAME}, {state.KEY}; ':' may replace '.'. "{{" is a literal '{'. Braces that do not start one
+ * of these forms are literal text (so JSON in templates needs no escaping). */
+int wf_template_parse(const char *agent, const char *tmpl, wf_tpart_t **parts, int *n) {
+    *parts = NULL;
+    *n = 0;
+    size_t cap = strlen(tmpl) + 1;
+    char *text = kvm_malloc(cap);
+    if (!text) return KVM_ENOMEM;
+    size_t tl = 0;
+    int rc = 0;
+    const char *p = tmpl;
+    while (*p) {
+        if (p[0] == '{' && p[1] == '{') {
+            text[tl++] = '{';
+            p += 2;
+            continue;
+        }
+        if (p[0] != '{') {
+            text[tl++] = *p++;
+            continue;
+        }
+        static const struct { const char *kw; int src; } kws[] = {
+            {"input", WF_SRC_INPUT}, {"agent", WF_SRC_AGENT}, {"tool", WF_SRC_TOOL}, {"state", WF_SRC_STATE}};
+        int src = -1;
+        size_t kl = 0;
+        for (size_t k = 0; k < 4; k++) {
+            kl = strlen(kws[k].kw);
+            if (!strncmp(p + 1, kws[k].kw, kl) && (p[1 + kl] == '}' || p[1 + kl] == '.' || p[1 + kl] == ':')) {
+                src = kws[k].src;
+                break;
+            }
+        }
+        const char *close = src >= 0 ? strchr(p, '}') : NULL;
+        if (src < 0 || !close) {
+            text[tl++] = *p++;
+            continue;
+        }
+        /* inside = "agent:planner:prev" etc. */
+        const char *in = p + 1, *in_end = close;
+        const char *q = in + kl;
+        char name[128] = "", sub[32] = "";
+        if (*q == '.' || *q == ':') {
+            q++;
+            size_t nl = 0;
+            while (q < in_end && name_char(*q) && nl + 1 < sizeof name) name[nl++] = *q++;
+            name[nl] = '\0';
+            if (nl == 0) {
+                rc = kvm_seterr(KVM_EINVAL, "agent '%s': placeholder {%.*s} has an empty name", agent, (int)(in_end - in), in);
+                goto out;
+            }
+            if (q < in_end && (*q == '.' || *q == ':')) {
+                q++;
+                size_t sl = 0;
+                while (q < in_end && name_char(*q) && sl + 1 < sizeof sub) sub[sl++] = *q++;
+                sub[sl] = '\0';
+            }
+        }
+        if (q != in_end) {
+            rc = kvm_seterr(KVM_EINVAL, "agent '%s': bad placeholder {%.*s} (forms: {input}, {input.key}, {agent.name}, "
+                            "{agent.name.prev}, {tool.name}, {state.key})", agent, (int)(in_end - in), in);
+            goto out;
+        }
+        if (sub[0] && !(src == WF_SRC_AGENT && !strcmp(sub, "prev"))) {
+            rc = kvm_seterr(KVM_EINVAL, "agent '%s': placeholder {%.*s}: only {agent.name.prev} takes a suffix", agent,
+                            (int)(in_end - in), in);
+            goto out;
+        }
+        if (src != WF_SRC_INPUT && !name[0]) {
+            rc = kvm_seterr(KVM_EINVAL, "agent '%s': placeholder {%.*s} needs a name, e.g. {%s.planner}", agent,
+                            (int)(in_end - in), in, kws[src == WF_SRC_AGENT ? 1 : src == WF_SRC_TOOL ? 2 : 3].kw);
+            goto out;
+        }
+        if (src == WF_SRC_AGENT && sub[0]) src = WF_SRC_AGENT_PREV;
+        if (tl > 0) {
+            if ((rc = add_part(parts, n, false, text, tl))) goto out;
+            tl = 0;
+        }
+        if ((rc = add_part(parts, n, true, in, (size_t)(in_end - in)))) goto out;
+        wf_tpart_t *sp = &(*parts)[*n - 1];
+        sp->src = src;
+        char ph[200];
+        switch (src) {
+        case WF_SRC_INPUT: snprintf(ph, sizeof ph, name[0] ? "input:%s" : "input", name); break;
+        case WF_SRC_AGENT: snprintf(ph, sizeof ph, "agent:%s:current", name); break;
+        case WF_SRC_AGENT_PREV: snprintf(ph, sizeof ph, "agent:%s:prev", name); break;
+        case WF_SRC_TOOL: snprintf(ph, sizeof ph, "tool:%s", name); break;
+        default: snprintf(ph, sizeof ph, "state:%s", name); break;
+        }
+        sp->ph_name = kvm_strdup(ph);
+        sp->key = name[0] ? kvm_strdup(name) : NULL;
+        if (!sp->ph_name || (name[0] && !sp->key)) {
+            rc = KVM_ENOMEM;
+            goto out;
+        }
+        p = close + 1;
+    }
+    if (tl > 0) rc = add_part(parts, n, false, text, tl);
+out:
+    kvm_free(text);
+    if (rc) {
+        wf_template_free(*parts, *n);
+        *parts = NULL;
+        *n = 0;
+    }
+    return rc;
+}
+
+/* ---- JSON <-> Lua ------------------------------------------------------------------------------- */
+
+static cJSON *to_json_rec(lua_State *L, int idx, int depth) {
+    idx = lua_absindex(L, idx);
+    switch (lua_type(L, idx)) {
+    case LUA_TNIL: return cJSON_CreateNull();
+    case LUA_TBOOLEAN: return cJSON_CreateBool(lua_toboolean(L, idx));
+    case LUA_TNUMBER:
+        if (lua_isinteger(L, idx)) return cJSON_CreateNumber((double)lua_tointeger(L, idx));
+        {
+            double d = lua_tonumber(L, idx);
+            return isfinite(d) ? cJSON_CreateNumber(d) : cJSON_CreateString(d != d ? "nan" : d > 0 ? "inf" : "-inf");
+        }
+    case LUA_TSTRING: {
+        size_t n;
+        const char *s = lua_tolstring(L, idx, &n);
+        return cJSON_CreateString(s); /* embedded NULs are cut: traces are text */
+    }
+    case LUA_TTABLE: {
+        if (depth > 32 || !lua_checkstack(L, 4)) return cJSON_CreateString("<table nested too deep>");
+        lua_Unsigned len = lua_rawlen(L, idx);
+        lua_Unsigned count = 0;
+        lua_pushnil(L);
+        while (lua_next(L, idx)) {
+            count++;
+            lua_pop(L, 1);
+        }
+        if (count > 0 && count == len) {
+            cJSON *a = cJSON_CreateArray();
+            for (lua_Unsigned i = 1; a && i <= len; i++) {
+                lua_rawgeti(L, idx, (lua_Integer)i);
+                cJSON_AddItemToArray(a, to_json_rec(L, -1, depth + 1));
+                lua_pop(L, 1);
+            }
+            return a;
+        }
+        cJSON *o = cJSON_CreateObject();
+        lua_pushnil(L);
+        while (o && lua_next(L, idx)) {
+            char kb[64];
+            const char *k;
+            if (lua_type(L, -2) == LUA_TSTRING) k = lua_tostring(L, -2);
+            else if (lua_type(L, -2) == LUA_TNUMBER) {
+                if (lua_isinteger(L, -2)) snprintf(kb, sizeof kb, "%lld", (long long)lua_tointeger(L, -2));
+                else snprintf(kb, sizeof kb, "%.17g", lua_tonumber(L, -2));
+                k = kb;
+            } else {
+                snprintf(kb, sizeof kb, "<%s>", luaL_typename(L, -2));
+                k = kb;
+            }
+            cJSON_AddItemToObject(o, k, to_json_rec(L, -1, depth + 1));
+            lua_pop(L, 1);
+        }
+        return o;
+    }
+    case LUA_TUSERDATA: {
+        const char *kind = luaL_testudata(L, idx, WF_MT_AGENT) ? "agent" : luaL_testudata(L, idx, WF_MT_MODEL) ? "model"
+                           : luaL_testudata(L, idx, WF_MT_GRAPH)                                       ? "graph"
+                                                                                                         : "userdata";
+        cJSON *o = cJSON_CreateObject();
+        cJSON_AddStringToObject(o, "handle", kind);
+        wf_handle_t *h = lua_touserdata(L, idx);
+        if (strcmp(kind, "userdata") != 0) cJSON_AddNumberToObject(o, "id", h->idx);
+        return o;
+    }
+    default: {
+        char b[64];
+        snprintf(b, sizeof b, "<%s>", luaL_typename(L, idx));
+        return cJSON_CreateString(b);
+    }
+    }
+}
+
+cJSON *wf_lua_to_json(lua_State *L, int idx) {
+    cJSON *j = to_json_rec(L, idx, 0);
+    return j ? j : cJSON_CreateNull();
+}
+
+void wf_lua_push_json(lua_State *L, const cJSON *j) {
+    luaL_checkstack(L, 4, "json");
+    if (!j || cJSON_IsNull(j) || cJSON_IsInvalid(j)) lua_pushnil(L);
+    else if (cJSON_IsBool(j)) lua_pushboolean(L, cJSON_IsTrue(j));
+    else if (cJSON_IsNumber(j)) {
+        double d = j->valuedouble;
+        if (d == floor(d) && fabs(d) < 9007199254740992.0) lua_pushinteger(L, (lua_Integer)d);
+        else lua_pushnumber(L, d);
+    } else if (cJSON_IsString(j)) lua_pushstring(L, j->valuestring);
+    else if (cJSON_IsArray(j)) {
+        lua_createtable(L, cJSON_GetArraySize(j), 0);
+        int i = 1;
+        for (const cJSON *c = j->child; c; c = c->next) {
+            wf_lua_push_json(L, c);
+            lua_rawseti(L, -2, i++);
+        }
+    } else if (cJSON_IsObject(j)) {
+        lua_newtable(L);
+        for (const cJSON *c = j->child; c; c = c->next) {
+            wf_lua_push_json(L, c);
+            lua_setfield(L, -2, c->string);
+        }
+    } else
+        lua_pushnil(L);
+}
+
+char *wf_lua_value_text(lua_State *L, int idx) {
+    switch (lua_type(L, idx)) {
+    case LUA_TNIL:
+    case LUA_TNONE: return kvm_strdup("");
+    case LUA_TSTRING: return kvm_strdup(lua_tostring(L, idx));
+    case LUA_TBOOLEAN: return kvm_strdup(lua_toboolean(L, idx) ? "true" : "false");
+    case LUA_TNUMBER: {
+        char b[64];
+        if (lua_isinteger(L, idx)) snprintf(b, sizeof b, "%lld", (long long)lua_tointeger(L, idx));
+        else snprintf(b, sizeof b, "%.14g", lua_tonumber(L, idx));
+        return kvm_strdup(b);
+    }
+    default: {
+        cJSON *j = wf_lua_to_json(L, idx);
+        char *s = cJSON_PrintUnformatted(j);
+        cJSON_Delete(j);
+        char *r = kvm_strdup(s ? s : "");
+        cJSON_free(s);
+        return r;
+    }
+    }
+}
+
+static int l_json(lua_State *L) {
+    luaL_checkany(L, 1);
+    char *s = wf_lua_value_text(L, 1);
+    if (!s) return luaL_error(L, "out of memory");
+    lua_pushstring(L, s);
+    kvm_free(s);
+    return 1;
+}
+
+static int l_now_ms(lua_State *L) {
+    lua_pushnumber(L, (lua_Number)kvm_wall_ns() / 1e6);
+    return 1;
+}
+
+/* ---- kvmesh.model ------------------------------------------------------------------------------- */
+
+static int l_model(lua_State *L) {
+    kvm_workflow_t *wf = getwf(L);
+    const char *path;
+    if (lua_type(L, 1) == LUA_TTABLE) {
+        lua_getfield(L, 1, "path");
+        path = lua_tostring(L, -1);
+        if (!path) return luaL_error(L, "kvmesh.model{...}: field 'path' (a string) is required");
+    } else {
+        path = luaL_checkstring(L, 1);
+    }
+    char resolved[4096];
+    const char *use = path;
+    if (wf->o.mock) use = "mock:echo";
+    else if (wf->o.model_override) use = wf->o.model_override;
+    else if (path[0] != '/' && !strchr(path, ':') && !kvm_file_exists(path) && !kvm_dir_exists(path) && wf->path) {
+        /* relative paths are tried against the script's directory too */
+        const char *slash = strrchr(wf->path, '/');
+        if (slash) {
+            snprintf(resolved, sizeof resolved, "%.*s/%s", (int)(slash - wf->path), wf->path, path);
+            if (kvm_file_exists(resolved) || kvm_dir_exists(resolved)) use = resolved;
+        }
+    }
+    for (int i = 0; i < wf->n_models; i++)
+        if (!strcmp(wf->models[i].path, path)) {
+            push_handle(L, WF_MT_MODEL, i);
+            return 1;
+        }
+    int idx;
+    if (wf_llm_model_open(wf->llm, use, &idx) != 0) return luaL_error(L, "kvmesh.model: %s", kvm_errmsg());
+    char *w = where_dup(L), *p = kvm_strdup(path);
+    wf_model_t *nm = kvm_realloc(wf->models, (size_t)(wf->n_models + 1) * sizeof *nm);
+    if (!w || !p || !nm) {
+        kvm_free(w);
+        kvm_free(p);
+        if (nm) wf->models = nm;
+        return luaL_error(L, "out of memory");
+    }
+    wf->models = nm;
+    nm[wf->n_models] = (wf_model_t){.path = p, .llm = idx, .where = w};
+    push_handle(L, WF_MT_MODEL, wf->n_models++);
+    return 1;
+}
+
+/* ---- kvmesh.agent ------------------------------------------------------------------------------- */
+
+static const char *const agent_fields[] = {"name", "model", "role", "system", "template", "prompt", "max_tokens",
+                                           "temperature", "top_k", "top_p", "repetition_penalty", "seed", "stop",
+                                           "budget", "kv", "writes", NULL};
+
+static void check_fields(lua_State *L, int t, const char *what, const char *const *allowed) {
+    lua_pushnil(L);
+    while (lua_next(L, t)) {
+        lua_pop(L, 1);
+        if (lua_type(L, -1) != LUA_TSTRING) luaL_error(L, "%s: field names must be strings", what);
+        const char *k = lua_tostring(L, -1);
+        bool ok = false;
+        for (int i = 0; allowed[i]; i++)
+            if (!strcmp(allowed[i], k)) ok = true;
+        if (!ok) {
+            luaL_Buffer b;
+            luaL_buffinit(L, &b);
+            for (int i = 0; allowed[i]; i++) {
+                if (i) luaL_addstring(&b, ", ");
+                luaL_addstring(&b, allowed[i]);
+            }
+            luaL_pushresult(&b);
+            luaL_error(L, "%s: unknown field '%s' (known: %s)", what, k, lua_tostring(L, -1));
+        }
+    }
+}
+
+static lua_Number opt_num_field(lua_State *L, int t, const char *k, lua_Number def, const char *what) {
+    lua_getfield(L, t, k);
+    lua_Number v = def;
+    if (!lua_isnil(L, -1)) {
+        if (!lua_isnumber(L, -1)) luaL_error(L, "%s: field '%s' must be a number (got %s)", what, k, luaL_typename(L, -1));
+        v = lua_tonumber(L, -1);
+    }
+    lua_pop(L, 1);
+    return v;
+}
+
+static const char *opt_str_field(lua_State *L, int t, const char *k, const char *what) {
+    lua_getfield(L, t, k);
+    const char *s = NULL;
+    if (!lua_isnil(L, -1)) {
+        if (lua_type(L, -1) != LUA_TSTRING) luaL_error(L, "%s: field '%s' must be a string (got %s)", what, k, luaL_typename(L, -1));
+        s = lua_tostring(L, -1);
+    }
+    lua_pop(L, 1); /* the string stays alive: it is referenced by the table */
+    return s;
+}
+
+/* Builds an agent from the spec table at index t (name may come from the argument). Returns its index.
+ * Raises a Lua error (with the script's file:line) on a bad spec; nothing leaks on error because all
+ * checks run before the first allocation. */
+static int make_agent(lua_State *L, int t, const char *name_arg) {
+    kvm_workflow_t *wf = getwf(L);
+    const char *what = "kvmesh.agent";
+    check_fields(L, t, what, agent_fields);
+    const char *name = name_arg ? name_arg : opt_str_field(L, t, "name", what);
+    if (!name || !*name) return luaL_error(L, "%s: field 'name' is required", what);
+    for (int i = 0; i < wf->n_agents; i++)
+        if (!strcmp(wf->agents[i].name, name)) return luaL_error(L, "%s: an agent named '%s' already exists (%s)", what, name, wf->agents[i].where);
+    lua_getfield(L, t, "model");
+    int model = test_handle(L, -1, WF_MT_MODEL);
+    lua_pop(L, 1);
+    if (model < 0) {
+        if (wf->n_models == 1) model = 0;
+        else return luaL_error(L, "%s '%s': field 'model' must be a kvmesh.model(...) handle", what, name);
+    }
+    const char *role = opt_str_field(L, t, "role", what);
+    if (!role) role = opt_str_field(L, t, "system", what);
+    const char *tmpl = opt_str_field(L, t, "template", what);
+    if (!tmpl) tmpl = opt_str_field(L, t, "prompt", what);
+    if (!tmpl) return luaL_error(L, "%s '%s': field 'template' is required", what, name);
+    lua_Number max_tokens = opt_num_field(L, t, "max_tokens", 64, what);
+    if (max_tokens < 1 || max_tokens > 1 << 20) return luaL_error(L, "%s '%s': max_tokens must be in 1..1048576", what, name);
+    kvm_sampler_params_t sp = {0};
+    sp.temperature = (float)opt_num_field(L, t, "temperature", 0, what);
+    sp.top_k = (int)opt_num_field(L, t, "top_k", 0, what);
+    sp.top_p = (float)opt_num_field(L, t, "top_p", 1, what);
+    sp.repetition_penalty = (float)opt_num_field(L, t, "repetition_penalty", 1, what);
+    sp.seed = (uint64_t)opt_num_field(L, t, "seed", 0, what);
+    if (sp.temperature < 0 || sp.top_p < 0 || sp.top_p > 1 || sp.top_k < 0)
+        return luaL_error(L, "%s '%s': need temperature >= 0, 0 <= top_p <= 1, top_k >= 0", what, name);
+    lua_Number budget = opt_num_field(L, t, "budget", 0, what);
+    const char *kvs = opt_str_field(L, t, "kv", what);
+    int kv = kvs ? wf_kv_policy_parse(kvs) : WF_KV_KVCOMM;
+    if (kv < 0) return luaL_error(L, "%s '%s': kv must be \"dense\", \"prefix\" or \"kvcomm\" (got \"%s\")", what, name, kvs);
+    lua_getfield(L, t, "stop");
+    int stop_idx = lua_gettop(L);
+    int n_stop = 0;
+    if (lua_type(L, stop_idx) == LUA_TSTRING) n_stop = 1;
+    else if (lua_type(L, stop_idx) == LUA_TTABLE) {
+        n_stop = (int)lua_rawlen(L, stop_idx);
+        for (int i = 1; i <= n_stop; i++) {
+            lua_rawgeti(L, stop_idx, i);
+            if (lua_type(L, -1) != LUA_TSTRING || !*lua_tostring(L, -1))
+                return luaL_error(L, "%s '%s': stop must be a non-empty string or a list of them", what, name);
+            lua_pop(L, 1);
+        }
+    } else if (!lua_isnil(L, stop_idx))
+        return luaL_error(L, "%s '%s': stop must be a string or a list of strings", what, name);
+    /* template check before allocating the agent */
+    wf_tpart_t *parts;
+    int n_parts;
+    if (wf_template_parse(name, tmpl, &parts, &n_parts) != 0) return luaL_error(L, "%s", kvm_errmsg());
+    char *w = where_dup(L);
+    wf_agent_t *na = kvm_realloc(wf->agents, (size_t)(wf->n_agents + 1) * sizeof *na);
+    if (!na || !w) {
+        wf_template_free(parts, n_parts);
+        kvm_free(w);
+        if (na) wf->agents = na;
+        return luaL_error(L, "out of memory");
+    }
+    wf->agents = na;
+    wf_agent_t *a = &na[wf->n_agents++];
+    memset(a, 0, sizeof *a);
+    a->name = kvm_strdup(name);
+    a->model = model;
+    a->role = role ? kvm_strdup(role) : NULL;
+    a->tmpl = kvm_strdup(tmpl);
+    a->parts = parts;
+    a->n_parts = n_parts;
+    a->sampling = sp;
+    a->max_tokens = (int)max_tokens;
+    a->budget_tokens = (long)budget;
+    a->kv = (wf_kv_policy_t)kv;
+    a->where = w;
+    if (n_stop > 0) {
+        a->stop = kvm_calloc((size_t)n_stop, sizeof *a->stop);
+        for (int i = 0; a->stop && i < n_stop; i++) {
+            if (lua_type(L, stop_idx) == LUA_TSTRING) lua_pushvalue(L, stop_idx);
+            else lua_rawgeti(L, stop_idx, i + 1);
+            a->stop[a->n_stop++] = kvm_strdup(lua_tostring(L, -1));
+            lua_pop(L, 1);
+        }
+    }
+    lua_pop(L, 1); /* stop */
+    if (!a->name || !a->tmpl || (role && !a->role) || (n_stop && !a->stop)) return luaL_error(L, "out of memory");
+    /* the stats table follows the agents */
+    kvm_wf_agent_stats_t *ns = kvm_realloc(wf->stats, (size_t)wf->n_agents * sizeof *ns);
+    if (!ns) return luaL_error(L, "out of memory");
+    wf->stats = ns;
+    memset(&ns[wf->n_agents - 1], 0, sizeof *ns);
+    return wf->n_agents - 1;
+}
+
+static int l_agent(lua_State *L) {
+    luaL_checktype(L, 1, LUA_TTABLE);
+    push_handle(L, WF_MT_AGENT, make_agent(L, 1, NULL));
+    return 1;
+}
+
+/* ---- kvmesh.graph ------------------------------------------------------------------------------- */
+
+static wf_graph_t *check_graph(lua_State *L, int i) {
+    kvm_workflow_t *wf = getwf(L);
+    int idx = check_handle(L, i, WF_MT_GRAPH);
+    return wf->graphs[idx];
+}
+
+static int parse_reducer(lua_State *L, int idx, int *fn_ref, const char *key) {
+    *fn_ref = LUA_NOREF;
+    if (lua_type(L, idx) == LUA_TFUNCTION) {
+        lua_pushvalue(L, idx);
+        *fn_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+        return WF_RED_FUNC;
+    }
+    const char *r = lua_tostring(L, idx);
+    static const char *const names[] = {"replace", "append", "merge", "sum", "max", "min"};
+    if (r && lua_type(L, idx) == LUA_TSTRING)
+        for (int i = 0; i < 6; i++)
+            if (!strcmp(names[i], r)) return i;
+    return luaL_error(L, "kvmesh.graph: state key '%s': the reducer must be kvmesh.reduce.<replace|append|merge|sum|max|min> "
+                         "or a function(old, new)", key);
+}
+
+static void set_limits(lua_State *L, wf_graph_t *g, int t) {
+    static const char *const lf[] = {"steps", "tokens", "wall_ms", "instructions", "memory_mb", "lua_ms", NULL};
+    check_fields(L, t, "limit", lf);
+    lua_Number v;
+    if ((v = opt_num_field(L, t, "steps", -1, "limit")) >= 0) {
+        if (v < 1) luaL_error(L, "limit: steps must be >= 1");
+        g->lim_steps = (long)v;
+    }
+    if ((v = opt_num_field(L, t, "tokens", -1, "limit")) >= 0) g->lim_tokens = (long)v;
+    if ((v = opt_num_field(L, t, "wall_ms", -1, "limit")) >= 0) g->lim_wall_ms = (long)v;
+    if ((v = opt_num_field(L, t, "instructions", -1, "limit")) >= 0) g->lim_instructions = (uint64_t)v;
+    if ((v = opt_num_field(L, t, "memory_mb", -1, "limit")) >= 0) g->lim_memory_mb = (long)v;
+    if ((v = opt_num_field(L, t, "lua_ms", -1, "limit")) >= 0) g->lim_lua_ms = v;
+}
+
+static int l_graph(lua_State *L) {
+    kvm_workflow_t *wf = getwf(L);
+    if (!lua_isnoneornil(L, 1)) luaL_checktype(L, 1, LUA_TTABLE);
+    else {
+        lua_newtable(L);
+        lua_replace(L, 1);
+    }
+    static const char *const gf[] = {"name", "state", "limit", NULL};
+    check_fields(L, 1, "kvmesh.graph", gf);
+    const char *name = opt_str_field(L, 1, "name", "kvmesh.graph");
+    wf_graph_t **ng = kvm_realloc(wf->graphs, (size_t)(wf->n_graphs + 1) * sizeof *ng);
+    if (!ng) return luaL_error(L, "out of memory");
+    wf->graphs = ng;
+    wf_graph_t *g = kvm_calloc(1, sizeof *g);
+    if (!g) return luaL_error(L, "out of memory");
+    ng[wf->n_graphs++] = g;
+    g->name = dup_or_die(L, name ? name : "workflow");
+    g->where = where_dup(L);
+    g->output_ref = g->dataset_ref = g->score_ref = LUA_NOREF;
+    lua_newtable(L);
+    g->init_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    lua_getfield(L, 1, "state");
+    int st = lua_gettop(L);
+    if (lua_type(L, st) == LUA_TTABLE) {
+        lua_rawgeti(L, LUA_REGISTRYINDEX, g->init_ref);
+        int init = lua_gettop(L);
+        lua_pushnil(L);
+        while (lua_next(L, st)) {
+            if (lua_type(L, -2) != LUA_TSTRING) return luaL_error(L, "kvmesh.graph: state keys must be strings");
+            const char *k = lua_tostring(L, -2);
+            if (!strcmp(k, "input")) return luaL_error(L, "kvmesh.graph: state key 'input' is reserved (it is the run's input)");
+            int red, ref, vi = lua_gettop(L);
+            bool has_init = false;
+            if (lua_type(L, vi) == LUA_TTABLE) { /* { reducer, init = value } */
+                lua_rawgeti(L, vi, 1);
+                red = parse_reducer(L, lua_gettop(L), &ref, k);
+                lua_pop(L, 1);
+                lua_getfield(L, vi, "init");
+                has_init = !lua_isnil(L, -1);
+                if (has_init) lua_setfield(L, init, k);
+                else lua_pop(L, 1);
+            } else
+                red = parse_reducer(L, vi, &ref, k);
+            if (!has_init && (red == WF_RED_APPEND || red == WF_RED_MERGE)) {
+                lua_newtable(L);
+                lua_setfield(L, init, k);
+            } else if (!has_init && red == WF_RED_SUM) {
+                lua_pushinteger(L, 0);
+                lua_setfield(L, init, k);
+            }
+            wf_key_t *nk = kvm_realloc(g->keys, (size_t)(g->n_keys + 1) * sizeof *nk);
+            if (!nk) return luaL_error(L, "out of memory");
+            g->keys = nk;
+            nk[g->n_keys].name = dup_or_die(L, k);
+            nk[g->n_keys].reducer = red;
+            nk[g->n_keys].fn_ref = ref;
+            g->n_keys++;
+            lua_settop(L, vi - 1);
+        }
+        lua_pop(L, 1);
+    } else if (!lua_isnil(L, st))
+        return luaL_error(L, "kvmesh.graph: field 'state' must be a table of key = reducer");
+    lua_pop(L, 1);
+    /* msgs (append) is always declared */
+    bool has_msgs = false;
+    for (int i = 0; i < g->n_keys; i++)
+        if (!strcmp(g->keys[i].name, "msgs")) has_msgs = true;
+    if (!has_msgs) {
+        wf_key_t *nk = kvm_realloc(g->keys, (size_t)(g->n_keys + 1) * sizeof *nk);
+        if (!nk) return luaL_error(L, "out of memory");
+        g->keys = nk;
+        nk[g->n_keys++] = (wf_key_t){.name = dup_or_die(L, "msgs"), .reducer = WF_RED_APPEND, .fn_ref = LUA_NOREF};
+        lua_rawgeti(L, LUA_REGISTRYINDEX, g->init_ref);
+        lua_newtable(L);
+        lua_setfield(L, -2, "msgs");
+        lua_pop(L, 1);
+    }
+    lua_getfield(L, 1, "limit");
+    if (lua_type(L, -1) == LUA_TTABLE) set_limits(L, g, lua_gettop(L));
+    lua_pop(L, 1);
+    push_handle(L, WF_MT_GRAPH, wf->n_graphs - 1);
+    return 1;
+}
+
+static void check_node_name(lua_State *L, wf_graph_t *g, const char *name) {
+    if (!*name) luaL_error(L, "graph: a node name must not be empty");
+    for (const char *p = name; *p; p++)
+        if (!name_char(*p) && *p != '.') luaL_error(L, "graph: node name '%s' may only use letters, digits, '_', '-' and '.'", name);
+    if (!strcmp(name, WF_START_NAME) || !strcmp(name, WF_END_NAME)) luaL_error(L, "graph: node name '%s' is reserved", name);
+    for (int i = 0; i < g->n_nodes; i++)
+        if (!strcmp(g->nodes[i].name, name)) luaL_error(L, "graph: a node named '%s' already exists (%s)", name, g->nodes[i].where);
+}
+
+static wf_node_t *add_node(lua_State *L, wf_graph_t *g, const char *name, int kind) {
+    check_node_name(L, g, name);
+    g->nodes = grow(L, g->nodes, g->n_nodes, sizeof *g->nodes);
+    wf_node_t *n = &g->nodes[g->n_nodes++];
+    memset(n, 0, sizeof *n);
+    n->kind = kind;
+    n->agent = -1;
+    n->fn_ref = LUA_NOREF;
+    n->router_ref = LUA_NOREF;
+    n->name = dup_or_die(L, name);
+    n->where = where_dup(L);
+    return n;
+}
+
+/* g:agent(name, spec | agent [, {writes = key}]) */
+static int g_agent(lua_State *L) {
+    wf_graph_t *g = check_graph(L, 1);
+    const char *name = luaL_checkstring(L, 2);
+    int ai = test_handle(L, 3, WF_MT_AGENT);
+    const char *writes = NULL;
+    if (ai < 0) {
+        luaL_checktype(L, 3, LUA_TTABLE);
+        writes = opt_str_field(L, 3, "writes", "g:agent");
+        check_node_name(L, g, name);
+        ai = make_agent(L, 3, name);
+    }
+    if (lua_type(L, 4) == LUA_TTABLE) writes = opt_str_field(L, 4, "writes", "g:agent");
+    wf_node_t *n = add_node(L, g, name, WF_NODE_AGENT);
+    n->agent = ai;
+    if (writes) n->writes = dup_or_die(L, writes);
+    lua_settop(L, 1);
+    return 1;
+}
+
+static int g_fnnode(lua_State *L, int kind) {
+    wf_graph_t *g = check_graph(L, 1);
+    const char *name = luaL_checkstring(L, 2);
+    luaL_checktype(L, 3, LUA_TFUNCTION);
+    const char *writes = lua_type(L, 4) == LUA_TTABLE ? opt_str_field(L, 4, "writes", "g:func") : NULL;
+    wf_node_t *n = add_node(L, g, name, kind);
+    lua_pushvalue(L, 3);
+    n->fn_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    if (writes) n->writes = dup_or_die(L, writes);
+    lua_settop(L, 1);
+    return 1;
+}
+static int g_func(lua_State *L) { return g_fnnode(L, WF_NODE_FUNC); }
+static int g_tool(lua_State *L) { return g_fnnode(L, WF_NODE_TOOL); }
+
+/* Reads a node name or a list of names at idx into a new array. */
+static char **names_arg(lua_State *L, int idx, int *n, const char *what) {
+    *n = 0;
+    if (lua_type(L, idx) == LUA_TSTRING) {
+        char **v = kvm_calloc(1, sizeof *v);
+        if (!v) luaL_error(L, "out of memory");
+        v[0] = kvm_strdup(lua_tostring(L, idx));
+        *n = 1;
+        return v;
+    }
+    if (lua_type(L, idx) != LUA_TTABLE) luaL_error(L, "%s: expected a node name or a list of node names (got %s)", what, luaL_typename(L, idx));
+    int len = (int)lua_rawlen(L, idx);
+    if (len == 0) luaL_error(L, "%s: the list of node names is empty", what);
+    for (int i = 1; i <= len; i++) {
+        lua_rawgeti(L, idx, i);
+        if (lua_type(L, -1) != LUA_TSTRING) luaL_error(L, "%s: item %d is not a node name", what, i);
+        lua_pop(L, 1);
+    }
+    char **v = kvm_calloc((size_t)len, sizeof *v);
+    if (!v) luaL_error(L, "out of memory");
+    for (int i = 1; i <= len; i++) {
+        lua_rawgeti(L, idx, i);
+        v[i - 1] = kvm_strdup(lua_tostring(L, -1));
+        lua_pop(L, 1);
+    }
+    *n = len;
+    return v;
+}
+
+static void free_names(char **v, int n) {
+    for (int i = 0; i < n; i++) kvm_free(v[i]);
+    kvm_free(v);
+}
+
+/* g:edge(from, to | {to...} [, {when = fn, on_error = bool}]) */
+static int g_edge(lua_State *L) {
+    wf_graph_t *g = check_graph(L, 1);
+    const char *from = luaL_checkstring(L, 2);
+    luaL_checkany(L, 3);
+    int when = LUA_NOREF;
+    bool on_error = false;
+    if (lua_type(L, 4) == LUA_TTABLE) {
+        static const char *const ef[] = {"when", "on_error", NULL};
+        check_fields(L, 4, "g:edge", ef);
+        lua_getfield(L, 4, "when");
+        if (!lua_isnil(L, -1) && lua_type(L, -1) != LUA_TFUNCTION) return luaL_error(L, "g:edge: 'when' must be a function(state, last)");
+        lua_pop(L, 1);
+        lua_getfield(L, 4, "on_error");
+        on_error = lua_toboolean(L, -1);
+        lua_pop(L, 1);
+    } else if (!lua_isnoneornil(L, 4))
+        return luaL_error(L, "g:edge: the options must be a table {when = fn, on_error = true}");
+    int n;
+    char **to = names_arg(L, 3, &n, "g:edge");
+    if (lua_type(L, 4) == LUA_TTABLE) {
+        lua_getfield(L, 4, "when");
+        if (lua_isfunction(L, -1)) when = luaL_ref(L, LUA_REGISTRYINDEX);
+        else lua_pop(L, 1);
+    }
+    char *w = where_dup(L);
+    wf_edge_t *ne = kvm_realloc(g->edges, (size_t)(g->n_edges + n) * sizeof *ne);
+    if (!ne) {
+        free_names(to, n);
+        kvm_free(w);
+        return luaL_error(L, "out of memory");
+    }
+    g->edges = ne;
+    for (int i = 0; i < n; i++) {
+        wf_edge_t *e = &ne[g->n_edges++];
+        e->from = e->to = WF_START;
+        e->from_name = kvm_strdup(from);
+        e->to_name = to[i];
+        e->when_ref = when; /* shared ref: released once at free (see wf_lua_close) */
+        e->on_error = on_error;
+        e->where = i == 0 ? w : kvm_strdup(w);
+    }
+    kvm_free(to);
+    lua_settop(L, 1);
+    return 1;
+}
+
+/* g:route(from, fn [, {targets...}]) */
+static int g_route(lua_State *L) {
+    wf_graph_t *g = check_graph(L, 1);
+    const char *from = luaL_checkstring(L, 2);
+    luaL_checktype(L, 3, LUA_TFUNCTION);
+    int n = 0;
+    char **targets = lua_isnoneornil(L, 4) ? NULL : names_arg(L, 4, &n, "g:route targets");
+    /* resolved at validation; routes live on nodes, found by name there */
+    wf_node_t *node = NULL;
+    for (int i = 0; i < g->n_nodes; i++)
+        if (!strcmp(g->nodes[i].name, from)) node = &g->nodes[i];
+    if (!node) {
+        free_names(targets, n);
+        return luaL_error(L, "g:route: unknown node '%s' (define the node before its router)", from);
+    }
+    if (node->router_ref != LUA_NOREF) {
+        free_names(targets, n);
+        return luaL_error(L, "g:route: node '%s' already has a router (%s)", from, node->route_where);
+    }
+    lua_pushvalue(L, 3);
+    node->router_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    node->route_names = targets;
+    node->n_route_targets = n;
+    node->route_declared = targets != NULL;
+    node->route_where = where_dup(L);
+    lua_settop(L, 1);
+    return 1;
+}
+
+/* g:join({sources}, target [, {mode = "all" | "any"}]) */
+static int g_join(lua_State *L) {
+    wf_graph_t *g = check_graph(L, 1);
+    luaL_checktype(L, 2, LUA_TTABLE);
+    const char *target = luaL_checkstring(L, 3);
+    bool all = true;
+    if (lua_type(L, 4) == LUA_TTABLE) {
+        const char *mode = opt_str_field(L, 4, "mode", "g:join");
+        if (mode && !strcmp(mode, "any")) all = false;
+        else if (mode && strcmp(mode, "all") != 0) return luaL_error(L, "g:join: mode must be \"all\" or \"any\" (got \"%s\")", mode);
+    }
+    int n;
+    char **src = names_arg(L, 2, &n, "g:join");
+    g->joins = grow(L, g->joins, g->n_joins, sizeof *g->joins);
+    wf_join_t *j = &g->joins[g->n_joins++];
+    memset(j, 0, sizeof *j);
+    j->src_names = src;
+    j->n_src = n;
+    j->src = kvm_calloc((size_t)n, sizeof *j->src);
+    j->target_name = kvm_strdup(target);
+    j->all = all;
+    j->where = where_dup(L);
+    if (!j->src || !j->target_name) return luaL_error(L, "out of memory");
+    lua_settop(L, 1);
+    return 1;
+}
+
+static int g_limit(lua_State *L) {
+    wf_graph_t *g = check_graph(L, 1);
+    luaL_checktype(L, 2, LUA_TTABLE);
+    set_limits(L, g, 2);
+    lua_settop(L, 1);
+    return 1;
+}
+
+static int set_fn(lua_State *L, int *ref) {
+    luaL_checktype(L, 2, LUA_TFUNCTION);
+    if (*ref != LUA_NOREF) luaL_unref(L, LUA_REGISTRYINDEX, *ref);
+    lua_pushvalue(L, 2);
+    *ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    lua_settop(L, 1);
+    return 1;
+}
+static int g_output(lua_State *L) { return set_fn(L, &check_graph(L, 1)->output_ref); }
+static int g_dataset(lua_State *L) { return set_fn(L, &check_graph(L, 1)->dataset_ref); }
+static int g_score(lua_State *L) { return set_fn(L, &check_graph(L, 1)->score_ref); }
+
+static int g_tostring(lua_State *L) {
+    wf_graph_t *g = check_graph(L, 1);
+    lua_pushfstring(L, "graph '%s' (%d nodes, %d edges)", g->name, g->n_nodes, g->n_edges);
+    return 1;
+}
+static int a_tostring(lua_State *L) {
+    kvm_workflow_t *wf = getwf(L);
+    wf_agent_t *a = &wf->agents[check_handle(L, 1, WF_MT_AGENT)];
+    lua_pushfstring(L, "agent '%s' (model %s, kv %s)", a->name, wf->models[a->model].path, wf_kv_policy_name(a->kv));
+    return 1;
+}
+static int m_tostring(lua_State *L) {
+    kvm_workflow_t *wf = getwf(L);
+    lua_pushfstring(L, "model '%s'", wf->models[check_handle(L, 1, WF_MT_MODEL)].path);
+    return 1;
+}
+static int a_index(lua_State *L) {
+    kvm_workflow_t *wf = getwf(L);
+    wf_agent_t *a = &wf->agents[check_handle(L, 1, WF_MT_AGENT)];
+    const char *k = luaL_checkstring(L, 2);
+    if (!strcmp(k, "name")) lua_pushstring(L, a->name);
+    else if (!strcmp(k, "template")) lua_pushstring(L, a->tmpl);
+    else if (!strcmp(k, "role")) lua_pushstring(L, a->role ? a->role : "");
+    else if (!strcmp(k, "max_tokens")) lua_pushinteger(L, a->max_tokens);
+    else if (!strcmp(k, "kv")) lua_pushstring(L, wf_kv_policy_name(a->kv));
+    else lua_pushnil(L);
+    return 1;
+}
+
+/* ---- validation --------------------------------------------------------------------------------- */
+
+int wf_graph_find(const wf_graph_t *g, const char *name) {
+    for (int i = 0; i < g->n_nodes; i++)
+        if (!strcmp(g->nodes[i].name, name)) return i;
+    return -1;
+}
+
+static int resolve(const wf_graph_t *g, const char *name, bool allow_start, bool allow_end, const char *where, const char *what) {
+    if (allow_start && !strcmp(name, WF_START_NAME)) return WF_START;
+    if (allow_end && !strcmp(name, WF_END_NAME)) return WF_END;
+    int i = wf_graph_find(g, name);
+    if (i >= 0) return i;
+    char list[512] = "";
+    size_t l = 0;
+    for (int k = 0; k < g->n_nodes && l + 2 < sizeof list; k++)
+        l += (size_t)snprintf(list + l, sizeof list - l, "%s%s", k ? ", " : "", g->nodes[k].name);
+    if (!strcmp(name, WF_START_NAME) || !strcmp(name, WF_END_NAME))
+        return kvm_seterr(KVM_EINVAL, "%s: %s: kvmesh.%s cannot be used here", where, what, !strcmp(name, WF_START_NAME) ? "START" : "END");
+    return kvm_seterr(KVM_EINVAL, "%s: %s: unknown node '%s' (nodes: %s)", where, what, name, list);
+}
+
+/* DFS colouring over the static successor relation; fills path with a cycle if one exists. */
+typedef struct {
+    const wf_graph_t *g;
+    int *color;
+    int *parent;
+    int cyc_from, cyc_to;
+    bool uncond_only;      /* consider only unconditional edges and joins */
+} cyc_t;
+
+static int succ_list(const wf_graph_t *g, int u, bool uncond_only, int *out, int cap) {
+    int n = 0;
+    for (int i = 0; i < g->n_edges; i++) {
+        const wf_edge_t *e = &g->edges[i];
+        if (e->from != u || e->to < 0) continue;
+        if (uncond_only && (e->when_ref != LUA_NOREF || e->on_error)) continue;
+        if (n < cap) out[n++] = e->to;
+    }
+    for (int i = 0; i < g->n_joins; i++)
+        for (int k = 0; k < g->joins[i].n_src; k++)
+            if (g->joins[i].src[k] == u && n < cap) out[n++] = g->joins[i].target;
+    if (!uncond_only && g->nodes[u].router_ref != LUA_NOREF) {
+        if (g->nodes[u].route_declared) {
+            for (int k = 0; k < g->nodes[u].n_route_targets; k++)
+                if (g->nodes[u].route_targets[k] >= 0 && n < cap) out[n++] = g->nodes[u].route_targets[k];
+        } else
+            for (int k = 0; k < g->n_nodes && n < cap; k++) out[n++] = k;
+    }
+    return n;
+}
+
+static bool dfs(cyc_t *c, int u) {
+    c->color[u] = 1;
+    int cap = c->g->n_edges + c->g->n_nodes * 2 + 8;
+    int *s = kvm_malloc((size_t)cap * sizeof *s);
+    if (!s) return false;
+    int n = succ_list(c->g, u, c->uncond_only, s, cap);
+    for (int i = 0; i < n; i++) {
+        int v = s[i];
+        if (c->color[v] == 1) {
+            c->cyc_from = u;
+            c->cyc_to = v;
+            kvm_free(s);
+            return true;
+        }
+        if (c->color[v] == 0) {
+            c->parent[v] = u;
+            if (dfs(c, v)) {
+                kvm_free(s);
+                return true;
+            }
+        }
+    }
+    kvm_free(s);
+    c->color[u] = 2;
+    return false;
+}
+
+/* Finds a cycle; on success writes "a -> b -> a" into buf. */
+static bool find_cycle(const wf_graph_t *g, bool uncond_only, char *buf, size_t cap) {
+    cyc_t c = {.g = g, .uncond_only = uncond_only};
+    c.color = kvm_calloc((size_t)g->n_nodes + 1, sizeof *c.color);
+    c.parent = kvm_calloc((size_t)g->n_nodes + 1, sizeof *c.parent);
+    bool found = false;
+    for (int u = 0; c.color && c.parent && u < g->n_nodes && !found; u++)
+        if (c.color[u] == 0) found = dfs(&c, u);
+    if (found) {
+        /* walk parents from cyc_from back to cyc_to */
+        int chain[256], n = 0;
+        for (int v = c.cyc_from; n < 256; v = c.parent[v]) {
+            chain[n++] = v;
+            if (v == c.cyc_to) break;
+        }
+        size_t l = 0;
+        for (int i = n - 1; i >= 0 && l < cap; i--) l += (size_t)snprintf(buf + l, cap - l, "%s -> ", g->nodes[chain[i]].name);
+        if (l < cap) snprintf(buf + l, cap - l, "%s", g->nodes[c.cyc_to].name);
+    }
+    kvm_free(c.color);
+    kvm_free(c.parent);
+    return found;
+}
+
+static const char *edge_where_on(const wf_graph_t *g, const char *cycle) {
+    /* the first edge whose endpoints both appear in the cycle text (good enough for a message) */
+    for (int i = 0; i < g->n_edges; i++) {
+        const wf_edge_t *e = &g->edges[i];
+        if (e->from >= 0 && e->to >= 0 && strstr(cycle, g->nodes[e->from].name) && strstr(cycle, g->nodes[e->to].name)) return e->where;
+    }
+    return g->where;
+}
+
+/* Resolves names and checks the graph: unknown nodes, START edges, mixed conditional/unconditional
+ * out-edges, placeholders naming no producer, undeclared state keys, and loops (a cycle needs a
+ * conditional edge or router on it, and every graph with a cycle needs g:limit{steps = N}). */
+static int validate(kvm_workflow_t *wf, wf_graph_t *g) {
+    if (g->n_nodes == 0) return kvm_seterr(KVM_EINVAL, "%s: graph '%s' has no nodes", g->where, g->name);
+    bool has_start = false;
+    for (int i = 0; i < g->n_edges; i++) {
+        wf_edge_t *e = &g->edges[i];
+        int f = resolve(g, e->from_name, true, false, e->where, "g:edge");
+        if (f < WF_START) return f;
+        int t = resolve(g, e->to_name, false, true, e->where, "g:edge");
+        if (t < WF_END) return t;
+        e->from = f;
+        e->to = t;
+        if (f == WF_START) {
+            has_start = true;
+            if (e->when_ref != LUA_NOREF) return kvm_seterr(KVM_EINVAL, "%s: g:edge: edges from kvmesh.START cannot be conditional", e->where);
+        }
+    }
+    if (!has_start) return kvm_seterr(KVM_EINVAL, "%s: graph '%s' has no edge from kvmesh.START (add g:edge(kvmesh.START, \"%s\"))", g->where, g->name, g->nodes[0].name);
+    for (int i = 0; i < g->n_joins; i++) {
+        wf_join_t *j = &g->joins[i];
+        for (int k = 0; k < j->n_src; k++) {
+            int s = resolve(g, j->src_names[k], false, false, j->where, "g:join");
+            if (s < 0) return s;
+            j->src[k] = s;
+        }
+        int t = resolve(g, j->target_name, false, false, j->where, "g:join");
+        if (t < 0) return t;
+        j->target = t;
+    }
+    for (int i = 0; i < g->n_nodes; i++) {
+        wf_node_t *n = &g->nodes[i];
+        if (n->route_declared) {
+            n->route_targets = kvm_calloc((size_t)n->n_route_targets, sizeof *n->route_targets);
+            if (!n->route_targets) return KVM_ENOMEM;
+            for (int k = 0; k < n->n_route_targets; k++) {
+                int t = resolve(g, n->route_names[k], false, true, n->route_where, "g:route");
+                if (t < WF_END) return t;
+                n->route_targets[k] = t;
+            }
+        }
+        bool cond = false, uncond = false;
+        for (int k = 0; k < g->n_edges; k++) {
+            const wf_edge_t *e = &g->edges[k];
+            if (e->from != i || e->on_error) continue;
+            if (e->when_ref != LUA_NOREF) cond = true;
+            else uncond = true;
+        }
+        if (cond && uncond)
+            return kvm_seterr(KVM_EINVAL, "%s: node '%s' mixes conditional and unconditional out-edges; make them all conditional (or use g:route)", n->where, n->name);
+        if (n->router_ref != LUA_NOREF && (cond || uncond))
+            return kvm_seterr(KVM_EINVAL, "%s: node '%s' has a router and also out-edges; use one or the other", n->route_where, n->name);
+        if (n->writes) {
+            bool ok = false;
+            for (int k = 0; k < g->n_keys; k++)
+                if (!strcmp(g->keys[k].name, n->writes)) ok = true;
+            if (!ok) return kvm_seterr(KVM_EINVAL, "%s: node '%s' writes state key '%s', which the graph does not declare (kvmesh.graph{state = {%s = ...}})", n->where, n->name, n->writes, n->writes);
+        }
+    }
+    /* placeholders: agent/tool slots name producer nodes; state slots name declared keys */
+    for (int i = 0; i < g->n_nodes; i++) {
+        if (g->nodes[i].kind != WF_NODE_AGENT) continue;
+        wf_agent_t *a = &wf->agents[g->nodes[i].agent];
+        for (int k = 0; k < a->n_parts; k++) {
+            wf_tpart_t *p = &a->parts[k];
+            if (!p->slot) continue;
+            if (p->src == WF_SRC_AGENT || p->src == WF_SRC_AGENT_PREV) {
+                int nd = wf_graph_find(g, p->key);
+                if (nd < 0)
+                    for (int q = 0; q < g->n_nodes; q++)
+                        if (g->nodes[q].kind == WF_NODE_AGENT && !strcmp(wf->agents[g->nodes[q].agent].name, p->key)) nd = q;
+                if (nd < 0 || g->nodes[nd].kind != WF_NODE_AGENT)
+                    return kvm_seterr(KVM_EINVAL, "%s: agent '%s': placeholder {%s} names no agent node of graph '%s'", a->where, a->name, p->text, g->name);
+                p->node = nd;
+            } else if (p->src == WF_SRC_TOOL) {
+                int nd = wf_graph_find(g, p->key);
+                if (nd < 0 || g->nodes[nd].kind != WF_NODE_TOOL)
+                    return kvm_seterr(KVM_EINVAL, "%s: agent '%s': placeholder {%s} names no tool node (g:tool) of graph '%s'", a->where, a->name, p->text, g->name);
+                p->node = nd;
+            } else if (p->src == WF_SRC_STATE) {
+                bool ok = false;
+                for (int q = 0; q < g->n_keys; q++)
+                    if (!strcmp(g->keys[q].name, p->key)) ok = true;
+                if (!ok) return kvm_seterr(KVM_EINVAL, "%s: agent '%s': placeholder {%s} names an undeclared state key", a->where, a->name, p->text);
+            }
+        }
+    }
+    char cyc[1024];
+    if (find_cycle(g, true, cyc, sizeof cyc))
+        return kvm_seterr(KVM_EINVAL, "%s: the cycle %s has no conditional edge or router on it: it could only end by exhausting the step budget",
+                          edge_where_on(g, cyc), cyc);
+    if (g->lim_steps == 0 && find_cycle(g, false, cyc, sizeof cyc))
+        return kvm_seterr(KVM_EINVAL, "%s: graph '%s' has a cycle (%s) but no step budget: add g:limit{steps = N}", edge_where_on(g, cyc), g->name, cyc);
+    /* reachability: warn only */
+    int *seen = kvm_calloc((size_t)g->n_nodes, sizeof *seen), *stack = kvm_malloc(((size_t)g->n_nodes + 1) * sizeof *stack);
+    int cap = g->n_edges + g->n_nodes * 2 + 8, *s = kvm_malloc((size_t)cap * sizeof *s);
+    if (seen && stack && s) {
+        int sp = 0;
+        for (int k = 0; k < g->n_edges; k++)
+            if (g->edges[k].from == WF_START && g->edges[k].to >= 0 && !seen[g->edges[k].to]) {
+                seen[g->edges[k].to] = 1;
+                stack[sp++] = g->edges[k].to;
+            }
+        while (sp > 0) {
+            int u = stack[--sp];
+            int n = succ_list(g, u, false, s, cap);
+            for (int q = 0; q < g->n_edges; q++)
+                if (g->edges[q].from == u && g->edges[q].on_error && g->edges[q].to >= 0 && n < cap) s[n++] = g->edges[q].to;
+            for (int q = 0; q < n; q++)
+                if (!seen[s[q]]) {
+                    seen[s[q]] = 1;
+                    stack[sp++] = s[q];
+                }
+        }
+        for (int k = 0; k < g->n_nodes; k++)
+            if (!seen[k]) KVM_LOGW("%s: node '%s' is unreachable from kvmesh.START", g->nodes[k].where, g->nodes[k].name);
+    }
+    kvm_free(seen);
+    kvm_free(stack);
+    kvm_free(s);
+    return 0;
+}
+
+/* ---- opening the state -------------------------------------------------------------------------- */
+
+static int c_log(lua_State *L) {
+    const char *lv = luaL_checkstring(L, 1);
+    const char *msg = luaL_checkstring(L, 2);
+    wf_log(getwf(L), lv, msg);
+    return 0;
+}
+
+static int l_panic(lua_State *L) {
+    const char *m = lua_tostring(L, -1);
+    kvm_assert_fail(__FILE__, __LINE__, m ? m : "Lua panic");
+}
+
+static void l_warn(void *ud, const char *msg, int tocont) {
+    /* pieces are concatenated in a static buffer until the last one; control messages are ignored */
+    static char buf[1024];
+    static size_t len;
+    if (!tocont && len == 0 && msg[0] == '@') return;
+    size_t n = strlen(msg);
+    if (len + n >= sizeof buf) n = sizeof buf - 1 - len;
+    memcpy(buf + len, msg, n);
+    len += n;
+    buf[len] = '\0';
+    if (!tocont) {
+        wf_log(ud, "warn", buf);
+        len = 0;
+    }
+}
+
+static const luaL_Reg kvmesh_fns[] = {{"model", l_model}, {"agent", l_agent}, {"graph", l_graph}, {"json", l_json},
+                                      {"now_ms", l_now_ms}, {"log", c_log}, {NULL, NULL}};
+static const luaL_Reg graph_methods[] = {{"agent", g_agent}, {"node", g_agent}, {"func", g_func}, {"tool", g_tool},
+                                         {"verifier", g_tool}, {"edge", g_edge}, {"route", g_route}, {"join", g_join},
+                                         {"limit", g_limit}, {"output", g_output}, {"dataset", g_dataset}, {"score", g_score},
+                                         {NULL, NULL}};
+
+/* Everything that can raise runs here, under lua_pcall. */
+static int open_protected(lua_State *L) {
+    kvm_workflow_t *wf = getwf(L);
+    static const luaL_Reg libs[] = {{LUA_GNAME, luaopen_base}, {LUA_TABLIBNAME, luaopen_table}, {LUA_STRLIBNAME, luaopen_string},
+                                    {LUA_MATHLIBNAME, luaopen_math}, {LUA_UTF8LIBNAME, luaopen_utf8}, {LUA_COLIBNAME, luaopen_coroutine},
+                                    {NULL, NULL}};
+    for (const luaL_Reg *l = libs; l->name; l++) {
+        luaL_requiref(L, l->name, l->func, 1);
+        lua_pop(L, 1);
+    }
+    lua_pushglobaltable(L);
+    int G = lua_gettop(L);
+    static const char *const drop[] = {"dofile", "loadfile", "load", "require", NULL};
+    for (int i = 0; drop[i]; i++) {
+        lua_pushnil(L);
+        lua_setfield(L, G, drop[i]);
+    }
+    lua_pushcfunction(L, l_print);
+    lua_setfield(L, G, "print");
+    lua_pushcfunction(L, l_collectgarbage);
+    lua_setfield(L, G, "collectgarbage");
+    lua_pushcfunction(L, l_rawset);
+    lua_setfield(L, G, "rawset");
+    lua_getfield(L, G, "string");
+    lua_pushnil(L);
+    lua_setfield(L, -2, "dump");
+    lua_pop(L, 1);
+    lua_getfield(L, G, "math");
+    lua_pushcfunction(L, l_random);
+    lua_setfield(L, -2, "random");
+    lua_pushcfunction(L, l_randomseed);
+    lua_setfield(L, -2, "randomseed");
+    lua_pop(L, 1);
+    /* lock the string metatable: scripts cannot reach or patch string methods */
+    lua_pushliteral(L, "");
+    lua_getmetatable(L, -1);
+    lua_pushliteral(L, "locked");
+    lua_setfield(L, -2, "__metatable");
+    lua_pop(L, 2);
+    /* handle metatables */
+    luaL_newmetatable(L, WF_MT_MODEL);
+    lua_pushcfunction(L, m_tostring);
+    lua_setfield(L, -2, "__tostring");
+    lua_pushliteral(L, "locked");
+    lua_setfield(L, -2, "__metatable");
+    lua_pop(L, 1);
+    luaL_newmetatable(L, WF_MT_AGENT);
+    lua_pushcfunction(L, a_tostring);
+    lua_setfield(L, -2, "__tostring");
+    lua_pushcfunction(L, a_index);
+    lua_setfield(L, -2, "__index");
+    lua_pushliteral(L, "locked");
+    lua_setfield(L, -2, "__metatable");
+    lua_pop(L, 1);
+    luaL_newmetatable(L, WF_MT_GRAPH);
+    lua_pushcfunction(L, g_tostring);
+    lua_setfield(L, -2, "__tostring");
+    luaL_newlib(L, graph_methods);
+    lua_setfield(L, -2, "__index");
+    lua_pushliteral(L, "locked");
+    lua_setfield(L, -2, "__metatable");
+    lua_pop(L, 1);
+    /* ctx objects of func nodes: {run_id, seed, node, superstep} + methods */
+    lua_newtable(L);
+    lua_newtable(L);
+    lua_pushcfunction(L, wf_ctx_call);
+    lua_setfield(L, -2, "call");
+    lua_pushcfunction(L, l_print);
+    lua_setfield(L, -2, "log");
+    lua_setfield(L, -2, "__index");
+    lua_pushliteral(L, "locked");
+    lua_setfield(L, -2, "__metatable");
+    wf->ctx_mt_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    /* the kvmesh table */
+    luaL_newlib(L, kvmesh_fns);
+    lua_pushliteral(L, WF_START_NAME);
+    lua_setfield(L, -2, "START");
+    lua_pushliteral(L, WF_END_NAME);
+    lua_setfield(L, -2, "END");
+    lua_pushliteral(L, KVM_VERSION);
+    lua_setfield(L, -2, "version");
+    lua_newtable(L);
+    static const char *const reds[] = {"replace", "append", "merge", "sum", "max", "min", NULL};
+    for (int i = 0; reds[i]; i++) {
+        lua_pushstring(L, reds[i]);
+        lua_setfield(L, -2, reds[i]);
+    }
+    wf_lua_push_proxy(L);
+    lua_setfield(L, -2, "reduce");
+    wf_lua_push_proxy(L);
+    lua_setfield(L, G, "kvmesh");
+    /* freeze the library tables */
+    static const char *const frozen[] = {"string", "table", "math", "utf8", "coroutine", NULL};
+    for (int i = 0; frozen[i]; i++) {
+        lua_getfield(L, G, frozen[i]);
+        wf_lua_push_proxy(L);
+        lua_setfield(L, G, frozen[i]);
+    }
+    /* the script's globals: a fresh table over the (hidden) base globals; frozen after load */
+    lua_newtable(L);
+    int env = lua_gettop(L);
+    lua_pushvalue(L, env);
+    lua_setfield(L, env, "_G");
+    lua_newtable(L);
+    lua_pushvalue(L, G);
+    lua_setfield(L, -2, "__index");
+    lua_pushliteral(L, "locked");
+    lua_setfield(L, -2, "__metatable");
+    lua_setmetatable(L, env);
+    wf->env_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    lua_pushnil(L);
+    lua_setfield(L, G, "_G"); /* no path from a script back to the real globals */
+    return 0;
+}
+
+int wf_lua_open(kvm_workflow_t *wf) {
+    wf->acct_shared = calloc(1, sizeof *wf->acct_shared);
+    if (!wf->acct_shared) return kvm_seterr(KVM_ENOMEM, "lua: out of memory");
+    wf->acct_shared->cap = wf->total_cap;
+    wf->L = lua_newstate(wf_alloc, wf);
+    if (!wf->L) return kvm_seterr(KVM_ENOMEM, "lua: cannot create the state");
+    lua_atpanic(wf->L, l_panic);
+    lua_setwarnf(wf->L, l_warn, wf);
+    lua_sethook(wf->L, wf_hook, LUA_MASKCOUNT, WF_HOOK_COUNT);
+    lua_pushcfunction(wf->L, open_protected);
+    if (lua_pcall(wf->L, 0, 0, 0) != LUA_OK) {
+        int rc = kvm_seterr(KVM_ELUA_RUNTIME, "lua: sandbox setup failed: %s", lua_tostring(wf->L, -1));
+        lua_pop(wf->L, 1);
+        return rc;
+    }
+    return 0;
+}
+
+/* Moves the entries of the env table into a backing table and leaves env empty with __index =
+ * backing and a raising __newindex: from now on scripts read their globals but cannot set any. */
+static int freeze_env(lua_State *L) {
+    kvm_workflow_t *wf = getwf(L);
+    lua_rawgeti(L, LUA_REGISTRYINDEX, wf->env_ref);
+    int env = lua_gettop(L);
+    lua_newtable(L);
+    int back = lua_gettop(L);
+    lua_getmetatable(L, env); /* old mt: __index = base globals */
+    lua_setmetatable(L, back);
+    lua_pushnil(L);
+    while (lua_next(L, env)) {
+        lua_pushvalue(L, -2);
+        lua_insert(L, -2);
+        lua_rawset(L, back);
+    }
+    for (;;) { /* clear env */
+        lua_pushnil(L);
+        if (!lua_next(L, env)) break;
+        lua_pop(L, 1);
+        lua_pushnil(L);
+        lua_rawset(L, env);
+    }
+    lua_newtable(L);
+    lua_pushvalue(L, back);
+    lua_setfield(L, -2, "__index");
+    lua_pushcfunction(L, l_frozen_global);
+    lua_setfield(L, -2, "__newindex");
+    lua_pushliteral(L, "locked");
+    lua_setfield(L, -2, "__metatable");
+    lua_setmetatable(L, env);
+    return 0;
+}
+
+static int map_status(int st) {
+    switch (st) {
+    case LUA_ERRSYNTAX: return KVM_ELUA_SYNTAX;
+    case LUA_ERRMEM: return KVM_ELUA_MEMORY;
+    default: return KVM_ELUA_RUNTIME;
+    }
+}
+
+int wf_lua_load_script(kvm_workflow_t *wf, const char *chunkname, const char *src, size_t len) {
+    lua_State *L = wf->L;
+    if (len > WF_SOURCE_CAP) return kvm_seterr(KVM_EINVAL, "%s: script of %zu bytes is over the 1 MiB cap", chunkname + 1, len);
+    if (len > 0 && (unsigned char)src[0] == 0x1b) return kvm_seterr(KVM_ELUA_SYNTAX, "%s: binary (precompiled) chunks are refused; give Lua source text", chunkname + 1);
+    wf->load_budget.max_instructions = wf->o.max_instructions;
+    wf->load_budget.max_lua_ns = (uint64_t)(wf->o.lua_cpu_ms * 1e6);
+    wf->cur_budget = &wf->load_budget;
+    wf->cur_acct = wf->acct_shared;
+    int top = lua_gettop(L);
+    lua_pushcfunction(L, wf_lua_msgh);
+    int st = luaL_loadbufferx(L, src, len, chunkname, "t");
+    if (st != LUA_OK) {
+        int rc = kvm_seterr(map_status(st), "%s", lua_tostring(L, -1));
+        lua_settop(L, top);
+        wf->cur_budget = NULL;
+        return rc;
+    }
+    lua_rawgeti(L, LUA_REGISTRYINDEX, wf->env_ref);
+    lua_setupvalue(L, -2, 1);
+    wf->load_budget.slice_t0 = kvm_now_ns();
+    st = lua_pcall(L, 0, 1, top + 1);
+    wf->load_budget.lua_ns += kvm_now_ns() - wf->load_budget.slice_t0;
+    wf->load_budget.slice_t0 = 0;
+    wf->cur_budget = NULL;
+    if (st != LUA_OK) {
+        int code = wf->load_budget.killed ? KVM_EBUDGET : map_status(st);
+        int rc = kvm_seterr(code, "%s", lua_tostring(L, -1) ? lua_tostring(L, -1) : "not enough memory");
+        lua_settop(L, top);
+        return rc;
+    }
+    int gi = test_handle(L, -1, WF_MT_GRAPH);
+    if (gi < 0) {
+        int rc = kvm_seterr(KVM_EINVAL, "%s: the script must end with 'return g', g a kvmesh.graph{} (it returned %s)", chunkname + 1,
+                            luaL_typename(L, -1));
+        lua_settop(L, top);
+        return rc;
+    }
+    wf->g = wf->graphs[gi];
+    lua_settop(L, top);
+    lua_pushcfunction(L, freeze_env);
+    if (lua_pcall(L, 0, 0, 0) != LUA_OK) {
+        int rc = kvm_seterr(KVM_ELUA_MEMORY, "%s: cannot freeze globals: %s", chunkname + 1, lua_tostring(L, -1));
+        lua_settop(L, top);
+        return rc;
+    }
+    return validate(wf, wf->g);
+}

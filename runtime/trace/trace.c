@@ -1,0 +1,255 @@
+/* trace.c - JSONL trace writer and reader (see trace.h and docs/trace-format.md). */
+#include "trace.h"
+
+#include <dirent.h>
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/random.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "../core/core.h"
+
+/* ---- ids -------------------------------------------------------------------------------------- */
+
+void kvm_trace_new_id(char out[KVM_TRACE_ID_HEX]) {
+    static uint64_t counter;
+    uint8_t b[16];
+    ssize_t got = getrandom(b, sizeof b, GRND_NONBLOCK);
+    if (got != (ssize_t)sizeof b) {
+        uint64_t a = kvm_wall_ns() ^ ((uint64_t)getpid() << 32), c = ++counter;
+        uint64_t h1 = kvm_hash64(&a, sizeof a, KVM_HASH_SEED), h2 = kvm_hash64(&c, sizeof c, h1);
+        memcpy(b, &h1, 8);
+        memcpy(b + 8, &h2, 8);
+    }
+    static const char hex[] = "0123456789abcdef";
+    for (int i = 0; i < 16; i++) {
+        out[2 * i] = hex[b[i] >> 4];
+        out[2 * i + 1] = hex[b[i] & 15];
+    }
+    out[32] = '\0';
+}
+
+/* ---- writer ----------------------------------------------------------------------------------- */
+
+/* mkdir -p: creates every missing component of path (mode 0755). */
+static int mkdirs(const char *path) {
+    char buf[4096];
+    size_t n = strlen(path);
+    if (n == 0 || n >= sizeof buf) return kvm_seterr(KVM_EINVAL, "trace: bad directory path '%s'", path);
+    memcpy(buf, path, n + 1);
+    for (size_t i = 1; i <= n; i++) {
+        if (buf[i] == '/' || buf[i] == '\0') {
+            char c = buf[i];
+            buf[i] = '\0';
+            if (mkdir(buf, 0755) != 0 && errno != EEXIST)
+                return kvm_seterr(KVM_EIO, "trace: cannot create directory '%s': %s", buf, strerror(errno));
+            buf[i] = c;
+        }
+    }
+    return 0;
+}
+
+kvm_trace_t *kvm_trace_open(const char *root, const char *name) {
+    if (!root || !name || !*name) {
+        kvm_seterr(KVM_EINVAL, "trace: root and run name are required");
+        return NULL;
+    }
+    char dir[4096], path[4096];
+    if (kvm_path_join(dir, sizeof dir, root, name) != 0) return NULL;
+    if (mkdirs(dir) != 0) return NULL;
+    if (kvm_path_join(path, sizeof path, dir, "events.jsonl") != 0) return NULL;
+    kvm_trace_t *t = kvm_calloc(1, sizeof *t);
+    if (!t) return NULL;
+    t->dir = kvm_strdup(dir);
+    t->path = kvm_strdup(path);
+    t->f = fopen(path, "a");
+    if (!t->dir || !t->path || !t->f) {
+        kvm_seterr(KVM_EIO, "trace: cannot open '%s' for appending: %s", path, strerror(errno));
+        kvm_trace_close(t);
+        return NULL;
+    }
+    t->t0_ns = kvm_wall_ns();
+    return t;
+}
+
+cJSON *kvm_json_u64(uint64_t v) {
+    char b[24];
+    snprintf(b, sizeof b, "%llu", (unsigned long long)v);
+    return cJSON_CreateString(b);
+}
+
+cJSON *kvm_json_str_or_null(const char *s) { return s ? cJSON_CreateString(s) : cJSON_CreateNull(); }
+
+int kvm_trace_write(kvm_trace_t *t, cJSON *rec) {
+    if (!t || !rec) return kvm_seterr(KVM_EINVAL, "trace: write without a trace or record");
+    if (!cJSON_GetObjectItemCaseSensitive(rec, "ts")) cJSON_AddItemToObject(rec, "ts", kvm_json_u64(kvm_wall_ns()));
+    char *s = cJSON_PrintUnformatted(rec);
+    if (!s) return kvm_seterr(KVM_ENOMEM, "trace: cannot serialise a record for '%s'", t->path);
+    size_t n = strlen(s);
+    /* One fwrite of line + newline, then a flush: a reader never sees half a record unless the process
+     * dies inside the write, and then only the last line is torn. */
+    s[n] = '\n';
+    size_t w = fwrite(s, 1, n + 1, t->f);
+    s[n] = '\0';
+    cJSON_free(s);
+    if (w != n + 1 || fflush(t->f) != 0) return kvm_seterr(KVM_EIO, "trace: write to '%s' failed: %s", t->path, strerror(errno));
+    t->n_records++;
+    return 0;
+}
+
+int kvm_trace_write_index(kvm_trace_t *t, const cJSON *idx) {
+    if (!t || !idx) return kvm_seterr(KVM_EINVAL, "trace: index without a trace");
+    char path[4096], tmp[4200];
+    if (kvm_path_join(path, sizeof path, t->dir, "index.json") != 0) return KVM_ERANGE;
+    snprintf(tmp, sizeof tmp, "%s.tmp", path);
+    char *s = cJSON_Print(idx);
+    if (!s) return kvm_seterr(KVM_ENOMEM, "trace: cannot serialise index for '%s'", t->dir);
+    FILE *f = fopen(tmp, "w");
+    int rc = 0;
+    if (!f || fputs(s, f) < 0 || fputc('\n', f) < 0) rc = kvm_seterr(KVM_EIO, "trace: cannot write '%s': %s", tmp, strerror(errno));
+    if (f && fclose(f) != 0 && rc == 0) rc = kvm_seterr(KVM_EIO, "trace: cannot close '%s'", tmp);
+    if (rc == 0 && rename(tmp, path) != 0) rc = kvm_seterr(KVM_EIO, "trace: cannot rename '%s': %s", tmp, strerror(errno));
+    cJSON_free(s);
+    return rc;
+}
+
+void kvm_trace_close(kvm_trace_t *t) {
+    if (!t) return;
+    if (t->f) fclose(t->f);
+    kvm_free(t->dir);
+    kvm_free(t->path);
+    kvm_free(t);
+}
+
+/* ---- reader ----------------------------------------------------------------------------------- */
+
+int kvm_trace_read(const char *path, kvm_trace_log_t *log) {
+    memset(log, 0, sizeof *log);
+    char file[4096];
+    if (kvm_dir_exists(path)) {
+        if (kvm_path_join(file, sizeof file, path, "events.jsonl") != 0) return KVM_ERANGE;
+    } else {
+        snprintf(file, sizeof file, "%s", path);
+    }
+    char *buf = NULL;
+    size_t len = 0;
+    int rc = kvm_read_file(file, &buf, &len, 0);
+    if (rc != 0) return rc;
+    int cap = 64;
+    log->recs = kvm_malloc((size_t)cap * sizeof *log->recs);
+    if (!log->recs) {
+        free(buf); /* kvm_read_file allocates with malloc */
+        return KVM_ENOMEM;
+    }
+    size_t pos = 0;
+    int line = 0;
+    while (pos < len) {
+        line++;
+        char *nl = memchr(buf + pos, '\n', len - pos);
+        size_t end = nl ? (size_t)(nl - buf) : len;
+        bool last = !nl || end + 1 >= len;
+        buf[end] = '\0';
+        const char *s = buf + pos;
+        pos = end + 1;
+        size_t k = strspn(s, " \t\r");
+        if (s[k] == '\0') continue;
+        cJSON *r = cJSON_Parse(s);
+        if (!r || !cJSON_IsObject(r) || !nl) {
+            cJSON_Delete(r);
+            if (last) { /* a torn tail: the writer died mid-record */
+                log->torn_tail = true;
+                break;
+            }
+            free(buf);
+            kvm_trace_log_free(log);
+            return kvm_seterr(KVM_EFORMAT, "%s:%d: not a JSON object record", file, line);
+        }
+        if (log->n == cap) {
+            cap *= 2;
+            cJSON **nr = kvm_realloc(log->recs, (size_t)cap * sizeof *nr);
+            if (!nr) {
+                cJSON_Delete(r);
+                free(buf);
+                kvm_trace_log_free(log);
+                return KVM_ENOMEM;
+            }
+            log->recs = nr;
+        }
+        log->recs[log->n++] = r;
+    }
+    free(buf);
+    return 0;
+}
+
+void kvm_trace_log_free(kvm_trace_log_t *log) {
+    if (!log) return;
+    for (int i = 0; i < log->n; i++) cJSON_Delete(log->recs[i]);
+    kvm_free(log->recs);
+    memset(log, 0, sizeof *log);
+}
+
+cJSON *kvm_trace_log_next(const kvm_trace_log_t *log, const char *type, int *from) {
+    for (int i = from ? *from : 0; i < log->n; i++) {
+        const cJSON *t = cJSON_GetObjectItemCaseSensitive(log->recs[i], "t");
+        if (cJSON_IsString(t) && (!type || !strcmp(t->valuestring, type))) {
+            if (from) *from = i + 1;
+            return log->recs[i];
+        }
+    }
+    if (from) *from = log->n;
+    return NULL;
+}
+
+/* ---- listing ---------------------------------------------------------------------------------- */
+
+typedef struct {
+    char **v;
+    int n, cap;
+} strvec;
+
+static int strvec_push(strvec *sv, const char *s) {
+    if (sv->n == sv->cap) {
+        int nc = sv->cap ? sv->cap * 2 : 32;
+        char **nv = kvm_realloc(sv->v, (size_t)nc * sizeof *nv);
+        if (!nv) return KVM_ENOMEM;
+        sv->v = nv;
+        sv->cap = nc;
+    }
+    sv->v[sv->n] = kvm_strdup(s);
+    return sv->v[sv->n++] ? 0 : KVM_ENOMEM;
+}
+
+static void collect(const char *dir, int depth, strvec *out) {
+    char p[4096];
+    if (kvm_path_join(p, sizeof p, dir, "events.jsonl") == 0 && kvm_file_exists(p)) {
+        strvec_push(out, dir);
+        return;
+    }
+    if (depth >= 3) return;
+    DIR *d = opendir(dir);
+    if (!d) return;
+    struct dirent *e;
+    while ((e = readdir(d)) != NULL) {
+        if (e->d_name[0] == '.') continue;
+        if (kvm_path_join(p, sizeof p, dir, e->d_name) != 0) continue;
+        if (kvm_dir_exists(p)) collect(p, depth + 1, out);
+    }
+    closedir(d);
+}
+
+static int cmp_str(const void *a, const void *b) { return strcmp(*(char *const *)a, *(char *const *)b); }
+
+int kvm_trace_find_runs(const char *root, void (*fn)(const char *run_dir, void *ud), void *ud) {
+    if (!kvm_dir_exists(root)) return kvm_seterr(KVM_ENOENT, "trace: '%s' is not a directory", root);
+    strvec sv = {0};
+    collect(root, 0, &sv);
+    qsort(sv.v, (size_t)sv.n, sizeof *sv.v, cmp_str);
+    for (int i = 0; i < sv.n; i++) {
+        fn(sv.v[i], ud);
+        kvm_free(sv.v[i]);
+    }
+    kvm_free(sv.v);
+    return sv.n;
+}
