@@ -118,6 +118,10 @@ typedef enum kvm_piece_kind { KVM_PIECE_TEXT = 0, KVM_PIECE_PLACEHOLDER = 1 } kv
 typedef struct kvm_piece {
     kvm_piece_kind_t kind;
     const char *text; /* TEXT: the text; PLACEHOLDER: the name */
+    /* TEXT pieces of a raw template may give token ids instead of text (models without a tokenizer,
+     * benchmarks): then text may be NULL and the ids are used as they are. */
+    const int32_t *ids;
+    int n_ids;
 } kvm_piece_t;
 
 typedef struct kvm_template_desc {
@@ -164,6 +168,11 @@ int kvm_template_parse(const char *text, kvm_piece_t **pieces, int *n_pieces);
  * splits cleanly at the header, else the content tokenized alone (logged as tokenization_boundary). */
 int kvm_comm_segment_text(kvm_comm_t *c, kvm_producer_kind_t kind, const char *producer_id, const char *text,
                           size_t len, kvm_segment_t **out);
+
+/* The same from token ids (models without a tokenizer, benchmarks): prefills header ++ content and
+ * keeps the content rows, re-based to F0. n_header may be 0 (then the content sits at position 0). */
+int kvm_comm_segment_ids(kvm_comm_t *c, kvm_producer_kind_t kind, const char *producer_id, const int32_t *header,
+                         int n_header, const int32_t *content, int n_content, kvm_segment_t **out);
 
 /* ---- requests ---------------------------------------------------------------------------------------- */
 

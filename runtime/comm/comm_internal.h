@@ -1,0 +1,148 @@
+/* comm_internal.h - structures shared by comm.c (templates, segments, prompt assembly) and kvcomm.c
+ * (anchor pools, prediction, offset estimation). Not a public header. */
+#ifndef KVM_COMM_INTERNAL_H
+#define KVM_COMM_INTERNAL_H
+
+#include "prompt.h"
+
+/* KV geometry on the host: one tensor of n rows is fp32 [L][2][H][n][D] (K then V per layer). */
+typedef struct comm_geom {
+    int L, H, D;
+} comm_geom_t;
+
+static inline size_t comm_rows_elems(const comm_geom_t *g, int n) { return (size_t)g->L * 2 * g->H * n * g->D; }
+/* element (l, kv, h, t, d) of a tensor of n rows starting at layer l0 (deltas start at layer 1) */
+static inline size_t comm_idx(const comm_geom_t *g, int n, int l, int kv, int h, int t) {
+    return ((((size_t)l * 2 + kv) * g->H + h) * n + t) * g->D;
+}
+
+/* Per-consumer deltas of an anchor (kvcomm.md §2.4), F0, layers 1..L-1: fp32 [L-1][2][H][rows][D]. */
+typedef struct comm_delta {
+    char consumer[KVM_COMM_NAME_MAX];
+    uint64_t template_hash;
+    float *d_ph; /* rows = anchor T */
+    float *d_pf; /* rows = S */
+    int S;
+    int ph_src_start, pf_src_start;
+} comm_delta_t;
+
+typedef struct comm_anchor {
+    int refs;
+    uint64_t key;
+    int T;
+    float *base; /* [L][2][H][T][D] F0 */
+    int src_start;
+    comm_delta_t *deltas;
+    int n_deltas, cap_deltas;
+    uint32_t activation;
+    uint64_t insert_seq;
+    size_t bytes;
+} comm_anchor_t;
+
+typedef struct comm_pool {
+    char name[KVM_COMM_NAME_MAX];
+    comm_anchor_t **a;
+    int n, cap;
+    uint64_t created, evicted, predictions, predicted_new;
+} comm_pool_t;
+
+struct kvm_comm {
+    kvm_model_t *m;
+    kvm_kv_pool_t *pool;
+    kvm_kv_store_t *store;
+    kvm_kvcomm_config_t cfg;
+    comm_geom_t g;
+    comm_pool_t *pools;
+    int n_pools, cap_pools;
+    uint64_t insert_seq;
+    size_t anchor_bytes;
+    kvm_comm_stats_t st;
+    int active_requests;
+};
+
+/* One agent template record (kvcomm.md §2.2). */
+struct kvm_template {
+    kvm_comm_t *c;
+    char *agent;
+    uint64_t hash;
+    int n_ph;
+    char ph_name[KVM_COMM_MAX_PH][KVM_COMM_NAME_MAX];
+    int32_t *ids;                     /* template ids with dummies */
+    int n_ids;
+    int ts[KVM_COMM_MAX_PH + 1], te[KVM_COMM_MAX_PH + 1]; /* text segment i = [ts[i], te[i]) */
+    int ps[KVM_COMM_MAX_PH], pe[KVM_COMM_MAX_PH];          /* placeholder i (0-based) = [ps[i], pe[i]) */
+    kvm_seq_t seq;                    /* segment 0, exact, shared by reference */
+    float *P[KVM_COMM_MAX_PH + 1];    /* text segments 1..n in F0, host fp32 */
+};
+
+/* One sample (placeholder name, content) seen in a request. */
+typedef struct comm_sample {
+    char name[KVM_COMM_NAME_MAX];
+    uint64_t key;
+    int T;
+    float *X;           /* F0 base [L][2][H][T][D] (host) */
+    bool predicted, is_new;
+    float entropy, threshold;
+    int n_pool, n_eligible;
+    comm_anchor_t *staged; /* anchor (name, key) created in this request, or NULL */
+    /* weight cache: the usable anchor keys (sorted) and their four tensors */
+    uint64_t *w_keys;
+    int w_n;
+    float *w_kph, *w_vph; /* [N][T] */
+    float *w_kpf, *w_vpf; /* [N][L][H][D] */
+} comm_sample_t;
+
+typedef struct comm_bump {
+    comm_anchor_t *a;
+    uint32_t count;
+} comm_bump_t;
+
+/* A snapshot of one pool: the anchors in it when the request began (each with a reference). */
+typedef struct comm_snap {
+    int pool;               /* index in c->pools */
+    comm_anchor_t **a;
+    int n;
+} comm_snap_t;
+
+struct kvm_comm_request {
+    kvm_comm_t *c;
+    uint64_t id;
+    comm_snap_t *snaps;
+    int n_snaps;
+    comm_sample_t *samples;
+    int n_samples, cap_samples;
+    comm_bump_t *bumps;
+    int n_bumps, cap_bumps;
+    /* staged new anchors, in creation order, with their pool name */
+    comm_anchor_t **staged;
+    char (*staged_pool)[KVM_COMM_NAME_MAX];
+    int n_staged, cap_staged;
+};
+
+/* ---- kvcomm.c ---- */
+comm_pool_t *comm_pool_get(kvm_comm_t *c, const char *name, bool create);
+void comm_anchor_unref(kvm_comm_t *c, comm_anchor_t *a);
+const comm_delta_t *comm_anchor_delta(const comm_anchor_t *a, const char *consumer);
+/* the snapshot of pool `name` for this request (n = 0 when the pool did not exist at begin) */
+comm_anchor_t **comm_snapshot(kvm_comm_request_t *rq, const char *name, int *n);
+/* §3.4: runs the prediction of sample s against the snapshot (once per sample); stages bumps */
+int comm_predict(kvm_comm_request_t *rq, comm_sample_t *s);
+/* §3.5: the usable anchors of s for consumer/template_hash (T_a >= T, deltas present) */
+int comm_usable(kvm_comm_request_t *rq, const comm_sample_t *s, const char *consumer, uint64_t thash,
+                comm_anchor_t ***out, int *n);
+/* §3.6: computes (or takes from the cache) the four weight tensors of s over anchors[0..n) */
+int comm_weights(kvm_comm_t *c, comm_sample_t *s, comm_anchor_t **anchors, int n);
+/* §3.6 application in F0 on layers 1..L-1: out_ph[T rows] = X + mix(d_ph), out_pf[S rows] = P + mix(d_pf);
+ * either output may be NULL. Both outputs are full fp32 [L][2][H][rows][D] tensors (layer 0 copied). */
+void comm_apply(kvm_comm_t *c, const comm_sample_t *s, comm_anchor_t **anchors, int n, const char *consumer,
+                const float *P, int S, float *out_ph, float *out_pf, bool ph_offset, bool pf_offset);
+/* §3.8: fills the deltas of anchor (s->name, s->key) for consumer from the real (F0) rows; creates the
+ * staged anchor if needed */
+int comm_materialize(kvm_comm_request_t *rq, comm_sample_t *s, const char *consumer, uint64_t thash,
+                     const float *real_ph, const float *real_pf, const float *P, int S, int ph_start, int pf_start);
+/* commit at request end (§2.4 visibility, §3.9 eviction) */
+int comm_commit(kvm_comm_request_t *rq);
+void comm_request_free_state(kvm_comm_request_t *rq);
+size_t comm_anchor_bytes(const comm_geom_t *g, const comm_anchor_t *a);
+
+#endif

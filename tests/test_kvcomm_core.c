@@ -1,0 +1,820 @@
+/* test_kvcomm_core.c - KVCOMM on small random models and hand-made anchor pools (kvcomm.md §8 items 3-11).
+ * No shared data needed: random-weight models are fine for exactness and rules, not for fidelity. */
+#include <math.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <cmocka.h>
+
+#include "runtime/comm/comm_internal.h"
+#include "runtime/comm/prompt.h"
+
+/* ---- helpers ------------------------------------------------------------------------------------- */
+
+static kvm_config_t small_cfg(kvm_rope_layout_t layout) {
+    kvm_config_t c = {0};
+    c.dim = 64;
+    c.hidden_dim = 128;
+    c.n_layers = 3;
+    c.n_heads = 4;
+    c.n_kv_heads = 2;
+    c.head_dim = 16;
+    c.vocab_size = 101;
+    c.max_seq_len = 1024;
+    c.rope_theta = 10000;
+    c.rope_layout = layout;
+    c.rms_eps = 1e-5f;
+    return c;
+}
+
+static kvm_model_t *small_model(kvm_rope_layout_t layout, uint64_t seed) {
+    kvm_config_t c = small_cfg(layout);
+    kvm_model_t *m = kvm_model_random(&c, seed, 4, "cpu");
+    assert_non_null(m);
+    return m;
+}
+
+static void fill_ids(int32_t *ids, int n, uint64_t seed) {
+    for (int i = 0; i < n; i++) {
+        seed = seed * 6364136223846793005ULL + 1442695040888963407ULL;
+        ids[i] = 1 + (int32_t)((seed >> 33) % 99);
+    }
+}
+
+static float max_rel(const float *a, const float *b, size_t n) {
+    double md = 0, mr = 0;
+    for (size_t i = 0; i < n; i++) {
+        md = fmax(md, fabs((double)a[i] - b[i]));
+        mr = fmax(mr, fabs((double)b[i]));
+    }
+    return (float)(md / (mr > 0 ? mr : 1));
+}
+
+/* A raw template: text(a) {ph} text(b) [{ph2} text(c)] */
+typedef struct tmpl_ids {
+    int32_t a[40], b[12], c[9];
+} tmpl_ids_t;
+
+static kvm_template_t *make_tmpl(kvm_comm_t *c, const char *agent, const char *ph1, const char *ph2, uint64_t seed,
+                                 int na) {
+    static tmpl_ids_t store[16];
+    static int next = 0;
+    tmpl_ids_t *t = &store[next++ % 16];
+    fill_ids(t->a, 40, seed);
+    fill_ids(t->b, 12, seed + 1);
+    fill_ids(t->c, 9, seed + 2);
+    kvm_piece_t p[5] = {
+        {.kind = KVM_PIECE_TEXT, .ids = t->a, .n_ids = na},
+        {.kind = KVM_PIECE_PLACEHOLDER, .text = ph1},
+        {.kind = KVM_PIECE_TEXT, .ids = t->b, .n_ids = 12},
+        {.kind = KVM_PIECE_PLACEHOLDER, .text = ph2},
+        {.kind = KVM_PIECE_TEXT, .ids = t->c, .n_ids = 9},
+    };
+    kvm_template_desc_t d = {.agent = agent, .pieces = p, .n_pieces = ph2 ? 5 : 3, .raw = true};
+    kvm_template_t *tt = kvm_template_create(c, &d);
+    if (!tt) fprintf(stderr, "template: %s\n", kvm_errmsg());
+    assert_non_null(tt);
+    return tt;
+}
+
+static kvm_segment_t *input_segment(kvm_comm_t *c, uint64_t seed, int n) {
+    int32_t hdr[6], content[64];
+    fill_ids(hdr, 6, 999);
+    fill_ids(content, n, seed);
+    kvm_segment_t *g = NULL;
+    assert_int_equal(kvm_comm_segment_ids(c, KVM_PRODUCER_INPUT, "input", hdr, 6, content, n, &g), 0);
+    return g;
+}
+
+/* Dense prefill of ids on a fresh sequence; returns host fp32 KV of all rows [L][2][H][n][D]. */
+static float *dense_kv(kvm_comm_t *c, const int32_t *ids, int n) {
+    kvm_model_t *m = kvm_comm_model(c);
+    kvm_seq_t s;
+    kvm_seq_init(&s, kvm_kv_store_pool(kvm_comm_store(c)));
+    kvm_batch_item_t it = {.seq = &s, .tokens = ids, .n_tokens = n};
+    assert_int_equal(kvm_forward(m, &it, 1), 0);
+    comm_geom_t g = {m->cfg.n_layers, m->cfg.n_kv_heads, m->cfg.head_dim};
+    float *kv = malloc(comm_rows_elems(&g, n) * sizeof(float));
+    assert_int_equal(kvm_kv_read_rows(s.pool, s.blocks, 0, n, kv), 0);
+    kvm_seq_free(&s);
+    return kv;
+}
+
+static int run_agent(kvm_comm_request_t *rq, kvm_template_t *t, kvm_binding_t *b, int nb, kvm_kv_policy_t pol,
+                     kvm_comm_report_t *rep, kvm_segment_t **resp, int max_tokens) {
+    kvm_prepared_t p;
+    kvm_prompt_t pr = {.tmpl = t, .bindings = b, .n_bindings = nb, .policy = pol};
+    int rc = kvm_comm_prepare(rq, &pr, &p);
+    if (rc) return rc;
+    kvm_gen_params_t gp = {.max_tokens = max_tokens, .ignore_eos = true};
+    kvm_gen_result_t res;
+    memset(&res, 0, sizeof res);
+    rc = kvm_generate(kvm_comm_model(rq->c), &p.seq, p.rest_ids, p.n_rest, &gp, NULL, NULL, &res);
+    if (!rc) rc = kvm_comm_complete(rq, &p, &res, resp);
+    if (rep) *rep = p.report;
+    kvm_gen_result_free(&res);
+    kvm_prepared_release(&p);
+    return rc;
+}
+
+/* ---- layer-0 exactness (§8 item 3) --------------------------------------------------------------------- */
+
+static void layer0_exact(kvm_rope_layout_t layout) {
+    kvm_model_t *m = small_model(layout, 5);
+    kvm_comm_t *c = kvm_comm_create(m, NULL);
+    assert_non_null(c);
+    kvm_kvcomm_ablation(kvm_comm_config(c), "rotation"); /* naive reuse: keys only re-rotated */
+    kvm_template_t *t = make_tmpl(c, "a", "input", NULL, 11, 37);
+    kvm_segment_t *in = input_segment(c, 77, 29);
+    kvm_binding_t b = {"input", in};
+    kvm_comm_request_t *rq = kvm_comm_request_begin(c, 1);
+    kvm_prompt_t pr = {.tmpl = t, .bindings = &b, .n_bindings = 1, .policy = KVM_KV_KVCOMM};
+    kvm_prepared_t p;
+    assert_int_equal(kvm_comm_prepare(rq, &pr, &p), 0);
+    assert_int_equal(p.report.mode, KVM_COMM_REUSE);
+    assert_int_equal(p.n_cached, p.n_prompt - 1);
+    float *dense = dense_kv(c, p.prompt_ids, p.n_prompt);
+    const comm_geom_t g = {m->cfg.n_layers, m->cfg.n_kv_heads, m->cfg.head_dim};
+    float *got = malloc(comm_rows_elems(&g, p.n_cached) * sizeof(float));
+    assert_int_equal(kvm_kv_read_rows(p.seq.pool, p.seq.blocks, 0, p.n_cached, got), 0);
+    /* layer 0, all heads, the placeholder rows (positions 37..65) */
+    for (int kv = 0; kv < 2; kv++)
+        for (int h = 0; h < g.H; h++) {
+            const float *x = got + comm_idx(&g, p.n_cached, 0, kv, h, 37);
+            const float *y = dense + comm_idx(&g, p.n_prompt, 0, kv, h, 37);
+            float e = max_rel(x, y, (size_t)29 * g.D);
+            if (e > 1e-5f) fprintf(stderr, "layer0 kv=%d h=%d rel err %g\n", kv, h, e);
+            if (kv == 0) assert_true(e <= 1e-5f);
+            else assert_true(e <= 1e-6f);
+        }
+    /* deeper layers differ (the context is different): the test can fail */
+    float deep = max_rel(got + comm_idx(&g, p.n_cached, 2, 0, 0, 37), dense + comm_idx(&g, p.n_prompt, 2, 0, 0, 37),
+                         (size_t)29 * g.D);
+    assert_true(deep > 1e-4f);
+    free(dense);
+    free(got);
+    kvm_prepared_release(&p);
+    kvm_comm_request_abort(rq);
+    kvm_segment_release(in);
+    kvm_template_free(t);
+    kvm_comm_free(c);
+    kvm_model_free(m);
+}
+
+static void test_layer0_keys_after_shift_equal_dense_rotate_half(void **st) {
+    (void)st;
+    layer0_exact(KVM_ROPE_HALF);
+}
+
+static void test_layer0_keys_after_shift_equal_dense_interleaved(void **st) {
+    (void)st;
+    layer0_exact(KVM_ROPE_INTERLEAVED);
+}
+
+/* ---- identical prompts = prefix caching (§8 item 4) -------------------------------------------------------- */
+
+static void test_identical_prompt_reuses_the_prefix_cache_bit_for_bit(void **st) {
+    (void)st;
+    kvm_model_t *m = small_model(KVM_ROPE_HALF, 9);
+    kvm_comm_t *c = kvm_comm_create(m, NULL);
+    kvm_template_t *t = make_tmpl(c, "a", "input", NULL, 21, 40);
+    kvm_segment_t *in = input_segment(c, 78, 40);
+    kvm_binding_t b = {"input", in};
+    kvm_comm_request_t *rq = kvm_comm_request_begin(c, 1);
+    kvm_prompt_t pr = {.tmpl = t, .bindings = &b, .n_bindings = 1, .policy = KVM_KV_EXACT};
+    kvm_gen_params_t gp = {.max_tokens = 6, .ignore_eos = true};
+    /* first run: dense; registers the prompt blocks */
+    kvm_prepared_t p1, p2;
+    kvm_gen_result_t r1, r2;
+    assert_int_equal(kvm_comm_prepare(rq, &pr, &p1), 0);
+    assert_int_equal(p1.report.exact_tokens, 40); /* template segment 0 */
+    assert_int_equal(kvm_generate(m, &p1.seq, p1.rest_ids, p1.n_rest, &gp, NULL, NULL, &r1), 0);
+    assert_int_equal(kvm_comm_complete(rq, &p1, &r1, NULL), 0);
+    /* second run: the whole prompt but its last partial block comes from the prefix index */
+    pr.policy = KVM_KV_KVCOMM;
+    assert_int_equal(kvm_comm_prepare(rq, &pr, &p2), 0);
+    int N = p2.n_prompt;
+    assert_int_equal(p2.report.exact_tokens + p2.report.recomputed_tokens, N);
+    assert_true(p2.report.exact_tokens >= (N - 1) / 16 * 16);
+    assert_int_equal(kvm_generate(m, &p2.seq, p2.rest_ids, p2.n_rest, &gp, NULL, NULL, &r2), 0);
+    assert_int_equal(r1.n_ids, r2.n_ids);
+    assert_memory_equal(r1.ids, r2.ids, (size_t)r1.n_ids * sizeof(int32_t));
+    const comm_geom_t g = {m->cfg.n_layers, m->cfg.n_kv_heads, m->cfg.head_dim};
+    size_t e = comm_rows_elems(&g, N);
+    float *x = malloc(e * 4), *y = malloc(e * 4);
+    kvm_kv_read_rows(p1.seq.pool, p1.seq.blocks, 0, N, x);
+    kvm_kv_read_rows(p2.seq.pool, p2.seq.blocks, 0, N, y);
+    assert_memory_equal(x, y, e * 4);
+    free(x);
+    free(y);
+    kvm_gen_result_free(&r1);
+    kvm_gen_result_free(&r2);
+    kvm_prepared_release(&p1);
+    kvm_prepared_release(&p2);
+    kvm_comm_request_abort(rq);
+    kvm_segment_release(in);
+    kvm_template_free(t);
+    kvm_comm_free(c);
+    kvm_model_free(m);
+}
+
+/* ---- one anchor reproduces dense (§8 item 5) ------------------------------------------------------------- */
+
+static void test_single_anchor_applied_to_its_own_sample_reproduces_dense(void **st) {
+    (void)st;
+    kvm_model_t *m = small_model(KVM_ROPE_HALF, 13);
+    kvm_comm_t *c = kvm_comm_create(m, NULL);
+    kvm_template_t *t = make_tmpl(c, "a", "input", NULL, 31, 23);
+    kvm_segment_t *in = input_segment(c, 79, 33);
+    kvm_binding_t b = {"input", in};
+    kvm_comm_request_t *rq = kvm_comm_request_begin(c, 1);
+    kvm_comm_report_t rep;
+    assert_int_equal(run_agent(rq, t, &b, 1, KVM_KV_KVCOMM, &rep, NULL, 2), 0);
+    assert_int_equal(rep.mode, KVM_COMM_DENSE);
+    assert_int_equal(rep.ph[0].decision, KVM_PH_NEW_ANCHOR);
+    assert_true(rep.ph[0].materialized);
+    assert_int_equal(rq->n_staged, 1);
+    comm_sample_t *s = &rq->samples[0];
+    comm_anchor_t *a = rq->staged[0];
+    assert_int_equal(comm_weights(c, s, &a, 1), 0); /* one anchor: every weight is 1 */
+    const comm_geom_t *g = &c->g;
+    int T = s->T, S = t->te[1] - t->ts[1];
+    float *xh = malloc(comm_rows_elems(g, T) * 4), *ph = malloc(comm_rows_elems(g, S) * 4);
+    comm_apply(c, s, &a, 1, "a", t->P[1], S, xh, ph, true, true);
+    /* the dense KV of the same prompt, re-based to F0 */
+    int N = t->te[0] + T + S;
+    int32_t *ids = malloc((size_t)N * 4);
+    memcpy(ids, t->ids, (size_t)t->te[0] * 4);
+    memcpy(ids + t->te[0], kvm_segment_info(in)->ids, (size_t)T * 4);
+    memcpy(ids + t->te[0] + T, t->ids + t->ts[1], (size_t)S * 4);
+    float *dense = dense_kv(c, ids, N);
+    for (int l = 1; l < g->L; l++)
+        for (int kv = 0; kv < 2; kv++)
+            for (int h = 0; h < g->H; h++) {
+                float *want = malloc((size_t)T * g->D * 4);
+                memcpy(want, dense + comm_idx(g, N, l, kv, h, t->te[0]), (size_t)T * g->D * 4);
+                if (kv == 0) kvm_rope_rotate_rows(want, T, g->D, g->D, -t->te[0], NULL, m->inv_freq, m->cfg.rope_layout);
+                assert_true(max_rel(xh + comm_idx(g, T, l, kv, h, 0), want, (size_t)T * g->D) <= 1e-5f);
+                free(want);
+                want = malloc((size_t)S * g->D * 4);
+                memcpy(want, dense + comm_idx(g, N, l, kv, h, t->te[0] + T), (size_t)S * g->D * 4);
+                if (kv == 0)
+                    kvm_rope_rotate_rows(want, S, g->D, g->D, -(t->te[0] + T), NULL, m->inv_freq, m->cfg.rope_layout);
+                assert_true(max_rel(ph + comm_idx(g, S, l, kv, h, 0), want, (size_t)S * g->D) <= 1e-5f);
+                free(want);
+            }
+    free(dense);
+    free(ids);
+    free(xh);
+    free(ph);
+    kvm_comm_request_abort(rq);
+    kvm_segment_release(in);
+    kvm_template_free(t);
+    kvm_comm_free(c);
+    kvm_model_free(m);
+}
+
+/* ---- end to end: anchors form, then agents reuse (§3.1, §3.7, §6) ----------------------------------------- */
+
+static void test_after_two_anchors_agents_reuse_with_n_minus_1_cached_tokens(void **st) {
+    (void)st;
+    kvm_model_t *m = small_model(KVM_ROPE_HALF, 17);
+    kvm_comm_t *c = kvm_comm_create(m, NULL);
+    kvm_comm_config(c)->force_reuse = true;
+    kvm_template_t *ta = make_tmpl(c, "a", "input", NULL, 41, 30);
+    kvm_template_t *tb = make_tmpl(c, "b", "input", "agent:a:current", 51, 21);
+    int reuse = 0, total = 0;
+    for (int q = 0; q < 4; q++) {
+        kvm_comm_request_t *rq = kvm_comm_request_begin(c, (uint64_t)q + 1);
+        kvm_segment_t *in = input_segment(c, 100 + (uint64_t)q, 20 + (q < 2));
+        kvm_segment_t *out_a = NULL;
+        kvm_binding_t ba = {"input", in};
+        kvm_comm_report_t ra, rb;
+        assert_int_equal(run_agent(rq, ta, &ba, 1, KVM_KV_KVCOMM, &ra, &out_a, 5), 0);
+        assert_non_null(out_a);
+        assert_int_equal(kvm_segment_info(out_a)->frame, 0);
+        kvm_binding_t bb[2] = {{"input", in}, {"agent:a:current", out_a}};
+        assert_int_equal(run_agent(rq, tb, bb, 2, KVM_KV_KVCOMM, &rb, NULL, 3), 0);
+        kvm_comm_report_t *rs[2] = {&ra, &rb};
+        for (int k = 0; k < 2; k++) {
+            kvm_comm_report_t *r = rs[k];
+            assert_int_equal(r->exact_tokens + r->offset_tokens + r->naive_tokens + r->recomputed_tokens, r->input_tokens);
+            total++;
+            if (r->mode == KVM_COMM_REUSE) {
+                reuse++;
+                assert_int_equal(r->recomputed_tokens, 1);
+                assert_true(r->offset_tokens > 0);
+            }
+        }
+        if (q < 2) assert_int_equal(ra.mode, KVM_COMM_DENSE); /* pools hold <= 1 anchor */
+        else assert_int_equal(ra.mode, KVM_COMM_REUSE);
+        char js[4096];
+        int jl = kvm_comm_report_json(&rb, js, sizeof js);
+        assert_true(jl > 0 && (size_t)jl < sizeof js);
+        assert_non_null(strstr(js, "\"placeholders\":[{"));
+        assert_int_equal(kvm_comm_request_end(rq), 0);
+        kvm_segment_release(in);
+        kvm_segment_release(out_a);
+    }
+    assert_true(reuse >= 3);
+    kvm_comm_stats_t stt;
+    kvm_comm_stats(c, &stt);
+    assert_int_equal((int)stt.invocations, total);
+    assert_int_equal((int)stt.reuse_invocations, reuse);
+    assert_true(stt.anchor_bytes > 0);
+    kvm_template_free(ta);
+    kvm_template_free(tb);
+    kvm_comm_free(c);
+    kvm_model_free(m);
+}
+
+static void test_response_segment_drops_the_token_without_kv_or_computes_it_on_length_stop(void **st) {
+    (void)st;
+    kvm_model_t *m = small_model(KVM_ROPE_HALF, 19);
+    kvm_comm_t *c = kvm_comm_create(m, NULL);
+    kvm_template_t *t = make_tmpl(c, "a", "input", NULL, 61, 18);
+    kvm_segment_t *in = input_segment(c, 80, 12);
+    kvm_binding_t b = {"input", in};
+    kvm_comm_request_t *rq = kvm_comm_request_begin(c, 1);
+    kvm_segment_t *r1 = NULL, *r2 = NULL;
+    assert_int_equal(run_agent(rq, t, &b, 1, KVM_KV_EXACT, NULL, &r1, 7), 0);
+    assert_int_equal(kvm_segment_info(r1)->n_tokens, 7); /* length stop, compute: all 7 */
+    kvm_comm_config(c)->resp_last_token = KVM_KVCOMM_RESP_DROP;
+    assert_int_equal(run_agent(rq, t, &b, 1, KVM_KV_EXACT, NULL, &r2, 7), 0);
+    assert_int_equal(kvm_segment_info(r2)->n_tokens, 6); /* reference: the last one dropped */
+    assert_int_equal(kvm_segment_info(r2)->producer_kind, KVM_PRODUCER_AGENT);
+    assert_int_equal(kvm_segment_info(r2)->frame, 0);
+    kvm_segment_release(r1);
+    kvm_segment_release(r2);
+    kvm_comm_request_abort(rq);
+    kvm_segment_release(in);
+    kvm_template_free(t);
+    kvm_comm_free(c);
+    kvm_model_free(m);
+}
+
+/* ---- errors ------------------------------------------------------------------------------------------------ */
+
+static void test_prepare_rejects_a_segment_of_another_model_and_a_wrong_frame(void **st) {
+    (void)st;
+    kvm_model_t *m1 = small_model(KVM_ROPE_HALF, 23), *m2 = small_model(KVM_ROPE_HALF, 24);
+    m2->model_id = m1->model_id + 1;
+    kvm_comm_t *c1 = kvm_comm_create(m1, NULL), *c2 = kvm_comm_create(m2, NULL);
+    kvm_template_t *t = make_tmpl(c1, "a", "input", NULL, 71, 16);
+    kvm_segment_t *foreign = input_segment(c2, 81, 10);
+    kvm_binding_t b = {"input", foreign};
+    kvm_comm_request_t *rq = kvm_comm_request_begin(c1, 1);
+    kvm_prompt_t pr = {.tmpl = t, .bindings = &b, .n_bindings = 1, .policy = KVM_KV_KVCOMM};
+    kvm_prepared_t p;
+    int free_before = kvm_kv_store_pool(kvm_comm_store(c1))->n_free;
+    assert_int_equal(kvm_comm_prepare(rq, &pr, &p), KVM_EMODEL);
+    assert_int_equal(kvm_kv_store_pool(kvm_comm_store(c1))->n_free, free_before);
+    /* a segment kept in its producer frame (not F0) */
+    kvm_seq_t s;
+    kvm_seq_init(&s, kvm_kv_store_pool(kvm_comm_store(c1)));
+    int32_t ids[20];
+    fill_ids(ids, 20, 5);
+    kvm_batch_item_t it = {.seq = &s, .tokens = ids, .n_tokens = 20};
+    assert_int_equal(kvm_forward(m1, &it, 1), 0);
+    kvm_segment_t *framed = NULL;
+    kvm_segment_info_t meta = {.producer_kind = KVM_PRODUCER_TOOL, .producer_id = "x"};
+    assert_int_equal(kvm_segment_publish(kvm_comm_store(c1), &s, 4, 10, 0, &meta, &framed), 0);
+    b.seg = framed;
+    assert_int_equal(kvm_comm_prepare(rq, &pr, &p), KVM_EFRAME);
+    assert_non_null(strstr(kvm_errmsg(), "frame"));
+    kvm_seq_free(&s);
+    kvm_segment_release(framed);
+    kvm_comm_request_abort(rq);
+    kvm_segment_release(foreign);
+    kvm_template_free(t);
+    kvm_comm_free(c1);
+    kvm_comm_free(c2);
+    kvm_model_free(m1);
+    kvm_model_free(m2);
+}
+
+static void test_prepare_fails_cleanly_when_the_kv_budget_cannot_hold_the_prompt(void **st) {
+    (void)st;
+    kvm_model_t *m = small_model(KVM_ROPE_HALF, 29);
+    kvm_comm_opts_t o = {0};
+    o.kv_budget_bytes = 12 * kvm_kv_block_bytes(&(kvm_kv_geom_t){3, 2, 16, KVM_F32});
+    kvm_comm_t *c = kvm_comm_create(m, &o);
+    assert_non_null(c);
+    kvm_comm_config(c)->force_reuse = true;
+    kvm_kvcomm_ablation(kvm_comm_config(c), "rotation");
+    kvm_template_t *t = make_tmpl(c, "a", "input", NULL, 91, 40); /* holds 3 blocks (40 tokens + 1 partial) */
+    kvm_segment_t *in = input_segment(c, 82, 60);                /* 4 blocks */
+    kvm_segment_pin(in, true);
+    kvm_seq_t hog; /* takes 2 of the 5 free blocks: the prompt needs 4 new blocks + 1 copy-on-write */
+    kvm_seq_init(&hog, kvm_kv_store_pool(kvm_comm_store(c)));
+    assert_int_equal(kvm_seq_reserve(&hog, 32), 0);
+    kvm_binding_t b = {"input", in};
+    kvm_comm_request_t *rq = kvm_comm_request_begin(c, 1);
+    kvm_prompt_t pr = {.tmpl = t, .bindings = &b, .n_bindings = 1, .policy = KVM_KV_KVCOMM};
+    kvm_prepared_t p;
+    kvm_kv_pool_t *pool = kvm_kv_store_pool(kvm_comm_store(c));
+    int free_before = pool->n_free;
+    assert_int_equal(kvm_comm_prepare(rq, &pr, &p), KVM_ENOMEM);
+    assert_non_null(strstr(kvm_errmsg(), "KV budget exhausted"));
+    assert_int_equal(pool->n_free, free_before);
+    assert_int_equal(kvm_segment_info(in)->n_tokens, 60);
+    kvm_seq_free(&hog);
+    kvm_comm_request_abort(rq);
+    kvm_segment_release(in);
+    kvm_template_free(t);
+    kvm_comm_free(c);
+    kvm_model_free(m);
+}
+
+/* ---- templates (§2.2, §8 item 11) ---------------------------------------------------------------------------- */
+
+static void test_template_validation_rejects_whitespace_pieces_and_adjacent_placeholders(void **st) {
+    (void)st;
+    kvm_model_t *m = small_model(KVM_ROPE_HALF, 31);
+    kvm_comm_t *c = kvm_comm_create(m, NULL);
+    int32_t a[3] = {5, 6, 7};
+    kvm_piece_t ws[3] = {{.kind = KVM_PIECE_TEXT, .ids = a, .n_ids = 3},
+                         {.kind = KVM_PIECE_PLACEHOLDER, .text = "input"},
+                         {.kind = KVM_PIECE_TEXT, .text = "  \n "}};
+    kvm_template_desc_t d = {.agent = "x", .pieces = ws, .n_pieces = 3, .raw = true};
+    assert_null(kvm_template_create(c, &d));
+    assert_int_equal(kvm_errcode(), KVM_EINVAL);
+    assert_non_null(strstr(kvm_errmsg(), "whitespace"));
+    kvm_piece_t adj[4] = {{.kind = KVM_PIECE_TEXT, .ids = a, .n_ids = 3},
+                          {.kind = KVM_PIECE_PLACEHOLDER, .text = "input"},
+                          {.kind = KVM_PIECE_PLACEHOLDER, .text = "tool:search"},
+                          {.kind = KVM_PIECE_TEXT, .ids = a, .n_ids = 3}};
+    d.pieces = adj;
+    d.n_pieces = 4;
+    assert_null(kvm_template_create(c, &d));
+    assert_non_null(strstr(kvm_errmsg(), "no text between"));
+    kvm_piece_t first[2] = {{.kind = KVM_PIECE_PLACEHOLDER, .text = "input"}, {.kind = KVM_PIECE_TEXT, .ids = a, .n_ids = 3}};
+    d.pieces = first;
+    d.n_pieces = 2;
+    assert_null(kvm_template_create(c, &d));
+    kvm_piece_t badname[3] = {{.kind = KVM_PIECE_TEXT, .ids = a, .n_ids = 3},
+                              {.kind = KVM_PIECE_PLACEHOLDER, .text = "agent:x"},
+                              {.kind = KVM_PIECE_TEXT, .ids = a, .n_ids = 3}};
+    d.pieces = badname;
+    d.n_pieces = 3;
+    assert_null(kvm_template_create(c, &d));
+    assert_non_null(strstr(kvm_errmsg(), "bad placeholder name"));
+    kvm_comm_free(c);
+    kvm_model_free(m);
+}
+
+static void test_template_change_invalidates_deltas(void **st) {
+    (void)st;
+    kvm_model_t *m = small_model(KVM_ROPE_HALF, 37);
+    kvm_comm_t *c = kvm_comm_create(m, NULL);
+    kvm_comm_config(c)->force_reuse = true;
+    kvm_template_t *t1 = make_tmpl(c, "a", "input", NULL, 101, 20);
+    for (int q = 0; q < 2; q++) { /* two anchors with t1's deltas */
+        kvm_comm_request_t *rq = kvm_comm_request_begin(c, (uint64_t)q + 1);
+        kvm_segment_t *in = input_segment(c, 200 + (uint64_t)q, 15);
+        kvm_binding_t b = {"input", in};
+        assert_int_equal(run_agent(rq, t1, &b, 1, KVM_KV_KVCOMM, NULL, NULL, 2), 0);
+        kvm_comm_request_end(rq);
+        kvm_segment_release(in);
+    }
+    kvm_template_t *t2 = make_tmpl(c, "a", "input", NULL, 102, 20); /* same agent, new text */
+    kvm_comm_request_t *rq = kvm_comm_request_begin(c, 9);
+    kvm_segment_t *in = input_segment(c, 203, 15);
+    kvm_binding_t b = {"input", in};
+    kvm_comm_report_t r1, r2;
+    assert_int_equal(run_agent(rq, t2, &b, 1, KVM_KV_KVCOMM, &r2, NULL, 2), 0);
+    assert_int_equal(r2.mode, KVM_COMM_DENSE);
+    assert_int_equal(r2.ph[0].decision, KVM_PH_NO_ANCHOR);
+    assert_int_equal(run_agent(rq, t1, &b, 1, KVM_KV_KVCOMM, &r1, NULL, 2), 0);
+    assert_int_equal(r1.mode, KVM_COMM_REUSE);
+    kvm_comm_request_end(rq);
+    kvm_segment_release(in);
+    kvm_template_free(t1);
+    kvm_template_free(t2);
+    kvm_comm_free(c);
+    kvm_model_free(m);
+}
+
+static void test_template_parse_maps_graph_placeholders_to_kvcomm_names(void **st) {
+    (void)st;
+    kvm_piece_t *p = NULL;
+    int n = 0;
+    assert_int_equal(kvm_template_parse("Task: {input}\nPlan:\n{agent:planner}\n{{x}} {agent:c:prev}!", &p, &n), 0);
+    assert_int_equal(n, 7);
+    assert_string_equal(p[0].text, "Task: ");
+    assert_string_equal(p[1].text, "input");
+    assert_int_equal(p[1].kind, KVM_PIECE_PLACEHOLDER);
+    assert_string_equal(p[3].text, "agent:planner:current");
+    assert_string_equal(p[4].text, "\n{x} ");
+    assert_string_equal(p[5].text, "agent:c:prev");
+    assert_string_equal(p[6].text, "!");
+    kvm_free(p);
+    assert_int_equal(kvm_template_parse("bad {who} here", &p, &n), KVM_EINVAL);
+    assert_non_null(strstr(kvm_errmsg(), "{who}"));
+}
+
+/* ---- hand-made pools: prediction and eviction (§8 items 6-8) ------------------------------------------------- */
+
+typedef struct fake {
+    kvm_comm_t c;
+    kvm_comm_request_t rq;
+} fake_t;
+
+static comm_anchor_t *mk_anchor(const comm_geom_t *g, int T, uint64_t key, float base_v) {
+    comm_anchor_t *a = kvm_calloc(1, sizeof *a);
+    a->refs = 1;
+    a->key = key;
+    a->T = T;
+    a->base = kvm_malloc(comm_rows_elems(g, T) * sizeof(float));
+    for (size_t i = 0; i < comm_rows_elems(g, T); i++) a->base[i] = base_v;
+    return a;
+}
+
+static void fake_init(fake_t *f, int n, const int *T, const float *v) {
+    memset(f, 0, sizeof *f);
+    kvm_kvcomm_config_default(&f->c.cfg);
+    f->c.g = (comm_geom_t){2, 1, 4};
+    comm_pool_t *p = comm_pool_get(&f->c, "input", true);
+    p->a = kvm_malloc(sizeof(comm_anchor_t *) * 32);
+    p->cap = 32;
+    for (int i = 0; i < n; i++) {
+        p->a[p->n] = mk_anchor(&f->c.g, T[i], 100 + (uint64_t)i, v[i]);
+        p->a[p->n]->insert_seq = (uint64_t)i + 1;
+        p->n++;
+    }
+    f->c.insert_seq = (uint64_t)n;
+    f->rq.c = &f->c;
+    f->rq.snaps = kvm_calloc(1, sizeof *f->rq.snaps);
+    f->rq.n_snaps = 1;
+    f->rq.snaps[0].a = kvm_malloc(sizeof(comm_anchor_t *) * 32);
+    for (int i = 0; i < p->n; i++) {
+        p->a[i]->refs++;
+        f->rq.snaps[0].a[i] = p->a[i];
+    }
+    f->rq.snaps[0].n = p->n;
+}
+
+static void fake_free(fake_t *f) {
+    comm_request_free_state(&f->rq);
+    for (int i = 0; i < f->c.n_pools; i++) {
+        for (int k = 0; k < f->c.pools[i].n; k++) comm_anchor_unref(&f->c, f->c.pools[i].a[k]);
+        kvm_free(f->c.pools[i].a);
+    }
+    kvm_free(f->c.pools);
+}
+
+static comm_sample_t mk_sample(const comm_geom_t *g, int T, float v) {
+    comm_sample_t s;
+    memset(&s, 0, sizeof s);
+    snprintf(s.name, sizeof s.name, "input");
+    s.T = T;
+    s.X = kvm_malloc(comm_rows_elems(g, T) * sizeof(float));
+    for (size_t i = 0; i < comm_rows_elems(g, T); i++) s.X[i] = v;
+    return s;
+}
+
+static void test_prediction_is_new_with_at_most_one_anchor_or_one_eligible(void **st) {
+    (void)st;
+    fake_t f;
+    int T1[1] = {8};
+    float v1[1] = {0};
+    fake_init(&f, 1, T1, v1);
+    comm_sample_t s = mk_sample(&f.c.g, 8, 0);
+    assert_int_equal(comm_predict(&f.rq, &s), 0);
+    assert_true(s.is_new);
+    kvm_free(s.X);
+    fake_free(&f);
+    int T3[3] = {8, 4, 3}; /* only the first is long enough (>= 5) */
+    float v3[3] = {0, 0, 0};
+    fake_init(&f, 3, T3, v3);
+    s = mk_sample(&f.c.g, 5, 0);
+    assert_int_equal(comm_predict(&f.rq, &s), 0);
+    assert_true(s.is_new);
+    assert_int_equal(s.n_eligible, 1);
+    kvm_free(s.X);
+    fake_free(&f);
+}
+
+static void test_prediction_counts_anchors_of_equal_length_as_eligible(void **st) {
+    (void)st;
+    fake_t f;
+    int T[2] = {6, 6};
+    float v[2] = {0.0f, 5.0f};
+    fake_init(&f, 2, T, v);
+    comm_sample_t s = mk_sample(&f.c.g, 6, 0.0f); /* equal to anchor 0 */
+    assert_int_equal(comm_predict(&f.rq, &s), 0);
+    assert_int_equal(s.n_eligible, 2);
+    assert_false(s.is_new);
+    kvm_free(s.X);
+    fake_free(&f);
+}
+
+static void test_equidistant_anchors_have_maximal_entropy_and_predict_new(void **st) {
+    (void)st;
+    fake_t f;
+    int T[4] = {6, 6, 7, 9};
+    float v[4] = {1, 1, 1, 1};
+    fake_init(&f, 4, T, v);
+    comm_sample_t s = mk_sample(&f.c.g, 6, 0.0f);
+    assert_int_equal(comm_predict(&f.rq, &s), 0);
+    assert_true(fabsf(s.entropy - 2.0f) < 1e-5f); /* log2(4) */
+    assert_true(s.is_new);                          /* 2 > 0.3 * 2 */
+    assert_int_equal(f.rq.n_bumps, 0);
+    kvm_free(s.X);
+    fake_free(&f);
+}
+
+static void test_clear_nearest_anchor_shares_and_the_top_p_quirk_bumps_all_eligible(void **st) {
+    (void)st;
+    fake_t f;
+    int T[3] = {6, 6, 3};
+    float v[3] = {0.0f, 3.0f, 0.0f}; /* anchor 2 is too short */
+    fake_init(&f, 3, T, v);
+    comm_sample_t s = mk_sample(&f.c.g, 6, 0.0f);
+    assert_int_equal(comm_predict(&f.rq, &s), 0);
+    assert_false(s.is_new);
+    assert_true(s.entropy < 1e-3f);
+    /* the top weight is >= 0.9, so J is empty and every eligible anchor gets a bump (reference quirk) */
+    assert_int_equal(f.rq.n_bumps, 2);
+    /* bumps are staged: the committed counters change only at commit */
+    assert_int_equal(f.c.pools[0].a[0]->activation, 0u);
+    assert_int_equal(comm_commit(&f.rq), 0);
+    assert_int_equal(f.c.pools[0].a[0]->activation, 1u);
+    assert_int_equal(f.c.pools[0].a[1]->activation, 1u);
+    assert_int_equal(f.c.pools[0].a[2]->activation, 0u);
+    kvm_free(s.X);
+    fake_free(&f);
+}
+
+static void test_top_p_bumps_only_the_anchors_below_the_cumulative_cut(void **st) {
+    (void)st;
+    fake_t f;
+    /* distances chosen so the weights are about 0.6, 0.25, 0.1, 0.05 */
+    int T[4] = {4, 4, 4, 4};
+    /* d = |v| * sqrt(L*H*T*D) = |v| * sqrt(32): want d = 0, 0.875, 1.79, 2.48 */
+    float v[4] = {0.0f, 0.875f / 5.656854f, 1.792f / 5.656854f, 2.485f / 5.656854f};
+    fake_init(&f, 4, T, v);
+    f.c.cfg.force_reuse = true;
+    comm_sample_t s = mk_sample(&f.c.g, 4, 0.0f);
+    assert_int_equal(comm_predict(&f.rq, &s), 0);
+    assert_false(s.is_new);
+    /* cumulative: 0.6 (<0.9), 0.85 (<0.9), 0.95 -> cut = 1: the two best are bumped */
+    assert_int_equal(f.rq.n_bumps, 2);
+    assert_int_equal(comm_commit(&f.rq), 0);
+    assert_int_equal(f.c.pools[0].a[0]->activation, 1u);
+    assert_int_equal(f.c.pools[0].a[1]->activation, 1u);
+    assert_int_equal(f.c.pools[0].a[2]->activation, 0u);
+    kvm_free(s.X);
+    fake_free(&f);
+}
+
+static void stage_new(fake_t *f, uint64_t key) {
+    comm_anchor_t *a = mk_anchor(&f->c.g, 4, key, 0);
+    if (f->rq.n_staged == f->rq.cap_staged) {
+        f->rq.cap_staged = f->rq.cap_staged ? f->rq.cap_staged * 2 : 8;
+        f->rq.staged = kvm_realloc(f->rq.staged, (size_t)f->rq.cap_staged * sizeof *f->rq.staged);
+        f->rq.staged_pool = kvm_realloc(f->rq.staged_pool, (size_t)f->rq.cap_staged * sizeof *f->rq.staged_pool);
+    }
+    snprintf(f->rq.staged_pool[f->rq.n_staged], KVM_COMM_NAME_MAX, "input");
+    f->rq.staged[f->rq.n_staged++] = a;
+}
+
+static bool pool_has(const comm_pool_t *p, uint64_t key) {
+    for (int i = 0; i < p->n; i++)
+        if (p->a[i]->key == key) return true;
+    return false;
+}
+
+static void test_eviction_takes_the_least_activated_of_the_five_oldest_ties_to_the_oldest(void **st) {
+    (void)st;
+    fake_t f;
+    int T[20];
+    float v[20];
+    for (int i = 0; i < 20; i++) T[i] = 4, v[i] = 0;
+    fake_init(&f, 20, T, v);
+    comm_pool_t *p = &f.c.pools[0];
+    /* oldest five: keys 100..104; activations 3, 1, 2, 1, 5; key 110 (not in the window) has 0 */
+    uint32_t act[5] = {3, 1, 2, 1, 5};
+    for (int i = 0; i < 5; i++) p->a[i]->activation = act[i];
+    for (int i = 5; i < 20; i++) p->a[i]->activation = 9;
+    p->a[10]->activation = 0;
+    stage_new(&f, 500);
+    assert_int_equal(comm_commit(&f.rq), 0);
+    assert_int_equal(p->n, 20); /* strict: V holds */
+    assert_false(pool_has(p, 101)); /* activation 1, older than 103 */
+    assert_true(pool_has(p, 103));
+    assert_true(pool_has(p, 110));
+    assert_true(pool_has(p, 500));
+    fake_free(&f);
+}
+
+static void test_reference_pool_bound_reaches_v_plus_one(void **st) {
+    (void)st;
+    fake_t f;
+    int T[20];
+    float v[20];
+    for (int i = 0; i < 20; i++) T[i] = 4, v[i] = 0;
+    fake_init(&f, 20, T, v);
+    f.c.cfg.pool_bound = KVM_KVCOMM_POOL_REFERENCE;
+    stage_new(&f, 600);
+    assert_int_equal(comm_commit(&f.rq), 0);
+    assert_int_equal(f.c.pools[0].n, 21);
+    fake_free(&f);
+}
+
+static void test_weights_sum_to_one_over_anchors_on_their_axes(void **st) {
+    (void)st;
+    fake_t f;
+    int T[3] = {5, 7, 9};
+    float v[3] = {0.1f, -0.2f, 0.3f};
+    fake_init(&f, 3, T, v);
+    /* vary the bases so the weights are not uniform */
+    for (int n = 0; n < 3; n++) {
+        comm_anchor_t *a = f.c.pools[0].a[n];
+        for (size_t i = 0; i < comm_rows_elems(&f.c.g, a->T); i++) a->base[i] += 0.01f * (float)((i * (n + 3)) % 7);
+    }
+    float fr[2] = {1.0f, 0.01f};
+    kvm_rope_params_t rp = {.inv_freq = fr, .n_freq = 2, .layout = KVM_ROPE_HALF};
+    kvm_kv_geom_t gg = {2, 1, 4, KVM_F32};
+    kvm_kv_pool_t *pool = kvm_kv_pool_create(kvm_ops_cpu(), &gg, 1, 1);
+    f.c.store = kvm_kv_store_create(pool, &rp);
+    comm_sample_t s = mk_sample(&f.c.g, 5, 0.05f);
+    for (size_t i = 0; i < comm_rows_elems(&f.c.g, 5); i++) s.X[i] += 0.02f * (float)(i % 5);
+    assert_int_equal(comm_weights(&f.c, &s, f.c.pools[0].a, 3), 0);
+    const comm_geom_t *g = &f.c.g;
+    for (int t = 0; t < 5; t++) {
+        double a = 0, b = 0;
+        for (int n = 0; n < 3; n++) a += s.w_kph[n * 5 + t], b += s.w_vph[n * 5 + t];
+        assert_true(fabs(a - 1) < 1e-5 && fabs(b - 1) < 1e-5);
+    }
+    size_t per = (size_t)g->L * g->H * g->D;
+    for (size_t e = 0; e < per; e++) {
+        double a = 0, b = 0;
+        for (int n = 0; n < 3; n++) a += s.w_kpf[n * per + e], b += s.w_vpf[n * per + e];
+        assert_true(fabs(a - 1) < 1e-5 && fabs(b - 1) < 1e-5);
+    }
+    /* nearest is one-hot */
+    f.c.cfg.weights = KVM_KVCOMM_W_NEAREST;
+    s.w_n = 0;
+    assert_int_equal(comm_weights(&f.c, &s, f.c.pools[0].a, 3), 0);
+    for (int t = 0; t < 5; t++) {
+        int ones = 0;
+        for (int n = 0; n < 3; n++) ones += s.w_kph[n * 5 + t] == 1.0f;
+        assert_int_equal(ones, 1);
+    }
+    kvm_free(s.X);
+    kvm_free(s.w_keys);
+    kvm_free(s.w_kph);
+    kvm_free(s.w_kpf);
+    kvm_kv_store_free(f.c.store);
+    kvm_kv_pool_free(pool);
+    fake_free(&f);
+}
+
+static void test_switches_parse_and_reject_unknown_values(void **st) {
+    (void)st;
+    kvm_kvcomm_config_t c;
+    kvm_kvcomm_config_default(&c);
+    assert_int_equal(kvm_kvcomm_config_set(&c, "kvcomm.gamma", "0.5"), 0);
+    assert_true(fabsf(c.gamma - 0.5f) < 1e-6f);
+    assert_int_equal(kvm_kvcomm_config_set(&c, "weights", "cosine"), 0);
+    assert_int_equal(c.weights, KVM_KVCOMM_W_COSINE);
+    assert_int_equal(kvm_kvcomm_config_set(&c, "kvcomm.frame", "sideways"), KVM_EINVAL);
+    assert_non_null(strstr(kvm_errmsg(), "f0|reference"));
+    assert_int_equal(kvm_kvcomm_config_set(&c, "kvcomm.nope", "1"), KVM_EINVAL);
+    assert_int_equal(kvm_kvcomm_ablation(&c, "rotation+ph"), 0);
+    assert_true(c.ph_offset && !c.pf_offset && c.rotate);
+    char buf[512];
+    kvm_kvcomm_config_str(&c, buf, sizeof buf);
+    assert_non_null(strstr(buf, "pf_offset=off"));
+}
+
+int main(void) {
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_layer0_keys_after_shift_equal_dense_rotate_half),
+        cmocka_unit_test(test_layer0_keys_after_shift_equal_dense_interleaved),
+        cmocka_unit_test(test_identical_prompt_reuses_the_prefix_cache_bit_for_bit),
+        cmocka_unit_test(test_single_anchor_applied_to_its_own_sample_reproduces_dense),
+        cmocka_unit_test(test_after_two_anchors_agents_reuse_with_n_minus_1_cached_tokens),
+        cmocka_unit_test(test_response_segment_drops_the_token_without_kv_or_computes_it_on_length_stop),
+        cmocka_unit_test(test_prepare_rejects_a_segment_of_another_model_and_a_wrong_frame),
+        cmocka_unit_test(test_prepare_fails_cleanly_when_the_kv_budget_cannot_hold_the_prompt),
+        cmocka_unit_test(test_template_validation_rejects_whitespace_pieces_and_adjacent_placeholders),
+        cmocka_unit_test(test_template_change_invalidates_deltas),
+        cmocka_unit_test(test_template_parse_maps_graph_placeholders_to_kvcomm_names),
+        cmocka_unit_test(test_prediction_is_new_with_at_most_one_anchor_or_one_eligible),
+        cmocka_unit_test(test_prediction_counts_anchors_of_equal_length_as_eligible),
+        cmocka_unit_test(test_equidistant_anchors_have_maximal_entropy_and_predict_new),
+        cmocka_unit_test(test_clear_nearest_anchor_shares_and_the_top_p_quirk_bumps_all_eligible),
+        cmocka_unit_test(test_top_p_bumps_only_the_anchors_below_the_cumulative_cut),
+        cmocka_unit_test(test_eviction_takes_the_least_activated_of_the_five_oldest_ties_to_the_oldest),
+        cmocka_unit_test(test_reference_pool_bound_reaches_v_plus_one),
+        cmocka_unit_test(test_weights_sum_to_one_over_anchors_on_their_axes),
+        cmocka_unit_test(test_switches_parse_and_reject_unknown_values),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
