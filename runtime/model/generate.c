@@ -240,7 +240,7 @@ int kvm_generate(kvm_model_t *m, kvm_seq_t *seq, const int32_t *prompt, int n_pr
             res->stop_reason = KVM_STOP_LENGTH;
             break;
         }
-        if (p->max_total_tokens > 0 && seq->n_tokens + 1 >= p->max_total_tokens) {
+        if (p->max_total_tokens > 0 && seq->n_tokens >= p->max_total_tokens) {
             res->stop_reason = KVM_STOP_LENGTH;
             break;
         }

@@ -50,7 +50,8 @@ typedef struct kvm_gen_params {
     const char *const *stop_strings; /* generation stops when the output text ends with one (it is cut off) */
     int n_stop_strings;
     bool ignore_eos;
-    /* llama2.c convention: stop when total sequence length (prompt + output) reaches this; 0 = off */
+    /* llama2.c `steps`: stop once this many positions have been run through the model (prompt, BOS
+     * included, plus generated tokens; the token sampled at the last position is still emitted); 0 = off */
     int max_total_tokens;
     /* extra stop token ids besides the model's EOS ids (e.g. llama2.c BOS=1) */
     const int32_t *stop_ids;
