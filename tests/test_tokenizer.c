@@ -104,6 +104,37 @@ static void test_llama2c_decode_strips_the_space_after_bos_and_maps_byte_tokens(
     kvm_tokenizer_free(t);
 }
 
+/* run.c merges over the whole text at once: 10 KB is one merge problem of ~10K symbols. */
+static void test_llama2c_encodes_10kb_in_milliseconds(void **s) {
+    (void)s;
+    kvm_tokenizer_t *t = load_tok512();
+    if (!t) skip();
+    static const char *words[] = {"Once ", "upon ", "a ", "time ", "Lily ", "saw ", "a ", "big ", "dog. ", "\n"};
+    char *text = malloc(10 * 1024 + 16);
+    size_t len = 0;
+    srand(4242);
+    while (len < 10 * 1024) {
+        const char *w = words[rand() % 10];
+        memcpy(text + len, w, strlen(w));
+        len += strlen(w);
+    }
+    text[len] = '\0';
+    int32_t *ids = NULL;
+    int n = 0;
+    uint64_t t0 = kvm_now_ns();
+    assert_int_equal(kvm_tokenize(t, text, len, KVM_TOK_ADD_BOS, &ids, &n), 0);
+    double ms = (double)(kvm_now_ns() - t0) / 1e6;
+    fprintf(stderr, "llama2.c: 10 KB encoded in %.2f ms (%d tokens)\n", ms, n);
+    char *back = NULL;
+    assert_int_equal(kvm_detokenize(t, ids, n, true, &back, NULL), 0);
+    assert_string_equal(back, text);
+    assert_true(ms < (getenv("KVM_SANITIZED") ? 2000.0 : 200.0));
+    kvm_free(back);
+    kvm_free(ids);
+    free(text);
+    kvm_tokenizer_free(t);
+}
+
 static void test_llama2c_truncated_file_is_a_format_error(void **s) {
     (void)s;
     if (!kvm_file_exists(TOK512)) {
@@ -407,6 +438,7 @@ int main(void) {
         cmocka_unit_test(test_llama2c_encodes_like_run_c),
         cmocka_unit_test(test_llama2c_reports_bos_eos_and_kind),
         cmocka_unit_test(test_llama2c_decode_strips_the_space_after_bos_and_maps_byte_tokens),
+        cmocka_unit_test(test_llama2c_encodes_10kb_in_milliseconds),
         cmocka_unit_test(test_llama2c_truncated_file_is_a_format_error),
         cmocka_unit_test(test_tiny_metaspace_tokenizer_matches_hf),
         cmocka_unit_test(test_tiny_digits_bytelevel_tokenizer_matches_hf),

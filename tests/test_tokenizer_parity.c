@@ -115,6 +115,28 @@ static void test_encoding_10kb_takes_milliseconds(void **s) {
     kvm_tokenizer_free(t);
 }
 
+/* Llama-2's normalizer path leaves the whole text (between added tokens) as ONE BPE word. */
+static void test_llama2_encodes_10kb_as_one_word_in_milliseconds(void **s) {
+    (void)s;
+    kvm_tokenizer_t *t = load_cached("llama2");
+    if (!t) skip();
+    char *text = mixed_text(10 * 1024, 99);
+    int32_t *ids = NULL;
+    int n = 0;
+    uint64_t t0 = kvm_now_ns();
+    assert_int_equal(kvm_tokenize(t, text, strlen(text), 0, &ids, &n), 0);
+    double ms = (double)(kvm_now_ns() - t0) / 1e6;
+    fprintf(stderr, "llama2: 10 KB mixed text (one word) %.2f ms, %d tokens\n", ms, n);
+    char *back = NULL;
+    assert_int_equal(kvm_detokenize(t, ids, n, false, &back, NULL), 0);
+    assert_string_equal(back, text);
+    assert_true(ms < (getenv("KVM_SANITIZED") ? 2000.0 : 200.0));
+    kvm_free(back);
+    kvm_free(ids);
+    free(text);
+    kvm_tokenizer_free(t);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_qwen3_matches_hf_on_the_corpus),
@@ -124,6 +146,7 @@ int main(void) {
         cmocka_unit_test(test_qwen3_config_gives_eos_template_and_specials),
         cmocka_unit_test(test_llama2_config_adds_bos),
         cmocka_unit_test(test_encoding_10kb_takes_milliseconds),
+        cmocka_unit_test(test_llama2_encodes_10kb_as_one_word_in_milliseconds),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -8,6 +8,7 @@
  * on ties, as tokenizers' BinaryHeap does). Stale heap entries are recognised by the symbol ids they
  * were made for. O(n log n) per word, so a long word (10 KB without a space) stays fast. */
 #include <math.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -189,11 +190,10 @@ bool tok_pairmap_get(const tok_pairmap_t *m, int32_t a, int32_t b, int32_t *rank
 static char g_byte_char[256][3];
 static uint8_t g_byte_char_len[256];
 static int16_t g_char_byte[512]; /* code point (all < 0x144) -> byte */
-static bool g_byte_map_ready;
+static pthread_once_t g_byte_map_once = PTHREAD_ONCE_INIT;
 
 /* Printable Latin-1 bytes map to themselves; the rest, in byte order, to U+0100, U+0101, ... */
-static void byte_map_init(void) {
-    if (g_byte_map_ready) return;
+static void byte_map_build(void) {
     int n = 0;
     for (int i = 0; i < 512; i++) g_char_byte[i] = -1;
     for (int b = 0; b < 256; b++) {
@@ -202,8 +202,9 @@ static void byte_map_init(void) {
         g_byte_char_len[b] = (uint8_t)tok_utf8_put(cp, g_byte_char[b]);
         g_char_byte[cp] = (int16_t)b;
     }
-    g_byte_map_ready = true; /* idempotent: concurrent first calls write the same values */
 }
+
+static void byte_map_init(void) { pthread_once(&g_byte_map_once, byte_map_build); }
 
 const char *tok_byte_char(unsigned b, int *len) {
     byte_map_init();
