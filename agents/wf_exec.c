@@ -83,6 +83,18 @@ static void leave(kvm_workflow_t *wf, wf_run_t *r) {
     wf->cur_acct = NULL;
 }
 
+/* Charges allocations to the run without running its code (no cap, no budget): C-side bookkeeping. */
+static void book(kvm_workflow_t *wf, wf_run_t *r) {
+    wf->cur_run = r;
+    wf->cur_budget = NULL;
+    wf->cur_acct = r->acct;
+}
+
+static void unbook(kvm_workflow_t *wf) {
+    wf->cur_run = NULL;
+    wf->cur_acct = NULL;
+}
+
 uint64_t *wf_current_rng(kvm_workflow_t *wf) { return wf->cur_run ? wf->cur_run->rng : wf->rng_load; }
 
 static void trace_write(wf_run_t *r, cJSON *rec) {
@@ -200,7 +212,7 @@ static int reduce(kvm_workflow_t *wf, wf_run_t *r, const wf_key_t *k, const char
     lua_rawgeti(L, LUA_REGISTRYINDEX, r->state_ref);
     int S = v + 1;
     int rc = 0;
-    enter(wf, r); /* allocations below are the run's */
+    book(wf, r); /* allocations below are the run's */
     switch (k->reducer) {
     case WF_RED_REPLACE:
         lua_pushvalue(L, v);
@@ -288,16 +300,16 @@ static int reduce(kvm_workflow_t *wf, wf_run_t *r, const wf_key_t *k, const char
         break;
     }
     default: /* custom function(old, new) -> value */
-        leave(wf, r);
+        unbook(wf);
         lua_rawgeti(L, LUA_REGISTRYINDEX, k->fn_ref);
         lua_getfield(L, S, k->name);
         lua_pushvalue(L, v);
         rc = run_pcall(wf, r, 2, 1, msg, NULL);
-        enter(wf, r);
+        book(wf, r);
         if (rc == 0) lua_setfield(L, S, k->name);
         break;
     }
-    leave(wf, r);
+    unbook(wf);
     lua_settop(L, v - 1);
     return rc;
 }
@@ -601,10 +613,10 @@ static void resume_task(kvm_workflow_t *wf, wf_run_t *r, wf_task_t *t, int nargs
     } else if (st == LUA_OK) {
         if (nres > 0) {
             lua_settop(t->co, lua_gettop(t->co) - nres + 1); /* keep the first result */
-            enter(wf, r);
+            book(wf, r);
             lua_xmove(t->co, r->th, 1);
             t->out_ref = luaL_ref(r->th, LUA_REGISTRYINDEX);
-            leave(wf, r);
+            unbook(wf);
         }
     } else {
         int code = status_code(r, st);
@@ -641,9 +653,9 @@ static void start_task(kvm_workflow_t *wf, wf_run_t *r, wf_task_t *t) {
     }
     /* func/tool: fn(state, last, ctx) on a fresh coroutine */
     lua_State *L = r->th;
-    enter(wf, r);
+    book(wf, r);
     if (!lua_checkstack(L, 8)) {
-        leave(wf, r);
+        unbook(wf);
         task_fail(t, KVM_ELUA_MEMORY, xstrdup("Lua stack overflow"));
         task_done(wf, r, t);
         return;
@@ -667,7 +679,7 @@ static void start_task(kvm_workflow_t *wf, wf_run_t *r, wf_task_t *t) {
     lua_setfield(t->co, -2, "inputs");
     lua_rawgeti(t->co, LUA_REGISTRYINDEX, wf->ctx_mt_ref);
     lua_setmetatable(t->co, -2);
-    leave(wf, r);
+    unbook(wf);
     t->status = T_RUNNING;
     resume_task(wf, r, t, 3);
 }
@@ -809,7 +821,7 @@ static void deliver(kvm_workflow_t *wf, wf_llm_result_t *res) {
     record_agent_step(wf, r, t, ai, res, status, status ? msg : NULL, call);
     if (call) {
         lua_State *co = t->co;
-        enter(wf, r);
+        book(wf, r);
         int ok = lua_checkstack(co, 4);
         if (ok && !status) {
             lua_pushstring(co, res->text ? res->text : "");
@@ -828,7 +840,7 @@ static void deliver(kvm_workflow_t *wf, wf_llm_result_t *res) {
             lua_pushnil(co);
             lua_pushstring(co, msg);
         }
-        leave(wf, r);
+        unbook(wf);
         t->status = T_RUNNING;
         resume_task(wf, r, t, 2);
         return;
@@ -1004,17 +1016,17 @@ static void end_superstep(kvm_workflow_t *wf, wf_run_t *r) {
         const wf_node_t *n = &g->nodes[t->node];
         if (t->err) continue;
         if (n->kind == WF_NODE_AGENT || n->kind == WF_NODE_TOOL) {
-            enter(wf, r);
+            book(wf, r);
             push_task_output(r, t, g);
             char *text = wf_lua_value_text(L, -1);
             lua_pop(L, 1);
-            leave(wf, r);
+            unbook(wf);
             kvm_free(r->node_prev[t->node]);
             r->node_prev[t->node] = r->node_cur[t->node];
             r->node_cur[t->node] = text;
         }
         if (n->kind == WF_NODE_AGENT) {
-            enter(wf, r);
+            book(wf, r);
             lua_createtable(L, 0, 3);
             lua_pushstring(L, n->name);
             lua_setfield(L, -2, "node");
@@ -1022,7 +1034,7 @@ static void end_superstep(kvm_workflow_t *wf, wf_run_t *r) {
             lua_setfield(L, -2, "agent");
             lua_pushstring(L, t->out_text ? t->out_text : "");
             lua_setfield(L, -2, "text");
-            leave(wf, r);
+            unbook(wf);
             code = reduce(wf, r, find_key(g, "msgs"), n->name, &msg);
         }
         if (!code && n->writes) {
@@ -1078,7 +1090,7 @@ static void end_superstep(kvm_workflow_t *wf, wf_run_t *r) {
         }
     }
     /* 2. last = outputs of this super-step */
-    enter(wf, r);
+    book(wf, r);
     lua_newtable(L);
     for (int i = 0; i < r->n_tasks; i++) {
         push_task_output(r, &r->tasks[i], g);
@@ -1086,7 +1098,7 @@ static void end_superstep(kvm_workflow_t *wf, wf_run_t *r) {
     }
     luaL_unref(L, LUA_REGISTRYINDEX, r->last_ref);
     r->last_ref = luaL_ref(L, LUA_REGISTRYINDEX);
-    leave(wf, r);
+    unbook(wf);
     for (int i = 0; i < g->n_nodes; i++) r->to_end[i] = false;
     /* 3. edges of completed nodes, same order */
     for (int i = 0; i < r->n_tasks && !code; i++) {
