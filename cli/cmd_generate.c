@@ -157,6 +157,7 @@ int cmd_generate(int argc, char **argv) {
         fprintf(stderr, "\nkvmesh generate: %s\n", kvm_errmsg());
     } else {
         printf("\n");
+        fflush(stdout);
         double tps = res.n_ids > 1 && res.decode_ms > 0 ? (res.n_ids - 1) / (res.decode_ms / 1e3) : 0;
         fprintf(stderr, "prompt tokens: %d, generated tokens: %d, TTFT: %.1f ms, decode: %.1f tokens/s, stop: %s, backend: %s\n",
                 n, res.n_ids, res.ttft_ms, tps, kvm_stop_reason_name(res.stop_reason), m->ops->name);

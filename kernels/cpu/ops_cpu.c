@@ -3,6 +3,7 @@
 #include "../ops.h"
 
 #include <math.h>
+#include <stdbool.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -78,7 +79,9 @@ static void cpu_head_rmsnorm(float *x, const float *w, int n, int heads, int hd,
 static void cpu_matmul(float *y, const float *x, const kvm_wmat_t *W, const float *bias, int n) {
     const int rows = W->rows, cols = W->cols;
     const size_t es = kvm_dtype_size(W->dtype);
-#pragma omp parallel
+    /* small products are faster on one thread than the fork/join of a parallel region */
+    const bool par = (double)rows * cols * n > 131072.0;
+#pragma omp parallel if (par)
     {
         float *wrow = NULL;
         if (W->dtype != KVM_F32) wrow = malloc((size_t)cols * sizeof(float));
@@ -175,7 +178,8 @@ static void cpu_attention(float *out, const float *q, const void *kv, const kvm_
         int first_pos = ctx - (r1 - r0);
         const int32_t *bt = b->h_block_table + (size_t)s * b->max_blocks;
         int nwork = (r1 - r0) * heads;
-#pragma omp parallel
+        const bool par = (double)nwork * ctx * D > 65536.0;
+#pragma omp parallel if (par)
         {
             float *att = malloc((size_t)ctx * sizeof(float));
             float *tmp = malloc((size_t)D * sizeof(float));
