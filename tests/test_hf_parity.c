@@ -5,7 +5,7 @@
  * must reproduce transformers:
  *   - the logits of every prompt position: max |ours - ref| / max |ref| <= 1e-4;
  *   - 32 greedy tokens (argmax of the last logits, fed back one by one): identical ids.
- * Runs on the CPU backend. */
+ * Runs on the CPU backend (KVM_PARITY_BACKEND=cuda: on the GPU, fp32 weights). */
 #include <math.h>
 #include <setjmp.h>
 #include <stdarg.h>
@@ -76,7 +76,9 @@ static void check_parity(const char *name) {
     snprintf(dir, sizeof dir, "%s/tests/fixtures/hf/%s", KVM_SOURCE_DIR, name);
     fixture_t fx = {0};
     load_fixture(dir, &fx);
-    kvm_load_opts_t opts = {.backend = "cpu", .quiet = true};
+    /* KVM_PARITY_BACKEND=cuda runs the same check on the GPU, weights in fp32 (parity mode) */
+    const char *backend = getenv("KVM_PARITY_BACKEND") ? getenv("KVM_PARITY_BACKEND") : "cpu";
+    kvm_load_opts_t opts = {.backend = backend, .quiet = true, .device_dtype = KVM_F32, .device_dtype_set = true};
     kvm_model_t *m = kvm_model_load(dir, &opts);
     if (!m) fprintf(stderr, "%s: load failed: %s\n", name, kvm_errmsg());
     assert_non_null(m);
@@ -106,8 +108,8 @@ static void check_parity(const char *name) {
         }
     }
     double rel = max_diff / max_ref;
-    fprintf(stderr, "%s: prompt logits max|ours-ref|/max|ref| = %.3e (worst at position %d; tolerance %.0e)\n", name,
-            rel, worst_t, PARITY_TOL);
+    fprintf(stderr, "%s [%s]: prompt logits max|ours-ref|/max|ref| = %.3e (worst at position %d; tolerance %.0e)\n", name,
+            m->ops->name, rel, worst_t, PARITY_TOL);
     if (rel > PARITY_TOL) {
         for (int t = 0; t < T; t++) {
             double dt = 0;
