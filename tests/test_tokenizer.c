@@ -296,6 +296,55 @@ static void test_random_text_round_trips_through_bytelevel(void **s) {
     kvm_tokenizer_free(t);
 }
 
+/* Arbitrary bytes (invalid UTF-8 included) never crash any encoder; byte-level streaming gives them back
+ * exactly, and llama2.c decodes them back exactly. */
+static void test_random_bytes_encode_without_crashing(void **s) {
+    (void)s;
+    kvm_tokenizer_t *bl = kvm_tokenizer_load_hf(TOKDATA "/tiny-digits.json", NULL);
+    kvm_tokenizer_t *ms = kvm_tokenizer_load_hf(TOKDATA "/tiny-metaspace.json", NULL);
+    kvm_tokenizer_t *l2 = kvm_file_exists(TOK512) ? kvm_tokenizer_load_bin(TOK512, 512) : NULL;
+    assert_non_null(bl);
+    assert_non_null(ms);
+    srand(31337);
+    for (int iter = 0; iter < 300; iter++) {
+        char text[200];
+        size_t len = 1 + (size_t)(rand() % 199);
+        for (size_t k = 0; k < len; k++) text[k] = (char)(rand() % 256);
+        int32_t *ids = NULL;
+        int n = 0;
+        assert_int_equal(kvm_tokenize(ms, text, len, KVM_TOK_PARSE_SPECIAL | KVM_TOK_ADD_BOS, &ids, &n), 0);
+        assert_true(n > 0);
+        kvm_free(ids);
+        assert_int_equal(kvm_tokenize(bl, text, len, KVM_TOK_PARSE_SPECIAL, &ids, &n), 0);
+        char acc[1024], buf[64];
+        size_t al = 0;
+        int32_t prev = -1;
+        for (int k = 0; k < n; k++) {
+            int nb = kvm_token_bytes(bl, prev, ids[k], buf, sizeof buf);
+            assert_true(nb >= 0 && al + (size_t)nb < sizeof acc);
+            memcpy(acc + al, buf, (size_t)nb);
+            al += (size_t)nb;
+            prev = ids[k];
+        }
+        assert_int_equal(al, len);
+        assert_memory_equal(acc, text, len);
+        kvm_free(ids);
+        if (l2) {
+            char *out = NULL;
+            size_t olen = 0;
+            assert_int_equal(kvm_tokenize(l2, text, len, KVM_TOK_ADD_BOS, &ids, &n), 0);
+            assert_int_equal(kvm_detokenize(l2, ids, n, true, &out, &olen), 0);
+            assert_int_equal(olen, len);
+            assert_memory_equal(out, text, len);
+            kvm_free(out);
+            kvm_free(ids);
+        }
+    }
+    kvm_tokenizer_free(bl);
+    kvm_tokenizer_free(ms);
+    kvm_tokenizer_free(l2);
+}
+
 static void test_bad_arguments_are_errors_not_crashes(void **s) {
     (void)s;
     kvm_tokenizer_t *t = kvm_tokenizer_load_hf(TOKDATA "/tiny-digits.json", NULL);
@@ -447,6 +496,7 @@ int main(void) {
         cmocka_unit_test(test_special_tokens_are_text_without_parse_special),
         cmocka_unit_test(test_streaming_gives_partial_utf8_bytes_for_bytelevel),
         cmocka_unit_test(test_random_text_round_trips_through_bytelevel),
+        cmocka_unit_test(test_random_bytes_encode_without_crashing),
         cmocka_unit_test(test_bad_arguments_are_errors_not_crashes),
         cmocka_unit_test(test_not_json_is_a_format_error),
         cmocka_unit_test(test_missing_model_or_vocab_names_the_field),
