@@ -405,6 +405,33 @@ static void test_bf16_pool_rows_round_trip_within_bf16(void **st) {
     kvm_kv_pool_free(p);
 }
 
+/* A backend that is not the CPU one (a copy of its table) makes the store stage rows through host
+ * buffers as it does for a GPU: the result must be the same. */
+static void test_staged_row_transfers_match_direct_access(void **st) {
+    (void)st;
+    static kvm_ops_t fake;
+    fake = *kvm_ops_cpu();
+    fake.name = "fake-device";
+    kvm_kv_geom_t g = {.n_layers = L, .n_kv_heads = H, .head_dim = D, .dtype = KVM_BF16};
+    kvm_kv_pool_t *dev = kvm_kv_pool_create(&fake, &g, 6, 1), *host = kvm_kv_pool_create(kvm_ops_cpu(), &g, 6, 1);
+    int32_t blocks[6] = {5, 2, 0, 4, 1, 3};
+    int n = 53, pos = 7;
+    size_t e = (size_t)L * 2 * H * n * D;
+    float *x = malloc(e * 4), *a = malloc(e * 4), *b = malloc(e * 4);
+    for (size_t i = 0; i < e; i++) x[i] = frand();
+    assert_int_equal(kvm_kv_write_rows(dev, blocks, pos, n, x), 0);
+    assert_int_equal(kvm_kv_write_rows(host, blocks, pos, n, x), 0);
+    assert_memory_equal(dev->data, host->data, dev->block_bytes * 6);
+    assert_int_equal(kvm_kv_read_rows(dev, blocks, pos + 3, n - 5, a), 0);
+    assert_int_equal(kvm_kv_read_rows(host, blocks, pos + 3, n - 5, b), 0);
+    assert_memory_equal(a, b, (size_t)L * 2 * H * (n - 5) * D * 4);
+    free(x);
+    free(a);
+    free(b);
+    kvm_kv_pool_free(dev);
+    kvm_kv_pool_free(host);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_prefix_lookup_shares_the_registered_blocks),
@@ -420,6 +447,7 @@ int main(void) {
         cmocka_unit_test(test_segment_is_rebased_to_f0_and_placed_back_exactly),
         cmocka_unit_test(test_shared_partial_prefix_block_is_copied_on_write),
         cmocka_unit_test(test_bf16_pool_rows_round_trip_within_bf16),
+        cmocka_unit_test(test_staged_row_transfers_match_direct_access),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

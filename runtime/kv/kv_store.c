@@ -394,95 +394,94 @@ void kvm_kv_store_stats(const kvm_kv_store_t *s, kvm_kv_store_stats_t *out) {
 
 /* ==== raw rows ====================================================================================== */
 
+/* Rows [pos, pos+n) touch blocks pos/16 .. (pos+n-1)/16; on a device backend they are staged whole in
+ * host memory (one copy per block), then converted in parallel over (block, layer). */
+static int rows_stage(const kvm_kv_pool_t *p, const int32_t *blocks, int b0, int nb, bool load, int pos, int n,
+                      unsigned char **stage) {
+    *stage = NULL;
+    if (p->ops == kvm_ops_cpu()) return 0;
+    unsigned char *st = kvm_malloc((size_t)nb * p->block_bytes);
+    if (!st) return KVM_ENOMEM;
+    for (int i = 0; i < nb; i++) {
+        int first = (b0 + i) * KVM_KV_BLOCK, last = first + KVM_KV_BLOCK;
+        bool whole = first >= pos && last <= pos + n;
+        if (!load && whole) continue; /* fully overwritten */
+        int rc = p->ops->d2h(st + (size_t)i * p->block_bytes, (const char *)p->data + (size_t)blocks[b0 + i] * p->block_bytes,
+                             p->block_bytes);
+        if (rc) {
+            kvm_free(st);
+            return rc;
+        }
+    }
+    *stage = st;
+    return 0;
+}
+
 int kvm_kv_read_rows(const kvm_kv_pool_t *p, const int32_t *blocks, int pos, int n, float *out) {
+    if (n <= 0) return 0;
     const kvm_kv_geom_t *g = &p->geom;
     const int L = g->n_layers, H = g->n_kv_heads, D = g->head_dim;
     const kvm_dtype_t dt = g->dtype;
-    const bool host = p->ops == kvm_ops_cpu();
-    unsigned char *stage = host ? NULL : kvm_malloc(p->block_bytes);
-    if (!host && !stage) return KVM_ENOMEM;
-    int t = 0;
-    while (t < n) {
-        int abs = pos + t, bi = abs / KVM_KV_BLOCK, s0 = abs % KVM_KV_BLOCK;
-        int cnt = KVM_KV_BLOCK - s0;
-        if (cnt > n - t) cnt = n - t;
-        int32_t blk = blocks[bi];
-        const void *src;
-        if (host) {
-            src = p->data;
-        } else {
-            int rc = p->ops->d2h(stage, (const char *)p->data + (size_t)blk * p->block_bytes, p->block_bytes);
-            if (rc) {
-                kvm_free(stage);
-                return rc;
-            }
-            src = stage;
-        }
-        int32_t sblk = host ? blk : 0;
-        for (int l = 0; l < L; l++)
+    const int b0 = pos / KVM_KV_BLOCK, nb = (pos + n - 1) / KVM_KV_BLOCK - b0 + 1;
+    unsigned char *stage = NULL;
+    int rc = rows_stage(p, blocks, b0, nb, true, pos, n, &stage);
+    if (rc) return rc;
+#pragma omp parallel for collapse(2) schedule(static)
+    for (int bi = 0; bi < nb; bi++)
+        for (int l = 0; l < L; l++) {
+            int first = (b0 + bi) * KVM_KV_BLOCK;
+            int s0 = first < pos ? pos - first : 0;
+            int s1 = first + KVM_KV_BLOCK > pos + n ? pos + n - first : KVM_KV_BLOCK;
+            const void *src = stage ? (const void *)(stage + (size_t)bi * p->block_bytes) : p->data;
+            int32_t sblk = stage ? 0 : blocks[b0 + bi];
             for (int kv = 0; kv < 2; kv++)
                 for (int h = 0; h < H; h++)
-                    for (int r = 0; r < cnt; r++) {
-                        size_t si = kv_elem(g, sblk, l, kv, h, s0 + r);
-                        float *o = out + ((((size_t)l * 2 + kv) * H + h) * n + (t + r)) * D;
+                    for (int sl = s0; sl < s1; sl++) {
+                        size_t si = kv_elem(g, sblk, l, kv, h, sl);
+                        int t = first + sl - pos;
+                        float *o = out + ((((size_t)l * 2 + kv) * H + h) * n + t) * D;
                         if (dt == KVM_F32) memcpy(o, (const float *)src + si, (size_t)D * sizeof(float));
                         else
                             for (int d = 0; d < D; d++) o[d] = load_elem(src, dt, si + d);
                     }
-        t += cnt;
-    }
+        }
     kvm_free(stage);
     return 0;
 }
 
 int kvm_kv_write_rows(kvm_kv_pool_t *p, const int32_t *blocks, int pos, int n, const float *in) {
+    if (n <= 0) return 0;
     const kvm_kv_geom_t *g = &p->geom;
     const int L = g->n_layers, H = g->n_kv_heads, D = g->head_dim;
     const kvm_dtype_t dt = g->dtype;
-    const bool host = p->ops == kvm_ops_cpu();
-    unsigned char *stage = host ? NULL : kvm_malloc(p->block_bytes);
-    if (!host && !stage) return KVM_ENOMEM;
-    int t = 0;
-    while (t < n) {
-        int abs = pos + t, bi = abs / KVM_KV_BLOCK, s0 = abs % KVM_KV_BLOCK;
-        int cnt = KVM_KV_BLOCK - s0;
-        if (cnt > n - t) cnt = n - t;
-        int32_t blk = blocks[bi];
-        void *dst;
-        if (host) {
-            dst = p->data;
-        } else {
-            if (cnt < KVM_KV_BLOCK) {
-                int rc = p->ops->d2h(stage, (const char *)p->data + (size_t)blk * p->block_bytes, p->block_bytes);
-                if (rc) {
-                    kvm_free(stage);
-                    return rc;
-                }
-            }
-            dst = stage;
-        }
-        int32_t sblk = host ? blk : 0;
-        for (int l = 0; l < L; l++)
+    const int b0 = pos / KVM_KV_BLOCK, nb = (pos + n - 1) / KVM_KV_BLOCK - b0 + 1;
+    unsigned char *stage = NULL;
+    int rc = rows_stage(p, blocks, b0, nb, false, pos, n, &stage);
+    if (rc) return rc;
+#pragma omp parallel for collapse(2) schedule(static)
+    for (int bi = 0; bi < nb; bi++)
+        for (int l = 0; l < L; l++) {
+            int first = (b0 + bi) * KVM_KV_BLOCK;
+            int s0 = first < pos ? pos - first : 0;
+            int s1 = first + KVM_KV_BLOCK > pos + n ? pos + n - first : KVM_KV_BLOCK;
+            void *dst = stage ? (void *)(stage + (size_t)bi * p->block_bytes) : p->data;
+            int32_t sblk = stage ? 0 : blocks[b0 + bi];
             for (int kv = 0; kv < 2; kv++)
                 for (int h = 0; h < H; h++)
-                    for (int r = 0; r < cnt; r++) {
-                        size_t di = kv_elem(g, sblk, l, kv, h, s0 + r);
-                        const float *src = in + ((((size_t)l * 2 + kv) * H + h) * n + (t + r)) * D;
+                    for (int sl = s0; sl < s1; sl++) {
+                        size_t di = kv_elem(g, sblk, l, kv, h, sl);
+                        int t = first + sl - pos;
+                        const float *src = in + ((((size_t)l * 2 + kv) * H + h) * n + t) * D;
                         if (dt == KVM_F32) memcpy((float *)dst + di, src, (size_t)D * sizeof(float));
                         else
                             for (int d = 0; d < D; d++) store_elem(dst, dt, di + d, src[d]);
                     }
-        if (!host) {
-            int rc = p->ops->h2d((char *)p->data + (size_t)blk * p->block_bytes, stage, p->block_bytes);
-            if (rc) {
-                kvm_free(stage);
-                return rc;
-            }
         }
-        t += cnt;
-    }
+    for (int bi = 0; stage && bi < nb && !rc; bi++)
+        rc = p->ops->h2d((char *)p->data + (size_t)blocks[b0 + bi] * p->block_bytes, stage + (size_t)bi * p->block_bytes,
+                         p->block_bytes);
     kvm_free(stage);
-    return 0;
+    return rc;
 }
 
 /* ==== shifts ======================================================================================== */
