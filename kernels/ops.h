@@ -116,6 +116,8 @@ const kvm_ops_t *kvm_ops_cpu(void);
 const kvm_ops_t *kvm_ops_cuda(void);
 /* One line describing the GPU the CUDA backend uses (name, SMs, L2, memory, driver); error if none. */
 int kvm_cuda_describe(char *buf, size_t cap);
+/* Why "auto" chose the CPU ("" if it did not fall back): e.g. "no CUDA driver". */
+const char *kvm_ops_fallback_reason(void);
 /* "auto" (CUDA if usable, else CPU), "cpu" or "cuda". NULL + message if the request cannot be met. */
 const kvm_ops_t *kvm_ops_select(const char *name);
 

@@ -3,6 +3,7 @@
 
 #include <math.h>
 #include <stdlib.h>
+#include <stdio.h>
 #include <string.h>
 
 #include "../runtime/core/core.h"
@@ -28,11 +29,16 @@ double kvm_rope_angle(double pos, float inv_freq) {
     return a;
 }
 
+static char g_fallback[256];
+
+const char *kvm_ops_fallback_reason(void) { return g_fallback; }
+
 const kvm_ops_t *kvm_ops_select(const char *name) {
     if (!name || !*name) name = getenv("KVM_BACKEND");
     if (!name || !*name || !strcmp(name, "auto")) {
         const kvm_ops_t *c = kvm_ops_cuda();
         if (c) return c;
+        snprintf(g_fallback, sizeof g_fallback, "%s", kvm_errmsg());
         kvm_errclear();
         return kvm_ops_cpu();
     }

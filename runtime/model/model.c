@@ -260,4 +260,9 @@ void kvm_model_describe(const kvm_model_t *m, char *buf, size_t cap) {
              c->rope_theta,
              c->rope_scaling == KVM_ROPE_SCALING_LLAMA3 ? " (llama3 scaling)" : c->rope_scaling == KVM_ROPE_SCALING_LINEAR ? " (linear scaling)" : "",
              m->ops ? m->ops->name : "none");
+    const char *why = kvm_ops_fallback_reason();
+    if (m->ops == kvm_ops_cpu() && why[0]) {
+        size_t n = strlen(buf);
+        if (n < cap) snprintf(buf + n, cap - n, " (CUDA not used: %s)", why);
+    }
 }
