@@ -186,7 +186,7 @@ int kvm_generate(kvm_model_t *m, kvm_seq_t *seq, const int32_t *prompt, int n_pr
     int rc = (!logits || !smp || !hist || !res->ids) ? kvm_errcode() ? kvm_errcode() : KVM_ENOMEM : sb_str(&text, "");
     int n_hist = 0;
     if (!rc) {
-        memcpy(hist, seq->tokens, (size_t)seq->n_tokens * sizeof(int32_t));
+        if (seq->n_tokens > 0) memcpy(hist, seq->tokens, (size_t)seq->n_tokens * sizeof(int32_t));
         memcpy(hist + seq->n_tokens, prompt, (size_t)n_prompt * sizeof(int32_t));
         n_hist = seq->n_tokens + n_prompt;
         res->n_prompt = n_prompt;
