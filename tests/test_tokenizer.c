@@ -169,6 +169,7 @@ static void test_tiny_metaspace_tokenizer_matches_hf(void **s) {
     assert_non_null(t);
     assert_string_equal(kvm_tokenizer_kind(t), "bpe-sentencepiece");
     assert_int_equal(tt_check_all(t, "tiny-metaspace"), 0);
+    assert_int_equal(tt_check_random(t, "tiny-metaspace"), 0);
     kvm_tokenizer_free(t);
 }
 
@@ -178,6 +179,7 @@ static void test_tiny_digits_bytelevel_tokenizer_matches_hf(void **s) {
     assert_non_null(t);
     assert_string_equal(kvm_tokenizer_kind(t), "bpe-bytelevel");
     assert_int_equal(tt_check_all(t, "tiny-digits"), 0);
+    assert_int_equal(tt_check_random(t, "tiny-digits"), 0);
     kvm_tokenizer_free(t);
 }
 

@@ -134,12 +134,15 @@ static inline int tt_check_decode(const kvm_tokenizer_t *t, cJSON **corpus, cJSO
     return bad;
 }
 
-/* Every golden check for one tokenizer; returns the total mismatch count (-1: files unreadable). */
-static inline int tt_check_all(const kvm_tokenizer_t *t, const char *golden_name) {
-    char path[512];
+/* Every golden check for one tokenizer over one corpus (corpus_file and golden_prefix + name + ".jsonl" in
+ * tests/data/tokenizer); returns the total mismatch count (-1: files unreadable). */
+static inline int tt_check_corpus(const kvm_tokenizer_t *t, const char *corpus_file, const char *golden_prefix,
+                                  const char *golden_name) {
+    char path[512], cpath[512];
     int nc = 0, ng = 0;
-    cJSON **corpus = tt_read_jsonl(TOKDATA "/corpus.jsonl", &nc);
-    snprintf(path, sizeof path, "%s/golden-%s.jsonl", TOKDATA, golden_name);
+    snprintf(cpath, sizeof cpath, "%s/%s", TOKDATA, corpus_file);
+    cJSON **corpus = tt_read_jsonl(cpath, &nc);
+    snprintf(path, sizeof path, "%s/%s%s.jsonl", TOKDATA, golden_prefix, golden_name);
     cJSON **gold = tt_read_jsonl(path, &ng);
     if (!corpus || !gold || ng != nc + 1) {
         fprintf(stderr, "cannot read corpus/golden %s (%d vs %d lines)\n", path, nc, ng);
@@ -152,11 +155,27 @@ static inline int tt_check_all(const kvm_tokenizer_t *t, const char *golden_name
     bad += tt_check_encode(t, corpus, gold, nc, "ids_nospecial", 0, golden_name);
     bad += tt_check_encode(t, corpus, gold, nc, "ids_bos", KVM_TOK_PARSE_SPECIAL | KVM_TOK_ADD_BOS, golden_name);
     bad += tt_check_decode(t, corpus, gold, nc, golden_name);
-    if (bad) fprintf(stderr, "%s: %d mismatches against HF tokenizers over %d strings\n", golden_name, bad, nc);
-    else fprintf(stderr, "%s: %d strings x 3 encode modes + decode + streaming match HF tokenizers\n", golden_name, nc);
+    if (bad) fprintf(stderr, "%s (%s): %d mismatches against HF tokenizers over %d strings\n", golden_name, corpus_file, bad, nc);
+    else fprintf(stderr, "%s (%s): %d strings x 3 encode modes + decode + streaming match HF tokenizers\n", golden_name, corpus_file, nc);
     tt_lines_free(corpus, nc);
     tt_lines_free(gold, ng);
     return bad;
+}
+
+/* The hand-written corpus (tests/data/tokenizer/corpus.jsonl). */
+static inline int tt_check_all(const kvm_tokenizer_t *t, const char *golden_name) {
+    return tt_check_corpus(t, "corpus.jsonl", "golden-", golden_name);
+}
+
+/* The seeded random stress corpus (corpus-random.jsonl); 0 with a loud note when its goldens are absent. */
+static inline int tt_check_random(const kvm_tokenizer_t *t, const char *golden_name) {
+    char path[512];
+    snprintf(path, sizeof path, "%s/golden-random-%s.jsonl", TOKDATA, golden_name);
+    if (!kvm_file_exists(path)) {
+        fprintf(stderr, "NOTE: %s absent: random-corpus parity not checked\n", path);
+        return 0;
+    }
+    return tt_check_corpus(t, "corpus-random.jsonl", "golden-random-", golden_name);
 }
 
 #endif

@@ -26,7 +26,7 @@ static kvm_tokenizer_t *load_cached(const char *name) {
 static void parity(const char *name) {
     kvm_tokenizer_t *t = load_cached(name);
     if (!t) skip();
-    int bad = tt_check_all(t, name);
+    int bad = tt_check_all(t, name) + tt_check_random(t, name);
     kvm_tokenizer_free(t);
     assert_int_equal(bad, 0);
 }
