@@ -1,0 +1,149 @@
+/* test_sched_batch.c - the step scheduler: requests batched into shared forward passes (with chunked
+ * prefill) generate exactly what each generates alone; a failing request ends alone. Uses
+ * stories260K from the shared folder (skipped loudly when absent). */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <string.h>
+
+#include <cmocka.h>
+
+#include "runtime/core/core.h"
+#include "runtime/sched/sched.h"
+
+#define S260 KVM_SHARED_DIR "/models/stories260K"
+
+static int setup(void **st) {
+    *st = NULL;
+    if (!kvm_file_exists(S260 "/stories260K.bin") || !kvm_file_exists(S260 "/tok512.bin")) return 0;
+    kvm_load_opts_t o = {.tokenizer_path = S260 "/tok512.bin", .backend = "cpu", .quiet = true};
+    *st = kvm_model_load(S260 "/stories260K.bin", &o);
+    if (!*st) fprintf(stderr, "load failed: %s\n", kvm_errmsg());
+    return *st ? 0 : -1;
+}
+
+static int teardown(void **st) {
+    kvm_model_free(*st);
+    return 0;
+}
+
+#define NEED_MODEL(st)                                                                                     \
+    do {                                                                                                   \
+        if (!*(st)) {                                                                                      \
+            fprintf(stderr, "SKIPPED: stories260K not found at %s (the shared models folder is absent)\n", S260); \
+            skip();                                                                                        \
+        }                                                                                                  \
+    } while (0)
+
+static const char *prompts[3] = {"Once upon a time", "The little dog ran to the park and saw a big red ball", "Lily"};
+static const int32_t bos[1] = {1};
+
+static void test_batched_requests_generate_what_each_generates_alone(void **st) {
+    NEED_MODEL(st);
+    kvm_model_t *m = *st;
+    kvm_kv_pool_t *pool = kvm_model_kv_pool(m, 0);
+    assert_non_null(pool);
+    kvm_gen_result_t alone[3];
+    int32_t *ids[3];
+    int n[3];
+    for (int i = 0; i < 3; i++) {
+        assert_int_equal(kvm_prompt_encode(m, NULL, prompts[i], false, &ids[i], &n[i]), 0);
+        kvm_seq_t seq;
+        kvm_seq_init(&seq, pool);
+        kvm_gen_params_t gp = {.max_tokens = 24, .stop_ids = bos, .n_stop_ids = 1};
+        assert_int_equal(kvm_generate(m, &seq, ids[i], n[i], &gp, NULL, NULL, &alone[i]), 0);
+        kvm_seq_free(&seq);
+    }
+    kvm_sched_opts_t so = {.max_rows = 8, .max_active = 8}; /* forces chunked prefill */
+    kvm_sched_t *s = kvm_sched_create(m, &so);
+    assert_non_null(s);
+    kvm_seq_t seqs[3];
+    for (int i = 0; i < 3; i++) {
+        kvm_seq_init(&seqs[i], pool);
+        kvm_sched_req_t r = {.seq = &seqs[i], .prompt = ids[i], .n_prompt = n[i], .tag = (uint64_t)i};
+        r.gen.max_tokens = 24;
+        r.gen.stop_ids = bos;
+        r.gen.n_stop_ids = 1;
+        assert_int_equal(kvm_sched_submit(s, &r), 0);
+    }
+    int guard = 0;
+    while (kvm_sched_pending(s) > 0 && guard++ < 1000) {
+        assert_true(kvm_sched_step(s) >= 0);
+        kvm_sched_done_t d;
+        while (kvm_sched_take(s, &d) == 1) {
+            int i = (int)d.tag;
+            assert_int_equal(d.status, 0);
+            assert_int_equal(d.n_ids, alone[i].n_ids);
+            assert_memory_equal(d.ids, alone[i].ids, (size_t)d.n_ids * sizeof *d.ids);
+            assert_string_equal(d.text, alone[i].text);
+            assert_int_equal(d.batch_max_seqs, 3);
+            kvm_sched_done_clear(&d);
+        }
+    }
+    assert_int_equal(kvm_sched_pending(s), 0);
+    assert_int_equal(kvm_sched_stats(s)->max_items, 3);
+    for (int i = 0; i < 3; i++) {
+        kvm_seq_free(&seqs[i]);
+        kvm_gen_result_free(&alone[i]);
+        kvm_free(ids[i]);
+    }
+    kvm_sched_free(s);
+    kvm_kv_pool_free(pool);
+}
+
+static void test_request_past_the_context_fails_alone(void **st) {
+    NEED_MODEL(st);
+    kvm_model_t *m = *st;
+    kvm_kv_pool_t *pool = kvm_model_kv_pool(m, 0);
+    kvm_sched_t *s = kvm_sched_create(m, NULL);
+    assert_non_null(s);
+    int long_n = m->cfg.max_seq_len + 4;
+    int32_t *long_ids = kvm_calloc((size_t)long_n, sizeof *long_ids);
+    for (int i = 0; i < long_n; i++) long_ids[i] = 1 + (i * 7919) % (m->cfg.vocab_size - 1); /* seeded, non-zero */
+    int32_t *ids;
+    int n;
+    assert_int_equal(kvm_prompt_encode(m, NULL, prompts[0], false, &ids, &n), 0);
+    kvm_seq_t a, b;
+    kvm_seq_init(&a, pool);
+    kvm_seq_init(&b, pool);
+    kvm_sched_req_t ra = {.seq = &a, .prompt = long_ids, .n_prompt = long_n, .tag = 1};
+    kvm_sched_req_t rb = {.seq = &b, .prompt = ids, .n_prompt = n, .tag = 2};
+    rb.gen.max_tokens = 5;
+    assert_int_equal(kvm_sched_submit(s, &ra), 0);
+    assert_int_equal(kvm_sched_submit(s, &rb), 0);
+    int ok = 0, failed = 0, guard = 0;
+    while (kvm_sched_pending(s) > 0 && guard++ < 100) {
+        kvm_sched_step(s);
+        kvm_sched_done_t d;
+        while (kvm_sched_take(s, &d) == 1) {
+            if (d.tag == 1) {
+                assert_int_equal(d.status, KVM_ERANGE);
+                assert_non_null(strstr(d.error, "context"));
+                failed++;
+            } else {
+                assert_int_equal(d.status, 0);
+                assert_int_equal(d.n_ids, 5);
+                ok++;
+            }
+            kvm_sched_done_clear(&d);
+        }
+    }
+    assert_int_equal(ok, 1);
+    assert_int_equal(failed, 1);
+    kvm_seq_free(&a);
+    kvm_seq_free(&b);
+    kvm_free(ids);
+    kvm_free(long_ids);
+    kvm_sched_free(s);
+    kvm_kv_pool_free(pool);
+}
+
+int main(void) {
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_batched_requests_generate_what_each_generates_alone),
+        cmocka_unit_test(test_request_past_the_context_fails_alone),
+    };
+    return cmocka_run_group_tests(tests, setup, teardown);
+}
