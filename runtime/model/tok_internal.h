@@ -167,6 +167,8 @@ kvm_tokenizer_t *tok_alloc(int kind, int vocab_size, const char *path);
 int tok_set_piece(kvm_tokenizer_t *t, int32_t id, const char *s, size_t len, bool map_it);
 /* HF BPE model over one pre-tokenized word (already in the vocabulary's alphabet). Appends ids. */
 int tok_bpe_word(const kvm_tokenizer_t *t, const char *w, size_t len, tok_ids_t *out);
+/* "<0xNN>" (exactly 6 bytes, hex digits of either case) -> the byte, else -1. */
+int tok_parse_byte_piece(const char *p, size_t len);
 /* The GPT-2 byte -> character map (as UTF-8, 1-2 bytes) and its inverse. */
 const char *tok_byte_char(unsigned b, int *len);
 int tok_char_byte(uint32_t cp); /* byte or -1 */

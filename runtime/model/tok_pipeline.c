@@ -461,18 +461,6 @@ int tok_hf_encode(const kvm_tokenizer_t *t, const char *text, size_t len, int fl
 
 /* ---- decoding ------------------------------------------------------------------------------------- */
 
-static int parse_byte_token(const char *p, size_t len) {
-    if (len != 6 || memcmp(p, "<0x", 3) != 0 || p[5] != '>') return -1;
-    int v = 0;
-    for (int i = 3; i < 5; i++) {
-        char c = p[i];
-        int d = (c >= '0' && c <= '9') ? c - '0' : (c >= 'A' && c <= 'F') ? c - 'A' + 10 : (c >= 'a' && c <= 'f') ? c - 'a' + 10 : -1;
-        if (d < 0) return -1;
-        v = v * 16 + d;
-    }
-    return v;
-}
-
 static bool valid_utf8(const char *s, size_t n) {
     for (size_t i = 0; i < n;) {
         uint32_t cp;
@@ -541,7 +529,7 @@ static int decode_step(const tok_dec_t *d, const pieces_t *in, pieces_t *out, bo
         for (int k = 0; k <= in->n && !rc; k++) {
             const char *s = k < in->n ? in->buf.p + in->off[k] : "";
             size_t n = k < in->n ? in->len[k] : 0;
-            int b = k < in->n ? parse_byte_token(s, n) : -1;
+            int b = k < in->n ? tok_parse_byte_piece(s, n) : -1;
             if (b >= 0) {
                 char c = (char)b;
                 rc = tok_buf_put(&tmp, &c, 1);

@@ -553,8 +553,7 @@ done:
     return rc;
 }
 
-/* Parses "<0xNN>" (exactly 6 bytes, hex digits of either case). Returns the byte or -1. */
-static int parse_byte_piece(const char *p, size_t len) {
+int tok_parse_byte_piece(const char *p, size_t len) {
     if (len != 6 || memcmp(p, "<0x", 3) != 0 || p[5] != '>') return -1;
     int v = 0;
     for (int i = 3; i < 5; i++) {
@@ -571,7 +570,7 @@ static int llama2c_piece(const kvm_tokenizer_t *t, int32_t prev, int32_t id, tok
     const char *p = t->pieces[id];
     size_t len = t->piece_len[id];
     if (prev == t->bos && len > 0 && p[0] == ' ') p++, len--;
-    int b = parse_byte_piece(p, len);
+    int b = tok_parse_byte_piece(p, len);
     if (b >= 0) {
         char c = (char)b;
         return tok_buf_put(out, &c, 1);
