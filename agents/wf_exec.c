@@ -1050,6 +1050,18 @@ static void end_superstep(kvm_workflow_t *wf, wf_run_t *r) {
                 msg = xstrdup(buf);
                 code = KVM_EINVAL;
             }
+            if (!code) { /* iterate a shallow copy: the node's table stays intact for `last` and outputs */
+                book(wf, r);
+                lua_newtable(L);
+                lua_pushnil(L);
+                while (lua_next(L, u)) {
+                    lua_pushvalue(L, -2);
+                    lua_insert(L, -2);
+                    lua_rawset(L, u + 1);
+                }
+                lua_replace(L, u);
+                unbook(wf);
+            }
             /* keys in sorted order for determinism */
             while (!code) {
                 const char *best = NULL;

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# run_bad_scripts.sh KVMESH SHARED - `kvmesh run` on bad scripts: exit status 1, a message with
+# file:line on stderr, never a crash (exit status >= 128).
+set -uo pipefail
+kvmesh=$1
+tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
+check() { # name, expected text, script
+  printf '%s' "$3" > "$tmp/$1.lua"
+  "$kvmesh" run "$tmp/$1.lua" --mock --no-trace --instructions 1e6 --input input=x > "$tmp/out" 2>&1
+  rc=$?
+  if [ $rc -ge 128 ] || [ $rc -eq 0 ]; then echo "$1: exit status $rc"; cat "$tmp/out"; exit 1; fi
+  grep -q "$2" "$tmp/out" || { echo "$1: message lacks '$2'"; cat "$tmp/out"; exit 1; }
+}
+head='local g = kvmesh.graph{}
+local m = kvmesh.model("mock:echo")
+g:agent("a", { model = m, template = "{input}" })
+g:edge(kvmesh.START, "a")
+'
+check syntax "syntax.lua:5:" "${head}local = 1
+return g"
+check unknown "unknown.lua:5: g:edge: unknown node 'b'" "${head}g:edge('a', 'b')
+return g"
+check loop "loop.lua:6:.*instruction budget" "${head}g:func('f', function()
+  while true do end end)
+g:edge('a', 'f')
+return g"
+check tool "tool.lua:6: no index" "${head}g:tool('t', function()
+  error('no index') end)
+g:edge('a', 't')
+return g"
+echo "bad scripts ok"
