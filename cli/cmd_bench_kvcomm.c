@@ -1,0 +1,657 @@
+/* cmd_bench_kvcomm.c - `kvmesh bench kvcomm`: the KVCOMM benchmarks.
+ *
+ *   --workload ttft (default)  the paper's TTFT setting (kvcomm.md §7 Tab. 2): A fully connected agents
+ *        (agent i reads the shared input and the responses of agents 0..i-1), each behind its own
+ *        P-token prefix, an I-token input, O-token forced outputs. Per agent: dense TTFT (full prefill of
+ *        the same ids) and reused TTFT (KVCOMM, force_reuse) with the paper's breakdown, reuse rate,
+ *        alignment time per 1K reused tokens beside its bandwidth floor, anchor memory.
+ *   --workload team            the fidelity workload: the minitasks "team" task (finder, checker,
+ *        reverser, neighbour reading one shared facts segment and the finder's answer) under dense
+ *        prefill, full KVCOMM and the ablations; accuracy, reuse rate after warm-up, per-layer K/V cosine
+ *        to dense prefill, greedy agreement with dense.
+ *
+ * Timing: host monotonic clock from the moment an agent's inputs are available to its first output id on
+ * the host (kvcomm.md §6); prepare (prediction, weights, offsets, assembly) + the last-token forward and
+ * sampling. Synthetic weights are reported as such. */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#include <cjson/cJSON.h>
+
+#include "runtime/comm/prompt.h"
+#include "runtime/eval/minitasks.h"
+#include "runtime/model/synthetic.h"
+
+int kvm_bench_kvcomm(int argc, char **argv);
+
+static double now_ms(void) { return (double)kvm_now_ns() / 1e6; }
+
+static int cmp_d(const void *a, const void *b) {
+    double x = *(const double *)a, y = *(const double *)b;
+    return x < y ? -1 : x > y;
+}
+
+static double median(const double *v, int n) {
+    if (n <= 0) return 0;
+    double *t = malloc((size_t)n * sizeof(double));
+    memcpy(t, v, (size_t)n * sizeof(double));
+    qsort(t, (size_t)n, sizeof(double), cmp_d);
+    double m = n % 2 ? t[n / 2] : 0.5 * (t[n / 2 - 1] + t[n / 2]);
+    free(t);
+    return m;
+}
+
+static uint64_t mix64(uint64_t x) {
+    x += 0x9E3779B97F4A7C15ULL;
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EBULL;
+    return x ^ (x >> 31);
+}
+
+static void rand_ids(int32_t *ids, int n, uint64_t seed, int vocab) {
+    int lo = vocab > 64 ? 16 : 1;
+    for (int i = 0; i < n; i++) ids[i] = lo + (int32_t)(mix64(seed * 1000003ULL + (uint64_t)i) % (uint64_t)(vocab - lo));
+}
+
+static void usage(void) {
+    fprintf(stderr,
+            "usage: kvmesh bench kvcomm (--synthetic NAME | --model PATH) [options]\n"
+            "  --backend auto|cpu|cuda     (default auto)\n"
+            "  --workload ttft|team        (default ttft)\n"
+            "  --set kvcomm.KEY=VALUE      a KVCOMM switch (repeatable), e.g. --set kvcomm.frame=f0\n"
+            "  --kv-budget-mb N            KV pool size (default: the model's default)\n"
+            "  --out DIR                   write the full JSON there\n"
+            " ttft: --agents 5 --input 1000 --prefix 512 --output 512 --warmup 2 --requests 3\n"
+            "       --bandwidth-gbs 2990   bandwidth of the alignment floor (H100 measured copy, perf.md)\n"
+            " team: --requests 300 --modes dense,full,rotation --warm 10 --cos-samples 32 --max-tokens 12\n"
+            "       --seed 1000            (needs a model with a tokenizer; the trained minitasks models)\n");
+}
+
+typedef struct opts {
+    const char *synth, *model, *backend, *workload, *out, *modes;
+    const char *sets[32];
+    int n_sets;
+    size_t kv_mb;
+    int agents, input, prefix, output, warmup, requests, warm, cos_samples, max_tokens;
+    uint64_t seed;
+    double bw_gbs;
+} opts_t;
+
+static int apply_sets(kvm_kvcomm_config_t *c, const opts_t *o) {
+    for (int i = 0; i < o->n_sets; i++) {
+        char kv[256];
+        snprintf(kv, sizeof kv, "%s", o->sets[i]);
+        char *eq = strchr(kv, '=');
+        if (!eq) return kvm_seterr(KVM_EINVAL, "--set %s: expected KEY=VALUE", o->sets[i]);
+        *eq = 0;
+        int rc = kvm_kvcomm_config_set(c, kv, eq + 1);
+        if (rc) return rc;
+    }
+    return 0;
+}
+
+static void write_json(const opts_t *o, const char *name, cJSON *root) {
+    if (!o->out) return;
+    mkdir(o->out, 0755);
+    char path[1024];
+    snprintf(path, sizeof path, "%s/%s", o->out, name);
+    char *s = cJSON_Print(root);
+    FILE *f = fopen(path, "w");
+    if (f && s) {
+        fputs(s, f);
+        fputc('\n', f);
+        fclose(f);
+        fprintf(stderr, "wrote %s\n", path);
+    } else {
+        if (f) fclose(f);
+        fprintf(stderr, "cannot write %s\n", path);
+    }
+    free(s);
+}
+
+/* ==== the TTFT workload ================================================================================== */
+
+typedef struct ttft_rec {
+    double dense, reuse, kvcomm, first, others;
+    int mode, n_prompt, exact, offset, naive, recomputed, n_anchor_max;
+    double align_ms;
+    int align_tokens;
+    double align_bytes;
+} ttft_rec_t;
+
+static int run_ttft(kvm_model_t *m, const opts_t *o) {
+    const int A = o->agents, V = m->cfg.vocab_size, G = 8;
+    kvm_comm_opts_t co = {.kv_budget_bytes = o->kv_mb << 20, .kvcomm_set = true};
+    kvm_kvcomm_config_default(&co.kvcomm);
+    co.kvcomm.force_reuse = true; /* the paper's TTFT run used gamma = 1 (kvcomm.md §8) */
+    if (apply_sets(&co.kvcomm, o)) {
+        fprintf(stderr, "kvmesh bench kvcomm: %s\n", kvm_errmsg());
+        return 2;
+    }
+    int need = o->prefix + o->input + (A - 1) * (o->output + G) + 2 * G + 16;
+    if (m->cfg.max_seq_len > 0 && need + o->output > m->cfg.max_seq_len) {
+        fprintf(stderr, "kvmesh bench kvcomm: the last agent needs %d tokens, beyond the model's context of %d "
+                "(use smaller --input/--prefix/--output)\n", need + o->output, m->cfg.max_seq_len);
+        return 2;
+    }
+    kvm_comm_t *c = kvm_comm_create(m, &co);
+    if (!c) {
+        fprintf(stderr, "kvmesh bench kvcomm: %s\n", kvm_errmsg());
+        return 1;
+    }
+    /* templates: prefix ++ {input} ++ glue ++ {agent:a0} ++ glue ... */
+    kvm_template_t **tm = calloc((size_t)A, sizeof *tm);
+    int32_t *texts = malloc((size_t)A * (o->prefix + (size_t)(A + 1) * G) * sizeof(int32_t));
+    char (*names)[64] = calloc((size_t)A, sizeof *names);
+    char (*agent)[32] = calloc((size_t)A, sizeof *agent);
+    for (int i = 0; i < A; i++) {
+        snprintf(agent[i], sizeof agent[i], "a%d", i);
+        snprintf(names[i], sizeof names[i], "agent:a%d:current", i);
+    }
+    int rc = 0;
+    for (int i = 0; i < A && !rc; i++) {
+        kvm_piece_t pc[2 * 32 + 2];
+        int np = 0;
+        int32_t *tx = texts + (size_t)i * (o->prefix + (size_t)(A + 1) * G);
+        rand_ids(tx, o->prefix + (A + 1) * G, 0x7e3a0000ULL + (uint64_t)i, V);
+        pc[np++] = (kvm_piece_t){.kind = KVM_PIECE_TEXT, .ids = tx, .n_ids = o->prefix};
+        pc[np++] = (kvm_piece_t){.kind = KVM_PIECE_PLACEHOLDER, .text = "input"};
+        pc[np++] = (kvm_piece_t){.kind = KVM_PIECE_TEXT, .ids = tx + o->prefix, .n_ids = G};
+        for (int j = 0; j < i && j < 32; j++) {
+            pc[np++] = (kvm_piece_t){.kind = KVM_PIECE_PLACEHOLDER, .text = names[j]};
+            pc[np++] = (kvm_piece_t){.kind = KVM_PIECE_TEXT, .ids = tx + o->prefix + (size_t)(j + 1) * G, .n_ids = G};
+        }
+        kvm_template_desc_t d = {.agent = agent[i], .pieces = pc, .n_pieces = np, .raw = true};
+        tm[i] = kvm_template_create(c, &d);
+        if (!tm[i]) rc = kvm_errcode() ? kvm_errcode() : KVM_EINTERNAL;
+    }
+    const int R = o->warmup + o->requests;
+    ttft_rec_t *rec = calloc((size_t)R * A, sizeof *rec);
+    int32_t *content = malloc((size_t)o->input * sizeof(int32_t)), hdr[8];
+    kvm_gen_params_t gp = {.max_tokens = o->output, .ignore_eos = true};
+    kvm_gen_params_t gp1 = {.max_tokens = 1, .ignore_eos = true};
+    const kvm_config_t *mc = &m->cfg;
+    const double row_bytes = 2.0 * mc->n_layers * mc->n_kv_heads * mc->head_dim * 2.0; /* bf16 K+V per token */
+    for (int r = 0; r < R && !rc; r++) {
+        fprintf(stderr, "request %d/%d%s\n", r + 1, R, r < o->warmup ? " (warm-up)" : "");
+        kvm_comm_request_t *rq = kvm_comm_request_begin(c, (uint64_t)r + 1);
+        rand_ids(content, o->input, 0xc0117e47ULL + (uint64_t)r, V);
+        rand_ids(hdr, 8, 0x4eade4ULL, V);
+        kvm_segment_t **resp = calloc((size_t)A, sizeof *resp);
+        double t0 = now_ms();
+        kvm_segment_t *in = NULL;
+        rc = kvm_comm_segment_ids(c, KVM_PRODUCER_INPUT, "input", hdr, 8, content, o->input, &in);
+        double t_seg = now_ms() - t0;
+        for (int i = 0; i < A && !rc; i++) {
+            ttft_rec_t *x = &rec[(size_t)r * A + i];
+            kvm_binding_t b[33];
+            int nb = 0;
+            b[nb++] = (kvm_binding_t){"input", in};
+            for (int j = 0; j < i && j < 32; j++) b[nb++] = (kvm_binding_t){names[j], resp[j]};
+            /* reused */
+            kvm_prompt_t pr = {.tmpl = tm[i], .bindings = b, .n_bindings = nb, .policy = KVM_KV_KVCOMM};
+            kvm_prepared_t p;
+            kvm_gen_result_t res;
+            memset(&res, 0, sizeof res);
+            double a0 = now_ms();
+            rc = kvm_comm_prepare(rq, &pr, &p);
+            double prep_ms = now_ms() - a0;
+            if (rc) break;
+            rc = kvm_generate(m, &p.seq, p.rest_ids, p.n_rest, &gp, NULL, NULL, &res);
+            if (!rc) rc = kvm_comm_complete(rq, &p, &res, &resp[i]);
+            const kvm_comm_report_t *rp = &p.report;
+            x->mode = rp->mode;
+            x->n_prompt = p.n_prompt;
+            x->exact = rp->exact_tokens;
+            x->offset = rp->offset_tokens;
+            x->naive = rp->naive_tokens;
+            x->recomputed = rp->recomputed_tokens;
+            x->kvcomm = rp->predict_ms + rp->weights_ms + rp->offset_ms + rp->assemble_ms;
+            x->first = res.ttft_ms;
+            x->reuse = prep_ms + res.ttft_ms + (i == 0 ? t_seg : 0);
+            x->others = x->reuse - x->kvcomm - x->first;
+            if (rp->mode == KVM_COMM_REUSE) {
+                x->align_ms = rp->weights_ms + rp->offset_ms + rp->assemble_ms;
+                x->align_tokens = rp->offset_tokens + rp->naive_tokens;
+                /* floor: read base rows + N anchors (deltas of T+S rows, bases of T rows) + template rows,
+                 * write the T+S rows, for every placeholder (bf16 bytes) */
+                for (int k = 0; k < rp->n_placeholders; k++) {
+                    double T = rp->ph[k].tokens, S = rp->ph[k].text_tokens, N = rp->ph[k].n_eligible;
+                    x->align_bytes += row_bytes * (T + S + N * (T + S) + N * T + (T + S));
+                    if (rp->ph[k].n_eligible > x->n_anchor_max) x->n_anchor_max = rp->ph[k].n_eligible;
+                }
+            }
+            kvm_gen_result_free(&res);
+            kvm_prepared_release(&p);
+            if (rc) break;
+            /* dense: full prefill of the same ids */
+            pr.policy = KVM_KV_TEXT;
+            memset(&res, 0, sizeof res);
+            a0 = now_ms();
+            rc = kvm_comm_prepare(rq, &pr, &p);
+            prep_ms = now_ms() - a0;
+            if (rc) break;
+            rc = kvm_generate(m, &p.seq, p.rest_ids, p.n_rest, &gp1, NULL, NULL, &res);
+            x->dense = prep_ms + res.ttft_ms;
+            kvm_gen_result_free(&res);
+            kvm_prepared_release(&p);
+        }
+        if (!rc) rc = kvm_comm_request_end(rq);
+        else kvm_comm_request_abort(rq);
+        for (int i = 0; i < A; i++) kvm_segment_release(resp[i]);
+        free(resp);
+        kvm_segment_release(in);
+    }
+    if (rc) {
+        fprintf(stderr, "kvmesh bench kvcomm: %s\n", kvm_errmsg());
+    } else {
+        char card[256] = "cpu";
+        if (strcmp(m->ops->name, "cpu") != 0) kvm_cuda_describe(card, sizeof card);
+        char cfgs[512];
+        kvm_kvcomm_config_str(kvm_comm_config(c), cfgs, sizeof cfgs);
+        kvm_comm_stats_t st;
+        kvm_comm_stats(c, &st);
+        int n_anchors = 0;
+        for (int i = 0; i < st.n_pools; i++) {
+            kvm_comm_pool_stats_t ps;
+            kvm_comm_pool_stats(c, i, &ps);
+            n_anchors += ps.n_anchors;
+        }
+        printf("\nkvmesh bench kvcomm (ttft): %s on %s (%s)%s\n", m->name, m->ops->name, card,
+               strstr(m->name, "synthetic") || !m->tok ? ", SYNTHETIC/RANDOM WEIGHTS" : "");
+        printf("agents %d, input %d, prefix %d, output %d tokens; %d warm-up + %d measured requests\n", A, o->input,
+               o->prefix, o->output, o->warmup, o->requests);
+        printf("switches: %s\n\n", cfgs);
+        printf("%-6s %7s %10s %10s %8s %9s %9s %9s %7s  %s\n", "agent", "prompt", "dense ms", "reuse ms", "speedup",
+               "kvcomm", "1st-tok", "others", "reuse%", "exact/offset/naive/recomputed");
+        cJSON *root = cJSON_CreateObject(), *ja = cJSON_AddArrayToObject(root, "agents");
+        cJSON_AddStringToObject(root, "model", m->name);
+        cJSON_AddStringToObject(root, "backend", m->ops->name);
+        cJSON_AddStringToObject(root, "device", card);
+        cJSON_AddStringToObject(root, "switches", cfgs);
+        cJSON_AddNumberToObject(root, "input", o->input);
+        cJSON_AddNumberToObject(root, "prefix", o->prefix);
+        cJSON_AddNumberToObject(root, "output", o->output);
+        double *v = malloc((size_t)R * 6 * sizeof(double));
+        double align_ms = 0, align_bytes = 0;
+        int align_tok = 0, n_reuse = 0, n_meas = 0;
+        for (int i = 0; i < A; i++) {
+            int n = 0, nr = 0;
+            double *dn = v, *ru = v + R, *kc = v + 2 * R, *ft = v + 3 * R, *ot = v + 4 * R;
+            ttft_rec_t last = {0};
+            for (int r = o->warmup; r < R; r++) {
+                ttft_rec_t *x = &rec[(size_t)r * A + i];
+                dn[n] = x->dense, ru[n] = x->reuse, kc[n] = x->kvcomm, ft[n] = x->first, ot[n] = x->others;
+                n++;
+                nr += x->mode == KVM_COMM_REUSE;
+                align_ms += x->align_ms, align_bytes += x->align_bytes, align_tok += x->align_tokens;
+                last = *x;
+            }
+            n_reuse += nr, n_meas += n;
+            double md = median(dn, n), mr = median(ru, n);
+            printf("%-6s %7d %10.2f %10.2f %7.2fx %9.2f %9.2f %9.2f %6.0f%%  %d/%d/%d/%d\n", agent[i], last.n_prompt, md,
+                   mr, mr > 0 ? md / mr : 0, median(kc, n), median(ft, n), median(ot, n), n ? 100.0 * nr / n : 0,
+                   last.exact, last.offset, last.naive, last.recomputed);
+            cJSON *o1 = cJSON_CreateObject();
+            cJSON_AddStringToObject(o1, "agent", agent[i]);
+            cJSON_AddNumberToObject(o1, "prompt_tokens", last.n_prompt);
+            cJSON_AddNumberToObject(o1, "dense_ttft_ms_median", md);
+            cJSON_AddNumberToObject(o1, "reuse_ttft_ms_median", mr);
+            cJSON_AddNumberToObject(o1, "kvcomm_ms_median", median(kc, n));
+            cJSON_AddNumberToObject(o1, "first_token_ms_median", median(ft, n));
+            cJSON_AddNumberToObject(o1, "others_ms_median", median(ot, n));
+            cJSON_AddNumberToObject(o1, "reuse_share", n ? (double)nr / n : 0);
+            cJSON *reps = cJSON_AddArrayToObject(o1, "reps");
+            for (int r = 0; r < R; r++) {
+                ttft_rec_t *x = &rec[(size_t)r * A + i];
+                cJSON *e = cJSON_CreateObject();
+                cJSON_AddBoolToObject(e, "warmup", r < o->warmup);
+                cJSON_AddStringToObject(e, "mode", x->mode == KVM_COMM_REUSE ? "reuse" : "dense");
+                cJSON_AddNumberToObject(e, "dense_ms", x->dense);
+                cJSON_AddNumberToObject(e, "reuse_ms", x->reuse);
+                cJSON_AddNumberToObject(e, "kvcomm_ms", x->kvcomm);
+                cJSON_AddNumberToObject(e, "first_token_ms", x->first);
+                cJSON_AddNumberToObject(e, "exact", x->exact);
+                cJSON_AddNumberToObject(e, "offset", x->offset);
+                cJSON_AddNumberToObject(e, "naive", x->naive);
+                cJSON_AddNumberToObject(e, "recomputed", x->recomputed);
+                cJSON_AddNumberToObject(e, "anchors", x->n_anchor_max);
+                cJSON_AddItemToArray(reps, e);
+            }
+            cJSON_AddItemToArray(ja, o1);
+        }
+        free(v);
+        double per1k = align_tok ? align_ms / (align_tok / 1000.0) : 0;
+        double floor1k = align_tok ? (align_bytes / (o->bw_gbs * 1e9) * 1e3) / (align_tok / 1000.0) : 0;
+        /* anchor memory: ours (host fp32) and the paper's formula in bf16 (kvcomm.md §2.4) */
+        double per_anchor = n_anchors ? (double)st.anchor_bytes / n_anchors : 0;
+        printf("\nreuse rate (measured requests): %.1f%% (%d of %d agent invocations)\n",
+               n_meas ? 100.0 * n_reuse / n_meas : 0, n_reuse, n_meas);
+        printf("alignment (weights + offsets + assembly): %.3f ms per 1K reused tokens; bandwidth floor %.3f ms per 1K "
+               "at %.0f GB/s (bf16 bytes of bases, deltas, anchor bases, writes) -> %.1fx the floor\n", per1k, floor1k,
+               o->bw_gbs, floor1k > 0 ? per1k / floor1k : 0);
+        printf("anchors: %d in %d pools, %.1f MiB in all, %.2f MiB per anchor (host fp32; the same data in bf16 would "
+               "be half)\n", n_anchors, st.n_pools, st.anchor_bytes / 1048576.0, per_anchor / 1048576.0);
+        cJSON_AddNumberToObject(root, "reuse_rate", n_meas ? (double)n_reuse / n_meas : 0);
+        cJSON_AddNumberToObject(root, "align_ms_per_1k", per1k);
+        cJSON_AddNumberToObject(root, "align_floor_ms_per_1k", floor1k);
+        cJSON_AddNumberToObject(root, "bandwidth_gbs", o->bw_gbs);
+        cJSON_AddNumberToObject(root, "anchors", n_anchors);
+        cJSON_AddNumberToObject(root, "anchor_bytes", (double)st.anchor_bytes);
+        cJSON_AddNumberToObject(root, "anchor_bytes_per_anchor", per_anchor);
+        write_json(o, "kvcomm_ttft.json", root);
+        cJSON_Delete(root);
+    }
+    free(content);
+    free(rec);
+    for (int i = 0; i < A; i++) kvm_template_free(tm[i]);
+    free(tm);
+    free(texts);
+    free(names);
+    free(agent);
+    kvm_comm_free(c);
+    return rc ? 1 : 0;
+}
+
+/* ==== the team (fidelity) workload ======================================================================= */
+
+#define TEAM_ROLES 4
+
+static void trim(char *s) {
+    size_t n = strlen(s), a = 0;
+    while (a < n && (s[a] == ' ' || s[a] == '\n' || s[a] == '\t' || s[a] == '\r')) a++;
+    while (n > a && (s[n - 1] == ' ' || s[n - 1] == '\n' || s[n - 1] == '\t' || s[n - 1] == '\r')) n--;
+    memmove(s, s + a, n - a);
+    s[n - a] = 0;
+}
+
+typedef struct cosacc {
+    double *k, *v, *kl2, *vl2;
+    int n;
+} cosacc_t;
+
+/* Per-layer cosine and relative l2 of the reused cache rows [E, n_cached) against a dense prefill. */
+static int cos_vs_dense(kvm_comm_t *c, const kvm_prepared_t *p, cosacc_t *acc) {
+    kvm_model_t *m = kvm_comm_model(c);
+    kvm_kv_pool_t *pool = kvm_kv_store_pool(kvm_comm_store(c));
+    const int L = m->cfg.n_layers, H = m->cfg.n_kv_heads, D = m->cfg.head_dim;
+    int E = p->report.exact_tokens, n = p->n_cached;
+    if (n - E <= 0) return 0;
+    kvm_seq_t s;
+    kvm_seq_init(&s, pool);
+    kvm_batch_item_t it = {.seq = &s, .tokens = p->prompt_ids, .n_tokens = n};
+    int rc = kvm_forward(m, &it, 1);
+    size_t e = (size_t)L * 2 * H * (n - E) * D;
+    float *x = malloc(e * 4), *y = malloc(e * 4);
+    if (!rc) rc = kvm_kv_read_rows(pool, p->seq.blocks, E, n - E, x);
+    if (!rc) rc = kvm_kv_read_rows(pool, s.blocks, E, n - E, y);
+    if (!rc) {
+        size_t per = (size_t)H * (n - E) * D;
+        for (int l = 0; l < L; l++)
+            for (int kv = 0; kv < 2; kv++) {
+                const float *a = x + ((size_t)l * 2 + kv) * per, *b = y + ((size_t)l * 2 + kv) * per;
+                double ab = 0, aa = 0, bb = 0, dd = 0;
+                for (size_t i = 0; i < per; i++) {
+                    ab += (double)a[i] * b[i], aa += (double)a[i] * a[i], bb += (double)b[i] * b[i];
+                    dd += ((double)a[i] - b[i]) * ((double)a[i] - b[i]);
+                }
+                double cs = ab / (sqrt(aa * bb) + 1e-30), rl = sqrt(dd / (bb + 1e-30));
+                if (kv) acc->v[l] += cs, acc->vl2[l] += rl;
+                else acc->k[l] += cs, acc->kl2[l] += rl;
+            }
+        acc->n++;
+    }
+    free(x);
+    free(y);
+    kvm_seq_free(&s);
+    return rc;
+}
+
+typedef struct team_mode_res {
+    char name[32];
+    int correct[TEAM_ROLES], total[TEAM_ROLES];
+    int inv, reuse, inv_warm, reuse_warm, agree, agree_n;
+    uint64_t exact, offset, naive, recomputed, input;
+    cosacc_t cos;
+    int anchors;
+    double anchor_mib;
+    char (*outputs)[64]; /* [requests * roles] */
+} team_mode_res_t;
+
+static int run_team_mode(kvm_model_t *m, const opts_t *o, const char *mode, team_mode_res_t *res,
+                         const team_mode_res_t *dense_ref) {
+    kvm_comm_opts_t co = {.kv_budget_bytes = o->kv_mb << 20, .kvcomm_set = true};
+    kvm_kvcomm_config_default(&co.kvcomm);
+    kvm_kv_policy_t policy = KVM_KV_KVCOMM;
+    if (!strcmp(mode, "dense")) policy = KVM_KV_EXACT;
+    else if (kvm_kvcomm_ablation(&co.kvcomm, mode)) return kvm_errcode();
+    int rc = apply_sets(&co.kvcomm, o);
+    if (rc) return rc;
+    kvm_comm_t *c = kvm_comm_create(m, &co);
+    if (!c) return kvm_errcode();
+    const int L = m->cfg.n_layers;
+    snprintf(res->name, sizeof res->name, "%s", mode);
+    res->cos.k = calloc((size_t)L * 4, sizeof(double));
+    res->cos.v = res->cos.k + L, res->cos.kl2 = res->cos.k + 2 * L, res->cos.vl2 = res->cos.k + 3 * L;
+    res->outputs = calloc((size_t)o->requests * TEAM_ROLES, sizeof *res->outputs);
+    kvm_template_t *tm[TEAM_ROLES] = {0};
+    for (int role = 0; role < TEAM_ROLES && !rc; role++) {
+        kvm_piece_t pc[3] = {{.kind = KVM_PIECE_PLACEHOLDER, .text = "input"},
+                             {.kind = KVM_PIECE_TEXT, .text = "\nFinder: "},
+                             {.kind = KVM_PIECE_PLACEHOLDER, .text = "agent:finder:current"}};
+        kvm_template_desc_t d = {.agent = kvm_mt_role_name(KVM_MT_TEAM, role),
+                                 .system = kvm_mt_role_system(KVM_MT_TEAM, role),
+                                 .pieces = pc,
+                                 .n_pieces = role == 0 ? 1 : 3};
+        tm[role] = kvm_template_create(c, &d);
+        if (!tm[role]) rc = kvm_errcode();
+    }
+    kvm_gen_params_t gp = {.max_tokens = o->max_tokens};
+    for (int q = 0; q < o->requests && !rc; q++) {
+        kvm_mt_item_t it[TEAM_ROLES];
+        for (int role = 0; role < TEAM_ROLES && !rc; role++)
+            rc = kvm_mt_make(&it[role], KVM_MT_TEAM, KVM_MT_EVAL, o->seed, (uint64_t)q, role);
+        if (rc) break;
+        kvm_comm_request_t *rq = kvm_comm_request_begin(c, (uint64_t)q + 1);
+        kvm_segment_t *in = NULL, *finder = NULL;
+        rc = kvm_comm_segment_text(c, KVM_PRODUCER_INPUT, "input", it[0].user, strlen(it[0].user), &in);
+        char fout[256] = "";
+        for (int role = 0; role < TEAM_ROLES && !rc; role++) {
+            kvm_binding_t b[2] = {{"input", in}, {"agent:finder:current", finder}};
+            kvm_prompt_t pr = {.tmpl = tm[role], .bindings = b, .n_bindings = role == 0 ? 1 : 2, .policy = policy};
+            kvm_prepared_t p;
+            kvm_gen_result_t gr;
+            memset(&gr, 0, sizeof gr);
+            rc = kvm_comm_prepare(rq, &pr, &p);
+            if (rc) break;
+            if (p.report.mode == KVM_COMM_REUSE && res->cos.n < o->cos_samples) rc = cos_vs_dense(c, &p, &res->cos);
+            if (!rc) rc = kvm_generate(m, &p.seq, p.rest_ids, p.n_rest, &gp, NULL, NULL, &gr);
+            if (!rc) rc = kvm_comm_complete(rq, &p, &gr, role == 0 ? &finder : NULL);
+            if (!rc) {
+                char out[256];
+                snprintf(out, sizeof out, "%s", gr.text ? gr.text : "");
+                trim(out);
+                if (role == 0) snprintf(fout, sizeof fout, "%s", out);
+                kvm_mt_item_t sc = it[role];
+                if (role == 1) snprintf(sc.answer, sizeof sc.answer, "%s", !strcmp(fout, it[0].answer) ? "yes" : "no");
+                if (role == 2) kvm_mt_reverse_str(fout, sc.answer, sizeof sc.answer);
+                bool ok = kvm_mt_score(&sc, out);
+                res->correct[role] += ok;
+                res->total[role]++;
+                snprintf(res->outputs[(size_t)q * TEAM_ROLES + role], 64, "%s", out);
+                if (dense_ref) {
+                    res->agree_n++;
+                    res->agree += !strcmp(out, dense_ref->outputs[(size_t)q * TEAM_ROLES + role]);
+                }
+                const kvm_comm_report_t *r = &p.report;
+                res->inv++;
+                res->reuse += r->mode == KVM_COMM_REUSE;
+                if (q >= o->warm) res->inv_warm++, res->reuse_warm += r->mode == KVM_COMM_REUSE;
+                res->exact += (uint64_t)r->exact_tokens, res->offset += (uint64_t)r->offset_tokens;
+                res->naive += (uint64_t)r->naive_tokens, res->recomputed += (uint64_t)r->recomputed_tokens;
+                res->input += (uint64_t)r->input_tokens;
+            }
+            kvm_gen_result_free(&gr);
+            kvm_prepared_release(&p);
+        }
+        if (!rc) rc = kvm_comm_request_end(rq);
+        else kvm_comm_request_abort(rq);
+        kvm_segment_release(in);
+        kvm_segment_release(finder);
+        if ((q + 1) % 50 == 0) fprintf(stderr, "%s: %d/%d requests\n", mode, q + 1, o->requests);
+    }
+    kvm_comm_stats_t st;
+    kvm_comm_stats(c, &st);
+    for (int i = 0; i < st.n_pools; i++) {
+        kvm_comm_pool_stats_t ps;
+        kvm_comm_pool_stats(c, i, &ps);
+        res->anchors += ps.n_anchors;
+    }
+    res->anchor_mib = st.anchor_bytes / 1048576.0;
+    for (int role = 0; role < TEAM_ROLES; role++) kvm_template_free(tm[role]);
+    kvm_comm_free(c);
+    return rc;
+}
+
+static int run_team(kvm_model_t *m, const opts_t *o) {
+    if (!m->tok) {
+        fprintf(stderr, "kvmesh bench kvcomm: the team workload needs a model with a tokenizer\n");
+        return 2;
+    }
+    char modes[256];
+    snprintf(modes, sizeof modes, "%s", o->modes);
+    team_mode_res_t res[8];
+    memset(res, 0, sizeof res);
+    int nm = 0, rc = 0, dense_i = -1;
+    for (char *tok = strtok(modes, ","); tok && nm < 8 && !rc; tok = strtok(NULL, ",")) {
+        fprintf(stderr, "mode %s ...\n", tok);
+        rc = run_team_mode(m, o, tok, &res[nm], dense_i >= 0 ? &res[dense_i] : NULL);
+        if (!strcmp(tok, "dense")) dense_i = nm;
+        nm++;
+    }
+    if (rc) {
+        fprintf(stderr, "kvmesh bench kvcomm: %s\n", kvm_errmsg());
+    } else {
+        const int L = m->cfg.n_layers;
+        printf("\nkvmesh bench kvcomm (team): %s on %s; %d requests x %d agents (minitasks team, eval seed %llu)\n",
+               m->name, m->ops->name, o->requests, TEAM_ROLES, (unsigned long long)o->seed);
+        printf("%-12s %8s %8s %8s %8s %8s %9s %10s %9s %8s  %s\n", "mode", "acc%", "finder", "checker", "reverser",
+               "neighbr", "reuse%", "reuse%warm", "agree%", "anchors", "exact/offset/naive/recomputed tokens");
+        cJSON *root = cJSON_CreateObject(), *jm = cJSON_AddArrayToObject(root, "modes");
+        cJSON_AddStringToObject(root, "model", m->name);
+        cJSON_AddNumberToObject(root, "requests", o->requests);
+        for (int i = 0; i < nm; i++) {
+            team_mode_res_t *r = &res[i];
+            int c = 0, t = 0;
+            for (int k = 0; k < TEAM_ROLES; k++) c += r->correct[k], t += r->total[k];
+            double acc = t ? 100.0 * c / t : 0;
+            printf("%-12s %8.1f", r->name, acc);
+            for (int k = 0; k < TEAM_ROLES; k++) printf(" %8.1f", r->total[k] ? 100.0 * r->correct[k] / r->total[k] : 0);
+            printf(" %9.1f %10.1f %9.1f %8d  %llu/%llu/%llu/%llu\n", r->inv ? 100.0 * r->reuse / r->inv : 0,
+                   r->inv_warm ? 100.0 * r->reuse_warm / r->inv_warm : 0, r->agree_n ? 100.0 * r->agree / r->agree_n : 100,
+                   r->anchors, (unsigned long long)r->exact, (unsigned long long)r->offset,
+                   (unsigned long long)r->naive, (unsigned long long)r->recomputed);
+            cJSON *o1 = cJSON_CreateObject();
+            cJSON_AddStringToObject(o1, "mode", r->name);
+            cJSON_AddNumberToObject(o1, "accuracy", acc);
+            cJSON *pr = cJSON_AddArrayToObject(o1, "accuracy_per_role");
+            for (int k = 0; k < TEAM_ROLES; k++)
+                cJSON_AddItemToArray(pr, cJSON_CreateNumber(r->total[k] ? 100.0 * r->correct[k] / r->total[k] : 0));
+            cJSON_AddNumberToObject(o1, "reuse_rate", r->inv ? (double)r->reuse / r->inv : 0);
+            cJSON_AddNumberToObject(o1, "reuse_rate_after_warmup", r->inv_warm ? (double)r->reuse_warm / r->inv_warm : 0);
+            cJSON_AddNumberToObject(o1, "greedy_agreement_with_dense", r->agree_n ? (double)r->agree / r->agree_n : 1);
+            cJSON_AddNumberToObject(o1, "anchors", r->anchors);
+            cJSON_AddNumberToObject(o1, "anchor_mib", r->anchor_mib);
+            cJSON_AddNumberToObject(o1, "exact_tokens", (double)r->exact);
+            cJSON_AddNumberToObject(o1, "offset_tokens", (double)r->offset);
+            cJSON_AddNumberToObject(o1, "naive_tokens", (double)r->naive);
+            cJSON_AddNumberToObject(o1, "recomputed_tokens", (double)r->recomputed);
+            cJSON_AddNumberToObject(o1, "cos_samples", r->cos.n);
+            cJSON *ck = cJSON_AddArrayToObject(o1, "cos_k"), *cv = cJSON_AddArrayToObject(o1, "cos_v");
+            cJSON *lk = cJSON_AddArrayToObject(o1, "rel_l2_k"), *lv = cJSON_AddArrayToObject(o1, "rel_l2_v");
+            for (int l = 0; l < L && r->cos.n; l++) {
+                cJSON_AddItemToArray(ck, cJSON_CreateNumber(r->cos.k[l] / r->cos.n));
+                cJSON_AddItemToArray(cv, cJSON_CreateNumber(r->cos.v[l] / r->cos.n));
+                cJSON_AddItemToArray(lk, cJSON_CreateNumber(r->cos.kl2[l] / r->cos.n));
+                cJSON_AddItemToArray(lv, cJSON_CreateNumber(r->cos.vl2[l] / r->cos.n));
+            }
+            cJSON_AddItemToArray(jm, o1);
+        }
+        printf("\nper-layer cosine to dense prefill of the reused rows (K / V), mean over sampled REUSE invocations:\n");
+        for (int i = 0; i < nm; i++) {
+            team_mode_res_t *r = &res[i];
+            if (!r->cos.n) continue;
+            printf("%-12s (%d samples)", r->name, r->cos.n);
+            for (int l = 0; l < L; l++) printf(" L%d %.4f/%.4f", l, r->cos.k[l] / r->cos.n, r->cos.v[l] / r->cos.n);
+            printf("\n");
+        }
+        write_json(o, "kvcomm_team.json", root);
+        cJSON_Delete(root);
+    }
+    for (int i = 0; i < nm; i++) {
+        free(res[i].cos.k);
+        free(res[i].outputs);
+    }
+    return rc ? 1 : 0;
+}
+
+/* ==== entry ============================================================================================== */
+
+int kvm_bench_kvcomm(int argc, char **argv) {
+    opts_t o = {.backend = "auto", .workload = "ttft", .modes = "dense,full,rotation", .agents = 5, .input = 1000,
+                .prefix = 512, .output = 512, .warmup = 2, .requests = -1, .warm = 10, .cos_samples = 32,
+                .max_tokens = 12, .seed = KVM_MT_DEFAULT_EVAL_SEED, .bw_gbs = 2990};
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        bool has = i + 1 < argc;
+        if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
+            usage();
+            return 0;
+        } else if (!strcmp(a, "--synthetic") && has) o.synth = argv[++i];
+        else if (!strcmp(a, "--model") && has) o.model = argv[++i];
+        else if (!strcmp(a, "--backend") && has) o.backend = argv[++i];
+        else if (!strcmp(a, "--workload") && has) o.workload = argv[++i];
+        else if (!strcmp(a, "--out") && has) o.out = argv[++i];
+        else if (!strcmp(a, "--modes") && has) o.modes = argv[++i];
+        else if (!strcmp(a, "--set") && has && o.n_sets < 32) o.sets[o.n_sets++] = argv[++i];
+        else if (!strcmp(a, "--kv-budget-mb") && has) o.kv_mb = (size_t)atol(argv[++i]);
+        else if (!strcmp(a, "--agents") && has) o.agents = atoi(argv[++i]);
+        else if (!strcmp(a, "--input") && has) o.input = atoi(argv[++i]);
+        else if (!strcmp(a, "--prefix") && has) o.prefix = atoi(argv[++i]);
+        else if (!strcmp(a, "--output") && has) o.output = atoi(argv[++i]);
+        else if (!strcmp(a, "--warmup") && has) o.warmup = atoi(argv[++i]);
+        else if (!strcmp(a, "--requests") && has) o.requests = atoi(argv[++i]);
+        else if (!strcmp(a, "--warm") && has) o.warm = atoi(argv[++i]);
+        else if (!strcmp(a, "--cos-samples") && has) o.cos_samples = atoi(argv[++i]);
+        else if (!strcmp(a, "--max-tokens") && has) o.max_tokens = atoi(argv[++i]);
+        else if (!strcmp(a, "--seed") && has) o.seed = (uint64_t)strtoull(argv[++i], NULL, 10);
+        else if (!strcmp(a, "--bandwidth-gbs") && has) o.bw_gbs = atof(argv[++i]);
+        else {
+            fprintf(stderr, "kvmesh bench kvcomm: unknown or incomplete option '%s'\n", a);
+            usage();
+            return 2;
+        }
+    }
+    bool ttft = !strcmp(o.workload, "ttft");
+    if (o.requests < 0) o.requests = ttft ? 3 : 300;
+    if (!o.synth == !o.model || (!ttft && strcmp(o.workload, "team")) || o.agents < 1 || o.agents > 32 || o.input < 1 ||
+        o.prefix < 1 || o.output < 1 || o.warmup < 0 || o.requests < 1) {
+        usage();
+        return 2;
+    }
+    kvm_load_opts_t lo = {.backend = o.backend};
+    kvm_model_t *m = o.synth ? kvm_model_synthetic(o.synth, &lo) : kvm_model_load(o.model, &lo);
+    if (!m) {
+        fprintf(stderr, "kvmesh bench kvcomm: %s\n", kvm_errmsg());
+        return 1;
+    }
+    if (o.synth) {
+        snprintf(m->name, sizeof m->name, "synthetic:%.100s", o.synth);
+    }
+    int rc = ttft ? run_ttft(m, &o) : run_team(m, &o);
+    kvm_model_free(m);
+    return rc;
+}
