@@ -267,6 +267,16 @@ static void test_single_anchor_applied_to_its_own_sample_reproduces_dense(void *
                 assert_true(max_rel(ph + comm_idx(g, S, l, kv, h, 0), want, (size_t)S * g->D) <= 1e-5f);
                 free(want);
             }
+    /* reference frame: the same anchor in the released code's frames gives the dense rows in place */
+    assert_int_equal(comm_mix_reference(c, s, &a, 1, "a", t->P[1], S, t->te[0], t->te[0] + T, xh, ph, true, true), 0);
+    for (int l = 1; l < g->L; l++)
+        for (int kv = 0; kv < 2; kv++)
+            for (int h = 0; h < g->H; h++) {
+                assert_true(max_rel(xh + comm_idx(g, T, l, kv, h, 0), dense + comm_idx(g, N, l, kv, h, t->te[0]),
+                                    (size_t)T * g->D) <= 1e-5f);
+                assert_true(max_rel(ph + comm_idx(g, S, l, kv, h, 0), dense + comm_idx(g, N, l, kv, h, t->te[0] + T),
+                                    (size_t)S * g->D) <= 1e-5f);
+            }
     free(dense);
     free(ids);
     free(xh);
@@ -280,11 +290,11 @@ static void test_single_anchor_applied_to_its_own_sample_reproduces_dense(void *
 
 /* ---- end to end: anchors form, then agents reuse (§3.1, §3.7, §6) ----------------------------------------- */
 
-static void test_after_two_anchors_agents_reuse_with_n_minus_1_cached_tokens(void **st) {
-    (void)st;
+static void reuse_after_two_anchors(int frame) {
     kvm_model_t *m = small_model(KVM_ROPE_HALF, 17);
     kvm_comm_t *c = kvm_comm_create(m, NULL);
     kvm_comm_config(c)->force_reuse = true;
+    kvm_comm_config(c)->frame = frame;
     kvm_template_t *ta = make_tmpl(c, "a", "input", NULL, 41, 30);
     kvm_template_t *tb = make_tmpl(c, "b", "input", "agent:a:current", 51, 21);
     int reuse = 0, total = 0;
@@ -330,6 +340,16 @@ static void test_after_two_anchors_agents_reuse_with_n_minus_1_cached_tokens(voi
     kvm_template_free(tb);
     kvm_comm_free(c);
     kvm_model_free(m);
+}
+
+static void test_after_two_anchors_agents_reuse_with_n_minus_1_cached_tokens(void **st) {
+    (void)st;
+    reuse_after_two_anchors(KVM_KVCOMM_FRAME_F0);
+}
+
+static void test_reference_frame_mode_reuses_the_same_way(void **st) {
+    (void)st;
+    reuse_after_two_anchors(KVM_KVCOMM_FRAME_REFERENCE);
 }
 
 static void test_response_segment_drops_the_token_without_kv_or_computes_it_on_length_stop(void **st) {
@@ -800,6 +820,7 @@ int main(void) {
         cmocka_unit_test(test_identical_prompt_reuses_the_prefix_cache_bit_for_bit),
         cmocka_unit_test(test_single_anchor_applied_to_its_own_sample_reproduces_dense),
         cmocka_unit_test(test_after_two_anchors_agents_reuse_with_n_minus_1_cached_tokens),
+        cmocka_unit_test(test_reference_frame_mode_reuses_the_same_way),
         cmocka_unit_test(test_response_segment_drops_the_token_without_kv_or_computes_it_on_length_stop),
         cmocka_unit_test(test_prepare_rejects_a_segment_of_another_model_and_a_wrong_frame),
         cmocka_unit_test(test_prepare_fails_cleanly_when_the_kv_budget_cannot_hold_the_prompt),

@@ -909,10 +909,6 @@ int kvm_comm_prepare(kvm_comm_request_t *rq, const kvm_prompt_t *p, kvm_prepared
     bool dense = !kv;
     bool rotation_only = !cfg->ph_offset && !cfg->pf_offset;
     uint64_t tp = kvm_now_ns();
-    if (kv && cfg->frame == KVM_KVCOMM_FRAME_REFERENCE) {
-        rc = kvm_seterr(KVM_EUNSUPPORTED, "kvcomm.frame=reference is not implemented yet (use f0)");
-        goto fail;
-    }
     for (int i = 0; kv && i < t->n_ph; i++) {
         prep_ph_t *ph = &pv->ph[i];
         kvm_comm_ph_report_t *pr = &r->ph[i];
@@ -975,6 +971,7 @@ int kvm_comm_prepare(kvm_comm_request_t *rq, const kvm_prompt_t *p, kvm_prepared
     } else {
         /* ---- REUSE (§3.6, §3.7): rows [E, N-1) from segments, offsets in F0, one write, one shift ---- */
         r->mode = KVM_COMM_REUSE;
+        const bool ref_frame = cfg->frame == KVM_KVCOMM_FRAME_REFERENCE;
         int n_tail = N - 1 - E;
         float *tail = NULL, *xh = NULL, *ph_out = NULL;
         int32_t *deltas = NULL;
@@ -1015,7 +1012,12 @@ int kvm_comm_prepare(kvm_comm_request_t *rq, const kvm_prompt_t *p, kvm_prepared
                     rc = KVM_ENOMEM;
                     break;
                 }
-                comm_apply(c, s, ph->usable, ph->n_usable, t->agent, P, S, xh, ph_out, cfg->ph_offset, cfg->pf_offset);
+                if (ref_frame)
+                    rc = comm_mix_reference(c, s, ph->usable, ph->n_usable, t->agent, P, S, ph->t_ph, ph->t_pf, xh,
+                                            ph_out, cfg->ph_offset, cfg->pf_offset);
+                else
+                    comm_apply(c, s, ph->usable, ph->n_usable, t->agent, P, S, xh, ph_out, cfg->ph_offset,
+                               cfg->pf_offset);
                 r->offset_ms += ms_since(to);
                 Xsrc = xh;
                 Psrc = ph_out;
@@ -1035,9 +1037,11 @@ int kvm_comm_prepare(kvm_comm_request_t *rq, const kvm_prompt_t *p, kvm_prepared
             if (ph->t_pf + b1 > N - 1) b1 = N - 1 - ph->t_pf;
             if (!rc && a1 > a0) copy_rows(g, Xsrc, T, a0, a1, tail, n_tail, ph->t_ph + a0 - E);
             if (!rc && b1 > b0) copy_rows(g, Psrc, S, b0, b1, tail, n_tail, ph->t_pf + b0 - E);
-            /* F0: row t of a piece sits at t, so every row of the piece moves by the piece's start */
-            for (int q = a0; q < a1; q++) deltas[ph->t_ph + q - E] = cfg->rotate ? ph->t_ph : 0;
-            for (int q = b0; q < b1; q++) deltas[ph->t_pf + q - E] = cfg->rotate ? ph->t_pf : 0;
+            /* F0: row t of a piece sits at t, so every row of the piece moves by the piece's start (reference
+             * frame: the mixed rows are already at their target) */
+            bool placed = ref_frame && ph->decision == KVM_PH_SHARED;
+            for (int q = a0; q < a1; q++) deltas[ph->t_ph + q - E] = cfg->rotate && !placed ? ph->t_ph : 0;
+            for (int q = b0; q < b1; q++) deltas[ph->t_pf + q - E] = cfg->rotate && !placed ? ph->t_pf : 0;
             int na = a1 > a0 ? a1 - a0 : 0, nb = b1 > b0 ? b1 - b0 : 0;
             if (ph->decision == KVM_PH_SHARED) {
                 r->offset_tokens += (cfg->ph_offset ? na : 0) + (cfg->pf_offset ? nb : 0);

@@ -136,6 +136,12 @@ int comm_weights(kvm_comm_t *c, comm_sample_t *s, comm_anchor_t **anchors, int n
  * either output may be NULL. Both outputs are full fp32 [L][2][H][rows][D] tensors (layer 0 copied). */
 void comm_apply(kvm_comm_t *c, const comm_sample_t *s, comm_anchor_t **anchors, int n, const char *consumer,
                 const float *P, int S, float *out_ph, float *out_pf, bool ph_offset, bool pf_offset);
+/* kvcomm.frame = reference: the released code's frames (candidate rotated to t_ph, anchor bases to their
+ * src_start, this consumer's deltas to its ph/pf_src_start, template text to t_pf); outputs are already at
+ * their target positions (no shift afterwards). */
+int comm_mix_reference(kvm_comm_t *c, const comm_sample_t *s, comm_anchor_t **A, int N, const char *consumer,
+                       const float *P, int S, int t_ph, int t_pf, float *out_ph, float *out_pf, bool ph_offset,
+                       bool pf_offset);
 /* §3.8: fills the deltas of anchor (s->name, s->key) for consumer from the real (F0) rows; creates the
  * staged anchor if needed */
 int comm_materialize(kvm_comm_request_t *rq, comm_sample_t *s, const char *consumer, uint64_t thash,

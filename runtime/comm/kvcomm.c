@@ -582,3 +582,80 @@ void comm_request_free_state(kvm_comm_request_t *rq) {
     kvm_free(rq->staged);
     kvm_free(rq->staged_pool);
 }
+
+/* ==== reference frame (kvcomm.frame = reference, §3.6 "Frames", §4 item 1) ============================== */
+
+/* Rotates the keys of a tensor of n rows (geometry g, layer l0 first) by delta positions, in place. */
+static void rotate_keys(kvm_comm_t *c, const comm_geom_t *g, float *x, int n, int delta) {
+    if (!delta || n <= 0) return;
+    const kvm_rope_params_t *rp = kvm_kv_store_rope(c->store);
+#pragma omp parallel for collapse(2) schedule(static)
+    for (int l = 0; l < g->L; l++)
+        for (int h = 0; h < g->H; h++)
+            kvm_rope_rotate_rows(x + comm_idx(g, n, l, 0, h, 0), n, g->D, g->D, delta, NULL, rp->inv_freq, rp->layout);
+}
+
+static float *dup_rows(const comm_geom_t *g, const float *x, int n) {
+    size_t b = comm_rows_elems(g, n) * sizeof(float);
+    float *y = kvm_malloc(b + 1);
+    if (y && b) memcpy(y, x, b);
+    return y;
+}
+
+int comm_mix_reference(kvm_comm_t *c, const comm_sample_t *s, comm_anchor_t **A, int N, const char *consumer,
+                       const float *P, int S, int t_ph, int t_pf, float *out_ph, float *out_pf, bool ph_offset,
+                       bool pf_offset) {
+    const comm_geom_t *g = &c->g;
+    const comm_geom_t gd = {g->L - 1, g->H, g->D};
+    comm_sample_t rs;
+    memset(&rs, 0, sizeof rs);
+    memcpy(rs.name, s->name, sizeof rs.name);
+    rs.key = s->key;
+    rs.T = s->T;
+    comm_anchor_t *tmp = kvm_calloc((size_t)(N ? N : 1), sizeof *tmp);
+    comm_delta_t *dl = kvm_calloc((size_t)(N ? N : 1), sizeof *dl);
+    comm_anchor_t **tp = kvm_calloc((size_t)(N ? N : 1), sizeof *tp);
+    float *P_ref = dup_rows(g, P, S);
+    int rc = 0;
+    rs.X = dup_rows(g, s->X, s->T);
+    if (!tmp || !dl || !tp || !P_ref || !rs.X) rc = KVM_ENOMEM;
+    /* the candidate at its target; each anchor base at its src_start; this consumer's deltas in the frames
+     * the reference stored them in; nothing is re-expressed afterwards */
+    if (!rc) {
+        rotate_keys(c, g, rs.X, s->T, t_ph);
+        rotate_keys(c, g, P_ref, S, t_pf);
+    }
+    for (int n = 0; n < N && !rc; n++) {
+        const comm_delta_t *src = comm_anchor_delta(A[n], consumer);
+        tmp[n] = *A[n];
+        tmp[n].base = dup_rows(g, A[n]->base, A[n]->T);
+        dl[n] = *src;
+        dl[n].d_ph = dup_rows(&gd, src->d_ph, A[n]->T);
+        dl[n].d_pf = dup_rows(&gd, src->d_pf, src->S);
+        tmp[n].deltas = &dl[n];
+        tmp[n].n_deltas = 1;
+        tp[n] = &tmp[n];
+        if (!tmp[n].base || !dl[n].d_ph || !dl[n].d_pf) {
+            rc = KVM_ENOMEM;
+            break;
+        }
+        rotate_keys(c, g, tmp[n].base, A[n]->T, A[n]->src_start);
+        rotate_keys(c, &gd, dl[n].d_ph, A[n]->T, src->ph_src_start);
+        rotate_keys(c, &gd, dl[n].d_pf, src->S, src->pf_src_start);
+    }
+    if (!rc) rc = comm_weights(c, &rs, tp, N);
+    if (!rc) comm_apply(c, &rs, tp, N, consumer, P_ref, S, out_ph, out_pf, ph_offset, pf_offset);
+    for (int n = 0; n < N; n++) {
+        if (tmp && tmp[n].base) kvm_free(tmp[n].base);
+        if (dl) kvm_free(dl[n].d_ph), kvm_free(dl[n].d_pf);
+    }
+    kvm_free(tmp);
+    kvm_free(dl);
+    kvm_free(tp);
+    kvm_free(P_ref);
+    kvm_free(rs.X);
+    kvm_free(rs.w_keys);
+    kvm_free(rs.w_kph);
+    kvm_free(rs.w_kpf);
+    return rc;
+}
