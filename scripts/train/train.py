@@ -1,0 +1,502 @@
+#!/usr/bin/env python3
+"""train.py - trains kvmesh's bundled tiny model family on the minitasks suite.
+
+One command does everything, deterministically (fixed seeds; see models/*/README.md):
+  1. generates the corpus with the C generator (`minigen`, a static build of `kvmesh minitasks`),
+  2. trains a byte-level BPE tokenizer (HF `tokenizers`; digits split one by one, ChatML specials),
+  3. trains the receiver (LlamaForCausalLM) and the sharer (Qwen3ForCausalLM) at the same time on one
+     GPU (two processes), loss on assistant answers only,
+  4. evaluates each greedily with transformers on held-out items (split eval, seed 1000),
+  5. exports each in the HF layout (bf16 safetensors) with a model card and a logits fixture
+     (fp32 CPU logits of the exported weights, for kvmesh's parity test).
+
+Usage (on the GPU machine; see docs/models.md for the exact command used):
+  PYTHONUNBUFFERED=1 python3 scripts/train/train.py --minigen .gpu-train/minigen --work /tmp/kvtrain \
+      --out $OUT [--smoke] [--receiver-steps N] [--sharer-steps N]
+Needs torch, transformers (v5) and tokenizers; no network.
+"""
+import argparse
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+import time
+
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+    "'<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+TRAIN_SEED = 1          # corpus seed (split train)
+TOK_SEED = 2            # tokenizer corpus seed (split train)
+EVAL_SEED = 1000        # held-out items (split eval)
+SCORED_TASKS = ["recall", "arithmetic", "transform", "team"]
+
+# Model shapes. The sharer differs from the receiver in family, width, depth, head_dim, KV heads
+# and RoPE base.
+MODELS = {
+    "receiver": dict(family="llama", hidden=192, ffn=512, layers=6, heads=6, kv_heads=2, head_dim=32,
+                     rope_theta=10000.0, rms_eps=1e-5, lr=2e-3, seed=1101),
+    "sharer": dict(family="qwen3", hidden=256, ffn=768, layers=6, heads=8, kv_heads=4, head_dim=48,
+                   rope_theta=1000000.0, rms_eps=1e-6, lr=1.5e-3, seed=2202),
+}
+MODEL_NAMES = {"receiver": "minillama-2m", "sharer": "miniqwen3-6m"}
+
+
+def log(*a):
+    print(time.strftime("%H:%M:%S"), *a, flush=True)
+
+
+def render(item, with_answer):
+    s = ("<|im_start|>system\n" + item["system"] + "<|im_end|>\n<|im_start|>user\n" + item["user"] +
+         "<|im_end|>\n<|im_start|>assistant\n")
+    if with_answer:
+        s += item["answer"] + "<|im_end|>\n"
+    return s
+
+
+def minigen(path, *args):
+    out = subprocess.run([path, "gen", *map(str, args)], check=True, capture_output=True, text=True).stdout
+    return [json.loads(l) for l in out.splitlines() if l]
+
+
+# ------------------------------------------------------------------------------------------------
+# tokenizer
+
+def train_tokenizer(args, tok_dir):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    items = minigen(args.minigen, "--seed", TOK_SEED, "--n", 40000 if not args.smoke else 4000, "--split", "train")
+    texts = []
+    for it in items:  # specials are not BPE material: train on the plain pieces
+        texts += ["system\n" + it["system"], "user\n" + it["user"], "assistant\n" + it["answer"]]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=1024, min_frequency=2, special_tokens=SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    os.makedirs(tok_dir, exist_ok=True)
+    tok.save(os.path.join(tok_dir, "tokenizer.json"))
+    ids = {s: tok.token_to_id(s) for s in SPECIALS}
+    assert ids == {"<|endoftext|>": 0, "<|im_start|>": 1, "<|im_end|>": 2}, ids
+    added = {str(i): {"content": s, "lstrip": False, "normalized": False, "rstrip": False,
+                      "single_word": False, "special": True} for s, i in ids.items()}
+    cfg = {
+        "add_bos_token": False, "add_eos_token": False, "added_tokens_decoder": added,
+        "bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "unk_token": None,
+        "chat_template": CHAT_TEMPLATE, "clean_up_tokenization_spaces": False,
+        "model_max_length": 512, "tokenizer_class": "PreTrainedTokenizerFast",
+    }
+    with open(os.path.join(tok_dir, "tokenizer_config.json"), "w") as f:
+        json.dump(cfg, f, indent=2)
+    log(f"tokenizer: {tok.get_vocab_size()} tokens; sample:",
+        tok.encode(render(items[0], True)).tokens[:40])
+    # The HF chat template must render exactly what the generator renders (kvmesh picks ChatML from it).
+    try:
+        from transformers import AutoTokenizer
+        hft = AutoTokenizer.from_pretrained(tok_dir)
+        it = items[0]
+        msgs = [{"role": "system", "content": it["system"]}, {"role": "user", "content": it["user"]}]
+        txt = hft.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        assert txt == render(it, False), (txt, render(it, False))
+        assert hft.encode(txt, add_special_tokens=True) == tok.encode(txt).ids
+        log("tokenizer: transformers chat template and encoding agree")
+    except AssertionError:
+        raise
+    except Exception as e:  # an API difference must not cost the training run
+        log("tokenizer: WARNING transformers check skipped:", repr(e))
+    return tok
+
+
+# ------------------------------------------------------------------------------------------------
+# data
+
+def encode_items(tok, items, check=0):
+    """Returns (ids arrays, n_prompt list, n_end list). An item is encoded as
+    ids = enc(prompt) + enc(answer) + [<|im_end|>] + enc("\\n"): the prompt exactly as kvmesh tokenizes
+    it at inference, and the answer as the model must generate it. The loss covers ids[n_prompt:n_end+1]
+    (the answer and its <|im_end|>). For the first `check` items, differences from the joint encoding of
+    the whole text are reported (information only)."""
+    import numpy as np
+    nl = tok.encode("\n").ids
+    ps = tok.encode_batch([render(it, False) for it in items])
+    ans = tok.encode_batch([it["answer"] for it in items])
+    out_ids, out_np, out_end = [], [], []
+    shown = 0
+    for k, (p, a) in enumerate(zip(ps, ans)):
+        ids = p.ids + a.ids + [2] + nl
+        if k < check:
+            full = tok.encode(render(items[k], True)).ids
+            if full != ids and shown < 3:
+                shown += 1
+                j = next((i for i in range(min(len(full), len(ids))) if full[i] != ids[i]), None)
+                log(f"data: note: joint encoding differs at {j}: joint {tok.decode(full[:0]) if j is None else full[max(0,j-3):j+4]}"
+                    f" vs split {ids[max(0,(j or 0)-3):(j or 0)+4]} pieces {tok.encode(render(items[k], True)).tokens[max(0,(j or 0)-3):(j or 0)+4]}")
+        out_ids.append(np.array(ids, dtype=np.int16))
+        out_np.append(len(p.ids))
+        out_end.append(len(p.ids) + len(a.ids))  # index of <|im_end|>
+    return out_ids, out_np, out_end
+
+
+def prepare_data(args, tok, work):
+    import numpy as np
+    from collections import Counter
+    n = args.n_train
+    log(f"data: generating {n} training items (seed {TRAIN_SEED}, split train)")
+    t0 = time.time()
+    arrs, n_p, n_end, tasks = [], [], [], Counter()
+    chunk = 100000
+    for start in range(0, n, chunk):
+        items = minigen(args.minigen, "--seed", TRAIN_SEED, "--n", min(chunk, n - start), "--start", start,
+                        "--split", "train")
+        tasks.update(it["task"] for it in items)
+        a, b, c = encode_items(tok, items, check=1000 if start == 0 else 0)
+        arrs += a
+        n_p += b
+        n_end += c
+    lens = np.array([len(x) for x in arrs], dtype=np.int64)
+    offs = np.zeros(len(arrs) + 1, dtype=np.int64)
+    offs[1:] = np.cumsum(lens)
+    flat = np.concatenate(arrs)
+    np.savez(os.path.join(work, "train.npz"), flat=flat, offs=offs, n_prompt=np.array(n_p, np.int32),
+             n_end=np.array(n_end, np.int32))
+    log(f"data: {len(arrs)} items, {int(offs[-1])} tokens, max len {lens.max()}, mean {lens.mean():.1f}, "
+        f"tasks {dict(tasks)}, {time.time() - t0:.1f}s")
+    if lens.max() > 512:
+        raise SystemExit("an item is longer than the 512-token context")
+
+
+def make_batches(rng, lens, budget, chunk=16384):
+    """Length-bucketed batches: shuffle, sort each chunk by length, cut by padded-token budget."""
+    idx = list(range(len(lens)))
+    rng.shuffle(idx)
+    batches = []
+    for s in range(0, len(idx), chunk):
+        part = sorted(idx[s:s + chunk], key=lambda i: lens[i])
+        cur, cur_max = [], 0
+        for i in part:
+            m = max(cur_max, lens[i])
+            if cur and m * (len(cur) + 1) > budget:
+                batches.append(cur)
+                cur, m = [], lens[i]
+            cur.append(i)
+            cur_max = m
+        if cur:
+            batches.append(cur)
+    rng.shuffle(batches)
+    return batches
+
+
+# ------------------------------------------------------------------------------------------------
+# models
+
+def build_model(kind, vocab):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+    h = MODELS[kind]
+    common = dict(vocab_size=vocab, hidden_size=h["hidden"], intermediate_size=h["ffn"],
+                  num_hidden_layers=h["layers"], num_attention_heads=h["heads"],
+                  num_key_value_heads=h["kv_heads"], head_dim=h["head_dim"], max_position_embeddings=512,
+                  rms_norm_eps=h["rms_eps"], rope_theta=h["rope_theta"], tie_word_embeddings=True,
+                  bos_token_id=None, eos_token_id=2, pad_token_id=0, attention_bias=False,
+                  hidden_act="silu", initializer_range=0.02, use_cache=False)
+    if h["family"] == "llama":
+        cfg, cls = LlamaConfig(mlp_bias=False, **common), LlamaForCausalLM
+    else:
+        cfg, cls = Qwen3Config(use_sliding_window=False, **common), Qwen3ForCausalLM
+    # transformers v5 keeps the RoPE base in rope_parameters: make sure ours is the one used.
+    rp = getattr(cfg, "rope_parameters", None)
+    if isinstance(rp, dict):
+        rp["rope_theta"] = h["rope_theta"]
+        rp.setdefault("rope_type", "default")
+    torch.manual_seed(h["seed"])
+    model = cls(cfg)
+    inv = model.model.rotary_emb.inv_freq.float()
+    want = h["rope_theta"] ** (-2.0 / h["head_dim"])
+    assert abs(inv[1].item() - want) < 1e-6 * max(1.0, want) + 1e-9, (inv[:3], want)
+    return model
+
+
+def hidden_at(model, x):
+    return model.model(input_ids=x, use_cache=False).last_hidden_state
+
+
+def greedy(model, tok, prompts, max_new=40, batch=256, autocast=True):
+    """Batched greedy decoding without a cache: right-padded rows, logits read at each row's last token."""
+    import torch
+    dev = next(model.parameters()).device
+    outs = [[] for _ in prompts]
+    for b0 in range(0, len(prompts), batch):
+        seqs = [list(p) for p in prompts[b0:b0 + batch]]
+        done = [False] * len(seqs)
+        for _ in range(max_new):
+            act = [i for i in range(len(seqs)) if not done[i]]
+            if not act:
+                break
+            L = max(len(seqs[i]) for i in act)
+            x = torch.zeros((len(act), L), dtype=torch.long)
+            for r, i in enumerate(act):
+                x[r, :len(seqs[i])] = torch.tensor(seqs[i])
+            x = x.to(dev)
+            last = torch.tensor([len(seqs[i]) - 1 for i in act], device=dev)
+            with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast):
+                h = hidden_at(model, x)
+                logits = model.lm_head(h[torch.arange(len(act), device=dev), last]).float()
+            nxt = logits.argmax(-1).tolist()
+            for r, i in enumerate(act):
+                t = nxt[r]
+                if t == 2 or len(seqs[i]) >= 512:
+                    done[i] = True
+                else:
+                    seqs[i].append(t)
+                    outs[b0 + i].append(t)
+    return [tok.decode(o, skip_special_tokens=True) for o in outs]
+
+
+def evaluate(model, tok, eval_items, autocast=True):
+    """eval_items: task -> list of items (every role of each content, in order). Returns the report."""
+    model.eval()
+    rep = {}
+    for task, items in eval_items.items():
+        prompts = [tok.encode(render(it, False)).ids for it in items]
+        outs = greedy(model, tok, prompts, max_new=40 if task != "story" else 120, autocast=autocast)
+        per_role, by_content = {}, {}
+        for it, o in zip(items, outs):
+            ok = o.strip() == it["answer"]
+            r = per_role.setdefault(it["role"], [0, 0])
+            r[0] += ok
+            r[1] += 1
+            cid = it["id"].rsplit("/", 1)[0]
+            by_content[cid] = by_content.get(cid, True) and ok
+        n_ok = sum(v[0] for v in per_role.values())
+        rep[task] = {"acc": n_ok / len(items), "n": len(items),
+                     "roles": {k: v[0] / v[1] for k, v in per_role.items()},
+                     "all_roles_right": sum(by_content.values()) / len(by_content)}
+        bad = [(it["id"], it["answer"], o) for it, o in zip(items, outs) if o.strip() != it["answer"]][:3]
+        log(f"  eval {task}: acc {rep[task]['acc']:.4f} roles " +
+            " ".join(f"{k}={v:.3f}" for k, v in rep[task]["roles"].items()) +
+            f" all-roles {rep[task]['all_roles_right']:.3f}  e.g. wrong: {bad}")
+    model.train()
+    return rep
+
+
+def train_one(args, kind):
+    import numpy as np
+    import torch
+    from tokenizers import Tokenizer
+    torch.backends.cuda.matmul.allow_tf32 = True
+    work = args.work
+    tok = Tokenizer.from_file(os.path.join(work, "tok", "tokenizer.json"))
+    d = np.load(os.path.join(work, "train.npz"))
+    flat, offs, n_prompt, n_end = d["flat"].astype(np.int64), d["offs"], d["n_prompt"], d["n_end"]
+    lens = (offs[1:] - offs[:-1]).tolist()
+    h = MODELS[kind]
+    steps = args.receiver_steps if kind == "receiver" else args.sharer_steps
+    dev = torch.device("cuda")
+    model = build_model(kind, tok.get_vocab_size()).to(dev)
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"[{kind}] {type(model).__name__} {n_params/1e6:.2f}M params, {steps} steps, lr {h['lr']}")
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=h["lr"], betas=(0.9, 0.95), eps=1e-8, fused=True)
+    warm = min(200, steps // 10 + 1)
+
+    def lr_at(s):
+        if s < warm:
+            return h["lr"] * (s + 1) / warm
+        p = (s - warm) / max(1, steps - warm)
+        return h["lr"] * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
+
+    rng = random.Random(h["seed"])
+    batches, bi = [], 0
+    eval_items = {t: minigen(args.minigen, "--seed", EVAL_SEED, "--n", args.n_eval_quick, "--task", t,
+                             "--split", "eval", "--role", "all") for t in SCORED_TASKS}
+    t0 = time.time()
+    losses = []
+    curve = []
+    model.train()
+    done_steps = steps
+    for step in range(steps):
+        if args.deadline and time.time() > args.deadline:
+            done_steps = step
+            log(f"[{kind}] WARNING: wall-clock deadline reached, stopping at step {step} of {steps}")
+            break
+        if bi >= len(batches):
+            batches, bi = make_batches(rng, lens, args.batch_tokens), 0
+        b = batches[bi]
+        bi += 1
+        L = max(lens[i] for i in b)
+        x = np.zeros((len(b), L), dtype=np.int64)
+        lab = np.full((len(b), L), -100, dtype=np.int64)
+        for r, i in enumerate(b):
+            seq = flat[offs[i]:offs[i + 1]]
+            x[r, :len(seq)] = seq
+            # position t predicts token t+1: loss where t+1 in [n_prompt, n_end]
+            lab[r, n_prompt[i] - 1:n_end[i]] = seq[n_prompt[i]:n_end[i] + 1]
+        x = torch.from_numpy(x).to(dev, non_blocking=True)
+        lab = torch.from_numpy(lab).to(dev, non_blocking=True)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            hs = hidden_at(model, x)
+            m = lab != -100
+            logits = model.lm_head(hs[m]).float()
+            loss = torch.nn.functional.cross_entropy(logits, lab[m])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if step % 50 == 0 or step == steps - 1:
+            lv = loss.item()
+            losses.append(lv)
+            curve.append((step, round(lv, 5)))
+            if step % 250 == 0 or step == steps - 1:
+                el = time.time() - t0
+                log(f"[{kind}] step {step}/{steps} loss {lv:.4f} lr {lr_at(step):.2e} "
+                    f"{el:.0f}s ({1000*el/(step+1):.0f} ms/step) rows {len(b)}x{L}")
+        if args.eval_every and step and step % args.eval_every == 0:
+            evaluate(model, tok, {t: v[:200] for t, v in eval_items.items()})
+    train_s = time.time() - t0
+    log(f"[{kind}] trained in {train_s:.0f}s")
+    export(args, kind, model, tok, train_s, curve, n_params, done_steps)
+
+
+def export(args, kind, model, tok, train_s, curve, n_params, done_steps):
+    import shutil
+    import torch
+    from transformers import AutoModelForCausalLM, GenerationConfig
+    name = MODEL_NAMES[kind]
+    out = os.path.join(args.work, "export", "models", name)
+    os.makedirs(out, exist_ok=True)
+    model.eval()
+    m16 = model.to(torch.bfloat16)
+    m16.generation_config = GenerationConfig(eos_token_id=2, pad_token_id=0, do_sample=False, max_new_tokens=64)
+    m16.save_pretrained(out, safe_serialization=True)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(os.path.join(args.work, "tok", f), os.path.join(out, f))
+    # kvmesh reads a top-level rope_theta; transformers v5 writes rope_parameters: keep both.
+    cp = os.path.join(out, "config.json")
+    cfg = json.load(open(cp))
+    rt = MODELS[kind]["rope_theta"]
+    if "rope_theta" not in cfg:
+        cfg["rope_theta"] = rt
+    json.dump(cfg, open(cp, "w"), indent=2, sort_keys=True)
+    # Reload the exported bf16 weights upcast to fp32 (what kvmesh computes with) and evaluate those.
+    del model, m16
+    torch.cuda.empty_cache()
+    try:
+        mr = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    except TypeError:
+        mr = AutoModelForCausalLM.from_pretrained(out, torch_dtype=torch.float32)
+    mr = mr.cuda()
+    eval_items = {t: minigen(args.minigen, "--seed", EVAL_SEED, "--n", args.n_eval, "--task", t, "--split", "eval",
+                             "--role", "all") for t in SCORED_TASKS}
+    log(f"[{kind}] final HF eval of the exported weights (fp32, {args.n_eval} contents per task, all roles)")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    rep = evaluate(mr, tok, eval_items, autocast=False)
+    story = minigen(args.minigen, "--seed", EVAL_SEED, "--n", 2, "--task", "story", "--split", "eval")
+    samples = greedy(mr, tok, [tok.encode(render(s, False)).ids for s in story], max_new=120, autocast=False)
+    log(f"[{kind}] story sample: {samples[0]!r}")
+    fixture(args, kind, name, out)
+    info = {
+        "name": name, "kind": kind, "arch": type(mr).__name__, "params": n_params, "shape": MODELS[kind],
+        "vocab": tok.get_vocab_size(), "steps": done_steps,
+        "planned_steps": args.receiver_steps if kind == "receiver" else args.sharer_steps,
+        "batch_tokens": args.batch_tokens, "n_train_items": args.n_train, "train_seconds": round(train_s, 1),
+        "device": torch.cuda.get_device_name(0), "torch": torch.__version__,
+        "transformers": __import__("transformers").__version__,
+        "tokenizers": __import__("tokenizers").__version__, "loss_curve": curve,
+        "final_loss": curve[-1][1], "hf_eval": rep, "story_sample": samples[0], "smoke": args.smoke,
+    }
+    json.dump(info, open(os.path.join(args.work, "export", f"train-{name}.json"), "w"), indent=1)
+    if args.out:  # each model comes back on its own, whatever happens to the other
+        os.makedirs(args.out, exist_ok=True)
+        subprocess.run(["tar", "czf", os.path.join(args.out, f"{name}.tgz"), "-C", os.path.join(args.work, "export"),
+                        f"models/{name}", f"fixtures/{name}.json", f"train-{name}.json"], check=True)
+        log(f"[{kind}] packed {name}.tgz")
+
+
+def fixture(args, kind, name, model_dir):
+    """fp32 CPU logits of the exported weights for a fixed prompt: the last 8 rows + argmax of all rows."""
+    import torch
+    from tokenizers import Tokenizer
+    from transformers import AutoModelForCausalLM
+    tok = Tokenizer.from_file(os.path.join(model_dir, "tokenizer.json"))
+    it = minigen(args.minigen, "--seed", 4242, "--n", 1, "--task", "team", "--split", "eval", "--role", "checker")[0]
+    ids = tok.encode(render(it, True)).ids
+    try:
+        m = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager")
+    except TypeError:
+        m = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32, attn_implementation="eager")
+    m.eval()
+    with torch.no_grad():
+        lg = m(input_ids=torch.tensor([ids]), use_cache=False).logits[0].float()
+    rows = 8
+    fx = {
+        "model": f"models/{name}", "prompt_id": it["id"], "text": render(it, True), "ids": ids,
+        "n_tokens": len(ids), "vocab": lg.shape[1], "rows_from": len(ids) - rows,
+        "argmax_all": lg.argmax(-1).tolist(),
+        "logits": [[float(f"{v:.9g}") for v in lg[len(ids) - rows + r].tolist()] for r in range(rows)],
+        "note": "transformers fp32 on CPU, eager attention, bf16 weights upcast to fp32",
+    }
+    d = os.path.join(args.work, "export", "fixtures")
+    os.makedirs(d, exist_ok=True)
+    json.dump(fx, open(os.path.join(d, f"{name}.json"), "w"))
+    log(f"[{kind}] fixture: {len(ids)} tokens, max|logit| {lg.abs().max().item():.3f}")
+
+
+# ------------------------------------------------------------------------------------------------
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--minigen", required=True)
+    ap.add_argument("--work", default="/tmp/kvtrain")
+    ap.add_argument("--out", default=None, help="folder for the result tar (models.tgz)")
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--phase", default="all", choices=["all", "receiver", "sharer"])
+    ap.add_argument("--receiver-steps", type=int, default=2500)
+    ap.add_argument("--sharer-steps", type=int, default=2200)
+    ap.add_argument("--batch-tokens", type=int, default=65536)
+    ap.add_argument("--n-train", type=int, default=500000)
+    ap.add_argument("--n-eval", type=int, default=250)
+    ap.add_argument("--n-eval-quick", type=int, default=200)
+    ap.add_argument("--eval-every", type=int, default=1200)
+    ap.add_argument("--deadline", type=float, default=0.0,
+                    help="safety net: stop training at this Unix time (0 = none); set from --budget-s")
+    ap.add_argument("--budget-s", type=float, default=0.0,
+                    help="wall seconds from start after which training stops (export needs ~60 s more)")
+    args = ap.parse_args()
+    if args.smoke:
+        args.receiver_steps = min(args.receiver_steps, 60)
+        args.sharer_steps = min(args.sharer_steps, 60)
+        args.n_train = min(args.n_train, 20000)
+        args.n_eval = min(args.n_eval, 16)
+        args.n_eval_quick = min(args.n_eval_quick, 16)
+        args.eval_every = 0
+    if args.phase != "all":
+        train_one(args, args.phase)
+        return
+    t0 = time.time()
+    deadline = ["--deadline", str(t0 + args.budget_s)] if args.budget_s else []
+    os.makedirs(args.work, exist_ok=True)
+    tok = train_tokenizer(args, os.path.join(args.work, "tok"))
+    prepare_data(args, tok, args.work)
+    log(f"prep done in {time.time() - t0:.0f}s; training both models in parallel")
+    procs = {}
+    for kind in ("receiver", "sharer"):
+        cmd = [sys.executable, __file__, "--phase", kind] + sys.argv[1:] + deadline
+        procs[kind] = subprocess.Popen(cmd)
+    rc = {k: p.wait() for k, p in procs.items()}
+    log("children:", rc)
+    if any(rc.values()):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
