@@ -369,6 +369,63 @@ static void test_bad_arguments_are_errors_not_crashes(void **s) {
     kvm_tokenizer_free(t);
 }
 
+/* ---- NFC / NFD normalizers ------------------------------------------------------------------------ */
+
+/* tiny-digits.json with the given normalizer: byte-level with every byte in the vocabulary, so decode
+ * gives back exactly the normalized text. Returns the loaded tokenizer; the temp file is removed. */
+static kvm_tokenizer_t *tiny_with_normalizer(const char *type) {
+    char *data = NULL;
+    size_t len = 0;
+    assert_int_equal(kvm_read_file(TOKDATA "/tiny-digits.json", &data, &len, 0), 0);
+    cJSON *root = cJSON_Parse(data);
+    free(data);
+    assert_non_null(root);
+    cJSON *norm = cJSON_CreateObject();
+    cJSON_AddStringToObject(norm, "type", type);
+    cJSON_ReplaceItemInObject(root, "normalizer", norm);
+    char *text = cJSON_PrintUnformatted(root);
+    cJSON_Delete(root);
+    char path[] = "/tmp/kvm_tok_nf_XXXXXX";
+    int fd = mkstemp(path);
+    assert_true(fd >= 0);
+    assert_int_equal(write(fd, text, strlen(text)), (ssize_t)strlen(text));
+    close(fd);
+    free(text);
+    kvm_tokenizer_t *t = kvm_tokenizer_load_hf(path, NULL);
+    unlink(path);
+    assert_non_null(t);
+    return t;
+}
+
+/* tests/data/tokenizer/nfc-cases.jsonl: crafted cases (reordering, blocking, exclusions, singletons,
+ * Hangul) and seeded random mark sequences, with Python unicodedata's NFC and NFD as the reference. */
+static void test_nfc_and_nfd_normalizers_match_unicodedata(void **s) {
+    (void)s;
+    kvm_tokenizer_t *nfc = tiny_with_normalizer("NFC"), *nfd = tiny_with_normalizer("NFD");
+    int n = 0, bad = 0;
+    cJSON **cases = tt_read_jsonl(TOKDATA "/nfc-cases.jsonl", &n);
+    assert_non_null(cases);
+    assert_true(n > 300);
+    for (int i = 0; i < n; i++) {
+        const char *text = cJSON_GetObjectItem(cases[i], "text")->valuestring;
+        for (int form = 0; form < 2; form++) {
+            const char *want = cJSON_GetObjectItem(cases[i], form ? "nfd" : "nfc")->valuestring;
+            int32_t *ids = NULL;
+            int nid = 0;
+            char *out = NULL;
+            assert_int_equal(kvm_tokenize(form ? nfd : nfc, text, strlen(text), 0, &ids, &nid), 0);
+            assert_int_equal(kvm_detokenize(form ? nfd : nfc, ids, nid, false, &out, NULL), 0);
+            if (strcmp(out, want) && bad++ < 5) fprintf(stderr, "  %s of '%s': want '%s' got '%s'\n", form ? "NFD" : "NFC", text, want, out);
+            kvm_free(out);
+            kvm_free(ids);
+        }
+    }
+    tt_lines_free(cases, n);
+    kvm_tokenizer_free(nfc);
+    kvm_tokenizer_free(nfd);
+    assert_int_equal(bad, 0);
+}
+
 /* ---- malformed tokenizer.json -------------------------------------------------------------------- */
 
 static char g_path[64];
@@ -500,6 +557,7 @@ int main(void) {
         cmocka_unit_test(test_random_text_round_trips_through_bytelevel),
         cmocka_unit_test(test_random_bytes_encode_without_crashing),
         cmocka_unit_test(test_bad_arguments_are_errors_not_crashes),
+        cmocka_unit_test(test_nfc_and_nfd_normalizers_match_unicodedata),
         cmocka_unit_test(test_not_json_is_a_format_error),
         cmocka_unit_test(test_missing_model_or_vocab_names_the_field),
         cmocka_unit_test(test_merges_with_unknown_tokens_are_refused),

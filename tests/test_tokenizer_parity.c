@@ -65,6 +65,35 @@ static void test_llama2_config_adds_bos(void **s) {
     kvm_tokenizer_free(t);
 }
 
+/* Qwen3 declares an NFC normalizer: decomposed input encodes like its NFC form (tests/data/tokenizer/
+ * nfc-cases.jsonl, NFC from Python's unicodedata). */
+static void test_qwen3_normalizes_decomposed_text_to_nfc(void **s) {
+    (void)s;
+    kvm_tokenizer_t *t = load_cached("qwen3");
+    if (!t) skip();
+    int n = 0, checked = 0, bad = 0;
+    cJSON **cases = tt_read_jsonl(TOKDATA "/nfc-cases.jsonl", &n);
+    assert_non_null(cases);
+    for (int i = 0; i < n; i++) {
+        const char *text = cJSON_GetObjectItem(cases[i], "text")->valuestring;
+        const char *nfc = cJSON_GetObjectItem(cases[i], "nfc")->valuestring;
+        if (!strcmp(text, nfc)) continue;
+        int32_t *a = NULL, *b = NULL;
+        int na = 0, nb = 0;
+        assert_int_equal(kvm_tokenize(t, text, strlen(text), 0, &a, &na), 0);
+        assert_int_equal(kvm_tokenize(t, nfc, strlen(nfc), 0, &b, &nb), 0);
+        if ((na != nb || memcmp(a, b, sizeof *a * (size_t)na)) && bad++ < 5) fprintf(stderr, "  '%s' encodes unlike its NFC '%s'\n", text, nfc);
+        checked++;
+        kvm_free(a);
+        kvm_free(b);
+    }
+    tt_lines_free(cases, n);
+    kvm_tokenizer_free(t);
+    fprintf(stderr, "qwen3: %d non-NFC strings encode as their NFC forms\n", checked - bad);
+    assert_true(checked > 100);
+    assert_int_equal(bad, 0);
+}
+
 /* Builds ~10 KB of mixed text (seeded, so the run is the same each time). */
 static char *mixed_text(size_t target, unsigned seed) {
     static const char *parts[] = {"The quick brown fox ", "jumps over 1234567 lazy dogs. ", "Café naïve ", "你好世界 ",
@@ -144,6 +173,7 @@ int main(void) {
         cmocka_unit_test(test_llama2_sentencepiece_bpe_matches_hf_on_the_corpus),
         cmocka_unit_test(test_llama3_matches_hf_on_the_corpus),
         cmocka_unit_test(test_qwen3_config_gives_eos_template_and_specials),
+        cmocka_unit_test(test_qwen3_normalizes_decomposed_text_to_nfc),
         cmocka_unit_test(test_llama2_config_adds_bos),
         cmocka_unit_test(test_encoding_10kb_takes_milliseconds),
         cmocka_unit_test(test_llama2_encodes_10kb_as_one_word_in_milliseconds),

@@ -93,7 +93,9 @@ static int parse_normalizer(ctx_t *c, const cJSON *o, const char *field) {
     }
     tok_norm_t n = {0};
     if (!strcmp(type, "NFC")) {
-        n.type = TOK_NORM_IDENTITY; /* assumed: inputs are NFC already (docs/tokenizers.md) */
+        n.type = TOK_NORM_NFC;
+    } else if (!strcmp(type, "NFD")) {
+        n.type = TOK_NORM_NFD;
     } else if (!strcmp(type, "Prepend")) {
         const char *p = jstr(o, "prepend");
         if (!p) return kvm_seterr(KVM_EFORMAT, "%s: %s (Prepend): missing string \"prepend\"", c->path, field);
@@ -110,7 +112,7 @@ static int parse_normalizer(ctx_t *c, const cJSON *o, const char *field) {
         n.b = kvm_strdup(content);
         if (!n.a || !n.b) return kvm_free(n.a), kvm_free(n.b), KVM_ENOMEM;
     } else {
-        return kvm_seterr(KVM_EUNSUPPORTED, "%s: %s: normalizer type \"%s\" is not supported (NFC, Prepend, Replace, Sequence are)",
+        return kvm_seterr(KVM_EUNSUPPORTED, "%s: %s: normalizer type \"%s\" is not supported (NFC, NFD, Prepend, Replace, Sequence are)",
                           c->path, field, type);
     }
     if (grow((void **)&t->norm, t->n_norm, sizeof *t->norm)) return kvm_free(n.a), kvm_free(n.b), KVM_ENOMEM;

@@ -45,6 +45,10 @@ typedef struct {
 int tok_buf_put(tok_buf_t *b, const void *data, size_t n); /* 0 or KVM_ENOMEM; keeps p NUL-terminated */
 void tok_buf_free(tok_buf_t *b);
 
+/* Appends the NFC (compose) or NFD form of s[0..len) to out (tok_unicode.c, canonical tables from
+ * scripts/fixtures/gen_tok_unicode.py). Invalid UTF-8 is appended unchanged. 0 or KVM_ENOMEM. */
+int tok_normalize_nf(const char *s, size_t len, bool compose, tok_buf_t *out);
+
 /* ---- hash maps ---------------------------------------------------------------------------------- */
 
 /* string -> int32 (open addressing; keys point into memory the owner keeps alive). */
@@ -95,7 +99,7 @@ enum tok_regex {
 /* HF SplitDelimiterBehavior */
 enum tok_split_behavior { TOK_SPLIT_REMOVED, TOK_SPLIT_ISOLATED, TOK_SPLIT_MERGED_PREV, TOK_SPLIT_MERGED_NEXT, TOK_SPLIT_CONTIGUOUS };
 
-enum tok_norm_type { TOK_NORM_IDENTITY, TOK_NORM_PREPEND, TOK_NORM_REPLACE };
+enum tok_norm_type { TOK_NORM_IDENTITY, TOK_NORM_PREPEND, TOK_NORM_REPLACE, TOK_NORM_NFC, TOK_NORM_NFD };
 typedef struct {
     int type;
     char *a, *b; /* PREPEND: a = text; REPLACE: a = pattern, b = content */

@@ -375,6 +375,9 @@ static int encode_segment(const kvm_tokenizer_t *t, const char *s, size_t n, boo
         } else if (nm->type == TOK_NORM_REPLACE) {
             tmp.len = 0;
             if (!(rc = tok_buf_put(&tmp, "", 0))) rc = replace_all(&tmp, norm.p, norm.len, nm->a, nm->b);
+        } else if (nm->type == TOK_NORM_NFC || nm->type == TOK_NORM_NFD) {
+            tmp.len = 0;
+            if (!(rc = tok_buf_put(&tmp, "", 0))) rc = tok_normalize_nf(norm.p, norm.len, nm->type == TOK_NORM_NFC, &tmp);
         } else {
             continue;
         }
