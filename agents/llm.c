@@ -5,6 +5,7 @@
 #include <stdio.h>
 #include <string.h>
 
+#include "../runtime/comm/prompt.h"
 #include "../runtime/sched/sched.h"
 
 const char *wf_kv_policy_name(wf_kv_policy_t p) {
@@ -37,19 +38,47 @@ typedef struct job {
     int n_forward, batch_max;
     double batch_sum;
     /* model engine */
-    kvm_seq_t seq;
-    bool has_seq;
+    kvm_prepared_t prep;     /* the assembled prompt (its seq holds the reused/computed KV) */
+    bool has_prep;
+    kvm_comm_request_t *rq;  /* the run's KVCOMM request (borrowed from the model) */
+    char *run_id, *agent;
+    double prepare_ms;
     bool done;
     struct job *next;
 } job_t;
+
+/* Per model: templates (one per agent and template text), the live KVCOMM requests (one per run)
+ * and the segments bound to placeholders (per run and placeholder name, with the text they hold). */
+typedef struct ltmpl {
+    char *agent;
+    uint64_t key;            /* hash of system + pieces (text and names) */
+    kvm_template_t *t;       /* NULL when comm/ rejected the template */
+    char *err;               /* why it was rejected (the step then runs on plain ids, dense) */
+} ltmpl_t;
+
+typedef struct lseg {
+    char *run, *name, *text;
+    kvm_segment_t *seg;
+} lseg_t;
+
+typedef struct lreq {
+    char *run;
+    kvm_comm_request_t *rq;
+} lreq_t;
 
 typedef struct lmodel {
     char *path;
     bool mock;
     bool mock_fail;          /* mock:fail - every step fails (error-path tests) */
     kvm_model_t *m;
-    kvm_kv_pool_t *pool;
+    kvm_comm_t *comm;        /* KV store + KVCOMM over the model's pool */
     kvm_sched_t *sched;
+    ltmpl_t *tmpls;
+    int n_tmpls;
+    lseg_t *segs;
+    int n_segs;
+    lreq_t *reqs;
+    int n_reqs;
 } lmodel_t;
 
 struct wf_llm {
@@ -76,7 +105,9 @@ static void job_free(job_t *j) {
     kvm_free(j->words);
     for (int i = 0; i < j->n_stop; i++) kvm_free(j->stop[i]);
     kvm_free(j->stop);
-    if (j->has_seq) kvm_seq_free(&j->seq);
+    if (j->has_prep) kvm_prepared_release(&j->prep);
+    kvm_free(j->run_id);
+    kvm_free(j->agent);
     kvm_free(j);
 }
 
@@ -89,7 +120,25 @@ void wf_llm_free(wf_llm_t *l) {
     for (int i = 0; i < l->n_models; i++) {
         lmodel_t *m = &l->models[i];
         if (m->sched) kvm_sched_free(m->sched);
-        if (m->pool) kvm_kv_pool_free(m->pool);
+        for (int k = 0; k < m->n_segs; k++) {
+            kvm_segment_release(m->segs[k].seg);
+            kvm_free(m->segs[k].run);
+            kvm_free(m->segs[k].name);
+            kvm_free(m->segs[k].text);
+        }
+        kvm_free(m->segs);
+        for (int k = 0; k < m->n_reqs; k++) {
+            kvm_comm_request_abort(m->reqs[k].rq);
+            kvm_free(m->reqs[k].run);
+        }
+        kvm_free(m->reqs);
+        for (int k = 0; k < m->n_tmpls; k++) {
+            kvm_template_free(m->tmpls[k].t);
+            kvm_free(m->tmpls[k].agent);
+            kvm_free(m->tmpls[k].err);
+        }
+        kvm_free(m->tmpls);
+        if (m->comm) kvm_comm_free(m->comm);
         if (m->m) kvm_model_free(m->m);
         kvm_free(m->path);
     }
@@ -122,12 +171,13 @@ int wf_llm_model_open(wf_llm_t *l, const char *path, int *idx) {
             kvm_free(m->path);
             return kvm_errctx(kvm_errcode() ? kvm_errcode() : KVM_EIO, "model '%s'", path);
         }
-        m->pool = kvm_model_kv_pool(m->m, l->o.kv_bytes);
+        kvm_comm_opts_t co = {.kv_budget_bytes = l->o.kv_bytes};
+        m->comm = kvm_comm_create(m->m, &co);
         kvm_sched_opts_t so = {.max_rows = l->o.max_rows, .max_active = l->o.max_active};
-        m->sched = m->pool ? kvm_sched_create(m->m, &so) : NULL;
+        m->sched = m->comm ? kvm_sched_create(m->m, &so) : NULL;
         if (!m->sched) {
             int rc = kvm_errcode() ? kvm_errcode() : KVM_ENOMEM;
-            if (m->pool) kvm_kv_pool_free(m->pool);
+            if (m->comm) kvm_comm_free(m->comm);
             kvm_model_free(m->m);
             kvm_free(m->path);
             return kvm_errctx(rc, "model '%s'", path);
@@ -313,44 +363,258 @@ static void mock_advance(job_t *j, bool fail, int batch) {
 
 /* ---- model engine ----------------------------------------------------------------------------- */
 
-/* Renders and encodes the prompt for a real model: the chat format when the model has one (system =
- * role, user = the pieces joined), else plain text. Fills res.prompt_text / prompt_ids. */
-static int model_prepare(lmodel_t *m, job_t *j, const wf_llm_req_t *r) {
-    char *user = join_pieces(r->pieces, r->n_pieces);
-    if (!user) return KVM_ENOMEM;
-    bool chat = m->m->cfg.chat_format != KVM_CHAT_NONE;
-    int rc;
-    if (chat) {
-        kvm_chat_msg_t msgs[2];
-        int nm = 0;
-        if (r->system && *r->system) msgs[nm++] = (kvm_chat_msg_t){"system", r->system};
-        msgs[nm++] = (kvm_chat_msg_t){"user", user};
-        rc = kvm_chat_render(m->m->cfg.chat_format, msgs, nm, true, &j->res.prompt_text);
-        if (rc == 0) rc = kvm_prompt_encode(m->m, r->system, user, true, &j->res.prompt_ids, &j->res.n_prompt);
-    } else {
-        j->res.prompt_text = wf_llm_render_plain(r->system, r->pieces, r->n_pieces);
-        rc = j->res.prompt_text ? kvm_prompt_encode(m->m, NULL, j->res.prompt_text, false, &j->res.prompt_ids, &j->res.n_prompt)
-                                : KVM_ENOMEM;
+static uint64_t hash_str(const char *x, uint64_t h) { return kvm_hash64(x ? x : "", x ? strlen(x) + 1 : 1, h); }
+
+/* The agent's template record for this prompt shape (created once; comm/ validates it). */
+static ltmpl_t *get_template(lmodel_t *m, const wf_llm_req_t *r) {
+    uint64_t key = hash_str(r->agent, hash_str(r->system, KVM_HASH_SEED));
+    for (int i = 0; i < r->n_pieces; i++) key = hash_str(r->pieces[i].is_slot ? r->pieces[i].name : r->pieces[i].text, key ^ (uint64_t)r->pieces[i].is_slot);
+    for (int i = 0; i < m->n_tmpls; i++)
+        if (m->tmpls[i].key == key) return &m->tmpls[i];
+    ltmpl_t *nt = kvm_realloc(m->tmpls, (size_t)(m->n_tmpls + 1) * sizeof *nt);
+    if (!nt) return NULL;
+    m->tmpls = nt;
+    ltmpl_t *t = &nt[m->n_tmpls];
+    memset(t, 0, sizeof *t);
+    kvm_piece_t *pc = kvm_calloc((size_t)r->n_pieces + 1, sizeof *pc);
+    if (!pc) return NULL;
+    for (int i = 0; i < r->n_pieces; i++)
+        pc[i] = (kvm_piece_t){.kind = r->pieces[i].is_slot ? KVM_PIECE_PLACEHOLDER : KVM_PIECE_TEXT,
+                              .text = r->pieces[i].is_slot ? r->pieces[i].name : r->pieces[i].text};
+    kvm_template_desc_t d = {.agent = r->agent, .system = r->system, .pieces = pc, .n_pieces = r->n_pieces};
+    t->t = kvm_template_create(m->comm, &d);
+    kvm_free(pc);
+    if (!t->t) {
+        t->err = kvm_strdup(kvm_errmsg());
+        KVM_LOGW("agent '%s': template not usable for KV reuse (%s); its steps run dense", r->agent ? r->agent : "?", kvm_errmsg());
     }
-    kvm_free(user);
-    if (rc != 0) return rc;
-    if (j->res.n_prompt < 1) return kvm_seterr(KVM_EINVAL, "agent '%s': the prompt encodes to no tokens", r->agent ? r->agent : "?");
-    /* Dense prefill: every prompt token is computed here. Prefix and KVCOMM reuse plug in through
-     * runtime/comm (prompt assembly) and then report exact/offset counts instead. */
-    j->res.kv.recomputed = j->res.n_prompt;
-    snprintf(j->res.kv.mode, sizeof j->res.kv.mode, "dense");
-    kvm_seq_init(&j->seq, m->pool);
-    j->has_seq = true;
+    t->agent = kvm_strdup(r->agent ? r->agent : "");
+    t->key = key;
+    m->n_tmpls++;
+    return t;
+}
+
+static kvm_comm_request_t *get_request(lmodel_t *m, const char *run) {
+    for (int i = 0; i < m->n_reqs; i++)
+        if (!strcmp(m->reqs[i].run, run)) return m->reqs[i].rq;
+    lreq_t *nr = kvm_realloc(m->reqs, (size_t)(m->n_reqs + 1) * sizeof *nr);
+    if (!nr) return NULL;
+    m->reqs = nr;
+    kvm_comm_request_t *rq = kvm_comm_request_begin(m->comm, hash_str(run, KVM_HASH_SEED));
+    if (!rq) return NULL;
+    nr[m->n_reqs].run = kvm_strdup(run);
+    nr[m->n_reqs].rq = rq;
+    m->n_reqs++;
+    return rq;
+}
+
+static lseg_t *find_seg(lmodel_t *m, const char *run, const char *name) {
+    for (int i = 0; i < m->n_segs; i++)
+        if (!strcmp(m->segs[i].run, run) && !strcmp(m->segs[i].name, name)) return &m->segs[i];
+    return NULL;
+}
+
+/* Stores seg (one reference, taken over) under (run, name) with its text, replacing any older one. */
+static int put_seg(lmodel_t *m, const char *run, const char *name, const char *text, kvm_segment_t *seg) {
+    lseg_t *e = find_seg(m, run, name);
+    if (!e) {
+        lseg_t *ns = kvm_realloc(m->segs, (size_t)(m->n_segs + 1) * sizeof *ns);
+        if (!ns) {
+            kvm_segment_release(seg);
+            return KVM_ENOMEM;
+        }
+        m->segs = ns;
+        e = &ns[m->n_segs++];
+        memset(e, 0, sizeof *e);
+        e->run = kvm_strdup(run);
+        e->name = kvm_strdup(name);
+    } else {
+        kvm_segment_release(e->seg);
+        kvm_free(e->text);
+    }
+    e->seg = seg;
+    e->text = kvm_strdup(text ? text : "");
+    return e->run && e->name && e->text ? 0 : KVM_ENOMEM;
+}
+
+/* The segment holding `text` for placeholder `name` of this run: the stored one if its text is the
+ * same (an agent's response keeps the KV it was generated with), else computed now. */
+static kvm_segment_t *bind_seg(lmodel_t *m, const char *run, const char *name, const char *text) {
+    lseg_t *e = find_seg(m, run, name);
+    if (e && e->seg && !strcmp(e->text, text)) return e->seg;
+    kvm_producer_kind_t kind = !strncmp(name, "input", 5) ? KVM_PRODUCER_INPUT
+                               : !strncmp(name, "tool:", 5) ? KVM_PRODUCER_TOOL
+                                                            : KVM_PRODUCER_STATE;
+    kvm_segment_t *seg = NULL;
+    if (kvm_comm_segment_text(m->comm, kind, name, text, strlen(text), &seg) != 0) return NULL;
+    if (put_seg(m, run, name, text, seg) != 0) return NULL;
+    return seg;
+}
+
+static kvm_kv_policy_t comm_policy(wf_kv_policy_t p) {
+    return p == WF_KV_DENSE ? KVM_KV_TEXT : p == WF_KV_PREFIX ? KVM_KV_EXACT : KVM_KV_KVCOMM;
+}
+
+/* Assembles the prompt through runtime/comm (dense / exact prefix / KVCOMM by the agent's policy)
+ * and queues its remaining tokens on the scheduler. Templates comm/ rejects (or empty placeholder
+ * content) fall back to a plain chat-rendered prompt run dense; the trace says why. */
+static int model_prepare(lmodel_t *m, job_t *j, const wf_llm_req_t *r) {
+    uint64_t t0 = kvm_now_ns();
+    const char *run = r->run_id ? r->run_id : "";
+    cJSON *detail = cJSON_CreateObject();
+    int rc = 0;
+    ltmpl_t *lt = get_template(m, r);
+    if (!lt) {
+        cJSON_Delete(detail);
+        return kvm_seterr(KVM_ENOMEM, "agent '%s': out of memory building its template", r->agent);
+    }
+    bool use_tmpl = lt->t != NULL;
+    const char *why = lt->err;
+    for (int i = 0; use_tmpl && i < r->n_pieces; i++)
+        if (r->pieces[i].is_slot && (!r->pieces[i].text || !r->pieces[i].text[0])) {
+            use_tmpl = false;
+            why = "a placeholder is empty (its producer has not run yet)";
+        }
+    if (use_tmpl) {
+        kvm_binding_t b[KVM_COMM_MAX_PH];
+        int nb = 0;
+        j->rq = get_request(m, run);
+        if (!j->rq) rc = kvm_errcode() ? kvm_errcode() : KVM_ENOMEM;
+        for (int i = 0; !rc && i < r->n_pieces; i++) {
+            if (!r->pieces[i].is_slot) continue;
+            bool dup = false;
+            for (int k = 0; k < nb; k++) dup |= !strcmp(b[k].name, r->pieces[i].name);
+            if (dup) continue;
+            if (nb == KVM_COMM_MAX_PH) {
+                rc = kvm_seterr(KVM_EINVAL, "agent '%s': more than %d placeholders", r->agent, KVM_COMM_MAX_PH);
+                break;
+            }
+            kvm_segment_t *seg = bind_seg(m, run, r->pieces[i].name, r->pieces[i].text);
+            if (!seg) rc = kvm_errctx(kvm_errcode() ? kvm_errcode() : KVM_ENOMEM, "agent '%s': placeholder %s", r->agent, r->pieces[i].name);
+            else b[nb++] = (kvm_binding_t){.name = r->pieces[i].name, .seg = seg};
+        }
+        if (!rc) {
+            kvm_prompt_t p = {.tmpl = lt->t, .bindings = b, .n_bindings = nb, .policy = comm_policy(r->kv)};
+            rc = kvm_comm_prepare(j->rq, &p, &j->prep);
+            if (!rc) j->has_prep = true;
+        }
+    } else {
+        j->rq = NULL;
+        char *user = join_pieces(r->pieces, r->n_pieces);
+        int32_t *ids = NULL;
+        int n = 0;
+        rc = user ? kvm_prompt_encode(m->m, r->system, user, m->m->cfg.chat_format != KVM_CHAT_NONE, &ids, &n) : KVM_ENOMEM;
+        kvm_free(user);
+        if (!rc) rc = kvm_comm_prepare_ids(m->comm, ids, n, r->kv == WF_KV_PREFIX ? KVM_KV_EXACT : KVM_KV_TEXT, &j->prep);
+        if (!rc) j->has_prep = true;
+        kvm_free(ids);
+        cJSON_AddStringToObject(detail, "fallback", why ? why : "no template");
+    }
+    if (rc) {
+        cJSON_Delete(detail);
+        return rc;
+    }
+    const kvm_comm_report_t *rep = &j->prep.report;
+    j->res.n_prompt = j->prep.n_prompt;
+    j->res.prompt_ids = kvm_malloc((size_t)(j->prep.n_prompt > 0 ? j->prep.n_prompt : 1) * sizeof *j->res.prompt_ids);
+    if (j->res.prompt_ids) memcpy(j->res.prompt_ids, j->prep.prompt_ids, (size_t)j->prep.n_prompt * sizeof *j->res.prompt_ids);
+    size_t tl = 0;
+    if (kvm_detokenize(m->m->tok, j->prep.prompt_ids, j->prep.n_prompt, false, &j->res.prompt_text, &tl) != 0) j->res.prompt_text = NULL;
+    j->res.kv.exact = rep->exact_tokens;
+    j->res.kv.offset = rep->offset_tokens;
+    j->res.kv.naive = rep->naive_tokens;
+    j->res.kv.recomputed = rep->recomputed_tokens;
+    j->res.kv.fused = rep->fused_tokens;
+    int anchors = 0;
+    for (int i = 0; i < rep->n_placeholders; i++)
+        if (rep->ph[i].decision == KVM_PH_SHARED && rep->ph[i].n_eligible > anchors) anchors = rep->ph[i].n_eligible;
+    j->res.kv.anchors = anchors;
+    snprintf(j->res.kv.mode, sizeof j->res.kv.mode, "%s",
+             rep->mode == KVM_COMM_REUSE ? "reuse" : rep->exact_tokens > 0 ? "prefix" : "dense");
+    cJSON_AddStringToObject(detail, "policy", wf_kv_policy_name(r->kv));
+    if (use_tmpl) {
+        int need = kvm_comm_report_json(rep, NULL, 0);
+        char *buf = need > 0 ? kvm_malloc((size_t)need + 1) : NULL;
+        if (buf) {
+            kvm_comm_report_json(rep, buf, (size_t)need + 1);
+            cJSON *rj = cJSON_Parse(buf);
+            if (rj) cJSON_AddItemToObject(detail, "report", rj);
+            kvm_free(buf);
+        }
+    }
+    j->res.kv_detail = detail;
+    j->run_id = kvm_strdup(run);
+    j->agent = kvm_strdup(r->agent ? r->agent : "");
+    j->prepare_ms = (double)(kvm_now_ns() - t0) / 1e6;
     kvm_sched_req_t sr = {0};
-    sr.seq = &j->seq;
-    sr.prompt = j->res.prompt_ids;
-    sr.n_prompt = j->res.n_prompt;
+    sr.seq = &j->prep.seq;
+    sr.prompt = j->prep.rest_ids;
+    sr.n_prompt = j->prep.n_rest;
     sr.gen.max_tokens = r->max_tokens;
     sr.gen.sampling = r->sampling;
     sr.gen.stop_strings = r->stop;
     sr.gen.n_stop_strings = r->n_stop;
     sr.tag = (uint64_t)(uintptr_t)j;
     return kvm_sched_submit(m->sched, &sr);
+}
+
+/* After generation: comm/ fills anchor deltas and the prefix index and publishes the response as a
+ * segment, which later placeholders of this run reuse ("agent:<agent>:current"; the older one moves
+ * to ":prev"). */
+static void model_complete(lmodel_t *m, job_t *j, const kvm_sched_done_t *d) {
+    if (!j->has_prep) return;
+    kvm_gen_result_t gr = {0};
+    gr.ids = d->ids;
+    gr.n_ids = d->n_ids;
+    gr.text = d->text;
+    gr.stop_reason = d->stop_reason;
+    kvm_segment_t *resp = NULL;
+    if (j->rq && d->status == 0 && j->prep.seq.n_tokens >= j->prep.n_prompt) {
+        if (kvm_comm_complete(j->rq, &j->prep, &gr, &resp) != 0)
+            KVM_LOGW("agent '%s': completing its KV bookkeeping failed: %s", j->agent, kvm_errmsg());
+    }
+    if (resp) {
+        char cur[256], prev[256];
+        snprintf(cur, sizeof cur, "agent:%s:current", j->agent);
+        snprintf(prev, sizeof prev, "agent:%s:prev", j->agent);
+        lseg_t *old = find_seg(m, j->run_id, cur);
+        if (old && old->seg) {
+            kvm_segment_ref(old->seg);
+            put_seg(m, j->run_id, prev, old->text, old->seg);
+        }
+        put_seg(m, j->run_id, cur, d->text ? d->text : "", resp);
+    }
+    kvm_prepared_release(&j->prep);
+    j->has_prep = false;
+}
+
+int wf_llm_run_end(wf_llm_t *l, const char *run_id) {
+    int rc = 0;
+    for (int mi = 0; mi < l->n_models; mi++) {
+        lmodel_t *m = &l->models[mi];
+        for (int i = 0; i < m->n_reqs; i++)
+            if (!strcmp(m->reqs[i].run, run_id)) {
+                bool busy = false;
+                for (job_t *j = l->jobs; j; j = j->next) busy |= j->rq == m->reqs[i].rq;
+                int r1 = busy ? (kvm_comm_request_abort(m->reqs[i].rq), 0) : kvm_comm_request_end(m->reqs[i].rq);
+                if (r1 && !rc) rc = r1;
+                for (job_t *j = l->jobs; j; j = j->next)
+                    if (j->rq == m->reqs[i].rq) j->rq = NULL;
+                kvm_free(m->reqs[i].run);
+                m->reqs[i] = m->reqs[--m->n_reqs];
+                break;
+            }
+        for (int i = 0; i < m->n_segs;)
+            if (!strcmp(m->segs[i].run, run_id)) {
+                kvm_segment_release(m->segs[i].seg);
+                kvm_free(m->segs[i].run);
+                kvm_free(m->segs[i].name);
+                kvm_free(m->segs[i].text);
+                m->segs[i] = m->segs[--m->n_segs];
+            } else
+                i++;
+    }
+    return rc;
 }
 
 /* ---- the interface ---------------------------------------------------------------------------- */
@@ -405,6 +669,7 @@ int wf_llm_step(wf_llm_t *l) {
             while (kvm_sched_take(m->sched, &d) == 1) {
                 job_t *j = (job_t *)(uintptr_t)d.tag;
                 j->done = true;
+                model_complete(m, j, &d); /* before the text moves into the result */
                 j->res.status = d.status;
                 if (d.status) j->res.error = kvm_strdup(d.error);
                 j->res.text = d.text;
@@ -412,15 +677,13 @@ int wf_llm_step(wf_llm_t *l) {
                 j->res.n_out = d.n_ids;
                 j->res.stop_reason = d.stop_reason;
                 j->res.queue_ms = d.queue_ms;
-                j->res.ttft_ms = d.ttft_ms + (double)(0);
+                j->res.ttft_ms = d.ttft_ms + j->prepare_ms; /* from "inputs ready": assembly included */
                 j->res.decode_ms = d.decode_ms;
                 j->res.n_forward = d.n_forward;
                 j->res.batch_max_seqs = d.batch_max_seqs;
                 j->res.batch_mean_seqs = d.batch_mean_seqs;
                 j->res.batch_max_rows = d.batch_max_rows;
                 kvm_sched_done_clear(&d);
-                kvm_seq_free(&j->seq);
-                j->has_seq = false;
             }
         }
         if (n > 0) {

@@ -95,6 +95,8 @@ int wf_llm_take(wf_llm_t *l, wf_llm_result_t *out);
 /* Steps submitted and not yet taken. */
 int wf_llm_pending(const wf_llm_t *l);
 void wf_llm_result_clear(wf_llm_result_t *r);
+/* Ends a run: commits its KVCOMM request (staged anchors) and drops the segments bound for it. */
+int wf_llm_run_end(wf_llm_t *l, const char *run_id);
 /* Forward passes and sequences run so far, over all models. */
 void wf_llm_counters(const wf_llm_t *l, uint64_t *steps, uint64_t *seqs, int *max_seqs);
 

@@ -1287,6 +1287,7 @@ static void finish_run(kvm_workflow_t *wf, wf_run_t *r, int code, char *msg) {
         r->trace = NULL;
     }
     free_tasks(r);
+    if (wf_llm_run_end(wf->llm, r->id) != 0) KVM_LOGW("run %s: committing its KV anchors failed: %s", r->id, kvm_errmsg());
     /* drop the run's Lua objects; the account goes when its last block is freed */
     luaL_unref(L, LUA_REGISTRYINDEX, r->state_ref);
     luaL_unref(L, LUA_REGISTRYINDEX, r->last_ref);
