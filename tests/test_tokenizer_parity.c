@@ -51,6 +51,17 @@ static void test_qwen3_config_gives_eos_template_and_specials(void **s) {
     assert_true(kvm_tokenizer_is_special(t, 151644));
     assert_false(kvm_tokenizer_is_special(t, 151667)); /* <think> is an added, non-special token */
     assert_non_null(strstr(kvm_tokenizer_chat_template(t), "<|im_start|>"));
+    /* every token's streamed bytes fit the advertised bound */
+    int cap = kvm_tokenizer_max_token_bytes(t), longest = 0;
+    char *buf = malloc((size_t)cap);
+    for (int32_t id = 0; id < kvm_tokenizer_vocab_size(t); id++) {
+        int nb = kvm_token_bytes(t, 0, id, buf, (size_t)cap);
+        assert_true(nb >= 0);
+        if (nb > longest) longest = nb;
+    }
+    free(buf);
+    fprintf(stderr, "qwen3: longest token %d bytes, bound %d\n", longest, cap);
+    assert_true(longest < cap);
     kvm_tokenizer_free(t);
 }
 

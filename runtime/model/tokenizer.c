@@ -690,3 +690,36 @@ const char *kvm_tokenizer_kind(const kvm_tokenizer_t *t) {
 }
 
 const char *kvm_tokenizer_chat_template(const kvm_tokenizer_t *t) { return t && t->chat_template ? t->chat_template : ""; }
+
+/* Decoding never lengthens a piece (ByteLevel, "▁" -> " ", "<0xNN>" -> byte, Strip), except a Replace
+ * decoder whose content is longer than its pattern: scale by that ratio. */
+int kvm_tokenizer_max_token_bytes(const kvm_tokenizer_t *t) {
+    if (!t) return 0;
+    size_t max_len = 1, grow = 1;
+    bool bytelevel = false;
+    for (int i = 0; i < t->n_dec; i++) bytelevel |= t->dec[i].type == TOK_DEC_BYTELEVEL;
+    for (int i = 0; i < t->vocab_size; i++) {
+        if (!t->pieces[i]) continue;
+        size_t len = t->piece_len[i];
+        if (bytelevel) { /* one byte per mapped character (a piece with unmapped ones is copied as is) */
+            size_t chars = 0;
+            bool all = true;
+            for (size_t k = 0; k < len && all;) {
+                uint32_t cp;
+                int cl = tok_utf8_next(t->pieces[i] + k, len - k, &cp);
+                all = tok_char_byte(cp) >= 0;
+                k += (size_t)cl;
+                chars++;
+            }
+            if (all) len = chars;
+        }
+        if (len > max_len) max_len = len;
+    }
+    for (int i = 0; i < t->n_dec; i++)
+        if (t->dec[i].type == TOK_DEC_REPLACE) {
+            size_t pl = strlen(t->dec[i].a), cl = strlen(t->dec[i].b);
+            if (pl && (cl + pl - 1) / pl > grow) grow = (cl + pl - 1) / pl;
+        }
+    if (t->n_dec == 0 && grow < 2) grow = 2; /* joined by spaces: one more byte */
+    return (int)(max_len * grow + 1);
+}

@@ -49,5 +49,8 @@ bool kvm_tokenizer_is_special(const kvm_tokenizer_t *t, int32_t id);
 const char *kvm_tokenizer_kind(const kvm_tokenizer_t *t);
 /* chat template text from tokenizer_config.json ("" if none); used to pick the chat format */
 const char *kvm_tokenizer_chat_template(const kvm_tokenizer_t *t);
+/* A buffer of this many bytes holds what kvm_token_bytes writes for any token, the NUL included
+ * (added by the tokenizer work; 129 for Qwen3, Llama-3 and GPT-2). */
+int kvm_tokenizer_max_token_bytes(const kvm_tokenizer_t *t);
 
 #endif
