@@ -458,18 +458,57 @@ static kvm_kv_policy_t comm_policy(wf_kv_policy_t p) {
 /* Assembles the prompt through runtime/comm (dense / exact prefix / KVCOMM by the agent's policy)
  * and queues its remaining tokens on the scheduler. Templates comm/ rejects (or empty placeholder
  * content) fall back to a plain chat-rendered prompt run dense; the trace says why. */
+/* Models without a tokenizer (synthetic weights for benchmarks): each whitespace-separated word of
+ * the prompt becomes one id (a hash into the vocabulary), so prompt lengths track the text. */
+static int words_to_ids(const kvm_model_t *mm, const char *system, const wf_piece_t *pieces, int n, int32_t **ids, int *n_ids) {
+    char *text = wf_llm_render_plain(system, pieces, n);
+    if (!text) return KVM_ENOMEM;
+    int cap = 64, k = 0;
+    int32_t *v = kvm_malloc((size_t)cap * sizeof *v);
+    if (!v) {
+        kvm_free(text);
+        return KVM_ENOMEM;
+    }
+    int vocab = mm->cfg.vocab_size > 2 ? mm->cfg.vocab_size : 2;
+    if (mm->cfg.bos_id >= 0) v[k++] = mm->cfg.bos_id;
+    for (const char *p = text; *p;) {
+        while (*p && isspace((unsigned char)*p)) p++;
+        if (!*p) break;
+        const char *e = p;
+        while (*e && !isspace((unsigned char)*e)) e++;
+        if (k == cap) {
+            cap *= 2;
+            int32_t *nv = kvm_realloc(v, (size_t)cap * sizeof *nv);
+            if (!nv) {
+                kvm_free(v);
+                kvm_free(text);
+                return KVM_ENOMEM;
+            }
+            v = nv;
+        }
+        v[k++] = (int32_t)(1 + kvm_hash64(p, (size_t)(e - p), KVM_HASH_SEED) % (uint64_t)(vocab - 1));
+        p = e;
+    }
+    if (k == 0) v[k++] = 1;
+    kvm_free(text);
+    *ids = v;
+    *n_ids = k;
+    return 0;
+}
+
 static int model_prepare(lmodel_t *m, job_t *j, const wf_llm_req_t *r) {
     uint64_t t0 = kvm_now_ns();
     const char *run = r->run_id ? r->run_id : "";
     cJSON *detail = cJSON_CreateObject();
     int rc = 0;
-    ltmpl_t *lt = get_template(m, r);
+    ltmpl_t none = {0};
+    ltmpl_t *lt = m->m->tok ? get_template(m, r) : &none;
     if (!lt) {
         cJSON_Delete(detail);
         return kvm_seterr(KVM_ENOMEM, "agent '%s': out of memory building its template", r->agent);
     }
-    bool use_tmpl = lt->t != NULL;
-    const char *why = lt->err;
+    bool use_tmpl = lt->t != NULL && m->m->tok != NULL;
+    const char *why = m->m->tok ? lt->err : "the model has no tokenizer (synthetic weights): prompt words hashed to ids, run dense";
     for (int i = 0; use_tmpl && i < r->n_pieces; i++)
         if (r->pieces[i].is_slot && (!r->pieces[i].text || !r->pieces[i].text[0])) {
             use_tmpl = false;
@@ -503,7 +542,9 @@ static int model_prepare(lmodel_t *m, job_t *j, const wf_llm_req_t *r) {
         char *user = join_pieces(r->pieces, r->n_pieces);
         int32_t *ids = NULL;
         int n = 0;
-        rc = user ? kvm_prompt_encode(m->m, r->system, user, m->m->cfg.chat_format != KVM_CHAT_NONE, &ids, &n) : KVM_ENOMEM;
+        if (!user) rc = KVM_ENOMEM;
+        else if (m->m->tok) rc = kvm_prompt_encode(m->m, r->system, user, m->m->cfg.chat_format != KVM_CHAT_NONE, &ids, &n);
+        else rc = words_to_ids(m->m, r->system, r->pieces, r->n_pieces, &ids, &n);
         kvm_free(user);
         if (!rc) rc = kvm_comm_prepare_ids(m->comm, ids, n, r->kv == WF_KV_PREFIX ? KVM_KV_EXACT : KVM_KV_TEXT, &j->prep);
         if (!rc) j->has_prep = true;
@@ -519,7 +560,9 @@ static int model_prepare(lmodel_t *m, job_t *j, const wf_llm_req_t *r) {
     j->res.prompt_ids = kvm_malloc((size_t)(j->prep.n_prompt > 0 ? j->prep.n_prompt : 1) * sizeof *j->res.prompt_ids);
     if (j->res.prompt_ids) memcpy(j->res.prompt_ids, j->prep.prompt_ids, (size_t)j->prep.n_prompt * sizeof *j->res.prompt_ids);
     size_t tl = 0;
-    if (kvm_detokenize(m->m->tok, j->prep.prompt_ids, j->prep.n_prompt, false, &j->res.prompt_text, &tl) != 0) j->res.prompt_text = NULL;
+    if (!m->m->tok) j->res.prompt_text = wf_llm_render_plain(r->system, r->pieces, r->n_pieces);
+    else if (kvm_detokenize(m->m->tok, j->prep.prompt_ids, j->prep.n_prompt, false, &j->res.prompt_text, &tl) != 0)
+        j->res.prompt_text = NULL;
     j->res.kv.exact = rep->exact_tokens;
     j->res.kv.offset = rep->offset_tokens;
     j->res.kv.naive = rep->naive_tokens;

@@ -188,7 +188,8 @@ static void accept_token(kvm_sched_t *s, sreq_t *q, int32_t id) {
         return;
     }
     char buf[256];
-    int nb = kvm_token_bytes(s->m->tok, prev, id, buf, sizeof buf);
+    /* models without a tokenizer (synthetic weights) show ids as text */
+    int nb = s->m->tok ? kvm_token_bytes(s->m->tok, prev, id, buf, sizeof buf) : snprintf(buf, sizeof buf, "%s<%d>", q->n_out > 1 ? " " : "", (int)id);
     if (nb > 0 && text_append(q, buf, (size_t)nb)) {
         fail_req(q, KVM_ENOMEM, "sched: out of memory growing the output text");
         return;
