@@ -22,6 +22,7 @@
 #include <cjson/cJSON.h>
 
 #include "runtime/comm/prompt.h"
+#include "runtime/comm/team_eval.h"
 #include "runtime/eval/minitasks.h"
 #include "runtime/model/synthetic.h"
 
@@ -358,164 +359,6 @@ static int run_ttft(kvm_model_t *m, const opts_t *o) {
 
 /* ==== the team (fidelity) workload ======================================================================= */
 
-#define TEAM_ROLES 4
-
-static void trim(char *s) {
-    size_t n = strlen(s), a = 0;
-    while (a < n && (s[a] == ' ' || s[a] == '\n' || s[a] == '\t' || s[a] == '\r')) a++;
-    while (n > a && (s[n - 1] == ' ' || s[n - 1] == '\n' || s[n - 1] == '\t' || s[n - 1] == '\r')) n--;
-    memmove(s, s + a, n - a);
-    s[n - a] = 0;
-}
-
-typedef struct cosacc {
-    double *k, *v, *kl2, *vl2;
-    int n;
-} cosacc_t;
-
-/* Per-layer cosine and relative l2 of the reused cache rows [E, n_cached) against a dense prefill. */
-static int cos_vs_dense(kvm_comm_t *c, const kvm_prepared_t *p, cosacc_t *acc) {
-    kvm_model_t *m = kvm_comm_model(c);
-    kvm_kv_pool_t *pool = kvm_kv_store_pool(kvm_comm_store(c));
-    const int L = m->cfg.n_layers, H = m->cfg.n_kv_heads, D = m->cfg.head_dim;
-    int E = p->report.exact_tokens, n = p->n_cached;
-    if (n - E <= 0) return 0;
-    kvm_seq_t s;
-    kvm_seq_init(&s, pool);
-    kvm_batch_item_t it = {.seq = &s, .tokens = p->prompt_ids, .n_tokens = n};
-    int rc = kvm_forward(m, &it, 1);
-    size_t e = (size_t)L * 2 * H * (n - E) * D;
-    float *x = malloc(e * 4), *y = malloc(e * 4);
-    if (!rc) rc = kvm_kv_read_rows(pool, p->seq.blocks, E, n - E, x);
-    if (!rc) rc = kvm_kv_read_rows(pool, s.blocks, E, n - E, y);
-    if (!rc) {
-        size_t per = (size_t)H * (n - E) * D;
-        for (int l = 0; l < L; l++)
-            for (int kv = 0; kv < 2; kv++) {
-                const float *a = x + ((size_t)l * 2 + kv) * per, *b = y + ((size_t)l * 2 + kv) * per;
-                double ab = 0, aa = 0, bb = 0, dd = 0;
-                for (size_t i = 0; i < per; i++) {
-                    ab += (double)a[i] * b[i], aa += (double)a[i] * a[i], bb += (double)b[i] * b[i];
-                    dd += ((double)a[i] - b[i]) * ((double)a[i] - b[i]);
-                }
-                double cs = ab / (sqrt(aa * bb) + 1e-30), rl = sqrt(dd / (bb + 1e-30));
-                if (kv) acc->v[l] += cs, acc->vl2[l] += rl;
-                else acc->k[l] += cs, acc->kl2[l] += rl;
-            }
-        acc->n++;
-    }
-    free(x);
-    free(y);
-    kvm_seq_free(&s);
-    return rc;
-}
-
-typedef struct team_mode_res {
-    char name[32];
-    int correct[TEAM_ROLES], total[TEAM_ROLES];
-    int inv, reuse, inv_warm, reuse_warm, agree, agree_n;
-    uint64_t exact, offset, naive, recomputed, input;
-    cosacc_t cos;
-    int anchors;
-    double anchor_mib;
-    char (*outputs)[64]; /* [requests * roles] */
-} team_mode_res_t;
-
-static int run_team_mode(kvm_model_t *m, const opts_t *o, const char *mode, team_mode_res_t *res,
-                         const team_mode_res_t *dense_ref) {
-    kvm_comm_opts_t co = {.kv_budget_bytes = o->kv_mb << 20, .kvcomm_set = true};
-    kvm_kvcomm_config_default(&co.kvcomm);
-    kvm_kv_policy_t policy = KVM_KV_KVCOMM;
-    if (!strcmp(mode, "dense")) policy = KVM_KV_EXACT;
-    else if (kvm_kvcomm_ablation(&co.kvcomm, mode)) return kvm_errcode();
-    int rc = apply_sets(&co.kvcomm, o);
-    if (rc) return rc;
-    kvm_comm_t *c = kvm_comm_create(m, &co);
-    if (!c) return kvm_errcode();
-    const int L = m->cfg.n_layers;
-    snprintf(res->name, sizeof res->name, "%s", mode);
-    res->cos.k = calloc((size_t)L * 4, sizeof(double));
-    res->cos.v = res->cos.k + L, res->cos.kl2 = res->cos.k + 2 * L, res->cos.vl2 = res->cos.k + 3 * L;
-    res->outputs = calloc((size_t)o->requests * TEAM_ROLES, sizeof *res->outputs);
-    kvm_template_t *tm[TEAM_ROLES] = {0};
-    for (int role = 0; role < TEAM_ROLES && !rc; role++) {
-        kvm_piece_t pc[3] = {{.kind = KVM_PIECE_PLACEHOLDER, .text = "input"},
-                             {.kind = KVM_PIECE_TEXT, .text = "\nFinder: "},
-                             {.kind = KVM_PIECE_PLACEHOLDER, .text = "agent:finder:current"}};
-        kvm_template_desc_t d = {.agent = kvm_mt_role_name(KVM_MT_TEAM, role),
-                                 .system = kvm_mt_role_system(KVM_MT_TEAM, role),
-                                 .pieces = pc,
-                                 .n_pieces = role == 0 ? 1 : 3};
-        tm[role] = kvm_template_create(c, &d);
-        if (!tm[role]) rc = kvm_errcode();
-    }
-    kvm_gen_params_t gp = {.max_tokens = o->max_tokens};
-    for (int q = 0; q < o->requests && !rc; q++) {
-        kvm_mt_item_t it[TEAM_ROLES];
-        for (int role = 0; role < TEAM_ROLES && !rc; role++)
-            rc = kvm_mt_make(&it[role], KVM_MT_TEAM, KVM_MT_EVAL, o->seed, (uint64_t)q, role);
-        if (rc) break;
-        kvm_comm_request_t *rq = kvm_comm_request_begin(c, (uint64_t)q + 1);
-        kvm_segment_t *in = NULL, *finder = NULL;
-        rc = kvm_comm_segment_text(c, KVM_PRODUCER_INPUT, "input", it[0].user, strlen(it[0].user), &in);
-        char fout[256] = "";
-        for (int role = 0; role < TEAM_ROLES && !rc; role++) {
-            kvm_binding_t b[2] = {{"input", in}, {"agent:finder:current", finder}};
-            kvm_prompt_t pr = {.tmpl = tm[role], .bindings = b, .n_bindings = role == 0 ? 1 : 2, .policy = policy};
-            kvm_prepared_t p;
-            kvm_gen_result_t gr;
-            memset(&gr, 0, sizeof gr);
-            rc = kvm_comm_prepare(rq, &pr, &p);
-            if (rc) break;
-            if (p.report.mode == KVM_COMM_REUSE && res->cos.n < o->cos_samples) rc = cos_vs_dense(c, &p, &res->cos);
-            if (!rc) rc = kvm_generate(m, &p.seq, p.rest_ids, p.n_rest, &gp, NULL, NULL, &gr);
-            if (!rc) rc = kvm_comm_complete(rq, &p, &gr, role == 0 ? &finder : NULL);
-            if (!rc) {
-                char out[256];
-                snprintf(out, sizeof out, "%s", gr.text ? gr.text : "");
-                trim(out);
-                if (role == 0) snprintf(fout, sizeof fout, "%s", out);
-                kvm_mt_item_t sc = it[role];
-                if (role == 1) snprintf(sc.answer, sizeof sc.answer, "%s", !strcmp(fout, it[0].answer) ? "yes" : "no");
-                if (role == 2) kvm_mt_reverse_str(fout, sc.answer, sizeof sc.answer);
-                bool ok = kvm_mt_score(&sc, out);
-                res->correct[role] += ok;
-                res->total[role]++;
-                snprintf(res->outputs[(size_t)q * TEAM_ROLES + role], 64, "%s", out);
-                if (dense_ref) {
-                    res->agree_n++;
-                    res->agree += !strcmp(out, dense_ref->outputs[(size_t)q * TEAM_ROLES + role]);
-                }
-                const kvm_comm_report_t *r = &p.report;
-                res->inv++;
-                res->reuse += r->mode == KVM_COMM_REUSE;
-                if (q >= o->warm) res->inv_warm++, res->reuse_warm += r->mode == KVM_COMM_REUSE;
-                res->exact += (uint64_t)r->exact_tokens, res->offset += (uint64_t)r->offset_tokens;
-                res->naive += (uint64_t)r->naive_tokens, res->recomputed += (uint64_t)r->recomputed_tokens;
-                res->input += (uint64_t)r->input_tokens;
-            }
-            kvm_gen_result_free(&gr);
-            kvm_prepared_release(&p);
-        }
-        if (!rc) rc = kvm_comm_request_end(rq);
-        else kvm_comm_request_abort(rq);
-        kvm_segment_release(in);
-        kvm_segment_release(finder);
-        if ((q + 1) % 50 == 0) fprintf(stderr, "%s: %d/%d requests\n", mode, q + 1, o->requests);
-    }
-    kvm_comm_stats_t st;
-    kvm_comm_stats(c, &st);
-    for (int i = 0; i < st.n_pools; i++) {
-        kvm_comm_pool_stats_t ps;
-        kvm_comm_pool_stats(c, i, &ps);
-        res->anchors += ps.n_anchors;
-    }
-    res->anchor_mib = st.anchor_bytes / 1048576.0;
-    for (int role = 0; role < TEAM_ROLES; role++) kvm_template_free(tm[role]);
-    kvm_comm_free(c);
-    return rc;
-}
-
 static int run_team(kvm_model_t *m, const opts_t *o) {
     if (!m->tok) {
         fprintf(stderr, "kvmesh bench kvcomm: the team workload needs a model with a tokenizer\n");
@@ -523,12 +366,27 @@ static int run_team(kvm_model_t *m, const opts_t *o) {
     }
     char modes[256];
     snprintf(modes, sizeof modes, "%s", o->modes);
-    team_mode_res_t res[8];
+    kvm_team_result_t res[8];
+    char names[8][32];
     memset(res, 0, sizeof res);
     int nm = 0, rc = 0, dense_i = -1;
+    char cfgs[8][512];
     for (char *tok = strtok(modes, ","); tok && nm < 8 && !rc; tok = strtok(NULL, ",")) {
         fprintf(stderr, "mode %s ...\n", tok);
-        rc = run_team_mode(m, o, tok, &res[nm], dense_i >= 0 ? &res[dense_i] : NULL);
+        kvm_team_opts_t to;
+        kvm_team_opts_default(&to);
+        to.requests = o->requests;
+        to.warm = o->warm;
+        to.cos_samples = o->cos_samples;
+        to.max_tokens = o->max_tokens;
+        to.seed = o->seed;
+        to.kv_budget_bytes = o->kv_mb << 20;
+        if (!strcmp(tok, "dense")) to.policy = KVM_KV_EXACT;
+        else if ((rc = kvm_kvcomm_ablation(&to.cfg, tok))) break;
+        if ((rc = apply_sets(&to.cfg, o))) break;
+        kvm_kvcomm_config_str(&to.cfg, cfgs[nm], sizeof cfgs[nm]);
+        snprintf(names[nm], sizeof names[nm], "%s", tok);
+        rc = kvm_team_run(m, &to, dense_i >= 0 ? &res[dense_i] : NULL, &res[nm]);
         if (!strcmp(tok, "dense")) dense_i = nm;
         nm++;
     }
@@ -537,64 +395,62 @@ static int run_team(kvm_model_t *m, const opts_t *o) {
     } else {
         const int L = m->cfg.n_layers;
         printf("\nkvmesh bench kvcomm (team): %s on %s; %d requests x %d agents (minitasks team, eval seed %llu)\n",
-               m->name, m->ops->name, o->requests, TEAM_ROLES, (unsigned long long)o->seed);
+               m->name, m->ops->name, o->requests, KVM_TEAM_ROLES, (unsigned long long)o->seed);
         printf("%-12s %8s %8s %8s %8s %8s %9s %10s %9s %8s  %s\n", "mode", "acc%", "finder", "checker", "reverser",
                "neighbr", "reuse%", "reuse%warm", "agree%", "anchors", "exact/offset/naive/recomputed tokens");
         cJSON *root = cJSON_CreateObject(), *jm = cJSON_AddArrayToObject(root, "modes");
         cJSON_AddStringToObject(root, "model", m->name);
         cJSON_AddNumberToObject(root, "requests", o->requests);
         for (int i = 0; i < nm; i++) {
-            team_mode_res_t *r = &res[i];
-            int c = 0, t = 0;
-            for (int k = 0; k < TEAM_ROLES; k++) c += r->correct[k], t += r->total[k];
-            double acc = t ? 100.0 * c / t : 0;
-            printf("%-12s %8.1f", r->name, acc);
-            for (int k = 0; k < TEAM_ROLES; k++) printf(" %8.1f", r->total[k] ? 100.0 * r->correct[k] / r->total[k] : 0);
-            printf(" %9.1f %10.1f %9.1f %8d  %llu/%llu/%llu/%llu\n", r->inv ? 100.0 * r->reuse / r->inv : 0,
-                   r->inv_warm ? 100.0 * r->reuse_warm / r->inv_warm : 0, r->agree_n ? 100.0 * r->agree / r->agree_n : 100,
-                   r->anchors, (unsigned long long)r->exact, (unsigned long long)r->offset,
-                   (unsigned long long)r->naive, (unsigned long long)r->recomputed);
+            kvm_team_result_t *r = &res[i];
+            double acc = kvm_team_accuracy(r);
+            printf("%-12s %8.1f", names[i], acc);
+            for (int k = 0; k < KVM_TEAM_ROLES; k++) printf(" %8.1f", r->total[k] ? 100.0 * r->correct[k] / r->total[k] : 0);
+            printf(" %9.1f %10.1f %9.1f %8d  %llu/%llu/%llu/%llu\n", r->invocations ? 100.0 * r->reuse / r->invocations : 0,
+                   r->invocations_warm ? 100.0 * r->reuse_warm / r->invocations_warm : 0,
+                   r->agree_n ? 100.0 * r->agree / r->agree_n : 100, r->anchors, (unsigned long long)r->exact,
+                   (unsigned long long)r->offset, (unsigned long long)r->naive, (unsigned long long)r->recomputed);
             cJSON *o1 = cJSON_CreateObject();
-            cJSON_AddStringToObject(o1, "mode", r->name);
+            cJSON_AddStringToObject(o1, "mode", names[i]);
+            cJSON_AddStringToObject(o1, "switches", cfgs[i]);
             cJSON_AddNumberToObject(o1, "accuracy", acc);
             cJSON *pr = cJSON_AddArrayToObject(o1, "accuracy_per_role");
-            for (int k = 0; k < TEAM_ROLES; k++)
+            for (int k = 0; k < KVM_TEAM_ROLES; k++)
                 cJSON_AddItemToArray(pr, cJSON_CreateNumber(r->total[k] ? 100.0 * r->correct[k] / r->total[k] : 0));
-            cJSON_AddNumberToObject(o1, "reuse_rate", r->inv ? (double)r->reuse / r->inv : 0);
-            cJSON_AddNumberToObject(o1, "reuse_rate_after_warmup", r->inv_warm ? (double)r->reuse_warm / r->inv_warm : 0);
+            cJSON_AddNumberToObject(o1, "reuse_rate", r->invocations ? (double)r->reuse / r->invocations : 0);
+            cJSON_AddNumberToObject(o1, "reuse_rate_after_warmup",
+                                    r->invocations_warm ? (double)r->reuse_warm / r->invocations_warm : 0);
             cJSON_AddNumberToObject(o1, "greedy_agreement_with_dense", r->agree_n ? (double)r->agree / r->agree_n : 1);
             cJSON_AddNumberToObject(o1, "anchors", r->anchors);
-            cJSON_AddNumberToObject(o1, "anchor_mib", r->anchor_mib);
+            cJSON_AddNumberToObject(o1, "anchor_bytes", (double)r->anchor_bytes);
             cJSON_AddNumberToObject(o1, "exact_tokens", (double)r->exact);
             cJSON_AddNumberToObject(o1, "offset_tokens", (double)r->offset);
             cJSON_AddNumberToObject(o1, "naive_tokens", (double)r->naive);
             cJSON_AddNumberToObject(o1, "recomputed_tokens", (double)r->recomputed);
-            cJSON_AddNumberToObject(o1, "cos_samples", r->cos.n);
+            cJSON_AddNumberToObject(o1, "cos_samples", r->cos_n);
             cJSON *ck = cJSON_AddArrayToObject(o1, "cos_k"), *cv = cJSON_AddArrayToObject(o1, "cos_v");
             cJSON *lk = cJSON_AddArrayToObject(o1, "rel_l2_k"), *lv = cJSON_AddArrayToObject(o1, "rel_l2_v");
-            for (int l = 0; l < L && r->cos.n; l++) {
-                cJSON_AddItemToArray(ck, cJSON_CreateNumber(r->cos.k[l] / r->cos.n));
-                cJSON_AddItemToArray(cv, cJSON_CreateNumber(r->cos.v[l] / r->cos.n));
-                cJSON_AddItemToArray(lk, cJSON_CreateNumber(r->cos.kl2[l] / r->cos.n));
-                cJSON_AddItemToArray(lv, cJSON_CreateNumber(r->cos.vl2[l] / r->cos.n));
+            for (int l = 0; l < L && r->cos_n; l++) {
+                cJSON_AddItemToArray(ck, cJSON_CreateNumber(r->cos_k[l] / r->cos_n));
+                cJSON_AddItemToArray(cv, cJSON_CreateNumber(r->cos_v[l] / r->cos_n));
+                cJSON_AddItemToArray(lk, cJSON_CreateNumber(r->l2_k[l] / r->cos_n));
+                cJSON_AddItemToArray(lv, cJSON_CreateNumber(r->l2_v[l] / r->cos_n));
             }
             cJSON_AddItemToArray(jm, o1);
         }
-        printf("\nper-layer cosine to dense prefill of the reused rows (K / V), mean over sampled REUSE invocations:\n");
+        printf("\nper-layer cosine to dense prefill of the reused rows, K/V (mean over %d sampled REUSE invocations):\n",
+               o->cos_samples);
         for (int i = 0; i < nm; i++) {
-            team_mode_res_t *r = &res[i];
-            if (!r->cos.n) continue;
-            printf("%-12s (%d samples)", r->name, r->cos.n);
-            for (int l = 0; l < L; l++) printf(" L%d %.4f/%.4f", l, r->cos.k[l] / r->cos.n, r->cos.v[l] / r->cos.n);
+            kvm_team_result_t *r = &res[i];
+            if (!r->cos_n) continue;
+            printf("%-12s", names[i]);
+            for (int l = 0; l < L; l++) printf(" L%d %.3f/%.3f", l, r->cos_k[l] / r->cos_n, r->cos_v[l] / r->cos_n);
             printf("\n");
         }
         write_json(o, "kvcomm_team.json", root);
         cJSON_Delete(root);
     }
-    for (int i = 0; i < nm; i++) {
-        free(res[i].cos.k);
-        free(res[i].outputs);
-    }
+    for (int i = 0; i < nm; i++) kvm_team_result_free(&res[i]);
     return rc ? 1 : 0;
 }
 

@@ -1,0 +1,182 @@
+/* team_eval.c - the KVCOMM fidelity workload (contract in team_eval.h). */
+#include "team_eval.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "../eval/minitasks.h"
+
+void kvm_team_opts_default(kvm_team_opts_t *o) {
+    memset(o, 0, sizeof *o);
+    o->requests = 300;
+    o->warm = 10;
+    o->cos_samples = 32;
+    o->max_tokens = 12;
+    o->seed = KVM_MT_DEFAULT_EVAL_SEED;
+    o->policy = KVM_KV_KVCOMM;
+    kvm_kvcomm_config_default(&o->cfg);
+}
+
+void kvm_team_result_free(kvm_team_result_t *r) {
+    if (!r) return;
+    kvm_free(r->cos_k);
+    kvm_free(r->outputs);
+    memset(r, 0, sizeof *r);
+}
+
+double kvm_team_accuracy(const kvm_team_result_t *r) {
+    int c = 0, t = 0;
+    for (int k = 0; k < KVM_TEAM_ROLES; k++) c += r->correct[k], t += r->total[k];
+    return t ? 100.0 * c / t : 0;
+}
+
+static void trim(char *s) {
+    size_t n = strlen(s), a = 0;
+    while (a < n && (s[a] == ' ' || s[a] == '\n' || s[a] == '\t' || s[a] == '\r')) a++;
+    while (n > a && (s[n - 1] == ' ' || s[n - 1] == '\n' || s[n - 1] == '\t' || s[n - 1] == '\r')) n--;
+    memmove(s, s + a, n - a);
+    s[n - a] = 0;
+}
+
+/* Per-layer cosine and relative l2 of the reused cache rows [E, n_cached) against a dense prefill of the
+ * same ids. */
+static int cos_vs_dense(kvm_comm_t *c, const kvm_prepared_t *p, kvm_team_result_t *r) {
+    kvm_model_t *m = kvm_comm_model(c);
+    kvm_kv_pool_t *pool = kvm_kv_store_pool(kvm_comm_store(c));
+    const int L = m->cfg.n_layers, H = m->cfg.n_kv_heads, D = m->cfg.head_dim;
+    int E = p->report.exact_tokens, n = p->n_cached;
+    if (n - E <= 0) return 0;
+    kvm_seq_t s;
+    kvm_seq_init(&s, pool);
+    kvm_batch_item_t it = {.seq = &s, .tokens = p->prompt_ids, .n_tokens = n};
+    int rc = kvm_forward(m, &it, 1);
+    size_t e = (size_t)L * 2 * H * (n - E) * D;
+    float *x = kvm_malloc(e * 4), *y = kvm_malloc(e * 4);
+    if (!x || !y) rc = KVM_ENOMEM;
+    if (!rc) rc = kvm_kv_read_rows(pool, p->seq.blocks, E, n - E, x);
+    if (!rc) rc = kvm_kv_read_rows(pool, s.blocks, E, n - E, y);
+    if (!rc) {
+        size_t per = (size_t)H * (n - E) * D;
+        for (int l = 0; l < L; l++)
+            for (int kv = 0; kv < 2; kv++) {
+                const float *a = x + ((size_t)l * 2 + kv) * per, *b = y + ((size_t)l * 2 + kv) * per;
+                double ab = 0, aa = 0, bb = 0, dd = 0;
+                for (size_t i = 0; i < per; i++) {
+                    ab += (double)a[i] * b[i], aa += (double)a[i] * a[i], bb += (double)b[i] * b[i];
+                    dd += ((double)a[i] - b[i]) * ((double)a[i] - b[i]);
+                }
+                double cs = ab / (sqrt(aa * bb) + 1e-30), rl = sqrt(dd / (bb + 1e-30));
+                if (kv) r->cos_v[l] += cs, r->l2_v[l] += rl;
+                else r->cos_k[l] += cs, r->l2_k[l] += rl;
+            }
+        r->cos_n++;
+    }
+    kvm_free(x);
+    kvm_free(y);
+    kvm_seq_free(&s);
+    return rc;
+}
+
+int kvm_team_run(kvm_model_t *m, const kvm_team_opts_t *o, const kvm_team_result_t *dense_ref, kvm_team_result_t *r) {
+    memset(r, 0, sizeof *r);
+    if (!m->tok) return kvm_seterr(KVM_EINVAL, "team workload: model %s has no tokenizer", m->name);
+    if (o->requests <= 0) return kvm_seterr(KVM_EINVAL, "team workload: no requests");
+    kvm_comm_opts_t co = {.kv_budget_bytes = o->kv_budget_bytes, .kvcomm = o->cfg, .kvcomm_set = true};
+    kvm_comm_t *c = kvm_comm_create(m, &co);
+    if (!c) return kvm_errcode() ? kvm_errcode() : KVM_EINTERNAL;
+    const int L = m->cfg.n_layers;
+    r->n_layers = L;
+    r->cos_k = kvm_calloc((size_t)L * 4, sizeof(double));
+    r->outputs = kvm_calloc((size_t)o->requests * KVM_TEAM_ROLES, sizeof *r->outputs);
+    int rc = r->cos_k && r->outputs ? 0 : KVM_ENOMEM;
+    if (!rc) r->cos_v = r->cos_k + L, r->l2_k = r->cos_k + 2 * L, r->l2_v = r->cos_k + 3 * L;
+    kvm_template_t *tm[KVM_TEAM_ROLES] = {0};
+    for (int role = 0; role < KVM_TEAM_ROLES && !rc; role++) {
+        kvm_piece_t pc[3] = {{.kind = KVM_PIECE_PLACEHOLDER, .text = "input"},
+                             {.kind = KVM_PIECE_TEXT, .text = "\nFinder: "},
+                             {.kind = KVM_PIECE_PLACEHOLDER, .text = "agent:finder:current"}};
+        kvm_template_desc_t d = {.agent = kvm_mt_role_name(KVM_MT_TEAM, role),
+                                 .system = kvm_mt_role_system(KVM_MT_TEAM, role),
+                                 .pieces = pc,
+                                 .n_pieces = role == 0 ? 1 : 3};
+        tm[role] = kvm_template_create(c, &d);
+        if (!tm[role]) rc = kvm_errcode() ? kvm_errcode() : KVM_EINTERNAL;
+    }
+    kvm_gen_params_t gp = {.max_tokens = o->max_tokens};
+    for (int q = 0; q < o->requests && !rc; q++) {
+        kvm_mt_item_t it[KVM_TEAM_ROLES];
+        for (int role = 0; role < KVM_TEAM_ROLES && !rc; role++)
+            rc = kvm_mt_make(&it[role], KVM_MT_TEAM, KVM_MT_EVAL, o->seed, (uint64_t)q, role);
+        if (rc) break;
+        kvm_comm_request_t *rq = kvm_comm_request_begin(c, (uint64_t)q + 1);
+        if (!rq) {
+            rc = kvm_errcode() ? kvm_errcode() : KVM_ENOMEM;
+            break;
+        }
+        kvm_segment_t *in = NULL, *finder = NULL;
+        rc = kvm_comm_segment_text(c, KVM_PRODUCER_INPUT, "input", it[0].user, strlen(it[0].user), &in);
+        char fout[64] = "";
+        for (int role = 0; role < KVM_TEAM_ROLES && !rc; role++) {
+            kvm_binding_t b[2] = {{"input", in}, {"agent:finder:current", finder}};
+            kvm_prompt_t pr = {.tmpl = tm[role], .bindings = b, .n_bindings = role == 0 ? 1 : 2, .policy = o->policy};
+            if (role > 0 && !finder) { /* the finder produced nothing with KV: fall back to its text */
+                rc = kvm_comm_segment_text(c, KVM_PRODUCER_AGENT, "finder", fout[0] ? fout : "?",
+                                           strlen(fout[0] ? fout : "?"), &finder);
+                if (rc) break;
+                b[1].seg = finder;
+            }
+            kvm_prepared_t p;
+            kvm_gen_result_t gr;
+            memset(&gr, 0, sizeof gr);
+            rc = kvm_comm_prepare(rq, &pr, &p);
+            if (rc) break;
+            if (p.report.mode == KVM_COMM_REUSE && r->cos_n < o->cos_samples) rc = cos_vs_dense(c, &p, r);
+            if (!rc) rc = kvm_generate(m, &p.seq, p.rest_ids, p.n_rest, &gp, NULL, NULL, &gr);
+            if (!rc) rc = kvm_comm_complete(rq, &p, &gr, role == 0 ? &finder : NULL);
+            if (!rc) {
+                char out[64];
+                snprintf(out, sizeof out, "%s", gr.text ? gr.text : "");
+                trim(out);
+                if (role == 0) snprintf(fout, sizeof fout, "%s", out);
+                kvm_mt_item_t sc = it[role];
+                if (role == 1) snprintf(sc.answer, sizeof sc.answer, "%s", !strcmp(fout, it[0].answer) ? "yes" : "no");
+                if (role == 2) kvm_mt_reverse_str(fout, sc.answer, sizeof sc.answer);
+                r->correct[role] += kvm_mt_score(&sc, out);
+                r->total[role]++;
+                size_t oi = (size_t)q * KVM_TEAM_ROLES + (size_t)role;
+                snprintf(r->outputs[oi], sizeof r->outputs[oi], "%s", out);
+                r->n_outputs = (int)oi + 1;
+                if (dense_ref && (int)oi < dense_ref->n_outputs) {
+                    r->agree_n++;
+                    r->agree += !strcmp(out, dense_ref->outputs[oi]);
+                }
+                const kvm_comm_report_t *rp = &p.report;
+                r->invocations++;
+                r->reuse += rp->mode == KVM_COMM_REUSE;
+                if (q >= o->warm) r->invocations_warm++, r->reuse_warm += rp->mode == KVM_COMM_REUSE;
+                r->exact += (uint64_t)rp->exact_tokens, r->offset += (uint64_t)rp->offset_tokens;
+                r->naive += (uint64_t)rp->naive_tokens, r->recomputed += (uint64_t)rp->recomputed_tokens;
+                r->input += (uint64_t)rp->input_tokens;
+            }
+            kvm_gen_result_free(&gr);
+            kvm_prepared_release(&p);
+        }
+        if (!rc) rc = kvm_comm_request_end(rq);
+        else kvm_comm_request_abort(rq);
+        kvm_segment_release(in);
+        kvm_segment_release(finder);
+        if (!o->quiet && (q + 1) % 50 == 0) fprintf(stderr, "team: %d/%d requests\n", q + 1, o->requests);
+    }
+    kvm_comm_stats_t st;
+    kvm_comm_stats(c, &st);
+    for (int i = 0; i < st.n_pools; i++) {
+        kvm_comm_pool_stats_t ps;
+        if (!kvm_comm_pool_stats(c, i, &ps)) r->anchors += ps.n_anchors;
+    }
+    r->anchor_bytes = st.anchor_bytes;
+    for (int role = 0; role < KVM_TEAM_ROLES; role++) kvm_template_free(tm[role]);
+    kvm_comm_free(c);
+    return rc;
+}

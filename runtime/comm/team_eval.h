@@ -1,0 +1,51 @@
+/* team_eval.h - the KVCOMM fidelity workload: the minitasks "team" task run as a four-agent system
+ * (finder, checker, reverser, neighbour) that reads one shared facts segment and the finder's answer,
+ * under one KV policy and KVCOMM configuration. Used by `kvmesh bench kvcomm --workload team` and by
+ * the fidelity test on the bundled models.  (L3)
+ *
+ * Per request q (items (team, eval, seed, q, role)): the facts + question become an INPUT segment; the
+ * finder runs on {input}; its response (a segment) is bound to {agent:finder:current} of the three
+ * others, whose expected answers follow from the finder's actual output (checker: "yes" iff it equals
+ * the true value; reverser: its digits reversed; neighbour: independent of it). */
+#ifndef KVM_COMM_TEAM_EVAL_H
+#define KVM_COMM_TEAM_EVAL_H
+
+#include "prompt.h"
+
+#define KVM_TEAM_ROLES 4
+
+typedef struct kvm_team_opts {
+    int requests;            /* team items (each runs the 4 agents) */
+    int warm;                /* requests before "after warm-up" reuse counting starts */
+    int cos_samples;         /* REUSE invocations whose per-layer K/V cosine to dense is measured */
+    int max_tokens;          /* generation limit per agent (greedy) */
+    uint64_t seed;           /* minitasks eval seed */
+    kvm_kv_policy_t policy;  /* KVM_KV_EXACT = the dense baseline, KVM_KV_KVCOMM */
+    kvm_kvcomm_config_t cfg; /* switches (ablations) */
+    size_t kv_budget_bytes;  /* 0 = the model's default pool */
+    bool quiet;              /* no progress on stderr */
+} kvm_team_opts_t;
+
+typedef struct kvm_team_result {
+    int correct[KVM_TEAM_ROLES], total[KVM_TEAM_ROLES];
+    int invocations, reuse, invocations_warm, reuse_warm;
+    int agree, agree_n;      /* greedy outputs equal to the dense reference run's */
+    uint64_t exact, offset, naive, recomputed, input;
+    int n_layers, cos_n;
+    double *cos_k, *cos_v, *l2_k, *l2_v; /* [n_layers] sums over cos_n samples (divide by cos_n) */
+    int anchors;
+    size_t anchor_bytes;
+    char (*outputs)[64];     /* [requests * 4] trimmed outputs */
+    int n_outputs;
+} kvm_team_result_t;
+
+/* Defaults: 300 requests, warm 10, 32 cosine samples, 12 tokens, seed 1000, KVCOMM, default switches. */
+void kvm_team_opts_default(kvm_team_opts_t *o);
+/* Runs the workload on m with a fresh comm context. dense_ref (may be NULL) is a finished run whose
+ * outputs are compared for agreement. Fills *out (free with kvm_team_result_free). */
+int kvm_team_run(kvm_model_t *m, const kvm_team_opts_t *o, const kvm_team_result_t *dense_ref, kvm_team_result_t *out);
+void kvm_team_result_free(kvm_team_result_t *r);
+/* Overall accuracy in percent. */
+double kvm_team_accuracy(const kvm_team_result_t *r);
+
+#endif
