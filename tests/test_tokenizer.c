@@ -369,6 +369,66 @@ static void test_bad_arguments_are_errors_not_crashes(void **s) {
     kvm_tokenizer_free(t);
 }
 
+/* ---- split behaviours ------------------------------------------------------------------------------ */
+
+/* Loads a tokenizer.json text from memory (through a temp file). */
+static kvm_tokenizer_t *load_json_text(const char *json) {
+    char path[] = "/tmp/kvm_tok_mem_XXXXXX";
+    int fd = mkstemp(path);
+    assert_true(fd >= 0);
+    assert_int_equal(write(fd, json, strlen(json)), (ssize_t)strlen(json));
+    close(fd);
+    kvm_tokenizer_t *t = kvm_tokenizer_load_hf(path, NULL);
+    unlink(path);
+    if (!t) fail_msg("%s", kvm_errmsg());
+    return t;
+}
+
+/* HF's SplitDelimiterBehavior examples ("the-final--countdown" split on "-"). With ignore_merges and no
+ * merges, a piece in the vocabulary becomes its one id, so the ids spell out the pieces. */
+static void test_split_behaviours_follow_hf_documentation(void **s) {
+    (void)s;
+    static const char *vocab =
+        "{\"t\":0,\"h\":1,\"e\":2,\"-\":3,\"f\":4,\"i\":5,\"n\":6,\"a\":7,\"l\":8,\"c\":9,\"o\":10,\"u\":11,"
+        "\"d\":12,\"w\":13,\"the\":14,\"final\":15,\"countdown\":16,\"the-\":17,\"final-\":18,\"-final\":19,"
+        "\"-countdown\":20,\"--\":21}";
+    static const struct {
+        const char *behavior;
+        bool invert;
+        int32_t want[6];
+        int n;
+    } cases[] = {
+        {"Removed", false, {14, 15, 16}, 3},
+        {"Isolated", false, {14, 3, 15, 3, 3, 16}, 6},
+        {"MergedWithPrevious", false, {17, 18, 3, 16}, 4},
+        {"MergedWithNext", false, {14, 19, 3, 20}, 4},
+        {"Contiguous", false, {14, 3, 15, 21, 16}, 5},
+        {"Removed", true, {3, 3, 3}, 3},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        char json[2048];
+        snprintf(json, sizeof json,
+                 "{\"model\": {\"type\": \"BPE\", \"ignore_merges\": true, \"vocab\": %s, \"merges\": []},"
+                 " \"pre_tokenizer\": {\"type\": \"Split\", \"pattern\": {\"String\": \"-\"}, \"behavior\": \"%s\","
+                 " \"invert\": %s}}",
+                 vocab, cases[i].behavior, cases[i].invert ? "true" : "false");
+        kvm_tokenizer_t *t = load_json_text(json);
+        fprintf(stderr, "  %s%s\n", cases[i].behavior, cases[i].invert ? " (inverted)" : "");
+        expect_ids(t, "the-final--countdown", 0, cases[i].want, cases[i].n);
+        kvm_tokenizer_free(t);
+    }
+}
+
+static void test_whitespace_split_drops_the_spaces(void **s) {
+    (void)s;
+    kvm_tokenizer_t *t = load_json_text(
+        "{\"model\": {\"type\": \"BPE\", \"ignore_merges\": true, \"vocab\": {\"a\": 0, \"bc\": 1, \"b\": 2, \"c\": 3},"
+        " \"merges\": []}, \"pre_tokenizer\": {\"type\": \"WhitespaceSplit\"}}");
+    static const int32_t want[] = {0, 1, 0};
+    expect_ids(t, " a  bc\t\u3000a ", 0, want, 3);
+    kvm_tokenizer_free(t);
+}
+
 /* ---- NFC / NFD normalizers ------------------------------------------------------------------------ */
 
 /* tiny-digits.json with the given normalizer: byte-level with every byte in the vocabulary, so decode
@@ -557,6 +617,8 @@ int main(void) {
         cmocka_unit_test(test_random_text_round_trips_through_bytelevel),
         cmocka_unit_test(test_random_bytes_encode_without_crashing),
         cmocka_unit_test(test_bad_arguments_are_errors_not_crashes),
+        cmocka_unit_test(test_split_behaviours_follow_hf_documentation),
+        cmocka_unit_test(test_whitespace_split_drops_the_spaces),
         cmocka_unit_test(test_nfc_and_nfd_normalizers_match_unicodedata),
         cmocka_unit_test(test_not_json_is_a_format_error),
         cmocka_unit_test(test_missing_model_or_vocab_names_the_field),
