@@ -116,6 +116,11 @@ const kvm_ops_t *kvm_ops_cpu(void);
 const kvm_ops_t *kvm_ops_cuda(void);
 /* One line describing the GPU the CUDA backend uses (name, SMs, L2, memory, driver); error if none. */
 int kvm_cuda_describe(char *buf, size_t cap);
+/* Per-op GPU profile: begin starts timing every CUDA op (eager steps only; graphs are not timed), end
+ * prints the ops summed per name to f (if not NULL) and returns the total ms. No-ops without CUDA. */
+#include <stdio.h>
+void kvm_cuda_profile_begin(void);
+double kvm_cuda_profile_end(FILE *f, const char *title);
 /* Why "auto" chose the CPU ("" if it did not fall back): e.g. "no CUDA driver". */
 const char *kvm_ops_fallback_reason(void);
 /* "auto" (CUDA if usable, else CPU), "cpu" or "cuda". NULL + message if the request cannot be met. */

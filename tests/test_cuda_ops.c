@@ -220,15 +220,48 @@ static void test_matmul_bf16_gemv_and_gemm_match_cpu(void **st) {
     (void)st;
     NEED_GPU();
     for (int n = 1; n <= 8; n++) check_matmul(KVM_BF16, 1024, 4096, n, n == 3, 1e-2); /* GEMV path */
-    check_matmul(KVM_BF16, 1000, 512, 16, true, 1e-2);  /* cuBLAS */
+    for (int n = 9; n <= 16; n++) check_matmul(KVM_BF16, 4864, 896, n, n == 11, 1e-2); /* skinny mma */
+    check_matmul(KVM_BF16, 1000, 512, 16, true, 1e-2);  /* skinny mma, rows % 16 != 0 */
+    check_matmul(KVM_BF16, 1000, 512, 17, true, 1e-2);  /* cuBLAS */
     check_matmul(KVM_BF16, 4864, 896, 67, false, 1e-2); /* cuBLAS */
     check_matmul(KVM_BF16, 333, 172, 2, false, 1e-2);   /* cols % 8 != 0: cuBLAS */
+}
+
+/* q, k and v (or gate and up) share their input: the 16-bit copy of it is reused, but never after an op
+ * changed it. */
+static void test_matmul_reuses_rounded_activations_only_while_unchanged(void **st) {
+    (void)st;
+    NEED_GPU();
+    const int rows = 256, cols = 512, n = 40;
+    float *wf = rand_vec((size_t)rows * cols, 0.05f), *x = rand_vec((size_t)n * cols, 1.0f), *x2 = rand_vec((size_t)n * cols, 1.0f);
+    void *wh = to_dtype(wf, (size_t)rows * cols, KVM_BF16);
+    kvm_wmat_t W = {.data = wh, .dtype = KVM_BF16, .rows = rows, .cols = cols};
+    float *ref1 = malloc((size_t)n * rows * 4), *sum = malloc((size_t)n * cols * 4), *ref2 = malloc((size_t)n * rows * 4);
+    C->matmul(ref1, x, &W, NULL, n);
+    memcpy(sum, x, (size_t)n * cols * 4);
+    C->add(sum, x2, (size_t)n * cols);
+    C->matmul(ref2, sum, &W, NULL, n);
+    void *dw = dev_from(wh, (size_t)rows * cols * 2);
+    float *dx = dev_from(x, (size_t)n * cols * 4), *dx2 = dev_from(x2, (size_t)n * cols * 4);
+    float *dy1 = dev_poisoned((size_t)n * rows), *dy2 = dev_poisoned((size_t)n * rows), *dy3 = dev_poisoned((size_t)n * rows);
+    kvm_wmat_t GW = {.data = dw, .dtype = KVM_BF16, .rows = rows, .cols = cols};
+    G->matmul(dy1, dx, &GW, NULL, n);
+    G->matmul(dy2, dx, &GW, NULL, n); /* same input: reuse */
+    G->add(dx, dx2, (size_t)n * cols); /* input changed in place */
+    G->matmul(dy3, dx, &GW, NULL, n);
+    float *y1 = host_from(dy1, (size_t)n * rows), *y2 = host_from(dy2, (size_t)n * rows), *y3 = host_from(dy3, (size_t)n * rows);
+    expect_close("matmul, first use of an input", y1, ref1, (size_t)n * rows, 1e-2);
+    expect_close("matmul, same input again", y2, ref1, (size_t)n * rows, 1e-2);
+    expect_close("matmul, input changed in place", y3, ref2, (size_t)n * rows, 1e-2);
+    G->free(dw), G->free(dx), G->free(dx2), G->free(dy1), G->free(dy2), G->free(dy3);
+    free(wf), free(x), free(x2), free(wh), free(ref1), free(sum), free(ref2), free(y1), free(y2), free(y3);
 }
 
 static void test_matmul_f16_matches_cpu(void **st) {
     (void)st;
     NEED_GPU();
     check_matmul(KVM_F16, 512, 1024, 1, true, 1e-2);
+    check_matmul(KVM_F16, 512, 1024, 13, false, 1e-2);
     check_matmul(KVM_F16, 512, 1024, 24, false, 1e-2);
 }
 
@@ -529,6 +562,7 @@ int main(void) {
         cmocka_unit_test(test_swiglu_and_add_match_cpu),
         cmocka_unit_test(test_matmul_fp32_matches_cpu),
         cmocka_unit_test(test_matmul_bf16_gemv_and_gemm_match_cpu),
+        cmocka_unit_test(test_matmul_reuses_rounded_activations_only_while_unchanged),
         cmocka_unit_test(test_matmul_f16_matches_cpu),
         cmocka_unit_test(test_rope_matches_cpu_in_both_layouts_at_large_positions),
         cmocka_unit_test(test_attention_fp32_matches_cpu_on_mixed_batches),

@@ -7,8 +7,9 @@
  *    (4 cache blocks) staged in shared memory, computes S = Q K^T and O += P V with mma.sync m16n8k16
  *    (16-bit operands, fp32 accumulation) and keeps an online softmax per row in registers.
  *  - k_attn_split (decode, and every other case, fp32 cache included): a CTA of 4 warps takes one query
- *    row and one head over one chunk of the context (split-K); each warp runs an online softmax over
- *    every 4th group of 4 tokens; the warps merge in shared memory and, when the context was split,
+ *    row and the query heads of one KV head (they share every K/V load) over one chunk of the context
+ *    (split-K); each warp runs an online softmax over every 4th group of 4 tokens; the warps merge in
+ *    shared memory and, when the context was split,
  *    k_attn_merge combines the chunks. The split count depends only on the batch shape and the block
  *    table width (not on the context lengths), so a captured decode graph stays valid as sequences grow.
  * scale is applied to q.k in fp32 as in the CPU reference. */
@@ -35,18 +36,24 @@ __device__ __forceinline__ int seq_of_row_a(const int32_t *row_start, int n_seqs
 /* ==== split-K kernel (any dtype, head_dim <= 32 * DPL) ==================================================== */
 
 #define SPLIT_WARPS 4
-#define SPLIT_TB 4 /* tokens per warp iteration (independent loads in flight) */
+#define SPLIT_TB 4   /* tokens per warp iteration (independent loads in flight) */
+#define SPLIT_GMAX 8 /* query heads per CTA (one KV head's group, or a chunk of it) */
 
+/* CTA = (query row r, KV head kh, chunk hc of its query heads, context split). The group's query heads
+ * share every K/V load. Each warp runs an online softmax over tokens t0 + 4w .. (step 16); the warps then
+ * merge in shared memory. */
 template <typename T, int DPL>
 __global__ void __launch_bounds__(SPLIT_WARPS * 32)
     k_attn_split(float *__restrict__ out, float *__restrict__ partial, const float *__restrict__ q, const T *__restrict__ kv,
-                 int L, int H, int D, int layer, int heads, int group, const int32_t *__restrict__ row_start,
+                 int L, int H, int D, int layer, int heads, int group, int hchunks, const int32_t *__restrict__ row_start,
                  const int32_t *__restrict__ ctx_len, const int32_t *__restrict__ block_table, int n_seqs, int max_blocks,
                  float scale, int n_splits, int chunk) {
-    __shared__ float sm_m[SPLIT_WARPS], sm_l[SPLIT_WARPS];
-    __shared__ float sm_acc[SPLIT_WARPS][32 * DPL];
-    const int wi = blockIdx.x, split = blockIdx.y;
-    const int r = wi / heads, h = wi % heads, kh = h / group;
+    __shared__ float sm_m[SPLIT_WARPS][SPLIT_GMAX], sm_l[SPLIT_WARPS][SPLIT_GMAX];
+    __shared__ float sm_acc[SPLIT_WARPS][SPLIT_GMAX][32 * DPL];
+    const int split = blockIdx.y;
+    const int hc = blockIdx.x % hchunks, kh = (blockIdx.x / hchunks) % H, r = blockIdx.x / (hchunks * H);
+    const int h0 = kh * group + hc * SPLIT_GMAX;
+    const int G = min(SPLIT_GMAX, group - hc * SPLIT_GMAX);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int s = seq_of_row_a(row_start, n_seqs, r);
     const int r0 = row_start[s], r1 = row_start[s + 1];
@@ -55,16 +62,20 @@ __global__ void __launch_bounds__(SPLIT_WARPS * 32)
     const int t1 = min(t0 + chunk, pos + 1);
     const int32_t *bt = block_table + (size_t)s * max_blocks;
 
-    float qv[DPL], acc[DPL];
+    float qv[SPLIT_GMAX][DPL], acc[SPLIT_GMAX][DPL], m[SPLIT_GMAX], l[SPLIT_GMAX];
 #pragma unroll
-    for (int i = 0; i < DPL; i++) {
-        const int d = lane * DPL + i;
-        qv[i] = d < D ? q[((size_t)r * heads + h) * D + d] : 0.0f;
-        acc[i] = 0.0f;
+    for (int g = 0; g < SPLIT_GMAX; g++) {
+        m[g] = -INFINITY;
+        l[g] = 0.0f;
+#pragma unroll
+        for (int i = 0; i < DPL; i++) {
+            const int d = lane * DPL + i;
+            qv[g][i] = (g < G && d < D) ? q[((size_t)r * heads + h0 + g) * D + d] : 0.0f;
+            acc[g][i] = 0.0f;
+        }
     }
-    float m = -INFINITY, l = 0.0f;
     for (int tb = t0 + warp * SPLIT_TB; tb < t1; tb += SPLIT_WARPS * SPLIT_TB) {
-        float kf[SPLIT_TB][DPL], vf[SPLIT_TB][DPL], sc[SPLIT_TB];
+        float kf[SPLIT_TB][DPL], vf[SPLIT_TB][DPL];
 #pragma unroll
         for (int u = 0; u < SPLIT_TB; u++) {
             const int t = tb + u;
@@ -84,60 +95,68 @@ __global__ void __launch_bounds__(SPLIT_WARPS * 32)
             }
         }
 #pragma unroll
-        for (int u = 0; u < SPLIT_TB; u++) {
-            float d = 0.0f;
+        for (int g = 0; g < SPLIT_GMAX; g++) {
+            if (g >= G) break;
+            float sc[SPLIT_TB];
 #pragma unroll
-            for (int i = 0; i < DPL; i++) d += qv[i] * kf[u][i];
-            sc[u] = d;
+            for (int u = 0; u < SPLIT_TB; u++) {
+                float d = 0.0f;
+#pragma unroll
+                for (int i = 0; i < DPL; i++) d += qv[g][i] * kf[u][i];
+                sc[u] = d;
+            }
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1)
+#pragma unroll
+                for (int u = 0; u < SPLIT_TB; u++) sc[u] += __shfl_xor_sync(0xffffffffu, sc[u], o);
+            float mx = m[g];
+#pragma unroll
+            for (int u = 0; u < SPLIT_TB; u++) {
+                sc[u] = (tb + u < t1) ? sc[u] * scale : -INFINITY;
+                mx = fmaxf(mx, sc[u]);
+            }
+            const float corr = __expf(m[g] - mx); /* m = -inf on the first group: 0 */
+            l[g] *= corr;
+#pragma unroll
+            for (int i = 0; i < DPL; i++) acc[g][i] *= corr;
+#pragma unroll
+            for (int u = 0; u < SPLIT_TB; u++) {
+                const float p = __expf(sc[u] - mx);
+                l[g] += p;
+#pragma unroll
+                for (int i = 0; i < DPL; i++) acc[g][i] += p * vf[u][i];
+            }
+            m[g] = mx;
         }
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1)
-#pragma unroll
-            for (int u = 0; u < SPLIT_TB; u++) sc[u] += __shfl_xor_sync(0xffffffffu, sc[u], o);
-        float mx = m;
-#pragma unroll
-        for (int u = 0; u < SPLIT_TB; u++) {
-            sc[u] = (tb + u < t1) ? sc[u] * scale : -INFINITY;
-            mx = fmaxf(mx, sc[u]);
-        }
-        const float corr = __expf(m - mx); /* m = -inf on the first group: 0 */
-        l *= corr;
-#pragma unroll
-        for (int i = 0; i < DPL; i++) acc[i] *= corr;
-#pragma unroll
-        for (int u = 0; u < SPLIT_TB; u++) {
-            const float p = __expf(sc[u] - mx);
-            l += p;
-#pragma unroll
-            for (int i = 0; i < DPL; i++) acc[i] += p * vf[u][i];
-        }
-        m = mx;
     }
     /* merge the warps */
-    if (lane == 0) {
-        sm_m[warp] = m;
-        sm_l[warp] = l;
-    }
 #pragma unroll
-    for (int i = 0; i < DPL; i++) sm_acc[warp][lane * DPL + i] = acc[i];
+    for (int g = 0; g < SPLIT_GMAX; g++) {
+        if (lane == 0) {
+            sm_m[warp][g] = m[g];
+            sm_l[warp][g] = l[g];
+        }
+#pragma unroll
+        for (int i = 0; i < DPL; i++) sm_acc[warp][g][lane * DPL + i] = acc[g][i];
+    }
     __syncthreads();
-    float M = -INFINITY;
+    for (int e = threadIdx.x; e < G * D; e += blockDim.x) {
+        const int g = e / D, d = e % D;
+        float M = -INFINITY;
 #pragma unroll
-    for (int w = 0; w < SPLIT_WARPS; w++) M = fmaxf(M, sm_m[w]);
-    float wsc[SPLIT_WARPS], Lsum = 0.0f;
+        for (int w = 0; w < SPLIT_WARPS; w++) M = fmaxf(M, sm_m[w][g]);
+        float a = 0.0f, Lsum = 0.0f;
 #pragma unroll
-    for (int w = 0; w < SPLIT_WARPS; w++) {
-        wsc[w] = sm_m[w] == -INFINITY ? 0.0f : __expf(sm_m[w] - M);
-        Lsum += sm_l[w] * wsc[w];
-    }
-    for (int d = threadIdx.x; d < D; d += blockDim.x) {
-        float a = 0.0f;
-#pragma unroll
-        for (int w = 0; w < SPLIT_WARPS; w++) a += sm_acc[w][d] * wsc[w];
+        for (int w = 0; w < SPLIT_WARPS; w++) {
+            const float ws = sm_m[w][g] == -INFINITY ? 0.0f : __expf(sm_m[w][g] - M);
+            Lsum += sm_l[w][g] * ws;
+            a += sm_acc[w][g][d] * ws;
+        }
+        const size_t wi = (size_t)r * heads + h0 + g;
         if (n_splits == 1) {
-            out[((size_t)r * heads + h) * D + d] = a / Lsum;
+            out[wi * D + d] = a / Lsum;
         } else {
-            float *pp = partial + ((size_t)wi * n_splits + split) * (D + 2);
+            float *pp = partial + (wi * n_splits + split) * (D + 2);
             pp[2 + d] = a;
             if (d == 0) {
                 pp[0] = M;
@@ -346,11 +365,14 @@ __global__ void __launch_bounds__(128)
 template <typename T>
 static void launch_split(float *out, const float *q, const T *kv, const kvm_kv_geom_t *g, int layer, int heads,
                          const kvm_attn_batch_t *b, float scale) {
-    const int D = g->head_dim, work = b->total_rows * heads;
+    const int D = g->head_dim, H = g->n_kv_heads, group = heads / H;
+    const int hchunks = (group + SPLIT_GMAX - 1) / SPLIT_GMAX;
+    const int ctas = b->total_rows * H * hchunks;
     const int max_ctx = b->max_blocks * KVM_KV_BLOCK;
-    int want = (4 * g_cuda.prop.multiProcessorCount + work - 1) / work;
-    int n_splits = want < 1 ? 1 : want;
-    const int max_by_len = (max_ctx + 63) / 64; /* chunks of at least 64 tokens */
+    /* enough CTAs to fill the GPU (8 per SM), chunks of at least 64 tokens; depends only on the batch
+     * shape and the block-table width, so a captured decode graph stays valid while contexts grow */
+    int n_splits = (8 * g_cuda.prop.multiProcessorCount + ctas - 1) / ctas;
+    const int max_by_len = (max_ctx + 63) / 64;
     if (n_splits > max_by_len) n_splits = max_by_len;
     if (n_splits < 1) n_splits = 1;
     int chunk = (max_ctx + n_splits - 1) / n_splits;
@@ -358,15 +380,14 @@ static void launch_split(float *out, const float *q, const T *kv, const kvm_kv_g
     n_splits = (max_ctx + chunk - 1) / chunk;
     float *partial = NULL;
     if (n_splits > 1) {
-        partial = (float *)kvm_cuda_scratch((size_t)work * n_splits * (D + 2) * sizeof(float));
+        partial = (float *)kvm_cuda_scratch((size_t)b->total_rows * heads * n_splits * (D + 2) * sizeof(float));
         if (!partial) return;
     }
-    dim3 grid((unsigned)work, (unsigned)n_splits);
-    const int group = heads / g->n_kv_heads;
+    dim3 grid((unsigned)ctas, (unsigned)n_splits);
 #define KVM_SPLIT(DPL)                                                                                                  \
-    k_attn_split<T, DPL><<<grid, SPLIT_WARPS * 32, 0, S>>>(out, partial, q, kv, g->n_layers, g->n_kv_heads, D, layer,    \
-                                                           heads, group, b->row_start, b->ctx_len, b->block_table,      \
-                                                           b->n_seqs, b->max_blocks, scale, n_splits, chunk)
+    k_attn_split<T, DPL><<<grid, SPLIT_WARPS * 32, 0, S>>>(out, partial, q, kv, g->n_layers, H, D, layer, heads, group,  \
+                                                           hchunks, b->row_start, b->ctx_len, b->block_table, b->n_seqs, \
+                                                           b->max_blocks, scale, n_splits, chunk)
     if (D <= 32) KVM_SPLIT(1);
     else if (D <= 64) KVM_SPLIT(2);
     else if (D <= 128) KVM_SPLIT(4);
@@ -374,7 +395,7 @@ static void launch_split(float *out, const float *q, const T *kv, const kvm_kv_g
 #undef KVM_SPLIT
     if (KVM_CU_LAUNCH("attention (split)")) return;
     if (n_splits > 1) {
-        k_attn_merge<<<work, D <= 128 ? 128 : 256, 0, S>>>(out, partial, D, n_splits);
+        k_attn_merge<<<b->total_rows * heads, D <= 128 ? 128 : 256, 0, S>>>(out, partial, D, n_splits);
         KVM_CU_LAUNCH("attention (merge)");
     }
 }
@@ -399,6 +420,7 @@ static void launch_mma(float *out, const float *q, const T *kv, const kvm_kv_geo
 
 void kvm_cuda_attention(float *out, const float *q, const void *kv, const kvm_kv_geom_t *g, int layer, int heads,
                         const kvm_attn_batch_t *b, float scale) {
+    kvm_cuda_touch();
     if (b->total_rows <= 0 || b->n_seqs <= 0) return;
     if (g->head_dim > 256 || heads % g->n_kv_heads) {
         kvm_cuda_fail(KVM_EUNSUPPORTED, "cuda attention: head_dim %d / heads %d over %d KV heads not supported", g->head_dim,
@@ -413,6 +435,7 @@ void kvm_cuda_attention(float *out, const float *q, const void *kv, const kvm_kv
         }
     const bool mma_ok = g->dtype != KVM_F32 && (g->head_dim == 64 || g->head_dim == 128) && max_rows >= KVM_MMA_MIN_ROWS &&
                         ((uintptr_t)q % 8) == 0 && ((uintptr_t)out % 8) == 0 && getenv("KVM_CUDA_NO_MMA_ATTN") == NULL;
+    KVM_PROF(mma_ok ? "attention mma (prefill)" : "attention split (+merge)");
     if (mma_ok) {
         if (g->dtype == KVM_BF16) launch_mma<__nv_bfloat16>(out, q, (const __nv_bfloat16 *)kv, g, layer, heads, b, scale, max_rows);
         else launch_mma<__half>(out, q, (const __half *)kv, g, layer, heads, b, scale, max_rows);

@@ -61,6 +61,86 @@ void *kvm_cuda_scratch(size_t bytes) {
     return p;
 }
 
+/* ---- profiling ---------------------------------------------------------------------------------------- */
+
+int g_kvm_prof_on = 0;
+struct prof_rec {
+    char name[64];
+    cudaEvent_t a, b;
+};
+static prof_rec *g_prof;
+static int g_prof_n, g_prof_cap;
+
+int kvm_prof_start(const char *name) {
+    if (kvm_cuda_capturing()) return -1; /* events cannot be timed inside a graph */
+    if (g_prof_n == g_prof_cap) {
+        int cap = g_prof_cap ? g_prof_cap * 2 : 4096;
+        prof_rec *n = (prof_rec *)realloc(g_prof, (size_t)cap * sizeof(prof_rec));
+        if (!n) return -1;
+        for (int i = g_prof_cap; i < cap; i++) {
+            cudaEventCreate(&n[i].a);
+            cudaEventCreate(&n[i].b);
+        }
+        g_prof = n;
+        g_prof_cap = cap;
+    }
+    prof_rec *r = &g_prof[g_prof_n];
+    snprintf(r->name, sizeof r->name, "%s", name);
+    cudaEventRecord(r->a, g_cuda.stream);
+    return g_prof_n++;
+}
+
+void kvm_prof_stop(int idx) { cudaEventRecord(g_prof[idx].b, g_cuda.stream); }
+
+extern "C" void kvm_cuda_profile_begin(void) {
+    g_prof_n = 0;
+    g_kvm_prof_on = 1;
+}
+
+/* Prints the ops timed since kvm_cuda_profile_begin, summed per name, largest first; returns the total ms. */
+extern "C" double kvm_cuda_profile_end(FILE *f, const char *title) {
+    g_kvm_prof_on = 0;
+    cudaStreamSynchronize(g_cuda.stream);
+    struct agg {
+        char name[64];
+        double ms;
+        int n;
+    };
+    agg *a = (agg *)calloc((size_t)(g_prof_n ? g_prof_n : 1), sizeof(agg));
+    int na = 0;
+    double total = 0;
+    for (int i = 0; i < g_prof_n; i++) {
+        float ms = 0;
+        cudaEventElapsedTime(&ms, g_prof[i].a, g_prof[i].b);
+        total += ms;
+        int j = 0;
+        while (j < na && strcmp(a[j].name, g_prof[i].name)) j++;
+        if (j == na) {
+            snprintf(a[na].name, sizeof a[na].name, "%s", g_prof[i].name);
+            na++;
+        }
+        a[j].ms += ms;
+        a[j].n++;
+    }
+    for (int i = 0; i < na; i++) /* sort by time, descending */
+        for (int j = i + 1; j < na; j++)
+            if (a[j].ms > a[i].ms) {
+                agg t = a[i];
+                a[i] = a[j];
+                a[j] = t;
+            }
+    if (f) {
+        fprintf(f, "\nprofile: %s (eager; sum of per-op event times %.3f ms)\n", title ? title : "", total);
+        fprintf(f, "| op | calls | total ms | %% | us/call |\n|---|---|---|---|---|\n");
+        for (int i = 0; i < na; i++)
+            fprintf(f, "| %s | %d | %.3f | %.1f | %.1f |\n", a[i].name, a[i].n, a[i].ms, total > 0 ? 100.0 * a[i].ms / total : 0,
+                    1000.0 * a[i].ms / a[i].n);
+    }
+    free(a);
+    g_prof_n = 0;
+    return total;
+}
+
 /* ---- memory ------------------------------------------------------------------------------------ */
 
 static void *cu_alloc(size_t bytes) {
@@ -103,6 +183,7 @@ static int cu_sync(void) {
 
 static int cu_h2d(void *dst, const void *src, size_t n) {
     if (!n) return 0;
+    kvm_cuda_touch();
     if (KVM_CU(cudaMemcpyAsync(dst, src, n, cudaMemcpyHostToDevice, g_cuda.stream), "copy host to device"))
         return cu_take_error();
     /* the source is pageable host memory the caller may reuse at once */
@@ -118,6 +199,7 @@ static int cu_d2h(void *dst, const void *src, size_t n) {
 
 static int cu_d2d(void *dst, const void *src, size_t n) {
     if (!n) return 0;
+    KVM_OP("d2d copy");
     if (KVM_CU(cudaMemcpyAsync(dst, src, n, cudaMemcpyDeviceToDevice, g_cuda.stream), "copy device to device"))
         return cu_take_error();
     return 0;
@@ -125,6 +207,7 @@ static int cu_d2d(void *dst, const void *src, size_t n) {
 
 static int cu_memset0(void *dst, size_t n) {
     if (!n) return 0;
+    kvm_cuda_touch();
     if (KVM_CU(cudaMemsetAsync(dst, 0, n, g_cuda.stream), "memset")) return cu_take_error();
     return 0;
 }
@@ -234,6 +317,8 @@ static int cu_init(void) {
         return kvm_seterr(KVM_ENOMEM, "cuda: cannot allocate the cuBLAS workspace: %s", cudaGetErrorString(e));
     cublasSetWorkspace(g_cuda.blas, g_cuda.blas_ws, g_cuda.blas_ws_bytes);
     if (!kvm_cuda_scratch((size_t)64 << 20)) return cu_take_error();
+    const char *pe = getenv("KVM_CUDA_PROFILE");
+    if (pe && *pe && strcmp(pe, "0")) g_kvm_prof_on = 1;
     g_cuda.ready = 1;
     return 0;
 }

@@ -47,6 +47,24 @@ void *kvm_cuda_scratch(size_t bytes);
 /* True while g_cuda.stream is being captured into a graph. */
 int kvm_cuda_capturing(void);
 
+/* ---- profiling (KVM_CUDA_PROFILE=1 or kvm_cuda_profile_begin): events around every op, summed per name --- */
+extern int g_kvm_prof_on;
+int kvm_prof_start(const char *name); /* returns a record index, or -1 */
+void kvm_prof_stop(int idx);
+struct KvmProfScope {
+    int idx;
+    explicit KvmProfScope(const char *name) : idx(g_kvm_prof_on ? kvm_prof_start(name) : -1) {}
+    ~KvmProfScope() {
+        if (idx >= 0) kvm_prof_stop(idx);
+    }
+};
+#define KVM_PROF(name) KvmProfScope kvm_prof_scope_(name)
+/* Every op but matmul starts with KVM_OP: it may write memory that matmul's cached 16-bit copy came from. */
+void kvm_cuda_touch(void);
+#define KVM_OP(name)      \
+    kvm_cuda_touch();     \
+    KVM_PROF(name)
+
 /* ---- ops, one file each ------------------------------------------------------------------------ */
 /* cuda_kernels.cu */
 void kvm_cuda_embed(float *out, const void *table, kvm_dtype_t dtype, const int32_t *ids, int n, int dim);

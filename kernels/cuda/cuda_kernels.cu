@@ -27,6 +27,7 @@ __global__ void k_embed(float *__restrict__ out, const T *__restrict__ table, co
 }
 
 void kvm_cuda_embed(float *out, const void *table, kvm_dtype_t dt, const int32_t *ids, int n, int dim) {
+    KVM_OP("embed");
     if (n <= 0) return;
     if (dt == KVM_F32) k_embed<float><<<n, 256, 0, S>>>(out, (const float *)table, ids, dim);
     else if (dt == KVM_BF16) k_embed<__nv_bfloat16><<<n, 256, 0, S>>>(out, (const __nv_bfloat16 *)table, ids, dim);
@@ -85,18 +86,21 @@ static int norm_threads(int dim) {
 }
 
 void kvm_cuda_rmsnorm(float *out, const float *x, const float *w, int n, int dim, float eps) {
+    KVM_OP("rmsnorm");
     if (n <= 0) return;
     k_rmsnorm<<<n, norm_threads(dim), 0, S>>>(out, (float *)x, NULL, w, dim, eps);
     KVM_CU_LAUNCH("rmsnorm");
 }
 
 void kvm_cuda_add_rmsnorm(float *x, const float *y, float *out, const float *w, int n, int dim, float eps) {
+    KVM_OP("add_rmsnorm");
     if (n <= 0) return;
     k_rmsnorm<<<n, norm_threads(dim), 0, S>>>(out, x, y, w, dim, eps);
     KVM_CU_LAUNCH("add_rmsnorm");
 }
 
 void kvm_cuda_head_rmsnorm(float *x, const float *w, int n, int heads, int hd, float eps) {
+    KVM_OP("head_rmsnorm");
     int rows = n * heads;
     if (rows <= 0) return;
     k_head_rmsnorm<<<(rows + 7) / 8, 256, 0, S>>>(x, w, rows, hd, eps);
@@ -136,6 +140,7 @@ __global__ void k_rope(float *x, int heads, int hd, const int32_t *__restrict__ 
 }
 
 void kvm_cuda_rope(float *x, int n, int heads, int hd, const int32_t *pos, const float *inv_freq, kvm_rope_layout_t layout) {
+    KVM_OP("rope");
     if (n <= 0) return;
     k_rope<<<n, 128, (size_t)hd * sizeof(float), S>>>(x, heads, hd, pos, inv_freq, layout == KVM_ROPE_INTERLEAVED);
     KVM_CU_LAUNCH("rope");
@@ -155,12 +160,14 @@ __global__ void k_add(float *x, const float *__restrict__ y, size_t n) {
 }
 
 void kvm_cuda_swiglu(float *out, const float *gate, const float *up, size_t n) {
+    KVM_OP("swiglu");
     if (!n) return;
     k_swiglu<<<grid_for(n, 256), 256, 0, S>>>(out, gate, up, n);
     KVM_CU_LAUNCH("swiglu");
 }
 
 void kvm_cuda_add(float *x, const float *y, size_t n) {
+    KVM_OP("add");
     if (!n) return;
     k_add<<<grid_for(n, 256), 256, 0, S>>>(x, y, n);
     KVM_CU_LAUNCH("add");
@@ -202,6 +209,7 @@ __global__ void k_kv_write(T *kv, int L, int H, int D, int layer, const float *_
 }
 
 void kvm_cuda_kv_write(void *kv, const kvm_kv_geom_t *g, int layer, const float *k, const float *v, const kvm_attn_batch_t *b) {
+    KVM_OP("kv_write");
     if (b->total_rows <= 0) return;
     const int L = g->n_layers, H = g->n_kv_heads, D = g->head_dim;
     if (g->dtype == KVM_F32)
@@ -246,6 +254,7 @@ __global__ void k_rope_shift(T *kv, int L, int H, int D, const int32_t *__restri
 
 void kvm_cuda_rope_shift(void *kv, const kvm_kv_geom_t *g, const int32_t *blk, const int32_t *slot, const int32_t *delta,
                          int n, const float *inv_freq, kvm_rope_layout_t layout) {
+    KVM_OP("rope_shift");
     if (n <= 0) return;
     dim3 grid((unsigned)n, (unsigned)g->n_layers);
     size_t sh = (size_t)g->head_dim * sizeof(float);
@@ -307,6 +316,7 @@ __global__ void k_argmax_rows(int32_t *out, const float *__restrict__ x, int n) 
 }
 
 void kvm_cuda_argmax_rows(int32_t *out, const float *x, int rows, int n) {
+    KVM_OP("argmax");
     if (rows <= 0 || n <= 0) return;
     k_argmax_rows<<<rows, 1024, 0, S>>>(out, x, n);
     KVM_CU_LAUNCH("argmax");

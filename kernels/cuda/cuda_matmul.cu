@@ -10,6 +10,9 @@
  * The bias is added in the GEMV epilogue, or by a small kernel after cuBLAS. */
 #include "cuda_internal.cuh"
 
+#include <string.h>
+#include <stdio.h>
+
 #define S g_cuda.stream
 #define KVM_GEMV_MAX_ROWS 8
 
@@ -145,6 +148,129 @@ static void gemv_dispatch(float *y, const float *x, const T *W, const float *bia
     }
 }
 
+/* ---- tensor-core skinny GEMM for 1..16 rows ------------------------------------------------------------ */
+
+template <typename T> __device__ __forceinline__ uint32_t pack2(float a, float b);
+template <> __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float a, float b) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(a, b);
+    return *reinterpret_cast<uint32_t *>(&v);
+}
+template <> __device__ __forceinline__ uint32_t pack2<__half>(float a, float b) {
+    __half2 v = __floats2half2_rn(a, b);
+    return *reinterpret_cast<uint32_t *>(&v);
+}
+template <typename T> __device__ __forceinline__ void mma16816(float *c, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                                               uint32_t b0, uint32_t b1);
+template <> __device__ __forceinline__ void mma16816<__nv_bfloat16>(float *c, uint32_t a0, uint32_t a1, uint32_t a2,
+                                                                    uint32_t a3, uint32_t b0, uint32_t b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+template <> __device__ __forceinline__ void mma16816<__half>(float *c, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                                             uint32_t b0, uint32_t b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+#define SK_WARPS 8
+/* CTA = 16 weight rows; its 8 warps split the columns in chunks of 32 (chunk c goes to warp c % 8) and
+ * meet in shared memory at the end. Thread (g = lane/4, t = lane%4) loads 16 bytes of rows g and g+8 at
+ * columns 8t..8t+7 of a chunk, and the same 8 columns of activation rows g (and g+8): since a dot product
+ * does not care about the order of its terms, these 8 physical columns play the logical k indices
+ * {2t, 2t+1, 2t+8, 2t+9} of two m16n8k16 steps, identically for W (the A operand) and x (B). Weights are
+ * read once, with 16-byte loads; x (fp32) is rounded to 16 bits in registers. cols % 32 == 0. */
+template <typename T, int NT>
+__global__ void __launch_bounds__(SK_WARPS * 32) k_skinny(float *__restrict__ y, const float *__restrict__ x,
+                                                          const T *__restrict__ W, const float *__restrict__ bias, int rows,
+                                                          int cols, int M) {
+    __shared__ float red[SK_WARPS][16][16 + 1];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const int row0 = blockIdx.x * 16;
+    const int ra = min(row0 + g, rows - 1), rb = min(row0 + g + 8, rows - 1);
+    const uint4 *wa_p = reinterpret_cast<const uint4 *>(W + (size_t)ra * cols) + t;
+    const uint4 *wb_p = reinterpret_cast<const uint4 *>(W + (size_t)rb * cols) + t;
+    const float *xp[NT];
+    bool xv[NT];
+#pragma unroll
+    for (int j = 0; j < NT; j++) {
+        const int tok = j * 8 + g;
+        xv[j] = tok < M;
+        xp[j] = x + (size_t)(xv[j] ? tok : 0) * cols + 8 * t;
+    }
+    float acc[NT][4];
+#pragma unroll
+    for (int j = 0; j < NT; j++) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
+    const int nchunks = cols / 32;
+    int c = warp;
+    for (; c + SK_WARPS < nchunks; c += 2 * SK_WARPS) {
+        const uint4 wa0 = __ldcs(wa_p + c * 4), wb0 = __ldcs(wb_p + c * 4);
+        const uint4 wa1 = __ldcs(wa_p + (c + SK_WARPS) * 4), wb1 = __ldcs(wb_p + (c + SK_WARPS) * 4);
+#pragma unroll
+        for (int u = 0; u < 2; u++) {
+            const uint4 wa = u ? wa1 : wa0, wb = u ? wb1 : wb0;
+            const int cc = (c + u * SK_WARPS) * 32;
+#pragma unroll
+            for (int j = 0; j < NT; j++) {
+                float4 xa = make_float4(0.f, 0.f, 0.f, 0.f), xb = xa;
+                if (xv[j]) {
+                    xa = __ldg(reinterpret_cast<const float4 *>(xp[j] + cc));
+                    xb = __ldg(reinterpret_cast<const float4 *>(xp[j] + cc + 4));
+                }
+                mma16816<T>(acc[j], wa.x, wb.x, wa.y, wb.y, pack2<T>(xa.x, xa.y), pack2<T>(xa.z, xa.w));
+                mma16816<T>(acc[j], wa.z, wb.z, wa.w, wb.w, pack2<T>(xb.x, xb.y), pack2<T>(xb.z, xb.w));
+            }
+        }
+    }
+    for (; c < nchunks; c += SK_WARPS) {
+        const uint4 wa = __ldcs(wa_p + c * 4), wb = __ldcs(wb_p + c * 4);
+        const int cc = c * 32;
+#pragma unroll
+        for (int j = 0; j < NT; j++) {
+            float4 xa = make_float4(0.f, 0.f, 0.f, 0.f), xb = xa;
+            if (xv[j]) {
+                xa = __ldg(reinterpret_cast<const float4 *>(xp[j] + cc));
+                xb = __ldg(reinterpret_cast<const float4 *>(xp[j] + cc + 4));
+            }
+            mma16816<T>(acc[j], wa.x, wb.x, wa.y, wb.y, pack2<T>(xa.x, xa.y), pack2<T>(xa.z, xa.w));
+            mma16816<T>(acc[j], wa.z, wb.z, wa.w, wb.w, pack2<T>(xb.x, xb.y), pack2<T>(xb.z, xb.w));
+        }
+    }
+    /* c0,c1: row g, tokens j*8 + 2t, +1; c2,c3: row g+8 */
+#pragma unroll
+    for (int j = 0; j < NT; j++) {
+        red[warp][g][j * 8 + 2 * t] = acc[j][0];
+        red[warp][g][j * 8 + 2 * t + 1] = acc[j][1];
+        red[warp][g + 8][j * 8 + 2 * t] = acc[j][2];
+        red[warp][g + 8][j * 8 + 2 * t + 1] = acc[j][3];
+    }
+    __syncthreads();
+    for (int e = threadIdx.x; e < 16 * NT * 8; e += blockDim.x) {
+        const int r = e % 16, tok = e / 16; /* consecutive threads: consecutive rows (coalesced stores) */
+        const int row = row0 + r;
+        if (tok < M && row < rows) {
+            float v = 0.0f;
+#pragma unroll
+            for (int w = 0; w < SK_WARPS; w++) v += red[w][r][tok];
+            y[(size_t)tok * rows + row] = v + (bias ? bias[row] : 0.0f);
+        }
+    }
+}
+
+template <typename T>
+static void skinny_dispatch(float *y, const float *x, const T *W, const float *bias, int rows, int cols, int n) {
+    const unsigned grid = (unsigned)((rows + 15) / 16);
+    if (n <= 8) k_skinny<T, 1><<<grid, SK_WARPS * 32, 0, S>>>(y, x, W, bias, rows, cols, n);
+    else k_skinny<T, 2><<<grid, SK_WARPS * 32, 0, S>>>(y, x, W, bias, rows, cols, n);
+}
+
+/* Which kernel serves few rows: KVM_CUDA_SKINNY=gemv | mma (default: mma, gemv for n == 1). */
+static int skinny_mode(void) {
+    const char *e = getenv("KVM_CUDA_SKINNY"); /* read each time: the benchmark compares both */
+    return e && !strcmp(e, "gemv") ? 1 : e && !strcmp(e, "mma") ? 2 : 0;
+}
+
 /* ---- the op ------------------------------------------------------------------------------------------------ */
 
 static const char *blas_status(cublasStatus_t st) {
@@ -160,15 +286,36 @@ static const char *blas_status(cublasStatus_t st) {
     }
 }
 
+/* The activations last rounded to 16 bits for cuBLAS (q, k and v, or gate and up, share one input): reused
+ * while no other op ran in between (every other op calls kvm_cuda_touch). */
+static const float *g_xh_src;
+static size_t g_xh_n;
+static kvm_dtype_t g_xh_dt;
+void kvm_cuda_touch(void) { g_xh_src = NULL; }
+
 void kvm_cuda_matmul(float *y, const float *x, const kvm_wmat_t *W, const float *bias, int n) {
     const int rows = W->rows, cols = W->cols;
     if (n <= 0 || rows <= 0 || cols <= 0) return;
     const float one = 1.0f, zero = 0.0f;
     cublasStatus_t st = CUBLAS_STATUS_SUCCESS;
     const bool vec_ok = (cols % 8) == 0 && ((uintptr_t)W->data % 16) == 0 && ((uintptr_t)x % 16) == 0;
+    const int mode = skinny_mode();
+    char pname[96];
+    if (g_kvm_prof_on)
+        snprintf(pname, sizeof pname, "matmul %s %dx%d m=%d%s", kvm_dtype_name(W->dtype), rows, cols, n,
+                 W->dtype == KVM_F32 ? " sgemm" : n > 16 || !vec_ok ? " cublas" : "");
+    KVM_PROF(g_kvm_prof_on ? pname : "matmul");
+    if (W->dtype != KVM_F32 && n <= 16 && vec_ok && (cols % 32) == 0 && mode != 1 && !(mode == 0 && n == 1)) {
+        if (W->dtype == KVM_BF16) skinny_dispatch<__nv_bfloat16>(y, x, (const __nv_bfloat16 *)W->data, bias, rows, cols, n);
+        else skinny_dispatch<__half>(y, x, (const __half *)W->data, bias, rows, cols, n);
+        if (y == g_xh_src) g_xh_src = NULL;
+        KVM_CU_LAUNCH("skinny mma gemm");
+        return;
+    }
     if (W->dtype != KVM_F32 && n <= KVM_GEMV_MAX_ROWS && vec_ok) {
         if (W->dtype == KVM_BF16) gemv_dispatch<__nv_bfloat16>(y, x, (const __nv_bfloat16 *)W->data, bias, rows, cols, n);
         else gemv_dispatch<__half>(y, x, (const __half *)W->data, bias, rows, cols, n);
+        if (y == g_xh_src) g_xh_src = NULL;
         KVM_CU_LAUNCH("gemv");
         return;
     }
@@ -180,15 +327,22 @@ void kvm_cuda_matmul(float *y, const float *x, const kvm_wmat_t *W, const float 
         void *xh = kvm_cuda_scratch(nx * 2);
         if (!xh) return;
         cudaDataType_t dt = W->dtype == KVM_BF16 ? CUDA_R_16BF : CUDA_R_16F;
-        unsigned grid = (unsigned)((nx + 255) / 256);
-        if (grid > 65535u * 16u) grid = 65535u * 16u;
-        if (!grid) grid = 1;
-        if (W->dtype == KVM_BF16) k_to_half<__nv_bfloat16><<<grid, 256, 0, S>>>((__nv_bfloat16 *)xh, x, nx);
-        else k_to_half<__half><<<grid, 256, 0, S>>>((__half *)xh, x, nx);
-        if (KVM_CU_LAUNCH("matmul: activations to 16 bit")) return;
+        if (!(g_xh_src == x && g_xh_n == nx && g_xh_dt == W->dtype && xh == g_cuda.ws)) {
+            unsigned grid = (unsigned)((nx + 255) / 256);
+            if (grid > 65535u * 16u) grid = 65535u * 16u;
+            if (!grid) grid = 1;
+            if (W->dtype == KVM_BF16) k_to_half<__nv_bfloat16><<<grid, 256, 0, S>>>((__nv_bfloat16 *)xh, x, nx);
+            else k_to_half<__half><<<grid, 256, 0, S>>>((__half *)xh, x, nx);
+            if (KVM_CU_LAUNCH("matmul: activations to 16 bit")) return;
+            g_xh_src = x;
+            g_xh_n = nx;
+            g_xh_dt = W->dtype;
+        }
+        if (y == x) g_xh_src = NULL;
         st = cublasGemmEx(g_cuda.blas, CUBLAS_OP_T, CUBLAS_OP_N, rows, n, cols, &one, W->data, dt, cols, xh, dt, cols, &zero,
                           y, CUDA_R_32F, rows, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
     }
+    if (y == g_xh_src) g_xh_src = NULL;
     if (st != CUBLAS_STATUS_SUCCESS) {
         kvm_cuda_fail(KVM_EDEVICE, "cuda: cuBLAS GEMM %s [%d x %d] x %d rows failed: %s", kvm_dtype_name(W->dtype), rows,
                       cols, n, blas_status(st));

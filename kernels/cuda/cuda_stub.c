@@ -13,3 +13,10 @@ int kvm_cuda_describe(char *buf, size_t cap) {
     if (cap) buf[0] = 0;
     return kvm_seterr(KVM_EUNSUPPORTED, "this kvmesh was built without the CUDA backend (nvcc was not found at build time)");
 }
+
+void kvm_cuda_profile_begin(void) {}
+double kvm_cuda_profile_end(FILE *f, const char *title) {
+    (void)f;
+    (void)title;
+    return 0;
+}

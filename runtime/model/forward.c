@@ -28,6 +28,7 @@ typedef struct kvm_backend_model {
     int max_rows, max_logit_rows;
     float *x, *xb, *q, *k, *v, *att, *hb, *hb2, *logits, *last;
     int32_t *ids, *pos, *row_start, *ctx_len, *block_table;
+    int32_t *next_ids, *h_next_ids; /* [max_logit_rows] greedy tokens of the logits rows (backend, host) */
     int max_seqs, max_blocks_total;
     /* host staging */
     int32_t *h_ids, *h_pos, *h_row_start, *h_ctx_len, *h_block_table;
@@ -127,6 +128,10 @@ static void free_workspace(kvm_backend_model_t *b) {
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) bm_release(b, bufs[i]);
     b->x = b->xb = b->q = b->k = b->v = b->att = b->hb = b->hb2 = b->logits = b->last = NULL;
     b->ids = b->pos = b->row_start = b->ctx_len = b->block_table = NULL;
+    bm_release(b, b->next_ids);
+    b->next_ids = NULL;
+    kvm_free(b->h_next_ids);
+    b->h_next_ids = NULL;
     kvm_free(b->h_ids);
     kvm_free(b->h_pos);
     kvm_free(b->h_row_start);
@@ -169,6 +174,8 @@ static int ensure_workspace(kvm_model_t *m, int rows, int seqs, int blocks, int 
     b->row_start = bm_alloc(b, (size_t)(S + 1) * 4);
     b->ctx_len = bm_alloc(b, (size_t)S * 4);
     b->block_table = bm_alloc(b, (size_t)B * 4);
+    b->next_ids = bm_alloc(b, (size_t)LR * 4);
+    b->h_next_ids = kvm_malloc((size_t)LR * 4);
     b->h_ids = kvm_malloc((size_t)R * 4);
     b->h_pos = kvm_malloc((size_t)R * 4);
     b->h_row_start = kvm_malloc((size_t)(S + 1) * 4);
@@ -176,7 +183,7 @@ static int ensure_workspace(kvm_model_t *m, int rows, int seqs, int blocks, int 
     b->h_block_table = kvm_malloc((size_t)B * 4);
     if (!b->x || !b->xb || !b->q || !b->k || !b->v || !b->att || !b->hb || !b->hb2 || !b->logits || !b->last ||
         !b->ids || !b->pos || !b->row_start || !b->ctx_len || !b->block_table || !b->h_ids || !b->h_pos ||
-        !b->h_row_start || !b->h_ctx_len || !b->h_block_table) {
+        !b->h_row_start || !b->h_ctx_len || !b->h_block_table || !b->next_ids || !b->h_next_ids) {
         free_workspace(b);
         return kvm_seterr(KVM_ENOMEM, "forward: cannot allocate the workspace for %d rows on the %s backend", R, b->ops->name);
     }
@@ -270,6 +277,9 @@ void kvm_forward_free(kvm_model_t *m) {
 kvm_kv_pool_t *kvm_model_kv_pool(kvm_model_t *m, size_t kv_bytes) {
     kvm_kv_geom_t g = {.n_layers = m->cfg.n_layers, .n_kv_heads = m->cfg.n_kv_heads, .head_dim = m->cfg.head_dim,
                        .dtype = m->ops == kvm_ops_cpu() || m->device_dtype == KVM_F32 ? KVM_F32 : KVM_BF16};
+    /* KVM_KV_DTYPE=f32|bf16|f16 overrides the storage dtype of the cache (any backend) */
+    const char *kd = getenv("KVM_KV_DTYPE");
+    if (kd && *kd) g.dtype = !strcmp(kd, "f32") ? KVM_F32 : !strcmp(kd, "f16") ? KVM_F16 : KVM_BF16;
     int n_blocks;
     if (kv_bytes == 0) {
         int ctx = m->cfg.max_seq_len > 0 && m->cfg.max_seq_len < 8192 ? m->cfg.max_seq_len : 8192;
@@ -331,16 +341,29 @@ static void run_device_step(kvm_model_t *m, kvm_batch_item_t *items, int n_items
     /* logits only for the rows that want them */
     if (logit_rows > 0) {
         int lr = 0;
+        bool want_ids = false;
+        int run_dst = 0, run_src = 0, run_n = 0; /* contiguous rows (a decode batch) go in one copy */
         for (int i = 0; i < n_items; i++) {
             kvm_batch_item_t *it = &items[i];
-            if (!it->logits) continue;
-            int first = it->all_logits ? ab.h_row_start[i] : ab.h_row_start[i + 1] - 1;
-            int n = it->all_logits ? it->n_tokens : 1;
-            ops->d2d(rowp(b->last, lr, D), rowp(b->x, first, D), (size_t)n * D * 4);
+            if (!it->logits && !it->next_token) continue;
+            bool all = it->all_logits && it->logits;
+            int first = all ? ab.h_row_start[i] : ab.h_row_start[i + 1] - 1;
+            int n = all ? it->n_tokens : 1;
+            if (run_n > 0 && first == run_src + run_n && lr == run_dst + run_n) {
+                run_n += n;
+            } else {
+                if (run_n > 0) ops->d2d(rowp(b->last, run_dst, D), rowp(b->x, run_src, D), (size_t)run_n * D * 4);
+                run_dst = lr;
+                run_src = first;
+                run_n = n;
+            }
+            if (it->next_token) want_ids = true;
             lr += n;
         }
+        if (run_n > 0) ops->d2d(rowp(b->last, run_dst, D), rowp(b->x, run_src, D), (size_t)run_n * D * 4);
         ops->rmsnorm(b->last, b->last, b->final_norm, logit_rows, D, c->rms_eps);
         ops->matmul(b->logits, b->last, &b->lm_head, NULL, logit_rows);
+        if (want_ids && ops->argmax_rows) ops->argmax_rows(b->next_ids, b->logits, logit_rows, c->vocab_size);
     }
 }
 
@@ -370,7 +393,7 @@ int kvm_forward(kvm_model_t *m, kvm_batch_item_t *items, int n_items) {
         for (int j = 0; j < i; j++)
             if (items[j].seq == it->seq) return kvm_seterr(KVM_EINVAL, "forward: sequence appears twice in one batch");
         rows += it->n_tokens;
-        if (it->logits) logit_rows += it->all_logits ? it->n_tokens : 1;
+        if (it->logits || it->next_token) logit_rows += it->all_logits && it->logits ? it->n_tokens : 1;
     }
     /* reserve KV for everyone first; on failure give back what this call took */
     int *old_n = kvm_malloc((size_t)n_items * sizeof(int));
@@ -432,7 +455,7 @@ int kvm_forward(kvm_model_t *m, kvm_batch_item_t *items, int n_items) {
         /* the shape of this step: everything the captured launches depend on */
         uint64_t kd[6] = {(uint64_t)n_items, (uint64_t)max_blocks, (uint64_t)logit_rows, (uint64_t)(uintptr_t)pool->data,
                           (uint64_t)(uintptr_t)b->x, 0};
-        for (int i = 0; i < n_items; i++) kd[5] = kd[5] * 31 + (items[i].logits ? 1 : 0);
+        for (int i = 0; i < n_items; i++) kd[5] = kd[5] * 31 + (items[i].logits ? 1 : 0) + (items[i].next_token ? 2 : 0);
         key = kvm_hash64(kd, sizeof kd, KVM_HASH_SEED) | 1;
     }
     int frc = 0;
@@ -461,11 +484,21 @@ int kvm_forward(kvm_model_t *m, kvm_batch_item_t *items, int n_items) {
     }
     if (logit_rows > 0) {
         int lr = 0;
+        bool ids_fetched = false;
         for (int i = 0; i < n_items; i++) {
             kvm_batch_item_t *it = &items[i];
-            if (!it->logits) continue;
-            int n = it->all_logits ? it->n_tokens : 1;
-            ops->d2h(it->logits, rowp(b->logits, lr, c->vocab_size), (size_t)n * c->vocab_size * 4);
+            if (!it->logits && !it->next_token) continue;
+            int n = it->all_logits && it->logits ? it->n_tokens : 1;
+            if (it->logits) ops->d2h(it->logits, rowp(b->logits, lr, c->vocab_size), (size_t)n * c->vocab_size * 4);
+            if (it->next_token) {
+                if (ops->argmax_rows) {
+                    if (!ids_fetched) ops->d2h(b->h_next_ids, b->next_ids, (size_t)logit_rows * 4);
+                    ids_fetched = true;
+                    *it->next_token = b->h_next_ids[lr + n - 1];
+                } else {
+                    *it->next_token = ops->argmax(rowp(b->logits, lr + n - 1, c->vocab_size), c->vocab_size);
+                }
+            }
             lr += n;
         }
     }

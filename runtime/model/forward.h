@@ -16,6 +16,8 @@ typedef struct kvm_batch_item {
     float *logits;           /* host; [vocab] for the last token, or [n_tokens][vocab] when all_logits;
                                 NULL = no logits wanted */
     bool all_logits;
+    int32_t *next_token;     /* host; when set, the greedy next token (argmax of the last logits row, computed
+                                on the backend: no logits need to travel) is written here */
 } kvm_batch_item_t;
 
 /* Prepares the backend copy of the weights and the workspace for up to max_rows tokens per step.

@@ -1,0 +1,450 @@
+/* cmd_bench.c - `kvmesh bench engine` (the dense engine's TTFT and decode speed against the hardware's
+ * floors and HF transformers) and `kvmesh bench kvcomm` (dispatched to kvm_bench_kvcomm, defined by the
+ * KVCOMM benchmark when it is linked in).
+ *
+ * Method (../shared/spec/perf.md §6): device time from events recorded on the op stream around each step,
+ * host time from a monotonic clock around the whole call (end-to-end: ids up, logits down); warm-up steps
+ * first; medians and p10-p90 over many reps; three different prompts rotated; random non-zero token ids.
+ * Decode steps run through the captured CUDA graph (and once more eagerly, KVM_CUDA_GRAPHS=0, for the
+ * record). Synthetic weights: the report says so. */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include <cjson/cJSON.h>
+
+#include "runtime/model/forward.h"
+#include "runtime/model/synthetic.h"
+
+__attribute__((weak)) int kvm_bench_kvcomm(int argc, char **argv);
+
+/* perf.md §1: H100 SXM datasheet and measured ceilings */
+#define PEAK_BF16_TFLOPS 989.4
+#define MEAS_GEMM_TFLOPS 798.0
+#define PEAK_HBM_TBS 3.35
+#define MEAS_COPY_TBS 2.99
+
+typedef struct stats {
+    double med, p10, p90, mean;
+    int n;
+} stats_t;
+
+static int cmp_d(const void *a, const void *b) {
+    double x = *(const double *)a, y = *(const double *)b;
+    return x < y ? -1 : x > y;
+}
+
+static stats_t stats_of(const double *v, int n) {
+    stats_t s = {0};
+    if (n <= 0) return s;
+    double *t = malloc((size_t)n * sizeof(double));
+    memcpy(t, v, (size_t)n * sizeof(double));
+    qsort(t, (size_t)n, sizeof(double), cmp_d);
+    s.n = n;
+    s.med = n % 2 ? t[n / 2] : 0.5 * (t[n / 2 - 1] + t[n / 2]);
+    s.p10 = t[(int)floor(0.1 * (n - 1))];
+    s.p90 = t[(int)ceil(0.9 * (n - 1))];
+    for (int i = 0; i < n; i++) s.mean += t[i];
+    s.mean /= n;
+    free(t);
+    return s;
+}
+
+static cJSON *stats_json(const stats_t *s, const double *reps) {
+    cJSON *o = cJSON_CreateObject();
+    cJSON_AddNumberToObject(o, "median", s->med);
+    cJSON_AddNumberToObject(o, "p10", s->p10);
+    cJSON_AddNumberToObject(o, "p90", s->p90);
+    cJSON_AddNumberToObject(o, "mean", s->mean);
+    cJSON_AddNumberToObject(o, "n", s->n);
+    if (reps) cJSON_AddItemToObject(o, "reps", cJSON_CreateDoubleArray(reps, s->n));
+    return o;
+}
+
+/* One timed measurement: device ms (events) and host ms of each rep. */
+typedef struct timing {
+    double *dev, *host;
+    int n;
+} timing_t;
+
+static void timing_init(timing_t *t, int reps) {
+    t->dev = calloc((size_t)reps, sizeof(double));
+    t->host = calloc((size_t)reps, sizeof(double));
+    t->n = 0;
+}
+static void timing_free(timing_t *t) {
+    free(t->dev);
+    free(t->host);
+}
+
+static void bench_help(FILE *f) {
+    fprintf(f,
+            "usage: kvmesh bench engine (--synthetic NAME | --model PATH) [options]\n"
+            "       kvmesh bench kvcomm ...   (the KVCOMM benchmark, when linked in)\n\n"
+            "Measures the dense engine: TTFT of a P-token prompt (batch 1), decode ms/token at batch 1 and batch B\n"
+            "with a P-token context, tokens/s, achieved TFLOP/s and GB/s, against the floors of perf.md.\n\n"
+            "  --synthetic NAME   llama-3.1-8b, qwen2.5-7b, qwen3-0.6b, qwen2.5-0.5b, llama-3.2-1b, qwen3-8b, tiny-*\n"
+            "                     (real shapes, seeded synthetic bf16 weights made on the device)\n"
+            "  --model PATH       a model directory or file instead\n"
+            "  --backend B        auto (default), cpu or cuda\n"
+            "  --prompt P         prompt / context tokens (default 1024)\n"
+            "  --batch B          decode batch (default 16)\n"
+            "  --reps N           timed reps of each measurement (default 20; decode uses 5N)\n"
+            "  --warmup N         untimed reps first (default 3)\n"
+            "  --no-eager         skip the eager (no CUDA graph) decode measurements\n"
+            "  --profile          then time every op of one eager prefill and decode step (GPU), per op\n"
+            "  --json FILE        write every rep and the summary as JSON\n"
+            "  --hf-json FILE     the output of scripts/bench/hf_engine.py, shown beside ours\n");
+}
+
+/* Linear-layer parameters touched per token (layers + lm_head) and KV bytes per token. */
+static void model_sizes(const kvm_config_t *c, double *p_layers, double *p_head, double *kv_tok_bytes, int kv_elem) {
+    double D = c->dim, QD = (double)c->n_heads * c->head_dim, KD = (double)c->n_kv_heads * c->head_dim, F = c->hidden_dim;
+    *p_layers = c->n_layers * (D * QD + 2 * D * KD + QD * D + 3 * D * F);
+    *p_head = (double)c->vocab_size * D;
+    *kv_tok_bytes = (double)c->n_layers * KD * 2 * kv_elem;
+}
+
+static void print_row(const char *what, double ours, const char *unit, double hf, double floor1, double floor2) {
+    char hfs[32] = "-", f1[32] = "-", f2[32] = "-", vs[32] = "-";
+    if (hf > 0) snprintf(hfs, sizeof hfs, "%.2f", hf);
+    if (hf > 0 && ours > 0) snprintf(vs, sizeof vs, "%.2fx", hf / ours);
+    if (floor1 > 0) snprintf(f1, sizeof f1, "%.2f", floor1);
+    if (floor2 > 0) snprintf(f2, sizeof f2, "%.2f", floor2);
+    printf("| %-34s | %9.3f | %-6s | %9s | %8s | %9s | %9s |\n", what, ours, unit, hfs, vs, f1, f2);
+}
+
+static double hf_get(cJSON *hf, const char *key) {
+    if (!hf) return 0;
+    cJSON *v = cJSON_GetObjectItem(hf, key);
+    if (cJSON_IsObject(v)) v = cJSON_GetObjectItem(v, "median");
+    return cJSON_IsNumber(v) ? v->valuedouble : 0;
+}
+
+/* Runs `reps` greedy decode steps of the n sequences (one token each, the argmax made on the backend),
+ * truncating back to ctx after each so the context stays at ctx + 1. */
+static int time_decode(kvm_model_t *m, kvm_seq_t *seqs, int n, int ctx, int warmup, int reps, timing_t *t) {
+    const kvm_ops_t *ops = m->ops;
+    const int V = m->cfg.vocab_size;
+    kvm_batch_item_t *items = calloc((size_t)n, sizeof *items);
+    int32_t *tok = calloc((size_t)n, sizeof(int32_t));
+    int32_t *next = calloc((size_t)n, sizeof(int32_t));
+    int rc = 0;
+    for (int r = 0; r < warmup + reps && !rc; r++) {
+        for (int i = 0; i < n; i++) {
+            /* greedy feedback (on the device: only the token ids come back) */
+            tok[i] = r == 0 ? (int32_t)(kvm_splitmix64((uint64_t)r * 7919 + i) % (uint64_t)V) : next[i];
+            items[i] = (kvm_batch_item_t){.seq = &seqs[i], .tokens = &tok[i], .n_tokens = 1, .logits = NULL, .next_token = &next[i]};
+        }
+        void *e0 = ops->event_record ? ops->event_record() : NULL;
+        uint64_t h0 = kvm_now_ns();
+        rc = kvm_forward(m, items, n);
+        uint64_t h1 = kvm_now_ns();
+        void *e1 = ops->event_record ? ops->event_record() : NULL;
+        if (!rc && r >= warmup) {
+            t->host[t->n] = (double)(h1 - h0) / 1e6;
+            t->dev[t->n] = e0 && e1 ? ops->event_elapsed_ms(e0, e1) : t->host[t->n];
+            t->n++;
+        }
+        if (ops->event_free) {
+            ops->event_free(e0);
+            ops->event_free(e1);
+        }
+        for (int i = 0; i < n; i++) kvm_seq_truncate(&seqs[i], ctx);
+    }
+    free(items);
+    free(tok);
+    free(next);
+    return rc;
+}
+
+static int bench_engine(int argc, char **argv) {
+    const char *synth = NULL, *model = NULL, *backend = "auto", *json_path = NULL, *hf_path = NULL;
+    int P = 1024, B = 16, reps = 20, warmup = 3;
+    bool eager = true, profile = false;
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        bool has = i + 1 < argc;
+        if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
+            bench_help(stdout);
+            return 0;
+        } else if (!strcmp(a, "--synthetic") && has) synth = argv[++i];
+        else if (!strcmp(a, "--model") && has) model = argv[++i];
+        else if (!strcmp(a, "--backend") && has) backend = argv[++i];
+        else if (!strcmp(a, "--prompt") && has) P = atoi(argv[++i]);
+        else if (!strcmp(a, "--batch") && has) B = atoi(argv[++i]);
+        else if (!strcmp(a, "--reps") && has) reps = atoi(argv[++i]);
+        else if (!strcmp(a, "--warmup") && has) warmup = atoi(argv[++i]);
+        else if (!strcmp(a, "--json") && has) json_path = argv[++i];
+        else if (!strcmp(a, "--hf-json") && has) hf_path = argv[++i];
+        else if (!strcmp(a, "--no-eager")) eager = false;
+        else if (!strcmp(a, "--profile")) profile = true;
+        else {
+            fprintf(stderr, "kvmesh bench engine: unknown or incomplete option '%s' (see --help)\n", a);
+            return 2;
+        }
+    }
+    if (!synth == !model || P < 2 || B < 1 || reps < 1 || warmup < 0) {
+        fprintf(stderr, "kvmesh bench engine: give exactly one of --synthetic NAME or --model PATH (see --help)\n");
+        return 2;
+    }
+    cJSON *hf = NULL;
+    if (hf_path) {
+        char *text = NULL;
+        size_t len = 0;
+        if (kvm_read_file(hf_path, &text, &len, 0) == 0) hf = cJSON_Parse(text);
+        free(text);
+        if (!hf) fprintf(stderr, "kvmesh bench engine: cannot read the HF results %s (continuing without)\n", hf_path);
+    }
+    char path[512];
+    if (synth) snprintf(path, sizeof path, "synthetic:%s", synth);
+    else snprintf(path, sizeof path, "%s", model);
+    kvm_load_opts_t lo = {.backend = backend, .quiet = false};
+    uint64_t t_load = kvm_now_ns();
+    /* synthetic models are built directly (this also links runtime/model/synthetic.c into the binary) */
+    kvm_model_t *m = synth ? kvm_model_synthetic(synth, &lo) : kvm_model_load(path, &lo);
+    if (!m) {
+        fprintf(stderr, "kvmesh bench engine: %s\n", kvm_errmsg());
+        cJSON_Delete(hf);
+        return 1;
+    }
+    double load_s = (double)(kvm_now_ns() - t_load) / 1e9;
+    const kvm_config_t *c = &m->cfg;
+    const kvm_ops_t *ops = m->ops;
+    char card[256] = "cpu";
+    if (strcmp(ops->name, "cpu") != 0) kvm_cuda_describe(card, sizeof card);
+    int rc = kvm_forward_init(m, P);
+    const int kv_elem = m->device_dtype == KVM_F32 || !strcmp(ops->name, "cpu") ? 4 : 2;
+    double p_layers, p_head, kv_tok;
+    model_sizes(c, &p_layers, &p_head, &kv_tok, kv_elem);
+    /* KV for B sequences of P + 2 tokens (+ slack for the block rounding) */
+    size_t kv_bytes = (size_t)((double)(B + 1) * (P + 64) * kv_tok);
+    kvm_kv_pool_t *pool = rc ? NULL : kvm_model_kv_pool(m, kv_bytes);
+    if (!pool) {
+        fprintf(stderr, "kvmesh bench engine: %s\n", kvm_errmsg());
+        kvm_model_free(m);
+        cJSON_Delete(hf);
+        return 1;
+    }
+    const int V = c->vocab_size;
+    /* three prompts, rotated */
+    int32_t *prompts = malloc((size_t)3 * P * sizeof(int32_t));
+    for (int k = 0; k < 3 * P; k++) prompts[k] = (int32_t)(kvm_splitmix64(0xbe7c4ULL + k) % (uint64_t)V);
+    float *logits = malloc((size_t)V * sizeof(float));
+
+    /* ---- 1. TTFT: prefill P tokens, logits of the last ---- */
+    timing_t tt;
+    timing_init(&tt, reps);
+    kvm_seq_t s0;
+    kvm_seq_init(&s0, pool);
+    for (int r = 0; r < warmup + reps && !rc; r++) {
+        kvm_seq_truncate(&s0, 0);
+        kvm_batch_item_t it = {.seq = &s0, .tokens = prompts + (size_t)(r % 3) * P, .n_tokens = P, .logits = logits};
+        void *e0 = ops->event_record ? ops->event_record() : NULL;
+        uint64_t h0 = kvm_now_ns();
+        rc = kvm_forward(m, &it, 1);
+        uint64_t h1 = kvm_now_ns();
+        void *e1 = ops->event_record ? ops->event_record() : NULL;
+        if (!rc && r >= warmup) {
+            tt.host[tt.n] = (double)(h1 - h0) / 1e6;
+            tt.dev[tt.n] = e0 && e1 ? ops->event_elapsed_ms(e0, e1) : tt.host[tt.n];
+            tt.n++;
+        }
+        if (ops->event_free) {
+            ops->event_free(e0);
+            ops->event_free(e1);
+        }
+    }
+    /* ---- 2. decode at batch 1 with a P-token context ---- */
+    timing_t d1, d1e, dB, dBe;
+    timing_init(&d1, reps * 5);
+    timing_init(&d1e, reps * 5);
+    timing_init(&dB, reps * 5);
+    timing_init(&dBe, reps * 5);
+    if (!rc) rc = time_decode(m, &s0, 1, P, warmup, reps * 5, &d1);
+    if (!rc && eager && ops->graph_begin) {
+        setenv("KVM_CUDA_GRAPHS", "0", 1);
+        rc = time_decode(m, &s0, 1, P, warmup, reps * 5, &d1e);
+        unsetenv("KVM_CUDA_GRAPHS");
+    }
+    /* ---- 3. decode at batch B, every sequence with a P-token context ---- */
+    kvm_seq_t *seqs = calloc((size_t)B, sizeof *seqs);
+    for (int i = 0; i < B; i++) kvm_seq_init(&seqs[i], pool);
+    kvm_seq_free(&s0);
+    for (int i = 0; i < B && !rc; i++) {
+        kvm_batch_item_t it = {.seq = &seqs[i], .tokens = prompts + (size_t)(i % 3) * P, .n_tokens = P, .logits = NULL};
+        rc = kvm_forward(m, &it, 1);
+    }
+    if (!rc) rc = time_decode(m, seqs, B, P, warmup, reps * 5, &dB);
+    if (!rc && eager && ops->graph_begin) {
+        setenv("KVM_CUDA_GRAPHS", "0", 1);
+        rc = time_decode(m, seqs, B, P, warmup, reps * 5, &dBe);
+        unsetenv("KVM_CUDA_GRAPHS");
+    }
+    if (rc) fprintf(stderr, "kvmesh bench engine: %s\n", kvm_errmsg());
+
+    /* ---- figures ---- */
+    stats_t st_tt = stats_of(tt.dev, tt.n), st_tth = stats_of(tt.host, tt.n);
+    stats_t st_d1 = stats_of(d1.dev, d1.n), st_d1h = stats_of(d1.host, d1.n), st_d1e = stats_of(d1e.dev, d1e.n);
+    stats_t st_dB = stats_of(dB.dev, dB.n), st_dBh = stats_of(dB.host, dB.n), st_dBe = stats_of(dBe.dev, dBe.n);
+    const double HQ = c->n_heads, HD = c->head_dim, L = c->n_layers;
+    double flops = 2.0 * p_layers * P + 2.0 * p_head + 2.0 * L * HQ * HD * (double)P * (P + 1);
+    double w_bytes = (p_layers + p_head) * (m->device_dtype == KVM_F32 ? 4 : 2);
+    double b1_bytes = w_bytes + (P + 1) * kv_tok, bB_bytes = w_bytes + (double)B * (P + 1) * kv_tok;
+    double ttft_floor_peak = flops / (PEAK_BF16_TFLOPS * 1e9), ttft_floor_meas = flops / (MEAS_GEMM_TFLOPS * 1e9);
+    double d1_floor_peak = b1_bytes / (PEAK_HBM_TBS * 1e9), d1_floor_meas = b1_bytes / (MEAS_COPY_TBS * 1e9);
+    double dB_floor_peak = bB_bytes / (PEAK_HBM_TBS * 1e9), dB_floor_meas = bB_bytes / (MEAS_COPY_TBS * 1e9);
+    double tok_s_1 = st_d1.med > 0 ? 1000.0 / st_d1.med : 0, tok_s_B = st_dB.med > 0 ? 1000.0 * B / st_dB.med : 0;
+    double hf_tt = hf_get(hf, "ttft_ms"), hf_d1 = hf_get(hf, "decode_b1_ms"), hf_dB = hf_get(hf, "decode_bB_ms");
+
+    time_t now = time(NULL);
+    char date[64];
+    strftime(date, sizeof date, "%Y-%m-%d %H:%M UTC", gmtime(&now));
+    printf("\nkvmesh bench engine — %s, %s\n", path, date);
+    printf("card: %s\n", card);
+    printf("model: %s; %s weights%s; KV %s; load %.1f s\n", path, kvm_dtype_name(m->device_dtype),
+           synth ? " (SYNTHETIC, seeded)" : "", kv_elem == 2 ? "BF16" : "F32", load_s);
+    printf("workload: prompt %d tokens (TTFT, batch 1); decode at %d-token context, batch 1 and %d; %d warm-up, %d/%d reps\n",
+           P, P, B, warmup, tt.n, d1.n);
+    printf("\n| metric (median, device time)        |      ours | unit   |        HF |  HF/ours | floor@peak | floor@meas |\n");
+    printf("|------------------------------------|-----------|--------|-----------|----------|-----------|-----------|\n");
+    print_row("TTFT prefill", st_tt.med, "ms", hf_tt, ttft_floor_peak, ttft_floor_meas);
+    print_row("TTFT prefill, host end-to-end", st_tth.med, "ms", 0, 0, 0);
+    print_row("prefill achieved", flops / (st_tt.med * 1e9), "TFLOP/s", 0, 0, 0);
+    print_row(ops->graph_begin ? "decode b=1 (graph)" : "decode b=1", st_d1.med, "ms/tok", hf_d1, d1_floor_peak, d1_floor_meas);
+    if (d1e.n) print_row("decode b=1 (eager)", st_d1e.med, "ms/tok", 0, 0, 0);
+    print_row("decode b=1, host end-to-end", st_d1h.med, "ms/tok", 0, 0, 0);
+    print_row("decode b=1 achieved", b1_bytes / (st_d1.med * 1e9), "TB/s", 0, 0, 0);
+    print_row("decode b=1 tokens/s", tok_s_1, "tok/s", hf_d1 > 0 ? 1000.0 / hf_d1 : 0, 0, 0);
+    char lbl[64];
+    snprintf(lbl, sizeof lbl, "decode b=%d step%s", B, ops->graph_begin ? " (graph)" : "");
+    print_row(lbl, st_dB.med, "ms", hf_dB, dB_floor_peak, dB_floor_meas);
+    if (dBe.n) {
+        snprintf(lbl, sizeof lbl, "decode b=%d step (eager)", B);
+        print_row(lbl, st_dBe.med, "ms", 0, 0, 0);
+    }
+    snprintf(lbl, sizeof lbl, "decode b=%d step, host end-to-end", B);
+    print_row(lbl, st_dBh.med, "ms", 0, 0, 0);
+    snprintf(lbl, sizeof lbl, "decode b=%d tokens/s", B);
+    print_row(lbl, tok_s_B, "tok/s", hf_dB > 0 ? 1000.0 * B / hf_dB : 0, 0, 0);
+    snprintf(lbl, sizeof lbl, "decode b=%d achieved", B);
+    print_row(lbl, bB_bytes / (st_dB.med * 1e9), "TB/s", 0, 0, 0);
+    printf("\nspread (p10-p90): TTFT %.3f-%.3f ms; decode b=1 %.3f-%.3f ms; b=%d %.3f-%.3f ms\n", st_tt.p10, st_tt.p90,
+           st_d1.p10, st_d1.p90, B, st_dB.p10, st_dB.p90);
+    printf("batch %d / batch 1 tokens/s: %.2fx (target >= 10x)\n", B, tok_s_1 > 0 ? tok_s_B / tok_s_1 : 0);
+    printf("floors: prefill %.2f GFLOP (%.0f / %.0f TFLOP/s: datasheet / measured GEMM); decode b=1 %.2f GB, b=%d %.2f GB "
+           "(%.2f / %.2f TB/s: datasheet / measured copy)\n",
+           flops / 1e9, PEAK_BF16_TFLOPS, MEAS_GEMM_TFLOPS, b1_bytes / 1e9, B, bB_bytes / 1e9, PEAK_HBM_TBS, MEAS_COPY_TBS);
+
+    if (json_path) {
+        cJSON *o = cJSON_CreateObject();
+        cJSON_AddStringToObject(o, "bench", "engine");
+        cJSON_AddStringToObject(o, "model", path);
+        cJSON_AddBoolToObject(o, "synthetic_weights", synth != NULL);
+        cJSON_AddStringToObject(o, "card", card);
+        cJSON_AddStringToObject(o, "date", date);
+        cJSON_AddStringToObject(o, "weights_dtype", kvm_dtype_name(m->device_dtype));
+        cJSON_AddNumberToObject(o, "prompt_tokens", P);
+        cJSON_AddNumberToObject(o, "batch", B);
+        cJSON_AddNumberToObject(o, "warmup", warmup);
+        cJSON_AddItemToObject(o, "ttft_ms", stats_json(&st_tt, tt.dev));
+        cJSON_AddItemToObject(o, "ttft_host_ms", stats_json(&st_tth, tt.host));
+        cJSON_AddItemToObject(o, "decode_b1_ms", stats_json(&st_d1, d1.dev));
+        cJSON_AddItemToObject(o, "decode_b1_host_ms", stats_json(&st_d1h, d1.host));
+        cJSON_AddItemToObject(o, "decode_b1_eager_ms", stats_json(&st_d1e, d1e.dev));
+        cJSON_AddItemToObject(o, "decode_bB_ms", stats_json(&st_dB, dB.dev));
+        cJSON_AddItemToObject(o, "decode_bB_host_ms", stats_json(&st_dBh, dB.host));
+        cJSON_AddItemToObject(o, "decode_bB_eager_ms", stats_json(&st_dBe, dBe.dev));
+        cJSON_AddNumberToObject(o, "prefill_flops", flops);
+        cJSON_AddNumberToObject(o, "prefill_tflops", flops / (st_tt.med * 1e9));
+        cJSON_AddNumberToObject(o, "decode_b1_bytes", b1_bytes);
+        cJSON_AddNumberToObject(o, "decode_b1_tbs", b1_bytes / (st_d1.med * 1e9));
+        cJSON_AddNumberToObject(o, "decode_bB_bytes", bB_bytes);
+        cJSON_AddNumberToObject(o, "decode_bB_tbs", bB_bytes / (st_dB.med * 1e9));
+        cJSON_AddNumberToObject(o, "tokens_per_s_b1", tok_s_1);
+        cJSON_AddNumberToObject(o, "tokens_per_s_bB", tok_s_B);
+        cJSON *fl = cJSON_AddObjectToObject(o, "floors_ms");
+        cJSON_AddNumberToObject(fl, "ttft_peak", ttft_floor_peak);
+        cJSON_AddNumberToObject(fl, "ttft_measured_gemm", ttft_floor_meas);
+        cJSON_AddNumberToObject(fl, "decode_b1_peak", d1_floor_peak);
+        cJSON_AddNumberToObject(fl, "decode_b1_measured_copy", d1_floor_meas);
+        cJSON_AddNumberToObject(fl, "decode_bB_peak", dB_floor_peak);
+        cJSON_AddNumberToObject(fl, "decode_bB_measured_copy", dB_floor_meas);
+        if (hf) cJSON_AddItemToObject(o, "hf", cJSON_Duplicate(hf, 1));
+        char *txt = cJSON_Print(o);
+        FILE *f = fopen(json_path, "w");
+        if (f && txt) {
+            fputs(txt, f);
+            fputc('\n', f);
+        } else {
+            fprintf(stderr, "kvmesh bench engine: cannot write %s\n", json_path);
+        }
+        if (f) fclose(f);
+        free(txt);
+        cJSON_Delete(o);
+    }
+    if (!rc && profile && ops->graph_begin) {
+        /* one eager step of each kind with every op timed (events around each op add a little) */
+        setenv("KVM_CUDA_GRAPHS", "0", 1);
+        kvm_seq_t sp;
+        kvm_seq_init(&sp, pool);
+        kvm_batch_item_t it = {.seq = &sp, .tokens = prompts, .n_tokens = P, .logits = logits};
+        kvm_cuda_profile_begin();
+        rc = kvm_forward(m, &it, 1);
+        snprintf(lbl, sizeof lbl, "prefill %d tokens", P);
+        kvm_cuda_profile_end(stdout, lbl);
+        kvm_seq_free(&sp);
+        const char *modes[3] = {NULL, "gemv", "mma"};
+        for (int k = 0; k < 3 && !rc; k++) {
+            if (modes[k]) setenv("KVM_CUDA_SKINNY", modes[k], 1);
+            timing_t tp;
+            timing_init(&tp, 3);
+            kvm_cuda_profile_begin();
+            rc = time_decode(m, seqs, 1, P, 0, 1, &tp);
+            snprintf(lbl, sizeof lbl, "decode batch 1, skinny matmul %s", modes[k] ? modes[k] : "default");
+            kvm_cuda_profile_end(stdout, lbl);
+            if (!rc) {
+                kvm_cuda_profile_begin();
+                rc = time_decode(m, seqs, B, P, 0, 1, &tp);
+                snprintf(lbl, sizeof lbl, "decode batch %d, skinny matmul %s", B, modes[k] ? modes[k] : "default");
+                kvm_cuda_profile_end(stdout, lbl);
+            }
+            timing_free(&tp);
+            unsetenv("KVM_CUDA_SKINNY");
+        }
+        unsetenv("KVM_CUDA_GRAPHS");
+        if (rc) fprintf(stderr, "kvmesh bench engine (profile): %s\n", kvm_errmsg());
+    }
+    for (int i = 0; i < B; i++) kvm_seq_free(&seqs[i]);
+    free(seqs);
+    timing_free(&tt);
+    timing_free(&d1);
+    timing_free(&d1e);
+    timing_free(&dB);
+    timing_free(&dBe);
+    free(prompts);
+    free(logits);
+    kvm_kv_pool_free(pool);
+    kvm_model_free(m);
+    cJSON_Delete(hf);
+    return rc ? 1 : 0;
+}
+
+int cmd_bench(int argc, char **argv) {
+    if (argc < 2 || !strcmp(argv[1], "--help") || !strcmp(argv[1], "-h")) {
+        bench_help(argc < 2 ? stderr : stdout);
+        return argc < 2 ? 2 : 0;
+    }
+    if (!strcmp(argv[1], "engine")) return bench_engine(argc - 1, argv + 1);
+    if (!strcmp(argv[1], "kvcomm")) {
+        if (!kvm_bench_kvcomm) {
+            fprintf(stderr, "kvmesh bench: the kvcomm benchmark is not part of this build yet\n");
+            return 2;
+        }
+        return kvm_bench_kvcomm(argc - 1, argv + 1);
+    }
+    fprintf(stderr, "kvmesh bench: unknown benchmark '%s' (engine, kvcomm)\n", argv[1]);
+    return 2;
+}
