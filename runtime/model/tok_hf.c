@@ -38,7 +38,7 @@ static const char *jtoken(const cJSON *o, const char *k) {
 static bool jint(const cJSON *v, long long lo, long long hi, long long *out) {
     if (!cJSON_IsNumber(v)) return false;
     double d = v->valuedouble;
-    if (d != (double)(long long)d || d < (double)lo || d > (double)hi) return false;
+    if (!(d >= (double)lo && d <= (double)hi) || d != (double)(long long)d) return false; /* range first: no UB cast */
     *out = (long long)d;
     return true;
 }
