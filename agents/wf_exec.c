@@ -718,6 +718,7 @@ int wf_ctx_call(lua_State *L) {
     t->job = job;
     t->job_is_call = true;
     t->call_agent = ai;
+    cJSON_Delete(t->pieces);
     t->pieces = pj;
     t->t_job = kvm_now_ns();
     return lua_yield(L, 0);
@@ -753,7 +754,11 @@ static void record_agent_step(kvm_workflow_t *wf, wf_run_t *r, wf_task_t *t, int
                                  .decode_ms = res->decode_ms, .text = res->text};
         wf->o.on_step(wf->o.ud, &si);
     }
-    if (!r->trace) return;
+    if (!r->trace) {
+        cJSON_Delete(t->pieces);
+        t->pieces = NULL;
+        return;
+    }
     cJSON *o = rec_new("step");
     cJSON_AddNumberToObject(o, "idx", idx);
     cJSON_AddNumberToObject(o, "superstep", r->superstep);
