@@ -200,8 +200,8 @@ int kvm_forward_init(kvm_model_t *m, int max_rows) {
     if (m->ops != kvm_ops_cpu() && !m->weights_on_device) {
         /* KVM_DEVICE_DTYPE=f32|bf16|f16 overrides (f32 = the parity mode of the GPU tests) */
         const char *e = getenv("KVM_DEVICE_DTYPE");
-        if (e && *e) m->device_dtype = !strcmp(e, "f32") ? KVM_F32 : !strcmp(e, "f16") ? KVM_F16 : KVM_BF16;
-        else if (!m->device_dtype) m->device_dtype = KVM_BF16;
+        if (e && *e && !m->device_dtype_explicit)
+            m->device_dtype = !strcmp(e, "f32") ? KVM_F32 : !strcmp(e, "f16") ? KVM_F16 : KVM_BF16;
     }
     kvm_backend_model_t *b = kvm_calloc(1, sizeof *b);
     if (!b) return KVM_ENOMEM;

@@ -229,7 +229,11 @@ kvm_model_t *kvm_model_load(const char *path, const kvm_load_opts_t *opts) {
         m->ops = kvm_ops_select(o->backend);
         if (!m->ops) rc = kvm_errcode() ? kvm_errcode() : KVM_EUNSUPPORTED;
     }
-    if (!rc) rc = kvm_forward_init(m, 0);
+    if (!rc) {
+        m->device_dtype = o->device_dtype_set ? o->device_dtype : KVM_BF16;
+        m->device_dtype_explicit = o->device_dtype_set;
+        rc = kvm_forward_init(m, 0);
+    }
     if (rc) {
         kvm_errctx(rc, "loading model %s", path);
         kvm_model_free(m);

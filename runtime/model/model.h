@@ -118,6 +118,7 @@ typedef struct kvm_model {
     bool weights_on_device;     /* tensors already live in backend memory (synthetic models); then norm
                                    weights and biases must be F32 there, matrices any dtype */
     kvm_dtype_t device_dtype;   /* dtype of matrices uploaded to a GPU backend (BF16 default, F32 parity mode) */
+    bool device_dtype_explicit; /* set from kvm_load_opts_t (then KVM_DEVICE_DTYPE does not override it) */
 } kvm_model_t;
 
 typedef struct kvm_load_opts {
