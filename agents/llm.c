@@ -597,6 +597,7 @@ static int model_prepare(lmodel_t *m, job_t *j, const wf_llm_req_t *r) {
     sr.gen.sampling = r->sampling;
     sr.gen.stop_strings = r->stop;
     sr.gen.n_stop_strings = r->n_stop;
+    sr.gen.ignore_eos = r->ignore_eos;
     sr.tag = (uint64_t)(uintptr_t)j;
     return kvm_sched_submit(m->sched, &sr);
 }

@@ -42,6 +42,7 @@ typedef struct wf_llm_req {
     const char *const *stop;     /* stop strings */
     int n_stop;
     wf_kv_policy_t kv;
+    bool ignore_eos;             /* generate exactly max_tokens unless a stop string hits */
     uint64_t tag;                /* returned in the result */
 } wf_llm_req_t;
 

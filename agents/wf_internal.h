@@ -67,6 +67,7 @@ typedef struct wf_agent {
     char **stop;
     int n_stop;
     long budget_tokens;    /* per run, prompt + output over all calls (0 = none) */
+    bool ignore_eos;       /* generate exactly max_tokens (benchmarks) */
     wf_kv_policy_t kv;
     char *where;           /* "file:line" of the definition */
 } wf_agent_t;

@@ -676,7 +676,7 @@ static int l_model(lua_State *L) {
 
 static const char *const agent_fields[] = {"name", "model", "role", "system", "template", "prompt", "max_tokens",
                                            "temperature", "top_k", "top_p", "repetition_penalty", "seed", "stop",
-                                           "budget", "kv", "writes", NULL};
+                                           "budget", "kv", "writes", "ignore_eos", NULL};
 
 static void check_fields(lua_State *L, int t, const char *what, const char *const *allowed) {
     lua_pushnil(L);
@@ -756,6 +756,9 @@ static int make_agent(lua_State *L, int t, const char *name_arg) {
     if (sp.temperature < 0 || sp.top_p < 0 || sp.top_p > 1 || sp.top_k < 0)
         return luaL_error(L, "%s '%s': need temperature >= 0, 0 <= top_p <= 1, top_k >= 0", what, name);
     lua_Number budget = opt_num_field(L, t, "budget", 0, what);
+    lua_getfield(L, t, "ignore_eos");
+    bool ignore_eos = lua_toboolean(L, -1);
+    lua_pop(L, 1);
     const char *kvs = opt_str_field(L, t, "kv", what);
     int kv = kvs ? wf_kv_policy_parse(kvs) : WF_KV_KVCOMM;
     if (kv < 0) return luaL_error(L, "%s '%s': kv must be \"dense\", \"prefix\" or \"kvcomm\" (got \"%s\")", what, name, kvs);
@@ -797,6 +800,7 @@ static int make_agent(lua_State *L, int t, const char *name_arg) {
     a->sampling = sp;
     a->max_tokens = (int)max_tokens;
     a->budget_tokens = (long)budget;
+    a->ignore_eos = ignore_eos;
     a->kv = (wf_kv_policy_t)kv;
     a->where = w;
     if (n_stop > 0) {

@@ -24,6 +24,7 @@ static void usage(FILE *f) {
             "  --mock                use the mock echo model for every kvmesh.model(...) (dry run)\n"
             "  --backend B           auto | cpu | cuda (default auto)\n"
             "  --max-rows N          tokens per forward pass (default 256)\n"
+            "  --kv-mb N             KV cache budget per model in MiB (default: the model's, 4 full contexts)\n"
             "  --mem-mb N            Lua memory cap per run (default 64)\n"
             "  --instructions N      Lua instruction budget per run (default 1e9)\n"
             "  --lua-ms N            Lua CPU budget per run in ms (default 5000)\n"
@@ -176,6 +177,9 @@ int cmd_run(int argc, char **argv) {
         } else if (!strcmp(a, "--max-rows")) {
             NEED_ARG();
             o.llm.max_rows = (int)strtol(v, NULL, 10);
+        } else if (!strcmp(a, "--kv-mb")) {
+            NEED_ARG();
+            o.llm.kv_bytes = (size_t)strtoul(v, NULL, 10) << 20;
         } else if (!strcmp(a, "--mem-mb")) {
             NEED_ARG();
             o.run_mem_cap_bytes = (size_t)strtoul(v, NULL, 10) << 20;
@@ -252,6 +256,13 @@ int cmd_run(int argc, char **argv) {
             cJSON_AddItemToObject(o2, "outputs", cJSON_Duplicate(outs, 1));
             cJSON_AddItemToObject(o2, "state", cJSON_Duplicate(kvm_wf_run_state(wf, run), 1));
             cJSON_AddItemToObject(o2, "agents", agent_table_json(wf));
+            uint64_t steps = 0, seqs = 0;
+            int max_seqs = 0;
+            wf_llm_counters(kvm_wf_llm(wf), &steps, &seqs, &max_seqs);
+            cJSON_AddNumberToObject(o2, "wall_ms", (double)(kvm_now_ns() - t0) / 1e6);
+            cJSON_AddNumberToObject(o2, "forward_passes", (double)steps);
+            cJSON_AddNumberToObject(o2, "mean_batch_seqs", steps ? (double)seqs / (double)steps : 0);
+            cJSON_AddNumberToObject(o2, "max_batch_seqs", max_seqs);
             char *s = cJSON_Print(o2);
             printf("%s\n", s ? s : "{}");
             cJSON_free(s);

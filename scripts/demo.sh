@@ -1,11 +1,31 @@
 #!/usr/bin/env bash
 # demo.sh KVMESH SHARED - the main job of `make demo`.
+#   - with the bundled models (models/receiver): the multi-agent team example, dense vs kvcomm;
+#   - else, with stories260K from the shared folder: a generation and a small fan-out workflow;
+#   - else: a dry run of the team workflow on the mock engine.
 set -euo pipefail
 kvmesh=$1; shared=$2
-m=$shared/models/stories260K
-if [ ! -f "$m/stories260K.bin" ]; then
-  echo "make demo: stories260K is not at $m (the shared models folder is absent); nothing to run." >&2
-  exit 1
+traces=$(mktemp -d)
+if [ -f models/receiver/config.json ]; then
+  echo "== kvmesh run examples/team.lua (bundled models, 20 seeded team tasks, dense then kvcomm) =="
+  "$kvmesh" run examples/team.lua --n 20 --seed 1 --kv dense --trace "$traces"
+  "$kvmesh" run examples/team.lua --n 20 --seed 1 --kv kvcomm --trace "$traces"
+  echo "== kvmesh trace show (one run) =="
+  "$kvmesh" trace show "$(ls -d "$traces"/*/ | head -1)" | head -30
+  exit 0
 fi
-echo "== kvmesh generate with stories260K (CPU, greedy) =="
-"$kvmesh" generate --model "$m/stories260K.bin" --tokenizer "$m/tok512.bin" --prompt "Once upon a time" --max-tokens 200
+m=$shared/models/stories260K
+if [ -f "$m/stories260K.bin" ]; then
+  echo "(models/ is absent: the bundled-model demo is replaced by stories260K)"
+  echo "== kvmesh generate with stories260K (CPU, greedy) =="
+  "$kvmesh" generate --model "$m/stories260K.bin" --tokenizer "$m/tok512.bin" --prompt "Once upon a time" --max-tokens 200
+  echo
+  echo "== kvmesh run: a teller and three agents continuing its story (one batch), then 12 runs with kvcomm =="
+  "$kvmesh" run examples/stories.lua --model "$m/stories260K.bin" --input input="a girl named Lily" --trace "$traces"
+  "$kvmesh" run examples/stories.lua --model "$m/stories260K.bin" --n 12 --kv kvcomm --trace "$traces" -q
+  echo "== kvmesh trace steps (what each agent of the first run saw and said) =="
+  "$kvmesh" trace steps "$(ls -d "$traces"/*/ | head -1)" | head -40
+  exit 0
+fi
+echo "(neither models/ nor the shared stories260K are here: a dry run on the mock engine)"
+"$kvmesh" run examples/team.lua --mock --n 3 --trace "$traces"

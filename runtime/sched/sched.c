@@ -24,6 +24,7 @@ typedef struct sreq {
     size_t text_len, text_cap;
     int32_t pending;         /* sampled id not yet forwarded, -1 none */
     int phase;
+    bool mem_wait;           /* the KV budget was full: retried once another request has finished */
     int stop_reason;
     int status;
     char error[512];
@@ -41,6 +42,8 @@ struct kvm_sched {
     kvm_batch_item_t *items; /* [max_active] scratch */
     sreq_t **item_req;
     kvm_sched_stats_t st;
+    uint64_t n_finished;     /* requests finished so far (wakes requests waiting for KV memory) */
+    uint64_t wake_at;        /* n_finished seen when the waiters were last woken */
 };
 
 kvm_sched_t *kvm_sched_create(kvm_model_t *m, const kvm_sched_opts_t *o) {
@@ -147,6 +150,7 @@ fail:
 }
 
 static void finish(sreq_t *q, int reason) {
+    q->mem_wait = false;
     q->phase = SR_DONE;
     q->stop_reason = reason;
     q->t_end = kvm_now_ns();
@@ -241,10 +245,14 @@ static void activate(kvm_sched_t *s) {
 
 int kvm_sched_step(kvm_sched_t *s) {
     activate(s);
+    if (s->n_finished != s->wake_at) { /* someone finished (its KV is being freed): retry the waiters */
+        s->wake_at = s->n_finished;
+        for (sreq_t *q = s->head; q; q = q->next) q->mem_wait = false;
+    }
     int n = 0, rows = 0;
     /* decode work first: one row each, so generating agents never wait behind long prefills */
     for (sreq_t *q = s->head; q && n < s->o.max_active; q = q->next) {
-        if (q->phase != SR_DECODE || rows + 1 > s->o.max_rows) continue;
+        if (q->phase != SR_DECODE || q->mem_wait || rows + 1 > s->o.max_rows) continue;
         kvm_batch_item_t *it = &s->items[n];
         memset(it, 0, sizeof *it);
         it->seq = q->r.seq;
@@ -255,7 +263,7 @@ int kvm_sched_step(kvm_sched_t *s) {
         rows++;
     }
     for (sreq_t *q = s->head; q && n < s->o.max_active; q = q->next) {
-        if (q->phase != SR_PREFILL) continue;
+        if (q->phase != SR_PREFILL || q->mem_wait) continue;
         int left = q->r.n_prompt - q->prompt_pos, room = s->o.max_rows - rows;
         if (room <= 0) break;
         int chunk = left < room ? left : room;
@@ -268,19 +276,41 @@ int kvm_sched_step(kvm_sched_t *s) {
         s->item_req[n++] = q;
         rows += chunk;
     }
-    if (n == 0) return 0;
+    if (n == 0) {
+        /* everything left waits for KV memory that nobody will free: fail them, oldest message kept */
+        int waiting = 0;
+        for (sreq_t *q = s->head; q; q = q->next) waiting += q->mem_wait;
+        if (waiting == 0) return 0;
+        for (sreq_t *q = s->head; q; q = q->next)
+            if (q->mem_wait) {
+                fail_req(q, KVM_ENOMEM, q->error[0] ? q->error : "sched: KV budget exhausted");
+                s->n_finished++;
+            }
+        return 0;
+    }
     uint64_t t0 = kvm_now_ns();
     int rc = kvm_forward(s->m, s->items, n);
     if (rc != 0) {
-        /* isolate the failing request(s): run each item alone; the others proceed */
+        /* isolate the failing request(s): run each item alone; the others proceed. A request that
+         * found the KV budget full waits until another finishes (its memory is then released), unless
+         * nothing else is in flight. */
         char msg[512];
         snprintf(msg, sizeof msg, "%s", kvm_errmsg());
         for (int i = 0; i < n; i++) {
             int r1 = n == 1 ? rc : kvm_forward(s->m, &s->items[i], 1);
-            if (r1 != 0) {
-                fail_req(s->item_req[i], r1, n == 1 ? msg : kvm_errmsg());
-                s->item_req[i] = NULL;
+            if (r1 == 0) continue;
+            sreq_t *q = s->item_req[i];
+            int others = 0;
+            for (sreq_t *o = s->head; o; o = o->next)
+                others += o != q && (o->phase == SR_PREFILL || o->phase == SR_DECODE) && !o->mem_wait;
+            if (r1 == KVM_ENOMEM && others > 0) {
+                q->mem_wait = true;
+                snprintf(q->error, sizeof q->error, "%s", n == 1 ? msg : kvm_errmsg());
+            } else {
+                fail_req(q, r1, n == 1 ? msg : kvm_errmsg());
+                s->n_finished++;
             }
+            s->item_req[i] = NULL;
         }
     }
     double fwd_ms = (double)(kvm_now_ns() - t0) / 1e6;
@@ -320,6 +350,7 @@ int kvm_sched_take(kvm_sched_t *s, kvm_sched_done_t *out) {
         else s->head = q->next;
         if (s->tail == q) s->tail = prev;
         s->n_pending--;
+        s->n_finished++; /* its owner releases the sequence now */
         memset(out, 0, sizeof *out);
         out->tag = q->r.tag;
         out->status = q->status;

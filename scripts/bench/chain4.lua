@@ -1,0 +1,16 @@
+-- chain4.lua - the baseline of fanout4.lua: the same lead and four agents, run one by one.
+local kvm = kvmesh
+local m = kvm.model("../../../shared/models/stories260K/stories260K.bin")   -- --model PATH overrides
+local N = 64
+local g = kvm.graph{ name = "chain4" }
+g:agent("lead", { model = m, template = "Task: {input}. Plan:", max_tokens = N, ignore_eos = true, kv = "dense" })
+for i = 1, 4 do
+  g:agent("w" .. i, { model = m, template = "Worker " .. i .. " on: {input}. Plan: {agent.lead} Work:",
+                      max_tokens = N, ignore_eos = true, kv = "dense" })
+end
+g:edge(kvm.START, "lead")
+g:edge("lead", "w1")
+g:edge("w1", "w2")
+g:edge("w2", "w3")
+g:edge("w3", "w4")
+return g
