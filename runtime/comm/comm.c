@@ -929,6 +929,7 @@ int kvm_comm_prepare(kvm_comm_request_t *rq, const kvm_prompt_t *p, kvm_prepared
         pr->sample_key = s->key;
         pr->predicted_new = s->is_new;
         pr->n_pool = s->n_pool;
+        pr->n_eligible = s->n_eligible;
         pr->entropy = s->entropy;
         pr->threshold = s->threshold;
         if (s->is_new) {
@@ -1056,6 +1057,8 @@ int kvm_comm_prepare(kvm_comm_request_t *rq, const kvm_prompt_t *p, kvm_prepared
             kvm_free(ph_out);
             xh = ph_out = NULL;
         }
+        kvm_free(xh);
+        kvm_free(ph_out);
         /* segment-0 rows beyond the exact prefix cannot exist (E >= |seg 0|), so the tail is covered */
         uint64_t ta = kvm_now_ns();
         if (!rc && n_tail > 0) {
