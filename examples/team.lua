@@ -21,9 +21,8 @@ for _, r in ipairs({ "checker", "reverser", "neighbour" }) do
   g:agent(r, { model = model, role = role(r), max_tokens = 8, stop = "\n",
                template = "{input.facts}\nAsk: {input.ask}\nFinder: {agent.finder}" })
 end
-g:func("collect", function(state, last)
-  return { answers = { finder = last.finder and nil, checker = last.checker,
-                       reverser = last.reverser, neighbour = last.neighbour } }
+g:func("collect", function(state, last)           -- last = the outputs of the joined agents
+  return { answers = { checker = last.checker, reverser = last.reverser, neighbour = last.neighbour } }
 end)
 
 g:edge(kvm.START, "finder")
