@@ -172,6 +172,24 @@ int wf_llm_model_open(wf_llm_t *l, const char *path, int *idx) {
             return kvm_errctx(kvm_errcode() ? kvm_errcode() : KVM_EIO, "model '%s'", path);
         }
         kvm_comm_opts_t co = {.kv_budget_bytes = l->o.kv_bytes};
+        kvm_kvcomm_config_default(&co.kvcomm);
+        co.kvcomm_set = true;
+        int crc = l->o.kvcomm_ablation ? kvm_kvcomm_ablation(&co.kvcomm, l->o.kvcomm_ablation) : 0;
+        for (int i = 0; !crc && i < l->o.n_kvcomm_set; i++) {
+            char key[128];
+            const char *kv = l->o.kvcomm_set[i], *eq = strchr(kv, '=');
+            if (!eq) {
+                crc = kvm_seterr(KVM_EINVAL, "--kvcomm takes KEY=VALUE (got '%s')", kv);
+                break;
+            }
+            snprintf(key, sizeof key, "%.*s", (int)(eq - kv), kv);
+            crc = kvm_kvcomm_config_set(&co.kvcomm, key, eq + 1);
+        }
+        if (crc) {
+            kvm_model_free(m->m);
+            kvm_free(m->path);
+            return crc;
+        }
         m->comm = kvm_comm_create(m->m, &co);
         kvm_sched_opts_t so = {.max_rows = l->o.max_rows, .max_active = l->o.max_active};
         m->sched = m->comm ? kvm_sched_create(m->m, &so) : NULL;
@@ -217,6 +235,10 @@ cJSON *wf_llm_model_describe(const wf_llm_t *l, int idx) {
     char desc[512];
     kvm_model_describe(m->m, desc, sizeof desc);
     cJSON_AddStringToObject(o, "describe", desc);
+    if (m->comm) {
+        kvm_kvcomm_config_str(kvm_comm_config(m->comm), desc, sizeof desc);
+        cJSON_AddStringToObject(o, "kvcomm", desc);
+    }
     return o;
 }
 

@@ -77,6 +77,9 @@ typedef struct wf_llm_opts {
     int max_active;        /* sequences in flight per model */
     size_t kv_bytes;       /* KV pool budget per model (0 = model default) */
     bool quiet;
+    const char *const *kvcomm_set; /* "key=value" KVCOMM switches (kvcomm.md §8), applied to every model */
+    int n_kvcomm_set;
+    const char *kvcomm_ablation;   /* NULL, or "rotation" | "rotation+ph" | "rotation+pf" | "full" | "dense" */
 } wf_llm_opts_t;
 
 /* Creates the engine (no models yet). NULL + message on error; free with wf_llm_free(). */

@@ -25,6 +25,8 @@ static void usage(FILE *f) {
             "  --backend B           auto | cpu | cuda (default auto)\n"
             "  --max-rows N          tokens per forward pass (default 256)\n"
             "  --kv-mb N             KV cache budget per model in MiB (default: the model's, 4 full contexts)\n"
+            "  --kvcomm KEY=VALUE    a KVCOMM switch (docs/kvcomm.md), e.g. gamma=0.5, max_anchors=10 (repeatable)\n"
+            "  --ablation NAME       KVCOMM ablation: rotation | rotation+ph | rotation+pf | full | dense\n"
             "  --mem-mb N            Lua memory cap per run (default 64)\n"
             "  --instructions N      Lua instruction budget per run (default 1e9)\n"
             "  --lua-ms N            Lua CPU budget per run in ms (default 5000)\n"
@@ -120,6 +122,8 @@ int cmd_run(int argc, char **argv) {
     kvm_wf_opts_t o = {0};
     o.echo_print = true;
     progress_t prog = {0};
+    const char *kvcomm_set[32];
+    int n_kvcomm = 0;
     cJSON *inputs = cJSON_CreateObject();
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
@@ -177,6 +181,12 @@ int cmd_run(int argc, char **argv) {
         } else if (!strcmp(a, "--max-rows")) {
             NEED_ARG();
             o.llm.max_rows = (int)strtol(v, NULL, 10);
+        } else if (!strcmp(a, "--kvcomm")) {
+            NEED_ARG();
+            if (n_kvcomm < (int)(sizeof kvcomm_set / sizeof *kvcomm_set)) kvcomm_set[n_kvcomm++] = v;
+        } else if (!strcmp(a, "--ablation")) {
+            NEED_ARG();
+            o.llm.kvcomm_ablation = v;
         } else if (!strcmp(a, "--kv-mb")) {
             NEED_ARG();
             o.llm.kv_bytes = (size_t)strtoul(v, NULL, 10) << 20;
@@ -222,6 +232,8 @@ int cmd_run(int argc, char **argv) {
         }
         o.trace_root = trace_root;
     }
+    o.llm.kvcomm_set = kvcomm_set;
+    o.llm.n_kvcomm_set = n_kvcomm;
     prog.batch = n > 0;
     prog.n_total = (int)n;
     o.on_step = on_step;
