@@ -3,13 +3,13 @@
 # same 4 agents run one by one, with the same token work (fixed-length outputs). One JSON line per
 # workflow: best wall ms of REPS runs (the model load is excluded: timed from the first step), forward
 # passes and the mean batch size. MODEL defaults to stories260K (CPU); on the GPU machine use
-# synthetic:llama-3.1-8b.
+# synthetic:llama-3.1-8b. Environment: KV_MB (KV budget per model, MiB), BACKEND (auto|cpu|cuda).
 set -euo pipefail
 kvmesh=${1:-build/kvmesh}; model=${2:-../shared/models/stories260K/stories260K.bin}; reps=${3:-3}
 for wf in chain4 fanout4; do
   for r in $(seq "$reps"); do
     "$kvmesh" run "scripts/bench/$wf.lua" --model "$model" --input input="write a short story about a cat" \
-      --no-trace -q --json 2>/dev/null
+      --no-trace -q --json ${KV_MB:+--kv-mb "$KV_MB"} ${BACKEND:+--backend "$BACKEND"} 2>/dev/null
   done | python3 -c "
 import json, sys
 txt = sys.stdin.read(); dec = json.JSONDecoder(); runs = []; i = 0
