@@ -107,6 +107,13 @@ typedef struct kvm_ops {
     void *(*event_record)(void);
     float (*event_elapsed_ms)(void *a, void *b);
     void (*event_free)(void *ev);
+    /* y[i][n][W[i]->rows] = x[n][cols] @ W[i]^T (+ bias[i] when bias && bias[i]) for count matrices of one
+     * width sharing the input (one launch where the backend can) */
+    void (*matmul_multi)(int count, float *const *y, const kvm_wmat_t *const *W, const float *const *bias, const float *x,
+                         int n);
+    /* rope of q [n][hq][hd] and k [n][hk][hd] in one pass (same contract as rope) */
+    void (*rope_qk)(float *q, float *k, int n, int hq, int hk, int hd, const int32_t *pos, const float *inv_freq,
+                    kvm_rope_layout_t layout);
 } kvm_ops_t;
 
 /* The CPU reference backend (always available). */

@@ -265,6 +265,55 @@ static void test_matmul_f16_matches_cpu(void **st) {
     check_matmul(KVM_F16, 512, 1024, 24, false, 1e-2);
 }
 
+static void check_matmul_multi(kvm_dtype_t dt, int n, double tol) {
+    const int cols = 512, rows[3] = {512, 128, 96};
+    float *x = rand_vec((size_t)n * cols, 1.0f);
+    float *dx = dev_from(x, (size_t)n * cols * 4);
+    kvm_wmat_t W[3], GW[3];
+    const kvm_wmat_t *gws[3];
+    float *dy[3], *db[3], *ref[3], *b[3];
+    void *wh[3], *dw[3];
+    const float *dbs[3];
+    for (int i = 0; i < 3; i++) {
+        float *wf = rand_vec((size_t)rows[i] * cols, 0.05f);
+        wh[i] = to_dtype(wf, (size_t)rows[i] * cols, dt);
+        free(wf);
+        b[i] = i == 1 ? NULL : rand_vec(rows[i], 0.5f); /* one matrix without bias */
+        W[i] = (kvm_wmat_t){.data = wh[i], .dtype = dt, .rows = rows[i], .cols = cols};
+        ref[i] = malloc((size_t)n * rows[i] * 4);
+        C->matmul(ref[i], x, &W[i], b[i], n);
+        dw[i] = dev_from(wh[i], (size_t)rows[i] * cols * kvm_dtype_size(dt));
+        GW[i] = (kvm_wmat_t){.data = dw[i], .dtype = dt, .rows = rows[i], .cols = cols};
+        gws[i] = &GW[i];
+        db[i] = b[i] ? dev_from(b[i], (size_t)rows[i] * 4) : NULL;
+        dbs[i] = db[i];
+        dy[i] = dev_poisoned((size_t)n * rows[i]);
+    }
+    G->matmul_multi(3, dy, gws, dbs, dx, n);
+    for (int i = 0; i < 3; i++) {
+        float *y = host_from(dy[i], (size_t)n * rows[i]);
+        char what[96];
+        snprintf(what, sizeof what, "matmul_multi %s matrix %d of 3, %d rows", kvm_dtype_name(dt), i, n);
+        expect_close(what, y, ref[i], (size_t)n * rows[i], tol);
+        free(y);
+        G->free(dw[i]), G->free(dy[i]);
+        if (db[i]) G->free(db[i]);
+        free(wh[i]), free(b[i]), free(ref[i]);
+    }
+    G->free(dx);
+    free(x);
+}
+
+static void test_fused_matmul_of_three_matrices_matches_three_cpu_matmuls(void **st) {
+    (void)st;
+    NEED_GPU();
+    check_matmul_multi(KVM_BF16, 1, 1e-2);  /* GEMV */
+    check_matmul_multi(KVM_BF16, 6, 1e-2);  /* skinny mma */
+    check_matmul_multi(KVM_F16, 16, 1e-2);  /* skinny mma, two n-tiles */
+    check_matmul_multi(KVM_BF16, 40, 1e-2); /* cuBLAS, one rounded input */
+    check_matmul_multi(KVM_F32, 3, 1e-5);   /* fp32 */
+}
+
 /* ---- RoPE ----------------------------------------------------------------------------------------- */
 
 static void check_rope(kvm_rope_layout_t layout, int hd) {
@@ -284,6 +333,25 @@ static void check_rope(kvm_rope_layout_t layout, int hd) {
     expect_close(what, out, ref, n, 1e-6);
     G->free(dx), G->free(dinv), G->free(dpos);
     free(x), free(ref), free(inv), free(out);
+}
+
+static void test_rope_of_q_and_k_in_one_pass_matches_two_cpu_ropes(void **st) {
+    (void)st;
+    NEED_GPU();
+    const int N = 7, HQ = 14, HK = 2, hd = 64, half = hd / 2;
+    float *q = rand_vec((size_t)N * HQ * hd, 1.0f), *k = rand_vec((size_t)N * HK * hd, 1.0f), *inv = malloc(half * 4);
+    for (int j = 0; j < half; j++) inv[j] = (float)pow(1e6, -2.0 * j / hd);
+    int32_t pos[7] = {0, 3, 99, 1000, 5000, 32767, 40000};
+    float *dq = dev_from(q, (size_t)N * HQ * hd * 4), *dk = dev_from(k, (size_t)N * HK * hd * 4), *dinv = dev_from(inv, half * 4);
+    int32_t *dpos = dev_from(pos, sizeof pos);
+    C->rope(q, N, HQ, hd, pos, inv, KVM_ROPE_HALF);
+    C->rope(k, N, HK, hd, pos, inv, KVM_ROPE_HALF);
+    G->rope_qk(dq, dk, N, HQ, HK, hd, dpos, dinv, KVM_ROPE_HALF);
+    float *gq = host_from(dq, (size_t)N * HQ * hd), *gk = host_from(dk, (size_t)N * HK * hd);
+    expect_close("rope_qk: q", gq, q, (size_t)N * HQ * hd, 1e-6);
+    expect_close("rope_qk: k", gk, k, (size_t)N * HK * hd, 1e-6);
+    G->free(dq), G->free(dk), G->free(dinv), G->free(dpos);
+    free(q), free(k), free(inv), free(gq), free(gk);
 }
 
 static void test_rope_matches_cpu_in_both_layouts_at_large_positions(void **st) {
@@ -390,6 +458,7 @@ static void check_attention(kvm_dtype_t dt, int heads, int kvh, int hd, const at
 
 static const attn_case_t MIXED = {3, {40, 1, 5}, {40, 300, 77}};      /* prefill, decode, chunked prefill */
 static const attn_case_t DECODE = {4, {1, 1, 1, 1}, {1, 17, 1024, 333}};
+static const attn_case_t DECODE_LONG = {3, {1, 1, 1}, {4000, 65, 2049}}; /* several tiles per split */
 static const attn_case_t PREFILL = {2, {130, 64}, {130, 200}};        /* 200: 136 cached + 64 new */
 
 static void test_attention_fp32_matches_cpu_on_mixed_batches(void **st) {
@@ -401,11 +470,17 @@ static void test_attention_fp32_matches_cpu_on_mixed_batches(void **st) {
     check_attention(KVM_F32, 4, 2, 128, &PREFILL, 1e-5, "prefill");
 }
 
-static void test_attention_bf16_split_kernel_matches_cpu_on_decode_batches(void **st) {
+static void test_attention_16bit_decode_kernels_match_cpu_on_decode_batches(void **st) {
     (void)st;
     NEED_GPU();
-    check_attention(KVM_BF16, 32, 8, 128, &DECODE, 1e-5, "decode");
-    check_attention(KVM_F16, 14, 2, 64, &DECODE, 1e-5, "decode");
+    check_attention(KVM_BF16, 32, 8, 128, &DECODE, 1e-5, "decode, tiled");
+    check_attention(KVM_F16, 14, 2, 64, &DECODE, 1e-5, "decode, tiled");
+    check_attention(KVM_BF16, 32, 8, 128, &DECODE_LONG, 1e-5, "long decode, tiled");
+    check_attention(KVM_BF16, 16, 1, 128, &DECODE_LONG, 1e-5, "long decode, tiled, 16 heads per KV head");
+    setenv("KVM_CUDA_ATTN_TILED", "0", 1);
+    check_attention(KVM_BF16, 32, 8, 128, &DECODE, 1e-5, "decode, untiled");
+    check_attention(KVM_BF16, 12, 1, 96, &DECODE, 1e-5, "decode, head_dim 96");
+    unsetenv("KVM_CUDA_ATTN_TILED");
 }
 
 static void test_attention_bf16_tensor_core_prefill_matches_cpu(void **st) {
@@ -564,9 +639,11 @@ int main(void) {
         cmocka_unit_test(test_matmul_bf16_gemv_and_gemm_match_cpu),
         cmocka_unit_test(test_matmul_reuses_rounded_activations_only_while_unchanged),
         cmocka_unit_test(test_matmul_f16_matches_cpu),
+        cmocka_unit_test(test_fused_matmul_of_three_matrices_matches_three_cpu_matmuls),
+        cmocka_unit_test(test_rope_of_q_and_k_in_one_pass_matches_two_cpu_ropes),
         cmocka_unit_test(test_rope_matches_cpu_in_both_layouts_at_large_positions),
         cmocka_unit_test(test_attention_fp32_matches_cpu_on_mixed_batches),
-        cmocka_unit_test(test_attention_bf16_split_kernel_matches_cpu_on_decode_batches),
+        cmocka_unit_test(test_attention_16bit_decode_kernels_match_cpu_on_decode_batches),
         cmocka_unit_test(test_attention_bf16_tensor_core_prefill_matches_cpu),
         cmocka_unit_test(test_rope_shift_matches_cpu_for_all_layers),
         cmocka_unit_test(test_argmax_finds_the_first_maximum),

@@ -16,6 +16,8 @@
 #include "cuda_internal.cuh"
 
 #include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
 
 #define S g_cuda.stream
 
@@ -166,6 +168,171 @@ __global__ void __launch_bounds__(SPLIT_WARPS * 32)
     }
 }
 
+/* ==== tiled decode kernel (BF16/F16 cache, head_dim 64 or 128) ============================================= */
+
+#define TL_TOK 64 /* tokens per shared-memory tile */
+
+/* CTA = (query row r, KV head kh, chunk hc of its query heads, context split), like k_attn_split, but the
+ * CTA stages 64 tokens of K and V at a time in shared memory with 16-byte loads (all of a tile's loads in
+ * flight at once), then: 2 threads per token form the G scores (q from shared memory), the CTA reduces
+ * the tile's maximum and sum per head, and each thread accumulates 4 output dims of one head over the
+ * tile. Writes the same partials as k_attn_split (or the output when there is one split). */
+template <typename T, int D>
+__global__ void __launch_bounds__(128)
+    k_attn_tile(float *__restrict__ out, float *__restrict__ partial, const float *__restrict__ q, const T *__restrict__ kv,
+                int L, int H, int layer, int heads, int group, int hchunks, const int32_t *__restrict__ row_start,
+                const int32_t *__restrict__ ctx_len, const int32_t *__restrict__ block_table, int n_seqs, int max_blocks,
+                float scale, int n_splits, int chunk) {
+    constexpr int DP = D + 8;
+    constexpr int OUTS = (SPLIT_GMAX * D / 4 + 127) / 128; /* float4 outputs per thread, at most */
+    __shared__ __align__(16) T Ks[TL_TOK][DP];
+    __shared__ __align__(16) T Vs[TL_TOK][DP];
+    __shared__ __align__(16) float qs[SPLIT_GMAX][D];
+    __shared__ float ps[SPLIT_GMAX][TL_TOK];
+    __shared__ float red[4][SPLIT_GMAX];
+    __shared__ float run_m[SPLIT_GMAX], run_l[SPLIT_GMAX], corr_s[SPLIT_GMAX];
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int split = blockIdx.y;
+    const int hc = blockIdx.x % hchunks, kh = (blockIdx.x / hchunks) % H, r = blockIdx.x / (hchunks * H);
+    const int h0 = kh * group + hc * SPLIT_GMAX;
+    const int G = min(SPLIT_GMAX, group - hc * SPLIT_GMAX);
+    const int s = seq_of_row_a(row_start, n_seqs, r);
+    const int r0 = row_start[s], r1 = row_start[s + 1];
+    const int pos = ctx_len[s] - (r1 - r0) + (r - r0);
+    const int t0 = split * chunk;
+    const int t1 = min(t0 + chunk, pos + 1);
+    const int32_t *bt = block_table + (size_t)s * max_blocks;
+
+    for (int e = tid; e < G * D; e += 128) qs[e / D][e % D] = q[((size_t)r * heads + h0 + e / D) * D + e % D];
+    if (tid < SPLIT_GMAX) {
+        run_m[tid] = -INFINITY;
+        run_l[tid] = 0.0f;
+    }
+    float4 acc[OUTS];
+#pragma unroll
+    for (int o = 0; o < OUTS; o++) acc[o] = make_float4(0.f, 0.f, 0.f, 0.f);
+
+    constexpr int CH = D / 8; /* 16-byte chunks per token row */
+    const int tk = tid >> 1, half = tid & 1; /* score phase: token tk, dims [half * D/2, +D/2) */
+    for (int tb = t0; tb < t1; tb += TL_TOK) {
+        __syncthreads(); /* previous tile fully used (and qs/run_* initialised on the first pass) */
+        for (int idx = tid; idx < TL_TOK * CH; idx += 128) {
+            const int tl = idx / CH, c = idx % CH, tok = tb + tl;
+            uint4 kz = make_uint4(0, 0, 0, 0), vz = kz;
+            if (tok < t1) {
+                const int32_t blk = bt[tok / KVM_KV_BLOCK];
+                kz = __ldcs(reinterpret_cast<const uint4 *>(kv + kv_off(L, H, D, blk, layer, 0, kh, tok % KVM_KV_BLOCK)) + c);
+                vz = __ldcs(reinterpret_cast<const uint4 *>(kv + kv_off(L, H, D, blk, layer, 1, kh, tok % KVM_KV_BLOCK)) + c);
+            }
+            *reinterpret_cast<uint4 *>(&Ks[tl][c * 8]) = kz;
+            *reinterpret_cast<uint4 *>(&Vs[tl][c * 8]) = vz;
+        }
+        __syncthreads();
+        /* scores of token tk for every head of the group */
+        float sc[SPLIT_GMAX];
+#pragma unroll
+        for (int g = 0; g < SPLIT_GMAX; g++) sc[g] = 0.0f;
+#pragma unroll
+        for (int c = 0; c < D / 16; c++) {
+            const int d0 = half * (D / 2) + c * 8;
+            const uint4 kr = *reinterpret_cast<const uint4 *>(&Ks[tk][d0]);
+            const T *kh8 = reinterpret_cast<const T *>(&kr);
+            float kf[8];
+#pragma unroll
+            for (int i = 0; i < 8; i++) kf[i] = kvm_to_f32<T>(kh8[i]);
+#pragma unroll
+            for (int g = 0; g < SPLIT_GMAX; g++) {
+                if (g < G) {
+                    const float4 qa = *reinterpret_cast<const float4 *>(&qs[g][d0]);
+                    const float4 qb = *reinterpret_cast<const float4 *>(&qs[g][d0 + 4]);
+                    sc[g] += qa.x * kf[0] + qa.y * kf[1] + qa.z * kf[2] + qa.w * kf[3] + qb.x * kf[4] + qb.y * kf[5] +
+                             qb.z * kf[6] + qb.w * kf[7];
+                }
+            }
+        }
+        const bool valid = tb + tk < t1;
+#pragma unroll
+        for (int g = 0; g < SPLIT_GMAX; g++) {
+            sc[g] += __shfl_xor_sync(0xffffffffu, sc[g], 1);
+            sc[g] = valid ? sc[g] * scale : -INFINITY;
+        }
+        /* tile maximum per head: warp, then CTA */
+#pragma unroll
+        for (int g = 0; g < SPLIT_GMAX; g++) {
+            float mx = sc[g];
+            for (int o = 16; o > 1; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+            if (lane == 0) red[warp][g] = mx;
+        }
+        __syncthreads();
+        if (tid < SPLIT_GMAX) {
+            const float mt = fmaxf(fmaxf(red[0][tid], red[1][tid]), fmaxf(red[2][tid], red[3][tid]));
+            const float mn = fmaxf(run_m[tid], mt);
+            corr_s[tid] = __expf(run_m[tid] - mn); /* 0 on the first tile */
+            run_m[tid] = mn;
+        }
+        __syncthreads();
+#pragma unroll
+        for (int g = 0; g < SPLIT_GMAX; g++) {
+            const float p = valid && g < G ? __expf(sc[g] - run_m[g]) : 0.0f;
+            if (half == 0) ps[g][tk] = p;
+            float sm = half == 0 ? p : 0.0f;
+            for (int o = 16; o > 0; o >>= 1) sm += __shfl_xor_sync(0xffffffffu, sm, o);
+            if (lane == 0) red[warp][g] = sm;
+        }
+        __syncthreads();
+        if (tid < SPLIT_GMAX) run_l[tid] = run_l[tid] * corr_s[tid] + red[0][tid] + red[1][tid] + red[2][tid] + red[3][tid];
+        /* O += P V: output e = (head g, dims 4*dq .. 4*dq+3) */
+#pragma unroll
+        for (int o = 0; o < OUTS; o++) {
+            const int e = tid + o * 128;
+            if (e < G * (D / 4)) {
+                const int g = e / (D / 4), dq = e % (D / 4);
+                const float cr = corr_s[g];
+                float4 a = acc[o];
+                a.x *= cr;
+                a.y *= cr;
+                a.z *= cr;
+                a.w *= cr;
+                const int nt = min(TL_TOK, t1 - tb);
+                for (int t = 0; t < nt; t++) {
+                    const float p = ps[g][t];
+                    const uint2 vr = *reinterpret_cast<const uint2 *>(&Vs[t][dq * 4]);
+                    const T *v4 = reinterpret_cast<const T *>(&vr);
+                    a.x += p * kvm_to_f32<T>(v4[0]);
+                    a.y += p * kvm_to_f32<T>(v4[1]);
+                    a.z += p * kvm_to_f32<T>(v4[2]);
+                    a.w += p * kvm_to_f32<T>(v4[3]);
+                }
+                acc[o] = a;
+            }
+        }
+    }
+    __syncthreads();
+#pragma unroll
+    for (int o = 0; o < OUTS; o++) {
+        const int e = tid + o * 128;
+        if (e < G * (D / 4)) {
+            const int g = e / (D / 4), dq = e % (D / 4);
+            const size_t wi = (size_t)r * heads + h0 + g;
+            const float M = run_m[g], Ls = run_l[g];
+            if (n_splits == 1) {
+                const float il = 1.0f / Ls;
+                *reinterpret_cast<float4 *>(out + wi * D + dq * 4) = make_float4(acc[o].x * il, acc[o].y * il, acc[o].z * il, acc[o].w * il);
+            } else {
+                float *pp = partial + (wi * n_splits + split) * (D + 2);
+                pp[2 + dq * 4] = acc[o].x;
+                pp[3 + dq * 4] = acc[o].y;
+                pp[4 + dq * 4] = acc[o].z;
+                pp[5 + dq * 4] = acc[o].w;
+                if (dq == 0) {
+                    pp[0] = t0 < t1 ? M : -INFINITY;
+                    pp[1] = t0 < t1 ? Ls : 0.0f;
+                }
+            }
+        }
+    }
+}
+
 /* Combines the n_splits partial results (m, l, acc[D]) of each (row, head). */
 __global__ void k_attn_merge(float *__restrict__ out, const float *__restrict__ partial, int D, int n_splits) {
     const int wi = blockIdx.x;
@@ -222,17 +389,28 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t *r, const void *smem)
                  : "r"(a));
 }
 
+__device__ __forceinline__ void cp_async16(void *smem, const void *gmem, bool valid) {
+    const uint32_t a = (uint32_t)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(a), "l"(gmem), "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+/* Shared memory of k_attn_mma: two stages of K and V tiles (the next tile loads while this one computes). */
+template <typename T, int D> constexpr size_t mma_smem_bytes() { return (size_t)2 * 2 * MMA_K * (D + 8) * sizeof(T); }
+
 template <typename T, int D>
 __global__ void __launch_bounds__(128)
     k_attn_mma(float *__restrict__ out, const float *__restrict__ q, const T *__restrict__ kv, int L, int H, int layer,
                int heads, int group, const int32_t *__restrict__ row_start, const int32_t *__restrict__ ctx_len,
                const int32_t *__restrict__ block_table, int max_blocks, float scale_log2) {
     constexpr int DP = D + 8; /* padded row (bank-conflict free fragment loads) */
-    __shared__ __align__(16) T Ks[MMA_K][DP];
-    __shared__ __align__(16) T Vs[MMA_K][DP];
+    extern __shared__ __align__(16) unsigned char mma_smem[];
+    T(*Ksb)[MMA_K][DP] = reinterpret_cast<T(*)[MMA_K][DP]>(mma_smem);
+    T(*Vsb)[MMA_K][DP] = reinterpret_cast<T(*)[MMA_K][DP]>(mma_smem + (size_t)2 * MMA_K * DP * sizeof(T));
     const int s = blockIdx.z, h = blockIdx.y, kh = h / group;
     const int r0 = row_start[s], nrows = row_start[s + 1] - r0;
-    const int qt0 = blockIdx.x * MMA_Q;
+    const int qt0 = (gridDim.x - 1 - blockIdx.x) * MMA_Q; /* the longest (last) query tiles start first */
     if (qt0 >= nrows) return;
     const int ctx = ctx_len[s];
     const int first_pos = ctx - nrows;
@@ -268,20 +446,29 @@ __global__ void __launch_bounds__(128)
     const int last_pos = first_pos + min(qt0 + MMA_Q, nrows) - 1;
     const int n_tiles = last_pos / MMA_K + 1;
     constexpr int CH = D / 8; /* 16-byte chunks per row */
-    for (int j = 0; j < n_tiles; j++) {
-        __syncthreads(); /* the previous tile is no longer read */
+    auto load_tile = [&](int j, int stage) {
         for (int idx = threadIdx.x; idx < MMA_K * CH; idx += blockDim.x) {
             const int tl = idx / CH, c = idx % CH, tok = j * MMA_K + tl;
-            uint4 kz = make_uint4(0, 0, 0, 0), vz = make_uint4(0, 0, 0, 0);
-            if (tok < ctx) {
-                const int32_t blk = bt[tok / KVM_KV_BLOCK];
-                kz = *reinterpret_cast<const uint4 *>(kv + kv_off(L, H, D, blk, layer, 0, kh, tok % KVM_KV_BLOCK) + c * 8);
-                vz = *reinterpret_cast<const uint4 *>(kv + kv_off(L, H, D, blk, layer, 1, kh, tok % KVM_KV_BLOCK) + c * 8);
-            }
-            *reinterpret_cast<uint4 *>(&Ks[tl][c * 8]) = kz;
-            *reinterpret_cast<uint4 *>(&Vs[tl][c * 8]) = vz;
+            const bool ok = tok < ctx;
+            const int32_t blk = ok ? bt[tok / KVM_KV_BLOCK] : 0;
+            const T *kp = ok ? kv + kv_off(L, H, D, blk, layer, 0, kh, tok % KVM_KV_BLOCK) + c * 8 : kv;
+            const T *vp = ok ? kv + kv_off(L, H, D, blk, layer, 1, kh, tok % KVM_KV_BLOCK) + c * 8 : kv;
+            cp_async16(&Ksb[stage][tl][c * 8], kp, ok); /* tokens past the context read as zeros */
+            cp_async16(&Vsb[stage][tl][c * 8], vp, ok);
+        }
+        cp_async_commit();
+    };
+    load_tile(0, 0);
+    for (int j = 0; j < n_tiles; j++) {
+        if (j + 1 < n_tiles) {
+            load_tile(j + 1, (j + 1) & 1);
+            cp_async_wait<1>(); /* tile j has landed, j+1 may still be in flight */
+        } else {
+            cp_async_wait<0>();
         }
         __syncthreads();
+        T(*Ks)[DP] = Ksb[j & 1];
+        T(*Vs)[DP] = Vsb[j & 1];
         /* S = Q K^T for 16 rows x 64 keys */
         float sc[MMA_K / 8][4];
 #pragma unroll
@@ -344,6 +531,7 @@ __global__ void __launch_bounds__(128)
                 mma_t<T>::mma(o[2 * dp + 1], pa[kj], b[2], b[3]);
             }
         }
+        __syncthreads(); /* this stage is reloaded two tiles later */
     }
     l_a += __shfl_xor_sync(0xffffffffu, l_a, 1);
     l_a += __shfl_xor_sync(0xffffffffu, l_a, 2);
@@ -366,6 +554,9 @@ template <typename T>
 static void launch_split(float *out, const float *q, const T *kv, const kvm_kv_geom_t *g, int layer, int heads,
                          const kvm_attn_batch_t *b, float scale) {
     const int D = g->head_dim, H = g->n_kv_heads, group = heads / H;
+    const char *te = getenv("KVM_CUDA_ATTN_TILED");
+    const bool tiled = sizeof(T) == 2 && (D == 64 || D == 128) && !(te && !strcmp(te, "0")) &&
+                       ((uintptr_t)q % 16) == 0 && ((uintptr_t)out % 16) == 0;
     const int hchunks = (group + SPLIT_GMAX - 1) / SPLIT_GMAX;
     const int ctas = b->total_rows * H * hchunks;
     const int max_ctx = b->max_blocks * KVM_KV_BLOCK;
@@ -376,7 +567,8 @@ static void launch_split(float *out, const float *q, const T *kv, const kvm_kv_g
     if (n_splits > max_by_len) n_splits = max_by_len;
     if (n_splits < 1) n_splits = 1;
     int chunk = (max_ctx + n_splits - 1) / n_splits;
-    chunk = (chunk + SPLIT_TB * SPLIT_WARPS - 1) / (SPLIT_TB * SPLIT_WARPS) * (SPLIT_TB * SPLIT_WARPS);
+    const int gran = tiled ? TL_TOK : SPLIT_TB * SPLIT_WARPS; /* the tiled kernel splits at whole tiles */
+    chunk = (chunk + gran - 1) / gran * gran;
     n_splits = (max_ctx + chunk - 1) / chunk;
     float *partial = NULL;
     if (n_splits > 1) {
@@ -384,6 +576,25 @@ static void launch_split(float *out, const float *q, const T *kv, const kvm_kv_g
         if (!partial) return;
     }
     dim3 grid((unsigned)ctas, (unsigned)n_splits);
+    if constexpr (sizeof(T) == 2) {
+      if (tiled) {
+        const int ch = hchunks;
+        if (D == 128)
+            k_attn_tile<T, 128><<<grid, 128, 0, S>>>(out, partial, q, kv, g->n_layers, H, layer, heads, group, ch, b->row_start,
+                                                     b->ctx_len, b->block_table, b->n_seqs, b->max_blocks, scale, n_splits,
+                                                     chunk);
+        else
+            k_attn_tile<T, 64><<<grid, 128, 0, S>>>(out, partial, q, kv, g->n_layers, H, layer, heads, group, ch, b->row_start,
+                                                    b->ctx_len, b->block_table, b->n_seqs, b->max_blocks, scale, n_splits,
+                                                    chunk);
+        if (KVM_CU_LAUNCH("attention (tiled decode)")) return;
+        if (n_splits > 1) {
+            k_attn_merge<<<b->total_rows * heads, D <= 128 ? 128 : 256, 0, S>>>(out, partial, D, n_splits);
+            KVM_CU_LAUNCH("attention (merge)");
+        }
+        return;
+      }
+    }
 #define KVM_SPLIT(DPL)                                                                                                  \
     k_attn_split<T, DPL><<<grid, SPLIT_WARPS * 32, 0, S>>>(out, partial, q, kv, g->n_layers, H, D, layer, heads, group,  \
                                                            hchunks, b->row_start, b->ctx_len, b->block_table, b->n_seqs, \
@@ -406,12 +617,20 @@ static void launch_mma(float *out, const float *q, const T *kv, const kvm_kv_geo
     dim3 grid((unsigned)((max_rows + MMA_Q - 1) / MMA_Q), (unsigned)heads, (unsigned)b->n_seqs);
     const float sl2 = scale * 1.4426950408889634f;
     const int group = heads / g->n_kv_heads;
+    static bool attr_set[2] = {false, false}; /* per instantiation of this template (T) */
+    if (!attr_set[0]) {
+        cudaFuncSetAttribute(k_attn_mma<T, 128>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)mma_smem_bytes<T, 128>());
+        cudaFuncSetAttribute(k_attn_mma<T, 64>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)mma_smem_bytes<T, 64>());
+        attr_set[0] = true;
+    }
     if (g->head_dim == 128)
-        k_attn_mma<T, 128><<<grid, 128, 0, S>>>(out, q, kv, g->n_layers, g->n_kv_heads, layer, heads, group, b->row_start,
-                                                b->ctx_len, b->block_table, b->max_blocks, sl2);
+        k_attn_mma<T, 128><<<grid, 128, mma_smem_bytes<T, 128>(), S>>>(out, q, kv, g->n_layers, g->n_kv_heads, layer, heads,
+                                                                        group, b->row_start, b->ctx_len, b->block_table,
+                                                                        b->max_blocks, sl2);
     else
-        k_attn_mma<T, 64><<<grid, 128, 0, S>>>(out, q, kv, g->n_layers, g->n_kv_heads, layer, heads, group, b->row_start,
-                                               b->ctx_len, b->block_table, b->max_blocks, sl2);
+        k_attn_mma<T, 64><<<grid, 128, mma_smem_bytes<T, 64>(), S>>>(out, q, kv, g->n_layers, g->n_kv_heads, layer, heads,
+                                                                      group, b->row_start, b->ctx_len, b->block_table,
+                                                                      b->max_blocks, sl2);
     KVM_CU_LAUNCH("attention (mma)");
 }
 
@@ -435,7 +654,7 @@ void kvm_cuda_attention(float *out, const float *q, const void *kv, const kvm_kv
         }
     const bool mma_ok = g->dtype != KVM_F32 && (g->head_dim == 64 || g->head_dim == 128) && max_rows >= KVM_MMA_MIN_ROWS &&
                         ((uintptr_t)q % 8) == 0 && ((uintptr_t)out % 8) == 0 && getenv("KVM_CUDA_NO_MMA_ATTN") == NULL;
-    KVM_PROF(mma_ok ? "attention mma (prefill)" : "attention split (+merge)");
+    KVM_PROF(mma_ok ? "attention mma (prefill)" : g->dtype == KVM_F32 ? "attention split (+merge)" : "attention decode (+merge)");
     if (mma_ok) {
         if (g->dtype == KVM_BF16) launch_mma<__nv_bfloat16>(out, q, (const __nv_bfloat16 *)kv, g, layer, heads, b, scale, max_rows);
         else launch_mma<__half>(out, q, (const __half *)kv, g, layer, heads, b, scale, max_rows);

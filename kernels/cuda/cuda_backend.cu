@@ -376,5 +376,7 @@ static kvm_ops_t make_ops(void) {
     o.event_record = cu_event_record;
     o.event_elapsed_ms = cu_event_elapsed_ms;
     o.event_free = cu_event_free;
+    o.matmul_multi = kvm_cuda_matmul_multi;
+    o.rope_qk = kvm_cuda_rope_qk;
     return o;
 }

@@ -71,6 +71,8 @@ void kvm_cuda_embed(float *out, const void *table, kvm_dtype_t dtype, const int3
 void kvm_cuda_rmsnorm(float *out, const float *x, const float *w, int n, int dim, float eps);
 void kvm_cuda_head_rmsnorm(float *x, const float *w, int n, int heads, int hd, float eps);
 void kvm_cuda_rope(float *x, int n, int heads, int hd, const int32_t *pos, const float *inv_freq, kvm_rope_layout_t layout);
+void kvm_cuda_rope_qk(float *q, float *k, int n, int hq, int hk, int hd, const int32_t *pos, const float *inv_freq,
+                      kvm_rope_layout_t layout);
 void kvm_cuda_swiglu(float *out, const float *gate, const float *up, size_t n);
 void kvm_cuda_add(float *x, const float *y, size_t n);
 void kvm_cuda_add_rmsnorm(float *x, const float *y, float *out, const float *w, int n, int dim, float eps);
@@ -82,6 +84,8 @@ void kvm_cuda_argmax_rows(int32_t *out, const float *x, int rows, int n);
 int kvm_cuda_fill_synthetic(void *dst, kvm_dtype_t dt, size_t n, uint64_t seed, float stddev, float mean);
 /* cuda_matmul.cu */
 void kvm_cuda_matmul(float *y, const float *x, const kvm_wmat_t *W, const float *bias, int n);
+void kvm_cuda_matmul_multi(int count, float *const *y, const kvm_wmat_t *const *W, const float *const *bias, const float *x,
+                           int n);
 /* cuda_attention.cu */
 void kvm_cuda_attention(float *out, const float *q, const void *kv, const kvm_kv_geom_t *g, int layer, int heads,
                         const kvm_attn_batch_t *b, float scale);

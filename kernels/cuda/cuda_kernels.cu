@@ -116,9 +116,10 @@ __device__ __forceinline__ void rot(float *a, float *b, float c, float s) {
     *b = __fadd_rn(__fmul_rn(x, s), __fmul_rn(y, c));
 }
 
-/* Block per token; the cos/sin of its hd/2 angles go to shared memory, then every head is rotated. */
-__global__ void k_rope(float *x, int heads, int hd, const int32_t *__restrict__ pos, const float *__restrict__ inv_freq,
-                       int interleaved) {
+/* Block per token; the cos/sin of its hd/2 angles go to shared memory, then every head of x (and of x2,
+ * heads2 of them, when x2 != NULL) is rotated. */
+__global__ void k_rope(float *x, int heads, float *x2, int heads2, int hd, const int32_t *__restrict__ pos,
+                       const float *__restrict__ inv_freq, int interleaved) {
     extern __shared__ float cs[]; /* [half] cos, [half] sin */
     const int t = blockIdx.x, half = hd / 2;
     const double p = (double)pos[t];
@@ -131,9 +132,11 @@ __global__ void k_rope(float *x, int heads, int hd, const int32_t *__restrict__ 
     }
     __syncthreads();
     float *xt = x + (size_t)t * heads * hd;
-    for (int i = threadIdx.x; i < heads * half; i += blockDim.x) {
+    float *xt2 = x2 ? x2 + (size_t)t * heads2 * hd : NULL;
+    const int total = (heads + (x2 ? heads2 : 0)) * half;
+    for (int i = threadIdx.x; i < total; i += blockDim.x) {
         int h = i / half, j = i % half;
-        float *v = xt + (size_t)h * hd;
+        float *v = h < heads ? xt + (size_t)h * hd : xt2 + (size_t)(h - heads) * hd;
         if (interleaved) rot(&v[2 * j], &v[2 * j + 1], cs[j], cs[half + j]);
         else rot(&v[j], &v[j + half], cs[j], cs[half + j]);
     }
@@ -142,8 +145,16 @@ __global__ void k_rope(float *x, int heads, int hd, const int32_t *__restrict__ 
 void kvm_cuda_rope(float *x, int n, int heads, int hd, const int32_t *pos, const float *inv_freq, kvm_rope_layout_t layout) {
     KVM_OP("rope");
     if (n <= 0) return;
-    k_rope<<<n, 128, (size_t)hd * sizeof(float), S>>>(x, heads, hd, pos, inv_freq, layout == KVM_ROPE_INTERLEAVED);
+    k_rope<<<n, 128, (size_t)hd * sizeof(float), S>>>(x, heads, NULL, 0, hd, pos, inv_freq, layout == KVM_ROPE_INTERLEAVED);
     KVM_CU_LAUNCH("rope");
+}
+
+void kvm_cuda_rope_qk(float *q, float *k, int n, int hq, int hk, int hd, const int32_t *pos, const float *inv_freq,
+                      kvm_rope_layout_t layout) {
+    KVM_OP("rope q+k");
+    if (n <= 0) return;
+    k_rope<<<n, 256, (size_t)hd * sizeof(float), S>>>(q, hq, k, hk, hd, pos, inv_freq, layout == KVM_ROPE_INTERLEAVED);
+    KVM_CU_LAUNCH("rope q+k");
 }
 
 /* ---- elementwise ------------------------------------------------------------------------------------------ */

@@ -276,7 +276,9 @@ void kvm_forward_free(kvm_model_t *m) {
 
 kvm_kv_pool_t *kvm_model_kv_pool(kvm_model_t *m, size_t kv_bytes) {
     kvm_kv_geom_t g = {.n_layers = m->cfg.n_layers, .n_kv_heads = m->cfg.n_kv_heads, .head_dim = m->cfg.head_dim,
-                       .dtype = m->ops == kvm_ops_cpu() || m->device_dtype == KVM_F32 ? KVM_F32 : KVM_BF16};
+                       .dtype = m->ops == kvm_ops_cpu() || m->device_dtype == KVM_F32 ? KVM_F32
+                                : m->device_dtype == KVM_F16                               ? KVM_F16
+                                                                                           : KVM_BF16};
     /* KVM_KV_DTYPE=f32|bf16|f16 overrides the storage dtype of the cache (any backend) */
     const char *kd = getenv("KVM_KV_DTYPE");
     if (kd && *kd) g.dtype = !strcmp(kd, "f32") ? KVM_F32 : !strcmp(kd, "f16") ? KVM_F16 : KVM_BF16;
@@ -314,13 +316,24 @@ static void run_device_step(kvm_model_t *m, kvm_batch_item_t *items, int n_items
     for (int l = 0; l < c->n_layers; l++) {
         const kvm_backend_layer_t *L = &b->layers[l];
         if (!fuse) ops->rmsnorm(b->xb, b->x, L->attn_norm, rows, D, c->rms_eps);
-        ops->matmul(b->q, b->xb, &L->wq, L->bq, rows);
-        ops->matmul(b->k, b->xb, &L->wk, L->bk, rows);
-        ops->matmul(b->v, b->xb, &L->wv, L->bv, rows);
+        if (ops->matmul_multi) { /* q, k, v in one launch where the backend can */
+            float *ys[3] = {b->q, b->k, b->v};
+            const kvm_wmat_t *ws[3] = {&L->wq, &L->wk, &L->wv};
+            const float *bs[3] = {L->bq, L->bk, L->bv};
+            ops->matmul_multi(3, ys, ws, bs, b->xb, rows);
+        } else {
+            ops->matmul(b->q, b->xb, &L->wq, L->bq, rows);
+            ops->matmul(b->k, b->xb, &L->wk, L->bk, rows);
+            ops->matmul(b->v, b->xb, &L->wv, L->bv, rows);
+        }
         if (L->q_norm) ops->head_rmsnorm(b->q, L->q_norm, rows, c->n_heads, HD, c->rms_eps);
         if (L->k_norm) ops->head_rmsnorm(b->k, L->k_norm, rows, c->n_kv_heads, HD, c->rms_eps);
-        ops->rope(b->q, rows, c->n_heads, HD, b->pos, b->inv_freq, c->rope_layout);
-        ops->rope(b->k, rows, c->n_kv_heads, HD, b->pos, b->inv_freq, c->rope_layout);
+        if (ops->rope_qk) {
+            ops->rope_qk(b->q, b->k, rows, c->n_heads, c->n_kv_heads, HD, b->pos, b->inv_freq, c->rope_layout);
+        } else {
+            ops->rope(b->q, rows, c->n_heads, HD, b->pos, b->inv_freq, c->rope_layout);
+            ops->rope(b->k, rows, c->n_kv_heads, HD, b->pos, b->inv_freq, c->rope_layout);
+        }
         /* every item shares one pool (one pool per model and backend) */
         ops->kv_write(pool->data, &pool->geom, l, b->k, b->v, &ab);
         ops->attention(b->att, b->q, pool->data, &pool->geom, l, c->n_heads, &ab, scale);
@@ -331,8 +344,14 @@ static void run_device_step(kvm_model_t *m, kvm_batch_item_t *items, int n_items
             ops->add(b->x, b->xb, (size_t)rows * D);
             ops->rmsnorm(b->xb, b->x, L->ffn_norm, rows, D, c->rms_eps);
         }
-        ops->matmul(b->hb, b->xb, &L->w_gate, NULL, rows);
-        ops->matmul(b->hb2, b->xb, &L->w_up, NULL, rows);
+        if (ops->matmul_multi) {
+            float *ys[2] = {b->hb, b->hb2};
+            const kvm_wmat_t *ws[2] = {&L->w_gate, &L->w_up};
+            ops->matmul_multi(2, ys, ws, NULL, b->xb, rows);
+        } else {
+            ops->matmul(b->hb, b->xb, &L->w_gate, NULL, rows);
+            ops->matmul(b->hb2, b->xb, &L->w_up, NULL, rows);
+        }
         ops->swiglu(b->hb, b->hb, b->hb2, (size_t)rows * FF);
         ops->matmul(b->xb, b->hb, &L->w_down, NULL, rows);
         if (fuse && l + 1 < c->n_layers) ops->add_rmsnorm(b->x, b->xb, b->xb, b->layers[l + 1].attn_norm, rows, D, c->rms_eps);

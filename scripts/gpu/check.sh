@@ -22,7 +22,11 @@ rc=0
 if [ "$what" = all ] || [ "$what" = parity ]; then
   { echo "== test_cuda_ops ($(date -u))"; timeout 120 "$B/test_cuda_ops"; echo "rc=$?";
     echo "== test_cuda_model ($(date -u))"; timeout 180 "$B/test_cuda_model"; echo "rc=$?"; } > "$OUT/parity.log" 2>&1
-  grep -E "rel err|identical|DIFFER|max\|diff|PASSED|FAILED|SKIPPED|rc=|GPU:" "$OUT/parity.log" | head -80
+  if [ -n "${SANITIZE:-}" ]; then   # SANITIZE=1: the op tests once more under compute-sanitizer memcheck
+    { echo "== compute-sanitizer test_cuda_ops ($(date -u))"; timeout 240 compute-sanitizer --tool memcheck --leak-check no \
+        "$B/test_cuda_ops" 2>&1 | grep -E "ERROR SUMMARY|Invalid|PASSED|FAILED" | head -20; } >> "$OUT/parity.log" 2>&1
+  fi
+  grep -E "rel err|identical|DIFFER|max\|diff|PASSED|FAILED|SKIPPED|rc=|GPU:|ERROR SUMMARY|Invalid" "$OUT/parity.log" | cut -c1-150 | head -120
   grep -q "FAILED" "$OUT/parity.log" && rc=1
 fi
 if [ "$what" = all ] || [ "$what" = bench ]; then
