@@ -140,10 +140,54 @@ static void test_request_past_the_context_fails_alone(void **st) {
     kvm_kv_pool_free(pool);
 }
 
+static void test_requests_wait_for_kv_memory_instead_of_failing(void **st) {
+    NEED_MODEL(st);
+    kvm_model_t *m = *st;
+    /* room for about two sequences of 48 tokens: the third must wait for one to finish */
+    kvm_kv_pool_t *big = kvm_model_kv_pool(m, 0);
+    assert_non_null(big);
+    size_t bb = big->block_bytes;
+    kvm_kv_pool_free(big);
+    kvm_kv_pool_t *pool = kvm_model_kv_pool(m, bb * 7); /* 7 blocks of 16 tokens */
+    assert_non_null(pool);
+    kvm_sched_t *s = kvm_sched_create(m, NULL);
+    kvm_seq_t seqs[3];
+    int32_t *ids[3];
+    int n[3];
+    for (int i = 0; i < 3; i++) {
+        assert_int_equal(kvm_prompt_encode(m, NULL, prompts[1], false, &ids[i], &n[i]), 0);
+        kvm_seq_init(&seqs[i], pool);
+        kvm_sched_req_t r = {.seq = &seqs[i], .prompt = ids[i], .n_prompt = n[i], .tag = (uint64_t)i};
+        r.gen.max_tokens = 30;
+        r.gen.ignore_eos = true;
+        assert_int_equal(kvm_sched_submit(s, &r), 0);
+    }
+    int done = 0, guard = 0;
+    int32_t first[30];
+    while (kvm_sched_pending(s) > 0 && guard++ < 2000) {
+        kvm_sched_step(s);
+        kvm_sched_done_t d;
+        while (kvm_sched_take(s, &d) == 1) {
+            if (d.status) fail_msg("request %d failed: %s", (int)d.tag, d.error);
+            assert_int_equal(d.n_ids, 30);
+            if (done == 0) memcpy(first, d.ids, sizeof first);
+            else assert_memory_equal(first, d.ids, sizeof first); /* preemption does not change results */
+            kvm_seq_free(&seqs[d.tag]); /* the owner releases its KV: the waiter goes on */
+            kvm_sched_done_clear(&d);
+            done++;
+        }
+    }
+    assert_int_equal(done, 3);
+    for (int i = 0; i < 3; i++) kvm_free(ids[i]);
+    kvm_sched_free(s);
+    kvm_kv_pool_free(pool);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_batched_requests_generate_what_each_generates_alone),
         cmocka_unit_test(test_request_past_the_context_fails_alone),
+        cmocka_unit_test(test_requests_wait_for_kv_memory_instead_of_failing),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

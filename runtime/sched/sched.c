@@ -23,6 +23,8 @@ typedef struct sreq {
     char *text;
     size_t text_len, text_cap;
     int32_t pending;         /* sampled id not yet forwarded, -1 none */
+    int base;                /* tokens the caller's seq held at submit (kept on preemption) */
+    int n_preempted;
     int phase;
     bool mem_wait;           /* the KV budget was full: retried once another request has finished */
     int stop_reason;
@@ -136,6 +138,7 @@ int kvm_sched_submit(kvm_sched_t *s, const kvm_sched_req_t *r) {
         if (push_i32(&q->hist, &q->n_hist, &q->cap_hist, r->seq->tokens[i])) goto fail;
     for (int i = 0; i < r->n_prompt; i++)
         if (push_i32(&q->hist, &q->n_hist, &q->cap_hist, r->prompt[i])) goto fail;
+    q->base = r->seq->n_tokens;
     q->t_submit = kvm_now_ns();
     q->r.gen.stop_strings = NULL; /* copies live in q->stop */
     q->r.gen.stop_ids = NULL;
@@ -243,6 +246,29 @@ static void activate(kvm_sched_t *s) {
     }
 }
 
+/* Preemption (as vLLM's recompute mode): drops everything q computed (its seq back to what the caller
+ * gave), so its blocks return to the pool, and restarts it from its prompt once another request has
+ * finished. Nothing was delivered yet, and the sampler restarts from its seed, so the result is the
+ * same as without preemption. */
+static void preempt(kvm_sched_t *s, sreq_t *q) {
+    kvm_seq_truncate(q->r.seq, q->base);
+    q->prompt_pos = 0;
+    q->n_out = 0;
+    q->text_len = 0;
+    if (q->text) q->text[0] = '\0';
+    q->n_hist = q->base + q->r.n_prompt;
+    q->pending = -1;
+    q->t_first_tok = 0;
+    kvm_sampler_t *ns = kvm_sampler_create(&q->r.gen.sampling, s->m->cfg.vocab_size);
+    if (ns) {
+        kvm_sampler_free(q->sampler);
+        q->sampler = ns;
+    }
+    q->phase = SR_PREFILL;
+    q->mem_wait = true;
+    q->n_preempted++;
+}
+
 int kvm_sched_step(kvm_sched_t *s) {
     activate(s);
     if (s->n_finished != s->wake_at) { /* someone finished (its KV is being freed): retry the waiters */
@@ -277,15 +303,19 @@ int kvm_sched_step(kvm_sched_t *s) {
         rows += chunk;
     }
     if (n == 0) {
-        /* everything left waits for KV memory that nobody will free: fail them, oldest message kept */
-        int waiting = 0;
-        for (sreq_t *q = s->head; q; q = q->next) waiting += q->mem_wait;
-        if (waiting == 0) return 0;
+        /* every request left waits for KV memory: break the deadlock by preempting the youngest
+         * waiter that holds computed KV (the others retry), or, if none does, by failing the youngest */
+        sreq_t *victim = NULL, *youngest = NULL;
+        for (sreq_t *q = s->head; q; q = q->next) {
+            if (!q->mem_wait) continue;
+            youngest = q;
+            if (q->r.seq->n_tokens > q->base) victim = q;
+        }
+        if (!youngest) return 0;
+        if (victim) preempt(s, victim);
+        else fail_req(youngest, KVM_ENOMEM, youngest->error[0] ? youngest->error : "sched: KV budget exhausted");
         for (sreq_t *q = s->head; q; q = q->next)
-            if (q->mem_wait) {
-                fail_req(q, KVM_ENOMEM, q->error[0] ? q->error : "sched: KV budget exhausted");
-                s->n_finished++;
-            }
+            if (q != victim) q->mem_wait = false;
         return 0;
     }
     uint64_t t0 = kvm_now_ns();
@@ -297,19 +327,35 @@ int kvm_sched_step(kvm_sched_t *s) {
         char msg[512];
         snprintf(msg, sizeof msg, "%s", kvm_errmsg());
         for (int i = 0; i < n; i++) {
+            sreq_t *q = s->item_req[i];
+            if (!q) continue; /* preempted earlier in this loop */
             int r1 = n == 1 ? rc : kvm_forward(s->m, &s->items[i], 1);
             if (r1 == 0) continue;
-            sreq_t *q = s->item_req[i];
-            int others = 0;
-            for (sreq_t *o = s->head; o; o = o->next)
-                others += o != q && (o->phase == SR_PREFILL || o->phase == SR_DECODE) && !o->mem_wait;
-            if (r1 == KVM_ENOMEM && others > 0) {
-                q->mem_wait = true;
-                snprintf(q->error, sizeof q->error, "%s", n == 1 ? msg : kvm_errmsg());
-            } else {
-                fail_req(q, r1, n == 1 ? msg : kvm_errmsg());
-                s->n_finished++;
+            /* the KV budget is full. While other requests run, q waits for one of them to finish
+             * (finishing releases memory). If q is the last one running, a waiting request that holds
+             * computed KV is preempted to make room; if there is none, q fails. */
+            if (r1 == KVM_ENOMEM) {
+                int running = 0;
+                sreq_t *victim = NULL;
+                for (sreq_t *o = s->head; o; o = o->next) {
+                    if (o == q || !(o->phase == SR_PREFILL || o->phase == SR_DECODE)) continue;
+                    if (!o->mem_wait) running++;
+                    else if (o->r.seq->n_tokens > o->base) victim = o; /* the youngest such */
+                }
+                if (running > 0) {
+                    q->mem_wait = true;
+                    snprintf(q->error, sizeof q->error, "%s", n == 1 ? msg : kvm_errmsg());
+                    s->item_req[i] = NULL;
+                    continue;
+                }
+                if (victim) {
+                    preempt(s, victim);
+                    s->item_req[i] = NULL; /* q retries on the next step */
+                    continue;
+                }
             }
+            fail_req(q, r1, n == 1 ? msg : kvm_errmsg());
+            s->n_finished++;
             s->item_req[i] = NULL;
         }
     }
