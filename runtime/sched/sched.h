@@ -7,7 +7,13 @@
  * forward passes (continuous batching). Finished requests are collected with kvm_sched_take().
  *
  * The scheduler never frees the caller's sequence: on completion the sequence holds the KV of the
- * prompt and of every generated token except the last (as kvm_generate). */
+ * prompt and of every generated token except the last (as kvm_generate).
+ *
+ * KV memory: a request that finds the KV budget full waits until another request finishes (its owner
+ * then releases that sequence). When every request in flight is waiting, the youngest one holding
+ * computed KV is preempted: its sequence goes back to what the caller gave and it restarts from its
+ * prompt later (recompute, as vLLM; nothing was delivered yet and its sampler restarts from its seed,
+ * so results do not change). A request that cannot fit even alone fails with KVM_ENOMEM. */
 #ifndef KVM_SCHED_H
 #define KVM_SCHED_H
 
