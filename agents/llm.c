@@ -464,7 +464,7 @@ static int put_seg(lmodel_t *m, const char *run, const char *name, const char *t
 static kvm_segment_t *bind_seg(lmodel_t *m, const char *run, const char *name, const char *text) {
     lseg_t *e = find_seg(m, run, name);
     if (e && e->seg && !strcmp(e->text, text)) return e->seg;
-    kvm_producer_kind_t kind = !strncmp(name, "input", 5) ? KVM_PRODUCER_INPUT
+    kvm_producer_kind_t kind = !strncmp(name, "input", 5) || !strncmp(name, "state:input.", 12) ? KVM_PRODUCER_INPUT
                                : !strncmp(name, "tool:", 5) ? KVM_PRODUCER_TOOL
                                                             : KVM_PRODUCER_STATE;
     kvm_segment_t *seg = NULL;

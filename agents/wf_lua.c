@@ -411,7 +411,9 @@ int wf_template_parse(const char *agent, const char *tmpl, wf_tpart_t **parts, i
         sp->src = src;
         char ph[200];
         switch (src) {
-        case WF_SRC_INPUT: snprintf(ph, sizeof ph, name[0] ? "input:%s" : "input", name); break;
+        /* a field of the input is its own placeholder: runtime/comm names those state:<k> (values whose
+         * base KV is computed like user input, kvcomm.md §1); the whole input is "input" */
+        case WF_SRC_INPUT: snprintf(ph, sizeof ph, name[0] ? "state:input.%s" : "input", name); break;
         case WF_SRC_AGENT: snprintf(ph, sizeof ph, "agent:%s:current", name); break;
         case WF_SRC_AGENT_PREV: snprintf(ph, sizeof ph, "agent:%s:prev", name); break;
         case WF_SRC_TOOL: snprintf(ph, sizeof ph, "tool:%s", name); break;

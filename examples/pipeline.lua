@@ -9,7 +9,7 @@
 --   kvmesh run examples/pipeline.lua --n 100 --kv dense
 --   kvmesh run examples/pipeline.lua --input question="Ask: Mark" --input facts="Mark: 9442" --mock
 local kvm = kvmesh
-local model = kvm.model("../models/receiver")
+local model = kvm.model("../models/minillama-2m")
 
 local recall = kvm.minitasks.item{ task = "recall", role = 0 }
 

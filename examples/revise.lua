@@ -8,7 +8,7 @@
 --   kvmesh run examples/revise.lua --n 100 --kv kvcomm
 --   kvmesh run examples/revise.lua --input question="What is 12 + 30?" --mock
 local kvm = kvmesh
-local model = kvm.model("../models/receiver")
+local model = kvm.model("../models/minillama-2m")
 local arith = kvm.minitasks.item{ task = "arithmetic", role = 0 }
 
 local g = kvm.graph{ name = "revise",

@@ -9,7 +9,7 @@
 --   kvmesh run examples/team.lua --n 100 --seed 1 --kv kvcomm
 --   kvmesh run examples/team.lua --mock --n 5          (no model: a dry run of the graph)
 local kvm = kvmesh
-local model = kvm.model("../models/receiver")   -- relative to this file; --model PATH overrides
+local model = kvm.model("../models/minillama-2m")   -- relative to this file; --model PATH overrides
 
 local function role(name) return kvm.minitasks.item{ task = "team", role = name }.system end
 

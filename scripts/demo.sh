@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # demo.sh KVMESH SHARED - the main job of `make demo`.
-#   - with the bundled models (models/receiver): the multi-agent team example, dense vs kvcomm;
+#   - with the bundled models (models/minillama-2m): the multi-agent team example, dense vs kvcomm;
 #   - else, with stories260K from the shared folder: a generation and a small fan-out workflow;
 #   - else: a dry run of the team workflow on the mock engine.
 set -euo pipefail
 kvmesh=$1; shared=$2
 traces=$(mktemp -d)
-if [ -f models/receiver/config.json ]; then
+if [ -f models/minillama-2m/config.json ]; then
   echo "== kvmesh run examples/team.lua (bundled models, 20 seeded team tasks, dense then kvcomm) =="
   "$kvmesh" run examples/team.lua --n 20 --seed 1 --kv dense --trace "$traces"
   "$kvmesh" run examples/team.lua --n 20 --seed 1 --kv kvcomm --trace "$traces"
