@@ -1,8 +1,7 @@
 -- revise.lua - generate, verify, revise: a loop with a Lua verifier and a step budget.
 --
 -- The solver answers an arithmetic question; a Lua verifier recomputes the result from the question
--- itself and either accepts or writes feedback; the reviser reads the question, its previous
--- attempt and the feedback and tries again. The loop ends when the verifier accepts, or when the
+-- itself and either accepts or writes feedback; the reviser tries again (see its comment). The loop ends when the verifier accepts, or when the
 -- step budget (g:limit{steps}) runs out — a cycle without a budget is refused at load.
 --
 --   kvmesh run examples/revise.lua --n 100 --kv kvcomm
@@ -17,8 +16,12 @@ local g = kvm.graph{ name = "revise",
 
 g:agent("solver",  { model = model, role = arith.system, max_tokens = 8, stop = "\n", writes = "answer",
                      template = "{input.question}" })
+-- The tiny bundled models only know the minitasks format, so the reviser asks the same question again
+-- and samples (the verifier works as a rejection sampler; the identical prompt is an exact prefix hit).
+-- With an instruct model, show it its previous attempt and the verifier's feedback instead:
+--   template = "{input.question}\nPrevious: {state.answer}\nFeedback: {state.feedback}\nTry again:"
 g:agent("reviser", { model = model, role = arith.system, max_tokens = 8, stop = "\n", writes = "answer",
-                     template = "{input.question}\nPrevious: {state.answer}\nFeedback: {state.feedback}" })
+                     temperature = 0.8, top_k = 4, template = "{input.question}" })
 
 -- the verifier: evaluates "a + b - c" style expressions found in the question, in Lua
 g:func("verify", function(state, last, ctx)
