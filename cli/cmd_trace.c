@@ -4,6 +4,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "agents/wf.h"
 #include "runtime/core/core.h"
 #include "runtime/trace/trace.h"
 
@@ -11,7 +12,10 @@ static void usage(FILE *f) {
     fprintf(f, "usage: kvmesh trace ls DIR...              list the runs under trace directories\n"
                "       kvmesh trace show RUN_DIR...        a run: header, steps (who, tokens, reuse, timings), edges, result\n"
                "       kvmesh trace steps RUN_DIR [--step N] [--full]\n"
-               "                                           what each agent saw (pieces, placeholders) and said, and its KV\n\n"
+               "                                           what each agent saw (pieces, placeholders) and said, and its KV\n"
+               "       kvmesh trace replay RUN_DIR [--model PATH | --mock]\n"
+               "                                           re-run the recorded script with the recorded inputs, seed and\n"
+               "                                           switches; compare every agent's output with the trace\n\n"
                "RUN_DIR is a run's directory (holding events.jsonl), as printed by kvmesh run.\n");
 }
 
@@ -213,6 +217,88 @@ static int steps(const char *dir, int only, bool full) {
     return 0;
 }
 
+/* ---- replay --------------------------------------------------------------------------------------- */
+
+/* Re-runs a traced run from the trace alone (the script source, inputs, seed and switches recorded in
+ * run.start) and compares each agent's output, in step order per node, with the recorded one. Greedy
+ * agents on the same model and backend reproduce exactly; sampled ones do too, their seeds being
+ * derived from the run seed. Exit status 0 when every output matches. */
+static int replay(const char *dir, const char *model, bool mock) {
+    kvm_trace_log_t log;
+    if (kvm_trace_read(dir, &log) != 0) {
+        fprintf(stderr, "kvmesh trace replay: %s\n", kvm_errmsg());
+        return 1;
+    }
+    const cJSON *st = kvm_trace_log_next(&log, "run.start", NULL);
+    if (!st) {
+        fprintf(stderr, "kvmesh trace replay: %s has no run.start record\n", dir);
+        kvm_trace_log_free(&log);
+        return 1;
+    }
+    const cJSON *w = obj(st, "workflow"), *cfg = obj(st, "config");
+    const char *src = str(w, "source");
+    kvm_wf_opts_t o = {0};
+    const cJSON *kvo = obj(cfg, "kv_override");
+    o.kv_override = cJSON_IsString(kvo) ? kvo->valuestring : NULL;
+    o.mock = mock || cJSON_IsTrue(obj(cfg, "mock"));
+    o.model_override = model;
+    o.llm.quiet = true;
+    const cJSON *lim = obj(cfg, "limits");
+    if (num(lim, "instructions") > 0) o.max_instructions = (uint64_t)num(lim, "instructions");
+    if (num(lim, "lua_ms") > 0) o.lua_cpu_ms = num(lim, "lua_ms");
+    if (num(lim, "memory_bytes") > 0) o.run_mem_cap_bytes = (size_t)num(lim, "memory_bytes");
+    kvm_workflow_t *wf = kvm_wf_load_string(str(w, "path"), src, strlen(src), &o);
+    int rc = 1;
+    if (!wf) {
+        fprintf(stderr, "kvmesh trace replay: %s\n", kvm_errmsg());
+        kvm_trace_log_free(&log);
+        return 1;
+    }
+    int run;
+    if (kvm_wf_start(wf, obj(st, "inputs"), strtoull(str(st, "seed"), NULL, 10), &run) != 0 || kvm_wf_drive(wf) != 0) {
+        fprintf(stderr, "kvmesh trace replay: %s\n", kvm_errmsg());
+        kvm_wf_free(wf);
+        kvm_trace_log_free(&log);
+        return 1;
+    }
+    /* the replayed run's messages (state.msgs) against the trace's agent-node steps, in order */
+    const cJSON *msgs = obj(kvm_wf_run_state(wf, run), "msgs");
+    int from = 0, same = 0, differ = 0;
+    for (const cJSON *step; (step = kvm_trace_log_next(&log, "step", &from)) != NULL;) {
+        if (!*str(step, "agent") || *str(step, "via") || strcmp(str(step, "status"), "ok") != 0) continue;
+        const char *was = str(obj(step, "output"), "text");
+        /* this is the want-th ok step of its node in the trace: compare with the want-th message of
+         * that node in the replay */
+        int want = 0, seen = 0, from2 = 0;
+        for (const cJSON *s2; (s2 = kvm_trace_log_next(&log, "step", &from2)) != NULL && s2 != step;)
+            if (!strcmp(str(s2, "node"), str(step, "node")) && *str(s2, "agent") && !*str(s2, "via") && !strcmp(str(s2, "status"), "ok"))
+                want++;
+        const cJSON *m = NULL, *c;
+        cJSON_ArrayForEach(c, msgs) if (!strcmp(str(c, "node"), str(step, "node")) && seen++ == want) m = c;
+        const char *now = m ? str(m, "text") : NULL;
+        bool ok = now && !strcmp(now, was);
+        same += ok;
+        differ += !ok;
+        printf("  #%-3d %-14s %s", (int)num(step, "idx"), str(step, "node"), ok ? "same" : "DIFFERS");
+        if (!ok) {
+            printf("\n       trace:  ");
+            oneline(was, 120, stdout);
+            printf("\n       replay: ");
+            oneline(now ? now : "(no such step in the replay)", 120, stdout);
+        }
+        putchar('\n');
+    }
+    const char *msg = NULL;
+    int status = kvm_wf_run_status(wf, run, &msg);
+    const cJSON *end = kvm_trace_log_next(&log, "run.end", NULL);
+    printf("replay of %s: %d agent outputs the same, %d different; status %s (trace: %s)\n", str(st, "run_id"), same, differ,
+           status ? kvm_errname(status) : "ok", end ? str(end, "status") : "no run.end");
+    rc = differ == 0 ? 0 : 1;
+    kvm_wf_free(wf);
+    kvm_trace_log_free(&log);
+    return rc;
+}
+
 int cmd_trace(int argc, char **argv) {
     if (argc < 2 || !strcmp(argv[1], "-h") || !strcmp(argv[1], "--help")) {
         usage(argc < 2 ? stderr : stdout);
@@ -246,8 +332,21 @@ int cmd_trace(int argc, char **argv) {
             return 2;
         }
         rc = steps(dir, only, full);
+    } else if (!strcmp(sub, "replay")) {
+        const char *dir = NULL, *model = NULL;
+        bool mock = false;
+        for (int i = 2; i < argc; i++) {
+            if (!strcmp(argv[i], "--model") && i + 1 < argc) model = argv[++i];
+            else if (!strcmp(argv[i], "--mock")) mock = true;
+            else dir = argv[i];
+        }
+        if (!dir) {
+            fprintf(stderr, "kvmesh trace replay: give a run directory\n");
+            return 2;
+        }
+        rc = replay(dir, model, mock);
     } else {
-        fprintf(stderr, "kvmesh trace: unknown subcommand '%s' (ls, show, steps)\n", sub);
+        fprintf(stderr, "kvmesh trace: unknown subcommand '%s' (ls, show, steps, replay)\n", sub);
         return 2;
     }
     return rc;

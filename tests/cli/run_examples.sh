@@ -18,4 +18,9 @@ grep -q "verdict" "$tmp/out" || { cat "$tmp/out"; exit 1; }
 run=$(ls -d "$tmp"/t/*/ | head -1)
 "$kvmesh" trace show "$run" | grep -q "result: ok"
 "$kvmesh" trace steps "$run" | grep -q "saw:"
+# replay every traced run from its trace alone: the same outputs
+for r in "$tmp"/t/*/; do
+  "$kvmesh" trace replay "$r" > "$tmp/replay" 2>&1 || { cat "$tmp/replay"; exit 1; }
+  grep -q " 0 different" "$tmp/replay" || { cat "$tmp/replay"; exit 1; }
+done
 echo "examples ok"
