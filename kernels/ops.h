@@ -51,6 +51,9 @@ typedef struct kvm_kv_geom {
     kvm_dtype_t dtype; /* storage dtype of the pool */
 } kvm_kv_geom_t;
 
+struct kvm_kvcomm_dist_args;  /* KVCOMM op arguments, defined after the table */
+struct kvm_kvcomm_apply_args;
+
 typedef struct kvm_ops {
     const char *name; /* "cpu" or "cuda" */
 
@@ -114,7 +117,88 @@ typedef struct kvm_ops {
     /* rope of q [n][hq][hd] and k [n][hk][hd] in one pass (same contract as rope) */
     void (*rope_qk)(float *q, float *k, int n, int hq, int hk, int hd, const int32_t *pos, const float *inv_freq,
                     kvm_rope_layout_t layout);
+
+    /* ---- optional KVCOMM ops (kvcomm.md §3.6, §3.11); NULL where absent: comm/ then computes on the host.
+     * Types and exact contracts are documented with kvm_kvcomm_dist_args_t / kvm_kvcomm_apply_args_t
+     * below. Each returns 0 or a negative KVM_E* (KVM_EUNSUPPORTED: shape the backend cannot do, e.g.
+     * head_dim % 16 != 0 or more than KVM_KVCOMM_MAX_ANCHORS anchors on CUDA; the caller falls back). ---- */
+    /* raw distances of a candidate to N anchors (placeholder, text-segment, prediction) */
+    int (*kvcomm_dist)(const struct kvm_kvcomm_dist_args *a);
+    /* w[n][c] = softmax_n(-d[n][c]) (mode KVM_KVCOMM_SOFTMAX) or one-hot argmin_n d[n][c], ties to the lowest n
+     * (mode KVM_KVCOMM_NEAREST), for c < cols, n < N; fp64 internally, fp32 out; w, d in backend memory;
+     * w may equal d (in place) */
+    int (*kvcomm_softmax)(float *w, const float *d, int n, size_t cols, int mode);
+    /* fused offset + RoPE shift + scatter of one piece (placeholder or text segment) into paged KV */
+    int (*kvcomm_apply)(const struct kvm_kvcomm_apply_args *a);
 } kvm_ops_t;
+
+/* ---- KVCOMM op types ------------------------------------------------------------------------------ */
+
+#define KVM_KVCOMM_MAX_ANCHORS 32 /* most anchors one kvcomm_dist / kvcomm_apply call takes on CUDA */
+enum { KVM_KVCOMM_SOFTMAX = 0, KVM_KVCOMM_NEAREST = 1 };
+enum { KVM_KVCOMM_WANT_PH = 1, KVM_KVCOMM_WANT_PF = 2, KVM_KVCOMM_WANT_PRED = 4 };
+
+/* A view of KV rows in backend memory, dtype = the geometry's dtype. Element (l, kv, h, r, d), kv 0 = K, 1 = V:
+ *   contiguous (blocks == NULL): data[((((l - l0) * 2 + kv) * H + h) * rows + r) * D + d], l in [l0, L)
+ *   paged      (blocks != NULL): the KV-cache layout above, position p = start + r, block blocks[p / KVM_KV_BLOCK],
+ *              slot p % KVM_KV_BLOCK, all L layers (l0 must be 0); `rows` is unused
+ * The host layout of comm/ (fp32 [L][2][H][n][D]) is the contiguous view with l0 = 0, rows = n; anchor deltas
+ * ([L-1][2][H][n][D], layers 1..L-1) are contiguous with l0 = 1. */
+typedef struct kvm_kv_view {
+    const void *data;
+    const int32_t *blocks; /* backend memory, or NULL */
+    int start;             /* paged: position of row 0 */
+    int rows;              /* contiguous: row stride of one (l, kv, h) slab */
+    int l0;                /* contiguous: first layer stored (0 or 1) */
+} kvm_kv_view_t;
+
+/* kvcomm_dist: distances of the candidate X (rows [0, T)) to anchors A_n (rows [0, T_n), T_n >= T), n < N.
+ * Outputs are fp32 in backend memory; each is written only if its bit is in `want` (others may be NULL):
+ *   d_ph[kv][n][t]        = (1/(L*H*D)) * sum_{l<L,h,d} |X[l,kv,h,t,d] - A_n[l,kv,h,t,d]|         (head-aligned)
+ *   d_pf[kv][n][l][h][d]  = sqrt(sum_{t<T} (X[l,kv,h,t,d] - A'_n[l,kv,h,T_n-T+t,d])^2)          (tail-aligned)
+ *                           where A' = A, except that keys (kv 0) are first rotated by -(T_n - T) positions when
+ *                           rotate_tail != 0 (F0 frame; angle in fp64 reduced to [-pi, pi), cos/sin rounded to
+ *                           fp32, rotation in fp32, not rounded to the storage dtype)
+ *   d_pred[n]             = sqrt(sum_{l<L,h,t<T,d} (X[l,1,h,t,d] - A_n[l,1,h,t,d])^2)  (values only, §3.4)
+ * Sums accumulate in fp32 or wider. The views are read only. */
+typedef struct kvm_kvcomm_dist_args {
+    kvm_kv_geom_t g;
+    kvm_kv_view_t x;
+    int T;
+    int n;                      /* anchors */
+    const kvm_kv_view_t *a;     /* host array [n] */
+    const int *a_rows;          /* host array [n]: T_n */
+    int want;                   /* KVM_KVCOMM_WANT_* bits */
+    int rotate_tail;
+    const float *inv_freq;      /* backend memory [D/2], the model's table */
+    kvm_rope_layout_t layout;
+    float *d_ph, *d_pf, *d_pred;
+} kvm_kvcomm_dist_args_t;
+
+/* kvcomm_apply: for rows r in [r0, r1) of a piece with source `src` (candidate X or text segment P, F0):
+ *   y[l,kv,h,r,:] = src[l,kv,h,r,:]                                           l == 0 or n == 0
+ *   y[l,kv,h,r,d] = src[l,kv,h,r,d] + sum_{i<N} w_i * delta_i[l,kv,h,r,d]    l >= 1, fp32, in order of i
+ *     with (N = n, i = anchor) w_i = w[(kv * N + i) * w_rows + r]    (per_channel == 0: one weight per token)
+ *       or w_i = w[(((kv * N + i) * L + l) * H + h) * D + d]     (per_channel != 0: one weight per channel)
+ *   then keys (kv 0) are rotated by `shift` positions (same numerics as rope_shift; none when shift == 0),
+ *   and y is rounded ONCE to the dtype and stored at position dst_pos + (r - r0) of the block table
+ *   dst_blocks of the cache dst_kv (token granular; the blocks must be writable).
+ * delta_n views normally have l0 = 1 (layers 1..L-1) and rows >= r1. w is fp32 in backend memory. */
+typedef struct kvm_kvcomm_apply_args {
+    kvm_kv_geom_t g;
+    kvm_kv_view_t src;
+    int n;                      /* anchors (0: shift and scatter only) */
+    const kvm_kv_view_t *delta; /* host array [n] */
+    const float *w;
+    int per_channel, w_rows;
+    int r0, r1;
+    void *dst_kv;
+    const int32_t *dst_blocks;  /* backend memory */
+    int dst_pos;
+    int32_t shift;
+    const float *inv_freq;      /* backend memory [D/2] */
+    kvm_rope_layout_t layout;
+} kvm_kvcomm_apply_args_t;
 
 /* The CPU reference backend (always available). */
 const kvm_ops_t *kvm_ops_cpu(void);

@@ -241,6 +241,11 @@ static int cpu_argmax(const float *x, int n) {
     return best;
 }
 
+/* ops_cpu_kvcomm.c */
+int kvm_cpu_kvcomm_dist(const kvm_kvcomm_dist_args_t *a);
+int kvm_cpu_kvcomm_softmax(float *w, const float *d, int n, size_t cols, int mode);
+int kvm_cpu_kvcomm_apply(const kvm_kvcomm_apply_args_t *a);
+
 static const kvm_ops_t cpu_ops = {
     .name = "cpu",
     .alloc = cpu_alloc,
@@ -261,6 +266,9 @@ static const kvm_ops_t cpu_ops = {
     .attention = cpu_attention,
     .rope_shift = cpu_rope_shift,
     .argmax = cpu_argmax,
+    .kvcomm_dist = kvm_cpu_kvcomm_dist,
+    .kvcomm_softmax = kvm_cpu_kvcomm_softmax,
+    .kvcomm_apply = kvm_cpu_kvcomm_apply,
 };
 
 const kvm_ops_t *kvm_ops_cpu(void) { return &cpu_ops; }

@@ -344,6 +344,11 @@ extern "C" int kvm_cuda_describe(char *buf, size_t cap) {
     return 0;
 }
 
+/* kvcomm_kernels.cu */
+extern "C" int kvm_cuda_kvcomm_dist(const kvm_kvcomm_dist_args_t *a);
+extern "C" int kvm_cuda_kvcomm_softmax(float *w, const float *d, int n, size_t cols, int mode);
+extern "C" int kvm_cuda_kvcomm_apply(const kvm_kvcomm_apply_args_t *a);
+
 static kvm_ops_t make_ops(void) {
     kvm_ops_t o;
     memset(&o, 0, sizeof o);
@@ -378,5 +383,8 @@ static kvm_ops_t make_ops(void) {
     o.event_free = cu_event_free;
     o.matmul_multi = kvm_cuda_matmul_multi;
     o.rope_qk = kvm_cuda_rope_qk;
+    o.kvcomm_dist = kvm_cuda_kvcomm_dist;
+    o.kvcomm_softmax = kvm_cuda_kvcomm_softmax;
+    o.kvcomm_apply = kvm_cuda_kvcomm_apply;
     return o;
 }

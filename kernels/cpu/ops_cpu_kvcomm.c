@@ -1,0 +1,204 @@
+/* ops_cpu_kvcomm.c - CPU reference of the optional KVCOMM ops of ops.h (kvcomm_dist, kvcomm_softmax,
+ * kvcomm_apply; kvcomm.md §3.6, §3.11). Straightforward loops in fp64/fp32 exactly as the contracts in
+ * ops.h read; the CUDA kernels (kernels/cuda/kvcomm_kernels.cu) are tested against these. */
+#include "../ops.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "../../runtime/core/core.h"
+
+int kvm_cpu_kvcomm_dist(const kvm_kvcomm_dist_args_t *a);
+int kvm_cpu_kvcomm_softmax(float *w, const float *d, int n, size_t cols, int mode);
+int kvm_cpu_kvcomm_apply(const kvm_kvcomm_apply_args_t *a);
+
+/* Element index of (l, kv, h, r, d = 0) in a view (ops.h, kvm_kv_view_t). */
+static size_t view_idx(const kvm_kv_geom_t *g, const kvm_kv_view_t *v, int l, int kv, int h, int r) {
+    const int L = g->n_layers, H = g->n_kv_heads, D = g->head_dim;
+    if (v->blocks) {
+        int p = v->start + r;
+        size_t b = (size_t)v->blocks[p / KVM_KV_BLOCK];
+        return ((((b * L + l) * 2 + kv) * H + h) * KVM_KV_BLOCK + (size_t)(p % KVM_KV_BLOCK)) * D;
+    }
+    return (((((size_t)(l - v->l0)) * 2 + kv) * H + h) * (size_t)v->rows + (size_t)r) * D;
+}
+
+static void load_row(float *dst, const void *base, kvm_dtype_t dt, size_t idx, int D) {
+    if (dt == KVM_F32) {
+        memcpy(dst, (const float *)base + idx, (size_t)D * sizeof(float));
+        return;
+    }
+    const uint16_t *s = (const uint16_t *)base + idx;
+    for (int i = 0; i < D; i++) dst[i] = dt == KVM_BF16 ? kvm_bf16_to_f32(s[i]) : kvm_f16_to_f32(s[i]);
+}
+
+static void store_row(void *base, kvm_dtype_t dt, size_t idx, const float *src, int D) {
+    if (dt == KVM_F32) {
+        memcpy((float *)base + idx, src, (size_t)D * sizeof(float));
+        return;
+    }
+    uint16_t *d = (uint16_t *)base + idx;
+    for (int i = 0; i < D; i++) d[i] = dt == KVM_BF16 ? kvm_f32_to_bf16(src[i]) : kvm_f32_to_f16(src[i]);
+}
+
+/* rotation of one head row by delta positions: angle in fp64 reduced, cos/sin rounded to fp32 (ops.h rope) */
+static void rotate_row(float *v, int D, int32_t delta, const float *inv_freq, kvm_rope_layout_t layout) {
+    const int half = D / 2;
+    for (int j = 0; j < half; j++) {
+        double ang = kvm_rope_angle((double)delta, inv_freq[j]);
+        float c = (float)cos(ang), s = (float)sin(ang);
+        float *x = layout == KVM_ROPE_HALF ? &v[j] : &v[2 * j];
+        float *y = layout == KVM_ROPE_HALF ? &v[j + half] : &v[2 * j + 1];
+        float a = *x, b = *y;
+        *x = a * c - b * s;
+        *y = a * s + b * c;
+    }
+}
+
+static int check_geom(const kvm_kv_geom_t *g, const char *op) {
+    if (g->n_layers <= 0 || g->n_kv_heads <= 0 || g->head_dim <= 0 || g->head_dim % 2)
+        return kvm_seterr(KVM_EINVAL, "%s: bad geometry L=%d H=%d D=%d", op, g->n_layers, g->n_kv_heads, g->head_dim);
+    return 0;
+}
+
+/* kvcomm_dist (contract in ops.h). fp64 sums; O(N * L * H * T * D). */
+int kvm_cpu_kvcomm_dist(const kvm_kvcomm_dist_args_t *a) {
+    if (!a) return kvm_seterr(KVM_EINVAL, "kvcomm_dist: no arguments");
+    int rc = check_geom(&a->g, "kvcomm_dist");
+    if (rc) return rc;
+    const kvm_kv_geom_t *g = &a->g;
+    const int L = g->n_layers, H = g->n_kv_heads, D = g->head_dim, T = a->T, N = a->n;
+    if (T <= 0 || N < 0) return kvm_seterr(KVM_EINVAL, "kvcomm_dist: T=%d, N=%d", T, N);
+    for (int n = 0; n < N; n++)
+        if (a->a_rows[n] < T)
+            return kvm_seterr(KVM_EINVAL, "kvcomm_dist: anchor %d has %d rows, fewer than T=%d", n, a->a_rows[n], T);
+    if ((a->want & KVM_KVCOMM_WANT_PF) && a->rotate_tail && !a->inv_freq)
+        return kvm_seterr(KVM_EINVAL, "kvcomm_dist: rotate_tail needs inv_freq");
+    int fail = 0;
+#pragma omp parallel for schedule(dynamic)
+    for (int n = 0; n < N; n++) {
+        float *x = malloc((size_t)D * sizeof(float)), *y = malloc((size_t)D * sizeof(float));
+        double *ss = malloc((size_t)D * sizeof(double));
+        if (!x || !y || !ss) {
+            free(x), free(y), free(ss);
+#pragma omp atomic write
+            fail = 1;
+            continue;
+        }
+        const kvm_kv_view_t *A = &a->a[n];
+        const int off = a->a_rows[n] - T;
+        if (a->want & KVM_KVCOMM_WANT_PH)
+            for (int kv = 0; kv < 2; kv++)
+                for (int t = 0; t < T; t++) {
+                    double acc = 0;
+                    for (int l = 0; l < L; l++)
+                        for (int h = 0; h < H; h++) {
+                            load_row(x, a->x.data, g->dtype, view_idx(g, &a->x, l, kv, h, t), D);
+                            load_row(y, A->data, g->dtype, view_idx(g, A, l, kv, h, t), D);
+                            for (int d = 0; d < D; d++) acc += fabs((double)x[d] - (double)y[d]);
+                        }
+                    a->d_ph[((size_t)kv * N + n) * T + t] = (float)(acc / ((double)L * H * D));
+                }
+        if (a->want & KVM_KVCOMM_WANT_PF)
+            for (int kv = 0; kv < 2; kv++)
+                for (int l = 0; l < L; l++)
+                    for (int h = 0; h < H; h++) {
+                        for (int d = 0; d < D; d++) ss[d] = 0;
+                        for (int t = 0; t < T; t++) {
+                            load_row(x, a->x.data, g->dtype, view_idx(g, &a->x, l, kv, h, t), D);
+                            load_row(y, A->data, g->dtype, view_idx(g, A, l, kv, h, off + t), D);
+                            if (kv == 0 && off && a->rotate_tail) rotate_row(y, D, -off, a->inv_freq, a->layout);
+                            for (int d = 0; d < D; d++) {
+                                double df = (double)x[d] - (double)y[d];
+                                ss[d] += df * df;
+                            }
+                        }
+                        for (int d = 0; d < D; d++)
+                            a->d_pf[((((size_t)kv * N + n) * L + l) * H + h) * D + d] = (float)sqrt(ss[d]);
+                    }
+        if (a->want & KVM_KVCOMM_WANT_PRED) {
+            double acc = 0;
+            for (int l = 0; l < L; l++)
+                for (int h = 0; h < H; h++)
+                    for (int t = 0; t < T; t++) {
+                        load_row(x, a->x.data, g->dtype, view_idx(g, &a->x, l, 1, h, t), D);
+                        load_row(y, A->data, g->dtype, view_idx(g, A, l, 1, h, t), D);
+                        for (int d = 0; d < D; d++) {
+                            double df = (double)x[d] - (double)y[d];
+                            acc += df * df;
+                        }
+                    }
+            a->d_pred[n] = (float)sqrt(acc);
+        }
+        free(x), free(y), free(ss);
+    }
+    if (fail) return kvm_seterr(KVM_ENOMEM, "kvcomm_dist: out of host memory");
+    return 0;
+}
+
+/* kvcomm_softmax (contract in ops.h). */
+int kvm_cpu_kvcomm_softmax(float *w, const float *d, int n, size_t cols, int mode) {
+    if (n <= 0) return kvm_seterr(KVM_EINVAL, "kvcomm_softmax: %d anchors", n);
+    for (size_t c = 0; c < cols; c++) {
+        if (mode == KVM_KVCOMM_NEAREST) {
+            int best = 0;
+            for (int i = 1; i < n; i++)
+                if (d[(size_t)i * cols + c] < d[(size_t)best * cols + c]) best = i;
+            for (int i = 0; i < n; i++) w[(size_t)i * cols + c] = i == best ? 1.0f : 0.0f;
+            continue;
+        }
+        double mn = d[c];
+        for (int i = 1; i < n; i++)
+            if (d[(size_t)i * cols + c] < mn) mn = d[(size_t)i * cols + c];
+        double sum = 0;
+        for (int i = 0; i < n; i++) sum += exp(-((double)d[(size_t)i * cols + c] - mn));
+        for (int i = 0; i < n; i++) w[(size_t)i * cols + c] = (float)(exp(-((double)d[(size_t)i * cols + c] - mn)) / sum);
+    }
+    return 0;
+}
+
+/* kvcomm_apply (contract in ops.h). */
+int kvm_cpu_kvcomm_apply(const kvm_kvcomm_apply_args_t *a) {
+    if (!a) return kvm_seterr(KVM_EINVAL, "kvcomm_apply: no arguments");
+    int rc = check_geom(&a->g, "kvcomm_apply");
+    if (rc) return rc;
+    const kvm_kv_geom_t *g = &a->g;
+    const int L = g->n_layers, H = g->n_kv_heads, D = g->head_dim, N = a->n;
+    if (a->r0 < 0 || a->r1 < a->r0 || N < 0 || (N > 0 && (!a->w || !a->delta)) || !a->dst_blocks || !a->dst_kv)
+        return kvm_seterr(KVM_EINVAL, "kvcomm_apply: rows [%d, %d), N=%d", a->r0, a->r1, N);
+    if (a->shift && !a->inv_freq) return kvm_seterr(KVM_EINVAL, "kvcomm_apply: a shift needs inv_freq");
+    const kvm_kv_view_t dst = {.data = a->dst_kv, .blocks = a->dst_blocks, .start = a->dst_pos - a->r0};
+    int fail = 0;
+#pragma omp parallel for collapse(2) schedule(static)
+    for (int l = 0; l < L; l++)
+        for (int h = 0; h < H; h++) {
+            float *y = malloc((size_t)D * sizeof(float)), *dl = malloc((size_t)D * sizeof(float));
+            if (!y || !dl) {
+                free(y), free(dl);
+#pragma omp atomic write
+                fail = 1;
+                continue;
+            }
+            for (int kv = 0; kv < 2; kv++)
+                for (int r = a->r0; r < a->r1; r++) {
+                    load_row(y, a->src.data, g->dtype, view_idx(g, &a->src, l, kv, h, r), D);
+                    for (int i = 0; l >= 1 && i < N; i++) {
+                        load_row(dl, a->delta[i].data, g->dtype, view_idx(g, &a->delta[i], l, kv, h, r), D);
+                        if (a->per_channel) {
+                            const float *w = a->w + ((((size_t)kv * N + i) * L + l) * H + h) * D;
+                            for (int d = 0; d < D; d++) y[d] += w[d] * dl[d];
+                        } else {
+                            float w = a->w[((size_t)kv * N + i) * a->w_rows + r];
+                            for (int d = 0; d < D; d++) y[d] += w * dl[d];
+                        }
+                    }
+                    if (kv == 0 && a->shift) rotate_row(y, D, a->shift, a->inv_freq, a->layout);
+                    /* dst row r sits at position dst_pos + (r - r0) = dst.start + r */
+                    store_row(a->dst_kv, g->dtype, view_idx(g, &dst, l, kv, h, r), y, D);
+                }
+            free(y), free(dl);
+        }
+    if (fail) return kvm_seterr(KVM_ENOMEM, "kvcomm_apply: out of host memory");
+    return 0;
+}

@@ -1,0 +1,543 @@
+/* kvcomm_kernels.cu - CUDA versions of the optional KVCOMM ops of ops.h (kvcomm_dist, kvcomm_softmax,
+ * kvcomm_apply; kvcomm.md §3.6, §3.11). The CPU reference is kernels/cpu/ops_cpu_kvcomm.c.
+ *
+ * Memory-bound. Every thread owns one "pair chunk" of a head row: 16 elements that hold 8 complete RoPE
+ * pairs (rotate-half: elements c*8..c*8+7 and D/2+c*8..D/2+c*8+7; interleaved: c*16..c*16+15), loaded
+ * with 16-byte vector loads, so a key rotation never needs another thread. A row is D/16 threads.
+ *
+ *   dist : one block per (anchor n, kv, layer, head) with n fastest in the grid, so the candidate's slab
+ *          (l, kv, h) is read from HBM once and from L2 by the other anchors' blocks; each block streams
+ *          its anchor's slab once and produces the tail-aligned per-channel sums (block reduction), the
+ *          head-aligned per-row |x-a| sums (partial per (l,h), reduced by a second tiny kernel) and the
+ *          prediction sum of squares (V blocks). When T_n == T the head and tail rows are the same rows
+ *          and are loaded once.
+ *   apply: one block per (row chunk, layer, kv, head): y = src + sum_n w_n * delta_n (fp32), RoPE shift
+ *          of the keys (cos/sin table of the block's single shift in shared memory), one rounding, scatter
+ *          into the paged cache. One launch for all layers; one pass over each anchor delta.
+ *
+ * Debug: build with -DKVM_KVCOMM_DEBUG to get device asserts on block ids and row ranges. */
+#include "cuda_internal.cuh"
+
+#include <assert.h>
+#include <math.h>
+#include <stdio.h>
+#include <string.h>
+
+#ifdef KVM_KVCOMM_DEBUG
+#define KC_ASSERT(x) assert(x)
+#else
+#define KC_ASSERT(x) ((void)0)
+#endif
+
+extern "C" int kvm_cuda_kvcomm_dist(const kvm_kvcomm_dist_args_t *a);
+extern "C" int kvm_cuda_kvcomm_softmax(float *w, const float *d, int n, size_t cols, int mode);
+extern "C" int kvm_cuda_kvcomm_apply(const kvm_kvcomm_apply_args_t *a);
+
+namespace {
+
+struct DView {
+    const void *data;
+    const int32_t *blocks;
+    int start, rows, l0;
+};
+
+struct Geo {
+    int L, H, D;
+};
+
+__device__ __forceinline__ size_t vidx(const DView &v, const Geo &g, int l, int kv, int h, int r) {
+    if (v.blocks) {
+        int p = v.start + r;
+        KC_ASSERT(p >= 0);
+        int b = v.blocks[p / KVM_KV_BLOCK];
+        KC_ASSERT(b >= 0);
+        return ((((size_t)b * g.L + l) * 2 + kv) * g.H + h) * (size_t)(KVM_KV_BLOCK * g.D) +
+               (size_t)(p % KVM_KV_BLOCK) * g.D;
+    }
+    KC_ASSERT(l >= v.l0 && r >= 0 && r < v.rows);
+    return ((((size_t)(l - v.l0) * 2 + kv) * g.H + h) * (size_t)v.rows + r) * (size_t)g.D;
+}
+
+/* 8 consecutive elements <-> fp32 (one 16-byte access for 16-bit types, two for fp32) */
+__device__ __forceinline__ void ld8(const float *p, float *o) {
+    float4 a = reinterpret_cast<const float4 *>(p)[0], b = reinterpret_cast<const float4 *>(p)[1];
+    o[0] = a.x, o[1] = a.y, o[2] = a.z, o[3] = a.w, o[4] = b.x, o[5] = b.y, o[6] = b.z, o[7] = b.w;
+}
+template <typename T> __device__ __forceinline__ void ld8(const T *p, float *o) {
+    uint4 u = *reinterpret_cast<const uint4 *>(p);
+    const T *e = reinterpret_cast<const T *>(&u);
+#pragma unroll
+    for (int i = 0; i < 8; i++) o[i] = kvm_to_f32<T>(e[i]);
+}
+__device__ __forceinline__ void st8(float *p, const float *o) {
+    reinterpret_cast<float4 *>(p)[0] = make_float4(o[0], o[1], o[2], o[3]);
+    reinterpret_cast<float4 *>(p)[1] = make_float4(o[4], o[5], o[6], o[7]);
+}
+template <typename T> __device__ __forceinline__ void st8(T *p, const float *o) {
+    uint4 u;
+    T *e = reinterpret_cast<T *>(&u);
+#pragma unroll
+    for (int i = 0; i < 8; i++) e[i] = kvm_from_f32<T>(o[i]);
+    *reinterpret_cast<uint4 *>(p) = u;
+}
+
+/* element index (within the row) of chunk slot k of chunk c; pair i = (slot i, slot 8 + i) has frequency c*8+i */
+__device__ __forceinline__ int chunk_elem(int c, int k, int D, int il) {
+    if (il) return c * 16 + (k < 8 ? 2 * k : 2 * (k - 8) + 1);
+    return k < 8 ? c * 8 + k : D / 2 + c * 8 + (k - 8);
+}
+
+template <typename T> __device__ __forceinline__ void ld16(const T *row, int c, int D, int il, float *x) {
+    if (!il) {
+        ld8(row + c * 8, x);
+        ld8(row + D / 2 + c * 8, x + 8);
+    } else {
+        float t[16];
+        ld8(row + c * 16, t);
+        ld8(row + c * 16 + 8, t + 8);
+#pragma unroll
+        for (int i = 0; i < 8; i++) x[i] = t[2 * i], x[8 + i] = t[2 * i + 1];
+    }
+}
+template <typename T> __device__ __forceinline__ void st16(T *row, int c, int D, int il, const float *x) {
+    if (!il) {
+        st8(row + c * 8, x);
+        st8(row + D / 2 + c * 8, x + 8);
+    } else {
+        float t[16];
+#pragma unroll
+        for (int i = 0; i < 8; i++) t[2 * i] = x[i], t[2 * i + 1] = x[8 + i];
+        st8(row + c * 16, t);
+        st8(row + c * 16 + 8, t + 8);
+    }
+}
+
+/* rotation of the chunk's 8 pairs with cos/sin table cs[0..D/2) | cs[D/2..D) (same arithmetic as rot()) */
+__device__ __forceinline__ void rot16(float *x, const float *cs, int c, int D) {
+#pragma unroll
+    for (int i = 0; i < 8; i++) {
+        float cn = cs[c * 8 + i], sn = cs[D / 2 + c * 8 + i];
+        float a = x[i], b = x[8 + i];
+        x[i] = __fsub_rn(__fmul_rn(a, cn), __fmul_rn(b, sn));
+        x[8 + i] = __fadd_rn(__fmul_rn(a, sn), __fmul_rn(b, cn));
+    }
+}
+
+__device__ void fill_cs(float *cs, int delta, const float *inv_freq, int D) {
+    for (int j = threadIdx.x; j < D / 2; j += blockDim.x) {
+        double a = kvm_rope_angle_dev((double)delta, inv_freq[j]);
+        double sn, cn;
+        sincos(a, &sn, &cn);
+        cs[j] = (float)cn;
+        cs[D / 2 + j] = (float)sn;
+    }
+}
+
+/* ---- dist ------------------------------------------------------------------------------------------ */
+
+struct DistParams {
+    Geo g;
+    DView x;
+    int T, N, want, rotate_tail, il;
+    const float *inv_freq;
+    float *ph_part;   /* [2][N][L*H][T] */
+    float *pred_part; /* [N][L*H] */
+    float *d_pf;      /* [2][N][L][H][D] */
+    DView a[KVM_KVCOMM_MAX_ANCHORS];
+    int a_rows[KVM_KVCOMM_MAX_ANCHORS];
+};
+
+constexpr int kThreads = 256;
+
+template <typename E> __global__ void __launch_bounds__(kThreads) k_dist(const __grid_constant__ DistParams p) {
+    extern __shared__ float sm[]; /* cs[D] | red[kThreads / CPR][D] */
+    const Geo g = p.g;
+    const int N = p.N;
+    int b = blockIdx.x;
+    const int n = b % N;
+    b /= N;
+    const int h = b % g.H;
+    b /= g.H;
+    const int l = b % g.L;
+    const int kv = b / g.L;
+    const bool want_ph = p.want & KVM_KVCOMM_WANT_PH, want_pf = p.want & KVM_KVCOMM_WANT_PF;
+    const bool want_pred = (p.want & KVM_KVCOMM_WANT_PRED) && kv == 1;
+    if (!want_ph && !want_pf && !want_pred) return;
+    const int CPR = g.D / 16, RG = kThreads / CPR;
+    const int c = threadIdx.x % CPR, rg = threadIdx.x / CPR;
+    const int Tn = p.a_rows[n], T = p.T, off = Tn - T;
+    const bool rot = kv == 0 && off && p.rotate_tail && want_pf;
+    float *cs = sm, *red = sm + g.D;
+    if (rot) fill_cs(cs, -off, p.inv_freq, g.D);
+    __syncthreads();
+    const E *X = static_cast<const E *>(p.x.data);
+    const E *A = static_cast<const E *>(p.a[n].data);
+    float acc_pf[16];
+#pragma unroll
+    for (int k = 0; k < 16; k++) acc_pf[k] = 0.f;
+    float acc_pred = 0.f;
+    const int lh = l * g.H + h;
+    for (int t0 = 0; t0 < T; t0 += RG) {
+        const int t = t0 + rg;
+        const bool live = t < T;
+        float x[16], ah[16], at[16];
+        float s_abs = 0.f;
+        if (live) {
+            ld16(X + vidx(p.x, g, l, kv, h, t), c, g.D, p.il, x);
+            if (want_ph || want_pred || (want_pf && off == 0)) {
+                ld16(A + vidx(p.a[n], g, l, kv, h, t), c, g.D, p.il, ah);
+#pragma unroll
+                for (int k = 0; k < 16; k++) {
+                    float df = x[k] - ah[k];
+                    s_abs += fabsf(df);
+                    acc_pred += df * df;
+                }
+            }
+            if (want_pf) {
+                if (off == 0) {
+#pragma unroll
+                    for (int k = 0; k < 16; k++) at[k] = ah[k];
+                } else {
+                    ld16(A + vidx(p.a[n], g, l, kv, h, off + t), c, g.D, p.il, at);
+                    if (rot) rot16(at, cs, c, g.D);
+                }
+#pragma unroll
+                for (int k = 0; k < 16; k++) {
+                    float df = x[k] - at[k];
+                    acc_pf[k] += df * df;
+                }
+            }
+        }
+        if (want_ph) {
+            /* the CPR threads of a row are consecutive lanes of one warp (CPR is a power of 2 <= 32) */
+            for (int o = CPR / 2; o > 0; o >>= 1) s_abs += __shfl_xor_sync(0xffffffffu, s_abs, o);
+            if (live && c == 0) p.ph_part[(((size_t)kv * N + n) * (g.L * g.H) + lh) * T + t] = s_abs;
+        }
+    }
+    if (want_pf) {
+#pragma unroll
+        for (int k = 0; k < 16; k++) red[rg * g.D + chunk_elem(c, k, g.D, p.il)] = acc_pf[k];
+        __syncthreads();
+        for (int d = threadIdx.x; d < g.D; d += blockDim.x) {
+            float s = 0.f;
+            for (int r = 0; r < RG; r++) s += red[r * g.D + d];
+            p.d_pf[((((size_t)kv * N + n) * g.L + l) * g.H + h) * g.D + d] = sqrtf(s);
+        }
+    }
+    if (want_pred) {
+        __syncthreads();
+        float s = kvm_warp_sum(acc_pred);
+        if ((threadIdx.x & 31) == 0) red[threadIdx.x / 32] = s;
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            float tot = 0.f;
+            for (int w = 0; w < kThreads / 32; w++) tot += red[w];
+            p.pred_part[(size_t)n * g.L * g.H + lh] = tot;
+        }
+    }
+}
+
+/* d_ph[kv][n][t] = sum over (l,h) of the partials / (L*H*D) */
+__global__ void k_dist_ph_reduce(float *d_ph, const float *part, int N, int LH, int T, float scale) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (size_t)2 * N * T) return;
+    size_t kn = i / T, t = i % T;
+    const float *q = part + kn * LH * T + t;
+    double s = 0;
+    for (int j = 0; j < LH; j++) s += q[(size_t)j * T];
+    d_ph[i] = (float)(s * scale);
+}
+
+__global__ void k_dist_pred_reduce(float *d_pred, const float *part, int LH) {
+    const int n = blockIdx.x;
+    __shared__ double sh[32];
+    double s = 0;
+    for (int j = threadIdx.x; j < LH; j += blockDim.x) s += part[(size_t)n * LH + j];
+    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+    if ((threadIdx.x & 31) == 0) sh[threadIdx.x / 32] = s;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        double tot = 0;
+        for (int w = 0; w < (int)(blockDim.x / 32); w++) tot += sh[w];
+        d_pred[n] = (float)sqrt(tot);
+    }
+}
+
+/* ---- softmax over anchors ------------------------------------------------------------------------------ */
+
+__global__ void k_softmax(float *w, const float *d, int N, size_t cols, int mode) {
+    size_t c = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= cols) return;
+    if (mode == KVM_KVCOMM_NEAREST) {
+        int best = 0;
+        float bv = d[c];
+        for (int i = 1; i < N; i++) {
+            float v = d[(size_t)i * cols + c];
+            if (v < bv) bv = v, best = i;
+        }
+        for (int i = 0; i < N; i++) w[(size_t)i * cols + c] = i == best ? 1.f : 0.f;
+        return;
+    }
+    double mn = d[c];
+    for (int i = 1; i < N; i++) mn = fmin(mn, (double)d[(size_t)i * cols + c]);
+    double sum = 0;
+    for (int i = 0; i < N; i++) sum += exp(-((double)d[(size_t)i * cols + c] - mn));
+    for (int i = 0; i < N; i++) w[(size_t)i * cols + c] = (float)(exp(-((double)d[(size_t)i * cols + c] - mn)) / sum);
+}
+
+/* ---- apply ------------------------------------------------------------------------------------------------ */
+
+struct ApplyParams {
+    Geo g;
+    DView src, dst;
+    int N, per_channel, w_rows, r0, r1, rows_per_block, shift, il;
+    const float *w;
+    const float *inv_freq;
+    DView d[KVM_KVCOMM_MAX_ANCHORS];
+};
+
+template <typename T> __global__ void __launch_bounds__(kThreads) k_apply(const __grid_constant__ ApplyParams p) {
+    extern __shared__ float sm[]; /* cs[D] | wsm[N][D] in chunk order */
+    const Geo g = p.g;
+    int b = blockIdx.y;
+    const int h = b % g.H;
+    b /= g.H;
+    const int kv = b % 2;
+    const int l = b / 2;
+    const int CPR = g.D / 16, RG = kThreads / CPR;
+    const int c = threadIdx.x % CPR, rg = threadIdx.x / CPR;
+    const bool rot = kv == 0 && p.shift != 0;
+    const bool mix = l >= 1 && p.N > 0;
+    float *cs = sm, *wsm = sm + g.D;
+    if (rot) fill_cs(cs, p.shift, p.inv_freq, g.D);
+    if (mix && p.per_channel) {
+        /* weights of (kv, l, h) for every anchor, stored so that thread chunk c reads 16 consecutive floats */
+        for (int e = threadIdx.x; e < p.N * g.D; e += blockDim.x) {
+            int i = e / g.D, q = e % g.D, cc = q / 16, k = q % 16;
+            wsm[e] = p.w[((((size_t)kv * p.N + i) * g.L + l) * g.H + h) * g.D + chunk_elem(cc, k, g.D, p.il)];
+        }
+    }
+    __syncthreads();
+    const T *S = static_cast<const T *>(p.src.data);
+    T *Y = static_cast<T *>(const_cast<void *>(p.dst.data));
+    const int rbeg = p.r0 + blockIdx.x * p.rows_per_block;
+    const int rend = min(p.r1, rbeg + p.rows_per_block);
+    for (int r = rbeg + rg; r < rend; r += RG) {
+        float y[16];
+        ld16(S + vidx(p.src, g, l, kv, h, r), c, g.D, p.il, y);
+        if (mix) {
+#pragma unroll 4
+            for (int i = 0; i < p.N; i++) {
+                float dl[16];
+                ld16(static_cast<const T *>(p.d[i].data) + vidx(p.d[i], g, l, kv, h, r), c, g.D, p.il, dl);
+                if (p.per_channel) {
+                    const float4 *wp = reinterpret_cast<const float4 *>(wsm + (size_t)i * g.D + c * 16);
+                    float wv[16];
+#pragma unroll
+                    for (int q = 0; q < 4; q++) {
+                        float4 f = wp[q];
+                        wv[4 * q] = f.x, wv[4 * q + 1] = f.y, wv[4 * q + 2] = f.z, wv[4 * q + 3] = f.w;
+                    }
+#pragma unroll
+                    for (int k = 0; k < 16; k++) y[k] = __fadd_rn(y[k], __fmul_rn(wv[k], dl[k]));
+                } else {
+                    const float w = p.w[((size_t)kv * p.N + i) * p.w_rows + r];
+#pragma unroll
+                    for (int k = 0; k < 16; k++) y[k] = __fadd_rn(y[k], __fmul_rn(w, dl[k]));
+                }
+            }
+        }
+        if (rot) rot16(y, cs, c, g.D);
+        st16(Y + vidx(p.dst, g, l, kv, h, r), c, g.D, p.il, y);
+    }
+}
+
+/* ---- host side ------------------------------------------------------------------------------------------ */
+
+float *g_part = nullptr; /* dist partials, grow-only */
+size_t g_part_bytes = 0;
+
+float *part_buf(size_t bytes) {
+    if (bytes <= g_part_bytes) return g_part;
+    if (kvm_cuda_capturing()) {
+        kvm_seterr(KVM_EDEVICE, "kvcomm_dist: scratch must grow during graph capture (run once eagerly)");
+        return nullptr;
+    }
+    if (g_part) {
+        cudaStreamSynchronize(g_cuda.stream); /* queued dist kernels may still use it */
+        cudaFree(g_part);
+        g_part = nullptr;
+        g_part_bytes = 0;
+    }
+    void *q = nullptr;
+    if (cudaMalloc(&q, bytes) != cudaSuccess) {
+        cudaGetLastError();
+        kvm_seterr(KVM_ENOMEM, "kvcomm_dist: cudaMalloc of %zu bytes of scratch failed", bytes);
+        return nullptr;
+    }
+    g_part = static_cast<float *>(q);
+    g_part_bytes = bytes;
+    return g_part;
+}
+
+DView to_dview(const kvm_kv_view_t &v) { return DView{v.data, v.blocks, v.start, v.rows, v.l0}; }
+
+int check_common(const kvm_kv_geom_t *g, int N, const char *op) {
+    const int D = g->head_dim;
+    if (g->n_layers <= 0 || g->n_kv_heads <= 0 || D < 16 || D % 16 || D > 512 || ((D / 16) & (D / 16 - 1)))
+        return kvm_seterr(KVM_EUNSUPPORTED, "%s (cuda): head_dim %d is not a power-of-2 multiple of 16 up to 512", op, D);
+    if (N < 0 || N > KVM_KVCOMM_MAX_ANCHORS)
+        return kvm_seterr(KVM_EUNSUPPORTED, "%s (cuda): %d anchors (at most %d)", op, N, KVM_KVCOMM_MAX_ANCHORS);
+    return 0;
+}
+
+int check_view(const kvm_kv_view_t &v, const char *what, const char *op, int rows_needed) {
+    if (!v.data || (reinterpret_cast<uintptr_t>(v.data) & 15))
+        return kvm_seterr(KVM_EINVAL, "%s (cuda): %s data is NULL or not 16-byte aligned", op, what);
+    if (!v.blocks && v.rows < rows_needed)
+        return kvm_seterr(KVM_EINVAL, "%s (cuda): %s has %d rows, %d needed", op, what, v.rows, rows_needed);
+    if (v.blocks && (v.l0 != 0 || v.start < 0))
+        return kvm_seterr(KVM_EINVAL, "%s (cuda): paged %s needs l0 = 0 and start >= 0", op, what);
+    return 0;
+}
+
+int launch_rc(const char *what) {
+    cudaError_t e = cudaGetLastError();
+    if (e != cudaSuccess) return kvm_seterr(KVM_EDEVICE, "%s: %s", what, cudaGetErrorString(e));
+    return 0;
+}
+
+} // namespace
+
+extern "C" int kvm_cuda_kvcomm_dist(const kvm_kvcomm_dist_args_t *a) {
+    KVM_OP("kvcomm_dist");
+    if (!a) return kvm_seterr(KVM_EINVAL, "kvcomm_dist: no arguments");
+    int rc = check_common(&a->g, a->n, "kvcomm_dist");
+    if (rc) return rc;
+    const int L = a->g.n_layers, H = a->g.n_kv_heads, D = a->g.head_dim, N = a->n, T = a->T;
+    if (T <= 0) return kvm_seterr(KVM_EINVAL, "kvcomm_dist: T=%d", T);
+    if (N == 0) return 0;
+    if ((rc = check_view(a->x, "candidate", "kvcomm_dist", T))) return rc;
+    DistParams p;
+    memset(&p, 0, sizeof p);
+    p.g = Geo{L, H, D};
+    p.x = to_dview(a->x);
+    p.T = T;
+    p.N = N;
+    p.want = a->want;
+    p.rotate_tail = a->rotate_tail;
+    p.il = a->layout == KVM_ROPE_INTERLEAVED;
+    p.inv_freq = a->inv_freq;
+    p.d_pf = a->d_pf;
+    for (int n = 0; n < N; n++) {
+        if (a->a_rows[n] < T)
+            return kvm_seterr(KVM_EINVAL, "kvcomm_dist: anchor %d has %d rows, fewer than T=%d", n, a->a_rows[n], T);
+        if ((rc = check_view(a->a[n], "anchor", "kvcomm_dist", a->a_rows[n]))) return rc;
+        p.a[n] = to_dview(a->a[n]);
+        p.a_rows[n] = a->a_rows[n];
+    }
+    if ((a->want & KVM_KVCOMM_WANT_PF) && a->rotate_tail && !a->inv_freq)
+        return kvm_seterr(KVM_EINVAL, "kvcomm_dist: rotate_tail needs inv_freq");
+    const size_t LH = (size_t)L * H;
+    size_t ph_elems = (a->want & KVM_KVCOMM_WANT_PH) ? (size_t)2 * N * LH * T : 0;
+    size_t pred_elems = (a->want & KVM_KVCOMM_WANT_PRED) ? (size_t)N * LH : 0;
+    float *part = part_buf((ph_elems + pred_elems + 64) * sizeof(float));
+    if (!part) return kvm_errcode();
+    p.ph_part = part;
+    p.pred_part = part + ph_elems;
+    const int RG = kThreads / (D / 16);
+    size_t shmem = (size_t)D * sizeof(float) + (size_t)RG * D * sizeof(float);
+    unsigned blocks = (unsigned)((size_t)N * 2 * L * H);
+    cudaStream_t st = g_cuda.stream;
+    switch (a->g.dtype) {
+    case KVM_F32:
+        cudaFuncSetAttribute(k_dist<float>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)shmem);
+        k_dist<float><<<blocks, kThreads, shmem, st>>>(p);
+        break;
+    case KVM_BF16:
+        cudaFuncSetAttribute(k_dist<__nv_bfloat16>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)shmem);
+        k_dist<__nv_bfloat16><<<blocks, kThreads, shmem, st>>>(p);
+        break;
+    default:
+        cudaFuncSetAttribute(k_dist<__half>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)shmem);
+        k_dist<__half><<<blocks, kThreads, shmem, st>>>(p);
+        break;
+    }
+    if ((rc = launch_rc("kvcomm_dist"))) return rc;
+    if (a->want & KVM_KVCOMM_WANT_PH) {
+        size_t n = (size_t)2 * N * T;
+        k_dist_ph_reduce<<<(unsigned)((n + 255) / 256), 256, 0, st>>>(a->d_ph, p.ph_part, N, (int)LH, T,
+                                                                      (float)(1.0 / ((double)LH * D)));
+        if ((rc = launch_rc("kvcomm_dist(ph reduce)"))) return rc;
+    }
+    if (a->want & KVM_KVCOMM_WANT_PRED) {
+        k_dist_pred_reduce<<<(unsigned)N, 256, 0, st>>>(a->d_pred, p.pred_part, (int)LH);
+        if ((rc = launch_rc("kvcomm_dist(pred reduce)"))) return rc;
+    }
+    return 0;
+}
+
+extern "C" int kvm_cuda_kvcomm_softmax(float *w, const float *d, int n, size_t cols, int mode) {
+    KVM_OP("kvcomm_softmax");
+    if (n <= 0) return kvm_seterr(KVM_EINVAL, "kvcomm_softmax: %d anchors", n);
+    if (!cols) return 0;
+    k_softmax<<<(unsigned)((cols + 255) / 256), 256, 0, g_cuda.stream>>>(w, d, n, cols, mode);
+    return launch_rc("kvcomm_softmax");
+}
+
+extern "C" int kvm_cuda_kvcomm_apply(const kvm_kvcomm_apply_args_t *a) {
+    KVM_OP("kvcomm_apply");
+    if (!a) return kvm_seterr(KVM_EINVAL, "kvcomm_apply: no arguments");
+    int rc = check_common(&a->g, a->n, "kvcomm_apply");
+    if (rc) return rc;
+    const int L = a->g.n_layers, H = a->g.n_kv_heads, D = a->g.head_dim, N = a->n;
+    if (a->r0 < 0 || a->r1 < a->r0 || (N > 0 && (!a->w || !a->delta)) || !a->dst_blocks || !a->dst_kv ||
+        a->dst_pos < 0)
+        return kvm_seterr(KVM_EINVAL, "kvcomm_apply: rows [%d, %d), N=%d, dst_pos %d", a->r0, a->r1, N, a->dst_pos);
+    if (a->shift && !a->inv_freq) return kvm_seterr(KVM_EINVAL, "kvcomm_apply: a shift needs inv_freq");
+    if (a->r1 == a->r0) return 0;
+    if ((rc = check_view(a->src, "source", "kvcomm_apply", a->r1))) return rc;
+    ApplyParams p;
+    memset(&p, 0, sizeof p);
+    p.g = Geo{L, H, D};
+    p.src = to_dview(a->src);
+    p.dst = DView{a->dst_kv, a->dst_blocks, a->dst_pos - a->r0, 0, 0};
+    p.N = N;
+    p.per_channel = a->per_channel;
+    p.w_rows = a->w_rows;
+    if (N > 0 && !a->per_channel && a->w_rows < a->r1)
+        return kvm_seterr(KVM_EINVAL, "kvcomm_apply: w_rows %d < r1 %d", a->w_rows, a->r1);
+    p.r0 = a->r0;
+    p.r1 = a->r1;
+    p.shift = a->shift;
+    p.il = a->layout == KVM_ROPE_INTERLEAVED;
+    p.w = a->w;
+    p.inv_freq = a->inv_freq;
+    for (int i = 0; i < N; i++) {
+        if ((rc = check_view(a->delta[i], "delta", "kvcomm_apply", a->r1))) return rc;
+        if (!a->delta[i].blocks && a->delta[i].l0 > 1)
+            return kvm_seterr(KVM_EINVAL, "kvcomm_apply: delta %d starts at layer %d", i, a->delta[i].l0);
+        p.d[i] = to_dview(a->delta[i]);
+    }
+    const int RG = kThreads / (D / 16);
+    p.rows_per_block = RG * 2;
+    size_t shmem = (size_t)D * sizeof(float) + (a->per_channel ? (size_t)N * D * sizeof(float) : 0);
+    if (shmem > 200 * 1024) return kvm_seterr(KVM_EUNSUPPORTED, "kvcomm_apply (cuda): %zu bytes of shared memory", shmem);
+    dim3 grid((unsigned)((a->r1 - a->r0 + p.rows_per_block - 1) / p.rows_per_block), (unsigned)(L * 2 * H));
+    cudaStream_t st = g_cuda.stream;
+    switch (a->g.dtype) {
+    case KVM_F32:
+        cudaFuncSetAttribute(k_apply<float>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)shmem);
+        k_apply<float><<<grid, kThreads, shmem, st>>>(p);
+        break;
+    case KVM_BF16:
+        cudaFuncSetAttribute(k_apply<__nv_bfloat16>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)shmem);
+        k_apply<__nv_bfloat16><<<grid, kThreads, shmem, st>>>(p);
+        break;
+    default:
+        cudaFuncSetAttribute(k_apply<__half>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)shmem);
+        k_apply<__half><<<grid, kThreads, shmem, st>>>(p);
+        break;
+    }
+    return launch_rc("kvcomm_apply");
+}
