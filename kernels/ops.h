@@ -130,6 +130,11 @@ typedef struct kvm_ops {
     int (*kvcomm_softmax)(float *w, const float *d, int n, size_t cols, int mode);
     /* fused offset + RoPE shift + scatter of one piece (placeholder or text segment) into paged KV */
     int (*kvcomm_apply)(const struct kvm_kvcomm_apply_args *a);
+    /* rope_qk over the b->total_rows rows (positions pos) followed by kv_write of k, v, in one pass */
+    void (*rope_qk_kv_write)(float *q, float *k, const float *v, int hq, int hd, const int32_t *pos, const float *inv_freq,
+                             kvm_rope_layout_t layout, void *kv, const kvm_kv_geom_t *g, int layer, const kvm_attn_batch_t *b);
+    /* y[n][W->rows] = (silu(gate) * up)[n][W->cols] @ W^T; gate may be overwritten (scratch) */
+    void (*swiglu_matmul)(float *y, float *gate, const float *up, const kvm_wmat_t *W, int n);
 } kvm_ops_t;
 
 /* ---- KVCOMM op types ------------------------------------------------------------------------------ */

@@ -253,6 +253,17 @@ static void test_matmul_reuses_rounded_activations_only_while_unchanged(void **s
     expect_close("matmul, first use of an input", y1, ref1, (size_t)n * rows, 1e-2);
     expect_close("matmul, same input again", y2, ref1, (size_t)n * rows, 1e-2);
     expect_close("matmul, input changed in place", y3, ref2, (size_t)n * rows, 1e-2);
+    /* a norm over many rows hands its output to the next matmul already rounded to 16 bits */
+    float *nw = rand_vec(cols, 1.0f), *normed = malloc((size_t)n * cols * 4), *ref4 = malloc((size_t)n * rows * 4);
+    C->rmsnorm(normed, sum, nw, n, cols, 1e-5f);
+    C->matmul(ref4, normed, &W, NULL, n);
+    float *dnw = dev_from(nw, (size_t)cols * 4), *dy4 = dev_poisoned((size_t)n * rows);
+    G->rmsnorm(dx2, dx, dnw, n, cols, 1e-5f);
+    G->matmul(dy4, dx2, &GW, NULL, n);
+    float *y4 = host_from(dy4, (size_t)n * rows);
+    expect_close("matmul after rmsnorm (rounded by the norm)", y4, ref4, (size_t)n * rows, 1e-2);
+    G->free(dnw), G->free(dy4);
+    free(nw), free(normed), free(ref4), free(y4);
     G->free(dw), G->free(dx), G->free(dx2), G->free(dy1), G->free(dy2), G->free(dy3);
     free(wf), free(x), free(x2), free(wh), free(ref1), free(sum), free(ref2), free(y1), free(y2), free(y3);
 }
@@ -352,6 +363,74 @@ static void test_rope_of_q_and_k_in_one_pass_matches_two_cpu_ropes(void **st) {
     expect_close("rope_qk: k", gk, k, (size_t)N * HK * hd, 1e-6);
     G->free(dq), G->free(dk), G->free(dinv), G->free(dpos);
     free(q), free(k), free(inv), free(gq), free(gk);
+}
+
+/* rope of q and k then kv_write, fused, against the three CPU ops (decode-like batch: 3 sequences) */
+static void test_fused_rope_and_kv_write_match_cpu(void **st) {
+    (void)st;
+    NEED_GPU();
+    const int HQ = 8, HK = 2, hd = 64, L = 2, layer = 1, half = hd / 2, nb = 8;
+    kvm_kv_geom_t g = {.n_layers = L, .n_kv_heads = HK, .head_dim = hd, .dtype = KVM_BF16};
+    int32_t rs[4] = {0, 1, 4, 5}, cl[3] = {17, 3, 40}, bt[3 * 3] = {5, 2, -1, 7, -1, -1, 0, 1, 3};
+    int32_t pos[5] = {16, 0, 1, 2, 39};
+    const int rows = 5;
+    float *q = rand_vec((size_t)rows * HQ * hd, 1.0f), *k = rand_vec((size_t)rows * HK * hd, 1.0f);
+    float *v = rand_vec((size_t)rows * HK * hd, 1.0f), *inv = malloc(half * 4);
+    for (int j = 0; j < half; j++) inv[j] = (float)pow(10000.0, -2.0 * j / hd);
+    size_t pool_elems = (size_t)nb * L * 2 * HK * KVM_KV_BLOCK * hd;
+    uint16_t *pool = calloc(pool_elems, 2);
+    float *dq = dev_from(q, (size_t)rows * HQ * hd * 4), *dk = dev_from(k, (size_t)rows * HK * hd * 4);
+    float *dv = dev_from(v, (size_t)rows * HK * hd * 4), *dinv = dev_from(inv, half * 4);
+    int32_t *dpos = dev_from(pos, sizeof pos);
+    void *dpool = dev_from(pool, pool_elems * 2);
+    kvm_attn_batch_t cb = {.n_seqs = 3, .row_start = rs, .ctx_len = cl, .block_table = bt, .max_blocks = 3, .total_rows = rows,
+                           .h_row_start = rs, .h_ctx_len = cl, .h_block_table = bt};
+    kvm_attn_batch_t gb = cb;
+    gb.row_start = dev_from(rs, sizeof rs);
+    gb.ctx_len = dev_from(cl, sizeof cl);
+    gb.block_table = dev_from(bt, sizeof bt);
+    C->rope(q, rows, HQ, hd, pos, inv, KVM_ROPE_HALF);
+    C->rope(k, rows, HK, hd, pos, inv, KVM_ROPE_HALF);
+    C->kv_write(pool, &g, layer, k, v, &cb);
+    G->rope_qk_kv_write(dq, dk, dv, HQ, hd, dpos, dinv, KVM_ROPE_HALF, dpool, &g, layer, &gb);
+    float *gq = host_from(dq, (size_t)rows * HQ * hd);
+    uint16_t *gp = malloc(pool_elems * 2);
+    assert_int_equal(G->d2h(gp, dpool, pool_elems * 2), 0);
+    expect_close("rope_qk_kv_write: q", gq, q, (size_t)rows * HQ * hd, 1e-6);
+    printf("  %-44s %s\n", "rope_qk_kv_write: cache", memcmp(gp, pool, pool_elems * 2) ? "DIFFERS" : "identical");
+    assert_memory_equal(gp, pool, pool_elems * 2);
+    G->free(dq), G->free(dk), G->free(dv), G->free(dinv), G->free(dpos), G->free(dpool);
+    G->free((void *)gb.row_start), G->free((void *)gb.ctx_len), G->free((void *)gb.block_table);
+    free(q), free(k), free(v), free(inv), free(pool), free(gq), free(gp);
+}
+
+static void check_swiglu_matmul(kvm_dtype_t dt, int n, double tol) {
+    const int rows = 256, cols = 1024;
+    float *g = rand_vec((size_t)n * cols, 3.0f), *u = rand_vec((size_t)n * cols, 1.0f), *wf = rand_vec((size_t)rows * cols, 0.05f);
+    void *wh = to_dtype(wf, (size_t)rows * cols, dt);
+    kvm_wmat_t W = {.data = wh, .dtype = dt, .rows = rows, .cols = cols};
+    float *act = malloc((size_t)n * cols * 4), *ref = malloc((size_t)n * rows * 4);
+    C->swiglu(act, g, u, (size_t)n * cols);
+    C->matmul(ref, act, &W, NULL, n);
+    float *dg = dev_from(g, (size_t)n * cols * 4), *du = dev_from(u, (size_t)n * cols * 4), *dy = dev_poisoned((size_t)n * rows);
+    void *dw = dev_from(wh, (size_t)rows * cols * kvm_dtype_size(dt));
+    kvm_wmat_t GW = {.data = dw, .dtype = dt, .rows = rows, .cols = cols};
+    G->swiglu_matmul(dy, dg, du, &GW, n);
+    float *y = host_from(dy, (size_t)n * rows);
+    char what[80];
+    snprintf(what, sizeof what, "swiglu_matmul %s, %d rows", kvm_dtype_name(dt), n);
+    expect_close(what, y, ref, (size_t)n * rows, tol);
+    G->free(dg), G->free(du), G->free(dy), G->free(dw);
+    free(g), free(u), free(wf), free(wh), free(act), free(ref), free(y);
+}
+
+static void test_swiglu_then_down_projection_matches_cpu(void **st) {
+    (void)st;
+    NEED_GPU();
+    check_swiglu_matmul(KVM_BF16, 1, 1e-2);   /* fp32 swiglu + GEMV */
+    check_swiglu_matmul(KVM_BF16, 16, 1e-2);  /* 16-bit activation + skinny mma */
+    check_swiglu_matmul(KVM_F16, 100, 1e-2);  /* 16-bit activation + cuBLAS */
+    check_swiglu_matmul(KVM_F32, 7, 1e-5);    /* fp32 mode */
 }
 
 static void test_rope_matches_cpu_in_both_layouts_at_large_positions(void **st) {
@@ -641,6 +720,8 @@ int main(void) {
         cmocka_unit_test(test_matmul_f16_matches_cpu),
         cmocka_unit_test(test_fused_matmul_of_three_matrices_matches_three_cpu_matmuls),
         cmocka_unit_test(test_rope_of_q_and_k_in_one_pass_matches_two_cpu_ropes),
+        cmocka_unit_test(test_fused_rope_and_kv_write_match_cpu),
+        cmocka_unit_test(test_swiglu_then_down_projection_matches_cpu),
         cmocka_unit_test(test_rope_matches_cpu_in_both_layouts_at_large_positions),
         cmocka_unit_test(test_attention_fp32_matches_cpu_on_mixed_batches),
         cmocka_unit_test(test_attention_16bit_decode_kernels_match_cpu_on_decode_batches),

@@ -51,6 +51,7 @@ __global__ void __launch_bounds__(SPLIT_WARPS * 32)
                  const int32_t *__restrict__ ctx_len, const int32_t *__restrict__ block_table, int n_seqs, int max_blocks,
                  float scale, int n_splits, int chunk) {
     __shared__ float sm_m[SPLIT_WARPS][SPLIT_GMAX], sm_l[SPLIT_WARPS][SPLIT_GMAX];
+    kvm_pdl_trigger();
     __shared__ float sm_acc[SPLIT_WARPS][SPLIT_GMAX][32 * DPL];
     const int split = blockIdx.y;
     const int hc = blockIdx.x % hchunks, kh = (blockIdx.x / hchunks) % H, r = blockIdx.x / (hchunks * H);
@@ -184,6 +185,7 @@ __global__ void __launch_bounds__(128)
                 const int32_t *__restrict__ ctx_len, const int32_t *__restrict__ block_table, int n_seqs, int max_blocks,
                 float scale, int n_splits, int chunk) {
     constexpr int DP = D + 8;
+    kvm_pdl_trigger();
     constexpr int OUTS = (SPLIT_GMAX * D / 4 + 127) / 128; /* float4 outputs per thread, at most */
     __shared__ __align__(16) T Ks[TL_TOK][DP];
     __shared__ __align__(16) T Vs[TL_TOK][DP];
@@ -335,6 +337,7 @@ __global__ void __launch_bounds__(128)
 
 /* Combines the n_splits partial results (m, l, acc[D]) of each (row, head). */
 __global__ void k_attn_merge(float *__restrict__ out, const float *__restrict__ partial, int D, int n_splits) {
+    kvm_pdl_trigger();
     const int wi = blockIdx.x;
     const float *pp = partial + (size_t)wi * n_splits * (D + 2);
     float M = -INFINITY;
@@ -405,6 +408,7 @@ __global__ void __launch_bounds__(128)
                int heads, int group, const int32_t *__restrict__ row_start, const int32_t *__restrict__ ctx_len,
                const int32_t *__restrict__ block_table, int max_blocks, float scale_log2) {
     constexpr int DP = D + 8; /* padded row (bank-conflict free fragment loads) */
+    kvm_pdl_trigger();
     extern __shared__ __align__(16) unsigned char mma_smem[];
     T(*Ksb)[MMA_K][DP] = reinterpret_cast<T(*)[MMA_K][DP]>(mma_smem);
     T(*Vsb)[MMA_K][DP] = reinterpret_cast<T(*)[MMA_K][DP]>(mma_smem + (size_t)2 * MMA_K * DP * sizeof(T));

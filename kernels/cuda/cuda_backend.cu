@@ -13,6 +13,15 @@
 
 kvm_cuda_ctx g_cuda;
 
+int kvm_cuda_pdl_enabled(void) {
+    static int on = -1;
+    if (on < 0) {
+        const char *e = getenv("KVM_CUDA_PDL");
+        on = !(e && !strcmp(e, "0"));
+    }
+    return on;
+}
+
 int kvm_cuda_fail(int code, const char *fmt, ...) {
     if (g_cuda.err_code == 0) {
         va_list ap;
@@ -386,5 +395,7 @@ static kvm_ops_t make_ops(void) {
     o.kvcomm_dist = kvm_cuda_kvcomm_dist;
     o.kvcomm_softmax = kvm_cuda_kvcomm_softmax;
     o.kvcomm_apply = kvm_cuda_kvcomm_apply;
+    o.rope_qk_kv_write = kvm_cuda_rope_qk_kv_write;
+    o.swiglu_matmul = kvm_cuda_swiglu_matmul;
     return o;
 }

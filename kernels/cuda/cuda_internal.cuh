@@ -12,6 +12,7 @@
 #include <cublas_v2.h>
 #include <stdint.h>
 #include <stddef.h>
+#include <string.h>
 
 extern "C" {
 #include "../ops.h"
@@ -61,6 +62,10 @@ struct KvmProfScope {
 #define KVM_PROF(name) KvmProfScope kvm_prof_scope_(name)
 /* Every op but matmul starts with KVM_OP: it may write memory that matmul's cached 16-bit copy came from. */
 void kvm_cuda_touch(void);
+/* The 16-bit dtype matmul last rounded its input to (KVM_F32 before the first), and a way for a producer
+ * op to declare that scratch already holds src[n] rounded to dt (the next matmul on src then reuses it). */
+kvm_dtype_t kvm_cuda_half_dtype(void);
+void kvm_cuda_set_rounded(const float *src, size_t n, kvm_dtype_t dt);
 #define KVM_OP(name)      \
     kvm_cuda_touch();     \
     KVM_PROF(name)
@@ -74,6 +79,10 @@ void kvm_cuda_rope(float *x, int n, int heads, int hd, const int32_t *pos, const
 void kvm_cuda_rope_qk(float *q, float *k, int n, int hq, int hk, int hd, const int32_t *pos, const float *inv_freq,
                       kvm_rope_layout_t layout);
 void kvm_cuda_swiglu(float *out, const float *gate, const float *up, size_t n);
+void kvm_cuda_rope_qk_kv_write(float *q, float *k, const float *v, int hq, int hd, const int32_t *pos, const float *inv_freq,
+                               kvm_rope_layout_t layout, void *kv, const kvm_kv_geom_t *g, int layer, const kvm_attn_batch_t *b);
+/* act[i] = silu(gate[i]) * up[i] rounded to T (the 16-bit input of the down projection) */
+void kvm_cuda_swiglu_half(void *act, kvm_dtype_t dt, const float *gate, const float *up, size_t n);
 void kvm_cuda_add(float *x, const float *y, size_t n);
 void kvm_cuda_add_rmsnorm(float *x, const float *y, float *out, const float *w, int n, int dim, float eps);
 void kvm_cuda_kv_write(void *kv, const kvm_kv_geom_t *g, int layer, const float *k, const float *v, const kvm_attn_batch_t *b);
@@ -84,11 +93,36 @@ void kvm_cuda_argmax_rows(int32_t *out, const float *x, int rows, int n);
 int kvm_cuda_fill_synthetic(void *dst, kvm_dtype_t dt, size_t n, uint64_t seed, float stddev, float mean);
 /* cuda_matmul.cu */
 void kvm_cuda_matmul(float *y, const float *x, const kvm_wmat_t *W, const float *bias, int n);
+void kvm_cuda_swiglu_matmul(float *y, float *gate, const float *up, const kvm_wmat_t *W, int n);
 void kvm_cuda_matmul_multi(int count, float *const *y, const kvm_wmat_t *const *W, const float *const *bias, const float *x,
                            int n);
 /* cuda_attention.cu */
 void kvm_cuda_attention(float *out, const float *q, const void *kv, const kvm_kv_geom_t *g, int layer, int heads,
                         const kvm_attn_batch_t *b, float scale);
+
+/* ---- programmatic dependent launch (PDL) --------------------------------------------------------------
+ * Every kernel lets the next one launch early (kvm_pdl_trigger at its start); kernels launched with the PDL
+ * attribute (the GEMV/skinny GEMMs: kvm_launch_pdl) prefetch their weights, then kvm_pdl_wait for the
+ * previous kernel to finish and its writes to be visible before reading activations. A kernel launched
+ * without the attribute is ordered by the stream as usual (the wait is then a no-op). */
+__device__ __forceinline__ void kvm_pdl_trigger() { asm volatile("griddepcontrol.launch_dependents;" ::: "memory"); }
+__device__ __forceinline__ void kvm_pdl_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
+int kvm_cuda_pdl_enabled(void); /* KVM_CUDA_PDL=0 turns it off */
+template <typename... KArgs, typename... Args>
+static inline cudaError_t kvm_launch_pdl(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, Args... args) {
+    cudaLaunchConfig_t cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.gridDim = grid;
+    cfg.blockDim = block;
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = g_cuda.stream;
+    cudaLaunchAttribute at[1];
+    at[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    at[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = at;
+    cfg.numAttrs = kvm_cuda_pdl_enabled() ? 1 : 0;
+    return cudaLaunchKernelEx(&cfg, kernel, ((KArgs)args)...);
+}
 
 /* ---- small device helpers --------------------------------------------------------------------- */
 template <typename T> __device__ __forceinline__ float kvm_to_f32(T v);

@@ -20,6 +20,7 @@ static inline unsigned grid_for(size_t n, int threads) {
 
 template <typename T>
 __global__ void k_embed(float *__restrict__ out, const T *__restrict__ table, const int32_t *__restrict__ ids, int dim) {
+    kvm_pdl_trigger();
     const int r = blockIdx.x;
     const T *src = table + (size_t)ids[r] * dim;
     float *o = out + (size_t)r * dim;
@@ -48,9 +49,18 @@ __device__ __forceinline__ float block_sum(float v, float *sh) {
     return kvm_warp_sum(t);
 }
 
-/* One block per row; optional residual add first (x += y) when y != NULL. */
+static int norm_threads(int dim) {
+    int t = 32;
+    while (t < dim / 4 && t < 1024) t *= 2;
+    return t;
+}
+
+/* One block per row; optional residual add first (x += y) when y != NULL; optionally also writes the
+ * output rounded to 16 bits (outh, the input of the next matmul) when outh != NULL. */
+template <typename TH>
 __global__ void k_rmsnorm(float *__restrict__ out, float *x, const float *__restrict__ y, const float *__restrict__ w,
-                          int dim, float eps) {
+                          int dim, float eps, TH *__restrict__ outh) {
+    kvm_pdl_trigger();
     __shared__ float sh[32];
     const size_t base = (size_t)blockIdx.x * dim;
     float ss = 0.0f;
@@ -64,7 +74,28 @@ __global__ void k_rmsnorm(float *__restrict__ out, float *x, const float *__rest
     }
     ss = block_sum(ss, sh);
     const float inv = 1.0f / sqrtf(ss / (float)dim + eps);
-    for (int i = threadIdx.x; i < dim; i += blockDim.x) out[base + i] = w[i] * (x[base + i] * inv);
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) {
+        const float o = w[i] * (x[base + i] * inv);
+        out[base + i] = o;
+        if (outh) outh[base + i] = kvm_from_f32<TH>(o);
+    }
+}
+
+/* Rows above which a norm also writes its output rounded to 16 bits for the matmul that follows (prefill). */
+#define KVM_NORM_HALF_MIN_ROWS 17
+
+static void launch_rmsnorm(float *out, float *x, const float *y, const float *w, int n, int dim, float eps) {
+    const kvm_dtype_t hd = kvm_cuda_half_dtype();
+    void *xh = NULL;
+    if (n >= KVM_NORM_HALF_MIN_ROWS && hd != KVM_F32) xh = kvm_cuda_scratch((size_t)n * dim * 2);
+    if (xh && hd == KVM_BF16)
+        k_rmsnorm<__nv_bfloat16><<<n, norm_threads(dim), 0, S>>>(out, x, y, w, dim, eps, (__nv_bfloat16 *)xh);
+    else if (xh)
+        k_rmsnorm<__half><<<n, norm_threads(dim), 0, S>>>(out, x, y, w, dim, eps, (__half *)xh);
+    else
+        k_rmsnorm<__half><<<n, norm_threads(dim), 0, S>>>(out, x, y, w, dim, eps, (__half *)NULL);
+    if (KVM_CU_LAUNCH("rmsnorm")) return;
+    if (xh) kvm_cuda_set_rounded(out, (size_t)n * dim, hd);
 }
 
 /* One warp per row of hd (head RMSNorm), in place. */
@@ -79,24 +110,17 @@ __global__ void k_head_rmsnorm(float *x, const float *__restrict__ w, int rows, 
     for (int i = lane; i < hd; i += 32) p[i] = w[i] * (p[i] * inv);
 }
 
-static int norm_threads(int dim) {
-    int t = 32;
-    while (t < dim / 4 && t < 1024) t *= 2;
-    return t;
-}
 
 void kvm_cuda_rmsnorm(float *out, const float *x, const float *w, int n, int dim, float eps) {
     KVM_OP("rmsnorm");
     if (n <= 0) return;
-    k_rmsnorm<<<n, norm_threads(dim), 0, S>>>(out, (float *)x, NULL, w, dim, eps);
-    KVM_CU_LAUNCH("rmsnorm");
+    launch_rmsnorm(out, (float *)x, NULL, w, n, dim, eps);
 }
 
 void kvm_cuda_add_rmsnorm(float *x, const float *y, float *out, const float *w, int n, int dim, float eps) {
     KVM_OP("add_rmsnorm");
     if (n <= 0) return;
-    k_rmsnorm<<<n, norm_threads(dim), 0, S>>>(out, x, y, w, dim, eps);
-    KVM_CU_LAUNCH("add_rmsnorm");
+    launch_rmsnorm(out, x, y, w, n, dim, eps);
 }
 
 void kvm_cuda_head_rmsnorm(float *x, const float *w, int n, int heads, int hd, float eps) {
@@ -120,6 +144,7 @@ __device__ __forceinline__ void rot(float *a, float *b, float c, float s) {
  * heads2 of them, when x2 != NULL) is rotated. */
 __global__ void k_rope(float *x, int heads, float *x2, int heads2, int hd, const int32_t *__restrict__ pos,
                        const float *__restrict__ inv_freq, int interleaved) {
+    kvm_pdl_trigger();
     extern __shared__ float cs[]; /* [half] cos, [half] sin */
     const int t = blockIdx.x, half = hd / 2;
     const double p = (double)pos[t];
@@ -160,6 +185,7 @@ void kvm_cuda_rope_qk(float *q, float *k, int n, int hq, int hk, int hd, const i
 /* ---- elementwise ------------------------------------------------------------------------------------------ */
 
 __global__ void k_swiglu(float *__restrict__ out, const float *__restrict__ gate, const float *__restrict__ up, size_t n) {
+    kvm_pdl_trigger();
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
         float g = gate[i];
         out[i] = (g / (1.0f + expf(-g))) * up[i];
@@ -167,7 +193,24 @@ __global__ void k_swiglu(float *__restrict__ out, const float *__restrict__ gate
 }
 
 __global__ void k_add(float *x, const float *__restrict__ y, size_t n) {
+    kvm_pdl_trigger();
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) x[i] += y[i];
+}
+
+template <typename T>
+__global__ void k_swiglu_half(T *__restrict__ out, const float *__restrict__ gate, const float *__restrict__ up, size_t n) {
+    kvm_pdl_trigger();
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        float g = gate[i];
+        out[i] = kvm_from_f32<T>((g / (1.0f + expf(-g))) * up[i]);
+    }
+}
+
+void kvm_cuda_swiglu_half(void *act, kvm_dtype_t dt, const float *gate, const float *up, size_t n) {
+    if (!n) return; /* called by swiglu_matmul, which profiles it and owns the scratch it writes */
+    if (dt == KVM_BF16) k_swiglu_half<__nv_bfloat16><<<grid_for(n, 256), 256, 0, S>>>((__nv_bfloat16 *)act, gate, up, n);
+    else k_swiglu_half<__half><<<grid_for(n, 256), 256, 0, S>>>((__half *)act, gate, up, n);
+    KVM_CU_LAUNCH("swiglu to 16 bit");
 }
 
 void kvm_cuda_swiglu(float *out, const float *gate, const float *up, size_t n) {
@@ -233,6 +276,61 @@ void kvm_cuda_kv_write(void *kv, const kvm_kv_geom_t *g, int layer, const float 
         k_kv_write<__half><<<b->total_rows, 128, 0, S>>>((__half *)kv, L, H, D, layer, k, v, b->row_start, b->ctx_len,
                                                          b->block_table, b->n_seqs, b->max_blocks);
     KVM_CU_LAUNCH("kv_write");
+}
+
+/* Block per row: RoPE of its q and k heads (cos/sin of its position once, in fp64 reduced to [-pi, pi)),
+ * then its k and v heads go to the cache at the row's position (as k_kv_write). */
+template <typename T>
+__global__ void k_rope_kv(float *q, float *k, const float *__restrict__ v, int hq, int hk, int hd,
+                          const int32_t *__restrict__ pos, const float *__restrict__ inv_freq, int interleaved, T *kv, int L,
+                          int layer, const int32_t *__restrict__ row_start, const int32_t *__restrict__ ctx_len,
+                          const int32_t *__restrict__ block_table, int n_seqs, int max_blocks) {
+    kvm_pdl_trigger();
+    extern __shared__ float cs[];
+    const int r = blockIdx.x, half = hd / 2;
+    const double p = (double)pos[r];
+    for (int j = threadIdx.x; j < half; j += blockDim.x) {
+        double a = kvm_rope_angle_dev(p, inv_freq[j]);
+        double sn, cn;
+        sincos(a, &sn, &cn);
+        cs[j] = (float)cn;
+        cs[half + j] = (float)sn;
+    }
+    __syncthreads();
+    float *qr = q + (size_t)r * hq * hd, *kr = k + (size_t)r * hk * hd;
+    for (int i = threadIdx.x; i < (hq + hk) * half; i += blockDim.x) {
+        int h = i / half, j = i % half;
+        float *x = h < hq ? qr + (size_t)h * hd : kr + (size_t)(h - hq) * hd;
+        if (interleaved) rot(&x[2 * j], &x[2 * j + 1], cs[j], cs[half + j]);
+        else rot(&x[j], &x[j + half], cs[j], cs[half + j]);
+    }
+    __syncthreads();
+    const int s = seq_of_row(row_start, n_seqs, r);
+    const int r0 = row_start[s], r1 = row_start[s + 1];
+    const int ps = ctx_len[s] - (r1 - r0) + (r - r0);
+    const int32_t blk = block_table[(size_t)s * max_blocks + ps / KVM_KV_BLOCK];
+    const int t = ps % KVM_KV_BLOCK;
+    for (int i = threadIdx.x; i < hk * hd; i += blockDim.x) {
+        int h = i / hd, d = i % hd;
+        kv[kv_index(L, hk, hd, blk, layer, 0, h, t) + d] = kvm_from_f32<T>(kr[i]);
+        kv[kv_index(L, hk, hd, blk, layer, 1, h, t) + d] = kvm_from_f32<T>(v[(size_t)r * hk * hd + i]);
+    }
+}
+
+void kvm_cuda_rope_qk_kv_write(float *q, float *k, const float *v, int hq, int hd, const int32_t *pos, const float *inv_freq,
+                               kvm_rope_layout_t layout, void *kv, const kvm_kv_geom_t *g, int layer, const kvm_attn_batch_t *b) {
+    KVM_OP("rope q+k, kv_write");
+    if (b->total_rows <= 0) return;
+    const int il = layout == KVM_ROPE_INTERLEAVED, hk = g->n_kv_heads;
+    const size_t sh = (size_t)hd * sizeof(float);
+#define KVM_RKV(TT)                                                                                                      \
+    k_rope_kv<TT><<<b->total_rows, 256, sh, S>>>(q, k, v, hq, hk, hd, pos, inv_freq, il, (TT *)kv, g->n_layers, layer,     \
+                                                  b->row_start, b->ctx_len, b->block_table, b->n_seqs, b->max_blocks)
+    if (g->dtype == KVM_F32) KVM_RKV(float);
+    else if (g->dtype == KVM_BF16) KVM_RKV(__nv_bfloat16);
+    else KVM_RKV(__half);
+#undef KVM_RKV
+    KVM_CU_LAUNCH("rope q+k, kv_write");
 }
 
 /* Block per (token, layer): the token's cos/sin table in shared memory, then every KV head's key rotated

@@ -22,6 +22,7 @@
 
 template <typename T>
 __global__ void k_to_half(T *__restrict__ dst, const float *__restrict__ src, size_t n) {
+    kvm_pdl_trigger();
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
         dst[i] = kvm_from_f32<T>(src[i]);
 }
@@ -91,6 +92,11 @@ __global__ void __launch_bounds__(128) k_gemv(const mm_segs<T> sg, const float *
 #pragma unroll
     for (int r = 0; r < R; r++) wr[r] = reinterpret_cast<const uint4 *>(W + (size_t)min(row0 + r, rows - 1) * cols);
     const int nvec = cols / 8;
+    /* the weights do not depend on the previous kernel: start pulling them into L2 before waiting for it */
+    for (int pv = lane; pv < nvec && pv < 32 * 16; pv += 32)
+#pragma unroll
+        for (int r = 0; r < R; r++) asm volatile("prefetch.global.L2 [%0];" ::"l"(wr[r] + pv));
+    kvm_pdl_wait();
     int v = lane;
     for (; v + 32 * (UNROLL - 1) < nvec; v += 32 * UNROLL) {
         uint4 wv[UNROLL][R];
@@ -160,7 +166,7 @@ static void launch_gemv(mm_segs<T> sg, const float *x, int cols) {
         u += (sg.rows[i] + R - 1) / R;
     }
     sg.start[sg.nseg] = u;
-    k_gemv<T, M, R, (M <= 2 ? 4 : 2)><<<(u + 3) / 4, 128, 0, S>>>(sg, x, cols);
+    kvm_launch_pdl(k_gemv<T, M, R, (M <= 2 ? 4 : 2)>, dim3((u + 3) / 4), dim3(128), 0, sg, x, cols);
 }
 
 template <typename T>
@@ -224,6 +230,11 @@ __global__ void __launch_bounds__(SK_WARPS * 32) k_skinny(const mm_segs<T> sg, c
 #pragma unroll
     for (int j = 0; j < NT; j++) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
     const int nchunks = cols / 32;
+    for (int pc = warp; pc < nchunks && pc < warp + 8 * SK_WARPS; pc += SK_WARPS) { /* weights first (see k_gemv) */
+        asm volatile("prefetch.global.L2 [%0];" ::"l"(wa_p + pc * 4));
+        asm volatile("prefetch.global.L2 [%0];" ::"l"(wb_p + pc * 4));
+    }
+    kvm_pdl_wait();
     int c = warp;
     for (; c + SK_WARPS < nchunks; c += 2 * SK_WARPS) {
         const uint4 wa0 = __ldcs(wa_p + c * 4), wb0 = __ldcs(wb_p + c * 4);
@@ -282,8 +293,8 @@ static void skinny_dispatch(mm_segs<T> sg, const T *xh, int cols, int n) {
         u += (sg.rows[i] + 15) / 16;
     }
     sg.start[sg.nseg] = u;
-    if (n <= 8) k_skinny<T, 1><<<u, SK_WARPS * 32, 0, S>>>(sg, xh, cols, n);
-    else k_skinny<T, 2><<<u, SK_WARPS * 32, 0, S>>>(sg, xh, cols, n);
+    if (n <= 8) kvm_launch_pdl(k_skinny<T, 1>, dim3(u), dim3(SK_WARPS * 32), 0, sg, xh, cols, n);
+    else kvm_launch_pdl(k_skinny<T, 2>, dim3(u), dim3(SK_WARPS * 32), 0, sg, xh, cols, n);
 }
 
 /* The activations last rounded to 16 bits (q, k and v, or gate and up, share one input): reused while no
@@ -291,7 +302,14 @@ static void skinny_dispatch(mm_segs<T> sg, const T *xh, int cols, int n) {
 static const float *g_xh_src;
 static size_t g_xh_n;
 static kvm_dtype_t g_xh_dt;
+static kvm_dtype_t g_last_half = KVM_F32; /* dtype of the last 16-bit rounding (the model's weight dtype) */
 void kvm_cuda_touch(void) { g_xh_src = NULL; }
+kvm_dtype_t kvm_cuda_half_dtype(void) { return g_last_half; }
+void kvm_cuda_set_rounded(const float *src, size_t n, kvm_dtype_t dt) {
+    g_xh_src = src;
+    g_xh_n = n;
+    g_xh_dt = dt;
+}
 
 static const void *rounded_input(const float *x, size_t nx, kvm_dtype_t dt) {
     void *xh = kvm_cuda_scratch(nx * 2);
@@ -306,6 +324,7 @@ static const void *rounded_input(const float *x, size_t nx, kvm_dtype_t dt) {
     g_xh_src = x;
     g_xh_n = nx;
     g_xh_dt = dt;
+    g_last_half = dt;
     return xh;
 }
 
@@ -330,7 +349,7 @@ static const char *blas_status(cublasStatus_t st) {
 }
 
 /* cuBLAS for one matrix (fp32 SGEMM, or 16-bit GemmEx on the rounded input), then the bias. */
-static void matmul_blas(float *y, const float *x, const kvm_wmat_t *W, const float *bias, int n) {
+static void matmul_blas(float *y, const float *x, const kvm_wmat_t *W, const float *bias, int n, const void *xh_given) {
     const int rows = W->rows, cols = W->cols;
     const float one = 1.0f, zero = 0.0f;
     cublasStatus_t st;
@@ -338,7 +357,7 @@ static void matmul_blas(float *y, const float *x, const kvm_wmat_t *W, const flo
         st = cublasSgemm(g_cuda.blas, CUBLAS_OP_T, CUBLAS_OP_N, rows, n, cols, &one, (const float *)W->data, cols, x, cols,
                          &zero, y, rows);
     } else {
-        const void *xh = rounded_input(x, (size_t)n * cols, W->dtype);
+        const void *xh = xh_given ? xh_given : rounded_input(x, (size_t)n * cols, W->dtype);
         if (!xh) return;
         cudaDataType_t dt = W->dtype == KVM_BF16 ? CUDA_R_16BF : CUDA_R_16F;
         st = cublasGemmEx(g_cuda.blas, CUBLAS_OP_T, CUBLAS_OP_N, rows, n, cols, &one, W->data, dt, cols, xh, dt, cols, &zero,
@@ -413,7 +432,7 @@ static void matmul_segments(int count, float *const *y, const kvm_wmat_t *const 
         KVM_CU_LAUNCH(use_skinny ? "skinny mma gemm" : "gemv");
         return;
     }
-    for (int i = 0; i < count; i++) matmul_blas(y[i], x, W[i], bias ? bias[i] : NULL, n);
+    for (int i = 0; i < count; i++) matmul_blas(y[i], x, W[i], bias ? bias[i] : NULL, n, NULL);
 }
 
 void kvm_cuda_matmul(float *y, const float *x, const kvm_wmat_t *W, const float *bias, int n) {
@@ -430,4 +449,52 @@ void kvm_cuda_matmul_multi(int count, float *const *y, const kvm_wmat_t *const *
             return;
         }
     for (int i = 0; i < count; i += 4) matmul_segments(count - i < 4 ? count - i : 4, y + i, W + i, bias ? bias + i : NULL, x, n);
+}
+
+/* The down projection of the MLP with SwiGLU in front. With 16-bit weights and more than one row, the
+ * activation silu(gate) * up goes straight to 16 bits in scratch (no fp32 copy, no second rounding pass);
+ * otherwise SwiGLU runs in fp32 into gate, then the matmul. */
+void kvm_cuda_swiglu_matmul(float *y, float *gate, const float *up, const kvm_wmat_t *W, int n) {
+    const int rows = W->rows, cols = W->cols;
+    if (n <= 0 || rows <= 0 || cols <= 0) return;
+    const bool half_in = W->dtype != KVM_F32 && n > 1 && (cols % 32) == 0 && ((uintptr_t)W->data % 16) == 0;
+    if (!half_in) {
+        kvm_cuda_swiglu(gate, gate, up, (size_t)n * cols);
+        kvm_cuda_matmul(y, gate, W, NULL, n);
+        return;
+    }
+    kvm_cuda_touch(); /* scratch is about to hold this activation */
+    void *xh = kvm_cuda_scratch((size_t)n * cols * 2);
+    if (!xh) return;
+    {
+        KVM_PROF("swiglu to 16 bit");
+        kvm_cuda_swiglu_half(xh, W->dtype, gate, up, (size_t)n * cols);
+    }
+    const bool skinny = n <= 16 && skinny_mode() != 1;
+    char pname[112];
+    if (g_kvm_prof_on)
+        snprintf(pname, sizeof pname, "matmul %s %dx%d m=%d %s", kvm_dtype_name(W->dtype), rows, cols, n, skinny ? "mma" : "cublas");
+    KVM_PROF(g_kvm_prof_on ? pname : "matmul");
+    if (skinny) {
+        if (W->dtype == KVM_BF16) {
+            mm_segs<__nv_bfloat16> sg;
+            memset(&sg, 0, sizeof sg);
+            sg.nseg = 1;
+            sg.W[0] = (const __nv_bfloat16 *)W->data;
+            sg.y[0] = y;
+            sg.rows[0] = rows;
+            skinny_dispatch<__nv_bfloat16>(sg, (const __nv_bfloat16 *)xh, cols, n);
+        } else {
+            mm_segs<__half> sg;
+            memset(&sg, 0, sizeof sg);
+            sg.nseg = 1;
+            sg.W[0] = (const __half *)W->data;
+            sg.y[0] = y;
+            sg.rows[0] = rows;
+            skinny_dispatch<__half>(sg, (const __half *)xh, cols, n);
+        }
+        KVM_CU_LAUNCH("skinny mma gemm");
+        return;
+    }
+    matmul_blas(y, NULL, W, NULL, n, xh);
 }

@@ -36,6 +36,7 @@ typedef struct kvm_backend_model {
      * it was captured for, and the shape of the last eager decode step (captured when seen twice) */
     void *graph;
     uint64_t graph_key, warm_key;
+    bool graphs_off; /* a capture failed once: decode runs eagerly from then on */
 } kvm_backend_model_t;
 
 static void *bm_alloc(kvm_backend_model_t *b, size_t bytes) {
@@ -328,14 +329,19 @@ static void run_device_step(kvm_model_t *m, kvm_batch_item_t *items, int n_items
         }
         if (L->q_norm) ops->head_rmsnorm(b->q, L->q_norm, rows, c->n_heads, HD, c->rms_eps);
         if (L->k_norm) ops->head_rmsnorm(b->k, L->k_norm, rows, c->n_kv_heads, HD, c->rms_eps);
-        if (ops->rope_qk) {
-            ops->rope_qk(b->q, b->k, rows, c->n_heads, c->n_kv_heads, HD, b->pos, b->inv_freq, c->rope_layout);
-        } else {
-            ops->rope(b->q, rows, c->n_heads, HD, b->pos, b->inv_freq, c->rope_layout);
-            ops->rope(b->k, rows, c->n_kv_heads, HD, b->pos, b->inv_freq, c->rope_layout);
-        }
         /* every item shares one pool (one pool per model and backend) */
-        ops->kv_write(pool->data, &pool->geom, l, b->k, b->v, &ab);
+        if (ops->rope_qk_kv_write) {
+            ops->rope_qk_kv_write(b->q, b->k, b->v, c->n_heads, HD, b->pos, b->inv_freq, c->rope_layout, pool->data,
+                                  &pool->geom, l, &ab);
+        } else {
+            if (ops->rope_qk) {
+                ops->rope_qk(b->q, b->k, rows, c->n_heads, c->n_kv_heads, HD, b->pos, b->inv_freq, c->rope_layout);
+            } else {
+                ops->rope(b->q, rows, c->n_heads, HD, b->pos, b->inv_freq, c->rope_layout);
+                ops->rope(b->k, rows, c->n_kv_heads, HD, b->pos, b->inv_freq, c->rope_layout);
+            }
+            ops->kv_write(pool->data, &pool->geom, l, b->k, b->v, &ab);
+        }
         ops->attention(b->att, b->q, pool->data, &pool->geom, l, c->n_heads, &ab, scale);
         ops->matmul(b->xb, b->att, &L->wo, NULL, rows);
         if (fuse) {
@@ -352,8 +358,12 @@ static void run_device_step(kvm_model_t *m, kvm_batch_item_t *items, int n_items
             ops->matmul(b->hb, b->xb, &L->w_gate, NULL, rows);
             ops->matmul(b->hb2, b->xb, &L->w_up, NULL, rows);
         }
-        ops->swiglu(b->hb, b->hb, b->hb2, (size_t)rows * FF);
-        ops->matmul(b->xb, b->hb, &L->w_down, NULL, rows);
+        if (ops->swiglu_matmul) {
+            ops->swiglu_matmul(b->xb, b->hb, b->hb2, &L->w_down, rows);
+        } else {
+            ops->swiglu(b->hb, b->hb, b->hb2, (size_t)rows * FF);
+            ops->matmul(b->xb, b->hb, &L->w_down, NULL, rows);
+        }
         if (fuse && l + 1 < c->n_layers) ops->add_rmsnorm(b->x, b->xb, b->xb, b->layers[l + 1].attn_norm, rows, D, c->rms_eps);
         else ops->add(b->x, b->xb, (size_t)rows * D);
     }
@@ -438,6 +448,7 @@ int kvm_forward(kvm_model_t *m, kvm_batch_item_t *items, int n_items) {
     bool decode = rows == n_items && ops->graph_begin != NULL;
     const char *genv = getenv("KVM_CUDA_GRAPHS");
     if (genv && !strcmp(genv, "0")) decode = false;
+    if (b->graphs_off) decode = false;
     if (decode) max_blocks = (max_blocks + 63) / 64 * 64;
     blocks = max_blocks * n_items;
     int rc = ensure_workspace(m, rows, n_items, blocks, logit_rows);
@@ -498,8 +509,13 @@ int kvm_forward(kvm_model_t *m, kvm_batch_item_t *items, int n_items) {
         if (decode) b->warm_key = key;
     }
     if (frc) {
-        kvm_free(old_n);
-        return kvm_errctx(frc, "forward: decode graph");
+        /* the step was not run (a failed capture enqueues nothing): run it eagerly, and stop capturing */
+        KVM_LOGW("forward: CUDA graph capture/replay failed (%s); decoding without graphs from now on", kvm_errmsg());
+        kvm_errclear();
+        if (b->graph) ops->graph_free(b->graph);
+        b->graph = NULL;
+        b->graphs_off = true;
+        run_device_step(m, items, n_items, &ab, pool, rows, logit_rows);
     }
     if (logit_rows > 0) {
         int lr = 0;
