@@ -29,6 +29,12 @@ typedef struct wf_task {
     uint64_t t_job;        /* monotonic ns at submit */
     int out_ref;           /* output value (registry), LUA_NOREF = nil */
     char *out_text;        /* agent output text */
+    /* ctx:map: several agent calls in flight at once */
+    uint64_t *mjobs;       /* [n_m] engine jobs (0 once delivered) */
+    cJSON **mpieces;       /* [n_m] what each call sees */
+    int n_m, m_left;
+    int m_agent;
+    int m_ref;             /* results table (registry) */
 } wf_task_t;
 
 typedef struct wf_run {
@@ -543,14 +549,24 @@ static cJSON *error_json(int code, const char *msg) {
 
 /* ---- tasks --------------------------------------------------------------------------------------- */
 
-static wf_task_t *find_task_by_job(kvm_workflow_t *wf, uint64_t job, wf_run_t **run) {
+/* The task waiting for engine job `job`; *map_index is its index in a ctx:map batch, or -1. */
+static wf_task_t *find_task_by_job(kvm_workflow_t *wf, uint64_t job, wf_run_t **run, int *map_index) {
     for (int i = 0; i < wf->n_runs; i++) {
         wf_run_t *r = wf->runs[i];
-        for (int k = 0; k < r->n_tasks; k++)
-            if (r->tasks[k].job == job) {
+        for (int k = 0; k < r->n_tasks; k++) {
+            wf_task_t *t = &r->tasks[k];
+            *map_index = -1;
+            if (t->job == job) {
                 *run = r;
-                return &r->tasks[k];
+                return t;
             }
+            for (int m = 0; m < t->n_m; m++)
+                if (t->mjobs[m] == job) {
+                    *run = r;
+                    *map_index = m;
+                    return t;
+                }
+        }
     }
     return NULL;
 }
@@ -602,7 +618,7 @@ static void resume_task(kvm_workflow_t *wf, wf_run_t *r, wf_task_t *t, int nargs
     leave(wf, r);
     if (st == LUA_YIELD) {
         lua_pop(t->co, nres);
-        if (t->job) {
+        if (t->job || t->m_left > 0) {
             t->status = T_WAIT;
             return;
         }
@@ -724,6 +740,79 @@ int wf_ctx_call(lua_State *L) {
     return lua_yield(L, 0);
 }
 
+/* ctx:map(agent, {vars1, vars2, ...}) -> {out1, out2, ...}: one call of the agent per element, all in
+ * flight at once (they share forward passes); out_i is the text, or {error = msg} for a failed call.
+ * An element may be a table of placeholder values (as ctx:call) or a string (the value of {input}). */
+int wf_ctx_map(lua_State *L) {
+    void *ud;
+    lua_getallocf(L, &ud);
+    kvm_workflow_t *wf = ud;
+    wf_run_t *r = wf->cur_run;
+    wf_task_t *t = NULL;
+    for (int i = 0; r && i < r->n_tasks; i++)
+        if (r->tasks[i].co == L && r->tasks[i].status == T_RUNNING) t = &r->tasks[i];
+    if (!t || !lua_isyieldable(L))
+        return luaL_error(L, "ctx:map must be called from a func/tool node's own code (not from a predicate, router, "
+                             "reducer or a coroutine the script created)");
+    int ai = -1;
+    if (lua_type(L, 2) == LUA_TSTRING) {
+        for (int i = 0; i < wf->n_agents; i++)
+            if (!strcmp(wf->agents[i].name, lua_tostring(L, 2))) ai = i;
+        if (ai < 0) return luaL_error(L, "ctx:map: unknown agent '%s'", lua_tostring(L, 2));
+    } else if ((ai = wf_lua_test_agent(L, 2)) < 0)
+        return luaL_error(L, "ctx:map: argument 1 must be an agent (kvmesh.agent handle or name)");
+    luaL_checktype(L, 3, LUA_TTABLE);
+    int n = (int)lua_rawlen(L, 3);
+    if (n > 256) return luaL_error(L, "ctx:map: at most 256 calls at once (got %d)", n);
+    lua_createtable(L, n, 0);
+    int res = lua_gettop(L);
+    if (n == 0) return 1;
+    uint64_t *jobs = kvm_calloc((size_t)n, sizeof *jobs);
+    cJSON **pieces = kvm_calloc((size_t)n, sizeof *pieces);
+    if (!jobs || !pieces) {
+        kvm_free(jobs);
+        kvm_free(pieces);
+        return luaL_error(L, "ctx:map: out of memory");
+    }
+    int left = 0;
+    for (int i = 0; i < n; i++) {
+        lua_rawgeti(L, 3, i + 1);
+        if (lua_type(L, -1) == LUA_TSTRING) { /* a bare string is {input} */
+            lua_createtable(L, 0, 1);
+            lua_insert(L, -2);
+            lua_setfield(L, -2, "input");
+        } else if (lua_type(L, -1) != LUA_TTABLE) {
+            lua_pop(L, 1);
+            lua_createtable(L, 0, 0);
+        }
+        uint64_t job = ++wf->job_serial;
+        if (submit_agent(wf, r, ai, L, lua_gettop(L), job, &pieces[i]) != 0) {
+            lua_createtable(L, 0, 1);
+            lua_pushstring(L, kvm_errmsg());
+            lua_setfield(L, -2, "error");
+            lua_rawseti(L, res, i + 1);
+        } else {
+            jobs[i] = job;
+            left++;
+        }
+        lua_pop(L, 1);
+    }
+    if (left == 0) {
+        kvm_free(jobs);
+        kvm_free(pieces);
+        return 1;
+    }
+    lua_pushvalue(L, res);
+    t->m_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    t->mjobs = jobs;
+    t->mpieces = pieces;
+    t->n_m = n;
+    t->m_left = left;
+    t->m_agent = ai;
+    t->t_job = kvm_now_ns();
+    return lua_yield(L, 0);
+}
+
 /* Records an agent step and updates the figures. */
 static void record_agent_step(kvm_workflow_t *wf, wf_run_t *r, wf_task_t *t, int ai, const wf_llm_result_t *res, int status,
                               const char *err, bool via_call) {
@@ -806,8 +895,46 @@ static void record_agent_step(kvm_workflow_t *wf, wf_run_t *r, wf_task_t *t, int
 
 static void deliver(kvm_workflow_t *wf, wf_llm_result_t *res) {
     wf_run_t *r;
-    wf_task_t *t = find_task_by_job(wf, res->tag, &r);
+    int mi;
+    wf_task_t *t = find_task_by_job(wf, res->tag, &r, &mi);
     if (!t) return; /* its run ended meanwhile */
+    if (mi >= 0) { /* one call of a ctx:map batch */
+        const wf_agent_t *a = &wf->agents[t->m_agent];
+        char msg[1024] = "";
+        if (res->status) snprintf(msg, sizeof msg, "%s: agent '%s': %s", a->where, a->name, res->error ? res->error : kvm_strerror(res->status));
+        cJSON_Delete(t->pieces);
+        t->pieces = t->mpieces[mi];
+        t->mpieces[mi] = NULL;
+        record_agent_step(wf, r, t, t->m_agent, res, res->status, res->status ? msg : NULL, true);
+        t->mjobs[mi] = 0;
+        book(wf, r);
+        lua_State *L = r->th;
+        lua_rawgeti(L, LUA_REGISTRYINDEX, t->m_ref);
+        if (res->status) {
+            lua_createtable(L, 0, 1);
+            lua_pushstring(L, msg);
+            lua_setfield(L, -2, "error");
+        } else
+            lua_pushstring(L, res->text ? res->text : "");
+        lua_rawseti(L, -2, mi + 1);
+        lua_pop(L, 1);
+        unbook(wf);
+        if (--t->m_left > 0) return;
+        book(wf, r);
+        lua_rawgeti(t->co, LUA_REGISTRYINDEX, t->m_ref);
+        luaL_unref(L, LUA_REGISTRYINDEX, t->m_ref);
+        unbook(wf);
+        t->m_ref = LUA_NOREF;
+        kvm_free(t->mjobs);
+        t->mjobs = NULL;
+        for (int k = 0; k < t->n_m; k++) cJSON_Delete(t->mpieces[k]);
+        kvm_free(t->mpieces);
+        t->mpieces = NULL;
+        t->n_m = 0;
+        t->status = T_RUNNING;
+        resume_task(wf, r, t, 1);
+        return;
+    }
     t->job = 0;
     bool call = t->job_is_call;
     int ai = call ? t->call_agent : wf->g->nodes[t->node].agent;
@@ -904,6 +1031,7 @@ static void start_superstep(kvm_workflow_t *wf, wf_run_t *r) {
             r->tasks[r->n_tasks].node = i;
             r->tasks[r->n_tasks].out_ref = LUA_NOREF;
             r->tasks[r->n_tasks].co_ref = LUA_NOREF;
+            r->tasks[r->n_tasks].m_ref = LUA_NOREF;
             r->n_tasks++;
             r->ready[i] = false;
         }
@@ -934,6 +1062,10 @@ static void free_tasks(wf_run_t *r) {
         kvm_free(t->errmsg);
         kvm_free(t->out_text);
         cJSON_Delete(t->pieces);
+        for (int k = 0; k < t->n_m; k++) cJSON_Delete(t->mpieces[k]);
+        kvm_free(t->mpieces);
+        kvm_free(t->mjobs);
+        if (t->n_m && t->m_ref != LUA_NOREF) luaL_unref(r->th, LUA_REGISTRYINDEX, t->m_ref);
     }
     kvm_free(r->tasks);
     r->tasks = NULL;

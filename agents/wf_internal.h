@@ -200,6 +200,7 @@ int wf_graph_find(const wf_graph_t *g, const char *name);
 void wf_runs_free(kvm_workflow_t *wf);
 /* The C function behind ctx:call (registered by wf_lua.c in the ctx metatable). */
 int wf_ctx_call(lua_State *L);
+int wf_ctx_map(lua_State *L);
 /* The RNG of the run executing now (or the load-time one). */
 uint64_t *wf_current_rng(kvm_workflow_t *wf);
 /* print() target: a log record in the current run's trace. */

@@ -1537,6 +1537,8 @@ static int open_protected(lua_State *L) {
     lua_newtable(L);
     lua_pushcfunction(L, wf_ctx_call);
     lua_setfield(L, -2, "call");
+    lua_pushcfunction(L, wf_ctx_map);
+    lua_setfield(L, -2, "map");
     lua_pushcfunction(L, l_print);
     lua_setfield(L, -2, "log");
     lua_setfield(L, -2, "__index");

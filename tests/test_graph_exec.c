@@ -191,6 +191,26 @@ static void test_ctx_call_yields_and_returns_the_agent_text(void **s) {
     kvm_wf_free(wf);
 }
 
+static void test_ctx_map_runs_its_calls_in_one_batch_and_keeps_their_order(void **s) {
+    (void)s;
+    kvm_workflow_t *wf = load("local kvm = kvmesh\nlocal m = kvm.model('mock:echo')\n"
+                              "local g = kvm.graph{ state = { out = kvm.reduce.replace } }\n"
+                              "local echo = kvm.agent{ name = 'echo', model = m, template = 'say {input}', max_tokens = 4 }\n"
+                              "g:func('f', function(state, last, ctx)\n"
+                              "  local outs = ctx:map(echo, { 'a', 'b b', { input = 'c' }, 'd' })\n"
+                              "  return { out = table.concat(outs, '|') } end)\n"
+                              "g:edge(kvm.START, 'f')\nreturn g\n");
+    int run = run1(wf, "");
+    assert_int_equal(kvm_wf_drive(wf), 0);
+    assert_int_equal(kvm_wf_run_status(wf, run, NULL), 0);
+    assert_string_equal(state_get(wf, run, "out")->valuestring, "say a|say b b|say c|say d");
+    int max_seqs = 0;
+    wf_llm_counters(kvm_wf_llm(wf), NULL, NULL, &max_seqs);
+    assert_int_equal(max_seqs, 4);
+    assert_int_equal(kvm_wf_agent_stats(wf, 0)->calls, 4);
+    kvm_wf_free(wf);
+}
+
 static void test_failing_agent_routes_through_on_error(void **s) {
     (void)s;
     kvm_workflow_t *wf = load("local kvm = kvmesh\nlocal bad = kvm.model('mock:fail')\n"
@@ -250,6 +270,7 @@ int main(void) {
         cmocka_unit_test(test_reducers_max_min_merge_and_custom),
         cmocka_unit_test(test_join_any_fires_on_the_first_source),
         cmocka_unit_test(test_ctx_call_yields_and_returns_the_agent_text),
+        cmocka_unit_test(test_ctx_map_runs_its_calls_in_one_batch_and_keeps_their_order),
         cmocka_unit_test(test_failing_agent_routes_through_on_error),
         cmocka_unit_test(test_agent_token_budget_fails_the_node),
         cmocka_unit_test(test_dataset_and_score_drive_seeded_runs),
