@@ -13,6 +13,16 @@
 
 kvm_cuda_ctx g_cuda;
 
+int kvm_cuda_prefetch_mode(void) {
+    static int mode = -1;
+    if (mode < 0) {
+        const char *e = getenv("KVM_CUDA_PREFETCH");
+        mode = e && *e ? atoi(e) : 2;
+        if (mode < 0 || mode > 2) mode = 2;
+    }
+    return mode;
+}
+
 int kvm_cuda_pdl_enabled(void) {
     static int on = -1;
     if (on < 0) {

@@ -108,6 +108,9 @@ void kvm_cuda_attention(float *out, const float *q, const void *kv, const kvm_kv
 __device__ __forceinline__ void kvm_pdl_trigger() { asm volatile("griddepcontrol.launch_dependents;" ::: "memory"); }
 __device__ __forceinline__ void kvm_pdl_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
 int kvm_cuda_pdl_enabled(void); /* KVM_CUDA_PDL=0 turns it off */
+/* How the decode GEMMs read weights before the PDL wait: KVM_CUDA_PREFETCH=0 none, 1 L2 prefetch, 2 (default)
+ * the first iteration's loads into registers */
+int kvm_cuda_prefetch_mode(void);
 template <typename... KArgs, typename... Args>
 static inline cudaError_t kvm_launch_pdl(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, Args... args) {
     cudaLaunchConfig_t cfg;

@@ -76,7 +76,7 @@ template <typename T> __device__ __forceinline__ int seg_of(const mm_segs<T> &sg
  * 16-byte load of W per row), UNROLL loads in flight; x is read through L1 (it is shared by every warp).
  * cols % 8 == 0 and 16-byte aligned rows are required (checked by the caller). */
 template <typename T, int M, int R, int UNROLL>
-__global__ void __launch_bounds__(128) k_gemv(const mm_segs<T> sg, const float *__restrict__ x, int cols) {
+__global__ void __launch_bounds__(128) k_gemv(const mm_segs<T> sg, const float *__restrict__ x, int cols, int pf) {
     const int unit = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
     if (unit >= sg.start[sg.nseg]) return;
     const int sgi = seg_of(sg, unit);
@@ -92,18 +92,31 @@ __global__ void __launch_bounds__(128) k_gemv(const mm_segs<T> sg, const float *
 #pragma unroll
     for (int r = 0; r < R; r++) wr[r] = reinterpret_cast<const uint4 *>(W + (size_t)min(row0 + r, rows - 1) * cols);
     const int nvec = cols / 8;
-    /* the weights do not depend on the previous kernel: start pulling them into L2 before waiting for it */
-    for (int pv = lane; pv < nvec && pv < 32 * 16; pv += 32)
-#pragma unroll
-        for (int r = 0; r < R; r++) asm volatile("prefetch.global.L2 [%0];" ::"l"(wr[r] + pv));
-    kvm_pdl_wait();
+    /* The weights do not depend on the previous kernel: start reading them before waiting for it (pf 2:
+     * the first loop iteration's loads into registers; pf 1: L2 prefetches of the first 8 KB; pf 0: none). */
     int v = lane;
-    for (; v + 32 * (UNROLL - 1) < nvec; v += 32 * UNROLL) {
-        uint4 wv[UNROLL][R];
+    uint4 wv[UNROLL][R];
+    bool pre = false;
+    if (pf == 2 && v + 32 * (UNROLL - 1) < nvec) {
 #pragma unroll
         for (int u = 0; u < UNROLL; u++)
 #pragma unroll
             for (int r = 0; r < R; r++) wv[u][r] = __ldcs(wr[r] + v + 32 * u);
+        pre = true;
+    } else if (pf == 1) {
+        for (int pv = lane; pv < nvec && pv < 32 * 16; pv += 32)
+#pragma unroll
+            for (int r = 0; r < R; r++) asm volatile("prefetch.global.L2 [%0];" ::"l"(wr[r] + pv));
+    }
+    kvm_pdl_wait();
+    for (; v + 32 * (UNROLL - 1) < nvec; v += 32 * UNROLL) {
+        if (!pre) {
+#pragma unroll
+            for (int u = 0; u < UNROLL; u++)
+#pragma unroll
+                for (int r = 0; r < R; r++) wv[u][r] = __ldcs(wr[r] + v + 32 * u);
+        }
+        pre = false;
 #pragma unroll
         for (int u = 0; u < UNROLL; u++) {
             const int c = (v + 32 * u) * 8;
@@ -166,7 +179,7 @@ static void launch_gemv(mm_segs<T> sg, const float *x, int cols) {
         u += (sg.rows[i] + R - 1) / R;
     }
     sg.start[sg.nseg] = u;
-    kvm_launch_pdl(k_gemv<T, M, R, (M <= 2 ? 4 : 2)>, dim3((u + 3) / 4), dim3(128), 0, sg, x, cols);
+    kvm_launch_pdl(k_gemv<T, M, R, (M <= 2 ? 4 : 2)>, dim3((u + 3) / 4), dim3(128), 0, sg, x, cols, kvm_cuda_prefetch_mode());
 }
 
 template <typename T>
@@ -208,7 +221,8 @@ template <> __device__ __forceinline__ void mma16816<__half>(float *c, uint32_t 
  * physical columns play the logical k indices {2t, 2t+1, 2t+8, 2t+9} of two m16n8k16 steps, identically
  * for W (the A operand) and x (B). Weights are read once, with 16-byte loads. cols % 32 == 0. */
 template <typename T, int NT>
-__global__ void __launch_bounds__(SK_WARPS * 32) k_skinny(const mm_segs<T> sg, const T *__restrict__ xh, int cols, int M) {
+__global__ void __launch_bounds__(SK_WARPS * 32) k_skinny(const mm_segs<T> sg, const T *__restrict__ xh, int cols, int M,
+                                                          int pf) {
     __shared__ float red[SK_WARPS][16][16 + 1];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const int sgi = seg_of(sg, (int)blockIdx.x);
@@ -230,15 +244,26 @@ __global__ void __launch_bounds__(SK_WARPS * 32) k_skinny(const mm_segs<T> sg, c
 #pragma unroll
     for (int j = 0; j < NT; j++) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
     const int nchunks = cols / 32;
-    for (int pc = warp; pc < nchunks && pc < warp + 8 * SK_WARPS; pc += SK_WARPS) { /* weights first (see k_gemv) */
-        asm volatile("prefetch.global.L2 [%0];" ::"l"(wa_p + pc * 4));
-        asm volatile("prefetch.global.L2 [%0];" ::"l"(wb_p + pc * 4));
+    int c = warp;
+    uint4 wa0, wb0, wa1, wb1; /* weights first, as in k_gemv */
+    bool pre = false;
+    if (pf == 2 && c + SK_WARPS < nchunks) {
+        wa0 = __ldcs(wa_p + c * 4), wb0 = __ldcs(wb_p + c * 4);
+        wa1 = __ldcs(wa_p + (c + SK_WARPS) * 4), wb1 = __ldcs(wb_p + (c + SK_WARPS) * 4);
+        pre = true;
+    } else if (pf == 1) {
+        for (int pc = warp; pc < nchunks && pc < warp + 8 * SK_WARPS; pc += SK_WARPS) {
+            asm volatile("prefetch.global.L2 [%0];" ::"l"(wa_p + pc * 4));
+            asm volatile("prefetch.global.L2 [%0];" ::"l"(wb_p + pc * 4));
+        }
     }
     kvm_pdl_wait();
-    int c = warp;
     for (; c + SK_WARPS < nchunks; c += 2 * SK_WARPS) {
-        const uint4 wa0 = __ldcs(wa_p + c * 4), wb0 = __ldcs(wb_p + c * 4);
-        const uint4 wa1 = __ldcs(wa_p + (c + SK_WARPS) * 4), wb1 = __ldcs(wb_p + (c + SK_WARPS) * 4);
+        if (!pre) {
+            wa0 = __ldcs(wa_p + c * 4), wb0 = __ldcs(wb_p + c * 4);
+            wa1 = __ldcs(wa_p + (c + SK_WARPS) * 4), wb1 = __ldcs(wb_p + (c + SK_WARPS) * 4);
+        }
+        pre = false;
         uint4 x0[NT], x1[NT];
 #pragma unroll
         for (int j = 0; j < NT; j++) {
@@ -293,8 +318,9 @@ static void skinny_dispatch(mm_segs<T> sg, const T *xh, int cols, int n) {
         u += (sg.rows[i] + 15) / 16;
     }
     sg.start[sg.nseg] = u;
-    if (n <= 8) kvm_launch_pdl(k_skinny<T, 1>, dim3(u), dim3(SK_WARPS * 32), 0, sg, xh, cols, n);
-    else kvm_launch_pdl(k_skinny<T, 2>, dim3(u), dim3(SK_WARPS * 32), 0, sg, xh, cols, n);
+    const int pf = kvm_cuda_prefetch_mode();
+    if (n <= 8) kvm_launch_pdl(k_skinny<T, 1>, dim3(u), dim3(SK_WARPS * 32), 0, sg, xh, cols, n, pf);
+    else kvm_launch_pdl(k_skinny<T, 2>, dim3(u), dim3(SK_WARPS * 32), 0, sg, xh, cols, n, pf);
 }
 
 /* The activations last rounded to 16 bits (q, k and v, or gate and up, share one input): reused while no
@@ -457,7 +483,8 @@ void kvm_cuda_matmul_multi(int count, float *const *y, const kvm_wmat_t *const *
 void kvm_cuda_swiglu_matmul(float *y, float *gate, const float *up, const kvm_wmat_t *W, int n) {
     const int rows = W->rows, cols = W->cols;
     if (n <= 0 || rows <= 0 || cols <= 0) return;
-    const bool half_in = W->dtype != KVM_F32 && n > 1 && (cols % 32) == 0 && ((uintptr_t)W->data % 16) == 0;
+    const bool half_in = W->dtype != KVM_F32 && n > 1 && (cols % 32) == 0 && ((uintptr_t)W->data % 16) == 0 &&
+                         ((uintptr_t)gate % 16) == 0 && ((uintptr_t)up % 16) == 0;
     if (!half_in) {
         kvm_cuda_swiglu(gate, gate, up, (size_t)n * cols);
         kvm_cuda_matmul(y, gate, W, NULL, n);

@@ -37,6 +37,13 @@ if [ "$what" = all ] || [ "$what" = bench ]; then
   timeout 150 "$B/kvmesh" bench engine --synthetic llama-3.1-8b --hf-json "$OUT/hf.json" --json "$OUT/bench.json" ${BENCH_ARGS:---profile} \
     > "$OUT/bench.log" 2>&1
   echo "bench rc=$?"; grep -B2 -A40 "^kvmesh bench engine" "$OUT/bench.log" | head -45; grep -A14 "^profile" "$OUT/bench.log" | cut -c1-90
+  # ALT_ENVS="A=1 B=2;C=3": the same benchmark once more per ';'-separated group of settings (bench_alt.log)
+  IFS=';' read -ra alts <<< "${ALT_ENVS:-}"
+  for alt in "${alts[@]}"; do
+    echo "== alternative: $alt" >> "$OUT/bench_alt.log"
+    env $alt timeout 90 "$B/kvmesh" bench engine --synthetic llama-3.1-8b --no-eager --reps 10 >> "$OUT/bench_alt.log" 2>&1
+    echo "alt ($alt) rc=$?"; tac "$OUT/bench_alt.log" | grep -m3 -E "^\| (TTFT prefill  |decode b=1 \(|decode b=16 step \()" | tac
+  done
 fi
 { echo "end: $(date -u)"; clocks; } >> "$OUT/gpu.txt" 2>&1
 exit $rc
