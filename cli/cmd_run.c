@@ -239,7 +239,11 @@ int cmd_run(int argc, char **argv) {
     o.on_step = on_step;
     o.ud = &prog;
     o.llm.quiet = prog.quiet;
-    if (prog.batch) o.echo_print = false;
+    if (prog.batch) {
+        o.echo_print = false;
+        /* hundreds of runs: per-step warnings (also in the traces) would drown the summary */
+        if (!getenv("KVM_LOG")) kvm_log_set_level(KVM_LOG_ERROR);
+    }
     kvm_workflow_t *wf = kvm_wf_load(script, &o);
     if (!wf) {
         fprintf(stderr, "kvmesh run: %s\n", kvm_errmsg());
