@@ -17,10 +17,12 @@
 static void mt_usage(FILE *f) {
     fprintf(f,
             "usage: kvmesh minitasks gen --seed S --n N [--task T|all] [--split train|eval] [--role R|all] [--start K]\n"
+            "                            [--facts LO-HI]\n"
             "       kvmesh minitasks roles\n\n"
             "  gen    print N items as JSON lines {task, role, system, user, answer, id}\n"
             "         --task all (default) draws tasks from the training mixture; --role all prints\n"
-            "         every role of each item; seeds: training uses 1..999, evaluation >= %u\n"
+            "         every role of each item; --facts sets the number of facts of recall/team items\n"
+            "         (training curriculum; default 8-48 / 8-32); seeds: training uses 1..999, evaluation >= %u\n"
             "  roles  list the tasks, their roles and system prompts\n",
             KVM_MT_EVAL_SEED_MIN);
 }
@@ -49,6 +51,7 @@ static int mt_cmd_gen(int argc, char **argv) {
     int task = -1, split = KVM_MT_TRAIN;
     const char *role_arg = NULL;
     bool seed_set = false;
+    kvm_mt_opts_t opts = {0};
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
         const char *v = i + 1 < argc ? argv[i + 1] : NULL;
@@ -83,6 +86,12 @@ static int mt_cmd_gen(int argc, char **argv) {
             }
         } else if (!strcmp(a, "--role")) {
             role_arg = v;
+        } else if (!strcmp(a, "--facts")) {
+            if (sscanf(v, "%d-%d", &opts.min_facts, &opts.max_facts) != 2 || opts.min_facts < 2 ||
+                opts.max_facts < opts.min_facts || opts.max_facts > 48) {
+                fprintf(stderr, "kvmesh minitasks gen: --facts must be LO-HI with 2 <= LO <= HI <= 48, got '%s'\n", v);
+                return 2;
+            }
         } else {
             fprintf(stderr, "kvmesh minitasks gen: unknown option '%s'\n", a);
             return 2;
@@ -107,10 +116,10 @@ static int mt_cmd_gen(int argc, char **argv) {
     for (unsigned long long k = start; k < start + n; k++) {
         if (all_roles) {
             /* resolve the task first so that every role shares the content */
-            int rc = kvm_mt_make(&it, task, split, seed, k, 0);
+            int rc = kvm_mt_make_ex(&it, task, split, seed, k, 0, &opts);
             int t = it.task;
             for (int r = 0; rc == 0 && r < kvm_mt_n_roles(t); r++) {
-                rc = kvm_mt_make(&it, t, split, seed, k, r);
+                rc = kvm_mt_make_ex(&it, t, split, seed, k, r, &opts);
                 if (rc == 0) rc = kvm_mt_write_jsonl(stdout, &it);
             }
             if (rc) {
@@ -119,7 +128,7 @@ static int mt_cmd_gen(int argc, char **argv) {
             }
             continue;
         }
-        int rc = kvm_mt_make(&it, task, split, seed, k, role);
+        int rc = kvm_mt_make_ex(&it, task, split, seed, k, role, &opts);
         if (rc == 0) rc = kvm_mt_write_jsonl(stdout, &it);
         if (rc) {
             fprintf(stderr, "kvmesh minitasks gen: %s\n", kvm_errmsg());

@@ -232,9 +232,9 @@ static void mt_write_facts(mt_buf_t *b, const mt_facts_t *f) {
     for (int i = 0; i < f->n; i++) mt_addf(b, "%s%s: %d", i ? "\n" : "", mt_names[f->name[i]], f->value[i]);
 }
 
-static bool mt_gen_recall(mt_rng_t *r, kvm_mt_item_t *it, mt_buf_t *content) {
+static bool mt_gen_recall(mt_rng_t *r, kvm_mt_item_t *it, mt_buf_t *content, int lo, int hi) {
     mt_facts_t f;
-    mt_draw_facts(r, &f, 8, 48);
+    mt_draw_facts(r, &f, lo ? lo : 8, hi ? hi : 48);
     int q = (int)mt_below(r, (uint64_t)f.n);
     mt_write_facts(content, &f);
     mt_addf(content, "\nAsk: %s", mt_names[f.name[q]]);
@@ -347,9 +347,9 @@ static bool mt_gen_story(mt_rng_t *r, kvm_mt_item_t *it, mt_buf_t *content) {
 /* The team workload (docs/minitasks.md): facts + "Ask: <name>" shared by all four agents; the
  * checker, reverser and neighbour also read the finder's answer X, which in training is right half
  * of the time and otherwise another fact's value or the value with one digit changed. */
-static bool mt_gen_team(mt_rng_t *r, kvm_mt_item_t *it, mt_buf_t *content) {
+static bool mt_gen_team(mt_rng_t *r, kvm_mt_item_t *it, mt_buf_t *content, int lo, int hi) {
     mt_facts_t f;
-    mt_draw_facts(r, &f, 8, 32);
+    mt_draw_facts(r, &f, lo ? lo : 8, hi ? hi : 32);
     int q = (int)mt_below(r, (uint64_t)(f.n - 1)); /* never the last fact: the neighbour needs one after */
     int x = f.value[q];
     if (mt_below(r, 2)) {
@@ -395,7 +395,15 @@ static const int mt_mix[KVM_MT_N_TASKS] = {30, 25, 15, 5, 25};
 enum { MT_TAG_MIX = 0x6d6978, MT_TAG_ROLE = 0x726f6c65, MT_TAG_CONTENT = 0x636f6e74 };
 
 int kvm_mt_make(kvm_mt_item_t *it, int task, int split, uint64_t seed, uint64_t index, int role) {
+    return kvm_mt_make_ex(it, task, split, seed, index, role, NULL);
+}
+
+int kvm_mt_make_ex(kvm_mt_item_t *it, int task, int split, uint64_t seed, uint64_t index, int role,
+                   const kvm_mt_opts_t *opts) {
     if (!it) return kvm_seterr(KVM_EINVAL, "minitasks: NULL item");
+    int lo = opts ? opts->min_facts : 0, hi = opts ? opts->max_facts : 0;
+    if ((lo || hi) && !(lo >= 2 && lo <= hi && hi <= 48))
+        return kvm_seterr(KVM_EINVAL, "minitasks: fact range %d-%d is not within 2-48 (min <= max)", lo, hi);
     if (split != KVM_MT_TRAIN && split != KVM_MT_EVAL)
         return kvm_seterr(KVM_EINVAL, "minitasks: split %d is neither train (0) nor eval (1)", split);
     if (task >= KVM_MT_N_TASKS) return kvm_seterr(KVM_EINVAL, "minitasks: task %d out of range", task);
@@ -430,11 +438,11 @@ int kvm_mt_make(kvm_mt_item_t *it, int task, int split, uint64_t seed, uint64_t 
         it->answer[0] = it->user[0] = it->key[0] = 0;
         bool ok = false;
         switch (task) {
-        case KVM_MT_RECALL: ok = mt_gen_recall(&r, it, &cb); break;
+        case KVM_MT_RECALL: ok = mt_gen_recall(&r, it, &cb, lo, hi); break;
         case KVM_MT_ARITH: ok = mt_gen_arith(&r, it, &cb); break;
         case KVM_MT_TRANSFORM: ok = mt_gen_transform(&r, it, &cb); break;
         case KVM_MT_STORY: ok = mt_gen_story(&r, it, &cb); break;
-        default: ok = mt_gen_team(&r, it, &cb); break;
+        default: ok = mt_gen_team(&r, it, &cb, lo, hi); break;
         }
         if (!ok || cb.overflow) continue;
         /* content-hash partition: 1 in 8 contents is reserved for evaluation */

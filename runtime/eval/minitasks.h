@@ -69,6 +69,15 @@ const char *kvm_mt_role_system(int task, int role);
  * task/role/split, message names it). */
 int kvm_mt_make(kvm_mt_item_t *it, int task, int split, uint64_t seed, uint64_t index, int role);
 
+/* Options of kvm_mt_make_ex (zero = default). A fact range other than the default (recall 8-48, team
+ * 8-32) makes training-curriculum items; the eval protocol always uses the defaults. */
+typedef struct kvm_mt_opts {
+    int min_facts, max_facts; /* 2 <= min <= max <= 48 */
+} kvm_mt_opts_t;
+/* kvm_mt_make with options (opts may be NULL). KVM_EINVAL on a bad fact range. */
+int kvm_mt_make_ex(kvm_mt_item_t *it, int task, int split, uint64_t seed, uint64_t index, int role,
+                   const kvm_mt_opts_t *opts);
+
 /* Renders the ChatML prompt of an item into buf:
  *   <|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n
  * followed, when with_answer, by "{answer}<|im_end|>\n". Returns the length written, or KVM_ERANGE if

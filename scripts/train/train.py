@@ -31,6 +31,7 @@ CHAT_TEMPLATE = (
 )
 TRAIN_SEED = 1          # corpus seed (split train)
 TOK_SEED = 2            # tokenizer corpus seed (split train)
+EASY_SEED = 3           # curriculum items (recall/team with 2-8 facts; --easy-frac)
 EVAL_SEED = 1000        # held-out items (split eval)
 SCORED_TASKS = ["recall", "arithmetic", "transform", "team"]
 
@@ -151,9 +152,19 @@ def prepare_data(args, tok, work):
     t0 = time.time()
     arrs, n_p, n_end, tasks = [], [], [], Counter()
     chunk = 100000
-    for start in range(0, n, chunk):
-        items = minigen(args.minigen, "--seed", TRAIN_SEED, "--n", min(chunk, n - start), "--start", start,
-                        "--split", "train")
+    # Curriculum items: recall and team with 2-8 facts (seed EASY_SEED), a fraction easy_frac of the corpus
+    # on top of the n mixture items, so that content lookup can be learned on short contexts first.
+    n_easy = int(n * args.easy_frac)
+    plan = [("mix", s, min(chunk, n - s)) for s in range(0, n, chunk)]
+    plan += [("easy", s, min(chunk, n_easy - s)) for s in range(0, n_easy, chunk)]
+    for kind, start, cnt in plan:
+        if kind == "mix":
+            items = minigen(args.minigen, "--seed", TRAIN_SEED, "--n", cnt, "--start", start, "--split", "train")
+        else:
+            items = []
+            for t in ("recall", "team"):
+                items += minigen(args.minigen, "--seed", EASY_SEED, "--n", cnt // 2, "--start", start // 2,
+                                 "--split", "train", "--task", t, "--facts", "2-8")
         tasks.update(it["task"] for it in items)
         a, b, c = encode_items(tok, items, check=1000 if start == 0 else 0)
         arrs += a
@@ -295,7 +306,10 @@ def train_one(args, kind):
     d = np.load(os.path.join(work, "train.npz"))
     flat, offs, n_prompt, n_end = d["flat"].astype(np.int64), d["offs"], d["n_prompt"], d["n_end"]
     lens = (offs[1:] - offs[:-1]).tolist()
-    h = MODELS[kind]
+    h = dict(MODELS[kind])
+    lr_arg = args.receiver_lr if kind == "receiver" else args.sharer_lr
+    if lr_arg:
+        h["lr"] = lr_arg
     steps = args.receiver_steps if kind == "receiver" else args.sharer_steps
     dev = torch.device("cuda")
     model = build_model(kind, tok.get_vocab_size()).to(dev)
@@ -305,7 +319,7 @@ def train_one(args, kind):
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=h["lr"], betas=(0.9, 0.95), eps=1e-8, fused=True)
-    warm = min(200, steps // 10 + 1)
+    warm = args.warmup if args.warmup else min(200, steps // 10 + 1)
 
     def lr_at(s):
         if s < warm:
@@ -408,7 +422,8 @@ def export(args, kind, model, tok, train_s, curve, n_params, done_steps):
         "name": name, "kind": kind, "arch": type(mr).__name__, "params": n_params, "shape": MODELS[kind],
         "vocab": tok.get_vocab_size(), "steps": done_steps,
         "planned_steps": args.receiver_steps if kind == "receiver" else args.sharer_steps,
-        "batch_tokens": args.batch_tokens, "n_train_items": args.n_train, "train_seconds": round(train_s, 1),
+        "batch_tokens": args.batch_tokens, "n_train_items": args.n_train, "easy_frac": args.easy_frac,
+        "peak_lr": (args.receiver_lr if kind == "receiver" else args.sharer_lr) or MODELS[kind]["lr"], "train_seconds": round(train_s, 1),
         "device": torch.cuda.get_device_name(0), "torch": torch.__version__,
         "transformers": __import__("transformers").__version__,
         "tokenizers": __import__("tokenizers").__version__, "loss_curve": curve,
@@ -463,6 +478,13 @@ def main():
     ap.add_argument("--receiver-steps", type=int, default=2500)
     ap.add_argument("--sharer-steps", type=int, default=2200)
     ap.add_argument("--batch-tokens", type=int, default=65536)
+    ap.add_argument("--receiver-lr", type=float, default=0.0, help="peak lr (default: MODELS table, 2e-3)")
+    ap.add_argument("--sharer-lr", type=float, default=0.0, help="peak lr (default: MODELS table, 1.5e-3)")
+    ap.add_argument("--warmup", type=int, default=0, help="warm-up steps (default min(200, steps/10+1))")
+    ap.add_argument("--easy-frac", type=float, default=0.0,
+                    help="extra recall/team items with 2-8 facts, as a fraction of --n-train (curriculum)")
+    ap.add_argument("--only", default="both", choices=["both", "receiver", "sharer"],
+                    help="train one model only (e.g. one per GPU call)")
     ap.add_argument("--n-train", type=int, default=500000)
     ap.add_argument("--n-eval", type=int, default=250)
     ap.add_argument("--n-eval-quick", type=int, default=200)
@@ -489,7 +511,7 @@ def main():
     prepare_data(args, tok, args.work)
     log(f"prep done in {time.time() - t0:.0f}s; training both models in parallel")
     procs = {}
-    for kind in ("receiver", "sharer"):
+    for kind in (("receiver", "sharer") if args.only == "both" else (args.only,)):
         cmd = [sys.executable, __file__, "--phase", kind] + sys.argv[1:] + deadline
         procs[kind] = subprocess.Popen(cmd)
     rc = {k: p.wait() for k, p in procs.items()}
