@@ -43,6 +43,12 @@ typedef struct job {
     kvm_comm_request_t *rq;  /* the run's KVCOMM request (borrowed from the model) */
     char *run_id, *agent;
     double prepare_ms;
+    /* deferred: the KV budget could not hold the assembled prompt; retried when others finish */
+    bool deferred;
+    wf_llm_req_t req;        /* owned copy of the request (strings below) */
+    wf_piece_t *rq_pieces;
+    char **rq_strs;
+    int n_rq_strs;
     bool done;
     struct job *next;
 } job_t;
@@ -106,6 +112,9 @@ static void job_free(job_t *j) {
     for (int i = 0; i < j->n_stop; i++) kvm_free(j->stop[i]);
     kvm_free(j->stop);
     if (j->has_prep) kvm_prepared_release(&j->prep);
+    for (int i = 0; i < j->n_rq_strs; i++) kvm_free(j->rq_strs[i]);
+    kvm_free(j->rq_strs);
+    kvm_free(j->rq_pieces);
     kvm_free(j->run_id);
     kvm_free(j->agent);
     kvm_free(j);
@@ -683,6 +692,63 @@ int wf_llm_run_end(wf_llm_t *l, const char *run_id) {
     return rc;
 }
 
+/* Copies r (strings, pieces, stop list) into j->rq so the step can be prepared later. */
+static int req_copy(job_t *j, const wf_llm_req_t *r) {
+    int n_strs = 3 + 2 * r->n_pieces + r->n_stop;
+    j->rq_strs = kvm_calloc((size_t)n_strs, sizeof *j->rq_strs);
+    j->rq_pieces = kvm_calloc((size_t)r->n_pieces + 1, sizeof *j->rq_pieces);
+    if (!j->rq_strs || !j->rq_pieces) return KVM_ENOMEM;
+    j->req = *r;
+#define DUP(dst, src)                                                       \
+    do {                                                                    \
+        if (src) {                                                          \
+            if (!(j->rq_strs[j->n_rq_strs] = kvm_strdup(src))) return KVM_ENOMEM; \
+            (dst) = j->rq_strs[j->n_rq_strs++];                             \
+        }                                                                   \
+    } while (0)
+    DUP(j->req.agent, r->agent);
+    DUP(j->req.run_id, r->run_id);
+    DUP(j->req.system, r->system);
+    for (int i = 0; i < r->n_pieces; i++) {
+        j->rq_pieces[i] = r->pieces[i];
+        DUP(j->rq_pieces[i].name, r->pieces[i].name);
+        DUP(j->rq_pieces[i].text, r->pieces[i].text);
+    }
+    j->req.pieces = j->rq_pieces;
+    /* stop strings: a pointer array inside rq_strs' tail would need its own allocation; keep the
+     * strings in rq_strs and point req.stop at them */
+    j->req.stop = (const char *const *)(j->rq_strs + j->n_rq_strs);
+    for (int i = 0; i < r->n_stop; i++) {
+        if (!(j->rq_strs[j->n_rq_strs] = kvm_strdup(r->stop[i] ? r->stop[i] : ""))) return KVM_ENOMEM;
+        j->n_rq_strs++;
+    }
+#undef DUP
+    return 0;
+}
+
+/* Retries the deferred steps of model mi, oldest first, while their prompts fit. When nothing else
+ * runs on the model (nothing will free KV), the oldest that still does not fit fails. */
+static void retry_deferred(wf_llm_t *l, int mi) {
+    lmodel_t *m = &l->models[mi];
+    for (;;) {
+        job_t *old = NULL;
+        for (job_t *j = l->jobs; j; j = j->next)
+            if (j->model == mi && j->deferred && !j->done && (!old || j->t_submit < old->t_submit)) old = j;
+        if (!old) return;
+        int rc = model_prepare(m, old, &old->req);
+        if (rc == 0) {
+            old->deferred = false;
+            old->prepare_ms = (double)(kvm_now_ns() - old->t_submit) / 1e6; /* the wait counts in TTFT */
+            continue;
+        }
+        if (rc == KVM_ENOMEM && kvm_sched_pending(m->sched) > 0) return; /* wait for more to finish */
+        old->deferred = false;
+        old->done = true;
+        old->res.status = rc;
+        old->res.error = kvm_strdup(kvm_errmsg());
+    }
+}
+
 /* ---- the interface ---------------------------------------------------------------------------- */
 
 int wf_llm_submit(wf_llm_t *l, const wf_llm_req_t *r) {
@@ -707,6 +773,11 @@ int wf_llm_submit(wf_llm_t *l, const wf_llm_req_t *r) {
         if (!rc && !j->res.prompt_text) rc = KVM_ENOMEM;
     } else {
         rc = model_prepare(m, j, r);
+        if (rc == KVM_ENOMEM && kvm_sched_pending(m->sched) > 0) {
+            /* the KV budget is full now: keep the step and retry when running ones finish */
+            rc = req_copy(j, r);
+            j->deferred = rc == 0;
+        }
     }
     if (rc != 0) {
         job_free(j);
@@ -731,6 +802,7 @@ int wf_llm_step(wf_llm_t *l) {
         } else {
             n = kvm_sched_step(m->sched);
             if (n < 0) return n;
+            int finished = 0;
             kvm_sched_done_t d;
             while (kvm_sched_take(m->sched, &d) == 1) {
                 job_t *j = (job_t *)(uintptr_t)d.tag;
@@ -750,7 +822,9 @@ int wf_llm_step(wf_llm_t *l) {
                 j->res.batch_mean_seqs = d.batch_mean_seqs;
                 j->res.batch_max_rows = d.batch_max_rows;
                 kvm_sched_done_clear(&d);
+                finished++;
             }
+            if (finished > 0 || kvm_sched_pending(m->sched) == 0) retry_deferred(l, mi);
         }
         if (n > 0) {
             l->steps++;
