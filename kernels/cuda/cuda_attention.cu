@@ -402,11 +402,12 @@ template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile(
 /* Shared memory of k_attn_mma: two stages of K and V tiles (the next tile loads while this one computes). */
 template <typename T, int D> constexpr size_t mma_smem_bytes() { return (size_t)2 * 2 * MMA_K * (D + 8) * sizeof(T); }
 
-template <typename T, int D>
-__global__ void __launch_bounds__(128)
+template <typename T, int D, int MINB>
+__global__ void __launch_bounds__(128, MINB)
     k_attn_mma(float *__restrict__ out, const float *__restrict__ q, const T *__restrict__ kv, int L, int H, int layer,
                int heads, int group, const int32_t *__restrict__ row_start, const int32_t *__restrict__ ctx_len,
-               const int32_t *__restrict__ block_table, int max_blocks, float scale_log2) {
+               const int32_t *__restrict__ block_table, int max_blocks, float scale_log2, __nv_bfloat16 *__restrict__ outb,
+               __half *__restrict__ outf) {
     constexpr int DP = D + 8; /* padded row (bank-conflict free fragment loads) */
     kvm_pdl_trigger();
     extern __shared__ __align__(16) unsigned char mma_smem[];
@@ -545,10 +546,17 @@ __global__ void __launch_bounds__(128)
 #pragma unroll
     for (int i = 0; i < D / 8; i++) {
         const int d = i * 8 + 2 * t4;
-        if (qr_a < nrows)
-            *reinterpret_cast<float2 *>(out + ((size_t)(r0 + qr_a) * heads + h) * D + d) = make_float2(o[i][0] * ia, o[i][1] * ia);
-        if (qr_b < nrows)
-            *reinterpret_cast<float2 *>(out + ((size_t)(r0 + qr_b) * heads + h) * D + d) = make_float2(o[i][2] * ib, o[i][3] * ib);
+        const size_t ea = ((size_t)(r0 + qr_a) * heads + h) * D + d, eb = ((size_t)(r0 + qr_b) * heads + h) * D + d;
+        if (qr_a < nrows) {
+            *reinterpret_cast<float2 *>(out + ea) = make_float2(o[i][0] * ia, o[i][1] * ia);
+            if (outb) *reinterpret_cast<__nv_bfloat162 *>(outb + ea) = __floats2bfloat162_rn(o[i][0] * ia, o[i][1] * ia);
+            if (outf) *reinterpret_cast<__half2 *>(outf + ea) = __floats2half2_rn(o[i][0] * ia, o[i][1] * ia);
+        }
+        if (qr_b < nrows) {
+            *reinterpret_cast<float2 *>(out + eb) = make_float2(o[i][2] * ib, o[i][3] * ib);
+            if (outb) *reinterpret_cast<__nv_bfloat162 *>(outb + eb) = __floats2bfloat162_rn(o[i][2] * ib, o[i][3] * ib);
+            if (outf) *reinterpret_cast<__half2 *>(outf + eb) = __floats2half2_rn(o[i][2] * ib, o[i][3] * ib);
+        }
     }
 }
 
@@ -621,21 +629,40 @@ static void launch_mma(float *out, const float *q, const T *kv, const kvm_kv_geo
     dim3 grid((unsigned)((max_rows + MMA_Q - 1) / MMA_Q), (unsigned)heads, (unsigned)b->n_seqs);
     const float sl2 = scale * 1.4426950408889634f;
     const int group = heads / g->n_kv_heads;
-    static bool attr_set[2] = {false, false}; /* per instantiation of this template (T) */
-    if (!attr_set[0]) {
-        cudaFuncSetAttribute(k_attn_mma<T, 128>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)mma_smem_bytes<T, 128>());
-        cudaFuncSetAttribute(k_attn_mma<T, 64>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)mma_smem_bytes<T, 64>());
-        attr_set[0] = true;
+    /* the output, rounded to the weights' 16-bit dtype, is also left in scratch for the o projection */
+    const kvm_dtype_t hdt = kvm_cuda_half_dtype();
+    const size_t n_out = (size_t)b->total_rows * heads * g->head_dim;
+    void *xh = hdt != KVM_F32 ? kvm_cuda_scratch(n_out * 2) : NULL;
+    __nv_bfloat16 *outb = xh && hdt == KVM_BF16 ? (__nv_bfloat16 *)xh : NULL;
+    __half *outf = xh && hdt == KVM_F16 ? (__half *)xh : NULL;
+    /* registers capped for 3 CTAs per SM (168, no spills) unless KVM_CUDA_MMA_OCC=1 (199 registers, 2 CTAs) */
+    static int occ = -1;
+    if (occ < 0) {
+        const char *e = getenv("KVM_CUDA_MMA_OCC");
+        occ = e && atoi(e) == 1 ? 1 : 3;
     }
-    if (g->head_dim == 128)
-        k_attn_mma<T, 128><<<grid, 128, mma_smem_bytes<T, 128>(), S>>>(out, q, kv, g->n_layers, g->n_kv_heads, layer, heads,
-                                                                        group, b->row_start, b->ctx_len, b->block_table,
-                                                                        b->max_blocks, sl2);
-    else
-        k_attn_mma<T, 64><<<grid, 128, mma_smem_bytes<T, 64>(), S>>>(out, q, kv, g->n_layers, g->n_kv_heads, layer, heads,
-                                                                      group, b->row_start, b->ctx_len, b->block_table,
-                                                                      b->max_blocks, sl2);
-    KVM_CU_LAUNCH("attention (mma)");
+    static bool attr_set = false; /* per instantiation of this template (T) */
+    if (!attr_set) {
+        cudaFuncSetAttribute(k_attn_mma<T, 128, 1>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)mma_smem_bytes<T, 128>());
+        cudaFuncSetAttribute(k_attn_mma<T, 64, 1>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)mma_smem_bytes<T, 64>());
+        cudaFuncSetAttribute(k_attn_mma<T, 128, 3>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)mma_smem_bytes<T, 128>());
+        cudaFuncSetAttribute(k_attn_mma<T, 64, 3>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)mma_smem_bytes<T, 64>());
+        attr_set = true;
+    }
+#define KVM_MMA(DD, OCC)                                                                                                 \
+    k_attn_mma<T, DD, OCC><<<grid, 128, mma_smem_bytes<T, DD>(), S>>>(out, q, kv, g->n_layers, g->n_kv_heads, layer, heads, \
+                                                                      group, b->row_start, b->ctx_len, b->block_table,    \
+                                                                      b->max_blocks, sl2, outb, outf)
+    if (g->head_dim == 128) {
+        if (occ == 3) KVM_MMA(128, 3);
+        else KVM_MMA(128, 1);
+    } else {
+        if (occ == 3) KVM_MMA(64, 3);
+        else KVM_MMA(64, 1);
+    }
+#undef KVM_MMA
+    if (KVM_CU_LAUNCH("attention (mma)")) return;
+    if (xh) kvm_cuda_set_rounded(out, n_out, hdt);
 }
 
 /* Rows per sequence >= this use the tensor-core kernel (when the cache dtype and head_dim allow). */
