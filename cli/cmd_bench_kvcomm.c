@@ -66,7 +66,8 @@ static void usage(void) {
             "  --kv-budget-mb N            KV pool size (default: the model's default)\n"
             "  --out DIR                   write the full JSON there\n"
             " ttft: --agents 5 --input 1000 --prefix 512 --output 512 --warmup 2 --requests 3\n"
-            "       --bandwidth-gbs 2990   bandwidth of the alignment floor (H100 measured copy, perf.md)\n"
+            "       --bandwidth-gbs B      bandwidth of the alignment floor (default 2990 on CUDA = H100 measured copy,\n"
+            "                              perf.md; 20 on the CPU)\n"
             " team: --requests 300 --modes dense,full,rotation --warm 10 --cos-samples 32 --max-tokens 12\n"
             "       --seed 1000            (needs a model with a tokenizer; the trained minitasks models)\n");
 }
@@ -459,7 +460,7 @@ static int run_team(kvm_model_t *m, const opts_t *o) {
 int kvm_bench_kvcomm(int argc, char **argv) {
     opts_t o = {.backend = "auto", .workload = "ttft", .modes = "dense,full,rotation", .agents = 5, .input = 1000,
                 .prefix = 512, .output = 512, .warmup = 2, .requests = -1, .warm = 10, .cos_samples = 32,
-                .max_tokens = 12, .seed = KVM_MT_DEFAULT_EVAL_SEED, .bw_gbs = 2990};
+                .max_tokens = 12, .seed = KVM_MT_DEFAULT_EVAL_SEED, .bw_gbs = 0};
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
         bool has = i + 1 < argc;
@@ -507,6 +508,7 @@ int kvm_bench_kvcomm(int argc, char **argv) {
     if (o.synth) {
         snprintf(m->name, sizeof m->name, "synthetic:%.100s", o.synth);
     }
+    if (o.bw_gbs <= 0) o.bw_gbs = strcmp(m->ops->name, "cpu") ? 2990 : 20; /* H100 measured copy; a DRAM guess */
     int rc = ttft ? run_ttft(m, &o) : run_team(m, &o);
     kvm_model_free(m);
     return rc;

@@ -4,9 +4,13 @@
  *
  * Acceptance (issue 5): KVCOMM accuracy within 2 points of dense, reuse rate after warm-up >= 60%,
  * K/V cosine to dense reported per layer, the rotation-only ablation measured. Skipped loudly when the
- * model is not in the tree. KVM_FIDELITY_REQUESTS overrides the request count (default 300). */
+ * model is not in the tree. The CI size is 30 requests (120 agent invocations per mode, about half a
+ * minute); KVM_FIDELITY_REQUESTS=300 is the acceptance run (`kvmesh bench kvcomm --workload team` prints
+ * the same numbers, docs/kvcomm.md §5.2). Under the sanitizers (KVM_SANITIZED) it runs 8 requests and
+ * checks the plumbing only. */
 #include <math.h>
 #include <setjmp.h>
+#include <stdbool.h>
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -52,8 +56,9 @@ static void test_kvcomm_accuracy_stays_within_two_points_of_dense_with_reuse_aft
         skip();
     }
     const char *env = getenv("KVM_FIDELITY_REQUESTS");
-    int requests = env ? atoi(env) : 300;
-    if (requests < 20) requests = 20;
+    bool sanitized = getenv("KVM_SANITIZED") != NULL;
+    int requests = env ? atoi(env) : sanitized ? 8 : 30;
+    if (requests < 8) requests = 8;
     kvm_log_set_level(KVM_LOG_ERROR);
     kvm_team_result_t dense, full, rot;
     kvm_team_opts_t o;
@@ -75,9 +80,15 @@ static void test_kvcomm_accuracy_stays_within_two_points_of_dense_with_reuse_aft
             full.agree_n ? 100.0 * full.agree / full.agree_n : 0, ar, rot.agree_n ? 100.0 * rot.agree / rot.agree_n : 0);
     print_layers("kvcomm", &full);
     print_layers("rotation", &rot);
-    assert_true(full.cos_n > 0);
-    assert_true(af >= ad - 2.0);
-    assert_true(rw >= 60.0);
+    assert_true(full.cos_n > 0 && rot.cos_n > 0);
+    assert_int_equal(full.invocations, 4 * requests);
+    if (!sanitized) {
+        assert_true(af >= ad - 2.0);
+        assert_true(rw >= 60.0);
+        /* the offsets bring the reused rows closer to dense than rotation alone, in the deepest layer */
+        int l = full.n_layers - 1;
+        assert_true(full.cos_k[l] / full.cos_n > rot.cos_k[l] / rot.cos_n);
+    }
     kvm_team_result_free(&dense);
     kvm_team_result_free(&full);
     kvm_team_result_free(&rot);

@@ -426,7 +426,7 @@ int kvm_kv_read_rows(const kvm_kv_pool_t *p, const int32_t *blocks, int pos, int
     unsigned char *stage = NULL;
     int rc = rows_stage(p, blocks, b0, nb, true, pos, n, &stage);
     if (rc) return rc;
-#pragma omp parallel for collapse(2) schedule(static)
+#pragma omp parallel for collapse(2) schedule(static) if ((size_t)n * L * H * D > ((size_t)1 << 18))
     for (int bi = 0; bi < nb; bi++)
         for (int l = 0; l < L; l++) {
             int first = (b0 + bi) * KVM_KV_BLOCK;
@@ -458,7 +458,7 @@ int kvm_kv_write_rows(kvm_kv_pool_t *p, const int32_t *blocks, int pos, int n, c
     unsigned char *stage = NULL;
     int rc = rows_stage(p, blocks, b0, nb, false, pos, n, &stage);
     if (rc) return rc;
-#pragma omp parallel for collapse(2) schedule(static)
+#pragma omp parallel for collapse(2) schedule(static) if ((size_t)n * L * H * D > ((size_t)1 << 18))
     for (int bi = 0; bi < nb; bi++)
         for (int l = 0; l < L; l++) {
             int first = (b0 + bi) * KVM_KV_BLOCK;
