@@ -692,6 +692,21 @@ static void test_top_p_bumps_only_the_anchors_below_the_cumulative_cut(void **st
     fake_free(&f);
 }
 
+static void test_entropy_treats_underflowed_weights_as_zero_not_nan(void **st) {
+    (void)st;
+    fake_t f;
+    int T[3] = {6, 6, 6};
+    float v[3] = {0.0f, 500.0f, 900.0f}; /* exp(-distance) underflows to exactly 0 for the far anchors */
+    fake_init(&f, 3, T, v);
+    comm_sample_t s = mk_sample(&f.c.g, 6, 0.0f);
+    assert_int_equal(comm_predict(&f.rq, &s), 0);
+    assert_false(isnan(s.entropy));
+    assert_true(s.entropy == 0.0f);
+    assert_false(s.is_new);
+    kvm_free(s.X);
+    fake_free(&f);
+}
+
 static void stage_new(fake_t *f, uint64_t key) {
     comm_anchor_t *a = mk_anchor(&f->c.g, 4, key, 0);
     if (f->rq.n_staged == f->rq.cap_staged) {
@@ -832,6 +847,7 @@ int main(void) {
         cmocka_unit_test(test_equidistant_anchors_have_maximal_entropy_and_predict_new),
         cmocka_unit_test(test_clear_nearest_anchor_shares_and_the_top_p_quirk_bumps_all_eligible),
         cmocka_unit_test(test_top_p_bumps_only_the_anchors_below_the_cumulative_cut),
+        cmocka_unit_test(test_entropy_treats_underflowed_weights_as_zero_not_nan),
         cmocka_unit_test(test_eviction_takes_the_least_activated_of_the_five_oldest_ties_to_the_oldest),
         cmocka_unit_test(test_reference_pool_bound_reaches_v_plus_one),
         cmocka_unit_test(test_weights_sum_to_one_over_anchors_on_their_axes),
