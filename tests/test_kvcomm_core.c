@@ -31,8 +31,11 @@ static kvm_config_t small_cfg(kvm_rope_layout_t layout) {
     return c;
 }
 
+static bool g_qwen_like = false; /* q/k/v biases and per-head QK-norm before RoPE (Qwen2/Qwen3) */
+
 static kvm_model_t *small_model(kvm_rope_layout_t layout, uint64_t seed) {
     kvm_config_t c = small_cfg(layout);
+    c.qk_norm = c.qkv_bias = g_qwen_like;
     kvm_model_t *m = kvm_model_random(&c, seed, 4, "cpu");
     assert_non_null(m);
     return m;
@@ -173,6 +176,13 @@ static void test_layer0_keys_after_shift_equal_dense_rotate_half(void **st) {
 static void test_layer0_keys_after_shift_equal_dense_interleaved(void **st) {
     (void)st;
     layer0_exact(KVM_ROPE_INTERLEAVED);
+}
+
+static void test_layer0_keys_after_shift_equal_dense_with_qk_norm_and_biases(void **st) {
+    (void)st;
+    g_qwen_like = true;
+    layer0_exact(KVM_ROPE_HALF);
+    g_qwen_like = false;
 }
 
 /* ---- identical prompts = prefix caching (§8 item 4) -------------------------------------------------------- */
@@ -832,6 +842,7 @@ int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_layer0_keys_after_shift_equal_dense_rotate_half),
         cmocka_unit_test(test_layer0_keys_after_shift_equal_dense_interleaved),
+        cmocka_unit_test(test_layer0_keys_after_shift_equal_dense_with_qk_norm_and_biases),
         cmocka_unit_test(test_identical_prompt_reuses_the_prefix_cache_bit_for_bit),
         cmocka_unit_test(test_single_anchor_applied_to_its_own_sample_reproduces_dense),
         cmocka_unit_test(test_after_two_anchors_agents_reuse_with_n_minus_1_cached_tokens),
