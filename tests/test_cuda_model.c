@@ -1,7 +1,7 @@
 /* test_cuda_model.c - the whole engine on the CUDA backend against the CPU engine and transformers.
  *
- *  - stories260K (llama2.c, interleaved RoPE), fp32 mode (KVM_DEVICE_DTYPE=f32, fp32 KV): 256 greedy tokens
- *    identical to the CPU engine;
+ *  - stories260K (llama2.c, interleaved RoPE) and the bundled models (models/minillama-2m, miniqwen3-6m),
+ *    fp32 mode (KVM_DEVICE_DTYPE=f32, fp32 KV): 256 greedy tokens identical to the CPU engine;
  *  - synthetic tiny models (llama3 RoPE scaling + GQA, Qwen2 biases, Qwen3 q/k norms with head_dim 128),
  *    bf16 weights generated bit-identically on both backends: prompt logits max|diff|/max|ref| <= 2e-2
  *    and 32 greedy tokens identical (decode runs through the captured CUDA graph after two steps);
@@ -131,6 +131,60 @@ static void test_stories260k_greedy_256_tokens_identical_to_cpu_in_fp32_mode(voi
     kvm_model_free(mc);
     kvm_model_free(mg);
     free(lc), free(lgp), free(ic), free(ig);
+}
+
+/* ---- the bundled models (models/), fp32 mode ------------------------------------------------------------ */
+
+/* 256 greedy tokens of a bundled model on the GPU in fp32 mode, identical to the CPU engine. */
+static void check_bundled_fp32(const char *name) {
+    char dir[1024];
+    const char *src = getenv("KVM_SOURCE_DIR");
+    snprintf(dir, sizeof dir, "%s/models/%s", src && *src ? src : KVM_SOURCE_DIR, name);
+    if (!kvm_dir_exists(dir)) {
+        printf("SKIPPED: bundled model %s not found\n", dir);
+        skip();
+    }
+    kvm_load_opts_t oc = {.backend = "cpu", .quiet = true}, og = {.backend = "cuda", .quiet = true};
+    kvm_model_t *mc = kvm_model_load(dir, &oc);
+    if (!mc) fprintf(stderr, "%s cpu: %s\n", name, kvm_errmsg());
+    assert_non_null(mc);
+    setenv("KVM_DEVICE_DTYPE", "f32", 1);
+    kvm_model_t *mg = kvm_model_load(dir, &og);
+    unsetenv("KVM_DEVICE_DTYPE");
+    if (!mg) fprintf(stderr, "%s cuda: %s\n", name, kvm_errmsg());
+    assert_non_null(mg);
+    const int T = 12, N = 256, V = mc->cfg.vocab_size;
+    int32_t prompt[12];
+    for (int i = 0; i < T; i++) prompt[i] = (int32_t)(3 + kvm_splitmix64(991 + i) % (uint64_t)(V - 3));
+    float *lc = malloc((size_t)T * V * 4), *lg = malloc((size_t)T * V * 4);
+    int32_t *ic = malloc(N * 4), *ig = malloc(N * 4);
+    run_greedy(mc, prompt, T, N, lc, ic);
+    run_greedy(mg, prompt, T, N, lg, ig);
+    double rel = max_rel(lg, lc, (size_t)T * V);
+    int bad = first_difference(ig, ic, N);
+    fprintf(stderr, "%s fp32: prompt logits max rel diff %.3e; %d greedy tokens %s\n", name, rel, N,
+            bad < 0 ? "identical" : "DIFFER");
+    if (bad >= 0) {
+        print_ids("cpu ", ic, N);
+        print_ids("cuda", ig, N);
+    }
+    kvm_model_free(mc);
+    kvm_model_free(mg);
+    free(lc), free(lg), free(ic), free(ig);
+    assert_true(rel <= 1e-4);
+    assert_int_equal(bad, -1);
+}
+
+static void test_bundled_minillama_greedy_256_tokens_identical_to_cpu_in_fp32_mode(void **st) {
+    (void)st;
+    NEED_GPU();
+    check_bundled_fp32("minillama-2m");
+}
+
+static void test_bundled_miniqwen3_greedy_256_tokens_identical_to_cpu_in_fp32_mode(void **st) {
+    (void)st;
+    NEED_GPU();
+    check_bundled_fp32("miniqwen3-6m");
 }
 
 /* ---- synthetic tiny models, bf16 ---------------------------------------------------------------------- */
@@ -302,6 +356,8 @@ int main(void) {
     }
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_stories260k_greedy_256_tokens_identical_to_cpu_in_fp32_mode),
+        cmocka_unit_test(test_bundled_minillama_greedy_256_tokens_identical_to_cpu_in_fp32_mode),
+        cmocka_unit_test(test_bundled_miniqwen3_greedy_256_tokens_identical_to_cpu_in_fp32_mode),
         cmocka_unit_test(test_synthetic_tiny_llama_bf16_matches_cpu),
         cmocka_unit_test(test_synthetic_tiny_qwen2_bf16_matches_cpu),
         cmocka_unit_test(test_synthetic_tiny_qwen3_bf16_matches_cpu),
