@@ -15,6 +15,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <stdio.h>
 
 #define KVM_KV_BLOCK 16
 
@@ -214,7 +215,6 @@ const kvm_ops_t *kvm_ops_cuda(void);
 int kvm_cuda_describe(char *buf, size_t cap);
 /* Per-op GPU profile: begin starts timing every CUDA op (eager steps only; graphs are not timed), end
  * prints the ops summed per name to f (if not NULL) and returns the total ms. No-ops without CUDA. */
-#include <stdio.h>
 void kvm_cuda_profile_begin(void);
 double kvm_cuda_profile_end(FILE *f, const char *title);
 /* Why "auto" chose the CPU ("" if it did not fall back): e.g. "no CUDA driver". */
