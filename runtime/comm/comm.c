@@ -175,6 +175,7 @@ void kvm_comm_free(kvm_comm_t *c) {
         kvm_free(c->pools[i].a);
     }
     kvm_free(c->pools);
+    comm_dev_ctx_free(c);
     kvm_kv_store_free(c->store);
     kvm_kv_pool_free(c->pool);
     kvm_free(c);
@@ -248,6 +249,7 @@ typedef struct tpiece {
 void kvm_template_free(kvm_template_t *t) {
     if (!t) return;
     kvm_seq_free(&t->seq);
+    comm_dev_template_free(t);
     for (int i = 0; i <= KVM_COMM_MAX_PH; i++) kvm_free(t->P[i]);
     kvm_free(t->ids);
     kvm_free(t->agent);
@@ -651,6 +653,7 @@ kvm_comm_request_t *kvm_comm_request_begin(kvm_comm_t *c, uint64_t request_id) {
     if (!rq) return NULL;
     rq->c = c;
     rq->id = request_id;
+    rq->dev = comm_dev_on(c);
     if (c->n_pools) {
         rq->snaps = kvm_calloc((size_t)c->n_pools, sizeof *rq->snaps);
         if (!rq->snaps) {
@@ -716,6 +719,12 @@ static int get_sample(kvm_comm_request_t *rq, const char *name, const kvm_segmen
     snprintf(s->name, sizeof s->name, "%s", name);
     s->key = key;
     s->T = gi->n_tokens;
+    if (rq->dev) { /* device path (kvcomm_dev.c): the base stays in the pool; X is read only if needed */
+        int drc = comm_dev_sample_bind(rq->c, s, g);
+        if (drc) return drc;
+        *out = rq->n_samples++;
+        return 0;
+    }
     s->X = kvm_malloc(comm_rows_elems(&rq->c->g, s->T) * sizeof(float));
     if (!s->X) return KVM_ENOMEM;
     int rc = kvm_segment_read_f32(g, 0, s->T, s->X);
@@ -972,6 +981,15 @@ int kvm_comm_prepare(kvm_comm_request_t *rq, const kvm_prompt_t *p, kvm_prepared
     } else {
         /* ---- REUSE (§3.6, §3.7): rows [E, N-1) from segments, offsets in F0, one write, one shift ---- */
         r->mode = KVM_COMM_REUSE;
+        if (rq->dev) { /* device path (kvcomm_dev.c): weights, offsets, shift and scatter on the backend */
+            comm_dev_ph_t dph[KVM_COMM_MAX_PH];
+            for (int i = 0; i < t->n_ph; i++)
+                dph[i] = (comm_dev_ph_t){pv->ph[i].decision, pv->ph[i].sample, pv->ph[i].t_ph, pv->ph[i].t_pf, pv->ph[i].T,
+                                         pv->ph[i].S, pv->ph[i].seg, pv->ph[i].usable, pv->ph[i].n_usable};
+            rc = comm_dev_reuse(rq, t, dph, out, E, N);
+            if (rc) goto fail;
+            goto reuse_done;
+        }
         const bool ref_frame = cfg->frame == KVM_KVCOMM_FRAME_REFERENCE;
         int n_tail = N - 1 - E;
         float *tail = NULL, *xh = NULL, *ph_out = NULL;
@@ -1071,6 +1089,7 @@ int kvm_comm_prepare(kvm_comm_request_t *rq, const kvm_prompt_t *p, kvm_prepared
         kvm_free(tail);
         kvm_free(deltas);
         if (rc) goto fail;
+    reuse_done:
         out->n_cached = N - 1;
         r->recomputed_tokens = 1;
         pv->n_exact = E;
@@ -1110,6 +1129,7 @@ int kvm_comm_complete(kvm_comm_request_t *rq, kvm_prepared_t *p, const kvm_gen_r
             float *rph = kvm_malloc(comm_rows_elems(g, ph->T) * sizeof(float));
             float *rpf = kvm_malloc(comm_rows_elems(g, ph->S) * sizeof(float) + 1);
             if (!rph || !rpf) rc = KVM_ENOMEM;
+            if (!rc && !s->X) rc = comm_dev_sample_x(c, s); /* device path: the base was left in the pool */
             if (!rc) rc = read_f0(c, &p->seq, ph->t_ph, ph->T, rph);
             if (!rc) rc = read_f0(c, &p->seq, ph->t_pf, ph->S, rpf);
             if (!rc)

@@ -37,6 +37,7 @@ typedef struct comm_anchor {
     uint32_t activation;
     uint64_t insert_seq;
     size_t bytes;
+    struct comm_dev_anchor *dev; /* kvcomm_dev.c: device mirror of base and deltas, or NULL */
 } comm_anchor_t;
 
 typedef struct comm_pool {
@@ -58,6 +59,7 @@ struct kvm_comm {
     size_t anchor_bytes;
     kvm_comm_stats_t st;
     int active_requests;
+    struct comm_dev_ctx *dev;  /* kvcomm_dev.c: device scratch, or NULL */
 };
 
 /* One agent template record (kvcomm.md §2.2). */
@@ -73,6 +75,7 @@ struct kvm_template {
     int ps[KVM_COMM_MAX_PH], pe[KVM_COMM_MAX_PH];          /* placeholder i (0-based) = [ps[i], pe[i]) */
     kvm_seq_t seq;                    /* segment 0, exact, shared by reference */
     float *P[KVM_COMM_MAX_PH + 1];    /* text segments 1..n in F0, host fp32 */
+    void *dev_P[KVM_COMM_MAX_PH + 1]; /* kvcomm_dev.c: device copies of P in the pool dtype, or NULL */
 };
 
 /* One sample (placeholder name, content) seen in a request. */
@@ -90,6 +93,7 @@ typedef struct comm_sample {
     int w_n;
     float *w_kph, *w_vph; /* [N][T] */
     float *w_kpf, *w_vpf; /* [N][L][H][D] */
+    struct comm_dev_sample *dev; /* kvcomm_dev.c: segment, device weights (X stays NULL until needed) */
 } comm_sample_t;
 
 typedef struct comm_bump {
@@ -117,6 +121,7 @@ struct kvm_comm_request {
     comm_anchor_t **staged;
     char (*staged_pool)[KVM_COMM_NAME_MAX];
     int n_staged, cap_staged;
+    bool dev;               /* KVCOMM math on the backend for this request (kvcomm_dev.c) */
 };
 
 /* ---- kvcomm.c ---- */
@@ -150,5 +155,31 @@ int comm_materialize(kvm_comm_request_t *rq, comm_sample_t *s, const char *consu
 int comm_commit(kvm_comm_request_t *rq);
 void comm_request_free_state(kvm_comm_request_t *rq);
 size_t comm_anchor_bytes(const comm_geom_t *g, const comm_anchor_t *a);
+
+/* ---- kvcomm_dev.c: the device path (kernels/ops.h kvcomm_dist / kvcomm_softmax / kvcomm_apply) ----
+ * Chosen per request (rq->dev) when the backend has the ops and is not the CPU (KVM_KVCOMM_DEVICE=1 forces it
+ * on the CPU backend too, for tests; =0 turns it off), kvcomm.frame = f0 and kvcomm.weights != cosine.
+ * Anchors keep their host fp32 data (the reference, filled by the DENSE path) and get a device mirror in the
+ * pool dtype when committed; the REUSE path then reads only device memory. */
+typedef struct comm_dev_ph {
+    int decision, sample, t_ph, t_pf, T, S;
+    kvm_segment_t *seg;
+    comm_anchor_t **usable;
+    int n_usable;
+} comm_dev_ph_t;
+bool comm_dev_on(kvm_comm_t *c);
+void comm_dev_ctx_free(kvm_comm_t *c);
+int comm_dev_anchor_sync(kvm_comm_t *c, comm_anchor_t *a);
+void comm_dev_anchor_free(comm_anchor_t *a);
+void comm_dev_template_free(kvm_template_t *t);
+int comm_dev_sample_bind(kvm_comm_t *c, comm_sample_t *s, const kvm_segment_t *seg);
+void comm_dev_sample_free(comm_sample_t *s);
+/* reads the sample's F0 base to host fp32 s->X if it is not there (the DENSE path needs it) */
+int comm_dev_sample_x(kvm_comm_t *c, comm_sample_t *s);
+/* §3.4 distances d[n] (raw or per element, as the host loop) of s to anchors E[0..n) */
+int comm_dev_pred(kvm_comm_t *c, comm_sample_t *s, comm_anchor_t **E, int n, double *d);
+/* §3.6/§3.7 REUSE assembly of rows [E, N-1) of out->seq on the backend (fills the report's counts and times) */
+int comm_dev_reuse(kvm_comm_request_t *rq, const kvm_template_t *t, const comm_dev_ph_t *ph, kvm_prepared_t *out,
+                   int E, int N);
 
 #endif

@@ -10,6 +10,10 @@
 
 #include "comm_internal.h"
 
+/* below this many elements a loop runs on one thread: for tiny models the parallel region costs more
+ * than the work, especially on a loaded machine */
+#define COMM_PAR_MIN ((size_t)1 << 18)
+
 /* ==== pools and anchors ============================================================================= */
 
 comm_pool_t *comm_pool_get(kvm_comm_t *c, const char *name, bool create) {
@@ -37,6 +41,7 @@ size_t comm_anchor_bytes(const comm_geom_t *g, const comm_anchor_t *a) {
 }
 
 static void anchor_free(comm_anchor_t *a) {
+    comm_dev_anchor_free(a); /* device mirror (kvcomm_dev.c) */
     for (int i = 0; i < a->n_deltas; i++) {
         kvm_free(a->deltas[i].d_ph);
         kvm_free(a->deltas[i].d_pf);
@@ -135,10 +140,12 @@ int comm_predict(kvm_comm_request_t *rq, comm_sample_t *s) {
         goto out;
     }
     /* values only (position-free), first T tokens, Frobenius norm over all layers */
-    for (int n = 0; n < ne; n++) {
+    const bool big = comm_rows_elems(g, s->T) > COMM_PAR_MIN;
+    if (rq->dev && (rc = comm_dev_pred(c, s, E, ne, d))) goto out; /* device path (kvcomm_dev.c) */
+    for (int n = 0; n < ne && !rq->dev; n++) {
         const comm_anchor_t *a = E[n];
         double ss = 0;
-#pragma omp parallel for reduction(+ : ss) collapse(2) schedule(static)
+#pragma omp parallel for reduction(+ : ss) collapse(2) schedule(static) if (big)
         for (int l = 0; l < g->L; l++)
             for (int h = 0; h < g->H; h++)
                 for (int t = 0; t < s->T; t++) {
@@ -278,11 +285,12 @@ int comm_weights(kvm_comm_t *c, comm_sample_t *s, comm_anchor_t **A, int N) {
     s->w_vpf = s->w_kpf + npf;
     for (int i = 0; i < N; i++) s->w_keys[i] = A[i]->key;
     const bool rot = c->cfg.frame == KVM_KVCOMM_FRAME_F0;
+    const bool big = comm_rows_elems(g, T) > COMM_PAR_MIN;
     const kvm_rope_params_t *rp = kvm_kv_store_rope(c->store);
     for (int n = 0; n < N; n++) {
         const comm_anchor_t *a = A[n];
         /* placeholder scores: per token, head-aligned, over (l, h, d) */
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (big)
         for (int t = 0; t < T; t++) {
             for (int kv = 0; kv < 2; kv++) {
                 double acc = 0, xy = 0, xx = 0, yy = 0;
@@ -303,7 +311,7 @@ int comm_weights(kvm_comm_t *c, comm_sample_t *s, comm_anchor_t **A, int N) {
         }
         /* text-segment scores: per (l, h, d), tail-aligned, over the T tokens */
         const int off = a->T - T;
-#pragma omp parallel for collapse(2) schedule(static)
+#pragma omp parallel for collapse(2) schedule(static) if (big)
         for (int l = 0; l < L; l++)
             for (int h = 0; h < H; h++) {
                 float *tail = malloc((size_t)T * D * sizeof(float));
@@ -367,7 +375,7 @@ void comm_apply(kvm_comm_t *c, const comm_sample_t *s, comm_anchor_t **A, int N,
     if (out_ph) {
         memcpy(out_ph, s->X, comm_rows_elems(g, T) * sizeof(float));
         if (ph_offset && N > 0) {
-#pragma omp parallel for collapse(3) schedule(static)
+#pragma omp parallel for collapse(3) schedule(static) if (comm_rows_elems(g, T) * (size_t)N > COMM_PAR_MIN)
             for (int l = 1; l < L; l++)
                 for (int kv = 0; kv < 2; kv++)
                     for (int h = 0; h < H; h++) {
@@ -387,7 +395,7 @@ void comm_apply(kvm_comm_t *c, const comm_sample_t *s, comm_anchor_t **A, int N,
     if (out_pf) {
         memcpy(out_pf, P, comm_rows_elems(g, S) * sizeof(float));
         if (pf_offset && N > 0) {
-#pragma omp parallel for collapse(3) schedule(static)
+#pragma omp parallel for collapse(3) schedule(static) if (comm_rows_elems(g, S) * (size_t)N > COMM_PAR_MIN)
             for (int l = 1; l < L; l++)
                 for (int kv = 0; kv < 2; kv++)
                     for (int h = 0; h < H; h++) {
@@ -550,6 +558,7 @@ int comm_commit(kvm_comm_request_t *rq) {
         a->insert_seq = ++c->insert_seq;
         a->bytes = comm_anchor_bytes(&c->g, a);
         p->a[p->n++] = a; /* the staged reference moves to the pool */
+        if (rq->dev && comm_dev_anchor_sync(c, a)) KVM_LOGW("kvcomm: device mirror of an anchor failed: %s", kvm_errmsg());
         rq->staged[i] = NULL;
         p->created++;
         c->st.anchors_created++;
@@ -565,6 +574,7 @@ void comm_request_free_state(kvm_comm_request_t *rq) {
     for (int i = 0; i < rq->n_samples; i++) {
         comm_sample_t *s = &rq->samples[i];
         kvm_free(s->X);
+        comm_dev_sample_free(s);
         kvm_free(s->w_keys);
         kvm_free(s->w_kph);
         kvm_free(s->w_kpf);
@@ -589,7 +599,7 @@ void comm_request_free_state(kvm_comm_request_t *rq) {
 static void rotate_keys(kvm_comm_t *c, const comm_geom_t *g, float *x, int n, int delta) {
     if (!delta || n <= 0) return;
     const kvm_rope_params_t *rp = kvm_kv_store_rope(c->store);
-#pragma omp parallel for collapse(2) schedule(static)
+#pragma omp parallel for collapse(2) schedule(static) if (comm_rows_elems(g, n) > COMM_PAR_MIN)
     for (int l = 0; l < g->L; l++)
         for (int h = 0; h < g->H; h++)
             kvm_rope_rotate_rows(x + comm_idx(g, n, l, 0, h, 0), n, g->D, g->D, delta, NULL, rp->inv_freq, rp->layout);
