@@ -10,8 +10,8 @@
 #include "forward.h"
 #include "tokenizer.h"
 
-/* Optional: synthetic models built on the device (runtime/model/synthetic.c, CUDA builds). */
-kvm_model_t *kvm_model_synthetic(const char *name, const kvm_load_opts_t *opts) __attribute__((weak));
+/* Synthetic models (runtime/model/synthetic.c): real shapes, seeded weights generated on the backend. */
+kvm_model_t *kvm_model_synthetic(const char *name, const kvm_load_opts_t *opts);
 
 int kvm_tensor_check_dims(const kvm_tensor_t *t, const char *name, int ndim, const int64_t *dims);
 
@@ -201,10 +201,6 @@ kvm_model_t *kvm_model_load(const char *path, const kvm_load_opts_t *opts) {
         return NULL;
     }
     if (!strncmp(path, "synthetic:", 10)) {
-        if (!kvm_model_synthetic) {
-            kvm_seterr(KVM_EUNSUPPORTED, "%s: synthetic models are not part of this build", path);
-            return NULL;
-        }
         return kvm_model_synthetic(path + 10, o);
     }
     kvm_model_t *m = kvm_calloc(1, sizeof *m);
