@@ -32,10 +32,19 @@ static kvm_config_t small_cfg(kvm_rope_layout_t layout) {
 }
 
 static bool g_qwen_like = false; /* q/k/v biases and per-head QK-norm before RoPE (Qwen2/Qwen3) */
+static bool g_llama3 = false;    /* llama3 RoPE scaling (Llama-3.1: theta 5e5, factor 8, 1/4, 8192) */
 
 static kvm_model_t *small_model(kvm_rope_layout_t layout, uint64_t seed) {
     kvm_config_t c = small_cfg(layout);
     c.qk_norm = c.qkv_bias = g_qwen_like;
+    if (g_llama3) {
+        c.rope_theta = 500000.0;
+        c.rope_scaling = KVM_ROPE_SCALING_LLAMA3;
+        c.rope_factor = 8;
+        c.rope_low_freq_factor = 1;
+        c.rope_high_freq_factor = 4;
+        c.rope_original_max_pos = 8192;
+    }
     kvm_model_t *m = kvm_model_random(&c, seed, 4, "cpu");
     assert_non_null(m);
     return m;
@@ -176,6 +185,13 @@ static void test_layer0_keys_after_shift_equal_dense_rotate_half(void **st) {
 static void test_layer0_keys_after_shift_equal_dense_interleaved(void **st) {
     (void)st;
     layer0_exact(KVM_ROPE_INTERLEAVED);
+}
+
+static void test_layer0_keys_after_shift_equal_dense_with_llama3_rope_scaling(void **st) {
+    (void)st;
+    g_llama3 = true;
+    layer0_exact(KVM_ROPE_HALF);
+    g_llama3 = false;
 }
 
 static void test_layer0_keys_after_shift_equal_dense_with_qk_norm_and_biases(void **st) {
@@ -843,6 +859,7 @@ int main(void) {
         cmocka_unit_test(test_layer0_keys_after_shift_equal_dense_rotate_half),
         cmocka_unit_test(test_layer0_keys_after_shift_equal_dense_interleaved),
         cmocka_unit_test(test_layer0_keys_after_shift_equal_dense_with_qk_norm_and_biases),
+        cmocka_unit_test(test_layer0_keys_after_shift_equal_dense_with_llama3_rope_scaling),
         cmocka_unit_test(test_identical_prompt_reuses_the_prefix_cache_bit_for_bit),
         cmocka_unit_test(test_single_anchor_applied_to_its_own_sample_reproduces_dense),
         cmocka_unit_test(test_after_two_anchors_agents_reuse_with_n_minus_1_cached_tokens),
