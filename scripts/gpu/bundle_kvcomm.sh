@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# bundle_kvcomm.sh [BUILD_DIR] - packs what scripts/gpu/kvcomm.sh needs on the GPU machine into .gpu-kvcomm/
+# (git-excluded; name it in the device run's `carry`): the kvmesh CLI, test_kvcomm_ops and
+# test_kvcomm_device_path built for sm_90, and the non-CUDA shared libraries they need (../shared/tools/gpu-bundle).
+#
+# Without BUILD_DIR it builds the COMMITTED HEAD in a detached git worktree (/tmp/kvmesh-kvcomm-wt, kept for
+# incremental rebuilds), so teammates' uncommitted edits in the shared working tree cannot break the bundle;
+# with BUILD_DIR it takes the binaries from that (already built) folder instead. .gpu-kvcomm/VERSION says which.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/../.." && pwd)
+shared=${KVM_SHARED:-$root/../shared}
+out=$root/.gpu-kvcomm
+bins="kvmesh test_kvcomm_ops test_kvcomm_device_path"
+if [ $# -ge 1 ]; then
+  build=$1
+  version="working tree of $root ($(git -C "$root" rev-parse --short HEAD) + uncommitted), build $build"
+else
+  wt=${KVM_KVCOMM_WT:-/tmp/kvmesh-kvcomm-wt}
+  head=$(git -C "$root" rev-parse HEAD)
+  if [ -d "$wt/.git" ] || [ -f "$wt/.git" ]; then
+    git -C "$wt" checkout -q --detach "$head"
+  else
+    git -C "$root" worktree add -q --detach "$wt" "$head"
+  fi
+  build=$wt/build-kvgpu
+  cmake -S "$wt" -B "$build" -DKVM_WERROR=OFF -DCMAKE_BUILD_TYPE=Release >/dev/null
+  cmake --build "$build" -j"$(nproc)" --target kvmesh_cli test_kvcomm_ops test_kvcomm_device_path >/dev/null
+  version="HEAD $head ($(git -C "$root" log -1 --format=%s "$head" | cut -c1-80))"
+fi
+grep -qx '/.gpu-kvcomm/' "$root/.git/info/exclude" 2>/dev/null || echo '/.gpu-kvcomm/' >> "$root/.git/info/exclude"
+rm -rf "$out"
+"$shared/tools/gpu-bundle" "$out" $(for b in $bins; do echo "$build/$b"; done)
+echo "$version" > "$out/VERSION"
+cat "$out/VERSION"
+du -sh "$out"
