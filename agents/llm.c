@@ -41,10 +41,13 @@ typedef struct job {
     kvm_prepared_t prep;     /* the assembled prompt (its seq holds the reused/computed KV) */
     bool has_prep;
     kvm_comm_request_t *rq;  /* the run's KVCOMM request (borrowed from the model) */
+    kvm_segment_t *bound[KVM_COMM_MAX_PH]; /* references held while the step runs */
+    int n_bound;
     char *run_id, *agent;
     double prepare_ms;
     /* deferred: the KV budget could not hold the assembled prompt; retried when others finish */
     bool deferred;
+    int n_redefer;           /* times its KV was given back for others to finish first */
     wf_llm_req_t req;        /* owned copy of the request (strings below) */
     wf_piece_t *rq_pieces;
     char **rq_strs;
@@ -62,9 +65,12 @@ typedef struct ltmpl {
     char *err;               /* why it was rejected (the step then runs on plain ids, dense) */
 } ltmpl_t;
 
+/* A segment bound to (run, placeholder) with the text it holds. Only its id is kept: between steps
+ * the store may evict it under memory pressure (it is then computed again when needed); a step
+ * holds references to its bound segments from prepare to complete. */
 typedef struct lseg {
     char *run, *name, *text;
-    kvm_segment_t *seg;
+    uint64_t seg_id;
 } lseg_t;
 
 typedef struct lreq {
@@ -112,6 +118,7 @@ static void job_free(job_t *j) {
     for (int i = 0; i < j->n_stop; i++) kvm_free(j->stop[i]);
     kvm_free(j->stop);
     if (j->has_prep) kvm_prepared_release(&j->prep);
+    for (int i = 0; i < j->n_bound; i++) kvm_segment_release(j->bound[i]);
     for (int i = 0; i < j->n_rq_strs; i++) kvm_free(j->rq_strs[i]);
     kvm_free(j->rq_strs);
     kvm_free(j->rq_pieces);
@@ -130,7 +137,6 @@ void wf_llm_free(wf_llm_t *l) {
         lmodel_t *m = &l->models[i];
         if (m->sched) kvm_sched_free(m->sched);
         for (int k = 0; k < m->n_segs; k++) {
-            kvm_segment_release(m->segs[k].seg);
             kvm_free(m->segs[k].run);
             kvm_free(m->segs[k].name);
             kvm_free(m->segs[k].text);
@@ -445,40 +451,43 @@ static lseg_t *find_seg(lmodel_t *m, const char *run, const char *name) {
     return NULL;
 }
 
-/* Stores seg (one reference, taken over) under (run, name) with its text, replacing any older one. */
-static int put_seg(lmodel_t *m, const char *run, const char *name, const char *text, kvm_segment_t *seg) {
+/* Records segment id seg_id under (run, name) with its text, replacing any older one. */
+static int put_seg(lmodel_t *m, const char *run, const char *name, const char *text, uint64_t seg_id) {
     lseg_t *e = find_seg(m, run, name);
     if (!e) {
         lseg_t *ns = kvm_realloc(m->segs, (size_t)(m->n_segs + 1) * sizeof *ns);
-        if (!ns) {
-            kvm_segment_release(seg);
-            return KVM_ENOMEM;
-        }
+        if (!ns) return KVM_ENOMEM;
         m->segs = ns;
         e = &ns[m->n_segs++];
         memset(e, 0, sizeof *e);
         e->run = kvm_strdup(run);
         e->name = kvm_strdup(name);
-    } else {
-        kvm_segment_release(e->seg);
+    } else
         kvm_free(e->text);
-    }
-    e->seg = seg;
+    e->seg_id = seg_id;
     e->text = kvm_strdup(text ? text : "");
     return e->run && e->name && e->text ? 0 : KVM_ENOMEM;
 }
 
-/* The segment holding `text` for placeholder `name` of this run: the stored one if its text is the
- * same (an agent's response keeps the KV it was generated with), else computed now. */
+/* The segment holding `text` for placeholder `name` of this run, with a new reference for the
+ * caller: the recorded one if its text is the same and the store still has it (an agent's response
+ * keeps the KV it was generated with), else computed now. */
 static kvm_segment_t *bind_seg(lmodel_t *m, const char *run, const char *name, const char *text) {
     lseg_t *e = find_seg(m, run, name);
-    if (e && e->seg && !strcmp(e->text, text)) return e->seg;
+    if (e && e->seg_id && !strcmp(e->text, text)) {
+        kvm_segment_t *g = kvm_segment_get(kvm_comm_store(m->comm), e->seg_id);
+        if (g) return g;
+        kvm_errclear(); /* evicted: compute it again */
+    }
     kvm_producer_kind_t kind = !strncmp(name, "input", 5) || !strncmp(name, "state:input.", 12) ? KVM_PRODUCER_INPUT
                                : !strncmp(name, "tool:", 5) ? KVM_PRODUCER_TOOL
                                                             : KVM_PRODUCER_STATE;
     kvm_segment_t *seg = NULL;
     if (kvm_comm_segment_text(m->comm, kind, name, text, strlen(text), &seg) != 0) return NULL;
-    if (put_seg(m, run, name, text, seg) != 0) return NULL;
+    if (put_seg(m, run, name, text, kvm_segment_info(seg)->id) != 0) {
+        kvm_segment_release(seg);
+        return NULL;
+    }
     return seg;
 }
 
@@ -561,7 +570,10 @@ static int model_prepare(lmodel_t *m, job_t *j, const wf_llm_req_t *r) {
             }
             kvm_segment_t *seg = bind_seg(m, run, r->pieces[i].name, r->pieces[i].text);
             if (!seg) rc = kvm_errctx(kvm_errcode() ? kvm_errcode() : KVM_ENOMEM, "agent '%s': placeholder %s", r->agent, r->pieces[i].name);
-            else b[nb++] = (kvm_binding_t){.name = r->pieces[i].name, .seg = seg};
+            else {
+                b[nb++] = (kvm_binding_t){.name = r->pieces[i].name, .seg = seg};
+                j->bound[j->n_bound++] = seg;
+            }
         }
         if (!rc) {
             kvm_prompt_t p = {.tmpl = lt->t, .bindings = b, .n_bindings = nb, .policy = comm_policy(r->kv)};
@@ -583,10 +595,22 @@ static int model_prepare(lmodel_t *m, job_t *j, const wf_llm_req_t *r) {
         cJSON_AddStringToObject(detail, "fallback", why ? why : "no template");
     }
     if (rc) {
+        for (int i = 0; i < j->n_bound; i++) kvm_segment_release(j->bound[i]);
+        j->n_bound = 0;
         cJSON_Delete(detail);
         return rc;
     }
+    if (r->kv != WF_KV_KVCOMM) { /* dense / prefix need the ids only: let the store evict them */
+        for (int i = 0; i < j->n_bound; i++) kvm_segment_release(j->bound[i]);
+        j->n_bound = 0;
+    }
     const kvm_comm_report_t *rep = &j->prep.report;
+    kvm_free(j->res.prompt_ids);
+    kvm_free(j->res.prompt_text);
+    cJSON_Delete(j->res.kv_detail);
+    j->res.kv_detail = NULL;
+    kvm_free(j->run_id);
+    kvm_free(j->agent);
     j->res.n_prompt = j->prep.n_prompt;
     j->res.prompt_ids = kvm_malloc((size_t)(j->prep.n_prompt > 0 ? j->prep.n_prompt : 1) * sizeof *j->res.prompt_ids);
     if (j->res.prompt_ids) memcpy(j->res.prompt_ids, j->prep.prompt_ids, (size_t)j->prep.n_prompt * sizeof *j->res.prompt_ids);
@@ -653,14 +677,18 @@ static void model_complete(lmodel_t *m, job_t *j, const kvm_sched_done_t *d) {
         snprintf(cur, sizeof cur, "agent:%s:current", j->agent);
         snprintf(prev, sizeof prev, "agent:%s:prev", j->agent);
         lseg_t *old = find_seg(m, j->run_id, cur);
-        if (old && old->seg) {
-            kvm_segment_ref(old->seg);
-            put_seg(m, j->run_id, prev, old->text, old->seg);
+        if (old && old->seg_id) {
+            char *t = kvm_strdup(old->text);
+            if (t) put_seg(m, j->run_id, prev, t, old->seg_id);
+            kvm_free(t);
         }
-        put_seg(m, j->run_id, cur, d->text ? d->text : "", resp);
+        put_seg(m, j->run_id, cur, d->text ? d->text : "", kvm_segment_info(resp)->id);
+        kvm_segment_release(resp); /* cached in the store; found again by id */
     }
     kvm_prepared_release(&j->prep);
     j->has_prep = false;
+    for (int i = 0; i < j->n_bound; i++) kvm_segment_release(j->bound[i]);
+    j->n_bound = 0;
 }
 
 int wf_llm_run_end(wf_llm_t *l, const char *run_id) {
@@ -681,7 +709,6 @@ int wf_llm_run_end(wf_llm_t *l, const char *run_id) {
             }
         for (int i = 0; i < m->n_segs;)
             if (!strcmp(m->segs[i].run, run_id)) {
-                kvm_segment_release(m->segs[i].seg);
                 kvm_free(m->segs[i].run);
                 kvm_free(m->segs[i].name);
                 kvm_free(m->segs[i].text);
@@ -772,11 +799,12 @@ int wf_llm_submit(wf_llm_t *l, const wf_llm_req_t *r) {
         if (!rc) j->res.prompt_text = wf_llm_render_plain(r->system, r->pieces, r->n_pieces);
         if (!rc && !j->res.prompt_text) rc = KVM_ENOMEM;
     } else {
-        rc = model_prepare(m, j, r);
+        rc = req_copy(j, r); /* kept: the step may have to be prepared again later */
+        if (!rc) rc = model_prepare(m, j, &j->req);
         if (rc == KVM_ENOMEM && kvm_sched_pending(m->sched) > 0) {
             /* the KV budget is full now: keep the step and retry when running ones finish */
-            rc = req_copy(j, r);
-            j->deferred = rc == 0;
+            j->deferred = true;
+            rc = 0;
         }
     }
     if (rc != 0) {
@@ -806,6 +834,21 @@ int wf_llm_step(wf_llm_t *l) {
             kvm_sched_done_t d;
             while (kvm_sched_take(m->sched, &d) == 1) {
                 job_t *j = (job_t *)(uintptr_t)d.tag;
+                bool others = kvm_sched_pending(m->sched) > 0;
+                for (job_t *o = l->jobs; o && !others; o = o->next) others = o != j && o->model == mi && o->deferred;
+                if (d.status == KVM_ENOMEM && others && j->n_redefer < 16) {
+                    /* the KV budget could not hold it with the others: give its KV back and prepare it
+                     * again once some of them have finished (results do not change: nothing ran yet
+                     * that was delivered) */
+                    kvm_prepared_release(&j->prep);
+                    j->has_prep = false;
+                    for (int i = 0; i < j->n_bound; i++) kvm_segment_release(j->bound[i]);
+                    j->n_bound = 0;
+                    j->deferred = true; /* retried after a real completion (not counted as one) */
+                    j->n_redefer++;
+                    kvm_sched_done_clear(&d);
+                    continue;
+                }
                 j->done = true;
                 model_complete(m, j, &d); /* before the text moves into the result */
                 j->res.status = d.status;
