@@ -563,6 +563,70 @@ static void test_template_parse_maps_graph_placeholders_to_kvcomm_names(void **s
     assert_non_null(strstr(kvm_errmsg(), "{who}"));
 }
 
+static void test_no_anchor_naive_switch_reuses_without_offset(void **st) {
+    (void)st;
+    kvm_model_t *m = small_model(KVM_ROPE_HALF, 41);
+    kvm_comm_t *c = kvm_comm_create(m, NULL);
+    kvm_comm_config(c)->force_reuse = true;
+    kvm_template_t *t1 = make_tmpl(c, "a", "input", NULL, 111, 20);
+    for (int q = 0; q < 2; q++) {
+        kvm_comm_request_t *rq = kvm_comm_request_begin(c, (uint64_t)q + 1);
+        kvm_segment_t *in = input_segment(c, 300 + (uint64_t)q, 15);
+        kvm_binding_t b = {"input", in};
+        assert_int_equal(run_agent(rq, t1, &b, 1, KVM_KV_KVCOMM, NULL, NULL, 2), 0);
+        kvm_comm_request_end(rq);
+        kvm_segment_release(in);
+    }
+    kvm_template_t *t2 = make_tmpl(c, "b", "input", NULL, 112, 20); /* a consumer without deltas */
+    kvm_comm_config(c)->no_anchor = KVM_KVCOMM_NOANCHOR_NAIVE;
+    kvm_comm_request_t *rq = kvm_comm_request_begin(c, 9);
+    kvm_segment_t *in = input_segment(c, 303, 15);
+    kvm_binding_t b = {"input", in};
+    kvm_comm_report_t r;
+    assert_int_equal(run_agent(rq, t2, &b, 1, KVM_KV_KVCOMM, &r, NULL, 2), 0);
+    assert_int_equal(r.mode, KVM_COMM_REUSE);
+    assert_int_equal(r.ph[0].decision, KVM_PH_NAIVE);
+    assert_int_equal(r.offset_tokens, 0);
+    assert_int_equal(r.naive_tokens, r.input_tokens - r.exact_tokens - 1);
+    kvm_comm_request_end(rq);
+    kvm_segment_release(in);
+    kvm_template_free(t1);
+    kvm_template_free(t2);
+    kvm_comm_free(c);
+    kvm_model_free(m);
+}
+
+static void test_prepare_ids_takes_the_exact_prefix_of_an_earlier_dense_prompt(void **st) {
+    (void)st;
+    kvm_model_t *m = small_model(KVM_ROPE_HALF, 43);
+    kvm_comm_t *c = kvm_comm_create(m, NULL);
+    int32_t ids[70];
+    fill_ids(ids, 70, 4242);
+    kvm_comm_request_t *rq = kvm_comm_request_begin(c, 1);
+    kvm_gen_params_t gp = {.max_tokens = 2, .ignore_eos = true};
+    kvm_prepared_t p;
+    kvm_gen_result_t res;
+    memset(&res, 0, sizeof res);
+    assert_int_equal(kvm_comm_prepare_ids(c, ids, 70, KVM_KV_EXACT, &p), 0);
+    assert_int_equal(p.report.exact_tokens, 0);
+    assert_int_equal(kvm_generate(m, &p.seq, p.rest_ids, p.n_rest, &gp, NULL, NULL, &res), 0);
+    assert_int_equal(kvm_comm_complete(rq, &p, &res, NULL), 0);
+    kvm_gen_result_free(&res);
+    kvm_prepared_release(&p);
+    assert_int_equal(kvm_comm_prepare_ids(c, ids, 70, KVM_KV_EXACT, &p), 0);
+    assert_int_equal(p.report.exact_tokens, 64);
+    assert_int_equal(p.n_rest, 6);
+    assert_int_equal(p.report.recomputed_tokens, 6);
+    kvm_prepared_release(&p);
+    assert_int_equal(kvm_comm_prepare_ids(c, ids, 70, KVM_KV_TEXT, &p), 0);
+    assert_int_equal(p.n_rest, 70);
+    kvm_prepared_release(&p);
+    assert_int_equal(kvm_comm_prepare_ids(c, ids, 70, KVM_KV_KVCOMM, &p), KVM_EINVAL);
+    kvm_comm_request_abort(rq);
+    kvm_comm_free(c);
+    kvm_model_free(m);
+}
+
 /* ---- hand-made pools: prediction and eviction (§8 items 6-8) ------------------------------------------------- */
 
 typedef struct fake {
@@ -773,6 +837,25 @@ static void test_eviction_takes_the_least_activated_of_the_five_oldest_ties_to_t
     fake_free(&f);
 }
 
+static void test_anchor_byte_budget_evicts_until_under_budget(void **st) {
+    (void)st;
+    fake_t f;
+    int T[6];
+    float v[6];
+    for (int i = 0; i < 6; i++) T[i] = 4, v[i] = 0;
+    fake_init(&f, 6, T, v);
+    size_t one = comm_anchor_bytes(&f.c.g, f.c.pools[0].a[0]);
+    for (int i = 0; i < 6; i++) f.c.pools[0].a[i]->bytes = one;
+    f.c.anchor_bytes = 6 * one;
+    f.c.cfg.anchor_budget_bytes = 3 * one; /* room for three */
+    stage_new(&f, 700);
+    assert_int_equal(comm_commit(&f.rq), 0);
+    assert_int_equal(f.c.pools[0].n, 3);
+    assert_true(pool_has(&f.c.pools[0], 700)); /* the new one is kept */
+    assert_true(f.c.anchor_bytes <= 3 * one);
+    fake_free(&f);
+}
+
 static void test_reference_pool_bound_reaches_v_plus_one(void **st) {
     (void)st;
     fake_t f;
@@ -878,6 +961,9 @@ int main(void) {
         cmocka_unit_test(test_entropy_treats_underflowed_weights_as_zero_not_nan),
         cmocka_unit_test(test_eviction_takes_the_least_activated_of_the_five_oldest_ties_to_the_oldest),
         cmocka_unit_test(test_reference_pool_bound_reaches_v_plus_one),
+        cmocka_unit_test(test_anchor_byte_budget_evicts_until_under_budget),
+        cmocka_unit_test(test_no_anchor_naive_switch_reuses_without_offset),
+        cmocka_unit_test(test_prepare_ids_takes_the_exact_prefix_of_an_earlier_dense_prompt),
         cmocka_unit_test(test_weights_sum_to_one_over_anchors_on_their_axes),
         cmocka_unit_test(test_switches_parse_and_reject_unknown_values),
     };
