@@ -136,6 +136,26 @@ typedef struct kvm_ops {
                              kvm_rope_layout_t layout, void *kv, const kvm_kv_geom_t *g, int layer, const kvm_attn_batch_t *b);
     /* y[n][W->rows] = (silu(gate) * up)[n][W->cols] @ W^T; gate may be overwritten (scratch) */
     void (*swiglu_matmul)(float *y, float *gate, const float *up, const kvm_wmat_t *W, int n);
+    /* ---- optional fused blocks of the device forward (NULL on the CPU; the forward falls back) ---- */
+    /* the whole MLP: y[n][W_down->rows] = (silu(x @ W_gate^T) * (x @ W_up^T)) @ W_down^T; h1, h2 are
+     * [n][W_gate->rows] fp32 buffers the op may overwrite (scratch). y may equal x. Same result as
+     * matmul_multi(gate, up) + swiglu_matmul, except that 16-bit paths may round the gate/up products to
+     * the weights' 16-bit dtype (as HF bf16 inference does). */
+    void (*ffn)(float *y, const float *x, const kvm_wmat_t *w_gate, const kvm_wmat_t *w_up, const kvm_wmat_t *w_down,
+                float *h1, float *h2, int n);
+    /* add_rmsnorm whose normalized rows are kept only as the backend's 16-bit copy for the next
+     * matmul / matmul_multi / ffn whose input is `out` (out's fp32 contents become unspecified). Only for
+     * n > 16 rows with 16-bit weights (the prefill GEMM path); the backend fails the step loudly if that
+     * next matmul cannot use the copy. */
+    void (*add_rmsnorm_16)(float *x, const float *y, float *out, const float *w, int n, int dim, float eps);
+    /* a step of ONE row (b->total_rows == 1, one sequence: batch-1 decode): q/k/v = x @ W^T (+ biases), RoPE of
+     * q and k at pos[0] (as rope_qk) and the KV write of k, v (as kv_write), in one pass; q, k, v are written
+     * as by those ops. Returns 0 when done, KVM_EUNSUPPORTED with nothing enqueued when the shapes or dtypes do
+     * not allow it (the caller then runs the separate ops). No per-head norms (Qwen3 callers use the others). */
+    int (*qkv_rope_kv)(float *q, float *k, float *v, const float *x, const kvm_wmat_t *wq, const kvm_wmat_t *wk,
+                       const kvm_wmat_t *wv, const float *bq, const float *bk, const float *bv, int hq, int hd,
+                       const int32_t *pos, const float *inv_freq, kvm_rope_layout_t layout, void *kv,
+                       const kvm_kv_geom_t *g, int layer, const kvm_attn_batch_t *b);
 } kvm_ops_t;
 
 /* ---- KVCOMM op types ------------------------------------------------------------------------------ */

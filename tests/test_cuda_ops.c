@@ -433,6 +433,192 @@ static void test_swiglu_then_down_projection_matches_cpu(void **st) {
     check_swiglu_matmul(KVM_F32, 7, 1e-5);    /* fp32 mode */
 }
 
+/* ---- fused device blocks (ffn, add_rmsnorm_16) -------------------------------------------------- */
+
+/* ops->ffn against the CPU's gate/up matmuls, swiglu and down matmul. adjacent: gate and up in one device
+ * buffer (the one-GEMM path); in_place: y == x (as the forward calls it). */
+static void check_ffn(kvm_dtype_t dt, int n, bool adjacent, bool in_place, double tol) {
+    const int D = 256, FF = 768;
+    float *x = rand_vec((size_t)n * D, 1.0f);
+    float *wg = rand_vec((size_t)FF * D, 0.08f), *wu = rand_vec((size_t)FF * D, 0.08f), *wd = rand_vec((size_t)D * FF, 0.05f);
+    void *hg = to_dtype(wg, (size_t)FF * D, dt), *hu = to_dtype(wu, (size_t)FF * D, dt), *hd = to_dtype(wd, (size_t)D * FF, dt);
+    kvm_wmat_t Wg = {.data = hg, .dtype = dt, .rows = FF, .cols = D}, Wu = {.data = hu, .dtype = dt, .rows = FF, .cols = D};
+    kvm_wmat_t Wd = {.data = hd, .dtype = dt, .rows = D, .cols = FF};
+    float *g = malloc((size_t)n * FF * 4), *u = malloc((size_t)n * FF * 4), *ref = malloc((size_t)n * D * 4);
+    C->matmul(g, x, &Wg, NULL, n);
+    C->matmul(u, x, &Wu, NULL, n);
+    C->swiglu(g, g, u, (size_t)n * FF);
+    C->matmul(ref, g, &Wd, NULL, n);
+    const size_t es = kvm_dtype_size(dt), wb = (size_t)FF * D * es;
+    unsigned char *dgu = G->alloc(2 * wb);
+    assert_non_null(dgu);
+    assert_int_equal(G->h2d(dgu, hg, wb), 0);
+    void *dup = adjacent ? (void *)(dgu + wb) : dev_from(hu, wb);
+    if (adjacent) assert_int_equal(G->h2d(dup, hu, wb), 0);
+    void *dd = dev_from(hd, (size_t)D * FF * es);
+    kvm_wmat_t GWg = {.data = dgu, .dtype = dt, .rows = FF, .cols = D}, GWu = {.data = dup, .dtype = dt, .rows = FF, .cols = D};
+    kvm_wmat_t GWd = {.data = dd, .dtype = dt, .rows = D, .cols = FF};
+    float *dx = dev_from(x, (size_t)n * D * 4), *dy = in_place ? dx : dev_poisoned((size_t)n * D);
+    float *h1 = dev_poisoned((size_t)n * FF), *h2 = dev_poisoned((size_t)n * FF);
+    G->ffn(dy, dx, &GWg, &GWu, &GWd, h1, h2, n);
+    float *y = host_from(dy, (size_t)n * D);
+    char what[96];
+    snprintf(what, sizeof what, "ffn %s, %d rows%s%s", kvm_dtype_name(dt), n, adjacent ? ", gate|up adjacent" : "",
+             in_place ? ", in place" : "");
+    expect_close(what, y, ref, (size_t)n * D, tol);
+    G->free(dgu), G->free(dd), G->free(h1), G->free(h2), G->free(dx);
+    if (!adjacent) G->free(dup);
+    if (!in_place) G->free(dy);
+    free(x), free(wg), free(wu), free(wd), free(hg), free(hu), free(hd), free(g), free(u), free(ref), free(y);
+}
+
+static void test_fused_ffn_matches_the_cpu_mlp_on_every_path(void **st) {
+    (void)st;
+    NEED_GPU();
+    check_ffn(KVM_BF16, 1, false, false, 1e-2);  /* gate+up GEMV with SwiGLU epilogue, then GEMV */
+    check_ffn(KVM_BF16, 1, true, true, 1e-2);
+    check_ffn(KVM_BF16, 9, false, false, 1e-2);  /* skinny mma (unfused path) */
+    check_ffn(KVM_BF16, 100, true, true, 1e-2);  /* one cuBLAS GEMM to bf16, bf16 SwiGLU, cuBLAS down */
+    check_ffn(KVM_BF16, 40, false, false, 1e-2); /* two GEMMs into the interleaved bf16 buffer */
+    check_ffn(KVM_F16, 64, true, false, 1e-2);   /* f16: unfused */
+    check_ffn(KVM_F16, 1, false, false, 1e-2);
+    check_ffn(KVM_F32, 7, false, false, 1e-5);   /* fp32 mode: unfused, exact path */
+    check_ffn(KVM_F32, 33, true, true, 1e-5);
+}
+
+static void test_add_rmsnorm_16_feeds_the_next_gemm_and_refuses_a_gemv(void **st) {
+    (void)st;
+    NEED_GPU();
+    const int N = 40, D = 512, R = 384;
+    float *x = rand_vec((size_t)N * D, 2.0f), *y = rand_vec((size_t)N * D, 2.0f), *w = rand_vec(D, 1.0f);
+    float *wf = rand_vec((size_t)R * D, 0.05f);
+    void *wh = to_dtype(wf, (size_t)R * D, KVM_BF16);
+    kvm_wmat_t W = {.data = wh, .dtype = KVM_BF16, .rows = R, .cols = D};
+    float *xr = malloc((size_t)N * D * 4), *nr = malloc((size_t)N * D * 4), *ref = malloc((size_t)N * R * 4);
+    memcpy(xr, x, (size_t)N * D * 4);
+    C->add(xr, y, (size_t)N * D);
+    C->rmsnorm(nr, xr, w, N, D, 1e-5f);
+    C->matmul(ref, nr, &W, NULL, N);
+    float *dx = dev_from(x, (size_t)N * D * 4), *dy = dev_from(y, (size_t)N * D * 4), *dw = dev_from(w, (size_t)D * 4);
+    void *dwh = dev_from(wh, (size_t)R * D * 2);
+    kvm_wmat_t GW = {.data = dwh, .dtype = KVM_BF16, .rows = R, .cols = D};
+    float *dz = dev_poisoned((size_t)N * R);
+    G->matmul(dz, dy, &GW, NULL, N); /* the backend now knows the model's 16-bit dtype */
+    assert_int_equal(G->sync(), 0);
+    G->add_rmsnorm_16(dx, dy, dy, dw, N, D, 1e-5f);
+    G->matmul(dz, dy, &GW, NULL, N);
+    float *gx = host_from(dx, (size_t)N * D), *gz = host_from(dz, (size_t)N * R);
+    expect_close("add_rmsnorm_16: residual", gx, xr, (size_t)N * D, 1e-6);
+    expect_close("add_rmsnorm_16 -> bf16 GEMM", gz, ref, (size_t)N * R, 1e-2);
+    /* the fp32 rows were never written: a GEMV on them must fail, not read them */
+    G->add_rmsnorm_16(dx, dy, dy, dw, N, D, 1e-5f);
+    G->matmul(dz, dy, &GW, NULL, 1);
+    int rc = G->sync();
+    printf("  GEMV on add_rmsnorm_16's output: rc %d (%s)\n", rc, kvm_errmsg());
+    assert_int_not_equal(rc, 0);
+    kvm_errclear();
+    G->rmsnorm(dy, dx, dw, N, D, 1e-5f); /* written again: usable by any matmul */
+    G->matmul(dz, dy, &GW, NULL, 1);
+    assert_int_equal(G->sync(), 0);
+    G->free(dx), G->free(dy), G->free(dw), G->free(dwh), G->free(dz);
+    free(x), free(y), free(w), free(wf), free(wh), free(xr), free(nr), free(ref), free(gx), free(gz);
+}
+
+/* qkv_rope_kv (batch-1 decode) against matmul_multi + rope_qk_kv_write on the GPU (bit for bit: same dot-product
+ * order) and against the CPU ops (bf16 weights: 1e-2); both layouts, biases, a cache slot inside block 3. */
+static void check_qkv_rope_kv(kvm_rope_layout_t layout) {
+    const int HQ = 8, HK = 2, hd = 64, D = 256, L = 2, layer = 1, half = hd / 2, nb = 6;
+    kvm_kv_geom_t g = {.n_layers = L, .n_kv_heads = HK, .head_dim = hd, .dtype = KVM_BF16};
+    int32_t rs[2] = {0, 1}, cl[1] = {40}, bt[3] = {4, 0, 3}, pos[1] = {39};
+    float *x = rand_vec(D, 1.0f), *inv = malloc(half * 4);
+    for (int j = 0; j < half; j++) inv[j] = (float)pow(10000.0, -2.0 * j / hd);
+    const int rq = HQ * hd, rk = HK * hd;
+    float *wf[3] = {rand_vec((size_t)rq * D, 0.06f), rand_vec((size_t)rk * D, 0.06f), rand_vec((size_t)rk * D, 0.06f)};
+    float *bias[3] = {rand_vec(rq, 0.1f), rand_vec(rk, 0.1f), rand_vec(rk, 0.1f)};
+    kvm_wmat_t CW[3], GW[3];
+    void *wh[3], *dw[3];
+    float *db[3];
+    for (int i = 0; i < 3; i++) {
+        const int r = i == 0 ? rq : rk;
+        wh[i] = to_dtype(wf[i], (size_t)r * D, KVM_BF16);
+        dw[i] = dev_from(wh[i], (size_t)r * D * 2);
+        db[i] = dev_from(bias[i], (size_t)r * 4);
+        CW[i] = (kvm_wmat_t){.data = wh[i], .dtype = KVM_BF16, .rows = r, .cols = D};
+        GW[i] = (kvm_wmat_t){.data = dw[i], .dtype = KVM_BF16, .rows = r, .cols = D};
+    }
+    /* CPU reference */
+    size_t pool_elems = (size_t)nb * L * 2 * HK * KVM_KV_BLOCK * hd;
+    uint16_t *pool = calloc(pool_elems, 2);
+    float *q = malloc((size_t)rq * 4), *k = malloc((size_t)rk * 4), *v = malloc((size_t)rk * 4);
+    C->matmul(q, x, &CW[0], bias[0], 1);
+    C->matmul(k, x, &CW[1], bias[1], 1);
+    C->matmul(v, x, &CW[2], bias[2], 1);
+    C->rope(q, 1, HQ, hd, pos, inv, layout);
+    C->rope(k, 1, HK, hd, pos, inv, layout);
+    kvm_attn_batch_t cb = {.n_seqs = 1, .row_start = rs, .ctx_len = cl, .block_table = bt, .max_blocks = 3, .total_rows = 1,
+                           .h_row_start = rs, .h_ctx_len = cl, .h_block_table = bt};
+    C->kv_write(pool, &g, layer, k, v, &cb);
+    /* GPU: fused, and the separate ops */
+    kvm_attn_batch_t gb = cb;
+    gb.row_start = dev_from(rs, sizeof rs);
+    gb.ctx_len = dev_from(cl, sizeof cl);
+    gb.block_table = dev_from(bt, sizeof bt);
+    float *dx = dev_from(x, (size_t)D * 4), *dinv = dev_from(inv, half * 4);
+    int32_t *dpos = dev_from(pos, sizeof pos);
+    float *dq[2] = {dev_poisoned(rq), dev_poisoned(rq)}, *dk[2] = {dev_poisoned(rk), dev_poisoned(rk)};
+    float *dv[2] = {dev_poisoned(rk), dev_poisoned(rk)};
+    void *dpool[2] = {dev_from(pool, pool_elems * 2), dev_from(pool, pool_elems * 2)};
+    assert_int_equal(G->memset0(dpool[0], pool_elems * 2), 0);
+    assert_int_equal(G->memset0(dpool[1], pool_elems * 2), 0);
+    int rc = G->qkv_rope_kv(dq[0], dk[0], dv[0], dx, &GW[0], &GW[1], &GW[2], db[0], db[1], db[2], HQ, hd, dpos, dinv, layout,
+                            dpool[0], &g, layer, &gb);
+    assert_int_equal(rc, 0);
+    float *ys[3] = {dq[1], dk[1], dv[1]};
+    const kvm_wmat_t *ws[3] = {&GW[0], &GW[1], &GW[2]};
+    const float *bs[3] = {db[0], db[1], db[2]};
+    G->matmul_multi(3, ys, ws, bs, dx, 1);
+    G->rope_qk_kv_write(dq[1], dk[1], dv[1], HQ, hd, dpos, dinv, layout, dpool[1], &g, layer, &gb);
+    float *gq = host_from(dq[0], rq), *gq2 = host_from(dq[1], rq), *gv = host_from(dv[0], rk);
+    uint16_t *gp = malloc(pool_elems * 2), *gp2 = malloc(pool_elems * 2);
+    assert_int_equal(G->d2h(gp, dpool[0], pool_elems * 2), 0);
+    assert_int_equal(G->d2h(gp2, dpool[1], pool_elems * 2), 0);
+    const char *lay = layout == KVM_ROPE_HALF ? "rotate-half" : "interleaved";
+    char what[96];
+    snprintf(what, sizeof what, "qkv_rope_kv %s: q vs cpu", lay);
+    expect_close(what, gq, q, rq, 1e-2);
+    snprintf(what, sizeof what, "qkv_rope_kv %s: v vs cpu", lay);
+    expect_close(what, gv, v, rk, 1e-2);
+    /* the cache vs the CPU's: only this token's slots may hold values; compare them as floats */
+    float *cf = malloc(pool_elems * 4), *gf = malloc(pool_elems * 4);
+    for (size_t i = 0; i < pool_elems; i++) cf[i] = kvm_bf16_to_f32(pool[i]), gf[i] = kvm_bf16_to_f32(gp[i]);
+    snprintf(what, sizeof what, "qkv_rope_kv %s: cache vs cpu", lay);
+    expect_close(what, gf, cf, pool_elems, 1e-2);
+    printf("  qkv_rope_kv %s vs separate GPU ops: q %s, cache %s\n", lay, memcmp(gq, gq2, (size_t)rq * 4) ? "DIFFER" : "identical",
+           memcmp(gp, gp2, pool_elems * 2) ? "DIFFERS" : "identical");
+    assert_memory_equal(gq, gq2, (size_t)rq * 4);
+    assert_memory_equal(gp, gp2, pool_elems * 2);
+    /* two rows: not this op's case, nothing enqueued */
+    kvm_attn_batch_t gb2 = gb;
+    gb2.total_rows = 2;
+    assert_int_equal(G->qkv_rope_kv(dq[0], dk[0], dv[0], dx, &GW[0], &GW[1], &GW[2], NULL, NULL, NULL, HQ, hd, dpos, dinv,
+                                    layout, dpool[0], &g, layer, &gb2),
+                     KVM_EUNSUPPORTED);
+    assert_int_equal(G->sync(), 0);
+    for (int i = 0; i < 3; i++) G->free(dw[i]), G->free(db[i]), free(wf[i]), free(bias[i]), free(wh[i]);
+    for (int i = 0; i < 2; i++) G->free(dq[i]), G->free(dk[i]), G->free(dv[i]), G->free(dpool[i]);
+    G->free(dx), G->free(dinv), G->free(dpos);
+    G->free((void *)gb.row_start), G->free((void *)gb.ctx_len), G->free((void *)gb.block_table);
+    free(x), free(inv), free(pool), free(q), free(k), free(v), free(gq), free(gq2), free(gv), free(gp), free(gp2), free(cf),
+        free(gf);
+}
+
+static void test_fused_qkv_rope_kv_write_matches_the_separate_ops(void **st) {
+    (void)st;
+    NEED_GPU();
+    check_qkv_rope_kv(KVM_ROPE_HALF);
+    check_qkv_rope_kv(KVM_ROPE_INTERLEAVED);
+}
+
 static void test_rope_matches_cpu_in_both_layouts_at_large_positions(void **st) {
     (void)st;
     NEED_GPU();
@@ -722,6 +908,9 @@ int main(void) {
         cmocka_unit_test(test_rope_of_q_and_k_in_one_pass_matches_two_cpu_ropes),
         cmocka_unit_test(test_fused_rope_and_kv_write_match_cpu),
         cmocka_unit_test(test_swiglu_then_down_projection_matches_cpu),
+        cmocka_unit_test(test_fused_ffn_matches_the_cpu_mlp_on_every_path),
+        cmocka_unit_test(test_add_rmsnorm_16_feeds_the_next_gemm_and_refuses_a_gemv),
+        cmocka_unit_test(test_fused_qkv_rope_kv_write_matches_the_separate_ops),
         cmocka_unit_test(test_rope_matches_cpu_in_both_layouts_at_large_positions),
         cmocka_unit_test(test_attention_fp32_matches_cpu_on_mixed_batches),
         cmocka_unit_test(test_attention_16bit_decode_kernels_match_cpu_on_decode_batches),

@@ -183,7 +183,7 @@ __global__ void __launch_bounds__(128)
     k_attn_tile(float *__restrict__ out, float *__restrict__ partial, const float *__restrict__ q, const T *__restrict__ kv,
                 int L, int H, int layer, int heads, int group, int hchunks, const int32_t *__restrict__ row_start,
                 const int32_t *__restrict__ ctx_len, const int32_t *__restrict__ block_table, int n_seqs, int max_blocks,
-                float scale, int n_splits, int chunk) {
+                float scale, int n_splits, int chunk, int *__restrict__ done) {
     constexpr int DP = D + 8;
     kvm_pdl_trigger();
     constexpr int OUTS = (SPLIT_GMAX * D / 4 + 127) / 128; /* float4 outputs per thread, at most */
@@ -333,6 +333,64 @@ __global__ void __launch_bounds__(128)
             }
         }
     }
+    /* done != NULL: the last CTA of this (row, head chunk) to finish merges the splits (as k_attn_merge), so
+     * no merge launch follows; it resets the counter for the next launch (or graph replay) */
+    if (n_splits == 1 || !done) return;
+    __shared__ int last;
+    __threadfence();
+    __syncthreads();
+    if (tid == 0) {
+        last = atomicAdd(&done[blockIdx.x], 1) == n_splits - 1;
+        if (last) done[blockIdx.x] = 0;
+    }
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    for (int e = tid; e < G * D; e += 128) {
+        const int g = e / D, d = e % D;
+        const size_t wi = (size_t)r * heads + h0 + g;
+        const float *pp = partial + wi * n_splits * (D + 2);
+        float M = -INFINITY;
+        for (int sp = 0; sp < n_splits; sp++) M = fmaxf(M, __ldcg(pp + (size_t)sp * (D + 2)));
+        float a = 0.0f, l = 0.0f;
+        for (int sp = 0; sp < n_splits; sp++) {
+            const float *p = pp + (size_t)sp * (D + 2);
+            const float m = __ldcg(p);
+            const float w = m == -INFINITY ? 0.0f : __expf(m - M);
+            l += __ldcg(p + 1) * w;
+            a += __ldcg(p + 2 + d) * w;
+        }
+        out[wi * D + d] = a / l;
+    }
+}
+
+/* Zeroed per-CTA counters of the merging decode kernel (grow-only, outside graph capture; NULL: merge launch). */
+static int *merge_counters(int n) {
+    static int *buf = NULL;
+    static int cap = 0;
+    static int env = -1;
+    if (env < 0) {
+        const char *e = getenv("KVM_CUDA_ATTN_MERGE_LAUNCH"); /* =1: separate merge kernel (for comparisons) */
+        env = e && !strcmp(e, "1") ? 0 : 1;
+    }
+    if (!env) return NULL;
+    if (n <= cap) return buf;
+    if (kvm_cuda_capturing()) return NULL;
+    int want = n < 4096 ? 4096 : n;
+    int *nb = NULL;
+    if (cudaMalloc(&nb, (size_t)want * sizeof(int)) != cudaSuccess) {
+        cudaGetLastError();
+        return NULL;
+    }
+    if (cudaMemsetAsync(nb, 0, (size_t)want * sizeof(int), g_cuda.stream) != cudaSuccess) {
+        cudaGetLastError();
+        cudaFree(nb);
+        return NULL;
+    }
+    /* the old buffer is kept (a captured graph may point into it) */
+    buf = nb;
+    cap = want;
+    return buf;
 }
 
 /* Combines the n_splits partial results (m, l, acc[D]) of each (row, head). */
@@ -413,9 +471,11 @@ __global__ void __launch_bounds__(128, MINB)
     extern __shared__ __align__(16) unsigned char mma_smem[];
     T(*Ksb)[MMA_K][DP] = reinterpret_cast<T(*)[MMA_K][DP]>(mma_smem);
     T(*Vsb)[MMA_K][DP] = reinterpret_cast<T(*)[MMA_K][DP]>(mma_smem + (size_t)2 * MMA_K * DP * sizeof(T));
-    const int s = blockIdx.z, h = blockIdx.y, kh = h / group;
+    const int s = blockIdx.z, h = blockIdx.x, kh = h / group;
     const int r0 = row_start[s], nrows = row_start[s + 1] - r0;
-    const int qt0 = (gridDim.x - 1 - blockIdx.x) * MMA_Q; /* the longest (last) query tiles start first */
+    /* the longest (last) query tiles of every head start first: the tile index is the slower grid dimension, so
+     * the CTAs are issued longest-first across all heads (list scheduling; the causal work per tile varies 1..n) */
+    const int qt0 = (gridDim.y - 1 - blockIdx.y) * MMA_Q;
     if (qt0 >= nrows) return;
     const int ctx = ctx_len[s];
     const int first_pos = ctx - nrows;
@@ -443,6 +503,7 @@ __global__ void __launch_bounds__(128, MINB)
         }
     }
     const int pos_a = first_pos + qr_a, pos_b = first_pos + qr_b;
+    const int wmax = first_pos + qt0 + warp * 16 + 15; /* the last position of this warp's rows */
     float o[D / 8][4];
 #pragma unroll
     for (int i = 0; i < D / 8; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
@@ -474,11 +535,13 @@ __global__ void __launch_bounds__(128, MINB)
         __syncthreads();
         T(*Ks)[DP] = Ksb[j & 1];
         T(*Vs)[DP] = Vsb[j & 1];
-        /* S = Q K^T for 16 rows x 64 keys */
+        /* S = Q K^T for 16 rows x 64 keys; key groups past this warp's last row (the causal diagonal) are
+         * skipped: the mask below makes them -inf, and their P is 0 in O += P V */
         float sc[MMA_K / 8][4];
 #pragma unroll
         for (int nt = 0; nt < MMA_K / 8; nt++) {
             sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.0f;
+            if (j * MMA_K + nt * 8 > wmax) continue;
 #pragma unroll
             for (int kk = 0; kk < D / 16; kk++) {
                 const uint32_t b0 = *reinterpret_cast<const uint32_t *>(&Ks[nt * 8 + g][kk * 16 + 2 * t4]);
@@ -528,6 +591,7 @@ __global__ void __launch_bounds__(128, MINB)
         /* O += P V */
 #pragma unroll
         for (int kj = 0; kj < MMA_K / 16; kj++) {
+            if (j * MMA_K + kj * 16 > wmax) continue;
 #pragma unroll
             for (int dp = 0; dp < D / 16; dp++) {
                 uint32_t b[4];
@@ -591,16 +655,17 @@ static void launch_split(float *out, const float *q, const T *kv, const kvm_kv_g
     if constexpr (sizeof(T) == 2) {
       if (tiled) {
         const int ch = hchunks;
+        int *done = n_splits > 1 ? merge_counters(ctas) : NULL;
         if (D == 128)
             k_attn_tile<T, 128><<<grid, 128, 0, S>>>(out, partial, q, kv, g->n_layers, H, layer, heads, group, ch, b->row_start,
                                                      b->ctx_len, b->block_table, b->n_seqs, b->max_blocks, scale, n_splits,
-                                                     chunk);
+                                                     chunk, done);
         else
             k_attn_tile<T, 64><<<grid, 128, 0, S>>>(out, partial, q, kv, g->n_layers, H, layer, heads, group, ch, b->row_start,
                                                     b->ctx_len, b->block_table, b->n_seqs, b->max_blocks, scale, n_splits,
-                                                    chunk);
+                                                    chunk, done);
         if (KVM_CU_LAUNCH("attention (tiled decode)")) return;
-        if (n_splits > 1) {
+        if (n_splits > 1 && !done) {
             k_attn_merge<<<b->total_rows * heads, D <= 128 ? 128 : 256, 0, S>>>(out, partial, D, n_splits);
             KVM_CU_LAUNCH("attention (merge)");
         }
@@ -626,7 +691,7 @@ static void launch_split(float *out, const float *q, const T *kv, const kvm_kv_g
 template <typename T>
 static void launch_mma(float *out, const float *q, const T *kv, const kvm_kv_geom_t *g, int layer, int heads,
                        const kvm_attn_batch_t *b, float scale, int max_rows) {
-    dim3 grid((unsigned)((max_rows + MMA_Q - 1) / MMA_Q), (unsigned)heads, (unsigned)b->n_seqs);
+    dim3 grid((unsigned)heads, (unsigned)((max_rows + MMA_Q - 1) / MMA_Q), (unsigned)b->n_seqs);
     const float sl2 = scale * 1.4426950408889634f;
     const int group = heads / g->n_kv_heads;
     /* the output, rounded to the weights' 16-bit dtype, is also left in scratch for the o projection */

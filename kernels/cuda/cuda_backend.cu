@@ -407,5 +407,8 @@ static kvm_ops_t make_ops(void) {
     o.kvcomm_apply = kvm_cuda_kvcomm_apply;
     o.rope_qk_kv_write = kvm_cuda_rope_qk_kv_write;
     o.swiglu_matmul = kvm_cuda_swiglu_matmul;
+    o.ffn = kvm_cuda_ffn;
+    o.add_rmsnorm_16 = kvm_cuda_add_rmsnorm_16;
+    o.qkv_rope_kv = kvm_cuda_qkv_rope_kv;
     return o;
 }

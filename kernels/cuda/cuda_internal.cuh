@@ -85,6 +85,7 @@ void kvm_cuda_rope_qk_kv_write(float *q, float *k, const float *v, int hq, int h
 void kvm_cuda_swiglu_half(void *act, kvm_dtype_t dt, const float *gate, const float *up, size_t n);
 void kvm_cuda_add(float *x, const float *y, size_t n);
 void kvm_cuda_add_rmsnorm(float *x, const float *y, float *out, const float *w, int n, int dim, float eps);
+void kvm_cuda_add_rmsnorm_16(float *x, const float *y, float *out, const float *w, int n, int dim, float eps);
 void kvm_cuda_kv_write(void *kv, const kvm_kv_geom_t *g, int layer, const float *k, const float *v, const kvm_attn_batch_t *b);
 void kvm_cuda_rope_shift(void *kv, const kvm_kv_geom_t *g, const int32_t *blk, const int32_t *slot, const int32_t *delta,
                          int n, const float *inv_freq, kvm_rope_layout_t layout);
@@ -96,6 +97,15 @@ void kvm_cuda_matmul(float *y, const float *x, const kvm_wmat_t *W, const float 
 void kvm_cuda_swiglu_matmul(float *y, float *gate, const float *up, const kvm_wmat_t *W, int n);
 void kvm_cuda_matmul_multi(int count, float *const *y, const kvm_wmat_t *const *W, const float *const *bias, const float *x,
                            int n);
+void kvm_cuda_ffn(float *y, const float *x, const kvm_wmat_t *Wg, const kvm_wmat_t *Wu, const kvm_wmat_t *Wd, float *h1,
+                  float *h2, int n);
+int kvm_cuda_qkv_rope_kv(float *q, float *k, float *v, const float *x, const kvm_wmat_t *wq, const kvm_wmat_t *wk,
+                         const kvm_wmat_t *wv, const float *bq, const float *bk, const float *bv, int hq, int hd,
+                         const int32_t *pos, const float *inv_freq, kvm_rope_layout_t layout, void *kv,
+                         const kvm_kv_geom_t *g, int layer, const kvm_attn_batch_t *b);
+/* add_rmsnorm_16 (ops.h) leaves `p` without fp32 data: matmuls that cannot use the 16-bit copy fail loudly */
+void kvm_cuda_set_dead(const float *p);
+void kvm_cuda_wrote(const float *p); /* p now holds fp32 data again */
 /* cuda_attention.cu */
 void kvm_cuda_attention(float *out, const float *q, const void *kv, const kvm_kv_geom_t *g, int layer, int heads,
                         const kvm_attn_batch_t *b, float scale);

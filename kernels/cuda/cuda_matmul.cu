@@ -329,6 +329,13 @@ static const float *g_xh_src;
 static size_t g_xh_n;
 static kvm_dtype_t g_xh_dt;
 static kvm_dtype_t g_last_half = KVM_F32; /* dtype of the last 16-bit rounding (the model's weight dtype) */
+/* An input whose fp32 values were never written (add_rmsnorm_16 left only the rounded copy): a matmul that
+ * cannot use that copy must fail instead of reading it. Cleared when a matmul or a norm writes it. */
+static const float *g_dead;
+void kvm_cuda_set_dead(const float *p) { g_dead = p; }
+void kvm_cuda_wrote(const float *p) {
+    if (p && p == g_dead) g_dead = NULL;
+}
 void kvm_cuda_touch(void) { g_xh_src = NULL; }
 kvm_dtype_t kvm_cuda_half_dtype(void) { return g_last_half; }
 void kvm_cuda_set_rounded(const float *src, size_t n, kvm_dtype_t dt) {
@@ -341,6 +348,11 @@ static const void *rounded_input(const float *x, size_t nx, kvm_dtype_t dt) {
     void *xh = kvm_cuda_scratch(nx * 2);
     if (!xh) return NULL;
     if (g_xh_src == x && g_xh_n == nx && g_xh_dt == dt && xh == g_cuda.ws) return xh;
+    if (x && x == g_dead) {
+        kvm_cuda_fail(KVM_EINTERNAL, "cuda matmul: input of %zu values holds no fp32 data (add_rmsnorm_16) and its "
+                                     "16-bit copy is gone", nx);
+        return NULL;
+    }
     unsigned grid = (unsigned)((nx + 255) / 256);
     if (grid > 65535u * 16u) grid = 65535u * 16u;
     if (!grid) grid = 1;
@@ -380,6 +392,10 @@ static void matmul_blas(float *y, const float *x, const kvm_wmat_t *W, const flo
     const float one = 1.0f, zero = 0.0f;
     cublasStatus_t st;
     if (W->dtype == KVM_F32) {
+        if (x && x == g_dead) {
+            kvm_cuda_fail(KVM_EINTERNAL, "cuda matmul: fp32 GEMM on an input add_rmsnorm_16 left without fp32 data");
+            return;
+        }
         st = cublasSgemm(g_cuda.blas, CUBLAS_OP_T, CUBLAS_OP_N, rows, n, cols, &one, (const float *)W->data, cols, x, cols,
                          &zero, y, rows);
     } else {
@@ -390,6 +406,7 @@ static void matmul_blas(float *y, const float *x, const kvm_wmat_t *W, const flo
                           y, CUDA_R_32F, rows, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
     }
     if (y == g_xh_src) g_xh_src = NULL;
+    kvm_cuda_wrote(y);
     if (st != CUBLAS_STATUS_SUCCESS) {
         kvm_cuda_fail(KVM_EDEVICE, "cuda: cuBLAS GEMM %s [%d x %d] x %d rows failed: %s", kvm_dtype_name(W->dtype), rows,
                       cols, n, blas_status(st));
@@ -424,6 +441,10 @@ static void matmul_segments(int count, float *const *y, const kvm_wmat_t *const 
                  n, use_skinny ? "mma" : use_gemv ? "gemv" : dt == KVM_F32 ? "sgemm" : "cublas");
     }
     KVM_PROF(g_kvm_prof_on ? pname : "matmul");
+    if (use_gemv && x == g_dead) {
+        kvm_cuda_fail(KVM_EINTERNAL, "cuda matmul: GEMV on an input add_rmsnorm_16 left without fp32 data");
+        return;
+    }
     if (use_skinny || use_gemv) {
 #define KVM_SEGS(TT)                                                                                                     \
     mm_segs<TT> sg;                                                                                                      \
@@ -453,8 +474,10 @@ static void matmul_segments(int count, float *const *y, const kvm_wmat_t *const 
             gemv_dispatch<__half>(sg, x, cols, n);
         }
 #undef KVM_SEGS
-        for (int i = 0; i < count; i++)
+        for (int i = 0; i < count; i++) {
             if (y[i] == g_xh_src) g_xh_src = NULL;
+            kvm_cuda_wrote(y[i]);
+        }
         KVM_CU_LAUNCH(use_skinny ? "skinny mma gemm" : "gemv");
         return;
     }
@@ -524,4 +547,344 @@ void kvm_cuda_swiglu_matmul(float *y, float *gate, const float *up, const kvm_wm
         return;
     }
     matmul_blas(y, NULL, W, NULL, n, xh);
+}
+
+/* ==== the fused MLP (ops->ffn) ================================================================================= */
+
+/* Batch-1 decode: one warp per output i computes the gate row i and the up row i (two weight streams, UNROLL
+ * 16-byte loads of each in flight per lane) and writes act[i] = silu(g) * u in fp32: no SwiGLU launch and no
+ * gate/up round trip. Same loads and PDL protocol as k_gemv. */
+template <typename T, int UNROLL>
+__global__ void __launch_bounds__(128) k_gemv_swiglu(const T *__restrict__ Wg, const T *__restrict__ Wu, float *__restrict__ act,
+                                                     const float *__restrict__ x, int rows, int cols, int pf) {
+    const int unit = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+    if (unit >= rows) return;
+    const uint4 *wr[2] = {reinterpret_cast<const uint4 *>(Wg + (size_t)unit * cols),
+                          reinterpret_cast<const uint4 *>(Wu + (size_t)unit * cols)};
+    float acc[2] = {0.0f, 0.0f};
+    const int nvec = cols / 8;
+    int v = lane;
+    uint4 wv[UNROLL][2];
+    bool pre = false;
+    if (pf == 2 && v + 32 * (UNROLL - 1) < nvec) {
+#pragma unroll
+        for (int u = 0; u < UNROLL; u++)
+#pragma unroll
+            for (int r = 0; r < 2; r++) wv[u][r] = __ldcs(wr[r] + v + 32 * u);
+        pre = true;
+    }
+    kvm_pdl_wait();
+    for (; v + 32 * (UNROLL - 1) < nvec; v += 32 * UNROLL) {
+        if (!pre) {
+#pragma unroll
+            for (int u = 0; u < UNROLL; u++)
+#pragma unroll
+                for (int r = 0; r < 2; r++) wv[u][r] = __ldcs(wr[r] + v + 32 * u);
+        }
+        pre = false;
+#pragma unroll
+        for (int u = 0; u < UNROLL; u++) {
+            const int c = (v + 32 * u) * 8;
+            const float4 xa = __ldg(reinterpret_cast<const float4 *>(x + c));
+            const float4 xb = __ldg(reinterpret_cast<const float4 *>(x + c + 4));
+#pragma unroll
+            for (int r = 0; r < 2; r++) {
+                float f[8];
+                unpack8(wv[u][r], f, (const T *)0);
+                acc[r] += f[0] * xa.x + f[1] * xa.y + f[2] * xa.z + f[3] * xa.w + f[4] * xb.x + f[5] * xb.y + f[6] * xb.z +
+                          f[7] * xb.w;
+            }
+        }
+    }
+    for (; v < nvec; v += 32) {
+        const int c = v * 8;
+        const float4 xa = __ldg(reinterpret_cast<const float4 *>(x + c));
+        const float4 xb = __ldg(reinterpret_cast<const float4 *>(x + c + 4));
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            float f[8];
+            unpack8(__ldcs(wr[r] + v), f, (const T *)0);
+            acc[r] += f[0] * xa.x + f[1] * xa.y + f[2] * xa.z + f[3] * xa.w + f[4] * xb.x + f[5] * xb.y + f[6] * xb.z +
+                      f[7] * xb.w;
+        }
+    }
+    const float g = kvm_warp_sum(acc[0]), u = kvm_warp_sum(acc[1]);
+    if (lane == 0) act[unit] = (g / (1.0f + expf(-g))) * u;
+}
+
+/* Prefill: h[r] = [gate_r | up_r] in 16 bits (row stride 2*ff) -> act[r][i] = silu(gate) * up, rounded to
+ * 16 bits; 8 elements (16 bytes) per step. ff % 8 == 0. */
+template <typename T>
+__global__ void k_swiglu_hh(T *__restrict__ act, const T *__restrict__ h, int ff, size_t total8) {
+    kvm_pdl_trigger();
+    const int per = ff / 8;
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total8; i += (size_t)gridDim.x * blockDim.x) {
+        const size_t r = i / per;
+        const int c = (int)(i % per) * 8;
+        const uint4 gv = *reinterpret_cast<const uint4 *>(h + r * 2 * ff + c);
+        const uint4 uv = *reinterpret_cast<const uint4 *>(h + r * 2 * ff + ff + c);
+        float g[8], u[8];
+        unpack8(gv, g, (const T *)0);
+        unpack8(uv, u, (const T *)0);
+        __align__(16) T o[8];
+#pragma unroll
+        for (int e = 0; e < 8; e++) o[e] = kvm_from_f32<T>((g[e] / (1.0f + expf(-g[e]))) * u[e]);
+        *reinterpret_cast<uint4 *>(act + r * ff + c) = *reinterpret_cast<const uint4 *>(o);
+    }
+}
+
+/* KVM_CUDA_FFN=0: the MLP through matmul_multi + swiglu_matmul (the previous path), for comparisons. */
+static int ffn_fused_enabled(void) {
+    const char *e = getenv("KVM_CUDA_FFN");
+    return !(e && !strcmp(e, "0"));
+}
+
+void kvm_cuda_ffn(float *y, const float *x, const kvm_wmat_t *Wg, const kvm_wmat_t *Wu, const kvm_wmat_t *Wd, float *h1,
+                  float *h2, int n) {
+    if (n <= 0) return;
+    const int FF = Wg->rows, D = Wg->cols;
+    const kvm_dtype_t dt = Wg->dtype;
+    if (Wu->rows != FF || Wu->cols != D || Wd->cols != FF || Wu->dtype != dt || Wd->dtype != dt) {
+        kvm_cuda_fail(KVM_EINVAL, "cuda ffn: gate [%d x %d], up [%d x %d], down [%d x %d] do not fit together", FF, D,
+                      Wu->rows, Wu->cols, Wd->rows, Wd->cols);
+        return;
+    }
+    const bool al = ((uintptr_t)Wg->data % 16) == 0 && ((uintptr_t)Wu->data % 16) == 0 && ((uintptr_t)Wd->data % 16) == 0 &&
+                    ((uintptr_t)x % 16) == 0 && ((uintptr_t)h1 % 16) == 0 && ((uintptr_t)h2 % 16) == 0;
+    const bool fused = ffn_fused_enabled() && al && dt != KVM_F32 && (D % 8) == 0 && (FF % 8) == 0;
+    if (fused && n == 1 && skinny_mode() != 2 && x != g_dead) {
+        {
+            char pname[96];
+            if (g_kvm_prof_on) snprintf(pname, sizeof pname, "ffn gate+up gemv + swiglu %s 2x%dx%d m=1", kvm_dtype_name(dt), FF, D);
+            KVM_PROF(g_kvm_prof_on ? pname : "ffn");
+            if (dt == KVM_BF16)
+                kvm_launch_pdl(k_gemv_swiglu<__nv_bfloat16, 4>, dim3((FF + 3) / 4), dim3(128), 0, (const __nv_bfloat16 *)Wg->data,
+                               (const __nv_bfloat16 *)Wu->data, h1, x, FF, D, kvm_cuda_prefetch_mode());
+            else
+                kvm_launch_pdl(k_gemv_swiglu<__half, 4>, dim3((FF + 3) / 4), dim3(128), 0, (const __half *)Wg->data,
+                               (const __half *)Wu->data, h1, x, FF, D, kvm_cuda_prefetch_mode());
+            if (h1 == g_xh_src) g_xh_src = NULL;
+            if (KVM_CU_LAUNCH("ffn gate+up gemv + swiglu")) return;
+        }
+        matmul_segments(1, &y, &Wd, NULL, h1, 1);
+        return;
+    }
+    if (fused && n > 16 && dt == KVM_BF16) {
+        const void *xh = rounded_input(x, (size_t)n * D, dt);
+        if (!xh) return;
+        __nv_bfloat16 *h = (__nv_bfloat16 *)h1;  /* [n][2FF] 16-bit = the bytes of h1 [n][FF] fp32 */
+        __nv_bfloat16 *act = (__nv_bfloat16 *)h2; /* [n][FF] */
+        const float one = 1.0f, zero = 0.0f;
+        cublasStatus_t st;
+        {
+            char pname[96];
+            if (g_kvm_prof_on) snprintf(pname, sizeof pname, "matmul gate+up -> bf16 2x%dx%d m=%d cublas", FF, D, n);
+            KVM_PROF(g_kvm_prof_on ? pname : "ffn gate+up");
+            if ((const char *)Wu->data == (const char *)Wg->data + (size_t)FF * D * 2) { /* adjacent: one GEMM */
+                st = cublasGemmEx(g_cuda.blas, CUBLAS_OP_T, CUBLAS_OP_N, 2 * FF, n, D, &one, Wg->data, CUDA_R_16BF, D, xh,
+                                  CUDA_R_16BF, D, &zero, h, CUDA_R_16BF, 2 * FF, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+            } else {
+                st = cublasGemmEx(g_cuda.blas, CUBLAS_OP_T, CUBLAS_OP_N, FF, n, D, &one, Wg->data, CUDA_R_16BF, D, xh,
+                                  CUDA_R_16BF, D, &zero, h, CUDA_R_16BF, 2 * FF, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+                if (st == CUBLAS_STATUS_SUCCESS)
+                    st = cublasGemmEx(g_cuda.blas, CUBLAS_OP_T, CUBLAS_OP_N, FF, n, D, &one, Wu->data, CUDA_R_16BF, D, xh,
+                                      CUDA_R_16BF, D, &zero, h + FF, CUDA_R_16BF, 2 * FF, CUBLAS_COMPUTE_32F,
+                                      CUBLAS_GEMM_DEFAULT);
+            }
+        }
+        if (st != CUBLAS_STATUS_SUCCESS) {
+            kvm_cuda_fail(KVM_EDEVICE, "cuda ffn: cuBLAS gate/up GEMM [%d x %d] x %d rows failed: %s", FF, D, n,
+                          blas_status(st));
+            return;
+        }
+        {
+            KVM_PROF("swiglu bf16 -> bf16");
+            const size_t total8 = (size_t)n * FF / 8;
+            size_t gb = (total8 + 255) / 256;
+            if (gb > 65535u * 16u) gb = 65535u * 16u;
+            k_swiglu_hh<__nv_bfloat16><<<(unsigned)gb, 256, 0, S>>>(act, h, FF, total8);
+            if (KVM_CU_LAUNCH("ffn swiglu")) return;
+        }
+        char pname[96];
+        if (g_kvm_prof_on) snprintf(pname, sizeof pname, "matmul %s %dx%d m=%d cublas (ffn down)", kvm_dtype_name(dt), Wd->rows, FF, n);
+        KVM_PROF(g_kvm_prof_on ? pname : "ffn down");
+        matmul_blas(y, NULL, Wd, NULL, n, act);
+        return;
+    }
+    float *ys[2] = {h1, h2};
+    const kvm_wmat_t *ws[2] = {Wg, Wu};
+    kvm_cuda_matmul_multi(2, ys, ws, NULL, x, n);
+    kvm_cuda_swiglu_matmul(y, h1, h2, Wd, n);
+}
+
+/* ==== batch-1 decode: q/k/v GEMV + RoPE + KV write (ops->qkv_rope_kv) ========================================= */
+
+template <typename T, typename TC> struct qkv_args {
+    const T *W[3];
+    const float *bias[3];
+    float *out[3];
+    const float *x;
+    int cols, hq, hk, hd, il, L, layer;
+    const int32_t *pos, *ctx_len, *block_table;
+    const float *inv_freq;
+    TC *kv;
+};
+
+/* One warp per PAIR of output rows: for q and k the two rows RoPE rotates together (j and j + hd/2 of a head, or
+ * 2j and 2j+1 interleaved), for v two consecutive rows. The dot products are those of k_gemv (same loads, same
+ * summation order); lane 0 adds the biases, rotates q/k pairs by the position's fp64 angle (cos/sin rounded to
+ * fp32, no FMA contraction: as k_rope_kv), stores q, k, v in fp32 and k, v into the cache at position ctx_len-1. */
+template <typename T, typename TC, int UNROLL>
+__global__ void __launch_bounds__(128) k_gemv_qkv(const qkv_args<T, TC> a, int pf) {
+    const int unit = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+    const int half = a.hd / 2, nq = a.hq * half, nk = a.hk * half;
+    if (unit >= nq + 2 * nk) return;
+    const int seg = unit < nq ? 0 : unit < nq + nk ? 1 : 2;
+    const int uu = unit - (seg == 0 ? 0 : seg == 1 ? nq : nq + nk);
+    int ra, rb, j = 0;
+    if (seg < 2) {
+        const int h = uu / half;
+        j = uu % half;
+        ra = h * a.hd + (a.il ? 2 * j : j);
+        rb = h * a.hd + (a.il ? 2 * j + 1 : j + half);
+    } else {
+        ra = 2 * uu;
+        rb = 2 * uu + 1;
+    }
+    const int cols = a.cols;
+    const uint4 *wr[2] = {reinterpret_cast<const uint4 *>(a.W[seg] + (size_t)ra * cols),
+                          reinterpret_cast<const uint4 *>(a.W[seg] + (size_t)rb * cols)};
+    const float *__restrict__ x = a.x;
+    float acc[2] = {0.0f, 0.0f};
+    const int nvec = cols / 8;
+    int v = lane;
+    uint4 wv[UNROLL][2];
+    bool pre = false;
+    if (pf == 2 && v + 32 * (UNROLL - 1) < nvec) {
+#pragma unroll
+        for (int u = 0; u < UNROLL; u++)
+#pragma unroll
+            for (int r = 0; r < 2; r++) wv[u][r] = __ldcs(wr[r] + v + 32 * u);
+        pre = true;
+    }
+    kvm_pdl_wait();
+    for (; v + 32 * (UNROLL - 1) < nvec; v += 32 * UNROLL) {
+        if (!pre) {
+#pragma unroll
+            for (int u = 0; u < UNROLL; u++)
+#pragma unroll
+                for (int r = 0; r < 2; r++) wv[u][r] = __ldcs(wr[r] + v + 32 * u);
+        }
+        pre = false;
+#pragma unroll
+        for (int u = 0; u < UNROLL; u++) {
+            const int c = (v + 32 * u) * 8;
+            const float4 xa = __ldg(reinterpret_cast<const float4 *>(x + c));
+            const float4 xb = __ldg(reinterpret_cast<const float4 *>(x + c + 4));
+#pragma unroll
+            for (int r = 0; r < 2; r++) {
+                float f[8];
+                unpack8(wv[u][r], f, (const T *)0);
+                acc[r] += f[0] * xa.x + f[1] * xa.y + f[2] * xa.z + f[3] * xa.w + f[4] * xb.x + f[5] * xb.y + f[6] * xb.z +
+                          f[7] * xb.w;
+            }
+        }
+    }
+    for (; v < nvec; v += 32) {
+        const int c = v * 8;
+        const float4 xa = __ldg(reinterpret_cast<const float4 *>(x + c));
+        const float4 xb = __ldg(reinterpret_cast<const float4 *>(x + c + 4));
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            float f[8];
+            unpack8(__ldcs(wr[r] + v), f, (const T *)0);
+            acc[r] += f[0] * xa.x + f[1] * xa.y + f[2] * xa.z + f[3] * xa.w + f[4] * xb.x + f[5] * xb.y + f[6] * xb.z +
+                      f[7] * xb.w;
+        }
+    }
+    float va = kvm_warp_sum(acc[0]), vb = kvm_warp_sum(acc[1]);
+    if (lane != 0) return;
+    if (a.bias[seg]) {
+        va += a.bias[seg][ra];
+        vb += a.bias[seg][rb];
+    }
+    if (seg < 2) {
+        double sn, cn;
+        sincos(kvm_rope_angle_dev((double)a.pos[0], a.inv_freq[j]), &sn, &cn);
+        const float c = (float)cn, s = (float)sn;
+        const float x0 = va, x1 = vb;
+        va = __fsub_rn(__fmul_rn(x0, c), __fmul_rn(x1, s));
+        vb = __fadd_rn(__fmul_rn(x0, s), __fmul_rn(x1, c));
+    }
+    a.out[seg][ra] = va;
+    a.out[seg][rb] = vb;
+    if (seg == 0) return;
+    const int ps = a.ctx_len[0] - 1;
+    const int32_t blk = a.block_table[ps / KVM_KV_BLOCK];
+    const int t = ps % KVM_KV_BLOCK, kvi = seg - 1;
+    const size_t base = (((((size_t)blk * a.L + a.layer) * 2 + kvi) * a.hk) * KVM_KV_BLOCK + t) * (size_t)a.hd;
+    /* element (h, d) of this token: base + h * KVM_KV_BLOCK * hd + d (the cache layout of kv_index) */
+    const int ha = ra / a.hd, hb = rb / a.hd;
+    a.kv[base + (size_t)ha * KVM_KV_BLOCK * a.hd + ra % a.hd] = kvm_from_f32<TC>(va);
+    a.kv[base + (size_t)hb * KVM_KV_BLOCK * a.hd + rb % a.hd] = kvm_from_f32<TC>(vb);
+}
+
+template <typename T, typename TC>
+static void launch_qkv(float *q, float *k, float *v, const float *x, const kvm_wmat_t *const W[3], const float *const bias[3],
+                       int hq, int hk, int hd, int il, const int32_t *pos, const float *inv_freq, void *kv, int L, int layer,
+                       const kvm_attn_batch_t *b) {
+    qkv_args<T, TC> a;
+    memset(&a, 0, sizeof a);
+    for (int i = 0; i < 3; i++) {
+        a.W[i] = (const T *)W[i]->data;
+        a.bias[i] = bias[i];
+    }
+    a.out[0] = q, a.out[1] = k, a.out[2] = v;
+    a.x = x;
+    a.cols = W[0]->cols, a.hq = hq, a.hk = hk, a.hd = hd, a.il = il, a.L = L, a.layer = layer;
+    a.pos = pos, a.ctx_len = b->ctx_len, a.block_table = b->block_table, a.inv_freq = inv_freq;
+    a.kv = (TC *)kv;
+    const int units = (hq + 2 * hk) * hd / 2;
+    kvm_launch_pdl(k_gemv_qkv<T, TC, 4>, dim3((units + 3) / 4), dim3(128), 0, a, kvm_cuda_prefetch_mode());
+}
+
+int kvm_cuda_qkv_rope_kv(float *q, float *k, float *v, const float *x, const kvm_wmat_t *wq, const kvm_wmat_t *wk,
+                         const kvm_wmat_t *wv, const float *bq, const float *bk, const float *bv, int hq, int hd,
+                         const int32_t *pos, const float *inv_freq, kvm_rope_layout_t layout, void *kv,
+                         const kvm_kv_geom_t *g, int layer, const kvm_attn_batch_t *b) {
+    static int env = -1;
+    if (env < 0) {
+        const char *e = getenv("KVM_CUDA_QKV_FUSE");
+        env = e && !strcmp(e, "0") ? 0 : 1;
+    }
+    const kvm_dtype_t dt = wq->dtype;
+    const int hk = g->n_kv_heads, cols = wq->cols;
+    const kvm_wmat_t *W[3] = {wq, wk, wv};
+    bool ok = env && b->total_rows == 1 && b->n_seqs == 1 && dt != KVM_F32 && wk->dtype == dt && wv->dtype == dt &&
+              g->head_dim == hd && hd % 2 == 0 && wq->rows == hq * hd && wk->rows == hk * hd && wv->rows == hk * hd &&
+              wk->cols == cols && wv->cols == cols && cols % 8 == 0 && ((uintptr_t)x % 16) == 0 && skinny_mode() != 2 &&
+              x != g_dead;
+    for (int i = 0; ok && i < 3; i++) ok = ((uintptr_t)W[i]->data % 16) == 0;
+    if (!ok) return KVM_EUNSUPPORTED;
+    kvm_cuda_touch();
+    char pname[112];
+    if (g_kvm_prof_on)
+        snprintf(pname, sizeof pname, "qkv gemv + rope + kv_write %s %dx%d m=1", kvm_dtype_name(dt), (hq + 2 * hk) * hd, cols);
+    KVM_PROF(g_kvm_prof_on ? pname : "qkv_rope_kv");
+    const float *bias[3] = {bq, bk, bv};
+    const int il = layout == KVM_ROPE_INTERLEAVED;
+#define KVM_QKV(TT, TC) launch_qkv<TT, TC>(q, k, v, x, W, bias, hq, hk, hd, il, pos, inv_freq, kv, g->n_layers, layer, b)
+    if (dt == KVM_BF16) {
+        if (g->dtype == KVM_BF16) KVM_QKV(__nv_bfloat16, __nv_bfloat16);
+        else if (g->dtype == KVM_F16) KVM_QKV(__nv_bfloat16, __half);
+        else KVM_QKV(__nv_bfloat16, float);
+    } else {
+        if (g->dtype == KVM_BF16) KVM_QKV(__half, __nv_bfloat16);
+        else if (g->dtype == KVM_F16) KVM_QKV(__half, __half);
+        else KVM_QKV(__half, float);
+    }
+#undef KVM_QKV
+    kvm_cuda_wrote(q), kvm_cuda_wrote(k), kvm_cuda_wrote(v);
+    if (KVM_CU_LAUNCH("qkv gemv + rope + kv_write")) return 0; /* recorded: sync reports it */
+    return 0;
 }

@@ -299,6 +299,40 @@ kvm_kv_pool_t *kvm_model_kv_pool(kvm_model_t *m, size_t kv_bytes) {
 
 static inline float *rowp(float *base, int row, int width) { return base + (size_t)row * width; }
 
+/* q/k/v projections, the per-head norms (Qwen3), RoPE and the KV write of layer l through the separate ops. */
+static void run_qkv_rope_kv(kvm_model_t *m, const kvm_backend_layer_t *L, kvm_kv_pool_t *pool, int l,
+                            const kvm_attn_batch_t *ab, int rows) {
+    const kvm_config_t *c = &m->cfg;
+    kvm_backend_model_t *b = m->bm;
+    const kvm_ops_t *ops = b->ops;
+    const int HD = c->head_dim;
+    if (ops->matmul_multi) { /* q, k, v in one launch where the backend can */
+        float *ys[3] = {b->q, b->k, b->v};
+        const kvm_wmat_t *ws[3] = {&L->wq, &L->wk, &L->wv};
+        const float *bs[3] = {L->bq, L->bk, L->bv};
+        ops->matmul_multi(3, ys, ws, bs, b->xb, rows);
+    } else {
+        ops->matmul(b->q, b->xb, &L->wq, L->bq, rows);
+        ops->matmul(b->k, b->xb, &L->wk, L->bk, rows);
+        ops->matmul(b->v, b->xb, &L->wv, L->bv, rows);
+    }
+    if (L->q_norm) ops->head_rmsnorm(b->q, L->q_norm, rows, c->n_heads, HD, c->rms_eps);
+    if (L->k_norm) ops->head_rmsnorm(b->k, L->k_norm, rows, c->n_kv_heads, HD, c->rms_eps);
+    /* every item shares one pool (one pool per model and backend) */
+    if (ops->rope_qk_kv_write) {
+        ops->rope_qk_kv_write(b->q, b->k, b->v, c->n_heads, HD, b->pos, b->inv_freq, c->rope_layout, pool->data,
+                              &pool->geom, l, ab);
+    } else {
+        if (ops->rope_qk) {
+            ops->rope_qk(b->q, b->k, rows, c->n_heads, c->n_kv_heads, HD, b->pos, b->inv_freq, c->rope_layout);
+        } else {
+            ops->rope(b->q, rows, c->n_heads, HD, b->pos, b->inv_freq, c->rope_layout);
+            ops->rope(b->k, rows, c->n_kv_heads, HD, b->pos, b->inv_freq, c->rope_layout);
+        }
+        ops->kv_write(pool->data, &pool->geom, l, b->k, b->v, ab);
+    }
+}
+
 /* The device part of one step (no host synchronisation inside, so a decode step can be captured into a
  * graph): embedding, the layers, and the logits of the rows that want them into b->logits. Uses the fused
  * add+RMSNorm when the backend has it (the CPU reference runs the separate ops). */
@@ -311,46 +345,36 @@ static void run_device_step(kvm_model_t *m, kvm_batch_item_t *items, int n_items
     const int D = c->dim, HD = c->head_dim, FF = c->hidden_dim;
     const float scale = 1.0f / sqrtf((float)HD);
     const bool fuse = ops->add_rmsnorm != NULL;
+    /* prefill with 16-bit weights on a backend that keeps the GEMM input in 16 bits: the fused norms need not
+     * write their fp32 output (only the GEMMs read it, through the 16-bit copy) */
+    const bool w16 = b->layers[0].wq.dtype != KVM_F32 && b->layers[0].w_gate.dtype != KVM_F32;
+    void (*add_norm)(float *, const float *, float *, const float *, int, int, float) =
+        fuse && ops->add_rmsnorm_16 && rows > 16 && w16 ? ops->add_rmsnorm_16 : ops->add_rmsnorm;
 
     ops->embed(b->x, b->tok_emb.data, b->tok_emb.dtype, b->ids, rows, D);
     if (fuse) ops->rmsnorm(b->xb, b->x, b->layers[0].attn_norm, rows, D, c->rms_eps);
     for (int l = 0; l < c->n_layers; l++) {
         const kvm_backend_layer_t *L = &b->layers[l];
         if (!fuse) ops->rmsnorm(b->xb, b->x, L->attn_norm, rows, D, c->rms_eps);
-        if (ops->matmul_multi) { /* q, k, v in one launch where the backend can */
-            float *ys[3] = {b->q, b->k, b->v};
-            const kvm_wmat_t *ws[3] = {&L->wq, &L->wk, &L->wv};
-            const float *bs[3] = {L->bq, L->bk, L->bv};
-            ops->matmul_multi(3, ys, ws, bs, b->xb, rows);
+        /* batch-1 decode: q/k/v, RoPE and the KV write in one pass where the backend can */
+        if (rows == 1 && ops->qkv_rope_kv && !L->q_norm && !L->k_norm &&
+            ops->qkv_rope_kv(b->q, b->k, b->v, b->xb, &L->wq, &L->wk, &L->wv, L->bq, L->bk, L->bv, c->n_heads, HD, b->pos,
+                             b->inv_freq, c->rope_layout, pool->data, &pool->geom, l, &ab) == 0) {
+            /* done: q rotated, this token's K/V in the cache */
         } else {
-            ops->matmul(b->q, b->xb, &L->wq, L->bq, rows);
-            ops->matmul(b->k, b->xb, &L->wk, L->bk, rows);
-            ops->matmul(b->v, b->xb, &L->wv, L->bv, rows);
-        }
-        if (L->q_norm) ops->head_rmsnorm(b->q, L->q_norm, rows, c->n_heads, HD, c->rms_eps);
-        if (L->k_norm) ops->head_rmsnorm(b->k, L->k_norm, rows, c->n_kv_heads, HD, c->rms_eps);
-        /* every item shares one pool (one pool per model and backend) */
-        if (ops->rope_qk_kv_write) {
-            ops->rope_qk_kv_write(b->q, b->k, b->v, c->n_heads, HD, b->pos, b->inv_freq, c->rope_layout, pool->data,
-                                  &pool->geom, l, &ab);
-        } else {
-            if (ops->rope_qk) {
-                ops->rope_qk(b->q, b->k, rows, c->n_heads, c->n_kv_heads, HD, b->pos, b->inv_freq, c->rope_layout);
-            } else {
-                ops->rope(b->q, rows, c->n_heads, HD, b->pos, b->inv_freq, c->rope_layout);
-                ops->rope(b->k, rows, c->n_kv_heads, HD, b->pos, b->inv_freq, c->rope_layout);
-            }
-            ops->kv_write(pool->data, &pool->geom, l, b->k, b->v, &ab);
+            run_qkv_rope_kv(m, L, pool, l, &ab, rows);
         }
         ops->attention(b->att, b->q, pool->data, &pool->geom, l, c->n_heads, &ab, scale);
         ops->matmul(b->xb, b->att, &L->wo, NULL, rows);
         if (fuse) {
-            ops->add_rmsnorm(b->x, b->xb, b->xb, L->ffn_norm, rows, D, c->rms_eps);
+            add_norm(b->x, b->xb, b->xb, L->ffn_norm, rows, D, c->rms_eps);
         } else {
             ops->add(b->x, b->xb, (size_t)rows * D);
             ops->rmsnorm(b->xb, b->x, L->ffn_norm, rows, D, c->rms_eps);
         }
-        if (ops->matmul_multi) {
+        if (ops->ffn) {
+            ops->ffn(b->xb, b->xb, &L->w_gate, &L->w_up, &L->w_down, b->hb, b->hb2, rows);
+        } else if (ops->matmul_multi) {
             float *ys[2] = {b->hb, b->hb2};
             const kvm_wmat_t *ws[2] = {&L->w_gate, &L->w_up};
             ops->matmul_multi(2, ys, ws, NULL, b->xb, rows);
@@ -358,13 +382,15 @@ static void run_device_step(kvm_model_t *m, kvm_batch_item_t *items, int n_items
             ops->matmul(b->hb, b->xb, &L->w_gate, NULL, rows);
             ops->matmul(b->hb2, b->xb, &L->w_up, NULL, rows);
         }
-        if (ops->swiglu_matmul) {
+        if (ops->ffn) {
+            /* done above */
+        } else if (ops->swiglu_matmul) {
             ops->swiglu_matmul(b->xb, b->hb, b->hb2, &L->w_down, rows);
         } else {
             ops->swiglu(b->hb, b->hb, b->hb2, (size_t)rows * FF);
             ops->matmul(b->xb, b->hb, &L->w_down, NULL, rows);
         }
-        if (fuse && l + 1 < c->n_layers) ops->add_rmsnorm(b->x, b->xb, b->xb, b->layers[l + 1].attn_norm, rows, D, c->rms_eps);
+        if (fuse && l + 1 < c->n_layers) add_norm(b->x, b->xb, b->xb, b->layers[l + 1].attn_norm, rows, D, c->rms_eps);
         else ops->add(b->x, b->xb, (size_t)rows * D);
     }
     /* logits only for the rows that want them */
