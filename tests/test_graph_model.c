@@ -45,6 +45,10 @@ static kvm_workflow_t *run_batch(const char *kv, int n, const char *trace_root) 
     o.trace_root = trace_root;
     o.llm.backend = "cpu";
     o.llm.quiet = true;
+    /* share whenever two eligible anchors exist: reuse must then appear, whatever gamma's default */
+    static const char *const sw[] = {"force_reuse=on"};
+    o.llm.kvcomm_set = sw;
+    o.llm.n_kvcomm_set = 1;
     kvm_workflow_t *wf = kvm_wf_load_string("stories.lua", WF, strlen(WF), &o);
     if (!wf) fail_msg("%s", kvm_errmsg());
     int run;
