@@ -4,8 +4,8 @@
  *
  * Acceptance (issue 5): KVCOMM accuracy within 2 points of dense, reuse rate after warm-up >= 60%,
  * K/V cosine to dense reported per layer, the rotation-only ablation measured. Skipped loudly when the
- * model is not in the tree. The CI size is 30 requests (120 agent invocations per mode, about half a
- * minute); KVM_FIDELITY_REQUESTS=300 is the acceptance run (`kvmesh bench kvcomm --workload team` prints
+ * model is not in the tree. The CI size is 24 requests (96 agent invocations per mode; answers of at
+ * most 8 tokens, 8 cosine samples); KVM_FIDELITY_REQUESTS=300 is the acceptance run (`kvmesh bench kvcomm --workload team` prints
  * the same numbers, docs/kvcomm.md §5.2). Under the sanitizers (KVM_SANITIZED) it runs 8 requests and
  * checks the plumbing only. */
 #include <math.h>
@@ -57,19 +57,20 @@ static void test_kvcomm_accuracy_stays_within_two_points_of_dense_with_reuse_aft
     }
     const char *env = getenv("KVM_FIDELITY_REQUESTS");
     bool sanitized = getenv("KVM_SANITIZED") != NULL;
-    int requests = env ? atoi(env) : sanitized ? 8 : 30;
+    int requests = env ? atoi(env) : sanitized ? 8 : 24;
     if (requests < 8) requests = 8;
     kvm_log_set_level(KVM_LOG_ERROR);
     kvm_team_result_t dense, full, rot;
     kvm_team_opts_t o;
     kvm_team_opts_default(&o);
     o.requests = requests;
+    o.warm = requests >= 24 ? 8 : requests / 3;
+    o.max_tokens = 8; /* answers are at most 4 digits or a name, then the end marker */
+    o.cos_samples = 8;
     o.quiet = true;
     o.policy = KVM_KV_EXACT;
     assert_int_equal(kvm_team_run(m, &o, NULL, &dense), 0);
-    kvm_team_opts_default(&o);
-    o.requests = requests;
-    o.quiet = true;
+    o.policy = KVM_KV_KVCOMM;
     assert_int_equal(kvm_team_run(m, &o, &dense, &full), 0);
     kvm_kvcomm_ablation(&o.cfg, "rotation");
     o.requests = requests < 10 ? requests : 10; /* the ablation is measured in full by the bench (docs/kvcomm.md) */
