@@ -158,7 +158,8 @@ static size_t stop_holdback(const char *text, size_t n, const kvm_gen_params_t *
 
 /* Chunked prefill of tokens into seq; logits of the last token into `logits`. */
 static int prefill(kvm_model_t *m, kvm_seq_t *seq, const int32_t *toks, int n, float *logits) {
-    const int chunk = 512;
+    /* GPUs want long chunks (GEMM efficiency); on the CPU shorter ones keep the workspace small */
+    const int chunk = m->ops == kvm_ops_cpu() ? 512 : 4096;
     for (int off = 0; off < n; off += chunk) {
         int k = n - off < chunk ? n - off : chunk;
         kvm_batch_item_t it = {.seq = seq, .tokens = toks + off, .n_tokens = k, .logits = off + k == n ? logits : NULL};
