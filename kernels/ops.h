@@ -148,14 +148,24 @@ typedef struct kvm_ops {
      * n > 16 rows with 16-bit weights (the prefill GEMM path); the backend fails the step loudly if that
      * next matmul cannot use the copy. */
     void (*add_rmsnorm_16)(float *x, const float *y, float *out, const float *w, int n, int dim, float eps);
-    /* a step of ONE row (b->total_rows == 1, one sequence: batch-1 decode): q/k/v = x @ W^T (+ biases), RoPE of
-     * q and k at pos[0] (as rope_qk) and the KV write of k, v (as kv_write), in one pass; q, k, v are written
-     * as by those ops. Returns 0 when done, KVM_EUNSUPPORTED with nothing enqueued when the shapes or dtypes do
-     * not allow it (the caller then runs the separate ops). No per-head norms (Qwen3 callers use the others). */
+    /* q/k/v = x[b->total_rows] @ W^T (+ biases), RoPE of q and k at pos (as rope_qk) and the KV write of k, v
+     * (as kv_write) for the step's rows, fused; q, k, v are written as by those ops (16-bit paths may round the
+     * products to the weights' dtype before RoPE, as HF bf16 inference does). Returns 0 when done,
+     * KVM_EUNSUPPORTED with nothing enqueued when the backend has no fused path for this step (CUDA: batch-1
+     * decode and steps of more than 16 rows with 16-bit weights); the caller then runs the separate ops. No
+     * per-head norms (Qwen3 callers use the separate ops). */
     int (*qkv_rope_kv)(float *q, float *k, float *v, const float *x, const kvm_wmat_t *wq, const kvm_wmat_t *wk,
                        const kvm_wmat_t *wv, const float *bq, const float *bk, const float *bv, int hq, int hd,
                        const int32_t *pos, const float *inv_freq, kvm_rope_layout_t layout, void *kv,
                        const kvm_kv_geom_t *g, int layer, const kvm_attn_batch_t *b);
+    /* x += in @ W^T (W->rows == dim), then as add_rmsnorm_16 into out (out's fp32 contents unspecified
+     * afterwards; out may not alias in). Same n / dtype domain as add_rmsnorm_16. */
+    void (*matmul_add_rmsnorm_16)(float *x, const float *in, const kvm_wmat_t *W, float *out, const float *w, int n,
+                                  int dim, float eps);
+    /* x += ffn(in) (as ffn, with scratch h1, h2), then as add_rmsnorm_16 into out (out may equal in). */
+    void (*ffn_add_rmsnorm_16)(float *x, const float *in, const kvm_wmat_t *w_gate, const kvm_wmat_t *w_up,
+                               const kvm_wmat_t *w_down, float *h1, float *h2, float *out, const float *w, int n, int dim,
+                               float eps);
 } kvm_ops_t;
 
 /* ---- KVCOMM op types ------------------------------------------------------------------------------ */

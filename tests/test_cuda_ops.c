@@ -475,8 +475,11 @@ static void check_ffn(kvm_dtype_t dt, int n, bool adjacent, bool in_place, doubl
 static void test_fused_ffn_matches_the_cpu_mlp_on_every_path(void **st) {
     (void)st;
     NEED_GPU();
-    check_ffn(KVM_BF16, 1, false, false, 1e-2);  /* gate+up GEMV with SwiGLU epilogue, then GEMV */
+    check_ffn(KVM_BF16, 1, false, false, 1e-2);  /* GEMV, SwiGLU, GEMV (the default for one row) */
+    setenv("KVM_CUDA_FFN_GEMV", "1", 1);         /* gate+up GEMV with the SwiGLU epilogue, then GEMV */
+    check_ffn(KVM_BF16, 1, false, false, 1e-2);
     check_ffn(KVM_BF16, 1, true, true, 1e-2);
+    unsetenv("KVM_CUDA_FFN_GEMV");
     check_ffn(KVM_BF16, 9, false, false, 1e-2);  /* skinny mma (unfused path) */
     check_ffn(KVM_BF16, 100, true, true, 1e-2);  /* one cuBLAS GEMM to bf16, bf16 SwiGLU, cuBLAS down */
     check_ffn(KVM_BF16, 40, false, false, 1e-2); /* two GEMMs into the interleaved bf16 buffer */
@@ -619,6 +622,173 @@ static void test_fused_qkv_rope_kv_write_matches_the_separate_ops(void **st) {
     check_qkv_rope_kv(KVM_ROPE_INTERLEAVED);
 }
 
+/* qkv_rope_kv on a prefill step (two sequences, 40 rows: bf16 q|k|v GEMM, then RoPE + KV write) against the
+ * CPU ops (bf16 weights: 1e-2); adjacent: Wq|Wk|Wv in one device buffer (one GEMM), else three GEMMs. */
+static void check_qkv_prefill(kvm_rope_layout_t layout, bool adjacent, bool with_bias) {
+    const int HQ = 8, HK = 2, hd = 64, D = 256, L = 2, layer = 0, half = hd / 2, nb = 8, rows = 40;
+    kvm_kv_geom_t g = {.n_layers = L, .n_kv_heads = HK, .head_dim = hd, .dtype = KVM_BF16};
+    /* seq 0: 30 new tokens from position 0; seq 1: 10 new tokens after 40 cached ones */
+    int32_t rs[3] = {0, 30, 40}, cl[2] = {30, 50}, bt[2 * 4] = {6, 1, -1, -1, 0, 2, 5, 7};
+    int32_t pos[40];
+    for (int i = 0; i < 30; i++) pos[i] = i;
+    for (int i = 0; i < 10; i++) pos[30 + i] = 40 + i;
+    float *x = rand_vec((size_t)rows * D, 1.0f), *inv = malloc(half * 4);
+    for (int j = 0; j < half; j++) inv[j] = (float)pow(10000.0, -2.0 * j / hd);
+    const int rq = HQ * hd, rk = HK * hd, rr[3] = {rq, rk, rk};
+    float *wf[3], *bias[3];
+    kvm_wmat_t CW[3], GW[3];
+    void *wh[3];
+    float *db[3] = {NULL, NULL, NULL};
+    unsigned char *dall = G->alloc((size_t)(rq + 2 * rk) * D * 2);
+    assert_non_null(dall);
+    size_t off = 0;
+    for (int i = 0; i < 3; i++) {
+        wf[i] = rand_vec((size_t)rr[i] * D, 0.06f);
+        bias[i] = with_bias ? rand_vec(rr[i], 0.1f) : NULL;
+        wh[i] = to_dtype(wf[i], (size_t)rr[i] * D, KVM_BF16);
+        void *dw = adjacent ? (void *)(dall + off) : dev_from(wh[i], (size_t)rr[i] * D * 2);
+        if (adjacent) assert_int_equal(G->h2d(dw, wh[i], (size_t)rr[i] * D * 2), 0);
+        off += (size_t)rr[i] * D * 2;
+        if (with_bias) db[i] = dev_from(bias[i], (size_t)rr[i] * 4);
+        CW[i] = (kvm_wmat_t){.data = wh[i], .dtype = KVM_BF16, .rows = rr[i], .cols = D};
+        GW[i] = (kvm_wmat_t){.data = dw, .dtype = KVM_BF16, .rows = rr[i], .cols = D};
+    }
+    size_t pool_elems = (size_t)nb * L * 2 * HK * KVM_KV_BLOCK * hd;
+    uint16_t *pool = calloc(pool_elems, 2);
+    float *q = malloc((size_t)rows * rq * 4), *k = malloc((size_t)rows * rk * 4), *v = malloc((size_t)rows * rk * 4);
+    C->matmul(q, x, &CW[0], bias[0], rows);
+    C->matmul(k, x, &CW[1], bias[1], rows);
+    C->matmul(v, x, &CW[2], bias[2], rows);
+    C->rope(q, rows, HQ, hd, pos, inv, layout);
+    C->rope(k, rows, HK, hd, pos, inv, layout);
+    kvm_attn_batch_t cb = {.n_seqs = 2, .row_start = rs, .ctx_len = cl, .block_table = bt, .max_blocks = 4, .total_rows = rows,
+                           .h_row_start = rs, .h_ctx_len = cl, .h_block_table = bt};
+    C->kv_write(pool, &g, layer, k, v, &cb);
+    kvm_attn_batch_t gb = cb;
+    gb.row_start = dev_from(rs, sizeof rs);
+    gb.ctx_len = dev_from(cl, sizeof cl);
+    gb.block_table = dev_from(bt, sizeof bt);
+    float *dx = dev_from(x, (size_t)rows * D * 4), *dinv = dev_from(inv, half * 4);
+    int32_t *dpos = dev_from(pos, sizeof pos);
+    float *dq = dev_poisoned((size_t)rows * rq), *dk = dev_poisoned((size_t)rows * rk), *dv = dev_poisoned((size_t)rows * rk);
+    void *dpool = G->alloc(pool_elems * 2);
+    assert_int_equal(G->memset0(dpool, pool_elems * 2), 0);
+    int rc = G->qkv_rope_kv(dq, dk, dv, dx, &GW[0], &GW[1], &GW[2], db[0], db[1], db[2], HQ, hd, dpos, dinv, layout, dpool, &g,
+                            layer, &gb);
+    assert_int_equal(rc, 0);
+    float *gq = host_from(dq, (size_t)rows * rq), *gk = host_from(dk, (size_t)rows * rk), *gv = host_from(dv, (size_t)rows * rk);
+    uint16_t *gp = malloc(pool_elems * 2);
+    assert_int_equal(G->d2h(gp, dpool, pool_elems * 2), 0);
+    float *cf = malloc(pool_elems * 4), *gf = malloc(pool_elems * 4);
+    for (size_t i = 0; i < pool_elems; i++) cf[i] = kvm_bf16_to_f32(pool[i]), gf[i] = kvm_bf16_to_f32(gp[i]);
+    char what[112];
+    const char *lay = layout == KVM_ROPE_HALF ? "rotate-half" : "interleaved";
+    const char *how = adjacent ? "one GEMM" : "three GEMMs";
+    snprintf(what, sizeof what, "qkv_rope_kv prefill %s, %s%s: q", lay, how, with_bias ? ", bias" : "");
+    expect_close(what, gq, q, (size_t)rows * rq, 1e-2);
+    snprintf(what, sizeof what, "qkv_rope_kv prefill %s, %s%s: k", lay, how, with_bias ? ", bias" : "");
+    expect_close(what, gk, k, (size_t)rows * rk, 1e-2);
+    snprintf(what, sizeof what, "qkv_rope_kv prefill %s, %s%s: v", lay, how, with_bias ? ", bias" : "");
+    expect_close(what, gv, v, (size_t)rows * rk, 1e-2);
+    snprintf(what, sizeof what, "qkv_rope_kv prefill %s, %s%s: cache", lay, how, with_bias ? ", bias" : "");
+    expect_close(what, gf, cf, pool_elems, 1e-2);
+    /* nothing outside this step's slots was written */
+    size_t stray = 0;
+    for (size_t i = 0; i < pool_elems; i++) stray += pool[i] == 0 && gp[i] != 0;
+    assert_int_equal(stray, 0);
+    for (int i = 0; i < 3; i++) {
+        if (!adjacent) G->free((void *)GW[i].data);
+        if (db[i]) G->free(db[i]);
+        free(wf[i]), free(bias[i]), free(wh[i]);
+    }
+    G->free(dall), G->free(dx), G->free(dinv), G->free(dpos), G->free(dq), G->free(dk), G->free(dv), G->free(dpool);
+    G->free((void *)gb.row_start), G->free((void *)gb.ctx_len), G->free((void *)gb.block_table);
+    free(x), free(inv), free(pool), free(q), free(k), free(v), free(gq), free(gk), free(gv), free(gp), free(cf), free(gf);
+}
+
+static void test_fused_qkv_rope_kv_write_on_a_prefill_step_matches_cpu(void **st) {
+    (void)st;
+    NEED_GPU();
+    check_qkv_prefill(KVM_ROPE_HALF, true, false);
+    check_qkv_prefill(KVM_ROPE_HALF, false, true);
+    check_qkv_prefill(KVM_ROPE_INTERLEAVED, true, true);
+}
+
+/* matmul_add_rmsnorm_16 and ffn_add_rmsnorm_16 (the projection's output reaches the residual norm in 16 bits):
+ * the residual against the CPU's matmul + add (1e-2: the projection is rounded to bf16), and the normalized rows
+ * through the next GEMM (which must use the 16-bit copy) against the CPU's rmsnorm + matmul. */
+static void check_proj_add_norm(bool ffn, kvm_dtype_t dt, int N, double tol) {
+    const int D = 256, K = ffn ? 256 : 512, FF = 512, R = 128;
+    float *x = rand_vec((size_t)N * D, 1.0f), *in = rand_vec((size_t)N * K, 1.0f), *w = rand_vec(D, 1.0f);
+    float *wo = rand_vec((size_t)D * K, 0.06f), *wg = rand_vec((size_t)FF * K, 0.08f), *wu = rand_vec((size_t)FF * K, 0.08f);
+    float *wd = rand_vec((size_t)D * FF, 0.05f), *wn = rand_vec((size_t)R * D, 0.06f);
+    void *ho = to_dtype(wo, (size_t)D * K, dt), *hg = to_dtype(wg, (size_t)FF * K, dt), *hu = to_dtype(wu, (size_t)FF * K, dt);
+    void *hd = to_dtype(wd, (size_t)D * FF, dt), *hn = to_dtype(wn, (size_t)R * D, dt);
+    const size_t es = kvm_dtype_size(dt);
+    kvm_wmat_t Wo = {.data = ho, .dtype = dt, .rows = D, .cols = K}, Wg = {.data = hg, .dtype = dt, .rows = FF, .cols = K};
+    kvm_wmat_t Wu = {.data = hu, .dtype = dt, .rows = FF, .cols = K}, Wd = {.data = hd, .dtype = dt, .rows = D, .cols = FF};
+    kvm_wmat_t Wn = {.data = hn, .dtype = dt, .rows = R, .cols = D};
+    /* CPU */
+    float *y = malloc((size_t)N * D * 4), *xr = malloc((size_t)N * D * 4), *nr = malloc((size_t)N * D * 4);
+    float *ref = malloc((size_t)N * R * 4);
+    if (ffn) {
+        float *g = malloc((size_t)N * FF * 4), *u = malloc((size_t)N * FF * 4);
+        C->matmul(g, in, &Wg, NULL, N);
+        C->matmul(u, in, &Wu, NULL, N);
+        C->swiglu(g, g, u, (size_t)N * FF);
+        C->matmul(y, g, &Wd, NULL, N);
+        free(g), free(u);
+    } else {
+        C->matmul(y, in, &Wo, NULL, N);
+    }
+    memcpy(xr, x, (size_t)N * D * 4);
+    C->add(xr, y, (size_t)N * D);
+    C->rmsnorm(nr, xr, w, N, D, 1e-5f);
+    C->matmul(ref, nr, &Wn, NULL, N);
+    /* GPU */
+    float *dx = dev_from(x, (size_t)N * D * 4), *dw = dev_from(w, (size_t)D * 4), *dz = dev_poisoned((size_t)N * R);
+    float *din = dev_from(in, (size_t)N * K * 4), *dout = dev_poisoned((size_t)N * (ffn ? K : D));
+    float *h1 = dev_poisoned((size_t)N * FF), *h2 = dev_poisoned((size_t)N * FF);
+    kvm_wmat_t GWo = {.data = dev_from(ho, (size_t)D * K * es), .dtype = dt, .rows = D, .cols = K};
+    kvm_wmat_t GWg = {.data = dev_from(hg, (size_t)FF * K * es), .dtype = dt, .rows = FF, .cols = K};
+    kvm_wmat_t GWu = {.data = dev_from(hu, (size_t)FF * K * es), .dtype = dt, .rows = FF, .cols = K};
+    kvm_wmat_t GWd = {.data = dev_from(hd, (size_t)D * FF * es), .dtype = dt, .rows = D, .cols = FF};
+    kvm_wmat_t GWn = {.data = dev_from(hn, (size_t)R * D * es), .dtype = dt, .rows = R, .cols = D};
+    G->matmul(dz, dx, &GWn, NULL, N); /* the backend learns the model's 16-bit dtype */
+    assert_int_equal(G->sync(), 0);
+    if (ffn) {
+        assert_int_equal(G->h2d(dout, in, (size_t)N * K * 4), 0); /* in place, as the forward calls it */
+        G->ffn_add_rmsnorm_16(dx, dout, &GWg, &GWu, &GWd, h1, h2, dout, dw, N, D, 1e-5f);
+    } else {
+        G->matmul_add_rmsnorm_16(dx, din, &GWo, dout, dw, N, D, 1e-5f);
+    }
+    G->matmul(dz, dout, &GWn, NULL, N);
+    float *gx = host_from(dx, (size_t)N * D), *gz = host_from(dz, (size_t)N * R);
+    char what[96];
+    snprintf(what, sizeof what, "%s %s, %d rows: residual", ffn ? "ffn_add_rmsnorm_16" : "matmul_add_rmsnorm_16",
+             kvm_dtype_name(dt), N);
+    expect_close(what, gx, xr, (size_t)N * D, tol);
+    snprintf(what, sizeof what, "%s %s, %d rows: norm -> GEMM", ffn ? "ffn_add_rmsnorm_16" : "matmul_add_rmsnorm_16",
+             kvm_dtype_name(dt), N);
+    expect_close(what, gz, ref, (size_t)N * R, tol == 1e-5 ? 1e-5 : 1e-2);
+    G->free(dx), G->free(dw), G->free(dz), G->free(din), G->free(dout), G->free(h1), G->free(h2);
+    G->free((void *)GWo.data), G->free((void *)GWg.data), G->free((void *)GWu.data), G->free((void *)GWd.data);
+    G->free((void *)GWn.data);
+    free(x), free(in), free(w), free(wo), free(wg), free(wu), free(wd), free(wn), free(ho), free(hg), free(hu), free(hd),
+        free(hn), free(y), free(xr), free(nr), free(ref), free(gx), free(gz);
+}
+
+static void test_projections_into_the_residual_norm_match_cpu(void **st) {
+    (void)st;
+    NEED_GPU();
+    check_proj_add_norm(false, KVM_BF16, 40, 1e-2); /* bf16 GEMM output read by the norm */
+    check_proj_add_norm(true, KVM_BF16, 40, 1e-2);
+    check_proj_add_norm(false, KVM_F16, 24, 1e-2);  /* fallback: matmul + add_rmsnorm_16 */
+    check_proj_add_norm(true, KVM_F16, 24, 1e-2);
+    check_proj_add_norm(false, KVM_F32, 20, 1e-5);  /* fp32 weights: the exact separate ops */
+    check_proj_add_norm(true, KVM_F32, 20, 1e-5);
+}
+
 static void test_rope_matches_cpu_in_both_layouts_at_large_positions(void **st) {
     (void)st;
     NEED_GPU();
@@ -742,6 +912,10 @@ static void test_attention_16bit_decode_kernels_match_cpu_on_decode_batches(void
     check_attention(KVM_F16, 14, 2, 64, &DECODE, 1e-5, "decode, tiled");
     check_attention(KVM_BF16, 32, 8, 128, &DECODE_LONG, 1e-5, "long decode, tiled");
     check_attention(KVM_BF16, 16, 1, 128, &DECODE_LONG, 1e-5, "long decode, tiled, 16 heads per KV head");
+    setenv("KVM_CUDA_ATTN_MERGE_FUSED", "1", 1); /* the splits merged by the last CTA instead of a merge launch */
+    check_attention(KVM_BF16, 32, 8, 128, &DECODE_LONG, 1e-5, "long decode, tiled, merged in the last CTA");
+    check_attention(KVM_F16, 14, 2, 64, &DECODE, 1e-5, "decode, tiled, merged in the last CTA");
+    unsetenv("KVM_CUDA_ATTN_MERGE_FUSED");
     setenv("KVM_CUDA_ATTN_TILED", "0", 1);
     check_attention(KVM_BF16, 32, 8, 128, &DECODE, 1e-5, "decode, untiled");
     check_attention(KVM_BF16, 12, 1, 96, &DECODE, 1e-5, "decode, head_dim 96");
@@ -911,6 +1085,8 @@ int main(void) {
         cmocka_unit_test(test_fused_ffn_matches_the_cpu_mlp_on_every_path),
         cmocka_unit_test(test_add_rmsnorm_16_feeds_the_next_gemm_and_refuses_a_gemv),
         cmocka_unit_test(test_fused_qkv_rope_kv_write_matches_the_separate_ops),
+        cmocka_unit_test(test_fused_qkv_rope_kv_write_on_a_prefill_step_matches_cpu),
+        cmocka_unit_test(test_projections_into_the_residual_norm_match_cpu),
         cmocka_unit_test(test_rope_matches_cpu_in_both_layouts_at_large_positions),
         cmocka_unit_test(test_attention_fp32_matches_cpu_on_mixed_batches),
         cmocka_unit_test(test_attention_16bit_decode_kernels_match_cpu_on_decode_batches),

@@ -368,10 +368,13 @@ __global__ void __launch_bounds__(128)
 static int *merge_counters(int n) {
     static int *buf = NULL;
     static int cap = 0;
-    static int env = -1;
-    if (env < 0) {
-        const char *e = getenv("KVM_CUDA_ATTN_MERGE_LAUNCH"); /* =1: separate merge kernel (for comparisons) */
-        env = e && !strcmp(e, "1") ? 0 : 1;
+    int env = -1;
+    {
+        /* KVM_CUDA_ATTN_MERGE_FUSED=1: the last CTA merges. Off by default: measured 0.23 ms per batch-1 decode
+         * token SLOWER than the merge launch (H100, 2026-11-26 15:14: 6.17 vs 5.94 ms; one CTA per KV head
+         * merging 4 heads x 16 splits serially costs more than the launch it saves) */
+        const char *e = getenv("KVM_CUDA_ATTN_MERGE_FUSED");
+        env = e && !strcmp(e, "1") ? 1 : 0;
     }
     if (!env) return NULL;
     if (n <= cap) return buf;

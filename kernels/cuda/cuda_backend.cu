@@ -410,5 +410,7 @@ static kvm_ops_t make_ops(void) {
     o.ffn = kvm_cuda_ffn;
     o.add_rmsnorm_16 = kvm_cuda_add_rmsnorm_16;
     o.qkv_rope_kv = kvm_cuda_qkv_rope_kv;
+    o.matmul_add_rmsnorm_16 = kvm_cuda_matmul_add_rmsnorm_16;
+    o.ffn_add_rmsnorm_16 = kvm_cuda_ffn_add_rmsnorm_16;
     return o;
 }

@@ -86,6 +86,13 @@ void kvm_cuda_swiglu_half(void *act, kvm_dtype_t dt, const float *gate, const fl
 void kvm_cuda_add(float *x, const float *y, size_t n);
 void kvm_cuda_add_rmsnorm(float *x, const float *y, float *out, const float *w, int n, int dim, float eps);
 void kvm_cuda_add_rmsnorm_16(float *x, const float *y, float *out, const float *w, int n, int dim, float eps);
+bool kvm_cuda_norm_from16_ok(int n, int dim, const float *x, const float *w);
+void kvm_cuda_add16_rmsnorm_16(float *x, const __nv_bfloat16 *y16, float *out, const float *w, int n, int dim, float eps);
+void kvm_cuda_matmul_add_rmsnorm_16(float *x, const float *in, const kvm_wmat_t *W, float *out, const float *w, int n,
+                                    int dim, float eps);
+void kvm_cuda_ffn_add_rmsnorm_16(float *x, const float *in, const kvm_wmat_t *Wg, const kvm_wmat_t *Wu,
+                                 const kvm_wmat_t *Wd, float *h1, float *h2, float *out, const float *w, int n, int dim,
+                                 float eps);
 void kvm_cuda_kv_write(void *kv, const kvm_kv_geom_t *g, int layer, const float *k, const float *v, const kvm_attn_batch_t *b);
 void kvm_cuda_rope_shift(void *kv, const kvm_kv_geom_t *g, const int32_t *blk, const int32_t *slot, const int32_t *delta,
                          int n, const float *inv_freq, kvm_rope_layout_t layout);

@@ -85,8 +85,8 @@ __global__ void k_rmsnorm(float *__restrict__ out, float *x, const float *__rest
  * keeps its VPT float4 chunks of x (+ y) in registers, so x, y and w are read with 16-byte loads issued together
  * (one memory round trip instead of one per element: this kernel runs twice per layer of a decode step, with one
  * block for a batch-1 row, where its latency is the cost). */
-template <typename TH, int VPT>
-__global__ void k_rmsnorm_v(float *__restrict__ out, float *x, const float *__restrict__ y, const float *__restrict__ w,
+template <typename TH, int VPT, typename TY = float>
+__global__ void k_rmsnorm_v(float *__restrict__ out, float *x, const TY *__restrict__ y, const float *__restrict__ w,
                             int dim, float eps, TH *__restrict__ outh) {
     kvm_pdl_trigger();
     __shared__ float sh[32];
@@ -101,7 +101,14 @@ __global__ void k_rmsnorm_v(float *__restrict__ out, float *x, const float *__re
             v[k] = reinterpret_cast<const float4 *>(x + base)[c];
             wv[k] = reinterpret_cast<const float4 *>(w)[c];
             if (y) {
-                const float4 d = reinterpret_cast<const float4 *>(y + base)[c];
+                float4 d;
+                if constexpr (sizeof(TY) == 4) {
+                    d = reinterpret_cast<const float4 *>(y + base)[c];
+                } else { /* a 16-bit y (the GEMM wrote its output in 16 bits) */
+                    const uint2 u = reinterpret_cast<const uint2 *>(y + base)[c];
+                    const TY *e = reinterpret_cast<const TY *>(&u);
+                    d = make_float4(kvm_to_f32<TY>(e[0]), kvm_to_f32<TY>(e[1]), kvm_to_f32<TY>(e[2]), kvm_to_f32<TY>(e[3]));
+                }
                 v[k].x += d.x, v[k].y += d.y, v[k].z += d.z, v[k].w += d.w;
             }
         }
@@ -182,6 +189,29 @@ static void launch_rmsnorm(float *out, float *x, const float *y, const float *w,
         k_rmsnorm<__half><<<n, norm_threads(dim), 0, S>>>(out, x, y, w, dim, eps, (__half *)NULL);
     if (KVM_CU_LAUNCH("rmsnorm")) return;
     if (xh) kvm_cuda_set_rounded(out, (size_t)n * dim, hd);
+}
+
+/* x += y16 (bf16 [n][dim], a GEMM's 16-bit output); out = rmsnorm(x) * w kept only as the bf16 copy for the next
+ * GEMM (as add_rmsnorm_16). kvm_cuda_norm_from16_ok says when this applies. */
+bool kvm_cuda_norm_from16_ok(int n, int dim, const float *x, const float *w) {
+    return n >= KVM_NORM_HALF_MIN_ROWS && kvm_cuda_half_dtype() == KVM_BF16 && dim % 4 == 0 && dim <= 4 * 4 * 1024 &&
+           ((uintptr_t)x % 16) == 0 && ((uintptr_t)w % 16) == 0 && norm_vec_ok(x, x, NULL, w, dim);
+}
+
+void kvm_cuda_add16_rmsnorm_16(float *x, const __nv_bfloat16 *y16, float *out, const float *w, int n, int dim, float eps) {
+    KVM_PROF("add_rmsnorm (16-bit in and out)");
+    void *xh = kvm_cuda_scratch((size_t)n * dim * 2);
+    if (!xh) return;
+    kvm_cuda_set_dead(out);
+    const int n4 = dim / 4;
+    const int thr = n4 >= 1024 ? 1024 : (n4 + 31) / 32 * 32;
+    const int vpt = (n4 + thr - 1) / thr;
+    typedef __nv_bfloat16 B;
+    if (vpt == 1) k_rmsnorm_v<B, 1, B><<<n, thr, 0, S>>>(NULL, x, y16, w, dim, eps, (B *)xh);
+    else if (vpt == 2) k_rmsnorm_v<B, 2, B><<<n, thr, 0, S>>>(NULL, x, y16, w, dim, eps, (B *)xh);
+    else k_rmsnorm_v<B, 4, B><<<n, thr, 0, S>>>(NULL, x, y16, w, dim, eps, (B *)xh);
+    if (KVM_CU_LAUNCH("add_rmsnorm (16-bit in and out)")) return;
+    kvm_cuda_set_rounded(out, (size_t)n * dim, KVM_BF16);
 }
 
 /* One warp per row of hd (head RMSNorm), in place. */

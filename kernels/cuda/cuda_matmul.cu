@@ -638,6 +638,73 @@ static int ffn_fused_enabled(void) {
     const char *e = getenv("KVM_CUDA_FFN");
     return !(e && !strcmp(e, "0"));
 }
+/* KVM_CUDA_FFN_GEMV=1: batch-1 gate/up GEMV with the SwiGLU epilogue. Off by default: no gain measured over
+ * GEMV + SwiGLU launch in a graph (H100, 2026-11-26 15:14: 6.17 vs 6.14 ms per token, within the spread) */
+static int ffn_gemv_enabled(void) {
+    const char *e = getenv("KVM_CUDA_FFN_GEMV");
+    return e && !strcmp(e, "1");
+}
+
+/* Prefill MLP up to the activation: [gate | up] = x @ [Wg; Wu]^T as one bf16 GEMM (two into the interleaved
+ * buffer when the matrices are not adjacent) into h1's memory, then act = silu(gate) * up in bf16 into h2's memory.
+ * Returns act, or NULL after recording a failure. BF16 weights, n > 16, FF % 8 == 0 (checked by the callers). */
+static const __nv_bfloat16 *ffn_act_prefill(const float *x, const kvm_wmat_t *Wg, const kvm_wmat_t *Wu, float *h1, float *h2,
+                                            int n) {
+    const int FF = Wg->rows, D = Wg->cols;
+    const void *xh = rounded_input(x, (size_t)n * D, KVM_BF16);
+    if (!xh) return NULL;
+    __nv_bfloat16 *h = (__nv_bfloat16 *)h1;  /* [n][2FF] 16-bit = the bytes of h1 [n][FF] fp32 */
+    __nv_bfloat16 *act = (__nv_bfloat16 *)h2; /* [n][FF] */
+    const float one = 1.0f, zero = 0.0f;
+    cublasStatus_t st;
+    {
+        char pname[96];
+        if (g_kvm_prof_on) snprintf(pname, sizeof pname, "matmul gate+up -> bf16 2x%dx%d m=%d cublas", FF, D, n);
+        KVM_PROF(g_kvm_prof_on ? pname : "ffn gate+up");
+        if ((const char *)Wu->data == (const char *)Wg->data + (size_t)FF * D * 2) { /* adjacent: one GEMM */
+            st = cublasGemmEx(g_cuda.blas, CUBLAS_OP_T, CUBLAS_OP_N, 2 * FF, n, D, &one, Wg->data, CUDA_R_16BF, D, xh,
+                              CUDA_R_16BF, D, &zero, h, CUDA_R_16BF, 2 * FF, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+        } else {
+            st = cublasGemmEx(g_cuda.blas, CUBLAS_OP_T, CUBLAS_OP_N, FF, n, D, &one, Wg->data, CUDA_R_16BF, D, xh, CUDA_R_16BF,
+                              D, &zero, h, CUDA_R_16BF, 2 * FF, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+            if (st == CUBLAS_STATUS_SUCCESS)
+                st = cublasGemmEx(g_cuda.blas, CUBLAS_OP_T, CUBLAS_OP_N, FF, n, D, &one, Wu->data, CUDA_R_16BF, D, xh,
+                                  CUDA_R_16BF, D, &zero, h + FF, CUDA_R_16BF, 2 * FF, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+        }
+    }
+    if (st != CUBLAS_STATUS_SUCCESS) {
+        kvm_cuda_fail(KVM_EDEVICE, "cuda ffn: cuBLAS gate/up GEMM [%d x %d] x %d rows failed: %s", FF, D, n, blas_status(st));
+        return NULL;
+    }
+    if (h1 == g_xh_src || h2 == g_xh_src) g_xh_src = NULL;
+    KVM_PROF("swiglu bf16 -> bf16");
+    const size_t total8 = (size_t)n * FF / 8;
+    size_t gb = (total8 + 255) / 256;
+    if (gb > 65535u * 16u) gb = 65535u * 16u;
+    k_swiglu_hh<__nv_bfloat16><<<(unsigned)gb, 256, 0, S>>>(act, h, FF, total8);
+    if (KVM_CU_LAUNCH("ffn swiglu")) return NULL;
+    return act;
+}
+
+/* y16[n][W->rows] = a16 @ W^T in bf16 (cuBLAS, fp32 accumulation), a16 the 16-bit input. false after a failure. */
+static bool gemm_to_bf16(__nv_bfloat16 *y16, const void *a16, const kvm_wmat_t *W, int n) {
+    const float one = 1.0f, zero = 0.0f;
+    cublasStatus_t st = cublasGemmEx(g_cuda.blas, CUBLAS_OP_T, CUBLAS_OP_N, W->rows, n, W->cols, &one, W->data, CUDA_R_16BF,
+                                     W->cols, a16, CUDA_R_16BF, W->cols, &zero, y16, CUDA_R_16BF, W->rows, CUBLAS_COMPUTE_32F,
+                                     CUBLAS_GEMM_DEFAULT);
+    if (st != CUBLAS_STATUS_SUCCESS) {
+        kvm_cuda_fail(KVM_EDEVICE, "cuda: cuBLAS GEMM [%d x %d] x %d rows to bf16 failed: %s", W->rows, W->cols, n,
+                      blas_status(st));
+        return false;
+    }
+    return true;
+}
+
+/* KVM_CUDA_Y16=0: the o and down projections of a prefill write fp32 (then add_rmsnorm_16), for comparisons. */
+static bool y16_enabled(void) {
+    const char *e = getenv("KVM_CUDA_Y16");
+    return !(e && !strcmp(e, "0"));
+}
 
 void kvm_cuda_ffn(float *y, const float *x, const kvm_wmat_t *Wg, const kvm_wmat_t *Wu, const kvm_wmat_t *Wd, float *h1,
                   float *h2, int n) {
@@ -652,7 +719,7 @@ void kvm_cuda_ffn(float *y, const float *x, const kvm_wmat_t *Wg, const kvm_wmat
     const bool al = ((uintptr_t)Wg->data % 16) == 0 && ((uintptr_t)Wu->data % 16) == 0 && ((uintptr_t)Wd->data % 16) == 0 &&
                     ((uintptr_t)x % 16) == 0 && ((uintptr_t)h1 % 16) == 0 && ((uintptr_t)h2 % 16) == 0;
     const bool fused = ffn_fused_enabled() && al && dt != KVM_F32 && (D % 8) == 0 && (FF % 8) == 0;
-    if (fused && n == 1 && skinny_mode() != 2 && x != g_dead) {
+    if (fused && n == 1 && ffn_gemv_enabled() && skinny_mode() != 2 && x != g_dead) {
         {
             char pname[96];
             if (g_kvm_prof_on) snprintf(pname, sizeof pname, "ffn gate+up gemv + swiglu %s 2x%dx%d m=1", kvm_dtype_name(dt), FF, D);
@@ -670,41 +737,8 @@ void kvm_cuda_ffn(float *y, const float *x, const kvm_wmat_t *Wg, const kvm_wmat
         return;
     }
     if (fused && n > 16 && dt == KVM_BF16) {
-        const void *xh = rounded_input(x, (size_t)n * D, dt);
-        if (!xh) return;
-        __nv_bfloat16 *h = (__nv_bfloat16 *)h1;  /* [n][2FF] 16-bit = the bytes of h1 [n][FF] fp32 */
-        __nv_bfloat16 *act = (__nv_bfloat16 *)h2; /* [n][FF] */
-        const float one = 1.0f, zero = 0.0f;
-        cublasStatus_t st;
-        {
-            char pname[96];
-            if (g_kvm_prof_on) snprintf(pname, sizeof pname, "matmul gate+up -> bf16 2x%dx%d m=%d cublas", FF, D, n);
-            KVM_PROF(g_kvm_prof_on ? pname : "ffn gate+up");
-            if ((const char *)Wu->data == (const char *)Wg->data + (size_t)FF * D * 2) { /* adjacent: one GEMM */
-                st = cublasGemmEx(g_cuda.blas, CUBLAS_OP_T, CUBLAS_OP_N, 2 * FF, n, D, &one, Wg->data, CUDA_R_16BF, D, xh,
-                                  CUDA_R_16BF, D, &zero, h, CUDA_R_16BF, 2 * FF, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
-            } else {
-                st = cublasGemmEx(g_cuda.blas, CUBLAS_OP_T, CUBLAS_OP_N, FF, n, D, &one, Wg->data, CUDA_R_16BF, D, xh,
-                                  CUDA_R_16BF, D, &zero, h, CUDA_R_16BF, 2 * FF, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
-                if (st == CUBLAS_STATUS_SUCCESS)
-                    st = cublasGemmEx(g_cuda.blas, CUBLAS_OP_T, CUBLAS_OP_N, FF, n, D, &one, Wu->data, CUDA_R_16BF, D, xh,
-                                      CUDA_R_16BF, D, &zero, h + FF, CUDA_R_16BF, 2 * FF, CUBLAS_COMPUTE_32F,
-                                      CUBLAS_GEMM_DEFAULT);
-            }
-        }
-        if (st != CUBLAS_STATUS_SUCCESS) {
-            kvm_cuda_fail(KVM_EDEVICE, "cuda ffn: cuBLAS gate/up GEMM [%d x %d] x %d rows failed: %s", FF, D, n,
-                          blas_status(st));
-            return;
-        }
-        {
-            KVM_PROF("swiglu bf16 -> bf16");
-            const size_t total8 = (size_t)n * FF / 8;
-            size_t gb = (total8 + 255) / 256;
-            if (gb > 65535u * 16u) gb = 65535u * 16u;
-            k_swiglu_hh<__nv_bfloat16><<<(unsigned)gb, 256, 0, S>>>(act, h, FF, total8);
-            if (KVM_CU_LAUNCH("ffn swiglu")) return;
-        }
+        const __nv_bfloat16 *act = ffn_act_prefill(x, Wg, Wu, h1, h2, n);
+        if (!act) return;
         char pname[96];
         if (g_kvm_prof_on) snprintf(pname, sizeof pname, "matmul %s %dx%d m=%d cublas (ffn down)", kvm_dtype_name(dt), Wd->rows, FF, n);
         KVM_PROF(g_kvm_prof_on ? pname : "ffn down");
@@ -848,23 +882,182 @@ static void launch_qkv(float *q, float *k, float *v, const float *x, const kvm_w
     kvm_launch_pdl(k_gemv_qkv<T, TC, 4>, dim3((units + 3) / 4), dim3(128), 0, a, kvm_cuda_prefetch_mode());
 }
 
+/* ---- prefill: q|k|v in one bf16 buffer, then RoPE + KV write from it ---- */
+
+/* A second grow-only device buffer (prefill intermediates that must not move the scratch, whose start holds the
+ * rounded GEMM input). Grows outside graph capture only (prefill steps are never captured). */
+static void *aux_buffer(size_t bytes) {
+    static void *buf = NULL;
+    static size_t cap = 0;
+    if (bytes <= cap) return buf;
+    if (kvm_cuda_capturing()) {
+        kvm_cuda_fail(KVM_EDEVICE, "cuda: the prefill buffer cannot grow during graph capture");
+        return NULL;
+    }
+    size_t want = bytes + bytes / 4;
+    void *nb = NULL;
+    if (cudaMalloc(&nb, want) != cudaSuccess) {
+        cudaGetLastError();
+        kvm_cuda_fail(KVM_ENOMEM, "cuda: cannot allocate %zu bytes for the prefill q/k/v buffer", want);
+        return NULL;
+    }
+    if (buf) {
+        cudaStreamSynchronize(S); /* the old buffer may still be read by queued work */
+        cudaFree(buf);
+    }
+    buf = nb;
+    cap = want;
+    return buf;
+}
+
+__device__ __forceinline__ int seq_of_row_m(const int32_t *row_start, int n_seqs, int r) {
+    int lo = 0, hi = n_seqs - 1;
+    while (lo < hi) {
+        const int mid = (lo + hi + 1) >> 1;
+        if (row_start[mid] <= r) lo = mid;
+        else hi = mid - 1;
+    }
+    return lo;
+}
+
+/* Block per row r of h = [q | k | v] (16-bit GEMM output, row width hw): adds the biases, rotates q and k like
+ * k_rope_kv (fp64 angle, cos/sin rounded to fp32, no FMA contraction), writes q, k, v in fp32 and k, v into the
+ * cache at the row's position. */
+template <typename TH, typename TC>
+__global__ void k_rope_kv_h(const TH *__restrict__ h, int hw, const float *__restrict__ bq, const float *__restrict__ bk,
+                            const float *__restrict__ bv, float *__restrict__ q, float *__restrict__ k, float *__restrict__ v,
+                            int hq, int hk, int hd, const int32_t *__restrict__ pos, const float *__restrict__ inv_freq, int il,
+                            TC *__restrict__ kv, int L, int layer, const int32_t *__restrict__ row_start,
+                            const int32_t *__restrict__ ctx_len, const int32_t *__restrict__ block_table, int n_seqs,
+                            int max_blocks) {
+    kvm_pdl_trigger();
+    extern __shared__ float cs[];
+    const int r = blockIdx.x, half = hd / 2, QD = hq * hd, KD = hk * hd;
+    const double p = (double)pos[r];
+    for (int j = threadIdx.x; j < half; j += blockDim.x) {
+        double sn, cn;
+        sincos(kvm_rope_angle_dev(p, inv_freq[j]), &sn, &cn);
+        cs[j] = (float)cn;
+        cs[half + j] = (float)sn;
+    }
+    const int s = seq_of_row_m(row_start, n_seqs, r);
+    const int r0 = row_start[s], r1 = row_start[s + 1];
+    const int ps = ctx_len[s] - (r1 - r0) + (r - r0);
+    const int32_t blk = block_table[(size_t)s * max_blocks + ps / KVM_KV_BLOCK];
+    const int t = ps % KVM_KV_BLOCK;
+    const size_t kbase = ((((size_t)blk * L + layer) * 2 + 0) * hk) * KVM_KV_BLOCK * (size_t)hd + (size_t)t * hd;
+    const size_t vbase = ((((size_t)blk * L + layer) * 2 + 1) * hk) * KVM_KV_BLOCK * (size_t)hd + (size_t)t * hd;
+    const size_t hstride = (size_t)KVM_KV_BLOCK * hd; /* between heads of one token in the cache */
+    const TH *hr = h + (size_t)r * hw;
+    __syncthreads();
+    for (int i = threadIdx.x; i < (hq + hk) * half; i += blockDim.x) {
+        const int hh = i / half, j = i % half;
+        const bool isq = hh < hq;
+        const int head = isq ? hh : hh - hq;
+        const int ia = il ? 2 * j : j, ib = il ? 2 * j + 1 : j + half;
+        const int ca = (isq ? 0 : QD) + head * hd + ia, cb = (isq ? 0 : QD) + head * hd + ib;
+        const float *bias = isq ? bq : bk;
+        float x0 = kvm_to_f32<TH>(hr[ca]), x1 = kvm_to_f32<TH>(hr[cb]);
+        if (bias) {
+            x0 += bias[head * hd + ia];
+            x1 += bias[head * hd + ib];
+        }
+        const float c = cs[j], sn = cs[half + j];
+        const float ya = __fsub_rn(__fmul_rn(x0, c), __fmul_rn(x1, sn));
+        const float yb = __fadd_rn(__fmul_rn(x0, sn), __fmul_rn(x1, c));
+        if (isq) {
+            q[(size_t)r * QD + head * hd + ia] = ya;
+            q[(size_t)r * QD + head * hd + ib] = yb;
+        } else {
+            k[(size_t)r * KD + head * hd + ia] = ya;
+            k[(size_t)r * KD + head * hd + ib] = yb;
+            kv[kbase + head * hstride + ia] = kvm_from_f32<TC>(ya);
+            kv[kbase + head * hstride + ib] = kvm_from_f32<TC>(yb);
+        }
+    }
+    for (int i = threadIdx.x; i < KD; i += blockDim.x) {
+        float x0 = kvm_to_f32<TH>(hr[QD + KD + i]);
+        if (bv) x0 += bv[i];
+        v[(size_t)r * KD + i] = x0;
+        kv[vbase + (i / hd) * hstride + i % hd] = kvm_from_f32<TC>(x0);
+    }
+}
+
+/* KVM_CUDA_QKV_FUSE=0: q/k/v through matmul_multi + rope_qk_kv_write (batch-1 decode and prefill) */
+static int qkv_fuse_enabled(void) {
+    const char *e = getenv("KVM_CUDA_QKV_FUSE");
+    return !(e && !strcmp(e, "0"));
+}
+
+/* Prefill (more than 16 rows, BF16 weights): q|k|v = x @ [Wq;Wk;Wv]^T as ONE cuBLAS GEMM (three into the same
+ * buffer when the matrices are not adjacent) with a bf16 output (HF rounds these to bf16 too), then
+ * k_rope_kv_h. Returns KVM_EUNSUPPORTED (nothing enqueued) when the shapes do not allow it. */
+static int qkv_prefill(float *q, float *k, float *v, const float *x, const kvm_wmat_t *const W[3], const float *const bias[3],
+                       int hq, int hk, int hd, int il, const int32_t *pos, const float *inv_freq, void *kv,
+                       const kvm_kv_geom_t *g, int layer, const kvm_attn_batch_t *b) {
+    const int n = b->total_rows, cols = W[0]->cols, QD = hq * hd, KD = hk * hd, HW = QD + 2 * KD;
+    const char *e = getenv("KVM_CUDA_QKV16"); /* =0: prefill q/k/v through the separate ops (for comparisons) */
+    if ((e && !strcmp(e, "0")) || n <= 16 || W[0]->dtype != KVM_BF16 || (HW % 8) != 0) return KVM_EUNSUPPORTED;
+    const void *xh = rounded_input(x, (size_t)n * cols, KVM_BF16);
+    if (!xh) return 0; /* failure recorded (sync reports it) */
+    __nv_bfloat16 *h = (__nv_bfloat16 *)aux_buffer((size_t)n * HW * 2);
+    if (!h) return 0;
+    const float one = 1.0f, zero = 0.0f;
+    cublasStatus_t st = CUBLAS_STATUS_SUCCESS;
+    {
+        char pname[96];
+        if (g_kvm_prof_on) snprintf(pname, sizeof pname, "matmul q|k|v -> bf16 %dx%d m=%d cublas", HW, cols, n);
+        KVM_PROF(g_kvm_prof_on ? pname : "qkv gemm");
+        const char *w0 = (const char *)W[0]->data;
+        const bool adjacent = (const char *)W[1]->data == w0 + (size_t)QD * cols * 2 &&
+                              (const char *)W[2]->data == w0 + (size_t)(QD + KD) * cols * 2;
+        if (adjacent) {
+            st = cublasGemmEx(g_cuda.blas, CUBLAS_OP_T, CUBLAS_OP_N, HW, n, cols, &one, W[0]->data, CUDA_R_16BF, cols, xh,
+                              CUDA_R_16BF, cols, &zero, h, CUDA_R_16BF, HW, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+        } else {
+            const int off[3] = {0, QD, QD + KD}, rows[3] = {QD, KD, KD};
+            for (int i = 0; i < 3 && st == CUBLAS_STATUS_SUCCESS; i++)
+                st = cublasGemmEx(g_cuda.blas, CUBLAS_OP_T, CUBLAS_OP_N, rows[i], n, cols, &one, W[i]->data, CUDA_R_16BF,
+                                  cols, xh, CUDA_R_16BF, cols, &zero, h + off[i], CUDA_R_16BF, HW, CUBLAS_COMPUTE_32F,
+                                  CUBLAS_GEMM_DEFAULT);
+        }
+    }
+    if (st != CUBLAS_STATUS_SUCCESS) {
+        kvm_cuda_fail(KVM_EDEVICE, "cuda qkv: cuBLAS GEMM [%d x %d] x %d rows failed: %s", HW, cols, n, blas_status(st));
+        return 0;
+    }
+    kvm_cuda_touch(); /* q, k, v change below */
+    KVM_PROF("rope q+k, kv_write (from bf16 q|k|v)");
+    const size_t sh = (size_t)hd * sizeof(float);
+#define KVM_RKH(TC)                                                                                                       \
+    k_rope_kv_h<__nv_bfloat16, TC><<<n, 256, sh, S>>>(h, HW, bias[0], bias[1], bias[2], q, k, v, hq, hk, hd, pos, inv_freq, \
+                                                      il, (TC *)kv, g->n_layers, layer, b->row_start, b->ctx_len,         \
+                                                      b->block_table, b->n_seqs, b->max_blocks)
+    if (g->dtype == KVM_BF16) KVM_RKH(__nv_bfloat16);
+    else if (g->dtype == KVM_F16) KVM_RKH(__half);
+    else KVM_RKH(float);
+#undef KVM_RKH
+    kvm_cuda_wrote(q), kvm_cuda_wrote(k), kvm_cuda_wrote(v);
+    KVM_CU_LAUNCH("rope q+k, kv_write (from bf16 q|k|v)");
+    return 0;
+}
+
 int kvm_cuda_qkv_rope_kv(float *q, float *k, float *v, const float *x, const kvm_wmat_t *wq, const kvm_wmat_t *wk,
                          const kvm_wmat_t *wv, const float *bq, const float *bk, const float *bv, int hq, int hd,
                          const int32_t *pos, const float *inv_freq, kvm_rope_layout_t layout, void *kv,
                          const kvm_kv_geom_t *g, int layer, const kvm_attn_batch_t *b) {
-    static int env = -1;
-    if (env < 0) {
-        const char *e = getenv("KVM_CUDA_QKV_FUSE");
-        env = e && !strcmp(e, "0") ? 0 : 1;
-    }
     const kvm_dtype_t dt = wq->dtype;
     const int hk = g->n_kv_heads, cols = wq->cols;
     const kvm_wmat_t *W[3] = {wq, wk, wv};
-    bool ok = env && b->total_rows == 1 && b->n_seqs == 1 && dt != KVM_F32 && wk->dtype == dt && wv->dtype == dt &&
-              g->head_dim == hd && hd % 2 == 0 && wq->rows == hq * hd && wk->rows == hk * hd && wv->rows == hk * hd &&
-              wk->cols == cols && wv->cols == cols && cols % 8 == 0 && ((uintptr_t)x % 16) == 0 && skinny_mode() != 2 &&
-              x != g_dead;
+    bool ok = qkv_fuse_enabled() && dt != KVM_F32 && wk->dtype == dt && wv->dtype == dt && g->head_dim == hd && hd % 2 == 0 &&
+              wq->rows == hq * hd && wk->rows == hk * hd && wv->rows == hk * hd && wk->cols == cols && wv->cols == cols &&
+              cols % 8 == 0 && ((uintptr_t)x % 16) == 0;
     for (int i = 0; ok && i < 3; i++) ok = ((uintptr_t)W[i]->data % 16) == 0;
+    if (ok && b->total_rows > 16) {
+        const float *bias[3] = {bq, bk, bv};
+        return qkv_prefill(q, k, v, x, W, bias, hq, hk, hd, layout == KVM_ROPE_INTERLEAVED, pos, inv_freq, kv, g, layer, b);
+    }
+    ok = ok && b->total_rows == 1 && b->n_seqs == 1 && skinny_mode() != 2 && x != g_dead;
     if (!ok) return KVM_EUNSUPPORTED;
     kvm_cuda_touch();
     char pname[112];
@@ -887,4 +1080,57 @@ int kvm_cuda_qkv_rope_kv(float *q, float *k, float *v, const float *x, const kvm
     kvm_cuda_wrote(q), kvm_cuda_wrote(k), kvm_cuda_wrote(v);
     if (KVM_CU_LAUNCH("qkv gemv + rope + kv_write")) return 0; /* recorded: sync reports it */
     return 0;
+}
+
+/* ==== prefill projections straight into the residual norm (ops->matmul_add_rmsnorm_16, ops->ffn_add_rmsnorm_16) ===
+ * The projection's output goes to `out`'s memory in bf16 (HF rounds it to bf16 too) and the fused add + RMSNorm
+ * reads it from there: half the bytes of the fp32 round trip. Fallback: the separate ops. */
+
+void kvm_cuda_matmul_add_rmsnorm_16(float *x, const float *in, const kvm_wmat_t *W, float *out, const float *w, int n,
+                                    int dim, float eps) {
+    const bool ok = y16_enabled() && W->dtype == KVM_BF16 && n > 16 && W->rows == dim && (W->cols % 8) == 0 && out != in &&
+                    ((uintptr_t)out % 16) == 0 && ((uintptr_t)W->data % 16) == 0 && kvm_cuda_norm_from16_ok(n, dim, x, w);
+    if (!ok) { /* fp32 weights: the plain norm (their GEMMs read fp32) */
+        kvm_cuda_matmul(out, in, W, NULL, n);
+        if (W->dtype == KVM_F32) kvm_cuda_add_rmsnorm(x, out, out, w, n, dim, eps);
+        else kvm_cuda_add_rmsnorm_16(x, out, out, w, n, dim, eps);
+        return;
+    }
+    const void *a16 = rounded_input(in, (size_t)n * W->cols, KVM_BF16);
+    if (!a16) return;
+    {
+        char pname[96];
+        if (g_kvm_prof_on) snprintf(pname, sizeof pname, "matmul BF16 %dx%d m=%d cublas -> bf16", W->rows, W->cols, n);
+        KVM_PROF(g_kvm_prof_on ? pname : "matmul -> bf16");
+        if (!gemm_to_bf16((__nv_bfloat16 *)out, a16, W, n)) return;
+    }
+    kvm_cuda_touch();
+    kvm_cuda_add16_rmsnorm_16(x, (const __nv_bfloat16 *)out, out, w, n, dim, eps);
+}
+
+void kvm_cuda_ffn_add_rmsnorm_16(float *x, const float *in, const kvm_wmat_t *Wg, const kvm_wmat_t *Wu,
+                                 const kvm_wmat_t *Wd, float *h1, float *h2, float *out, const float *w, int n, int dim,
+                                 float eps) {
+    const int FF = Wg->rows, D = Wg->cols;
+    const bool ok = y16_enabled() && ffn_fused_enabled() && Wg->dtype == KVM_BF16 && Wu->dtype == KVM_BF16 &&
+                    Wd->dtype == KVM_BF16 && n > 16 && Wu->rows == FF && Wu->cols == D && Wd->cols == FF && Wd->rows == dim &&
+                    (D % 8) == 0 && (FF % 8) == 0 && ((uintptr_t)Wg->data % 16) == 0 && ((uintptr_t)Wu->data % 16) == 0 &&
+                    ((uintptr_t)Wd->data % 16) == 0 && ((uintptr_t)in % 16) == 0 && ((uintptr_t)h1 % 16) == 0 &&
+                    ((uintptr_t)h2 % 16) == 0 && ((uintptr_t)out % 16) == 0 && kvm_cuda_norm_from16_ok(n, dim, x, w);
+    if (!ok) {
+        kvm_cuda_ffn(out, in, Wg, Wu, Wd, h1, h2, n);
+        if (Wd->dtype == KVM_F32) kvm_cuda_add_rmsnorm(x, out, out, w, n, dim, eps);
+        else kvm_cuda_add_rmsnorm_16(x, out, out, w, n, dim, eps);
+        return;
+    }
+    const __nv_bfloat16 *act = ffn_act_prefill(in, Wg, Wu, h1, h2, n);
+    if (!act) return;
+    {
+        char pname[96];
+        if (g_kvm_prof_on) snprintf(pname, sizeof pname, "matmul BF16 %dx%d m=%d cublas (ffn down) -> bf16", Wd->rows, FF, n);
+        KVM_PROF(g_kvm_prof_on ? pname : "ffn down -> bf16");
+        if (!gemm_to_bf16((__nv_bfloat16 *)out, act, Wd, n)) return;
+    }
+    kvm_cuda_touch();
+    kvm_cuda_add16_rmsnorm_16(x, (const __nv_bfloat16 *)out, out, w, n, dim, eps);
 }

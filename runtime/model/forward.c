@@ -350,14 +350,16 @@ static void run_device_step(kvm_model_t *m, kvm_batch_item_t *items, int n_items
     const bool w16 = b->layers[0].wq.dtype != KVM_F32 && b->layers[0].w_gate.dtype != KVM_F32;
     void (*add_norm)(float *, const float *, float *, const float *, int, int, float) =
         fuse && ops->add_rmsnorm_16 && rows > 16 && w16 ? ops->add_rmsnorm_16 : ops->add_rmsnorm;
+    /* ... and then the o / down projections may hand their output to that norm in 16 bits too */
+    const bool y16 = fuse && ops->add_rmsnorm_16 && add_norm == ops->add_rmsnorm_16;
 
     ops->embed(b->x, b->tok_emb.data, b->tok_emb.dtype, b->ids, rows, D);
     if (fuse) ops->rmsnorm(b->xb, b->x, b->layers[0].attn_norm, rows, D, c->rms_eps);
     for (int l = 0; l < c->n_layers; l++) {
         const kvm_backend_layer_t *L = &b->layers[l];
         if (!fuse) ops->rmsnorm(b->xb, b->x, L->attn_norm, rows, D, c->rms_eps);
-        /* batch-1 decode: q/k/v, RoPE and the KV write in one pass where the backend can */
-        if (rows == 1 && ops->qkv_rope_kv && !L->q_norm && !L->k_norm &&
+        /* q/k/v, RoPE and the KV write fused where the backend can (CUDA: batch-1 decode, prefill) */
+        if (ops->qkv_rope_kv && !L->q_norm && !L->k_norm &&
             ops->qkv_rope_kv(b->q, b->k, b->v, b->xb, &L->wq, &L->wk, &L->wv, L->bq, L->bk, L->bv, c->n_heads, HD, b->pos,
                              b->inv_freq, c->rope_layout, pool->data, &pool->geom, l, &ab) == 0) {
             /* done: q rotated, this token's K/V in the cache */
@@ -365,12 +367,22 @@ static void run_device_step(kvm_model_t *m, kvm_batch_item_t *items, int n_items
             run_qkv_rope_kv(m, L, pool, l, &ab, rows);
         }
         ops->attention(b->att, b->q, pool->data, &pool->geom, l, c->n_heads, &ab, scale);
-        ops->matmul(b->xb, b->att, &L->wo, NULL, rows);
-        if (fuse) {
-            add_norm(b->x, b->xb, b->xb, L->ffn_norm, rows, D, c->rms_eps);
+        const bool last = l + 1 == c->n_layers;
+        if (y16 && ops->matmul_add_rmsnorm_16) { /* o projection straight into the residual norm */
+            ops->matmul_add_rmsnorm_16(b->x, b->att, &L->wo, b->xb, L->ffn_norm, rows, D, c->rms_eps);
         } else {
-            ops->add(b->x, b->xb, (size_t)rows * D);
-            ops->rmsnorm(b->xb, b->x, L->ffn_norm, rows, D, c->rms_eps);
+            ops->matmul(b->xb, b->att, &L->wo, NULL, rows);
+            if (fuse) {
+                add_norm(b->x, b->xb, b->xb, L->ffn_norm, rows, D, c->rms_eps);
+            } else {
+                ops->add(b->x, b->xb, (size_t)rows * D);
+                ops->rmsnorm(b->xb, b->x, L->ffn_norm, rows, D, c->rms_eps);
+            }
+        }
+        if (y16 && !last && ops->ffn_add_rmsnorm_16) { /* the MLP straight into the next layer's norm */
+            ops->ffn_add_rmsnorm_16(b->x, b->xb, &L->w_gate, &L->w_up, &L->w_down, b->hb, b->hb2, b->xb,
+                                    b->layers[l + 1].attn_norm, rows, D, c->rms_eps);
+            continue;
         }
         if (ops->ffn) {
             ops->ffn(b->xb, b->xb, &L->w_gate, &L->w_up, &L->w_down, b->hb, b->hb2, rows);
@@ -390,7 +402,7 @@ static void run_device_step(kvm_model_t *m, kvm_batch_item_t *items, int n_items
             ops->swiglu(b->hb, b->hb, b->hb2, (size_t)rows * FF);
             ops->matmul(b->xb, b->hb, &L->w_down, NULL, rows);
         }
-        if (fuse && l + 1 < c->n_layers) add_norm(b->x, b->xb, b->xb, b->layers[l + 1].attn_norm, rows, D, c->rms_eps);
+        if (fuse && !last) add_norm(b->x, b->xb, b->xb, b->layers[l + 1].attn_norm, rows, D, c->rms_eps);
         else ops->add(b->x, b->xb, (size_t)rows * D);
     }
     /* logits only for the rows that want them */
