@@ -40,7 +40,7 @@ static int teardown(void **st) {
 }
 
 static void write_text(const char *dir, const char *name, const char *text) {
-    char p[512];
+    char p[1024];
     snprintf(p, sizeof p, "%s/%s", dir, name);
     FILE *f = fopen(p, "wb");
     assert_non_null(f);

@@ -199,13 +199,6 @@ uint64_t kvm_wall_ns(void) {
 
 /* ---- numeric conversions -------------------------------------------------------------------- */
 
-float kvm_bf16_to_f32(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
 uint16_t kvm_f32_to_bf16(float f) {
     uint32_t u;
     memcpy(&u, &f, 4);

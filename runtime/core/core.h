@@ -61,7 +61,11 @@ uint64_t kvm_wall_ns(void);
 
 /* ---- numeric conversions -------------------------------------------------------------------- */
 
-float kvm_bf16_to_f32(uint16_t h);
+/* bf16 -> fp32 is a shift; inline so that conversion loops vectorise (hot in the CPU matmul) */
+static inline float kvm_bf16_to_f32(uint16_t h) {
+    union { uint32_t u; float f; } v = {.u = (uint32_t)h << 16};
+    return v.f;
+}
 uint16_t kvm_f32_to_bf16(float f); /* round to nearest even */
 float kvm_f16_to_f32(uint16_t h);
 uint16_t kvm_f32_to_f16(float f);

@@ -96,7 +96,7 @@ static int cfg_parse_rope(kvm_config_t *c, const cJSON *root, const char *path) 
     snprintf(prefix, sizeof prefix, "%s.", where);
     /* theta: the block's own rope_theta (transformers 5) wins over the top-level one */
     int rc;
-    double theta;
+    double theta = 10000.0;
     if ((rc = cfg_num(root, "rope_theta", "", false, 10000.0, &theta, path))) return rc;
     if (blk && cfg_field(blk, "rope_theta") && (rc = cfg_num(blk, "rope_theta", prefix, true, 0, &theta, path))) return rc;
     c->rope_theta = theta;
@@ -222,7 +222,7 @@ static int cfg_check_unsupported(kvm_config_t *c, const cJSON *root, const char 
     if (act && (!cJSON_IsString(act) || (strcmp(act->valuestring, "silu") && strcmp(act->valuestring, "swish"))))
         return kvm_seterr(KVM_EUNSUPPORTED, "%s: hidden_act '%s' is not supported (only silu)", path,
                           cJSON_IsString(act) ? act->valuestring : cfg_json_type(act));
-    bool b;
+    bool b = false;
     int rc;
     if ((rc = cfg_bool(root, "attention_bias", false, &b, path))) return rc;
     if (b && c->arch != KVM_ARCH_QWEN2)

@@ -150,7 +150,7 @@ static int hf_merge_generation(kvm_config_t *c, const cJSON *g, const char *path
         if (!hf_int(v, &id)) return kvm_seterr(KVM_EFORMAT, "%s: field 'pad_token_id' must be an integer", path);
         if (c->pad_id < 0) c->pad_id = id;
     }
-    double d;
+    double d = 0;
     bool found;
     if ((rc = hf_gen_num(g, "temperature", &d, &found, path))) return rc;
     if (found) c->gen_temperature = (float)d;
