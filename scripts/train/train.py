@@ -39,9 +39,9 @@ SCORED_TASKS = ["recall", "arithmetic", "transform", "team"]
 # and RoPE base.
 MODELS = {
     "receiver": dict(family="llama", hidden=192, ffn=512, layers=6, heads=6, kv_heads=2, head_dim=32,
-                     rope_theta=10000.0, rms_eps=1e-5, lr=2e-3, seed=1101),
+                     rope_theta=10000.0, rms_eps=1e-5, lr=1e-3, seed=1101),
     "sharer": dict(family="qwen3", hidden=256, ffn=768, layers=6, heads=8, kv_heads=4, head_dim=48,
-                   rope_theta=1000000.0, rms_eps=1e-6, lr=1.5e-3, seed=2202),
+                   rope_theta=1000000.0, rms_eps=1e-6, lr=1e-3, seed=2202),
 }
 MODEL_NAMES = {"receiver": "minillama-2m", "sharer": "miniqwen3-6m"}
 
@@ -73,7 +73,11 @@ def train_tokenizer(args, tok_dir):
     for it in items:  # specials are not BPE material: train on the plain pieces
         texts += ["system\n" + it["system"], "user\n" + it["user"], "assistant\n" + it["answer"]]
     tok = Tokenizer(models.BPE())
+    # Spaces are isolated first, so a word is the same token wherever it stands: "Theo" in the fact line
+    # "Theo: 8811" and in the question "Ask: Theo" (v0's ByteLevel regex made the latter " Theo", a
+    # different token, and no model learned the lookup).
     tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(" ", "isolated"),
         pre_tokenizers.Digits(individual_digits=True),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
     ])
@@ -151,9 +155,11 @@ def prepare_data(args, tok, work):
     log(f"data: generating {n} training items (seed {TRAIN_SEED}, split train)")
     t0 = time.time()
     arrs, n_p, n_end, tasks = [], [], [], Counter()
+    n_mix_items = 0
     chunk = 100000
-    # Curriculum items: recall and team with 2-8 facts (seed EASY_SEED), a fraction easy_frac of the corpus
-    # on top of the n mixture items, so that content lookup can be learned on short contexts first.
+    # Curriculum pool (seed EASY_SEED), a fraction easy_frac of the corpus on top of the n mixture items:
+    # recall and team with 2-8 facts (content lookup is found on short contexts first) and arithmetic,
+    # a third each.
     n_easy = int(n * args.easy_frac)
     plan = [("mix", s, min(chunk, n - s)) for s in range(0, n, chunk)]
     plan += [("easy", s, min(chunk, n_easy - s)) for s in range(0, n_easy, chunk)]
@@ -163,9 +169,16 @@ def prepare_data(args, tok, work):
         else:
             items = []
             for t in ("recall", "team"):
-                items += minigen(args.minigen, "--seed", EASY_SEED, "--n", cnt // 2, "--start", start // 2,
+                items += minigen(args.minigen, "--seed", EASY_SEED, "--n", cnt // 3, "--start", start // 3,
                                  "--split", "train", "--task", t, "--facts", "2-8")
+            # plus extra arithmetic items (the slowest task to learn)
+            items += minigen(args.minigen, "--seed", EASY_SEED, "--n", cnt // 3, "--start", start // 3,
+                             "--split", "train", "--task", "arithmetic")
+            if args.aux_frac > 0:
+                items += aux_items(args, start, int(cnt * args.aux_frac))
         tasks.update(it["task"] for it in items)
+        if kind == "mix":
+            n_mix_items += len(items)
         a, b, c = encode_items(tok, items, check=1000 if start == 0 else 0)
         arrs += a
         n_p += b
@@ -175,11 +188,35 @@ def prepare_data(args, tok, work):
     offs[1:] = np.cumsum(lens)
     flat = np.concatenate(arrs)
     np.savez(os.path.join(work, "train.npz"), flat=flat, offs=offs, n_prompt=np.array(n_p, np.int32),
-             n_end=np.array(n_end, np.int32))
+             n_end=np.array(n_end, np.int32), n_mix=np.array(n_mix_items))
     log(f"data: {len(arrs)} items, {int(offs[-1])} tokens, max len {lens.max()}, mean {lens.mean():.1f}, "
         f"tasks {dict(tasks)}, {time.time() - t0:.1f}s")
     if lens.max() > 512:
         raise SystemExit("an item is longer than the 512-token context")
+
+
+AUX_SEED = 5            # auxiliary training-only items (--aux-frac)
+
+
+def aux_items(args, start, cnt):
+    """Training-only auxiliary items built from recall contents (seed AUX_SEED, 2-16 facts), never scored:
+    'line' (answer the asked fact's whole line, "Theo: 8811") and 'copy' (repeat the facts). Both are
+    plain induction (find the earlier occurrence of what was just written, copy what followed), which a
+    small transformer learns fast from their dense answer tokens; the recall circuit reuses those heads."""
+    base = minigen(args.minigen, "--seed", AUX_SEED, "--n", cnt, "--start", start, "--split", "train",
+                   "--task", "recall", "--facts", "2-16")
+    out = []
+    for k, it in enumerate(base):
+        lines = it["user"].split("\n")
+        facts, ask = lines[:-1], lines[-1][len("Ask: "):]
+        if k % 2 == 0:
+            ans = next(l for l in facts if l.split(":")[0] == ask)
+            out.append({"task": "aux-line", "system": "Answer with the line of the asked name.",
+                        "user": it["user"], "answer": ans})
+        else:
+            out.append({"task": "aux-copy", "system": "Copy the facts.", "user": "\n".join(facts),
+                        "answer": "\n".join(facts)})
+    return out
 
 
 def make_batches(rng, lens, budget, chunk=16384):
@@ -297,6 +334,14 @@ def evaluate(model, tok, eval_items, autocast=True):
 
 
 def train_one(args, kind):
+    """Trains one model. Batches are --batch-items items drawn at random (tasks mixed in every step,
+    padded to the longest), a fraction of them from the short-context curriculum pool (recall/team
+    with 2-8 facts) that falls linearly from --easy-start to --easy-end over training. The loss is the
+    mean cross-entropy on the answer tokens (and <|im_end|>) plus --lm-weight times the mean
+    cross-entropy on every other token of the rendered item (next-token LM loss on system, user and
+    markers). The LR schedule (warm-up, cosine to 10%) runs on max(step progress, wall-clock progress
+    towards the deadline), so a run cut by the deadline still ends annealed. A quick greedy eval runs
+    every --eval-every steps; the best checkpoint by mean accuracy over the scored tasks is exported."""
     import numpy as np
     import torch
     from tokenizers import Tokenizer
@@ -305,79 +350,128 @@ def train_one(args, kind):
     tok = Tokenizer.from_file(os.path.join(work, "tok", "tokenizer.json"))
     d = np.load(os.path.join(work, "train.npz"))
     flat, offs, n_prompt, n_end = d["flat"].astype(np.int64), d["offs"], d["n_prompt"], d["n_end"]
+    n_mix = int(d["n_mix"])
     lens = (offs[1:] - offs[:-1]).tolist()
+    n_all = len(lens)
     h = dict(MODELS[kind])
     lr_arg = args.receiver_lr if kind == "receiver" else args.sharer_lr
     if lr_arg:
         h["lr"] = lr_arg
     steps = args.receiver_steps if kind == "receiver" else args.sharer_steps
     dev = torch.device("cuda")
-    model = build_model(kind, tok.get_vocab_size()).to(dev)
+    if args.init_dir:  # continue training an exported model (bf16 weights upcast to fp32)
+        from transformers import AutoModelForCausalLM
+        src = os.path.join(args.init_dir, MODEL_NAMES[kind])
+        torch.manual_seed(h["seed"])
+        try:
+            model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+        except TypeError:
+            model = AutoModelForCausalLM.from_pretrained(src, torch_dtype=torch.float32)
+        model.config.use_cache = False
+        model = model.to(dev)
+        log(f"[{kind}] continuing from {src}")
+    else:
+        model = build_model(kind, tok.get_vocab_size()).to(dev)
     n_params = sum(p.numel() for p in model.parameters())
-    log(f"[{kind}] {type(model).__name__} {n_params/1e6:.2f}M params, {steps} steps, lr {h['lr']}")
+    log(f"[{kind}] {type(model).__name__} {n_params/1e6:.2f}M params, {steps} steps, lr {h['lr']}, "
+        f"{args.batch_items} items/batch, lm-weight {args.lm_weight}, easy {args.easy_start}->{args.easy_end} "
+        f"(pool {n_all - n_mix} easy / {n_mix} mix)")
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=h["lr"], betas=(0.9, 0.95), eps=1e-8, fused=True)
-    warm = args.warmup if args.warmup else min(200, steps // 10 + 1)
+    warm = args.warmup if args.warmup else min(500, steps // 10 + 1)
+    t0 = time.time()
+    span = (args.deadline - t0) if args.deadline else 0.0
 
-    def lr_at(s):
+    def progress(s):
+        p = s / steps
+        if span > 0:
+            p = max(p, (time.time() - t0) / span)
+        return min(1.0, p)
+
+    def lr_at(s, p):
         if s < warm:
             return h["lr"] * (s + 1) / warm
-        p = (s - warm) / max(1, steps - warm)
         return h["lr"] * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
 
-    rng = random.Random(h["seed"])
-    batches, bi = [], 0
+    rng = np.random.default_rng(h["seed"])
     eval_items = {t: minigen(args.minigen, "--seed", EVAL_SEED, "--n", args.n_eval_quick, "--task", t,
                              "--split", "eval", "--role", "all") for t in SCORED_TASKS}
-    t0 = time.time()
-    losses = []
     curve = []
+    evals = []
+    best = (-1.0, None, 0)
     model.train()
     done_steps = steps
+    lens_np = np.array(lens)
     for step in range(steps):
-        if args.deadline and time.time() > args.deadline:
+        p = progress(step)
+        if p >= 1.0 and step < steps:
             done_steps = step
-            log(f"[{kind}] WARNING: wall-clock deadline reached, stopping at step {step} of {steps}")
+            log(f"[{kind}] deadline reached: stopping at step {step} of {steps}")
             break
-        if bi >= len(batches):
-            batches, bi = make_batches(rng, lens, args.batch_tokens), 0
-        b = batches[bi]
-        bi += 1
-        L = max(lens[i] for i in b)
+        pe = args.easy_start + (args.easy_end - args.easy_start) * p if n_all > n_mix else 0.0
+        k_easy = int(rng.binomial(args.batch_items, pe)) if pe > 0 else 0
+        b = np.concatenate([rng.integers(0, n_mix, args.batch_items - k_easy),
+                            rng.integers(n_mix, n_all, k_easy) if k_easy else np.zeros(0, np.int64)])
+        L = int(lens_np[b].max())
         x = np.zeros((len(b), L), dtype=np.int64)
         lab = np.full((len(b), L), -100, dtype=np.int64)
+        isans = np.zeros((len(b), L), dtype=bool)
         for r, i in enumerate(b):
             seq = flat[offs[i]:offs[i + 1]]
-            x[r, :len(seq)] = seq
-            # position t predicts token t+1: loss where t+1 in [n_prompt, n_end]
-            lab[r, n_prompt[i] - 1:n_end[i]] = seq[n_prompt[i]:n_end[i] + 1]
+            n = len(seq)
+            x[r, :n] = seq
+            lab[r, :n - 1] = seq[1:]
+            # position t predicts token t+1: the answer part is t+1 in [n_prompt, n_end]
+            isans[r, n_prompt[i] - 1:n_end[i]] = True
         x = torch.from_numpy(x).to(dev, non_blocking=True)
         lab = torch.from_numpy(lab).to(dev, non_blocking=True)
+        isans = torch.from_numpy(isans).to(dev, non_blocking=True)
+        lr = lr_at(step, p)
         for g in opt.param_groups:
-            g["lr"] = lr_at(step)
+            g["lr"] = lr
         with torch.autocast("cuda", dtype=torch.bfloat16):
             hs = hidden_at(model, x)
             m = lab != -100
             logits = model.lm_head(hs[m]).float()
-            loss = torch.nn.functional.cross_entropy(logits, lab[m])
+            ce = torch.nn.functional.cross_entropy(logits, lab[m], reduction="none")
+            a = isans[m]
+            ans_loss = ce[a].mean()
+            lm_loss = ce[~a].mean()
+            loss = ans_loss + args.lm_weight * lm_loss if args.lm_weight > 0 else ans_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        if step % 50 == 0 or step == steps - 1:
-            lv = loss.item()
-            losses.append(lv)
+        if step % 100 == 0 or step == steps - 1:
+            lv, lm = ans_loss.item(), lm_loss.item()
             curve.append((step, round(lv, 5)))
             if step % 250 == 0 or step == steps - 1:
                 el = time.time() - t0
-                log(f"[{kind}] step {step}/{steps} loss {lv:.4f} lr {lr_at(step):.2e} "
-                    f"{el:.0f}s ({1000*el/(step+1):.0f} ms/step) rows {len(b)}x{L}")
+                log(f"[{kind}] step {step}/{steps} answer loss {lv:.4f} lm loss {lm:.4f} lr {lr:.2e} p {p:.3f} "
+                    f"{el:.0f}s ({1000*el/(step+1):.0f} ms/step) rows {len(b)}x{L} easy {k_easy}")
         if args.eval_every and step and step % args.eval_every == 0:
-            evaluate(model, tok, {t: v[:200] for t, v in eval_items.items()})
+            rep = evaluate(model, tok, eval_items)
+            sc = sum(r["acc"] for r in rep.values()) / len(rep)
+            evals.append((step, {t: round(r["acc"], 4) for t, r in rep.items()}))
+            log(f"[{kind}] QUICK EVAL step {step}: mean {sc:.4f} " +
+                " ".join(f"{t}={r['acc']:.3f}" for t, r in rep.items()))
+            if sc >= best[0]:
+                best = (sc, {k: v.detach().clone() for k, v in model.state_dict().items()}, step)
+    rep = evaluate(model, tok, eval_items)
+    sc = sum(r["acc"] for r in rep.values()) / len(rep)
+    evals.append((done_steps, {t: round(r["acc"], 4) for t, r in rep.items()}))
+    log(f"[{kind}] QUICK EVAL final (step {done_steps}): mean {sc:.4f} " +
+        " ".join(f"{t}={r['acc']:.3f}" for t, r in rep.items()))
+    chosen = done_steps
+    if best[1] is not None and best[0] > sc + 0.005:
+        model.load_state_dict(best[1])
+        chosen = best[2]
+        log(f"[{kind}] exporting the step-{chosen} checkpoint (quick-eval mean {best[0]:.4f} > final {sc:.4f})")
     train_s = time.time() - t0
     log(f"[{kind}] trained in {train_s:.0f}s")
+    args._evals, args._chosen = evals, chosen
     export(args, kind, model, tok, train_s, curve, n_params, done_steps)
 
 
@@ -427,7 +521,10 @@ def export(args, kind, model, tok, train_s, curve, n_params, done_steps):
         "device": torch.cuda.get_device_name(0), "torch": torch.__version__,
         "transformers": __import__("transformers").__version__,
         "tokenizers": __import__("tokenizers").__version__, "loss_curve": curve,
-        "final_loss": curve[-1][1], "hf_eval": rep, "story_sample": samples[0], "smoke": args.smoke,
+        "final_loss": curve[-1][1], "hf_eval": rep, "quick_evals": getattr(args, "_evals", []),
+        "exported_step": getattr(args, "_chosen", done_steps), "batch_items": args.batch_items,
+        "lm_weight": args.lm_weight, "init_dir": args.init_dir, "aux_frac": args.aux_frac, "easy_start": args.easy_start, "easy_end": args.easy_end,
+        "warmup": args.warmup, "story_sample": samples[0], "smoke": args.smoke,
     }
     json.dump(info, open(os.path.join(args.work, "export", f"train-{name}.json"), "w"), indent=1)
     if args.out:  # each model comes back on its own, whatever happens to the other
@@ -475,20 +572,29 @@ def main():
     ap.add_argument("--out", default=None, help="folder for the result tar (models.tgz)")
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--phase", default="all", choices=["all", "receiver", "sharer"])
-    ap.add_argument("--receiver-steps", type=int, default=2500)
-    ap.add_argument("--sharer-steps", type=int, default=2200)
+    ap.add_argument("--receiver-steps", type=int, default=14000)
+    ap.add_argument("--sharer-steps", type=int, default=14000)
     ap.add_argument("--batch-tokens", type=int, default=65536)
-    ap.add_argument("--receiver-lr", type=float, default=0.0, help="peak lr (default: MODELS table, 2e-3)")
-    ap.add_argument("--sharer-lr", type=float, default=0.0, help="peak lr (default: MODELS table, 1.5e-3)")
-    ap.add_argument("--warmup", type=int, default=0, help="warm-up steps (default min(200, steps/10+1))")
-    ap.add_argument("--easy-frac", type=float, default=0.0,
+    ap.add_argument("--receiver-lr", type=float, default=0.0, help="peak lr (default: MODELS table, 1e-3)")
+    ap.add_argument("--sharer-lr", type=float, default=0.0, help="peak lr (default: MODELS table, 1e-3)")
+    ap.add_argument("--warmup", type=int, default=0, help="warm-up steps (default min(500, steps/10+1))")
+    ap.add_argument("--easy-frac", type=float, default=0.3,
                     help="extra recall/team items with 2-8 facts, as a fraction of --n-train (curriculum)")
     ap.add_argument("--only", default="both", choices=["both", "receiver", "sharer"],
                     help="train one model only (e.g. one per GPU call)")
+    ap.add_argument("--batch-items", type=int, default=64, help="items per batch (random, tasks mixed)")
+    ap.add_argument("--lm-weight", type=float, default=0.2,
+                    help="weight of the mean LM loss on non-answer tokens (0 = answer loss only)")
+    ap.add_argument("--easy-start", type=float, default=0.5, help="share of curriculum items at the start")
+    ap.add_argument("--easy-end", type=float, default=0.15, help="share of curriculum items at the end")
+    ap.add_argument("--init-dir", default="",
+                    help="continue from exported models in DIR/<name> (their tokenizer is reused, not retrained)")
+    ap.add_argument("--aux-frac", type=float, default=0.0,
+                    help="auxiliary induction items (aux_items) added to the curriculum pool, per pool item")
     ap.add_argument("--n-train", type=int, default=500000)
     ap.add_argument("--n-eval", type=int, default=250)
-    ap.add_argument("--n-eval-quick", type=int, default=200)
-    ap.add_argument("--eval-every", type=int, default=1200)
+    ap.add_argument("--n-eval-quick", type=int, default=50)
+    ap.add_argument("--eval-every", type=int, default=1000)
     ap.add_argument("--deadline", type=float, default=0.0,
                     help="safety net: stop training at this Unix time (0 = none); set from --budget-s")
     ap.add_argument("--budget-s", type=float, default=0.0,
@@ -507,7 +613,17 @@ def main():
     t0 = time.time()
     deadline = ["--deadline", str(t0 + args.budget_s)] if args.budget_s else []
     os.makedirs(args.work, exist_ok=True)
-    tok = train_tokenizer(args, os.path.join(args.work, "tok"))
+    if args.init_dir:
+        import shutil
+        from tokenizers import Tokenizer
+        tok_dir = os.path.join(args.work, "tok")
+        os.makedirs(tok_dir, exist_ok=True)
+        for f in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(os.path.join(args.init_dir, MODEL_NAMES["receiver"], f), os.path.join(tok_dir, f))
+        tok = Tokenizer.from_file(os.path.join(tok_dir, "tokenizer.json"))
+        log(f"tokenizer: reused from {args.init_dir} ({tok.get_vocab_size()} tokens)")
+    else:
+        tok = train_tokenizer(args, os.path.join(args.work, "tok"))
     prepare_data(args, tok, args.work)
     log(f"prep done in {time.time() - t0:.0f}s; training both models in parallel")
     procs = {}

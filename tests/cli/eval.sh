@@ -35,10 +35,14 @@ check "eval of a missing model -> 1" "1" "$rc"
 grep -q "no/such/model" err.$$ && echo "ok   the error names the path" || { echo "FAIL error: $(cat err.$$)"; fails=$((fails + 1)); }
 rm -f err.$$
 
-# Accuracy floors on 10 contents per task (role = content % roles). The v0 bundled models do not
-# solve the tasks yet (docs/models.md), so their floors are 0 and the check is that the run completes
-# with well-formed output; raise the floors with the retrained models (recall 0.9, transform 0.85, ...).
-declare -A floor=([minillama-2m]=0.0 [miniqwen3-6m]=0.0)
+# Accuracy floors on 10 contents per task (role = content % roles), per model and task, a margin below
+# what the committed v1 models score on these 10 contents (docs/models.md): llama recall 0.0 / arithmetic
+# 0.7 / transform 1.0 / team 0.4, qwen3 0.0 / 0.2 / 1.0 / 0.4. v1 does not solve recall (nor team's
+# finder/neighbour roles) yet, so recall's floor is 0: raise it with a model that does.
+declare -A floor=(
+  [minillama-2m:recall]=0.0 [minillama-2m:arithmetic]=0.5 [minillama-2m:transform]=0.9 [minillama-2m:team]=0.3
+  [miniqwen3-6m:recall]=0.0 [miniqwen3-6m:arithmetic]=0.1 [miniqwen3-6m:transform]=0.9 [miniqwen3-6m:team]=0.3
+)
 ran=0
 for m in minillama-2m miniqwen3-6m; do
   dir="$here/models/$m"
@@ -49,8 +53,9 @@ for m in minillama-2m miniqwen3-6m; do
   for t in recall arithmetic transform team; do
     acc="$(printf '%s' "$out" | sed -n "s/.*\"$t\":{\"acc\":\([0-9.]*\),\"items\":10.*/\1/p")"
     if [ -z "$acc" ]; then echo "FAIL $m $t: no accuracy for 10 items in: $out"; fails=$((fails + 1)); continue; fi
-    if awk -v a="$acc" -v f="${floor[$m]}" 'BEGIN { exit !(a >= f) }'; then echo "ok   $m $t accuracy $acc >= ${floor[$m]}"
-    else echo "FAIL $m $t accuracy $acc < floor ${floor[$m]}"; fails=$((fails + 1)); fi
+    f="${floor[$m:$t]}"
+    if awk -v a="$acc" -v f="$f" 'BEGIN { exit !(a >= f) }'; then echo "ok   $m $t accuracy $acc >= $f"
+    else echo "FAIL $m $t accuracy $acc < floor $f"; fails=$((fails + 1)); fi
   done
 done
 
