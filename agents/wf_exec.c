@@ -700,8 +700,11 @@ static void start_task(kvm_workflow_t *wf, wf_run_t *r, wf_task_t *t) {
     resume_task(wf, r, t, 3);
 }
 
-/* ctx:call(agent, vars) -> text, info | nil, err. Only on a node's own coroutine. */
-int wf_ctx_call(lua_State *L) {
+/* The preamble of ctx:call and ctx:map (`what` names the method in messages): the workflow, the run, the
+ * running task whose coroutine is L, and the agent named or given by argument 1. Raises a Lua error when
+ * called outside a node's own coroutine or with an unknown agent. */
+static void ctx_agent_call_target(lua_State *L, const char *what, kvm_workflow_t **wf_out, wf_run_t **r_out,
+                                  wf_task_t **t_out, int *ai_out) {
     void *ud;
     lua_getallocf(L, &ud);
     kvm_workflow_t *wf = ud;
@@ -710,17 +713,29 @@ int wf_ctx_call(lua_State *L) {
     for (int i = 0; r && i < r->n_tasks; i++)
         if (r->tasks[i].co == L && r->tasks[i].status == T_RUNNING) t = &r->tasks[i];
     if (!t || !lua_isyieldable(L))
-        return luaL_error(L, "ctx:call must be called from a func/tool node's own code (not from a predicate, router, "
-                             "reducer or a coroutine the script created)");
+        luaL_error(L, "%s must be called from a func/tool node's own code (not from a predicate, router, "
+                      "reducer or a coroutine the script created)", what);
     int ai = -1;
     if (lua_type(L, 2) == LUA_TSTRING) {
         for (int i = 0; i < wf->n_agents; i++)
             if (!strcmp(wf->agents[i].name, lua_tostring(L, 2))) ai = i;
-        if (ai < 0) return luaL_error(L, "ctx:call: unknown agent '%s'", lua_tostring(L, 2));
-    } else {
-        ai = wf_lua_test_agent(L, 2);
-        if (ai < 0) return luaL_error(L, "ctx:call: argument 1 must be an agent (kvmesh.agent handle or name)");
+        if (ai < 0) luaL_error(L, "%s: unknown agent '%s'", what, lua_tostring(L, 2));
+    } else if ((ai = wf_lua_test_agent(L, 2)) < 0) {
+        luaL_error(L, "%s: argument 1 must be an agent (kvmesh.agent handle or name)", what);
     }
+    *wf_out = wf;
+    *r_out = r;
+    *t_out = t;
+    *ai_out = ai;
+}
+
+/* ctx:call(agent, vars) -> text, info | nil, err. Only on a node's own coroutine. */
+int wf_ctx_call(lua_State *L) {
+    kvm_workflow_t *wf;
+    wf_run_t *r;
+    wf_task_t *t;
+    int ai;
+    ctx_agent_call_target(L, "ctx:call", &wf, &r, &t, &ai);
     int vars = 0;
     if (lua_type(L, 3) == LUA_TTABLE) vars = 3;
     else if (!lua_isnoneornil(L, 3)) return luaL_error(L, "ctx:call: argument 2 must be a table of placeholder values");
@@ -744,23 +759,11 @@ int wf_ctx_call(lua_State *L) {
  * flight at once (they share forward passes); out_i is the text, or {error = msg} for a failed call.
  * An element may be a table of placeholder values (as ctx:call) or a string (the value of {input}). */
 int wf_ctx_map(lua_State *L) {
-    void *ud;
-    lua_getallocf(L, &ud);
-    kvm_workflow_t *wf = ud;
-    wf_run_t *r = wf->cur_run;
-    wf_task_t *t = NULL;
-    for (int i = 0; r && i < r->n_tasks; i++)
-        if (r->tasks[i].co == L && r->tasks[i].status == T_RUNNING) t = &r->tasks[i];
-    if (!t || !lua_isyieldable(L))
-        return luaL_error(L, "ctx:map must be called from a func/tool node's own code (not from a predicate, router, "
-                             "reducer or a coroutine the script created)");
-    int ai = -1;
-    if (lua_type(L, 2) == LUA_TSTRING) {
-        for (int i = 0; i < wf->n_agents; i++)
-            if (!strcmp(wf->agents[i].name, lua_tostring(L, 2))) ai = i;
-        if (ai < 0) return luaL_error(L, "ctx:map: unknown agent '%s'", lua_tostring(L, 2));
-    } else if ((ai = wf_lua_test_agent(L, 2)) < 0)
-        return luaL_error(L, "ctx:map: argument 1 must be an agent (kvmesh.agent handle or name)");
+    kvm_workflow_t *wf;
+    wf_run_t *r;
+    wf_task_t *t;
+    int ai;
+    ctx_agent_call_target(L, "ctx:map", &wf, &r, &t, &ai);
     luaL_checktype(L, 3, LUA_TTABLE);
     int n = (int)lua_rawlen(L, 3);
     if (n > 256) return luaL_error(L, "ctx:map: at most 256 calls at once (got %d)", n);
