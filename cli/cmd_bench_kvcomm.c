@@ -383,7 +383,18 @@ static int run_team(kvm_model_t *m, const opts_t *o) {
         to.seed = o->seed;
         to.kv_budget_bytes = o->kv_mb << 20;
         if (!strcmp(tok, "dense")) to.policy = KVM_KV_EXACT;
-        else if ((rc = kvm_kvcomm_ablation(&to.cfg, tok))) break;
+        else if (!strncmp(tok, "oracle", 6)) { /* oracle[-ph|-pf][@NAME]: full KVCOMM with the true deltas */
+            const char *rest = tok + 6, *at = strchr(tok, '@');
+            to.oracle = KVM_ORACLE_ALL;
+            if (!strncmp(rest, "-ph", 3)) to.oracle = KVM_ORACLE_PH, rest += 3;
+            else if (!strncmp(rest, "-pf", 3)) to.oracle = KVM_ORACLE_PF, rest += 3;
+            if (*rest && *rest != '@') {
+                fprintf(stderr, "kvmesh bench kvcomm: unknown mode '%s' (oracle[-ph|-pf][@NAME])\n", tok);
+                rc = KVM_EINVAL;
+                break;
+            }
+            to.oracle_only = at ? at + 1 : NULL;
+        } else if ((rc = kvm_kvcomm_ablation(&to.cfg, tok))) break;
         if ((rc = apply_sets(&to.cfg, o))) break;
         kvm_kvcomm_config_str(&to.cfg, cfgs[nm], sizeof cfgs[nm]);
         snprintf(names[nm], sizeof names[nm], "%s", tok);

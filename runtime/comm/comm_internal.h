@@ -60,7 +60,23 @@ struct kvm_comm {
     kvm_comm_stats_t st;
     int active_requests;
     struct comm_dev_ctx *dev;  /* kvcomm_dev.c: device scratch, or NULL */
+    /* kvcomm.c, kvm_comm_prepare_oracle: true per-request rows that replace the estimated offsets of the
+     * matching (consumer, placeholder, sample) inside comm_apply; set only for the duration of one prepare */
+    struct comm_oracle *oracle;
+    int n_oracle;
 };
+
+/* One oracle entry (fidelity diagnostics): the real F0 rows of a placeholder and of the text segment after
+ * it in one consumer's dense prefill. which = KVM_ORACLE_PH | KVM_ORACLE_PF (prompt.h) says which of the two
+ * replace the estimate. */
+typedef struct comm_oracle {
+    char consumer[KVM_COMM_NAME_MAX];
+    char name[KVM_COMM_NAME_MAX];
+    uint64_t key;
+    int T, S, which;
+    float *ph; /* [L][2][H][T][D] F0 */
+    float *pf; /* [L][2][H][S][D] F0 */
+} comm_oracle_t;
 
 /* One agent template record (kvcomm.md §2.2). */
 struct kvm_template {

@@ -365,6 +365,106 @@ int comm_weights(kvm_comm_t *c, comm_sample_t *s, comm_anchor_t **A, int N) {
     return 0;
 }
 
+/* ==== oracle offsets (fidelity diagnostics, kvcomm.md §5.2) ============================================= */
+
+/* The oracle entry of (consumer, sample) while an oracle prepare runs, else NULL. */
+static const comm_oracle_t *oracle_find(const kvm_comm_t *c, const char *consumer, const comm_sample_t *s) {
+    for (int i = 0; i < c->n_oracle; i++) {
+        const comm_oracle_t *o = &c->oracle[i];
+        if (o->key == s->key && !strcmp(o->name, s->name) && !strcmp(o->consumer, consumer)) return o;
+    }
+    return NULL;
+}
+
+/* out = base + (real - base) on layers 1..L-1 (layer 0 keeps the base, as every offset does): the delta a
+ * perfect estimate would add, applied with the same fp32 arithmetic as the anchor mix. */
+static void oracle_add(const comm_geom_t *g, float *out, const float *real, int n) {
+    for (int l = 1; l < g->L; l++)
+        for (int kv = 0; kv < 2; kv++)
+            for (int h = 0; h < g->H; h++) {
+                float *o = out + comm_idx(g, n, l, kv, h, 0);
+                const float *r = real + comm_idx(g, n, l, kv, h, 0);
+                for (size_t k = 0; k < (size_t)n * g->D; k++) {
+                    float d = r[k] - o[k];
+                    o[k] += d;
+                }
+            }
+}
+
+static void oracle_clear(kvm_comm_t *c) {
+    for (int i = 0; i < c->n_oracle; i++) {
+        kvm_free(c->oracle[i].ph);
+        kvm_free(c->oracle[i].pf);
+    }
+    kvm_free(c->oracle);
+    c->oracle = NULL;
+    c->n_oracle = 0;
+}
+
+/* Reads rows [pos, pos+n) of seq into host fp32 with the keys re-based to F0 (shift by -pos). */
+static int oracle_read_f0(kvm_comm_t *c, const kvm_seq_t *seq, int pos, int n, float *out) {
+    int rc = kvm_kv_read_rows(c->pool, seq->blocks, pos, n, out);
+    if (rc || !pos) return rc;
+    const comm_geom_t *g = &c->g;
+    const kvm_rope_params_t *rp = kvm_kv_store_rope(c->store);
+    for (int l = 0; l < g->L; l++)
+        for (int h = 0; h < g->H; h++)
+            kvm_rope_rotate_rows(out + comm_idx(g, n, l, 0, h, 0), n, g->D, g->D, -pos, NULL, rp->inv_freq, rp->layout);
+    return 0;
+}
+
+int kvm_comm_prepare_oracle(kvm_comm_request_t *rq, const kvm_prompt_t *p, int which, const char *only,
+                            kvm_prepared_t *out) {
+    memset(out, 0, sizeof *out);
+    if (!rq || !p || !p->tmpl) return kvm_seterr(KVM_EINVAL, "prepare_oracle: request and template are required");
+    kvm_comm_t *c = rq->c;
+    if (rq->dev) return kvm_seterr(KVM_EINVAL, "prepare_oracle: the oracle runs on the host path only (KVM_KVCOMM_DEVICE=0)");
+    if (c->cfg.frame != KVM_KVCOMM_FRAME_F0)
+        return kvm_seterr(KVM_EINVAL, "prepare_oracle: the oracle needs kvcomm.frame=f0");
+    if (which & ~KVM_ORACLE_ALL) return kvm_seterr(KVM_EINVAL, "prepare_oracle: which=%d is not a KVM_ORACLE_* set", which);
+    int rc = kvm_comm_prepare(rq, p, out);
+    if (rc || out->report.mode != KVM_COMM_REUSE || !which) return rc;
+    /* the dense prefill of the same ids: the truth every offset estimates */
+    const comm_geom_t *g = &c->g;
+    const kvm_comm_report_t *r = &out->report;
+    kvm_seq_t dense;
+    kvm_seq_init(&dense, c->pool);
+    for (int i = 0; i < out->n_prompt && !rc; i += 1024) {
+        int k = out->n_prompt - i < 1024 ? out->n_prompt - i : 1024;
+        kvm_batch_item_t it = {.seq = &dense, .tokens = out->prompt_ids + i, .n_tokens = k};
+        rc = kvm_forward(c->m, &it, 1);
+    }
+    int n_sh = 0;
+    for (int i = 0; i < r->n_placeholders; i++) n_sh += r->ph[i].decision == KVM_PH_SHARED;
+    if (!rc && n_sh) {
+        c->oracle = kvm_calloc((size_t)n_sh, sizeof *c->oracle);
+        if (!c->oracle) rc = KVM_ENOMEM;
+    }
+    for (int i = 0; i < r->n_placeholders && !rc; i++) {
+        const kvm_comm_ph_report_t *pr = &r->ph[i];
+        if (pr->decision != KVM_PH_SHARED || (only && strcmp(only, pr->name))) continue;
+        comm_oracle_t *o = &c->oracle[c->n_oracle++];
+        snprintf(o->consumer, sizeof o->consumer, "%s", kvm_template_agent(p->tmpl));
+        snprintf(o->name, sizeof o->name, "%s", pr->name);
+        o->key = pr->sample_key;
+        o->T = pr->tokens;
+        o->S = pr->text_tokens;
+        o->which = which;
+        o->ph = kvm_malloc(comm_rows_elems(g, o->T) * sizeof(float) + 1);
+        o->pf = kvm_malloc(comm_rows_elems(g, o->S) * sizeof(float) + 1);
+        if (!o->ph || !o->pf) rc = KVM_ENOMEM;
+        if (!rc) rc = oracle_read_f0(c, &dense, pr->start_pos, o->T, o->ph);
+        if (!rc) rc = oracle_read_f0(c, &dense, pr->start_pos + o->T, o->S, o->pf);
+    }
+    kvm_seq_free(&dense);
+    /* the same prepare again (predictions and weights are cached per sample, so the decisions are the
+     * same), now with the true deltas in comm_apply */
+    kvm_prepared_release(out);
+    if (!rc) rc = kvm_comm_prepare(rq, p, out);
+    oracle_clear(c);
+    return rc;
+}
+
 void comm_apply(kvm_comm_t *c, const comm_sample_t *s, comm_anchor_t **A, int N, const char *consumer,
                 const float *P, int S, float *out_ph, float *out_pf, bool ph_offset, bool pf_offset) {
     const comm_geom_t *g = &c->g;
@@ -372,6 +472,20 @@ void comm_apply(kvm_comm_t *c, const comm_sample_t *s, comm_anchor_t **A, int N,
     const comm_geom_t gd = {L - 1, H, D};
     const comm_delta_t **dl = malloc((size_t)(N ? N : 1) * sizeof *dl);
     for (int n = 0; n < N; n++) dl[n] = comm_anchor_delta(A[n], consumer);
+    /* oracle diagnostics (kvm_comm_prepare_oracle): the true delta replaces the estimate */
+    const comm_oracle_t *orc = oracle_find(c, consumer, s);
+    const bool o_ph = orc && (orc->which & KVM_ORACLE_PH) && orc->T == T;
+    const bool o_pf = orc && (orc->which & KVM_ORACLE_PF) && orc->S == S;
+    if (out_ph && o_ph) {
+        memcpy(out_ph, s->X, comm_rows_elems(g, T) * sizeof(float));
+        if (ph_offset) oracle_add(g, out_ph, orc->ph, T);
+        out_ph = NULL;
+    }
+    if (out_pf && o_pf) {
+        memcpy(out_pf, P, comm_rows_elems(g, S) * sizeof(float));
+        if (pf_offset) oracle_add(g, out_pf, orc->pf, S);
+        out_pf = NULL;
+    }
     if (out_ph) {
         memcpy(out_ph, s->X, comm_rows_elems(g, T) * sizeof(float));
         if (ph_offset && N > 0) {

@@ -313,4 +313,20 @@ void kvm_comm_stats(const kvm_comm_t *c, kvm_comm_stats_t *out);
 /* Stats of pool i (0..n_pools-1); KVM_ERANGE past the end. */
 int kvm_comm_pool_stats(const kvm_comm_t *c, int i, kvm_comm_pool_stats_t *out);
 
+/* ---- fidelity diagnostics (kvcomm.md §5.2) -------------------------------------------------------- */
+
+/* Which estimates an oracle prepare replaces by the true per-request rows. */
+enum { KVM_ORACLE_PH = 1, KVM_ORACLE_PF = 2, KVM_ORACLE_ALL = 3 };
+
+/* kvm_comm_prepare with an ORACLE offset: the same decisions, frames, rotation and assembly, but where the
+ * agent runs REUSE the estimated offset of every SHARED placeholder (optionally only the one named `only`)
+ * is replaced by the true delta of this very prompt: a dense prefill of the same ids is computed, its rows
+ * re-based to F0, and comm_apply adds (real - base) instead of the anchor mix (placeholder rows if
+ * which & KVM_ORACLE_PH, the text segment after it if which & KVM_ORACLE_PF; layer 0 never, as always).
+ * The best any anchor estimate could do: with which = KVM_ORACLE_ALL the assembled cache must equal the
+ * dense prefill (to float rounding) unless positions, frames or assembly are wrong. Host path only
+ * (KVM_EINVAL on the device path or with kvcomm.frame=reference). DENSE agents are prepared as usual. */
+int kvm_comm_prepare_oracle(kvm_comm_request_t *rq, const kvm_prompt_t *p, int which, const char *only,
+                            kvm_prepared_t *out);
+
 #endif

@@ -24,6 +24,8 @@ typedef struct kvm_team_opts {
     kvm_kvcomm_config_t cfg; /* switches (ablations) */
     size_t kv_budget_bytes;  /* 0 = the model's default pool */
     bool quiet;              /* no progress on stderr */
+    int oracle;              /* KVM_ORACLE_* bits: REUSE agents use the true deltas (kvm_comm_prepare_oracle) */
+    const char *oracle_only; /* with oracle: only this placeholder name (NULL = every shared placeholder) */
 } kvm_team_opts_t;
 
 typedef struct kvm_team_result {
