@@ -69,6 +69,11 @@ static void usage(void) {
             "       --bandwidth-gbs B      bandwidth of the alignment floor (default 2990 on CUDA = H100 measured copy,\n"
             "                              perf.md; 20 on the CPU)\n"
             " team: --requests 300 --modes dense,full,rotation --warm 10 --cos-samples 32 --max-tokens 12\n"
+            "       modes: dense, full, rotation, rotation+ph, rotation+pf (kvcomm.md Tab. 5 rows);\n"
+            "              oracle[-ph|-pf][@NAME]  full KVCOMM with the true per-request deltas (all shared\n"
+            "                                      placeholders, or only NAME; -ph/-pf: only that piece);\n"
+            "              full+recompute          full KVCOMM with kvcomm.recompute_below=8 (short pieces recomputed)\n"
+            "       --set kvcomm.recompute_below=N also accepted (ours; 0 = off = the spec)\n"
             "       --seed 1000            (needs a model with a tokenizer; the trained minitasks models)\n");
 }
 
@@ -89,6 +94,14 @@ static int apply_sets(kvm_kvcomm_config_t *c, const opts_t *o) {
         char *eq = strchr(kv, '=');
         if (!eq) return kvm_seterr(KVM_EINVAL, "--set %s: expected KEY=VALUE", o->sets[i]);
         *eq = 0;
+        if (!strcmp(kv, "kvcomm.recompute_below") || !strcmp(kv, "recompute_below")) { /* ours, kvcomm.c */
+            char *end;
+            long v = strtol(eq + 1, &end, 10);
+            if (*end || v < 0 || v > 1000000)
+                return kvm_seterr(KVM_EINVAL, "--set %s: a token count >= 0 (0 = off)", o->sets[i]);
+            c->recompute_below = (int)v;
+            continue;
+        }
         int rc = kvm_kvcomm_config_set(c, kv, eq + 1);
         if (rc) return rc;
     }
@@ -394,9 +407,14 @@ static int run_team(kvm_model_t *m, const opts_t *o) {
                 break;
             }
             to.oracle_only = at ? at + 1 : NULL;
+        } else if (!strcmp(tok, "full+recompute")) { /* the improved policy: full KVCOMM, short pieces recomputed */
+            to.cfg.recompute_below = KVM_TEAM_RECOMPUTE_BELOW;
         } else if ((rc = kvm_kvcomm_ablation(&to.cfg, tok))) break;
         if ((rc = apply_sets(&to.cfg, o))) break;
         kvm_kvcomm_config_str(&to.cfg, cfgs[nm], sizeof cfgs[nm]);
+        size_t cl = strlen(cfgs[nm]);
+        snprintf(cfgs[nm] + cl, sizeof cfgs[nm] - cl, " recompute_below=%d oracle=%d%s%s", to.cfg.recompute_below,
+                 to.oracle, to.oracle_only ? "@" : "", to.oracle_only ? to.oracle_only : "");
         snprintf(names[nm], sizeof names[nm], "%s", tok);
         rc = kvm_team_run(m, &to, dense_i >= 0 ? &res[dense_i] : NULL, &res[nm]);
         if (!strcmp(tok, "dense")) dense_i = nm;

@@ -74,6 +74,10 @@ typedef struct kvm_kvcomm_config {
     size_t anchor_budget_bytes; /* host bytes all anchor pools may hold (0 = unlimited) */
     /* segment headers (kvcomm.md §2.3): lead-in text after the user-role header, per producer kind */
     const char *lead_input, *lead_tool, *lead_state; /* NULL = "The task is:\n\n", "Tool result:\n\n", "Value:\n\n" */
+    /* kvcomm.recompute_below [our design, not in the spec]: in a REUSE prompt, a shared placeholder of fewer
+     * than this many tokens and the text segment after it are recomputed (prefilled behind the assembled
+     * KV) instead of offset-corrected; applied by kvm_comm_recompute_short. 0 (default) = the spec. */
+    int recompute_below;
 } kvm_kvcomm_config_t;
 
 /* Fills the defaults of kvcomm.md §3.10 (enable, rotate, both offsets, l2, length+entropy, γ 0.3, V 20,
@@ -254,6 +258,7 @@ typedef struct kvm_comm_report {
     double predict_ms, weights_ms, offset_ms, assemble_ms; /* "KVCOMM" time = sum */
     int anchors_staged;    /* new anchors this request staged so far (after this step) */
     uint64_t template_hash;
+    int short_recomputed;  /* rows moved from offset/naive to recomputed by kvm_comm_recompute_short */
 } kvm_comm_report_t;
 
 /* Writes the report as one JSON object (no newline) into buf; returns the length it needed. */
@@ -326,6 +331,16 @@ enum { KVM_ORACLE_PH = 1, KVM_ORACLE_PF = 2, KVM_ORACLE_ALL = 3 };
  * The best any anchor estimate could do: with which = KVM_ORACLE_ALL the assembled cache must equal the
  * dense prefill (to float rounding) unless positions, frames or assembly are wrong. Host path only
  * (KVM_EINVAL on the device path or with kvcomm.frame=reference). DENSE agents are prepared as usual. */
+/* kvcomm.recompute_below (0 = off, a no-op): after kvm_comm_prepare (or _oracle) gave a REUSE prompt, every
+ * placeholder with decision shared or naive and fewer than recompute_below tokens is recomputed together
+ * with the text segment after it: the assembled rows from its start on are read back, the sequence is cut
+ * there, the short span is prefilled behind the assembled KV, and the later assembled rows are written back
+ * (they keep their estimates). The report moves the span's rows to recomputed_tokens (short_recomputed
+ * counts them); the mode stays REUSE. A 4-token agent answer saves almost nothing when reused but is the
+ * piece whose estimate costs accuracy (kvcomm.md §5.2). Works on any backend (only KV reads, writes and a
+ * forward). On error *p is released. */
+int kvm_comm_recompute_short(kvm_comm_t *c, kvm_prepared_t *p);
+
 int kvm_comm_prepare_oracle(kvm_comm_request_t *rq, const kvm_prompt_t *p, int which, const char *only,
                             kvm_prepared_t *out);
 

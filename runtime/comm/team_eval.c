@@ -132,6 +132,7 @@ int kvm_team_run(kvm_model_t *m, const kvm_team_opts_t *o, const kvm_team_result
             memset(&gr, 0, sizeof gr);
             rc = o->oracle ? kvm_comm_prepare_oracle(rq, &pr, o->oracle, o->oracle_only, &p) : kvm_comm_prepare(rq, &pr, &p);
             if (rc) break;
+            if (o->cfg.recompute_below > 0 && (rc = kvm_comm_recompute_short(c, &p))) break;
             if (p.report.mode == KVM_COMM_REUSE && r->cos_n < o->cos_samples) rc = cos_vs_dense(c, &p, r);
             if (!rc) rc = kvm_generate(m, &p.seq, p.rest_ids, p.n_rest, &gp, NULL, NULL, &gr);
             if (!rc) rc = kvm_comm_complete(rq, &p, &gr, role == 0 ? &finder : NULL);

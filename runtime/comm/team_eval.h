@@ -13,6 +13,9 @@
 #include "prompt.h"
 
 #define KVM_TEAM_ROLES 4
+/* kvcomm.recompute_below of the improved policy (`--modes full+recompute`): the finder's answer (4 digits
+ * and at most a few more tokens) is recomputed, the facts segment (>= 8 facts, ~100+ tokens) is reused */
+#define KVM_TEAM_RECOMPUTE_BELOW 8
 
 typedef struct kvm_team_opts {
     int requests;            /* team items (each runs the 4 agents) */
