@@ -234,6 +234,8 @@ typedef struct kvm_kvcomm_apply_args {
     int32_t shift;
     const float *inv_freq;      /* backend memory [D/2] */
     kvm_rope_layout_t layout;
+    int dst_n_blocks;           /* entries of dst_blocks when > 0: the op then fails (KVM_EINVAL, nothing written)
+                                 * unless the last position dst_pos + (r1 - r0) - 1 lies in the table; 0 = unchecked */
 } kvm_kvcomm_apply_args_t;
 
 /* The CPU reference backend (always available). */

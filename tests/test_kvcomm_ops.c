@@ -546,6 +546,81 @@ static void test_backend_ops_match_the_cpu_reference(void **st) {
     check_backend_case(o, 4, 2, 128, 100, 77, 5, Tn2, KVM_BF16, KVM_ROPE_HALF);
     check_backend_case(o, 4, 2, 128, 100, 77, 5, Tn2, KVM_F32, KVM_ROPE_HALF);
     check_backend_case(o, 2, 3, 64, 45, 30, 5, Tn2, KVM_F16, KVM_ROPE_INTERLEAVED);
+    /* several row chunks of the one-pass distance kernel (128 rows of bf16 / 64 of fp32 at D=128), a partial last
+     * chunk, and anchors with different tail offsets (a different rotation per anchor) */
+    const int Tn3[4] = {300, 333, 300, 517};
+    check_backend_case(o, 2, 2, 128, 300, 40, 4, Tn3, KVM_BF16, KVM_ROPE_HALF);
+    check_backend_case(o, 2, 2, 128, 300, 40, 4, Tn3, KVM_F32, KVM_ROPE_INTERLEAVED);
+    const int Tn4[4] = {1100, 1100, 1203, 1100}; /* D = 16: 1024 rows per chunk */
+    check_backend_case(o, 2, 1, 16, 1100, 20, 4, Tn4, KVM_F32, KVM_ROPE_HALF);
+}
+
+/* ---- destination block tables ------------------------------------------------------------------------------ */
+
+/* Blocks the ops bench's destination table needs: it scatters the placeholder rows [0, T) at positions
+ * [pos0, pos0 + T) and the text rows [0, S - 1) right after them (the last prompt token is recomputed).
+ * The first version of the bench sized the table (T + S) / KVM_KV_BLOCK + 2 = 98 blocks, one short for
+ * pos0 = 37, T = 1024, S = 512: the last 4 text rows landed on entry 98, past the table, so the apply kernel
+ * took a block id from uninitialized device memory and wrote wherever it pointed (the KVM_EDEVICE at the
+ * N = 20 bench). */
+static int bench_dst_blocks(int pos0, int T, int S) { return (pos0 + T + (S - 1) - 1) / KVM_KV_BLOCK + 1; }
+
+static void test_bench_block_table_covers_the_last_scattered_row(void **st) {
+    (void)st;
+    const int pos[4] = {0, 15, 16, 37}, TS[3][2] = {{1024, 512}, {1000, 17}, {1, 2}};
+    for (int i = 0; i < 4; i++)
+        for (int j = 0; j < 3; j++) {
+            const int T = TS[j][0], S = TS[j][1], last = pos[i] + T + S - 2, nb = bench_dst_blocks(pos[i], T, S);
+            assert_true(last / KVM_KV_BLOCK < nb);        /* covered */
+            assert_true(last / KVM_KV_BLOCK == nb - 1);   /* and tight */
+        }
+    assert_true((37 + 1024 + 512 - 2) / KVM_KV_BLOCK >= (1024 + 512) / KVM_KV_BLOCK + 2); /* the old size was short */
+}
+
+/* kvcomm_apply with dst_n_blocks refuses a piece whose last position is past the table, and writes nothing */
+static void check_short_table_refused(const kvm_ops_t *o) {
+    const int Tn[2] = {20, 20};
+    kcase_t *k = case_make(2, 2, 16, 20, 13, 2, Tn, KVM_F32, KVM_ROPE_HALF);
+    devcase_t dc = dev_make(o, k);
+    const size_t pool_bytes = (size_t)k->n_blocks * k->L * 2 * k->H * KVM_KV_BLOCK * k->D * esz(k->dt);
+    void *before = malloc(pool_bytes), *after = malloc(pool_bytes);
+    assert_int_equal(o->d2h(before, dc.pool, pool_bytes), 0);
+    float *w = calloc((size_t)2 * k->N * k->T, sizeof(float));
+    float *dw = up(o, w, (size_t)2 * k->N * k->T * 4);
+    kvm_kv_view_t dv[2];
+    for (int n = 0; n < 2; n++) dv[n] = (kvm_kv_view_t){.data = dc.dphb[n], .rows = k->Tn[n], .l0 = 1};
+    /* rows [0, 20) at positions [7, 27): blocks 0 and 1 */
+    kvm_kvcomm_apply_args_t a = {.g = case_geom(k), .src = {.data = dc.pool, .blocks = dc.xblk, .start = k->xs},
+                                 .n = 2, .delta = dv, .w = dw, .w_rows = k->T, .r0 = 0, .r1 = 20,
+                                 .dst_kv = dc.pool, .dst_blocks = dc.oblk, .dst_pos = 7, .inv_freq = dc.inv_freq,
+                                 .layout = k->layout, .dst_n_blocks = 1};
+    assert_int_equal(o->kvcomm_apply(&a), KVM_EINVAL);
+    assert_non_null(strstr(kvm_errmsg(), "block 1"));
+    assert_int_equal(o->sync(), 0);
+    assert_int_equal(o->d2h(after, dc.pool, pool_bytes), 0);
+    assert_memory_equal(before, after, pool_bytes);
+    a.dst_n_blocks = 2;
+    assert_int_equal(o->kvcomm_apply(&a), 0);
+    assert_int_equal(o->sync(), 0);
+    o->free(dw);
+    free(w), free(before), free(after);
+    dev_free(&dc, k);
+    case_free(k);
+}
+
+static void test_apply_refuses_a_destination_past_its_block_table(void **st) {
+    (void)st;
+    check_short_table_refused(kvm_ops_cpu());
+}
+
+static void test_backend_apply_refuses_a_destination_past_its_block_table(void **st) {
+    (void)st;
+    const kvm_ops_t *o = gpu_ops_or_skip();
+    if (!o) {
+        skip();
+        return;
+    }
+    check_short_table_refused(o);
 }
 
 /* ---- 3. timing at Llama-3.1-8B shapes --------------------------------------------------------------------- */
@@ -592,7 +667,7 @@ static void test_bench_llama_shapes_when_asked(void **st) {
             o->fill_synthetic(DPF[s][n], KVM_BF16, tok * S / L * (L - 1) / 2, 300 + n + 1000 * s, 0.1f, 0.f);
         }
     }
-    int nb = (T + S) / KVM_KV_BLOCK + 2;
+    const int pos0 = 37, nb = bench_dst_blocks(pos0, T, S);
     size_t pool_bytes = (size_t)nb * KVM_KV_BLOCK * tok;
     void *pool = o->alloc(pool_bytes);
     int32_t *hb = malloc((size_t)nb * 4);
@@ -607,7 +682,7 @@ static void test_bench_llama_shapes_when_asked(void **st) {
     int rows[KVM_KVCOMM_MAX_ANCHORS];
     for (int n = 0; n < N; n++) rows[n] = T;
     const int reps = 20, warm = 3;
-    double t_dist[20], t_all[20];
+    double t_d[20], t_dist[20], t_all[20];
     for (int it = 0; it < warm + reps; it++) {
         int s = it % NSET;
         kvm_kv_view_t av[KVM_KVCOMM_MAX_ANCHORS], dv[KVM_KVCOMM_MAX_ANCHORS], fv[KVM_KVCOMM_MAX_ANCHORS];
@@ -621,18 +696,19 @@ static void test_bench_llama_shapes_when_asked(void **st) {
                                      .inv_freq = dinv, .layout = KVM_ROPE_HALF, .d_ph = d_ph, .d_pf = d_pf, .d_pred = d_pred};
         kvm_kvcomm_apply_args_t aph = {.g = g, .src = {.data = X[s], .rows = T}, .n = N, .delta = dv, .w = w_ph,
                                        .per_channel = 0, .w_rows = T, .r0 = 0, .r1 = T, .dst_kv = pool,
-                                       .dst_blocks = blk, .dst_pos = 37, .shift = 37, .inv_freq = dinv,
-                                       .layout = KVM_ROPE_HALF};
+                                       .dst_blocks = blk, .dst_pos = pos0, .shift = pos0, .inv_freq = dinv,
+                                       .layout = KVM_ROPE_HALF, .dst_n_blocks = nb};
         kvm_kvcomm_apply_args_t apf = aph;
         apf.src = (kvm_kv_view_t){.data = P[s], .rows = S};
         apf.delta = fv;
         apf.w = w_pf;
         apf.per_channel = 1;
         apf.r1 = S - 1; /* the last prompt token is recomputed */
-        apf.dst_pos = 37 + T;
-        apf.shift = 37 + T;
+        apf.dst_pos = pos0 + T;
+        apf.shift = pos0 + T;
         void *e0 = o->event_record();
         assert_int_equal(o->kvcomm_dist(&da), 0);
+        void *ed = o->event_record();
         assert_int_equal(o->kvcomm_softmax(w_ph, d_ph, N, (size_t)T, 0), 0);
         assert_int_equal(o->kvcomm_softmax(w_ph + (size_t)N * T, d_ph + (size_t)N * T, N, (size_t)T, 0), 0);
         assert_int_equal(o->kvcomm_softmax(w_pf, d_pf, N, npf / 2 / N, 0), 0);
@@ -641,15 +717,31 @@ static void test_bench_llama_shapes_when_asked(void **st) {
         assert_int_equal(o->kvcomm_apply(&aph), 0);
         assert_int_equal(o->kvcomm_apply(&apf), 0);
         void *e2 = o->event_record();
-        assert_int_equal(o->sync(), 0);
+        int rc = o->sync();
+        if (rc) fprintf(stderr, "iteration %d: %s\n", it, kvm_errmsg());
+        assert_int_equal(rc, 0);
         if (it >= warm) {
+            t_d[it - warm] = o->event_elapsed_ms(e0, ed);
             t_dist[it - warm] = o->event_elapsed_ms(e0, e1);
             t_all[it - warm] = o->event_elapsed_ms(e0, e2);
         }
-        o->event_free(e0), o->event_free(e1), o->event_free(e2);
+        o->event_free(e0), o->event_free(ed), o->event_free(e1), o->event_free(e2);
     }
+    qsort(t_d, reps, sizeof(double), cmpd);
     qsort(t_dist, reps, sizeof(double), cmpd);
     qsort(t_all, reps, sizeof(double), cmpd);
+    /* the device's copy bandwidth in this process (read + write bytes of a 128 MiB d2d copy, median of 10) */
+    double t_cp[10];
+    for (int it = 0; it < 12; it++) {
+        void *c0 = o->event_record();
+        assert_int_equal(o->d2d(A[1][0], A[0][0], tok * T), 0);
+        void *c1 = o->event_record();
+        assert_int_equal(o->sync(), 0);
+        if (it >= 2) t_cp[it - 2] = o->event_elapsed_ms(c0, c1);
+        o->event_free(c0), o->event_free(c1);
+    }
+    qsort(t_cp, 10, sizeof(double), cmpd);
+    const double bw_meas = 2.0 * tok * T / (t_cp[5] * 1e-3) / 1e12;
     /* floor (perf.md §4): weights read candidate + N bases over T; apply reads base + N deltas (layers 1..L-1)
      * and writes the KV, for T + S - 1 rows */
     double bw = getenv("KVM_BW_TBS") ? atof(getenv("KVM_BW_TBS")) : 2.99;
@@ -659,6 +751,9 @@ static void test_bench_llama_shapes_when_asked(void **st) {
     double per1k = 1024.0 / (T + S - 1);
     printf("kvcomm_ops bench (%s, bf16, L=%d H=%d D=%d, T=%d S=%d N=%d, %d reps, median [p10 p90])\n", o->name, L, H, D,
            T, S, N, reps);
+    printf("  device copy bandwidth measured here: %.3f TB/s (read + write); floors below at %.2f TB/s\n", bw_meas, bw);
+    printf("  dist alone: %.3f ms [%.3f %.3f] (%s kernel)\n", t_d[reps / 2], t_d[2], t_d[reps - 3],
+           getenv("KVM_KVCOMM_DIST") && !strcmp(getenv("KVM_KVCOMM_DIST"), "v1") ? "v1" : "v2");
     printf("  weights (dist+softmax): %.3f ms [%.3f %.3f]  floor %.3f ms  ratio %.2f\n", t_dist[reps / 2], t_dist[2],
            t_dist[reps - 3], f_dist, t_dist[reps / 2] / f_dist);
     double ta = t_all[reps / 2] - t_dist[reps / 2];
@@ -666,10 +761,13 @@ static void test_bench_llama_shapes_when_asked(void **st) {
            ta / (f_all - f_dist));
     printf("  total: %.3f ms [%.3f %.3f]  floor %.3f ms  ratio %.2f  (GB moved %.2f at %.2f TB/s)\n", t_all[reps / 2],
            t_all[2], t_all[reps - 3], f_all, t_all[reps / 2] / f_all, (b_dist + b_apply) / 1e9, bw);
-    printf("  per 1K tokens: %.3f ms, floor %.3f ms\n", t_all[reps / 2] * per1k, f_all * per1k);
-    printf("KVCOMM_OPS_JSON {\"device\":\"%s\",\"N\":%d,\"T\":%d,\"S\":%d,\"weights_ms\":%.4f,\"total_ms\":%.4f,"
-           "\"floor_ms\":%.4f,\"weights_floor_ms\":%.4f,\"ratio\":%.3f}\n",
-           o->name, N, T, S, t_dist[reps / 2], t_all[reps / 2], f_all, f_dist, t_all[reps / 2] / f_all);
+    printf("  per 1K tokens: %.3f ms, floor %.3f ms (at the measured copy bandwidth: floor %.3f ms, ratio %.2f)\n",
+           t_all[reps / 2] * per1k, f_all * per1k, f_all * per1k * bw / bw_meas, t_all[reps / 2] / (f_all * bw / bw_meas));
+    printf("KVCOMM_OPS_JSON {\"device\":\"%s\",\"N\":%d,\"T\":%d,\"S\":%d,\"dist_ms\":%.4f,\"weights_ms\":%.4f,"
+           "\"total_ms\":%.4f,\"floor_ms\":%.4f,\"weights_floor_ms\":%.4f,\"ratio\":%.3f,\"bw_tbs\":%.3f,"
+           "\"copy_bw_tbs\":%.3f}\n",
+           o->name, N, T, S, t_d[reps / 2], t_dist[reps / 2], t_all[reps / 2], f_all, f_dist, t_all[reps / 2] / f_all, bw,
+           bw_meas);
     for (int s = 0; s < NSET; s++) {
         o->free(X[s]), o->free(P[s]);
         for (int n = 0; n < N; n++) o->free(A[s][n]), o->free(DPH[s][n]), o->free(DPF[s][n]);
@@ -684,7 +782,10 @@ int main(void) {
         cmocka_unit_test(test_cpu_ops_match_the_formulas_bf16_interleaved),
         cmocka_unit_test(test_cpu_ops_match_the_formulas_fp32_interleaved_odd_head_dim),
         cmocka_unit_test(test_nearest_softmax_is_one_hot_on_the_first_minimum),
+        cmocka_unit_test(test_bench_block_table_covers_the_last_scattered_row),
+        cmocka_unit_test(test_apply_refuses_a_destination_past_its_block_table),
         cmocka_unit_test(test_backend_ops_match_the_cpu_reference),
+        cmocka_unit_test(test_backend_apply_refuses_a_destination_past_its_block_table),
         cmocka_unit_test(test_bench_llama_shapes_when_asked),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

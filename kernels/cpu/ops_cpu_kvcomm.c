@@ -168,6 +168,9 @@ int kvm_cpu_kvcomm_apply(const kvm_kvcomm_apply_args_t *a) {
     if (a->r0 < 0 || a->r1 < a->r0 || N < 0 || (N > 0 && (!a->w || !a->delta)) || !a->dst_blocks || !a->dst_kv)
         return kvm_seterr(KVM_EINVAL, "kvcomm_apply: rows [%d, %d), N=%d", a->r0, a->r1, N);
     if (a->shift && !a->inv_freq) return kvm_seterr(KVM_EINVAL, "kvcomm_apply: a shift needs inv_freq");
+    if (a->dst_n_blocks > 0 && a->r1 > a->r0 && (a->dst_pos + (a->r1 - a->r0) - 1) / KVM_KV_BLOCK >= a->dst_n_blocks)
+        return kvm_seterr(KVM_EINVAL, "kvcomm_apply: positions [%d, %d) need block %d, the table has %d", a->dst_pos,
+                          a->dst_pos + (a->r1 - a->r0), (a->dst_pos + (a->r1 - a->r0) - 1) / KVM_KV_BLOCK, a->dst_n_blocks);
     const kvm_kv_view_t dst = {.data = a->dst_kv, .blocks = a->dst_blocks, .start = a->dst_pos - a->r0};
     int fail = 0;
 #pragma omp parallel for collapse(2) schedule(static)

@@ -21,6 +21,7 @@
 #include <assert.h>
 #include <math.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #ifdef KVM_KVCOMM_DEBUG
@@ -237,6 +238,215 @@ template <typename E> __global__ void __launch_bounds__(kThreads) k_dist(const _
     }
 }
 
+/* ---- dist, one pass over the candidate (v2, the default) ------------------------------------------------ *
+ * One block per (row chunk, kv, layer, head): the block loads its chunk of the candidate's rows ONCE into
+ * registers (raw storage, kRPT rows per thread) and then streams every anchor's rows of the same slab, so the
+ * candidate is read from HBM once for all N anchors and nothing is re-read from L2 per anchor. Per anchor it
+ * writes the head-aligned per-row |x-a| sums (as v1: [2][N][L*H][T], reduced over (l,h) by k_dist_fin), the
+ * chunk's tail-aligned per-channel sums of squares ([NC][2][N][L*H][D], summed over chunks and square-rooted
+ * by k_dist_fin) and the chunk's prediction sum of squares ([NC][N][L*H]). Shared memory: cs[D] |
+ * red[2][warps][D] (double-buffered so one __syncthreads per anchor suffices) | pred[2][warps]. */
+
+template <typename E> struct RawChunk { uint4 v[2]; }; /* 16 elements of a 16-bit type */
+template <> struct RawChunk<float> { float4 v[4]; };
+
+template <typename E> __device__ __forceinline__ void ld_raw(const E *row, int c, int D, int il, RawChunk<E> &r) {
+    const uint4 *a = reinterpret_cast<const uint4 *>(row + (il ? c * 16 : c * 8));
+    const uint4 *b = reinterpret_cast<const uint4 *>(row + (il ? c * 16 + 8 : D / 2 + c * 8));
+    r.v[0] = __ldg(a), r.v[1] = __ldg(b);
+}
+template <> __device__ __forceinline__ void ld_raw<float>(const float *row, int c, int D, int il, RawChunk<float> &r) {
+    const float4 *a = reinterpret_cast<const float4 *>(row + (il ? c * 16 : c * 8));
+    const float4 *b = reinterpret_cast<const float4 *>(row + (il ? c * 16 + 8 : D / 2 + c * 8));
+    r.v[0] = __ldg(a), r.v[1] = __ldg(a + 1), r.v[2] = __ldg(b), r.v[3] = __ldg(b + 1);
+}
+/* raw -> fp32 in the chunk order of ld16 (x[i], x[8 + i] = pair i) */
+template <typename E> __device__ __forceinline__ void decode(const RawChunk<E> &r, int il, float *x) {
+    const E *e = reinterpret_cast<const E *>(&r);
+    if (!il) {
+#pragma unroll
+        for (int k = 0; k < 16; k++) x[k] = kvm_to_f32<E>(e[k]);
+    } else {
+#pragma unroll
+        for (int i = 0; i < 8; i++) x[i] = kvm_to_f32<E>(e[2 * i]), x[8 + i] = kvm_to_f32<E>(e[2 * i + 1]);
+    }
+}
+template <> __device__ __forceinline__ void decode<float>(const RawChunk<float> &r, int il, float *x) {
+    const float *e = reinterpret_cast<const float *>(&r);
+    if (!il) {
+#pragma unroll
+        for (int k = 0; k < 16; k++) x[k] = e[k];
+    } else {
+#pragma unroll
+        for (int i = 0; i < 8; i++) x[i] = e[2 * i], x[8 + i] = e[2 * i + 1];
+    }
+}
+
+template <typename E> __host__ __device__ constexpr int rpt() { return sizeof(E) == 4 ? 2 : 4; } /* candidate rows per thread */
+
+struct Dist2Out {
+    float *ph_part;   /* [2][N][L*H][T] */
+    float *pf_part;   /* [NC][2][N][L*H][D] */
+    float *pred_part; /* [NC][N][L*H] */
+};
+
+template <typename E>
+__global__ void __launch_bounds__(kThreads) k_dist2(const __grid_constant__ DistParams p, const Dist2Out o) {
+    extern __shared__ float sm[];
+    constexpr int RPT = rpt<E>(), NW = kThreads / 32;
+    const Geo g = p.g;
+    const int N = p.N, T = p.T;
+    int b = blockIdx.y;
+    const int h = b % g.H;
+    b /= g.H;
+    const int l = b % g.L;
+    const int kv = b / g.L;
+    const bool want_ph = p.want & KVM_KVCOMM_WANT_PH, want_pf = p.want & KVM_KVCOMM_WANT_PF;
+    const bool want_pred = (p.want & KVM_KVCOMM_WANT_PRED) && kv == 1;
+    if (!want_ph && !want_pf && !want_pred) return;
+    const int CPR = g.D / 16, RG = kThreads / CPR, TC = RG * RPT;
+    const int c = threadIdx.x % CPR, rg = threadIdx.x / CPR, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int chunk = blockIdx.x, t0 = chunk * TC;
+    const size_t LH = (size_t)g.L * g.H, lh = (size_t)l * g.H + h;
+    /* the candidate chunk: each thread keeps its own rows (no other thread reads them, so no barrier) */
+    RawChunk<E> *xr = reinterpret_cast<RawChunk<E> *>(sm) + threadIdx.x;
+    float *cs = sm + RPT * kThreads * (sizeof(RawChunk<E>) / sizeof(float)), *red = cs + g.D, *psm = red + 2 * NW * g.D;
+    const E *X = static_cast<const E *>(p.x.data);
+    bool live[RPT];
+#pragma unroll
+    for (int j = 0; j < RPT; j++) {
+        const int t = t0 + rg + j * RG;
+        live[j] = t < T;
+        if (live[j]) {
+            RawChunk<E> r;
+            ld_raw(X + vidx(p.x, g, l, kv, h, t), c, g.D, p.il, r);
+            xr[j * kThreads] = r;
+        }
+    }
+    int cs_off = 0;
+    for (int n = 0; n < N; n++) {
+        const int off = p.a_rows[n] - T;
+        const bool rot = kv == 0 && off && p.rotate_tail && want_pf;
+        if (rot && off != cs_off) { /* block-uniform */
+            __syncthreads();
+            fill_cs(cs, -off, p.inv_freq, g.D);
+            __syncthreads();
+            cs_off = off;
+        }
+        const E *A = static_cast<const E *>(p.a[n].data);
+        const bool need_head = want_ph || want_pred || (want_pf && off == 0);
+        const bool need_tail = want_pf && off != 0;
+        float acc[16];
+#pragma unroll
+        for (int k = 0; k < 16; k++) acc[k] = 0.f;
+        float s_abs[RPT], acc_pred = 0.f;
+        RawChunk<E> ar[RPT];
+#pragma unroll
+        for (int j = 0; j < RPT; j++)
+            if (live[j] && need_head) ld_raw(A + vidx(p.a[n], g, l, kv, h, t0 + rg + j * RG), c, g.D, p.il, ar[j]);
+#pragma unroll
+        for (int j = 0; j < RPT; j++) {
+            s_abs[j] = 0.f;
+            if (!live[j]) continue;
+            float x[16], a[16];
+            decode(xr[j * kThreads], p.il, x);
+            if (need_head) {
+                decode(ar[j], p.il, a);
+#pragma unroll
+                for (int k = 0; k < 16; k++) {
+                    const float df = x[k] - a[k];
+                    s_abs[j] += fabsf(df);
+                    acc_pred += df * df;
+                    if (!need_tail) acc[k] += df * df;
+                }
+            }
+        }
+        if (need_tail) {
+#pragma unroll
+            for (int j = 0; j < RPT; j++)
+                if (live[j]) ld_raw(A + vidx(p.a[n], g, l, kv, h, off + t0 + rg + j * RG), c, g.D, p.il, ar[j]);
+#pragma unroll
+            for (int j = 0; j < RPT; j++) {
+                if (!live[j]) continue;
+                float x[16], a[16];
+                decode(xr[j * kThreads], p.il, x);
+                decode(ar[j], p.il, a);
+                if (rot) rot16(a, cs, c, g.D);
+#pragma unroll
+                for (int k = 0; k < 16; k++) {
+                    const float df = x[k] - a[k];
+                    acc[k] += df * df;
+                }
+            }
+        }
+        if (want_ph) {
+#pragma unroll
+            for (int j = 0; j < RPT; j++) {
+                float v = s_abs[j];
+                for (int o2 = CPR / 2; o2 > 0; o2 >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o2);
+                if (live[j] && c == 0)
+                    o.ph_part[(((size_t)kv * N + n) * LH + lh) * T + t0 + rg + j * RG] = v;
+            }
+        }
+        float *rb = red + (size_t)(n & 1) * NW * g.D;
+        if (want_pf) {
+            /* the rows of a warp that hold the same channel chunk are lanes c, c + CPR, ... */
+            for (int o2 = CPR; o2 < 32; o2 <<= 1)
+#pragma unroll
+                for (int k = 0; k < 16; k++) acc[k] += __shfl_xor_sync(0xffffffffu, acc[k], o2);
+            if (lane < CPR)
+#pragma unroll
+                for (int k = 0; k < 16; k++) rb[warp * g.D + chunk_elem(c, k, g.D, p.il)] = acc[k];
+        }
+        if (want_pred) {
+            float s = kvm_warp_sum(acc_pred);
+            if (lane == 0) psm[(n & 1) * NW + warp] = s;
+        }
+        if (want_pf || want_pred) __syncthreads();
+        if (want_pf)
+            for (int d = threadIdx.x; d < g.D; d += blockDim.x) {
+                float s = 0.f;
+#pragma unroll
+                for (int w = 0; w < NW; w++) s += rb[w * g.D + d];
+                o.pf_part[((((size_t)chunk * 2 + kv) * N + n) * LH + lh) * g.D + d] = s;
+            }
+        if (want_pred && threadIdx.x == 0) {
+            float s = 0.f;
+            for (int w = 0; w < NW; w++) s += psm[(n & 1) * NW + w];
+            o.pred_part[((size_t)chunk * N + n) * LH + lh] = s;
+        }
+    }
+}
+
+/* the three reductions of k_dist2 in one launch: d_ph (sum over (l,h), scaled), d_pf (sqrt of the sum over
+ * chunks), d_pred (sqrt of the sum over chunks and (l,h)); fp64 sums */
+__global__ void k_dist_fin(float *d_ph, float *d_pf, float *d_pred, const Dist2Out o, int N, int LH, int T, int D, int NC,
+                           size_t n_ph, size_t n_pf, size_t n_pred, double scale) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n_ph) {
+        const size_t kn = i / T, t = i % T;
+        const float *q = o.ph_part + kn * LH * T + t;
+        double s = 0;
+        for (int j = 0; j < LH; j++) s += q[(size_t)j * T];
+        d_ph[i] = (float)(s * scale);
+        return;
+    }
+    i -= n_ph;
+    if (i < n_pf) {
+        double s = 0;
+        for (int ch = 0; ch < NC; ch++) s += o.pf_part[(size_t)ch * n_pf + i];
+        d_pf[i] = (float)sqrt(s);
+        return;
+    }
+    i -= n_pf;
+    if (i < n_pred) {
+        double s = 0;
+        for (int ch = 0; ch < NC; ch++)
+            for (int j = 0; j < LH; j++) s += o.pred_part[((size_t)ch * N + i) * LH + j];
+        d_pred[i] = (float)sqrt(s);
+    }
+}
+
 /* d_ph[kv][n][t] = sum over (l,h) of the partials / (L*H*D) */
 __global__ void k_dist_ph_reduce(float *d_ph, const float *part, int N, int LH, int T, float scale) {
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
@@ -401,6 +611,16 @@ int check_view(const kvm_kv_view_t &v, const char *what, const char *op, int row
     return 0;
 }
 
+/* KVM_KVCOMM_DIST=v1 selects the first distance kernel (one block per anchor), kept for A/B timing */
+bool dist_v1() {
+    static int v = -1;
+    if (v < 0) {
+        const char *e = getenv("KVM_KVCOMM_DIST");
+        v = e && !strcmp(e, "v1");
+    }
+    return v == 1;
+}
+
 int launch_rc(const char *what) {
     cudaError_t e = cudaGetLastError();
     if (e != cudaSuccess) return kvm_seterr(KVM_EDEVICE, "%s: %s", what, cudaGetErrorString(e));
@@ -439,6 +659,41 @@ extern "C" int kvm_cuda_kvcomm_dist(const kvm_kvcomm_dist_args_t *a) {
     if ((a->want & KVM_KVCOMM_WANT_PF) && a->rotate_tail && !a->inv_freq)
         return kvm_seterr(KVM_EINVAL, "kvcomm_dist: rotate_tail needs inv_freq");
     const size_t LH = (size_t)L * H;
+    cudaStream_t st = g_cuda.stream;
+    if (!dist_v1()) {
+        const int TC = (kThreads / (D / 16)) * (a->g.dtype == KVM_F32 ? rpt<float>() : rpt<__half>());
+        const int NC = (T + TC - 1) / TC;
+        const size_t n_ph = (a->want & KVM_KVCOMM_WANT_PH) ? (size_t)2 * N * T : 0;
+        const size_t n_pf = (a->want & KVM_KVCOMM_WANT_PF) ? (size_t)2 * N * LH * D : 0;
+        const size_t n_pred = (a->want & KVM_KVCOMM_WANT_PRED) ? (size_t)N : 0;
+        const size_t ph_elems = n_ph ? (size_t)2 * N * LH * T : 0, pf_elems = (size_t)NC * n_pf,
+                     pred_elems = n_pred ? (size_t)NC * N * LH : 0;
+        float *part = part_buf((ph_elems + pf_elems + pred_elems + 64) * sizeof(float));
+        if (!part) return kvm_errcode();
+        Dist2Out o{part, part + ph_elems, part + ph_elems + pf_elems};
+        const size_t shmem = (size_t)rpt<float>() * kThreads * sizeof(RawChunk<float>) /* = the 16-bit size */ +
+                             ((size_t)D + 2 * (kThreads / 32) * (size_t)D + 2 * (kThreads / 32)) * sizeof(float);
+        dim3 grid((unsigned)NC, (unsigned)(2 * LH));
+        switch (a->g.dtype) {
+        case KVM_F32:
+            cudaFuncSetAttribute(k_dist2<float>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)shmem);
+            k_dist2<float><<<grid, kThreads, shmem, st>>>(p, o);
+            break;
+        case KVM_BF16:
+            cudaFuncSetAttribute(k_dist2<__nv_bfloat16>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)shmem);
+            k_dist2<__nv_bfloat16><<<grid, kThreads, shmem, st>>>(p, o);
+            break;
+        default:
+            cudaFuncSetAttribute(k_dist2<__half>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)shmem);
+            k_dist2<__half><<<grid, kThreads, shmem, st>>>(p, o);
+            break;
+        }
+        if ((rc = launch_rc("kvcomm_dist"))) return rc;
+        const size_t tot = n_ph + n_pf + n_pred;
+        k_dist_fin<<<(unsigned)((tot + 255) / 256), 256, 0, st>>>(a->d_ph, a->d_pf, a->d_pred, o, N, (int)LH, T, D, NC, n_ph,
+                                                                  n_pf, n_pred, 1.0 / ((double)LH * D));
+        return launch_rc("kvcomm_dist(reduce)");
+    }
     size_t ph_elems = (a->want & KVM_KVCOMM_WANT_PH) ? (size_t)2 * N * LH * T : 0;
     size_t pred_elems = (a->want & KVM_KVCOMM_WANT_PRED) ? (size_t)N * LH : 0;
     float *part = part_buf((ph_elems + pred_elems + 64) * sizeof(float));
@@ -448,7 +703,6 @@ extern "C" int kvm_cuda_kvcomm_dist(const kvm_kvcomm_dist_args_t *a) {
     const int RG = kThreads / (D / 16);
     size_t shmem = (size_t)D * sizeof(float) + (size_t)RG * D * sizeof(float);
     unsigned blocks = (unsigned)((size_t)N * 2 * L * H);
-    cudaStream_t st = g_cuda.stream;
     switch (a->g.dtype) {
     case KVM_F32:
         cudaFuncSetAttribute(k_dist<float>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)shmem);
@@ -496,6 +750,9 @@ extern "C" int kvm_cuda_kvcomm_apply(const kvm_kvcomm_apply_args_t *a) {
         return kvm_seterr(KVM_EINVAL, "kvcomm_apply: rows [%d, %d), N=%d, dst_pos %d", a->r0, a->r1, N, a->dst_pos);
     if (a->shift && !a->inv_freq) return kvm_seterr(KVM_EINVAL, "kvcomm_apply: a shift needs inv_freq");
     if (a->r1 == a->r0) return 0;
+    if (a->dst_n_blocks > 0 && (a->dst_pos + (a->r1 - a->r0) - 1) / KVM_KV_BLOCK >= a->dst_n_blocks)
+        return kvm_seterr(KVM_EINVAL, "kvcomm_apply: positions [%d, %d) need block %d, the table has %d", a->dst_pos,
+                          a->dst_pos + (a->r1 - a->r0), (a->dst_pos + (a->r1 - a->r0) - 1) / KVM_KV_BLOCK, a->dst_n_blocks);
     if ((rc = check_view(a->src, "source", "kvcomm_apply", a->r1))) return rc;
     ApplyParams p;
     memset(&p, 0, sizeof p);

@@ -9,7 +9,13 @@
  *     path) and get a device mirror in the pool dtype when they are committed (comm_dev_anchor_sync), freed
  *     with the anchor;
  *   - template text segments P get a device copy on first use (per template, kept until the template is freed);
- *   - weights live on the device per sample, cached by anchor set like the host cache.
+ *   - weights live on the device per sample, cached by anchor set like the host cache; their buffers come from
+ *     a small free list in the comm's device context (returned there when the request's samples are freed), so
+ *     a steady stream of requests allocates no device memory on the reuse path.
+ * Hot path (comm_dev_reuse): one upload of every block table the prompt needs, then the weights (dist +
+ * softmax, only on a cache miss) and the fused apply of every piece are enqueued back to back with no host
+ * synchronization in between, one sync at the end, then one small read-back of the placeholder key weights
+ * per newly computed sample for the trace's top anchor.
  * Selection (comm_dev_on) is per request; the host path in kvcomm.c/comm.c stays the reference. */
 #include <math.h>
 #include <stdio.h>
@@ -27,17 +33,27 @@ struct comm_dev_anchor {
 
 struct comm_dev_sample {
     const kvm_ops_t *o;
+    kvm_comm_t *c;        /* whose device context takes w back */
     kvm_segment_t *seg;   /* one reference */
     float *w;             /* [2][N][T] | [2][N][L][H][D], distances then weights (in place) */
     size_t w_cap;         /* floats */
     uint64_t *keys;       /* anchor keys of the cached weights */
     int n;                /* 0 = no cached weights */
+    float *mean_w;        /* host [n]: mean placeholder key weight per anchor (trace), when mean_ok */
+    bool mean_ok;
 };
 
+#define COMM_DEV_WFREE 8
+
 struct comm_dev_ctx {
-    int32_t *bt[2];       /* device block tables: 0 = the prompt's sequence, 1 = a segment */
+    int32_t *bt[2];       /* device block tables: 0 = everything one comm_dev_reuse needs, 1 = comm_dev_pred's segment */
     size_t bt_cap[2];
+    int32_t *hbt;         /* host staging of slot 0 */
+    size_t hbt_cap;
     float *pred;          /* [KVM_KVCOMM_MAX_ANCHORS] */
+    float *wfree[COMM_DEV_WFREE]; /* weight buffers of freed samples, for reuse */
+    size_t wfree_cap[COMM_DEV_WFREE];
+    int n_wfree;
 };
 
 bool comm_dev_on(kvm_comm_t *c) {
@@ -63,9 +79,45 @@ void comm_dev_ctx_free(kvm_comm_t *c) {
     if (!c->dev) return;
     const kvm_ops_t *o = c->pool->ops;
     for (int i = 0; i < 2; i++) o->free(c->dev->bt[i]);
+    for (int i = 0; i < c->dev->n_wfree; i++) o->free(c->dev->wfree[i]);
     o->free(c->dev->pred);
+    kvm_free(c->dev->hbt);
     kvm_free(c->dev);
     c->dev = NULL;
+}
+
+/* A device buffer of at least `need` floats for sample weights: the smallest fitting one of the free list, else
+ * a new one (its capacity in *cap). Buffers on the free list may still be read by queued kernels; every use
+ * is stream-ordered after them. */
+static float *wbuf_take(kvm_comm_t *c, size_t need, size_t *cap) {
+    struct comm_dev_ctx *x = c->dev;
+    int best = -1;
+    for (int i = 0; x && i < x->n_wfree; i++)
+        if (x->wfree_cap[i] >= need && (best < 0 || x->wfree_cap[i] < x->wfree_cap[best])) best = i;
+    if (best >= 0) {
+        float *p = x->wfree[best];
+        *cap = x->wfree_cap[best];
+        x->wfree[best] = x->wfree[x->n_wfree - 1];
+        x->wfree_cap[best] = x->wfree_cap[x->n_wfree - 1];
+        x->n_wfree--;
+        return p;
+    }
+    size_t n = need < 4096 ? 4096 : need + need / 4; /* room for a few more anchors */
+    float *p = c->pool->ops->alloc(n * sizeof(float));
+    *cap = p ? n : 0;
+    return p;
+}
+
+/* Gives a weight buffer back to the free list (or frees it when the list is full or there is no context). */
+static void wbuf_give(kvm_comm_t *c, const kvm_ops_t *o, float *p, size_t cap) {
+    if (!p) return;
+    struct comm_dev_ctx *x = c ? c->dev : NULL;
+    if (x && x->n_wfree < COMM_DEV_WFREE) {
+        x->wfree[x->n_wfree] = p;
+        x->wfree_cap[x->n_wfree++] = cap;
+        return;
+    }
+    o->free(p);
 }
 
 /* Uploads a block table into device slot `which` (grow-only). The copy is stream-ordered after earlier
@@ -99,7 +151,14 @@ static void *upload_rows(const kvm_ops_t *o, kvm_dtype_t dt, const float *src, s
             o->free(d);
             return NULL;
         }
-        for (size_t i = 0; i < count; i++) tmp[i] = dt == KVM_BF16 ? kvm_f32_to_bf16(src[i]) : kvm_f32_to_f16(src[i]);
+        const long long cnt = (long long)count;
+        if (dt == KVM_BF16) {
+#pragma omp parallel for schedule(static) if (cnt > (1 << 18))
+            for (long long i = 0; i < cnt; i++) tmp[i] = kvm_f32_to_bf16(src[i]);
+        } else {
+#pragma omp parallel for schedule(static) if (cnt > (1 << 18))
+            for (long long i = 0; i < cnt; i++) tmp[i] = kvm_f32_to_f16(src[i]);
+        }
         h = tmp;
     }
     int rc = o->h2d(d, h, bytes);
@@ -194,6 +253,7 @@ int comm_dev_sample_bind(kvm_comm_t *c, comm_sample_t *s, const kvm_segment_t *s
     s->dev = kvm_calloc(1, sizeof *s->dev);
     if (!s->dev) return KVM_ENOMEM;
     s->dev->o = c->pool->ops;
+    s->dev->c = c;
     s->dev->seg = (kvm_segment_t *)seg;
     kvm_segment_ref(s->dev->seg);
     return 0;
@@ -203,8 +263,9 @@ void comm_dev_sample_free(comm_sample_t *s) {
     struct comm_dev_sample *d = s->dev;
     if (!d) return;
     kvm_segment_release(d->seg);
-    d->o->free(d->w);
+    wbuf_give(d->c, d->o, d->w, d->w_cap);
     kvm_free(d->keys);
+    kvm_free(d->mean_w);
     kvm_free(d);
     s->dev = NULL;
 }
@@ -269,35 +330,40 @@ int comm_dev_pred(kvm_comm_t *c, comm_sample_t *s, comm_anchor_t **E, int n, dou
 
 /* ==== weights (§3.6) ======================================================================================= */
 
-static int dev_weights(kvm_comm_t *c, comm_sample_t *s, comm_anchor_t **A, int N) {
+/* Enqueues the weights of sample s over anchors A[0..N) (distances, then softmax in place) unless the sample's
+ * cached weights are for the same anchors; xv is the sample's base (a paged view). Sets *computed. No sync. */
+static int dev_weights(kvm_comm_t *c, comm_sample_t *s, comm_anchor_t **A, int N, const kvm_kv_view_t *xv, bool *computed) {
     struct comm_dev_sample *ds = s->dev;
     const comm_geom_t *g = &c->g;
     const kvm_ops_t *o = c->pool->ops;
+    *computed = false;
     if (ds->n == N && ds->keys) {
         bool same = true;
         for (int i = 0; i < N && same; i++) same = ds->keys[i] == A[i]->key;
         if (same) return 0;
     }
     ds->n = 0;
+    ds->mean_ok = false;
     const size_t nph = (size_t)2 * N * s->T, per = (size_t)g->L * g->H * g->D, need = nph + 2 * N * per;
     if (ds->w_cap < need) {
-        o->free(ds->w);
-        ds->w = o->alloc(need * sizeof(float));
-        ds->w_cap = ds->w ? need : 0;
+        wbuf_give(c, o, ds->w, ds->w_cap);
+        ds->w = wbuf_take(c, need, &ds->w_cap);
         if (!ds->w) return kvm_errcode() ? kvm_errcode() : KVM_ENOMEM;
     }
     uint64_t *keys = kvm_realloc(ds->keys, (size_t)N * sizeof(uint64_t));
     if (!keys) return KVM_ENOMEM;
     ds->keys = keys;
+    float *mw = kvm_realloc(ds->mean_w, (size_t)N * sizeof(float));
+    if (!mw) return KVM_ENOMEM;
+    ds->mean_w = mw;
     kvm_kv_view_t av[KVM_KVCOMM_MAX_ANCHORS];
     int rows[KVM_KVCOMM_MAX_ANCHORS];
     int rc = anchor_views(c, A, N, av, rows);
     float *wph = ds->w, *wpf = ds->w + nph;
-    kvm_kvcomm_dist_args_t a = {.g = c->pool->geom, .T = s->T, .n = N, .a = av, .a_rows = rows,
+    kvm_kvcomm_dist_args_t a = {.g = c->pool->geom, .x = *xv, .T = s->T, .n = N, .a = av, .a_rows = rows,
                                 .want = KVM_KVCOMM_WANT_PH | KVM_KVCOMM_WANT_PF, .rotate_tail = 1,
                                 .inv_freq = kvm_kv_store_inv_freq_dev(c->store),
                                 .layout = kvm_kv_store_rope(c->store)->layout, .d_ph = wph, .d_pf = wpf};
-    if (!rc) rc = seg_view(c, ds->seg, &a.x);
     if (!rc) rc = o->kvcomm_dist(&a);
     const int mode = c->cfg.weights == KVM_KVCOMM_W_NEAREST ? KVM_KVCOMM_NEAREST : KVM_KVCOMM_SOFTMAX;
     for (int kv = 0; kv < 2 && !rc; kv++) {
@@ -307,12 +373,57 @@ static int dev_weights(kvm_comm_t *c, comm_sample_t *s, comm_anchor_t **A, int N
     if (rc) return rc;
     for (int i = 0; i < N; i++) ds->keys[i] = A[i]->key;
     ds->n = N;
+    *computed = true;
     return 0;
+}
+
+/* Reads back the placeholder key weights [N][T] of s (after a sync) and keeps their mean per anchor. */
+static int dev_mean_weights(kvm_comm_t *c, comm_sample_t *s) {
+    struct comm_dev_sample *ds = s->dev;
+    if (ds->mean_ok || ds->n <= 0) return 0;
+    const int N = ds->n, T = s->T;
+    float *hw = kvm_malloc((size_t)N * T * sizeof(float));
+    if (!hw) return KVM_ENOMEM;
+    int rc = c->pool->ops->d2h(hw, ds->w, (size_t)N * T * sizeof(float));
+    for (int n = 0; n < N && !rc; n++) {
+        double mw = 0;
+        for (int q = 0; q < T; q++) mw += hw[(size_t)n * T + q];
+        ds->mean_w[n] = (float)(mw / T);
+    }
+    kvm_free(hw);
+    if (!rc) ds->mean_ok = true;
+    return rc;
 }
 
 /* ==== REUSE assembly (§3.6, §3.7, §3.11) ===================================================================== */
 
 static double ms_since(uint64_t t0) { return (double)(kvm_now_ns() - t0) / 1e6; }
+
+/* the distinct segments of one reuse call and where their block tables sit in device slot 0 */
+typedef struct {
+    const kvm_segment_t *seg[2 * KVM_COMM_MAX_PH];
+    size_t off[2 * KVM_COMM_MAX_PH];
+    int n;
+    size_t total; /* entries so far */
+} seg_tables_t;
+
+static int seg_tables_add(seg_tables_t *st, const kvm_segment_t *g) {
+    for (int i = 0; i < st->n; i++)
+        if (st->seg[i] == g) return i;
+    int nb = 0;
+    kvm_segment_blocks(g, &nb);
+    st->seg[st->n] = g;
+    st->off[st->n] = st->total;
+    st->total += (size_t)nb;
+    return st->n++;
+}
+
+/* Per-piece plan of comm_dev_reuse: rows of the placeholder [a0, a1) and of its text segment [b0, b1) that land
+ * in [E, N-1) (as the host path), and the slot-0 table index of its source and sample segments. */
+typedef struct {
+    int a0, a1, b0, b1, na, nb, src, smp, NA;
+    bool shared;
+} piece_plan_t;
 
 int comm_dev_reuse(kvm_comm_request_t *rq, const kvm_template_t *tc, const comm_dev_ph_t *ph_all, kvm_prepared_t *out,
                    int E, int N) {
@@ -326,123 +437,170 @@ int comm_dev_reuse(kvm_comm_request_t *rq, const kvm_template_t *tc, const comm_
     const int n_tail = N - 1 - E;
     r->exact_tokens = E;
     uint64_t ta = kvm_now_ns();
+    struct comm_dev_ctx *x = ctx(c);
+    if (!x) return KVM_ENOMEM;
     int rc = 0;
-    const int32_t *dbt = NULL;
-    if (n_tail > 0) {
-        rc = kvm_seq_reserve(&out->seq, N - 1);
-        if (rc) return rc;
-        dbt = upload_blocks(c, 0, out->seq.blocks, out->seq.n_blocks);
-        if (!dbt) return kvm_errcode() ? kvm_errcode() : KVM_ENOMEM;
+    if (n_tail > 0 && (rc = kvm_seq_reserve(&out->seq, N - 1))) return rc;
+
+    /* 1. plan every piece, check the anchors' device deltas, collect the block tables */
+    piece_plan_t pl[KVM_COMM_MAX_PH];
+    seg_tables_t st = {.n = 0, .total = n_tail > 0 ? (size_t)out->seq.n_blocks : 0};
+    for (int i = 0; i < t->n_ph; i++) {
+        const comm_dev_ph_t *ph = &ph_all[i];
+        piece_plan_t *q = &pl[i];
+        const int T = ph->T, S = ph->S;
+        q->a0 = ph->t_ph > E ? 0 : E - ph->t_ph, q->a1 = T;
+        if (ph->t_ph + q->a1 > N - 1) q->a1 = N - 1 - ph->t_ph;
+        q->b0 = ph->t_pf > E ? 0 : E - ph->t_pf, q->b1 = S;
+        if (ph->t_pf + q->b1 > N - 1) q->b1 = N - 1 - ph->t_pf;
+        q->na = q->a1 > q->a0 ? q->a1 - q->a0 : 0, q->nb = q->b1 > q->b0 ? q->b1 - q->b0 : 0;
+        q->shared = ph->decision == KVM_PH_SHARED;
+        q->NA = q->shared ? ph->n_usable : 0;
+        q->src = q->smp = -1;
+        if (q->NA > KVM_KVCOMM_MAX_ANCHORS)
+            return kvm_seterr(KVM_EUNSUPPORTED, "kvcomm: %d usable anchors on the device path", q->NA);
+        if (q->na > 0) q->src = seg_tables_add(&st, ph->seg);
+        if (q->shared) q->smp = seg_tables_add(&st, rq->samples[ph->sample].dev->seg);
+        for (int n = 0; n < q->NA; n++) {
+            const comm_anchor_t *an = ph->usable[n];
+            const comm_delta_t *dl = comm_anchor_delta(an, t->agent);
+            int k = dl ? (int)(dl - an->deltas) : 0;
+            if (!dl || !an->dev || k >= an->dev->n)
+                return kvm_seterr(KVM_EINTERNAL, "kvcomm: anchor %016llx has no device delta for '%s'",
+                                  (unsigned long long)an->key, t->agent);
+            if (dl->S != S)
+                return kvm_seterr(KVM_EINTERNAL, "kvcomm: delta of '%s' has %d text rows, the template %d", t->agent, dl->S,
+                                  S);
+        }
+        if (q->nb > 0 && !template_P(t, i + 1)) return kvm_errcode() ? kvm_errcode() : KVM_ENOMEM;
     }
+    if (st.total > x->hbt_cap) {
+        size_t cap = st.total < 1024 ? 1024 : st.total * 2;
+        int32_t *h = kvm_realloc(x->hbt, cap * sizeof(int32_t));
+        if (!h) return KVM_ENOMEM;
+        x->hbt = h;
+        x->hbt_cap = cap;
+    }
+    if (n_tail > 0) memcpy(x->hbt, out->seq.blocks, (size_t)out->seq.n_blocks * sizeof(int32_t));
+    for (int i = 0; i < st.n; i++) {
+        int nb = 0;
+        const int32_t *b = kvm_segment_blocks(st.seg[i], &nb);
+        memcpy(x->hbt + st.off[i], b, (size_t)nb * sizeof(int32_t));
+    }
+    const int32_t *dbt = upload_blocks(c, 0, x->hbt, (int)st.total);
+    if (!dbt) return kvm_errcode() ? kvm_errcode() : KVM_ENOMEM;
     double assemble = ms_since(ta);
-    float *hw = NULL;
+
+    /* 2. weights and applies of every piece, enqueued back to back */
+    const bool ev = o->event_record && o->event_elapsed_ms && o->event_free;
+    void *evw[KVM_COMM_MAX_PH][2];
+    memset(evw, 0, sizeof evw);
+    double w_wall = 0;
+    uint64_t td = kvm_now_ns();
     for (int i = 0; i < t->n_ph && !rc; i++) {
         const comm_dev_ph_t *ph = &ph_all[i];
-        kvm_comm_ph_report_t *pr = &r->ph[i];
-        pr->decision = ph->decision;
+        const piece_plan_t *q = &pl[i];
         const int T = ph->T, S = ph->S;
-        /* rows of this placeholder and its text segment that land in [E, N-1) (as the host path) */
-        int a0 = ph->t_ph > E ? 0 : E - ph->t_ph, a1 = T;
-        if (ph->t_ph + a1 > N - 1) a1 = N - 1 - ph->t_ph;
-        int b0 = ph->t_pf > E ? 0 : E - ph->t_pf, b1 = S;
-        if (ph->t_pf + b1 > N - 1) b1 = N - 1 - ph->t_pf;
-        const int na = a1 > a0 ? a1 - a0 : 0, nb = b1 > b0 ? b1 - b0 : 0;
-        const bool shared = ph->decision == KVM_PH_SHARED;
-        const int NA = shared ? ph->n_usable : 0;
-        comm_sample_t *s = shared ? &rq->samples[ph->sample] : NULL;
+        comm_sample_t *s = q->shared ? &rq->samples[ph->sample] : NULL;
         kvm_kv_view_t dph[KVM_KVCOMM_MAX_ANCHORS], dpf[KVM_KVCOMM_MAX_ANCHORS];
-        if (shared) {
-            if (NA > KVM_KVCOMM_MAX_ANCHORS) {
-                rc = kvm_seterr(KVM_EUNSUPPORTED, "kvcomm: %d usable anchors on the device path", NA);
-                break;
-            }
+        if (q->shared) {
             uint64_t tw = kvm_now_ns();
-            rc = dev_weights(c, s, ph->usable, NA);
-            /* the anchor with the largest mean placeholder key weight, for the trace */
-            if (!rc && !(hw = kvm_realloc(hw, (size_t)NA * T * sizeof(float)))) rc = KVM_ENOMEM;
-            if (!rc) rc = o->d2h(hw, s->dev->w, (size_t)NA * T * sizeof(float));
-            r->weights_ms += ms_since(tw);
+            const kvm_kv_view_t xv = {.data = c->pool->data, .blocks = dbt + st.off[q->smp], .start = 0};
+            if (ev) evw[i][0] = o->event_record();
+            bool computed = false;
+            rc = dev_weights(c, s, ph->usable, q->NA, &xv, &computed);
+            if (ev) evw[i][1] = o->event_record();
+            w_wall += ms_since(tw);
             if (rc) break;
-            for (int n = 0; n < NA; n++) {
-                double mw = 0;
-                for (int q = 0; q < T; q++) mw += hw[(size_t)n * T + q];
-                mw /= T;
-                if (mw > pr->top_weight) pr->top_weight = (float)mw, pr->top_anchor = ph->usable[n]->key;
+            for (int n = 0; n < q->NA; n++) {
+                const comm_anchor_t *an = ph->usable[n];
+                const comm_delta_t *dl = comm_anchor_delta(an, t->agent);
+                const int k = (int)(dl - an->deltas);
+                dph[n] = (kvm_kv_view_t){.data = an->dev->d_ph[k], .rows = an->T, .l0 = 1};
+                dpf[n] = (kvm_kv_view_t){.data = an->dev->d_pf[k], .rows = dl->S, .l0 = 1};
             }
-            for (int n = 0; n < NA; n++) {
-                const comm_delta_t *dl = comm_anchor_delta(ph->usable[n], t->agent);
-                int k = dl ? (int)(dl - ph->usable[n]->deltas) : 0;
-                if (!dl || !ph->usable[n]->dev || k >= ph->usable[n]->dev->n) {
-                    rc = kvm_seterr(KVM_EINTERNAL, "kvcomm: anchor %016llx has no device delta for '%s'",
-                                    (unsigned long long)ph->usable[n]->key, t->agent);
-                    break;
-                }
-                dph[n] = (kvm_kv_view_t){.data = ph->usable[n]->dev->d_ph[k], .rows = ph->usable[n]->T, .l0 = 1};
-                dpf[n] = (kvm_kv_view_t){.data = ph->usable[n]->dev->d_pf[k], .rows = dl->S, .l0 = 1};
-                if (dl->S != S) {
-                    rc = kvm_seterr(KVM_EINTERNAL, "kvcomm: delta of '%s' has %d text rows, the template %d", t->agent,
-                                    dl->S, S);
-                    break;
-                }
-            }
-            if (rc) break;
         }
-        uint64_t to = kvm_now_ns();
-        if (na > 0) {
+        if (q->na > 0) {
             kvm_kvcomm_apply_args_t a = {.g = c->pool->geom,
-                                         .n = shared && cfg->ph_offset ? NA : 0,
+                                         .src = {.data = c->pool->data, .blocks = dbt + st.off[q->src], .start = 0},
+                                         .n = q->shared && cfg->ph_offset ? q->NA : 0,
                                          .delta = dph,
-                                         .w = shared ? s->dev->w : NULL,
+                                         .w = q->shared ? s->dev->w : NULL,
                                          .per_channel = 0,
                                          .w_rows = T,
-                                         .r0 = a0,
-                                         .r1 = a1,
+                                         .r0 = q->a0,
+                                         .r1 = q->a1,
                                          .dst_kv = c->pool->data,
                                          .dst_blocks = dbt,
-                                         .dst_pos = ph->t_ph + a0,
+                                         .dst_pos = ph->t_ph + q->a0,
                                          .shift = cfg->rotate ? ph->t_ph : 0,
                                          .inv_freq = inv,
-                                         .layout = layout};
-            rc = seg_view(c, ph->seg, &a.src);
-            if (!rc) rc = o->kvcomm_apply(&a);
-        }
-        if (!rc && nb > 0) {
-            const void *P = template_P(t, i + 1);
-            if (!P) {
-                rc = kvm_errcode() ? kvm_errcode() : KVM_ENOMEM;
-                break;
-            }
-            kvm_kvcomm_apply_args_t a = {.g = c->pool->geom,
-                                         .src = {.data = P, .rows = S, .l0 = 0},
-                                         .n = shared && cfg->pf_offset ? NA : 0,
-                                         .delta = dpf,
-                                         .w = shared ? s->dev->w + (size_t)2 * NA * T : NULL,
-                                         .per_channel = 1,
-                                         .w_rows = 0,
-                                         .r0 = b0,
-                                         .r1 = b1,
-                                         .dst_kv = c->pool->data,
-                                         .dst_blocks = dbt,
-                                         .dst_pos = ph->t_pf + b0,
-                                         .shift = cfg->rotate ? ph->t_pf : 0,
-                                         .inv_freq = inv,
-                                         .layout = layout};
+                                         .layout = layout,
+                                         .dst_n_blocks = out->seq.n_blocks};
             rc = o->kvcomm_apply(&a);
         }
-        if (!rc) rc = o->sync();
-        if (shared) r->offset_ms += ms_since(to);
-        else assemble += ms_since(to);
-        if (shared) {
-            r->offset_tokens += (cfg->ph_offset ? na : 0) + (cfg->pf_offset ? nb : 0);
-            r->naive_tokens += (cfg->ph_offset ? 0 : na) + (cfg->pf_offset ? 0 : nb);
-        } else if (ph->decision == KVM_PH_EXACT_CTX) {
-            r->exact_tokens += na;
-            r->naive_tokens += nb;
-        } else {
-            r->naive_tokens += na + nb;
+        if (!rc && q->nb > 0) {
+            kvm_kvcomm_apply_args_t a = {.g = c->pool->geom,
+                                         .src = {.data = t->dev_P[i + 1], .rows = S, .l0 = 0},
+                                         .n = q->shared && cfg->pf_offset ? q->NA : 0,
+                                         .delta = dpf,
+                                         .w = q->shared ? s->dev->w + (size_t)2 * q->NA * T : NULL,
+                                         .per_channel = 1,
+                                         .w_rows = 0,
+                                         .r0 = q->b0,
+                                         .r1 = q->b1,
+                                         .dst_kv = c->pool->data,
+                                         .dst_blocks = dbt,
+                                         .dst_pos = ph->t_pf + q->b0,
+                                         .shift = cfg->rotate ? ph->t_pf : 0,
+                                         .inv_freq = inv,
+                                         .layout = layout,
+                                         .dst_n_blocks = out->seq.n_blocks};
+            rc = o->kvcomm_apply(&a);
         }
     }
-    kvm_free(hw);
+    if (!rc) rc = o->sync();
+    const double dev_wall = ms_since(td);
+    /* weights_ms: device time of the weight kernels (events) or their wall time (synchronous backends);
+     * offset_ms: the rest of the enqueue-to-sync window (applies: offsets, shift, scatter of every piece) */
+    double w_ms = w_wall;
+    if (ev) {
+        w_ms = 0;
+        for (int i = 0; i < t->n_ph; i++)
+            if (evw[i][0] && evw[i][1]) {
+                if (!rc) {
+                    float e = o->event_elapsed_ms(evw[i][0], evw[i][1]);
+                    if (e > 0) w_ms += e;
+                }
+                o->event_free(evw[i][0]), o->event_free(evw[i][1]);
+            }
+        if (w_ms > dev_wall) w_ms = dev_wall;
+    }
+    if (rc) return rc;
+
+    /* 3. the trace's top anchor of every shared placeholder, and the token accounting */
+    uint64_t tm = kvm_now_ns();
+    for (int i = 0; i < t->n_ph && !rc; i++) {
+        const comm_dev_ph_t *ph = &ph_all[i];
+        const piece_plan_t *q = &pl[i];
+        kvm_comm_ph_report_t *pr = &r->ph[i];
+        pr->decision = ph->decision;
+        if (q->shared) {
+            comm_sample_t *s = &rq->samples[ph->sample];
+            rc = dev_mean_weights(c, s);
+            for (int n = 0; n < q->NA && !rc && s->dev->n == q->NA; n++) /* (the sample's last anchor set) */
+                if (s->dev->mean_w[n] > pr->top_weight) pr->top_weight = s->dev->mean_w[n], pr->top_anchor = ph->usable[n]->key;
+            r->offset_tokens += (cfg->ph_offset ? q->na : 0) + (cfg->pf_offset ? q->nb : 0);
+            r->naive_tokens += (cfg->ph_offset ? 0 : q->na) + (cfg->pf_offset ? 0 : q->nb);
+        } else if (ph->decision == KVM_PH_EXACT_CTX) {
+            r->exact_tokens += q->na;
+            r->naive_tokens += q->nb;
+        } else {
+            r->naive_tokens += q->na + q->nb;
+        }
+    }
+    r->weights_ms += w_ms + ms_since(tm);
+    r->offset_ms += dev_wall - w_ms;
     if (rc) return rc;
     uint64_t tp = kvm_now_ns();
     if (n_tail > 0) rc = kvm_seq_push_tokens(&out->seq, out->prompt_ids + E, n_tail);
