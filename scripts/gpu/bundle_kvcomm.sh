@@ -6,11 +6,26 @@
 # Without BUILD_DIR it builds the COMMITTED HEAD in a detached git worktree (/tmp/kvmesh-kvcomm-wt, kept for
 # incremental rebuilds), so teammates' uncommitted edits in the shared working tree cannot break the bundle;
 # with BUILD_DIR it takes the binaries from that (already built) folder instead. .gpu-kvcomm/VERSION says which.
+# `bundle_kvcomm.sh --old COMMIT` builds kvmesh and test_kvcomm_ops of COMMIT (worktree /tmp/kvmesh-old-wt) into
+# .gpu-old/, the same-run baseline kvcomm.sh runs when it is carried too.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 shared=${KVM_SHARED:-$root/../shared}
 out=$root/.gpu-kvcomm
 bins="kvmesh test_kvcomm_ops test_kvcomm_device_path"
+if [ "${1:-}" = --old ]; then
+  commit=$(git -C "$root" rev-parse "$2")
+  wt=/tmp/kvmesh-old-wt
+  if [ -e "$wt/.git" ]; then git -C "$wt" checkout -q --detach "$commit"; else git -C "$root" worktree add -q --detach "$wt" "$commit"; fi
+  cmake -S "$wt" -B "$wt/build" -DKVM_WERROR=OFF -DCMAKE_BUILD_TYPE=Release >/dev/null
+  cmake --build "$wt/build" -j"$(nproc)" --target kvmesh_cli test_kvcomm_ops >/dev/null
+  grep -qx '/.gpu-old/' "$root/.git/info/exclude" 2>/dev/null || echo '/.gpu-old/' >> "$root/.git/info/exclude"
+  rm -rf "$root/.gpu-old"
+  "$shared/tools/gpu-bundle" "$root/.gpu-old" "$wt/build/kvmesh" "$wt/build/test_kvcomm_ops"
+  echo "HEAD $commit ($(git -C "$root" log -1 --format=%s "$commit" | cut -c1-80))" > "$root/.gpu-old/VERSION"
+  du -sh "$root/.gpu-old"
+  exit 0
+fi
 if [ $# -ge 1 ]; then
   build=$1
   version="working tree of $root ($(git -C "$root" rev-parse --short HEAD) + uncommitted), build $build"

@@ -1,69 +1,81 @@
 #!/usr/bin/env bash
 # kvcomm.sh - the one command for the GPU machine for KVCOMM on the device (run from the repo root with
-# .gpu-kvcomm/ carried there; make it with scripts/gpu/bundle_kvcomm.sh). Steps, logs in $OUT (./gpu-out if unset):
-#   gpu.txt            card, driver, clocks at start and end; the bundle's VERSION
-#   memcheck.log       compute-sanitizer memcheck of test_kvcomm_ops (CUDA kvcomm ops vs CPU, small shapes)
-#   parity_ops.log     test_kvcomm_ops: CPU ops vs the formulas; CUDA ops vs CPU ops (rel err per output)
-#   parity_path.log    test_kvcomm_device_path: device path vs host path REUSE cache (CPU forced; CUDA fp32/bf16 KV)
-#   opsbench.log       the ops alone at Llama-3.1-8B shapes (T=1024, S=512, bf16) for N = 20 and 5 anchors:
+# .gpu-kvcomm/ carried there, and optionally .gpu-old/ with the binaries of an older commit for the same-run
+# baseline; make them with scripts/gpu/bundle_kvcomm.sh). Logs in $OUT (./gpu-out if unset), few files
+# (the device tool returns at most 8):
+#   gpu.txt            card, driver, clocks at start and end; the bundles' VERSION
+#   parity.log         compute-sanitizer memcheck of test_kvcomm_ops (CUDA ops vs CPU, small shapes, under
+#                      the sanitizer), then test_kvcomm_ops and test_kvcomm_device_path plainly
+#   opsbench.log       the ops alone at Llama-3.1-8B shapes (T=1024, S=512, bf16) for N in $OPS_NS (default
+#                      "2 20") anchors; with OPS_V1=1 also the first distance kernel (KVM_KVCOMM_DIST=v1):
 #                      median ms, bandwidth floor, ratio (lines "KVCOMM_OPS_JSON {...}")
-#   bench.log, bench/  kvmesh bench kvcomm --synthetic llama-3.1-8b (TTFT workload; JSON in $OUT/bench/)
-# Usage: scripts/gpu/kvcomm.sh [all|parity|ops|bench]. BENCH_ARGS adds options to kvmesh bench kvcomm;
-# HOST_BASELINE=1 also runs the bench once on the host path (KVM_KVCOMM_DEVICE=0, bench_host.log) for comparison.
+#   old.log            (.gpu-old present) the old bundle's ops bench at N=20 with CUDA_LAUNCH_BLOCKING=1 (which
+#                      op fails), and with OLD_BENCH=1 its kvmesh bench kvcomm (the same-run baseline)
+#   bench.log, bench_ttft.json   kvmesh bench kvcomm --synthetic llama-3.1-8b (TTFT workload)
+# Usage: scripts/gpu/kvcomm.sh [all|parity|ops|old|bench]... BENCH_ARGS adds options to kvmesh bench kvcomm.
 set -uo pipefail
-what=${1:-all}
+steps=${*:-all}
 B=$PWD/.gpu-kvcomm
+OLD=$PWD/.gpu-old
 OUT=${OUT:-$PWD/gpu-out}
 mkdir -p "$OUT"
-export LD_LIBRARY_PATH=$B/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 export KVM_SOURCE_DIR=$PWD
 clocks() { nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu,power.draw,memory.used --format=csv,noheader; }
-{ echo "start: $(date -u)"; echo "bundle: $(cat "$B/VERSION" 2>/dev/null)"; clocks; nvidia-smi -L; } > "$OUT/gpu.txt" 2>&1
+{ echo "start: $(date -u)"; echo "bundle: $(cat "$B/VERSION" 2>/dev/null)"; [ -d "$OLD" ] && echo "old bundle: $(cat "$OLD/VERSION")"
+  clocks; nvidia-smi -L; } > "$OUT/gpu.txt" 2>&1
 cat "$OUT/gpu.txt"
 rc=0
+want() { [[ " $steps " == *" all "* || " $steps " == *" $1 "* ]]; }
 step() { echo; echo "==== $1 ($(date -u +%T))"; }
-if [ "$what" = all ] || [ "$what" = parity ]; then
-  step "memcheck: compute-sanitizer test_kvcomm_ops"
-  if command -v compute-sanitizer >/dev/null; then
-    timeout 240 compute-sanitizer --tool memcheck --leak-check no "$B/test_kvcomm_ops" > "$OUT/memcheck.log" 2>&1
-    echo "memcheck rc=$?"
-    grep -E "ERROR SUMMARY|Invalid|out of bounds|Address|at 0x|by thread|PASSED|FAILED|SKIPPED" "$OUT/memcheck.log" | head -30
-    grep -qE "ERROR SUMMARY: [1-9]" "$OUT/memcheck.log" && rc=1
-  else
-    echo "compute-sanitizer not found: memcheck skipped"
+new() { LD_LIBRARY_PATH=$B/lib "$@"; }
+if want old && [ -d "$OLD" ]; then
+  step "old bundle: ops bench N=20 with CUDA_LAUNCH_BLOCKING=1 (which op fails)"
+  { echo "== old ops bench N=20, CUDA_LAUNCH_BLOCKING=1"
+    CUDA_LAUNCH_BLOCKING=1 KVM_KVCOMM_OPS_BENCH=1 KVM_KVCOMM_OPS_BENCH_N=20 LD_LIBRARY_PATH=$OLD/lib timeout 90 "$OLD/test_kvcomm_ops"
+    echo "rc=$?"; } > "$OUT/old.log" 2>&1
+  grep -E "rc=|LINE|ERROR|kvcomm_ops bench|floor|FAILED" "$OUT/old.log" | head -12
+  if [ -n "${OLD_BENCH:-}" ]; then
+    step "old bundle: kvmesh bench kvcomm (baseline, same card)"
+    { echo "== old kvmesh bench kvcomm"; LD_LIBRARY_PATH=$OLD/lib timeout 170 "$OLD/kvmesh" bench kvcomm --synthetic llama-3.1-8b \
+        --out /tmp/old_bench ${BENCH_ARGS:-}; echo "rc=$?"; } >> "$OUT/old.log" 2>&1
+    grep -E "^agent|^a[0-9] |^reuse rate|^alignment|rc=" "$OUT/old.log" | tail -9
+    cp /tmp/old_bench/*.json "$OUT/old_bench_ttft.json" 2>/dev/null
   fi
-  step "parity: test_kvcomm_ops"
-  timeout 120 "$B/test_kvcomm_ops" > "$OUT/parity_ops.log" 2>&1; prc=$?
-  echo "test_kvcomm_ops rc=$prc"
-  grep -E "rel err|kvcomm_(dist|apply)\(|SKIPPED|PASSED|FAILED|Error|error" "$OUT/parity_ops.log" | cut -c1-160 | head -40
-  [ $prc -ne 0 ] && rc=1
-  step "parity: test_kvcomm_device_path"
-  timeout 180 "$B/test_kvcomm_device_path" > "$OUT/parity_path.log" 2>&1; prc=$?
-  echo "test_kvcomm_device_path rc=$prc"
-  grep -E "rel err|prepare|SKIPPED|PASSED|FAILED|Error|error|kvcomm" "$OUT/parity_path.log" | cut -c1-160 | head -30
-  [ $prc -ne 0 ] && rc=1
 fi
-if [ "$what" = all ] || [ "$what" = ops ]; then
+if want parity; then
+  step "memcheck + parity"
+  : > "$OUT/parity.log"
+  if command -v compute-sanitizer >/dev/null; then
+    { echo "== compute-sanitizer --tool memcheck test_kvcomm_ops"
+      LD_LIBRARY_PATH=$B/lib timeout 200 compute-sanitizer --tool memcheck --leak-check no "$B/test_kvcomm_ops"; echo "rc=$?"; } >> "$OUT/parity.log" 2>&1
+    grep -E "ERROR SUMMARY|rc=" "$OUT/parity.log" | tail -2
+    grep -qE "ERROR SUMMARY: [1-9]" "$OUT/parity.log" && rc=1
+  else
+    echo "compute-sanitizer not found: memcheck skipped" | tee -a "$OUT/parity.log"
+  fi
+  { echo "== test_kvcomm_ops"; new timeout 120 "$B/test_kvcomm_ops"; echo "rc=$?"; } >> "$OUT/parity.log" 2>&1
+  { echo "== test_kvcomm_device_path"; new timeout 180 "$B/test_kvcomm_device_path"; echo "rc=$?"; } >> "$OUT/parity.log" 2>&1
+  sed -n '/^== test_kvcomm_ops/,$p' "$OUT/parity.log" | grep -E "^==|rel err|SKIPPED|PASSED|FAILED|ERROR|rc=" | cut -c1-150 | head -60
+  sed -n '/^== test_kvcomm_ops/,$p' "$OUT/parity.log" | grep -qE "FAILED|rc=[1-9]" && rc=1
+fi
+if want ops; then
   step "ops bench at Llama-3.1-8B shapes"
   : > "$OUT/opsbench.log"
-  for n in 20 5; do
-    KVM_KVCOMM_OPS_BENCH=1 KVM_KVCOMM_OPS_BENCH_N=$n timeout 120 "$B/test_kvcomm_ops" >> "$OUT/opsbench.log" 2>&1
-    echo "ops bench N=$n rc=$?"
+  for n in ${OPS_NS:-2 20}; do
+    for v in v2 ${OPS_V1:+v1}; do
+      { echo "== N=$n dist=$v"; KVM_KVCOMM_DIST=$v KVM_KVCOMM_OPS_BENCH=1 KVM_KVCOMM_OPS_BENCH_N=$n new timeout 100 "$B/test_kvcomm_ops"
+        echo "rc=$?"; } >> "$OUT/opsbench.log" 2>&1
+    done
   done
-  grep -E "^kvcomm_ops bench|^  |KVCOMM_OPS_JSON|FAILED|rror" "$OUT/opsbench.log" | grep -v "rel err" | cut -c1-200
+  grep -E "^== N|^kvcomm_ops bench|^  (device|dist|weights|apply|total|per)|rc=[1-9]|LINE|ERROR|iteration" "$OUT/opsbench.log" | cut -c1-170
 fi
-if [ "$what" = all ] || [ "$what" = bench ]; then
+if want bench; then
   step "kvmesh bench kvcomm --synthetic llama-3.1-8b (device path)"
-  timeout 300 "$B/kvmesh" bench kvcomm --synthetic llama-3.1-8b --out "$OUT/bench" ${BENCH_ARGS:-} > "$OUT/bench.log" 2>&1
+  new timeout 170 "$B/kvmesh" bench kvcomm --synthetic llama-3.1-8b --out /tmp/new_bench ${BENCH_ARGS:-} > "$OUT/bench.log" 2>&1
   brc=$?
-  echo "bench rc=$brc"; tail -45 "$OUT/bench.log"
+  echo "bench rc=$brc"; grep -E "^agent|^a[0-9] |^reuse rate|^alignment|^anchors|rror" "$OUT/bench.log" | head -12
+  cp /tmp/new_bench/*.json "$OUT/bench_ttft.json" 2>/dev/null
   [ $brc -ne 0 ] && rc=1
-  if [ -n "${HOST_BASELINE:-}" ]; then
-    step "kvmesh bench kvcomm, host path (KVM_KVCOMM_DEVICE=0)"
-    KVM_KVCOMM_DEVICE=0 timeout 240 "$B/kvmesh" bench kvcomm --synthetic llama-3.1-8b --out "$OUT/bench_host" ${BENCH_ARGS:-} \
-      > "$OUT/bench_host.log" 2>&1
-    echo "host bench rc=$?"; tail -25 "$OUT/bench_host.log"
-  fi
 fi
 { echo "end: $(date -u)"; clocks; } >> "$OUT/gpu.txt" 2>&1
 echo; echo "end: $(date -u)  rc=$rc"
