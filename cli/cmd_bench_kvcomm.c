@@ -458,6 +458,9 @@ static int run_team(kvm_model_t *m, const opts_t *o) {
             cJSON_AddNumberToObject(o1, "naive_tokens", (double)r->naive);
             cJSON_AddNumberToObject(o1, "recomputed_tokens", (double)r->recomputed);
             cJSON_AddNumberToObject(o1, "cos_samples", r->cos_n);
+            cJSON_AddNumberToObject(o1, "max_abs_err", r->max_abs_err);
+            cJSON_AddNumberToObject(o1, "max_abs_dense", r->max_abs_dense);
+            cJSON_AddNumberToObject(o1, "short_recomputed_tokens", r->short_recomputed);
             cJSON *ck = cJSON_AddArrayToObject(o1, "cos_k"), *cv = cJSON_AddArrayToObject(o1, "cos_v");
             cJSON *lk = cJSON_AddArrayToObject(o1, "rel_l2_k"), *lv = cJSON_AddArrayToObject(o1, "rel_l2_v");
             for (int l = 0; l < L && r->cos_n; l++) {
@@ -477,6 +480,9 @@ static int run_team(kvm_model_t *m, const opts_t *o) {
             for (int l = 0; l < L; l++) printf(" L%d %.3f/%.3f", l, r->cos_k[l] / r->cos_n, r->cos_v[l] / r->cos_n);
             printf("\n");
         }
+        printf("\nmax |reused - dense| over all K/V elements of those rows (dense max |x| in brackets):\n");
+        for (int i = 0; i < nm; i++)
+            if (res[i].cos_n) printf("%-12s %.3g [%.3g]\n", names[i], res[i].max_abs_err, res[i].max_abs_dense);
         write_json(o, "kvcomm_team.json", root);
         cJSON_Delete(root);
     }

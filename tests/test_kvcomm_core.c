@@ -627,6 +627,195 @@ static void test_prepare_ids_takes_the_exact_prefix_of_an_earlier_dense_prompt(v
     kvm_model_free(m);
 }
 
+/* ---- oracle offsets and short-piece recompute (kvcomm.md §5.2) ------------------------------------------------ */
+
+typedef struct oracle_run {
+    float err_before, err;   /* max_rel of the cached rows [0, N-1) to a dense prefill: after prepare / at the end */
+    kvm_comm_report_t rep;   /* the final report */
+    float *before, *after;   /* the cached rows [0, N-1) after prepare and at the end (host fp32) */
+    float *dense;            /* the dense prefill's rows [0, N-1) */
+    int n;                   /* N - 1 */
+} oracle_run_t;
+
+/* Agent a reads {input} and answers 5 tokens; agent b reads {input} and a's answer (in the order given by
+ * agent_first) behind its own prefix. Two dense requests make the anchors (force_reuse), then in request 3
+ * agent b is prepared with an oracle (which, only; which = 0: a plain prepare), optionally followed by
+ * kvm_comm_recompute_short with recompute_below, and its cache is compared with a dense prefill of the
+ * same ids. */
+static void oracle_run(kvm_rope_layout_t layout, bool agent_first, int which, const char *only, int recompute_below,
+                       oracle_run_t *out) {
+    memset(out, 0, sizeof *out);
+    kvm_model_t *m = small_model(layout, 23);
+    kvm_comm_t *c = kvm_comm_create(m, NULL);
+    kvm_comm_config(c)->force_reuse = true;
+    kvm_template_t *ta = make_tmpl(c, "a", "input", NULL, 41, 30);
+    kvm_template_t *tb = make_tmpl(c, "b", agent_first ? "agent:a:current" : "input",
+                                   agent_first ? "input" : "agent:a:current", 51, 21);
+    const comm_geom_t g = {m->cfg.n_layers, m->cfg.n_kv_heads, m->cfg.head_dim};
+    for (int q = 0; q < 4; q++) {
+        kvm_comm_request_t *rq = kvm_comm_request_begin(c, (uint64_t)q + 1);
+        kvm_segment_t *in = input_segment(c, 300 + (uint64_t)q, 20 + (q < 2)), *out_a = NULL;
+        kvm_binding_t ba = {"input", in};
+        assert_int_equal(run_agent(rq, ta, &ba, 1, KVM_KV_KVCOMM, NULL, &out_a, 5), 0);
+        assert_non_null(out_a);
+        kvm_binding_t bb[2] = {{"input", in}, {"agent:a:current", out_a}};
+        if (q < 3) {
+            assert_int_equal(run_agent(rq, tb, bb, 2, KVM_KV_KVCOMM, NULL, NULL, 3), 0);
+        } else {
+            kvm_prompt_t pr = {.tmpl = tb, .bindings = bb, .n_bindings = 2, .policy = KVM_KV_KVCOMM};
+            kvm_prepared_t p;
+            assert_int_equal(which ? kvm_comm_prepare_oracle(rq, &pr, which, only, &p) : kvm_comm_prepare(rq, &pr, &p), 0);
+            assert_int_equal(p.report.mode, KVM_COMM_REUSE);
+            const int n = p.n_prompt - 1;
+            assert_int_equal(p.n_cached, n);
+            float *dense = dense_kv(c, p.prompt_ids, n);
+            size_t e = comm_rows_elems(&g, n);
+            out->n = n;
+            out->before = malloc(e * sizeof(float));
+            out->after = malloc(e * sizeof(float));
+            assert_int_equal(kvm_kv_read_rows(p.seq.pool, p.seq.blocks, 0, n, out->before), 0);
+            out->err_before = max_rel(out->before, dense, e);
+            kvm_comm_config(c)->recompute_below = recompute_below;
+            assert_int_equal(kvm_comm_recompute_short(c, &p), 0);
+            assert_int_equal(p.n_cached, n);
+            assert_int_equal(p.seq.n_tokens, n);
+            assert_memory_equal(p.seq.tokens, p.prompt_ids, (size_t)n * sizeof(int32_t));
+            assert_int_equal(kvm_kv_read_rows(p.seq.pool, p.seq.blocks, 0, n, out->after), 0);
+            out->err = max_rel(out->after, dense, e);
+            out->rep = p.report;
+            out->dense = dense;
+            kvm_gen_params_t gp = {.max_tokens = 3, .ignore_eos = true};
+            kvm_gen_result_t res;
+            memset(&res, 0, sizeof res);
+            assert_int_equal(kvm_generate(m, &p.seq, p.rest_ids, p.n_rest, &gp, NULL, NULL, &res), 0);
+            assert_int_equal(kvm_comm_complete(rq, &p, &res, NULL), 0);
+            kvm_gen_result_free(&res);
+            kvm_prepared_release(&p);
+        }
+        assert_int_equal(kvm_comm_request_end(rq), 0);
+        kvm_segment_release(in);
+        kvm_segment_release(out_a);
+    }
+    kvm_template_free(ta);
+    kvm_template_free(tb);
+    kvm_comm_free(c);
+    kvm_model_free(m);
+}
+
+static void oracle_run_free(oracle_run_t *r) {
+    free(r->before);
+    free(r->after);
+    free(r->dense);
+}
+
+static void test_oracle_offsets_make_the_reused_cache_equal_dense_prefill_in_both_rope_layouts(void **st) {
+    (void)st;
+    kvm_rope_layout_t lay[2] = {KVM_ROPE_HALF, KVM_ROPE_INTERLEAVED};
+    for (int k = 0; k < 2; k++) {
+        oracle_run_t est, orc;
+        oracle_run(lay[k], false, 0, NULL, 0, &est);        /* the anchors' estimate: visibly off */
+        oracle_run(lay[k], false, KVM_ORACLE_ALL, NULL, 0, &orc);
+        fprintf(stderr, "layout %d: max rel err to dense, estimated %.3g, oracle %.3g\n", k, est.err, orc.err);
+        assert_true(est.err > 1e-3f);
+        assert_true(orc.err <= 1e-5f);
+        assert_int_equal(orc.rep.offset_tokens, est.rep.offset_tokens);
+        assert_int_equal(orc.rep.recomputed_tokens, 1);
+        oracle_run_free(&est);
+        oracle_run_free(&orc);
+    }
+}
+
+static void test_oracle_offsets_equal_dense_with_qk_norm_and_biases(void **st) {
+    (void)st;
+    g_qwen_like = true;
+    oracle_run_t orc;
+    oracle_run(KVM_ROPE_HALF, true, KVM_ORACLE_ALL, NULL, 0, &orc);
+    g_qwen_like = false;
+    assert_true(orc.err <= 1e-5f);
+    oracle_run_free(&orc);
+}
+
+static void test_oracle_on_one_piece_leaves_the_other_estimated(void **st) {
+    (void)st;
+    oracle_run_t a, b, c;
+    oracle_run(KVM_ROPE_HALF, false, KVM_ORACLE_ALL, "input", 0, &a);
+    oracle_run(KVM_ROPE_HALF, false, KVM_ORACLE_PH, NULL, 0, &b);
+    oracle_run(KVM_ROPE_HALF, false, KVM_ORACLE_PF, NULL, 0, &c);
+    assert_true(a.err > 1e-3f);
+    assert_true(b.err > 1e-3f);
+    assert_true(c.err > 1e-3f);
+    oracle_run_free(&a);
+    oracle_run_free(&b);
+    oracle_run_free(&c);
+}
+
+/* With the input exact (oracle) and the short answer recomputed, the whole cache is the dense one: the
+ * recompute prefills the right ids at the right positions behind the assembled rows, and (answer first)
+ * the later assembled rows are written back where they were. */
+static void recompute_behind_oracle_input(bool agent_first) {
+    oracle_run_t r;
+    oracle_run(KVM_ROPE_HALF, agent_first, KVM_ORACLE_ALL, "input", 6, &r);
+    fprintf(stderr, "answer %s: max rel err before %.3g, after the recompute %.3g\n", agent_first ? "first" : "last",
+            r.err_before, r.err);
+    assert_true(r.err_before > 1e-3f);
+    assert_true(r.err <= 1e-5f);
+    const kvm_comm_report_t *p = &r.rep;
+    int ai = agent_first ? 0 : 1;
+    int span = p->ph[ai].tokens + p->ph[ai].text_tokens - (agent_first ? 0 : 1); /* the last token is always computed */
+    assert_int_equal(p->ph[ai].tokens, 5);
+    assert_int_equal(p->short_recomputed, span);
+    assert_int_equal(p->recomputed_tokens, 1 + span);
+    assert_int_equal(p->exact_tokens + p->offset_tokens + p->naive_tokens + p->recomputed_tokens, p->input_tokens);
+    assert_int_equal(p->mode, KVM_COMM_REUSE);
+    oracle_run_free(&r);
+}
+
+static void test_recomputing_the_short_answer_behind_an_exact_input_gives_the_dense_cache(void **st) {
+    (void)st;
+    recompute_behind_oracle_input(false);
+    recompute_behind_oracle_input(true);
+}
+
+static void test_recompute_short_keeps_every_other_row_bit_for_bit_and_is_off_by_default(void **st) {
+    (void)st;
+    oracle_run_t off, on;
+    oracle_run(KVM_ROPE_HALF, true, 0, NULL, 0, &off);
+    assert_memory_equal(off.before, off.after, comm_rows_elems(&(comm_geom_t){3, 2, 16}, off.n) * sizeof(float));
+    assert_int_equal(off.rep.short_recomputed, 0);
+    assert_int_equal(off.rep.recomputed_tokens, 1);
+    oracle_run(KVM_ROPE_HALF, true, 0, NULL, 6, &on); /* answer (5 tokens) first: its span sits in the middle */
+    const comm_geom_t g = {3, 2, 16};
+    int a = on.rep.ph[0].start_pos, b = a + on.rep.ph[0].tokens + on.rep.ph[0].text_tokens;
+    int changed_in = 0;
+    double err_in_before = 0, err_in_after = 0, scale = 0;
+    for (int l = 0; l < g.L; l++)
+        for (int kv = 0; kv < 2; kv++)
+            for (int h = 0; h < g.H; h++)
+                for (int t = 0; t < on.n; t++) {
+                    size_t o = comm_idx(&g, on.n, l, kv, h, t);
+                    const float *x = on.before + o, *y = on.after + o, *d = on.dense + o;
+                    bool same = !memcmp(x, y, (size_t)g.D * sizeof(float));
+                    if (t < a || t >= b) {
+                        assert_true(same);
+                        continue;
+                    }
+                    changed_in += !same;
+                    for (int k = 0; k < g.D; k++) {
+                        err_in_before = fmax(err_in_before, fabs((double)x[k] - d[k]));
+                        err_in_after = fmax(err_in_after, fabs((double)y[k] - d[k]));
+                        scale = fmax(scale, fabs((double)d[k]));
+                    }
+                }
+    /* the span sits right behind the exact segment 0, so its recomputed rows are the dense ones, which its
+     * estimated rows were not */
+    assert_true(changed_in > 0);
+    assert_true(err_in_before > 1e-3 * scale);
+    assert_true(err_in_after <= 1e-5 * scale);
+    assert_int_equal(on.rep.short_recomputed, b - a);
+    oracle_run_free(&off);
+    oracle_run_free(&on);
+}
+
 /* ---- hand-made pools: prediction and eviction (§8 items 6-8) ------------------------------------------------- */
 
 typedef struct fake {
@@ -966,6 +1155,11 @@ int main(void) {
         cmocka_unit_test(test_prepare_ids_takes_the_exact_prefix_of_an_earlier_dense_prompt),
         cmocka_unit_test(test_weights_sum_to_one_over_anchors_on_their_axes),
         cmocka_unit_test(test_switches_parse_and_reject_unknown_values),
+        cmocka_unit_test(test_oracle_offsets_make_the_reused_cache_equal_dense_prefill_in_both_rope_layouts),
+        cmocka_unit_test(test_oracle_offsets_equal_dense_with_qk_norm_and_biases),
+        cmocka_unit_test(test_oracle_on_one_piece_leaves_the_other_estimated),
+        cmocka_unit_test(test_recomputing_the_short_answer_behind_an_exact_input_gives_the_dense_cache),
+        cmocka_unit_test(test_recompute_short_keeps_every_other_row_bit_for_bit_and_is_off_by_default),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

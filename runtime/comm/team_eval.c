@@ -66,6 +66,8 @@ static int cos_vs_dense(kvm_comm_t *c, const kvm_prepared_t *p, kvm_team_result_
                 for (size_t i = 0; i < per; i++) {
                     ab += (double)a[i] * b[i], aa += (double)a[i] * a[i], bb += (double)b[i] * b[i];
                     dd += ((double)a[i] - b[i]) * ((double)a[i] - b[i]);
+                    r->max_abs_err = fmax(r->max_abs_err, fabs((double)a[i] - b[i]));
+                    r->max_abs_dense = fmax(r->max_abs_dense, fabs((double)b[i]));
                 }
                 double cs = ab / (sqrt(aa * bb) + 1e-30), rl = sqrt(dd / (bb + 1e-30));
                 if (kv) r->cos_v[l] += cs, r->l2_v[l] += rl;
@@ -160,6 +162,7 @@ int kvm_team_run(kvm_model_t *m, const kvm_team_opts_t *o, const kvm_team_result
                 r->exact += (uint64_t)rp->exact_tokens, r->offset += (uint64_t)rp->offset_tokens;
                 r->naive += (uint64_t)rp->naive_tokens, r->recomputed += (uint64_t)rp->recomputed_tokens;
                 r->input += (uint64_t)rp->input_tokens;
+                r->short_recomputed += rp->short_recomputed;
             }
             kvm_gen_result_free(&gr);
             kvm_prepared_release(&p);

@@ -42,6 +42,9 @@ typedef struct kvm_team_result {
     size_t anchor_bytes;
     char (*outputs)[64];     /* [requests * 4] trimmed outputs */
     int n_outputs;
+    double max_abs_err;      /* max |reused - dense| over every K/V element of the cos_n measured invocations */
+    double max_abs_dense;    /* max |dense| over the same elements (the scale of max_abs_err) */
+    int short_recomputed;    /* rows recomputed by kvcomm.recompute_below */
 } kvm_team_result_t;
 
 /* Defaults: 300 requests, warm 10, 32 cosine samples, 12 tokens, seed 1000, KVCOMM, default switches. */
