@@ -166,20 +166,27 @@ def prepare_data(args, tok, work):
     n_easy = int(n * args.easy_frac)
     plan = [("mix", s, min(chunk, n - s)) for s in range(0, n, chunk)]
     plan += [("easy", s, min(chunk, n_easy - s)) for s in range(0, n_easy, chunk)]
+    spec = parse_easy_spec(args.easy_spec)
+    wsum = sum(w for _, _, w in spec)
+    task_codes = []
     for kind, start, cnt in plan:
         if kind == "mix":
             items = minigen(args.minigen, "--seed", TRAIN_SEED, "--n", cnt, "--start", start, "--split", "train")
         else:
+            # the curriculum pool: --easy-spec parts (task, facts range, weight), e.g. recall and team with
+            # 2-8 facts (content lookup is found on short contexts first) and extra arithmetic
             items = []
-            for t in ("recall", "team"):
-                items += minigen(args.minigen, "--seed", EASY_SEED, "--n", cnt // 3, "--start", start // 3,
-                                 "--split", "train", "--task", t, "--facts", "2-8")
-            # plus extra arithmetic items (the slowest task to learn)
-            items += minigen(args.minigen, "--seed", EASY_SEED, "--n", cnt // 3, "--start", start // 3,
-                             "--split", "train", "--task", "arithmetic")
+            for k, (t, facts, w) in enumerate(spec):
+                m = int(cnt * w / wsum)
+                st = int(start * w / wsum)
+                extra = ["--facts", facts] if facts else []
+                # each part draws from its own seed offset, so two parts of one task differ
+                items += minigen(args.minigen, "--seed", EASY_SEED + 10 * k, "--n", m, "--start", st,
+                                 "--split", "train", "--task", t, *extra)
             if args.aux_frac > 0:
                 items += aux_items(args, start, int(cnt * args.aux_frac))
         tasks.update(it["task"] for it in items)
+        task_codes += [TASK_CODES.get(it["task"], len(TASK_CODES)) for it in items]
         if kind == "mix":
             n_mix_items += len(items)
         a, b, c = encode_items(tok, items, check=1000 if start == 0 else 0)
@@ -191,7 +198,8 @@ def prepare_data(args, tok, work):
     offs[1:] = np.cumsum(lens)
     flat = np.concatenate(arrs)
     np.savez(os.path.join(work, "train.npz"), flat=flat, offs=offs, n_prompt=np.array(n_p, np.int32),
-             n_end=np.array(n_end, np.int32), n_mix=np.array(n_mix_items))
+             n_end=np.array(n_end, np.int32), n_mix=np.array(n_mix_items),
+             task=np.array(task_codes, np.int8))
     log(f"data: {len(arrs)} items, {int(offs[-1])} tokens, max len {lens.max()}, mean {lens.mean():.1f}, "
         f"tasks {dict(tasks)}, {time.time() - t0:.1f}s")
     if lens.max() > 512:
@@ -199,26 +207,78 @@ def prepare_data(args, tok, work):
 
 
 AUX_SEED = 5            # auxiliary training-only items (--aux-frac)
+TASK_CODES = {"recall": 0, "arithmetic": 1, "transform": 2, "team": 3, "story": 4, "aux-line": 5, "aux-copy": 6,
+              "aux-bind": 7}
+TASK_NAMES = {v: k for k, v in TASK_CODES.items()}
+
+
+def parse_easy_spec(spec):
+    """'recall:2-8:1,team:2-8:1,arithmetic::1' -> [(task, facts or '', weight)]"""
+    out = []
+    for part in spec.split(","):
+        f = part.strip().split(":")
+        if len(f) != 3 or f[0] not in TASK_CODES:
+            raise SystemExit(f"--easy-spec: bad part {part!r} (want TASK:FACTS:WEIGHT, FACTS may be empty)")
+        out.append((f[0], f[1], float(f[2])))
+    return out
+
+
+def parse_shape(spec):
+    """'layers=8,ffn=448' -> {'layers': 8, 'ffn': 448} (model shape overrides, --shape)."""
+    out = {}
+    for part in spec.split(","):
+        k, v = part.split("=")
+        out[k.strip()] = float(v) if k.strip() in ("rope_theta", "rms_eps", "lr") else int(v)
+    return out
+
+
+def pack_rows(item_lens, row_len):
+    """First-fit decreasing: packs items (given by length) into rows of at most row_len tokens.
+    Returns a list of rows, each a list of indices into item_lens."""
+    order = sorted(range(len(item_lens)), key=lambda k: -item_lens[k])
+    rows, used = [], []
+    for k in order:
+        n = item_lens[k]
+        for r in range(len(rows)):
+            if used[r] + n <= row_len:
+                rows[r].append(k)
+                used[r] += n
+                break
+        else:
+            rows.append([k])
+            used.append(n)
+    return rows
 
 
 def aux_items(args, start, cnt):
-    """Training-only auxiliary items built from recall contents (seed AUX_SEED, 2-16 facts), never scored:
-    'line' (answer the asked fact's whole line, "Theo: 8811") and 'copy' (repeat the facts). Both are
-    plain induction (find the earlier occurrence of what was just written, copy what followed), which a
-    small transformer learns fast from their dense answer tokens; the recall circuit reuses those heads."""
+    """Training-only auxiliary items built from recall contents (seed AUX_SEED, --aux-facts facts), never
+    scored, of the kinds in --aux-kinds, in turn:
+    'line' (answer the asked fact's whole line, "Theo: 8811"), 'copy' (repeat the facts): plain induction;
+    'bind': recall items (same role prompts) whose fact lines put the number closer to its name --
+    "Theo8811" (the number right after the name) or "Theo:8811" -- instead of "Theo: 8811". Recall needs
+    the name bound to the digits three tokens after it (a previous-token head) and a head that matches the
+    asked name against those bound names; neither gets a gradient until the other exists. With the number
+    adjacent to the name the binding is one token away, where it forms first; the gap then widens to the
+    real format's three tokens (a curriculum over the binding distance)."""
+    kinds = [k for k in args.aux_kinds.split(",") if k]
     base = minigen(args.minigen, "--seed", AUX_SEED, "--n", cnt, "--start", start, "--split", "train",
-                   "--task", "recall", "--facts", "2-16")
+                   "--task", "recall", "--facts", args.aux_facts)
     out = []
     for k, it in enumerate(base):
         lines = it["user"].split("\n")
         facts, ask = lines[:-1], lines[-1][len("Ask: "):]
-        if k % 2 == 0:
+        kind = kinds[k % len(kinds)]
+        if kind == "line":
             ans = next(l for l in facts if l.split(":")[0] == ask)
             out.append({"task": "aux-line", "system": "Answer with the line of the asked name.",
                         "user": it["user"], "answer": ans})
-        else:
+        elif kind == "copy":
             out.append({"task": "aux-copy", "system": "Copy the facts.", "user": "\n".join(facts),
                         "answer": "\n".join(facts)})
+        else:
+            sep = ("", ":")[(k // len(kinds)) % 2]
+            user = "\n".join(l.replace(": ", sep) for l in facts) + "\n" + lines[-1]
+            out.append({"task": "aux-bind", "system": it["system"], "user": user, "answer": it["answer"]})
     return out
 
 
@@ -253,7 +313,7 @@ def build_model(kind, vocab):
     common = dict(vocab_size=vocab, hidden_size=h["hidden"], intermediate_size=h["ffn"],
                   num_hidden_layers=h["layers"], num_attention_heads=h["heads"],
                   num_key_value_heads=h["kv_heads"], head_dim=h["head_dim"], max_position_embeddings=512,
-                  rms_norm_eps=h["rms_eps"], rope_theta=h["rope_theta"], tie_word_embeddings=True,
+                  rms_norm_eps=h["rms_eps"], rope_theta=h["rope_theta"], tie_word_embeddings=bool(h.get("tie", 1)),
                   bos_token_id=None, eos_token_id=2, pad_token_id=0, attention_bias=False,
                   hidden_act="silu", initializer_range=0.02, use_cache=False)
     if h["family"] == "llama":
@@ -357,6 +417,9 @@ def train_one(args, kind):
     lens = (offs[1:] - offs[:-1]).tolist()
     n_all = len(lens)
     h = dict(MODELS[kind])
+    if args.shape:
+        MODELS[kind].update(parse_shape(args.shape))
+        h = dict(MODELS[kind])
     lr_arg = args.receiver_lr if kind == "receiver" else args.sharer_lr
     if lr_arg:
         h["lr"] = lr_arg
@@ -399,14 +462,124 @@ def train_one(args, kind):
         return h["lr"] * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
 
     rng = np.random.default_rng(h["seed"])
+    ef = ["--facts", args.eval_facts] if args.eval_facts else []
     eval_items = {t: minigen(args.minigen, "--seed", EVAL_SEED, "--n", args.n_eval_quick, "--task", t,
-                             "--split", "eval", "--role", "all") for t in SCORED_TASKS}
+                             "--split", "eval", "--role", "all", *(ef if t in ("recall", "team") else []))
+                  for t in SCORED_TASKS}
+    lens_np = np.array(lens)
+    task_np = d["task"] if "task" in d.files else np.full(n_all, -1, np.int8)
+    row_len = 512
+
+    def draw_items(rng_, pe, budget):
+        """Random items (a share pe from the curriculum pool) until `budget` real tokens."""
+        est = max(8, int(budget / max(1.0, float(lens_np.mean()))) * 2)
+        k_easy = int(rng_.binomial(est, pe)) if pe > 0 and n_all > n_mix else 0
+        cand = np.concatenate([rng_.integers(0, n_mix, est - k_easy),
+                               rng_.integers(n_mix, n_all, k_easy) if k_easy else np.zeros(0, np.int64)])
+        rng_.shuffle(cand)
+        cum = np.cumsum(lens_np[cand])
+        n = int(np.searchsorted(cum, budget)) + 1
+        return cand[:min(n, len(cand))]
+
+    def build_packed(b, mode):
+        """Packs items b into rows: ids, position ids restarting at 0 per item (the tail of a row is a
+        padding pseudo-item), labels (-100 where nothing is predicted), per-position answer weight
+        1/len(answer) of its item (per-item averaging: a 4-token recall answer weighs as much as a
+        100-token story), task code per position, and, for mode "mask4", an explicit block-diagonal
+        causal mask (True = may attend)."""
+        rows = pack_rows([int(lens_np[i]) for i in b], row_len)
+        L = max(sum(int(lens_np[b[k]]) for k in r) for r in rows)
+        R = len(rows)
+        x = np.zeros((R, L), np.int64)
+        pos = np.zeros((R, L), np.int64)
+        lab = np.full((R, L), -100, np.int64)
+        aw = np.zeros((R, L), np.float32)
+        tc = np.full((R, L), -1, np.int64)
+        seg = np.zeros((R, L), np.int64)
+        for r, row in enumerate(rows):
+            o = 0
+            for j, k in enumerate(row):
+                i = b[k]
+                seq = flat[offs[i]:offs[i + 1]]
+                n = len(seq)
+                x[r, o:o + n] = seq
+                pos[r, o:o + n] = np.arange(n)
+                lab[r, o:o + n - 1] = seq[1:]
+                s0, s1 = o + n_prompt[i] - 1, o + n_end[i]
+                aw[r, s0:s1] = 1.0 / max(1, s1 - s0)
+                tc[r, s0:s1] = task_np[i]
+                seg[r, o:o + n] = j + 1
+                o += n
+            pos[r, o:] = np.arange(L - o)
+        mask4 = None
+        t = lambda a_: torch.from_numpy(a_).to(dev, non_blocking=True)
+        if mode == "mask4":
+            sg = t(seg)
+            same = sg[:, :, None] == sg[:, None, :]
+            causal = torch.ones((L, L), dtype=torch.bool, device=dev).tril()
+            mask4 = (same & causal[None]) .unsqueeze(1)
+        return t(x), t(pos), t(lab), t(aw), t(tc), mask4
+
+    def packed_loss(hs, lab, aw, tc, n_items):
+        m = lab != -100
+        logits = model.lm_head(hs[m]).float()
+        ce = torch.nn.functional.cross_entropy(logits, lab[m], reduction="none")
+        w = aw[m]
+        isa = w > 0
+        ans_loss = (ce * w).sum() / n_items
+        lm_loss = ce[~isa].mean()
+        loss = ans_loss + args.lm_weight * lm_loss if args.lm_weight > 0 else ans_loss
+        tcm = tc[m]
+
+        def per_task():  # mean per-item answer loss by task (logging only)
+            out = {}
+            for code in torch.unique(tcm[isa]).tolist():
+                sel = isa & (tcm == code)
+                out[code] = ((ce[sel] * w[sel]).sum() / w[sel].sum()).item()
+            return out
+        return loss, ans_loss, lm_loss, per_task
+
+    def check_packing():
+        """Packed rows must give each item the logits it gets alone; tries position-id packing (the
+        model builds the block-diagonal mask from restarting position ids), then an explicit 4-D mask,
+        else falls back to padded batches."""
+        if args.pack == "off":
+            return "pad"
+        b = np.array([0, 1, 2, n_all - 1, n_all // 2])
+        model.eval()
+        torch.backends.cuda.matmul.allow_tf32 = False
+        ok_mode = "pad"
+        for mode in ("posids", "mask4"):
+            x, pos, lab, aw, tc, mask4 = build_packed(b, mode)
+            with torch.no_grad():
+                hp = model.model(input_ids=x, position_ids=pos, attention_mask=mask4, use_cache=False).last_hidden_state
+                worst = 0.0
+                rows = pack_rows([int(lens_np[i]) for i in b], row_len)
+                for r, row in enumerate(rows):
+                    o = 0
+                    for k in row:
+                        i = b[k]
+                        seq = torch.from_numpy(flat[offs[i]:offs[i + 1]].copy()).to(dev)[None]
+                        ha = model.model(input_ids=seq, use_cache=False).last_hidden_state[0]
+                        n = seq.shape[1]
+                        worst = max(worst, (hp[r, o:o + n] - ha).abs().max().item() / (ha.abs().max().item() + 1e-9))
+                        o += n
+            log(f"[{kind}] packing check ({mode}): max rel diff to unpacked {worst:.2e}")
+            if worst < 1e-3:
+                ok_mode = mode
+                break
+        model.train()
+        torch.backends.cuda.matmul.allow_tf32 = True
+        if ok_mode == "pad":
+            log(f"[{kind}] WARNING packing does not reproduce unpacked logits: padded batches")
+        return ok_mode
+
+    pack_mode = check_packing()
     curve = []
     evals = []
     best = (-1.0, None, 0)
     model.train()
     done_steps = steps
-    lens_np = np.array(lens)
     for step in range(steps):
         p = progress(step)
         if p >= 1.0 and step < steps:
@@ -414,35 +587,45 @@ def train_one(args, kind):
             log(f"[{kind}] deadline reached: stopping at step {step} of {steps}")
             break
         pe = args.easy_start + (args.easy_end - args.easy_start) * p if n_all > n_mix else 0.0
-        k_easy = int(rng.binomial(args.batch_items, pe)) if pe > 0 else 0
-        b = np.concatenate([rng.integers(0, n_mix, args.batch_items - k_easy),
-                            rng.integers(n_mix, n_all, k_easy) if k_easy else np.zeros(0, np.int64)])
-        L = int(lens_np[b].max())
-        x = np.zeros((len(b), L), dtype=np.int64)
-        lab = np.full((len(b), L), -100, dtype=np.int64)
-        isans = np.zeros((len(b), L), dtype=bool)
-        for r, i in enumerate(b):
-            seq = flat[offs[i]:offs[i + 1]]
-            n = len(seq)
-            x[r, :n] = seq
-            lab[r, :n - 1] = seq[1:]
-            # position t predicts token t+1: the answer part is t+1 in [n_prompt, n_end]
-            isans[r, n_prompt[i] - 1:n_end[i]] = True
-        x = torch.from_numpy(x).to(dev, non_blocking=True)
-        lab = torch.from_numpy(lab).to(dev, non_blocking=True)
-        isans = torch.from_numpy(isans).to(dev, non_blocking=True)
         lr = lr_at(step, p)
         for g in opt.param_groups:
             g["lr"] = lr
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            hs = hidden_at(model, x)
-            m = lab != -100
-            logits = model.lm_head(hs[m]).float()
-            ce = torch.nn.functional.cross_entropy(logits, lab[m], reduction="none")
-            a = isans[m]
-            ans_loss = ce[a].mean()
-            lm_loss = ce[~a].mean()
-            loss = ans_loss + args.lm_weight * lm_loss if args.lm_weight > 0 else ans_loss
+        if pack_mode != "pad":
+            # draw items until --step-tokens real tokens, pack them into rows of <= 512 tokens
+            b = draw_items(rng, pe, args.step_tokens)
+            x, pos, lab, aw, tcode, mask4 = build_packed(b, pack_mode)
+            k_easy = int((b >= n_mix).sum())
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                hs = model.model(input_ids=x, position_ids=pos, attention_mask=mask4, use_cache=False).last_hidden_state
+                loss, ans_loss, lm_loss, per_task = packed_loss(hs, lab, aw, tcode, len(b))
+        else:
+            k_easy = int(rng.binomial(args.batch_items, pe)) if pe > 0 else 0
+            b = np.concatenate([rng.integers(0, n_mix, args.batch_items - k_easy),
+                                rng.integers(n_mix, n_all, k_easy) if k_easy else np.zeros(0, np.int64)])
+            L = int(lens_np[b].max())
+            x = np.zeros((len(b), L), dtype=np.int64)
+            lab = np.full((len(b), L), -100, dtype=np.int64)
+            isans = np.zeros((len(b), L), dtype=bool)
+            for r, i in enumerate(b):
+                seq = flat[offs[i]:offs[i + 1]]
+                n = len(seq)
+                x[r, :n] = seq
+                lab[r, :n - 1] = seq[1:]
+                # position t predicts token t+1: the answer part is t+1 in [n_prompt, n_end]
+                isans[r, n_prompt[i] - 1:n_end[i]] = True
+            x = torch.from_numpy(x).to(dev, non_blocking=True)
+            lab = torch.from_numpy(lab).to(dev, non_blocking=True)
+            isans = torch.from_numpy(isans).to(dev, non_blocking=True)
+            per_task = None
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                hs = hidden_at(model, x)
+                m = lab != -100
+                logits = model.lm_head(hs[m]).float()
+                ce = torch.nn.functional.cross_entropy(logits, lab[m], reduction="none")
+                a = isans[m]
+                ans_loss = ce[a].mean()
+                lm_loss = ce[~a].mean()
+                loss = ans_loss + args.lm_weight * lm_loss if args.lm_weight > 0 else ans_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -453,7 +636,9 @@ def train_one(args, kind):
             if step % 250 == 0 or step == steps - 1:
                 el = time.time() - t0
                 log(f"[{kind}] step {step}/{steps} answer loss {lv:.4f} lm loss {lm:.4f} lr {lr:.2e} p {p:.3f} "
-                    f"{el:.0f}s ({1000*el/(step+1):.0f} ms/step) rows {len(b)}x{L} easy {k_easy}")
+                    f"{el:.0f}s ({1000*el/(step+1):.0f} ms/step) items {len(b)} rows {tuple(x.shape)} easy {k_easy}" +
+                    ("" if per_task is None else " | per-task answer loss " +
+                     " ".join(f"{TASK_NAMES.get(t, t)}={v:.3f}" for t, v in per_task().items())))
         if args.eval_every and step and step % args.eval_every == 0:
             rep = evaluate(model, tok, eval_items)
             sc = sum(r["acc"] for r in rep.values()) / len(rep)
@@ -528,13 +713,14 @@ def export(args, kind, model, tok, train_s, curve, n_params, done_steps):
         "exported_step": getattr(args, "_chosen", done_steps), "batch_items": args.batch_items,
         "lm_weight": args.lm_weight, "init_dir": args.init_dir, "aux_frac": args.aux_frac, "easy_start": args.easy_start, "easy_end": args.easy_end,
         "warmup": args.warmup, "story_sample": samples[0], "smoke": args.smoke,
+        "easy_spec": args.easy_spec, "pack": args.pack, "step_tokens": args.step_tokens, "tag": args.tag,
     }
     json.dump(info, open(os.path.join(args.work, "export", f"train-{name}.json"), "w"), indent=1)
     if args.out:  # each model comes back on its own, whatever happens to the other
         os.makedirs(args.out, exist_ok=True)
-        subprocess.run(["tar", "czf", os.path.join(args.out, f"{name}.tgz"), "-C", os.path.join(args.work, "export"),
+        subprocess.run(["tar", "czf", os.path.join(args.out, f"{name}{args.tag}.tgz"), "-C", os.path.join(args.work, "export"),
                         f"models/{name}", f"fixtures/{name}.json", f"train-{name}.json"], check=True)
-        log(f"[{kind}] packed {name}.tgz")
+        log(f"[{kind}] packed {name}{args.tag}.tgz")
 
 
 def fixture(args, kind, name, model_dir):
@@ -594,6 +780,17 @@ def main():
                     help="continue from exported models in DIR/<name> (their tokenizer is reused, not retrained)")
     ap.add_argument("--aux-frac", type=float, default=0.0,
                     help="auxiliary induction items (aux_items) added to the curriculum pool, per pool item")
+    ap.add_argument("--easy-spec", default="recall:2-8:1,team:2-8:1,arithmetic::1",
+                    help="curriculum pool parts TASK:FACTS:WEIGHT (v1: recall:2-8:1,team:2-8:1,arithmetic::1)")
+    ap.add_argument("--pack", default="on", choices=["on", "off"],
+                    help="pack items into 512-token rows (checked against unpacked logits at start; "
+                         "off = v1's padded --batch-items batches)")
+    ap.add_argument("--step-tokens", type=int, default=24576, help="real tokens per step when packing")
+    ap.add_argument("--shape", default="", help="model shape overrides, e.g. layers=8,ffn=448")
+    ap.add_argument("--eval-facts", default="", help="facts range of the quick evals' recall/team items (experiments)")
+    ap.add_argument("--tag", default="", help="suffix of the result tar's name (experiments side by side)")
+    ap.add_argument("--aux-kinds", default="line,copy", help="auxiliary item kinds: line, copy, bind (aux_items)")
+    ap.add_argument("--aux-facts", default="2-16", help="facts range of the auxiliary items")
     ap.add_argument("--n-train", type=int, default=500000)
     ap.add_argument("--n-eval", type=int, default=250)
     ap.add_argument("--n-eval-quick", type=int, default=50)
