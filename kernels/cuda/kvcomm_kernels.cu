@@ -18,6 +18,8 @@
  * Debug: build with -DKVM_KVCOMM_DEBUG to get device asserts on block ids and row ranges. */
 #include "cuda_internal.cuh"
 
+#include <cuda_pipeline.h>
+
 #include <assert.h>
 #include <math.h>
 #include <stdio.h>
@@ -282,6 +284,22 @@ template <> __device__ __forceinline__ void decode<float>(const RawChunk<float> 
     }
 }
 
+/* asynchronous (cp.async) copy of one chunk row into shared memory, same pieces as ld_raw */
+template <typename E> __device__ __forceinline__ void cp_raw(const E *row, int c, int D, int il, RawChunk<E> *dst) {
+    const E *a = row + (il ? c * 16 : c * 8), *b = row + (il ? c * 16 + 8 : D / 2 + c * 8);
+    __pipeline_memcpy_async(&dst->v[0], a, 16);
+    __pipeline_memcpy_async(&dst->v[1], b, 16);
+}
+template <> __device__ __forceinline__ void cp_raw<float>(const float *row, int c, int D, int il, RawChunk<float> *dst) {
+    const float *a = row + (il ? c * 16 : c * 8), *b = row + (il ? c * 16 + 8 : D / 2 + c * 8);
+    __pipeline_memcpy_async(&dst->v[0], a, 16);
+    __pipeline_memcpy_async(&dst->v[1], a + 4, 16);
+    __pipeline_memcpy_async(&dst->v[2], b, 16);
+    __pipeline_memcpy_async(&dst->v[3], b + 4, 16);
+}
+
+constexpr int kStages = 4; /* anchors in flight per block (cp.async ring in shared memory) */
+
 template <typename E> __host__ __device__ constexpr int rpt() { return sizeof(E) == 4 ? 2 : 4; } /* candidate rows per thread */
 
 struct Dist2Out {
@@ -310,7 +328,11 @@ __global__ void __launch_bounds__(kThreads) k_dist2(const __grid_constant__ Dist
     const size_t LH = (size_t)g.L * g.H, lh = (size_t)l * g.H + h;
     /* the candidate chunk: each thread keeps its own rows (no other thread reads them, so no barrier) */
     RawChunk<E> *xr = reinterpret_cast<RawChunk<E> *>(sm) + threadIdx.x;
-    float *cs = sm + RPT * kThreads * (sizeof(RawChunk<E>) / sizeof(float)), *red = cs + g.D, *psm = red + 2 * NW * g.D;
+    /* the ring of the anchors' head rows: stage s, row j of this thread at stg[(s * RPT + j) * kThreads] (also
+     * thread-private: the thread that issues a copy is the only one that reads it) */
+    RawChunk<E> *stg = xr + RPT * kThreads;
+    float *cs = sm + (1 + kStages) * RPT * kThreads * (sizeof(RawChunk<E>) / sizeof(float)), *red = cs + g.D,
+          *psm = red + 2 * NW * g.D;
     const E *X = static_cast<const E *>(p.x.data);
     bool live[RPT];
 #pragma unroll
@@ -323,8 +345,28 @@ __global__ void __launch_bounds__(kThreads) k_dist2(const __grid_constant__ Dist
             xr[j * kThreads] = r;
         }
     }
+    /* head rows (rows t of the chunk: placeholder distance, prediction, and the tail when T_n == T) of anchor m
+     * into stage m % kStages; one commit group per anchor, empty ones included, so that waiting for all but
+     * the kStages - 1 newest groups means anchor n has landed */
+    auto issue = [&](int m) {
+        if (m < N) {
+            const int offm = p.a_rows[m] - T;
+            if (want_ph || want_pred || (want_pf && offm == 0)) {
+                const E *Am = static_cast<const E *>(p.a[m].data);
+#pragma unroll
+                for (int j = 0; j < RPT; j++)
+                    if (live[j])
+                        cp_raw(Am + vidx(p.a[m], g, l, kv, h, t0 + rg + j * RG), c, g.D, p.il,
+                               stg + ((m % kStages) * RPT + j) * kThreads);
+            }
+        }
+        __pipeline_commit();
+    };
+    for (int m = 0; m < kStages - 1; m++) issue(m);
     int cs_off = 0;
     for (int n = 0; n < N; n++) {
+        issue(n + kStages - 1);
+        __pipeline_wait_prior(kStages - 1);
         const int off = p.a_rows[n] - T;
         const bool rot = kv == 0 && off && p.rotate_tail && want_pf;
         if (rot && off != cs_off) { /* block-uniform */
@@ -341,9 +383,7 @@ __global__ void __launch_bounds__(kThreads) k_dist2(const __grid_constant__ Dist
         for (int k = 0; k < 16; k++) acc[k] = 0.f;
         float s_abs[RPT], acc_pred = 0.f;
         RawChunk<E> ar[RPT];
-#pragma unroll
-        for (int j = 0; j < RPT; j++)
-            if (live[j] && need_head) ld_raw(A + vidx(p.a[n], g, l, kv, h, t0 + rg + j * RG), c, g.D, p.il, ar[j]);
+        const RawChunk<E> *hr = stg + (n % kStages) * RPT * kThreads;
 #pragma unroll
         for (int j = 0; j < RPT; j++) {
             s_abs[j] = 0.f;
@@ -351,7 +391,7 @@ __global__ void __launch_bounds__(kThreads) k_dist2(const __grid_constant__ Dist
             float x[16], a[16];
             decode(xr[j * kThreads], p.il, x);
             if (need_head) {
-                decode(ar[j], p.il, a);
+                decode(hr[j * kThreads], p.il, a);
 #pragma unroll
                 for (int k = 0; k < 16; k++) {
                     const float df = x[k] - a[k];
@@ -579,6 +619,7 @@ float *part_buf(size_t bytes) {
         g_part = nullptr;
         g_part_bytes = 0;
     }
+    bytes += bytes / 2; /* room to grow without another synchronizing free */
     void *q = nullptr;
     if (cudaMalloc(&q, bytes) != cudaSuccess) {
         cudaGetLastError();
@@ -671,7 +712,7 @@ extern "C" int kvm_cuda_kvcomm_dist(const kvm_kvcomm_dist_args_t *a) {
         float *part = part_buf((ph_elems + pf_elems + pred_elems + 64) * sizeof(float));
         if (!part) return kvm_errcode();
         Dist2Out o{part, part + ph_elems, part + ph_elems + pf_elems};
-        const size_t shmem = (size_t)rpt<float>() * kThreads * sizeof(RawChunk<float>) /* = the 16-bit size */ +
+        const size_t shmem = (size_t)(1 + kStages) * rpt<float>() * kThreads * sizeof(RawChunk<float>) /* = 16-bit size */ +
                              ((size_t)D + 2 * (kThreads / 32) * (size_t)D + 2 * (kThreads / 32)) * sizeof(float);
         dim3 grid((unsigned)NC, (unsigned)(2 * LH));
         switch (a->g.dtype) {

@@ -54,6 +54,7 @@ struct comm_dev_ctx {
     float *wfree[COMM_DEV_WFREE]; /* weight buffers of freed samples, for reuse */
     size_t wfree_cap[COMM_DEV_WFREE];
     int n_wfree;
+    bool warmed;          /* dev_warm ran */
 };
 
 bool comm_dev_on(kvm_comm_t *c) {
@@ -68,6 +69,16 @@ bool comm_dev_on(kvm_comm_t *c) {
     const int D = c->g.D;
     if (!cpu && (D % 16 || D > 512 || ((D / 16) & (D / 16 - 1)))) return false;
     return true;
+}
+
+/* KVM_KVCOMM_DEV_TIMING=1: one line per reuse call and per prediction on stderr (where the time goes) */
+static bool dev_timing(void) {
+    static int on = -1;
+    if (on < 0) {
+        const char *e = getenv("KVM_KVCOMM_DEV_TIMING");
+        on = e && *e && strcmp(e, "0") != 0;
+    }
+    return on == 1;
 }
 
 static struct comm_dev_ctx *ctx(kvm_comm_t *c) {
@@ -172,6 +183,49 @@ static void *upload_rows(const kvm_ops_t *o, kvm_dtype_t dt, const float *src, s
 
 /* ==== anchors ============================================================================================== */
 
+/* Runs each KVCOMM op once on a few rows of the first committed anchor (dist with every output, softmax, an
+ * apply into a scratch block), so that the backend's one-time costs (lazy kernel loading, the distance
+ * scratch, a first weight buffer, which goes to the free list) are paid at commit, off the reuse path.
+ * Failures are ignored: the reuse path does the same work later and reports its errors. */
+static void dev_warm(kvm_comm_t *c, const comm_anchor_t *a) {
+    const kvm_ops_t *o = c->pool->ops;
+    struct comm_dev_ctx *x = ctx(c);
+    if (!x || !a->dev || !a->dev->base || a->T <= 0) return;
+    const comm_geom_t *g = &c->g;
+    const int T = a->T < KVM_KV_BLOCK ? a->T : KVM_KV_BLOCK;
+    const int V = c->cfg.max_anchors > 0 && c->cfg.max_anchors < KVM_KVCOMM_MAX_ANCHORS ? c->cfg.max_anchors : 1;
+    const size_t per = (size_t)g->L * g->H * g->D;
+    /* a buffer a sample of ~1K tokens with a full pool can take over from the free list */
+    const size_t need = (size_t)2 * V * 1024 + 2 * (size_t)V * per;
+    size_t cap = 0;
+    float *w = wbuf_take(c, need, &cap);
+    if (!x->pred) x->pred = o->alloc(KVM_KVCOMM_MAX_ANCHORS * sizeof(float));
+    const size_t blk_bytes = per * 2 * KVM_KV_BLOCK * kvm_dtype_size(c->pool->geom.dtype);
+    void *dst = o->alloc(blk_bytes);
+    const int32_t zero = 0;
+    const int32_t *bt = upload_blocks(c, 0, &zero, 1);
+    if (w && x->pred && dst && bt) {
+        kvm_kv_view_t av = {.data = a->dev->base, .rows = a->T, .l0 = 0};
+        int rows = a->T;
+        kvm_kvcomm_dist_args_t d = {.g = c->pool->geom, .x = av, .T = T, .n = 1, .a = &av, .a_rows = &rows,
+                                    .want = KVM_KVCOMM_WANT_PH | KVM_KVCOMM_WANT_PF | KVM_KVCOMM_WANT_PRED,
+                                    .rotate_tail = 1, .inv_freq = kvm_kv_store_inv_freq_dev(c->store),
+                                    .layout = kvm_kv_store_rope(c->store)->layout, .d_ph = w, .d_pf = w + 2 * T,
+                                    .d_pred = x->pred};
+        int rc = o->kvcomm_dist(&d);
+        if (!rc) rc = o->kvcomm_softmax(w, w, 1, (size_t)T, KVM_KVCOMM_SOFTMAX);
+        kvm_kvcomm_apply_args_t ap = {.g = c->pool->geom, .src = av, .n = 0, .r0 = 0, .r1 = 1, .dst_kv = dst,
+                                      .dst_blocks = bt, .dst_pos = 0, .shift = 1,
+                                      .inv_freq = kvm_kv_store_inv_freq_dev(c->store),
+                                      .layout = kvm_kv_store_rope(c->store)->layout, .dst_n_blocks = 1};
+        if (!rc) rc = o->kvcomm_apply(&ap);
+        if (!rc) rc = o->sync();
+        if (rc) KVM_LOGW("kvcomm: warming the device ops failed (ignored): %s", kvm_errmsg());
+    }
+    wbuf_give(c, o, w, cap);
+    o->free(dst);
+}
+
 int comm_dev_anchor_sync(kvm_comm_t *c, comm_anchor_t *a) {
     const kvm_ops_t *o = c->pool->ops;
     const kvm_dtype_t dt = c->pool->geom.dtype;
@@ -208,6 +262,11 @@ int comm_dev_anchor_sync(kvm_comm_t *c, comm_anchor_t *a) {
         m->d_ph[m->n] = ph;
         m->d_pf[m->n] = pf;
         m->n++;
+    }
+    struct comm_dev_ctx *x = ctx(c);
+    if (x && !x->warmed) {
+        x->warmed = true;
+        dev_warm(c, a);
     }
     return 0;
 }
@@ -312,6 +371,7 @@ int comm_dev_pred(kvm_comm_t *c, comm_sample_t *s, comm_anchor_t **E, int n, dou
     struct comm_dev_ctx *x = ctx(c);
     if (!x) return KVM_ENOMEM;
     if (!x->pred && !(x->pred = o->alloc(KVM_KVCOMM_MAX_ANCHORS * sizeof(float)))) return kvm_errcode();
+    const uint64_t t0 = kvm_now_ns();
     kvm_kv_view_t av[KVM_KVCOMM_MAX_ANCHORS];
     int rows[KVM_KVCOMM_MAX_ANCHORS];
     int rc = anchor_views(c, E, n, av, rows);
@@ -325,6 +385,9 @@ int comm_dev_pred(kvm_comm_t *c, comm_sample_t *s, comm_anchor_t **E, int n, dou
     const double cnt = (double)comm_rows_elems(&c->g, s->T) / 2;
     for (int i = 0; i < n; i++)
         d[i] = c->cfg.dist_norm == KVM_KVCOMM_DIST_PER_ELEMENT ? (double)h[i] / sqrt(cnt) : (double)h[i];
+    if (dev_timing())
+        fprintf(stderr, "kvcomm_dev pred '%s': T=%d, %d anchors, %.3f ms\n", s->name, s->T, n,
+                (double)(kvm_now_ns() - t0) / 1e6);
     return 0;
 }
 
@@ -559,6 +622,7 @@ int comm_dev_reuse(kvm_comm_request_t *rq, const kvm_template_t *tc, const comm_
             rc = o->kvcomm_apply(&a);
         }
     }
+    const double enqueue = ms_since(td);
     if (!rc) rc = o->sync();
     const double dev_wall = ms_since(td);
     /* weights_ms: device time of the weight kernels (events) or their wall time (synchronous backends);
@@ -599,11 +663,18 @@ int comm_dev_reuse(kvm_comm_request_t *rq, const kvm_template_t *tc, const comm_
             r->naive_tokens += q->na + q->nb;
         }
     }
-    r->weights_ms += w_ms + ms_since(tm);
+    const double readback = ms_since(tm);
+    r->weights_ms += w_ms + readback;
     r->offset_ms += dev_wall - w_ms;
     if (rc) return rc;
     uint64_t tp = kvm_now_ns();
     if (n_tail > 0) rc = kvm_seq_push_tokens(&out->seq, out->prompt_ids + E, n_tail);
     r->assemble_ms = assemble + ms_since(tp);
+    if (dev_timing())
+        fprintf(stderr,
+                "kvcomm_dev reuse '%s': %d pieces, rows %d..%d; tables+plan %.3f ms, enqueue %.3f ms, enqueue-to-sync %.3f ms "
+                "(weights on the device %.3f ms), top-anchor read-back %.3f ms, push %.3f ms\n",
+                t->agent, t->n_ph, E, N - 1, assemble, enqueue, dev_wall, w_ms, readback,
+                ms_since(tp));
     return rc;
 }

@@ -12,7 +12,9 @@
 #   old.log            (.gpu-old present) the old bundle's ops bench at N=20 with CUDA_LAUNCH_BLOCKING=1 (which
 #                      op fails), and with OLD_BENCH=1 its kvmesh bench kvcomm (the same-run baseline)
 #   bench.log, bench_ttft.json   kvmesh bench kvcomm --synthetic llama-3.1-8b (TTFT workload)
-# Usage: scripts/gpu/kvcomm.sh [all|parity|ops|old|bench]... BENCH_ARGS adds options to kvmesh bench kvcomm.
+#   bench_timing.log   (step "timing", not in "all") the same bench with KVM_KVCOMM_DEV_TIMING=1: one line per
+#                      device reuse call and prediction (where the alignment time goes)
+# Usage: scripts/gpu/kvcomm.sh [all|parity|ops|old|bench|timing]... BENCH_ARGS adds options to kvmesh bench kvcomm.
 set -uo pipefail
 steps=${*:-all}
 B=$PWD/.gpu-kvcomm
@@ -25,18 +27,19 @@ clocks() { nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,tempe
   clocks; nvidia-smi -L; } > "$OUT/gpu.txt" 2>&1
 cat "$OUT/gpu.txt"
 rc=0
-want() { [[ " $steps " == *" all "* || " $steps " == *" $1 "* ]]; }
+want() { [[ ( " $steps " == *" all "* && $1 != timing ) || " $steps " == *" $1 "* ]]; }
 step() { echo; echo "==== $1 ($(date -u +%T))"; }
 new() { LD_LIBRARY_PATH=$B/lib "$@"; }
+if [ -f "$OLD/old.tar.xz" ] && [ ! -x "$OLD/test_kvcomm_ops" ]; then tar xJf "$OLD/old.tar.xz" -C "$OLD"; fi
 if want old && [ -d "$OLD" ]; then
   step "old bundle: ops bench N=20 with CUDA_LAUNCH_BLOCKING=1 (which op fails)"
   { echo "== old ops bench N=20, CUDA_LAUNCH_BLOCKING=1"
-    CUDA_LAUNCH_BLOCKING=1 KVM_KVCOMM_OPS_BENCH=1 KVM_KVCOMM_OPS_BENCH_N=20 LD_LIBRARY_PATH=$OLD/lib timeout 90 "$OLD/test_kvcomm_ops"
+    CUDA_LAUNCH_BLOCKING=1 KVM_KVCOMM_OPS_BENCH=1 KVM_KVCOMM_OPS_BENCH_N=20 LD_LIBRARY_PATH=$B/lib timeout 90 "$OLD/test_kvcomm_ops"
     echo "rc=$?"; } > "$OUT/old.log" 2>&1
   grep -E "rc=|LINE|ERROR|kvcomm_ops bench|floor|FAILED" "$OUT/old.log" | head -12
   if [ -n "${OLD_BENCH:-}" ]; then
     step "old bundle: kvmesh bench kvcomm (baseline, same card)"
-    { echo "== old kvmesh bench kvcomm"; LD_LIBRARY_PATH=$OLD/lib timeout 170 "$OLD/kvmesh" bench kvcomm --synthetic llama-3.1-8b \
+    { echo "== old kvmesh bench kvcomm"; LD_LIBRARY_PATH=$B/lib timeout 170 "$OLD/kvmesh" bench kvcomm --synthetic llama-3.1-8b \
         --out /tmp/old_bench ${BENCH_ARGS:-}; echo "rc=$?"; } >> "$OUT/old.log" 2>&1
     grep -E "^agent|^a[0-9] |^reuse rate|^alignment|rc=" "$OUT/old.log" | tail -9
     cp /tmp/old_bench/*.json "$OUT/old_bench_ttft.json" 2>/dev/null
@@ -76,6 +79,12 @@ if want bench; then
   echo "bench rc=$brc"; grep -E "^agent|^a[0-9] |^reuse rate|^alignment|^anchors|rror" "$OUT/bench.log" | head -12
   cp /tmp/new_bench/*.json "$OUT/bench_ttft.json" 2>/dev/null
   [ $brc -ne 0 ] && rc=1
+fi
+if want timing; then
+  step "kvmesh bench kvcomm with KVM_KVCOMM_DEV_TIMING=1 (where the alignment time goes; not the reported figure)"
+  KVM_KVCOMM_DEV_TIMING=1 new timeout 150 "$B/kvmesh" bench kvcomm --synthetic llama-3.1-8b --out /tmp/timing_bench ${BENCH_ARGS:-} \
+    > "$OUT/bench_timing.log" 2>&1
+  echo "timing bench rc=$?"; grep -E "^alignment" "$OUT/bench_timing.log"
 fi
 { echo "end: $(date -u)"; clocks; } >> "$OUT/gpu.txt" 2>&1
 echo; echo "end: $(date -u)  rc=$rc"
