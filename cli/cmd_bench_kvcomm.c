@@ -436,9 +436,12 @@ static int run_team(kvm_model_t *m, const opts_t *o) {
             double acc = kvm_team_accuracy(r);
             printf("%-12s %8.1f", names[i], acc);
             for (int k = 0; k < KVM_TEAM_ROLES; k++) printf(" %8.1f", r->total[k] ? 100.0 * r->correct[k] / r->total[k] : 0);
-            printf(" %9.1f %10.1f %9.1f %8d  %llu/%llu/%llu/%llu\n", r->invocations ? 100.0 * r->reuse / r->invocations : 0,
-                   r->invocations_warm ? 100.0 * r->reuse_warm / r->invocations_warm : 0,
-                   r->agree_n ? 100.0 * r->agree / r->agree_n : 100, r->anchors, (unsigned long long)r->exact,
+            char agree[16] = "-"; /* measured against an earlier dense mode of the same run only */
+            if (r->agree_n) snprintf(agree, sizeof agree, "%.1f", 100.0 * r->agree / r->agree_n);
+            else if (i == dense_i) snprintf(agree, sizeof agree, "%.1f", 100.0);
+            printf(" %9.1f %10.1f %9s %8d  %llu/%llu/%llu/%llu\n", r->invocations ? 100.0 * r->reuse / r->invocations : 0,
+                   r->invocations_warm ? 100.0 * r->reuse_warm / r->invocations_warm : 0, agree, r->anchors,
+                   (unsigned long long)r->exact,
                    (unsigned long long)r->offset, (unsigned long long)r->naive, (unsigned long long)r->recomputed);
             cJSON *o1 = cJSON_CreateObject();
             cJSON_AddStringToObject(o1, "mode", names[i]);
@@ -450,7 +453,8 @@ static int run_team(kvm_model_t *m, const opts_t *o) {
             cJSON_AddNumberToObject(o1, "reuse_rate", r->invocations ? (double)r->reuse / r->invocations : 0);
             cJSON_AddNumberToObject(o1, "reuse_rate_after_warmup",
                                     r->invocations_warm ? (double)r->reuse_warm / r->invocations_warm : 0);
-            cJSON_AddNumberToObject(o1, "greedy_agreement_with_dense", r->agree_n ? (double)r->agree / r->agree_n : 1);
+            if (r->agree_n || i == dense_i)
+                cJSON_AddNumberToObject(o1, "greedy_agreement_with_dense", r->agree_n ? (double)r->agree / r->agree_n : 1);
             cJSON_AddNumberToObject(o1, "anchors", r->anchors);
             cJSON_AddNumberToObject(o1, "anchor_bytes", (double)r->anchor_bytes);
             cJSON_AddNumberToObject(o1, "exact_tokens", (double)r->exact);
