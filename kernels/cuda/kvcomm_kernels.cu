@@ -18,8 +18,6 @@
  * Debug: build with -DKVM_KVCOMM_DEBUG to get device asserts on block ids and row ranges. */
 #include "cuda_internal.cuh"
 
-#include <cuda_pipeline.h>
-
 #include <assert.h>
 #include <math.h>
 #include <stdio.h>
@@ -284,23 +282,6 @@ template <> __device__ __forceinline__ void decode<float>(const RawChunk<float> 
     }
 }
 
-/* asynchronous (cp.async) copy of one chunk row into shared memory, same pieces as ld_raw */
-template <typename E> __device__ __forceinline__ void cp_raw(const E *row, int c, int D, int il, RawChunk<E> *dst) {
-    const E *a = row + (il ? c * 16 : c * 8), *b = row + (il ? c * 16 + 8 : D / 2 + c * 8);
-    __pipeline_memcpy_async(&dst->v[0], a, 16);
-    __pipeline_memcpy_async(&dst->v[1], b, 16);
-}
-template <> __device__ __forceinline__ void cp_raw<float>(const float *row, int c, int D, int il, RawChunk<float> *dst) {
-    const float *a = row + (il ? c * 16 : c * 8), *b = row + (il ? c * 16 + 8 : D / 2 + c * 8);
-    __pipeline_memcpy_async(&dst->v[0], a, 16);
-    __pipeline_memcpy_async(&dst->v[1], a + 4, 16);
-    __pipeline_memcpy_async(&dst->v[2], b, 16);
-    __pipeline_memcpy_async(&dst->v[3], b + 4, 16);
-}
-
-constexpr int kStages = 4; /* anchors in flight per block (cp.async ring in shared memory) */
-
-template <typename E> __host__ __device__ constexpr int rpt() { return sizeof(E) == 4 ? 2 : 4; } /* candidate rows per thread */
 
 struct Dist2Out {
     float *ph_part;   /* [2][N][L*H][T] */
@@ -308,13 +289,20 @@ struct Dist2Out {
     float *pred_part; /* [NC][N][L*H] */
 };
 
-template <typename E>
-__global__ void __launch_bounds__(kThreads) k_dist2(const __grid_constant__ DistParams p, const Dist2Out o) {
-    extern __shared__ float sm[];
-    constexpr int RPT = rpt<E>(), NW = kThreads / 32;
+/* One block per (row chunk, kv, layer, head, anchor n) with n fastest (the N blocks of one slab share the
+ * candidate rows through L2), kThreads threads: CPR threads per row, RG rows per step, U steps unrolled with
+ * every load issued before any use (U rows of candidate and anchor per thread in flight). Per row: |x-a| summed
+ * over the row (partial per (l,h), reduced by k_dist_fin); per channel: (x-a')^2 summed over the chunk's rows
+ * (partial per chunk); prediction: sum of squares of V rows (partial per chunk). */
+template <typename E, int U, int MINB>
+__global__ void __launch_bounds__(kThreads, MINB) k_dist2(const __grid_constant__ DistParams p, const Dist2Out o, int rows_per_chunk) {
+    extern __shared__ float sm[]; /* cs[D] | red[RG][D] | pred[warps] */
+    constexpr int NW = kThreads / 32;
     const Geo g = p.g;
     const int N = p.N, T = p.T;
     int b = blockIdx.y;
+    const int n = b % N;
+    b /= N;
     const int h = b % g.H;
     b /= g.H;
     const int l = b % g.L;
@@ -322,95 +310,69 @@ __global__ void __launch_bounds__(kThreads) k_dist2(const __grid_constant__ Dist
     const bool want_ph = p.want & KVM_KVCOMM_WANT_PH, want_pf = p.want & KVM_KVCOMM_WANT_PF;
     const bool want_pred = (p.want & KVM_KVCOMM_WANT_PRED) && kv == 1;
     if (!want_ph && !want_pf && !want_pred) return;
-    const int CPR = g.D / 16, RG = kThreads / CPR, TC = RG * RPT;
+    const int CPR = g.D / 16, RG = kThreads / CPR;
     const int c = threadIdx.x % CPR, rg = threadIdx.x / CPR, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int chunk = blockIdx.x, t0 = chunk * TC;
+    const int chunk = blockIdx.x, tb = chunk * rows_per_chunk, te = min(T, tb + rows_per_chunk);
     const size_t LH = (size_t)g.L * g.H, lh = (size_t)l * g.H + h;
-    /* the candidate chunk: each thread keeps its own rows (no other thread reads them, so no barrier) */
-    RawChunk<E> *xr = reinterpret_cast<RawChunk<E> *>(sm) + threadIdx.x;
-    /* the ring of the anchors' head rows: stage s, row j of this thread at stg[(s * RPT + j) * kThreads] (also
-     * thread-private: the thread that issues a copy is the only one that reads it) */
-    RawChunk<E> *stg = xr + RPT * kThreads;
-    float *cs = sm + (1 + kStages) * RPT * kThreads * (sizeof(RawChunk<E>) / sizeof(float)), *red = cs + g.D,
-          *psm = red + 2 * NW * g.D;
+    const int off = p.a_rows[n] - T;
+    const bool rot = kv == 0 && off && p.rotate_tail && want_pf;
+    const bool need_head = want_ph || want_pred || (want_pf && off == 0), need_tail = want_pf && off != 0;
+    float *cs = sm, *red = sm + g.D, *psm = red + (size_t)RG * g.D;
+    if (rot) fill_cs(cs, -off, p.inv_freq, g.D);
+    __syncthreads();
     const E *X = static_cast<const E *>(p.x.data);
-    bool live[RPT];
+    const E *A = static_cast<const E *>(p.a[n].data);
+    float acc[16];
 #pragma unroll
-    for (int j = 0; j < RPT; j++) {
-        const int t = t0 + rg + j * RG;
-        live[j] = t < T;
-        if (live[j]) {
-            RawChunk<E> r;
-            ld_raw(X + vidx(p.x, g, l, kv, h, t), c, g.D, p.il, r);
-            xr[j * kThreads] = r;
-        }
-    }
-    /* head rows (rows t of the chunk: placeholder distance, prediction, and the tail when T_n == T) of anchor m
-     * into stage m % kStages; one commit group per anchor, empty ones included, so that waiting for all but
-     * the kStages - 1 newest groups means anchor n has landed */
-    auto issue = [&](int m) {
-        if (m < N) {
-            const int offm = p.a_rows[m] - T;
-            if (want_ph || want_pred || (want_pf && offm == 0)) {
-                const E *Am = static_cast<const E *>(p.a[m].data);
+    for (int k = 0; k < 16; k++) acc[k] = 0.f;
+    float acc_pred = 0.f;
+    for (int t0 = tb; t0 < te; t0 += RG * U) {
+        RawChunk<E> xr[U], ar[U];
+        bool live[U];
 #pragma unroll
-                for (int j = 0; j < RPT; j++)
-                    if (live[j])
-                        cp_raw(Am + vidx(p.a[m], g, l, kv, h, t0 + rg + j * RG), c, g.D, p.il,
-                               stg + ((m % kStages) * RPT + j) * kThreads);
+        for (int u = 0; u < U; u++) {
+            const int t = t0 + rg + u * RG;
+            live[u] = t < te;
+            if (live[u]) {
+                ld_raw(X + vidx(p.x, g, l, kv, h, t), c, g.D, p.il, xr[u]);
+                ld_raw(A + vidx(p.a[n], g, l, kv, h, need_head ? t : off + t), c, g.D, p.il, ar[u]);
             }
         }
-        __pipeline_commit();
-    };
-    for (int m = 0; m < kStages - 1; m++) issue(m);
-    int cs_off = 0;
-    for (int n = 0; n < N; n++) {
-        issue(n + kStages - 1);
-        __pipeline_wait_prior(kStages - 1);
-        const int off = p.a_rows[n] - T;
-        const bool rot = kv == 0 && off && p.rotate_tail && want_pf;
-        if (rot && off != cs_off) { /* block-uniform */
-            __syncthreads();
-            fill_cs(cs, -off, p.inv_freq, g.D);
-            __syncthreads();
-            cs_off = off;
-        }
-        const E *A = static_cast<const E *>(p.a[n].data);
-        const bool need_head = want_ph || want_pred || (want_pf && off == 0);
-        const bool need_tail = want_pf && off != 0;
-        float acc[16];
+        float s_abs[U];
 #pragma unroll
-        for (int k = 0; k < 16; k++) acc[k] = 0.f;
-        float s_abs[RPT], acc_pred = 0.f;
-        RawChunk<E> ar[RPT];
-        const RawChunk<E> *hr = stg + (n % kStages) * RPT * kThreads;
-#pragma unroll
-        for (int j = 0; j < RPT; j++) {
-            s_abs[j] = 0.f;
-            if (!live[j]) continue;
+        for (int u = 0; u < U; u++) {
+            s_abs[u] = 0.f;
+            if (!live[u]) continue;
             float x[16], a[16];
-            decode(xr[j * kThreads], p.il, x);
+            decode(xr[u], p.il, x);
+            decode(ar[u], p.il, a);
             if (need_head) {
-                decode(hr[j * kThreads], p.il, a);
 #pragma unroll
                 for (int k = 0; k < 16; k++) {
                     const float df = x[k] - a[k];
-                    s_abs[j] += fabsf(df);
+                    s_abs[u] += fabsf(df);
                     acc_pred += df * df;
                     if (!need_tail) acc[k] += df * df;
                 }
+            } else { /* the tail rows were loaded (only the per-channel distance is wanted) */
+                if (rot) rot16(a, cs, c, g.D);
+#pragma unroll
+                for (int k = 0; k < 16; k++) {
+                    const float df = x[k] - a[k];
+                    acc[k] += df * df;
+                }
             }
         }
-        if (need_tail) {
+        if (need_head && need_tail) { /* T_n > T with the head distances wanted too: the tail rows as well */
 #pragma unroll
-            for (int j = 0; j < RPT; j++)
-                if (live[j]) ld_raw(A + vidx(p.a[n], g, l, kv, h, off + t0 + rg + j * RG), c, g.D, p.il, ar[j]);
+            for (int u = 0; u < U; u++)
+                if (live[u]) ld_raw(A + vidx(p.a[n], g, l, kv, h, off + t0 + rg + u * RG), c, g.D, p.il, ar[u]);
 #pragma unroll
-            for (int j = 0; j < RPT; j++) {
-                if (!live[j]) continue;
+            for (int u = 0; u < U; u++) {
+                if (!live[u]) continue;
                 float x[16], a[16];
-                decode(xr[j * kThreads], p.il, x);
-                decode(ar[j], p.il, a);
+                decode(xr[u], p.il, x);
+                decode(ar[u], p.il, a);
                 if (rot) rot16(a, cs, c, g.D);
 #pragma unroll
                 for (int k = 0; k < 16; k++) {
@@ -421,40 +383,32 @@ __global__ void __launch_bounds__(kThreads) k_dist2(const __grid_constant__ Dist
         }
         if (want_ph) {
 #pragma unroll
-            for (int j = 0; j < RPT; j++) {
-                float v = s_abs[j];
+            for (int u = 0; u < U; u++) {
+                float v = s_abs[u];
                 for (int o2 = CPR / 2; o2 > 0; o2 >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o2);
-                if (live[j] && c == 0)
-                    o.ph_part[(((size_t)kv * N + n) * LH + lh) * T + t0 + rg + j * RG] = v;
+                if (live[u] && c == 0) o.ph_part[(((size_t)kv * N + n) * LH + lh) * T + t0 + rg + u * RG] = v;
             }
         }
-        float *rb = red + (size_t)(n & 1) * NW * g.D;
-        if (want_pf) {
-            /* the rows of a warp that hold the same channel chunk are lanes c, c + CPR, ... */
-            for (int o2 = CPR; o2 < 32; o2 <<= 1)
+    }
+    if (want_pf) {
 #pragma unroll
-                for (int k = 0; k < 16; k++) acc[k] += __shfl_xor_sync(0xffffffffu, acc[k], o2);
-            if (lane < CPR)
-#pragma unroll
-                for (int k = 0; k < 16; k++) rb[warp * g.D + chunk_elem(c, k, g.D, p.il)] = acc[k];
-        }
-        if (want_pred) {
-            float s = kvm_warp_sum(acc_pred);
-            if (lane == 0) psm[(n & 1) * NW + warp] = s;
-        }
-        if (want_pf || want_pred) __syncthreads();
-        if (want_pf)
-            for (int d = threadIdx.x; d < g.D; d += blockDim.x) {
-                float s = 0.f;
-#pragma unroll
-                for (int w = 0; w < NW; w++) s += rb[w * g.D + d];
-                o.pf_part[((((size_t)chunk * 2 + kv) * N + n) * LH + lh) * g.D + d] = s;
-            }
-        if (want_pred && threadIdx.x == 0) {
+        for (int k = 0; k < 16; k++) red[rg * g.D + chunk_elem(c, k, g.D, p.il)] = acc[k];
+    }
+    if (want_pred) {
+        const float s = kvm_warp_sum(acc_pred);
+        if (lane == 0) psm[warp] = s;
+    }
+    __syncthreads();
+    if (want_pf)
+        for (int d = threadIdx.x; d < g.D; d += blockDim.x) {
             float s = 0.f;
-            for (int w = 0; w < NW; w++) s += psm[(n & 1) * NW + w];
-            o.pred_part[((size_t)chunk * N + n) * LH + lh] = s;
+            for (int r = 0; r < RG; r++) s += red[r * g.D + d];
+            o.pf_part[((((size_t)chunk * 2 + kv) * N + n) * LH + lh) * g.D + d] = s;
         }
+    if (want_pred && threadIdx.x == 0) {
+        float s = 0.f;
+        for (int w = 0; w < NW; w++) s += psm[w];
+        o.pred_part[((size_t)chunk * N + n) * LH + lh] = s;
     }
 }
 
@@ -652,12 +606,22 @@ int check_view(const kvm_kv_view_t &v, const char *what, const char *op, int row
     return 0;
 }
 
-/* KVM_KVCOMM_DIST=v1 selects the first distance kernel (one block per anchor), kept for A/B timing */
+/* KVM_KVCOMM_DIST=v1 selects the first distance kernel (one block per anchor, one row per thread in flight),
+ * KVM_KVCOMM_DIST=v2u4 the 4-rows-per-thread variant of k_dist2; both kept for A/B timing */
 bool dist_v1() {
     static int v = -1;
     if (v < 0) {
         const char *e = getenv("KVM_KVCOMM_DIST");
         v = e && !strcmp(e, "v1");
+    }
+    return v == 1;
+}
+
+bool dist_u4() {
+    static int v = -1;
+    if (v < 0) {
+        const char *e = getenv("KVM_KVCOMM_DIST");
+        v = e && !strcmp(e, "v2u4");
     }
     return v == 1;
 }
@@ -702,8 +666,19 @@ extern "C" int kvm_cuda_kvcomm_dist(const kvm_kvcomm_dist_args_t *a) {
     const size_t LH = (size_t)L * H;
     cudaStream_t st = g_cuda.stream;
     if (!dist_v1()) {
-        const int TC = (kThreads / (D / 16)) * (a->g.dtype == KVM_F32 ? rpt<float>() : rpt<__half>());
-        const int NC = (T + TC - 1) / TC;
+        /* row chunks: enough blocks for ~4 waves of 2 blocks per SM, at least one unrolled step per chunk */
+        /* rows per thread in flight: 3 for 16-bit (2 blocks per SM), 4 with KVM_KVCOMM_DIST=v2u4 (1 block per SM),
+         * 2 for fp32 */
+        const int U = a->g.dtype == KVM_F32 ? 2 : dist_u4() ? 4 : 3;
+        const int step = (kThreads / (D / 16)) * U;
+        const size_t base = (size_t)N * 2 * LH, want_blocks = (size_t)8 * (g_cuda.prop.multiProcessorCount > 0 ? g_cuda.prop.multiProcessorCount : 132);
+        int NC = (int)((want_blocks + base - 1) / base);
+        const int max_nc = (T + step - 1) / step;
+        if (NC > max_nc) NC = max_nc;
+        if (NC < 1) NC = 1;
+        int rpc = (T + NC - 1) / NC;
+        rpc = (rpc + step - 1) / step * step;
+        NC = (T + rpc - 1) / rpc;
         const size_t n_ph = (a->want & KVM_KVCOMM_WANT_PH) ? (size_t)2 * N * T : 0;
         const size_t n_pf = (a->want & KVM_KVCOMM_WANT_PF) ? (size_t)2 * N * LH * D : 0;
         const size_t n_pred = (a->want & KVM_KVCOMM_WANT_PRED) ? (size_t)N : 0;
@@ -712,23 +687,15 @@ extern "C" int kvm_cuda_kvcomm_dist(const kvm_kvcomm_dist_args_t *a) {
         float *part = part_buf((ph_elems + pf_elems + pred_elems + 64) * sizeof(float));
         if (!part) return kvm_errcode();
         Dist2Out o{part, part + ph_elems, part + ph_elems + pf_elems};
-        const size_t shmem = (size_t)(1 + kStages) * rpt<float>() * kThreads * sizeof(RawChunk<float>) /* = 16-bit size */ +
-                             ((size_t)D + 2 * (kThreads / 32) * (size_t)D + 2 * (kThreads / 32)) * sizeof(float);
-        dim3 grid((unsigned)NC, (unsigned)(2 * LH));
-        switch (a->g.dtype) {
-        case KVM_F32:
-            cudaFuncSetAttribute(k_dist2<float>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)shmem);
-            k_dist2<float><<<grid, kThreads, shmem, st>>>(p, o);
-            break;
-        case KVM_BF16:
-            cudaFuncSetAttribute(k_dist2<__nv_bfloat16>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)shmem);
-            k_dist2<__nv_bfloat16><<<grid, kThreads, shmem, st>>>(p, o);
-            break;
-        default:
-            cudaFuncSetAttribute(k_dist2<__half>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)shmem);
-            k_dist2<__half><<<grid, kThreads, shmem, st>>>(p, o);
-            break;
-        }
+        const size_t shmem = ((size_t)D + (size_t)kThreads * 16 + kThreads / 32) * sizeof(float);
+        if (base > 65535) return kvm_seterr(KVM_EUNSUPPORTED, "kvcomm_dist (cuda): %zu (anchor, kv, layer, head) slabs", base);
+        dim3 grid((unsigned)NC, (unsigned)base);
+        /* shmem stays under the 48 KiB that needs no opt-in (16.6 KiB at most) */
+        if (a->g.dtype == KVM_F32) k_dist2<float, 2, 2><<<grid, kThreads, shmem, st>>>(p, o, rpc);
+        else if (a->g.dtype == KVM_BF16 && U == 4) k_dist2<__nv_bfloat16, 4, 1><<<grid, kThreads, shmem, st>>>(p, o, rpc);
+        else if (a->g.dtype == KVM_BF16) k_dist2<__nv_bfloat16, 3, 2><<<grid, kThreads, shmem, st>>>(p, o, rpc);
+        else if (U == 4) k_dist2<__half, 4, 1><<<grid, kThreads, shmem, st>>>(p, o, rpc);
+        else k_dist2<__half, 3, 2><<<grid, kThreads, shmem, st>>>(p, o, rpc);
         if ((rc = launch_rc("kvcomm_dist"))) return rc;
         const size_t tot = n_ph + n_pf + n_pred;
         k_dist_fin<<<(unsigned)((tot + 255) / 256), 256, 0, st>>>(a->d_ph, a->d_pf, a->d_pred, o, N, (int)LH, T, D, NC, n_ph,

@@ -11,7 +11,10 @@
 #                      median ms, bandwidth floor, ratio (lines "KVCOMM_OPS_JSON {...}")
 #   old.log            (.gpu-old present) the old bundle's ops bench at N=20 with CUDA_LAUNCH_BLOCKING=1 (which
 #                      op fails), and with OLD_BENCH=1 its kvmesh bench kvcomm (the same-run baseline)
-#   bench.log, bench_ttft.json   kvmesh bench kvcomm --synthetic llama-3.1-8b (TTFT workload)
+#   bench.log, bench_ttft.json   kvmesh bench kvcomm --synthetic llama-3.1-8b (TTFT workload); BENCH_V1=1 runs it
+#                      again with the v1 distance kernel (bench_v1.log)
+# OPS_VARIANTS / PARITY_VARIANTS: KVM_KVCOMM_DIST values for the ops bench (default "v2", plus v1 with OPS_V1=1)
+# and for extra runs of test_kvcomm_ops (v1, v2u4: the kernels selectable at run time).
 #   bench_timing.log   (step "timing", not in "all") the same bench with KVM_KVCOMM_DEV_TIMING=1: one line per
 #                      device reuse call and prediction (where the alignment time goes)
 # Usage: scripts/gpu/kvcomm.sh [all|parity|ops|old|bench|timing]... BENCH_ARGS adds options to kvmesh bench kvcomm.
@@ -57,6 +60,9 @@ if want parity; then
     echo "compute-sanitizer not found: memcheck skipped" | tee -a "$OUT/parity.log"
   fi
   { echo "== test_kvcomm_ops"; new timeout 120 "$B/test_kvcomm_ops"; echo "rc=$?"; } >> "$OUT/parity.log" 2>&1
+  for v in ${PARITY_VARIANTS:-}; do
+    { echo "== test_kvcomm_ops KVM_KVCOMM_DIST=$v"; KVM_KVCOMM_DIST=$v new timeout 120 "$B/test_kvcomm_ops"; echo "rc=$?"; } >> "$OUT/parity.log" 2>&1
+  done
   { echo "== test_kvcomm_device_path"; new timeout 180 "$B/test_kvcomm_device_path"; echo "rc=$?"; } >> "$OUT/parity.log" 2>&1
   sed -n '/^== test_kvcomm_ops/,$p' "$OUT/parity.log" | grep -E "^==|rel err|SKIPPED|PASSED|FAILED|ERROR|rc=" | cut -c1-150 | head -60
   sed -n '/^== test_kvcomm_ops/,$p' "$OUT/parity.log" | grep -qE "FAILED|rc=[1-9]" && rc=1
@@ -65,7 +71,7 @@ if want ops; then
   step "ops bench at Llama-3.1-8B shapes"
   : > "$OUT/opsbench.log"
   for n in ${OPS_NS:-2 20}; do
-    for v in v2 ${OPS_V1:+v1}; do
+    for v in ${OPS_VARIANTS:-v2 ${OPS_V1:+v1}}; do
       { echo "== N=$n dist=$v"; KVM_KVCOMM_DIST=$v KVM_KVCOMM_OPS_BENCH=1 KVM_KVCOMM_OPS_BENCH_N=$n new timeout 100 "$B/test_kvcomm_ops"
         echo "rc=$?"; } >> "$OUT/opsbench.log" 2>&1
     done
@@ -79,6 +85,12 @@ if want bench; then
   echo "bench rc=$brc"; grep -E "^agent|^a[0-9] |^reuse rate|^alignment|^anchors|rror" "$OUT/bench.log" | head -12
   cp /tmp/new_bench/*.json "$OUT/bench_ttft.json" 2>/dev/null
   [ $brc -ne 0 ] && rc=1
+  if [ -n "${BENCH_V1:-}" ]; then
+    step "kvmesh bench kvcomm with the v1 distance kernel (KVM_KVCOMM_DIST=v1)"
+    KVM_KVCOMM_DIST=v1 new timeout 150 "$B/kvmesh" bench kvcomm --synthetic llama-3.1-8b --out /tmp/v1_bench ${BENCH_ARGS:-} \
+      > "$OUT/bench_v1.log" 2>&1
+    echo "v1 bench rc=$?"; grep -E "^a[0-9] |^alignment" "$OUT/bench_v1.log"
+  fi
 fi
 if want timing; then
   step "kvmesh bench kvcomm with KVM_KVCOMM_DEV_TIMING=1 (where the alignment time goes; not the reported figure)"
