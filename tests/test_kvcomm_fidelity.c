@@ -18,7 +18,7 @@
  * with KVM_FIDELITY_STRICT or KVM_FIDELITY_REQUESTS set (CI time). Skipped loudly when the model is not in
  * the tree. CI size: 24 requests (answers of at most 8 tokens; the oracle checks 6); KVM_FIDELITY_REQUESTS=300
  * is the acceptance size (`kvmesh bench kvcomm --workload team` prints the same numbers). Under the sanitizers
- * (KVM_SANITIZED) the accuracy checks are skipped and the plumbing runs on 8 requests. */
+ * (KVM_SANITIZED) the accuracy checks are skipped and the plumbing runs on 4-6 requests. */
 #include <math.h>
 #include <setjmp.h>
 #include <stdbool.h>
@@ -57,8 +57,8 @@ static int setup(void **st) {
     }
     const char *env = getenv("KVM_FIDELITY_REQUESTS");
     f.sanitized = getenv("KVM_SANITIZED") != NULL;
-    f.requests = env ? atoi(env) : f.sanitized ? 8 : 24;
-    if (f.requests < 8) f.requests = 8;
+    f.requests = env ? atoi(env) : f.sanitized ? 6 : 24;
+    if (f.requests < 6) f.requests = 6;
     kvm_log_set_level(KVM_LOG_ERROR);
     return 0;
 }
@@ -116,7 +116,7 @@ static void run_measured(fid_t *f, kvm_team_opts_t *o, kvm_team_result_t *r) {
 static void test_oracle_offsets_reproduce_the_dense_cache_and_greedy_outputs(void **st) {
     fid_t *f = need(st);
     kvm_team_opts_t o;
-    team_opts(f, &o, 6); /* requests 3..6 reuse */
+    team_opts(f, &o, f->sanitized ? 4 : 6); /* requests 3.. reuse */
     o.oracle = KVM_ORACLE_ALL;
     kvm_team_result_t r;
     run_measured(f, &o, &r);
@@ -130,7 +130,7 @@ static void test_oracle_offsets_reproduce_the_dense_cache_and_greedy_outputs(voi
 static void test_exact_facts_leave_the_estimated_answer_off_until_it_is_recomputed(void **st) {
     fid_t *f = need(st);
     kvm_team_opts_t o;
-    team_opts(f, &o, 6);
+    team_opts(f, &o, f->sanitized ? 4 : 6);
     o.oracle = KVM_ORACLE_ALL;
     o.oracle_only = "input";
     kvm_team_result_t est, rec;
@@ -162,6 +162,7 @@ static void test_kvcomm_offsets_beat_rotation_only_and_reuse_after_warmup(void *
     kvm_kvcomm_ablation(&o.cfg, "rotation");
     o.cfg.recompute_below = 0;
     o.requests = f->requests < 8 ? f->requests : 8; /* the ablation is measured in full by the bench */
+    if (f->sanitized) o.requests = 4;
     assert_int_equal(kvm_team_run(f->m, &o, &f->dense, &rot), 0);
     double ad = kvm_team_accuracy(&f->dense), af = kvm_team_accuracy(&full), ai = kvm_team_accuracy(&imp),
            ar = kvm_team_accuracy(&rot);
