@@ -213,6 +213,7 @@ static int run_ttft(kvm_model_t *m, const opts_t *o) {
             memset(&res, 0, sizeof res);
             double a0 = now_ms();
             rc = kvm_comm_prepare(rq, &pr, &p);
+            if (!rc) rc = kvm_comm_recompute_short(c, &p); /* kvcomm.recompute_below (0: a no-op) */
             double prep_ms = now_ms() - a0;
             if (rc) break;
             rc = kvm_generate(m, &p.seq, p.rest_ids, p.n_rest, &gp, NULL, NULL, &res);
