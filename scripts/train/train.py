@@ -5,9 +5,11 @@ One command does everything, deterministically (fixed seeds; see models/*/README
   1. generates the corpus with the C generator (`minigen`, a static build of `kvmesh minitasks`),
   2. trains a byte-level BPE tokenizer (HF `tokenizers`; digits split one by one, ChatML specials),
   3. trains the receiver (LlamaForCausalLM) and the sharer (Qwen3ForCausalLM) at the same time on one
-     GPU (two processes): random 64-item batches, answer loss + 0.2 x LM loss on the other tokens, a
-     curriculum pool, optional auxiliary induction items, quick evals every 1,000 steps, a schedule that
-     anneals by the wall-clock deadline; --init-dir continues from exported models (see train_one),
+     GPU (two processes): random items packed into 512-token rows (~24K real tokens a step; v1's padded
+     64-item batches with --pack off), per-item answer loss + 0.2 x LM loss on the other tokens, a
+     curriculum pool (--easy-spec), optional auxiliary items (--aux-kinds; 'bind' is what made recall
+     learnable in v2), quick evals every 1,000 steps, a schedule that anneals by the step count or the
+     wall-clock deadline; --init-dir continues from exported models (see train_one),
   4. evaluates each greedily with transformers on held-out items (split eval, seed 1000),
   5. exports each in the HF layout (bf16 safetensors) with a model card and a logits fixture
      (fp32 CPU logits of the exported weights, for kvmesh's parity test).
@@ -15,7 +17,7 @@ One command does everything, deterministically (fixed seeds; see models/*/README
 Usage (on the GPU machine; see docs/models.md for the exact command used):
   PYTHONUNBUFFERED=1 python3 scripts/train/train.py --minigen .gpu-train/minigen --work /tmp/kvtrain \
       --out $OUT --budget-s 405 [--smoke] [--init-dir DIR --aux-frac 0.5 ...]
-(v1's two runs are in docs/models.md, "Reproducing v1".)
+(v2's runs: scripts/train/reproduce_v2.sh and docs/models.md, "Reproducing v2".)
 Needs torch, transformers (v5) and tokenizers; no network.
 """
 import argparse
