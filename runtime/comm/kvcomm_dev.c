@@ -306,6 +306,14 @@ static const void *template_P(kvm_template_t *t, int i) {
     return t->dev_P[i];
 }
 
+/* Makes the device copies of all text segments of t now (comm.c may call it when a template is created and
+ * comm_dev_on(c) holds, so that the first REUSE of the template does not pay the upload); 0 or a KVM_E*. */
+int comm_dev_template_prepare(kvm_template_t *t) {
+    for (int i = 1; i <= t->n_ph; i++)
+        if (t->te[i] > t->ts[i] && !template_P(t, i)) return kvm_errcode() ? kvm_errcode() : KVM_ENOMEM;
+    return 0;
+}
+
 /* ==== samples ============================================================================================== */
 
 int comm_dev_sample_bind(kvm_comm_t *c, comm_sample_t *s, const kvm_segment_t *seg) {
