@@ -192,6 +192,46 @@ static void test_forced_device_path_on_the_cpu_gives_the_host_reuse_cache(void *
     compare_paths("cpu", "1", 1e-5, KVM_ROPE_INTERLEAVED);
 }
 
+/* After the first REUSE request, further REUSE requests allocate no device weight buffers: the samples' buffers
+ * go back to the device context's free list at request end and are taken again (CPU backend, device path forced). */
+static void test_device_path_reuses_its_weight_buffers_across_requests(void **st) {
+    (void)st;
+    kvm_model_t *m = model_on("cpu", KVM_ROPE_HALF);
+    kvm_comm_t *c = kvm_comm_create(m, NULL);
+    assert_non_null(c);
+    kvm_comm_config(c)->force_reuse = true;
+    kvm_template_t *ta = make_tmpl(c, 0, "a", "input", NULL, 41);
+    kvm_template_t *tb = make_tmpl(c, 1, "b", "input", "agent:a:current", 51);
+    setenv("KVM_KVCOMM_DEVICE", "1", 1);
+    int made[5] = {0}, reused = 0;
+    for (int q = 0; q < 5; q++) { /* two rounds make the anchors, then three REUSE rounds */
+        kvm_comm_request_t *rq = kvm_comm_request_begin(c, (uint64_t)q + 1);
+        assert_non_null(rq);
+        assert_true(rq->dev);
+        kvm_segment_t *in = input_segment(c, 300 + (uint64_t)q, 20 + (q < 2)), *out_a = NULL;
+        kvm_binding_t ba = {"input", in};
+        kvm_comm_report_t rep;
+        assert_int_equal(run_agent(rq, ta, &ba, 1, &rep, &out_a, 5), 0);
+        kvm_binding_t bb[2] = {{"input", in}, {"agent:a:current", out_a}};
+        assert_int_equal(run_agent(rq, tb, bb, 2, &rep, NULL, 3), 0);
+        reused += q >= 2 && rep.mode == KVM_COMM_REUSE;
+        assert_int_equal(kvm_comm_request_end(rq), 0);
+        kvm_segment_release(in);
+        kvm_segment_release(out_a);
+        made[q] = comm_dev_weight_buffers_made(c);
+    }
+    fprintf(stderr, "  weight buffers made after each request: %d %d %d %d %d (REUSE rounds: %d)\n", made[0], made[1],
+            made[2], made[3], made[4], reused);
+    assert_true(reused >= 2);
+    assert_true(made[2] >= 1);
+    assert_int_equal(made[4], made[2]);
+    unsetenv("KVM_KVCOMM_DEVICE");
+    kvm_template_free(ta);
+    kvm_template_free(tb);
+    kvm_comm_free(c);
+    kvm_model_free(m);
+}
+
 static bool have_gpu(void) {
     const kvm_ops_t *o = kvm_ops_select("auto");
     if (!o || !strcmp(o->name, "cpu") || !o->kvcomm_apply) {
@@ -227,6 +267,7 @@ static void test_gpu_device_path_gives_the_host_reuse_cache_bf16_kv(void **st) {
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_forced_device_path_on_the_cpu_gives_the_host_reuse_cache),
+        cmocka_unit_test(test_device_path_reuses_its_weight_buffers_across_requests),
         cmocka_unit_test(test_gpu_device_path_gives_the_host_reuse_cache_fp32_kv),
         cmocka_unit_test(test_gpu_device_path_gives_the_host_reuse_cache_bf16_kv),
     };

@@ -190,6 +190,8 @@ void comm_dev_anchor_free(comm_anchor_t *a);
 void comm_dev_template_free(kvm_template_t *t);
 /* uploads the device copies of t's text segments now instead of at its first REUSE (not yet called by comm.c) */
 int comm_dev_template_prepare(kvm_template_t *t);
+/* device weight buffers allocated so far by c's device path (a steady stream of requests reuses them) */
+int comm_dev_weight_buffers_made(const kvm_comm_t *c);
 int comm_dev_sample_bind(kvm_comm_t *c, comm_sample_t *s, const kvm_segment_t *seg);
 void comm_dev_sample_free(comm_sample_t *s);
 /* reads the sample's F0 base to host fp32 s->X if it is not there (the DENSE path needs it) */

@@ -54,6 +54,7 @@ struct comm_dev_ctx {
     float *wfree[COMM_DEV_WFREE]; /* weight buffers of freed samples, for reuse */
     size_t wfree_cap[COMM_DEV_WFREE];
     int n_wfree;
+    int n_wmade;          /* weight buffers allocated so far (comm_dev_weight_buffers_made) */
     bool warmed;          /* dev_warm ran */
 };
 
@@ -116,8 +117,11 @@ static float *wbuf_take(kvm_comm_t *c, size_t need, size_t *cap) {
     size_t n = need < 4096 ? 4096 : need + need / 4; /* room for a few more anchors */
     float *p = c->pool->ops->alloc(n * sizeof(float));
     *cap = p ? n : 0;
+    if (p && x) x->n_wmade++;
     return p;
 }
+
+int comm_dev_weight_buffers_made(const kvm_comm_t *c) { return c->dev ? c->dev->n_wmade : 0; }
 
 /* Gives a weight buffer back to the free list (or frees it when the list is full or there is no context). */
 static void wbuf_give(kvm_comm_t *c, const kvm_ops_t *o, float *p, size_t cap) {
