@@ -5,12 +5,16 @@
  * pairs (rotate-half: elements c*8..c*8+7 and D/2+c*8..D/2+c*8+7; interleaved: c*16..c*16+15), loaded
  * with 16-byte vector loads, so a key rotation never needs another thread. A row is D/16 threads.
  *
- *   dist : one block per (anchor n, kv, layer, head) with n fastest in the grid, so the candidate's slab
- *          (l, kv, h) is read from HBM once and from L2 by the other anchors' blocks; each block streams
- *          its anchor's slab once and produces the tail-aligned per-channel sums (block reduction), the
- *          head-aligned per-row |x-a| sums (partial per (l,h), reduced by a second tiny kernel) and the
- *          prediction sum of squares (V blocks). When T_n == T the head and tail rows are the same rows
- *          and are loaded once.
+ *   dist : (k_dist2, the default) one block per (row chunk, anchor n, kv, layer, head) with n fastest in the
+ *          grid, so the N blocks of one slab read the candidate's rows from HBM once and from L2 after; each
+ *          thread keeps U rows (3 for 16-bit types, 2 for fp32) of candidate and anchor in flight, loaded before
+ *          any use. It writes the head-aligned per-row |x-a| sums (partial per (l,h)), the tail-aligned
+ *          per-channel sums of squares (partial per row chunk) and the prediction sums (partial per chunk);
+ *          k_dist_fin reduces all three in one launch. Row chunks exist only to fill the GPU when N is small.
+ *          KVM_KVCOMM_DIST=v1 runs the first kernel (k_dist: one chunk = all rows, one row per thread in
+ *          flight, 1.35x slower at N = 20 on an H100), KVM_KVCOMM_DIST=v2u4 k_dist2 with 4 rows per thread
+ *          (1 block per SM: slower). docs/perf/kvcomm.md has the numbers, and the versions that were slower
+ *          (the candidate kept in shared memory with a reduction per anchor; a cp.async ring of anchors).
  *   apply: one block per (row chunk, layer, kv, head): y = src + sum_n w_n * delta_n (fp32), RoPE shift
  *          of the keys (cos/sin table of the block's single shift in shared memory), one rounding, scatter
  *          into the paged cache. One launch for all layers; one pass over each anchor delta.
@@ -238,14 +242,10 @@ template <typename E> __global__ void __launch_bounds__(kThreads) k_dist(const _
     }
 }
 
-/* ---- dist, one pass over the candidate (v2, the default) ------------------------------------------------ *
- * One block per (row chunk, kv, layer, head): the block loads its chunk of the candidate's rows ONCE into
- * registers (raw storage, kRPT rows per thread) and then streams every anchor's rows of the same slab, so the
- * candidate is read from HBM once for all N anchors and nothing is re-read from L2 per anchor. Per anchor it
- * writes the head-aligned per-row |x-a| sums (as v1: [2][N][L*H][T], reduced over (l,h) by k_dist_fin), the
- * chunk's tail-aligned per-channel sums of squares ([NC][2][N][L*H][D], summed over chunks and square-rooted
- * by k_dist_fin) and the chunk's prediction sum of squares ([NC][N][L*H]). Shared memory: cs[D] |
- * red[2][warps][D] (double-buffered so one __syncthreads per anchor suffices) | pred[2][warps]. */
+/* ---- dist v2 (the default): raw 16-element row chunks, several rows per thread in flight -------------- *
+ * Partials: head-aligned per-row |x-a| sums [2][N][L*H][T] (reduced over (l,h) by k_dist_fin, as v1),
+ * tail-aligned per-channel sums of squares [NC][2][N][L*H][D] (summed over the NC row chunks and square-rooted
+ * by k_dist_fin) and prediction sums of squares [NC][N][L*H]. */
 
 template <typename E> struct RawChunk { uint4 v[2]; }; /* 16 elements of a 16-bit type */
 template <> struct RawChunk<float> { float4 v[4]; };
