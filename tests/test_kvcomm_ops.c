@@ -5,9 +5,14 @@
  * 2. The ops of kvm_ops_select("auto") (CUDA on a GPU machine) against the CPU reference on the same
  *    bytes: fp32 <= 1e-5 relative norm, bf16 outputs <= 1e-2 (distances are fp32 in both: <= 1e-5).
  *    Skipped loudly when "auto" is the CPU.
- * 3. KVM_KVCOMM_OPS_BENCH=1: times dist + softmax + apply at Llama-3.1-8B shapes (L=32, H=8, D=128, bf16,
+ *    Extra backend shapes run the distance kernel over several row chunks with anchors of different lengths.
+ * 3. Destination block tables: the bench's table covers its last scattered row (the N = 20 KVM_EDEVICE was this
+ *    table one entry short), and kvcomm_apply with dst_n_blocks refuses a piece past the table, writing nothing
+ *    (CPU always, the backend when there is a GPU).
+ * 4. KVM_KVCOMM_OPS_BENCH=1: times dist + softmax + apply at Llama-3.1-8B shapes (L=32, H=8, D=128, bf16,
  *    T=1024 placeholder, S=512 text segment, N anchors from KVM_KVCOMM_OPS_BENCH_N, default 20) with backend
- *    events, and prints the bandwidth floor (perf.md §4). Skipped otherwise. */
+ *    events, measures the device copy bandwidth, and prints the bandwidth floor (perf.md §4) and the ratios.
+ *    KVM_KVCOMM_DIST=v1|v2u4 selects another distance kernel (kvcomm_kernels.cu). Skipped otherwise. */
 #include <math.h>
 #include <setjmp.h>
 #include <stdarg.h>
