@@ -665,7 +665,7 @@ extern "C" int kvm_cuda_kvcomm_dist(const kvm_kvcomm_dist_args_t *a) {
         return kvm_seterr(KVM_EINVAL, "kvcomm_dist: rotate_tail needs inv_freq");
     const size_t LH = (size_t)L * H;
     cudaStream_t st = g_cuda.stream;
-    if (!dist_v1()) {
+    if (!dist_v1() && (size_t)N * 2 * LH <= 65535) { /* (beyond: grid.y would overflow; v1 has a 1-D grid) */
         /* row chunks: enough blocks for ~4 waves of 2 blocks per SM, at least one unrolled step per chunk */
         /* rows per thread in flight: 3 for 16-bit (2 blocks per SM), 4 with KVM_KVCOMM_DIST=v2u4 (1 block per SM),
          * 2 for fp32 */
@@ -688,7 +688,6 @@ extern "C" int kvm_cuda_kvcomm_dist(const kvm_kvcomm_dist_args_t *a) {
         if (!part) return kvm_errcode();
         Dist2Out o{part, part + ph_elems, part + ph_elems + pf_elems};
         const size_t shmem = ((size_t)D + (size_t)kThreads * 16 + kThreads / 32) * sizeof(float);
-        if (base > 65535) return kvm_seterr(KVM_EUNSUPPORTED, "kvcomm_dist (cuda): %zu (anchor, kv, layer, head) slabs", base);
         dim3 grid((unsigned)NC, (unsigned)base);
         /* shmem stays under the 48 KiB that needs no opt-in (16.6 KiB at most) */
         if (a->g.dtype == KVM_F32) k_dist2<float, 2, 2><<<grid, kThreads, shmem, st>>>(p, o, rpc);
