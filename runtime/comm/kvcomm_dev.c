@@ -44,6 +44,7 @@ struct comm_dev_sample {
 };
 
 #define COMM_DEV_WFREE 8
+#define COMM_DEV_WARM_BUFFERS 4 /* weight buffers dev_warm puts on the free list */
 
 struct comm_dev_ctx {
     int32_t *bt[2];       /* device block tables: 0 = everything one comm_dev_reuse needs, 1 = comm_dev_pred's segment */
@@ -189,7 +190,8 @@ static void *upload_rows(const kvm_ops_t *o, kvm_dtype_t dt, const float *src, s
 
 /* Runs each KVCOMM op once on a few rows of the first committed anchor (dist with every output, softmax, an
  * apply into a scratch block), so that the backend's one-time costs (lazy kernel loading, the distance
- * scratch, a first weight buffer, which goes to the free list) are paid at commit, off the reuse path.
+ * scratch, the first COMM_DEV_WARM_BUFFERS weight buffers, which go to the free list) are paid at commit, off
+ * the reuse path.
  * Failures are ignored: the reuse path does the same work later and reports its errors. */
 static void dev_warm(kvm_comm_t *c, const comm_anchor_t *a) {
     const kvm_ops_t *o = c->pool->ops;
@@ -202,7 +204,12 @@ static void dev_warm(kvm_comm_t *c, const comm_anchor_t *a) {
     /* a buffer a sample of ~1K tokens with a full pool can take over from the free list */
     const size_t need = (size_t)2 * V * 1024 + 2 * (size_t)V * per;
     size_t cap = 0;
+    /* buffers for the first REUSE request's samples, so that it allocates no device memory either */
+    float *extra[COMM_DEV_WARM_BUFFERS - 1];
+    size_t extra_cap[COMM_DEV_WARM_BUFFERS - 1];
+    for (int i = 0; i < COMM_DEV_WARM_BUFFERS - 1; i++) extra[i] = wbuf_take(c, need, &extra_cap[i]);
     float *w = wbuf_take(c, need, &cap);
+    for (int i = 0; i < COMM_DEV_WARM_BUFFERS - 1; i++) wbuf_give(c, o, extra[i], extra_cap[i]);
     if (!x->pred) x->pred = o->alloc(KVM_KVCOMM_MAX_ANCHORS * sizeof(float));
     const size_t blk_bytes = per * 2 * KVM_KV_BLOCK * kvm_dtype_size(c->pool->geom.dtype);
     void *dst = o->alloc(blk_bytes);
