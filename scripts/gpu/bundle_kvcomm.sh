@@ -22,6 +22,9 @@ if [ "${1:-}" = --old ]; then
   grep -qx '/.gpu-old/' "$root/.git/info/exclude" 2>/dev/null || echo '/.gpu-old/' >> "$root/.git/info/exclude"
   rm -rf "$root/.gpu-old"
   "$shared/tools/gpu-bundle" "$root/.gpu-old" "$wt/build/kvmesh" "$wt/build/test_kvcomm_ops"
+  # packed (the carry limit is 64 MiB with the tree); kvcomm.sh unpacks it and uses .gpu-kvcomm/lib
+  tar cf - -C "$root/.gpu-old" kvmesh test_kvcomm_ops | xz -T2 -6 > "$root/.gpu-old/old.tar.xz"
+  rm -rf "$root/.gpu-old/kvmesh" "$root/.gpu-old/test_kvcomm_ops" "$root/.gpu-old/lib"
   echo "HEAD $commit ($(git -C "$root" log -1 --format=%s "$commit" | cut -c1-80))" > "$root/.gpu-old/VERSION"
   du -sh "$root/.gpu-old"
   exit 0
