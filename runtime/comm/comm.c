@@ -457,6 +457,9 @@ kvm_template_t *kvm_template_create(kvm_comm_t *c, const kvm_template_desc_t *d)
         rc = read_f0(c, &t->seq, t->ts[i], S, t->P[i]);
         if (rc) goto fail;
     }
+    /* the device path reads the text segments from device copies: make them now rather than in the
+     * template's first REUSE request, whose TTFT would otherwise pay the uploads */
+    if (comm_dev_on(c) && (rc = comm_dev_template_prepare(t)) != 0) goto fail;
     kvm_seq_truncate(&t->seq, t->te[0]);
     kvm_prefix_index_insert(c->store, &t->seq, t->seq.n_tokens);
     for (int i = 0; i < ntp; i++) kvm_free(tp[i].text);
