@@ -578,6 +578,8 @@ static int model_prepare(lmodel_t *m, job_t *j, const wf_llm_req_t *r) {
         if (!rc) {
             kvm_prompt_t p = {.tmpl = lt->t, .bindings = b, .n_bindings = nb, .policy = comm_policy(r->kv)};
             rc = kvm_comm_prepare(j->rq, &p, &j->prep);
+            /* kvcomm.recompute_below (ours; 0 = the spec, a no-op): short shared pieces are recomputed */
+            if (!rc) rc = kvm_comm_recompute_short(m->comm, &j->prep);
             if (!rc) j->has_prep = true;
         }
     } else {

@@ -1121,8 +1121,16 @@ static void test_switches_parse_and_reject_unknown_values(void **st) {
     assert_int_equal(kvm_kvcomm_config_set(&c, "kvcomm.nope", "1"), KVM_EINVAL);
     assert_int_equal(kvm_kvcomm_ablation(&c, "rotation+ph"), 0);
     assert_true(c.ph_offset && !c.pf_offset && c.rotate);
+    assert_int_equal(c.recompute_below, 0); /* the spec by default */
+    assert_int_equal(kvm_kvcomm_config_set(&c, "kvcomm.recompute_below", "8"), 0);
+    assert_int_equal(c.recompute_below, 8);
+    assert_int_equal(kvm_kvcomm_config_set(&c, "recompute_below", "-1"), KVM_EINVAL);
+    assert_non_null(strstr(kvm_errmsg(), "recompute_below"));
+    assert_int_equal(kvm_kvcomm_config_set(&c, "recompute_below", "8x"), KVM_EINVAL);
+    assert_int_equal(c.recompute_below, 8);
     char buf[512];
     kvm_kvcomm_config_str(&c, buf, sizeof buf);
+    assert_non_null(strstr(buf, "recompute_below=8"));
     assert_non_null(strstr(buf, "pf_offset=off"));
 }
 

@@ -102,9 +102,16 @@ int kvm_kvcomm_config_set(kvm_kvcomm_config_t *c, const char *key, const char *v
         else c->anchor_budget_bytes = (size_t)v;
         return 0;
     }
+    if (!strcmp(k, "recompute_below")) { /* ours, not the spec: kvm_comm_recompute_short (kvcomm.c) */
+        long long v = strtoll(value, &end, 10);
+        if (!end || *end || v < 0 || v > 1000000)
+            return kvm_seterr(KVM_EINVAL, "kvcomm.recompute_below: '%s' is not a token count >= 0 (0 = off)", value);
+        c->recompute_below = (int)v;
+        return 0;
+    }
     return kvm_seterr(KVM_EINVAL, "unknown KVCOMM switch '%s' (known: enable rotate ph_offset pf_offset weights criterion "
                       "gamma max_anchors evict_window dist_norm frame pool_bound no_anchor resp_last_token force_reuse "
-                      "anchor_budget_bytes)", key);
+                      "anchor_budget_bytes recompute_below)", key);
 }
 
 int kvm_kvcomm_ablation(kvm_kvcomm_config_t *c, const char *name) {
@@ -120,11 +127,12 @@ int kvm_kvcomm_ablation(kvm_kvcomm_config_t *c, const char *name) {
 void kvm_kvcomm_config_str(const kvm_kvcomm_config_t *c, char *buf, size_t cap) {
     snprintf(buf, cap,
              "enable=%s rotate=%s ph_offset=%s pf_offset=%s weights=%s criterion=%s gamma=%.2f V=%d W=%d dist_norm=%s "
-             "frame=%s pool_bound=%s no_anchor=%s resp_last_token=%s force_reuse=%s",
+             "frame=%s pool_bound=%s no_anchor=%s resp_last_token=%s force_reuse=%s recompute_below=%d",
              c->enable ? "on" : "off", c->rotate ? "on" : "off", c->ph_offset ? "on" : "off", c->pf_offset ? "on" : "off",
              W_NAMES[c->weights % 3], CRIT_NAMES[c->criterion % 2], c->gamma, c->max_anchors, c->evict_window,
              NORM_NAMES[c->dist_norm % 2], FRAME_NAMES[c->frame % 2], BOUND_NAMES[c->pool_bound % 2],
-             NOANCHOR_NAMES[c->no_anchor % 2], RESP_NAMES[c->resp_last_token % 2], c->force_reuse ? "on" : "off");
+             NOANCHOR_NAMES[c->no_anchor % 2], RESP_NAMES[c->resp_last_token % 2], c->force_reuse ? "on" : "off",
+             c->recompute_below);
 }
 
 const char *kvm_ph_decision_name(int d) {
