@@ -154,17 +154,22 @@ struct DistParams {
 
 constexpr int kThreads = 256;
 
+/* the (anchor n, head h, layer l, K/V kv) slab of a distance block index b, anchors fastest */
+__device__ __forceinline__ void slab_of(int b, int N, const Geo &g, int *n, int *h, int *l, int *kv) {
+    *n = b % N;
+    b /= N;
+    *h = b % g.H;
+    b /= g.H;
+    *l = b % g.L;
+    *kv = b / g.L;
+}
+
 template <typename E> __global__ void __launch_bounds__(kThreads) k_dist(const __grid_constant__ DistParams p) {
     extern __shared__ float sm[]; /* cs[D] | red[kThreads / CPR][D] */
     const Geo g = p.g;
     const int N = p.N;
-    int b = blockIdx.x;
-    const int n = b % N;
-    b /= N;
-    const int h = b % g.H;
-    b /= g.H;
-    const int l = b % g.L;
-    const int kv = b / g.L;
+    int n, h, l, kv;
+    slab_of(blockIdx.x, N, g, &n, &h, &l, &kv);
     const bool want_ph = p.want & KVM_KVCOMM_WANT_PH, want_pf = p.want & KVM_KVCOMM_WANT_PF;
     const bool want_pred = (p.want & KVM_KVCOMM_WANT_PRED) && kv == 1;
     if (!want_ph && !want_pf && !want_pred) return;
@@ -300,13 +305,8 @@ __global__ void __launch_bounds__(kThreads, MINB) k_dist2(const __grid_constant_
     constexpr int NW = kThreads / 32;
     const Geo g = p.g;
     const int N = p.N, T = p.T;
-    int b = blockIdx.y;
-    const int n = b % N;
-    b /= N;
-    const int h = b % g.H;
-    b /= g.H;
-    const int l = b % g.L;
-    const int kv = b / g.L;
+    int n, h, l, kv;
+    slab_of(blockIdx.y, N, g, &n, &h, &l, &kv);
     const bool want_ph = p.want & KVM_KVCOMM_WANT_PH, want_pf = p.want & KVM_KVCOMM_WANT_PF;
     const bool want_pred = (p.want & KVM_KVCOMM_WANT_PRED) && kv == 1;
     if (!want_ph && !want_pf && !want_pred) return;
