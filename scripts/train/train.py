@@ -519,7 +519,7 @@ def train_one(args, kind):
             sg = t(seg)
             same = sg[:, :, None] == sg[:, None, :]
             causal = torch.ones((L, L), dtype=torch.bool, device=dev).tril()
-            mask4 = (same & causal[None]) .unsqueeze(1)
+            mask4 = (same & causal[None]).unsqueeze(1)
         return t(x), t(pos), t(lab), t(aw), t(tc), mask4
 
     def packed_loss(hs, lab, aw, tc, n_items):
