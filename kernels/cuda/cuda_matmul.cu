@@ -551,17 +551,12 @@ void kvm_cuda_swiglu_matmul(float *y, float *gate, const float *up, const kvm_wm
 
 /* ==== the fused MLP (ops->ffn) ================================================================================= */
 
-/* Batch-1 decode: one warp per output i computes the gate row i and the up row i (two weight streams, UNROLL
- * 16-byte loads of each in flight per lane) and writes act[i] = silu(g) * u in fp32: no SwiGLU launch and no
- * gate/up round trip. Same loads and PDL protocol as k_gemv. */
+/* One warp's partial dot products of two weight rows wr[0], wr[1] (cols elements, 16-byte loads) with x,
+ * lane-strided, UNROLL loads of each row in flight; pf == 2 issues the first loads before the PDL wait.
+ * Adds into acc[0], acc[1] (the caller reduces them over the warp). */
 template <typename T, int UNROLL>
-__global__ void __launch_bounds__(128) k_gemv_swiglu(const T *__restrict__ Wg, const T *__restrict__ Wu, float *__restrict__ act,
-                                                     const float *__restrict__ x, int rows, int cols, int pf) {
-    const int unit = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
-    if (unit >= rows) return;
-    const uint4 *wr[2] = {reinterpret_cast<const uint4 *>(Wg + (size_t)unit * cols),
-                          reinterpret_cast<const uint4 *>(Wu + (size_t)unit * cols)};
-    float acc[2] = {0.0f, 0.0f};
+__device__ __forceinline__ void warp_dot2(const uint4 *const wr[2], const float *__restrict__ x, int cols, int lane, int pf,
+                                          float acc[2]) {
     const int nvec = cols / 8;
     int v = lane;
     uint4 wv[UNROLL][2];
@@ -608,6 +603,20 @@ __global__ void __launch_bounds__(128) k_gemv_swiglu(const T *__restrict__ Wg, c
                       f[7] * xb.w;
         }
     }
+}
+
+/* Batch-1 decode: one warp per output i computes the gate row i and the up row i (two weight streams, UNROLL
+ * 16-byte loads of each in flight per lane) and writes act[i] = silu(g) * u in fp32: no SwiGLU launch and no
+ * gate/up round trip. Same loads and PDL protocol as k_gemv. */
+template <typename T, int UNROLL>
+__global__ void __launch_bounds__(128) k_gemv_swiglu(const T *__restrict__ Wg, const T *__restrict__ Wu, float *__restrict__ act,
+                                                     const float *__restrict__ x, int rows, int cols, int pf) {
+    const int unit = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+    if (unit >= rows) return;
+    const uint4 *wr[2] = {reinterpret_cast<const uint4 *>(Wg + (size_t)unit * cols),
+                          reinterpret_cast<const uint4 *>(Wu + (size_t)unit * cols)};
+    float acc[2] = {0.0f, 0.0f};
+    warp_dot2<T, UNROLL>(wr, x, cols, lane, pf, acc);
     const float g = kvm_warp_sum(acc[0]), u = kvm_warp_sum(acc[1]);
     if (lane == 0) act[unit] = (g / (1.0f + expf(-g))) * u;
 }
@@ -790,52 +799,7 @@ __global__ void __launch_bounds__(128) k_gemv_qkv(const qkv_args<T, TC> a, int p
                           reinterpret_cast<const uint4 *>(a.W[seg] + (size_t)rb * cols)};
     const float *__restrict__ x = a.x;
     float acc[2] = {0.0f, 0.0f};
-    const int nvec = cols / 8;
-    int v = lane;
-    uint4 wv[UNROLL][2];
-    bool pre = false;
-    if (pf == 2 && v + 32 * (UNROLL - 1) < nvec) {
-#pragma unroll
-        for (int u = 0; u < UNROLL; u++)
-#pragma unroll
-            for (int r = 0; r < 2; r++) wv[u][r] = __ldcs(wr[r] + v + 32 * u);
-        pre = true;
-    }
-    kvm_pdl_wait();
-    for (; v + 32 * (UNROLL - 1) < nvec; v += 32 * UNROLL) {
-        if (!pre) {
-#pragma unroll
-            for (int u = 0; u < UNROLL; u++)
-#pragma unroll
-                for (int r = 0; r < 2; r++) wv[u][r] = __ldcs(wr[r] + v + 32 * u);
-        }
-        pre = false;
-#pragma unroll
-        for (int u = 0; u < UNROLL; u++) {
-            const int c = (v + 32 * u) * 8;
-            const float4 xa = __ldg(reinterpret_cast<const float4 *>(x + c));
-            const float4 xb = __ldg(reinterpret_cast<const float4 *>(x + c + 4));
-#pragma unroll
-            for (int r = 0; r < 2; r++) {
-                float f[8];
-                unpack8(wv[u][r], f, (const T *)0);
-                acc[r] += f[0] * xa.x + f[1] * xa.y + f[2] * xa.z + f[3] * xa.w + f[4] * xb.x + f[5] * xb.y + f[6] * xb.z +
-                          f[7] * xb.w;
-            }
-        }
-    }
-    for (; v < nvec; v += 32) {
-        const int c = v * 8;
-        const float4 xa = __ldg(reinterpret_cast<const float4 *>(x + c));
-        const float4 xb = __ldg(reinterpret_cast<const float4 *>(x + c + 4));
-#pragma unroll
-        for (int r = 0; r < 2; r++) {
-            float f[8];
-            unpack8(__ldcs(wr[r] + v), f, (const T *)0);
-            acc[r] += f[0] * xa.x + f[1] * xa.y + f[2] * xa.z + f[3] * xa.w + f[4] * xb.x + f[5] * xb.y + f[6] * xb.z +
-                      f[7] * xb.w;
-        }
-    }
+    warp_dot2<T, UNROLL>(wr, x, cols, lane, pf, acc);
     float va = kvm_warp_sum(acc[0]), vb = kvm_warp_sum(acc[1]);
     if (lane != 0) return;
     if (a.bias[seg]) {
