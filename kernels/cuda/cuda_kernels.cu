@@ -267,14 +267,9 @@ __device__ __forceinline__ void rot(float *a, float *b, float c, float s) {
     *b = __fadd_rn(__fmul_rn(x, s), __fmul_rn(y, c));
 }
 
-/* Block per token; the cos/sin of its hd/2 angles go to shared memory, then every head of x (and of x2,
- * heads2 of them, when x2 != NULL) is rotated. */
-__global__ void k_rope(float *x, int heads, float *x2, int heads2, int hd, const int32_t *__restrict__ pos,
-                       const float *__restrict__ inv_freq, int interleaved) {
-    kvm_pdl_trigger();
-    extern __shared__ float cs[]; /* [half] cos, [half] sin */
-    const int t = blockIdx.x, half = hd / 2;
-    const double p = (double)pos[t];
+/* The block's cos (cs[0, half)) and sin (cs[half, 2 half)) of position p's RoPE angles, in shared memory;
+ * ends with a barrier, so every thread of the block may read the table. */
+__device__ __forceinline__ void rope_table(float *cs, double p, const float *__restrict__ inv_freq, int half) {
     for (int j = threadIdx.x; j < half; j += blockDim.x) {
         double a = kvm_rope_angle_dev(p, inv_freq[j]);
         double sn, cn;
@@ -283,6 +278,16 @@ __global__ void k_rope(float *x, int heads, float *x2, int heads2, int hd, const
         cs[half + j] = (float)sn;
     }
     __syncthreads();
+}
+
+/* Block per token; the cos/sin of its hd/2 angles go to shared memory, then every head of x (and of x2,
+ * heads2 of them, when x2 != NULL) is rotated. */
+__global__ void k_rope(float *x, int heads, float *x2, int heads2, int hd, const int32_t *__restrict__ pos,
+                       const float *__restrict__ inv_freq, int interleaved) {
+    kvm_pdl_trigger();
+    extern __shared__ float cs[]; /* [half] cos, [half] sin */
+    const int t = blockIdx.x, half = hd / 2;
+    rope_table(cs, (double)pos[t], inv_freq, half);
     float *xt = x + (size_t)t * heads * hd;
     float *xt2 = x2 ? x2 + (size_t)t * heads2 * hd : NULL;
     const int total = (heads + (x2 ? heads2 : 0)) * half;
@@ -422,15 +427,7 @@ __global__ void k_rope_kv(float *q, float *k, const float *__restrict__ v, int h
     kvm_pdl_trigger();
     extern __shared__ float cs[];
     const int r = blockIdx.x, half = hd / 2;
-    const double p = (double)pos[r];
-    for (int j = threadIdx.x; j < half; j += blockDim.x) {
-        double a = kvm_rope_angle_dev(p, inv_freq[j]);
-        double sn, cn;
-        sincos(a, &sn, &cn);
-        cs[j] = (float)cn;
-        cs[half + j] = (float)sn;
-    }
-    __syncthreads();
+    rope_table(cs, (double)pos[r], inv_freq, half);
     float *qr = q + (size_t)r * hq * hd, *kr = k + (size_t)r * hk * hd;
     for (int i = threadIdx.x; i < (hq + hk) * half; i += blockDim.x) {
         int h = i / half, j = i % half;
