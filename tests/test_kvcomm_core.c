@@ -12,6 +12,7 @@
 
 #include "runtime/comm/comm_internal.h"
 #include "runtime/comm/prompt.h"
+#include "test_kvcomm_common.h"
 
 /* ---- helpers ------------------------------------------------------------------------------------- */
 
@@ -50,13 +51,6 @@ static kvm_model_t *small_model(kvm_rope_layout_t layout, uint64_t seed) {
     return m;
 }
 
-static void fill_ids(int32_t *ids, int n, uint64_t seed) {
-    for (int i = 0; i < n; i++) {
-        seed = seed * 6364136223846793005ULL + 1442695040888963407ULL;
-        ids[i] = 1 + (int32_t)((seed >> 33) % 99);
-    }
-}
-
 static float max_rel(const float *a, const float *b, size_t n) {
     double md = 0, mr = 0;
     for (size_t i = 0; i < n; i++) {
@@ -91,15 +85,6 @@ static kvm_template_t *make_tmpl(kvm_comm_t *c, const char *agent, const char *p
     if (!tt) fprintf(stderr, "template: %s\n", kvm_errmsg());
     assert_non_null(tt);
     return tt;
-}
-
-static kvm_segment_t *input_segment(kvm_comm_t *c, uint64_t seed, int n) {
-    int32_t hdr[6], content[64];
-    fill_ids(hdr, 6, 999);
-    fill_ids(content, n, seed);
-    kvm_segment_t *g = NULL;
-    assert_int_equal(kvm_comm_segment_ids(c, KVM_PRODUCER_INPUT, "input", hdr, 6, content, n, &g), 0);
-    return g;
 }
 
 /* Dense prefill of ids on a fresh sequence; returns host fp32 KV of all rows [L][2][H][n][D]. */

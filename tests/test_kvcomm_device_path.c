@@ -17,13 +17,7 @@
 
 #include "runtime/comm/comm_internal.h"
 #include "runtime/comm/prompt.h"
-
-static void fill_ids(int32_t *ids, int n, uint64_t seed) {
-    for (int i = 0; i < n; i++) {
-        seed = seed * 6364136223846793005ULL + 1442695040888963407ULL;
-        ids[i] = 1 + (int32_t)((seed >> 33) % 99);
-    }
-}
+#include "test_kvcomm_common.h"
 
 static kvm_model_t *model_on(const char *backend, kvm_rope_layout_t layout) {
     kvm_config_t c = {0};
@@ -62,15 +56,6 @@ static kvm_template_t *make_tmpl(kvm_comm_t *c, int k, const char *agent, const 
     if (!t) fprintf(stderr, "template: %s\n", kvm_errmsg());
     assert_non_null(t);
     return t;
-}
-
-static kvm_segment_t *input_segment(kvm_comm_t *c, uint64_t seed, int n) {
-    int32_t hdr[6], content[64];
-    fill_ids(hdr, 6, 999);
-    fill_ids(content, n, seed);
-    kvm_segment_t *g = NULL;
-    assert_int_equal(kvm_comm_segment_ids(c, KVM_PRODUCER_INPUT, "input", hdr, 6, content, n, &g), 0);
-    return g;
 }
 
 static int run_agent(kvm_comm_request_t *rq, kvm_template_t *t, kvm_binding_t *b, int nb, kvm_comm_report_t *rep,
