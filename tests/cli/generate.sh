@@ -4,8 +4,8 @@ set -u
 kvmesh=$1; shared=$2
 m=$shared/models/stories260K
 fail() { echo "FAIL: $*"; exit 1; }
-"$kvmesh" generate --help | grep -q -- "--max-tokens" || fail "generate --help lacks --max-tokens"
-"$kvmesh" --help | grep -q "generate" || fail "kvmesh --help lacks generate"
+grep -q -- "--max-tokens" <<< "$("$kvmesh" generate --help)" || fail "generate --help lacks --max-tokens"
+grep -q "generate" <<< "$("$kvmesh" --help)" || fail "kvmesh --help lacks generate"
 out=$("$kvmesh" generate 2>&1); [ $? -eq 2 ] || fail "generate without args should exit 2"
 echo "$out" | grep -q "required" || fail "missing-args message: $out"
 out=$("$kvmesh" generate --model /nonexistent/model --prompt hi 2>&1); [ $? -eq 1 ] || fail "bad model path should exit 1"
@@ -24,5 +24,5 @@ b=$("$kvmesh" generate --model "$m/stories260K.bin" --prompt "Tim" --temperature
 # stop strings cut the output
 s=$("$kvmesh" generate --model "$m/stories260K.bin" --prompt "Once upon a time" --max-tokens 100 --stop "." 2>/dev/null | head -c 400)
 case "$s" in *.*) fail "stop string '.' was printed: $s";; esac
-"$kvmesh" info --model "$m/stories260K.bin" | grep -q "interleaved" || fail "info should report the RoPE layout"
+grep -q "interleaved" <<< "$("$kvmesh" info --model "$m/stories260K.bin")" || fail "info should report the RoPE layout"
 echo "ok"

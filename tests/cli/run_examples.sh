@@ -4,7 +4,8 @@
 set -euo pipefail
 kvmesh=$1
 tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
-"$kvmesh" run --help | grep -q -- "--kv" || { echo "run --help lacks --kv"; exit 1; }
+# outputs go to a file before grep: `cmd | grep -q` under pipefail fails at random when grep exits first (SIGPIPE)
+"$kvmesh" run --help > "$tmp/help"; grep -q -- "--kv" "$tmp/help" || { echo "run --help lacks --kv"; exit 1; }
 for ex in team pipeline revise; do
   "$kvmesh" run "examples/$ex.lua" --mock --n 3 --seed 1 --trace "$tmp/t" -q > "$tmp/out" 2>&1 || {
     # the dataset needs the minitasks generator; without it the example must say so clearly
@@ -14,10 +15,10 @@ for ex in team pipeline revise; do
 done
 "$kvmesh" run examples/review_8b.lua --mock --input input="Write is_prime(n)" --trace "$tmp/t" > "$tmp/out" 2>&1 || { cat "$tmp/out"; exit 1; }
 grep -q "verdict" "$tmp/out" || { cat "$tmp/out"; exit 1; }
-"$kvmesh" trace ls "$tmp/t" | grep -q " ok " || { echo "trace ls shows no ok run"; exit 1; }
+"$kvmesh" trace ls "$tmp/t" > "$tmp/ls"; grep -q " ok " "$tmp/ls" || { echo "trace ls shows no ok run"; exit 1; }
 run=$(ls -d "$tmp"/t/*/ | head -1)
-"$kvmesh" trace show "$run" | grep -q "result: ok"
-"$kvmesh" trace steps "$run" | grep -q "saw:"
+"$kvmesh" trace show "$run" > "$tmp/show"; grep -q "result: ok" "$tmp/show" || { echo "trace show lacks 'result: ok'"; cat "$tmp/show"; exit 1; }
+"$kvmesh" trace steps "$run" > "$tmp/steps"; grep -q "saw:" "$tmp/steps" || { echo "trace steps lacks 'saw:'"; head -20 "$tmp/steps"; exit 1; }
 # replay every traced run from its trace alone: the same outputs
 for r in "$tmp"/t/*/; do
   "$kvmesh" trace replay "$r" > "$tmp/replay" 2>&1 || { cat "$tmp/replay"; exit 1; }

@@ -12,7 +12,7 @@ check() { # name expected actual
   if [ "$2" == "$3" ]; then echo "ok   $1"; else echo "FAIL $1: expected '$2' got '$3'"; fails=$((fails + 1)); fi
 }
 
-"$bin" tokenize --help | grep -q -- "--text" && echo "ok   --help" || { echo "FAIL --help"; fails=$((fails + 1)); }
+grep -q -- "--text" <<< "$("$bin" tokenize --help)" && echo "ok   --help" || { echo "FAIL --help"; fails=$((fails + 1)); }
 
 # hand-made byte-level tokenizer (tests/data/tokenizer): <|im_end|> is id 401, <|bos|> 398, '7' is 55
 check "special token parsed" "[401]" "$("$bin" tokenize --tokenizer "$tiny" --text '<|im_end|>')"
