@@ -73,7 +73,9 @@ static void usage(void) {
             "              oracle[-ph|-pf][@NAME]  full KVCOMM with the true per-request deltas (all shared\n"
             "                                      placeholders, or only NAME; -ph/-pf: only that piece);\n"
             "              full+recompute          full KVCOMM with kvcomm.recompute_below=8 (short pieces recomputed)\n"
-            "       --set kvcomm.recompute_below=N also accepted (ours; 0 = off = the spec)\n"
+            "              full+blend              ours: content alignment, short pieces and text segments recomputed,\n"
+            "                                      and half of the facts rows (largest offsets) recomputed in one pass\n"
+            "       --set applies after the mode (e.g. --modes full+blend --set kvcomm.recompute_frac=0.3)\n"
             "       --seed 1000            (needs a model with a tokenizer; the trained minitasks models)\n");
 }
 
@@ -94,14 +96,6 @@ static int apply_sets(kvm_kvcomm_config_t *c, const opts_t *o) {
         char *eq = strchr(kv, '=');
         if (!eq) return kvm_seterr(KVM_EINVAL, "--set %s: expected KEY=VALUE", o->sets[i]);
         *eq = 0;
-        if (!strcmp(kv, "kvcomm.recompute_below") || !strcmp(kv, "recompute_below")) { /* ours, kvcomm.c */
-            char *end;
-            long v = strtol(eq + 1, &end, 10);
-            if (*end || v < 0 || v > 1000000)
-                return kvm_seterr(KVM_EINVAL, "--set %s: a token count >= 0 (0 = off)", o->sets[i]);
-            c->recompute_below = (int)v;
-            continue;
-        }
         int rc = kvm_kvcomm_config_set(c, kv, eq + 1);
         if (rc) return rc;
     }
@@ -408,14 +402,15 @@ static int run_team(kvm_model_t *m, const opts_t *o) {
                 break;
             }
             to.oracle_only = at ? at + 1 : NULL;
-        } else if (!strcmp(tok, "full+recompute")) { /* the improved policy: full KVCOMM, short pieces recomputed */
+        } else if (!strcmp(tok, "full+recompute")) { /* full KVCOMM, short pieces recomputed */
             to.cfg.recompute_below = KVM_TEAM_RECOMPUTE_BELOW;
+        } else if (!strcmp(tok, "full+blend")) { /* ours: the blended policy (team_eval.h) */
+            kvm_team_blend_policy(&to.cfg);
         } else if ((rc = kvm_kvcomm_ablation(&to.cfg, tok))) break;
         if ((rc = apply_sets(&to.cfg, o))) break;
         kvm_kvcomm_config_str(&to.cfg, cfgs[nm], sizeof cfgs[nm]);
         size_t cl = strlen(cfgs[nm]);
-        snprintf(cfgs[nm] + cl, sizeof cfgs[nm] - cl, " recompute_below=%d oracle=%d%s%s", to.cfg.recompute_below,
-                 to.oracle, to.oracle_only ? "@" : "", to.oracle_only ? to.oracle_only : "");
+        snprintf(cfgs[nm] + cl, sizeof cfgs[nm] - cl, " oracle=%d%s%s", to.oracle, to.oracle_only ? "@" : "", to.oracle_only ? to.oracle_only : "");
         snprintf(names[nm], sizeof names[nm], "%s", tok);
         rc = kvm_team_run(m, &to, dense_i >= 0 ? &res[dense_i] : NULL, &res[nm]);
         if (!strcmp(tok, "dense")) dense_i = nm;
@@ -427,21 +422,24 @@ static int run_team(kvm_model_t *m, const opts_t *o) {
         const int L = m->cfg.n_layers;
         printf("\nkvmesh bench kvcomm (team): %s on %s; %d requests x %d agents (minitasks team, eval seed %llu)\n",
                m->name, m->ops->name, o->requests, KVM_TEAM_ROLES, (unsigned long long)o->seed);
-        printf("%-12s %8s %8s %8s %8s %8s %9s %10s %9s %8s  %s\n", "mode", "acc%", "finder", "checker", "reverser",
-               "neighbr", "reuse%", "reuse%warm", "agree%", "anchors", "exact/offset/naive/recomputed tokens");
+        printf("%-14s %6s %7s %7s %8s %7s %7s %10s %9s %7s %7s  %s\n", "mode", "acc%", "finder", "checker", "reverser",
+               "neighbr", "reuse%", "reuse%warm", "tok-reuse%", "agree%", "anchors", "exact/offset/naive/recomputed tokens");
         cJSON *root = cJSON_CreateObject(), *jm = cJSON_AddArrayToObject(root, "modes");
         cJSON_AddStringToObject(root, "model", m->name);
         cJSON_AddNumberToObject(root, "requests", o->requests);
         for (int i = 0; i < nm; i++) {
             kvm_team_result_t *r = &res[i];
             double acc = kvm_team_accuracy(r);
-            printf("%-12s %8.1f", names[i], acc);
-            for (int k = 0; k < KVM_TEAM_ROLES; k++) printf(" %8.1f", r->total[k] ? 100.0 * r->correct[k] / r->total[k] : 0);
+            printf("%-14s %6.1f", names[i], acc);
+            for (int k = 0; k < KVM_TEAM_ROLES; k++)
+                printf(" %*.1f", k == 2 ? 8 : 7, r->total[k] ? 100.0 * r->correct[k] / r->total[k] : 0);
+            /* tokens beyond the exact prefix whose KV came from another agent's segment (offset or naive) */
+            const double beyond = (double)(r->input - r->exact), tok_reuse = beyond > 0 ? (r->offset + r->naive) / beyond : 0;
             char agree[16] = "-"; /* measured against an earlier dense mode of the same run only */
             if (r->agree_n) snprintf(agree, sizeof agree, "%.1f", 100.0 * r->agree / r->agree_n);
             else if (i == dense_i) snprintf(agree, sizeof agree, "%.1f", 100.0);
-            printf(" %9.1f %10.1f %9s %8d  %llu/%llu/%llu/%llu\n", r->invocations ? 100.0 * r->reuse / r->invocations : 0,
-                   r->invocations_warm ? 100.0 * r->reuse_warm / r->invocations_warm : 0, agree, r->anchors,
+            printf(" %7.1f %10.1f %9.1f %7s %7d  %llu/%llu/%llu/%llu\n", r->invocations ? 100.0 * r->reuse / r->invocations : 0,
+                   r->invocations_warm ? 100.0 * r->reuse_warm / r->invocations_warm : 0, 100.0 * tok_reuse, agree, r->anchors,
                    (unsigned long long)r->exact,
                    (unsigned long long)r->offset, (unsigned long long)r->naive, (unsigned long long)r->recomputed);
             cJSON *o1 = cJSON_CreateObject();
@@ -466,6 +464,8 @@ static int run_team(kvm_model_t *m, const opts_t *o) {
             cJSON_AddNumberToObject(o1, "max_abs_err", r->max_abs_err);
             cJSON_AddNumberToObject(o1, "max_abs_dense", r->max_abs_dense);
             cJSON_AddNumberToObject(o1, "short_recomputed_tokens", r->short_recomputed);
+            cJSON_AddNumberToObject(o1, "selected_recomputed_tokens", r->selected_recomputed);
+            cJSON_AddNumberToObject(o1, "token_reuse_beyond_prefix", tok_reuse);
             cJSON *ck = cJSON_AddArrayToObject(o1, "cos_k"), *cv = cJSON_AddArrayToObject(o1, "cos_v");
             cJSON *lk = cJSON_AddArrayToObject(o1, "rel_l2_k"), *lv = cJSON_AddArrayToObject(o1, "rel_l2_v");
             for (int l = 0; l < L && r->cos_n; l++) {
@@ -481,13 +481,13 @@ static int run_team(kvm_model_t *m, const opts_t *o) {
         for (int i = 0; i < nm; i++) {
             kvm_team_result_t *r = &res[i];
             if (!r->cos_n) continue;
-            printf("%-12s", names[i]);
+            printf("%-14s", names[i]);
             for (int l = 0; l < L; l++) printf(" L%d %.3f/%.3f", l, r->cos_k[l] / r->cos_n, r->cos_v[l] / r->cos_n);
             printf("\n");
         }
         printf("\nmax |reused - dense| over all K/V elements of those rows (dense max |x| in brackets):\n");
         for (int i = 0; i < nm; i++)
-            if (res[i].cos_n) printf("%-12s %.3g [%.3g]\n", names[i], res[i].max_abs_err, res[i].max_abs_dense);
+            if (res[i].cos_n) printf("%-14s %.3g [%.3g]\n", names[i], res[i].max_abs_err, res[i].max_abs_dense);
         write_json(o, "kvcomm_team.json", root);
         cJSON_Delete(root);
     }

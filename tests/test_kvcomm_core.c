@@ -627,12 +627,19 @@ typedef struct oracle_run {
  * agent b is prepared with an oracle (which, only; which = 0: a plain prepare), optionally followed by
  * kvm_comm_recompute_short with recompute_below, and its cache is compared with a dense prefill of the
  * same ids. */
+static float g_recompute_frac = 0; /* kvcomm.recompute_frac, kvcomm.recompute_text and kvcomm.align of oracle_run */
+static int g_recompute_text = 0, g_align = KVM_KVCOMM_ALIGN_POSITION, g_select = KVM_KVCOMM_SELECT_OFFSET;
+
 static void oracle_run(kvm_rope_layout_t layout, bool agent_first, int which, const char *only, int recompute_below,
                        oracle_run_t *out) {
     memset(out, 0, sizeof *out);
     kvm_model_t *m = small_model(layout, 23);
     kvm_comm_t *c = kvm_comm_create(m, NULL);
     kvm_comm_config(c)->force_reuse = true;
+    kvm_comm_config(c)->recompute_frac = g_recompute_frac;
+    kvm_comm_config(c)->recompute_text = g_recompute_text;
+    kvm_comm_config(c)->align = g_align;
+    kvm_comm_config(c)->recompute_select = g_select;
     kvm_template_t *ta = make_tmpl(c, "a", "input", NULL, 41, 30);
     kvm_template_t *tb = make_tmpl(c, "b", agent_first ? "agent:a:current" : "input",
                                    agent_first ? "input" : "agent:a:current", 51, 21);
@@ -799,6 +806,83 @@ static void test_recompute_short_keeps_every_other_row_bit_for_bit_and_is_off_by
     assert_int_equal(on.rep.short_recomputed, b - a);
     oracle_run_free(&off);
     oracle_run_free(&on);
+}
+
+/* kvcomm.recompute_frac = 1 with every text segment recomputed too: each offset row is recomputed by the
+ * batched 1-token views of the block table, so the cache is the dense one; nothing is left offset-corrected. */
+static void test_recompute_frac_one_with_the_text_recomputed_gives_the_dense_cache(void **st) {
+    (void)st;
+    oracle_run_t r;
+    g_recompute_frac = 1.0f, g_recompute_text = 1000;
+    oracle_run(KVM_ROPE_HALF, false, 0, NULL, 0, &r);
+    g_recompute_frac = 0, g_recompute_text = 0;
+    fprintf(stderr, "recompute_frac=1: max rel err before %.3g, after %.3g; %d rows selected\n", r.err_before, r.err,
+            r.rep.selected_recomputed);
+    assert_true(r.err_before > 1e-3f);
+    assert_true(r.err <= 1e-5f);
+    assert_int_equal(r.rep.offset_tokens, 0);
+    assert_int_equal(r.rep.selected_recomputed, r.rep.ph[0].tokens + r.rep.ph[1].tokens); /* input and answer */
+    assert_int_equal(r.rep.short_recomputed, r.rep.ph[0].text_tokens + r.rep.ph[1].text_tokens - 1); /* not the last */
+    assert_int_equal(r.rep.exact_tokens + r.rep.offset_tokens + r.rep.naive_tokens + r.rep.recomputed_tokens,
+                     r.rep.input_tokens);
+    assert_int_equal(r.rep.mode, KVM_COMM_REUSE);
+    oracle_run_free(&r);
+}
+
+/* recompute_select=layer1 recomputes the first two layers of every assembled row (layer 0 is exact everywhere,
+ * so layer 1 is too: the K/V of layers 0-1 equal dense prefill), the deeper layers keep their estimates. */
+static void test_recompute_select_layer1_makes_the_first_two_layers_exact(void **st) {
+    (void)st;
+    oracle_run_t r;
+    g_recompute_frac = 0.01f, g_select = KVM_KVCOMM_SELECT_LAYER1;
+    oracle_run(KVM_ROPE_HALF, false, 0, NULL, 0, &r);
+    g_recompute_frac = 0, g_select = KVM_KVCOMM_SELECT_OFFSET;
+    const comm_geom_t g = {3, 2, 16};
+    const int E = r.rep.exact_tokens;
+    assert_int_equal(r.rep.layer1_rows, r.n - E);
+    assert_int_equal(r.rep.selected_recomputed, 1);
+    for (int l = 0; l < g.L; l++) {
+        float before = 0, after = 0;
+        for (int kv = 0; kv < 2; kv++)
+            for (int h = 0; h < g.H; h++) {
+                size_t o = comm_idx(&g, r.n, l, kv, h, E), n = (size_t)(r.n - E) * g.D;
+                before = fmaxf(before, max_rel(r.before + o, r.dense + o, n));
+                after = fmaxf(after, max_rel(r.after + o, r.dense + o, n));
+            }
+        fprintf(stderr, "layer %d: max rel err before %.3g, after %.3g\n", l, before, after);
+        if (l < 2) assert_true(after <= 1e-5f);
+        else assert_true(after > 1e-3f);
+        if (l == 1) assert_true(before > 1e-3f);
+    }
+    oracle_run_free(&r);
+}
+
+/* A fraction recomputes exactly ceil(frac x candidates) rows in place: those rows change, every other row stays
+ * bit for bit (their estimates are kept; the text segments are not touched without recompute_text). */
+static void test_recompute_frac_changes_only_the_selected_rows(void **st) {
+    (void)st;
+    oracle_run_t r;
+    g_recompute_frac = 0.25f;
+    oracle_run(KVM_ROPE_HALF, false, 0, NULL, 0, &r);
+    g_recompute_frac = 0;
+    const comm_geom_t g = {3, 2, 16};
+    int cand = r.rep.ph[0].tokens + r.rep.ph[1].tokens; /* both placeholders are offset-corrected here */
+    int want = (int)ceil(0.25 * cand);
+    assert_int_equal(r.rep.selected_recomputed, want);
+    int changed = 0;
+    for (int t = 0; t < r.n; t++) {
+        bool same = true;
+        for (int l = 0; l < g.L && same; l++)
+            for (int kv = 0; kv < 2 && same; kv++)
+                for (int h = 0; h < g.H && same; h++) {
+                    size_t o = comm_idx(&g, r.n, l, kv, h, t);
+                    same = !memcmp(r.before + o, r.after + o, (size_t)g.D * sizeof(float));
+                }
+        changed += !same;
+    }
+    assert_int_equal(changed, want);
+    assert_true(r.err < r.err_before * 1.5f); /* the selected rows are computed from the model, not garbage */
+    oracle_run_free(&r);
 }
 
 /* ---- hand-made pools: prediction and eviction (§8 items 6-8) ------------------------------------------------- */
@@ -1044,6 +1128,17 @@ static void test_reference_pool_bound_reaches_v_plus_one(void **st) {
     fake_free(&f);
 }
 
+/* Frees a hand-made pool, its sample (with its weight cache) and the store over pool. */
+static void fake_teardown(fake_t *f, comm_sample_t *s, kvm_kv_pool_t *pool) {
+    kvm_free(s->X);
+    kvm_free(s->w_keys);
+    kvm_free(s->w_kph);
+    kvm_free(s->w_kpf);
+    kvm_kv_store_free(f->c.store);
+    kvm_kv_pool_free(pool);
+    fake_free(f);
+}
+
 static void test_weights_sum_to_one_over_anchors_on_their_axes(void **st) {
     (void)st;
     fake_t f;
@@ -1084,13 +1179,67 @@ static void test_weights_sum_to_one_over_anchors_on_their_axes(void **st) {
         for (int n = 0; n < 3; n++) ones += s.w_kph[n * 5 + t] == 1.0f;
         assert_int_equal(ones, 1);
     }
-    kvm_free(s.X);
-    kvm_free(s.w_keys);
-    kvm_free(s.w_kph);
-    kvm_free(s.w_kpf);
-    kvm_kv_store_free(f.c.store);
-    kvm_kv_pool_free(pool);
-    fake_free(&f);
+    fake_teardown(&f, &s, pool);
+}
+
+/* kvcomm.align=content: each sample row takes the delta of the anchor row whose values are nearest; key deltas
+ * measured at anchor row u are re-rotated to row t. Hand-made anchor: rows 1..3 hold sample rows 2, 0, 1. */
+static void test_content_alignment_finds_the_matching_rows_and_rerotates_key_deltas(void **st) {
+    (void)st;
+    fake_t f;
+    int T[1] = {4};
+    float v[1] = {9.0f};
+    fake_init(&f, 1, T, v);
+    const comm_geom_t *g = &f.c.g; /* L 2, H 1, D 4 */
+    float fr[2] = {1.0f, 0.01f};
+    kvm_rope_params_t rp = {.inv_freq = fr, .n_freq = 2, .layout = KVM_ROPE_HALF};
+    kvm_kv_geom_t gg = {2, 1, 4, KVM_F32};
+    kvm_kv_pool_t *pool = kvm_kv_pool_create(kvm_ops_cpu(), &gg, 1, 1);
+    f.c.store = kvm_kv_store_create(pool, &rp);
+    f.c.cfg.align = KVM_KVCOMM_ALIGN_CONTENT;
+    comm_sample_t s = mk_sample(g, 3, 0.0f);
+    for (size_t i = 0; i < comm_rows_elems(g, 3); i++) s.X[i] = (float)((i * 37) % 11) * 0.1f - 0.5f;
+    comm_anchor_t *a = f.c.pools[0].a[0];
+    const int src[4] = {-1, 2, 0, 1}, want_u[3] = {2, 3, 1};
+    for (int l = 0; l < g->L; l++)
+        for (int kv = 0; kv < 2; kv++)
+            for (int u = 1; u < 4; u++)
+                memcpy(a->base + comm_idx(g, 4, l, kv, 0, u), s.X + comm_idx(g, 3, l, kv, 0, src[u]), 4 * sizeof(float));
+    /* deltas of consumer "c": row u of layer 1 holds (u+1) in every channel for V, (u+1, 0, 0, 0) for K */
+    const comm_geom_t gd = {1, 1, 4};
+    a->deltas = kvm_calloc(1, sizeof *a->deltas);
+    a->n_deltas = a->cap_deltas = 1;
+    snprintf(a->deltas[0].consumer, sizeof a->deltas[0].consumer, "c");
+    a->deltas[0].d_ph = kvm_calloc(comm_rows_elems(&gd, 4), sizeof(float));
+    for (int u = 0; u < 4; u++) {
+        a->deltas[0].d_ph[comm_idx(&gd, 4, 0, 0, 0, u)] = (float)(u + 1);
+        for (int k = 0; k < 4; k++) a->deltas[0].d_ph[comm_idx(&gd, 4, 0, 1, 0, u) + k] = (float)(u + 1);
+    }
+    assert_int_equal(comm_weights(&f.c, &s, &a, 1), 0);
+    assert_non_null(s.w_u);
+    for (int t = 0; t < 3; t++) assert_int_equal(s.w_u[t], want_u[t]);
+    float *out = kvm_malloc(comm_rows_elems(g, 3) * sizeof(float));
+    comm_apply(&f.c, &s, &a, 1, "c", NULL, 0, out, NULL, true, false);
+    for (int t = 0; t < 3; t++) {
+        const int u = want_u[t];
+        float dk[4] = {(float)(u + 1), 0, 0, 0};
+        kvm_rope_rotate_rows(dk, 1, 4, 4, t - u, NULL, fr, KVM_ROPE_HALF);
+        for (int k = 0; k < 4; k++) {
+            assert_float_equal(out[comm_idx(g, 3, 1, 0, 0, t) + k], s.X[comm_idx(g, 3, 1, 0, 0, t) + k] + dk[k], 1e-5);
+            assert_float_equal(out[comm_idx(g, 3, 1, 1, 0, t) + k], s.X[comm_idx(g, 3, 1, 1, 0, t) + k] + (float)(u + 1),
+                               1e-5);
+            assert_float_equal(out[comm_idx(g, 3, 0, 1, 0, t) + k], s.X[comm_idx(g, 3, 0, 1, 0, t) + k], 0); /* layer 0 */
+        }
+    }
+    /* position alignment (the spec) takes row t instead */
+    f.c.cfg.align = KVM_KVCOMM_ALIGN_POSITION;
+    s.w_n = 0;
+    assert_int_equal(comm_weights(&f.c, &s, &a, 1), 0);
+    assert_null(s.w_u);
+    comm_apply(&f.c, &s, &a, 1, "c", NULL, 0, out, NULL, true, false);
+    assert_float_equal(out[comm_idx(g, 3, 1, 1, 0, 0)], s.X[comm_idx(g, 3, 1, 1, 0, 0)] + 1.0f, 1e-5);
+    kvm_free(out);
+    fake_teardown(&f, &s, pool);
 }
 
 static void test_switches_parse_and_reject_unknown_values(void **st) {
@@ -1117,6 +1266,21 @@ static void test_switches_parse_and_reject_unknown_values(void **st) {
     kvm_kvcomm_config_str(&c, buf, sizeof buf);
     assert_non_null(strstr(buf, "recompute_below=8"));
     assert_non_null(strstr(buf, "pf_offset=off"));
+    /* ours: the other recompute switches and the content alignment */
+    assert_int_equal(kvm_kvcomm_config_set(&c, "kvcomm.recompute_text", "16"), 0);
+    assert_int_equal(c.recompute_text, 16);
+    assert_int_equal(kvm_kvcomm_config_set(&c, "recompute_frac", "0.3"), 0);
+    assert_true(fabsf(c.recompute_frac - 0.3f) < 1e-6f);
+    assert_int_equal(kvm_kvcomm_config_set(&c, "recompute_frac", "1.5"), KVM_EINVAL);
+    assert_non_null(strstr(kvm_errmsg(), "[0, 1]"));
+    assert_int_equal(kvm_kvcomm_config_set(&c, "align", "content"), 0);
+    assert_int_equal(c.align, KVM_KVCOMM_ALIGN_CONTENT);
+    assert_int_equal(kvm_kvcomm_config_set(&c, "align", "diagonal"), KVM_EINVAL);
+    assert_non_null(strstr(kvm_errmsg(), "position|content"));
+    assert_int_equal(kvm_kvcomm_config_set(&c, "align_window", "-2"), KVM_EINVAL);
+    kvm_kvcomm_config_str(&c, buf, sizeof buf);
+    assert_non_null(strstr(buf, "recompute_frac=0.30"));
+    assert_non_null(strstr(buf, "align=content"));
 }
 
 int main(void) {
@@ -1148,6 +1312,10 @@ int main(void) {
         cmocka_unit_test(test_prepare_ids_takes_the_exact_prefix_of_an_earlier_dense_prompt),
         cmocka_unit_test(test_weights_sum_to_one_over_anchors_on_their_axes),
         cmocka_unit_test(test_switches_parse_and_reject_unknown_values),
+        cmocka_unit_test(test_recompute_frac_one_with_the_text_recomputed_gives_the_dense_cache),
+        cmocka_unit_test(test_recompute_frac_changes_only_the_selected_rows),
+        cmocka_unit_test(test_recompute_select_layer1_makes_the_first_two_layers_exact),
+        cmocka_unit_test(test_content_alignment_finds_the_matching_rows_and_rerotates_key_deltas),
         cmocka_unit_test(test_oracle_offsets_make_the_reused_cache_equal_dense_prefill_in_both_rope_layouts),
         cmocka_unit_test(test_oracle_offsets_equal_dense_with_qk_norm_and_biases),
         cmocka_unit_test(test_oracle_on_one_piece_leaves_the_other_estimated),

@@ -149,6 +149,26 @@ static void test_exact_facts_leave_the_estimated_answer_off_until_it_is_recomput
     kvm_team_result_free(&rec);
 }
 
+/* The blended policy with every offset row selected (recompute_frac = 1): the one batched pass of 1-token views
+ * recomputes facts, answers and text segments, so the caches and every greedy output are dense's. */
+static void test_blend_with_every_row_selected_reproduces_dense(void **st) {
+    fid_t *f = need(st);
+    kvm_team_opts_t o;
+    team_opts(f, &o, f->sanitized ? 4 : 6);
+    kvm_team_blend_policy(&o.cfg);
+    o.cfg.recompute_frac = 1.0f;
+    kvm_team_result_t r;
+    run_measured(f, &o, &r);
+    fprintf(stderr, "blend, every row selected: %d REUSE caches compared, max |err| %.3g (dense max %.3g); agreement "
+            "%d/%d; %d rows selected, %d in spans\n", r.cos_n, r.max_abs_err, r.max_abs_dense, r.agree, r.agree_n,
+            r.selected_recomputed, r.short_recomputed);
+    assert_true(r.selected_recomputed > 0);
+    assert_true(r.max_abs_err <= 1e-4 * r.max_abs_dense);
+    assert_int_equal(r.agree, r.agree_n);
+    assert_int_equal(r.offset, 0);
+    kvm_team_result_free(&r);
+}
+
 static void test_kvcomm_offsets_beat_rotation_only_and_reuse_after_warmup(void **st) {
     fid_t *f = need(st);
     kvm_team_opts_t o;
@@ -158,10 +178,11 @@ static void test_kvcomm_offsets_beat_rotation_only_and_reuse_after_warmup(void *
     assert_int_equal(kvm_team_run(f->m, &o, &f->dense, &full), 0);
     /* the improved policy's accuracy depends on the weights: measured when asked for (CI time) */
     const bool with_imp = getenv("KVM_FIDELITY_STRICT") || getenv("KVM_FIDELITY_REQUESTS");
-    o.cfg.recompute_below = KVM_TEAM_RECOMPUTE_BELOW;
+    kvm_kvcomm_config_t spec = o.cfg;
+    kvm_team_blend_policy(&o.cfg);
     if (with_imp) assert_int_equal(kvm_team_run(f->m, &o, &f->dense, &imp), 0);
+    o.cfg = spec;
     kvm_kvcomm_ablation(&o.cfg, "rotation");
-    o.cfg.recompute_below = 0;
     o.requests = f->requests < 8 ? f->requests : 8; /* the ablation is measured in full by the bench */
     if (f->sanitized) o.requests = 4;
     assert_int_equal(kvm_team_run(f->m, &o, &f->dense, &rot), 0);
@@ -172,8 +193,8 @@ static void test_kvcomm_offsets_beat_rotation_only_and_reuse_after_warmup(void *
             "%.1f%%, agreement %.1f%%), rotation only %.1f%% (agreement %.1f%%)\n", f->m->name, f->requests, ad, af, rw,
             pct(full.agree, full.agree_n), ar, pct(rot.agree, rot.agree_n));
     if (with_imp)
-        fprintf(stderr, "improved policy (recompute_below=%d): %.1f%% (reuse after warm-up %.1f%%, agreement %.1f%%)\n",
-                KVM_TEAM_RECOMPUTE_BELOW, ai, rwi, pct(imp.agree, imp.agree_n));
+        fprintf(stderr, "blended policy (recompute_frac=%.2f): %.1f%% (reuse after warm-up %.1f%%, agreement %.1f%%)\n",
+                (double)KVM_TEAM_BLEND_FRAC, ai, rwi, pct(imp.agree, imp.agree_n));
     print_layers("kvcomm", &full);
     print_layers("rotation", &rot);
     assert_true(full.cos_n > 0 && rot.cos_n > 0);
@@ -182,7 +203,7 @@ static void test_kvcomm_offsets_beat_rotation_only_and_reuse_after_warmup(void *
         fprintf(stderr, "fidelity gap: spec KVCOMM %.1f points %s dense (the acceptance allows 2 below)\n", fabs(af - ad),
                 af >= ad ? "above" : "below");
         if (with_imp)
-            fprintf(stderr, "fidelity gap: improved policy %.1f points %s dense\n", fabs(ai - ad), ai >= ad ? "above" : "below");
+            fprintf(stderr, "fidelity gap: blended policy %.1f points %s dense\n", fabs(ai - ad), ai >= ad ? "above" : "below");
         if (getenv("KVM_FIDELITY_STRICT")) assert_true(ai >= ad - 2.0);
         assert_true(af >= ar);
         assert_true(pct(full.agree, full.agree_n) >= pct(rot.agree, rot.agree_n));
@@ -201,6 +222,7 @@ int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_oracle_offsets_reproduce_the_dense_cache_and_greedy_outputs),
         cmocka_unit_test(test_exact_facts_leave_the_estimated_answer_off_until_it_is_recomputed),
+        cmocka_unit_test(test_blend_with_every_row_selected_reproduces_dense),
         cmocka_unit_test(test_kvcomm_offsets_beat_rotation_only_and_reuse_after_warmup),
     };
     return cmocka_run_group_tests(tests, setup, teardown);

@@ -54,6 +54,8 @@ static const char *const FRAME_NAMES[] = {"f0", "reference"};
 static const char *const BOUND_NAMES[] = {"strict", "reference"};
 static const char *const NOANCHOR_NAMES[] = {"dense", "naive"};
 static const char *const RESP_NAMES[] = {"compute", "drop"};
+static const char *const ALIGN_NAMES[] = {"position", "content"};
+static const char *const SELECT_NAMES[] = {"offset", "layer1"};
 
 int kvm_kvcomm_config_set(kvm_kvcomm_config_t *c, const char *key, const char *value) {
     if (!key || !value) return kvm_seterr(KVM_EINVAL, "kvcomm switch: key and value are required");
@@ -85,6 +87,8 @@ int kvm_kvcomm_config_set(kvm_kvcomm_config_t *c, const char *key, const char *v
     ENUMSW("pool_bound", pool_bound, BOUND_NAMES, "strict|reference")
     ENUMSW("no_anchor", no_anchor, NOANCHOR_NAMES, "dense|naive")
     ENUMSW("resp_last_token", resp_last_token, RESP_NAMES, "compute|drop")
+    ENUMSW("align", align, ALIGN_NAMES, "position|content")
+    ENUMSW("recompute_select", recompute_select, SELECT_NAMES, "offset|layer1")
 #undef BOOLSW
 #undef ENUMSW
     if (!strcmp(k, "gamma")) {
@@ -102,16 +106,30 @@ int kvm_kvcomm_config_set(kvm_kvcomm_config_t *c, const char *key, const char *v
         else c->anchor_budget_bytes = (size_t)v;
         return 0;
     }
-    if (!strcmp(k, "recompute_below")) { /* ours, not the spec: kvm_comm_recompute_short (kvcomm.c) */
+    if (!strcmp(k, "recompute_below") || !strcmp(k, "recompute_text")) { /* ours: kvm_comm_recompute_short */
         long long v = strtoll(value, &end, 10);
         if (!end || *end || v < 0 || v > 1000000)
-            return kvm_seterr(KVM_EINVAL, "kvcomm.recompute_below: '%s' is not a token count >= 0 (0 = off)", value);
-        c->recompute_below = (int)v;
+            return kvm_seterr(KVM_EINVAL, "kvcomm.%s: '%s' is not a token count >= 0 (0 = off)", k, value);
+        *(k[10] == 'b' ? &c->recompute_below : &c->recompute_text) = (int)v;
+        return 0;
+    }
+    if (!strcmp(k, "recompute_frac")) { /* ours: comm_recompute_selected */
+        double f = strtod(value, &end);
+        if (!end || *end || !(f >= 0 && f <= 1))
+            return kvm_seterr(KVM_EINVAL, "kvcomm.recompute_frac: '%s' is not a fraction in [0, 1] (0 = off)", value);
+        c->recompute_frac = (float)f;
+        return 0;
+    }
+    if (!strcmp(k, "align_window")) { /* ours: kvcomm.align=content */
+        long long v = strtoll(value, &end, 10);
+        if (!end || *end || v < 0 || v > 1000000)
+            return kvm_seterr(KVM_EINVAL, "kvcomm.align_window: '%s' is not a row count >= 0 (0 = any row)", value);
+        c->align_window = (int)v;
         return 0;
     }
     return kvm_seterr(KVM_EINVAL, "unknown KVCOMM switch '%s' (known: enable rotate ph_offset pf_offset weights criterion "
                       "gamma max_anchors evict_window dist_norm frame pool_bound no_anchor resp_last_token force_reuse "
-                      "anchor_budget_bytes recompute_below)", key);
+                      "anchor_budget_bytes recompute_below recompute_text recompute_frac recompute_select align align_window)", key);
 }
 
 int kvm_kvcomm_ablation(kvm_kvcomm_config_t *c, const char *name) {
@@ -127,12 +145,12 @@ int kvm_kvcomm_ablation(kvm_kvcomm_config_t *c, const char *name) {
 void kvm_kvcomm_config_str(const kvm_kvcomm_config_t *c, char *buf, size_t cap) {
     snprintf(buf, cap,
              "enable=%s rotate=%s ph_offset=%s pf_offset=%s weights=%s criterion=%s gamma=%.2f V=%d W=%d dist_norm=%s "
-             "frame=%s pool_bound=%s no_anchor=%s resp_last_token=%s force_reuse=%s recompute_below=%d",
+             "frame=%s pool_bound=%s no_anchor=%s resp_last_token=%s force_reuse=%s recompute_below=%d recompute_text=%d recompute_frac=%.2f recompute_select=%s align=%s align_window=%d",
              c->enable ? "on" : "off", c->rotate ? "on" : "off", c->ph_offset ? "on" : "off", c->pf_offset ? "on" : "off",
              W_NAMES[c->weights % 3], CRIT_NAMES[c->criterion % 2], c->gamma, c->max_anchors, c->evict_window,
              NORM_NAMES[c->dist_norm % 2], FRAME_NAMES[c->frame % 2], BOUND_NAMES[c->pool_bound % 2],
              NOANCHOR_NAMES[c->no_anchor % 2], RESP_NAMES[c->resp_last_token % 2], c->force_reuse ? "on" : "off",
-             c->recompute_below);
+             c->recompute_below, c->recompute_text, c->recompute_frac, SELECT_NAMES[c->recompute_select % 2], ALIGN_NAMES[c->align % 2], c->align_window);
 }
 
 const char *kvm_ph_decision_name(int d) {
@@ -764,6 +782,8 @@ typedef struct prep_priv {
     int n_ph;
     prep_ph_t ph[KVM_COMM_MAX_PH];
     int n_exact;        /* leading rows of the cache that are exact */
+    float *row_score;   /* kvcomm.recompute_frac: [n_prompt] relative offset of each offset-corrected placeholder
+                         * row (0 elsewhere), or NULL */
 } prep_priv_t;
 
 void kvm_prepared_release(kvm_prepared_t *p) {
@@ -775,6 +795,7 @@ void kvm_prepared_release(kvm_prepared_t *p) {
             kvm_segment_release(pv->ph[i].seg);
             kvm_free(pv->ph[i].usable);
         }
+        kvm_free(pv->row_score);
         kvm_free(pv);
     }
     kvm_free(p->prompt_ids);
@@ -838,6 +859,154 @@ int kvm_comm_prepare_ids(kvm_comm_t *c, const int32_t *ids, int n, kvm_kv_policy
 }
 
 /* Copies rows [r0, r1) of a tensor `src` of n rows into rows [d0, ...) of a tensor `dst` of dn rows. */
+/* kvcomm.recompute_frac: per row t of a T-row placeholder, |offset|^2 / |base|^2 over layers 1..L-1, K and V. */
+static void row_scores(const comm_geom_t *g, const float *X, const float *Y, int T, float *out) {
+    for (int t = 0; t < T; t++) {
+        double dd = 0, xx = 0;
+        for (int l = 1; l < g->L; l++)
+            for (int kv = 0; kv < 2; kv++)
+                for (int h = 0; h < g->H; h++) {
+                    const float *x = X + comm_idx(g, T, l, kv, h, t), *y = Y + comm_idx(g, T, l, kv, h, t);
+                    for (int k = 0; k < g->D; k++) dd += ((double)y[k] - x[k]) * ((double)y[k] - x[k]), xx += (double)x[k] * x[k];
+                }
+        out[t] = (float)(dd / (xx + 1e-30)) + 1e-30f; /* > 0 marks a candidate row */
+    }
+}
+
+static int cmp_score_desc(const void *a, const void *b) {
+    float x = ((const float *)a)[0], y = ((const float *)b)[0];
+    return x < y ? 1 : x > y ? -1 : 0;
+}
+
+/* A view of p's block table cut at row `at` (it owns nothing: never kvm_seq_free it). tokens: a scratch copy of
+ * the prompt ids of capacity n_prompt, which the forward's bookkeeping writes into. */
+static kvm_seq_t seq_view(kvm_comm_t *c, const kvm_prepared_t *p, int at, int32_t *tokens) {
+    return (kvm_seq_t){.pool = c->pool, .blocks = p->seq.blocks, .n_blocks = p->seq.n_blocks,
+                       .cap_blocks = p->seq.n_blocks, .tokens = tokens, .n_tokens = at, .cap_tokens = p->n_prompt};
+}
+
+/* recompute_select=layer1: recomputes layers 0-1 of rows [E, E+n) in place (one partial pass; layer 0 is exact
+ * everywhere, so layer 1 comes out exact too) and replaces each candidate's score (score[row] > 0) by the
+ * relative change of its layer-1 K/V. */
+static int layer1_scores(kvm_comm_t *c, kvm_prepared_t *p, int E, int n, float *score) {
+    const comm_geom_t *g = &c->g;
+    if (g->L < 2) return 0;
+    size_t e = comm_rows_elems(g, n);
+    float *est = kvm_malloc(e * sizeof(float)), *tru = kvm_malloc(e * sizeof(float));
+    int32_t *scratch = kvm_malloc((size_t)p->n_prompt * sizeof(int32_t));
+    int rc = est && tru && scratch ? 0 : KVM_ENOMEM;
+    if (!rc) rc = kvm_kv_read_rows(c->pool, p->seq.blocks, E, n, est);
+    if (!rc) {
+        memcpy(scratch, p->prompt_ids, (size_t)p->n_prompt * sizeof(int32_t));
+        kvm_seq_t v = seq_view(c, p, E, scratch);
+        kvm_batch_item_t it = {.seq = &v, .tokens = p->prompt_ids + E, .n_tokens = n};
+        rc = kvm_forward_layers(c->m, &it, 1, 2);
+    }
+    if (!rc) rc = kvm_kv_read_rows(c->pool, p->seq.blocks, E, n, tru);
+    if (!rc) {
+        for (int t = 0; t < n; t++) {
+            if (score[E + t] <= 0) continue;
+            double dd = 0, yy = 0;
+            for (int kv = 0; kv < 2; kv++)
+                for (int h = 0; h < g->H; h++) {
+                    const float *x = est + comm_idx(g, n, 1, kv, h, t), *y = tru + comm_idx(g, n, 1, kv, h, t);
+                    for (int k = 0; k < g->D; k++) dd += ((double)x[k] - y[k]) * ((double)x[k] - y[k]), yy += (double)y[k] * y[k];
+                }
+            score[E + t] = (float)(dd / (yy + 1e-30)) + 1e-30f;
+        }
+        p->report.layer1_rows = n;
+    }
+    kvm_free(est);
+    kvm_free(tru);
+    kvm_free(scratch);
+    return rc;
+}
+
+int comm_recompute_selected(kvm_comm_t *c, kvm_prepared_t *p) {
+    prep_priv_t *pv = p->priv;
+    kvm_comm_report_t *r = &p->report;
+    const kvm_kvcomm_config_t *cfg = &c->cfg;
+    const int N = p->n_prompt;
+    if (!pv || !pv->row_score || cfg->recompute_frac <= 0 || r->mode != KVM_COMM_REUSE || p->n_cached != N - 1)
+        return 0;
+    const int E = pv->n_exact, n = N - 1 - E;
+    for (int row = E; row < N - 1; row++)
+        if (c->pool->refcount[p->seq.blocks[row / KVM_KV_BLOCK]] != 1) {
+            kvm_prepared_release(p);
+            return kvm_seterr(KVM_EINTERNAL, "recompute_frac: assembled row %d sits in a shared block", row);
+        }
+    int rc = 0;
+    if (cfg->recompute_select == KVM_KVCOMM_SELECT_LAYER1 && n > 0) rc = layer1_scores(c, p, E, n, pv->row_score);
+    /* mark: 2 = a span of recompute_below / recompute_text (the rule of kvm_comm_recompute_short), 1 = selected */
+    char *mark = kvm_calloc((size_t)N, 1);
+    float *cand = kvm_malloc((size_t)2 * N * sizeof(float));
+    if (!rc && (!mark || !cand)) rc = KVM_ENOMEM;
+    int nc = 0, k = 0, n2 = 0;
+    for (int j = 0; j < r->n_placeholders && !rc; j++) {
+        const kvm_comm_ph_report_t *ph = &r->ph[j];
+        if (ph->decision != KVM_PH_SHARED && ph->decision != KVM_PH_NAIVE) continue;
+        int a = ph->start_pos, b = ph->start_pos + ph->tokens + ph->text_tokens;
+        if (ph->tokens >= cfg->recompute_below) {
+            if (cfg->recompute_text <= 0 || ph->text_tokens <= 0 || ph->text_tokens >= cfg->recompute_text) continue;
+            a = ph->start_pos + ph->tokens;
+        }
+        for (int row = a > E ? a : E; row < b && row < N - 1; row++) mark[row] = 2;
+    }
+    for (int row = E; row < N - 1 && !rc; row++) {
+        n2 += mark[row] == 2;
+        if (!mark[row] && pv->row_score[row] > 0) cand[2 * nc] = pv->row_score[row], cand[2 * nc + 1] = (float)row, nc++;
+    }
+    if (!rc) {
+        k = (int)ceil((double)cfg->recompute_frac * nc);
+        if (k > nc) k = nc;
+        qsort(cand, (size_t)nc, 2 * sizeof(float), cmp_score_desc);
+        for (int i = 0; i < k; i++) mark[(int)cand[2 * i + 1]] = 1;
+    }
+    const int nb = k + n2;
+    int *rows = kvm_malloc((size_t)(nb ? nb : 1) * sizeof(int));
+    kvm_seq_t *views = kvm_calloc((size_t)(nb ? nb : 1), sizeof *views);
+    kvm_batch_item_t *items = kvm_calloc((size_t)(nb ? nb : 1), sizeof *items);
+    int32_t *scratch = kvm_malloc((size_t)N * sizeof(int32_t));
+    if (!rc && (!rows || !views || !items || !scratch)) rc = KVM_ENOMEM;
+    if (!rc && nb > 0) {
+        memcpy(scratch, p->prompt_ids, (size_t)N * sizeof(int32_t));
+        /* one view of the assembled block table per row, cut at that row: its 1-token item writes the row's K/V
+         * at every layer before the layer's attention, and attends to rows [0, row], so each row sees the fresh
+         * K/V of every recomputed row before it (a contiguous span comes out as a prefill of it would) */
+        int i = 0;
+        for (int row = E; row < N - 1; row++)
+            if (mark[row]) {
+                rows[i] = row;
+                views[i] = seq_view(c, p, row, scratch);
+                items[i] = (kvm_batch_item_t){.seq = &views[i], .tokens = p->prompt_ids + row, .n_tokens = 1};
+                i++;
+            }
+        rc = kvm_forward(c->m, items, nb);
+    }
+    if (!rc) {
+        for (int i = 0; i < nb; i++) {
+            int cat = comm_reuse_row_cat(r, cfg, rows[i]);
+            if (cat == 0) r->exact_tokens--;
+            else if (cat == 1) r->offset_tokens--;
+            else r->naive_tokens--;
+            r->recomputed_tokens++;
+            if (mark[rows[i]] == 2) r->short_recomputed++;
+            else r->selected_recomputed++;
+        }
+    }
+    kvm_free(mark);
+    kvm_free(cand);
+    kvm_free(rows);
+    kvm_free(views);
+    kvm_free(items);
+    kvm_free(scratch);
+    if (rc) {
+        kvm_prepared_release(p);
+        return rc;
+    }
+    return 1; /* handled: kvm_comm_recompute_short has nothing left to do */
+}
+
 static void copy_rows(const comm_geom_t *g, const float *src, int n, int r0, int r1, float *dst, int dn, int d0) {
     if (r1 <= r0) return;
     for (int l = 0; l < g->L; l++)
@@ -1051,6 +1220,14 @@ int kvm_comm_prepare(kvm_comm_request_t *rq, const kvm_prompt_t *p, kvm_prepared
                 r->offset_ms += ms_since(to);
                 Xsrc = xh;
                 Psrc = ph_out;
+                if (cfg->recompute_frac > 0 && cfg->ph_offset && T >= cfg->recompute_below) {
+                    if (!pv->row_score) pv->row_score = kvm_calloc((size_t)N, sizeof(float));
+                    if (!pv->row_score) {
+                        rc = KVM_ENOMEM;
+                        break;
+                    }
+                    row_scores(g, s->X, xh, T, pv->row_score + ph->t_ph);
+                }
             } else {
                 xh = kvm_malloc(comm_rows_elems(g, T) * sizeof(float));
                 if (!xh) {

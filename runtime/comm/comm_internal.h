@@ -106,6 +106,8 @@ typedef struct comm_sample {
     comm_anchor_t *staged; /* anchor (name, key) created in this request, or NULL */
     /* weight cache: the usable anchor keys (sorted) and their four tensors */
     uint64_t *w_keys;
+    int32_t *w_u;         /* kvcomm.align=content: [N][T] the anchor row each row takes its delta from (inside
+                           * the w_keys allocation), else NULL */
     int w_n;
     float *w_kph, *w_vph; /* [N][T] */
     float *w_kpf, *w_vpf; /* [N][L][H][D] */
@@ -201,5 +203,13 @@ int comm_dev_pred(kvm_comm_t *c, comm_sample_t *s, comm_anchor_t **E, int n, dou
 /* §3.6/§3.7 REUSE assembly of rows [E, N-1) of out->seq on the backend (fills the report's counts and times) */
 int comm_dev_reuse(kvm_comm_request_t *rq, const kvm_template_t *t, const comm_dev_ph_t *ph, kvm_prepared_t *out,
                    int E, int N);
+
+/* comm.c, kvcomm.recompute_frac [ours]: recomputes, in place and in one batched forward of 1-token views of p's
+ * block table, the selected placeholder rows of a REUSE prompt together with the spans kvm_comm_recompute_short
+ * would recompute. Returns 1 when it did (nothing is left for recompute_short), 0 when it does not apply, or an
+ * error (p is released then). */
+int comm_recompute_selected(kvm_comm_t *c, kvm_prepared_t *p);
+/* kvcomm.c: how kvm_comm_prepare counted row `row` of a REUSE prompt: 0 exact, 1 offset, 2 naive. */
+int comm_reuse_row_cat(const kvm_comm_report_t *r, const kvm_kvcomm_config_t *cfg, int row);
 
 #endif

@@ -255,6 +255,34 @@ static void weights_from_scores(const double *sc, int n, float *w, int mode) {
     }
 }
 
+/* kvcomm.align=content [ours]: for every row t of X (T rows), the row u of Y (Ta rows) whose values over all
+ * layers are nearest in squared l2, among rows |u - t| <= win (win 0: all rows). Ties go to the lower u. */
+static void align_rows(const comm_geom_t *g, const float *X, int T, const float *Y, int Ta, int win, int32_t *u,
+                       bool par) {
+    const int L = g->L, H = g->H, D = g->D;
+#pragma omp parallel for schedule(static) if (par)
+    for (int t = 0; t < T; t++) {
+        int lo = 0, hi = Ta;
+        if (win > 0) {
+            lo = t - win > 0 ? t - win : 0;
+            hi = t + win + 1 < Ta ? t + win + 1 : Ta;
+            if (lo >= hi) lo = Ta - 1, hi = Ta;
+        }
+        int best = lo;
+        double bd = INFINITY;
+        for (int v = lo; v < hi; v++) {
+            double d = 0;
+            for (int l = 0; l < L && d < bd; l++)
+                for (int h = 0; h < H; h++) {
+                    const float *x = X + comm_idx(g, T, l, 1, h, t), *y = Y + comm_idx(g, Ta, l, 1, h, v);
+                    for (int k = 0; k < D; k++) d += ((double)x[k] - y[k]) * ((double)x[k] - y[k]);
+                }
+            if (d < bd) bd = d, best = v;
+        }
+        u[t] = best;
+    }
+}
+
 int comm_weights(kvm_comm_t *c, comm_sample_t *s, comm_anchor_t **A, int N) {
     const comm_geom_t *g = &c->g;
     const int L = g->L, H = g->H, D = g->D, T = s->T;
@@ -268,10 +296,12 @@ int comm_weights(kvm_comm_t *c, comm_sample_t *s, comm_anchor_t **A, int N) {
     kvm_free(s->w_kph);
     kvm_free(s->w_kpf);
     s->w_keys = NULL;
+    s->w_u = NULL;
     s->w_kph = s->w_kpf = s->w_vph = s->w_vpf = NULL;
     s->w_n = 0;
     size_t nph = (size_t)N * T, npf = (size_t)N * L * H * D;
-    s->w_keys = kvm_malloc((size_t)N * sizeof(uint64_t));
+    const bool content = c->cfg.align == KVM_KVCOMM_ALIGN_CONTENT && c->cfg.frame == KVM_KVCOMM_FRAME_F0;
+    s->w_keys = kvm_malloc((size_t)N * sizeof(uint64_t) + (content ? nph * sizeof(int32_t) : 0));
     s->w_kph = kvm_malloc(2 * nph * sizeof(float));
     s->w_kpf = kvm_malloc(2 * npf * sizeof(float));
     double *sph = kvm_malloc(2 * nph * sizeof(double));
@@ -284,20 +314,31 @@ int comm_weights(kvm_comm_t *c, comm_sample_t *s, comm_anchor_t **A, int N) {
     s->w_vph = s->w_kph + nph;
     s->w_vpf = s->w_kpf + npf;
     for (int i = 0; i < N; i++) s->w_keys[i] = A[i]->key;
+    if (content) s->w_u = (int32_t *)(s->w_keys + N);
     const bool rot = c->cfg.frame == KVM_KVCOMM_FRAME_F0;
     const bool big = comm_rows_elems(g, T) > COMM_PAR_MIN;
     const kvm_rope_params_t *rp = kvm_kv_store_rope(c->store);
     for (int n = 0; n < N; n++) {
         const comm_anchor_t *a = A[n];
-        /* placeholder scores: per token, head-aligned, over (l, h, d) */
+        int32_t *un = content ? s->w_u + (size_t)n * T : NULL;
+        if (un) align_rows(g, s->X, T, a->base, a->T, c->cfg.align_window, un, big);
+        /* placeholder scores: per token, head-aligned, over (l, h, d); with content alignment against the
+         * anchor's row un[t], its key re-rotated to t */
 #pragma omp parallel for schedule(static) if (big)
         for (int t = 0; t < T; t++) {
+            const int ut = un ? un[t] : t;
+            float *rk = ut != t ? malloc((size_t)D * sizeof(float)) : NULL;
             for (int kv = 0; kv < 2; kv++) {
                 double acc = 0, xy = 0, xx = 0, yy = 0;
                 for (int l = 0; l < L; l++)
                     for (int h = 0; h < H; h++) {
                         const float *x = s->X + comm_idx(g, T, l, kv, h, t);
-                        const float *y = a->base + comm_idx(g, a->T, l, kv, h, t);
+                        const float *y = a->base + comm_idx(g, a->T, l, kv, h, ut);
+                        if (kv == 0 && rk) {
+                            memcpy(rk, y, (size_t)D * sizeof(float));
+                            kvm_rope_rotate_rows(rk, 1, D, D, t - ut, NULL, rp->inv_freq, rp->layout);
+                            y = rk;
+                        }
                         for (int k = 0; k < D; k++) {
                             acc += fabs((double)x[k] - y[k]);
                             xy += (double)x[k] * y[k];
@@ -308,6 +349,7 @@ int comm_weights(kvm_comm_t *c, comm_sample_t *s, comm_anchor_t **A, int N) {
                 double v = mode == KVM_KVCOMM_W_COSINE ? xy / (sqrt(xx * yy) + 1e-30) : acc / ((double)L * H * D);
                 sph[(size_t)kv * nph + (size_t)n * T + t] = v;
             }
+            free(rk);
         }
         /* text-segment scores: per (l, h, d), tail-aligned, over the T tokens */
         const int off = a->T - T;
@@ -470,6 +512,7 @@ void comm_apply(kvm_comm_t *c, const comm_sample_t *s, comm_anchor_t **A, int N,
     const comm_geom_t *g = &c->g;
     const int L = g->L, H = g->H, D = g->D, T = s->T;
     const comm_geom_t gd = {L - 1, H, D};
+    const kvm_rope_params_t *rp = kvm_kv_store_rope(c->store);
     const comm_delta_t **dl = malloc((size_t)(N ? N : 1) * sizeof *dl);
     for (int n = 0; n < N; n++) dl[n] = comm_anchor_delta(A[n], consumer);
     /* oracle diagnostics (kvm_comm_prepare_oracle): the true delta replaces the estimate */
@@ -494,15 +537,23 @@ void comm_apply(kvm_comm_t *c, const comm_sample_t *s, comm_anchor_t **A, int N,
                 for (int kv = 0; kv < 2; kv++)
                     for (int h = 0; h < H; h++) {
                         const float *W = kv ? s->w_vph : s->w_kph;
+                        float *rk = s->w_u && kv == 0 ? malloc((size_t)D * sizeof(float)) : NULL;
                         for (int t = 0; t < T; t++) {
                             float *o = out_ph + comm_idx(g, T, l, kv, h, t);
                             for (int n = 0; n < N; n++) {
                                 float w = W[(size_t)n * T + t];
                                 if (w == 0.0f) continue;
-                                const float *d = dl[n]->d_ph + comm_idx(&gd, A[n]->T, l - 1, kv, h, t);
+                                const int u = s->w_u ? s->w_u[(size_t)n * T + t] : t; /* kvcomm.align */
+                                const float *d = dl[n]->d_ph + comm_idx(&gd, A[n]->T, l - 1, kv, h, u);
+                                if (rk && u != t) { /* a key delta measured at row u, moved to row t */
+                                    memcpy(rk, d, (size_t)D * sizeof(float));
+                                    kvm_rope_rotate_rows(rk, 1, D, D, t - u, NULL, rp->inv_freq, rp->layout);
+                                    d = rk;
+                                }
                                 for (int k = 0; k < D; k++) o[k] += w * d[k];
                             }
                         }
+                        free(rk);
                     }
         }
     }
@@ -788,7 +839,7 @@ int comm_mix_reference(kvm_comm_t *c, const comm_sample_t *s, comm_anchor_t **A,
 
 /* How kvm_comm_prepare counted prompt row `row` (>= the exact prefix, < N-1) of a REUSE prompt:
  * 0 exact (§5 exact_ctx), 1 offset, 2 naive. */
-static int reuse_row_cat(const kvm_comm_report_t *r, const kvm_kvcomm_config_t *cfg, int row) {
+int comm_reuse_row_cat(const kvm_comm_report_t *r, const kvm_kvcomm_config_t *cfg, int row) {
     for (int j = 0; j < r->n_placeholders; j++) {
         const kvm_comm_ph_report_t *ph = &r->ph[j];
         int a = ph->start_pos, b = a + ph->tokens, e = b + ph->text_tokens;
@@ -812,15 +863,18 @@ int kvm_comm_recompute_short(kvm_comm_t *c, kvm_prepared_t *p) {
     if (!c || !p) return kvm_seterr(KVM_EINVAL, "recompute_short: comm and prepared prompt are required");
     kvm_comm_report_t *r = &p->report;
     const kvm_kvcomm_config_t *cfg = &c->cfg;
-    const int K = cfg->recompute_below, N = p->n_prompt;
-    if (K <= 0 || r->mode != KVM_COMM_REUSE || p->n_cached != N - 1 || r->n_placeholders <= 0) return 0;
+    const int K = cfg->recompute_below, KT = cfg->recompute_text, N = p->n_prompt;
+    /* kvcomm.recompute_frac: the selected rows and the spans below in one batched pass */
+    int src = comm_recompute_selected(c, p);
+    if (src) return src > 0 ? 0 : src;
+    if ((K <= 0 && KT <= 0) || r->mode != KVM_COMM_REUSE || p->n_cached != N - 1 || r->n_placeholders <= 0) return 0;
     const comm_geom_t *g = &c->g;
     /* the exact prefix E: the smallest E whose rows [0,E) plus the exact_ctx rows after it give exact_tokens
      * (rows inside an exact_ctx span are exact either way, so any solution classifies every row the same) */
     int E = -1;
     for (int e = r->ph[0].start_pos; e <= N - 1 && E < 0; e++) {
         int x = e;
-        for (int row = e; row < N - 1; row++) x += reuse_row_cat(r, cfg, row) == 0;
+        for (int row = e; row < N - 1; row++) x += comm_reuse_row_cat(r, cfg, row) == 0;
         if (x == r->exact_tokens) E = e;
     }
     if (E < 0) {
@@ -830,8 +884,13 @@ int kvm_comm_recompute_short(kvm_comm_t *c, kvm_prepared_t *p) {
     int sa[KVM_COMM_MAX_PH], sb[KVM_COMM_MAX_PH], ns = 0;
     for (int j = 0; j < r->n_placeholders; j++) {
         const kvm_comm_ph_report_t *ph = &r->ph[j];
-        if ((ph->decision != KVM_PH_SHARED && ph->decision != KVM_PH_NAIVE) || ph->tokens >= K) continue;
-        int a = ph->start_pos > E ? ph->start_pos : E, b = ph->start_pos + ph->tokens + ph->text_tokens;
+        if (ph->decision != KVM_PH_SHARED && ph->decision != KVM_PH_NAIVE) continue;
+        int a = ph->start_pos, b = ph->start_pos + ph->tokens + ph->text_tokens;
+        if (ph->tokens >= K) { /* not a short placeholder: maybe its text segment alone (recompute_text) */
+            if (KT <= 0 || ph->text_tokens <= 0 || ph->text_tokens >= KT) continue;
+            a = ph->start_pos + ph->tokens;
+        }
+        if (a < E) a = E;
         if (b > N - 1) b = N - 1;
         if (b > a) sa[ns] = a, sb[ns] = b, ns++;
     }
@@ -857,7 +916,7 @@ int kvm_comm_recompute_short(kvm_comm_t *c, kvm_prepared_t *p) {
         kvm_batch_item_t it = {.seq = &p->seq, .tokens = p->prompt_ids + sa[k], .n_tokens = sb[k] - sa[k]};
         rc = kvm_forward(c->m, &it, 1);
         for (int row = sa[k]; row < sb[k] && !rc; row++) {
-            int cat = reuse_row_cat(r, cfg, row);
+            int cat = comm_reuse_row_cat(r, cfg, row);
             if (cat == 0) r->exact_tokens--;
             else if (cat == 1) r->offset_tokens--;
             else r->naive_tokens--;

@@ -67,6 +67,8 @@ bool comm_dev_on(kvm_comm_t *c) {
     const bool cpu = !strcmp(o->name, "cpu");
     if (cpu && !(e && !strcmp(e, "1"))) return false;
     if (c->cfg.frame != KVM_KVCOMM_FRAME_F0 || c->cfg.weights == KVM_KVCOMM_W_COSINE) return false;
+    /* ours: content alignment and the selective recompute's row scores run on the host path only */
+    if (c->cfg.align != KVM_KVCOMM_ALIGN_POSITION || c->cfg.recompute_frac > 0) return false;
     if (c->cfg.max_anchors + 1 > KVM_KVCOMM_MAX_ANCHORS) return false;
     const int D = c->g.D;
     if (!cpu && (D % 16 || D > 512 || ((D / 16) & (D / 16 - 1)))) return false;

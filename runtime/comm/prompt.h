@@ -51,6 +51,8 @@ enum kvm_kvcomm_weights { KVM_KVCOMM_W_L2 = 0, KVM_KVCOMM_W_NEAREST = 1, KVM_KVC
 enum kvm_kvcomm_criterion { KVM_KVCOMM_CRIT_LENGTH_ENTROPY = 0, KVM_KVCOMM_CRIT_LENGTH = 1 };
 enum kvm_kvcomm_dist_norm { KVM_KVCOMM_DIST_RAW = 0, KVM_KVCOMM_DIST_PER_ELEMENT = 1 };
 enum kvm_kvcomm_frame { KVM_KVCOMM_FRAME_F0 = 0, KVM_KVCOMM_FRAME_REFERENCE = 1 };
+enum kvm_kvcomm_align { KVM_KVCOMM_ALIGN_POSITION = 0, KVM_KVCOMM_ALIGN_CONTENT = 1 };
+enum kvm_kvcomm_select { KVM_KVCOMM_SELECT_OFFSET = 0, KVM_KVCOMM_SELECT_LAYER1 = 1 };
 enum kvm_kvcomm_pool_bound { KVM_KVCOMM_POOL_STRICT = 0, KVM_KVCOMM_POOL_REFERENCE = 1 };
 enum kvm_kvcomm_no_anchor { KVM_KVCOMM_NOANCHOR_DENSE = 0, KVM_KVCOMM_NOANCHOR_NAIVE = 1 };
 enum kvm_kvcomm_resp_last { KVM_KVCOMM_RESP_COMPUTE = 0, KVM_KVCOMM_RESP_DROP = 1 };
@@ -78,6 +80,25 @@ typedef struct kvm_kvcomm_config {
      * than this many tokens and the text segment after it are recomputed (prefilled behind the assembled
      * KV) instead of offset-corrected; applied by kvm_comm_recompute_short. 0 (default) = the spec. */
     int recompute_below;
+    /* kvcomm.recompute_text [ours]: the text segment after a shared placeholder, if shorter than this many
+     * tokens, is recomputed behind the assembled KV instead of offset-corrected (kvm_comm_recompute_short).
+     * 0 (default) = the spec. */
+    int recompute_text;
+    /* kvcomm.recompute_frac [ours, after CacheBlend's selective recompute]: this fraction (0..1) of the
+     * offset-corrected placeholder rows of a REUSE prompt, those whose estimated offset is largest relative to
+     * their base, is recomputed in one batched forward (each row attends to the assembled cache up to its
+     * position, and to the other recomputed rows). 0 (default) = the spec. */
+    float recompute_frac;
+    /* kvcomm.recompute_select [ours]: how recompute_frac picks its rows. offset (default): largest estimated
+     * offset relative to the base. layer1 (CacheBlend's criterion): the first two layers of every assembled row
+     * are recomputed (exact: layer 0 is exact everywhere), and the rows whose layer-1 K/V moved most are taken. */
+    int recompute_select;
+    /* kvcomm.align [our design, not in the spec]: which anchor row a sample row t is compared with and takes
+     * its placeholder delta from. position (default = the spec): row t. content: per anchor, the row u whose
+     * values (all layers) are nearest to row t's (squared l2), within align_window rows of t (0 = any row);
+     * the anchor's key row and key delta are re-rotated by t - u. Host path, frame f0 only. */
+    int align;
+    int align_window;
 } kvm_kvcomm_config_t;
 
 /* Fills the defaults of kvcomm.md §3.10 (enable, rotate, both offsets, l2, length+entropy, γ 0.3, V 20,
@@ -259,6 +280,8 @@ typedef struct kvm_comm_report {
     int anchors_staged;    /* new anchors this request staged so far (after this step) */
     uint64_t template_hash;
     int short_recomputed;  /* rows moved from offset/naive to recomputed by kvm_comm_recompute_short */
+    int selected_recomputed; /* rows moved from offset to recomputed by kvcomm.recompute_frac */
+    int layer1_rows;         /* recompute_select=layer1: rows whose layers 0-1 were recomputed to pick them */
 } kvm_comm_report_t;
 
 /* Writes the report as one JSON object (no newline) into buf; returns the length it needed. */

@@ -81,6 +81,15 @@ static int cos_vs_dense(kvm_comm_t *c, const kvm_prepared_t *p, kvm_team_result_
     return rc;
 }
 
+void kvm_team_blend_policy(kvm_kvcomm_config_t *c) {
+    kvm_kvcomm_ablation(c, "full");
+    c->align = KVM_KVCOMM_ALIGN_CONTENT;
+    c->recompute_below = KVM_TEAM_RECOMPUTE_BELOW;
+    c->recompute_text = 64;
+    c->recompute_frac = KVM_TEAM_BLEND_FRAC;
+    c->recompute_select = KVM_KVCOMM_SELECT_OFFSET;
+}
+
 int kvm_team_run(kvm_model_t *m, const kvm_team_opts_t *o, const kvm_team_result_t *dense_ref, kvm_team_result_t *r) {
     memset(r, 0, sizeof *r);
     if (!m->tok) return kvm_seterr(KVM_EINVAL, "team workload: model %s has no tokenizer", m->name);
@@ -134,7 +143,7 @@ int kvm_team_run(kvm_model_t *m, const kvm_team_opts_t *o, const kvm_team_result
             memset(&gr, 0, sizeof gr);
             rc = o->oracle ? kvm_comm_prepare_oracle(rq, &pr, o->oracle, o->oracle_only, &p) : kvm_comm_prepare(rq, &pr, &p);
             if (rc) break;
-            if (o->cfg.recompute_below > 0 && (rc = kvm_comm_recompute_short(c, &p))) break;
+            if ((rc = kvm_comm_recompute_short(c, &p))) break; /* kvcomm.recompute_* (ours; a no-op when off) */
             if (p.report.mode == KVM_COMM_REUSE && r->cos_n < o->cos_samples) rc = cos_vs_dense(c, &p, r);
             if (!rc) rc = kvm_generate(m, &p.seq, p.rest_ids, p.n_rest, &gp, NULL, NULL, &gr);
             if (!rc) rc = kvm_comm_complete(rq, &p, &gr, role == 0 ? &finder : NULL);
@@ -163,6 +172,7 @@ int kvm_team_run(kvm_model_t *m, const kvm_team_opts_t *o, const kvm_team_result
                 r->naive += (uint64_t)rp->naive_tokens, r->recomputed += (uint64_t)rp->recomputed_tokens;
                 r->input += (uint64_t)rp->input_tokens;
                 r->short_recomputed += rp->short_recomputed;
+                r->selected_recomputed += rp->selected_recomputed;
             }
             kvm_gen_result_free(&gr);
             kvm_prepared_release(&p);

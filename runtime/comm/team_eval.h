@@ -17,6 +17,12 @@
  * and at most a few more tokens) is recomputed, the facts segment (>= 8 facts, ~100+ tokens) is reused */
 #define KVM_TEAM_RECOMPUTE_BELOW 8
 
+/* The blended policy (`--modes full+blend`, ours; kvcomm.md §5.2): full KVCOMM with content alignment, the short
+ * answer and every text segment after a placeholder recomputed, and this fraction of the offset-corrected facts
+ * rows (largest relative offset first) recomputed in one batched pass. */
+#define KVM_TEAM_BLEND_FRAC 0.5f
+void kvm_team_blend_policy(kvm_kvcomm_config_t *c);
+
 typedef struct kvm_team_opts {
     int requests;            /* team items (each runs the 4 agents) */
     int warm;                /* requests before "after warm-up" reuse counting starts */
@@ -44,7 +50,8 @@ typedef struct kvm_team_result {
     int n_outputs;
     double max_abs_err;      /* max |reused - dense| over every K/V element of the cos_n measured invocations */
     double max_abs_dense;    /* max |dense| over the same elements (the scale of max_abs_err) */
-    int short_recomputed;    /* rows recomputed by kvcomm.recompute_below */
+    int short_recomputed;    /* rows recomputed by kvcomm.recompute_below / recompute_text */
+    int selected_recomputed; /* rows recomputed by kvcomm.recompute_frac */
 } kvm_team_result_t;
 
 /* Defaults: 300 requests, warm 10, 32 cosine samples, 12 tokens, seed 1000, KVCOMM, default switches. */

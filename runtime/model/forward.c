@@ -17,6 +17,7 @@ typedef struct kvm_backend_layer {
 } kvm_backend_layer_t;
 
 typedef struct kvm_backend_model {
+    int layer_limit; /* kvm_forward_layers: run only the first layer_limit layers (0 = all) */
     const kvm_ops_t *ops;
     kvm_backend_layer_t *layers;
     kvm_wmat_t tok_emb, lm_head;
@@ -355,7 +356,8 @@ static void run_device_step(kvm_model_t *m, kvm_batch_item_t *items, int n_items
 
     ops->embed(b->x, b->tok_emb.data, b->tok_emb.dtype, b->ids, rows, D);
     if (fuse) ops->rmsnorm(b->xb, b->x, b->layers[0].attn_norm, rows, D, c->rms_eps);
-    for (int l = 0; l < c->n_layers; l++) {
+    const int n_run = b->layer_limit > 0 && b->layer_limit < c->n_layers ? b->layer_limit : c->n_layers;
+    for (int l = 0; l < n_run; l++) {
         const kvm_backend_layer_t *L = &b->layers[l];
         if (!fuse) ops->rmsnorm(b->xb, b->x, L->attn_norm, rows, D, c->rms_eps);
         /* q/k/v, RoPE and the KV write fused where the backend can (CUDA: batch-1 decode, prefill) */
@@ -434,6 +436,19 @@ static void run_device_step(kvm_model_t *m, kvm_batch_item_t *items, int n_items
     }
 }
 
+int kvm_forward_layers(kvm_model_t *m, kvm_batch_item_t *items, int n_items, int n_layers) {
+    kvm_backend_model_t *b = m ? m->bm : NULL;
+    if (!b) return kvm_seterr(KVM_EINVAL, "forward: model has no backend state");
+    if (n_layers < 1) return kvm_seterr(KVM_EINVAL, "forward_layers: %d layers (at least 1)", n_layers);
+    for (int i = 0; i < n_items; i++)
+        if (items[i].logits || items[i].next_token)
+            return kvm_seterr(KVM_EINVAL, "forward_layers: batch item %d asks for logits, which a partial pass has not", i);
+    b->layer_limit = n_layers;
+    int rc = kvm_forward(m, items, n_items);
+    b->layer_limit = 0;
+    return rc;
+}
+
 int kvm_forward(kvm_model_t *m, kvm_batch_item_t *items, int n_items) {
     const kvm_config_t *c = &m->cfg;
     kvm_backend_model_t *b = m->bm;
@@ -486,7 +501,7 @@ int kvm_forward(kvm_model_t *m, kvm_batch_item_t *items, int n_items) {
     bool decode = rows == n_items && ops->graph_begin != NULL;
     const char *genv = getenv("KVM_CUDA_GRAPHS");
     if (genv && !strcmp(genv, "0")) decode = false;
-    if (b->graphs_off) decode = false;
+    if (b->graphs_off || b->layer_limit) decode = false; /* a partial pass is never captured */
     if (decode) max_blocks = (max_blocks + 63) / 64 * 64;
     blocks = max_blocks * n_items;
     int rc = ensure_workspace(m, rows, n_items, blocks, logit_rows);

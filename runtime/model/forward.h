@@ -32,6 +32,10 @@ int kvm_forward_adopt(kvm_model_t *m, void *backend_ptr);
  * token id, rows beyond the context) no sequence is changed and the message says which item. */
 int kvm_forward(kvm_model_t *m, kvm_batch_item_t *items, int n_items);
 
+/* The same step through the first n_layers layers only: their K/V of the new tokens are written, the
+ * sequences grow as in kvm_forward; no item may ask for logits. (KVCOMM's layer-1 check, kvcomm.md §5.2.) */
+int kvm_forward_layers(kvm_model_t *m, kvm_batch_item_t *items, int n_items, int n_layers);
+
 /* A KV pool sized for this model on its backend (kv_bytes of budget; 0 = enough for 4 full contexts). */
 kvm_kv_pool_t *kvm_model_kv_pool(kvm_model_t *m, size_t kv_bytes);
 
