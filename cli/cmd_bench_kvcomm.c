@@ -73,8 +73,8 @@ static void usage(void) {
             "              oracle[-ph|-pf][@NAME]  full KVCOMM with the true per-request deltas (all shared\n"
             "                                      placeholders, or only NAME; -ph/-pf: only that piece);\n"
             "              full+recompute          full KVCOMM with kvcomm.recompute_below=8 (short pieces recomputed)\n"
-            "              full+blend              ours: content alignment, short pieces and text segments recomputed,\n"
-            "                                      and half of the facts rows (largest offsets) recomputed in one pass\n"
+            "              full+blend              ours: full KVCOMM, short pieces and text segments recomputed, and\n"
+            "                                      half of the facts rows (where anchors disagree most) in one pass\n"
             "       --set applies after the mode (e.g. --modes full+blend --set kvcomm.recompute_frac=0.3)\n"
             "       --seed 1000            (needs a model with a tokenizer; the trained minitasks models)\n");
 }

@@ -1242,6 +1242,43 @@ static void test_content_alignment_finds_the_matching_rows_and_rerotates_key_del
     fake_teardown(&f, &s, pool);
 }
 
+/* recompute_select=spread: a row where the anchors' deltas agree scores ~0, a row where they disagree scores the
+ * weighted spread around the estimate over |X|^2. Two anchors of equal base (weights 1/2 each). */
+static void test_spread_score_is_zero_where_anchors_agree_and_grows_where_they_disagree(void **st) {
+    (void)st;
+    fake_t f;
+    int T[2] = {2, 2};
+    float v[2] = {0.5f, 0.5f};
+    fake_init(&f, 2, T, v);
+    const comm_geom_t *g = &f.c.g; /* L 2, H 1, D 4 */
+    float fr[2] = {1.0f, 0.01f};
+    kvm_rope_params_t rp = {.inv_freq = fr, .n_freq = 2, .layout = KVM_ROPE_HALF};
+    kvm_kv_geom_t gg = {2, 1, 4, KVM_F32};
+    kvm_kv_pool_t *pool = kvm_kv_pool_create(kvm_ops_cpu(), &gg, 1, 1);
+    f.c.store = kvm_kv_store_create(pool, &rp);
+    comm_sample_t s = mk_sample(g, 2, 1.0f);
+    const comm_geom_t gd = {1, 1, 4};
+    comm_anchor_t **A = f.c.pools[0].a;
+    for (int n = 0; n < 2; n++) { /* row 0: both deltas 0.3; row 1 (V only): +1 and -1 */
+        A[n]->deltas = kvm_calloc(1, sizeof *A[n]->deltas);
+        A[n]->n_deltas = A[n]->cap_deltas = 1;
+        snprintf(A[n]->deltas[0].consumer, sizeof A[n]->deltas[0].consumer, "c");
+        float *d = A[n]->deltas[0].d_ph = kvm_calloc(comm_rows_elems(&gd, 2), sizeof(float));
+        for (int kv = 0; kv < 2; kv++)
+            for (int k = 0; k < 4; k++) d[comm_idx(&gd, 2, 0, kv, 0, 0) + k] = 0.3f;
+        for (int k = 0; k < 4; k++) d[comm_idx(&gd, 2, 0, 1, 0, 1) + k] = n ? -1.0f : 1.0f;
+    }
+    assert_int_equal(comm_weights(&f.c, &s, A, 2), 0);
+    float *xh = kvm_malloc(comm_rows_elems(g, 2) * sizeof(float)), sc[2];
+    comm_apply(&f.c, &s, A, 2, "c", NULL, 0, xh, NULL, true, false);
+    comm_spread_scores(&f.c, &s, A, 2, "c", xh, sc);
+    /* |X|^2 over layer 1 (K and V, 4 channels each, all 1) = 8; spread of row 1: 4 channels x (1/2 + 1/2) x 1 = 4 */
+    assert_true(sc[0] < 1e-6f);
+    assert_float_equal(sc[1], 0.5f, 1e-5);
+    kvm_free(xh);
+    fake_teardown(&f, &s, pool);
+}
+
 static void test_switches_parse_and_reject_unknown_values(void **st) {
     (void)st;
     kvm_kvcomm_config_t c;
@@ -1273,6 +1310,9 @@ static void test_switches_parse_and_reject_unknown_values(void **st) {
     assert_true(fabsf(c.recompute_frac - 0.3f) < 1e-6f);
     assert_int_equal(kvm_kvcomm_config_set(&c, "recompute_frac", "1.5"), KVM_EINVAL);
     assert_non_null(strstr(kvm_errmsg(), "[0, 1]"));
+    assert_int_equal(kvm_kvcomm_config_set(&c, "recompute_select", "spread"), 0);
+    assert_int_equal(c.recompute_select, KVM_KVCOMM_SELECT_SPREAD);
+    assert_int_equal(kvm_kvcomm_config_set(&c, "recompute_select", "best"), KVM_EINVAL);
     assert_int_equal(kvm_kvcomm_config_set(&c, "align", "content"), 0);
     assert_int_equal(c.align, KVM_KVCOMM_ALIGN_CONTENT);
     assert_int_equal(kvm_kvcomm_config_set(&c, "align", "diagonal"), KVM_EINVAL);
@@ -1316,6 +1356,7 @@ int main(void) {
         cmocka_unit_test(test_recompute_frac_changes_only_the_selected_rows),
         cmocka_unit_test(test_recompute_select_layer1_makes_the_first_two_layers_exact),
         cmocka_unit_test(test_content_alignment_finds_the_matching_rows_and_rerotates_key_deltas),
+        cmocka_unit_test(test_spread_score_is_zero_where_anchors_agree_and_grows_where_they_disagree),
         cmocka_unit_test(test_oracle_offsets_make_the_reused_cache_equal_dense_prefill_in_both_rope_layouts),
         cmocka_unit_test(test_oracle_offsets_equal_dense_with_qk_norm_and_biases),
         cmocka_unit_test(test_oracle_on_one_piece_leaves_the_other_estimated),

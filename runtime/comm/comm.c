@@ -55,7 +55,7 @@ static const char *const BOUND_NAMES[] = {"strict", "reference"};
 static const char *const NOANCHOR_NAMES[] = {"dense", "naive"};
 static const char *const RESP_NAMES[] = {"compute", "drop"};
 static const char *const ALIGN_NAMES[] = {"position", "content"};
-static const char *const SELECT_NAMES[] = {"offset", "layer1"};
+static const char *const SELECT_NAMES[] = {"offset", "layer1", "spread"};
 
 int kvm_kvcomm_config_set(kvm_kvcomm_config_t *c, const char *key, const char *value) {
     if (!key || !value) return kvm_seterr(KVM_EINVAL, "kvcomm switch: key and value are required");
@@ -88,7 +88,7 @@ int kvm_kvcomm_config_set(kvm_kvcomm_config_t *c, const char *key, const char *v
     ENUMSW("no_anchor", no_anchor, NOANCHOR_NAMES, "dense|naive")
     ENUMSW("resp_last_token", resp_last_token, RESP_NAMES, "compute|drop")
     ENUMSW("align", align, ALIGN_NAMES, "position|content")
-    ENUMSW("recompute_select", recompute_select, SELECT_NAMES, "offset|layer1")
+    ENUMSW("recompute_select", recompute_select, SELECT_NAMES, "offset|layer1|spread")
 #undef BOOLSW
 #undef ENUMSW
     if (!strcmp(k, "gamma")) {
@@ -150,7 +150,7 @@ void kvm_kvcomm_config_str(const kvm_kvcomm_config_t *c, char *buf, size_t cap) 
              W_NAMES[c->weights % 3], CRIT_NAMES[c->criterion % 2], c->gamma, c->max_anchors, c->evict_window,
              NORM_NAMES[c->dist_norm % 2], FRAME_NAMES[c->frame % 2], BOUND_NAMES[c->pool_bound % 2],
              NOANCHOR_NAMES[c->no_anchor % 2], RESP_NAMES[c->resp_last_token % 2], c->force_reuse ? "on" : "off",
-             c->recompute_below, c->recompute_text, c->recompute_frac, SELECT_NAMES[c->recompute_select % 2], ALIGN_NAMES[c->align % 2], c->align_window);
+             c->recompute_below, c->recompute_text, c->recompute_frac, SELECT_NAMES[c->recompute_select % 3], ALIGN_NAMES[c->align % 2], c->align_window);
 }
 
 const char *kvm_ph_decision_name(int d) {
@@ -1226,7 +1226,10 @@ int kvm_comm_prepare(kvm_comm_request_t *rq, const kvm_prompt_t *p, kvm_prepared
                         rc = KVM_ENOMEM;
                         break;
                     }
-                    row_scores(g, s->X, xh, T, pv->row_score + ph->t_ph);
+                    if (cfg->recompute_select == KVM_KVCOMM_SELECT_SPREAD)
+                        comm_spread_scores(c, s, ph->usable, ph->n_usable, t->agent, xh, pv->row_score + ph->t_ph);
+                    else
+                        row_scores(g, s->X, xh, T, pv->row_score + ph->t_ph);
                 }
             } else {
                 xh = kvm_malloc(comm_rows_elems(g, T) * sizeof(float));

@@ -209,6 +209,11 @@ int comm_dev_reuse(kvm_comm_request_t *rq, const kvm_template_t *t, const comm_d
  * would recompute. Returns 1 when it did (nothing is left for recompute_short), 0 when it does not apply, or an
  * error (p is released then). */
 int comm_recompute_selected(kvm_comm_t *c, kvm_prepared_t *p);
+/* kvcomm.c, recompute_select=spread: per row t of the sample (out[T]), the weighted spread of the anchors'
+ * placeholder deltas around the offset comm_apply added (xh - X), over |X|^2, layers 1..L-1. */
+#define KVM_KVCOMM_SPREAD_DMAX 512
+void comm_spread_scores(kvm_comm_t *c, const comm_sample_t *s, comm_anchor_t **A, int N, const char *consumer,
+                        const float *xh, float *out);
 /* kvcomm.c: how kvm_comm_prepare counted row `row` of a REUSE prompt: 0 exact, 1 offset, 2 naive. */
 int comm_reuse_row_cat(const kvm_comm_report_t *r, const kvm_kvcomm_config_t *cfg, int row);
 

@@ -579,6 +579,43 @@ void comm_apply(kvm_comm_t *c, const comm_sample_t *s, comm_anchor_t **A, int N,
     free(dl);
 }
 
+void comm_spread_scores(kvm_comm_t *c, const comm_sample_t *s, comm_anchor_t **A, int N, const char *consumer,
+                        const float *xh, float *out) {
+    const comm_geom_t *g = &c->g;
+    const int L = g->L, H = g->H, D = g->D, T = s->T;
+    const comm_geom_t gd = {L - 1, H, D};
+    const kvm_rope_params_t *rp = kvm_kv_store_rope(c->store);
+#pragma omp parallel for schedule(static) if (comm_rows_elems(g, T) * (size_t)N > COMM_PAR_MIN)
+    for (int t = 0; t < T; t++) {
+        double var = 0, xx = 0;
+        float rk[KVM_KVCOMM_SPREAD_DMAX];
+        for (int l = 1; l < L; l++)
+            for (int kv = 0; kv < 2; kv++)
+                for (int h = 0; h < H; h++) {
+                    const float *x = s->X + comm_idx(g, T, l, kv, h, t), *y = xh + comm_idx(g, T, l, kv, h, t);
+                    const float *W = kv ? s->w_vph : s->w_kph;
+                    for (int k = 0; k < D; k++) xx += (double)x[k] * x[k];
+                    for (int n = 0; n < N; n++) {
+                        const comm_delta_t *dl = comm_anchor_delta(A[n], consumer);
+                        float w = W[(size_t)n * T + t];
+                        if (!dl || w == 0.0f) continue;
+                        const int u = s->w_u ? s->w_u[(size_t)n * T + t] : t;
+                        const float *d = dl->d_ph + comm_idx(&gd, A[n]->T, l - 1, kv, h, u);
+                        if (kv == 0 && u != t && D <= KVM_KVCOMM_SPREAD_DMAX) {
+                            memcpy(rk, d, (size_t)D * sizeof(float));
+                            kvm_rope_rotate_rows(rk, 1, D, D, t - u, NULL, rp->inv_freq, rp->layout);
+                            d = rk;
+                        }
+                        for (int k = 0; k < D; k++) {
+                            double e = (double)d[k] - ((double)y[k] - x[k]);
+                            var += w * e * e;
+                        }
+                    }
+                }
+        out[t] = (float)(var / (xx + 1e-30)) + 1e-30f;
+    }
+}
+
 /* ==== materialization (§3.8) =========================================================================== */
 
 int comm_materialize(kvm_comm_request_t *rq, comm_sample_t *s, const char *consumer, uint64_t thash,

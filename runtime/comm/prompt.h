@@ -52,7 +52,7 @@ enum kvm_kvcomm_criterion { KVM_KVCOMM_CRIT_LENGTH_ENTROPY = 0, KVM_KVCOMM_CRIT_
 enum kvm_kvcomm_dist_norm { KVM_KVCOMM_DIST_RAW = 0, KVM_KVCOMM_DIST_PER_ELEMENT = 1 };
 enum kvm_kvcomm_frame { KVM_KVCOMM_FRAME_F0 = 0, KVM_KVCOMM_FRAME_REFERENCE = 1 };
 enum kvm_kvcomm_align { KVM_KVCOMM_ALIGN_POSITION = 0, KVM_KVCOMM_ALIGN_CONTENT = 1 };
-enum kvm_kvcomm_select { KVM_KVCOMM_SELECT_OFFSET = 0, KVM_KVCOMM_SELECT_LAYER1 = 1 };
+enum kvm_kvcomm_select { KVM_KVCOMM_SELECT_OFFSET = 0, KVM_KVCOMM_SELECT_LAYER1 = 1, KVM_KVCOMM_SELECT_SPREAD = 2 };
 enum kvm_kvcomm_pool_bound { KVM_KVCOMM_POOL_STRICT = 0, KVM_KVCOMM_POOL_REFERENCE = 1 };
 enum kvm_kvcomm_no_anchor { KVM_KVCOMM_NOANCHOR_DENSE = 0, KVM_KVCOMM_NOANCHOR_NAIVE = 1 };
 enum kvm_kvcomm_resp_last { KVM_KVCOMM_RESP_COMPUTE = 0, KVM_KVCOMM_RESP_DROP = 1 };
@@ -91,7 +91,8 @@ typedef struct kvm_kvcomm_config {
     float recompute_frac;
     /* kvcomm.recompute_select [ours]: how recompute_frac picks its rows. offset (default): largest estimated
      * offset relative to the base. layer1 (CacheBlend's criterion): the first two layers of every assembled row
-     * are recomputed (exact: layer 0 is exact everywhere), and the rows whose layer-1 K/V moved most are taken. */
+     * are recomputed (exact: layer 0 is exact everywhere), and the rows whose layer-1 K/V moved most are taken.
+     * spread: the rows where the anchors' deltas disagree most (weighted spread around the estimate). */
     int recompute_select;
     /* kvcomm.align [our design, not in the spec]: which anchor row a sample row t is compared with and takes
      * its placeholder delta from. position (default = the spec): row t. content: per anchor, the row u whose
