@@ -1318,9 +1318,17 @@ static void test_switches_parse_and_reject_unknown_values(void **st) {
     assert_int_equal(kvm_kvcomm_config_set(&c, "align", "diagonal"), KVM_EINVAL);
     assert_non_null(strstr(kvm_errmsg(), "position|content"));
     assert_int_equal(kvm_kvcomm_config_set(&c, "align_window", "-2"), KVM_EINVAL);
+    assert_int_equal(kvm_kvcomm_config_set(&c, "preset", "fast"), KVM_EINVAL);
+    assert_non_null(strstr(kvm_errmsg(), "spec|blend"));
     kvm_kvcomm_config_str(&c, buf, sizeof buf);
     assert_non_null(strstr(buf, "recompute_frac=0.30"));
     assert_non_null(strstr(buf, "align=content"));
+    assert_int_equal(kvm_kvcomm_config_set(&c, "preset", "blend"), 0);
+    assert_true(c.ph_offset && c.pf_offset && c.recompute_below == 8 && c.recompute_text == 64);
+    assert_true(c.recompute_frac == KVM_KVCOMM_BLEND_FRAC && c.recompute_select == KVM_KVCOMM_SELECT_SPREAD);
+    assert_int_equal(c.align, KVM_KVCOMM_ALIGN_POSITION);
+    assert_int_equal(kvm_kvcomm_config_set(&c, "preset", "spec"), 0);
+    assert_true(c.recompute_frac == 0 && c.recompute_below == 0 && c.gamma == 0.3f);
 }
 
 int main(void) {

@@ -194,7 +194,7 @@ static void test_kvcomm_offsets_beat_rotation_only_and_reuse_after_warmup(void *
             pct(full.agree, full.agree_n), ar, pct(rot.agree, rot.agree_n));
     if (with_imp)
         fprintf(stderr, "blended policy (recompute_frac=%.2f): %.1f%% (reuse after warm-up %.1f%%, agreement %.1f%%)\n",
-                (double)KVM_TEAM_BLEND_FRAC, ai, rwi, pct(imp.agree, imp.agree_n));
+                (double)KVM_KVCOMM_BLEND_FRAC, ai, rwi, pct(imp.agree, imp.agree_n));
     print_layers("kvcomm", &full);
     print_layers("rotation", &rot);
     assert_true(full.cos_n > 0 && rot.cos_n > 0);

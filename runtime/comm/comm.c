@@ -113,6 +113,21 @@ int kvm_kvcomm_config_set(kvm_kvcomm_config_t *c, const char *key, const char *v
         *(k[10] == 'b' ? &c->recompute_below : &c->recompute_text) = (int)v;
         return 0;
     }
+    if (!strcmp(k, "preset")) { /* spec = the defaults; blend = ours, kvcomm.md §5.2 */
+        if (!strcmp(value, "spec")) {
+            kvm_kvcomm_config_default(c);
+        } else if (!strcmp(value, "blend")) {
+            kvm_kvcomm_ablation(c, "full");
+            c->align = KVM_KVCOMM_ALIGN_POSITION;
+            c->recompute_below = 8;
+            c->recompute_text = 64;
+            c->recompute_frac = KVM_KVCOMM_BLEND_FRAC;
+            c->recompute_select = KVM_KVCOMM_SELECT_SPREAD;
+        } else {
+            return kvm_seterr(KVM_EINVAL, "kvcomm.preset: '%s' is not one of spec|blend", value);
+        }
+        return 0;
+    }
     if (!strcmp(k, "recompute_frac")) { /* ours: comm_recompute_selected */
         double f = strtod(value, &end);
         if (!end || *end || !(f >= 0 && f <= 1))
@@ -129,7 +144,7 @@ int kvm_kvcomm_config_set(kvm_kvcomm_config_t *c, const char *key, const char *v
     }
     return kvm_seterr(KVM_EINVAL, "unknown KVCOMM switch '%s' (known: enable rotate ph_offset pf_offset weights criterion "
                       "gamma max_anchors evict_window dist_norm frame pool_bound no_anchor resp_last_token force_reuse "
-                      "anchor_budget_bytes recompute_below recompute_text recompute_frac recompute_select align align_window)", key);
+                      "anchor_budget_bytes recompute_below recompute_text recompute_frac recompute_select align align_window preset)", key);
 }
 
 int kvm_kvcomm_ablation(kvm_kvcomm_config_t *c, const char *name) {

@@ -105,6 +105,10 @@ typedef struct kvm_kvcomm_config {
 /* Fills the defaults of kvcomm.md §3.10 (enable, rotate, both offsets, l2, length+entropy, γ 0.3, V 20,
  * W 5, raw, f0, strict, dense, compute). */
 void kvm_kvcomm_config_default(kvm_kvcomm_config_t *c);
+/* kvcomm.preset=blend [ours, kvcomm.md §5.2]: full KVCOMM, recompute_below 8, recompute_text 64, recompute_select
+ * spread and this recompute_frac. kvcomm.preset=spec restores the defaults. */
+#define KVM_KVCOMM_BLEND_FRAC 0.5f
+
 /* Sets one switch by its documented name ("kvcomm.gamma", "gamma", ...) from text ("0.3", "on", "l2",
  * "reference", ...). KVM_EINVAL names the key and the accepted values. */
 int kvm_kvcomm_config_set(kvm_kvcomm_config_t *c, const char *key, const char *value);

@@ -82,12 +82,7 @@ static int cos_vs_dense(kvm_comm_t *c, const kvm_prepared_t *p, kvm_team_result_
 }
 
 void kvm_team_blend_policy(kvm_kvcomm_config_t *c) {
-    kvm_kvcomm_ablation(c, "full");
-    c->align = KVM_KVCOMM_ALIGN_POSITION;
-    c->recompute_below = KVM_TEAM_RECOMPUTE_BELOW;
-    c->recompute_text = 64;
-    c->recompute_frac = KVM_TEAM_BLEND_FRAC;
-    c->recompute_select = KVM_KVCOMM_SELECT_SPREAD;
+    kvm_kvcomm_config_set(c, "preset", "blend");
 }
 
 int kvm_team_run(kvm_model_t *m, const kvm_team_opts_t *o, const kvm_team_result_t *dense_ref, kvm_team_result_t *r) {
