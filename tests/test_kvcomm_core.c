@@ -1128,6 +1128,17 @@ static void test_reference_pool_bound_reaches_v_plus_one(void **st) {
     fake_free(&f);
 }
 
+static const float FAKE_FREQ[2] = {1.0f, 0.01f}; /* the RoPE table of fake_store (head_dim 4) */
+
+/* A one-block CPU pool for the hand-made pool's geometry and a store over it (rotate-half, FAKE_FREQ). */
+static kvm_kv_pool_t *fake_store(fake_t *f) {
+    kvm_rope_params_t rp = {.inv_freq = FAKE_FREQ, .n_freq = 2, .layout = KVM_ROPE_HALF};
+    kvm_kv_geom_t gg = {2, 1, 4, KVM_F32};
+    kvm_kv_pool_t *pool = kvm_kv_pool_create(kvm_ops_cpu(), &gg, 1, 1);
+    f->c.store = kvm_kv_store_create(pool, &rp);
+    return pool;
+}
+
 /* Frees a hand-made pool, its sample (with its weight cache) and the store over pool. */
 static void fake_teardown(fake_t *f, comm_sample_t *s, kvm_kv_pool_t *pool) {
     kvm_free(s->X);
@@ -1150,11 +1161,7 @@ static void test_weights_sum_to_one_over_anchors_on_their_axes(void **st) {
         comm_anchor_t *a = f.c.pools[0].a[n];
         for (size_t i = 0; i < comm_rows_elems(&f.c.g, a->T); i++) a->base[i] += 0.01f * (float)((i * (n + 3)) % 7);
     }
-    float fr[2] = {1.0f, 0.01f};
-    kvm_rope_params_t rp = {.inv_freq = fr, .n_freq = 2, .layout = KVM_ROPE_HALF};
-    kvm_kv_geom_t gg = {2, 1, 4, KVM_F32};
-    kvm_kv_pool_t *pool = kvm_kv_pool_create(kvm_ops_cpu(), &gg, 1, 1);
-    f.c.store = kvm_kv_store_create(pool, &rp);
+    kvm_kv_pool_t *pool = fake_store(&f);
     comm_sample_t s = mk_sample(&f.c.g, 5, 0.05f);
     for (size_t i = 0; i < comm_rows_elems(&f.c.g, 5); i++) s.X[i] += 0.02f * (float)(i % 5);
     assert_int_equal(comm_weights(&f.c, &s, f.c.pools[0].a, 3), 0);
@@ -1191,11 +1198,7 @@ static void test_content_alignment_finds_the_matching_rows_and_rerotates_key_del
     float v[1] = {9.0f};
     fake_init(&f, 1, T, v);
     const comm_geom_t *g = &f.c.g; /* L 2, H 1, D 4 */
-    float fr[2] = {1.0f, 0.01f};
-    kvm_rope_params_t rp = {.inv_freq = fr, .n_freq = 2, .layout = KVM_ROPE_HALF};
-    kvm_kv_geom_t gg = {2, 1, 4, KVM_F32};
-    kvm_kv_pool_t *pool = kvm_kv_pool_create(kvm_ops_cpu(), &gg, 1, 1);
-    f.c.store = kvm_kv_store_create(pool, &rp);
+    kvm_kv_pool_t *pool = fake_store(&f);
     f.c.cfg.align = KVM_KVCOMM_ALIGN_CONTENT;
     comm_sample_t s = mk_sample(g, 3, 0.0f);
     for (size_t i = 0; i < comm_rows_elems(g, 3); i++) s.X[i] = (float)((i * 37) % 11) * 0.1f - 0.5f;
@@ -1223,7 +1226,7 @@ static void test_content_alignment_finds_the_matching_rows_and_rerotates_key_del
     for (int t = 0; t < 3; t++) {
         const int u = want_u[t];
         float dk[4] = {(float)(u + 1), 0, 0, 0};
-        kvm_rope_rotate_rows(dk, 1, 4, 4, t - u, NULL, fr, KVM_ROPE_HALF);
+        kvm_rope_rotate_rows(dk, 1, 4, 4, t - u, NULL, FAKE_FREQ, KVM_ROPE_HALF);
         for (int k = 0; k < 4; k++) {
             assert_float_equal(out[comm_idx(g, 3, 1, 0, 0, t) + k], s.X[comm_idx(g, 3, 1, 0, 0, t) + k] + dk[k], 1e-5);
             assert_float_equal(out[comm_idx(g, 3, 1, 1, 0, t) + k], s.X[comm_idx(g, 3, 1, 1, 0, t) + k] + (float)(u + 1),
@@ -1251,11 +1254,7 @@ static void test_spread_score_is_zero_where_anchors_agree_and_grows_where_they_d
     float v[2] = {0.5f, 0.5f};
     fake_init(&f, 2, T, v);
     const comm_geom_t *g = &f.c.g; /* L 2, H 1, D 4 */
-    float fr[2] = {1.0f, 0.01f};
-    kvm_rope_params_t rp = {.inv_freq = fr, .n_freq = 2, .layout = KVM_ROPE_HALF};
-    kvm_kv_geom_t gg = {2, 1, 4, KVM_F32};
-    kvm_kv_pool_t *pool = kvm_kv_pool_create(kvm_ops_cpu(), &gg, 1, 1);
-    f.c.store = kvm_kv_store_create(pool, &rp);
+    kvm_kv_pool_t *pool = fake_store(&f);
     comm_sample_t s = mk_sample(g, 2, 1.0f);
     const comm_geom_t gd = {1, 1, 4};
     comm_anchor_t **A = f.c.pools[0].a;

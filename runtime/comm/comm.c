@@ -128,7 +128,7 @@ int kvm_kvcomm_config_set(kvm_kvcomm_config_t *c, const char *key, const char *v
         }
         return 0;
     }
-    if (!strcmp(k, "recompute_frac")) { /* ours: comm_recompute_selected */
+    if (!strcmp(k, "recompute_frac")) { /* ours: kvm_comm_recompute_short */
         double f = strtod(value, &end);
         if (!end || *end || !(f >= 0 && f <= 1))
             return kvm_seterr(KVM_EINVAL, "kvcomm.recompute_frac: '%s' is not a fraction in [0, 1] (0 = off)", value);
@@ -937,21 +937,24 @@ static int layer1_scores(kvm_comm_t *c, kvm_prepared_t *p, int E, int n, float *
     return rc;
 }
 
-int comm_recompute_selected(kvm_comm_t *c, kvm_prepared_t *p) {
+int kvm_comm_recompute_short(kvm_comm_t *c, kvm_prepared_t *p) {
+    if (!c || !p) return kvm_seterr(KVM_EINVAL, "recompute_short: comm and prepared prompt are required");
     prep_priv_t *pv = p->priv;
     kvm_comm_report_t *r = &p->report;
     const kvm_kvcomm_config_t *cfg = &c->cfg;
     const int N = p->n_prompt;
-    if (!pv || !pv->row_score || cfg->recompute_frac <= 0 || r->mode != KVM_COMM_REUSE || p->n_cached != N - 1)
-        return 0;
+    /* row_score exists when recompute_frac > 0 and some placeholder was offset-corrected (kvm_comm_prepare) */
+    const bool select = pv && pv->row_score && cfg->recompute_frac > 0;
+    if (!pv || r->mode != KVM_COMM_REUSE || p->n_cached != N - 1 || r->n_placeholders <= 0) return 0;
+    if (!select && cfg->recompute_below <= 0 && cfg->recompute_text <= 0) return 0;
     const int E = pv->n_exact, n = N - 1 - E;
     for (int row = E; row < N - 1; row++)
         if (c->pool->refcount[p->seq.blocks[row / KVM_KV_BLOCK]] != 1) {
             kvm_prepared_release(p);
-            return kvm_seterr(KVM_EINTERNAL, "recompute_frac: assembled row %d sits in a shared block", row);
+            return kvm_seterr(KVM_EINTERNAL, "recompute_short: assembled row %d sits in a shared block", row);
         }
     int rc = 0;
-    if (cfg->recompute_select == KVM_KVCOMM_SELECT_LAYER1 && n > 0) rc = layer1_scores(c, p, E, n, pv->row_score);
+    if (select && cfg->recompute_select == KVM_KVCOMM_SELECT_LAYER1 && n > 0) rc = layer1_scores(c, p, E, n, pv->row_score);
     /* mark: 2 = a span of recompute_below / recompute_text (the rule of kvm_comm_recompute_short), 1 = selected */
     char *mark = kvm_calloc((size_t)N, 1);
     float *cand = kvm_malloc((size_t)2 * N * sizeof(float));
@@ -969,7 +972,8 @@ int comm_recompute_selected(kvm_comm_t *c, kvm_prepared_t *p) {
     }
     for (int row = E; row < N - 1 && !rc; row++) {
         n2 += mark[row] == 2;
-        if (!mark[row] && pv->row_score[row] > 0) cand[2 * nc] = pv->row_score[row], cand[2 * nc + 1] = (float)row, nc++;
+        if (select && !mark[row] && pv->row_score[row] > 0)
+            cand[2 * nc] = pv->row_score[row], cand[2 * nc + 1] = (float)row, nc++;
     }
     if (!rc) {
         k = (int)ceil((double)cfg->recompute_frac * nc);
@@ -1019,7 +1023,8 @@ int comm_recompute_selected(kvm_comm_t *c, kvm_prepared_t *p) {
         kvm_prepared_release(p);
         return rc;
     }
-    return 1; /* handled: kvm_comm_recompute_short has nothing left to do */
+    KVM_ASSERT(p->seq.n_tokens == N - 1);
+    return 0;
 }
 
 static void copy_rows(const comm_geom_t *g, const float *src, int n, int r0, int r1, float *dst, int dn, int d0) {

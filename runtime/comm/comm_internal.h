@@ -204,11 +204,6 @@ int comm_dev_pred(kvm_comm_t *c, comm_sample_t *s, comm_anchor_t **E, int n, dou
 int comm_dev_reuse(kvm_comm_request_t *rq, const kvm_template_t *t, const comm_dev_ph_t *ph, kvm_prepared_t *out,
                    int E, int N);
 
-/* comm.c, kvcomm.recompute_frac [ours]: recomputes, in place and in one batched forward of 1-token views of p's
- * block table, the selected placeholder rows of a REUSE prompt together with the spans kvm_comm_recompute_short
- * would recompute. Returns 1 when it did (nothing is left for recompute_short), 0 when it does not apply, or an
- * error (p is released then). */
-int comm_recompute_selected(kvm_comm_t *c, kvm_prepared_t *p);
 /* kvcomm.c, recompute_select=spread: per row t of the sample (out[T]), the weighted spread of the anchors'
  * placeholder deltas around the offset comm_apply added (xh - X), over |X|^2, layers 1..L-1. */
 #define KVM_KVCOMM_SPREAD_DMAX 512

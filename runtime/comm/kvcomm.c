@@ -872,7 +872,7 @@ int comm_mix_reference(kvm_comm_t *c, const comm_sample_t *s, comm_anchor_t **A,
     return rc;
 }
 
-/* ==== recompute short placeholders (kvcomm.recompute_below, our design; kvcomm.md §5.2) ================== */
+/* ==== recomputed spans and rows (kvcomm.recompute_*, our design; kvcomm.md §5.2; the pass is in comm.c) ====== */
 
 /* How kvm_comm_prepare counted prompt row `row` (>= the exact prefix, < N-1) of a REUSE prompt:
  * 0 exact (§5 exact_ctx), 1 offset, 2 naive. */
@@ -884,90 +884,5 @@ int comm_reuse_row_cat(const kvm_comm_report_t *r, const kvm_kvcomm_config_t *cf
             return ph->decision == KVM_PH_SHARED ? (cfg->ph_offset ? 1 : 2) : ph->decision == KVM_PH_EXACT_CTX ? 0 : 2;
         if (row >= b && row < e) return ph->decision == KVM_PH_SHARED && cfg->pf_offset ? 1 : 2;
     }
-    return 0;
-}
-
-/* Copies rows [r0, r1) of a tensor of n rows into a tensor of r1 - r0 rows. */
-static void rows_slice(const comm_geom_t *g, const float *src, int n, int r0, int r1, float *dst) {
-    for (int l = 0; l < g->L; l++)
-        for (int kv = 0; kv < 2; kv++)
-            for (int h = 0; h < g->H; h++)
-                memcpy(dst + comm_idx(g, r1 - r0, l, kv, h, 0), src + comm_idx(g, n, l, kv, h, r0),
-                       (size_t)(r1 - r0) * g->D * sizeof(float));
-}
-
-int kvm_comm_recompute_short(kvm_comm_t *c, kvm_prepared_t *p) {
-    if (!c || !p) return kvm_seterr(KVM_EINVAL, "recompute_short: comm and prepared prompt are required");
-    kvm_comm_report_t *r = &p->report;
-    const kvm_kvcomm_config_t *cfg = &c->cfg;
-    const int K = cfg->recompute_below, KT = cfg->recompute_text, N = p->n_prompt;
-    /* kvcomm.recompute_frac: the selected rows and the spans below in one batched pass */
-    int src = comm_recompute_selected(c, p);
-    if (src) return src > 0 ? 0 : src;
-    if ((K <= 0 && KT <= 0) || r->mode != KVM_COMM_REUSE || p->n_cached != N - 1 || r->n_placeholders <= 0) return 0;
-    const comm_geom_t *g = &c->g;
-    /* the exact prefix E: the smallest E whose rows [0,E) plus the exact_ctx rows after it give exact_tokens
-     * (rows inside an exact_ctx span are exact either way, so any solution classifies every row the same) */
-    int E = -1;
-    for (int e = r->ph[0].start_pos; e <= N - 1 && E < 0; e++) {
-        int x = e;
-        for (int row = e; row < N - 1; row++) x += comm_reuse_row_cat(r, cfg, row) == 0;
-        if (x == r->exact_tokens) E = e;
-    }
-    if (E < 0) {
-        kvm_prepared_release(p);
-        return kvm_seterr(KVM_EINTERNAL, "recompute_short: the report's partition does not match the prompt");
-    }
-    int sa[KVM_COMM_MAX_PH], sb[KVM_COMM_MAX_PH], ns = 0;
-    for (int j = 0; j < r->n_placeholders; j++) {
-        const kvm_comm_ph_report_t *ph = &r->ph[j];
-        if (ph->decision != KVM_PH_SHARED && ph->decision != KVM_PH_NAIVE) continue;
-        int a = ph->start_pos, b = ph->start_pos + ph->tokens + ph->text_tokens;
-        if (ph->tokens >= K) { /* not a short placeholder: maybe its text segment alone (recompute_text) */
-            if (KT <= 0 || ph->text_tokens <= 0 || ph->text_tokens >= KT) continue;
-            a = ph->start_pos + ph->tokens;
-        }
-        if (a < E) a = E;
-        if (b > N - 1) b = N - 1;
-        if (b > a) sa[ns] = a, sb[ns] = b, ns++;
-    }
-    if (!ns) return 0;
-    const int first = sa[0], n_saved = N - 1 - first;
-    float *saved = kvm_malloc(comm_rows_elems(g, n_saved) * sizeof(float) + 1);
-    float *tmp = kvm_malloc(comm_rows_elems(g, n_saved) * sizeof(float) + 1);
-    int rc = saved && tmp ? 0 : KVM_ENOMEM;
-    if (!rc) rc = kvm_kv_read_rows(c->pool, p->seq.blocks, first, n_saved, saved);
-    if (!rc) kvm_seq_truncate(&p->seq, first);
-    int pos = first;
-    /* keeps the assembled rows [pos, upto), recomputes the short span after them */
-    for (int k = 0; k <= ns && !rc; k++) {
-        int upto = k < ns ? sa[k] : N - 1;
-        if (upto > pos) {
-            rows_slice(g, saved, n_saved, pos - first, upto - first, tmp);
-            rc = kvm_seq_reserve(&p->seq, upto);
-            if (!rc) rc = kvm_kv_write_rows(c->pool, p->seq.blocks, pos, upto - pos, tmp);
-            if (!rc) rc = kvm_seq_push_tokens(&p->seq, p->prompt_ids + pos, upto - pos);
-            pos = upto;
-        }
-        if (k == ns || rc) break;
-        kvm_batch_item_t it = {.seq = &p->seq, .tokens = p->prompt_ids + sa[k], .n_tokens = sb[k] - sa[k]};
-        rc = kvm_forward(c->m, &it, 1);
-        for (int row = sa[k]; row < sb[k] && !rc; row++) {
-            int cat = comm_reuse_row_cat(r, cfg, row);
-            if (cat == 0) r->exact_tokens--;
-            else if (cat == 1) r->offset_tokens--;
-            else r->naive_tokens--;
-            r->recomputed_tokens++;
-            r->short_recomputed++;
-        }
-        pos = sb[k];
-    }
-    kvm_free(saved);
-    kvm_free(tmp);
-    if (rc) {
-        kvm_prepared_release(p);
-        return rc;
-    }
-    KVM_ASSERT(p->seq.n_tokens == N - 1);
     return 0;
 }

@@ -359,14 +359,17 @@ enum { KVM_ORACLE_PH = 1, KVM_ORACLE_PF = 2, KVM_ORACLE_ALL = 3 };
  * The best any anchor estimate could do: with which = KVM_ORACLE_ALL the assembled cache must equal the
  * dense prefill (to float rounding) unless positions, frames or assembly are wrong. Host path only
  * (KVM_EINVAL on the device path or with kvcomm.frame=reference). DENSE agents are prepared as usual. */
-/* kvcomm.recompute_below (0 = off, a no-op): after kvm_comm_prepare (or _oracle) gave a REUSE prompt, every
- * placeholder with decision shared or naive and fewer than recompute_below tokens is recomputed together
- * with the text segment after it: the assembled rows from its start on are read back, the sequence is cut
- * there, the short span is prefilled behind the assembled KV, and the later assembled rows are written back
- * (they keep their estimates). The report moves the span's rows to recomputed_tokens (short_recomputed
- * counts them); the mode stays REUSE. A 4-token agent answer saves almost nothing when reused but is the
- * piece whose estimate costs accuracy (kvcomm.md §5.2). Works on any backend (only KV reads, writes and a
- * forward). On error *p is released. */
+/* kvcomm.recompute_below / recompute_text / recompute_frac (ours; all 0 = off, a no-op): after kvm_comm_prepare
+ * (or _oracle) gave a REUSE prompt, recomputes in place, in one batched forward of 1-token views of p's block
+ * table (each row attends to the cache up to its position and sees the fresh K/V of the recomputed rows before
+ * it, at every layer): every placeholder with decision shared or naive and fewer than recompute_below tokens
+ * with the text segment after it; the text segment after any other such placeholder if shorter than
+ * recompute_text; and recompute_frac of the remaining offset-corrected placeholder rows, picked by
+ * recompute_select. The other assembled rows keep their estimates bit for bit. The report moves the rows to
+ * recomputed_tokens (short_recomputed / selected_recomputed count them); the mode stays REUSE. A 4-token agent
+ * answer saves almost nothing when reused but is the piece whose estimate costs accuracy (kvcomm.md §5.2).
+ * Works on any backend (KV reads and forwards); recompute_frac needs the host path's scores. On error *p is
+ * released. */
 int kvm_comm_recompute_short(kvm_comm_t *c, kvm_prepared_t *p);
 
 int kvm_comm_prepare_oracle(kvm_comm_request_t *rq, const kvm_prompt_t *p, int which, const char *only,
