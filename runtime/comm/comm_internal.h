@@ -206,7 +206,6 @@ int comm_dev_reuse(kvm_comm_request_t *rq, const kvm_template_t *t, const comm_d
 
 /* kvcomm.c, recompute_select=spread: per row t of the sample (out[T]), the weighted spread of the anchors'
  * placeholder deltas around the offset comm_apply added (xh - X), over |X|^2, layers 1..L-1. */
-#define KVM_KVCOMM_SPREAD_DMAX 512
 void comm_spread_scores(kvm_comm_t *c, const comm_sample_t *s, comm_anchor_t **A, int N, const char *consumer,
                         const float *xh, float *out);
 /* kvcomm.c: how kvm_comm_prepare counted row `row` of a REUSE prompt: 0 exact, 1 offset, 2 naive. */

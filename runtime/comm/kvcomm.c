@@ -255,6 +255,15 @@ static void weights_from_scores(const double *sc, int n, float *w, int mode) {
     }
 }
 
+/* kvcomm.align=content [ours]: row x (one head, D channels) of K or V measured at row u, as seen from row t: a
+ * key is re-rotated by t - u into buf, a value (or an unmoved row, or buf NULL) is x itself. */
+static const float *moved_row(const kvm_rope_params_t *rp, const float *x, int D, int kv, int u, int t, float *buf) {
+    if (kv != 0 || u == t || !buf) return x;
+    memcpy(buf, x, (size_t)D * sizeof(float));
+    kvm_rope_rotate_rows(buf, 1, D, D, t - u, NULL, rp->inv_freq, rp->layout);
+    return buf;
+}
+
 /* kvcomm.align=content [ours]: for every row t of X (T rows), the row u of Y (Ta rows) whose values over all
  * layers are nearest in squared l2, among rows |u - t| <= win (win 0: all rows). Ties go to the lower u. */
 static void align_rows(const comm_geom_t *g, const float *X, int T, const float *Y, int Ta, int win, int32_t *u,
@@ -333,12 +342,7 @@ int comm_weights(kvm_comm_t *c, comm_sample_t *s, comm_anchor_t **A, int N) {
                 for (int l = 0; l < L; l++)
                     for (int h = 0; h < H; h++) {
                         const float *x = s->X + comm_idx(g, T, l, kv, h, t);
-                        const float *y = a->base + comm_idx(g, a->T, l, kv, h, ut);
-                        if (kv == 0 && rk) {
-                            memcpy(rk, y, (size_t)D * sizeof(float));
-                            kvm_rope_rotate_rows(rk, 1, D, D, t - ut, NULL, rp->inv_freq, rp->layout);
-                            y = rk;
-                        }
+                        const float *y = moved_row(rp, a->base + comm_idx(g, a->T, l, kv, h, ut), D, kv, ut, t, rk);
                         for (int k = 0; k < D; k++) {
                             acc += fabs((double)x[k] - y[k]);
                             xy += (double)x[k] * y[k];
@@ -544,12 +548,8 @@ void comm_apply(kvm_comm_t *c, const comm_sample_t *s, comm_anchor_t **A, int N,
                                 float w = W[(size_t)n * T + t];
                                 if (w == 0.0f) continue;
                                 const int u = s->w_u ? s->w_u[(size_t)n * T + t] : t; /* kvcomm.align */
-                                const float *d = dl[n]->d_ph + comm_idx(&gd, A[n]->T, l - 1, kv, h, u);
-                                if (rk && u != t) { /* a key delta measured at row u, moved to row t */
-                                    memcpy(rk, d, (size_t)D * sizeof(float));
-                                    kvm_rope_rotate_rows(rk, 1, D, D, t - u, NULL, rp->inv_freq, rp->layout);
-                                    d = rk;
-                                }
+                                const float *d =
+                                    moved_row(rp, dl[n]->d_ph + comm_idx(&gd, A[n]->T, l - 1, kv, h, u), D, kv, u, t, rk);
                                 for (int k = 0; k < D; k++) o[k] += w * d[k];
                             }
                         }
@@ -588,7 +588,7 @@ void comm_spread_scores(kvm_comm_t *c, const comm_sample_t *s, comm_anchor_t **A
 #pragma omp parallel for schedule(static) if (comm_rows_elems(g, T) * (size_t)N > COMM_PAR_MIN)
     for (int t = 0; t < T; t++) {
         double var = 0, xx = 0;
-        float rk[KVM_KVCOMM_SPREAD_DMAX];
+        float *rk = s->w_u ? malloc((size_t)D * sizeof(float)) : NULL;
         for (int l = 1; l < L; l++)
             for (int kv = 0; kv < 2; kv++)
                 for (int h = 0; h < H; h++) {
@@ -600,18 +600,14 @@ void comm_spread_scores(kvm_comm_t *c, const comm_sample_t *s, comm_anchor_t **A
                         float w = W[(size_t)n * T + t];
                         if (!dl || w == 0.0f) continue;
                         const int u = s->w_u ? s->w_u[(size_t)n * T + t] : t;
-                        const float *d = dl->d_ph + comm_idx(&gd, A[n]->T, l - 1, kv, h, u);
-                        if (kv == 0 && u != t && D <= KVM_KVCOMM_SPREAD_DMAX) {
-                            memcpy(rk, d, (size_t)D * sizeof(float));
-                            kvm_rope_rotate_rows(rk, 1, D, D, t - u, NULL, rp->inv_freq, rp->layout);
-                            d = rk;
-                        }
+                        const float *d = moved_row(rp, dl->d_ph + comm_idx(&gd, A[n]->T, l - 1, kv, h, u), D, kv, u, t, rk);
                         for (int k = 0; k < D; k++) {
                             double e = (double)d[k] - ((double)y[k] - x[k]);
                             var += w * e * e;
                         }
                     }
                 }
+        free(rk);
         out[t] = (float)(var / (xx + 1e-30)) + 1e-30f;
     }
 }
