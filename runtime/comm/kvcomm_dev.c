@@ -44,7 +44,12 @@ struct comm_dev_sample {
 };
 
 #define COMM_DEV_WFREE 8
-#define COMM_DEV_WARM_BUFFERS 4 /* weight buffers dev_warm puts on the free list */
+/* weight buffers dev_warm puts on the free list: one per sample of a request with up to this many shared
+ * segments (the TTFT bench's has 5: the input and four answers), so that no REUSE request allocates one */
+#define COMM_DEV_WARM_BUFFERS COMM_DEV_WFREE
+/* first capacity of a device block table: 4096 entries (64K tokens of tables) so that it does not grow in a
+ * request (growing frees the old table, and a device free synchronizes) */
+#define COMM_DEV_BT_FIRST 4096
 
 struct comm_dev_ctx {
     int32_t *bt[2];       /* device block tables: 0 = everything one comm_dev_reuse needs, 1 = comm_dev_pred's segment */
@@ -147,7 +152,7 @@ static const int32_t *upload_blocks(kvm_comm_t *c, int which, const int32_t *blo
     size_t need = (size_t)(n > 0 ? n : 1);
     if (x->bt_cap[which] < need) {
         o->free(x->bt[which]);
-        size_t cap = need < 256 ? 256 : need * 2;
+        size_t cap = need < COMM_DEV_BT_FIRST ? COMM_DEV_BT_FIRST : need * 2;
         x->bt[which] = o->alloc(cap * sizeof(int32_t));
         x->bt_cap[which] = x->bt[which] ? cap : 0;
         if (!x->bt[which]) return NULL;
@@ -201,7 +206,9 @@ static void dev_warm(kvm_comm_t *c, const comm_anchor_t *a) {
     if (!x || !a->dev || !a->dev->base || a->T <= 0) return;
     const comm_geom_t *g = &c->g;
     const int T = a->T < KVM_KV_BLOCK ? a->T : KVM_KV_BLOCK;
-    const int V = c->cfg.max_anchors > 0 && c->cfg.max_anchors < KVM_KVCOMM_MAX_ANCHORS ? c->cfg.max_anchors : 1;
+    const int V = c->cfg.max_anchors <= 0                     ? 1
+                  : c->cfg.max_anchors < KVM_KVCOMM_MAX_ANCHORS ? c->cfg.max_anchors
+                                                                : KVM_KVCOMM_MAX_ANCHORS;
     const size_t per = (size_t)g->L * g->H * g->D;
     /* a buffer a sample of ~1K tokens with a full pool can take over from the free list */
     const size_t need = (size_t)2 * V * 1024 + 2 * (size_t)V * per;
@@ -225,7 +232,17 @@ static void dev_warm(kvm_comm_t *c, const comm_anchor_t *a) {
                                     .rotate_tail = 1, .inv_freq = kvm_kv_store_inv_freq_dev(c->store),
                                     .layout = kvm_kv_store_rope(c->store)->layout, .d_ph = w, .d_pf = w + 2 * T,
                                     .d_pred = x->pred};
-        int rc = o->kvcomm_dist(&d);
+        /* first the size of a full pool (this anchor V times, up to 1024 of its rows): the backend's distance
+         * scratch grows to it here, not in the first REUSE (growing it synchronizes and reallocates) */
+        kvm_kv_view_t avs[KVM_KVCOMM_MAX_ANCHORS];
+        int rows_v[KVM_KVCOMM_MAX_ANCHORS];
+        for (int n = 0; n < V; n++) avs[n] = av, rows_v[n] = a->T;
+        kvm_kvcomm_dist_args_t big = d;
+        big.T = a->T < 1024 ? a->T : 1024;
+        big.n = V, big.a = avs, big.a_rows = rows_v;
+        big.d_pf = w + (size_t)2 * V * big.T;
+        int rc = o->kvcomm_dist(&big);
+        if (!rc) rc = o->kvcomm_dist(&d);
         if (!rc) rc = o->kvcomm_softmax(w, w, 1, (size_t)T, KVM_KVCOMM_SOFTMAX);
         kvm_kvcomm_apply_args_t ap = {.g = c->pool->geom, .src = av, .n = 0, .r0 = 0, .r1 = 1, .dst_kv = dst,
                                       .dst_blocks = bt, .dst_pos = 0, .shift = 1,

@@ -78,6 +78,9 @@ def main():
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--ttft-prompts", default=None,
+                    help="comma-separated prompt lengths: time only the TTFT at each (one model load), e.g. the "
+                         "agents' prompts of `kvmesh bench kvcomm`: 1520,2040,2560,3080,3600")
     a = ap.parse_args()
     P, B = a.prompt, a.batch
     torch.manual_seed(0)
@@ -99,6 +102,24 @@ def main():
     out = dict(bench="hf_engine", model=a.model, synthetic_weights=True, prompt_tokens=P, batch=B,
                torch=torch.__version__, transformers=transformers.__version__,
                card=torch.cuda.get_device_name(0), attn="sdpa", dtype="bfloat16", load_s=load_s)
+    if a.ttft_prompts:
+        out["ttft_by_prompt"] = {}
+        with torch.inference_mode():
+            for n in (int(x) for x in a.ttft_prompts.split(",")):
+                ps = [torch.randint(1, V, (1, n), device="cuda", generator=g) for _ in range(3)]
+                k = [0]
+
+                def prefill_n():
+                    model(input_ids=ps[k[0] % 3], use_cache=True, logits_to_keep=1)
+                    k[0] += 1
+
+                dev, host = timed(prefill_n, a.warmup, a.reps)
+                out["ttft_by_prompt"][str(n)] = dict(dev=stats(dev), host=stats(host))
+                print(f"HF TTFT {n} tokens: {statistics.median(dev):.2f} ms (host {statistics.median(host):.2f})", flush=True)
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump(out, f, indent=1)
+        return 0
     with torch.inference_mode():
         k = [0]
 

@@ -17,7 +17,11 @@
 # and for extra runs of test_kvcomm_ops (v1, v2u4: the kernels selectable at run time).
 #   bench_timing.log   (step "timing", not in "all") the same bench with KVM_KVCOMM_DEV_TIMING=1: one line per
 #                      device reuse call and prediction (where the alignment time goes)
-# Usage: scripts/gpu/kvcomm.sh [all|parity|ops|old|bench|timing]... BENCH_ARGS adds options to kvmesh bench kvcomm.
+#   bench_blend.log, bench_spans.log   (step "blend") the bench with kvcomm.preset=blend (host path), and with only
+#                      the blend's span recompute (device path)
+#   hf.log, hf_ttft.json   (step "hf") HF transformers' TTFT at the agents' prompt lengths, same card
+#   nsys.txt           (step "nsys", if nsys is there) kernel/API/memcpy summaries and the last 400 GPU ops of the bench
+# Usage: scripts/gpu/kvcomm.sh [all|parity|ops|old|bench|timing|blend|hf|nsys]... BENCH_ARGS adds options to kvmesh bench kvcomm.
 set -uo pipefail
 steps=${*:-all}
 B=$PWD/.gpu-kvcomm
@@ -30,7 +34,7 @@ clocks() { nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,tempe
   clocks; nvidia-smi -L; } > "$OUT/gpu.txt" 2>&1
 cat "$OUT/gpu.txt"
 rc=0
-want() { [[ ( " $steps " == *" all "* && $1 != timing ) || " $steps " == *" $1 "* ]]; }
+want() { [[ ( " $steps " == *" all "* && $1 != timing && $1 != blend && $1 != hf && $1 != nsys ) || " $steps " == *" $1 "* ]]; }
 step() { echo; echo "==== $1 ($(date -u +%T))"; }
 new() { LD_LIBRARY_PATH=$B/lib "$@"; }
 if [ -f "$OLD/old.tar.xz" ] && [ ! -x "$OLD/test_kvcomm_ops" ]; then tar xJf "$OLD/old.tar.xz" -C "$OLD"; fi
@@ -97,6 +101,35 @@ if want timing; then
   KVM_KVCOMM_DEV_TIMING=1 new timeout 150 "$B/kvmesh" bench kvcomm --synthetic llama-3.1-8b --out /tmp/timing_bench ${BENCH_ARGS:-} \
     > "$OUT/bench_timing.log" 2>&1
   echo "timing bench rc=$?"; grep -E "^alignment" "$OUT/bench_timing.log"
+fi
+if want blend; then
+  step "kvmesh bench kvcomm with kvcomm.preset=blend (host path: selective recompute has no device path yet)"
+  new timeout 240 "$B/kvmesh" bench kvcomm --synthetic llama-3.1-8b --set kvcomm.preset=blend --requests 1 \
+    --out /tmp/blend_bench ${BENCH_ARGS:-} > "$OUT/bench_blend.log" 2>&1
+  echo "blend bench rc=$?"; grep -E "^agent|^a[0-9] |^alignment|rror" "$OUT/bench_blend.log" | head -8
+  step "kvmesh bench kvcomm with recompute_below=8 recompute_text=64 (the blend's span part, device path)"
+  new timeout 150 "$B/kvmesh" bench kvcomm --synthetic llama-3.1-8b --set kvcomm.recompute_below=8 \
+    --set kvcomm.recompute_text=64 --out /tmp/spans_bench ${BENCH_ARGS:-} > "$OUT/bench_spans.log" 2>&1
+  echo "spans bench rc=$?"; grep -E "^a[0-9] |^alignment|rror" "$OUT/bench_spans.log" | head -8
+fi
+if want hf; then
+  step "HF transformers TTFT at the agents' prompt lengths (same card, synthetic bf16 weights)"
+  timeout 300 python3 scripts/bench/hf_engine.py --ttft-prompts ${HF_PROMPTS:-1520,2040,2560,3080,3600} --reps 10 \
+    --json "$OUT/hf_ttft.json" > "$OUT/hf.log" 2>&1
+  echo "hf rc=$?"; grep -E "^HF|Error" "$OUT/hf.log"
+fi
+if want nsys; then
+  step "nsys: kernels of the bench (1 measured request)"
+  if command -v nsys >/dev/null; then
+    new timeout 200 nsys profile -q -t cuda -o /tmp/kvb --force-overwrite true "$B/kvmesh" bench kvcomm --synthetic llama-3.1-8b \
+      --requests 1 --out /tmp/nsys_bench > /tmp/nsys_run.log 2>&1
+    echo "nsys rc=$?"
+    { nsys stats -q -r cuda_gpu_kern_sum,cuda_api_sum,cuda_gpu_mem_time_sum -f csv /tmp/kvb.nsys-rep
+      echo "==== trace"; nsys stats -q -r cuda_gpu_trace -f csv /tmp/kvb.nsys-rep | tail -400; } > "$OUT/nsys.txt" 2>&1
+    head -40 "$OUT/nsys.txt" | cut -c1-200
+  else
+    echo "nsys not found"
+  fi
 fi
 { echo "end: $(date -u)"; clocks; } >> "$OUT/gpu.txt" 2>&1
 echo; echo "end: $(date -u)  rc=$rc"
