@@ -337,10 +337,10 @@ static void run_dist(const devcase_t *dc, const kcase_t *k, float *dph, float *d
 
 /* runs kvcomm_apply of one piece with host weights w; returns the output rows read back as fp32
  * [L][2][H][r1-r0][D] from the output block table at position opos */
-static float *run_apply(const devcase_t *dc, const kcase_t *k, int pf, const float *w, int r0, int r1, int opos,
-                        int shift) {
+static float *run_apply_n(const devcase_t *dc, const kcase_t *k, int pf, const float *w, int r0, int r1, int opos,
+                          int shift, int N) {
     const kvm_ops_t *o = dc->o;
-    const int N = k->N, L = k->L, H = k->H, D = k->D;
+    const int L = k->L, H = k->H, D = k->D;
     size_t nw = pf ? (size_t)2 * N * L * H * D : (size_t)2 * N * k->T;
     float *dw = up(o, w, nw * 4);
     kvm_kv_view_t dv[MAXN];
@@ -382,6 +382,12 @@ static float *run_apply(const devcase_t *dc, const kcase_t *k, int pf, const flo
     free(hp);
     o->free(dw);
     return y;
+}
+
+/* ... with all the case's anchors */
+static float *run_apply(const devcase_t *dc, const kcase_t *k, int pf, const float *w, int r0, int r1, int opos,
+                        int shift) {
+    return run_apply_n(dc, k, pf, w, r0, r1, opos, shift, k->N);
 }
 
 static double rel_err_fd(const float *a, const double *ref, size_t n) {
@@ -528,6 +534,16 @@ static void check_backend_case(const kvm_ops_t *o, int L, int H, int D, int T, i
         double e = rel_err_ff(yg, yc, (size_t)L * 2 * H * (r1 - r0) * D);
         fprintf(stderr, "  [%s L=%d H=%d D=%d T=%d N=%d %s] apply %s rel err %.3g (tol %g)\n", o->name, L, H, D, T, N,
                 kvm_dtype_name(dt), pf ? "pf" : "ph", e, tol);
+        if (!(e <= tol)) bad = 1;
+        free(yc), free(yg);
+    }
+    /* no anchors: copy and re-rotate only (kvm_segment_publish's one op), by a negative shift into frame 0 */
+    {
+        float *yc = run_apply_n(&cc, k, 0, b[0][3], 0, T, 5, -(T + 3), 0);
+        float *yg = run_apply_n(&gc, k, 0, b[0][3], 0, T, 5, -(T + 3), 0);
+        double e = rel_err_ff(yg, yc, (size_t)L * 2 * H * T * D);
+        fprintf(stderr, "  [%s L=%d H=%d D=%d T=%d %s] apply shift-only rel err %.3g (tol %g)\n", o->name, L, H, D, T,
+                kvm_dtype_name(dt), e, tol);
         if (!(e <= tol)) bad = 1;
         free(yc), free(yg);
     }
