@@ -465,6 +465,7 @@ static int run_team(kvm_model_t *m, const opts_t *o) {
             cJSON_AddNumberToObject(o1, "max_abs_dense", r->max_abs_dense);
             cJSON_AddNumberToObject(o1, "short_recomputed_tokens", r->short_recomputed);
             cJSON_AddNumberToObject(o1, "selected_recomputed_tokens", r->selected_recomputed);
+            cJSON_AddNumberToObject(o1, "recompute_items", r->recompute_items);
             cJSON_AddNumberToObject(o1, "token_reuse_beyond_prefix", tok_reuse);
             cJSON *ck = cJSON_AddArrayToObject(o1, "cos_k"), *cv = cJSON_AddArrayToObject(o1, "cos_v");
             cJSON *lk = cJSON_AddArrayToObject(o1, "rel_l2_k"), *lv = cJSON_AddArrayToObject(o1, "rel_l2_v");

@@ -989,18 +989,25 @@ int kvm_comm_recompute_short(kvm_comm_t *c, kvm_prepared_t *p) {
     if (!rc && (!rows || !views || !items || !scratch)) rc = KVM_ENOMEM;
     if (!rc && nb > 0) {
         memcpy(scratch, p->prompt_ids, (size_t)N * sizeof(int32_t));
-        /* one view of the assembled block table per row, cut at that row: its 1-token item writes the row's K/V
-         * at every layer before the layer's attention, and attends to rows [0, row], so each row sees the fresh
-         * K/V of every recomputed row before it (a contiguous span comes out as a prefill of it would) */
-        int i = 0;
+        /* one view of the assembled block table per run of consecutive marked rows, cut at the run's first row:
+         * its item writes the run's K/V at every layer before the layer's attention, and row t of it attends to
+         * rows [0, t], so each row sees the fresh K/V of every recomputed row before it (a run comes out as a
+         * prefill of it would). One item per run, not per row: an attention kernel reads the cache once per
+         * item, so a long run costs one read of its context, not one per row. */
+        int i = 0, n_items = 0;
         for (int row = E; row < N - 1; row++)
             if (mark[row]) {
-                rows[i] = row;
-                views[i] = seq_view(c, p, row, scratch);
-                items[i] = (kvm_batch_item_t){.seq = &views[i], .tokens = p->prompt_ids + row, .n_tokens = 1};
-                i++;
+                rows[i++] = row;
+                if (row > E && mark[row - 1] && n_items > 0) {
+                    items[n_items - 1].n_tokens++;
+                    continue;
+                }
+                views[n_items] = seq_view(c, p, row, scratch);
+                items[n_items] = (kvm_batch_item_t){.seq = &views[n_items], .tokens = p->prompt_ids + row, .n_tokens = 1};
+                n_items++;
             }
-        rc = kvm_forward(c->m, items, nb);
+        r->recompute_items = n_items;
+        rc = kvm_forward(c->m, items, n_items);
     }
     if (!rc) {
         for (int i = 0; i < nb; i++) {

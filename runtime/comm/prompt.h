@@ -287,6 +287,7 @@ typedef struct kvm_comm_report {
     int short_recomputed;  /* rows moved from offset/naive to recomputed by kvm_comm_recompute_short */
     int selected_recomputed; /* rows moved from offset to recomputed by kvcomm.recompute_frac */
     int layer1_rows;         /* recompute_select=layer1: rows whose layers 0-1 were recomputed to pick them */
+    int recompute_items;     /* batch items of the recompute pass (one per run of consecutive recomputed rows) */
 } kvm_comm_report_t;
 
 /* Writes the report as one JSON object (no newline) into buf; returns the length it needed. */

@@ -168,6 +168,7 @@ int kvm_team_run(kvm_model_t *m, const kvm_team_opts_t *o, const kvm_team_result
                 r->input += (uint64_t)rp->input_tokens;
                 r->short_recomputed += rp->short_recomputed;
                 r->selected_recomputed += rp->selected_recomputed;
+                r->recompute_items += rp->recompute_items;
             }
             kvm_gen_result_free(&gr);
             kvm_prepared_release(&p);

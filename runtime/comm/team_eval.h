@@ -52,6 +52,7 @@ typedef struct kvm_team_result {
     double max_abs_dense;    /* max |dense| over the same elements (the scale of max_abs_err) */
     int short_recomputed;    /* rows recomputed by kvcomm.recompute_below / recompute_text */
     int selected_recomputed; /* rows recomputed by kvcomm.recompute_frac */
+    int recompute_items;     /* batch items of the recompute passes (one per run of consecutive rows) */
 } kvm_team_result_t;
 
 /* Defaults: 300 requests, warm 10, 32 cosine samples, 12 tokens, seed 1000, KVCOMM, default switches. */
