@@ -29,6 +29,7 @@ void kvm_kvcomm_config_default(kvm_kvcomm_config_t *c) {
     c->pool_bound = KVM_KVCOMM_POOL_STRICT;
     c->no_anchor = KVM_KVCOMM_NOANCHOR_DENSE;
     c->resp_last_token = KVM_KVCOMM_RESP_COMPUTE;
+    c->recompute_chunk = 1;
 }
 
 static int parse_bool(const char *v, bool *out) {
@@ -106,6 +107,14 @@ int kvm_kvcomm_config_set(kvm_kvcomm_config_t *c, const char *key, const char *v
         else c->anchor_budget_bytes = (size_t)v;
         return 0;
     }
+    if (!strcmp(k, "recompute_chunk")) { /* ours: kvm_comm_recompute_short */
+        long long v = strtoll(value, &end, 10);
+        if (!end || *end || v < 1 || v > 4096)
+            return kvm_seterr(KVM_EINVAL, "kvcomm.recompute_chunk: '%s' is not a row count in [1, 4096] (1 = single rows)",
+                              value);
+        c->recompute_chunk = (int)v;
+        return 0;
+    }
     if (!strcmp(k, "recompute_below") || !strcmp(k, "recompute_text")) { /* ours: kvm_comm_recompute_short */
         long long v = strtoll(value, &end, 10);
         if (!end || *end || v < 0 || v > 1000000)
@@ -144,7 +153,8 @@ int kvm_kvcomm_config_set(kvm_kvcomm_config_t *c, const char *key, const char *v
     }
     return kvm_seterr(KVM_EINVAL, "unknown KVCOMM switch '%s' (known: enable rotate ph_offset pf_offset weights criterion "
                       "gamma max_anchors evict_window dist_norm frame pool_bound no_anchor resp_last_token force_reuse "
-                      "anchor_budget_bytes recompute_below recompute_text recompute_frac recompute_select align align_window preset)", key);
+                      "anchor_budget_bytes recompute_below recompute_text recompute_frac recompute_select recompute_chunk align align_window "
+                      "preset)", key);
 }
 
 int kvm_kvcomm_ablation(kvm_kvcomm_config_t *c, const char *name) {
@@ -160,12 +170,14 @@ int kvm_kvcomm_ablation(kvm_kvcomm_config_t *c, const char *name) {
 void kvm_kvcomm_config_str(const kvm_kvcomm_config_t *c, char *buf, size_t cap) {
     snprintf(buf, cap,
              "enable=%s rotate=%s ph_offset=%s pf_offset=%s weights=%s criterion=%s gamma=%.2f V=%d W=%d dist_norm=%s "
-             "frame=%s pool_bound=%s no_anchor=%s resp_last_token=%s force_reuse=%s recompute_below=%d recompute_text=%d recompute_frac=%.2f recompute_select=%s align=%s align_window=%d",
+             "frame=%s pool_bound=%s no_anchor=%s resp_last_token=%s force_reuse=%s recompute_below=%d recompute_text=%d recompute_frac=%.2f recompute_select=%s "
+             "recompute_chunk=%d align=%s align_window=%d",
              c->enable ? "on" : "off", c->rotate ? "on" : "off", c->ph_offset ? "on" : "off", c->pf_offset ? "on" : "off",
              W_NAMES[c->weights % 3], CRIT_NAMES[c->criterion % 2], c->gamma, c->max_anchors, c->evict_window,
              NORM_NAMES[c->dist_norm % 2], FRAME_NAMES[c->frame % 2], BOUND_NAMES[c->pool_bound % 2],
              NOANCHOR_NAMES[c->no_anchor % 2], RESP_NAMES[c->resp_last_token % 2], c->force_reuse ? "on" : "off",
-             c->recompute_below, c->recompute_text, c->recompute_frac, SELECT_NAMES[c->recompute_select % 3], ALIGN_NAMES[c->align % 2], c->align_window);
+             c->recompute_below, c->recompute_text, c->recompute_frac, SELECT_NAMES[c->recompute_select % 3], c->recompute_chunk,
+             ALIGN_NAMES[c->align % 2], c->align_window);
 }
 
 const char *kvm_ph_decision_name(int d) {
@@ -975,7 +987,28 @@ int kvm_comm_recompute_short(kvm_comm_t *c, kvm_prepared_t *p) {
         if (select && !mark[row] && pv->row_score[row] > 0)
             cand[2 * nc] = pv->row_score[row], cand[2 * nc + 1] = (float)row, nc++;
     }
-    if (!rc) {
+    if (!rc && cfg->recompute_chunk > 1 && nc > 0) {
+        /* chunks: candidates of one aligned chunk of positions become one entry (mean score, first row); they are
+         * taken whole, until at least the fraction's count of rows is marked */
+        const int C = cfg->recompute_chunk;
+        int nch = 0;
+        for (int i = 0; i < nc;) {
+            const int ch = (int)cand[2 * i + 1] / C;
+            double sum = 0;
+            int j = i;
+            for (; j < nc && (int)cand[2 * j + 1] / C == ch; j++) sum += cand[2 * j];
+            cand[2 * nch] = (float)(sum / (j - i)), cand[2 * nch + 1] = cand[2 * i + 1];
+            nch++;
+            i = j;
+        }
+        const int want = (int)ceil((double)cfg->recompute_frac * nc);
+        qsort(cand, (size_t)nch, 2 * sizeof(float), cmp_score_desc);
+        for (int i = 0; i < nch && k < want; i++) {
+            const int row0 = (int)cand[2 * i + 1], end = (row0 / C + 1) * C;
+            for (int row = row0; row < end && row < N - 1; row++)
+                if (!mark[row] && pv->row_score[row] > 0) mark[row] = 1, k++;
+        }
+    } else if (!rc) {
         k = (int)ceil((double)cfg->recompute_frac * nc);
         if (k > nc) k = nc;
         qsort(cand, (size_t)nc, 2 * sizeof(float), cmp_score_desc);
