@@ -45,6 +45,11 @@ typedef struct kvm_attn_batch {
     int total_rows;
     /* host copies of the above, for backends that plan on the host */
     const int32_t *h_row_start, *h_ctx_len, *h_block_table;
+    /* [total_rows] the position of every row (backend memory, and its host copy), strictly increasing within a
+     * sequence and < its ctx_len; NULL = the rows of a sequence are its last ones: ctx_len - n + j. A row writes
+     * its K/V at its position and attends to positions [0, its position]. Positions let one sequence recompute
+     * scattered rows in place (kvm_batch_item_t.positions). */
+    const int32_t *q_pos, *h_q_pos;
 } kvm_attn_batch_t;
 
 typedef struct kvm_kv_geom {

@@ -8,6 +8,7 @@
 #include <string.h>
 #include <cmocka.h>
 
+#include "runtime/kv/store.h"
 #include "runtime/model/generate.h"
 
 static kvm_config_t small_cfg(bool gqa_bias_norm) {
@@ -183,6 +184,56 @@ static void test_forward_beyond_context_is_an_error(void **st) {
     kvm_model_free(m);
 }
 
+/* kvm_batch_item_t.positions: rows of a prefilled sequence overwritten with garbage at scattered positions are
+ * recomputed in place by one positioned item, and the cache is the dense prefill's again, bit for bit (each
+ * recomputed row attends to the fresh rows before it); the sequence keeps its length and tokens. Bad positions
+ * are refused and change nothing. */
+static void check_positioned_recompute(bool qwen_like) {
+    kvm_config_t c = small_cfg(qwen_like);
+    kvm_model_t *m = kvm_model_random(&c, 17, 1, "cpu");
+    assert_non_null(m);
+    kvm_kv_pool_t *pool = kvm_model_kv_pool(m, 0);
+    enum { T = 53, NP = 12 };
+    int32_t toks[T];
+    for (int i = 0; i < T; i++) toks[i] = (i * 31 + 7) % c.vocab_size;
+    const int32_t P[NP] = {0, 3, 4, 5, 16, 17, 30, 31, 32, 40, 47, 52};
+    kvm_seq_t s;
+    kvm_seq_init(&s, pool);
+    kvm_batch_item_t pre = {.seq = &s, .tokens = toks, .n_tokens = T};
+    assert_int_equal(kvm_forward(m, &pre, 1), 0);
+    const size_t row = (size_t)c.n_layers * 2 * c.n_kv_heads * c.head_dim, e = row * T;
+    float *dense = malloc(e * 4), *got = malloc(e * 4), *junk = malloc(row * 4);
+    assert_int_equal(kvm_kv_read_rows(pool, s.blocks, 0, T, dense), 0);
+    for (size_t i = 0; i < row; i++) junk[i] = 3.0f + (float)(i % 7);
+    for (int i = 0; i < NP; i++) assert_int_equal(kvm_kv_write_rows(pool, s.blocks, P[i], 1, junk), 0);
+    int32_t ptok[NP];
+    for (int i = 0; i < NP; i++) ptok[i] = toks[P[i]];
+    /* refused: not increasing, past the sequence; nothing changes */
+    int32_t bad1[3] = {4, 3, 5}, bad2[2] = {5, T};
+    kvm_batch_item_t b1 = {.seq = &s, .tokens = ptok, .n_tokens = 3, .positions = bad1};
+    kvm_batch_item_t b2 = {.seq = &s, .tokens = ptok, .n_tokens = 2, .positions = bad2};
+    assert_int_equal(kvm_forward(m, &b1, 1), KVM_EINVAL);
+    assert_non_null(strstr(kvm_errmsg(), "positions must increase"));
+    assert_int_equal(kvm_forward(m, &b2, 1), KVM_EINVAL);
+    assert_int_equal(s.n_tokens, T);
+    assert_int_equal(kvm_kv_read_rows(pool, s.blocks, 0, T, got), 0);
+    assert_true(memcmp(got, dense, e * 4) != 0); /* the junk is still there */
+    float *lg = malloc((size_t)c.vocab_size * 4);
+    kvm_batch_item_t it = {.seq = &s, .tokens = ptok, .n_tokens = NP, .positions = P, .logits = lg};
+    assert_int_equal(kvm_forward(m, &it, 1), 0);
+    assert_int_equal(s.n_tokens, T);
+    assert_memory_equal(s.tokens, toks, sizeof toks);
+    assert_int_equal(kvm_kv_read_rows(pool, s.blocks, 0, T, got), 0);
+    assert_memory_equal(got, dense, e * 4);
+    kvm_seq_free(&s);
+    free(dense), free(got), free(junk), free(lg);
+    kvm_kv_pool_free(pool);
+    kvm_model_free(m);
+}
+
+static void test_positioned_item_recomputes_scattered_rows_exactly_llama(void **st) { (void)st; check_positioned_recompute(false); }
+static void test_positioned_item_recomputes_scattered_rows_exactly_qwen3_like(void **st) { (void)st; check_positioned_recompute(true); }
+
 static void test_sampler_greedy_topk1_and_tiny_topp_pick_the_argmax(void **st) {
     (void)st;
     float base[50];
@@ -293,6 +344,8 @@ int main(void) {
         cmocka_unit_test(test_prefill_decode_and_batch_agree_qwen3_like_gqa),
         cmocka_unit_test(test_forward_rejects_bad_token_and_keeps_sequence),
         cmocka_unit_test(test_forward_beyond_context_is_an_error),
+        cmocka_unit_test(test_positioned_item_recomputes_scattered_rows_exactly_llama),
+        cmocka_unit_test(test_positioned_item_recomputes_scattered_rows_exactly_qwen3_like),
         cmocka_unit_test(test_sampler_greedy_topk1_and_tiny_topp_pick_the_argmax),
         cmocka_unit_test(test_sampler_is_reproducible_for_a_seed_and_varies_across_seeds),
         cmocka_unit_test(test_repetition_penalty_follows_hf_semantics),

@@ -628,7 +628,7 @@ typedef struct oracle_run {
  * kvm_comm_recompute_short with recompute_below, and its cache is compared with a dense prefill of the
  * same ids. */
 static float g_recompute_frac = 0; /* kvcomm.recompute_frac, kvcomm.recompute_text and kvcomm.align of oracle_run */
-static int g_recompute_text = 0, g_align = KVM_KVCOMM_ALIGN_POSITION, g_select = KVM_KVCOMM_SELECT_OFFSET, g_chunk = 1;
+static int g_recompute_text = 0, g_align = KVM_KVCOMM_ALIGN_POSITION, g_select = KVM_KVCOMM_SELECT_OFFSET;
 
 static void oracle_run(kvm_rope_layout_t layout, bool agent_first, int which, const char *only, int recompute_below,
                        oracle_run_t *out) {
@@ -640,7 +640,6 @@ static void oracle_run(kvm_rope_layout_t layout, bool agent_first, int which, co
     kvm_comm_config(c)->recompute_text = g_recompute_text;
     kvm_comm_config(c)->align = g_align;
     kvm_comm_config(c)->recompute_select = g_select;
-    kvm_comm_config(c)->recompute_chunk = g_chunk;
     kvm_template_t *ta = make_tmpl(c, "a", "input", NULL, 41, 30);
     kvm_template_t *tb = make_tmpl(c, "b", agent_first ? "agent:a:current" : "input",
                                    agent_first ? "input" : "agent:a:current", 51, 21);
@@ -870,6 +869,7 @@ static void test_recompute_frac_changes_only_the_selected_rows(void **st) {
     int cand = r.rep.ph[0].tokens + r.rep.ph[1].tokens; /* both placeholders are offset-corrected here */
     int want = (int)ceil(0.25 * cand);
     assert_int_equal(r.rep.selected_recomputed, want);
+    assert_int_equal(r.rep.recompute_items, 1); /* scattered rows, one positioned item */
     int changed = 0;
     for (int t = 0; t < r.n; t++) {
         bool same = true;
@@ -884,56 +884,6 @@ static void test_recompute_frac_changes_only_the_selected_rows(void **st) {
     assert_int_equal(changed, want);
     assert_true(r.err < r.err_before * 1.5f); /* the selected rows are computed from the model, not garbage */
     oracle_run_free(&r);
-}
-
-/* rows [0, n) that differ between two caches, as a 0/1 array */
-static char *changed_rows(const oracle_run_t *r, const comm_geom_t *g) {
-    char *ch = calloc((size_t)r->n, 1);
-    for (int t = 0; t < r->n; t++)
-        for (int l = 0; l < g->L && !ch[t]; l++)
-            for (int kv = 0; kv < 2 && !ch[t]; kv++)
-                for (int h = 0; h < g->H && !ch[t]; h++) {
-                    size_t o = comm_idx(g, r->n, l, kv, h, t);
-                    ch[t] = memcmp(r->before + o, r->after + o, (size_t)g->D * sizeof(float)) != 0;
-                }
-    return ch;
-}
-
-/* The recompute pass runs one batch item per run of consecutive rows; recompute_chunk=C selects whole aligned
- * chunks of C positions (every candidate row of a chosen chunk), at least the fraction's count of rows. */
-static void test_recompute_chunks_select_whole_aligned_chunks_one_item_per_run(void **st) {
-    (void)st;
-    const comm_geom_t g = {3, 2, 16};
-    for (int C = 1; C <= 4; C += 3) {
-        oracle_run_t r;
-        g_recompute_frac = 0.25f, g_chunk = C;
-        oracle_run(KVM_ROPE_HALF, false, 0, NULL, 0, &r);
-        g_recompute_frac = 0, g_chunk = 1;
-        const int p0 = r.rep.ph[0].start_pos, p1 = r.rep.ph[1].start_pos;
-        const int cand = r.rep.ph[0].tokens + r.rep.ph[1].tokens, want = (int)ceil(0.25 * cand);
-        char *ch = changed_rows(&r, &g);
-        int changed = 0, runs = 0;
-        for (int t = 0; t < r.n; t++) {
-            changed += ch[t];
-            runs += ch[t] && (t == 0 || !ch[t - 1]);
-            if (!ch[t]) continue;
-            /* a changed row is a candidate (a placeholder row), and its whole chunk of candidates changed */
-            const bool in0 = t >= p0 && t < p0 + r.rep.ph[0].tokens, in1 = t >= p1 && t < p1 + r.rep.ph[1].tokens;
-            assert_true(in0 || in1);
-            for (int u = t / C * C; u < (t / C + 1) * C && u < r.n; u++) {
-                const bool c0 = u >= p0 && u < p0 + r.rep.ph[0].tokens, c1 = u >= p1 && u < p1 + r.rep.ph[1].tokens;
-                if (c0 || c1) assert_true(ch[u]);
-            }
-        }
-        fprintf(stderr, "  chunk %d: %d rows recomputed (fraction's count %d) in %d items, %d runs\n", C, changed, want,
-                r.rep.recompute_items, runs);
-        assert_int_equal(r.rep.selected_recomputed, changed);
-        assert_true(changed >= want && changed < want + C);
-        assert_int_equal(r.rep.recompute_items, runs);
-        if (C > 1) assert_true(runs <= (changed + C - 1) / C + 1);
-        free(ch);
-        oracle_run_free(&r);
-    }
 }
 
 /* ---- hand-made pools: prediction and eviction (§8 items 6-8) ------------------------------------------------- */
@@ -1354,15 +1304,6 @@ static void test_switches_parse_and_reject_unknown_values(void **st) {
     assert_non_null(strstr(buf, "recompute_below=8"));
     assert_non_null(strstr(buf, "pf_offset=off"));
     /* ours: the other recompute switches and the content alignment */
-    assert_int_equal(c.recompute_chunk, 1);
-    assert_int_equal(kvm_kvcomm_config_set(&c, "kvcomm.recompute_chunk", "16"), 0);
-    assert_int_equal(c.recompute_chunk, 16);
-    assert_int_equal(kvm_kvcomm_config_set(&c, "recompute_chunk", "0"), KVM_EINVAL);
-    assert_non_null(strstr(kvm_errmsg(), "recompute_chunk"));
-    assert_int_equal(c.recompute_chunk, 16);
-    kvm_kvcomm_config_str(&c, buf, sizeof buf);
-    assert_non_null(strstr(buf, "recompute_chunk=16"));
-    c.recompute_chunk = 1;
     assert_int_equal(kvm_kvcomm_config_set(&c, "kvcomm.recompute_text", "16"), 0);
     assert_int_equal(c.recompute_text, 16);
     assert_int_equal(kvm_kvcomm_config_set(&c, "recompute_frac", "0.3"), 0);
@@ -1421,7 +1362,6 @@ int main(void) {
         cmocka_unit_test(test_switches_parse_and_reject_unknown_values),
         cmocka_unit_test(test_recompute_frac_one_with_the_text_recomputed_gives_the_dense_cache),
         cmocka_unit_test(test_recompute_frac_changes_only_the_selected_rows),
-        cmocka_unit_test(test_recompute_chunks_select_whole_aligned_chunks_one_item_per_run),
         cmocka_unit_test(test_recompute_select_layer1_makes_the_first_two_layers_exact),
         cmocka_unit_test(test_content_alignment_finds_the_matching_rows_and_rerotates_key_deltas),
         cmocka_unit_test(test_spread_score_is_zero_where_anchors_agree_and_grows_where_they_disagree),

@@ -158,7 +158,7 @@ static void cpu_kv_write(void *kv, const kvm_kv_geom_t *g, int layer, const floa
         int r0 = b->h_row_start[s], r1 = b->h_row_start[s + 1];
         int first_pos = b->h_ctx_len[s] - (r1 - r0);
         for (int r = r0; r < r1; r++) {
-            int pos = first_pos + (r - r0);
+            int pos = b->h_q_pos ? b->h_q_pos[r] : first_pos + (r - r0);
             int32_t blk = b->h_block_table[(size_t)s * b->max_blocks + pos / KVM_KV_BLOCK];
             int t = pos % KVM_KV_BLOCK;
             for (int h = 0; h < H; h++) {
@@ -187,7 +187,7 @@ static void cpu_attention(float *out, const float *q, const void *kv, const kvm_
 #pragma omp for schedule(dynamic, 1)
             for (int w = 0; w < nwork; w++) {
                 int r = r0 + w / heads, h = w % heads, kh = h / group;
-                int pos = first_pos + (r - r0);
+                int pos = b->h_q_pos ? b->h_q_pos[r] : first_pos + (r - r0);
                 const float *qv = q + ((size_t)r * heads + h) * D;
                 float mx = -INFINITY;
                 for (int p = 0; p <= pos; p++) {

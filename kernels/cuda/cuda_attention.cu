@@ -49,7 +49,7 @@ __global__ void __launch_bounds__(SPLIT_WARPS * 32)
     k_attn_split(float *__restrict__ out, float *__restrict__ partial, const float *__restrict__ q, const T *__restrict__ kv,
                  int L, int H, int D, int layer, int heads, int group, int hchunks, const int32_t *__restrict__ row_start,
                  const int32_t *__restrict__ ctx_len, const int32_t *__restrict__ block_table, int n_seqs, int max_blocks,
-                 float scale, int n_splits, int chunk) {
+                 float scale, int n_splits, int chunk, const int32_t *__restrict__ qpos) {
     __shared__ float sm_m[SPLIT_WARPS][SPLIT_GMAX], sm_l[SPLIT_WARPS][SPLIT_GMAX];
     kvm_pdl_trigger();
     __shared__ float sm_acc[SPLIT_WARPS][SPLIT_GMAX][32 * DPL];
@@ -60,7 +60,7 @@ __global__ void __launch_bounds__(SPLIT_WARPS * 32)
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int s = seq_of_row_a(row_start, n_seqs, r);
     const int r0 = row_start[s], r1 = row_start[s + 1];
-    const int pos = ctx_len[s] - (r1 - r0) + (r - r0);
+    const int pos = qpos ? qpos[r] : ctx_len[s] - (r1 - r0) + (r - r0);
     const int t0 = split * chunk;
     const int t1 = min(t0 + chunk, pos + 1);
     const int32_t *bt = block_table + (size_t)s * max_blocks;
@@ -183,7 +183,7 @@ __global__ void __launch_bounds__(128)
     k_attn_tile(float *__restrict__ out, float *__restrict__ partial, const float *__restrict__ q, const T *__restrict__ kv,
                 int L, int H, int layer, int heads, int group, int hchunks, const int32_t *__restrict__ row_start,
                 const int32_t *__restrict__ ctx_len, const int32_t *__restrict__ block_table, int n_seqs, int max_blocks,
-                float scale, int n_splits, int chunk, int *__restrict__ done) {
+                float scale, int n_splits, int chunk, int *__restrict__ done, const int32_t *__restrict__ qpos) {
     constexpr int DP = D + 8;
     kvm_pdl_trigger();
     constexpr int OUTS = (SPLIT_GMAX * D / 4 + 127) / 128; /* float4 outputs per thread, at most */
@@ -200,7 +200,7 @@ __global__ void __launch_bounds__(128)
     const int G = min(SPLIT_GMAX, group - hc * SPLIT_GMAX);
     const int s = seq_of_row_a(row_start, n_seqs, r);
     const int r0 = row_start[s], r1 = row_start[s + 1];
-    const int pos = ctx_len[s] - (r1 - r0) + (r - r0);
+    const int pos = qpos ? qpos[r] : ctx_len[s] - (r1 - r0) + (r - r0);
     const int t0 = split * chunk;
     const int t1 = min(t0 + chunk, pos + 1);
     const int32_t *bt = block_table + (size_t)s * max_blocks;
@@ -468,7 +468,7 @@ __global__ void __launch_bounds__(128, MINB)
     k_attn_mma(float *__restrict__ out, const float *__restrict__ q, const T *__restrict__ kv, int L, int H, int layer,
                int heads, int group, const int32_t *__restrict__ row_start, const int32_t *__restrict__ ctx_len,
                const int32_t *__restrict__ block_table, int max_blocks, float scale_log2, __nv_bfloat16 *__restrict__ outb,
-               __half *__restrict__ outf) {
+               __half *__restrict__ outf, const int32_t *__restrict__ qpos) {
     constexpr int DP = D + 8; /* padded row (bank-conflict free fragment loads) */
     kvm_pdl_trigger();
     extern __shared__ __align__(16) unsigned char mma_smem[];
@@ -505,14 +505,17 @@ __global__ void __launch_bounds__(128, MINB)
             qa[kk][3] = mma_t<T>::pack(x3.x, x3.y);
         }
     }
-    const int pos_a = first_pos + qr_a, pos_b = first_pos + qr_b;
-    const int wmax = first_pos + qt0 + warp * 16 + 15; /* the last position of this warp's rows */
+    /* positions: the sequence's last rows (first_pos + row), or given per row (increasing; rows past the
+     * sequence take the last row's, their output is not stored) */
+    auto row_pos = [&](int qr) { return qpos ? qpos[r0 + min(qr, nrows - 1)] : first_pos + qr; };
+    const int pos_a = row_pos(qr_a), pos_b = row_pos(qr_b);
+    const int wmax = row_pos(qt0 + warp * 16 + 15); /* the last position of this warp's rows */
     float o[D / 8][4];
 #pragma unroll
     for (int i = 0; i < D / 8; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
     float m_a = -INFINITY, m_b = -INFINITY, l_a = 0.0f, l_b = 0.0f;
 
-    const int last_pos = first_pos + min(qt0 + MMA_Q, nrows) - 1;
+    const int last_pos = row_pos(min(qt0 + MMA_Q, nrows) - 1);
     const int n_tiles = last_pos / MMA_K + 1;
     constexpr int CH = D / 8; /* 16-byte chunks per row */
     auto load_tile = [&](int j, int stage) {
@@ -662,11 +665,11 @@ static void launch_split(float *out, const float *q, const T *kv, const kvm_kv_g
         if (D == 128)
             k_attn_tile<T, 128><<<grid, 128, 0, S>>>(out, partial, q, kv, g->n_layers, H, layer, heads, group, ch, b->row_start,
                                                      b->ctx_len, b->block_table, b->n_seqs, b->max_blocks, scale, n_splits,
-                                                     chunk, done);
+                                                     chunk, done, b->q_pos);
         else
             k_attn_tile<T, 64><<<grid, 128, 0, S>>>(out, partial, q, kv, g->n_layers, H, layer, heads, group, ch, b->row_start,
                                                     b->ctx_len, b->block_table, b->n_seqs, b->max_blocks, scale, n_splits,
-                                                    chunk, done);
+                                                    chunk, done, b->q_pos);
         if (KVM_CU_LAUNCH("attention (tiled decode)")) return;
         if (n_splits > 1 && !done) {
             k_attn_merge<<<b->total_rows * heads, D <= 128 ? 128 : 256, 0, S>>>(out, partial, D, n_splits);
@@ -678,7 +681,7 @@ static void launch_split(float *out, const float *q, const T *kv, const kvm_kv_g
 #define KVM_SPLIT(DPL)                                                                                                  \
     k_attn_split<T, DPL><<<grid, SPLIT_WARPS * 32, 0, S>>>(out, partial, q, kv, g->n_layers, H, D, layer, heads, group,  \
                                                            hchunks, b->row_start, b->ctx_len, b->block_table, b->n_seqs, \
-                                                           b->max_blocks, scale, n_splits, chunk)
+                                                           b->max_blocks, scale, n_splits, chunk, b->q_pos)
     if (D <= 32) KVM_SPLIT(1);
     else if (D <= 64) KVM_SPLIT(2);
     else if (D <= 128) KVM_SPLIT(4);
@@ -720,7 +723,7 @@ static void launch_mma(float *out, const float *q, const T *kv, const kvm_kv_geo
 #define KVM_MMA(DD, OCC)                                                                                                 \
     k_attn_mma<T, DD, OCC><<<grid, 128, mma_smem_bytes<T, DD>(), S>>>(out, q, kv, g->n_layers, g->n_kv_heads, layer, heads, \
                                                                       group, b->row_start, b->ctx_len, b->block_table,    \
-                                                                      b->max_blocks, sl2, outb, outf)
+                                                                      b->max_blocks, sl2, outb, outf, b->q_pos)
     if (g->head_dim == 128) {
         if (occ == 3) KVM_MMA(128, 3);
         else KVM_MMA(128, 1);

@@ -387,11 +387,12 @@ __device__ __forceinline__ int seq_of_row(const int32_t *row_start, int n_seqs, 
 template <typename T>
 __global__ void k_kv_write(T *kv, int L, int H, int D, int layer, const float *__restrict__ k, const float *__restrict__ v,
                            const int32_t *__restrict__ row_start, const int32_t *__restrict__ ctx_len,
-                           const int32_t *__restrict__ block_table, int n_seqs, int max_blocks) {
+                           const int32_t *__restrict__ block_table, int n_seqs, int max_blocks,
+                           const int32_t *__restrict__ qpos) {
     const int r = blockIdx.x;
     const int s = seq_of_row(row_start, n_seqs, r);
     const int r0 = row_start[s], r1 = row_start[s + 1];
-    const int pos = ctx_len[s] - (r1 - r0) + (r - r0);
+    const int pos = qpos ? qpos[r] : ctx_len[s] - (r1 - r0) + (r - r0);
     const int32_t blk = block_table[(size_t)s * max_blocks + pos / KVM_KV_BLOCK];
     const int t = pos % KVM_KV_BLOCK;
     for (int i = threadIdx.x; i < H * D; i += blockDim.x) {
@@ -407,13 +408,14 @@ void kvm_cuda_kv_write(void *kv, const kvm_kv_geom_t *g, int layer, const float 
     const int L = g->n_layers, H = g->n_kv_heads, D = g->head_dim;
     if (g->dtype == KVM_F32)
         k_kv_write<float><<<b->total_rows, 128, 0, S>>>((float *)kv, L, H, D, layer, k, v, b->row_start, b->ctx_len,
-                                                        b->block_table, b->n_seqs, b->max_blocks);
+                                                        b->block_table, b->n_seqs, b->max_blocks, b->q_pos);
     else if (g->dtype == KVM_BF16)
         k_kv_write<__nv_bfloat16><<<b->total_rows, 128, 0, S>>>((__nv_bfloat16 *)kv, L, H, D, layer, k, v, b->row_start,
-                                                                b->ctx_len, b->block_table, b->n_seqs, b->max_blocks);
+                                                                b->ctx_len, b->block_table, b->n_seqs, b->max_blocks,
+                                                                b->q_pos);
     else
         k_kv_write<__half><<<b->total_rows, 128, 0, S>>>((__half *)kv, L, H, D, layer, k, v, b->row_start, b->ctx_len,
-                                                         b->block_table, b->n_seqs, b->max_blocks);
+                                                         b->block_table, b->n_seqs, b->max_blocks, b->q_pos);
     KVM_CU_LAUNCH("kv_write");
 }
 
@@ -437,8 +439,8 @@ __global__ void k_rope_kv(float *q, float *k, const float *__restrict__ v, int h
     }
     __syncthreads();
     const int s = seq_of_row(row_start, n_seqs, r);
-    const int r0 = row_start[s], r1 = row_start[s + 1];
-    const int ps = ctx_len[s] - (r1 - r0) + (r - r0);
+    (void)ctx_len; /* the cache slot is the row's position (= ctx_len - n + j for a sequence's last rows) */
+    const int ps = pos[r];
     const int32_t blk = block_table[(size_t)s * max_blocks + ps / KVM_KV_BLOCK];
     const int t = ps % KVM_KV_BLOCK;
     for (int i = threadIdx.x; i < hk * hd; i += blockDim.x) {

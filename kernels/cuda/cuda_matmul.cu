@@ -817,7 +817,7 @@ __global__ void __launch_bounds__(128) k_gemv_qkv(const qkv_args<T, TC> a, int p
     a.out[seg][ra] = va;
     a.out[seg][rb] = vb;
     if (seg == 0) return;
-    const int ps = a.ctx_len[0] - 1;
+    const int ps = a.pos[0]; /* = ctx_len - 1 for a decode row; the row's position in general */
     const int32_t blk = a.block_table[ps / KVM_KV_BLOCK];
     const int t = ps % KVM_KV_BLOCK, kvi = seg - 1;
     const size_t base = (((((size_t)blk * a.L + a.layer) * 2 + kvi) * a.hk) * KVM_KV_BLOCK + t) * (size_t)a.hd;
@@ -905,8 +905,8 @@ __global__ void k_rope_kv_h(const TH *__restrict__ h, int hw, const float *__res
         cs[half + j] = (float)sn;
     }
     const int s = seq_of_row_m(row_start, n_seqs, r);
-    const int r0 = row_start[s], r1 = row_start[s + 1];
-    const int ps = ctx_len[s] - (r1 - r0) + (r - r0);
+    (void)ctx_len; /* the cache slot is the row's position (= ctx_len - n + j for a sequence's last rows) */
+    const int ps = pos[r];
     const int32_t blk = block_table[(size_t)s * max_blocks + ps / KVM_KV_BLOCK];
     const int t = ps % KVM_KV_BLOCK;
     const size_t kbase = ((((size_t)blk * L + layer) * 2 + 0) * hk) * KVM_KV_BLOCK * (size_t)hd + (size_t)t * hd;

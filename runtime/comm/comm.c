@@ -29,7 +29,6 @@ void kvm_kvcomm_config_default(kvm_kvcomm_config_t *c) {
     c->pool_bound = KVM_KVCOMM_POOL_STRICT;
     c->no_anchor = KVM_KVCOMM_NOANCHOR_DENSE;
     c->resp_last_token = KVM_KVCOMM_RESP_COMPUTE;
-    c->recompute_chunk = 1;
 }
 
 static int parse_bool(const char *v, bool *out) {
@@ -107,14 +106,6 @@ int kvm_kvcomm_config_set(kvm_kvcomm_config_t *c, const char *key, const char *v
         else c->anchor_budget_bytes = (size_t)v;
         return 0;
     }
-    if (!strcmp(k, "recompute_chunk")) { /* ours: kvm_comm_recompute_short */
-        long long v = strtoll(value, &end, 10);
-        if (!end || *end || v < 1 || v > 4096)
-            return kvm_seterr(KVM_EINVAL, "kvcomm.recompute_chunk: '%s' is not a row count in [1, 4096] (1 = single rows)",
-                              value);
-        c->recompute_chunk = (int)v;
-        return 0;
-    }
     if (!strcmp(k, "recompute_below") || !strcmp(k, "recompute_text")) { /* ours: kvm_comm_recompute_short */
         long long v = strtoll(value, &end, 10);
         if (!end || *end || v < 0 || v > 1000000)
@@ -153,8 +144,7 @@ int kvm_kvcomm_config_set(kvm_kvcomm_config_t *c, const char *key, const char *v
     }
     return kvm_seterr(KVM_EINVAL, "unknown KVCOMM switch '%s' (known: enable rotate ph_offset pf_offset weights criterion "
                       "gamma max_anchors evict_window dist_norm frame pool_bound no_anchor resp_last_token force_reuse "
-                      "anchor_budget_bytes recompute_below recompute_text recompute_frac recompute_select recompute_chunk align align_window "
-                      "preset)", key);
+                      "anchor_budget_bytes recompute_below recompute_text recompute_frac recompute_select align align_window preset)", key);
 }
 
 int kvm_kvcomm_ablation(kvm_kvcomm_config_t *c, const char *name) {
@@ -171,12 +161,12 @@ void kvm_kvcomm_config_str(const kvm_kvcomm_config_t *c, char *buf, size_t cap) 
     snprintf(buf, cap,
              "enable=%s rotate=%s ph_offset=%s pf_offset=%s weights=%s criterion=%s gamma=%.2f V=%d W=%d dist_norm=%s "
              "frame=%s pool_bound=%s no_anchor=%s resp_last_token=%s force_reuse=%s recompute_below=%d recompute_text=%d recompute_frac=%.2f recompute_select=%s "
-             "recompute_chunk=%d align=%s align_window=%d",
+             "align=%s align_window=%d",
              c->enable ? "on" : "off", c->rotate ? "on" : "off", c->ph_offset ? "on" : "off", c->pf_offset ? "on" : "off",
              W_NAMES[c->weights % 3], CRIT_NAMES[c->criterion % 2], c->gamma, c->max_anchors, c->evict_window,
              NORM_NAMES[c->dist_norm % 2], FRAME_NAMES[c->frame % 2], BOUND_NAMES[c->pool_bound % 2],
              NOANCHOR_NAMES[c->no_anchor % 2], RESP_NAMES[c->resp_last_token % 2], c->force_reuse ? "on" : "off",
-             c->recompute_below, c->recompute_text, c->recompute_frac, SELECT_NAMES[c->recompute_select % 3], c->recompute_chunk,
+             c->recompute_below, c->recompute_text, c->recompute_frac, SELECT_NAMES[c->recompute_select % 3],
              ALIGN_NAMES[c->align % 2], c->align_window);
 }
 
@@ -987,28 +977,7 @@ int kvm_comm_recompute_short(kvm_comm_t *c, kvm_prepared_t *p) {
         if (select && !mark[row] && pv->row_score[row] > 0)
             cand[2 * nc] = pv->row_score[row], cand[2 * nc + 1] = (float)row, nc++;
     }
-    if (!rc && cfg->recompute_chunk > 1 && nc > 0) {
-        /* chunks: candidates of one aligned chunk of positions become one entry (mean score, first row); they are
-         * taken whole, until at least the fraction's count of rows is marked */
-        const int C = cfg->recompute_chunk;
-        int nch = 0;
-        for (int i = 0; i < nc;) {
-            const int ch = (int)cand[2 * i + 1] / C;
-            double sum = 0;
-            int j = i;
-            for (; j < nc && (int)cand[2 * j + 1] / C == ch; j++) sum += cand[2 * j];
-            cand[2 * nch] = (float)(sum / (j - i)), cand[2 * nch + 1] = cand[2 * i + 1];
-            nch++;
-            i = j;
-        }
-        const int want = (int)ceil((double)cfg->recompute_frac * nc);
-        qsort(cand, (size_t)nch, 2 * sizeof(float), cmp_score_desc);
-        for (int i = 0; i < nch && k < want; i++) {
-            const int row0 = (int)cand[2 * i + 1], end = (row0 / C + 1) * C;
-            for (int row = row0; row < end && row < N - 1; row++)
-                if (!mark[row] && pv->row_score[row] > 0) mark[row] = 1, k++;
-        }
-    } else if (!rc) {
+    if (!rc) {
         k = (int)ceil((double)cfg->recompute_frac * nc);
         if (k > nc) k = nc;
         qsort(cand, (size_t)nc, 2 * sizeof(float), cmp_score_desc);
@@ -1016,31 +985,25 @@ int kvm_comm_recompute_short(kvm_comm_t *c, kvm_prepared_t *p) {
     }
     const int nb = k + n2;
     int *rows = kvm_malloc((size_t)(nb ? nb : 1) * sizeof(int));
-    kvm_seq_t *views = kvm_calloc((size_t)(nb ? nb : 1), sizeof *views);
-    kvm_batch_item_t *items = kvm_calloc((size_t)(nb ? nb : 1), sizeof *items);
+    kvm_seq_t *views = kvm_calloc(1, sizeof *views);
+    kvm_batch_item_t *items = kvm_calloc(1, sizeof *items);
     int32_t *scratch = kvm_malloc((size_t)N * sizeof(int32_t));
-    if (!rc && (!rows || !views || !items || !scratch)) rc = KVM_ENOMEM;
+    int32_t *pos = kvm_malloc((size_t)(nb ? nb : 1) * sizeof(int32_t)), *tok = kvm_malloc((size_t)(nb ? nb : 1) * sizeof(int32_t));
+    if (!rc && (!rows || !views || !items || !scratch || !pos || !tok)) rc = KVM_ENOMEM;
     if (!rc && nb > 0) {
         memcpy(scratch, p->prompt_ids, (size_t)N * sizeof(int32_t));
-        /* one view of the assembled block table per run of consecutive marked rows, cut at the run's first row:
-         * its item writes the run's K/V at every layer before the layer's attention, and row t of it attends to
-         * rows [0, t], so each row sees the fresh K/V of every recomputed row before it (a run comes out as a
-         * prefill of it would). One item per run, not per row: an attention kernel reads the cache once per
-         * item, so a long run costs one read of its context, not one per row. */
-        int i = 0, n_items = 0;
+        /* one item that recomputes the marked rows in place (kvm_batch_item_t.positions) on a view of the
+         * assembled sequence: at every layer all of them write their K/V before the layer's attention, and row t
+         * attends to rows [0, t], so each row sees the fresh K/V of every recomputed row before it (a contiguous
+         * span comes out as a prefill of it would). One item, not one per row: an attention kernel reads the
+         * context once per query tile. */
+        int i = 0;
         for (int row = E; row < N - 1; row++)
-            if (mark[row]) {
-                rows[i++] = row;
-                if (row > E && mark[row - 1] && n_items > 0) {
-                    items[n_items - 1].n_tokens++;
-                    continue;
-                }
-                views[n_items] = seq_view(c, p, row, scratch);
-                items[n_items] = (kvm_batch_item_t){.seq = &views[n_items], .tokens = p->prompt_ids + row, .n_tokens = 1};
-                n_items++;
-            }
-        r->recompute_items = n_items;
-        rc = kvm_forward(c->m, items, n_items);
+            if (mark[row]) rows[i] = row, pos[i] = row, tok[i] = p->prompt_ids[row], i++;
+        views[0] = seq_view(c, p, N - 1, scratch);
+        items[0] = (kvm_batch_item_t){.seq = &views[0], .tokens = tok, .n_tokens = nb, .positions = pos};
+        r->recompute_items = 1;
+        rc = kvm_forward(c->m, items, 1);
     }
     if (!rc) {
         for (int i = 0; i < nb; i++) {
@@ -1059,6 +1022,8 @@ int kvm_comm_recompute_short(kvm_comm_t *c, kvm_prepared_t *p) {
     kvm_free(views);
     kvm_free(items);
     kvm_free(scratch);
+    kvm_free(pos);
+    kvm_free(tok);
     if (rc) {
         kvm_prepared_release(p);
         return rc;

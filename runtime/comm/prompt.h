@@ -94,10 +94,6 @@ typedef struct kvm_kvcomm_config {
      * are recomputed (exact: layer 0 is exact everywhere), and the rows whose layer-1 K/V moved most are taken.
      * spread: the rows where the anchors' deltas disagree most (weighted spread around the estimate). */
     int recompute_select;
-    /* kvcomm.recompute_chunk [ours]: recompute_frac picks aligned chunks of this many positions (score = the mean
-     * of their candidates' row scores) instead of single rows (1, the default). Chunks make the recomputed rows
-     * runs, one batch item each, so that a GPU attention kernel reads the context once per chunk, not per row. */
-    int recompute_chunk;
     /* kvcomm.align [our design, not in the spec]: which anchor row a sample row t is compared with and takes
      * its placeholder delta from. position (default = the spec): row t. content: per anchor, the row u whose
      * values (all layers) are nearest to row t's (squared l2), within align_window rows of t (0 = any row);
@@ -291,7 +287,7 @@ typedef struct kvm_comm_report {
     int short_recomputed;  /* rows moved from offset/naive to recomputed by kvm_comm_recompute_short */
     int selected_recomputed; /* rows moved from offset to recomputed by kvcomm.recompute_frac */
     int layer1_rows;         /* recompute_select=layer1: rows whose layers 0-1 were recomputed to pick them */
-    int recompute_items;     /* batch items of the recompute pass (one per run of consecutive recomputed rows) */
+    int recompute_items;     /* batch items of the recompute pass: 1 (kvm_batch_item_t.positions) */
 } kvm_comm_report_t;
 
 /* Writes the report as one JSON object (no newline) into buf; returns the length it needed. */

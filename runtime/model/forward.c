@@ -468,7 +468,16 @@ int kvm_forward(kvm_model_t *m, kvm_batch_item_t *items, int n_items) {
             if (it->tokens[t] < 0 || it->tokens[t] >= c->vocab_size)
                 return kvm_seterr(KVM_ERANGE, "forward: batch item %d token %d has id %d, outside the vocabulary [0, %d)", i,
                                   t, it->tokens[t], c->vocab_size);
-        int total = it->seq->n_tokens + it->n_tokens;
+        if (it->positions) {
+            for (int t = 0; t < it->n_tokens; t++)
+                if (it->positions[t] < 0 || it->positions[t] >= it->seq->n_tokens ||
+                    (t > 0 && it->positions[t] <= it->positions[t - 1]))
+                    return kvm_seterr(KVM_EINVAL,
+                                      "forward: batch item %d position %d is %d: positions must increase and lie in the "
+                                      "sequence's %d tokens",
+                                      i, t, it->positions[t], it->seq->n_tokens);
+        }
+        int total = it->seq->n_tokens + (it->positions ? 0 : it->n_tokens);
         if (c->max_seq_len > 0 && total > c->max_seq_len)
             return kvm_seterr(KVM_ERANGE, "forward: batch item %d would reach %d tokens, beyond the model's context of %d", i,
                               total, c->max_seq_len);
@@ -481,8 +490,10 @@ int kvm_forward(kvm_model_t *m, kvm_batch_item_t *items, int n_items) {
     int *old_n = kvm_malloc((size_t)n_items * sizeof(int));
     if (!old_n) return KVM_ENOMEM;
     for (int i = 0; i < n_items; i++) old_n[i] = items[i].seq->n_tokens;
+    bool positioned = false;
+    for (int i = 0; i < n_items; i++) positioned |= items[i].positions != NULL;
     for (int i = 0; i < n_items; i++) {
-        int rc = kvm_seq_reserve(items[i].seq, old_n[i] + items[i].n_tokens);
+        int rc = items[i].positions ? 0 : kvm_seq_reserve(items[i].seq, old_n[i] + items[i].n_tokens);
         if (rc) {
             for (int j = 0; j <= i; j++) {
                 kvm_seq_t *s = items[j].seq;
@@ -501,7 +512,7 @@ int kvm_forward(kvm_model_t *m, kvm_batch_item_t *items, int n_items) {
     bool decode = rows == n_items && ops->graph_begin != NULL;
     const char *genv = getenv("KVM_CUDA_GRAPHS");
     if (genv && !strcmp(genv, "0")) decode = false;
-    if (b->graphs_off || b->layer_limit) decode = false; /* a partial pass is never captured */
+    if (b->graphs_off || b->layer_limit || positioned) decode = false; /* nor a partial or a positioned pass */
     if (decode) max_blocks = (max_blocks + 63) / 64 * 64;
     blocks = max_blocks * n_items;
     int rc = ensure_workspace(m, rows, n_items, blocks, logit_rows);
@@ -514,10 +525,10 @@ int kvm_forward(kvm_model_t *m, kvm_batch_item_t *items, int n_items) {
     for (int i = 0; i < n_items; i++) {
         kvm_batch_item_t *it = &items[i];
         b->h_row_start[i] = r;
-        b->h_ctx_len[i] = old_n[i] + it->n_tokens;
+        b->h_ctx_len[i] = old_n[i] + (it->positions ? 0 : it->n_tokens);
         for (int t = 0; t < it->n_tokens; t++, r++) {
             b->h_ids[r] = it->tokens[t];
-            b->h_pos[r] = old_n[i] + t;
+            b->h_pos[r] = it->positions ? it->positions[t] : old_n[i] + t;
         }
         memcpy(b->h_block_table + (size_t)i * max_blocks, it->seq->blocks, (size_t)it->seq->n_blocks * 4);
         for (int k = it->seq->n_blocks; k < max_blocks; k++) b->h_block_table[(size_t)i * max_blocks + k] = -1;
@@ -531,6 +542,7 @@ int kvm_forward(kvm_model_t *m, kvm_batch_item_t *items, int n_items) {
     kvm_attn_batch_t ab = {.n_seqs = n_items, .row_start = b->row_start, .ctx_len = b->ctx_len,
                            .block_table = b->block_table, .max_blocks = max_blocks, .total_rows = rows,
                            .h_row_start = b->h_row_start, .h_ctx_len = b->h_ctx_len, .h_block_table = b->h_block_table};
+    if (positioned) ab.q_pos = b->pos, ab.h_q_pos = b->h_pos; /* else: every sequence's rows are its last ones */
     kvm_kv_pool_t *pool = items[0].seq->pool;
 
     uint64_t key = 0;
@@ -595,7 +607,8 @@ int kvm_forward(kvm_model_t *m, kvm_batch_item_t *items, int n_items) {
         kvm_free(old_n);
         return kvm_errctx(src, "forward");
     }
-    for (int i = 0; i < n_items; i++) kvm_seq_push_tokens(items[i].seq, items[i].tokens, items[i].n_tokens);
+    for (int i = 0; i < n_items; i++)
+        if (!items[i].positions) kvm_seq_push_tokens(items[i].seq, items[i].tokens, items[i].n_tokens);
     kvm_free(old_n);
     return 0;
 }

@@ -18,6 +18,11 @@ typedef struct kvm_batch_item {
     bool all_logits;
     int32_t *next_token;     /* host; when set, the greedy next token (argmax of the last logits row, computed
                                 on the backend: no logits need to travel) is written here */
+    const int32_t *positions; /* host [n_tokens] or NULL. When set, the item RECOMPUTES rows already in seq at
+                                these positions (strictly increasing, each < seq->n_tokens): every layer writes
+                                their K/V there before its attention, and each row attends to positions [0, its
+                                own]; seq keeps its length and tokens. (KVCOMM's selective recompute: scattered
+                                rows in one item, so the context is read once per query tile.) */
 } kvm_batch_item_t;
 
 /* Prepares the backend copy of the weights and the workspace for up to max_rows tokens per step.
