@@ -59,6 +59,7 @@ typedef struct kvm_kv_geom {
 
 struct kvm_kvcomm_dist_args;  /* KVCOMM op arguments, defined after the table */
 struct kvm_kvcomm_apply_args;
+struct kvm_kvcomm_spread_args;
 
 typedef struct kvm_ops {
     const char *name; /* "cpu" or "cuda" */
@@ -171,6 +172,9 @@ typedef struct kvm_ops {
     void (*ffn_add_rmsnorm_16)(float *x, const float *in, const kvm_wmat_t *w_gate, const kvm_wmat_t *w_up,
                                const kvm_wmat_t *w_down, float *h1, float *h2, float *out, const float *w, int n, int dim,
                                float eps);
+    /* optional (ours, kvcomm.recompute_select=spread): the anchors' disagreement per row of a placeholder,
+     * contract with kvm_kvcomm_spread_args_t; NULL = the host path computes it */
+    int (*kvcomm_spread)(const struct kvm_kvcomm_spread_args *a);
 } kvm_ops_t;
 
 /* ---- KVCOMM op types ------------------------------------------------------------------------------ */
@@ -242,6 +246,24 @@ typedef struct kvm_kvcomm_apply_args {
     int dst_n_blocks;           /* entries of dst_blocks when > 0: the op then fails (KVM_EINVAL, nothing written)
                                  * unless the last position dst_pos + (r1 - r0) - 1 lies in the table; 0 = unchecked */
 } kvm_kvcomm_apply_args_t;
+
+/* kvcomm_spread: for rows r in [r0, r1) of a placeholder with candidate x (all layers) and N anchor deltas
+ * (views with l0 = 1) mixed with one weight per token, w_i = w[(kv * N + i) * w_rows + r]:
+ *   out[r - r0] = S / (X + 1e-30) + 1e-30,   over l in [1, L), kv, h, d:
+ *     est = sum_i w_i * delta_i[l,kv,h,r,d]   (fp32, in order of i: the offset kvcomm_apply adds)
+ *     S   = sum sum_i w_i * (delta_i[l,kv,h,r,d] - est)^2,   X = sum x[l,kv,h,r,d]^2
+ * (the weighted spread of the anchors' deltas around the estimate, relative to the row; kvcomm.md §5.2).
+ * Sums in fp32 or wider; out is fp32 in backend memory [r1 - r0]. */
+typedef struct kvm_kvcomm_spread_args {
+    kvm_kv_geom_t g;
+    kvm_kv_view_t x;
+    int n;
+    const kvm_kv_view_t *delta; /* host array [n] */
+    const float *w;             /* backend memory */
+    int w_rows;
+    int r0, r1;
+    float *out;                 /* backend memory */
+} kvm_kvcomm_spread_args_t;
 
 /* The CPU reference backend (always available). */
 const kvm_ops_t *kvm_ops_cpu(void);

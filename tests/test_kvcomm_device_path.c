@@ -86,6 +86,7 @@ static float *prepare_kv(kvm_comm_t *c, uint64_t id, const char *dev, bool want_
     kvm_prepared_t p;
     kvm_prompt_t pr = {.tmpl = t, .bindings = b, .n_bindings = nb, .policy = KVM_KV_KVCOMM};
     int rc = kvm_comm_prepare(rq, &pr, &p);
+    if (!rc) rc = kvm_comm_recompute_short(c, &p); /* (a no-op unless a recompute switch is on) */
     if (rc) fprintf(stderr, "prepare (KVM_KVCOMM_DEVICE=%s): %s\n", dev, kvm_errmsg());
     assert_int_equal(rc, 0);
     *rep = p.report;
@@ -99,11 +100,15 @@ static float *prepare_kv(kvm_comm_t *c, uint64_t id, const char *dev, bool want_
 }
 
 /* Builds anchors with two DENSE rounds, then compares host and device REUSE of agent b on two new inputs. */
+static float g_frac = 0; /* kvcomm.recompute_frac (select=spread) of compare_paths */
+
 static void compare_paths(const char *backend, const char *dev_value, double tol, kvm_rope_layout_t layout) {
     kvm_model_t *m = model_on(backend, layout);
     kvm_comm_t *c = kvm_comm_create(m, NULL);
     assert_non_null(c);
     kvm_comm_config(c)->force_reuse = true;
+    kvm_comm_config(c)->recompute_frac = g_frac;
+    kvm_comm_config(c)->recompute_select = KVM_KVCOMM_SELECT_SPREAD;
     kvm_template_t *ta = make_tmpl(c, 0, "a", "input", NULL, 41);
     kvm_template_t *tb = make_tmpl(c, 1, "b", "input", "agent:a:current", 51);
     for (int q = 0; q < 3; q++) { /* anchors for a, then b sees a's response */
@@ -138,6 +143,8 @@ static void compare_paths(const char *backend, const char *dev_value, double tol
         assert_int_equal(rh.offset_tokens, rd.offset_tokens);
         assert_int_equal(rh.naive_tokens, rd.naive_tokens);
         assert_int_equal(rh.recomputed_tokens, rd.recomputed_tokens);
+        assert_int_equal(rh.selected_recomputed, rd.selected_recomputed);
+        if (g_frac > 0 && rh.mode == KVM_COMM_REUSE) assert_true(rd.selected_recomputed > 0);
         for (int i = 0; i < rh.n_placeholders; i++) {
             assert_int_equal(rh.ph[i].decision, rd.ph[i].decision);
             assert_true(fabs(rh.ph[i].entropy - rd.ph[i].entropy) <= 1e-3 + 1e-3 * fabs(rh.ph[i].entropy));
@@ -175,6 +182,16 @@ static void test_forced_device_path_on_the_cpu_gives_the_host_reuse_cache(void *
     (void)st;
     compare_paths("cpu", "1", 1e-5, KVM_ROPE_HALF);
     compare_paths("cpu", "1", 1e-5, KVM_ROPE_INTERLEAVED);
+}
+
+/* recompute_frac with recompute_select=spread on the device path: the spread scores come from the kvcomm_spread
+ * op, the rows they pick are recomputed by the same pass; the cache equals the host path's */
+static void test_forced_device_path_selects_and_recomputes_the_same_rows_as_the_host(void **st) {
+    (void)st;
+    g_frac = 0.3f;
+    compare_paths("cpu", "1", 1e-5, KVM_ROPE_HALF);
+    compare_paths("cpu", "1", 1e-5, KVM_ROPE_INTERLEAVED);
+    g_frac = 0;
 }
 
 /* REUSE requests allocate no device weight buffers: the first anchor commit puts a few on the device context's
@@ -238,6 +255,19 @@ static void test_gpu_device_path_gives_the_host_reuse_cache_fp32_kv(void **st) {
     unsetenv("KVM_KV_DTYPE");
 }
 
+static void test_gpu_device_path_selects_and_recomputes_the_same_rows_fp32_kv(void **st) {
+    (void)st;
+    if (!have_gpu()) {
+        skip();
+        return;
+    }
+    setenv("KVM_KV_DTYPE", "f32", 1);
+    g_frac = 0.3f;
+    compare_paths("auto", "", 1e-4, KVM_ROPE_HALF);
+    g_frac = 0;
+    unsetenv("KVM_KV_DTYPE");
+}
+
 static void test_gpu_device_path_gives_the_host_reuse_cache_bf16_kv(void **st) {
     (void)st;
     if (!have_gpu()) {
@@ -252,8 +282,10 @@ static void test_gpu_device_path_gives_the_host_reuse_cache_bf16_kv(void **st) {
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_forced_device_path_on_the_cpu_gives_the_host_reuse_cache),
+        cmocka_unit_test(test_forced_device_path_selects_and_recomputes_the_same_rows_as_the_host),
         cmocka_unit_test(test_device_path_reuses_its_weight_buffers_across_requests),
         cmocka_unit_test(test_gpu_device_path_gives_the_host_reuse_cache_fp32_kv),
+        cmocka_unit_test(test_gpu_device_path_selects_and_recomputes_the_same_rows_fp32_kv),
         cmocka_unit_test(test_gpu_device_path_gives_the_host_reuse_cache_bf16_kv),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

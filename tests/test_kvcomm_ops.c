@@ -251,6 +251,31 @@ static double *ref_apply(const kcase_t *k, int pf, const float *w, int r0, int r
     return y;
 }
 
+/* kvcomm_spread's formula in fp64 over the logical tensors (ops.h), rows [0, T) */
+static double *ref_spread(const kcase_t *k, const float *w) {
+    const int L = k->L, H = k->H, D = k->D, N = k->N, T = k->T;
+    double *out = malloc((size_t)T * sizeof(double));
+    for (int r = 0; r < T; r++) {
+        double S = 0, X = 0;
+        for (int l = 1; l < L; l++)
+            for (int kv = 0; kv < 2; kv++)
+                for (int h = 0; h < H; h++)
+                    for (int d = 0; d < D; d++) {
+                        double est = 0;
+                        for (int n = 0; n < N; n++)
+                            est += (double)w[((size_t)kv * N + n) * T + r] * k->dph[n][lidx(k, L - 1, k->Tn[n], l - 1, kv, h, r, d)];
+                        for (int n = 0; n < N; n++) {
+                            double e = k->dph[n][lidx(k, L - 1, k->Tn[n], l - 1, kv, h, r, d)] - est;
+                            S += w[((size_t)kv * N + n) * T + r] * e * e;
+                        }
+                        double x = k->X[lidx(k, L, T, l, kv, h, r, d)];
+                        X += x * x;
+                    }
+        out[r] = S / (X + 1e-30) + 1e-30;
+    }
+    return out;
+}
+
 /* ---- running an op table on a case (host or device memory) -------------------------------------------- */
 
 typedef struct devcase {
@@ -384,6 +409,35 @@ static float *run_apply_n(const devcase_t *dc, const kcase_t *k, int pf, const f
     return y;
 }
 
+/* runs kvcomm_spread of the placeholder rows [0, T) with host weights w [2][N][T]; returns the scores */
+static float *run_spread(const devcase_t *dc, const kcase_t *k, const float *w) {
+    const kvm_ops_t *o = dc->o;
+    const int N = k->N, T = k->T;
+    float *dw = up(o, w, (size_t)2 * N * T * 4);
+    float *dout = o->alloc((size_t)T * 4 + 16);
+    assert_non_null(dout);
+    kvm_kv_view_t dv[MAXN];
+    for (int n = 0; n < N; n++) dv[n] = (kvm_kv_view_t){.data = dc->dphb[n], .rows = k->Tn[n], .l0 = 1};
+    kvm_kvcomm_spread_args_t a = {.g = case_geom(k),
+                                  .x = {.data = dc->pool, .blocks = dc->xblk, .start = k->xs},
+                                  .n = N,
+                                  .delta = dv,
+                                  .w = dw,
+                                  .w_rows = T,
+                                  .r0 = 0,
+                                  .r1 = T,
+                                  .out = dout};
+    assert_non_null(o->kvcomm_spread);
+    int rc = o->kvcomm_spread(&a);
+    if (rc) fprintf(stderr, "kvcomm_spread(%s): %s\n", o->name, kvm_errmsg());
+    assert_int_equal(rc, 0);
+    assert_int_equal(o->sync(), 0);
+    float *y = malloc((size_t)T * 4);
+    assert_int_equal(o->d2h(y, dout, (size_t)T * 4), 0);
+    o->free(dw), o->free(dout);
+    return y;
+}
+
 /* ... with all the case's anchors */
 static float *run_apply(const devcase_t *dc, const kcase_t *k, int pf, const float *w, int r0, int r1, int opos,
                         int shift) {
@@ -456,6 +510,15 @@ static void check_cpu_case(kvm_dtype_t dt, kvm_rope_layout_t lay, int D) {
     if (e1 > tol_out || e2 > tol_out) fprintf(stderr, "apply rel err ph %.3g pf %.3g (tol %.g)\n", e1, e2, tol_out);
     assert_true(e1 <= tol_out);
     assert_true(e2 <= tol_out);
+    /* spread (ours): the CPU op against its formula */
+    {
+        float *sp = run_spread(&dc, k, wph);
+        double *rs = ref_spread(k, wph);
+        double es = rel_err_fd(sp, rs, (size_t)T);
+        if (es > 1e-5) fprintf(stderr, "spread rel err %.3g\n", es);
+        assert_true(es <= 1e-5);
+        free(sp), free(rs);
+    }
     /* and the offsets matter: without them the result differs from the reference */
     float *w0 = calloc(npf, 4);
     y = run_apply(&dc, k, 1, w0, 0, k->S, 7 + T - 2, 1000 + T);
@@ -536,6 +599,15 @@ static void check_backend_case(const kvm_ops_t *o, int L, int H, int D, int T, i
                 kvm_dtype_name(dt), pf ? "pf" : "ph", e, tol);
         if (!(e <= tol)) bad = 1;
         free(yc), free(yg);
+    }
+    /* spread (ours) with the CPU weights on both */
+    {
+        float *sc = run_spread(&cc, k, b[0][3]), *sg = run_spread(&gc, k, b[0][3]);
+        double e = rel_err_ff(sg, sc, (size_t)T);
+        fprintf(stderr, "  [%s L=%d H=%d D=%d T=%d N=%d %s] spread rel err %.3g (tol 1e-4)\n", o->name, L, H, D, T, N,
+                kvm_dtype_name(dt), e);
+        if (!(e <= 1e-4)) bad = 1;
+        free(sc), free(sg);
     }
     /* no anchors: copy and re-rotate only (kvm_segment_publish's one op), by a negative shift into frame 0 */
     {

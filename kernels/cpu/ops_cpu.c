@@ -245,6 +245,7 @@ static int cpu_argmax(const float *x, int n) {
 int kvm_cpu_kvcomm_dist(const kvm_kvcomm_dist_args_t *a);
 int kvm_cpu_kvcomm_softmax(float *w, const float *d, int n, size_t cols, int mode);
 int kvm_cpu_kvcomm_apply(const kvm_kvcomm_apply_args_t *a);
+int kvm_cpu_kvcomm_spread(const kvm_kvcomm_spread_args_t *a);
 
 static const kvm_ops_t cpu_ops = {
     .name = "cpu",
@@ -269,6 +270,7 @@ static const kvm_ops_t cpu_ops = {
     .kvcomm_dist = kvm_cpu_kvcomm_dist,
     .kvcomm_softmax = kvm_cpu_kvcomm_softmax,
     .kvcomm_apply = kvm_cpu_kvcomm_apply,
+    .kvcomm_spread = kvm_cpu_kvcomm_spread,
 };
 
 const kvm_ops_t *kvm_ops_cpu(void) { return &cpu_ops; }

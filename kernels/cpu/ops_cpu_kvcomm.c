@@ -12,6 +12,7 @@
 int kvm_cpu_kvcomm_dist(const kvm_kvcomm_dist_args_t *a);
 int kvm_cpu_kvcomm_softmax(float *w, const float *d, int n, size_t cols, int mode);
 int kvm_cpu_kvcomm_apply(const kvm_kvcomm_apply_args_t *a);
+int kvm_cpu_kvcomm_spread(const kvm_kvcomm_spread_args_t *a);
 
 /* Element index of (l, kv, h, r, d = 0) in a view (ops.h, kvm_kv_view_t). */
 static size_t view_idx(const kvm_kv_geom_t *g, const kvm_kv_view_t *v, int l, int kv, int h, int r) {
@@ -203,5 +204,48 @@ int kvm_cpu_kvcomm_apply(const kvm_kvcomm_apply_args_t *a) {
             free(y), free(dl);
         }
     if (fail) return kvm_seterr(KVM_ENOMEM, "kvcomm_apply: out of host memory");
+    return 0;
+}
+
+/* kvcomm_spread (contract in ops.h). */
+int kvm_cpu_kvcomm_spread(const kvm_kvcomm_spread_args_t *a) {
+    if (!a) return kvm_seterr(KVM_EINVAL, "kvcomm_spread: no arguments");
+    int rc = check_geom(&a->g, "kvcomm_spread");
+    if (rc) return rc;
+    const kvm_kv_geom_t *g = &a->g;
+    const int L = g->n_layers, H = g->n_kv_heads, D = g->head_dim, N = a->n;
+    if (a->r0 < 0 || a->r1 < a->r0 || N < 1 || N > KVM_KVCOMM_MAX_ANCHORS || !a->w || !a->delta || !a->out)
+        return kvm_seterr(KVM_EINVAL, "kvcomm_spread: rows [%d, %d), N=%d", a->r0, a->r1, N);
+    int fail = 0;
+#pragma omp parallel for schedule(static)
+    for (int r = a->r0; r < a->r1; r++) {
+        float *x = malloc((size_t)D * sizeof(float)), *dl = malloc((size_t)N * D * sizeof(float));
+        if (!x || !dl) {
+            free(x), free(dl);
+#pragma omp atomic write
+            fail = 1;
+            continue;
+        }
+        double S = 0, X = 0;
+        for (int l = 1; l < L; l++)
+            for (int kv = 0; kv < 2; kv++)
+                for (int h = 0; h < H; h++) {
+                    load_row(x, a->x.data, g->dtype, view_idx(g, &a->x, l, kv, h, r), D);
+                    for (int i = 0; i < N; i++)
+                        load_row(dl + (size_t)i * D, a->delta[i].data, g->dtype, view_idx(g, &a->delta[i], l, kv, h, r), D);
+                    for (int d = 0; d < D; d++) {
+                        float est = 0;
+                        for (int i = 0; i < N; i++) est += a->w[((size_t)kv * N + i) * a->w_rows + r] * dl[(size_t)i * D + d];
+                        for (int i = 0; i < N; i++) {
+                            double e = (double)dl[(size_t)i * D + d] - est;
+                            S += a->w[((size_t)kv * N + i) * a->w_rows + r] * e * e;
+                        }
+                        X += (double)x[d] * x[d];
+                    }
+                }
+        a->out[r - a->r0] = (float)(S / (X + 1e-30)) + 1e-30f;
+        free(x), free(dl);
+    }
+    if (fail) return kvm_seterr(KVM_ENOMEM, "kvcomm_spread: out of host memory");
     return 0;
 }

@@ -805,3 +805,81 @@ extern "C" int kvm_cuda_kvcomm_apply(const kvm_kvcomm_apply_args_t *a) {
     }
     return launch_rc("kvcomm_apply");
 }
+
+/* ---- kvcomm_spread (ours, recompute_select=spread): one block per row ---------------------------------------- */
+
+namespace {
+
+struct SpreadParams {
+    Geo g;
+    DView x;
+    int N, w_rows, r0;
+    const float *w;
+    float *out;
+    DView d[KVM_KVCOMM_MAX_ANCHORS];
+};
+
+/* Block = one row r; threads stride over the (layer >= 1, kv, head, d) elements of the row; fp32 partial sums,
+ * fp64 block reduction. */
+template <typename T> __global__ void __launch_bounds__(256) k_spread(const __grid_constant__ SpreadParams p) {
+    const Geo g = p.g;
+    const int r = p.r0 + blockIdx.x;
+    const int per_l = 2 * g.H * g.D;
+    const int n_el = (g.L - 1) * per_l;
+    float S = 0.f, X = 0.f;
+    for (int e = threadIdx.x; e < n_el; e += blockDim.x) {
+        const int l = 1 + e / per_l, rem = e % per_l, kv = rem / (g.H * g.D), h = (rem / g.D) % g.H, d = rem % g.D;
+        const float x = kvm_to_f32<T>(static_cast<const T *>(p.x.data)[vidx(p.x, g, l, kv, h, r) + d]);
+        float dl[KVM_KVCOMM_MAX_ANCHORS];
+        float est = 0.f;
+        for (int i = 0; i < p.N; i++) {
+            dl[i] = kvm_to_f32<T>(static_cast<const T *>(p.d[i].data)[vidx(p.d[i], g, l, kv, h, r) + d]);
+            est = __fadd_rn(est, __fmul_rn(p.w[((size_t)kv * p.N + i) * p.w_rows + r], dl[i]));
+        }
+        for (int i = 0; i < p.N; i++) {
+            const float df = dl[i] - est;
+            S += p.w[((size_t)kv * p.N + i) * p.w_rows + r] * df * df;
+        }
+        X += x * x;
+    }
+    __shared__ double sS[256], sX[256];
+    sS[threadIdx.x] = S, sX[threadIdx.x] = X;
+    __syncthreads();
+    for (int k = blockDim.x / 2; k > 0; k >>= 1) {
+        if (threadIdx.x < k) sS[threadIdx.x] += sS[threadIdx.x + k], sX[threadIdx.x] += sX[threadIdx.x + k];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) p.out[blockIdx.x] = (float)(sS[0] / (sX[0] + 1e-30)) + 1e-30f;
+}
+
+} // namespace
+
+extern "C" int kvm_cuda_kvcomm_spread(const kvm_kvcomm_spread_args_t *a) {
+    KVM_OP("kvcomm_spread");
+    if (!a) return kvm_seterr(KVM_EINVAL, "kvcomm_spread: no arguments");
+    int rc = check_common(&a->g, a->n, "kvcomm_spread");
+    if (rc) return rc;
+    const int N = a->n;
+    if (a->r0 < 0 || a->r1 < a->r0 || N < 1 || !a->w || !a->delta || !a->out)
+        return kvm_seterr(KVM_EINVAL, "kvcomm_spread: rows [%d, %d), N=%d", a->r0, a->r1, N);
+    if (a->w_rows < a->r1) return kvm_seterr(KVM_EINVAL, "kvcomm_spread: w_rows %d < r1 %d", a->w_rows, a->r1);
+    if (a->r1 == a->r0) return 0;
+    if ((rc = check_view(a->x, "candidate", "kvcomm_spread", a->r1))) return rc;
+    SpreadParams p;
+    memset(&p, 0, sizeof p);
+    p.g = Geo{a->g.n_layers, a->g.n_kv_heads, a->g.head_dim};
+    p.x = to_dview(a->x);
+    p.N = N, p.w_rows = a->w_rows, p.r0 = a->r0, p.w = a->w, p.out = a->out;
+    for (int i = 0; i < N; i++) {
+        if ((rc = check_view(a->delta[i], "delta", "kvcomm_spread", a->r1))) return rc;
+        p.d[i] = to_dview(a->delta[i]);
+    }
+    cudaStream_t st = g_cuda.stream;
+    const unsigned grid = (unsigned)(a->r1 - a->r0);
+    switch (a->g.dtype) {
+    case KVM_F32: k_spread<float><<<grid, 256, 0, st>>>(p); break;
+    case KVM_BF16: k_spread<__nv_bfloat16><<<grid, 256, 0, st>>>(p); break;
+    default: k_spread<__half><<<grid, 256, 0, st>>>(p); break;
+    }
+    return launch_rc("kvcomm_spread");
+}

@@ -1191,7 +1191,11 @@ int kvm_comm_prepare(kvm_comm_request_t *rq, const kvm_prompt_t *p, kvm_prepared
             for (int i = 0; i < t->n_ph; i++)
                 dph[i] = (comm_dev_ph_t){pv->ph[i].decision, pv->ph[i].sample, pv->ph[i].t_ph, pv->ph[i].t_pf, pv->ph[i].T,
                                          pv->ph[i].S, pv->ph[i].seg, pv->ph[i].usable, pv->ph[i].n_usable};
-            rc = comm_dev_reuse(rq, t, dph, out, E, N);
+            if (cfg->recompute_frac > 0 && !pv->row_score && !(pv->row_score = kvm_calloc((size_t)N, sizeof(float)))) {
+                rc = KVM_ENOMEM;
+                goto fail;
+            }
+            rc = comm_dev_reuse(rq, t, dph, out, E, N, pv->row_score);
             if (rc) goto fail;
             goto reuse_done;
         }

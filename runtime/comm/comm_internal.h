@@ -200,9 +200,11 @@ void comm_dev_sample_free(comm_sample_t *s);
 int comm_dev_sample_x(kvm_comm_t *c, comm_sample_t *s);
 /* §3.4 distances d[n] (raw or per element, as the host loop) of s to anchors E[0..n) */
 int comm_dev_pred(kvm_comm_t *c, comm_sample_t *s, comm_anchor_t **E, int n, double *d);
-/* §3.6/§3.7 REUSE assembly of rows [E, N-1) of out->seq on the backend (fills the report's counts and times) */
+/* §3.6/§3.7 REUSE assembly of rows [E, N-1) of out->seq on the backend (fills the report's counts and times);
+ * row_score (host [N] or NULL): with recompute_frac and recompute_select=spread, the spread score of every
+ * offset-corrected placeholder row is written at its position (as the host path's comm_spread_scores) */
 int comm_dev_reuse(kvm_comm_request_t *rq, const kvm_template_t *t, const comm_dev_ph_t *ph, kvm_prepared_t *out,
-                   int E, int N);
+                   int E, int N, float *row_score);
 
 /* kvcomm.c, recompute_select=spread: per row t of the sample (out[T]), the weighted spread of the anchors'
  * placeholder deltas around the offset comm_apply added (xh - X), over |X|^2, layers 1..L-1. */

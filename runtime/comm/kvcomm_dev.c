@@ -57,6 +57,9 @@ struct comm_dev_ctx {
     int32_t *hbt;         /* host staging of slot 0 */
     size_t hbt_cap;
     float *pred;          /* [KVM_KVCOMM_MAX_ANCHORS] */
+    float *score;         /* kvcomm_spread outputs of one reuse call (recompute_frac), grow-only */
+    size_t score_cap;
+    float *h_score;       /* their host copy */
     float *wfree[COMM_DEV_WFREE]; /* weight buffers of freed samples, for reuse */
     size_t wfree_cap[COMM_DEV_WFREE];
     int n_wfree;
@@ -72,8 +75,11 @@ bool comm_dev_on(kvm_comm_t *c) {
     const bool cpu = !strcmp(o->name, "cpu");
     if (cpu && !(e && !strcmp(e, "1"))) return false;
     if (c->cfg.frame != KVM_KVCOMM_FRAME_F0 || c->cfg.weights == KVM_KVCOMM_W_COSINE) return false;
-    /* ours: content alignment and the selective recompute's row scores run on the host path only */
-    if (c->cfg.align != KVM_KVCOMM_ALIGN_POSITION || c->cfg.recompute_frac > 0) return false;
+    /* ours: content alignment runs on the host path only; of the selective recompute's row scores the device
+     * has the spread (kvcomm_spread) */
+    if (c->cfg.align != KVM_KVCOMM_ALIGN_POSITION) return false;
+    if (c->cfg.recompute_frac > 0 && (c->cfg.recompute_select != KVM_KVCOMM_SELECT_SPREAD || !o->kvcomm_spread))
+        return false;
     if (c->cfg.max_anchors + 1 > KVM_KVCOMM_MAX_ANCHORS) return false;
     const int D = c->g.D;
     if (!cpu && (D % 16 || D > 512 || ((D / 16) & (D / 16 - 1)))) return false;
@@ -101,6 +107,8 @@ void comm_dev_ctx_free(kvm_comm_t *c) {
     for (int i = 0; i < 2; i++) o->free(c->dev->bt[i]);
     for (int i = 0; i < c->dev->n_wfree; i++) o->free(c->dev->wfree[i]);
     o->free(c->dev->pred);
+    o->free(c->dev->score);
+    kvm_free(c->dev->h_score);
     kvm_free(c->dev->hbt);
     kvm_free(c->dev);
     c->dev = NULL;
@@ -527,7 +535,7 @@ typedef struct {
 } piece_plan_t;
 
 int comm_dev_reuse(kvm_comm_request_t *rq, const kvm_template_t *tc, const comm_dev_ph_t *ph_all, kvm_prepared_t *out,
-                   int E, int N) {
+                   int E, int N, float *row_score) {
     kvm_comm_t *c = rq->c;
     kvm_template_t *t = (kvm_template_t *)tc; /* for its lazily made device copies of P */
     const kvm_ops_t *o = c->pool->ops;
@@ -590,6 +598,22 @@ int comm_dev_reuse(kvm_comm_request_t *rq, const kvm_template_t *tc, const comm_
     }
     const int32_t *dbt = upload_blocks(c, 0, x->hbt, (int)st.total);
     if (!dbt) return kvm_errcode() ? kvm_errcode() : KVM_ENOMEM;
+    /* recompute_frac (select=spread): every shared piece's rows get their spread score, in one device buffer */
+    const bool scores = row_score && cfg->recompute_frac > 0 && cfg->ph_offset && cfg->recompute_select == KVM_KVCOMM_SELECT_SPREAD;
+    size_t score_off[KVM_COMM_MAX_PH], n_score = 0;
+    for (int i = 0; i < t->n_ph; i++) {
+        score_off[i] = n_score;
+        if (scores && pl[i].shared && pl[i].na > 0 && ph_all[i].T >= cfg->recompute_below) n_score += (size_t)pl[i].na;
+    }
+    if (n_score > x->score_cap) {
+        size_t cap = n_score < 4096 ? 4096 : n_score * 2;
+        o->free(x->score);
+        kvm_free(x->h_score);
+        x->score = o->alloc(cap * sizeof(float));
+        x->h_score = kvm_malloc(cap * sizeof(float));
+        x->score_cap = x->score && x->h_score ? cap : 0;
+        if (!x->score_cap) return kvm_errcode() ? kvm_errcode() : KVM_ENOMEM;
+    }
     double assemble = ms_since(ta);
 
     /* 2. weights and applies of every piece, enqueued back to back */
@@ -640,6 +664,18 @@ int comm_dev_reuse(kvm_comm_request_t *rq, const kvm_template_t *tc, const comm_
                                          .dst_n_blocks = out->seq.n_blocks};
             rc = o->kvcomm_apply(&a);
         }
+        if (!rc && scores && q->shared && q->na > 0 && T >= cfg->recompute_below) {
+            kvm_kvcomm_spread_args_t a = {.g = c->pool->geom,
+                                          .x = {.data = c->pool->data, .blocks = dbt + st.off[q->smp], .start = 0},
+                                          .n = q->NA,
+                                          .delta = dph,
+                                          .w = s->dev->w,
+                                          .w_rows = T,
+                                          .r0 = q->a0,
+                                          .r1 = q->a1,
+                                          .out = x->score + score_off[i]};
+            rc = o->kvcomm_spread(&a);
+        }
         if (!rc && q->nb > 0) {
             kvm_kvcomm_apply_args_t a = {.g = c->pool->geom,
                                          .src = {.data = t->dev_P[i + 1], .rows = S, .l0 = 0},
@@ -662,6 +698,12 @@ int comm_dev_reuse(kvm_comm_request_t *rq, const kvm_template_t *tc, const comm_
     }
     const double enqueue = ms_since(td);
     if (!rc) rc = o->sync();
+    if (!rc && n_score > 0) { /* the scores, to the rows of the prompt (kvm_comm_recompute_short picks from them) */
+        rc = o->d2h(x->h_score, x->score, n_score * sizeof(float));
+        for (int i = 0; i < t->n_ph && !rc; i++)
+            if (scores && pl[i].shared && pl[i].na > 0 && ph_all[i].T >= cfg->recompute_below)
+                memcpy(row_score + ph_all[i].t_ph + pl[i].a0, x->h_score + score_off[i], (size_t)pl[i].na * sizeof(float));
+    }
     const double dev_wall = ms_since(td);
     /* weights_ms: device time of the weight kernels (events) or their wall time (synchronous backends);
      * offset_ms: the rest of the enqueue-to-sync window (applies: offsets, shift, scatter of every piece) */
