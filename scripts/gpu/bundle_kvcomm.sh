@@ -48,6 +48,9 @@ fi
 grep -qx '/.gpu-kvcomm/' "$root/.git/info/exclude" 2>/dev/null || echo '/.gpu-kvcomm/' >> "$root/.git/info/exclude"
 rm -rf "$out"
 "$shared/tools/gpu-bundle" "$out" $(for b in $bins; do echo "$build/$b"; done)
+# packed (the carry limit is 64 MiB with the tree); kvcomm.sh unpacks them on the GPU machine
+tar cf - -C "$out" $bins | xz -T2 -6 > "$out/bins.tar.xz"
+(cd "$out" && rm -f $bins)
 echo "$version" > "$out/VERSION"
 cat "$out/VERSION"
 du -sh "$out"

@@ -39,6 +39,7 @@ want() { [[ ( " $steps " == *" all "* && $1 != timing && $1 != blend && $1 != hf
 step() { echo; echo "==== $1 ($(date -u +%T))"; }
 new() { LD_LIBRARY_PATH=$B/lib "$@"; }
 if [ -f "$OLD/old.tar.xz" ] && [ ! -x "$OLD/test_kvcomm_ops" ]; then tar xJf "$OLD/old.tar.xz" -C "$OLD"; fi
+if [ -f "$B/bins.tar.xz" ] && [ ! -x "$B/kvmesh" ]; then tar xJf "$B/bins.tar.xz" -C "$B"; fi
 if want old && [ -d "$OLD" ]; then
   step "old bundle: ops bench N=20 with CUDA_LAUNCH_BLOCKING=1 (which op fails)"
   { echo "== old ops bench N=20, CUDA_LAUNCH_BLOCKING=1"
