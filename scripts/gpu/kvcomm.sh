@@ -17,12 +17,13 @@
 # and for extra runs of test_kvcomm_ops (v1, v2u4: the kernels selectable at run time).
 #   bench_timing.log   (step "timing", not in "all") the same bench with KVM_KVCOMM_DEV_TIMING=1: one line per
 #                      device reuse call and prediction (where the alignment time goes)
-#   bench_blend.log, bench_spans.log   (step "blend") the bench with kvcomm.preset=blend (host path), and with only
-#                      the blend's span recompute (device path)
+#   bench_blend.log, bench_spans.log   (step "blend") the bench with kvcomm.preset=blend (BLEND_ARGS adds options),
+#                      and with only the blend's span recompute
+#   cuda.log           (step "cuda") test_cuda_ops and test_cuda_model: the engine's kernels and models vs the CPU
 #   hf.log, hf_ttft.json   (step "hf") HF transformers' TTFT at the agents' prompt lengths, same card
 #   nsys.txt           (step "nsys", if nsys is there) kernel/API/memcpy summaries and the last 400 GPU ops of the bench
 # SKIP_MEMCHECK=1 leaves out the compute-sanitizer run of the parity step.
-# Usage: scripts/gpu/kvcomm.sh [all|parity|ops|old|bench|timing|blend|hf|nsys]... BENCH_ARGS adds options to kvmesh bench kvcomm.
+# Usage: scripts/gpu/kvcomm.sh [all|parity|ops|old|bench|timing|blend|cuda|hf|nsys]... BENCH_ARGS adds options to kvmesh bench kvcomm.
 set -uo pipefail
 steps=${*:-all}
 B=$PWD/.gpu-kvcomm
@@ -35,7 +36,7 @@ clocks() { nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,tempe
   clocks; nvidia-smi -L; } > "$OUT/gpu.txt" 2>&1
 cat "$OUT/gpu.txt"
 rc=0
-want() { [[ ( " $steps " == *" all "* && $1 != timing && $1 != blend && $1 != hf && $1 != nsys ) || " $steps " == *" $1 "* ]]; }
+want() { [[ ( " $steps " == *" all "* && $1 != timing && $1 != blend && $1 != hf && $1 != nsys && $1 != cuda ) || " $steps " == *" $1 "* ]]; }
 step() { echo; echo "==== $1 ($(date -u +%T))"; }
 new() { LD_LIBRARY_PATH=$B/lib "$@"; }
 if [ -f "$OLD/old.tar.xz" ] && [ ! -x "$OLD/test_kvcomm_ops" ]; then tar xJf "$OLD/old.tar.xz" -C "$OLD"; fi
@@ -107,14 +108,21 @@ if want timing; then
   echo "timing bench rc=$?"; grep -E "^alignment" "$OUT/bench_timing.log"
 fi
 if want blend; then
-  step "kvmesh bench kvcomm with kvcomm.preset=blend (host path: selective recompute has no device path yet)"
-  new timeout 240 "$B/kvmesh" bench kvcomm --synthetic llama-3.1-8b --set kvcomm.preset=blend --requests 1 \
+  step "kvmesh bench kvcomm with kvcomm.preset=blend"
+  new timeout 240 "$B/kvmesh" bench kvcomm --synthetic llama-3.1-8b --set kvcomm.preset=blend ${BLEND_ARGS:-} \
     --out /tmp/blend_bench ${BENCH_ARGS:-} > "$OUT/bench_blend.log" 2>&1
   echo "blend bench rc=$?"; grep -E "^agent|^a[0-9] |^alignment|rror" "$OUT/bench_blend.log" | head -8
   step "kvmesh bench kvcomm with recompute_below=8 recompute_text=64 (the blend's span part, device path)"
   new timeout 150 "$B/kvmesh" bench kvcomm --synthetic llama-3.1-8b --set kvcomm.recompute_below=8 \
     --set kvcomm.recompute_text=64 --out /tmp/spans_bench ${BENCH_ARGS:-} > "$OUT/bench_spans.log" 2>&1
   echo "spans bench rc=$?"; grep -E "^a[0-9] |^alignment|rror" "$OUT/bench_spans.log" | head -8
+fi
+if want cuda; then
+  step "test_cuda_ops and test_cuda_model (the engine's CUDA kernels and whole models against the CPU)"
+  { echo "== test_cuda_ops"; new timeout 200 "$B/test_cuda_ops"; echo "rc=$?"
+    echo "== test_cuda_model"; new timeout 300 "$B/test_cuda_model"; echo "rc=$?"; } > "$OUT/cuda.log" 2>&1
+  grep -E "^==|positioned|PASSED|FAILED|rc=|DIFFER" "$OUT/cuda.log" | head -30
+  grep -qE "FAILED|rc=[1-9]" "$OUT/cuda.log" && rc=1
 fi
 if want hf; then
   step "HF transformers TTFT at the agents' prompt lengths (same card, synthetic bf16 weights)"
