@@ -250,7 +250,7 @@ static void check_positioned_gpu(int np) {
     const int T = 300, V = m->cfg.vocab_size;
     int32_t toks[300], P[64], pt[64];
     for (int i = 0; i < T; i++) toks[i] = (int32_t)(kvm_splitmix64(991 + i) % (uint64_t)V);
-    for (int i = 0, p = 1; i < np; i++, p += 1 + (int)(kvm_splitmix64(5 + i) % 13)) P[i] = p, pt[i] = toks[p];
+    for (int i = 0, p = 1; i < np; i++, p += 1 + (int)(kvm_splitmix64(5 + i) % 6)) P[i] = p, pt[i] = toks[p];
     assert_true(P[np - 1] < T);
     kvm_seq_t s;
     kvm_seq_init(&s, pool);
