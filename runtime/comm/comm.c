@@ -984,12 +984,9 @@ int kvm_comm_recompute_short(kvm_comm_t *c, kvm_prepared_t *p) {
         for (int i = 0; i < k; i++) mark[(int)cand[2 * i + 1]] = 1;
     }
     const int nb = k + n2;
-    int *rows = kvm_malloc((size_t)(nb ? nb : 1) * sizeof(int));
-    kvm_seq_t *views = kvm_calloc(1, sizeof *views);
-    kvm_batch_item_t *items = kvm_calloc(1, sizeof *items);
     int32_t *scratch = kvm_malloc((size_t)N * sizeof(int32_t));
     int32_t *pos = kvm_malloc((size_t)(nb ? nb : 1) * sizeof(int32_t)), *tok = kvm_malloc((size_t)(nb ? nb : 1) * sizeof(int32_t));
-    if (!rc && (!rows || !views || !items || !scratch || !pos || !tok)) rc = KVM_ENOMEM;
+    if (!rc && (!scratch || !pos || !tok)) rc = KVM_ENOMEM;
     if (!rc && nb > 0) {
         memcpy(scratch, p->prompt_ids, (size_t)N * sizeof(int32_t));
         /* one item that recomputes the marked rows in place (kvm_batch_item_t.positions) on a view of the
@@ -999,28 +996,25 @@ int kvm_comm_recompute_short(kvm_comm_t *c, kvm_prepared_t *p) {
          * context once per query tile. */
         int i = 0;
         for (int row = E; row < N - 1; row++)
-            if (mark[row]) rows[i] = row, pos[i] = row, tok[i] = p->prompt_ids[row], i++;
-        views[0] = seq_view(c, p, N - 1, scratch);
-        items[0] = (kvm_batch_item_t){.seq = &views[0], .tokens = tok, .n_tokens = nb, .positions = pos};
+            if (mark[row]) pos[i] = row, tok[i] = p->prompt_ids[row], i++;
+        kvm_seq_t view = seq_view(c, p, N - 1, scratch);
+        kvm_batch_item_t item = {.seq = &view, .tokens = tok, .n_tokens = nb, .positions = pos};
         r->recompute_items = 1;
-        rc = kvm_forward(c->m, items, 1);
+        rc = kvm_forward(c->m, &item, 1);
     }
     if (!rc) {
         for (int i = 0; i < nb; i++) {
-            int cat = comm_reuse_row_cat(r, cfg, rows[i]);
+            int cat = comm_reuse_row_cat(r, cfg, pos[i]);
             if (cat == 0) r->exact_tokens--;
             else if (cat == 1) r->offset_tokens--;
             else r->naive_tokens--;
             r->recomputed_tokens++;
-            if (mark[rows[i]] == 2) r->short_recomputed++;
+            if (mark[pos[i]] == 2) r->short_recomputed++;
             else r->selected_recomputed++;
         }
     }
     kvm_free(mark);
     kvm_free(cand);
-    kvm_free(rows);
-    kvm_free(views);
-    kvm_free(items);
     kvm_free(scratch);
     kvm_free(pos);
     kvm_free(tok);
