@@ -215,6 +215,12 @@ static void check_positioned_recompute(bool qwen_like) {
     assert_int_equal(kvm_forward(m, &b1, 1), KVM_EINVAL);
     assert_non_null(strstr(kvm_errmsg(), "positions must increase"));
     assert_int_equal(kvm_forward(m, &b2, 1), KVM_EINVAL);
+    /* a row in a block another sequence also holds is refused (it would change theirs) */
+    kvm_kv_block_ref(pool, s.blocks[P[4] / KVM_KV_BLOCK]);
+    kvm_batch_item_t b3 = {.seq = &s, .tokens = ptok, .n_tokens = NP, .positions = P};
+    assert_int_equal(kvm_forward(m, &b3, 1), KVM_EINVAL);
+    assert_non_null(strstr(kvm_errmsg(), "shared"));
+    kvm_kv_block_unref(pool, s.blocks[P[4] / KVM_KV_BLOCK]);
     assert_int_equal(s.n_tokens, T);
     assert_int_equal(kvm_kv_read_rows(pool, s.blocks, 0, T, got), 0);
     assert_true(memcmp(got, dense, e * 4) != 0); /* the junk is still there */

@@ -476,6 +476,11 @@ int kvm_forward(kvm_model_t *m, kvm_batch_item_t *items, int n_items) {
                                       "forward: batch item %d position %d is %d: positions must increase and lie in the "
                                       "sequence's %d tokens",
                                       i, t, it->positions[t], it->seq->n_tokens);
+                else if (it->seq->pool->refcount[it->seq->blocks[it->positions[t] / KVM_KV_BLOCK]] != 1)
+                    return kvm_seterr(KVM_EINVAL,
+                                      "forward: batch item %d position %d sits in a block shared with another sequence "
+                                      "(recomputing it would change theirs too)",
+                                      i, it->positions[t]);
         }
         int total = it->seq->n_tokens + (it->positions ? 0 : it->n_tokens);
         if (c->max_seq_len > 0 && total > c->max_seq_len)

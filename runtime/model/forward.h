@@ -21,8 +21,9 @@ typedef struct kvm_batch_item {
     const int32_t *positions; /* host [n_tokens] or NULL. When set, the item RECOMPUTES rows already in seq at
                                 these positions (strictly increasing, each < seq->n_tokens): every layer writes
                                 their K/V there before its attention, and each row attends to positions [0, its
-                                own]; seq keeps its length and tokens. (KVCOMM's selective recompute: scattered
-                                rows in one item, so the context is read once per query tile.) */
+                                own]; seq keeps its length and tokens. Their blocks must be the sequence's own
+                                (refcount 1). (KVCOMM's selective recompute: scattered rows in one item, so the
+                                context is read once per query tile.) */
 } kvm_batch_item_t;
 
 /* Prepares the backend copy of the weights and the workspace for up to max_rows tokens per step.
