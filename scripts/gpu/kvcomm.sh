@@ -20,10 +20,11 @@
 #   bench_blend.log, bench_spans.log   (step "blend") the bench with kvcomm.preset=blend (BLEND_ARGS adds options),
 #                      and with only the blend's span recompute
 #   cuda.log           (step "cuda") test_cuda_ops and test_cuda_model: the engine's kernels and models vs the CPU
+#   examples.log       (step "examples") scripts/eval_examples.sh with dense, kvcomm and kvcomm preset=blend on the GPU
 #   hf.log, hf_ttft.json   (step "hf") HF transformers' TTFT at the agents' prompt lengths, same card
 #   nsys.txt           (step "nsys", if nsys is there) kernel/API/memcpy summaries and the last 400 GPU ops of the bench
 # SKIP_MEMCHECK=1 leaves out the compute-sanitizer run of the parity step.
-# Usage: scripts/gpu/kvcomm.sh [all|parity|ops|old|bench|timing|blend|cuda|hf|nsys]... BENCH_ARGS adds options to kvmesh bench kvcomm.
+# Usage: scripts/gpu/kvcomm.sh [all|parity|ops|old|bench|timing|blend|cuda|examples|hf|nsys]... BENCH_ARGS adds options to kvmesh bench kvcomm.
 set -uo pipefail
 steps=${*:-all}
 B=$PWD/.gpu-kvcomm
@@ -36,7 +37,7 @@ clocks() { nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,tempe
   clocks; nvidia-smi -L; } > "$OUT/gpu.txt" 2>&1
 cat "$OUT/gpu.txt"
 rc=0
-want() { [[ ( " $steps " == *" all "* && $1 != timing && $1 != blend && $1 != hf && $1 != nsys && $1 != cuda ) || " $steps " == *" $1 "* ]]; }
+want() { [[ ( " $steps " == *" all "* && $1 != timing && $1 != blend && $1 != hf && $1 != nsys && $1 != cuda && $1 != examples ) || " $steps " == *" $1 "* ]]; }
 step() { echo; echo "==== $1 ($(date -u +%T))"; }
 new() { LD_LIBRARY_PATH=$B/lib "$@"; }
 if [ -f "$OLD/old.tar.xz" ] && [ ! -x "$OLD/test_kvcomm_ops" ]; then tar xJf "$OLD/old.tar.xz" -C "$OLD"; fi
@@ -123,6 +124,13 @@ if want cuda; then
     echo "== test_cuda_model"; new timeout 300 "$B/test_cuda_model"; echo "rc=$?"; } > "$OUT/cuda.log" 2>&1
   grep -E "^==|positioned|PASSED|FAILED|rc=|DIFFER" "$OUT/cuda.log" | head -30
   grep -qE "FAILED|rc=[1-9]" "$OUT/cuda.log" && rc=1
+fi
+if want examples; then
+  step "the bundled-model examples on the GPU: dense, spec KVCOMM and preset=blend (scripts/eval_examples.sh, 100 inputs)"
+  { KV_MODES="dense kvcomm" LD_LIBRARY_PATH=$B/lib timeout 240 bash scripts/eval_examples.sh "$B/kvmesh" ${EX_N:-100}
+    KV_MODES=kvcomm KVCOMM_SET=preset=blend LD_LIBRARY_PATH=$B/lib timeout 120 bash scripts/eval_examples.sh "$B/kvmesh" ${EX_N:-100}
+  } > "$OUT/examples.log" 2>&1
+  cat "$OUT/examples.log" | grep '^{' 
 fi
 if want hf; then
   step "HF transformers TTFT at the agents' prompt lengths (same card, synthetic bf16 weights)"
