@@ -337,6 +337,7 @@ static void reuse_after_two_anchors(int frame) {
         int jl = kvm_comm_report_json(&rb, js, sizeof js);
         assert_true(jl > 0 && (size_t)jl < sizeof js);
         assert_non_null(strstr(js, "\"placeholders\":[{"));
+        assert_non_null(strstr(js, "\"selected_recomputed\":0,\"recompute_items\":0"));
         assert_int_equal(kvm_comm_request_end(rq), 0);
         kvm_segment_release(in);
         kvm_segment_release(out_a);
