@@ -601,9 +601,11 @@ int comm_dev_reuse(kvm_comm_request_t *rq, const kvm_template_t *tc, const comm_
     /* recompute_frac (select=spread): every shared piece's rows get their spread score, in one device buffer */
     const bool scores = row_score && cfg->recompute_frac > 0 && cfg->ph_offset && cfg->recompute_select == KVM_KVCOMM_SELECT_SPREAD;
     size_t score_off[KVM_COMM_MAX_PH], n_score = 0;
+    bool scored[KVM_COMM_MAX_PH]; /* the pieces whose rows get a score (the host path's rule) */
     for (int i = 0; i < t->n_ph; i++) {
         score_off[i] = n_score;
-        if (scores && pl[i].shared && pl[i].na > 0 && ph_all[i].T >= cfg->recompute_below) n_score += (size_t)pl[i].na;
+        scored[i] = scores && pl[i].shared && pl[i].na > 0 && ph_all[i].T >= cfg->recompute_below;
+        if (scored[i]) n_score += (size_t)pl[i].na;
     }
     if (n_score > x->score_cap) {
         size_t cap = n_score < 4096 ? 4096 : n_score * 2;
@@ -664,7 +666,7 @@ int comm_dev_reuse(kvm_comm_request_t *rq, const kvm_template_t *tc, const comm_
                                          .dst_n_blocks = out->seq.n_blocks};
             rc = o->kvcomm_apply(&a);
         }
-        if (!rc && scores && q->shared && q->na > 0 && T >= cfg->recompute_below) {
+        if (!rc && scored[i]) {
             kvm_kvcomm_spread_args_t a = {.g = c->pool->geom,
                                           .x = {.data = c->pool->data, .blocks = dbt + st.off[q->smp], .start = 0},
                                           .n = q->NA,
@@ -701,7 +703,7 @@ int comm_dev_reuse(kvm_comm_request_t *rq, const kvm_template_t *tc, const comm_
     if (!rc && n_score > 0) { /* the scores, to the rows of the prompt (kvm_comm_recompute_short picks from them) */
         rc = o->d2h(x->h_score, x->score, n_score * sizeof(float));
         for (int i = 0; i < t->n_ph && !rc; i++)
-            if (scores && pl[i].shared && pl[i].na > 0 && ph_all[i].T >= cfg->recompute_below)
+            if (scored[i])
                 memcpy(row_score + ph_all[i].t_ph + pl[i].a0, x->h_score + score_off[i], (size_t)pl[i].na * sizeof(float));
     }
     const double dev_wall = ms_since(td);
