@@ -323,12 +323,13 @@ static int reduce(kvm_workflow_t *wf, wf_run_t *r, const wf_key_t *k, const char
 /* ---- prompts ------------------------------------------------------------------------------------- */
 
 /* Text of one slot: from vars (ctx:call) if given, else from the run's inputs, node outputs or state. */
-static int slot_text(kvm_workflow_t *wf, wf_run_t *r, const wf_agent_t *a, const wf_tpart_t *p, lua_State *VL, int vars,
+static int slot_text(kvm_workflow_t *wf, wf_run_t *r, const wf_agent_t *a, int part, lua_State *VL, int vars,
                      char **out, bool *missing) {
+    const kvm_tpl_part_t *p = &a->parts[part];
     lua_State *L = r->th;
     *missing = false;
     if (VL && vars) {
-        lua_getfield(VL, vars, p->text);
+        lua_getfield(VL, vars, p->source);
         if (!lua_isnil(VL, -1)) {
             *out = wf_lua_value_text(VL, -1);
             lua_pop(VL, 1);
@@ -337,22 +338,22 @@ static int slot_text(kvm_workflow_t *wf, wf_run_t *r, const wf_agent_t *a, const
         lua_pop(VL, 1);
     }
     switch (p->src) {
-    case WF_SRC_INPUT:
+    case KVM_TPL_INPUT:
         lua_rawgeti(L, LUA_REGISTRYINDEX, r->inputs_ref);
         lua_getfield(L, -1, p->key ? p->key : "input");
         if (lua_isnil(L, -1)) {
             lua_pop(L, 2);
             return kvm_seterr(KVM_EINVAL, "%s: agent '%s': placeholder {%s} but the run has no input '%s' (give --input %s=...)",
-                              a->where, a->name, p->text, p->key ? p->key : "input", p->key ? p->key : "input");
+                              a->where, a->name, p->source, p->key ? p->key : "input", p->key ? p->key : "input");
         }
         *out = wf_lua_value_text(L, -1);
         lua_pop(L, 2);
         break;
-    case WF_SRC_AGENT:
-    case WF_SRC_TOOL:
-    case WF_SRC_AGENT_PREV: {
-        int nd = p->node;
-        const char *t = nd < 0 ? NULL : p->src == WF_SRC_AGENT_PREV ? r->node_prev[nd] : r->node_cur[nd];
+    case KVM_TPL_AGENT:
+    case KVM_TPL_TOOL:
+    case KVM_TPL_AGENT_PREV: {
+        int nd = a->part_node[part];
+        const char *t = nd < 0 ? NULL : p->src == KVM_TPL_AGENT_PREV ? r->node_prev[nd] : r->node_cur[nd];
         *missing = t == NULL;
         *out = xstrdup(t);
         break;
@@ -377,20 +378,20 @@ static int submit_agent(kvm_workflow_t *wf, wf_run_t *r, int ai, lua_State *VL, 
     cJSON *pj = cJSON_CreateArray();
     int rc = pieces && texts && pj ? 0 : KVM_ENOMEM;
     for (int i = 0; rc == 0 && i < a->n_parts; i++) {
-        const wf_tpart_t *p = &a->parts[i];
+        const kvm_tpl_part_t *p = &a->parts[i];
         cJSON *o = cJSON_CreateObject();
         cJSON_AddItemToArray(pj, o);
-        if (!p->slot) {
+        if (p->src == KVM_TPL_TEXT) {
             pieces[i] = (wf_piece_t){.is_slot = false, .text = p->text};
             cJSON_AddStringToObject(o, "text", p->text);
             continue;
         }
         bool missing;
-        rc = slot_text(wf, r, a, p, VL, vars, &texts[i], &missing);
+        rc = slot_text(wf, r, a, i, VL, vars, &texts[i], &missing);
         if (rc) break;
-        pieces[i] = (wf_piece_t){.is_slot = true, .name = p->ph_name, .text = texts[i]};
-        cJSON_AddStringToObject(o, "slot", p->ph_name);
-        cJSON_AddStringToObject(o, "src", p->text);
+        pieces[i] = (wf_piece_t){.is_slot = true, .name = p->text, .text = texts[i]};
+        cJSON_AddStringToObject(o, "slot", p->text);
+        cJSON_AddStringToObject(o, "src", p->source);
         cJSON_AddStringToObject(o, "text", texts[i]);
         if (missing) cJSON_AddTrueToObject(o, "missing");
     }
@@ -458,9 +459,9 @@ static void trace_run_start(kvm_workflow_t *wf, wf_run_t *r) {
         cJSON *parts = cJSON_AddArrayToObject(x, "parts");
         for (int k = 0; k < a->n_parts; k++) {
             cJSON *p = cJSON_CreateObject();
-            if (a->parts[k].slot) {
-                cJSON_AddStringToObject(p, "slot", a->parts[k].ph_name);
-                cJSON_AddStringToObject(p, "src", a->parts[k].text);
+            if (a->parts[k].src != KVM_TPL_TEXT) {
+                cJSON_AddStringToObject(p, "slot", a->parts[k].text);
+                cJSON_AddStringToObject(p, "src", a->parts[k].source);
             } else
                 cJSON_AddStringToObject(p, "text", a->parts[k].text);
             cJSON_AddItemToArray(parts, p);
@@ -1805,7 +1806,8 @@ void kvm_wf_free(kvm_workflow_t *wf) {
         kvm_free(a->name);
         kvm_free(a->role);
         kvm_free(a->tmpl);
-        wf_template_free(a->parts, a->n_parts);
+        kvm_free(a->parts);
+        kvm_free(a->part_node);
         for (int k = 0; k < a->n_stop; k++) kvm_free(a->stop[k]);
         kvm_free(a->stop);
         kvm_free(a->where);

@@ -7,6 +7,7 @@
 #include <lauxlib.h>
 #include <lualib.h>
 
+#include "../runtime/comm/template_parse.h"
 #include "../runtime/trace/trace.h"
 #include "wf.h"
 
@@ -38,17 +39,6 @@ typedef struct wf_budget {
 
 /* ---- definitions (built by the script at load, immutable afterwards) ------------------------------ */
 
-enum wf_src { WF_SRC_INPUT = 0, WF_SRC_AGENT, WF_SRC_AGENT_PREV, WF_SRC_TOOL, WF_SRC_STATE };
-
-typedef struct wf_tpart {
-    bool slot;
-    char *text;            /* fixed text; for slots the source text inside the braces ("agent:planner") */
-    int src;               /* enum wf_src */
-    char *key;             /* input key (NULL = the whole {input}), node name, or state key */
-    char *ph_name;         /* KVCOMM placeholder name */
-    int node;              /* resolved producer node for agent/tool slots (-1 until validation) */
-} wf_tpart_t;
-
 typedef struct wf_model {
     char *path;            /* as given by the script */
     int llm;               /* engine index */
@@ -60,8 +50,9 @@ typedef struct wf_agent {
     int model;
     char *role;
     char *tmpl;
-    wf_tpart_t *parts;
+    kvm_tpl_part_t *parts; /* the parsed template (one allocation, runtime/comm/template_parse.h) */
     int n_parts;
+    int *part_node;        /* [n_parts] producer node of agent/tool placeholders (-1 until validation) */
     kvm_sampler_params_t sampling;
     int max_tokens;
     char **stop;
@@ -178,7 +169,7 @@ cJSON *wf_lua_to_json(lua_State *L, int idx);
 /* Pushes a JSON value as Lua data (objects -> tables, arrays -> sequences, null -> nil). May raise
  * a memory error: call inside a protected context or with room. */
 void wf_lua_push_json(lua_State *L, const cJSON *j);
-/* Text of a value for a {state:key} placeholder: strings as is, numbers/booleans via tostring,
+/* Text of a value for a {state.key} placeholder: strings as is, numbers/booleans via tostring,
  * tables as compact JSON, nil as "". New string (kvm_free). */
 char *wf_lua_value_text(lua_State *L, int idx);
 /* The message handler used for every protected call: message + traceback. */
@@ -189,9 +180,6 @@ void wf_lua_push_proxy(lua_State *L);
 int wf_lua_test_agent(lua_State *L, int idx);
 void wf_account_charge_close(kvm_workflow_t *wf, wf_account_t *a);
 uint64_t wf_rng_next(uint64_t s[2]);
-/* Parses a template into parts; message names the agent and the bad placeholder. */
-int wf_template_parse(const char *agent, const char *tmpl, wf_tpart_t **parts, int *n);
-void wf_template_free(wf_tpart_t *parts, int n);
 /* Finds a node by name (-1 if none). */
 int wf_graph_find(const wf_graph_t *g, const char *name);
 

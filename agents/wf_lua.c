@@ -299,144 +299,7 @@ static void *grow(lua_State *L, void *arr, int n, size_t elem) {
     return na;
 }
 
-/* ---- templates ---------------------------------------------------------------------------------- */
-
 static bool name_char(char c) { return isalnum((unsigned char)c) || c == '_' || c == '-'; }
-
-void wf_template_free(wf_tpart_t *parts, int n) {
-    for (int i = 0; i < n; i++) {
-        kvm_free(parts[i].text);
-        kvm_free(parts[i].key);
-        kvm_free(parts[i].ph_name);
-    }
-    kvm_free(parts);
-}
-
-static int add_part(wf_tpart_t **parts, int *n, bool slot, const char *text, size_t len) {
-    wf_tpart_t *np = kvm_realloc(*parts, (size_t)(*n + 1) * sizeof *np);
-    if (!np) return KVM_ENOMEM;
-    *parts = np;
-    wf_tpart_t *p = &np[*n];
-    memset(p, 0, sizeof *p);
-    p->slot = slot;
-    p->node = -1;
-    p->text = kvm_malloc(len + 1);
-    if (!p->text) return KVM_ENOMEM;
-    memcpy(p->text, text, len);
-    p->text[len] = '\0';
-    (*n)++;
-    return 0;
-}
-
-/* Template grammar: fixed text with placeholders {input}, {input.KEY}, {agent.NAME}, {agent.NAME.prev},
- * {tool.NAME}, {state.KEY}; ':' may replace '.'. "{{" is a literal '{'. Braces that do not start one
- * of these forms are literal text (so JSON in templates needs no escaping). */
-int wf_template_parse(const char *agent, const char *tmpl, wf_tpart_t **parts, int *n) {
-    *parts = NULL;
-    *n = 0;
-    size_t cap = strlen(tmpl) + 1;
-    char *text = kvm_malloc(cap);
-    if (!text) return KVM_ENOMEM;
-    size_t tl = 0;
-    int rc = 0;
-    const char *p = tmpl;
-    while (*p) {
-        if (p[0] == '{' && p[1] == '{') {
-            text[tl++] = '{';
-            p += 2;
-            continue;
-        }
-        if (p[0] != '{') {
-            text[tl++] = *p++;
-            continue;
-        }
-        static const struct { const char *kw; int src; } kws[] = {
-            {"input", WF_SRC_INPUT}, {"agent", WF_SRC_AGENT}, {"tool", WF_SRC_TOOL}, {"state", WF_SRC_STATE}};
-        int src = -1;
-        size_t kl = 0;
-        for (size_t k = 0; k < 4; k++) {
-            kl = strlen(kws[k].kw);
-            if (!strncmp(p + 1, kws[k].kw, kl) && (p[1 + kl] == '}' || p[1 + kl] == '.' || p[1 + kl] == ':')) {
-                src = kws[k].src;
-                break;
-            }
-        }
-        const char *close = src >= 0 ? strchr(p, '}') : NULL;
-        if (src < 0 || !close) {
-            text[tl++] = *p++;
-            continue;
-        }
-        /* inside = "agent:planner:prev" etc. */
-        const char *in = p + 1, *in_end = close;
-        const char *q = in + kl;
-        char name[128] = "", sub[32] = "";
-        if (*q == '.' || *q == ':') {
-            q++;
-            size_t nl = 0;
-            while (q < in_end && name_char(*q) && nl + 1 < sizeof name) name[nl++] = *q++;
-            name[nl] = '\0';
-            if (nl == 0) {
-                rc = kvm_seterr(KVM_EINVAL, "agent '%s': placeholder {%.*s} has an empty name", agent, (int)(in_end - in), in);
-                goto out;
-            }
-            if (q < in_end && (*q == '.' || *q == ':')) {
-                q++;
-                size_t sl = 0;
-                while (q < in_end && name_char(*q) && sl + 1 < sizeof sub) sub[sl++] = *q++;
-                sub[sl] = '\0';
-            }
-        }
-        if (q != in_end) {
-            rc = kvm_seterr(KVM_EINVAL, "agent '%s': bad placeholder {%.*s} (forms: {input}, {input.key}, {agent.name}, "
-                            "{agent.name.prev}, {tool.name}, {state.key})", agent, (int)(in_end - in), in);
-            goto out;
-        }
-        if (sub[0] && !(src == WF_SRC_AGENT && !strcmp(sub, "prev"))) {
-            rc = kvm_seterr(KVM_EINVAL, "agent '%s': placeholder {%.*s}: only {agent.name.prev} takes a suffix", agent,
-                            (int)(in_end - in), in);
-            goto out;
-        }
-        if (src != WF_SRC_INPUT && !name[0]) {
-            rc = kvm_seterr(KVM_EINVAL, "agent '%s': placeholder {%.*s} needs a name, e.g. {%s.planner}", agent,
-                            (int)(in_end - in), in, kws[src == WF_SRC_AGENT ? 1 : src == WF_SRC_TOOL ? 2 : 3].kw);
-            goto out;
-        }
-        if (src == WF_SRC_AGENT && sub[0]) src = WF_SRC_AGENT_PREV;
-        if (tl > 0) {
-            if ((rc = add_part(parts, n, false, text, tl))) goto out;
-            tl = 0;
-        }
-        if ((rc = add_part(parts, n, true, in, (size_t)(in_end - in)))) goto out;
-        wf_tpart_t *sp = &(*parts)[*n - 1];
-        sp->src = src;
-        char ph[200];
-        switch (src) {
-        /* a field of the input is its own placeholder: runtime/comm names those state:<k> (values whose
-         * base KV is computed like user input, kvcomm.md §1); the whole input is "input" */
-        case WF_SRC_INPUT: snprintf(ph, sizeof ph, name[0] ? "state:input.%s" : "input", name); break;
-        case WF_SRC_AGENT: snprintf(ph, sizeof ph, "agent:%s:current", name); break;
-        case WF_SRC_AGENT_PREV: snprintf(ph, sizeof ph, "agent:%s:prev", name); break;
-        case WF_SRC_TOOL: snprintf(ph, sizeof ph, "tool:%s", name); break;
-        default: snprintf(ph, sizeof ph, "state:%s", name); break;
-        }
-        sp->ph_name = kvm_strdup(ph);
-        sp->key = name[0] ? kvm_strdup(name) : NULL;
-        if (!sp->ph_name || (name[0] && !sp->key)) {
-            rc = KVM_ENOMEM;
-            goto out;
-        }
-        p = close + 1;
-    }
-    if (tl > 0) rc = add_part(parts, n, false, text, tl);
-out:
-    kvm_free(text);
-    if (rc) {
-        wf_template_free(*parts, *n);
-        *parts = NULL;
-        *n = 0;
-    }
-    return rc;
-}
 
 /* ---- JSON <-> Lua ------------------------------------------------------------------------------- */
 
@@ -779,13 +642,15 @@ static int make_agent(lua_State *L, int t, const char *name_arg) {
     } else if (!lua_isnil(L, stop_idx))
         return luaL_error(L, "%s '%s': stop must be a string or a list of strings", what, name);
     /* template check before allocating the agent */
-    wf_tpart_t *parts;
+    kvm_tpl_part_t *parts;
     int n_parts;
-    if (wf_template_parse(name, tmpl, &parts, &n_parts) != 0) return luaL_error(L, "%s", kvm_errmsg());
+    if (kvm_template_parse_parts(tmpl, &parts, &n_parts) != 0) return luaL_error(L, "agent '%s': %s", name, kvm_errmsg());
     char *w = where_dup(L);
+    int *part_node = kvm_malloc(((size_t)n_parts + 1) * sizeof *part_node);
     wf_agent_t *na = kvm_realloc(wf->agents, (size_t)(wf->n_agents + 1) * sizeof *na);
-    if (!na || !w) {
-        wf_template_free(parts, n_parts);
+    if (!na || !w || !part_node) {
+        kvm_free(parts);
+        kvm_free(part_node);
         kvm_free(w);
         if (na) wf->agents = na;
         return luaL_error(L, "out of memory");
@@ -799,6 +664,8 @@ static int make_agent(lua_State *L, int t, const char *name_arg) {
     a->tmpl = kvm_strdup(tmpl);
     a->parts = parts;
     a->n_parts = n_parts;
+    a->part_node = part_node;
+    for (int i = 0; i < n_parts; i++) part_node[i] = -1;
     a->sampling = sp;
     a->max_tokens = (int)max_tokens;
     a->budget_tokens = (long)budget;
@@ -1374,26 +1241,25 @@ static int validate(kvm_workflow_t *wf, wf_graph_t *g) {
         if (g->nodes[i].kind != WF_NODE_AGENT) continue;
         wf_agent_t *a = &wf->agents[g->nodes[i].agent];
         for (int k = 0; k < a->n_parts; k++) {
-            wf_tpart_t *p = &a->parts[k];
-            if (!p->slot) continue;
-            if (p->src == WF_SRC_AGENT || p->src == WF_SRC_AGENT_PREV) {
+            const kvm_tpl_part_t *p = &a->parts[k];
+            if (p->src == KVM_TPL_AGENT || p->src == KVM_TPL_AGENT_PREV) {
                 int nd = wf_graph_find(g, p->key);
                 if (nd < 0)
                     for (int q = 0; q < g->n_nodes; q++)
                         if (g->nodes[q].kind == WF_NODE_AGENT && !strcmp(wf->agents[g->nodes[q].agent].name, p->key)) nd = q;
                 if (nd < 0 || g->nodes[nd].kind != WF_NODE_AGENT)
-                    return kvm_seterr(KVM_EINVAL, "%s: agent '%s': placeholder {%s} names no agent node of graph '%s'", a->where, a->name, p->text, g->name);
-                p->node = nd;
-            } else if (p->src == WF_SRC_TOOL) {
+                    return kvm_seterr(KVM_EINVAL, "%s: agent '%s': placeholder {%s} names no agent node of graph '%s'", a->where, a->name, p->source, g->name);
+                a->part_node[k] = nd;
+            } else if (p->src == KVM_TPL_TOOL) {
                 int nd = wf_graph_find(g, p->key);
                 if (nd < 0 || g->nodes[nd].kind != WF_NODE_TOOL)
-                    return kvm_seterr(KVM_EINVAL, "%s: agent '%s': placeholder {%s} names no tool node (g:tool) of graph '%s'", a->where, a->name, p->text, g->name);
-                p->node = nd;
-            } else if (p->src == WF_SRC_STATE) {
+                    return kvm_seterr(KVM_EINVAL, "%s: agent '%s': placeholder {%s} names no tool node (g:tool) of graph '%s'", a->where, a->name, p->source, g->name);
+                a->part_node[k] = nd;
+            } else if (p->src == KVM_TPL_STATE) {
                 bool ok = false;
                 for (int q = 0; q < g->n_keys; q++)
                     if (!strcmp(g->keys[q].name, p->key)) ok = true;
-                if (!ok) return kvm_seterr(KVM_EINVAL, "%s: agent '%s': placeholder {%s} names an undeclared state key", a->where, a->name, p->text);
+                if (!ok) return kvm_seterr(KVM_EINVAL, "%s: agent '%s': placeholder {%s} names an undeclared state key", a->where, a->name, p->source);
             }
         }
     }

@@ -151,7 +151,7 @@ static int run_ttft(kvm_model_t *m, const opts_t *o) {
         fprintf(stderr, "kvmesh bench kvcomm: %s\n", kvm_errmsg());
         return 1;
     }
-    /* templates: prefix ++ {input} ++ glue ++ {agent:a0} ++ glue ... */
+    /* templates: prefix ++ {input} ++ glue ++ {agent.a0} ++ glue ... */
     kvm_template_t **tm = calloc((size_t)A, sizeof *tm);
     int32_t *texts = malloc((size_t)A * (o->prefix + (size_t)(A + 1) * G) * sizeof(int32_t));
     char (*names)[64] = calloc((size_t)A, sizeof *names);

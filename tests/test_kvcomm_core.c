@@ -535,7 +535,7 @@ static void test_template_parse_maps_graph_placeholders_to_kvcomm_names(void **s
     (void)st;
     kvm_piece_t *p = NULL;
     int n = 0;
-    assert_int_equal(kvm_template_parse("Task: {input}\nPlan:\n{agent:planner}\n{{x}} {agent:c:prev}!", &p, &n), 0);
+    assert_int_equal(kvm_template_parse("Task: {input}\nPlan:\n{agent.planner}\n{{x}} {agent.c.prev}!", &p, &n), 0);
     assert_int_equal(n, 7);
     assert_string_equal(p[0].text, "Task: ");
     assert_string_equal(p[1].text, "input");

@@ -90,6 +90,15 @@ static void test_unknown_agent_in_a_placeholder_is_refused_at_load(void **s) {
     assert_non_null(strstr(kvm_errmsg(), "{agent.plannr}"));
 }
 
+static void test_a_malformed_placeholder_is_refused_at_load_naming_line_and_offset(void **s) {
+    (void)s;
+    kvm_workflow_t *wf = load(HEAD "g:agent('b', { model = m, template = 'P: {agent.a.next}' })\nreturn g\n");
+    assert_null(wf);
+    assert_int_equal(kvm_errcode(), KVM_ELUA_RUNTIME);
+    assert_non_null(strstr(kvm_errmsg(), "bad.lua:5:"));
+    assert_non_null(strstr(kvm_errmsg(), "agent 'b': template: bad placeholder '{agent.a.next}' at offset 3"));
+}
+
 static void test_cycle_without_budget_is_refused_at_load(void **s) {
     (void)s;
     kvm_workflow_t *wf = load(HEAD "g:agent('b', { model = m, template = 'B: {agent.a}' })\n"
@@ -173,6 +182,7 @@ int main(void) {
         cmocka_unit_test(test_runtime_error_in_a_predicate_fails_only_that_run),
         cmocka_unit_test(test_unknown_agent_in_an_edge_is_refused_at_load),
         cmocka_unit_test(test_unknown_agent_in_a_placeholder_is_refused_at_load),
+        cmocka_unit_test(test_a_malformed_placeholder_is_refused_at_load_naming_line_and_offset),
         cmocka_unit_test(test_cycle_without_budget_is_refused_at_load),
         cmocka_unit_test(test_unconditional_cycle_is_refused_even_with_a_budget),
         cmocka_unit_test(test_infinite_loop_is_killed_and_pcall_cannot_swallow_it),

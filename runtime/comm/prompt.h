@@ -182,11 +182,11 @@ uint64_t kvm_template_hash(const kvm_template_t *t);
 int kvm_template_n_tokens(const kvm_template_t *t); /* with the dummies */
 const char *kvm_template_agent(const kvm_template_t *t);
 
-/* Parses graph-API template text ("Task: {input}\nPlan:\n{agent:planner}\n...") into pieces with
- * KVCOMM names: {input} -> input, {tool:x} -> tool:x, {agent:x} -> agent:x:current,
- * {agent:x:prev} -> agent:x:prev, {state:k} -> state:k. "{{" and "}}" are literal braces.
- * *pieces (one allocation holding the strings too) is freed with kvm_free. KVM_EINVAL names the
- * offset of a malformed or unknown placeholder. */
+/* Parses template text in the one grammar of template_parse.h ("Task: {input}\nPlan:\n{agent.planner}\n...")
+ * into pieces with KVCOMM names: {input} -> input, {input.k} -> state:input.k, {agent.x} -> agent:x:current,
+ * {agent.x.prev} -> agent:x:prev, {tool.x} -> tool:x, {state.k} -> state:k. "{{" and "}}" are literal
+ * braces. *pieces (one allocation holding the strings too) is freed with kvm_free. KVM_EINVAL names the
+ * offset of a malformed or unknown placeholder. Implemented in template_parse.c. */
 int kvm_template_parse(const char *text, kvm_piece_t **pieces, int *n_pieces);
 
 /* ---- segments of shared content (kvcomm.md §2.3) -------------------------------------------------- */
