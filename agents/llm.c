@@ -225,36 +225,34 @@ const char *wf_llm_model_name(const wf_llm_t *l, int idx) {
     return l->models[idx].m ? l->models[idx].m->name : l->models[idx].path;
 }
 
-cJSON *wf_llm_model_describe(const wf_llm_t *l, int idx) {
-    cJSON *o = cJSON_CreateObject();
-    if (!o || idx < 0 || idx >= l->n_models) return o;
+void wf_llm_model_describe(const wf_llm_t *l, int idx, wf_llm_model_info_t *out) {
+    memset(out, 0, sizeof *out);
+    if (idx < 0 || idx >= l->n_models) return;
     const lmodel_t *m = &l->models[idx];
-    cJSON_AddStringToObject(o, "path", m->path);
+    kvm_trace_model_t *t = &out->t;
+    t->path = m->path;
     if (m->mock) {
-        cJSON_AddStringToObject(o, "engine", "mock");
-        cJSON_AddStringToObject(o, "chat_format", "plain");
-        return o;
+        t->engine = "mock";
+        t->chat_format = "plain";
+        return;
     }
     const kvm_config_t *c = &m->m->cfg;
-    cJSON_AddStringToObject(o, "engine", "model");
-    cJSON_AddStringToObject(o, "name", m->m->name);
-    cJSON_AddStringToObject(o, "arch", c->arch_name);
-    cJSON_AddNumberToObject(o, "n_layers", c->n_layers);
-    cJSON_AddNumberToObject(o, "dim", c->dim);
-    cJSON_AddNumberToObject(o, "vocab_size", c->vocab_size);
-    cJSON_AddNumberToObject(o, "max_seq_len", c->max_seq_len);
-    cJSON_AddStringToObject(o, "chat_format", kvm_chat_format_name(c->chat_format));
-    char id[24];
-    snprintf(id, sizeof id, "%016llx", (unsigned long long)m->m->model_id);
-    cJSON_AddStringToObject(o, "model_id", id);
-    char desc[512];
-    kvm_model_describe(m->m, desc, sizeof desc);
-    cJSON_AddStringToObject(o, "describe", desc);
+    t->engine = "model";
+    t->name = m->m->name;
+    t->arch = c->arch_name;
+    t->n_layers = c->n_layers;
+    t->dim = c->dim;
+    t->vocab_size = c->vocab_size;
+    t->max_seq_len = c->max_seq_len;
+    t->chat_format = kvm_chat_format_name(c->chat_format);
+    snprintf(out->model_id, sizeof out->model_id, "%016llx", (unsigned long long)m->m->model_id);
+    t->model_id = out->model_id;
+    kvm_model_describe(m->m, out->describe, sizeof out->describe);
+    t->describe = out->describe;
     if (m->comm) {
-        kvm_kvcomm_config_str(kvm_comm_config(m->comm), desc, sizeof desc);
-        cJSON_AddStringToObject(o, "kvcomm", desc);
+        kvm_kvcomm_config_str(kvm_comm_config(m->comm), out->kvcomm, sizeof out->kvcomm);
+        t->kvcomm = out->kvcomm;
     }
-    return o;
 }
 
 /* ---- rendering -------------------------------------------------------------------------------- */

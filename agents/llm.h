@@ -18,6 +18,7 @@
 #include <cjson/cJSON.h>
 
 #include "../runtime/model/generate.h"
+#include "../runtime/trace/trace.h"
 
 typedef enum wf_kv_policy { WF_KV_DENSE = 0, WF_KV_PREFIX = 1, WF_KV_KVCOMM = 2 } wf_kv_policy_t;
 const char *wf_kv_policy_name(wf_kv_policy_t p);
@@ -87,8 +88,14 @@ wf_llm_t *wf_llm_create(const wf_llm_opts_t *o);
 void wf_llm_free(wf_llm_t *l);
 /* Opens a model once per path (later calls with the same path share it) and returns its index. */
 int wf_llm_model_open(wf_llm_t *l, const char *path, int *idx);
-/* A JSON description of model idx (name, path, arch, layers, dim, vocab, chat format, backend). */
-cJSON *wf_llm_model_describe(const wf_llm_t *l, int idx);
+/* A description of model idx for traces (path, engine, name, arch, layers, dim, vocab, chat format,
+ * id, KVCOMM switches); index and script_path are the caller's to fill. Strings point into the engine
+ * (valid while it lives) or into the buffers of *out. */
+typedef struct wf_llm_model_info {
+    kvm_trace_model_t t;
+    char model_id[24], describe[512], kvcomm[512];
+} wf_llm_model_info_t;
+void wf_llm_model_describe(const wf_llm_t *l, int idx, wf_llm_model_info_t *out);
 const char *wf_llm_model_name(const wf_llm_t *l, int idx);
 /* Queues a step. Pieces, strings and stop lists are copied. */
 int wf_llm_submit(wf_llm_t *l, const wf_llm_req_t *r);

@@ -103,4 +103,39 @@ const kvm_wf_agent_stats_t *kvm_wf_agent_stats(const kvm_workflow_t *wf, int i);
 /* The engine, for counters (forward passes, batch sizes). */
 wf_llm_t *kvm_wf_llm(kvm_workflow_t *wf);
 
+/* ---- replay (wf_replay.c) ---------------------------------------------------------------------------- */
+
+typedef struct kvm_wf_replay_opts {
+    const char *model_override;    /* NULL, or a model path every kvmesh.model() resolves to */
+    bool mock;                     /* the mock echo model for every kvmesh.model() (also when the trace says so) */
+} kvm_wf_replay_opts_t;
+
+/* One traced agent-node step (ok, not via ctx:call) against the same step of the replay: the k-th
+ * output of a node in the trace is compared with the k-th output of that node in the replay. */
+typedef struct kvm_wf_replay_step {
+    int idx;                       /* the step's index in the trace */
+    char *node;
+    char *was;                     /* the traced output */
+    char *now;                     /* the replay's output; NULL when the replay has no such step */
+    bool same;
+} kvm_wf_replay_step_t;
+
+typedef struct kvm_wf_replay {
+    char run_id[33];               /* the traced run */
+    kvm_wf_replay_step_t *steps;   /* [n_steps], in trace order */
+    int n_steps;
+    int same, differ;
+    int status;                    /* the replayed run: 0 or KVM_E* */
+    bool trace_ended;              /* the trace has its run.end record */
+    int trace_status;              /* its status then: 0 or KVM_E* */
+} kvm_wf_replay_t;
+
+/* Re-runs a traced run from its trace alone (the script source, inputs, seed, KV override, mock
+ * switch and limits recorded in run.start; no trace is written) and compares every agent output with
+ * the traced one. Greedy agents on the same model and backend reproduce exactly; sampled ones too,
+ * their seeds being derived from the run seed. 0 with *out filled (free with kvm_wf_replay_free),
+ * or KVM_E* with a message (unreadable trace, no run.start, script or engine failure). */
+int kvm_wf_replay(const char *run_dir, const kvm_wf_replay_opts_t *o, kvm_wf_replay_t *out);
+void kvm_wf_replay_free(kvm_wf_replay_t *r);
+
 #endif

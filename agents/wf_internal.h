@@ -1,5 +1,11 @@
-/* wf_internal.h - the structures shared by wf_lua.c (sandbox, bindings, graph building) and
- * wf_exec.c (runs, super-steps, traces). Not a public header. */
+/* wf_internal.h - the structures shared by the files of the workflow layer. Not a public header.
+ *
+ *   wf_lua.c     the sandboxed Lua state, the kvmesh.* bindings, graph building and validation
+ *   wf_exec.c    graph semantics: runs, super-steps, edges, routers, joins, outputs, budgets
+ *   wf_task.c    Lua stack plumbing of a run: node coroutines, protected calls, reducers, ctx:call /
+ *                ctx:map, prompts from placeholders, engine results delivered to the waiting node
+ *   wf_trace.c   filling the trace records of runtime/trace from runs and steps
+ *   wf_replay.c  re-running a traced run from its trace and comparing the outputs */
 #ifndef KVM_AGENTS_WF_INTERNAL_H
 #define KVM_AGENTS_WF_INTERNAL_H
 
@@ -183,15 +189,142 @@ uint64_t wf_rng_next(uint64_t s[2]);
 /* Finds a node by name (-1 if none). */
 int wf_graph_find(const wf_graph_t *g, const char *name);
 
+/* ---- runs ---------------------------------------------------------------------------------------- */
+
+enum wf_task_status { WF_T_RUNNING = 0, WF_T_WAIT, WF_T_DONE };
+
+/* What one agent call sees: its user message as trace parts (fixed text and placeholders with their
+ * contents). Slot names and fixed text point into the agent's template; contents are owned. */
+typedef struct wf_seen {
+    kvm_trace_part_t *parts; /* [n] */
+    char **texts;            /* [n] owned placeholder contents (NULL for fixed text) */
+    int n;
+} wf_seen_t;
+
+/* One node of a super-step. */
+typedef struct wf_task {
+    int node;
+    int status;            /* enum wf_task_status */
+    int err;               /* 0 or KVM_E* */
+    char *errmsg;
+    lua_State *co;         /* func/tool nodes */
+    int co_ref;
+    uint64_t job;          /* engine job in flight (0 = none) */
+    bool job_is_call;      /* a ctx:call from a func/tool node (resume the coroutine) */
+    int call_agent;
+    wf_seen_t *seen;       /* what the agent of the job in flight sees */
+    uint64_t t_start;      /* wall ns */
+    uint64_t t_job;        /* monotonic ns at submit */
+    int out_ref;           /* output value (registry), LUA_NOREF = nil */
+    char *out_text;        /* agent output text */
+    /* ctx:map: several agent calls in flight at once */
+    uint64_t *mjobs;       /* [n_m] engine jobs (0 once delivered) */
+    wf_seen_t **mseen;     /* [n_m] what each call sees */
+    int n_m, m_left;
+    int m_agent;
+    int m_ref;             /* results table (registry) */
+} wf_task_t;
+
+typedef struct wf_run {
+    int idx;
+    char id[KVM_TRACE_ID_HEX];
+    uint64_t seed;
+    bool finished;
+    bool need_end;
+    int err;
+    char *errmsg;
+    lua_State *th;
+    int th_ref, state_ref, inputs_ref, last_ref;
+    wf_account_t *acct;
+    wf_budget_t budget;
+    uint64_t rng[2];
+    char **node_cur, **node_prev;   /* [n_nodes] latest / previous output text */
+    bool *ready;                    /* [n_nodes] */
+    bool *to_end;                   /* [n_nodes] routed to END (outputs) */
+    bool **arrived;                 /* [n_joins][n_src] */
+    int superstep;
+    int step_idx;
+    wf_task_t *tasks;
+    int n_tasks, n_open;
+    long tokens_in, tokens_out;
+    int agent_calls;
+    long *agent_tokens;             /* [n_agents] */
+    uint64_t t0_mono;
+    uint64_t t0_wall;
+    kvm_trace_t *trace;
+    cJSON *inputs, *outputs, *state;
+} wf_run_t;
+
 /* ---- wf_exec.c ---------------------------------------------------------------------------------- */
 
 void wf_runs_free(kvm_workflow_t *wf);
-/* The C function behind ctx:call (registered by wf_lua.c in the ctx metatable). */
-int wf_ctx_call(lua_State *L);
-int wf_ctx_map(lua_State *L);
 /* The RNG of the run executing now (or the load-time one). */
 uint64_t *wf_current_rng(kvm_workflow_t *wf);
-/* print() target: a log record in the current run's trace. */
+/* The agent's KV policy in effect (the --kv override, else its own). */
+wf_kv_policy_t wf_agent_kv(const kvm_workflow_t *wf, const wf_agent_t *a);
+/* A task has finished (its output or error is set): records a func/tool step, closes the super-step
+ * when it was the last open task. */
+void wf_task_done(kvm_workflow_t *wf, wf_run_t *r, wf_task_t *t);
+/* Counts a finished agent call (run and agent figures, on_step) and records its step. */
+void wf_agent_step_done(kvm_workflow_t *wf, wf_run_t *r, wf_task_t *t, int ai, const wf_llm_result_t *res, int status,
+                        const char *err, bool via_call);
+
+/* ---- wf_task.c ---------------------------------------------------------------------------------- */
+
+/* A formatted message (at most 1 KiB) as a new string (kvm_free); NULL when out of memory. */
+char *wf_strf(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+
+/* Makes run r the executing one: its budget, account and RNG are charged until wf_leave(). */
+void wf_enter(kvm_workflow_t *wf, wf_run_t *r);
+void wf_leave(kvm_workflow_t *wf, wf_run_t *r);
+/* Charges allocations to run r without running its code (no cap, no budget) until wf_unbook(). */
+void wf_book(kvm_workflow_t *wf, wf_run_t *r);
+void wf_unbook(kvm_workflow_t *wf);
+/* Protected call on the run's thread: the function and nargs arguments are on r->th's stack. On
+ * success nres results are left; on error nothing is left and *msg gets message + traceback. */
+int wf_run_pcall(kvm_workflow_t *wf, wf_run_t *r, int nargs, int nres, char **msg, const char *where);
+/* Calls fn(state proxy, last) of the run and leaves its one result on r->th. 0 or KVM_E* with *msg. */
+int wf_run_call_state_fn(kvm_workflow_t *wf, wf_run_t *r, int fn_ref, char **msg, const char *where);
+/* Applies key's reducer with the value on top of r->th's stack (popped). 0 or KVM_E* with *msg. */
+int wf_reduce(kvm_workflow_t *wf, wf_run_t *r, const wf_key_t *k, const char *node, char **msg);
+/* Applies a func node's returned table of updates, key by key in sorted order. 0 or KVM_E* with *msg. */
+int wf_apply_updates(kvm_workflow_t *wf, wf_run_t *r, const wf_task_t *t, char **msg);
+/* Reduces an agent node's output into state key "msgs" as {node, agent, text}. */
+int wf_reduce_message(kvm_workflow_t *wf, wf_run_t *r, const wf_task_t *t, char **msg);
+/* Reduces a task's output into the state key its node writes (none: 0). */
+int wf_reduce_writes(kvm_workflow_t *wf, wf_run_t *r, const wf_task_t *t, char **msg);
+/* Pushes a task's output on r->th: agent text, the func/tool value, or {error=, code=}. */
+void wf_push_task_output(wf_run_t *r, const wf_task_t *t, const wf_graph_t *g);
+/* Starts a task: submits an agent node's call, or starts a func/tool node's coroutine. */
+void wf_task_start(kvm_workflow_t *wf, wf_run_t *r, wf_task_t *t);
+/* Hands an engine result to the task waiting for it (agent node, ctx:call or one call of ctx:map). */
+void wf_deliver(kvm_workflow_t *wf, wf_llm_result_t *res);
+/* Releases the super-step's tasks (coroutines, references, texts). */
+void wf_tasks_free(wf_run_t *r);
+/* Sets up the run's Lua side (thread, inputs, state) under its own account. 0 or a Lua status. */
+int wf_run_setup(kvm_workflow_t *wf, wf_run_t *r);
+/* Calls a workflow-level function (dataset, score) with nargs arguments on wf->L on a scratch budget;
+ * its result as JSON. */
+int wf_call_scratch(kvm_workflow_t *wf, int nargs, cJSON **out, const char *what);
+void wf_seen_free(wf_seen_t *s);
+/* The C functions behind ctx:call and ctx:map (registered by wf_lua.c in the ctx metatable). */
+int wf_ctx_call(lua_State *L);
+int wf_ctx_map(lua_State *L);
+
+/* ---- wf_trace.c --------------------------------------------------------------------------------- */
+
+/* Each writes one record to the run's trace (a no-op when the run has none); a failed write stops
+ * tracing for that run with a warning. */
+void wf_trace_run_start(kvm_workflow_t *wf, wf_run_t *r);
+void wf_trace_superstep(kvm_workflow_t *wf, wf_run_t *r);
+void wf_trace_edge(wf_run_t *r, const char *from, const char *to, const char *kind);
+void wf_trace_agent_step(kvm_workflow_t *wf, wf_run_t *r, const wf_task_t *t, int idx, int ai, const wf_llm_result_t *res,
+                         int status, const char *err, bool via_call);
+void wf_trace_lua_step(kvm_workflow_t *wf, wf_run_t *r, const wf_task_t *t, int idx);
+void wf_trace_checkpoint(kvm_workflow_t *wf, wf_run_t *r);
+/* run.end and index.json; closes the trace. */
+void wf_trace_run_end(kvm_workflow_t *wf, wf_run_t *r, double wall_ms);
+/* print() target: a log record in the current run's trace (and stderr when asked or untraced). */
 void wf_log(kvm_workflow_t *wf, const char *level, const char *msg);
 
 #endif

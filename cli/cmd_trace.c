@@ -1,4 +1,6 @@
-/* cmd_trace.c - `kvmesh trace ls|show|steps`: a debugger for run traces (docs/trace-format.md). */
+/* cmd_trace.c - `kvmesh trace ls|show|steps|replay`: a debugger for run traces (docs/trace-format.md).
+ * It parses arguments and prints: the records come typed from runtime/trace's reader, the replay from
+ * kvm_wf_replay (agents/wf_replay.c). */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -19,17 +21,7 @@ static void usage(FILE *f) {
                "RUN_DIR is a run's directory (holding events.jsonl), as printed by kvmesh run.\n");
 }
 
-static const char *str(const cJSON *o, const char *k) {
-    const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, k);
-    return cJSON_IsString(v) ? v->valuestring : "";
-}
-static double num(const cJSON *o, const char *k) {
-    const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, k);
-    return cJSON_IsNumber(v) ? v->valuedouble : 0;
-}
-static const cJSON *obj(const cJSON *o, const char *k) { return cJSON_GetObjectItemCaseSensitive(o, k); }
-
-/* Prints text on one line, newlines shown as ⏎, cut at max bytes. */
+/* Prints text on one line, newlines shown as \n, cut at max bytes. */
 static void oneline(const char *s, size_t max, FILE *f) {
     size_t n = 0;
     for (; s && *s && n < max; s++, n++) {
@@ -39,112 +31,103 @@ static void oneline(const char *s, size_t max, FILE *f) {
     if (s && *s) fputs("...", f);
 }
 
+static const char *or_empty(const char *s) { return s ? s : ""; }
+static const char *status_word(int code) { return code ? "error" : "ok"; }
+
+/* Reads a run's events.jsonl; prints the error as "kvmesh trace <what>: ..." on failure. */
+static int read_log(const char *dir, const char *what, kvm_trace_log_t *log) {
+    if (kvm_trace_read(dir, log) == 0) return 0;
+    fprintf(stderr, "kvmesh trace%s: %s\n", what, kvm_errmsg());
+    return 1;
+}
+
 /* ---- ls ------------------------------------------------------------------------------------------ */
 
 static void ls_one(const char *dir, void *ud) {
     (void)ud;
-    char p[4096];
-    char *buf = NULL;
-    size_t len = 0;
-    cJSON *idx = NULL;
-    if (kvm_path_join(p, sizeof p, dir, "index.json") == 0 && kvm_read_file(p, &buf, &len, 0) == 0) {
-        idx = cJSON_Parse(buf);
-        free(buf);
-    }
-    if (!idx) { /* run still going or crashed: summarise from the log */
-        kvm_trace_log_t log;
+    kvm_trace_log_t log;
+    if (kvm_trace_read_index(dir, &log) != 0) { /* run still going or crashed: summarise from the log */
         if (kvm_trace_read(dir, &log) != 0) {
             printf("%-34s (unreadable: %s)\n", dir, kvm_errmsg());
             return;
         }
-        cJSON *st = kvm_trace_log_next(&log, "run.start", NULL);
+        const kvm_trace_rec_t *st = kvm_trace_log_next(&log, KVM_TRACE_RUN_START, NULL);
         int steps = 0, from = 0;
-        while (kvm_trace_log_next(&log, "step", &from)) steps++;
-        printf("%-34s %-12s %-8s steps %3d%s\n", st ? str(st, "run_id") : dir, st ? str(obj(st, "workflow"), "graph") : "?",
+        while (kvm_trace_log_next(&log, KVM_TRACE_STEP, &from)) steps++;
+        printf("%-34s %-12s %-8s steps %3d%s\n", st ? or_empty(st->run_start.run_id) : dir, st ? or_empty(st->run_start.graph) : "?",
                "running?", steps, log.torn_tail ? " (torn tail)" : "");
         kvm_trace_log_free(&log);
         return;
     }
+    const kvm_trace_index_t *ix = &log.recs[0].index;
     char when[32] = "";
-    const char *started = str(idx, "started");
-    if (*started) {
-        time_t t = (time_t)(strtoull(started, NULL, 10) / 1000000000ULL);
+    if (ix->started) {
+        time_t t = (time_t)(ix->started / 1000000000ULL);
         struct tm tmv;
         gmtime_r(&t, &tmv);
         strftime(when, sizeof when, "%Y-%m-%d %H:%M:%S", &tmv);
     }
-    printf("%-34s %s  %-12s %-6s %-16s ssteps %3d  calls %4d  tok %6.0f/%-5.0f  %8.1f ms  %s\n", str(idx, "run_id"), when,
-           str(idx, "graph"), str(idx, "status"), str(idx, "error"), (int)num(idx, "supersteps"), (int)num(idx, "agent_calls"),
-           num(idx, "input_tokens"), num(idx, "output_tokens"), num(idx, "wall_ms"), dir);
-    cJSON_Delete(idx);
+    printf("%-34s %s  %-12s %-6s %-16s ssteps %3d  calls %4d  tok %6ld/%-5ld  %8.1f ms  %s\n", or_empty(ix->run_id), when,
+           or_empty(ix->graph), status_word(ix->error), ix->error ? kvm_errname(ix->error) : "", ix->supersteps, ix->agent_calls,
+           ix->input_tokens, ix->output_tokens, ix->wall_ms, dir);
+    kvm_trace_log_free(&log);
 }
 
 /* ---- show ---------------------------------------------------------------------------------------- */
 
-static void show_step(const cJSON *st, FILE *f) {
-    const char *agent = str(st, "agent");
-    fprintf(f, "  #%-3d s%-3d %-14s %-5s %-5s", (int)num(st, "idx"), (int)num(st, "superstep"), str(st, "node"), str(st, "op"),
-            str(st, "status"));
-    if (*agent) {
-        const cJSON *kv = obj(st, "kv"), *tm = obj(st, "timings"), *b = obj(st, "batch"), *out = obj(st, "output");
-        int in = (int)num(obj(st, "prompt"), "tokens");
-        int reused = (int)(num(kv, "exact") + num(kv, "offset") + num(kv, "naive"));
+static void show_step(const kvm_trace_step_t *st, FILE *f) {
+    fprintf(f, "  #%-3d s%-3d %-14s %-5s %-5s", st->idx, st->superstep, or_empty(st->node), or_empty(st->op), status_word(st->error.code));
+    if (st->agent) {
+        const kvm_trace_kv_t *kv = &st->kv;
         fprintf(f, " %5d in (%d reused: %d exact %d offset %d naive; %d recomputed; %s) -> %4d out  ttft %7.1f ms  %6.1f tok/s  batch<=%d  | ",
-                in, reused, (int)num(kv, "exact"), (int)num(kv, "offset"), (int)num(kv, "naive"), (int)num(kv, "recomputed"),
-                str(kv, "mode"), (int)num(out, "tokens"), num(tm, "ttft_ms"), num(tm, "tokens_per_s"), (int)num(b, "max_seqs"));
-        oneline(str(out, "text"), 50, f);
-    } else if (obj(st, "output")) {
-        char *s = cJSON_PrintUnformatted(obj(st, "output"));
+                st->prompt_tokens, kv->exact + kv->offset + kv->naive, kv->exact, kv->offset, kv->naive, kv->recomputed, or_empty(kv->mode),
+                st->output_tokens, st->timings.ttft_ms, st->timings.tokens_per_s, st->batch.max_seqs);
+        oneline(st->output_text, 50, f);
+    } else if (!st->error.code) {
         fputs(" -> ", f);
-        oneline(s, 60, f);
-        cJSON_free(s);
+        oneline(st->output_json ? st->output_json : "null", 60, f);
     }
-    if (!strcmp(str(st, "status"), "error")) {
+    if (st->error.code) {
         fputs("\n        error: ", f);
-        fputs(str(obj(st, "error"), "message"), f);
+        fputs(or_empty(st->error.message), f);
     }
     fputc('\n', f);
 }
 
+static void show_header(const kvm_trace_run_start_t *s) {
+    printf("run %s  workflow %s (graph '%s')  seed %llu\n", or_empty(s->run_id), or_empty(s->workflow_path), or_empty(s->graph),
+           (unsigned long long)s->seed);
+    printf("inputs: %s\n", s->inputs_json ? s->inputs_json : "{}");
+    for (int i = 0; i < s->n_models; i++)
+        printf("model %d: %s (%s)\n", s->models[i].index, or_empty(s->models[i].script_path), or_empty(s->models[i].engine));
+    for (int i = 0; i < s->n_agents; i++) {
+        const kvm_trace_agent_t *a = &s->agents[i];
+        printf("agent %-12s kv %-7s max_tokens %-4d template: ", or_empty(a->name), or_empty(a->kv), a->max_tokens);
+        oneline(a->template_text, 70, stdout);
+        putchar('\n');
+    }
+}
+
 static int show(const char *dir) {
     kvm_trace_log_t log;
-    if (kvm_trace_read(dir, &log) != 0) {
-        fprintf(stderr, "kvmesh trace: %s\n", kvm_errmsg());
-        return 1;
-    }
-    const cJSON *st = kvm_trace_log_next(&log, "run.start", NULL);
-    if (st) {
-        printf("run %s  workflow %s (graph '%s')  seed %s\n", str(st, "run_id"), str(obj(st, "workflow"), "path"),
-               str(obj(st, "workflow"), "graph"), str(st, "seed"));
-        char *in = cJSON_PrintUnformatted(obj(st, "inputs"));
-        printf("inputs: %s\n", in ? in : "{}");
-        cJSON_free(in);
-        const cJSON *m;
-        cJSON_ArrayForEach(m, obj(st, "models")) printf("model %d: %s (%s)\n", (int)num(m, "index"), str(m, "script_path"), str(m, "engine"));
-        const cJSON *a;
-        cJSON_ArrayForEach(a, obj(st, "agents")) {
-            printf("agent %-12s kv %-7s max_tokens %-4d template: ", str(a, "name"), str(a, "kv"), (int)num(a, "max_tokens"));
-            oneline(str(a, "template"), 70, stdout);
-            putchar('\n');
-        }
-    }
+    if (read_log(dir, "", &log)) return 1;
+    const kvm_trace_rec_t *st = kvm_trace_log_next(&log, KVM_TRACE_RUN_START, NULL);
+    if (st) show_header(&st->run_start);
     printf("\nsteps:\n");
     for (int i = 0; i < log.n; i++) {
-        const char *t = str(log.recs[i], "t");
-        if (!strcmp(t, "step")) show_step(log.recs[i], stdout);
-        else if (!strcmp(t, "edge")) printf("        edge %s -> %s (%s)\n", str(log.recs[i], "from"), str(log.recs[i], "to"), str(log.recs[i], "kind"));
-        else if (!strcmp(t, "log")) printf("        log [%s] %s\n", str(log.recs[i], "level"), str(log.recs[i], "msg"));
+        const kvm_trace_rec_t *r = &log.recs[i];
+        if (r->type == KVM_TRACE_STEP) show_step(&r->step, stdout);
+        else if (r->type == KVM_TRACE_EDGE) printf("        edge %s -> %s (%s)\n", or_empty(r->edge.from), or_empty(r->edge.to), or_empty(r->edge.kind));
+        else if (r->type == KVM_TRACE_LOG) printf("        log [%s] %s\n", or_empty(r->log.level), or_empty(r->log.msg));
     }
-    const cJSON *end = kvm_trace_log_next(&log, "run.end", NULL);
+    const kvm_trace_rec_t *end = kvm_trace_log_next(&log, KVM_TRACE_RUN_END, NULL);
     if (end) {
-        printf("\nresult: %s", str(end, "status"));
-        if (obj(end, "error")) printf(" (%s) %s", str(obj(end, "error"), "code"), str(obj(end, "error"), "message"));
-        char *o = cJSON_PrintUnformatted(obj(end, "outputs"));
-        printf("\noutputs: %s\n", o ? o : "{}");
-        cJSON_free(o);
-        const cJSON *u = obj(end, "usage"), *tm = obj(end, "timings");
-        printf("usage: %d agent calls, %.0f input + %.0f output tokens, %.1f ms wall, %.1f ms Lua\n", (int)num(u, "agent_calls"),
-               num(u, "input_tokens"), num(u, "output_tokens"), num(tm, "wall_ms"), num(tm, "lua_ms"));
+        const kvm_trace_run_end_t *e = &end->run_end;
+        printf("\nresult: %s", status_word(e->error.code));
+        if (e->error.code) printf(" (%s) %s", kvm_errname(e->error.code), or_empty(e->error.message));
+        printf("\noutputs: %s\n", e->outputs_json ? e->outputs_json : "{}");
+        printf("usage: %d agent calls, %ld input + %ld output tokens, %.1f ms wall, %.1f ms Lua\n", e->agent_calls, e->input_tokens,
+               e->output_tokens, e->wall_ms, e->lua_ms);
     } else
         printf("\nresult: no run.end record (the run is going on, or the process died)%s\n", log.torn_tail ? "; last line torn" : "");
     kvm_trace_log_free(&log);
@@ -153,64 +136,61 @@ static int show(const char *dir) {
 
 /* ---- steps --------------------------------------------------------------------------------------- */
 
+static void print_seen(const kvm_trace_step_t *st, size_t cut) {
+    if (st->system) {
+        printf("  system: ");
+        oneline(st->system, cut, stdout);
+        putchar('\n');
+    }
+    printf("  saw:\n");
+    for (int i = 0; i < st->n_pieces; i++) {
+        const kvm_trace_part_t *p = &st->pieces[i];
+        if (p->slot) {
+            printf("    {%s} = ", or_empty(p->src));
+            oneline(p->text, cut, stdout);
+            printf("   [placeholder %s%s]\n", p->slot, p->missing ? ", not produced yet" : "");
+        } else {
+            printf("    text: ");
+            oneline(p->text, cut, stdout);
+            putchar('\n');
+        }
+    }
+}
+
+static void print_agent_step(const kvm_trace_step_t *st, size_t cut) {
+    print_seen(st, cut);
+    const kvm_trace_kv_t *kv = &st->kv;
+    const kvm_trace_timings_t *tm = &st->timings;
+    printf("  prompt: %d tokens; KV %s: %d exact, %d offset-corrected, %d naive, %d recomputed, %d fused; anchors %d\n", st->prompt_tokens,
+           or_empty(kv->mode), kv->exact, kv->offset, kv->naive, kv->recomputed, kv->fused, kv->anchors);
+    if (kv->decisions_json) printf("  reuse decisions: %s\n", kv->decisions_json);
+    printf("  timings: queue %.1f ms, TTFT %.1f ms, decode %.1f ms (%.1f tok/s); %d forward passes, batch up to %d sequences (mean %.2f)\n",
+           tm->queue_ms, tm->ttft_ms, tm->decode_ms, tm->tokens_per_s, st->batch.forwards, st->batch.max_seqs, st->batch.mean_seqs);
+    printf("  said (%d tokens, stop %s): ", st->output_tokens, or_empty(st->stop));
+    oneline(st->output_text, cut, stdout);
+    putchar('\n');
+}
+
 static int steps(const char *dir, int only, bool full) {
     kvm_trace_log_t log;
-    if (kvm_trace_read(dir, &log) != 0) {
-        fprintf(stderr, "kvmesh trace: %s\n", kvm_errmsg());
-        return 1;
-    }
+    if (read_log(dir, "", &log)) return 1;
     size_t cut = full ? (size_t)-1 : 400;
     int from = 0;
-    for (const cJSON *st; (st = kvm_trace_log_next(&log, "step", &from)) != NULL;) {
-        if (only >= 0 && (int)num(st, "idx") != only) continue;
-        printf("== step %d (super-step %d) node '%s'", (int)num(st, "idx"), (int)num(st, "superstep"), str(st, "node"));
-        if (*str(st, "agent")) printf(" agent '%s' on %s%s", str(st, "agent"), str(st, "model"), *str(st, "via") ? " via ctx:call" : "");
-        printf(" [%s]\n", str(st, "status"));
-        if (*str(st, "agent")) {
-            const cJSON *sys = obj(st, "system");
-            if (cJSON_IsString(sys)) {
-                printf("  system: ");
-                oneline(sys->valuestring, cut, stdout);
-                putchar('\n');
-            }
-            printf("  saw:\n");
-            const cJSON *p;
-            cJSON_ArrayForEach(p, obj(st, "pieces")) {
-                if (obj(p, "slot")) {
-                    printf("    {%s} = ", str(p, "src"));
-                    oneline(str(p, "text"), cut, stdout);
-                    printf("   [placeholder %s%s]\n", str(p, "slot"), cJSON_IsTrue(obj(p, "missing")) ? ", not produced yet" : "");
-                } else {
-                    printf("    text: ");
-                    oneline(str(p, "text"), cut, stdout);
-                    putchar('\n');
-                }
-            }
-            const cJSON *kv = obj(st, "kv"), *tm = obj(st, "timings"), *b = obj(st, "batch");
-            printf("  prompt: %d tokens; KV %s: %d exact, %d offset-corrected, %d naive, %d recomputed, %d fused; anchors %d\n",
-                   (int)num(obj(st, "prompt"), "tokens"), str(kv, "mode"), (int)num(kv, "exact"), (int)num(kv, "offset"),
-                   (int)num(kv, "naive"), (int)num(kv, "recomputed"), (int)num(kv, "fused"), (int)num(kv, "anchors"));
-            if (obj(kv, "decisions")) {
-                char *d = cJSON_PrintUnformatted(obj(kv, "decisions"));
-                printf("  reuse decisions: %s\n", d ? d : "");
-                cJSON_free(d);
-            }
-            printf("  timings: queue %.1f ms, TTFT %.1f ms, decode %.1f ms (%.1f tok/s); %d forward passes, batch up to %d sequences (mean %.2f)\n",
-                   num(tm, "queue_ms"), num(tm, "ttft_ms"), num(tm, "decode_ms"), num(tm, "tokens_per_s"), (int)num(b, "forwards"),
-                   (int)num(b, "max_seqs"), num(b, "mean_seqs"));
-            printf("  said (%d tokens, stop %s): ", (int)num(obj(st, "output"), "tokens"), str(obj(st, "output"), "stop"));
-            oneline(str(obj(st, "output"), "text"), cut, stdout);
-            putchar('\n');
-        } else {
-            char *o = cJSON_PrintUnformatted(obj(st, "output"));
+    for (const kvm_trace_rec_t *r; (r = kvm_trace_log_next(&log, KVM_TRACE_STEP, &from)) != NULL;) {
+        const kvm_trace_step_t *st = &r->step;
+        if (only >= 0 && st->idx != only) continue;
+        printf("== step %d (super-step %d) node '%s'", st->idx, st->superstep, or_empty(st->node));
+        if (st->agent) printf(" agent '%s' on %s%s", st->agent, or_empty(st->model), st->via ? " via ctx:call" : "");
+        printf(" [%s]\n", status_word(st->error.code));
+        if (st->agent) print_agent_step(st, cut);
+        else {
             printf("  returned: ");
-            oneline(o, cut, stdout);
+            oneline(st->error.code ? NULL : st->output_json ? st->output_json : "null", cut, stdout);
             putchar('\n');
-            cJSON_free(o);
         }
-        if (obj(st, "error")) {
-            printf("  error %s: %s\n", str(obj(st, "error"), "code"), str(obj(st, "error"), "message"));
-            if (*str(obj(st, "error"), "traceback")) printf("  %s\n", str(obj(st, "error"), "traceback"));
+        if (st->error.code) {
+            printf("  error %s: %s\n", kvm_errname(st->error.code), or_empty(st->error.message));
+            if (st->error.traceback && *st->error.traceback) printf("  %s\n", st->error.traceback);
         }
     }
     kvm_trace_log_free(&log);
@@ -219,83 +199,29 @@ static int steps(const char *dir, int only, bool full) {
 
 /* ---- replay --------------------------------------------------------------------------------------- */
 
-/* Re-runs a traced run from the trace alone (the script source, inputs, seed and switches recorded in
- * run.start) and compares each agent's output, in step order per node, with the recorded one. Greedy
- * agents on the same model and backend reproduce exactly; sampled ones do too, their seeds being
- * derived from the run seed. Exit status 0 when every output matches. */
+/* Prints kvm_wf_replay's comparison; exit status 0 when every output matches. */
 static int replay(const char *dir, const char *model, bool mock) {
-    kvm_trace_log_t log;
-    if (kvm_trace_read(dir, &log) != 0) {
+    kvm_wf_replay_opts_t o = {.model_override = model, .mock = mock};
+    kvm_wf_replay_t rp;
+    if (kvm_wf_replay(dir, &o, &rp) != 0) {
         fprintf(stderr, "kvmesh trace replay: %s\n", kvm_errmsg());
         return 1;
     }
-    const cJSON *st = kvm_trace_log_next(&log, "run.start", NULL);
-    if (!st) {
-        fprintf(stderr, "kvmesh trace replay: %s has no run.start record\n", dir);
-        kvm_trace_log_free(&log);
-        return 1;
-    }
-    const cJSON *w = obj(st, "workflow"), *cfg = obj(st, "config");
-    const char *src = str(w, "source");
-    kvm_wf_opts_t o = {0};
-    const cJSON *kvo = obj(cfg, "kv_override");
-    o.kv_override = cJSON_IsString(kvo) ? kvo->valuestring : NULL;
-    o.mock = mock || cJSON_IsTrue(obj(cfg, "mock"));
-    o.model_override = model;
-    o.llm.quiet = true;
-    const cJSON *lim = obj(cfg, "limits");
-    if (num(lim, "instructions") > 0) o.max_instructions = (uint64_t)num(lim, "instructions");
-    if (num(lim, "lua_ms") > 0) o.lua_cpu_ms = num(lim, "lua_ms");
-    if (num(lim, "memory_bytes") > 0) o.run_mem_cap_bytes = (size_t)num(lim, "memory_bytes");
-    kvm_workflow_t *wf = kvm_wf_load_string(str(w, "path"), src, strlen(src), &o);
-    int rc = 1;
-    if (!wf) {
-        fprintf(stderr, "kvmesh trace replay: %s\n", kvm_errmsg());
-        kvm_trace_log_free(&log);
-        return 1;
-    }
-    int run;
-    if (kvm_wf_start(wf, obj(st, "inputs"), strtoull(str(st, "seed"), NULL, 10), &run) != 0 || kvm_wf_drive(wf) != 0) {
-        fprintf(stderr, "kvmesh trace replay: %s\n", kvm_errmsg());
-        kvm_wf_free(wf);
-        kvm_trace_log_free(&log);
-        return 1;
-    }
-    /* the replayed run's messages (state.msgs) against the trace's agent-node steps, in order */
-    const cJSON *msgs = obj(kvm_wf_run_state(wf, run), "msgs");
-    int from = 0, same = 0, differ = 0;
-    for (const cJSON *step; (step = kvm_trace_log_next(&log, "step", &from)) != NULL;) {
-        if (!*str(step, "agent") || *str(step, "via") || strcmp(str(step, "status"), "ok") != 0) continue;
-        const char *was = str(obj(step, "output"), "text");
-        /* this is the want-th ok step of its node in the trace: compare with the want-th message of
-         * that node in the replay */
-        int want = 0, seen = 0, from2 = 0;
-        for (const cJSON *s2; (s2 = kvm_trace_log_next(&log, "step", &from2)) != NULL && s2 != step;)
-            if (!strcmp(str(s2, "node"), str(step, "node")) && *str(s2, "agent") && !*str(s2, "via") && !strcmp(str(s2, "status"), "ok"))
-                want++;
-        const cJSON *m = NULL, *c;
-        cJSON_ArrayForEach(c, msgs) if (!strcmp(str(c, "node"), str(step, "node")) && seen++ == want) m = c;
-        const char *now = m ? str(m, "text") : NULL;
-        bool ok = now && !strcmp(now, was);
-        same += ok;
-        differ += !ok;
-        printf("  #%-3d %-14s %s", (int)num(step, "idx"), str(step, "node"), ok ? "same" : "DIFFERS");
-        if (!ok) {
+    for (int i = 0; i < rp.n_steps; i++) {
+        const kvm_wf_replay_step_t *s = &rp.steps[i];
+        printf("  #%-3d %-14s %s", s->idx, s->node, s->same ? "same" : "DIFFERS");
+        if (!s->same) {
             printf("\n       trace:  ");
-            oneline(was, 120, stdout);
+            oneline(s->was, 120, stdout);
             printf("\n       replay: ");
-            oneline(now ? now : "(no such step in the replay)", 120, stdout);
+            oneline(s->now ? s->now : "(no such step in the replay)", 120, stdout);
         }
         putchar('\n');
     }
-    const char *msg = NULL;
-    int status = kvm_wf_run_status(wf, run, &msg);
-    const cJSON *end = kvm_trace_log_next(&log, "run.end", NULL);
-    printf("replay of %s: %d agent outputs the same, %d different; status %s (trace: %s)\n", str(st, "run_id"), same, differ,
-           status ? kvm_errname(status) : "ok", end ? str(end, "status") : "no run.end");
-    rc = differ == 0 ? 0 : 1;
-    kvm_wf_free(wf);
-    kvm_trace_log_free(&log);
+    printf("replay of %s: %d agent outputs the same, %d different; status %s (trace: %s)\n", rp.run_id, rp.same, rp.differ,
+           rp.status ? kvm_errname(rp.status) : "ok", rp.trace_ended ? status_word(rp.trace_status) : "no run.end");
+    int rc = rp.differ == 0 ? 0 : 1;
+    kvm_wf_replay_free(&rp);
     return rc;
 }
 

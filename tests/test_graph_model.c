@@ -106,23 +106,18 @@ static void test_trace_steps_hold_prompt_ids_and_a_token_partition(void **s) {
     kvm_trace_log_t log;
     assert_int_equal(kvm_trace_read(dir, &log), 0);
     int from = 0, steps = 0;
-    for (cJSON *st; (st = kvm_trace_log_next(&log, "step", &from)) != NULL; steps++) {
-        const cJSON *p = cJSON_GetObjectItemCaseSensitive(st, "prompt"), *kv = cJSON_GetObjectItemCaseSensitive(st, "kv");
-        int n = (int)cJSON_GetObjectItemCaseSensitive(p, "tokens")->valuedouble;
-        assert_int_equal(cJSON_GetArraySize(cJSON_GetObjectItemCaseSensitive(p, "ids")), n);
-        int sum = 0;
-        const char *parts[] = {"exact", "offset", "naive", "recomputed", "fused"};
-        for (int i = 0; i < 5; i++) sum += (int)cJSON_GetObjectItemCaseSensitive(kv, parts[i])->valuedouble;
-        assert_int_equal(sum, n); /* kvcomm.md §6: the counts partition the prompt */
+    for (const kvm_trace_rec_t *rec; (rec = kvm_trace_log_next(&log, KVM_TRACE_STEP, &from)) != NULL; steps++) {
+        const kvm_trace_step_t *st = &rec->step;
+        assert_int_equal(st->n_prompt_ids, st->prompt_tokens);
+        const kvm_trace_kv_t *kv = &st->kv;
+        assert_int_equal(kv->exact + kv->offset + kv->naive + kv->recomputed + kv->fused, st->prompt_tokens); /* kvcomm.md §6 */
         /* every placeholder's content is in the text the model saw */
-        const cJSON *pc;
-        const char *text = cJSON_GetObjectItemCaseSensitive(p, "text")->valuestring;
-        cJSON_ArrayForEach(pc, cJSON_GetObjectItemCaseSensitive(st, "pieces")) {
-            if (!cJSON_GetObjectItemCaseSensitive(pc, "slot")) continue;
-            const char *content = cJSON_GetObjectItemCaseSensitive(pc, "text")->valuestring;
+        for (int i = 0; i < st->n_pieces; i++) {
+            if (!st->pieces[i].slot) continue;
+            const char *content = st->pieces[i].text;
             char head[12];
             snprintf(head, sizeof head, "%s", content + strspn(content, " "));
-            if (!strstr(text, head)) fail_msg("prompt text lacks placeholder content '%s':\n%s", head, text);
+            if (!strstr(st->prompt_text, head)) fail_msg("prompt text lacks placeholder content '%s':\n%s", head, st->prompt_text);
         }
     }
     assert_int_equal(steps, 4);

@@ -1,7 +1,10 @@
-/* trace.c - JSONL trace writer and reader (see trace.h and docs/trace-format.md). */
-#include "trace.h"
+/* trace.c - trace files: run ids, the run directory, lines written and flushed one by one, the line
+ * reader with its torn-tail rule, the storage of read records and the listing of runs. The schema of
+ * the records is trace_schema.c's (see trace.h and docs/trace-format.md). */
+#include "trace_internal.h"
 
 #include <dirent.h>
+#include <stddef.h>
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
@@ -74,17 +77,10 @@ kvm_trace_t *kvm_trace_open(const char *root, const char *name) {
     return t;
 }
 
-cJSON *kvm_json_u64(uint64_t v) {
+int trace_write_json(kvm_trace_t *t, cJSON *rec) {
     char b[24];
-    snprintf(b, sizeof b, "%llu", (unsigned long long)v);
-    return cJSON_CreateString(b);
-}
-
-cJSON *kvm_json_str_or_null(const char *s) { return s ? cJSON_CreateString(s) : cJSON_CreateNull(); }
-
-int kvm_trace_write(kvm_trace_t *t, cJSON *rec) {
-    if (!t || !rec) return kvm_seterr(KVM_EINVAL, "trace: write without a trace or record");
-    if (!cJSON_GetObjectItemCaseSensitive(rec, "ts")) cJSON_AddItemToObject(rec, "ts", kvm_json_u64(kvm_wall_ns()));
+    snprintf(b, sizeof b, "%llu", (unsigned long long)kvm_wall_ns());
+    cJSON_AddStringToObject(rec, "ts", b);
     char *s = cJSON_PrintUnformatted(rec);
     if (!s) return kvm_seterr(KVM_ENOMEM, "trace: cannot serialise a record for '%s'", t->path);
     size_t n = strlen(s);
@@ -99,13 +95,12 @@ int kvm_trace_write(kvm_trace_t *t, cJSON *rec) {
     return 0;
 }
 
-int kvm_trace_write_index(kvm_trace_t *t, const cJSON *idx) {
-    if (!t || !idx) return kvm_seterr(KVM_EINVAL, "trace: index without a trace");
+int trace_write_file_json(kvm_trace_t *t, const char *name, const cJSON *j) {
     char path[4096], tmp[4200];
-    if (kvm_path_join(path, sizeof path, t->dir, "index.json") != 0) return KVM_ERANGE;
+    if (kvm_path_join(path, sizeof path, t->dir, name) != 0) return KVM_ERANGE;
     snprintf(tmp, sizeof tmp, "%s.tmp", path);
-    char *s = cJSON_Print(idx);
-    if (!s) return kvm_seterr(KVM_ENOMEM, "trace: cannot serialise index for '%s'", t->dir);
+    char *s = cJSON_Print(j);
+    if (!s) return kvm_seterr(KVM_ENOMEM, "trace: cannot serialise '%s'", path);
     FILE *f = fopen(tmp, "w");
     int rc = 0;
     if (!f || fputs(s, f) < 0 || fputc('\n', f) < 0) rc = kvm_seterr(KVM_EIO, "trace: cannot write '%s': %s", tmp, strerror(errno));
@@ -123,7 +118,53 @@ void kvm_trace_close(kvm_trace_t *t) {
     kvm_free(t);
 }
 
-/* ---- reader ----------------------------------------------------------------------------------- */
+/* ---- storage of read records ------------------------------------------------------------------------ */
+
+struct kvm_trace_mem {
+    struct kvm_trace_mem *next;
+    size_t cap, used;
+    max_align_t data[]; /* cap bytes */
+};
+
+void *trace_mem_alloc(kvm_trace_mem_t **m, size_t n) {
+    n = (n + sizeof(max_align_t) - 1) / sizeof(max_align_t) * sizeof(max_align_t);
+    if (!*m || (*m)->cap - (*m)->used < n) {
+        size_t cap = n > 60000 ? n : 60000;
+        kvm_trace_mem_t *b = kvm_malloc(sizeof *b + cap);
+        if (!b) return NULL;
+        b->next = *m;
+        b->cap = cap;
+        b->used = 0;
+        *m = b;
+    }
+    void *p = (char *)(*m)->data + (*m)->used;
+    (*m)->used += n;
+    return p;
+}
+
+void trace_mem_free(kvm_trace_mem_t *m) {
+    while (m) {
+        kvm_trace_mem_t *next = m->next;
+        kvm_free(m);
+        m = next;
+    }
+}
+
+/* ---- reader ------------------------------------------------------------------------------------------ */
+
+/* Adds the record of one parsed line to the log. */
+static int add_line(kvm_trace_log_t *log, int *cap, const cJSON *o, const char *file, int line) {
+    if (log->n == *cap) {
+        int nc = *cap ? *cap * 2 : 64;
+        kvm_trace_rec_t *nr = kvm_realloc(log->recs, (size_t)nc * sizeof *nr);
+        if (!nr) return kvm_seterr(KVM_ENOMEM, "trace: out of memory reading '%s'", file);
+        log->recs = nr;
+        *cap = nc;
+    }
+    int rc = trace_rec_from_json(o, &log->recs[log->n], &log->mem, file, line);
+    if (rc == 0) log->n++;
+    return rc;
+}
 
 int kvm_trace_read(const char *path, kvm_trace_log_t *log) {
     memset(log, 0, sizeof *log);
@@ -137,15 +178,9 @@ int kvm_trace_read(const char *path, kvm_trace_log_t *log) {
     size_t len = 0;
     int rc = kvm_read_file(file, &buf, &len, 0);
     if (rc != 0) return rc;
-    int cap = 64;
-    log->recs = kvm_malloc((size_t)cap * sizeof *log->recs);
-    if (!log->recs) {
-        free(buf); /* kvm_read_file allocates with malloc */
-        return KVM_ENOMEM;
-    }
     size_t pos = 0;
-    int line = 0;
-    while (pos < len) {
+    int line = 0, cap = 0;
+    while (rc == 0 && pos < len) {
         line++;
         char *nl = memchr(buf + pos, '\n', len - pos);
         size_t end = nl ? (size_t)(nl - buf) : len;
@@ -153,8 +188,7 @@ int kvm_trace_read(const char *path, kvm_trace_log_t *log) {
         buf[end] = '\0';
         const char *s = buf + pos;
         pos = end + 1;
-        size_t k = strspn(s, " \t\r");
-        if (s[k] == '\0') continue;
+        if (s[strspn(s, " \t\r")] == '\0') continue;
         cJSON *r = cJSON_Parse(s);
         if (!r || !cJSON_IsObject(r) || !nl) {
             cJSON_Delete(r);
@@ -162,42 +196,51 @@ int kvm_trace_read(const char *path, kvm_trace_log_t *log) {
                 log->torn_tail = true;
                 break;
             }
-            free(buf);
-            kvm_trace_log_free(log);
-            return kvm_seterr(KVM_EFORMAT, "%s:%d: not a JSON object record", file, line);
+            rc = kvm_seterr(KVM_EFORMAT, "%s:%d: not a JSON object record", file, line);
+            break;
         }
-        if (log->n == cap) {
-            cap *= 2;
-            cJSON **nr = kvm_realloc(log->recs, (size_t)cap * sizeof *nr);
-            if (!nr) {
-                cJSON_Delete(r);
-                free(buf);
-                kvm_trace_log_free(log);
-                return KVM_ENOMEM;
-            }
-            log->recs = nr;
-        }
-        log->recs[log->n++] = r;
+        rc = add_line(log, &cap, r, file, line);
+        cJSON_Delete(r);
     }
-    free(buf);
-    return 0;
+    free(buf); /* kvm_read_file allocates with malloc */
+    if (rc) kvm_trace_log_free(log);
+    return rc;
+}
+
+int kvm_trace_read_index(const char *run_dir, kvm_trace_log_t *log) {
+    memset(log, 0, sizeof *log);
+    char file[4096];
+    if (kvm_path_join(file, sizeof file, run_dir, "index.json") != 0) return KVM_ERANGE;
+    if (!kvm_file_exists(file)) return kvm_seterr(KVM_ENOENT, "trace: '%s' has no index.json (the run is going on, or it died)", run_dir);
+    char *buf = NULL;
+    size_t len = 0;
+    int rc = kvm_read_file(file, &buf, &len, 0);
+    if (rc != 0) return rc;
+    cJSON *o = cJSON_Parse(buf);
+    free(buf); /* kvm_read_file allocates with malloc */
+    log->recs = kvm_malloc(sizeof *log->recs);
+    if (!o) rc = kvm_seterr(KVM_EFORMAT, "%s: not JSON", file);
+    else if (!log->recs) rc = kvm_seterr(KVM_ENOMEM, "trace: out of memory reading '%s'", file);
+    else rc = trace_index_from_json(o, log->recs, &log->mem, file);
+    cJSON_Delete(o);
+    if (rc) kvm_trace_log_free(log);
+    else log->n = 1;
+    return rc;
 }
 
 void kvm_trace_log_free(kvm_trace_log_t *log) {
     if (!log) return;
-    for (int i = 0; i < log->n; i++) cJSON_Delete(log->recs[i]);
     kvm_free(log->recs);
+    trace_mem_free(log->mem);
     memset(log, 0, sizeof *log);
 }
 
-cJSON *kvm_trace_log_next(const kvm_trace_log_t *log, const char *type, int *from) {
-    for (int i = from ? *from : 0; i < log->n; i++) {
-        const cJSON *t = cJSON_GetObjectItemCaseSensitive(log->recs[i], "t");
-        if (cJSON_IsString(t) && (!type || !strcmp(t->valuestring, type))) {
+const kvm_trace_rec_t *kvm_trace_log_next(const kvm_trace_log_t *log, kvm_trace_type_t type, int *from) {
+    for (int i = from ? *from : 0; i < log->n; i++)
+        if (log->recs[i].type == type) {
             if (from) *from = i + 1;
-            return log->recs[i];
+            return &log->recs[i];
         }
-    }
     if (from) *from = log->n;
     return NULL;
 }

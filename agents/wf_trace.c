@@ -1,0 +1,229 @@
+/* wf_trace.c - fills the records of runtime/trace (trace.h, docs/trace-format.md) from the workflow, its
+ * runs and their steps. The field names are runtime/trace's: this file only maps the executor's
+ * structures onto the record structs. A failed write stops tracing for that run with a warning. */
+#include "wf_internal.h"
+
+#include <stdio.h>
+#include <string.h>
+
+/* Stops tracing the run when a write failed. */
+static void written(wf_run_t *r, int rc) {
+    if (rc == 0 || !r->trace) return;
+    KVM_LOGW("run %s: trace write failed (%s); tracing stops for this run", r->id, kvm_errmsg());
+    kvm_trace_close(r->trace);
+    r->trace = NULL;
+}
+
+/* A cJSON value as JSON text (cJSON_free), NULL for NULL. */
+static char *json_text(const cJSON *j) { return j ? cJSON_PrintUnformatted(j) : NULL; }
+
+/* The JSON text of the Lua value behind registry reference ref of the run (cJSON_free). */
+static char *ref_json_text(wf_run_t *r, int ref) {
+    lua_rawgeti(r->th, LUA_REGISTRYINDEX, ref);
+    cJSON *j = wf_lua_to_json(r->th, -1);
+    lua_pop(r->th, 1);
+    char *s = json_text(j);
+    cJSON_Delete(j);
+    return s;
+}
+
+void wf_log(kvm_workflow_t *wf, const char *level, const char *msg) {
+    wf_run_t *r = wf->cur_run;
+    if (wf->o.echo_print || !r || !r->trace) {
+        if (r) fprintf(stderr, "[run %d] %s\n", r->idx, msg);
+        else fprintf(stderr, "%s\n", msg);
+    }
+    if (r && r->trace) { /* the write allocates through cJSON, not Lua: safe inside a Lua call */
+        kvm_trace_log_rec_t rec = {.level = level, .msg = msg, .superstep = r->superstep};
+        written(r, kvm_trace_write_log(r->trace, &rec));
+    }
+}
+
+/* ---- run.start ------------------------------------------------------------------------------------- */
+
+/* The graph's nodes, edges and joins as run.start lists them (arrays owned by the caller: kvm_free). */
+static bool graph_records(const kvm_workflow_t *wf, kvm_trace_run_start_t *o) {
+    static const char *const kinds[] = {"agent", "func", "tool"};
+    const wf_graph_t *g = wf->g;
+    kvm_trace_node_t *nodes = kvm_calloc((size_t)g->n_nodes + 1, sizeof *nodes);
+    kvm_trace_edge_def_t *edges = kvm_calloc((size_t)g->n_edges + 1, sizeof *edges);
+    kvm_trace_join_t *joins = kvm_calloc((size_t)g->n_joins + 1, sizeof *joins);
+    o->nodes = nodes;
+    o->edges = edges;
+    o->joins = joins;
+    if (!nodes || !edges || !joins) return false;
+    for (int i = 0; i < g->n_nodes; i++) {
+        const wf_node_t *n = &g->nodes[i];
+        nodes[i] = (kvm_trace_node_t){.name = n->name, .kind = kinds[n->kind], .agent = n->agent >= 0 ? wf->agents[n->agent].name : NULL,
+                                      .writes = n->writes, .router = n->router_ref != LUA_NOREF};
+    }
+    for (int i = 0; i < g->n_edges; i++)
+        edges[i] = (kvm_trace_edge_def_t){.from = g->edges[i].from_name, .to = g->edges[i].to_name,
+                                          .conditional = g->edges[i].when_ref != LUA_NOREF, .on_error = g->edges[i].on_error};
+    for (int i = 0; i < g->n_joins; i++)
+        joins[i] = (kvm_trace_join_t){.sources = (const char *const *)g->joins[i].src_names, .n_sources = g->joins[i].n_src,
+                                      .target = g->joins[i].target_name, .all = g->joins[i].all};
+    o->n_nodes = g->n_nodes;
+    o->n_edges = g->n_edges;
+    o->n_joins = g->n_joins;
+    return true;
+}
+
+/* The agents with their parsed templates; parts of every agent in one array (both kvm_free). */
+static bool agent_records(const kvm_workflow_t *wf, kvm_trace_run_start_t *o, kvm_trace_part_t **parts_out) {
+    int n_parts = 0;
+    for (int i = 0; i < wf->n_agents; i++) n_parts += wf->agents[i].n_parts;
+    kvm_trace_agent_t *agents = kvm_calloc((size_t)wf->n_agents + 1, sizeof *agents);
+    kvm_trace_part_t *parts = kvm_calloc((size_t)n_parts + 1, sizeof *parts);
+    o->agents = agents;
+    *parts_out = parts;
+    if (!agents || !parts) return false;
+    for (int i = 0, k = 0; i < wf->n_agents; i++) {
+        const wf_agent_t *a = &wf->agents[i];
+        agents[i] = (kvm_trace_agent_t){
+            .name = a->name, .model = a->model, .role = a->role, .template_text = a->tmpl, .parts = parts + k, .n_parts = a->n_parts,
+            .sampling = {.temperature = a->sampling.temperature, .top_k = a->sampling.top_k, .top_p = a->sampling.top_p,
+                         .repetition_penalty = a->sampling.repetition_penalty},
+            .max_tokens = a->max_tokens, .stop = (const char *const *)a->stop, .n_stop = a->n_stop, .budget_tokens = a->budget_tokens,
+            .kv = wf_kv_policy_name(wf_agent_kv(wf, a)), .where = a->where};
+        for (int p = 0; p < a->n_parts; p++, k++) {
+            const kvm_tpl_part_t *tp = &a->parts[p];
+            parts[k] = tp->src == KVM_TPL_TEXT ? (kvm_trace_part_t){.text = tp->text} : (kvm_trace_part_t){.slot = tp->text, .src = tp->source};
+        }
+    }
+    o->n_agents = wf->n_agents;
+    return true;
+}
+
+void wf_trace_run_start(kvm_workflow_t *wf, wf_run_t *r) {
+    if (!r->trace) return;
+    const wf_graph_t *g = wf->g;
+    kvm_trace_run_start_t o = {
+        .run_id = r->id, .run = r->idx, .workflow_path = wf->path, .graph = g->name, .source_hash = wf->source_hash,
+        .source = wf->source, .seed = r->seed, .kv_override = wf->o.kv_override, .mock = wf->o.mock,
+        .limits = {.steps = g->lim_steps ? g->lim_steps : 50, .tokens = g->lim_tokens, .wall_ms = g->lim_wall_ms,
+                   .instructions = (double)r->budget.max_instructions, .lua_ms = (double)r->budget.max_lua_ns / 1e6,
+                   .memory_bytes = r->acct ? (double)r->acct->cap : 0},
+        .build_version = KVM_VERSION, .build_lua = LUA_RELEASE, .build_cjson = cJSON_Version()};
+    char *inputs = json_text(r->inputs);
+    wf_llm_model_info_t *info = kvm_calloc((size_t)wf->n_models + 1, sizeof *info);
+    kvm_trace_model_t *models = kvm_calloc((size_t)wf->n_models + 1, sizeof *models);
+    kvm_trace_part_t *parts = NULL;
+    bool ok = inputs && info && models && agent_records(wf, &o, &parts) && graph_records(wf, &o);
+    for (int i = 0; ok && i < wf->n_models; i++) {
+        wf_llm_model_describe(wf->llm, wf->models[i].llm, &info[i]);
+        models[i] = info[i].t;
+        models[i].index = i;
+        models[i].script_path = wf->models[i].path;
+    }
+    o.inputs_json = inputs;
+    o.models = models;
+    o.n_models = wf->n_models;
+    written(r, ok ? kvm_trace_write_run_start(r->trace, &o) : kvm_seterr(KVM_ENOMEM, "out of memory building run.start"));
+    cJSON_free(inputs);
+    kvm_free(info);
+    kvm_free(models);
+    kvm_free(parts);
+    kvm_free((void *)o.agents);
+    kvm_free((void *)o.nodes);
+    kvm_free((void *)o.edges);
+    kvm_free((void *)o.joins);
+}
+
+/* ---- super-steps and edges ----------------------------------------------------------------------------- */
+
+/* The names of the nodes marked in flags ([n_nodes]); *n their count. kvm_free. */
+static const char **marked_nodes(const wf_graph_t *g, const bool *flags, int *n) {
+    const char **v = kvm_calloc((size_t)g->n_nodes + 1, sizeof *v);
+    *n = 0;
+    for (int i = 0; v && i < g->n_nodes; i++)
+        if (flags[i]) v[(*n)++] = g->nodes[i].name;
+    return v;
+}
+
+void wf_trace_superstep(kvm_workflow_t *wf, wf_run_t *r) {
+    if (!r->trace) return;
+    kvm_trace_superstep_t o = {.superstep = r->superstep};
+    const char **nodes = marked_nodes(wf->g, r->ready, &o.n_nodes);
+    o.nodes = nodes;
+    written(r, nodes ? kvm_trace_write_superstep(r->trace, &o) : kvm_seterr(KVM_ENOMEM, "out of memory building a superstep record"));
+    kvm_free(nodes);
+}
+
+void wf_trace_edge(wf_run_t *r, const char *from, const char *to, const char *kind) {
+    if (!r->trace) return;
+    kvm_trace_edge_t o = {.superstep = r->superstep, .from = from, .to = to, .kind = kind};
+    written(r, kvm_trace_write_edge(r->trace, &o));
+}
+
+void wf_trace_checkpoint(kvm_workflow_t *wf, wf_run_t *r) {
+    if (!r->trace) return;
+    kvm_trace_checkpoint_t o = {.superstep = r->superstep};
+    char *state = ref_json_text(r, r->state_ref);
+    const char **next = marked_nodes(wf->g, r->ready, &o.n_next);
+    o.state_json = state;
+    o.next = next;
+    written(r, state && next ? kvm_trace_write_checkpoint(r->trace, &o) : kvm_seterr(KVM_ENOMEM, "out of memory building a checkpoint"));
+    cJSON_free(state);
+    kvm_free(next);
+}
+
+/* ---- steps --------------------------------------------------------------------------------------------- */
+
+void wf_trace_agent_step(kvm_workflow_t *wf, wf_run_t *r, const wf_task_t *t, int idx, int ai, const wf_llm_result_t *res,
+                         int status, const char *err, bool via_call) {
+    if (!r->trace) return;
+    const wf_agent_t *a = &wf->agents[ai];
+    char *decisions = json_text(res->kv_detail);
+    kvm_trace_step_t o = {
+        .idx = idx, .superstep = r->superstep, .node = wf->g->nodes[t->node].name, .agent = a->name, .op = "chat",
+        .via = via_call ? "ctx:call" : NULL, .t_start = t->t_start, .t_end = kvm_wall_ns(), .error = {.code = status, .message = err},
+        .model = wf->models[a->model].path, .system = a->role, .pieces = t->seen ? t->seen->parts : NULL,
+        .n_pieces = t->seen ? t->seen->n : 0, .prompt_text = res->prompt_text, .prompt_tokens = res->n_prompt,
+        .prompt_ids = res->n_prompt > 0 ? res->prompt_ids : NULL, .n_prompt_ids = res->prompt_ids ? res->n_prompt : 0,
+        .kv = {.exact = res->kv.exact, .offset = res->kv.offset, .naive = res->kv.naive, .recomputed = res->kv.recomputed,
+               .fused = res->kv.fused, .mode = res->kv.mode[0] ? res->kv.mode : "dense", .anchors = res->kv.anchors,
+               .decisions_json = decisions},
+        .sampling = {.temperature = a->sampling.temperature, .top_k = a->sampling.top_k, .top_p = a->sampling.top_p,
+                     .max_tokens = a->max_tokens},
+        .output_text = res->text, .output_tokens = res->n_out, .stop = kvm_stop_reason_name(res->stop_reason),
+        .timings = {.queue_ms = res->queue_ms, .ttft_ms = res->ttft_ms, .decode_ms = res->decode_ms,
+                    .total_ms = (double)(kvm_now_ns() - t->t_job) / 1e6,
+                    .tokens_per_s = res->decode_ms > 0 && res->n_out > 1 ? (res->n_out - 1) / (res->decode_ms / 1e3) : 0},
+        .batch = {.forwards = res->n_forward, .max_seqs = res->batch_max_seqs, .mean_seqs = res->batch_mean_seqs,
+                  .max_rows = res->batch_max_rows}};
+    written(r, kvm_trace_write_step(r->trace, &o));
+    cJSON_free(decisions);
+}
+
+void wf_trace_lua_step(kvm_workflow_t *wf, wf_run_t *r, const wf_task_t *t, int idx) {
+    if (!r->trace) return;
+    const wf_node_t *n = &wf->g->nodes[t->node];
+    kvm_trace_step_t o = {.idx = idx, .superstep = r->superstep, .node = n->name, .op = n->kind == WF_NODE_TOOL ? "tool" : "func",
+                          .t_start = t->t_start, .t_end = kvm_wall_ns(), .error = {.code = t->err, .message = t->errmsg}};
+    char *out = !t->err && t->out_ref != LUA_NOREF ? ref_json_text(r, t->out_ref) : NULL;
+    o.output_json = out;
+    written(r, kvm_trace_write_step(r->trace, &o));
+    cJSON_free(out);
+}
+
+/* ---- run.end and index.json ------------------------------------------------------------------------------ */
+
+void wf_trace_run_end(kvm_workflow_t *wf, wf_run_t *r, double wall_ms) {
+    if (!r->trace) return;
+    char *outputs = json_text(r->outputs), *state = json_text(r->state);
+    kvm_trace_run_end_t o = {
+        .run_id = r->id, .error = {.code = r->err, .message = r->errmsg}, .outputs_json = outputs, .state_json = state,
+        .input_tokens = r->tokens_in, .output_tokens = r->tokens_out, .agent_calls = r->agent_calls, .wall_ms = wall_ms,
+        .lua_ms = (double)r->budget.lua_ns / 1e6, .steps = r->superstep, .tokens = r->tokens_in + r->tokens_out,
+        .instructions = (double)r->budget.instructions, .lua_bytes_peak = (double)r->acct->peak};
+    written(r, outputs && state ? kvm_trace_write_run_end(r->trace, &o) : kvm_seterr(KVM_ENOMEM, "out of memory building run.end"));
+    cJSON_free(outputs);
+    cJSON_free(state);
+    kvm_trace_index_t idx = {.run_id = r->id, .workflow = wf->path, .graph = wf->g->name, .error = r->err, .started = r->t0_wall,
+                             .wall_ms = wall_ms, .supersteps = r->superstep, .steps = r->step_idx, .agent_calls = r->agent_calls,
+                             .input_tokens = r->tokens_in, .output_tokens = r->tokens_out, .seed = r->seed};
+    if (r->trace && kvm_trace_write_index(r->trace, &idx) != 0) KVM_LOGW("run %s: %s", r->id, kvm_errmsg());
+    kvm_trace_close(r->trace);
+    r->trace = NULL;
+}
