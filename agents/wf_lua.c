@@ -1336,6 +1336,29 @@ static const luaL_Reg graph_methods[] = {{"agent", g_agent}, {"node", g_agent}, 
                                          {"limit", g_limit}, {"output", g_output}, {"dataset", g_dataset}, {"score", g_score},
                                          {NULL, NULL}};
 
+static const luaL_Reg ctx_methods[] = {{"call", wf_ctx_call}, {"map", wf_ctx_map}, {"log", l_print}, {NULL, NULL}};
+
+/* Pushes a locked metatable (registered as `name`, or a plain one when name is NULL) with __tostring
+ * and an __index that is a function or a table of methods (each optional). */
+static void new_locked_mt(lua_State *L, const char *name, lua_CFunction tostring, lua_CFunction index, const luaL_Reg *methods) {
+    if (name) luaL_newmetatable(L, name);
+    else lua_newtable(L);
+    if (tostring) {
+        lua_pushcfunction(L, tostring);
+        lua_setfield(L, -2, "__tostring");
+    }
+    if (index || methods) {
+        if (index) lua_pushcfunction(L, index);
+        else {
+            lua_newtable(L);
+            luaL_setfuncs(L, methods, 0);
+        }
+        lua_setfield(L, -2, "__index");
+    }
+    lua_pushliteral(L, "locked");
+    lua_setfield(L, -2, "__metatable");
+}
+
 /* Everything that can raise runs here, under lua_pcall. */
 static int open_protected(lua_State *L) {
     kvm_workflow_t *wf = getwf(L);
@@ -1376,40 +1399,12 @@ static int open_protected(lua_State *L) {
     lua_setfield(L, -2, "__metatable");
     lua_pop(L, 2);
     /* handle metatables */
-    luaL_newmetatable(L, WF_MT_MODEL);
-    lua_pushcfunction(L, m_tostring);
-    lua_setfield(L, -2, "__tostring");
-    lua_pushliteral(L, "locked");
-    lua_setfield(L, -2, "__metatable");
-    lua_pop(L, 1);
-    luaL_newmetatable(L, WF_MT_AGENT);
-    lua_pushcfunction(L, a_tostring);
-    lua_setfield(L, -2, "__tostring");
-    lua_pushcfunction(L, a_index);
-    lua_setfield(L, -2, "__index");
-    lua_pushliteral(L, "locked");
-    lua_setfield(L, -2, "__metatable");
-    lua_pop(L, 1);
-    luaL_newmetatable(L, WF_MT_GRAPH);
-    lua_pushcfunction(L, g_tostring);
-    lua_setfield(L, -2, "__tostring");
-    luaL_newlib(L, graph_methods);
-    lua_setfield(L, -2, "__index");
-    lua_pushliteral(L, "locked");
-    lua_setfield(L, -2, "__metatable");
-    lua_pop(L, 1);
+    new_locked_mt(L, WF_MT_MODEL, m_tostring, NULL, NULL);
+    new_locked_mt(L, WF_MT_AGENT, a_tostring, a_index, NULL);
+    new_locked_mt(L, WF_MT_GRAPH, g_tostring, NULL, graph_methods);
+    lua_pop(L, 3);
     /* ctx objects of func nodes: {run_id, seed, node, superstep} + methods */
-    lua_newtable(L);
-    lua_newtable(L);
-    lua_pushcfunction(L, wf_ctx_call);
-    lua_setfield(L, -2, "call");
-    lua_pushcfunction(L, wf_ctx_map);
-    lua_setfield(L, -2, "map");
-    lua_pushcfunction(L, l_print);
-    lua_setfield(L, -2, "log");
-    lua_setfield(L, -2, "__index");
-    lua_pushliteral(L, "locked");
-    lua_setfield(L, -2, "__metatable");
+    new_locked_mt(L, NULL, NULL, NULL, ctx_methods);
     wf->ctx_mt_ref = luaL_ref(L, LUA_REGISTRYINDEX);
     /* the kvmesh table */
     luaL_newlib(L, kvmesh_fns);

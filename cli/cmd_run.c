@@ -115,280 +115,267 @@ static void print_value(const cJSON *v, FILE *f) {
     }
 }
 
-int cmd_run(int argc, char **argv) {
-    const char *script = NULL, *trace_root = NULL;
+/* Everything the command line says. */
+typedef struct run_args {
+    const char *script, *trace_root;
     char default_trace[64];
-    bool no_trace = false, json = false;
-    long n = 0, concurrency = 32;
-    unsigned long long seed = 1;
-    kvm_wf_opts_t o = {0};
-    o.echo_print = true;
-    progress_t prog = {0};
+    bool no_trace, json;
+    long n, concurrency;
+    unsigned long long seed;
+    kvm_wf_opts_t o;
+    progress_t prog;
     const char *kvcomm_set[32];
-    int n_kvcomm = 0;
-    cJSON *inputs = cJSON_CreateObject();
+    int n_kvcomm;
+    cJSON *inputs;
+} run_args_t;
+
+/* Parses the options into *a. -1 to go on, else the exit status (usage printed, or an error). */
+static int parse_args(int argc, char **argv, run_args_t *a) {
     for (int i = 1; i < argc; i++) {
-        const char *a = argv[i];
+        const char *arg = argv[i];
         const char *v = i + 1 < argc ? argv[i + 1] : NULL;
-#define NEED_ARG()                                                                        \
-    do {                                                                                  \
-        if (!v) {                                                                         \
-            fprintf(stderr, "kvmesh run: %s needs a value (kvmesh run --help)\n", a);     \
-            cJSON_Delete(inputs);                                                         \
-            return 2;                                                                     \
-        }                                                                                 \
-        i++;                                                                              \
-    } while (0)
-        if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
+        static const char *const valued[] = {"--input", "--kv", "--trace", "--n", "--seed", "--concurrency", "--model", "--backend",
+                                             "--max-rows", "--kvcomm", "--ablation", "--kv-mb", "--mem-mb", "--instructions", "--lua-ms"};
+        bool needs_value = false;
+        for (size_t k = 0; k < sizeof valued / sizeof *valued; k++) needs_value |= !strcmp(arg, valued[k]);
+        if (needs_value && !v) {
+            fprintf(stderr, "kvmesh run: %s needs a value (kvmesh run --help)\n", arg);
+            return 2;
+        }
+        if (needs_value) i++;
+        if (!strcmp(arg, "-h") || !strcmp(arg, "--help")) {
             usage(stdout);
-            cJSON_Delete(inputs);
             return 0;
-        } else if (!strcmp(a, "--input")) {
-            NEED_ARG();
+        } else if (!strcmp(arg, "--input")) {
             const char *eq = strchr(v, '=');
             if (!eq || eq == v) {
                 fprintf(stderr, "kvmesh run: --input takes KEY=VALUE (got '%s')\n", v);
-                cJSON_Delete(inputs);
                 return 2;
             }
             char key[256];
             snprintf(key, sizeof key, "%.*s", (int)(eq - v), v);
-            cJSON_DeleteItemFromObjectCaseSensitive(inputs, key);
-            cJSON_AddStringToObject(inputs, key, eq + 1);
-        } else if (!strcmp(a, "--kv")) {
-            NEED_ARG();
-            o.kv_override = v;
-        } else if (!strcmp(a, "--trace")) {
-            NEED_ARG();
-            trace_root = v;
-        } else if (!strcmp(a, "--no-trace")) {
-            no_trace = true;
-        } else if (!strcmp(a, "--n")) {
-            NEED_ARG();
-            n = strtol(v, NULL, 10);
-        } else if (!strcmp(a, "--seed")) {
-            NEED_ARG();
-            seed = strtoull(v, NULL, 10);
-        } else if (!strcmp(a, "--concurrency")) {
-            NEED_ARG();
-            concurrency = strtol(v, NULL, 10);
-        } else if (!strcmp(a, "--model")) {
-            NEED_ARG();
-            o.model_override = v;
-        } else if (!strcmp(a, "--mock")) {
-            o.mock = true;
-        } else if (!strcmp(a, "--backend")) {
-            NEED_ARG();
-            o.llm.backend = v;
-        } else if (!strcmp(a, "--max-rows")) {
-            NEED_ARG();
-            o.llm.max_rows = (int)strtol(v, NULL, 10);
-        } else if (!strcmp(a, "--kvcomm")) {
-            NEED_ARG();
-            if (n_kvcomm < (int)(sizeof kvcomm_set / sizeof *kvcomm_set)) kvcomm_set[n_kvcomm++] = v;
-        } else if (!strcmp(a, "--ablation")) {
-            NEED_ARG();
-            o.llm.kvcomm_ablation = v;
-        } else if (!strcmp(a, "--kv-mb")) {
-            NEED_ARG();
-            o.llm.kv_bytes = (size_t)strtoul(v, NULL, 10) << 20;
-        } else if (!strcmp(a, "--mem-mb")) {
-            NEED_ARG();
-            o.run_mem_cap_bytes = (size_t)strtoul(v, NULL, 10) << 20;
-        } else if (!strcmp(a, "--instructions")) {
-            NEED_ARG();
-            o.max_instructions = (uint64_t)strtod(v, NULL);
-        } else if (!strcmp(a, "--lua-ms")) {
-            NEED_ARG();
-            o.lua_cpu_ms = strtod(v, NULL);
-        } else if (!strcmp(a, "--json")) {
-            json = true;
-        } else if (!strcmp(a, "-q") || !strcmp(a, "--quiet")) {
-            prog.quiet = true;
-        } else if (a[0] == '-') {
-            fprintf(stderr, "kvmesh run: unknown option '%s' (kvmesh run --help)\n", a);
-            cJSON_Delete(inputs);
+            cJSON_DeleteItemFromObjectCaseSensitive(a->inputs, key);
+            cJSON_AddStringToObject(a->inputs, key, eq + 1);
+        } else if (!strcmp(arg, "--kv")) a->o.kv_override = v;
+        else if (!strcmp(arg, "--trace")) a->trace_root = v;
+        else if (!strcmp(arg, "--no-trace")) a->no_trace = true;
+        else if (!strcmp(arg, "--n")) a->n = strtol(v, NULL, 10);
+        else if (!strcmp(arg, "--seed")) a->seed = strtoull(v, NULL, 10);
+        else if (!strcmp(arg, "--concurrency")) a->concurrency = strtol(v, NULL, 10);
+        else if (!strcmp(arg, "--model")) a->o.model_override = v;
+        else if (!strcmp(arg, "--mock")) a->o.mock = true;
+        else if (!strcmp(arg, "--backend")) a->o.llm.backend = v;
+        else if (!strcmp(arg, "--max-rows")) a->o.llm.max_rows = (int)strtol(v, NULL, 10);
+        else if (!strcmp(arg, "--kvcomm")) {
+            if (a->n_kvcomm < (int)(sizeof a->kvcomm_set / sizeof *a->kvcomm_set)) a->kvcomm_set[a->n_kvcomm++] = v;
+        } else if (!strcmp(arg, "--ablation")) a->o.llm.kvcomm_ablation = v;
+        else if (!strcmp(arg, "--kv-mb")) a->o.llm.kv_bytes = (size_t)strtoul(v, NULL, 10) << 20;
+        else if (!strcmp(arg, "--mem-mb")) a->o.run_mem_cap_bytes = (size_t)strtoul(v, NULL, 10) << 20;
+        else if (!strcmp(arg, "--instructions")) a->o.max_instructions = (uint64_t)strtod(v, NULL);
+        else if (!strcmp(arg, "--lua-ms")) a->o.lua_cpu_ms = strtod(v, NULL);
+        else if (!strcmp(arg, "--json")) a->json = true;
+        else if (!strcmp(arg, "-q") || !strcmp(arg, "--quiet")) a->prog.quiet = true;
+        else if (arg[0] == '-') {
+            fprintf(stderr, "kvmesh run: unknown option '%s' (kvmesh run --help)\n", arg);
             return 2;
-        } else if (!script) {
-            script = a;
-        } else {
-            fprintf(stderr, "kvmesh run: one workflow at a time ('%s' and '%s')\n", script, a);
-            cJSON_Delete(inputs);
+        } else if (!a->script) a->script = arg;
+        else {
+            fprintf(stderr, "kvmesh run: one workflow at a time ('%s' and '%s')\n", a->script, arg);
             return 2;
         }
-#undef NEED_ARG
     }
-    if (!script) {
+    if (!a->script) {
         usage(stderr);
-        cJSON_Delete(inputs);
         return 2;
     }
-    if (concurrency < 1) concurrency = 1;
-    if (!no_trace) {
-        if (!trace_root) {
+    return -1;
+}
+
+/* Fills the workflow options that follow from the parsed arguments. */
+static void finish_opts(run_args_t *a) {
+    if (a->concurrency < 1) a->concurrency = 1;
+    if (!a->no_trace) {
+        if (!a->trace_root) {
             time_t now = time(NULL);
             struct tm tmv;
             gmtime_r(&now, &tmv);
-            strftime(default_trace, sizeof default_trace, "traces/%Y-%m-%d", &tmv);
-            trace_root = default_trace;
+            strftime(a->default_trace, sizeof a->default_trace, "traces/%Y-%m-%d", &tmv);
+            a->trace_root = a->default_trace;
         }
-        o.trace_root = trace_root;
+        a->o.trace_root = a->trace_root;
     }
-    o.llm.kvcomm_set = kvcomm_set;
-    o.llm.n_kvcomm_set = n_kvcomm;
-    prog.batch = n > 0;
-    prog.n_total = (int)n;
-    o.on_step = on_step;
-    o.ud = &prog;
-    o.llm.quiet = prog.quiet;
-    if (prog.batch) {
-        o.echo_print = false;
+    a->o.llm.kvcomm_set = a->kvcomm_set;
+    a->o.llm.n_kvcomm_set = a->n_kvcomm;
+    a->prog.batch = a->n > 0;
+    a->prog.n_total = (int)a->n;
+    a->o.on_step = on_step;
+    a->o.ud = &a->prog;
+    a->o.llm.quiet = a->prog.quiet;
+    if (a->prog.batch) {
+        a->o.echo_print = false;
         /* hundreds of runs: per-step warnings (also in the traces) would drown the summary */
         if (!getenv("KVM_LOG")) kvm_log_set_level(KVM_LOG_ERROR);
     }
-    kvm_workflow_t *wf = kvm_wf_load(script, &o);
-    if (!wf) {
+}
+
+/* The engine's batching figures, added to a JSON summary. */
+static void add_counters_json(cJSON *o, kvm_workflow_t *wf) {
+    uint64_t steps = 0, seqs = 0;
+    int max_seqs = 0;
+    wf_llm_counters(kvm_wf_llm(wf), &steps, &seqs, &max_seqs);
+    cJSON_AddNumberToObject(o, "forward_passes", (double)steps);
+    cJSON_AddNumberToObject(o, "mean_batch_seqs", steps ? (double)seqs / (double)steps : 0);
+    cJSON_AddNumberToObject(o, "max_batch_seqs", max_seqs);
+}
+
+static void print_json(cJSON *o) {
+    char *s = cJSON_Print(o);
+    printf("%s\n", s ? s : "{}");
+    cJSON_free(s);
+    cJSON_Delete(o);
+}
+
+/* One run with the given inputs: live progress, the outputs and the per-agent table. */
+static int run_single(kvm_workflow_t *wf, run_args_t *a, uint64_t t0) {
+    int run;
+    if (!a->prog.quiet) fprintf(stderr, "kvmesh run: %s (graph '%s')%s\n", a->script, kvm_wf_name(wf), a->o.mock ? " [mock model]" : "");
+    if (kvm_wf_start(wf, a->inputs, a->seed, &run) != 0 || kvm_wf_drive(wf) != 0) {
         fprintf(stderr, "kvmesh run: %s\n", kvm_errmsg());
-        cJSON_Delete(inputs);
         return 1;
     }
-    int rc = 0;
-    uint64_t t0 = kvm_now_ns();
-    if (!prog.batch) {
-        int run;
-        if (!prog.quiet) fprintf(stderr, "kvmesh run: %s (graph '%s')%s\n", script, kvm_wf_name(wf), o.mock ? " [mock model]" : "");
-        if (kvm_wf_start(wf, inputs, seed, &run) != 0 || kvm_wf_drive(wf) != 0) {
-            fprintf(stderr, "kvmesh run: %s\n", kvm_errmsg());
-            kvm_wf_free(wf);
-            cJSON_Delete(inputs);
-            return 1;
-        }
-        const char *msg = NULL;
-        int st = kvm_wf_run_status(wf, run, &msg);
-        const cJSON *outs = kvm_wf_run_outputs(wf, run);
-        if (json) {
-            cJSON *o2 = cJSON_CreateObject();
-            cJSON_AddStringToObject(o2, "run_id", kvm_wf_run_id(wf, run));
-            cJSON_AddStringToObject(o2, "status", st ? kvm_errname(st) : "ok");
-            if (st) cJSON_AddStringToObject(o2, "error", msg ? msg : "");
-            cJSON_AddItemToObject(o2, "outputs", cJSON_Duplicate(outs, 1));
-            cJSON_AddItemToObject(o2, "state", cJSON_Duplicate(kvm_wf_run_state(wf, run), 1));
-            cJSON_AddItemToObject(o2, "agents", agent_table_json(wf));
-            uint64_t steps = 0, seqs = 0;
-            int max_seqs = 0;
-            wf_llm_counters(kvm_wf_llm(wf), &steps, &seqs, &max_seqs);
-            cJSON_AddNumberToObject(o2, "wall_ms", (double)(kvm_now_ns() - t0) / 1e6);
-            cJSON_AddNumberToObject(o2, "forward_passes", (double)steps);
-            cJSON_AddNumberToObject(o2, "mean_batch_seqs", steps ? (double)seqs / (double)steps : 0);
-            cJSON_AddNumberToObject(o2, "max_batch_seqs", max_seqs);
-            char *s = cJSON_Print(o2);
-            printf("%s\n", s ? s : "{}");
-            cJSON_free(s);
-            cJSON_Delete(o2);
-        } else {
-            if (outs && outs->child) {
-                printf("\noutputs:\n");
-                for (const cJSON *c = outs->child; c; c = c->next) {
-                    printf("  %s: ", c->string);
-                    print_value(c, stdout);
-                }
+    const char *msg = NULL;
+    int st = kvm_wf_run_status(wf, run, &msg);
+    const cJSON *outs = kvm_wf_run_outputs(wf, run);
+    if (a->json) {
+        cJSON *o2 = cJSON_CreateObject();
+        cJSON_AddStringToObject(o2, "run_id", kvm_wf_run_id(wf, run));
+        cJSON_AddStringToObject(o2, "status", st ? kvm_errname(st) : "ok");
+        if (st) cJSON_AddStringToObject(o2, "error", msg ? msg : "");
+        cJSON_AddItemToObject(o2, "outputs", cJSON_Duplicate(outs, 1));
+        cJSON_AddItemToObject(o2, "state", cJSON_Duplicate(kvm_wf_run_state(wf, run), 1));
+        cJSON_AddItemToObject(o2, "agents", agent_table_json(wf));
+        cJSON_AddNumberToObject(o2, "wall_ms", (double)(kvm_now_ns() - t0) / 1e6);
+        add_counters_json(o2, wf);
+        print_json(o2);
+    } else {
+        if (outs && outs->child) {
+            printf("\noutputs:\n");
+            for (const cJSON *c = outs->child; c; c = c->next) {
+                printf("  %s: ", c->string);
+                print_value(c, stdout);
             }
-            print_agent_table(wf, stdout);
         }
-        fflush(stdout);
-        if (st) {
-            fprintf(stderr, "\nkvmesh run: run failed (%s): %s\n", kvm_errname(st), msg ? msg : "");
+        print_agent_table(wf, stdout);
+    }
+    fflush(stdout);
+    if (st) fprintf(stderr, "\nkvmesh run: run failed (%s): %s\n", kvm_errname(st), msg ? msg : "");
+    if (!a->prog.quiet && kvm_wf_run_trace_dir(wf, run)) fprintf(stderr, "trace: %s\n", kvm_wf_run_trace_dir(wf, run));
+    return st ? 1 : 0;
+}
+
+/* Starts and drives the seeded runs in waves of --concurrency. */
+static int run_waves(kvm_workflow_t *wf, const run_args_t *a) {
+    int rc = 0;
+    for (long first = 0; first < a->n && rc == 0; first += a->concurrency) {
+        long last = first + a->concurrency < a->n ? first + a->concurrency : a->n;
+        for (long i = first; i < last; i++) {
+            int run;
+            if (kvm_wf_start_seeded(wf, a->seed + (uint64_t)i, a->inputs, &run) != 0) {
+                fprintf(stderr, "kvmesh run: seed %llu: %s\n", a->seed + (unsigned long long)i, kvm_errmsg());
+                rc = 1;
+                break;
+            }
+        }
+        if (kvm_wf_drive(wf) != 0) {
+            fprintf(stderr, "kvmesh run: %s\n", kvm_errmsg());
             rc = 1;
         }
-        if (!prog.quiet && kvm_wf_run_trace_dir(wf, run)) fprintf(stderr, "trace: %s\n", kvm_wf_run_trace_dir(wf, run));
+        if (!a->prog.quiet) fprintf(stderr, "%s  runs %ld/%ld\n", isatty(2) ? "\r" : "", last, a->n);
+    }
+    return rc;
+}
+
+/* --n N: a seeded batch evaluation; prints accuracy, reuse rate, batching and the per-agent table. */
+static int run_batch(kvm_workflow_t *wf, run_args_t *a, uint64_t t0) {
+    if (!kvm_wf_has_dataset(wf)) {
+        fprintf(stderr, "kvmesh run: --n needs the workflow to define g:dataset(function(seed) ... end)\n");
+        return 2;
+    }
+    if (!a->prog.quiet)
+        fprintf(stderr, "kvmesh run: %s, %ld seeded runs from seed %llu, kv %s%s\n", a->script, a->n, a->seed,
+                a->o.kv_override ? a->o.kv_override : "(per agent)", a->o.mock ? " [mock model]" : "");
+    int rc = run_waves(wf, a);
+    double wall_s = (double)(kvm_now_ns() - t0) / 1e9;
+    int failed = 0, scored = 0;
+    double score_sum = 0;
+    for (int r = 0; r < kvm_wf_n_runs(wf); r++) {
+        const char *msg = NULL;
+        int st = kvm_wf_run_status(wf, r, &msg);
+        if (st && failed++ < 3) fprintf(stderr, "  run %d failed (%s): %s\n", r, kvm_errname(st), msg ? msg : "");
+        double sc;
+        int k = kvm_wf_run_score(wf, r, &sc);
+        if (k == 1) {
+            scored++;
+            score_sum += sc;
+        } else if (k < 0)
+            fprintf(stderr, "  run %d: %s\n", r, kvm_errmsg());
+    }
+    int calls = 0, reuse_calls = 0;
+    long prompt = 0, reused = 0;
+    for (int i = 0; i < kvm_wf_n_agents(wf); i++) {
+        const kvm_wf_agent_stats_t *s = kvm_wf_agent_stats(wf, i);
+        calls += s->calls;
+        reuse_calls += s->reuse_calls;
+        prompt += s->prompt_tokens;
+        reused += s->exact + s->offset + s->naive;
+    }
+    if (a->json) {
+        cJSON *o2 = cJSON_CreateObject();
+        cJSON_AddStringToObject(o2, "workflow", a->script);
+        cJSON_AddStringToObject(o2, "kv", a->o.kv_override ? a->o.kv_override : "per-agent");
+        cJSON_AddNumberToObject(o2, "runs", (double)kvm_wf_n_runs(wf));
+        cJSON_AddNumberToObject(o2, "failed", failed);
+        cJSON_AddNumberToObject(o2, "scored", scored);
+        cJSON_AddNumberToObject(o2, "accuracy", scored ? score_sum / scored : 0);
+        cJSON_AddNumberToObject(o2, "reuse_rate", calls ? (double)reuse_calls / calls : 0);
+        cJSON_AddNumberToObject(o2, "reused_token_fraction", prompt ? (double)reused / (double)prompt : 0);
+        add_counters_json(o2, wf);
+        cJSON_AddNumberToObject(o2, "wall_s", wall_s);
+        cJSON_AddItemToObject(o2, "agents", agent_table_json(wf));
+        print_json(o2);
     } else {
-        if (!kvm_wf_has_dataset(wf)) {
-            fprintf(stderr, "kvmesh run: --n needs the workflow to define g:dataset(function(seed) ... end)\n");
-            kvm_wf_free(wf);
-            cJSON_Delete(inputs);
-            return 2;
-        }
-        if (!prog.quiet) fprintf(stderr, "kvmesh run: %s, %ld seeded runs from seed %llu, kv %s%s\n", script, n, seed,
-                                 o.kv_override ? o.kv_override : "(per agent)", o.mock ? " [mock model]" : "");
-        for (long first = 0; first < n && rc == 0; first += concurrency) {
-            long last = first + concurrency < n ? first + concurrency : n;
-            for (long i = first; i < last; i++) {
-                int run;
-                if (kvm_wf_start_seeded(wf, seed + (uint64_t)i, inputs, &run) != 0) {
-                    fprintf(stderr, "kvmesh run: seed %llu: %s\n", seed + (unsigned long long)i, kvm_errmsg());
-                    rc = 1;
-                    break;
-                }
-            }
-            if (kvm_wf_drive(wf) != 0) {
-                fprintf(stderr, "kvmesh run: %s\n", kvm_errmsg());
-                rc = 1;
-            }
-            if (!prog.quiet) fprintf(stderr, "%s  runs %ld/%ld\n", isatty(2) ? "\r" : "", last, n);
-        }
-        double wall_s = (double)(kvm_now_ns() - t0) / 1e9;
-        int failed = 0, scored = 0;
-        double score_sum = 0;
-        for (int r = 0; r < kvm_wf_n_runs(wf); r++) {
-            const char *msg = NULL;
-            int st = kvm_wf_run_status(wf, r, &msg);
-            if (st) {
-                if (failed < 3) fprintf(stderr, "  run %d failed (%s): %s\n", r, kvm_errname(st), msg ? msg : "");
-                failed++;
-            }
-            double sc;
-            int k = kvm_wf_run_score(wf, r, &sc);
-            if (k == 1) {
-                scored++;
-                score_sum += sc;
-            } else if (k < 0) {
-                fprintf(stderr, "  run %d: %s\n", r, kvm_errmsg());
-            }
-        }
-        int calls = 0, reuse_calls = 0;
-        long prompt = 0, reused = 0;
-        for (int i = 0; i < kvm_wf_n_agents(wf); i++) {
-            const kvm_wf_agent_stats_t *s = kvm_wf_agent_stats(wf, i);
-            calls += s->calls;
-            reuse_calls += s->reuse_calls;
-            prompt += s->prompt_tokens;
-            reused += s->exact + s->offset + s->naive;
-        }
         uint64_t steps = 0, seqs = 0;
         int max_seqs = 0;
         wf_llm_counters(kvm_wf_llm(wf), &steps, &seqs, &max_seqs);
-        if (json) {
-            cJSON *o2 = cJSON_CreateObject();
-            cJSON_AddStringToObject(o2, "workflow", script);
-            cJSON_AddStringToObject(o2, "kv", o.kv_override ? o.kv_override : "per-agent");
-            cJSON_AddNumberToObject(o2, "runs", (double)kvm_wf_n_runs(wf));
-            cJSON_AddNumberToObject(o2, "failed", failed);
-            cJSON_AddNumberToObject(o2, "scored", scored);
-            cJSON_AddNumberToObject(o2, "accuracy", scored ? score_sum / scored : 0);
-            cJSON_AddNumberToObject(o2, "reuse_rate", calls ? (double)reuse_calls / calls : 0);
-            cJSON_AddNumberToObject(o2, "reused_token_fraction", prompt ? (double)reused / (double)prompt : 0);
-            cJSON_AddNumberToObject(o2, "forward_passes", (double)steps);
-            cJSON_AddNumberToObject(o2, "mean_batch_seqs", steps ? (double)seqs / (double)steps : 0);
-            cJSON_AddNumberToObject(o2, "max_batch_seqs", max_seqs);
-            cJSON_AddNumberToObject(o2, "wall_s", wall_s);
-            cJSON_AddItemToObject(o2, "agents", agent_table_json(wf));
-            char *s = cJSON_Print(o2);
-            printf("%s\n", s ? s : "{}");
-            cJSON_free(s);
-            cJSON_Delete(o2);
-        } else {
-            printf("\nruns: %d (%d failed) in %.1f s\n", kvm_wf_n_runs(wf), failed, wall_s);
-            if (scored) printf("accuracy: %.1f%% (%d scored)\n", 100.0 * score_sum / scored, scored);
-            printf("reuse rate: %.1f%% of agent calls (%d/%d); %.1f%% of prompt tokens reused\n", calls ? 100.0 * reuse_calls / calls : 0,
-                   reuse_calls, calls, prompt ? 100.0 * (double)reused / (double)prompt : 0);
-            printf("batching: %llu forward passes, %.2f sequences per pass on average, at most %d\n", (unsigned long long)steps,
-                   steps ? (double)seqs / (double)steps : 0, max_seqs);
-            print_agent_table(wf, stdout);
-        }
-        if (failed) rc = 1;
-        if (!prog.quiet && trace_root && !no_trace) fprintf(stderr, "traces: %s/<run_id>/\n", trace_root);
+        printf("\nruns: %d (%d failed) in %.1f s\n", kvm_wf_n_runs(wf), failed, wall_s);
+        if (scored) printf("accuracy: %.1f%% (%d scored)\n", 100.0 * score_sum / scored, scored);
+        printf("reuse rate: %.1f%% of agent calls (%d/%d); %.1f%% of prompt tokens reused\n", calls ? 100.0 * reuse_calls / calls : 0,
+               reuse_calls, calls, prompt ? 100.0 * (double)reused / (double)prompt : 0);
+        printf("batching: %llu forward passes, %.2f sequences per pass on average, at most %d\n", (unsigned long long)steps,
+               steps ? (double)seqs / (double)steps : 0, max_seqs);
+        print_agent_table(wf, stdout);
     }
+    if (!a->prog.quiet && a->trace_root && !a->no_trace) fprintf(stderr, "traces: %s/<run_id>/\n", a->trace_root);
+    return rc || failed ? 1 : 0;
+}
+
+int cmd_run(int argc, char **argv) {
+    run_args_t a = {.concurrency = 32, .seed = 1, .o.echo_print = true, .inputs = cJSON_CreateObject()};
+    int rc = parse_args(argc, argv, &a);
+    if (rc >= 0) {
+        cJSON_Delete(a.inputs);
+        return rc;
+    }
+    finish_opts(&a);
+    kvm_workflow_t *wf = kvm_wf_load(a.script, &a.o);
+    if (!wf) {
+        fprintf(stderr, "kvmesh run: %s\n", kvm_errmsg());
+        cJSON_Delete(a.inputs);
+        return 1;
+    }
+    uint64_t t0 = kvm_now_ns();
+    rc = a.prog.batch ? run_batch(wf, &a, t0) : run_single(wf, &a, t0);
     kvm_wf_free(wf);
-    cJSON_Delete(inputs);
+    cJSON_Delete(a.inputs);
     return rc;
 }

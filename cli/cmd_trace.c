@@ -225,6 +225,25 @@ static int replay(const char *dir, const char *model, bool mock) {
     return rc;
 }
 
+/* Options of `steps` and `replay`: one run directory plus flags. */
+typedef struct dir_args {
+    const char *dir, *model;
+    int only;
+    bool full, mock;
+} dir_args_t;
+
+static dir_args_t parse_dir_args(int argc, char **argv) {
+    dir_args_t a = {.only = -1};
+    for (int i = 2; i < argc; i++) {
+        if (!strcmp(argv[i], "--step") && i + 1 < argc) a.only = atoi(argv[++i]);
+        else if (!strcmp(argv[i], "--model") && i + 1 < argc) a.model = argv[++i];
+        else if (!strcmp(argv[i], "--full")) a.full = true;
+        else if (!strcmp(argv[i], "--mock")) a.mock = true;
+        else a.dir = argv[i];
+    }
+    return a;
+}
+
 int cmd_trace(int argc, char **argv) {
     if (argc < 2 || !strcmp(argv[1], "-h") || !strcmp(argv[1], "--help")) {
         usage(argc < 2 ? stderr : stdout);
@@ -242,38 +261,20 @@ int cmd_trace(int argc, char **argv) {
                 fprintf(stderr, "kvmesh trace ls: %s\n", kvm_errmsg());
                 rc = 1;
             }
-    } else if (!strcmp(sub, "show")) {
+        return rc;
+    }
+    if (!strcmp(sub, "show")) {
         for (int i = 2; i < argc; i++) rc |= show(argv[i]);
-    } else if (!strcmp(sub, "steps")) {
-        int only = -1;
-        bool full = false;
-        const char *dir = NULL;
-        for (int i = 2; i < argc; i++) {
-            if (!strcmp(argv[i], "--step") && i + 1 < argc) only = atoi(argv[++i]);
-            else if (!strcmp(argv[i], "--full")) full = true;
-            else dir = argv[i];
-        }
-        if (!dir) {
-            fprintf(stderr, "kvmesh trace steps: give a run directory\n");
-            return 2;
-        }
-        rc = steps(dir, only, full);
-    } else if (!strcmp(sub, "replay")) {
-        const char *dir = NULL, *model = NULL;
-        bool mock = false;
-        for (int i = 2; i < argc; i++) {
-            if (!strcmp(argv[i], "--model") && i + 1 < argc) model = argv[++i];
-            else if (!strcmp(argv[i], "--mock")) mock = true;
-            else dir = argv[i];
-        }
-        if (!dir) {
-            fprintf(stderr, "kvmesh trace replay: give a run directory\n");
-            return 2;
-        }
-        rc = replay(dir, model, mock);
-    } else {
+        return rc;
+    }
+    if (strcmp(sub, "steps") != 0 && strcmp(sub, "replay") != 0) {
         fprintf(stderr, "kvmesh trace: unknown subcommand '%s' (ls, show, steps, replay)\n", sub);
         return 2;
     }
-    return rc;
+    dir_args_t a = parse_dir_args(argc, argv);
+    if (!a.dir) {
+        fprintf(stderr, "kvmesh trace %s: give a run directory\n", sub);
+        return 2;
+    }
+    return !strcmp(sub, "steps") ? steps(a.dir, a.only, a.full) : replay(a.dir, a.model, a.mock);
 }

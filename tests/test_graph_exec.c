@@ -12,6 +12,8 @@
 
 #include "agents/wf.h"
 
+#define HEAD_ECHO "local kvm = kvmesh\nlocal m = kvm.model('mock:echo')\n"
+
 static kvm_workflow_t *load(const char *src) {
     kvm_wf_opts_t o = {0};
     kvm_workflow_t *wf = kvm_wf_load_string("g.lua", src, strlen(src), &o);
@@ -25,6 +27,21 @@ static int run1(kvm_workflow_t *wf, const char *input) {
     int run;
     assert_int_equal(kvm_wf_start(wf, in, 1, &run), 0);
     cJSON_Delete(in);
+    return run;
+}
+
+/* Starts one run with the input, drives the workflow and checks the engine did not fail. */
+static int drive1(kvm_workflow_t *wf, const char *input) {
+    int run = run1(wf, input);
+    assert_int_equal(kvm_wf_drive(wf), 0);
+    return run;
+}
+
+/* The same, and the run must have ended ok. */
+static int drive1_ok(kvm_workflow_t *wf, const char *input) {
+    int run = drive1(wf, input);
+    const char *msg = NULL;
+    if (kvm_wf_run_status(wf, run, &msg) != 0) fail_msg("run failed: %s", msg ? msg : "?");
     return run;
 }
 
@@ -44,9 +61,7 @@ static const cJSON *state_get(kvm_workflow_t *wf, int run, const char *k) {
 static void test_fan_out_of_four_agents_runs_in_one_batch(void **s) {
     (void)s;
     kvm_workflow_t *wf = load(FANOUT4 "return g\n");
-    int run = run1(wf, "count the apples");
-    assert_int_equal(kvm_wf_drive(wf), 0);
-    assert_int_equal(kvm_wf_run_status(wf, run, NULL), 0);
+    int run = drive1_ok(wf, "count the apples");
     int max_seqs = 0;
     wf_llm_counters(kvm_wf_llm(wf), NULL, NULL, &max_seqs);
     assert_int_equal(max_seqs, 4);
@@ -69,14 +84,12 @@ static void test_several_runs_share_forward_passes(void **s) {
 
 static void test_agent_reads_the_output_of_its_producer(void **s) {
     (void)s;
-    kvm_workflow_t *wf = load("local kvm = kvmesh\nlocal m = kvm.model('mock:echo')\n"
+    kvm_workflow_t *wf = load(HEAD_ECHO
                               "local g = kvm.graph{ state = { ans = kvm.reduce.replace } }\n"
                               "g:agent('a', { model = m, template = 'alpha {input}', max_tokens = 2 })\n"
                               "g:agent('b', { model = m, template = 'beta {agent.a}', max_tokens = 3, writes = 'ans' })\n"
                               "g:edge(kvm.START, 'a')\ng:edge('a', 'b')\nreturn g\n");
-    int run = run1(wf, "gamma delta");
-    assert_int_equal(kvm_wf_drive(wf), 0);
-    assert_int_equal(kvm_wf_run_status(wf, run, NULL), 0);
+    int run = drive1_ok(wf, "gamma delta");
     /* a echoes "alpha gamma"; b sees "beta alpha gamma" and echoes it */
     assert_string_equal(state_get(wf, run, "ans")->valuestring, "beta alpha gamma");
     const cJSON *msgs = state_get(wf, run, "msgs");
@@ -93,9 +106,7 @@ static void test_conditional_loop_ends_when_its_predicate_says_so(void **s) {
                               "g:edge('inc', 'inc', { when = function(state) return state.i < 5 end })\n"
                               "g:edge('inc', kvm.END, { when = function(state) return state.i >= 5 end })\n"
                               "g:limit{ steps = 20 }\nreturn g\n");
-    int run = run1(wf, "");
-    assert_int_equal(kvm_wf_drive(wf), 0);
-    assert_int_equal(kvm_wf_run_status(wf, run, NULL), 0);
+    int run = drive1_ok(wf, "");
     assert_int_equal((int)state_get(wf, run, "i")->valuedouble, 5);
     assert_int_equal(cJSON_GetArraySize(state_get(wf, run, "log")), 5);
     kvm_wf_free(wf);
@@ -109,8 +120,7 @@ static void test_step_budget_ends_an_endless_loop(void **s) {
                               "g:edge(kvm.START, 'inc')\n"
                               "g:edge('inc', 'inc', { when = function(state) return true end })\n"
                               "g:limit{ steps = 7 }\nreturn g\n");
-    int run = run1(wf, "");
-    assert_int_equal(kvm_wf_drive(wf), 0);
+    int run = drive1(wf, "");
     const char *msg;
     assert_int_equal(kvm_wf_run_status(wf, run, &msg), KVM_EBUDGET);
     assert_non_null(strstr(msg, "step budget (7"));
@@ -127,9 +137,7 @@ static void test_router_picks_the_next_node_or_end(void **s) {
                               "g:func('right', function(state) return { path = 'right' } end)\n"
                               "g:route('start', function(state, last) return state.path[1] == 'start' and 'right' or kvm.END end, { 'left', 'right', kvm.END })\n"
                               "g:edge(kvm.START, 'start')\nreturn g\n");
-    int run = run1(wf, "");
-    assert_int_equal(kvm_wf_drive(wf), 0);
-    assert_int_equal(kvm_wf_run_status(wf, run, NULL), 0);
+    int run = drive1_ok(wf, "");
     const cJSON *p = state_get(wf, run, "path");
     assert_int_equal(cJSON_GetArraySize(p), 2);
     assert_string_equal(cJSON_GetArrayItem(p, 1)->valuestring, "right");
@@ -144,9 +152,7 @@ static void test_reducers_max_min_merge_and_custom(void **s) {
                               "g:func('a', function() return { hi = 3, lo = 3, m = { x = 1 }, cat = 'a' } end)\n"
                               "g:func('b', function() return { hi = 9, lo = 1, m = { y = 2 }, cat = 'b' } end)\n"
                               "g:edge(kvm.START, { 'a', 'b' })\nreturn g\n");
-    int run = run1(wf, "");
-    assert_int_equal(kvm_wf_drive(wf), 0);
-    assert_int_equal(kvm_wf_run_status(wf, run, NULL), 0);
+    int run = drive1_ok(wf, "");
     assert_int_equal((int)state_get(wf, run, "hi")->valuedouble, 9);
     assert_int_equal((int)state_get(wf, run, "lo")->valuedouble, 1);
     assert_int_equal(cJSON_GetArraySize(state_get(wf, run, "m")), 2);
@@ -157,7 +163,7 @@ static void test_reducers_max_min_merge_and_custom(void **s) {
 
 static void test_join_any_fires_on_the_first_source(void **s) {
     (void)s;
-    kvm_workflow_t *wf = load("local kvm = kvmesh\nlocal m = kvm.model('mock:echo')\n"
+    kvm_workflow_t *wf = load(HEAD_ECHO
                               "local g = kvm.graph{ state = { seen = kvm.reduce.append } }\n"
                               "g:agent('fast', { model = m, template = 'one', max_tokens = 1 })\n"
                               "g:func('slow1', function() return {} end)\n"
@@ -165,9 +171,7 @@ static void test_join_any_fires_on_the_first_source(void **s) {
                               "g:func('done', function(state, last) local k = {} for n in pairs(last) do k[#k + 1] = n end table.sort(k) return { seen = table.concat(k, ',') } end)\n"
                               "g:edge(kvm.START, { 'fast', 'slow1' })\ng:edge('slow1', 'slow2')\n"
                               "g:join({ 'fast', 'slow2' }, 'done', { mode = 'any' })\nreturn g\n");
-    int run = run1(wf, "");
-    assert_int_equal(kvm_wf_drive(wf), 0);
-    assert_int_equal(kvm_wf_run_status(wf, run, NULL), 0);
+    int run = drive1_ok(wf, "");
     const cJSON *seen = state_get(wf, run, "seen");
     assert_true(cJSON_GetArraySize(seen) >= 1);
     assert_string_equal(cJSON_GetArrayItem(seen, 0)->valuestring, "fast,slow1");
@@ -176,7 +180,7 @@ static void test_join_any_fires_on_the_first_source(void **s) {
 
 static void test_ctx_call_yields_and_returns_the_agent_text(void **s) {
     (void)s;
-    kvm_workflow_t *wf = load("local kvm = kvmesh\nlocal m = kvm.model('mock:echo')\n"
+    kvm_workflow_t *wf = load(HEAD_ECHO
                               "local g = kvm.graph{ state = { out = kvm.reduce.replace } }\n"
                               "local echo = kvm.agent{ name = 'echo', model = m, template = 'say {input}', max_tokens = 4 }\n"
                               "g:func('f', function(state, last, ctx)\n"
@@ -184,25 +188,21 @@ static void test_ctx_call_yields_and_returns_the_agent_text(void **s) {
                               "  local b, info = ctx:call('echo', { input = 'two' })\n"
                               "  return { out = a .. '|' .. b .. '|' .. info.tokens_out } end)\n"
                               "g:edge(kvm.START, 'f')\nreturn g\n");
-    int run = run1(wf, "");
-    assert_int_equal(kvm_wf_drive(wf), 0);
-    assert_int_equal(kvm_wf_run_status(wf, run, NULL), 0);
+    int run = drive1_ok(wf, "");
     assert_string_equal(state_get(wf, run, "out")->valuestring, "say one|say two|2");
     kvm_wf_free(wf);
 }
 
 static void test_ctx_map_runs_its_calls_in_one_batch_and_keeps_their_order(void **s) {
     (void)s;
-    kvm_workflow_t *wf = load("local kvm = kvmesh\nlocal m = kvm.model('mock:echo')\n"
+    kvm_workflow_t *wf = load(HEAD_ECHO
                               "local g = kvm.graph{ state = { out = kvm.reduce.replace } }\n"
                               "local echo = kvm.agent{ name = 'echo', model = m, template = 'say {input}', max_tokens = 4 }\n"
                               "g:func('f', function(state, last, ctx)\n"
                               "  local outs = ctx:map(echo, { 'a', 'b b', { input = 'c' }, 'd' })\n"
                               "  return { out = table.concat(outs, '|') } end)\n"
                               "g:edge(kvm.START, 'f')\nreturn g\n");
-    int run = run1(wf, "");
-    assert_int_equal(kvm_wf_drive(wf), 0);
-    assert_int_equal(kvm_wf_run_status(wf, run, NULL), 0);
+    int run = drive1_ok(wf, "");
     assert_string_equal(state_get(wf, run, "out")->valuestring, "say a|say b b|say c|say d");
     int max_seqs = 0;
     wf_llm_counters(kvm_wf_llm(wf), NULL, NULL, &max_seqs);
@@ -218,21 +218,18 @@ static void test_failing_agent_routes_through_on_error(void **s) {
                               "g:agent('a', { model = bad, template = 'x' })\n"
                               "g:func('h', function(state, last) return { handled = last.a.code } end)\n"
                               "g:edge(kvm.START, 'a')\ng:edge('a', 'h', { on_error = true })\nreturn g\n");
-    int run = run1(wf, "");
-    assert_int_equal(kvm_wf_drive(wf), 0);
-    assert_int_equal(kvm_wf_run_status(wf, run, NULL), 0);
+    int run = drive1_ok(wf, "");
     assert_string_equal(state_get(wf, run, "handled")->valuestring, "KVM_EIO");
     kvm_wf_free(wf);
 }
 
 static void test_agent_token_budget_fails_the_node(void **s) {
     (void)s;
-    kvm_workflow_t *wf = load("local kvm = kvmesh\nlocal m = kvm.model('mock:echo')\n"
+    kvm_workflow_t *wf = load(HEAD_ECHO
                               "local g = kvm.graph{}\n"
                               "g:agent('a', { model = m, template = 'one two three four five six', max_tokens = 8, budget = 5 })\n"
                               "g:edge(kvm.START, 'a')\nreturn g\n");
-    int run = run1(wf, "");
-    assert_int_equal(kvm_wf_drive(wf), 0);
+    int run = drive1(wf, "");
     const char *msg;
     assert_int_equal(kvm_wf_run_status(wf, run, &msg), KVM_EBUDGET);
     assert_non_null(strstr(msg, "over its budget of 5"));
@@ -241,7 +238,7 @@ static void test_agent_token_budget_fails_the_node(void **s) {
 
 static void test_dataset_and_score_drive_seeded_runs(void **s) {
     (void)s;
-    kvm_workflow_t *wf = load("local kvm = kvmesh\nlocal m = kvm.model('mock:echo')\n"
+    kvm_workflow_t *wf = load(HEAD_ECHO
                               "local g = kvm.graph{ state = { ans = kvm.reduce.replace } }\n"
                               "g:agent('a', { model = m, template = '{input.n}', max_tokens = 2, writes = 'ans' })\n"
                               "g:edge(kvm.START, 'a')\n"
