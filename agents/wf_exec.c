@@ -618,8 +618,7 @@ static void graph_free(wf_graph_t *g) {
         kvm_free(n->writes);
         kvm_free(n->where);
         kvm_free(n->route_targets);
-        for (int k = 0; n->route_names && k < n->n_route_targets; k++) kvm_free(n->route_names[k]);
-        kvm_free(n->route_names);
+        wf_free_strs(n->route_names, n->n_route_targets);
         kvm_free(n->route_where);
     }
     kvm_free(g->nodes);
@@ -630,8 +629,7 @@ static void graph_free(wf_graph_t *g) {
     }
     kvm_free(g->edges);
     for (int i = 0; i < g->n_joins; i++) {
-        for (int k = 0; g->joins[i].src_names && k < g->joins[i].n_src; k++) kvm_free(g->joins[i].src_names[k]);
-        kvm_free(g->joins[i].src_names);
+        wf_free_strs(g->joins[i].src_names, g->joins[i].n_src);
         kvm_free(g->joins[i].src);
         kvm_free(g->joins[i].target_name);
         kvm_free(g->joins[i].where);
@@ -658,8 +656,7 @@ void kvm_wf_free(kvm_workflow_t *wf) {
         kvm_free(a->tmpl);
         kvm_free(a->parts);
         kvm_free(a->part_node);
-        for (int k = 0; k < a->n_stop; k++) kvm_free(a->stop[k]);
-        kvm_free(a->stop);
+        wf_free_strs(a->stop, a->n_stop);
         kvm_free(a->where);
     }
     kvm_free(wf->agents);

@@ -188,6 +188,8 @@ void wf_account_charge_close(kvm_workflow_t *wf, wf_account_t *a);
 uint64_t wf_rng_next(uint64_t s[2]);
 /* Finds a node by name (-1 if none). */
 int wf_graph_find(const wf_graph_t *g, const char *name);
+/* Frees an array of n strings and the array (NULL is a no-op). */
+void wf_free_strs(char **v, int n);
 
 /* ---- runs ---------------------------------------------------------------------------------------- */
 

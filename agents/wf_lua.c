@@ -233,17 +233,24 @@ static int l_proxy_pairs(lua_State *L) {
     return 3;
 }
 
+/* Pushes a locked metatable that reads through to the table at index `backing` and calls newindex
+ * on writes. */
+static void push_guard_mt(lua_State *L, int backing, lua_CFunction newindex) {
+    backing = lua_absindex(L, backing);
+    lua_newtable(L);
+    lua_pushvalue(L, backing);
+    lua_setfield(L, -2, "__index");
+    lua_pushcfunction(L, newindex);
+    lua_setfield(L, -2, "__newindex");
+    lua_pushliteral(L, "locked");
+    lua_setfield(L, -2, "__metatable");
+}
+
 /* Replaces the table at the top of the stack by a read-only proxy of it. */
 void wf_lua_push_proxy(lua_State *L) {
     int t = lua_gettop(L);
     lua_newtable(L);                  /* proxy */
-    lua_newtable(L);                  /* its metatable */
-    lua_pushvalue(L, t);
-    lua_setfield(L, -2, "__index");
-    lua_pushcfunction(L, l_readonly);
-    lua_setfield(L, -2, "__newindex");
-    lua_pushliteral(L, "locked");
-    lua_setfield(L, -2, "__metatable");
+    push_guard_mt(L, t, l_readonly);  /* its metatable */
     lua_pushvalue(L, t);
     lua_pushcclosure(L, l_proxy_pairs, 1);
     lua_setfield(L, -2, "__pairs");
@@ -907,8 +914,8 @@ static char **names_arg(lua_State *L, int idx, int *n, const char *what) {
     return v;
 }
 
-static void free_names(char **v, int n) {
-    for (int i = 0; i < n; i++) kvm_free(v[i]);
+void wf_free_strs(char **v, int n) {
+    for (int i = 0; v && i < n; i++) kvm_free(v[i]);
     kvm_free(v);
 }
 
@@ -940,7 +947,7 @@ static int g_edge(lua_State *L) {
     char *w = where_dup(L);
     wf_edge_t *ne = kvm_realloc(g->edges, (size_t)(g->n_edges + n) * sizeof *ne);
     if (!ne) {
-        free_names(to, n);
+        wf_free_strs(to, n);
         kvm_free(w);
         return luaL_error(L, "out of memory");
     }
@@ -971,11 +978,11 @@ static int g_route(lua_State *L) {
     for (int i = 0; i < g->n_nodes; i++)
         if (!strcmp(g->nodes[i].name, from)) node = &g->nodes[i];
     if (!node) {
-        free_names(targets, n);
+        wf_free_strs(targets, n);
         return luaL_error(L, "g:route: unknown node '%s' (define the node before its router)", from);
     }
     if (node->router_ref != LUA_NOREF) {
-        free_names(targets, n);
+        wf_free_strs(targets, n);
         return luaL_error(L, "g:route: node '%s' already has a router (%s)", from, node->route_where);
     }
     lua_pushvalue(L, 3);
@@ -1496,13 +1503,7 @@ static int freeze_env(lua_State *L) {
         lua_pushnil(L);
         lua_rawset(L, env);
     }
-    lua_newtable(L);
-    lua_pushvalue(L, back);
-    lua_setfield(L, -2, "__index");
-    lua_pushcfunction(L, l_frozen_global);
-    lua_setfield(L, -2, "__newindex");
-    lua_pushliteral(L, "locked");
-    lua_setfield(L, -2, "__metatable");
+    push_guard_mt(L, back, l_frozen_global);
     lua_setmetatable(L, env);
     return 0;
 }

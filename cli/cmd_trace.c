@@ -34,10 +34,10 @@ static void oneline(const char *s, size_t max, FILE *f) {
 static const char *or_empty(const char *s) { return s ? s : ""; }
 static const char *status_word(int code) { return code ? "error" : "ok"; }
 
-/* Reads a run's events.jsonl; prints the error as "kvmesh trace <what>: ..." on failure. */
-static int read_log(const char *dir, const char *what, kvm_trace_log_t *log) {
+/* Reads a run's events.jsonl; prints the error on failure. */
+static int read_log(const char *dir, kvm_trace_log_t *log) {
     if (kvm_trace_read(dir, log) == 0) return 0;
-    fprintf(stderr, "kvmesh trace%s: %s\n", what, kvm_errmsg());
+    fprintf(stderr, "kvmesh trace: %s\n", kvm_errmsg());
     return 1;
 }
 
@@ -110,7 +110,7 @@ static void show_header(const kvm_trace_run_start_t *s) {
 
 static int show(const char *dir) {
     kvm_trace_log_t log;
-    if (read_log(dir, "", &log)) return 1;
+    if (read_log(dir, &log)) return 1;
     const kvm_trace_rec_t *st = kvm_trace_log_next(&log, KVM_TRACE_RUN_START, NULL);
     if (st) show_header(&st->run_start);
     printf("\nsteps:\n");
@@ -173,7 +173,7 @@ static void print_agent_step(const kvm_trace_step_t *st, size_t cut) {
 
 static int steps(const char *dir, int only, bool full) {
     kvm_trace_log_t log;
-    if (read_log(dir, "", &log)) return 1;
+    if (read_log(dir, &log)) return 1;
     size_t cut = full ? (size_t)-1 : 400;
     int from = 0;
     for (const kvm_trace_rec_t *r; (r = kvm_trace_log_next(&log, KVM_TRACE_STEP, &from)) != NULL;) {
