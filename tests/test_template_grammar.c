@@ -94,27 +94,38 @@ static void check_refused(const char *text, const char *what, const char *offset
         fail_msg("'%s': message '%s' lacks '%s' or '%s'", text, kvm_errmsg(), what, offset);
 }
 
+typedef struct refusal {
+    const char *text, *what, *offset;
+} refusal_t;
+
+static void check_refusals(const refusal_t *r, size_t n) {
+    for (size_t i = 0; i < n; i++) check_refused(r[i].text, r[i].what, r[i].offset);
+}
+
 static void test_unknown_placeholders_are_refused_naming_the_offset(void **s) {
     (void)s;
-    check_refused("Q: {who} here", "unknown placeholder '{who}'", "offset 3");
-    check_refused("{inputs}", "unknown placeholder '{inputs}'", "offset 0");
+    static const refusal_t r[] = {{"Q: {who} here", "unknown placeholder '{who}'", "offset 3"},
+                                  {"{inputs}", "unknown placeholder '{inputs}'", "offset 0"}};
+    check_refusals(r, sizeof r / sizeof *r);
 }
 
 static void test_bad_forms_are_refused_naming_the_offset(void **s) {
     (void)s;
-    check_refused("ab {agent.}", "bad placeholder '{agent.}'", "offset 3");
-    check_refused("ab {agent}", "bad placeholder '{agent}'", "offset 3");
-    check_refused("ab {agent.x.next}", "bad placeholder '{agent.x.next}'", "offset 3");
-    check_refused("ab {tool.a.prev}", "bad placeholder '{tool.a.prev}'", "offset 3");
-    check_refused("ab {state}", "bad placeholder '{state}'", "offset 3");
-    check_refused("ab {input.a.b}", "bad placeholder '{input.a.b}'", "offset 3");
-    check_refused("ab {input..x}", "bad placeholder '{input..x}'", "offset 3");
+    static const refusal_t r[] = {{"ab {agent.}", "bad placeholder '{agent.}'", "offset 3"},
+                                  {"ab {agent}", "bad placeholder '{agent}'", "offset 3"},
+                                  {"ab {agent.x.next}", "bad placeholder '{agent.x.next}'", "offset 3"},
+                                  {"ab {tool.a.prev}", "bad placeholder '{tool.a.prev}'", "offset 3"},
+                                  {"ab {state}", "bad placeholder '{state}'", "offset 3"},
+                                  {"ab {input.a.b}", "bad placeholder '{input.a.b}'", "offset 3"},
+                                  {"ab {input..x}", "bad placeholder '{input..x}'", "offset 3"}};
+    check_refusals(r, sizeof r / sizeof *r);
 }
 
 static void test_an_unclosed_placeholder_is_refused_naming_the_offset(void **s) {
     (void)s;
-    check_refused("Plan: {agent.planner and more", "'{agent.planner' at offset 6 is not closed", "offset 6");
-    check_refused("Plan: {input.x", "'{input.x' at offset 6 is not closed", "offset 6");
+    static const refusal_t r[] = {{"Plan: {agent.planner and more", "'{agent.planner' at offset 6 is not closed", "offset 6"},
+                                  {"Plan: {input.x", "'{input.x' at offset 6 is not closed", "offset 6"}};
+    check_refusals(r, sizeof r / sizeof *r);
 }
 
 static void test_comm_pieces_carry_the_kvcomm_names(void **s) {

@@ -33,10 +33,20 @@ static int teardown(void **s) {
     return system(cmd) == 0 ? 0 : 0;
 }
 
-/* Writes the text as the run's whole events.jsonl; returns the trace (closed by the caller). */
-static kvm_trace_t *trace_with(const char *name, const char *text) {
+static kvm_trace_t *open_trace(const char *name) {
     kvm_trace_t *t = kvm_trace_open(root, name);
     assert_non_null(t);
+    return t;
+}
+
+static void finish(kvm_trace_log_t *log, kvm_trace_t *t) {
+    kvm_trace_log_free(log);
+    kvm_trace_close(t);
+}
+
+/* Writes the text as the run's whole events.jsonl; returns the trace (closed by the caller). */
+static kvm_trace_t *trace_with(const char *name, const char *text) {
+    kvm_trace_t *t = open_trace(name);
     fputs(text, t->f);
     fflush(t->f);
     return t;
@@ -55,8 +65,7 @@ static const kvm_trace_rec_t *only_record(kvm_trace_t *t, kvm_trace_log_t *log) 
 
 static void test_records_are_readable_while_the_file_is_open(void **s) {
     (void)s;
-    kvm_trace_t *t = kvm_trace_open(root, "live");
-    assert_non_null(t);
+    kvm_trace_t *t = open_trace("live");
     for (int i = 0; i < 3; i++) {
         kvm_trace_log_rec_t r = {.level = "info", .msg = "hello", .superstep = i};
         assert_int_equal(kvm_trace_write_log(t, &r), 0);
@@ -68,14 +77,12 @@ static void test_records_are_readable_while_the_file_is_open(void **s) {
     assert_int_equal(log.recs[2].type, KVM_TRACE_LOG);
     assert_int_equal(log.recs[2].log.superstep, 2);
     assert_int_equal(log.recs[2].line, 3);
-    kvm_trace_log_free(&log);
-    kvm_trace_close(t);
+    finish(&log, t);
 }
 
 static void test_torn_last_line_is_ignored(void **s) {
     (void)s;
-    kvm_trace_t *t = kvm_trace_open(root, "torn");
-    assert_non_null(t);
+    kvm_trace_t *t = open_trace("torn");
     kvm_trace_edge_t e = {.superstep = 1, .from = "START", .to = "a", .kind = "edge"};
     assert_int_equal(kvm_trace_write_edge(t, &e), 0);
     fputs("{\"t\":\"step\",\"idx\":0,\"pieces\":[{\"te", t->f); /* the writer died here */
@@ -84,8 +91,7 @@ static void test_torn_last_line_is_ignored(void **s) {
     assert_int_equal(kvm_trace_read(t->path, &log), 0);
     assert_int_equal(log.n, 1);
     assert_true(log.torn_tail);
-    kvm_trace_log_free(&log);
-    kvm_trace_close(t);
+    finish(&log, t);
 }
 
 static void test_bad_middle_line_is_an_error_naming_the_line(void **s) {
@@ -145,16 +151,14 @@ static void test_unknown_records_and_fields_are_kept_or_ignored(void **s) {
     assert_int_equal(log.recs[0].line, 2);
     assert_string_equal(log.recs[1].log.msg, "m");
     assert_null(log.recs[1].log.level);
-    kvm_trace_log_free(&log);
-    kvm_trace_close(t);
+    finish(&log, t);
 }
 
 /* ---- round trips ------------------------------------------------------------------------------------------ */
 
 static void test_run_start_reads_back_as_written(void **s) {
     (void)s;
-    kvm_trace_t *t = kvm_trace_open(root, "rt_start");
-    assert_non_null(t);
+    kvm_trace_t *t = open_trace("rt_start");
     kvm_trace_part_t parts[] = {{.text = "Q: "}, {.slot = "state:input.q", .src = "input.q"}};
     const char *stop[] = {"\n", "END"};
     kvm_trace_model_t models[] = {{.index = 0, .script_path = "mock:echo", .path = "mock:echo", .engine = "mock", .chat_format = "plain"},
@@ -211,14 +215,12 @@ static void test_run_start_reads_back_as_written(void **s) {
     assert_false(r->joins[0].all);
     assert_string_equal(r->joins[0].sources[1], "f");
     assert_string_equal(r->build_lua, "Lua 5.4");
-    kvm_trace_log_free(&log);
-    kvm_trace_close(t);
+    finish(&log, t);
 }
 
 static void test_an_agent_step_reads_back_as_written(void **s) {
     (void)s;
-    kvm_trace_t *t = kvm_trace_open(root, "rt_step");
-    assert_non_null(t);
+    kvm_trace_t *t = open_trace("rt_step");
     kvm_trace_part_t pieces[] = {{.text = "Q: "}, {.slot = "agent:p:current", .src = "agent.p", .text = "", .missing = true}};
     int32_t ids[] = {1, 17, -3, 2147483647};
     kvm_trace_step_t w = {.idx = 3, .superstep = 2, .node = "c", .agent = "c", .op = "chat", .via = "ctx:call", .t_start = 1795702892276629979ULL,
@@ -254,14 +256,12 @@ static void test_an_agent_step_reads_back_as_written(void **s) {
     assert_true(r->timings.ttft_ms == 3.25 && r->timings.tokens_per_s == 909.5);
     assert_true(r->batch.mean_seqs == 2.5 && r->batch.max_rows == 9);
     assert_null(r->output_json);
-    kvm_trace_log_free(&log);
-    kvm_trace_close(t);
+    finish(&log, t);
 }
 
 static void test_func_steps_read_back_with_their_output_or_error(void **s) {
     (void)s;
-    kvm_trace_t *t = kvm_trace_open(root, "rt_func");
-    assert_non_null(t);
+    kvm_trace_t *t = open_trace("rt_func");
     kvm_trace_step_t ok = {.idx = 1, .superstep = 1, .node = "f", .op = "func", .output_json = "{\"verdict\":\"x\"}"};
     kvm_trace_step_t nil = {.idx = 2, .superstep = 1, .node = "g", .op = "tool"};
     kvm_trace_step_t bad = {.idx = 3, .superstep = 1, .node = "h", .op = "func", .error = {.code = KVM_ELUA_RUNTIME, .message = "boom"}};
@@ -279,14 +279,12 @@ static void test_func_steps_read_back_with_their_output_or_error(void **s) {
     assert_int_equal(log.recs[2].step.error.code, KVM_ELUA_RUNTIME);
     assert_string_equal(log.recs[2].step.error.message, "boom");
     assert_null(log.recs[2].step.error.traceback);
-    kvm_trace_log_free(&log);
-    kvm_trace_close(t);
+    finish(&log, t);
 }
 
 static void test_edge_superstep_log_and_checkpoint_read_back_as_written(void **s) {
     (void)s;
-    kvm_trace_t *t = kvm_trace_open(root, "rt_small");
-    assert_non_null(t);
+    kvm_trace_t *t = open_trace("rt_small");
     const char *nodes[] = {"b", "c"};
     kvm_trace_edge_t e = {.superstep = 2, .from = "a", .to = "END", .kind = "route"};
     kvm_trace_superstep_t ss = {.superstep = 3, .nodes = nodes, .n_nodes = 2};
@@ -311,14 +309,12 @@ static void test_edge_superstep_log_and_checkpoint_read_back_as_written(void **s
     assert_ptr_equal(kvm_trace_log_next(&log, KVM_TRACE_LOG, &from), &log.recs[2]);
     assert_int_equal(from, 3);
     assert_null(kvm_trace_log_next(&log, KVM_TRACE_LOG, &from));
-    kvm_trace_log_free(&log);
-    kvm_trace_close(t);
+    finish(&log, t);
 }
 
 static void test_run_end_and_index_read_back_as_written(void **s) {
     (void)s;
-    kvm_trace_t *t = kvm_trace_open(root, "rt_end");
-    assert_non_null(t);
+    kvm_trace_t *t = open_trace("rt_end");
     kvm_trace_run_end_t w = {.run_id = "ab", .error = {.code = KVM_EBUDGET, .message = "over budget"}, .outputs_json = "{}",
                              .state_json = "{\"a\":\"b\"}", .input_tokens = 412, .output_tokens = 96, .agent_calls = 15, .wall_ms = 812.5,
                              .lua_ms = 0.5, .steps = 9, .tokens = 508, .instructions = 41000, .lua_bytes_peak = 48211};
@@ -342,14 +338,12 @@ static void test_run_end_and_index_read_back_as_written(void **s) {
     assert_true(x->started == ix.started && x->seed == 7 && x->wall_ms == 31.25);
     assert_string_equal(x->workflow, "x.lua");
     assert_int_equal(x->input_tokens, 705);
-    kvm_trace_log_free(&log);
-    kvm_trace_close(t);
+    finish(&log, t);
 }
 
 static void test_a_run_without_an_index_says_so(void **s) {
     (void)s;
-    kvm_trace_t *t = kvm_trace_open(root, "noindex");
-    assert_non_null(t);
+    kvm_trace_t *t = open_trace("noindex");
     kvm_trace_log_t log;
     assert_int_equal(kvm_trace_read_index(t->dir, &log), KVM_ENOENT);
     assert_non_null(strstr(kvm_errmsg(), "no index.json"));
