@@ -103,7 +103,7 @@ const kvm_wf_agent_stats_t *kvm_wf_agent_stats(const kvm_workflow_t *wf, int i);
 /* The engine, for counters (forward passes, batch sizes). */
 wf_llm_t *kvm_wf_llm(kvm_workflow_t *wf);
 
-/* ---- replay (wf_replay.c) ---------------------------------------------------------------------------- */
+/* ---- replay (wf_trace.c) ---------------------------------------------------------------------------- */
 
 typedef struct kvm_wf_replay_opts {
     const char *model_override;    /* NULL, or a model path every kvmesh.model() resolves to */

@@ -4,8 +4,8 @@
  *   wf_exec.c    graph semantics: runs, super-steps, edges, routers, joins, outputs, budgets
  *   wf_task.c    Lua stack plumbing of a run: node coroutines, protected calls, reducers, ctx:call /
  *                ctx:map, prompts from placeholders, engine results delivered to the waiting node
- *   wf_trace.c   filling the trace records of runtime/trace from runs and steps
- *   wf_replay.c  re-running a traced run from its trace and comparing the outputs */
+ *   wf_trace.c   filling the trace records of runtime/trace from runs and steps; replaying a traced
+ *                run from its trace and comparing the outputs (kvm_wf_replay) */
 #ifndef KVM_AGENTS_WF_INTERNAL_H
 #define KVM_AGENTS_WF_INTERNAL_H
 

@@ -1,6 +1,6 @@
 /* cmd_trace.c - `kvmesh trace ls|show|steps|replay`: a debugger for run traces (docs/trace-format.md).
  * It parses arguments and prints: the records come typed from runtime/trace's reader, the replay from
- * kvm_wf_replay (agents/wf_replay.c). */
+ * kvm_wf_replay (agents/wf_trace.c). */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
