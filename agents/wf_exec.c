@@ -398,7 +398,7 @@ static int submit_agent(kvm_workflow_t *wf, wf_run_t *r, int ai, lua_State *VL, 
         int kv = wf->o.kv_override ? wf_kv_policy_parse(wf->o.kv_override) : (int)a->kv;
         wf_llm_req_t req = {.model = wf->models[a->model].llm, .agent = a->name, .run_id = r->id, .system = a->role,
                             .pieces = pieces, .n_pieces = a->n_parts, .sampling = a->sampling, .max_tokens = a->max_tokens,
-                            .stop = (const char *const *)a->stop, .n_stop = a->n_stop, .kv = kv < 0 ? WF_KV_KVCOMM : (wf_kv_policy_t)kv,
+                            .stop = (const char *const *)a->stop, .n_stop = a->n_stop, .kv = kv < 0 ? KVM_KV_KVCOMM : (kvm_kv_policy_t)kv,
                             .ignore_eos = a->ignore_eos, .tag = tag};
         if (req.sampling.seed == 0) req.sampling.seed = r->seed * 1000003u + (uint64_t)r->step_idx + 1;
         rc = wf_llm_submit(wf->llm, &req);
@@ -475,7 +475,7 @@ static void trace_run_start(kvm_workflow_t *wf, wf_run_t *r) {
         for (int k = 0; k < a->n_stop; k++) cJSON_AddItemToArray(st, cJSON_CreateString(a->stop[k]));
         cJSON_AddNumberToObject(x, "budget_tokens", (double)a->budget_tokens);
         int kv = wf->o.kv_override ? wf_kv_policy_parse(wf->o.kv_override) : (int)a->kv;
-        cJSON_AddStringToObject(x, "kv", wf_kv_policy_name(kv < 0 ? a->kv : (wf_kv_policy_t)kv));
+        cJSON_AddStringToObject(x, "kv", kvm_kv_policy_name(kv < 0 ? a->kv : (kvm_kv_policy_t)kv));
         cJSON_AddStringToObject(x, "where", a->where);
         cJSON_AddItemToArray(as, x);
     }
@@ -1750,7 +1750,7 @@ const kvm_wf_agent_stats_t *kvm_wf_agent_stats(const kvm_workflow_t *wf, int i) 
     s->name = wf->agents[i].name;
     s->model = wf->models[wf->agents[i].model].path;
     int kv = wf->o.kv_override ? wf_kv_policy_parse(wf->o.kv_override) : (int)wf->agents[i].kv;
-    s->kv = wf_kv_policy_name(kv < 0 ? wf->agents[i].kv : (wf_kv_policy_t)kv);
+    s->kv = kvm_kv_policy_name(kv < 0 ? wf->agents[i].kv : (kvm_kv_policy_t)kv);
     return s;
 }
 
@@ -1817,7 +1817,7 @@ void kvm_wf_free(kvm_workflow_t *wf) {
         kvm_free(wf->models[i].where);
     }
     kvm_free(wf->models);
-    wf_llm_free(wf->llm);
+    if (!wf->o.engine) wf_llm_free(wf->llm);
     kvm_free(wf->path);
     kvm_free(wf->name);
     kvm_free(wf->source);
@@ -1853,7 +1853,7 @@ kvm_workflow_t *kvm_wf_load_string(const char *name, const char *src, size_t len
     wf->source[len] = '\0';
     wf->source_len = len;
     wf->source_hash = kvm_hash64(src, len, KVM_HASH_SEED);
-    wf->llm = wf_llm_create(&wf->o.llm);
+    wf->llm = wf->o.engine ? wf->o.engine : wf_llm_create(&wf->o.llm);
     if (!wf->llm || wf_lua_open(wf) != 0) {
         int c = kvm_errcode();
         char m[1024];

@@ -68,7 +68,7 @@ typedef struct wf_agent {
     int n_stop;
     long budget_tokens;    /* per run, prompt + output over all calls (0 = none) */
     bool ignore_eos;       /* generate exactly max_tokens (benchmarks) */
-    wf_kv_policy_t kv;
+    kvm_kv_policy_t kv;
     char *where;           /* "file:line" of the definition */
 } wf_agent_t;
 
@@ -163,6 +163,7 @@ struct kvm_workflow {
     struct wf_run **runs;
     int n_runs, cap_runs;
     kvm_wf_agent_stats_t *stats; /* [n_agents] */
+    struct wf_api *api;          /* agents/api.c: the public handles (runs) made for this workflow */
     uint64_t job_serial;
 };
 

@@ -179,7 +179,7 @@ int cmd_run(int argc, char **argv) {
             o.mock = true;
         } else if (!strcmp(a, "--backend")) {
             NEED_ARG();
-            o.llm.backend = v;
+            o.llm.model.backend = v;
         } else if (!strcmp(a, "--max-rows")) {
             NEED_ARG();
             o.llm.max_rows = (int)strtol(v, NULL, 10);
