@@ -35,7 +35,27 @@ else
   cat "$tmp/cfg.log" "$tmp/build.log"; bad "examples/embed builds with find_package(kvmesh)"
 fi
 
-# 2. pkg-config (C only; a CUDA build needs the CUDA linker, which the CMake package supplies)
+# 2. the program of docs/api.md, built the same way
+mkdir -p "$tmp/tour"
+python3 - "$here/docs/api.md" "$tmp/tour/tour.c" <<'PY'
+import re, sys
+doc = open(sys.argv[1]).read()
+blocks = [b for b in re.findall(r"```c\n(.*?)```", doc, re.S) if b.startswith("/* compiled: tour.c */")]
+assert len(blocks) == 1, "docs/api.md: expected one /* compiled: tour.c */ block"
+open(sys.argv[2], "w").write(blocks[0])
+PY
+sed 's/embed/tour/g' "$here/examples/embed/CMakeLists.txt" > "$tmp/tour/CMakeLists.txt"
+if cmake -S "$tmp/tour" -B "$tmp/tb" -DCMAKE_PREFIX_PATH="$tmp/prefix" > "$tmp/tcfg.log" 2>&1 &&
+   cmake --build "$tmp/tb" > "$tmp/tbuild.log" 2>&1; then
+  ok "docs/api.md's program builds"
+  (cd "$here" && "$tmp/tb/tour" mock:echo) | grep -q '^ok {' && ok "docs/api.md's program runs (mock)" || bad "docs/api.md's program runs (mock)"
+  out="$(cd "$here" && "$tmp/tb/tour" 2>&1)"
+  grep -q '^checker: [0-9]* prompt tokens' <<< "$out" && ok "docs/api.md's program runs (minillama-2m)" || { echo "$out"; bad "docs/api.md's program runs (minillama-2m)"; }
+else
+  cat "$tmp/tcfg.log" "$tmp/tbuild.log"; bad "docs/api.md's program builds"
+fi
+
+# 3. pkg-config (C only; a CUDA build needs the CUDA linker, which the CMake package supplies)
 if ! grep -q cudart "$tmp/prefix/lib/pkgconfig/kvmesh.pc"; then
   flags="$(PKG_CONFIG_PATH="$tmp/prefix/lib/pkgconfig" pkg-config --static --cflags --libs kvmesh)"
   if cc -std=c11 -Wall -Wextra -Werror -o "$tmp/embed-pc" "$here/examples/embed/embed.c" $flags > "$tmp/pc.log" 2>&1; then
