@@ -8,20 +8,9 @@
 #include "../runtime/comm/prompt.h"
 #include "../runtime/sched/sched.h"
 
-const char *wf_kv_policy_name(wf_kv_policy_t p) {
-    switch (p) {
-    case WF_KV_DENSE: return "dense";
-    case WF_KV_PREFIX: return "prefix";
-    default: return "kvcomm";
-    }
-}
-
 int wf_kv_policy_parse(const char *s) {
-    if (!s) return -1;
-    if (!strcmp(s, "dense")) return WF_KV_DENSE;
-    if (!strcmp(s, "prefix")) return WF_KV_PREFIX;
-    if (!strcmp(s, "kvcomm")) return WF_KV_KVCOMM;
-    return -1;
+    kvm_kv_policy_t p;
+    return s && kvm_kv_policy_parse(s, &p) == 0 ? (int)p : -1;
 }
 
 /* ---- jobs and models -------------------------------------------------------------------------- */
@@ -178,9 +167,8 @@ int wf_llm_model_open(wf_llm_t *l, const char *path, int *idx) {
         m->mock = true;
         m->mock_fail = !strcmp(path + 5, "fail");
     } else {
-        kvm_load_opts_t lo = {0};
-        lo.backend = l->o.backend;
-        lo.quiet = l->o.quiet;
+        kvm_model_params_t lo = l->o.model;
+        lo.quiet = lo.quiet || l->o.quiet;
         m->m = kvm_model_load(path, &lo);
         if (!m->m) {
             kvm_free(m->path);
@@ -489,10 +477,6 @@ static kvm_segment_t *bind_seg(lmodel_t *m, const char *run, const char *name, c
     return seg;
 }
 
-static kvm_kv_policy_t comm_policy(wf_kv_policy_t p) {
-    return p == WF_KV_DENSE ? KVM_KV_TEXT : p == WF_KV_PREFIX ? KVM_KV_EXACT : KVM_KV_KVCOMM;
-}
-
 /* Assembles the prompt through runtime/comm (dense / exact prefix / KVCOMM by the agent's policy)
  * and queues its remaining tokens on the scheduler. Templates comm/ rejects (or empty placeholder
  * content) fall back to a plain chat-rendered prompt run dense; the trace says why. */
@@ -574,7 +558,7 @@ static int model_prepare(lmodel_t *m, job_t *j, const wf_llm_req_t *r) {
             }
         }
         if (!rc) {
-            kvm_prompt_t p = {.tmpl = lt->t, .bindings = b, .n_bindings = nb, .policy = comm_policy(r->kv)};
+            kvm_prompt_t p = {.tmpl = lt->t, .bindings = b, .n_bindings = nb, .policy = r->kv};
             rc = kvm_comm_prepare(j->rq, &p, &j->prep);
             /* kvcomm.recompute_below (ours; 0 = the spec, a no-op): short shared pieces are recomputed */
             if (!rc) rc = kvm_comm_recompute_short(m->comm, &j->prep);
@@ -589,7 +573,7 @@ static int model_prepare(lmodel_t *m, job_t *j, const wf_llm_req_t *r) {
         else if (m->m->tok) rc = kvm_prompt_encode(m->m, r->system, user, m->m->cfg.chat_format != KVM_CHAT_NONE, &ids, &n);
         else rc = words_to_ids(m->m, r->system, r->pieces, r->n_pieces, &ids, &n);
         kvm_free(user);
-        if (!rc) rc = kvm_comm_prepare_ids(m->comm, ids, n, r->kv == WF_KV_PREFIX ? KVM_KV_EXACT : KVM_KV_TEXT, &j->prep);
+        if (!rc) rc = kvm_comm_prepare_ids(m->comm, ids, n, r->kv == KVM_KV_PREFIX ? KVM_KV_PREFIX : KVM_KV_DENSE, &j->prep);
         if (!rc) j->has_prep = true;
         kvm_free(ids);
         cJSON_AddStringToObject(detail, "fallback", why ? why : "no template");
@@ -600,7 +584,7 @@ static int model_prepare(lmodel_t *m, job_t *j, const wf_llm_req_t *r) {
         cJSON_Delete(detail);
         return rc;
     }
-    if (r->kv != WF_KV_KVCOMM) { /* dense / prefix need the ids only: let the store evict them */
+    if (r->kv != KVM_KV_KVCOMM) { /* dense / prefix need the ids only: let the store evict them */
         for (int i = 0; i < j->n_bound; i++) kvm_segment_release(j->bound[i]);
         j->n_bound = 0;
     }
@@ -629,7 +613,7 @@ static int model_prepare(lmodel_t *m, job_t *j, const wf_llm_req_t *r) {
     j->res.kv.anchors = anchors;
     snprintf(j->res.kv.mode, sizeof j->res.kv.mode, "%s",
              rep->mode == KVM_COMM_REUSE ? "reuse" : rep->exact_tokens > 0 ? "prefix" : "dense");
-    cJSON_AddStringToObject(detail, "policy", wf_kv_policy_name(r->kv));
+    cJSON_AddStringToObject(detail, "policy", kvm_kv_policy_name(r->kv));
     if (use_tmpl) {
         int need = kvm_comm_report_json(rep, NULL, 0);
         char *buf = need > 0 ? kvm_malloc((size_t)need + 1) : NULL;
@@ -910,4 +894,40 @@ void wf_llm_counters(const wf_llm_t *l, uint64_t *steps, uint64_t *seqs, int *ma
     if (steps) *steps = l->steps;
     if (seqs) *seqs = l->seqs;
     if (max_seqs) *max_seqs = l->max_seqs;
+}
+
+static cJSON *comm_stats_json(const kvm_comm_t *c) {
+    kvm_comm_stats_t st;
+    kvm_comm_stats(c, &st);
+    cJSON *o = cJSON_CreateObject();
+    cJSON_AddNumberToObject(o, "invocations", (double)st.invocations);
+    cJSON_AddNumberToObject(o, "reuse_invocations", (double)st.reuse_invocations);
+    cJSON_AddNumberToObject(o, "exact_tokens", (double)st.exact_tokens);
+    cJSON_AddNumberToObject(o, "offset_tokens", (double)st.offset_tokens);
+    cJSON_AddNumberToObject(o, "naive_tokens", (double)st.naive_tokens);
+    cJSON_AddNumberToObject(o, "recomputed_tokens", (double)st.recomputed_tokens);
+    cJSON_AddNumberToObject(o, "anchor_pools", st.n_pools);
+    cJSON_AddNumberToObject(o, "anchor_bytes", (double)st.anchor_bytes);
+    cJSON_AddNumberToObject(o, "anchors_created", (double)st.anchors_created);
+    cJSON_AddNumberToObject(o, "anchors_evicted", (double)st.anchors_evicted);
+    return o;
+}
+
+cJSON *wf_llm_stats_json(const wf_llm_t *l) {
+    cJSON *o = cJSON_CreateObject(), *ms = cJSON_AddArrayToObject(o, "models");
+    cJSON_AddNumberToObject(o, "forward_passes", (double)l->steps);
+    cJSON_AddNumberToObject(o, "mean_batch_seqs", l->steps ? (double)l->seqs / (double)l->steps : 0);
+    cJSON_AddNumberToObject(o, "max_batch_seqs", l->max_seqs);
+    for (int i = 0; ms && i < l->n_models; i++) {
+        wf_llm_model_info_t info;
+        wf_llm_model_describe(l, i, &info);
+        cJSON *m = cJSON_CreateObject();
+        cJSON_AddStringToObject(m, "path", info.t.path);
+        cJSON_AddStringToObject(m, "engine", info.t.engine);
+        if (info.t.describe) cJSON_AddStringToObject(m, "describe", info.t.describe);
+        if (info.t.kvcomm) cJSON_AddStringToObject(m, "kvcomm", info.t.kvcomm);
+        if (l->models[i].comm) cJSON_AddItemToObject(m, "kvcomm_stats", comm_stats_json(l->models[i].comm));
+        cJSON_AddItemToArray(ms, m);
+    }
+    return o;
 }

@@ -20,9 +20,7 @@
 #include "../runtime/model/generate.h"
 #include "../runtime/trace/trace.h"
 
-typedef enum wf_kv_policy { WF_KV_DENSE = 0, WF_KV_PREFIX = 1, WF_KV_KVCOMM = 2 } wf_kv_policy_t;
-const char *wf_kv_policy_name(wf_kv_policy_t p);
-/* "dense" | "prefix" | "kvcomm" -> policy; -1 if unknown. */
+/* "dense" | "prefix" | "kvcomm" -> kvm_kv_policy_t (include/kvmesh.h); -1 if unknown or NULL. */
 int wf_kv_policy_parse(const char *s);
 
 typedef struct wf_piece {
@@ -42,7 +40,7 @@ typedef struct wf_llm_req {
     int max_tokens;
     const char *const *stop;     /* stop strings */
     int n_stop;
-    wf_kv_policy_t kv;
+    kvm_kv_policy_t kv;
     bool ignore_eos;             /* generate exactly max_tokens unless a stop string hits */
     uint64_t tag;                /* returned in the result */
 } wf_llm_req_t;
@@ -73,7 +71,7 @@ typedef struct wf_llm_result {
 typedef struct wf_llm wf_llm_t;
 
 typedef struct wf_llm_opts {
-    const char *backend;   /* kvm_load_opts backend ("auto", "cpu", "cuda") */
+    kvm_model_params_t model; /* how models are loaded (backend, dtypes, threads); strings must outlive the engine */
     int max_rows;          /* tokens per forward pass (sched) */
     int max_active;        /* sequences in flight per model */
     size_t kv_bytes;       /* KV pool budget per model (0 = model default) */
@@ -110,6 +108,9 @@ void wf_llm_result_clear(wf_llm_result_t *r);
 int wf_llm_run_end(wf_llm_t *l, const char *run_id);
 /* Forward passes and sequences run so far, over all models. */
 void wf_llm_counters(const wf_llm_t *l, uint64_t *steps, uint64_t *seqs, int *max_seqs);
+/* The engine's counters and, per model, its KV store and KVCOMM statistics, as a new JSON object
+ * (cJSON_Delete); NULL on allocation failure. */
+cJSON *wf_llm_stats_json(const wf_llm_t *l);
 
 /* Renders the prompt text the way the engine does for a model without a tokenizer (mock): system and
  * pieces joined as "<system>\n\n<pieces...>". Used by trace replay to check prompts. New string,

@@ -45,6 +45,9 @@ typedef struct kvm_wf_opts {
     uint64_t max_instructions;     /* Lua instructions per run (default 1e9; graph limit overrides) */
     double lua_cpu_ms;             /* Lua CPU time per run, excluding waits for agents (default 5000) */
     wf_llm_opts_t llm;             /* engine options (backend, batch rows, KV bytes) */
+    wf_llm_t *engine;              /* borrowed engine shared with other workflows (a runtime's): models, KV
+                                      stores and anchor pools live across workflows; NULL = an own engine
+                                      made from llm */
     void (*on_step)(void *ud, const kvm_wf_step_info_t *s);
     void *ud;
     bool echo_print;               /* print() in scripts also goes to stderr */

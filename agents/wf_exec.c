@@ -20,9 +20,9 @@ static double ms_since(uint64_t t0) { return (double)(kvm_now_ns() - t0) / 1e6; 
 
 uint64_t *wf_current_rng(kvm_workflow_t *wf) { return wf->cur_run ? wf->cur_run->rng : wf->rng_load; }
 
-wf_kv_policy_t wf_agent_kv(const kvm_workflow_t *wf, const wf_agent_t *a) {
+kvm_kv_policy_t wf_agent_kv(const kvm_workflow_t *wf, const wf_agent_t *a) {
     int kv = wf->o.kv_override ? wf_kv_policy_parse(wf->o.kv_override) : -1; /* validated at load */
-    return kv < 0 ? a->kv : (wf_kv_policy_t)kv;
+    return kv < 0 ? a->kv : (kvm_kv_policy_t)kv;
 }
 
 static void finish_run(kvm_workflow_t *wf, wf_run_t *r, int code, char *msg);
@@ -601,7 +601,7 @@ const kvm_wf_agent_stats_t *kvm_wf_agent_stats(const kvm_workflow_t *wf, int i) 
     kvm_wf_agent_stats_t *s = &wf->stats[i];
     s->name = wf->agents[i].name;
     s->model = wf->models[wf->agents[i].model].path;
-    s->kv = wf_kv_policy_name(wf_agent_kv(wf, &wf->agents[i]));
+    s->kv = kvm_kv_policy_name(wf_agent_kv(wf, &wf->agents[i]));
     return s;
 }
 
@@ -666,7 +666,7 @@ void kvm_wf_free(kvm_workflow_t *wf) {
         kvm_free(wf->models[i].where);
     }
     kvm_free(wf->models);
-    wf_llm_free(wf->llm);
+    if (!wf->o.engine) wf_llm_free(wf->llm);
     kvm_free(wf->path);
     kvm_free(wf->name);
     kvm_free(wf->source);
@@ -702,7 +702,7 @@ kvm_workflow_t *kvm_wf_load_string(const char *name, const char *src, size_t len
     wf->source[len] = '\0';
     wf->source_len = len;
     wf->source_hash = kvm_hash64(src, len, KVM_HASH_SEED);
-    wf->llm = wf_llm_create(&wf->o.llm);
+    wf->llm = wf->o.engine ? wf->o.engine : wf_llm_create(&wf->o.llm);
     if (!wf->llm || wf_lua_open(wf) != 0) {
         int c = kvm_errcode();
         char m[1024];

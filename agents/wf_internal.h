@@ -65,7 +65,7 @@ typedef struct wf_agent {
     int n_stop;
     long budget_tokens;    /* per run, prompt + output over all calls (0 = none) */
     bool ignore_eos;       /* generate exactly max_tokens (benchmarks) */
-    wf_kv_policy_t kv;
+    kvm_kv_policy_t kv;
     char *where;           /* "file:line" of the definition */
 } wf_agent_t;
 
@@ -160,6 +160,7 @@ struct kvm_workflow {
     struct wf_run **runs;
     int n_runs, cap_runs;
     kvm_wf_agent_stats_t *stats; /* [n_agents] */
+    struct wf_api *api;          /* agents/api.c: the public handles (runs) made for this workflow */
     uint64_t job_serial;
 };
 
@@ -263,7 +264,7 @@ void wf_runs_free(kvm_workflow_t *wf);
 /* The RNG of the run executing now (or the load-time one). */
 uint64_t *wf_current_rng(kvm_workflow_t *wf);
 /* The agent's KV policy in effect (the --kv override, else its own). */
-wf_kv_policy_t wf_agent_kv(const kvm_workflow_t *wf, const wf_agent_t *a);
+kvm_kv_policy_t wf_agent_kv(const kvm_workflow_t *wf, const wf_agent_t *a);
 /* A task has finished (its output or error is set): records a func/tool step, closes the super-step
  * when it was the last open task. */
 void wf_task_done(kvm_workflow_t *wf, wf_run_t *r, wf_task_t *t);

@@ -632,7 +632,7 @@ static int make_agent(lua_State *L, int t, const char *name_arg) {
     bool ignore_eos = lua_toboolean(L, -1);
     lua_pop(L, 1);
     const char *kvs = opt_str_field(L, t, "kv", what);
-    int kv = kvs ? wf_kv_policy_parse(kvs) : WF_KV_KVCOMM;
+    int kv = kvs ? wf_kv_policy_parse(kvs) : KVM_KV_KVCOMM;
     if (kv < 0) return luaL_error(L, "%s '%s': kv must be \"dense\", \"prefix\" or \"kvcomm\" (got \"%s\")", what, name, kvs);
     lua_getfield(L, t, "stop");
     int stop_idx = lua_gettop(L);
@@ -677,7 +677,7 @@ static int make_agent(lua_State *L, int t, const char *name_arg) {
     a->max_tokens = (int)max_tokens;
     a->budget_tokens = (long)budget;
     a->ignore_eos = ignore_eos;
-    a->kv = (wf_kv_policy_t)kv;
+    a->kv = (kvm_kv_policy_t)kv;
     a->where = w;
     if (n_stop > 0) {
         a->stop = kvm_calloc((size_t)n_stop, sizeof *a->stop);
@@ -1050,7 +1050,7 @@ static int g_tostring(lua_State *L) {
 static int a_tostring(lua_State *L) {
     kvm_workflow_t *wf = getwf(L);
     wf_agent_t *a = &wf->agents[check_handle(L, 1, WF_MT_AGENT)];
-    lua_pushfstring(L, "agent '%s' (model %s, kv %s)", a->name, wf->models[a->model].path, wf_kv_policy_name(a->kv));
+    lua_pushfstring(L, "agent '%s' (model %s, kv %s)", a->name, wf->models[a->model].path, kvm_kv_policy_name(a->kv));
     return 1;
 }
 static int m_tostring(lua_State *L) {
@@ -1066,7 +1066,7 @@ static int a_index(lua_State *L) {
     else if (!strcmp(k, "template")) lua_pushstring(L, a->tmpl);
     else if (!strcmp(k, "role")) lua_pushstring(L, a->role ? a->role : "");
     else if (!strcmp(k, "max_tokens")) lua_pushinteger(L, a->max_tokens);
-    else if (!strcmp(k, "kv")) lua_pushstring(L, wf_kv_policy_name(a->kv));
+    else if (!strcmp(k, "kv")) lua_pushstring(L, kvm_kv_policy_name(a->kv));
     else lua_pushnil(L);
     return 1;
 }

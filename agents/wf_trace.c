@@ -87,7 +87,7 @@ static bool agent_records(const kvm_workflow_t *wf, kvm_trace_run_start_t *o, kv
             .sampling = {.temperature = a->sampling.temperature, .top_k = a->sampling.top_k, .top_p = a->sampling.top_p,
                          .repetition_penalty = a->sampling.repetition_penalty},
             .max_tokens = a->max_tokens, .stop = (const char *const *)a->stop, .n_stop = a->n_stop, .budget_tokens = a->budget_tokens,
-            .kv = wf_kv_policy_name(wf_agent_kv(wf, a)), .where = a->where};
+            .kv = kvm_kv_policy_name(wf_agent_kv(wf, a)), .where = a->where};
         for (int p = 0; p < a->n_parts; p++, k++) {
             const kvm_tpl_part_t *tp = &a->parts[p];
             parts[k] = tp->src == KVM_TPL_TEXT ? (kvm_trace_part_t){.text = tp->text} : (kvm_trace_part_t){.slot = tp->text, .src = tp->source};

@@ -201,7 +201,7 @@ static int bench_engine(int argc, char **argv) {
     char path[512];
     if (synth) snprintf(path, sizeof path, "synthetic:%s", synth);
     else snprintf(path, sizeof path, "%s", model);
-    kvm_load_opts_t lo = {.backend = backend, .quiet = false};
+    kvm_model_params_t lo = {.backend = backend, .quiet = false};
     uint64_t t_load = kvm_now_ns();
     /* synthetic models are built directly (this also links runtime/model/synthetic.c into the binary) */
     kvm_model_t *m = synth ? kvm_model_synthetic(synth, &lo) : kvm_model_load(path, &lo);

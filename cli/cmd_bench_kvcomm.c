@@ -238,7 +238,7 @@ static int run_ttft(kvm_model_t *m, const opts_t *o) {
             kvm_prepared_release(&p);
             if (rc) break;
             /* dense: full prefill of the same ids */
-            pr.policy = KVM_KV_TEXT;
+            pr.policy = KVM_KV_DENSE;
             memset(&res, 0, sizeof res);
             a0 = now_ms();
             rc = kvm_comm_prepare(rq, &pr, &p);
@@ -390,7 +390,7 @@ static int run_team(kvm_model_t *m, const opts_t *o) {
         to.max_tokens = o->max_tokens;
         to.seed = o->seed;
         to.kv_budget_bytes = o->kv_mb << 20;
-        if (!strcmp(tok, "dense")) to.policy = KVM_KV_EXACT;
+        if (!strcmp(tok, "dense")) to.policy = KVM_KV_PREFIX;
         else if (!strncmp(tok, "oracle", 6)) { /* oracle[-ph|-pf][@NAME]: full KVCOMM with the true deltas */
             const char *rest = tok + 6, *at = strchr(tok, '@');
             to.oracle = KVM_ORACLE_ALL;
@@ -540,7 +540,7 @@ int kvm_bench_kvcomm(int argc, char **argv) {
         usage();
         return 2;
     }
-    kvm_load_opts_t lo = {.backend = o.backend};
+    kvm_model_params_t lo = {.backend = o.backend};
     kvm_model_t *m = o.synth ? kvm_model_synthetic(o.synth, &lo) : kvm_model_load(o.model, &lo);
     if (!m) {
         fprintf(stderr, "kvmesh bench kvcomm: %s\n", kvm_errmsg());

@@ -116,7 +116,7 @@ int cmd_generate(int argc, char **argv) {
     }
     gp.stop_strings = stops;
     gp.n_stop_strings = n_stops;
-    kvm_load_opts_t lo = {.tokenizer_path = tokp, .backend = backend};
+    kvm_model_params_t lo = {.tokenizer_path = tokp, .backend = backend};
     fprintf(stderr, "kvmesh: loading %s ...\n", model);
     kvm_model_t *m = kvm_model_load(model, &lo);
     if (!m) {
@@ -191,7 +191,7 @@ int cmd_info(int argc, char **argv) {
         fprintf(stderr, "kvmesh info: --model is required\n");
         return 2;
     }
-    kvm_load_opts_t lo = {.tokenizer_path = tokp, .backend = backend};
+    kvm_model_params_t lo = {.tokenizer_path = tokp, .backend = backend};
     kvm_model_t *m = kvm_model_load(model, &lo);
     if (!m) {
         fprintf(stderr, "kvmesh info: %s\n", kvm_errmsg());

@@ -164,7 +164,7 @@ static int parse_args(int argc, char **argv, run_args_t *a) {
         else if (!strcmp(arg, "--concurrency")) a->concurrency = strtol(v, NULL, 10);
         else if (!strcmp(arg, "--model")) a->o.model_override = v;
         else if (!strcmp(arg, "--mock")) a->o.mock = true;
-        else if (!strcmp(arg, "--backend")) a->o.llm.backend = v;
+        else if (!strcmp(arg, "--backend")) a->o.llm.model.backend = v;
         else if (!strcmp(arg, "--max-rows")) a->o.llm.max_rows = (int)strtol(v, NULL, 10);
         else if (!strcmp(arg, "--kvcomm")) {
             if (a->n_kvcomm < (int)(sizeof a->kvcomm_set / sizeof *a->kvcomm_set)) a->kvcomm_set[a->n_kvcomm++] = v;

@@ -103,7 +103,7 @@ static void test_stories260k_greedy_256_tokens_identical_to_cpu_in_fp32_mode(voi
         printf("SKIPPED: %s not found (set KVM_SHARED_DIR to the shared data folder)\n", path);
         skip();
     }
-    kvm_load_opts_t oc = {.backend = "cpu", .quiet = true}, og = {.backend = "cuda", .quiet = true};
+    kvm_model_params_t oc = {.backend = "cpu", .quiet = true}, og = {.backend = "cuda", .quiet = true};
     kvm_model_t *mc = kvm_model_load(path, &oc);
     assert_non_null(mc);
     setenv("KVM_DEVICE_DTYPE", "f32", 1);
@@ -145,7 +145,7 @@ static void check_bundled_fp32(const char *name) {
         printf("SKIPPED: bundled model %s not found\n", dir);
         skip();
     }
-    kvm_load_opts_t oc = {.backend = "cpu", .quiet = true}, og = {.backend = "cuda", .quiet = true};
+    kvm_model_params_t oc = {.backend = "cpu", .quiet = true}, og = {.backend = "cuda", .quiet = true};
     kvm_model_t *mc = kvm_model_load(dir, &oc);
     if (!mc) fprintf(stderr, "%s cpu: %s\n", name, kvm_errmsg());
     assert_non_null(mc);
@@ -191,7 +191,7 @@ static void test_bundled_miniqwen3_greedy_256_tokens_identical_to_cpu_in_fp32_mo
 /* ---- synthetic tiny models, bf16 ---------------------------------------------------------------------- */
 
 static void check_synthetic(const char *name) {
-    kvm_load_opts_t oc = {.backend = "cpu", .quiet = true}, og = {.backend = "cuda", .quiet = true};
+    kvm_model_params_t oc = {.backend = "cpu", .quiet = true}, og = {.backend = "cuda", .quiet = true};
     kvm_model_t *mc = kvm_model_synthetic(name, &oc);
     if (!mc) fprintf(stderr, "%s cpu: %s\n", name, kvm_errmsg());
     assert_non_null(mc);
@@ -242,7 +242,7 @@ static void test_synthetic_tiny_qwen3_bf16_matches_cpu(void **st) {
  * back to the GPU's own dense prefill (within bf16 rounding of different batch shapes). 40 rows take the
  * tensor-core attention, 5 rows the decode kernels. */
 static void check_positioned_gpu(int np) {
-    kvm_load_opts_t og = {.backend = "cuda", .quiet = true};
+    kvm_model_params_t og = {.backend = "cuda", .quiet = true};
     kvm_model_t *m = kvm_model_synthetic("tiny-llama", &og);
     assert_non_null(m);
     kvm_kv_pool_t *pool = kvm_model_kv_pool(m, 0);
@@ -332,7 +332,7 @@ static void check_fixture_kv(const char *name, const char *dtype, const char *kv
     assert_int_equal(len, (size_t)T * V * 4);
     setenv("KVM_DEVICE_DTYPE", dtype, 1);
     if (kv) setenv("KVM_KV_DTYPE", kv, 1);
-    kvm_load_opts_t og = {.backend = "cuda", .quiet = true};
+    kvm_model_params_t og = {.backend = "cuda", .quiet = true};
     kvm_model_t *m = kvm_model_load(dir, &og);
     unsetenv("KVM_DEVICE_DTYPE");
     if (!m) fprintf(stderr, "%s: load failed: %s\n", name, kvm_errmsg());
@@ -345,7 +345,7 @@ static void check_fixture_kv(const char *name, const char *dtype, const char *kv
     int bad = first_difference(ours, greedy, N);
     int cpu_bad = -1;
     if (!strict_tokens) { /* the CPU engine with the same KV dtype, for comparison */
-        kvm_load_opts_t oc = {.backend = "cpu", .quiet = true};
+        kvm_model_params_t oc = {.backend = "cpu", .quiet = true};
         kvm_model_t *mc = kvm_model_load(dir, &oc);
         assert_non_null(mc);
         float *lc = malloc((size_t)T * V * 4);

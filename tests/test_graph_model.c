@@ -43,7 +43,7 @@ static kvm_workflow_t *run_batch(const char *kv, int n, const char *trace_root) 
     kvm_wf_opts_t o = {0};
     o.kv_override = kv;
     o.trace_root = trace_root;
-    o.llm.backend = "cpu";
+    o.llm.model.backend = "cpu";
     o.llm.quiet = true;
     /* share whenever two eligible anchors exist: reuse must then appear, whatever gamma's default */
     static const char *const sw[] = {"force_reuse=on"};

@@ -196,7 +196,7 @@ static void test_identical_prompt_reuses_the_prefix_cache_bit_for_bit(void **st)
     kvm_segment_t *in = input_segment(c, 78, 40);
     kvm_binding_t b = {"input", in};
     kvm_comm_request_t *rq = kvm_comm_request_begin(c, 1);
-    kvm_prompt_t pr = {.tmpl = t, .bindings = &b, .n_bindings = 1, .policy = KVM_KV_EXACT};
+    kvm_prompt_t pr = {.tmpl = t, .bindings = &b, .n_bindings = 1, .policy = KVM_KV_PREFIX};
     kvm_gen_params_t gp = {.max_tokens = 6, .ignore_eos = true};
     /* first run: dense; registers the prompt blocks */
     kvm_prepared_t p1, p2;
@@ -373,10 +373,10 @@ static void test_response_segment_drops_the_token_without_kv_or_computes_it_on_l
     kvm_binding_t b = {"input", in};
     kvm_comm_request_t *rq = kvm_comm_request_begin(c, 1);
     kvm_segment_t *r1 = NULL, *r2 = NULL;
-    assert_int_equal(run_agent(rq, t, &b, 1, KVM_KV_EXACT, NULL, &r1, 7), 0);
+    assert_int_equal(run_agent(rq, t, &b, 1, KVM_KV_PREFIX, NULL, &r1, 7), 0);
     assert_int_equal(kvm_segment_info(r1)->n_tokens, 7); /* length stop, compute: all 7 */
     kvm_comm_config(c)->resp_last_token = KVM_KVCOMM_RESP_DROP;
-    assert_int_equal(run_agent(rq, t, &b, 1, KVM_KV_EXACT, NULL, &r2, 7), 0);
+    assert_int_equal(run_agent(rq, t, &b, 1, KVM_KV_PREFIX, NULL, &r2, 7), 0);
     assert_int_equal(kvm_segment_info(r2)->n_tokens, 6); /* reference: the last one dropped */
     assert_int_equal(kvm_segment_info(r2)->producer_kind, KVM_PRODUCER_AGENT);
     assert_int_equal(kvm_segment_info(r2)->frame, 0);
@@ -593,18 +593,18 @@ static void test_prepare_ids_takes_the_exact_prefix_of_an_earlier_dense_prompt(v
     kvm_prepared_t p;
     kvm_gen_result_t res;
     memset(&res, 0, sizeof res);
-    assert_int_equal(kvm_comm_prepare_ids(c, ids, 70, KVM_KV_EXACT, &p), 0);
+    assert_int_equal(kvm_comm_prepare_ids(c, ids, 70, KVM_KV_PREFIX, &p), 0);
     assert_int_equal(p.report.exact_tokens, 0);
     assert_int_equal(kvm_generate(m, &p.seq, p.rest_ids, p.n_rest, &gp, NULL, NULL, &res), 0);
     assert_int_equal(kvm_comm_complete(rq, &p, &res, NULL), 0);
     kvm_gen_result_free(&res);
     kvm_prepared_release(&p);
-    assert_int_equal(kvm_comm_prepare_ids(c, ids, 70, KVM_KV_EXACT, &p), 0);
+    assert_int_equal(kvm_comm_prepare_ids(c, ids, 70, KVM_KV_PREFIX, &p), 0);
     assert_int_equal(p.report.exact_tokens, 64);
     assert_int_equal(p.n_rest, 6);
     assert_int_equal(p.report.recomputed_tokens, 6);
     kvm_prepared_release(&p);
-    assert_int_equal(kvm_comm_prepare_ids(c, ids, 70, KVM_KV_TEXT, &p), 0);
+    assert_int_equal(kvm_comm_prepare_ids(c, ids, 70, KVM_KV_DENSE, &p), 0);
     assert_int_equal(p.n_rest, 70);
     kvm_prepared_release(&p);
     assert_int_equal(kvm_comm_prepare_ids(c, ids, 70, KVM_KV_KVCOMM, &p), KVM_EINVAL);

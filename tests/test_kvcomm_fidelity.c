@@ -51,7 +51,7 @@ static int setup(void **st) {
     char cfg[512];
     snprintf(cfg, sizeof cfg, "%s/config.json", MODEL_DIR);
     if (!kvm_file_exists(cfg)) return 0;
-    kvm_load_opts_t o = {.backend = "cpu", .quiet = true};
+    kvm_model_params_t o = {.backend = "cpu", .quiet = true};
     f.m = kvm_model_load(MODEL_DIR, &o);
     if (!f.m) {
         fprintf(stderr, "load failed: %s\n", kvm_errmsg());
@@ -93,7 +93,7 @@ static fid_t *need(void **st) {
     if (!f->have_dense) {
         kvm_team_opts_t o;
         team_opts(f, &o, f->requests);
-        o.policy = KVM_KV_EXACT;
+        o.policy = KVM_KV_PREFIX;
         assert_int_equal(kvm_team_run(f->m, &o, NULL, &f->dense), 0);
         f->have_dense = true;
     }

@@ -20,7 +20,7 @@ static int setup(void **st) {
         *st = NULL;
         return 0;
     }
-    kvm_load_opts_t o = {.tokenizer_path = S260 "/tok512.bin", .backend = "cpu", .quiet = true};
+    kvm_model_params_t o = {.tokenizer_path = S260 "/tok512.bin", .backend = "cpu", .quiet = true};
     kvm_model_t *m = kvm_model_load(S260 "/stories260K.bin", &o);
     if (!m) fprintf(stderr, "load failed: %s\n", kvm_errmsg());
     *st = m;
@@ -121,7 +121,7 @@ static void test_identical_story_prompts_share_the_prefix_cache_and_generate_the
     char *texts[2] = {0};
     int exact[2] = {0};
     for (int k = 0; k < 2; k++) {
-        kvm_prompt_t pr = {.tmpl = t, .bindings = &b, .n_bindings = 1, .policy = KVM_KV_EXACT};
+        kvm_prompt_t pr = {.tmpl = t, .bindings = &b, .n_bindings = 1, .policy = KVM_KV_PREFIX};
         kvm_prepared_t p;
         kvm_gen_result_t r;
         memset(&r, 0, sizeof r);

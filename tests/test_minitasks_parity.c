@@ -93,7 +93,7 @@ static void check_bundled(const char *name, const char *arch) {
         free(fx.logits);
         skip();
     }
-    kvm_load_opts_t opts = {.backend = "cpu", .quiet = true};
+    kvm_model_params_t opts = {.backend = "cpu", .quiet = true};
     kvm_model_t *m = kvm_model_load(fx.model, &opts);
     if (!m) fprintf(stderr, "%s: load failed: %s\n", name, kvm_errmsg());
     assert_non_null(m);

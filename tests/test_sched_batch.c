@@ -18,7 +18,7 @@
 static int setup(void **st) {
     *st = NULL;
     if (!kvm_file_exists(S260 "/stories260K.bin") || !kvm_file_exists(S260 "/tok512.bin")) return 0;
-    kvm_load_opts_t o = {.tokenizer_path = S260 "/tok512.bin", .backend = "cpu", .quiet = true};
+    kvm_model_params_t o = {.tokenizer_path = S260 "/tok512.bin", .backend = "cpu", .quiet = true};
     *st = kvm_model_load(S260 "/stories260K.bin", &o);
     if (!*st) fprintf(stderr, "load failed: %s\n", kvm_errmsg());
     return *st ? 0 : -1;

@@ -19,7 +19,7 @@ static int setup(void **st) {
         *st = NULL;
         return 0;
     }
-    kvm_load_opts_t o = {.tokenizer_path = S260 "/tok512.bin", .backend = "cpu"};
+    kvm_model_params_t o = {.tokenizer_path = S260 "/tok512.bin", .backend = "cpu"};
     kvm_model_t *m = kvm_model_load(S260 "/stories260K.bin", &o);
     if (!m) fprintf(stderr, "load failed: %s\n", kvm_errmsg());
     *st = m;
@@ -101,7 +101,7 @@ static void test_truncated_checkpoint_is_rejected_with_sizes(void **st) {
     fwrite(mm.data, 1, mm.size / 2, f);
     fclose(f);
     kvm_mmap_close(&mm);
-    kvm_load_opts_t o = {.backend = "cpu"};
+    kvm_model_params_t o = {.backend = "cpu"};
     assert_null(kvm_model_load(path, &o));
     assert_non_null(strstr(kvm_errmsg(), "truncated"));
     assert_non_null(strstr(kvm_errmsg(), path));
@@ -115,7 +115,7 @@ static void test_garbage_header_is_rejected(void **st) {
     int32_t h[7] = {64, 172, -5, 8, 4, 512, 512};
     assert_int_equal(write(fd, h, sizeof h), (ssize_t)sizeof h);
     close(fd);
-    kvm_load_opts_t o = {.backend = "cpu"};
+    kvm_model_params_t o = {.backend = "cpu"};
     assert_null(kvm_model_load(path, &o));
     assert_int_equal(kvm_errcode(), KVM_EFORMAT);
     assert_non_null(strstr(kvm_errmsg(), "implausible"));

@@ -771,7 +771,7 @@ int kvm_comm_prepare_ids(kvm_comm_t *c, const int32_t *ids, int n, kvm_kv_policy
     memcpy(out->prompt_ids, ids, (size_t)n * sizeof(int32_t));
     out->n_prompt = n;
     int e = 0;
-    if (policy == KVM_KV_EXACT) {
+    if (policy == KVM_KV_PREFIX) {
         e = exact_prefix(c, NULL, ids, n, n - 1, &out->seq);
         if (e < 0) {
             int rc = e;
@@ -1318,7 +1318,7 @@ int kvm_comm_report_json(const kvm_comm_report_t *r, char *buf, size_t cap) {
         "\"offset_ms\":%.3f,\"assemble_ms\":%.3f,\"anchors_staged\":%d,\"short_recomputed\":%d,"
         "\"selected_recomputed\":%d,\"recompute_items\":%d,\"placeholders\":[",
         r->mode == KVM_COMM_REUSE ? "reuse" : "dense",
-        r->policy == KVM_KV_KVCOMM ? "kvcomm" : r->policy == KVM_KV_TEXT ? "text" : "exact", r->input_tokens,
+        r->policy == KVM_KV_KVCOMM ? "kvcomm" : r->policy == KVM_KV_DENSE ? "text" : "exact", r->input_tokens,
         r->exact_tokens, r->offset_tokens, r->naive_tokens, r->recomputed_tokens, r->fused_tokens,
         (unsigned long long)r->template_hash, r->predict_ms, r->weights_ms, r->offset_ms, r->assemble_ms,
         r->anchors_staged, r->short_recomputed, r->selected_recomputed, r->recompute_items);

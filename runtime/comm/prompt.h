@@ -219,11 +219,8 @@ void kvm_comm_request_abort(kvm_comm_request_t *rq);
 
 /* ---- prompt assembly ---------------------------------------------------------------------------------- */
 
-typedef enum kvm_kv_policy {
-    KVM_KV_EXACT = 0,  /* default: exact prefix hits only, the rest is computed */
-    KVM_KV_TEXT = 1,   /* recompute everything */
-    KVM_KV_KVCOMM = 2, /* exact prefix + KVCOMM for placeholders */
-} kvm_kv_policy_t;
+/* kvm_kv_policy_t (KVM_KV_PREFIX = 0, the default: exact prefix hits only, the rest computed; KVM_KV_DENSE:
+ * everything computed; KVM_KV_KVCOMM: exact prefix + KVCOMM for placeholders) is public: include/kvmesh.h. */
 
 typedef struct kvm_binding {
     const char *name;   /* placeholder name as in the template */

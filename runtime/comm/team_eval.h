@@ -29,7 +29,7 @@ typedef struct kvm_team_opts {
     int cos_samples;         /* REUSE invocations whose per-layer K/V cosine to dense is measured */
     int max_tokens;          /* generation limit per agent (greedy) */
     uint64_t seed;           /* minitasks eval seed */
-    kvm_kv_policy_t policy;  /* KVM_KV_EXACT = the dense baseline, KVM_KV_KVCOMM */
+    kvm_kv_policy_t policy;  /* KVM_KV_PREFIX = the dense baseline, KVM_KV_KVCOMM */
     kvm_kvcomm_config_t cfg; /* switches (ablations) */
     size_t kv_budget_bytes;  /* 0 = the model's default pool */
     bool quiet;              /* no progress on stderr */

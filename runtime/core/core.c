@@ -162,6 +162,18 @@ static int g_log_level = KVM_LOG_WARN;
 void kvm_log_set_level(int level) { g_log_level = level; }
 int kvm_log_get_level(void) { return g_log_level; }
 
+int kvm_log_level_parse(const char *name, int *level) {
+    static const char *const names[] = {"debug", "info", "warn", "error", "off"};
+    for (int i = 0; name && i < 5; i++)
+        if (!strcmp(name, names[i])) {
+            *level = i;
+            return 0;
+        }
+    return kvm_seterr(KVM_EINVAL, "log level '%s' is not one of debug, info, warn, error, off", name ? name : "(null)");
+}
+
+const char *kvm_version(void) { return KVM_VERSION; }
+
 void kvm_log(int level, const char *fmt, ...) {
     if (level < g_log_level) return;
     static const char *names[] = {"debug", "info", "warning", "error"};

@@ -41,9 +41,7 @@ size_t kvm_alloc_bytes_live(void);
 
 /* ---- logging -------------------------------------------------------------------------------- */
 
-enum kvm_log_level { KVM_LOG_DEBUG = 0, KVM_LOG_INFO = 1, KVM_LOG_WARN = 2, KVM_LOG_ERROR = 3, KVM_LOG_OFF = 4 };
-void kvm_log_set_level(int level);
-int kvm_log_get_level(void);
+/* enum kvm_log_level, kvm_log_set_level, kvm_log_get_level, kvm_log_level_parse: include/kvmesh.h */
 void kvm_log(int level, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 #define KVM_LOGD(...) kvm_log(KVM_LOG_DEBUG, __VA_ARGS__)
 #define KVM_LOGI(...) kvm_log(KVM_LOG_INFO, __VA_ARGS__)

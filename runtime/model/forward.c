@@ -284,6 +284,7 @@ kvm_kv_pool_t *kvm_model_kv_pool(kvm_model_t *m, size_t kv_bytes) {
     /* KVM_KV_DTYPE=f32|bf16|f16 overrides the storage dtype of the cache (any backend) */
     const char *kd = getenv("KVM_KV_DTYPE");
     if (kd && *kd) g.dtype = !strcmp(kd, "f32") ? KVM_F32 : !strcmp(kd, "f16") ? KVM_F16 : KVM_BF16;
+    if (m->kv_dtype_set) g.dtype = m->kv_dtype;
     int n_blocks;
     if (kv_bytes == 0) {
         int ctx = m->cfg.max_seq_len > 0 && m->cfg.max_seq_len < 8192 ? m->cfg.max_seq_len : 8192;
@@ -517,7 +518,7 @@ int kvm_forward(kvm_model_t *m, kvm_batch_item_t *items, int n_items) {
     bool decode = rows == n_items && ops->graph_begin != NULL;
     const char *genv = getenv("KVM_CUDA_GRAPHS");
     if (genv && !strcmp(genv, "0")) decode = false;
-    if (b->graphs_off || b->layer_limit || positioned) decode = false; /* nor a partial or a positioned pass */
+    if (m->cuda_graphs_off || b->graphs_off || b->layer_limit || positioned) decode = false; /* nor a partial or a positioned pass */
     if (decode) max_blocks = (max_blocks + 63) / 64 * 64;
     blocks = max_blocks * n_items;
     int rc = ensure_workspace(m, rows, n_items, blocks, logit_rows);

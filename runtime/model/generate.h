@@ -41,8 +41,7 @@ int kvm_prompt_encode(const kvm_model_t *m, const char *system, const char *user
 
 /* ---- generation ------------------------------------------------------------------------------- */
 
-enum kvm_stop_reason { KVM_STOP_NONE = 0, KVM_STOP_EOS, KVM_STOP_STRING, KVM_STOP_LENGTH, KVM_STOP_CONTEXT, KVM_STOP_CALLBACK };
-const char *kvm_stop_reason_name(int r);
+/* enum kvm_stop_reason and kvm_stop_reason_name: include/kvmesh.h */
 
 typedef struct kvm_gen_params {
     int max_tokens;            /* new tokens at most (default 256 when 0) */

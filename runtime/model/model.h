@@ -118,21 +118,20 @@ typedef struct kvm_model {
     bool weights_on_device;     /* tensors already live in backend memory (synthetic models); then norm
                                    weights and biases must be F32 there, matrices any dtype */
     kvm_dtype_t device_dtype;   /* dtype of matrices uploaded to a GPU backend (BF16 default, F32 parity mode) */
-    bool device_dtype_explicit; /* set from kvm_load_opts_t (then KVM_DEVICE_DTYPE does not override it) */
+    bool device_dtype_explicit; /* set from kvm_model_params_t.weight_dtype */
+    kvm_dtype_t kv_dtype;       /* KV cache storage dtype when kv_dtype_set (kvm_model_params_t.kv_dtype) */
+    bool kv_dtype_set;
+    bool cuda_graphs_off;       /* kvm_model_params_t.cuda_graphs = -1 */
 } kvm_model_t;
 
-typedef struct kvm_load_opts {
-    const char *tokenizer_path; /* llama2.c: tokenizer.bin (default: tokenizer.bin or tok<vocab>.bin beside it) */
-    const char *backend;        /* "auto" (default), "cpu", "cuda" */
-    bool quiet;                 /* no progress on stderr */
-    kvm_dtype_t device_dtype;   /* GPU weight dtype (default BF16; F32 = parity mode) */
-    bool device_dtype_set;
-} kvm_load_opts_t;
-
-/* Loads a model (see the header comment). Returns NULL and sets the message on any error; the model
- * is freed with kvm_model_free(). */
-kvm_model_t *kvm_model_load(const char *path, const kvm_load_opts_t *opts);
-void kvm_model_free(kvm_model_t *m);
+/* kvm_model_load(path, const kvm_model_params_t *) and kvm_model_free are public (include/kvmesh.h).
+ * kvm_model_params_parse checks the parameters' strings: an unknown value is KVM_EINVAL naming the field. */
+typedef struct kvm_model_settings {
+    kvm_dtype_t weight_dtype, kv_dtype;
+    bool weight_dtype_set, kv_dtype_set;
+} kvm_model_settings_t;
+int kvm_model_params_parse(const kvm_model_params_t *p, kvm_model_settings_t *out);
+void kvm_model_apply_settings(kvm_model_t *m, const kvm_model_settings_t *st, const kvm_model_params_t *p);
 
 /* Loader entry points (model.c dispatches). Each fills m->cfg, m->w, m->maps; errors name file and tensor. */
 int kvm_load_llama2c(kvm_model_t *m, const char *path);

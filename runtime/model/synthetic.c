@@ -120,17 +120,15 @@ typedef struct synth_plan {
 
 static size_t align256(size_t x) { return (x + 255) & ~(size_t)255; }
 
-kvm_model_t *kvm_model_synthetic(const char *name, const kvm_load_opts_t *opts) {
+kvm_model_t *kvm_model_synthetic(const char *name, const kvm_model_params_t *opts) {
     kvm_config_t c;
     if (kvm_synthetic_config(name, &c)) return NULL;
-    const kvm_load_opts_t def = {0};
-    const kvm_load_opts_t *o = opts ? opts : &def;
-    kvm_dtype_t wdt = o->device_dtype_set ? o->device_dtype : KVM_BF16;
-    const char *env_dt = getenv("KVM_DEVICE_DTYPE");
-    if (!o->device_dtype_set && env_dt && *env_dt) wdt = !strcmp(env_dt, "f32") ? KVM_F32 : !strcmp(env_dt, "f16") ? KVM_F16 : KVM_BF16;
-    uint64_t seed = 1234;
-    const char *es = getenv("KVM_SYNTHETIC_SEED");
-    if (es && *es) seed = strtoull(es, NULL, 10);
+    const kvm_model_params_t def = {0};
+    const kvm_model_params_t *o = opts ? opts : &def;
+    kvm_model_settings_t st;
+    if (kvm_model_params_parse(o, &st)) return NULL;
+    kvm_dtype_t wdt = st.weight_dtype_set ? st.weight_dtype : KVM_BF16;
+    uint64_t seed = o->synthetic_seed ? o->synthetic_seed : 1234;
     c.weight_dtype = wdt;
 
     kvm_model_t *m = kvm_calloc(1, sizeof *m);
@@ -220,6 +218,7 @@ kvm_model_t *kvm_model_synthetic(const char *name, const kvm_load_opts_t *opts) 
                  c.head_dim, c.vocab_size, (unsigned long long)seed);
         m->model_id = kvm_hash64(desc, strlen(desc), KVM_HASH_SEED);
         m->weights_on_device = on_dev;
+        kvm_model_apply_settings(m, &st, o);
         m->device_dtype = wdt;
         rc = kvm_forward_init(m, 0);
         /* from here the backend state owns the device buffer (freed by kvm_forward_free) */

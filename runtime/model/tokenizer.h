@@ -13,13 +13,10 @@
 #include <stddef.h>
 #include <stdint.h>
 
-typedef struct kvm_tokenizer kvm_tokenizer_t;
-
-enum {
-    KVM_TOK_ADD_BOS = 1 << 0,       /* prepend BOS when the tokenizer has one and its config adds it */
-    KVM_TOK_PARSE_SPECIAL = 1 << 1, /* recognise special/added token strings in the text (HF default: added
-                                       tokens are always matched; this flag controls *special* ones) */
-};
+/* kvm_tokenizer_t, the flags KVM_TOK_ADD_BOS / KVM_TOK_PARSE_SPECIAL (HF default: added tokens are always
+ * matched; the flag controls *special* ones), kvm_tokenize, kvm_detokenize, kvm_tokenizer_free and
+ * kvm_tokenizer_vocab_size are public (include/kvmesh.h). */
+#include <kvmesh.h>
 
 /* Loads a llama2.c tokenizer.bin with vocab_size entries. NULL + message on error. */
 kvm_tokenizer_t *kvm_tokenizer_load_bin(const char *path, int vocab_size);

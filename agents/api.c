@@ -1,0 +1,326 @@
+/* api.c - the public runtime, workflow and run API of include/kvmesh.h over the agents layer (wf.h,
+ * llm.h). A runtime holds one engine (models, their KV stores, schedulers and KVCOMM anchor pools) that
+ * every workflow loaded into it borrows, so what the engine learns (anchors, the prefix index) lives
+ * across workflows and runs. Run handles are small records owned by their workflow. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cjson/cJSON.h>
+
+#include "../runtime/comm/prompt.h"
+#include "llm.h"
+#include "wf.h"
+#include "wf_internal.h"
+
+/* ---- KV policies ---------------------------------------------------------------------------------- */
+
+const char *kvm_kv_policy_name(kvm_kv_policy_t p) {
+    switch (p) {
+    case KVM_KV_DENSE: return "dense";
+    case KVM_KV_PREFIX: return "prefix";
+    case KVM_KV_KVCOMM: return "kvcomm";
+    }
+    return "?";
+}
+
+int kvm_kv_policy_parse(const char *name, kvm_kv_policy_t *out) {
+    static const kvm_kv_policy_t all[] = {KVM_KV_PREFIX, KVM_KV_DENSE, KVM_KV_KVCOMM};
+    for (size_t i = 0; name && i < sizeof all / sizeof *all; i++)
+        if (!strcmp(name, kvm_kv_policy_name(all[i]))) {
+            *out = all[i];
+            return 0;
+        }
+    return kvm_seterr(KVM_EINVAL, "kv policy '%s' is not one of dense, prefix, kvcomm", name ? name : "(null)");
+}
+
+/* ---- runtime ---------------------------------------------------------------------------------------- */
+
+struct kvm_runtime {
+    kvm_runtime_params_t p;   /* the parameters, every string pointing into strs */
+    char **strs;              /* owned copies of the parameters' strings */
+    int n_strs;
+    const char **kvcomm;      /* [n_kvcomm] into strs */
+    wf_llm_t *engine;
+    int n_workflows;          /* loaded and not yet freed */
+};
+
+kvm_runtime_params_t kvm_runtime_default_params(void) {
+    return (kvm_runtime_params_t){.model = kvm_model_default_params(), .kv_override = -1, .echo_print = true};
+}
+
+/* Copies *s into the runtime's string list (NULL stays NULL). */
+static int keep_str(kvm_runtime_t *rt, const char **s) {
+    if (!*s) return 0;
+    char **n = kvm_realloc(rt->strs, (size_t)(rt->n_strs + 1) * sizeof *n);
+    if (!n) return KVM_ENOMEM;
+    rt->strs = n;
+    if (!(n[rt->n_strs] = kvm_strdup(*s))) return KVM_ENOMEM;
+    *s = n[rt->n_strs++];
+    return 0;
+}
+
+static int runtime_check(const kvm_runtime_params_t *p) {
+    kvm_model_settings_t st;
+    int rc = kvm_model_params_parse(&p->model, &st);
+    if (rc) return kvm_errctx(rc, "runtime parameter model");
+    if (p->kv_override != -1 && (p->kv_override < KVM_KV_PREFIX || p->kv_override > KVM_KV_KVCOMM))
+        return kvm_seterr(KVM_EINVAL, "runtime parameter kv_override: %d is not -1 or a kvm_kv_policy_t", p->kv_override);
+    if (p->max_batch_tokens < 0 || p->max_active < 0 || p->n_kvcomm < 0 || (p->n_kvcomm > 0 && !p->kvcomm))
+        return kvm_seterr(KVM_EINVAL, "runtime parameters: max_batch_tokens, max_active and n_kvcomm must be >= 0 "
+                          "(and kvcomm set when n_kvcomm > 0)");
+    if (p->run_lua_ms < 0) return kvm_seterr(KVM_EINVAL, "runtime parameter run_lua_ms: %g is negative", p->run_lua_ms);
+    /* the KVCOMM settings are applied to every model the engine opens: check them now, on a scratch config */
+    kvm_kvcomm_config_t scratch;
+    kvm_kvcomm_config_default(&scratch);
+    for (int i = 0; i < p->n_kvcomm; i++) {
+        const char *kv = p->kvcomm[i], *eq = kv ? strchr(kv, '=') : NULL;
+        if (!eq) return kvm_seterr(KVM_EINVAL, "runtime parameter kvcomm[%d]: '%s' is not KEY=VALUE", i, kv ? kv : "(null)");
+        char key[128];
+        snprintf(key, sizeof key, "%.*s", (int)(eq - kv), kv);
+        rc = kvm_kvcomm_config_set(&scratch, key, eq + 1);
+        if (rc) return kvm_errctx(rc, "runtime parameter kvcomm[%d]", i);
+    }
+    return 0;
+}
+
+static int runtime_keep_strings(kvm_runtime_t *rt) {
+    kvm_runtime_params_t *p = &rt->p;
+    const char **fields[] = {&p->model.backend, &p->model.tokenizer_path, &p->model.weight_dtype, &p->model.kv_dtype,
+                             &p->trace_root, &p->model_override};
+    for (size_t i = 0; i < sizeof fields / sizeof *fields; i++)
+        if (keep_str(rt, fields[i])) return KVM_ENOMEM;
+    if (p->n_kvcomm > 0) {
+        rt->kvcomm = kvm_calloc((size_t)p->n_kvcomm, sizeof *rt->kvcomm);
+        if (!rt->kvcomm) return KVM_ENOMEM;
+        for (int i = 0; i < p->n_kvcomm; i++) {
+            rt->kvcomm[i] = p->kvcomm[i];
+            if (keep_str(rt, &rt->kvcomm[i])) return KVM_ENOMEM;
+        }
+    }
+    p->kvcomm = rt->kvcomm;
+    return 0;
+}
+
+kvm_runtime_t *kvm_runtime_create(const kvm_runtime_params_t *params) {
+    const kvm_runtime_params_t def = kvm_runtime_default_params();
+    if (!params) params = &def;
+    if (runtime_check(params)) return NULL;
+    kvm_runtime_t *rt = kvm_calloc(1, sizeof *rt);
+    if (!rt) return NULL;
+    rt->p = *params;
+    int rc = runtime_keep_strings(rt);
+    if (!rc) {
+        wf_llm_opts_t lo = {.model = rt->p.model, .max_rows = rt->p.max_batch_tokens, .max_active = rt->p.max_active,
+                            .kv_bytes = rt->p.kv_budget_bytes, .quiet = rt->p.quiet,
+                            .kvcomm_set = rt->kvcomm, .n_kvcomm_set = rt->p.n_kvcomm};
+        rt->engine = wf_llm_create(&lo);
+        if (!rt->engine) rc = kvm_errcode() ? kvm_errcode() : KVM_ENOMEM;
+    }
+    if (rc) {
+        if (rc == KVM_ENOMEM) kvm_seterr(rc, "out of memory creating a runtime");
+        kvm_runtime_free(rt);
+        return NULL;
+    }
+    return rt;
+}
+
+void kvm_runtime_free(kvm_runtime_t *rt) {
+    if (!rt) return;
+    KVM_ASSERT(rt->n_workflows == 0); /* free every workflow first */
+    wf_llm_free(rt->engine);
+    for (int i = 0; i < rt->n_strs; i++) kvm_free(rt->strs[i]);
+    kvm_free(rt->strs);
+    kvm_free(rt->kvcomm);
+    kvm_free(rt);
+}
+
+/* j as compact JSON text in memory the caller frees with kvm_free; NULL + message naming what. */
+static char *json_text(const cJSON *j, const char *what) {
+    if (!j) {
+        kvm_seterr(KVM_EBUSY, "no %s yet", what);
+        return NULL;
+    }
+    char *s = cJSON_PrintUnformatted(j);
+    char *out = s ? kvm_strdup(s) : NULL;
+    cJSON_free(s);
+    if (!out) kvm_seterr(KVM_ENOMEM, "out of memory writing the %s as JSON", what);
+    return out;
+}
+
+char *kvm_runtime_stats_json(const kvm_runtime_t *rt) {
+    cJSON *o = wf_llm_stats_json(rt->engine);
+    char *s = o ? json_text(o, "runtime statistics") : NULL;
+    cJSON_Delete(o);
+    return s;
+}
+
+/* ---- workflows ---------------------------------------------------------------------------------------- */
+
+struct kvm_run {
+    kvm_workflow_t *wf;
+    int idx;
+};
+
+struct wf_api {
+    kvm_runtime_t *rt;
+    kvm_workflow_params_t p;
+    kvm_run_t **runs;        /* [n_runs] handles, index = run index */
+    int n_runs;
+};
+
+kvm_workflow_params_t kvm_workflow_default_params(void) { return (kvm_workflow_params_t){0}; }
+
+/* The handle of run idx, made on first use (runs started inside the library, e.g. by a dataset batch,
+ * get theirs here). NULL on allocation failure. */
+static kvm_run_t *run_handle(kvm_workflow_t *wf, int idx) {
+    struct wf_api *a = wf->api;
+    if (idx < 0 || idx >= kvm_wf_n_runs(wf)) return NULL;
+    if (idx >= a->n_runs) {
+        kvm_run_t **n = kvm_realloc(a->runs, (size_t)kvm_wf_n_runs(wf) * sizeof *n);
+        if (!n) return NULL;
+        memset(n + a->n_runs, 0, (size_t)(kvm_wf_n_runs(wf) - a->n_runs) * sizeof *n);
+        a->runs = n;
+        a->n_runs = kvm_wf_n_runs(wf);
+    }
+    if (!a->runs[idx]) {
+        a->runs[idx] = kvm_malloc(sizeof **a->runs);
+        if (!a->runs[idx]) return NULL;
+        *a->runs[idx] = (kvm_run_t){.wf = wf, .idx = idx};
+    }
+    return a->runs[idx];
+}
+
+static void on_step(void *ud, const kvm_wf_step_info_t *s) {
+    kvm_workflow_t *wf = ud;
+    if (!wf || !wf->api || !wf->api->p.on_step) return;
+    kvm_step_event_t e = {.run = run_handle(wf, s->run), .run_id = s->run_id, .superstep = s->superstep, .node = s->node,
+                          .agent = s->agent, .op = s->op, .status = s->status, .error = s->error,
+                          .tokens_in = s->tokens_in, .tokens_out = s->tokens_out, .tokens_reused = s->reused,
+                          .ttft_ms = s->ttft_ms, .decode_ms = s->decode_ms, .text = s->text};
+    wf->api->p.on_step(wf->api->p.ud, &e);
+}
+
+static kvm_workflow_t *workflow_load(kvm_runtime_t *rt, const char *path, const char *name, const char *src, size_t len,
+                                     const kvm_workflow_params_t *params) {
+    if (!rt) {
+        kvm_seterr(KVM_EINVAL, "no runtime given to load workflow '%s' into", path ? path : name);
+        return NULL;
+    }
+    struct wf_api *a = kvm_calloc(1, sizeof *a);
+    if (!a) return NULL;
+    a->rt = rt;
+    a->p = params ? *params : kvm_workflow_default_params();
+    const kvm_runtime_params_t *p = &rt->p;
+    bool mock = p->model_override && !strcmp(p->model_override, "mock:echo");
+    kvm_wf_opts_t o = {
+        .kv_override = p->kv_override >= 0 ? kvm_kv_policy_name((kvm_kv_policy_t)p->kv_override) : NULL,
+        .mock = mock, .model_override = mock ? NULL : p->model_override, .trace_root = p->trace_root,
+        .mem_cap_bytes = p->lua_mem_bytes, .run_mem_cap_bytes = p->run_mem_bytes,
+        .max_instructions = p->run_instructions, .lua_cpu_ms = p->run_lua_ms, .engine = rt->engine,
+        .on_step = on_step, .ud = NULL, .echo_print = p->echo_print};
+    kvm_workflow_t *wf = path ? kvm_wf_load(path, &o) : kvm_wf_load_string(name, src, len, &o);
+    if (!wf) {
+        kvm_free(a);
+        return NULL;
+    }
+    wf->o.ud = wf; /* the step callback finds the handles through the workflow */
+    wf->api = a;
+    rt->n_workflows++;
+    return wf;
+}
+
+kvm_workflow_t *kvm_workflow_load(kvm_runtime_t *rt, const char *path, const kvm_workflow_params_t *params) {
+    if (!path) {
+        kvm_seterr(KVM_EINVAL, "no workflow path given");
+        return NULL;
+    }
+    return workflow_load(rt, path, NULL, NULL, 0, params);
+}
+
+kvm_workflow_t *kvm_workflow_load_string(kvm_runtime_t *rt, const char *name, const char *source, size_t len,
+                                         const kvm_workflow_params_t *params) {
+    if (!source) {
+        kvm_seterr(KVM_EINVAL, "no workflow source given");
+        return NULL;
+    }
+    return workflow_load(rt, NULL, name ? name : "workflow", source, len, params);
+}
+
+void kvm_workflow_free(kvm_workflow_t *wf) {
+    if (!wf) return;
+    struct wf_api *a = wf->api;
+    if (a) {
+        for (int i = 0; i < a->n_runs; i++) kvm_free(a->runs[i]);
+        kvm_free(a->runs);
+        a->rt->n_workflows--;
+        kvm_free(a);
+        wf->api = NULL;
+    }
+    kvm_wf_free(wf);
+}
+
+const char *kvm_workflow_name(const kvm_workflow_t *wf) { return kvm_wf_name(wf); }
+bool kvm_workflow_has_dataset(const kvm_workflow_t *wf) { return kvm_wf_has_dataset(wf); }
+bool kvm_workflow_has_score(const kvm_workflow_t *wf) { return kvm_wf_has_score(wf); }
+int kvm_workflow_drive(kvm_workflow_t *wf) { return kvm_wf_drive(wf); }
+int kvm_workflow_n_runs(const kvm_workflow_t *wf) { return kvm_wf_n_runs(wf); }
+kvm_run_t *kvm_workflow_run(kvm_workflow_t *wf, int i) { return run_handle(wf, i); }
+int kvm_workflow_n_agents(const kvm_workflow_t *wf) { return kvm_wf_n_agents(wf); }
+
+int kvm_workflow_agent_stats(const kvm_workflow_t *wf, int i, kvm_agent_stats_t *out) {
+    if (i < 0 || i >= kvm_wf_n_agents(wf)) return kvm_seterr(KVM_ERANGE, "agent %d of %d", i, kvm_wf_n_agents(wf));
+    const kvm_wf_agent_stats_t *s = kvm_wf_agent_stats(wf, i);
+    *out = (kvm_agent_stats_t){.name = s->name, .model = s->model, .kv = s->kv, .calls = s->calls, .errors = s->errors,
+                               .reuse_calls = s->reuse_calls, .prompt_tokens = s->prompt_tokens,
+                               .output_tokens = s->output_tokens, .exact = s->exact, .offset = s->offset,
+                               .naive = s->naive, .recomputed = s->recomputed, .fused = s->fused,
+                               .ttft_ms_sum = s->ttft_ms_sum, .decode_ms_sum = s->decode_ms_sum,
+                               .decode_tokens = s->decode_tokens};
+    return 0;
+}
+
+/* ---- runs ------------------------------------------------------------------------------------------------ */
+
+kvm_run_params_t kvm_run_default_params(void) { return (kvm_run_params_t){.seed = 1}; }
+
+/* Parses inputs_json (NULL = an empty object); the message names the offset of a syntax error. */
+static cJSON *parse_inputs(const char *text) {
+    if (!text) return cJSON_CreateObject();
+    const char *end = NULL;
+    cJSON *j = cJSON_ParseWithOpts(text, &end, 1);
+    if (!j) {
+        kvm_seterr(KVM_EINVAL, "run inputs: not valid JSON at offset %td", end ? end - text : (ptrdiff_t)0);
+        return NULL;
+    }
+    if (!cJSON_IsObject(j)) {
+        cJSON_Delete(j);
+        kvm_seterr(KVM_EINVAL, "run inputs: must be a JSON object");
+        return NULL;
+    }
+    return j;
+}
+
+kvm_run_t *kvm_run_start(kvm_workflow_t *wf, const kvm_run_params_t *params) {
+    const kvm_run_params_t def = kvm_run_default_params();
+    if (!params) params = &def;
+    cJSON *in = parse_inputs(params->inputs_json);
+    if (!in) return NULL;
+    int idx = -1;
+    int rc = params->from_dataset ? kvm_wf_start_seeded(wf, params->seed, in, &idx)
+                                  : kvm_wf_start(wf, in, params->seed, &idx);
+    cJSON_Delete(in);
+    if (rc) return NULL;
+    kvm_run_t *r = run_handle(wf, idx);
+    if (!r) kvm_seterr(KVM_ENOMEM, "out of memory making a run handle");
+    return r;
+}
+
+int kvm_run_status(const kvm_run_t *r, const char **message) { return kvm_wf_run_status(r->wf, r->idx, message); }
+const char *kvm_run_id(const kvm_run_t *r) { return kvm_wf_run_id(r->wf, r->idx); }
+const char *kvm_run_trace_dir(const kvm_run_t *r) { return kvm_wf_run_trace_dir(r->wf, r->idx); }
+int kvm_run_score(kvm_run_t *r, double *score) { return kvm_wf_run_score(r->wf, r->idx, score); }
+
+char *kvm_run_outputs_json(const kvm_run_t *r) { return json_text(kvm_wf_run_outputs(r->wf, r->idx), "run outputs"); }
+char *kvm_run_state_json(const kvm_run_t *r) { return json_text(kvm_wf_run_state(r->wf, r->idx), "run state"); }
+char *kvm_run_inputs_json(const kvm_run_t *r) { return json_text(kvm_wf_run_inputs(r->wf, r->idx), "run inputs"); }

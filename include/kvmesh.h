@@ -1,0 +1,414 @@
+/* kvmesh.h - the public C API of kvmesh, a runtime for multi-agent LLM systems whose agents hand each
+ * other KV caches instead of text.
+ *
+ * This is the one header a program needs: the kvmesh CLI, the examples and lab/ use nothing else
+ * (lab/ adds kvmesh_lab.h for research switches and evaluation helpers). Everything here is stable in
+ * the sense of KVM_API_VERSION: a change that breaks a caller bumps it.
+ *
+ * Objects (all opaque; each has a constructor that returns NULL and sets the message, and a _free):
+ *
+ *   kvm_model_t      a loaded model (weights, tokenizer, chat format, backend) for direct generation
+ *   kvm_tokenizer_t  a tokenizer (a model's, or one loaded alone from tokenizer.json / tokenizer.bin)
+ *   kvm_runtime_t    the long-lived runtime: settings, the models workflows name (loaded once), their KV
+ *                    stores and KVCOMM anchor pools, shared by every workflow and run made from it
+ *   kvm_workflow_t   a Lua 5.4 workflow script loaded into a runtime (checked at load)
+ *   kvm_run_t        one run of a workflow: inputs, seed, outputs, status, trace
+ *   kvm_trace_reader_t  a run trace opened for reading
+ *
+ * Conventions
+ *   - Status: functions that can fail return int: 0 (KVM_OK) or a negative KVM_E* code, and leave a message
+ *     for the calling thread (kvm_errmsg()). Constructors return NULL and set the message. Bad input (a
+ *     file, a script, a JSON text, a parameter) is always an error, never a crash or an exit.
+ *   - Parameters: every object with settings has kvm_<object>_default_params(), returned by value; change
+ *     the fields you care about and pass it back by pointer (NULL means the defaults). Parameters are
+ *     read during the call and not kept (strings in them are copied).
+ *   - Memory: strings and arrays the API returns for the caller to own are freed with kvm_free(). Strings
+ *     returned as `const char *` are owned by the object they came from and live as long as it does.
+ *   - JSON crosses the API as UTF-8 text (inputs, outputs, statistics, trace records).
+ *   - Threads: the per-thread message aside, an object is used by one thread at a time; distinct objects
+ *     may be used from distinct threads, except that a runtime and everything made from it (workflows,
+ *     runs) belong together to one thread at a time.
+ *   - The library reads no environment variable: the CLI maps its documented variables onto parameters.
+ */
+#ifndef KVMESH_H
+#define KVMESH_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define KVM_API_VERSION 1
+
+/* ================================================================================================
+ * Status codes and messages
+ * ================================================================================================ */
+
+/* X(name, value, short description) */
+#define KVM_STATUS_TABLE(X)                                                   \
+    X(KVM_OK, 0, "ok")                                                        \
+    X(KVM_EINVAL, -22, "invalid argument")                                    \
+    X(KVM_ENOMEM, -12, "out of memory or KV budget exhausted")                \
+    X(KVM_ENOENT, -2, "not found")                                            \
+    X(KVM_EIO, -5, "input/output error")                                      \
+    X(KVM_EFORMAT, -1001, "malformed file")                                   \
+    X(KVM_ESHAPE, -1002, "tensor shape mismatch")                             \
+    X(KVM_EDTYPE, -1003, "unsupported data type")                             \
+    X(KVM_EUNSUPPORTED, -1004, "unsupported feature")                         \
+    X(KVM_ERANGE, -1005, "value out of range")                                \
+    X(KVM_EPROTO, -1006, "protocol error")                                    \
+    X(KVM_EVERSION, -1007, "unsupported protocol version")                    \
+    X(KVM_ESTALE, -1008, "stale handle")                                      \
+    X(KVM_EBUSY, -1009, "busy")                                               \
+    X(KVM_ELUA_SYNTAX, -1010, "Lua syntax error")                             \
+    X(KVM_ELUA_RUNTIME, -1011, "Lua runtime error")                           \
+    X(KVM_ELUA_MEMORY, -1012, "Lua memory limit reached")                     \
+    X(KVM_EBUDGET, -1013, "step, token or time budget exhausted")             \
+    X(KVM_ECANCELED, -1014, "canceled")                                       \
+    X(KVM_ETIMEDOUT, -1015, "timed out")                                      \
+    X(KVM_ESLOWCLIENT, -1016, "client too slow")                              \
+    X(KVM_EMODEL, -1017, "model mismatch")                                    \
+    X(KVM_EFRAME, -1018, "position frame mismatch")                           \
+    X(KVM_EDEVICE, -1019, "device (GPU) error")                               \
+    X(KVM_EINTERNAL, -1099, "internal error")
+
+enum kvm_status {
+#define KVM_X_ENUM(name, val, desc) name = val,
+    KVM_STATUS_TABLE(KVM_X_ENUM)
+#undef KVM_X_ENUM
+};
+
+/* Short description ("invalid argument") and name ("KVM_EINVAL") of a status code; never NULL. */
+const char *kvm_strerror(int code);
+const char *kvm_errname(int code);
+/* The calling thread's last error message ("" if none) and its code; kvm_errclear() resets both. The
+ * message names what failed and where (file, offset, tensor, Lua line, JSON field). */
+const char *kvm_errmsg(void);
+int kvm_errcode(void);
+void kvm_errclear(void);
+
+/* ================================================================================================
+ * Library
+ * ================================================================================================ */
+
+/* "0.1.0" */
+const char *kvm_version(void);
+/* Frees memory the API handed to the caller (strings, id arrays). NULL is a no-op. */
+void kvm_free(void *p);
+
+enum kvm_log_level { KVM_LOG_DEBUG = 0, KVM_LOG_INFO = 1, KVM_LOG_WARN = 2, KVM_LOG_ERROR = 3, KVM_LOG_OFF = 4 };
+/* Messages at or above level go to stderr (default KVM_LOG_WARN). Process-wide. */
+void kvm_log_set_level(int level);
+int kvm_log_get_level(void);
+/* Parses "debug" | "info" | "warn" | "error" | "off" into *level; KVM_EINVAL names the accepted values. */
+int kvm_log_level_parse(const char *name, int *level);
+
+/* ================================================================================================
+ * Models
+ * ================================================================================================ */
+
+typedef struct kvm_model kvm_model_t;
+typedef struct kvm_tokenizer kvm_tokenizer_t;
+
+/* How a model is loaded. Every string field is checked: an unknown value is KVM_EINVAL naming the field
+ * and the accepted values. */
+typedef struct kvm_model_params {
+    const char *backend;        /* "auto" (default: CUDA when a GPU is present, else CPU), "cpu", "cuda" */
+    const char *tokenizer_path; /* llama2.c checkpoints: tokenizer.bin (NULL: tokenizer.bin or tok<vocab>.bin
+                                   beside the checkpoint); ignored for HF directories */
+    const char *weight_dtype;   /* matrices on a GPU backend: "bf16" (default), "f16", "f32" (parity mode);
+                                   NULL = default. The CPU backend reads the file's dtype in place. */
+    const char *kv_dtype;       /* KV cache storage: "f32", "f16", "bf16"; NULL = the backend's default
+                                   (f32 on the CPU, bf16 on a GPU) */
+    int cuda_graphs;            /* CUDA graphs for decode: -1 = default (on), 0 = off, 1 = on */
+    int n_threads;              /* CPU kernel threads (process-wide, OpenMP): 0 = all cores */
+    uint64_t synthetic_seed;    /* "synthetic:<name>" models: weight seed (0 = the fixed default) */
+    bool quiet;                 /* no progress lines on stderr while loading */
+} kvm_model_params_t;
+
+kvm_model_params_t kvm_model_default_params(void);
+
+/* Loads a model from path:
+ *   - a Hugging Face directory (config.json, model.safetensors or a sharded index, tokenizer.json,
+ *     tokenizer_config.json, generation_config.json): Llama, Mistral, Qwen2, Qwen3; f32/f16/bf16;
+ *   - a llama2.c checkpoint (.bin) with its tokenizer.bin;
+ *   - "synthetic:<name>" (e.g. synthetic:llama-3.1-8b): random weights of a real model's shape, for
+ *     benchmarks; no tokenizer.
+ * Weights are mmapped (never copied on the CPU backend). NULL + message (file, tensor, expected and found
+ * shape) on any error. Free with kvm_model_free(). */
+kvm_model_t *kvm_model_load(const char *path, const kvm_model_params_t *params);
+void kvm_model_free(kvm_model_t *m);
+
+typedef struct kvm_model_info {
+    const char *name;          /* model id: directory or file base name */
+    const char *arch;          /* "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
+                                  "Qwen3ForCausalLM", "llama2c" */
+    const char *backend;       /* "cpu" | "cuda" */
+    const char *chat_format;   /* "llama3" | "chatml" | "llama2" | "none" */
+    const char *tokenizer;     /* tokenizer kind ("bpe-bytelevel", "sentencepiece", ...) or "none" */
+    const char *weight_dtype;  /* dtype of the stored matrices: "f32" | "f16" | "bf16" */
+    int n_layers, dim, hidden_dim, n_heads, n_kv_heads, head_dim, vocab_size;
+    int max_context;           /* tokens */
+    int bos_id;                /* -1 if none */
+    int n_eos;
+    int eos_ids[8];            /* generation stops on any of these (config + generation_config + chat end) */
+} kvm_model_info_t;
+
+/* Fills *out (strings owned by m). */
+void kvm_model_info(const kvm_model_t *m, kvm_model_info_t *out);
+/* One line: "LlamaForCausalLM, 6 layers, dim 128, ... bf16 weights, cpu backend". */
+void kvm_model_describe(const kvm_model_t *m, char *buf, size_t cap);
+/* The model's tokenizer (owned by m), or NULL for models without one (synthetic). */
+const kvm_tokenizer_t *kvm_model_tokenizer(const kvm_model_t *m);
+
+/* ---- tokenizers --------------------------------------------------------------------------------- */
+
+enum kvm_tokenize_flags {
+    KVM_TOK_ADD_BOS = 1 << 0,       /* prepend BOS when the tokenizer has one and its config adds it */
+    KVM_TOK_PARSE_SPECIAL = 1 << 1, /* special / added token strings in the text become their ids (as HF
+                                       tokenizers does by default) */
+};
+
+/* Loads a tokenizer on its own: a tokenizer.json (its tokenizer_config.json beside it is read when
+ * present), a model directory holding one, or a llama2.c tokenizer.bin (vocab_size 0 = count its
+ * entries). NULL + message on error; free with kvm_tokenizer_free(). */
+kvm_tokenizer_t *kvm_tokenizer_load(const char *path, int vocab_size);
+void kvm_tokenizer_free(kvm_tokenizer_t *t);
+
+/* Encodes text[0..len) into ids exactly as Hugging Face tokenizers does for this tokenizer; flags are
+ * kvm_tokenize_flags. *ids (freed with kvm_free) holds *n ids. */
+int kvm_tokenize(const kvm_tokenizer_t *t, const char *text, size_t len, int flags, int32_t **ids, int *n);
+/* Decodes ids into text (*out NUL-terminated, *len bytes, freed with kvm_free); skip_special drops special
+ * tokens. Ids out of range are KVM_ERANGE. */
+int kvm_detokenize(const kvm_tokenizer_t *t, const int32_t *ids, int n, bool skip_special, char **out, size_t *len);
+int kvm_tokenizer_vocab_size(const kvm_tokenizer_t *t);
+
+/* ---- generation ----------------------------------------------------------------------------------- */
+
+enum kvm_stop_reason {
+    KVM_STOP_NONE = 0,     /* not stopped (or failed) */
+    KVM_STOP_EOS,          /* an end-of-sequence or stop id */
+    KVM_STOP_STRING,       /* a stop string (cut from the text) */
+    KVM_STOP_LENGTH,       /* max_tokens or max_total_tokens */
+    KVM_STOP_CONTEXT,      /* the model's context is full */
+    KVM_STOP_CALLBACK,     /* the token callback asked to stop */
+};
+/* "eos", "stop_string", "length", "context", "callback", "none" */
+const char *kvm_stop_reason_name(int reason);
+
+typedef struct kvm_generate_params {
+    int max_tokens;            /* new tokens at most (default 256); must be >= 1 */
+    int max_total_tokens;      /* llama2.c `steps`: stop when prompt + output reach this many tokens (0 = off) */
+    float temperature;         /* 0 = greedy; < 0 (default) = the model's generation_config, else greedy */
+    int top_k;                 /* 0 = off */
+    float top_p;               /* 1 = off */
+    float repetition_penalty;  /* 1 = off; HF semantics over prompt + output */
+    uint64_t seed;             /* sampling seed */
+    const char *const *stop;   /* stop strings: generation stops when the output contains one (it is cut
+                                  off, and never streamed while it forms) */
+    int n_stop;
+    bool ignore_eos;           /* keep generating past end-of-sequence ids */
+    bool chat;                 /* render the prompt in the model's chat format (Llama-3, ChatML, Llama-2) */
+    const char *system;        /* system message (with chat) */
+} kvm_generate_params_t;
+
+kvm_generate_params_t kvm_generate_default_params(void);
+
+/* Called with each piece of output text as it becomes final (bytes, not NUL-terminated; a piece may be
+ * empty while a stop string might be forming) and the id that produced it; return non-zero to stop. */
+typedef int (*kvm_token_fn)(void *ud, int32_t id, const char *text, size_t len);
+
+typedef struct kvm_generation {
+    char *text;           /* the output (stop string removed), NUL-terminated */
+    size_t text_len;
+    int32_t *ids;         /* generated ids (stop id excluded) */
+    int n_ids;
+    int n_prompt;         /* prompt tokens */
+    int stop_reason;      /* enum kvm_stop_reason */
+    double ttft_ms;       /* call -> first token */
+    double decode_ms;     /* first token -> end */
+} kvm_generation_t;
+
+/* Generates from a text prompt (chat-rendered when params->chat), streaming through fn (may be NULL).
+ * *out is filled on success and on KVM_STOP_* ends; clear it with kvm_generation_clear(). */
+int kvm_model_generate(kvm_model_t *m, const char *prompt, const kvm_generate_params_t *params, kvm_token_fn fn,
+                       void *ud, kvm_generation_t *out);
+void kvm_generation_clear(kvm_generation_t *g);
+
+/* ================================================================================================
+ * Runtime
+ * ================================================================================================ */
+
+typedef struct kvm_runtime kvm_runtime_t;
+
+/* How agents obtain the KV of their prompts. */
+typedef enum kvm_kv_policy {
+    KVM_KV_PREFIX = 0, /* exact prefix hits (template prefixes, earlier prompts) shared by reference; the rest
+                          computed */
+    KVM_KV_DENSE = 1,  /* everything computed */
+    KVM_KV_KVCOMM = 2, /* prefix + KVCOMM: shared segments (inputs, tool results, other agents' outputs)
+                          reused behind different prefixes with re-rotated keys and anchor-estimated offsets */
+} kvm_kv_policy_t;
+
+/* "prefix" | "dense" | "kvcomm" */
+const char *kvm_kv_policy_name(kvm_kv_policy_t p);
+/* Parses a policy name; KVM_EINVAL names the accepted values. */
+int kvm_kv_policy_parse(const char *name, kvm_kv_policy_t *out);
+
+typedef struct kvm_runtime_params {
+    kvm_model_params_t model;     /* how the models workflows name are loaded */
+    size_t kv_budget_bytes;       /* KV pool per model (0 = the model's default: 4 full contexts) */
+    int max_batch_tokens;         /* tokens per forward pass (default 256) */
+    int max_active;               /* sequences in flight per model (default 64) */
+    const char *trace_root;       /* each run writes <trace_root>/<run_id>/; NULL = no traces */
+    int kv_override;              /* -1 (default): each agent's own policy; else a kvm_kv_policy_t for all */
+    const char *const *kvcomm;    /* KVCOMM settings "key=value" (docs/kvcomm.md §switches), applied to every
+                                     model, checked at creation: e.g. "preset=blend", "gamma=0.5" */
+    int n_kvcomm;
+    const char *model_override;   /* every kvmesh.model(...) in scripts resolves to this path; "mock:echo" is
+                                     the mock model (dry runs, tests) */
+    size_t lua_mem_bytes;         /* the whole Lua state (default 512 MiB) */
+    size_t run_mem_bytes;         /* Lua memory of one run (default 64 MiB; a graph's limits.memory_mb wins) */
+    uint64_t run_instructions;    /* Lua instructions per run (default 1e9) */
+    double run_lua_ms;            /* Lua CPU time per run, waits for agents excluded (default 5000) */
+    bool echo_print;              /* print() in scripts also goes to stderr */
+    bool quiet;                   /* no progress on stderr (model loading) */
+} kvm_runtime_params_t;
+
+kvm_runtime_params_t kvm_runtime_default_params(void);
+
+/* Creates a runtime (no model is loaded until a workflow names one). NULL + message on a bad parameter.
+ * Free with kvm_runtime_free() after every workflow made from it. */
+kvm_runtime_t *kvm_runtime_create(const kvm_runtime_params_t *params);
+void kvm_runtime_free(kvm_runtime_t *rt);
+
+/* Counters of the runtime as a JSON object (freed with kvm_free): forward passes, sequences per pass, and
+ * per model its KV store and KVCOMM statistics (anchors, pools, reuse). NULL + message on error. */
+char *kvm_runtime_stats_json(const kvm_runtime_t *rt);
+
+/* ================================================================================================
+ * Workflows and runs (docs/lua-api.md)
+ * ================================================================================================ */
+
+typedef struct kvm_workflow kvm_workflow_t;
+typedef struct kvm_run kvm_run_t;
+
+/* One finished step of a run (an agent call, a func or a tool node), for live displays. Every pointer is
+ * valid only during the callback. */
+typedef struct kvm_step_event {
+    kvm_run_t *run;
+    const char *run_id;
+    int superstep;
+    const char *node;
+    const char *agent;     /* NULL for func / tool nodes */
+    const char *op;        /* "chat" | "func" | "tool" */
+    int status;            /* 0 or KVM_E* */
+    const char *error;     /* NULL if ok */
+    int tokens_in, tokens_out, tokens_reused;
+    double ttft_ms, decode_ms;
+    const char *text;      /* the agent's output */
+} kvm_step_event_t;
+
+typedef void (*kvm_step_fn)(void *ud, const kvm_step_event_t *e);
+
+typedef struct kvm_workflow_params {
+    kvm_step_fn on_step;   /* called after every step of every run (may be NULL) */
+    void *ud;
+} kvm_workflow_params_t;
+
+kvm_workflow_params_t kvm_workflow_default_params(void);
+
+/* Loads a workflow script (a Lua 5.4 chunk that returns a graph) into rt: runs it once in a sandbox,
+ * checks the graph and opens the models it names (through rt). NULL + message "file:line: ..." on any
+ * error. Free with kvm_workflow_free() (which also frees its runs). */
+kvm_workflow_t *kvm_workflow_load(kvm_runtime_t *rt, const char *path, const kvm_workflow_params_t *params);
+/* The same from source text; name is the chunk name used in messages ("team.lua"). */
+kvm_workflow_t *kvm_workflow_load_string(kvm_runtime_t *rt, const char *name, const char *source, size_t len,
+                                         const kvm_workflow_params_t *params);
+void kvm_workflow_free(kvm_workflow_t *wf);
+/* The graph's name (g = kvmesh.graph{name = ...}). */
+const char *kvm_workflow_name(const kvm_workflow_t *wf);
+/* Whether the graph defines g:dataset(seed) and g:score(result, inputs). */
+bool kvm_workflow_has_dataset(const kvm_workflow_t *wf);
+bool kvm_workflow_has_score(const kvm_workflow_t *wf);
+
+typedef struct kvm_run_params {
+    const char *inputs_json;  /* a JSON object of inputs (strings, numbers, booleans, nested data); NULL = {} */
+    uint64_t seed;            /* the run's seed (sampling, math.random) */
+    bool from_dataset;        /* inputs from g:dataset(seed), with inputs_json merged over them */
+} kvm_run_params_t;
+
+kvm_run_params_t kvm_run_default_params(void);
+
+/* Starts a run; nothing executes until kvm_workflow_drive(). The run belongs to wf (valid until
+ * kvm_workflow_free). NULL + message on bad inputs (the JSON's error offset is named). */
+kvm_run_t *kvm_run_start(kvm_workflow_t *wf, const kvm_run_params_t *params);
+/* Runs every started run of wf to its end, interleaving them on this thread and batching their agents'
+ * model work. A failing run ends alone with its status; the result is <0 only when the engine itself
+ * failed. */
+int kvm_workflow_drive(kvm_workflow_t *wf);
+
+/* Runs started on wf so far, in order; kvm_workflow_run(wf, i) for i in [0, n). */
+int kvm_workflow_n_runs(const kvm_workflow_t *wf);
+kvm_run_t *kvm_workflow_run(kvm_workflow_t *wf, int i);
+
+/* The run's status: 0 ok, or KVM_E*; *message (may be NULL) receives the error with file:line and
+ * traceback (owned by the run). Before the run finished: KVM_EBUSY. */
+int kvm_run_status(const kvm_run_t *r, const char **message);
+const char *kvm_run_id(const kvm_run_t *r);
+/* The run's trace directory, or NULL when tracing is off. */
+const char *kvm_run_trace_dir(const kvm_run_t *r);
+/* The run's final outputs, final state and inputs as JSON text (freed with kvm_free); NULL + message
+ * before the run has them. */
+char *kvm_run_outputs_json(const kvm_run_t *r);
+char *kvm_run_state_json(const kvm_run_t *r);
+char *kvm_run_inputs_json(const kvm_run_t *r);
+/* Calls g:score(result, inputs) for a finished run: 1 and *score set (true = 1, false = 0, or the number
+ * returned), 0 if the graph has no scorer, <0 on a script error. */
+int kvm_run_score(kvm_run_t *r, double *score);
+
+/* Per-agent figures summed over every run of the workflow. Strings owned by the workflow. */
+typedef struct kvm_agent_stats {
+    const char *name;
+    const char *model;
+    const char *kv;                /* effective policy name */
+    int calls, errors, reuse_calls;
+    long prompt_tokens, output_tokens;
+    long exact, offset, naive, recomputed, fused; /* partition of the prompt tokens (docs/kvcomm.md §6) */
+    double ttft_ms_sum, decode_ms_sum;
+    long decode_tokens;            /* output tokens after the first (for tokens/s) */
+} kvm_agent_stats_t;
+
+int kvm_workflow_n_agents(const kvm_workflow_t *wf);
+/* KVM_ERANGE for i outside [0, n_agents). */
+int kvm_workflow_agent_stats(const kvm_workflow_t *wf, int i, kvm_agent_stats_t *out);
+
+/* ================================================================================================
+ * Traces (docs/trace-format.md)
+ * ================================================================================================ */
+
+typedef struct kvm_trace_reader kvm_trace_reader_t;
+
+/* Opens a run's trace for reading: a run directory or its events.jsonl. A torn last line (a crash while
+ * writing) is skipped and reported by kvm_trace_reader_torn(); any other bad line is KVM_EFORMAT naming
+ * path:line. NULL + message on error; free with kvm_trace_reader_free(). */
+kvm_trace_reader_t *kvm_trace_reader_open(const char *path);
+void kvm_trace_reader_free(kvm_trace_reader_t *t);
+int kvm_trace_reader_n_records(const kvm_trace_reader_t *t);
+/* Record i as one line of JSON text and its type (the "t" field), both owned by t; NULL outside
+ * [0, n_records). */
+const char *kvm_trace_reader_record_json(const kvm_trace_reader_t *t, int i);
+const char *kvm_trace_reader_record_type(const kvm_trace_reader_t *t, int i);
+bool kvm_trace_reader_torn(const kvm_trace_reader_t *t);
+/* Calls fn(ud, run_dir) for every run directory under root (depth <= 3), in sorted order. Returns how
+ * many were found, or <0 when root cannot be read. */
+int kvm_trace_list(const char *root, void (*fn)(void *ud, const char *run_dir), void *ud);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# embed_install.sh - the public API from outside the tree: `cmake --install` the build into a temporary
+# prefix, build examples/embed against that installed tree only (CMake package and pkg-config), run it.
+# Args: kvmesh binary (its folder is the build to install), shared data dir (unused).
+# Skipped (77) under the sanitizers: the ASan build's library needs the sanitizer runtime at link time;
+# the release build runs this test.
+set -u
+bin="$1"
+build="$(cd "$(dirname "$bin")" && pwd)"
+here="$(cd "$(dirname "$0")/../.." && pwd)"
+if [ -n "${KVM_SANITIZED:-}" ]; then echo "SKIP embed_install: sanitizer build (the release build runs it)"; exit 77; fi
+tmp="$(mktemp -d)"
+trap 'rm -rf "$tmp"' EXIT
+fails=0
+ok() { echo "ok   $1"; }
+bad() { echo "FAIL $1"; fails=$((fails + 1)); }
+
+cmake --install "$build" --prefix "$tmp/prefix" > "$tmp/install.log" 2>&1 && ok "cmake --install" || { cat "$tmp/install.log"; bad "cmake --install"; }
+for f in include/kvmesh.h lib/libkvmesh.a lib/pkgconfig/kvmesh.pc lib/cmake/kvmesh/kvmeshConfig.cmake; do
+  [ -f "$tmp/prefix/$f" ] && ok "installed $f" || bad "installed $f"
+done
+# the installed header is the only one: nothing of the source tree is reachable from the example's build
+[ "$(find "$tmp/prefix/include" -name '*.h' | wc -l)" -eq 1 ] && ok "one public header" || bad "one public header"
+
+# 1. CMake package
+cp -r "$here/examples/embed" "$tmp/src"
+if cmake -S "$tmp/src" -B "$tmp/b" -DCMAKE_PREFIX_PATH="$tmp/prefix" > "$tmp/cfg.log" 2>&1 &&
+   cmake --build "$tmp/b" > "$tmp/build.log" 2>&1; then
+  ok "examples/embed builds with find_package(kvmesh)"
+  out="$("$tmp/b/embed" 2>&1)"
+  grep -q '^run .*: ok$' <<< "$out" && grep -q '"writer"' <<< "$out" && ok "embed runs a workflow" || { echo "$out"; bad "embed runs a workflow"; }
+  out="$("$tmp/b/embed" --model "$here/models/minillama-2m" 2>&1)"
+  grep -q '^generated [0-9]* tokens' <<< "$out" && grep -q 'backend cpu' <<< "$out" && ok "embed on models/minillama-2m" || { echo "$out"; bad "embed on models/minillama-2m"; }
+else
+  cat "$tmp/cfg.log" "$tmp/build.log"; bad "examples/embed builds with find_package(kvmesh)"
+fi
+
+# 2. the program of docs/api.md, built the same way
+mkdir -p "$tmp/tour"
+python3 - "$here/docs/api.md" "$tmp/tour/tour.c" <<'PY'
+import re, sys
+doc = open(sys.argv[1]).read()
+blocks = [b for b in re.findall(r"```c\n(.*?)```", doc, re.S) if b.startswith("/* compiled: tour.c */")]
+assert len(blocks) == 1, "docs/api.md: expected one /* compiled: tour.c */ block"
+open(sys.argv[2], "w").write(blocks[0])
+PY
+sed 's/embed/tour/g' "$here/examples/embed/CMakeLists.txt" > "$tmp/tour/CMakeLists.txt"
+if cmake -S "$tmp/tour" -B "$tmp/tb" -DCMAKE_PREFIX_PATH="$tmp/prefix" > "$tmp/tcfg.log" 2>&1 &&
+   cmake --build "$tmp/tb" > "$tmp/tbuild.log" 2>&1; then
+  ok "docs/api.md's program builds"
+  (cd "$here" && "$tmp/tb/tour" mock:echo) | grep -q '^ok {' && ok "docs/api.md's program runs (mock)" || bad "docs/api.md's program runs (mock)"
+  out="$(cd "$here" && "$tmp/tb/tour" 2>&1)"
+  grep -q '^checker: [0-9]* prompt tokens' <<< "$out" && ok "docs/api.md's program runs (minillama-2m)" || { echo "$out"; bad "docs/api.md's program runs (minillama-2m)"; }
+else
+  cat "$tmp/tcfg.log" "$tmp/tbuild.log"; bad "docs/api.md's program builds"
+fi
+
+# 3. pkg-config (C only; a CUDA build needs the CUDA linker, which the CMake package supplies)
+if ! grep -q cudart "$tmp/prefix/lib/pkgconfig/kvmesh.pc"; then
+  flags="$(PKG_CONFIG_PATH="$tmp/prefix/lib/pkgconfig" pkg-config --static --cflags --libs kvmesh)"
+  if cc -std=c11 -Wall -Wextra -Werror -o "$tmp/embed-pc" "$here/examples/embed/embed.c" $flags > "$tmp/pc.log" 2>&1; then
+    "$tmp/embed-pc" | grep -q '^run .*: ok$' && ok "embed built with pkg-config runs" || bad "embed built with pkg-config runs"
+  else
+    cat "$tmp/pc.log"; bad "embed builds with pkg-config"
+  fi
+else
+  echo "SKIP pkg-config build: this library has the CUDA backend (link it through the CMake package)"
+fi
+[ "$fails" -eq 0 ] || { echo "$fails check(s) failed"; exit 1; }

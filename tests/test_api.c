@@ -1,0 +1,296 @@
+/* test_api.c - the public API (include/kvmesh.h) used the way an embedding program uses it: only the
+ * public header is included. Default parameters, parameter checking with named errors, a workflow run
+ * on the mock model with its outputs, agent figures and trace, bad inputs, and models and tokenizers
+ * from the tree (models/minillama-2m). */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include <cmocka.h>
+
+#include <kvmesh.h>
+
+#define MINI KVM_SOURCE_DIR "/models/minillama-2m"
+
+static const char *k_wf =
+    "local kvm = kvmesh\n"
+    "local m = kvm.model('mock:echo')\n"
+    "local g = kvm.graph{ name = 'pair' }\n"
+    "g:agent('a', { model = m, template = 'Q: {input}\\nA:', max_tokens = 4 })\n"
+    "g:agent('b', { model = m, template = 'Q: {input}\\nA: {agent.a}\\nB:', max_tokens = 6 })\n"
+    "g:edge(kvm.START, 'a')\n"
+    "g:edge('a', 'b')\n"
+    "return g\n";
+
+static kvm_runtime_t *mock_runtime(const char *trace_root) {
+    kvm_runtime_params_t p = kvm_runtime_default_params();
+    p.model_override = "mock:echo";
+    p.trace_root = trace_root;
+    p.echo_print = false;
+    kvm_runtime_t *rt = kvm_runtime_create(&p);
+    if (!rt) fail_msg("runtime: %s", kvm_errmsg());
+    return rt;
+}
+
+static void test_default_params_are_usable_as_they_are(void **s) {
+    (void)s;
+    kvm_model_params_t mp = kvm_model_default_params();
+    assert_string_equal(mp.backend, "auto");
+    kvm_generate_params_t gp = kvm_generate_default_params();
+    assert_true(gp.max_tokens > 0);
+    assert_true(gp.top_p == 1.0f);
+    kvm_runtime_params_t rp = kvm_runtime_default_params();
+    assert_int_equal(rp.kv_override, -1);
+    kvm_runtime_t *rt = kvm_runtime_create(&rp);
+    assert_non_null(rt);
+    kvm_runtime_free(rt);
+    rt = kvm_runtime_create(NULL); /* NULL = the defaults */
+    assert_non_null(rt);
+    kvm_runtime_free(rt);
+}
+
+static void test_a_bad_runtime_parameter_is_an_error_naming_it(void **s) {
+    (void)s;
+    kvm_runtime_params_t p = kvm_runtime_default_params();
+    p.model.kv_dtype = "bf61";
+    assert_null(kvm_runtime_create(&p));
+    assert_int_equal(kvm_errcode(), KVM_EINVAL);
+    assert_non_null(strstr(kvm_errmsg(), "kv_dtype"));
+    assert_non_null(strstr(kvm_errmsg(), "bf61"));
+
+    p = kvm_runtime_default_params();
+    const char *kv[] = {"gamma=0.5", "no_such_switch=1"};
+    p.kvcomm = kv;
+    p.n_kvcomm = 2;
+    assert_null(kvm_runtime_create(&p));
+    assert_non_null(strstr(kvm_errmsg(), "kvcomm[1]"));
+
+    p = kvm_runtime_default_params();
+    p.model.backend = "tpu";
+    assert_null(kvm_runtime_create(&p));
+    assert_non_null(strstr(kvm_errmsg(), "backend"));
+}
+
+static void test_kv_policy_names_round_trip(void **s) {
+    (void)s;
+    const kvm_kv_policy_t all[] = {KVM_KV_PREFIX, KVM_KV_DENSE, KVM_KV_KVCOMM};
+    for (int i = 0; i < 3; i++) {
+        kvm_kv_policy_t p;
+        assert_int_equal(kvm_kv_policy_parse(kvm_kv_policy_name(all[i]), &p), 0);
+        assert_int_equal(p, all[i]);
+    }
+    kvm_kv_policy_t p;
+    assert_int_equal(kvm_kv_policy_parse("kvcom", &p), KVM_EINVAL);
+    assert_non_null(strstr(kvm_errmsg(), "kvcom"));
+}
+
+static void count_step(void *ud, const kvm_step_event_t *e) {
+    int *n = ud;
+    assert_non_null(e->run);
+    assert_non_null(e->node);
+    (*n)++;
+}
+
+static void test_a_workflow_runs_on_the_mock_model_and_reports_its_steps(void **s) {
+    (void)s;
+    char tmpl[] = "/tmp/kvm_api_XXXXXX";
+    assert_non_null(mkdtemp(tmpl));
+    kvm_runtime_t *rt = mock_runtime(tmpl);
+    int steps = 0;
+    kvm_workflow_params_t wp = kvm_workflow_default_params();
+    wp.on_step = count_step;
+    wp.ud = &steps;
+    kvm_workflow_t *wf = kvm_workflow_load_string(rt, "pair.lua", k_wf, strlen(k_wf), &wp);
+    assert_non_null(wf);
+    assert_string_equal(kvm_workflow_name(wf), "pair");
+    kvm_run_params_t rp = kvm_run_default_params();
+    rp.inputs_json = "{\"input\": \"two plus two\"}";
+    kvm_run_t *r = kvm_run_start(wf, &rp);
+    assert_non_null(r);
+    assert_int_equal(kvm_run_status(r, NULL), KVM_EBUSY);
+    assert_int_equal(kvm_workflow_drive(wf), 0);
+    const char *msg = NULL;
+    assert_int_equal(kvm_run_status(r, &msg), 0);
+    assert_int_equal(steps, 2);
+    assert_int_equal(kvm_workflow_n_runs(wf), 1);
+    assert_ptr_equal(kvm_workflow_run(wf, 0), r);
+    char *out = kvm_run_outputs_json(r);
+    assert_non_null(out);
+    assert_non_null(strstr(out, "\"b\""));
+    kvm_free(out);
+    char *in = kvm_run_inputs_json(r);
+    assert_non_null(strstr(in, "two plus two"));
+    kvm_free(in);
+
+    assert_int_equal(kvm_workflow_n_agents(wf), 2);
+    kvm_agent_stats_t st;
+    assert_int_equal(kvm_workflow_agent_stats(wf, 1, &st), 0);
+    assert_string_equal(st.name, "b");
+    assert_int_equal(st.calls, 1);
+    assert_true(st.output_tokens > 0);
+    assert_int_equal(kvm_workflow_agent_stats(wf, 2, &st), KVM_ERANGE);
+
+    /* the run's trace reads back through the public reader */
+    const char *dir = kvm_run_trace_dir(r);
+    assert_non_null(dir);
+    kvm_trace_reader_t *t = kvm_trace_reader_open(dir);
+    assert_non_null(t);
+    assert_true(kvm_trace_reader_n_records(t) > 2);
+    assert_false(kvm_trace_reader_torn(t));
+    assert_non_null(strstr(kvm_trace_reader_record_json(t, 0), "\"t\""));
+    assert_true(strlen(kvm_trace_reader_record_type(t, 0)) > 0);
+    assert_null(kvm_trace_reader_record_json(t, kvm_trace_reader_n_records(t)));
+    kvm_trace_reader_free(t);
+
+    char *stats = kvm_runtime_stats_json(rt);
+    assert_non_null(strstr(stats, "forward_passes"));
+    kvm_free(stats);
+    kvm_workflow_free(wf);
+    kvm_runtime_free(rt);
+    char cmd[300];
+    snprintf(cmd, sizeof cmd, "rm -rf '%s'", tmpl);
+    assert_int_equal(system(cmd), 0);
+}
+
+static void test_bad_run_inputs_name_the_offset_and_start_nothing(void **s) {
+    (void)s;
+    kvm_runtime_t *rt = mock_runtime(NULL);
+    kvm_workflow_t *wf = kvm_workflow_load_string(rt, "pair.lua", k_wf, strlen(k_wf), NULL);
+    assert_non_null(wf);
+    kvm_run_params_t rp = kvm_run_default_params();
+    rp.inputs_json = "{\"input\": tw";
+    assert_null(kvm_run_start(wf, &rp));
+    assert_int_equal(kvm_errcode(), KVM_EINVAL);
+    assert_non_null(strstr(kvm_errmsg(), "offset"));
+    rp.inputs_json = "[1, 2]";
+    assert_null(kvm_run_start(wf, &rp));
+    assert_non_null(strstr(kvm_errmsg(), "object"));
+    assert_int_equal(kvm_workflow_n_runs(wf), 0);
+    kvm_workflow_free(wf);
+    kvm_runtime_free(rt);
+}
+
+static void test_a_script_error_names_the_chunk_and_line(void **s) {
+    (void)s;
+    kvm_runtime_t *rt = mock_runtime(NULL);
+    const char *bad = "local kvm = kvmesh\n\nlocal g = kvm.graph{ name = 'x' }\ng:nope()\nreturn g\n";
+    assert_null(kvm_workflow_load_string(rt, "bad.lua", bad, strlen(bad), NULL));
+    assert_non_null(strstr(kvm_errmsg(), "bad.lua:4"));
+    kvm_runtime_free(rt);
+}
+
+static void test_two_workflows_share_the_runtime_engine(void **s) {
+    (void)s;
+    kvm_runtime_t *rt = mock_runtime(NULL);
+    kvm_workflow_t *a = kvm_workflow_load_string(rt, "a.lua", k_wf, strlen(k_wf), NULL);
+    kvm_workflow_t *b = kvm_workflow_load_string(rt, "b.lua", k_wf, strlen(k_wf), NULL);
+    assert_non_null(a);
+    assert_non_null(b);
+    assert_non_null(kvm_run_start(a, NULL));
+    assert_int_equal(kvm_workflow_drive(a), 0);
+    assert_non_null(kvm_run_start(b, NULL));
+    assert_int_equal(kvm_workflow_drive(b), 0);
+    /* one engine: one model entry, forward passes of both workflows counted together */
+    char *stats = kvm_runtime_stats_json(rt);
+    assert_non_null(stats);
+    const char *first = strstr(stats, "mock:echo");
+    assert_non_null(first);
+    assert_null(strstr(first + 1, "mock:echo"));
+    kvm_free(stats);
+    kvm_workflow_free(a);
+    kvm_workflow_free(b);
+    kvm_runtime_free(rt);
+}
+
+static void test_a_model_loads_tokenizes_and_generates(void **s) {
+    (void)s;
+    kvm_model_params_t mp = kvm_model_default_params();
+    mp.backend = "cpu";
+    mp.quiet = true;
+    kvm_model_t *m = kvm_model_load(MINI, &mp);
+    assert_non_null(m);
+    kvm_model_info_t info;
+    kvm_model_info(m, &info);
+    assert_string_equal(info.name, "minillama-2m");
+    assert_string_equal(info.backend, "cpu");
+    assert_string_equal(info.chat_format, "chatml");
+    assert_int_equal(info.n_layers, 6);
+    const kvm_tokenizer_t *tok = kvm_model_tokenizer(m);
+    assert_non_null(tok);
+    int32_t *ids = NULL;
+    int n = 0;
+    assert_int_equal(kvm_tokenize(tok, "Mark: 9442", 10, KVM_TOK_PARSE_SPECIAL, &ids, &n), 0);
+    assert_true(n > 0);
+    char *text = NULL;
+    size_t len = 0;
+    assert_int_equal(kvm_detokenize(tok, ids, n, false, &text, &len), 0);
+    assert_string_equal(text, "Mark: 9442");
+    kvm_free(text);
+    kvm_free(ids);
+
+    kvm_generate_params_t gp = kvm_generate_default_params();
+    gp.max_tokens = 6;
+    gp.chat = true;
+    gp.system = "Answer with the number.";
+    kvm_generation_t g;
+    assert_int_equal(kvm_model_generate(m, "Mark: 9442\nAnn: 3742\nAsk: Mark", &gp, NULL, NULL, &g), 0);
+    assert_true(g.n_ids >= 1 && g.n_ids <= 6);
+    assert_true(g.n_prompt > 10);
+    assert_non_null(g.text);
+    kvm_generation_clear(&g);
+
+    gp.max_tokens = 0;
+    assert_int_equal(kvm_model_generate(m, "x", &gp, NULL, NULL, &g), KVM_EINVAL);
+    assert_non_null(strstr(kvm_errmsg(), "max_tokens"));
+    kvm_model_free(m);
+}
+
+static void test_a_missing_model_is_an_error_naming_the_path(void **s) {
+    (void)s;
+    assert_null(kvm_model_load("/nonexistent/model-dir", NULL));
+    assert_int_equal(kvm_errcode(), KVM_ENOENT);
+    assert_non_null(strstr(kvm_errmsg(), "/nonexistent/model-dir"));
+}
+
+static void test_a_tokenizer_loads_on_its_own(void **s) {
+    (void)s;
+    kvm_tokenizer_t *t = kvm_tokenizer_load(MINI, 0);
+    assert_non_null(t);
+    assert_true(kvm_tokenizer_vocab_size(t) > 100);
+    kvm_tokenizer_free(t);
+    assert_null(kvm_tokenizer_load(KVM_SOURCE_DIR "/README.md", 0));
+    assert_int_equal(kvm_errcode(), KVM_EFORMAT);
+}
+
+static void test_status_names_and_log_levels(void **s) {
+    (void)s;
+    assert_string_equal(kvm_errname(KVM_ENOMEM), "KVM_ENOMEM");
+    assert_string_equal(kvm_strerror(KVM_OK), "ok");
+    int lv = -1;
+    assert_int_equal(kvm_log_level_parse("error", &lv), 0);
+    assert_int_equal(lv, KVM_LOG_ERROR);
+    assert_int_equal(kvm_log_level_parse("loud", &lv), KVM_EINVAL);
+    assert_non_null(kvm_version());
+}
+
+int main(void) {
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_default_params_are_usable_as_they_are),
+        cmocka_unit_test(test_a_bad_runtime_parameter_is_an_error_naming_it),
+        cmocka_unit_test(test_kv_policy_names_round_trip),
+        cmocka_unit_test(test_a_workflow_runs_on_the_mock_model_and_reports_its_steps),
+        cmocka_unit_test(test_bad_run_inputs_name_the_offset_and_start_nothing),
+        cmocka_unit_test(test_a_script_error_names_the_chunk_and_line),
+        cmocka_unit_test(test_two_workflows_share_the_runtime_engine),
+        cmocka_unit_test(test_a_model_loads_tokenizes_and_generates),
+        cmocka_unit_test(test_a_missing_model_is_an_error_naming_the_path),
+        cmocka_unit_test(test_a_tokenizer_loads_on_its_own),
+        cmocka_unit_test(test_status_names_and_log_levels),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
