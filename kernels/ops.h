@@ -106,7 +106,7 @@ typedef struct kvm_ops {
     void (*add_rmsnorm)(float *x, const float *y, float *out, const float *w, int n, int dim, float eps);
     /* out[r] = argmax of x[r][0..n) (first on ties), out in backend memory */
     void (*argmax_rows)(int32_t *out, const float *x, int rows, int n);
-    /* fills dst[n] (dtype dt) with the synthetic-weight generator of runtime/model/synthetic.h */
+    /* fills dst[n] (dtype dt) with the synthetic-weight generator of kernels/synthetic_gen.h */
     int (*fill_synthetic)(void *dst, kvm_dtype_t dt, size_t n, uint64_t seed, float stddev, float mean);
     /* graph capture of everything enqueued between begin and end; launch replays it */
     int (*graph_begin)(void);

@@ -6,7 +6,7 @@
 
 #include <float.h>
 
-#include "../../runtime/model/synthetic.h"
+#include "../synthetic_gen.h"
 
 #define S g_cuda.stream
 

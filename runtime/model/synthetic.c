@@ -3,8 +3,8 @@
  * Benchmarks need Llama-3.1-8B-sized weights but not their values (timings do not depend on them), and
  * 16 GB of files would not fit the machines we test on. A synthetic model is generated where it runs:
  * on a GPU backend the weights are written by a kernel straight into one device buffer (nothing is
- * uploaded), on the CPU into one host buffer; both use the generator of synthetic.h, so the two are the
- * same model bit for bit. Every report built on these models must say that the weights are synthetic. */
+ * uploaded), on the CPU into one host buffer; both use the generator of kernels/synthetic_gen.h, so the
+ * two are the same model bit for bit. Every report built on these models must say that the weights are synthetic. */
 #include "synthetic.h"
 
 #include <math.h>
