@@ -178,7 +178,7 @@ int wf_llm_model_open(wf_llm_t *l, const char *path, int *idx) {
         m->mock = true;
         m->mock_fail = !strcmp(path + 5, "fail");
     } else {
-        kvm_load_opts_t lo = {0};
+        kvm_load_opts_t lo = l->o.load;
         lo.backend = l->o.backend;
         lo.quiet = l->o.quiet;
         m->m = kvm_model_load(path, &lo);

@@ -80,6 +80,8 @@ typedef struct wf_llm_opts {
     const char *const *kvcomm_set; /* "key=value" KVCOMM switches (kvcomm.md §8), applied to every model */
     int n_kvcomm_set;
     const char *kvcomm_ablation;   /* NULL, or "rotation" | "rotation+ph" | "rotation+pf" | "full" | "dense" */
+    kvm_load_opts_t load;          /* the other load settings of every model opened (device / KV dtype, CUDA graphs,
+                                      synthetic seed); its backend and quiet are taken from the fields above */
 } wf_llm_opts_t;
 
 /* Creates the engine (no models yet). NULL + message on error; free with wf_llm_free(). */

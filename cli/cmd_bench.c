@@ -5,8 +5,8 @@
  * Method (../shared/spec/perf.md §6): device time from events recorded on the op stream around each step,
  * host time from a monotonic clock around the whole call (end-to-end: ids up, logits down); warm-up steps
  * first; medians and p10-p90 over many reps; three different prompts rotated; random non-zero token ids.
- * Decode steps run through the captured CUDA graph (and once more eagerly, KVM_CUDA_GRAPHS=0, for the
- * record). Synthetic weights: the report says so. */
+ * Decode steps run through the captured CUDA graph (and once more eagerly, kvm_forward_set_graphs off, for
+ * the record). Synthetic weights: the report says so. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -15,6 +15,7 @@
 
 #include <cjson/cJSON.h>
 
+#include "cli_env.h"
 #include "runtime/model/forward.h"
 #include "runtime/model/synthetic.h"
 
@@ -161,7 +162,7 @@ static int time_decode(kvm_model_t *m, kvm_seq_t *seqs, int n, int ctx, int warm
 }
 
 static int bench_engine(int argc, char **argv) {
-    const char *synth = NULL, *model = NULL, *backend = "auto", *json_path = NULL, *hf_path = NULL;
+    const char *synth = NULL, *model = NULL, *backend = NULL, *json_path = NULL, *hf_path = NULL;
     int P = 1024, B = 16, reps = 20, warmup = 3;
     bool eager = true, profile = false;
     for (int i = 1; i < argc; i++) {
@@ -202,6 +203,11 @@ static int bench_engine(int argc, char **argv) {
     if (synth) snprintf(path, sizeof path, "synthetic:%s", synth);
     else snprintf(path, sizeof path, "%s", model);
     kvm_load_opts_t lo = {.backend = backend, .quiet = false};
+    if (cli_env_load_opts(&lo)) {
+        fprintf(stderr, "kvmesh bench engine: %s\n", kvm_errmsg());
+        cJSON_Delete(hf);
+        return 2;
+    }
     uint64_t t_load = kvm_now_ns();
     /* synthetic models are built directly (this also links runtime/model/synthetic.c into the binary) */
     kvm_model_t *m = synth ? kvm_model_synthetic(synth, &lo) : kvm_model_load(path, &lo);
@@ -265,9 +271,9 @@ static int bench_engine(int argc, char **argv) {
     timing_init(&dBe, reps * 5);
     if (!rc) rc = time_decode(m, &s0, 1, P, warmup, reps * 5, &d1);
     if (!rc && eager && ops->graph_begin) {
-        setenv("KVM_CUDA_GRAPHS", "0", 1);
+        kvm_forward_set_graphs(m, false);
         rc = time_decode(m, &s0, 1, P, warmup, reps * 5, &d1e);
-        unsetenv("KVM_CUDA_GRAPHS");
+        kvm_forward_set_graphs(m, !lo.no_cuda_graphs);
     }
     /* ---- 3. decode at batch B, every sequence with a P-token context ---- */
     kvm_seq_t *seqs = calloc((size_t)B, sizeof *seqs);
@@ -279,9 +285,9 @@ static int bench_engine(int argc, char **argv) {
     }
     if (!rc) rc = time_decode(m, seqs, B, P, warmup, reps * 5, &dB);
     if (!rc && eager && ops->graph_begin) {
-        setenv("KVM_CUDA_GRAPHS", "0", 1);
+        kvm_forward_set_graphs(m, false);
         rc = time_decode(m, seqs, B, P, warmup, reps * 5, &dBe);
-        unsetenv("KVM_CUDA_GRAPHS");
+        kvm_forward_set_graphs(m, !lo.no_cuda_graphs);
     }
     if (rc) fprintf(stderr, "kvmesh bench engine: %s\n", kvm_errmsg());
 
@@ -387,7 +393,7 @@ static int bench_engine(int argc, char **argv) {
     }
     if (!rc && profile && ops->graph_begin) {
         /* one eager step of each kind with every op timed (events around each op add a little) */
-        setenv("KVM_CUDA_GRAPHS", "0", 1);
+        kvm_forward_set_graphs(m, false);
         kvm_seq_t sp;
         kvm_seq_init(&sp, pool);
         kvm_batch_item_t it = {.seq = &sp, .tokens = prompts, .n_tokens = P, .logits = logits};
@@ -396,9 +402,12 @@ static int bench_engine(int argc, char **argv) {
         snprintf(lbl, sizeof lbl, "prefill %d tokens", P);
         kvm_cuda_profile_end(stdout, lbl);
         kvm_seq_free(&sp);
+        const kvm_cuda_opts_t cuda_set = kvm_cuda_get_opts(); /* restored after the comparison */
         const char *modes[3] = {NULL, "gemv", "mma"};
         for (int k = 0; k < 3 && !rc; k++) {
-            if (modes[k]) setenv("KVM_CUDA_SKINNY", modes[k], 1);
+            kvm_cuda_opts_t co = cuda_set;
+            if (modes[k]) co.skinny = k == 1 ? KVM_CUDA_SKINNY_GEMV : KVM_CUDA_SKINNY_MMA;
+            kvm_cuda_set_opts(&co);
             timing_t tp;
             timing_init(&tp, 3);
             kvm_cuda_profile_begin();
@@ -412,9 +421,9 @@ static int bench_engine(int argc, char **argv) {
                 kvm_cuda_profile_end(stdout, lbl);
             }
             timing_free(&tp);
-            unsetenv("KVM_CUDA_SKINNY");
         }
-        unsetenv("KVM_CUDA_GRAPHS");
+        kvm_cuda_set_opts(&cuda_set);
+        kvm_forward_set_graphs(m, !lo.no_cuda_graphs);
         if (rc) fprintf(stderr, "kvmesh bench engine (profile): %s\n", kvm_errmsg());
     }
     for (int i = 0; i < B; i++) kvm_seq_free(&seqs[i]);

@@ -21,6 +21,7 @@
 
 #include <cjson/cJSON.h>
 
+#include "cli_env.h"
 #include "runtime/comm/prompt.h"
 #include "runtime/comm/team_eval.h"
 #include "runtime/eval/minitasks.h"
@@ -499,7 +500,7 @@ static int run_team(kvm_model_t *m, const opts_t *o) {
 /* ==== entry ============================================================================================== */
 
 int kvm_bench_kvcomm(int argc, char **argv) {
-    opts_t o = {.backend = "auto", .workload = "ttft", .modes = "dense,full,rotation", .agents = 5, .input = 1000,
+    opts_t o = {.backend = NULL, .workload = "ttft", .modes = "dense,full,rotation", .agents = 5, .input = 1000,
                 .prefix = 512, .output = 512, .warmup = 2, .requests = -1, .warm = 10, .cos_samples = 32,
                 .max_tokens = 12, .seed = KVM_MT_DEFAULT_EVAL_SEED, .bw_gbs = 0};
     for (int i = 1; i < argc; i++) {
@@ -541,6 +542,10 @@ int kvm_bench_kvcomm(int argc, char **argv) {
         return 2;
     }
     kvm_load_opts_t lo = {.backend = o.backend};
+    if (cli_env_load_opts(&lo)) {
+        fprintf(stderr, "kvmesh bench kvcomm: %s\n", kvm_errmsg());
+        return 2;
+    }
     kvm_model_t *m = o.synth ? kvm_model_synthetic(o.synth, &lo) : kvm_model_load(o.model, &lo);
     if (!m) {
         fprintf(stderr, "kvmesh bench kvcomm: %s\n", kvm_errmsg());

@@ -3,6 +3,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "cli_env.h"
 #include "runtime/model/generate.h"
 
 static void generate_help(FILE *f) {
@@ -117,6 +118,10 @@ int cmd_generate(int argc, char **argv) {
     gp.stop_strings = stops;
     gp.n_stop_strings = n_stops;
     kvm_load_opts_t lo = {.tokenizer_path = tokp, .backend = backend};
+    if (cli_env_load_opts(&lo)) {
+        fprintf(stderr, "kvmesh generate: %s\n", kvm_errmsg());
+        return 2;
+    }
     fprintf(stderr, "kvmesh: loading %s ...\n", model);
     kvm_model_t *m = kvm_model_load(model, &lo);
     if (!m) {
@@ -192,6 +197,10 @@ int cmd_info(int argc, char **argv) {
         return 2;
     }
     kvm_load_opts_t lo = {.tokenizer_path = tokp, .backend = backend};
+    if (cli_env_load_opts(&lo)) {
+        fprintf(stderr, "kvmesh info: %s\n", kvm_errmsg());
+        return 2;
+    }
     kvm_model_t *m = kvm_model_load(model, &lo);
     if (!m) {
         fprintf(stderr, "kvmesh info: %s\n", kvm_errmsg());

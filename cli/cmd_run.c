@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include "agents/wf.h"
+#include "cli_env.h"
 #include "runtime/core/core.h"
 
 static void usage(FILE *f) {
@@ -234,6 +235,13 @@ int cmd_run(int argc, char **argv) {
         }
         o.trace_root = trace_root;
     }
+    o.llm.load.backend = o.llm.backend; /* --backend wins over KVM_BACKEND */
+    if (cli_env_load_opts(&o.llm.load)) {
+        fprintf(stderr, "kvmesh run: %s\n", kvm_errmsg());
+        cJSON_Delete(inputs);
+        return 2;
+    }
+    o.llm.backend = o.llm.load.backend;
     o.llm.kvcomm_set = kvcomm_set;
     o.llm.n_kvcomm_set = n_kvcomm;
     prog.batch = n > 0;

@@ -5,6 +5,7 @@
 #include <time.h>
 
 #include "agents/wf.h"
+#include "cli_env.h"
 #include "runtime/core/core.h"
 #include "runtime/trace/trace.h"
 
@@ -243,6 +244,12 @@ static int replay(const char *dir, const char *model, bool mock) {
     o.mock = mock || cJSON_IsTrue(obj(cfg, "mock"));
     o.model_override = model;
     o.llm.quiet = true;
+    if (cli_env_load_opts(&o.llm.load)) {
+        fprintf(stderr, "kvmesh trace replay: %s\n", kvm_errmsg());
+        kvm_trace_log_free(&log);
+        return 2;
+    }
+    o.llm.backend = o.llm.load.backend;
     const cJSON *lim = obj(cfg, "limits");
     if (num(lim, "instructions") > 0) o.max_instructions = (uint64_t)num(lim, "instructions");
     if (num(lim, "lua_ms") > 0) o.lua_cpu_ms = num(lim, "lua_ms");

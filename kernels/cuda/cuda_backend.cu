@@ -1,6 +1,6 @@
 /* cuda_backend.cu - the CUDA backend's context, memory functions and op table.
  *
- * kvm_ops_cuda() initialises the context once (device 0, or KVM_CUDA_DEVICE): one non-blocking stream,
+ * kvm_ops_cuda() initialises the context once (GPU opts.device, 0 by default): one non-blocking stream,
  * one cuBLAS handle with a fixed workspace, and a grow-only scratch buffer. Every op enqueues on that
  * stream; sync() waits for it and reports the first error any void op hit since the last sync. When
  * there is no driver or no GPU it returns NULL with a message (the caller then runs on the CPU). */
@@ -11,26 +11,26 @@
 #include <stdlib.h>
 #include <string.h>
 
-kvm_cuda_ctx g_cuda;
+static kvm_cuda_ctx make_ctx(void) {
+    kvm_cuda_ctx c;
+    memset(&c, 0, sizeof c);
+    c.opts = kvm_cuda_opts_default();
+    return c;
+}
+kvm_cuda_ctx g_cuda = make_ctx();
 
-int kvm_cuda_prefetch_mode(void) {
-    static int mode = -1;
-    if (mode < 0) {
-        const char *e = getenv("KVM_CUDA_PREFETCH");
-        mode = e && *e ? atoi(e) : 2;
-        if (mode < 0 || mode > 2) mode = 2;
-    }
-    return mode;
+extern "C" int kvm_cuda_set_opts(const kvm_cuda_opts_t *o) {
+    int rc = kvm_cuda_opts_check(o);
+    if (rc) return rc;
+    if (g_cuda.ready && o->device != g_cuda.device)
+        return kvm_seterr(KVM_EINVAL, "cuda device: the backend already runs on GPU %d (set the device before its first use)",
+                          g_cuda.device);
+    g_cuda.opts = *o;
+    if (g_cuda.ready && o->profile) g_kvm_prof_on = 1;
+    return 0;
 }
 
-int kvm_cuda_pdl_enabled(void) {
-    static int on = -1;
-    if (on < 0) {
-        const char *e = getenv("KVM_CUDA_PDL");
-        on = !(e && !strcmp(e, "0"));
-    }
-    return on;
-}
+extern "C" kvm_cuda_opts_t kvm_cuda_get_opts(void) { return g_cuda.opts; }
 
 int kvm_cuda_fail(int code, const char *fmt, ...) {
     if (g_cuda.err_code == 0) {
@@ -311,10 +311,8 @@ static int cu_init(void) {
         return kvm_seterr(KVM_EUNSUPPORTED, "cuda: no usable GPU (%s); running on the CPU", cudaGetErrorString(e));
     }
     if (n <= 0) return kvm_seterr(KVM_EUNSUPPORTED, "cuda: no GPU found; running on the CPU");
-    int dev = 0;
-    const char *ds = getenv("KVM_CUDA_DEVICE");
-    if (ds && *ds) dev = atoi(ds);
-    if (dev < 0 || dev >= n) return kvm_seterr(KVM_EINVAL, "cuda: KVM_CUDA_DEVICE=%d but %d GPU(s) present", dev, n);
+    const int dev = g_cuda.opts.device;
+    if (dev < 0 || dev >= n) return kvm_seterr(KVM_EINVAL, "cuda device: GPU %d asked for, but %d GPU(s) present", dev, n);
     if ((e = cudaSetDevice(dev)) != cudaSuccess ||
         (e = cudaGetDeviceProperties(&g_cuda.prop, dev)) != cudaSuccess) {
         cudaGetLastError();
@@ -336,8 +334,7 @@ static int cu_init(void) {
         return kvm_seterr(KVM_ENOMEM, "cuda: cannot allocate the cuBLAS workspace: %s", cudaGetErrorString(e));
     cublasSetWorkspace(g_cuda.blas, g_cuda.blas_ws, g_cuda.blas_ws_bytes);
     if (!kvm_cuda_scratch((size_t)64 << 20)) return cu_take_error();
-    const char *pe = getenv("KVM_CUDA_PROFILE");
-    if (pe && *pe && strcmp(pe, "0")) g_kvm_prof_on = 1;
+    if (g_cuda.opts.profile) g_kvm_prof_on = 1;
     g_cuda.ready = 1;
     return 0;
 }

@@ -37,7 +37,10 @@ typedef struct kvm_backend_model {
      * it was captured for, and the shape of the last eager decode step (captured when seen twice) */
     void *graph;
     uint64_t graph_key, warm_key;
-    bool graphs_off; /* a capture failed once: decode runs eagerly from then on */
+    bool graphs_off;      /* a capture failed once: decode runs eagerly from then on */
+    bool graphs_disabled; /* kvm_load_opts_t.no_cuda_graphs / kvm_forward_set_graphs */
+    bool kv_dtype_set;    /* kvm_load_opts_t.kv_dtype: the dtype of the model's KV pools */
+    kvm_dtype_t kv_dtype;
 } kvm_backend_model_t;
 
 static void *bm_alloc(kvm_backend_model_t *b, size_t bytes) {
@@ -199,12 +202,6 @@ static int ensure_workspace(kvm_model_t *m, int rows, int seqs, int blocks, int 
 int kvm_forward_init(kvm_model_t *m, int max_rows) {
     if (m->bm) return ensure_workspace(m, max_rows, 0, 0, 0);
     if (!m->ops) m->ops = kvm_ops_cpu();
-    if (m->ops != kvm_ops_cpu() && !m->weights_on_device) {
-        /* KVM_DEVICE_DTYPE=f32|bf16|f16 overrides (f32 = the parity mode of the GPU tests) */
-        const char *e = getenv("KVM_DEVICE_DTYPE");
-        if (e && *e && !m->device_dtype_explicit)
-            m->device_dtype = !strcmp(e, "f32") ? KVM_F32 : !strcmp(e, "f16") ? KVM_F16 : KVM_BF16;
-    }
     kvm_backend_model_t *b = kvm_calloc(1, sizeof *b);
     if (!b) return KVM_ENOMEM;
     b->ops = m->ops;
@@ -265,6 +262,32 @@ int kvm_forward_adopt(kvm_model_t *m, void *p) {
     return 0;
 }
 
+int kvm_load_opts_check(const kvm_load_opts_t *o) {
+    if (!o) return 0;
+    int rc = kvm_backend_check(o->backend);
+    if (!rc && o->device_dtype_set) rc = kvm_dtype_check(o->device_dtype, "device_dtype");
+    if (!rc && o->kv_dtype_set) rc = kvm_dtype_check(o->kv_dtype, "kv_dtype");
+    return rc;
+}
+
+int kvm_forward_configure(kvm_model_t *m, const kvm_load_opts_t *o) {
+    kvm_backend_model_t *b = m ? m->bm : NULL;
+    if (!b) return kvm_seterr(KVM_EINVAL, "forward: configure needs an initialised model");
+    int rc = kvm_load_opts_check(o);
+    if (rc) return rc;
+    b->kv_dtype_set = o && o->kv_dtype_set;
+    b->kv_dtype = b->kv_dtype_set ? o->kv_dtype : KVM_F32;
+    kvm_forward_set_graphs(m, !(o && o->no_cuda_graphs));
+    return 0;
+}
+
+void kvm_forward_set_graphs(kvm_model_t *m, bool on) {
+    kvm_backend_model_t *b = m ? m->bm : NULL;
+    if (!b) return;
+    if (!on) drop_graph(b);
+    b->graphs_disabled = !on;
+}
+
 void kvm_forward_free(kvm_model_t *m) {
     kvm_backend_model_t *b = m ? m->bm : NULL;
     if (!b) return;
@@ -281,9 +304,7 @@ kvm_kv_pool_t *kvm_model_kv_pool(kvm_model_t *m, size_t kv_bytes) {
                        .dtype = m->ops == kvm_ops_cpu() || m->device_dtype == KVM_F32 ? KVM_F32
                                 : m->device_dtype == KVM_F16                               ? KVM_F16
                                                                                            : KVM_BF16};
-    /* KVM_KV_DTYPE=f32|bf16|f16 overrides the storage dtype of the cache (any backend) */
-    const char *kd = getenv("KVM_KV_DTYPE");
-    if (kd && *kd) g.dtype = !strcmp(kd, "f32") ? KVM_F32 : !strcmp(kd, "f16") ? KVM_F16 : KVM_BF16;
+    if (m->bm && m->bm->kv_dtype_set) g.dtype = m->bm->kv_dtype; /* kvm_load_opts_t.kv_dtype (any backend) */
     int n_blocks;
     if (kv_bytes == 0) {
         int ctx = m->cfg.max_seq_len > 0 && m->cfg.max_seq_len < 8192 ? m->cfg.max_seq_len : 8192;
@@ -514,9 +535,7 @@ int kvm_forward(kvm_model_t *m, kvm_batch_item_t *items, int n_items) {
         if (items[i].seq->n_blocks > max_blocks) max_blocks = items[i].seq->n_blocks;
     /* a decode step (one token per item) on a backend with graphs replays one captured graph; its block
      * table width is rounded up (to 64 blocks = 1024 tokens) so the graph stays valid as contexts grow */
-    bool decode = rows == n_items && ops->graph_begin != NULL;
-    const char *genv = getenv("KVM_CUDA_GRAPHS");
-    if (genv && !strcmp(genv, "0")) decode = false;
+    bool decode = rows == n_items && ops->graph_begin != NULL && !b->graphs_disabled;
     if (b->graphs_off || b->layer_limit || positioned) decode = false; /* nor a partial or a positioned pass */
     if (decode) max_blocks = (max_blocks + 63) / 64 * 64;
     blocks = max_blocks * n_items;

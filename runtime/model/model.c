@@ -200,6 +200,10 @@ kvm_model_t *kvm_model_load(const char *path, const kvm_load_opts_t *opts) {
         kvm_seterr(KVM_EINVAL, "no model path given");
         return NULL;
     }
+    if (kvm_load_opts_check(o)) {
+        kvm_errctx(kvm_errcode(), "loading model %s", path);
+        return NULL;
+    }
     if (!strncmp(path, "synthetic:", 10)) {
         return kvm_model_synthetic(path + 10, o);
     }
@@ -227,8 +231,8 @@ kvm_model_t *kvm_model_load(const char *path, const kvm_load_opts_t *opts) {
     }
     if (!rc) {
         m->device_dtype = o->device_dtype_set ? o->device_dtype : KVM_BF16;
-        m->device_dtype_explicit = o->device_dtype_set;
         rc = kvm_forward_init(m, 0);
+        if (!rc) rc = kvm_forward_configure(m, o);
     }
     if (rc) {
         kvm_errctx(rc, "loading model %s", path);

@@ -118,19 +118,33 @@ typedef struct kvm_model {
     bool weights_on_device;     /* tensors already live in backend memory (synthetic models); then norm
                                    weights and biases must be F32 there, matrices any dtype */
     kvm_dtype_t device_dtype;   /* dtype of matrices uploaded to a GPU backend (BF16 default, F32 parity mode) */
-    bool device_dtype_explicit; /* set from kvm_load_opts_t (then KVM_DEVICE_DTYPE does not override it) */
 } kvm_model_t;
 
+/* How to load a model. Every field's zero is its default, so `{0}` or designated initialisers work; the
+ * CLI maps its environment variables and flags onto these (cli/cli_env.c, docs/cli.md). The library reads
+ * no environment. */
 typedef struct kvm_load_opts {
     const char *tokenizer_path; /* llama2.c: tokenizer.bin (default: tokenizer.bin or tok<vocab>.bin beside it) */
-    const char *backend;        /* "auto" (default), "cpu", "cuda" */
+    const char *backend;        /* "auto" (default; also NULL), "cpu", "cuda" */
     bool quiet;                 /* no progress on stderr */
-    kvm_dtype_t device_dtype;   /* GPU weight dtype (default BF16; F32 = parity mode) */
+    kvm_dtype_t device_dtype;   /* GPU weight dtype when device_dtype_set (default BF16; F32 = parity mode); also
+                                   the dtype of synthetic weights on every backend */
     bool device_dtype_set;
+    kvm_dtype_t kv_dtype;       /* KV cache dtype when kv_dtype_set (default: F32 on the CPU and for F32 device
+                                   weights, else the device weights' 16-bit dtype) */
+    bool kv_dtype_set;
+    bool no_cuda_graphs;        /* decode steps run eagerly (default: replayed as graphs where the backend can) */
+    uint64_t synthetic_seed;    /* seed of synthetic:<name> weights when synthetic_seed_set (default 1234) */
+    bool synthetic_seed_set;
 } kvm_load_opts_t;
 
-/* Loads a model (see the header comment). Returns NULL and sets the message on any error; the model
- * is freed with kvm_model_free(). */
+/* 0 if every field of o holds one of its values (backend name, dtypes); else KVM_EINVAL naming the field and
+ * its values ("kv_dtype: 7 is not one of KVM_F32, KVM_F16, KVM_BF16"). NULL = defaults (0). The loaders call it
+ * before reading anything. */
+int kvm_load_opts_check(const kvm_load_opts_t *o);
+
+/* Loads a model (see the header comment). Returns NULL and sets the message on any error (bad options
+ * included, see kvm_load_opts_check); the model is freed with kvm_model_free(). */
 kvm_model_t *kvm_model_load(const char *path, const kvm_load_opts_t *opts);
 void kvm_model_free(kvm_model_t *m);
 

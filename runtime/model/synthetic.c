@@ -122,15 +122,15 @@ static size_t align256(size_t x) { return (x + 255) & ~(size_t)255; }
 
 kvm_model_t *kvm_model_synthetic(const char *name, const kvm_load_opts_t *opts) {
     kvm_config_t c;
-    if (kvm_synthetic_config(name, &c)) return NULL;
     const kvm_load_opts_t def = {0};
     const kvm_load_opts_t *o = opts ? opts : &def;
-    kvm_dtype_t wdt = o->device_dtype_set ? o->device_dtype : KVM_BF16;
-    const char *env_dt = getenv("KVM_DEVICE_DTYPE");
-    if (!o->device_dtype_set && env_dt && *env_dt) wdt = !strcmp(env_dt, "f32") ? KVM_F32 : !strcmp(env_dt, "f16") ? KVM_F16 : KVM_BF16;
-    uint64_t seed = 1234;
-    const char *es = getenv("KVM_SYNTHETIC_SEED");
-    if (es && *es) seed = strtoull(es, NULL, 10);
+    if (kvm_load_opts_check(o)) {
+        kvm_errctx(kvm_errcode(), "building synthetic model %s", name ? name : "(null)");
+        return NULL;
+    }
+    if (kvm_synthetic_config(name, &c)) return NULL;
+    const kvm_dtype_t wdt = o->device_dtype_set ? o->device_dtype : KVM_BF16;
+    const uint64_t seed = o->synthetic_seed_set ? o->synthetic_seed : 1234;
     c.weight_dtype = wdt;
 
     kvm_model_t *m = kvm_calloc(1, sizeof *m);
@@ -225,6 +225,7 @@ kvm_model_t *kvm_model_synthetic(const char *name, const kvm_load_opts_t *opts) 
         /* from here the backend state owns the device buffer (freed by kvm_forward_free) */
         if (!rc && on_dev) rc = kvm_forward_adopt(m, buf);
         if (!rc) buf = NULL;
+        if (!rc) rc = kvm_forward_configure(m, o);
     }
     if (rc) {
         if (on_dev && buf) m->ops->free(buf);

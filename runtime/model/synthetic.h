@@ -19,11 +19,12 @@ void kvm_synthetic_list(char *buf, size_t cap);
 /* Fills cfg with the real shapes of the named model (perf.md §2). KVM_ENOENT for an unknown name. */
 int kvm_synthetic_config(const char *name, kvm_config_t *cfg);
 
-/* Builds a model of the named shape with seeded synthetic weights (seed from KVM_SYNTHETIC_SEED, else 1234).
- * The weights are made directly in the backend's memory when the backend can generate them
+/* Builds a model of the named shape with seeded synthetic weights (seed opts->synthetic_seed when set, else
+ * 1234). The weights are made directly in the backend's memory when the backend can generate them
  * (m->weights_on_device is then true and nothing is uploaded); otherwise on the host. The dtype is
- * opts->device_dtype when set (F32 = parity mode), else BF16. No tokenizer (m->tok == NULL).
- * Returns NULL + message on error; free with kvm_model_free(). */
+ * opts->device_dtype when set (F32 = parity mode), else BF16; the other options as for kvm_model_load.
+ * No tokenizer (m->tok == NULL). Returns NULL + message on error (bad options included); free with
+ * kvm_model_free(). */
 kvm_model_t *kvm_model_synthetic(const char *name, const kvm_load_opts_t *opts);
 
 /* Generates n values of the stream (seed, tensor_id) into host memory in dtype dt (the same values the

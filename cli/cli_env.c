@@ -1,0 +1,114 @@
+/* cli_env.c - environment variables -> library parameters (cli_env.h). */
+#include "cli_env.h"
+
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "runtime/core/core.h"
+
+/* The value of a variable, or NULL when unset or empty. */
+static const char *env(const char *name) {
+    const char *v = getenv(name);
+    return v && *v ? v : NULL;
+}
+
+static int bad(const char *var, const char *value, const char *values) {
+    return kvm_seterr(KVM_EINVAL, "%s: '%s' is not one of %s", var, value, values);
+}
+
+/* A whole decimal number in [lo, hi] into *out. */
+static int parse_u64(const char *var, const char *v, uint64_t lo, uint64_t hi, const char *values, uint64_t *out) {
+    char *end = NULL;
+    errno = 0;
+    unsigned long long x = *v >= '0' && *v <= '9' ? strtoull(v, &end, 10) : 0;
+    if (!end || *end || errno || x < lo || x > hi) return bad(var, v, values);
+    *out = x;
+    return 0;
+}
+
+static int apply_log(void) {
+    static const struct {
+        const char *name;
+        int level;
+    } levels[] = {{"debug", KVM_LOG_DEBUG}, {"info", KVM_LOG_INFO}, {"warn", KVM_LOG_WARN}, {"error", KVM_LOG_ERROR}};
+    const char *v = env("KVM_LOG");
+    if (!v) return 0;
+    for (size_t i = 0; i < sizeof levels / sizeof levels[0]; i++)
+        if (!strcmp(v, levels[i].name)) {
+            kvm_log_set_level(levels[i].level);
+            return 0;
+        }
+    return bad("KVM_LOG", v, "debug, info, warn, error");
+}
+
+/* KVM_CUDA_<KEY> (and KVM_KVCOMM_DIST) -> the field <key> of kvm_cuda_opts_t (ops.h documents each). */
+static const struct {
+    const char *var, *key;
+} cuda_vars[] = {
+    {"KVM_CUDA_DEVICE", "device"},
+    {"KVM_CUDA_PROFILE", "profile"},
+    {"KVM_CUDA_PDL", "pdl"},
+    {"KVM_CUDA_PREFETCH", "prefetch"},
+    {"KVM_CUDA_SKINNY", "skinny"},
+    {"KVM_CUDA_ATTN_TILED", "attn_tiled"},
+    {"KVM_CUDA_NO_MMA_ATTN", "no_mma_attn"},
+    {"KVM_CUDA_MMA_OCC", "mma_occ"},
+    {"KVM_CUDA_ATTN_MERGE_FUSED", "attn_merge_fused"},
+    {"KVM_CUDA_FFN", "ffn"},
+    {"KVM_CUDA_FFN_GEMV", "ffn_gemv"},
+    {"KVM_CUDA_QKV_FUSE", "qkv_fuse"},
+    {"KVM_CUDA_QKV16", "qkv16"},
+    {"KVM_CUDA_NORM16", "norm16"},
+    {"KVM_CUDA_Y16", "y16"},
+    {"KVM_CUDA_NORM_V", "norm_v"},
+    {"KVM_KVCOMM_DIST", "kvcomm_dist"},
+};
+
+int cli_env_apply(void) {
+    int rc = apply_log();
+    const char *v = env("KVM_THREADS");
+    uint64_t threads = 0;
+    if (!rc && v) {
+        rc = parse_u64("KVM_THREADS", v, 0, 256, "0 (all cores), 1, 2, ..., 256", &threads);
+        if (!rc) kvm_set_threads((int)threads);
+    }
+    kvm_cuda_opts_t o = kvm_cuda_get_opts();
+    bool any = false;
+    for (size_t i = 0; !rc && i < sizeof cuda_vars / sizeof cuda_vars[0]; i++) {
+        if (!(v = env(cuda_vars[i].var))) continue;
+        rc = kvm_cuda_opts_parse(&o, cuda_vars[i].key, v);
+        if (rc) kvm_errctx(rc, "%s", cuda_vars[i].var);
+        any = true;
+    }
+    if (!rc && any) rc = kvm_cuda_set_opts(&o);
+    return rc;
+}
+
+int cli_env_load_opts(kvm_load_opts_t *o) {
+    const char *v;
+    int rc = 0;
+    if (!o->backend && (v = env("KVM_BACKEND"))) {
+        rc = kvm_backend_check(v);
+        if (rc) return kvm_errctx(rc, "KVM_BACKEND");
+        o->backend = v;
+    }
+    if (!o->device_dtype_set && (v = env("KVM_DEVICE_DTYPE"))) {
+        if ((rc = kvm_dtype_parse(v, "device_dtype", &o->device_dtype))) return kvm_errctx(rc, "KVM_DEVICE_DTYPE");
+        o->device_dtype_set = true;
+    }
+    if (!o->kv_dtype_set && (v = env("KVM_KV_DTYPE"))) {
+        if ((rc = kvm_dtype_parse(v, "kv_dtype", &o->kv_dtype))) return kvm_errctx(rc, "KVM_KV_DTYPE");
+        o->kv_dtype_set = true;
+    }
+    if (!o->no_cuda_graphs && (v = env("KVM_CUDA_GRAPHS"))) {
+        if (strcmp(v, "0") && strcmp(v, "1")) return bad("KVM_CUDA_GRAPHS", v, "0, 1");
+        o->no_cuda_graphs = !strcmp(v, "0");
+    }
+    if (!o->synthetic_seed_set && (v = env("KVM_SYNTHETIC_SEED"))) {
+        if ((rc = parse_u64("KVM_SYNTHETIC_SEED", v, 0, UINT64_MAX, "0, 1, 2, ... (a decimal seed)", &o->synthetic_seed)))
+            return rc;
+        o->synthetic_seed_set = true;
+    }
+    return 0;
+}

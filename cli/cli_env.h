@@ -1,0 +1,23 @@
+/* cli_env.h - the one place where the CLI turns its documented environment variables into library parameters.
+ *
+ * The library reads no environment (docs/cli.md lists every variable and its values). main() applies the
+ * process-wide settings once; every subcommand that loads a model fills its kvm_load_opts_t here. Empty
+ * variables count as unset; any other value that is not one of the variable's values is an error whose
+ * message names the variable and the accepted values. The test programs apply the same mapping
+ * (tests/support/test_env.c), so the variables work for them too. */
+#ifndef KVM_CLI_ENV_H
+#define KVM_CLI_ENV_H
+
+#include "runtime/model/model.h"
+
+/* Applies KVM_LOG (kvm_log_set_level), KVM_THREADS (kvm_set_threads) and the CUDA backend's switches
+ * KVM_CUDA_* and KVM_KVCOMM_DIST (kvm_cuda_set_opts). 0, or KVM_EINVAL with nothing applied from the bad
+ * variable on. */
+int cli_env_apply(void);
+
+/* Fills what o leaves unset from KVM_BACKEND (when o->backend is NULL), KVM_DEVICE_DTYPE (unless
+ * device_dtype_set), KVM_KV_DTYPE (unless kv_dtype_set), KVM_CUDA_GRAPHS=0|1 (no_cuda_graphs, unless already
+ * true) and KVM_SYNTHETIC_SEED (unless synthetic_seed_set): flags the caller parsed first win. 0 or KVM_EINVAL. */
+int cli_env_load_opts(kvm_load_opts_t *o);
+
+#endif
