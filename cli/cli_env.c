@@ -65,8 +65,26 @@ static const struct {
     {"KVM_KVCOMM_DIST", "kvcomm_dist"},
 };
 
+extern char **environ;
+
+/* A KVM_CUDA_* variable that is no setting (a misspelt switch would otherwise be ignored silently). */
+static int check_cuda_names(void) {
+    for (char **e = environ; e && *e; e++) {
+        if (strncmp(*e, "KVM_CUDA_", 9)) continue;
+        size_t n = strcspn(*e, "=");
+        bool known = n == strlen("KVM_CUDA_GRAPHS") && !strncmp(*e, "KVM_CUDA_GRAPHS", n);
+        for (size_t i = 0; !known && i < sizeof cuda_vars / sizeof cuda_vars[0]; i++)
+            known = strlen(cuda_vars[i].var) == n && !strncmp(*e, cuda_vars[i].var, n);
+        if (!known)
+            return kvm_seterr(KVM_EINVAL, "%.*s: not a setting of the CUDA backend (docs/cli.md lists the KVM_CUDA_* "
+                                          "variables)", (int)n, *e);
+    }
+    return 0;
+}
+
 int cli_env_apply(void) {
     int rc = apply_log();
+    if (!rc) rc = check_cuda_names();
     const char *v = env("KVM_THREADS");
     uint64_t threads = 0;
     if (!rc && v) {

@@ -12,7 +12,7 @@
 
 /* Applies KVM_LOG (kvm_log_set_level), KVM_THREADS (kvm_set_threads) and the CUDA backend's switches
  * KVM_CUDA_* and KVM_KVCOMM_DIST (kvm_cuda_set_opts). 0, or KVM_EINVAL with nothing applied from the bad
- * variable on. */
+ * variable on; a KVM_CUDA_* variable that is no setting is an error too. */
 int cli_env_apply(void);
 
 /* Fills what o leaves unset from KVM_BACKEND (when o->backend is NULL), KVM_DEVICE_DTYPE (unless

@@ -222,7 +222,9 @@ static int bench_engine(int argc, char **argv) {
     char card[256] = "cpu";
     if (strcmp(ops->name, "cpu") != 0) kvm_cuda_describe(card, sizeof card);
     int rc = kvm_forward_init(m, P);
-    const int kv_elem = m->device_dtype == KVM_F32 || !strcmp(ops->name, "cpu") ? 4 : 2;
+    const int kv_elem = lo.kv_dtype_set ? (int)kvm_dtype_size(lo.kv_dtype)
+                        : m->device_dtype == KVM_F32 || !strcmp(ops->name, "cpu") ? 4
+                                                                                   : 2;
     double p_layers, p_head, kv_tok;
     model_sizes(c, &p_layers, &p_head, &kv_tok, kv_elem);
     /* KV for B sequences of P + 2 tokens (+ slack for the block rounding) */
@@ -311,7 +313,7 @@ static int bench_engine(int argc, char **argv) {
     printf("\nkvmesh bench engine — %s, %s\n", path, date);
     printf("card: %s\n", card);
     printf("model: %s; %s weights%s; KV %s; load %.1f s\n", path, kvm_dtype_name(m->device_dtype),
-           synth ? " (SYNTHETIC, seeded)" : "", kv_elem == 2 ? "BF16" : "F32", load_s);
+           synth ? " (SYNTHETIC, seeded)" : "", kvm_dtype_name(pool->geom.dtype), load_s);
     printf("workload: prompt %d tokens (TTFT, batch 1); decode at %d-token context, batch 1 and %d; %d warm-up, %d/%d reps\n",
            P, P, B, warmup, tt.n, d1.n);
     printf("\n| metric (median, device time)        |      ours | unit   |        HF |  HF/ours | floor@peak | floor@meas |\n");
