@@ -27,6 +27,8 @@ static int parse_u64(const char *var, const char *v, uint64_t lo, uint64_t hi, c
     return 0;
 }
 
+bool cli_env_log_given(void) { return env("KVM_LOG") != NULL; }
+
 static int apply_log(void) {
     static const struct {
         const char *name;

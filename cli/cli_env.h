@@ -15,6 +15,9 @@
  * variable on; a KVM_CUDA_* variable that is no setting is an error too. */
 int cli_env_apply(void);
 
+/* Whether KVM_LOG sets the log level (commands that quieten the log by default leave it alone then). */
+bool cli_env_log_given(void);
+
 /* Fills what o leaves unset from KVM_BACKEND (when o->backend is NULL), KVM_DEVICE_DTYPE (unless
  * device_dtype_set), KVM_KV_DTYPE (unless kv_dtype_set), KVM_CUDA_GRAPHS=0|1 (no_cuda_graphs, unless already
  * true) and KVM_SYNTHETIC_SEED (unless synthetic_seed_set): flags the caller parsed first win. 0 or KVM_EINVAL. */

@@ -252,7 +252,7 @@ int cmd_run(int argc, char **argv) {
     if (prog.batch) {
         o.echo_print = false;
         /* hundreds of runs: per-step warnings (also in the traces) would drown the summary */
-        if (!getenv("KVM_LOG")) kvm_log_set_level(KVM_LOG_ERROR);
+        if (!cli_env_log_given()) kvm_log_set_level(KVM_LOG_ERROR);
     }
     kvm_workflow_t *wf = kvm_wf_load(script, &o);
     if (!wf) {

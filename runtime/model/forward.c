@@ -470,15 +470,13 @@ int kvm_forward_layers(kvm_model_t *m, kvm_batch_item_t *items, int n_items, int
     return rc;
 }
 
-int kvm_forward(kvm_model_t *m, kvm_batch_item_t *items, int n_items) {
+/* Checks every item of a step (tokens, pool, positions, context) and counts its rows and logits rows. */
+static int check_batch(const kvm_model_t *m, const kvm_batch_item_t *items, int n_items, int *rows_out,
+                       int *logit_rows_out) {
     const kvm_config_t *c = &m->cfg;
-    kvm_backend_model_t *b = m->bm;
-    if (!b) return kvm_seterr(KVM_EINVAL, "forward: model has no backend state");
-    if (n_items <= 0) return 0;
-    const kvm_ops_t *ops = b->ops;
-    int rows = 0, logit_rows = 0, blocks = 0;
+    int rows = 0, logit_rows = 0;
     for (int i = 0; i < n_items; i++) {
-        kvm_batch_item_t *it = &items[i];
+        const kvm_batch_item_t *it = &items[i];
         if (!it->seq || it->n_tokens <= 0 || !it->tokens)
             return kvm_seterr(KVM_EINVAL, "forward: batch item %d has no tokens or no sequence", i);
         if (it->seq->pool != items[0].seq->pool)
@@ -512,6 +510,44 @@ int kvm_forward(kvm_model_t *m, kvm_batch_item_t *items, int n_items) {
         rows += it->n_tokens;
         if (it->logits || it->next_token) logit_rows += it->all_logits && it->logits ? it->n_tokens : 1;
     }
+    *rows_out = rows;
+    *logit_rows_out = logit_rows;
+    return 0;
+}
+
+/* Copies the step's outputs to the host: each item's logits rows and greedy next token. */
+static void fetch_outputs(kvm_model_t *m, kvm_batch_item_t *items, int n_items, int logit_rows) {
+    kvm_backend_model_t *b = m->bm;
+    const kvm_ops_t *ops = b->ops;
+    const int V = m->cfg.vocab_size;
+    int lr = 0;
+    bool ids_fetched = false;
+    for (int i = 0; i < n_items; i++) {
+        kvm_batch_item_t *it = &items[i];
+        if (!it->logits && !it->next_token) continue;
+        int n = it->all_logits && it->logits ? it->n_tokens : 1;
+        if (it->logits) ops->d2h(it->logits, rowp(b->logits, lr, V), (size_t)n * V * 4);
+        if (it->next_token) {
+            if (ops->argmax_rows) {
+                if (!ids_fetched) ops->d2h(b->h_next_ids, b->next_ids, (size_t)logit_rows * 4);
+                ids_fetched = true;
+                *it->next_token = b->h_next_ids[lr + n - 1];
+            } else {
+                *it->next_token = ops->argmax(rowp(b->logits, lr + n - 1, V), V);
+            }
+        }
+        lr += n;
+    }
+}
+
+int kvm_forward(kvm_model_t *m, kvm_batch_item_t *items, int n_items) {
+    kvm_backend_model_t *b = m->bm;
+    if (!b) return kvm_seterr(KVM_EINVAL, "forward: model has no backend state");
+    if (n_items <= 0) return 0;
+    const kvm_ops_t *ops = b->ops;
+    int rows = 0, logit_rows = 0, blocks = 0;
+    int crc = check_batch(m, items, n_items, &rows, &logit_rows);
+    if (crc) return crc;
     /* reserve KV for everyone first; on failure give back what this call took */
     int *old_n = kvm_malloc((size_t)n_items * sizeof(int));
     if (!old_n) return KVM_ENOMEM;
@@ -606,26 +642,7 @@ int kvm_forward(kvm_model_t *m, kvm_batch_item_t *items, int n_items) {
         b->graphs_off = true;
         run_device_step(m, items, n_items, &ab, pool, rows, logit_rows);
     }
-    if (logit_rows > 0) {
-        int lr = 0;
-        bool ids_fetched = false;
-        for (int i = 0; i < n_items; i++) {
-            kvm_batch_item_t *it = &items[i];
-            if (!it->logits && !it->next_token) continue;
-            int n = it->all_logits && it->logits ? it->n_tokens : 1;
-            if (it->logits) ops->d2h(it->logits, rowp(b->logits, lr, c->vocab_size), (size_t)n * c->vocab_size * 4);
-            if (it->next_token) {
-                if (ops->argmax_rows) {
-                    if (!ids_fetched) ops->d2h(b->h_next_ids, b->next_ids, (size_t)logit_rows * 4);
-                    ids_fetched = true;
-                    *it->next_token = b->h_next_ids[lr + n - 1];
-                } else {
-                    *it->next_token = ops->argmax(rowp(b->logits, lr + n - 1, c->vocab_size), c->vocab_size);
-                }
-            }
-            lr += n;
-        }
-    }
+    if (logit_rows > 0) fetch_outputs(m, items, n_items, logit_rows);
     int src = ops->sync(); /* reports a failure of any op of this step (GPU backends) */
     if (src) {
         kvm_free(old_n);
