@@ -11,13 +11,9 @@
 #include <stdlib.h>
 #include <string.h>
 
-static kvm_cuda_ctx make_ctx(void) {
-    kvm_cuda_ctx c;
-    memset(&c, 0, sizeof c);
-    c.opts = kvm_cuda_opts_default();
-    return c;
-}
-kvm_cuda_ctx g_cuda = make_ctx();
+/* Zero-initialised, with no constructor: kvm_cuda_set_opts may run before any C++ initialiser (from a C
+ * constructor, as the tests' environment does), and nothing may overwrite what it stored. */
+kvm_cuda_ctx g_cuda;
 
 extern "C" int kvm_cuda_set_opts(const kvm_cuda_opts_t *o) {
     int rc = kvm_cuda_opts_check(o);
@@ -26,11 +22,14 @@ extern "C" int kvm_cuda_set_opts(const kvm_cuda_opts_t *o) {
         return kvm_seterr(KVM_EINVAL, "cuda device: the backend already runs on GPU %d (set the device before its first use)",
                           g_cuda.device);
     g_cuda.opts = *o;
+    g_cuda.opts_set = true;
     if (g_cuda.ready && o->profile) g_kvm_prof_on = 1;
     return 0;
 }
 
-extern "C" kvm_cuda_opts_t kvm_cuda_get_opts(void) { return g_cuda.opts; }
+extern "C" kvm_cuda_opts_t kvm_cuda_get_opts(void) {
+    return g_cuda.opts_set ? g_cuda.opts : kvm_cuda_opts_default();
+}
 
 int kvm_cuda_fail(int code, const char *fmt, ...) {
     if (g_cuda.err_code == 0) {
@@ -311,6 +310,8 @@ static int cu_init(void) {
         return kvm_seterr(KVM_EUNSUPPORTED, "cuda: no usable GPU (%s); running on the CPU", cudaGetErrorString(e));
     }
     if (n <= 0) return kvm_seterr(KVM_EUNSUPPORTED, "cuda: no GPU found; running on the CPU");
+    if (!g_cuda.opts_set) g_cuda.opts = kvm_cuda_opts_default(); /* the ops read g_cuda.opts from here on */
+    g_cuda.opts_set = true;
     const int dev = g_cuda.opts.device;
     if (dev < 0 || dev >= n) return kvm_seterr(KVM_EINVAL, "cuda device: GPU %d asked for, but %d GPU(s) present", dev, n);
     if ((e = cudaSetDevice(dev)) != cudaSuccess ||

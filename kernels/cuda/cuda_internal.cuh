@@ -34,6 +34,7 @@ struct kvm_cuda_ctx {
     int err_code;            /* sticky first error of a void op (0 = none) */
     char err_msg[512];
     kvm_cuda_opts_t opts;    /* the switches of ops.h (kvm_cuda_set_opts); the ops read them when enqueued */
+    bool opts_set;           /* opts were set (else cu_init fills in kvm_cuda_opts_default()) */
 };
 extern kvm_cuda_ctx g_cuda;
 
