@@ -61,8 +61,7 @@ static int keep_str(kvm_runtime_t *rt, const char **s) {
 }
 
 static int runtime_check(const kvm_runtime_params_t *p) {
-    kvm_model_settings_t st;
-    int rc = kvm_model_params_parse(&p->model, &st);
+    int rc = kvm_model_params_check(&p->model);
     if (rc) return kvm_errctx(rc, "runtime parameter model");
     if (p->kv_override != -1 && (p->kv_override < KVM_KV_PREFIX || p->kv_override > KVM_KV_KVCOMM))
         return kvm_seterr(KVM_EINVAL, "runtime parameter kv_override: %d is not -1 or a kvm_kv_policy_t", p->kv_override);

@@ -111,6 +111,7 @@ wf_llm_t *kvm_wf_llm(kvm_workflow_t *wf);
 typedef struct kvm_wf_replay_opts {
     const char *model_override;    /* NULL, or a model path every kvmesh.model() resolves to */
     bool mock;                     /* the mock echo model for every kvmesh.model() (also when the trace says so) */
+    kvm_model_params_t model;      /* how models are loaded (backend, dtypes); zero = defaults */
 } kvm_wf_replay_opts_t;
 
 /* One traced agent-node step (ok, not via ctx:call) against the same step of the replay: the k-th

@@ -5,8 +5,8 @@
  * Method (../shared/spec/perf.md §6): device time from events recorded on the op stream around each step,
  * host time from a monotonic clock around the whole call (end-to-end: ids up, logits down); warm-up steps
  * first; medians and p10-p90 over many reps; three different prompts rotated; random non-zero token ids.
- * Decode steps run through the captured CUDA graph (and once more eagerly, KVM_CUDA_GRAPHS=0, for the
- * record). Synthetic weights: the report says so. */
+ * Decode steps run through the captured CUDA graph (and once more eagerly, kvm_forward_set_graphs off, for
+ * the record). Synthetic weights: the report says so. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -15,6 +15,7 @@
 
 #include <cjson/cJSON.h>
 
+#include "cli_env.h"
 #include "runtime/model/forward.h"
 #include "runtime/model/synthetic.h"
 
@@ -123,10 +124,30 @@ static double hf_get(cJSON *hf, const char *key) {
     return cJSON_IsNumber(v) ? v->valuedouble : 0;
 }
 
+/* One forward step; when t is set, its device time (events where the backend has them, else host time) and
+ * its host time are appended to t. */
+static int timed_forward(kvm_model_t *m, kvm_batch_item_t *items, int n, timing_t *t) {
+    const kvm_ops_t *ops = m->ops;
+    void *e0 = ops->event_record ? ops->event_record() : NULL;
+    uint64_t h0 = kvm_now_ns();
+    int rc = kvm_forward(m, items, n);
+    uint64_t h1 = kvm_now_ns();
+    void *e1 = ops->event_record ? ops->event_record() : NULL;
+    if (!rc && t) {
+        t->host[t->n] = (double)(h1 - h0) / 1e6;
+        t->dev[t->n] = e0 && e1 ? ops->event_elapsed_ms(e0, e1) : t->host[t->n];
+        t->n++;
+    }
+    if (ops->event_free) {
+        ops->event_free(e0);
+        ops->event_free(e1);
+    }
+    return rc;
+}
+
 /* Runs `reps` greedy decode steps of the n sequences (one token each, the argmax made on the backend),
  * truncating back to ctx after each so the context stays at ctx + 1. */
 static int time_decode(kvm_model_t *m, kvm_seq_t *seqs, int n, int ctx, int warmup, int reps, timing_t *t) {
-    const kvm_ops_t *ops = m->ops;
     const int V = m->cfg.vocab_size;
     kvm_batch_item_t *items = calloc((size_t)n, sizeof *items);
     int32_t *tok = calloc((size_t)n, sizeof(int32_t));
@@ -138,20 +159,7 @@ static int time_decode(kvm_model_t *m, kvm_seq_t *seqs, int n, int ctx, int warm
             tok[i] = r == 0 ? (int32_t)(kvm_splitmix64((uint64_t)r * 7919 + i) % (uint64_t)V) : next[i];
             items[i] = (kvm_batch_item_t){.seq = &seqs[i], .tokens = &tok[i], .n_tokens = 1, .logits = NULL, .next_token = &next[i]};
         }
-        void *e0 = ops->event_record ? ops->event_record() : NULL;
-        uint64_t h0 = kvm_now_ns();
-        rc = kvm_forward(m, items, n);
-        uint64_t h1 = kvm_now_ns();
-        void *e1 = ops->event_record ? ops->event_record() : NULL;
-        if (!rc && r >= warmup) {
-            t->host[t->n] = (double)(h1 - h0) / 1e6;
-            t->dev[t->n] = e0 && e1 ? ops->event_elapsed_ms(e0, e1) : t->host[t->n];
-            t->n++;
-        }
-        if (ops->event_free) {
-            ops->event_free(e0);
-            ops->event_free(e1);
-        }
+        rc = timed_forward(m, items, n, r >= warmup ? t : NULL);
         for (int i = 0; i < n; i++) kvm_seq_truncate(&seqs[i], ctx);
     }
     free(items);
@@ -160,8 +168,203 @@ static int time_decode(kvm_model_t *m, kvm_seq_t *seqs, int n, int ctx, int warm
     return rc;
 }
 
+/* TTFT: prefills P tokens (the three prompts rotated) into s (emptied first) warmup + reps times, the logits of
+ * the last row to the host; times the last reps into t (device events where the backend has them). */
+static int time_prefill(kvm_model_t *m, kvm_seq_t *s, const int32_t *prompts, float *logits, int P, int warmup, int reps,
+                        timing_t *t) {
+    int rc = 0;
+    for (int r = 0; r < warmup + reps && !rc; r++) {
+        kvm_seq_truncate(s, 0);
+        kvm_batch_item_t it = {.seq = s, .tokens = prompts + (size_t)(r % 3) * P, .n_tokens = P, .logits = logits};
+        rc = timed_forward(m, &it, 1, r >= warmup ? t : NULL);
+    }
+    return rc;
+}
+
+/* --profile: one eager step of each kind with every op timed (events around each op add a little), the decode
+ * steps once per few-row matmul kernel (kvm_cuda_opts_t.skinny); graphs and the CUDA settings are restored. */
+static int profile_steps(kvm_model_t *m, kvm_kv_pool_t *pool, kvm_seq_t *seqs, const int32_t *prompts, float *logits,
+                         int P, int B, bool graphs_on) {
+    char lbl[64];
+    kvm_forward_set_graphs(m, false);
+    kvm_seq_t sp;
+    kvm_seq_init(&sp, pool);
+    kvm_batch_item_t it = {.seq = &sp, .tokens = prompts, .n_tokens = P, .logits = logits};
+    kvm_cuda_profile_begin();
+    int rc = kvm_forward(m, &it, 1);
+    snprintf(lbl, sizeof lbl, "prefill %d tokens", P);
+    kvm_cuda_profile_end(stdout, lbl);
+    kvm_seq_free(&sp);
+    const kvm_cuda_opts_t cuda_set = kvm_cuda_get_opts(); /* restored after the comparison */
+    const char *modes[3] = {NULL, "gemv", "mma"};
+    for (int k = 0; k < 3 && !rc; k++) {
+        kvm_cuda_opts_t co = cuda_set;
+        if (modes[k]) co.skinny = k == 1 ? KVM_CUDA_SKINNY_GEMV : KVM_CUDA_SKINNY_MMA;
+        kvm_cuda_set_opts(&co);
+        timing_t tp;
+        timing_init(&tp, 3);
+        kvm_cuda_profile_begin();
+        rc = time_decode(m, seqs, 1, P, 0, 1, &tp);
+        snprintf(lbl, sizeof lbl, "decode batch 1, skinny matmul %s", modes[k] ? modes[k] : "default");
+        kvm_cuda_profile_end(stdout, lbl);
+        if (!rc) {
+            kvm_cuda_profile_begin();
+            rc = time_decode(m, seqs, B, P, 0, 1, &tp);
+            snprintf(lbl, sizeof lbl, "decode batch %d, skinny matmul %s", B, modes[k] ? modes[k] : "default");
+            kvm_cuda_profile_end(stdout, lbl);
+        }
+        timing_free(&tp);
+    }
+    kvm_cuda_set_opts(&cuda_set);
+    kvm_forward_set_graphs(m, graphs_on);
+    if (rc) fprintf(stderr, "kvmesh bench engine (profile): %s\n", kvm_errmsg());
+    return rc;
+}
+
+/* The figures of one `bench engine` run: what is printed and written to --json. */
+typedef struct engine_report {
+    const char *path, *card;
+    char date[64];
+    bool synthetic, graphs; /* synthetic weights; decode through graphs */
+    kvm_dtype_t weights, kv;
+    double load_s;
+    int P, B, warmup;
+    timing_t tt, d1, d1e, dB, dBe; /* TTFT, decode batch 1 (graph, eager), batch B (graph, eager); not owned */
+    stats_t st_tt, st_tth, st_d1, st_d1h, st_d1e, st_dB, st_dBh, st_dBe;
+    double flops, b1_bytes, bB_bytes, tok_s_1, tok_s_B;
+    double ttft_floor_peak, ttft_floor_meas, d1_floor_peak, d1_floor_meas, dB_floor_peak, dB_floor_meas;
+    double hf_tt, hf_d1, hf_dB;
+} engine_report_t;
+
+/* Statistics, floors and the HF figures of r's timings (model sizes from model_sizes). */
+static void report_figures(engine_report_t *r, const kvm_config_t *c, double p_layers, double p_head, double kv_tok,
+                           cJSON *hf) {
+    const int P = r->P, B = r->B;
+    time_t now = time(NULL);
+    strftime(r->date, sizeof r->date, "%Y-%m-%d %H:%M UTC", gmtime(&now));
+    r->st_tt = stats_of(r->tt.dev, r->tt.n);
+    r->st_tth = stats_of(r->tt.host, r->tt.n);
+    r->st_d1 = stats_of(r->d1.dev, r->d1.n);
+    r->st_d1h = stats_of(r->d1.host, r->d1.n);
+    r->st_d1e = stats_of(r->d1e.dev, r->d1e.n);
+    r->st_dB = stats_of(r->dB.dev, r->dB.n);
+    r->st_dBh = stats_of(r->dB.host, r->dB.n);
+    r->st_dBe = stats_of(r->dBe.dev, r->dBe.n);
+    const double HQ = c->n_heads, HD = c->head_dim, L = c->n_layers;
+    r->flops = 2.0 * p_layers * P + 2.0 * p_head + 2.0 * L * HQ * HD * (double)P * (P + 1);
+    double w_bytes = (p_layers + p_head) * (r->weights == KVM_F32 ? 4 : 2);
+    r->b1_bytes = w_bytes + (P + 1) * kv_tok;
+    r->bB_bytes = w_bytes + (double)B * (P + 1) * kv_tok;
+    r->ttft_floor_peak = r->flops / (PEAK_BF16_TFLOPS * 1e9);
+    r->ttft_floor_meas = r->flops / (MEAS_GEMM_TFLOPS * 1e9);
+    r->d1_floor_peak = r->b1_bytes / (PEAK_HBM_TBS * 1e9);
+    r->d1_floor_meas = r->b1_bytes / (MEAS_COPY_TBS * 1e9);
+    r->dB_floor_peak = r->bB_bytes / (PEAK_HBM_TBS * 1e9);
+    r->dB_floor_meas = r->bB_bytes / (MEAS_COPY_TBS * 1e9);
+    r->tok_s_1 = r->st_d1.med > 0 ? 1000.0 / r->st_d1.med : 0;
+    r->tok_s_B = r->st_dB.med > 0 ? 1000.0 * B / r->st_dB.med : 0;
+    r->hf_tt = hf_get(hf, "ttft_ms");
+    r->hf_d1 = hf_get(hf, "decode_b1_ms");
+    r->hf_dB = hf_get(hf, "decode_bB_ms");
+}
+
+static void print_report(const engine_report_t *r) {
+    printf("\nkvmesh bench engine — %s, %s\n", r->path, r->date);
+    printf("card: %s\n", r->card);
+    printf("model: %s; %s weights%s; KV %s; load %.1f s\n", r->path, kvm_dtype_name(r->weights),
+           r->synthetic ? " (SYNTHETIC, seeded)" : "", kvm_dtype_name(r->kv), r->load_s);
+    printf("workload: prompt %d tokens (TTFT, batch 1); decode at %d-token context, batch 1 and %d; %d warm-up, %d/%d reps\n",
+           r->P, r->P, r->B, r->warmup, r->tt.n, r->d1.n);
+    printf("\n| metric (median, device time)        |      ours | unit   |        HF |  HF/ours | floor@peak | floor@meas |\n");
+    printf("|------------------------------------|-----------|--------|-----------|----------|-----------|-----------|\n");
+    print_row("TTFT prefill", r->st_tt.med, "ms", r->hf_tt, r->ttft_floor_peak, r->ttft_floor_meas);
+    print_row("TTFT prefill, host end-to-end", r->st_tth.med, "ms", 0, 0, 0);
+    print_row("prefill achieved", r->flops / (r->st_tt.med * 1e9), "TFLOP/s", 0, 0, 0);
+    print_row(r->graphs ? "decode b=1 (graph)" : "decode b=1", r->st_d1.med, "ms/tok", r->hf_d1, r->d1_floor_peak, r->d1_floor_meas);
+    if (r->d1e.n) print_row("decode b=1 (eager)", r->st_d1e.med, "ms/tok", 0, 0, 0);
+    print_row("decode b=1, host end-to-end", r->st_d1h.med, "ms/tok", 0, 0, 0);
+    print_row("decode b=1 achieved", r->b1_bytes / (r->st_d1.med * 1e9), "TB/s", 0, 0, 0);
+    print_row("decode b=1 tokens/s", r->tok_s_1, "tok/s", r->hf_d1 > 0 ? 1000.0 / r->hf_d1 : 0, 0, 0);
+    char lbl[64];
+    snprintf(lbl, sizeof lbl, "decode b=%d step%s", r->B, r->graphs ? " (graph)" : "");
+    print_row(lbl, r->st_dB.med, "ms", r->hf_dB, r->dB_floor_peak, r->dB_floor_meas);
+    if (r->dBe.n) {
+        snprintf(lbl, sizeof lbl, "decode b=%d step (eager)", r->B);
+        print_row(lbl, r->st_dBe.med, "ms", 0, 0, 0);
+    }
+    snprintf(lbl, sizeof lbl, "decode b=%d step, host end-to-end", r->B);
+    print_row(lbl, r->st_dBh.med, "ms", 0, 0, 0);
+    snprintf(lbl, sizeof lbl, "decode b=%d tokens/s", r->B);
+    print_row(lbl, r->tok_s_B, "tok/s", r->hf_dB > 0 ? 1000.0 * r->B / r->hf_dB : 0, 0, 0);
+    snprintf(lbl, sizeof lbl, "decode b=%d achieved", r->B);
+    print_row(lbl, r->bB_bytes / (r->st_dB.med * 1e9), "TB/s", 0, 0, 0);
+    printf("\nspread (p10-p90): TTFT %.3f-%.3f ms; decode b=1 %.3f-%.3f ms; b=%d %.3f-%.3f ms\n", r->st_tt.p10, r->st_tt.p90,
+           r->st_d1.p10, r->st_d1.p90, r->B, r->st_dB.p10, r->st_dB.p90);
+    printf("batch %d / batch 1 tokens/s: %.2fx (target >= 10x)\n", r->B, r->tok_s_1 > 0 ? r->tok_s_B / r->tok_s_1 : 0);
+    printf("floors: prefill %.2f GFLOP (%.0f / %.0f TFLOP/s: datasheet / measured GEMM); decode b=1 %.2f GB, b=%d %.2f GB "
+           "(%.2f / %.2f TB/s: datasheet / measured copy)\n",
+           r->flops / 1e9, PEAK_BF16_TFLOPS, MEAS_GEMM_TFLOPS, r->b1_bytes / 1e9, r->B, r->bB_bytes / 1e9, PEAK_HBM_TBS, MEAS_COPY_TBS);
+
+}
+
+typedef struct json_num {
+    const char *key;
+    double v;
+} json_num_t;
+
+static void add_nums(cJSON *o, const json_num_t *nums, size_t n) {
+    for (size_t i = 0; i < n; i++) cJSON_AddNumberToObject(o, nums[i].key, nums[i].v);
+}
+
+static void write_report_json(const engine_report_t *r, const char *json_path, cJSON *hf) {
+    cJSON *o = cJSON_CreateObject();
+    cJSON_AddStringToObject(o, "bench", "engine");
+    cJSON_AddStringToObject(o, "model", r->path);
+    cJSON_AddBoolToObject(o, "synthetic_weights", r->synthetic);
+    cJSON_AddStringToObject(o, "card", r->card);
+    cJSON_AddStringToObject(o, "date", r->date);
+    cJSON_AddStringToObject(o, "weights_dtype", kvm_dtype_name(r->weights));
+    const json_num_t shape[] = {{"prompt_tokens", r->P}, {"batch", r->B}, {"warmup", r->warmup}};
+    add_nums(o, shape, sizeof shape / sizeof shape[0]);
+    const struct {
+        const char *key;
+        const stats_t *st;
+        const double *reps;
+    } times[] = {{"ttft_ms", &r->st_tt, r->tt.dev},           {"ttft_host_ms", &r->st_tth, r->tt.host},
+                 {"decode_b1_ms", &r->st_d1, r->d1.dev},      {"decode_b1_host_ms", &r->st_d1h, r->d1.host},
+                 {"decode_b1_eager_ms", &r->st_d1e, r->d1e.dev}, {"decode_bB_ms", &r->st_dB, r->dB.dev},
+                 {"decode_bB_host_ms", &r->st_dBh, r->dB.host}, {"decode_bB_eager_ms", &r->st_dBe, r->dBe.dev}};
+    for (size_t i = 0; i < sizeof times / sizeof times[0]; i++)
+        cJSON_AddItemToObject(o, times[i].key, stats_json(times[i].st, times[i].reps));
+    const json_num_t rates[] = {{"prefill_flops", r->flops},
+                                {"prefill_tflops", r->flops / (r->st_tt.med * 1e9)},
+                                {"decode_b1_bytes", r->b1_bytes},
+                                {"decode_b1_tbs", r->b1_bytes / (r->st_d1.med * 1e9)},
+                                {"decode_bB_bytes", r->bB_bytes},
+                                {"decode_bB_tbs", r->bB_bytes / (r->st_dB.med * 1e9)},
+                                {"tokens_per_s_b1", r->tok_s_1},
+                                {"tokens_per_s_bB", r->tok_s_B}};
+    add_nums(o, rates, sizeof rates / sizeof rates[0]);
+    const json_num_t floors[] = {{"ttft_peak", r->ttft_floor_peak},     {"ttft_measured_gemm", r->ttft_floor_meas},
+                                 {"decode_b1_peak", r->d1_floor_peak},  {"decode_b1_measured_copy", r->d1_floor_meas},
+                                 {"decode_bB_peak", r->dB_floor_peak},  {"decode_bB_measured_copy", r->dB_floor_meas}};
+    add_nums(cJSON_AddObjectToObject(o, "floors_ms"), floors, sizeof floors / sizeof floors[0]);
+    if (hf) cJSON_AddItemToObject(o, "hf", cJSON_Duplicate(hf, 1));
+    char *txt = cJSON_Print(o);
+    FILE *f = fopen(json_path, "w");
+    if (f && txt) {
+        fputs(txt, f);
+        fputc('\n', f);
+    } else {
+        fprintf(stderr, "kvmesh bench engine: cannot write %s\n", json_path);
+    }
+    if (f) fclose(f);
+    free(txt);
+    cJSON_Delete(o);
+}
+
 static int bench_engine(int argc, char **argv) {
-    const char *synth = NULL, *model = NULL, *backend = "auto", *json_path = NULL, *hf_path = NULL;
+    const char *synth = NULL, *model = NULL, *backend = NULL, *json_path = NULL, *hf_path = NULL;
     int P = 1024, B = 16, reps = 20, warmup = 3;
     bool eager = true, profile = false;
     for (int i = 1; i < argc; i++) {
@@ -201,10 +404,16 @@ static int bench_engine(int argc, char **argv) {
     char path[512];
     if (synth) snprintf(path, sizeof path, "synthetic:%s", synth);
     else snprintf(path, sizeof path, "%s", model);
-    kvm_model_params_t lo = {.backend = backend, .quiet = false};
+    kvm_model_params_t mp = {.backend = backend, .quiet = false};
+    kvm_load_opts_t lo;
+    if (cli_env_model_params(&mp) || kvm_model_params_to_opts(&mp, &lo)) {
+        fprintf(stderr, "kvmesh bench engine: %s\n", kvm_errmsg());
+        cJSON_Delete(hf);
+        return 2;
+    }
     uint64_t t_load = kvm_now_ns();
     /* synthetic models are built directly (this also links runtime/model/synthetic.c into the binary) */
-    kvm_model_t *m = synth ? kvm_model_synthetic(synth, &lo) : kvm_model_load(path, &lo);
+    kvm_model_t *m = synth ? kvm_model_synthetic(synth, &lo) : kvm_model_load_opts(path, &lo);
     if (!m) {
         fprintf(stderr, "kvmesh bench engine: %s\n", kvm_errmsg());
         cJSON_Delete(hf);
@@ -216,7 +425,9 @@ static int bench_engine(int argc, char **argv) {
     char card[256] = "cpu";
     if (strcmp(ops->name, "cpu") != 0) kvm_cuda_describe(card, sizeof card);
     int rc = kvm_forward_init(m, P);
-    const int kv_elem = m->device_dtype == KVM_F32 || !strcmp(ops->name, "cpu") ? 4 : 2;
+    const int kv_elem = lo.kv_dtype_set ? (int)kvm_dtype_size(lo.kv_dtype)
+                        : m->device_dtype == KVM_F32 || !strcmp(ops->name, "cpu") ? 4
+                                                                                   : 2;
     double p_layers, p_head, kv_tok;
     model_sizes(c, &p_layers, &p_head, &kv_tok, kv_elem);
     /* KV for B sequences of P + 2 tokens (+ slack for the block rounding) */
@@ -239,24 +450,7 @@ static int bench_engine(int argc, char **argv) {
     timing_init(&tt, reps);
     kvm_seq_t s0;
     kvm_seq_init(&s0, pool);
-    for (int r = 0; r < warmup + reps && !rc; r++) {
-        kvm_seq_truncate(&s0, 0);
-        kvm_batch_item_t it = {.seq = &s0, .tokens = prompts + (size_t)(r % 3) * P, .n_tokens = P, .logits = logits};
-        void *e0 = ops->event_record ? ops->event_record() : NULL;
-        uint64_t h0 = kvm_now_ns();
-        rc = kvm_forward(m, &it, 1);
-        uint64_t h1 = kvm_now_ns();
-        void *e1 = ops->event_record ? ops->event_record() : NULL;
-        if (!rc && r >= warmup) {
-            tt.host[tt.n] = (double)(h1 - h0) / 1e6;
-            tt.dev[tt.n] = e0 && e1 ? ops->event_elapsed_ms(e0, e1) : tt.host[tt.n];
-            tt.n++;
-        }
-        if (ops->event_free) {
-            ops->event_free(e0);
-            ops->event_free(e1);
-        }
-    }
+    if (!rc) rc = time_prefill(m, &s0, prompts, logits, P, warmup, reps, &tt);
     /* ---- 2. decode at batch 1 with a P-token context ---- */
     timing_t d1, d1e, dB, dBe;
     timing_init(&d1, reps * 5);
@@ -265,9 +459,9 @@ static int bench_engine(int argc, char **argv) {
     timing_init(&dBe, reps * 5);
     if (!rc) rc = time_decode(m, &s0, 1, P, warmup, reps * 5, &d1);
     if (!rc && eager && ops->graph_begin) {
-        setenv("KVM_CUDA_GRAPHS", "0", 1);
+        kvm_forward_set_graphs(m, false);
         rc = time_decode(m, &s0, 1, P, warmup, reps * 5, &d1e);
-        unsetenv("KVM_CUDA_GRAPHS");
+        kvm_forward_set_graphs(m, !lo.no_cuda_graphs);
     }
     /* ---- 3. decode at batch B, every sequence with a P-token context ---- */
     kvm_seq_t *seqs = calloc((size_t)B, sizeof *seqs);
@@ -279,144 +473,19 @@ static int bench_engine(int argc, char **argv) {
     }
     if (!rc) rc = time_decode(m, seqs, B, P, warmup, reps * 5, &dB);
     if (!rc && eager && ops->graph_begin) {
-        setenv("KVM_CUDA_GRAPHS", "0", 1);
+        kvm_forward_set_graphs(m, false);
         rc = time_decode(m, seqs, B, P, warmup, reps * 5, &dBe);
-        unsetenv("KVM_CUDA_GRAPHS");
+        kvm_forward_set_graphs(m, !lo.no_cuda_graphs);
     }
     if (rc) fprintf(stderr, "kvmesh bench engine: %s\n", kvm_errmsg());
 
-    /* ---- figures ---- */
-    stats_t st_tt = stats_of(tt.dev, tt.n), st_tth = stats_of(tt.host, tt.n);
-    stats_t st_d1 = stats_of(d1.dev, d1.n), st_d1h = stats_of(d1.host, d1.n), st_d1e = stats_of(d1e.dev, d1e.n);
-    stats_t st_dB = stats_of(dB.dev, dB.n), st_dBh = stats_of(dB.host, dB.n), st_dBe = stats_of(dBe.dev, dBe.n);
-    const double HQ = c->n_heads, HD = c->head_dim, L = c->n_layers;
-    double flops = 2.0 * p_layers * P + 2.0 * p_head + 2.0 * L * HQ * HD * (double)P * (P + 1);
-    double w_bytes = (p_layers + p_head) * (m->device_dtype == KVM_F32 ? 4 : 2);
-    double b1_bytes = w_bytes + (P + 1) * kv_tok, bB_bytes = w_bytes + (double)B * (P + 1) * kv_tok;
-    double ttft_floor_peak = flops / (PEAK_BF16_TFLOPS * 1e9), ttft_floor_meas = flops / (MEAS_GEMM_TFLOPS * 1e9);
-    double d1_floor_peak = b1_bytes / (PEAK_HBM_TBS * 1e9), d1_floor_meas = b1_bytes / (MEAS_COPY_TBS * 1e9);
-    double dB_floor_peak = bB_bytes / (PEAK_HBM_TBS * 1e9), dB_floor_meas = bB_bytes / (MEAS_COPY_TBS * 1e9);
-    double tok_s_1 = st_d1.med > 0 ? 1000.0 / st_d1.med : 0, tok_s_B = st_dB.med > 0 ? 1000.0 * B / st_dB.med : 0;
-    double hf_tt = hf_get(hf, "ttft_ms"), hf_d1 = hf_get(hf, "decode_b1_ms"), hf_dB = hf_get(hf, "decode_bB_ms");
-
-    time_t now = time(NULL);
-    char date[64];
-    strftime(date, sizeof date, "%Y-%m-%d %H:%M UTC", gmtime(&now));
-    printf("\nkvmesh bench engine — %s, %s\n", path, date);
-    printf("card: %s\n", card);
-    printf("model: %s; %s weights%s; KV %s; load %.1f s\n", path, kvm_dtype_name(m->device_dtype),
-           synth ? " (SYNTHETIC, seeded)" : "", kv_elem == 2 ? "BF16" : "F32", load_s);
-    printf("workload: prompt %d tokens (TTFT, batch 1); decode at %d-token context, batch 1 and %d; %d warm-up, %d/%d reps\n",
-           P, P, B, warmup, tt.n, d1.n);
-    printf("\n| metric (median, device time)        |      ours | unit   |        HF |  HF/ours | floor@peak | floor@meas |\n");
-    printf("|------------------------------------|-----------|--------|-----------|----------|-----------|-----------|\n");
-    print_row("TTFT prefill", st_tt.med, "ms", hf_tt, ttft_floor_peak, ttft_floor_meas);
-    print_row("TTFT prefill, host end-to-end", st_tth.med, "ms", 0, 0, 0);
-    print_row("prefill achieved", flops / (st_tt.med * 1e9), "TFLOP/s", 0, 0, 0);
-    print_row(ops->graph_begin ? "decode b=1 (graph)" : "decode b=1", st_d1.med, "ms/tok", hf_d1, d1_floor_peak, d1_floor_meas);
-    if (d1e.n) print_row("decode b=1 (eager)", st_d1e.med, "ms/tok", 0, 0, 0);
-    print_row("decode b=1, host end-to-end", st_d1h.med, "ms/tok", 0, 0, 0);
-    print_row("decode b=1 achieved", b1_bytes / (st_d1.med * 1e9), "TB/s", 0, 0, 0);
-    print_row("decode b=1 tokens/s", tok_s_1, "tok/s", hf_d1 > 0 ? 1000.0 / hf_d1 : 0, 0, 0);
-    char lbl[64];
-    snprintf(lbl, sizeof lbl, "decode b=%d step%s", B, ops->graph_begin ? " (graph)" : "");
-    print_row(lbl, st_dB.med, "ms", hf_dB, dB_floor_peak, dB_floor_meas);
-    if (dBe.n) {
-        snprintf(lbl, sizeof lbl, "decode b=%d step (eager)", B);
-        print_row(lbl, st_dBe.med, "ms", 0, 0, 0);
-    }
-    snprintf(lbl, sizeof lbl, "decode b=%d step, host end-to-end", B);
-    print_row(lbl, st_dBh.med, "ms", 0, 0, 0);
-    snprintf(lbl, sizeof lbl, "decode b=%d tokens/s", B);
-    print_row(lbl, tok_s_B, "tok/s", hf_dB > 0 ? 1000.0 * B / hf_dB : 0, 0, 0);
-    snprintf(lbl, sizeof lbl, "decode b=%d achieved", B);
-    print_row(lbl, bB_bytes / (st_dB.med * 1e9), "TB/s", 0, 0, 0);
-    printf("\nspread (p10-p90): TTFT %.3f-%.3f ms; decode b=1 %.3f-%.3f ms; b=%d %.3f-%.3f ms\n", st_tt.p10, st_tt.p90,
-           st_d1.p10, st_d1.p90, B, st_dB.p10, st_dB.p90);
-    printf("batch %d / batch 1 tokens/s: %.2fx (target >= 10x)\n", B, tok_s_1 > 0 ? tok_s_B / tok_s_1 : 0);
-    printf("floors: prefill %.2f GFLOP (%.0f / %.0f TFLOP/s: datasheet / measured GEMM); decode b=1 %.2f GB, b=%d %.2f GB "
-           "(%.2f / %.2f TB/s: datasheet / measured copy)\n",
-           flops / 1e9, PEAK_BF16_TFLOPS, MEAS_GEMM_TFLOPS, b1_bytes / 1e9, B, bB_bytes / 1e9, PEAK_HBM_TBS, MEAS_COPY_TBS);
-
-    if (json_path) {
-        cJSON *o = cJSON_CreateObject();
-        cJSON_AddStringToObject(o, "bench", "engine");
-        cJSON_AddStringToObject(o, "model", path);
-        cJSON_AddBoolToObject(o, "synthetic_weights", synth != NULL);
-        cJSON_AddStringToObject(o, "card", card);
-        cJSON_AddStringToObject(o, "date", date);
-        cJSON_AddStringToObject(o, "weights_dtype", kvm_dtype_name(m->device_dtype));
-        cJSON_AddNumberToObject(o, "prompt_tokens", P);
-        cJSON_AddNumberToObject(o, "batch", B);
-        cJSON_AddNumberToObject(o, "warmup", warmup);
-        cJSON_AddItemToObject(o, "ttft_ms", stats_json(&st_tt, tt.dev));
-        cJSON_AddItemToObject(o, "ttft_host_ms", stats_json(&st_tth, tt.host));
-        cJSON_AddItemToObject(o, "decode_b1_ms", stats_json(&st_d1, d1.dev));
-        cJSON_AddItemToObject(o, "decode_b1_host_ms", stats_json(&st_d1h, d1.host));
-        cJSON_AddItemToObject(o, "decode_b1_eager_ms", stats_json(&st_d1e, d1e.dev));
-        cJSON_AddItemToObject(o, "decode_bB_ms", stats_json(&st_dB, dB.dev));
-        cJSON_AddItemToObject(o, "decode_bB_host_ms", stats_json(&st_dBh, dB.host));
-        cJSON_AddItemToObject(o, "decode_bB_eager_ms", stats_json(&st_dBe, dBe.dev));
-        cJSON_AddNumberToObject(o, "prefill_flops", flops);
-        cJSON_AddNumberToObject(o, "prefill_tflops", flops / (st_tt.med * 1e9));
-        cJSON_AddNumberToObject(o, "decode_b1_bytes", b1_bytes);
-        cJSON_AddNumberToObject(o, "decode_b1_tbs", b1_bytes / (st_d1.med * 1e9));
-        cJSON_AddNumberToObject(o, "decode_bB_bytes", bB_bytes);
-        cJSON_AddNumberToObject(o, "decode_bB_tbs", bB_bytes / (st_dB.med * 1e9));
-        cJSON_AddNumberToObject(o, "tokens_per_s_b1", tok_s_1);
-        cJSON_AddNumberToObject(o, "tokens_per_s_bB", tok_s_B);
-        cJSON *fl = cJSON_AddObjectToObject(o, "floors_ms");
-        cJSON_AddNumberToObject(fl, "ttft_peak", ttft_floor_peak);
-        cJSON_AddNumberToObject(fl, "ttft_measured_gemm", ttft_floor_meas);
-        cJSON_AddNumberToObject(fl, "decode_b1_peak", d1_floor_peak);
-        cJSON_AddNumberToObject(fl, "decode_b1_measured_copy", d1_floor_meas);
-        cJSON_AddNumberToObject(fl, "decode_bB_peak", dB_floor_peak);
-        cJSON_AddNumberToObject(fl, "decode_bB_measured_copy", dB_floor_meas);
-        if (hf) cJSON_AddItemToObject(o, "hf", cJSON_Duplicate(hf, 1));
-        char *txt = cJSON_Print(o);
-        FILE *f = fopen(json_path, "w");
-        if (f && txt) {
-            fputs(txt, f);
-            fputc('\n', f);
-        } else {
-            fprintf(stderr, "kvmesh bench engine: cannot write %s\n", json_path);
-        }
-        if (f) fclose(f);
-        free(txt);
-        cJSON_Delete(o);
-    }
-    if (!rc && profile && ops->graph_begin) {
-        /* one eager step of each kind with every op timed (events around each op add a little) */
-        setenv("KVM_CUDA_GRAPHS", "0", 1);
-        kvm_seq_t sp;
-        kvm_seq_init(&sp, pool);
-        kvm_batch_item_t it = {.seq = &sp, .tokens = prompts, .n_tokens = P, .logits = logits};
-        kvm_cuda_profile_begin();
-        rc = kvm_forward(m, &it, 1);
-        snprintf(lbl, sizeof lbl, "prefill %d tokens", P);
-        kvm_cuda_profile_end(stdout, lbl);
-        kvm_seq_free(&sp);
-        const char *modes[3] = {NULL, "gemv", "mma"};
-        for (int k = 0; k < 3 && !rc; k++) {
-            if (modes[k]) setenv("KVM_CUDA_SKINNY", modes[k], 1);
-            timing_t tp;
-            timing_init(&tp, 3);
-            kvm_cuda_profile_begin();
-            rc = time_decode(m, seqs, 1, P, 0, 1, &tp);
-            snprintf(lbl, sizeof lbl, "decode batch 1, skinny matmul %s", modes[k] ? modes[k] : "default");
-            kvm_cuda_profile_end(stdout, lbl);
-            if (!rc) {
-                kvm_cuda_profile_begin();
-                rc = time_decode(m, seqs, B, P, 0, 1, &tp);
-                snprintf(lbl, sizeof lbl, "decode batch %d, skinny matmul %s", B, modes[k] ? modes[k] : "default");
-                kvm_cuda_profile_end(stdout, lbl);
-            }
-            timing_free(&tp);
-            unsetenv("KVM_CUDA_SKINNY");
-        }
-        unsetenv("KVM_CUDA_GRAPHS");
-        if (rc) fprintf(stderr, "kvmesh bench engine (profile): %s\n", kvm_errmsg());
-    }
+    engine_report_t rep = {.path = path, .card = card, .synthetic = synth != NULL, .graphs = ops->graph_begin != NULL,
+                           .weights = m->device_dtype, .kv = pool->geom.dtype, .load_s = load_s, .P = P, .B = B,
+                           .warmup = warmup, .tt = tt, .d1 = d1, .d1e = d1e, .dB = dB, .dBe = dBe};
+    report_figures(&rep, c, p_layers, p_head, kv_tok, hf);
+    print_report(&rep);
+    if (json_path) write_report_json(&rep, json_path, hf);
+    if (!rc && profile && ops->graph_begin) rc = profile_steps(m, pool, seqs, prompts, logits, P, B, !lo.no_cuda_graphs);
     for (int i = 0; i < B; i++) kvm_seq_free(&seqs[i]);
     free(seqs);
     timing_free(&tt);

@@ -21,6 +21,7 @@
 
 #include <cjson/cJSON.h>
 
+#include "cli_env.h"
 #include "runtime/comm/prompt.h"
 #include "runtime/comm/team_eval.h"
 #include "runtime/eval/minitasks.h"
@@ -151,7 +152,7 @@ static int run_ttft(kvm_model_t *m, const opts_t *o) {
         fprintf(stderr, "kvmesh bench kvcomm: %s\n", kvm_errmsg());
         return 1;
     }
-    /* templates: prefix ++ {input} ++ glue ++ {agent.a0} ++ glue ... */
+    /* templates: prefix ++ {input} ++ glue ++ {agent:a0} ++ glue ... */
     kvm_template_t **tm = calloc((size_t)A, sizeof *tm);
     int32_t *texts = malloc((size_t)A * (o->prefix + (size_t)(A + 1) * G) * sizeof(int32_t));
     char (*names)[64] = calloc((size_t)A, sizeof *names);
@@ -499,7 +500,7 @@ static int run_team(kvm_model_t *m, const opts_t *o) {
 /* ==== entry ============================================================================================== */
 
 int kvm_bench_kvcomm(int argc, char **argv) {
-    opts_t o = {.backend = "auto", .workload = "ttft", .modes = "dense,full,rotation", .agents = 5, .input = 1000,
+    opts_t o = {.backend = NULL, .workload = "ttft", .modes = "dense,full,rotation", .agents = 5, .input = 1000,
                 .prefix = 512, .output = 512, .warmup = 2, .requests = -1, .warm = 10, .cos_samples = 32,
                 .max_tokens = 12, .seed = KVM_MT_DEFAULT_EVAL_SEED, .bw_gbs = 0};
     for (int i = 1; i < argc; i++) {
@@ -540,8 +541,13 @@ int kvm_bench_kvcomm(int argc, char **argv) {
         usage();
         return 2;
     }
-    kvm_model_params_t lo = {.backend = o.backend};
-    kvm_model_t *m = o.synth ? kvm_model_synthetic(o.synth, &lo) : kvm_model_load(o.model, &lo);
+    kvm_model_params_t mp = {.backend = o.backend};
+    kvm_load_opts_t lo;
+    if (cli_env_model_params(&mp) || kvm_model_params_to_opts(&mp, &lo)) {
+        fprintf(stderr, "kvmesh bench kvcomm: %s\n", kvm_errmsg());
+        return 2;
+    }
+    kvm_model_t *m = o.synth ? kvm_model_synthetic(o.synth, &lo) : kvm_model_load_opts(o.model, &lo);
     if (!m) {
         fprintf(stderr, "kvmesh bench kvcomm: %s\n", kvm_errmsg());
         return 1;

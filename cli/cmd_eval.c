@@ -15,6 +15,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "cli_env.h"
 #include "runtime/eval/minitasks_eval.h"
 
 static void eval_help(FILE *f) {
@@ -118,8 +119,13 @@ static int eval_minitasks(int argc, char **argv) {
         fprintf(stderr, "kvmesh eval: warning: seed %ld is in the training range (< %u); items still come from the "
                         "held-out content partition\n", seed, KVM_MT_EVAL_SEED_MIN);
     story = only_task == KVM_MT_STORY;
-    kvm_model_params_t lo = {.backend = backend ? backend : "auto", .quiet = true};
-    kvm_model_t *m = kvm_model_load(model_path, &lo);
+    kvm_model_params_t mp = {.backend = backend, .quiet = true};
+    kvm_load_opts_t lo;
+    if (cli_env_model_params(&mp) || kvm_model_params_to_opts(&mp, &lo)) {
+        fprintf(stderr, "kvmesh eval: %s\n", kvm_errmsg());
+        return 2;
+    }
+    kvm_model_t *m = kvm_model_load_opts(model_path, &lo);
     if (!m) {
         fprintf(stderr, "kvmesh eval: %s\n", kvm_errmsg());
         return 1;

@@ -3,6 +3,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "cli_env.h"
 #include "runtime/model/generate.h"
 
 static void generate_help(FILE *f) {
@@ -116,9 +117,14 @@ int cmd_generate(int argc, char **argv) {
     }
     gp.stop_strings = stops;
     gp.n_stop_strings = n_stops;
-    kvm_model_params_t lo = {.tokenizer_path = tokp, .backend = backend};
+    kvm_model_params_t mp = {.tokenizer_path = tokp, .backend = backend};
+    kvm_load_opts_t lo;
+    if (cli_env_model_params(&mp) || kvm_model_params_to_opts(&mp, &lo)) {
+        fprintf(stderr, "kvmesh generate: %s\n", kvm_errmsg());
+        return 2;
+    }
     fprintf(stderr, "kvmesh: loading %s ...\n", model);
-    kvm_model_t *m = kvm_model_load(model, &lo);
+    kvm_model_t *m = kvm_model_load_opts(model, &lo);
     if (!m) {
         fprintf(stderr, "kvmesh generate: %s\n", kvm_errmsg());
         return 1;
@@ -191,8 +197,13 @@ int cmd_info(int argc, char **argv) {
         fprintf(stderr, "kvmesh info: --model is required\n");
         return 2;
     }
-    kvm_model_params_t lo = {.tokenizer_path = tokp, .backend = backend};
-    kvm_model_t *m = kvm_model_load(model, &lo);
+    kvm_model_params_t mp = {.tokenizer_path = tokp, .backend = backend};
+    kvm_load_opts_t lo;
+    if (cli_env_model_params(&mp) || kvm_model_params_to_opts(&mp, &lo)) {
+        fprintf(stderr, "kvmesh info: %s\n", kvm_errmsg());
+        return 2;
+    }
+    kvm_model_t *m = kvm_model_load_opts(model, &lo);
     if (!m) {
         fprintf(stderr, "kvmesh info: %s\n", kvm_errmsg());
         return 1;

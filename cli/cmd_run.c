@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include "agents/wf.h"
+#include "cli_env.h"
 #include "runtime/core/core.h"
 
 static void usage(FILE *f) {
@@ -192,7 +193,7 @@ static int parse_args(int argc, char **argv, run_args_t *a) {
 }
 
 /* Fills the workflow options that follow from the parsed arguments. */
-static void finish_opts(run_args_t *a) {
+static int finish_opts(run_args_t *a) {
     if (a->concurrency < 1) a->concurrency = 1;
     if (!a->no_trace) {
         if (!a->trace_root) {
@@ -214,8 +215,9 @@ static void finish_opts(run_args_t *a) {
     if (a->prog.batch) {
         a->o.echo_print = false;
         /* hundreds of runs: per-step warnings (also in the traces) would drown the summary */
-        if (!getenv("KVM_LOG")) kvm_log_set_level(KVM_LOG_ERROR);
+        if (!cli_env_log_given()) kvm_log_set_level(KVM_LOG_ERROR);
     }
+    return cli_env_model_params(&a->o.llm.model); /* --backend wins over KVM_BACKEND */
 }
 
 /* The engine's batching figures, added to a JSON summary. */
@@ -366,7 +368,11 @@ int cmd_run(int argc, char **argv) {
         cJSON_Delete(a.inputs);
         return rc;
     }
-    finish_opts(&a);
+    if (finish_opts(&a)) {
+        fprintf(stderr, "kvmesh run: %s\n", kvm_errmsg());
+        cJSON_Delete(a.inputs);
+        return 2;
+    }
     kvm_workflow_t *wf = kvm_wf_load(a.script, &a.o);
     if (!wf) {
         fprintf(stderr, "kvmesh run: %s\n", kvm_errmsg());

@@ -7,6 +7,7 @@
 #include <time.h>
 
 #include "agents/wf.h"
+#include "cli_env.h"
 #include "runtime/core/core.h"
 #include "runtime/trace/trace.h"
 
@@ -203,7 +204,7 @@ static int steps(const char *dir, int only, bool full) {
 static int replay(const char *dir, const char *model, bool mock) {
     kvm_wf_replay_opts_t o = {.model_override = model, .mock = mock};
     kvm_wf_replay_t rp;
-    if (kvm_wf_replay(dir, &o, &rp) != 0) {
+    if (cli_env_model_params(&o.model) != 0 || kvm_wf_replay(dir, &o, &rp) != 0) {
         fprintf(stderr, "kvmesh trace replay: %s\n", kvm_errmsg());
         return 1;
     }

@@ -5,6 +5,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "cli_env.h"
 #include "runtime/core/core.h"
 
 typedef int (*cmd_fn)(int, char **);
@@ -55,16 +56,12 @@ static void usage(FILE *f) {
         cmd_fn fn = lookup(cmds[i].name);
         fprintf(f, "  %-10s %s%s\n", cmds[i].name, cmds[i].help, fn ? "" : " (not in this build)");
     }
-    fprintf(f, "\nenvironment: KVM_THREADS=N (CPU threads), KVM_BACKEND=auto|cpu|cuda, KVM_LOG=debug|info|warn|error\n");
+    fprintf(f, "\nenvironment: KVM_THREADS=N (CPU threads), KVM_BACKEND=auto|cpu|cuda, KVM_LOG=debug|info|warn|error,\n"
+               "  KVM_DEVICE_DTYPE, KVM_KV_DTYPE=f32|f16|bf16, KVM_CUDA_GRAPHS=0|1, KVM_SYNTHETIC_SEED=N, KVM_CUDA_*\n"
+               "  (every variable and its values: docs/cli.md)\n");
 }
 
 int main(int argc, char **argv) {
-    const char *lv = getenv("KVM_LOG");
-    if (lv) {
-        if (!strcmp(lv, "debug")) kvm_log_set_level(KVM_LOG_DEBUG);
-        else if (!strcmp(lv, "info")) kvm_log_set_level(KVM_LOG_INFO);
-        else if (!strcmp(lv, "error")) kvm_log_set_level(KVM_LOG_ERROR);
-    }
     if (argc < 2 || !strcmp(argv[1], "--help") || !strcmp(argv[1], "-h") || !strcmp(argv[1], "help")) {
         usage(stdout);
         return argc < 2 ? 2 : 0;
@@ -72,6 +69,11 @@ int main(int argc, char **argv) {
     if (!strcmp(argv[1], "--version")) {
         printf("kvmesh %s\n", KVM_VERSION);
         return 0;
+    }
+    /* the process-wide settings of the environment (cli_env.h); per-model ones are read by each subcommand */
+    if (cli_env_apply()) {
+        fprintf(stderr, "kvmesh: %s\n", kvm_errmsg());
+        return 2;
     }
     cmd_fn fn = lookup(argv[1]);
     if (!fn) {

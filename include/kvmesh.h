@@ -123,13 +123,15 @@ typedef struct kvm_model_params {
                                    NULL = default. The CPU backend reads the file's dtype in place. */
     const char *kv_dtype;       /* KV cache storage: "f32", "f16", "bf16"; NULL = the backend's default
                                    (f32 on the CPU, bf16 on a GPU) */
-    int cuda_graphs;            /* CUDA graphs for decode: -1 = default (on), 0 = off, 1 = on */
+    int cuda_graphs;            /* CUDA graphs for decode steps: 0 = default (on), 1 = on, -1 = off */
     int n_threads;              /* CPU kernel threads (process-wide, OpenMP): 0 = all cores */
-    uint64_t synthetic_seed;    /* "synthetic:<name>" models: weight seed (0 = the fixed default) */
+    uint64_t synthetic_seed;    /* "synthetic:<name>" models: weight seed (0 = the fixed default, 1234) */
     bool quiet;                 /* no progress lines on stderr while loading */
 } kvm_model_params_t;
 
 kvm_model_params_t kvm_model_default_params(void);
+/* 0 if every field holds one of its values; else KVM_EINVAL naming the field and the accepted values. */
+int kvm_model_params_check(const kvm_model_params_t *params);
 
 /* Loads a model from path:
  *   - a Hugging Face directory (config.json, model.safetensors or a sharded index, tokenizer.json,

@@ -13,6 +13,7 @@
 #ifndef KVM_OPS_H
 #define KVM_OPS_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -22,6 +23,11 @@
 typedef enum kvm_dtype { KVM_F32 = 0, KVM_F16 = 1, KVM_BF16 = 2 } kvm_dtype_t;
 size_t kvm_dtype_size(kvm_dtype_t t);
 const char *kvm_dtype_name(kvm_dtype_t t);
+/* The dtype named "f32", "f16" or "bf16" into *out; KVM_EINVAL naming `setting` and the accepted values
+ * otherwise ("kv_dtype: 'bf61' is not one of f32, f16, bf16"). */
+int kvm_dtype_parse(const char *name, const char *setting, kvm_dtype_t *out);
+/* 0 if t is a kvm_dtype_t; KVM_EINVAL naming `setting` otherwise. */
+int kvm_dtype_check(kvm_dtype_t t, const char *setting);
 
 typedef enum kvm_rope_layout {
     KVM_ROPE_HALF = 0,        /* rotate-half (HF, Llama-3, Qwen): pair j = (x[j], x[j + D/2]) */
@@ -106,7 +112,7 @@ typedef struct kvm_ops {
     void (*add_rmsnorm)(float *x, const float *y, float *out, const float *w, int n, int dim, float eps);
     /* out[r] = argmax of x[r][0..n) (first on ties), out in backend memory */
     void (*argmax_rows)(int32_t *out, const float *x, int rows, int n);
-    /* fills dst[n] (dtype dt) with the synthetic-weight generator of runtime/model/synthetic.h */
+    /* fills dst[n] (dtype dt) with the synthetic-weight generator of kernels/synthetic_gen.h */
     int (*fill_synthetic)(void *dst, kvm_dtype_t dt, size_t n, uint64_t seed, float stddev, float mean);
     /* graph capture of everything enqueued between begin and end; launch replays it */
     int (*graph_begin)(void);
@@ -278,8 +284,58 @@ void kvm_cuda_profile_begin(void);
 double kvm_cuda_profile_end(FILE *f, const char *title);
 /* Why "auto" chose the CPU ("" if it did not fall back): e.g. "no CUDA driver". */
 const char *kvm_ops_fallback_reason(void);
-/* "auto" (CUDA if usable, else CPU), "cpu" or "cuda". NULL + message if the request cannot be met. */
+/* "auto" (CUDA if usable, else CPU; also NULL or ""), "cpu" or "cuda". NULL + message if the request cannot
+ * be met; KVM_EINVAL "backend: 'x' is not one of auto, cpu, cuda" for another name. */
 const kvm_ops_t *kvm_ops_select(const char *name);
+/* 0 if name is one kvm_ops_select takes (NULL and "" included), else KVM_EINVAL as above (nothing started). */
+int kvm_backend_check(const char *name);
+
+/* ---- settings of the CUDA backend --------------------------------------------------------------------
+ * Research and tuning switches of the CUDA kernels (docs/cuda.md lists what each changes and why it exists).
+ * The CUDA backend is one process-wide context, so these are process-wide too: kvm_cuda_set_opts validates
+ * and stores them in that context; ops enqueued afterwards follow them (a decode graph captured before keeps
+ * the kernels it was captured with). `device` counts only before the backend's first use. Not thread-safe:
+ * set them before running models. Without the CUDA backend the setter still validates and stores (so the
+ * same settings fail the same way everywhere) and nothing reads them. Defaults: kvm_cuda_opts_default(). */
+typedef enum kvm_cuda_skinny { KVM_CUDA_SKINNY_AUTO = 0, KVM_CUDA_SKINNY_GEMV = 1, KVM_CUDA_SKINNY_MMA = 2 } kvm_cuda_skinny_t;
+typedef enum kvm_cuda_dist { KVM_CUDA_DIST_V2 = 0, KVM_CUDA_DIST_V1 = 1, KVM_CUDA_DIST_V2U4 = 2 } kvm_cuda_dist_t;
+typedef struct kvm_cuda_opts {
+    int device;               /* device: GPU index (0) */
+    bool profile;             /* profile: time every op from the start, as kvm_cuda_profile_begin (false) */
+    bool pdl;                 /* pdl: programmatic dependent launch (true) */
+    int prefetch;             /* prefetch: what decode GEMMs read before the PDL wait: 0 nothing, 1 an L2
+                                 prefetch, 2 their first loads into registers (2) */
+    int skinny;               /* skinny: kvm_cuda_skinny_t, the kernel of few-row matmuls: auto (GEMV for 1 row,
+                                 tensor cores for 2..16), gemv, mma (auto) */
+    bool attn_tiled;          /* attn_tiled: the tiled decode attention for 16-bit caches (true) */
+    bool no_mma_attn;         /* no_mma_attn: prefill attention through the split-K kernel (false) */
+    int mma_occ;              /* mma_occ: CTAs per SM the prefill attention's registers are capped for: 3, or 1
+                                 (no cap) (3) */
+    bool attn_merge_fused;    /* attn_merge_fused: decode attention splits merged by the last CTA (false) */
+    bool ffn;                 /* ffn: the fused MLP op (true) */
+    bool ffn_gemv;            /* ffn_gemv: batch-1 gate+up GEMV with the SwiGLU in its epilogue (false) */
+    bool qkv_fuse;            /* qkv_fuse: q/k/v + RoPE + KV write fused (true) */
+    bool qkv16;               /* qkv16: prefill q/k/v as one bf16 GEMM (true) */
+    bool norm16;              /* norm16: add_rmsnorm_16 skips the fp32 output (true) */
+    bool y16;                 /* y16: prefill o / down projections hand 16-bit outputs to the norm (true) */
+    bool norm_v;              /* norm_v: the vectorised RMSNorm kernel (true) */
+    int kvcomm_dist;          /* kvcomm_dist: kvm_cuda_dist_t, the KVCOMM distance kernel: v2, v1, v2u4 (v2) */
+} kvm_cuda_opts_t;
+
+/* The defaults (the fastest measured paths). */
+kvm_cuda_opts_t kvm_cuda_opts_default(void);
+/* 0 if every field holds one of its values; else KVM_EINVAL naming the first bad field and its values
+ * ("cuda prefetch: 5 is not one of 0, 1, 2"). */
+int kvm_cuda_opts_check(const kvm_cuda_opts_t *o);
+/* Sets the field named `key` (the names above, e.g. "prefetch") from text ("0"/"1" for booleans, a number,
+ * or a value's name such as "gemv"); KVM_EINVAL naming the key and its values, or listing the keys when
+ * the key is unknown. o is left unchanged on error. */
+int kvm_cuda_opts_parse(kvm_cuda_opts_t *o, const char *key, const char *value);
+/* Validates o (kvm_cuda_opts_check) and makes it the CUDA backend's settings; KVM_EINVAL when a field is bad
+ * or `device` changes after the backend started (nothing changed then). */
+int kvm_cuda_set_opts(const kvm_cuda_opts_t *o);
+/* The CUDA backend's current settings. */
+kvm_cuda_opts_t kvm_cuda_get_opts(void);
 
 /* Shared helpers of the reference math (used by every backend's host-side code and the tests). */
 /* Angle p*w reduced to [-pi, pi), computed in fp64. */

@@ -103,12 +103,11 @@ static void test_stories260k_greedy_256_tokens_identical_to_cpu_in_fp32_mode(voi
         printf("SKIPPED: %s not found (set KVM_SHARED_DIR to the shared data folder)\n", path);
         skip();
     }
-    kvm_model_params_t oc = {.backend = "cpu", .quiet = true}, og = {.backend = "cuda", .quiet = true};
-    kvm_model_t *mc = kvm_model_load(path, &oc);
+    kvm_load_opts_t oc = {.backend = "cpu", .quiet = true},
+                    og = {.backend = "cuda", .quiet = true, .device_dtype = KVM_F32, .device_dtype_set = true};
+    kvm_model_t *mc = kvm_model_load_opts(path, &oc);
     assert_non_null(mc);
-    setenv("KVM_DEVICE_DTYPE", "f32", 1);
-    kvm_model_t *mg = kvm_model_load(path, &og);
-    unsetenv("KVM_DEVICE_DTYPE");
+    kvm_model_t *mg = kvm_model_load_opts(path, &og);
     if (!mg) fprintf(stderr, "cuda load: %s\n", kvm_errmsg());
     assert_non_null(mg);
     assert_int_equal(mg->device_dtype, KVM_F32);
@@ -145,13 +144,12 @@ static void check_bundled_fp32(const char *name) {
         printf("SKIPPED: bundled model %s not found\n", dir);
         skip();
     }
-    kvm_model_params_t oc = {.backend = "cpu", .quiet = true}, og = {.backend = "cuda", .quiet = true};
-    kvm_model_t *mc = kvm_model_load(dir, &oc);
+    kvm_load_opts_t oc = {.backend = "cpu", .quiet = true},
+                    og = {.backend = "cuda", .quiet = true, .device_dtype = KVM_F32, .device_dtype_set = true};
+    kvm_model_t *mc = kvm_model_load_opts(dir, &oc);
     if (!mc) fprintf(stderr, "%s cpu: %s\n", name, kvm_errmsg());
     assert_non_null(mc);
-    setenv("KVM_DEVICE_DTYPE", "f32", 1);
-    kvm_model_t *mg = kvm_model_load(dir, &og);
-    unsetenv("KVM_DEVICE_DTYPE");
+    kvm_model_t *mg = kvm_model_load_opts(dir, &og);
     if (!mg) fprintf(stderr, "%s cuda: %s\n", name, kvm_errmsg());
     assert_non_null(mg);
     const int T = 12, N = 256, V = mc->cfg.vocab_size;
@@ -191,7 +189,7 @@ static void test_bundled_miniqwen3_greedy_256_tokens_identical_to_cpu_in_fp32_mo
 /* ---- synthetic tiny models, bf16 ---------------------------------------------------------------------- */
 
 static void check_synthetic(const char *name) {
-    kvm_model_params_t oc = {.backend = "cpu", .quiet = true}, og = {.backend = "cuda", .quiet = true};
+    kvm_load_opts_t oc = {.backend = "cpu", .quiet = true}, og = {.backend = "cuda", .quiet = true};
     kvm_model_t *mc = kvm_model_synthetic(name, &oc);
     if (!mc) fprintf(stderr, "%s cpu: %s\n", name, kvm_errmsg());
     assert_non_null(mc);
@@ -242,7 +240,7 @@ static void test_synthetic_tiny_qwen3_bf16_matches_cpu(void **st) {
  * back to the GPU's own dense prefill (within bf16 rounding of different batch shapes). 40 rows take the
  * tensor-core attention, 5 rows the decode kernels. */
 static void check_positioned_gpu(int np) {
-    kvm_model_params_t og = {.backend = "cuda", .quiet = true};
+    kvm_load_opts_t og = {.backend = "cuda", .quiet = true};
     kvm_model_t *m = kvm_model_synthetic("tiny-llama", &og);
     assert_non_null(m);
     kvm_kv_pool_t *pool = kvm_model_kv_pool(m, 0);
@@ -330,11 +328,13 @@ static void check_fixture_kv(const char *name, const char *dtype, const char *kv
     char *raw = NULL;
     assert_int_equal(kvm_read_file(path, &raw, &len, 0), 0);
     assert_int_equal(len, (size_t)T * V * 4);
-    setenv("KVM_DEVICE_DTYPE", dtype, 1);
-    if (kv) setenv("KVM_KV_DTYPE", kv, 1);
-    kvm_model_params_t og = {.backend = "cuda", .quiet = true};
-    kvm_model_t *m = kvm_model_load(dir, &og);
-    unsetenv("KVM_DEVICE_DTYPE");
+    kvm_load_opts_t og = {.backend = "cuda", .quiet = true, .device_dtype_set = true};
+    assert_int_equal(kvm_dtype_parse(dtype, "device_dtype", &og.device_dtype), 0);
+    if (kv) {
+        og.kv_dtype_set = true;
+        assert_int_equal(kvm_dtype_parse(kv, "kv_dtype", &og.kv_dtype), 0);
+    }
+    kvm_model_t *m = kvm_model_load_opts(dir, &og);
     if (!m) fprintf(stderr, "%s: load failed: %s\n", name, kvm_errmsg());
     assert_non_null(m);
     float *lg = malloc((size_t)T * V * 4);
@@ -345,8 +345,8 @@ static void check_fixture_kv(const char *name, const char *dtype, const char *kv
     int bad = first_difference(ours, greedy, N);
     int cpu_bad = -1;
     if (!strict_tokens) { /* the CPU engine with the same KV dtype, for comparison */
-        kvm_model_params_t oc = {.backend = "cpu", .quiet = true};
-        kvm_model_t *mc = kvm_model_load(dir, &oc);
+        kvm_load_opts_t oc = {.backend = "cpu", .quiet = true, .kv_dtype = og.kv_dtype, .kv_dtype_set = og.kv_dtype_set};
+        kvm_model_t *mc = kvm_model_load_opts(dir, &oc);
         assert_non_null(mc);
         float *lc = malloc((size_t)T * V * 4);
         run_greedy(mc, prompt, T, N, lc, cpu_ids);
@@ -354,7 +354,6 @@ static void check_fixture_kv(const char *name, const char *dtype, const char *kv
         kvm_model_free(mc);
         free(lc);
     }
-    unsetenv("KVM_KV_DTYPE");
     fprintf(stderr, "%s on cuda (%s weights, %s KV): logits max|diff|/max|ref| %.3e (tol %.0e); greedy ids identical to "
             "transformers for %d of %d steps", name, dtype, kv ? kv : "default", rel, tol, bad < 0 ? N : bad, N);
     if (!strict_tokens) fprintf(stderr, " (the CPU engine with this KV dtype: %d)", cpu_bad < 0 ? N : cpu_bad);

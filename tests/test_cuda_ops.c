@@ -472,14 +472,21 @@ static void check_ffn(kvm_dtype_t dt, int n, bool adjacent, bool in_place, doubl
     free(x), free(wg), free(wu), free(wd), free(hg), free(hu), free(hd), free(g), free(u), free(ref), free(y);
 }
 
+/* Sets one switch of the CUDA backend (ops.h, kvm_cuda_opts_t) for the checks that follow. */
+static void cuda_switch(const char *key, const char *value) {
+    kvm_cuda_opts_t o = kvm_cuda_get_opts();
+    assert_int_equal(kvm_cuda_opts_parse(&o, key, value), 0);
+    assert_int_equal(kvm_cuda_set_opts(&o), 0);
+}
+
 static void test_fused_ffn_matches_the_cpu_mlp_on_every_path(void **st) {
     (void)st;
     NEED_GPU();
     check_ffn(KVM_BF16, 1, false, false, 1e-2);  /* GEMV, SwiGLU, GEMV (the default for one row) */
-    setenv("KVM_CUDA_FFN_GEMV", "1", 1);         /* gate+up GEMV with the SwiGLU epilogue, then GEMV */
+    cuda_switch("ffn_gemv", "1");                /* gate+up GEMV with the SwiGLU epilogue, then GEMV */
     check_ffn(KVM_BF16, 1, false, false, 1e-2);
     check_ffn(KVM_BF16, 1, true, true, 1e-2);
-    unsetenv("KVM_CUDA_FFN_GEMV");
+    cuda_switch("ffn_gemv", "0");
     check_ffn(KVM_BF16, 9, false, false, 1e-2);  /* skinny mma (unfused path) */
     check_ffn(KVM_BF16, 100, true, true, 1e-2);  /* one cuBLAS GEMM to bf16, bf16 SwiGLU, cuBLAS down */
     check_ffn(KVM_BF16, 40, false, false, 1e-2); /* two GEMMs into the interleaved bf16 buffer */
@@ -912,14 +919,14 @@ static void test_attention_16bit_decode_kernels_match_cpu_on_decode_batches(void
     check_attention(KVM_F16, 14, 2, 64, &DECODE, 1e-5, "decode, tiled");
     check_attention(KVM_BF16, 32, 8, 128, &DECODE_LONG, 1e-5, "long decode, tiled");
     check_attention(KVM_BF16, 16, 1, 128, &DECODE_LONG, 1e-5, "long decode, tiled, 16 heads per KV head");
-    setenv("KVM_CUDA_ATTN_MERGE_FUSED", "1", 1); /* the splits merged by the last CTA instead of a merge launch */
+    cuda_switch("attn_merge_fused", "1"); /* the splits merged by the last CTA instead of a merge launch */
     check_attention(KVM_BF16, 32, 8, 128, &DECODE_LONG, 1e-5, "long decode, tiled, merged in the last CTA");
     check_attention(KVM_F16, 14, 2, 64, &DECODE, 1e-5, "decode, tiled, merged in the last CTA");
-    unsetenv("KVM_CUDA_ATTN_MERGE_FUSED");
-    setenv("KVM_CUDA_ATTN_TILED", "0", 1);
+    cuda_switch("attn_merge_fused", "0");
+    cuda_switch("attn_tiled", "0");
     check_attention(KVM_BF16, 32, 8, 128, &DECODE, 1e-5, "decode, untiled");
     check_attention(KVM_BF16, 12, 1, 96, &DECODE, 1e-5, "decode, head_dim 96");
-    unsetenv("KVM_CUDA_ATTN_TILED");
+    cuda_switch("attn_tiled", "1");
 }
 
 static void test_attention_bf16_tensor_core_prefill_matches_cpu(void **st) {

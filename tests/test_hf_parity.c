@@ -78,11 +78,8 @@ static void check_parity(const char *name) {
     load_fixture(dir, &fx);
     /* KVM_PARITY_BACKEND=cuda runs the same check on the GPU, weights in fp32 (parity mode) */
     const char *backend = getenv("KVM_PARITY_BACKEND") ? getenv("KVM_PARITY_BACKEND") : "cpu";
-    kvm_model_params_t opts = {.backend = backend, .quiet = true, .weight_dtype = "f32"};
-    /* kvm_model_load does not pass opts.device_dtype on yet (F32 == 0 reads as "unset" in forward.c): ask
-     * for the parity mode through the environment as well */
-    if (strcmp(backend, "cpu")) setenv("KVM_DEVICE_DTYPE", "f32", 0);
-    kvm_model_t *m = kvm_model_load(dir, &opts);
+    kvm_load_opts_t opts = {.backend = backend, .quiet = true, .device_dtype = KVM_F32, .device_dtype_set = true};
+    kvm_model_t *m = kvm_model_load_opts(dir, &opts);
     if (!m) fprintf(stderr, "%s: load failed: %s\n", name, kvm_errmsg());
     assert_non_null(m);
     assert_int_equal(m->cfg.vocab_size, fx.vocab);

@@ -19,6 +19,8 @@
 #include "runtime/comm/prompt.h"
 #include "test_kvcomm_common.h"
 
+static kvm_load_opts_t g_kv = {0}; /* the KV cache dtype of model_on's models (kv_dtype_set: else the default) */
+
 static kvm_model_t *model_on(const char *backend, kvm_rope_layout_t layout) {
     kvm_config_t c = {0};
     c.dim = 64;
@@ -35,6 +37,7 @@ static kvm_model_t *model_on(const char *backend, kvm_rope_layout_t layout) {
     kvm_model_t *m = kvm_model_random(&c, 23, 4, backend);
     if (!m) fprintf(stderr, "model on %s: %s\n", backend, kvm_errmsg());
     assert_non_null(m);
+    assert_int_equal(kvm_forward_configure(m, &g_kv), 0);
     return m;
 }
 
@@ -249,10 +252,10 @@ static void test_gpu_device_path_gives_the_host_reuse_cache_fp32_kv(void **st) {
         skip();
         return;
     }
-    setenv("KVM_KV_DTYPE", "f32", 1);
+    g_kv = (kvm_load_opts_t){.kv_dtype = KVM_F32, .kv_dtype_set = true};
     compare_paths("auto", "", 1e-4, KVM_ROPE_HALF);
     compare_paths("auto", "", 1e-4, KVM_ROPE_INTERLEAVED);
-    unsetenv("KVM_KV_DTYPE");
+    g_kv = (kvm_load_opts_t){0};
 }
 
 static void test_gpu_device_path_selects_and_recomputes_the_same_rows_fp32_kv(void **st) {
@@ -261,11 +264,11 @@ static void test_gpu_device_path_selects_and_recomputes_the_same_rows_fp32_kv(vo
         skip();
         return;
     }
-    setenv("KVM_KV_DTYPE", "f32", 1);
+    g_kv = (kvm_load_opts_t){.kv_dtype = KVM_F32, .kv_dtype_set = true};
     g_frac = 0.3f;
     compare_paths("auto", "", 1e-4, KVM_ROPE_HALF);
     g_frac = 0;
-    unsetenv("KVM_KV_DTYPE");
+    g_kv = (kvm_load_opts_t){0};
 }
 
 static void test_gpu_device_path_gives_the_host_reuse_cache_bf16_kv(void **st) {
@@ -274,9 +277,9 @@ static void test_gpu_device_path_gives_the_host_reuse_cache_bf16_kv(void **st) {
         skip();
         return;
     }
-    setenv("KVM_KV_DTYPE", "bf16", 1);
+    g_kv = (kvm_load_opts_t){.kv_dtype = KVM_BF16, .kv_dtype_set = true};
     compare_paths("auto", "", 1e-2, KVM_ROPE_HALF);
-    unsetenv("KVM_KV_DTYPE");
+    g_kv = (kvm_load_opts_t){0};
 }
 
 int main(void) {

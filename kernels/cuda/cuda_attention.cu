@@ -368,15 +368,10 @@ __global__ void __launch_bounds__(128)
 static int *merge_counters(int n) {
     static int *buf = NULL;
     static int cap = 0;
-    int env = -1;
-    {
-        /* KVM_CUDA_ATTN_MERGE_FUSED=1: the last CTA merges. Off by default: measured 0.23 ms per batch-1 decode
-         * token SLOWER than the merge launch (H100, 2026-11-26 15:14: 6.17 vs 5.94 ms; one CTA per KV head
-         * merging 4 heads x 16 splits serially costs more than the launch it saves) */
-        const char *e = getenv("KVM_CUDA_ATTN_MERGE_FUSED");
-        env = e && !strcmp(e, "1") ? 1 : 0;
-    }
-    if (!env) return NULL;
+    /* opts.attn_merge_fused: the last CTA merges. Off by default: measured 0.23 ms per batch-1 decode token
+     * SLOWER than the merge launch (H100, 2026-11-26 15:14: 6.17 vs 5.94 ms; one CTA per KV head merging
+     * 4 heads x 16 splits serially costs more than the launch it saves) */
+    if (!g_cuda.opts.attn_merge_fused) return NULL;
     if (n <= cap) return buf;
     if (kvm_cuda_capturing()) return NULL;
     int want = n < 4096 ? 4096 : n;
@@ -636,8 +631,7 @@ template <typename T>
 static void launch_split(float *out, const float *q, const T *kv, const kvm_kv_geom_t *g, int layer, int heads,
                          const kvm_attn_batch_t *b, float scale) {
     const int D = g->head_dim, H = g->n_kv_heads, group = heads / H;
-    const char *te = getenv("KVM_CUDA_ATTN_TILED");
-    const bool tiled = sizeof(T) == 2 && (D == 64 || D == 128) && !(te && !strcmp(te, "0")) &&
+    const bool tiled = sizeof(T) == 2 && (D == 64 || D == 128) && g_cuda.opts.attn_tiled &&
                        ((uintptr_t)q % 16) == 0 && ((uintptr_t)out % 16) == 0;
     const int hchunks = (group + SPLIT_GMAX - 1) / SPLIT_GMAX;
     const int ctas = b->total_rows * H * hchunks;
@@ -706,12 +700,8 @@ static void launch_mma(float *out, const float *q, const T *kv, const kvm_kv_geo
     void *xh = hdt != KVM_F32 ? kvm_cuda_scratch(n_out * 2) : NULL;
     __nv_bfloat16 *outb = xh && hdt == KVM_BF16 ? (__nv_bfloat16 *)xh : NULL;
     __half *outf = xh && hdt == KVM_F16 ? (__half *)xh : NULL;
-    /* registers capped for 3 CTAs per SM (168, no spills) unless KVM_CUDA_MMA_OCC=1 (199 registers, 2 CTAs) */
-    static int occ = -1;
-    if (occ < 0) {
-        const char *e = getenv("KVM_CUDA_MMA_OCC");
-        occ = e && atoi(e) == 1 ? 1 : 3;
-    }
+    /* registers capped for 3 CTAs per SM (168, no spills) unless opts.mma_occ = 1 (199 registers, 2 CTAs) */
+    const int occ = g_cuda.opts.mma_occ;
     static bool attr_set = false; /* per instantiation of this template (T) */
     if (!attr_set) {
         cudaFuncSetAttribute(k_attn_mma<T, 128, 1>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)mma_smem_bytes<T, 128>());
@@ -755,7 +745,7 @@ void kvm_cuda_attention(float *out, const float *q, const void *kv, const kvm_kv
             if (nr > max_rows) max_rows = nr;
         }
     const bool mma_ok = g->dtype != KVM_F32 && (g->head_dim == 64 || g->head_dim == 128) && max_rows >= KVM_MMA_MIN_ROWS &&
-                        ((uintptr_t)q % 8) == 0 && ((uintptr_t)out % 8) == 0 && getenv("KVM_CUDA_NO_MMA_ATTN") == NULL;
+                        ((uintptr_t)q % 8) == 0 && ((uintptr_t)out % 8) == 0 && !g_cuda.opts.no_mma_attn;
     KVM_PROF(mma_ok ? "attention mma (prefill)" : g->dtype == KVM_F32 ? "attention split (+merge)" : "attention decode (+merge)");
     if (mma_ok) {
         if (g->dtype == KVM_BF16) launch_mma<__nv_bfloat16>(out, q, (const __nv_bfloat16 *)kv, g, layer, heads, b, scale, max_rows);

@@ -1,6 +1,6 @@
 /* cuda_backend.cu - the CUDA backend's context, memory functions and op table.
  *
- * kvm_ops_cuda() initialises the context once (device 0, or KVM_CUDA_DEVICE): one non-blocking stream,
+ * kvm_ops_cuda() initialises the context once (GPU opts.device, 0 by default): one non-blocking stream,
  * one cuBLAS handle with a fixed workspace, and a grow-only scratch buffer. Every op enqueues on that
  * stream; sync() waits for it and reports the first error any void op hit since the last sync. When
  * there is no driver or no GPU it returns NULL with a message (the caller then runs on the CPU). */
@@ -11,25 +11,24 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* Zero-initialised, with no constructor: kvm_cuda_set_opts may run before any C++ initialiser (from a C
+ * constructor, as the tests' environment does), and nothing may overwrite what it stored. */
 kvm_cuda_ctx g_cuda;
 
-int kvm_cuda_prefetch_mode(void) {
-    static int mode = -1;
-    if (mode < 0) {
-        const char *e = getenv("KVM_CUDA_PREFETCH");
-        mode = e && *e ? atoi(e) : 2;
-        if (mode < 0 || mode > 2) mode = 2;
-    }
-    return mode;
+extern "C" int kvm_cuda_set_opts(const kvm_cuda_opts_t *o) {
+    int rc = kvm_cuda_opts_check(o);
+    if (rc) return rc;
+    if (g_cuda.ready && o->device != g_cuda.device)
+        return kvm_seterr(KVM_EINVAL, "cuda device: the backend already runs on GPU %d (set the device before its first use)",
+                          g_cuda.device);
+    g_cuda.opts = *o;
+    g_cuda.opts_set = true;
+    if (g_cuda.ready && o->profile) g_kvm_prof_on = 1;
+    return 0;
 }
 
-int kvm_cuda_pdl_enabled(void) {
-    static int on = -1;
-    if (on < 0) {
-        const char *e = getenv("KVM_CUDA_PDL");
-        on = !(e && !strcmp(e, "0"));
-    }
-    return on;
+extern "C" kvm_cuda_opts_t kvm_cuda_get_opts(void) {
+    return g_cuda.opts_set ? g_cuda.opts : kvm_cuda_opts_default();
 }
 
 int kvm_cuda_fail(int code, const char *fmt, ...) {
@@ -311,10 +310,10 @@ static int cu_init(void) {
         return kvm_seterr(KVM_EUNSUPPORTED, "cuda: no usable GPU (%s); running on the CPU", cudaGetErrorString(e));
     }
     if (n <= 0) return kvm_seterr(KVM_EUNSUPPORTED, "cuda: no GPU found; running on the CPU");
-    int dev = 0;
-    const char *ds = getenv("KVM_CUDA_DEVICE");
-    if (ds && *ds) dev = atoi(ds);
-    if (dev < 0 || dev >= n) return kvm_seterr(KVM_EINVAL, "cuda: KVM_CUDA_DEVICE=%d but %d GPU(s) present", dev, n);
+    if (!g_cuda.opts_set) g_cuda.opts = kvm_cuda_opts_default(); /* the ops read g_cuda.opts from here on */
+    g_cuda.opts_set = true;
+    const int dev = g_cuda.opts.device;
+    if (dev < 0 || dev >= n) return kvm_seterr(KVM_EINVAL, "cuda device: GPU %d asked for, but %d GPU(s) present", dev, n);
     if ((e = cudaSetDevice(dev)) != cudaSuccess ||
         (e = cudaGetDeviceProperties(&g_cuda.prop, dev)) != cudaSuccess) {
         cudaGetLastError();
@@ -336,8 +335,7 @@ static int cu_init(void) {
         return kvm_seterr(KVM_ENOMEM, "cuda: cannot allocate the cuBLAS workspace: %s", cudaGetErrorString(e));
     cublasSetWorkspace(g_cuda.blas, g_cuda.blas_ws, g_cuda.blas_ws_bytes);
     if (!kvm_cuda_scratch((size_t)64 << 20)) return cu_take_error();
-    const char *pe = getenv("KVM_CUDA_PROFILE");
-    if (pe && *pe && strcmp(pe, "0")) g_kvm_prof_on = 1;
+    if (g_cuda.opts.profile) g_kvm_prof_on = 1;
     g_cuda.ready = 1;
     return 0;
 }

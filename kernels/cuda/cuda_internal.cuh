@@ -33,6 +33,8 @@ struct kvm_cuda_ctx {
     int n_retired;
     int err_code;            /* sticky first error of a void op (0 = none) */
     char err_msg[512];
+    kvm_cuda_opts_t opts;    /* the switches of ops.h (kvm_cuda_set_opts); the ops read them when enqueued */
+    bool opts_set;           /* opts were set (else cu_init fills in kvm_cuda_opts_default()) */
 };
 extern kvm_cuda_ctx g_cuda;
 
@@ -48,7 +50,7 @@ void *kvm_cuda_scratch(size_t bytes);
 /* True while g_cuda.stream is being captured into a graph. */
 int kvm_cuda_capturing(void);
 
-/* ---- profiling (KVM_CUDA_PROFILE=1 or kvm_cuda_profile_begin): events around every op, summed per name --- */
+/* ---- profiling (opts.profile or kvm_cuda_profile_begin): events around every op, summed per name --- */
 extern int g_kvm_prof_on;
 int kvm_prof_start(const char *name); /* returns a record index, or -1 */
 void kvm_prof_stop(int idx);
@@ -124,10 +126,10 @@ void kvm_cuda_attention(float *out, const float *q, const void *kv, const kvm_kv
  * without the attribute is ordered by the stream as usual (the wait is then a no-op). */
 __device__ __forceinline__ void kvm_pdl_trigger() { asm volatile("griddepcontrol.launch_dependents;" ::: "memory"); }
 __device__ __forceinline__ void kvm_pdl_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
-int kvm_cuda_pdl_enabled(void); /* KVM_CUDA_PDL=0 turns it off */
-/* How the decode GEMMs read weights before the PDL wait: KVM_CUDA_PREFETCH=0 none, 1 L2 prefetch, 2 (default)
+static inline int kvm_cuda_pdl_enabled(void) { return g_cuda.opts.pdl; } /* opts.pdl = false turns it off */
+/* How the decode GEMMs read weights before the PDL wait (opts.prefetch): 0 none, 1 L2 prefetch, 2 (default)
  * the first iteration's loads into registers */
-int kvm_cuda_prefetch_mode(void);
+static inline int kvm_cuda_prefetch_mode(void) { return g_cuda.opts.prefetch; }
 template <typename... KArgs, typename... Args>
 static inline cudaError_t kvm_launch_pdl(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, Args... args) {
     cudaLaunchConfig_t cfg;

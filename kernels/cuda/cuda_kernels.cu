@@ -6,7 +6,7 @@
 
 #include <float.h>
 
-#include "../../runtime/model/synthetic.h"
+#include "../synthetic_gen.h"
 
 #define S g_cuda.stream
 
@@ -138,14 +138,9 @@ __global__ void k_rmsnorm_v(float *__restrict__ out, float *x, const TY *__restr
     }
 }
 
-/* KVM_CUDA_NORM_V=0: the scalar norm kernel (for comparisons) */
+/* opts.norm_v = false: the scalar norm kernel (for comparisons) */
 static bool norm_vec_ok(const float *out, const float *x, const float *y, const float *w, int dim) {
-    static int env = -1;
-    if (env < 0) {
-        const char *e = getenv("KVM_CUDA_NORM_V");
-        env = e && !strcmp(e, "0") ? 0 : 1;
-    }
-    return env && dim % 4 == 0 && dim <= 4 * 4 * 1024 && ((uintptr_t)out % 16) == 0 && ((uintptr_t)x % 16) == 0 &&
+    return g_cuda.opts.norm_v && dim % 4 == 0 && dim <= 4 * 4 * 1024 && ((uintptr_t)out % 16) == 0 && ((uintptr_t)x % 16) == 0 &&
            ((uintptr_t)y % 16) == 0 && ((uintptr_t)w % 16) == 0;
 }
 
@@ -242,12 +237,8 @@ void kvm_cuda_add_rmsnorm(float *x, const float *y, float *out, const float *w, 
 void kvm_cuda_add_rmsnorm_16(float *x, const float *y, float *out, const float *w, int n, int dim, float eps) {
     KVM_OP("add_rmsnorm (16-bit out)");
     if (n <= 0) return;
-    static int env = -1; /* KVM_CUDA_NORM16=0: write the fp32 output too (for comparisons) */
-    if (env < 0) {
-        const char *e = getenv("KVM_CUDA_NORM16");
-        env = e && !strcmp(e, "0") ? 0 : 1;
-    }
-    launch_rmsnorm(out, x, y, w, n, dim, eps, env == 1);
+    /* opts.norm16 = false: write the fp32 output too (for comparisons) */
+    launch_rmsnorm(out, x, y, w, n, dim, eps, g_cuda.opts.norm16);
 }
 
 void kvm_cuda_head_rmsnorm(float *x, const float *w, int n, int heads, int hd, float eps) {

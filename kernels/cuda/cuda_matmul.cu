@@ -366,12 +366,9 @@ static const void *rounded_input(const float *x, size_t nx, kvm_dtype_t dt) {
     return xh;
 }
 
-/* Which kernel serves few rows (KVM_CUDA_SKINNY=gemv | mma; default: the GEMV for 1 row, the tensor-core
- * kernel for 2..16). */
-static int skinny_mode(void) {
-    const char *e = getenv("KVM_CUDA_SKINNY"); /* read each time: the benchmark compares both */
-    return e && !strcmp(e, "gemv") ? 1 : e && !strcmp(e, "mma") ? 2 : 0;
-}
+/* Which kernel serves few rows (opts.skinny: KVM_CUDA_SKINNY_GEMV, _MMA; _AUTO: the GEMV for 1 row, the
+ * tensor-core kernel for 2..16). Read at each call: the benchmark compares both. */
+static int skinny_mode(void) { return g_cuda.opts.skinny; }
 
 static const char *blas_status(cublasStatus_t st) {
     switch (st) {
@@ -642,17 +639,11 @@ __global__ void k_swiglu_hh(T *__restrict__ act, const T *__restrict__ h, int ff
     }
 }
 
-/* KVM_CUDA_FFN=0: the MLP through matmul_multi + swiglu_matmul (the previous path), for comparisons. */
-static int ffn_fused_enabled(void) {
-    const char *e = getenv("KVM_CUDA_FFN");
-    return !(e && !strcmp(e, "0"));
-}
-/* KVM_CUDA_FFN_GEMV=1: batch-1 gate/up GEMV with the SwiGLU epilogue. Off by default: no gain measured over
+/* opts.ffn = false: the MLP through matmul_multi + swiglu_matmul (the previous path), for comparisons. */
+static int ffn_fused_enabled(void) { return g_cuda.opts.ffn; }
+/* opts.ffn_gemv: batch-1 gate/up GEMV with the SwiGLU epilogue. Off by default: no gain measured over
  * GEMV + SwiGLU launch in a graph (H100, 2026-11-26 15:14: 6.17 vs 6.14 ms per token, within the spread) */
-static int ffn_gemv_enabled(void) {
-    const char *e = getenv("KVM_CUDA_FFN_GEMV");
-    return e && !strcmp(e, "1");
-}
+static int ffn_gemv_enabled(void) { return g_cuda.opts.ffn_gemv; }
 
 /* Prefill MLP up to the activation: [gate | up] = x @ [Wg; Wu]^T as one bf16 GEMM (two into the interleaved
  * buffer when the matrices are not adjacent) into h1's memory, then act = silu(gate) * up in bf16 into h2's memory.
@@ -709,11 +700,8 @@ static bool gemm_to_bf16(__nv_bfloat16 *y16, const void *a16, const kvm_wmat_t *
     return true;
 }
 
-/* KVM_CUDA_Y16=0: the o and down projections of a prefill write fp32 (then add_rmsnorm_16), for comparisons. */
-static bool y16_enabled(void) {
-    const char *e = getenv("KVM_CUDA_Y16");
-    return !(e && !strcmp(e, "0"));
-}
+/* opts.y16 = false: the o and down projections of a prefill write fp32 (then add_rmsnorm_16), for comparisons. */
+static bool y16_enabled(void) { return g_cuda.opts.y16; }
 
 void kvm_cuda_ffn(float *y, const float *x, const kvm_wmat_t *Wg, const kvm_wmat_t *Wu, const kvm_wmat_t *Wd, float *h1,
                   float *h2, int n) {
@@ -947,11 +935,8 @@ __global__ void k_rope_kv_h(const TH *__restrict__ h, int hw, const float *__res
     }
 }
 
-/* KVM_CUDA_QKV_FUSE=0: q/k/v through matmul_multi + rope_qk_kv_write (batch-1 decode and prefill) */
-static int qkv_fuse_enabled(void) {
-    const char *e = getenv("KVM_CUDA_QKV_FUSE");
-    return !(e && !strcmp(e, "0"));
-}
+/* opts.qkv_fuse = false: q/k/v through matmul_multi + rope_qk_kv_write (batch-1 decode and prefill) */
+static int qkv_fuse_enabled(void) { return g_cuda.opts.qkv_fuse; }
 
 /* Prefill (more than 16 rows, BF16 weights): q|k|v = x @ [Wq;Wk;Wv]^T as ONE cuBLAS GEMM (three into the same
  * buffer when the matrices are not adjacent) with a bf16 output (HF rounds these to bf16 too), then
@@ -960,8 +945,8 @@ static int qkv_prefill(float *q, float *k, float *v, const float *x, const kvm_w
                        int hq, int hk, int hd, int il, const int32_t *pos, const float *inv_freq, void *kv,
                        const kvm_kv_geom_t *g, int layer, const kvm_attn_batch_t *b) {
     const int n = b->total_rows, cols = W[0]->cols, QD = hq * hd, KD = hk * hd, HW = QD + 2 * KD;
-    const char *e = getenv("KVM_CUDA_QKV16"); /* =0: prefill q/k/v through the separate ops (for comparisons) */
-    if ((e && !strcmp(e, "0")) || n <= 16 || W[0]->dtype != KVM_BF16 || (HW % 8) != 0) return KVM_EUNSUPPORTED;
+    /* opts.qkv16 = false: prefill q/k/v through the separate ops (for comparisons) */
+    if (!g_cuda.opts.qkv16 || n <= 16 || W[0]->dtype != KVM_BF16 || (HW % 8) != 0) return KVM_EUNSUPPORTED;
     const void *xh = rounded_input(x, (size_t)n * cols, KVM_BF16);
     if (!xh) return 0; /* failure recorded (sync reports it) */
     __nv_bfloat16 *h = (__nv_bfloat16 *)aux_buffer((size_t)n * HW * 2);

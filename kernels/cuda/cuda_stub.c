@@ -20,3 +20,17 @@ double kvm_cuda_profile_end(FILE *f, const char *title) {
     (void)title;
     return 0;
 }
+
+/* The settings are validated and kept as on a CUDA build; nothing reads them. */
+static kvm_cuda_opts_t g_opts;
+static bool g_opts_set;
+
+int kvm_cuda_set_opts(const kvm_cuda_opts_t *o) {
+    int rc = kvm_cuda_opts_check(o);
+    if (rc) return rc;
+    g_opts = *o;
+    g_opts_set = true;
+    return 0;
+}
+
+kvm_cuda_opts_t kvm_cuda_get_opts(void) { return g_opts_set ? g_opts : kvm_cuda_opts_default(); }

@@ -11,8 +11,8 @@
  *          any use. It writes the head-aligned per-row |x-a| sums (partial per (l,h)), the tail-aligned
  *          per-channel sums of squares (partial per row chunk) and the prediction sums (partial per chunk);
  *          k_dist_fin reduces all three in one launch. Row chunks exist only to fill the GPU when N is small.
- *          KVM_KVCOMM_DIST=v1 runs the first kernel (k_dist: one chunk = all rows, one row per thread in
- *          flight, 1.35x slower at N = 20 on an H100), KVM_KVCOMM_DIST=v2u4 k_dist2 with 4 rows per thread
+ *          kvcomm_dist=v1 (KVM_KVCOMM_DIST) runs the first kernel (k_dist: one chunk = all rows, one row per thread
+ *          in flight, 1.35x slower at N = 20 on an H100), kvcomm_dist=v2u4 k_dist2 with 4 rows per thread
  *          (1 block per SM: slower). docs/perf/kvcomm.md has the numbers, and the versions that were slower
  *          (the candidate kept in shared memory with a reduction per anchor; a cp.async ring of anchors).
  *   apply: one block per (row chunk, layer, kv, head): y = src + sum_n w_n * delta_n (fp32), RoPE shift
@@ -606,25 +606,11 @@ int check_view(const kvm_kv_view_t &v, const char *what, const char *op, int row
     return 0;
 }
 
-/* KVM_KVCOMM_DIST=v1 selects the first distance kernel (one block per anchor, one row per thread in flight),
- * KVM_KVCOMM_DIST=v2u4 the 4-rows-per-thread variant of k_dist2; both kept for A/B timing */
-bool dist_v1() {
-    static int v = -1;
-    if (v < 0) {
-        const char *e = getenv("KVM_KVCOMM_DIST");
-        v = e && !strcmp(e, "v1");
-    }
-    return v == 1;
-}
+/* opts.kvcomm_dist = KVM_CUDA_DIST_V1 selects the first distance kernel (one block per anchor, one row per thread
+ * in flight), KVM_CUDA_DIST_V2U4 the 4-rows-per-thread variant of k_dist2; both kept for A/B timing */
+bool dist_v1() { return g_cuda.opts.kvcomm_dist == KVM_CUDA_DIST_V1; }
 
-bool dist_u4() {
-    static int v = -1;
-    if (v < 0) {
-        const char *e = getenv("KVM_KVCOMM_DIST");
-        v = e && !strcmp(e, "v2u4");
-    }
-    return v == 1;
-}
+bool dist_u4() { return g_cuda.opts.kvcomm_dist == KVM_CUDA_DIST_V2U4; }
 
 int launch_rc(const char *what) {
     cudaError_t e = cudaGetLastError();

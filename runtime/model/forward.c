@@ -37,7 +37,10 @@ typedef struct kvm_backend_model {
      * it was captured for, and the shape of the last eager decode step (captured when seen twice) */
     void *graph;
     uint64_t graph_key, warm_key;
-    bool graphs_off; /* a capture failed once: decode runs eagerly from then on */
+    bool graphs_off;      /* a capture failed once: decode runs eagerly from then on */
+    bool graphs_disabled; /* kvm_load_opts_t.no_cuda_graphs / kvm_forward_set_graphs */
+    bool kv_dtype_set;    /* kvm_load_opts_t.kv_dtype: the dtype of the model's KV pools */
+    kvm_dtype_t kv_dtype;
 } kvm_backend_model_t;
 
 static void *bm_alloc(kvm_backend_model_t *b, size_t bytes) {
@@ -199,12 +202,6 @@ static int ensure_workspace(kvm_model_t *m, int rows, int seqs, int blocks, int 
 int kvm_forward_init(kvm_model_t *m, int max_rows) {
     if (m->bm) return ensure_workspace(m, max_rows, 0, 0, 0);
     if (!m->ops) m->ops = kvm_ops_cpu();
-    if (m->ops != kvm_ops_cpu() && !m->weights_on_device) {
-        /* KVM_DEVICE_DTYPE=f32|bf16|f16 overrides (f32 = the parity mode of the GPU tests) */
-        const char *e = getenv("KVM_DEVICE_DTYPE");
-        if (e && *e && !m->device_dtype_explicit)
-            m->device_dtype = !strcmp(e, "f32") ? KVM_F32 : !strcmp(e, "f16") ? KVM_F16 : KVM_BF16;
-    }
     kvm_backend_model_t *b = kvm_calloc(1, sizeof *b);
     if (!b) return KVM_ENOMEM;
     b->ops = m->ops;
@@ -265,6 +262,32 @@ int kvm_forward_adopt(kvm_model_t *m, void *p) {
     return 0;
 }
 
+int kvm_load_opts_check(const kvm_load_opts_t *o) {
+    if (!o) return 0;
+    int rc = kvm_backend_check(o->backend);
+    if (!rc && o->device_dtype_set) rc = kvm_dtype_check(o->device_dtype, "device_dtype");
+    if (!rc && o->kv_dtype_set) rc = kvm_dtype_check(o->kv_dtype, "kv_dtype");
+    return rc;
+}
+
+int kvm_forward_configure(kvm_model_t *m, const kvm_load_opts_t *o) {
+    kvm_backend_model_t *b = m ? m->bm : NULL;
+    if (!b) return kvm_seterr(KVM_EINVAL, "forward: configure needs an initialised model");
+    int rc = kvm_load_opts_check(o);
+    if (rc) return rc;
+    b->kv_dtype_set = o && o->kv_dtype_set;
+    b->kv_dtype = b->kv_dtype_set ? o->kv_dtype : KVM_F32;
+    kvm_forward_set_graphs(m, !(o && o->no_cuda_graphs));
+    return 0;
+}
+
+void kvm_forward_set_graphs(kvm_model_t *m, bool on) {
+    kvm_backend_model_t *b = m ? m->bm : NULL;
+    if (!b) return;
+    if (!on) drop_graph(b);
+    b->graphs_disabled = !on;
+}
+
 void kvm_forward_free(kvm_model_t *m) {
     kvm_backend_model_t *b = m ? m->bm : NULL;
     if (!b) return;
@@ -281,10 +304,7 @@ kvm_kv_pool_t *kvm_model_kv_pool(kvm_model_t *m, size_t kv_bytes) {
                        .dtype = m->ops == kvm_ops_cpu() || m->device_dtype == KVM_F32 ? KVM_F32
                                 : m->device_dtype == KVM_F16                               ? KVM_F16
                                                                                            : KVM_BF16};
-    /* KVM_KV_DTYPE=f32|bf16|f16 overrides the storage dtype of the cache (any backend) */
-    const char *kd = getenv("KVM_KV_DTYPE");
-    if (kd && *kd) g.dtype = !strcmp(kd, "f32") ? KVM_F32 : !strcmp(kd, "f16") ? KVM_F16 : KVM_BF16;
-    if (m->kv_dtype_set) g.dtype = m->kv_dtype;
+    if (m->bm && m->bm->kv_dtype_set) g.dtype = m->bm->kv_dtype; /* kvm_load_opts_t.kv_dtype (any backend) */
     int n_blocks;
     if (kv_bytes == 0) {
         int ctx = m->cfg.max_seq_len > 0 && m->cfg.max_seq_len < 8192 ? m->cfg.max_seq_len : 8192;
@@ -450,15 +470,13 @@ int kvm_forward_layers(kvm_model_t *m, kvm_batch_item_t *items, int n_items, int
     return rc;
 }
 
-int kvm_forward(kvm_model_t *m, kvm_batch_item_t *items, int n_items) {
+/* Checks every item of a step (tokens, pool, positions, context) and counts its rows and logits rows. */
+static int check_batch(const kvm_model_t *m, const kvm_batch_item_t *items, int n_items, int *rows_out,
+                       int *logit_rows_out) {
     const kvm_config_t *c = &m->cfg;
-    kvm_backend_model_t *b = m->bm;
-    if (!b) return kvm_seterr(KVM_EINVAL, "forward: model has no backend state");
-    if (n_items <= 0) return 0;
-    const kvm_ops_t *ops = b->ops;
-    int rows = 0, logit_rows = 0, blocks = 0;
+    int rows = 0, logit_rows = 0;
     for (int i = 0; i < n_items; i++) {
-        kvm_batch_item_t *it = &items[i];
+        const kvm_batch_item_t *it = &items[i];
         if (!it->seq || it->n_tokens <= 0 || !it->tokens)
             return kvm_seterr(KVM_EINVAL, "forward: batch item %d has no tokens or no sequence", i);
         if (it->seq->pool != items[0].seq->pool)
@@ -492,6 +510,44 @@ int kvm_forward(kvm_model_t *m, kvm_batch_item_t *items, int n_items) {
         rows += it->n_tokens;
         if (it->logits || it->next_token) logit_rows += it->all_logits && it->logits ? it->n_tokens : 1;
     }
+    *rows_out = rows;
+    *logit_rows_out = logit_rows;
+    return 0;
+}
+
+/* Copies the step's outputs to the host: each item's logits rows and greedy next token. */
+static void fetch_outputs(kvm_model_t *m, kvm_batch_item_t *items, int n_items, int logit_rows) {
+    kvm_backend_model_t *b = m->bm;
+    const kvm_ops_t *ops = b->ops;
+    const int V = m->cfg.vocab_size;
+    int lr = 0;
+    bool ids_fetched = false;
+    for (int i = 0; i < n_items; i++) {
+        kvm_batch_item_t *it = &items[i];
+        if (!it->logits && !it->next_token) continue;
+        int n = it->all_logits && it->logits ? it->n_tokens : 1;
+        if (it->logits) ops->d2h(it->logits, rowp(b->logits, lr, V), (size_t)n * V * 4);
+        if (it->next_token) {
+            if (ops->argmax_rows) {
+                if (!ids_fetched) ops->d2h(b->h_next_ids, b->next_ids, (size_t)logit_rows * 4);
+                ids_fetched = true;
+                *it->next_token = b->h_next_ids[lr + n - 1];
+            } else {
+                *it->next_token = ops->argmax(rowp(b->logits, lr + n - 1, V), V);
+            }
+        }
+        lr += n;
+    }
+}
+
+int kvm_forward(kvm_model_t *m, kvm_batch_item_t *items, int n_items) {
+    kvm_backend_model_t *b = m->bm;
+    if (!b) return kvm_seterr(KVM_EINVAL, "forward: model has no backend state");
+    if (n_items <= 0) return 0;
+    const kvm_ops_t *ops = b->ops;
+    int rows = 0, logit_rows = 0, blocks = 0;
+    int crc = check_batch(m, items, n_items, &rows, &logit_rows);
+    if (crc) return crc;
     /* reserve KV for everyone first; on failure give back what this call took */
     int *old_n = kvm_malloc((size_t)n_items * sizeof(int));
     if (!old_n) return KVM_ENOMEM;
@@ -515,10 +571,8 @@ int kvm_forward(kvm_model_t *m, kvm_batch_item_t *items, int n_items) {
         if (items[i].seq->n_blocks > max_blocks) max_blocks = items[i].seq->n_blocks;
     /* a decode step (one token per item) on a backend with graphs replays one captured graph; its block
      * table width is rounded up (to 64 blocks = 1024 tokens) so the graph stays valid as contexts grow */
-    bool decode = rows == n_items && ops->graph_begin != NULL;
-    const char *genv = getenv("KVM_CUDA_GRAPHS");
-    if (genv && !strcmp(genv, "0")) decode = false;
-    if (m->cuda_graphs_off || b->graphs_off || b->layer_limit || positioned) decode = false; /* nor a partial or a positioned pass */
+    bool decode = rows == n_items && ops->graph_begin != NULL && !b->graphs_disabled;
+    if (b->graphs_off || b->layer_limit || positioned) decode = false; /* nor a partial or a positioned pass */
     if (decode) max_blocks = (max_blocks + 63) / 64 * 64;
     blocks = max_blocks * n_items;
     int rc = ensure_workspace(m, rows, n_items, blocks, logit_rows);
@@ -588,26 +642,7 @@ int kvm_forward(kvm_model_t *m, kvm_batch_item_t *items, int n_items) {
         b->graphs_off = true;
         run_device_step(m, items, n_items, &ab, pool, rows, logit_rows);
     }
-    if (logit_rows > 0) {
-        int lr = 0;
-        bool ids_fetched = false;
-        for (int i = 0; i < n_items; i++) {
-            kvm_batch_item_t *it = &items[i];
-            if (!it->logits && !it->next_token) continue;
-            int n = it->all_logits && it->logits ? it->n_tokens : 1;
-            if (it->logits) ops->d2h(it->logits, rowp(b->logits, lr, c->vocab_size), (size_t)n * c->vocab_size * 4);
-            if (it->next_token) {
-                if (ops->argmax_rows) {
-                    if (!ids_fetched) ops->d2h(b->h_next_ids, b->next_ids, (size_t)logit_rows * 4);
-                    ids_fetched = true;
-                    *it->next_token = b->h_next_ids[lr + n - 1];
-                } else {
-                    *it->next_token = ops->argmax(rowp(b->logits, lr + n - 1, c->vocab_size), c->vocab_size);
-                }
-            }
-            lr += n;
-        }
-    }
+    if (logit_rows > 0) fetch_outputs(m, items, n_items, logit_rows);
     int src = ops->sync(); /* reports a failure of any op of this step (GPU backends) */
     if (src) {
         kvm_free(old_n);

@@ -30,6 +30,13 @@ typedef struct kvm_batch_item {
  * Called by kvm_model_load; safe to call again with a larger max_rows. */
 int kvm_forward_init(kvm_model_t *m, int max_rows);
 void kvm_forward_free(kvm_model_t *m);
+/* Applies the forward's part of the load options (checked first, kvm_load_opts_check; NULL = defaults): the
+ * dtype of the KV pools kvm_model_kv_pool makes from now on (kv_dtype) and whether decode steps are replayed
+ * as graphs (no_cuda_graphs). The loaders call it after kvm_forward_init. */
+int kvm_forward_configure(kvm_model_t *m, const kvm_load_opts_t *o);
+/* Turns the replay of decode steps as graphs on or off (off drops a captured graph; on takes effect where the
+ * backend has graphs and no capture failed). For benchmarks that compare both on one model. */
+void kvm_forward_set_graphs(kvm_model_t *m, bool on);
 /* Hands a backend allocation (e.g. the device buffer of synthetic weights) to the model's backend state,
  * which frees it in kvm_forward_free. */
 int kvm_forward_adopt(kvm_model_t *m, void *backend_ptr);

@@ -6,13 +6,12 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <strings.h>
 
 #include "forward.h"
 #include "tokenizer.h"
 
 /* Synthetic models (runtime/model/synthetic.c): real shapes, seeded weights generated on the backend. */
-kvm_model_t *kvm_model_synthetic(const char *name, const kvm_model_params_t *opts);
+kvm_model_t *kvm_model_synthetic(const char *name, const kvm_load_opts_t *opts);
 
 int kvm_tensor_check_dims(const kvm_tensor_t *t, const char *name, int ndim, const int64_t *dims);
 
@@ -177,7 +176,7 @@ static void set_name(kvm_model_t *m, const char *path) {
     free(tmp);
 }
 
-static int load_llama2c_tokenizer(kvm_model_t *m, const char *path, const kvm_model_params_t *o) {
+static int load_llama2c_tokenizer(kvm_model_t *m, const char *path, const kvm_load_opts_t *o) {
     char cand[4096];
     const char *tp = o && o->tokenizer_path ? o->tokenizer_path : NULL;
     if (!tp) {
@@ -194,55 +193,58 @@ static int load_llama2c_tokenizer(kvm_model_t *m, const char *path, const kvm_mo
     return m->tok ? 0 : kvm_errcode() ? kvm_errcode() : KVM_EFORMAT;
 }
 
-/* ---- parameters -------------------------------------------------------------------------------- */
+/* ---- parameters ------------------------------------------------------------------------------------ */
 
-kvm_model_params_t kvm_model_default_params(void) {
-    return (kvm_model_params_t){.backend = "auto"};
-}
+kvm_model_params_t kvm_model_default_params(void) { return (kvm_model_params_t){.backend = "auto"}; }
 
-static int parse_dtype(const char *field, const char *v, kvm_dtype_t *out, bool *set) {
-    *set = v != NULL;
-    if (!v) return 0;
-    static const kvm_dtype_t all[] = {KVM_F32, KVM_F16, KVM_BF16};
-    for (size_t i = 0; i < sizeof all / sizeof *all; i++)
-        if (!strcasecmp(v, kvm_dtype_name(all[i]))) {
-            *out = all[i];
-            return 0;
-        }
-    return kvm_seterr(KVM_EINVAL, "%s: '%s' is not one of f32, f16, bf16", field, v);
-}
-
-int kvm_model_params_parse(const kvm_model_params_t *p, kvm_model_settings_t *out) {
-    memset(out, 0, sizeof *out);
-    int rc = parse_dtype("weight_dtype", p->weight_dtype, &out->weight_dtype, &out->weight_dtype_set);
-    if (!rc) rc = parse_dtype("kv_dtype", p->kv_dtype, &out->kv_dtype, &out->kv_dtype_set);
+int kvm_model_params_to_opts(const kvm_model_params_t *p, kvm_load_opts_t *o) {
+    *o = (kvm_load_opts_t){.tokenizer_path = p->tokenizer_path, .backend = p->backend, .quiet = p->quiet,
+                           .no_cuda_graphs = p->cuda_graphs < 0, .synthetic_seed = p->synthetic_seed,
+                           .synthetic_seed_set = p->synthetic_seed != 0};
+    int rc = p->backend ? kvm_backend_check(p->backend) : 0;
+    if (!rc && p->weight_dtype) {
+        rc = kvm_dtype_parse(p->weight_dtype, "weight_dtype", &o->device_dtype);
+        o->device_dtype_set = true;
+    }
+    if (!rc && p->kv_dtype) {
+        rc = kvm_dtype_parse(p->kv_dtype, "kv_dtype", &o->kv_dtype);
+        o->kv_dtype_set = true;
+    }
     if (!rc && (p->cuda_graphs < -1 || p->cuda_graphs > 1))
-        rc = kvm_seterr(KVM_EINVAL, "cuda_graphs: %d is not one of 0 (default), 1 (on), -1 (off)", p->cuda_graphs);
-    if (!rc && p->n_threads < 0) rc = kvm_seterr(KVM_EINVAL, "n_threads: %d is negative (0 = all cores)", p->n_threads);
-    if (!rc && p->backend && *p->backend && strcmp(p->backend, "auto") && strcmp(p->backend, "cpu") && strcmp(p->backend, "cuda"))
-        rc = kvm_seterr(KVM_EINVAL, "backend: '%s' is not one of auto, cpu, cuda", p->backend);
+        rc = kvm_seterr(KVM_EINVAL, "cuda_graphs: %d is not one of 0 (default: on), 1 (on), -1 (off)", p->cuda_graphs);
+    if (!rc && (p->n_threads < 0 || p->n_threads > 256))
+        rc = kvm_seterr(KVM_EINVAL, "n_threads: %d is not one of 0 (all cores), 1, ..., 256", p->n_threads);
     return rc;
 }
 
-/* Applies the parsed settings to a model before its backend copies are made. */
-void kvm_model_apply_settings(kvm_model_t *m, const kvm_model_settings_t *st, const kvm_model_params_t *p) {
-    m->device_dtype = st->weight_dtype_set ? st->weight_dtype : KVM_BF16;
-    m->device_dtype_explicit = st->weight_dtype_set;
-    m->kv_dtype = st->kv_dtype;
-    m->kv_dtype_set = st->kv_dtype_set;
-    m->cuda_graphs_off = p->cuda_graphs < 0;
-    if (p->n_threads > 0) kvm_set_threads(p->n_threads);
+int kvm_model_params_check(const kvm_model_params_t *p) {
+    kvm_load_opts_t o;
+    return p ? kvm_model_params_to_opts(p, &o) : 0;
 }
 
-/* ---- loading ------------------------------------------------------------------------------------ */
-
-kvm_model_t *kvm_model_load(const char *path, const kvm_model_params_t *opts) {
+kvm_model_t *kvm_model_load(const char *path, const kvm_model_params_t *params) {
     const kvm_model_params_t def = kvm_model_default_params();
-    const kvm_model_params_t *o = opts ? opts : &def;
-    kvm_model_settings_t st;
-    if (kvm_model_params_parse(o, &st)) return NULL;
+    if (!params) params = &def;
+    kvm_load_opts_t o;
+    if (kvm_model_params_to_opts(params, &o)) {
+        kvm_errctx(kvm_errcode(), "loading model %s", path ? path : "(null)");
+        return NULL;
+    }
+    if (params->n_threads > 0) kvm_set_threads(params->n_threads);
+    return kvm_model_load_opts(path, &o);
+}
+
+/* ---- loading ---------------------------------------------------------------------------------------- */
+
+kvm_model_t *kvm_model_load_opts(const char *path, const kvm_load_opts_t *opts) {
+    kvm_load_opts_t def = {0};
+    const kvm_load_opts_t *o = opts ? opts : &def;
     if (!path || !*path) {
         kvm_seterr(KVM_EINVAL, "no model path given");
+        return NULL;
+    }
+    if (kvm_load_opts_check(o)) {
+        kvm_errctx(kvm_errcode(), "loading model %s", path);
         return NULL;
     }
     if (!strncmp(path, "synthetic:", 10)) {
@@ -271,8 +273,9 @@ kvm_model_t *kvm_model_load(const char *path, const kvm_model_params_t *opts) {
         if (!m->ops) rc = kvm_errcode() ? kvm_errcode() : KVM_EUNSUPPORTED;
     }
     if (!rc) {
-        kvm_model_apply_settings(m, &st, o);
+        m->device_dtype = o->device_dtype_set ? o->device_dtype : KVM_BF16;
         rc = kvm_forward_init(m, 0);
+        if (!rc) rc = kvm_forward_configure(m, o);
     }
     if (rc) {
         kvm_errctx(rc, "loading model %s", path);

@@ -118,20 +118,39 @@ typedef struct kvm_model {
     bool weights_on_device;     /* tensors already live in backend memory (synthetic models); then norm
                                    weights and biases must be F32 there, matrices any dtype */
     kvm_dtype_t device_dtype;   /* dtype of matrices uploaded to a GPU backend (BF16 default, F32 parity mode) */
-    bool device_dtype_explicit; /* set from kvm_model_params_t.weight_dtype */
-    kvm_dtype_t kv_dtype;       /* KV cache storage dtype when kv_dtype_set (kvm_model_params_t.kv_dtype) */
-    bool kv_dtype_set;
-    bool cuda_graphs_off;       /* kvm_model_params_t.cuda_graphs = -1 */
 } kvm_model_t;
 
-/* kvm_model_load(path, const kvm_model_params_t *) and kvm_model_free are public (include/kvmesh.h).
- * kvm_model_params_parse checks the parameters' strings: an unknown value is KVM_EINVAL naming the field. */
-typedef struct kvm_model_settings {
-    kvm_dtype_t weight_dtype, kv_dtype;
-    bool weight_dtype_set, kv_dtype_set;
-} kvm_model_settings_t;
-int kvm_model_params_parse(const kvm_model_params_t *p, kvm_model_settings_t *out);
-void kvm_model_apply_settings(kvm_model_t *m, const kvm_model_settings_t *st, const kvm_model_params_t *p);
+/* How to load a model, parsed: what the public kvm_model_params_t (include/kvmesh.h, strings checked by
+ * kvm_model_params_to_opts) becomes inside the library. Every field's zero is its default, so `{0}` or
+ * designated initialisers work. The library reads no environment. */
+typedef struct kvm_load_opts {
+    const char *tokenizer_path; /* llama2.c: tokenizer.bin (default: tokenizer.bin or tok<vocab>.bin beside it) */
+    const char *backend;        /* "auto" (default; also NULL), "cpu", "cuda" */
+    bool quiet;                 /* no progress on stderr */
+    kvm_dtype_t device_dtype;   /* GPU weight dtype when device_dtype_set (default BF16; F32 = parity mode); also
+                                   the dtype of synthetic weights on every backend */
+    bool device_dtype_set;
+    kvm_dtype_t kv_dtype;       /* KV cache dtype when kv_dtype_set (default: F32 on the CPU and for F32 device
+                                   weights, else the device weights' 16-bit dtype) */
+    bool kv_dtype_set;
+    bool no_cuda_graphs;        /* decode steps run eagerly (default: replayed as graphs where the backend can) */
+    uint64_t synthetic_seed;    /* seed of synthetic:<name> weights when synthetic_seed_set (default 1234) */
+    bool synthetic_seed_set;
+} kvm_load_opts_t;
+
+/* 0 if every field of o holds one of its values (backend name, dtypes); else KVM_EINVAL naming the field and
+ * its values ("kv_dtype: 7 is not one of KVM_F32, KVM_F16, KVM_BF16"). NULL = defaults (0). The loaders call it
+ * before reading anything. */
+int kvm_load_opts_check(const kvm_load_opts_t *o);
+
+/* The public parameters as load options: every string checked (KVM_EINVAL naming the field and its
+ * values, "kv_dtype: 'bf61' is not one of f32, f16, bf16"); n_threads is applied by kvm_model_load. */
+int kvm_model_params_to_opts(const kvm_model_params_t *p, kvm_load_opts_t *o);
+
+/* Loads a model (see the header comment) from parsed options; kvm_model_load (public) is this after
+ * kvm_model_params_to_opts. Returns NULL and sets the message on any error (bad options included, see
+ * kvm_load_opts_check); the model is freed with kvm_model_free(). */
+kvm_model_t *kvm_model_load_opts(const char *path, const kvm_load_opts_t *opts);
 
 /* Loader entry points (model.c dispatches). Each fills m->cfg, m->w, m->maps; errors name file and tensor. */
 int kvm_load_llama2c(kvm_model_t *m, const char *path);

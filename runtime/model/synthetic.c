@@ -3,8 +3,8 @@
  * Benchmarks need Llama-3.1-8B-sized weights but not their values (timings do not depend on them), and
  * 16 GB of files would not fit the machines we test on. A synthetic model is generated where it runs:
  * on a GPU backend the weights are written by a kernel straight into one device buffer (nothing is
- * uploaded), on the CPU into one host buffer; both use the generator of synthetic.h, so the two are the
- * same model bit for bit. Every report built on these models must say that the weights are synthetic. */
+ * uploaded), on the CPU into one host buffer; both use the generator of kernels/synthetic_gen.h, so the
+ * two are the same model bit for bit. Every report built on these models must say that the weights are synthetic. */
 #include "synthetic.h"
 
 #include <math.h>
@@ -120,15 +120,17 @@ typedef struct synth_plan {
 
 static size_t align256(size_t x) { return (x + 255) & ~(size_t)255; }
 
-kvm_model_t *kvm_model_synthetic(const char *name, const kvm_model_params_t *opts) {
+kvm_model_t *kvm_model_synthetic(const char *name, const kvm_load_opts_t *opts) {
     kvm_config_t c;
+    const kvm_load_opts_t def = {0};
+    const kvm_load_opts_t *o = opts ? opts : &def;
+    if (kvm_load_opts_check(o)) {
+        kvm_errctx(kvm_errcode(), "building synthetic model %s", name ? name : "(null)");
+        return NULL;
+    }
     if (kvm_synthetic_config(name, &c)) return NULL;
-    const kvm_model_params_t def = {0};
-    const kvm_model_params_t *o = opts ? opts : &def;
-    kvm_model_settings_t st;
-    if (kvm_model_params_parse(o, &st)) return NULL;
-    kvm_dtype_t wdt = st.weight_dtype_set ? st.weight_dtype : KVM_BF16;
-    uint64_t seed = o->synthetic_seed ? o->synthetic_seed : 1234;
+    const kvm_dtype_t wdt = o->device_dtype_set ? o->device_dtype : KVM_BF16;
+    const uint64_t seed = o->synthetic_seed_set ? o->synthetic_seed : 1234;
     c.weight_dtype = wdt;
 
     kvm_model_t *m = kvm_calloc(1, sizeof *m);
@@ -218,12 +220,12 @@ kvm_model_t *kvm_model_synthetic(const char *name, const kvm_model_params_t *opt
                  c.head_dim, c.vocab_size, (unsigned long long)seed);
         m->model_id = kvm_hash64(desc, strlen(desc), KVM_HASH_SEED);
         m->weights_on_device = on_dev;
-        kvm_model_apply_settings(m, &st, o);
         m->device_dtype = wdt;
         rc = kvm_forward_init(m, 0);
         /* from here the backend state owns the device buffer (freed by kvm_forward_free) */
         if (!rc && on_dev) rc = kvm_forward_adopt(m, buf);
         if (!rc) buf = NULL;
+        if (!rc) rc = kvm_forward_configure(m, o);
     }
     if (rc) {
         if (on_dev && buf) m->ops->free(buf);
