@@ -1883,6 +1883,6 @@ kvm_workflow_t *kvm_wf_load(const char *path, const kvm_wf_opts_t *o) {
         return NULL;
     }
     kvm_workflow_t *wf = kvm_wf_load_string(path, src, len, o);
-    free(src); /* kvm_read_file allocates with malloc */
+    kvm_free(src);
     return wf;
 }

@@ -49,7 +49,7 @@ static void ls_one(const char *dir, void *ud) {
     cJSON *idx = NULL;
     if (kvm_path_join(p, sizeof p, dir, "index.json") == 0 && kvm_read_file(p, &buf, &len, 0) == 0) {
         idx = cJSON_Parse(buf);
-        free(buf);
+        kvm_free(buf);
     }
     if (!idx) { /* run still going or crashed: summarise from the log */
         kvm_trace_log_t log;

@@ -487,11 +487,11 @@ static int apply_config(kvm_tokenizer_t *t, const char *cfg_path) {
         if (!cfg || !cJSON_IsObject(cfg)) {
             const char *at = cJSON_GetErrorPtr();
             long off = (cfg || !at || at < text || at > text + len) ? 0 : (long)(at - text);
-            free(text);
+            kvm_free(text);
             cJSON_Delete(cfg);
             return kvm_seterr(KVM_EFORMAT, "%s: not a JSON object (near byte %ld)", cfg_path, off);
         }
-        free(text);
+        kvm_free(text);
     }
     const char *bos = jtoken(cfg, "bos_token"), *eos = jtoken(cfg, "eos_token");
     t->bos = find_token(t, bos);
@@ -554,10 +554,10 @@ kvm_tokenizer_t *kvm_tokenizer_load_hf(const char *json_path, const char *config
         const char *at = cJSON_GetErrorPtr();
         long off = (at && at >= text && at <= text + len) ? (long)(at - text) : -1;
         kvm_seterr(KVM_EFORMAT, "%s: not JSON (parse error near byte %ld)", json_path, off);
-        free(text);
+        kvm_free(text);
         return NULL;
     }
-    free(text);
+    kvm_free(text);
     kvm_tokenizer_t *t = NULL;
     ctx_t c = {.path = json_path};
     const cJSON *model = jget(root, "model");

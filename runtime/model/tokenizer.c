@@ -499,12 +499,12 @@ kvm_tokenizer_t *kvm_tokenizer_load_bin(const char *path, int vocab_size) {
     t->eos = 2;
     t->adds_bos = true;
     t->special[0] = t->special[1] = t->special[2] = 1;
-    free(data);
+    kvm_free(data);
     return t;
 fail_nomsg:
     if (kvm_errcode() == 0) kvm_seterr(KVM_ENOMEM, "%s: out of memory", path);
 fail:
-    free(data);
+    kvm_free(data);
     kvm_tokenizer_free(t);
     return NULL;
 }

@@ -140,7 +140,7 @@ int kvm_trace_read(const char *path, kvm_trace_log_t *log) {
     int cap = 64;
     log->recs = kvm_malloc((size_t)cap * sizeof *log->recs);
     if (!log->recs) {
-        free(buf); /* kvm_read_file allocates with malloc */
+        kvm_free(buf);
         return KVM_ENOMEM;
     }
     size_t pos = 0;
@@ -162,7 +162,7 @@ int kvm_trace_read(const char *path, kvm_trace_log_t *log) {
                 log->torn_tail = true;
                 break;
             }
-            free(buf);
+            kvm_free(buf);
             kvm_trace_log_free(log);
             return kvm_seterr(KVM_EFORMAT, "%s:%d: not a JSON object record", file, line);
         }
@@ -171,7 +171,7 @@ int kvm_trace_read(const char *path, kvm_trace_log_t *log) {
             cJSON **nr = kvm_realloc(log->recs, (size_t)cap * sizeof *nr);
             if (!nr) {
                 cJSON_Delete(r);
-                free(buf);
+                kvm_free(buf);
                 kvm_trace_log_free(log);
                 return KVM_ENOMEM;
             }
@@ -179,7 +179,7 @@ int kvm_trace_read(const char *path, kvm_trace_log_t *log) {
         }
         log->recs[log->n++] = r;
     }
-    free(buf);
+    kvm_free(buf);
     return 0;
 }
 
