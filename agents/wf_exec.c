@@ -1537,11 +1537,11 @@ int kvm_wf_start(kvm_workflow_t *wf, const cJSON *inputs, uint64_t seed, int *ru
     r->to_end = kvm_calloc((size_t)g->n_nodes, sizeof *r->to_end);
     r->arrived = kvm_calloc((size_t)g->n_joins + 1, sizeof *r->arrived);
     r->agent_tokens = kvm_calloc((size_t)wf->n_agents + 1, sizeof *r->agent_tokens);
-    r->acct = calloc(1, sizeof *r->acct);
+    r->acct = kvm_calloc(1, sizeof *r->acct);
     bool ok = r->inputs && r->node_cur && r->node_prev && r->ready && r->to_end && r->arrived && r->agent_tokens && r->acct;
     for (int j = 0; ok && j < g->n_joins; j++) ok = (r->arrived[j] = kvm_calloc((size_t)g->joins[j].n_src, sizeof **r->arrived)) != NULL;
     if (!ok) {
-        free(r->acct);
+        kvm_free(r->acct);
         r->acct = NULL;
         run_free(wf, r);
         return kvm_seterr(KVM_ENOMEM, "out of memory starting a run");
@@ -1797,7 +1797,7 @@ void kvm_wf_free(kvm_workflow_t *wf) {
     if (!wf) return;
     wf_runs_free(wf);
     if (wf->L) lua_close(wf->L);
-    free(wf->acct_shared);
+    kvm_free(wf->acct_shared);
     for (int i = 0; i < wf->n_graphs; i++) graph_free(wf->graphs[i]);
     kvm_free(wf->graphs);
     for (int i = 0; i < wf->n_agents; i++) {
@@ -1825,6 +1825,7 @@ void kvm_wf_free(kvm_workflow_t *wf) {
 }
 
 kvm_workflow_t *kvm_wf_load_string(const char *name, const char *src, size_t len, const kvm_wf_opts_t *o) {
+    kvm_core_init();
     kvm_workflow_t *wf = kvm_calloc(1, sizeof *wf);
     if (!wf) return NULL;
     if (o) wf->o = *o;

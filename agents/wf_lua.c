@@ -33,7 +33,7 @@ typedef struct ahdr {
 static void acct_sub(kvm_workflow_t *wf, wf_account_t *a, size_t n) {
     a->bytes -= n;
     wf->total_bytes -= n;
-    if (a->closed && a->bytes == 0 && a != wf->acct_shared) free(a);
+    if (a->closed && a->bytes == 0 && a != wf->acct_shared) kvm_free(a);
 }
 
 /* Caps apply only while script code runs (a budget is set): the C side's own bookkeeping between
@@ -57,14 +57,14 @@ static void *wf_alloc(void *ud, void *ptr, size_t osize, size_t nsize) {
         if (ptr) {
             ahdr_t *h = (ahdr_t *)ptr - 1;
             acct_sub(wf, h->acct, osize);
-            free(h);
+            kvm_free(h);
         }
         return NULL;
     }
     if (!ptr) {
         wf_account_t *a = wf->cur_acct ? wf->cur_acct : wf->acct_shared;
         if (!acct_room(wf, a, nsize)) return NULL;
-        ahdr_t *h = malloc(sizeof *h + nsize);
+        ahdr_t *h = kvm_malloc(sizeof *h + nsize);
         if (!h) return NULL;
         h->acct = a;
         acct_add(wf, a, nsize);
@@ -73,20 +73,23 @@ static void *wf_alloc(void *ud, void *ptr, size_t osize, size_t nsize) {
     ahdr_t *h = (ahdr_t *)ptr - 1;
     wf_account_t *a = h->acct;
     if (nsize > osize && !acct_room(wf, a, nsize - osize)) return NULL;
-    ahdr_t *nh = realloc(h, sizeof *h + nsize);
-    if (!nh) return nsize <= osize ? ptr : NULL;
-    if (nsize > osize) acct_add(wf, a, nsize - osize);
-    else {
-        a->bytes -= osize - nsize;
-        wf->total_bytes -= osize - nsize;
+    ahdr_t *nh = kvm_realloc(h, sizeof *h + nsize);
+    if (nsize > osize) {
+        if (!nh) return NULL;
+        acct_add(wf, a, nsize - osize);
+        return nh + 1;
     }
-    return nh + 1;
+    /* a shrink never fails for Lua: a block that could not be shrunk stays as it is, and is accounted
+     * at the size Lua now believes it has (the size it will free) */
+    a->bytes -= osize - nsize;
+    wf->total_bytes -= osize - nsize;
+    return nh ? nh + 1 : ptr;
 }
 
 void wf_account_charge_close(kvm_workflow_t *wf, wf_account_t *a) {
     if (!a) return;
     a->closed = true;
-    if (a->bytes == 0 && a != wf->acct_shared) free(a);
+    if (a->bytes == 0 && a != wf->acct_shared) kvm_free(a);
 }
 
 /* ---- budget hook -------------------------------------------------------------------------------- */
@@ -1595,7 +1598,7 @@ static int open_protected(lua_State *L) {
 }
 
 int wf_lua_open(kvm_workflow_t *wf) {
-    wf->acct_shared = calloc(1, sizeof *wf->acct_shared);
+    wf->acct_shared = kvm_calloc(1, sizeof *wf->acct_shared);
     if (!wf->acct_shared) return kvm_seterr(KVM_ENOMEM, "lua: out of memory");
     wf->acct_shared->cap = wf->total_cap;
     wf->L = lua_newstate(wf_alloc, wf);

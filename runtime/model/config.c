@@ -257,6 +257,7 @@ static int cfg_check_unsupported(kvm_config_t *c, const cJSON *root, const char 
 }
 
 int kvm_config_parse_hf(kvm_config_t *cfg, const char *json, const char *path) {
+    kvm_core_init();
     if (!path) path = "config.json";
     memset(cfg, 0, sizeof *cfg);
     if (!json) return kvm_seterr(KVM_EINVAL, "%s: no text", path);

@@ -194,6 +194,7 @@ static int load_llama2c_tokenizer(kvm_model_t *m, const char *path, const kvm_lo
 }
 
 kvm_model_t *kvm_model_load(const char *path, const kvm_load_opts_t *opts) {
+    kvm_core_init();
     kvm_load_opts_t def = {0};
     const kvm_load_opts_t *o = opts ? opts : &def;
     if (!path || !*path) {

@@ -156,6 +156,7 @@ static int st_check_ranges(kvm_st_file_t *f, int flags) {
 }
 
 int kvm_st_parse(kvm_st_file_t *f, const void *buf, size_t size, const char *path, int flags) {
+    kvm_core_init();
     memset(f, 0, sizeof *f);
     f->path = kvm_strdup(path ? path : "(safetensors)");
     if (!f->path) return KVM_ENOMEM;
@@ -292,6 +293,7 @@ int kvm_st_view(const kvm_st_tensor_t *t, kvm_tensor_t *out, const char *path) {
 /* ---- writing -------------------------------------------------------------------------------- */
 
 int kvm_st_write(const char *path, const kvm_st_entry_t *entries, int n) {
+    kvm_core_init();
     cJSON *root = cJSON_CreateObject();
     if (!root) return kvm_seterr(KVM_ENOMEM, "%s: out of memory building the header", path);
     uint64_t off = 0;

@@ -537,6 +537,7 @@ static int apply_config(kvm_tokenizer_t *t, const char *cfg_path) {
 /* ---- the loader ----------------------------------------------------------------------------------- */
 
 kvm_tokenizer_t *kvm_tokenizer_load_hf(const char *json_path, const char *config_path) {
+    kvm_core_init();
     if (!json_path) {
         kvm_seterr(KVM_EINVAL, "kvm_tokenizer_load_hf: path is NULL");
         return NULL;

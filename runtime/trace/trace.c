@@ -126,6 +126,7 @@ void kvm_trace_close(kvm_trace_t *t) {
 /* ---- reader ----------------------------------------------------------------------------------- */
 
 int kvm_trace_read(const char *path, kvm_trace_log_t *log) {
+    kvm_core_init();
     memset(log, 0, sizeof *log);
     char file[4096];
     if (kvm_dir_exists(path)) {
