@@ -515,7 +515,7 @@ static void expect_load_error(const char *json, int code, const char *needle) {
 
 static void test_not_json_is_a_format_error(void **s) {
     (void)s;
-    expect_load_error("{\"model\": {\"vocab\": ", KVM_EFORMAT, "not JSON");
+    expect_load_error("{\"model\": {\"vocab\": ", KVM_EFORMAT, "not valid JSON");
     expect_load_error("[1, 2, 3]", KVM_EFORMAT, "not a JSON object");
 }
 

@@ -5,7 +5,7 @@
  * config: bos_token, eos_token, add_bos_token, chat_template. Sequence steps are flattened. Anything we
  * do not implement is refused with KVM_EUNSUPPORTED naming the component and its type, never guessed;
  * malformed input gives KVM_EFORMAT naming the file and the JSON field. */
-#include <cjson/cJSON.h>
+#include "../core/json.h"
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -483,15 +483,13 @@ static int apply_config(kvm_tokenizer_t *t, const char *cfg_path) {
         size_t len = 0;
         int rc = kvm_read_file(cfg_path, &text, &len, 64u << 20);
         if (rc) return kvm_errctx(rc, "tokenizer config");
-        cfg = cJSON_ParseWithLength(text, len);
-        if (!cfg || !cJSON_IsObject(cfg)) {
-            const char *at = cJSON_GetErrorPtr();
-            long off = (cfg || !at || at < text || at > text + len) ? 0 : (long)(at - text);
-            kvm_free(text);
-            cJSON_Delete(cfg);
-            return kvm_seterr(KVM_EFORMAT, "%s: not a JSON object (near byte %ld)", cfg_path, off);
-        }
+        rc = kvm_json_parse(text, len, cfg_path, &cfg);
         kvm_free(text);
+        if (rc) return rc;
+        if (!cJSON_IsObject(cfg)) {
+            cJSON_Delete(cfg);
+            return kvm_seterr(KVM_EFORMAT, "%s: not a JSON object", cfg_path);
+        }
     }
     const char *bos = jtoken(cfg, "bos_token"), *eos = jtoken(cfg, "eos_token");
     t->bos = find_token(t, bos);
@@ -550,15 +548,10 @@ kvm_tokenizer_t *kvm_tokenizer_load_hf(const char *json_path, const char *config
         kvm_errctx(rc, "tokenizer");
         return NULL;
     }
-    cJSON *root = cJSON_ParseWithLength(text, len);
-    if (!root) {
-        const char *at = cJSON_GetErrorPtr();
-        long off = (at && at >= text && at <= text + len) ? (long)(at - text) : -1;
-        kvm_seterr(KVM_EFORMAT, "%s: not JSON (parse error near byte %ld)", json_path, off);
-        kvm_free(text);
-        return NULL;
-    }
+    cJSON *root;
+    rc = kvm_json_parse(text, len, json_path, &root);
     kvm_free(text);
+    if (rc) return NULL;
     kvm_tokenizer_t *t = NULL;
     ctx_t c = {.path = json_path};
     const cJSON *model = jget(root, "model");
