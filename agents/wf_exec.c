@@ -981,7 +981,7 @@ static void deliver(kvm_workflow_t *wf, wf_llm_result_t *res) {
         return;
     }
     if (status) task_fail(t, status, xstrdup(msg));
-    else t->out_text = xstrdup(res->text);
+    else if (!(t->out_text = xstrdup(res->text))) task_fail(t, KVM_ENOMEM, xstrdup("out of memory keeping the agent's output"));
     task_done(wf, r, t);
 }
 
@@ -1144,6 +1144,21 @@ static int route_targets(kvm_workflow_t *wf, wf_run_t *r, int from, char **msg) 
     return 0;
 }
 
+/* Adds the Lua value on top of L (popped) to the run's outputs as `name`; false when out of memory. */
+static bool output_put(wf_run_t *r, lua_State *L, const char *name) {
+    cJSON *j = wf_lua_to_json(L, -1);
+    lua_pop(L, 1);
+    if (j && cJSON_AddItemToObject(r->outputs, name, j)) return true;
+    cJSON_Delete(j);
+    return false;
+}
+
+static int outputs_nomem(char **msg) {
+    kvm_free(*msg);
+    *msg = xstrdup("out of memory collecting the run's outputs");
+    return KVM_ENOMEM;
+}
+
 static void end_superstep(kvm_workflow_t *wf, wf_run_t *r) {
     const wf_graph_t *g = wf->g;
     lua_State *L = r->th;
@@ -1161,6 +1176,10 @@ static void end_superstep(kvm_workflow_t *wf, wf_run_t *r) {
             char *text = wf_lua_value_text(L, -1);
             lua_pop(L, 1);
             unbook(wf);
+            if (!text) { /* a missing output would read as "not produced yet" */
+                code = outputs_nomem(&msg);
+                break;
+            }
             kvm_free(r->node_prev[t->node]);
             r->node_prev[t->node] = r->node_cur[t->node];
             r->node_cur[t->node] = text;
@@ -1316,12 +1335,11 @@ static void end_superstep(kvm_workflow_t *wf, wf_run_t *r) {
         for (int i = 0; i < g->n_nodes; i++) any |= r->to_end[i];
         if (any) {
             if (!r->outputs) r->outputs = cJSON_CreateObject();
-            for (int i = 0; i < r->n_tasks; i++)
+            for (int i = 0; i < r->n_tasks && !code; i++)
                 if (r->to_end[r->tasks[i].node]) {
                     push_task_output(r, &r->tasks[i], g);
                     cJSON_DeleteItemFromObjectCaseSensitive(r->outputs, g->nodes[r->tasks[i].node].name);
-                    cJSON_AddItemToObject(r->outputs, g->nodes[r->tasks[i].node].name, wf_lua_to_json(L, -1));
-                    lua_pop(L, 1);
+                    if (!output_put(r, L, g->nodes[r->tasks[i].node].name)) code = outputs_nomem(&msg);
                 }
         }
     }
@@ -1342,10 +1360,9 @@ static void end_superstep(kvm_workflow_t *wf, wf_run_t *r) {
         for (int i = 0; i < g->n_nodes; i++) n_ready += r->ready[i];
         if (n_ready == 0 && !r->outputs) {
             r->outputs = cJSON_CreateObject();
-            for (int i = 0; i < r->n_tasks; i++) {
+            for (int i = 0; i < r->n_tasks && !code; i++) {
                 push_task_output(r, &r->tasks[i], g);
-                cJSON_AddItemToObject(r->outputs, g->nodes[r->tasks[i].node].name, wf_lua_to_json(L, -1));
-                lua_pop(L, 1);
+                if (!output_put(r, L, g->nodes[r->tasks[i].node].name)) code = outputs_nomem(&msg);
             }
         }
     }
@@ -1376,6 +1393,7 @@ static void finish_run(kvm_workflow_t *wf, wf_run_t *r, int code, char *msg) {
             cJSON_Delete(r->outputs);
             r->outputs = wf_lua_to_json(L, -1);
             lua_pop(L, 1);
+            if (!r->outputs) code = outputs_nomem(&msg);
         }
     }
     if (!r->outputs) r->outputs = cJSON_CreateObject();
@@ -1446,9 +1464,9 @@ static void finish_run(kvm_workflow_t *wf, wf_run_t *r, int code, char *msg) {
 
 static void run_free(kvm_workflow_t *wf, wf_run_t *r) {
     const wf_graph_t *g = wf->g;
-    for (int i = 0; g && i < g->n_nodes; i++) {
-        kvm_free(r->node_cur[i]);
-        kvm_free(r->node_prev[i]);
+    for (int i = 0; g && i < g->n_nodes; i++) { /* either array may be missing after a failed start */
+        if (r->node_cur) kvm_free(r->node_cur[i]);
+        if (r->node_prev) kvm_free(r->node_prev[i]);
     }
     kvm_free(r->node_cur);
     kvm_free(r->node_prev);
@@ -1491,6 +1509,7 @@ static int run_setup_protected(lua_State *L) {
     lua_rawgeti(L, LUA_REGISTRYINDEX, g->init_ref);
     cJSON *init = wf_lua_to_json(L, -1);
     lua_pop(L, 1);
+    if (!init) return luaL_error(L, "not enough memory"); /* the state would miss its initial values */
     wf_lua_push_json(L, init);
     cJSON_Delete(init);
     if (lua_isnil(L, -1)) {

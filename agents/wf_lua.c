@@ -472,14 +472,20 @@ static cJSON *to_json_rec(lua_State *L, int idx, int depth) {
             cJSON *a = cJSON_CreateArray();
             for (lua_Unsigned i = 1; a && i <= len; i++) {
                 lua_rawgeti(L, idx, (lua_Integer)i);
-                cJSON_AddItemToArray(a, to_json_rec(L, -1, depth + 1));
+                cJSON *c = to_json_rec(L, -1, depth + 1);
                 lua_pop(L, 1);
+                if (!c || !cJSON_AddItemToArray(a, c)) { /* out of memory: nothing half-built survives */
+                    cJSON_Delete(c);
+                    cJSON_Delete(a);
+                    return NULL;
+                }
             }
             return a;
         }
         cJSON *o = cJSON_CreateObject();
+        if (!o) return NULL; /* before the key push: the stack stays balanced */
         lua_pushnil(L);
-        while (o && lua_next(L, idx)) {
+        while (lua_next(L, idx)) {
             char kb[64];
             const char *k;
             if (lua_type(L, -2) == LUA_TSTRING) k = lua_tostring(L, -2);
@@ -491,8 +497,14 @@ static cJSON *to_json_rec(lua_State *L, int idx, int depth) {
                 snprintf(kb, sizeof kb, "<%s>", luaL_typename(L, -2));
                 k = kb;
             }
-            cJSON_AddItemToObject(o, k, to_json_rec(L, -1, depth + 1));
+            cJSON *c = to_json_rec(L, -1, depth + 1);
             lua_pop(L, 1);
+            if (!c || !cJSON_AddItemToObject(o, k, c)) {
+                cJSON_Delete(c);
+                cJSON_Delete(o);
+                lua_pop(L, 1); /* the key */
+                return NULL;
+            }
         }
         return o;
     }
@@ -501,9 +513,11 @@ static cJSON *to_json_rec(lua_State *L, int idx, int depth) {
                            : luaL_testudata(L, idx, WF_MT_GRAPH)                                       ? "graph"
                                                                                                          : "userdata";
         cJSON *o = cJSON_CreateObject();
-        cJSON_AddStringToObject(o, "handle", kind);
         wf_handle_t *h = lua_touserdata(L, idx);
-        if (strcmp(kind, "userdata") != 0) cJSON_AddNumberToObject(o, "id", h->idx);
+        if (!cJSON_AddStringToObject(o, "handle", kind) || (strcmp(kind, "userdata") != 0 && !cJSON_AddNumberToObject(o, "id", h->idx))) {
+            cJSON_Delete(o);
+            return NULL;
+        }
         return o;
     }
     default: {
@@ -514,10 +528,7 @@ static cJSON *to_json_rec(lua_State *L, int idx, int depth) {
     }
 }
 
-cJSON *wf_lua_to_json(lua_State *L, int idx) {
-    cJSON *j = to_json_rec(L, idx, 0);
-    return j ? j : cJSON_CreateNull();
-}
+cJSON *wf_lua_to_json(lua_State *L, int idx) { return to_json_rec(L, idx, 0); }
 
 void wf_lua_push_json(lua_State *L, const cJSON *j) {
     luaL_checkstack(L, 4, "json");
@@ -943,7 +954,8 @@ static int l_graph(lua_State *L) {
         wf_key_t *nk = kvm_realloc(g->keys, (size_t)(g->n_keys + 1) * sizeof *nk);
         if (!nk) return luaL_error(L, "out of memory");
         g->keys = nk;
-        nk[g->n_keys++] = (wf_key_t){.name = dup_or_die(L, "msgs"), .reducer = WF_RED_APPEND, .fn_ref = LUA_NOREF};
+        char *msgs = dup_or_die(L, "msgs"); /* may raise: count the key only once it is whole */
+        nk[g->n_keys++] = (wf_key_t){.name = msgs, .reducer = WF_RED_APPEND, .fn_ref = LUA_NOREF};
         lua_rawgeti(L, LUA_REGISTRYINDEX, g->init_ref);
         lua_newtable(L);
         lua_setfield(L, -2, "msgs");
@@ -1014,6 +1026,11 @@ static int g_fnnode(lua_State *L, int kind) {
 static int g_func(lua_State *L) { return g_fnnode(L, WF_NODE_FUNC); }
 static int g_tool(lua_State *L) { return g_fnnode(L, WF_NODE_TOOL); }
 
+static void free_names(char **v, int n) {
+    for (int i = 0; i < n; i++) kvm_free(v[i]);
+    kvm_free(v);
+}
+
 /* Reads a node name or a list of names at idx into a new array. */
 static char **names_arg(lua_State *L, int idx, int *n, const char *what) {
     *n = 0;
@@ -1021,6 +1038,10 @@ static char **names_arg(lua_State *L, int idx, int *n, const char *what) {
         char **v = kvm_calloc(1, sizeof *v);
         if (!v) luaL_error(L, "out of memory");
         v[0] = kvm_strdup(lua_tostring(L, idx));
+        if (!v[0]) {
+            kvm_free(v);
+            luaL_error(L, "out of memory");
+        }
         *n = 1;
         return v;
     }
@@ -1038,14 +1059,13 @@ static char **names_arg(lua_State *L, int idx, int *n, const char *what) {
         lua_rawgeti(L, idx, i);
         v[i - 1] = kvm_strdup(lua_tostring(L, -1));
         lua_pop(L, 1);
+        if (!v[i - 1]) {
+            free_names(v, i - 1);
+            luaL_error(L, "out of memory");
+        }
     }
     *n = len;
     return v;
-}
-
-static void free_names(char **v, int n) {
-    for (int i = 0; i < n; i++) kvm_free(v[i]);
-    kvm_free(v);
 }
 
 /* g:edge(from, to | {to...} [, {when = fn, on_error = bool}]) */
@@ -1081,6 +1101,7 @@ static int g_edge(lua_State *L) {
         return luaL_error(L, "out of memory");
     }
     g->edges = ne;
+    bool ok = true;
     for (int i = 0; i < n; i++) {
         wf_edge_t *e = &ne[g->n_edges++];
         e->from = e->to = WF_START;
@@ -1088,9 +1109,11 @@ static int g_edge(lua_State *L) {
         e->to_name = to[i];
         e->when_ref = when; /* shared ref: released once at free (see wf_lua_close) */
         e->on_error = on_error;
-        e->where = i == 0 ? w : kvm_strdup(w);
+        e->where = i == 0 ? w : w ? kvm_strdup(w) : NULL;
+        ok = ok && e->from_name && e->where;
     }
     kvm_free(to);
+    if (!ok) return luaL_error(L, "g:edge: out of memory"); /* the edges made are freed with the graph */
     lua_settop(L, 1);
     return 1;
 }
