@@ -114,15 +114,15 @@ static void test_array_reserve_grows_a_caller_owned_pair(void **st) {
     (void)st;
     float *p = NULL;
     size_t cap = 0;
-    assert_int_equal(kvm_array_reserve((void **)&p, &cap, 5, sizeof *p, 4), 0);
+    assert_int_equal(kvm_array_reserve(&p, &cap, 5, sizeof *p, 4), 0);
     assert_int_equal(cap, 8);
-    assert_int_equal(kvm_array_reserve((void **)&p, &cap, 8, sizeof *p, 4), 0);
+    assert_int_equal(kvm_array_reserve(&p, &cap, 8, sizeof *p, 4), 0);
     assert_int_equal(cap, 8);
     kvm_alloc_fail_nth(1);
-    assert_int_equal(kvm_array_reserve((void **)&p, &cap, 9, sizeof *p, 4), KVM_ENOMEM);
+    assert_int_equal(kvm_array_reserve(&p, &cap, 9, sizeof *p, 4), KVM_ENOMEM);
     assert_int_equal(cap, 8);
     assert_non_null(p);
-    assert_int_equal(kvm_array_reserve((void **)&p, &cap, (size_t)-1 / 2, sizeof *p, 4), KVM_ENOMEM);
+    assert_int_equal(kvm_array_reserve(&p, &cap, (size_t)-1 / 2, sizeof *p, 4), KVM_ENOMEM);
     assert_int_equal(cap, 8);
     kvm_free(p);
 }

@@ -133,11 +133,13 @@ int kvm_map_put(kvm_map_t *m, const void *key, size_t klen, kvm_mapval_t val) {
 }
 
 bool kvm_map_get(const kvm_map_t *m, const void *key, size_t klen, kvm_mapval_t *out) {
+    if (!m->cap) return false; /* also a zeroed, never initialised map */
     KVM_ASSERT(str_keys(m));
     return copy_out(map_get(m, hash_bytes(key, klen), key, klen, 0), out);
 }
 
 bool kvm_map_remove(kvm_map_t *m, const void *key, size_t klen, kvm_mapval_t *out) {
+    if (!m->cap) return false; /* also a zeroed, never initialised map */
     KVM_ASSERT(str_keys(m));
     return map_remove(m, hash_bytes(key, klen), key, klen, 0, out);
 }
@@ -152,11 +154,13 @@ int kvm_map_put_u64(kvm_map_t *m, uint64_t key, kvm_mapval_t val) {
 }
 
 bool kvm_map_get_u64(const kvm_map_t *m, uint64_t key, kvm_mapval_t *out) {
+    if (!m->cap) return false; /* also a zeroed, never initialised map */
     KVM_ASSERT(!str_keys(m));
     return copy_out(map_get(m, hash_u64(key), NULL, 0, key), out);
 }
 
 bool kvm_map_remove_u64(kvm_map_t *m, uint64_t key, kvm_mapval_t *out) {
+    if (!m->cap) return false; /* also a zeroed, never initialised map */
     KVM_ASSERT(!str_keys(m));
     return map_remove(m, hash_u64(key), NULL, 0, key, out);
 }

@@ -10,11 +10,7 @@
 
 int kvm_sb_reserve(kvm_sb_t *b, size_t extra) {
     if (extra > SIZE_MAX - b->len - 1) return kvm_seterr(KVM_ENOMEM, "string of %zu + %zu bytes overflows", b->len, extra);
-    void *p = b->s;
-    int rc = kvm_array_reserve(&p, &b->cap, b->len + extra + 1, 1, 64);
-    if (rc) return rc;
-    b->s = p;
-    return 0;
+    return kvm_array_reserve(&b->s, &b->cap, b->len + extra + 1, 1, 64);
 }
 
 int kvm_sb_append(kvm_sb_t *b, const void *data, size_t n) {

@@ -6,14 +6,16 @@
 
 #include "core.h"
 
-int kvm_array_reserve(void **data, size_t *cap, size_t need, size_t elem_size, size_t min_cap) {
+int kvm_array_reserve(void *arrayp, size_t *cap, size_t need, size_t elem_size, size_t min_cap) {
     if (need <= *cap) return 0;
     size_t c = *cap ? *cap : (min_cap ? min_cap : 1);
     while (c < need) c = c > SIZE_MAX / 2 ? need : c * 2;
     if (c > SIZE_MAX / elem_size) return kvm_seterr(KVM_ENOMEM, "array of %zu elements of %zu bytes overflows", c, elem_size);
-    void *p = kvm_realloc(*data, c * elem_size);
+    void *old; /* the caller's pointer is a T *: copied as bytes, never accessed as a void * */
+    memcpy(&old, arrayp, sizeof old);
+    void *p = kvm_realloc(old, c * elem_size);
     if (!p) return KVM_ENOMEM;
-    *data = p;
+    memcpy(arrayp, &p, sizeof p);
     *cap = c;
     return 0;
 }

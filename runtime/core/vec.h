@@ -52,8 +52,9 @@ void kvm_vec_free(kvm_vec_t *v);
 void *kvm_vec_steal(kvm_vec_t *v, size_t *len);
 
 /* The growth step the vector uses, for structures that keep their own (pointer, capacity) pair:
- * makes *data hold at least `need` elements of elem_size bytes, doubling *cap from min_cap. On
- * KVM_ENOMEM *data and *cap are unchanged. */
-int kvm_array_reserve(void **data, size_t *cap, size_t need, size_t elem_size, size_t min_cap);
+ * `arrayp` is the address of the array pointer (a T **, e.g. &l->v); makes the array hold at least
+ * `need` elements of elem_size bytes, doubling *cap from min_cap. On KVM_ENOMEM the array and *cap are
+ * unchanged.   if ((rc = kvm_array_reserve(&l->v, &l->cap, l->n + 1, sizeof *l->v, 64))) return rc; */
+int kvm_array_reserve(void *arrayp, size_t *cap, size_t need, size_t elem_size, size_t min_cap);
 
 #endif

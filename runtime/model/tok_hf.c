@@ -368,14 +368,14 @@ static int parse_merges(ctx_t *c, const cJSON *merges) {
     if (tok_pairmap_init(&t->merges, (size_t)cJSON_GetArraySize(merges))) return KVM_ENOMEM;
     const cJSON *it;
     int rank = 0;
-    tok_buf_t cat = {0};
+    kvm_sb_t cat = {0};
     cJSON_ArrayForEach(it, merges) {
         const char *a, *b;
         size_t la, lb;
         if (cJSON_IsString(it)) {
             const char *s = it->valuestring, *sp = strchr(s, ' ');
             if (!sp || strchr(sp + 1, ' ') || sp == s || !sp[1]) {
-                tok_buf_free(&cat);
+                kvm_sb_free(&cat);
                 return kvm_seterr(KVM_EFORMAT, "%s: model.merges[%d]: \"%s\" is not two tokens separated by one space", c->path, rank, s);
             }
             a = s, la = (size_t)(sp - s), b = sp + 1, lb = strlen(b);
@@ -384,24 +384,24 @@ static int parse_merges(ctx_t *c, const cJSON *merges) {
             a = cJSON_GetArrayItem(it, 0)->valuestring, la = strlen(a);
             b = cJSON_GetArrayItem(it, 1)->valuestring, lb = strlen(b);
         } else {
-            tok_buf_free(&cat);
+            kvm_sb_free(&cat);
             return kvm_seterr(KVM_EFORMAT, "%s: model.merges[%d]: expected \"a b\" or [\"a\", \"b\"]", c->path, rank);
         }
         int32_t ia = tok_strmap_get(&t->vocab, a, la), ib = tok_strmap_get(&t->vocab, b, lb);
         cat.len = 0;
-        if (tok_buf_put(&cat, a, la) || tok_buf_put(&cat, b, lb)) return tok_buf_free(&cat), KVM_ENOMEM;
-        int32_t im = tok_strmap_get(&t->vocab, cat.p, cat.len);
+        if (kvm_sb_append(&cat, a, la) || kvm_sb_append(&cat, b, lb)) return kvm_sb_free(&cat), KVM_ENOMEM;
+        int32_t im = tok_strmap_get(&t->vocab, cat.s, cat.len);
         if (ia < 0 || ib < 0 || im < 0) {
-            const char *which = ia < 0 ? a : ib < 0 ? b : cat.p;
+            const char *which = ia < 0 ? a : ib < 0 ? b : cat.s;
             int wl = (int)(ia < 0 ? la : ib < 0 ? lb : cat.len);
             kvm_seterr(KVM_EFORMAT, "%s: model.merges[%d]: references unknown token \"%.*s\" (not in model.vocab)", c->path, rank, wl, which);
-            tok_buf_free(&cat);
+            kvm_sb_free(&cat);
             return KVM_EFORMAT;
         }
-        if (tok_pairmap_put(&t->merges, ia, ib, rank, im)) return tok_buf_free(&cat), KVM_ENOMEM;
+        if (tok_pairmap_put(&t->merges, ia, ib, rank, im)) return kvm_sb_free(&cat), KVM_ENOMEM;
         rank++;
     }
-    tok_buf_free(&cat);
+    kvm_sb_free(&cat);
     return 0;
 }
 
