@@ -178,6 +178,13 @@ static int route_targets(kvm_workflow_t *wf, wf_run_t *r, int from, char **msg) 
     return code;
 }
 
+/* A run that cannot keep its outputs must fail: a missing output would read as "not produced yet". */
+static int outputs_nomem(char **msg) {
+    kvm_free(*msg);
+    *msg = kvm_strdup("out of memory collecting the run's outputs");
+    return KVM_ENOMEM;
+}
+
 /* Step 1 of a super-step's end: each completed node's output becomes its {agent.x} / {tool.x} text
  * and is reduced into the state (messages, `writes`, a func node's updates). */
 static int apply_outputs(kvm_workflow_t *wf, wf_run_t *r, char **msg) {
@@ -194,6 +201,10 @@ static int apply_outputs(kvm_workflow_t *wf, wf_run_t *r, char **msg) {
             char *text = wf_lua_value_text(L, -1);
             lua_pop(L, 1);
             wf_unbook(wf);
+            if (!text) {
+                code = outputs_nomem(msg);
+                break;
+            }
             kvm_free(r->node_prev[t->node]);
             r->node_prev[t->node] = r->node_cur[t->node];
             r->node_cur[t->node] = text;
@@ -279,18 +290,24 @@ static void fire_joins(kvm_workflow_t *wf, wf_run_t *r) {
     }
 }
 
-/* The outputs of the tasks selected by `only` ([n_nodes] flags, NULL = every task) into r->outputs. */
-static void collect_outputs(kvm_workflow_t *wf, wf_run_t *r, const bool *only) {
+/* The outputs of the tasks selected by `only` ([n_nodes] flags, NULL = every task) into r->outputs; 0, or
+ * KVM_ENOMEM with *msg set when one cannot be kept. */
+static int collect_outputs(kvm_workflow_t *wf, wf_run_t *r, const bool *only, char **msg) {
     const wf_graph_t *g = wf->g;
-    if (!r->outputs) r->outputs = cJSON_CreateObject();
+    if (!r->outputs && !(r->outputs = cJSON_CreateObject())) return outputs_nomem(msg);
     for (int i = 0; i < r->n_tasks; i++) {
         const char *name = g->nodes[r->tasks[i].node].name;
         if (only && !only[r->tasks[i].node]) continue;
         wf_push_task_output(r, &r->tasks[i], g);
         cJSON_DeleteItemFromObjectCaseSensitive(r->outputs, name);
-        cJSON_AddItemToObject(r->outputs, name, wf_lua_to_json(r->th, -1));
+        cJSON *j = wf_lua_to_json(r->th, -1);
         lua_pop(r->th, 1);
+        if (!j || !cJSON_AddItemToObject(r->outputs, name, j)) {
+            cJSON_Delete(j);
+            return outputs_nomem(msg);
+        }
     }
+    return 0;
 }
 
 /* Ends a super-step once all its tasks are done: state updates, `last`, edges, joins, outputs, the
@@ -306,10 +323,10 @@ static void end_superstep(kvm_workflow_t *wf, wf_run_t *r) {
     if (!code) fire_joins(wf, r);          /* 4. joins */
     bool any_end = false;
     for (int i = 0; i < g->n_nodes; i++) any_end |= r->to_end[i];
-    if (!code && any_end) collect_outputs(wf, r, r->to_end); /* 5. outputs of nodes that reached END */
+    if (!code && any_end) code = collect_outputs(wf, r, r->to_end, &msg); /* 5. outputs of nodes that reached END */
     wf_trace_checkpoint(wf, r);
     /* the last super-step's outputs are the run's outputs when nothing reached END */
-    if (!code && count_ready(g, r) == 0 && !r->outputs) collect_outputs(wf, r, NULL);
+    if (!code && count_ready(g, r) == 0 && !r->outputs) code = collect_outputs(wf, r, NULL, &msg);
     wf_tasks_free(r);
     r->need_end = false;
     if (code) finish_run(wf, r, code, msg);
@@ -334,6 +351,7 @@ static void finish_run(kvm_workflow_t *wf, wf_run_t *r, int code, char *msg) {
             cJSON_Delete(r->outputs);
             r->outputs = wf_lua_to_json(L, -1);
             lua_pop(L, 1);
+            if (!r->outputs) code = outputs_nomem(&msg);
         }
     }
     if (!r->outputs) r->outputs = cJSON_CreateObject();
@@ -365,9 +383,9 @@ static void finish_run(kvm_workflow_t *wf, wf_run_t *r, int code, char *msg) {
 
 static void run_free(kvm_workflow_t *wf, wf_run_t *r) {
     const wf_graph_t *g = wf->g;
-    for (int i = 0; g && i < g->n_nodes; i++) {
-        kvm_free(r->node_cur[i]);
-        kvm_free(r->node_prev[i]);
+    for (int i = 0; g && i < g->n_nodes; i++) { /* either array may be missing after a failed start */
+        if (r->node_cur) kvm_free(r->node_cur[i]);
+        if (r->node_prev) kvm_free(r->node_prev[i]);
     }
     kvm_free(r->node_cur);
     kvm_free(r->node_prev);
@@ -419,11 +437,11 @@ int kvm_wf_start(kvm_workflow_t *wf, const cJSON *inputs, uint64_t seed, int *ru
     r->to_end = kvm_calloc((size_t)g->n_nodes, sizeof *r->to_end);
     r->arrived = kvm_calloc((size_t)g->n_joins + 1, sizeof *r->arrived);
     r->agent_tokens = kvm_calloc((size_t)wf->n_agents + 1, sizeof *r->agent_tokens);
-    r->acct = calloc(1, sizeof *r->acct);
+    r->acct = kvm_calloc(1, sizeof *r->acct);
     bool ok = r->inputs && r->node_cur && r->node_prev && r->ready && r->to_end && r->arrived && r->agent_tokens && r->acct;
     for (int j = 0; ok && j < g->n_joins; j++) ok = (r->arrived[j] = kvm_calloc((size_t)g->joins[j].n_src, sizeof **r->arrived)) != NULL;
     if (!ok) {
-        free(r->acct);
+        kvm_free(r->acct);
         r->acct = NULL;
         run_free(wf, r);
         return kvm_seterr(KVM_ENOMEM, "out of memory starting a run");
@@ -646,7 +664,7 @@ void kvm_wf_free(kvm_workflow_t *wf) {
     if (!wf) return;
     wf_runs_free(wf);
     if (wf->L) lua_close(wf->L);
-    free(wf->acct_shared);
+    kvm_free(wf->acct_shared);
     for (int i = 0; i < wf->n_graphs; i++) graph_free(wf->graphs[i]);
     kvm_free(wf->graphs);
     for (int i = 0; i < wf->n_agents; i++) {
@@ -674,6 +692,7 @@ void kvm_wf_free(kvm_workflow_t *wf) {
 }
 
 kvm_workflow_t *kvm_wf_load_string(const char *name, const char *src, size_t len, const kvm_wf_opts_t *o) {
+    kvm_core_init();
     kvm_workflow_t *wf = kvm_calloc(1, sizeof *wf);
     if (!wf) return NULL;
     if (o) wf->o = *o;
@@ -732,6 +751,6 @@ kvm_workflow_t *kvm_wf_load(const char *path, const kvm_wf_opts_t *o) {
         return NULL;
     }
     kvm_workflow_t *wf = kvm_wf_load_string(path, src, len, o);
-    free(src); /* kvm_read_file allocates with malloc */
+    kvm_free(src);
     return wf;
 }

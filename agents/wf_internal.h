@@ -171,7 +171,7 @@ int wf_lua_open(kvm_workflow_t *wf);
 /* Runs the script; it must return a graph. Validates it. 0 or KVM_ELUA_* / KVM_EINVAL with message. */
 int wf_lua_load_script(kvm_workflow_t *wf, const char *chunkname, const char *src, size_t len);
 /* Converts the Lua value at idx to JSON (plain data; handles and functions become descriptive
- * strings). Depth-limited; never raises. */
+ * strings). Depth-limited; never raises. NULL only when out of memory (nothing half-built is left). */
 cJSON *wf_lua_to_json(lua_State *L, int idx);
 /* Pushes a JSON value as Lua data (objects -> tables, arrays -> sequences, null -> nil). May raise
  * a memory error: call inside a protected context or with room. */

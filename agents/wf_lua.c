@@ -33,7 +33,7 @@ typedef struct ahdr {
 static void acct_sub(kvm_workflow_t *wf, wf_account_t *a, size_t n) {
     a->bytes -= n;
     wf->total_bytes -= n;
-    if (a->closed && a->bytes == 0 && a != wf->acct_shared) free(a);
+    if (a->closed && a->bytes == 0 && a != wf->acct_shared) kvm_free(a);
 }
 
 /* Caps apply only while script code runs (a budget is set): the C side's own bookkeeping between
@@ -57,14 +57,14 @@ static void *wf_alloc(void *ud, void *ptr, size_t osize, size_t nsize) {
         if (ptr) {
             ahdr_t *h = (ahdr_t *)ptr - 1;
             acct_sub(wf, h->acct, osize);
-            free(h);
+            kvm_free(h);
         }
         return NULL;
     }
     if (!ptr) {
         wf_account_t *a = wf->cur_acct ? wf->cur_acct : wf->acct_shared;
         if (!acct_room(wf, a, nsize)) return NULL;
-        ahdr_t *h = malloc(sizeof *h + nsize);
+        ahdr_t *h = kvm_malloc(sizeof *h + nsize);
         if (!h) return NULL;
         h->acct = a;
         acct_add(wf, a, nsize);
@@ -73,20 +73,23 @@ static void *wf_alloc(void *ud, void *ptr, size_t osize, size_t nsize) {
     ahdr_t *h = (ahdr_t *)ptr - 1;
     wf_account_t *a = h->acct;
     if (nsize > osize && !acct_room(wf, a, nsize - osize)) return NULL;
-    ahdr_t *nh = realloc(h, sizeof *h + nsize);
-    if (!nh) return nsize <= osize ? ptr : NULL;
-    if (nsize > osize) acct_add(wf, a, nsize - osize);
-    else {
-        a->bytes -= osize - nsize;
-        wf->total_bytes -= osize - nsize;
+    ahdr_t *nh = kvm_realloc(h, sizeof *h + nsize);
+    if (nsize > osize) {
+        if (!nh) return NULL;
+        acct_add(wf, a, nsize - osize);
+        return nh + 1;
     }
-    return nh + 1;
+    /* a shrink never fails for Lua: a block that could not be shrunk stays as it is, and is accounted
+     * at the size Lua now believes it has (the size it will free) */
+    a->bytes -= osize - nsize;
+    wf->total_bytes -= osize - nsize;
+    return nh ? nh + 1 : ptr;
 }
 
 void wf_account_charge_close(kvm_workflow_t *wf, wf_account_t *a) {
     if (!a) return;
     a->closed = true;
-    if (a->bytes == 0 && a != wf->acct_shared) free(a);
+    if (a->bytes == 0 && a != wf->acct_shared) kvm_free(a);
 }
 
 /* ---- budget hook -------------------------------------------------------------------------------- */
@@ -339,14 +342,20 @@ static cJSON *to_json_rec(lua_State *L, int idx, int depth) {
             cJSON *a = cJSON_CreateArray();
             for (lua_Unsigned i = 1; a && i <= len; i++) {
                 lua_rawgeti(L, idx, (lua_Integer)i);
-                cJSON_AddItemToArray(a, to_json_rec(L, -1, depth + 1));
+                cJSON *c = to_json_rec(L, -1, depth + 1);
                 lua_pop(L, 1);
+                if (!c || !cJSON_AddItemToArray(a, c)) { /* out of memory: nothing half-built survives */
+                    cJSON_Delete(c);
+                    cJSON_Delete(a);
+                    return NULL;
+                }
             }
             return a;
         }
         cJSON *o = cJSON_CreateObject();
+        if (!o) return NULL; /* before the key push: the stack stays balanced */
         lua_pushnil(L);
-        while (o && lua_next(L, idx)) {
+        while (lua_next(L, idx)) {
             char kb[64];
             const char *k;
             if (lua_type(L, -2) == LUA_TSTRING) k = lua_tostring(L, -2);
@@ -358,8 +367,14 @@ static cJSON *to_json_rec(lua_State *L, int idx, int depth) {
                 snprintf(kb, sizeof kb, "<%s>", luaL_typename(L, -2));
                 k = kb;
             }
-            cJSON_AddItemToObject(o, k, to_json_rec(L, -1, depth + 1));
+            cJSON *c = to_json_rec(L, -1, depth + 1);
             lua_pop(L, 1);
+            if (!c || !cJSON_AddItemToObject(o, k, c)) {
+                cJSON_Delete(c);
+                cJSON_Delete(o);
+                lua_pop(L, 1); /* the key */
+                return NULL;
+            }
         }
         return o;
     }
@@ -368,9 +383,11 @@ static cJSON *to_json_rec(lua_State *L, int idx, int depth) {
                            : luaL_testudata(L, idx, WF_MT_GRAPH)                                       ? "graph"
                                                                                                          : "userdata";
         cJSON *o = cJSON_CreateObject();
-        cJSON_AddStringToObject(o, "handle", kind);
         wf_handle_t *h = lua_touserdata(L, idx);
-        if (strcmp(kind, "userdata") != 0) cJSON_AddNumberToObject(o, "id", h->idx);
+        if (!cJSON_AddStringToObject(o, "handle", kind) || (strcmp(kind, "userdata") != 0 && !cJSON_AddNumberToObject(o, "id", h->idx))) {
+            cJSON_Delete(o);
+            return NULL;
+        }
         return o;
     }
     default: {
@@ -381,10 +398,7 @@ static cJSON *to_json_rec(lua_State *L, int idx, int depth) {
     }
 }
 
-cJSON *wf_lua_to_json(lua_State *L, int idx) {
-    cJSON *j = to_json_rec(L, idx, 0);
-    return j ? j : cJSON_CreateNull();
-}
+cJSON *wf_lua_to_json(lua_State *L, int idx) { return to_json_rec(L, idx, 0); }
 
 void wf_lua_push_json(lua_State *L, const cJSON *j) {
     luaL_checkstack(L, 4, "json");
@@ -814,7 +828,8 @@ static int l_graph(lua_State *L) {
         wf_key_t *nk = kvm_realloc(g->keys, (size_t)(g->n_keys + 1) * sizeof *nk);
         if (!nk) return luaL_error(L, "out of memory");
         g->keys = nk;
-        nk[g->n_keys++] = (wf_key_t){.name = dup_or_die(L, "msgs"), .reducer = WF_RED_APPEND, .fn_ref = LUA_NOREF};
+        char *msgs = dup_or_die(L, "msgs"); /* may raise: count the key only once it is whole */
+        nk[g->n_keys++] = (wf_key_t){.name = msgs, .reducer = WF_RED_APPEND, .fn_ref = LUA_NOREF};
         lua_rawgeti(L, LUA_REGISTRYINDEX, g->init_ref);
         lua_newtable(L);
         lua_setfield(L, -2, "msgs");
@@ -885,6 +900,11 @@ static int g_fnnode(lua_State *L, int kind) {
 static int g_func(lua_State *L) { return g_fnnode(L, WF_NODE_FUNC); }
 static int g_tool(lua_State *L) { return g_fnnode(L, WF_NODE_TOOL); }
 
+static void free_names(char **v, int n) {
+    for (int i = 0; i < n; i++) kvm_free(v[i]);
+    kvm_free(v);
+}
+
 /* Reads a node name or a list of names at idx into a new array. */
 static char **names_arg(lua_State *L, int idx, int *n, const char *what) {
     *n = 0;
@@ -892,6 +912,10 @@ static char **names_arg(lua_State *L, int idx, int *n, const char *what) {
         char **v = kvm_calloc(1, sizeof *v);
         if (!v) luaL_error(L, "out of memory");
         v[0] = kvm_strdup(lua_tostring(L, idx));
+        if (!v[0]) {
+            kvm_free(v);
+            luaL_error(L, "out of memory");
+        }
         *n = 1;
         return v;
     }
@@ -909,6 +933,10 @@ static char **names_arg(lua_State *L, int idx, int *n, const char *what) {
         lua_rawgeti(L, idx, i);
         v[i - 1] = kvm_strdup(lua_tostring(L, -1));
         lua_pop(L, 1);
+        if (!v[i - 1]) {
+            free_names(v, i - 1);
+            luaL_error(L, "out of memory");
+        }
     }
     *n = len;
     return v;
@@ -952,6 +980,7 @@ static int g_edge(lua_State *L) {
         return luaL_error(L, "out of memory");
     }
     g->edges = ne;
+    bool ok = true;
     for (int i = 0; i < n; i++) {
         wf_edge_t *e = &ne[g->n_edges++];
         e->from = e->to = WF_START;
@@ -959,9 +988,11 @@ static int g_edge(lua_State *L) {
         e->to_name = to[i];
         e->when_ref = when; /* shared ref: released once at free (see wf_lua_close) */
         e->on_error = on_error;
-        e->where = i == 0 ? w : kvm_strdup(w);
+        e->where = i == 0 ? w : w ? kvm_strdup(w) : NULL;
+        ok = ok && e->from_name && e->where;
     }
     kvm_free(to);
+    if (!ok) return luaL_error(L, "g:edge: out of memory"); /* the edges made are freed with the graph */
     lua_settop(L, 1);
     return 1;
 }
@@ -1463,7 +1494,7 @@ static int open_protected(lua_State *L) {
 }
 
 int wf_lua_open(kvm_workflow_t *wf) {
-    wf->acct_shared = calloc(1, sizeof *wf->acct_shared);
+    wf->acct_shared = kvm_calloc(1, sizeof *wf->acct_shared);
     if (!wf->acct_shared) return kvm_seterr(KVM_ENOMEM, "lua: out of memory");
     wf->acct_shared->cap = wf->total_cap;
     wf->L = lua_newstate(wf_alloc, wf);

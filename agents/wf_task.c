@@ -813,7 +813,7 @@ void wf_deliver(kvm_workflow_t *wf, wf_llm_result_t *res) {
         return;
     }
     if (status) task_fail(t, status, xstrdup(msg));
-    else t->out_text = xstrdup(res->text);
+    else if (!(t->out_text = xstrdup(res->text))) task_fail(t, KVM_ENOMEM, xstrdup("out of memory keeping the agent's output"));
     wf_task_done(wf, r, t);
 }
 
@@ -837,6 +837,7 @@ static int run_setup_protected(lua_State *L) {
     lua_rawgeti(L, LUA_REGISTRYINDEX, g->init_ref);
     cJSON *init = wf_lua_to_json(L, -1);
     lua_pop(L, 1);
+    if (!init) return luaL_error(L, "not enough memory"); /* the state would miss its initial values */
     wf_lua_push_json(L, init);
     cJSON_Delete(init);
     if (lua_isnil(L, -1)) {

@@ -398,7 +398,7 @@ static int bench_engine(int argc, char **argv) {
         char *text = NULL;
         size_t len = 0;
         if (kvm_read_file(hf_path, &text, &len, 0) == 0) hf = cJSON_Parse(text);
-        free(text);
+        kvm_free(text);
         if (!hf) fprintf(stderr, "kvmesh bench engine: cannot read the HF results %s (continuing without)\n", hf_path);
     }
     char path[512];

@@ -119,7 +119,7 @@ static void write_json(const opts_t *o, const char *name, cJSON *root) {
         if (f) fclose(f);
         fprintf(stderr, "cannot write %s\n", path);
     }
-    free(s);
+    cJSON_free(s);
 }
 
 /* ==== the TTFT workload ================================================================================== */

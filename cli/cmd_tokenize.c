@@ -43,7 +43,7 @@ static int count_bin_entries(const char *path) {
         off += 8 + (size_t)len;
         n++;
     }
-    free(data);
+    kvm_free(data);
     return off == size ? n : -1;
 }
 

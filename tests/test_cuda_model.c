@@ -311,7 +311,7 @@ static void check_fixture_kv(const char *name, const char *dtype, const char *kv
     size_t len = 0;
     assert_int_equal(kvm_read_file(path, &text, &len, 0), 0);
     cJSON *root = cJSON_Parse(text);
-    free(text);
+    kvm_free(text);
     assert_non_null(root);
     int32_t prompt[64], greedy[64];
     int T = read_ids(cJSON_GetObjectItem(root, "prompt"), prompt, 64);
@@ -363,7 +363,7 @@ static void check_fixture_kv(const char *name, const char *dtype, const char *kv
         print_ids("ref ", greedy, N);
     }
     free(lg);
-    free(raw);
+    kvm_free(raw);
     assert_true(rel <= tol);
     if (strict_tokens) assert_int_equal(bad, -1);
     else assert_true((bad < 0 ? N : bad) >= (cpu_bad < 0 ? N : cpu_bad));

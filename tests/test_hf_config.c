@@ -541,7 +541,7 @@ static void test_index_that_disagrees_with_its_shards_is_rejected(void **st) {
     assert_non_null(at);
     at[strlen("\"lm_head.weight\":\"model-0000")] = '1';
     write_text(dir, "model.safetensors.index.json", text);
-    free(text);
+    kvm_free(text);
     kvm_model_t *m = new_model();
     expect_err(kvm_load_hf(m, dir), KVM_EFORMAT, "weight_map puts tensor 'lm_head.weight'", "does not contain it", NULL);
     kvm_model_free(m);

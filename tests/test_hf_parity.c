@@ -47,7 +47,7 @@ static void load_fixture(const char *dir, fixture_t *fx) {
     snprintf(path, sizeof path, "%s/fixture.json", dir);
     assert_int_equal(kvm_read_file(path, &text, &len, 0), 0);
     cJSON *root = cJSON_Parse(text);
-    free(text);
+    kvm_free(text);
     assert_non_null(root);
     fx->n_prompt = read_ids(cJSON_GetObjectItem(root, "prompt"), fx->prompt, 64);
     fx->n_greedy = read_ids(cJSON_GetObjectItem(root, "greedy"), fx->greedy, 64);
@@ -61,7 +61,7 @@ static void load_fixture(const char *dir, fixture_t *fx) {
     assert_int_equal(len, (size_t)fx->n_prompt * (size_t)fx->vocab * sizeof(float));
     fx->logits = malloc(len);
     memcpy(fx->logits, raw, len); /* little-endian f32, as on every host kvmesh runs on */
-    free(raw);
+    kvm_free(raw);
 }
 
 static int argmax(const float *x, int n) {

@@ -39,7 +39,7 @@ static bool load_bundled(const char *name, bundled_fixture_t *fx) {
     size_t len = 0;
     if (kvm_read_file(path, &text, &len, 0)) return false;
     cJSON *root = cJSON_Parse(text);
-    free(text);
+    kvm_free(text);
     assert_non_null(root);
     snprintf(fx->model, sizeof fx->model, "%s/%s", KVM_SOURCE_DIR, cJSON_GetObjectItem(root, "model")->valuestring);
     const cJSON *v;

@@ -326,7 +326,7 @@ static void test_random_corruptions_are_rejected_or_indexed_safely(void **st) {
     fprintf(stderr, "random corruptions: %d indexed, %d rejected\n", ok, rejected);
     assert_true(rejected > 1000);
     free(buf);
-    free(orig);
+    kvm_free(orig);
 }
 
 int main(void) {

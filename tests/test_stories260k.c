@@ -73,7 +73,7 @@ static void check_golden(kvm_model_t *m, const char *prompt, int steps, const ch
     kvm_gen_result_free(&res);
     kvm_seq_free(&seq);
     kvm_kv_pool_free(pool);
-    free(golden);
+    kvm_free(golden);
 }
 
 static void test_greedy_once_upon_a_time_matches_llama2c_golden(void **st) {

@@ -158,7 +158,7 @@ static void test_llama2c_truncated_file_is_a_format_error(void **s) {
     assert_null(kvm_tokenizer_load_bin("/nonexistent/tok.bin", 512));
     assert_non_null(strstr(kvm_errmsg(), "/nonexistent/tok.bin"));
     unlink(path);
-    free(data);
+    kvm_free(data);
 }
 
 /* ---- hand-made HF tokenizers vs HF goldens ---------------------------------------------------------- */
@@ -438,7 +438,7 @@ static kvm_tokenizer_t *tiny_with_normalizer(const char *type) {
     size_t len = 0;
     assert_int_equal(kvm_read_file(TOKDATA "/tiny-digits.json", &data, &len, 0), 0);
     cJSON *root = cJSON_Parse(data);
-    free(data);
+    kvm_free(data);
     assert_non_null(root);
     cJSON *norm = cJSON_CreateObject();
     cJSON_AddStringToObject(norm, "type", type);
@@ -450,7 +450,7 @@ static kvm_tokenizer_t *tiny_with_normalizer(const char *type) {
     assert_true(fd >= 0);
     assert_int_equal(write(fd, text, strlen(text)), (ssize_t)strlen(text));
     close(fd);
-    free(text);
+    cJSON_free(text);
     kvm_tokenizer_t *t = kvm_tokenizer_load_hf(path, NULL);
     unlink(path);
     assert_non_null(t);
@@ -515,7 +515,7 @@ static void expect_load_error(const char *json, int code, const char *needle) {
 
 static void test_not_json_is_a_format_error(void **s) {
     (void)s;
-    expect_load_error("{\"model\": {\"vocab\": ", KVM_EFORMAT, "not JSON");
+    expect_load_error("{\"model\": {\"vocab\": ", KVM_EFORMAT, "not valid JSON");
     expect_load_error("[1, 2, 3]", KVM_EFORMAT, "not a JSON object");
 }
 
@@ -598,7 +598,7 @@ static void test_truncated_tokenizer_json_never_crashes(void **s) {
         unlink(g_path);
     }
     assert_int_equal(failures, 60); /* a cut JSON document is never valid */
-    free(data);
+    kvm_free(data);
 }
 
 int main(void) {

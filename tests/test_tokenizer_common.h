@@ -39,7 +39,7 @@ static inline cJSON **tt_read_jsonl(const char *path, int *n) {
         v[(*n)++] = cJSON_Parse(line);
         v[*n] = NULL;
     }
-    free(text);
+    kvm_free(text);
     return v;
 }
 

@@ -490,7 +490,7 @@ static void test_a_replay_notices_a_changed_output(void **s) {
     assert_non_null(f);
     fwrite(buf, 1, len, f);
     fclose(f);
-    free(buf);
+    kvm_free(buf);
     kvm_wf_replay_t rp;
     assert_int_equal(kvm_wf_replay(dir, NULL, &rp), 0);
     assert_int_equal(rp.differ, 1);

@@ -185,6 +185,7 @@ const char *kvm_ph_decision_name(int d) {
 /* ==== context ======================================================================================== */
 
 kvm_comm_t *kvm_comm_create(kvm_model_t *m, const kvm_comm_opts_t *opts) {
+    kvm_core_init();
     if (!m || !m->inv_freq) {
         kvm_seterr(KVM_EINVAL, "comm: a loaded model is required");
         return NULL;

@@ -1,9 +1,13 @@
-/* core.c - files, counted allocation, logging, hashing, time, fp16/bf16. */
+/* core.c - files, the counted allocator (with fault injection), one-time set-up, logging, hashing,
+ * time, fp16/bf16, thread count. The containers are vec.c, sb.c, map.c; the PRNG is rng.c. */
 #include "core.h"
+
+#include <cjson/cJSON.h>
 
 #include <errno.h>
 #include <fcntl.h>
 #include <math.h>
+#include <pthread.h>
 #include <stdarg.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -38,14 +42,19 @@ int kvm_mmap_open(kvm_mmap_t *m, const char *path) {
         m->data = p;
     }
     close(fd);
-    m->path = strdup(path);
+    m->path = kvm_strdup(path);
+    if (!m->path) {
+        if (m->data) munmap(m->data, m->size);
+        memset(m, 0, sizeof *m);
+        return kvm_seterr(KVM_ENOMEM, "%s: out of memory opening the mapping", path);
+    }
     return 0;
 }
 
 void kvm_mmap_close(kvm_mmap_t *m) {
     if (!m) return;
     if (m->data) munmap(m->data, m->size);
-    free(m->path);
+    kvm_free(m->path);
     memset(m, 0, sizeof *m);
 }
 
@@ -66,7 +75,7 @@ int kvm_read_file(const char *path, char **out, size_t *len, size_t max_bytes) {
                           (long long)st.st_size, max_bytes);
     }
     size_t n = (size_t)st.st_size;
-    char *buf = malloc(n + 1);
+    char *buf = kvm_malloc(n + 1);
     if (!buf) {
         fclose(f);
         return kvm_seterr(KVM_ENOMEM, "%s: out of memory reading %zu bytes", path, n);
@@ -74,7 +83,7 @@ int kvm_read_file(const char *path, char **out, size_t *len, size_t max_bytes) {
     size_t got = fread(buf, 1, n, f);
     fclose(f);
     if (got != n) {
-        free(buf);
+        kvm_free(buf);
         return kvm_seterr(KVM_EIO, "%s: short read (%zu of %zu bytes)", path, got, n);
     }
     buf[n] = 0;
@@ -103,35 +112,62 @@ int kvm_path_join(char *buf, size_t cap, const char *dir, const char *name) {
 
 /* ---- counted allocation --------------------------------------------------------------------- */
 
-/* Each block carries a 16-byte header with its size so that free can subtract it. */
+/* Each block carries a 16-byte header with its size so that free can subtract it (16 keeps the
+ * payload as aligned as malloc's). */
 #define KVM_HDR 16
 static atomic_size_t g_live;
+static atomic_uint_least64_t g_attempts;
+static atomic_uint_least64_t g_fail_countdown; /* 0 = disarmed; 1 = the next attempt fails */
 
-void *kvm_malloc(size_t n) {
-    if (n > SIZE_MAX - KVM_HDR) { kvm_seterr(KVM_ENOMEM, "allocation of %zu bytes overflows", n); return NULL; }
-    unsigned char *p = malloc(n + KVM_HDR);
-    if (!p) { kvm_seterr(KVM_ENOMEM, "out of memory allocating %zu bytes", n); return NULL; }
+/* Counts one allocation attempt; false when fault injection says this one fails. */
+static bool alloc_attempt(void) {
+    atomic_fetch_add(&g_attempts, 1);
+    uint64_t c = atomic_load(&g_fail_countdown);
+    while (c > 0) {
+        if (atomic_compare_exchange_weak(&g_fail_countdown, &c, c - 1)) return c != 1;
+    }
+    return true;
+}
+
+uint64_t kvm_alloc_count(void) { return atomic_load(&g_attempts); }
+void kvm_alloc_fail_nth(uint64_t n) { atomic_store(&g_fail_countdown, n); }
+bool kvm_alloc_fail_pending(void) { return atomic_load(&g_fail_countdown) > 0; }
+
+static void *alloc_block(size_t n, const char *what) {
+    if (n > SIZE_MAX - KVM_HDR) { kvm_seterr(KVM_ENOMEM, "%s of %zu bytes overflows", what, n); return NULL; }
+    unsigned char *p = alloc_attempt() ? malloc(n + KVM_HDR) : NULL;
+    if (!p) { kvm_seterr(KVM_ENOMEM, "out of memory (%s of %zu bytes)", what, n); return NULL; }
     memcpy(p, &n, sizeof n);
     atomic_fetch_add(&g_live, n);
     return p + KVM_HDR;
 }
 
+void *kvm_malloc(size_t n) { return alloc_block(n, "allocation"); }
+
 void *kvm_calloc(size_t count, size_t size) {
-    if (size && count > SIZE_MAX / size) { kvm_seterr(KVM_ENOMEM, "calloc(%zu, %zu) overflows", count, size); return NULL; }
-    void *p = kvm_malloc(count * size);
+    if (size && count > SIZE_MAX / size) {
+        alloc_attempt();
+        kvm_seterr(KVM_ENOMEM, "calloc(%zu, %zu) overflows", count, size);
+        return NULL;
+    }
+    void *p = alloc_block(count * size, "zeroed allocation");
     if (p) memset(p, 0, count * size);
     return p;
 }
 
 void *kvm_realloc(void *p, size_t n) {
-    if (!p) return kvm_malloc(n);
+    if (!p) return alloc_block(n, "allocation");
     if (n == 0) { kvm_free(p); return NULL; }
     unsigned char *base = (unsigned char *)p - KVM_HDR;
     size_t old;
     memcpy(&old, base, sizeof old);
-    if (n > SIZE_MAX - KVM_HDR) { kvm_seterr(KVM_ENOMEM, "allocation of %zu bytes overflows", n); return NULL; }
-    unsigned char *q = realloc(base, n + KVM_HDR);
-    if (!q) { kvm_seterr(KVM_ENOMEM, "out of memory reallocating to %zu bytes", n); return NULL; }
+    if (n > SIZE_MAX - KVM_HDR) {
+        alloc_attempt();
+        kvm_seterr(KVM_ENOMEM, "reallocation to %zu bytes overflows", n);
+        return NULL;
+    }
+    unsigned char *q = alloc_attempt() ? realloc(base, n + KVM_HDR) : NULL;
+    if (!q) { kvm_seterr(KVM_ENOMEM, "out of memory (reallocation from %zu to %zu bytes)", old, n); return NULL; }
     memcpy(q, &n, sizeof n);
     atomic_fetch_sub(&g_live, old);
     atomic_fetch_add(&g_live, n);
@@ -147,14 +183,34 @@ void kvm_free(void *p) {
     free(base);
 }
 
-char *kvm_strdup(const char *s) {
-    size_t n = strlen(s) + 1;
-    char *p = kvm_malloc(n);
-    if (p) memcpy(p, s, n);
+char *kvm_strdup(const char *s) { return kvm_strndup(s, SIZE_MAX); }
+
+char *kvm_strndup(const char *s, size_t n) {
+    size_t len = strnlen(s, n);
+    char *p = alloc_block(len + 1, "string copy");
+    if (p) {
+        memcpy(p, s, len);
+        p[len] = 0;
+    }
     return p;
 }
 
 size_t kvm_alloc_bytes_live(void) { return atomic_load(&g_live); }
+
+/* ---- one-time set-up ------------------------------------------------------------------------ */
+
+static pthread_once_t g_init_once = PTHREAD_ONCE_INIT;
+
+static void core_init_once(void) {
+    cJSON_Hooks hooks = {.malloc_fn = kvm_malloc, .free_fn = kvm_free};
+    cJSON_InitHooks(&hooks);
+}
+
+void kvm_core_init(void) { pthread_once(&g_init_once, core_init_once); }
+
+/* Runs before main, so that cJSON objects a program makes before its first library call use the same
+ * allocator as the library's (see core.h). */
+__attribute__((constructor)) static void core_init_at_load(void) { kvm_core_init(); }
 
 /* ---- logging -------------------------------------------------------------------------------- */
 
@@ -272,19 +328,13 @@ static int g_threads;
 
 int kvm_threads(void) {
     if (g_threads > 0) return g_threads;
-    const char *e = getenv("KVM_THREADS");
-    int n = e ? atoi(e) : 0;
-    if (n <= 0) {
-        long c = sysconf(_SC_NPROCESSORS_ONLN);
-        n = c > 0 ? (int)c : 1;
-    }
-    if (n > 256) n = 256;
-    g_threads = n;
-    return n;
+    long c = sysconf(_SC_NPROCESSORS_ONLN);
+    int n = c > 0 ? (int)c : 1;
+    return n > 256 ? 256 : n;
 }
 
 void kvm_set_threads(int n) {
-    g_threads = n > 0 ? n : 0;
+    g_threads = n > 0 ? (n > 256 ? 256 : n) : 0;
 #ifdef _OPENMP
     omp_set_num_threads(kvm_threads());
 #endif

@@ -20,8 +20,8 @@ typedef struct kvm_mmap {
 int kvm_mmap_open(kvm_mmap_t *m, const char *path);
 void kvm_mmap_close(kvm_mmap_t *m);
 
-/* Reads a whole file into a NUL-terminated heap buffer; *out is freed by the caller with free().
- * Refuses files larger than max_bytes (0 = 1 GiB). */
+/* Reads a whole file into a NUL-terminated buffer from kvm_malloc; the caller frees *out with
+ * kvm_free(). Refuses files larger than max_bytes (0 = 1 GiB). On error *out is NULL. */
 int kvm_read_file(const char *path, char **out, size_t *len, size_t max_bytes);
 bool kvm_file_exists(const char *path);
 bool kvm_dir_exists(const char *path);
@@ -30,14 +30,37 @@ int kvm_path_join(char *buf, size_t cap, const char *dir, const char *name);
 
 /* ---- counted allocation --------------------------------------------------------------------- */
 
-/* malloc/calloc/realloc/free that keep a global byte count (for budgets, leak checks and the
- * Lua/cJSON hooks). They return NULL and set KVM_ENOMEM on failure. */
+/* The one allocator of the library (SQLite's model): every heap block the library, its cJSON objects
+ * and its Lua states use comes from here, so that live bytes are known (leak checks, budgets) and a
+ * test can make any single allocation fail. They return NULL and set KVM_ENOMEM on failure; a block
+ * from one of them is freed with kvm_free() only (never free()). kvm_realloc(p, 0) frees p and
+ * returns NULL; when kvm_realloc fails, p is untouched and still owned by the caller.
+ * Thread-safe (the counters are atomic). */
 void *kvm_malloc(size_t n);
 void *kvm_calloc(size_t count, size_t size);
 void *kvm_realloc(void *p, size_t n);
 void kvm_free(void *p);
 char *kvm_strdup(const char *s);
+char *kvm_strndup(const char *s, size_t n); /* copies at most n bytes of s and NUL-terminates */
+/* Bytes currently allocated (requested sizes, headers not counted). */
 size_t kvm_alloc_bytes_live(void);
+/* Allocation attempts made since the process started (kvm_malloc, kvm_calloc, kvm_strdup and
+ * kvm_realloc to a non-zero size each count one, whether or not they succeed). */
+uint64_t kvm_alloc_count(void);
+/* Fault injection, for tests: the n-th allocation attempt from now fails (n = 1: the next one) as if
+ * the system were out of memory; later attempts succeed again. n = 0 disarms. Process-wide: the
+ * attempt may come from any thread. */
+void kvm_alloc_fail_nth(uint64_t n);
+/* True while an armed failure has not fired yet. */
+bool kvm_alloc_fail_pending(void);
+
+/* Library-wide one-time set-up (thread-safe through pthread_once; later calls are no-ops): points
+ * cJSON's allocator at kvm_malloc/kvm_free, so that every cJSON object and every string cJSON prints
+ * is counted memory, freed with cJSON_Delete/cJSON_free (never free()). The library's entry points
+ * that reach cJSON (model, tokenizer and safetensors loading, comm and workflow creation, trace
+ * reading) call it; it also runs before main through an ELF constructor in core.c, so that cJSON
+ * objects a program makes before its first library call are never freed with the other allocator. */
+void kvm_core_init(void);
 
 /* ---- logging -------------------------------------------------------------------------------- */
 
@@ -70,7 +93,9 @@ uint16_t kvm_f32_to_f16(float f);
 
 /* ---- threads -------------------------------------------------------------------------------- */
 
-/* Number of worker threads the CPU kernels use (default: all cores; KVM_THREADS overrides). */
+/* Number of worker threads the CPU kernels use: what kvm_set_threads() set, else all online cores
+ * (at most 256). The library reads no environment: the CLI maps KVM_THREADS onto kvm_set_threads().
+ * n <= 0 goes back to the default. */
 int kvm_threads(void);
 void kvm_set_threads(int n);
 

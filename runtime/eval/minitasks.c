@@ -1,6 +1,6 @@
 /* minitasks.c - deterministic generator and scorer of the minitasks suite (see minitasks.h and
- * docs/minitasks.md). Only libc and the status module: scripts/train builds a standalone generator
- * from this file for the GPU machine. */
+ * docs/minitasks.md). Only libc, the status module and the core PRNG: scripts/train builds a
+ * standalone generator from these files for the GPU machine. */
 #include "minitasks.h"
 
 #include <ctype.h>
@@ -8,60 +8,17 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "../core/rng.h"
 #include "../core/status.h"
 
 /* ======================================== PRNG ============================================== */
 
-typedef struct mt_rng {
-    uint64_t s[4];
-} mt_rng_t;
-
-static uint64_t mt_splitmix64(uint64_t *x) {
-    uint64_t z = (*x += 0x9E3779B97F4A7C15ULL);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
-    return z ^ (z >> 31);
+/* The core PRNG (runtime/core/rng.h) is the generator this file was written with; only the seeding
+ * from five words is ours (stream tags, below, keep the task, role and content draws independent). */
+static void mt_rng_init(kvm_rng_t *r, uint64_t a, uint64_t b, uint64_t c, uint64_t d, uint64_t e) {
+    const uint64_t w[5] = {a, b, c, d, e};
+    kvm_rng_seed_words(r, w, 5);
 }
-
-static uint64_t mt_rotl(uint64_t x, int k) { return (x << k) | (x >> (64 - k)); }
-
-/* xoshiro256** step */
-static uint64_t mt_next(mt_rng_t *r) {
-    uint64_t *s = r->s;
-    uint64_t result = mt_rotl(s[1] * 5, 7) * 9;
-    uint64_t t = s[1] << 17;
-    s[2] ^= s[0];
-    s[3] ^= s[1];
-    s[1] ^= s[2];
-    s[0] ^= s[3];
-    s[2] ^= t;
-    s[3] = mt_rotl(s[3], 45);
-    return result;
-}
-
-/* Seeds a generator from up to five words: each word is folded through splitmix64, then four more
- * splitmix64 outputs fill the xoshiro state (never all zero). */
-static void mt_rng_init(mt_rng_t *r, uint64_t a, uint64_t b, uint64_t c, uint64_t d, uint64_t e) {
-    uint64_t x = 0x243F6A8885A308D3ULL;
-    uint64_t w[5] = {a, b, c, d, e};
-    for (int i = 0; i < 5; i++) {
-        x ^= w[i];
-        x = mt_splitmix64(&x);
-    }
-    for (int i = 0; i < 4; i++) r->s[i] = mt_splitmix64(&x);
-}
-
-/* Uniform integer in [0, n) without modulo bias (n > 0). */
-static uint64_t mt_below(mt_rng_t *r, uint64_t n) {
-    uint64_t lim = UINT64_MAX - UINT64_MAX % n;
-    uint64_t v;
-    do v = mt_next(r);
-    while (v >= lim);
-    return v % n;
-}
-
-/* Uniform integer in [lo, hi]. */
-static int mt_range(mt_rng_t *r, int lo, int hi) { return lo + (int)mt_below(r, (uint64_t)(hi - lo + 1)); }
 
 /* ===================================== vocabulary =========================================== */
 
@@ -83,7 +40,7 @@ static const char *const mt_colors[] = {"red", "blue", "green", "big", "small", 
 static const char *const mt_places[] = {"park", "garden", "forest", "beach", "house", "school", "river", "hill"};
 static const char *const mt_animals[] = {"dog", "cat", "bird", "frog", "fish", "duck", "bunny", "bear"};
 static const char *const mt_feelings[] = {"happy", "sad", "excited", "scared", "proud", "sleepy"};
-#define MT_PICK(r, arr) (arr[mt_below((r), sizeof arr / sizeof arr[0])])
+#define MT_PICK(r, arr) (arr[kvm_rng_below((r), sizeof arr / sizeof arr[0])])
 
 /* ======================================= roles ============================================== */
 
@@ -189,9 +146,9 @@ static bool mt_is_palindrome(const char *s) {
 
 /* A 4-digit value 1000..9999 whose digit string is not a palindrome (so "value" and "reversed"
  * answers always differ). */
-static int mt_value4(mt_rng_t *r) {
+static int mt_value4(kvm_rng_t *r) {
     for (;;) {
-        int v = mt_range(r, 1000, 9999);
+        int v = kvm_rng_range(r, 1000, 9999);
         char s[8];
         snprintf(s, sizeof s, "%d", v);
         if (!mt_is_palindrome(s)) return v;
@@ -199,11 +156,11 @@ static int mt_value4(mt_rng_t *r) {
 }
 
 /* Picks k distinct indices of [0, n) in random order (partial Fisher-Yates); k <= n <= 64. */
-static void mt_pick_distinct(mt_rng_t *r, int n, int k, int *out) {
+static void mt_pick_distinct(kvm_rng_t *r, int n, int k, int *out) {
     int pool[64];
     for (int i = 0; i < n; i++) pool[i] = i;
     for (int i = 0; i < k; i++) {
-        int j = i + (int)mt_below(r, (uint64_t)(n - i));
+        int j = i + (int)kvm_rng_below(r, (uint64_t)(n - i));
         int t = pool[i];
         pool[i] = pool[j];
         pool[j] = t;
@@ -222,8 +179,8 @@ typedef struct mt_facts {
     int value[48];
 } mt_facts_t;
 
-static void mt_draw_facts(mt_rng_t *r, mt_facts_t *f, int lo, int hi) {
-    f->n = mt_range(r, lo, hi);
+static void mt_draw_facts(kvm_rng_t *r, mt_facts_t *f, int lo, int hi) {
+    f->n = kvm_rng_range(r, lo, hi);
     mt_pick_distinct(r, MT_N_NAMES, f->n, f->name);
     for (int i = 0; i < f->n; i++) f->value[i] = mt_value4(r);
 }
@@ -232,10 +189,10 @@ static void mt_write_facts(mt_buf_t *b, const mt_facts_t *f) {
     for (int i = 0; i < f->n; i++) mt_addf(b, "%s%s: %d", i ? "\n" : "", mt_names[f->name[i]], f->value[i]);
 }
 
-static bool mt_gen_recall(mt_rng_t *r, kvm_mt_item_t *it, mt_buf_t *content, int lo, int hi) {
+static bool mt_gen_recall(kvm_rng_t *r, kvm_mt_item_t *it, mt_buf_t *content, int lo, int hi) {
     mt_facts_t f;
     mt_draw_facts(r, &f, lo ? lo : 8, hi ? hi : 48);
-    int q = (int)mt_below(r, (uint64_t)f.n);
+    int q = (int)kvm_rng_below(r, (uint64_t)f.n);
     mt_write_facts(content, &f);
     mt_addf(content, "\nAsk: %s", mt_names[f.name[q]]);
     snprintf(it->user, sizeof it->user, "%s", content->p);
@@ -247,10 +204,10 @@ static bool mt_gen_recall(mt_rng_t *r, kvm_mt_item_t *it, mt_buf_t *content, int
 }
 
 /* 2-digit or 3-digit operand, equally likely. */
-static int mt_operand(mt_rng_t *r) { return mt_below(r, 2) ? mt_range(r, 100, 999) : mt_range(r, 10, 99); }
+static int mt_operand(kvm_rng_t *r) { return kvm_rng_below(r, 2) ? kvm_rng_range(r, 100, 999) : kvm_rng_range(r, 10, 99); }
 
-static bool mt_gen_arith(mt_rng_t *r, kvm_mt_item_t *it, mt_buf_t *content) {
-    int form = (int)mt_below(r, 4);
+static bool mt_gen_arith(kvm_rng_t *r, kvm_mt_item_t *it, mt_buf_t *content) {
+    int form = (int)kvm_rng_below(r, 4);
     int a = mt_operand(r), b = mt_operand(r), c = mt_operand(r), res;
     switch (form) {
     case 0: /* a + b */
@@ -285,13 +242,13 @@ static bool mt_gen_arith(mt_rng_t *r, kvm_mt_item_t *it, mt_buf_t *content) {
 
 static int mt_cmp_int(const void *a, const void *b) { return *(const int *)a - *(const int *)b; }
 
-static bool mt_gen_transform(mt_rng_t *r, kvm_mt_item_t *it, mt_buf_t *content) {
-    int n = mt_range(r, 3, 7);
-    bool words = mt_below(r, 2);
-    int v[8], sorted[8];
+static bool mt_gen_transform(kvm_rng_t *r, kvm_mt_item_t *it, mt_buf_t *content) {
+    int n = kvm_rng_range(r, 3, 7);
+    bool words = kvm_rng_below(r, 2);
+    int v[8] = {0}, sorted[8];
     if (words) mt_pick_distinct(r, MT_N_WORDS, n, v);
     else
-        for (int i = 0; i < n; i++) v[i] = (int)mt_below(r, 10);
+        for (int i = 0; i < n; i++) v[i] = (int)kvm_rng_below(r, 10);
     memcpy(sorted, v, sizeof v);
     qsort(sorted, (size_t)n, sizeof sorted[0], mt_cmp_int);
     /* reversed == sorted (a list in descending order, e.g. all equal digits) would make two roles agree */
@@ -319,8 +276,8 @@ static bool mt_gen_transform(mt_rng_t *r, kvm_mt_item_t *it, mt_buf_t *content) 
     return true;
 }
 
-static bool mt_gen_story(mt_rng_t *r, kvm_mt_item_t *it, mt_buf_t *content) {
-    const char *h = mt_names[mt_below(r, MT_N_NAMES)];
+static bool mt_gen_story(kvm_rng_t *r, kvm_mt_item_t *it, mt_buf_t *content) {
+    const char *h = mt_names[kvm_rng_below(r, MT_N_NAMES)];
     const char *col = MT_PICK(r, mt_colors), *obj = MT_PICK(r, mt_objects);
     const char *place = MT_PICK(r, mt_places), *animal = MT_PICK(r, mt_animals);
     const char *feel = MT_PICK(r, mt_feelings), *feel2 = MT_PICK(r, mt_feelings);
@@ -330,16 +287,16 @@ static bool mt_gen_story(mt_rng_t *r, kvm_mt_item_t *it, mt_buf_t *content) {
     mt_buf_t a;
     mt_buf_init(&a, it->answer, sizeof it->answer);
     mt_addf(&a, "Once upon a time, %s had a %s %s.", h, col, obj);
-    if (mt_below(r, 2)) mt_addf(&a, " One day, %s went to the %s.", h, place);
+    if (kvm_rng_below(r, 2)) mt_addf(&a, " One day, %s went to the %s.", h, place);
     else mt_addf(&a, " %s took the %s to the %s.", h, obj, place);
-    if (mt_below(r, 2)) mt_addf(&a, " At the %s, %s saw a %s.", place, h, animal);
+    if (kvm_rng_below(r, 2)) mt_addf(&a, " At the %s, %s saw a %s.", place, h, animal);
     else mt_addf(&a, " There, a %s wanted to play with the %s.", animal, obj);
-    switch (mt_below(r, 3)) {
+    switch (kvm_rng_below(r, 3)) {
     case 0: mt_addf(&a, " The %s was %s.", animal, feel); break;
     case 1: mt_addf(&a, " %s and the %s played all day.", h, animal); break;
     default: mt_addf(&a, " %s gave the %s to the %s.", h, obj, animal); break;
     }
-    if (mt_below(r, 2)) mt_addf(&a, " %s felt %s.", h, feel2);
+    if (kvm_rng_below(r, 2)) mt_addf(&a, " %s felt %s.", h, feel2);
     mt_addf(&a, " In the end, %s went home with the %s.", h, obj);
     return true;
 }
@@ -347,21 +304,21 @@ static bool mt_gen_story(mt_rng_t *r, kvm_mt_item_t *it, mt_buf_t *content) {
 /* The team workload (docs/minitasks.md): facts + "Ask: <name>" shared by all four agents; the
  * checker, reverser and neighbour also read the finder's answer X, which in training is right half
  * of the time and otherwise another fact's value or the value with one digit changed. */
-static bool mt_gen_team(mt_rng_t *r, kvm_mt_item_t *it, mt_buf_t *content, int lo, int hi) {
+static bool mt_gen_team(kvm_rng_t *r, kvm_mt_item_t *it, mt_buf_t *content, int lo, int hi) {
     mt_facts_t f;
     mt_draw_facts(r, &f, lo ? lo : 8, hi ? hi : 32);
-    int q = (int)mt_below(r, (uint64_t)(f.n - 1)); /* never the last fact: the neighbour needs one after */
+    int q = (int)kvm_rng_below(r, (uint64_t)(f.n - 1)); /* never the last fact: the neighbour needs one after */
     int x = f.value[q];
-    if (mt_below(r, 2)) {
-        if (mt_below(r, 2)) {
-            int o = (int)mt_below(r, (uint64_t)(f.n - 1));
+    if (kvm_rng_below(r, 2)) {
+        if (kvm_rng_below(r, 2)) {
+            int o = (int)kvm_rng_below(r, (uint64_t)(f.n - 1));
             x = f.value[o >= q ? o + 1 : o];
         } else {
             char s[8];
             snprintf(s, sizeof s, "%d", x);
-            int pos = (int)mt_below(r, 4);
+            int pos = (int)kvm_rng_below(r, 4);
             int d = s[pos] - '0';
-            int nd = (d + 1 + (int)mt_below(r, 9)) % 10; /* any other digit */
+            int nd = (d + 1 + (int)kvm_rng_below(r, 9)) % 10; /* any other digit */
             if (pos == 0 && nd == 0) nd = d == 1 ? 2 : 1;
             s[pos] = (char)('0' + nd);
             x = atoi(s);
@@ -407,10 +364,10 @@ int kvm_mt_make_ex(kvm_mt_item_t *it, int task, int split, uint64_t seed, uint64
     if (split != KVM_MT_TRAIN && split != KVM_MT_EVAL)
         return kvm_seterr(KVM_EINVAL, "minitasks: split %d is neither train (0) nor eval (1)", split);
     if (task >= KVM_MT_N_TASKS) return kvm_seterr(KVM_EINVAL, "minitasks: task %d out of range", task);
-    mt_rng_t r;
+    kvm_rng_t r;
     if (task < 0) {
         mt_rng_init(&r, seed, (uint64_t)split, MT_TAG_MIX, index, 0);
-        int p = (int)mt_below(&r, 100), t = 0;
+        int p = (int)kvm_rng_below(&r, 100), t = 0;
         while (p >= mt_mix[t]) p -= mt_mix[t++];
         task = t;
     }
@@ -420,7 +377,7 @@ int kvm_mt_make_ex(kvm_mt_item_t *it, int task, int split, uint64_t seed, uint64
                           n_roles, role);
     if (role < 0) {
         mt_rng_init(&r, seed, (uint64_t)split, MT_TAG_ROLE + (uint64_t)task, index, 0);
-        role = (int)mt_below(&r, (uint64_t)n_roles);
+        role = (int)kvm_rng_below(&r, (uint64_t)n_roles);
     }
     memset(it, 0, sizeof *it);
     it->task = (kvm_mt_task_t)task;

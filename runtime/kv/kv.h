@@ -44,9 +44,11 @@ void kvm_kv_block_unref(kvm_kv_pool_t *p, int32_t b);
 typedef struct kvm_seq {
     kvm_kv_pool_t *pool;
     int32_t *blocks;    /* [cap_blocks] host block table */
-    int n_blocks, cap_blocks;
+    int n_blocks;
+    size_t cap_blocks;
     int32_t *tokens;    /* [cap_tokens] ids of the cached tokens (token i at position i) */
-    int n_tokens, cap_tokens;
+    int n_tokens;
+    size_t cap_tokens;
 } kvm_seq_t;
 
 void kvm_seq_init(kvm_seq_t *s, kvm_kv_pool_t *pool);

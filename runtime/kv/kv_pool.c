@@ -5,6 +5,7 @@
 #include <string.h>
 
 #include "../core/core.h"
+#include "../core/vec.h"
 
 size_t kvm_kv_block_bytes(const kvm_kv_geom_t *g) {
     return (size_t)g->n_layers * 2 * g->n_kv_heads * KVM_KV_BLOCK * g->head_dim * kvm_dtype_size(g->dtype);
@@ -103,14 +104,8 @@ int kvm_seq_reserve(kvm_seq_t *s, int n_total) {
         return kvm_seterr(KVM_ENOMEM, "KV budget exhausted: a sequence of %d tokens needs %d more blocks, %d of %d are free; "
                           "raise the KV budget or free sequences", n_total, extra + (cow ? 1 : 0), s->pool->n_free,
                           s->pool->n_blocks);
-    if (need > s->cap_blocks) {
-        int cap = s->cap_blocks ? s->cap_blocks : 4;
-        while (cap < need) cap *= 2;
-        int32_t *nb = kvm_realloc(s->blocks, (size_t)cap * sizeof(int32_t));
-        if (!nb) return KVM_ENOMEM;
-        s->blocks = nb;
-        s->cap_blocks = cap;
-    }
+    int rc = kvm_array_reserve(&s->blocks, &s->cap_blocks, (size_t)need, sizeof *s->blocks, 4);
+    if (rc) return rc;
     if (cow) {
         int32_t old = s->blocks[wb];
         int32_t nb = kvm_kv_block_alloc(s->pool);
@@ -124,14 +119,8 @@ int kvm_seq_reserve(kvm_seq_t *s, int n_total) {
 }
 
 int kvm_seq_push_tokens(kvm_seq_t *s, const int32_t *ids, int n) {
-    if (s->n_tokens + n > s->cap_tokens) {
-        int cap = s->cap_tokens ? s->cap_tokens : 64;
-        while (cap < s->n_tokens + n) cap *= 2;
-        int32_t *nt = kvm_realloc(s->tokens, (size_t)cap * sizeof(int32_t));
-        if (!nt) return KVM_ENOMEM;
-        s->tokens = nt;
-        s->cap_tokens = cap;
-    }
+    int rc = kvm_array_reserve(&s->tokens, &s->cap_tokens, (size_t)s->n_tokens + (size_t)n, sizeof *s->tokens, 64);
+    if (rc) return rc;
     memcpy(s->tokens + s->n_tokens, ids, (size_t)n * sizeof(int32_t));
     s->n_tokens += n;
     return 0;

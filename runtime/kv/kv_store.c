@@ -7,6 +7,7 @@
 #include <string.h>
 
 #include "../core/core.h"
+#include "../core/vec.h"
 
 /* ==== types ======================================================================================= */
 
@@ -53,7 +54,8 @@ struct kvm_kv_store {
     uint64_t next_id, tick;
     /* prefix index */
     px_entry_t *px;
-    int px_n, px_cap, px_free;
+    int px_n, px_free;
+    size_t px_cap;
     int32_t *px_buckets;
     int px_nbuckets;
     int hash_bits;
@@ -258,13 +260,8 @@ int kvm_prefix_index_insert(kvm_kv_store_t *s, const kvm_seq_t *seq, int n_exact
                 e = s->px_free;
                 s->px_free = s->px[e].next;
             } else {
-                if (s->px_n == s->px_cap) {
-                    int cap = s->px_cap ? s->px_cap * 2 : 256;
-                    px_entry_t *np = kvm_realloc(s->px, (size_t)cap * sizeof *np);
-                    if (!np) return KVM_ENOMEM;
-                    s->px = np;
-                    s->px_cap = cap;
-                }
+                int rc = kvm_array_reserve(&s->px, &s->px_cap, (size_t)s->px_n + 1, sizeof *s->px, 256);
+                if (rc) return rc;
                 e = s->px_n++;
             }
             px_entry_t *x = &s->px[e];
@@ -310,15 +307,7 @@ int kvm_prefix_index_lookup(kvm_kv_store_t *s, const int32_t *ids, int n, int ma
         ph = h;
     }
     if (hit) {
-        int rc = 0;
-        if (seq->cap_blocks < hit) {
-            int32_t *nbk = kvm_realloc(seq->blocks, (size_t)hit * sizeof(int32_t));
-            if (!nbk) rc = KVM_ENOMEM;
-            else {
-                seq->blocks = nbk;
-                seq->cap_blocks = hit;
-            }
-        }
+        int rc = kvm_array_reserve(&seq->blocks, &seq->cap_blocks, (size_t)hit, sizeof *seq->blocks, 4);
         if (!rc) rc = kvm_seq_push_tokens(seq, ids, hit * KVM_KV_BLOCK);
         if (rc) {
             kvm_free(found);
@@ -547,13 +536,9 @@ int kvm_seq_share_prefix(kvm_seq_t *dst, const kvm_seq_t *src, int n) {
     if (n < 0 || n > src->n_tokens)
         return kvm_seterr(KVM_ERANGE, "kv: share of %d tokens from a sequence of %d", n, src->n_tokens);
     int nb = (n + KVM_KV_BLOCK - 1) / KVM_KV_BLOCK;
-    if (nb > dst->cap_blocks) {
-        int32_t *b = kvm_realloc(dst->blocks, (size_t)(nb ? nb : 1) * sizeof(int32_t));
-        if (!b) return KVM_ENOMEM;
-        dst->blocks = b;
-        dst->cap_blocks = nb ? nb : 1;
-    }
-    int rc = kvm_seq_push_tokens(dst, src->tokens, n);
+    int rc = kvm_array_reserve(&dst->blocks, &dst->cap_blocks, (size_t)(nb ? nb : 1), sizeof *dst->blocks, 4);
+    if (rc) return rc;
+    rc = kvm_seq_push_tokens(dst, src->tokens, n);
     if (rc) return rc;
     for (int i = 0; i < nb; i++) {
         kvm_kv_block_ref(dst->pool, src->blocks[i]);

@@ -9,7 +9,7 @@
  * KVM_EUNSUPPORTED naming the field, rather than silently computing a different model. */
 #include "model.h"
 
-#include <cjson/cJSON.h>
+#include "../core/json.h"
 #include <math.h>
 #include <stdio.h>
 #include <string.h>
@@ -260,22 +260,9 @@ int kvm_config_parse_hf(kvm_config_t *cfg, const char *json, const char *path) {
     if (!path) path = "config.json";
     memset(cfg, 0, sizeof *cfg);
     if (!json) return kvm_seterr(KVM_EINVAL, "%s: no text", path);
-    size_t len = strlen(json);
-    const char *end = NULL;
-    cJSON *root = cJSON_ParseWithLengthOpts(json, len, &end, 0);
-    if (!root) {
-        size_t at = end && end >= json ? (size_t)(end - json) : 0;
-        int line = 1;
-        for (size_t i = 0; i < at && i < len; i++) line += json[i] == '\n';
-        return kvm_seterr(KVM_EFORMAT, "%s: not valid JSON (error near line %d, byte %zu)", path, line, at);
-    }
-    int rc = 0;
-    for (const char *q = end; q && *q; q++) {
-        if (*q != ' ' && *q != '\t' && *q != '\n' && *q != '\r') {
-            rc = kvm_seterr(KVM_EFORMAT, "%s: unexpected text after the JSON object at byte %zu", path, (size_t)(q - json));
-            goto out;
-        }
-    }
+    cJSON *root;
+    int rc = kvm_json_parse(json, strlen(json), path, &root);
+    if (rc) return rc;
     if (!cJSON_IsObject(root)) {
         rc = kvm_seterr(KVM_EFORMAT, "%s: not a JSON object", path);
         goto out;

@@ -18,7 +18,7 @@
 #include "safetensors.h"
 #include "tokenizer.h"
 
-#include <cjson/cJSON.h>
+#include "../core/json.h"
 #include <limits.h>
 #include <math.h>
 #include <stdio.h>
@@ -52,24 +52,10 @@ static int hf_read_json(const char *path, bool required, cJSON **out) {
     size_t len = 0;
     int rc = kvm_read_file(path, &text, &len, 256u << 20);
     if (rc) return rc;
-    const char *end = NULL;
-    cJSON *root = cJSON_ParseWithLengthOpts(text, len, &end, 0);
-    if (!root) {
-        size_t at = end && end >= text ? (size_t)(end - text) : 0;
-        int line = 1;
-        for (size_t i = 0; i < at && i < len; i++) line += text[i] == '\n';
-        free(text);
-        return kvm_seterr(KVM_EFORMAT, "%s: not valid JSON (error near line %d, byte %zu)", path, line, at);
-    }
-    for (const char *q = end; q < text + len; q++) {
-        if (*q != ' ' && *q != '\t' && *q != '\n' && *q != '\r') {
-            size_t at = (size_t)(q - text);
-            free(text);
-            cJSON_Delete(root);
-            return kvm_seterr(KVM_EFORMAT, "%s: unexpected text after the JSON value at byte %zu", path, at);
-        }
-    }
-    free(text);
+    cJSON *root;
+    rc = kvm_json_parse(text, len, path, &root);
+    kvm_free(text);
+    if (rc) return rc;
     if (!cJSON_IsObject(root)) {
         cJSON_Delete(root);
         return kvm_seterr(KVM_EFORMAT, "%s: not a JSON object", path);
@@ -228,7 +214,7 @@ static int hf_load_tokenizer_side(hf_ctx_t *x) {
     char *owned;
     if ((rc = hf_chat_template(x, &tmpl, &owned))) return rc;
     c->chat_format = hf_chat_format(tmpl);
-    free(owned);
+    kvm_free(owned);
 
     /* BOS: tokenizer_config.json decides when it names one (null = none); Qwen has none even though its
      * config.json lists <|endoftext|> as bos_token_id. */
@@ -502,7 +488,7 @@ int kvm_load_hf(kvm_model_t *m, const char *dir) {
     char *text = NULL;
     if ((rc = kvm_read_file(path, &text, NULL, 16u << 20))) return rc;
     rc = kvm_config_parse_hf(&m->cfg, text, path);
-    free(text);
+    kvm_free(text);
     if (rc) return rc;
 
     if ((rc = kvm_path_join(path, sizeof path, dir, "generation_config.json"))) goto out;

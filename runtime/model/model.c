@@ -168,24 +168,22 @@ int kvm_load_llama2c(kvm_model_t *m, const char *path) {
 /* ---- lifetime --------------------------------------------------------------------------------- */
 
 static void set_name(kvm_model_t *m, const char *path) {
-    char *tmp = strdup(path);
-    if (!tmp) return;
+    char tmp[4096];
+    snprintf(tmp, sizeof tmp, "%s", path);
     size_t n = strlen(tmp);
     while (n > 1 && tmp[n - 1] == '/') tmp[--n] = 0;
     snprintf(m->name, sizeof m->name, "%s", basename(tmp));
-    free(tmp);
 }
 
 static int load_llama2c_tokenizer(kvm_model_t *m, const char *path, const kvm_load_opts_t *o) {
     char cand[4096];
     const char *tp = o && o->tokenizer_path ? o->tokenizer_path : NULL;
     if (!tp) {
-        char *d = strdup(path);
-        if (!d) return KVM_ENOMEM;
+        char d[4096];
+        snprintf(d, sizeof d, "%s", path);
         char *dir = dirname(d);
         snprintf(cand, sizeof cand, "%s/tokenizer.bin", dir);
         if (!kvm_file_exists(cand)) snprintf(cand, sizeof cand, "%s/tok%d.bin", dir, m->cfg.vocab_size);
-        free(d);
         if (!kvm_file_exists(cand)) return 0; /* no tokenizer: ids-only use */
         tp = cand;
     }
@@ -237,6 +235,7 @@ kvm_model_t *kvm_model_load(const char *path, const kvm_model_params_t *params) 
 /* ---- loading ---------------------------------------------------------------------------------------- */
 
 kvm_model_t *kvm_model_load_opts(const char *path, const kvm_load_opts_t *opts) {
+    kvm_core_init();
     kvm_load_opts_t def = {0};
     const kvm_load_opts_t *o = opts ? opts : &def;
     if (!path || !*path) {
@@ -254,8 +253,10 @@ kvm_model_t *kvm_model_load_opts(const char *path, const kvm_load_opts_t *opts) 
     if (!m) return NULL;
     m->path = kvm_strdup(path);
     set_name(m, path);
-    int rc;
-    if (kvm_dir_exists(path)) {
+    int rc = m->path ? 0 : KVM_ENOMEM;
+    if (rc) {
+        /* the message is the allocator's */
+    } else if (kvm_dir_exists(path)) {
         rc = kvm_load_hf(m, path);
     } else if (kvm_file_exists(path)) {
         rc = kvm_load_llama2c(m, path);
@@ -295,7 +296,7 @@ void kvm_model_free(kvm_model_t *m) {
     kvm_free(m->inv_freq);
     kvm_free(m->inv_freq64);
     kvm_free(m->path);
-    free(m->owned);
+    kvm_free(m->owned);
     kvm_free(m);
 }
 

@@ -6,17 +6,12 @@
 
 #include "forward.h"
 #include "model.h"
+#include "../core/rng.h"
 
-static uint64_t rm_next(uint64_t *s) {
-    uint64_t z = (*s += 0x9e3779b97f4a7c15ULL);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-    return z ^ (z >> 31);
-}
-
+/* Box-Muller over the core PRNG's splitmix64 stream (the stream these weights were always drawn from). */
 static float rm_normal(uint64_t *s) {
-    double u1 = ((rm_next(s) >> 11) + 1.0) * (1.0 / 9007199254740993.0);
-    double u2 = (rm_next(s) >> 11) * (1.0 / 9007199254740992.0);
+    double u1 = ((kvm_splitmix64_next(s) >> 11) + 1.0) * (1.0 / 9007199254740993.0);
+    double u2 = (kvm_splitmix64_next(s) >> 11) * (1.0 / 9007199254740992.0);
     return (float)(sqrt(-2.0 * log(u1)) * cos(6.283185307179586 * u2));
 }
 
@@ -55,7 +50,7 @@ kvm_model_t *kvm_model_random(const kvm_config_t *cfg_in, uint64_t seed, float s
     kvm_model_t *m = kvm_calloc(1, sizeof *m);
     if (!m) return NULL;
     m->cfg = c;
-    m->owned = malloc((size_t)total * sizeof(float));
+    m->owned = kvm_malloc((size_t)total * sizeof(float));
     m->w.layers = kvm_calloc((size_t)L, sizeof(kvm_layer_weights_t));
     if (!m->owned || !m->w.layers) {
         kvm_seterr(KVM_ENOMEM, "random model: out of memory for %lld weights", (long long)total);

@@ -1,7 +1,7 @@
 /* safetensors.c - validating safetensors reader over a mapping, and a small writer (see safetensors.h). */
 #include "safetensors.h"
 
-#include <cjson/cJSON.h>
+#include "../core/json.h"
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -156,6 +156,7 @@ static int st_check_ranges(kvm_st_file_t *f, int flags) {
 }
 
 int kvm_st_parse(kvm_st_file_t *f, const void *buf, size_t size, const char *path, int flags) {
+    kvm_core_init();
     memset(f, 0, sizeof *f);
     f->path = kvm_strdup(path ? path : "(safetensors)");
     if (!f->path) return KVM_ENOMEM;
@@ -185,7 +186,12 @@ int kvm_st_parse(kvm_st_file_t *f, const void *buf, size_t size, const char *pat
     f->data = p + 8 + n;
     f->data_bytes = size - 8 - n;
     const char *hdr = (const char *)p + 8, *end = NULL;
+    kvm_errclear();
     root = cJSON_ParseWithLengthOpts(hdr, (size_t)n, &end, 0);
+    if (!root && kvm_json_failed_for_memory()) {
+        rc = kvm_seterr(KVM_ENOMEM, "%s: out of memory parsing the header JSON (%llu bytes)", path, (unsigned long long)n);
+        goto fail;
+    }
     if (!root) {
         size_t at = end && end >= hdr ? (size_t)(end - hdr) : 0;
         rc = kvm_seterr(KVM_EFORMAT, "%s: header is not valid JSON (error near header byte %zu of %llu)", path, at,
@@ -292,6 +298,7 @@ int kvm_st_view(const kvm_st_tensor_t *t, kvm_tensor_t *out, const char *path) {
 /* ---- writing -------------------------------------------------------------------------------- */
 
 int kvm_st_write(const char *path, const kvm_st_entry_t *entries, int n) {
+    kvm_core_init();
     cJSON *root = cJSON_CreateObject();
     if (!root) return kvm_seterr(KVM_ENOMEM, "%s: out of memory building the header", path);
     uint64_t off = 0;

@@ -5,6 +5,7 @@
 #include <string.h>
 
 #include "generate.h"
+#include "../core/rng.h"
 
 struct kvm_sampler {
     kvm_sampler_params_t p;
@@ -13,15 +14,9 @@ struct kvm_sampler {
     int32_t *idx; /* [vocab] scratch for sorting */
 };
 
-static uint64_t splitmix64(uint64_t *s) {
-    uint64_t z = (*s += 0x9e3779b97f4a7c15ULL);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-    return z ^ (z >> 31);
-}
-
-/* uniform in [0, 1) with 53 random bits */
-static double rand01(uint64_t *s) { return (double)(splitmix64(s) >> 11) * (1.0 / 9007199254740992.0); }
+/* uniform in [0, 1) with 53 random bits of the core PRNG's splitmix64 stream (the stream the sampler
+ * always used, so seeded samples stay the same) */
+static double rand01(uint64_t *s) { return (double)(kvm_splitmix64_next(s) >> 11) * (1.0 / 9007199254740992.0); }
 
 kvm_sampler_t *kvm_sampler_create(const kvm_sampler_params_t *p, int vocab_size) {
     if (vocab_size <= 0) {

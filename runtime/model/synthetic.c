@@ -194,7 +194,7 @@ kvm_model_t *kvm_model_synthetic(const char *name, const kvm_load_opts_t *opts) 
         if (on_dev) {
             buf = m->ops->alloc(off);
         } else {
-            buf = malloc(off);
+            buf = kvm_malloc(off);
             if (!buf) kvm_seterr(KVM_ENOMEM, "%s: cannot allocate %zu bytes of host memory for the weights", m->name, off);
             m->owned = buf;
         }

@@ -5,7 +5,7 @@
  * config: bos_token, eos_token, add_bos_token, chat_template. Sequence steps are flattened. Anything we
  * do not implement is refused with KVM_EUNSUPPORTED naming the component and its type, never guessed;
  * malformed input gives KVM_EFORMAT naming the file and the JSON field. */
-#include <cjson/cJSON.h>
+#include "../core/json.h"
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -368,14 +368,14 @@ static int parse_merges(ctx_t *c, const cJSON *merges) {
     if (tok_pairmap_init(&t->merges, (size_t)cJSON_GetArraySize(merges))) return KVM_ENOMEM;
     const cJSON *it;
     int rank = 0;
-    tok_buf_t cat = {0};
+    kvm_sb_t cat = {0};
     cJSON_ArrayForEach(it, merges) {
         const char *a, *b;
         size_t la, lb;
         if (cJSON_IsString(it)) {
             const char *s = it->valuestring, *sp = strchr(s, ' ');
             if (!sp || strchr(sp + 1, ' ') || sp == s || !sp[1]) {
-                tok_buf_free(&cat);
+                kvm_sb_free(&cat);
                 return kvm_seterr(KVM_EFORMAT, "%s: model.merges[%d]: \"%s\" is not two tokens separated by one space", c->path, rank, s);
             }
             a = s, la = (size_t)(sp - s), b = sp + 1, lb = strlen(b);
@@ -384,24 +384,24 @@ static int parse_merges(ctx_t *c, const cJSON *merges) {
             a = cJSON_GetArrayItem(it, 0)->valuestring, la = strlen(a);
             b = cJSON_GetArrayItem(it, 1)->valuestring, lb = strlen(b);
         } else {
-            tok_buf_free(&cat);
+            kvm_sb_free(&cat);
             return kvm_seterr(KVM_EFORMAT, "%s: model.merges[%d]: expected \"a b\" or [\"a\", \"b\"]", c->path, rank);
         }
         int32_t ia = tok_strmap_get(&t->vocab, a, la), ib = tok_strmap_get(&t->vocab, b, lb);
         cat.len = 0;
-        if (tok_buf_put(&cat, a, la) || tok_buf_put(&cat, b, lb)) return tok_buf_free(&cat), KVM_ENOMEM;
-        int32_t im = tok_strmap_get(&t->vocab, cat.p, cat.len);
+        if (kvm_sb_append(&cat, a, la) || kvm_sb_append(&cat, b, lb)) return kvm_sb_free(&cat), KVM_ENOMEM;
+        int32_t im = tok_strmap_get(&t->vocab, cat.s, cat.len);
         if (ia < 0 || ib < 0 || im < 0) {
-            const char *which = ia < 0 ? a : ib < 0 ? b : cat.p;
+            const char *which = ia < 0 ? a : ib < 0 ? b : cat.s;
             int wl = (int)(ia < 0 ? la : ib < 0 ? lb : cat.len);
             kvm_seterr(KVM_EFORMAT, "%s: model.merges[%d]: references unknown token \"%.*s\" (not in model.vocab)", c->path, rank, wl, which);
-            tok_buf_free(&cat);
+            kvm_sb_free(&cat);
             return KVM_EFORMAT;
         }
-        if (tok_pairmap_put(&t->merges, ia, ib, rank, im)) return tok_buf_free(&cat), KVM_ENOMEM;
+        if (tok_pairmap_put(&t->merges, ia, ib, rank, im)) return kvm_sb_free(&cat), KVM_ENOMEM;
         rank++;
     }
-    tok_buf_free(&cat);
+    kvm_sb_free(&cat);
     return 0;
 }
 
@@ -483,15 +483,13 @@ static int apply_config(kvm_tokenizer_t *t, const char *cfg_path) {
         size_t len = 0;
         int rc = kvm_read_file(cfg_path, &text, &len, 64u << 20);
         if (rc) return kvm_errctx(rc, "tokenizer config");
-        cfg = cJSON_ParseWithLength(text, len);
-        if (!cfg || !cJSON_IsObject(cfg)) {
-            const char *at = cJSON_GetErrorPtr();
-            long off = (cfg || !at || at < text || at > text + len) ? 0 : (long)(at - text);
-            free(text);
+        rc = kvm_json_parse(text, len, cfg_path, &cfg);
+        kvm_free(text);
+        if (rc) return rc;
+        if (!cJSON_IsObject(cfg)) {
             cJSON_Delete(cfg);
-            return kvm_seterr(KVM_EFORMAT, "%s: not a JSON object (near byte %ld)", cfg_path, off);
+            return kvm_seterr(KVM_EFORMAT, "%s: not a JSON object", cfg_path);
         }
-        free(text);
     }
     const char *bos = jtoken(cfg, "bos_token"), *eos = jtoken(cfg, "eos_token");
     t->bos = find_token(t, bos);
@@ -537,6 +535,7 @@ static int apply_config(kvm_tokenizer_t *t, const char *cfg_path) {
 /* ---- the loader ----------------------------------------------------------------------------------- */
 
 kvm_tokenizer_t *kvm_tokenizer_load_hf(const char *json_path, const char *config_path) {
+    kvm_core_init();
     if (!json_path) {
         kvm_seterr(KVM_EINVAL, "kvm_tokenizer_load_hf: path is NULL");
         return NULL;
@@ -549,15 +548,10 @@ kvm_tokenizer_t *kvm_tokenizer_load_hf(const char *json_path, const char *config
         kvm_errctx(rc, "tokenizer");
         return NULL;
     }
-    cJSON *root = cJSON_ParseWithLength(text, len);
-    if (!root) {
-        const char *at = cJSON_GetErrorPtr();
-        long off = (at && at >= text && at <= text + len) ? (long)(at - text) : -1;
-        kvm_seterr(KVM_EFORMAT, "%s: not JSON (parse error near byte %ld)", json_path, off);
-        free(text);
-        return NULL;
-    }
-    free(text);
+    cJSON *root;
+    rc = kvm_json_parse(text, len, json_path, &root);
+    kvm_free(text);
+    if (rc) return NULL;
     kvm_tokenizer_t *t = NULL;
     ctx_t c = {.path = json_path};
     const cJSON *model = jget(root, "model");

@@ -15,6 +15,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "../core/map.h"
+#include "../core/sb.h"
 #include "tokenizer.h"
 
 /* ---- unicode (tok_unicode.c) -------------------------------------------------------------------- */
@@ -36,28 +38,16 @@ bool tok_is_space(uint32_t cp);  /* \s: the White_Space property */
  * String::from_utf8_lossy). out must hold 3 * len bytes. Returns bytes written. */
 size_t tok_utf8_lossy(const char *s, size_t len, char *out);
 
-/* ---- growable byte buffer -------------------------------------------------------------------- */
-
-typedef struct {
-    char *p;
-    size_t len, cap;
-} tok_buf_t;
-int tok_buf_put(tok_buf_t *b, const void *data, size_t n); /* 0 or KVM_ENOMEM; keeps p NUL-terminated */
-void tok_buf_free(tok_buf_t *b);
+/* ---- byte buffers: the core string builder (runtime/core/sb.h) ------------------------------- */
 
 /* Appends the NFC (compose) or NFD form of s[0..len) to out (tok_unicode.c, canonical tables from
  * scripts/fixtures/gen_tok_unicode.py). Invalid UTF-8 is appended unchanged. 0 or KVM_ENOMEM. */
-int tok_normalize_nf(const char *s, size_t len, bool compose, tok_buf_t *out);
+int tok_normalize_nf(const char *s, size_t len, bool compose, kvm_sb_t *out);
 
 /* ---- hash maps ---------------------------------------------------------------------------------- */
 
-/* string -> int32 (open addressing; keys point into memory the owner keeps alive). */
-typedef struct {
-    const char **keys;
-    uint32_t *klen;
-    int32_t *vals;
-    size_t cap, n; /* cap is a power of two */
-} tok_strmap_t;
+/* string -> int32 (a core map, KVM_MAP_STR_REF: keys point into memory the owner keeps alive). */
+typedef kvm_map_t tok_strmap_t;
 int tok_strmap_init(tok_strmap_t *m, size_t expected);
 void tok_strmap_free(tok_strmap_t *m);
 /* Inserts or overwrites. 0 or KVM_ENOMEM. */
@@ -65,12 +55,8 @@ int tok_strmap_put(tok_strmap_t *m, const char *key, size_t klen, int32_t val);
 /* Value or -1. */
 int32_t tok_strmap_get(const tok_strmap_t *m, const char *key, size_t klen);
 
-/* (left id, right id) -> (rank, merged id). */
-typedef struct {
-    uint64_t *keys; /* (left << 32 | right) + 1; 0 = empty */
-    int32_t *rank, *merged;
-    size_t cap, n;
-} tok_pairmap_t;
+/* (left id, right id) -> (rank, merged id) (a core map with u64 keys). */
+typedef kvm_map_t tok_pairmap_t;
 int tok_pairmap_init(tok_pairmap_t *m, size_t expected);
 void tok_pairmap_free(tok_pairmap_t *m);
 /* Keeps the first (lowest) rank when a pair repeats, as HF does. */
@@ -81,7 +67,8 @@ bool tok_pairmap_get(const tok_pairmap_t *m, int32_t a, int32_t b, int32_t *rank
 
 typedef struct {
     int32_t *v;
-    int n, cap;
+    int n;
+    size_t cap;
 } tok_ids_t;
 int tok_ids_push(tok_ids_t *l, int32_t id);
 
@@ -182,6 +169,6 @@ int tok_hf_encode(const kvm_tokenizer_t *t, const char *text, size_t len, int fl
 /* Runs the decoder steps over ids. raw: no lossy UTF-8 repair (streaming); first: the ids start the text.
  * Appends the bytes to out. */
 int tok_hf_decode(const kvm_tokenizer_t *t, const int32_t *ids, int n, bool skip_special, bool raw, bool first,
-                  tok_buf_t *out);
+                  kvm_sb_t *out);
 
 #endif

@@ -13,19 +13,21 @@
 #include <string.h>
 
 #include "../core/core.h"
+#include "../core/vec.h"
 #include "tok_internal.h"
 
 /* ---- pieces: a list of byte strings in one buffer -------------------------------------------------- */
 
 typedef struct {
-    tok_buf_t buf;
-    size_t *off, *len;
-    int n, cap;
+    kvm_sb_t buf;
+    size_t *off, *len; /* [cap] each */
+    int n;
+    size_t cap;
     bool keep_empty; /* decoding keeps empty tokens (their positions matter to Metaspace/Strip) */
 } pieces_t;
 
 static void pieces_free(pieces_t *p) {
-    tok_buf_free(&p->buf);
+    kvm_sb_free(&p->buf);
     kvm_free(p->off);
     kvm_free(p->len);
     memset(p, 0, sizeof *p);
@@ -34,18 +36,13 @@ static void pieces_free(pieces_t *p) {
 /* Appends a piece made of up to two parts (a, then b); empty pieces are dropped. */
 static int pieces_add2(pieces_t *p, const char *a, size_t na, const char *b, size_t nb) {
     if (na + nb == 0 && !p->keep_empty) return 0;
-    if (p->n == p->cap) {
-        int cap = p->cap ? p->cap * 2 : 16;
-        size_t *off = kvm_realloc(p->off, (size_t)cap * sizeof *off);
-        if (!off) return KVM_ENOMEM;
-        p->off = off;
-        size_t *len = kvm_realloc(p->len, (size_t)cap * sizeof *len);
-        if (!len) return KVM_ENOMEM;
-        p->len = len;
-        p->cap = cap;
-    }
+    size_t need = (size_t)p->n + 1, cap_off = p->cap, cap_len = p->cap;
+    if (kvm_array_reserve(&p->off, &cap_off, need, sizeof *p->off, 16) ||
+        kvm_array_reserve(&p->len, &cap_len, need, sizeof *p->len, 16))
+        return KVM_ENOMEM; /* a grown off[] alone is harmless: cap still says what both hold */
+    p->cap = cap_len;
     p->off[p->n] = p->buf.len;
-    if (tok_buf_put(&p->buf, a, na) || tok_buf_put(&p->buf, b, nb)) return KVM_ENOMEM;
+    if (kvm_sb_append(&p->buf, a, na) || kvm_sb_append(&p->buf, b, nb)) return KVM_ENOMEM;
     p->len[p->n++] = na + nb;
     return 0;
 }
@@ -176,18 +173,14 @@ typedef struct {
 
 typedef struct {
     seg_t *v;
-    int n, cap;
+    int n;
+    size_t cap;
 } segs_t;
 
 static int segs_push(segs_t *l, size_t s, size_t e, bool match) {
     if (e <= s) return 0;
-    if (l->n == l->cap) {
-        int cap = l->cap ? l->cap * 2 : 32;
-        seg_t *v = kvm_realloc(l->v, (size_t)cap * sizeof *v);
-        if (!v) return KVM_ENOMEM;
-        l->v = v;
-        l->cap = cap;
-    }
+    int rc = kvm_array_reserve(&l->v, &l->cap, (size_t)l->n + 1, sizeof *l->v, 32);
+    if (rc) return rc;
     l->v[l->n++] = (seg_t){s, e, match};
     return 0;
 }
@@ -278,19 +271,19 @@ static int find_matches(const tok_pre_t *p, const char *s, size_t n, segs_t *g) 
 }
 
 /* Replaces every occurrence of pat in s[0..n) by rep, appending to out. */
-static int replace_all(tok_buf_t *out, const char *s, size_t n, const char *pat, const char *rep) {
+static int replace_all(kvm_sb_t *out, const char *s, size_t n, const char *pat, const char *rep) {
     size_t pl = strlen(pat), rl = strlen(rep), i = 0, from = 0;
     int rc = 0;
     while (i + pl <= n && !rc) {
         if (memcmp(s + i, pat, pl) == 0) {
-            if (!(rc = tok_buf_put(out, s + from, i - from))) rc = tok_buf_put(out, rep, rl);
+            if (!(rc = kvm_sb_append(out, s + from, i - from))) rc = kvm_sb_append(out, rep, rl);
             i += pl;
             from = i;
         } else {
             i++;
         }
     }
-    if (!rc) rc = tok_buf_put(out, s + from, n - from);
+    if (!rc) rc = kvm_sb_append(out, s + from, n - from);
     return rc;
 }
 
@@ -298,10 +291,10 @@ static int replace_all(tok_buf_t *out, const char *s, size_t n, const char *pat,
  * (Metaspace prepend_scheme "first"). */
 static int pretok_step(const tok_pre_t *p, const pieces_t *in, pieces_t *out, bool at_start) {
     segs_t g = {0};
-    tok_buf_t tmp = {0}, mapped = {0};
+    kvm_sb_t tmp = {0}, mapped = {0};
     int rc = 0;
     for (int k = 0; k < in->n && !rc; k++) {
-        const char *s = in->buf.p + in->off[k];
+        const char *s = in->buf.s + in->off[k];
         size_t n = in->len[k];
         switch (p->type) {
         case TOK_PRE_SPLIT_REGEX:
@@ -317,75 +310,75 @@ static int pretok_step(const tok_pre_t *p, const pieces_t *in, pieces_t *out, bo
             break;
         case TOK_PRE_BYTELEVEL: {
             tmp.len = 0;
-            if (p->flag && (n == 0 || s[0] != ' ') && (rc = tok_buf_put(&tmp, " ", 1))) break;
-            if ((rc = tok_buf_put(&tmp, s, n))) break;
+            if (p->flag && (n == 0 || s[0] != ' ') && (rc = kvm_sb_append(&tmp, " ", 1))) break;
+            if ((rc = kvm_sb_append(&tmp, s, n))) break;
             pieces_t parts = {0};
             if (p->use_regex) {
-                if (!(rc = find_matches(p, tmp.p, tmp.len, &g))) rc = emit_split(&parts, tmp.p, &g, TOK_SPLIT_ISOLATED, false);
+                if (!(rc = find_matches(p, tmp.s, tmp.len, &g))) rc = emit_split(&parts, tmp.s, &g, TOK_SPLIT_ISOLATED, false);
             } else {
-                rc = pieces_add(&parts, tmp.p, tmp.len);
+                rc = pieces_add(&parts, tmp.s, tmp.len);
             }
             for (int j = 0; j < parts.n && !rc; j++) {
                 mapped.len = 0;
                 for (size_t b = 0; b < parts.len[j] && !rc; b++) {
                     int cl;
-                    const char *ch = tok_byte_char((unsigned char)parts.buf.p[parts.off[j] + b], &cl);
-                    rc = tok_buf_put(&mapped, ch, (size_t)cl);
+                    const char *ch = tok_byte_char((unsigned char)parts.buf.s[parts.off[j] + b], &cl);
+                    rc = kvm_sb_append(&mapped, ch, (size_t)cl);
                 }
-                if (!rc) rc = pieces_add(out, mapped.p, mapped.len);
+                if (!rc) rc = pieces_add(out, mapped.s, mapped.len);
             }
             pieces_free(&parts);
             break;
         }
         case TOK_PRE_METASPACE: {
             tmp.len = 0;
-            if ((rc = tok_buf_put(&tmp, "", 0)) || (rc = replace_all(&tmp, s, n, " ", p->pattern))) break;
+            if ((rc = kvm_sb_append(&tmp, "", 0)) || (rc = replace_all(&tmp, s, n, " ", p->pattern))) break;
             size_t rl = strlen(p->pattern);
-            bool starts = tmp.len >= rl && memcmp(tmp.p, p->pattern, rl) == 0;
+            bool starts = tmp.len >= rl && memcmp(tmp.s, p->pattern, rl) == 0;
             bool prepend = !starts && (p->prepend == TOK_PREPEND_ALWAYS || (p->prepend == TOK_PREPEND_FIRST && at_start && k == 0));
             mapped.len = 0;
-            if ((rc = tok_buf_put(&mapped, prepend ? p->pattern : "", prepend ? rl : 0)) || (rc = tok_buf_put(&mapped, tmp.p, tmp.len))) break;
+            if ((rc = kvm_sb_append(&mapped, prepend ? p->pattern : "", prepend ? rl : 0)) || (rc = kvm_sb_append(&mapped, tmp.s, tmp.len))) break;
             if (p->flag) {
-                if (!(rc = find_matches(p, mapped.p, mapped.len, &g))) rc = emit_split(out, mapped.p, &g, TOK_SPLIT_MERGED_NEXT, false);
+                if (!(rc = find_matches(p, mapped.s, mapped.len, &g))) rc = emit_split(out, mapped.s, &g, TOK_SPLIT_MERGED_NEXT, false);
             } else {
-                rc = pieces_add(out, mapped.p, mapped.len);
+                rc = pieces_add(out, mapped.s, mapped.len);
             }
             break;
         }
         }
     }
     kvm_free(g.v);
-    tok_buf_free(&tmp);
-    tok_buf_free(&mapped);
+    kvm_sb_free(&tmp);
+    kvm_sb_free(&mapped);
     return rc;
 }
 
 /* Normalizers, pre-tokenizers and the model over one text segment between added tokens. */
 static int encode_segment(const kvm_tokenizer_t *t, const char *s, size_t n, bool at_start, tok_ids_t *out) {
     if (n == 0) return 0;
-    tok_buf_t norm = {0}, tmp = {0};
+    kvm_sb_t norm = {0}, tmp = {0};
     pieces_t a = {0}, b = {0};
-    int rc = tok_buf_put(&norm, s, n);
+    int rc = kvm_sb_append(&norm, s, n);
     for (int i = 0; i < t->n_norm && !rc; i++) {
         const tok_norm_t *nm = &t->norm[i];
         if (nm->type == TOK_NORM_PREPEND) {
             if (norm.len == 0) continue;
             tmp.len = 0;
-            if (!(rc = tok_buf_put(&tmp, nm->a, strlen(nm->a)))) rc = tok_buf_put(&tmp, norm.p, norm.len);
+            if (!(rc = kvm_sb_append(&tmp, nm->a, strlen(nm->a)))) rc = kvm_sb_append(&tmp, norm.s, norm.len);
         } else if (nm->type == TOK_NORM_REPLACE) {
             tmp.len = 0;
-            if (!(rc = tok_buf_put(&tmp, "", 0))) rc = replace_all(&tmp, norm.p, norm.len, nm->a, nm->b);
+            if (!(rc = kvm_sb_append(&tmp, "", 0))) rc = replace_all(&tmp, norm.s, norm.len, nm->a, nm->b);
         } else if (nm->type == TOK_NORM_NFC || nm->type == TOK_NORM_NFD) {
             tmp.len = 0;
-            if (!(rc = tok_buf_put(&tmp, "", 0))) rc = tok_normalize_nf(norm.p, norm.len, nm->type == TOK_NORM_NFC, &tmp);
+            if (!(rc = kvm_sb_append(&tmp, "", 0))) rc = tok_normalize_nf(norm.s, norm.len, nm->type == TOK_NORM_NFC, &tmp);
         } else {
             continue;
         }
-        tok_buf_t sw = norm;
+        kvm_sb_t sw = norm;
         norm = tmp;
         tmp = sw;
     }
-    if (!rc) rc = pieces_add(&a, norm.p, norm.len);
+    if (!rc) rc = pieces_add(&a, norm.s, norm.len);
     for (int i = 0; i < t->n_pre && !rc; i++) {
         b.n = 0;
         b.buf.len = 0;
@@ -394,9 +387,9 @@ static int encode_segment(const kvm_tokenizer_t *t, const char *s, size_t n, boo
         a = b;
         b = sw;
     }
-    for (int k = 0; k < a.n && !rc; k++) rc = tok_bpe_word(t, a.buf.p + a.off[k], a.len[k], out);
-    tok_buf_free(&norm);
-    tok_buf_free(&tmp);
+    for (int k = 0; k < a.n && !rc; k++) rc = tok_bpe_word(t, a.buf.s + a.off[k], a.len[k], out);
+    kvm_sb_free(&norm);
+    kvm_sb_free(&tmp);
     pieces_free(&a);
     pieces_free(&b);
     return rc;
@@ -476,12 +469,12 @@ static bool valid_utf8(const char *s, size_t n) {
 
 /* One decoder step: in -> out (token lists). fused: an earlier Fuse made the list the whole text. */
 static int decode_step(const tok_dec_t *d, const pieces_t *in, pieces_t *out, bool raw, bool first, bool *fused) {
-    tok_buf_t tmp = {0};
+    kvm_sb_t tmp = {0};
     int rc = 0;
     switch (d->type) {
     case TOK_DEC_BYTELEVEL: {
         for (int k = 0; k < in->n && !rc; k++) {
-            const char *s = in->buf.p + in->off[k];
+            const char *s = in->buf.s + in->off[k];
             size_t n = in->len[k], mark = tmp.len;
             bool all = true;
             for (size_t i = 0; i < n && !rc;) {
@@ -491,24 +484,24 @@ static int decode_step(const tok_dec_t *d, const pieces_t *in, pieces_t *out, bo
                     break;
                 }
                 char c = (char)b;
-                rc = tok_buf_put(&tmp, &c, 1);
+                rc = kvm_sb_append(&tmp, &c, 1);
                 i += (size_t)cl;
             }
             if (!all) {
                 tmp.len = mark;
-                rc = tok_buf_put(&tmp, s, n);
+                rc = kvm_sb_append(&tmp, s, n);
             }
         }
         if (rc) break;
         if (raw) {
-            rc = pieces_add(out, tmp.p, tmp.len);
+            rc = pieces_add(out, tmp.s, tmp.len);
         } else {
             char *fixed = kvm_malloc(tmp.len * 3 + 1);
             if (!fixed) {
                 rc = KVM_ENOMEM;
                 break;
             }
-            size_t fl = tok_utf8_lossy(tmp.p, tmp.len, fixed);
+            size_t fl = tok_utf8_lossy(tmp.s, tmp.len, fixed);
             rc = pieces_add(out, fixed, fl);
             kvm_free(fixed);
         }
@@ -518,29 +511,29 @@ static int decode_step(const tok_dec_t *d, const pieces_t *in, pieces_t *out, bo
     case TOK_DEC_REPLACE:
     case TOK_DEC_METASPACE:
         for (int k = 0; k < in->n && !rc; k++) {
-            const char *s = in->buf.p + in->off[k];
+            const char *s = in->buf.s + in->off[k];
             size_t n = in->len[k];
             tmp.len = 0;
-            if ((rc = tok_buf_put(&tmp, "", 0))) break;
+            if ((rc = kvm_sb_append(&tmp, "", 0))) break;
             if (d->type == TOK_DEC_REPLACE) rc = replace_all(&tmp, s, n, d->a, d->b);
             else rc = replace_all(&tmp, s, n, d->a, (k == 0 && first && d->prepend) ? "" : " ");
-            if (!rc) rc = pieces_add(out, tmp.p, tmp.len);
+            if (!rc) rc = pieces_add(out, tmp.s, tmp.len);
         }
         break;
     case TOK_DEC_BYTEFALLBACK: {
         int run = 0;
         for (int k = 0; k <= in->n && !rc; k++) {
-            const char *s = k < in->n ? in->buf.p + in->off[k] : "";
+            const char *s = k < in->n ? in->buf.s + in->off[k] : "";
             size_t n = k < in->n ? in->len[k] : 0;
             int b = k < in->n ? tok_parse_byte_piece(s, n) : -1;
             if (b >= 0) {
                 char c = (char)b;
-                rc = tok_buf_put(&tmp, &c, 1);
+                rc = kvm_sb_append(&tmp, &c, 1);
                 run++;
                 continue;
             }
             if (run) {
-                if (raw || valid_utf8(tmp.p, tmp.len)) rc = pieces_add(out, tmp.p, tmp.len);
+                if (raw || valid_utf8(tmp.s, tmp.len)) rc = pieces_add(out, tmp.s, tmp.len);
                 else
                     for (int r = 0; r < run && !rc; r++) rc = pieces_add(out, "\xEF\xBF\xBD", 3);
                 tmp.len = 0;
@@ -551,14 +544,14 @@ static int decode_step(const tok_dec_t *d, const pieces_t *in, pieces_t *out, bo
         break;
     }
     case TOK_DEC_FUSE:
-        for (int k = 0; k < in->n && !rc; k++) rc = tok_buf_put(&tmp, in->buf.p + in->off[k], in->len[k]);
-        if (!rc) rc = pieces_add(out, tmp.p ? tmp.p : "", tmp.len);
+        for (int k = 0; k < in->n && !rc; k++) rc = kvm_sb_append(&tmp, in->buf.s + in->off[k], in->len[k]);
+        if (!rc) rc = pieces_add(out, kvm_sb_str(&tmp), tmp.len);
         *fused = true;
         break;
     case TOK_DEC_STRIP: {
         size_t cl = strlen(d->a);
         for (int k = 0; k < in->n && !rc; k++) {
-            const char *s = in->buf.p + in->off[k];
+            const char *s = in->buf.s + in->off[k];
             size_t n = in->len[k];
             /* after a Fuse the one token is the whole text: its start is only ours when first */
             bool do_start = !*fused || (first && k == 0);
@@ -570,12 +563,12 @@ static int decode_step(const tok_dec_t *d, const pieces_t *in, pieces_t *out, bo
         break;
     }
     }
-    tok_buf_free(&tmp);
+    kvm_sb_free(&tmp);
     return rc;
 }
 
 int tok_hf_decode(const kvm_tokenizer_t *t, const int32_t *ids, int n, bool skip_special, bool raw, bool first,
-                  tok_buf_t *out) {
+                  kvm_sb_t *out) {
     pieces_t a = {.keep_empty = true}, b = {.keep_empty = true};
     int rc = 0;
     for (int i = 0; i < n && !rc; i++) {
@@ -592,8 +585,8 @@ int tok_hf_decode(const kvm_tokenizer_t *t, const int32_t *ids, int n, bool skip
         b = sw;
     }
     for (int k = 0; k < a.n && !rc; k++) {
-        if (t->n_dec == 0 && (k > 0 || !first) && (rc = tok_buf_put(out, " ", 1))) break; /* no decoder: joined by spaces */
-        rc = tok_buf_put(out, a.buf.p + a.off[k], a.len[k]);
+        if (t->n_dec == 0 && (k > 0 || !first) && (rc = kvm_sb_append(out, " ", 1))) break; /* no decoder: joined by spaces */
+        rc = kvm_sb_append(out, a.buf.s + a.off[k], a.len[k]);
     }
     pieces_free(&a);
     pieces_free(&b);

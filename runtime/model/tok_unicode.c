@@ -207,14 +207,14 @@ static bool trivially_normal(const char *s, size_t len, bool compose) {
     return true;
 }
 
-int tok_normalize_nf(const char *s, size_t len, bool compose, tok_buf_t *out) {
-    if (trivially_normal(s, len, compose)) return tok_buf_put(out, s, len);
+int tok_normalize_nf(const char *s, size_t len, bool compose, kvm_sb_t *out) {
+    if (trivially_normal(s, len, compose)) return kvm_sb_append(out, s, len);
     /* invalid UTF-8 is passed through untouched (HF only ever sees valid text) */
     size_t n = 0;
     for (size_t i = 0; i < len;) {
         uint32_t cp;
         int cl = tok_utf8_next(s + i, len - i, &cp);
-        if (cp == 0xFFFD && !(cl == 3 && memcmp(s + i, "\xEF\xBF\xBD", 3) == 0)) return tok_buf_put(out, s, len);
+        if (cp == 0xFFFD && !(cl == 3 && memcmp(s + i, "\xEF\xBF\xBD", 3) == 0)) return kvm_sb_append(out, s, len);
         i += (size_t)cl;
         n++;
     }
@@ -263,7 +263,7 @@ int tok_normalize_nf(const char *s, size_t len, bool compose, tok_buf_t *out) {
     }
     int rc = 0;
     char u[4];
-    for (size_t i = 0; i < m && !rc; i++) rc = tok_buf_put(out, u, (size_t)tok_utf8_put(cps[i], u));
+    for (size_t i = 0; i < m && !rc; i++) rc = kvm_sb_append(out, u, (size_t)tok_utf8_put(cps[i], u));
     kvm_free(cps);
     return rc;
 }

@@ -14,175 +14,57 @@
 #include <string.h>
 
 #include "../core/core.h"
+#include "../core/vec.h"
 #include "tok_internal.h"
 
 /* ==== small containers ============================================================================== */
 
-int tok_buf_put(tok_buf_t *b, const void *data, size_t n) {
-    if (b->len + n + 1 > b->cap) {
-        size_t cap = b->cap ? b->cap : 64;
-        while (cap < b->len + n + 1) cap *= 2;
-        char *p = kvm_realloc(b->p, cap);
-        if (!p) return KVM_ENOMEM;
-        b->p = p;
-        b->cap = cap;
-    }
-    if (n) memcpy(b->p + b->len, data, n);
-    b->len += n;
-    b->p[b->len] = '\0';
-    return 0;
-}
-
-void tok_buf_free(tok_buf_t *b) {
-    kvm_free(b->p);
-    memset(b, 0, sizeof *b);
-}
-
 int tok_ids_push(tok_ids_t *l, int32_t id) {
-    if (l->n == l->cap) {
-        int cap = l->cap ? l->cap * 2 : 64;
-        int32_t *v = kvm_realloc(l->v, (size_t)cap * sizeof *v);
-        if (!v) return KVM_ENOMEM;
-        l->v = v;
-        l->cap = cap;
-    }
+    int rc = kvm_array_reserve(&l->v, &l->cap, (size_t)l->n + 1, sizeof *l->v, 64);
+    if (rc) return rc;
     l->v[l->n++] = id;
     return 0;
 }
 
-static size_t pow2_at_least(size_t n) {
-    size_t c = 16;
-    while (c < n) c *= 2;
-    return c;
-}
-
+/* Both maps are core hash maps (runtime/core/map.h): vocab borrows its keys from pieces[] or the
+ * file data, merges packs (left, right) into the key and (rank, merged) into the value. */
 int tok_strmap_init(tok_strmap_t *m, size_t expected) {
-    memset(m, 0, sizeof *m);
-    m->cap = pow2_at_least(expected * 2 + 1);
-    m->keys = kvm_calloc(m->cap, sizeof *m->keys);
-    m->klen = kvm_calloc(m->cap, sizeof *m->klen);
-    m->vals = kvm_calloc(m->cap, sizeof *m->vals);
-    if (!m->keys || !m->klen || !m->vals) {
-        tok_strmap_free(m);
-        return KVM_ENOMEM;
-    }
-    return 0;
+    kvm_map_init(m, KVM_MAP_STR_REF);
+    return kvm_map_reserve(m, expected);
 }
 
-void tok_strmap_free(tok_strmap_t *m) {
-    kvm_free(m->keys);
-    kvm_free(m->klen);
-    kvm_free(m->vals);
-    memset(m, 0, sizeof *m);
-}
-
-static int strmap_grow(tok_strmap_t *m) {
-    tok_strmap_t n2;
-    int rc = tok_strmap_init(&n2, m->cap);
-    if (rc) return rc;
-    for (size_t i = 0; i < m->cap; i++)
-        if (m->keys[i]) tok_strmap_put(&n2, m->keys[i], m->klen[i], m->vals[i]);
-    tok_strmap_free(m);
-    *m = n2;
-    return 0;
-}
+void tok_strmap_free(tok_strmap_t *m) { kvm_map_free(m); }
 
 int tok_strmap_put(tok_strmap_t *m, const char *key, size_t klen, int32_t val) {
-    if ((m->n + 1) * 2 > m->cap) {
-        int rc = strmap_grow(m);
-        if (rc) return rc;
-    }
-    size_t mask = m->cap - 1, i = (size_t)kvm_hash64(key, klen, KVM_HASH_SEED) & mask;
-    while (m->keys[i]) {
-        if (m->klen[i] == klen && memcmp(m->keys[i], key, klen) == 0) {
-            m->vals[i] = val;
-            return 0;
-        }
-        i = (i + 1) & mask;
-    }
-    m->keys[i] = key;
-    m->klen[i] = (uint32_t)klen;
-    m->vals[i] = val;
-    m->n++;
-    return 0;
+    return kvm_map_put(m, key, klen, KVM_MAPVAL_I64(val));
 }
 
 int32_t tok_strmap_get(const tok_strmap_t *m, const char *key, size_t klen) {
-    if (!m->cap) return -1;
-    size_t mask = m->cap - 1, i = (size_t)kvm_hash64(key, klen, KVM_HASH_SEED) & mask;
-    while (m->keys[i]) {
-        if (m->klen[i] == klen && memcmp(m->keys[i], key, klen) == 0) return m->vals[i];
-        i = (i + 1) & mask;
-    }
-    return -1;
+    kvm_mapval_t v;
+    return kvm_map_get(m, key, klen, &v) ? (int32_t)v.i64 : -1;
 }
 
 int tok_pairmap_init(tok_pairmap_t *m, size_t expected) {
-    memset(m, 0, sizeof *m);
-    m->cap = pow2_at_least(expected * 2 + 1);
-    m->keys = kvm_calloc(m->cap, sizeof *m->keys);
-    m->rank = kvm_calloc(m->cap, sizeof *m->rank);
-    m->merged = kvm_calloc(m->cap, sizeof *m->merged);
-    if (!m->keys || !m->rank || !m->merged) {
-        tok_pairmap_free(m);
-        return KVM_ENOMEM;
-    }
-    return 0;
+    kvm_map_init(m, KVM_MAP_U64);
+    return kvm_map_reserve(m, expected);
 }
 
-void tok_pairmap_free(tok_pairmap_t *m) {
-    kvm_free(m->keys);
-    kvm_free(m->rank);
-    kvm_free(m->merged);
-    memset(m, 0, sizeof *m);
-}
+void tok_pairmap_free(tok_pairmap_t *m) { kvm_map_free(m); }
 
-static inline size_t pair_slot(uint64_t key, size_t mask) {
-    key ^= key >> 33;
-    key *= 0xff51afd7ed558ccdULL;
-    key ^= key >> 33;
-    return (size_t)key & mask;
-}
+static uint64_t pair_key(int32_t a, int32_t b) { return (uint64_t)(uint32_t)a << 32 | (uint32_t)b; }
 
 int tok_pairmap_put(tok_pairmap_t *m, int32_t a, int32_t b, int32_t rank, int32_t merged) {
-    if ((m->n + 1) * 2 > m->cap) {
-        tok_pairmap_t n2;
-        int rc = tok_pairmap_init(&n2, m->cap);
-        if (rc) return rc;
-        for (size_t i = 0; i < m->cap; i++)
-            if (m->keys[i]) {
-                uint64_t k = m->keys[i] - 1;
-                tok_pairmap_put(&n2, (int32_t)(k >> 32), (int32_t)(k & 0xffffffffu), m->rank[i], m->merged[i]);
-            }
-        tok_pairmap_free(m);
-        *m = n2;
-    }
-    uint64_t key = (((uint64_t)(uint32_t)a << 32) | (uint32_t)b) + 1;
-    size_t mask = m->cap - 1, i = pair_slot(key, mask);
-    while (m->keys[i]) {
-        if (m->keys[i] == key) return 0; /* first rank wins */
-        i = (i + 1) & mask;
-    }
-    m->keys[i] = key;
-    m->rank[i] = rank;
-    m->merged[i] = merged;
-    m->n++;
-    return 0;
+    uint64_t k = pair_key(a, b);
+    if (kvm_map_get_u64(m, k, NULL)) return 0; /* the first (lowest) rank stays */
+    return kvm_map_put_u64(m, k, KVM_MAPVAL_U64((uint64_t)(uint32_t)rank << 32 | (uint32_t)merged));
 }
 
 bool tok_pairmap_get(const tok_pairmap_t *m, int32_t a, int32_t b, int32_t *rank, int32_t *merged) {
-    if (!m->cap) return false;
-    uint64_t key = (((uint64_t)(uint32_t)a << 32) | (uint32_t)b) + 1;
-    size_t mask = m->cap - 1, i = pair_slot(key, mask);
-    while (m->keys[i]) {
-        if (m->keys[i] == key) {
-            *rank = m->rank[i];
-            *merged = m->merged[i];
-            return true;
-        }
-        i = (i + 1) & mask;
-    }
-    return false;
+    kvm_mapval_t v;
+    if (!kvm_map_get_u64(m, pair_key(a, b), &v)) return false;
+    *rank = (int32_t)(uint32_t)(v.u64 >> 32);
+    *merged = (int32_t)(uint32_t)v.u64;
+    return true;
 }
 
 /* ==== the GPT-2 byte <-> character map ================================================================ */
@@ -299,7 +181,8 @@ typedef struct {
 
 typedef struct {
     cand_t *v;
-    int n, cap;
+    int n;
+    size_t cap;
 } heap_t;
 
 static bool cand_less(const cand_t *a, const cand_t *b) {
@@ -307,13 +190,8 @@ static bool cand_less(const cand_t *a, const cand_t *b) {
 }
 
 static int heap_push(heap_t *h, cand_t c) {
-    if (h->n == h->cap) {
-        int cap = h->cap ? h->cap * 2 : 64;
-        cand_t *v = kvm_realloc(h->v, (size_t)cap * sizeof *v);
-        if (!v) return KVM_ENOMEM;
-        h->v = v;
-        h->cap = cap;
-    }
+    int rc = kvm_array_reserve(&h->v, &h->cap, (size_t)h->n + 1, sizeof *h->v, 64);
+    if (rc) return rc;
     int i = h->n++;
     h->v[i] = c;
     while (i > 0) {
@@ -499,12 +377,12 @@ kvm_tokenizer_t *kvm_tokenizer_load_bin(const char *path, int vocab_size) {
     t->eos = 2;
     t->adds_bos = true;
     t->special[0] = t->special[1] = t->special[2] = 1;
-    free(data);
+    kvm_free(data);
     return t;
 fail_nomsg:
     if (kvm_errcode() == 0) kvm_seterr(KVM_ENOMEM, "%s: out of memory", path);
 fail:
-    free(data);
+    kvm_free(data);
     kvm_tokenizer_free(t);
     return NULL;
 }
@@ -515,13 +393,13 @@ static int llama2c_encode(const kvm_tokenizer_t *t, const char *text, size_t len
     int rc;
     if ((flags & KVM_TOK_ADD_BOS) && (rc = tok_ids_push(out, t->bos))) return rc;
     if (len == 0) return 0;
-    tok_buf_t word = {0};
+    kvm_sb_t word = {0};
     sym_t *s = kvm_malloc((len + 2) * sizeof *s);
     if (!s) return KVM_ENOMEM;
     int n = 0;
     int32_t sp = tok_strmap_get(&t->vocab, " ", 1);
     if (sp >= 0) {
-        if ((rc = tok_buf_put(&word, " ", 1))) goto done;
+        if ((rc = kvm_sb_append(&word, " ", 1))) goto done;
         s[n++] = (sym_t){.id = sp, .len = 1, .start = 0};
     }
     for (size_t i = 0; i < len;) {
@@ -529,7 +407,7 @@ static int llama2c_encode(const kvm_tokenizer_t *t, const char *text, size_t len
         while (i + cl < len && cl < 4 && ((unsigned char)text[i + cl] & 0xC0) == 0x80) cl++;
         int32_t id = tok_strmap_get(&t->vocab, text + i, cl);
         uint32_t at = (uint32_t)word.len;
-        if ((rc = tok_buf_put(&word, text + i, cl))) goto done;
+        if ((rc = kvm_sb_append(&word, text + i, cl))) goto done;
         if (id >= 0) {
             s[n++] = (sym_t){.id = id, .len = (uint32_t)cl, .start = at};
         } else {
@@ -546,10 +424,10 @@ static int llama2c_encode(const kvm_tokenizer_t *t, const char *text, size_t len
         s[i].next = i + 1 < n ? i + 1 : -1;
         s[i].alive = true;
     }
-    rc = merge_symbols(t, s, n, word.p, out);
+    rc = merge_symbols(t, s, n, word.s, out);
 done:
     kvm_free(s);
-    tok_buf_free(&word);
+    kvm_sb_free(&word);
     return rc;
 }
 
@@ -566,16 +444,16 @@ int tok_parse_byte_piece(const char *p, size_t len) {
 }
 
 /* run.c's decode(prev, token): a leading space after BOS is dropped, "<0xNN>" becomes the raw byte. */
-static int llama2c_piece(const kvm_tokenizer_t *t, int32_t prev, int32_t id, tok_buf_t *out) {
+static int llama2c_piece(const kvm_tokenizer_t *t, int32_t prev, int32_t id, kvm_sb_t *out) {
     const char *p = t->pieces[id];
     size_t len = t->piece_len[id];
     if (prev == t->bos && len > 0 && p[0] == ' ') p++, len--;
     int b = tok_parse_byte_piece(p, len);
     if (b >= 0) {
         char c = (char)b;
-        return tok_buf_put(out, &c, 1);
+        return kvm_sb_append(out, &c, 1);
     }
-    return tok_buf_put(out, p, len);
+    return kvm_sb_append(out, p, len);
 }
 
 /* ==== public API ===================================================================================== */
@@ -613,8 +491,8 @@ int kvm_detokenize(const kvm_tokenizer_t *t, const int32_t *ids, int n, bool ski
     if (len) *len = 0;
     int rc = check_ids(t, ids, n);
     if (rc) return rc;
-    tok_buf_t b = {0};
-    if ((rc = tok_buf_put(&b, "", 0))) return rc;
+    kvm_sb_t b = {0};
+    if ((rc = kvm_sb_append(&b, "", 0))) return rc;
     if (t->kind == TOK_LLAMA2C) {
         int32_t prev = -1;
         for (int i = 0; i < n && !rc; i++) {
@@ -625,10 +503,10 @@ int kvm_detokenize(const kvm_tokenizer_t *t, const int32_t *ids, int n, bool ski
         rc = tok_hf_decode(t, ids, n, skip_special, false, true, &b);
     }
     if (rc) {
-        tok_buf_free(&b);
+        kvm_sb_free(&b);
         return rc;
     }
-    *out = b.p;
+    *out = b.s;
     if (len) *len = b.len;
     return 0;
 }
@@ -637,7 +515,7 @@ int kvm_token_bytes(const kvm_tokenizer_t *t, int32_t prev, int32_t id, char *bu
     if (!t || !buf || cap == 0) return kvm_seterr(KVM_EINVAL, "kvm_token_bytes: bad argument");
     int rc = check_ids(t, &id, 1);
     if (rc) return rc;
-    tok_buf_t b = {0};
+    kvm_sb_t b = {0};
     if (t->kind == TOK_LLAMA2C) {
         rc = llama2c_piece(t, prev, id, &b);
     } else {
@@ -647,18 +525,18 @@ int kvm_token_bytes(const kvm_tokenizer_t *t, int32_t prev, int32_t id, char *bu
         rc = tok_hf_decode(t, &id, 1, false, true, first, &b);
     }
     if (rc) {
-        tok_buf_free(&b);
+        kvm_sb_free(&b);
         return rc;
     }
     if (b.len >= cap) {
         size_t need = b.len;
-        tok_buf_free(&b);
+        kvm_sb_free(&b);
         return kvm_seterr(KVM_ERANGE, "kvm_token_bytes: token %d needs %zu bytes, buffer holds %zu", id, need + 1, cap);
     }
-    memcpy(buf, b.p ? b.p : "", b.len);
+    memcpy(buf, kvm_sb_str(&b), b.len);
     buf[b.len] = '\0';
     int n = (int)b.len;
-    tok_buf_free(&b);
+    kvm_sb_free(&b);
     return n;
 }
 

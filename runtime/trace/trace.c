@@ -167,6 +167,7 @@ static int add_line(kvm_trace_log_t *log, int *cap, const cJSON *o, const char *
 }
 
 int kvm_trace_read(const char *path, kvm_trace_log_t *log) {
+    kvm_core_init();
     memset(log, 0, sizeof *log);
     char file[4096];
     if (kvm_dir_exists(path)) {
@@ -202,7 +203,7 @@ int kvm_trace_read(const char *path, kvm_trace_log_t *log) {
         rc = add_line(log, &cap, r, file, line);
         cJSON_Delete(r);
     }
-    free(buf); /* kvm_read_file allocates with malloc */
+    kvm_free(buf);
     if (rc) kvm_trace_log_free(log);
     return rc;
 }
@@ -217,7 +218,7 @@ int kvm_trace_read_index(const char *run_dir, kvm_trace_log_t *log) {
     int rc = kvm_read_file(file, &buf, &len, 0);
     if (rc != 0) return rc;
     cJSON *o = cJSON_Parse(buf);
-    free(buf); /* kvm_read_file allocates with malloc */
+    kvm_free(buf);
     log->recs = kvm_malloc(sizeof *log->recs);
     if (!o) rc = kvm_seterr(KVM_EFORMAT, "%s: not JSON", file);
     else if (!log->recs) rc = kvm_seterr(KVM_ENOMEM, "trace: out of memory reading '%s'", file);

@@ -73,7 +73,7 @@ kvm_trace_reader_t *kvm_trace_reader_open(const char *path) {
     }
     if (t) t->torn = log.torn_tail;
     kvm_trace_log_free(&log);
-    free(data); /* kvm_read_file allocates with malloc */
+    kvm_free(data);
     if (rc) {
         kvm_trace_reader_free(t);
         kvm_errctx(rc, "reading trace %s", path);

@@ -5,5 +5,5 @@ cd "$(dirname "$0")/../.."
 out=${1:-.gpu-train/minigen}
 mkdir -p "$(dirname "$out")"
 cc -std=c11 -D_GNU_SOURCE -O2 -static -Wall -Wextra -Wno-unused-parameter -I. -o "$out" \
-  scripts/train/minigen.c cli/cmd_minitasks.c runtime/eval/minitasks.c runtime/core/status.c
+  scripts/train/minigen.c cli/cmd_minitasks.c runtime/eval/minitasks.c runtime/core/rng.c runtime/core/status.c
 echo "built $out"

@@ -1,0 +1,168 @@
+/* test_fault_injection.c - SQLite's out-of-memory test, for kvmesh: every allocation of a model load
+ * and of a workflow run is made to fail in turn (kvm_alloc_fail_nth(N) for N = 1, 2, ... until the
+ * operation succeeds). Each failure must come back as an error with a message naming what failed, or
+ * be absorbed (Lua retries after a collection) with the same result as a clean run; nothing may leak
+ * (live bytes back to where they were; ASan checks the rest) and nothing may crash.
+ * Every N is tried, in the release and the ASan build alike (about 7,000 operations, 3 s and 20 s).
+ * Debugging: KVM_FAULT_TRACE=1 prints every N with its outcome; KVM_FAULT_FROM=N starts there. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <cmocka.h>
+
+#include "agents/wf.h"
+#include "runtime/core/core.h"
+#include "runtime/model/model.h"
+
+#define MINILLAMA KVM_SOURCE_DIR "/models/minillama-2m"
+#define S260 KVM_SHARED_DIR "/models/stories260K"
+
+/* One operation under test: 0 when it succeeded (and has released everything it made), <0 with the
+ * message set when it failed. */
+typedef int (*op_fn)(void *ud);
+
+/* A failure must be reported as what it is: an out-of-memory code with a message of its own (not the
+ * bare description of the code) saying what could not be allocated, or, where a script error carries
+ * it (a Lua error raised by a C function of the API), a message that says it ran out of memory. */
+static void expect_clear_message(const char *what, uint64_t n, int rc) {
+    const char *msg = kvm_errmsg();
+    bool memory = rc == KVM_ENOMEM || rc == KVM_ELUA_MEMORY;
+    if (!msg[0] || !strcmp(msg, kvm_strerror(rc)) || !(memory || strstr(msg, "memory")))
+        fail_msg("%s, allocation %llu failed: rc %d (%s), message '%s'", what, (unsigned long long)n, rc,
+                 kvm_errname(rc), msg);
+}
+
+/* Runs op once to count its allocations, then fails each of them in turn. */
+static void sweep(const char *what, op_fn op, void *ud) {
+    size_t live0 = kvm_alloc_bytes_live();
+    uint64_t c0 = kvm_alloc_count();
+    assert_int_equal(op(ud), 0);
+    uint64_t total = kvm_alloc_count() - c0;
+    assert_int_equal(kvm_alloc_bytes_live(), live0);
+    uint64_t tried = 0, failed = 0;
+    const char *from = getenv("KVM_FAULT_FROM"); /* debugging: start the sweep there */
+    for (uint64_t n = from ? strtoull(from, NULL, 10) : 1;; n++) {
+        kvm_errclear();
+        kvm_alloc_fail_nth(n);
+        int rc = op(ud);
+        bool fired = !kvm_alloc_fail_pending();
+        kvm_alloc_fail_nth(0);
+        if (!fired) {
+            assert_int_equal(rc, 0);
+            break;
+        }
+        tried++;
+        if (getenv("KVM_FAULT_TRACE")) fprintf(stderr, "%s: allocation %llu failed: rc %d: %s\n", what, (unsigned long long)n, rc, rc ? kvm_errmsg() : "");
+        if (rc != 0) {
+            failed++;
+            expect_clear_message(what, n, rc);
+        }
+        if (kvm_alloc_bytes_live() != live0)
+            fail_msg("%s, allocation %llu failed: %zd bytes leaked", what, (unsigned long long)n,
+                     (ssize_t)(kvm_alloc_bytes_live() - live0));
+    }
+    fprintf(stderr, "%s: %llu allocations, each failed in turn: %llu gave an error, the others were absorbed\n", what,
+            (unsigned long long)total, (unsigned long long)failed);
+    assert_int_equal(tried, total);
+    assert_true(tried > 0);
+}
+
+/* ---- model loads -------------------------------------------------------------------------------- */
+
+typedef struct load_case {
+    const char *path;
+    kvm_model_params_t opts;
+} load_case_t;
+
+static int op_load(void *ud) {
+    load_case_t *c = ud;
+    kvm_model_t *m = kvm_model_load(c->path, &c->opts);
+    if (!m) {
+        int rc = kvm_errcode();
+        return rc < 0 ? rc : KVM_EINTERNAL;
+    }
+    kvm_model_free(m);
+    return 0;
+}
+
+static void test_every_failed_allocation_of_an_hf_model_load_is_a_clean_error(void **st) {
+    (void)st;
+    load_case_t c = {.path = MINILLAMA, .opts = {.backend = "cpu", .quiet = true}};
+    sweep("minillama-2m load", op_load, &c);
+}
+
+static void test_every_failed_allocation_of_a_llama2c_model_load_is_a_clean_error(void **st) {
+    (void)st;
+    if (!kvm_file_exists(S260 "/stories260K.bin") || !kvm_file_exists(S260 "/tok512.bin")) {
+        fprintf(stderr, "SKIPPED: %s/stories260K.bin or tok512.bin not found\n", S260);
+        skip();
+    }
+    load_case_t c = {.path = S260 "/stories260K.bin", .opts = {.tokenizer_path = S260 "/tok512.bin", .backend = "cpu", .quiet = true}};
+    sweep("stories260K load", op_load, &c);
+}
+
+/* ---- a workflow run ----------------------------------------------------------------------------- */
+
+#define TWO_AGENTS                                                                                   \
+    "local kvm = kvmesh\nlocal m = kvm.model('mock:echo')\n"                                          \
+    "local g = kvm.graph{ name = 'pair', state = { ans = kvm.reduce.replace } }\n"                    \
+    "g:agent('a', { model = m, template = 'alpha {input}', max_tokens = 4 })\n"                       \
+    "g:agent('b', { model = m, template = 'beta {agent.a} then {input}', max_tokens = 6, writes = 'ans' })\n" \
+    "g:edge(kvm.START, 'a')\ng:edge('a', 'b')\nreturn g\n"
+
+typedef struct wf_case {
+    char *want; /* outputs of the clean run, as JSON text (counted memory) */
+} wf_case_t;
+
+/* Load + start + drive + check; the status of a failure is the load's or the run's. */
+static int op_workflow(void *ud) {
+    wf_case_t *c = ud;
+    kvm_wf_opts_t o = {0};
+    kvm_workflow_t *wf = kvm_wf_load_string("pair.lua", TWO_AGENTS, strlen(TWO_AGENTS), &o);
+    if (!wf) return kvm_errcode() < 0 ? kvm_errcode() : KVM_EINTERNAL;
+    int rc = 0, run = -1;
+    cJSON *in = cJSON_CreateObject();
+    if (!in || !cJSON_AddStringToObject(in, "input", "gamma delta")) rc = kvm_seterr(KVM_ENOMEM, "test: out of memory building the inputs");
+    if (!rc) rc = kvm_wf_start(wf, in, 1, &run);
+    cJSON_Delete(in);
+    if (!rc) rc = kvm_wf_drive(wf);
+    const char *msg = NULL;
+    if (!rc && (rc = kvm_wf_run_status(wf, run, &msg)) != 0) kvm_seterr(rc, "%s", msg ? msg : "");
+    if (!rc) {
+        char *got = cJSON_PrintUnformatted(kvm_wf_run_outputs(wf, run));
+        if (!got) {
+            rc = kvm_seterr(KVM_ENOMEM, "test: out of memory printing the outputs");
+        } else if (!c->want) {
+            c->want = kvm_strdup(got);
+        } else if (strcmp(got, c->want) != 0) {
+            fprintf(stderr, "outputs differ from the clean run:\n  got  %s\n  want %s\n", got, c->want);
+            rc = kvm_seterr(KVM_EINTERNAL, "a run that reported success gave other outputs");
+        }
+        cJSON_free(got);
+    }
+    kvm_wf_free(wf);
+    return rc;
+}
+
+static void test_every_failed_allocation_of_a_workflow_run_is_a_clean_error(void **st) {
+    (void)st;
+    wf_case_t c = {0};
+    assert_int_equal(op_workflow(&c), 0); /* the reference outputs (and one-time set-up) */
+    assert_non_null(c.want);
+    sweep("two-agent workflow run", op_workflow, &c);
+    kvm_free(c.want);
+}
+
+int main(void) {
+    kvm_set_threads(2);
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_every_failed_allocation_of_an_hf_model_load_is_a_clean_error),
+        cmocka_unit_test(test_every_failed_allocation_of_a_llama2c_model_load_is_a_clean_error),
+        cmocka_unit_test(test_every_failed_allocation_of_a_workflow_run_is_a_clean_error),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
