@@ -43,6 +43,9 @@ struct kvm_runtime {
     const char **kvcomm;      /* [n_kvcomm] into strs */
     wf_llm_t *engine;
     int n_workflows;          /* loaded and not yet freed */
+    wf_host_fn_t **fns;       /* kvm_runtime_add_function; each entry its own allocation, so that the scripts of
+                                 loaded workflows keep valid pointers as more are added */
+    int n_fns;
 };
 
 kvm_runtime_params_t kvm_runtime_default_params(void) {
@@ -128,10 +131,67 @@ void kvm_runtime_free(kvm_runtime_t *rt) {
     if (!rt) return;
     KVM_ASSERT(rt->n_workflows == 0); /* free every workflow first */
     wf_llm_free(rt->engine);
+    for (int i = 0; i < rt->n_fns; i++) {
+        kvm_free(rt->fns[i]->name);
+        kvm_free(rt->fns[i]);
+    }
+    kvm_free(rt->fns);
     for (int i = 0; i < rt->n_strs; i++) kvm_free(rt->strs[i]);
     kvm_free(rt->strs);
     kvm_free(rt->kvcomm);
     kvm_free(rt);
+}
+
+/* Names the Lua API keeps for itself (kvmesh.<name> and the first segment of a dotted name). */
+static bool builtin_name(const char *seg, size_t n) {
+    static const char *const names[] = {"model", "agent", "graph", "json", "START", "END", "version", "reduce", "now_ms",
+                                        "tool", "interrupt", NULL};
+    for (int i = 0; names[i]; i++)
+        if (strlen(names[i]) == n && !strncmp(names[i], seg, n)) return true;
+    return false;
+}
+
+static int check_fn_name(const kvm_runtime_t *rt, const char *name) {
+    size_t seg = 0;
+    bool ok = name && *name;
+    for (const char *c = name; ok && *c; c++) {
+        if (*c == '.') ok = seg > 0, seg = 0;
+        else ok = (*c == '_' || (*c >= 'a' && *c <= 'z') || (*c >= 'A' && *c <= 'Z') || (seg > 0 && *c >= '0' && *c <= '9')),
+             seg++;
+    }
+    if (!ok || seg == 0)
+        return kvm_seterr(KVM_EINVAL, "host function name '%s': segments of letters, digits and '_' (not starting with a "
+                          "digit) joined by '.'", name ? name : "(null)");
+    if (builtin_name(name, strcspn(name, ".")))
+        return kvm_seterr(KVM_EINVAL, "host function name '%s': kvmesh.%.*s is a built-in of the Lua API", name,
+                          (int)strcspn(name, "."), name);
+    for (int i = 0; i < rt->n_fns; i++) {
+        const char *old = rt->fns[i]->name;
+        size_t a = strlen(old), b = strlen(name), k = a < b ? a : b;
+        /* "x" and "x.y" cannot both exist: one would be a function, the other a table */
+        if (!strncmp(old, name, k) && (a == b || (a > b ? old[k] : name[k]) == '.'))
+            return kvm_seterr(KVM_EINVAL, "host function name '%s': clashes with '%s', registered before", name, old);
+    }
+    return 0;
+}
+
+int kvm_runtime_add_function(kvm_runtime_t *rt, const char *name, kvm_host_fn fn, void *ud) {
+    if (!rt || !fn) return kvm_seterr(KVM_EINVAL, "kvm_runtime_add_function needs a runtime and a function");
+    int rc = check_fn_name(rt, name);
+    if (rc) return rc;
+    wf_host_fn_t **n = kvm_realloc(rt->fns, (size_t)(rt->n_fns + 1) * sizeof *n);
+    if (!n) return KVM_ENOMEM;
+    rt->fns = n;
+    wf_host_fn_t *h = kvm_malloc(sizeof *h);
+    char *copy = kvm_strdup(name);
+    if (!h || !copy) {
+        kvm_free(h);
+        kvm_free(copy);
+        return KVM_ENOMEM;
+    }
+    *h = (wf_host_fn_t){.name = copy, .fn = fn, .ud = ud};
+    n[rt->n_fns++] = h;
+    return 0;
 }
 
 /* j as compact JSON text in memory the caller frees with kvm_free; NULL + message naming what. */
@@ -217,6 +277,7 @@ static kvm_workflow_t *workflow_load(kvm_runtime_t *rt, const char *path, const 
         .mock = mock, .model_override = mock ? NULL : p->model_override, .trace_root = p->trace_root,
         .mem_cap_bytes = p->lua_mem_bytes, .run_mem_cap_bytes = p->run_mem_bytes,
         .max_instructions = p->run_instructions, .lua_cpu_ms = p->run_lua_ms, .engine = rt->engine,
+        .host_fns = rt->fns, .n_host_fns = rt->n_fns,
         .on_step = on_step, .ud = NULL, .echo_print = p->echo_print};
     kvm_workflow_t *wf = path ? kvm_wf_load(path, &o) : kvm_wf_load_string(name, src, len, &o);
     if (!wf) {

@@ -35,6 +35,13 @@ typedef struct kvm_wf_step_info {
     const char *text;      /* agent output (may be long) */
 } kvm_wf_step_info_t;
 
+/* A host function bound as kvmesh.<name> (kvm_runtime_add_function, include/kvmesh.h). */
+typedef struct wf_host_fn {
+    char *name;
+    kvm_host_fn fn;
+    void *ud;
+} wf_host_fn_t;
+
 typedef struct kvm_wf_opts {
     const char *kv_override;       /* NULL, or "dense" | "prefix" | "kvcomm": overrides every agent's kv */
     bool mock;                     /* every kvmesh.model() resolves to "mock:echo" (dry runs, tests) */
@@ -48,6 +55,9 @@ typedef struct kvm_wf_opts {
     wf_llm_t *engine;              /* borrowed engine shared with other workflows (a runtime's): models, KV
                                       stores and anchor pools live across workflows; NULL = an own engine
                                       made from llm */
+    wf_host_fn_t *const *host_fns; /* kvmesh.<name> functions of the host program (read at load; each entry is
+                                      borrowed and must outlive the workflow) */
+    int n_host_fns;
     void (*on_step)(void *ud, const kvm_wf_step_info_t *s);
     void *ud;
     bool echo_print;               /* print() in scripts also goes to stderr */

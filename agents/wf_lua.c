@@ -5,6 +5,7 @@
  * library tables and a locked string metatable, globals frozen once the script has loaded, per-run
  * math.random. The API itself is documented in docs/lua-api.md. */
 #include "wf_internal.h"
+#include "../runtime/core/json.h"
 
 #include <ctype.h>
 #include <math.h>
@@ -506,6 +507,97 @@ static int l_mt_item(lua_State *L) {
     lua_pushinteger(L, it->role);
     lua_setfield(L, -2, "role");
     return 1;
+}
+
+/* ---- kvmesh.<name>: the host program's functions (kvm_runtime_add_function) ----------------------------- */
+
+static int push_json_protected(lua_State *L) {
+    wf_lua_push_json(L, lua_touserdata(L, 1));
+    return 1;
+}
+
+/* kvmesh.<name>(...): the arguments go to the host function as a JSON array, its JSON result comes back as Lua
+ * data; a failure is a Lua error naming the function. Nothing C-side survives a raise. */
+static int l_host_call(lua_State *L) {
+    const wf_host_fn_t *h = lua_touserdata(L, lua_upvalueindex(1));
+    int n = lua_gettop(L);
+    cJSON *args = cJSON_CreateArray();
+    bool ok = args != NULL;
+    for (int i = 1; ok && i <= n; i++) {
+        cJSON *a = wf_lua_to_json(L, i);
+        ok = a && cJSON_AddItemToArray(args, a);
+        if (!ok) cJSON_Delete(a);
+    }
+    char *text = ok ? cJSON_PrintUnformatted(args) : NULL;
+    cJSON_Delete(args);
+    if (!text) return luaL_error(L, "kvmesh.%s: out of memory", h->name);
+    char *res = NULL;
+    int rc = h->fn(h->ud, text, &res);
+    cJSON_free(text);
+    if (rc) {
+        lua_pushfstring(L, "kvmesh.%s: %s", h->name, res ? res : kvm_strerror(rc));
+        kvm_free(res);
+        return lua_error(L);
+    }
+    if (!res) return 0;
+    cJSON *j = NULL;
+    rc = kvm_json_parse(res, strlen(res), "its result", &j);
+    kvm_free(res);
+    if (rc) return luaL_error(L, "kvmesh.%s: %s", h->name, kvm_errmsg());
+    lua_pushcfunction(L, push_json_protected);
+    lua_pushlightuserdata(L, j);
+    int st = lua_pcall(L, 1, 1, 0);
+    cJSON_Delete(j);
+    return st == LUA_OK ? 1 : lua_error(L);
+}
+
+/* Binds every host function under the kvmesh table (on top of the stack), making the tables of dotted names;
+ * raises on a name that collides with a built-in. */
+static void add_host_fns(lua_State *L, const kvm_wf_opts_t *o) {
+    for (int i = 0; i < o->n_host_fns; i++) {
+        const wf_host_fn_t *h = o->host_fns[i];
+        int depth = 0;
+        const char *seg = h->name;
+        for (const char *dot; (dot = strchr(seg, '.')) != NULL; seg = dot + 1, depth++) {
+            lua_pushlstring(L, seg, (size_t)(dot - seg));
+            if (lua_rawget(L, -2) == LUA_TNIL) {
+                lua_pop(L, 1);
+                lua_newtable(L);
+                lua_pushlstring(L, seg, (size_t)(dot - seg));
+                lua_pushvalue(L, -2);
+                lua_rawset(L, -4);
+            } else if (!lua_istable(L, -1) || lua_getmetatable(L, -1)) {
+                luaL_error(L, "host function kvmesh.%s: kvmesh.%.*s is a built-in", h->name, (int)(dot - h->name), h->name);
+            }
+        }
+        if (lua_getfield(L, -1, seg) != LUA_TNIL) luaL_error(L, "host function kvmesh.%s: the name is taken", h->name);
+        lua_pop(L, 1);
+        lua_pushlightuserdata(L, (void *)h);
+        lua_pushcclosure(L, l_host_call, 1);
+        lua_setfield(L, -2, seg);
+        lua_pop(L, depth);
+    }
+}
+
+/* Replaces every plain (metatable-less) table field of the table on top, depth first, by its read-only proxy. */
+static void freeze_plain_tables(lua_State *L) {
+    luaL_checkstack(L, 4, "freeze");
+    lua_pushnil(L);
+    while (lua_next(L, -2)) {                 /* t k v */
+        if (lua_type(L, -1) == LUA_TTABLE) {
+            if (lua_getmetatable(L, -1)) {
+                lua_pop(L, 1);                /* a proxy already: leave it */
+            } else {
+                freeze_plain_tables(L);
+                wf_lua_push_proxy(L);         /* t k proxy */
+                lua_pushvalue(L, -2);
+                lua_insert(L, -2);            /* t k k proxy */
+                lua_rawset(L, -4);            /* t[k] = proxy (an existing field: allowed while traversing) */
+                continue;
+            }
+        }
+        lua_pop(L, 1);
+    }
 }
 
 static int l_now_ms(lua_State *L) {
@@ -1467,6 +1559,8 @@ static int open_protected(lua_State *L) {
     lua_setfield(L, -2, "available");
     wf_lua_push_proxy(L);
     lua_setfield(L, -2, "minitasks");
+    add_host_fns(L, &getwf(L)->o);
+    freeze_plain_tables(L);
     wf_lua_push_proxy(L);
     lua_setfield(L, G, "kvmesh");
     /* freeze the library tables */

@@ -98,6 +98,8 @@ void kvm_errclear(void);
 const char *kvm_version(void);
 /* Frees memory the API handed to the caller (strings, id arrays). NULL is a no-op. */
 void kvm_free(void *p);
+/* Allocates memory the library will free (host functions' results); NULL when out of memory. */
+void *kvm_malloc(size_t n);
 
 enum kvm_log_level { KVM_LOG_DEBUG = 0, KVM_LOG_INFO = 1, KVM_LOG_WARN = 2, KVM_LOG_ERROR = 3, KVM_LOG_OFF = 4 };
 /* Messages at or above level go to stderr (default KVM_LOG_WARN). Process-wide. */
@@ -286,6 +288,20 @@ kvm_runtime_params_t kvm_runtime_default_params(void);
  * Free with kvm_runtime_free() after every workflow made from it. */
 kvm_runtime_t *kvm_runtime_create(const kvm_runtime_params_t *params);
 void kvm_runtime_free(kvm_runtime_t *rt);
+
+/* A function of the embedding program that workflow scripts call as kvmesh.<name>(...). args_json is the call's
+ * arguments as a JSON array ("[]" for none; Lua tables become objects or arrays). On success return 0 and set
+ * *result_json to JSON text allocated with kvm_malloc (the library frees it; NULL = the call returns nil). On
+ * failure return a KVM_E* code and set *result_json to a message allocated with kvm_malloc (or NULL): the script
+ * gets the Lua error "kvmesh.<name>: <message>". Host functions run on the thread that drives the workflow,
+ * outside the Lua budgets: they are trusted code of the program. */
+typedef int (*kvm_host_fn)(void *ud, const char *args_json, char **result_json);
+
+/* Registers fn as kvmesh.<name> for every workflow loaded into rt from now on. A dotted name makes nested
+ * tables ("minitasks.item" is kvmesh.minitasks.item). KVM_EINVAL for a malformed name (segments of letters,
+ * digits and '_', not starting with a digit), one already registered, or one that is a built-in of the Lua API
+ * (kvmesh.model, kvmesh.graph, ...). */
+int kvm_runtime_add_function(kvm_runtime_t *rt, const char *name, kvm_host_fn fn, void *ud);
 
 /* Counters of the runtime as a JSON object (freed with kvm_free): forward passes, sequences per pass, and
  * per model its KV store and KVCOMM statistics (anchors, pools, reuse). NULL + message on error. */

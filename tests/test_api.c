@@ -267,6 +267,79 @@ static void test_a_tokenizer_loads_on_its_own(void **s) {
     assert_int_equal(kvm_errcode(), KVM_EFORMAT);
 }
 
+/* kvmesh.util.add(a, b): the arguments arrive as a JSON array; a negative sum is refused. */
+static int host_add(void *ud, const char *args, char **result) {
+    int *calls = ud;
+    (*calls)++;
+    double a = 0, b = 0;
+    if (sscanf(args, "[%lf,%lf]", &a, &b) != 2) {
+        *result = kvm_malloc(64);
+        snprintf(*result, 64, "expected two numbers, got %s", args);
+        return KVM_EINVAL;
+    }
+    if (a + b < 0) {
+        *result = NULL;
+        return KVM_ERANGE;
+    }
+    *result = kvm_malloc(64);
+    snprintf(*result, 64, "{\"sum\": %g}", a + b);
+    return 0;
+}
+
+static const char *k_host_wf =
+    "local kvm = kvmesh\n"
+    "local g = kvm.graph{ name = 'host', state = { x = kvm.reduce.replace, s = kvm.reduce.replace } }\n"
+    "g:func('f', function(state, last) return { s = kvm.util.add(state.x, 2).sum } end)\n"
+    "g:edge(kvm.START, 'f')\n"
+    "g:output(function(state) return { s = state.s } end)\n"
+    "return g\n";
+
+static void test_a_host_function_is_callable_from_scripts(void **s) {
+    (void)s;
+    kvm_runtime_t *rt = mock_runtime(NULL);
+    int calls = 0;
+    assert_int_equal(kvm_runtime_add_function(rt, "util.add", host_add, &calls), 0);
+    kvm_workflow_t *wf = kvm_workflow_load_string(rt, "host.lua", k_host_wf, strlen(k_host_wf), NULL);
+    if (!wf) fail_msg("%s", kvm_errmsg());
+    kvm_run_params_t rp = kvm_run_default_params();
+    rp.inputs_json = "{\"x\": 40}";
+    kvm_run_t *ok = kvm_run_start(wf, &rp);
+    rp.inputs_json = "{\"x\": -7}";
+    kvm_run_t *bad = kvm_run_start(wf, &rp);
+    assert_int_equal(kvm_workflow_drive(wf), 0);
+    const char *msg = NULL;
+    assert_int_equal(kvm_run_status(ok, &msg), 0);
+    char *out = kvm_run_outputs_json(ok);
+    assert_string_equal(out, "{\"s\":42}");
+    kvm_free(out);
+    assert_true(kvm_run_status(bad, &msg) < 0);
+    assert_non_null(strstr(msg, "kvmesh.util.add"));
+    assert_non_null(strstr(msg, kvm_strerror(KVM_ERANGE)));
+    assert_int_equal(calls, 2);
+    kvm_workflow_free(wf);
+    kvm_runtime_free(rt);
+}
+
+static void test_host_function_names_are_checked(void **s) {
+    (void)s;
+    kvm_runtime_t *rt = mock_runtime(NULL);
+    int calls = 0;
+    const char *bad[] = {"", "1x", "a..b", "a.", ".a", "a-b", "model", "graph.x", "reduce"};
+    for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
+        assert_int_equal(kvm_runtime_add_function(rt, bad[i], host_add, &calls), KVM_EINVAL);
+        assert_non_null(strstr(kvm_errmsg(), "host function name"));
+    }
+    assert_int_equal(kvm_runtime_add_function(rt, "a.b", host_add, &calls), 0);
+    assert_int_equal(kvm_runtime_add_function(rt, "a.b", host_add, &calls), KVM_EINVAL);
+    assert_int_equal(kvm_runtime_add_function(rt, "a", host_add, &calls), KVM_EINVAL);
+    assert_int_equal(kvm_runtime_add_function(rt, "a.b.c", host_add, &calls), KVM_EINVAL);
+    assert_int_equal(kvm_runtime_add_function(rt, "a.c", host_add, &calls), 0);
+    /* scripts cannot replace them: the tables are read-only like the rest of kvmesh */
+    const char *src = "kvmesh.a.b = nil\nreturn kvmesh.graph{ name = 'x' }\n";
+    assert_null(kvm_workflow_load_string(rt, "ro.lua", src, strlen(src), NULL));
+    kvm_runtime_free(rt);
+}
+
 static void test_status_names_and_log_levels(void **s) {
     (void)s;
     assert_string_equal(kvm_errname(KVM_ENOMEM), "KVM_ENOMEM");
@@ -290,6 +363,8 @@ int main(void) {
         cmocka_unit_test(test_a_model_loads_tokenizes_and_generates),
         cmocka_unit_test(test_a_missing_model_is_an_error_naming_the_path),
         cmocka_unit_test(test_a_tokenizer_loads_on_its_own),
+        cmocka_unit_test(test_a_host_function_is_callable_from_scripts),
+        cmocka_unit_test(test_host_function_names_are_checked),
         cmocka_unit_test(test_status_names_and_log_levels),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
