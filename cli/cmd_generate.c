@@ -14,7 +14,7 @@ static void generate_help(FILE *f) {
             "  --prompt TEXT           the prompt (required)\n"
             "  --system TEXT           system prompt (with --chat)\n"
             "  --chat                  render the prompt in the model's chat format (Llama-3, ChatML, Llama-2)\n"
-            "  --max-tokens N          new tokens at most (default 256)\n"
+            "  --max-tokens N          new tokens at most, N >= 1 (default 256; with --steps, N of --steps)\n"
             "  --steps N               llama2.c convention: stop when the sequence (prompt included) has N tokens\n"
             "  --temperature T         0 = greedy (default: the model's generation_config, else 0)\n"
             "  --top-k K               keep the K most likely tokens (0 = off)\n"
@@ -39,6 +39,18 @@ static int stream_cb(void *ud, int32_t id, const char *bytes, size_t n) {
     return 0;
 }
 
+/* An integer option value >= 1, or a usage message naming the option. */
+static int parse_count(const char *opt, const char *v, int *out) {
+    char *end = NULL;
+    long x = strtol(v, &end, 10);
+    if (!*v || *end || x < 1 || x > (1L << 30)) {
+        fprintf(stderr, "kvmesh generate: %s must be a whole number of at least 1 (got '%s')\n", opt, v);
+        return 0;
+    }
+    *out = (int)x;
+    return 1;
+}
+
 static int need_arg(int i, int argc, const char *opt) {
     if (i + 1 >= argc) {
         fprintf(stderr, "kvmesh generate: %s needs a value (see --help)\n", opt);
@@ -52,10 +64,9 @@ int cmd_generate(int argc, char **argv) {
     const char *stops[16];
     int n_stops = 0;
     bool chat = false, echo = true;
-    kvm_gen_params_t gp = {0};
+    kvm_gen_params_t gp = kvm_gen_default_params();
     bool temp_set = false;
-    gp.sampling.top_p = 1.0f;
-    gp.sampling.repetition_penalty = 1.0f;
+    int max_tokens = 0; /* 0 = not given */
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
         if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
@@ -80,10 +91,9 @@ int cmd_generate(int argc, char **argv) {
         } else if (!strcmp(a, "--backend")) {
             backend = argv[++i];
         } else if (!strcmp(a, "--max-tokens")) {
-            gp.max_tokens = atoi(argv[++i]);
+            if (!parse_count(a, argv[++i], &max_tokens)) return 2;
         } else if (!strcmp(a, "--steps")) {
-            gp.max_total_tokens = atoi(argv[++i]);
-            if (!gp.max_tokens) gp.max_tokens = gp.max_total_tokens;
+            if (!parse_count(a, argv[++i], &gp.max_total_tokens)) return 2;
         } else if (!strcmp(a, "--temperature")) {
             gp.sampling.temperature = (float)atof(argv[++i]);
             temp_set = true;
@@ -110,10 +120,8 @@ int cmd_generate(int argc, char **argv) {
         fprintf(stderr, "kvmesh generate: --model and --prompt are required (see --help)\n");
         return 2;
     }
-    if (gp.max_tokens < 0 || gp.max_total_tokens < 0) {
-        fprintf(stderr, "kvmesh generate: --max-tokens and --steps must be positive\n");
-        return 2;
-    }
+    if (max_tokens > 0) gp.max_tokens = max_tokens;
+    else if (gp.max_total_tokens > 0) gp.max_tokens = gp.max_total_tokens;
     gp.stop_strings = stops;
     gp.n_stop_strings = n_stops;
     kvm_load_opts_t lo = {.tokenizer_path = tokp, .backend = backend};
@@ -127,12 +135,6 @@ int cmd_generate(int argc, char **argv) {
     kvm_model_describe(m, desc, sizeof desc);
     fprintf(stderr, "kvmesh: %s\n", desc);
     if (!temp_set) gp.sampling.temperature = m->cfg.gen_temperature > 0 ? m->cfg.gen_temperature : 0;
-    if (!strcmp(m->cfg.arch_name, "llama2c")) {
-        /* llama2.c stops on BOS (id 1) */
-        static const int32_t bos_stop[1] = {1};
-        gp.stop_ids = bos_stop;
-        gp.n_stop_ids = 1;
-    }
     int32_t *ids = NULL;
     int n = 0;
     int rc = kvm_prompt_encode(m, system, prompt, chat, &ids, &n);

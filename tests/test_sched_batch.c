@@ -110,6 +110,7 @@ static void test_request_past_the_context_fails_alone(void **st) {
     kvm_seq_init(&b, pool);
     kvm_sched_req_t ra = {.seq = &a, .prompt = long_ids, .n_prompt = long_n, .tag = 1};
     kvm_sched_req_t rb = {.seq = &b, .prompt = ids, .n_prompt = n, .tag = 2};
+    ra.gen.max_tokens = 5;
     rb.gen.max_tokens = 5;
     assert_int_equal(kvm_sched_submit(s, &ra), 0);
     assert_int_equal(kvm_sched_submit(s, &rb), 0);

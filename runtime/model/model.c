@@ -122,8 +122,11 @@ int kvm_load_llama2c(kvm_model_t *m, const char *path) {
     c->rope_layout = KVM_ROPE_INTERLEAVED;
     c->bos_id = 1;
     c->add_bos = true;
+    /* llama2.c ends a story with BOS (its run.c stops on token 1; EOS 2 is never sampled): both end
+     * generation on every path */
     c->eos_ids[0] = 2;
-    c->n_eos = 1;
+    c->eos_ids[1] = 1;
+    c->n_eos = 2;
     c->pad_id = -1;
     c->chat_format = KVM_CHAT_NONE;
     c->weight_dtype = KVM_F32;
@@ -240,6 +243,7 @@ kvm_model_t *kvm_model_load(const char *path, const kvm_load_opts_t *opts) {
 
 void kvm_model_free(kvm_model_t *m) {
     if (!m) return;
+    if (m->impl && m->impl->free) m->impl->free(m);
     kvm_forward_free(m);
     if (m->tok) kvm_tokenizer_free(m->tok);
     for (int i = 0; i < m->n_maps; i++) kvm_mmap_close(&m->maps[i]);
