@@ -24,6 +24,7 @@ static int bytes_put(char **p, size_t *len, size_t *cap, const char *s, size_t n
 }
 
 static int ids_put(int32_t **a, int *n, int *cap, const int32_t *v, int k) {
+    if (k <= 0) return 0;
     if (*n + k > *cap) {
         int nc = *cap ? *cap : 64;
         while (nc < *n + k) nc *= 2;

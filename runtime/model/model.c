@@ -8,6 +8,7 @@
 #include <string.h>
 
 #include "forward.h"
+#include "mock_model.h"
 #include "tokenizer.h"
 
 /* Synthetic models (runtime/model/synthetic.c): real shapes, seeded weights generated on the backend. */
@@ -206,6 +207,7 @@ kvm_model_t *kvm_model_load(const char *path, const kvm_load_opts_t *opts) {
     if (!strncmp(path, "synthetic:", 10)) {
         return kvm_model_synthetic(path + 10, o);
     }
+    if (!strncmp(path, "mock:", 5)) return kvm_model_mock(path + 5);
     kvm_model_t *m = kvm_calloc(1, sizeof *m);
     if (!m) return NULL;
     m->path = kvm_strdup(path);

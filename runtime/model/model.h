@@ -1,6 +1,8 @@
 /* model.h - model configuration, weights, loading and the forward pass (L2).
  *
  * A model is loaded from either
+ *   - "synthetic:<name>" (seeded weights of a known shape, synthetic.h), "mock:echo" / "mock:fail"
+ *     (no weights, mock_model.h),
  *   - a llama2.c checkpoint (file, e.g. stories260K.bin) plus its tokenizer.bin, or
  *   - a Hugging Face directory: config.json + model.safetensors | model.safetensors.index.json (+ shards),
  *     tokenizer.json, tokenizer_config.json, generation_config.json.
