@@ -31,6 +31,14 @@ static void generate_help(FILE *f) {
             "      --tokenizer ../shared/models/stories260K/tok512.bin --prompt \"Once upon a time\" --max-tokens 64\n");
 }
 
+/* Loads the model of `kvmesh CMD`; NULL after printing why. */
+static kvm_model_t *load_model(const char *cmd, const char *model, const char *tokp, const char *backend) {
+    kvm_load_opts_t lo = {.tokenizer_path = tokp, .backend = backend};
+    kvm_model_t *m = kvm_model_load(model, &lo);
+    if (!m) fprintf(stderr, "kvmesh %s: %s\n", cmd, kvm_errmsg());
+    return m;
+}
+
 static int stream_cb(void *ud, int32_t id, const char *bytes, size_t n) {
     (void)ud;
     (void)id;
@@ -124,13 +132,9 @@ int cmd_generate(int argc, char **argv) {
     else if (gp.max_total_tokens > 0) gp.max_tokens = gp.max_total_tokens;
     gp.stop_strings = stops;
     gp.n_stop_strings = n_stops;
-    kvm_load_opts_t lo = {.tokenizer_path = tokp, .backend = backend};
     fprintf(stderr, "kvmesh: loading %s ...\n", model);
-    kvm_model_t *m = kvm_model_load(model, &lo);
-    if (!m) {
-        fprintf(stderr, "kvmesh generate: %s\n", kvm_errmsg());
-        return 1;
-    }
+    kvm_model_t *m = load_model("generate", model, tokp, backend);
+    if (!m) return 1;
     char desc[512];
     kvm_model_describe(m, desc, sizeof desc);
     fprintf(stderr, "kvmesh: %s\n", desc);
@@ -193,12 +197,8 @@ int cmd_info(int argc, char **argv) {
         fprintf(stderr, "kvmesh info: --model is required\n");
         return 2;
     }
-    kvm_load_opts_t lo = {.tokenizer_path = tokp, .backend = backend};
-    kvm_model_t *m = kvm_model_load(model, &lo);
-    if (!m) {
-        fprintf(stderr, "kvmesh info: %s\n", kvm_errmsg());
-        return 1;
-    }
+    kvm_model_t *m = load_model("info", model, tokp, backend);
+    if (!m) return 1;
     char desc[512];
     kvm_model_describe(m, desc, sizeof desc);
     printf("%s\n", desc);

@@ -56,6 +56,14 @@ const char *kvm_chat_format_name(kvm_chat_format_t f) {
     }
 }
 
+/* Appends the strings of parts[0..n) that are not NULL, stopping at the first error. */
+static int sb_strs(sbuf_t *b, const char *const *parts, int n) {
+    int rc = 0;
+    for (int i = 0; !rc && i < n; i++)
+        if (parts[i]) rc = sb_str(b, parts[i]);
+    return rc;
+}
+
 int kvm_chat_render(kvm_chat_format_t fmt, const kvm_chat_msg_t *msgs, int n, bool add_gen, char **out) {
     sbuf_t b = {0};
     int rc = sb_str(&b, "");
@@ -63,36 +71,19 @@ int kvm_chat_render(kvm_chat_format_t fmt, const kvm_chat_msg_t *msgs, int n, bo
         const char *role = msgs[i].role ? msgs[i].role : "user", *content = msgs[i].content ? msgs[i].content : "";
         switch (fmt) {
         case KVM_CHAT_LLAMA3:
-            rc = sb_str(&b, "<|start_header_id|>");
-            if (!rc) rc = sb_str(&b, role);
-            if (!rc) rc = sb_str(&b, "<|end_header_id|>\n\n");
-            if (!rc) rc = sb_str(&b, content);
-            if (!rc) rc = sb_str(&b, "<|eot_id|>");
+            rc = sb_strs(&b, (const char *[]){"<|start_header_id|>", role, "<|end_header_id|>\n\n", content, "<|eot_id|>"}, 5);
             break;
         case KVM_CHAT_CHATML:
-            rc = sb_str(&b, "<|im_start|>");
-            if (!rc) rc = sb_str(&b, role);
-            if (!rc) rc = sb_str(&b, "\n");
-            if (!rc) rc = sb_str(&b, content);
-            if (!rc) rc = sb_str(&b, "<|im_end|>\n");
+            rc = sb_strs(&b, (const char *[]){"<|im_start|>", role, "\n", content, "<|im_end|>\n"}, 5);
             break;
-        case KVM_CHAT_LLAMA2:
+        case KVM_CHAT_LLAMA2: {
             /* [INST] <<SYS>>\nsys\n<</SYS>>\n\nuser [/INST] answer </s><s>[INST] ... */
-            if (!strcmp(role, "system")) {
-                rc = sb_str(&b, "[INST] <<SYS>>\n");
-                if (!rc) rc = sb_str(&b, content);
-                if (!rc) rc = sb_str(&b, "\n<</SYS>>\n\n");
-            } else if (!strcmp(role, "assistant")) {
-                rc = sb_str(&b, " ");
-                if (!rc) rc = sb_str(&b, content);
-                if (!rc) rc = sb_str(&b, " </s><s>");
-            } else {
-                bool after_sys = i > 0 && msgs[i - 1].role && !strcmp(msgs[i - 1].role, "system");
-                if (!after_sys) rc = sb_str(&b, "[INST] ");
-                if (!rc) rc = sb_str(&b, content);
-                if (!rc) rc = sb_str(&b, " [/INST]");
-            }
+            bool after_sys = i > 0 && msgs[i - 1].role && !strcmp(msgs[i - 1].role, "system");
+            if (!strcmp(role, "system")) rc = sb_strs(&b, (const char *[]){"[INST] <<SYS>>\n", content, "\n<</SYS>>\n\n"}, 3);
+            else if (!strcmp(role, "assistant")) rc = sb_strs(&b, (const char *[]){" ", content, " </s><s>"}, 3);
+            else rc = sb_strs(&b, (const char *[]){after_sys ? NULL : "[INST] ", content, " [/INST]"}, 3);
             break;
+        }
         default:
             rc = sb_str(&b, content);
             break;
