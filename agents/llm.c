@@ -1,4 +1,4 @@
-/* llm.c - agent steps on models: the mock engine and the model engine on runtime/sched (see llm.h). */
+/* llm.c - agent steps on models through runtime/comm and runtime/sched (see llm.h). */
 #include "llm.h"
 
 #include <ctype.h>
@@ -6,6 +6,7 @@
 #include <string.h>
 
 #include "../runtime/comm/prompt.h"
+#include "../runtime/model/mock_model.h"
 #include "../runtime/sched/sched.h"
 
 int wf_kv_policy_parse(const char *s) {
@@ -18,15 +19,7 @@ int wf_kv_policy_parse(const char *s) {
 typedef struct job {
     wf_llm_result_t res;
     int model;
-    /* mock */
-    char **words;            /* output words still to emit */
-    int n_words, emitted, prefilled, max_tokens;
-    char **stop;
-    int n_stop;
-    uint64_t t_submit, t_first;
-    int n_forward, batch_max;
-    double batch_sum;
-    /* model engine */
+    uint64_t t_submit;
     kvm_prepared_t prep;     /* the assembled prompt (its seq holds the reused/computed KV) */
     bool has_prep;
     kvm_comm_request_t *rq;  /* the run's KVCOMM request (borrowed from the model) */
@@ -69,9 +62,7 @@ typedef struct lreq {
 
 typedef struct lmodel {
     char *path;
-    bool mock;
-    bool mock_fail;          /* mock:fail - every step fails (error-path tests) */
-    kvm_model_t *m;
+    kvm_model_t *m;          /* any model, the mock ones included (mock_model.h) */
     kvm_comm_t *comm;        /* KV store + KVCOMM over the model's pool */
     kvm_sched_t *sched;
     ltmpl_t *tmpls;
@@ -102,10 +93,6 @@ wf_llm_t *wf_llm_create(const wf_llm_opts_t *o) {
 static void job_free(job_t *j) {
     if (!j) return;
     wf_llm_result_clear(&j->res);
-    for (int i = 0; i < j->n_words; i++) kvm_free(j->words[i]);
-    kvm_free(j->words);
-    for (int i = 0; i < j->n_stop; i++) kvm_free(j->stop[i]);
-    kvm_free(j->stop);
     if (j->has_prep) kvm_prepared_release(&j->prep);
     for (int i = 0; i < j->n_bound; i++) kvm_segment_release(j->bound[i]);
     for (int i = 0; i < j->n_rq_strs; i++) kvm_free(j->rq_strs[i]);
@@ -150,6 +137,21 @@ void wf_llm_free(wf_llm_t *l) {
     kvm_free(l);
 }
 
+/* The KVCOMM settings of the engine's options (ablation, then KEY=VALUE switches) into co. */
+static int comm_opts(const wf_llm_opts_t *o, kvm_comm_opts_t *co) {
+    *co = (kvm_comm_opts_t){.kv_budget_bytes = o->kv_bytes, .kvcomm_set = true};
+    kvm_kvcomm_config_default(&co->kvcomm);
+    int rc = o->kvcomm_ablation ? kvm_kvcomm_ablation(&co->kvcomm, o->kvcomm_ablation) : 0;
+    for (int i = 0; !rc && i < o->n_kvcomm_set; i++) {
+        char key[128];
+        const char *kv = o->kvcomm_set[i], *eq = strchr(kv, '=');
+        if (!eq) return kvm_seterr(KVM_EINVAL, "--kvcomm takes KEY=VALUE (got '%s')", kv);
+        snprintf(key, sizeof key, "%.*s", (int)(eq - kv), kv);
+        rc = kvm_kvcomm_config_set(&co->kvcomm, key, eq + 1);
+    }
+    return rc;
+}
+
 int wf_llm_model_open(wf_llm_t *l, const char *path, int *idx) {
     if (!path || !*path) return kvm_seterr(KVM_EINVAL, "model: empty path");
     for (int i = 0; i < l->n_models; i++)
@@ -162,47 +164,22 @@ int wf_llm_model_open(wf_llm_t *l, const char *path, int *idx) {
     l->models = nm;
     lmodel_t *m = &l->models[l->n_models];
     memset(m, 0, sizeof *m);
+    kvm_comm_opts_t co;
+    int rc = comm_opts(&l->o, &co);
+    if (rc) return rc;
     if (!(m->path = kvm_strdup(path))) return KVM_ENOMEM;
-    if (!strncmp(path, "mock:", 5)) {
-        m->mock = true;
-        m->mock_fail = !strcmp(path + 5, "fail");
-    } else {
-        kvm_model_params_t lo = l->o.model;
-        lo.quiet = lo.quiet || l->o.quiet;
-        m->m = kvm_model_load(path, &lo);
-        if (!m->m) {
-            kvm_free(m->path);
-            return kvm_errctx(kvm_errcode() ? kvm_errcode() : KVM_EIO, "model '%s'", path);
-        }
-        kvm_comm_opts_t co = {.kv_budget_bytes = l->o.kv_bytes};
-        kvm_kvcomm_config_default(&co.kvcomm);
-        co.kvcomm_set = true;
-        int crc = l->o.kvcomm_ablation ? kvm_kvcomm_ablation(&co.kvcomm, l->o.kvcomm_ablation) : 0;
-        for (int i = 0; !crc && i < l->o.n_kvcomm_set; i++) {
-            char key[128];
-            const char *kv = l->o.kvcomm_set[i], *eq = strchr(kv, '=');
-            if (!eq) {
-                crc = kvm_seterr(KVM_EINVAL, "--kvcomm takes KEY=VALUE (got '%s')", kv);
-                break;
-            }
-            snprintf(key, sizeof key, "%.*s", (int)(eq - kv), kv);
-            crc = kvm_kvcomm_config_set(&co.kvcomm, key, eq + 1);
-        }
-        if (crc) {
-            kvm_model_free(m->m);
-            kvm_free(m->path);
-            return crc;
-        }
-        m->comm = kvm_comm_create(m->m, &co);
-        kvm_sched_opts_t so = {.max_rows = l->o.max_rows, .max_active = l->o.max_active};
-        m->sched = m->comm ? kvm_sched_create(m->m, &so) : NULL;
-        if (!m->sched) {
-            int rc = kvm_errcode() ? kvm_errcode() : KVM_ENOMEM;
-            if (m->comm) kvm_comm_free(m->comm);
-            kvm_model_free(m->m);
-            kvm_free(m->path);
-            return kvm_errctx(rc, "model '%s'", path);
-        }
+    kvm_model_params_t lo = l->o.model;
+    lo.quiet = lo.quiet || l->o.quiet;
+    m->m = kvm_model_load(path, &lo); /* "mock:echo" too: the mock model plugs in below the scheduler */
+    m->comm = m->m ? kvm_comm_create(m->m, &co) : NULL;
+    kvm_sched_opts_t so = {.max_rows = l->o.max_rows, .max_active = l->o.max_active};
+    m->sched = m->comm ? kvm_sched_create(m->m, &so) : NULL;
+    if (!m->sched) {
+        rc = kvm_errcode() ? kvm_errcode() : KVM_ENOMEM;
+        if (m->comm) kvm_comm_free(m->comm);
+        kvm_model_free(m->m);
+        kvm_free(m->path);
+        return kvm_errctx(rc, "model '%s'", path);
     }
     *idx = l->n_models++;
     return 0;
@@ -210,7 +187,7 @@ int wf_llm_model_open(wf_llm_t *l, const char *path, int *idx) {
 
 const char *wf_llm_model_name(const wf_llm_t *l, int idx) {
     if (idx < 0 || idx >= l->n_models) return "?";
-    return l->models[idx].m ? l->models[idx].m->name : l->models[idx].path;
+    return l->models[idx].m->name;
 }
 
 void wf_llm_model_describe(const wf_llm_t *l, int idx, wf_llm_model_info_t *out) {
@@ -219,13 +196,8 @@ void wf_llm_model_describe(const wf_llm_t *l, int idx, wf_llm_model_info_t *out)
     const lmodel_t *m = &l->models[idx];
     kvm_trace_model_t *t = &out->t;
     t->path = m->path;
-    if (m->mock) {
-        t->engine = "mock";
-        t->chat_format = "plain";
-        return;
-    }
     const kvm_config_t *c = &m->m->cfg;
-    t->engine = "model";
+    t->engine = kvm_model_is_mock(m->m) ? "mock" : "model";
     t->name = m->m->name;
     t->arch = c->arch_name;
     t->n_layers = c->n_layers;
@@ -273,115 +245,6 @@ char *wf_llm_render_plain(const char *system, const wf_piece_t *pieces, int n) {
     }
     kvm_free(user);
     return s;
-}
-
-/* ---- mock engine ------------------------------------------------------------------------------ */
-
-/* Splits the user message into words; the mock "generates" them back one per step (an echo model). */
-static int mock_prepare(job_t *j, const wf_llm_req_t *r) {
-    char *user = join_pieces(r->pieces, r->n_pieces);
-    if (!user) return KVM_ENOMEM;
-    int cap = 16, n_prompt = 0;
-    j->words = kvm_malloc((size_t)cap * sizeof *j->words);
-    if (!j->words) {
-        kvm_free(user);
-        return KVM_ENOMEM;
-    }
-    const char *p = user;
-    for (;;) {
-        while (*p && isspace((unsigned char)*p)) p++;
-        if (!*p) break;
-        const char *e = p;
-        while (*e && !isspace((unsigned char)*e)) e++;
-        n_prompt++;
-        if (j->n_words < j->max_tokens) {
-            if (j->n_words == cap) {
-                cap *= 2;
-                char **nw = kvm_realloc(j->words, (size_t)cap * sizeof *nw);
-                if (!nw) {
-                    kvm_free(user);
-                    return KVM_ENOMEM;
-                }
-                j->words = nw;
-            }
-            char *w = kvm_malloc((size_t)(e - p) + 1);
-            if (!w) {
-                kvm_free(user);
-                return KVM_ENOMEM;
-            }
-            memcpy(w, p, (size_t)(e - p));
-            w[e - p] = '\0';
-            j->words[j->n_words++] = w;
-        }
-        p = e;
-    }
-    kvm_free(user);
-    if (r->system) {
-        for (const char *q = r->system; *q;) {
-            while (*q && isspace((unsigned char)*q)) q++;
-            if (!*q) break;
-            while (*q && !isspace((unsigned char)*q)) q++;
-            n_prompt++;
-        }
-    }
-    j->res.n_prompt = n_prompt;
-    j->res.kv.recomputed = n_prompt;
-    snprintf(j->res.kv.mode, sizeof j->res.kv.mode, "dense");
-    j->res.text = kvm_strdup("");
-    return j->res.text ? 0 : KVM_ENOMEM;
-}
-
-static void mock_finish(job_t *j, int reason) {
-    j->done = true;
-    j->res.stop_reason = reason;
-    uint64_t now = kvm_now_ns();
-    j->res.ttft_ms = j->t_first ? (double)(j->t_first - j->t_submit) / 1e6 : (double)(now - j->t_submit) / 1e6;
-    j->res.decode_ms = j->t_first ? (double)(now - j->t_first) / 1e6 : 0;
-    j->res.n_forward = j->n_forward;
-    j->res.batch_max_seqs = j->batch_max;
-    j->res.batch_mean_seqs = j->n_forward ? j->batch_sum / j->n_forward : 0;
-    j->res.batch_max_rows = j->batch_max;
-}
-
-/* One step of a mock job: the first step is the "prefill", each later one emits a word. */
-static void mock_advance(job_t *j, bool fail, int batch) {
-    j->n_forward++;
-    j->batch_sum += batch;
-    if (batch > j->batch_max) j->batch_max = batch;
-    if (fail) {
-        j->res.status = KVM_EIO;
-        j->res.error = kvm_strdup("mock:fail model: failure requested by the model name");
-        mock_finish(j, KVM_STOP_NONE);
-        return;
-    }
-    if (!j->prefilled) {
-        j->prefilled = 1;
-        if (j->n_words == 0) mock_finish(j, KVM_STOP_EOS);
-        return;
-    }
-    if (!j->t_first) j->t_first = kvm_now_ns();
-    const char *w = j->words[j->emitted++];
-    size_t a = strlen(j->res.text), b = strlen(w);
-    char *t = kvm_realloc(j->res.text, a + b + 2);
-    if (!t) {
-        j->res.status = KVM_ENOMEM;
-        j->res.error = kvm_strdup("mock: out of memory");
-        mock_finish(j, KVM_STOP_NONE);
-        return;
-    }
-    j->res.text = t;
-    if (a) t[a++] = ' ';
-    memcpy(t + a, w, b + 1);
-    j->res.n_out++;
-    for (int i = 0; i < j->n_stop; i++) {
-        char *hit = strstr(t, j->stop[i]);
-        if (hit) {
-            *hit = '\0';
-            mock_finish(j, KVM_STOP_STRING);
-            return;
-        }
-    }
-    if (j->emitted >= j->n_words) mock_finish(j, j->n_words >= j->max_tokens ? KVM_STOP_LENGTH : KVM_STOP_EOS);
 }
 
 /* ---- model engine ----------------------------------------------------------------------------- */
@@ -530,7 +393,9 @@ static int model_prepare(lmodel_t *m, job_t *j, const wf_llm_req_t *r) {
         return kvm_seterr(KVM_ENOMEM, "agent '%s': out of memory building its template", r->agent);
     }
     bool use_tmpl = lt->t != NULL && m->m->tok != NULL;
-    const char *why = m->m->tok ? lt->err : "the model has no tokenizer (synthetic weights): prompt words hashed to ids, run dense";
+    const char *why = m->m->tok                ? lt->err
+                      : kvm_model_is_mock(m->m) ? "the mock model keeps no KV to reuse: run dense"
+                                                : "the model has no tokenizer (synthetic weights): prompt words hashed to ids, run dense";
     for (int i = 0; use_tmpl && i < r->n_pieces; i++)
         if (r->pieces[i].is_slot && (!r->pieces[i].text || !r->pieces[i].text[0])) {
             use_tmpl = false;
@@ -570,7 +435,7 @@ static int model_prepare(lmodel_t *m, job_t *j, const wf_llm_req_t *r) {
         int32_t *ids = NULL;
         int n = 0;
         if (!user) rc = KVM_ENOMEM;
-        else if (m->m->tok) rc = kvm_prompt_encode(m->m, r->system, user, m->m->cfg.chat_format != KVM_CHAT_NONE, &ids, &n);
+        else if (m->m->tok || kvm_model_is_mock(m->m)) rc = kvm_prompt_encode(m->m, r->system, user, m->m->cfg.chat_format != KVM_CHAT_NONE, &ids, &n);
         else rc = words_to_ids(m->m, r->system, r->pieces, r->n_pieces, &ids, &n);
         kvm_free(user);
         if (!rc) rc = kvm_comm_prepare_ids(m->comm, ids, n, r->kv == KVM_KV_PREFIX ? KVM_KV_PREFIX : KVM_KV_DENSE, &j->prep);
@@ -769,27 +634,13 @@ int wf_llm_submit(wf_llm_t *l, const wf_llm_req_t *r) {
     j->model = r->model;
     j->res.tag = r->tag;
     j->t_submit = kvm_now_ns();
-    j->max_tokens = r->max_tokens > 0 ? r->max_tokens : 256;
     lmodel_t *m = &l->models[r->model];
-    int rc = 0;
-    if (m->mock) {
-        if (r->n_stop > 0) {
-            j->stop = kvm_calloc((size_t)r->n_stop, sizeof *j->stop);
-            if (!j->stop) rc = KVM_ENOMEM;
-            for (int i = 0; !rc && i < r->n_stop; i++)
-                if (r->stop[i] && *r->stop[i] && !(j->stop[j->n_stop++] = kvm_strdup(r->stop[i]))) rc = KVM_ENOMEM;
-        }
-        if (!rc) rc = mock_prepare(j, r);
-        if (!rc) j->res.prompt_text = wf_llm_render_plain(r->system, r->pieces, r->n_pieces);
-        if (!rc && !j->res.prompt_text) rc = KVM_ENOMEM;
-    } else {
-        rc = req_copy(j, r); /* kept: the step may have to be prepared again later */
-        if (!rc) rc = model_prepare(m, j, &j->req);
-        if (rc == KVM_ENOMEM && kvm_sched_pending(m->sched) > 0) {
-            /* the KV budget is full now: keep the step and retry when running ones finish */
-            j->deferred = true;
-            rc = 0;
-        }
+    int rc = req_copy(j, r); /* kept: the step may have to be prepared again later */
+    if (!rc) rc = model_prepare(m, j, &j->req);
+    if (rc == KVM_ENOMEM && kvm_sched_pending(m->sched) > 0) {
+        /* the KV budget is full now: keep the step and retry when running ones finish */
+        j->deferred = true;
+        rc = 0;
     }
     if (rc != 0) {
         job_free(j);
@@ -801,58 +652,57 @@ int wf_llm_submit(wf_llm_t *l, const wf_llm_req_t *r) {
     return 0;
 }
 
+/* Moves the scheduler's completions of model mi into their jobs; returns how many finished. A step
+ * the KV budget could not hold beside the others is deferred instead (prepared again later). */
+static int collect(wf_llm_t *l, int mi) {
+    lmodel_t *m = &l->models[mi];
+    int finished = 0;
+    kvm_sched_done_t d;
+    while (kvm_sched_take(m->sched, &d) == 1) {
+        job_t *j = (job_t *)(uintptr_t)d.tag;
+        bool others = kvm_sched_pending(m->sched) > 0;
+        for (job_t *o = l->jobs; o && !others; o = o->next) others = o != j && o->model == mi && o->deferred;
+        if (d.status == KVM_ENOMEM && others && j->n_redefer < 16) {
+            /* the KV budget could not hold it with the others: give its KV back and prepare it
+             * again once some of them have finished (results do not change: nothing ran yet
+             * that was delivered) */
+            kvm_prepared_release(&j->prep);
+            j->has_prep = false;
+            for (int i = 0; i < j->n_bound; i++) kvm_segment_release(j->bound[i]);
+            j->n_bound = 0;
+            j->deferred = true; /* retried after a real completion (not counted as one) */
+            j->n_redefer++;
+            kvm_sched_done_clear(&d);
+            continue;
+        }
+        j->done = true;
+        model_complete(m, j, &d); /* before the text moves into the result */
+        j->res.status = d.status;
+        if (d.status) j->res.error = kvm_strdup(d.error);
+        j->res.text = d.text;
+        d.text = NULL;
+        j->res.n_out = d.n_ids;
+        j->res.stop_reason = d.stop_reason;
+        j->res.queue_ms = d.queue_ms;
+        j->res.ttft_ms = d.ttft_ms + j->prepare_ms; /* from "inputs ready": assembly included */
+        j->res.decode_ms = d.decode_ms;
+        j->res.n_forward = d.n_forward;
+        j->res.batch_max_seqs = d.batch_max_seqs;
+        j->res.batch_mean_seqs = d.batch_mean_seqs;
+        j->res.batch_max_rows = d.batch_max_rows;
+        kvm_sched_done_clear(&d);
+        finished++;
+    }
+    return finished;
+}
+
 int wf_llm_step(wf_llm_t *l) {
     int total = 0;
     for (int mi = 0; mi < l->n_models; mi++) {
         lmodel_t *m = &l->models[mi];
-        int n = 0;
-        if (m->mock) {
-            for (job_t *j = l->jobs; j; j = j->next)
-                if (j->model == mi && !j->done) n++;
-            for (job_t *j = l->jobs; j; j = j->next)
-                if (j->model == mi && !j->done) mock_advance(j, m->mock_fail, n);
-        } else {
-            n = kvm_sched_step(m->sched);
-            if (n < 0) return n;
-            int finished = 0;
-            kvm_sched_done_t d;
-            while (kvm_sched_take(m->sched, &d) == 1) {
-                job_t *j = (job_t *)(uintptr_t)d.tag;
-                bool others = kvm_sched_pending(m->sched) > 0;
-                for (job_t *o = l->jobs; o && !others; o = o->next) others = o != j && o->model == mi && o->deferred;
-                if (d.status == KVM_ENOMEM && others && j->n_redefer < 16) {
-                    /* the KV budget could not hold it with the others: give its KV back and prepare it
-                     * again once some of them have finished (results do not change: nothing ran yet
-                     * that was delivered) */
-                    kvm_prepared_release(&j->prep);
-                    j->has_prep = false;
-                    for (int i = 0; i < j->n_bound; i++) kvm_segment_release(j->bound[i]);
-                    j->n_bound = 0;
-                    j->deferred = true; /* retried after a real completion (not counted as one) */
-                    j->n_redefer++;
-                    kvm_sched_done_clear(&d);
-                    continue;
-                }
-                j->done = true;
-                model_complete(m, j, &d); /* before the text moves into the result */
-                j->res.status = d.status;
-                if (d.status) j->res.error = kvm_strdup(d.error);
-                j->res.text = d.text;
-                d.text = NULL;
-                j->res.n_out = d.n_ids;
-                j->res.stop_reason = d.stop_reason;
-                j->res.queue_ms = d.queue_ms;
-                j->res.ttft_ms = d.ttft_ms + j->prepare_ms; /* from "inputs ready": assembly included */
-                j->res.decode_ms = d.decode_ms;
-                j->res.n_forward = d.n_forward;
-                j->res.batch_max_seqs = d.batch_max_seqs;
-                j->res.batch_mean_seqs = d.batch_mean_seqs;
-                j->res.batch_max_rows = d.batch_max_rows;
-                kvm_sched_done_clear(&d);
-                finished++;
-            }
-            if (finished > 0 || kvm_sched_pending(m->sched) == 0) retry_deferred(l, mi);
-        }
+        int n = kvm_sched_step(m->sched);
+        if (n < 0) return n;
+        if (collect(l, mi) > 0 || kvm_sched_pending(m->sched) == 0) retry_deferred(l, mi);
         if (n > 0) {
             l->steps++;
             l->seqs += (uint64_t)n;

@@ -5,10 +5,9 @@
  * saw (rendered prompt and ids), how the prompt's KV was obtained (exact / offset / naive / recomputed
  * counts, kvcomm.md §6) and timings. Steps are submitted, advanced together by wf_llm_step() (one
  * forward pass per model per call: continuous batching across agents and runs) and collected with
- * wf_llm_take(). Two engines sit behind it:
- *   - "mock:<spec>" models: deterministic fake text, one token per step, for tests and dry runs;
- *   - any other path: kvm_model_load + runtime/sched (dense prefill; prefix/kvcomm reuse comes through
- *     runtime/comm when available). */
+ * wf_llm_take(). Every model path goes through kvm_model_load, runtime/comm (dense prefill; prefix or
+ * KVCOMM reuse) and runtime/sched (decoding and its stop rules); "mock:echo" / "mock:fail" are models
+ * too (runtime/model/mock_model.h: one word per token, no KV to reuse, so their steps run dense). */
 #ifndef KVM_AGENTS_LLM_H
 #define KVM_AGENTS_LLM_H
 
@@ -112,7 +111,7 @@ void wf_llm_counters(const wf_llm_t *l, uint64_t *steps, uint64_t *seqs, int *ma
  * (cJSON_Delete); NULL on allocation failure. */
 cJSON *wf_llm_stats_json(const wf_llm_t *l);
 
-/* Renders the prompt text the way the engine does for a model without a tokenizer (mock): system and
+/* Renders the prompt text the way the engine does for a model without a tokenizer (mock, synthetic): system and
  * pieces joined as "<system>\n\n<pieces...>". Used by trace replay to check prompts. New string,
  * kvm_free. */
 char *wf_llm_render_plain(const char *system, const wf_piece_t *pieces, int n);

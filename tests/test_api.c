@@ -198,9 +198,9 @@ static void test_two_workflows_share_the_runtime_engine(void **s) {
     /* one engine: one model entry, forward passes of both workflows counted together */
     char *stats = kvm_runtime_stats_json(rt);
     assert_non_null(stats);
-    const char *first = strstr(stats, "mock:echo");
+    const char *first = strstr(stats, "\"path\":\"mock:echo\"");
     assert_non_null(first);
-    assert_null(strstr(first + 1, "mock:echo"));
+    assert_null(strstr(first + 1, "\"path\":"));
     kvm_free(stats);
     kvm_workflow_free(a);
     kvm_workflow_free(b);

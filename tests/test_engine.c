@@ -315,6 +315,15 @@ static void test_chat_formats_render_exactly(void **st) {
     kvm_free(out);
 }
 
+static void test_llama2_chat_closes_each_answer_and_opens_the_next_turn(void **st) {
+    (void)st;
+    kvm_chat_msg_t msgs[3] = {{"user", "Hi"}, {"assistant", "Yo"}, {"user", "Again"}};
+    char *out = NULL;
+    assert_int_equal(kvm_chat_render(KVM_CHAT_LLAMA2, msgs, 3, true, &out), 0);
+    assert_string_equal(out, "[INST] Hi [/INST] Yo </s><s>[INST] Again [/INST]");
+    kvm_free(out);
+}
+
 static void test_llama3_rope_scaling_matches_reference_frequencies(void **st) {
     (void)st;
     /* kvcomm.md §3.3 reference values (transformers 5.17 inv_freq), Llama-3.1-8B */
@@ -357,6 +366,7 @@ int main(void) {
         cmocka_unit_test(test_repetition_penalty_follows_hf_semantics),
         cmocka_unit_test(test_sampler_rejects_bad_parameters),
         cmocka_unit_test(test_chat_formats_render_exactly),
+        cmocka_unit_test(test_llama2_chat_closes_each_answer_and_opens_the_next_turn),
         cmocka_unit_test(test_llama3_rope_scaling_matches_reference_frequencies),
     };
     return cmocka_run_group_tests_name("engine", tests, NULL, NULL);

@@ -12,33 +12,7 @@
 #include <cmocka.h>
 
 #include "runtime/comm/prompt.h"
-
-#define S260 KVM_SHARED_DIR "/models/stories260K"
-
-static int setup(void **st) {
-    if (!kvm_file_exists(S260 "/stories260K.bin") || !kvm_file_exists(S260 "/tok512.bin")) {
-        *st = NULL;
-        return 0;
-    }
-    kvm_model_params_t o = {.tokenizer_path = S260 "/tok512.bin", .backend = "cpu", .quiet = true};
-    kvm_model_t *m = kvm_model_load(S260 "/stories260K.bin", &o);
-    if (!m) fprintf(stderr, "load failed: %s\n", kvm_errmsg());
-    *st = m;
-    return m ? 0 : -1;
-}
-
-static int teardown(void **st) {
-    kvm_model_free(*st);
-    return 0;
-}
-
-#define NEED_MODEL(st)                                                                                          \
-    do {                                                                                                        \
-        if (!*(st)) {                                                                                           \
-            fprintf(stderr, "SKIPPED: stories260K not found at %s (the shared models folder is absent)\n", S260); \
-            skip();                                                                                             \
-        }                                                                                                       \
-    } while (0)
+#include "test_stories_common.h"
 
 static float max_rel(const float *a, const float *b, size_t n) {
     double md = 0, mr = 0;
@@ -148,5 +122,5 @@ int main(void) {
         cmocka_unit_test(test_layer0_keys_of_a_text_segment_placed_by_kvcomm_equal_dense),
         cmocka_unit_test(test_identical_story_prompts_share_the_prefix_cache_and_generate_the_same),
     };
-    return cmocka_run_group_tests(tests, setup, teardown);
+    return cmocka_run_group_tests(tests, stories_setup, stories_teardown);
 }

@@ -12,33 +12,32 @@
 
 #include "runtime/core/core.h"
 #include "runtime/sched/sched.h"
-
-#define S260 KVM_SHARED_DIR "/models/stories260K"
-
-static int setup(void **st) {
-    *st = NULL;
-    if (!kvm_file_exists(S260 "/stories260K.bin") || !kvm_file_exists(S260 "/tok512.bin")) return 0;
-    kvm_model_params_t o = {.tokenizer_path = S260 "/tok512.bin", .backend = "cpu", .quiet = true};
-    *st = kvm_model_load(S260 "/stories260K.bin", &o);
-    if (!*st) fprintf(stderr, "load failed: %s\n", kvm_errmsg());
-    return *st ? 0 : -1;
-}
-
-static int teardown(void **st) {
-    kvm_model_free(*st);
-    return 0;
-}
-
-#define NEED_MODEL(st)                                                                                     \
-    do {                                                                                                   \
-        if (!*(st)) {                                                                                      \
-            fprintf(stderr, "SKIPPED: stories260K not found at %s (the shared models folder is absent)\n", S260); \
-            skip();                                                                                        \
-        }                                                                                                  \
-    } while (0)
+#include "test_stories_common.h"
 
 static const char *prompts[3] = {"Once upon a time", "The little dog ran to the park and saw a big red ball", "Lily"};
-static const int32_t bos[1] = {1};
+
+/* Steps s until every request has been taken; each completion goes to fn, then is cleared. */
+static void drain(kvm_sched_t *s, int max_steps, void (*fn)(kvm_sched_done_t *d, void *ud), void *ud) {
+    int guard = 0;
+    while (kvm_sched_pending(s) > 0 && guard++ < max_steps) {
+        assert_true(kvm_sched_step(s) >= 0);
+        kvm_sched_done_t d;
+        while (kvm_sched_take(s, &d) == 1) {
+            fn(&d, ud);
+            kvm_sched_done_clear(&d);
+        }
+    }
+    assert_int_equal(kvm_sched_pending(s), 0);
+}
+
+static void same_as_alone(kvm_sched_done_t *d, void *ud) {
+    const kvm_gen_result_t *alone = &((const kvm_gen_result_t *)ud)[d->tag];
+    assert_int_equal(d->status, 0);
+    assert_int_equal(d->n_ids, alone->n_ids);
+    assert_memory_equal(d->ids, alone->ids, (size_t)d->n_ids * sizeof *d->ids);
+    assert_string_equal(d->text, alone->text);
+    assert_int_equal(d->batch_max_seqs, 3);
+}
 
 static void test_batched_requests_generate_what_each_generates_alone(void **st) {
     NEED_MODEL(st);
@@ -52,7 +51,7 @@ static void test_batched_requests_generate_what_each_generates_alone(void **st) 
         assert_int_equal(kvm_prompt_encode(m, NULL, prompts[i], false, &ids[i], &n[i]), 0);
         kvm_seq_t seq;
         kvm_seq_init(&seq, pool);
-        kvm_gen_params_t gp = {.max_tokens = 24, .stop_ids = bos, .n_stop_ids = 1};
+        kvm_gen_params_t gp = {.max_tokens = 24};
         assert_int_equal(kvm_generate(m, &seq, ids[i], n[i], &gp, NULL, NULL, &alone[i]), 0);
         kvm_seq_free(&seq);
     }
@@ -64,25 +63,9 @@ static void test_batched_requests_generate_what_each_generates_alone(void **st) 
         kvm_seq_init(&seqs[i], pool);
         kvm_sched_req_t r = {.seq = &seqs[i], .prompt = ids[i], .n_prompt = n[i], .tag = (uint64_t)i};
         r.gen.max_tokens = 24;
-        r.gen.stop_ids = bos;
-        r.gen.n_stop_ids = 1;
         assert_int_equal(kvm_sched_submit(s, &r), 0);
     }
-    int guard = 0;
-    while (kvm_sched_pending(s) > 0 && guard++ < 1000) {
-        assert_true(kvm_sched_step(s) >= 0);
-        kvm_sched_done_t d;
-        while (kvm_sched_take(s, &d) == 1) {
-            int i = (int)d.tag;
-            assert_int_equal(d.status, 0);
-            assert_int_equal(d.n_ids, alone[i].n_ids);
-            assert_memory_equal(d.ids, alone[i].ids, (size_t)d.n_ids * sizeof *d.ids);
-            assert_string_equal(d.text, alone[i].text);
-            assert_int_equal(d.batch_max_seqs, 3);
-            kvm_sched_done_clear(&d);
-        }
-    }
-    assert_int_equal(kvm_sched_pending(s), 0);
+    drain(s, 1000, same_as_alone, alone);
     assert_int_equal(kvm_sched_stats(s)->max_items, 3);
     for (int i = 0; i < 3; i++) {
         kvm_seq_free(&seqs[i]);
@@ -91,6 +74,19 @@ static void test_batched_requests_generate_what_each_generates_alone(void **st) 
     }
     kvm_sched_free(s);
     kvm_kv_pool_free(pool);
+}
+
+static void one_fails_on_context(kvm_sched_done_t *d, void *ud) {
+    int *counts = ud;
+    if (d->tag == 1) {
+        assert_int_equal(d->status, KVM_ERANGE);
+        assert_non_null(strstr(d->error, "context"));
+        counts[1]++;
+    } else {
+        assert_int_equal(d->status, 0);
+        assert_int_equal(d->n_ids, 5);
+        counts[0]++;
+    }
 }
 
 static void test_request_past_the_context_fails_alone(void **st) {
@@ -110,34 +106,35 @@ static void test_request_past_the_context_fails_alone(void **st) {
     kvm_seq_init(&b, pool);
     kvm_sched_req_t ra = {.seq = &a, .prompt = long_ids, .n_prompt = long_n, .tag = 1};
     kvm_sched_req_t rb = {.seq = &b, .prompt = ids, .n_prompt = n, .tag = 2};
+    ra.gen.max_tokens = 5;
     rb.gen.max_tokens = 5;
     assert_int_equal(kvm_sched_submit(s, &ra), 0);
     assert_int_equal(kvm_sched_submit(s, &rb), 0);
-    int ok = 0, failed = 0, guard = 0;
-    while (kvm_sched_pending(s) > 0 && guard++ < 100) {
-        kvm_sched_step(s);
-        kvm_sched_done_t d;
-        while (kvm_sched_take(s, &d) == 1) {
-            if (d.tag == 1) {
-                assert_int_equal(d.status, KVM_ERANGE);
-                assert_non_null(strstr(d.error, "context"));
-                failed++;
-            } else {
-                assert_int_equal(d.status, 0);
-                assert_int_equal(d.n_ids, 5);
-                ok++;
-            }
-            kvm_sched_done_clear(&d);
-        }
-    }
-    assert_int_equal(ok, 1);
-    assert_int_equal(failed, 1);
+    int counts[2] = {0, 0}; /* ok, failed */
+    drain(s, 100, one_fails_on_context, counts);
+    assert_int_equal(counts[0], 1);
+    assert_int_equal(counts[1], 1);
     kvm_seq_free(&a);
     kvm_seq_free(&b);
     kvm_free(ids);
     kvm_free(long_ids);
     kvm_sched_free(s);
     kvm_kv_pool_free(pool);
+}
+
+typedef struct waiters {
+    kvm_seq_t *seqs;
+    int32_t first[30];
+    int done;
+} waiters_t;
+
+static void same_and_released(kvm_sched_done_t *d, void *ud) {
+    waiters_t *w = ud;
+    if (d->status) fail_msg("request %d failed: %s", (int)d->tag, d->error);
+    assert_int_equal(d->n_ids, 30);
+    if (w->done++ == 0) memcpy(w->first, d->ids, sizeof w->first);
+    else assert_memory_equal(w->first, d->ids, sizeof w->first); /* preemption does not change results */
+    kvm_seq_free(&w->seqs[d->tag]); /* the owner releases its KV: the waiter goes on */
 }
 
 static void test_requests_wait_for_kv_memory_instead_of_failing(void **st) {
@@ -162,22 +159,9 @@ static void test_requests_wait_for_kv_memory_instead_of_failing(void **st) {
         r.gen.ignore_eos = true;
         assert_int_equal(kvm_sched_submit(s, &r), 0);
     }
-    int done = 0, guard = 0;
-    int32_t first[30];
-    while (kvm_sched_pending(s) > 0 && guard++ < 2000) {
-        kvm_sched_step(s);
-        kvm_sched_done_t d;
-        while (kvm_sched_take(s, &d) == 1) {
-            if (d.status) fail_msg("request %d failed: %s", (int)d.tag, d.error);
-            assert_int_equal(d.n_ids, 30);
-            if (done == 0) memcpy(first, d.ids, sizeof first);
-            else assert_memory_equal(first, d.ids, sizeof first); /* preemption does not change results */
-            kvm_seq_free(&seqs[d.tag]); /* the owner releases its KV: the waiter goes on */
-            kvm_sched_done_clear(&d);
-            done++;
-        }
-    }
-    assert_int_equal(done, 3);
+    waiters_t w = {.seqs = seqs};
+    drain(s, 2000, same_and_released, &w);
+    assert_int_equal(w.done, 3);
     for (int i = 0; i < 3; i++) kvm_free(ids[i]);
     kvm_sched_free(s);
     kvm_kv_pool_free(pool);
@@ -189,5 +173,5 @@ int main(void) {
         cmocka_unit_test(test_request_past_the_context_fails_alone),
         cmocka_unit_test(test_requests_wait_for_kv_memory_instead_of_failing),
     };
-    return cmocka_run_group_tests(tests, setup, teardown);
+    return cmocka_run_group_tests(tests, stories_setup, stories_teardown);
 }

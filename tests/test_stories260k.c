@@ -11,33 +11,7 @@
 #include <cmocka.h>
 
 #include "runtime/model/generate.h"
-
-#define S260 KVM_SHARED_DIR "/models/stories260K"
-
-static int setup(void **st) {
-    if (!kvm_file_exists(S260 "/stories260K.bin") || !kvm_file_exists(S260 "/tok512.bin")) {
-        *st = NULL;
-        return 0;
-    }
-    kvm_model_params_t o = {.tokenizer_path = S260 "/tok512.bin", .backend = "cpu"};
-    kvm_model_t *m = kvm_model_load(S260 "/stories260K.bin", &o);
-    if (!m) fprintf(stderr, "load failed: %s\n", kvm_errmsg());
-    *st = m;
-    return m ? 0 : -1;
-}
-
-static int teardown(void **st) {
-    kvm_model_free(*st);
-    return 0;
-}
-
-#define NEED_MODEL(st)                                                                                     \
-    do {                                                                                                   \
-        if (!*(st)) {                                                                                      \
-            fprintf(stderr, "SKIPPED: stories260K not found at %s (the shared models folder is absent)\n", S260); \
-            skip();                                                                                        \
-        }                                                                                                  \
-    } while (0)
+#include "test_stories_common.h"
 
 /* llama2.c convention (README of stories260K): BOS + prompt, greedy until the sequence reaches `steps`
  * or BOS is produced; the file holds the decoded prompt + output. */
@@ -55,8 +29,7 @@ static void check_golden(kvm_model_t *m, const char *prompt, int steps, const ch
     kvm_kv_pool_t *pool = kvm_model_kv_pool(m, 0);
     kvm_seq_t seq;
     kvm_seq_init(&seq, pool);
-    static const int32_t bos[1] = {1};
-    kvm_gen_params_t gp = {.max_tokens = steps, .max_total_tokens = steps, .stop_ids = bos, .n_stop_ids = 1};
+    kvm_gen_params_t gp = {.max_tokens = steps, .max_total_tokens = steps}; /* BOS stops it: the loader's rule */
     kvm_gen_result_t res;
     assert_int_equal(kvm_generate(m, &seq, ids, n, &gp, NULL, NULL, &res), 0);
     size_t tl = plen + res.text_len;
@@ -84,6 +57,28 @@ static void test_greedy_once_upon_a_time_matches_llama2c_golden(void **st) {
 static void test_greedy_tim_and_lily_matches_llama2c_golden(void **st) {
     NEED_MODEL(st);
     check_golden(*st, "Tim and Lily went to the park", 200, S260 "/golden-tim-and-lily.txt");
+}
+
+static void test_llama2c_checkpoint_stops_on_bos_without_being_told(void **st) {
+    NEED_MODEL(st);
+    kvm_model_t *m = *st;
+    int32_t *ids = NULL;
+    int n = 0;
+    assert_int_equal(kvm_prompt_encode(m, NULL, "Lily", false, &ids, &n), 0);
+    kvm_kv_pool_t *pool = kvm_model_kv_pool(m, 0);
+    kvm_seq_t seq;
+    kvm_seq_init(&seq, pool);
+    kvm_gen_params_t gp = kvm_gen_default_params();
+    gp.max_tokens = 400;
+    kvm_gen_result_t res;
+    assert_int_equal(kvm_generate(m, &seq, ids, n, &gp, NULL, NULL, &res), 0);
+    assert_int_equal(res.stop_reason, KVM_STOP_EOS); /* greedy "Lily" ends its story with BOS after 223 tokens */
+    assert_int_equal(res.n_ids, 223);
+    for (int i = 0; i < res.n_ids; i++) assert_int_not_equal(res.ids[i], 1);
+    kvm_gen_result_free(&res);
+    kvm_seq_free(&seq);
+    kvm_kv_pool_free(pool);
+    kvm_free(ids);
 }
 
 static void test_truncated_checkpoint_is_rejected_with_sizes(void **st) {
@@ -126,8 +121,9 @@ int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_greedy_once_upon_a_time_matches_llama2c_golden),
         cmocka_unit_test(test_greedy_tim_and_lily_matches_llama2c_golden),
+        cmocka_unit_test(test_llama2c_checkpoint_stops_on_bos_without_being_told),
         cmocka_unit_test(test_truncated_checkpoint_is_rejected_with_sizes),
         cmocka_unit_test(test_garbage_header_is_rejected),
     };
-    return cmocka_run_group_tests_name("stories260k", tests, setup, teardown);
+    return cmocka_run_group_tests_name("stories260k", tests, stories_setup, stories_teardown);
 }

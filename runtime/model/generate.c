@@ -5,28 +5,45 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* ---- growable byte buffer --------------------------------------------------------------------- */
+/* ---- growable buffers -------------------------------------------------------------------------- */
+
+/* Appends s[0..n) to the NUL-terminated buffer *p of *len bytes (capacity *cap). */
+static int bytes_put(char **p, size_t *len, size_t *cap, const char *s, size_t n) {
+    if (*len + n + 1 > *cap) {
+        size_t nc = *cap ? *cap : 256;
+        while (nc < *len + n + 1) nc *= 2;
+        char *q = kvm_realloc(*p, nc);
+        if (!q) return KVM_ENOMEM;
+        *p = q;
+        *cap = nc;
+    }
+    if (n) memcpy(*p + *len, s, n);
+    *len += n;
+    (*p)[*len] = 0;
+    return 0;
+}
+
+static int ids_put(int32_t **a, int *n, int *cap, const int32_t *v, int k) {
+    if (k <= 0) return 0;
+    if (*n + k > *cap) {
+        int nc = *cap ? *cap : 64;
+        while (nc < *n + k) nc *= 2;
+        int32_t *q = kvm_realloc(*a, (size_t)nc * sizeof *q);
+        if (!q) return KVM_ENOMEM;
+        *a = q;
+        *cap = nc;
+    }
+    memcpy(*a + *n, v, (size_t)k * sizeof *v);
+    *n += k;
+    return 0;
+}
 
 typedef struct sbuf {
     char *p;
     size_t n, cap;
 } sbuf_t;
 
-static int sb_put(sbuf_t *b, const char *s, size_t n) {
-    if (b->n + n + 1 > b->cap) {
-        size_t cap = b->cap ? b->cap : 256;
-        while (cap < b->n + n + 1) cap *= 2;
-        char *q = kvm_realloc(b->p, cap);
-        if (!q) return KVM_ENOMEM;
-        b->p = q;
-        b->cap = cap;
-    }
-    memcpy(b->p + b->n, s, n);
-    b->n += n;
-    b->p[b->n] = 0;
-    return 0;
-}
-static int sb_str(sbuf_t *b, const char *s) { return sb_put(b, s, strlen(s)); }
+static int sb_str(sbuf_t *b, const char *s) { return bytes_put(&b->p, &b->n, &b->cap, s, strlen(s)); }
 
 /* ---- chat formats ------------------------------------------------------------------------------- */
 
@@ -39,6 +56,14 @@ const char *kvm_chat_format_name(kvm_chat_format_t f) {
     }
 }
 
+/* Appends the strings of parts[0..n) that are not NULL, stopping at the first error. */
+static int sb_strs(sbuf_t *b, const char *const *parts, int n) {
+    int rc = 0;
+    for (int i = 0; !rc && i < n; i++)
+        if (parts[i]) rc = sb_str(b, parts[i]);
+    return rc;
+}
+
 int kvm_chat_render(kvm_chat_format_t fmt, const kvm_chat_msg_t *msgs, int n, bool add_gen, char **out) {
     sbuf_t b = {0};
     int rc = sb_str(&b, "");
@@ -46,36 +71,19 @@ int kvm_chat_render(kvm_chat_format_t fmt, const kvm_chat_msg_t *msgs, int n, bo
         const char *role = msgs[i].role ? msgs[i].role : "user", *content = msgs[i].content ? msgs[i].content : "";
         switch (fmt) {
         case KVM_CHAT_LLAMA3:
-            rc = sb_str(&b, "<|start_header_id|>");
-            if (!rc) rc = sb_str(&b, role);
-            if (!rc) rc = sb_str(&b, "<|end_header_id|>\n\n");
-            if (!rc) rc = sb_str(&b, content);
-            if (!rc) rc = sb_str(&b, "<|eot_id|>");
+            rc = sb_strs(&b, (const char *[]){"<|start_header_id|>", role, "<|end_header_id|>\n\n", content, "<|eot_id|>"}, 5);
             break;
         case KVM_CHAT_CHATML:
-            rc = sb_str(&b, "<|im_start|>");
-            if (!rc) rc = sb_str(&b, role);
-            if (!rc) rc = sb_str(&b, "\n");
-            if (!rc) rc = sb_str(&b, content);
-            if (!rc) rc = sb_str(&b, "<|im_end|>\n");
+            rc = sb_strs(&b, (const char *[]){"<|im_start|>", role, "\n", content, "<|im_end|>\n"}, 5);
             break;
-        case KVM_CHAT_LLAMA2:
+        case KVM_CHAT_LLAMA2: {
             /* [INST] <<SYS>>\nsys\n<</SYS>>\n\nuser [/INST] answer </s><s>[INST] ... */
-            if (!strcmp(role, "system")) {
-                rc = sb_str(&b, "[INST] <<SYS>>\n");
-                if (!rc) rc = sb_str(&b, content);
-                if (!rc) rc = sb_str(&b, "\n<</SYS>>\n\n");
-            } else if (!strcmp(role, "assistant")) {
-                rc = sb_str(&b, " ");
-                if (!rc) rc = sb_str(&b, content);
-                if (!rc) rc = sb_str(&b, " </s><s>");
-            } else {
-                bool after_sys = i > 0 && msgs[i - 1].role && !strcmp(msgs[i - 1].role, "system");
-                if (!after_sys) rc = sb_str(&b, "[INST] ");
-                if (!rc) rc = sb_str(&b, content);
-                if (!rc) rc = sb_str(&b, " [/INST]");
-            }
+            bool after_sys = i > 0 && msgs[i - 1].role && !strcmp(msgs[i - 1].role, "system");
+            if (!strcmp(role, "system")) rc = sb_strs(&b, (const char *[]){"[INST] <<SYS>>\n", content, "\n<</SYS>>\n\n"}, 3);
+            else if (!strcmp(role, "assistant")) rc = sb_strs(&b, (const char *[]){" ", content, " </s><s>"}, 3);
+            else rc = sb_strs(&b, (const char *[]){after_sys ? NULL : "[INST] ", content, " [/INST]"}, 3);
             break;
+        }
         default:
             rc = sb_str(&b, content);
             break;
@@ -94,6 +102,7 @@ int kvm_chat_render(kvm_chat_format_t fmt, const kvm_chat_msg_t *msgs, int n, bo
 }
 
 int kvm_prompt_encode(const kvm_model_t *m, const char *system, const char *user, bool chat, int32_t **ids, int *n) {
+    if (m->impl && m->impl->encode) return m->impl->encode(m, system, user, ids, n);
     if (!m->tok) return kvm_seterr(KVM_EINVAL, "model %s has no tokenizer: give one with --tokenizer", m->name);
     int flags = m->cfg.add_bos ? KVM_TOK_ADD_BOS : 0;
     if (!chat) return kvm_tokenize(m->tok, user, strlen(user), flags, ids, n);
@@ -132,23 +141,70 @@ void kvm_gen_result_free(kvm_gen_result_t *r) {
     memset(r, 0, sizeof *r);
 }
 
-static bool is_stop_id(const kvm_model_t *m, const kvm_gen_params_t *p, int32_t id) {
-    if (!p->ignore_eos)
-        for (int i = 0; i < m->cfg.n_eos; i++)
-            if (m->cfg.eos_ids[i] == id) return true;
-    for (int i = 0; i < p->n_stop_ids; i++)
-        if (p->stop_ids[i] == id) return true;
-    return false;
+kvm_gen_params_t kvm_gen_default_params(void) {
+    kvm_gen_params_t p = {0};
+    p.max_tokens = KVM_GEN_MAX_TOKENS_DEFAULT;
+    p.sampling.top_p = 1.0f;
+    p.sampling.repetition_penalty = 1.0f;
+    return p;
 }
 
-/* Length of the longest suffix of text[0..n) that is a proper prefix of some stop string (held back
- * from streaming until we know whether it completes a stop string). */
-static size_t stop_holdback(const char *text, size_t n, const kvm_gen_params_t *p) {
-    size_t best = 0;
+/* ---- decoding ----------------------------------------------------------------------------------- */
+
+int kvm_decode_init(kvm_decode_t *d, const kvm_model_t *m, const kvm_gen_params_t *p, kvm_token_cb cb, void *ud) {
+    memset(d, 0, sizeof *d);
+    d->m = m;
+    d->cb = cb;
+    d->ud = ud;
+    if (!m || !p) return kvm_seterr(KVM_EINVAL, "generate: no model or no parameters");
+    if (p->max_tokens < 1)
+        return kvm_seterr(KVM_EINVAL, "generate: max_tokens is %d; it must be at least 1 (KVM_GEN_MAX_TOKENS_DEFAULT = %d is "
+                          "the usual cap)", p->max_tokens, KVM_GEN_MAX_TOKENS_DEFAULT);
+    if (p->max_total_tokens < 0 || p->n_stop_strings < 0 || p->n_stop_ids < 0 ||
+        (p->n_stop_strings > 0 && !p->stop_strings) || (p->n_stop_ids > 0 && !p->stop_ids))
+        return kvm_seterr(KVM_EINVAL, "generate: max_total_tokens (%d), n_stop_strings (%d) and n_stop_ids (%d) must be >= 0 "
+                          "with their arrays given", p->max_total_tokens, p->n_stop_strings, p->n_stop_ids);
+    d->max_tokens = p->max_tokens;
+    d->max_total_tokens = p->max_total_tokens;
+    if (p->n_stop_strings > 0 && !(d->stop = kvm_calloc((size_t)p->n_stop_strings, sizeof *d->stop))) return KVM_ENOMEM;
     for (int i = 0; i < p->n_stop_strings; i++) {
-        size_t sl = strlen(p->stop_strings[i]);
+        const char *ss = p->stop_strings[i];
+        if (ss && *ss && !(d->stop[d->n_stop++] = kvm_strdup(ss))) return KVM_ENOMEM;
+    }
+    int cap = 0;
+    if (!p->ignore_eos && ids_put(&d->stop_ids, &d->n_stop_ids, &cap, m->cfg.eos_ids, m->cfg.n_eos)) return KVM_ENOMEM;
+    if (p->n_stop_ids > 0 && ids_put(&d->stop_ids, &d->n_stop_ids, &cap, p->stop_ids, p->n_stop_ids)) return KVM_ENOMEM;
+    return bytes_put(&d->text, &d->text_len, &d->text_cap, "", 0);
+}
+
+int kvm_decode_context(kvm_decode_t *d, const int32_t *ids, int n) {
+    if (n <= 0) return 0;
+    if (d->n_hist > d->n_ctx) return kvm_seterr(KVM_EINVAL, "decode: context added after output");
+    int rc = ids_put(&d->hist, &d->n_hist, &d->cap_hist, ids, n);
+    if (!rc) d->n_ctx = d->n_hist;
+    return rc;
+}
+
+/* The bytes token id adds to the text after prev: the model's own vocabulary (mock model), its
+ * tokenizer, or, for a model without one (synthetic weights), the id as "<id>". Nothing (0) for an id
+ * the tokenizer cannot show. */
+static int token_text(const kvm_decode_t *d, int32_t prev, int32_t id, char *buf, size_t cap) {
+    const kvm_model_t *m = d->m;
+    int n;
+    if (m->impl && m->impl->token_bytes) n = m->impl->token_bytes(m, prev, id, buf, cap);
+    else if (m->tok) n = kvm_token_bytes(m->tok, prev, id, buf, cap);
+    else n = snprintf(buf, cap, "%s<%d>", d->n_hist - d->n_ctx > 1 ? " " : "", (int)id);
+    return n > 0 && (size_t)n < cap ? n : 0;
+}
+
+/* Length of the longest end of the text that is a proper beginning of some stop string (held back
+ * from the stream until it is known whether it completes one). */
+static size_t stop_holdback(const kvm_decode_t *d) {
+    size_t best = 0;
+    for (int i = 0; i < d->n_stop; i++) {
+        size_t sl = strlen(d->stop[i]);
         for (size_t k = sl > 1 ? sl - 1 : 0; k > best; k--)
-            if (k <= n && !memcmp(text + n - k, p->stop_strings[i], k)) {
+            if (k <= d->text_len && !memcmp(d->text + d->text_len - k, d->stop[i], k)) {
                 best = k;
                 break;
             }
@@ -156,116 +212,82 @@ static size_t stop_holdback(const char *text, size_t n, const kvm_gen_params_t *
     return best;
 }
 
-/* Chunked prefill of tokens into seq; logits of the last token into `logits`. */
-static int prefill(kvm_model_t *m, kvm_seq_t *seq, const int32_t *toks, int n, float *logits) {
-    /* GPUs want long chunks (GEMM efficiency); on the CPU shorter ones keep the workspace small */
-    const int chunk = m->ops == kvm_ops_cpu() ? 512 : 4096;
-    for (int off = 0; off < n; off += chunk) {
-        int k = n - off < chunk ? n - off : chunk;
-        kvm_batch_item_t it = {.seq = seq, .tokens = toks + off, .n_tokens = k, .logits = off + k == n ? logits : NULL};
-        int rc = kvm_forward(m, &it, 1);
-        if (rc) return rc;
+/* Cuts the text at the first stop string that the last nb bytes completed; true if one did. */
+static bool cut_stop_string(kvm_decode_t *d, size_t nb) {
+    for (int i = 0; i < d->n_stop; i++) {
+        /* an earlier occurrence would have stopped an earlier token: search where this one can end */
+        size_t sl = strlen(d->stop[i]), from = d->text_len > sl + nb ? d->text_len - sl - nb : 0;
+        char *hit = strstr(d->text + from, d->stop[i]);
+        if (hit) {
+            d->text_len = (size_t)(hit - d->text);
+            d->text[d->text_len] = 0;
+            return true;
+        }
     }
+    return false;
+}
+
+/* Gives the stream text[shown..upto); returns true if the callback asked to stop. */
+static bool show(kvm_decode_t *d, int32_t id, size_t upto) {
+    if (!d->cb || d->cb_stopped || upto <= d->shown) return false;
+    size_t from = d->shown;
+    d->shown = upto;
+    d->cb_stopped = d->cb(d->ud, id, d->text + from, upto - from) != 0;
+    return d->cb_stopped;
+}
+
+int kvm_decode_accept(kvm_decode_t *d, int32_t id, int n_cached, int *stop) {
+    *stop = KVM_STOP_NONE;
+    for (int i = 0; i < d->n_stop_ids; i++)
+        if (d->stop_ids[i] == id) {
+            *stop = KVM_STOP_EOS;
+            show(d, -1, d->text_len);
+            return 0;
+        }
+    int32_t prev = d->n_hist > 0 ? d->hist[d->n_hist - 1] : -1;
+    if (ids_put(&d->hist, &d->n_hist, &d->cap_hist, &id, 1)) return kvm_seterr(KVM_ENOMEM, "decode: out of memory growing the output");
+    char piece[256];
+    int nb = token_text(d, prev, id, piece, sizeof piece);
+    if (bytes_put(&d->text, &d->text_len, &d->text_cap, piece, (size_t)nb))
+        return kvm_seterr(KVM_ENOMEM, "decode: out of memory growing the output text");
+    bool cut = cut_stop_string(d, (size_t)nb);
+    if (show(d, id, cut ? d->text_len : d->text_len - stop_holdback(d))) *stop = KVM_STOP_CALLBACK;
+    else if (cut) *stop = KVM_STOP_STRING;
+    else if (d->n_hist - d->n_ctx >= d->max_tokens) *stop = KVM_STOP_LENGTH;
+    else if (d->max_total_tokens > 0 && n_cached >= d->max_total_tokens) *stop = KVM_STOP_LENGTH;
+    else if (d->m->cfg.max_seq_len > 0 && n_cached + 1 > d->m->cfg.max_seq_len) *stop = KVM_STOP_CONTEXT;
+    if (*stop == KVM_STOP_LENGTH || *stop == KVM_STOP_CONTEXT) show(d, -1, d->text_len);
     return 0;
 }
 
-int kvm_generate(kvm_model_t *m, kvm_seq_t *seq, const int32_t *prompt, int n_prompt, const kvm_gen_params_t *p,
-                 kvm_token_cb cb, void *ud, kvm_gen_result_t *res) {
-    memset(res, 0, sizeof *res);
-    kvm_gen_params_t defp = {0};
-    if (!p) p = &defp;
-    if (n_prompt <= 0) return kvm_seterr(KVM_EINVAL, "generate: the prompt is empty (at least one token must be run)");
-    if (!m->tok && cb) return kvm_seterr(KVM_EINVAL, "generate: model %s has no tokenizer to decode with", m->name);
-    const int V = m->cfg.vocab_size;
-    int max_new = p->max_tokens > 0 ? p->max_tokens : 256;
-    uint64_t t0 = kvm_now_ns(), t1 = 0;
-    float *logits = kvm_malloc((size_t)V * sizeof(float));
-    kvm_sampler_t *smp = kvm_sampler_create(&p->sampling, V);
-    int32_t *hist = kvm_malloc((size_t)(seq->n_tokens + n_prompt + max_new + 1) * sizeof(int32_t));
-    res->ids = kvm_malloc((size_t)(max_new + 1) * sizeof(int32_t));
-    sbuf_t text = {0};
-    int rc = (!logits || !smp || !hist || !res->ids) ? kvm_errcode() ? kvm_errcode() : KVM_ENOMEM : sb_str(&text, "");
-    int n_hist = 0;
-    if (!rc) {
-        if (seq->n_tokens > 0) memcpy(hist, seq->tokens, (size_t)seq->n_tokens * sizeof(int32_t));
-        memcpy(hist + seq->n_tokens, prompt, (size_t)n_prompt * sizeof(int32_t));
-        n_hist = seq->n_tokens + n_prompt;
-        res->n_prompt = n_prompt;
-        rc = prefill(m, seq, prompt, n_prompt, logits);
-    }
-    size_t emitted = 0;
-    int32_t prev = n_prompt > 0 ? prompt[n_prompt - 1] : -1;
-    while (!rc) {
-        int32_t next = kvm_sampler_sample(smp, logits, hist, n_hist);
-        if (!t1) {
-            t1 = kvm_now_ns();
-            res->ttft_ms = (double)(t1 - t0) / 1e6;
-        }
-        if (is_stop_id(m, p, next)) {
-            res->stop_reason = KVM_STOP_EOS;
-            break;
-        }
-        res->ids[res->n_ids++] = next;
-        hist[n_hist++] = next;
-        if (m->tok) {
-            char piece[256];
-            int nb = kvm_token_bytes(m->tok, prev, next, piece, sizeof piece);
-            if (nb > 0) rc = sb_put(&text, piece, (size_t)nb);
-            if (rc) break;
-        }
-        prev = next;
-        /* stop strings: cut at the first occurrence */
-        bool stopped = false;
-        for (int i = 0; i < p->n_stop_strings && !stopped; i++) {
-            const char *hit = strstr(text.p + (emitted > 64 ? emitted - 64 : 0), p->stop_strings[i]);
-            if (hit) {
-                text.n = (size_t)(hit - text.p);
-                text.p[text.n] = 0;
-                stopped = true;
-            }
-        }
-        size_t safe = stopped ? text.n : text.n - stop_holdback(text.p, text.n, p);
-        if (cb && safe > emitted) {
-            if (cb(ud, next, text.p + emitted, safe - emitted)) {
-                emitted = safe;
-                res->stop_reason = KVM_STOP_CALLBACK;
-                break;
-            }
-            emitted = safe;
-        }
-        if (stopped) {
-            res->stop_reason = KVM_STOP_STRING;
-            break;
-        }
-        if (res->n_ids >= max_new) {
-            res->stop_reason = KVM_STOP_LENGTH;
-            break;
-        }
-        if (p->max_total_tokens > 0 && seq->n_tokens >= p->max_total_tokens) {
-            res->stop_reason = KVM_STOP_LENGTH;
-            break;
-        }
-        if (m->cfg.max_seq_len > 0 && seq->n_tokens + 1 > m->cfg.max_seq_len) {
-            res->stop_reason = KVM_STOP_CONTEXT;
-            break;
-        }
-        kvm_batch_item_t it = {.seq = seq, .tokens = &next, .n_tokens = 1, .logits = logits};
-        rc = kvm_forward(m, &it, 1);
-    }
-    if (!rc && cb && text.n > emitted) cb(ud, -1, text.p + emitted, text.n - emitted);
-    uint64_t t2 = kvm_now_ns();
-    if (t1) res->decode_ms = (double)(t2 - t1) / 1e6;
-    res->text = text.p;
-    res->text_len = text.n;
-    kvm_free(logits);
-    kvm_free(hist);
-    kvm_sampler_free(smp);
-    if (rc) {
-        kvm_free(res->text);
-        res->text = NULL;
-        kvm_free(res->ids);
-        res->ids = NULL;
-        res->n_ids = 0;
-    }
-    return rc;
+void kvm_decode_restart(kvm_decode_t *d) {
+    d->n_hist = d->n_ctx;
+    d->text_len = 0;
+    if (d->text) d->text[0] = 0;
+}
+
+int32_t *kvm_decode_take_ids(kvm_decode_t *d, int *n) {
+    *n = d->n_hist - d->n_ctx;
+    int32_t *ids = kvm_malloc((size_t)(*n > 0 ? *n : 1) * sizeof *ids);
+    if (ids && *n > 0) memcpy(ids, d->hist + d->n_ctx, (size_t)*n * sizeof *ids);
+    if (!ids) *n = 0;
+    return ids;
+}
+
+char *kvm_decode_take_text(kvm_decode_t *d, size_t *len) {
+    char *t = d->text ? d->text : kvm_strdup("");
+    if (len) *len = d->text ? d->text_len : 0;
+    d->text = NULL;
+    d->text_len = d->text_cap = 0;
+    return t;
+}
+
+void kvm_decode_free(kvm_decode_t *d) {
+    if (!d) return;
+    for (int i = 0; i < d->n_stop; i++) kvm_free(d->stop[i]);
+    kvm_free(d->stop);
+    kvm_free(d->stop_ids);
+    kvm_free(d->hist);
+    kvm_free(d->text);
+    memset(d, 0, sizeof *d);
 }

@@ -36,28 +36,38 @@ int kvm_chat_render(kvm_chat_format_t fmt, const kvm_chat_msg_t *msgs, int n, bo
 const char *kvm_chat_format_name(kvm_chat_format_t fmt);
 
 /* Encodes a whole prompt as the model expects it: chat-rendered when chat is set (system may be NULL),
- * BOS as the model's tokenizer adds it. *ids freed with kvm_free. */
+ * BOS as the model's tokenizer adds it; a model with its own vocabulary (mock model) encodes system
+ * and user its way. *ids freed with kvm_free. */
 int kvm_prompt_encode(const kvm_model_t *m, const char *system, const char *user, bool chat, int32_t **ids, int *n);
 
 /* ---- generation ------------------------------------------------------------------------------- */
 
 /* enum kvm_stop_reason and kvm_stop_reason_name: include/kvmesh.h */
 
+/* The usual cap on new tokens (kvm_gen_default_params, `kvmesh generate` without --max-tokens). */
+#define KVM_GEN_MAX_TOKENS_DEFAULT 256
+
 typedef struct kvm_gen_params {
-    int max_tokens;            /* new tokens at most (default 256 when 0) */
+    int max_tokens;            /* new tokens at most, >= 1 (0 is rejected with KVM_EINVAL: it never means a default) */
     kvm_sampler_params_t sampling;
-    const char *const *stop_strings; /* generation stops when the output text ends with one (it is cut off) */
+    const char *const *stop_strings; /* generation stops when the output text contains one (it is cut off there);
+                                        empty strings are ignored */
     int n_stop_strings;
-    bool ignore_eos;
+    bool ignore_eos;           /* the model's EOS ids do not stop generation (stop_ids still do) */
     /* llama2.c `steps`: stop once this many positions have been run through the model (prompt, BOS
      * included, plus generated tokens; the token sampled at the last position is still emitted); 0 = off */
     int max_total_tokens;
-    /* extra stop token ids besides the model's EOS ids (e.g. llama2.c BOS=1) */
+    /* extra stop token ids besides the model's EOS ids */
     const int32_t *stop_ids;
     int n_stop_ids;
 } kvm_gen_params_t;
 
-/* Called for every generated token with the bytes it adds to the text; return non-zero to stop. */
+/* Defaults: max_tokens KVM_GEN_MAX_TOKENS_DEFAULT, greedy, top_p 1, repetition_penalty 1, no stops. */
+kvm_gen_params_t kvm_gen_default_params(void);
+
+/* Streaming: called with text that is safe to show (a stop string still forming is held back, and
+ * never shown if it completes), as tokens make it so; id is the token that did, or -1 for text
+ * released at the end. Return non-zero to stop (KVM_STOP_CALLBACK); it is not called again then. */
 typedef int (*kvm_token_cb)(void *ud, int32_t id, const char *bytes, size_t n);
 
 typedef struct kvm_gen_result {
@@ -73,8 +83,51 @@ typedef struct kvm_gen_result {
 void kvm_gen_result_free(kvm_gen_result_t *r);
 
 /* Runs prompt[0..n_prompt) (the tokens not yet in seq's cache; seq may already hold a prefix) and
- * generates. The seq keeps the KV of the prompt and of every generated token except the last. */
+ * generates: the scheduler (runtime/sched/sched.c, where this is implemented) with one request, so
+ * generation and batched requests give the same ids. p NULL = kvm_gen_default_params(). The seq keeps
+ * the KV of the prompt and of every generated token except the last. On error *res is empty. */
 int kvm_generate(kvm_model_t *m, kvm_seq_t *seq, const int32_t *prompt, int n_prompt, const kvm_gen_params_t *p,
                  kvm_token_cb cb, void *ud, kvm_gen_result_t *res);
+
+/* ---- decoding: the stop rules, in one place ----------------------------------------------------- */
+
+/* The output side of one request: the history the sampler sees (context, then output), the output
+ * text, what the stream has been shown, and every stop rule: the model's EOS ids (unless ignore_eos),
+ * extra stop ids, stop strings (held back from the stream while forming, cut from the text),
+ * max_tokens, max_total_tokens, the model's context and the stream's callback. The scheduler keeps one
+ * per request; nothing else decides when generation ends. Not thread-safe. */
+typedef struct kvm_decode {
+    const kvm_model_t *m;
+    int max_tokens, max_total_tokens;
+    char **stop;              /* [n_stop] copies of the non-empty stop strings */
+    int n_stop;
+    int32_t *stop_ids;        /* [n_stop_ids] the model's EOS ids (unless ignore_eos) and the extra ones */
+    int n_stop_ids;
+    kvm_token_cb cb;
+    void *ud;
+    int32_t *hist;            /* [n_hist] context ids, then output ids */
+    int n_ctx, n_hist, cap_hist;
+    char *text;               /* [text_len] output text, NUL-terminated */
+    size_t text_len, text_cap;
+    size_t shown;             /* bytes of text given to cb (kept across kvm_decode_restart) */
+    bool cb_stopped;
+} kvm_decode_t;
+
+/* Checks p (max_tokens >= 1, max_total_tokens >= 0, counts >= 0: KVM_EINVAL naming the field) and
+ * copies its stop rules; cb may be NULL. Free with kvm_decode_free (also after an error). */
+int kvm_decode_init(kvm_decode_t *d, const kvm_model_t *m, const kvm_gen_params_t *p, kvm_token_cb cb, void *ud);
+/* Appends ids to the context (what the sequence holds before the first new token). */
+int kvm_decode_context(kvm_decode_t *d, const int32_t *ids, int n);
+/* Takes one sampled id; n_cached = positions the sequence has run (the id not included). Sets *stop to
+ * KVM_STOP_NONE (run the id next) or the reason to stop; the stream gets what became safe to show,
+ * and at a stop other than a stop string or the callback the text still held back. 0 or KVM_ENOMEM. */
+int kvm_decode_accept(kvm_decode_t *d, int32_t id, int n_cached, int *stop);
+/* Forgets the output (a preempted request starts again); the stream is not shown text twice. */
+void kvm_decode_restart(kvm_decode_t *d);
+/* The output ids as a new array of *n (kvm_free; NULL when out of memory). */
+int32_t *kvm_decode_take_ids(kvm_decode_t *d, int *n);
+/* The output text, handed to the caller (kvm_free); the decode state keeps none. */
+char *kvm_decode_take_text(kvm_decode_t *d, size_t *len);
+void kvm_decode_free(kvm_decode_t *d);
 
 #endif

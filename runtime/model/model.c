@@ -8,6 +8,7 @@
 #include <string.h>
 
 #include "forward.h"
+#include "mock_model.h"
 #include "tokenizer.h"
 
 /* Synthetic models (runtime/model/synthetic.c): real shapes, seeded weights generated on the backend. */
@@ -122,8 +123,11 @@ int kvm_load_llama2c(kvm_model_t *m, const char *path) {
     c->rope_layout = KVM_ROPE_INTERLEAVED;
     c->bos_id = 1;
     c->add_bos = true;
+    /* llama2.c ends a story with BOS (its run.c stops on token 1; EOS 2 is never sampled): both end
+     * generation on every path */
     c->eos_ids[0] = 2;
-    c->n_eos = 1;
+    c->eos_ids[1] = 1;
+    c->n_eos = 2;
     c->pad_id = -1;
     c->chat_format = KVM_CHAT_NONE;
     c->weight_dtype = KVM_F32;
@@ -249,6 +253,7 @@ kvm_model_t *kvm_model_load_opts(const char *path, const kvm_load_opts_t *opts) 
     if (!strncmp(path, "synthetic:", 10)) {
         return kvm_model_synthetic(path + 10, o);
     }
+    if (!strncmp(path, "mock:", 5)) return kvm_model_mock(path + 5);
     kvm_model_t *m = kvm_calloc(1, sizeof *m);
     if (!m) return NULL;
     m->path = kvm_strdup(path);
@@ -288,6 +293,7 @@ kvm_model_t *kvm_model_load_opts(const char *path, const kvm_load_opts_t *opts) 
 
 void kvm_model_free(kvm_model_t *m) {
     if (!m) return;
+    if (m->impl && m->impl->free) m->impl->free(m);
     kvm_forward_free(m);
     if (m->tok) kvm_tokenizer_free(m->tok);
     for (int i = 0; i < m->n_maps; i++) kvm_mmap_close(&m->maps[i]);

@@ -1,6 +1,8 @@
 /* model.h - model configuration, weights, loading and the forward pass (L2).
  *
  * A model is loaded from either
+ *   - "synthetic:<name>" (seeded weights of a known shape, synthetic.h), "mock:echo" / "mock:fail"
+ *     (no weights, mock_model.h),
  *   - a llama2.c checkpoint (file, e.g. stories260K.bin) plus its tokenizer.bin, or
  *   - a Hugging Face directory: config.json + model.safetensors | model.safetensors.index.json (+ shards),
  *     tokenizer.json, tokenizer_config.json, generation_config.json.
@@ -58,7 +60,7 @@ typedef struct kvm_config {
     bool qk_norm;
     int bos_id;                  /* -1 if the model has none */
     bool add_bos;                /* prepend BOS when encoding a prompt */
-    int eos_ids[KVM_MAX_EOS];    /* from config.json + generation_config.json (+ chat end token) */
+    int eos_ids[KVM_MAX_EOS];    /* from config.json + generation_config.json (+ chat end token); llama2.c: 2 and BOS 1 */
     int n_eos;
     int pad_id;
     kvm_chat_format_t chat_format;
@@ -100,6 +102,18 @@ typedef struct kvm_weights {
 
 struct kvm_tokenizer;
 struct kvm_backend_model;
+struct kvm_model;
+struct kvm_batch_item;
+
+/* A model whose steps are functions rather than a transformer (the mock model, mock_model.h):
+ * kvm_forward hands it its batches, kvm_prompt_encode its prompts, and decoding asks it for the text
+ * of its tokens. NULL for models read from files. */
+typedef struct kvm_model_impl {
+    int (*forward)(struct kvm_model *m, struct kvm_batch_item *items, int n_items);
+    int (*encode)(const struct kvm_model *m, const char *system, const char *user, int32_t **ids, int *n);
+    int (*token_bytes)(const struct kvm_model *m, int32_t prev, int32_t id, char *buf, size_t cap);
+    void (*free)(struct kvm_model *m); /* frees impl_state */
+} kvm_model_impl_t;
 
 typedef struct kvm_model {
     kvm_config_t cfg;
@@ -118,6 +132,8 @@ typedef struct kvm_model {
     bool weights_on_device;     /* tensors already live in backend memory (synthetic models); then norm
                                    weights and biases must be F32 there, matrices any dtype */
     kvm_dtype_t device_dtype;   /* dtype of matrices uploaded to a GPU backend (BF16 default, F32 parity mode) */
+    const kvm_model_impl_t *impl; /* NULL, or the functions of a model that is not a transformer */
+    void *impl_state;           /* theirs; freed by impl->free in kvm_model_free */
 } kvm_model_t;
 
 /* How to load a model, parsed: what the public kvm_model_params_t (include/kvmesh.h, strings checked by

@@ -127,7 +127,6 @@ int kvm_model_generate(kvm_model_t *m, const char *prompt, const kvm_generate_pa
     if (!prompt) return kvm_seterr(KVM_EINVAL, "no prompt given");
     int rc = check_generate_params(p);
     if (rc) return rc;
-    if (!m->tok) return kvm_seterr(KVM_EUNSUPPORTED, "model %s has no tokenizer: it cannot generate from text", m->name);
     kvm_gen_params_t gp = {.max_tokens = p->max_tokens, .max_total_tokens = p->max_total_tokens,
                            .sampling = {.temperature = p->temperature, .top_k = p->top_k, .top_p = p->top_p,
                                         .repetition_penalty = p->repetition_penalty, .seed = p->seed},

@@ -10,18 +10,9 @@ typedef struct sreq {
     kvm_sched_req_t r;
     int32_t *prompt;         /* [r.n_prompt] copy */
     int prompt_pos;          /* prompt tokens already forwarded */
-    char **stop;             /* copies of the stop strings */
-    int n_stop;
-    int32_t *stop_ids;
-    int n_stop_ids;
+    kvm_decode_t dec;        /* history, output and the stop rules */
     kvm_sampler_t *sampler;
     float *logits;           /* [vocab] */
-    int32_t *hist;           /* prompt context + output, for repetition penalty */
-    int n_hist, cap_hist;
-    int32_t *out;
-    int n_out, cap_out;
-    char *text;
-    size_t text_len, text_cap;
     int32_t pending;         /* sampled id not yet forwarded, -1 none */
     int base;                /* tokens the caller's seq held at submit (kept on preemption) */
     int n_preempted;
@@ -70,14 +61,9 @@ kvm_sched_t *kvm_sched_create(kvm_model_t *m, const kvm_sched_opts_t *o) {
 static void sreq_free(sreq_t *q) {
     if (!q) return;
     kvm_free(q->prompt);
-    for (int i = 0; i < q->n_stop; i++) kvm_free(q->stop[i]);
-    kvm_free(q->stop);
-    kvm_free(q->stop_ids);
+    kvm_decode_free(&q->dec);
     if (q->sampler) kvm_sampler_free(q->sampler);
     kvm_free(q->logits);
-    kvm_free(q->hist);
-    kvm_free(q->out);
-    kvm_free(q->text);
     kvm_free(q);
 }
 
@@ -92,18 +78,6 @@ void kvm_sched_free(kvm_sched_t *s) {
     kvm_free(s);
 }
 
-static int push_i32(int32_t **a, int *n, int *cap, int32_t v) {
-    if (*n == *cap) {
-        int nc = *cap ? *cap * 2 : 64;
-        int32_t *na = kvm_realloc(*a, (size_t)nc * sizeof *na);
-        if (!na) return KVM_ENOMEM;
-        *a = na;
-        *cap = nc;
-    }
-    (*a)[(*n)++] = v;
-    return 0;
-}
-
 int kvm_sched_submit(kvm_sched_t *s, const kvm_sched_req_t *r) {
     if (!s || !r || !r->seq || !r->prompt || r->n_prompt < 1)
         return kvm_seterr(KVM_EINVAL, "sched: a request needs a sequence and at least one prompt token");
@@ -112,44 +86,30 @@ int kvm_sched_submit(kvm_sched_t *s, const kvm_sched_req_t *r) {
     q->r = *r;
     q->pending = -1;
     int vocab = s->m->cfg.vocab_size;
-    q->prompt = kvm_malloc((size_t)r->n_prompt * sizeof *q->prompt);
-    q->logits = kvm_malloc((size_t)vocab * sizeof *q->logits);
-    q->sampler = kvm_sampler_create(&r->gen.sampling, vocab);
-    if (!q->prompt || !q->logits || !q->sampler) goto fail;
+    int rc = kvm_decode_init(&q->dec, s->m, &r->gen, r->on_token, r->on_token_ud);
+    if (!rc) rc = kvm_decode_context(&q->dec, r->seq->tokens, r->seq->n_tokens);
+    if (!rc) rc = kvm_decode_context(&q->dec, r->prompt, r->n_prompt);
+    if (!rc) {
+        q->prompt = kvm_malloc((size_t)r->n_prompt * sizeof *q->prompt);
+        q->logits = kvm_malloc((size_t)vocab * sizeof *q->logits);
+        q->sampler = kvm_sampler_create(&r->gen.sampling, vocab);
+        if (!q->prompt || !q->logits || !q->sampler) rc = kvm_errcode() == KVM_EINVAL ? KVM_EINVAL : KVM_ENOMEM;
+    }
+    if (rc) {
+        if (rc == KVM_ENOMEM && kvm_errcode() != KVM_ENOMEM) kvm_seterr(rc, "sched: out of memory queuing a request");
+        sreq_free(q);
+        return rc;
+    }
     memcpy(q->prompt, r->prompt, (size_t)r->n_prompt * sizeof *q->prompt);
-    if (r->gen.n_stop_strings > 0) {
-        q->stop = kvm_calloc((size_t)r->gen.n_stop_strings, sizeof *q->stop);
-        if (!q->stop) goto fail;
-        for (int i = 0; i < r->gen.n_stop_strings; i++) {
-            const char *ss = r->gen.stop_strings[i];
-            if (!ss || !*ss) continue;
-            if (!(q->stop[q->n_stop++] = kvm_strdup(ss))) goto fail;
-        }
-    }
-    int n_ids = r->gen.n_stop_ids + (r->gen.ignore_eos ? 0 : s->m->cfg.n_eos);
-    if (n_ids > 0) {
-        q->stop_ids = kvm_malloc((size_t)n_ids * sizeof *q->stop_ids);
-        if (!q->stop_ids) goto fail;
-        for (int i = 0; i < r->gen.n_stop_ids; i++) q->stop_ids[q->n_stop_ids++] = r->gen.stop_ids[i];
-        if (!r->gen.ignore_eos)
-            for (int i = 0; i < s->m->cfg.n_eos; i++) q->stop_ids[q->n_stop_ids++] = s->m->cfg.eos_ids[i];
-    }
-    for (int i = 0; i < r->seq->n_tokens; i++)
-        if (push_i32(&q->hist, &q->n_hist, &q->cap_hist, r->seq->tokens[i])) goto fail;
-    for (int i = 0; i < r->n_prompt; i++)
-        if (push_i32(&q->hist, &q->n_hist, &q->cap_hist, r->prompt[i])) goto fail;
     q->base = r->seq->n_tokens;
     q->t_submit = kvm_now_ns();
-    q->r.gen.stop_strings = NULL; /* copies live in q->stop */
+    q->r.gen.stop_strings = NULL; /* the decode state holds copies */
     q->r.gen.stop_ids = NULL;
     if (s->tail) s->tail->next = q;
     else s->head = q;
     s->tail = q;
     s->n_pending++;
     return 0;
-fail:
-    sreq_free(q);
-    return kvm_seterr(KVM_ENOMEM, "sched: out of memory queuing a request");
 }
 
 static void finish(sreq_t *q, int reason) {
@@ -165,62 +125,17 @@ static void fail_req(sreq_t *q, int code, const char *msg) {
     finish(q, KVM_STOP_NONE);
 }
 
-static int text_append(sreq_t *q, const char *b, size_t n) {
-    if (q->text_len + n + 1 > q->text_cap) {
-        size_t nc = q->text_cap ? q->text_cap * 2 : 256;
-        while (nc < q->text_len + n + 1) nc *= 2;
-        char *nt = kvm_realloc(q->text, nc);
-        if (!nt) return KVM_ENOMEM;
-        q->text = nt;
-        q->text_cap = nc;
-    }
-    memcpy(q->text + q->text_len, b, n);
-    q->text_len += n;
-    q->text[q->text_len] = '\0';
-    return 0;
-}
-
-/* Handles one sampled id: stop ids, output text, stop strings, length and context limits. Leaves the
- * request DONE or with the id pending for the next decode step. */
-static void accept_token(kvm_sched_t *s, sreq_t *q, int32_t id) {
+/* Hands one sampled id to the request's decode state (the stop rules). Leaves the request DONE or
+ * with the id pending for the next decode step. */
+static void accept_token(sreq_t *q, int32_t id) {
     if (!q->t_first_tok) q->t_first_tok = kvm_now_ns();
-    for (int i = 0; i < q->n_stop_ids; i++)
-        if (q->stop_ids[i] == id) {
-            finish(q, KVM_STOP_EOS);
-            return;
-        }
-    int32_t prev = q->n_hist ? q->hist[q->n_hist - 1] : -1;
-    if (push_i32(&q->out, &q->n_out, &q->cap_out, id) || push_i32(&q->hist, &q->n_hist, &q->cap_hist, id)) {
-        fail_req(q, KVM_ENOMEM, "sched: out of memory growing the output");
+    int stop = KVM_STOP_NONE;
+    if (kvm_decode_accept(&q->dec, id, q->r.seq->n_tokens, &stop) != 0) {
+        fail_req(q, kvm_errcode(), kvm_errmsg());
         return;
     }
-    char buf[256];
-    /* models without a tokenizer (synthetic weights) show ids as text */
-    int nb = s->m->tok ? kvm_token_bytes(s->m->tok, prev, id, buf, sizeof buf) : snprintf(buf, sizeof buf, "%s<%d>", q->n_out > 1 ? " " : "", (int)id);
-    if (nb > 0 && text_append(q, buf, (size_t)nb)) {
-        fail_req(q, KVM_ENOMEM, "sched: out of memory growing the output text");
-        return;
-    }
-    for (int i = 0; i < q->n_stop; i++) {
-        /* the token may overshoot the stop string: search the tail that this token could complete */
-        size_t sl = strlen(q->stop[i]);
-        size_t from = q->text_len > sl + (size_t)(nb > 0 ? nb : 0) ? q->text_len - sl - (size_t)(nb > 0 ? nb : 0) : 0;
-        char *hit = q->text ? strstr(q->text + from, q->stop[i]) : NULL;
-        if (hit) {
-            q->text_len = (size_t)(hit - q->text);
-            q->text[q->text_len] = '\0';
-            finish(q, KVM_STOP_STRING);
-            return;
-        }
-    }
-    int max_tokens = q->r.gen.max_tokens > 0 ? q->r.gen.max_tokens : 256;
-    if (q->n_out >= max_tokens) {
-        finish(q, KVM_STOP_LENGTH);
-        return;
-    }
-    int total = q->r.seq->n_tokens + 1;
-    if (total >= s->m->cfg.max_seq_len || (q->r.gen.max_total_tokens > 0 && total >= q->r.gen.max_total_tokens)) {
-        finish(q, KVM_STOP_CONTEXT);
+    if (stop != KVM_STOP_NONE) {
+        finish(q, stop);
         return;
     }
     q->pending = id;
@@ -234,7 +149,7 @@ static void activate(kvm_sched_t *s) {
         if (q->phase == SR_PREFILL || q->phase == SR_DECODE) active++;
     for (sreq_t *q = s->head; q && active < s->o.max_active; q = q->next) {
         if (q->phase != SR_QUEUED) continue;
-        if (q->r.seq->n_tokens + q->r.n_prompt >= s->m->cfg.max_seq_len) {
+        if (q->r.seq->n_tokens + q->r.n_prompt > s->m->cfg.max_seq_len) {
             char msg[256];
             snprintf(msg, sizeof msg, "sched: prompt of %d tokens (+%d cached) does not fit the context of %d", q->r.n_prompt,
                      q->r.seq->n_tokens, s->m->cfg.max_seq_len);
@@ -248,15 +163,12 @@ static void activate(kvm_sched_t *s) {
 
 /* Preemption (as vLLM's recompute mode): drops everything q computed (its seq back to what the caller
  * gave), so its blocks return to the pool, and restarts it from its prompt once another request has
- * finished. Nothing was delivered yet, and the sampler restarts from its seed, so the result is the
- * same as without preemption. */
+ * finished. The sampler restarts from its seed, so the output comes again the same; the stream is not
+ * shown what it was shown before (the decode state remembers how far it got). */
 static void preempt(kvm_sched_t *s, sreq_t *q) {
     kvm_seq_truncate(q->r.seq, q->base);
     q->prompt_pos = 0;
-    q->n_out = 0;
-    q->text_len = 0;
-    if (q->text) q->text[0] = '\0';
-    q->n_hist = q->base + q->r.n_prompt;
+    kvm_decode_restart(&q->dec);
     q->pending = -1;
     q->t_first_tok = 0;
     kvm_sampler_t *ns = kvm_sampler_create(&q->r.gen.sampling, s->m->cfg.vocab_size);
@@ -378,12 +290,12 @@ int kvm_sched_step(kvm_sched_t *s) {
             q->prompt_pos += it->n_tokens;
             if (q->prompt_pos < q->r.n_prompt) continue;
         }
-        int32_t id = kvm_sampler_sample(q->sampler, q->logits, q->hist, q->n_hist);
+        int32_t id = kvm_sampler_sample(q->sampler, q->logits, q->dec.hist, q->dec.n_hist);
         if (id < 0) {
             fail_req(q, KVM_EINTERNAL, "sched: the sampler returned no token");
             continue;
         }
-        accept_token(s, q, id);
+        accept_token(q, id);
     }
     return n;
 }
@@ -401,11 +313,12 @@ int kvm_sched_take(kvm_sched_t *s, kvm_sched_done_t *out) {
         out->tag = q->r.tag;
         out->status = q->status;
         snprintf(out->error, sizeof out->error, "%s", q->error);
-        out->ids = q->out;
-        out->n_ids = q->n_out;
-        q->out = NULL;
-        out->text = q->text ? q->text : kvm_strdup("");
-        q->text = NULL;
+        out->ids = kvm_decode_take_ids(&q->dec, &out->n_ids);
+        out->text = kvm_decode_take_text(&q->dec, NULL);
+        if ((!out->ids || !out->text) && !out->status) {
+            out->status = KVM_ENOMEM;
+            snprintf(out->error, sizeof out->error, "sched: out of memory handing over the output");
+        }
         out->stop_reason = q->stop_reason;
         out->n_prompt = q->prompt_pos;
         uint64_t te = q->t_end ? q->t_end : kvm_now_ns();
@@ -432,3 +345,41 @@ void kvm_sched_done_clear(kvm_sched_done_t *d) {
 }
 
 const kvm_sched_stats_t *kvm_sched_stats(const kvm_sched_t *s) { return &s->st; }
+
+/* ---- generation: the scheduler with one request ---------------------------------------------- */
+
+int kvm_generate(kvm_model_t *m, kvm_seq_t *seq, const int32_t *prompt, int n_prompt, const kvm_gen_params_t *p,
+                 kvm_token_cb cb, void *ud, kvm_gen_result_t *res) {
+    memset(res, 0, sizeof *res);
+    if (!m || !seq || !prompt || n_prompt <= 0)
+        return kvm_seterr(KVM_EINVAL, "generate: the prompt is empty (at least one token must be run)");
+    kvm_gen_params_t defp = kvm_gen_default_params();
+    /* prefill in chunks of at most 512 tokens on the CPU (a small workspace), 4096 on a GPU (GEMM
+     * efficiency): one pass per chunk, as many rows as the prompt has up to that */
+    const int chunk = m->ops == kvm_ops_cpu() ? 512 : 4096;
+    kvm_sched_opts_t so = {.max_rows = n_prompt < chunk ? n_prompt : chunk, .max_active = 1};
+    kvm_sched_t *s = kvm_sched_create(m, &so);
+    if (!s) return kvm_errcode() ? kvm_errcode() : KVM_ENOMEM;
+    kvm_sched_req_t r = {.seq = seq, .prompt = prompt, .n_prompt = n_prompt, .gen = p ? *p : defp, .on_token = cb, .on_token_ud = ud};
+    int rc = kvm_sched_submit(s, &r);
+    while (!rc && kvm_sched_pending(s) > 0 && s->head->phase != SR_DONE) kvm_sched_step(s);
+    kvm_sched_done_t d;
+    if (!rc && kvm_sched_take(s, &d) == 1) {
+        rc = d.status ? kvm_seterr(d.status, "%s", d.error) : 0;
+        if (!rc) {
+            res->ids = d.ids;
+            res->n_ids = d.n_ids;
+            res->text = d.text;
+            res->text_len = strlen(d.text);
+            res->n_prompt = d.n_prompt;
+            res->stop_reason = d.stop_reason;
+            res->ttft_ms = d.ttft_ms;
+            res->decode_ms = d.decode_ms;
+            d.ids = NULL;
+            d.text = NULL;
+        }
+        kvm_sched_done_clear(&d);
+    }
+    kvm_sched_free(s);
+    return rc;
+}

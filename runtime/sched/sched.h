@@ -6,8 +6,11 @@
  * tokens. Requests join and leave between steps, so agents that become ready at different times share
  * forward passes (continuous batching). Finished requests are collected with kvm_sched_take().
  *
+ * Every request decodes through a kvm_decode_t (generate.h), where the stop rules live; kvm_generate
+ * is this scheduler with one request.
+ *
  * The scheduler never frees the caller's sequence: on completion the sequence holds the KV of the
- * prompt and of every generated token except the last (as kvm_generate).
+ * prompt and of every generated token except the last.
  *
  * KV memory: a request that finds the KV budget full waits until another request finishes (its owner
  * then releases that sequence). When every request in flight is waiting, the youngest one holding
@@ -31,8 +34,11 @@ typedef struct kvm_sched_req {
     kvm_seq_t *seq;          /* caller-owned; may already hold a reused prefix; must outlive the request */
     const int32_t *prompt;   /* [n_prompt] ids to compute after seq's tokens (copied); n_prompt >= 1 */
     int n_prompt;
-    kvm_gen_params_t gen;    /* max_tokens, sampling, stop strings and ids (copied) */
+    kvm_gen_params_t gen;    /* max_tokens (>= 1), sampling, stop strings and ids (copied) */
     uint64_t tag;            /* returned in the completion */
+    kvm_token_cb on_token;   /* may be NULL: streams the request's text as it becomes safe to show
+                                (generate.h), called from kvm_sched_step; non-zero stops the request */
+    void *on_token_ud;
 } kvm_sched_req_t;
 
 typedef struct kvm_sched_done {
@@ -68,7 +74,8 @@ typedef struct kvm_sched kvm_sched_t;
 kvm_sched_t *kvm_sched_create(kvm_model_t *m, const kvm_sched_opts_t *o);
 /* Frees the scheduler; requests still in flight are dropped (their sequences are left as they are). */
 void kvm_sched_free(kvm_sched_t *s);
-/* Queues a request. KVM_EINVAL for an empty prompt or missing seq. */
+/* Queues a request. KVM_EINVAL (message names the field) for an empty prompt, a missing seq, or
+ * generation parameters kvm_decode_init refuses (max_tokens 0 among them). */
 int kvm_sched_submit(kvm_sched_t *s, const kvm_sched_req_t *r);
 /* Runs one forward pass over all active work. Returns the number of sequences in it (0 = idle). A
  * failing request (KV budget, context) completes with its error; the others go on. */

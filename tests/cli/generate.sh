@@ -10,6 +10,11 @@ out=$("$kvmesh" generate 2>&1); [ $? -eq 2 ] || fail "generate without args shou
 echo "$out" | grep -q "required" || fail "missing-args message: $out"
 out=$("$kvmesh" generate --model /nonexistent/model --prompt hi 2>&1); [ $? -eq 1 ] || fail "bad model path should exit 1"
 echo "$out" | grep -q "/nonexistent/model" || fail "error should name the path: $out"
+# --max-tokens 0 is a usage error (it never means a default)
+out=$("$kvmesh" generate --model mock:echo --prompt hi --max-tokens 0 2>&1); [ $? -eq 2 ] || fail "--max-tokens 0 should exit 2"
+echo "$out" | grep -q -- "--max-tokens must be a whole number of at least 1" || fail "--max-tokens 0 message: $out"
+# the mock model generates through the same path: it echoes the prompt
+out=$("$kvmesh" generate --model mock:echo --prompt "say it back" --no-echo 2>/dev/null); [ "$out" = "say it back" ] || fail "mock:echo: $out"
 if [ ! -f "$m/stories260K.bin" ]; then echo "SKIPPED: stories260K absent at $m"; exit 77; fi
 out=$("$kvmesh" generate --model "$m/stories260K.bin" --tokenizer "$m/tok512.bin" --prompt "Once upon a time" --max-tokens 40 2>/tmp/kvm_gen_err.$$)
 rc=$?; err=$(cat /tmp/kvm_gen_err.$$); rm -f /tmp/kvm_gen_err.$$
