@@ -1,10 +1,9 @@
-/* cmd_tokenize.c - `kvmesh tokenize`: prints the token ids of a text as a one-line JSON array. */
+/* cmd_tokenize.c - `kvmesh tokenize`: prints the token ids of a text as a one-line JSON array (include/kvmesh.h). */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-#include "runtime/core/core.h"
-#include "runtime/model/tokenizer.h"
+#include <kvmesh.h>
 
 static void tokenize_help(FILE *f) {
     fprintf(f,
@@ -24,65 +23,19 @@ static void tokenize_help(FILE *f) {
             "  kvmesh tokenize --tokenizer ../shared/models/stories260K/tok512.bin --bos --text 'Once upon a time'\n");
 }
 
-static bool ends_with(const char *s, const char *suf) {
-    size_t a = strlen(s), b = strlen(suf);
-    return a >= b && strcmp(s + a - b, suf) == 0;
-}
-
-/* Counts the entries of a llama2.c tokenizer.bin (they must end exactly at the end of the file). */
-static int count_bin_entries(const char *path) {
-    char *data = NULL;
-    size_t size = 0;
-    if (kvm_read_file(path, &data, &size, 256u << 20)) return -1;
-    size_t off = 4;
-    int n = 0;
-    while (off + 8 <= size) {
-        int32_t len;
-        memcpy(&len, data + off + 4, 4);
-        if (len < 0 || (size_t)len > size - off - 8) break;
-        off += 8 + (size_t)len;
-        n++;
-    }
-    kvm_free(data);
-    return off == size ? n : -1;
-}
-
-/* The tokenizer_config.json beside a tokenizer.json, if there is one (buf receives the path). */
-static const char *sibling_config(const char *json_path, char *buf, size_t cap) {
-    const char *slash = strrchr(json_path, '/');
-    size_t dl = slash ? (size_t)(slash - json_path) : 0;
-    if (dl + 32 > cap) return NULL;
-    if (slash) memcpy(buf, json_path, dl);
-    snprintf(buf + dl, cap - dl, "%stokenizer_config.json", slash ? "/" : "");
-    return kvm_file_exists(buf) ? buf : NULL;
-}
-
+/* The tokenizer of --model / --tokenizer (kvm_tokenizer_load reads a tokenizer.json, a model directory or a
+ * llama2.c tokenizer.bin); a llama2.c checkpoint keeps its tokenizer apart, so --model FILE.bin says so. */
 static kvm_tokenizer_t *open_tokenizer(const char *model, const char *tokp, int vocab_size) {
-    char jp[4096], cp[4096];
-    if (tokp) {
-        if (ends_with(tokp, ".json")) return kvm_tokenizer_load_hf(tokp, sibling_config(tokp, cp, sizeof cp));
-        if (vocab_size <= 0) vocab_size = count_bin_entries(tokp);
-        if (vocab_size <= 0) {
-            kvm_seterr(KVM_EFORMAT, "%s: cannot count the entries of this llama2.c tokenizer.bin: pass --vocab-size N", tokp);
-            return NULL;
-        }
-        return kvm_tokenizer_load_bin(tokp, vocab_size);
+    const char *path = tokp ? tokp : model;
+    size_t n = strlen(path);
+    if (!tokp && n >= 4 && !strcmp(path + n - 4, ".bin")) {
+        fprintf(stderr, "kvmesh tokenize: %s: a llama2.c checkpoint keeps its tokenizer apart: pass --tokenizer "
+                        "tokenizer.bin\n", model);
+        return NULL;
     }
-    if (kvm_dir_exists(model)) {
-        if (kvm_path_join(jp, sizeof jp, model, "tokenizer.json") || kvm_path_join(cp, sizeof cp, model, "tokenizer_config.json")) {
-            kvm_seterr(KVM_ERANGE, "%s: path too long", model);
-            return NULL;
-        }
-        if (!kvm_file_exists(jp)) {
-            kvm_seterr(KVM_ENOENT, "%s: no tokenizer.json in this model directory", model);
-            return NULL;
-        }
-        return kvm_tokenizer_load_hf(jp, kvm_file_exists(cp) ? cp : NULL);
-    }
-    if (ends_with(model, ".json")) return kvm_tokenizer_load_hf(model, sibling_config(model, cp, sizeof cp));
-    kvm_seterr(KVM_EINVAL, "%s: not a model directory or tokenizer.json (a llama2.c .bin model keeps its tokenizer "
-               "apart: pass --tokenizer tokenizer.bin)", model);
-    return NULL;
+    kvm_tokenizer_t *t = kvm_tokenizer_load(path, vocab_size);
+    if (!t) fprintf(stderr, "kvmesh tokenize: %s\n", kvm_errmsg());
+    return t;
 }
 
 int cmd_tokenize(int argc, char **argv) {
@@ -129,10 +82,7 @@ int cmd_tokenize(int argc, char **argv) {
         return 2;
     }
     kvm_tokenizer_t *t = open_tokenizer(model, tokp, vocab_size);
-    if (!t) {
-        fprintf(stderr, "kvmesh tokenize: %s\n", kvm_errmsg());
-        return 1;
-    }
+    if (!t) return 1;
     int32_t *ids = NULL;
     int n = 0;
     int rc = kvm_tokenize(t, text, strlen(text), flags, &ids, &n);
