@@ -1,14 +1,16 @@
 /* cmd_run.c - `kvmesh run WORKFLOW.lua`: run a Lua workflow of agents, with live progress, the run's
- * outputs and a per-agent table; or, with --n, a seeded batch evaluation (accuracy, reuse rate). */
+ * outputs and a per-agent table; or, with --n, a seeded batch evaluation (accuracy, reuse rate). Written on
+ * the public API (include/kvmesh.h): a runtime, a workflow loaded into it, its runs. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
 
-#include "agents/wf.h"
+#include <cjson/cJSON.h>
+#include <kvmesh.h>
+
 #include "cli_env.h"
-#include "runtime/core/core.h"
 
 static void usage(FILE *f) {
     fprintf(f,
@@ -47,7 +49,7 @@ typedef struct progress {
     int done_steps;
 } progress_t;
 
-static void on_step(void *ud, const kvm_wf_step_info_t *s) {
+static void on_step(void *ud, const kvm_step_event_t *s) {
     progress_t *p = ud;
     p->done_steps++;
     if (p->quiet) return;
@@ -69,39 +71,41 @@ static void on_step(void *ud, const kvm_wf_step_info_t *s) {
     preview[n] = '\0';
     double tps = s->decode_ms > 0 && s->tokens_out > 1 ? (s->tokens_out - 1) / (s->decode_ms / 1e3) : 0;
     fprintf(stderr, "  [step %d] %-14s %4d tok in (%d reused) -> %3d out  ttft %7.1f ms  %6.1f tok/s  | %s%s\n", s->superstep,
-            s->node, s->tokens_in, s->reused, s->tokens_out, s->ttft_ms, tps, preview, s->text && strlen(s->text) > 60 ? "..." : "");
+            s->node, s->tokens_in, s->tokens_reused, s->tokens_out, s->ttft_ms, tps, preview,
+            s->text && strlen(s->text) > 60 ? "..." : "");
 }
 
-static void print_agent_table(kvm_workflow_t *wf, FILE *f) {
+static void print_agent_table(const kvm_workflow_t *wf, FILE *f) {
     fprintf(f, "\n%-14s %-8s %6s %9s %9s %10s %8s %9s %9s\n", "agent", "kv", "calls", "prompt", "reused", "recomputed", "output",
             "TTFT ms", "tok/s");
-    for (int i = 0; i < kvm_wf_n_agents(wf); i++) {
-        const kvm_wf_agent_stats_t *s = kvm_wf_agent_stats(wf, i);
-        if (s->calls == 0) continue;
-        long reused = s->exact + s->offset + s->naive;
-        double tps = s->decode_ms_sum > 0 ? s->decode_tokens / (s->decode_ms_sum / 1e3) : 0;
-        fprintf(f, "%-14s %-8s %6d %9ld %9ld %10ld %8ld %9.1f %9.1f\n", s->name, s->kv, s->calls, s->prompt_tokens, reused,
-                s->recomputed, s->output_tokens, s->ttft_ms_sum / s->calls, tps);
+    kvm_agent_stats_t s;
+    for (int i = 0; i < kvm_workflow_n_agents(wf); i++) {
+        if (kvm_workflow_agent_stats(wf, i, &s) != 0 || s.calls == 0) continue;
+        long reused = s.exact + s.offset + s.naive;
+        double tps = s.decode_ms_sum > 0 ? s.decode_tokens / (s.decode_ms_sum / 1e3) : 0;
+        fprintf(f, "%-14s %-8s %6d %9ld %9ld %10ld %8ld %9.1f %9.1f\n", s.name, s.kv, s.calls, s.prompt_tokens, reused,
+                s.recomputed, s.output_tokens, s.ttft_ms_sum / s.calls, tps);
     }
     fflush(f);
 }
 
-static cJSON *agent_table_json(kvm_workflow_t *wf) {
+static cJSON *agent_table_json(const kvm_workflow_t *wf) {
     cJSON *a = cJSON_CreateArray();
-    for (int i = 0; i < kvm_wf_n_agents(wf); i++) {
-        const kvm_wf_agent_stats_t *s = kvm_wf_agent_stats(wf, i);
+    kvm_agent_stats_t s;
+    for (int i = 0; i < kvm_workflow_n_agents(wf); i++) {
+        if (kvm_workflow_agent_stats(wf, i, &s) != 0) continue;
         cJSON *o = cJSON_CreateObject();
-        cJSON_AddStringToObject(o, "agent", s->name);
-        cJSON_AddStringToObject(o, "kv", s->kv);
-        cJSON_AddNumberToObject(o, "calls", s->calls);
-        cJSON_AddNumberToObject(o, "errors", s->errors);
-        cJSON_AddNumberToObject(o, "reuse_calls", s->reuse_calls);
-        cJSON_AddNumberToObject(o, "prompt_tokens", (double)s->prompt_tokens);
-        cJSON_AddNumberToObject(o, "reused_tokens", (double)(s->exact + s->offset + s->naive));
-        cJSON_AddNumberToObject(o, "recomputed_tokens", (double)s->recomputed);
-        cJSON_AddNumberToObject(o, "output_tokens", (double)s->output_tokens);
-        cJSON_AddNumberToObject(o, "ttft_ms_mean", s->calls ? s->ttft_ms_sum / s->calls : 0);
-        cJSON_AddNumberToObject(o, "tokens_per_s", s->decode_ms_sum > 0 ? s->decode_tokens / (s->decode_ms_sum / 1e3) : 0);
+        cJSON_AddStringToObject(o, "agent", s.name);
+        cJSON_AddStringToObject(o, "kv", s.kv);
+        cJSON_AddNumberToObject(o, "calls", s.calls);
+        cJSON_AddNumberToObject(o, "errors", s.errors);
+        cJSON_AddNumberToObject(o, "reuse_calls", s.reuse_calls);
+        cJSON_AddNumberToObject(o, "prompt_tokens", (double)s.prompt_tokens);
+        cJSON_AddNumberToObject(o, "reused_tokens", (double)(s.exact + s.offset + s.naive));
+        cJSON_AddNumberToObject(o, "recomputed_tokens", (double)s.recomputed);
+        cJSON_AddNumberToObject(o, "output_tokens", (double)s.output_tokens);
+        cJSON_AddNumberToObject(o, "ttft_ms_mean", s.calls ? s.ttft_ms_sum / s.calls : 0);
+        cJSON_AddNumberToObject(o, "tokens_per_s", s.decode_ms_sum > 0 ? s.decode_tokens / (s.decode_ms_sum / 1e3) : 0);
         cJSON_AddItemToArray(a, o);
     }
     return a;
@@ -116,16 +120,23 @@ static void print_value(const cJSON *v, FILE *f) {
     }
 }
 
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
 /* Everything the command line says. */
 typedef struct run_args {
-    const char *script, *trace_root;
+    const char *script, *trace_root, *kv;
     char default_trace[64];
-    bool no_trace, json;
+    bool no_trace, json, mock;
     long n, concurrency;
     unsigned long long seed;
-    kvm_wf_opts_t o;
+    kvm_runtime_params_t rp;
     progress_t prog;
-    const char *kvcomm_set[32];
+    const char *kvcomm_set[33];
+    char ablation[96];
     int n_kvcomm;
     cJSON *inputs;
 } run_args_t;
@@ -157,23 +168,23 @@ static int parse_args(int argc, char **argv, run_args_t *a) {
             snprintf(key, sizeof key, "%.*s", (int)(eq - v), v);
             cJSON_DeleteItemFromObjectCaseSensitive(a->inputs, key);
             cJSON_AddStringToObject(a->inputs, key, eq + 1);
-        } else if (!strcmp(arg, "--kv")) a->o.kv_override = v;
+        } else if (!strcmp(arg, "--kv")) a->kv = v;
         else if (!strcmp(arg, "--trace")) a->trace_root = v;
         else if (!strcmp(arg, "--no-trace")) a->no_trace = true;
         else if (!strcmp(arg, "--n")) a->n = strtol(v, NULL, 10);
         else if (!strcmp(arg, "--seed")) a->seed = strtoull(v, NULL, 10);
         else if (!strcmp(arg, "--concurrency")) a->concurrency = strtol(v, NULL, 10);
-        else if (!strcmp(arg, "--model")) a->o.model_override = v;
-        else if (!strcmp(arg, "--mock")) a->o.mock = true;
-        else if (!strcmp(arg, "--backend")) a->o.llm.model.backend = v;
-        else if (!strcmp(arg, "--max-rows")) a->o.llm.max_rows = (int)strtol(v, NULL, 10);
+        else if (!strcmp(arg, "--model")) a->rp.model_override = v;
+        else if (!strcmp(arg, "--mock")) a->mock = true;
+        else if (!strcmp(arg, "--backend")) a->rp.model.backend = v;
+        else if (!strcmp(arg, "--max-rows")) a->rp.max_batch_tokens = (int)strtol(v, NULL, 10);
         else if (!strcmp(arg, "--kvcomm")) {
-            if (a->n_kvcomm < (int)(sizeof a->kvcomm_set / sizeof *a->kvcomm_set)) a->kvcomm_set[a->n_kvcomm++] = v;
-        } else if (!strcmp(arg, "--ablation")) a->o.llm.kvcomm_ablation = v;
-        else if (!strcmp(arg, "--kv-mb")) a->o.llm.kv_bytes = (size_t)strtoul(v, NULL, 10) << 20;
-        else if (!strcmp(arg, "--mem-mb")) a->o.run_mem_cap_bytes = (size_t)strtoul(v, NULL, 10) << 20;
-        else if (!strcmp(arg, "--instructions")) a->o.max_instructions = (uint64_t)strtod(v, NULL);
-        else if (!strcmp(arg, "--lua-ms")) a->o.lua_cpu_ms = strtod(v, NULL);
+            if (a->n_kvcomm < 32) a->kvcomm_set[a->n_kvcomm++] = v;
+        } else if (!strcmp(arg, "--ablation")) snprintf(a->ablation, sizeof a->ablation, "ablation=%s", v);
+        else if (!strcmp(arg, "--kv-mb")) a->rp.kv_budget_bytes = (size_t)strtoul(v, NULL, 10) << 20;
+        else if (!strcmp(arg, "--mem-mb")) a->rp.run_mem_bytes = (size_t)strtoul(v, NULL, 10) << 20;
+        else if (!strcmp(arg, "--instructions")) a->rp.run_instructions = (uint64_t)strtod(v, NULL);
+        else if (!strcmp(arg, "--lua-ms")) a->rp.run_lua_ms = strtod(v, NULL);
         else if (!strcmp(arg, "--json")) a->json = true;
         else if (!strcmp(arg, "-q") || !strcmp(arg, "--quiet")) a->prog.quiet = true;
         else if (arg[0] == '-') {
@@ -192,7 +203,7 @@ static int parse_args(int argc, char **argv, run_args_t *a) {
     return -1;
 }
 
-/* Fills the workflow options that follow from the parsed arguments. */
+/* Fills the runtime parameters that follow from the parsed arguments. 0, or the message of a bad value. */
 static int finish_opts(run_args_t *a) {
     if (a->concurrency < 1) a->concurrency = 1;
     if (!a->no_trace) {
@@ -203,31 +214,52 @@ static int finish_opts(run_args_t *a) {
             strftime(a->default_trace, sizeof a->default_trace, "traces/%Y-%m-%d", &tmv);
             a->trace_root = a->default_trace;
         }
-        a->o.trace_root = a->trace_root;
+        a->rp.trace_root = a->trace_root;
     }
-    a->o.llm.kvcomm_set = a->kvcomm_set;
-    a->o.llm.n_kvcomm_set = a->n_kvcomm;
+    if (a->kv) {
+        kvm_kv_policy_t p;
+        if (kvm_kv_policy_parse(a->kv, &p) != 0) return KVM_EINVAL;
+        a->rp.kv_override = (int)p;
+    }
+    if (a->mock) a->rp.model_override = "mock:echo";
+    if (a->ablation[0]) { /* the ablation first, the --kvcomm switches over it */
+        memmove(&a->kvcomm_set[1], &a->kvcomm_set[0], (size_t)a->n_kvcomm * sizeof *a->kvcomm_set);
+        a->kvcomm_set[0] = a->ablation;
+        a->n_kvcomm++;
+    }
+    a->rp.kvcomm = a->kvcomm_set;
+    a->rp.n_kvcomm = a->n_kvcomm;
     a->prog.batch = a->n > 0;
     a->prog.n_total = (int)a->n;
-    a->o.on_step = on_step;
-    a->o.ud = &a->prog;
-    a->o.llm.quiet = a->prog.quiet;
+    a->rp.quiet = a->prog.quiet;
     if (a->prog.batch) {
-        a->o.echo_print = false;
+        a->rp.echo_print = false;
         /* hundreds of runs: per-step warnings (also in the traces) would drown the summary */
         if (!cli_env_log_given()) kvm_log_set_level(KVM_LOG_ERROR);
     }
-    return cli_env_model_params(&a->o.llm.model); /* --backend wins over KVM_BACKEND */
+    return cli_env_model_params(&a->rp.model); /* --backend wins over KVM_BACKEND */
 }
 
-/* The engine's batching figures, added to a JSON summary. */
-static void add_counters_json(cJSON *o, kvm_workflow_t *wf) {
-    uint64_t steps = 0, seqs = 0;
-    int max_seqs = 0;
-    wf_llm_counters(kvm_wf_llm(wf), &steps, &seqs, &max_seqs);
-    cJSON_AddNumberToObject(o, "forward_passes", (double)steps);
-    cJSON_AddNumberToObject(o, "mean_batch_seqs", steps ? (double)seqs / (double)steps : 0);
-    cJSON_AddNumberToObject(o, "max_batch_seqs", max_seqs);
+/* The engine's batching figures (forward passes, sequences per pass) from the runtime's statistics. */
+static void counters(const kvm_runtime_t *rt, double *steps, double *mean_seqs, double *max_seqs) {
+    char *text = kvm_runtime_stats_json(rt);
+    cJSON *o = text ? cJSON_Parse(text) : NULL;
+    kvm_free(text);
+    const cJSON *a = cJSON_GetObjectItemCaseSensitive(o, "forward_passes");
+    const cJSON *b = cJSON_GetObjectItemCaseSensitive(o, "mean_batch_seqs");
+    const cJSON *c = cJSON_GetObjectItemCaseSensitive(o, "max_batch_seqs");
+    *steps = cJSON_IsNumber(a) ? a->valuedouble : 0;
+    *mean_seqs = cJSON_IsNumber(b) ? b->valuedouble : 0;
+    *max_seqs = cJSON_IsNumber(c) ? c->valuedouble : 0;
+    cJSON_Delete(o);
+}
+
+static void add_counters_json(cJSON *o, const kvm_runtime_t *rt) {
+    double steps, mean, max;
+    counters(rt, &steps, &mean, &max);
+    cJSON_AddNumberToObject(o, "forward_passes", steps);
+    cJSON_AddNumberToObject(o, "mean_batch_seqs", mean);
+    cJSON_AddNumberToObject(o, "max_batch_seqs", max);
 }
 
 static void print_json(cJSON *o) {
@@ -237,27 +269,40 @@ static void print_json(cJSON *o) {
     cJSON_Delete(o);
 }
 
+/* A run's JSON text (outputs or state) parsed, or null. */
+static cJSON *run_json(char *text) {
+    cJSON *j = text ? cJSON_Parse(text) : NULL;
+    kvm_free(text);
+    return j ? j : cJSON_CreateNull();
+}
+
 /* One run with the given inputs: live progress, the outputs and the per-agent table. */
-static int run_single(kvm_workflow_t *wf, run_args_t *a, uint64_t t0) {
-    int run;
-    if (!a->prog.quiet) fprintf(stderr, "kvmesh run: %s (graph '%s')%s\n", a->script, kvm_wf_name(wf), a->o.mock ? " [mock model]" : "");
-    if (kvm_wf_start(wf, a->inputs, a->seed, &run) != 0 || kvm_wf_drive(wf) != 0) {
+static int run_single(kvm_runtime_t *rt, kvm_workflow_t *wf, run_args_t *a, double t0) {
+    if (!a->prog.quiet) fprintf(stderr, "kvmesh run: %s (graph '%s')%s\n", a->script, kvm_workflow_name(wf), a->mock ? " [mock model]" : "");
+    char *in = cJSON_PrintUnformatted(a->inputs);
+    kvm_run_params_t p = kvm_run_default_params();
+    p.inputs_json = in;
+    p.seed = a->seed;
+    kvm_run_t *run = in ? kvm_run_start(wf, &p) : NULL;
+    cJSON_free(in);
+    if (!run || kvm_workflow_drive(wf) != 0) {
         fprintf(stderr, "kvmesh run: %s\n", kvm_errmsg());
         return 1;
     }
     const char *msg = NULL;
-    int st = kvm_wf_run_status(wf, run, &msg);
-    const cJSON *outs = kvm_wf_run_outputs(wf, run);
+    int st = kvm_run_status(run, &msg);
+    cJSON *outs = run_json(kvm_run_outputs_json(run));
     if (a->json) {
         cJSON *o2 = cJSON_CreateObject();
-        cJSON_AddStringToObject(o2, "run_id", kvm_wf_run_id(wf, run));
+        cJSON_AddStringToObject(o2, "run_id", kvm_run_id(run));
         cJSON_AddStringToObject(o2, "status", st ? kvm_errname(st) : "ok");
         if (st) cJSON_AddStringToObject(o2, "error", msg ? msg : "");
-        cJSON_AddItemToObject(o2, "outputs", cJSON_Duplicate(outs, 1));
-        cJSON_AddItemToObject(o2, "state", cJSON_Duplicate(kvm_wf_run_state(wf, run), 1));
+        cJSON_AddItemToObject(o2, "outputs", outs);
+        outs = NULL;
+        cJSON_AddItemToObject(o2, "state", run_json(kvm_run_state_json(run)));
         cJSON_AddItemToObject(o2, "agents", agent_table_json(wf));
-        cJSON_AddNumberToObject(o2, "wall_ms", (double)(kvm_now_ns() - t0) / 1e6);
-        add_counters_json(o2, wf);
+        cJSON_AddNumberToObject(o2, "wall_ms", (now_s() - t0) * 1e3);
+        add_counters_json(o2, rt);
         print_json(o2);
     } else {
         if (outs && outs->child) {
@@ -269,119 +314,137 @@ static int run_single(kvm_workflow_t *wf, run_args_t *a, uint64_t t0) {
         }
         print_agent_table(wf, stdout);
     }
+    cJSON_Delete(outs);
     fflush(stdout);
     if (st) fprintf(stderr, "\nkvmesh run: run failed (%s): %s\n", kvm_errname(st), msg ? msg : "");
-    if (!a->prog.quiet && kvm_wf_run_trace_dir(wf, run)) fprintf(stderr, "trace: %s\n", kvm_wf_run_trace_dir(wf, run));
+    if (!a->prog.quiet && kvm_run_trace_dir(run)) fprintf(stderr, "trace: %s\n", kvm_run_trace_dir(run));
     return st ? 1 : 0;
 }
 
 /* Starts and drives the seeded runs in waves of --concurrency. */
 static int run_waves(kvm_workflow_t *wf, const run_args_t *a) {
+    char *in = cJSON_PrintUnformatted(a->inputs);
+    if (!in) return 1;
     int rc = 0;
     for (long first = 0; first < a->n && rc == 0; first += a->concurrency) {
         long last = first + a->concurrency < a->n ? first + a->concurrency : a->n;
         for (long i = first; i < last; i++) {
-            int run;
-            if (kvm_wf_start_seeded(wf, a->seed + (uint64_t)i, a->inputs, &run) != 0) {
+            kvm_run_params_t p = {.inputs_json = in, .seed = a->seed + (uint64_t)i, .from_dataset = true};
+            if (!kvm_run_start(wf, &p)) {
                 fprintf(stderr, "kvmesh run: seed %llu: %s\n", a->seed + (unsigned long long)i, kvm_errmsg());
                 rc = 1;
                 break;
             }
         }
-        if (kvm_wf_drive(wf) != 0) {
+        if (kvm_workflow_drive(wf) != 0) {
             fprintf(stderr, "kvmesh run: %s\n", kvm_errmsg());
             rc = 1;
         }
         if (!a->prog.quiet) fprintf(stderr, "%s  runs %ld/%ld\n", isatty(2) ? "\r" : "", last, a->n);
     }
+    cJSON_free(in);
     return rc;
 }
 
+/* The batch's figures: failed runs, scores, reuse. */
+typedef struct batch_sum {
+    int failed, scored, calls, reuse_calls;
+    double score_sum;
+    long prompt, reused;
+} batch_sum_t;
+
+static batch_sum_t summarise(kvm_workflow_t *wf) {
+    batch_sum_t b = {0};
+    for (int r = 0; r < kvm_workflow_n_runs(wf); r++) {
+        kvm_run_t *run = kvm_workflow_run(wf, r);
+        const char *msg = NULL;
+        int st = run ? kvm_run_status(run, &msg) : KVM_ENOMEM;
+        if (st && b.failed++ < 3) fprintf(stderr, "  run %d failed (%s): %s\n", r, kvm_errname(st), msg ? msg : "");
+        double sc;
+        int k = run ? kvm_run_score(run, &sc) : 0;
+        if (k == 1) {
+            b.scored++;
+            b.score_sum += sc;
+        } else if (k < 0)
+            fprintf(stderr, "  run %d: %s\n", r, kvm_errmsg());
+    }
+    kvm_agent_stats_t s;
+    for (int i = 0; i < kvm_workflow_n_agents(wf); i++) {
+        if (kvm_workflow_agent_stats(wf, i, &s) != 0) continue;
+        b.calls += s.calls;
+        b.reuse_calls += s.reuse_calls;
+        b.prompt += s.prompt_tokens;
+        b.reused += s.exact + s.offset + s.naive;
+    }
+    return b;
+}
+
 /* --n N: a seeded batch evaluation; prints accuracy, reuse rate, batching and the per-agent table. */
-static int run_batch(kvm_workflow_t *wf, run_args_t *a, uint64_t t0) {
-    if (!kvm_wf_has_dataset(wf)) {
+static int run_batch(kvm_runtime_t *rt, kvm_workflow_t *wf, run_args_t *a, double t0) {
+    if (!kvm_workflow_has_dataset(wf)) {
         fprintf(stderr, "kvmesh run: --n needs the workflow to define g:dataset(function(seed) ... end)\n");
         return 2;
     }
     if (!a->prog.quiet)
         fprintf(stderr, "kvmesh run: %s, %ld seeded runs from seed %llu, kv %s%s\n", a->script, a->n, a->seed,
-                a->o.kv_override ? a->o.kv_override : "(per agent)", a->o.mock ? " [mock model]" : "");
+                a->kv ? a->kv : "(per agent)", a->mock ? " [mock model]" : "");
     int rc = run_waves(wf, a);
-    double wall_s = (double)(kvm_now_ns() - t0) / 1e9;
-    int failed = 0, scored = 0;
-    double score_sum = 0;
-    for (int r = 0; r < kvm_wf_n_runs(wf); r++) {
-        const char *msg = NULL;
-        int st = kvm_wf_run_status(wf, r, &msg);
-        if (st && failed++ < 3) fprintf(stderr, "  run %d failed (%s): %s\n", r, kvm_errname(st), msg ? msg : "");
-        double sc;
-        int k = kvm_wf_run_score(wf, r, &sc);
-        if (k == 1) {
-            scored++;
-            score_sum += sc;
-        } else if (k < 0)
-            fprintf(stderr, "  run %d: %s\n", r, kvm_errmsg());
-    }
-    int calls = 0, reuse_calls = 0;
-    long prompt = 0, reused = 0;
-    for (int i = 0; i < kvm_wf_n_agents(wf); i++) {
-        const kvm_wf_agent_stats_t *s = kvm_wf_agent_stats(wf, i);
-        calls += s->calls;
-        reuse_calls += s->reuse_calls;
-        prompt += s->prompt_tokens;
-        reused += s->exact + s->offset + s->naive;
-    }
+    double wall_s = now_s() - t0;
+    batch_sum_t b = summarise(wf);
+    int n_runs = kvm_workflow_n_runs(wf);
     if (a->json) {
         cJSON *o2 = cJSON_CreateObject();
         cJSON_AddStringToObject(o2, "workflow", a->script);
-        cJSON_AddStringToObject(o2, "kv", a->o.kv_override ? a->o.kv_override : "per-agent");
-        cJSON_AddNumberToObject(o2, "runs", (double)kvm_wf_n_runs(wf));
-        cJSON_AddNumberToObject(o2, "failed", failed);
-        cJSON_AddNumberToObject(o2, "scored", scored);
-        cJSON_AddNumberToObject(o2, "accuracy", scored ? score_sum / scored : 0);
-        cJSON_AddNumberToObject(o2, "reuse_rate", calls ? (double)reuse_calls / calls : 0);
-        cJSON_AddNumberToObject(o2, "reused_token_fraction", prompt ? (double)reused / (double)prompt : 0);
-        add_counters_json(o2, wf);
+        cJSON_AddStringToObject(o2, "kv", a->kv ? a->kv : "per-agent");
+        cJSON_AddNumberToObject(o2, "runs", n_runs);
+        cJSON_AddNumberToObject(o2, "failed", b.failed);
+        cJSON_AddNumberToObject(o2, "scored", b.scored);
+        cJSON_AddNumberToObject(o2, "accuracy", b.scored ? b.score_sum / b.scored : 0);
+        cJSON_AddNumberToObject(o2, "reuse_rate", b.calls ? (double)b.reuse_calls / b.calls : 0);
+        cJSON_AddNumberToObject(o2, "reused_token_fraction", b.prompt ? (double)b.reused / (double)b.prompt : 0);
+        add_counters_json(o2, rt);
         cJSON_AddNumberToObject(o2, "wall_s", wall_s);
         cJSON_AddItemToObject(o2, "agents", agent_table_json(wf));
         print_json(o2);
     } else {
-        uint64_t steps = 0, seqs = 0;
-        int max_seqs = 0;
-        wf_llm_counters(kvm_wf_llm(wf), &steps, &seqs, &max_seqs);
-        printf("\nruns: %d (%d failed) in %.1f s\n", kvm_wf_n_runs(wf), failed, wall_s);
-        if (scored) printf("accuracy: %.1f%% (%d scored)\n", 100.0 * score_sum / scored, scored);
-        printf("reuse rate: %.1f%% of agent calls (%d/%d); %.1f%% of prompt tokens reused\n", calls ? 100.0 * reuse_calls / calls : 0,
-               reuse_calls, calls, prompt ? 100.0 * (double)reused / (double)prompt : 0);
-        printf("batching: %llu forward passes, %.2f sequences per pass on average, at most %d\n", (unsigned long long)steps,
-               steps ? (double)seqs / (double)steps : 0, max_seqs);
+        double steps, mean, max;
+        counters(rt, &steps, &mean, &max);
+        printf("\nruns: %d (%d failed) in %.1f s\n", n_runs, b.failed, wall_s);
+        if (b.scored) printf("accuracy: %.1f%% (%d scored)\n", 100.0 * b.score_sum / b.scored, b.scored);
+        printf("reuse rate: %.1f%% of agent calls (%d/%d); %.1f%% of prompt tokens reused\n",
+               b.calls ? 100.0 * b.reuse_calls / b.calls : 0, b.reuse_calls, b.calls,
+               b.prompt ? 100.0 * (double)b.reused / (double)b.prompt : 0);
+        printf("batching: %.0f forward passes, %.2f sequences per pass on average, at most %.0f\n", steps, mean, max);
         print_agent_table(wf, stdout);
     }
     if (!a->prog.quiet && a->trace_root && !a->no_trace) fprintf(stderr, "traces: %s/<run_id>/\n", a->trace_root);
-    return rc || failed ? 1 : 0;
+    return rc || b.failed ? 1 : 0;
 }
 
 int cmd_run(int argc, char **argv) {
-    run_args_t a = {.concurrency = 32, .seed = 1, .o.echo_print = true, .inputs = cJSON_CreateObject()};
+    run_args_t a = {.concurrency = 32, .seed = 1, .rp = kvm_runtime_default_params(), .inputs = cJSON_CreateObject()};
     int rc = parse_args(argc, argv, &a);
-    if (rc >= 0) {
-        cJSON_Delete(a.inputs);
-        return rc;
-    }
-    if (finish_opts(&a)) {
+    if (rc < 0 && finish_opts(&a) != 0) {
         fprintf(stderr, "kvmesh run: %s\n", kvm_errmsg());
-        cJSON_Delete(a.inputs);
-        return 2;
+        rc = 2;
     }
-    kvm_workflow_t *wf = kvm_wf_load(a.script, &a.o);
-    if (!wf) {
+    kvm_runtime_t *rt = rc < 0 ? kvm_runtime_create(&a.rp) : NULL;
+    if (rc < 0 && !rt) {
         fprintf(stderr, "kvmesh run: %s\n", kvm_errmsg());
-        cJSON_Delete(a.inputs);
-        return 1;
+        rc = 2;
     }
-    uint64_t t0 = kvm_now_ns();
-    rc = a.prog.batch ? run_batch(wf, &a, t0) : run_single(wf, &a, t0);
-    kvm_wf_free(wf);
+    kvm_workflow_params_t wp = {.on_step = on_step, .ud = &a.prog};
+    kvm_workflow_t *wf = rc < 0 ? kvm_workflow_load(rt, a.script, &wp) : NULL;
+    if (rc < 0 && !wf) {
+        fprintf(stderr, "kvmesh run: %s\n", kvm_errmsg());
+        rc = 1;
+    }
+    if (rc < 0) {
+        double t0 = now_s();
+        rc = a.prog.batch ? run_batch(rt, wf, &a, t0) : run_single(rt, wf, &a, t0);
+    }
+    kvm_workflow_free(wf);
+    kvm_runtime_free(rt);
     cJSON_Delete(a.inputs);
     return rc;
 }
