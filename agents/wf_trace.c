@@ -278,9 +278,12 @@ static kvm_wf_opts_t traced_opts(const kvm_trace_run_start_t *s, const kvm_wf_re
     w.kv_override = s->kv_override;
     w.mock = (o && o->mock) || s->mock;
     w.model_override = o ? o->model_override : NULL;
-    if (o) w.llm.model = o->model;
+    if (o) {
+        w.llm.model = o->model;
+        w.host_fns = o->host_fns;
+        w.n_host_fns = o->n_host_fns;
+    }
     w.llm.quiet = true;
-    if (o) w.host_fns = o->host_fns, w.n_host_fns = o->n_host_fns;
     if (s->limits.instructions > 0) w.max_instructions = (uint64_t)s->limits.instructions;
     if (s->limits.lua_ms > 0) w.lua_cpu_ms = s->limits.lua_ms;
     if (s->limits.memory_bytes > 0) w.run_mem_cap_bytes = (size_t)s->limits.memory_bytes;
