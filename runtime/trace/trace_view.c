@@ -1,7 +1,8 @@
 /* trace_view.c - the views of include/kvmesh.h (kvm_trace_view_*): the text `kvmesh trace ls|show|steps|replay`
  * prints, built from the typed records of the reader (trace.h), so that the CLI, the daemon and the debugger
  * show the same thing and only runtime/trace knows the schema. Each view appends to one string builder; the
- * first failed append is kept and ends the view with KVM_ENOMEM. */
+ * first failure (an append, or reading a run while listing, out of memory) is kept and ends the view with
+ * KVM_ENOMEM. */
 #include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
@@ -19,7 +20,7 @@
 
 typedef struct view {
     kvm_sb_t b;
-    int rc; /* the first failed append (KVM_ENOMEM); later appends do nothing */
+    int rc; /* the first failure (KVM_ENOMEM); later appends do nothing */
 } view_t;
 
 static void put(view_t *v, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
@@ -38,12 +39,12 @@ static void oneline(view_t *v, const char *s, size_t max) {
     if (s && *s) put(v, "...");
 }
 
-/* Hands the text over (0), or frees it and returns the failed append's code. */
+/* Hands the text over (0), or frees it and returns the failure's code (its message kept, in context). */
 static int view_end(view_t *v, char **text) {
     *text = v->rc ? NULL : kvm_sb_take(&v->b, NULL);
     if (!v->rc && !*text) v->rc = KVM_ENOMEM;
     kvm_sb_free(&v->b);
-    return v->rc ? kvm_seterr(v->rc, "out of memory writing a trace view") : 0;
+    return v->rc ? kvm_errctx(v->rc, "writing a trace view") : 0;
 }
 
 static const char *or_empty(const char *s) { return s ? s : ""; }
@@ -56,7 +57,12 @@ kvm_trace_view_params_t kvm_trace_view_default_params(void) { return (kvm_trace_
 /* A run without index.json (going on, or died): summarised from its log. */
 static void list_running(view_t *v, const char *dir) {
     kvm_trace_log_t log;
-    if (kvm_trace_read(dir, &log) != 0) {
+    int rc = kvm_trace_read(dir, &log);
+    if (rc == KVM_ENOMEM) { /* the view fails: the run is not unreadable */
+        v->rc = rc;
+        return;
+    }
+    if (rc) {
         put(v, "%-34s (unreadable: %s)\n", dir, kvm_errmsg());
         return;
     }
@@ -71,7 +77,10 @@ static void list_running(view_t *v, const char *dir) {
 static void list_one(const char *dir, void *ud) {
     view_t *v = ud;
     kvm_trace_log_t log;
-    if (kvm_trace_read_index(dir, &log) != 0) {
+    int rc = v->rc ? v->rc : kvm_trace_read_index(dir, &log);
+    if (rc == KVM_ENOMEM) v->rc = rc;
+    if (v->rc) return;
+    if (rc) { /* no index.json (or a malformed one): summarised from the log */
         list_running(v, dir);
         return;
     }
