@@ -260,6 +260,11 @@ static void on_step(void *ud, const kvm_wf_step_info_t *s) {
     wf->api->p.on_step(wf->api->p.ud, &e);
 }
 
+/* Whether the runtime's model_override is the mock model. */
+static bool runtime_mock(const kvm_runtime_t *rt) {
+    return rt->p.model_override && !strcmp(rt->p.model_override, "mock:echo");
+}
+
 static kvm_workflow_t *workflow_load(kvm_runtime_t *rt, const char *path, const char *name, const char *src, size_t len,
                                      const kvm_workflow_params_t *params) {
     if (!rt) {
@@ -271,7 +276,7 @@ static kvm_workflow_t *workflow_load(kvm_runtime_t *rt, const char *path, const 
     a->rt = rt;
     a->p = params ? *params : kvm_workflow_default_params();
     const kvm_runtime_params_t *p = &rt->p;
-    bool mock = p->model_override && !strcmp(p->model_override, "mock:echo");
+    bool mock = runtime_mock(rt);
     kvm_wf_opts_t o = {
         .kv_override = p->kv_override >= 0 ? kvm_kv_policy_name((kvm_kv_policy_t)p->kv_override) : NULL,
         .mock = mock, .model_override = mock ? NULL : p->model_override, .trace_root = p->trace_root,
@@ -384,3 +389,15 @@ int kvm_run_score(kvm_run_t *r, double *score) { return kvm_wf_run_score(r->wf, 
 char *kvm_run_outputs_json(const kvm_run_t *r) { return json_text(kvm_wf_run_outputs(r->wf, r->idx), "run outputs"); }
 char *kvm_run_state_json(const kvm_run_t *r) { return json_text(kvm_wf_run_state(r->wf, r->idx), "run state"); }
 char *kvm_run_inputs_json(const kvm_run_t *r) { return json_text(kvm_wf_run_inputs(r->wf, r->idx), "run inputs"); }
+
+/* ---- replay ---------------------------------------------------------------------------------------------- */
+
+int kvm_trace_replay(kvm_runtime_t *rt, const char *run_dir, kvm_replay_t *out) {
+    if (!out) return kvm_seterr(KVM_EINVAL, "kvm_trace_replay: no result given");
+    memset(out, 0, sizeof *out);
+    if (!rt || !run_dir) return kvm_seterr(KVM_EINVAL, "kvm_trace_replay needs a runtime and a run directory");
+    bool mock = runtime_mock(rt);
+    kvm_wf_replay_opts_t o = {.model_override = mock ? NULL : rt->p.model_override, .mock = mock, .model = rt->p.model,
+                              .host_fns = rt->fns, .n_host_fns = rt->n_fns};
+    return kvm_wf_replay(run_dir, &o, out);
+}

@@ -122,34 +122,15 @@ typedef struct kvm_wf_replay_opts {
     const char *model_override;    /* NULL, or a model path every kvmesh.model() resolves to */
     bool mock;                     /* the mock echo model for every kvmesh.model() (also when the trace says so) */
     kvm_model_params_t model;      /* how models are loaded (backend, dtypes); zero = defaults */
+    wf_host_fn_t *const *host_fns; /* kvmesh.<name> functions the script may call (borrowed, as in kvm_wf_opts_t) */
+    int n_host_fns;
 } kvm_wf_replay_opts_t;
 
-/* One traced agent-node step (ok, not via ctx:call) against the same step of the replay: the k-th
- * output of a node in the trace is compared with the k-th output of that node in the replay. */
-typedef struct kvm_wf_replay_step {
-    int idx;                       /* the step's index in the trace */
-    char *node;
-    char *was;                     /* the traced output */
-    char *now;                     /* the replay's output; NULL when the replay has no such step */
-    bool same;
-} kvm_wf_replay_step_t;
-
-typedef struct kvm_wf_replay {
-    char run_id[33];               /* the traced run */
-    kvm_wf_replay_step_t *steps;   /* [n_steps], in trace order */
-    int n_steps;
-    int same, differ;
-    int status;                    /* the replayed run: 0 or KVM_E* */
-    bool trace_ended;              /* the trace has its run.end record */
-    int trace_status;              /* its status then: 0 or KVM_E* */
-} kvm_wf_replay_t;
-
-/* Re-runs a traced run from its trace alone (the script source, inputs, seed, KV override, mock
- * switch and limits recorded in run.start; no trace is written) and compares every agent output with
- * the traced one. Greedy agents on the same model and backend reproduce exactly; sampled ones too,
- * their seeds being derived from the run seed. 0 with *out filled (free with kvm_wf_replay_free),
- * or KVM_E* with a message (unreadable trace, no run.start, script or engine failure). */
-int kvm_wf_replay(const char *run_dir, const kvm_wf_replay_opts_t *o, kvm_wf_replay_t *out);
-void kvm_wf_replay_free(kvm_wf_replay_t *r);
+/* kvm_trace_replay (include/kvmesh.h) with the settings spelled out: re-runs a traced run from its trace alone
+ * (the script source, inputs, seed, KV override, mock switch and limits recorded in run.start; no trace is
+ * written; an engine of its own) and compares every agent output with the traced one into *out (the public
+ * kvm_replay_t, cleared with kvm_replay_clear). 0 also when the replayed run failed (out->status), or KVM_E*
+ * with a message (unreadable trace, no run.start, script or engine failure) and *out empty. o may be NULL. */
+int kvm_wf_replay(const char *run_dir, const kvm_wf_replay_opts_t *o, kvm_replay_t *out);
 
 #endif

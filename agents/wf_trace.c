@@ -247,7 +247,7 @@ static const char *nth_message(const cJSON *msgs, const char *node, int want) {
 }
 
 /* Compares the traced agent-node steps with the replayed run's messages, in order per node. */
-static int compare(const kvm_trace_log_t *log, const cJSON *msgs, kvm_wf_replay_t *out) {
+static int compare(const kvm_trace_log_t *log, const cJSON *msgs, kvm_replay_t *out) {
     int n = 0, from = 0;
     for (const kvm_trace_rec_t *rec; (rec = kvm_trace_log_next(log, KVM_TRACE_STEP, &from)) != NULL;) n += compared(&rec->step);
     out->steps = kvm_calloc((size_t)n + 1, sizeof *out->steps);
@@ -259,7 +259,7 @@ static int compare(const kvm_trace_log_t *log, const cJSON *msgs, kvm_wf_replay_
         int want = 0; /* this is the want-th compared step of its node in the trace */
         for (int k = 0; k < out->n_steps; k++) want += !strcmp(out->steps[k].node, s->node);
         const char *now = nth_message(msgs, s->node, want), *was = s->output_text ? s->output_text : "";
-        kvm_wf_replay_step_t *st = &out->steps[out->n_steps++];
+        kvm_replay_step_t *st = &out->steps[out->n_steps++];
         st->idx = s->idx;
         st->node = kvm_strdup(s->node);
         st->was = kvm_strdup(was);
@@ -278,7 +278,11 @@ static kvm_wf_opts_t traced_opts(const kvm_trace_run_start_t *s, const kvm_wf_re
     w.kv_override = s->kv_override;
     w.mock = (o && o->mock) || s->mock;
     w.model_override = o ? o->model_override : NULL;
-    if (o) w.llm.model = o->model;
+    if (o) {
+        w.llm.model = o->model;
+        w.host_fns = o->host_fns;
+        w.n_host_fns = o->n_host_fns;
+    }
     w.llm.quiet = true;
     if (s->limits.instructions > 0) w.max_instructions = (uint64_t)s->limits.instructions;
     if (s->limits.lua_ms > 0) w.lua_cpu_ms = s->limits.lua_ms;
@@ -286,7 +290,7 @@ static kvm_wf_opts_t traced_opts(const kvm_trace_run_start_t *s, const kvm_wf_re
     return w;
 }
 
-int kvm_wf_replay(const char *run_dir, const kvm_wf_replay_opts_t *o, kvm_wf_replay_t *out) {
+int kvm_wf_replay(const char *run_dir, const kvm_wf_replay_opts_t *o, kvm_replay_t *out) {
     memset(out, 0, sizeof *out);
     kvm_trace_log_t log;
     int rc = kvm_trace_read(run_dir, &log);
@@ -316,13 +320,13 @@ int kvm_wf_replay(const char *run_dir, const kvm_wf_replay_opts_t *o, kvm_wf_rep
     cJSON_Delete(inputs);
     kvm_trace_log_free(&log);
     if (rc) {
-        kvm_wf_replay_free(out);
+        kvm_replay_clear(out);
         kvm_seterr(rc, "%s", msg);
     }
     return rc;
 }
 
-void kvm_wf_replay_free(kvm_wf_replay_t *r) {
+void kvm_replay_clear(kvm_replay_t *r) {
     if (!r) return;
     for (int i = 0; i < r->n_steps; i++) {
         kvm_free(r->steps[i].node);

@@ -425,6 +425,74 @@ bool kvm_trace_reader_torn(const kvm_trace_reader_t *t);
  * many were found, or <0 when root cannot be read. */
 int kvm_trace_list(const char *root, void (*fn)(void *ud, const char *run_dir), void *ud);
 
+/* ---- views: what `kvmesh trace` prints, as text ----------------------------------------------------
+ * Each view reads the trace through the same reader (a torn last line is skipped and said so; a bad line is
+ * KVM_EFORMAT naming path:line; a newer format KVM_EVERSION) and returns UTF-8 text in *text, lines ending in
+ * '\n', freed with kvm_free. On error *text is NULL and the message is the reader's. The text is for people:
+ * its layout may change between versions (the records, kvm_trace_reader_*, are the stable form). Views touch
+ * no shared state: any thread may call them. */
+
+typedef struct kvm_trace_view_params {
+    int step;   /* kvm_trace_view_steps: only the step with this index; -1 (default) = every step */
+    bool full;  /* texts whole; false (default) = each cut to 400 bytes, "..." marking the cut */
+} kvm_trace_view_params_t;
+
+kvm_trace_view_params_t kvm_trace_view_default_params(void);
+
+/* One line per run under root (depth <= 3, sorted by path): from index.json its id, start time (UTC), graph,
+ * status, super-steps, agent calls, tokens in/out, wall time and directory; a run without index.json (going
+ * on, or died) is summarised from its log as "running?" with its step count; a run whose log cannot be read
+ * gets a line "(unreadable: <why>)". Returns the number of runs (>= 0), or <0 when root is no readable
+ * directory. */
+int kvm_trace_view_list(const char *root, char **text);
+/* A run (a run directory or its events.jsonl): header (id, workflow, seed, inputs, models, agents with their
+ * policy and template), every step on one line (node, op, status, tokens in and how many were reused,
+ * TTFT, tok/s, batch size, output), edges and log lines in order, and the result (status, outputs, usage).
+ * 0 or KVM_E*. */
+int kvm_trace_view_run(const char *run_dir, char **text);
+/* Every step of a run (or params->step alone) in full: what the agent saw (its system message, the fixed
+ * text and each placeholder with its content), its prompt's KV partition and reuse decisions, timings and
+ * batch, and what it said; a func / tool node's returned value; errors with their traceback. params NULL =
+ * the defaults. 0 or KVM_E*. */
+int kvm_trace_view_steps(const char *run_dir, const kvm_trace_view_params_t *params, char **text);
+
+/* ---- replay -------------------------------------------------------------------------------------------- */
+
+/* One traced agent-node step (successful, not made through ctx:call) against the replay: the k-th output
+ * of a node in the trace is compared with the k-th output of that node in the replay. */
+typedef struct kvm_replay_step {
+    int idx;          /* the step's index in the trace */
+    char *node;
+    char *was;        /* the traced output */
+    char *now;        /* the replay's output; NULL when the replay has no such step */
+    bool same;
+} kvm_replay_step_t;
+
+typedef struct kvm_replay {
+    char run_id[33];          /* the traced run */
+    kvm_replay_step_t *steps; /* [n_steps], in trace order */
+    int n_steps;
+    int same, differ;         /* steps whose outputs are the same / differ */
+    int status;               /* the replayed run's status: 0 or KVM_E* */
+    bool trace_ended;         /* the trace has its run.end record */
+    int trace_status;         /* the traced run's status then: 0 or KVM_E* */
+} kvm_replay_t;
+
+/* Re-runs a traced run from its trace alone (the script source, inputs, seed, KV override, mock switch and
+ * limits its run.start recorded; no trace is written) and compares every agent output with the traced one.
+ * The runtime gives the settings: its model parameters, its model_override ("mock:echo", or a path every
+ * kvmesh.model() resolves to; the mock model is used anyway when the trace was a mock run) and its host
+ * functions. The replay runs on models and KV stores of its own (loaded for it, empty anchor pools, freed
+ * at its end): it neither uses nor changes the runtime's. Greedy agents on the same model and backend
+ * reproduce exactly; sampled ones too, their seeds being derived from the run seed. 0 with *out filled
+ * (clear it with kvm_replay_clear) also when the replayed run failed (out->status); KVM_E* with a message
+ * when it could not run (unreadable trace, no run.start, script or engine failure), *out then empty. */
+int kvm_trace_replay(kvm_runtime_t *rt, const char *run_dir, kvm_replay_t *out);
+void kvm_replay_clear(kvm_replay_t *r);
+/* The comparison as `kvmesh trace replay` prints it: one line per compared step ("same", or "DIFFERS" with
+ * both outputs on one line each, cut to 120 bytes) and a summary line. 0, or KVM_ENOMEM. */
+int kvm_trace_view_replay(const kvm_replay_t *r, char **text);
+
 #ifdef __cplusplus
 }
 #endif

@@ -15,6 +15,8 @@
 
 #include <kvmesh.h>
 
+#include "tests/support/test_runtime.h"
+
 #define MINI KVM_SOURCE_DIR "/models/minillama-2m"
 
 static const char *k_wf =
@@ -26,16 +28,6 @@ static const char *k_wf =
     "g:edge(kvm.START, 'a')\n"
     "g:edge('a', 'b')\n"
     "return g\n";
-
-static kvm_runtime_t *mock_runtime(const char *trace_root) {
-    kvm_runtime_params_t p = kvm_runtime_default_params();
-    p.model_override = "mock:echo";
-    p.trace_root = trace_root;
-    p.echo_print = false;
-    kvm_runtime_t *rt = kvm_runtime_create(&p);
-    if (!rt) fail_msg("runtime: %s", kvm_errmsg());
-    return rt;
-}
 
 static void test_default_params_are_usable_as_they_are(void **s) {
     (void)s;

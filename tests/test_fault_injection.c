@@ -1,9 +1,9 @@
-/* test_fault_injection.c - SQLite's out-of-memory test, for kvmesh: every allocation of a model load
- * and of a workflow run is made to fail in turn (kvm_alloc_fail_nth(N) for N = 1, 2, ... until the
- * operation succeeds). Each failure must come back as an error with a message naming what failed, or
- * be absorbed (Lua retries after a collection) with the same result as a clean run; nothing may leak
- * (live bytes back to where they were; ASan checks the rest) and nothing may crash.
- * Every N is tried, in the release and the ASan build alike (about 7,000 operations, 3 s and 20 s).
+/* test_fault_injection.c - SQLite's out-of-memory test, for kvmesh: every allocation of a model load,
+ * of a workflow run and of the trace views is made to fail in turn (kvm_alloc_fail_nth(N) for N = 1,
+ * 2, ... until the operation succeeds). Each failure must come back as an error with a message naming
+ * what failed, or be absorbed (Lua retries after a collection) with the same result as a clean run;
+ * nothing may leak (live bytes back to where they were; ASan checks the rest) and nothing may crash.
+ * Every N is tried, in the release and the ASan build alike (about 9,000 operations, 3 s and 14 s).
  * Debugging: KVM_FAULT_TRACE=1 prints every N with its outcome; KVM_FAULT_FROM=N starts there. */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -157,12 +157,38 @@ static void test_every_failed_allocation_of_a_workflow_run_is_a_clean_error(void
     kvm_free(c.want);
 }
 
+/* ---- trace views ---------------------------------------------------------------------------------- */
+
+/* Every view of the version-1 fixture trace (kvm_trace_view_*), each text freed. */
+static int trace_views(void *ud) {
+    (void)ud;
+    char *text = NULL;
+    int rc = kvm_trace_view_run(KVM_SOURCE_DIR "/tests/fixtures/trace_v1", &text);
+    kvm_free(text);
+    text = NULL;
+    if (rc == 0) rc = kvm_trace_view_steps(KVM_SOURCE_DIR "/tests/fixtures/trace_v1", NULL, &text);
+    kvm_free(text);
+    text = NULL;
+    if (rc == 0) {
+        int n = kvm_trace_view_list(KVM_SOURCE_DIR "/tests/fixtures", &text);
+        rc = n < 0 ? n : n == 1 ? 0 : kvm_seterr(KVM_EINTERNAL, "listed %d runs, not 1", n);
+    }
+    kvm_free(text);
+    return rc;
+}
+
+static void test_every_failed_allocation_of_a_trace_view_is_a_clean_error(void **st) {
+    (void)st;
+    sweep("trace views", trace_views, NULL);
+}
+
 int main(void) {
     kvm_set_threads(2);
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_every_failed_allocation_of_an_hf_model_load_is_a_clean_error),
         cmocka_unit_test(test_every_failed_allocation_of_a_llama2c_model_load_is_a_clean_error),
         cmocka_unit_test(test_every_failed_allocation_of_a_workflow_run_is_a_clean_error),
+        cmocka_unit_test(test_every_failed_allocation_of_a_trace_view_is_a_clean_error),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -1,8 +1,8 @@
 /* test_trace_jsonl.c - the trace schema of runtime/trace: every record type written by its writer reads
  * back equal; records are flushed one by one; the reader skips a torn last line, refuses a bad line, a
  * field of the wrong type or a newer major version naming file:line; version-1 traces of the previous
- * writer still read; a run's prompts can be rebuilt from its trace alone; a run replays from its trace
- * through the library. */
+ * writer still read; a run's prompts can be rebuilt from its trace alone. (The views and the replay of the
+ * public API: test_trace_view.c.) */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -458,57 +458,6 @@ static void test_prompts_rebuild_from_the_trace_alone(void **s) {
     assert_int_equal(runs, 1);
 }
 
-static void test_a_run_replays_from_its_trace_with_the_same_outputs(void **s) {
-    (void)s;
-    char dir[512];
-    traced_run("replay", dir, sizeof dir);
-    kvm_wf_replay_t rp;
-    assert_int_equal(kvm_wf_replay(dir, NULL, &rp), 0);
-    assert_int_equal(rp.n_steps, 3);
-    assert_int_equal(rp.same, 3);
-    assert_int_equal(rp.differ, 0);
-    assert_int_equal(rp.status, 0);
-    assert_true(rp.trace_ended);
-    assert_string_equal(rp.steps[1].node, "coder");
-    assert_string_equal(rp.steps[2].was, rp.steps[2].now);
-    kvm_wf_replay_free(&rp);
-}
-
-static void test_a_replay_notices_a_changed_output(void **s) {
-    (void)s;
-    char dir[512], path[600];
-    traced_run("replay_changed", dir, sizeof dir);
-    /* change the recorded output of the first agent step in place */
-    snprintf(path, sizeof path, "%s/events.jsonl", dir);
-    char *buf = NULL;
-    size_t len = 0;
-    assert_int_equal(kvm_read_file(path, &buf, &len, 0), 0);
-    char *out = strstr(buf, "\"output\":{\"text\":\"");
-    assert_non_null(out);
-    out[strlen("\"output\":{\"text\":\"")] ^= 1;
-    FILE *f = fopen(path, "w");
-    assert_non_null(f);
-    fwrite(buf, 1, len, f);
-    fclose(f);
-    kvm_free(buf);
-    kvm_wf_replay_t rp;
-    assert_int_equal(kvm_wf_replay(dir, NULL, &rp), 0);
-    assert_int_equal(rp.differ, 1);
-    assert_false(rp.steps[0].same);
-    assert_non_null(rp.steps[0].now);
-    kvm_wf_replay_free(&rp);
-}
-
-static void test_a_replay_of_a_trace_without_run_start_is_an_error(void **s) {
-    (void)s;
-    kvm_trace_t *t = trace_with("nostart", "{\"t\":\"log\",\"msg\":\"m\"}\n");
-    kvm_wf_replay_t rp;
-    assert_int_equal(kvm_wf_replay(t->dir, NULL, &rp), KVM_EFORMAT);
-    assert_non_null(strstr(kvm_errmsg(), "no run.start"));
-    assert_null(rp.steps);
-    kvm_trace_close(t);
-}
-
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_records_are_readable_while_the_file_is_open),
@@ -526,9 +475,6 @@ int main(void) {
         cmocka_unit_test(test_a_run_without_an_index_says_so),
         cmocka_unit_test(test_a_version_1_trace_of_the_previous_writer_reads),
         cmocka_unit_test(test_prompts_rebuild_from_the_trace_alone),
-        cmocka_unit_test(test_a_run_replays_from_its_trace_with_the_same_outputs),
-        cmocka_unit_test(test_a_replay_notices_a_changed_output),
-        cmocka_unit_test(test_a_replay_of_a_trace_without_run_start_is_an_error),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

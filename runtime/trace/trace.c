@@ -13,6 +13,7 @@
 #include <unistd.h>
 
 #include "../core/core.h"
+#include "../core/json.h"
 
 /* ---- ids -------------------------------------------------------------------------------------- */
 
@@ -190,7 +191,12 @@ int kvm_trace_read(const char *path, kvm_trace_log_t *log) {
         const char *s = buf + pos;
         pos = end + 1;
         if (s[strspn(s, " \t\r")] == '\0') continue;
+        kvm_errclear(); /* so that a failed parse can be told to be out of memory */
         cJSON *r = cJSON_Parse(s);
+        if (!r && kvm_json_failed_for_memory()) {
+            rc = kvm_seterr(KVM_ENOMEM, "%s:%d: out of memory parsing the record", file, line);
+            break;
+        }
         if (!r || !cJSON_IsObject(r) || !nl) {
             cJSON_Delete(r);
             if (last) { /* a torn tail: the writer died mid-record */
@@ -217,10 +223,13 @@ int kvm_trace_read_index(const char *run_dir, kvm_trace_log_t *log) {
     size_t len = 0;
     int rc = kvm_read_file(file, &buf, &len, 0);
     if (rc != 0) return rc;
+    kvm_errclear();
     cJSON *o = cJSON_Parse(buf);
     kvm_free(buf);
-    log->recs = kvm_malloc(sizeof *log->recs);
-    if (!o) rc = kvm_seterr(KVM_EFORMAT, "%s: not JSON", file);
+    bool oom = !o && kvm_json_failed_for_memory();
+    log->recs = o ? kvm_malloc(sizeof *log->recs) : NULL;
+    if (oom) rc = kvm_seterr(KVM_ENOMEM, "%s: out of memory parsing JSON", file);
+    else if (!o) rc = kvm_seterr(KVM_EFORMAT, "%s: not JSON", file);
     else if (!log->recs) rc = kvm_seterr(KVM_ENOMEM, "trace: out of memory reading '%s'", file);
     else rc = trace_index_from_json(o, log->recs, &log->mem, file);
     cJSON_Delete(o);
@@ -261,26 +270,26 @@ static int strvec_push(strvec *sv, const char *s) {
         sv->v = nv;
         sv->cap = nc;
     }
-    sv->v[sv->n] = kvm_strdup(s);
-    return sv->v[sv->n++] ? 0 : KVM_ENOMEM;
+    if (!(sv->v[sv->n] = kvm_strdup(s))) return KVM_ENOMEM;
+    sv->n++;
+    return 0;
 }
 
-static void collect(const char *dir, int depth, strvec *out) {
+/* Adds dir, or the run directories under it, to out. 0, or KVM_ENOMEM. */
+static int collect(const char *dir, int depth, strvec *out) {
     char p[4096];
-    if (kvm_path_join(p, sizeof p, dir, "events.jsonl") == 0 && kvm_file_exists(p)) {
-        strvec_push(out, dir);
-        return;
-    }
-    if (depth >= 3) return;
+    if (kvm_path_join(p, sizeof p, dir, "events.jsonl") == 0 && kvm_file_exists(p)) return strvec_push(out, dir);
+    if (depth >= 3) return 0;
     DIR *d = opendir(dir);
-    if (!d) return;
-    struct dirent *e;
-    while ((e = readdir(d)) != NULL) {
+    if (!d) return 0;
+    int rc = 0;
+    for (struct dirent *e; rc == 0 && (e = readdir(d)) != NULL;) {
         if (e->d_name[0] == '.') continue;
         if (kvm_path_join(p, sizeof p, dir, e->d_name) != 0) continue;
-        if (kvm_dir_exists(p)) collect(p, depth + 1, out);
+        if (kvm_dir_exists(p)) rc = collect(p, depth + 1, out);
     }
     closedir(d);
+    return rc;
 }
 
 static int cmp_str(const void *a, const void *b) { return strcmp(*(char *const *)a, *(char *const *)b); }
@@ -288,12 +297,12 @@ static int cmp_str(const void *a, const void *b) { return strcmp(*(char *const *
 int kvm_trace_find_runs(const char *root, void (*fn)(const char *run_dir, void *ud), void *ud) {
     if (!kvm_dir_exists(root)) return kvm_seterr(KVM_ENOENT, "trace: '%s' is not a directory", root);
     strvec sv = {0};
-    collect(root, 0, &sv);
-    qsort(sv.v, (size_t)sv.n, sizeof *sv.v, cmp_str);
+    int rc = collect(root, 0, &sv);
+    if (rc == 0) qsort(sv.v, (size_t)sv.n, sizeof *sv.v, cmp_str);
     for (int i = 0; i < sv.n; i++) {
-        fn(sv.v[i], ud);
+        if (rc == 0) fn(sv.v[i], ud);
         kvm_free(sv.v[i]);
     }
     kvm_free(sv.v);
-    return sv.n;
+    return rc ? kvm_seterr(rc, "trace: out of memory listing the runs under '%s'", root) : sv.n;
 }

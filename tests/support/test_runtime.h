@@ -1,0 +1,18 @@
+/* test_runtime.h - what the tests of the public API (include/kvmesh.h) share: a runtime on the mock model.
+ * Include after <cmocka.h> and <kvmesh.h>. */
+#ifndef KVM_TEST_RUNTIME_H
+#define KVM_TEST_RUNTIME_H
+
+/* A runtime whose every kvmesh.model() is the mock echo model, writing traces under trace_root (NULL: none),
+ * quiet; fails the test when it cannot be made. Free with kvm_runtime_free(). */
+static inline kvm_runtime_t *mock_runtime(const char *trace_root) {
+    kvm_runtime_params_t p = kvm_runtime_default_params();
+    p.model_override = "mock:echo";
+    p.trace_root = trace_root;
+    p.echo_print = false;
+    kvm_runtime_t *rt = kvm_runtime_create(&p);
+    if (!rt) fail_msg("runtime: %s", kvm_errmsg());
+    return rt;
+}
+
+#endif
