@@ -53,6 +53,9 @@ typedef struct kvm_team_result {
     int short_recomputed;    /* rows recomputed by kvcomm.recompute_below / recompute_text */
     int selected_recomputed; /* rows recomputed by kvcomm.recompute_frac */
     int recompute_items;     /* batch items of the recompute passes (one per run of consecutive rows) */
+    double *ttft_ms;         /* [requests * 4] per invocation (request q, role k at q * 4 + k): host wall time from
+                              * the agent's prepare call to its first output id (prepare + recompute + the forward
+                              * of the remaining prompt tokens + sampling), ms; < 0 where the invocation did not run */
 } kvm_team_result_t;
 
 /* Defaults: 300 requests, warm 10, 32 cosine samples, 12 tokens, seed 1000, KVCOMM, default switches. */
@@ -63,5 +66,8 @@ int kvm_team_run(kvm_model_t *m, const kvm_team_opts_t *o, const kvm_team_result
 void kvm_team_result_free(kvm_team_result_t *r);
 /* Overall accuracy in percent. */
 double kvm_team_accuracy(const kvm_team_result_t *r);
+/* Time to first token over the invocations of `role` (0..KVM_TEAM_ROLES-1, or -1 for all): mean and median in ms
+ * (0 when none ran). */
+void kvm_team_ttft(const kvm_team_result_t *r, int role, double *mean_ms, double *p50_ms);
 
 #endif
