@@ -7,6 +7,7 @@
 #include <string.h>
 
 #include "../eval/minitasks.h"
+#include "kvcomm_oracle.h"
 
 void kvm_team_opts_default(kvm_team_opts_t *o) {
     memset(o, 0, sizeof *o);
@@ -161,7 +162,6 @@ int kvm_team_run(kvm_model_t *m, const kvm_team_opts_t *o, const kvm_team_result
             const uint64_t t0 = kvm_now_ns();
             rc = o->oracle ? kvm_comm_prepare_oracle(rq, &pr, o->oracle, o->oracle_only, &p) : kvm_comm_prepare(rq, &pr, &p);
             if (rc) break;
-            if ((rc = kvm_comm_recompute_short(c, &p))) break; /* kvcomm.recompute_* (ours; a no-op when off) */
             const double prep_ms = (double)(kvm_now_ns() - t0) / 1e6;
             if (p.report.mode == KVM_COMM_REUSE && r->cos_n < o->cos_samples) rc = cos_vs_dense(c, &p, r);
             if (!rc) rc = kvm_generate(m, &p.seq, p.rest_ids, p.n_rest, &gp, NULL, NULL, &gr);

@@ -1,4 +1,5 @@
-/* team_eval.h - the KVCOMM fidelity workload: the minitasks "team" task run as a four-agent system
+/* team_eval.h - (research code, CMake target kvmesh_comm_lab, not the production library) the KVCOMM fidelity
+ * workload: the minitasks "team" task run as a four-agent system
  * (finder, checker, reverser, neighbour) that reads one shared facts segment and the finder's answer,
  * under one KV policy and KVCOMM configuration. Used by `kvmesh bench kvcomm --workload team` and by
  * the fidelity test on the bundled models.  (L3)
@@ -33,7 +34,7 @@ typedef struct kvm_team_opts {
     kvm_kvcomm_config_t cfg; /* switches (ablations) */
     size_t kv_budget_bytes;  /* 0 = the model's default pool */
     bool quiet;              /* no progress on stderr */
-    int oracle;              /* KVM_ORACLE_* bits: REUSE agents use the true deltas (kvm_comm_prepare_oracle) */
+    int oracle;              /* KVM_ORACLE_* bits (kvcomm_oracle.h): REUSE agents use the true deltas */
     const char *oracle_only; /* with oracle: only this placeholder name (NULL = every shared placeholder) */
 } kvm_team_opts_t;
 
@@ -52,7 +53,7 @@ typedef struct kvm_team_result {
     double max_abs_dense;    /* max |dense| over the same elements (the scale of max_abs_err) */
     int short_recomputed;    /* rows recomputed by kvcomm.recompute_below / recompute_text */
     int selected_recomputed; /* rows recomputed by kvcomm.recompute_frac */
-    int recompute_items;     /* batch items of the recompute passes (one per run of consecutive rows) */
+    int recompute_items;     /* batch items of the recompute passes (one per REUSE call that recomputed rows) */
     double *ttft_ms;         /* [requests * 4] per invocation (request q, role k at q * 4 + k): host wall time from
                               * the agent's prepare call to its first output id (prepare + recompute + the forward
                               * of the remaining prompt tokens + sampling), ms; < 0 where the invocation did not run */
