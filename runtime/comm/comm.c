@@ -305,105 +305,70 @@ static int append_ids(int32_t **buf, int *n, int *cap, const int32_t *ids, int k
     return 0;
 }
 
-kvm_template_t *kvm_template_create(kvm_comm_t *c, const kvm_template_desc_t *d) {
-    if (!c || !d || !d->pieces || d->n_pieces <= 0) {
-        kvm_seterr(KVM_EINVAL, "template: no pieces");
-        return NULL;
-    }
-    const char *agent = d->agent && *d->agent ? d->agent : "agent";
-    kvm_model_t *m = c->m;
-    /* ---- validate the caller's pieces ---- */
+/* The caller's pieces of template `agent` (kvcomm.md §2.2 rules); 0 or KVM_EINVAL naming the piece. */
+static int tmpl_validate(const kvm_model_t *m, const kvm_template_desc_t *d, const char *agent) {
     int n_ph = 0;
     for (int i = 0; i < d->n_pieces; i++) {
         const kvm_piece_t *p = &d->pieces[i];
         if (p->kind == KVM_PIECE_PLACEHOLDER) {
-            if (!valid_ph_name(p->text)) {
-                kvm_seterr(KVM_EINVAL, "template '%s': piece %d: bad placeholder name '%s' (input, tool:<n>, "
-                           "agent:<n>:current, agent:<n>:prev, state:<k>)", agent, i, p->text ? p->text : "(null)");
-                return NULL;
-            }
-            if (i > 0 && d->pieces[i - 1].kind == KVM_PIECE_PLACEHOLDER) {
-                kvm_seterr(KVM_EINVAL, "template '%s': placeholders %d and %d have no text between them", agent, i - 1, i);
-                return NULL;
-            }
-            if (++n_ph > KVM_COMM_MAX_PH) {
-                kvm_seterr(KVM_EINVAL, "template '%s': more than %d placeholders", agent, KVM_COMM_MAX_PH);
-                return NULL;
-            }
+            if (!valid_ph_name(p->text))
+                return kvm_seterr(KVM_EINVAL, "template '%s': piece %d: bad placeholder name '%s' (input, tool:<n>, "
+                                  "agent:<n>:current, agent:<n>:prev, state:<k>)", agent, i, p->text ? p->text : "(null)");
+            if (i > 0 && d->pieces[i - 1].kind == KVM_PIECE_PLACEHOLDER)
+                return kvm_seterr(KVM_EINVAL, "template '%s': placeholders %d and %d have no text between them", agent,
+                                  i - 1, i);
+            if (++n_ph > KVM_COMM_MAX_PH)
+                return kvm_seterr(KVM_EINVAL, "template '%s': more than %d placeholders", agent, KVM_COMM_MAX_PH);
         } else if (p->kind == KVM_PIECE_TEXT) {
-            if (p->ids ? p->n_ids <= 0 : (!p->text || is_blank(p->text))) {
-                kvm_seterr(KVM_EINVAL, "template '%s': text piece %d is empty or whitespace only (it would misalign "
-                           "placeholders and text segments, kvcomm.md §2.2)", agent, i);
-                return NULL;
-            }
-            if (p->ids && !d->raw) {
-                kvm_seterr(KVM_EINVAL, "template '%s': piece %d gives token ids, which only raw templates take", agent, i);
-                return NULL;
-            }
+            if (p->ids ? p->n_ids <= 0 : (!p->text || is_blank(p->text)))
+                return kvm_seterr(KVM_EINVAL, "template '%s': text piece %d is empty or whitespace only (it would "
+                                  "misalign placeholders and text segments, kvcomm.md §2.2)", agent, i);
+            if (p->ids && !d->raw)
+                return kvm_seterr(KVM_EINVAL, "template '%s': piece %d gives token ids, which only raw templates take",
+                                  agent, i);
         } else {
-            kvm_seterr(KVM_EINVAL, "template '%s': piece %d has unknown kind %d", agent, i, (int)p->kind);
-            return NULL;
+            return kvm_seterr(KVM_EINVAL, "template '%s': piece %d has unknown kind %d", agent, i, (int)p->kind);
         }
     }
-    if (d->raw && (d->pieces[0].kind != KVM_PIECE_TEXT || d->pieces[d->n_pieces - 1].kind != KVM_PIECE_TEXT)) {
-        kvm_seterr(KVM_EINVAL, "template '%s': a raw template must start and end with text (every placeholder needs "
-                   "exactly one non-empty text segment after it)", agent);
-        return NULL;
-    }
-    if (!d->raw && !m->tok) {
-        kvm_seterr(KVM_EINVAL, "template '%s': model %s has no tokenizer; give token ids in a raw template", agent, m->name);
-        return NULL;
-    }
-    kvm_template_t *t = kvm_calloc(1, sizeof *t);
-    if (!t) return NULL;
-    t->c = c;
-    t->agent = kvm_strdup(agent);
-    kvm_seq_init(&t->seq, c->pool);
-    tpiece_t tp[2 * KVM_COMM_MAX_PH + 2];
-    int ntp = 0;
-    memset(tp, 0, sizeof tp);
-    char *rendered = NULL, *user = NULL;
-    int32_t *ids = NULL, *dummy = NULL;
-    int n_ids = 0, cap_ids = 0, n_dummy = 0;
-    int rc = 0;
-    if (!t->agent) goto fail;
-    /* ---- render into alternating text / placeholder pieces ---- */
-    if (d->raw) {
-        for (int i = 0; i < d->n_pieces; i++) {
-            const kvm_piece_t *p = &d->pieces[i];
-            tp[ntp].ph = p->kind == KVM_PIECE_PLACEHOLDER;
-            if (tp[ntp].ph) snprintf(t->ph_name[t->n_ph], KVM_COMM_NAME_MAX, "%s", p->text), tp[ntp].ph_index = t->n_ph++;
-            else if (p->ids) tp[ntp].ids = p->ids, tp[ntp].n_ids = p->n_ids;
-            else if (!(tp[ntp].text = kvm_strdup(p->text))) goto fail;
-            ntp++;
+    if (d->raw && (d->pieces[0].kind != KVM_PIECE_TEXT || d->pieces[d->n_pieces - 1].kind != KVM_PIECE_TEXT))
+        return kvm_seterr(KVM_EINVAL, "template '%s': a raw template must start and end with text (every placeholder "
+                          "needs exactly one non-empty text segment after it)", agent);
+    if (!d->raw && !m->tok)
+        return kvm_seterr(KVM_EINVAL, "template '%s': model %s has no tokenizer; give token ids in a raw template", agent,
+                          m->name);
+    return 0;
+}
+
+/* The user message of a chat template rendered in the model's chat format (system + user + assistant header) with
+ * a marker in each placeholder; t->ph_name and t->n_ph are filled. *out: one allocation. */
+static int tmpl_render_chat(const kvm_model_t *m, const kvm_template_desc_t *d, kvm_template_t *t, char **out) {
+    size_t len = 1;
+    for (int i = 0; i < d->n_pieces; i++) len += strlen(d->pieces[i].text) + 32;
+    char *user = kvm_malloc(len), *rendered = NULL;
+    if (!user) return KVM_ENOMEM;
+    user[0] = 0;
+    size_t at = 0;
+    int k = 0;
+    for (int i = 0; i < d->n_pieces; i++) {
+        if (d->pieces[i].kind == KVM_PIECE_PLACEHOLDER) {
+            snprintf(t->ph_name[k], KVM_COMM_NAME_MAX, "%s", d->pieces[i].text);
+            at += (size_t)snprintf(user + at, len - at, PH_MARK "%02d\x1e", k++);
+        } else {
+            at += (size_t)snprintf(user + at, len - at, "%s", d->pieces[i].text);
         }
-    } else {
-        size_t len = 1;
-        for (int i = 0; i < d->n_pieces; i++) len += strlen(d->pieces[i].text) + 32;
-        user = kvm_malloc(len);
-        if (!user) goto fail;
-        user[0] = 0;
-        size_t at = 0;
-        int k = 0;
-        for (int i = 0; i < d->n_pieces; i++) {
-            if (d->pieces[i].kind == KVM_PIECE_PLACEHOLDER) {
-                snprintf(t->ph_name[k], KVM_COMM_NAME_MAX, "%s", d->pieces[i].text);
-                at += (size_t)snprintf(user + at, len - at, PH_MARK "%02d\x1e", k++);
-            } else {
-                at += (size_t)snprintf(user + at, len - at, "%s", d->pieces[i].text);
-            }
-        }
-        t->n_ph = k;
-        kvm_chat_msg_t msgs[2];
-        int nm = 0;
-        if (d->system && *d->system) msgs[nm++] = (kvm_chat_msg_t){"system", d->system};
-        msgs[nm++] = (kvm_chat_msg_t){"user", user};
-        rc = kvm_chat_render(m->cfg.chat_format, msgs, nm, true, &rendered);
-        if (rc) goto fail;
-        if (m->cfg.chat_format == KVM_CHAT_NONE && d->system && *d->system) {
-            /* plain concatenation: keep the system text apart from the user text by a newline */
-            char *r2 = kvm_malloc(strlen(rendered) + 2);
-            if (!r2) goto fail;
+    }
+    t->n_ph = k;
+    kvm_chat_msg_t msgs[2];
+    int nm = 0;
+    if (d->system && *d->system) msgs[nm++] = (kvm_chat_msg_t){"system", d->system};
+    msgs[nm++] = (kvm_chat_msg_t){"user", user};
+    int rc = kvm_chat_render(m->cfg.chat_format, msgs, nm, true, &rendered);
+    kvm_free(user);
+    if (!rc && m->cfg.chat_format == KVM_CHAT_NONE && d->system && *d->system) {
+        /* plain concatenation: keep the system text apart from the user text by a newline */
+        char *r2 = kvm_malloc(strlen(rendered) + 2);
+        if (!r2) rc = KVM_ENOMEM;
+        else {
             size_t sl = strlen(d->system);
             memcpy(r2, rendered, sl);
             r2[sl] = '\n';
@@ -411,35 +376,60 @@ kvm_template_t *kvm_template_create(kvm_comm_t *c, const kvm_template_desc_t *d)
             kvm_free(rendered);
             rendered = r2;
         }
-        char *p = rendered;
-        for (int i = 0; i <= k; i++) {
-            char *mk = i < k ? strstr(p, PH_MARK) : NULL;
-            size_t tl = mk ? (size_t)(mk - p) : strlen(p);
-            if (tl == 0 || (i > 0 && is_blank_n(p, tl))) {
-                kvm_seterr(KVM_EINVAL, "template '%s': the text %s placeholder %d is empty or whitespace only after "
-                           "rendering", agent, i == 0 ? "before" : "after", i == 0 ? 1 : i);
-                goto fail;
-            }
-            tp[ntp].text = kvm_malloc(tl + 1);
-            if (!tp[ntp].text) goto fail;
-            memcpy(tp[ntp].text, p, tl);
-            tp[ntp].text[tl] = 0;
-            ntp++;
-            if (mk) {
-                tp[ntp].ph = true;
-                tp[ntp].ph_index = i;
-                ntp++;
-                p = mk + strlen(PH_MARK) + 3;
-            }
+    }
+    if (rc) kvm_free(rendered);
+    *out = rc ? NULL : rendered;
+    return rc;
+}
+
+/* Renders the template into alternating text / placeholder pieces tp[0..*ntp) (text owned by tp). */
+static int tmpl_pieces(const kvm_model_t *m, const kvm_template_desc_t *d, kvm_template_t *t, tpiece_t *tp, int *ntp) {
+    if (d->raw) {
+        for (int i = 0; i < d->n_pieces; i++) {
+            const kvm_piece_t *p = &d->pieces[i];
+            tp[*ntp].ph = p->kind == KVM_PIECE_PLACEHOLDER;
+            if (tp[*ntp].ph) snprintf(t->ph_name[t->n_ph], KVM_COMM_NAME_MAX, "%s", p->text), tp[*ntp].ph_index = t->n_ph++;
+            else if (p->ids) tp[*ntp].ids = p->ids, tp[*ntp].n_ids = p->n_ids;
+            else if (!(tp[*ntp].text = kvm_strdup(p->text))) return KVM_ENOMEM;
+            (*ntp)++;
+        }
+        return 0;
+    }
+    char *rendered = NULL;
+    int rc = tmpl_render_chat(m, d, t, &rendered);
+    const int k = t->n_ph;
+    char *p = rendered;
+    for (int i = 0; i <= k && !rc; i++) {
+        char *mk = i < k ? strstr(p, PH_MARK) : NULL;
+        size_t tl = mk ? (size_t)(mk - p) : strlen(p);
+        if (tl == 0 || (i > 0 && is_blank_n(p, tl))) {
+            rc = kvm_seterr(KVM_EINVAL, "template '%s': the text %s placeholder %d is empty or whitespace only after "
+                            "rendering", t->agent, i == 0 ? "before" : "after", i == 0 ? 1 : i);
+            break;
+        }
+        if (!(tp[*ntp].text = kvm_malloc(tl + 1))) rc = KVM_ENOMEM;
+        if (rc) break;
+        memcpy(tp[*ntp].text, p, tl);
+        tp[*ntp].text[tl] = 0;
+        (*ntp)++;
+        if (mk) {
+            tp[*ntp].ph = true;
+            tp[*ntp].ph_index = i;
+            (*ntp)++;
+            p = mk + strlen(PH_MARK) + 3;
         }
     }
-    /* ---- tokenize each text piece separately; dummies in the placeholders ---- */
-    if (m->tok) {
-        rc = kvm_tokenize(m->tok, "[...]", 5, 0, &dummy, &n_dummy);
-        if (rc) goto fail;
-    }
-    int ti = 0;
-    for (int i = 0; i < ntp; i++) {
+    kvm_free(rendered);
+    return rc;
+}
+
+/* Tokenizes each text piece on its own (BOS on the first when the model adds one), a dummy in each placeholder;
+ * fills t->ids, t->n_ids and the spans ts/te, ps/pe. */
+static int tmpl_tokenize(const kvm_model_t *m, kvm_template_t *t, const tpiece_t *tp, int ntp) {
+    int32_t *ids = NULL, *dummy = NULL;
+    int n_ids = 0, cap_ids = 0, n_dummy = 0, ti = 0, rc = 0;
+    if (m->tok) rc = kvm_tokenize(m->tok, "[...]", 5, 0, &dummy, &n_dummy);
+    for (int i = 0; i < ntp && !rc; i++) {
         if (tp[i].ph) {
             int pi = tp[i].ph_index;
             t->ps[pi] = n_ids;
@@ -450,65 +440,78 @@ kvm_template_t *kvm_template_create(kvm_comm_t *c, const kvm_template_desc_t *d)
                 rc = append_ids(&ids, &n_ids, &cap_ids, dd, 4);
             }
             t->pe[pi] = n_ids;
-            if (rc) goto fail;
-        } else {
-            t->ts[ti] = n_ids;
-            if (tp[i].ids) {
-                rc = append_ids(&ids, &n_ids, &cap_ids, tp[i].ids, tp[i].n_ids);
-            } else {
-                int32_t *pid = NULL;
-                int np = 0;
-                int flags = KVM_TOK_PARSE_SPECIAL | (i == 0 && m->cfg.add_bos ? KVM_TOK_ADD_BOS : 0);
-                rc = kvm_tokenize(m->tok, tp[i].text, strlen(tp[i].text), flags, &pid, &np);
-                if (!rc && np <= 0) rc = kvm_seterr(KVM_EINVAL, "template '%s': text piece %d tokenizes to nothing", agent, i);
-                if (!rc) rc = append_ids(&ids, &n_ids, &cap_ids, pid, np);
-                kvm_free(pid);
-            }
-            if (rc) goto fail;
-            t->te[ti] = n_ids;
-            ti++;
+            continue;
         }
+        t->ts[ti] = n_ids;
+        if (tp[i].ids) {
+            rc = append_ids(&ids, &n_ids, &cap_ids, tp[i].ids, tp[i].n_ids);
+        } else {
+            int32_t *pid = NULL;
+            int np = 0;
+            int flags = KVM_TOK_PARSE_SPECIAL | (i == 0 && m->cfg.add_bos ? KVM_TOK_ADD_BOS : 0);
+            rc = kvm_tokenize(m->tok, tp[i].text, strlen(tp[i].text), flags, &pid, &np);
+            if (!rc && np <= 0) rc = kvm_seterr(KVM_EINVAL, "template '%s': text piece %d tokenizes to nothing", t->agent, i);
+            if (!rc) rc = append_ids(&ids, &n_ids, &cap_ids, pid, np);
+            kvm_free(pid);
+        }
+        t->te[ti++] = n_ids;
     }
-    if (ti != t->n_ph + 1) {
-        rc = kvm_seterr(KVM_EINVAL, "template '%s': expected %d text segments around %d placeholders, found %d", agent,
+    kvm_free(dummy);
+    if (!rc && ti != t->n_ph + 1)
+        rc = kvm_seterr(KVM_EINVAL, "template '%s': expected %d text segments around %d placeholders, found %d", t->agent,
                         t->n_ph + 1, t->n_ph, ti);
-        goto fail;
+    if (rc) {
+        kvm_free(ids);
+        return rc;
     }
     t->ids = ids;
     t->n_ids = n_ids;
-    ids = NULL;
-    /* ---- hash: agent, names, text ids ---- */
+    return 0;
+}
+
+/* Hashes the template (agent, names, text ids), prefills it once and keeps its text segments: segment 0 as an
+ * exact prefix (shared by reference, in the prefix index), segments 1..n re-based to F0 (host and backend copies). */
+static int tmpl_prefill(kvm_comm_t *c, kvm_template_t *t) {
     t->hash = kvm_hash64(t->agent, strlen(t->agent), KVM_HASH_SEED);
     for (int i = 0; i < t->n_ph; i++) t->hash = kvm_hash64(t->ph_name[i], strlen(t->ph_name[i]), t->hash);
     for (int i = 0; i <= t->n_ph; i++)
         t->hash = kvm_hash64(t->ids + t->ts[i], (size_t)(t->te[i] - t->ts[i]) * sizeof(int32_t), t->hash);
-    /* ---- prefill once; keep the text segments ---- */
-    rc = comm_prefill(c, &t->seq, t->ids, t->n_ids);
-    if (rc) goto fail;
-    for (int i = 1; i <= t->n_ph; i++) {
+    int rc = comm_prefill(c, &t->seq, t->ids, t->n_ids);
+    for (int i = 1; i <= t->n_ph && !rc; i++) {
         int S = t->te[i] - t->ts[i];
         t->P[i] = kvm_malloc(comm_rows_elems(&c->g, S) * sizeof(float));
-        if (!t->P[i]) goto fail;
-        rc = comm_read_f0(c, &t->seq, t->ts[i], S, t->P[i]);
-        if (rc) goto fail;
+        rc = t->P[i] ? comm_read_f0(c, &t->seq, t->ts[i], S, t->P[i]) : KVM_ENOMEM;
     }
     /* the op path reads the text segments from backend copies: make them now rather than in the template's first
      * REUSE request, whose TTFT would otherwise pay the uploads */
-    if (!c->kvcomm_off[0] && (rc = comm_dev_template_prepare(t)) != 0) goto fail;
+    if (!rc && !c->kvcomm_off[0]) rc = comm_dev_template_prepare(t);
+    if (rc) return rc;
     kvm_seq_truncate(&t->seq, t->te[0]);
     kvm_prefix_index_insert(c->store, &t->seq, t->seq.n_tokens);
+    return 0;
+}
+
+kvm_template_t *kvm_template_create(kvm_comm_t *c, const kvm_template_desc_t *d) {
+    if (!c || !d || !d->pieces || d->n_pieces <= 0) {
+        kvm_seterr(KVM_EINVAL, "template: no pieces");
+        return NULL;
+    }
+    const char *agent = d->agent && *d->agent ? d->agent : "agent";
+    if (tmpl_validate(c->m, d, agent)) return NULL;
+    kvm_template_t *t = kvm_calloc(1, sizeof *t);
+    if (!t) return NULL;
+    t->c = c;
+    t->agent = kvm_strdup(agent);
+    kvm_seq_init(&t->seq, c->pool);
+    tpiece_t tp[2 * KVM_COMM_MAX_PH + 2];
+    int ntp = 0;
+    memset(tp, 0, sizeof tp);
+    int rc = t->agent ? tmpl_pieces(c->m, d, t, tp, &ntp) : KVM_ENOMEM;
+    if (!rc) rc = tmpl_tokenize(c->m, t, tp, ntp);
+    if (!rc) rc = tmpl_prefill(c, t);
     for (int i = 0; i < ntp; i++) kvm_free(tp[i].text);
-    kvm_free(dummy);
-    kvm_free(user);
-    kvm_free(rendered);
-    return t;
-fail:
-    if (!rc && !kvm_errcode()) kvm_seterr(KVM_ENOMEM, "template '%s': out of memory", agent);
-    for (int i = 0; i < ntp; i++) kvm_free(tp[i].text);
-    kvm_free(ids);
-    kvm_free(dummy);
-    kvm_free(user);
-    kvm_free(rendered);
+    if (!rc) return t;
+    if (!kvm_errcode()) kvm_seterr(KVM_ENOMEM, "template '%s': out of memory", agent);
     kvm_template_free(t);
     return NULL;
 }
