@@ -368,6 +368,38 @@ static int run_ttft(kvm_model_t *m, const opts_t *o) {
 
 /* ==== the team (fidelity) workload ======================================================================= */
 
+/* time to first token of a team run, overall and per role, into its JSON object */
+static void team_ttft_json(cJSON *o1, const kvm_team_result_t *r) {
+    double tm = 0, tp = 0;
+    kvm_team_ttft(r, -1, &tm, &tp);
+    cJSON_AddNumberToObject(o1, "ttft_ms_mean", tm);
+    cJSON_AddNumberToObject(o1, "ttft_ms_p50", tp);
+    cJSON *tr = cJSON_AddArrayToObject(o1, "ttft_ms_per_role"); /* [role] {mean, p50} */
+    for (int k = 0; k < KVM_TEAM_ROLES; k++) {
+        kvm_team_ttft(r, k, &tm, &tp);
+        cJSON *e = cJSON_CreateObject();
+        cJSON_AddNumberToObject(e, "mean", tm);
+        cJSON_AddNumberToObject(e, "p50", tp);
+        cJSON_AddItemToArray(tr, e);
+    }
+}
+
+/* the time-to-first-token table of the team runs */
+static void team_ttft_table(const kvm_model_t *m, const kvm_team_result_t *res, char (*names)[32], int nm) {
+    printf("\ntime to first token per agent call on %s (prepare + remaining prompt forward + first id; host wall ms), "
+           "mean / p50:\n%-14s %15s %15s %15s %15s %15s\n", m->ops->name, "mode", "all", "finder", "checker", "reverser",
+           "neighbour");
+    for (int i = 0; i < nm; i++) {
+        printf("%-14s", names[i]);
+        for (int k = -1; k < KVM_TEAM_ROLES; k++) {
+            double tm = 0, tp = 0;
+            kvm_team_ttft(&res[i], k, &tm, &tp);
+            printf(" %7.2f/%7.2f", tm, tp);
+        }
+        printf("\n");
+    }
+}
+
 static int run_team(kvm_model_t *m, const opts_t *o) {
     if (!m->tok) {
         fprintf(stderr, "kvmesh bench kvcomm: the team workload needs a model with a tokenizer\n");
@@ -467,18 +499,7 @@ static int run_team(kvm_model_t *m, const opts_t *o) {
             cJSON_AddNumberToObject(o1, "selected_recomputed_tokens", r->selected_recomputed);
             cJSON_AddNumberToObject(o1, "recompute_items", r->recompute_items);
             cJSON_AddNumberToObject(o1, "token_reuse_beyond_prefix", tok_reuse);
-            double tm = 0, tp = 0;
-            kvm_team_ttft(r, -1, &tm, &tp);
-            cJSON_AddNumberToObject(o1, "ttft_ms_mean", tm);
-            cJSON_AddNumberToObject(o1, "ttft_ms_p50", tp);
-            cJSON *tr = cJSON_AddArrayToObject(o1, "ttft_ms_per_role"); /* [role] {mean, p50} */
-            for (int k = 0; k < KVM_TEAM_ROLES; k++) {
-                kvm_team_ttft(r, k, &tm, &tp);
-                cJSON *e = cJSON_CreateObject();
-                cJSON_AddNumberToObject(e, "mean", tm);
-                cJSON_AddNumberToObject(e, "p50", tp);
-                cJSON_AddItemToArray(tr, e);
-            }
+            team_ttft_json(o1, r);
             cJSON *ck = cJSON_AddArrayToObject(o1, "cos_k"), *cv = cJSON_AddArrayToObject(o1, "cos_v");
             cJSON *lk = cJSON_AddArrayToObject(o1, "rel_l2_k"), *lv = cJSON_AddArrayToObject(o1, "rel_l2_v");
             for (int l = 0; l < L && r->cos_n; l++) {
@@ -489,18 +510,7 @@ static int run_team(kvm_model_t *m, const opts_t *o) {
             }
             cJSON_AddItemToArray(jm, o1);
         }
-        printf("\ntime to first token per agent call on %s (prepare + remaining prompt forward + first id; host wall ms), "
-               "mean / p50:\n%-14s %15s %15s %15s %15s %15s\n", m->ops->name, "mode", "all", "finder", "checker", "reverser",
-               "neighbour");
-        for (int i = 0; i < nm; i++) {
-            printf("%-14s", names[i]);
-            for (int k = -1; k < KVM_TEAM_ROLES; k++) {
-                double tm = 0, tp = 0;
-                kvm_team_ttft(&res[i], k, &tm, &tp);
-                printf(" %7.2f/%7.2f", tm, tp);
-            }
-            printf("\n");
-        }
+        team_ttft_table(m, res, names, nm);
         printf("\nper-layer cosine to dense prefill of the reused rows, K/V (mean over %d sampled REUSE invocations):\n",
                o->cos_samples);
         for (int i = 0; i < nm; i++) {
