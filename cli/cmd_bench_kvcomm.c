@@ -63,7 +63,7 @@ static void usage(void) {
             "usage: kvmesh bench kvcomm (--synthetic NAME | --model PATH) [options]\n"
             "  --backend auto|cpu|cuda     (default auto)\n"
             "  --workload ttft|team        (default ttft)\n"
-            "  --set kvcomm.KEY=VALUE      a KVCOMM switch (repeatable), e.g. --set kvcomm.frame=f0\n"
+            "  --set kvcomm.KEY=VALUE      a KVCOMM switch (repeatable), e.g. --set kvcomm.gamma=0.5\n"
             "  --kv-budget-mb N            KV pool size (default: the model's default)\n"
             "  --out DIR                   write the full JSON there\n"
             " ttft: --agents 5 --input 1000 --prefix 512 --output 512 --warmup 2 --requests 3\n"

@@ -1,5 +1,5 @@
 /* test_kvcomm_common.h - helpers shared by the KVCOMM tests (test_kvcomm_core.c, test_kvcomm_device_path.c):
- * seeded token ids and the input segment their templates read. Include after <cmocka.h> and
+ * seeded token ids, the input segment their templates read and one agent's run. Include after <cmocka.h> and
  * runtime/comm/prompt.h. */
 #ifndef KVM_TEST_KVCOMM_COMMON_H
 #define KVM_TEST_KVCOMM_COMMON_H
@@ -20,6 +20,25 @@ static kvm_segment_t *input_segment(kvm_comm_t *c, uint64_t seed, int n) {
     kvm_segment_t *g = NULL;
     assert_int_equal(kvm_comm_segment_ids(c, KVM_PRODUCER_INPUT, "input", hdr, 6, content, n, &g), 0);
     return g;
+}
+
+/* Runs one agent: prepare under policy pol, greedy generation of max_tokens (EOS ignored), complete (response
+ * segment into *resp when resp != NULL); the report into *rep when rep != NULL. 0 or the first error. */
+static int run_agent(kvm_comm_request_t *rq, kvm_template_t *t, kvm_binding_t *b, int nb, kvm_kv_policy_t pol,
+                     kvm_comm_report_t *rep, kvm_segment_t **resp, int max_tokens) {
+    kvm_prepared_t p;
+    kvm_prompt_t pr = {.tmpl = t, .bindings = b, .n_bindings = nb, .policy = pol};
+    int rc = kvm_comm_prepare(rq, &pr, &p);
+    if (rc) return rc;
+    kvm_gen_params_t gp = {.max_tokens = max_tokens, .ignore_eos = true};
+    kvm_gen_result_t res;
+    memset(&res, 0, sizeof res);
+    rc = kvm_generate(kvm_comm_model(rq->c), &p.seq, p.rest_ids, p.n_rest, &gp, NULL, NULL, &res);
+    if (!rc) rc = kvm_comm_complete(rq, &p, &res, resp);
+    if (rep) *rep = p.report;
+    kvm_gen_result_free(&res);
+    kvm_prepared_release(&p);
+    return rc;
 }
 
 #endif

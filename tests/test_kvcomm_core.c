@@ -103,21 +103,15 @@ static float *dense_kv(kvm_comm_t *c, const int32_t *ids, int n) {
     return kv;
 }
 
-static int run_agent(kvm_comm_request_t *rq, kvm_template_t *t, kvm_binding_t *b, int nb, kvm_kv_policy_t pol,
-                     kvm_comm_report_t *rep, kvm_segment_t **resp, int max_tokens) {
-    kvm_prepared_t p;
-    kvm_prompt_t pr = {.tmpl = t, .bindings = b, .n_bindings = nb, .policy = pol};
-    int rc = kvm_comm_prepare(rq, &pr, &p);
-    if (rc) return rc;
-    kvm_gen_params_t gp = {.max_tokens = max_tokens, .ignore_eos = true};
-    kvm_gen_result_t res;
-    memset(&res, 0, sizeof res);
-    rc = kvm_generate(kvm_comm_model(rq->c), &p.seq, p.rest_ids, p.n_rest, &gp, NULL, NULL, &res);
-    if (!rc) rc = kvm_comm_complete(rq, &p, &res, resp);
-    if (rep) *rep = p.report;
-    kvm_gen_result_free(&res);
-    kvm_prepared_release(&p);
-    return rc;
+/* Frees what an end-to-end test made (NULLs are skipped): segments, templates, the comm context, the model. */
+static void teardown(kvm_model_t *m, kvm_comm_t *c, kvm_template_t *t1, kvm_template_t *t2, kvm_segment_t *s1,
+                     kvm_segment_t *s2) {
+    kvm_segment_release(s1);
+    kvm_segment_release(s2);
+    kvm_template_free(t1);
+    kvm_template_free(t2);
+    kvm_comm_free(c);
+    kvm_model_free(m);
 }
 
 /* ---- layer-0 exactness (§8 item 3) --------------------------------------------------------------------- */
@@ -158,10 +152,7 @@ static void layer0_exact(kvm_rope_layout_t layout) {
     free(got);
     kvm_prepared_release(&p);
     kvm_comm_request_abort(rq);
-    kvm_segment_release(in);
-    kvm_template_free(t);
-    kvm_comm_free(c);
-    kvm_model_free(m);
+    teardown(m, c, t, NULL, in, NULL);
 }
 
 static void test_layer0_keys_after_shift_equal_dense_rotate_half(void **st) {
@@ -229,10 +220,7 @@ static void test_identical_prompt_reuses_the_prefix_cache_bit_for_bit(void **st)
     kvm_prepared_release(&p1);
     kvm_prepared_release(&p2);
     kvm_comm_request_abort(rq);
-    kvm_segment_release(in);
-    kvm_template_free(t);
-    kvm_comm_free(c);
-    kvm_model_free(m);
+    teardown(m, c, t, NULL, in, NULL);
 }
 
 /* ---- one anchor reproduces dense (§8 item 5) ------------------------------------------------------------- */
@@ -288,10 +276,7 @@ static void test_single_anchor_applied_to_its_own_sample_reproduces_dense(void *
     free(xh);
     free(ph);
     kvm_comm_request_abort(rq);
-    kvm_segment_release(in);
-    kvm_template_free(t);
-    kvm_comm_free(c);
-    kvm_model_free(m);
+    teardown(m, c, t, NULL, in, NULL);
 }
 
 /* ---- end to end: anchors form, then agents reuse (§3.1, §3.7, §6) ----------------------------------------- */
@@ -343,10 +328,7 @@ static void test_after_two_anchors_agents_reuse_with_n_minus_1_cached_tokens(voi
     assert_int_equal((int)stt.invocations, total);
     assert_int_equal((int)stt.reuse_invocations, reuse);
     assert_true(stt.anchor_bytes > 0);
-    kvm_template_free(ta);
-    kvm_template_free(tb);
-    kvm_comm_free(c);
-    kvm_model_free(m);
+    teardown(m, c, ta, tb, NULL, NULL);
 }
 
 static void test_response_segment_drops_the_token_without_kv_or_computes_it_on_length_stop(void **st) {
@@ -368,10 +350,7 @@ static void test_response_segment_drops_the_token_without_kv_or_computes_it_on_l
     kvm_segment_release(r1);
     kvm_segment_release(r2);
     kvm_comm_request_abort(rq);
-    kvm_segment_release(in);
-    kvm_template_free(t);
-    kvm_comm_free(c);
-    kvm_model_free(m);
+    teardown(m, c, t, NULL, in, NULL);
 }
 
 /* ---- errors ------------------------------------------------------------------------------------------------ */
@@ -409,9 +388,8 @@ static void test_prepare_rejects_a_segment_of_another_model_and_a_wrong_frame(vo
     kvm_segment_release(foreign);
     kvm_template_free(t);
     kvm_comm_free(c1);
-    kvm_comm_free(c2);
     kvm_model_free(m1);
-    kvm_model_free(m2);
+    teardown(m2, c2, NULL, NULL, NULL, NULL);
 }
 
 static void test_prepare_fails_cleanly_when_the_kv_budget_cannot_hold_the_prompt(void **st) {
@@ -441,10 +419,7 @@ static void test_prepare_fails_cleanly_when_the_kv_budget_cannot_hold_the_prompt
     assert_int_equal(kvm_segment_info(in)->n_tokens, 60);
     kvm_seq_free(&hog);
     kvm_comm_request_abort(rq);
-    kvm_segment_release(in);
-    kvm_template_free(t);
-    kvm_comm_free(c);
-    kvm_model_free(m);
+    teardown(m, c, t, NULL, in, NULL);
 }
 
 /* ---- templates (§2.2, §8 item 11) ---------------------------------------------------------------------------- */
@@ -509,11 +484,7 @@ static void test_template_change_invalidates_deltas(void **st) {
     assert_int_equal(run_agent(rq, t1, &b, 1, KVM_KV_KVCOMM, &r1, NULL, 2), 0);
     assert_int_equal(r1.mode, KVM_COMM_REUSE);
     kvm_comm_request_end(rq);
-    kvm_segment_release(in);
-    kvm_template_free(t1);
-    kvm_template_free(t2);
-    kvm_comm_free(c);
-    kvm_model_free(m);
+    teardown(m, c, t1, t2, in, NULL);
 }
 
 static void test_template_parse_maps_graph_placeholders_to_kvcomm_names(void **st) {
@@ -560,11 +531,7 @@ static void test_no_anchor_naive_switch_reuses_without_offset(void **st) {
     assert_int_equal(r.offset_tokens, 0);
     assert_int_equal(r.naive_tokens, r.input_tokens - r.exact_tokens - 1);
     kvm_comm_request_end(rq);
-    kvm_segment_release(in);
-    kvm_template_free(t1);
-    kvm_template_free(t2);
-    kvm_comm_free(c);
-    kvm_model_free(m);
+    teardown(m, c, t1, t2, in, NULL);
 }
 
 static void test_prepare_ids_takes_the_exact_prefix_of_an_earlier_dense_prompt(void **st) {
@@ -679,10 +646,7 @@ static void oracle_run(kvm_rope_layout_t layout, bool agent_first, int which, co
         kvm_segment_release(in);
         kvm_segment_release(out_a);
     }
-    kvm_template_free(ta);
-    kvm_template_free(tb);
-    kvm_comm_free(c);
-    kvm_model_free(m);
+    teardown(m, c, ta, tb, NULL, NULL);
 }
 
 static void oracle_run_free(oracle_run_t *r) {
@@ -759,7 +723,7 @@ static void test_recomputing_the_short_answer_behind_an_exact_input_gives_the_de
     recompute_behind_oracle_input(true);
 }
 
-static void test_recompute_short_keeps_every_other_row_bit_for_bit_and_is_off_by_default(void **st) {
+static void test_recompute_below_keeps_every_other_row_bit_for_bit_and_is_off_by_default(void **st) {
     (void)st;
     oracle_run_t off, on;
     oracle_run(KVM_ROPE_HALF, true, 0, NULL, 0, &off);
@@ -1217,7 +1181,7 @@ int main(void) {
         cmocka_unit_test(test_oracle_offsets_equal_dense_with_qk_norm_and_biases),
         cmocka_unit_test(test_oracle_on_one_piece_leaves_the_other_estimated),
         cmocka_unit_test(test_recomputing_the_short_answer_behind_an_exact_input_gives_the_dense_cache),
-        cmocka_unit_test(test_recompute_short_keeps_every_other_row_bit_for_bit_and_is_off_by_default),
+        cmocka_unit_test(test_recompute_below_keeps_every_other_row_bit_for_bit_and_is_off_by_default),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -58,23 +58,6 @@ static kvm_template_t *make_tmpl(kvm_comm_t *c, int k, const char *agent, const 
     return t;
 }
 
-static int run_agent(kvm_comm_request_t *rq, kvm_template_t *t, kvm_binding_t *b, int nb, kvm_comm_report_t *rep,
-                     kvm_segment_t **resp, int max_tokens) {
-    kvm_prepared_t p;
-    kvm_prompt_t pr = {.tmpl = t, .bindings = b, .n_bindings = nb, .policy = KVM_KV_KVCOMM};
-    int rc = kvm_comm_prepare(rq, &pr, &p);
-    if (rc) return rc;
-    kvm_gen_params_t gp = {.max_tokens = max_tokens, .ignore_eos = true};
-    kvm_gen_result_t res;
-    memset(&res, 0, sizeof res);
-    rc = kvm_generate(kvm_comm_model(rq->c), &p.seq, p.rest_ids, p.n_rest, &gp, NULL, NULL, &res);
-    if (!rc) rc = kvm_comm_complete(rq, &p, &res, resp);
-    if (rep) *rep = p.report;
-    kvm_gen_result_free(&res);
-    kvm_prepared_release(&p);
-    return rc;
-}
-
 /* prepares agent t with bindings b in request rq under c's switches; returns the cached KV (host fp32) and report */
 static float *prepare_kv(kvm_comm_request_t *rq, kvm_template_t *t, kvm_binding_t *b, int nb, kvm_comm_report_t *rep,
                          int *n_cached) {
@@ -160,9 +143,9 @@ static void compare_with_reference(const char *backend, double tol, kvm_rope_lay
         kvm_comm_request_t *rq = kvm_comm_request_begin(c, (uint64_t)q + 1);
         kvm_segment_t *in = input_segment(c, 100 + (uint64_t)q, 20 + (q < 2)), *out_a = NULL;
         kvm_binding_t ba = {"input", in};
-        assert_int_equal(run_agent(rq, ta, &ba, 1, NULL, &out_a, 5), 0);
+        assert_int_equal(run_agent(rq, ta, &ba, 1, KVM_KV_KVCOMM, NULL, &out_a, 5), 0);
         kvm_binding_t bb[2] = {{"input", in}, {"agent:a:current", out_a}};
-        assert_int_equal(run_agent(rq, tb, bb, 2, NULL, NULL, 3), 0);
+        assert_int_equal(run_agent(rq, tb, bb, 2, KVM_KV_KVCOMM, NULL, NULL, 3), 0);
         assert_int_equal(kvm_comm_request_end(rq), 0);
         kvm_segment_release(in);
         kvm_segment_release(out_a);
@@ -172,7 +155,7 @@ static void compare_with_reference(const char *backend, double tol, kvm_rope_lay
         kvm_comm_request_t *rq = kvm_comm_request_begin(c, (uint64_t)q + 1);
         kvm_segment_t *in = input_segment(c, 100 + (uint64_t)q, 20), *out_a = NULL;
         kvm_binding_t ba = {"input", in};
-        assert_int_equal(run_agent(rq, ta, &ba, 1, NULL, &out_a, 5), 0);
+        assert_int_equal(run_agent(rq, ta, &ba, 1, KVM_KV_KVCOMM, NULL, &out_a, 5), 0);
         kvm_binding_t bb[2] = {{"input", in}, {"agent:a:current", out_a}};
         kvm_comm_report_t r, r2;
         int n = 0, n2 = 0;
@@ -246,9 +229,9 @@ static void test_device_path_reuses_its_weight_buffers_across_requests(void **st
         kvm_segment_t *in = input_segment(c, 300 + (uint64_t)q, 20 + (q < 2)), *out_a = NULL;
         kvm_binding_t ba = {"input", in};
         kvm_comm_report_t rep;
-        assert_int_equal(run_agent(rq, ta, &ba, 1, &rep, &out_a, 5), 0);
+        assert_int_equal(run_agent(rq, ta, &ba, 1, KVM_KV_KVCOMM, &rep, &out_a, 5), 0);
         kvm_binding_t bb[2] = {{"input", in}, {"agent:a:current", out_a}};
-        assert_int_equal(run_agent(rq, tb, bb, 2, &rep, NULL, 3), 0);
+        assert_int_equal(run_agent(rq, tb, bb, 2, KVM_KV_KVCOMM, &rep, NULL, 3), 0);
         reused += q >= 2 && rep.mode == KVM_COMM_REUSE;
         assert_int_equal(kvm_comm_request_end(rq), 0);
         kvm_segment_release(in);
@@ -275,40 +258,33 @@ static bool have_gpu(void) {
     return true;
 }
 
-static void test_gpu_reuse_cache_equals_the_host_reference_fp32_kv(void **st) {
-    (void)st;
+/* the GPU twin of a CPU case: KV dtype kv_dtype, recompute_frac frac, the layouts given */
+static void gpu_case(const char *kv_dtype, float frac, double tol, int n_layouts) {
     if (!have_gpu()) {
         skip();
         return;
     }
-    setenv("KVM_KV_DTYPE", "f32", 1);
-    compare_with_reference("auto", 1e-4, KVM_ROPE_HALF);
-    compare_with_reference("auto", 1e-4, KVM_ROPE_INTERLEAVED);
-    unsetenv("KVM_KV_DTYPE");
-}
-
-static void test_gpu_recompute_frac_picks_the_rows_the_reference_ranks_first_fp32_kv(void **st) {
-    (void)st;
-    if (!have_gpu()) {
-        skip();
-        return;
-    }
-    setenv("KVM_KV_DTYPE", "f32", 1);
-    g_frac = 0.3f;
-    compare_with_reference("auto", 1e-4, KVM_ROPE_HALF);
+    setenv("KVM_KV_DTYPE", kv_dtype, 1);
+    g_frac = frac;
+    const kvm_rope_layout_t lay[2] = {KVM_ROPE_HALF, KVM_ROPE_INTERLEAVED};
+    for (int i = 0; i < n_layouts; i++) compare_with_reference("auto", tol, lay[i]);
     g_frac = 0;
     unsetenv("KVM_KV_DTYPE");
 }
 
+static void test_gpu_reuse_cache_equals_the_host_reference_fp32_kv(void **st) {
+    (void)st;
+    gpu_case("f32", 0, 1e-4, 2);
+}
+
+static void test_gpu_recompute_frac_picks_the_rows_the_reference_ranks_first_fp32_kv(void **st) {
+    (void)st;
+    gpu_case("f32", 0.3f, 1e-4, 1);
+}
+
 static void test_gpu_reuse_cache_equals_the_host_reference_bf16_kv(void **st) {
     (void)st;
-    if (!have_gpu()) {
-        skip();
-        return;
-    }
-    setenv("KVM_KV_DTYPE", "bf16", 1);
-    compare_with_reference("auto", 1e-2, KVM_ROPE_HALF);
-    unsetenv("KVM_KV_DTYPE");
+    gpu_case("bf16", 0, 1e-2, 1);
 }
 
 int main(void) {

@@ -21,7 +21,7 @@
 /* The blended policy (`--modes full+blend`, ours; kvcomm.md §5.2) = kvcomm.preset=blend: full KVCOMM (the
  * spec's position alignment), the short answer and every text segment after a placeholder recomputed, and
  * KVM_KVCOMM_BLEND_FRAC of the offset-corrected facts rows (where the anchors' deltas disagree most:
- * recompute_select=spread) recomputed with them in one batched pass. */
+ * the spread score) recomputed with them in one batched pass. */
 void kvm_team_blend_policy(kvm_kvcomm_config_t *c);
 
 typedef struct kvm_team_opts {
