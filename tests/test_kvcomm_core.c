@@ -18,27 +18,11 @@
 
 /* ---- helpers ------------------------------------------------------------------------------------- */
 
-static kvm_config_t small_cfg(kvm_rope_layout_t layout) {
-    kvm_config_t c = {0};
-    c.dim = 64;
-    c.hidden_dim = 128;
-    c.n_layers = 3;
-    c.n_heads = 4;
-    c.n_kv_heads = 2;
-    c.head_dim = 16;
-    c.vocab_size = 101;
-    c.max_seq_len = 1024;
-    c.rope_theta = 10000;
-    c.rope_layout = layout;
-    c.rms_eps = 1e-5f;
-    return c;
-}
-
 static bool g_qwen_like = false; /* q/k/v biases and per-head QK-norm before RoPE (Qwen2/Qwen3) */
 static bool g_llama3 = false;    /* llama3 RoPE scaling (Llama-3.1: theta 5e5, factor 8, 1/4, 8192) */
 
 static kvm_model_t *small_model(kvm_rope_layout_t layout, uint64_t seed) {
-    kvm_config_t c = small_cfg(layout);
+    kvm_config_t c = kvcomm_test_cfg(layout);
     c.qk_norm = c.qkv_bias = g_qwen_like;
     if (g_llama3) {
         c.rope_theta = 500000.0;
@@ -51,15 +35,6 @@ static kvm_model_t *small_model(kvm_rope_layout_t layout, uint64_t seed) {
     kvm_model_t *m = kvm_model_random(&c, seed, 4, "cpu");
     assert_non_null(m);
     return m;
-}
-
-static float max_rel(const float *a, const float *b, size_t n) {
-    double md = 0, mr = 0;
-    for (size_t i = 0; i < n; i++) {
-        md = fmax(md, fabs((double)a[i] - b[i]));
-        mr = fmax(mr, fabs((double)b[i]));
-    }
-    return (float)(md / (mr > 0 ? mr : 1));
 }
 
 /* A raw template: text(a) {ph} text(b) [{ph2} text(c)] */

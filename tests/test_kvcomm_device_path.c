@@ -20,18 +20,7 @@
 #include "test_kvcomm_common.h"
 
 static kvm_model_t *model_on(const char *backend, kvm_rope_layout_t layout) {
-    kvm_config_t c = {0};
-    c.dim = 64;
-    c.hidden_dim = 128;
-    c.n_layers = 3;
-    c.n_heads = 4;
-    c.n_kv_heads = 2;
-    c.head_dim = 16; /* a multiple of 16: the CUDA kernels take it */
-    c.vocab_size = 101;
-    c.max_seq_len = 1024;
-    c.rope_theta = 10000;
-    c.rope_layout = layout;
-    c.rms_eps = 1e-5f;
+    kvm_config_t c = kvcomm_test_cfg(layout); /* head_dim 16: the CUDA kernels take it */
     kvm_model_t *m = kvm_model_random(&c, 23, 4, backend);
     if (!m) fprintf(stderr, "model on %s: %s\n", backend, kvm_errmsg());
     assert_non_null(m);
