@@ -368,15 +368,22 @@ static int run_ttft(kvm_model_t *m, const opts_t *o) {
 
 /* ==== the team (fidelity) workload ======================================================================= */
 
-/* time to first token of a team run, overall and per role, into its JSON object */
-static void team_ttft_json(cJSON *o1, const kvm_team_result_t *r) {
+typedef void (*team_stat_fn)(const kvm_team_result_t *r, int role, double *mean_ms, double *p50_ms);
+
+/* a per-call time of a team run (kvm_team_ttft, kvm_team_prep_cpu), overall and per role, into its JSON object as
+ * KEY_mean, KEY_p50 and KEY_per_role [{mean, p50}] */
+static void team_time_json(cJSON *o1, const kvm_team_result_t *r, team_stat_fn fn, const char *key) {
     double tm = 0, tp = 0;
-    kvm_team_ttft(r, -1, &tm, &tp);
-    cJSON_AddNumberToObject(o1, "ttft_ms_mean", tm);
-    cJSON_AddNumberToObject(o1, "ttft_ms_p50", tp);
-    cJSON *tr = cJSON_AddArrayToObject(o1, "ttft_ms_per_role"); /* [role] {mean, p50} */
+    char k1[64];
+    fn(r, -1, &tm, &tp);
+    snprintf(k1, sizeof k1, "%s_mean", key);
+    cJSON_AddNumberToObject(o1, k1, tm);
+    snprintf(k1, sizeof k1, "%s_p50", key);
+    cJSON_AddNumberToObject(o1, k1, tp);
+    snprintf(k1, sizeof k1, "%s_per_role", key);
+    cJSON *tr = cJSON_AddArrayToObject(o1, k1);
     for (int k = 0; k < KVM_TEAM_ROLES; k++) {
-        kvm_team_ttft(r, k, &tm, &tp);
+        fn(r, k, &tm, &tp);
         cJSON *e = cJSON_CreateObject();
         cJSON_AddNumberToObject(e, "mean", tm);
         cJSON_AddNumberToObject(e, "p50", tp);
@@ -384,19 +391,28 @@ static void team_ttft_json(cJSON *o1, const kvm_team_result_t *r) {
     }
 }
 
-/* the time-to-first-token table of the team runs */
+static void team_ttft_json(cJSON *o1, const kvm_team_result_t *r) {
+    team_time_json(o1, r, kvm_team_ttft, "ttft_ms");
+    team_time_json(o1, r, kvm_team_prep_cpu, "prepare_cpu_ms");
+}
+
+/* the per-call time tables of the team runs: time to first token, and the prepare call's CPU time */
 static void team_ttft_table(const kvm_model_t *m, const kvm_team_result_t *res, char (*names)[32], int nm) {
-    printf("\ntime to first token per agent call on %s (prepare + remaining prompt forward + first id; host wall ms), "
-           "mean / p50:\n%-14s %15s %15s %15s %15s %15s\n", m->ops->name, "mode", "all", "finder", "checker", "reverser",
-           "neighbour");
-    for (int i = 0; i < nm; i++) {
-        printf("%-14s", names[i]);
-        for (int k = -1; k < KVM_TEAM_ROLES; k++) {
-            double tm = 0, tp = 0;
-            kvm_team_ttft(&res[i], k, &tm, &tp);
-            printf(" %7.2f/%7.2f", tm, tp);
+    const char *title[2] = {"time to first token per agent call (prepare + remaining prompt forward + first id; host wall "
+                            "ms)", "CPU time of the prepare call (KVCOMM + recompute pass; process CPU ms, all threads)"};
+    const team_stat_fn stat[2] = {kvm_team_ttft, kvm_team_prep_cpu};
+    for (int t = 0; t < 2; t++) {
+        printf("\n%s on %s, mean / p50:\n%-14s %15s %15s %15s %15s %15s\n", title[t], m->ops->name, "mode", "all", "finder",
+               "checker", "reverser", "neighbour");
+        for (int i = 0; i < nm; i++) {
+            printf("%-14s", names[i]);
+            for (int k = -1; k < KVM_TEAM_ROLES; k++) {
+                double tm = 0, tp = 0;
+                stat[t](&res[i], k, &tm, &tp);
+                printf(" %7.2f/%7.2f", tm, tp);
+            }
+            printf("\n");
         }
-        printf("\n");
     }
 }
 

@@ -57,6 +57,9 @@ typedef struct kvm_team_result {
     double *ttft_ms;         /* [requests * 4] per invocation (request q, role k at q * 4 + k): host wall time from
                               * the agent's prepare call to its first output id (prepare + recompute + the forward
                               * of the remaining prompt tokens + sampling), ms; < 0 where the invocation did not run */
+    double *prep_cpu_ms;     /* [requests * 4] likewise: process CPU time (all threads) of the prepare call alone
+                              * (KVCOMM and the recompute pass), ms: the part that depends on the KVCOMM code, and a
+                              * figure that a loaded machine disturbs less than wall time */
 } kvm_team_result_t;
 
 /* Defaults: 300 requests, warm 10, 32 cosine samples, 12 tokens, seed 1000, KVCOMM, default switches. */
@@ -70,5 +73,7 @@ double kvm_team_accuracy(const kvm_team_result_t *r);
 /* Time to first token over the invocations of `role` (0..KVM_TEAM_ROLES-1, or -1 for all): mean and median in ms
  * (0 when none ran). */
 void kvm_team_ttft(const kvm_team_result_t *r, int role, double *mean_ms, double *p50_ms);
+/* The same over prep_cpu_ms. */
+void kvm_team_prep_cpu(const kvm_team_result_t *r, int role, double *mean_ms, double *p50_ms);
 
 #endif
