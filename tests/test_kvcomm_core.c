@@ -509,6 +509,45 @@ static void test_no_anchor_naive_switch_reuses_without_offset(void **st) {
     teardown(m, c, t1, t2, in, NULL);
 }
 
+/* A backend that cannot run KVCOMM (no ops, or a head_dim its ops do not take: kvm_comm_create says why in
+ * c->kvcomm_off) prepares KVCOMM prompts DENSE, every placeholder dense, and makes no anchors; a pool bound past the
+ * ops' anchor limit set directly in the switches is refused by prepare. */
+static void test_kvcomm_policy_prepares_dense_where_the_backend_cannot_run_it(void **st) {
+    (void)st;
+    kvm_model_t *m = small_model(KVM_ROPE_HALF, 47);
+    kvm_comm_t *c = kvm_comm_create(m, NULL);
+    assert_string_equal(c->kvcomm_off, ""); /* the CPU backend runs it */
+    kvm_comm_config(c)->force_reuse = true;
+    snprintf(c->kvcomm_off, sizeof c->kvcomm_off, "a backend without the KVCOMM ops");
+    kvm_template_t *t = make_tmpl(c, "a", "input", NULL, 121, 20);
+    kvm_segment_t *in = NULL;
+    for (int q = 0; q < 4; q++) {
+        kvm_comm_request_t *rq = kvm_comm_request_begin(c, (uint64_t)q + 1);
+        kvm_segment_release(in);
+        in = input_segment(c, 500 + (uint64_t)q, 15);
+        kvm_binding_t b = {"input", in};
+        kvm_comm_report_t r;
+        assert_int_equal(run_agent(rq, t, &b, 1, KVM_KV_KVCOMM, &r, NULL, 2), 0);
+        assert_int_equal(r.mode, KVM_COMM_DENSE);
+        assert_int_equal(r.ph[0].decision, KVM_PH_DENSE);
+        assert_int_equal(r.offset_tokens + r.naive_tokens, 0);
+        assert_int_equal(kvm_comm_request_end(rq), 0);
+    }
+    kvm_comm_stats_t stt;
+    kvm_comm_stats(c, &stt);
+    assert_int_equal((int)stt.anchors_created, 0);
+    c->kvcomm_off[0] = 0;
+    kvm_comm_config(c)->max_anchors = KVM_KVCOMM_MAX_ANCHORS; /* past what set() takes: V + 1 would not fit */
+    kvm_comm_request_t *rq = kvm_comm_request_begin(c, 9);
+    kvm_binding_t b = {"input", in};
+    kvm_prepared_t p;
+    kvm_prompt_t pr = {.tmpl = t, .bindings = &b, .n_bindings = 1, .policy = KVM_KV_KVCOMM};
+    assert_int_equal(kvm_comm_prepare(rq, &pr, &p), KVM_EINVAL);
+    assert_non_null(strstr(kvm_errmsg(), "max_anchors"));
+    kvm_comm_request_abort(rq);
+    teardown(m, c, t, NULL, in, NULL);
+}
+
 static void test_prepare_ids_takes_the_exact_prefix_of_an_earlier_dense_prompt(void **st) {
     (void)st;
     kvm_model_t *m = small_model(KVM_ROPE_HALF, 43);
@@ -1147,6 +1186,7 @@ int main(void) {
         cmocka_unit_test(test_reference_pool_bound_reaches_v_plus_one),
         cmocka_unit_test(test_anchor_byte_budget_evicts_until_under_budget),
         cmocka_unit_test(test_no_anchor_naive_switch_reuses_without_offset),
+        cmocka_unit_test(test_kvcomm_policy_prepares_dense_where_the_backend_cannot_run_it),
         cmocka_unit_test(test_prepare_ids_takes_the_exact_prefix_of_an_earlier_dense_prompt),
         cmocka_unit_test(test_switches_parse_and_reject_unknown_values),
         cmocka_unit_test(test_recompute_frac_one_with_the_text_recomputed_gives_the_dense_cache),
