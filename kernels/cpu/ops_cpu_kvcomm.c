@@ -1,6 +1,7 @@
-/* ops_cpu_kvcomm.c - CPU reference of the optional KVCOMM ops of ops.h (kvcomm_dist, kvcomm_softmax,
- * kvcomm_apply; kvcomm.md §3.6, §3.11). Straightforward loops in fp64/fp32 exactly as the contracts in
- * ops.h read; the CUDA kernels (kernels/cuda/kvcomm_kernels.cu) are tested against these. */
+/* ops_cpu_kvcomm.c - the KVCOMM ops of ops.h on the CPU backend (kvcomm_dist, kvcomm_softmax, kvcomm_apply,
+ * kvcomm_spread; kvcomm.md §3.6, §3.11): KVCOMM's production path on the CPU (runtime/comm/kvcomm_dev.c) and the
+ * reference the CUDA kernels (kernels/cuda/kvcomm_kernels.cu) are tested against. Straightforward loops in
+ * fp64/fp32 exactly as the contracts in ops.h read, parallel above 2^18 elements. */
 #include "../ops.h"
 
 #include <math.h>

@@ -399,7 +399,8 @@ static int anchor_views(kvm_comm_t *c, comm_anchor_t **A, int N, kvm_kv_view_t *
 
 int comm_dev_pred(kvm_comm_t *c, comm_sample_t *s, comm_anchor_t **E, int n, double *d) {
     if (n <= 0) return 0;
-    if (n > KVM_KVCOMM_MAX_ANCHORS) return kvm_seterr(KVM_EUNSUPPORTED, "kvcomm: %d eligible anchors on the device path", n);
+    if (n > KVM_KVCOMM_MAX_ANCHORS)
+        return kvm_seterr(KVM_EUNSUPPORTED, "kvcomm: %d eligible anchors (the ops take %d)", n, KVM_KVCOMM_MAX_ANCHORS);
     const kvm_ops_t *o = c->pool->ops;
     struct comm_dev_ctx *x = ctx(c);
     if (!x) return KVM_ENOMEM;
