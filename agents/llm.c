@@ -425,8 +425,6 @@ static int model_prepare(lmodel_t *m, job_t *j, const wf_llm_req_t *r) {
         if (!rc) {
             kvm_prompt_t p = {.tmpl = lt->t, .bindings = b, .n_bindings = nb, .policy = r->kv};
             rc = kvm_comm_prepare(j->rq, &p, &j->prep);
-            /* kvcomm.recompute_below (ours; 0 = the spec, a no-op): short shared pieces are recomputed */
-            if (!rc) rc = kvm_comm_recompute_short(m->comm, &j->prep);
             if (!rc) j->has_prep = true;
         }
     } else {
@@ -480,11 +478,12 @@ static int model_prepare(lmodel_t *m, job_t *j, const wf_llm_req_t *r) {
              rep->mode == KVM_COMM_REUSE ? "reuse" : rep->exact_tokens > 0 ? "prefix" : "dense");
     cJSON_AddStringToObject(detail, "policy", kvm_kv_policy_name(r->kv));
     if (use_tmpl) {
+        /* the report is the struct above; its one serialiser's text goes into the trace as is (never parsed back) */
         int need = kvm_comm_report_json(rep, NULL, 0);
         char *buf = need > 0 ? kvm_malloc((size_t)need + 1) : NULL;
         if (buf) {
             kvm_comm_report_json(rep, buf, (size_t)need + 1);
-            cJSON *rj = cJSON_Parse(buf);
+            cJSON *rj = cJSON_CreateRaw(buf);
             if (rj) cJSON_AddItemToObject(detail, "report", rj);
             kvm_free(buf);
         }

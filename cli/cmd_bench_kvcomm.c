@@ -22,6 +22,7 @@
 #include <cjson/cJSON.h>
 
 #include "cli_env.h"
+#include "runtime/comm/kvcomm_oracle.h"
 #include "runtime/comm/prompt.h"
 #include "runtime/comm/team_eval.h"
 #include "runtime/eval/minitasks.h"
@@ -63,7 +64,7 @@ static void usage(void) {
             "usage: kvmesh bench kvcomm (--synthetic NAME | --model PATH) [options]\n"
             "  --backend auto|cpu|cuda     (default auto)\n"
             "  --workload ttft|team        (default ttft)\n"
-            "  --set kvcomm.KEY=VALUE      a KVCOMM switch (repeatable), e.g. --set kvcomm.frame=f0\n"
+            "  --set kvcomm.KEY=VALUE      a KVCOMM switch (repeatable), e.g. --set kvcomm.gamma=0.5\n"
             "  --kv-budget-mb N            KV pool size (default: the model's default)\n"
             "  --out DIR                   write the full JSON there\n"
             " ttft: --agents 5 --input 1000 --prefix 512 --output 512 --warmup 2 --requests 3\n"
@@ -208,7 +209,6 @@ static int run_ttft(kvm_model_t *m, const opts_t *o) {
             memset(&res, 0, sizeof res);
             double a0 = now_ms();
             rc = kvm_comm_prepare(rq, &pr, &p);
-            if (!rc) rc = kvm_comm_recompute_short(c, &p); /* kvcomm.recompute_below (0: a no-op) */
             double prep_ms = now_ms() - a0;
             if (rc) break;
             rc = kvm_generate(m, &p.seq, p.rest_ids, p.n_rest, &gp, NULL, NULL, &res);
@@ -369,6 +369,54 @@ static int run_ttft(kvm_model_t *m, const opts_t *o) {
 
 /* ==== the team (fidelity) workload ======================================================================= */
 
+typedef void (*team_stat_fn)(const kvm_team_result_t *r, int role, double *mean_ms, double *p50_ms);
+
+/* a per-call time of a team run (kvm_team_ttft, kvm_team_prep_cpu), overall and per role, into its JSON object as
+ * KEY_mean, KEY_p50 and KEY_per_role [{mean, p50}] */
+static void team_time_json(cJSON *o1, const kvm_team_result_t *r, team_stat_fn fn, const char *key) {
+    double tm = 0, tp = 0;
+    char k1[64];
+    fn(r, -1, &tm, &tp);
+    snprintf(k1, sizeof k1, "%s_mean", key);
+    cJSON_AddNumberToObject(o1, k1, tm);
+    snprintf(k1, sizeof k1, "%s_p50", key);
+    cJSON_AddNumberToObject(o1, k1, tp);
+    snprintf(k1, sizeof k1, "%s_per_role", key);
+    cJSON *tr = cJSON_AddArrayToObject(o1, k1);
+    for (int k = 0; k < KVM_TEAM_ROLES; k++) {
+        fn(r, k, &tm, &tp);
+        cJSON *e = cJSON_CreateObject();
+        cJSON_AddNumberToObject(e, "mean", tm);
+        cJSON_AddNumberToObject(e, "p50", tp);
+        cJSON_AddItemToArray(tr, e);
+    }
+}
+
+static void team_ttft_json(cJSON *o1, const kvm_team_result_t *r) {
+    team_time_json(o1, r, kvm_team_ttft, "ttft_ms");
+    team_time_json(o1, r, kvm_team_prep_cpu, "prepare_cpu_ms");
+}
+
+/* the per-call time tables of the team runs: time to first token, and the prepare call's CPU time */
+static void team_ttft_table(const kvm_model_t *m, const kvm_team_result_t *res, char (*names)[32], int nm) {
+    const char *title[2] = {"time to first token per agent call (prepare + remaining prompt forward + first id; host wall "
+                            "ms)", "CPU time of the prepare call (KVCOMM + recompute pass; process CPU ms, all threads)"};
+    const team_stat_fn stat[2] = {kvm_team_ttft, kvm_team_prep_cpu};
+    for (int t = 0; t < 2; t++) {
+        printf("\n%s on %s, mean / p50:\n%-14s %15s %15s %15s %15s %15s\n", title[t], m->ops->name, "mode", "all", "finder",
+               "checker", "reverser", "neighbour");
+        for (int i = 0; i < nm; i++) {
+            printf("%-14s", names[i]);
+            for (int k = -1; k < KVM_TEAM_ROLES; k++) {
+                double tm = 0, tp = 0;
+                stat[t](&res[i], k, &tm, &tp);
+                printf(" %7.2f/%7.2f", tm, tp);
+            }
+            printf("\n");
+        }
+    }
+}
+
 static int run_team(kvm_model_t *m, const opts_t *o) {
     if (!m->tok) {
         fprintf(stderr, "kvmesh bench kvcomm: the team workload needs a model with a tokenizer\n");
@@ -468,6 +516,7 @@ static int run_team(kvm_model_t *m, const opts_t *o) {
             cJSON_AddNumberToObject(o1, "selected_recomputed_tokens", r->selected_recomputed);
             cJSON_AddNumberToObject(o1, "recompute_items", r->recompute_items);
             cJSON_AddNumberToObject(o1, "token_reuse_beyond_prefix", tok_reuse);
+            team_ttft_json(o1, r);
             cJSON *ck = cJSON_AddArrayToObject(o1, "cos_k"), *cv = cJSON_AddArrayToObject(o1, "cos_v");
             cJSON *lk = cJSON_AddArrayToObject(o1, "rel_l2_k"), *lv = cJSON_AddArrayToObject(o1, "rel_l2_v");
             for (int l = 0; l < L && r->cos_n; l++) {
@@ -478,6 +527,7 @@ static int run_team(kvm_model_t *m, const opts_t *o) {
             }
             cJSON_AddItemToArray(jm, o1);
         }
+        team_ttft_table(m, res, names, nm);
         printf("\nper-layer cosine to dense prefill of the reused rows, K/V (mean over %d sampled REUSE invocations):\n",
                o->cos_samples);
         for (int i = 0; i < nm; i++) {

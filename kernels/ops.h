@@ -131,10 +131,12 @@ typedef struct kvm_ops {
     void (*rope_qk)(float *q, float *k, int n, int hq, int hk, int hd, const int32_t *pos, const float *inv_freq,
                     kvm_rope_layout_t layout);
 
-    /* ---- optional KVCOMM ops (kvcomm.md §3.6, §3.11); NULL where absent: comm/ then computes on the host.
+    /* ---- optional KVCOMM ops (kvcomm.md §3.6, §3.11), the one KVCOMM path of comm/; where one of them (spread
+     * included) is NULL, comm/ prepares KVCOMM prompts DENSE.
      * Types and exact contracts are documented with kvm_kvcomm_dist_args_t / kvm_kvcomm_apply_args_t
      * below. Each returns 0 or a negative KVM_E* (KVM_EUNSUPPORTED: shape the backend cannot do, e.g.
-     * head_dim % 16 != 0 or more than KVM_KVCOMM_MAX_ANCHORS anchors on CUDA; the caller falls back). ---- */
+     * head_dim % 16 != 0 or more than KVM_KVCOMM_MAX_ANCHORS anchors on CUDA; comm/ checks the head_dim at
+     * kvm_comm_create and prepares DENSE where the backend cannot, and caps kvcomm.max_anchors). ---- */
     /* raw distances of a candidate to N anchors (placeholder, text-segment, prediction) */
     int (*kvcomm_dist)(const struct kvm_kvcomm_dist_args *a);
     /* w[n][c] = softmax_n(-d[n][c]) (mode KVM_KVCOMM_SOFTMAX) or one-hot argmin_n d[n][c], ties to the lowest n
@@ -178,8 +180,8 @@ typedef struct kvm_ops {
     void (*ffn_add_rmsnorm_16)(float *x, const float *in, const kvm_wmat_t *w_gate, const kvm_wmat_t *w_up,
                                const kvm_wmat_t *w_down, float *h1, float *h2, float *out, const float *w, int n, int dim,
                                float eps);
-    /* optional (ours, kvcomm.recompute_select=spread): the anchors' disagreement per row of a placeholder,
-     * contract with kvm_kvcomm_spread_args_t; NULL = the host path computes it */
+    /* (ours, kvcomm.recompute_frac): the anchors' disagreement per row of a placeholder,
+     * contract with kvm_kvcomm_spread_args_t (part of the KVCOMM op set above) */
     int (*kvcomm_spread)(const struct kvm_kvcomm_spread_args *a);
 } kvm_ops_t;
 

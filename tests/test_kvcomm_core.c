@@ -11,32 +11,18 @@
 #include <cmocka.h>
 
 #include "runtime/comm/comm_internal.h"
+#include "runtime/comm/kvcomm_oracle.h"
+#include "runtime/comm/kvcomm_ref.h"
 #include "runtime/comm/prompt.h"
 #include "test_kvcomm_common.h"
 
 /* ---- helpers ------------------------------------------------------------------------------------- */
 
-static kvm_config_t small_cfg(kvm_rope_layout_t layout) {
-    kvm_config_t c = {0};
-    c.dim = 64;
-    c.hidden_dim = 128;
-    c.n_layers = 3;
-    c.n_heads = 4;
-    c.n_kv_heads = 2;
-    c.head_dim = 16;
-    c.vocab_size = 101;
-    c.max_seq_len = 1024;
-    c.rope_theta = 10000;
-    c.rope_layout = layout;
-    c.rms_eps = 1e-5f;
-    return c;
-}
-
 static bool g_qwen_like = false; /* q/k/v biases and per-head QK-norm before RoPE (Qwen2/Qwen3) */
 static bool g_llama3 = false;    /* llama3 RoPE scaling (Llama-3.1: theta 5e5, factor 8, 1/4, 8192) */
 
 static kvm_model_t *small_model(kvm_rope_layout_t layout, uint64_t seed) {
-    kvm_config_t c = small_cfg(layout);
+    kvm_config_t c = kvcomm_test_cfg(layout);
     c.qk_norm = c.qkv_bias = g_qwen_like;
     if (g_llama3) {
         c.rope_theta = 500000.0;
@@ -49,15 +35,6 @@ static kvm_model_t *small_model(kvm_rope_layout_t layout, uint64_t seed) {
     kvm_model_t *m = kvm_model_random(&c, seed, 4, "cpu");
     assert_non_null(m);
     return m;
-}
-
-static float max_rel(const float *a, const float *b, size_t n) {
-    double md = 0, mr = 0;
-    for (size_t i = 0; i < n; i++) {
-        md = fmax(md, fabs((double)a[i] - b[i]));
-        mr = fmax(mr, fabs((double)b[i]));
-    }
-    return (float)(md / (mr > 0 ? mr : 1));
 }
 
 /* A raw template: text(a) {ph} text(b) [{ph2} text(c)] */
@@ -101,21 +78,15 @@ static float *dense_kv(kvm_comm_t *c, const int32_t *ids, int n) {
     return kv;
 }
 
-static int run_agent(kvm_comm_request_t *rq, kvm_template_t *t, kvm_binding_t *b, int nb, kvm_kv_policy_t pol,
-                     kvm_comm_report_t *rep, kvm_segment_t **resp, int max_tokens) {
-    kvm_prepared_t p;
-    kvm_prompt_t pr = {.tmpl = t, .bindings = b, .n_bindings = nb, .policy = pol};
-    int rc = kvm_comm_prepare(rq, &pr, &p);
-    if (rc) return rc;
-    kvm_gen_params_t gp = {.max_tokens = max_tokens, .ignore_eos = true};
-    kvm_gen_result_t res;
-    memset(&res, 0, sizeof res);
-    rc = kvm_generate(kvm_comm_model(rq->c), &p.seq, p.rest_ids, p.n_rest, &gp, NULL, NULL, &res);
-    if (!rc) rc = kvm_comm_complete(rq, &p, &res, resp);
-    if (rep) *rep = p.report;
-    kvm_gen_result_free(&res);
-    kvm_prepared_release(&p);
-    return rc;
+/* Frees what an end-to-end test made (NULLs are skipped): segments, templates, the comm context, the model. */
+static void teardown(kvm_model_t *m, kvm_comm_t *c, kvm_template_t *t1, kvm_template_t *t2, kvm_segment_t *s1,
+                     kvm_segment_t *s2) {
+    kvm_segment_release(s1);
+    kvm_segment_release(s2);
+    kvm_template_free(t1);
+    kvm_template_free(t2);
+    kvm_comm_free(c);
+    kvm_model_free(m);
 }
 
 /* ---- layer-0 exactness (§8 item 3) --------------------------------------------------------------------- */
@@ -156,10 +127,7 @@ static void layer0_exact(kvm_rope_layout_t layout) {
     free(got);
     kvm_prepared_release(&p);
     kvm_comm_request_abort(rq);
-    kvm_segment_release(in);
-    kvm_template_free(t);
-    kvm_comm_free(c);
-    kvm_model_free(m);
+    teardown(m, c, t, NULL, in, NULL);
 }
 
 static void test_layer0_keys_after_shift_equal_dense_rotate_half(void **st) {
@@ -227,10 +195,7 @@ static void test_identical_prompt_reuses_the_prefix_cache_bit_for_bit(void **st)
     kvm_prepared_release(&p1);
     kvm_prepared_release(&p2);
     kvm_comm_request_abort(rq);
-    kvm_segment_release(in);
-    kvm_template_free(t);
-    kvm_comm_free(c);
-    kvm_model_free(m);
+    teardown(m, c, t, NULL, in, NULL);
 }
 
 /* ---- one anchor reproduces dense (§8 item 5) ------------------------------------------------------------- */
@@ -251,11 +216,14 @@ static void test_single_anchor_applied_to_its_own_sample_reproduces_dense(void *
     assert_int_equal(rq->n_staged, 1);
     comm_sample_t *s = &rq->samples[0];
     comm_anchor_t *a = rq->staged[0];
-    assert_int_equal(comm_weights(c, s, &a, 1), 0); /* one anchor: every weight is 1 */
+    assert_non_null(s->X); /* read by the materialization */
+    comm_ref_weights_t w;
+    assert_int_equal(comm_ref_weights(c, s->X, s->T, &a, 1, &w), 0); /* one anchor: every weight is 1 */
     const comm_geom_t *g = &c->g;
     int T = s->T, S = t->te[1] - t->ts[1];
     float *xh = malloc(comm_rows_elems(g, T) * 4), *ph = malloc(comm_rows_elems(g, S) * 4);
-    comm_apply(c, s, &a, 1, "a", t->P[1], S, xh, ph, true, true);
+    comm_ref_apply(c, s->X, &w, &a, "a", t->P[1], S, xh, ph, true, true);
+    comm_ref_weights_free(&w);
     /* the dense KV of the same prompt, re-based to F0 */
     int N = t->te[0] + T + S;
     int32_t *ids = malloc((size_t)N * 4);
@@ -278,34 +246,21 @@ static void test_single_anchor_applied_to_its_own_sample_reproduces_dense(void *
                 assert_true(max_rel(ph + comm_idx(g, S, l, kv, h, 0), want, (size_t)S * g->D) <= 1e-5f);
                 free(want);
             }
-    /* reference frame: the same anchor in the released code's frames gives the dense rows in place */
-    assert_int_equal(comm_mix_reference(c, s, &a, 1, "a", t->P[1], S, t->te[0], t->te[0] + T, xh, ph, true, true), 0);
-    for (int l = 1; l < g->L; l++)
-        for (int kv = 0; kv < 2; kv++)
-            for (int h = 0; h < g->H; h++) {
-                assert_true(max_rel(xh + comm_idx(g, T, l, kv, h, 0), dense + comm_idx(g, N, l, kv, h, t->te[0]),
-                                    (size_t)T * g->D) <= 1e-5f);
-                assert_true(max_rel(ph + comm_idx(g, S, l, kv, h, 0), dense + comm_idx(g, N, l, kv, h, t->te[0] + T),
-                                    (size_t)S * g->D) <= 1e-5f);
-            }
     free(dense);
     free(ids);
     free(xh);
     free(ph);
     kvm_comm_request_abort(rq);
-    kvm_segment_release(in);
-    kvm_template_free(t);
-    kvm_comm_free(c);
-    kvm_model_free(m);
+    teardown(m, c, t, NULL, in, NULL);
 }
 
 /* ---- end to end: anchors form, then agents reuse (§3.1, §3.7, §6) ----------------------------------------- */
 
-static void reuse_after_two_anchors(int frame) {
+static void test_after_two_anchors_agents_reuse_with_n_minus_1_cached_tokens(void **st) {
+    (void)st;
     kvm_model_t *m = small_model(KVM_ROPE_HALF, 17);
     kvm_comm_t *c = kvm_comm_create(m, NULL);
     kvm_comm_config(c)->force_reuse = true;
-    kvm_comm_config(c)->frame = frame;
     kvm_template_t *ta = make_tmpl(c, "a", "input", NULL, 41, 30);
     kvm_template_t *tb = make_tmpl(c, "b", "input", "agent:a:current", 51, 21);
     int reuse = 0, total = 0;
@@ -348,20 +303,7 @@ static void reuse_after_two_anchors(int frame) {
     assert_int_equal((int)stt.invocations, total);
     assert_int_equal((int)stt.reuse_invocations, reuse);
     assert_true(stt.anchor_bytes > 0);
-    kvm_template_free(ta);
-    kvm_template_free(tb);
-    kvm_comm_free(c);
-    kvm_model_free(m);
-}
-
-static void test_after_two_anchors_agents_reuse_with_n_minus_1_cached_tokens(void **st) {
-    (void)st;
-    reuse_after_two_anchors(KVM_KVCOMM_FRAME_F0);
-}
-
-static void test_reference_frame_mode_reuses_the_same_way(void **st) {
-    (void)st;
-    reuse_after_two_anchors(KVM_KVCOMM_FRAME_REFERENCE);
+    teardown(m, c, ta, tb, NULL, NULL);
 }
 
 static void test_response_segment_drops_the_token_without_kv_or_computes_it_on_length_stop(void **st) {
@@ -383,10 +325,7 @@ static void test_response_segment_drops_the_token_without_kv_or_computes_it_on_l
     kvm_segment_release(r1);
     kvm_segment_release(r2);
     kvm_comm_request_abort(rq);
-    kvm_segment_release(in);
-    kvm_template_free(t);
-    kvm_comm_free(c);
-    kvm_model_free(m);
+    teardown(m, c, t, NULL, in, NULL);
 }
 
 /* ---- errors ------------------------------------------------------------------------------------------------ */
@@ -424,9 +363,8 @@ static void test_prepare_rejects_a_segment_of_another_model_and_a_wrong_frame(vo
     kvm_segment_release(foreign);
     kvm_template_free(t);
     kvm_comm_free(c1);
-    kvm_comm_free(c2);
     kvm_model_free(m1);
-    kvm_model_free(m2);
+    teardown(m2, c2, NULL, NULL, NULL, NULL);
 }
 
 static void test_prepare_fails_cleanly_when_the_kv_budget_cannot_hold_the_prompt(void **st) {
@@ -456,10 +394,7 @@ static void test_prepare_fails_cleanly_when_the_kv_budget_cannot_hold_the_prompt
     assert_int_equal(kvm_segment_info(in)->n_tokens, 60);
     kvm_seq_free(&hog);
     kvm_comm_request_abort(rq);
-    kvm_segment_release(in);
-    kvm_template_free(t);
-    kvm_comm_free(c);
-    kvm_model_free(m);
+    teardown(m, c, t, NULL, in, NULL);
 }
 
 /* ---- templates (§2.2, §8 item 11) ---------------------------------------------------------------------------- */
@@ -524,11 +459,7 @@ static void test_template_change_invalidates_deltas(void **st) {
     assert_int_equal(run_agent(rq, t1, &b, 1, KVM_KV_KVCOMM, &r1, NULL, 2), 0);
     assert_int_equal(r1.mode, KVM_COMM_REUSE);
     kvm_comm_request_end(rq);
-    kvm_segment_release(in);
-    kvm_template_free(t1);
-    kvm_template_free(t2);
-    kvm_comm_free(c);
-    kvm_model_free(m);
+    teardown(m, c, t1, t2, in, NULL);
 }
 
 static void test_template_parse_maps_graph_placeholders_to_kvcomm_names(void **st) {
@@ -575,11 +506,46 @@ static void test_no_anchor_naive_switch_reuses_without_offset(void **st) {
     assert_int_equal(r.offset_tokens, 0);
     assert_int_equal(r.naive_tokens, r.input_tokens - r.exact_tokens - 1);
     kvm_comm_request_end(rq);
-    kvm_segment_release(in);
-    kvm_template_free(t1);
-    kvm_template_free(t2);
-    kvm_comm_free(c);
-    kvm_model_free(m);
+    teardown(m, c, t1, t2, in, NULL);
+}
+
+/* A backend that cannot run KVCOMM (no ops, or a head_dim its ops do not take: kvm_comm_create says why in
+ * c->kvcomm_off) prepares KVCOMM prompts DENSE, every placeholder dense, and makes no anchors; a pool bound past the
+ * ops' anchor limit set directly in the switches is refused by prepare. */
+static void test_kvcomm_policy_prepares_dense_where_the_backend_cannot_run_it(void **st) {
+    (void)st;
+    kvm_model_t *m = small_model(KVM_ROPE_HALF, 47);
+    kvm_comm_t *c = kvm_comm_create(m, NULL);
+    assert_string_equal(c->kvcomm_off, ""); /* the CPU backend runs it */
+    kvm_comm_config(c)->force_reuse = true;
+    snprintf(c->kvcomm_off, sizeof c->kvcomm_off, "a backend without the KVCOMM ops");
+    kvm_template_t *t = make_tmpl(c, "a", "input", NULL, 121, 20);
+    kvm_segment_t *in = NULL;
+    for (int q = 0; q < 4; q++) {
+        kvm_comm_request_t *rq = kvm_comm_request_begin(c, (uint64_t)q + 1);
+        kvm_segment_release(in);
+        in = input_segment(c, 500 + (uint64_t)q, 15);
+        kvm_binding_t b = {"input", in};
+        kvm_comm_report_t r;
+        assert_int_equal(run_agent(rq, t, &b, 1, KVM_KV_KVCOMM, &r, NULL, 2), 0);
+        assert_int_equal(r.mode, KVM_COMM_DENSE);
+        assert_int_equal(r.ph[0].decision, KVM_PH_DENSE);
+        assert_int_equal(r.offset_tokens + r.naive_tokens, 0);
+        assert_int_equal(kvm_comm_request_end(rq), 0);
+    }
+    kvm_comm_stats_t stt;
+    kvm_comm_stats(c, &stt);
+    assert_int_equal((int)stt.anchors_created, 0);
+    c->kvcomm_off[0] = 0;
+    kvm_comm_config(c)->max_anchors = KVM_KVCOMM_MAX_ANCHORS; /* past what set() takes: V + 1 would not fit */
+    kvm_comm_request_t *rq = kvm_comm_request_begin(c, 9);
+    kvm_binding_t b = {"input", in};
+    kvm_prepared_t p;
+    kvm_prompt_t pr = {.tmpl = t, .bindings = &b, .n_bindings = 1, .policy = KVM_KV_KVCOMM};
+    assert_int_equal(kvm_comm_prepare(rq, &pr, &p), KVM_EINVAL);
+    assert_non_null(strstr(kvm_errmsg(), "max_anchors"));
+    kvm_comm_request_abort(rq);
+    teardown(m, c, t, NULL, in, NULL);
 }
 
 static void test_prepare_ids_takes_the_exact_prefix_of_an_earlier_dense_prompt(void **st) {
@@ -625,22 +591,29 @@ typedef struct oracle_run {
 
 /* Agent a reads {input} and answers 5 tokens; agent b reads {input} and a's answer (in the order given by
  * agent_first) behind its own prefix. Two dense requests make the anchors (force_reuse), then in request 3
- * agent b is prepared with an oracle (which, only; which = 0: a plain prepare), optionally followed by
- * kvm_comm_recompute_short with recompute_below, and its cache is compared with a dense prefill of the
- * same ids. */
-static float g_recompute_frac = 0; /* kvcomm.recompute_frac, kvcomm.recompute_text and kvcomm.align of oracle_run */
-static int g_recompute_text = 0, g_align = KVM_KVCOMM_ALIGN_POSITION, g_select = KVM_KVCOMM_SELECT_OFFSET;
+ * agent b is prepared twice with an oracle (which, only; which = 0: a plain prepare): first with every recompute
+ * switch off (`before`), then with recompute_below and the g_recompute_* switches (`after`, the one that runs), and
+ * both caches are compared with a dense prefill of the same ids. */
+static float g_recompute_frac = 0; /* kvcomm.recompute_frac and kvcomm.recompute_text of oracle_run's `after` */
+static int g_recompute_text = 0;
+
+static void prepare_b(kvm_comm_request_t *rq, kvm_prompt_t *pr, int which, const char *only, kvm_prepared_t *p) {
+    int rc = which ? kvm_comm_prepare_oracle(rq, pr, which, only, p) : kvm_comm_prepare(rq, pr, p);
+    if (rc) fprintf(stderr, "prepare: %s\n", kvm_errmsg());
+    assert_int_equal(rc, 0);
+    assert_int_equal(p->report.mode, KVM_COMM_REUSE);
+    assert_int_equal(p->n_cached, p->n_prompt - 1);
+    assert_int_equal(p->seq.n_tokens, p->n_cached);
+    assert_memory_equal(p->seq.tokens, p->prompt_ids, (size_t)p->n_cached * sizeof(int32_t));
+}
 
 static void oracle_run(kvm_rope_layout_t layout, bool agent_first, int which, const char *only, int recompute_below,
                        oracle_run_t *out) {
     memset(out, 0, sizeof *out);
     kvm_model_t *m = small_model(layout, 23);
     kvm_comm_t *c = kvm_comm_create(m, NULL);
-    kvm_comm_config(c)->force_reuse = true;
-    kvm_comm_config(c)->recompute_frac = g_recompute_frac;
-    kvm_comm_config(c)->recompute_text = g_recompute_text;
-    kvm_comm_config(c)->align = g_align;
-    kvm_comm_config(c)->recompute_select = g_select;
+    kvm_kvcomm_config_t *cfg = kvm_comm_config(c);
+    cfg->force_reuse = true;
     kvm_template_t *ta = make_tmpl(c, "a", "input", NULL, 41, 30);
     kvm_template_t *tb = make_tmpl(c, "b", agent_first ? "agent:a:current" : "input",
                                    agent_first ? "input" : "agent:a:current", 51, 21);
@@ -657,10 +630,8 @@ static void oracle_run(kvm_rope_layout_t layout, bool agent_first, int which, co
         } else {
             kvm_prompt_t pr = {.tmpl = tb, .bindings = bb, .n_bindings = 2, .policy = KVM_KV_KVCOMM};
             kvm_prepared_t p;
-            assert_int_equal(which ? kvm_comm_prepare_oracle(rq, &pr, which, only, &p) : kvm_comm_prepare(rq, &pr, &p), 0);
-            assert_int_equal(p.report.mode, KVM_COMM_REUSE);
+            prepare_b(rq, &pr, which, only, &p); /* every recompute switch off */
             const int n = p.n_prompt - 1;
-            assert_int_equal(p.n_cached, n);
             float *dense = dense_kv(c, p.prompt_ids, n);
             size_t e = comm_rows_elems(&g, n);
             out->n = n;
@@ -668,11 +639,11 @@ static void oracle_run(kvm_rope_layout_t layout, bool agent_first, int which, co
             out->after = malloc(e * sizeof(float));
             assert_int_equal(kvm_kv_read_rows(p.seq.pool, p.seq.blocks, 0, n, out->before), 0);
             out->err_before = max_rel(out->before, dense, e);
-            kvm_comm_config(c)->recompute_below = recompute_below;
-            assert_int_equal(kvm_comm_recompute_short(c, &p), 0);
-            assert_int_equal(p.n_cached, n);
-            assert_int_equal(p.seq.n_tokens, n);
-            assert_memory_equal(p.seq.tokens, p.prompt_ids, (size_t)n * sizeof(int32_t));
+            kvm_prepared_release(&p);
+            cfg->recompute_below = recompute_below, cfg->recompute_frac = g_recompute_frac;
+            cfg->recompute_text = g_recompute_text;
+            prepare_b(rq, &pr, which, only, &p); /* the same decisions (cached per sample), now recomputing */
+            assert_int_equal(p.n_prompt - 1, n);
             assert_int_equal(kvm_kv_read_rows(p.seq.pool, p.seq.blocks, 0, n, out->after), 0);
             out->err = max_rel(out->after, dense, e);
             out->rep = p.report;
@@ -689,10 +660,7 @@ static void oracle_run(kvm_rope_layout_t layout, bool agent_first, int which, co
         kvm_segment_release(in);
         kvm_segment_release(out_a);
     }
-    kvm_template_free(ta);
-    kvm_template_free(tb);
-    kvm_comm_free(c);
-    kvm_model_free(m);
+    teardown(m, c, ta, tb, NULL, NULL);
 }
 
 static void oracle_run_free(oracle_run_t *r) {
@@ -769,7 +737,7 @@ static void test_recomputing_the_short_answer_behind_an_exact_input_gives_the_de
     recompute_behind_oracle_input(true);
 }
 
-static void test_recompute_short_keeps_every_other_row_bit_for_bit_and_is_off_by_default(void **st) {
+static void test_recompute_below_keeps_every_other_row_bit_for_bit_and_is_off_by_default(void **st) {
     (void)st;
     oracle_run_t off, on;
     oracle_run(KVM_ROPE_HALF, true, 0, NULL, 0, &off);
@@ -830,34 +798,6 @@ static void test_recompute_frac_one_with_the_text_recomputed_gives_the_dense_cac
     oracle_run_free(&r);
 }
 
-/* recompute_select=layer1 recomputes the first two layers of every assembled row (layer 0 is exact everywhere,
- * so layer 1 is too: the K/V of layers 0-1 equal dense prefill), the deeper layers keep their estimates. */
-static void test_recompute_select_layer1_makes_the_first_two_layers_exact(void **st) {
-    (void)st;
-    oracle_run_t r;
-    g_recompute_frac = 0.01f, g_select = KVM_KVCOMM_SELECT_LAYER1;
-    oracle_run(KVM_ROPE_HALF, false, 0, NULL, 0, &r);
-    g_recompute_frac = 0, g_select = KVM_KVCOMM_SELECT_OFFSET;
-    const comm_geom_t g = {3, 2, 16};
-    const int E = r.rep.exact_tokens;
-    assert_int_equal(r.rep.layer1_rows, r.n - E);
-    assert_int_equal(r.rep.selected_recomputed, 1);
-    for (int l = 0; l < g.L; l++) {
-        float before = 0, after = 0;
-        for (int kv = 0; kv < 2; kv++)
-            for (int h = 0; h < g.H; h++) {
-                size_t o = comm_idx(&g, r.n, l, kv, h, E), n = (size_t)(r.n - E) * g.D;
-                before = fmaxf(before, max_rel(r.before + o, r.dense + o, n));
-                after = fmaxf(after, max_rel(r.after + o, r.dense + o, n));
-            }
-        fprintf(stderr, "layer %d: max rel err before %.3g, after %.3g\n", l, before, after);
-        if (l < 2) assert_true(after <= 1e-5f);
-        else assert_true(after > 1e-3f);
-        if (l == 1) assert_true(before > 1e-3f);
-    }
-    oracle_run_free(&r);
-}
-
 /* A fraction recomputes exactly ceil(frac x candidates) rows in place: those rows change, every other row stays
  * bit for bit (their estimates are kept; the text segments are not touched without recompute_text). */
 static void test_recompute_frac_changes_only_the_selected_rows(void **st) {
@@ -907,6 +847,7 @@ static comm_anchor_t *mk_anchor(const comm_geom_t *g, int T, uint64_t key, float
 static void fake_init(fake_t *f, int n, const int *T, const float *v) {
     memset(f, 0, sizeof *f);
     kvm_kvcomm_config_default(&f->c.cfg);
+    snprintf(f->c.kvcomm_off, sizeof f->c.kvcomm_off, "a hand-made pool: no backend to mirror anchors on");
     f->c.g = (comm_geom_t){2, 1, 4};
     comm_pool_t *p = comm_pool_get(&f->c, "input", true);
     p->a = kvm_malloc(sizeof(comm_anchor_t *) * 32);
@@ -954,7 +895,7 @@ static void test_prediction_is_new_with_at_most_one_anchor_or_one_eligible(void 
     float v1[1] = {0};
     fake_init(&f, 1, T1, v1);
     comm_sample_t s = mk_sample(&f.c.g, 8, 0);
-    assert_int_equal(comm_predict(&f.rq, &s), 0);
+    assert_int_equal(comm_predict_by(&f.rq, &s, comm_ref_pred_dist), 0);
     assert_true(s.is_new);
     kvm_free(s.X);
     fake_free(&f);
@@ -962,7 +903,7 @@ static void test_prediction_is_new_with_at_most_one_anchor_or_one_eligible(void 
     float v3[3] = {0, 0, 0};
     fake_init(&f, 3, T3, v3);
     s = mk_sample(&f.c.g, 5, 0);
-    assert_int_equal(comm_predict(&f.rq, &s), 0);
+    assert_int_equal(comm_predict_by(&f.rq, &s, comm_ref_pred_dist), 0);
     assert_true(s.is_new);
     assert_int_equal(s.n_eligible, 1);
     kvm_free(s.X);
@@ -976,7 +917,7 @@ static void test_prediction_counts_anchors_of_equal_length_as_eligible(void **st
     float v[2] = {0.0f, 5.0f};
     fake_init(&f, 2, T, v);
     comm_sample_t s = mk_sample(&f.c.g, 6, 0.0f); /* equal to anchor 0 */
-    assert_int_equal(comm_predict(&f.rq, &s), 0);
+    assert_int_equal(comm_predict_by(&f.rq, &s, comm_ref_pred_dist), 0);
     assert_int_equal(s.n_eligible, 2);
     assert_false(s.is_new);
     kvm_free(s.X);
@@ -990,7 +931,7 @@ static void test_equidistant_anchors_have_maximal_entropy_and_predict_new(void *
     float v[4] = {1, 1, 1, 1};
     fake_init(&f, 4, T, v);
     comm_sample_t s = mk_sample(&f.c.g, 6, 0.0f);
-    assert_int_equal(comm_predict(&f.rq, &s), 0);
+    assert_int_equal(comm_predict_by(&f.rq, &s, comm_ref_pred_dist), 0);
     assert_true(fabsf(s.entropy - 2.0f) < 1e-5f); /* log2(4) */
     assert_true(s.is_new);                          /* 2 > 0.3 * 2 */
     assert_int_equal(f.rq.n_bumps, 0);
@@ -1005,7 +946,7 @@ static void test_clear_nearest_anchor_shares_and_the_top_p_quirk_bumps_all_eligi
     float v[3] = {0.0f, 3.0f, 0.0f}; /* anchor 2 is too short */
     fake_init(&f, 3, T, v);
     comm_sample_t s = mk_sample(&f.c.g, 6, 0.0f);
-    assert_int_equal(comm_predict(&f.rq, &s), 0);
+    assert_int_equal(comm_predict_by(&f.rq, &s, comm_ref_pred_dist), 0);
     assert_false(s.is_new);
     assert_true(s.entropy < 1e-3f);
     /* the top weight is >= 0.9, so J is empty and every eligible anchor gets a bump (reference quirk) */
@@ -1030,7 +971,7 @@ static void test_top_p_bumps_only_the_anchors_below_the_cumulative_cut(void **st
     fake_init(&f, 4, T, v);
     f.c.cfg.force_reuse = true;
     comm_sample_t s = mk_sample(&f.c.g, 4, 0.0f);
-    assert_int_equal(comm_predict(&f.rq, &s), 0);
+    assert_int_equal(comm_predict_by(&f.rq, &s, comm_ref_pred_dist), 0);
     assert_false(s.is_new);
     /* cumulative: 0.6 (<0.9), 0.85 (<0.9), 0.95 -> cut = 1: the two best are bumped */
     assert_int_equal(f.rq.n_bumps, 2);
@@ -1049,7 +990,7 @@ static void test_entropy_treats_underflowed_weights_as_zero_not_nan(void **st) {
     float v[3] = {0.0f, 500.0f, 900.0f}; /* exp(-distance) underflows to exactly 0 for the far anchors */
     fake_init(&f, 3, T, v);
     comm_sample_t s = mk_sample(&f.c.g, 6, 0.0f);
-    assert_int_equal(comm_predict(&f.rq, &s), 0);
+    assert_int_equal(comm_predict_by(&f.rq, &s, comm_ref_pred_dist), 0);
     assert_false(isnan(s.entropy));
     assert_true(s.entropy == 0.0f);
     assert_false(s.is_new);
@@ -1130,125 +1071,9 @@ static void test_reference_pool_bound_reaches_v_plus_one(void **st) {
     fake_free(&f);
 }
 
-static const float FAKE_FREQ[2] = {1.0f, 0.01f}; /* the RoPE table of fake_store (head_dim 4) */
-
-/* A one-block CPU pool for the hand-made pool's geometry and a store over it (rotate-half, FAKE_FREQ). */
-static kvm_kv_pool_t *fake_store(fake_t *f) {
-    kvm_rope_params_t rp = {.inv_freq = FAKE_FREQ, .n_freq = 2, .layout = KVM_ROPE_HALF};
-    kvm_kv_geom_t gg = {2, 1, 4, KVM_F32};
-    kvm_kv_pool_t *pool = kvm_kv_pool_create(kvm_ops_cpu(), &gg, 1, 1);
-    f->c.store = kvm_kv_store_create(pool, &rp);
-    return pool;
-}
-
-/* Frees a hand-made pool, its sample (with its weight cache) and the store over pool. */
-static void fake_teardown(fake_t *f, comm_sample_t *s, kvm_kv_pool_t *pool) {
-    kvm_free(s->X);
-    kvm_free(s->w_keys);
-    kvm_free(s->w_kph);
-    kvm_free(s->w_kpf);
-    kvm_kv_store_free(f->c.store);
-    kvm_kv_pool_free(pool);
-    fake_free(f);
-}
-
-static void test_weights_sum_to_one_over_anchors_on_their_axes(void **st) {
-    (void)st;
-    fake_t f;
-    int T[3] = {5, 7, 9};
-    float v[3] = {0.1f, -0.2f, 0.3f};
-    fake_init(&f, 3, T, v);
-    /* vary the bases so the weights are not uniform */
-    for (int n = 0; n < 3; n++) {
-        comm_anchor_t *a = f.c.pools[0].a[n];
-        for (size_t i = 0; i < comm_rows_elems(&f.c.g, a->T); i++) a->base[i] += 0.01f * (float)((i * (n + 3)) % 7);
-    }
-    kvm_kv_pool_t *pool = fake_store(&f);
-    comm_sample_t s = mk_sample(&f.c.g, 5, 0.05f);
-    for (size_t i = 0; i < comm_rows_elems(&f.c.g, 5); i++) s.X[i] += 0.02f * (float)(i % 5);
-    assert_int_equal(comm_weights(&f.c, &s, f.c.pools[0].a, 3), 0);
-    const comm_geom_t *g = &f.c.g;
-    for (int t = 0; t < 5; t++) {
-        double a = 0, b = 0;
-        for (int n = 0; n < 3; n++) a += s.w_kph[n * 5 + t], b += s.w_vph[n * 5 + t];
-        assert_true(fabs(a - 1) < 1e-5 && fabs(b - 1) < 1e-5);
-    }
-    size_t per = (size_t)g->L * g->H * g->D;
-    for (size_t e = 0; e < per; e++) {
-        double a = 0, b = 0;
-        for (int n = 0; n < 3; n++) a += s.w_kpf[n * per + e], b += s.w_vpf[n * per + e];
-        assert_true(fabs(a - 1) < 1e-5 && fabs(b - 1) < 1e-5);
-    }
-    /* nearest is one-hot */
-    f.c.cfg.weights = KVM_KVCOMM_W_NEAREST;
-    s.w_n = 0;
-    assert_int_equal(comm_weights(&f.c, &s, f.c.pools[0].a, 3), 0);
-    for (int t = 0; t < 5; t++) {
-        int ones = 0;
-        for (int n = 0; n < 3; n++) ones += s.w_kph[n * 5 + t] == 1.0f;
-        assert_int_equal(ones, 1);
-    }
-    fake_teardown(&f, &s, pool);
-}
-
-/* kvcomm.align=content: each sample row takes the delta of the anchor row whose values are nearest; key deltas
- * measured at anchor row u are re-rotated to row t. Hand-made anchor: rows 1..3 hold sample rows 2, 0, 1. */
-static void test_content_alignment_finds_the_matching_rows_and_rerotates_key_deltas(void **st) {
-    (void)st;
-    fake_t f;
-    int T[1] = {4};
-    float v[1] = {9.0f};
-    fake_init(&f, 1, T, v);
-    const comm_geom_t *g = &f.c.g; /* L 2, H 1, D 4 */
-    kvm_kv_pool_t *pool = fake_store(&f);
-    f.c.cfg.align = KVM_KVCOMM_ALIGN_CONTENT;
-    comm_sample_t s = mk_sample(g, 3, 0.0f);
-    for (size_t i = 0; i < comm_rows_elems(g, 3); i++) s.X[i] = (float)((i * 37) % 11) * 0.1f - 0.5f;
-    comm_anchor_t *a = f.c.pools[0].a[0];
-    const int src[4] = {-1, 2, 0, 1}, want_u[3] = {2, 3, 1};
-    for (int l = 0; l < g->L; l++)
-        for (int kv = 0; kv < 2; kv++)
-            for (int u = 1; u < 4; u++)
-                memcpy(a->base + comm_idx(g, 4, l, kv, 0, u), s.X + comm_idx(g, 3, l, kv, 0, src[u]), 4 * sizeof(float));
-    /* deltas of consumer "c": row u of layer 1 holds (u+1) in every channel for V, (u+1, 0, 0, 0) for K */
-    const comm_geom_t gd = {1, 1, 4};
-    a->deltas = kvm_calloc(1, sizeof *a->deltas);
-    a->n_deltas = a->cap_deltas = 1;
-    snprintf(a->deltas[0].consumer, sizeof a->deltas[0].consumer, "c");
-    a->deltas[0].d_ph = kvm_calloc(comm_rows_elems(&gd, 4), sizeof(float));
-    for (int u = 0; u < 4; u++) {
-        a->deltas[0].d_ph[comm_idx(&gd, 4, 0, 0, 0, u)] = (float)(u + 1);
-        for (int k = 0; k < 4; k++) a->deltas[0].d_ph[comm_idx(&gd, 4, 0, 1, 0, u) + k] = (float)(u + 1);
-    }
-    assert_int_equal(comm_weights(&f.c, &s, &a, 1), 0);
-    assert_non_null(s.w_u);
-    for (int t = 0; t < 3; t++) assert_int_equal(s.w_u[t], want_u[t]);
-    float *out = kvm_malloc(comm_rows_elems(g, 3) * sizeof(float));
-    comm_apply(&f.c, &s, &a, 1, "c", NULL, 0, out, NULL, true, false);
-    for (int t = 0; t < 3; t++) {
-        const int u = want_u[t];
-        float dk[4] = {(float)(u + 1), 0, 0, 0};
-        kvm_rope_rotate_rows(dk, 1, 4, 4, t - u, NULL, FAKE_FREQ, KVM_ROPE_HALF);
-        for (int k = 0; k < 4; k++) {
-            assert_float_equal(out[comm_idx(g, 3, 1, 0, 0, t) + k], s.X[comm_idx(g, 3, 1, 0, 0, t) + k] + dk[k], 1e-5);
-            assert_float_equal(out[comm_idx(g, 3, 1, 1, 0, t) + k], s.X[comm_idx(g, 3, 1, 1, 0, t) + k] + (float)(u + 1),
-                               1e-5);
-            assert_float_equal(out[comm_idx(g, 3, 0, 1, 0, t) + k], s.X[comm_idx(g, 3, 0, 1, 0, t) + k], 0); /* layer 0 */
-        }
-    }
-    /* position alignment (the spec) takes row t instead */
-    f.c.cfg.align = KVM_KVCOMM_ALIGN_POSITION;
-    s.w_n = 0;
-    assert_int_equal(comm_weights(&f.c, &s, &a, 1), 0);
-    assert_null(s.w_u);
-    comm_apply(&f.c, &s, &a, 1, "c", NULL, 0, out, NULL, true, false);
-    assert_float_equal(out[comm_idx(g, 3, 1, 1, 0, 0)], s.X[comm_idx(g, 3, 1, 1, 0, 0)] + 1.0f, 1e-5);
-    kvm_free(out);
-    fake_teardown(&f, &s, pool);
-}
-
-/* recompute_select=spread: a row where the anchors' deltas agree scores ~0, a row where they disagree scores the
- * weighted spread around the estimate over |X|^2. Two anchors of equal base (weights 1/2 each). */
+/* recompute_frac's score (the kvcomm_spread op of the CPU backend, on the one path): a row where the anchors' deltas
+ * agree scores ~0, a row where they disagree scores the weighted spread around the estimate over |X|^2. Two anchors
+ * of equal base, weights 1/2 each. */
 static void test_spread_score_is_zero_where_anchors_agree_and_grows_where_they_disagree(void **st) {
     (void)st;
     fake_t f;
@@ -1256,28 +1081,30 @@ static void test_spread_score_is_zero_where_anchors_agree_and_grows_where_they_d
     float v[2] = {0.5f, 0.5f};
     fake_init(&f, 2, T, v);
     const comm_geom_t *g = &f.c.g; /* L 2, H 1, D 4 */
-    kvm_kv_pool_t *pool = fake_store(&f);
     comm_sample_t s = mk_sample(g, 2, 1.0f);
     const comm_geom_t gd = {1, 1, 4};
     comm_anchor_t **A = f.c.pools[0].a;
+    kvm_kv_view_t dv[2];
     for (int n = 0; n < 2; n++) { /* row 0: both deltas 0.3; row 1 (V only): +1 and -1 */
-        A[n]->deltas = kvm_calloc(1, sizeof *A[n]->deltas);
-        A[n]->n_deltas = A[n]->cap_deltas = 1;
-        snprintf(A[n]->deltas[0].consumer, sizeof A[n]->deltas[0].consumer, "c");
-        float *d = A[n]->deltas[0].d_ph = kvm_calloc(comm_rows_elems(&gd, 2), sizeof(float));
+        float *d = kvm_calloc(comm_rows_elems(&gd, 2), sizeof(float));
         for (int kv = 0; kv < 2; kv++)
             for (int k = 0; k < 4; k++) d[comm_idx(&gd, 2, 0, kv, 0, 0) + k] = 0.3f;
         for (int k = 0; k < 4; k++) d[comm_idx(&gd, 2, 0, 1, 0, 1) + k] = n ? -1.0f : 1.0f;
+        A[n]->deltas = kvm_calloc(1, sizeof *A[n]->deltas);
+        A[n]->n_deltas = A[n]->cap_deltas = 1;
+        A[n]->deltas[0].d_ph = d;
+        dv[n] = (kvm_kv_view_t){.data = d, .rows = 2, .l0 = 1};
     }
-    assert_int_equal(comm_weights(&f.c, &s, A, 2), 0);
-    float *xh = kvm_malloc(comm_rows_elems(g, 2) * sizeof(float)), sc[2];
-    comm_apply(&f.c, &s, A, 2, "c", NULL, 0, xh, NULL, true, false);
-    comm_spread_scores(&f.c, &s, A, 2, "c", xh, sc);
+    float w[2 * 2 * 2], sc[2];
+    for (int i = 0; i < 8; i++) w[i] = 0.5f;
+    kvm_kvcomm_spread_args_t a = {.g = {2, 1, 4, KVM_F32}, .x = {.data = s.X, .rows = 2, .l0 = 0}, .n = 2, .delta = dv,
+                                  .w = w, .w_rows = 2, .r0 = 0, .r1 = 2, .out = sc};
+    assert_int_equal(kvm_ops_cpu()->kvcomm_spread(&a), 0);
     /* |X|^2 over layer 1 (K and V, 4 channels each, all 1) = 8; spread of row 1: 4 channels x (1/2 + 1/2) x 1 = 4 */
     assert_true(sc[0] < 1e-6f);
     assert_float_equal(sc[1], 0.5f, 1e-5);
-    kvm_free(xh);
-    fake_teardown(&f, &s, pool);
+    kvm_free(s.X);
+    fake_free(&f);
 }
 
 static void test_switches_parse_and_reject_unknown_values(void **st) {
@@ -1286,11 +1113,17 @@ static void test_switches_parse_and_reject_unknown_values(void **st) {
     kvm_kvcomm_config_default(&c);
     assert_int_equal(kvm_kvcomm_config_set(&c, "kvcomm.gamma", "0.5"), 0);
     assert_true(fabsf(c.gamma - 0.5f) < 1e-6f);
-    assert_int_equal(kvm_kvcomm_config_set(&c, "weights", "cosine"), 0);
-    assert_int_equal(c.weights, KVM_KVCOMM_W_COSINE);
-    assert_int_equal(kvm_kvcomm_config_set(&c, "kvcomm.frame", "sideways"), KVM_EINVAL);
-    assert_non_null(strstr(kvm_errmsg(), "f0|reference"));
+    assert_int_equal(kvm_kvcomm_config_set(&c, "weights", "nearest"), 0);
+    assert_int_equal(c.weights, KVM_KVCOMM_W_NEAREST);
+    assert_int_equal(kvm_kvcomm_config_set(&c, "weights", "cosine"), KVM_EINVAL);
+    assert_non_null(strstr(kvm_errmsg(), "l2|nearest"));
+    assert_int_equal(kvm_kvcomm_config_set(&c, "kvcomm.pool_bound", "sideways"), KVM_EINVAL);
+    assert_non_null(strstr(kvm_errmsg(), "strict|reference"));
     assert_int_equal(kvm_kvcomm_config_set(&c, "kvcomm.nope", "1"), KVM_EINVAL);
+    assert_int_equal(kvm_kvcomm_config_set(&c, "max_anchors", "31"), 0);
+    assert_int_equal(kvm_kvcomm_config_set(&c, "max_anchors", "32"), KVM_EINVAL);
+    assert_non_null(strstr(kvm_errmsg(), "max_anchors"));
+    assert_int_equal(c.max_anchors, 31);
     assert_int_equal(kvm_kvcomm_ablation(&c, "rotation+ph"), 0);
     assert_true(c.ph_offset && !c.pf_offset && c.rotate);
     assert_int_equal(c.recompute_below, 0); /* the spec by default */
@@ -1304,30 +1137,26 @@ static void test_switches_parse_and_reject_unknown_values(void **st) {
     kvm_kvcomm_config_str(&c, buf, sizeof buf);
     assert_non_null(strstr(buf, "recompute_below=8"));
     assert_non_null(strstr(buf, "pf_offset=off"));
-    /* ours: the other recompute switches and the content alignment */
+    /* ours: the other recompute switches */
     assert_int_equal(kvm_kvcomm_config_set(&c, "kvcomm.recompute_text", "16"), 0);
     assert_int_equal(c.recompute_text, 16);
     assert_int_equal(kvm_kvcomm_config_set(&c, "recompute_frac", "0.3"), 0);
     assert_true(fabsf(c.recompute_frac - 0.3f) < 1e-6f);
     assert_int_equal(kvm_kvcomm_config_set(&c, "recompute_frac", "1.5"), KVM_EINVAL);
     assert_non_null(strstr(kvm_errmsg(), "[0, 1]"));
-    assert_int_equal(kvm_kvcomm_config_set(&c, "recompute_select", "spread"), 0);
-    assert_int_equal(c.recompute_select, KVM_KVCOMM_SELECT_SPREAD);
-    assert_int_equal(kvm_kvcomm_config_set(&c, "recompute_select", "best"), KVM_EINVAL);
-    assert_int_equal(kvm_kvcomm_config_set(&c, "align", "content"), 0);
-    assert_int_equal(c.align, KVM_KVCOMM_ALIGN_CONTENT);
-    assert_int_equal(kvm_kvcomm_config_set(&c, "align", "diagonal"), KVM_EINVAL);
-    assert_non_null(strstr(kvm_errmsg(), "position|content"));
-    assert_int_equal(kvm_kvcomm_config_set(&c, "align_window", "-2"), KVM_EINVAL);
+    /* the switches of the removed host path say so */
+    const char *gone[] = {"kvcomm.frame", "align", "align_window", "recompute_select"};
+    for (int i = 0; i < 4; i++) {
+        assert_int_equal(kvm_kvcomm_config_set(&c, gone[i], "reference"), KVM_EINVAL);
+        assert_non_null(strstr(kvm_errmsg(), "was removed"));
+    }
     assert_int_equal(kvm_kvcomm_config_set(&c, "preset", "fast"), KVM_EINVAL);
     assert_non_null(strstr(kvm_errmsg(), "spec|blend"));
     kvm_kvcomm_config_str(&c, buf, sizeof buf);
     assert_non_null(strstr(buf, "recompute_frac=0.30"));
-    assert_non_null(strstr(buf, "align=content"));
     assert_int_equal(kvm_kvcomm_config_set(&c, "preset", "blend"), 0);
     assert_true(c.ph_offset && c.pf_offset && c.recompute_below == 8 && c.recompute_text == 64);
-    assert_true(c.recompute_frac == KVM_KVCOMM_BLEND_FRAC && c.recompute_select == KVM_KVCOMM_SELECT_SPREAD);
-    assert_int_equal(c.align, KVM_KVCOMM_ALIGN_POSITION);
+    assert_true(c.recompute_frac == KVM_KVCOMM_BLEND_FRAC);
     assert_int_equal(kvm_kvcomm_config_set(&c, "preset", "spec"), 0);
     assert_true(c.recompute_frac == 0 && c.recompute_below == 0 && c.gamma == 0.3f);
 }
@@ -1341,7 +1170,6 @@ int main(void) {
         cmocka_unit_test(test_identical_prompt_reuses_the_prefix_cache_bit_for_bit),
         cmocka_unit_test(test_single_anchor_applied_to_its_own_sample_reproduces_dense),
         cmocka_unit_test(test_after_two_anchors_agents_reuse_with_n_minus_1_cached_tokens),
-        cmocka_unit_test(test_reference_frame_mode_reuses_the_same_way),
         cmocka_unit_test(test_response_segment_drops_the_token_without_kv_or_computes_it_on_length_stop),
         cmocka_unit_test(test_prepare_rejects_a_segment_of_another_model_and_a_wrong_frame),
         cmocka_unit_test(test_prepare_fails_cleanly_when_the_kv_budget_cannot_hold_the_prompt),
@@ -1358,19 +1186,17 @@ int main(void) {
         cmocka_unit_test(test_reference_pool_bound_reaches_v_plus_one),
         cmocka_unit_test(test_anchor_byte_budget_evicts_until_under_budget),
         cmocka_unit_test(test_no_anchor_naive_switch_reuses_without_offset),
+        cmocka_unit_test(test_kvcomm_policy_prepares_dense_where_the_backend_cannot_run_it),
         cmocka_unit_test(test_prepare_ids_takes_the_exact_prefix_of_an_earlier_dense_prompt),
-        cmocka_unit_test(test_weights_sum_to_one_over_anchors_on_their_axes),
         cmocka_unit_test(test_switches_parse_and_reject_unknown_values),
         cmocka_unit_test(test_recompute_frac_one_with_the_text_recomputed_gives_the_dense_cache),
         cmocka_unit_test(test_recompute_frac_changes_only_the_selected_rows),
-        cmocka_unit_test(test_recompute_select_layer1_makes_the_first_two_layers_exact),
-        cmocka_unit_test(test_content_alignment_finds_the_matching_rows_and_rerotates_key_deltas),
         cmocka_unit_test(test_spread_score_is_zero_where_anchors_agree_and_grows_where_they_disagree),
         cmocka_unit_test(test_oracle_offsets_make_the_reused_cache_equal_dense_prefill_in_both_rope_layouts),
         cmocka_unit_test(test_oracle_offsets_equal_dense_with_qk_norm_and_biases),
         cmocka_unit_test(test_oracle_on_one_piece_leaves_the_other_estimated),
         cmocka_unit_test(test_recomputing_the_short_answer_behind_an_exact_input_gives_the_dense_cache),
-        cmocka_unit_test(test_recompute_short_keeps_every_other_row_bit_for_bit_and_is_off_by_default),
+        cmocka_unit_test(test_recompute_below_keeps_every_other_row_bit_for_bit_and_is_off_by_default),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -31,6 +31,7 @@
 #include <string.h>
 #include <cmocka.h>
 
+#include "runtime/comm/kvcomm_oracle.h"
 #include "runtime/comm/team_eval.h"
 
 #define MODEL_DIR KVM_SOURCE_DIR "/models/minillama-2m"

@@ -12,16 +12,8 @@
 #include <cmocka.h>
 
 #include "runtime/comm/prompt.h"
+#include "test_kvcomm_common.h"
 #include "test_stories_common.h"
-
-static float max_rel(const float *a, const float *b, size_t n) {
-    double md = 0, mr = 0;
-    for (size_t i = 0; i < n; i++) {
-        md = fmax(md, fabs((double)a[i] - b[i]));
-        mr = fmax(mr, fabs((double)b[i]));
-    }
-    return (float)(md / (mr > 0 ? mr : 1));
-}
 
 static kvm_template_t *story_template(kvm_comm_t *c, const char *agent, const char *lead) {
     kvm_piece_t p[3] = {{.kind = KVM_PIECE_TEXT, .text = lead},

@@ -1,6 +1,7 @@
-/* ops_cpu_kvcomm.c - CPU reference of the optional KVCOMM ops of ops.h (kvcomm_dist, kvcomm_softmax,
- * kvcomm_apply; kvcomm.md §3.6, §3.11). Straightforward loops in fp64/fp32 exactly as the contracts in
- * ops.h read; the CUDA kernels (kernels/cuda/kvcomm_kernels.cu) are tested against these. */
+/* ops_cpu_kvcomm.c - the KVCOMM ops of ops.h on the CPU backend (kvcomm_dist, kvcomm_softmax, kvcomm_apply,
+ * kvcomm_spread; kvcomm.md §3.6, §3.11): KVCOMM's production path on the CPU (runtime/comm/kvcomm_dev.c) and the
+ * reference the CUDA kernels (kernels/cuda/kvcomm_kernels.cu) are tested against. Straightforward loops in
+ * fp64/fp32 exactly as the contracts in ops.h read, parallel above 2^18 elements. */
 #include "../ops.h"
 
 #include <math.h>
@@ -43,12 +44,25 @@ static void store_row(void *base, kvm_dtype_t dt, size_t idx, const float *src, 
     for (int i = 0; i < D; i++) d[i] = dt == KVM_BF16 ? kvm_f32_to_bf16(src[i]) : kvm_f32_to_f16(src[i]);
 }
 
-/* rotation of one head row by delta positions: angle in fp64 reduced, cos/sin rounded to fp32 (ops.h rope) */
-static void rotate_row(float *v, int D, int32_t delta, const float *inv_freq, kvm_rope_layout_t layout) {
+/* below this many elements a loop runs on one thread: for small models a parallel region costs more than the work,
+ * especially on a loaded machine */
+#define KVCOMM_PAR_MIN ((size_t)1 << 18)
+
+/* cos/sin of a rotation by delta positions (cs[0..D/2) cos, cs[D/2..D) sin): angle in fp64 reduced, cos/sin rounded to
+ * fp32 (ops.h rope); computed once per call or anchor, since every row of it moves by the same delta */
+static void rot_table(float *cs, int D, int32_t delta, const float *inv_freq) {
+    for (int j = 0; j < D / 2; j++) {
+        double ang = kvm_rope_angle((double)delta, inv_freq[j]);
+        cs[j] = (float)cos(ang);
+        cs[D / 2 + j] = (float)sin(ang);
+    }
+}
+
+/* rotation of one head row with the table of rot_table */
+static void rotate_row(float *v, int D, const float *cs, kvm_rope_layout_t layout) {
     const int half = D / 2;
     for (int j = 0; j < half; j++) {
-        double ang = kvm_rope_angle((double)delta, inv_freq[j]);
-        float c = (float)cos(ang), s = (float)sin(ang);
+        float c = cs[j], s = cs[half + j];
         float *x = layout == KVM_ROPE_HALF ? &v[j] : &v[2 * j];
         float *y = layout == KVM_ROPE_HALF ? &v[j + half] : &v[2 * j + 1];
         float a = *x, b = *y;
@@ -77,18 +91,20 @@ int kvm_cpu_kvcomm_dist(const kvm_kvcomm_dist_args_t *a) {
     if ((a->want & KVM_KVCOMM_WANT_PF) && a->rotate_tail && !a->inv_freq)
         return kvm_seterr(KVM_EINVAL, "kvcomm_dist: rotate_tail needs inv_freq");
     int fail = 0;
-#pragma omp parallel for schedule(dynamic)
+    const bool par = (size_t)N * L * 2 * H * T * D > KVCOMM_PAR_MIN;
+#pragma omp parallel for schedule(dynamic) if (par)
     for (int n = 0; n < N; n++) {
-        float *x = malloc((size_t)D * sizeof(float)), *y = malloc((size_t)D * sizeof(float));
+        float *x = malloc((size_t)D * sizeof(float)), *y = malloc((size_t)D * sizeof(float)), *cs = malloc((size_t)D * sizeof(float));
         double *ss = malloc((size_t)D * sizeof(double));
-        if (!x || !y || !ss) {
-            free(x), free(y), free(ss);
+        if (!x || !y || !ss || !cs) {
+            free(x), free(y), free(ss), free(cs);
 #pragma omp atomic write
             fail = 1;
             continue;
         }
         const kvm_kv_view_t *A = &a->a[n];
         const int off = a->a_rows[n] - T;
+        if ((a->want & KVM_KVCOMM_WANT_PF) && off && a->rotate_tail) rot_table(cs, D, -off, a->inv_freq);
         if (a->want & KVM_KVCOMM_WANT_PH)
             for (int kv = 0; kv < 2; kv++)
                 for (int t = 0; t < T; t++) {
@@ -109,7 +125,7 @@ int kvm_cpu_kvcomm_dist(const kvm_kvcomm_dist_args_t *a) {
                         for (int t = 0; t < T; t++) {
                             load_row(x, a->x.data, g->dtype, view_idx(g, &a->x, l, kv, h, t), D);
                             load_row(y, A->data, g->dtype, view_idx(g, A, l, kv, h, off + t), D);
-                            if (kv == 0 && off && a->rotate_tail) rotate_row(y, D, -off, a->inv_freq, a->layout);
+                            if (kv == 0 && off && a->rotate_tail) rotate_row(y, D, cs, a->layout);
                             for (int d = 0; d < D; d++) {
                                 double df = (double)x[d] - (double)y[d];
                                 ss[d] += df * df;
@@ -132,7 +148,7 @@ int kvm_cpu_kvcomm_dist(const kvm_kvcomm_dist_args_t *a) {
                     }
             a->d_pred[n] = (float)sqrt(acc);
         }
-        free(x), free(y), free(ss);
+        free(x), free(y), free(ss), free(cs);
     }
     if (fail) return kvm_seterr(KVM_ENOMEM, "kvcomm_dist: out of host memory");
     return 0;
@@ -173,8 +189,12 @@ int kvm_cpu_kvcomm_apply(const kvm_kvcomm_apply_args_t *a) {
         return kvm_seterr(KVM_EINVAL, "kvcomm_apply: positions [%d, %d) need block %d, the table has %d", a->dst_pos,
                           a->dst_pos + (a->r1 - a->r0), (a->dst_pos + (a->r1 - a->r0) - 1) / KVM_KV_BLOCK, a->dst_n_blocks);
     const kvm_kv_view_t dst = {.data = a->dst_kv, .blocks = a->dst_blocks, .start = a->dst_pos - a->r0};
+    float *cs = a->shift ? malloc((size_t)D * sizeof(float)) : NULL;
+    if (a->shift && !cs) return kvm_seterr(KVM_ENOMEM, "kvcomm_apply: out of host memory");
+    if (cs) rot_table(cs, D, a->shift, a->inv_freq);
+    const bool par = (size_t)(N + 1) * L * 2 * H * (size_t)(a->r1 - a->r0) * D > KVCOMM_PAR_MIN;
     int fail = 0;
-#pragma omp parallel for collapse(2) schedule(static)
+#pragma omp parallel for collapse(2) schedule(static) if (par)
     for (int l = 0; l < L; l++)
         for (int h = 0; h < H; h++) {
             float *y = malloc((size_t)D * sizeof(float)), *dl = malloc((size_t)D * sizeof(float));
@@ -197,12 +217,13 @@ int kvm_cpu_kvcomm_apply(const kvm_kvcomm_apply_args_t *a) {
                             for (int d = 0; d < D; d++) y[d] += w * dl[d];
                         }
                     }
-                    if (kv == 0 && a->shift) rotate_row(y, D, a->shift, a->inv_freq, a->layout);
+                    if (kv == 0 && a->shift) rotate_row(y, D, cs, a->layout);
                     /* dst row r sits at position dst_pos + (r - r0) = dst.start + r */
                     store_row(a->dst_kv, g->dtype, view_idx(g, &dst, l, kv, h, r), y, D);
                 }
             free(y), free(dl);
         }
+    free(cs);
     if (fail) return kvm_seterr(KVM_ENOMEM, "kvcomm_apply: out of host memory");
     return 0;
 }
@@ -217,7 +238,8 @@ int kvm_cpu_kvcomm_spread(const kvm_kvcomm_spread_args_t *a) {
     if (a->r0 < 0 || a->r1 < a->r0 || N < 1 || N > KVM_KVCOMM_MAX_ANCHORS || !a->w || !a->delta || !a->out)
         return kvm_seterr(KVM_EINVAL, "kvcomm_spread: rows [%d, %d), N=%d", a->r0, a->r1, N);
     int fail = 0;
-#pragma omp parallel for schedule(static)
+    const bool par = (size_t)(N + 1) * (L - 1) * 2 * H * (size_t)(a->r1 - a->r0) * D > KVCOMM_PAR_MIN;
+#pragma omp parallel for schedule(static) if (par)
     for (int r = a->r0; r < a->r1; r++) {
         float *x = malloc((size_t)D * sizeof(float)), *dl = malloc((size_t)N * D * sizeof(float));
         if (!x || !dl) {

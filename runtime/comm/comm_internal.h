@@ -23,7 +23,6 @@ typedef struct comm_delta {
     float *d_ph; /* rows = anchor T */
     float *d_pf; /* rows = S */
     int S;
-    int ph_src_start, pf_src_start;
 } comm_delta_t;
 
 typedef struct comm_anchor {
@@ -31,13 +30,12 @@ typedef struct comm_anchor {
     uint64_t key;
     int T;
     float *base; /* [L][2][H][T][D] F0 */
-    int src_start;
     comm_delta_t *deltas;
     int n_deltas, cap_deltas;
     uint32_t activation;
     uint64_t insert_seq;
     size_t bytes;
-    struct comm_dev_anchor *dev; /* kvcomm_dev.c: device mirror of base and deltas, or NULL */
+    struct comm_dev_anchor *dev; /* kvcomm_dev.c: backend mirror of base and deltas, or NULL */
 } comm_anchor_t;
 
 typedef struct comm_pool {
@@ -59,24 +57,9 @@ struct kvm_comm {
     size_t anchor_bytes;
     kvm_comm_stats_t st;
     int active_requests;
-    struct comm_dev_ctx *dev;  /* kvcomm_dev.c: device scratch, or NULL */
-    /* kvcomm.c, kvm_comm_prepare_oracle: true per-request rows that replace the estimated offsets of the
-     * matching (consumer, placeholder, sample) inside comm_apply; set only for the duration of one prepare */
-    struct comm_oracle *oracle;
-    int n_oracle;
+    struct comm_dev_ctx *dev;  /* kvcomm_dev.c: scratch of the op path, or NULL */
+    char kvcomm_off[160];      /* why the backend cannot run KVCOMM (no ops, a shape it does not take), or "" */
 };
-
-/* One oracle entry (fidelity diagnostics): the real F0 rows of a placeholder and of the text segment after
- * it in one consumer's dense prefill. which = KVM_ORACLE_PH | KVM_ORACLE_PF (prompt.h) says which of the two
- * replace the estimate. */
-typedef struct comm_oracle {
-    char consumer[KVM_COMM_NAME_MAX];
-    char name[KVM_COMM_NAME_MAX];
-    uint64_t key;
-    int T, S, which;
-    float *ph; /* [L][2][H][T][D] F0 */
-    float *pf; /* [L][2][H][S][D] F0 */
-} comm_oracle_t;
 
 /* One agent template record (kvcomm.md §2.2). */
 struct kvm_template {
@@ -99,19 +82,12 @@ typedef struct comm_sample {
     char name[KVM_COMM_NAME_MAX];
     uint64_t key;
     int T;
-    float *X;           /* F0 base [L][2][H][T][D] (host) */
+    float *X;           /* F0 base [L][2][H][T][D] (host), read only when needed (materialization), else NULL */
     bool predicted, is_new;
     float entropy, threshold;
     int n_pool, n_eligible;
     comm_anchor_t *staged; /* anchor (name, key) created in this request, or NULL */
-    /* weight cache: the usable anchor keys (sorted) and their four tensors */
-    uint64_t *w_keys;
-    int32_t *w_u;         /* kvcomm.align=content: [N][T] the anchor row each row takes its delta from (inside
-                           * the w_keys allocation), else NULL */
-    int w_n;
-    float *w_kph, *w_vph; /* [N][T] */
-    float *w_kpf, *w_vpf; /* [N][L][H][D] */
-    struct comm_dev_sample *dev; /* kvcomm_dev.c: segment, device weights (X stays NULL until needed) */
+    struct comm_dev_sample *dev; /* kvcomm_dev.c: the bound segment and the sample's weights in backend memory */
 } comm_sample_t;
 
 typedef struct comm_bump {
@@ -139,78 +115,103 @@ struct kvm_comm_request {
     comm_anchor_t **staged;
     char (*staged_pool)[KVM_COMM_NAME_MAX];
     int n_staged, cap_staged;
-    bool dev;               /* KVCOMM math on the backend for this request (kvcomm_dev.c) */
 };
 
+/* ---- comm.c ---- */
+/* runs ids through the model on seq (no logits), in chunks */
+int comm_prefill(kvm_comm_t *c, kvm_seq_t *seq, const int32_t *ids, int n);
+/* reads rows [pos, pos+n) of seq into host fp32 [L][2][H][n][D] with the keys re-based to F0 (shift by -pos) */
+int comm_read_f0(kvm_comm_t *c, const kvm_seq_t *seq, int pos, int n, float *out);
+
 /* ---- kvcomm.c ---- */
+/* Makes room for element n of the array *pp (capacity *cap elements of elem bytes; doubling, 8 first). pp is the
+ * address of the array pointer. 0 or KVM_ENOMEM (then *pp and *cap are unchanged). */
+int comm_reserve(void *pp, int *cap, int n, size_t elem);
 comm_pool_t *comm_pool_get(kvm_comm_t *c, const char *name, bool create);
 void comm_anchor_unref(kvm_comm_t *c, comm_anchor_t *a);
 const comm_delta_t *comm_anchor_delta(const comm_anchor_t *a, const char *consumer);
 /* the snapshot of pool `name` for this request (n = 0 when the pool did not exist at begin) */
 comm_anchor_t **comm_snapshot(kvm_comm_request_t *rq, const char *name, int *n);
-/* §3.4: runs the prediction of sample s against the snapshot (once per sample); stages bumps */
+/* §3.4: distances d[n] of sample s to anchors E[0..n) (the raw, or per element, Frobenius distance of the values) */
+typedef int (*comm_dist_fn)(kvm_comm_t *c, comm_sample_t *s, comm_anchor_t **E, int n, double *d);
+/* §3.4: runs the prediction of sample s against the snapshot (once per sample); stages bumps. comm_predict
+ * measures with the backend's kvcomm_dist op (comm_dev_pred); comm_predict_by with `dist` (tests: hand-made
+ * pools measured on the host). */
 int comm_predict(kvm_comm_request_t *rq, comm_sample_t *s);
+int comm_predict_by(kvm_comm_request_t *rq, comm_sample_t *s, comm_dist_fn dist);
 /* §3.5: the usable anchors of s for consumer/template_hash (T_a >= T, deltas present) */
 int comm_usable(kvm_comm_request_t *rq, const comm_sample_t *s, const char *consumer, uint64_t thash,
                 comm_anchor_t ***out, int *n);
-/* §3.6: computes (or takes from the cache) the four weight tensors of s over anchors[0..n) */
-int comm_weights(kvm_comm_t *c, comm_sample_t *s, comm_anchor_t **anchors, int n);
-/* §3.6 application in F0 on layers 1..L-1: out_ph[T rows] = X + mix(d_ph), out_pf[S rows] = P + mix(d_pf);
- * either output may be NULL. Both outputs are full fp32 [L][2][H][rows][D] tensors (layer 0 copied). */
-void comm_apply(kvm_comm_t *c, const comm_sample_t *s, comm_anchor_t **anchors, int n, const char *consumer,
-                const float *P, int S, float *out_ph, float *out_pf, bool ph_offset, bool pf_offset);
-/* kvcomm.frame = reference: the released code's frames (candidate rotated to t_ph, anchor bases to their
- * src_start, this consumer's deltas to its ph/pf_src_start, template text to t_pf); outputs are already at
- * their target positions (no shift afterwards). */
-int comm_mix_reference(kvm_comm_t *c, const comm_sample_t *s, comm_anchor_t **A, int N, const char *consumer,
-                       const float *P, int S, int t_ph, int t_pf, float *out_ph, float *out_pf, bool ph_offset,
-                       bool pf_offset);
+/* adds the delta of consumer to anchor a (T = a->T rows): d_ph = real_ph - X, d_pf = real_pf - P (S rows) */
+int comm_anchor_add_delta(const comm_geom_t *g, comm_anchor_t *a, const char *consumer, uint64_t thash,
+                          const float *real_ph, const float *X, const float *real_pf, const float *P, int S);
 /* §3.8: fills the deltas of anchor (s->name, s->key) for consumer from the real (F0) rows; creates the
  * staged anchor if needed */
 int comm_materialize(kvm_comm_request_t *rq, comm_sample_t *s, const char *consumer, uint64_t thash,
-                     const float *real_ph, const float *real_pf, const float *P, int S, int ph_start, int pf_start);
+                     const float *real_ph, const float *real_pf, const float *P, int S);
 /* commit at request end (§2.4 visibility, §3.9 eviction) */
 int comm_commit(kvm_comm_request_t *rq);
 void comm_request_free_state(kvm_comm_request_t *rq);
 size_t comm_anchor_bytes(const comm_geom_t *g, const comm_anchor_t *a);
 
-/* ---- kvcomm_dev.c: the device path (kernels/ops.h kvcomm_dist / kvcomm_softmax / kvcomm_apply) ----
- * Chosen per request (rq->dev) when the backend has the ops and is not the CPU (KVM_KVCOMM_DEVICE=1 forces it
- * on the CPU backend too, for tests; =0 turns it off), kvcomm.frame = f0 and kvcomm.weights != cosine.
- * Anchors keep their host fp32 data (the reference, filled by the DENSE path) and get a device mirror in the
- * pool dtype when committed; the REUSE path then reads only device memory. */
-typedef struct comm_dev_ph {
-    int decision, sample, t_ph, t_pf, T, S;
-    kvm_segment_t *seg;
-    comm_anchor_t **usable;
+/* ---- prepare.c: one placeholder of a prompt being prepared and the text segment after it ---- */
+typedef struct comm_piece {
+    int decision;            /* enum kvm_ph_decision */
+    int sample;              /* index in rq->samples, -1 if none */
+    int t_ph, t_pf, T, S;    /* prompt positions and lengths of the placeholder and of its text segment */
+    kvm_segment_t *seg;      /* the bound segment (one reference) */
+    comm_anchor_t **usable;  /* SHARED: the usable anchors, sorted by key (owned array) */
     int n_usable;
-} comm_dev_ph_t;
-bool comm_dev_on(kvm_comm_t *c);
+} comm_piece_t;
+
+/* Rows of piece q that land in the assembled span [E, N-1): placeholder rows [*a0, *a1), text rows [*b0, *b1)
+ * (relative to the piece's starts; empty when *a1 <= *a0). */
+static inline void comm_piece_rows(const comm_piece_t *q, int E, int N, int *a0, int *a1, int *b0, int *b1) {
+    *a0 = q->t_ph > E ? 0 : E - q->t_ph, *a1 = q->T;
+    if (q->t_ph + *a1 > N - 1) *a1 = N - 1 - q->t_ph;
+    *b0 = q->t_pf > E ? 0 : E - q->t_pf, *b1 = q->S;
+    if (q->t_pf + *b1 > N - 1) *b1 = N - 1 - q->t_pf;
+}
+
+/* Diagnostics hook of the assemble stage (kvcomm_oracle.c; kvm_comm_prepare never sets it): for a SHARED
+ * placeholder i, forced[i].anchor's delta for the consumer replaces the anchor estimate of the placeholder rows
+ * (which & COMM_FORCE_PH) and/or of the text segment (which & COMM_FORCE_PF), with weight 1 (`ones`: backend
+ * memory holding at least max(2 T, 2 L H D) floats of 1). The anchor must have its backend mirror. */
+enum { COMM_FORCE_PH = 1, COMM_FORCE_PF = 2 };
+typedef struct comm_forced {
+    comm_anchor_t *anchor;   /* NULL: the estimate */
+    int which;               /* COMM_FORCE_* bits */
+    const float *ones;
+} comm_forced_t;
+
+/* kvm_comm_prepare with the hook above (forced: [n placeholders] or NULL = kvm_comm_prepare). */
+int comm_prepare_run(kvm_comm_request_t *rq, const kvm_prompt_t *p, const comm_forced_t *forced, kvm_prepared_t *out);
+
+/* ---- kvcomm_dev.c: KVCOMM on the backend's ops (kernels/ops.h kvcomm_dist / softmax / apply / spread) ----
+ * The one path on every backend (the CPU backend implements the ops on host memory). Anchors keep their host
+ * fp32 data (written by the DENSE path's materialization) and get a backend mirror in the pool dtype when they
+ * are committed (on a host-memory backend with an fp32 pool the mirror is the host data itself); the REUSE path
+ * reads only backend memory. */
+/* "" when c's backend runs KVCOMM (the ops are there and take c's shapes), else why not (written into buf) */
+void comm_dev_check(kvm_comm_t *c, char *buf, size_t cap);
 void comm_dev_ctx_free(kvm_comm_t *c);
 int comm_dev_anchor_sync(kvm_comm_t *c, comm_anchor_t *a);
 void comm_dev_anchor_free(comm_anchor_t *a);
 void comm_dev_template_free(kvm_template_t *t);
-/* uploads the device copies of t's text segments now instead of at its first REUSE (not yet called by comm.c) */
+/* makes the backend copies of t's text segments (at template creation, so that no REUSE pays the upload) */
 int comm_dev_template_prepare(kvm_template_t *t);
-/* device weight buffers allocated so far by c's device path (a steady stream of requests reuses them) */
+/* weight buffers allocated so far by c's op path (a steady stream of requests reuses them) */
 int comm_dev_weight_buffers_made(const kvm_comm_t *c);
 int comm_dev_sample_bind(kvm_comm_t *c, comm_sample_t *s, const kvm_segment_t *seg);
-void comm_dev_sample_free(comm_sample_t *s);
-/* reads the sample's F0 base to host fp32 s->X if it is not there (the DENSE path needs it) */
+void comm_dev_sample_free(kvm_comm_t *c, comm_sample_t *s);
+/* reads the sample's F0 base to host fp32 s->X if it is not there (materialization needs it) */
 int comm_dev_sample_x(kvm_comm_t *c, comm_sample_t *s);
-/* §3.4 distances d[n] (raw or per element, as the host loop) of s to anchors E[0..n) */
+/* §3.4 distances (a comm_dist_fn) */
 int comm_dev_pred(kvm_comm_t *c, comm_sample_t *s, comm_anchor_t **E, int n, double *d);
-/* §3.6/§3.7 REUSE assembly of rows [E, N-1) of out->seq on the backend (fills the report's counts and times);
- * row_score (host [N] or NULL): with recompute_frac and recompute_select=spread, the spread score of every
- * offset-corrected placeholder row is written at its position (as the host path's comm_spread_scores) */
-int comm_dev_reuse(kvm_comm_request_t *rq, const kvm_template_t *t, const comm_dev_ph_t *ph, kvm_prepared_t *out,
-                   int E, int N, float *row_score);
-
-/* kvcomm.c, recompute_select=spread: per row t of the sample (out[T]), the weighted spread of the anchors'
- * placeholder deltas around the offset comm_apply added (xh - X), over |X|^2, layers 1..L-1. */
-void comm_spread_scores(kvm_comm_t *c, const comm_sample_t *s, comm_anchor_t **A, int N, const char *consumer,
-                        const float *xh, float *out);
-/* kvcomm.c: how kvm_comm_prepare counted row `row` of a REUSE prompt: 0 exact, 1 offset, 2 naive. */
-int comm_reuse_row_cat(const kvm_comm_report_t *r, const kvm_kvcomm_config_t *cfg, int row);
+/* §3.6/§3.7 REUSE assembly of rows [E, N-1) of out->seq (weights, offsets, shift, scatter of every piece; fills
+ * the report's top anchors and times); forced: the diagnostics hook or NULL; row_score (host [N] or NULL): with
+ * recompute_frac, the spread score of every offset-corrected placeholder row (kvcomm_spread) at its position */
+int comm_dev_reuse(kvm_comm_request_t *rq, const kvm_template_t *t, const comm_piece_t *pcs, const comm_forced_t *forced,
+                   kvm_prepared_t *out, int E, int N, float *row_score);
 
 #endif

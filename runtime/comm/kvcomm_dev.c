@@ -1,22 +1,22 @@
-/* kvcomm_dev.c - the device path of KVCOMM: prediction distances, offset weights and the REUSE assembly
- * through the backend's optional ops (kernels/ops.h: kvcomm_dist, kvcomm_softmax, kvcomm_apply), so that
- * on a GPU no KV crosses PCIe on the reuse path (kvcomm.md §3.4, §3.6, §3.7, §3.11).
+/* kvcomm_dev.c - KVCOMM on the backend's ops: prediction distances, offset weights and the REUSE assembly
+ * through kernels/ops.h (kvcomm_dist, kvcomm_softmax, kvcomm_apply, kvcomm_spread), the one path on every
+ * backend (kvcomm.md §3.4, §3.6, §3.7, §3.11). On a GPU no KV crosses PCIe on the reuse path; the CPU backend
+ * runs the same ops on host memory.
  *
  * Data placement:
  *   - a sample's base X stays in its segment's pool blocks (a paged view); host fp32 X is read only when the
  *     DENSE path needs it to materialize an anchor (comm_dev_sample_x);
- *   - anchors keep their host fp32 base and deltas (the reference, written by the DENSE path, off the reuse
- *     path) and get a device mirror in the pool dtype when they are committed (comm_dev_anchor_sync), freed
- *     with the anchor;
- *   - template text segments P get a device copy on first use (per template, kept until the template is freed);
- *   - weights live on the device per sample, cached by anchor set like the host cache; their buffers come from
- *     a small free list in the comm's device context (returned there when the request's samples are freed), so
- *     a steady stream of requests allocates no device memory on the reuse path.
- * Hot path (comm_dev_reuse): one upload of every block table the prompt needs, then the weights (dist +
- * softmax, only on a cache miss) and the fused apply of every piece are enqueued back to back with no host
- * synchronization in between, one sync at the end, then one small read-back of the placeholder key weights
- * per newly computed sample for the trace's top anchor.
- * Selection (comm_dev_on) is per request; the host path in kvcomm.c/comm.c stays the reference. */
+ *   - anchors keep their host fp32 base and deltas (written by the DENSE path, off the reuse path) and get a
+ *     backend mirror in the pool dtype when they are committed (comm_dev_anchor_sync), freed with the anchor; on
+ *     a host-memory backend with an fp32 pool the mirror is the host data itself (no copy);
+ *   - template text segments P get a backend copy when the template is created (the same aliasing applies);
+ *   - weights live in backend memory per sample, cached by anchor set; their buffers come from a small free list
+ *     in the comm's context (returned there when the request's samples are freed), so a steady stream of requests
+ *     allocates no backend memory on the reuse path.
+ * Hot path (comm_dev_reuse): one upload of every block table the prompt needs, then the weights (dist + softmax,
+ * only on a cache miss) and the fused apply of every piece are enqueued back to back with no host
+ * synchronization in between, one sync at the end, then one small read-back of the placeholder key weights per
+ * newly computed sample for the trace's top anchor. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -26,6 +26,7 @@
 
 struct comm_dev_anchor {
     const kvm_ops_t *o;
+    bool alias;           /* base, d_ph, d_pf are the anchor's host arrays (host-memory backend, fp32 pool) */
     void *base;           /* [L][2][H][T][D] dtype */
     void **d_ph, **d_pf;  /* per a->deltas[i]: [L-1][2][H][T|S][D] dtype */
     int n, cap;
@@ -33,7 +34,6 @@ struct comm_dev_anchor {
 
 struct comm_dev_sample {
     const kvm_ops_t *o;
-    kvm_comm_t *c;        /* whose device context takes w back */
     kvm_segment_t *seg;   /* one reference */
     float *w;             /* [2][N][T] | [2][N][L][H][D], distances then weights (in place) */
     size_t w_cap;         /* floats */
@@ -67,34 +67,20 @@ struct comm_dev_ctx {
     bool warmed;          /* dev_warm ran */
 };
 
-bool comm_dev_on(kvm_comm_t *c) {
+void comm_dev_check(kvm_comm_t *c, char *buf, size_t cap) {
     const kvm_ops_t *o = c->pool->ops;
-    const char *e = getenv("KVM_KVCOMM_DEVICE");
-    if (e && !strcmp(e, "0")) return false;
-    if (!o->kvcomm_dist || !o->kvcomm_softmax || !o->kvcomm_apply) return false;
-    const bool cpu = !strcmp(o->name, "cpu");
-    if (cpu && !(e && !strcmp(e, "1"))) return false;
-    if (c->cfg.frame != KVM_KVCOMM_FRAME_F0 || c->cfg.weights == KVM_KVCOMM_W_COSINE) return false;
-    /* ours: content alignment runs on the host path only; of the selective recompute's row scores the device
-     * has the spread (kvcomm_spread) */
-    if (c->cfg.align != KVM_KVCOMM_ALIGN_POSITION) return false;
-    if (c->cfg.recompute_frac > 0 && (c->cfg.recompute_select != KVM_KVCOMM_SELECT_SPREAD || !o->kvcomm_spread))
-        return false;
-    if (c->cfg.max_anchors + 1 > KVM_KVCOMM_MAX_ANCHORS) return false;
+    buf[0] = 0;
+    if (!o->kvcomm_dist || !o->kvcomm_softmax || !o->kvcomm_apply || !o->kvcomm_spread) {
+        snprintf(buf, cap, "backend %s has no KVCOMM ops", o->name);
+        return;
+    }
     const int D = c->g.D;
-    if (!cpu && (D % 16 || D > 512 || ((D / 16) & (D / 16 - 1)))) return false;
-    return true;
+    if (o != kvm_ops_cpu() && (D % 16 || D > 512 || ((D / 16) & (D / 16 - 1))))
+        snprintf(buf, cap, "backend %s: the KVCOMM ops take head_dim 16 x a power of two up to 512, not %d", o->name, D);
 }
 
-/* KVM_KVCOMM_DEV_TIMING=1: one line per reuse call and per prediction on stderr (where the time goes) */
-static bool dev_timing(void) {
-    static int on = -1;
-    if (on < 0) {
-        const char *e = getenv("KVM_KVCOMM_DEV_TIMING");
-        on = e && *e && strcmp(e, "0") != 0;
-    }
-    return on == 1;
-}
+/* A host-memory backend with an fp32 pool: backend copies of host fp32 rows are the rows themselves. */
+static bool host_f32(const kvm_comm_t *c) { return c->pool->ops == kvm_ops_cpu() && c->pool->geom.dtype == KVM_F32; }
 
 static struct comm_dev_ctx *ctx(kvm_comm_t *c) {
     if (!c->dev) c->dev = kvm_calloc(1, sizeof *c->dev);
@@ -273,10 +259,11 @@ int comm_dev_anchor_sync(kvm_comm_t *c, comm_anchor_t *a) {
         a->dev = kvm_calloc(1, sizeof *a->dev);
         if (!a->dev) return KVM_ENOMEM;
         a->dev->o = o;
+        a->dev->alias = host_f32(c);
     }
     struct comm_dev_anchor *m = a->dev;
     if (!m->base) {
-        m->base = upload_rows(o, dt, a->base, comm_rows_elems(g, a->T));
+        m->base = m->alias ? a->base : upload_rows(o, dt, a->base, comm_rows_elems(g, a->T));
         if (!m->base) return kvm_errcode() ? kvm_errcode() : KVM_ENOMEM;
     }
     if (m->cap < a->n_deltas) {
@@ -291,8 +278,8 @@ int comm_dev_anchor_sync(kvm_comm_t *c, comm_anchor_t *a) {
     }
     while (m->n < a->n_deltas) {
         const comm_delta_t *dl = &a->deltas[m->n];
-        void *ph = upload_rows(o, dt, dl->d_ph, comm_rows_elems(&gd, a->T));
-        void *pf = ph ? upload_rows(o, dt, dl->d_pf, comm_rows_elems(&gd, dl->S)) : NULL;
+        void *ph = m->alias ? dl->d_ph : upload_rows(o, dt, dl->d_ph, comm_rows_elems(&gd, a->T));
+        void *pf = m->alias ? dl->d_pf : ph ? upload_rows(o, dt, dl->d_pf, comm_rows_elems(&gd, dl->S)) : NULL;
         if (!ph || !pf) {
             o->free(ph);
             return kvm_errcode() ? kvm_errcode() : KVM_ENOMEM;
@@ -312,11 +299,11 @@ int comm_dev_anchor_sync(kvm_comm_t *c, comm_anchor_t *a) {
 void comm_dev_anchor_free(comm_anchor_t *a) {
     struct comm_dev_anchor *m = a->dev;
     if (!m) return;
-    for (int i = 0; i < m->n; i++) {
+    for (int i = 0; i < m->n && !m->alias; i++) {
         m->o->free(m->d_ph[i]);
         m->o->free(m->d_pf[i]);
     }
-    m->o->free(m->base);
+    if (!m->alias) m->o->free(m->base);
     kvm_free(m->d_ph);
     kvm_free(m->d_pf);
     kvm_free(m);
@@ -329,23 +316,24 @@ void comm_dev_template_free(kvm_template_t *t) {
     if (!t->c) return;
     const kvm_ops_t *o = t->c->pool->ops;
     for (int i = 0; i <= KVM_COMM_MAX_PH; i++) {
-        if (t->dev_P[i]) o->free(t->dev_P[i]);
+        if (t->dev_P[i] && t->dev_P[i] != (void *)t->P[i]) o->free(t->dev_P[i]); /* (else the host copy itself) */
         t->dev_P[i] = NULL;
     }
 }
 
-/* device copy of text segment i (1..n_ph) of t, rows S = te[i] - ts[i] */
+/* backend copy of text segment i (1..n_ph) of t, rows S = te[i] - ts[i] */
 static const void *template_P(kvm_template_t *t, int i) {
     if (!t->dev_P[i]) {
         kvm_comm_t *c = t->c;
         int S = t->te[i] - t->ts[i];
-        t->dev_P[i] = upload_rows(c->pool->ops, c->pool->geom.dtype, t->P[i], comm_rows_elems(&c->g, S));
+        t->dev_P[i] = host_f32(c) ? (void *)t->P[i]
+                                  : upload_rows(c->pool->ops, c->pool->geom.dtype, t->P[i], comm_rows_elems(&c->g, S));
     }
     return t->dev_P[i];
 }
 
-/* Makes the device copies of all text segments of t now (comm.c may call it when a template is created and
- * comm_dev_on(c) holds, so that the first REUSE of the template does not pay the upload); 0 or a KVM_E*. */
+/* Makes the backend copies of all text segments of t (at template creation, so that the first REUSE of the
+ * template does not pay the upload); 0 or a KVM_E*. */
 int comm_dev_template_prepare(kvm_template_t *t) {
     for (int i = 1; i <= t->n_ph; i++)
         if (t->te[i] > t->ts[i] && !template_P(t, i)) return kvm_errcode() ? kvm_errcode() : KVM_ENOMEM;
@@ -358,17 +346,16 @@ int comm_dev_sample_bind(kvm_comm_t *c, comm_sample_t *s, const kvm_segment_t *s
     s->dev = kvm_calloc(1, sizeof *s->dev);
     if (!s->dev) return KVM_ENOMEM;
     s->dev->o = c->pool->ops;
-    s->dev->c = c;
     s->dev->seg = (kvm_segment_t *)seg;
     kvm_segment_ref(s->dev->seg);
     return 0;
 }
 
-void comm_dev_sample_free(comm_sample_t *s) {
+void comm_dev_sample_free(kvm_comm_t *c, comm_sample_t *s) {
     struct comm_dev_sample *d = s->dev;
     if (!d) return;
     kvm_segment_release(d->seg);
-    wbuf_give(d->c, d->o, d->w, d->w_cap);
+    wbuf_give(c, d->o, d->w, d->w_cap);
     kvm_free(d->keys);
     kvm_free(d->mean_w);
     kvm_free(d);
@@ -412,12 +399,12 @@ static int anchor_views(kvm_comm_t *c, comm_anchor_t **A, int N, kvm_kv_view_t *
 
 int comm_dev_pred(kvm_comm_t *c, comm_sample_t *s, comm_anchor_t **E, int n, double *d) {
     if (n <= 0) return 0;
-    if (n > KVM_KVCOMM_MAX_ANCHORS) return kvm_seterr(KVM_EUNSUPPORTED, "kvcomm: %d eligible anchors on the device path", n);
+    if (n > KVM_KVCOMM_MAX_ANCHORS)
+        return kvm_seterr(KVM_EUNSUPPORTED, "kvcomm: %d eligible anchors (the ops take %d)", n, KVM_KVCOMM_MAX_ANCHORS);
     const kvm_ops_t *o = c->pool->ops;
     struct comm_dev_ctx *x = ctx(c);
     if (!x) return KVM_ENOMEM;
     if (!x->pred && !(x->pred = o->alloc(KVM_KVCOMM_MAX_ANCHORS * sizeof(float)))) return kvm_errcode();
-    const uint64_t t0 = kvm_now_ns();
     kvm_kv_view_t av[KVM_KVCOMM_MAX_ANCHORS];
     int rows[KVM_KVCOMM_MAX_ANCHORS];
     int rc = anchor_views(c, E, n, av, rows);
@@ -431,9 +418,6 @@ int comm_dev_pred(kvm_comm_t *c, comm_sample_t *s, comm_anchor_t **E, int n, dou
     const double cnt = (double)comm_rows_elems(&c->g, s->T) / 2;
     for (int i = 0; i < n; i++)
         d[i] = c->cfg.dist_norm == KVM_KVCOMM_DIST_PER_ELEMENT ? (double)h[i] / sqrt(cnt) : (double)h[i];
-    if (dev_timing())
-        fprintf(stderr, "kvcomm_dev pred '%s': T=%d, %d anchors, %.3f ms\n", s->name, s->T, n,
-                (double)(kvm_now_ns() - t0) / 1e6);
     return 0;
 }
 
@@ -527,88 +511,87 @@ static int seg_tables_add(seg_tables_t *st, const kvm_segment_t *g) {
     return st->n++;
 }
 
-/* Per-piece plan of comm_dev_reuse: rows of the placeholder [a0, a1) and of its text segment [b0, b1) that land
- * in [E, N-1) (as the host path), and the slot-0 table index of its source and sample segments. */
+/* The plan of one comm_dev_reuse call: per piece the rows that land in [E, N-1) (comm_piece_rows), the slot-0
+ * table index of its source and sample segments, and where its spread scores go; the uploaded tables. */
 typedef struct {
     int a0, a1, b0, b1, na, nb, src, smp, NA;
-    bool shared;
+    bool shared, scored;
+    size_t score_off;
 } piece_plan_t;
 
-int comm_dev_reuse(kvm_comm_request_t *rq, const kvm_template_t *tc, const comm_dev_ph_t *ph_all, kvm_prepared_t *out,
-                   int E, int N, float *row_score) {
-    kvm_comm_t *c = rq->c;
-    kvm_template_t *t = (kvm_template_t *)tc; /* for its lazily made device copies of P */
-    const kvm_ops_t *o = c->pool->ops;
-    const kvm_kvcomm_config_t *cfg = &c->cfg;
-    kvm_comm_report_t *r = &out->report;
-    const float *inv = kvm_kv_store_inv_freq_dev(c->store);
-    const kvm_rope_layout_t layout = kvm_kv_store_rope(c->store)->layout;
-    const int n_tail = N - 1 - E;
-    r->exact_tokens = E;
-    uint64_t ta = kvm_now_ns();
-    struct comm_dev_ctx *x = ctx(c);
-    if (!x) return KVM_ENOMEM;
-    int rc = 0;
-    if (n_tail > 0 && (rc = kvm_seq_reserve(&out->seq, N - 1))) return rc;
-
-    /* 1. plan every piece, check the anchors' device deltas, collect the block tables */
+typedef struct {
     piece_plan_t pl[KVM_COMM_MAX_PH];
-    seg_tables_t st = {.n = 0, .total = n_tail > 0 ? (size_t)out->seq.n_blocks : 0};
+    seg_tables_t st;
+    const int32_t *dbt; /* slot 0: the prompt's table, then every segment's */
+    size_t n_score;
+} reuse_plan_t;
+
+/* The delta of `consumer` in anchor an (its index in an->deltas), checked against the backend mirror and S. */
+static const comm_delta_t *dev_delta(const comm_anchor_t *an, const char *consumer, int S, int *k) {
+    const comm_delta_t *dl = comm_anchor_delta(an, consumer);
+    *k = dl ? (int)(dl - an->deltas) : 0;
+    if (!dl || !an->dev || *k >= an->dev->n) {
+        kvm_seterr(KVM_EINTERNAL, "kvcomm: anchor %016llx has no backend delta for '%s'", (unsigned long long)an->key,
+                   consumer);
+        return NULL;
+    }
+    if (dl->S != S) {
+        kvm_seterr(KVM_EINTERNAL, "kvcomm: delta of '%s' has %d text rows, the template %d", consumer, dl->S, S);
+        return NULL;
+    }
+    return dl;
+}
+
+/* Step 1 of comm_dev_reuse: plans every piece, checks the anchors' backend deltas, uploads the block tables and
+ * sizes the spread-score buffer. */
+static int reuse_plan(kvm_comm_request_t *rq, kvm_template_t *t, const comm_piece_t *pcs, const comm_forced_t *forced,
+                      kvm_prepared_t *out, int E, int N, bool scores, reuse_plan_t *rp) {
+    kvm_comm_t *c = rq->c;
+    struct comm_dev_ctx *x = c->dev;
+    const int n_tail = N - 1 - E;
+    rp->st = (seg_tables_t){.n = 0, .total = n_tail > 0 ? (size_t)out->seq.n_blocks : 0};
+    rp->n_score = 0;
     for (int i = 0; i < t->n_ph; i++) {
-        const comm_dev_ph_t *ph = &ph_all[i];
-        piece_plan_t *q = &pl[i];
-        const int T = ph->T, S = ph->S;
-        q->a0 = ph->t_ph > E ? 0 : E - ph->t_ph, q->a1 = T;
-        if (ph->t_ph + q->a1 > N - 1) q->a1 = N - 1 - ph->t_ph;
-        q->b0 = ph->t_pf > E ? 0 : E - ph->t_pf, q->b1 = S;
-        if (ph->t_pf + q->b1 > N - 1) q->b1 = N - 1 - ph->t_pf;
+        const comm_piece_t *ph = &pcs[i];
+        piece_plan_t *q = &rp->pl[i];
+        comm_piece_rows(ph, E, N, &q->a0, &q->a1, &q->b0, &q->b1);
         q->na = q->a1 > q->a0 ? q->a1 - q->a0 : 0, q->nb = q->b1 > q->b0 ? q->b1 - q->b0 : 0;
         q->shared = ph->decision == KVM_PH_SHARED;
         q->NA = q->shared ? ph->n_usable : 0;
         q->src = q->smp = -1;
         if (q->NA > KVM_KVCOMM_MAX_ANCHORS)
-            return kvm_seterr(KVM_EUNSUPPORTED, "kvcomm: %d usable anchors on the device path", q->NA);
-        if (q->na > 0) q->src = seg_tables_add(&st, ph->seg);
-        if (q->shared) q->smp = seg_tables_add(&st, rq->samples[ph->sample].dev->seg);
-        for (int n = 0; n < q->NA; n++) {
-            const comm_anchor_t *an = ph->usable[n];
-            const comm_delta_t *dl = comm_anchor_delta(an, t->agent);
-            int k = dl ? (int)(dl - an->deltas) : 0;
-            if (!dl || !an->dev || k >= an->dev->n)
-                return kvm_seterr(KVM_EINTERNAL, "kvcomm: anchor %016llx has no device delta for '%s'",
-                                  (unsigned long long)an->key, t->agent);
-            if (dl->S != S)
-                return kvm_seterr(KVM_EINTERNAL, "kvcomm: delta of '%s' has %d text rows, the template %d", t->agent, dl->S,
-                                  S);
-        }
+            return kvm_seterr(KVM_EUNSUPPORTED, "kvcomm: %d usable anchors (at most %d)", q->NA, KVM_KVCOMM_MAX_ANCHORS);
+        if (q->na > 0) q->src = seg_tables_add(&rp->st, ph->seg);
+        if (q->shared) q->smp = seg_tables_add(&rp->st, rq->samples[ph->sample].dev->seg);
+        int k = 0;
+        for (int n = 0; n < q->NA; n++)
+            if (!dev_delta(ph->usable[n], t->agent, ph->S, &k)) return KVM_EINTERNAL;
+        if (q->shared && forced && forced[i].anchor && !dev_delta(forced[i].anchor, t->agent, ph->S, &k))
+            return KVM_EINTERNAL;
         if (q->nb > 0 && !template_P(t, i + 1)) return kvm_errcode() ? kvm_errcode() : KVM_ENOMEM;
+        /* recompute_frac: the offset-corrected rows of every shared placeholder that is not recomputed whole */
+        q->scored = scores && q->shared && q->na > 0 && ph->T >= c->cfg.recompute_below;
+        q->score_off = rp->n_score;
+        if (q->scored) rp->n_score += (size_t)q->na;
     }
-    if (st.total > x->hbt_cap) {
-        size_t cap = st.total < 1024 ? 1024 : st.total * 2;
+    if (rp->st.total > x->hbt_cap) {
+        size_t cap = rp->st.total < 1024 ? 1024 : rp->st.total * 2;
         int32_t *h = kvm_realloc(x->hbt, cap * sizeof(int32_t));
         if (!h) return KVM_ENOMEM;
         x->hbt = h;
         x->hbt_cap = cap;
     }
     if (n_tail > 0) memcpy(x->hbt, out->seq.blocks, (size_t)out->seq.n_blocks * sizeof(int32_t));
-    for (int i = 0; i < st.n; i++) {
+    for (int i = 0; i < rp->st.n; i++) {
         int nb = 0;
-        const int32_t *b = kvm_segment_blocks(st.seg[i], &nb);
-        memcpy(x->hbt + st.off[i], b, (size_t)nb * sizeof(int32_t));
+        const int32_t *b = kvm_segment_blocks(rp->st.seg[i], &nb);
+        memcpy(x->hbt + rp->st.off[i], b, (size_t)nb * sizeof(int32_t));
     }
-    const int32_t *dbt = upload_blocks(c, 0, x->hbt, (int)st.total);
-    if (!dbt) return kvm_errcode() ? kvm_errcode() : KVM_ENOMEM;
-    /* recompute_frac (select=spread): every shared piece's rows get their spread score, in one device buffer */
-    const bool scores = row_score && cfg->recompute_frac > 0 && cfg->ph_offset && cfg->recompute_select == KVM_KVCOMM_SELECT_SPREAD;
-    size_t score_off[KVM_COMM_MAX_PH], n_score = 0;
-    bool scored[KVM_COMM_MAX_PH]; /* the pieces whose rows get a score (the host path's rule) */
-    for (int i = 0; i < t->n_ph; i++) {
-        score_off[i] = n_score;
-        scored[i] = scores && pl[i].shared && pl[i].na > 0 && ph_all[i].T >= cfg->recompute_below;
-        if (scored[i]) n_score += (size_t)pl[i].na;
-    }
-    if (n_score > x->score_cap) {
-        size_t cap = n_score < 4096 ? 4096 : n_score * 2;
+    rp->dbt = upload_blocks(c, 0, x->hbt, (int)rp->st.total);
+    if (!rp->dbt) return kvm_errcode() ? kvm_errcode() : KVM_ENOMEM;
+    if (rp->n_score > x->score_cap) {
+        const kvm_ops_t *o = c->pool->ops;
+        size_t cap = rp->n_score < 4096 ? 4096 : rp->n_score * 2;
         o->free(x->score);
         kvm_free(x->h_score);
         x->score = o->alloc(cap * sizeof(float));
@@ -616,147 +599,153 @@ int comm_dev_reuse(kvm_comm_request_t *rq, const kvm_template_t *tc, const comm_
         x->score_cap = x->score && x->h_score ? cap : 0;
         if (!x->score_cap) return kvm_errcode() ? kvm_errcode() : KVM_ENOMEM;
     }
-    double assemble = ms_since(ta);
+    return 0;
+}
 
-    /* 2. weights and applies of every piece, enqueued back to back */
+/* The anchor views and weights one piece mixes: its placeholder rows (ph) or its text rows (pf). The estimate: the
+ * usable anchors' deltas with the sample's weights; the diagnostics hook: the forced anchor's delta, weight 1. */
+typedef struct {
+    kvm_kv_view_t d[KVM_KVCOMM_MAX_ANCHORS];
+    int n;
+    const float *w;
+    int w_rows;
+} piece_mix_t;
+
+static void piece_mix(const comm_piece_t *ph, const comm_sample_t *s, const comm_forced_t *f, const char *consumer,
+                      int NA, bool pf, piece_mix_t *m) {
+    const int bit = pf ? COMM_FORCE_PF : COMM_FORCE_PH;
+    const bool forced = s && f && f->anchor && (f->which & bit); /* (only a SHARED piece has a sample) */
+    comm_anchor_t *const *A = forced ? &f->anchor : ph->usable;
+    m->n = forced ? 1 : NA;
+    m->w = forced ? f->ones : s ? s->dev->w + (pf ? (size_t)2 * NA * ph->T : 0) : NULL;
+    m->w_rows = pf ? 0 : ph->T;
+    for (int n = 0; n < m->n; n++) {
+        const comm_anchor_t *an = A[n];
+        const comm_delta_t *dl = comm_anchor_delta(an, consumer);
+        const int k = (int)(dl - an->deltas);
+        m->d[n] = pf ? (kvm_kv_view_t){.data = an->dev->d_pf[k], .rows = dl->S, .l0 = 1}
+                     : (kvm_kv_view_t){.data = an->dev->d_ph[k], .rows = an->T, .l0 = 1};
+    }
+}
+
+/* Step 2 of comm_dev_reuse for piece i: enqueues its weights (on a cache miss), the fused apply of its placeholder
+ * rows, their spread scores and the apply of its text rows. *w_ms gets the weights' host wall time; ev: events
+ * around the weights (or NULLs). No sync. */
+static int piece_enqueue(kvm_comm_request_t *rq, kvm_template_t *t, const comm_piece_t *ph, const comm_forced_t *f,
+                         const reuse_plan_t *rp, int i, kvm_prepared_t *out, double *w_ms, void **ev) {
+    kvm_comm_t *c = rq->c;
+    const kvm_ops_t *o = c->pool->ops;
+    const kvm_kvcomm_config_t *cfg = &c->cfg;
+    const piece_plan_t *q = &rp->pl[i];
+    comm_sample_t *s = q->shared ? &rq->samples[ph->sample] : NULL;
+    const float *inv = kvm_kv_store_inv_freq_dev(c->store);
+    const kvm_rope_layout_t layout = kvm_kv_store_rope(c->store)->layout;
+    int rc = 0;
+    if (q->shared) {
+        uint64_t tw = kvm_now_ns();
+        const kvm_kv_view_t xv = {.data = c->pool->data, .blocks = rp->dbt + rp->st.off[q->smp], .start = 0};
+        bool computed = false;
+        if (ev) ev[0] = o->event_record();
+        rc = dev_weights(c, s, ph->usable, q->NA, &xv, &computed);
+        if (ev) ev[1] = o->event_record();
+        *w_ms += ms_since(tw);
+        if (rc) return rc;
+    }
+    piece_mix_t mph, mpf;
+    piece_mix(ph, s, f, t->agent, q->NA, false, &mph);
+    piece_mix(ph, s, f, t->agent, q->NA, true, &mpf);
+    kvm_kvcomm_apply_args_t a = {.g = c->pool->geom, .dst_kv = c->pool->data, .dst_blocks = rp->dbt, .inv_freq = inv,
+                                 .layout = layout, .dst_n_blocks = out->seq.n_blocks};
+    if (q->na > 0) {
+        a.src = (kvm_kv_view_t){.data = c->pool->data, .blocks = rp->dbt + rp->st.off[q->src], .start = 0};
+        a.n = q->shared && cfg->ph_offset ? mph.n : 0, a.delta = mph.d, a.w = mph.w, a.per_channel = 0;
+        a.w_rows = mph.w_rows, a.r0 = q->a0, a.r1 = q->a1, a.dst_pos = ph->t_ph + q->a0;
+        a.shift = cfg->rotate ? ph->t_ph : 0;
+        rc = o->kvcomm_apply(&a);
+    }
+    if (!rc && q->scored) {
+        kvm_kvcomm_spread_args_t sp = {.g = c->pool->geom,
+                                       .x = {.data = c->pool->data, .blocks = rp->dbt + rp->st.off[q->smp], .start = 0},
+                                       .n = mph.n, .delta = mph.d, .w = mph.w, .w_rows = mph.w_rows, .r0 = q->a0,
+                                       .r1 = q->a1, .out = c->dev->score + q->score_off};
+        rc = o->kvcomm_spread(&sp);
+    }
+    if (!rc && q->nb > 0) {
+        a.src = (kvm_kv_view_t){.data = t->dev_P[i + 1], .rows = ph->S, .l0 = 0};
+        a.n = q->shared && cfg->pf_offset ? mpf.n : 0, a.delta = mpf.d, a.w = mpf.w, a.per_channel = 1, a.w_rows = 0;
+        a.r0 = q->b0, a.r1 = q->b1, a.dst_pos = ph->t_pf + q->b0, a.shift = cfg->rotate ? ph->t_pf : 0;
+        rc = o->kvcomm_apply(&a);
+    }
+    return rc;
+}
+
+/* weights_ms: device time of the weight kernels (events ev[i][0..1], freed here) or their host wall time w_wall
+ * (synchronous backends), at most the enqueue-to-sync window dev_wall. */
+static double weights_time(const kvm_ops_t *o, void *ev[][2], int n, double w_wall, double dev_wall, bool ok) {
+    if (!o->event_record || !o->event_elapsed_ms || !o->event_free) return w_wall;
+    double w_ms = 0;
+    for (int i = 0; i < n; i++)
+        if (ev[i][0] && ev[i][1]) {
+            if (ok) {
+                float e = o->event_elapsed_ms(ev[i][0], ev[i][1]);
+                if (e > 0) w_ms += e;
+            }
+            o->event_free(ev[i][0]), o->event_free(ev[i][1]);
+        }
+    return w_ms > dev_wall ? dev_wall : w_ms;
+}
+
+int comm_dev_reuse(kvm_comm_request_t *rq, const kvm_template_t *tc, const comm_piece_t *pcs, const comm_forced_t *forced,
+                   kvm_prepared_t *out, int E, int N, float *row_score) {
+    kvm_comm_t *c = rq->c;
+    kvm_template_t *t = (kvm_template_t *)tc; /* for its lazily made backend copies of P */
+    const kvm_ops_t *o = c->pool->ops;
+    kvm_comm_report_t *r = &out->report;
+    const int n_tail = N - 1 - E;
+    uint64_t ta = kvm_now_ns();
+    if (!ctx(c)) return KVM_ENOMEM;
+    int rc = 0;
+    if (n_tail > 0 && (rc = kvm_seq_reserve(&out->seq, N - 1))) return rc;
+    /* 1. plan every piece, upload the block tables */
+    reuse_plan_t rp;
+    memset(&rp, 0, sizeof rp);
+    const bool scores = row_score && c->cfg.recompute_frac > 0 && c->cfg.ph_offset;
+    if ((rc = reuse_plan(rq, t, pcs, forced, out, E, N, scores, &rp))) return rc;
+    const double assemble = ms_since(ta);
+    /* 2. weights and applies of every piece, enqueued back to back; one sync */
     const bool ev = o->event_record && o->event_elapsed_ms && o->event_free;
     void *evw[KVM_COMM_MAX_PH][2];
     memset(evw, 0, sizeof evw);
     double w_wall = 0;
     uint64_t td = kvm_now_ns();
-    for (int i = 0; i < t->n_ph && !rc; i++) {
-        const comm_dev_ph_t *ph = &ph_all[i];
-        const piece_plan_t *q = &pl[i];
-        const int T = ph->T, S = ph->S;
-        comm_sample_t *s = q->shared ? &rq->samples[ph->sample] : NULL;
-        kvm_kv_view_t dph[KVM_KVCOMM_MAX_ANCHORS], dpf[KVM_KVCOMM_MAX_ANCHORS];
-        if (q->shared) {
-            uint64_t tw = kvm_now_ns();
-            const kvm_kv_view_t xv = {.data = c->pool->data, .blocks = dbt + st.off[q->smp], .start = 0};
-            if (ev) evw[i][0] = o->event_record();
-            bool computed = false;
-            rc = dev_weights(c, s, ph->usable, q->NA, &xv, &computed);
-            if (ev) evw[i][1] = o->event_record();
-            w_wall += ms_since(tw);
-            if (rc) break;
-            for (int n = 0; n < q->NA; n++) {
-                const comm_anchor_t *an = ph->usable[n];
-                const comm_delta_t *dl = comm_anchor_delta(an, t->agent);
-                const int k = (int)(dl - an->deltas);
-                dph[n] = (kvm_kv_view_t){.data = an->dev->d_ph[k], .rows = an->T, .l0 = 1};
-                dpf[n] = (kvm_kv_view_t){.data = an->dev->d_pf[k], .rows = dl->S, .l0 = 1};
-            }
-        }
-        if (q->na > 0) {
-            kvm_kvcomm_apply_args_t a = {.g = c->pool->geom,
-                                         .src = {.data = c->pool->data, .blocks = dbt + st.off[q->src], .start = 0},
-                                         .n = q->shared && cfg->ph_offset ? q->NA : 0,
-                                         .delta = dph,
-                                         .w = q->shared ? s->dev->w : NULL,
-                                         .per_channel = 0,
-                                         .w_rows = T,
-                                         .r0 = q->a0,
-                                         .r1 = q->a1,
-                                         .dst_kv = c->pool->data,
-                                         .dst_blocks = dbt,
-                                         .dst_pos = ph->t_ph + q->a0,
-                                         .shift = cfg->rotate ? ph->t_ph : 0,
-                                         .inv_freq = inv,
-                                         .layout = layout,
-                                         .dst_n_blocks = out->seq.n_blocks};
-            rc = o->kvcomm_apply(&a);
-        }
-        if (!rc && scored[i]) {
-            kvm_kvcomm_spread_args_t a = {.g = c->pool->geom,
-                                          .x = {.data = c->pool->data, .blocks = dbt + st.off[q->smp], .start = 0},
-                                          .n = q->NA,
-                                          .delta = dph,
-                                          .w = s->dev->w,
-                                          .w_rows = T,
-                                          .r0 = q->a0,
-                                          .r1 = q->a1,
-                                          .out = x->score + score_off[i]};
-            rc = o->kvcomm_spread(&a);
-        }
-        if (!rc && q->nb > 0) {
-            kvm_kvcomm_apply_args_t a = {.g = c->pool->geom,
-                                         .src = {.data = t->dev_P[i + 1], .rows = S, .l0 = 0},
-                                         .n = q->shared && cfg->pf_offset ? q->NA : 0,
-                                         .delta = dpf,
-                                         .w = q->shared ? s->dev->w + (size_t)2 * q->NA * T : NULL,
-                                         .per_channel = 1,
-                                         .w_rows = 0,
-                                         .r0 = q->b0,
-                                         .r1 = q->b1,
-                                         .dst_kv = c->pool->data,
-                                         .dst_blocks = dbt,
-                                         .dst_pos = ph->t_pf + q->b0,
-                                         .shift = cfg->rotate ? ph->t_pf : 0,
-                                         .inv_freq = inv,
-                                         .layout = layout,
-                                         .dst_n_blocks = out->seq.n_blocks};
-            rc = o->kvcomm_apply(&a);
-        }
-    }
-    const double enqueue = ms_since(td);
+    for (int i = 0; i < t->n_ph && !rc; i++)
+        rc = piece_enqueue(rq, t, &pcs[i], forced ? &forced[i] : NULL, &rp, i, out, &w_wall, ev ? evw[i] : NULL);
     if (!rc) rc = o->sync();
-    if (!rc && n_score > 0) { /* the scores, to the rows of the prompt (kvm_comm_recompute_short picks from them) */
-        rc = o->d2h(x->h_score, x->score, n_score * sizeof(float));
+    if (!rc && rp.n_score > 0) { /* the scores, to the rows of the prompt (the recompute stage picks from them) */
+        rc = o->d2h(c->dev->h_score, c->dev->score, rp.n_score * sizeof(float));
         for (int i = 0; i < t->n_ph && !rc; i++)
-            if (scored[i])
-                memcpy(row_score + ph_all[i].t_ph + pl[i].a0, x->h_score + score_off[i], (size_t)pl[i].na * sizeof(float));
+            if (rp.pl[i].scored)
+                memcpy(row_score + pcs[i].t_ph + rp.pl[i].a0, c->dev->h_score + rp.pl[i].score_off,
+                       (size_t)rp.pl[i].na * sizeof(float));
     }
     const double dev_wall = ms_since(td);
-    /* weights_ms: device time of the weight kernels (events) or their wall time (synchronous backends);
-     * offset_ms: the rest of the enqueue-to-sync window (applies: offsets, shift, scatter of every piece) */
-    double w_ms = w_wall;
-    if (ev) {
-        w_ms = 0;
-        for (int i = 0; i < t->n_ph; i++)
-            if (evw[i][0] && evw[i][1]) {
-                if (!rc) {
-                    float e = o->event_elapsed_ms(evw[i][0], evw[i][1]);
-                    if (e > 0) w_ms += e;
-                }
-                o->event_free(evw[i][0]), o->event_free(evw[i][1]);
-            }
-        if (w_ms > dev_wall) w_ms = dev_wall;
-    }
+    const double w_ms = weights_time(o, evw, t->n_ph, w_wall, dev_wall, rc == 0);
     if (rc) return rc;
-
-    /* 3. the trace's top anchor of every shared placeholder, and the token accounting */
+    /* 3. the trace's top anchor of every shared placeholder */
     uint64_t tm = kvm_now_ns();
     for (int i = 0; i < t->n_ph && !rc; i++) {
-        const comm_dev_ph_t *ph = &ph_all[i];
-        const piece_plan_t *q = &pl[i];
         kvm_comm_ph_report_t *pr = &r->ph[i];
-        pr->decision = ph->decision;
-        if (q->shared) {
-            comm_sample_t *s = &rq->samples[ph->sample];
-            rc = dev_mean_weights(c, s);
-            for (int n = 0; n < q->NA && !rc && s->dev->n == q->NA; n++) /* (the sample's last anchor set) */
-                if (s->dev->mean_w[n] > pr->top_weight) pr->top_weight = s->dev->mean_w[n], pr->top_anchor = ph->usable[n]->key;
-            r->offset_tokens += (cfg->ph_offset ? q->na : 0) + (cfg->pf_offset ? q->nb : 0);
-            r->naive_tokens += (cfg->ph_offset ? 0 : q->na) + (cfg->pf_offset ? 0 : q->nb);
-        } else if (ph->decision == KVM_PH_EXACT_CTX) {
-            r->exact_tokens += q->na;
-            r->naive_tokens += q->nb;
-        } else {
-            r->naive_tokens += q->na + q->nb;
-        }
+        if (!rp.pl[i].shared) continue;
+        comm_sample_t *s = &rq->samples[pcs[i].sample];
+        rc = dev_mean_weights(c, s);
+        for (int n = 0; n < rp.pl[i].NA && !rc && s->dev->n == rp.pl[i].NA; n++) /* (the sample's last anchor set) */
+            if (s->dev->mean_w[n] > pr->top_weight) pr->top_weight = s->dev->mean_w[n], pr->top_anchor = pcs[i].usable[n]->key;
     }
-    const double readback = ms_since(tm);
-    r->weights_ms += w_ms + readback;
+    r->weights_ms += w_ms + ms_since(tm);
     r->offset_ms += dev_wall - w_ms;
     if (rc) return rc;
     uint64_t tp = kvm_now_ns();
     if (n_tail > 0) rc = kvm_seq_push_tokens(&out->seq, out->prompt_ids + E, n_tail);
     r->assemble_ms = assemble + ms_since(tp);
-    if (dev_timing())
-        fprintf(stderr,
-                "kvcomm_dev reuse '%s': %d pieces, rows %d..%d; tables+plan %.3f ms, enqueue %.3f ms, enqueue-to-sync %.3f ms "
-                "(weights on the device %.3f ms), top-anchor read-back %.3f ms, push %.3f ms\n",
-                t->agent, t->n_ph, E, N - 1, assemble, enqueue, dev_wall, w_ms, readback,
-                ms_since(tp));
     return rc;
 }

@@ -47,12 +47,9 @@
 
 /* ---- switches (kvcomm.md §8 "Ablation switches") ------------------------------------------------ */
 
-enum kvm_kvcomm_weights { KVM_KVCOMM_W_L2 = 0, KVM_KVCOMM_W_NEAREST = 1, KVM_KVCOMM_W_COSINE = 2 };
+enum kvm_kvcomm_weights { KVM_KVCOMM_W_L2 = 0, KVM_KVCOMM_W_NEAREST = 1 };
 enum kvm_kvcomm_criterion { KVM_KVCOMM_CRIT_LENGTH_ENTROPY = 0, KVM_KVCOMM_CRIT_LENGTH = 1 };
 enum kvm_kvcomm_dist_norm { KVM_KVCOMM_DIST_RAW = 0, KVM_KVCOMM_DIST_PER_ELEMENT = 1 };
-enum kvm_kvcomm_frame { KVM_KVCOMM_FRAME_F0 = 0, KVM_KVCOMM_FRAME_REFERENCE = 1 };
-enum kvm_kvcomm_align { KVM_KVCOMM_ALIGN_POSITION = 0, KVM_KVCOMM_ALIGN_CONTENT = 1 };
-enum kvm_kvcomm_select { KVM_KVCOMM_SELECT_OFFSET = 0, KVM_KVCOMM_SELECT_LAYER1 = 1, KVM_KVCOMM_SELECT_SPREAD = 2 };
 enum kvm_kvcomm_pool_bound { KVM_KVCOMM_POOL_STRICT = 0, KVM_KVCOMM_POOL_REFERENCE = 1 };
 enum kvm_kvcomm_no_anchor { KVM_KVCOMM_NOANCHOR_DENSE = 0, KVM_KVCOMM_NOANCHOR_NAIVE = 1 };
 enum kvm_kvcomm_resp_last { KVM_KVCOMM_RESP_COMPUTE = 0, KVM_KVCOMM_RESP_DROP = 1 };
@@ -62,13 +59,12 @@ typedef struct kvm_kvcomm_config {
     bool rotate;           /* kvcomm.rotate: re-rotate keys to their new position */
     bool ph_offset;        /* kvcomm.ph_offset: add the placeholder offset */
     bool pf_offset;        /* kvcomm.pf_offset: add the text-segment (prefix) offset */
-    int weights;           /* kvcomm.weights: l2 | nearest | cosine */
+    int weights;           /* kvcomm.weights: l2 | nearest */
     int criterion;         /* kvcomm.criterion: length+entropy | length */
     float gamma;           /* kvcomm.gamma (0.3) */
-    int max_anchors;       /* kvcomm.max_anchors, V (20) */
+    int max_anchors;       /* kvcomm.max_anchors, V (20; at most KVM_KVCOMM_MAX_ANCHORS - 1, the ops' limit) */
     int evict_window;      /* kvcomm.evict_window, W (5) */
     int dist_norm;         /* kvcomm.dist_norm: raw | per_element */
-    int frame;             /* kvcomm.frame: f0 | reference */
     int pool_bound;        /* kvcomm.pool_bound: strict | reference */
     int no_anchor;         /* kvcomm.no_anchor: dense | naive */
     int resp_last_token;   /* kvcomm.resp_last_token: compute | drop */
@@ -77,40 +73,29 @@ typedef struct kvm_kvcomm_config {
     /* segment headers (kvcomm.md §2.3): lead-in text after the user-role header, per producer kind */
     const char *lead_input, *lead_tool, *lead_state; /* NULL = "The task is:\n\n", "Tool result:\n\n", "Value:\n\n" */
     /* kvcomm.recompute_below [our design, not in the spec]: in a REUSE prompt, a shared placeholder of fewer
-     * than this many tokens and the text segment after it are recomputed (prefilled behind the assembled
-     * KV) instead of offset-corrected; applied by kvm_comm_recompute_short. 0 (default) = the spec. */
+     * than this many tokens and the text segment after it are recomputed (in place, behind the assembled KV)
+     * instead of offset-corrected, by kvm_comm_prepare's recompute pass. 0 (default) = the spec. */
     int recompute_below;
     /* kvcomm.recompute_text [ours]: the text segment after a shared placeholder, if shorter than this many
-     * tokens, is recomputed behind the assembled KV instead of offset-corrected (kvm_comm_recompute_short).
-     * 0 (default) = the spec. */
+     * tokens, is recomputed instead of offset-corrected (the same pass). 0 (default) = the spec. */
     int recompute_text;
     /* kvcomm.recompute_frac [ours, after CacheBlend's selective recompute]: this fraction (0..1) of the
-     * offset-corrected placeholder rows of a REUSE prompt, those whose estimated offset is largest relative to
-     * their base, is recomputed in one batched forward (each row attends to the assembled cache up to its
-     * position, and to the other recomputed rows). 0 (default) = the spec. */
+     * offset-corrected placeholder rows of a REUSE prompt, those where the anchors' deltas disagree most around
+     * the estimate (the weighted spread, kvcomm_spread), is recomputed in the same pass (each row attends to the
+     * assembled cache up to its position, and to the other recomputed rows). 0 (default) = the spec. */
     float recompute_frac;
-    /* kvcomm.recompute_select [ours]: how recompute_frac picks its rows. offset (default): largest estimated
-     * offset relative to the base. layer1 (CacheBlend's criterion): the first two layers of every assembled row
-     * are recomputed (exact: layer 0 is exact everywhere), and the rows whose layer-1 K/V moved most are taken.
-     * spread: the rows where the anchors' deltas disagree most (weighted spread around the estimate). */
-    int recompute_select;
-    /* kvcomm.align [our design, not in the spec]: which anchor row a sample row t is compared with and takes
-     * its placeholder delta from. position (default = the spec): row t. content: per anchor, the row u whose
-     * values (all layers) are nearest to row t's (squared l2), within align_window rows of t (0 = any row);
-     * the anchor's key row and key delta are re-rotated by t - u. Host path, frame f0 only. */
-    int align;
-    int align_window;
 } kvm_kvcomm_config_t;
 
 /* Fills the defaults of kvcomm.md §3.10 (enable, rotate, both offsets, l2, length+entropy, γ 0.3, V 20,
- * W 5, raw, f0, strict, dense, compute). */
+ * W 5, raw, strict, dense, compute). */
 void kvm_kvcomm_config_default(kvm_kvcomm_config_t *c);
-/* kvcomm.preset=blend [ours, kvcomm.md §5.2]: full KVCOMM, recompute_below 8, recompute_text 64, recompute_select
- * spread and this recompute_frac. kvcomm.preset=spec restores the defaults. */
+/* kvcomm.preset=blend [ours, kvcomm.md §5.2]: full KVCOMM, recompute_below 8, recompute_text 64 and this
+ * recompute_frac. kvcomm.preset=spec restores the defaults. */
 #define KVM_KVCOMM_BLEND_FRAC 0.5f
 
 /* Sets one switch by its documented name ("kvcomm.gamma", "gamma", ...) from text ("0.3", "on", "l2",
- * "reference", ...). KVM_EINVAL names the key and the accepted values. */
+ * "strict", ...). KVM_EINVAL names the key and the accepted values (also for the switches that were removed:
+ * kvcomm.frame, kvcomm.align, kvcomm.recompute_select, weights=cosine; kvcomm.md §3). */
 int kvm_kvcomm_config_set(kvm_kvcomm_config_t *c, const char *key, const char *value);
 /* Applies a named ablation of the paper's Tab. 5: "rotation" (rotation only = naive reuse),
  * "rotation+ph" (rotation + placeholder offset), "rotation+pf", "full" (all three), "dense" (enable off). */
@@ -281,10 +266,9 @@ typedef struct kvm_comm_report {
     double predict_ms, weights_ms, offset_ms, assemble_ms; /* "KVCOMM" time = sum */
     int anchors_staged;    /* new anchors this request staged so far (after this step) */
     uint64_t template_hash;
-    int short_recomputed;  /* rows moved from offset/naive to recomputed by kvm_comm_recompute_short */
+    int short_recomputed;  /* rows moved from offset/naive to recomputed by recompute_below / recompute_text */
     int selected_recomputed; /* rows moved from offset to recomputed by kvcomm.recompute_frac */
-    int layer1_rows;         /* recompute_select=layer1: rows whose layers 0-1 were recomputed to pick them */
-    int recompute_items;     /* batch items of the recompute pass: 1 (kvm_batch_item_t.positions) */
+    int recompute_items;     /* batch items of the recompute pass: 1 (kvm_batch_item_t.positions), 0 without one */
 } kvm_comm_report_t;
 
 /* Writes the report as one JSON object (no newline) into buf; returns the length it needed. */
@@ -301,12 +285,14 @@ typedef struct kvm_prepared {
     void *priv;           /* comm/'s bookkeeping for kvm_comm_complete */
 } kvm_prepared_t;
 
-/* Assembles the prompt of p->tmpl with its bindings under p->policy and fills *out (zeroed first).
+/* Assembles the prompt of p->tmpl with its bindings under p->policy and fills *out (zeroed first), in one call:
  *   TEXT:   out->seq is empty, rest = the whole prompt.
  *   EXACT:  the longest verified prefix from the prefix index (always < N), rest = the remainder.
- *   KVCOMM: segment 0 exact; placeholders and their following text segments by KVCOMM (kvcomm.md §3)
- *           when every placeholder is shareable (REUSE: the cache holds N-1 tokens, rest = the last
- *           token), else DENSE (like EXACT; kvm_comm_complete then fills the new anchors' deltas).
+ *   KVCOMM: segment 0 exact; placeholders and their following text segments by KVCOMM (kvcomm.md §3) on the
+ *           backend's ops when every placeholder is shareable (REUSE: the cache holds N-1 tokens, rest = the last
+ *           token; the recompute pass of kvcomm.recompute_below / recompute_text / recompute_frac has run, its rows
+ *           counted in recomputed_tokens), else DENSE (like EXACT; kvm_comm_complete then fills the new anchors'
+ *           deltas). On a backend that cannot run KVCOMM (kvm_comm_create logged why) KVCOMM prepares DENSE.
  * Checks every bound segment (KVM_EMODEL, KVM_EFRAME for frame != 0). On error *out is released. */
 int kvm_comm_prepare(kvm_comm_request_t *rq, const kvm_prompt_t *p, kvm_prepared_t *out);
 
@@ -343,34 +329,5 @@ typedef struct kvm_comm_stats {
 void kvm_comm_stats(const kvm_comm_t *c, kvm_comm_stats_t *out);
 /* Stats of pool i (0..n_pools-1); KVM_ERANGE past the end. */
 int kvm_comm_pool_stats(const kvm_comm_t *c, int i, kvm_comm_pool_stats_t *out);
-
-/* ---- fidelity diagnostics (kvcomm.md §5.2) -------------------------------------------------------- */
-
-/* Which estimates an oracle prepare replaces by the true per-request rows. */
-enum { KVM_ORACLE_PH = 1, KVM_ORACLE_PF = 2, KVM_ORACLE_ALL = 3 };
-
-/* kvm_comm_prepare with an ORACLE offset: the same decisions, frames, rotation and assembly, but where the
- * agent runs REUSE the estimated offset of every SHARED placeholder (optionally only the one named `only`)
- * is replaced by the true delta of this very prompt: a dense prefill of the same ids is computed, its rows
- * re-based to F0, and comm_apply adds (real - base) instead of the anchor mix (placeholder rows if
- * which & KVM_ORACLE_PH, the text segment after it if which & KVM_ORACLE_PF; layer 0 never, as always).
- * The best any anchor estimate could do: with which = KVM_ORACLE_ALL the assembled cache must equal the
- * dense prefill (to float rounding) unless positions, frames or assembly are wrong. Host path only
- * (KVM_EINVAL on the device path or with kvcomm.frame=reference). DENSE agents are prepared as usual. */
-/* kvcomm.recompute_below / recompute_text / recompute_frac (ours; all 0 = off, a no-op): after kvm_comm_prepare
- * (or _oracle) gave a REUSE prompt, recomputes in place, in one batched forward of 1-token views of p's block
- * table (each row attends to the cache up to its position and sees the fresh K/V of the recomputed rows before
- * it, at every layer): every placeholder with decision shared or naive and fewer than recompute_below tokens
- * with the text segment after it; the text segment after any other such placeholder if shorter than
- * recompute_text; and recompute_frac of the remaining offset-corrected placeholder rows, picked by
- * recompute_select. The other assembled rows keep their estimates bit for bit. The report moves the rows to
- * recomputed_tokens (short_recomputed / selected_recomputed count them); the mode stays REUSE. A 4-token agent
- * answer saves almost nothing when reused but is the piece whose estimate costs accuracy (kvcomm.md §5.2).
- * Works on any backend (KV reads and forwards); recompute_frac needs the host path's scores. On error *p is
- * released. */
-int kvm_comm_recompute_short(kvm_comm_t *c, kvm_prepared_t *p);
-
-int kvm_comm_prepare_oracle(kvm_comm_request_t *rq, const kvm_prompt_t *p, int which, const char *only,
-                            kvm_prepared_t *out);
 
 #endif

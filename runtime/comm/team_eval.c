@@ -5,8 +5,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "../eval/minitasks.h"
+#include "kvcomm_oracle.h"
 
 void kvm_team_opts_default(kvm_team_opts_t *o) {
     memset(o, 0, sizeof *o);
@@ -23,6 +25,8 @@ void kvm_team_result_free(kvm_team_result_t *r) {
     if (!r) return;
     kvm_free(r->cos_k);
     kvm_free(r->outputs);
+    kvm_free(r->ttft_ms);
+    kvm_free(r->prep_cpu_ms);
     memset(r, 0, sizeof *r);
 }
 
@@ -30,6 +34,41 @@ double kvm_team_accuracy(const kvm_team_result_t *r) {
     int c = 0, t = 0;
     for (int k = 0; k < KVM_TEAM_ROLES; k++) c += r->correct[k], t += r->total[k];
     return t ? 100.0 * c / t : 0;
+}
+
+/* process CPU time (all threads), ns */
+static uint64_t cpu_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+static int cmp_double(const void *a, const void *b) {
+    double x = *(const double *)a, y = *(const double *)b;
+    return x < y ? -1 : x > y;
+}
+
+/* mean and median of the entries of v ([n_outputs], request-major, role-minor) of `role` (-1: all) that are >= 0 */
+static void team_stat(const double *v0, int n_out, int role, double *mean_ms, double *p50_ms) {
+    *mean_ms = *p50_ms = 0;
+    int n = 0;
+    double *v = v0 ? kvm_malloc((size_t)(n_out > 0 ? n_out : 1) * sizeof(double)) : NULL;
+    for (int i = 0; v && i < n_out; i++)
+        if ((role < 0 || i % KVM_TEAM_ROLES == role) && v0[i] >= 0) v[n++] = v0[i], *mean_ms += v0[i];
+    if (n) {
+        qsort(v, (size_t)n, sizeof(double), cmp_double);
+        *mean_ms /= n;
+        *p50_ms = n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+    }
+    kvm_free(v);
+}
+
+void kvm_team_ttft(const kvm_team_result_t *r, int role, double *mean_ms, double *p50_ms) {
+    team_stat(r->ttft_ms, r->n_outputs, role, mean_ms, p50_ms);
+}
+
+void kvm_team_prep_cpu(const kvm_team_result_t *r, int role, double *mean_ms, double *p50_ms) {
+    team_stat(r->prep_cpu_ms, r->n_outputs, role, mean_ms, p50_ms);
 }
 
 static void trim(char *s) {
@@ -96,7 +135,10 @@ int kvm_team_run(kvm_model_t *m, const kvm_team_opts_t *o, const kvm_team_result
     r->n_layers = L;
     r->cos_k = kvm_calloc((size_t)L * 4, sizeof(double));
     r->outputs = kvm_calloc((size_t)o->requests * KVM_TEAM_ROLES, sizeof *r->outputs);
-    int rc = r->cos_k && r->outputs ? 0 : KVM_ENOMEM;
+    r->ttft_ms = kvm_malloc((size_t)o->requests * KVM_TEAM_ROLES * sizeof(double));
+    r->prep_cpu_ms = kvm_malloc((size_t)o->requests * KVM_TEAM_ROLES * sizeof(double));
+    int rc = r->cos_k && r->outputs && r->ttft_ms && r->prep_cpu_ms ? 0 : KVM_ENOMEM;
+    for (int i = 0; !rc && i < o->requests * KVM_TEAM_ROLES; i++) r->ttft_ms[i] = r->prep_cpu_ms[i] = -1;
     if (!rc) r->cos_v = r->cos_k + L, r->l2_k = r->cos_k + 2 * L, r->l2_v = r->cos_k + 3 * L;
     kvm_template_t *tm[KVM_TEAM_ROLES] = {0};
     for (int role = 0; role < KVM_TEAM_ROLES && !rc; role++) {
@@ -136,11 +178,14 @@ int kvm_team_run(kvm_model_t *m, const kvm_team_opts_t *o, const kvm_team_result
             kvm_prepared_t p;
             kvm_gen_result_t gr;
             memset(&gr, 0, sizeof gr);
+            const uint64_t t0 = kvm_now_ns(), c0 = cpu_ns();
             rc = o->oracle ? kvm_comm_prepare_oracle(rq, &pr, o->oracle, o->oracle_only, &p) : kvm_comm_prepare(rq, &pr, &p);
             if (rc) break;
-            if ((rc = kvm_comm_recompute_short(c, &p))) break; /* kvcomm.recompute_* (ours; a no-op when off) */
+            const double prep_ms = (double)(kvm_now_ns() - t0) / 1e6, prep_cpu = (double)(cpu_ns() - c0) / 1e6;
             if (p.report.mode == KVM_COMM_REUSE && r->cos_n < o->cos_samples) rc = cos_vs_dense(c, &p, r);
             if (!rc) rc = kvm_generate(m, &p.seq, p.rest_ids, p.n_rest, &gp, NULL, NULL, &gr);
+            if (!rc) r->ttft_ms[(size_t)q * KVM_TEAM_ROLES + (size_t)role] = prep_ms + gr.ttft_ms;
+            if (!rc) r->prep_cpu_ms[(size_t)q * KVM_TEAM_ROLES + (size_t)role] = prep_cpu;
             if (!rc) rc = kvm_comm_complete(rq, &p, &gr, role == 0 ? &finder : NULL);
             if (!rc) {
                 char out[64];

@@ -1,4 +1,5 @@
-/* team_eval.h - the KVCOMM fidelity workload: the minitasks "team" task run as a four-agent system
+/* team_eval.h - (research code, CMake target kvmesh_comm_lab, not the production library) the KVCOMM fidelity
+ * workload: the minitasks "team" task run as a four-agent system
  * (finder, checker, reverser, neighbour) that reads one shared facts segment and the finder's answer,
  * under one KV policy and KVCOMM configuration. Used by `kvmesh bench kvcomm --workload team` and by
  * the fidelity test on the bundled models.  (L3)
@@ -20,7 +21,7 @@
 /* The blended policy (`--modes full+blend`, ours; kvcomm.md §5.2) = kvcomm.preset=blend: full KVCOMM (the
  * spec's position alignment), the short answer and every text segment after a placeholder recomputed, and
  * KVM_KVCOMM_BLEND_FRAC of the offset-corrected facts rows (where the anchors' deltas disagree most:
- * recompute_select=spread) recomputed with them in one batched pass. */
+ * the spread score) recomputed with them in one batched pass. */
 void kvm_team_blend_policy(kvm_kvcomm_config_t *c);
 
 typedef struct kvm_team_opts {
@@ -33,7 +34,7 @@ typedef struct kvm_team_opts {
     kvm_kvcomm_config_t cfg; /* switches (ablations) */
     size_t kv_budget_bytes;  /* 0 = the model's default pool */
     bool quiet;              /* no progress on stderr */
-    int oracle;              /* KVM_ORACLE_* bits: REUSE agents use the true deltas (kvm_comm_prepare_oracle) */
+    int oracle;              /* KVM_ORACLE_* bits (kvcomm_oracle.h): REUSE agents use the true deltas */
     const char *oracle_only; /* with oracle: only this placeholder name (NULL = every shared placeholder) */
 } kvm_team_opts_t;
 
@@ -52,7 +53,13 @@ typedef struct kvm_team_result {
     double max_abs_dense;    /* max |dense| over the same elements (the scale of max_abs_err) */
     int short_recomputed;    /* rows recomputed by kvcomm.recompute_below / recompute_text */
     int selected_recomputed; /* rows recomputed by kvcomm.recompute_frac */
-    int recompute_items;     /* batch items of the recompute passes (one per run of consecutive rows) */
+    int recompute_items;     /* batch items of the recompute passes (one per REUSE call that recomputed rows) */
+    double *ttft_ms;         /* [requests * 4] per invocation (request q, role k at q * 4 + k): host wall time from
+                              * the agent's prepare call to its first output id (prepare + recompute + the forward
+                              * of the remaining prompt tokens + sampling), ms; < 0 where the invocation did not run */
+    double *prep_cpu_ms;     /* [requests * 4] likewise: process CPU time (all threads) of the prepare call alone
+                              * (KVCOMM and the recompute pass), ms: the part that depends on the KVCOMM code, and a
+                              * figure that a loaded machine disturbs less than wall time */
 } kvm_team_result_t;
 
 /* Defaults: 300 requests, warm 10, 32 cosine samples, 12 tokens, seed 1000, KVCOMM, default switches. */
@@ -63,5 +70,10 @@ int kvm_team_run(kvm_model_t *m, const kvm_team_opts_t *o, const kvm_team_result
 void kvm_team_result_free(kvm_team_result_t *r);
 /* Overall accuracy in percent. */
 double kvm_team_accuracy(const kvm_team_result_t *r);
+/* Time to first token over the invocations of `role` (0..KVM_TEAM_ROLES-1, or -1 for all): mean and median in ms
+ * (0 when none ran). */
+void kvm_team_ttft(const kvm_team_result_t *r, int role, double *mean_ms, double *p50_ms);
+/* The same over prep_cpu_ms. */
+void kvm_team_prep_cpu(const kvm_team_result_t *r, int role, double *mean_ms, double *p50_ms);
 
 #endif

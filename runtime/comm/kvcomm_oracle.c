@@ -1,0 +1,94 @@
+/* kvcomm_oracle.c - the fidelity oracle (contract in kvcomm_oracle.h). */
+#include "kvcomm_oracle.h"
+
+#include <stdio.h>
+#include <string.h>
+
+#include "comm_internal.h"
+
+_Static_assert((int)KVM_ORACLE_PH == (int)COMM_FORCE_PH && (int)KVM_ORACLE_PF == (int)COMM_FORCE_PF, "oracle bits = assemble hook bits");
+
+/* The oracle anchor of shared placeholder pr: base = the sample's own base, the consumer's delta = the dense rows
+ * (F0) minus the base and minus the template's text segment P. Mirrored on the backend. */
+static int oracle_anchor(kvm_comm_request_t *rq, const kvm_template_t *t, int i, const kvm_comm_ph_report_t *pr,
+                         const kvm_seq_t *dense, comm_anchor_t **out) {
+    kvm_comm_t *c = rq->c;
+    const comm_geom_t *g = &c->g;
+    comm_sample_t *s = NULL;
+    for (int k = 0; k < rq->n_samples && !s; k++)
+        if (rq->samples[k].key == pr->sample_key && !strcmp(rq->samples[k].name, pr->name)) s = &rq->samples[k];
+    if (!s) return kvm_seterr(KVM_EINTERNAL, "prepare_oracle: no sample for placeholder '%s'", pr->name);
+    const int T = pr->tokens, S = pr->text_tokens;
+    comm_anchor_t *a = kvm_calloc(1, sizeof *a);
+    float *ph = kvm_malloc(comm_rows_elems(g, T) * sizeof(float) + 1);
+    float *pf = kvm_malloc(comm_rows_elems(g, S) * sizeof(float) + 1);
+    int rc = a && ph && pf ? 0 : KVM_ENOMEM;
+    if (!rc) {
+        a->refs = 1;
+        a->key = pr->sample_key ^ 0x6f7261636c65ULL; /* never an anchor of the pool */
+        a->T = T;
+        rc = comm_dev_sample_x(c, s);
+    }
+    if (!rc && !(a->base = kvm_malloc(comm_rows_elems(g, T) * sizeof(float)))) rc = KVM_ENOMEM;
+    if (!rc) {
+        memcpy(a->base, s->X, comm_rows_elems(g, T) * sizeof(float));
+        rc = comm_read_f0(c, dense, pr->start_pos, T, ph);
+    }
+    if (!rc) rc = comm_read_f0(c, dense, pr->start_pos + T, S, pf);
+    if (!rc) rc = comm_anchor_add_delta(g, a, t->agent, t->hash, ph, s->X, pf, t->P[i + 1], S);
+    if (!rc) rc = comm_dev_anchor_sync(c, a);
+    kvm_free(ph);
+    kvm_free(pf);
+    if (rc && a) comm_anchor_unref(c, a);
+    *out = rc ? NULL : a;
+    return rc;
+}
+
+/* A backend buffer of n floats of 1. */
+static float *ones(const kvm_ops_t *o, size_t n) {
+    float *h = kvm_malloc(n * sizeof(float)), *d = o->alloc(n * sizeof(float));
+    int rc = h && d ? 0 : KVM_ENOMEM;
+    for (size_t k = 0; !rc && k < n; k++) h[k] = 1.0f;
+    if (!rc) rc = o->h2d(d, h, n * sizeof(float));
+    kvm_free(h);
+    if (rc && d) o->free(d);
+    return rc ? NULL : d;
+}
+
+int kvm_comm_prepare_oracle(kvm_comm_request_t *rq, const kvm_prompt_t *p, int which, const char *only,
+                            kvm_prepared_t *out) {
+    memset(out, 0, sizeof *out);
+    if (!rq || !p || !p->tmpl) return kvm_seterr(KVM_EINVAL, "prepare_oracle: request and template are required");
+    if (which & ~KVM_ORACLE_ALL) return kvm_seterr(KVM_EINVAL, "prepare_oracle: which=%d is not a KVM_ORACLE_* set", which);
+    kvm_comm_t *c = rq->c;
+    const kvm_template_t *t = p->tmpl;
+    /* the decisions and the prompt ids (predictions and weights are cached per sample: the second prepare below
+     * decides the same) */
+    int rc = kvm_comm_prepare(rq, p, out);
+    if (rc || out->report.mode != KVM_COMM_REUSE || !which) return rc;
+    const kvm_comm_report_t r = out->report;
+    /* the dense prefill of the same ids: the truth every offset estimates */
+    kvm_seq_t dense;
+    kvm_seq_init(&dense, c->pool);
+    rc = comm_prefill(c, &dense, out->prompt_ids, out->n_prompt);
+    comm_forced_t forced[KVM_COMM_MAX_PH];
+    memset(forced, 0, sizeof forced);
+    size_t n_ones = (size_t)2 * c->g.L * c->g.H * c->g.D;
+    for (int i = 0; i < r.n_placeholders && !rc; i++) {
+        const kvm_comm_ph_report_t *pr = &r.ph[i];
+        if (pr->decision != KVM_PH_SHARED || (only && strcmp(only, pr->name))) continue;
+        forced[i].which = which;
+        rc = oracle_anchor(rq, t, i, pr, &dense, &forced[i].anchor);
+        if ((size_t)2 * pr->tokens > n_ones) n_ones = (size_t)2 * pr->tokens;
+    }
+    kvm_seq_free(&dense);
+    kvm_prepared_release(out);
+    const kvm_ops_t *o = c->pool->ops;
+    float *one = rc ? NULL : ones(o, n_ones);
+    if (!rc && !one) rc = kvm_errcode() ? kvm_errcode() : KVM_ENOMEM;
+    for (int i = 0; i < r.n_placeholders; i++) forced[i].ones = one;
+    if (!rc) rc = comm_prepare_run(rq, p, forced, out);
+    for (int i = 0; i < r.n_placeholders; i++) comm_anchor_unref(c, forced[i].anchor);
+    if (one) o->free(one);
+    return rc;
+}
