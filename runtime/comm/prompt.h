@@ -94,7 +94,8 @@ void kvm_kvcomm_config_default(kvm_kvcomm_config_t *c);
 #define KVM_KVCOMM_BLEND_FRAC 0.5f
 
 /* Sets one switch by its documented name ("kvcomm.gamma", "gamma", ...) from text ("0.3", "on", "l2",
- * "strict", ...). KVM_EINVAL names the key and the accepted values (also for the switches that were removed:
+ * "strict", ...); the key "ablation" applies kvm_kvcomm_ablation. KVM_EINVAL names the key and the accepted
+ * values (also for the switches that were removed:
  * kvcomm.frame, kvcomm.align, kvcomm.recompute_select, weights=cosine; kvcomm.md §3). */
 int kvm_kvcomm_config_set(kvm_kvcomm_config_t *c, const char *key, const char *value);
 /* Applies a named ablation of the paper's Tab. 5: "rotation" (rotation only = naive reuse),
