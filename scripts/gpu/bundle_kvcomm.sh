@@ -12,7 +12,8 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 shared=${KVM_SHARED:-$root/../shared}
 out=$root/.gpu-kvcomm
-bins="kvmesh test_kvcomm_ops test_kvcomm_device_path test_cuda_ops test_cuda_model"
+bins="kvmesh test_kvcomm_ops test_kvcomm_device_path test_kvcomm_core test_cuda_ops test_cuda_model test_hf_parity test_settings"
+bins_targets=${bins#kvmesh }
 if [ "${1:-}" = --old ]; then
   commit=$(git -C "$root" rev-parse "$2")
   wt=/tmp/kvmesh-old-wt
@@ -42,7 +43,7 @@ else
   fi
   build=$wt/build-kvgpu
   cmake -S "$wt" -B "$build" -DKVM_WERROR=OFF -DCMAKE_BUILD_TYPE=Release >/dev/null
-  cmake --build "$build" -j"$(nproc)" --target kvmesh_cli test_kvcomm_ops test_kvcomm_device_path test_cuda_ops test_cuda_model >/dev/null
+  cmake --build "$build" -j"$(nproc)" --target kvmesh_cli $bins_targets >/dev/null
   version="HEAD $head ($(git -C "$root" log -1 --format=%s "$head" | cut -c1-80))"
 fi
 grep -qx '/.gpu-kvcomm/' "$root/.git/info/exclude" 2>/dev/null || echo '/.gpu-kvcomm/' >> "$root/.git/info/exclude"
