@@ -21,9 +21,11 @@
 #include <cmocka.h>
 #include <cjson/cJSON.h>
 
+#include "kernels/ops.h"
 #include "runtime/kv/store.h"
 #include "runtime/model/forward.h"
 #include "runtime/model/synthetic.h"
+#include "test_common.h"
 
 static char no_gpu[512];
 
@@ -35,12 +37,8 @@ static char no_gpu[512];
         }                                                                      \
     } while (0)
 
-static int argmax(const float *x, int n) {
-    int b = 0;
-    for (int i = 1; i < n; i++)
-        if (x[i] > x[b]) b = i;
-    return b;
-}
+/* The greedy pick: the CPU backend's argmax (first maximum). */
+static int argmax(const float *x, int n) { return kvm_ops_cpu()->argmax(x, n); }
 
 static double max_rel(const float *a, const float *ref, size_t n) {
     double d = 0, r = 0;
@@ -285,16 +283,6 @@ static void test_positioned_item_recomputes_scattered_rows_on_cuda(void **st) {
 
 /* ---- HF fixtures ---------------------------------------------------------------------------------------- */
 
-static int read_ids(const cJSON *arr, int32_t *out, int cap) {
-    int n = 0;
-    const cJSON *v;
-    cJSON_ArrayForEach(v, arr) {
-        if (n < cap) out[n] = (int32_t)v->valuedouble;
-        n++;
-    }
-    return n;
-}
-
 /* kv: KV cache dtype (NULL = the default for the weight dtype); strict_tokens: all greedy ids must match
  * transformers, else the number of leading identical ids is printed next to the CPU engine's with the same
  * KV dtype (a bf16 cache alone moves these fixtures' smallest greedy margins, 0.5%). */
@@ -314,8 +302,8 @@ static void check_fixture_kv(const char *name, const char *dtype, const char *kv
     kvm_free(text);
     assert_non_null(root);
     int32_t prompt[64], greedy[64];
-    int T = read_ids(cJSON_GetObjectItem(root, "prompt"), prompt, 64);
-    int N = read_ids(cJSON_GetObjectItem(root, "greedy"), greedy, 64);
+    int T = tc_read_ids(cJSON_GetObjectItem(root, "prompt"), prompt, 64);
+    int N = tc_read_ids(cJSON_GetObjectItem(root, "greedy"), greedy, 64);
     int V = cJSON_GetObjectItem(root, "vocab_size")->valueint;
     const cJSON *sd = cJSON_GetObjectItem(root, "storage_dtype");
     char stored[16] = "bf16"; /* "16" below means: the checkpoint's 16-bit dtype, bf16 for f32 checkpoints */

@@ -10,6 +10,7 @@
 
 #include "runtime/kv/store.h"
 #include "runtime/model/generate.h"
+#include "test_common.h"
 
 static kvm_config_t small_cfg(bool gqa_bias_norm) {
     kvm_config_t c = {0};
@@ -27,15 +28,6 @@ static kvm_config_t small_cfg(bool gqa_bias_norm) {
     c.qk_norm = gqa_bias_norm;
     c.rms_eps = 1e-6f;
     return c;
-}
-
-static float max_rel(const float *a, const float *b, size_t n) {
-    float md = 0, mr = 0;
-    for (size_t i = 0; i < n; i++) {
-        md = fmaxf(md, fabsf(a[i] - b[i]));
-        mr = fmaxf(mr, fabsf(b[i]));
-    }
-    return md / (mr > 0 ? mr : 1);
 }
 
 static void test_kv_pool_reports_exhaustion_and_changes_nothing(void **st) {
@@ -117,7 +109,7 @@ static void check_forward_consistency(bool qwen_like) {
     for (int t = 0; t < T; t++) {
         kvm_batch_item_t one = {.seq = &s2, .tokens = &toks[t], .n_tokens = 1, .logits = inc};
         assert_int_equal(kvm_forward(m, &one, 1), 0);
-        assert_true(max_rel(inc, all + (size_t)t * V, (size_t)V) < 1e-5f);
+        assert_true(tc_max_rel(inc, all + (size_t)t * V, (size_t)V) < 1e-5f);
     }
     /* reference for the second sequence alone */
     kvm_batch_item_t r2 = {.seq = &s3, .tokens = toks2, .n_tokens = T, .logits = ref2};
@@ -132,8 +124,8 @@ static void check_forward_consistency(bool qwen_like) {
     kvm_batch_item_t both[2] = {{.seq = &s1, .tokens = &toks[T - 1], .n_tokens = 1, .logits = b1},
                                 {.seq = &s3, .tokens = toks2, .n_tokens = T, .logits = b2}};
     assert_int_equal(kvm_forward(m, both, 2), 0);
-    assert_true(max_rel(b1, all + (size_t)(T - 1) * V, (size_t)V) < 1e-5f);
-    assert_true(max_rel(b2, ref2, (size_t)V) < 1e-5f);
+    assert_true(tc_max_rel(b1, all + (size_t)(T - 1) * V, (size_t)V) < 1e-5f);
+    assert_true(tc_max_rel(b2, ref2, (size_t)V) < 1e-5f);
     kvm_seq_free(&s1);
     kvm_seq_free(&s2);
     kvm_seq_free(&s3);
