@@ -144,36 +144,35 @@ static void check_forward_consistency(bool qwen_like) {
 static void test_prefill_decode_and_batch_agree_llama_interleaved(void **st) { (void)st; check_forward_consistency(false); }
 static void test_prefill_decode_and_batch_agree_qwen3_like_gqa(void **st) { (void)st; check_forward_consistency(true); }
 
-static void test_forward_rejects_bad_token_and_keeps_sequence(void **st) {
-    (void)st;
+/* A forward of toks[n] into a fresh sequence of a small model (context max_seq_len; 0: the default) is refused
+ * with KVM_ERANGE and a message naming `what`; with `keeps`, the sequence holds no token and no block after. */
+static void expect_forward_out_of_range(int max_seq_len, int32_t *toks, int n, const char *what, bool keeps) {
     kvm_config_t c;
     kvm_kv_pool_t *pool;
-    kvm_model_t *m = small_model(false, 3, 0, &c, &pool);
+    kvm_model_t *m = small_model(false, 3, max_seq_len, &c, &pool);
     kvm_seq_t s;
     kvm_seq_init(&s, pool);
-    int32_t bad[2] = {1, 5000};
-    kvm_batch_item_t it = {.seq = &s, .tokens = bad, .n_tokens = 2};
+    kvm_batch_item_t it = {.seq = &s, .tokens = toks, .n_tokens = n};
     assert_int_equal(kvm_forward(m, &it, 1), KVM_ERANGE);
-    assert_non_null(strstr(kvm_errmsg(), "5000"));
-    assert_int_equal(s.n_tokens, 0);
-    assert_int_equal(pool->n_free, pool->n_blocks);
+    assert_non_null(strstr(kvm_errmsg(), what));
+    if (keeps) {
+        assert_int_equal(s.n_tokens, 0);
+        assert_int_equal(pool->n_free, pool->n_blocks);
+    }
     kvm_seq_free(&s);
     small_model_free(m, pool);
 }
 
+static void test_forward_rejects_bad_token_and_keeps_sequence(void **st) {
+    (void)st;
+    int32_t bad[2] = {1, 5000};
+    expect_forward_out_of_range(0, bad, 2, "5000", true);
+}
+
 static void test_forward_beyond_context_is_an_error(void **st) {
     (void)st;
-    kvm_config_t c;
-    kvm_kv_pool_t *pool;
-    kvm_model_t *m = small_model(false, 3, 8, &c, &pool);
-    kvm_seq_t s;
-    kvm_seq_init(&s, pool);
     int32_t t[9] = {1, 2, 3, 4, 5, 6, 7, 8, 9};
-    kvm_batch_item_t it = {.seq = &s, .tokens = t, .n_tokens = 9};
-    assert_int_equal(kvm_forward(m, &it, 1), KVM_ERANGE);
-    assert_non_null(strstr(kvm_errmsg(), "context"));
-    kvm_seq_free(&s);
-    small_model_free(m, pool);
+    expect_forward_out_of_range(8, t, 9, "context", false);
 }
 
 /* kvm_batch_item_t.positions: rows of a prefilled sequence overwritten with garbage at scattered positions are
