@@ -1,6 +1,6 @@
 /* test_common.h - small helpers several test programs share: a temporary-directory fixture, the
- * relative difference of two float arrays, token ids read from a JSON array. Everything here is a macro
- * or static inline, so a test program carries only what it uses. */
+ * relative difference of two float arrays, token ids read from a JSON array, main() running one group of
+ * tests. Everything here is a macro or static inline, so a test program carries only what it uses. */
 #ifndef KVM_TEST_COMMON_H
 #define KVM_TEST_COMMON_H
 
@@ -12,6 +12,14 @@
 #include <stdlib.h>
 
 #include <cjson/cJSON.h>
+
+/* main() of a test program: runs the CMUnitTest entries given (cmocka_unit_test(...), ...) as one group with
+ * the group fixtures setup and teardown (NULL for none). */
+#define TC_MAIN(setup, teardown, ...)                                                                      \
+    int main(void) {                                                                                       \
+        const struct CMUnitTest tests[] = {__VA_ARGS__};                                                   \
+        return cmocka_run_group_tests(tests, setup, teardown);                                             \
+    }
 
 static inline int tc_rm_entry(const char *p, const struct stat *sb, int flag, struct FTW *ftw) {
     (void)sb;

@@ -177,11 +177,7 @@ static void test_qwen3_06b_shape_f32_with_qk_norm_and_tied_embeddings_matches_tr
     check_parity("qwen3-0.6b-tiny");
 }
 
-int main(void) {
-    const struct CMUnitTest tests[] = {
+TC_MAIN(NULL, NULL,
         cmocka_unit_test(test_llama31_8b_shape_bf16_matches_transformers),
         cmocka_unit_test(test_qwen25_7b_shape_f16_with_qkv_bias_matches_transformers),
-        cmocka_unit_test(test_qwen3_06b_shape_f32_with_qk_norm_and_tied_embeddings_matches_transformers),
-    };
-    return cmocka_run_group_tests(tests, NULL, NULL);
-}
+        cmocka_unit_test(test_qwen3_06b_shape_f32_with_qk_norm_and_tied_embeddings_matches_transformers))
