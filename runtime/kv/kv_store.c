@@ -8,6 +8,7 @@
 
 #include "../core/core.h"
 #include "../core/vec.h"
+#include "../../kernels/rope.h"
 
 /* ==== types ======================================================================================= */
 
@@ -492,20 +493,9 @@ int kvm_kv_shift(kvm_kv_store_t *s, const int32_t *blocks, int pos, int n, int32
 
 void kvm_rope_rotate_rows(float *x, int n, int D, int row_stride, int32_t delta, const int32_t *deltas,
                           const float *inv_freq, kvm_rope_layout_t layout) {
-    const int half = D / 2;
     for (int i = 0; i < n; i++) {
         int32_t dl = deltas ? deltas[i] : delta;
-        if (dl == 0) continue;
-        float *v = x + (size_t)i * row_stride;
-        for (int j = 0; j < half; j++) {
-            double a = kvm_rope_angle((double)dl, inv_freq[j]);
-            float c = (float)cos(a), sn = (float)sin(a);
-            float *pa = layout == KVM_ROPE_HALF ? &v[j] : &v[2 * j];
-            float *pb = layout == KVM_ROPE_HALF ? &v[j + half] : &v[2 * j + 1];
-            float xa = *pa, yb = *pb;
-            *pa = xa * c - yb * sn;
-            *pb = xa * sn + yb * c;
-        }
+        if (dl) kvm_rope_rotate_vec(x + (size_t)i * row_stride, D, (double)dl, inv_freq, layout);
     }
 }
 
