@@ -14,6 +14,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "../runtime/core/vec.h"
+
 static char *xstrdup(const char *s) { return kvm_strdup(s ? s : ""); }
 
 static double ms_since(uint64_t t0) { return (double)(kvm_now_ns() - t0) / 1e6; }
@@ -413,13 +415,10 @@ void wf_runs_free(kvm_workflow_t *wf) {
 int kvm_wf_start(kvm_workflow_t *wf, const cJSON *inputs, uint64_t seed, int *run) {
     const wf_graph_t *g = wf->g;
     if (inputs && !cJSON_IsObject(inputs)) return kvm_seterr(KVM_EINVAL, "run inputs must be a JSON object");
-    if (wf->n_runs == wf->cap_runs) {
-        int nc = wf->cap_runs ? wf->cap_runs * 2 : 16;
-        wf_run_t **nr = kvm_realloc(wf->runs, (size_t)nc * sizeof *nr);
-        if (!nr) return KVM_ENOMEM;
-        wf->runs = nr;
-        wf->cap_runs = nc;
-    }
+    size_t cap = (size_t)wf->cap_runs;
+    int rc = kvm_array_reserve(&wf->runs, &cap, (size_t)wf->n_runs + 1, sizeof *wf->runs, 16);
+    if (rc) return rc;
+    wf->cap_runs = (int)cap;
     wf_run_t *r = kvm_calloc(1, sizeof *r);
     if (!r) return KVM_ENOMEM;
     r->idx = wf->n_runs;

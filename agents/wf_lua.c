@@ -495,15 +495,12 @@ static int l_mt_item(lua_State *L) {
     lua_pop(L, 1);
     kvm_mt_item_t *it = lua_newuserdatauv(L, sizeof *it, 0); /* owned by Lua: no leak on error */
     if (kvm_mt_make(it, task, split, seed, index, role) != 0) return luaL_error(L, "kvmesh.minitasks.item: %s", kvm_errmsg());
+    const char *const fields[][2] = {{"system", it->system}, {"user", it->user}, {"answer", it->answer}, {"id", it->id}};
     lua_createtable(L, 0, 6);
-    lua_pushstring(L, it->system);
-    lua_setfield(L, -2, "system");
-    lua_pushstring(L, it->user);
-    lua_setfield(L, -2, "user");
-    lua_pushstring(L, it->answer);
-    lua_setfield(L, -2, "answer");
-    lua_pushstring(L, it->id);
-    lua_setfield(L, -2, "id");
+    for (size_t i = 0; i < sizeof fields / sizeof fields[0]; i++) {
+        lua_pushstring(L, fields[i][1]);
+        lua_setfield(L, -2, fields[i][0]);
+    }
     lua_pushinteger(L, it->role);
     lua_setfield(L, -2, "role");
     return 1;

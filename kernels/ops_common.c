@@ -9,6 +9,7 @@
 #include <strings.h>
 
 #include "../runtime/core/core.h"
+#include "rope.h"
 
 size_t kvm_dtype_size(kvm_dtype_t t) { return t == KVM_F32 ? 4 : 2; }
 
@@ -39,15 +40,7 @@ int kvm_dtype_check(kvm_dtype_t t, const char *setting) {
     return kvm_seterr(KVM_EINVAL, "%s: %d is not one of KVM_F32, KVM_F16, KVM_BF16", setting, (int)t);
 }
 
-double kvm_rope_angle(double pos, float inv_freq) {
-    double a = pos * (double)inv_freq;
-    /* reduce to [-pi, pi) in fp64 (kvcomm.md §3.3) */
-    const double two_pi = 6.283185307179586476925286766559;
-    a = fmod(a, two_pi);
-    if (a >= 3.141592653589793238462643383279) a -= two_pi;
-    else if (a < -3.141592653589793238462643383279) a += two_pi;
-    return a;
-}
+double kvm_rope_angle(double pos, float inv_freq) { return kvm_rope_angle_reduced(pos, inv_freq); }
 
 static char g_fallback[256];
 

@@ -12,6 +12,7 @@
 #include "runtime/core/core.h"
 #include "runtime/core/map.h"
 #include "runtime/core/rng.h"
+#include "test_common.h"
 
 static void test_string_keys_map_to_their_values(void **st) {
     (void)st;
@@ -163,15 +164,11 @@ static void test_failed_insert_leaves_the_map_unchanged(void **st) {
     assert_int_equal(kvm_alloc_bytes_live(), live);
 }
 
-int main(void) {
-    const struct CMUnitTest tests[] = {
+TC_MAIN(NULL, NULL,
         cmocka_unit_test(test_string_keys_map_to_their_values),
         cmocka_unit_test(test_put_of_a_present_key_overwrites_the_value),
         cmocka_unit_test(test_keys_are_byte_strings_with_lengths),
         cmocka_unit_test(test_removal_keeps_all_other_keys_reachable),
         cmocka_unit_test(test_iteration_visits_every_entry_once),
         cmocka_unit_test(test_borrowed_keys_are_not_copied),
-        cmocka_unit_test(test_failed_insert_leaves_the_map_unchanged),
-    };
-    return cmocka_run_group_tests(tests, NULL, NULL);
-}
+        cmocka_unit_test(test_failed_insert_leaves_the_map_unchanged))

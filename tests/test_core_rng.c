@@ -7,6 +7,7 @@
 #include <cmocka.h>
 
 #include "runtime/core/rng.h"
+#include "test_common.h"
 
 /* Values printed by the generator of runtime/eval/minitasks.c as it was at commit df22b09 (seeded
  * with the five words below, then four draws, then six draws below 1000). */
@@ -70,12 +71,8 @@ static void test_bounded_ints_cover_exactly_their_range(void **st) {
     assert_int_equal(kvm_rng_range(&r, 4, 4), 4);
 }
 
-int main(void) {
-    const struct CMUnitTest tests[] = {
+TC_MAIN(NULL, NULL,
         cmocka_unit_test(test_stream_matches_the_minitasks_generator),
         cmocka_unit_test(test_same_seed_same_stream_and_different_seed_different_stream),
         cmocka_unit_test(test_double_is_in_the_unit_interval_and_spread),
-        cmocka_unit_test(test_bounded_ints_cover_exactly_their_range),
-    };
-    return cmocka_run_group_tests(tests, NULL, NULL);
-}
+        cmocka_unit_test(test_bounded_ints_cover_exactly_their_range))

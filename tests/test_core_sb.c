@@ -9,6 +9,7 @@
 
 #include "runtime/core/core.h"
 #include "runtime/core/sb.h"
+#include "test_common.h"
 
 static void test_an_empty_builder_reads_as_the_empty_string(void **st) {
     (void)st;
@@ -109,15 +110,11 @@ static void test_failed_append_leaves_the_text_unchanged(void **st) {
     assert_int_equal(kvm_alloc_bytes_live(), live);
 }
 
-int main(void) {
-    const struct CMUnitTest tests[] = {
+TC_MAIN(NULL, NULL,
         cmocka_unit_test(test_an_empty_builder_reads_as_the_empty_string),
         cmocka_unit_test(test_appends_and_printf_concatenate_in_order),
         cmocka_unit_test(test_printf_longer_than_the_stack_buffer_is_whole),
         cmocka_unit_test(test_embedded_nul_bytes_are_kept),
         cmocka_unit_test(test_truncate_and_clear_cut_the_text),
         cmocka_unit_test(test_take_hands_over_the_text_and_empties_the_builder),
-        cmocka_unit_test(test_failed_append_leaves_the_text_unchanged),
-    };
-    return cmocka_run_group_tests(tests, NULL, NULL);
-}
+        cmocka_unit_test(test_failed_append_leaves_the_text_unchanged))

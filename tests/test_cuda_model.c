@@ -21,9 +21,11 @@
 #include <cmocka.h>
 #include <cjson/cJSON.h>
 
+#include "kernels/ops.h"
 #include "runtime/kv/store.h"
 #include "runtime/model/forward.h"
 #include "runtime/model/synthetic.h"
+#include "test_common.h"
 
 static char no_gpu[512];
 
@@ -35,12 +37,8 @@ static char no_gpu[512];
         }                                                                      \
     } while (0)
 
-static int argmax(const float *x, int n) {
-    int b = 0;
-    for (int i = 1; i < n; i++)
-        if (x[i] > x[b]) b = i;
-    return b;
-}
+/* The greedy pick: the CPU backend's argmax (first maximum). */
+static int argmax(const float *x, int n) { return kvm_ops_cpu()->argmax(x, n); }
 
 static double max_rel(const float *a, const float *ref, size_t n) {
     double d = 0, r = 0;
@@ -91,6 +89,45 @@ static void print_ids(const char *label, const int32_t *ids, int n) {
     fprintf(stderr, "\n");
 }
 
+/* Runs the prompt and n greedy steps on the CPU model mc and on the CUDA model mg, then frees both; prints the
+ * comparison under "name mode" and asserts the prompt logits agree within tol and the greedy ids are identical. */
+static void expect_cuda_matches_cpu(const char *name, const char *mode, kvm_model_t *mc, kvm_model_t *mg,
+                                    const int32_t *prompt, int T, int n, double tol) {
+    const int V = mc->cfg.vocab_size;
+    float *lc = malloc((size_t)T * V * 4), *lg = malloc((size_t)T * V * 4);
+    int32_t *ic = malloc((size_t)n * 4), *ig = malloc((size_t)n * 4);
+    run_greedy(mc, prompt, T, n, lc, ic);
+    run_greedy(mg, prompt, T, n, lg, ig);
+    double rel = max_rel(lg, lc, (size_t)T * V);
+    int bad = first_difference(ig, ic, n);
+    fprintf(stderr, "%s %s: prompt logits max|diff|/max|ref| %.3e (tol %.0e); %d greedy tokens %s\n", name, mode, rel, tol, n,
+            bad < 0 ? "identical" : "DIFFER");
+    if (bad >= 0) {
+        fprintf(stderr, "  first difference at step %d\n", bad);
+        print_ids("cpu ", ic, n);
+        print_ids("cuda", ig, n);
+    }
+    kvm_model_free(mc);
+    kvm_model_free(mg);
+    free(lc), free(lg), free(ic), free(ig);
+    assert_true(rel <= tol);
+    assert_int_equal(bad, -1);
+}
+
+/* The model at path on backend (fp32: device weights in fp32, the parity mode). */
+static kvm_model_t *load_on(const char *path, const char *backend, bool fp32) {
+    kvm_load_opts_t o = {.backend = backend, .quiet = true, .device_dtype = KVM_F32, .device_dtype_set = fp32};
+    kvm_model_t *m = kvm_model_load_opts(path, &o);
+    if (!m) fprintf(stderr, "%s on %s: %s\n", path, backend, kvm_errmsg());
+    assert_non_null(m);
+    return m;
+}
+
+/* prompt[i] = lo + splitmix64(seed + i) % (V - lo), i < T. */
+static void seeded_prompt(int32_t *prompt, int T, uint64_t seed, int lo, int V) {
+    for (int i = 0; i < T; i++) prompt[i] = (int32_t)(lo + kvm_splitmix64(seed + i) % (uint64_t)(V - lo));
+}
+
 /* ---- stories260K, fp32 mode ------------------------------------------------------------------------ */
 
 static void test_stories260k_greedy_256_tokens_identical_to_cpu_in_fp32_mode(void **st) {
@@ -103,40 +140,17 @@ static void test_stories260k_greedy_256_tokens_identical_to_cpu_in_fp32_mode(voi
         printf("SKIPPED: %s not found (set KVM_SHARED_DIR to the shared data folder)\n", path);
         skip();
     }
-    kvm_load_opts_t oc = {.backend = "cpu", .quiet = true},
-                    og = {.backend = "cuda", .quiet = true, .device_dtype = KVM_F32, .device_dtype_set = true};
-    kvm_model_t *mc = kvm_model_load_opts(path, &oc);
-    assert_non_null(mc);
-    kvm_model_t *mg = kvm_model_load_opts(path, &og);
-    if (!mg) fprintf(stderr, "cuda load: %s\n", kvm_errmsg());
-    assert_non_null(mg);
+    kvm_model_t *mc = load_on(path, "cpu", false), *mg = load_on(path, "cuda", true);
     assert_int_equal(mg->device_dtype, KVM_F32);
-    const int T = 4, N = 256, V = mc->cfg.vocab_size;
     int32_t prompt[4] = {1, 403, 407, 261};
-    float *lc = malloc((size_t)T * V * 4), *lgp = malloc((size_t)T * V * 4);
-    int32_t *ic = malloc(N * 4), *ig = malloc(N * 4);
-    run_greedy(mc, prompt, T, N, lc, ic);
-    run_greedy(mg, prompt, T, N, lgp, ig);
-    double rel = max_rel(lgp, lc, (size_t)T * V);
-    int bad = first_difference(ig, ic, N);
-    fprintf(stderr, "stories260K fp32: prompt logits max rel diff %.3e; %d greedy tokens %s\n", rel, N,
-            bad < 0 ? "identical" : "DIFFER");
-    if (bad >= 0) {
-        fprintf(stderr, "  first difference at step %d\n", bad);
-        print_ids("cpu ", ic, N);
-        print_ids("cuda", ig, N);
-    }
-    assert_true(rel <= 1e-4);
-    assert_int_equal(bad, -1);
-    kvm_model_free(mc);
-    kvm_model_free(mg);
-    free(lc), free(lgp), free(ic), free(ig);
+    expect_cuda_matches_cpu("stories260K", "fp32", mc, mg, prompt, 4, 256, 1e-4);
 }
 
 /* ---- the bundled models (models/), fp32 mode ------------------------------------------------------------ */
 
 /* 256 greedy tokens of a bundled model on the GPU in fp32 mode, identical to the CPU engine. */
 static void check_bundled_fp32(const char *name) {
+    NEED_GPU();
     char dir[1024];
     const char *src = getenv("KVM_SOURCE_DIR");
     snprintf(dir, sizeof dir, "%s/models/%s", src && *src ? src : KVM_SOURCE_DIR, name);
@@ -144,96 +158,32 @@ static void check_bundled_fp32(const char *name) {
         printf("SKIPPED: bundled model %s not found\n", dir);
         skip();
     }
-    kvm_load_opts_t oc = {.backend = "cpu", .quiet = true},
-                    og = {.backend = "cuda", .quiet = true, .device_dtype = KVM_F32, .device_dtype_set = true};
-    kvm_model_t *mc = kvm_model_load_opts(dir, &oc);
-    if (!mc) fprintf(stderr, "%s cpu: %s\n", name, kvm_errmsg());
-    assert_non_null(mc);
-    kvm_model_t *mg = kvm_model_load_opts(dir, &og);
-    if (!mg) fprintf(stderr, "%s cuda: %s\n", name, kvm_errmsg());
-    assert_non_null(mg);
-    const int T = 12, N = 256, V = mc->cfg.vocab_size;
+    kvm_model_t *mc = load_on(dir, "cpu", false), *mg = load_on(dir, "cuda", true);
     int32_t prompt[12];
-    for (int i = 0; i < T; i++) prompt[i] = (int32_t)(3 + kvm_splitmix64(991 + i) % (uint64_t)(V - 3));
-    float *lc = malloc((size_t)T * V * 4), *lg = malloc((size_t)T * V * 4);
-    int32_t *ic = malloc(N * 4), *ig = malloc(N * 4);
-    run_greedy(mc, prompt, T, N, lc, ic);
-    run_greedy(mg, prompt, T, N, lg, ig);
-    double rel = max_rel(lg, lc, (size_t)T * V);
-    int bad = first_difference(ig, ic, N);
-    fprintf(stderr, "%s fp32: prompt logits max rel diff %.3e; %d greedy tokens %s\n", name, rel, N,
-            bad < 0 ? "identical" : "DIFFER");
-    if (bad >= 0) {
-        print_ids("cpu ", ic, N);
-        print_ids("cuda", ig, N);
-    }
-    kvm_model_free(mc);
-    kvm_model_free(mg);
-    free(lc), free(lg), free(ic), free(ig);
-    assert_true(rel <= 1e-4);
-    assert_int_equal(bad, -1);
+    seeded_prompt(prompt, 12, 991, 3, mc->cfg.vocab_size);
+    expect_cuda_matches_cpu(name, "fp32", mc, mg, prompt, 12, 256, 1e-4);
 }
 
-static void test_bundled_minillama_greedy_256_tokens_identical_to_cpu_in_fp32_mode(void **st) {
-    (void)st;
-    NEED_GPU();
-    check_bundled_fp32("minillama-2m");
-}
-
-static void test_bundled_miniqwen3_greedy_256_tokens_identical_to_cpu_in_fp32_mode(void **st) {
-    (void)st;
-    NEED_GPU();
-    check_bundled_fp32("miniqwen3-6m");
-}
+static void test_bundled_minillama_greedy_256_tokens_identical_to_cpu_in_fp32_mode(void **st) { (void)st; check_bundled_fp32("minillama-2m"); }
+static void test_bundled_miniqwen3_greedy_256_tokens_identical_to_cpu_in_fp32_mode(void **st) { (void)st; check_bundled_fp32("miniqwen3-6m"); }
 
 /* ---- synthetic tiny models, bf16 ---------------------------------------------------------------------- */
 
+/* 32 greedy tokens of a synthetic model with bf16 weights on the GPU, identical to the CPU engine. */
 static void check_synthetic(const char *name) {
-    kvm_load_opts_t oc = {.backend = "cpu", .quiet = true}, og = {.backend = "cuda", .quiet = true};
-    kvm_model_t *mc = kvm_model_synthetic(name, &oc);
-    if (!mc) fprintf(stderr, "%s cpu: %s\n", name, kvm_errmsg());
-    assert_non_null(mc);
-    kvm_model_t *mg = kvm_model_synthetic(name, &og);
-    if (!mg) fprintf(stderr, "%s cuda: %s\n", name, kvm_errmsg());
-    assert_non_null(mg);
+    NEED_GPU();
+    char path[128];
+    snprintf(path, sizeof path, "synthetic:%s", name);
+    kvm_model_t *mc = load_on(path, "cpu", false), *mg = load_on(path, "cuda", false);
     assert_true(mg->weights_on_device);
-    const int T = 40, N = 32, V = mc->cfg.vocab_size;
     int32_t prompt[40];
-    for (int i = 0; i < T; i++) prompt[i] = (int32_t)(kvm_splitmix64(77 + i) % (uint64_t)V);
-    float *lc = malloc((size_t)T * V * 4), *lg = malloc((size_t)T * V * 4);
-    int32_t ic[32], ig[32];
-    run_greedy(mc, prompt, T, N, lc, ic);
-    run_greedy(mg, prompt, T, N, lg, ig);
-    double rel = max_rel(lg, lc, (size_t)T * V);
-    int bad = first_difference(ig, ic, N);
-    fprintf(stderr, "%s bf16: prompt logits max|diff|/max|ref| %.3e (tol 2e-2); %d greedy tokens %s\n", name, rel, N,
-            bad < 0 ? "identical" : "DIFFER");
-    if (bad >= 0) {
-        print_ids("cpu ", ic, N);
-        print_ids("cuda", ig, N);
-    }
-    kvm_model_free(mc);
-    kvm_model_free(mg);
-    free(lc), free(lg);
-    assert_true(rel <= 2e-2);
-    assert_int_equal(bad, -1);
+    seeded_prompt(prompt, 40, 77, 0, mc->cfg.vocab_size);
+    expect_cuda_matches_cpu(name, "bf16", mc, mg, prompt, 40, 32, 2e-2);
 }
 
-static void test_synthetic_tiny_llama_bf16_matches_cpu(void **st) {
-    (void)st;
-    NEED_GPU();
-    check_synthetic("tiny-llama");
-}
-static void test_synthetic_tiny_qwen2_bf16_matches_cpu(void **st) {
-    (void)st;
-    NEED_GPU();
-    check_synthetic("tiny-qwen2");
-}
-static void test_synthetic_tiny_qwen3_bf16_matches_cpu(void **st) {
-    (void)st;
-    NEED_GPU();
-    check_synthetic("tiny-qwen3");
-}
+static void test_synthetic_tiny_llama_bf16_matches_cpu(void **st) { (void)st; check_synthetic("tiny-llama"); }
+static void test_synthetic_tiny_qwen2_bf16_matches_cpu(void **st) { (void)st; check_synthetic("tiny-qwen2"); }
+static void test_synthetic_tiny_qwen3_bf16_matches_cpu(void **st) { (void)st; check_synthetic("tiny-qwen3"); }
 
 /* kvm_batch_item_t.positions on the GPU (synthetic tiny-llama, bf16 weights and KV): rows of a 300-token prefill
  * overwritten with junk at scattered positions are recomputed in place by one positioned item; the cache comes
@@ -285,16 +235,6 @@ static void test_positioned_item_recomputes_scattered_rows_on_cuda(void **st) {
 
 /* ---- HF fixtures ---------------------------------------------------------------------------------------- */
 
-static int read_ids(const cJSON *arr, int32_t *out, int cap) {
-    int n = 0;
-    const cJSON *v;
-    cJSON_ArrayForEach(v, arr) {
-        if (n < cap) out[n] = (int32_t)v->valuedouble;
-        n++;
-    }
-    return n;
-}
-
 /* kv: KV cache dtype (NULL = the default for the weight dtype); strict_tokens: all greedy ids must match
  * transformers, else the number of leading identical ids is printed next to the CPU engine's with the same
  * KV dtype (a bf16 cache alone moves these fixtures' smallest greedy margins, 0.5%). */
@@ -314,8 +254,8 @@ static void check_fixture_kv(const char *name, const char *dtype, const char *kv
     kvm_free(text);
     assert_non_null(root);
     int32_t prompt[64], greedy[64];
-    int T = read_ids(cJSON_GetObjectItem(root, "prompt"), prompt, 64);
-    int N = read_ids(cJSON_GetObjectItem(root, "greedy"), greedy, 64);
+    int T = tc_read_ids(cJSON_GetObjectItem(root, "prompt"), prompt, 64);
+    int N = tc_read_ids(cJSON_GetObjectItem(root, "greedy"), greedy, 64);
     int V = cJSON_GetObjectItem(root, "vocab_size")->valueint;
     const cJSON *sd = cJSON_GetObjectItem(root, "storage_dtype");
     char stored[16] = "bf16"; /* "16" below means: the checkpoint's 16-bit dtype, bf16 for f32 checkpoints */
@@ -369,14 +309,16 @@ static void check_fixture_kv(const char *name, const char *dtype, const char *kv
     else assert_true((bad < 0 ? N : bad) >= (cpu_bad < 0 ? N : cpu_bad));
 }
 
-static void check_fixture(const char *name, const char *dtype, double tol) { check_fixture_kv(name, dtype, NULL, tol, true); }
+/* check_fixture_kv on every HF fixture. */
+static void check_fixtures(const char *dtype, const char *kv, double tol, bool strict_tokens) {
+    static const char *const names[] = {"llama3.1-8b-tiny", "qwen2.5-7b-tiny", "qwen3-0.6b-tiny"};
+    for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) check_fixture_kv(names[i], dtype, kv, tol, strict_tokens);
+}
 
 static void test_hf_fixtures_match_transformers_on_cuda_with_bf16_weights_and_f16_kv(void **st) {
     (void)st;
     NEED_GPU();
-    check_fixture_kv("llama3.1-8b-tiny", "bf16", "f16", 2e-2, true);
-    check_fixture_kv("qwen2.5-7b-tiny", "bf16", "f16", 2e-2, true);
-    check_fixture_kv("qwen3-0.6b-tiny", "bf16", "f16", 2e-2, true);
+    check_fixtures("bf16", "f16", 2e-2, true);
 }
 
 /* 16-bit weights as stored (bf16 for the f32 checkpoint) with a KV cache of the same dtype: the
@@ -384,17 +326,13 @@ static void test_hf_fixtures_match_transformers_on_cuda_with_bf16_weights_and_f1
 static void test_hf_fixtures_logits_match_transformers_on_cuda_in_16_bit(void **st) {
     (void)st;
     NEED_GPU();
-    check_fixture_kv("llama3.1-8b-tiny", "16", "16", 2e-2, false);
-    check_fixture_kv("qwen2.5-7b-tiny", "16", "16", 2e-2, false);
-    check_fixture_kv("qwen3-0.6b-tiny", "16", "16", 2e-2, false);
+    check_fixtures("16", "16", 2e-2, false);
 }
 
 static void test_hf_fixtures_match_transformers_on_cuda_in_fp32_mode(void **st) {
     (void)st;
     NEED_GPU();
-    check_fixture("llama3.1-8b-tiny", "f32", 1e-4);
-    check_fixture("qwen2.5-7b-tiny", "f32", 1e-4);
-    check_fixture("qwen3-0.6b-tiny", "f32", 1e-4);
+    check_fixtures("f32", NULL, 1e-4, true);
 }
 
 int main(void) {

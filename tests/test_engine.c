@@ -10,32 +10,31 @@
 
 #include "runtime/kv/store.h"
 #include "runtime/model/generate.h"
+#include "test_common.h"
 
+/* A small config; gqa_bias_norm: Qwen3-like (GQA, qkv bias, q/k norms, head_dim != dim / heads, half rope). */
 static kvm_config_t small_cfg(bool gqa_bias_norm) {
-    kvm_config_t c = {0};
-    c.dim = 48;
-    c.hidden_dim = 96;
-    c.n_layers = 2;
-    c.n_heads = 6;
-    c.n_kv_heads = gqa_bias_norm ? 2 : 6;
-    c.head_dim = gqa_bias_norm ? 16 : 8; /* head_dim != dim / heads for the Qwen3-like case */
-    c.vocab_size = 97;
-    c.max_seq_len = 256;
-    c.rope_theta = 10000;
-    c.rope_layout = gqa_bias_norm ? KVM_ROPE_HALF : KVM_ROPE_INTERLEAVED;
-    c.qkv_bias = gqa_bias_norm;
-    c.qk_norm = gqa_bias_norm;
-    c.rms_eps = 1e-6f;
-    return c;
+    return (kvm_config_t){.dim = 48, .hidden_dim = 96, .n_layers = 2, .n_heads = 6, .n_kv_heads = gqa_bias_norm ? 2 : 6,
+                          .head_dim = gqa_bias_norm ? 16 : 8, .vocab_size = 97, .max_seq_len = 256, .rope_theta = 10000,
+                          .rope_layout = gqa_bias_norm ? KVM_ROPE_HALF : KVM_ROPE_INTERLEAVED, .qkv_bias = gqa_bias_norm,
+                          .qk_norm = gqa_bias_norm, .rms_eps = 1e-6f};
 }
 
-static float max_rel(const float *a, const float *b, size_t n) {
-    float md = 0, mr = 0;
-    for (size_t i = 0; i < n; i++) {
-        md = fmaxf(md, fabsf(a[i] - b[i]));
-        mr = fmaxf(mr, fabsf(b[i]));
-    }
-    return md / (mr > 0 ? mr : 1);
+/* A random CPU model of small_cfg(qwen_like) (its context cut to max_seq_len when > 0) from seed, its config
+ * in *c and a KV pool for it in *pool; free both with small_model_free. */
+static kvm_model_t *small_model(bool qwen_like, uint64_t seed, int max_seq_len, kvm_config_t *c, kvm_kv_pool_t **pool) {
+    *c = small_cfg(qwen_like);
+    if (max_seq_len > 0) c->max_seq_len = max_seq_len;
+    kvm_model_t *m = kvm_model_random(c, seed, 1, "cpu");
+    assert_non_null(m);
+    *pool = kvm_model_kv_pool(m, 0);
+    assert_non_null(*pool);
+    return m;
+}
+
+static void small_model_free(kvm_model_t *m, kvm_kv_pool_t *pool) {
+    kvm_kv_pool_free(pool);
+    kvm_model_free(m);
 }
 
 static void test_kv_pool_reports_exhaustion_and_changes_nothing(void **st) {
@@ -60,10 +59,9 @@ static void test_kv_pool_reports_exhaustion_and_changes_nothing(void **st) {
 
 static void test_shared_partial_block_is_copied_before_append(void **st) {
     (void)st;
-    kvm_config_t c = small_cfg(false);
-    kvm_model_t *m = kvm_model_random(&c, 7, 1, "cpu");
-    assert_non_null(m);
-    kvm_kv_pool_t *pool = kvm_model_kv_pool(m, 0);
+    kvm_config_t c;
+    kvm_kv_pool_t *pool;
+    kvm_model_t *m = small_model(false, 7, 0, &c, &pool);
     kvm_seq_t a, b;
     kvm_seq_init(&a, pool);
     kvm_seq_init(&b, pool);
@@ -90,16 +88,14 @@ static void test_shared_partial_block_is_copied_before_append(void **st) {
     kvm_seq_free(&a);
     kvm_seq_free(&b);
     assert_int_equal(pool->n_free, pool->n_blocks);
-    kvm_kv_pool_free(pool);
-    kvm_model_free(m);
+    small_model_free(m, pool);
 }
 
 /* Prefill of T tokens, token-by-token decode, and a batch mixing two sequences give the same logits. */
 static void check_forward_consistency(bool qwen_like) {
-    kvm_config_t c = small_cfg(qwen_like);
-    kvm_model_t *m = kvm_model_random(&c, 11, 1, "cpu");
-    assert_non_null(m);
-    kvm_kv_pool_t *pool = kvm_model_kv_pool(m, 0);
+    kvm_config_t c;
+    kvm_kv_pool_t *pool;
+    kvm_model_t *m = small_model(qwen_like, 11, 0, &c, &pool);
     const int T = 37, V = c.vocab_size;
     int32_t toks[37], toks2[37];
     for (int i = 0; i < T; i++) {
@@ -117,7 +113,7 @@ static void check_forward_consistency(bool qwen_like) {
     for (int t = 0; t < T; t++) {
         kvm_batch_item_t one = {.seq = &s2, .tokens = &toks[t], .n_tokens = 1, .logits = inc};
         assert_int_equal(kvm_forward(m, &one, 1), 0);
-        assert_true(max_rel(inc, all + (size_t)t * V, (size_t)V) < 1e-5f);
+        assert_true(tc_max_rel(inc, all + (size_t)t * V, (size_t)V) < 1e-5f);
     }
     /* reference for the second sequence alone */
     kvm_batch_item_t r2 = {.seq = &s3, .tokens = toks2, .n_tokens = T, .logits = ref2};
@@ -132,8 +128,8 @@ static void check_forward_consistency(bool qwen_like) {
     kvm_batch_item_t both[2] = {{.seq = &s1, .tokens = &toks[T - 1], .n_tokens = 1, .logits = b1},
                                 {.seq = &s3, .tokens = toks2, .n_tokens = T, .logits = b2}};
     assert_int_equal(kvm_forward(m, both, 2), 0);
-    assert_true(max_rel(b1, all + (size_t)(T - 1) * V, (size_t)V) < 1e-5f);
-    assert_true(max_rel(b2, ref2, (size_t)V) < 1e-5f);
+    assert_true(tc_max_rel(b1, all + (size_t)(T - 1) * V, (size_t)V) < 1e-5f);
+    assert_true(tc_max_rel(b2, ref2, (size_t)V) < 1e-5f);
     kvm_seq_free(&s1);
     kvm_seq_free(&s2);
     kvm_seq_free(&s3);
@@ -142,46 +138,41 @@ static void check_forward_consistency(bool qwen_like) {
     free(b1);
     free(b2);
     free(ref2);
-    kvm_kv_pool_free(pool);
-    kvm_model_free(m);
+    small_model_free(m, pool);
 }
 
 static void test_prefill_decode_and_batch_agree_llama_interleaved(void **st) { (void)st; check_forward_consistency(false); }
 static void test_prefill_decode_and_batch_agree_qwen3_like_gqa(void **st) { (void)st; check_forward_consistency(true); }
 
-static void test_forward_rejects_bad_token_and_keeps_sequence(void **st) {
-    (void)st;
-    kvm_config_t c = small_cfg(false);
-    kvm_model_t *m = kvm_model_random(&c, 3, 1, "cpu");
-    kvm_kv_pool_t *pool = kvm_model_kv_pool(m, 0);
+/* A forward of toks[n] into a fresh sequence of a small model (context max_seq_len; 0: the default) is refused
+ * with KVM_ERANGE and a message naming `what`; with `keeps`, the sequence holds no token and no block after. */
+static void expect_forward_out_of_range(int max_seq_len, int32_t *toks, int n, const char *what, bool keeps) {
+    kvm_config_t c;
+    kvm_kv_pool_t *pool;
+    kvm_model_t *m = small_model(false, 3, max_seq_len, &c, &pool);
     kvm_seq_t s;
     kvm_seq_init(&s, pool);
-    int32_t bad[2] = {1, 5000};
-    kvm_batch_item_t it = {.seq = &s, .tokens = bad, .n_tokens = 2};
+    kvm_batch_item_t it = {.seq = &s, .tokens = toks, .n_tokens = n};
     assert_int_equal(kvm_forward(m, &it, 1), KVM_ERANGE);
-    assert_non_null(strstr(kvm_errmsg(), "5000"));
-    assert_int_equal(s.n_tokens, 0);
-    assert_int_equal(pool->n_free, pool->n_blocks);
+    assert_non_null(strstr(kvm_errmsg(), what));
+    if (keeps) {
+        assert_int_equal(s.n_tokens, 0);
+        assert_int_equal(pool->n_free, pool->n_blocks);
+    }
     kvm_seq_free(&s);
-    kvm_kv_pool_free(pool);
-    kvm_model_free(m);
+    small_model_free(m, pool);
+}
+
+static void test_forward_rejects_bad_token_and_keeps_sequence(void **st) {
+    (void)st;
+    int32_t bad[2] = {1, 5000};
+    expect_forward_out_of_range(0, bad, 2, "5000", true);
 }
 
 static void test_forward_beyond_context_is_an_error(void **st) {
     (void)st;
-    kvm_config_t c = small_cfg(false);
-    c.max_seq_len = 8;
-    kvm_model_t *m = kvm_model_random(&c, 3, 1, "cpu");
-    kvm_kv_pool_t *pool = kvm_model_kv_pool(m, 0);
-    kvm_seq_t s;
-    kvm_seq_init(&s, pool);
     int32_t t[9] = {1, 2, 3, 4, 5, 6, 7, 8, 9};
-    kvm_batch_item_t it = {.seq = &s, .tokens = t, .n_tokens = 9};
-    assert_int_equal(kvm_forward(m, &it, 1), KVM_ERANGE);
-    assert_non_null(strstr(kvm_errmsg(), "context"));
-    kvm_seq_free(&s);
-    kvm_kv_pool_free(pool);
-    kvm_model_free(m);
+    expect_forward_out_of_range(8, t, 9, "context", false);
 }
 
 /* kvm_batch_item_t.positions: rows of a prefilled sequence overwritten with garbage at scattered positions are
@@ -189,10 +180,9 @@ static void test_forward_beyond_context_is_an_error(void **st) {
  * recomputed row attends to the fresh rows before it); the sequence keeps its length and tokens. Bad positions
  * are refused and change nothing. */
 static void check_positioned_recompute(bool qwen_like) {
-    kvm_config_t c = small_cfg(qwen_like);
-    kvm_model_t *m = kvm_model_random(&c, 17, 1, "cpu");
-    assert_non_null(m);
-    kvm_kv_pool_t *pool = kvm_model_kv_pool(m, 0);
+    kvm_config_t c;
+    kvm_kv_pool_t *pool;
+    kvm_model_t *m = small_model(qwen_like, 17, 0, &c, &pool);
     enum { T = 53, NP = 12 };
     int32_t toks[T];
     for (int i = 0; i < T; i++) toks[i] = (i * 31 + 7) % c.vocab_size;
@@ -233,8 +223,7 @@ static void check_positioned_recompute(bool qwen_like) {
     assert_memory_equal(got, dense, e * 4);
     kvm_seq_free(&s);
     free(dense), free(got), free(junk), free(lg);
-    kvm_kv_pool_free(pool);
-    kvm_model_free(m);
+    small_model_free(m, pool);
 }
 
 static void test_positioned_item_recomputes_scattered_rows_exactly_llama(void **st) { (void)st; check_positioned_recompute(false); }
@@ -327,20 +316,9 @@ static void test_llama2_chat_closes_each_answer_and_opens_the_next_turn(void **s
 static void test_llama3_rope_scaling_matches_reference_frequencies(void **st) {
     (void)st;
     /* kvcomm.md §3.3 reference values (transformers 5.17 inv_freq), Llama-3.1-8B */
-    kvm_config_t c = {0};
-    c.dim = 4096;
-    c.hidden_dim = 64;
-    c.n_layers = 1;
-    c.n_heads = 32;
-    c.n_kv_heads = 8;
-    c.head_dim = 128;
-    c.vocab_size = 8;
-    c.rope_theta = 500000;
-    c.rope_scaling = KVM_ROPE_SCALING_LLAMA3;
-    c.rope_factor = 8;
-    c.rope_low_freq_factor = 1;
-    c.rope_high_freq_factor = 4;
-    c.rope_original_max_pos = 8192;
+    kvm_config_t c = {.dim = 4096, .hidden_dim = 64, .n_layers = 1, .n_heads = 32, .n_kv_heads = 8, .head_dim = 128,
+                      .vocab_size = 8, .rope_theta = 500000, .rope_scaling = KVM_ROPE_SCALING_LLAMA3, .rope_factor = 8,
+                      .rope_low_freq_factor = 1, .rope_high_freq_factor = 4, .rope_original_max_pos = 8192};
     kvm_model_t m = {0};
     m.cfg = c;
     assert_int_equal(kvm_model_build_rope(&m), 0);

@@ -15,6 +15,7 @@
 #include "agents/wf.h"
 #include "runtime/core/core.h"
 #include "runtime/trace/trace.h"
+#include "test_common.h"
 
 #define S260 KVM_SHARED_DIR "/models/stories260K/stories260K.bin"
 
@@ -127,11 +128,7 @@ static void test_trace_steps_hold_prompt_ids_and_a_token_partition(void **s) {
     assert_int_equal(system(cmd), 0);
 }
 
-int main(void) {
-    const struct CMUnitTest tests[] = {
+TC_MAIN(NULL, NULL,
         cmocka_unit_test(test_fan_out_shares_forward_passes_on_a_real_model),
         cmocka_unit_test(test_kvcomm_reuses_kv_across_runs_and_dense_does_not),
-        cmocka_unit_test(test_trace_steps_hold_prompt_ids_and_a_token_partition),
-    };
-    return cmocka_run_group_tests(tests, NULL, NULL);
-}
+        cmocka_unit_test(test_trace_steps_hold_prompt_ids_and_a_token_partition))

@@ -17,7 +17,9 @@
 #include <cmocka.h>
 #include <cjson/cJSON.h>
 
+#include "kernels/ops.h"
 #include "runtime/model/forward.h"
+#include "test_common.h"
 
 #define PARITY_TOL 1e-4
 
@@ -30,16 +32,6 @@ typedef struct fixture {
     float *logits; /* [n_prompt][vocab] */
 } fixture_t;
 
-static int read_ids(const cJSON *arr, int32_t *out, int cap) {
-    int n = 0;
-    const cJSON *v;
-    cJSON_ArrayForEach(v, arr) {
-        if (n < cap) out[n] = (int32_t)v->valuedouble;
-        n++;
-    }
-    return n;
-}
-
 static void load_fixture(const char *dir, fixture_t *fx) {
     char path[1100];
     char *text = NULL;
@@ -49,8 +41,8 @@ static void load_fixture(const char *dir, fixture_t *fx) {
     cJSON *root = cJSON_Parse(text);
     kvm_free(text);
     assert_non_null(root);
-    fx->n_prompt = read_ids(cJSON_GetObjectItem(root, "prompt"), fx->prompt, 64);
-    fx->n_greedy = read_ids(cJSON_GetObjectItem(root, "greedy"), fx->greedy, 64);
+    fx->n_prompt = tc_read_ids(cJSON_GetObjectItem(root, "prompt"), fx->prompt, 64);
+    fx->n_greedy = tc_read_ids(cJSON_GetObjectItem(root, "greedy"), fx->greedy, 64);
     fx->vocab = cJSON_GetObjectItem(root, "vocab_size")->valueint;
     cJSON_Delete(root);
     assert_true(fx->n_prompt > 0 && fx->n_prompt <= 64);
@@ -64,12 +56,8 @@ static void load_fixture(const char *dir, fixture_t *fx) {
     kvm_free(raw);
 }
 
-static int argmax(const float *x, int n) {
-    int b = 0;
-    for (int i = 1; i < n; i++)
-        if (x[i] > x[b]) b = i;
-    return b;
-}
+/* The greedy pick: the CPU backend's argmax (first maximum). */
+static int argmax(const float *x, int n) { return kvm_ops_cpu()->argmax(x, n); }
 
 static void check_parity(const char *name) {
     char dir[1024];
@@ -189,11 +177,7 @@ static void test_qwen3_06b_shape_f32_with_qk_norm_and_tied_embeddings_matches_tr
     check_parity("qwen3-0.6b-tiny");
 }
 
-int main(void) {
-    const struct CMUnitTest tests[] = {
+TC_MAIN(NULL, NULL,
         cmocka_unit_test(test_llama31_8b_shape_bf16_matches_transformers),
         cmocka_unit_test(test_qwen25_7b_shape_f16_with_qkv_bias_matches_transformers),
-        cmocka_unit_test(test_qwen3_06b_shape_f32_with_qk_norm_and_tied_embeddings_matches_transformers),
-    };
-    return cmocka_run_group_tests(tests, NULL, NULL);
-}
+        cmocka_unit_test(test_qwen3_06b_shape_f32_with_qk_norm_and_tied_embeddings_matches_transformers))

@@ -10,6 +10,7 @@
 
 #include "runtime/core/core.h"
 #include "runtime/kv/store.h"
+#include "test_common.h"
 
 #define L 3
 #define H 2
@@ -231,15 +232,6 @@ static void test_frame_mismatch_is_eframe(void **st) {
     kvm_kv_pool_free(p);
 }
 
-static float max_rel(const float *a, const float *b, size_t n) {
-    float md = 0, mr = 0;
-    for (size_t i = 0; i < n; i++) {
-        md = fmaxf(md, fabsf(a[i] - b[i]));
-        mr = fmaxf(mr, fabsf(b[i]));
-    }
-    return md / (mr > 0 ? mr : 1);
-}
-
 static void shift_roundtrip(kvm_rope_layout_t layout) {
     kvm_kv_pool_t *p = make_pool(8, 1, KVM_F32);
     kvm_kv_store_t *s = make_store(p, layout);
@@ -253,10 +245,10 @@ static void shift_roundtrip(kvm_rope_layout_t layout) {
     assert_int_equal(kvm_kv_read_rows(p, a.blocks, 0, 37, x0), 0);
     assert_int_equal(kvm_kv_shift(s, a.blocks, 3, 30, 4093, NULL), 0);
     assert_int_equal(kvm_kv_read_rows(p, a.blocks, 0, 37, x1), 0);
-    assert_true(max_rel(x1, x0, e) > 1e-2); /* it did move */
+    assert_true(tc_max_rel(x1, x0, e) > 1e-2); /* it did move */
     assert_int_equal(kvm_kv_shift(s, a.blocks, 3, 30, -4093, NULL), 0);
     assert_int_equal(kvm_kv_read_rows(p, a.blocks, 0, 37, x1), 0);
-    assert_true(max_rel(x1, x0, e) <= 1e-6);
+    assert_true(tc_max_rel(x1, x0, e) <= 1e-6);
     /* values never move */
     for (int l = 0; l < L; l++)
         assert_memory_equal(x1 + ((size_t)l * 2 + 1) * H * 37 * D, x0 + ((size_t)l * 2 + 1) * H * 37 * D, (size_t)H * 37 * D * 4);
@@ -304,7 +296,7 @@ static void shift_matches_fresh(kvm_rope_layout_t layout) {
     assert_int_equal(kvm_kv_write_rows(p, a.blocks, 0, n, at_p), 0);
     assert_int_equal(kvm_kv_shift(s, a.blocks, 0, n, dl, NULL), 0);
     assert_int_equal(kvm_kv_read_rows(p, a.blocks, 0, n, got), 0);
-    assert_true(max_rel(got, want, e) <= 1e-5);
+    assert_true(tc_max_rel(got, want, e) <= 1e-5);
     free(raw);
     free(at_p);
     free(want);
@@ -348,7 +340,7 @@ static void test_segment_is_rebased_to_f0_and_placed_back_exactly(void **st) {
     float *x = malloc(e * 4), *y = malloc(e * 4);
     kvm_kv_read_rows(p, a.blocks, 11, 19, x);
     kvm_kv_read_rows(p, b.blocks, 11, 19, y);
-    assert_true(max_rel(y, x, e) <= 1e-6);
+    assert_true(tc_max_rel(y, x, e) <= 1e-6);
     free(x);
     free(y);
     kvm_segment_release(g);
@@ -459,7 +451,7 @@ static void test_bf16_pool_rows_round_trip_within_bf16(void **st) {
     assert_int_equal(kvm_seq_reserve(&a, n), 0);
     assert_int_equal(kvm_kv_write_rows(p, a.blocks, 0, n, x), 0);
     assert_int_equal(kvm_kv_read_rows(p, a.blocks, 0, n, y), 0);
-    assert_true(max_rel(y, x, e) <= 1.0f / 128);
+    assert_true(tc_max_rel(y, x, e) <= 1.0f / 128);
     free(x);
     free(y);
     kvm_seq_free(&a);

@@ -41,43 +41,41 @@ static int run_body(const char *body, uint64_t seed, char *out, size_t cap, char
     return st;
 }
 
-static void test_dangerous_libraries_are_absent(void **s) {
-    (void)s;
-    char out[256], msg[1024];
-    assert_int_equal(run_body("return { r = tostring(io) .. tostring(os) .. tostring(debug) .. tostring(package) .. "
-                              "tostring(load) .. tostring(dofile) .. tostring(loadfile) .. tostring(require) }",
-                              1, out, sizeof out, msg, sizeof msg),
-                     0);
-    assert_string_equal(out, "\"nilnilnilnilnilnilnilnil\"");
+/* The last expect_body's r (as JSON text) and message. */
+static char g_out[256], g_msg[2048];
+
+/* Runs body with seed 1 and asserts the run's status and, when out is not NULL, its r (JSON text). */
+static void expect_body(const char *body, int status, const char *out) {
+    assert_int_equal(run_body(body, 1, g_out, sizeof g_out, g_msg, sizeof g_msg), status);
+    if (out) assert_string_equal(g_out, out);
 }
 
-static void test_string_metatable_is_locked(void **s) {
+static void test_dangerous_libraries_are_absent(void **s) {
     (void)s;
-    char out[256], msg[1024];
-    assert_int_equal(run_body("return { r = getmetatable('') }", 1, out, sizeof out, msg, sizeof msg), 0);
-    assert_string_equal(out, "\"locked\"");
+    expect_body("return { r = tostring(io) .. tostring(os) .. tostring(debug) .. tostring(package) .. "
+                "tostring(load) .. tostring(dofile) .. tostring(loadfile) .. tostring(require) }",
+                0, "\"nilnilnilnilnilnilnilnil\"");
 }
+
+static void test_string_metatable_is_locked(void **s) { (void)s; expect_body("return { r = getmetatable('') }", 0, "\"locked\""); }
 
 static void test_library_tables_are_read_only(void **s) {
     (void)s;
-    char out[256], msg[1024];
-    assert_int_equal(run_body("string.upper = function() return 'x' end return {}", 1, out, sizeof out, msg, sizeof msg), KVM_ELUA_RUNTIME);
-    assert_non_null(strstr(msg, "read-only"));
-    assert_non_null(strstr(msg, "sb.lua:3:"));
+    expect_body("string.upper = function() return 'x' end return {}", KVM_ELUA_RUNTIME, NULL);
+    assert_non_null(strstr(g_msg, "read-only"));
+    assert_non_null(strstr(g_msg, "sb.lua:3:"));
 }
 
 static void test_rawset_cannot_write_a_locked_table(void **s) {
     (void)s;
-    char out[256], msg[1024];
-    assert_int_equal(run_body("rawset(string, 'upper', 1) return {}", 1, out, sizeof out, msg, sizeof msg), KVM_ELUA_RUNTIME);
-    assert_non_null(strstr(msg, "read-only"));
+    expect_body("rawset(string, 'upper', 1) return {}", KVM_ELUA_RUNTIME, NULL);
+    assert_non_null(strstr(g_msg, "read-only"));
 }
 
 static void test_globals_are_frozen_after_load(void **s) {
     (void)s;
-    char out[256], msg[1024];
-    assert_int_equal(run_body("counter = 1 return {}", 1, out, sizeof out, msg, sizeof msg), KVM_ELUA_RUNTIME);
-    assert_non_null(strstr(msg, "globals are read-only"));
+    expect_body("counter = 1 return {}", KVM_ELUA_RUNTIME, NULL);
+    assert_non_null(strstr(g_msg, "globals are read-only"));
 }
 
 static void test_binary_chunk_is_rejected(void **s) {
@@ -88,19 +86,12 @@ static void test_binary_chunk_is_rejected(void **s) {
     assert_int_equal(kvm_errcode(), KVM_ELUA_SYNTAX);
 }
 
-static void test_string_dump_is_removed(void **s) {
-    (void)s;
-    char out[256], msg[1024];
-    assert_int_equal(run_body("return { r = tostring(string.dump) }", 1, out, sizeof out, msg, sizeof msg), 0);
-    assert_string_equal(out, "\"nil\"");
-}
+static void test_string_dump_is_removed(void **s) { (void)s; expect_body("return { r = tostring(string.dump) }", 0, "\"nil\""); }
 
 static void test_collectgarbage_only_counts(void **s) {
     (void)s;
-    char out[256], msg[1024];
-    assert_int_equal(run_body("collectgarbage('stop') return {}", 1, out, sizeof out, msg, sizeof msg), KVM_ELUA_RUNTIME);
-    assert_int_equal(run_body("return { r = collectgarbage('count') > 0 }", 1, out, sizeof out, msg, sizeof msg), 0);
-    assert_string_equal(out, "true");
+    expect_body("collectgarbage('stop') return {}", KVM_ELUA_RUNTIME, NULL);
+    expect_body("return { r = collectgarbage('count') > 0 }", 0, "true");
 }
 
 static void test_math_random_is_per_run_and_seeded(void **s) {
@@ -116,21 +107,18 @@ static void test_math_random_is_per_run_and_seeded(void **s) {
 
 static void test_budget_cannot_be_caught_by_pcall(void **s) {
     (void)s;
-    char out[256], msg[2048];
-    int st = run_body("for i = 1, 100 do pcall(function() while true do end end) end return { r = 'escaped' }", 1, out,
-                      sizeof out, msg, sizeof msg);
-    assert_int_equal(st, KVM_EBUDGET);
-    assert_string_not_equal(out, "\"escaped\"");
+    expect_body("for i = 1, 100 do pcall(function() while true do end end) end return { r = 'escaped' }", KVM_EBUDGET,
+                NULL);
+    assert_string_not_equal(g_out, "\"escaped\"");
 }
 
 static void test_ctx_call_outside_a_node_coroutine_is_refused(void **s) {
     (void)s;
-    char out[256], msg[2048];
-    int st = run_body("local co = coroutine.create(function() return ctx:call('x') end)\n"
-                      "local ok, err = coroutine.resume(co)\n"
-                      "return { r = err }", 1, out, sizeof out, msg, sizeof msg);
-    assert_int_equal(st, 0);
-    assert_non_null(strstr(out, "ctx:call must be called from"));
+    expect_body("local co = coroutine.create(function() return ctx:call('x') end)\n"
+                "local ok, err = coroutine.resume(co)\n"
+                "return { r = err }",
+                0, NULL);
+    assert_non_null(strstr(g_out, "ctx:call must be called from"));
 }
 
 int main(void) {

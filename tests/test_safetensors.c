@@ -13,24 +13,9 @@
 #include <cmocka.h>
 
 #include "runtime/model/safetensors.h"
+#include "test_common.h"
 
-static char g_dir[256];
-
-static int rm_entry(const char *p, const struct stat *sb, int flag, struct FTW *ftw) {
-    (void)sb; (void)flag; (void)ftw;
-    return remove(p);
-}
-
-static int setup(void **st) {
-    (void)st;
-    snprintf(g_dir, sizeof g_dir, "/tmp/kvm_st_XXXXXX");
-    return mkdtemp(g_dir) ? 0 : -1;
-}
-
-static int teardown(void **st) {
-    (void)st;
-    return nftw(g_dir, rm_entry, 8, FTW_DEPTH | FTW_PHYS);
-}
+TC_TMPDIR_FIXTURE("kvm_st")
 
 static const char *tmp_path(const char *name) {
     static char p[512];

@@ -12,6 +12,7 @@
 
 #include "runtime/core/core.h"
 #include "runtime/sched/sched.h"
+#include "test_common.h"
 #include "test_stories_common.h"
 
 static const char *prompts[3] = {"Once upon a time", "The little dog ran to the park and saw a big red ball", "Lily"};
@@ -167,11 +168,7 @@ static void test_requests_wait_for_kv_memory_instead_of_failing(void **st) {
     kvm_kv_pool_free(pool);
 }
 
-int main(void) {
-    const struct CMUnitTest tests[] = {
+TC_MAIN(stories_setup, stories_teardown,
         cmocka_unit_test(test_batched_requests_generate_what_each_generates_alone),
         cmocka_unit_test(test_request_past_the_context_fails_alone),
-        cmocka_unit_test(test_requests_wait_for_kv_memory_instead_of_failing),
-    };
-    return cmocka_run_group_tests(tests, stories_setup, stories_teardown);
-}
+        cmocka_unit_test(test_requests_wait_for_kv_memory_instead_of_failing))

@@ -11,6 +11,7 @@
 #include "runtime/comm/prompt.h"
 #include "runtime/comm/template_parse.h"
 #include "runtime/core/core.h"
+#include "test_common.h"
 
 /* Parses text that must hold exactly one placeholder after "x " and checks what it maps to. */
 static void check_form(const char *text, kvm_tpl_src_t src, const char *name, const char *source, const char *key) {
@@ -144,8 +145,7 @@ static void test_comm_pieces_carry_the_kvcomm_names(void **s) {
     assert_non_null(strstr(kvm_errmsg(), "offset 4"));
 }
 
-int main(void) {
-    const struct CMUnitTest tests[] = {
+TC_MAIN(NULL, NULL,
         cmocka_unit_test(test_each_form_maps_to_its_kvcomm_name),
         cmocka_unit_test(test_a_colon_may_replace_the_dot),
         cmocka_unit_test(test_double_braces_are_literal_braces),
@@ -154,7 +154,4 @@ int main(void) {
         cmocka_unit_test(test_unknown_placeholders_are_refused_naming_the_offset),
         cmocka_unit_test(test_bad_forms_are_refused_naming_the_offset),
         cmocka_unit_test(test_an_unclosed_placeholder_is_refused_naming_the_offset),
-        cmocka_unit_test(test_comm_pieces_carry_the_kvcomm_names),
-    };
-    return cmocka_run_group_tests(tests, NULL, NULL);
-}
+        cmocka_unit_test(test_comm_pieces_carry_the_kvcomm_names))

@@ -109,28 +109,9 @@ static void test_llama2c_encodes_10kb_in_milliseconds(void **s) {
     (void)s;
     kvm_tokenizer_t *t = load_tok512();
     if (!t) skip();
-    static const char *words[] = {"Once ", "upon ", "a ", "time ", "Lily ", "saw ", "a ", "big ", "dog. ", "\n"};
-    char *text = malloc(10 * 1024 + 16);
-    size_t len = 0;
-    srand(4242);
-    while (len < 10 * 1024) {
-        const char *w = words[rand() % 10];
-        memcpy(text + len, w, strlen(w));
-        len += strlen(w);
-    }
-    text[len] = '\0';
-    int32_t *ids = NULL;
-    int n = 0;
-    uint64_t t0 = kvm_now_ns();
-    assert_int_equal(kvm_tokenize(t, text, len, KVM_TOK_ADD_BOS, &ids, &n), 0);
-    double ms = (double)(kvm_now_ns() - t0) / 1e6;
-    fprintf(stderr, "llama2.c: 10 KB encoded in %.2f ms (%d tokens)\n", ms, n);
-    char *back = NULL;
-    assert_int_equal(kvm_detokenize(t, ids, n, true, &back, NULL), 0);
-    assert_string_equal(back, text);
-    assert_true(ms < (getenv("KVM_SANITIZED") ? 2000.0 : 200.0));
-    kvm_free(back);
-    kvm_free(ids);
+    static const char *const words[] = {"Once ", "upon ", "a ", "time ", "Lily ", "saw ", "a ", "big ", "dog. ", "\n"};
+    char *text = tt_seeded_text(words, 10, 10 * 1024, 4242);
+    tt_roundtrip_in_milliseconds(t, text, KVM_TOK_ADD_BOS, true, "llama2.c");
     free(text);
     kvm_tokenizer_free(t);
 }

@@ -178,4 +178,40 @@ static inline int tt_check_random(const kvm_tokenizer_t *t, const char *golden_n
     return tt_check_corpus(t, "corpus-random.jsonl", "golden-random-", golden_name);
 }
 
+/* Text of at least `target` bytes: parts[rand() % n_parts] concatenated after srand(seed), so the same
+ * on every run (free with free()). */
+static inline char *tt_seeded_text(const char *const *parts, int n_parts, size_t target, unsigned seed) {
+    size_t longest = 0;
+    for (int i = 0; i < n_parts; i++) longest = strlen(parts[i]) > longest ? strlen(parts[i]) : longest;
+    char *buf = malloc(target + longest + 1);
+    size_t len = 0;
+    srand(seed);
+    while (len < target) {
+        const char *p = parts[rand() % n_parts];
+        memcpy(buf + len, p, strlen(p));
+        len += strlen(p);
+    }
+    buf[len] = '\0';
+    return buf;
+}
+
+/* Encodes text with `flags` (timed), decodes the ids back (skipping special tokens when skip_special) and
+ * asserts the text comes back exactly and the encode took milliseconds (under 200 ms; 2 s in a sanitizer
+ * build). Needs <cmocka.h> included before this header. */
+static inline void tt_roundtrip_in_milliseconds(const kvm_tokenizer_t *t, const char *text, int flags, bool skip_special,
+                                                const char *label) {
+    int32_t *ids = NULL;
+    int n = 0;
+    uint64_t t0 = kvm_now_ns();
+    assert_int_equal(kvm_tokenize(t, text, strlen(text), flags, &ids, &n), 0);
+    double ms = (double)(kvm_now_ns() - t0) / 1e6;
+    fprintf(stderr, "%s: 10 KB encoded in %.2f ms (%d tokens)\n", label, ms, n);
+    char *back = NULL;
+    assert_int_equal(kvm_detokenize(t, ids, n, skip_special, &back, NULL), 0);
+    assert_string_equal(back, text);
+    assert_true(ms < (getenv("KVM_SANITIZED") ? 2000.0 : 200.0));
+    kvm_free(back);
+    kvm_free(ids);
+}
+
 #endif

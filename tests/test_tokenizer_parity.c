@@ -122,21 +122,12 @@ static void test_qwen3_normalizes_decomposed_text_to_nfc(void **s) {
     assert_int_equal(bad, 0);
 }
 
-/* Builds ~10 KB of mixed text (seeded, so the run is the same each time). */
+/* ~10 KB of mixed text (seeded, so the run is the same each time). */
 static char *mixed_text(size_t target, unsigned seed) {
-    static const char *parts[] = {"The quick brown fox ", "jumps over 1234567 lazy dogs. ", "Café naïve ", "你好世界 ",
-                                  "emoji 👨‍👩‍👧 ", "\n\n    indented code();\n", "I'm sure they'll ", "<|im_end|> ",
-                                  "x=3.14159; ", "\t\ttabs "};
-    char *buf = malloc(target + 64);
-    size_t len = 0;
-    srand(seed);
-    while (len < target) {
-        const char *p = parts[rand() % 10];
-        memcpy(buf + len, p, strlen(p));
-        len += strlen(p);
-    }
-    buf[len] = '\0';
-    return buf;
+    static const char *const parts[] = {"The quick brown fox ", "jumps over 1234567 lazy dogs. ", "Café naïve ", "你好世界 ",
+                                        "emoji 👨‍👩‍👧 ", "\n\n    indented code();\n", "I'm sure they'll ", "<|im_end|> ",
+                                        "x=3.14159; ", "\t\ttabs "};
+    return tt_seeded_text(parts, 10, target, seed);
 }
 
 static void test_encoding_10kb_takes_milliseconds(void **s) {
@@ -177,18 +168,7 @@ static void test_llama2_encodes_10kb_as_one_word_in_milliseconds(void **s) {
     kvm_tokenizer_t *t = load_cached("llama2");
     if (!t) skip();
     char *text = mixed_text(10 * 1024, 99);
-    int32_t *ids = NULL;
-    int n = 0;
-    uint64_t t0 = kvm_now_ns();
-    assert_int_equal(kvm_tokenize(t, text, strlen(text), 0, &ids, &n), 0);
-    double ms = (double)(kvm_now_ns() - t0) / 1e6;
-    fprintf(stderr, "llama2: 10 KB mixed text (one word) %.2f ms, %d tokens\n", ms, n);
-    char *back = NULL;
-    assert_int_equal(kvm_detokenize(t, ids, n, false, &back, NULL), 0);
-    assert_string_equal(back, text);
-    assert_true(ms < (getenv("KVM_SANITIZED") ? 2000.0 : 200.0));
-    kvm_free(back);
-    kvm_free(ids);
+    tt_roundtrip_in_milliseconds(t, text, 0, false, "llama2 (one word)");
     free(text);
 }
 

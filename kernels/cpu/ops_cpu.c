@@ -8,6 +8,7 @@
 #include <string.h>
 
 #include "../../runtime/core/core.h"
+#include "../rope.h"
 
 /* ---- memory: plain host memory -------------------------------------------------------------- */
 
@@ -101,25 +102,9 @@ static void cpu_matmul(float *y, const float *x, const kvm_wmat_t *W, const floa
     }
 }
 
-static void rotate_pair(float *a, float *b, double angle) {
-    float c = (float)cos(angle), s = (float)sin(angle);
-    float x = *a, y = *b;
-    *a = x * c - y * s;
-    *b = x * s + y * c;
-}
-
-static void rope_vec(float *v, int hd, double pos, const float *inv_freq, kvm_rope_layout_t layout) {
-    int half = hd / 2;
-    for (int j = 0; j < half; j++) {
-        double ang = kvm_rope_angle(pos, inv_freq[j]);
-        if (layout == KVM_ROPE_HALF) rotate_pair(&v[j], &v[j + half], ang);
-        else rotate_pair(&v[2 * j], &v[2 * j + 1], ang);
-    }
-}
-
 static void cpu_rope(float *x, int n, int heads, int hd, const int32_t *pos, const float *inv_freq, kvm_rope_layout_t layout) {
     for (int t = 0; t < n; t++)
-        for (int h = 0; h < heads; h++) rope_vec(x + ((size_t)t * heads + h) * hd, hd, (double)pos[t], inv_freq, layout);
+        for (int h = 0; h < heads; h++) kvm_rope_rotate_vec(x + ((size_t)t * heads + h) * hd, hd, (double)pos[t], inv_freq, layout);
 }
 
 static void cpu_swiglu(float *out, const float *gate, const float *up, size_t n) {
@@ -227,7 +212,7 @@ static void cpu_rope_shift(void *kv, const kvm_kv_geom_t *g, const int32_t *blk,
             for (int h = 0; h < g->n_kv_heads; h++) {
                 size_t idx = kv_index(g, blk[i], l, 0, h, slot[i]);
                 kv_load(tmp, kv, g, idx);
-                rope_vec(tmp, D, (double)delta[i], inv_freq, layout);
+                kvm_rope_rotate_vec(tmp, D, (double)delta[i], inv_freq, layout);
                 kv_store(kv, g, idx, tmp);
             }
     }

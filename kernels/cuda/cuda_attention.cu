@@ -21,20 +21,6 @@
 
 #define S g_cuda.stream
 
-__device__ __forceinline__ size_t kv_off(int L, int H, int D, int32_t blk, int layer, int kv, int h, int t) {
-    return ((((size_t)blk * L + layer) * 2 + kv) * H + h) * KVM_KV_BLOCK * (size_t)D + (size_t)t * D;
-}
-
-__device__ __forceinline__ int seq_of_row_a(const int32_t *row_start, int n_seqs, int r) {
-    int lo = 0, hi = n_seqs - 1;
-    while (lo < hi) {
-        int mid = (lo + hi + 1) >> 1;
-        if (row_start[mid] <= r) lo = mid;
-        else hi = mid - 1;
-    }
-    return lo;
-}
-
 /* ==== split-K kernel (any dtype, head_dim <= 32 * DPL) ==================================================== */
 
 #define SPLIT_WARPS 4
@@ -58,7 +44,7 @@ __global__ void __launch_bounds__(SPLIT_WARPS * 32)
     const int h0 = kh * group + hc * SPLIT_GMAX;
     const int G = min(SPLIT_GMAX, group - hc * SPLIT_GMAX);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int s = seq_of_row_a(row_start, n_seqs, r);
+    const int s = kvm_seq_of_row_dev(row_start, n_seqs, r);
     const int r0 = row_start[s], r1 = row_start[s + 1];
     const int pos = qpos ? qpos[r] : ctx_len[s] - (r1 - r0) + (r - r0);
     const int t0 = split * chunk;
@@ -84,8 +70,8 @@ __global__ void __launch_bounds__(SPLIT_WARPS * 32)
             const int t = tb + u;
             if (t < t1) {
                 const int32_t blk = bt[t / KVM_KV_BLOCK];
-                const T *kp = kv + kv_off(L, H, D, blk, layer, 0, kh, t % KVM_KV_BLOCK);
-                const T *vp = kv + kv_off(L, H, D, blk, layer, 1, kh, t % KVM_KV_BLOCK);
+                const T *kp = kv + kvm_kv_index_dev(L, H, D, blk, layer, 0, kh, t % KVM_KV_BLOCK);
+                const T *vp = kv + kvm_kv_index_dev(L, H, D, blk, layer, 1, kh, t % KVM_KV_BLOCK);
 #pragma unroll
                 for (int i = 0; i < DPL; i++) {
                     const int d = lane * DPL + i;
@@ -198,7 +184,7 @@ __global__ void __launch_bounds__(128)
     const int hc = blockIdx.x % hchunks, kh = (blockIdx.x / hchunks) % H, r = blockIdx.x / (hchunks * H);
     const int h0 = kh * group + hc * SPLIT_GMAX;
     const int G = min(SPLIT_GMAX, group - hc * SPLIT_GMAX);
-    const int s = seq_of_row_a(row_start, n_seqs, r);
+    const int s = kvm_seq_of_row_dev(row_start, n_seqs, r);
     const int r0 = row_start[s], r1 = row_start[s + 1];
     const int pos = qpos ? qpos[r] : ctx_len[s] - (r1 - r0) + (r - r0);
     const int t0 = split * chunk;
@@ -223,8 +209,8 @@ __global__ void __launch_bounds__(128)
             uint4 kz = make_uint4(0, 0, 0, 0), vz = kz;
             if (tok < t1) {
                 const int32_t blk = bt[tok / KVM_KV_BLOCK];
-                kz = __ldcs(reinterpret_cast<const uint4 *>(kv + kv_off(L, H, D, blk, layer, 0, kh, tok % KVM_KV_BLOCK)) + c);
-                vz = __ldcs(reinterpret_cast<const uint4 *>(kv + kv_off(L, H, D, blk, layer, 1, kh, tok % KVM_KV_BLOCK)) + c);
+                kz = __ldcs(reinterpret_cast<const uint4 *>(kv + kvm_kv_index_dev(L, H, D, blk, layer, 0, kh, tok % KVM_KV_BLOCK)) + c);
+                vz = __ldcs(reinterpret_cast<const uint4 *>(kv + kvm_kv_index_dev(L, H, D, blk, layer, 1, kh, tok % KVM_KV_BLOCK)) + c);
             }
             *reinterpret_cast<uint4 *>(&Ks[tl][c * 8]) = kz;
             *reinterpret_cast<uint4 *>(&Vs[tl][c * 8]) = vz;
@@ -518,8 +504,8 @@ __global__ void __launch_bounds__(128, MINB)
             const int tl = idx / CH, c = idx % CH, tok = j * MMA_K + tl;
             const bool ok = tok < ctx;
             const int32_t blk = ok ? bt[tok / KVM_KV_BLOCK] : 0;
-            const T *kp = ok ? kv + kv_off(L, H, D, blk, layer, 0, kh, tok % KVM_KV_BLOCK) + c * 8 : kv;
-            const T *vp = ok ? kv + kv_off(L, H, D, blk, layer, 1, kh, tok % KVM_KV_BLOCK) + c * 8 : kv;
+            const T *kp = ok ? kv + kvm_kv_index_dev(L, H, D, blk, layer, 0, kh, tok % KVM_KV_BLOCK) + c * 8 : kv;
+            const T *vp = ok ? kv + kvm_kv_index_dev(L, H, D, blk, layer, 1, kh, tok % KVM_KV_BLOCK) + c * 8 : kv;
             cp_async16(&Ksb[stage][tl][c * 8], kp, ok); /* tokens past the context read as zeros */
             cp_async16(&Vsb[stage][tl][c * 8], vp, ok);
         }

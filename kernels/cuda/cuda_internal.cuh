@@ -14,6 +14,8 @@
 #include <stddef.h>
 #include <string.h>
 
+#include "../rope.h"
+
 extern "C" {
 #include "../ops.h"
 #include "../../runtime/core/status.h"
@@ -165,14 +167,41 @@ __device__ __forceinline__ float kvm_warp_max(float v) {
     return v;
 }
 
-/* Same reduction as kvm_rope_angle (ops_common.c): p*w in fp64, fmod 2π, into [-π, π). */
-__device__ __forceinline__ double kvm_rope_angle_dev(double pos, float inv_freq) {
-    double a = pos * (double)inv_freq;
-    const double two_pi = 6.283185307179586476925286766559;
-    a = fmod(a, two_pi);
-    if (a >= 3.141592653589793238462643383279) a -= two_pi;
-    else if (a < -3.141592653589793238462643383279) a += two_pi;
-    return a;
+/* Element (t, d = 0) of head h, K (kv 0) or V (kv 1), of one layer in cache block blk: the cache layout
+ * [block][layer][2][head][KVM_KV_BLOCK][D] (kv_index in ops_cpu.c). */
+__device__ __forceinline__ size_t kvm_kv_index_dev(int L, int H, int D, int32_t blk, int layer, int kv, int h, int t) {
+    return ((((size_t)blk * L + layer) * 2 + kv) * H + h) * KVM_KV_BLOCK * (size_t)D + (size_t)t * D;
 }
+
+/* Sequence of row r (rows are grouped by sequence): the last s with row_start[s] <= r. */
+__device__ __forceinline__ int kvm_seq_of_row_dev(const int32_t *row_start, int n_seqs, int r) {
+    int lo = 0, hi = n_seqs - 1;
+    while (lo < hi) {
+        int mid = (lo + hi + 1) >> 1;
+        if (row_start[mid] <= r) lo = mid;
+        else hi = mid - 1;
+    }
+    return lo;
+}
+
+/* Butterfly over the warp: every lane ends with the warp's largest `best` and, among equal ones, the
+ * smallest index `bi`. */
+__device__ __forceinline__ void kvm_warp_argmax(float *best, int *bi) {
+    float b = *best;
+    int i = *bi;
+    for (int o = 16; o > 0; o >>= 1) {
+        float ov = __shfl_xor_sync(0xffffffffu, b, o);
+        int oi = __shfl_xor_sync(0xffffffffu, i, o);
+        if (ov > b || (ov == b && oi < i)) {
+            b = ov;
+            i = oi;
+        }
+    }
+    *best = b;
+    *bi = i;
+}
+
+/* The angle kvm_rope_angle gives on the CPU (rope.h): p*w in fp64, fmod 2π, into [-π, π). */
+__device__ __forceinline__ double kvm_rope_angle_dev(double pos, float inv_freq) { return kvm_rope_angle_reduced(pos, inv_freq); }
 
 #endif

@@ -359,21 +359,6 @@ void kvm_cuda_add(float *x, const float *y, size_t n) {
 
 /* ---- KV cache --------------------------------------------------------------------------------------------- */
 
-__device__ __forceinline__ size_t kv_index(int L, int H, int D, int32_t blk, int layer, int kv, int h, int t) {
-    return ((((size_t)blk * L + layer) * 2 + kv) * H + h) * KVM_KV_BLOCK * (size_t)D + (size_t)t * D;
-}
-
-/* Sequence of row r (rows are grouped by sequence): the last s with row_start[s] <= r. */
-__device__ __forceinline__ int seq_of_row(const int32_t *row_start, int n_seqs, int r) {
-    int lo = 0, hi = n_seqs - 1;
-    while (lo < hi) {
-        int mid = (lo + hi + 1) >> 1;
-        if (row_start[mid] <= r) lo = mid;
-        else hi = mid - 1;
-    }
-    return lo;
-}
-
 /* Block per row: writes its K and V (H heads x D) at its position. */
 template <typename T>
 __global__ void k_kv_write(T *kv, int L, int H, int D, int layer, const float *__restrict__ k, const float *__restrict__ v,
@@ -381,15 +366,15 @@ __global__ void k_kv_write(T *kv, int L, int H, int D, int layer, const float *_
                            const int32_t *__restrict__ block_table, int n_seqs, int max_blocks,
                            const int32_t *__restrict__ qpos) {
     const int r = blockIdx.x;
-    const int s = seq_of_row(row_start, n_seqs, r);
+    const int s = kvm_seq_of_row_dev(row_start, n_seqs, r);
     const int r0 = row_start[s], r1 = row_start[s + 1];
     const int pos = qpos ? qpos[r] : ctx_len[s] - (r1 - r0) + (r - r0);
     const int32_t blk = block_table[(size_t)s * max_blocks + pos / KVM_KV_BLOCK];
     const int t = pos % KVM_KV_BLOCK;
     for (int i = threadIdx.x; i < H * D; i += blockDim.x) {
         int h = i / D, d = i % D;
-        kv[kv_index(L, H, D, blk, layer, 0, h, t) + d] = kvm_from_f32<T>(k[(size_t)r * H * D + i]);
-        kv[kv_index(L, H, D, blk, layer, 1, h, t) + d] = kvm_from_f32<T>(v[(size_t)r * H * D + i]);
+        kv[kvm_kv_index_dev(L, H, D, blk, layer, 0, h, t) + d] = kvm_from_f32<T>(k[(size_t)r * H * D + i]);
+        kv[kvm_kv_index_dev(L, H, D, blk, layer, 1, h, t) + d] = kvm_from_f32<T>(v[(size_t)r * H * D + i]);
     }
 }
 
@@ -429,15 +414,15 @@ __global__ void k_rope_kv(float *q, float *k, const float *__restrict__ v, int h
         else rot(&x[j], &x[j + half], cs[j], cs[half + j]);
     }
     __syncthreads();
-    const int s = seq_of_row(row_start, n_seqs, r);
+    const int s = kvm_seq_of_row_dev(row_start, n_seqs, r);
     (void)ctx_len; /* the cache slot is the row's position (= ctx_len - n + j for a sequence's last rows) */
     const int ps = pos[r];
     const int32_t blk = block_table[(size_t)s * max_blocks + ps / KVM_KV_BLOCK];
     const int t = ps % KVM_KV_BLOCK;
     for (int i = threadIdx.x; i < hk * hd; i += blockDim.x) {
         int h = i / hd, d = i % hd;
-        kv[kv_index(L, hk, hd, blk, layer, 0, h, t) + d] = kvm_from_f32<T>(kr[i]);
-        kv[kv_index(L, hk, hd, blk, layer, 1, h, t) + d] = kvm_from_f32<T>(v[(size_t)r * hk * hd + i]);
+        kv[kvm_kv_index_dev(L, hk, hd, blk, layer, 0, h, t) + d] = kvm_from_f32<T>(kr[i]);
+        kv[kvm_kv_index_dev(L, hk, hd, blk, layer, 1, h, t) + d] = kvm_from_f32<T>(v[(size_t)r * hk * hd + i]);
     }
 }
 
@@ -476,7 +461,7 @@ __global__ void k_rope_shift(T *kv, int L, int H, int D, const int32_t *__restri
     __syncthreads();
     for (int w = threadIdx.x; w < H * half; w += blockDim.x) {
         int h = w / half, j = w % half;
-        T *kp = kv + kv_index(L, H, D, blk[i], layer, 0, h, slot[i]);
+        T *kp = kv + kvm_kv_index_dev(L, H, D, blk[i], layer, 0, h, slot[i]);
         int ia = interleaved ? 2 * j : j, ib = interleaved ? 2 * j + 1 : j + half;
         float a = kvm_to_f32<T>(kp[ia]), bb = kvm_to_f32<T>(kp[ib]);
         rot(&a, &bb, cs[j], cs[half + j]);
@@ -518,14 +503,7 @@ __global__ void k_argmax_rows(int32_t *out, const float *__restrict__ x, int n) 
             bi = i;
         }
     }
-    for (int o = 16; o > 0; o >>= 1) {
-        float ov = __shfl_xor_sync(0xffffffffu, best, o);
-        int oi = __shfl_xor_sync(0xffffffffu, bi, o);
-        if (ov > best || (ov == best && oi < bi)) {
-            best = ov;
-            bi = oi;
-        }
-    }
+    kvm_warp_argmax(&best, &bi);
     const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
     if (lane == 0) {
         sv[wid] = best;
@@ -536,14 +514,7 @@ __global__ void k_argmax_rows(int32_t *out, const float *__restrict__ x, int n) 
         int nw = blockDim.x >> 5;
         best = lane < nw ? sv[lane] : -INFINITY;
         bi = lane < nw ? si[lane] : 0x7fffffff;
-        for (int o = 16; o > 0; o >>= 1) {
-            float ov = __shfl_xor_sync(0xffffffffu, best, o);
-            int oi = __shfl_xor_sync(0xffffffffu, bi, o);
-            if (ov > best || (ov == best && oi < bi)) {
-                best = ov;
-                bi = oi;
-            }
-        }
+        kvm_warp_argmax(&best, &bi);
         if (lane == 0) out[blockIdx.x] = bi == 0x7fffffff ? 0 : bi;
     }
 }

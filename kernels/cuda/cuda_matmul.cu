@@ -809,7 +809,7 @@ __global__ void __launch_bounds__(128) k_gemv_qkv(const qkv_args<T, TC> a, int p
     const int32_t blk = a.block_table[ps / KVM_KV_BLOCK];
     const int t = ps % KVM_KV_BLOCK, kvi = seg - 1;
     const size_t base = (((((size_t)blk * a.L + a.layer) * 2 + kvi) * a.hk) * KVM_KV_BLOCK + t) * (size_t)a.hd;
-    /* element (h, d) of this token: base + h * KVM_KV_BLOCK * hd + d (the cache layout of kv_index) */
+    /* element (h, d) of this token: base + h * KVM_KV_BLOCK * hd + d (the cache layout of kvm_kv_index_dev) */
     const int ha = ra / a.hd, hb = rb / a.hd;
     a.kv[base + (size_t)ha * KVM_KV_BLOCK * a.hd + ra % a.hd] = kvm_from_f32<TC>(va);
     a.kv[base + (size_t)hb * KVM_KV_BLOCK * a.hd + rb % a.hd] = kvm_from_f32<TC>(vb);
@@ -862,16 +862,6 @@ static void *aux_buffer(size_t bytes) {
     return buf;
 }
 
-__device__ __forceinline__ int seq_of_row_m(const int32_t *row_start, int n_seqs, int r) {
-    int lo = 0, hi = n_seqs - 1;
-    while (lo < hi) {
-        const int mid = (lo + hi + 1) >> 1;
-        if (row_start[mid] <= r) lo = mid;
-        else hi = mid - 1;
-    }
-    return lo;
-}
-
 /* Block per row r of h = [q | k | v] (16-bit GEMM output, row width hw): adds the biases, rotates q and k like
  * k_rope_kv (fp64 angle, cos/sin rounded to fp32, no FMA contraction), writes q, k, v in fp32 and k, v into the
  * cache at the row's position. */
@@ -892,7 +882,7 @@ __global__ void k_rope_kv_h(const TH *__restrict__ h, int hw, const float *__res
         cs[j] = (float)cn;
         cs[half + j] = (float)sn;
     }
-    const int s = seq_of_row_m(row_start, n_seqs, r);
+    const int s = kvm_seq_of_row_dev(row_start, n_seqs, r);
     (void)ctx_len; /* the cache slot is the row's position (= ctx_len - n + j for a sequence's last rows) */
     const int ps = pos[r];
     const int32_t blk = block_table[(size_t)s * max_blocks + ps / KVM_KV_BLOCK];

@@ -27,3 +27,21 @@ int kvm_json_parse(const char *text, size_t len, const char *what, cJSON **out) 
     *out = root;
     return 0;
 }
+
+int kvm_json_read_object(const char *path, size_t max_bytes, const char *what, cJSON **out) {
+    *out = NULL;
+    char *text = NULL;
+    size_t len = 0;
+    int rc = kvm_read_file(path, &text, &len, max_bytes);
+    if (rc) return what ? kvm_errctx(rc, "%s", what) : rc;
+    cJSON *root;
+    rc = kvm_json_parse(text, len, path, &root);
+    kvm_free(text);
+    if (rc) return rc;
+    if (!cJSON_IsObject(root)) {
+        cJSON_Delete(root);
+        return kvm_seterr(KVM_EFORMAT, "%s: not a JSON object", path);
+    }
+    *out = root;
+    return 0;
+}

@@ -15,6 +15,12 @@
  *   KVM_EFORMAT  "<what>: unexpected text after the JSON value at byte B". */
 int kvm_json_parse(const char *text, size_t len, const char *what, cJSON **out);
 
+/* Reads the file at path (at most max_bytes) and parses the JSON object it holds. Returns 0 and the
+ * object in *out (the caller frees it with cJSON_Delete), or NULL in *out and kvm_read_file's error
+ * (prefixed "<what>: " when what is not NULL), a kvm_json_parse error naming the path, or
+ *   KVM_EFORMAT  "<path>: not a JSON object" when the value is not an object. */
+int kvm_json_read_object(const char *path, size_t max_bytes, const char *what, cJSON **out);
+
 /* After a cJSON call returned NULL: whether it ran out of memory (rather than meeting bad input).
  * Valid when kvm_errclear() was called just before the cJSON call. */
 int kvm_json_failed_for_memory(void);

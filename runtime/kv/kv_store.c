@@ -8,6 +8,7 @@
 
 #include "../core/core.h"
 #include "../core/vec.h"
+#include "../../kernels/rope.h"
 
 /* ==== types ======================================================================================= */
 
@@ -409,14 +410,16 @@ static int rows_stage(const kvm_kv_pool_t *p, const int32_t *blocks, int b0, int
     return 0;
 }
 
-int kvm_kv_read_rows(const kvm_kv_pool_t *p, const int32_t *blocks, int pos, int n, float *out) {
+/* Copies rows [pos, pos+n) between the pool and `rows` ([L][2][H][n][D] floats): out of the pool into
+ * `rows` when `read`, otherwise from `rows` into the pool (then `rows` is only read). */
+static int rows_copy(const kvm_kv_pool_t *p, const int32_t *blocks, int pos, int n, float *rows, bool read) {
     if (n <= 0) return 0;
     const kvm_kv_geom_t *g = &p->geom;
     const int L = g->n_layers, H = g->n_kv_heads, D = g->head_dim;
     const kvm_dtype_t dt = g->dtype;
     const int b0 = pos / KVM_KV_BLOCK, nb = (pos + n - 1) / KVM_KV_BLOCK - b0 + 1;
     unsigned char *stage = NULL;
-    int rc = rows_stage(p, blocks, b0, nb, true, pos, n, &stage);
+    int rc = rows_stage(p, blocks, b0, nb, read, pos, n, &stage);
     if (rc) return rc;
 #pragma omp parallel for collapse(2) schedule(static) if ((size_t)n * L * H * D > ((size_t)1 << 18))
     for (int bi = 0; bi < nb; bi++)
@@ -424,56 +427,35 @@ int kvm_kv_read_rows(const kvm_kv_pool_t *p, const int32_t *blocks, int pos, int
             int first = (b0 + bi) * KVM_KV_BLOCK;
             int s0 = first < pos ? pos - first : 0;
             int s1 = first + KVM_KV_BLOCK > pos + n ? pos + n - first : KVM_KV_BLOCK;
-            const void *src = stage ? (const void *)(stage + (size_t)bi * p->block_bytes) : p->data;
+            void *base = stage ? (void *)(stage + (size_t)bi * p->block_bytes) : p->data;
             int32_t sblk = stage ? 0 : blocks[b0 + bi];
             for (int kv = 0; kv < 2; kv++)
                 for (int h = 0; h < H; h++)
                     for (int sl = s0; sl < s1; sl++) {
-                        size_t si = kv_elem(g, sblk, l, kv, h, sl);
+                        size_t ei = kv_elem(g, sblk, l, kv, h, sl);
                         int t = first + sl - pos;
-                        float *o = out + ((((size_t)l * 2 + kv) * H + h) * n + t) * D;
-                        if (dt == KVM_F32) memcpy(o, (const float *)src + si, (size_t)D * sizeof(float));
+                        float *r = rows + ((((size_t)l * 2 + kv) * H + h) * n + t) * D;
+                        if (read && dt == KVM_F32) memcpy(r, (const float *)base + ei, (size_t)D * sizeof(float));
+                        else if (read)
+                            for (int d = 0; d < D; d++) r[d] = load_elem(base, dt, ei + d);
+                        else if (dt == KVM_F32) memcpy((float *)base + ei, r, (size_t)D * sizeof(float));
                         else
-                            for (int d = 0; d < D; d++) o[d] = load_elem(src, dt, si + d);
+                            for (int d = 0; d < D; d++) store_elem(base, dt, ei + d, r[d]);
                     }
         }
-    kvm_free(stage);
-    return 0;
-}
-
-int kvm_kv_write_rows(kvm_kv_pool_t *p, const int32_t *blocks, int pos, int n, const float *in) {
-    if (n <= 0) return 0;
-    const kvm_kv_geom_t *g = &p->geom;
-    const int L = g->n_layers, H = g->n_kv_heads, D = g->head_dim;
-    const kvm_dtype_t dt = g->dtype;
-    const int b0 = pos / KVM_KV_BLOCK, nb = (pos + n - 1) / KVM_KV_BLOCK - b0 + 1;
-    unsigned char *stage = NULL;
-    int rc = rows_stage(p, blocks, b0, nb, false, pos, n, &stage);
-    if (rc) return rc;
-#pragma omp parallel for collapse(2) schedule(static) if ((size_t)n * L * H * D > ((size_t)1 << 18))
-    for (int bi = 0; bi < nb; bi++)
-        for (int l = 0; l < L; l++) {
-            int first = (b0 + bi) * KVM_KV_BLOCK;
-            int s0 = first < pos ? pos - first : 0;
-            int s1 = first + KVM_KV_BLOCK > pos + n ? pos + n - first : KVM_KV_BLOCK;
-            void *dst = stage ? (void *)(stage + (size_t)bi * p->block_bytes) : p->data;
-            int32_t sblk = stage ? 0 : blocks[b0 + bi];
-            for (int kv = 0; kv < 2; kv++)
-                for (int h = 0; h < H; h++)
-                    for (int sl = s0; sl < s1; sl++) {
-                        size_t di = kv_elem(g, sblk, l, kv, h, sl);
-                        int t = first + sl - pos;
-                        const float *src = in + ((((size_t)l * 2 + kv) * H + h) * n + t) * D;
-                        if (dt == KVM_F32) memcpy((float *)dst + di, src, (size_t)D * sizeof(float));
-                        else
-                            for (int d = 0; d < D; d++) store_elem(dst, dt, di + d, src[d]);
-                    }
-        }
-    for (int bi = 0; stage && bi < nb && !rc; bi++)
+    for (int bi = 0; stage && !read && bi < nb && !rc; bi++)
         rc = p->ops->h2d((char *)p->data + (size_t)blocks[b0 + bi] * p->block_bytes, stage + (size_t)bi * p->block_bytes,
                          p->block_bytes);
     kvm_free(stage);
     return rc;
+}
+
+int kvm_kv_read_rows(const kvm_kv_pool_t *p, const int32_t *blocks, int pos, int n, float *out) {
+    return rows_copy(p, blocks, pos, n, out, true);
+}
+
+int kvm_kv_write_rows(kvm_kv_pool_t *p, const int32_t *blocks, int pos, int n, const float *in) {
+    return rows_copy(p, blocks, pos, n, (float *)in, false); /* not written through: read == false */
 }
 
 /* ==== shifts ======================================================================================== */
@@ -511,20 +493,9 @@ int kvm_kv_shift(kvm_kv_store_t *s, const int32_t *blocks, int pos, int n, int32
 
 void kvm_rope_rotate_rows(float *x, int n, int D, int row_stride, int32_t delta, const int32_t *deltas,
                           const float *inv_freq, kvm_rope_layout_t layout) {
-    const int half = D / 2;
     for (int i = 0; i < n; i++) {
         int32_t dl = deltas ? deltas[i] : delta;
-        if (dl == 0) continue;
-        float *v = x + (size_t)i * row_stride;
-        for (int j = 0; j < half; j++) {
-            double a = kvm_rope_angle((double)dl, inv_freq[j]);
-            float c = (float)cos(a), sn = (float)sin(a);
-            float *pa = layout == KVM_ROPE_HALF ? &v[j] : &v[2 * j];
-            float *pb = layout == KVM_ROPE_HALF ? &v[j + half] : &v[2 * j + 1];
-            float xa = *pa, yb = *pb;
-            *pa = xa * c - yb * sn;
-            *pb = xa * sn + yb * c;
-        }
+        if (dl) kvm_rope_rotate_vec(x + (size_t)i * row_stride, D, (double)dl, inv_freq, layout);
     }
 }
 

@@ -32,22 +32,7 @@ static const cJSON *cfg_field(const cJSON *o, const char *key) {
     return cJSON_IsNull(v) ? NULL : v;
 }
 
-/* Reads an integer field. Absent or null: *out = def and returns 0 when !required, else KVM_EFORMAT. */
-static int cfg_int(const cJSON *o, const char *key, const char *prefix, bool required, int def, int *out,
-                   const char *path) {
-    const cJSON *v = cfg_field(o, key);
-    if (!v) {
-        if (required) return kvm_seterr(KVM_EFORMAT, "%s: required field '%s%s' is missing", path, prefix, key);
-        *out = def;
-        return 0;
-    }
-    if (!cJSON_IsNumber(v) || floor(v->valuedouble) != v->valuedouble || fabs(v->valuedouble) > 2147483647.0)
-        return kvm_seterr(KVM_EFORMAT, "%s: field '%s%s' must be an integer (found %s)", path, prefix, key,
-                          cfg_json_type(v));
-    *out = (int)v->valuedouble;
-    return 0;
-}
-
+/* Reads a number field. Absent or null: *out = def and returns 0 when !required, else KVM_EFORMAT. */
 static int cfg_num(const cJSON *o, const char *key, const char *prefix, bool required, double def, double *out,
                    const char *path) {
     const cJSON *v = cfg_field(o, key);
@@ -60,6 +45,20 @@ static int cfg_num(const cJSON *o, const char *key, const char *prefix, bool req
         return kvm_seterr(KVM_EFORMAT, "%s: field '%s%s' must be a number (found %s)", path, prefix, key, cfg_json_type(v));
     *out = v->valuedouble;
     return 0;
+}
+
+/* Reads an integer field as cfg_num does; a present value that is not a whole number in int range is
+ * KVM_EFORMAT. */
+static int cfg_int(const cJSON *o, const char *key, const char *prefix, bool required, int def, int *out,
+                   const char *path) {
+    const cJSON *v = cfg_field(o, key);
+    if (v && (!cJSON_IsNumber(v) || floor(v->valuedouble) != v->valuedouble || fabs(v->valuedouble) > 2147483647.0))
+        return kvm_seterr(KVM_EFORMAT, "%s: field '%s%s' must be an integer (found %s)", path, prefix, key,
+                          cfg_json_type(v));
+    double d;
+    int rc = cfg_num(o, key, prefix, required, def, &d, path);
+    if (!rc) *out = (int)d;
+    return rc;
 }
 
 static int cfg_bool(const cJSON *o, const char *key, bool def, bool *out, const char *path) {

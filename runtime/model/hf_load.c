@@ -48,20 +48,7 @@ static int hf_read_json(const char *path, bool required, cJSON **out) {
         if (!required) return 0;
         return kvm_seterr(KVM_ENOENT, "%s: not found", path);
     }
-    char *text = NULL;
-    size_t len = 0;
-    int rc = kvm_read_file(path, &text, &len, 256u << 20);
-    if (rc) return rc;
-    cJSON *root;
-    rc = kvm_json_parse(text, len, path, &root);
-    kvm_free(text);
-    if (rc) return rc;
-    if (!cJSON_IsObject(root)) {
-        cJSON_Delete(root);
-        return kvm_seterr(KVM_EFORMAT, "%s: not a JSON object", path);
-    }
-    *out = root;
-    return 0;
+    return kvm_json_read_object(path, 256u << 20, NULL, out);
 }
 
 static const cJSON *hf_field(const cJSON *o, const char *key) {

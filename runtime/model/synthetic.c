@@ -68,32 +68,14 @@ int kvm_synthetic_config(const char *name, kvm_config_t *c) {
             if (*p == '\n') *p = ' ';
         return kvm_seterr(KVM_ENOENT, "synthetic model '%s' is unknown (known: %s)", name ? name : "(null)", list);
     }
-    memset(c, 0, sizeof *c);
-    c->arch = s->arch;
+    *c = (kvm_config_t){.arch = s->arch, .dim = s->dim, .hidden_dim = s->hidden_dim, .n_layers = s->n_layers,
+                        .n_heads = s->n_heads, .n_kv_heads = s->n_kv_heads, .head_dim = s->head_dim, .vocab_size = s->vocab,
+                        .max_seq_len = s->max_pos, .rms_eps = s->eps, .rope_theta = s->theta, .rope_layout = KVM_ROPE_HALF,
+                        .rope_scaling = s->scaling, .rope_factor = s->factor, .rope_low_freq_factor = s->low,
+                        .rope_high_freq_factor = s->high, .rope_original_max_pos = s->orig_max, .tied_embeddings = s->tied,
+                        .qkv_bias = s->qkv_bias, .qk_norm = s->qk_norm, .bos_id = -1, .pad_id = -1,
+                        .chat_format = KVM_CHAT_NONE, .weight_dtype = KVM_BF16};
     snprintf(c->arch_name, sizeof c->arch_name, "%s", s->arch_name);
-    c->dim = s->dim;
-    c->hidden_dim = s->hidden_dim;
-    c->n_layers = s->n_layers;
-    c->n_heads = s->n_heads;
-    c->n_kv_heads = s->n_kv_heads;
-    c->head_dim = s->head_dim;
-    c->vocab_size = s->vocab;
-    c->max_seq_len = s->max_pos;
-    c->rms_eps = s->eps;
-    c->rope_theta = s->theta;
-    c->rope_layout = KVM_ROPE_HALF;
-    c->rope_scaling = s->scaling;
-    c->rope_factor = s->factor;
-    c->rope_low_freq_factor = s->low;
-    c->rope_high_freq_factor = s->high;
-    c->rope_original_max_pos = s->orig_max;
-    c->tied_embeddings = s->tied;
-    c->qkv_bias = s->qkv_bias;
-    c->qk_norm = s->qk_norm;
-    c->bos_id = -1;
-    c->pad_id = -1;
-    c->chat_format = KVM_CHAT_NONE;
-    c->weight_dtype = KVM_BF16;
     return 0;
 }
 

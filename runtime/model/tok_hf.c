@@ -479,17 +479,8 @@ static int32_t find_token(const kvm_tokenizer_t *t, const char *s) { return s ? 
 static int apply_config(kvm_tokenizer_t *t, const char *cfg_path) {
     cJSON *cfg = NULL;
     if (cfg_path) {
-        char *text = NULL;
-        size_t len = 0;
-        int rc = kvm_read_file(cfg_path, &text, &len, 64u << 20);
-        if (rc) return kvm_errctx(rc, "tokenizer config");
-        rc = kvm_json_parse(text, len, cfg_path, &cfg);
-        kvm_free(text);
+        int rc = kvm_json_read_object(cfg_path, 64u << 20, "tokenizer config", &cfg);
         if (rc) return rc;
-        if (!cJSON_IsObject(cfg)) {
-            cJSON_Delete(cfg);
-            return kvm_seterr(KVM_EFORMAT, "%s: not a JSON object", cfg_path);
-        }
     }
     const char *bos = jtoken(cfg, "bos_token"), *eos = jtoken(cfg, "eos_token");
     t->bos = find_token(t, bos);
@@ -541,24 +532,11 @@ kvm_tokenizer_t *kvm_tokenizer_load_hf(const char *json_path, const char *config
         return NULL;
     }
     kvm_errclear();
-    char *text = NULL;
-    size_t len = 0;
-    int rc = kvm_read_file(json_path, &text, &len, 1u << 30);
-    if (rc) {
-        kvm_errctx(rc, "tokenizer");
-        return NULL;
-    }
     cJSON *root;
-    rc = kvm_json_parse(text, len, json_path, &root);
-    kvm_free(text);
-    if (rc) return NULL;
+    if (kvm_json_read_object(json_path, 1u << 30, "tokenizer", &root)) return NULL;
     kvm_tokenizer_t *t = NULL;
     ctx_t c = {.path = json_path};
     const cJSON *model = jget(root, "model");
-    if (!cJSON_IsObject(root)) {
-        kvm_seterr(KVM_EFORMAT, "%s: the top level is not a JSON object", json_path);
-        goto fail;
-    }
     if (!cJSON_IsObject(model)) {
         kvm_seterr(KVM_EFORMAT, "%s: missing object field \"model\"", json_path);
         goto fail;

@@ -4,13 +4,10 @@ local m = kvm.model("../../../shared/models/stories260K/stories260K.bin")   -- -
 local N = 64
 local g = kvm.graph{ name = "chain4" }
 g:agent("lead", { model = m, template = "Task: {input}. Plan:", max_tokens = N, ignore_eos = true, kv = "dense" })
+g:edge(kvm.START, "lead")
 for i = 1, 4 do
   g:agent("w" .. i, { model = m, template = "Worker " .. i .. " on: {input}. Plan: {agent.lead} Work:",
                       max_tokens = N, ignore_eos = true, kv = "dense" })
+  g:edge(i == 1 and "lead" or "w" .. (i - 1), "w" .. i)   -- lead -> w1 -> w2 -> w3 -> w4
 end
-g:edge(kvm.START, "lead")
-g:edge("lead", "w1")
-g:edge("w1", "w2")
-g:edge("w2", "w3")
-g:edge("w3", "w4")
 return g
