@@ -10,7 +10,6 @@
 #include <string.h>
 #include <cmocka.h>
 
-#include "runtime/comm/comm_internal.h"
 #include "runtime/comm/kvcomm_oracle.h"
 #include "runtime/comm/kvcomm_ref.h"
 #include "runtime/comm/prompt.h"

@@ -14,7 +14,6 @@
 #include <string.h>
 #include <cmocka.h>
 
-#include "runtime/comm/comm_internal.h"
 #include "runtime/comm/kvcomm_ref.h"
 #include "runtime/comm/prompt.h"
 #include "test_kvcomm_common.h"

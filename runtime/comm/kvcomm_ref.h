@@ -1,6 +1,7 @@
 /* kvcomm_ref.h - the host fp32 reference of KVCOMM's arithmetic (kvcomm.md §3.4, §3.6, §5.2): the tests' oracle
  * for the one path (kvcomm_dev.c over the backend's ops). Not part of the production library (CMake target
- * kvmesh_comm_lab); only tests (and lab/) include it. Everything here is single-threaded per call and allocates
+ * kvmesh_comm_lab); only tests (and lab/) include it: it is their one door to comm's internals (comm_internal.h),
+ * which no file outside runtime/comm includes itself. Everything here is single-threaded per call and allocates
  * with the counted allocator.
  *
  * Tensors are host fp32 in comm's layout (comm_internal.h): [L][2][H][rows][D], deltas [L-1][2][H][rows][D]. */
