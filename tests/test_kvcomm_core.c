@@ -197,6 +197,33 @@ static void test_identical_prompt_reuses_the_prefix_cache_bit_for_bit(void **st)
     teardown(m, c, t, NULL, in, NULL);
 }
 
+/* A request lives as long as its run. The segments its agents bound must not stay pinned by the request once the
+ * agents that bound them are done: twenty runs in flight would otherwise fill the KV budget with the contents of
+ * their finished steps (the store may evict those segments; a later binding brings the content back). */
+static void test_a_request_pins_no_segment_its_finished_agents_bound(void **st) {
+    (void)st;
+    kvm_model_t *m = small_model(KVM_ROPE_HALF, 9);
+    kvm_comm_t *c = kvm_comm_create(m, NULL);
+    kvm_template_t *t = make_tmpl(c, "a", "input", NULL, 21, 40);
+    kvm_comm_request_t *rq = kvm_comm_request_begin(c, 1);
+    for (uint64_t k = 0; k < 4; k++) { /* four contents, each prepared KVCOMM and completed, then let go */
+        kvm_segment_t *in = input_segment(c, 100 + k, 40);
+        kvm_binding_t b = {"input", in};
+        assert_int_equal(run_agent(rq, t, &b, 1, KVM_KV_KVCOMM, NULL, NULL, 2), 0);
+        kvm_segment_release(in);
+    }
+    /* the request is still open: every segment it saw can be evicted */
+    kvm_kv_store_t *store = kvm_comm_store(c);
+    kvm_kv_store_stats_t before, after;
+    kvm_kv_store_stats(store, &before);
+    assert_true(before.n_segments >= 4);
+    assert_int_equal(kvm_kv_store_reclaim(store, before.n_blocks), KVM_ENOMEM); /* (more than the pool has) */
+    kvm_kv_store_stats(store, &after);
+    assert_int_equal(after.n_segments, 0);
+    kvm_comm_request_abort(rq);
+    teardown(m, c, t, NULL, NULL, NULL);
+}
+
 /* ---- one anchor reproduces dense (§8 item 5) ------------------------------------------------------------- */
 
 static void test_single_anchor_applied_to_its_own_sample_reproduces_dense(void **st) {
@@ -1167,6 +1194,7 @@ int main(void) {
         cmocka_unit_test(test_layer0_keys_after_shift_equal_dense_with_qk_norm_and_biases),
         cmocka_unit_test(test_layer0_keys_after_shift_equal_dense_with_llama3_rope_scaling),
         cmocka_unit_test(test_identical_prompt_reuses_the_prefix_cache_bit_for_bit),
+        cmocka_unit_test(test_a_request_pins_no_segment_its_finished_agents_bound),
         cmocka_unit_test(test_single_anchor_applied_to_its_own_sample_reproduces_dense),
         cmocka_unit_test(test_after_two_anchors_agents_reuse_with_n_minus_1_cached_tokens),
         cmocka_unit_test(test_response_segment_drops_the_token_without_kv_or_computes_it_on_length_stop),

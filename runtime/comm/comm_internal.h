@@ -202,7 +202,10 @@ void comm_dev_template_free(kvm_template_t *t);
 int comm_dev_template_prepare(kvm_template_t *t);
 /* weight buffers allocated so far by c's op path (a steady stream of requests reuses them) */
 int comm_dev_weight_buffers_made(const kvm_comm_t *c);
+/* The sample's base is the bound segment's blocks, borrowed (not referenced) for the call that binds it:
+ * comm_dev_sample_rebind points a known sample at the segment the current call bound. */
 int comm_dev_sample_bind(kvm_comm_t *c, comm_sample_t *s, const kvm_segment_t *seg);
+void comm_dev_sample_rebind(comm_sample_t *s, const kvm_segment_t *seg);
 void comm_dev_sample_free(kvm_comm_t *c, comm_sample_t *s);
 /* reads the sample's F0 base to host fp32 s->X if it is not there (materialization needs it) */
 int comm_dev_sample_x(kvm_comm_t *c, comm_sample_t *s);

@@ -34,7 +34,11 @@ struct comm_dev_anchor {
 
 struct comm_dev_sample {
     const kvm_ops_t *o;
-    kvm_segment_t *seg;   /* one reference */
+    kvm_segment_t *seg;   /* borrowed: the segment bound to the placeholder by the prepare (or complete) that uses
+                             the sample, which holds it for the call; refreshed by every bind. Not a reference:
+                             a request lives as long as its run, and pinning every segment a run ever bound
+                             would fill the KV budget of many concurrent runs (the store may evict a segment
+                             between two agent steps and the next binding brings the content back) */
     float *w;             /* [2][N][T] | [2][N][L][H][D], distances then weights (in place) */
     size_t w_cap;         /* floats */
     uint64_t *keys;       /* anchor keys of the cached weights */
@@ -347,14 +351,16 @@ int comm_dev_sample_bind(kvm_comm_t *c, comm_sample_t *s, const kvm_segment_t *s
     if (!s->dev) return KVM_ENOMEM;
     s->dev->o = c->pool->ops;
     s->dev->seg = (kvm_segment_t *)seg;
-    kvm_segment_ref(s->dev->seg);
     return 0;
+}
+
+void comm_dev_sample_rebind(comm_sample_t *s, const kvm_segment_t *seg) {
+    if (s->dev) s->dev->seg = (kvm_segment_t *)seg;
 }
 
 void comm_dev_sample_free(kvm_comm_t *c, comm_sample_t *s) {
     struct comm_dev_sample *d = s->dev;
     if (!d) return;
-    kvm_segment_release(d->seg);
     wbuf_give(c, d->o, d->w, d->w_cap);
     kvm_free(d->keys);
     kvm_free(d->mean_w);

@@ -130,6 +130,7 @@ static int get_sample(kvm_comm_request_t *rq, const char *name, const kvm_segmen
     uint64_t key = kvm_hash64(gi->ids, (size_t)gi->n_tokens * sizeof(int32_t), kvm_hash64(&rq->id, 8, KVM_HASH_SEED));
     for (int i = 0; i < rq->n_samples; i++)
         if (rq->samples[i].key == key && !strcmp(rq->samples[i].name, name)) {
+            comm_dev_sample_rebind(&rq->samples[i], g); /* this call's binding holds it now */
             *out = i;
             return 0;
         }
