@@ -30,6 +30,13 @@ static kvm_workflow_t *load_with(kvm_runtime_t *rt, const char *checks) {
     return kvm_workflow_load_string(rt, "t.lua", src, strlen(src), NULL);
 }
 
+/* The checks pass: the graph around them loads. */
+static void assert_loads(kvm_runtime_t *rt, const char *checks) {
+    kvm_workflow_t *wf = load_with(rt, checks);
+    if (!wf) fail_msg("%s", kvm_errmsg());
+    kvm_workflow_free(wf);
+}
+
 static void test_minitasks_item_returns_the_generators_item(void **s) {
     (void)s;
     kvm_mt_item_t it;
@@ -45,9 +52,7 @@ static void test_minitasks_item_returns_the_generators_item(void **s) {
              "assert(it.role == 2, it.role)\n"
              "assert(kvm.minitasks.item{ task = 'team', index = 7, role = 2, seed = 1000, split = 'eval' }.user == it.user)\n",
              it.id, it.answer, it.system);
-    kvm_workflow_t *wf = load_with(rt, checks);
-    if (!wf) fail_msg("%s", kvm_errmsg());
-    kvm_workflow_free(wf);
+    assert_loads(rt, checks);
     kvm_runtime_free(rt);
 }
 
@@ -67,9 +72,7 @@ static void test_an_unknown_task_is_a_lua_error_naming_the_function(void **s) {
 static void test_a_runtime_without_lab_has_no_minitasks(void **s) {
     (void)s;
     kvm_runtime_t *rt = mock_runtime(NULL);
-    kvm_workflow_t *wf = load_with(rt, "assert(kvmesh.minitasks == nil)");
-    if (!wf) fail_msg("%s", kvm_errmsg());
-    kvm_workflow_free(wf);
+    assert_loads(rt, "assert(kvmesh.minitasks == nil)");
     kvm_runtime_free(rt);
 }
 
