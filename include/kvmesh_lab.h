@@ -115,7 +115,7 @@ int kvm_seq_read_rows(const kvm_seq_t *s, int pos, int n, float *out);
 /* ---- forward steps ---------------------------------------------------------------------------------------- */
 
 typedef struct kvm_batch_item {
-    kvm_seq_t *seq;          /* new tokens go at positions seq->n_tokens .. +n_tokens-1 */
+    kvm_seq_t *seq;          /* new tokens go at the positions after the tokens seq holds */
     const int32_t *tokens;   /* [n_tokens] host */
     int n_tokens;
     float *logits;           /* host; [vocab] for the last token, or [n_tokens][vocab] when all_logits;
