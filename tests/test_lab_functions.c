@@ -85,11 +85,9 @@ static void test_lab_functions_register_once_per_runtime(void **s) {
 }
 
 int main(void) {
-    const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_minitasks_item_returns_the_generators_item),
-        cmocka_unit_test(test_an_unknown_task_is_a_lua_error_naming_the_function),
-        cmocka_unit_test(test_a_runtime_without_lab_has_no_minitasks),
-        cmocka_unit_test(test_lab_functions_register_once_per_runtime),
-    };
+    const struct CMUnitTest tests[] = {cmocka_unit_test(test_minitasks_item_returns_the_generators_item),
+                                       cmocka_unit_test(test_an_unknown_task_is_a_lua_error_naming_the_function),
+                                       cmocka_unit_test(test_a_runtime_without_lab_has_no_minitasks),
+                                       cmocka_unit_test(test_lab_functions_register_once_per_runtime)};
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
