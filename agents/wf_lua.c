@@ -459,53 +459,6 @@ static int l_json(lua_State *L) {
     return 1;
 }
 
-/* ---- kvmesh.minitasks (bound weakly: present when runtime/eval is linked in) -------------------- */
-
-#include "../runtime/eval/minitasks.h"
-#pragma weak kvm_mt_make
-#pragma weak kvm_mt_task_from_name
-#pragma weak kvm_mt_role_from_name
-#pragma weak kvm_mt_n_roles
-
-static void check_fields(lua_State *L, int t, const char *what, const char *const *allowed);
-static lua_Number opt_num_field(lua_State *L, int t, const char *k, lua_Number def, const char *what);
-static const char *opt_str_field(lua_State *L, int t, const char *k, const char *what);
-
-/* kvmesh.minitasks.item{task = "team", seed = 1000, index = i, role = 0 | "finder", split = "eval"}
- * -> {system, user, answer, id, role} */
-static int l_mt_item(lua_State *L) {
-    if (!kvm_mt_make) return luaL_error(L, "kvmesh.minitasks: this build has no minitasks generator");
-    luaL_checktype(L, 1, LUA_TTABLE);
-    static const char *const f[] = {"task", "seed", "index", "role", "split", NULL};
-    check_fields(L, 1, "kvmesh.minitasks.item", f);
-    const char *tn = opt_str_field(L, 1, "task", "kvmesh.minitasks.item");
-    int task = tn ? kvm_mt_task_from_name(tn) : -1;
-    if (tn && task < 0) return luaL_error(L, "kvmesh.minitasks.item: unknown task '%s'", tn);
-    uint64_t seed = (uint64_t)opt_num_field(L, 1, "seed", KVM_MT_DEFAULT_EVAL_SEED, "kvmesh.minitasks.item");
-    uint64_t index = (uint64_t)opt_num_field(L, 1, "index", 0, "kvmesh.minitasks.item");
-    const char *sp = opt_str_field(L, 1, "split", "kvmesh.minitasks.item");
-    int split = sp && !strcmp(sp, "train") ? KVM_MT_TRAIN : KVM_MT_EVAL;
-    lua_getfield(L, 1, "role");
-    int role = -1;
-    if (lua_type(L, -1) == LUA_TSTRING) {
-        role = task >= 0 ? kvm_mt_role_from_name(task, lua_tostring(L, -1)) : -1;
-        if (role < 0) return luaL_error(L, "kvmesh.minitasks.item: unknown role '%s'", lua_tostring(L, -1));
-    } else if (lua_isnumber(L, -1))
-        role = (int)lua_tointeger(L, -1);
-    lua_pop(L, 1);
-    kvm_mt_item_t *it = lua_newuserdatauv(L, sizeof *it, 0); /* owned by Lua: no leak on error */
-    if (kvm_mt_make(it, task, split, seed, index, role) != 0) return luaL_error(L, "kvmesh.minitasks.item: %s", kvm_errmsg());
-    const char *const fields[][2] = {{"system", it->system}, {"user", it->user}, {"answer", it->answer}, {"id", it->id}};
-    lua_createtable(L, 0, 6);
-    for (size_t i = 0; i < sizeof fields / sizeof fields[0]; i++) {
-        lua_pushstring(L, fields[i][1]);
-        lua_setfield(L, -2, fields[i][0]);
-    }
-    lua_pushinteger(L, it->role);
-    lua_setfield(L, -2, "role");
-    return 1;
-}
-
 /* ---- kvmesh.<name>: the host program's functions (kvm_runtime_add_function) ----------------------------- */
 
 static int push_json_protected(lua_State *L) {
@@ -1549,13 +1502,6 @@ static int open_protected(lua_State *L) {
     }
     wf_lua_push_proxy(L);
     lua_setfield(L, -2, "reduce");
-    lua_newtable(L);
-    lua_pushcfunction(L, l_mt_item);
-    lua_setfield(L, -2, "item");
-    lua_pushboolean(L, kvm_mt_make != NULL);
-    lua_setfield(L, -2, "available");
-    wf_lua_push_proxy(L);
-    lua_setfield(L, -2, "minitasks");
     add_host_fns(L, &getwf(L)->o);
     freeze_plain_tables(L);
     wf_lua_push_proxy(L);

@@ -5,7 +5,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "kernels/ops.h" /* kvm_cuda_opts_t: research switches (to kvmesh_lab.h) */
+#include <kvmesh_lab.h> /* kvm_cuda_opts_t: the CUDA backend's research switches */
+
 #include "runtime/core/core.h"
 
 /* The value of a variable, or NULL when unset or empty. */

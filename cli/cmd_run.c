@@ -11,6 +11,7 @@
 #include <kvmesh.h>
 
 #include "cli_env.h"
+#include "lab/lab.h"
 
 static void usage(FILE *f) {
     fprintf(f,
@@ -429,6 +430,10 @@ int cmd_run(int argc, char **argv) {
         rc = 2;
     }
     kvm_runtime_t *rt = rc < 0 ? kvm_runtime_create(&a.rp) : NULL;
+    if (rt && kvm_lab_add_functions(rt)) { /* kvmesh.minitasks.item (lab/lab.h) for the scripts' datasets */
+        kvm_runtime_free(rt);
+        rt = NULL;
+    }
     if (rc < 0 && !rt) {
         fprintf(stderr, "kvmesh run: %s\n", kvm_errmsg());
         rc = 2;

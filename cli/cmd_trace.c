@@ -8,6 +8,7 @@
 #include <kvmesh.h>
 
 #include "cli_env.h"
+#include "lab/lab.h"
 
 static void usage(FILE *f) {
     fprintf(f, "usage: kvmesh trace ls DIR...              list the runs under trace directories\n"
@@ -39,6 +40,7 @@ static int replay(const char *dir, const char *model, bool mock) {
     rp.model_override = mock ? "mock:echo" : model;
     rp.quiet = true;
     kvm_runtime_t *rt = cli_env_model_params(&rp.model) == 0 ? kvm_runtime_create(&rp) : NULL;
+    if (rt && kvm_lab_add_functions(rt)) kvm_runtime_free(rt), rt = NULL; /* the scripts' kvmesh.minitasks (lab.h) */
     kvm_replay_t r = {0};
     char *text = NULL;
     int rc = rt ? kvm_trace_replay(rt, dir, &r) : -1;

@@ -1,4 +1,5 @@
-/* kvmesh.c - the `kvmesh` command: a thin dispatcher over the subcommands in cli/cmd_*.c.
+/* kvmesh.c - the `kvmesh` command: a thin dispatcher over the subcommands in cli/cmd_*.c and, for bench, eval and
+ * minitasks, in lab/ (lab/lab.h: the CLI links kvmesh_lab and hands them its environment mapping).
  * Each subcommand is `int cmd_<name>(int argc, char **argv)` (argv[0] = subcommand name) returning the
  * process exit status. Subcommands not linked in (weak symbols) say so. */
 #include <stdio.h>
@@ -6,19 +7,21 @@
 #include <string.h>
 
 #include "cli_env.h"
+#include "lab/lab.h"
 #include "runtime/core/core.h"
 
 typedef int (*cmd_fn)(int, char **);
 #define KVM_WEAK __attribute__((weak))
 KVM_WEAK int cmd_generate(int, char **);
 KVM_WEAK int cmd_tokenize(int, char **);
-KVM_WEAK int cmd_eval(int, char **);
-KVM_WEAK int cmd_minitasks(int, char **);
 KVM_WEAK int cmd_run(int, char **);
 KVM_WEAK int cmd_serve(int, char **);
 KVM_WEAK int cmd_trace(int, char **);
-KVM_WEAK int cmd_bench(int, char **);
 KVM_WEAK int cmd_info(int, char **);
+
+static int cmd_bench(int argc, char **argv) { return kvm_lab_cmd_bench(argc, argv, cli_env_model_params); }
+static int cmd_eval(int argc, char **argv) { return kvm_lab_cmd_eval(argc, argv, cli_env_model_params); }
+static int cmd_minitasks(int argc, char **argv) { return kvm_lab_cmd_minitasks(argc, argv); }
 
 static const struct {
     const char *name;

@@ -18,6 +18,8 @@
 #include <stdint.h>
 #include <stdio.h>
 
+#include <kvmesh_lab.h> /* the CUDA backend's settings and profiling hooks */
+
 #define KVM_KV_BLOCK 16
 
 typedef enum kvm_dtype { KVM_F32 = 0, KVM_F16 = 1, KVM_BF16 = 2 } kvm_dtype_t;
@@ -278,12 +280,7 @@ const kvm_ops_t *kvm_ops_cpu(void);
 /* The CUDA backend, or NULL (with a message in kvm_errmsg) when it is not compiled in, no driver or
  * no GPU is present. */
 const kvm_ops_t *kvm_ops_cuda(void);
-/* One line describing the GPU the CUDA backend uses (name, SMs, L2, memory, driver); error if none. */
-int kvm_cuda_describe(char *buf, size_t cap);
-/* Per-op GPU profile: begin starts timing every CUDA op (eager steps only; graphs are not timed), end
- * prints the ops summed per name to f (if not NULL) and returns the total ms. No-ops without CUDA. */
-void kvm_cuda_profile_begin(void);
-double kvm_cuda_profile_end(FILE *f, const char *title);
+/* kvm_cuda_describe and the per-op GPU profile (kvm_cuda_profile_begin / _end): include/kvmesh_lab.h */
 /* Why "auto" chose the CPU ("" if it did not fall back): e.g. "no CUDA driver". */
 const char *kvm_ops_fallback_reason(void);
 /* "auto" (CUDA if usable, else CPU; also NULL or ""), "cpu" or "cuda". NULL + message if the request cannot
@@ -293,51 +290,8 @@ const kvm_ops_t *kvm_ops_select(const char *name);
 int kvm_backend_check(const char *name);
 
 /* ---- settings of the CUDA backend --------------------------------------------------------------------
- * Research and tuning switches of the CUDA kernels (docs/cuda.md lists what each changes and why it exists).
- * The CUDA backend is one process-wide context, so these are process-wide too: kvm_cuda_set_opts validates
- * and stores them in that context; ops enqueued afterwards follow them (a decode graph captured before keeps
- * the kernels it was captured with). `device` counts only before the backend's first use. Not thread-safe:
- * set them before running models. Without the CUDA backend the setter still validates and stores (so the
- * same settings fail the same way everywhere) and nothing reads them. Defaults: kvm_cuda_opts_default(). */
-typedef enum kvm_cuda_skinny { KVM_CUDA_SKINNY_AUTO = 0, KVM_CUDA_SKINNY_GEMV = 1, KVM_CUDA_SKINNY_MMA = 2 } kvm_cuda_skinny_t;
-typedef enum kvm_cuda_dist { KVM_CUDA_DIST_V2 = 0, KVM_CUDA_DIST_V1 = 1, KVM_CUDA_DIST_V2U4 = 2 } kvm_cuda_dist_t;
-typedef struct kvm_cuda_opts {
-    int device;               /* device: GPU index (0) */
-    bool profile;             /* profile: time every op from the start, as kvm_cuda_profile_begin (false) */
-    bool pdl;                 /* pdl: programmatic dependent launch (true) */
-    int prefetch;             /* prefetch: what decode GEMMs read before the PDL wait: 0 nothing, 1 an L2
-                                 prefetch, 2 their first loads into registers (2) */
-    int skinny;               /* skinny: kvm_cuda_skinny_t, the kernel of few-row matmuls: auto (GEMV for 1 row,
-                                 tensor cores for 2..16), gemv, mma (auto) */
-    bool attn_tiled;          /* attn_tiled: the tiled decode attention for 16-bit caches (true) */
-    bool no_mma_attn;         /* no_mma_attn: prefill attention through the split-K kernel (false) */
-    int mma_occ;              /* mma_occ: CTAs per SM the prefill attention's registers are capped for: 3, or 1
-                                 (no cap) (3) */
-    bool attn_merge_fused;    /* attn_merge_fused: decode attention splits merged by the last CTA (false) */
-    bool ffn;                 /* ffn: the fused MLP op (true) */
-    bool ffn_gemv;            /* ffn_gemv: batch-1 gate+up GEMV with the SwiGLU in its epilogue (false) */
-    bool qkv_fuse;            /* qkv_fuse: q/k/v + RoPE + KV write fused (true) */
-    bool qkv16;               /* qkv16: prefill q/k/v as one bf16 GEMM (true) */
-    bool norm16;              /* norm16: add_rmsnorm_16 skips the fp32 output (true) */
-    bool y16;                 /* y16: prefill o / down projections hand 16-bit outputs to the norm (true) */
-    bool norm_v;              /* norm_v: the vectorised RMSNorm kernel (true) */
-    int kvcomm_dist;          /* kvcomm_dist: kvm_cuda_dist_t, the KVCOMM distance kernel: v2, v1, v2u4 (v2) */
-} kvm_cuda_opts_t;
-
-/* The defaults (the fastest measured paths). */
-kvm_cuda_opts_t kvm_cuda_opts_default(void);
-/* 0 if every field holds one of its values; else KVM_EINVAL naming the first bad field and its values
- * ("cuda prefetch: 5 is not one of 0, 1, 2"). */
-int kvm_cuda_opts_check(const kvm_cuda_opts_t *o);
-/* Sets the field named `key` (the names above, e.g. "prefetch") from text ("0"/"1" for booleans, a number,
- * or a value's name such as "gemv"); KVM_EINVAL naming the key and its values, or listing the keys when
- * the key is unknown. o is left unchanged on error. */
-int kvm_cuda_opts_parse(kvm_cuda_opts_t *o, const char *key, const char *value);
-/* Validates o (kvm_cuda_opts_check) and makes it the CUDA backend's settings; KVM_EINVAL when a field is bad
- * or `device` changes after the backend started (nothing changed then). */
-int kvm_cuda_set_opts(const kvm_cuda_opts_t *o);
-/* The CUDA backend's current settings. */
-kvm_cuda_opts_t kvm_cuda_get_opts(void);
+ * kvm_cuda_opts_t and kvm_cuda_opts_default / _check / _parse, kvm_cuda_set_opts, kvm_cuda_get_opts (research and
+ * tuning switches, process-wide): include/kvmesh_lab.h */
 
 /* Shared helpers of the reference math (used by every backend's host-side code and the tests). */
 /* Angle p*w reduced to [-pi, pi), computed in fp64. */

@@ -32,7 +32,7 @@
 #include <cmocka.h>
 
 #include "runtime/comm/kvcomm_oracle.h"
-#include "runtime/comm/team_eval.h"
+#include "lab/team.h"
 
 #define MODEL_DIR KVM_SOURCE_DIR "/models/minillama-2m"
 

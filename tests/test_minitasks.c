@@ -10,7 +10,7 @@
 #include <cmocka.h>
 
 #include "runtime/core/core.h"
-#include "runtime/eval/minitasks.h"
+#include "lab/minitasks.h"
 
 /* FNV-1a of the JSONL of items [0, n) of (task, split, seed), random roles */
 static uint64_t jsonl_hash(int task, int split, uint64_t seed, int n) {

@@ -76,8 +76,7 @@ void kvm_log(int level, const char *fmt, ...) __attribute__((format(printf, 2, 3
 /* 64-bit FNV-1a over bytes, chained from seed (use KVM_HASH_SEED to start). */
 #define KVM_HASH_SEED 0xcbf29ce484222325ULL
 uint64_t kvm_hash64(const void *data, size_t n, uint64_t seed);
-/* Monotonic time in nanoseconds and wall-clock time in ns since the Unix epoch. */
-uint64_t kvm_now_ns(void);
+/* Wall-clock time in ns since the Unix epoch (monotonic time, kvm_now_ns: include/kvmesh_lab.h). */
 uint64_t kvm_wall_ns(void);
 
 /* ---- numeric conversions -------------------------------------------------------------------- */

@@ -1,4 +1,4 @@
-/* rng.c - the seeded PRNG (see rng.h). Bit-exact with the generator runtime/eval/minitasks.c had
+/* rng.c - the seeded PRNG (see rng.h). Bit-exact with the generator lab/minitasks.c (runtime/eval/ then) had
  * before it moved here: tests/test_rng.c pins the first outputs. */
 #include "rng.h"
 

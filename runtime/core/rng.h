@@ -4,33 +4,13 @@
  * depends on the exact stream.
  *
  * Ownership: a kvm_rng_t is a plain value (32 bytes, no heap); copy it to fork a stream. Not
- * thread-safe: one generator per thread or per consumer. No dependency beyond <stdint.h>, so that
+ * thread-safe: one generator per thread or per consumer. No dependency beyond include/, so that
  * scripts/train can build the minitasks generator from a few files. */
 #ifndef KVM_RNG_H
 #define KVM_RNG_H
 
-#include <stddef.h>
-#include <stdint.h>
-
-typedef struct kvm_rng {
-    uint64_t s[4]; /* xoshiro256** state, never all zero */
-} kvm_rng_t;
-
-/* Seeds from n words (n may be 0): x starts at 0x243F6A8885A308D3; for each word, x ^= word and
- * x = splitmix64(x); then four more splitmix64 outputs of x fill the state. */
-void kvm_rng_seed_words(kvm_rng_t *r, const uint64_t *words, size_t n);
-/* kvm_rng_seed_words with one word. */
-void kvm_rng_seed(kvm_rng_t *r, uint64_t seed);
-/* Next 64 uniformly distributed bits. */
-uint64_t kvm_rng_next(kvm_rng_t *r);
-/* Uniform double in [0, 1) from the top 53 bits of one draw. */
-double kvm_rng_double(kvm_rng_t *r);
-/* Uniform integer in [0, n) without modulo bias (rejection); n == 0 gives 0 without drawing. */
-uint64_t kvm_rng_below(kvm_rng_t *r, uint64_t n);
-/* Uniform integer in [lo, hi] (lo <= hi). */
-int kvm_rng_range(kvm_rng_t *r, int lo, int hi);
-
-/* One splitmix64 step: advances *x by the golden-ratio increment and returns the mixed value. */
-uint64_t kvm_splitmix64_next(uint64_t *x);
+/* kvm_rng_t and its functions (seed_words, seed, next, double, below, range) and kvm_splitmix64_next are declared
+ * in include/kvmesh_lab.h: the minitasks generator of lab/ draws from them. */
+#include <kvmesh_lab.h>
 
 #endif

@@ -9,15 +9,13 @@
 #include <stdarg.h>
 
 /* The status table (enum kvm_status), kvm_strerror, kvm_errname, kvm_errmsg, kvm_errcode and kvm_errclear are
- * public: include/kvmesh.h. What follows is for the library's own code. */
+ * public: include/kvmesh.h; kvm_seterr and kvm_errctx are in include/kvmesh_lab.h (lab code sets errors too).
+ * What follows is for the library's own code. */
 #include <kvmesh.h>
+#include <kvmesh_lab.h>
 
-/* Sets the calling thread's last error message (printf-style) and returns code, so that
- * `return kvm_seterr(KVM_EINVAL, "field '%s' ...", f);` reads well. */
-int kvm_seterr(int code, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* kvm_seterr with a va_list. */
 int kvm_vseterr(int code, const char *fmt, va_list ap);
-/* Prepends "context: " to the current message (for adding file names as errors travel up). */
-int kvm_errctx(int code, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 
 /* Invariant check: aborts through the assert hook. Never used for bad input (validate it instead). */
 typedef void (*kvm_assert_hook_t)(const char *file, int line, const char *expr);

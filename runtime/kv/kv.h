@@ -11,9 +11,13 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include <kvmesh_lab.h>
+
 #include "../../kernels/ops.h"
 
-typedef struct kvm_kv_pool {
+/* kvm_kv_pool_t, kvm_seq_t (typedefs), kvm_model_kv_pool, kvm_kv_pool_free, kvm_seq_truncate and the heap sequences
+ * of lab code (kvm_seq_create / kvm_seq_destroy / kvm_seq_read_rows): include/kvmesh_lab.h */
+struct kvm_kv_pool {
     const kvm_ops_t *ops;
     kvm_kv_geom_t geom;
     int n_blocks;              /* capacity */
@@ -27,11 +31,10 @@ typedef struct kvm_kv_pool {
      * n_blocks free blocks and fewer are free; returns 0 when n_free >= n_blocks after it. NULL = none. */
     int (*reclaim)(void *ud, int n_blocks);
     void *reclaim_ud;
-} kvm_kv_pool_t;
+};
 
 /* Makes a pool of n_blocks blocks in the backend's memory. Free with kvm_kv_pool_free(). */
 kvm_kv_pool_t *kvm_kv_pool_create(const kvm_ops_t *ops, const kvm_kv_geom_t *g, int n_blocks, uint64_t model_id);
-void kvm_kv_pool_free(kvm_kv_pool_t *p);
 /* Blocks needed to hold `bytes` of KV (for sizing pools from a byte budget). */
 int kvm_kv_blocks_for_bytes(const kvm_kv_geom_t *g, size_t bytes);
 size_t kvm_kv_block_bytes(const kvm_kv_geom_t *g);
@@ -41,7 +44,7 @@ int32_t kvm_kv_block_alloc(kvm_kv_pool_t *p);
 void kvm_kv_block_ref(kvm_kv_pool_t *p, int32_t b);
 void kvm_kv_block_unref(kvm_kv_pool_t *p, int32_t b);
 
-typedef struct kvm_seq {
+struct kvm_seq {
     kvm_kv_pool_t *pool;
     int32_t *blocks;    /* [cap_blocks] host block table */
     int n_blocks;
@@ -49,7 +52,7 @@ typedef struct kvm_seq {
     int32_t *tokens;    /* [cap_tokens] ids of the cached tokens (token i at position i) */
     int n_tokens;
     size_t cap_tokens;
-} kvm_seq_t;
+};
 
 void kvm_seq_init(kvm_seq_t *s, kvm_kv_pool_t *pool);
 /* Releases all blocks and memory; the seq may be re-initialised. */
@@ -59,7 +62,5 @@ void kvm_seq_free(kvm_seq_t *s);
 int kvm_seq_reserve(kvm_seq_t *s, int n_total);
 /* Records that tokens ids[0..n) now occupy positions n_tokens.. (after the forward wrote their KV). */
 int kvm_seq_push_tokens(kvm_seq_t *s, const int32_t *ids, int n);
-/* Drops tokens from position n_keep on (releases whole blocks past it). */
-void kvm_seq_truncate(kvm_seq_t *s, int n_keep);
 
 #endif

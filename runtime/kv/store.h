@@ -35,7 +35,7 @@
 #include "kv.h"
 
 typedef struct kvm_kv_store kvm_kv_store_t;
-typedef struct kvm_segment kvm_segment_t;
+/* kvm_segment_t, kvm_producer_kind_t and kvm_segment_release: include/kvmesh_lab.h (via kv.h) */
 
 /* RoPE parameters of the model whose KV the store holds (host pointers; the store keeps a backend copy
  * of the table). inv_freq is the model's ONE fp32 table (m->inv_freq), n_freq = head_dim / 2. */
@@ -95,14 +95,6 @@ int kvm_seq_share_prefix(kvm_seq_t *dst, const kvm_seq_t *src, int n);
 
 /* ---- segments ----------------------------------------------------------------------------------- */
 
-typedef enum kvm_producer_kind {
-    KVM_PRODUCER_TEXT = 0,     /* fixed text (system prompts, kvm.segment.text) */
-    KVM_PRODUCER_INPUT = 1,    /* the run's user input */
-    KVM_PRODUCER_TOOL = 2,     /* a tool result */
-    KVM_PRODUCER_AGENT = 3,    /* an agent's response */
-    KVM_PRODUCER_STATE = 4,    /* a state value */
-    KVM_PRODUCER_TEMPLATE = 5, /* a text segment of an agent template (kvcomm.md §2.2) */
-} kvm_producer_kind_t;
 const char *kvm_producer_kind_name(kvm_producer_kind_t k);
 
 typedef struct kvm_segment_info {
@@ -136,9 +128,7 @@ int kvm_segment_publish_f32(kvm_kv_store_t *s, const float *kv, const int32_t *i
                             const kvm_segment_info_t *meta, kvm_segment_t **out);
 
 void kvm_segment_ref(kvm_segment_t *g);
-/* Drops one caller reference. The segment stays cached (evictable, LRU) until the store evicts it or
- * is freed; pinned segments are never evicted. NULL is ignored. */
-void kvm_segment_release(kvm_segment_t *g);
+/* kvm_segment_release (drops one caller reference; pinned segments are never evicted): include/kvmesh_lab.h */
 /* Looks a cached segment up by id and returns it with a new reference; NULL + KVM_ESTALE if it was
  * evicted (or never existed). */
 kvm_segment_t *kvm_segment_get(kvm_kv_store_t *s, uint64_t id);

@@ -300,12 +300,16 @@ void kvm_forward_free(kvm_model_t *m) {
     m->bm = NULL;
 }
 
+kvm_dtype_t kvm_model_kv_dtype_of(const kvm_model_t *m) {
+    if (m->bm && m->bm->kv_dtype_set) return m->bm->kv_dtype;
+    return m->ops == kvm_ops_cpu() || m->device_dtype == KVM_F32 ? KVM_F32
+           : m->device_dtype == KVM_F16                          ? KVM_F16
+                                                                 : KVM_BF16;
+}
+
 kvm_kv_pool_t *kvm_model_kv_pool(kvm_model_t *m, size_t kv_bytes) {
     kvm_kv_geom_t g = {.n_layers = m->cfg.n_layers, .n_kv_heads = m->cfg.n_kv_heads, .head_dim = m->cfg.head_dim,
-                       .dtype = m->ops == kvm_ops_cpu() || m->device_dtype == KVM_F32 ? KVM_F32
-                                : m->device_dtype == KVM_F16                               ? KVM_F16
-                                                                                           : KVM_BF16};
-    if (m->bm && m->bm->kv_dtype_set) g.dtype = m->bm->kv_dtype; /* kvm_load_opts_t.kv_dtype (any backend) */
+                       .dtype = kvm_model_kv_dtype_of(m)};
     int n_blocks;
     if (kv_bytes == 0) {
         int ctx = m->cfg.max_seq_len > 0 && m->cfg.max_seq_len < 8192 ? m->cfg.max_seq_len : 8192;

@@ -70,16 +70,11 @@ kvm_gen_params_t kvm_gen_default_params(void);
  * released at the end. Return non-zero to stop (KVM_STOP_CALLBACK); it is not called again then. */
 typedef int (*kvm_token_cb)(void *ud, int32_t id, const char *bytes, size_t n);
 
-typedef struct kvm_gen_result {
-    int32_t *ids;       /* generated ids (stop token excluded); kvm_free */
-    int n_ids;
-    char *text;         /* decoded output (stop string removed); kvm_free */
-    size_t text_len;
-    int n_prompt;       /* prompt tokens forwarded by this call */
-    int stop_reason;
-    double ttft_ms;     /* from the call to the first token id on the host */
-    double decode_ms;   /* after the first token to the end */
-} kvm_gen_result_t;
+/* The result of a generation is the public kvm_generation_t (include/kvmesh.h: ids and text owned, kvm_free;
+ * n_prompt = the prompt tokens forwarded by this call; ttft_ms from the call to the first token id on the host;
+ * decode_ms after the first token to the end), so that lab code (kvm_seq_generate, kvm_comm_complete in
+ * include/kvmesh_lab.h) and the library share one type. kvm_gen_result_free = kvm_generation_clear. */
+typedef kvm_generation_t kvm_gen_result_t;
 void kvm_gen_result_free(kvm_gen_result_t *r);
 
 /* Runs prompt[0..n_prompt) (the tokens not yet in seq's cache; seq may already hold a prefix) and

@@ -119,6 +119,22 @@ static int stream_cb(void *ud, int32_t id, const char *bytes, size_t n) {
     return s->fn ? s->fn(s->ud, id, bytes, n) : 0;
 }
 
+int kvm_seq_generate(kvm_model_t *m, kvm_seq_t *seq, const int32_t *prompt, int n_prompt,
+                     const kvm_generate_params_t *params, kvm_token_fn fn, void *ud, kvm_generation_t *out) {
+    const kvm_generate_params_t def = kvm_generate_default_params();
+    const kvm_generate_params_t *p = params ? params : &def;
+    memset(out, 0, sizeof *out);
+    int rc = check_generate_params(p);
+    if (rc) return rc;
+    kvm_gen_params_t gp = {.max_tokens = p->max_tokens, .max_total_tokens = p->max_total_tokens,
+                           .sampling = {.temperature = p->temperature, .top_k = p->top_k, .top_p = p->top_p,
+                                        .repetition_penalty = p->repetition_penalty, .seed = p->seed},
+                           .stop_strings = p->stop, .n_stop_strings = p->n_stop, .ignore_eos = p->ignore_eos};
+    if (gp.sampling.temperature < 0) gp.sampling.temperature = m->cfg.gen_temperature > 0 ? m->cfg.gen_temperature : 0;
+    gen_stream_t s = {fn, ud};
+    return kvm_generate(m, seq, prompt, n_prompt, &gp, fn ? stream_cb : NULL, &s, out);
+}
+
 int kvm_model_generate(kvm_model_t *m, const char *prompt, const kvm_generate_params_t *params, kvm_token_fn fn,
                        void *ud, kvm_generation_t *out) {
     const kvm_generate_params_t def = kvm_generate_default_params();
@@ -127,11 +143,6 @@ int kvm_model_generate(kvm_model_t *m, const char *prompt, const kvm_generate_pa
     if (!prompt) return kvm_seterr(KVM_EINVAL, "no prompt given");
     int rc = check_generate_params(p);
     if (rc) return rc;
-    kvm_gen_params_t gp = {.max_tokens = p->max_tokens, .max_total_tokens = p->max_total_tokens,
-                           .sampling = {.temperature = p->temperature, .top_k = p->top_k, .top_p = p->top_p,
-                                        .repetition_penalty = p->repetition_penalty, .seed = p->seed},
-                           .stop_strings = p->stop, .n_stop_strings = p->n_stop, .ignore_eos = p->ignore_eos};
-    if (gp.sampling.temperature < 0) gp.sampling.temperature = m->cfg.gen_temperature > 0 ? m->cfg.gen_temperature : 0;
     int32_t *ids = NULL;
     int n = 0;
     rc = kvm_prompt_encode(m, p->system, prompt, p->chat, &ids, &n);
@@ -140,22 +151,13 @@ int kvm_model_generate(kvm_model_t *m, const char *prompt, const kvm_generate_pa
     if (!rc) {
         kvm_seq_t seq;
         kvm_seq_init(&seq, pool);
-        kvm_gen_result_t res = {0};
-        gen_stream_t s = {fn, ud};
-        rc = kvm_generate(m, &seq, ids, n, &gp, stream_cb, &s, &res);
+        rc = kvm_seq_generate(m, &seq, ids, n, p, fn, ud, out);
         kvm_seq_free(&seq);
-        *out = (kvm_generation_t){.text = res.text, .text_len = res.text_len, .ids = res.ids, .n_ids = res.n_ids,
-                                  .n_prompt = n, .stop_reason = res.stop_reason, .ttft_ms = res.ttft_ms,
-                                  .decode_ms = res.decode_ms};
+        out->n_prompt = n;
     }
     kvm_free(ids);
     kvm_kv_pool_free(pool);
     return rc;
 }
 
-void kvm_generation_clear(kvm_generation_t *g) {
-    if (!g) return;
-    kvm_free(g->text);
-    kvm_free(g->ids);
-    memset(g, 0, sizeof *g);
-}
+void kvm_generation_clear(kvm_generation_t *g) { kvm_gen_result_free(g); }

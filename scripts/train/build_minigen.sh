@@ -4,6 +4,6 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 out=${1:-.gpu-train/minigen}
 mkdir -p "$(dirname "$out")"
-cc -std=c11 -D_GNU_SOURCE -O2 -static -Wall -Wextra -Wno-unused-parameter -I. -o "$out" \
-  scripts/train/minigen.c cli/cmd_minitasks.c runtime/eval/minitasks.c runtime/core/rng.c runtime/core/status.c
+cc -std=c11 -D_GNU_SOURCE -O2 -static -Wall -Wextra -Wno-unused-parameter -Iinclude -Ilab -o "$out" \
+  scripts/train/minigen.c lab/cmd_minitasks.c lab/minitasks.c runtime/core/rng.c runtime/core/status.c
 echo "built $out"

@@ -16,11 +16,13 @@ ok() { echo "ok   $1"; }
 bad() { echo "FAIL $1"; fails=$((fails + 1)); }
 
 cmake --install "$build" --prefix "$tmp/prefix" > "$tmp/install.log" 2>&1 && ok "cmake --install" || { cat "$tmp/install.log"; bad "cmake --install"; }
-for f in include/kvmesh.h lib/libkvmesh.a lib/pkgconfig/kvmesh.pc lib/cmake/kvmesh/kvmeshConfig.cmake; do
+for f in include/kvmesh.h include/kvmesh_lab.h lib/libkvmesh.a lib/pkgconfig/kvmesh.pc lib/cmake/kvmesh/kvmeshConfig.cmake; do
   [ -f "$tmp/prefix/$f" ] && ok "installed $f" || bad "installed $f"
 done
-# the installed header is the only one: nothing of the source tree is reachable from the example's build
-[ "$(find "$tmp/prefix/include" -name '*.h' | wc -l)" -eq 1 ] && ok "one public header" || bad "one public header"
+# the public header and its research companion are the only ones: nothing of the source tree is reachable from
+# the example's build
+[ "$(cd "$tmp/prefix/include" && find . -name '*.h' | sort | tr '\n' ' ')" == "./kvmesh.h ./kvmesh_lab.h " ] &&
+  ok "only kvmesh.h and kvmesh_lab.h installed" || bad "only kvmesh.h and kvmesh_lab.h installed"
 
 # 1. CMake package
 cp -r "$here/examples/embed" "$tmp/src"

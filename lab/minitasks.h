@@ -1,4 +1,4 @@
-/* minitasks.h - the minitasks task suite: a deterministic generator and scorer (L2, no model needed).
+/* minitasks.h - the minitasks task suite: a deterministic generator and scorer (lab/, no model needed).
  *
  * Every item is a chat of three messages: a system prompt (the agent's role), a user message (the
  * shared content plus role-specific lines) and the expected assistant answer. The same content under

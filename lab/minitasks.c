@@ -1,6 +1,6 @@
 /* minitasks.c - deterministic generator and scorer of the minitasks suite (see minitasks.h and
- * docs/minitasks.md). Only libc, the status module and the core PRNG: scripts/train builds a
- * standalone generator from these files for the GPU machine. */
+ * docs/minitasks.md). Only libc and, through include/kvmesh_lab.h, the status module and the core PRNG:
+ * scripts/train builds a standalone generator from these files for the GPU machine. */
 #include "minitasks.h"
 
 #include <ctype.h>
@@ -8,8 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "../core/rng.h"
-#include "../core/status.h"
+#include <kvmesh_lab.h>
 
 /* ======================================== PRNG ============================================== */
 

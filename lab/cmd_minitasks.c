@@ -4,15 +4,17 @@
  *   kvmesh minitasks roles
  *
  * `gen` prints one JSON object per line: {"task","role","system","user","answer","id"}. --role all
- * prints every role of each content (the role-variant pairs). Only libc + runtime/eval/minitasks.c, so
- * scripts/train/ can build this command as a standalone static generator. */
+ * prints every role of each content (the role-variant pairs). Only libc + lab/minitasks.c (and the status module
+ * and PRNG of the core), so scripts/train/ can build this command as a standalone static generator. */
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-#include "runtime/core/status.h"
-#include "runtime/eval/minitasks.h"
+#include <kvmesh.h>
+
+#include "lab.h"
+#include "minitasks.h"
 
 static void mt_usage(FILE *f) {
     fprintf(f,
@@ -138,7 +140,7 @@ static int mt_cmd_gen(int argc, char **argv) {
     return fflush(stdout) == 0 ? 0 : 1;
 }
 
-int cmd_minitasks(int argc, char **argv) {
+int kvm_lab_cmd_minitasks(int argc, char **argv) {
     if (argc < 2 || !strcmp(argv[1], "--help") || !strcmp(argv[1], "-h")) {
         mt_usage(argc < 2 ? stderr : stdout);
         return argc < 2 ? 2 : 0;

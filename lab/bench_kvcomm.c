@@ -1,4 +1,4 @@
-/* cmd_bench_kvcomm.c - `kvmesh bench kvcomm`: the KVCOMM benchmarks.
+/* bench_kvcomm.c - `kvmesh bench kvcomm`: the KVCOMM benchmarks (lab/, on include/kvmesh_lab.h).
  *
  *   --workload ttft (default)  the paper's TTFT setting (kvcomm.md §7 Tab. 2): A fully connected agents
  *        (agent i reads the shared input and the responses of agents 0..i-1), each behind its own
@@ -21,42 +21,22 @@
 
 #include <cjson/cJSON.h>
 
-#include "cli_env.h"
-#include "runtime/comm/kvcomm_oracle.h"
-#include "runtime/comm/prompt.h"
-#include "runtime/comm/team_eval.h"
-#include "runtime/eval/minitasks.h"
-#include "runtime/model/synthetic.h"
+#include <kvmesh.h>
+#include <kvmesh_lab.h>
 
-int kvm_bench_kvcomm(int argc, char **argv);
+#include "bench.h"
+#include "json_out.h"
+#include "minitasks.h"
+#include "stats.h"
+#include "team.h"
+
+#define median lab_median
 
 static double now_ms(void) { return (double)kvm_now_ns() / 1e6; }
 
-static int cmp_d(const void *a, const void *b) {
-    double x = *(const double *)a, y = *(const double *)b;
-    return x < y ? -1 : x > y;
-}
-
-static double median(const double *v, int n) {
-    if (n <= 0) return 0;
-    double *t = malloc((size_t)n * sizeof(double));
-    memcpy(t, v, (size_t)n * sizeof(double));
-    qsort(t, (size_t)n, sizeof(double), cmp_d);
-    double m = n % 2 ? t[n / 2] : 0.5 * (t[n / 2 - 1] + t[n / 2]);
-    free(t);
-    return m;
-}
-
-static uint64_t mix64(uint64_t x) {
-    x += 0x9E3779B97F4A7C15ULL;
-    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ULL;
-    x = (x ^ (x >> 27)) * 0x94D049BB133111EBULL;
-    return x ^ (x >> 31);
-}
-
 static void rand_ids(int32_t *ids, int n, uint64_t seed, int vocab) {
     int lo = vocab > 64 ? 16 : 1;
-    for (int i = 0; i < n; i++) ids[i] = lo + (int32_t)(mix64(seed * 1000003ULL + (uint64_t)i) % (uint64_t)(vocab - lo));
+    for (int i = 0; i < n; i++) ids[i] = lo + (int32_t)(lab_mix64(seed * 1000003ULL + (uint64_t)i) % (uint64_t)(vocab - lo));
 }
 
 static void usage(void) {
@@ -109,18 +89,8 @@ static void write_json(const opts_t *o, const char *name, cJSON *root) {
     mkdir(o->out, 0755);
     char path[1024];
     snprintf(path, sizeof path, "%s/%s", o->out, name);
-    char *s = cJSON_Print(root);
-    FILE *f = fopen(path, "w");
-    if (f && s) {
-        fputs(s, f);
-        fputc('\n', f);
-        fclose(f);
-        fprintf(stderr, "wrote %s\n", path);
-    } else {
-        if (f) fclose(f);
-        fprintf(stderr, "cannot write %s\n", path);
-    }
-    cJSON_free(s);
+    if (lab_json_write(root, path) == 0) fprintf(stderr, "wrote %s\n", path);
+    else fprintf(stderr, "cannot write %s\n", path);
 }
 
 /* ==== the TTFT workload ================================================================================== */
@@ -133,8 +103,116 @@ typedef struct ttft_rec {
     double align_bytes;
 } ttft_rec_t;
 
-static int run_ttft(kvm_model_t *m, const opts_t *o) {
-    const int A = o->agents, V = m->cfg.vocab_size, G = 8;
+/* The model of a benchmark: its handle, facts and the name the reports print. */
+typedef struct bench_model {
+    kvm_model_t *m;
+    kvm_model_info_t info;
+    char name[128];
+} bench_model_t;
+
+/* The TTFT workload's table, summary lines and JSON (--out) from the records rec[(warmup + requests) * agents]. */
+static void ttft_report(const bench_model_t *bm, const opts_t *o, kvm_comm_t *c, const ttft_rec_t *rec, char (*agent)[32]) {
+    kvm_model_t *m = bm->m;
+    const kvm_model_info_t *mc = &bm->info;
+    const int A = o->agents, R = o->warmup + o->requests;
+    char card[256];
+    kvm_model_device_describe(m, card, sizeof card);
+    char cfgs[512];
+    kvm_kvcomm_config_str(kvm_comm_config(c), cfgs, sizeof cfgs);
+    kvm_comm_stats_t st;
+    kvm_comm_stats(c, &st);
+    int n_anchors = 0;
+    for (int i = 0; i < st.n_pools; i++) {
+        kvm_comm_pool_stats_t ps;
+        kvm_comm_pool_stats(c, i, &ps);
+        n_anchors += ps.n_anchors;
+    }
+    printf("\nkvmesh bench kvcomm (ttft): %s on %s (%s)%s\n", bm->name, mc->backend, card,
+           strstr(bm->name, "synthetic") || !kvm_model_tokenizer(m) ? ", SYNTHETIC/RANDOM WEIGHTS" : "");
+    printf("agents %d, input %d, prefix %d, output %d tokens; %d warm-up + %d measured requests\n", A, o->input,
+           o->prefix, o->output, o->warmup, o->requests);
+    printf("switches: %s\n\n", cfgs);
+    printf("%-6s %7s %10s %10s %8s %9s %9s %9s %7s  %s\n", "agent", "prompt", "dense ms", "reuse ms", "speedup",
+           "kvcomm", "1st-tok", "others", "reuse%", "exact/offset/naive/recomputed");
+    cJSON *root = cJSON_CreateObject(), *ja = cJSON_AddArrayToObject(root, "agents");
+    cJSON_AddStringToObject(root, "model", bm->name);
+    cJSON_AddStringToObject(root, "backend", mc->backend);
+    cJSON_AddStringToObject(root, "device", card);
+    cJSON_AddStringToObject(root, "switches", cfgs);
+    cJSON_AddNumberToObject(root, "input", o->input);
+    cJSON_AddNumberToObject(root, "prefix", o->prefix);
+    cJSON_AddNumberToObject(root, "output", o->output);
+    double *v = malloc((size_t)R * 6 * sizeof(double));
+    double align_ms = 0, align_bytes = 0;
+    int align_tok = 0, n_reuse = 0, n_meas = 0;
+    for (int i = 0; i < A; i++) {
+        int n = 0, nr = 0;
+        double *dn = v, *ru = v + R, *kc = v + 2 * R, *ft = v + 3 * R, *ot = v + 4 * R;
+        ttft_rec_t last = {0};
+        for (int r = o->warmup; r < R; r++) {
+            const ttft_rec_t *x = &rec[(size_t)r * A + i];
+            dn[n] = x->dense, ru[n] = x->reuse, kc[n] = x->kvcomm, ft[n] = x->first, ot[n] = x->others;
+            n++;
+            nr += x->mode == KVM_COMM_REUSE;
+            align_ms += x->align_ms, align_bytes += x->align_bytes, align_tok += x->align_tokens;
+            last = *x;
+        }
+        n_reuse += nr, n_meas += n;
+        double md = median(dn, n), mr = median(ru, n);
+        printf("%-6s %7d %10.2f %10.2f %7.2fx %9.2f %9.2f %9.2f %6.0f%%  %d/%d/%d/%d\n", agent[i], last.n_prompt, md,
+               mr, mr > 0 ? md / mr : 0, median(kc, n), median(ft, n), median(ot, n), n ? 100.0 * nr / n : 0,
+               last.exact, last.offset, last.naive, last.recomputed);
+        cJSON *o1 = cJSON_CreateObject();
+        cJSON_AddStringToObject(o1, "agent", agent[i]);
+        cJSON_AddNumberToObject(o1, "prompt_tokens", last.n_prompt);
+        cJSON_AddNumberToObject(o1, "dense_ttft_ms_median", md);
+        cJSON_AddNumberToObject(o1, "reuse_ttft_ms_median", mr);
+        cJSON_AddNumberToObject(o1, "kvcomm_ms_median", median(kc, n));
+        cJSON_AddNumberToObject(o1, "first_token_ms_median", median(ft, n));
+        cJSON_AddNumberToObject(o1, "others_ms_median", median(ot, n));
+        cJSON_AddNumberToObject(o1, "reuse_share", n ? (double)nr / n : 0);
+        cJSON *reps = cJSON_AddArrayToObject(o1, "reps");
+        for (int r = 0; r < R; r++) {
+            const ttft_rec_t *x = &rec[(size_t)r * A + i];
+            cJSON *e = cJSON_CreateObject();
+            cJSON_AddBoolToObject(e, "warmup", r < o->warmup);
+            cJSON_AddStringToObject(e, "mode", x->mode == KVM_COMM_REUSE ? "reuse" : "dense");
+            const lab_json_num_t nums[] = {{"dense_ms", x->dense}, {"reuse_ms", x->reuse}, {"kvcomm_ms", x->kvcomm},
+                                           {"first_token_ms", x->first}, {"exact", x->exact}, {"offset", x->offset},
+                                           {"naive", x->naive}, {"recomputed", x->recomputed},
+                                           {"anchors", x->n_anchor_max}};
+            lab_json_add_nums(e, nums, sizeof nums / sizeof nums[0]);
+            cJSON_AddItemToArray(reps, e);
+        }
+        cJSON_AddItemToArray(ja, o1);
+    }
+    free(v);
+    double per1k = align_tok ? align_ms / (align_tok / 1000.0) : 0;
+    double floor1k = align_tok ? (align_bytes / (o->bw_gbs * 1e9) * 1e3) / (align_tok / 1000.0) : 0;
+    /* anchor memory: ours (host fp32) and the paper's formula in bf16 (kvcomm.md §2.4) */
+    double per_anchor = n_anchors ? (double)st.anchor_bytes / n_anchors : 0;
+    printf("\nreuse rate (measured requests): %.1f%% (%d of %d agent invocations)\n",
+           n_meas ? 100.0 * n_reuse / n_meas : 0, n_reuse, n_meas);
+    printf("alignment (weights + offsets + assembly): %.3f ms per 1K reused tokens; bandwidth floor %.3f ms per 1K "
+           "at %.0f GB/s (bf16 bytes of bases, deltas, anchor bases, writes) -> %.1fx the floor\n", per1k, floor1k,
+           o->bw_gbs, floor1k > 0 ? per1k / floor1k : 0);
+    printf("anchors: %d in %d pools, %.1f MiB in all, %.2f MiB per anchor (host fp32; the same data in bf16 would "
+           "be half)\n", n_anchors, st.n_pools, st.anchor_bytes / 1048576.0, per_anchor / 1048576.0);
+    cJSON_AddNumberToObject(root, "reuse_rate", n_meas ? (double)n_reuse / n_meas : 0);
+    cJSON_AddNumberToObject(root, "align_ms_per_1k", per1k);
+    cJSON_AddNumberToObject(root, "align_floor_ms_per_1k", floor1k);
+    cJSON_AddNumberToObject(root, "bandwidth_gbs", o->bw_gbs);
+    cJSON_AddNumberToObject(root, "anchors", n_anchors);
+    cJSON_AddNumberToObject(root, "anchor_bytes", (double)st.anchor_bytes);
+    cJSON_AddNumberToObject(root, "anchor_bytes_per_anchor", per_anchor);
+    write_json(o, "kvcomm_ttft.json", root);
+    cJSON_Delete(root);
+}
+
+static int run_ttft(const bench_model_t *bm, const opts_t *o) {
+    kvm_model_t *m = bm->m;
+    const kvm_model_info_t *mc = &bm->info;
+    const int A = o->agents, V = mc->vocab_size, G = 8;
     kvm_comm_opts_t co = {.kv_budget_bytes = o->kv_mb << 20, .kvcomm_set = true};
     kvm_kvcomm_config_default(&co.kvcomm);
     co.kvcomm.force_reuse = true; /* the paper's TTFT run used gamma = 1 (kvcomm.md §8) */
@@ -143,9 +221,9 @@ static int run_ttft(kvm_model_t *m, const opts_t *o) {
         return 2;
     }
     int need = o->prefix + o->input + (A - 1) * (o->output + G) + 2 * G + 16;
-    if (m->cfg.max_seq_len > 0 && need + o->output > m->cfg.max_seq_len) {
+    if (mc->max_context > 0 && need + o->output > mc->max_context) {
         fprintf(stderr, "kvmesh bench kvcomm: the last agent needs %d tokens, beyond the model's context of %d "
-                "(use smaller --input/--prefix/--output)\n", need + o->output, m->cfg.max_seq_len);
+                "(use smaller --input/--prefix/--output)\n", need + o->output, mc->max_context);
         return 2;
     }
     kvm_comm_t *c = kvm_comm_create(m, &co);
@@ -182,9 +260,14 @@ static int run_ttft(kvm_model_t *m, const opts_t *o) {
     const int R = o->warmup + o->requests;
     ttft_rec_t *rec = calloc((size_t)R * A, sizeof *rec);
     int32_t *content = malloc((size_t)o->input * sizeof(int32_t)), hdr[8];
-    kvm_gen_params_t gp = {.max_tokens = o->output, .ignore_eos = true};
-    kvm_gen_params_t gp1 = {.max_tokens = 1, .ignore_eos = true};
-    const kvm_config_t *mc = &m->cfg;
+    kvm_generate_params_t gp = kvm_generate_default_params(), gp1;
+    gp.temperature = 0; /* greedy */
+    gp.ignore_eos = true;
+    gp1 = gp;
+    gp.max_tokens = o->output;
+    gp1.max_tokens = 1;
+    kvm_prepared_t *p = kvm_prepared_create();
+    if (!p) rc = KVM_ENOMEM;
     const double row_bytes = 2.0 * mc->n_layers * mc->n_kv_heads * mc->head_dim * 2.0; /* bf16 K+V per token */
     for (int r = 0; r < R && !rc; r++) {
         fprintf(stderr, "request %d/%d%s\n", r + 1, R, r < o->warmup ? " (warm-up)" : "");
@@ -204,18 +287,19 @@ static int run_ttft(kvm_model_t *m, const opts_t *o) {
             for (int j = 0; j < i && j < 32; j++) b[nb++] = (kvm_binding_t){names[j], resp[j]};
             /* reused */
             kvm_prompt_t pr = {.tmpl = tm[i], .bindings = b, .n_bindings = nb, .policy = KVM_KV_KVCOMM};
-            kvm_prepared_t p;
-            kvm_gen_result_t res;
+            kvm_generation_t res;
             memset(&res, 0, sizeof res);
             double a0 = now_ms();
-            rc = kvm_comm_prepare(rq, &pr, &p);
+            rc = kvm_comm_prepare(rq, &pr, p);
             double prep_ms = now_ms() - a0;
             if (rc) break;
-            rc = kvm_generate(m, &p.seq, p.rest_ids, p.n_rest, &gp, NULL, NULL, &res);
-            if (!rc) rc = kvm_comm_complete(rq, &p, &res, &resp[i]);
-            const kvm_comm_report_t *rp = &p.report;
+            int n_rest = 0;
+            const int32_t *rest = kvm_prepared_rest(p, &n_rest);
+            rc = kvm_seq_generate(m, kvm_prepared_seq(p), rest, n_rest, &gp, NULL, NULL, &res);
+            if (!rc) rc = kvm_comm_complete(rq, p, &res, &resp[i]);
+            const kvm_comm_report_t *rp = kvm_prepared_report(p);
             x->mode = rp->mode;
-            x->n_prompt = p.n_prompt;
+            kvm_prepared_prompt(p, &x->n_prompt);
             x->exact = rp->exact_tokens;
             x->offset = rp->offset_tokens;
             x->naive = rp->naive_tokens;
@@ -235,20 +319,20 @@ static int run_ttft(kvm_model_t *m, const opts_t *o) {
                     if (rp->ph[k].n_eligible > x->n_anchor_max) x->n_anchor_max = rp->ph[k].n_eligible;
                 }
             }
-            kvm_gen_result_free(&res);
-            kvm_prepared_release(&p);
+            kvm_generation_clear(&res);
+            kvm_prepared_release(p);
             if (rc) break;
             /* dense: full prefill of the same ids */
             pr.policy = KVM_KV_DENSE;
-            memset(&res, 0, sizeof res);
             a0 = now_ms();
-            rc = kvm_comm_prepare(rq, &pr, &p);
+            rc = kvm_comm_prepare(rq, &pr, p);
             prep_ms = now_ms() - a0;
             if (rc) break;
-            rc = kvm_generate(m, &p.seq, p.rest_ids, p.n_rest, &gp1, NULL, NULL, &res);
+            rest = kvm_prepared_rest(p, &n_rest);
+            rc = kvm_seq_generate(m, kvm_prepared_seq(p), rest, n_rest, &gp1, NULL, NULL, &res);
             x->dense = prep_ms + res.ttft_ms;
-            kvm_gen_result_free(&res);
-            kvm_prepared_release(&p);
+            kvm_generation_clear(&res);
+            kvm_prepared_release(p);
         }
         if (!rc) rc = kvm_comm_request_end(rq);
         else kvm_comm_request_abort(rq);
@@ -259,103 +343,9 @@ static int run_ttft(kvm_model_t *m, const opts_t *o) {
     if (rc) {
         fprintf(stderr, "kvmesh bench kvcomm: %s\n", kvm_errmsg());
     } else {
-        char card[256] = "cpu";
-        if (strcmp(m->ops->name, "cpu") != 0) kvm_cuda_describe(card, sizeof card);
-        char cfgs[512];
-        kvm_kvcomm_config_str(kvm_comm_config(c), cfgs, sizeof cfgs);
-        kvm_comm_stats_t st;
-        kvm_comm_stats(c, &st);
-        int n_anchors = 0;
-        for (int i = 0; i < st.n_pools; i++) {
-            kvm_comm_pool_stats_t ps;
-            kvm_comm_pool_stats(c, i, &ps);
-            n_anchors += ps.n_anchors;
-        }
-        printf("\nkvmesh bench kvcomm (ttft): %s on %s (%s)%s\n", m->name, m->ops->name, card,
-               strstr(m->name, "synthetic") || !m->tok ? ", SYNTHETIC/RANDOM WEIGHTS" : "");
-        printf("agents %d, input %d, prefix %d, output %d tokens; %d warm-up + %d measured requests\n", A, o->input,
-               o->prefix, o->output, o->warmup, o->requests);
-        printf("switches: %s\n\n", cfgs);
-        printf("%-6s %7s %10s %10s %8s %9s %9s %9s %7s  %s\n", "agent", "prompt", "dense ms", "reuse ms", "speedup",
-               "kvcomm", "1st-tok", "others", "reuse%", "exact/offset/naive/recomputed");
-        cJSON *root = cJSON_CreateObject(), *ja = cJSON_AddArrayToObject(root, "agents");
-        cJSON_AddStringToObject(root, "model", m->name);
-        cJSON_AddStringToObject(root, "backend", m->ops->name);
-        cJSON_AddStringToObject(root, "device", card);
-        cJSON_AddStringToObject(root, "switches", cfgs);
-        cJSON_AddNumberToObject(root, "input", o->input);
-        cJSON_AddNumberToObject(root, "prefix", o->prefix);
-        cJSON_AddNumberToObject(root, "output", o->output);
-        double *v = malloc((size_t)R * 6 * sizeof(double));
-        double align_ms = 0, align_bytes = 0;
-        int align_tok = 0, n_reuse = 0, n_meas = 0;
-        for (int i = 0; i < A; i++) {
-            int n = 0, nr = 0;
-            double *dn = v, *ru = v + R, *kc = v + 2 * R, *ft = v + 3 * R, *ot = v + 4 * R;
-            ttft_rec_t last = {0};
-            for (int r = o->warmup; r < R; r++) {
-                ttft_rec_t *x = &rec[(size_t)r * A + i];
-                dn[n] = x->dense, ru[n] = x->reuse, kc[n] = x->kvcomm, ft[n] = x->first, ot[n] = x->others;
-                n++;
-                nr += x->mode == KVM_COMM_REUSE;
-                align_ms += x->align_ms, align_bytes += x->align_bytes, align_tok += x->align_tokens;
-                last = *x;
-            }
-            n_reuse += nr, n_meas += n;
-            double md = median(dn, n), mr = median(ru, n);
-            printf("%-6s %7d %10.2f %10.2f %7.2fx %9.2f %9.2f %9.2f %6.0f%%  %d/%d/%d/%d\n", agent[i], last.n_prompt, md,
-                   mr, mr > 0 ? md / mr : 0, median(kc, n), median(ft, n), median(ot, n), n ? 100.0 * nr / n : 0,
-                   last.exact, last.offset, last.naive, last.recomputed);
-            cJSON *o1 = cJSON_CreateObject();
-            cJSON_AddStringToObject(o1, "agent", agent[i]);
-            cJSON_AddNumberToObject(o1, "prompt_tokens", last.n_prompt);
-            cJSON_AddNumberToObject(o1, "dense_ttft_ms_median", md);
-            cJSON_AddNumberToObject(o1, "reuse_ttft_ms_median", mr);
-            cJSON_AddNumberToObject(o1, "kvcomm_ms_median", median(kc, n));
-            cJSON_AddNumberToObject(o1, "first_token_ms_median", median(ft, n));
-            cJSON_AddNumberToObject(o1, "others_ms_median", median(ot, n));
-            cJSON_AddNumberToObject(o1, "reuse_share", n ? (double)nr / n : 0);
-            cJSON *reps = cJSON_AddArrayToObject(o1, "reps");
-            for (int r = 0; r < R; r++) {
-                ttft_rec_t *x = &rec[(size_t)r * A + i];
-                cJSON *e = cJSON_CreateObject();
-                cJSON_AddBoolToObject(e, "warmup", r < o->warmup);
-                cJSON_AddStringToObject(e, "mode", x->mode == KVM_COMM_REUSE ? "reuse" : "dense");
-                cJSON_AddNumberToObject(e, "dense_ms", x->dense);
-                cJSON_AddNumberToObject(e, "reuse_ms", x->reuse);
-                cJSON_AddNumberToObject(e, "kvcomm_ms", x->kvcomm);
-                cJSON_AddNumberToObject(e, "first_token_ms", x->first);
-                cJSON_AddNumberToObject(e, "exact", x->exact);
-                cJSON_AddNumberToObject(e, "offset", x->offset);
-                cJSON_AddNumberToObject(e, "naive", x->naive);
-                cJSON_AddNumberToObject(e, "recomputed", x->recomputed);
-                cJSON_AddNumberToObject(e, "anchors", x->n_anchor_max);
-                cJSON_AddItemToArray(reps, e);
-            }
-            cJSON_AddItemToArray(ja, o1);
-        }
-        free(v);
-        double per1k = align_tok ? align_ms / (align_tok / 1000.0) : 0;
-        double floor1k = align_tok ? (align_bytes / (o->bw_gbs * 1e9) * 1e3) / (align_tok / 1000.0) : 0;
-        /* anchor memory: ours (host fp32) and the paper's formula in bf16 (kvcomm.md §2.4) */
-        double per_anchor = n_anchors ? (double)st.anchor_bytes / n_anchors : 0;
-        printf("\nreuse rate (measured requests): %.1f%% (%d of %d agent invocations)\n",
-               n_meas ? 100.0 * n_reuse / n_meas : 0, n_reuse, n_meas);
-        printf("alignment (weights + offsets + assembly): %.3f ms per 1K reused tokens; bandwidth floor %.3f ms per 1K "
-               "at %.0f GB/s (bf16 bytes of bases, deltas, anchor bases, writes) -> %.1fx the floor\n", per1k, floor1k,
-               o->bw_gbs, floor1k > 0 ? per1k / floor1k : 0);
-        printf("anchors: %d in %d pools, %.1f MiB in all, %.2f MiB per anchor (host fp32; the same data in bf16 would "
-               "be half)\n", n_anchors, st.n_pools, st.anchor_bytes / 1048576.0, per_anchor / 1048576.0);
-        cJSON_AddNumberToObject(root, "reuse_rate", n_meas ? (double)n_reuse / n_meas : 0);
-        cJSON_AddNumberToObject(root, "align_ms_per_1k", per1k);
-        cJSON_AddNumberToObject(root, "align_floor_ms_per_1k", floor1k);
-        cJSON_AddNumberToObject(root, "bandwidth_gbs", o->bw_gbs);
-        cJSON_AddNumberToObject(root, "anchors", n_anchors);
-        cJSON_AddNumberToObject(root, "anchor_bytes", (double)st.anchor_bytes);
-        cJSON_AddNumberToObject(root, "anchor_bytes_per_anchor", per_anchor);
-        write_json(o, "kvcomm_ttft.json", root);
-        cJSON_Delete(root);
+        ttft_report(bm, o, c, rec, agent);
     }
+    kvm_prepared_free(p);
     free(content);
     free(rec);
     for (int i = 0; i < A; i++) kvm_template_free(tm[i]);
@@ -398,12 +388,12 @@ static void team_ttft_json(cJSON *o1, const kvm_team_result_t *r) {
 }
 
 /* the per-call time tables of the team runs: time to first token, and the prepare call's CPU time */
-static void team_ttft_table(const kvm_model_t *m, const kvm_team_result_t *res, char (*names)[32], int nm) {
+static void team_ttft_table(const char *backend, const kvm_team_result_t *res, char (*names)[32], int nm) {
     const char *title[2] = {"time to first token per agent call (prepare + remaining prompt forward + first id; host wall "
                             "ms)", "CPU time of the prepare call (KVCOMM + recompute pass; process CPU ms, all threads)"};
     const team_stat_fn stat[2] = {kvm_team_ttft, kvm_team_prep_cpu};
     for (int t = 0; t < 2; t++) {
-        printf("\n%s on %s, mean / p50:\n%-14s %15s %15s %15s %15s %15s\n", title[t], m->ops->name, "mode", "all", "finder",
+        printf("\n%s on %s, mean / p50:\n%-14s %15s %15s %15s %15s %15s\n", title[t], backend, "mode", "all", "finder",
                "checker", "reverser", "neighbour");
         for (int i = 0; i < nm; i++) {
             printf("%-14s", names[i]);
@@ -417,8 +407,9 @@ static void team_ttft_table(const kvm_model_t *m, const kvm_team_result_t *res, 
     }
 }
 
-static int run_team(kvm_model_t *m, const opts_t *o) {
-    if (!m->tok) {
+static int run_team(const bench_model_t *bm, const opts_t *o) {
+    kvm_model_t *m = bm->m;
+    if (!kvm_model_tokenizer(m)) {
         fprintf(stderr, "kvmesh bench kvcomm: the team workload needs a model with a tokenizer\n");
         return 2;
     }
@@ -453,7 +444,7 @@ static int run_team(kvm_model_t *m, const opts_t *o) {
             to.oracle_only = at ? at + 1 : NULL;
         } else if (!strcmp(tok, "full+recompute")) { /* full KVCOMM, short pieces recomputed */
             to.cfg.recompute_below = KVM_TEAM_RECOMPUTE_BELOW;
-        } else if (!strcmp(tok, "full+blend")) { /* ours: the blended policy (team_eval.h) */
+        } else if (!strcmp(tok, "full+blend")) { /* ours: the blended policy (team.h) */
             kvm_team_blend_policy(&to.cfg);
         } else if ((rc = kvm_kvcomm_ablation(&to.cfg, tok))) break;
         if ((rc = apply_sets(&to.cfg, o))) break;
@@ -468,13 +459,13 @@ static int run_team(kvm_model_t *m, const opts_t *o) {
     if (rc) {
         fprintf(stderr, "kvmesh bench kvcomm: %s\n", kvm_errmsg());
     } else {
-        const int L = m->cfg.n_layers;
+        const int L = bm->info.n_layers;
         printf("\nkvmesh bench kvcomm (team): %s on %s; %d requests x %d agents (minitasks team, eval seed %llu)\n",
-               m->name, m->ops->name, o->requests, KVM_TEAM_ROLES, (unsigned long long)o->seed);
+               bm->name, bm->info.backend, o->requests, KVM_TEAM_ROLES, (unsigned long long)o->seed);
         printf("%-14s %6s %7s %7s %8s %7s %7s %10s %9s %7s %7s  %s\n", "mode", "acc%", "finder", "checker", "reverser",
                "neighbr", "reuse%", "reuse%warm", "tok-reuse%", "agree%", "anchors", "exact/offset/naive/recomputed tokens");
         cJSON *root = cJSON_CreateObject(), *jm = cJSON_AddArrayToObject(root, "modes");
-        cJSON_AddStringToObject(root, "model", m->name);
+        cJSON_AddStringToObject(root, "model", bm->name);
         cJSON_AddNumberToObject(root, "requests", o->requests);
         for (int i = 0; i < nm; i++) {
             kvm_team_result_t *r = &res[i];
@@ -503,19 +494,14 @@ static int run_team(kvm_model_t *m, const opts_t *o) {
                                     r->invocations_warm ? (double)r->reuse_warm / r->invocations_warm : 0);
             if (r->agree_n || i == dense_i)
                 cJSON_AddNumberToObject(o1, "greedy_agreement_with_dense", r->agree_n ? (double)r->agree / r->agree_n : 1);
-            cJSON_AddNumberToObject(o1, "anchors", r->anchors);
-            cJSON_AddNumberToObject(o1, "anchor_bytes", (double)r->anchor_bytes);
-            cJSON_AddNumberToObject(o1, "exact_tokens", (double)r->exact);
-            cJSON_AddNumberToObject(o1, "offset_tokens", (double)r->offset);
-            cJSON_AddNumberToObject(o1, "naive_tokens", (double)r->naive);
-            cJSON_AddNumberToObject(o1, "recomputed_tokens", (double)r->recomputed);
-            cJSON_AddNumberToObject(o1, "cos_samples", r->cos_n);
-            cJSON_AddNumberToObject(o1, "max_abs_err", r->max_abs_err);
-            cJSON_AddNumberToObject(o1, "max_abs_dense", r->max_abs_dense);
-            cJSON_AddNumberToObject(o1, "short_recomputed_tokens", r->short_recomputed);
-            cJSON_AddNumberToObject(o1, "selected_recomputed_tokens", r->selected_recomputed);
-            cJSON_AddNumberToObject(o1, "recompute_items", r->recompute_items);
-            cJSON_AddNumberToObject(o1, "token_reuse_beyond_prefix", tok_reuse);
+            const lab_json_num_t nums[] = {
+                {"anchors", r->anchors}, {"anchor_bytes", (double)r->anchor_bytes}, {"exact_tokens", (double)r->exact},
+                {"offset_tokens", (double)r->offset}, {"naive_tokens", (double)r->naive},
+                {"recomputed_tokens", (double)r->recomputed}, {"cos_samples", r->cos_n}, {"max_abs_err", r->max_abs_err},
+                {"max_abs_dense", r->max_abs_dense}, {"short_recomputed_tokens", r->short_recomputed},
+                {"selected_recomputed_tokens", r->selected_recomputed}, {"recompute_items", r->recompute_items},
+                {"token_reuse_beyond_prefix", tok_reuse}};
+            lab_json_add_nums(o1, nums, sizeof nums / sizeof nums[0]);
             team_ttft_json(o1, r);
             cJSON *ck = cJSON_AddArrayToObject(o1, "cos_k"), *cv = cJSON_AddArrayToObject(o1, "cos_v");
             cJSON *lk = cJSON_AddArrayToObject(o1, "rel_l2_k"), *lv = cJSON_AddArrayToObject(o1, "rel_l2_v");
@@ -527,7 +513,7 @@ static int run_team(kvm_model_t *m, const opts_t *o) {
             }
             cJSON_AddItemToArray(jm, o1);
         }
-        team_ttft_table(m, res, names, nm);
+        team_ttft_table(bm->info.backend, res, names, nm);
         printf("\nper-layer cosine to dense prefill of the reused rows, K/V (mean over %d sampled REUSE invocations):\n",
                o->cos_samples);
         for (int i = 0; i < nm; i++) {
@@ -549,7 +535,7 @@ static int run_team(kvm_model_t *m, const opts_t *o) {
 
 /* ==== entry ============================================================================================== */
 
-int kvm_bench_kvcomm(int argc, char **argv) {
+int lab_bench_kvcomm(int argc, char **argv, kvm_lab_params_fn fill) {
     opts_t o = {.backend = NULL, .workload = "ttft", .modes = "dense,full,rotation", .agents = 5, .input = 1000,
                 .prefix = 512, .output = 512, .warmup = 2, .requests = -1, .warm = 10, .cos_samples = 32,
                 .max_tokens = 12, .seed = KVM_MT_DEFAULT_EVAL_SEED, .bw_gbs = 0};
@@ -592,21 +578,21 @@ int kvm_bench_kvcomm(int argc, char **argv) {
         return 2;
     }
     kvm_model_params_t mp = {.backend = o.backend};
-    kvm_load_opts_t lo;
-    if (cli_env_model_params(&mp) || kvm_model_params_to_opts(&mp, &lo)) {
+    if ((fill && fill(&mp)) || kvm_model_params_check(&mp)) {
         fprintf(stderr, "kvmesh bench kvcomm: %s\n", kvm_errmsg());
         return 2;
     }
-    kvm_model_t *m = o.synth ? kvm_model_synthetic(o.synth, &lo) : kvm_model_load_opts(o.model, &lo);
-    if (!m) {
+    bench_model_t bm = {0};
+    if (o.synth) snprintf(bm.name, sizeof bm.name, "synthetic:%.100s", o.synth);
+    bm.m = kvm_model_load(o.synth ? bm.name : o.model, &mp);
+    if (!bm.m) {
         fprintf(stderr, "kvmesh bench kvcomm: %s\n", kvm_errmsg());
         return 1;
     }
-    if (o.synth) {
-        snprintf(m->name, sizeof m->name, "synthetic:%.100s", o.synth);
-    }
-    if (o.bw_gbs <= 0) o.bw_gbs = strcmp(m->ops->name, "cpu") ? 2990 : 20; /* H100 measured copy; a DRAM guess */
-    int rc = ttft ? run_ttft(m, &o) : run_team(m, &o);
-    kvm_model_free(m);
+    kvm_model_info(bm.m, &bm.info);
+    if (!o.synth) snprintf(bm.name, sizeof bm.name, "%s", bm.info.name);
+    if (o.bw_gbs <= 0) o.bw_gbs = strcmp(bm.info.backend, "cpu") ? 2990 : 20; /* H100 measured copy; a DRAM guess */
+    int rc = ttft ? run_ttft(&bm, &o) : run_team(&bm, &o);
+    kvm_model_free(bm.m);
     return rc;
 }

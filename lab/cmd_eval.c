@@ -1,4 +1,4 @@
-/* cmd_eval.c - `kvmesh eval minitasks`: accuracy of a model on held-out minitasks items.
+/* cmd_eval.c - `kvmesh eval minitasks` (lab/, on include/kvmesh.h): accuracy of a model on held-out minitasks items.
  *
  *   kvmesh eval minitasks --model PATH [--n N] [--seed S] [--task T|all] [--all-roles] [--max-tokens K]
  *                         [--backend B] [--show-wrong K] [--json]
@@ -15,8 +15,11 @@
 #include <string.h>
 #include <unistd.h>
 
-#include "cli_env.h"
-#include "runtime/eval/minitasks_eval.h"
+#include <kvmesh.h>
+#include <kvmesh_lab.h>
+
+#include "lab.h"
+#include "minitasks_eval.h"
 
 static void eval_help(FILE *f) {
     fprintf(f,
@@ -68,7 +71,7 @@ static int parse_int(const char *s, const char *opt, long lo, long hi, long *out
     return 0;
 }
 
-static int eval_minitasks(int argc, char **argv) {
+static int eval_minitasks(int argc, char **argv, kvm_lab_params_fn fill) {
     const char *model_path = NULL, *backend = NULL;
     long n = 100, seed = KVM_MT_DEFAULT_EVAL_SEED, max_tokens = 48, show_wrong = 0;
     int only_task = -1;
@@ -120,16 +123,17 @@ static int eval_minitasks(int argc, char **argv) {
                         "held-out content partition\n", seed, KVM_MT_EVAL_SEED_MIN);
     story = only_task == KVM_MT_STORY;
     kvm_model_params_t mp = {.backend = backend, .quiet = true};
-    kvm_load_opts_t lo;
-    if (cli_env_model_params(&mp) || kvm_model_params_to_opts(&mp, &lo)) {
+    if ((fill && fill(&mp)) || kvm_model_params_check(&mp)) {
         fprintf(stderr, "kvmesh eval: %s\n", kvm_errmsg());
         return 2;
     }
-    kvm_model_t *m = kvm_model_load_opts(model_path, &lo);
+    kvm_model_t *m = kvm_model_load(model_path, &mp);
     if (!m) {
         fprintf(stderr, "kvmesh eval: %s\n", kvm_errmsg());
         return 1;
     }
+    kvm_model_info_t info;
+    kvm_model_info(m, &info);
     kvm_mt_run_t run;
     if (kvm_mt_run_init(&run, m, (int)max_tokens)) {
         fprintf(stderr, "kvmesh eval: %s\n", kvm_errmsg());
@@ -181,7 +185,7 @@ static int eval_minitasks(int argc, char **argv) {
         return 1;
     }
     if (json) {
-        printf("{\"model\":\"%s\",\"seed\":%ld,\"n\":%ld,\"all_roles\":%s,\"tasks\":{", m->name, seed, n,
+        printf("{\"model\":\"%s\",\"seed\":%ld,\"n\":%ld,\"all_roles\":%s,\"tasks\":{", info.name, seed, n,
                all_roles ? "true" : "false");
         for (int i = 0; i < n_stats; i++) {
             task_stat_t *st = &stats[i];
@@ -196,7 +200,7 @@ static int eval_minitasks(int argc, char **argv) {
         }
         printf("}}\n");
     } else {
-        printf("model %s, eval seed %ld, %ld contents per task%s\n", m->name, seed, n,
+        printf("model %s, eval seed %ld, %ld contents per task%s\n", info.name, seed, n,
                all_roles ? ", every role" : ", role = content % roles");
         printf("%-11s %8s %7s  %s\n", "task", "accuracy", "items", "per role");
         for (int i = 0; i < n_stats; i++) {
@@ -214,12 +218,12 @@ static int eval_minitasks(int argc, char **argv) {
     return 0;
 }
 
-int cmd_eval(int argc, char **argv) {
+int kvm_lab_cmd_eval(int argc, char **argv, kvm_lab_params_fn fill) {
     if (argc < 2 || !strcmp(argv[1], "--help") || !strcmp(argv[1], "-h")) {
         fprintf(argc < 2 ? stderr : stdout, "usage: kvmesh eval minitasks --model PATH [options]  (kvmesh eval minitasks --help)\n");
         return argc < 2 ? 2 : 0;
     }
-    if (!strcmp(argv[1], "minitasks")) return eval_minitasks(argc - 1, argv + 1);
+    if (!strcmp(argv[1], "minitasks")) return eval_minitasks(argc - 1, argv + 1, fill);
     fprintf(stderr, "kvmesh eval: unknown suite '%s' (available: minitasks)\n", argv[1]);
     return 2;
 }

@@ -1,17 +1,18 @@
-/* team_eval.h - (research code, CMake target kvmesh_comm_lab, not the production library) the KVCOMM fidelity
+/* team.h - (lab/, research code on include/kvmesh_lab.h, not the production library) the KVCOMM fidelity
  * workload: the minitasks "team" task run as a four-agent system
  * (finder, checker, reverser, neighbour) that reads one shared facts segment and the finder's answer,
  * under one KV policy and KVCOMM configuration. Used by `kvmesh bench kvcomm --workload team` and by
- * the fidelity test on the bundled models.  (L3)
+ * the fidelity test on the bundled models.
  *
  * Per request q (items (team, eval, seed, q, role)): the facts + question become an INPUT segment; the
  * finder runs on {input}; its response (a segment) is bound to {agent:finder:current} of the three
  * others, whose expected answers follow from the finder's actual output (checker: "yes" iff it equals
  * the true value; reverser: its digits reversed; neighbour: independent of it). */
-#ifndef KVM_COMM_TEAM_EVAL_H
-#define KVM_COMM_TEAM_EVAL_H
+#ifndef KVM_LAB_TEAM_H
+#define KVM_LAB_TEAM_H
 
-#include "prompt.h"
+#include <kvmesh.h>
+#include <kvmesh_lab.h>
 
 #define KVM_TEAM_ROLES 4
 /* kvcomm.recompute_below of the improved policy (`--modes full+recompute`): the finder's answer (4 digits
@@ -34,7 +35,7 @@ typedef struct kvm_team_opts {
     kvm_kvcomm_config_t cfg; /* switches (ablations) */
     size_t kv_budget_bytes;  /* 0 = the model's default pool */
     bool quiet;              /* no progress on stderr */
-    int oracle;              /* KVM_ORACLE_* bits (kvcomm_oracle.h): REUSE agents use the true deltas */
+    int oracle;              /* KVM_ORACLE_* bits (kvmesh_lab.h): REUSE agents use the true deltas */
     const char *oracle_only; /* with oracle: only this placeholder name (NULL = every shared placeholder) */
 } kvm_team_opts_t;
 

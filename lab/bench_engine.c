@@ -1,6 +1,6 @@
-/* cmd_bench.c - `kvmesh bench engine` (the dense engine's TTFT and decode speed against the hardware's
- * floors and HF transformers) and `kvmesh bench kvcomm` (dispatched to kvm_bench_kvcomm, defined by the
- * KVCOMM benchmark when it is linked in).
+/* bench_engine.c - `kvmesh bench engine` (the dense engine's TTFT and decode speed against the hardware's
+ * floors and HF transformers) and the dispatch of `kvmesh bench` (kvm_lab_cmd_bench; `bench kvcomm` is
+ * bench_kvcomm.c). lab/, on include/kvmesh_lab.h.
  *
  * Method (../shared/spec/perf.md §6): device time from events recorded on the op stream around each step,
  * host time from a monotonic clock around the whole call (end-to-end: ids up, logits down); warm-up steps
@@ -15,11 +15,12 @@
 
 #include <cjson/cJSON.h>
 
-#include "cli_env.h"
-#include "runtime/model/forward.h"
-#include "runtime/model/synthetic.h"
+#include <kvmesh.h>
+#include <kvmesh_lab.h>
 
-__attribute__((weak)) int kvm_bench_kvcomm(int argc, char **argv);
+#include "bench.h"
+#include "json_out.h"
+#include "stats.h"
 
 /* perf.md §1: H100 SXM datasheet and measured ceilings */
 #define PEAK_BF16_TFLOPS 989.4
@@ -27,31 +28,8 @@ __attribute__((weak)) int kvm_bench_kvcomm(int argc, char **argv);
 #define PEAK_HBM_TBS 3.35
 #define MEAS_COPY_TBS 2.99
 
-typedef struct stats {
-    double med, p10, p90, mean;
-    int n;
-} stats_t;
-
-static int cmp_d(const void *a, const void *b) {
-    double x = *(const double *)a, y = *(const double *)b;
-    return x < y ? -1 : x > y;
-}
-
-static stats_t stats_of(const double *v, int n) {
-    stats_t s = {0};
-    if (n <= 0) return s;
-    double *t = malloc((size_t)n * sizeof(double));
-    memcpy(t, v, (size_t)n * sizeof(double));
-    qsort(t, (size_t)n, sizeof(double), cmp_d);
-    s.n = n;
-    s.med = n % 2 ? t[n / 2] : 0.5 * (t[n / 2 - 1] + t[n / 2]);
-    s.p10 = t[(int)floor(0.1 * (n - 1))];
-    s.p90 = t[(int)ceil(0.9 * (n - 1))];
-    for (int i = 0; i < n; i++) s.mean += t[i];
-    s.mean /= n;
-    free(t);
-    return s;
-}
+typedef lab_stats_t stats_t;
+#define stats_of lab_stats_of
 
 static cJSON *stats_json(const stats_t *s, const double *reps) {
     cJSON *o = cJSON_CreateObject();
@@ -83,7 +61,7 @@ static void timing_free(timing_t *t) {
 static void bench_help(FILE *f) {
     fprintf(f,
             "usage: kvmesh bench engine (--synthetic NAME | --model PATH) [options]\n"
-            "       kvmesh bench kvcomm ...   (the KVCOMM benchmark, when linked in)\n\n"
+            "       kvmesh bench kvcomm ...   (the KVCOMM benchmark: kvmesh bench kvcomm --help)\n\n"
             "Measures the dense engine: TTFT of a P-token prompt (batch 1), decode ms/token at batch 1 and batch B\n"
             "with a P-token context, tokens/s, achieved TFLOP/s and GB/s, against the floors of perf.md.\n\n"
             "  --synthetic NAME   llama-3.1-8b, qwen2.5-7b, qwen3-0.6b, qwen2.5-0.5b, llama-3.2-1b, qwen3-8b, tiny-*\n"
@@ -101,7 +79,7 @@ static void bench_help(FILE *f) {
 }
 
 /* Linear-layer parameters touched per token (layers + lm_head) and KV bytes per token. */
-static void model_sizes(const kvm_config_t *c, double *p_layers, double *p_head, double *kv_tok_bytes, int kv_elem) {
+static void model_sizes(const kvm_model_info_t *c, double *p_layers, double *p_head, double *kv_tok_bytes, int kv_elem) {
     double D = c->dim, QD = (double)c->n_heads * c->head_dim, KD = (double)c->n_kv_heads * c->head_dim, F = c->hidden_dim;
     *p_layers = c->n_layers * (D * QD + 2 * D * KD + QD * D + 3 * D * F);
     *p_head = (double)c->vocab_size * D;
@@ -127,28 +105,22 @@ static double hf_get(cJSON *hf, const char *key) {
 /* One forward step; when t is set, its device time (events where the backend has them, else host time) and
  * its host time are appended to t. */
 static int timed_forward(kvm_model_t *m, kvm_batch_item_t *items, int n, timing_t *t) {
-    const kvm_ops_t *ops = m->ops;
-    void *e0 = ops->event_record ? ops->event_record() : NULL;
-    uint64_t h0 = kvm_now_ns();
-    int rc = kvm_forward(m, items, n);
-    uint64_t h1 = kvm_now_ns();
-    void *e1 = ops->event_record ? ops->event_record() : NULL;
+    double dev = 0, host = 0;
+    int rc = kvm_forward_timed(m, items, n, &dev, &host);
     if (!rc && t) {
-        t->host[t->n] = (double)(h1 - h0) / 1e6;
-        t->dev[t->n] = e0 && e1 ? ops->event_elapsed_ms(e0, e1) : t->host[t->n];
+        t->host[t->n] = host;
+        t->dev[t->n] = dev;
         t->n++;
-    }
-    if (ops->event_free) {
-        ops->event_free(e0);
-        ops->event_free(e1);
     }
     return rc;
 }
 
 /* Runs `reps` greedy decode steps of the n sequences (one token each, the argmax made on the backend),
  * truncating back to ctx after each so the context stays at ctx + 1. */
-static int time_decode(kvm_model_t *m, kvm_seq_t *seqs, int n, int ctx, int warmup, int reps, timing_t *t) {
-    const int V = m->cfg.vocab_size;
+static int time_decode(kvm_model_t *m, kvm_seq_t **seqs, int n, int ctx, int warmup, int reps, timing_t *t) {
+    kvm_model_info_t info;
+    kvm_model_info(m, &info);
+    const int V = info.vocab_size;
     kvm_batch_item_t *items = calloc((size_t)n, sizeof *items);
     int32_t *tok = calloc((size_t)n, sizeof(int32_t));
     int32_t *next = calloc((size_t)n, sizeof(int32_t));
@@ -156,11 +128,11 @@ static int time_decode(kvm_model_t *m, kvm_seq_t *seqs, int n, int ctx, int warm
     for (int r = 0; r < warmup + reps && !rc; r++) {
         for (int i = 0; i < n; i++) {
             /* greedy feedback (on the device: only the token ids come back) */
-            tok[i] = r == 0 ? (int32_t)(kvm_splitmix64((uint64_t)r * 7919 + i) % (uint64_t)V) : next[i];
-            items[i] = (kvm_batch_item_t){.seq = &seqs[i], .tokens = &tok[i], .n_tokens = 1, .logits = NULL, .next_token = &next[i]};
+            tok[i] = r == 0 ? (int32_t)(lab_mix64((uint64_t)r * 7919 + i) % (uint64_t)V) : next[i];
+            items[i] = (kvm_batch_item_t){.seq = seqs[i], .tokens = &tok[i], .n_tokens = 1, .logits = NULL, .next_token = &next[i]};
         }
         rc = timed_forward(m, items, n, r >= warmup ? t : NULL);
-        for (int i = 0; i < n; i++) kvm_seq_truncate(&seqs[i], ctx);
+        for (int i = 0; i < n; i++) kvm_seq_truncate(seqs[i], ctx);
     }
     free(items);
     free(tok);
@@ -183,18 +155,17 @@ static int time_prefill(kvm_model_t *m, kvm_seq_t *s, const int32_t *prompts, fl
 
 /* --profile: one eager step of each kind with every op timed (events around each op add a little), the decode
  * steps once per few-row matmul kernel (kvm_cuda_opts_t.skinny); graphs and the CUDA settings are restored. */
-static int profile_steps(kvm_model_t *m, kvm_kv_pool_t *pool, kvm_seq_t *seqs, const int32_t *prompts, float *logits,
+static int profile_steps(kvm_model_t *m, kvm_kv_pool_t *pool, kvm_seq_t **seqs, const int32_t *prompts, float *logits,
                          int P, int B, bool graphs_on) {
     char lbl[64];
     kvm_forward_set_graphs(m, false);
-    kvm_seq_t sp;
-    kvm_seq_init(&sp, pool);
-    kvm_batch_item_t it = {.seq = &sp, .tokens = prompts, .n_tokens = P, .logits = logits};
+    kvm_seq_t *sp = kvm_seq_create(pool);
+    kvm_batch_item_t it = {.seq = sp, .tokens = prompts, .n_tokens = P, .logits = logits};
     kvm_cuda_profile_begin();
-    int rc = kvm_forward(m, &it, 1);
+    int rc = sp ? kvm_forward(m, &it, 1) : KVM_ENOMEM;
     snprintf(lbl, sizeof lbl, "prefill %d tokens", P);
     kvm_cuda_profile_end(stdout, lbl);
-    kvm_seq_free(&sp);
+    kvm_seq_destroy(sp);
     const kvm_cuda_opts_t cuda_set = kvm_cuda_get_opts(); /* restored after the comparison */
     const char *modes[3] = {NULL, "gemv", "mma"};
     for (int k = 0; k < 3 && !rc; k++) {
@@ -226,10 +197,10 @@ typedef struct engine_report {
     const char *path, *card;
     char date[64];
     bool synthetic, graphs; /* synthetic weights; decode through graphs */
-    kvm_dtype_t weights, kv;
+    char weights[8], kv[8];  /* dtypes as the report prints them: "BF16", "F32", ... */
     double load_s;
     int P, B, warmup;
-    timing_t tt, d1, d1e, dB, dBe; /* TTFT, decode batch 1 (graph, eager), batch B (graph, eager); not owned */
+    timing_t tt, d1, d1e, dB, dBe; /* TTFT, decode batch 1 (graph, eager), batch B (graph, eager); owned */
     stats_t st_tt, st_tth, st_d1, st_d1h, st_d1e, st_dB, st_dBh, st_dBe;
     double flops, b1_bytes, bB_bytes, tok_s_1, tok_s_B;
     double ttft_floor_peak, ttft_floor_meas, d1_floor_peak, d1_floor_meas, dB_floor_peak, dB_floor_meas;
@@ -237,7 +208,7 @@ typedef struct engine_report {
 } engine_report_t;
 
 /* Statistics, floors and the HF figures of r's timings (model sizes from model_sizes). */
-static void report_figures(engine_report_t *r, const kvm_config_t *c, double p_layers, double p_head, double kv_tok,
+static void report_figures(engine_report_t *r, const kvm_model_info_t *c, double p_layers, double p_head, double kv_tok,
                            cJSON *hf) {
     const int P = r->P, B = r->B;
     time_t now = time(NULL);
@@ -252,7 +223,7 @@ static void report_figures(engine_report_t *r, const kvm_config_t *c, double p_l
     r->st_dBe = stats_of(r->dBe.dev, r->dBe.n);
     const double HQ = c->n_heads, HD = c->head_dim, L = c->n_layers;
     r->flops = 2.0 * p_layers * P + 2.0 * p_head + 2.0 * L * HQ * HD * (double)P * (P + 1);
-    double w_bytes = (p_layers + p_head) * (r->weights == KVM_F32 ? 4 : 2);
+    double w_bytes = (p_layers + p_head) * (!strcmp(r->weights, "F32") ? 4 : 2);
     r->b1_bytes = w_bytes + (P + 1) * kv_tok;
     r->bB_bytes = w_bytes + (double)B * (P + 1) * kv_tok;
     r->ttft_floor_peak = r->flops / (PEAK_BF16_TFLOPS * 1e9);
@@ -271,8 +242,8 @@ static void report_figures(engine_report_t *r, const kvm_config_t *c, double p_l
 static void print_report(const engine_report_t *r) {
     printf("\nkvmesh bench engine — %s, %s\n", r->path, r->date);
     printf("card: %s\n", r->card);
-    printf("model: %s; %s weights%s; KV %s; load %.1f s\n", r->path, kvm_dtype_name(r->weights),
-           r->synthetic ? " (SYNTHETIC, seeded)" : "", kvm_dtype_name(r->kv), r->load_s);
+    printf("model: %s; %s weights%s; KV %s; load %.1f s\n", r->path, r->weights,
+           r->synthetic ? " (SYNTHETIC, seeded)" : "", r->kv, r->load_s);
     printf("workload: prompt %d tokens (TTFT, batch 1); decode at %d-token context, batch 1 and %d; %d warm-up, %d/%d reps\n",
            r->P, r->P, r->B, r->warmup, r->tt.n, r->d1.n);
     printf("\n| metric (median, device time)        |      ours | unit   |        HF |  HF/ours | floor@peak | floor@meas |\n");
@@ -307,14 +278,8 @@ static void print_report(const engine_report_t *r) {
 
 }
 
-typedef struct json_num {
-    const char *key;
-    double v;
-} json_num_t;
-
-static void add_nums(cJSON *o, const json_num_t *nums, size_t n) {
-    for (size_t i = 0; i < n; i++) cJSON_AddNumberToObject(o, nums[i].key, nums[i].v);
-}
+typedef lab_json_num_t json_num_t;
+#define add_nums lab_json_add_nums
 
 static void write_report_json(const engine_report_t *r, const char *json_path, cJSON *hf) {
     cJSON *o = cJSON_CreateObject();
@@ -323,7 +288,7 @@ static void write_report_json(const engine_report_t *r, const char *json_path, c
     cJSON_AddBoolToObject(o, "synthetic_weights", r->synthetic);
     cJSON_AddStringToObject(o, "card", r->card);
     cJSON_AddStringToObject(o, "date", r->date);
-    cJSON_AddStringToObject(o, "weights_dtype", kvm_dtype_name(r->weights));
+    cJSON_AddStringToObject(o, "weights_dtype", r->weights);
     const json_num_t shape[] = {{"prompt_tokens", r->P}, {"batch", r->B}, {"warmup", r->warmup}};
     add_nums(o, shape, sizeof shape / sizeof shape[0]);
     const struct {
@@ -350,170 +315,185 @@ static void write_report_json(const engine_report_t *r, const char *json_path, c
                                  {"decode_bB_peak", r->dB_floor_peak},  {"decode_bB_measured_copy", r->dB_floor_meas}};
     add_nums(cJSON_AddObjectToObject(o, "floors_ms"), floors, sizeof floors / sizeof floors[0]);
     if (hf) cJSON_AddItemToObject(o, "hf", cJSON_Duplicate(hf, 1));
-    char *txt = cJSON_Print(o);
-    FILE *f = fopen(json_path, "w");
-    if (f && txt) {
-        fputs(txt, f);
-        fputc('\n', f);
-    } else {
-        fprintf(stderr, "kvmesh bench engine: cannot write %s\n", json_path);
-    }
-    if (f) fclose(f);
-    free(txt);
+    if (lab_json_write(o, json_path)) fprintf(stderr, "kvmesh bench engine: cannot write %s\n", json_path);
     cJSON_Delete(o);
 }
 
-static int bench_engine(int argc, char **argv) {
-    const char *synth = NULL, *model = NULL, *backend = NULL, *json_path = NULL, *hf_path = NULL;
-    int P = 1024, B = 16, reps = 20, warmup = 3;
-    bool eager = true, profile = false;
+/* The results of scripts/bench/hf_engine.py (NULL, said on stderr, when the file cannot be read or parsed). */
+static cJSON *read_hf_json(const char *path) {
+    FILE *f = fopen(path, "rb");
+    char *text = NULL;
+    long len = -1;
+    if (f && fseek(f, 0, SEEK_END) == 0 && (len = ftell(f)) >= 0 && fseek(f, 0, SEEK_SET) == 0)
+        text = malloc((size_t)len + 1);
+    if (text && fread(text, 1, (size_t)len, f) == (size_t)len) text[len] = 0;
+    else free(text), text = NULL;
+    if (f) fclose(f);
+    cJSON *hf = text ? cJSON_Parse(text) : NULL;
+    free(text);
+    if (!hf) fprintf(stderr, "kvmesh bench engine: cannot read the HF results %s (continuing without)\n", path);
+    return hf;
+}
+
+/* A dtype name of kvmesh_lab.h ("bf16") as the report prints it ("BF16"). */
+static void dtype_upper(char *out, size_t cap, const char *name) {
+    size_t i = 0;
+    for (; name[i] && i + 1 < cap; i++) out[i] = (char)(name[i] >= 'a' && name[i] <= 'z' ? name[i] - 32 : name[i]);
+    out[i] = 0;
+}
+
+/* The options of `bench engine`. */
+typedef struct engine_opts {
+    const char *synth, *model, *backend, *json_path, *hf_path;
+    int P, B, reps, warmup;
+    bool eager, profile;
+} engine_opts_t;
+
+/* Parses argv into *o: 0, 1 for --help (printed), 2 on a usage error (said). */
+static int engine_args(int argc, char **argv, engine_opts_t *o) {
+    *o = (engine_opts_t){.P = 1024, .B = 16, .reps = 20, .warmup = 3, .eager = true};
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
         bool has = i + 1 < argc;
         if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
             bench_help(stdout);
-            return 0;
-        } else if (!strcmp(a, "--synthetic") && has) synth = argv[++i];
-        else if (!strcmp(a, "--model") && has) model = argv[++i];
-        else if (!strcmp(a, "--backend") && has) backend = argv[++i];
-        else if (!strcmp(a, "--prompt") && has) P = atoi(argv[++i]);
-        else if (!strcmp(a, "--batch") && has) B = atoi(argv[++i]);
-        else if (!strcmp(a, "--reps") && has) reps = atoi(argv[++i]);
-        else if (!strcmp(a, "--warmup") && has) warmup = atoi(argv[++i]);
-        else if (!strcmp(a, "--json") && has) json_path = argv[++i];
-        else if (!strcmp(a, "--hf-json") && has) hf_path = argv[++i];
-        else if (!strcmp(a, "--no-eager")) eager = false;
-        else if (!strcmp(a, "--profile")) profile = true;
+            return 1;
+        } else if (!strcmp(a, "--synthetic") && has) o->synth = argv[++i];
+        else if (!strcmp(a, "--model") && has) o->model = argv[++i];
+        else if (!strcmp(a, "--backend") && has) o->backend = argv[++i];
+        else if (!strcmp(a, "--prompt") && has) o->P = atoi(argv[++i]);
+        else if (!strcmp(a, "--batch") && has) o->B = atoi(argv[++i]);
+        else if (!strcmp(a, "--reps") && has) o->reps = atoi(argv[++i]);
+        else if (!strcmp(a, "--warmup") && has) o->warmup = atoi(argv[++i]);
+        else if (!strcmp(a, "--json") && has) o->json_path = argv[++i];
+        else if (!strcmp(a, "--hf-json") && has) o->hf_path = argv[++i];
+        else if (!strcmp(a, "--no-eager")) o->eager = false;
+        else if (!strcmp(a, "--profile")) o->profile = true;
         else {
             fprintf(stderr, "kvmesh bench engine: unknown or incomplete option '%s' (see --help)\n", a);
             return 2;
         }
     }
-    if (!synth == !model || P < 2 || B < 1 || reps < 1 || warmup < 0) {
+    if (!o->synth == !o->model || o->P < 2 || o->B < 1 || o->reps < 1 || o->warmup < 0) {
         fprintf(stderr, "kvmesh bench engine: give exactly one of --synthetic NAME or --model PATH (see --help)\n");
         return 2;
     }
-    cJSON *hf = NULL;
-    if (hf_path) {
-        char *text = NULL;
-        size_t len = 0;
-        if (kvm_read_file(hf_path, &text, &len, 0) == 0) hf = cJSON_Parse(text);
-        kvm_free(text);
-        if (!hf) fprintf(stderr, "kvmesh bench engine: cannot read the HF results %s (continuing without)\n", hf_path);
-    }
-    char path[512];
-    if (synth) snprintf(path, sizeof path, "synthetic:%s", synth);
-    else snprintf(path, sizeof path, "%s", model);
-    kvm_model_params_t mp = {.backend = backend, .quiet = false};
-    kvm_load_opts_t lo;
-    if (cli_env_model_params(&mp) || kvm_model_params_to_opts(&mp, &lo)) {
-        fprintf(stderr, "kvmesh bench engine: %s\n", kvm_errmsg());
-        cJSON_Delete(hf);
-        return 2;
-    }
-    uint64_t t_load = kvm_now_ns();
-    /* synthetic models are built directly (this also links runtime/model/synthetic.c into the binary) */
-    kvm_model_t *m = synth ? kvm_model_synthetic(synth, &lo) : kvm_model_load_opts(path, &lo);
-    if (!m) {
-        fprintf(stderr, "kvmesh bench engine: %s\n", kvm_errmsg());
-        cJSON_Delete(hf);
-        return 1;
-    }
-    double load_s = (double)(kvm_now_ns() - t_load) / 1e9;
-    const kvm_config_t *c = &m->cfg;
-    const kvm_ops_t *ops = m->ops;
-    char card[256] = "cpu";
-    if (strcmp(ops->name, "cpu") != 0) kvm_cuda_describe(card, sizeof card);
+    return 0;
+}
+
+/* The measurements of bench engine on a loaded model: TTFT, then decode at batch 1 and B (graphs, and eager when
+ * asked), into *rep's timings; the report and --profile. Returns 0 or the failing step's code (said on stderr). */
+static int engine_measure(kvm_model_t *m, const engine_opts_t *o, bool graphs_on, engine_report_t *rep, cJSON *hf) {
+    const int P = o->P, B = o->B, reps = o->reps, warmup = o->warmup;
+    kvm_model_info_t c;
+    kvm_model_info(m, &c);
     int rc = kvm_forward_init(m, P);
-    const int kv_elem = lo.kv_dtype_set ? (int)kvm_dtype_size(lo.kv_dtype)
-                        : m->device_dtype == KVM_F32 || !strcmp(ops->name, "cpu") ? 4
-                                                                                   : 2;
+    const int kv_elem = strcmp(kvm_model_kv_dtype(m), "f32") ? 2 : 4;
     double p_layers, p_head, kv_tok;
-    model_sizes(c, &p_layers, &p_head, &kv_tok, kv_elem);
+    model_sizes(&c, &p_layers, &p_head, &kv_tok, kv_elem);
     /* KV for B sequences of P + 2 tokens (+ slack for the block rounding) */
     size_t kv_bytes = (size_t)((double)(B + 1) * (P + 64) * kv_tok);
     kvm_kv_pool_t *pool = rc ? NULL : kvm_model_kv_pool(m, kv_bytes);
     if (!pool) {
         fprintf(stderr, "kvmesh bench engine: %s\n", kvm_errmsg());
-        kvm_model_free(m);
-        cJSON_Delete(hf);
-        return 1;
+        return KVM_ENOMEM;
     }
-    const int V = c->vocab_size;
+    const int V = c.vocab_size;
+    const bool graphs = kvm_model_has_graphs(m);
     /* three prompts, rotated */
     int32_t *prompts = malloc((size_t)3 * P * sizeof(int32_t));
-    for (int k = 0; k < 3 * P; k++) prompts[k] = (int32_t)(kvm_splitmix64(0xbe7c4ULL + k) % (uint64_t)V);
+    for (int k = 0; k < 3 * P; k++) prompts[k] = (int32_t)(lab_mix64(0xbe7c4ULL + k) % (uint64_t)V);
     float *logits = malloc((size_t)V * sizeof(float));
+    kvm_seq_t **seqs = calloc((size_t)B, sizeof *seqs);
+    for (int i = 0; i < B; i++) seqs[i] = kvm_seq_create(pool);
 
     /* ---- 1. TTFT: prefill P tokens, logits of the last ---- */
-    timing_t tt;
-    timing_init(&tt, reps);
-    kvm_seq_t s0;
-    kvm_seq_init(&s0, pool);
-    if (!rc) rc = time_prefill(m, &s0, prompts, logits, P, warmup, reps, &tt);
+    timing_init(&rep->tt, reps);
+    kvm_seq_t *s0 = kvm_seq_create(pool);
+    if (!rc) rc = time_prefill(m, s0, prompts, logits, P, warmup, reps, &rep->tt);
     /* ---- 2. decode at batch 1 with a P-token context ---- */
-    timing_t d1, d1e, dB, dBe;
-    timing_init(&d1, reps * 5);
-    timing_init(&d1e, reps * 5);
-    timing_init(&dB, reps * 5);
-    timing_init(&dBe, reps * 5);
-    if (!rc) rc = time_decode(m, &s0, 1, P, warmup, reps * 5, &d1);
-    if (!rc && eager && ops->graph_begin) {
+    timing_init(&rep->d1, reps * 5);
+    timing_init(&rep->d1e, reps * 5);
+    timing_init(&rep->dB, reps * 5);
+    timing_init(&rep->dBe, reps * 5);
+    if (!rc) rc = time_decode(m, &s0, 1, P, warmup, reps * 5, &rep->d1);
+    if (!rc && o->eager && graphs) {
         kvm_forward_set_graphs(m, false);
-        rc = time_decode(m, &s0, 1, P, warmup, reps * 5, &d1e);
-        kvm_forward_set_graphs(m, !lo.no_cuda_graphs);
+        rc = time_decode(m, &s0, 1, P, warmup, reps * 5, &rep->d1e);
+        kvm_forward_set_graphs(m, graphs_on);
     }
     /* ---- 3. decode at batch B, every sequence with a P-token context ---- */
-    kvm_seq_t *seqs = calloc((size_t)B, sizeof *seqs);
-    for (int i = 0; i < B; i++) kvm_seq_init(&seqs[i], pool);
-    kvm_seq_free(&s0);
+    kvm_seq_destroy(s0);
     for (int i = 0; i < B && !rc; i++) {
-        kvm_batch_item_t it = {.seq = &seqs[i], .tokens = prompts + (size_t)(i % 3) * P, .n_tokens = P, .logits = NULL};
+        kvm_batch_item_t it = {.seq = seqs[i], .tokens = prompts + (size_t)(i % 3) * P, .n_tokens = P, .logits = NULL};
         rc = kvm_forward(m, &it, 1);
     }
-    if (!rc) rc = time_decode(m, seqs, B, P, warmup, reps * 5, &dB);
-    if (!rc && eager && ops->graph_begin) {
+    if (!rc) rc = time_decode(m, seqs, B, P, warmup, reps * 5, &rep->dB);
+    if (!rc && o->eager && graphs) {
         kvm_forward_set_graphs(m, false);
-        rc = time_decode(m, seqs, B, P, warmup, reps * 5, &dBe);
-        kvm_forward_set_graphs(m, !lo.no_cuda_graphs);
+        rc = time_decode(m, seqs, B, P, warmup, reps * 5, &rep->dBe);
+        kvm_forward_set_graphs(m, graphs_on);
     }
     if (rc) fprintf(stderr, "kvmesh bench engine: %s\n", kvm_errmsg());
 
-    engine_report_t rep = {.path = path, .card = card, .synthetic = synth != NULL, .graphs = ops->graph_begin != NULL,
-                           .weights = m->device_dtype, .kv = pool->geom.dtype, .load_s = load_s, .P = P, .B = B,
-                           .warmup = warmup, .tt = tt, .d1 = d1, .d1e = d1e, .dB = dB, .dBe = dBe};
-    report_figures(&rep, c, p_layers, p_head, kv_tok, hf);
-    print_report(&rep);
-    if (json_path) write_report_json(&rep, json_path, hf);
-    if (!rc && profile && ops->graph_begin) rc = profile_steps(m, pool, seqs, prompts, logits, P, B, !lo.no_cuda_graphs);
-    for (int i = 0; i < B; i++) kvm_seq_free(&seqs[i]);
+    rep->graphs = graphs;
+    dtype_upper(rep->weights, sizeof rep->weights, kvm_model_device_dtype(m));
+    dtype_upper(rep->kv, sizeof rep->kv, kvm_model_kv_dtype(m));
+    report_figures(rep, &c, p_layers, p_head, kv_tok, hf);
+    print_report(rep);
+    if (o->json_path) write_report_json(rep, o->json_path, hf);
+    if (!rc && o->profile && graphs) rc = profile_steps(m, pool, seqs, prompts, logits, P, B, graphs_on);
+    for (int i = 0; i < B; i++) kvm_seq_destroy(seqs[i]);
     free(seqs);
-    timing_free(&tt);
-    timing_free(&d1);
-    timing_free(&d1e);
-    timing_free(&dB);
-    timing_free(&dBe);
     free(prompts);
     free(logits);
     kvm_kv_pool_free(pool);
+    return rc;
+}
+
+static int bench_engine(int argc, char **argv, kvm_lab_params_fn fill) {
+    engine_opts_t o;
+    int rc = engine_args(argc, argv, &o);
+    if (rc) return rc == 1 ? 0 : rc;
+    cJSON *hf = o.hf_path ? read_hf_json(o.hf_path) : NULL;
+    char path[512];
+    if (o.synth) snprintf(path, sizeof path, "synthetic:%s", o.synth);
+    else snprintf(path, sizeof path, "%s", o.model);
+    kvm_model_params_t mp = {.backend = o.backend, .quiet = false};
+    if ((fill && fill(&mp)) || kvm_model_params_check(&mp)) {
+        fprintf(stderr, "kvmesh bench engine: %s\n", kvm_errmsg());
+        cJSON_Delete(hf);
+        return 2;
+    }
+    uint64_t t_load = kvm_now_ns();
+    kvm_model_t *m = kvm_model_load(path, &mp);
+    if (!m) {
+        fprintf(stderr, "kvmesh bench engine: %s\n", kvm_errmsg());
+        cJSON_Delete(hf);
+        return 1;
+    }
+    char card[256];
+    kvm_model_device_describe(m, card, sizeof card);
+    engine_report_t rep = {.path = path, .card = card, .synthetic = o.synth != NULL,
+                           .load_s = (double)(kvm_now_ns() - t_load) / 1e9, .P = o.P, .B = o.B, .warmup = o.warmup};
+    rc = engine_measure(m, &o, mp.cuda_graphs >= 0, &rep, hf);
+    timing_free(&rep.tt);
+    timing_free(&rep.d1);
+    timing_free(&rep.d1e);
+    timing_free(&rep.dB);
+    timing_free(&rep.dBe);
     kvm_model_free(m);
     cJSON_Delete(hf);
     return rc ? 1 : 0;
 }
 
-int cmd_bench(int argc, char **argv) {
+int kvm_lab_cmd_bench(int argc, char **argv, kvm_lab_params_fn fill) {
     if (argc < 2 || !strcmp(argv[1], "--help") || !strcmp(argv[1], "-h")) {
         bench_help(argc < 2 ? stderr : stdout);
         return argc < 2 ? 2 : 0;
     }
-    if (!strcmp(argv[1], "engine")) return bench_engine(argc - 1, argv + 1);
-    if (!strcmp(argv[1], "kvcomm")) {
-        if (!kvm_bench_kvcomm) {
-            fprintf(stderr, "kvmesh bench: the kvcomm benchmark is not part of this build yet\n");
-            return 2;
-        }
-        return kvm_bench_kvcomm(argc - 1, argv + 1);
-    }
+    if (!strcmp(argv[1], "engine")) return bench_engine(argc - 1, argv + 1, fill);
+    if (!strcmp(argv[1], "kvcomm")) return lab_bench_kvcomm(argc - 1, argv + 1, fill);
     fprintf(stderr, "kvmesh bench: unknown benchmark '%s' (engine, kvcomm)\n", argv[1]);
     return 2;
 }

@@ -1,0 +1,11 @@
+/* bench.h - the benchmarks of `kvmesh bench` (lab/): the dispatcher kvm_lab_cmd_bench (lab.h, bench_engine.c) runs
+ * `bench engine` itself and hands `bench kvcomm` to bench_kvcomm.c. */
+#ifndef KVM_LAB_BENCH_H
+#define KVM_LAB_BENCH_H
+
+#include "lab.h"
+
+/* `kvmesh bench kvcomm` (argv[0] = "kvcomm"): the TTFT and team workloads; the process exit status. */
+int lab_bench_kvcomm(int argc, char **argv, kvm_lab_params_fn fill);
+
+#endif
