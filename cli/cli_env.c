@@ -5,9 +5,9 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include <kvmesh_lab.h> /* kvm_cuda_opts_t: the CUDA backend's research switches */
+#include <kvmesh.h>
+#include <kvmesh_lab.h> /* kvm_cuda_opts_t (the CUDA backend's research switches), kvm_seterr, kvm_errctx */
 
-#include "runtime/core/core.h"
 
 /* The value of a variable, or NULL when unset or empty. */
 static const char *env(const char *name) {

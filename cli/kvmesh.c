@@ -6,9 +6,10 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <kvmesh.h>
+
 #include "cli_env.h"
 #include "lab/lab.h"
-#include "runtime/core/core.h"
 
 typedef int (*cmd_fn)(int, char **);
 #define KVM_WEAK __attribute__((weak))
@@ -53,7 +54,7 @@ static cmd_fn lookup(const char *name) {
 }
 
 static void usage(FILE *f) {
-    fprintf(f, "kvmesh %s - a runtime for multi-agent LLM systems that share KV caches\n\n", KVM_VERSION);
+    fprintf(f, "kvmesh %s - a runtime for multi-agent LLM systems that share KV caches\n\n", kvm_version());
     fprintf(f, "usage: kvmesh <command> [options]    (kvmesh <command> --help for its options)\n\ncommands:\n");
     for (size_t i = 0; i < sizeof cmds / sizeof cmds[0]; i++) {
         cmd_fn fn = lookup(cmds[i].name);
@@ -70,7 +71,7 @@ int main(int argc, char **argv) {
         return argc < 2 ? 2 : 0;
     }
     if (!strcmp(argv[1], "--version")) {
-        printf("kvmesh %s\n", KVM_VERSION);
+        printf("kvmesh %s\n", kvm_version());
         return 0;
     }
     /* the process-wide settings of the environment (cli_env.h); per-model ones are read by each subcommand */

@@ -107,6 +107,10 @@ void kvm_log_set_level(int level);
 int kvm_log_get_level(void);
 /* Parses "debug" | "info" | "warn" | "error" | "off" into *level; KVM_EINVAL names the accepted values. */
 int kvm_log_level_parse(const char *name, int *level);
+/* Threads of the CPU backend's kernels, process-wide (OpenMP): n >= 1, or 0 = all cores (the default).
+ * kvm_model_params_t.n_threads sets the same when a model loads. */
+void kvm_set_threads(int n);
+int kvm_threads(void);
 
 /* ================================================================================================
  * Models
