@@ -40,7 +40,7 @@ static void usage(FILE *f) {
             "  -q, --quiet           no live progress\n"
             "  -h, --help            this help\n\n"
             "example:\n"
-            "  kvmesh run examples/pipeline.lua --input question='Who has 4312?' --kv kvcomm\n"
+            "  kvmesh run examples/pipeline.lua --input name=Mark --input corpus='Mark: 9442' --kv kvcomm\n"
             "  kvmesh run examples/team.lua --n 100 --seed 1 --kv dense\n");
 }
 

@@ -9,7 +9,8 @@ static void tokenize_help(FILE *f) {
     fprintf(f,
             "usage: kvmesh tokenize (--model DIR|FILE | --tokenizer FILE) --text TEXT [options]\n\n"
             "Prints the token ids of TEXT as a JSON array on one line.\n\n"
-            "  --model DIR|FILE   HF model directory (its tokenizer.json + tokenizer_config.json) or a tokenizer.json\n"
+            "  --model DIR|FILE   HF model directory (its tokenizer.json + tokenizer_config.json), a tokenizer.json, or a\n"
+            "                     llama2.c checkpoint (.bin: its tokenizer.bin or tok<vocab>.bin beside it)\n"
             "  --tokenizer FILE   a tokenizer.json, or a llama2.c tokenizer.bin (for llama2.c .bin models)\n"
             "  --vocab-size N     entries in a llama2.c tokenizer.bin (default: counted from the file)\n"
             "  --text TEXT        the text to encode (required)\n"
@@ -23,19 +24,37 @@ static void tokenize_help(FILE *f) {
             "  kvmesh tokenize --tokenizer ../shared/models/stories260K/tok512.bin --bos --text 'Once upon a time'\n");
 }
 
-/* The tokenizer of --model / --tokenizer (kvm_tokenizer_load reads a tokenizer.json, a model directory or a
- * llama2.c tokenizer.bin); a llama2.c checkpoint keeps its tokenizer apart, so --model FILE.bin says so. */
-static kvm_tokenizer_t *open_tokenizer(const char *model, const char *tokp, int vocab_size) {
+/* What tokenizes: a tokenizer loaded on its own (a tokenizer.json, a model directory or a llama2.c
+ * tokenizer.bin), or, for a llama2.c checkpoint given as --model without --tokenizer, the checkpoint's own
+ * (tokenizer.bin or tok<vocab>.bin beside it, found as `kvmesh generate` finds it). */
+typedef struct tok_src {
+    kvm_tokenizer_t *own;
+    kvm_model_t *model;
+    const kvm_tokenizer_t *t;
+} tok_src_t;
+
+static int open_tokenizer(const char *model, const char *tokp, int vocab_size, tok_src_t *s) {
     const char *path = tokp ? tokp : model;
     size_t n = strlen(path);
     if (!tokp && n >= 4 && !strcmp(path + n - 4, ".bin")) {
-        fprintf(stderr, "kvmesh tokenize: %s: a llama2.c checkpoint keeps its tokenizer apart: pass --tokenizer "
-                        "tokenizer.bin\n", model);
-        return NULL;
+        kvm_model_params_t mp = kvm_model_default_params();
+        mp.backend = "cpu";
+        mp.quiet = true;
+        s->model = kvm_model_load(model, &mp);
+        s->t = s->model ? kvm_model_tokenizer(s->model) : NULL;
+        if (s->model && !s->t)
+            fprintf(stderr, "kvmesh tokenize: %s: no tokenizer.bin or tok<vocab>.bin beside this llama2.c checkpoint: "
+                            "pass --tokenizer FILE\n", model);
+    } else {
+        s->t = s->own = kvm_tokenizer_load(path, vocab_size);
     }
-    kvm_tokenizer_t *t = kvm_tokenizer_load(path, vocab_size);
-    if (!t) fprintf(stderr, "kvmesh tokenize: %s\n", kvm_errmsg());
-    return t;
+    if (!s->model && !s->t) fprintf(stderr, "kvmesh tokenize: %s\n", kvm_errmsg());
+    return s->t ? 0 : 1;
+}
+
+static void close_tokenizer(tok_src_t *s) {
+    kvm_tokenizer_free(s->own);
+    kvm_model_free(s->model);
 }
 
 int cmd_tokenize(int argc, char **argv) {
@@ -81,14 +100,18 @@ int cmd_tokenize(int argc, char **argv) {
         fprintf(stderr, "kvmesh tokenize: needs --model or --tokenizer, and --text (see --help)\n");
         return 2;
     }
-    kvm_tokenizer_t *t = open_tokenizer(model, tokp, vocab_size);
-    if (!t) return 1;
+    tok_src_t src = {0};
+    if (open_tokenizer(model, tokp, vocab_size, &src)) {
+        close_tokenizer(&src);
+        return 1;
+    }
+    const kvm_tokenizer_t *t = src.t;
     int32_t *ids = NULL;
     int n = 0;
     int rc = kvm_tokenize(t, text, strlen(text), flags, &ids, &n);
     if (rc) {
         fprintf(stderr, "kvmesh tokenize: %s\n", kvm_errmsg());
-        kvm_tokenizer_free(t);
+        close_tokenizer(&src);
         return 1;
     }
     putchar('[');
@@ -104,6 +127,6 @@ int cmd_tokenize(int argc, char **argv) {
         kvm_free(out);
     }
     kvm_free(ids);
-    kvm_tokenizer_free(t);
+    close_tokenizer(&src);
     return 0;
 }

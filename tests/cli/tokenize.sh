@@ -25,6 +25,8 @@ check "--model FILE.json" "[398, 55]" "$("$bin" tokenize --model "$tiny" --bos -
 tok512="$shared/models/stories260K/tok512.bin"
 if [ -f "$tok512" ]; then
   check "llama2.c tok512 with BOS" "[1, 403, 407, 261, 378]" "$("$bin" tokenize --tokenizer "$tok512" --bos --text 'Once upon a time')"
+  # a llama2.c checkpoint as --model finds its tokenizer beside it, as `kvmesh generate` does
+  check "llama2.c checkpoint as --model" "[1, 403, 407, 261, 378]" "$("$bin" tokenize --model "$shared/models/stories260K/stories260K.bin" --bos --text 'Once upon a time')"
 else
   echo "SKIP llama2.c check: $tok512 absent"
 fi
