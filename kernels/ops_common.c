@@ -60,7 +60,11 @@ const kvm_ops_t *kvm_ops_select(const char *name) {
         kvm_errclear();
         return kvm_ops_cpu();
     }
-    return !strcmp(name, "cpu") ? kvm_ops_cpu() : kvm_ops_cuda();
+    if (!strcmp(name, "cpu")) return kvm_ops_cpu();
+    const kvm_ops_t *c = kvm_ops_cuda();
+    if (!c) kvm_errctx(kvm_errcode() ? kvm_errcode() : KVM_EUNSUPPORTED, "backend cuda was asked for (use backend auto to "
+                       "fall back to the CPU, or cpu)");
+    return c;
 }
 
 /* ---- settings of the CUDA backend (validated here so that every build checks them the same way) ---- */

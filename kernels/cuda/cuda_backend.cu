@@ -307,9 +307,9 @@ static int cu_init(void) {
     cudaError_t e = cudaGetDeviceCount(&n);
     if (e != cudaSuccess) {
         cudaGetLastError();
-        return kvm_seterr(KVM_EUNSUPPORTED, "cuda: no usable GPU (%s); running on the CPU", cudaGetErrorString(e));
+        return kvm_seterr(KVM_EUNSUPPORTED, "cuda: no usable GPU (%s)", cudaGetErrorString(e));
     }
-    if (n <= 0) return kvm_seterr(KVM_EUNSUPPORTED, "cuda: no GPU found; running on the CPU");
+    if (n <= 0) return kvm_seterr(KVM_EUNSUPPORTED, "cuda: no GPU found");
     if (!g_cuda.opts_set) g_cuda.opts = kvm_cuda_opts_default(); /* the ops read g_cuda.opts from here on */
     g_cuda.opts_set = true;
     const int dev = g_cuda.opts.device;

@@ -63,5 +63,16 @@ out="$(KVM_CUDA_SKINNY=gemv KVM_CUDA_PDL=0 KVM_KVCOMM_DIST=v1 KVM_CUDA_DEVICE=0 
 out="$(KVM_KV_DTYPE= "$bin" info --backend cpu --model "$model" 2>&1)"
 [ $? -eq 0 ] && ok "an empty variable counts as unset" || fail "KVM_KV_DTYPE=: $out"
 
+# --backend cuda where no GPU can run it: an error that says what to do, not "running on the CPU" (issue 18)
+if ! command -v nvidia-smi > /dev/null || ! nvidia-smi -L > /dev/null 2>&1; then
+  out="$("$bin" info --backend cuda --model "$model" 2>&1)"
+  rc=$?
+  if [ $rc -ne 0 ] && grep -q "backend cuda was asked for" <<< "$out" && ! grep -q "running on the CPU" <<< "$out"; then
+    ok "--backend cuda without a GPU: a clear error"
+  else
+    fail "--backend cuda without a GPU: rc $rc, '$out'"
+  fi
+fi
+
 [ $fails -eq 0 ] && echo "all env checks passed" || echo "$fails env check(s) FAILED"
 [ $fails -eq 0 ]
