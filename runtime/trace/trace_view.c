@@ -157,10 +157,27 @@ static void run_result(view_t *v, const kvm_trace_log_t *log) {
         e->output_tokens, e->wall_ms, e->lua_ms);
 }
 
+static void count_run(const char *run_dir, void *ud) {
+    (void)run_dir;
+    (*(int *)ud)++;
+}
+
+/* Reads one run for a view. A folder that holds no events.jsonl but runs below it (a trace root, as `kvmesh run`
+ * prints it) is named as such, with the command that lists its runs. */
+static int read_run(const char *what, const char *run_dir, kvm_trace_log_t *log) {
+    if (!run_dir) return kvm_seterr(KVM_EINVAL, "%s: no run directory given", what);
+    int rc = kvm_trace_read(run_dir, log);
+    int runs = 0;
+    if (rc == KVM_ENOENT && kvm_dir_exists(run_dir) && kvm_trace_find_runs(run_dir, count_run, &runs) > 0 && runs > 0)
+        rc = kvm_seterr(KVM_EINVAL, "%s is a folder of %d run%s, not a run: `kvmesh trace ls %s` lists them; name one of "
+                        "them", run_dir, runs, runs == 1 ? "" : "s", run_dir);
+    return rc;
+}
+
 int kvm_trace_view_run(const char *run_dir, char **text) {
     *text = NULL;
     kvm_trace_log_t log;
-    int rc = run_dir ? kvm_trace_read(run_dir, &log) : kvm_seterr(KVM_EINVAL, "kvm_trace_view_run: no run directory given");
+    int rc = read_run("kvm_trace_view_run", run_dir, &log);
     if (rc) return rc;
     view_t v = {KVM_SB_INIT, 0};
     const kvm_trace_rec_t *st = kvm_trace_log_next(&log, KVM_TRACE_RUN_START, NULL);
@@ -236,7 +253,7 @@ int kvm_trace_view_steps(const char *run_dir, const kvm_trace_view_params_t *par
     const kvm_trace_view_params_t def = kvm_trace_view_default_params();
     if (!params) params = &def;
     kvm_trace_log_t log;
-    int rc = run_dir ? kvm_trace_read(run_dir, &log) : kvm_seterr(KVM_EINVAL, "kvm_trace_view_steps: no run directory given");
+    int rc = read_run("kvm_trace_view_steps", run_dir, &log);
     if (rc) return rc;
     view_t v = {KVM_SB_INIT, 0};
     size_t cut = params->full ? (size_t)-1 : VIEW_CUT;

@@ -16,6 +16,9 @@ done
 "$kvmesh" run examples/review_8b.lua --mock --input input="Write is_prime(n)" --trace "$tmp/t" > "$tmp/out" 2>&1 || { cat "$tmp/out"; exit 1; }
 grep -q "verdict" "$tmp/out" || { cat "$tmp/out"; exit 1; }
 "$kvmesh" trace ls "$tmp/t" > "$tmp/ls"; grep -q " ok " "$tmp/ls" || { echo "trace ls shows no ok run"; exit 1; }
+# a trace root given where a run is expected is named as such, with the command that lists its runs (issue 18)
+"$kvmesh" trace show "$tmp/t" > "$tmp/root" 2>&1 && { echo "trace show of a trace root succeeded"; exit 1; }
+grep -q "is a folder of .* runs, not a run: .kvmesh trace ls" "$tmp/root" || { echo "trace show of a root:"; cat "$tmp/root"; exit 1; }
 run=$(ls -d "$tmp"/t/*/ | head -1)
 "$kvmesh" trace show "$run" > "$tmp/show"; grep -q "result: ok" "$tmp/show" || { echo "trace show lacks 'result: ok'"; cat "$tmp/show"; exit 1; }
 "$kvmesh" trace steps "$run" > "$tmp/steps"; grep -q "saw:" "$tmp/steps" || { echo "trace steps lacks 'saw:'"; head -20 "$tmp/steps"; exit 1; }
