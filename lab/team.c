@@ -6,6 +6,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "minitasks.h"
 #include "stats.h"
@@ -245,9 +246,17 @@ int kvm_team_run(kvm_model_t *m, const kvm_team_opts_t *o, const kvm_team_result
         x.tm[role] = kvm_template_create(x.c, &d);
         if (!x.tm[role]) rc = kvm_errcode() ? kvm_errcode() : KVM_EINTERNAL;
     }
+    double t0 = (double)kvm_now_ns() / 1e9, last = t0;
+    bool tty = isatty(2);
     for (int q = 0; q < o->requests && !rc; q++) {
         rc = team_request(&x, q, r);
-        if (!o->quiet && (q + 1) % 50 == 0) fprintf(stderr, "team: %d/%d requests\n", q + 1, o->requests);
+        double now = (double)kvm_now_ns() / 1e9;
+        /* progress within a mode: every request on a terminal, else every 50 requests or 10 seconds */
+        if (!o->quiet && (tty || (q + 1) % 50 == 0 || now - last >= 10 || q + 1 == o->requests)) {
+            fprintf(stderr, "%steam: %d/%d requests, %.0f s%s", tty ? "\r" : "", q + 1, o->requests, now - t0,
+                    tty && q + 1 < o->requests ? "" : "\n");
+            last = now;
+        }
     }
     kvm_comm_stats_t st;
     kvm_comm_stats(x.c, &st);
