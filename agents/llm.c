@@ -181,6 +181,12 @@ void wf_llm_free(wf_llm_t *l) {
 static int comm_opts(const wf_llm_opts_t *o, kvm_comm_opts_t *co) {
     *co = (kvm_comm_opts_t){.kv_budget_bytes = o->kv_bytes, .kvcomm_set = true};
     kvm_kvcomm_config_default(&co->kvcomm);
+    /* The runtime's KVCOMM keeps the answers of dense: preset=blend (docs/kvcomm.md §5.2) unless the switches ask
+     * for the paper's policy (preset=spec resets to it) or one of its ablations (they are rows of the paper's
+     * table, on its settings). */
+    bool paper = o->kvcomm_ablation != NULL;
+    for (int i = 0; i < o->n_kvcomm_set; i++) paper |= !strncmp(o->kvcomm_set[i], "ablation=", 9);
+    if (!paper) kvm_kvcomm_config_set(&co->kvcomm, "preset", "blend");
     int rc = o->kvcomm_ablation ? kvm_kvcomm_ablation(&co->kvcomm, o->kvcomm_ablation) : 0;
     for (int i = 0; !rc && i < o->n_kvcomm_set; i++) {
         char key[128];

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # state.sh - `kvmesh run --state DIR`: what the runtime learns (KVCOMM anchors) outlives the process. A first run
 # of the bundled team workflow reuses no agent call; the same command again loads the anchors the first one saved
-# and reuses, at the accuracy of dense (preset=blend). A damaged state file is set aside with a warning and the
+# and reuses, at the accuracy of dense (the default policy, preset=blend). A damaged state file is set aside with a warning and the
 # run goes on cold; an empty --state is refused. Args: kvmesh binary. Needs only the bundled models.
 set -u
 bin="$1"
@@ -13,7 +13,7 @@ bad() { echo "FAIL $1"; fails=$((fails + 1)); }
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 field() { /usr/bin/python3 -c "import json,sys; print(json.load(sys.stdin)['$1'])"; }
-run() { "$bin" run examples/team.lua --n 6 --kv kvcomm --kvcomm preset=blend --no-trace -q --json "$@"; }
+run() { "$bin" run examples/team.lua --n 6 --kv kvcomm --no-trace -q --json "$@"; }
 
 grep -q -- "--state DIR" <<< "$("$bin" run --help)" && ok "run --help names --state" || bad "run --help names --state"
 
@@ -33,7 +33,7 @@ rate="$(field reuse_rate <<< "$warm")"
 # a damaged file: set aside as .bad, a warning names it, the run goes on cold
 f="$(ls "$work/st"/anchors-minillama-2m-*.kva)"
 printf 'garbage' | dd of="$f" bs=1 seek=200 conv=notrunc status=none
-third="$("$bin" run examples/team.lua --n 6 --kv kvcomm --kvcomm preset=blend --no-trace --json --state "$work/st" 2>"$work/err3")"
+third="$("$bin" run examples/team.lua --n 6 --kv kvcomm --no-trace --json --state "$work/st" 2>"$work/err3")"
 [ "$(field reuse_rate <<< "$third")" == "0" ] && ok "damaged state: the run goes on cold" || bad "damaged state run: $third"
 grep -q "checksum" "$work/err3" && grep -q "set aside as" "$work/err3" && ok "damaged state: a warning says what and where" \
   || bad "damaged state warning: $(cat "$work/err3")"
