@@ -71,6 +71,7 @@ static int runtime_check(const kvm_runtime_params_t *p) {
     if (p->max_batch_tokens < 0 || p->max_active < 0 || p->n_kvcomm < 0 || (p->n_kvcomm > 0 && !p->kvcomm))
         return kvm_seterr(KVM_EINVAL, "runtime parameters: max_batch_tokens, max_active and n_kvcomm must be >= 0 "
                           "(and kvcomm set when n_kvcomm > 0)");
+    if (p->state_dir && !*p->state_dir) return kvm_seterr(KVM_EINVAL, "runtime parameter state_dir: empty (NULL = none)");
     if (p->run_lua_ms < 0) return kvm_seterr(KVM_EINVAL, "runtime parameter run_lua_ms: %g is negative", p->run_lua_ms);
     /* the KVCOMM settings are applied to every model the engine opens: check them now, on a scratch config */
     kvm_kvcomm_config_t scratch;
@@ -89,7 +90,7 @@ static int runtime_check(const kvm_runtime_params_t *p) {
 static int runtime_keep_strings(kvm_runtime_t *rt) {
     kvm_runtime_params_t *p = &rt->p;
     const char **fields[] = {&p->model.backend, &p->model.tokenizer_path, &p->model.weight_dtype, &p->model.kv_dtype,
-                             &p->trace_root, &p->model_override};
+                             &p->trace_root, &p->model_override, &p->state_dir};
     for (size_t i = 0; i < sizeof fields / sizeof *fields; i++)
         if (keep_str(rt, fields[i])) return KVM_ENOMEM;
     if (p->n_kvcomm > 0) {
@@ -115,9 +116,9 @@ kvm_runtime_t *kvm_runtime_create(const kvm_runtime_params_t *params) {
     if (!rc) {
         wf_llm_opts_t lo = {.model = rt->p.model, .max_rows = rt->p.max_batch_tokens, .max_active = rt->p.max_active,
                             .kv_bytes = rt->p.kv_budget_bytes, .quiet = rt->p.quiet,
-                            .kvcomm_set = rt->kvcomm, .n_kvcomm_set = rt->p.n_kvcomm};
-        rt->engine = wf_llm_create(&lo);
-        if (!rt->engine) rc = kvm_errcode() ? kvm_errcode() : KVM_ENOMEM;
+                            .kvcomm_set = rt->kvcomm, .n_kvcomm_set = rt->p.n_kvcomm, .state_dir = rt->p.state_dir};
+        if (rt->p.state_dir && (rc = kvm_mkdirs(rt->p.state_dir))) kvm_errctx(rc, "runtime parameter state_dir");
+        if (!rc && !(rt->engine = wf_llm_create(&lo))) rc = kvm_errcode() ? kvm_errcode() : KVM_ENOMEM;
     }
     if (rc) {
         if (rc == KVM_ENOMEM) kvm_seterr(rc, "out of memory creating a runtime");
@@ -125,6 +126,11 @@ kvm_runtime_t *kvm_runtime_create(const kvm_runtime_params_t *params) {
         return NULL;
     }
     return rt;
+}
+
+int kvm_runtime_save_state(kvm_runtime_t *rt) {
+    if (!rt) return kvm_seterr(KVM_EINVAL, "save state: no runtime");
+    return wf_llm_save_state(rt->engine);
 }
 
 void kvm_runtime_free(kvm_runtime_t *rt) {

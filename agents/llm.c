@@ -103,8 +103,48 @@ static void job_free(job_t *j) {
     kvm_free(j);
 }
 
+/* <state_dir>/<the anchor file name of m> */
+static int state_path(const wf_llm_t *l, const lmodel_t *m, char *buf, size_t cap) {
+    char name[160];
+    kvm_comm_anchors_file_name(m->comm, name, sizeof name);
+    return kvm_path_join(buf, cap, l->o.state_dir, name);
+}
+
+/* Anchors of the state folder into a model just opened. No file: a first start. A file that does not check out
+ * is set aside as <file>.bad (never read again, never overwritten) and the model starts without anchors. */
+static void state_load(const wf_llm_t *l, lmodel_t *m) {
+    char path[4096];
+    int n = 0;
+    if (!l->o.state_dir || !m->comm || kvm_model_is_mock(m->m) || state_path(l, m, path, sizeof path)) return;
+    int rc = kvm_comm_load_anchors(m->comm, path, &n);
+    if (!rc) {
+        if (!l->o.quiet) KVM_LOGI("state: %d anchors of %s from %s", n, m->m->name, path);
+        return;
+    }
+    if (rc == KVM_ENOENT) return;
+    char bad[4200];
+    snprintf(bad, sizeof bad, "%s.bad", path);
+    /* an error, not a warning: what the runtime learned is lost, and batch runs show errors only */
+    KVM_LOGE("state: %s; set aside as %s, starting without anchors", kvm_errmsg(), bad);
+    if (rename(path, bad) != 0) KVM_LOGW("state: cannot set '%s' aside", path);
+}
+
+int wf_llm_save_state(wf_llm_t *l) {
+    int first = 0;
+    for (int i = 0; l && l->o.state_dir && i < l->n_models; i++) {
+        lmodel_t *m = &l->models[i];
+        char path[4096];
+        if (!m->comm || kvm_model_is_mock(m->m)) continue;
+        int rc = state_path(l, m, path, sizeof path);
+        if (!rc) rc = kvm_comm_save_anchors(m->comm, path);
+        if (rc && !first) first = kvm_errctx(rc, "state: model '%s'", m->path);
+    }
+    return first;
+}
+
 void wf_llm_free(wf_llm_t *l) {
     if (!l) return;
+    if (wf_llm_save_state(l)) KVM_LOGW("%s: the anchors learned since the last save are lost", kvm_errmsg());
     for (job_t *j = l->jobs, *n; j; j = n) {
         n = j->next;
         job_free(j);
@@ -141,6 +181,12 @@ void wf_llm_free(wf_llm_t *l) {
 static int comm_opts(const wf_llm_opts_t *o, kvm_comm_opts_t *co) {
     *co = (kvm_comm_opts_t){.kv_budget_bytes = o->kv_bytes, .kvcomm_set = true};
     kvm_kvcomm_config_default(&co->kvcomm);
+    /* The runtime's KVCOMM keeps the answers of dense: preset=blend (docs/kvcomm.md §5.2) unless the switches ask
+     * for the paper's policy (preset=spec resets to it) or one of its ablations (they are rows of the paper's
+     * table, on its settings). */
+    bool paper = o->kvcomm_ablation != NULL;
+    for (int i = 0; i < o->n_kvcomm_set; i++) paper |= !strncmp(o->kvcomm_set[i], "ablation=", 9);
+    if (!paper) kvm_kvcomm_config_set(&co->kvcomm, "preset", "blend");
     int rc = o->kvcomm_ablation ? kvm_kvcomm_ablation(&co->kvcomm, o->kvcomm_ablation) : 0;
     for (int i = 0; !rc && i < o->n_kvcomm_set; i++) {
         char key[128];
@@ -181,6 +227,7 @@ int wf_llm_model_open(wf_llm_t *l, const char *path, int *idx) {
         kvm_free(m->path);
         return kvm_errctx(rc, "model '%s'", path);
     }
+    state_load(l, m);
     *idx = l->n_models++;
     return 0;
 }

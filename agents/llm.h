@@ -78,6 +78,7 @@ typedef struct wf_llm_opts {
     const char *const *kvcomm_set; /* "key=value" KVCOMM switches (kvcomm.md §8), applied to every model */
     int n_kvcomm_set;
     const char *kvcomm_ablation;   /* NULL, or "rotation" | "rotation+ph" | "rotation+pf" | "full" | "dense" */
+    const char *state_dir;         /* anchors loaded from here when a model opens, saved here (NULL = none) */
 } wf_llm_opts_t;
 
 /* Creates the engine (no models yet). NULL + message on error; free with wf_llm_free(). */
@@ -85,6 +86,9 @@ wf_llm_t *wf_llm_create(const wf_llm_opts_t *o);
 void wf_llm_free(wf_llm_t *l);
 /* Opens a model once per path (later calls with the same path share it) and returns its index. */
 int wf_llm_model_open(wf_llm_t *l, const char *path, int *idx);
+/* Saves the anchors of every open model into the state folder (a no-op without one); wf_llm_free does it too.
+ * 0, or the first error (the other models are still saved). */
+int wf_llm_save_state(wf_llm_t *l);
 /* A description of model idx for traces (path, engine, name, arch, layers, dim, vocab, chat format,
  * id, KVCOMM switches); index and script_path are the caller's to fill. Strings point into the engine
  * (valid while it lives) or into the buffers of *out. */

@@ -30,18 +30,22 @@ static void usage(FILE *f) {
             "  --max-rows N          tokens per forward pass (default 256)\n"
             "  --kv-mb N             KV cache budget per model in MiB (default: the model's, 4 full contexts)\n"
             "  --kvcomm KEY=VALUE    a KVCOMM switch (docs/kvcomm.md), e.g. gamma=0.5, max_anchors=10 (repeatable);\n"
-            "                        preset=blend: ours, KVCOMM + a selective recompute, within 2 points of dense\n"
-            "                        on the bundled models' examples (docs/kvcomm.md, 5.2)\n"
+            "                        the default is preset=blend: ours, KVCOMM + a selective recompute, within\n"
+            "                        2 points of dense on the bundled models' examples (docs/kvcomm.md, 5.2);\n"
+            "                        preset=spec: the paper's policy (reuses more, loses answers)\n"
             "  --ablation NAME       KVCOMM ablation: rotation | rotation+ph | rotation+pf | full | dense\n"
             "  --mem-mb N            Lua memory cap per run (default 64)\n"
             "  --instructions N      Lua instruction budget per run (default 1e9)\n"
             "  --lua-ms N            Lua CPU budget per run in ms (default 5000)\n"
+            "  --state DIR           keep what the runtime learns (KVCOMM anchors) in DIR across runs: loaded at\n"
+            "                        start, saved at the end, so repeated runs build up reuse (docs/state.md)\n"
             "  --json                print outputs (and the batch summary) as JSON on stdout\n"
             "  -q, --quiet           no live progress\n"
             "  -h, --help            this help\n\n"
             "example:\n"
             "  kvmesh run examples/pipeline.lua --input name=Mark --input corpus='Mark: 9442' --kv kvcomm\n"
-            "  kvmesh run examples/team.lua --n 100 --seed 1 --kv dense\n");
+            "  kvmesh run examples/team.lua --n 100 --seed 1 --kv dense\n"
+            "  kvmesh run examples/team.lua --n 20 --kv kvcomm --state ~/.kvmesh/state\n");
 }
 
 typedef struct progress {
@@ -148,7 +152,7 @@ static int parse_args(int argc, char **argv, run_args_t *a) {
         const char *arg = argv[i];
         const char *v = i + 1 < argc ? argv[i + 1] : NULL;
         static const char *const valued[] = {"--input", "--kv", "--trace", "--n", "--seed", "--concurrency", "--model", "--backend",
-                                             "--max-rows", "--kvcomm", "--ablation", "--kv-mb", "--mem-mb", "--instructions", "--lua-ms"};
+                                             "--max-rows", "--kvcomm", "--ablation", "--kv-mb", "--mem-mb", "--instructions", "--lua-ms", "--state"};
         bool needs_value = false;
         for (size_t k = 0; k < sizeof valued / sizeof *valued; k++) needs_value |= !strcmp(arg, valued[k]);
         if (needs_value && !v) {
@@ -186,6 +190,7 @@ static int parse_args(int argc, char **argv, run_args_t *a) {
         else if (!strcmp(arg, "--mem-mb")) a->rp.run_mem_bytes = (size_t)strtoul(v, NULL, 10) << 20;
         else if (!strcmp(arg, "--instructions")) a->rp.run_instructions = (uint64_t)strtod(v, NULL);
         else if (!strcmp(arg, "--lua-ms")) a->rp.run_lua_ms = strtod(v, NULL);
+        else if (!strcmp(arg, "--state")) a->rp.state_dir = v;
         else if (!strcmp(arg, "--json")) a->json = true;
         else if (!strcmp(arg, "-q") || !strcmp(arg, "--quiet")) a->prog.quiet = true;
         else if (arg[0] == '-') {

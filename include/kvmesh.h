@@ -284,14 +284,22 @@ typedef struct kvm_runtime_params {
     double run_lua_ms;            /* Lua CPU time per run, waits for agents excluded (default 5000) */
     bool echo_print;              /* print() in scripts also goes to stderr */
     bool quiet;                   /* no progress on stderr (model loading) */
+    const char *state_dir;        /* what the runtime learns (KVCOMM anchors) is kept here across processes: loaded
+                                     when a model opens, saved by kvm_runtime_save_state and kvm_runtime_free
+                                     (docs/state.md); created if missing. NULL = nothing kept */
 } kvm_runtime_params_t;
 
 kvm_runtime_params_t kvm_runtime_default_params(void);
 
 /* Creates a runtime (no model is loaded until a workflow names one). NULL + message on a bad parameter.
- * Free with kvm_runtime_free() after every workflow made from it. */
+ * Free with kvm_runtime_free() after every workflow made from it; with a state_dir it saves the state first
+ * (an error is logged: nothing else can report it). */
 kvm_runtime_t *kvm_runtime_create(const kvm_runtime_params_t *params);
 void kvm_runtime_free(kvm_runtime_t *rt);
+/* Writes what the runtime learned so far into params.state_dir, crash-safely (each file written beside its name,
+ * synced, renamed over it: a crash leaves the previous save or this one). For programs that live long (a daemon
+ * saves now and then, and on SIGTERM). 0 without a state_dir; else the first error (KVM_EIO naming the file). */
+int kvm_runtime_save_state(kvm_runtime_t *rt);
 
 /* A function of the embedding program that workflow scripts call as kvmesh.<name>(...). args_json is the call's
  * arguments as a JSON array ("[]" for none; Lua tables become objects or arrays). On success return 0 and set

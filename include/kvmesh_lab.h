@@ -484,6 +484,15 @@ typedef struct kvm_comm_stats {
     uint64_t anchors_created, anchors_evicted;
 } kvm_comm_stats_t;
 void kvm_comm_stats(const kvm_comm_t *c, kvm_comm_stats_t *out);
+
+/* Anchors across processes (docs/kvcomm.md "Anchors across processes"). kvm_comm_save_anchors writes every anchor
+ * pool of c to path crash-safely (a file beside it, synced, renamed over it): a crash leaves the old file or the
+ * new one. kvm_comm_load_anchors adds the anchors of such a file to c's pools (evicting as a commit does) only
+ * when the whole file checks out: KVM_ENOENT (no file), KVM_EFORMAT (not an anchor file, torn, a checksum that
+ * does not match, naming the byte), KVM_EMODEL (made by another model, weights, backend or KV dtype: the numbers
+ * would not fit); nothing is changed then. *n_loaded (may be NULL): anchors read. Not while requests are open. */
+int kvm_comm_save_anchors(const kvm_comm_t *c, const char *path);
+int kvm_comm_load_anchors(kvm_comm_t *c, const char *path, int *n_loaded);
 /* Stats of pool i (0..n_pools-1); KVM_ERANGE past the end. */
 int kvm_comm_pool_stats(const kvm_comm_t *c, int i, kvm_comm_pool_stats_t *out);
 

@@ -1,15 +1,21 @@
 #!/usr/bin/env bash
 # demo.sh KVMESH SHARED - the main job of `make demo`.
-#   - with the bundled models (models/minillama-2m): the multi-agent team example, dense vs kvcomm;
+#   - with the bundled models (models/minillama-2m): the multi-agent team example, dense, then kvcomm cold and warm
+#     (anchors kept across the two runs by --state);
 #   - else, with stories260K from the shared folder: a generation and a small fan-out workflow;
 #   - else: a dry run of the team workflow on the mock engine.
 set -euo pipefail
 kvmesh=$1; shared=$2
 traces=$(mktemp -d)
 if [ -f models/minillama-2m/config.json ]; then
-  echo "== kvmesh run examples/team.lua (bundled models, 20 seeded team tasks, dense then kvcomm) =="
+  state=$(mktemp -d)
+  echo "== kvmesh run examples/team.lua (bundled models, 20 seeded team tasks): dense prefill =="
   "$kvmesh" run examples/team.lua --n 20 --seed 1 --kv dense --trace "$traces"
-  "$kvmesh" run examples/team.lua --n 20 --seed 1 --kv kvcomm --trace "$traces"
+  echo "== the same with --kv kvcomm and a state folder: cold (no anchors yet; the 20 runs go in one wave) =="
+  "$kvmesh" run examples/team.lua --n 20 --seed 1 --kv kvcomm --trace "$traces" --state "$state"
+  echo "== again, 20 other tasks: the anchors the first kvcomm run learned are loaded, agents reuse each other's KV =="
+  "$kvmesh" run examples/team.lua --n 20 --seed 101 --kv kvcomm --trace "$traces" --state "$state"
+  rm -rf "$state"
   echo "== kvmesh trace show (one run) =="
   "$kvmesh" trace show "$(ls -d "$traces"/*/ | head -1)" | head -30
   exit 0

@@ -49,19 +49,20 @@ static inline kvm_segment_t *input_segment(kvm_comm_t *c, uint64_t seed, int n) 
     return g;
 }
 
-#ifdef KVM_COMM_INTERNAL_H /* (it reads the request's context) */
-/* Runs one agent: prepare under policy pol, greedy generation of max_tokens (EOS ignored), complete (response
- * segment into *resp when resp != NULL); the report into *rep when rep != NULL. 0 or the first error. */
-static int run_agent(kvm_comm_request_t *rq, kvm_template_t *t, kvm_binding_t *b, int nb, kvm_kv_policy_t pol,
-                     kvm_comm_report_t *rep, kvm_segment_t **resp, int max_tokens) {
+/* Runs one agent on model m (the request's): prepare under policy pol, greedy generation of max_tokens (EOS
+ * ignored), complete (response segment into *resp when resp != NULL); the report into *rep when rep != NULL. 0 or
+ * the first error. */
+static inline int run_agent_on(kvm_model_t *m, kvm_comm_request_t *rq, kvm_template_t *t, kvm_binding_t *b, int nb,
+                               kvm_kv_policy_t pol, kvm_comm_report_t *rep, kvm_segment_t **resp, int max_tokens) {
     kvm_prepared_t p;
     kvm_prompt_t pr = {.tmpl = t, .bindings = b, .n_bindings = nb, .policy = pol};
+    if (rep) memset(rep, 0, sizeof *rep);
     int rc = kvm_comm_prepare(rq, &pr, &p);
     if (rc) return rc;
     kvm_gen_params_t gp = {.max_tokens = max_tokens, .ignore_eos = true};
     kvm_gen_result_t res;
     memset(&res, 0, sizeof res);
-    rc = kvm_generate(kvm_comm_model(rq->c), &p.seq, p.rest_ids, p.n_rest, &gp, NULL, NULL, &res);
+    rc = kvm_generate(m, &p.seq, p.rest_ids, p.n_rest, &gp, NULL, NULL, &res);
     if (!rc) rc = kvm_comm_complete(rq, &p, &res, resp);
     if (rep) *rep = p.report;
     kvm_gen_result_free(&res);
@@ -69,6 +70,11 @@ static int run_agent(kvm_comm_request_t *rq, kvm_template_t *t, kvm_binding_t *b
     return rc;
 }
 
+#ifdef KVM_COMM_INTERNAL_H /* (it reads the request's context) */
+static int run_agent(kvm_comm_request_t *rq, kvm_template_t *t, kvm_binding_t *b, int nb, kvm_kv_policy_t pol,
+                     kvm_comm_report_t *rep, kvm_segment_t **resp, int max_tokens) {
+    return run_agent_on(kvm_comm_model(rq->c), rq, t, b, nb, pol, rep, resp, max_tokens);
+}
 #endif
 
 #endif

@@ -149,6 +149,10 @@ int comm_anchor_add_delta(const comm_geom_t *g, comm_anchor_t *a, const char *co
  * staged anchor if needed */
 int comm_materialize(kvm_comm_request_t *rq, comm_sample_t *s, const char *consumer, uint64_t thash,
                      const float *real_ph, const float *real_pf, const float *P, int S);
+/* Puts anchor a (one reference, moved to the pool) into pool p, evicting first so that p holds at most V anchors
+ * (§3.9) and the anchor budget holds; a->insert_seq 0 = the next of c (else kept: anchors loaded from a state
+ * file). Mirrors a into backend memory. 0 or KVM_ENOMEM (then a still belongs to the caller). */
+int comm_pool_insert(kvm_comm_t *c, comm_pool_t *p, comm_anchor_t *a);
 /* commit at request end (§2.4 visibility, §3.9 eviction) */
 int comm_commit(kvm_comm_request_t *rq);
 void comm_request_free_state(kvm_comm_request_t *rq);

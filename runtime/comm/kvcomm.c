@@ -323,31 +323,39 @@ static void pool_evict_one(kvm_comm_t *c, comm_pool_t *p, const comm_anchor_t *k
     comm_anchor_unref(c, a);
 }
 
+int comm_pool_insert(kvm_comm_t *c, comm_pool_t *p, comm_anchor_t *a) {
+    const int V = c->cfg.max_anchors > 0 ? c->cfg.max_anchors : 1;
+    if (c->cfg.pool_bound == KVM_KVCOMM_POOL_REFERENCE) {
+        for (int k = 0; k < (a->n_deltas ? a->n_deltas : 1); k++)
+            if (p->n > V) pool_evict_one(c, p, NULL);
+    } else {
+        while (p->n >= V) pool_evict_one(c, p, NULL);
+    }
+    if (comm_reserve(&p->a, &p->cap, p->n, sizeof *p->a)) return KVM_ENOMEM;
+    if (!a->insert_seq) a->insert_seq = ++c->insert_seq;
+    else if (a->insert_seq > c->insert_seq) c->insert_seq = a->insert_seq;
+    a->bytes = comm_anchor_bytes(&c->g, a);
+    p->a[p->n++] = a; /* the caller's reference moves to the pool */
+    if (!c->kvcomm_off[0] && comm_dev_anchor_sync(c, a)) KVM_LOGW("kvcomm: the backend mirror of an anchor failed: %s", kvm_errmsg());
+    c->anchor_bytes += a->bytes;
+    while (c->cfg.anchor_budget_bytes && c->anchor_bytes > c->cfg.anchor_budget_bytes && p->n > 1)
+        pool_evict_one(c, p, a);
+    return 0;
+}
+
 int comm_commit(kvm_comm_request_t *rq) {
     kvm_comm_t *c = rq->c;
-    const int V = c->cfg.max_anchors > 0 ? c->cfg.max_anchors : 1;
     for (int i = 0; i < rq->n_bumps; i++) rq->bumps[i].a->activation += rq->bumps[i].count;
     for (int i = 0; i < rq->n_staged; i++) {
         comm_anchor_t *a = rq->staged[i];
         comm_pool_t *p = comm_pool_get(c, rq->staged_pool[i], true);
         if (!p) return KVM_ENOMEM;
-        if (c->cfg.pool_bound == KVM_KVCOMM_POOL_REFERENCE) {
-            for (int k = 0; k < (a->n_deltas ? a->n_deltas : 1); k++)
-                if (p->n > V) pool_evict_one(c, p, NULL);
-        } else if (p->n >= V) {
-            pool_evict_one(c, p, NULL);
-        }
-        if (comm_reserve(&p->a, &p->cap, p->n, sizeof *p->a)) return KVM_ENOMEM;
-        a->insert_seq = ++c->insert_seq;
-        a->bytes = comm_anchor_bytes(&c->g, a);
-        p->a[p->n++] = a; /* the staged reference moves to the pool */
-        if (!c->kvcomm_off[0] && comm_dev_anchor_sync(c, a)) KVM_LOGW("kvcomm: the backend mirror of an anchor failed: %s", kvm_errmsg());
+        a->insert_seq = 0; /* the next of this context */
+        int rc = comm_pool_insert(c, p, a);
+        if (rc) return rc;
         rq->staged[i] = NULL;
         p->created++;
         c->st.anchors_created++;
-        c->anchor_bytes += a->bytes;
-        while (c->cfg.anchor_budget_bytes && c->anchor_bytes > c->cfg.anchor_budget_bytes && p->n > 1)
-            pool_evict_one(c, p, a);
     }
     return 0;
 }

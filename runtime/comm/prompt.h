@@ -33,6 +33,12 @@
 
 kvm_kv_store_t *kvm_comm_store(kvm_comm_t *c);
 kvm_model_t *kvm_comm_model(kvm_comm_t *c);
+/* The name of c's anchor file in a state folder: "anchors-<model>-<fingerprint>.kva", the fingerprint covering the
+ * model, its weight files, the backend and the KV dtype (comm_state.c), so that a folder holds one file per
+ * (model, backend) that wrote into it. */
+void kvm_comm_anchors_file_name(const kvm_comm_t *c, char *buf, size_t cap);
+/* Anchors held, over every pool. */
+int kvm_comm_n_anchors(const kvm_comm_t *c);
 
 /* Parses template text in the one grammar of template_parse.h ("Task: {input}\nPlan:\n{agent.planner}\n...")
  * into pieces with KVCOMM names: {input} -> input, {input.k} -> state:input.k, {agent.x} -> agent:x:current,

@@ -27,6 +27,8 @@ bool kvm_file_exists(const char *path);
 bool kvm_dir_exists(const char *path);
 /* Joins dir and name into buf (always NUL-terminated); returns KVM_ERANGE if it did not fit. */
 int kvm_path_join(char *buf, size_t cap, const char *dir, const char *name);
+/* mkdir -p: creates every missing component of path (mode 0755); KVM_EIO naming the component that failed. */
+int kvm_mkdirs(const char *path);
 
 /* ---- counted allocation --------------------------------------------------------------------- */
 

@@ -37,24 +37,6 @@ void kvm_trace_new_id(char out[KVM_TRACE_ID_HEX]) {
 
 /* ---- writer ----------------------------------------------------------------------------------- */
 
-/* mkdir -p: creates every missing component of path (mode 0755). */
-static int mkdirs(const char *path) {
-    char buf[4096];
-    size_t n = strlen(path);
-    if (n == 0 || n >= sizeof buf) return kvm_seterr(KVM_EINVAL, "trace: bad directory path '%s'", path);
-    memcpy(buf, path, n + 1);
-    for (size_t i = 1; i <= n; i++) {
-        if (buf[i] == '/' || buf[i] == '\0') {
-            char c = buf[i];
-            buf[i] = '\0';
-            if (mkdir(buf, 0755) != 0 && errno != EEXIST)
-                return kvm_seterr(KVM_EIO, "trace: cannot create directory '%s': %s", buf, strerror(errno));
-            buf[i] = c;
-        }
-    }
-    return 0;
-}
-
 kvm_trace_t *kvm_trace_open(const char *root, const char *name) {
     if (!root || !name || !*name) {
         kvm_seterr(KVM_EINVAL, "trace: root and run name are required");
@@ -62,7 +44,7 @@ kvm_trace_t *kvm_trace_open(const char *root, const char *name) {
     }
     char dir[4096], path[4096];
     if (kvm_path_join(dir, sizeof dir, root, name) != 0) return NULL;
-    if (mkdirs(dir) != 0) return NULL;
+    if (kvm_mkdirs(dir) != 0) return NULL;
     if (kvm_path_join(path, sizeof path, dir, "events.jsonl") != 0) return NULL;
     kvm_trace_t *t = kvm_calloc(1, sizeof *t);
     if (!t) return NULL;
