@@ -1,4 +1,4 @@
-/* cmd_trace.c - `kvmesh trace ls|show|steps|replay`: a debugger for run traces (docs/trace-format.md) on
+/* cmd_trace.c - `kvmesh trace ls|show|steps|diff|replay`: a debugger for run traces (docs/trace-format.md) on
  * include/kvmesh.h. It parses arguments and prints: the views are the library's (kvm_trace_view_*), the replay
  * is kvm_trace_replay on a runtime made from the CLI's settings. */
 #include <stdio.h>
@@ -15,6 +15,9 @@ static void usage(FILE *f) {
                "       kvmesh trace show RUN_DIR...        a run: header, steps (who, tokens, reuse, timings), edges, result\n"
                "       kvmesh trace steps RUN_DIR [--step N] [--full]\n"
                "                                           what each agent saw (pieces, placeholders) and said, and its KV\n"
+               "       kvmesh trace diff RUN_A RUN_B        two runs step by step (e.g. dense and kvcomm of one seed): how each\n"
+               "                                           step got its KV, which outputs differ, where the runs first part;\n"
+               "                                           exit status 1 when an output differs\n"
                "       kvmesh trace replay RUN_DIR [--model PATH | --mock]\n"
                "                                           re-run the recorded script with the recorded inputs, seed and\n"
                "                                           switches; compare every agent's output with the trace\n\n"
@@ -103,8 +106,18 @@ int cmd_trace(int argc, char **argv) {
         }
         return rc;
     }
+    if (!strcmp(sub, "diff")) {
+        if (argc != 4) {
+            fprintf(stderr, "kvmesh trace diff: give two run directories (kvmesh trace --help)\n");
+            return 2;
+        }
+        char *text = NULL;
+        int n = kvm_trace_view_diff(argv[2], argv[3], &text);
+        if (print_view("trace diff", n, text)) return 2;
+        return n > 0 ? 1 : 0;
+    }
     if (strcmp(sub, "steps") != 0 && strcmp(sub, "replay") != 0) {
-        fprintf(stderr, "kvmesh trace: unknown subcommand '%s' (ls, show, steps, replay)\n", sub);
+        fprintf(stderr, "kvmesh trace: unknown subcommand '%s' (ls, show, steps, diff, replay)\n", sub);
         return 2;
     }
     dir_args_t a = parse_dir_args(argc, argv);

@@ -467,6 +467,13 @@ int kvm_trace_view_run(const char *run_dir, char **text);
  * batch, and what it said; a func / tool node's returned value; errors with their traceback. params NULL =
  * the defaults. 0 or KVM_E*. */
 int kvm_trace_view_steps(const char *run_dir, const kvm_trace_view_params_t *params, char **text);
+/* Two runs side by side (e.g. dense and kvcomm of the same seed): steps aligned by node and occurrence (the k-th
+ * time a node ran in one run against the k-th in the other), one line each with how each side obtained its KV and
+ * whether the output is the same ("same"; "same*" from another prompt; "OUTPUT": the same prompt, another output;
+ * "INPUT": another prompt and output; "only in A|B"), the first divergence (the first step, in A's order, whose
+ * output differs under the same prompt: where the runs part) and whether the outputs differ. Returns the number
+ * of steps whose output differs (0 = the runs agree), or <0 (KVM_E*: a run unreadable). */
+int kvm_trace_view_diff(const char *run_a, const char *run_b, char **text);
 
 /* ---- replay -------------------------------------------------------------------------------------------- */
 

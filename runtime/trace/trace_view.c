@@ -8,6 +8,8 @@
 #include <string.h>
 #include <time.h>
 
+#include <cjson/cJSON.h>
+
 #include "../core/core.h"
 #include "../core/sb.h"
 #include "trace.h"
@@ -218,13 +220,55 @@ static void step_seen(view_t *v, const kvm_trace_step_t *st, size_t cut) {
     }
 }
 
+/* The fields of a decision object other than those already printed, as key=value (numbers, booleans, strings);
+ * zeros and false left out. */
+static void decision_fields(view_t *v, const cJSON *o, const char *const *skip, int n_skip) {
+    for (const cJSON *f = o ? o->child : NULL; f; f = f->next) {
+        bool skipped = false;
+        for (int i = 0; i < n_skip; i++) skipped |= !strcmp(f->string, skip[i]);
+        if (skipped || cJSON_IsFalse(f) || (cJSON_IsNumber(f) && f->valuedouble == 0)) continue;
+        if (cJSON_IsTrue(f)) put(v, " %s", f->string);
+        else if (cJSON_IsNumber(f)) put(v, " %s=%g", f->string, f->valuedouble);
+        else if (cJSON_IsString(f) && strspn(f->valuestring, "0") != strlen(f->valuestring)) put(v, " %s=%s", f->string, f->valuestring);
+    }
+}
+
+/* runtime/comm's reuse decisions (a JSON object the trace carries as it is), one line per placeholder: what it
+ * held, where, what was decided and the figures behind it. The raw JSON too with --full, or when it is not an
+ * object of the expected shape. */
+static void step_decisions(view_t *v, const char *json, bool full) {
+    cJSON *d = cJSON_Parse(json);
+    const cJSON *rep = cJSON_GetObjectItemCaseSensitive(d, "report");
+    const cJSON *phs = cJSON_GetObjectItemCaseSensitive(rep, "placeholders");
+    if (cJSON_IsObject(rep)) {
+        const cJSON *pol = cJSON_GetObjectItemCaseSensitive(d, "policy"), *mode = cJSON_GetObjectItemCaseSensitive(rep, "mode");
+        put(v, "  reuse decisions: policy %s, mode %s;", cJSON_IsString(pol) ? pol->valuestring : "?",
+            cJSON_IsString(mode) ? mode->valuestring : "?");
+        static const char *const rskip[] = {"policy", "mode", "placeholders", "input_tokens", "exact", "offset", "naive", "recomputed", "fused"};
+        decision_fields(v, rep, rskip, 9);
+        put(v, "\n");
+    }
+    const cJSON *ph, *list = cJSON_IsArray(phs) ? phs : NULL;
+    cJSON_ArrayForEach(ph, list) {
+        const cJSON *name = cJSON_GetObjectItemCaseSensitive(ph, "name"), *dec = cJSON_GetObjectItemCaseSensitive(ph, "decision");
+        const cJSON *tok = cJSON_GetObjectItemCaseSensitive(ph, "tokens"), *at = cJSON_GetObjectItemCaseSensitive(ph, "start");
+        put(v, "    %-24s %4d tokens at %-4d %-12s", cJSON_IsString(name) ? name->valuestring : "?", cJSON_IsNumber(tok) ? tok->valueint : 0,
+            cJSON_IsNumber(at) ? at->valueint : 0, cJSON_IsString(dec) ? dec->valuestring : "?");
+        static const char *const pskip[] = {"name", "decision", "tokens", "start", "segment", "sample"};
+        decision_fields(v, ph, pskip, 6);
+        put(v, "\n");
+    }
+    if (full || !cJSON_IsObject(rep)) put(v, "  reuse decisions (JSON): %s\n", json);
+    cJSON_Delete(d);
+}
+
 static void step_agent(view_t *v, const kvm_trace_step_t *st, size_t cut) {
     step_seen(v, st, cut);
     const kvm_trace_kv_t *kv = &st->kv;
     const kvm_trace_timings_t *tm = &st->timings;
     put(v, "  prompt: %d tokens; KV %s: %d exact, %d offset-corrected, %d naive, %d recomputed, %d fused; anchors %d\n", st->prompt_tokens,
         or_empty(kv->mode), kv->exact, kv->offset, kv->naive, kv->recomputed, kv->fused, kv->anchors);
-    if (kv->decisions_json) put(v, "  reuse decisions: %s\n", kv->decisions_json);
+    if (kv->decisions_json) step_decisions(v, kv->decisions_json, cut == (size_t)-1);
     put(v, "  timings: queue %.1f ms, TTFT %.1f ms, decode %.1f ms (%.1f tok/s); %d forward passes, batch up to %d sequences (mean %.2f)\n",
         tm->queue_ms, tm->ttft_ms, tm->decode_ms, tm->tokens_per_s, st->batch.forwards, st->batch.max_seqs, st->batch.mean_seqs);
     put(v, "  said (%d tokens, stop %s): ", st->output_tokens, or_empty(st->stop));
@@ -284,4 +328,194 @@ int kvm_trace_view_replay(const kvm_replay_t *r, char **text) {
     put(&v, "replay of %s: %d agent outputs the same, %d different; status %s (trace: %s)\n", r->run_id, r->same, r->differ,
         r->status ? kvm_errname(r->status) : "ok", r->trace_ended ? status_word(r->trace_status) : "no run.end");
     return view_end(&v, text);
+}
+
+/* ---- diff ----------------------------------------------------------------------------------------------- */
+
+/* A step's place for alignment: its node and which time this node ran in its run (a node that runs in a loop
+ * or a map is matched occurrence by occurrence, whatever order concurrent nodes were logged in). */
+typedef struct diff_step {
+    const kvm_trace_step_t *st;
+    int occurrence;
+    int match; /* index into the other run's steps, or -1 */
+} diff_step_t;
+
+typedef struct diff_run {
+    kvm_trace_log_t log;
+    const kvm_trace_run_start_t *start;
+    const kvm_trace_run_end_t *end;
+    diff_step_t *steps;
+    int n;
+} diff_run_t;
+
+static const char *step_out(const kvm_trace_step_t *s) { return s->agent ? or_empty(s->output_text) : s->output_json ? s->output_json : "null"; }
+static bool str_same(const char *a, const char *b) { return !strcmp(or_empty(a), or_empty(b)); }
+
+/* JSON values equal as values (an object's keys in any order: a Lua table's order is not its content); text
+ * that is not JSON compared as text. */
+static bool json_same(const char *a, const char *b) {
+    if (str_same(a, b)) return true;
+    cJSON *x = cJSON_Parse(or_empty(a)), *y = x ? cJSON_Parse(or_empty(b)) : NULL;
+    bool same = x && y && cJSON_Compare(x, y, true);
+    cJSON_Delete(x);
+    cJSON_Delete(y);
+    return same;
+}
+
+/* A step's output as the other side's: text for agents, a JSON value for func and tool nodes. */
+static bool out_same(const kvm_trace_step_t *a, const kvm_trace_step_t *b) {
+    if (a->error.code != b->error.code) return false;
+    return a->agent ? str_same(a->output_text, b->output_text) : json_same(step_out(a), step_out(b));
+}
+
+static int diff_load(const char *run_dir, diff_run_t *r) {
+    memset(r, 0, sizeof *r);
+    int rc = read_run("kvm_trace_view_diff", run_dir, &r->log);
+    if (rc) return rc;
+    const kvm_trace_rec_t *st = kvm_trace_log_next(&r->log, KVM_TRACE_RUN_START, NULL);
+    const kvm_trace_rec_t *en = kvm_trace_log_next(&r->log, KVM_TRACE_RUN_END, NULL);
+    r->start = st ? &st->run_start : NULL;
+    r->end = en ? &en->run_end : NULL;
+    r->steps = kvm_calloc((size_t)(r->log.n ? r->log.n : 1), sizeof *r->steps);
+    if (!r->steps) return KVM_ENOMEM;
+    int from = 0;
+    for (const kvm_trace_rec_t *x; (x = kvm_trace_log_next(&r->log, KVM_TRACE_STEP, &from)) != NULL;) {
+        diff_step_t *d = &r->steps[r->n];
+        d->st = &x->step;
+        d->match = -1;
+        for (int k = 0; k < r->n; k++) d->occurrence += str_same(r->steps[k].st->node, x->step.node);
+        r->n++;
+    }
+    return 0;
+}
+
+static void diff_free(diff_run_t *r) {
+    kvm_free(r->steps);
+    kvm_trace_log_free(&r->log);
+}
+
+static void diff_align(diff_run_t *a, diff_run_t *b) {
+    for (int i = 0; i < a->n; i++)
+        for (int k = 0; k < b->n; k++)
+            if (b->steps[k].match < 0 && b->steps[k].occurrence == a->steps[i].occurrence &&
+                str_same(b->steps[k].st->node, a->steps[i].st->node)) {
+                a->steps[i].match = k;
+                b->steps[k].match = i;
+                break;
+            }
+}
+
+/* How a step's prompt KV was obtained, in a few words. */
+static void diff_kv(view_t *v, const kvm_trace_step_t *s) {
+    if (!s->agent) {
+        put(v, "%-22s", s->op ? s->op : "func");
+        return;
+    }
+    char b[64];
+    snprintf(b, sizeof b, "%s %de/%do/%dr", or_empty(s->kv.mode), s->kv.exact, s->kv.offset + s->kv.naive, s->kv.recomputed);
+    put(v, "%-22s", b);
+}
+
+static void diff_header(view_t *v, const char *tag, const char *dir, const diff_run_t *r) {
+    const kvm_trace_run_start_t *s = r->start;
+    put(v, "%s: %s  %s seed %llu kv %s  %s\n", tag, s ? or_empty(s->run_id) : dir, s ? or_empty(s->graph) : "?",
+        s ? (unsigned long long)s->seed : 0ULL, s && s->kv_override ? s->kv_override : "per agent",
+        r->end ? (r->end->error.code ? kvm_errname(r->end->error.code) : "ok") : "no run.end");
+}
+
+/* One aligned pair (b may be NULL: only in A); returns whether it differs, and what: 1 output, 2 prompt. */
+static int diff_pair(view_t *v, const kvm_trace_step_t *a, const kvm_trace_step_t *b, bool a_side) {
+    const kvm_trace_step_t *x = a ? a : b;
+    put(v, "  s%-3d %-16s ", x->superstep, or_empty(x->node));
+    if (!a || !b) {
+        put(v, "only in %s: ", a_side ? "A" : "B");
+        oneline(v, step_out(x), VIEW_CUT_SHOW);
+        put(v, "\n");
+        return 1;
+    }
+    bool same_prompt = str_same(a->prompt_text, b->prompt_text) && a->prompt_tokens == b->prompt_tokens;
+    bool same_out = out_same(a, b);
+    put(v, "%-8s ", same_out ? (same_prompt ? "same" : "same*") : same_prompt ? "OUTPUT" : "INPUT");
+    diff_kv(v, a);
+    put(v, " | ");
+    diff_kv(v, b);
+    put(v, " | ");
+    oneline(v, step_out(a), VIEW_CUT_SHOW / 2);
+    if (!same_out) {
+        put(v, "  vs  ");
+        oneline(v, step_out(b), VIEW_CUT_SHOW / 2);
+    }
+    put(v, "\n");
+    return same_out ? (same_prompt ? 0 : 2) : same_prompt ? 1 : 3;
+}
+
+/* The first step of A (in log order) whose output differs from B's with the same prompt: where the runs part. */
+static void diff_first(view_t *v, const diff_run_t *a, const diff_run_t *b, int first_any) {
+    for (int i = 0; i < a->n; i++) {
+        const diff_step_t *d = &a->steps[i];
+        if (d->match < 0) continue;
+        const kvm_trace_step_t *x = d->st, *y = b->steps[d->match].st;
+        if (!str_same(x->prompt_text, y->prompt_text) || out_same(x, y)) continue;
+        put(v, "\nfirst divergence: super-step %d, node '%s' (A step %d, B step %d): the same prompt, another output.\n",
+            x->superstep, or_empty(x->node), x->idx, y->idx);
+        put(v, "  A (kv ");
+        diff_kv(v, x);
+        put(v, ") said: ");
+        oneline(v, step_out(x), VIEW_CUT);
+        put(v, "\n  B (kv ");
+        diff_kv(v, y);
+        put(v, ") said: ");
+        oneline(v, step_out(y), VIEW_CUT);
+        put(v, "\n  every later difference follows from it or from the inputs (`kvmesh trace steps RUN --step N` shows both)\n");
+        return;
+    }
+    if (first_any >= 0)
+        put(v, "\nfirst difference: A step %d ('%s'); no step with the same prompt answers differently (the inputs, the "
+            "graph's path or a step missing on one side differ)\n", a->steps[first_any].st->idx, or_empty(a->steps[first_any].st->node));
+}
+
+int kvm_trace_view_diff(const char *run_a, const char *run_b, char **text) {
+    *text = NULL;
+    diff_run_t a, b;
+    int rc = diff_load(run_a, &a);
+    if (!rc) rc = diff_load(run_b, &b);
+    else memset(&b, 0, sizeof b);
+    if (rc) {
+        diff_free(&a);
+        diff_free(&b);
+        return rc;
+    }
+    diff_align(&a, &b);
+    view_t v = {KVM_SB_INIT, 0};
+    diff_header(&v, "A", run_a, &a);
+    diff_header(&v, "B", run_b, &b);
+    if (a.start && b.start && !json_same(a.start->inputs_json, b.start->inputs_json)) put(&v, "inputs differ\n");
+    if (a.start && b.start && a.start->source_hash != b.start->source_hash) put(&v, "the workflow scripts differ\n");
+    put(&v, "\n  step node             diff     %-22s | %-22s | output (A  vs  B)\n", "A kv", "B kv");
+    put(&v, "  (kv: mode, then prompt tokens exact / offset-corrected / recomputed)\n");
+    int differ = 0, first_any = -1;
+    for (int i = 0; i < a.n; i++) {
+        const diff_step_t *d = &a.steps[i];
+        int what = diff_pair(&v, d->st, d->match >= 0 ? b.steps[d->match].st : NULL, true);
+        if (what & 1) differ++;
+        if (what && first_any < 0) first_any = i;
+    }
+    for (int k = 0; k < b.n; k++)
+        if (b.steps[k].match < 0) differ += diff_pair(&v, NULL, b.steps[k].st, false) & 1;
+    if (differ || first_any >= 0) diff_first(&v, &a, &b, first_any);
+    const char *oa = a.end ? a.end->outputs_json : NULL, *ob = b.end ? b.end->outputs_json : NULL;
+    bool same = json_same(oa, ob);
+    put(&v, "\nresult: %s\n", same ? "the same outputs" : "the outputs differ");
+    if (!same) {
+        put(&v, "  A: ");
+        oneline(&v, oa ? oa : "(none)", VIEW_CUT);
+        put(&v, "\n  B: ");
+        oneline(&v, ob ? ob : "(none)", VIEW_CUT);
+        put(&v, "\n");
+    }
+    put(&v, "%d of %d aligned steps answer differently (same* = same output from another prompt)\n", differ, a.n > b.n ? a.n : b.n);
+    diff_free(&a);
+    diff_free(&b);
+    rc = view_end(&v, text);
+    return rc ? rc : differ;
 }
