@@ -547,6 +547,48 @@ void kvm_replay_clear(kvm_replay_t *r);
  * both outputs on one line each, cut to 120 bytes) and a summary line. 0, or KVM_ENOMEM. */
 int kvm_trace_view_replay(const kvm_replay_t *r, char **text);
 
+/* ================================================================================================
+ * The daemon: a runtime served over ZeroMQ (docs/protocol.md, `kvmesh serve`)
+ * ================================================================================================ */
+
+typedef struct kvm_server kvm_server_t;
+
+typedef struct kvm_server_params {
+    const char *bind;            /* requests and replies (ROUTER); default "tcp://127.0.0.1:5555"; a port "*" picks
+                                    a free one (kvm_server_endpoint tells which) */
+    const char *events;          /* events (XPUB); default "tcp://127.0.0.1:5556"; NULL = no event socket */
+    bool allow_public;           /* permit a non-loopback tcp:// bind (refused otherwise: no CURVE yet) */
+    size_t max_message_bytes;    /* one request, all frames (default 16 MiB; larger: structured error) */
+    size_t max_source_bytes;     /* a workflow's Lua source (default 1 MiB) */
+    int max_runs;                /* runs going at once, all clients (default 256; more: KVM_EBUSY) */
+    int max_runs_per_client;     /* runs going at once per client (default 16) */
+    int client_timeout_ms;       /* a client with runs going that sends nothing this long loses them (3000) */
+    int idle_client_ms;          /* a client with nothing going is forgotten after this long (60000) */
+    int hwm;                     /* ZeroMQ high-water marks (default 10000) */
+    int client_queue;            /* replies queued for a client whose pipe is full (4096), then KVM_ESLOWCLIENT */
+    int drain_ms;                /* after kvm_server_stop: how long runs going may take to end (30000) */
+    int keep_runs;               /* ended runs remembered for run.status / run.list / trace.get (10000) */
+    bool quiet;                  /* no progress on stderr */
+} kvm_server_params_t;
+
+kvm_server_params_t kvm_server_default_params(void);
+
+/* Binds the sockets and serves rt (not owned; free it after the server). NULL + message on a bad parameter or
+ * endpoint. One thread: create, run and free it on the same one. */
+kvm_server_t *kvm_server_create(kvm_runtime_t *rt, const kvm_server_params_t *params);
+/* Loads a workflow file into the server under name (what run.start names), as workflow.load does with a
+ * source. KVM_EINVAL for a bad or taken name, or the load's error. */
+int kvm_server_load_workflow(kvm_server_t *s, const char *name, const char *path);
+/* The bound address of the requests (events = false) or events socket; "" for none. */
+const char *kvm_server_endpoint(const kvm_server_t *s, bool events);
+/* Serves until kvm_server_stop: requests, runs (kvm_runtime_step between reads), events. Then drains: no new
+ * run starts, runs going get drain_ms to end (the rest are canceled), and it returns 0 (<0: a socket error). */
+int kvm_server_run(kvm_server_t *s);
+/* Asks kvm_server_run to drain and return. Async-signal-safe (a SIGTERM handler calls it). */
+void kvm_server_stop(kvm_server_t *s);
+/* Frees the server and the workflows it loaded (its runs canceled). */
+void kvm_server_free(kvm_server_t *s);
+
 #ifdef __cplusplus
 }
 #endif
