@@ -782,9 +782,9 @@ int kvm_server_run(kvm_server_t *s) {
             for (int i = 0; i < s->n_going; i++) cancel_run(s->going[i], KVM_ECANCELED, "the daemon is stopping");
         int rc = serve_requests(s, s->n_going ? 0 : 50);
         if (rc < 0) return rc;
+        housekeeping(s); /* right after reading: a long engine round does not make clients look silent */
         if (s->n_going > 0 && kvm_runtime_step(s->rt) < 0 && !s->p.quiet)
             fprintf(stderr, "kvmesh serve: engine failure (its runs ended with it): %s\n", kvm_errmsg());
-        housekeeping(s);
     }
     /* the last replies out of the queues, for up to a second */
     for (int i = 0; i < 100; i++) {

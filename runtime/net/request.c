@@ -388,6 +388,12 @@ static int parse_header(const kvm_req_frame_t *frames, int n, const kvm_req_limi
     if (hf->len > lim->max_header) return fail(e, KVM_EPROTO, "", "header: %zu bytes, over the limit of %zu", hf->len, lim->max_header);
     if (hf->len == 0) return fail(e, KVM_EPROTO, "", "header: the header frame is empty");
     const char *txt = hf->data, *end = NULL;
+    /* JSON allows no control byte but \t \n \r, even inside strings; cJSON would skip them as whitespace */
+    for (size_t i = 0; i < hf->len; i++) {
+        unsigned char ch = (unsigned char)txt[i];
+        if (ch < 0x20 && ch != '\t' && ch != '\n' && ch != '\r')
+            return fail(e, KVM_EPROTO, "", "header: control byte 0x%02x at byte %zu", ch, i);
+    }
     kvm_errclear();
     cJSON *h = cJSON_ParseWithLengthOpts(txt, hf->len, &end, 0);
     if (!h) {
