@@ -2,9 +2,11 @@
  * llm.h). A runtime holds one engine (models, their KV stores, schedulers and KVCOMM anchor pools) that
  * every workflow loaded into it borrows, so what the engine learns (anchors, the prefix index) lives
  * across workflows and runs. Run handles are small records owned by their workflow. */
+#include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
 #include <cjson/cJSON.h>
 
@@ -93,7 +95,7 @@ static int runtime_check(const kvm_runtime_params_t *p) {
 static int runtime_keep_strings(kvm_runtime_t *rt) {
     kvm_runtime_params_t *p = &rt->p;
     const char **fields[] = {&p->model.backend, &p->model.tokenizer_path, &p->model.weight_dtype, &p->model.kv_dtype,
-                             &p->trace_root, &p->model_override};
+                             &p->trace_root, &p->model_override, &p->state_dir};
     for (size_t i = 0; i < sizeof fields / sizeof *fields; i++)
         if (keep_str(rt, fields[i])) return KVM_ENOMEM;
     if (p->n_kvcomm > 0) {
@@ -110,6 +112,16 @@ static int runtime_keep_strings(kvm_runtime_t *rt) {
 
 static int on_token(void *ud, uint64_t tag, const char *run_id, const char *agent, int32_t id, const char *text, size_t len);
 
+/* The state folder: made if missing (one level, 0700), must be a folder. Persistence itself is not built. */
+static int state_dir_check(const char *dir) {
+    struct stat st;
+    if (stat(dir, &st) != 0 && (errno != ENOENT || mkdir(dir, 0700) != 0 || stat(dir, &st) != 0))
+        return kvm_seterr(KVM_EIO, "runtime parameter state_dir: %s: %s", dir, strerror(errno));
+    if (!S_ISDIR(st.st_mode)) return kvm_seterr(KVM_EINVAL, "runtime parameter state_dir: %s is not a folder", dir);
+    KVM_LOGW("state_dir %s: persisting KVCOMM anchors is not built yet; nothing is saved there", dir);
+    return 0;
+}
+
 kvm_runtime_t *kvm_runtime_create(const kvm_runtime_params_t *params) {
     const kvm_runtime_params_t def = kvm_runtime_default_params();
     if (!params) params = &def;
@@ -119,6 +131,7 @@ kvm_runtime_t *kvm_runtime_create(const kvm_runtime_params_t *params) {
     rt->p = *params;
     kvm_map_init(&rt->watched, KVM_MAP_STR);
     int rc = runtime_keep_strings(rt);
+    if (!rc && rt->p.state_dir) rc = state_dir_check(rt->p.state_dir);
     if (!rc) {
         wf_llm_opts_t lo = {.model = rt->p.model, .max_rows = rt->p.max_batch_tokens, .max_active = rt->p.max_active,
                             .kv_bytes = rt->p.kv_budget_bytes, .quiet = rt->p.quiet,

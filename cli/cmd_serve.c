@@ -24,6 +24,7 @@ static void usage(FILE *f) {
                "  --kv POLICY           dense | prefix | kvcomm for every agent (default: each agent's own)\n"
                "  --kvcomm K=V          a KVCOMM switch (repeatable; docs/kvcomm.md)\n"
                "  --trace DIR           write each run's trace under DIR (trace.get serves it); default none\n"
+               "  --state DIR           where learned KV state is to persist (runtime state_dir: not saved yet)\n"
                "  --backend B           auto | cpu | cuda (default auto)\n"
                "  --kv-mb N             KV budget per model in MiB\n"
                "  --max-runs N          runs going at once, all clients (default 256)\n"
@@ -65,6 +66,7 @@ static int valued_opt(serve_args_t *a, const char *arg, const char *v) {
     else if (!strcmp(arg, "--model")) a->rp.model_override = v;
     else if (!strcmp(arg, "--kv")) a->kv = v;
     else if (!strcmp(arg, "--trace")) a->rp.trace_root = v;
+    else if (!strcmp(arg, "--state")) a->rp.state_dir = v;
     else if (!strcmp(arg, "--backend")) a->rp.model.backend = v;
     else if (!strcmp(arg, "--kvcomm")) {
         if (a->n_kvcomm < 32) a->kvcomm[a->n_kvcomm++] = v;

@@ -284,6 +284,9 @@ typedef struct kvm_runtime_params {
     double run_lua_ms;            /* Lua CPU time per run, waits for agents excluded (default 5000) */
     bool echo_print;              /* print() in scripts also goes to stderr */
     bool quiet;                   /* no progress on stderr (model loading) */
+    const char *state_dir;        /* where what the runtime learns (KVCOMM anchors) is to persist across processes
+                                     (`kvmesh serve --state DIR`); NULL = nowhere. Made (0700) if missing. Not
+                                     built yet: the folder is checked and a warning says nothing is saved */
 } kvm_runtime_params_t;
 
 kvm_runtime_params_t kvm_runtime_default_params(void);

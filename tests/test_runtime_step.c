@@ -8,6 +8,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include <cmocka.h>
 
@@ -221,6 +223,34 @@ static void test_freeing_a_workflow_with_a_watched_run_going_is_clean(void **st)
     kvm_runtime_free(rt);
 }
 
+static void test_a_state_dir_is_made_and_a_file_is_refused(void **st) {
+    (void)st;
+    char dir[] = "/tmp/kvm_state_XXXXXX";
+    assert_non_null(mkdtemp(dir));
+    char sub[64], file[64];
+    snprintf(sub, sizeof sub, "%s/state", dir);
+    snprintf(file, sizeof file, "%s/file", dir);
+    kvm_runtime_params_t p = kvm_runtime_default_params();
+    p.model_override = "mock:echo";
+    p.state_dir = sub;
+    kvm_runtime_t *rt = kvm_runtime_create(&p);
+    assert_non_null(rt);
+    struct stat sb;
+    assert_int_equal(stat(sub, &sb), 0);
+    assert_true(S_ISDIR(sb.st_mode));
+    kvm_runtime_free(rt);
+    FILE *f = fopen(file, "w");
+    assert_non_null(f);
+    fclose(f);
+    p.state_dir = file;
+    assert_null(kvm_runtime_create(&p));
+    assert_int_equal(kvm_errcode(), KVM_EINVAL);
+    assert_non_null(strstr(kvm_errmsg(), "state_dir"));
+    remove(file);
+    rmdir(sub);
+    rmdir(dir);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_runs_of_two_workflows_go_together_in_runtime_rounds),
@@ -230,6 +260,7 @@ int main(void) {
         cmocka_unit_test(test_an_idle_runtime_step_does_nothing_and_returns_zero),
         cmocka_unit_test(test_driving_one_workflow_loses_no_result_of_another),
         cmocka_unit_test(test_freeing_a_workflow_with_a_watched_run_going_is_clean),
+        cmocka_unit_test(test_a_state_dir_is_made_and_a_file_is_refused),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
