@@ -1,6 +1,7 @@
 /* serve.c - the daemon (include/kvmesh.h kvm_server_*; docs/protocol.md): one runtime, its workflows and runs
  * served to many clients over runtime/net's sockets. Requests are decoded by runtime/net/request.c; this file
  * answers them with the public API (workflows, runs, run events, kvm_runtime_step between socket reads). */
+#include <math.h>
 #include <signal.h>
 #include <stdio.h>
 #include <string.h>
@@ -41,6 +42,7 @@ typedef struct srun {
     cJSON *steps;            /* the figures of each step */
     long in, out, exact, offset, naive, recomputed, fused, anchors, agent_steps, reuse_steps;
     double first_ttft_ms;    /* -1 until the first agent step */
+    double score;            /* g:score of the ended run; NaN = none */
     cJSON *outputs, *state;  /* after the end */
 } srun_t;
 
@@ -196,6 +198,7 @@ static cJSON *run_figures(const srun_t *r, bool with_steps) {
     cJSON_AddNumberToObject(kv, "fused", (double)r->fused);
     cJSON_AddNumberToObject(kv, "anchors", (double)r->anchors);
     cJSON_AddNumberToObject(kv, "reuse_steps", (double)r->reuse_steps);
+    if (!isnan(r->score)) cJSON_AddNumberToObject(o, "score", r->score);
     if (with_steps && r->steps) cJSON_AddItemToObject(o, "steps", cJSON_Duplicate(r->steps, 1));
     return o;
 }
@@ -311,6 +314,8 @@ static void on_run_end(srun_t *r, const kvm_run_event_t *e) {
     r->message = e->message ? kvm_strdup(e->message) : NULL;
     r->outputs = parsed_or_null(kvm_run_outputs_json(e->run));
     r->state = parsed_or_null(kvm_run_state_json(e->run));
+    double sc;
+    if (!e->status && kvm_run_score(e->run, &sc) == 1) r->score = sc; /* the workflow's g:score, if it has one */
     for (int i = 0; i < s->n_going; i++)
         if (s->going[i] == r) s->going[i] = s->going[--s->n_going];
     sclient_t *c = client_of(s, r->peer, r->peer_len, false);
@@ -502,6 +507,7 @@ static srun_t *srun_new(ctx_t *x) {
     r->t0_ns = kvm_now_ns();
     r->deadline_ns = x->q->deadline_ms >= 0 ? r->t0_ns + (uint64_t)x->q->deadline_ms * 1000000u : 0;
     r->first_ttft_ms = -1;
+    r->score = NAN;
     r->steps = cJSON_CreateArray();
     r->workflow = kvm_strdup(x->q->name);
     if (!r->steps || !r->workflow) {

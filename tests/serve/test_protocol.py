@@ -2,10 +2,12 @@
 hello, ping, stats, workflow.load/list/drop, run.start with each stream, run.status/list, trace.get, run.cancel,
 deadline_ms, the event stream (per-topic order, one seq across topics), a silent client losing its run, and
 SIGTERM draining a run going."""
+import os
+import subprocess
 import sys
 import time
 
-from daemon import LONG, PAIR, SLOW, Checks, Daemon, Events, KvmeshError
+from daemon import LONG, PAIR, ROOT, SLOW, Checks, Daemon, Events, KvmeshError
 
 kvmesh, tmp = sys.argv[1], sys.argv[2]
 t = Checks()
@@ -90,6 +92,12 @@ try:
     st = c.run_status(acc["run_id"])
     t.check(st["state"] == "error" and st["code"] == "KVM_ECANCELED", "a client silent past client_timeout_ms loses its run (%s)" % st.get("code"))
     silent.close()
+
+    # the streaming example of examples/clients/python
+    ex = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "clients", "python", "stream.py"), "pair",
+                         "--connect", d.ctl, "--input", "input=streamed words"], capture_output=True, text=True, timeout=120)
+    t.check(ex.returncode == 0 and "[a] " in ex.stdout and "streamed words" in ex.stdout and "done" in ex.stdout,
+            "examples/clients/python/stream.py streams a run's tokens (%r)" % ex.stdout[-200:])
 
     # workflow.drop
     c.workflow_drop("pair")
