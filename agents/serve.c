@@ -24,8 +24,20 @@ typedef struct sclient {
     char name[129];          /* hello.client */
 } sclient_t;
 
+/* One loaded instance of a named workflow. A workflow keeps every run it started until it is freed, so after
+ * recycle_runs runs the server loads a fresh instance for new runs and frees the old one when its last run has
+ * ended (memory and the per-round work stay flat under load). */
+typedef struct swf {
+    kvm_workflow_t *wf;
+    char *name, *path, *source; /* what it was loaded from: a file, or source text */
+    size_t len;
+    int going, started;        /* runs going on this instance; started on it */
+    long total;                /* runs started under the name, over its instances */
+} swf_t;
+
 typedef struct srun {
     struct kvm_server *s;
+    swf_t *inst;             /* the workflow instance it runs on; NULL once that was freed */
     char *run_id, *workflow, *trace_dir;
     kvm_run_t *r;            /* NULL once its workflow was dropped */
     uint8_t peer[PEER_MAX];  /* the client that started it */
@@ -51,7 +63,9 @@ struct kvm_server {
     kvm_server_params_t p;
     kvm_req_limits_t lim;
     kvm_net_t *net;
-    kvm_map_t wfs;           /* name -> kvm_workflow_t * */
+    kvm_map_t wfs;           /* name -> swf_t * (the instance new runs start on) */
+    swf_t **retired;         /* instances replaced by fresh ones, freed when their last run has ended */
+    int n_retired, cap_retired;
     srun_t **runs;           /* every run remembered, oldest first */
     int n_runs, cap_runs;
     srun_t **going;          /* the runs not ended */
@@ -60,7 +74,7 @@ struct kvm_server {
     kvm_map_t clients;       /* peer -> sclient_t * */
     volatile sig_atomic_t stop;
     bool draining;
-    uint64_t t_heartbeat, runs_started, agent_steps, reuse_steps, tokens_in, tokens_exact, tokens_offset,
+    uint64_t t_heartbeat, runs_started, reloads, agent_steps, reuse_steps, tokens_in, tokens_exact, tokens_offset,
         tokens_recomputed, errors_sent, bad_requests;
 };
 
@@ -68,7 +82,8 @@ kvm_server_params_t kvm_server_default_params(void) {
     return (kvm_server_params_t){.bind = "tcp://127.0.0.1:5555", .events = "tcp://127.0.0.1:5556",
                                  .max_message_bytes = 16u << 20, .max_source_bytes = 1u << 20, .max_runs = 256,
                                  .max_runs_per_client = 16, .client_timeout_ms = 3000, .idle_client_ms = 60000,
-                                 .hwm = 10000, .client_queue = 4096, .drain_ms = 30000, .keep_runs = 10000};
+                                 .hwm = 10000, .client_queue = 4096, .drain_ms = 30000, .keep_runs = 10000,
+                                 .recycle_runs = 1000};
 }
 
 static double ms_between(uint64_t a, uint64_t b) { return b > a ? (double)(b - a) / 1e6 : 0.0; }
@@ -320,6 +335,7 @@ static void on_run_end(srun_t *r, const kvm_run_event_t *e) {
         if (s->going[i] == r) s->going[i] = s->going[--s->n_going];
     sclient_t *c = client_of(s, r->peer, r->peer_len, false);
     if (c && c->n_going > 0) c->n_going--;
+    if (r->inst) r->inst->going--; /* a retired instance is freed by housekeeping, not inside the round */
     if (e->status) {
         send_error(s, r->peer, r->peer_len, r->req_id, r->seq++, e->status, "", e->message, -1, run_figures(r, true));
     } else {
@@ -412,75 +428,139 @@ static int on_ping(ctx_t *x) {
     return reply_ok(x, "pong", b);
 }
 
-static cJSON *workflow_info(const char *name, const kvm_workflow_t *wf) {
+static cJSON *workflow_info(const swf_t *w) {
     cJSON *o = cJSON_CreateObject();
-    cJSON_AddStringToObject(o, "name", name);
-    cJSON_AddStringToObject(o, "graph", kvm_workflow_name(wf));
+    cJSON_AddStringToObject(o, "name", w->name);
+    cJSON_AddStringToObject(o, "graph", kvm_workflow_name(w->wf));
     cJSON *ag = cJSON_AddArrayToObject(o, "agents");
-    for (int i = 0; i < kvm_workflow_n_agents(wf); i++) {
+    for (int i = 0; i < kvm_workflow_n_agents(w->wf); i++) {
         kvm_agent_stats_t st;
-        if (kvm_workflow_agent_stats(wf, i, &st)) continue;
+        if (kvm_workflow_agent_stats(w->wf, i, &st)) continue;
         cJSON *a = cJSON_CreateObject();
         cJSON_AddStringToObject(a, "name", st.name ? st.name : "");
         cJSON_AddStringToObject(a, "model", st.model ? st.model : "");
         cJSON_AddStringToObject(a, "kv", st.kv ? st.kv : "");
         cJSON_AddItemToArray(ag, a);
     }
-    cJSON_AddBoolToObject(o, "dataset", kvm_workflow_has_dataset(wf));
-    cJSON_AddBoolToObject(o, "score", kvm_workflow_has_score(wf));
-    cJSON_AddNumberToObject(o, "runs", kvm_workflow_n_runs(wf));
+    cJSON_AddBoolToObject(o, "dataset", kvm_workflow_has_dataset(w->wf));
+    cJSON_AddBoolToObject(o, "score", kvm_workflow_has_score(w->wf));
+    cJSON_AddNumberToObject(o, "runs", (double)w->total);
     return o;
 }
 
-static kvm_workflow_t *workflow_named(const kvm_server_t *s, const char *name) {
+static swf_t *workflow_named(const kvm_server_t *s, const char *name) {
     kvm_mapval_t v;
     return kvm_map_get_str(&s->wfs, name, &v) ? v.ptr : NULL;
+}
+
+/* Frees an instance; the runs remembered on it keep their summaries. */
+static void swf_free(kvm_server_t *s, swf_t *w) {
+    if (!w) return;
+    for (int i = 0; i < s->n_runs; i++)
+        if (s->runs[i]->inst == w) {
+            s->runs[i]->inst = NULL;
+            s->runs[i]->r = NULL;
+        }
+    kvm_workflow_free(w->wf);
+    kvm_free(w->name);
+    kvm_free(w->path);
+    kvm_free(w->source);
+    kvm_free(w);
+}
+
+/* Loads an instance (from a path, or source text); NULL + message. */
+static swf_t *swf_load(kvm_server_t *s, const char *name, const char *path, const char *src, size_t len) {
+    swf_t *w = kvm_calloc(1, sizeof *w);
+    if (!w || !(w->name = kvm_strdup(name)) || (path && !(w->path = kvm_strdup(path))) ||
+        (!path && !(w->source = kvm_strndup(src, len)))) {
+        swf_free(s, w);
+        kvm_seterr(KVM_ENOMEM, "out of memory loading workflow '%s'", name);
+        return NULL;
+    }
+    w->len = len;
+    kvm_errclear();
+    w->wf = path ? kvm_workflow_load(s->rt, path, NULL) : kvm_workflow_load_string(s->rt, name, src, len, NULL);
+    if (!w->wf) {
+        int code = kvm_errcode() ? kvm_errcode() : KVM_EINVAL;
+        char msg[1024];
+        snprintf(msg, sizeof msg, "%s", kvm_errmsg());
+        swf_free(s, w);
+        kvm_seterr(code, "%s", msg);
+        return NULL;
+    }
+    return w;
 }
 
 /* Loads a workflow (from a path, or source text) under name. 0 or the error with its message. */
 static int add_workflow(kvm_server_t *s, const char *name, const char *path, const char *src, size_t len) {
     if (workflow_named(s, name)) return kvm_seterr(KVM_EINVAL, "workflow '%s' is loaded already (drop it first)", name);
-    kvm_errclear();
-    kvm_workflow_t *wf = path ? kvm_workflow_load(s->rt, path, NULL) : kvm_workflow_load_string(s->rt, name, src, len, NULL);
-    if (!wf) return kvm_errcode() ? kvm_errcode() : KVM_EINVAL;
-    if (kvm_map_put_str(&s->wfs, name, KVM_MAPVAL_PTR(wf))) {
-        kvm_workflow_free(wf);
+    swf_t *w = swf_load(s, name, path, src, len);
+    if (!w) return kvm_errcode() ? kvm_errcode() : KVM_EINVAL;
+    if (kvm_map_put_str(&s->wfs, name, KVM_MAPVAL_PTR(w))) {
+        swf_free(s, w);
         return KVM_ENOMEM;
     }
     return 0;
 }
 
+/* After recycle_runs runs on the current instance of w's name: a fresh one for new runs (the old one is freed
+ * when its runs have ended). A failed reload keeps the old instance (and says so). The current instance. */
+static swf_t *recycle(kvm_server_t *s, swf_t *w) {
+    if (s->p.recycle_runs <= 0 || w->started < s->p.recycle_runs) return w;
+    swf_t *n = swf_load(s, w->name, w->path, w->source, w->len);
+    if (!n || push_ptr((void ***)&s->retired, &s->n_retired, &s->cap_retired, w)) {
+        if (!s->p.quiet) fprintf(stderr, "kvmesh serve: reloading workflow '%s' failed (runs go on on the old one): %s\n", w->name, kvm_errmsg());
+        swf_free(s, n);
+        w->started = 0;
+        return w;
+    }
+    n->total = w->total;
+    kvm_map_put_str(&s->wfs, w->name, KVM_MAPVAL_PTR(n)); /* overwrites the entry: no allocation */
+    s->reloads++;
+    return n;
+}
+
+/* Frees the retired instances whose runs have all ended. */
+static void free_retired(kvm_server_t *s) {
+    for (int i = 0; i < s->n_retired;)
+        if (s->retired[i]->going == 0) {
+            swf_free(s, s->retired[i]);
+            s->retired[i] = s->retired[--s->n_retired];
+        } else {
+            i++;
+        }
+}
+
 static int on_wf_load(ctx_t *x) {
     int rc = add_workflow(x->s, x->q->name, NULL, x->q->source, x->q->source_len);
     if (rc) return reply_err(x, rc, rc == KVM_EINVAL && workflow_named(x->s, x->q->name) ? "name" : "source", kvm_errmsg(), -1);
-    return reply_ok(x, "ok", workflow_info(x->q->name, workflow_named(x->s, x->q->name)));
+    return reply_ok(x, "ok", workflow_info(workflow_named(x->s, x->q->name)));
 }
 
 static int on_wf_list(ctx_t *x) {
     cJSON *b = cJSON_CreateObject(), *arr = cJSON_AddArrayToObject(b, "workflows");
     size_t it = 0;
-    for (const kvm_map_entry_t *e; (e = kvm_map_next(&x->s->wfs, &it));) cJSON_AddItemToArray(arr, workflow_info(e->key.str, e->val.ptr));
+    for (const kvm_map_entry_t *e; (e = kvm_map_next(&x->s->wfs, &it));) cJSON_AddItemToArray(arr, workflow_info(e->val.ptr));
     return reply_ok(x, "ok", b);
 }
 
 static int on_wf_drop(ctx_t *x) {
     kvm_server_t *s = x->s;
-    kvm_workflow_t *wf = workflow_named(s, x->q->name);
-    if (!wf) return reply_err(x, KVM_ENOENT, "name", "no workflow of that name", -1);
+    swf_t *w = workflow_named(s, x->q->name);
+    if (!w) return reply_err(x, KVM_ENOENT, "name", "no workflow of that name", -1);
     for (int i = 0; i < s->n_going; i++)
         if (!strcmp(s->going[i]->workflow, x->q->name))
             return reply_err(x, KVM_EBUSY, "name", "the workflow has runs going (cancel them first)", 500);
-    for (int i = 0; i < s->n_runs; i++)
-        if (!strcmp(s->runs[i]->workflow, x->q->name)) s->runs[i]->r = NULL;
     kvm_map_remove_str(&s->wfs, x->q->name, NULL);
-    kvm_workflow_free(wf);
+    free_retired(s);
+    swf_free(s, w);
     cJSON *b = cJSON_CreateObject();
     cJSON_AddStringToObject(b, "name", x->q->name);
     return reply_ok(x, "ok", b);
 }
 
 /* Refusals of a run.start before anything starts: 0 = go. */
-static int run_admit(ctx_t *x, kvm_workflow_t **wf) {
+static int run_admit(ctx_t *x, swf_t **wf) {
     kvm_server_t *s = x->s;
     if (s->draining) return reply_err(x, KVM_EBUSY, "", "the daemon is stopping: no new runs", -1), 1;
     if (!(*wf = workflow_named(s, x->q->name))) return reply_err(x, KVM_ENOENT, "workflow", "no workflow of that name", -1), 1;
@@ -491,7 +571,7 @@ static int run_admit(ctx_t *x, kvm_workflow_t **wf) {
     if (s->n_going >= s->p.max_runs) return reply_err(x, KVM_EBUSY, "", "the daemon runs its maximum of runs", 100), 1;
     if (x->c->n_going >= s->p.max_runs_per_client)
         return reply_err(x, KVM_EBUSY, "", "this client runs its maximum of runs", 100), 1;
-    if (x->q->dataset && !kvm_workflow_has_dataset(*wf))
+    if (x->q->dataset && !kvm_workflow_has_dataset((*wf)->wf))
         return reply_err(x, KVM_EINVAL, "dataset", "the workflow has no g:dataset", -1), 1;
     return 0;
 }
@@ -537,8 +617,9 @@ static int srun_keep(kvm_server_t *s, srun_t *r) {
 
 static int on_run_start(ctx_t *x) {
     kvm_server_t *s = x->s;
-    kvm_workflow_t *wf = NULL;
-    if (run_admit(x, &wf)) return 0;
+    swf_t *w = NULL;
+    if (run_admit(x, &w)) return 0;
+    w = recycle(s, w);
     srun_t *r = srun_new(x);
     char *inputs = x->q->inputs ? cJSON_PrintUnformatted(x->q->inputs) : NULL;
     if (!r || (x->q->inputs && !inputs)) {
@@ -552,7 +633,7 @@ static int on_run_start(ctx_t *x) {
     rp.from_dataset = x->q->dataset;
     rp.on_event = run_event;
     rp.event_ud = r;
-    r->r = kvm_run_start(wf, &rp);
+    r->r = kvm_run_start(w->wf, &rp);
     cJSON_free(inputs);
     if (!r->r) {
         srun_free(r);
@@ -565,6 +646,10 @@ static int on_run_start(ctx_t *x) {
     }
     x->c->n_going++;
     s->runs_started++;
+    r->inst = w;
+    w->going++;
+    w->started++;
+    w->total++;
     cJSON *h = hdr_new("run.accepted", r->req_id, r->seq++);
     cJSON_AddStringToObject(h, "run_id", r->run_id);
     cJSON_AddStringToObject(h, "trace_id", r->run_id);
@@ -657,6 +742,8 @@ static int on_stats(ctx_t *x) {
     cJSON_AddNumberToObject(sv, "runs_going", s->n_going);
     cJSON_AddNumberToObject(sv, "runs_started", (double)s->runs_started);
     cJSON_AddNumberToObject(sv, "runs_kept", s->n_runs);
+    cJSON_AddNumberToObject(sv, "workflow_reloads", (double)s->reloads);
+    cJSON_AddNumberToObject(sv, "workflows_retired", s->n_retired);
     cJSON_AddNumberToObject(sv, "errors_sent", (double)s->errors_sent);
     cJSON_AddNumberToObject(sv, "bad_requests", (double)s->bad_requests);
     cJSON *r = cJSON_AddObjectToObject(b, "reuse");
@@ -731,6 +818,7 @@ static void cancel_run(srun_t *r, int code, const char *msg) {
 /* Cancels asked from inside events, deadlines passed, clients gone silent, idle clients forgotten. */
 static void housekeeping(kvm_server_t *s) {
     uint64_t now = kvm_now_ns();
+    free_retired(s);
     for (int i = 0; i < s->n_going; i++) {
         srun_t *r = s->going[i];
         sclient_t *c = client_of(s, r->peer, r->peer_len, false);
@@ -852,8 +940,10 @@ const char *kvm_server_endpoint(const kvm_server_t *s, bool events) { return s ?
 void kvm_server_free(kvm_server_t *s) {
     if (!s) return;
     size_t it = 0;
-    for (const kvm_map_entry_t *e; (e = kvm_map_next(&s->wfs, &it));) kvm_workflow_free(e->val.ptr);
+    for (const kvm_map_entry_t *e; (e = kvm_map_next(&s->wfs, &it));) swf_free(s, e->val.ptr);
     kvm_map_free(&s->wfs);
+    for (int i = 0; i < s->n_retired; i++) swf_free(s, s->retired[i]);
+    kvm_free(s->retired);
     for (int i = 0; i < s->n_runs; i++) srun_free(s->runs[i]);
     kvm_free(s->runs);
     kvm_free(s->going);

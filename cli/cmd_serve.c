@@ -32,6 +32,7 @@ static void usage(FILE *f) {
                "  --client-timeout-ms N a client with runs going that sends nothing this long loses them (3000)\n"
                "  --max-message-mb N    largest request (default 16)\n"
                "  --drain-ms N          on SIGTERM, how long runs going may take to end (default 30000)\n"
+               "  --recycle-runs N      load a workflow afresh after N runs, freeing the old runs' memory (1000; 0 never)\n"
                "  --allow-public        permit a non-loopback bind (there is no CURVE authentication yet)\n"
                "  -q, --quiet           no progress on stderr\n");
 }
@@ -80,6 +81,8 @@ static int valued_opt(serve_args_t *a, const char *arg, const char *v) {
         if (!(rc = num_opt(v, 0, 86400000, arg, &x))) a->sp.client_timeout_ms = (int)x;
     } else if (!strcmp(arg, "--max-message-mb")) {
         if (!(rc = num_opt(v, 1, 4096, arg, &x))) a->sp.max_message_bytes = (size_t)x << 20;
+    } else if (!strcmp(arg, "--recycle-runs")) {
+        if (!(rc = num_opt(v, 0, 100000000, arg, &x))) a->sp.recycle_runs = (int)x;
     } else if (!strcmp(arg, "--drain-ms")) {
         if (!(rc = num_opt(v, 0, 86400000, arg, &x))) a->sp.drain_ms = (int)x;
     } else return -1;

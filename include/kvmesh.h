@@ -571,6 +571,9 @@ typedef struct kvm_server_params {
     int client_queue;            /* replies queued for a client whose pipe is full (4096), then KVM_ESLOWCLIENT */
     int drain_ms;                /* after kvm_server_stop: how long runs going may take to end (30000) */
     int keep_runs;               /* ended runs remembered for run.status / run.list / trace.get (10000) */
+    int recycle_runs;            /* after this many runs a workflow is loaded afresh for new runs and the old
+                                    instance (which keeps every run it started) freed when its runs end, so that
+                                    memory stays flat (default 1000; 0 = never) */
     bool quiet;                  /* no progress on stderr */
 } kvm_server_params_t;
 

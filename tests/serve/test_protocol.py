@@ -11,7 +11,7 @@ from daemon import LONG, PAIR, ROOT, SLOW, Checks, Daemon, Events, KvmeshError
 
 kvmesh, tmp = sys.argv[1], sys.argv[2]
 t = Checks()
-d = Daemon(kvmesh, "--mock", "--trace", tmp + "/traces", "--client-timeout-ms", "1500")
+d = Daemon(kvmesh, "--mock", "--trace", tmp + "/traces", "--client-timeout-ms", "1500", "--recycle-runs", "3")
 try:
     c = d.client()
     ev = Events(d.events)
@@ -98,6 +98,15 @@ try:
                          "--connect", d.ctl, "--input", "input=streamed words"], capture_output=True, text=True, timeout=120)
     t.check(ex.returncode == 0 and "[a] " in ex.stdout and "streamed words" in ex.stdout and "done" in ex.stdout,
             "examples/clients/python/stream.py streams a run's tokens (%r)" % ex.stdout[-200:])
+
+    # workflow instances recycled every 3 runs: runs go on, the old runs stay queryable, memory is given back
+    more = [c.run_sync("pair", inputs={"input": "recycle %d" % i})["run_id"] for i in range(7)]
+    s = c.stats()["server"]
+    t.check(s["workflow_reloads"] >= 2, "a workflow is loaded afresh every --recycle-runs runs (%d reloads)" % s["workflow_reloads"])
+    st = c.run_status(run_id)
+    t.check(st["state"] == "done" and len(st["steps"]) == 2 and st["outputs"], "a run of a recycled instance keeps its status, steps and outputs")
+    t.check(len(c.trace_get(run_id)) > 2 and len(c.trace_get(more[0])) > 2, "and its trace")
+    t.check([w["runs"] for w in c.workflow_list() if w["name"] == "pair"] == [9], "workflow.list counts the runs over the instances")
 
     # workflow.drop
     c.workflow_drop("pair")
