@@ -21,6 +21,7 @@ static void usage(FILE *f) {
             "  --input KEY=VALUE     a run input (repeatable); {input} in templates is KEY 'input'\n"
             "  --kv MODE             dense | prefix | kvcomm: overrides every agent's KV policy\n"
             "  --trace DIR           trace root (default traces/<yyyy-mm-dd>); --no-trace for none\n"
+            "  --state DIR           where learned KV state is to persist (as kvmesh serve --state; not saved yet)\n"
             "  --n N                 seeded batch evaluation: N runs with inputs from g:dataset(seed)\n"
             "  --seed S              first seed (default 1); run i uses seed S+i\n"
             "  --concurrency C       runs in flight at once in a batch (default 32)\n"
@@ -147,8 +148,8 @@ static int parse_args(int argc, char **argv, run_args_t *a) {
     for (int i = 1; i < argc; i++) {
         const char *arg = argv[i];
         const char *v = i + 1 < argc ? argv[i + 1] : NULL;
-        static const char *const valued[] = {"--input", "--kv", "--trace", "--n", "--seed", "--concurrency", "--model", "--backend",
-                                             "--max-rows", "--kvcomm", "--ablation", "--kv-mb", "--mem-mb", "--instructions", "--lua-ms"};
+        static const char *const valued[] = {"--input", "--kv", "--trace", "--state", "--n", "--seed", "--concurrency", "--model",
+                                             "--backend", "--max-rows", "--kvcomm", "--ablation", "--kv-mb", "--mem-mb", "--instructions", "--lua-ms"};
         bool needs_value = false;
         for (size_t k = 0; k < sizeof valued / sizeof *valued; k++) needs_value |= !strcmp(arg, valued[k]);
         if (needs_value && !v) {
@@ -171,6 +172,7 @@ static int parse_args(int argc, char **argv, run_args_t *a) {
             cJSON_AddStringToObject(a->inputs, key, eq + 1);
         } else if (!strcmp(arg, "--kv")) a->kv = v;
         else if (!strcmp(arg, "--trace")) a->trace_root = v;
+        else if (!strcmp(arg, "--state")) a->rp.state_dir = v;
         else if (!strcmp(arg, "--no-trace")) a->no_trace = true;
         else if (!strcmp(arg, "--n")) a->n = strtol(v, NULL, 10);
         else if (!strcmp(arg, "--seed")) a->seed = strtoull(v, NULL, 10);
