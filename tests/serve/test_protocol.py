@@ -93,6 +93,18 @@ try:
     t.check(st["state"] == "error" and st["code"] == "KVM_ECANCELED", "a client silent past client_timeout_ms loses its run (%s)" % st.get("code"))
     silent.close()
 
+    # a client that goes away mid-stream: its run is canceled at the next message the daemon cannot deliver
+    gone = d.client()
+    gid = gone.start("slow", inputs={"input": "vanishing client"}, stream=["tokens"], id="g-1")
+    acc, _ = next(gone.messages(gid))
+    gone.close()
+    t0 = time.time()
+    while time.time() - t0 < 10 and c.run_status(acc["run_id"])["state"] == "running":
+        time.sleep(0.1)
+    st = c.run_status(acc["run_id"])
+    t.check(st["state"] == "error" and st["code"] == "KVM_ECANCELED" and "gone" in st.get("message", ""),
+            "a client gone mid-stream loses its run (%s: %s)" % (st.get("code"), st.get("message")))
+
     # the streaming example of examples/clients/python
     ex = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "clients", "python", "stream.py"), "pair",
                          "--connect", d.ctl, "--input", "input=streamed words"], capture_output=True, text=True, timeout=120)
