@@ -764,6 +764,7 @@ static int on_stats(ctx_t *x) {
     cJSON_AddNumberToObject(n, "dropped_replies", (double)ns.dropped_replies);
     cJSON_AddNumberToObject(n, "dropped_events", (double)ns.dropped_events);
     cJSON_AddNumberToObject(n, "subscriptions", ns.subscriptions);
+    cJSON_AddNumberToObject(n, "curve_denied", (double)ns.curve_denied);
     char buf[24];
     cJSON_AddStringToObject(n, "next_seq", u64_str(ns.next_seq, buf));
     return reply_ok(x, "ok", b);
@@ -917,7 +918,8 @@ kvm_server_t *kvm_server_create(kvm_runtime_t *rt, const kvm_server_params_t *pa
     kvm_map_init(&s->by_id, KVM_MAP_STR_REF);
     kvm_map_init(&s->clients, KVM_MAP_STR);
     kvm_net_params_t np = {.bind = s->p.bind, .events = s->p.events, .allow_public = s->p.allow_public, .hwm = s->p.hwm,
-                           .client_queue = s->p.client_queue};
+                           .client_queue = s->p.client_queue, .curve_secret_file = s->p.curve_secret_file,
+                           .curve_allow_file = s->p.curve_allow_file};
     s->net = kvm_net_create(&np);
     if (!s->net) {
         kvm_server_free(s);

@@ -33,7 +33,9 @@ static void usage(FILE *f) {
                "  --max-message-mb N    largest request (default 16)\n"
                "  --drain-ms N          on SIGTERM, how long runs going may take to end (default 30000)\n"
                "  --recycle-runs N      load a workflow afresh after N runs, freeing the old runs' memory (1000; 0 never)\n"
-               "  --allow-public        permit a non-loopback bind (there is no CURVE authentication yet)\n"
+               "  --curve-secret FILE   CURVE: the server's secret key (Z85, mode 0600); then public binds are allowed\n"
+               "  --curve-allow FILE    CURVE: the client public keys admitted (Z85, one per line)\n"
+               "  --allow-public        permit a non-loopback bind without CURVE\n"
                "  -q, --quiet           no progress on stderr\n");
 }
 
@@ -68,6 +70,8 @@ static int valued_opt(serve_args_t *a, const char *arg, const char *v) {
     else if (!strcmp(arg, "--kv")) a->kv = v;
     else if (!strcmp(arg, "--trace")) a->rp.trace_root = v;
     else if (!strcmp(arg, "--state")) a->rp.state_dir = v;
+    else if (!strcmp(arg, "--curve-secret")) a->sp.curve_secret_file = v;
+    else if (!strcmp(arg, "--curve-allow")) a->sp.curve_allow_file = v;
     else if (!strcmp(arg, "--backend")) a->rp.model.backend = v;
     else if (!strcmp(arg, "--kvcomm")) {
         if (a->n_kvcomm < 32) a->kvcomm[a->n_kvcomm++] = v;

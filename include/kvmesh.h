@@ -560,7 +560,10 @@ typedef struct kvm_server_params {
     const char *bind;            /* requests and replies (ROUTER); default "tcp://127.0.0.1:5555"; a port "*" picks
                                     a free one (kvm_server_endpoint tells which) */
     const char *events;          /* events (XPUB); default "tcp://127.0.0.1:5556"; NULL = no event socket */
-    bool allow_public;           /* permit a non-loopback tcp:// bind (refused otherwise: no CURVE yet) */
+    bool allow_public;           /* permit a non-loopback tcp:// bind without CURVE (refused otherwise) */
+    const char *curve_secret_file; /* CURVE: the server's secret key (40 Z85 characters, file mode 0600); NULL =
+                                    no CURVE. Then a non-loopback bind is allowed */
+    const char *curve_allow_file;  /* CURVE: the client public keys admitted (Z85, one per line, '#' comments) */
     size_t max_message_bytes;    /* one request, all frames (default 16 MiB; larger: structured error) */
     size_t max_source_bytes;     /* a workflow's Lua source (default 1 MiB) */
     int max_runs;                /* runs going at once, all clients (default 256; more: KVM_EBUSY) */

@@ -2,7 +2,9 @@
 #include "net.h"
 
 #include <errno.h>
+#include <stdio.h>
 #include <string.h>
+#include <sys/stat.h>
 
 #include <zmq.h>
 
@@ -20,8 +22,12 @@ typedef struct qmsg {
     bool has_payload;
 } qmsg_t;
 
+#define MAX_KEYS 1024
+
 struct kvm_net {
-    void *ctx, *router, *pub;
+    void *ctx, *router, *pub, *zap;
+    char (*keys)[41];        /* CURVE allow-list, Z85 */
+    int n_keys;
     kvm_net_params_t p;
     char ep[2][256];
     zmq_msg_t parts[KVM_NET_MAX_FRAMES + 1]; /* [0] the peer, then the frames */
@@ -59,12 +65,102 @@ static int common_opts(kvm_net_t *n, void *s) {
 
 static int bind_one(kvm_net_t *n, void *s, const char *ep, int which) {
     if (!n->p.allow_public && !local_endpoint(ep))
-        return kvm_seterr(KVM_EINVAL, "%s: not a loopback or ipc endpoint; a public bind needs CURVE, which this build does not "
-                                      "have (allow it explicitly to bind anyway)", ep);
+        return kvm_seterr(KVM_EINVAL, "%s: not a loopback or ipc endpoint; a public bind needs CURVE (a secret key and an "
+                                      "allow-list of client keys) or allow_public", ep);
     if (zmq_bind(s, ep)) return kvm_seterr(KVM_EIO, "zmq: cannot bind %s: %s", ep, zmq_strerror(zmq_errno()));
     size_t len = sizeof n->ep[which];
     if (zmq_getsockopt(s, ZMQ_LAST_ENDPOINT, n->ep[which], &len)) return zerr("ZMQ_LAST_ENDPOINT");
     return 0;
+}
+
+/* Reads the Z85 key of 40 characters that starts a file; the file must not be readable by others. */
+static int read_secret(const char *path, char key[41]) {
+    struct stat st;
+    if (stat(path, &st) != 0) return kvm_seterr(KVM_EIO, "CURVE secret key %s: %s", path, strerror(errno));
+    if (st.st_mode & 077) return kvm_seterr(KVM_EINVAL, "CURVE secret key %s: readable by others (chmod 600 it)", path);
+    FILE *f = fopen(path, "r");
+    size_t n = f ? fread(key, 1, 40, f) : 0;
+    if (f) fclose(f);
+    key[40] = '\0';
+    if (n != 40) return kvm_seterr(KVM_EINVAL, "CURVE secret key %s: not 40 Z85 characters", path);
+    return 0;
+}
+
+/* The allow-list: one Z85 public key (40 characters) per line, '#' comments and blank lines skipped. */
+static int read_allow(kvm_net_t *n, const char *path) {
+    FILE *f = fopen(path, "r");
+    if (!f) return kvm_seterr(KVM_EIO, "CURVE allow-list %s: %s", path, strerror(errno));
+    n->keys = kvm_calloc(MAX_KEYS, sizeof *n->keys);
+    char line[256];
+    int rc = n->keys ? 0 : KVM_ENOMEM, ln = 0;
+    while (!rc && fgets(line, sizeof line, f)) {
+        ln++;
+        size_t len = strcspn(line, "\r\n");
+        line[len] = '\0';
+        if (len == 0 || line[0] == '#') continue;
+        uint8_t bin[32];
+        if (len != 40 || !zmq_z85_decode(bin, line)) rc = kvm_seterr(KVM_EINVAL, "%s:%d: not a Z85 public key", path, ln);
+        else if (n->n_keys == MAX_KEYS) rc = kvm_seterr(KVM_ERANGE, "%s: more than %d keys", path, MAX_KEYS);
+        else memcpy(n->keys[n->n_keys++], line, 41);
+    }
+    fclose(f);
+    return rc;
+}
+
+/* CURVE on a server socket: the secret key, the server role and the ZAP domain. */
+static int curve_opts(kvm_net_t *n, void *s, const char *secret) {
+    int one = 1;
+    if (zmq_setsockopt(s, ZMQ_CURVE_SERVER, &one, sizeof one) || zmq_setsockopt(s, ZMQ_CURVE_SECRETKEY, secret, 40) ||
+        zmq_setsockopt(s, ZMQ_ZAP_DOMAIN, "kvmesh", 6))
+        return zerr("CURVE options");
+    return 0;
+}
+
+/* Loads the keys and binds the ZAP handler (before any CURVE socket binds). */
+static int curve_setup(kvm_net_t *n, char secret[41]) {
+    if (!zmq_has("curve")) return kvm_seterr(KVM_EUNSUPPORTED, "this libzmq has no CURVE");
+    if (!n->p.curve_allow_file) return kvm_seterr(KVM_EINVAL, "CURVE needs an allow-list of client keys");
+    int rc = read_secret(n->p.curve_secret_file, secret);
+    if (!rc) rc = read_allow(n, n->p.curve_allow_file);
+    if (!rc && !(n->zap = zmq_socket(n->ctx, ZMQ_REP))) rc = zerr("ZAP socket");
+    if (!rc && zmq_bind(n->zap, "inproc://zeromq.zap.01")) rc = zerr("bind inproc://zeromq.zap.01");
+    return rc;
+}
+
+/* Answers the ZAP requests waiting: 200 for a CURVE client whose key is allowed, 400 otherwise. */
+static void serve_zap(kvm_net_t *n) {
+    for (;;) {
+        zmq_msg_t part[7];
+        int np = 0, more = 1;
+        while (more) {
+            zmq_msg_t tmp, *m = np < 7 ? &part[np] : &tmp;
+            zmq_msg_init(m);
+            if (zmq_msg_recv(m, n->zap, ZMQ_DONTWAIT) < 0) {
+                zmq_msg_close(m);
+                for (int i = 0; i < np; i++) zmq_msg_close(&part[i]);
+                return;
+            }
+            more = zmq_msg_more(m);
+            if (m == &tmp) zmq_msg_close(m);
+            else np++;
+        }
+        bool ok = false;
+        if (np == 7 && zmq_msg_size(&part[5]) == 5 && !memcmp(zmq_msg_data(&part[5]), "CURVE", 5) && zmq_msg_size(&part[6]) == 32) {
+            char z85[41];
+            zmq_z85_encode(z85, zmq_msg_data(&part[6]), 32);
+            for (int i = 0; i < n->n_keys && !ok; i++) ok = !strcmp(n->keys[i], z85);
+        }
+        if (!ok) n->st.curve_denied++;
+        const char *id = np > 1 ? zmq_msg_data(&part[1]) : "";
+        size_t idlen = np > 1 ? zmq_msg_size(&part[1]) : 0;
+        zmq_send(n->zap, "1.0", 3, ZMQ_SNDMORE);
+        zmq_send(n->zap, id, idlen, ZMQ_SNDMORE);
+        zmq_send(n->zap, ok ? "200" : "400", 3, ZMQ_SNDMORE);
+        zmq_send(n->zap, ok ? "OK" : "key not allowed", ok ? 2 : 15, ZMQ_SNDMORE);
+        zmq_send(n->zap, "", 0, ZMQ_SNDMORE);
+        zmq_send(n->zap, "", 0, 0);
+        for (int i = 0; i < np; i++) zmq_msg_close(&part[i]);
+    }
 }
 
 kvm_net_t *kvm_net_create(const kvm_net_params_t *p) {
@@ -80,13 +176,19 @@ kvm_net_t *kvm_net_create(const kvm_net_params_t *p) {
     if (n->p.client_queue <= 0) n->p.client_queue = 4096;
     kvm_map_init(&n->qcount, KVM_MAP_STR);
     int rc = (n->ctx = zmq_ctx_new()) ? 0 : zerr("zmq_ctx_new");
+    char secret[41] = "";
+    bool curve = p->curve_secret_file != NULL;
+    if (!rc && curve) rc = curve_setup(n, secret);
+    if (curve) n->p.allow_public = true; /* authenticated: any address may bind */
     if (!rc && !(n->router = zmq_socket(n->ctx, ZMQ_ROUTER))) rc = zerr("ROUTER socket");
     if (!rc) rc = common_opts(n, n->router);
+    if (!rc && curve) rc = curve_opts(n, n->router, secret);
     if (!rc) rc = set_int(n->router, ZMQ_ROUTER_MANDATORY, 1, "ZMQ_ROUTER_MANDATORY");
     if (!rc) rc = bind_one(n, n->router, p->bind, 0);
     if (!rc && p->events) {
         if (!(n->pub = zmq_socket(n->ctx, ZMQ_XPUB))) rc = zerr("XPUB socket");
         if (!rc) rc = common_opts(n, n->pub);
+        if (!rc && curve) rc = curve_opts(n, n->pub, secret);
         if (!rc) rc = set_int(n->pub, ZMQ_XPUB_NODROP, 1, "ZMQ_XPUB_NODROP");
         if (!rc) rc = bind_one(n, n->pub, p->events, 1);
     }
@@ -119,6 +221,8 @@ void kvm_net_free(kvm_net_t *n) {
     kvm_map_free(&n->qcount);
     if (n->router) zmq_close(n->router);
     if (n->pub) zmq_close(n->pub);
+    if (n->zap) zmq_close(n->zap);
+    kvm_free(n->keys);
     if (n->ctx) zmq_ctx_term(n->ctx);
     kvm_free(n);
 }
@@ -269,10 +373,16 @@ int kvm_net_recv(kvm_net_t *n, int timeout_ms, kvm_net_msg_t *m) {
     memset(m, 0, sizeof *m);
     if (n->qhead) flush_queues(n);
     if (n->pub) read_subscriptions(n);
-    zmq_pollitem_t items[2] = {{n->router, 0, ZMQ_POLLIN, 0}, {n->pub, 0, ZMQ_POLLIN, 0}};
-    int rc = zmq_poll(items, n->pub ? 2 : 1, n->qhead && timeout_ms > 10 ? 10 : timeout_ms);
+    if (n->zap) serve_zap(n);
+    /* only sockets: an item with a NULL socket would poll its fd (0, stdin) */
+    zmq_pollitem_t items[3] = {{n->router, 0, ZMQ_POLLIN, 0}};
+    int ni = 1, ipub = -1, izap = -1;
+    if (n->pub) items[ipub = ni++] = (zmq_pollitem_t){n->pub, 0, ZMQ_POLLIN, 0};
+    if (n->zap) items[izap = ni++] = (zmq_pollitem_t){n->zap, 0, ZMQ_POLLIN, 0};
+    int rc = zmq_poll(items, ni, n->qhead && timeout_ms > 10 ? 10 : timeout_ms);
     if (rc < 0) return zmq_errno() == EINTR ? 0 : zerr("poll");
-    if (n->pub && (items[1].revents & ZMQ_POLLIN)) read_subscriptions(n);
+    if (ipub >= 0 && (items[ipub].revents & ZMQ_POLLIN)) read_subscriptions(n);
+    if (izap >= 0 && (items[izap].revents & ZMQ_POLLIN)) serve_zap(n);
     if (!(items[0].revents & ZMQ_POLLIN)) return 0;
     return read_message(n, m);
 }

@@ -20,10 +20,15 @@ typedef struct kvm_net kvm_net_t;
 typedef struct kvm_net_params {
     const char *bind;        /* the ROUTER endpoint ("tcp://127.0.0.1:*" picks a free port) */
     const char *events;      /* the XPUB endpoint; NULL = no events */
-    bool allow_public;       /* a non-loopback tcp:// bind is refused unless set (no CURVE yet) */
+    bool allow_public;       /* a non-loopback tcp:// bind without CURVE is refused unless set */
     int hwm;                 /* ZMQ_SNDHWM / ZMQ_RCVHWM (0 = 10000) */
     size_t max_frame;        /* ZMQ_MAXMSGSIZE: a peer sending a larger frame is disconnected (0 = 256 MiB) */
     int client_queue;        /* replies queued per peer whose pipe is full (0 = 4096) */
+    /* CURVE (interfaces.md §3.7): the server's secret key, 40 Z85 characters in a file of mode 0600 (NULL = no
+     * CURVE), and the allow-list of client public keys (Z85, one per line; '#' comments). With CURVE, a ZAP
+     * handler on inproc://zeromq.zap.01 admits only the listed keys, and a public bind is allowed. */
+    const char *curve_secret_file;
+    const char *curve_allow_file;
 } kvm_net_params_t;
 
 /* Binds the sockets. NULL + message (KVM_EINVAL for a public bind without allow_public, KVM_EIO for libzmq). */
@@ -62,6 +67,7 @@ typedef struct kvm_net_stats {
     uint64_t received, sent, queued, dropped_replies, dropped_events, next_seq;
     int subscriptions;       /* subscribe messages seen minus unsubscribes */
     int queued_now;          /* replies waiting in peer queues */
+    uint64_t curve_denied;   /* CURVE handshakes refused (key not in the allow-list) */
 } kvm_net_stats_t;
 
 void kvm_net_stats(const kvm_net_t *n, kvm_net_stats_t *out);

@@ -39,10 +39,14 @@ class KvmeshError(Exception):
 
 
 class Client:
-    def __init__(self, endpoint="tcp://127.0.0.1:5555", timeout_s=60.0, ping_s=1.0, context=None):
+    def __init__(self, endpoint="tcp://127.0.0.1:5555", timeout_s=60.0, ping_s=1.0, context=None, curve=None):
+        """curve: (server_public, client_public, client_secret) Z85 keys for a daemon started with --curve-secret."""
         self.ctx = context or zmq.Context.instance()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.SNDTIMEO, int(timeout_s * 1000))  # a DEALER with no peer blocks on send
+        if curve:
+            self.sock.curve_serverkey, self.sock.curve_publickey, self.sock.curve_secretkey = curve
         self.sock.connect(endpoint)
         self.timeout_s = timeout_s
         self.ping_s = ping_s
@@ -66,7 +70,10 @@ class Client:
 
     def send_frames(self, frames):
         """Sends raw frames after the empty delimiter (tests use it for malformed messages)."""
-        self.sock.send_multipart([b""] + [f if isinstance(f, bytes) else f.encode() for f in frames])
+        try:
+            self.sock.send_multipart([b""] + [f if isinstance(f, bytes) else f.encode() for f in frames])
+        except zmq.Again:
+            raise TimeoutError("cannot send to the daemon (not connected)")
         self._last_send = time.monotonic()
 
     def send(self, type, id=None, payload=None, **fields):
