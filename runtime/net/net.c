@@ -352,7 +352,10 @@ static int read_message(kvm_net_t *n, kvm_net_msg_t *m) {
         zmq_msg_t tmp, *part = n->n_parts <= KVM_NET_MAX_FRAMES ? &n->parts[n->n_parts] : &tmp;
         zmq_msg_init(part);
         if (zmq_msg_recv(part, n->router, ZMQ_DONTWAIT) < 0) {
+            int e = zmq_errno();
             zmq_msg_close(part);
+            /* a poll that said readable may find nothing (a peer gone meanwhile), a signal may interrupt */
+            if (n->n_parts == 0 && (e == EAGAIN || e == EINTR)) return 0;
             return zerr("receive");
         }
         more = zmq_msg_more(part);

@@ -79,6 +79,8 @@ class Daemon:
             self.proc.send_signal(signal.SIGTERM)
         rc = self.proc.wait(timeout_s)
         self.reader.join(5)
+        if rc != 0:  # show why (a sanitizer report, a message)
+            print("daemon exit %d; the end of its stderr:\n%s" % (rc, "".join(self.log[-80:])))
         return rc
 
     def kill(self):

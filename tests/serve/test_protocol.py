@@ -102,7 +102,8 @@ try:
     while time.time() - t0 < 10 and c.run_status(acc["run_id"])["state"] == "running":
         time.sleep(0.1)
     st = c.run_status(acc["run_id"])
-    t.check(st["state"] == "error" and st["code"] == "KVM_ECANCELED" and "gone" in st.get("message", ""),
+    # (which comes first depends on the load: a send failing to the vanished peer, or its silence)
+    t.check(st["state"] == "error" and st["code"] == "KVM_ECANCELED" and ("gone" in st.get("message", "") or "sent nothing" in st.get("message", "")),
             "a client gone mid-stream loses its run (%s: %s)" % (st.get("code"), st.get("message")))
 
     # the streaming example of examples/clients/python
