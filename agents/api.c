@@ -2,13 +2,16 @@
  * llm.h). A runtime holds one engine (models, their KV stores, schedulers and KVCOMM anchor pools) that
  * every workflow loaded into it borrows, so what the engine learns (anchors, the prefix index) lives
  * across workflows and runs. Run handles are small records owned by their workflow. */
+#include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
 #include <cjson/cJSON.h>
 
 #include "../runtime/comm/prompt.h"
+#include "../runtime/core/map.h"
 #include "llm.h"
 #include "wf.h"
 #include "wf_internal.h"
@@ -43,6 +46,9 @@ struct kvm_runtime {
     const char **kvcomm;      /* [n_kvcomm] into strs */
     wf_llm_t *engine;
     int n_workflows;          /* loaded and not yet freed */
+    kvm_workflow_t **wfs;     /* [n_workflows]: the ones loaded, for kvm_runtime_step */
+    uint64_t wf_serial;       /* numbers workflows: the high bits of their engine tags (tag >> WF_TAG_SHIFT) */
+    kvm_map_t watched;        /* run id -> kvm_run_t * of runs with an event callback that have not ended */
     wf_host_fn_t **fns;       /* kvm_runtime_add_function; each entry its own allocation, so that the scripts of
                                  loaded workflows keep valid pointers as more are added */
     int n_fns;
@@ -105,6 +111,19 @@ static int runtime_keep_strings(kvm_runtime_t *rt) {
     return 0;
 }
 
+static int on_token(void *ud, uint64_t tag, const char *run_id, const char *agent, int32_t id, const char *text, size_t len);
+
+/* The state folder (docs/state.md): made if missing (with its parents; the folder itself 0700: it holds what was
+ * learned from the prompts), and it must be a folder. */
+static int state_dir_check(const char *dir) {
+    bool made = !kvm_dir_exists(dir);
+    int rc = made ? kvm_mkdirs(dir) : 0;
+    if (rc) return kvm_errctx(rc, "runtime parameter state_dir");
+    if (!kvm_dir_exists(dir)) return kvm_seterr(KVM_EINVAL, "runtime parameter state_dir: %s is not a folder", dir);
+    if (made) chmod(dir, 0700);
+    return 0;
+}
+
 kvm_runtime_t *kvm_runtime_create(const kvm_runtime_params_t *params) {
     const kvm_runtime_params_t def = kvm_runtime_default_params();
     if (!params) params = &def;
@@ -112,13 +131,15 @@ kvm_runtime_t *kvm_runtime_create(const kvm_runtime_params_t *params) {
     kvm_runtime_t *rt = kvm_calloc(1, sizeof *rt);
     if (!rt) return NULL;
     rt->p = *params;
+    kvm_map_init(&rt->watched, KVM_MAP_STR);
     int rc = runtime_keep_strings(rt);
+    if (!rc && rt->p.state_dir) rc = state_dir_check(rt->p.state_dir);
     if (!rc) {
         wf_llm_opts_t lo = {.model = rt->p.model, .max_rows = rt->p.max_batch_tokens, .max_active = rt->p.max_active,
                             .kv_bytes = rt->p.kv_budget_bytes, .quiet = rt->p.quiet,
-                            .kvcomm_set = rt->kvcomm, .n_kvcomm_set = rt->p.n_kvcomm, .state_dir = rt->p.state_dir};
-        if (rt->p.state_dir && (rc = kvm_mkdirs(rt->p.state_dir))) kvm_errctx(rc, "runtime parameter state_dir");
-        if (!rc && !(rt->engine = wf_llm_create(&lo))) rc = kvm_errcode() ? kvm_errcode() : KVM_ENOMEM;
+                            .kvcomm_set = rt->kvcomm, .n_kvcomm_set = rt->p.n_kvcomm, .state_dir = rt->p.state_dir,
+                            .on_token = on_token, .on_token_ud = rt};
+        if (!(rt->engine = wf_llm_create(&lo))) rc = kvm_errcode() ? kvm_errcode() : KVM_ENOMEM;
     }
     if (rc) {
         if (rc == KVM_ENOMEM) kvm_seterr(rc, "out of memory creating a runtime");
@@ -137,6 +158,8 @@ void kvm_runtime_free(kvm_runtime_t *rt) {
     if (!rt) return;
     KVM_ASSERT(rt->n_workflows == 0); /* free every workflow first */
     wf_llm_free(rt->engine);
+    kvm_free(rt->wfs);
+    kvm_map_free(&rt->watched);
     for (int i = 0; i < rt->n_fns; i++) {
         kvm_free(rt->fns[i]->name);
         kvm_free(rt->fns[i]);
@@ -225,10 +248,18 @@ char *kvm_runtime_stats_json(const kvm_runtime_t *rt) {
 struct kvm_run {
     kvm_workflow_t *wf;
     int idx;
+    kvm_run_event_fn on_event; /* NULL = none */
+    void *event_ud;
+    bool watched;              /* in rt->watched until its end event */
 };
+
+/* Engine tags are (workflow serial << WF_TAG_SHIFT) + the workflow's job number: kvm_runtime_step hands each
+ * result to its workflow. */
+#define WF_TAG_SHIFT 40
 
 struct wf_api {
     kvm_runtime_t *rt;
+    uint64_t serial;
     kvm_workflow_params_t p;
     kvm_run_t **runs;        /* [n_runs] handles, index = run index */
     int n_runs;
@@ -258,12 +289,25 @@ static kvm_run_t *run_handle(kvm_workflow_t *wf, int idx) {
 
 static void on_step(void *ud, const kvm_wf_step_info_t *s) {
     kvm_workflow_t *wf = ud;
-    if (!wf || !wf->api || !wf->api->p.on_step) return;
-    kvm_step_event_t e = {.run = run_handle(wf, s->run), .run_id = s->run_id, .superstep = s->superstep, .node = s->node,
+    if (!wf || !wf->api) return;
+    kvm_run_t *r = run_handle(wf, s->run);
+    if (!wf->api->p.on_step && !(r && r->on_event)) return;
+    kvm_step_event_t e = {.run = r, .run_id = s->run_id, .superstep = s->superstep, .node = s->node,
                           .agent = s->agent, .op = s->op, .status = s->status, .error = s->error,
                           .tokens_in = s->tokens_in, .tokens_out = s->tokens_out, .tokens_reused = s->reused,
-                          .ttft_ms = s->ttft_ms, .decode_ms = s->decode_ms, .text = s->text};
-    wf->api->p.on_step(wf->api->p.ud, &e);
+                          .ttft_ms = s->ttft_ms, .decode_ms = s->decode_ms, .text = s->text, .queue_ms = s->queue_ms};
+    if (s->kv) {
+        e.kv_exact = s->kv->exact;
+        e.kv_offset = s->kv->offset;
+        e.kv_naive = s->kv->naive;
+        e.kv_recomputed = s->kv->recomputed;
+        e.kv_fused = s->kv->fused;
+        e.kv_anchors = s->kv->anchors;
+        e.kv_mode = s->kv->mode;
+    }
+    if (wf->api->p.on_step) wf->api->p.on_step(wf->api->p.ud, &e);
+    if (r && r->on_event) r->on_event(r->event_ud, &(kvm_run_event_t){.kind = KVM_RUN_STEP, .run = r, .run_id = s->run_id,
+                                                                          .agent = s->agent, .step = &e});
 }
 
 /* Whether the runtime's model_override is the mock model. */
@@ -295,9 +339,19 @@ static kvm_workflow_t *workflow_load(kvm_runtime_t *rt, const char *path, const 
         kvm_free(a);
         return NULL;
     }
+    kvm_workflow_t **n = kvm_realloc(rt->wfs, (size_t)(rt->n_workflows + 1) * sizeof *n);
+    if (!n) {
+        kvm_free(a);
+        kvm_wf_free(wf);
+        kvm_seterr(KVM_ENOMEM, "out of memory loading workflow '%s'", path ? path : name);
+        return NULL;
+    }
+    rt->wfs = n;
     wf->o.ud = wf; /* the step callback finds the handles through the workflow */
     wf->api = a;
-    rt->n_workflows++;
+    a->serial = ++rt->wf_serial;
+    wf->job_serial = a->serial << WF_TAG_SHIFT; /* engine tags unique across the runtime's workflows */
+    rt->wfs[rt->n_workflows++] = wf;
     return wf;
 }
 
@@ -322,9 +376,17 @@ void kvm_workflow_free(kvm_workflow_t *wf) {
     if (!wf) return;
     struct wf_api *a = wf->api;
     if (a) {
-        for (int i = 0; i < a->n_runs; i++) kvm_free(a->runs[i]);
+        kvm_runtime_t *rt = a->rt;
+        /* runs still going end canceled (their engine steps stop, their KV and staged anchors go) */
+        for (int i = 0; i < kvm_wf_n_runs(wf); i++)
+            if (kvm_wf_run_status(wf, i, NULL) == KVM_EBUSY) kvm_wf_run_cancel(wf, i, KVM_ECANCELED, "its workflow was freed");
+        for (int i = 0; i < a->n_runs; i++) {
+            if (a->runs[i] && a->runs[i]->watched) kvm_map_remove_str(&rt->watched, kvm_wf_run_id(wf, i), NULL);
+            kvm_free(a->runs[i]);
+        }
         kvm_free(a->runs);
-        a->rt->n_workflows--;
+        for (int i = 0; i < rt->n_workflows; i++)
+            if (rt->wfs[i] == wf) rt->wfs[i] = rt->wfs[--rt->n_workflows];
         kvm_free(a);
         wf->api = NULL;
     }
@@ -334,7 +396,15 @@ void kvm_workflow_free(kvm_workflow_t *wf) {
 const char *kvm_workflow_name(const kvm_workflow_t *wf) { return kvm_wf_name(wf); }
 bool kvm_workflow_has_dataset(const kvm_workflow_t *wf) { return kvm_wf_has_dataset(wf); }
 bool kvm_workflow_has_score(const kvm_workflow_t *wf) { return kvm_wf_has_score(wf); }
-int kvm_workflow_drive(kvm_workflow_t *wf) { return kvm_wf_drive(wf); }
+int kvm_workflow_drive(kvm_workflow_t *wf) {
+    if (!wf || !wf->api) return kvm_seterr(KVM_EINVAL, "kvm_workflow_drive: no workflow");
+    while (kvm_wf_n_active(wf) > 0) {
+        int rc = kvm_runtime_step(wf->api->rt);
+        if (rc < 0) return rc;
+    }
+    lua_gc(wf->L, LUA_GCCOLLECT);
+    return 0;
+}
 int kvm_workflow_n_runs(const kvm_workflow_t *wf) { return kvm_wf_n_runs(wf); }
 kvm_run_t *kvm_workflow_run(kvm_workflow_t *wf, int i) { return run_handle(wf, i); }
 int kvm_workflow_n_agents(const kvm_workflow_t *wf) { return kvm_wf_n_agents(wf); }
@@ -354,6 +424,91 @@ int kvm_workflow_agent_stats(const kvm_workflow_t *wf, int i, kvm_agent_stats_t 
 /* ---- runs ------------------------------------------------------------------------------------------------ */
 
 kvm_run_params_t kvm_run_default_params(void) { return (kvm_run_params_t){.seed = 1}; }
+
+/* ---- the runtime's rounds and run events ---------------------------------------------------------------- */
+
+/* The workflow of engine tag `tag`, or NULL when it was freed meanwhile. */
+static kvm_workflow_t *tag_workflow(const kvm_runtime_t *rt, uint64_t tag) {
+    for (int i = 0; i < rt->n_workflows; i++)
+        if (rt->wfs[i]->api->serial == tag >> WF_TAG_SHIFT) return rt->wfs[i];
+    return NULL;
+}
+
+static kvm_run_t *watched_run(const kvm_runtime_t *rt, const char *run_id) {
+    kvm_mapval_t v;
+    return run_id && kvm_map_get_str(&rt->watched, run_id, &v) ? v.ptr : NULL;
+}
+
+static int on_token(void *ud, uint64_t tag, const char *run_id, const char *agent, int32_t id, const char *text, size_t len) {
+    (void)tag;
+    kvm_run_t *r = watched_run(ud, run_id);
+    if (!r) return 0;
+    r->on_event(r->event_ud, &(kvm_run_event_t){.kind = KVM_RUN_TOKEN, .run = r, .run_id = run_id, .agent = agent,
+                                                .token_id = id, .text = text, .len = len});
+    return 0;
+}
+
+/* Sends the end event of every watched run that has finished, and stops watching it. */
+static void notify_ends(kvm_runtime_t *rt) {
+    size_t it = 0;
+    for (const kvm_map_entry_t *e; (e = kvm_map_next(&rt->watched, &it));) {
+        kvm_run_t *r = e->val.ptr;
+        const char *msg = NULL;
+        int st = kvm_wf_run_status(r->wf, r->idx, &msg);
+        if (st == KVM_EBUSY) continue;
+        r->watched = false;
+        kvm_map_remove_str(&rt->watched, kvm_wf_run_id(r->wf, r->idx), NULL);
+        r->on_event(r->event_ud, &(kvm_run_event_t){.kind = KVM_RUN_END, .run = r, .run_id = kvm_wf_run_id(r->wf, r->idx),
+                                                    .status = st, .message = msg});
+        it = 0; /* removal shifts entries back: start over (ends are few per round) */
+    }
+}
+
+int kvm_runtime_n_active(const kvm_runtime_t *rt) {
+    int n = 0;
+    for (int i = 0; rt && i < rt->n_workflows; i++) n += kvm_wf_n_active(rt->wfs[i]);
+    return n;
+}
+
+/* One engine pass over the model work of every run, its results handed to their workflows; 0 or the engine's
+ * failure (<0; every run going then ended with it). */
+static int engine_round(kvm_runtime_t *rt) {
+    int n = wf_llm_step(rt->engine);
+    if (n < 0) {
+        char msg[512];
+        snprintf(msg, sizeof msg, "engine: %s", kvm_errmsg());
+        for (int i = 0; i < rt->n_workflows; i++) kvm_wf_fail_runs(rt->wfs[i], n, msg);
+        return kvm_seterr(n, "%s", msg);
+    }
+    wf_llm_result_t res;
+    while (wf_llm_take(rt->engine, &res) == 1) {
+        kvm_workflow_t *wf = tag_workflow(rt, res.tag);
+        if (wf) wf_deliver(wf, &res);
+        wf_llm_result_clear(&res);
+    }
+    return 0;
+}
+
+int kvm_runtime_step(kvm_runtime_t *rt) {
+    if (!rt) return kvm_seterr(KVM_EINVAL, "kvm_runtime_step: no runtime");
+    bool progress = false;
+    int active = 0, rc = 0;
+    for (int i = 0; i < rt->n_workflows; i++) active += kvm_wf_advance(rt->wfs[i], &progress);
+    if (wf_llm_pending(rt->engine) > 0) {
+        rc = engine_round(rt);
+        progress = true;
+    }
+    if (active > 0 && !progress)
+        for (int i = 0; i < rt->n_workflows; i++) kvm_wf_fail_stalled(rt->wfs[i]);
+    notify_ends(rt);
+    return rc < 0 ? rc : kvm_runtime_n_active(rt);
+}
+
+int kvm_run_cancel(kvm_run_t *r, int code, const char *message) {
+    if (!r) return kvm_seterr(KVM_EINVAL, "kvm_run_cancel: no run");
+    if (code > 0) return kvm_seterr(KVM_EINVAL, "kvm_run_cancel: code %d is not 0 or a KVM_E* status", code);
+    return kvm_wf_run_cancel(r->wf, r->idx, code, message); /* its end event comes from the next round */
+}
 
 /* Parses inputs_json (NULL = an empty object); the message names the offset of a syntax error. */
 static cJSON *parse_inputs(const char *text) {
@@ -383,7 +538,20 @@ kvm_run_t *kvm_run_start(kvm_workflow_t *wf, const kvm_run_params_t *params) {
     cJSON_Delete(in);
     if (rc) return NULL;
     kvm_run_t *r = run_handle(wf, idx);
-    if (!r) kvm_seterr(KVM_ENOMEM, "out of memory making a run handle");
+    if (!r) {
+        kvm_seterr(KVM_ENOMEM, "out of memory making a run handle");
+        return NULL;
+    }
+    if (params->on_event) {
+        r->on_event = params->on_event;
+        r->event_ud = params->event_ud;
+        if (kvm_map_put_str(&wf->api->rt->watched, kvm_wf_run_id(wf, idx), KVM_MAPVAL_PTR(r)) != 0) {
+            kvm_wf_run_cancel(wf, idx, KVM_ENOMEM, "out of memory watching the run");
+            kvm_seterr(KVM_ENOMEM, "out of memory watching a run for its events");
+            return NULL;
+        }
+        r->watched = true; /* a run that failed at its start ends at the next kvm_runtime_step */
+    }
     return r;
 }
 

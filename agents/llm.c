@@ -35,6 +35,8 @@ typedef struct job {
     char **rq_strs;
     int n_rq_strs;
     bool done;
+    bool canceled;           /* its run ended: stop at the next token (wf_llm_cancel_run) */
+    struct wf_llm *l;        /* the engine, for the token hook */
     struct job *next;
 } job_t;
 
@@ -428,6 +430,14 @@ static int words_to_ids(const kvm_model_t *mm, const char *system, const wf_piec
     return 0;
 }
 
+/* The scheduler's stream of a job's text: to the engine's token hook; a canceled job stops here. */
+static int job_token(void *ud, int32_t id, const char *text, size_t len) {
+    job_t *j = ud;
+    if (j->canceled) return 1;
+    const wf_llm_opts_t *o = &j->l->o;
+    return o->on_token ? o->on_token(o->on_token_ud, j->res.tag, j->req.run_id, j->req.agent, id, text, len) : 0;
+}
+
 static int model_prepare(lmodel_t *m, job_t *j, const wf_llm_req_t *r) {
     uint64_t t0 = kvm_now_ns();
     const char *run = r->run_id ? r->run_id : "";
@@ -549,6 +559,8 @@ static int model_prepare(lmodel_t *m, job_t *j, const wf_llm_req_t *r) {
     sr.gen.n_stop_strings = r->n_stop;
     sr.gen.ignore_eos = r->ignore_eos;
     sr.tag = (uint64_t)(uintptr_t)j;
+    sr.on_token = job_token;
+    sr.on_token_ud = j;
     return kvm_sched_submit(m->sched, &sr);
 }
 
@@ -678,6 +690,7 @@ int wf_llm_submit(wf_llm_t *l, const wf_llm_req_t *r) {
     job_t *j = kvm_calloc(1, sizeof *j);
     if (!j) return KVM_ENOMEM;
     j->model = r->model;
+    j->l = l;
     j->res.tag = r->tag;
     j->t_submit = kvm_now_ns();
     lmodel_t *m = &l->models[r->model];
@@ -775,6 +788,22 @@ int wf_llm_take(wf_llm_t *l, wf_llm_result_t *out) {
 }
 
 int wf_llm_pending(const wf_llm_t *l) { return l ? l->n_jobs : 0; }
+
+int wf_llm_cancel_run(wf_llm_t *l, const char *run_id) {
+    int n = 0;
+    for (job_t *j = l->jobs; j && run_id; j = j->next) {
+        if (j->done || j->canceled || !j->req.run_id || strcmp(j->req.run_id, run_id)) continue;
+        j->canceled = true;
+        n++;
+        if (j->deferred) { /* never reached the scheduler: done now */
+            j->deferred = false;
+            j->done = true;
+            j->res.status = KVM_ECANCELED;
+            j->res.error = kvm_strdup("canceled");
+        }
+    }
+    return n;
+}
 
 void wf_llm_result_clear(wf_llm_result_t *r) {
     if (!r) return;

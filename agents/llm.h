@@ -79,6 +79,11 @@ typedef struct wf_llm_opts {
     int n_kvcomm_set;
     const char *kvcomm_ablation;   /* NULL, or "rotation" | "rotation+ph" | "rotation+pf" | "full" | "dense" */
     const char *state_dir;         /* anchors loaded from here when a model opens, saved here (NULL = none) */
+    /* Called with each piece of a step's output text as it becomes final (from wf_llm_step), with the
+     * step's tag, run and agent; non-zero stops that step (as a stop callback: KVM_STOP_CALLBACK). */
+    int (*on_token)(void *ud, uint64_t tag, const char *run_id, const char *agent, int32_t id, const char *text,
+                    size_t len);
+    void *on_token_ud;
 } wf_llm_opts_t;
 
 /* Creates the engine (no models yet). NULL + message on error; free with wf_llm_free(). */
@@ -107,6 +112,10 @@ int wf_llm_take(wf_llm_t *l, wf_llm_result_t *out);
 /* Steps submitted and not yet taken. */
 int wf_llm_pending(const wf_llm_t *l);
 void wf_llm_result_clear(wf_llm_result_t *r);
+/* Abandons the steps of run_id: one waiting for KV completes now with KVM_ECANCELED; one in the scheduler
+ * stops at its next token (a prompt being prefilled finishes its prefill first) and gives its KV back when
+ * taken. Their results still come out of wf_llm_take. Returns how many steps were canceled. */
+int wf_llm_cancel_run(wf_llm_t *l, const char *run_id);
 /* Ends a run: commits its KVCOMM request (staged anchors) and drops the segments bound for it. */
 int wf_llm_run_end(wf_llm_t *l, const char *run_id);
 /* Forward passes and sequences run so far, over all models. */

@@ -33,6 +33,8 @@ typedef struct kvm_wf_step_info {
     int tokens_in, tokens_out, reused;
     double ttft_ms, decode_ms;
     const char *text;      /* agent output (may be long) */
+    const wf_llm_kv_t *kv; /* agent steps: how the prompt's KV was obtained (NULL for func/tool nodes) */
+    double queue_ms;
 } kvm_wf_step_info_t;
 
 /* A host function bound as kvmesh.<name> (kvm_runtime_add_function, include/kvmesh.h). */
@@ -92,8 +94,22 @@ bool kvm_wf_has_score(const kvm_workflow_t *wf);
 /* Calls g:dataset(seed) and starts a run with its inputs (merged over `extra`, which may be NULL). */
 int kvm_wf_start_seeded(kvm_workflow_t *wf, uint64_t seed, const cJSON *extra, int *run);
 /* Runs every started run to its end. Returns 0 (per-run failures are in the runs), or <0 when the
- * engine itself failed. */
+ * engine itself failed. A loop of kvm_wf_advance and one engine step, for a workflow whose engine no other
+ * workflow drives (a runtime of several workflows steps its shared engine itself: kvm_runtime_step). */
 int kvm_wf_drive(kvm_workflow_t *wf);
+/* The run side of one round: every unfinished run whose super-step is complete ends it and starts the next
+ * (or finishes). Sets *progress when anything changed; returns the number of runs unfinished before. */
+int kvm_wf_advance(kvm_workflow_t *wf, bool *progress);
+/* Runs started and not finished. */
+int kvm_wf_n_active(const kvm_workflow_t *wf);
+/* Ends every unfinished run with code and msg (an engine failure). */
+void kvm_wf_fail_runs(kvm_workflow_t *wf, int code, const char *msg);
+/* Ends every unfinished run as stalled (KVM_EINTERNAL): for a round with no progress and no engine work. */
+void kvm_wf_fail_stalled(kvm_workflow_t *wf);
+/* Ends run `run` now with code (0 = KVM_ECANCELED) and msg: its engine steps in flight are canceled
+ * (wf_llm_cancel_run; their results are ignored when delivered), its staged anchors dropped, its trace
+ * ended. 0; KVM_EINVAL for no such run; KVM_ESTALE when it had finished. */
+int kvm_wf_run_cancel(kvm_workflow_t *wf, int run, int code, const char *msg);
 
 int kvm_wf_n_runs(const kvm_workflow_t *wf);
 /* The run's status: 0 ok, or KVM_E*; *msg (may be NULL) gets the message with file:line + traceback. */

@@ -72,7 +72,8 @@ void wf_agent_step_done(kvm_workflow_t *wf, wf_run_t *r, wf_task_t *t, int ai, c
         kvm_wf_step_info_t si = {.run = r->idx, .run_id = r->id, .superstep = r->superstep, .node = wf->g->nodes[t->node].name,
                                  .agent = a->name, .op = "chat", .status = status, .error = err, .tokens_in = res->n_prompt,
                                  .tokens_out = res->n_out, .reused = res->kv.exact + res->kv.offset + res->kv.naive,
-                                 .ttft_ms = res->ttft_ms, .decode_ms = res->decode_ms, .text = res->text};
+                                 .ttft_ms = res->ttft_ms, .decode_ms = res->decode_ms, .text = res->text, .kv = &res->kv,
+                                 .queue_ms = res->queue_ms};
         wf->o.on_step(wf->o.ud, &si);
     }
     wf_trace_agent_step(wf, r, t, idx, ai, res, status, err, via_call);
@@ -525,29 +526,63 @@ int kvm_wf_run_score(kvm_workflow_t *wf, int run, double *score) {
     return 1;
 }
 
+int kvm_wf_advance(kvm_workflow_t *wf, bool *progress) {
+    int active = 0;
+    for (int i = 0; i < wf->n_runs; i++) {
+        wf_run_t *r = wf->runs[i];
+        if (r->finished) continue;
+        if (r->need_end) {
+            end_superstep(wf, r);
+            *progress = true;
+        }
+        if (!r->finished && r->n_open == 0 && !r->need_end) {
+            start_superstep(wf, r);
+            *progress = true;
+        }
+        active++;
+    }
+    return active;
+}
+
+int kvm_wf_n_active(const kvm_workflow_t *wf) {
+    int n = 0;
+    for (int i = 0; i < wf->n_runs; i++) n += !wf->runs[i]->finished;
+    return n;
+}
+
+void kvm_wf_fail_runs(kvm_workflow_t *wf, int code, const char *msg) {
+    for (int i = 0; i < wf->n_runs; i++) finish_run(wf, wf->runs[i], code, xstrdup(msg));
+}
+
+void kvm_wf_fail_stalled(kvm_workflow_t *wf) {
+    for (int i = 0; i < wf->n_runs; i++)
+        if (!wf->runs[i]->finished) {
+            bool waiting = false;
+            for (int k = 0; k < wf->runs[i]->n_tasks; k++) waiting |= wf->runs[i]->tasks[k].status != WF_T_DONE;
+            finish_run(wf, wf->runs[i], KVM_EINTERNAL,
+                       xstrdup(waiting ? "run stalled: a node waits for an engine step that never comes" : "run stalled"));
+        }
+}
+
+int kvm_wf_run_cancel(kvm_workflow_t *wf, int run, int code, const char *msg) {
+    if (run < 0 || run >= wf->n_runs) return kvm_seterr(KVM_EINVAL, "no run %d", run);
+    wf_run_t *r = wf->runs[run];
+    if (r->finished) return kvm_seterr(KVM_ESTALE, "run %s has finished already", r->id);
+    wf_llm_cancel_run(wf->llm, r->id); /* its steps in flight stop and give their KV back */
+    finish_run(wf, r, code ? code : KVM_ECANCELED, xstrdup(msg ? msg : kvm_strerror(code ? code : KVM_ECANCELED)));
+    return 0;
+}
+
 int kvm_wf_drive(kvm_workflow_t *wf) {
     for (;;) {
-        bool active = false, progress = false;
-        for (int i = 0; i < wf->n_runs; i++) {
-            wf_run_t *r = wf->runs[i];
-            if (r->finished) continue;
-            active = true;
-            if (r->need_end) {
-                end_superstep(wf, r);
-                progress = true;
-            }
-            if (!r->finished && r->n_open == 0 && !r->need_end) {
-                start_superstep(wf, r);
-                progress = true;
-            }
-        }
-        if (!active) break;
+        bool progress = false;
+        if (kvm_wf_advance(wf, &progress) == 0) break;
         if (wf_llm_pending(wf->llm) > 0) {
             int n = wf_llm_step(wf->llm);
             if (n < 0) {
                 char msg[512];
                 snprintf(msg, sizeof msg, "engine: %s", kvm_errmsg());
-                for (int i = 0; i < wf->n_runs; i++) finish_run(wf, wf->runs[i], n, xstrdup(msg));
+                kvm_wf_fail_runs(wf, n, msg);
                 return n;
             }
             wf_llm_result_t res;
@@ -557,15 +592,7 @@ int kvm_wf_drive(kvm_workflow_t *wf) {
             }
             progress = true;
         }
-        if (!progress) {
-            for (int i = 0; i < wf->n_runs; i++)
-                if (!wf->runs[i]->finished) {
-                    bool waiting = false;
-                    for (int k = 0; k < wf->runs[i]->n_tasks; k++) waiting |= wf->runs[i]->tasks[k].status != WF_T_DONE;
-                    finish_run(wf, wf->runs[i], KVM_EINTERNAL,
-                               xstrdup(waiting ? "run stalled: a node waits for an engine step that never comes" : "run stalled"));
-                }
-        }
+        if (!progress) kvm_wf_fail_stalled(wf);
     }
     lua_gc(wf->L, LUA_GCCOLLECT);
     return 0;

@@ -175,6 +175,7 @@ static int parse_args(int argc, char **argv, run_args_t *a) {
             cJSON_AddStringToObject(a->inputs, key, eq + 1);
         } else if (!strcmp(arg, "--kv")) a->kv = v;
         else if (!strcmp(arg, "--trace")) a->trace_root = v;
+        else if (!strcmp(arg, "--state")) a->rp.state_dir = v;
         else if (!strcmp(arg, "--no-trace")) a->no_trace = true;
         else if (!strcmp(arg, "--n")) a->n = strtol(v, NULL, 10);
         else if (!strcmp(arg, "--seed")) a->seed = strtoull(v, NULL, 10);
@@ -190,7 +191,6 @@ static int parse_args(int argc, char **argv, run_args_t *a) {
         else if (!strcmp(arg, "--mem-mb")) a->rp.run_mem_bytes = (size_t)strtoul(v, NULL, 10) << 20;
         else if (!strcmp(arg, "--instructions")) a->rp.run_instructions = (uint64_t)strtod(v, NULL);
         else if (!strcmp(arg, "--lua-ms")) a->rp.run_lua_ms = strtod(v, NULL);
-        else if (!strcmp(arg, "--state")) a->rp.state_dir = v;
         else if (!strcmp(arg, "--json")) a->json = true;
         else if (!strcmp(arg, "-q") || !strcmp(arg, "--quiet")) a->prog.quiet = true;
         else if (arg[0] == '-') {

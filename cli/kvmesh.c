@@ -17,6 +17,7 @@ KVM_WEAK int cmd_generate(int, char **);
 KVM_WEAK int cmd_tokenize(int, char **);
 KVM_WEAK int cmd_run(int, char **);
 KVM_WEAK int cmd_serve(int, char **);
+KVM_WEAK int cmd_client(int, char **);
 KVM_WEAK int cmd_trace(int, char **);
 KVM_WEAK int cmd_info(int, char **);
 
@@ -35,7 +36,8 @@ static const struct {
     {"eval", (cmd_fn *)0, "evaluate a model on a task suite (minitasks)"},
     {"minitasks", (cmd_fn *)0, "generate minitasks items (training / evaluation data)"},
     {"run", (cmd_fn *)0, "run a Lua workflow of agents"},
-    {"serve", (cmd_fn *)0, "serve the ZeroMQ JSON interface"},
+    {"serve", (cmd_fn *)0, "serve a runtime over ZeroMQ (docs/protocol.md)"},
+    {"client", (cmd_fn *)0, "talk to a kvmesh serve daemon: run workflows, stream tokens"},
     {"trace", (cmd_fn *)0, "inspect run traces"},
     {"bench", (cmd_fn *)0, "run a benchmark (engine, kvcomm, ...)"},
 };
@@ -48,6 +50,7 @@ static cmd_fn lookup(const char *name) {
     if (!strcmp(name, "minitasks")) return cmd_minitasks;
     if (!strcmp(name, "run")) return cmd_run;
     if (!strcmp(name, "serve")) return cmd_serve;
+    if (!strcmp(name, "client")) return cmd_client;
     if (!strcmp(name, "trace")) return cmd_trace;
     if (!strcmp(name, "bench")) return cmd_bench;
     return NULL;

@@ -340,6 +340,12 @@ typedef struct kvm_step_event {
     int tokens_in, tokens_out, tokens_reused;
     double ttft_ms, decode_ms;
     const char *text;      /* the agent's output */
+    /* agent steps: how the prompt's KV was obtained, a partition of tokens_in (docs/kvcomm.md §6); 0 / NULL for
+     * func and tool nodes */
+    int kv_exact, kv_offset, kv_naive, kv_recomputed, kv_fused;
+    int kv_anchors;        /* anchors used (KVCOMM reuse) */
+    const char *kv_mode;   /* "dense" | "prefix" | "reuse" */
+    double queue_ms;       /* submit -> first forward pass that included the step */
 } kvm_step_event_t;
 
 typedef void (*kvm_step_fn)(void *ud, const kvm_step_event_t *e);
@@ -353,7 +359,8 @@ kvm_workflow_params_t kvm_workflow_default_params(void);
 
 /* Loads a workflow script (a Lua 5.4 chunk that returns a graph) into rt: runs it once in a sandbox,
  * checks the graph and opens the models it names (through rt). NULL + message "file:line: ..." on any
- * error. Free with kvm_workflow_free() (which also frees its runs). */
+ * error. Free with kvm_workflow_free(), which also frees its runs (runs still going end canceled first, without
+ * events). */
 kvm_workflow_t *kvm_workflow_load(kvm_runtime_t *rt, const char *path, const kvm_workflow_params_t *params);
 /* The same from source text; name is the chunk name used in messages ("team.lua"). */
 kvm_workflow_t *kvm_workflow_load_string(kvm_runtime_t *rt, const char *name, const char *source, size_t len,
@@ -365,21 +372,64 @@ const char *kvm_workflow_name(const kvm_workflow_t *wf);
 bool kvm_workflow_has_dataset(const kvm_workflow_t *wf);
 bool kvm_workflow_has_score(const kvm_workflow_t *wf);
 
+/* What happens to one run, for a program that serves runs while they go (a daemon streaming to its clients).
+ * Every pointer is valid only during the callback. Events come from inside kvm_runtime_step (and
+ * kvm_workflow_drive, a loop of it); the callback must not free or cancel runs or workflows. */
+enum kvm_run_event_kind {
+    KVM_RUN_TOKEN = 1, /* a piece of an agent's output, as it becomes final (agent, token_id, text, len) */
+    KVM_RUN_STEP = 2,  /* a step ended (step: the same record as kvm_workflow_params_t.on_step gets) */
+    KVM_RUN_END = 3,   /* the run ended (status 0 or KVM_E*, message); the last event of the run */
+};
+
+typedef struct kvm_run_event {
+    int kind;              /* enum kvm_run_event_kind */
+    kvm_run_t *run;
+    const char *run_id;
+    const char *agent;     /* TOKEN, STEP (NULL for func / tool steps) */
+    int32_t token_id;      /* TOKEN */
+    const char *text;      /* TOKEN: bytes, not NUL-terminated (a piece may be empty) */
+    size_t len;
+    const kvm_step_event_t *step; /* STEP */
+    int status;            /* END */
+    const char *message;   /* END: NULL if ok */
+} kvm_run_event_t;
+
+typedef void (*kvm_run_event_fn)(void *ud, const kvm_run_event_t *e);
+
 typedef struct kvm_run_params {
     const char *inputs_json;  /* a JSON object of inputs (strings, numbers, booleans, nested data); NULL = {} */
     uint64_t seed;            /* the run's seed (sampling, math.random) */
     bool from_dataset;        /* inputs from g:dataset(seed), with inputs_json merged over them */
+    kvm_run_event_fn on_event; /* the run's events (NULL = none); KVM_RUN_END comes exactly once */
+    void *event_ud;
 } kvm_run_params_t;
 
 kvm_run_params_t kvm_run_default_params(void);
 
-/* Starts a run; nothing executes until kvm_workflow_drive(). The run belongs to wf (valid until
- * kvm_workflow_free). NULL + message on bad inputs (the JSON's error offset is named). */
+/* Starts a run; nothing executes until kvm_runtime_step() or kvm_workflow_drive(). The run belongs to wf
+ * (valid until kvm_workflow_free). NULL + message on bad inputs (the JSON's error offset is named). */
 kvm_run_t *kvm_run_start(kvm_workflow_t *wf, const kvm_run_params_t *params);
 /* Runs every started run of wf to its end, interleaving them on this thread and batching their agents'
- * model work. A failing run ends alone with its status; the result is <0 only when the engine itself
- * failed. */
+ * model work: a loop of kvm_runtime_step() until wf has no run going (runs of the runtime's other workflows
+ * advance meanwhile too). A failing run ends alone with its status; the result is <0 only when the engine
+ * itself failed. */
 int kvm_workflow_drive(kvm_workflow_t *wf);
+
+/* One round of the runtime, for programs that serve many runs of many workflows on one thread and do other
+ * work between rounds (a daemon's network I/O): every started run of every workflow of rt advances (finished
+ * super-steps end, the next ones start), then the engine runs one forward pass per model over the model work
+ * of all of them together (continuous batching). Run events (kvm_run_params_t.on_event) are delivered from
+ * inside this call. Returns the number of runs still going after the round (0 = idle: nothing to do until a
+ * run starts), or <0 when the engine itself failed (every run going then ended with that error). */
+int kvm_runtime_step(kvm_runtime_t *rt);
+/* Runs started and not yet ended, over every workflow of rt. */
+int kvm_runtime_n_active(const kvm_runtime_t *rt);
+/* Ends a run now with code (0 = KVM_ECANCELED; KVM_ETIMEDOUT for a deadline) and message (NULL = the
+ * code's description): its agent steps in flight stop at their next token (one still prefilling finishes
+ * its prefill) and give their KV back, anchors it staged are dropped, its trace ends with the status. Its
+ * KVM_RUN_END event comes from the next kvm_runtime_step. 0; KVM_ESTALE when it had ended already. Not from
+ * inside an event callback. */
+int kvm_run_cancel(kvm_run_t *r, int code, const char *message);
 
 /* Runs started on wf so far, in order; kvm_workflow_run(wf, i) for i in [0, n). */
 int kvm_workflow_n_runs(const kvm_workflow_t *wf);
@@ -511,6 +561,57 @@ void kvm_replay_clear(kvm_replay_t *r);
 /* The comparison as `kvmesh trace replay` prints it: one line per compared step ("same", or "DIFFERS" with
  * both outputs on one line each, cut to 120 bytes) and a summary line. 0, or KVM_ENOMEM. */
 int kvm_trace_view_replay(const kvm_replay_t *r, char **text);
+
+/* ================================================================================================
+ * The daemon: a runtime served over ZeroMQ (docs/protocol.md, `kvmesh serve`)
+ * ================================================================================================ */
+
+typedef struct kvm_server kvm_server_t;
+
+typedef struct kvm_server_params {
+    const char *bind;            /* requests and replies (ROUTER); default "tcp://127.0.0.1:5555"; a port "*" picks
+                                    a free one (kvm_server_endpoint tells which) */
+    const char *events;          /* events (XPUB); default "tcp://127.0.0.1:5556"; NULL = no event socket */
+    bool allow_public;           /* permit a non-loopback tcp:// bind without CURVE (refused otherwise) */
+    const char *curve_secret_file; /* CURVE: the server's secret key (40 Z85 characters, file mode 0600); NULL =
+                                    no CURVE. Then a non-loopback bind is allowed */
+    const char *curve_allow_file;  /* CURVE: the client public keys admitted (Z85, one per line, '#' comments) */
+    size_t max_message_bytes;    /* one request, all frames (default 16 MiB; larger: structured error) */
+    size_t max_source_bytes;     /* a workflow's Lua source (default 1 MiB) */
+    int max_runs;                /* runs going at once, all clients (default 256; more: KVM_EBUSY) */
+    int max_runs_per_client;     /* runs going at once per client (default 16) */
+    int client_timeout_ms;       /* a client with runs going that sends nothing this long loses them (3000) */
+    int idle_client_ms;          /* a client with nothing going is forgotten after this long (60000) */
+    int hwm;                     /* ZeroMQ high-water marks (default 10000) */
+    int client_queue;            /* replies queued for a client whose pipe is full (4096), then KVM_ESLOWCLIENT */
+    int drain_ms;                /* after kvm_server_stop: how long runs going may take to end (30000) */
+    int keep_runs;               /* ended runs remembered for run.status / run.list / trace.get (10000) */
+    int recycle_runs;            /* after this many runs a workflow is loaded afresh for new runs and the old
+                                    instance (which keeps every run it started) freed when its runs end, so that
+                                    memory stays flat (default 1000; 0 = never) */
+    int save_state_ms;           /* with the runtime's state_dir (docs/state.md): what it learned is saved this
+                                    often while new runs come (default 60000; 0 = only when the server ends), and
+                                    always when kvm_server_run returns */
+    bool quiet;                  /* no progress on stderr */
+} kvm_server_params_t;
+
+kvm_server_params_t kvm_server_default_params(void);
+
+/* Binds the sockets and serves rt (not owned; free it after the server). NULL + message on a bad parameter or
+ * endpoint. One thread: create, run and free it on the same one. */
+kvm_server_t *kvm_server_create(kvm_runtime_t *rt, const kvm_server_params_t *params);
+/* Loads a workflow file into the server under name (what run.start names), as workflow.load does with a
+ * source. KVM_EINVAL for a bad or taken name, or the load's error. */
+int kvm_server_load_workflow(kvm_server_t *s, const char *name, const char *path);
+/* The bound address of the requests (events = false) or events socket; "" for none. */
+const char *kvm_server_endpoint(const kvm_server_t *s, bool events);
+/* Serves until kvm_server_stop: requests, runs (kvm_runtime_step between reads), events. Then drains: no new
+ * run starts, runs going get drain_ms to end (the rest are canceled), and it returns 0 (<0: a socket error). */
+int kvm_server_run(kvm_server_t *s);
+/* Asks kvm_server_run to drain and return. Async-signal-safe (a SIGTERM handler calls it). */
+void kvm_server_stop(kvm_server_t *s);
+/* Frees the server and the workflows it loaded (its runs canceled). */
+void kvm_server_free(kvm_server_t *s);
 
 #ifdef __cplusplus
 }

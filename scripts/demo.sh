@@ -1,12 +1,37 @@
 #!/usr/bin/env bash
 # demo.sh KVMESH SHARED - the main job of `make demo`.
 #   - with the bundled models (models/minillama-2m): the multi-agent team example, dense, then kvcomm cold and warm
-#     (anchors kept across the two runs by --state);
+#     (anchors kept across the two runs by --state), then the same tasks through `kvmesh serve` and the Python
+#     client, cold then warm (KV sharing across requests of one long-lived runtime);
 #   - else, with stories260K from the shared folder: a generation and a small fan-out workflow;
 #   - else: a dry run of the team workflow on the mock engine.
 set -euo pipefail
 kvmesh=$1; shared=$2
 traces=$(mktemp -d)
+
+# The team tasks served by one long-lived daemon (kvmesh serve, docs/protocol.md) to the Python client, twice:
+# the KVCOMM anchors the cold pass leaves in the daemon make the warm pass reuse KV.
+serve_demo() {
+  /usr/bin/python3 -c "import zmq" 2>/dev/null || { echo "(python3-zmq is missing: the daemon demo is skipped)"; return 0; }
+  local wf log pid ep
+  wf=$(mktemp -d); log=$(mktemp)
+  cp examples/team.lua "$wf/"
+  "$kvmesh" serve --workflows "$wf" --model models/minillama-2m --kv kvcomm --bind 'tcp://127.0.0.1:*' \
+    --events 'tcp://127.0.0.1:*' 2> "$log" &
+  pid=$!
+  ep=
+  for _ in $(seq 600); do
+    ep=$(grep -o 'listening on tcp://[0-9.:]*' "$log" | sed 's/listening on //' || true)
+    [ -n "$ep" ] && break
+    sleep 0.1
+  done
+  [ -n "$ep" ] || { cat "$log"; kill "$pid"; return 1; }
+  echo "== kvmesh serve ($ep): the same ${DEMO_SERVE_N:-20} team tasks through the Python client, cold then warm =="
+  /usr/bin/python3 examples/clients/python/team_demo.py --connect "$ep" --n "${DEMO_SERVE_N:-20}"
+  kill -TERM "$pid"
+  wait "$pid"
+  rm -rf "$wf" "$log"
+}
 if [ -f models/minillama-2m/config.json ]; then
   state=$(mktemp -d)
   echo "== kvmesh run examples/team.lua (bundled models, 20 seeded team tasks): dense prefill =="
@@ -18,6 +43,7 @@ if [ -f models/minillama-2m/config.json ]; then
   rm -rf "$state"
   echo "== kvmesh trace show (one run) =="
   "$kvmesh" trace show "$(ls -d "$traces"/*/ | head -1)" | head -30
+  serve_demo
   exit 0
 fi
 m=$shared/models/stories260K

@@ -19,15 +19,6 @@
 
 #define MINI KVM_SOURCE_DIR "/models/minillama-2m"
 
-static const char *k_wf =
-    "local kvm = kvmesh\n"
-    "local m = kvm.model('mock:echo')\n"
-    "local g = kvm.graph{ name = 'pair' }\n"
-    "g:agent('a', { model = m, template = 'Q: {input}\\nA:', max_tokens = 4 })\n"
-    "g:agent('b', { model = m, template = 'Q: {input}\\nA: {agent.a}\\nB:', max_tokens = 6 })\n"
-    "g:edge(kvm.START, 'a')\n"
-    "g:edge('a', 'b')\n"
-    "return g\n";
 
 static void test_default_params_are_usable_as_they_are(void **s) {
     (void)s;
@@ -97,7 +88,7 @@ static void test_a_workflow_runs_on_the_mock_model_and_reports_its_steps(void **
     kvm_workflow_params_t wp = kvm_workflow_default_params();
     wp.on_step = count_step;
     wp.ud = &steps;
-    kvm_workflow_t *wf = kvm_workflow_load_string(rt, "pair.lua", k_wf, strlen(k_wf), &wp);
+    kvm_workflow_t *wf = kvm_workflow_load_string(rt, "pair.lua", k_pair_wf, strlen(k_pair_wf), &wp);
     assert_non_null(wf);
     assert_string_equal(kvm_workflow_name(wf), "pair");
     kvm_run_params_t rp = kvm_run_default_params();
@@ -152,7 +143,7 @@ static void test_a_workflow_runs_on_the_mock_model_and_reports_its_steps(void **
 static void test_bad_run_inputs_name_the_offset_and_start_nothing(void **s) {
     (void)s;
     kvm_runtime_t *rt = mock_runtime(NULL);
-    kvm_workflow_t *wf = kvm_workflow_load_string(rt, "pair.lua", k_wf, strlen(k_wf), NULL);
+    kvm_workflow_t *wf = kvm_workflow_load_string(rt, "pair.lua", k_pair_wf, strlen(k_pair_wf), NULL);
     assert_non_null(wf);
     kvm_run_params_t rp = kvm_run_default_params();
     rp.inputs_json = "{\"input\": tw";
@@ -179,8 +170,8 @@ static void test_a_script_error_names_the_chunk_and_line(void **s) {
 static void test_two_workflows_share_the_runtime_engine(void **s) {
     (void)s;
     kvm_runtime_t *rt = mock_runtime(NULL);
-    kvm_workflow_t *a = kvm_workflow_load_string(rt, "a.lua", k_wf, strlen(k_wf), NULL);
-    kvm_workflow_t *b = kvm_workflow_load_string(rt, "b.lua", k_wf, strlen(k_wf), NULL);
+    kvm_workflow_t *a = kvm_workflow_load_string(rt, "a.lua", k_pair_wf, strlen(k_pair_wf), NULL);
+    kvm_workflow_t *b = kvm_workflow_load_string(rt, "b.lua", k_pair_wf, strlen(k_pair_wf), NULL);
     assert_non_null(a);
     assert_non_null(b);
     assert_non_null(kvm_run_start(a, NULL));

@@ -15,4 +15,15 @@ static inline kvm_runtime_t *mock_runtime(const char *trace_root) {
     return rt;
 }
 
+/* A two-agent workflow on the mock model: 'a' answers {input}, 'b' reads a's answer. */
+static const char *const k_pair_wf =
+    "local kvm = kvmesh\n"
+    "local m = kvm.model('mock:echo')\n"
+    "local g = kvm.graph{ name = 'pair' }\n"
+    "g:agent('a', { model = m, template = 'Q: {input}\\nA:', max_tokens = 4 })\n"
+    "g:agent('b', { model = m, template = 'Q: {input}\\nA: {agent.a}\\nB:', max_tokens = 6 })\n"
+    "g:edge(kvm.START, 'a')\n"
+    "g:edge('a', 'b')\n"
+    "return g\n";
+
 #endif

@@ -1,0 +1,211 @@
+"""kvmesh_client.py - a small Python client of `kvmesh serve` (docs/protocol.md), on pyzmq.
+
+    from kvmesh_client import Client
+    c = Client("tcp://127.0.0.1:5555")
+    c.hello()
+    c.workflow_load("pair", open("pair.lua").read())
+    for msg in c.run("pair", inputs={"input": "2+2"}, stream=["tokens"]):
+        if msg["type"] == "token":
+            print(msg["text"], end="", flush=True)
+        elif msg["type"] == "done":
+            print("\\nreuse:", msg["kv"], "ttft:", msg["timings"].get("ttft_ms"))
+
+One DEALER socket per Client (one ROUTER routing id on the daemon's side); a Client is not thread-safe.
+While a run streams, the client sends `ping` every second (the daemon cancels the runs of a client silent for
+longer than its client_timeout_ms). Errors come back as KvmeshError with the daemon's code, message and the
+offending field.
+"""
+
+import json
+import struct
+import time
+
+import zmq
+
+PROTOCOL_VERSION = 1
+TERMINAL = {"ok", "hello.ok", "pong", "done", "error", "replay.end"}
+
+
+class KvmeshError(Exception):
+    """A terminal `error` reply: code ("KVM_EINVAL"), errno (-22), message, field (the offending path)."""
+
+    def __init__(self, reply):
+        self.reply = reply
+        self.code = reply.get("code")
+        self.errno = reply.get("errno")
+        self.field = (reply.get("detail") or {}).get("field")
+        super().__init__("%s: %s%s" % (self.code, reply.get("message"),
+                                       " (field %s)" % self.field if self.field else ""))
+
+
+class Client:
+    def __init__(self, endpoint="tcp://127.0.0.1:5555", timeout_s=60.0, ping_s=1.0, context=None, curve=None):
+        """curve: (server_public, client_public, client_secret) Z85 keys for a daemon started with --curve-secret."""
+        self.ctx = context or zmq.Context.instance()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.SNDTIMEO, int(timeout_s * 1000))  # a DEALER with no peer blocks on send
+        if curve:
+            self.sock.curve_serverkey, self.sock.curve_publickey, self.sock.curve_secretkey = curve
+        self.sock.connect(endpoint)
+        self.timeout_s = timeout_s
+        self.ping_s = ping_s
+        self._n = 0
+        self._pending = {}   # id -> [(header, payloads)] received for requests not being waited on
+        self._last_send = 0.0
+
+    def close(self):
+        self.sock.close(0)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # ---- frames ----------------------------------------------------------------------------------------
+    def new_id(self):
+        self._n += 1
+        return "r-%d" % self._n
+
+    def send_frames(self, frames):
+        """Sends raw frames after the empty delimiter (tests use it for malformed messages)."""
+        try:
+            self.sock.send_multipart([b""] + [f if isinstance(f, bytes) else f.encode() for f in frames])
+        except zmq.Again:
+            raise TimeoutError("cannot send to the daemon (not connected)")
+        self._last_send = time.monotonic()
+
+    def send(self, type, id=None, payload=None, **fields):
+        """Sends one request; returns its id. payload: bytes for one u8 payload frame (described in `frames`)."""
+        hdr = {"v": PROTOCOL_VERSION, "type": type, "id": id or self.new_id()}
+        hdr.update({k: v for k, v in fields.items() if v is not None})
+        frames = [json.dumps(hdr).encode()]
+        if payload is not None:
+            hdr["frames"] = [{"name": "source", "dtype": "u8", "shape": [len(payload)]}]
+            frames = [json.dumps(hdr).encode(), payload]
+        self.send_frames(frames)
+        return hdr["id"]
+
+    def recv_any(self, timeout_s=None):
+        """The next message: (header dict, [payload bytes]); raises TimeoutError."""
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
+        if not self.sock.poll(int(timeout_s * 1000)):
+            raise TimeoutError("no reply from the daemon in %.1f s" % timeout_s)
+        parts = self.sock.recv_multipart()
+        if len(parts) < 2 or parts[0] != b"":
+            raise RuntimeError("malformed reply: %r" % parts[:3])
+        return json.loads(parts[1].decode("utf-8", "replace")), parts[2:]
+
+    def messages(self, id, timeout_s=None):
+        """Yields (header, payloads) of request `id` up to its terminal one; pings while waiting."""
+        deadline = time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
+        while True:
+            queue = self._pending.get(id)
+            if queue:
+                h, p = queue.pop(0)
+                yield h, p
+                if h.get("type") in TERMINAL:
+                    self._pending.pop(id, None)
+                    return
+                continue
+            if time.monotonic() > deadline:
+                raise TimeoutError("request %s: no terminal reply in time" % id)
+            if time.monotonic() - self._last_send >= self.ping_s:
+                self.send("ping", id="ping-%d" % self._n)
+                self._n += 1
+            try:
+                h, p = self.recv_any(timeout_s=min(self.ping_s, max(0.01, deadline - time.monotonic())))
+            except TimeoutError:
+                continue
+            if str(h.get("id", "")).startswith("ping-") and h.get("type") == "pong":
+                continue
+            self._pending.setdefault(h.get("id"), []).append((h, p))
+
+    def request(self, type, payload=None, timeout_s=None, **fields):
+        """One request with a single terminal reply: its header (payload frames under "_payload")."""
+        id = self.send(type, payload=payload, **fields)
+        for h, p in self.messages(id, timeout_s):
+            if h.get("type") in TERMINAL:
+                if h["type"] == "error":
+                    raise KvmeshError(h)
+                h["_payload"] = p
+                return h
+
+    # ---- the message types -----------------------------------------------------------------------------
+    def hello(self, client="kvmesh_client.py"):
+        return self.request("hello", client=client, versions=[PROTOCOL_VERSION])
+
+    def ping(self):
+        return self.request("ping")
+
+    def stats(self):
+        return self.request("stats")
+
+    def workflow_load(self, name, source):
+        return self.request("workflow.load", name=name, source=source)
+
+    def workflow_list(self):
+        return self.request("workflow.list")["workflows"]
+
+    def workflow_drop(self, name):
+        return self.request("workflow.drop", name=name)
+
+    def run_status(self, run_id):
+        return self.request("run.status", run_id=run_id)
+
+    def run_list(self):
+        return self.request("run.list")["runs"]
+
+    def run_cancel(self, run_id):
+        return self.request("run.cancel", run_id=run_id)
+
+    def trace_get(self, run_id):
+        """The run's trace as a list of records (dicts)."""
+        h = self.request("trace.get", run_id=run_id)
+        text = h["_payload"][0].decode("utf-8", "replace") if h["_payload"] else ""
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+    def start(self, workflow, inputs=None, seed=None, stream=None, deadline_ms=None, dataset=None, id=None):
+        """Sends run.start; returns the request id (read its stream with messages(id))."""
+        return self.send("run.start", id=id, workflow=workflow, inputs=inputs, seed=seed, stream=stream,
+                         deadline_ms=deadline_ms, dataset=dataset)
+
+    def run(self, workflow, inputs=None, seed=None, stream=("tokens",), deadline_ms=None, dataset=None,
+            timeout_s=None):
+        """Runs a workflow, yielding every message of its stream (run.accepted, token, step, kv, then done);
+        raises KvmeshError when it ends in error."""
+        id = self.start(workflow, inputs, seed, list(stream) if stream else None, deadline_ms, dataset)
+        for h, _ in self.messages(id, timeout_s):
+            if h.get("type") == "error":
+                raise KvmeshError(h)
+            yield h
+
+    def run_sync(self, workflow, **kw):
+        """Runs a workflow to its end: the `done` reply (outputs, state, usage, timings, kv, steps)."""
+        kw.setdefault("stream", None)
+        done = None
+        for h in self.run(workflow, **kw):
+            done = h
+        return done
+
+
+class Events:
+    """The daemon's event stream (PUB): topics run.<run_id>, heartbeat. recv() -> (topic, seq, body)."""
+
+    def __init__(self, endpoint="tcp://127.0.0.1:5556", topics=("",), context=None):
+        self.ctx = context or zmq.Context.instance()
+        self.sock = self.ctx.socket(zmq.SUB)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        for t in topics:
+            self.sock.setsockopt(zmq.SUBSCRIBE, t.encode())
+        self.sock.connect(endpoint)
+
+    def recv(self, timeout_s=5.0):
+        if not self.sock.poll(int(timeout_s * 1000)):
+            raise TimeoutError("no event in %.1f s" % timeout_s)
+        topic, seq, body = self.sock.recv_multipart()
+        return topic.decode(), struct.unpack(">Q", seq)[0], json.loads(body.decode("utf-8", "replace"))
+
+    def close(self):
+        self.sock.close(0)

@@ -1,0 +1,454 @@
+/* request.c - the daemon's request decoder (request.h): framing, the header JSON, and every field of the
+ * message types the daemon serves, checked before any work starts. */
+#include "request.h"
+
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "../core/core.h"
+#include "../core/map.h"
+
+kvm_req_limits_t kvm_req_default_limits(void) {
+    return (kvm_req_limits_t){.max_header = KVM_REQ_HEADER_MAX, .max_message = 16u << 20, .max_source = 1u << 20};
+}
+
+/* ---- the schema --------------------------------------------------------------------------------------- */
+
+enum kind { K_STR = 1, K_NUM, K_OBJ, K_ARR, K_BOOL, K_SEED /* number or decimal string */ };
+
+typedef struct field {
+    const char *name;
+    int kind;
+} field_t;
+
+typedef struct schema {
+    int type;
+    const char *name;
+    const field_t *fields; /* besides the common ones; {NULL} ends */
+    bool frames;           /* payload frames allowed */
+} schema_t;
+
+static const field_t k_common[] = {{"v", K_NUM}, {"type", K_STR}, {"id", K_STR}, {"deadline_ms", K_NUM},
+                                   {"trace", K_STR}, {"frames", K_ARR}, {NULL, 0}};
+static const field_t k_none[] = {{NULL, 0}};
+static const field_t k_hello[] = {{"client", K_STR}, {"versions", K_ARR}, {"want", K_ARR}, {NULL, 0}};
+static const field_t k_wf_load[] = {{"name", K_STR}, {"source", K_STR}, {NULL, 0}};
+static const field_t k_wf_name[] = {{"name", K_STR}, {NULL, 0}};
+static const field_t k_run_start[] = {{"workflow", K_STR}, {"inputs", K_OBJ}, {"seed", K_SEED},
+                                      {"dataset", K_BOOL}, {"stream", K_ARR}, {NULL, 0}};
+static const field_t k_run_id[] = {{"run_id", K_STR}, {NULL, 0}};
+static const field_t k_trace_get[] = {{"run_id", K_STR}, {"format", K_STR}, {NULL, 0}};
+
+static const schema_t k_schemas[] = {
+    {KVM_REQ_HELLO, "hello", k_hello, false},
+    {KVM_REQ_PING, "ping", k_none, false},
+    {KVM_REQ_STATS, "stats", k_none, false},
+    {KVM_REQ_WORKFLOW_LOAD, "workflow.load", k_wf_load, true},
+    {KVM_REQ_WORKFLOW_LIST, "workflow.list", k_none, false},
+    {KVM_REQ_WORKFLOW_DROP, "workflow.drop", k_wf_name, false},
+    {KVM_REQ_RUN_START, "run.start", k_run_start, false},
+    {KVM_REQ_RUN_CANCEL, "run.cancel", k_run_id, false},
+    {KVM_REQ_RUN_STATUS, "run.status", k_run_id, false},
+    {KVM_REQ_RUN_LIST, "run.list", k_none, false},
+    {KVM_REQ_TRACE_GET, "trace.get", k_trace_get, false},
+};
+#define N_SCHEMAS (sizeof k_schemas / sizeof k_schemas[0])
+
+const char *kvm_req_type_name(int type) {
+    for (size_t i = 0; i < N_SCHEMAS; i++)
+        if (k_schemas[i].type == type) return k_schemas[i].name;
+    return NULL;
+}
+
+static const char *kind_name(int kind) {
+    switch (kind) {
+    case K_STR: return "a string";
+    case K_NUM: return "a number";
+    case K_OBJ: return "an object";
+    case K_ARR: return "an array";
+    case K_BOOL: return "a boolean";
+    default: return "an integer or a decimal string";
+    }
+}
+
+static bool kind_ok(const cJSON *j, int kind) {
+    switch (kind) {
+    case K_STR: return cJSON_IsString(j);
+    case K_NUM: return cJSON_IsNumber(j);
+    case K_OBJ: return cJSON_IsObject(j);
+    case K_ARR: return cJSON_IsArray(j);
+    case K_BOOL: return cJSON_IsBool(j);
+    default: return cJSON_IsNumber(j) || cJSON_IsString(j);
+    }
+}
+
+/* ---- errors ------------------------------------------------------------------------------------------- */
+
+static int fail(kvm_req_error_t *e, int code, const char *field, const char *fmt, ...) {
+    e->code = code;
+    snprintf(e->field, sizeof e->field, "%s", field ? field : "");
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(e->message, sizeof e->message, fmt, ap);
+    va_end(ap);
+    return code;
+}
+
+/* ---- checks ------------------------------------------------------------------------------------------- */
+
+/* Whether s is 1..max bytes of printable ASCII (ids, names: they go into logs, paths and topics). */
+static bool printable(const char *s, size_t max) {
+    size_t n = strlen(s);
+    if (n == 0 || n > max) return false;
+    for (size_t i = 0; i < n; i++)
+        if (s[i] < 0x21 || s[i] > 0x7e) return false;
+    return true;
+}
+
+static bool name_ok(const char *s) {
+    size_t n = strlen(s);
+    if (n == 0 || n > KVM_REQ_NAME_MAX || s[0] == '.') return false;
+    for (size_t i = 0; i < n; i++) {
+        char c = s[i];
+        if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '_' || c == '-' || c == '.'))
+            return false;
+    }
+    return true;
+}
+
+/* An integral number in [lo, hi]. */
+static bool int_in(const cJSON *j, double lo, double hi) {
+    double d = j->valuedouble;
+    return isfinite(d) && d == floor(d) && d >= lo && d <= hi;
+}
+
+/* Appends ".key" (or "key" at the top) or "[i]" to path[0..len); the new length. */
+static size_t path_push(char *path, size_t cap, size_t len, const char *key, int i) {
+    int n = key ? snprintf(path + len, cap - len, "%s%s", len ? "." : "", key) : snprintf(path + len, cap - len, "[%d]", i);
+    size_t l = len + (n > 0 ? (size_t)n : 0);
+    return l < cap ? l : cap - 1;
+}
+
+/* Duplicate keys anywhere in the tree (cJSON keeps them) and nesting deeper than 64: KVM_EINVAL with the path
+ * (path[0..len) is the path of j), or KVM_ENOMEM. */
+static int find_duplicate(const cJSON *j, char *path, size_t cap, size_t len, int depth) {
+    if (depth > 64) return KVM_ERANGE;
+    bool obj = cJSON_IsObject(j);
+    if (!obj && !cJSON_IsArray(j)) return 0;
+    kvm_map_t seen;
+    kvm_map_init(&seen, KVM_MAP_STR_REF);
+    int rc = 0, i = 0;
+    for (const cJSON *c = j->child; c && !rc; c = c->next, i++) {
+        const char *k = obj ? (c->string ? c->string : "") : NULL;
+        size_t l = path_push(path, cap, len, k, i);
+        if (obj && kvm_map_get_str(&seen, k, NULL)) rc = KVM_EINVAL;
+        else if (obj && kvm_map_put_str(&seen, k, KVM_MAPVAL_U64(1))) rc = KVM_ENOMEM;
+        else rc = find_duplicate(c, path, cap, l, depth + 1);
+        if (!rc) path[len] = '\0';
+    }
+    kvm_map_free(&seen);
+    return rc;
+}
+
+static const field_t *find_field(const field_t *fs, const char *k) {
+    for (; fs->name; fs++)
+        if (!strcmp(fs->name, k)) return fs;
+    return NULL;
+}
+
+/* Every field is known to the type and of its kind. */
+static int check_fields(const cJSON *h, const schema_t *s, kvm_req_error_t *e) {
+    for (const cJSON *c = h->child; c; c = c->next) {
+        const field_t *f = find_field(k_common, c->string);
+        if (!f) f = find_field(s->fields, c->string);
+        if (!f) return fail(e, KVM_EINVAL, c->string, "%s: unknown field '%s'", s->name, c->string);
+        if (!kind_ok(c, f->kind))
+            return fail(e, KVM_EINVAL, c->string, "%s: field '%s' must be %s", s->name, c->string, kind_name(f->kind));
+    }
+    return 0;
+}
+
+static size_t dtype_size(const char *d) {
+    static const struct {
+        const char *name;
+        size_t size;
+    } k[] = {{"u8", 1}, {"i32", 4}, {"i64", 8}, {"f16", 2}, {"bf16", 2}, {"f32", 4}};
+    for (size_t i = 0; i < sizeof k / sizeof k[0]; i++)
+        if (!strcmp(k[i].name, d)) return k[i].size;
+    return 0;
+}
+
+/* header.frames against the payload frames: the count, each descriptor, each length. */
+static int check_frames(const cJSON *h, const schema_t *s, const kvm_req_frame_t *pay, int n_pay, kvm_req_error_t *e) {
+    const cJSON *fr = cJSON_GetObjectItemCaseSensitive(h, "frames");
+    int n_desc = fr ? cJSON_GetArraySize(fr) : 0;
+    if (n_desc != n_pay)
+        return fail(e, KVM_EPROTO, "frames", "%s: %d payload frame(s) but header.frames describes %d", s->name, n_pay, n_desc);
+    if (n_desc > 0 && !s->frames) return fail(e, KVM_EPROTO, "frames", "%s: takes no payload frames", s->name);
+    if (n_desc > 1) return fail(e, KVM_EPROTO, "frames", "%s: takes at most one payload frame", s->name);
+    int i = 0;
+    char path[64];
+    for (const cJSON *d = fr ? fr->child : NULL; d; d = d->next, i++) {
+        snprintf(path, sizeof path, "frames[%d]", i);
+        if (!cJSON_IsObject(d)) return fail(e, KVM_EPROTO, path, "%s: %s must be an object", s->name, path);
+        const cJSON *dt = cJSON_GetObjectItemCaseSensitive(d, "dtype"), *sh = cJSON_GetObjectItemCaseSensitive(d, "shape");
+        const cJSON *nm = cJSON_GetObjectItemCaseSensitive(d, "name");
+        for (const cJSON *c = d->child; c; c = c->next)
+            if (strcmp(c->string, "dtype") && strcmp(c->string, "shape") && strcmp(c->string, "name"))
+                return fail(e, KVM_EPROTO, path, "%s: %s: unknown field '%s'", s->name, path, c->string);
+        if (nm && !cJSON_IsString(nm)) return fail(e, KVM_EPROTO, path, "%s: %s.name must be a string", s->name, path);
+        size_t esz = cJSON_IsString(dt) ? dtype_size(dt->valuestring) : 0;
+        if (!esz) return fail(e, KVM_EPROTO, path, "%s: %s.dtype must be one of u8, i32, i64, f16, bf16, f32", s->name, path);
+        if (!cJSON_IsArray(sh) || cJSON_GetArraySize(sh) < 1 || cJSON_GetArraySize(sh) > 8)
+            return fail(e, KVM_EPROTO, path, "%s: %s.shape must be an array of 1 to 8 sizes", s->name, path);
+        double bytes = (double)esz;
+        for (const cJSON *x = sh->child; x; x = x->next) {
+            if (!cJSON_IsNumber(x) || !int_in(x, 0, 1e12))
+                return fail(e, KVM_EPROTO, path, "%s: %s.shape holds a size that is not a non-negative integer", s->name, path);
+            bytes *= x->valuedouble;
+        }
+        if (bytes != (double)pay[i].len)
+            return fail(e, KVM_EPROTO, path, "%s: %s: shape x dtype is %.0f bytes, the frame has %zu", s->name, path, bytes, pay[i].len);
+    }
+    return 0;
+}
+
+static const char *str_of(const cJSON *h, const char *k) {
+    const cJSON *j = cJSON_GetObjectItemCaseSensitive(h, k);
+    return cJSON_IsString(j) ? j->valuestring : NULL;
+}
+
+/* A required string field that satisfies ok(). */
+static int need_str(const cJSON *h, const char *k, bool (*ok)(const char *), const char *what, const char **out,
+                    const char *type, kvm_req_error_t *e) {
+    const char *s = str_of(h, k);
+    if (!s) return fail(e, KVM_EINVAL, k, "%s: field '%s' is required", type, k);
+    if (!ok(s)) return fail(e, KVM_EINVAL, k, "%s: field '%s' must be %s", type, k, what);
+    *out = s;
+    return 0;
+}
+
+static bool id_ok(const char *s) { return printable(s, KVM_REQ_ID_MAX); }
+
+static int decode_hello(const cJSON *h, kvm_req_t *r, kvm_req_error_t *e) {
+    r->client = str_of(h, "client");
+    if (r->client && strlen(r->client) > 128) return fail(e, KVM_EINVAL, "client", "hello: field 'client' is longer than 128 bytes");
+    const cJSON *vs = cJSON_GetObjectItemCaseSensitive(h, "versions");
+    if (vs) {
+        bool one = false;
+        int i = 0;
+        for (const cJSON *v = vs->child; v; v = v->next, i++) {
+            char p[32];
+            snprintf(p, sizeof p, "versions[%d]", i);
+            if (!cJSON_IsNumber(v) || !int_in(v, 0, 1e6)) return fail(e, KVM_EINVAL, p, "hello: %s must be an integer", p);
+            one |= v->valuedouble == 1;
+        }
+        if (!one) return fail(e, KVM_EVERSION, "versions", "hello: no version this daemon speaks (it speaks 1)");
+    }
+    const cJSON *w = cJSON_GetObjectItemCaseSensitive(h, "want");
+    int i = 0;
+    for (const cJSON *x = w ? w->child : NULL; x; x = x->next, i++) {
+        char p[32];
+        snprintf(p, sizeof p, "want[%d]", i);
+        if (!cJSON_IsString(x)) return fail(e, KVM_EINVAL, p, "hello: %s must be a string", p);
+    }
+    return 0;
+}
+
+static int decode_wf_load(const cJSON *h, const kvm_req_frame_t *pay, int n_pay, const kvm_req_limits_t *lim,
+                          kvm_req_t *r, kvm_req_error_t *e) {
+    int rc = need_str(h, "name", name_ok, "1 to 64 letters, digits, '_', '-' or '.', not starting with '.'", &r->name,
+                      "workflow.load", e);
+    if (rc) return rc;
+    const char *src = str_of(h, "source");
+    if (src && n_pay) return fail(e, KVM_EINVAL, "source", "workflow.load: the source is either field 'source' or frame 0, not both");
+    if (!src && !n_pay) return fail(e, KVM_EINVAL, "source", "workflow.load: field 'source' (or payload frame 0) is required");
+    r->source = src ? src : pay[0].data;
+    r->source_len = src ? strlen(src) : pay[0].len;
+    if (r->source_len == 0) return fail(e, KVM_EINVAL, "source", "workflow.load: the source is empty");
+    if (r->source_len > lim->max_source)
+        return fail(e, KVM_EINVAL, "source", "workflow.load: the source is %zu bytes, over the limit of %zu", r->source_len, lim->max_source);
+    if (memchr(r->source, 0, r->source_len)) return fail(e, KVM_EINVAL, "source", "workflow.load: the source holds a NUL byte");
+    return 0;
+}
+
+static int decode_stream(const cJSON *st, kvm_req_t *r, kvm_req_error_t *e) {
+    int i = 0;
+    for (const cJSON *x = st ? st->child : NULL; x; x = x->next, i++) {
+        char p[32];
+        snprintf(p, sizeof p, "stream[%d]", i);
+        unsigned bit = !cJSON_IsString(x) ? 0u
+                       : !strcmp(x->valuestring, "tokens") ? (unsigned)KVM_STREAM_TOKENS
+                       : !strcmp(x->valuestring, "steps")  ? (unsigned)KVM_STREAM_STEPS
+                       : !strcmp(x->valuestring, "kv")     ? (unsigned)KVM_STREAM_KV
+                                                           : 0u;
+        if (!bit) return fail(e, KVM_EINVAL, p, "run.start: %s must be one of \"tokens\", \"steps\", \"kv\"", p);
+        if (r->stream & bit) return fail(e, KVM_EINVAL, p, "run.start: %s repeats '%s'", p, x->valuestring);
+        r->stream |= bit;
+    }
+    return 0;
+}
+
+static int decode_seed(const cJSON *s, kvm_req_t *r, kvm_req_error_t *e) {
+    if (!s) {
+        r->seed = 1;
+        return 0;
+    }
+    if (cJSON_IsNumber(s)) {
+        if (!int_in(s, 0, 9007199254740992.0))
+            return fail(e, KVM_EINVAL, "seed", "run.start: field 'seed' must be an integer in [0, 2^53] (larger ones as a decimal string)");
+        r->seed = (uint64_t)s->valuedouble;
+        return 0;
+    }
+    const char *t = s->valuestring;
+    size_t n = strlen(t);
+    uint64_t v = 0;
+    bool ok = n > 0 && n <= 20;
+    for (size_t i = 0; ok && i < n; i++) {
+        ok = t[i] >= '0' && t[i] <= '9' && v <= (UINT64_MAX - (uint64_t)(t[i] - '0')) / 10;
+        if (ok) v = v * 10 + (uint64_t)(t[i] - '0');
+    }
+    if (!ok) return fail(e, KVM_EINVAL, "seed", "run.start: field 'seed' must be a decimal string of a 64-bit unsigned integer");
+    r->seed = v;
+    return 0;
+}
+
+static int decode_run_start(const cJSON *h, kvm_req_t *r, kvm_req_error_t *e) {
+    int rc = need_str(h, "workflow", name_ok, "a workflow name (1 to 64 letters, digits, '_', '-' or '.')", &r->name, "run.start", e);
+    if (!rc) rc = decode_seed(cJSON_GetObjectItemCaseSensitive(h, "seed"), r, e);
+    if (!rc) rc = decode_stream(cJSON_GetObjectItemCaseSensitive(h, "stream"), r, e);
+    if (rc) return rc;
+    r->inputs = cJSON_GetObjectItemCaseSensitive(h, "inputs");
+    r->dataset = cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(h, "dataset"));
+    return 0;
+}
+
+static int decode_body(const cJSON *h, const kvm_req_frame_t *pay, int n_pay, const kvm_req_limits_t *lim, kvm_req_t *r,
+                       kvm_req_error_t *e) {
+    const char *fmt = NULL;
+    switch (r->type) {
+    case KVM_REQ_HELLO: return decode_hello(h, r, e);
+    case KVM_REQ_WORKFLOW_LOAD: return decode_wf_load(h, pay, n_pay, lim, r, e);
+    case KVM_REQ_WORKFLOW_DROP:
+        return need_str(h, "name", name_ok, "a workflow name (1 to 64 letters, digits, '_', '-' or '.')", &r->name, r->type_name, e);
+    case KVM_REQ_RUN_START: return decode_run_start(h, r, e);
+    case KVM_REQ_TRACE_GET:
+        fmt = str_of(h, "format");
+        if (fmt && strcmp(fmt, "jsonl")) return fail(e, KVM_EINVAL, "format", "trace.get: field 'format' must be \"jsonl\"");
+        /* fall through */
+    case KVM_REQ_RUN_CANCEL:
+    case KVM_REQ_RUN_STATUS: return need_str(h, "run_id", id_ok, "a run id (1 to 64 printable bytes)", &r->run_id, r->type_name, e);
+    default: return 0;
+    }
+}
+
+/* The common header fields: v, type, id, deadline_ms, trace. */
+static int decode_common(const cJSON *h, kvm_req_t *r, const schema_t **sch, kvm_req_error_t *e) {
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(h, "v");
+    if (!v) return fail(e, KVM_EPROTO, "v", "header: field 'v' (the protocol version) is required");
+    if (!cJSON_IsNumber(v)) return fail(e, KVM_EPROTO, "v", "header: field 'v' must be a number");
+    if (v->valuedouble != 1) return fail(e, KVM_EVERSION, "v", "header: protocol version %g is not supported (this daemon speaks 1)", v->valuedouble);
+    const cJSON *t = cJSON_GetObjectItemCaseSensitive(h, "type");
+    if (!t) return fail(e, KVM_EPROTO, "type", "header: field 'type' is required");
+    if (!cJSON_IsString(t)) return fail(e, KVM_EPROTO, "type", "header: field 'type' must be a string");
+    const cJSON *id = cJSON_GetObjectItemCaseSensitive(h, "id");
+    if (!id) return fail(e, KVM_EPROTO, "id", "header: field 'id' is required");
+    if (!cJSON_IsString(id) || !id_ok(id->valuestring))
+        return fail(e, KVM_EINVAL, "id", "header: field 'id' must be a string of 1 to %d printable bytes", KVM_REQ_ID_MAX);
+    *sch = NULL;
+    for (size_t i = 0; i < N_SCHEMAS; i++)
+        if (!strcmp(k_schemas[i].name, t->valuestring)) *sch = &k_schemas[i];
+    if (!*sch) return fail(e, KVM_EINVAL, "type", "header: unknown type '%.64s'", t->valuestring);
+    r->type = (*sch)->type;
+    r->type_name = (*sch)->name;
+    int rc = check_fields(h, *sch, e);
+    if (rc) return rc;
+    const cJSON *dl = cJSON_GetObjectItemCaseSensitive(h, "deadline_ms");
+    r->deadline_ms = -1;
+    if (dl) {
+        if (!int_in(dl, 0, 86400000)) return fail(e, KVM_EINVAL, "deadline_ms", "header: field 'deadline_ms' must be an integer in [0, 86400000]");
+        r->deadline_ms = (int64_t)dl->valuedouble;
+    }
+    const char *tr = str_of(h, "trace");
+    if (tr && strlen(tr) > 128) return fail(e, KVM_EINVAL, "trace", "header: field 'trace' is longer than 128 bytes");
+    return 0;
+}
+
+/* Framing and the header's JSON; *out the parsed object. */
+static int parse_header(const kvm_req_frame_t *frames, int n, const kvm_req_limits_t *lim, cJSON **out, kvm_req_error_t *e) {
+    if (n < 1 || frames[0].len != 0)
+        return fail(e, KVM_EPROTO, "", "framing: the first frame after the identity must be the empty delimiter");
+    if (n < 2) return fail(e, KVM_EPROTO, "", "framing: no header frame after the delimiter");
+    size_t total = 0;
+    for (int i = 0; i < n; i++) total += frames[i].len;
+    if (total > lim->max_message) return fail(e, KVM_EPROTO, "", "framing: the message is %zu bytes, over the limit of %zu", total, lim->max_message);
+    const kvm_req_frame_t *hf = &frames[1];
+    if (hf->len > lim->max_header) return fail(e, KVM_EPROTO, "", "header: %zu bytes, over the limit of %zu", hf->len, lim->max_header);
+    if (hf->len == 0) return fail(e, KVM_EPROTO, "", "header: the header frame is empty");
+    const char *txt = hf->data, *end = NULL;
+    /* JSON allows no control byte but \t \n \r, even inside strings; cJSON would skip them as whitespace */
+    for (size_t i = 0; i < hf->len; i++) {
+        unsigned char ch = (unsigned char)txt[i];
+        if (ch < 0x20 && ch != '\t' && ch != '\n' && ch != '\r')
+            return fail(e, KVM_EPROTO, "", "header: control byte 0x%02x at byte %zu", ch, i);
+    }
+    kvm_errclear();
+    cJSON *h = cJSON_ParseWithLengthOpts(txt, hf->len, &end, 0);
+    if (!h) {
+        if (kvm_errcode() == KVM_ENOMEM) return fail(e, KVM_ENOMEM, "", "header: out of memory parsing it");
+        size_t at = end && end >= txt && end <= txt + hf->len ? (size_t)(end - txt) : 0;
+        return fail(e, KVM_EPROTO, "", "header: not valid JSON (near byte %zu)", at);
+    }
+    for (const char *p = end; p && p < txt + hf->len; p++)
+        if (*p != ' ' && *p != '\t' && *p != '\r' && *p != '\n') {
+            cJSON_Delete(h);
+            return fail(e, KVM_EPROTO, "", "header: unexpected text after the JSON object at byte %zu", (size_t)(p - txt));
+        }
+    if (!cJSON_IsObject(h)) {
+        cJSON_Delete(h);
+        return fail(e, KVM_EPROTO, "", "header: not a JSON object");
+    }
+    *out = h;
+    return 0;
+}
+
+int kvm_req_decode(const kvm_req_frame_t *frames, int n_frames, const kvm_req_limits_t *lim, kvm_req_t *out,
+                   kvm_req_error_t *err) {
+    const kvm_req_limits_t def = kvm_req_default_limits();
+    if (!lim) lim = &def;
+    memset(out, 0, sizeof *out);
+    memset(err, 0, sizeof *err);
+    cJSON *h = NULL;
+    int rc = parse_header(frames, n_frames, lim, &h, err);
+    if (rc) return rc;
+    const cJSON *id = cJSON_GetObjectItemCaseSensitive(h, "id");
+    if (cJSON_IsString(id) && id_ok(id->valuestring)) {
+        err->has_id = true;
+        snprintf(err->id, sizeof err->id, "%s", id->valuestring);
+        snprintf(out->id, sizeof out->id, "%s", id->valuestring);
+    }
+    char dup[128] = "";
+    rc = find_duplicate(h, dup, sizeof dup, 0, 0);
+    if (rc == KVM_ENOMEM) rc = fail(err, KVM_ENOMEM, "", "header: out of memory checking it");
+    else if (rc == KVM_ERANGE) rc = fail(err, KVM_EINVAL, dup, "header: nested deeper than 64 levels");
+    else if (rc) rc = fail(err, KVM_EINVAL, dup, "header: duplicate key '%s'", dup);
+    const schema_t *sch = NULL;
+    if (!rc) rc = decode_common(h, out, &sch, err);
+    if (!rc) rc = check_frames(h, sch, frames + 2, n_frames - 2, err);
+    if (!rc) rc = decode_body(h, frames + 2, n_frames - 2, lim, out, err);
+    if (rc) {
+        cJSON_Delete(h);
+        memset(out, 0, sizeof *out);
+        return rc;
+    }
+    out->header = h;
+    return 0;
+}
+
+void kvm_req_clear(kvm_req_t *r) {
+    if (!r) return;
+    cJSON_Delete(r->header);
+    memset(r, 0, sizeof *r);
+}

@@ -1,0 +1,116 @@
+"""serve_load.py KVMESH [--clients 64] [--seconds 120] [--mock | --model PATH] - load on `kvmesh serve` (a program,
+not a timed test; figures in docs/perf/serve.md).
+
+Starts a daemon on loopback, then N client threads, each with its own DEALER socket, send a mix of requests for
+the given time: runs of a two-agent workflow (streaming tokens), run.status of their last run, ping, stats,
+workflow.list. It reports the requests served, errors, latency percentiles per type (ping: the daemon's request
+overhead as a client sees it, loopback and Python included), and the daemon's RSS sampled every second (warm-up =
+the first quarter of the time).
+"""
+import argparse
+import os
+import random
+import sys
+import threading
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+sys.path.insert(0, os.path.join(ROOT, "tests", "serve"))
+
+from daemon import PAIR, Daemon  # noqa: E402
+from kvmesh_client import KvmeshError  # noqa: E402
+
+
+def rss_kb(pid):
+    try:
+        with open("/proc/%d/status" % pid) as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except OSError:
+        return -1
+    return -1
+
+
+def pct(xs, p):
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(p / 100.0 * len(xs)))]
+
+
+def worker(d, end, lat, errs, lock, seed):
+    rng = random.Random(seed)
+    c = d.client(timeout_s=300)
+    last_run = None
+    mine = {}
+    while time.time() < end:
+        kind = rng.choices(["run", "status", "ping", "stats", "list"], [4, 2, 6, 1, 1])[0]
+        t0 = time.perf_counter()
+        try:
+            if kind == "run":
+                done = c.run_sync("pair", inputs={"input": "task %d" % rng.randrange(1000)}, stream=["tokens"])
+                last_run = done["run_id"]
+            elif kind == "status" and last_run:
+                c.run_status(last_run)
+            elif kind == "status":
+                continue
+            elif kind == "ping":
+                c.ping()
+            elif kind == "stats":
+                c.stats()
+            else:
+                c.workflow_list()
+        except (KvmeshError, TimeoutError) as e:
+            with lock:
+                errs.append("%s: %s" % (kind, e))
+            continue
+        mine.setdefault(kind, []).append((time.perf_counter() - t0) * 1000)
+    c.close()
+    with lock:
+        for k, v in mine.items():
+            lat.setdefault(k, []).extend(v)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("kvmesh")
+    ap.add_argument("--clients", type=int, default=64)
+    ap.add_argument("--seconds", type=float, default=120)
+    ap.add_argument("--model", default=None, help="a model for every kvmesh.model() (default: the mock model)")
+    a = ap.parse_args()
+    args = ["--model", a.model] if a.model else ["--mock"]
+    d = Daemon(a.kvmesh, *args, "--max-client-runs", "4", "--client-timeout-ms", "60000")
+    c = d.client()
+    c.workflow_load("pair", PAIR)
+    lat, errs, lock = {}, [], threading.Lock()
+    end = time.time() + a.seconds
+    threads = [threading.Thread(target=worker, args=(d, end, lat, errs, lock, i)) for i in range(a.clients)]
+    rss = []
+    for t in threads:
+        t.start()
+    while time.time() < end:
+        rss.append(rss_kb(d.proc.pid))
+        time.sleep(1)
+    for t in threads:
+        t.join()
+    s = c.stats()
+    c.close()
+    rc = d.stop()
+    warm = rss[len(rss) // 4:] or rss
+    print("clients %d, %.0f s, daemon exit %d" % (a.clients, a.seconds, rc))
+    print("requests: %d, errors: %d%s" % (sum(len(v) for v in lat.values()), len(errs), (" (first: %s)" % errs[0]) if errs else ""))
+    print("%-7s %8s %9s %9s %9s" % ("type", "n", "p50 ms", "p99 ms", "max ms"))
+    for k in sorted(lat):
+        v = lat[k]
+        print("%-7s %8d %9.2f %9.2f %9.2f" % (k, len(v), pct(v, 50), pct(v, 99), max(v)))
+    print("daemon RSS MiB: start %.1f, after warm-up %.1f, end %.1f (min %.1f, max %.1f after warm-up)"
+          % (rss[0] / 1024, warm[0] / 1024, rss[-1] / 1024, min(warm) / 1024, max(warm) / 1024))
+    print("daemon: runs started %d, replies sent %d, dropped replies %d, bad requests %d"
+          % (s["server"]["runs_started"], s["net"]["sent"], s["net"]["dropped_replies"], s["server"]["bad_requests"]))
+    return 1 if errs or rc else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

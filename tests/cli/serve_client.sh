@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# serve_client.sh KVMESH SHARED - `kvmesh client` against a `kvmesh serve` daemon on the mock model: load a
+# workflow from a file, run it streaming tokens, errors with a non-zero exit, SIGTERM stops the daemon cleanly.
+set -u
+kvmesh=$1
+tmp=$(mktemp -d)
+dpid=
+cleanup() { [ -n "$dpid" ] && kill "$dpid" 2>/dev/null; rm -rf "$tmp"; }
+trap cleanup EXIT
+fail() { echo "FAIL $*"; [ -f "$tmp/d.log" ] && cat "$tmp/d.log"; exit 1; }
+cat > "$tmp/pair.lua" <<'LUA'
+local kvm = kvmesh
+local m = kvm.model('mock:echo')
+local g = kvm.graph{ name = 'pair' }
+g:agent('a', { model = m, template = 'Q: {input}\nA:', max_tokens = 4 })
+g:agent('b', { model = m, template = 'Q: {input}\nA: {agent.a}\nB:', max_tokens = 6 })
+g:edge(kvm.START, 'a')
+g:edge('a', 'b')
+return g
+LUA
+"$kvmesh" client --help > "$tmp/help" || fail "client --help"
+grep -q "run WORKFLOW" "$tmp/help" || fail "client --help lacks 'run WORKFLOW'"
+"$kvmesh" serve --help > "$tmp/help" || fail "serve --help"
+grep -q -- "--workflows" "$tmp/help" || fail "serve --help lacks --workflows"
+KVM_THREADS=1 "$kvmesh" serve --mock --bind 'tcp://127.0.0.1:*' --no-events 2> "$tmp/d.log" &
+dpid=$!
+ep=
+for _ in $(seq 100); do
+  ep=$(grep -o 'listening on tcp://127.0.0.1:[0-9]*' "$tmp/d.log" | sed 's/listening on //')
+  [ -n "$ep" ] && break
+  sleep 0.1
+done
+[ -n "$ep" ] || fail "the daemon did not listen"
+"$kvmesh" client --connect "$ep" load pair "$tmp/pair.lua" > "$tmp/out" || fail "client load"
+grep -q '"name":.*"pair"' "$tmp/out" || fail "load reply lacks the name"
+"$kvmesh" client --connect "$ep" run pair --input input="two plus two" > "$tmp/out" 2> "$tmp/err" || fail "client run: $(cat "$tmp/err")"
+grep -q "two plus two" "$tmp/out" || fail "client run streamed no tokens"
+grep -q "done: 2 agent steps" "$tmp/err" || fail "client run printed no summary: $(cat "$tmp/err")"
+"$kvmesh" client --connect "$ep" --json run pair --input input=x > "$tmp/out" 2>&1 || fail "client --json run"
+grep -q '"type":.*"done"' "$tmp/out" || fail "client --json run printed no done reply"
+"$kvmesh" client --connect "$ep" run nope > "$tmp/out" 2>&1 && fail "client run of an unknown workflow succeeded"
+grep -q "KVM_ENOENT" "$tmp/out" || fail "unknown workflow: no KVM_ENOENT ($(cat "$tmp/out"))"
+"$kvmesh" client --connect "$ep" runs > "$tmp/out" || fail "client runs"
+[ "$(grep -c '"run_id"' "$tmp/out")" -eq 2 ] || fail "client runs does not list the two runs"
+kill -TERM "$dpid"
+wait "$dpid" || fail "the daemon exited non-zero after SIGTERM"
+dpid=
+grep -q "stopped" "$tmp/d.log" || fail "the daemon did not say it stopped"
+echo "serve_client ok"

@@ -1,0 +1,146 @@
+"""test_protocol.py KVMESH TMP - every request type of `kvmesh serve` through the pyzmq client, on the mock model:
+hello, ping, stats, workflow.load/list/drop, run.start with each stream, run.status/list, trace.get, run.cancel,
+deadline_ms, the event stream (per-topic order, one seq across topics), a silent client losing its run, and
+SIGTERM draining a run going."""
+import os
+import subprocess
+import sys
+import time
+
+from daemon import LONG, PAIR, ROOT, SLOW, Checks, Daemon, Events, KvmeshError
+
+kvmesh, tmp = sys.argv[1], sys.argv[2]
+t = Checks()
+d = Daemon(kvmesh, "--mock", "--trace", tmp + "/traces", "--client-timeout-ms", "1500", "--recycle-runs", "3")
+try:
+    c = d.client()
+    ev = Events(d.events)
+    h = c.hello()
+    t.check(h["type"] == "hello.ok" and h["version"] == 1 and "run.start" in h["capabilities"]["types"], "hello answers hello.ok with version 1 and the types")
+    t.check(h["seq"] == 0 and h["id"].startswith("r-"), "a reply echoes the request id with seq 0")
+    t.check(c.ping()["type"] == "pong", "ping answers pong")
+    ok = c.workflow_load("pair", PAIR)
+    t.check(ok["name"] == "pair" and [a["name"] for a in ok["agents"]] == ["a", "b"], "workflow.load names the agents")
+    c.workflow_load("long", LONG % 4000)
+    c.workflow_load("slow", SLOW)
+    t.check(sorted(w["name"] for w in c.workflow_list()) == ["long", "pair", "slow"], "workflow.list lists the workflows")
+
+    # a run with every stream
+    time.sleep(0.3)  # the subscription reaches the daemon
+    msgs = list(c.run("pair", inputs={"input": "two plus two"}, seed=7, stream=["tokens", "steps", "kv"]))
+    types = [m["type"] for m in msgs]
+    t.check(types[0] == "run.accepted" and types[-1] == "done", "a run streams run.accepted first and done last")
+    t.check([m["seq"] for m in msgs] == list(range(len(msgs))), "the replies of a request carry seq 0, 1, 2, ...")
+    t.check(types.count("step") == 2 and types.count("kv") == 2, "two agent steps give two step and two kv messages")
+    text = "".join(m["text"] for m in msgs if m["type"] == "token" and m["agent"] == "a")
+    t.check("two plus two" in text, "token messages carry the agents' text as it is made")
+    done = msgs[-1]
+    t.check(done["outputs"] is not None and done["usage"]["agent_steps"] == 2, "done carries outputs and usage")
+    t.check(all(s["agent"] in ("a", "b") and "ttft_ms" in s["timings"] for s in done["steps"]), "done carries the TTFT of each agent step")
+    t.check(all(map(__import__("daemon").partition_ok, done["steps"])), "each step's KV partition sums to its input tokens")
+    run_id = done["run_id"]
+
+    st = c.run_status(run_id)
+    t.check(st["state"] == "done" and st["code"] == "KVM_OK" and len(st["steps"]) == 2, "run.status of an ended run: done, its steps")
+    t.check(any(r["run_id"] == run_id and r["mine"] for r in c.run_list()), "run.list shows the run as this client's")
+    recs = c.trace_get(run_id)
+    t.check(recs and recs[0].get("t") == "run.start" and recs[-1].get("t") == "run.end", "trace.get returns the run's trace, run.start to run.end")
+
+    # the events of that run: start, step, step, end, in order, seq increasing
+    seen, seqs = [], []
+    t0 = time.time()
+    while time.time() - t0 < 5 and "end" not in seen:
+        topic, seq, body = ev.recv()
+        if topic == "run." + run_id:
+            seen.append(body["type"])
+            seqs.append(seq)
+    t.check(seen == ["start", "step", "step", "end"], "the run's topic carries start, step, step, end (%s)" % seen)
+    t.check(seqs == sorted(seqs) and len(set(seqs)) == len(seqs), "event seqs increase")
+
+    # cancel a run going
+    rid = c.start("long", inputs={"input": "a b c d e f g h"}, stream=["tokens"])
+    accepted, ended = None, None
+    for m, _ in c.messages(rid):
+        if m["type"] == "run.accepted":
+            accepted = m["run_id"]
+        elif m["type"] == "token" and accepted and ended is None:
+            ended = c.run_cancel(accepted)
+        elif m["type"] in ("done", "error"):
+            last = m
+    t.check(ended is not None and ended["type"] == "ok", "run.cancel of a run going answers ok")
+    t.check(last["type"] == "error" and last["code"] == "KVM_ECANCELED", "the canceled run's stream ends with error KVM_ECANCELED")
+    t.check(last["run"]["state"] == "error", "the canceled run's error carries its figures")
+    try:
+        c.run_cancel(accepted)
+        t.check(False, "canceling an ended run is refused")
+    except KvmeshError as e:
+        t.check(e.code == "KVM_ESTALE", "canceling an ended run is KVM_ESTALE")
+
+    # deadline
+    try:
+        c.run_sync("long", inputs={"input": "x y z"}, deadline_ms=1)
+        t.check(False, "a run past its deadline ends with KVM_ETIMEDOUT")
+    except KvmeshError as e:
+        t.check(e.code == "KVM_ETIMEDOUT", "a run past its deadline ends with KVM_ETIMEDOUT")
+
+    # a client that starts a run and then sends nothing loses it
+    silent = d.client()
+    silent.ping_s = 1e9  # never pings
+    sid = silent.start("slow", inputs={"input": "silent client"}, id="s-1")
+    acc, _ = next(silent.messages(sid))
+    time.sleep(2.5)
+    st = c.run_status(acc["run_id"])
+    t.check(st["state"] == "error" and st["code"] == "KVM_ECANCELED", "a client silent past client_timeout_ms loses its run (%s)" % st.get("code"))
+    silent.close()
+
+    # a client that goes away mid-stream: its run is canceled at the next message the daemon cannot deliver
+    gone = d.client()
+    gid = gone.start("slow", inputs={"input": "vanishing client"}, stream=["tokens"], id="g-1")
+    acc, _ = next(gone.messages(gid))
+    gone.close()
+    t0 = time.time()
+    while time.time() - t0 < 10 and c.run_status(acc["run_id"])["state"] == "running":
+        time.sleep(0.1)
+    st = c.run_status(acc["run_id"])
+    # (which comes first depends on the load: a send failing to the vanished peer, or its silence)
+    t.check(st["state"] == "error" and st["code"] == "KVM_ECANCELED" and ("gone" in st.get("message", "") or "sent nothing" in st.get("message", "")),
+            "a client gone mid-stream loses its run (%s: %s)" % (st.get("code"), st.get("message")))
+
+    # the streaming example of examples/clients/python
+    ex = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "clients", "python", "stream.py"), "pair",
+                         "--connect", d.ctl, "--input", "input=streamed words"], capture_output=True, text=True, timeout=120)
+    t.check(ex.returncode == 0 and "[a] " in ex.stdout and "streamed words" in ex.stdout and "done" in ex.stdout,
+            "examples/clients/python/stream.py streams a run's tokens (%r)" % ex.stdout[-200:])
+
+    # workflow instances recycled every 3 runs: runs go on, the old runs stay queryable, memory is given back
+    more = [c.run_sync("pair", inputs={"input": "recycle %d" % i})["run_id"] for i in range(7)]
+    s = c.stats()["server"]
+    t.check(s["workflow_reloads"] >= 2, "a workflow is loaded afresh every --recycle-runs runs (%d reloads)" % s["workflow_reloads"])
+    st = c.run_status(run_id)
+    t.check(st["state"] == "done" and len(st["steps"]) == 2 and st["outputs"], "a run of a recycled instance keeps its status, steps and outputs")
+    t.check(len(c.trace_get(run_id)) > 2 and len(c.trace_get(more[0])) > 2, "and its trace")
+    t.check([w["runs"] for w in c.workflow_list() if w["name"] == "pair"] == [9], "workflow.list counts the runs over the instances")
+
+    # workflow.drop
+    c.workflow_drop("pair")
+    t.check(sorted(w["name"] for w in c.workflow_list()) == ["long", "slow"], "workflow.drop removes the workflow")
+    t.check(c.run_status(run_id)["state"] == "done", "a dropped workflow's ended runs stay queryable")
+
+    s = c.stats()
+    t.check(s["server"]["runs_started"] >= 4 and "models" in s["runtime"] and s["reuse"]["agent_steps"] >= 2, "stats reports runs, the runtime's models and reuse")
+    t.check(s["net"]["subscriptions"] >= 1, "stats counts the event subscription")
+
+    # SIGTERM drains: a run going still completes, then the daemon exits 0
+    c.workflow_load("mid", LONG % 300)
+    rid = c.start("mid", inputs={"input": "drain me"})
+    first, _ = next(c.messages(rid))
+    d.proc.send_signal(15)
+    last = None
+    for m, _ in c.messages(rid):
+        last = m
+    t.check(first["type"] == "run.accepted" and last["type"] == "done", "after SIGTERM the run going still ends with done")
+    t.check(d.stop() == 0, "the daemon exits 0 after draining")
+    t.check(any("stopping" in l for l in d.log), "the daemon says it is stopping")
+finally:
+    d.kill()
+sys.exit(t.done())
