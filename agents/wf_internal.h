@@ -154,6 +154,7 @@ struct kvm_workflow {
     wf_graph_t **graphs;         /* every kvmesh.graph{} made by the script */
     int n_graphs;
     wf_graph_t *g;               /* the one the script returned */
+    bool frozen;                 /* the script has loaded: models, agents and graphs can no longer change */
     int env_ref;                 /* the script's (frozen) globals */
     int ctx_mt_ref;              /* metatable of ctx objects */
     wf_llm_t *llm;

@@ -298,6 +298,14 @@ static char *where_dup(lua_State *L) {
     return kvm_strdup(buf);
 }
 
+/* Raises when the script has loaded: the graph, its agents and models are sized into every run (run
+ * arrays, validation), so any change after that point is refused, naming the call. */
+static void check_unfrozen(lua_State *L, const char *call) {
+    if (getwf(L)->frozen)
+        luaL_error(L, "%s: the graph, its agents and models are frozen once the script has loaded "
+                      "(define them at load time, not from a node, router, dataset or scorer)", call);
+}
+
 static char *dup_or_die(lua_State *L, const char *s) {
     char *d = kvm_strdup(s ? s : "");
     if (!d) luaL_error(L, "out of memory");
@@ -559,6 +567,7 @@ static int l_now_ms(lua_State *L) {
 
 static int l_model(lua_State *L) {
     kvm_workflow_t *wf = getwf(L);
+    check_unfrozen(L, "kvmesh.model");
     const char *path;
     if (lua_type(L, 1) == LUA_TTABLE) {
         lua_getfield(L, 1, "path");
@@ -755,6 +764,7 @@ static int make_agent(lua_State *L, int t, const char *name_arg) {
 }
 
 static int l_agent(lua_State *L) {
+    check_unfrozen(L, "kvmesh.agent");
     luaL_checktype(L, 1, LUA_TTABLE);
     push_handle(L, WF_MT_AGENT, make_agent(L, 1, NULL));
     return 1;
@@ -762,8 +772,11 @@ static int l_agent(lua_State *L) {
 
 /* ---- kvmesh.graph ------------------------------------------------------------------------------- */
 
-static wf_graph_t *check_graph(lua_State *L, int i) {
+/* The graph of method `call` (e.g. "g:edge"): every graph method changes the graph, so each is refused
+ * once the script has loaded. */
+static wf_graph_t *check_graph(lua_State *L, int i, const char *call) {
     kvm_workflow_t *wf = getwf(L);
+    check_unfrozen(L, call);
     int idx = check_handle(L, i, WF_MT_GRAPH);
     return wf->graphs[idx];
 }
@@ -801,6 +814,7 @@ static void set_limits(lua_State *L, wf_graph_t *g, int t) {
 
 static int l_graph(lua_State *L) {
     kvm_workflow_t *wf = getwf(L);
+    check_unfrozen(L, "kvmesh.graph");
     if (!lua_isnoneornil(L, 1)) luaL_checktype(L, 1, LUA_TTABLE);
     else {
         lua_newtable(L);
@@ -907,9 +921,9 @@ static wf_node_t *add_node(lua_State *L, wf_graph_t *g, const char *name, int ki
     return n;
 }
 
-/* g:agent(name, spec | agent [, {writes = key}]) */
-static int g_agent(lua_State *L) {
-    wf_graph_t *g = check_graph(L, 1);
+/* g:agent(name, spec | agent [, {writes = key}]) (alias g:node) */
+static int g_agent_as(lua_State *L, const char *call) {
+    wf_graph_t *g = check_graph(L, 1, call);
     const char *name = luaL_checkstring(L, 2);
     int ai = test_handle(L, 3, WF_MT_AGENT);
     const char *writes = NULL;
@@ -926,9 +940,11 @@ static int g_agent(lua_State *L) {
     lua_settop(L, 1);
     return 1;
 }
+static int g_agent(lua_State *L) { return g_agent_as(L, "g:agent"); }
+static int g_node(lua_State *L) { return g_agent_as(L, "g:node"); }
 
-static int g_fnnode(lua_State *L, int kind) {
-    wf_graph_t *g = check_graph(L, 1);
+static int g_fnnode(lua_State *L, int kind, const char *call) {
+    wf_graph_t *g = check_graph(L, 1, call);
     const char *name = luaL_checkstring(L, 2);
     luaL_checktype(L, 3, LUA_TFUNCTION);
     const char *writes = lua_type(L, 4) == LUA_TTABLE ? opt_str_field(L, 4, "writes", "g:func") : NULL;
@@ -939,8 +955,9 @@ static int g_fnnode(lua_State *L, int kind) {
     lua_settop(L, 1);
     return 1;
 }
-static int g_func(lua_State *L) { return g_fnnode(L, WF_NODE_FUNC); }
-static int g_tool(lua_State *L) { return g_fnnode(L, WF_NODE_TOOL); }
+static int g_func(lua_State *L) { return g_fnnode(L, WF_NODE_FUNC, "g:func"); }
+static int g_tool(lua_State *L) { return g_fnnode(L, WF_NODE_TOOL, "g:tool"); }
+static int g_verifier(lua_State *L) { return g_fnnode(L, WF_NODE_TOOL, "g:verifier"); }
 
 static void free_names(char **v, int n) {
     for (int i = 0; i < n; i++) kvm_free(v[i]);
@@ -991,7 +1008,7 @@ void wf_free_strs(char **v, int n) {
 
 /* g:edge(from, to | {to...} [, {when = fn, on_error = bool}]) */
 static int g_edge(lua_State *L) {
-    wf_graph_t *g = check_graph(L, 1);
+    wf_graph_t *g = check_graph(L, 1, "g:edge");
     const char *from = luaL_checkstring(L, 2);
     luaL_checkany(L, 3);
     int when = LUA_NOREF;
@@ -1041,7 +1058,7 @@ static int g_edge(lua_State *L) {
 
 /* g:route(from, fn [, {targets...}]) */
 static int g_route(lua_State *L) {
-    wf_graph_t *g = check_graph(L, 1);
+    wf_graph_t *g = check_graph(L, 1, "g:route");
     const char *from = luaL_checkstring(L, 2);
     luaL_checktype(L, 3, LUA_TFUNCTION);
     int n = 0;
@@ -1070,7 +1087,7 @@ static int g_route(lua_State *L) {
 
 /* g:join({sources}, target [, {mode = "all" | "any"}]) */
 static int g_join(lua_State *L) {
-    wf_graph_t *g = check_graph(L, 1);
+    wf_graph_t *g = check_graph(L, 1, "g:join");
     luaL_checktype(L, 2, LUA_TTABLE);
     const char *target = luaL_checkstring(L, 3);
     bool all = true;
@@ -1096,7 +1113,7 @@ static int g_join(lua_State *L) {
 }
 
 static int g_limit(lua_State *L) {
-    wf_graph_t *g = check_graph(L, 1);
+    wf_graph_t *g = check_graph(L, 1, "g:limit");
     luaL_checktype(L, 2, LUA_TTABLE);
     set_limits(L, g, 2);
     lua_settop(L, 1);
@@ -1111,12 +1128,13 @@ static int set_fn(lua_State *L, int *ref) {
     lua_settop(L, 1);
     return 1;
 }
-static int g_output(lua_State *L) { return set_fn(L, &check_graph(L, 1)->output_ref); }
-static int g_dataset(lua_State *L) { return set_fn(L, &check_graph(L, 1)->dataset_ref); }
-static int g_score(lua_State *L) { return set_fn(L, &check_graph(L, 1)->score_ref); }
+static int g_output(lua_State *L) { return set_fn(L, &check_graph(L, 1, "g:output")->output_ref); }
+static int g_dataset(lua_State *L) { return set_fn(L, &check_graph(L, 1, "g:dataset")->dataset_ref); }
+static int g_score(lua_State *L) { return set_fn(L, &check_graph(L, 1, "g:score")->score_ref); }
 
 static int g_tostring(lua_State *L) {
-    wf_graph_t *g = check_graph(L, 1);
+    kvm_workflow_t *wf = getwf(L);
+    wf_graph_t *g = wf->graphs[check_handle(L, 1, WF_MT_GRAPH)];
     lua_pushfstring(L, "graph '%s' (%d nodes, %d edges)", g->name, g->n_nodes, g->n_edges);
     return 1;
 }
@@ -1411,8 +1429,8 @@ static void l_warn(void *ud, const char *msg, int tocont) {
 
 static const luaL_Reg kvmesh_fns[] = {{"model", l_model}, {"agent", l_agent}, {"graph", l_graph}, {"json", l_json},
                                       {"now_ms", l_now_ms}, {"log", c_log}, {NULL, NULL}};
-static const luaL_Reg graph_methods[] = {{"agent", g_agent}, {"node", g_agent}, {"func", g_func}, {"tool", g_tool},
-                                         {"verifier", g_tool}, {"edge", g_edge}, {"route", g_route}, {"join", g_join},
+static const luaL_Reg graph_methods[] = {{"agent", g_agent}, {"node", g_node}, {"func", g_func}, {"tool", g_tool},
+                                         {"verifier", g_verifier}, {"edge", g_edge}, {"route", g_route}, {"join", g_join},
                                          {"limit", g_limit}, {"output", g_output}, {"dataset", g_dataset}, {"score", g_score},
                                          {NULL, NULL}};
 
@@ -1622,6 +1640,7 @@ int wf_lua_load_script(kvm_workflow_t *wf, const char *chunkname, const char *sr
         return rc;
     }
     wf->g = wf->graphs[gi];
+    wf->frozen = true; /* from here on, nothing may change the graph, the agents or the models */
     lua_settop(L, top);
     lua_pushcfunction(L, freeze_env);
     if (lua_pcall(L, 0, 0, 0) != LUA_OK) {

@@ -1,0 +1,140 @@
+/* test_lua_hostile.c - hostile scripts against the Lua boundary (issue 19): none corrupts memory, hangs
+ * past its budgets or raises its own limits; each ends with a clear error naming what it tried.
+ * One test per behaviour; `test_lua_hostile NAME_PATTERN` runs only the matching tests. */
+#include <math.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cmocka.h>
+
+#include "agents/wf.h"
+
+static kvm_wf_opts_t opts(void) {
+    kvm_wf_opts_t o = {0};
+    o.max_instructions = 20000000;
+    o.lua_cpu_ms = 20000;
+    o.run_mem_cap_bytes = (size_t)16 << 20;
+    return o;
+}
+
+/* The last run's message. */
+static char g_msg[8192];
+
+/* Loads src (head of a graph with agent 'a' and func node 'f' whose body is `body`) and runs it once
+ * with opts o; returns the run's status (or the load's error code) and keeps the message in g_msg. */
+static int run_src(const char *src, const kvm_wf_opts_t *o) {
+    kvm_workflow_t *wf = kvm_wf_load_string("hostile.lua", src, strlen(src), o);
+    if (!wf) {
+        snprintf(g_msg, sizeof g_msg, "%s", kvm_errmsg());
+        return kvm_errcode();
+    }
+    int run;
+    cJSON *in = cJSON_CreateObject();
+    cJSON_AddStringToObject(in, "input", "hello world");
+    assert_int_equal(kvm_wf_start(wf, in, 1, &run), 0);
+    cJSON_Delete(in);
+    assert_int_equal(kvm_wf_drive(wf), 0);
+    const char *m = NULL;
+    int st = kvm_wf_run_status(wf, run, &m);
+    snprintf(g_msg, sizeof g_msg, "%s", m ? m : "");
+    kvm_wf_free(wf);
+    return st;
+}
+
+#define HEAD                                                                                    \
+    "local kvm = kvmesh\n"                                                                      \
+    "local m = kvm.model('mock:echo')\n"                                                        \
+    "local g = kvm.graph{ name = 'h', state = { r = kvm.reduce.replace } }\n"                   \
+    "local a = g:agent('a', { model = m, template = 'Q: {input}', max_tokens = 4 })\n"
+
+/* A func node 'f' after agent 'a' running body (ctx, g, m are in scope). */
+static int run_body_o(const char *body, const kvm_wf_opts_t *o) {
+    char *src = malloc(strlen(body) + 1024);
+    sprintf(src, HEAD "g:func('f', function(state, last, ctx)\n%s\nend)\n"
+                      "g:edge(kvm.START, 'a')\ng:edge('a', 'f')\nreturn g\n", body);
+    int st = run_src(src, o);
+    free(src);
+    return st;
+}
+
+static int run_body(const char *body) {
+    kvm_wf_opts_t o = opts();
+    return run_body_o(body, &o);
+}
+
+static void expect_status(int st, int want) {
+    if (st != want) fail_msg("status %d (want %d), message:\n%s", st, want, g_msg);
+}
+
+static void expect_msg(const char *want) {
+    if (!strstr(g_msg, want)) fail_msg("message lacks '%s':\n%s", want, g_msg);
+}
+
+/* ---- 1. the graph and the agent set are frozen once the script has loaded -------------------------- */
+
+static void test_a_node_added_during_a_run_is_refused(void **s) {
+    (void)s;
+    expect_status(run_body("g:func('x', function() end)\nreturn {}"), KVM_ELUA_RUNTIME);
+    expect_msg("g:func");
+    expect_msg("frozen");
+    expect_msg("hostile.lua:6:");
+}
+
+static void test_an_agent_created_during_a_run_is_refused(void **s) {
+    (void)s;
+    expect_status(run_body("local b = kvm.agent{ name = 'late', model = m, template = 'x {input}', budget = 5 }\n"
+                              "ctx:call(b, { input = 'y' })\nreturn {}"),
+                     KVM_ELUA_RUNTIME);
+    expect_msg("kvmesh.agent");
+    expect_msg("frozen");
+}
+
+static void test_every_graph_or_agent_change_during_a_run_is_refused_naming_the_call(void **s) {
+    (void)s;
+    static const char *const calls[][2] = {
+        {"g:agent('x', { model = m, template = 't' })", "g:agent"}, {"g:node('x', a)", "g:node"},
+        {"g:tool('x', function() end)", "g:tool"},                  {"g:verifier('x', function() end)", "g:verifier"},
+        {"g:edge('a', 'f')", "g:edge"},                             {"g:join({ 'a' }, 'f')", "g:join"},
+        {"g:route('f', function() end)", "g:route"},                {"g:limit{ steps = 3 }", "g:limit"},
+        {"g:output(function() end)", "g:output"},                   {"g:dataset(function() end)", "g:dataset"},
+        {"g:score(function() end)", "g:score"},                     {"kvm.graph{}", "kvmesh.graph"},
+        {"kvm.model('mock:fail')", "kvmesh.model"},
+    };
+    for (size_t i = 0; i < sizeof calls / sizeof calls[0]; i++) {
+        char body[256];
+        snprintf(body, sizeof body, "%s\nreturn {}", calls[i][0]);
+        int st = run_body(body);
+        if (st != KVM_ELUA_RUNTIME || !strstr(g_msg, calls[i][1]) || !strstr(g_msg, "frozen"))
+            fail_msg("%s: status %d, message:\n%s", calls[i][0], st, g_msg);
+    }
+}
+
+static void test_a_graph_change_from_the_dataset_function_is_refused(void **s) {
+    (void)s;
+    const char *src = HEAD "g:edge(kvm.START, 'a')\n"
+                           "g:dataset(function(seed) g:func('late', function() end) return { input = 'x' } end)\n"
+                           "return g\n";
+    kvm_wf_opts_t o = opts();
+    kvm_workflow_t *wf = kvm_wf_load_string("hostile.lua", src, strlen(src), &o);
+    assert_non_null(wf);
+    int run;
+    assert_int_not_equal(kvm_wf_start_seeded(wf, 1, NULL, &run), 0);
+    if (!strstr(kvm_errmsg(), "g:func") || !strstr(kvm_errmsg(), "frozen")) fail_msg("message: %s", kvm_errmsg());
+    kvm_wf_free(wf);
+}
+
+int main(int argc, char **argv) {
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_a_node_added_during_a_run_is_refused),
+        cmocka_unit_test(test_an_agent_created_during_a_run_is_refused),
+        cmocka_unit_test(test_every_graph_or_agent_change_during_a_run_is_refused_naming_the_call),
+        cmocka_unit_test(test_a_graph_change_from_the_dataset_function_is_refused),
+    };
+    if (argc > 1) cmocka_set_test_filter(argv[1]);
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
