@@ -203,7 +203,8 @@ static int l_collectgarbage(lua_State *L) {
 
 static int is_locked(lua_State *L, int idx) {
     if (!lua_getmetatable(L, idx)) return 0;
-    lua_getfield(L, -1, "__metatable");
+    lua_pushliteral(L, "__metatable");
+    lua_rawget(L, -2);
     int locked = lua_type(L, -1) == LUA_TSTRING && !strcmp(lua_tostring(L, -1), "locked");
     lua_pop(L, 2);
     return locked;
@@ -316,6 +317,14 @@ static void *grow(lua_State *L, void *arr, int n, size_t elem) {
     void *na = kvm_realloc(arr, (size_t)(n + 1) * elem);
     if (!na) luaL_error(L, "out of memory");
     return na;
+}
+
+/* Pushes t[k] read raw (no __index: no script code runs inside a binding, and a value the table holds
+ * stays anchored by it) and returns its type. t is an absolute index. */
+static int raw_field(lua_State *L, int t, const char *k) {
+    luaL_checkstack(L, 2, "spec table");
+    lua_pushstring(L, k);
+    return lua_rawget(L, t);
 }
 
 static bool name_char(char c) { return isalnum((unsigned char)c) || c == '_' || c == '-'; }
@@ -570,8 +579,7 @@ static int l_model(lua_State *L) {
     check_unfrozen(L, "kvmesh.model");
     const char *path;
     if (lua_type(L, 1) == LUA_TTABLE) {
-        lua_getfield(L, 1, "path");
-        path = lua_tostring(L, -1);
+        path = raw_field(L, 1, "path") == LUA_TSTRING ? lua_tostring(L, -1) : NULL; /* stays on the stack */
         if (!path) return luaL_error(L, "kvmesh.model{...}: field 'path' (a string) is required");
     } else {
         path = luaL_checkstring(L, 1);
@@ -638,7 +646,7 @@ static void check_fields(lua_State *L, int t, const char *what, const char *cons
 }
 
 static lua_Number opt_num_field(lua_State *L, int t, const char *k, lua_Number def, const char *what) {
-    lua_getfield(L, t, k);
+    raw_field(L, t, k);
     lua_Number v = def;
     if (!lua_isnil(L, -1)) {
         if (!lua_isnumber(L, -1)) luaL_error(L, "%s: field '%s' must be a number (got %s)", what, k, luaL_typename(L, -1));
@@ -648,15 +656,16 @@ static lua_Number opt_num_field(lua_State *L, int t, const char *k, lua_Number d
     return v;
 }
 
+/* t[k] (read raw) when it is a string, else NULL (nil) or an error. A string is left on the stack, so it
+ * stays alive while the calling binding uses it, whatever happens to the table meanwhile. */
 static const char *opt_str_field(lua_State *L, int t, const char *k, const char *what) {
-    lua_getfield(L, t, k);
-    const char *s = NULL;
-    if (!lua_isnil(L, -1)) {
-        if (lua_type(L, -1) != LUA_TSTRING) luaL_error(L, "%s: field '%s' must be a string (got %s)", what, k, luaL_typename(L, -1));
-        s = lua_tostring(L, -1);
+    raw_field(L, t, k);
+    if (lua_isnil(L, -1)) {
+        lua_pop(L, 1);
+        return NULL;
     }
-    lua_pop(L, 1); /* the string stays alive: it is referenced by the table */
-    return s;
+    if (lua_type(L, -1) != LUA_TSTRING) luaL_error(L, "%s: field '%s' must be a string (got %s)", what, k, luaL_typename(L, -1));
+    return lua_tostring(L, -1);
 }
 
 /* Builds an agent from the spec table at index t (name may come from the argument). Returns its index.
@@ -670,7 +679,7 @@ static int make_agent(lua_State *L, int t, const char *name_arg) {
     if (!name || !*name) return luaL_error(L, "%s: field 'name' is required", what);
     for (int i = 0; i < wf->n_agents; i++)
         if (!strcmp(wf->agents[i].name, name)) return luaL_error(L, "%s: an agent named '%s' already exists (%s)", what, name, wf->agents[i].where);
-    lua_getfield(L, t, "model");
+    raw_field(L, t, "model");
     int model = test_handle(L, -1, WF_MT_MODEL);
     lua_pop(L, 1);
     if (model < 0) {
@@ -693,13 +702,13 @@ static int make_agent(lua_State *L, int t, const char *name_arg) {
     if (sp.temperature < 0 || sp.top_p < 0 || sp.top_p > 1 || sp.top_k < 0)
         return luaL_error(L, "%s '%s': need temperature >= 0, 0 <= top_p <= 1, top_k >= 0", what, name);
     lua_Number budget = opt_num_field(L, t, "budget", 0, what);
-    lua_getfield(L, t, "ignore_eos");
+    raw_field(L, t, "ignore_eos");
     bool ignore_eos = lua_toboolean(L, -1);
     lua_pop(L, 1);
     const char *kvs = opt_str_field(L, t, "kv", what);
     int kv = kvs ? wf_kv_policy_parse(kvs) : KVM_KV_KVCOMM;
     if (kv < 0) return luaL_error(L, "%s '%s': kv must be \"dense\", \"prefix\" or \"kvcomm\" (got \"%s\")", what, name, kvs);
-    lua_getfield(L, t, "stop");
+    raw_field(L, t, "stop");
     int stop_idx = lua_gettop(L);
     int n_stop = 0;
     if (lua_type(L, stop_idx) == LUA_TSTRING) n_stop = 1;
@@ -788,9 +797,9 @@ static int parse_reducer(lua_State *L, int idx, int *fn_ref, const char *key) {
         *fn_ref = luaL_ref(L, LUA_REGISTRYINDEX);
         return WF_RED_FUNC;
     }
-    const char *r = lua_tostring(L, idx);
+    const char *r = lua_type(L, idx) == LUA_TSTRING ? lua_tostring(L, idx) : NULL;
     static const char *const names[] = {"replace", "append", "merge", "sum", "max", "min"};
-    if (r && lua_type(L, idx) == LUA_TSTRING)
+    if (r)
         for (int i = 0; i < 6; i++)
             if (!strcmp(names[i], r)) return i;
     return luaL_error(L, "kvmesh.graph: state key '%s': the reducer must be kvmesh.reduce.<replace|append|merge|sum|max|min> "
@@ -834,7 +843,7 @@ static int l_graph(lua_State *L) {
     g->output_ref = g->dataset_ref = g->score_ref = LUA_NOREF;
     lua_newtable(L);
     g->init_ref = luaL_ref(L, LUA_REGISTRYINDEX);
-    lua_getfield(L, 1, "state");
+    raw_field(L, 1, "state");
     int st = lua_gettop(L);
     if (lua_type(L, st) == LUA_TTABLE) {
         lua_rawgeti(L, LUA_REGISTRYINDEX, g->init_ref);
@@ -850,7 +859,7 @@ static int l_graph(lua_State *L) {
                 lua_rawgeti(L, vi, 1);
                 red = parse_reducer(L, lua_gettop(L), &ref, k);
                 lua_pop(L, 1);
-                lua_getfield(L, vi, "init");
+                raw_field(L, vi, "init");
                 has_init = !lua_isnil(L, -1);
                 if (has_init) lua_setfield(L, init, k);
                 else lua_pop(L, 1);
@@ -891,7 +900,7 @@ static int l_graph(lua_State *L) {
         lua_setfield(L, -2, "msgs");
         lua_pop(L, 1);
     }
-    lua_getfield(L, 1, "limit");
+    raw_field(L, 1, "limit");
     if (lua_type(L, -1) == LUA_TTABLE) set_limits(L, g, lua_gettop(L));
     lua_pop(L, 1);
     push_handle(L, WF_MT_GRAPH, wf->n_graphs - 1);
@@ -1016,10 +1025,10 @@ static int g_edge(lua_State *L) {
     if (lua_type(L, 4) == LUA_TTABLE) {
         static const char *const ef[] = {"when", "on_error", NULL};
         check_fields(L, 4, "g:edge", ef);
-        lua_getfield(L, 4, "when");
+        raw_field(L, 4, "when");
         if (!lua_isnil(L, -1) && lua_type(L, -1) != LUA_TFUNCTION) return luaL_error(L, "g:edge: 'when' must be a function(state, last)");
         lua_pop(L, 1);
-        lua_getfield(L, 4, "on_error");
+        raw_field(L, 4, "on_error");
         on_error = lua_toboolean(L, -1);
         lua_pop(L, 1);
     } else if (!lua_isnoneornil(L, 4))
@@ -1027,7 +1036,7 @@ static int g_edge(lua_State *L) {
     int n;
     char **to = names_arg(L, 3, &n, "g:edge");
     if (lua_type(L, 4) == LUA_TTABLE) {
-        lua_getfield(L, 4, "when");
+        raw_field(L, 4, "when");
         if (lua_isfunction(L, -1)) when = luaL_ref(L, LUA_REGISTRYINDEX);
         else lua_pop(L, 1);
     }

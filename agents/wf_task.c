@@ -241,22 +241,28 @@ static const wf_key_t *find_key(const wf_graph_t *g, const char *k) {
     return NULL;
 }
 
-/* The smallest string key of the table at u (NULL if empty); *bad when a key is not a string. */
-static const char *least_key(lua_State *L, int u, bool *bad) {
-    const char *best = NULL;
+/* The smallest string key of the table at u, pushed (nil when the table is empty); *bad when a key is not
+ * a string. Keys compare as byte strings of their full length. */
+static void push_least_key(lua_State *L, int u, bool *bad) {
     *bad = false;
+    lua_pushnil(L);
+    int b = lua_gettop(L);
     lua_pushnil(L);
     while (lua_next(L, u)) {
         lua_pop(L, 1);
         if (lua_type(L, -1) != LUA_TSTRING) {
             *bad = true;
-            lua_pop(L, 1);
-            return NULL;
+            lua_settop(L, b);
+            return;
         }
-        const char *k = lua_tostring(L, -1);
-        if (!best || strcmp(k, best) < 0) best = k; /* the key stays alive: it is in the table */
+        size_t lk = 0, lb = 0;
+        const char *k = lua_tolstring(L, -1, &lk), *best = lua_isnil(L, b) ? NULL : lua_tolstring(L, b, &lb);
+        int c = best ? memcmp(k, best, lk < lb ? lk : lb) : -1;
+        if (c < 0 || (c == 0 && lk < lb)) {
+            lua_pushvalue(L, -1);
+            lua_replace(L, b);
+        }
     }
-    return best;
 }
 
 int wf_apply_updates(kvm_workflow_t *wf, wf_run_t *r, const wf_task_t *t, char **msg) {
@@ -283,24 +289,27 @@ int wf_apply_updates(kvm_workflow_t *wf, wf_run_t *r, const wf_task_t *t, char *
     int code = 0;
     for (;;) { /* keys in sorted order for determinism */
         bool bad;
-        const char *best = least_key(L, u, &bad);
+        push_least_key(L, u, &bad);
+        int kx = lua_gettop(L);
         if (bad) {
             *msg = wf_strf("%s: func node '%s' returned an update with a non-string key", n->where, n->name);
             code = KVM_EINVAL;
         }
-        if (!best) break;
-        char key[256];
-        snprintf(key, sizeof key, "%s", best);
+        if (lua_isnil(L, kx)) break;
+        const char *key = lua_tostring(L, kx); /* anchored at kx until the key is consumed */
         const wf_key_t *k = find_key(wf->g, key);
         if (!k) {
-            *msg = wf_strf("%s: func node '%s' updated state key '%s', which the graph does not declare", n->where, n->name, key);
+            *msg = wf_strf("%s: func node '%s' updated state key '%.200s', which the graph does not declare", n->where, n->name, key);
             code = KVM_EINVAL;
             break;
         }
-        lua_getfield(L, u, key);
+        lua_pushvalue(L, kx);
+        lua_rawget(L, u);
         code = wf_reduce(wf, r, k, n->name, msg);
+        lua_pushvalue(L, kx);
         lua_pushnil(L);
-        lua_setfield(L, u, key); /* consumed (the node's own table) */
+        lua_rawset(L, u); /* consumed (the node's own table) */
+        lua_settop(L, kx - 1);
         if (code) break;
     }
     lua_settop(L, u - 1);
@@ -353,8 +362,9 @@ static int slot_text(kvm_workflow_t *wf, wf_run_t *r, const wf_agent_t *a, int p
     const kvm_tpl_part_t *p = &a->parts[part];
     lua_State *L = r->th;
     *missing = false;
-    if (VL && vars) {
-        lua_getfield(VL, vars, p->source);
+    if (VL && vars) { /* read raw: no script code runs while the prompt is built */
+        lua_pushstring(VL, p->source);
+        lua_rawget(VL, vars);
         if (!lua_isnil(VL, -1)) {
             *out = wf_lua_value_text(VL, -1);
             lua_pop(VL, 1);

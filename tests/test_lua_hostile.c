@@ -50,7 +50,7 @@ static int run_src(const char *src, const kvm_wf_opts_t *o) {
     "local kvm = kvmesh\n"                                                                      \
     "local m = kvm.model('mock:echo')\n"                                                        \
     "local g = kvm.graph{ name = 'h', state = { r = kvm.reduce.replace } }\n"                   \
-    "local a = g:agent('a', { model = m, template = 'Q: {input}', max_tokens = 4 })\n"
+    "g:agent('a', { model = m, template = 'Q: {input}', max_tokens = 4 })\nlocal a = 'a'\n"
 
 /* A func node 'f' after agent 'a' running body (ctx, g, m are in scope). */
 static int run_body_o(const char *body, const kvm_wf_opts_t *o) {
@@ -82,7 +82,7 @@ static void test_a_node_added_during_a_run_is_refused(void **s) {
     expect_status(run_body("g:func('x', function() end)\nreturn {}"), KVM_ELUA_RUNTIME);
     expect_msg("g:func");
     expect_msg("frozen");
-    expect_msg("hostile.lua:6:");
+    expect_msg("hostile.lua:7:");
 }
 
 static void test_an_agent_created_during_a_run_is_refused(void **s) {
@@ -128,12 +128,49 @@ static void test_a_graph_change_from_the_dataset_function_is_refused(void **s) {
     kvm_wf_free(wf);
 }
 
+/* ---- 2. spec tables are read raw; strings are anchored while C uses them ----------------------------- */
+
+static void test_a_spec_table_is_read_raw_not_through_its_index_metamethod(void **s) {
+    (void)s;
+    /* __index builds fresh strings and garbage (so the collector runs while C would hold them) */
+    const char *src = HEAD "local junk = {}\n"
+                           "local spec = setmetatable({ model = m }, { __index = function(t, k)\n"
+                           "  for i = 1, 3000 do junk[i % 64] = ('j'):rep(200) .. i end\n"
+                           "  return 'fresh ' .. k .. ('!'):rep(64) end })\n"
+                           "g:agent('b', spec)\n"
+                           "g:edge(kvm.START, 'a')\nreturn g\n";
+    kvm_wf_opts_t o = opts();
+    expect_status(run_src(src, &o), KVM_ELUA_RUNTIME);
+    expect_msg("field 'template' is required");
+}
+
+static void test_ctx_call_reads_its_vars_raw(void **s) {
+    (void)s;
+    expect_status(run_body("local vars = setmetatable({}, { __index = function(t, k) error('index ran for ' .. k) end })\n"
+                              "local text, info = ctx:call(a, vars)\n"
+                              "return { r = text }"),
+                     0);
+}
+
+static void test_options_tables_are_read_raw(void **s) {
+    (void)s;
+    const char *src = HEAD "local opts = setmetatable({}, { __index = function(t, k) return 'sideways' end })\n"
+                           "g:func('f', function() end)\n"
+                           "g:join({ 'a' }, 'f', opts)\n"
+                           "g:edge(kvm.START, 'a')\nreturn g\n";
+    kvm_wf_opts_t o = opts();
+    expect_status(run_src(src, &o), 0); /* the bad mode would only come through __index */
+}
+
 int main(int argc, char **argv) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_a_node_added_during_a_run_is_refused),
         cmocka_unit_test(test_an_agent_created_during_a_run_is_refused),
         cmocka_unit_test(test_every_graph_or_agent_change_during_a_run_is_refused_naming_the_call),
         cmocka_unit_test(test_a_graph_change_from_the_dataset_function_is_refused),
+        cmocka_unit_test(test_a_spec_table_is_read_raw_not_through_its_index_metamethod),
+        cmocka_unit_test(test_ctx_call_reads_its_vars_raw),
+        cmocka_unit_test(test_options_tables_are_read_raw),
     };
     if (argc > 1) cmocka_set_test_filter(argv[1]);
     return cmocka_run_group_tests(tests, NULL, NULL);
