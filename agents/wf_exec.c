@@ -329,7 +329,7 @@ static void end_superstep(kvm_workflow_t *wf, wf_run_t *r) {
     wf_trace_checkpoint(wf, r);
     /* the last super-step's outputs are the run's outputs when nothing reached END */
     if (!code && count_ready(g, r) == 0 && !r->outputs) code = collect_outputs(wf, r, NULL, &msg);
-    wf_tasks_free(r);
+    wf_tasks_free(wf, r);
     r->need_end = false;
     if (code) finish_run(wf, r, code, msg);
 }
@@ -365,7 +365,7 @@ static void finish_run(kvm_workflow_t *wf, wf_run_t *r, int code, char *msg) {
     r->errmsg = msg;
     r->finished = true;
     wf_trace_run_end(wf, r, ms_since(r->t0_mono));
-    wf_tasks_free(r);
+    wf_tasks_free(wf, r);
     if (wf_llm_run_end(wf->llm, r->id) != 0) KVM_LOGW("run %s: committing its KV anchors failed: %s", r->id, kvm_errmsg());
     /* drop the run's Lua objects; the account goes when its last block is freed */
     luaL_unref(L, LUA_REGISTRYINDEX, r->state_ref);

@@ -193,6 +193,21 @@ int wf_graph_find(const wf_graph_t *g, const char *name);
 /* Frees an array of n strings and the array (NULL is a no-op). */
 void wf_free_strs(char **v, int n);
 
+/* The instruction/CPU hook of every Lua thread (wf_lua.c). */
+void wf_hook(lua_State *L, lua_Debug *ar);
+
+/* ---- wf_sandbox.c: C work done on a script's behalf, bounded by the run's budgets ----------------- */
+
+/* Charges `units` instructions of C work to the budget of the Lua executing now, and checks its CPU time:
+ * when either is over, the hook of thread L kills the run at its next instruction. */
+void wf_charge(lua_State *L, double units);
+/* Kills the run executing now with KVM_EBUDGET (as the hook does: pcall cannot swallow it) and raises
+ * "kvmesh: <message>" at the script's line. Does not return. */
+int wf_budget_kill(lua_State *L, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* Replaces the library functions whose C work depends on their arguments (patterns, string.rep, table
+ * ranges, byte scans, setmetatable) by wrappers that bound and charge it. G: the global table's index. */
+void wf_sandbox_wrap_libs(lua_State *L, int G);
+
 /* ---- runs ---------------------------------------------------------------------------------------- */
 
 enum wf_task_status { WF_T_RUNNING = 0, WF_T_WAIT, WF_T_DONE };
@@ -303,8 +318,9 @@ void wf_push_task_output(wf_run_t *r, const wf_task_t *t, const wf_graph_t *g);
 void wf_task_start(kvm_workflow_t *wf, wf_run_t *r, wf_task_t *t);
 /* Hands an engine result to the task waiting for it (agent node, ctx:call or one call of ctx:map). */
 void wf_deliver(kvm_workflow_t *wf, wf_llm_result_t *res);
-/* Releases the super-step's tasks (coroutines, references, texts). */
-void wf_tasks_free(wf_run_t *r);
+/* Releases the super-step's tasks (coroutines, references, texts). A coroutine left suspended or failed
+ * is closed under the run's budgets: its pending __close handlers are script code. */
+void wf_tasks_free(kvm_workflow_t *wf, wf_run_t *r);
 /* Sets up the run's Lua side (thread, inputs, state) under its own account. 0 or a Lua status. */
 int wf_run_setup(kvm_workflow_t *wf, wf_run_t *r);
 /* Calls a workflow-level function (dataset, score) with nargs arguments on wf->L on a scratch budget;

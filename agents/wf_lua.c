@@ -98,7 +98,7 @@ void wf_account_charge_close(kvm_workflow_t *wf, wf_account_t *a) {
 /* Charges executed instructions and Lua CPU time to the current budget. Once exceeded, the budget is
  * marked killed and the hook re-arms itself to fire on every instruction, so a pcall that catches the
  * error is hit again at once: the kill cannot be swallowed. */
-static void wf_hook(lua_State *L, lua_Debug *ar) {
+void wf_hook(lua_State *L, lua_Debug *ar) {
     (void)ar;
     kvm_workflow_t *wf = getwf(L);
     wf_budget_t *b = wf->cur_budget;
@@ -1499,6 +1499,7 @@ static int open_protected(lua_State *L) {
     lua_pushcfunction(L, l_randomseed);
     lua_setfield(L, -2, "randomseed");
     lua_pop(L, 1);
+    wf_sandbox_wrap_libs(L, G); /* before the library tables are frozen */
     /* lock the string metatable: scripts cannot reach or patch string methods */
     lua_pushliteral(L, "");
     lua_getmetatable(L, -1);

@@ -581,10 +581,11 @@ void wf_task_start(kvm_workflow_t *wf, wf_run_t *r, wf_task_t *t) {
     resume_task(wf, r, t, 3);
 }
 
-void wf_tasks_free(wf_run_t *r) {
+void wf_tasks_free(kvm_workflow_t *wf, wf_run_t *r) {
     for (int i = 0; i < r->n_tasks; i++) {
         wf_task_t *t = &r->tasks[i];
         if (t->co_ref != LUA_NOREF) {
+            wf_enter(wf, r); /* pending __close handlers run here: under the run's budgets */
 #if LUA_VERSION_RELEASE_NUM >= 50406
             lua_closethread(t->co, r->th);
 #elif LUA_VERSION_RELEASE_NUM == 50405
@@ -592,6 +593,7 @@ void wf_tasks_free(wf_run_t *r) {
 #else
             lua_resetthread(t->co);
 #endif
+            wf_leave(wf, r);
             luaL_unref(r->th, LUA_REGISTRYINDEX, t->co_ref);
         }
         if (t->out_ref != LUA_NOREF) luaL_unref(r->th, LUA_REGISTRYINDEX, t->out_ref);

@@ -162,6 +162,91 @@ static void test_options_tables_are_read_raw(void **s) {
     expect_status(run_src(src, &o), 0); /* the bad mode would only come through __index */
 }
 
+/* ---- 3b. library functions whose C work could run unbounded are charged to the run's budget --------- */
+
+static void test_string_rep_of_an_empty_string_with_a_huge_count_stops_at_the_budget(void **s) {
+    (void)s;
+    expect_status(run_body("local x = string.rep('', 1e15)\nreturn {}"), KVM_EBUDGET);
+    expect_msg("string.rep");
+}
+
+static void test_a_backtracking_pattern_stops_at_the_budget_before_it_runs(void **s) {
+    (void)s;
+    static const char *const calls[] = {"s:find(p)", "s:match(p)", "s:gmatch(p)()", "s:gsub(p, '')"};
+    for (size_t i = 0; i < sizeof calls / sizeof calls[0]; i++) {
+        char body[512];
+        snprintf(body, sizeof body, "local s = ('a'):rep(5000)\nlocal p = ('a-'):rep(20) .. 'b'\nlocal x = %s\nreturn {}", calls[i]);
+        int st = run_body(body);
+        if (st != KVM_EBUDGET || !strstr(g_msg, "pattern")) fail_msg("%s: status %d, message:\n%s", calls[i], st, g_msg);
+    }
+}
+
+static void test_a_plain_find_of_a_long_needle_stops_at_the_budget(void **s) {
+    (void)s;
+    expect_status(run_body("local s = ('a'):rep(4000000)\nlocal p = ('a'):rep(2000000) .. 'b'\n"
+                              "for i = 1, 100 do s:find(p, 1, true) end\nreturn {}"),
+                     KVM_EBUDGET);
+    expect_msg("string.find");
+}
+
+static void test_everyday_patterns_still_work(void **s) {
+    (void)s;
+    expect_status(run_body("local text = ('  word;'):rep(2000)\n"
+                              "local n = 0 for w in text:gmatch('[^;]+') do n = n + 1 end\n"
+                              "local t = text:match('^%s*(.-)%s*$')\n"
+                              "local u = text:gsub('%s+', ' ')\n"
+                              "assert(n == 2000 and #t == #text - 2 and text:find('word', 1, true) == 3)\n"
+                              "return { r = n }"),
+                     0);
+}
+
+static void test_table_functions_over_huge_ranges_stop_at_the_budget(void **s) {
+    (void)s;
+    static const char *const calls[][2] = {
+        {"table.move({}, 1, 1e15, 2)", "table.move"},
+        {"table.concat(setmetatable({}, { __index = table.concat }), '', 1, 1e15)", "table.concat"},
+        {"table.insert(setmetatable({}, { __len = function() return 1e15 end }), 1, 'x')", "table.insert"},
+        {"table.remove(setmetatable({}, { __len = function() return 1e15 end }), 1)", "table.remove"},
+    };
+    for (size_t i = 0; i < sizeof calls / sizeof calls[0]; i++) {
+        char body[512];
+        snprintf(body, sizeof body, "%s\nreturn {}", calls[i][0]);
+        int st = run_body(body);
+        if (st != KVM_EBUDGET || !strstr(g_msg, calls[i][1])) fail_msg("%s: status %d, message:\n%s", calls[i][0], st, g_msg);
+    }
+}
+
+static void test_scanning_a_long_string_in_c_is_charged_to_the_instruction_budget(void **s) {
+    (void)s;
+    expect_status(run_body("local s = ('x'):rep(4000000)\nfor i = 1, 1e6 do utf8.len(s) end\nreturn {}"), KVM_EBUDGET);
+    expect_msg("instruction budget");
+}
+
+/* ---- 3c. finalizers: scripts cannot install __gc; __close handlers run under the run's budget ------- */
+
+static void test_a_gc_metamethod_is_refused(void **s) {
+    (void)s;
+    expect_status(run_body("setmetatable({}, { __gc = function() while true do end end })\nreturn {}"), KVM_ELUA_RUNTIME);
+    expect_msg("__gc");
+}
+
+static void test_a_gc_metamethod_is_refused_at_load_too(void **s) {
+    (void)s;
+    const char *src = HEAD "setmetatable({}, { __gc = function() while true do end end })\n"
+                           "g:edge(kvm.START, 'a')\nreturn g\n";
+    kvm_wf_opts_t o = opts();
+    expect_status(run_src(src, &o), KVM_ELUA_RUNTIME);
+    expect_msg("__gc");
+}
+
+static void test_a_close_handler_left_by_a_failed_node_runs_under_the_budget(void **s) {
+    (void)s;
+    expect_status(run_body("local x <close> = setmetatable({}, { __close = function() while true do end end })\n"
+                              "error('node failed')"),
+                     KVM_ELUA_RUNTIME);
+    expect_msg("node failed");
+}
+
 int main(int argc, char **argv) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_a_node_added_during_a_run_is_refused),
@@ -171,6 +256,15 @@ int main(int argc, char **argv) {
         cmocka_unit_test(test_a_spec_table_is_read_raw_not_through_its_index_metamethod),
         cmocka_unit_test(test_ctx_call_reads_its_vars_raw),
         cmocka_unit_test(test_options_tables_are_read_raw),
+        cmocka_unit_test(test_string_rep_of_an_empty_string_with_a_huge_count_stops_at_the_budget),
+        cmocka_unit_test(test_a_backtracking_pattern_stops_at_the_budget_before_it_runs),
+        cmocka_unit_test(test_a_plain_find_of_a_long_needle_stops_at_the_budget),
+        cmocka_unit_test(test_everyday_patterns_still_work),
+        cmocka_unit_test(test_table_functions_over_huge_ranges_stop_at_the_budget),
+        cmocka_unit_test(test_scanning_a_long_string_in_c_is_charged_to_the_instruction_budget),
+        cmocka_unit_test(test_a_gc_metamethod_is_refused),
+        cmocka_unit_test(test_a_gc_metamethod_is_refused_at_load_too),
+        cmocka_unit_test(test_a_close_handler_left_by_a_failed_node_runs_under_the_budget),
     };
     if (argc > 1) cmocka_set_test_filter(argv[1]);
     return cmocka_run_group_tests(tests, NULL, NULL);
