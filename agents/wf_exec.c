@@ -180,11 +180,14 @@ static int route_targets(kvm_workflow_t *wf, wf_run_t *r, int from, char **msg) 
     return code;
 }
 
-/* A run that cannot keep its outputs must fail: a missing output would read as "not produced yet". */
+/* A run that cannot keep its outputs must fail: a missing output would read as "not produced yet". The
+ * conversion's message says why (a value over the conversion bounds, or out of memory). */
 static int outputs_nomem(char **msg) {
+    int code = kvm_errcode() == KVM_EBUDGET ? KVM_EBUDGET : KVM_ENOMEM;
     kvm_free(*msg);
-    *msg = kvm_strdup("out of memory collecting the run's outputs");
-    return KVM_ENOMEM;
+    *msg = code == KVM_EBUDGET ? wf_strf("collecting the run's outputs: %s", kvm_errmsg())
+                               : kvm_strdup("out of memory collecting the run's outputs");
+    return code;
 }
 
 /* Step 1 of a super-step's end: each completed node's output becomes its {agent.x} / {tool.x} text
@@ -361,6 +364,13 @@ static void finish_run(kvm_workflow_t *wf, wf_run_t *r, int code, char *msg) {
     cJSON_Delete(r->state);
     r->state = wf_lua_to_json(L, -1);
     lua_pop(L, 1);
+    if (!r->state) { /* kept as {} : the run fails with the reason, unless it failed already */
+        if (!code) {
+            code = kvm_errcode() == KVM_EBUDGET ? KVM_EBUDGET : KVM_ENOMEM;
+            msg = wf_strf("%s: the run's final state: %s", g->where, kvm_errmsg());
+        }
+        r->state = cJSON_CreateObject();
+    }
     r->err = code;
     r->errmsg = msg;
     r->finished = true;

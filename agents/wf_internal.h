@@ -172,13 +172,16 @@ int wf_lua_open(kvm_workflow_t *wf);
 /* Runs the script; it must return a graph. Validates it. 0 or KVM_ELUA_* / KVM_EINVAL with message. */
 int wf_lua_load_script(kvm_workflow_t *wf, const char *chunkname, const char *src, size_t len);
 /* Converts the Lua value at idx to JSON (plain data; handles and functions become descriptive
- * strings). Depth-limited; never raises. NULL only when out of memory (nothing half-built is left). */
+ * strings). Depth-limited and bounded: at most 2^20 values (a table reached twice counts twice, so a
+ * table DAG costs what it expands to) and the run memory cap in string bytes; the values visited are
+ * charged to the instruction budget of the Lua executing now. Never raises. NULL with a message when over
+ * those bounds (KVM_EBUDGET) or out of memory (KVM_ENOMEM); nothing half-built is left. */
 cJSON *wf_lua_to_json(lua_State *L, int idx);
 /* Pushes a JSON value as Lua data (objects -> tables, arrays -> sequences, null -> nil). May raise
  * a memory error: call inside a protected context or with room. */
 void wf_lua_push_json(lua_State *L, const cJSON *j);
 /* Text of a value for a {state.key} placeholder: strings as is, numbers/booleans via tostring,
- * tables as compact JSON, nil as "". New string (kvm_free). */
+ * tables as compact JSON, nil as "". New string (kvm_free); NULL with a message as wf_lua_to_json. */
 char *wf_lua_value_text(lua_State *L, int idx);
 /* The message handler used for every protected call: message + traceback. */
 int wf_lua_msgh(lua_State *L);

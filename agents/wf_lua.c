@@ -331,8 +331,22 @@ static bool name_char(char c) { return isalnum((unsigned char)c) || c == '_' || 
 
 /* ---- JSON <-> Lua ------------------------------------------------------------------------------- */
 
-static cJSON *to_json_rec(lua_State *L, int idx, int depth) {
+/* What one conversion may still build: values (a table reached twice is counted, and converted, twice)
+ * and bytes of string text. */
+typedef struct json_budget {
+    size_t nodes, bytes;
+    bool over;
+} json_budget_t;
+
+#define WF_JSON_MAX_NODES ((size_t)1 << 20)
+
+static cJSON *to_json_rec(lua_State *L, int idx, int depth, json_budget_t *jb) {
     idx = lua_absindex(L, idx);
+    if (jb->nodes == 0) {
+        jb->over = true;
+        return NULL;
+    }
+    jb->nodes--;
     switch (lua_type(L, idx)) {
     case LUA_TNIL: return cJSON_CreateNull();
     case LUA_TBOOLEAN: return cJSON_CreateBool(lua_toboolean(L, idx));
@@ -345,6 +359,11 @@ static cJSON *to_json_rec(lua_State *L, int idx, int depth) {
     case LUA_TSTRING: {
         size_t n;
         const char *s = lua_tolstring(L, idx, &n);
+        if (n > jb->bytes) {
+            jb->over = true;
+            return NULL;
+        }
+        jb->bytes -= n;
         return cJSON_CreateString(s); /* embedded NULs are cut: traces are text */
     }
     case LUA_TTABLE: {
@@ -360,7 +379,7 @@ static cJSON *to_json_rec(lua_State *L, int idx, int depth) {
             cJSON *a = cJSON_CreateArray();
             for (lua_Unsigned i = 1; a && i <= len; i++) {
                 lua_rawgeti(L, idx, (lua_Integer)i);
-                cJSON *c = to_json_rec(L, -1, depth + 1);
+                cJSON *c = to_json_rec(L, -1, depth + 1, jb);
                 lua_pop(L, 1);
                 if (!c || !cJSON_AddItemToArray(a, c)) { /* out of memory: nothing half-built survives */
                     cJSON_Delete(c);
@@ -385,7 +404,7 @@ static cJSON *to_json_rec(lua_State *L, int idx, int depth) {
                 snprintf(kb, sizeof kb, "<%s>", luaL_typename(L, -2));
                 k = kb;
             }
-            cJSON *c = to_json_rec(L, -1, depth + 1);
+            cJSON *c = to_json_rec(L, -1, depth + 1, jb);
             lua_pop(L, 1);
             if (!c || !cJSON_AddItemToObject(o, k, c)) {
                 cJSON_Delete(c);
@@ -416,7 +435,18 @@ static cJSON *to_json_rec(lua_State *L, int idx, int depth) {
     }
 }
 
-cJSON *wf_lua_to_json(lua_State *L, int idx) { return to_json_rec(L, idx, 0); }
+cJSON *wf_lua_to_json(lua_State *L, int idx) {
+    size_t cap = getwf(L)->o.run_mem_cap_bytes;
+    json_budget_t jb = {.nodes = WF_JSON_MAX_NODES, .bytes = cap};
+    cJSON *j = to_json_rec(L, idx, 0, &jb);
+    wf_charge(L, (double)(WF_JSON_MAX_NODES - jb.nodes) + (double)(cap - jb.bytes) / 64);
+    if (!j && jb.over)
+        kvm_seterr(KVM_EBUDGET, "value too large to convert to JSON (over %zu values or %zu MiB of text; a table reached "
+                                "twice counts twice)", WF_JSON_MAX_NODES, cap >> 20);
+    else if (!j)
+        kvm_seterr(KVM_ENOMEM, "out of memory converting a value to JSON");
+    return j;
+}
 
 void wf_lua_push_json(lua_State *L, const cJSON *j) {
     luaL_checkstack(L, 4, "json");
@@ -458,9 +488,11 @@ char *wf_lua_value_text(lua_State *L, int idx) {
     }
     default: {
         cJSON *j = wf_lua_to_json(L, idx);
+        if (!j) return NULL; /* the message says why */
         char *s = cJSON_PrintUnformatted(j);
         cJSON_Delete(j);
-        char *r = kvm_strdup(s ? s : "");
+        if (!s) kvm_seterr(KVM_ENOMEM, "out of memory converting a value to JSON");
+        char *r = s ? kvm_strdup(s) : NULL;
         cJSON_free(s);
         return r;
     }
@@ -470,7 +502,7 @@ char *wf_lua_value_text(lua_State *L, int idx) {
 static int l_json(lua_State *L) {
     luaL_checkany(L, 1);
     char *s = wf_lua_value_text(L, 1);
-    if (!s) return luaL_error(L, "out of memory");
+    if (!s) return luaL_error(L, "kvmesh.json: %s", kvm_errmsg());
     lua_pushstring(L, s);
     kvm_free(s);
     return 1;
@@ -497,7 +529,7 @@ static int l_host_call(lua_State *L) {
     }
     char *text = ok ? cJSON_PrintUnformatted(args) : NULL;
     cJSON_Delete(args);
-    if (!text) return luaL_error(L, "kvmesh.%s: out of memory", h->name);
+    if (!text) return luaL_error(L, "kvmesh.%s: %s", h->name, ok ? "out of memory" : kvm_errmsg());
     char *res = NULL;
     int rc = h->fn(h->ud, text, &res);
     cJSON_free(text);

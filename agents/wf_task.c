@@ -368,7 +368,9 @@ static int slot_text(kvm_workflow_t *wf, wf_run_t *r, const wf_agent_t *a, int p
         if (!lua_isnil(VL, -1)) {
             *out = wf_lua_value_text(VL, -1);
             lua_pop(VL, 1);
-            return *out ? 0 : KVM_ENOMEM;
+            if (*out) return 0;
+            return kvm_errctx(kvm_errcode() == KVM_EBUDGET ? KVM_EBUDGET : KVM_ENOMEM, "%s: agent '%s': placeholder {%s}", a->where,
+                              a->name, p->source);
         }
         lua_pop(VL, 1);
     }
@@ -402,7 +404,9 @@ static int slot_text(kvm_workflow_t *wf, wf_run_t *r, const wf_agent_t *a, int p
         break;
     }
     (void)wf;
-    return *out ? 0 : KVM_ENOMEM;
+    if (*out) return 0;
+    return kvm_errctx(kvm_errcode() == KVM_EBUDGET ? KVM_EBUDGET : KVM_ENOMEM, "%s: agent '%s': placeholder {%s}", a->where, a->name,
+                      p->source);
 }
 
 void wf_seen_free(wf_seen_t *s) {
@@ -849,7 +853,7 @@ static int run_setup_protected(lua_State *L) {
     lua_rawgeti(L, LUA_REGISTRYINDEX, g->init_ref);
     cJSON *init = wf_lua_to_json(L, -1);
     lua_pop(L, 1);
-    if (!init) return luaL_error(L, "not enough memory"); /* the state would miss its initial values */
+    if (!init) return luaL_error(L, "initial state: %s", kvm_errmsg()); /* the state would miss its initial values */
     wf_lua_push_json(L, init);
     cJSON_Delete(init);
     if (lua_isnil(L, -1)) {
@@ -895,8 +899,8 @@ int wf_call_scratch(kvm_workflow_t *wf, int nargs, cJSON **out, const char *what
     if (st != LUA_OK) {
         rc = kvm_seterr(b.killed ? KVM_EBUDGET : st == LUA_ERRMEM ? KVM_ELUA_MEMORY : KVM_ELUA_RUNTIME, "%s: %s", what,
                         lua_tostring(L, -1) ? lua_tostring(L, -1) : "not enough memory");
-    } else
-        *out = wf_lua_to_json(L, -1);
+    } else if (!(*out = wf_lua_to_json(L, -1)))
+        rc = kvm_errctx(kvm_errcode() ? kvm_errcode() : KVM_ENOMEM, "%s", what);
     lua_settop(L, base - 1);
     return rc;
 }

@@ -24,6 +24,7 @@ static char *ref_json_text(wf_run_t *r, int ref) {
     lua_rawgeti(r->th, LUA_REGISTRYINDEX, ref);
     cJSON *j = wf_lua_to_json(r->th, -1);
     lua_pop(r->th, 1);
+    if (!j) j = cJSON_CreateString(kvm_errmsg()); /* a value over the conversion bounds is recorded as why */
     char *s = json_text(j);
     cJSON_Delete(j);
     return s;

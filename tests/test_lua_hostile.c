@@ -162,6 +162,22 @@ static void test_options_tables_are_read_raw(void **s) {
     expect_status(run_src(src, &o), 0); /* the bad mode would only come through __index */
 }
 
+/* ---- 3a. JSON conversion has a node budget: a table DAG is never expanded exponentially -------------- */
+
+static void test_kvmesh_json_of_a_table_dag_is_refused_not_expanded(void **s) {
+    (void)s;
+    expect_status(run_body("local t = {} for i = 1, 40 do t = { t, t } end\n"
+                              "local ok, err = pcall(kvm.json, t)\n"
+                              "assert(not ok and tostring(err):find('too large'), tostring(err))\nreturn {}"),
+                     0);
+}
+
+static void test_a_state_holding_a_table_dag_fails_the_run_without_expanding_it(void **s) {
+    (void)s;
+    expect_status(run_body("local t = {} for i = 1, 40 do t = { t, t } end\nreturn { r = t }"), KVM_EBUDGET);
+    expect_msg("too large");
+}
+
 /* ---- 3b. library functions whose C work could run unbounded are charged to the run's budget --------- */
 
 static void test_string_rep_of_an_empty_string_with_a_huge_count_stops_at_the_budget(void **s) {
@@ -256,6 +272,8 @@ int main(int argc, char **argv) {
         cmocka_unit_test(test_a_spec_table_is_read_raw_not_through_its_index_metamethod),
         cmocka_unit_test(test_ctx_call_reads_its_vars_raw),
         cmocka_unit_test(test_options_tables_are_read_raw),
+        cmocka_unit_test(test_kvmesh_json_of_a_table_dag_is_refused_not_expanded),
+        cmocka_unit_test(test_a_state_holding_a_table_dag_fails_the_run_without_expanding_it),
         cmocka_unit_test(test_string_rep_of_an_empty_string_with_a_huge_count_stops_at_the_budget),
         cmocka_unit_test(test_a_backtracking_pattern_stops_at_the_budget_before_it_runs),
         cmocka_unit_test(test_a_plain_find_of_a_long_needle_stops_at_the_budget),
