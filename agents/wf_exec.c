@@ -455,9 +455,12 @@ int kvm_wf_start(kvm_workflow_t *wf, const cJSON *inputs, uint64_t seed, int *ru
         run_free(wf, r);
         return kvm_seterr(KVM_ENOMEM, "out of memory starting a run");
     }
-    r->acct->cap = g->lim_memory_mb > 0 ? (size_t)g->lim_memory_mb << 20 : wf->o.run_mem_cap_bytes;
-    r->budget.max_instructions = g->lim_instructions ? g->lim_instructions : wf->o.max_instructions;
-    r->budget.max_lua_ns = (uint64_t)((g->lim_lua_ms > 0 ? g->lim_lua_ms : wf->o.lua_cpu_ms) * 1e6);
+    /* every limit is the smaller of the operator's and the script's (g:limit may lower, never raise) */
+    r->acct->cap = wf->o.run_mem_cap_bytes;
+    if (g->lim_memory_mb > 0 && (uint64_t)g->lim_memory_mb < (r->acct->cap >> 20)) r->acct->cap = (size_t)g->lim_memory_mb << 20;
+    r->budget.max_instructions = wf->o.max_instructions;
+    if (g->lim_instructions && g->lim_instructions < r->budget.max_instructions) r->budget.max_instructions = g->lim_instructions;
+    r->budget.max_lua_ns = (uint64_t)((g->lim_lua_ms > 0 && g->lim_lua_ms < wf->o.lua_cpu_ms ? g->lim_lua_ms : wf->o.lua_cpu_ms) * 1e6);
     wf->runs[wf->n_runs++] = r;
     *run = r->idx;
     int st = wf_run_setup(wf, r); /* the Lua side, charged to the run */

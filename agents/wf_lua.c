@@ -109,10 +109,10 @@ void wf_hook(lua_State *L, lua_Debug *ar) {
         if (cnt != WF_HOOK_COUNT) lua_sethook(L, wf_hook, LUA_MASKCOUNT, WF_HOOK_COUNT);
         uint64_t used = b->lua_ns + (b->slice_t0 ? kvm_now_ns() - b->slice_t0 : 0);
         if (b->max_instructions && b->instructions > b->max_instructions)
-            snprintf(b->kill_msg, sizeof b->kill_msg, "instruction budget exceeded (%llu Lua instructions; raise it with g:limit{instructions = N})",
+            snprintf(b->kill_msg, sizeof b->kill_msg, "instruction budget exceeded (%llu; the smaller of --instructions and g:limit{instructions = N})",
                      (unsigned long long)b->max_instructions);
         else if (b->max_lua_ns && used > b->max_lua_ns)
-            snprintf(b->kill_msg, sizeof b->kill_msg, "Lua CPU budget exceeded (%.0f ms; raise it with g:limit{lua_ms = N})",
+            snprintf(b->kill_msg, sizeof b->kill_msg, "Lua CPU budget exceeded (%.0f ms; the smaller of --lua-ms and g:limit{lua_ms = N})",
                      (double)b->max_lua_ns / 1e6);
         else
             return;
@@ -690,6 +690,18 @@ static lua_Number opt_num_field(lua_State *L, int t, const char *k, lua_Number d
 
 /* t[k] (read raw) when it is a string, else NULL (nil) or an error. A string is left on the stack, so it
  * stays alive while the calling binding uses it, whatever happens to the table meanwhile. */
+/* opt_num_field checked to lie in [lo, hi] (NaN and infinities never do): a bad value is refused where it
+ * is defined, naming the field, instead of surfacing later as a wrapped integer or 'out of memory'. */
+static lua_Number num_in(lua_State *L, int t, const char *k, lua_Number def, lua_Number lo, lua_Number hi, const char *what) {
+    lua_Number v = opt_num_field(L, t, k, def, what);
+    if (!(v >= lo && v <= hi)) {
+        char m[512]; /* lua_pushfstring has no %g */
+        snprintf(m, sizeof m, "%s: field '%s' must be a number in [%.15g, %.15g] (got %g)", what, k, lo, hi, v);
+        luaL_error(L, "%s", m);
+    }
+    return v;
+}
+
 static const char *opt_str_field(lua_State *L, int t, const char *k, const char *what) {
     raw_field(L, t, k);
     if (lua_isnil(L, -1)) {
@@ -723,17 +735,16 @@ static int make_agent(lua_State *L, int t, const char *name_arg) {
     const char *tmpl = opt_str_field(L, t, "template", what);
     if (!tmpl) tmpl = opt_str_field(L, t, "prompt", what);
     if (!tmpl) return luaL_error(L, "%s '%s': field 'template' is required", what, name);
-    lua_Number max_tokens = opt_num_field(L, t, "max_tokens", 64, what);
-    if (max_tokens < 1 || max_tokens > 1 << 20) return luaL_error(L, "%s '%s': max_tokens must be in 1..1048576", what, name);
+    char aw[300];
+    snprintf(aw, sizeof aw, "%s '%.256s'", what, name);
+    lua_Number max_tokens = num_in(L, t, "max_tokens", 64, 1, 1 << 20, aw);
     kvm_sampler_params_t sp = {0};
-    sp.temperature = (float)opt_num_field(L, t, "temperature", 0, what);
-    sp.top_k = (int)opt_num_field(L, t, "top_k", 0, what);
-    sp.top_p = (float)opt_num_field(L, t, "top_p", 1, what);
-    sp.repetition_penalty = (float)opt_num_field(L, t, "repetition_penalty", 1, what);
-    sp.seed = (uint64_t)opt_num_field(L, t, "seed", 0, what);
-    if (sp.temperature < 0 || sp.top_p < 0 || sp.top_p > 1 || sp.top_k < 0)
-        return luaL_error(L, "%s '%s': need temperature >= 0, 0 <= top_p <= 1, top_k >= 0", what, name);
-    lua_Number budget = opt_num_field(L, t, "budget", 0, what);
+    sp.temperature = (float)num_in(L, t, "temperature", 0, 0, 1e4, aw);
+    sp.top_k = (int)num_in(L, t, "top_k", 0, 0, 1 << 30, aw);
+    sp.top_p = (float)num_in(L, t, "top_p", 1, 0, 1, aw);
+    sp.repetition_penalty = (float)num_in(L, t, "repetition_penalty", 1, 1e-6, 1e4, aw);
+    sp.seed = (uint64_t)num_in(L, t, "seed", 0, 0, 18446744073709549568.0, aw); /* the largest double below 2^64 */
+    lua_Number budget = num_in(L, t, "budget", 0, 0, 1e15, aw);
     raw_field(L, t, "ignore_eos");
     bool ignore_eos = lua_toboolean(L, -1);
     lua_pop(L, 1);
@@ -838,19 +849,23 @@ static int parse_reducer(lua_State *L, int idx, int *fn_ref, const char *key) {
                          "or a function(old, new)", key);
 }
 
+/* g:limit{...} / limit = {...}: each given value must be a finite number in range (absent: -1). A script
+ * may lower the operator's instruction, CPU and memory limits, never raise them (kvm_wf_start takes the
+ * minimum). */
 static void set_limits(lua_State *L, wf_graph_t *g, int t) {
     static const char *const lf[] = {"steps", "tokens", "wall_ms", "instructions", "memory_mb", "lua_ms", NULL};
     check_fields(L, t, "limit", lf);
+    const double big = 1e15;
     lua_Number v;
-    if ((v = opt_num_field(L, t, "steps", -1, "limit")) >= 0) {
+    if ((v = num_in(L, t, "steps", -1, -1, big, "limit")) >= 0) {
         if (v < 1) luaL_error(L, "limit: steps must be >= 1");
         g->lim_steps = (long)v;
     }
-    if ((v = opt_num_field(L, t, "tokens", -1, "limit")) >= 0) g->lim_tokens = (long)v;
-    if ((v = opt_num_field(L, t, "wall_ms", -1, "limit")) >= 0) g->lim_wall_ms = (long)v;
-    if ((v = opt_num_field(L, t, "instructions", -1, "limit")) >= 0) g->lim_instructions = (uint64_t)v;
-    if ((v = opt_num_field(L, t, "memory_mb", -1, "limit")) >= 0) g->lim_memory_mb = (long)v;
-    if ((v = opt_num_field(L, t, "lua_ms", -1, "limit")) >= 0) g->lim_lua_ms = v;
+    if ((v = num_in(L, t, "tokens", -1, -1, big, "limit")) >= 0) g->lim_tokens = (long)v;
+    if ((v = num_in(L, t, "wall_ms", -1, -1, big, "limit")) >= 0) g->lim_wall_ms = (long)v;
+    if ((v = num_in(L, t, "instructions", -1, -1, 1e18, "limit")) >= 0) g->lim_instructions = (uint64_t)v;
+    if ((v = num_in(L, t, "memory_mb", -1, -1, 1e9, "limit")) >= 0) g->lim_memory_mb = (long)v;
+    if ((v = num_in(L, t, "lua_ms", -1, -1, big, "limit")) >= 0) g->lim_lua_ms = v;
 }
 
 static int l_graph(lua_State *L) {

@@ -263,6 +263,77 @@ static void test_a_close_handler_left_by_a_failed_node_runs_under_the_budget(voi
     expect_msg("node failed");
 }
 
+/* ---- 4. limits are the minimum of the operator's and the script's --------------------------------- */
+
+static int run_with_limit(const char *limit, const char *body, const kvm_wf_opts_t *o) {
+    char src[2048];
+    snprintf(src, sizeof src, HEAD "g:func('f', function(state, last, ctx)\n%s\nend)\n"
+                                   "g:edge(kvm.START, 'a')\ng:edge('a', 'f')\ng:limit%s\nreturn g\n", body, limit);
+    return run_src(src, o);
+}
+
+static void test_a_script_cannot_raise_the_instruction_budget(void **s) {
+    (void)s;
+    kvm_wf_opts_t o = opts();
+    o.max_instructions = 2000000;
+    expect_status(run_with_limit("{ instructions = 1e12 }", "for i = 1, 5e6 do end\nreturn {}", &o), KVM_EBUDGET);
+    expect_msg("instruction budget");
+}
+
+static void test_a_script_cannot_raise_the_memory_cap(void **s) {
+    (void)s;
+    kvm_wf_opts_t o = opts();
+    o.run_mem_cap_bytes = (size_t)8 << 20;
+    expect_status(run_with_limit("{ memory_mb = 4096 }", "local t = {} for i = 1, 64 do t[i] = ('x'):rep(2^19) .. i end\nreturn {}", &o),
+                     KVM_ELUA_MEMORY);
+}
+
+static void test_a_script_cannot_raise_the_cpu_budget(void **s) {
+    (void)s;
+    kvm_wf_opts_t o = opts();
+    o.max_instructions = 1000000000000ULL;
+    o.lua_cpu_ms = 200;
+    expect_status(run_with_limit("{ lua_ms = 1e9, instructions = 1e12 }",
+                                    "local t0 = kvm.now_ms() while kvm.now_ms() - t0 < 4000 do end\nreturn {}", &o),
+                     KVM_EBUDGET);
+    expect_msg("CPU budget");
+}
+
+static void test_a_script_can_lower_its_limits(void **s) {
+    (void)s;
+    kvm_wf_opts_t o = opts();
+    expect_status(run_with_limit("{ instructions = 100000 }", "for i = 1, 1e6 do end\nreturn {}", &o), KVM_EBUDGET);
+}
+
+static void test_non_finite_limits_are_refused_naming_the_field(void **s) {
+    (void)s;
+    kvm_wf_opts_t o = opts();
+    expect_status(run_with_limit("{ instructions = 0/0 }", "return {}", &o), KVM_ELUA_RUNTIME);
+    expect_msg("instructions");
+    expect_status(run_with_limit("{ memory_mb = 1/0 }", "return {}", &o), KVM_ELUA_RUNTIME);
+    expect_msg("memory_mb");
+}
+
+/* ---- 7. sampling parameters are checked where the agent is defined -------------------------------- */
+
+static void test_bad_sampling_parameters_are_refused_naming_the_field(void **s) {
+    (void)s;
+    static const char *const bad[][2] = {
+        {"temperature = 0/0", "temperature"},  {"temperature = 1/0", "temperature"},   {"top_p = 0/0", "top_p"},
+        {"top_k = 1/0", "top_k"},              {"top_k = -1", "top_k"},                {"repetition_penalty = 0/0", "repetition_penalty"},
+        {"repetition_penalty = -1", "repetition_penalty"}, {"max_tokens = 0/0", "max_tokens"}, {"seed = -1", "seed"},
+        {"seed = 0/0", "seed"},                {"budget = 0/0", "budget"},             {"budget = -5", "budget"},
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        char src[1024];
+        snprintf(src, sizeof src, HEAD "g:agent('b', { model = m, template = 'x', %s })\ng:edge(kvm.START, 'a')\nreturn g\n", bad[i][0]);
+        kvm_wf_opts_t o = opts();
+        int st = run_src(src, &o);
+        if (st == 0 || !strstr(g_msg, bad[i][1]) || !strstr(g_msg, "hostile.lua:6:"))
+            fail_msg("%s: status %d, message:\n%s", bad[i][0], st, g_msg);
+    }
+}
+
 int main(int argc, char **argv) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_a_node_added_during_a_run_is_refused),
@@ -283,6 +354,12 @@ int main(int argc, char **argv) {
         cmocka_unit_test(test_a_gc_metamethod_is_refused),
         cmocka_unit_test(test_a_gc_metamethod_is_refused_at_load_too),
         cmocka_unit_test(test_a_close_handler_left_by_a_failed_node_runs_under_the_budget),
+        cmocka_unit_test(test_a_script_cannot_raise_the_instruction_budget),
+        cmocka_unit_test(test_a_script_cannot_raise_the_memory_cap),
+        cmocka_unit_test(test_a_script_cannot_raise_the_cpu_budget),
+        cmocka_unit_test(test_a_script_can_lower_its_limits),
+        cmocka_unit_test(test_non_finite_limits_are_refused_naming_the_field),
+        cmocka_unit_test(test_bad_sampling_parameters_are_refused_naming_the_field),
     };
     if (argc > 1) cmocka_set_test_filter(argv[1]);
     return cmocka_run_group_tests(tests, NULL, NULL);
