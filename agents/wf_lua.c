@@ -24,6 +24,25 @@ static kvm_workflow_t *getwf(lua_State *L) {
     return ud;
 }
 
+/* A copy of the n bytes at s as a C string, each NUL byte replaced by U+FFFD (traces, prompts and logs are C
+ * text: a NUL would cut them silently). kvm_free; NULL when out of memory. */
+static char *text_dup(const char *s, size_t n) {
+    size_t nul = 0;
+    for (size_t i = 0; i < n; i++) nul += s[i] == '\0';
+    char *d = kvm_malloc(n + 2 * nul + 1);
+    if (!d) return NULL;
+    size_t k = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (s[i]) d[k++] = s[i];
+        else {
+            memcpy(d + k, "\xEF\xBF\xBD", 3);
+            k += 3;
+        }
+    }
+    d[k] = '\0';
+    return d;
+}
+
 /* ---- allocator ---------------------------------------------------------------------------------- */
 
 typedef struct ahdr {
@@ -189,7 +208,11 @@ static int l_print(lua_State *L) {
         (void)l;
     }
     luaL_pushresult(&b);
-    wf_log(getwf(L), "info", lua_tostring(L, -1));
+    size_t len;
+    const char *s = lua_tolstring(L, -1, &len);
+    char *text = text_dup(s, len);
+    wf_log(getwf(L), "info", text ? text : s);
+    kvm_free(text);
     return 0;
 }
 
@@ -327,6 +350,17 @@ static int raw_field(lua_State *L, int t, const char *k) {
     return lua_rawget(L, t);
 }
 
+/* Argument idx as a name (a C string): one with a NUL byte is refused, not cut. */
+static const char *check_name(lua_State *L, int idx, const char *what) {
+    size_t n;
+    const char *s = luaL_checklstring(L, idx, &n);
+    if (strlen(s) != n) luaL_error(L, "%s: the name '%s...' contains a NUL byte", what, s);
+    return s;
+}
+
+/* The string at idx holds no NUL byte (it is used as a C string). */
+static bool no_nul(lua_State *L, int idx) { return strlen(lua_tostring(L, idx)) == lua_rawlen(L, idx); }
+
 static bool name_char(char c) { return isalnum((unsigned char)c) || c == '_' || c == '-'; }
 
 /* ---- JSON <-> Lua ------------------------------------------------------------------------------- */
@@ -364,7 +398,11 @@ static cJSON *to_json_rec(lua_State *L, int idx, int depth, json_budget_t *jb) {
             return NULL;
         }
         jb->bytes -= n;
-        return cJSON_CreateString(s); /* embedded NULs are cut: traces are text */
+        if (strlen(s) == n) return cJSON_CreateString(s);
+        char *t = text_dup(s, n); /* a NUL byte becomes U+FFFD: nothing is cut silently */
+        cJSON *j = t ? cJSON_CreateString(t) : NULL;
+        kvm_free(t);
+        return j;
     }
     case LUA_TTABLE: {
         if (depth > 32 || !lua_checkstack(L, 4)) return cJSON_CreateString("<table nested too deep>");
@@ -478,7 +516,11 @@ char *wf_lua_value_text(lua_State *L, int idx) {
     switch (lua_type(L, idx)) {
     case LUA_TNIL:
     case LUA_TNONE: return kvm_strdup("");
-    case LUA_TSTRING: return kvm_strdup(lua_tostring(L, idx));
+    case LUA_TSTRING: {
+        size_t n;
+        const char *s = lua_tolstring(L, idx, &n);
+        return text_dup(s, n);
+    }
     case LUA_TBOOLEAN: return kvm_strdup(lua_toboolean(L, idx) ? "true" : "false");
     case LUA_TNUMBER: {
         char b[64];
@@ -614,7 +656,7 @@ static int l_model(lua_State *L) {
         path = raw_field(L, 1, "path") == LUA_TSTRING ? lua_tostring(L, -1) : NULL; /* stays on the stack */
         if (!path) return luaL_error(L, "kvmesh.model{...}: field 'path' (a string) is required");
     } else {
-        path = luaL_checkstring(L, 1);
+        path = check_name(L, 1, "kvmesh.model");
     }
     char resolved[4096];
     const char *use = path;
@@ -709,6 +751,7 @@ static const char *opt_str_field(lua_State *L, int t, const char *k, const char 
         return NULL;
     }
     if (lua_type(L, -1) != LUA_TSTRING) luaL_error(L, "%s: field '%s' must be a string (got %s)", what, k, luaL_typename(L, -1));
+    if (!no_nul(L, -1)) luaL_error(L, "%s: field '%s' contains a NUL byte", what, k);
     return lua_tostring(L, -1);
 }
 
@@ -759,8 +802,8 @@ static int make_agent(lua_State *L, int t, const char *name_arg) {
         n_stop = (int)lua_rawlen(L, stop_idx);
         for (int i = 1; i <= n_stop; i++) {
             lua_rawgeti(L, stop_idx, i);
-            if (lua_type(L, -1) != LUA_TSTRING || !*lua_tostring(L, -1))
-                return luaL_error(L, "%s '%s': stop must be a non-empty string or a list of them", what, name);
+            if (lua_type(L, -1) != LUA_TSTRING || !*lua_tostring(L, -1) || !no_nul(L, -1))
+                return luaL_error(L, "%s '%s': stop must be a non-empty string (without NUL bytes) or a list of them", what, name);
             lua_pop(L, 1);
         }
     } else if (!lua_isnil(L, stop_idx))
@@ -897,7 +940,7 @@ static int l_graph(lua_State *L) {
         int init = lua_gettop(L);
         lua_pushnil(L);
         while (lua_next(L, st)) {
-            if (lua_type(L, -2) != LUA_TSTRING) return luaL_error(L, "kvmesh.graph: state keys must be strings");
+            if (lua_type(L, -2) != LUA_TSTRING || !no_nul(L, -2)) return luaL_error(L, "kvmesh.graph: state keys must be strings without NUL bytes");
             const char *k = lua_tostring(L, -2);
             if (!strcmp(k, "input")) return luaL_error(L, "kvmesh.graph: state key 'input' is reserved (it is the run's input)");
             int red, ref, vi = lua_gettop(L);
@@ -980,7 +1023,7 @@ static wf_node_t *add_node(lua_State *L, wf_graph_t *g, const char *name, int ki
 /* g:agent(name, spec | agent [, {writes = key}]) (alias g:node) */
 static int g_agent_as(lua_State *L, const char *call) {
     wf_graph_t *g = check_graph(L, 1, call);
-    const char *name = luaL_checkstring(L, 2);
+    const char *name = check_name(L, 2, call);
     int ai = test_handle(L, 3, WF_MT_AGENT);
     const char *writes = NULL;
     if (ai < 0) {
@@ -1001,7 +1044,7 @@ static int g_node(lua_State *L) { return g_agent_as(L, "g:node"); }
 
 static int g_fnnode(lua_State *L, int kind, const char *call) {
     wf_graph_t *g = check_graph(L, 1, call);
-    const char *name = luaL_checkstring(L, 2);
+    const char *name = check_name(L, 2, call);
     luaL_checktype(L, 3, LUA_TFUNCTION);
     const char *writes = lua_type(L, 4) == LUA_TTABLE ? opt_str_field(L, 4, "writes", "g:func") : NULL;
     wf_node_t *n = add_node(L, g, name, kind);
@@ -1024,6 +1067,7 @@ static void free_names(char **v, int n) {
 static char **names_arg(lua_State *L, int idx, int *n, const char *what) {
     *n = 0;
     if (lua_type(L, idx) == LUA_TSTRING) {
+        check_name(L, idx, what);
         char **v = kvm_calloc(1, sizeof *v);
         if (!v) luaL_error(L, "out of memory");
         v[0] = kvm_strdup(lua_tostring(L, idx));
@@ -1039,7 +1083,7 @@ static char **names_arg(lua_State *L, int idx, int *n, const char *what) {
     if (len == 0) luaL_error(L, "%s: the list of node names is empty", what);
     for (int i = 1; i <= len; i++) {
         lua_rawgeti(L, idx, i);
-        if (lua_type(L, -1) != LUA_TSTRING) luaL_error(L, "%s: item %d is not a node name", what, i);
+        if (lua_type(L, -1) != LUA_TSTRING || !no_nul(L, -1)) luaL_error(L, "%s: item %d is not a node name (a string without NUL bytes)", what, i);
         lua_pop(L, 1);
     }
     char **v = kvm_calloc((size_t)len, sizeof *v);
@@ -1065,7 +1109,7 @@ void wf_free_strs(char **v, int n) {
 /* g:edge(from, to | {to...} [, {when = fn, on_error = bool}]) */
 static int g_edge(lua_State *L) {
     wf_graph_t *g = check_graph(L, 1, "g:edge");
-    const char *from = luaL_checkstring(L, 2);
+    const char *from = check_name(L, 2, "g:edge");
     luaL_checkany(L, 3);
     int when = LUA_NOREF;
     bool on_error = false;
@@ -1115,7 +1159,7 @@ static int g_edge(lua_State *L) {
 /* g:route(from, fn [, {targets...}]) */
 static int g_route(lua_State *L) {
     wf_graph_t *g = check_graph(L, 1, "g:route");
-    const char *from = luaL_checkstring(L, 2);
+    const char *from = check_name(L, 2, "g:route");
     luaL_checktype(L, 3, LUA_TFUNCTION);
     int n = 0;
     char **targets = lua_isnoneornil(L, 4) ? NULL : names_arg(L, 4, &n, "g:route targets");
@@ -1145,7 +1189,7 @@ static int g_route(lua_State *L) {
 static int g_join(lua_State *L) {
     wf_graph_t *g = check_graph(L, 1, "g:join");
     luaL_checktype(L, 2, LUA_TTABLE);
-    const char *target = luaL_checkstring(L, 3);
+    const char *target = check_name(L, 3, "g:join");
     bool all = true;
     if (lua_type(L, 4) == LUA_TTABLE) {
         const char *mode = opt_str_field(L, 4, "mode", "g:join");

@@ -2,6 +2,7 @@
  * past its budgets or raises its own limits; each ends with a clear error naming what it tried.
  * One test per behaviour; `test_lua_hostile NAME_PATTERN` runs only the matching tests. */
 #include <math.h>
+#include <stdbool.h>
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -334,6 +335,83 @@ static void test_bad_sampling_parameters_are_refused_naming_the_field(void **s) 
     }
 }
 
+/* ---- 6. trace lines are valid UTF-8 JSON; names with NUL bytes are refused ------------------------------- */
+
+/* Whether the n bytes at s are valid UTF-8 (RFC 3629: no overlongs, surrogates or code points past U+10FFFF). */
+static bool valid_utf8(const unsigned char *s, size_t n) {
+    for (size_t i = 0; i < n;) {
+        unsigned c = s[i];
+        size_t len = c < 0x80 ? 1 : c >= 0xC2 && c <= 0xDF ? 2 : c >= 0xE0 && c <= 0xEF ? 3 : c >= 0xF0 && c <= 0xF4 ? 4 : 0;
+        if (!len || i + len > n) return false;
+        for (size_t k = 1; k < len; k++)
+            if ((s[i + k] & 0xC0) != 0x80) return false;
+        if ((c == 0xE0 && s[i + 1] < 0xA0) || (c == 0xED && s[i + 1] >= 0xA0) || (c == 0xF0 && s[i + 1] < 0x90) || (c == 0xF4 && s[i + 1] >= 0x90))
+            return false;
+        i += len;
+    }
+    return true;
+}
+
+static void test_invalid_utf8_and_nul_bytes_make_valid_json_trace_lines(void **s) {
+    (void)s;
+    char root[] = "/tmp/kvm_hostile_XXXXXX";
+    assert_non_null(mkdtemp(root));
+    const char *src = HEAD "g:func('f', function(state, last, ctx)\n"
+                           "  print('log \\255\\254 with a nul \\0 inside')\n"
+                           "  return { r = { ['key\\255'] = 'value \\192\\128 \\237\\160\\128 \\0 end', last.a } }\n"
+                           "end)\ng:edge(kvm.START, 'a')\ng:edge('a', 'f')\nreturn g\n";
+    kvm_wf_opts_t o = opts();
+    o.trace_root = root;
+    kvm_workflow_t *wf = kvm_wf_load_string("hostile.lua", src, strlen(src), &o);
+    assert_non_null(wf);
+    cJSON *in = cJSON_CreateObject();
+    cJSON_AddStringToObject(in, "input", "bad \xff\xfe bytes \xc3");
+    int run;
+    assert_int_equal(kvm_wf_start(wf, in, 1, &run), 0);
+    cJSON_Delete(in);
+    assert_int_equal(kvm_wf_drive(wf), 0);
+    expect_status(kvm_wf_run_status(wf, run, NULL), 0);
+    char path[4096];
+    snprintf(path, sizeof path, "%s/events.jsonl", kvm_wf_run_trace_dir(wf, run));
+    kvm_wf_free(wf);
+    FILE *f = fopen(path, "rb");
+    assert_non_null(f);
+    char *line = NULL;
+    size_t cap = 0;
+    ssize_t n;
+    int lines = 0;
+    bool saw_nul_mark = false;
+    while ((n = getline(&line, &cap, f)) > 0) {
+        lines++;
+        if (!valid_utf8((const unsigned char *)line, (size_t)n)) fail_msg("line %d is not valid UTF-8: %s", lines, line);
+        cJSON *j = cJSON_ParseWithLength(line, (size_t)n);
+        if (!j) fail_msg("line %d is not JSON: %s", lines, line);
+        cJSON_Delete(j);
+        saw_nul_mark |= strstr(line, "nul \xEF\xBF\xBD inside") != NULL;
+    }
+    free(line);
+    fclose(f);
+    assert_true(lines > 3);
+    assert_true(saw_nul_mark); /* the NUL became U+FFFD, the text after it was kept */
+    char cmd[4200];
+    snprintf(cmd, sizeof cmd, "rm -rf '%s'", root);
+    assert_int_equal(system(cmd), 0);
+}
+
+static void test_a_name_with_a_nul_byte_is_refused_at_load(void **s) {
+    (void)s;
+    static const char *const defs[] = {"g:func('x\\0y', function() end)", "g:agent('b\\0c', { model = m, template = 't' })",
+                                       "kvm.agent{ name = 'b\\0c', model = m, template = 't' }",
+                                       "g:agent('b', { model = m, template = 'x\\0 {input}' })", "g:edge('a\\0b', 'a')"};
+    for (size_t i = 0; i < sizeof defs / sizeof defs[0]; i++) {
+        char src[1024];
+        snprintf(src, sizeof src, HEAD "%s\ng:edge(kvm.START, 'a')\nreturn g\n", defs[i]);
+        kvm_wf_opts_t o = opts();
+        int st = run_src(src, &o);
+        if (st == 0 || !strstr(g_msg, "NUL") || !strstr(g_msg, "hostile.lua:6:")) fail_msg("%s: status %d, message:\n%s", defs[i], st, g_msg);
+    }
+}
+
 int main(int argc, char **argv) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_a_node_added_during_a_run_is_refused),
@@ -360,6 +438,8 @@ int main(int argc, char **argv) {
         cmocka_unit_test(test_a_script_can_lower_its_limits),
         cmocka_unit_test(test_non_finite_limits_are_refused_naming_the_field),
         cmocka_unit_test(test_bad_sampling_parameters_are_refused_naming_the_field),
+        cmocka_unit_test(test_invalid_utf8_and_nul_bytes_make_valid_json_trace_lines),
+        cmocka_unit_test(test_a_name_with_a_nul_byte_is_refused_at_load),
     };
     if (argc > 1) cmocka_set_test_filter(argv[1]);
     return cmocka_run_group_tests(tests, NULL, NULL);
