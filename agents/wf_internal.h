@@ -190,6 +190,10 @@ void wf_lua_push_proxy(lua_State *L);
 /* Index of the agent handle at idx, or -1 if it is not one. */
 int wf_lua_test_agent(lua_State *L, int idx);
 void wf_account_charge_close(kvm_workflow_t *wf, wf_account_t *a);
+/* Charges n bytes of C-side memory made for a run to its account: 0, or KVM_ELUA_MEMORY (nothing charged)
+ * when they do not fit its cap or the state's. wf_account_give() credits them back. */
+int wf_account_take(kvm_workflow_t *wf, wf_account_t *a, size_t n);
+void wf_account_give(kvm_workflow_t *wf, wf_account_t *a, size_t n);
 uint64_t wf_rng_next(uint64_t s[2]);
 /* Finds a node by name (-1 if none). */
 int wf_graph_find(const wf_graph_t *g, const char *name);
@@ -221,6 +225,9 @@ typedef struct wf_seen {
     kvm_trace_part_t *parts; /* [n] */
     char **texts;            /* [n] owned placeholder contents (NULL for fixed text) */
     int n;
+    kvm_workflow_t *wf;
+    wf_account_t *acct;      /* the run account its bytes are charged to (C-side copies count against the cap) */
+    size_t charged;
 } wf_seen_t;
 
 /* One node of a super-step. */

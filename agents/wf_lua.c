@@ -106,6 +106,16 @@ static void *wf_alloc(void *ud, void *ptr, size_t osize, size_t nsize) {
     return nh ? nh + 1 : ptr;
 }
 
+int wf_account_take(kvm_workflow_t *wf, wf_account_t *a, size_t n) {
+    if (wf->total_bytes + n > wf->total_cap || a->bytes + n > a->cap) return KVM_ELUA_MEMORY;
+    acct_add(wf, a, n);
+    return 0;
+}
+
+void wf_account_give(kvm_workflow_t *wf, wf_account_t *a, size_t n) {
+    if (a && n) acct_sub(wf, a, n);
+}
+
 void wf_account_charge_close(kvm_workflow_t *wf, wf_account_t *a) {
     if (!a) return;
     a->closed = true;

@@ -362,7 +362,12 @@ static int slot_text(kvm_workflow_t *wf, wf_run_t *r, const wf_agent_t *a, int p
     const kvm_tpl_part_t *p = &a->parts[part];
     lua_State *L = r->th;
     *missing = false;
-    if (VL && vars) { /* read raw: no script code runs while the prompt is built */
+    if (VL && vars && lua_type(VL, vars) == LUA_TSTRING) { /* ctx:map's bare string: the value of {input} */
+        if (p->src == KVM_TPL_INPUT && !p->key) {
+            *out = wf_lua_value_text(VL, vars);
+            return *out ? 0 : KVM_ENOMEM;
+        }
+    } else if (VL && vars) { /* read raw: no script code runs while the prompt is built */
         lua_pushstring(VL, p->source);
         lua_rawget(VL, vars);
         if (!lua_isnil(VL, -1)) {
@@ -411,6 +416,7 @@ static int slot_text(kvm_workflow_t *wf, wf_run_t *r, const wf_agent_t *a, int p
 
 void wf_seen_free(wf_seen_t *s) {
     if (!s) return;
+    wf_account_give(s->wf, s->acct, s->charged);
     for (int i = 0; s->texts && i < s->n; i++) kvm_free(s->texts[i]);
     kvm_free(s->texts);
     kvm_free(s->parts);
@@ -436,6 +442,17 @@ static int make_seen(kvm_workflow_t *wf, wf_run_t *r, int ai, lua_State *VL, int
         bool missing;
         rc = slot_text(wf, r, a, i, VL, vars, &s->texts[i], &missing);
         s->parts[i] = (kvm_trace_part_t){.slot = p->text, .src = p->source, .text = s->texts[i], .missing = missing};
+    }
+    /* the copies count against the run's memory cap while the call is in flight */
+    size_t bytes = sizeof *s + ((size_t)a->n_parts + 1) * (sizeof *s->parts + sizeof *s->texts);
+    for (int i = 0; rc == 0 && i < a->n_parts; i++) bytes += s->texts[i] ? strlen(s->texts[i]) + 1 : 0;
+    if (rc == 0 && wf_account_take(wf, r->acct, bytes) != 0)
+        rc = kvm_seterr(KVM_ELUA_MEMORY, "%s: agent '%s': its prompt pieces (%zu bytes) do not fit the run's memory cap (%zu MiB, %zu bytes in use)",
+                        a->where, a->name, bytes, r->acct->cap >> 20, r->acct->bytes);
+    else if (rc == 0) {
+        s->wf = wf;
+        s->acct = r->acct;
+        s->charged = bytes;
     }
     if (rc) {
         wf_seen_free(s);
@@ -671,9 +688,37 @@ int wf_ctx_call(lua_State *L) {
     return lua_yield(L, 0);
 }
 
+/* Writes the messages of ctx:map calls that could not be submitted into the results table as {error = msg}
+ * (run under lua_pcall: a memory error must not leak the batch). */
+static int map_fill_errors(lua_State *L) {
+    char **errs = lua_touserdata(L, 2);
+    int n = (int)lua_tointeger(L, 3);
+    for (int i = 0; i < n; i++) {
+        if (!errs[i]) continue;
+        lua_createtable(L, 0, 1);
+        lua_pushstring(L, errs[i]);
+        lua_setfield(L, -2, "error");
+        lua_rawseti(L, 1, i + 1);
+    }
+    return 0;
+}
+
+/* Releases a ctx:map batch that was not handed to its task. */
+static void map_batch_free(uint64_t *jobs, wf_seen_t **seen, char **errs, int n) {
+    for (int i = 0; i < n; i++) {
+        wf_seen_free(seen[i]);
+        kvm_free(errs[i]);
+    }
+    kvm_free(jobs);
+    kvm_free(seen);
+    kvm_free(errs);
+}
+
 /* ctx:map(agent, {vars1, vars2, ...}) -> {out1, out2, ...}: one call of the agent per element, all in
  * flight at once (they share forward passes); out_i is the text, or {error = msg} for a failed call.
- * An element may be a table of placeholder values (as ctx:call) or a string (the value of {input}). */
+ * An element may be a table of placeholder values (as ctx:call) or a string (the value of {input}).
+ * Nothing between the first C allocation and the hand-over to the task can raise: the prompts' copies are
+ * charged to the run's memory cap and freed on every path. */
 int wf_ctx_map(lua_State *L) {
     ctx_target_t c = ctx_agent_call_target(L, "ctx:map");
     kvm_workflow_t *wf = c.wf;
@@ -684,41 +729,41 @@ int wf_ctx_map(lua_State *L) {
     lua_createtable(L, n, 0);
     int res = lua_gettop(L);
     if (n == 0) return 1;
+    luaL_checkstack(L, 8, "ctx:map");
     uint64_t *jobs = kvm_calloc((size_t)n, sizeof *jobs);
     wf_seen_t **seen = kvm_calloc((size_t)n, sizeof *seen);
-    if (!jobs || !seen) {
+    char **errs = kvm_calloc((size_t)n, sizeof *errs);
+    if (!jobs || !seen || !errs) {
         kvm_free(jobs);
         kvm_free(seen);
+        kvm_free(errs);
         return luaL_error(L, "ctx:map: out of memory");
     }
     int left = 0;
     for (int i = 0; i < n; i++) {
         lua_rawgeti(L, 3, i + 1);
-        if (lua_type(L, -1) == LUA_TSTRING) { /* a bare string is {input} */
-            lua_createtable(L, 0, 1);
-            lua_insert(L, -2);
-            lua_setfield(L, -2, "input");
-        } else if (lua_type(L, -1) != LUA_TTABLE) {
-            lua_pop(L, 1);
-            lua_createtable(L, 0, 0);
-        }
+        int ty = lua_type(L, -1), vars = ty == LUA_TSTRING || ty == LUA_TTABLE ? lua_gettop(L) : 0;
         uint64_t job = ++wf->job_serial;
-        if (submit_agent(wf, c.r, c.ai, L, lua_gettop(L), job, &seen[i]) != 0) {
-            lua_createtable(L, 0, 1);
-            lua_pushstring(L, kvm_errmsg());
-            lua_setfield(L, -2, "error");
-            lua_rawseti(L, res, i + 1);
+        if (submit_agent(wf, c.r, c.ai, L, vars, job, &seen[i]) != 0) {
+            seen[i] = NULL;
+            if (!(errs[i] = kvm_strdup(kvm_errmsg()))) errs[i] = kvm_strdup("out of memory");
         } else {
             jobs[i] = job;
             left++;
         }
         lua_pop(L, 1);
     }
-    if (left == 0) {
-        kvm_free(jobs);
-        kvm_free(seen);
-        return 1;
+    lua_pushcfunction(L, map_fill_errors);
+    lua_pushvalue(L, res);
+    lua_pushlightuserdata(L, errs);
+    lua_pushinteger(L, n);
+    int st = lua_pcall(L, 3, 0, 0);
+    if (st != LUA_OK || left == 0) { /* results of calls already submitted find no task: they are dropped */
+        map_batch_free(jobs, seen, errs, n);
+        return st != LUA_OK ? lua_error(L) : 1;
     }
+    for (int i = 0; i < n; i++) kvm_free(errs[i]);
+    kvm_free(errs);
     lua_pushvalue(L, res);
     t->m_ref = luaL_ref(L, LUA_REGISTRYINDEX);
     t->mjobs = jobs;

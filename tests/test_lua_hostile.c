@@ -335,6 +335,17 @@ static void test_bad_sampling_parameters_are_refused_naming_the_field(void **s) 
     }
 }
 
+/* ---- 5. C-side copies made for a run count against its memory cap -------------------------------------- */
+
+static void test_prompt_copies_of_a_map_count_against_the_run_memory_cap(void **s) {
+    (void)s;
+    expect_status(run_body("local big = ('x'):rep(2^20)\nlocal items = {}\nfor i = 1, 200 do items[i] = big end\n"
+                           "local out = ctx:map(a, items)\nlocal capped = 0\n"
+                           "for i, o in ipairs(out) do if type(o) == 'table' and o.error:find('memory cap') then capped = capped + 1 end end\n"
+                           "assert(capped > 150, 'calls refused by the cap: ' .. capped)\nreturn {}"),
+                  0);
+}
+
 /* ---- 6. trace lines are valid UTF-8 JSON; names with NUL bytes are refused ------------------------------- */
 
 /* Whether the n bytes at s are valid UTF-8 (RFC 3629: no overlongs, surrogates or code points past U+10FFFF). */
@@ -438,6 +449,7 @@ int main(int argc, char **argv) {
         cmocka_unit_test(test_a_script_can_lower_its_limits),
         cmocka_unit_test(test_non_finite_limits_are_refused_naming_the_field),
         cmocka_unit_test(test_bad_sampling_parameters_are_refused_naming_the_field),
+        cmocka_unit_test(test_prompt_copies_of_a_map_count_against_the_run_memory_cap),
         cmocka_unit_test(test_invalid_utf8_and_nul_bytes_make_valid_json_trace_lines),
         cmocka_unit_test(test_a_name_with_a_nul_byte_is_refused_at_load),
     };
