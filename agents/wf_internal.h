@@ -22,6 +22,7 @@
 #define WF_START_NAME "__start__"
 #define WF_END_NAME "__end__"
 #define WF_HOOK_COUNT 1000
+#define WF_CALL_INSTRUCTIONS 1000 /* instructions each agent call from Lua (ctx:call, one ctx:map element) costs */
 
 /* ---- accounting --------------------------------------------------------------------------------- */
 

@@ -661,6 +661,16 @@ static ctx_target_t ctx_agent_call_target(lua_State *L, const char *what) {
     } else if ((c.ai = wf_lua_test_agent(L, 2)) < 0) {
         luaL_error(L, "%s: argument 1 must be an agent (kvmesh.agent handle or name)", what);
     }
+    /* engine work started from Lua is the run's: its token and wall-time budgets stop it here (a kill, as
+     * the hook's), and every call is charged to its instruction budget */
+    const wf_graph_t *g = c.wf->g;
+    long used = c.r->tokens_in + c.r->tokens_out;
+    double ms = (double)(kvm_now_ns() - c.r->t0_mono) / 1e6;
+    if (g->lim_tokens > 0 && used >= g->lim_tokens)
+        wf_budget_kill(L, "%s: graph '%.40s' used %ld tokens, over its token budget of %ld", what, g->name, used, g->lim_tokens);
+    if (g->lim_wall_ms > 0 && ms > (double)g->lim_wall_ms)
+        wf_budget_kill(L, "%s: graph '%.40s' ran past its wall-time budget of %ld ms", what, g->name, g->lim_wall_ms);
+    wf_charge(L, WF_CALL_INSTRUCTIONS);
     return c;
 }
 
@@ -679,6 +689,7 @@ int wf_ctx_call(lua_State *L) {
         lua_pushstring(L, kvm_errmsg());
         return 2;
     }
+    wf_charge(L, (double)seen->charged); /* the prompt built in C */
     t->job = job;
     t->job_is_call = true;
     t->call_agent = c.ai;
@@ -750,6 +761,7 @@ int wf_ctx_map(lua_State *L) {
         } else {
             jobs[i] = job;
             left++;
+            wf_charge(L, (double)seen[i]->charged + WF_CALL_INSTRUCTIONS);
         }
         lua_pop(L, 1);
     }

@@ -335,6 +335,31 @@ static void test_bad_sampling_parameters_are_refused_naming_the_field(void **s) 
     }
 }
 
+/* ---- 3d. engine work started from Lua is charged to the run's budgets ---------------------------------- */
+
+static void test_a_chain_of_ctx_calls_stops_at_the_token_budget(void **s) {
+    (void)s;
+    kvm_wf_opts_t o = opts();
+    expect_status(run_with_limit("{ tokens = 200 }", "for i = 1, 3000 do ctx:call(a, { input = 'x y z' }) end\nreturn {}", &o),
+                  KVM_EBUDGET);
+    expect_msg("token budget");
+}
+
+static void test_a_chain_of_ctx_calls_stops_at_the_wall_time_budget(void **s) {
+    (void)s;
+    kvm_wf_opts_t o = opts();
+    expect_status(run_with_limit("{ wall_ms = 300 }", "while true do ctx:call(a, { input = 'x y z' }) end", &o), KVM_EBUDGET);
+    expect_msg("wall-time budget");
+}
+
+static void test_each_call_from_lua_is_charged_to_the_instruction_budget(void **s) {
+    (void)s;
+    kvm_wf_opts_t o = opts();
+    o.max_instructions = 200000;
+    expect_status(run_with_limit("{ steps = 5 }", "for i = 1, 1000 do ctx:map(a, { 'x', 'y' }) end\nreturn {}", &o), KVM_EBUDGET);
+    expect_msg("instruction budget");
+}
+
 /* ---- 5. C-side copies made for a run count against its memory cap -------------------------------------- */
 
 static void test_prompt_copies_of_a_map_count_against_the_run_memory_cap(void **s) {
@@ -449,6 +474,9 @@ int main(int argc, char **argv) {
         cmocka_unit_test(test_a_script_can_lower_its_limits),
         cmocka_unit_test(test_non_finite_limits_are_refused_naming_the_field),
         cmocka_unit_test(test_bad_sampling_parameters_are_refused_naming_the_field),
+        cmocka_unit_test(test_a_chain_of_ctx_calls_stops_at_the_token_budget),
+        cmocka_unit_test(test_a_chain_of_ctx_calls_stops_at_the_wall_time_budget),
+        cmocka_unit_test(test_each_call_from_lua_is_charged_to_the_instruction_budget),
         cmocka_unit_test(test_prompt_copies_of_a_map_count_against_the_run_memory_cap),
         cmocka_unit_test(test_invalid_utf8_and_nul_bytes_make_valid_json_trace_lines),
         cmocka_unit_test(test_a_name_with_a_nul_byte_is_refused_at_load),
