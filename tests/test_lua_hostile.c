@@ -448,6 +448,78 @@ static void test_a_name_with_a_nul_byte_is_refused_at_load(void **s) {
     }
 }
 
+/* ---- 8. a crafted trace replays in the same sandbox, under the operator's limits ------------------------ */
+
+/* Runs a benign workflow with a trace under root, then rewrites its run.start: the script becomes `source`
+ * and every recorded limit far above the operator's. Leaves the run directory in dir. */
+static void craft_trace(const char *root, const char *source, char *dir, size_t cap) {
+    const char *src = HEAD "g:edge(kvm.START, 'a')\nreturn g\n";
+    kvm_wf_opts_t o = opts();
+    o.trace_root = root;
+    kvm_workflow_t *wf = kvm_wf_load_string("benign.lua", src, strlen(src), &o);
+    assert_non_null(wf);
+    int run;
+    assert_int_equal(kvm_wf_start(wf, NULL, 1, &run), 0);
+    assert_int_equal(kvm_wf_drive(wf), 0);
+    snprintf(dir, cap, "%s", kvm_wf_run_trace_dir(wf, run));
+    kvm_wf_free(wf);
+    char path[4200];
+    snprintf(path, sizeof path, "%s/events.jsonl", dir);
+    FILE *f = fopen(path, "rb");
+    assert_non_null(f);
+    char *line = NULL, *rest = calloc(1, 1 << 20);
+    size_t lcap = 0;
+    assert_true(getline(&line, &lcap, f) > 0);
+    size_t nrest = fread(rest, 1, (1 << 20) - 1, f);
+    fclose(f);
+    cJSON *start = cJSON_Parse(line);
+    assert_non_null(start);
+    cJSON *wfj = cJSON_GetObjectItem(start, "workflow"), *lim = cJSON_GetObjectItem(cJSON_GetObjectItem(start, "config"), "limits");
+    assert_non_null(wfj);
+    assert_non_null(lim);
+    cJSON_ReplaceItemInObject(wfj, "source", cJSON_CreateString(source));
+    static const char *const keys[] = {"instructions", "lua_ms", "memory_bytes"};
+    static const double values[] = {1e17, 1e12, 1e9}; /* far above the operator's, each a valid integer */
+    for (int i = 0; i < 3; i++) cJSON_ReplaceItemInObject(lim, keys[i], cJSON_CreateNumber(values[i]));
+    char *text = cJSON_PrintUnformatted(start);
+    f = fopen(path, "wb");
+    assert_non_null(f);
+    fprintf(f, "%s\n", text);
+    fwrite(rest, 1, nrest, f);
+    fclose(f);
+    cJSON_free(text);
+    cJSON_Delete(start);
+    free(line);
+    free(rest);
+}
+
+static void test_a_crafted_trace_replays_in_the_sandbox_under_the_operators_limits(void **s) {
+    (void)s;
+    static const struct { const char *body; int status; } cases[] = {
+        {"while true do end", KVM_EBUDGET},                                   /* its limits say 1e17 instructions */
+        {"local t = {} for i = 1, 1e9 do t[i] = ('x'):rep(100) .. i end", KVM_ELUA_MEMORY},
+        {"g:func('late', function() end)", KVM_ELUA_RUNTIME},                 /* class 1 through a trace */
+        {"return { r = ('a'):rep(5000):find(('a-'):rep(20) .. 'b') }", KVM_EBUDGET},
+    };
+    char root[] = "/tmp/kvm_replay_XXXXXX";
+    assert_non_null(mkdtemp(root));
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        char source[1024], dir[4096];
+        snprintf(source, sizeof source, "local g = kvmesh.graph{ state = { r = kvmesh.reduce.replace } }\n"
+                                        "g:func('f', function(state, last, ctx)\n%s\nend)\ng:edge(kvmesh.START, 'f')\nreturn g\n", cases[i].body);
+        craft_trace(root, source, dir, sizeof dir);
+        kvm_wf_replay_opts_t ro = {.mock = true, .max_instructions = 50000000, .lua_cpu_ms = 20000, .run_mem_cap_bytes = (size_t)16 << 20};
+        kvm_replay_t out;
+        int rc = kvm_wf_replay(dir, &ro, &out);
+        if (rc != 0 || out.status != cases[i].status)
+            fail_msg("case %zu: rc %d, replayed status %d (want %d): %s", i, rc, out.status, cases[i].status, kvm_errmsg());
+        kvm_replay_clear(&out);
+    }
+    char cmd[4200];
+    snprintf(cmd, sizeof cmd, "rm -rf '%s'", root);
+    assert_int_equal(system(cmd), 0);
+}
+
 int main(int argc, char **argv) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_a_node_added_during_a_run_is_refused),
@@ -480,6 +552,7 @@ int main(int argc, char **argv) {
         cmocka_unit_test(test_prompt_copies_of_a_map_count_against_the_run_memory_cap),
         cmocka_unit_test(test_invalid_utf8_and_nul_bytes_make_valid_json_trace_lines),
         cmocka_unit_test(test_a_name_with_a_nul_byte_is_refused_at_load),
+        cmocka_unit_test(test_a_crafted_trace_replays_in_the_sandbox_under_the_operators_limits),
     };
     if (argc > 1) cmocka_set_test_filter(argv[1]);
     return cmocka_run_group_tests(tests, NULL, NULL);
