@@ -174,7 +174,8 @@ int wf_lua_open(kvm_workflow_t *wf);
 int wf_lua_load_script(kvm_workflow_t *wf, const char *chunkname, const char *src, size_t len);
 /* Converts the Lua value at idx to JSON (plain data; handles and functions become descriptive
  * strings). Depth-limited and bounded: at most 2^20 values (a table reached twice counts twice, so a
- * table DAG costs what it expands to) and the run memory cap in string bytes; the values visited are
+ * table DAG costs what it expands to) and half the run memory cap in tree nodes and string bytes (the C
+ * side of a conversion stays under the cap); the values visited are
  * charged to the instruction budget of the Lua executing now. Never raises. NULL with a message when over
  * those bounds (KVM_EBUDGET) or out of memory (KVM_ENOMEM); nothing half-built is left. */
 cJSON *wf_lua_to_json(lua_State *L, int idx);

@@ -386,11 +386,12 @@ typedef struct json_budget {
 
 static cJSON *to_json_rec(lua_State *L, int idx, int depth, json_budget_t *jb) {
     idx = lua_absindex(L, idx);
-    if (jb->nodes == 0) {
+    if (jb->nodes == 0 || jb->bytes < sizeof(cJSON)) {
         jb->over = true;
         return NULL;
     }
     jb->nodes--;
+    jb->bytes -= sizeof(cJSON); /* the C-side tree counts too */
     switch (lua_type(L, idx)) {
     case LUA_TNIL: return cJSON_CreateNull();
     case LUA_TBOOLEAN: return cJSON_CreateBool(lua_toboolean(L, idx));
@@ -484,13 +485,13 @@ static cJSON *to_json_rec(lua_State *L, int idx, int depth, json_budget_t *jb) {
 }
 
 cJSON *wf_lua_to_json(lua_State *L, int idx) {
-    size_t cap = getwf(L)->o.run_mem_cap_bytes;
+    size_t cap = getwf(L)->o.run_mem_cap_bytes / 2; /* the tree and its text, made outside the Lua heap */
     json_budget_t jb = {.nodes = WF_JSON_MAX_NODES, .bytes = cap};
     cJSON *j = to_json_rec(L, idx, 0, &jb);
     wf_charge(L, (double)(WF_JSON_MAX_NODES - jb.nodes) + (double)(cap - jb.bytes) / 64);
     if (!j && jb.over)
-        kvm_seterr(KVM_EBUDGET, "value too large to convert to JSON (over %zu values or %zu MiB of text; a table reached "
-                                "twice counts twice)", WF_JSON_MAX_NODES, cap >> 20);
+        kvm_seterr(KVM_EBUDGET, "value too large to convert to JSON (over %zu values or %zu MiB with its text, half the run "
+                                "memory cap; a table reached twice counts twice)", WF_JSON_MAX_NODES, cap >> 20);
     else if (!j)
         kvm_seterr(KVM_ENOMEM, "out of memory converting a value to JSON");
     return j;
