@@ -22,7 +22,8 @@
 #define WF_START_NAME "__start__"
 #define WF_END_NAME "__end__"
 #define WF_HOOK_COUNT 1000
-#define WF_CALL_INSTRUCTIONS 1000 /* instructions each agent call from Lua (ctx:call, one ctx:map element) costs */
+#define WF_CALL_INSTRUCTIONS 100000 /* instructions each agent call from Lua (ctx:call, one ctx:map element) costs:
+                                    the default budget allows 10,000 calls per run */
 
 /* ---- accounting --------------------------------------------------------------------------------- */
 
@@ -174,7 +175,7 @@ int wf_lua_open(kvm_workflow_t *wf);
 int wf_lua_load_script(kvm_workflow_t *wf, const char *chunkname, const char *src, size_t len);
 /* Converts the Lua value at idx to JSON (plain data; handles and functions become descriptive
  * strings). Depth-limited and bounded: at most 2^20 values (a table reached twice counts twice, so a
- * table DAG costs what it expands to) and half the run memory cap in tree nodes and string bytes (the C
+ * table DAG costs what it expands to) and a quarter of the run memory cap in tree nodes and string bytes (the C
  * side of a conversion stays under the cap); the values visited are
  * charged to the instruction budget of the Lua executing now. Never raises. NULL with a message when over
  * those bounds (KVM_EBUDGET) or out of memory (KVM_ENOMEM); nothing half-built is left. */

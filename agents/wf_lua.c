@@ -485,12 +485,12 @@ static cJSON *to_json_rec(lua_State *L, int idx, int depth, json_budget_t *jb) {
 }
 
 cJSON *wf_lua_to_json(lua_State *L, int idx) {
-    size_t cap = getwf(L)->o.run_mem_cap_bytes / 2; /* the tree and its text, made outside the Lua heap */
+    size_t cap = getwf(L)->o.run_mem_cap_bytes / 4; /* the tree and its text, made outside the Lua heap */
     json_budget_t jb = {.nodes = WF_JSON_MAX_NODES, .bytes = cap};
     cJSON *j = to_json_rec(L, idx, 0, &jb);
     wf_charge(L, (double)(WF_JSON_MAX_NODES - jb.nodes) + (double)(cap - jb.bytes) / 64);
     if (!j && jb.over)
-        kvm_seterr(KVM_EBUDGET, "value too large to convert to JSON (over %zu values or %zu MiB with its text, half the run "
+        kvm_seterr(KVM_EBUDGET, "value too large to convert to JSON (over %zu values or %zu MiB with its text, a quarter of the run "
                                 "memory cap; a table reached twice counts twice)", WF_JSON_MAX_NODES, cap >> 20);
     else if (!j)
         kvm_seterr(KVM_ENOMEM, "out of memory converting a value to JSON");

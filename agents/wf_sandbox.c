@@ -260,7 +260,8 @@ static int w_insert(lua_State *L) {
     luaL_checktype(L, 1, LUA_TTABLE);
     lua_Integer e = luaL_len(L, 1) + 1;
     lua_Integer pos = lua_gettop(L) == 3 ? luaL_checkinteger(L, 2) : e;
-    bound(L, "table.insert", span(pos, e), span(pos, e), "shifting the elements");
+    double cost = pos >= 1 && pos <= e ? span(pos, e) : 1; /* a position out of bounds: the library raises */
+    bound(L, "table.insert", cost, cost, "shifting the elements");
     return call_orig(L);
 }
 
@@ -268,7 +269,8 @@ static int w_remove(lua_State *L) {
     luaL_checktype(L, 1, LUA_TTABLE);
     lua_Integer size = luaL_len(L, 1);
     lua_Integer pos = luaL_optinteger(L, 2, size);
-    bound(L, "table.remove", span(pos, size), span(pos, size), "shifting the elements");
+    double cost = pos >= 1 && pos <= size + 1 ? span(pos, size) + 1 : 1; /* out of bounds: the library raises */
+    bound(L, "table.remove", cost, cost, "shifting the elements");
     return call_orig(L);
 }
 
@@ -281,7 +283,8 @@ static int w_move(lua_State *L) {
 static int w_unpack(lua_State *L) {
     lua_Integer i = luaL_optinteger(L, 2, 1);
     lua_Integer j = lua_isnoneornil(L, 3) ? luaL_len(L, 1) : luaL_checkinteger(L, 3);
-    bound(L, "table.unpack", span(i, j), span(i, j), "unpacking this range");
+    double cost = fmin(span(i, j), 1e6); /* past the stack limit the library raises "too many results" at once */
+    bound(L, "table.unpack", cost, cost, "unpacking this range");
     return call_orig(L);
 }
 

@@ -357,25 +357,40 @@ void wf_push_task_output(wf_run_t *r, const wf_task_t *t, const wf_graph_t *g) {
 
 /* Text of placeholder `part` of agent a: from vars (ctx:call) if given, else from the run's inputs,
  * node outputs or state. */
+/* One agent call's prompt may use at most this share of the run's memory cap (1/16: 4 MiB by default), so the
+ * copies made for it, in the executor and in the engine, stay bounded per call. */
+#define WF_PROMPT_SHARE 16
+
+/* The text of the Lua value at idx of VL for placeholder p of agent a, or an error with a message: a string
+ * over the per-call prompt limit is refused before it is copied. */
+static int piece_text(wf_run_t *r, const wf_agent_t *a, const kvm_tpl_part_t *p, lua_State *VL, int idx, char **out) {
+    size_t lim = r->acct->cap / WF_PROMPT_SHARE;
+    *out = NULL;
+    if (lua_type(VL, idx) == LUA_TSTRING && lua_rawlen(VL, idx) > lim)
+        return kvm_seterr(KVM_ELUA_MEMORY, "%s: agent '%s': placeholder {%s} holds %zu bytes, over the per-call prompt limit of %zu bytes "
+                                           "(1/%d of the run's memory cap)", a->where, a->name, p->source, (size_t)lua_rawlen(VL, idx), lim,
+                          WF_PROMPT_SHARE);
+    *out = wf_lua_value_text(VL, idx);
+    if (*out) return 0;
+    return kvm_errctx(kvm_errcode() == KVM_EBUDGET ? KVM_EBUDGET : KVM_ENOMEM, "%s: agent '%s': placeholder {%s}", a->where, a->name,
+                      p->source);
+}
+
 static int slot_text(kvm_workflow_t *wf, wf_run_t *r, const wf_agent_t *a, int part, lua_State *VL, int vars, char **out,
                      bool *missing) {
     const kvm_tpl_part_t *p = &a->parts[part];
     lua_State *L = r->th;
+    int rc;
     *missing = false;
     if (VL && vars && lua_type(VL, vars) == LUA_TSTRING) { /* ctx:map's bare string: the value of {input} */
-        if (p->src == KVM_TPL_INPUT && !p->key) {
-            *out = wf_lua_value_text(VL, vars);
-            return *out ? 0 : KVM_ENOMEM;
-        }
+        if (p->src == KVM_TPL_INPUT && !p->key) return piece_text(r, a, p, VL, vars, out);
     } else if (VL && vars) { /* read raw: no script code runs while the prompt is built */
         lua_pushstring(VL, p->source);
         lua_rawget(VL, vars);
         if (!lua_isnil(VL, -1)) {
-            *out = wf_lua_value_text(VL, -1);
+            rc = piece_text(r, a, p, VL, lua_gettop(VL), out);
             lua_pop(VL, 1);
-            if (*out) return 0;
-            return kvm_errctx(kvm_errcode() == KVM_EBUDGET ? KVM_EBUDGET : KVM_ENOMEM, "%s: agent '%s': placeholder {%s}", a->where,
-                              a->name, p->source);
+            return rc;
         }
         lua_pop(VL, 1);
     }
@@ -388,9 +403,9 @@ static int slot_text(kvm_workflow_t *wf, wf_run_t *r, const wf_agent_t *a, int p
             return kvm_seterr(KVM_EINVAL, "%s: agent '%s': placeholder {%s} but the run has no input '%s' (give --input %s=...)",
                               a->where, a->name, p->source, p->key ? p->key : "input", p->key ? p->key : "input");
         }
-        *out = wf_lua_value_text(L, -1);
+        rc = piece_text(r, a, p, L, lua_gettop(L), out);
         lua_pop(L, 2);
-        break;
+        return rc;
     case KVM_TPL_AGENT:
     case KVM_TPL_TOOL:
     case KVM_TPL_AGENT_PREV: {
@@ -404,14 +419,12 @@ static int slot_text(kvm_workflow_t *wf, wf_run_t *r, const wf_agent_t *a, int p
         lua_rawgeti(L, LUA_REGISTRYINDEX, r->state_ref);
         lua_getfield(L, -1, p->key);
         *missing = lua_isnil(L, -1);
-        *out = wf_lua_value_text(L, -1);
+        rc = piece_text(r, a, p, L, lua_gettop(L), out);
         lua_pop(L, 2);
-        break;
+        return rc;
     }
     (void)wf;
-    if (*out) return 0;
-    return kvm_errctx(kvm_errcode() == KVM_EBUDGET ? KVM_EBUDGET : KVM_ENOMEM, "%s: agent '%s': placeholder {%s}", a->where, a->name,
-                      p->source);
+    return *out ? 0 : kvm_seterr(KVM_ENOMEM, "%s: agent '%s': out of memory copying placeholder {%s}", a->where, a->name, p->source);
 }
 
 void wf_seen_free(wf_seen_t *s) {
@@ -446,7 +459,10 @@ static int make_seen(kvm_workflow_t *wf, wf_run_t *r, int ai, lua_State *VL, int
     /* the copies count against the run's memory cap while the call is in flight */
     size_t bytes = sizeof *s + ((size_t)a->n_parts + 1) * (sizeof *s->parts + sizeof *s->texts);
     for (int i = 0; rc == 0 && i < a->n_parts; i++) bytes += s->texts[i] ? strlen(s->texts[i]) + 1 : 0;
-    if (rc == 0 && wf_account_take(wf, r->acct, bytes) != 0)
+    if (rc == 0 && bytes > r->acct->cap / WF_PROMPT_SHARE)
+        rc = kvm_seterr(KVM_ELUA_MEMORY, "%s: agent '%s': its prompt pieces (%zu bytes) are over the per-call limit of %zu bytes (1/%d of the "
+                                         "run's memory cap)", a->where, a->name, bytes, r->acct->cap / WF_PROMPT_SHARE, WF_PROMPT_SHARE);
+    else if (rc == 0 && wf_account_take(wf, r->acct, bytes) != 0)
         rc = kvm_seterr(KVM_ELUA_MEMORY, "%s: agent '%s': its prompt pieces (%zu bytes) do not fit the run's memory cap (%zu MiB, %zu bytes in use)",
                         a->where, a->name, bytes, r->acct->cap >> 20, r->acct->bytes);
     else if (rc == 0) {
