@@ -572,6 +572,7 @@ int kvm_trace_replay(kvm_runtime_t *rt, const char *run_dir, kvm_replay_t *out) 
     if (!rt || !run_dir) return kvm_seterr(KVM_EINVAL, "kvm_trace_replay needs a runtime and a run directory");
     bool mock = runtime_mock(rt);
     kvm_wf_replay_opts_t o = {.model_override = mock ? NULL : rt->p.model_override, .mock = mock, .model = rt->p.model,
-                              .host_fns = rt->fns, .n_host_fns = rt->n_fns};
+                              .host_fns = rt->fns, .n_host_fns = rt->n_fns, .max_instructions = rt->p.run_instructions,
+                              .lua_cpu_ms = rt->p.run_lua_ms, .run_mem_cap_bytes = rt->p.run_mem_bytes};
     return kvm_wf_replay(run_dir, &o, out);
 }

@@ -140,10 +140,16 @@ typedef struct kvm_wf_replay_opts {
     kvm_model_params_t model;      /* how models are loaded (backend, dtypes); zero = defaults */
     wf_host_fn_t *const *host_fns; /* kvmesh.<name> functions the script may call (borrowed, as in kvm_wf_opts_t) */
     int n_host_fns;
+    /* the operator's limits for the replayed run (0 = kvmesh's defaults: 1e9 instructions, 5000 ms, 64 MiB); the
+       limits recorded in the trace can only lower them, as a script's g:limit can */
+    uint64_t max_instructions;
+    double lua_cpu_ms;
+    size_t run_mem_cap_bytes;
 } kvm_wf_replay_opts_t;
 
 /* kvm_trace_replay (include/kvmesh.h) with the settings spelled out: re-runs a traced run from its trace alone
- * (the script source, inputs, seed, KV override, mock switch and limits recorded in run.start; no trace is
+ * (the script source, inputs, seed, KV override, mock switch and limits recorded in run.start, the limits
+ * capped by the operator's: a crafted trace cannot raise them; the script runs in the same sandbox; no trace is
  * written; an engine of its own) and compares every agent output with the traced one into *out (the public
  * kvm_replay_t, cleared with kvm_replay_clear). 0 also when the replayed run failed (out->status), or KVM_E*
  * with a message (unreadable trace, no run.start, script or engine failure) and *out empty. o may be NULL. */

@@ -181,11 +181,14 @@ static int route_targets(kvm_workflow_t *wf, wf_run_t *r, int from, char **msg) 
     return code;
 }
 
-/* A run that cannot keep its outputs must fail: a missing output would read as "not produced yet". */
+/* A run that cannot keep its outputs must fail: a missing output would read as "not produced yet". The
+ * conversion's message says why (a value over the conversion bounds, or out of memory). */
 static int outputs_nomem(char **msg) {
+    int code = kvm_errcode() == KVM_EBUDGET ? KVM_EBUDGET : KVM_ENOMEM;
     kvm_free(*msg);
-    *msg = kvm_strdup("out of memory collecting the run's outputs");
-    return KVM_ENOMEM;
+    *msg = code == KVM_EBUDGET ? wf_strf("collecting the run's outputs: %s", kvm_errmsg())
+                               : kvm_strdup("out of memory collecting the run's outputs");
+    return code;
 }
 
 /* Step 1 of a super-step's end: each completed node's output becomes its {agent.x} / {tool.x} text
@@ -330,7 +333,7 @@ static void end_superstep(kvm_workflow_t *wf, wf_run_t *r) {
     wf_trace_checkpoint(wf, r);
     /* the last super-step's outputs are the run's outputs when nothing reached END */
     if (!code && count_ready(g, r) == 0 && !r->outputs) code = collect_outputs(wf, r, NULL, &msg);
-    wf_tasks_free(r);
+    wf_tasks_free(wf, r);
     r->need_end = false;
     if (code) finish_run(wf, r, code, msg);
 }
@@ -362,11 +365,18 @@ static void finish_run(kvm_workflow_t *wf, wf_run_t *r, int code, char *msg) {
     cJSON_Delete(r->state);
     r->state = wf_lua_to_json(L, -1);
     lua_pop(L, 1);
+    if (!r->state) { /* kept as {} : the run fails with the reason, unless it failed already */
+        if (!code) {
+            code = kvm_errcode() == KVM_EBUDGET ? KVM_EBUDGET : KVM_ENOMEM;
+            msg = wf_strf("%s: the run's final state: %s", g->where, kvm_errmsg());
+        }
+        r->state = cJSON_CreateObject();
+    }
     r->err = code;
     r->errmsg = msg;
     r->finished = true;
     wf_trace_run_end(wf, r, ms_since(r->t0_mono));
-    wf_tasks_free(r);
+    wf_tasks_free(wf, r);
     if (wf_llm_run_end(wf->llm, r->id) != 0) KVM_LOGW("run %s: committing its KV anchors failed: %s", r->id, kvm_errmsg());
     /* drop the run's Lua objects; the account goes when its last block is freed */
     luaL_unref(L, LUA_REGISTRYINDEX, r->state_ref);
@@ -446,9 +456,12 @@ int kvm_wf_start(kvm_workflow_t *wf, const cJSON *inputs, uint64_t seed, int *ru
         run_free(wf, r);
         return kvm_seterr(KVM_ENOMEM, "out of memory starting a run");
     }
-    r->acct->cap = g->lim_memory_mb > 0 ? (size_t)g->lim_memory_mb << 20 : wf->o.run_mem_cap_bytes;
-    r->budget.max_instructions = g->lim_instructions ? g->lim_instructions : wf->o.max_instructions;
-    r->budget.max_lua_ns = (uint64_t)((g->lim_lua_ms > 0 ? g->lim_lua_ms : wf->o.lua_cpu_ms) * 1e6);
+    /* every limit is the smaller of the operator's and the script's (g:limit may lower, never raise) */
+    r->acct->cap = wf->o.run_mem_cap_bytes;
+    if (g->lim_memory_mb > 0 && (uint64_t)g->lim_memory_mb < (r->acct->cap >> 20)) r->acct->cap = (size_t)g->lim_memory_mb << 20;
+    r->budget.max_instructions = wf->o.max_instructions;
+    if (g->lim_instructions && g->lim_instructions < r->budget.max_instructions) r->budget.max_instructions = g->lim_instructions;
+    r->budget.max_lua_ns = (uint64_t)((g->lim_lua_ms > 0 && g->lim_lua_ms < wf->o.lua_cpu_ms ? g->lim_lua_ms : wf->o.lua_cpu_ms) * 1e6);
     wf->runs[wf->n_runs++] = r;
     *run = r->idx;
     int st = wf_run_setup(wf, r); /* the Lua side, charged to the run */

@@ -22,6 +22,8 @@
 #define WF_START_NAME "__start__"
 #define WF_END_NAME "__end__"
 #define WF_HOOK_COUNT 1000
+#define WF_CALL_INSTRUCTIONS 100000 /* instructions each agent call from Lua (ctx:call, one ctx:map element) costs:
+                                    the default budget allows 10,000 calls per run */
 
 /* ---- accounting --------------------------------------------------------------------------------- */
 
@@ -154,6 +156,7 @@ struct kvm_workflow {
     wf_graph_t **graphs;         /* every kvmesh.graph{} made by the script */
     int n_graphs;
     wf_graph_t *g;               /* the one the script returned */
+    bool frozen;                 /* the script has loaded: models, agents and graphs can no longer change */
     int env_ref;                 /* the script's (frozen) globals */
     int ctx_mt_ref;              /* metatable of ctx objects */
     wf_llm_t *llm;
@@ -171,13 +174,17 @@ int wf_lua_open(kvm_workflow_t *wf);
 /* Runs the script; it must return a graph. Validates it. 0 or KVM_ELUA_* / KVM_EINVAL with message. */
 int wf_lua_load_script(kvm_workflow_t *wf, const char *chunkname, const char *src, size_t len);
 /* Converts the Lua value at idx to JSON (plain data; handles and functions become descriptive
- * strings). Depth-limited; never raises. NULL only when out of memory (nothing half-built is left). */
+ * strings). Depth-limited and bounded: at most 2^20 values (a table reached twice counts twice, so a
+ * table DAG costs what it expands to) and a quarter of the run memory cap in tree nodes and string bytes (the C
+ * side of a conversion stays under the cap); the values visited are
+ * charged to the instruction budget of the Lua executing now. Never raises. NULL with a message when over
+ * those bounds (KVM_EBUDGET) or out of memory (KVM_ENOMEM); nothing half-built is left. */
 cJSON *wf_lua_to_json(lua_State *L, int idx);
 /* Pushes a JSON value as Lua data (objects -> tables, arrays -> sequences, null -> nil). May raise
  * a memory error: call inside a protected context or with room. */
 void wf_lua_push_json(lua_State *L, const cJSON *j);
 /* Text of a value for a {state.key} placeholder: strings as is, numbers/booleans via tostring,
- * tables as compact JSON, nil as "". New string (kvm_free). */
+ * tables as compact JSON, nil as "". New string (kvm_free); NULL with a message as wf_lua_to_json. */
 char *wf_lua_value_text(lua_State *L, int idx);
 /* The message handler used for every protected call: message + traceback. */
 int wf_lua_msgh(lua_State *L);
@@ -186,11 +193,30 @@ void wf_lua_push_proxy(lua_State *L);
 /* Index of the agent handle at idx, or -1 if it is not one. */
 int wf_lua_test_agent(lua_State *L, int idx);
 void wf_account_charge_close(kvm_workflow_t *wf, wf_account_t *a);
+/* Charges n bytes of C-side memory made for a run to its account: 0, or KVM_ELUA_MEMORY (nothing charged)
+ * when they do not fit its cap or the state's. wf_account_give() credits them back. */
+int wf_account_take(kvm_workflow_t *wf, wf_account_t *a, size_t n);
+void wf_account_give(kvm_workflow_t *wf, wf_account_t *a, size_t n);
 uint64_t wf_rng_next(uint64_t s[2]);
 /* Finds a node by name (-1 if none). */
 int wf_graph_find(const wf_graph_t *g, const char *name);
 /* Frees an array of n strings and the array (NULL is a no-op). */
 void wf_free_strs(char **v, int n);
+
+/* The instruction/CPU hook of every Lua thread (wf_lua.c). */
+void wf_hook(lua_State *L, lua_Debug *ar);
+
+/* ---- wf_sandbox.c: C work done on a script's behalf, bounded by the run's budgets ----------------- */
+
+/* Charges `units` instructions of C work to the budget of the Lua executing now, and checks its CPU time:
+ * when either is over, the hook of thread L kills the run at its next instruction. */
+void wf_charge(lua_State *L, double units);
+/* Kills the run executing now with KVM_EBUDGET (as the hook does: pcall cannot swallow it) and raises
+ * "kvmesh: <message>" at the script's line. Does not return. */
+int wf_budget_kill(lua_State *L, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* Replaces the library functions whose C work depends on their arguments (patterns, string.rep, table
+ * ranges, byte scans, setmetatable) by wrappers that bound and charge it. G: the global table's index. */
+void wf_sandbox_wrap_libs(lua_State *L, int G);
 
 /* ---- runs ---------------------------------------------------------------------------------------- */
 
@@ -202,6 +228,9 @@ typedef struct wf_seen {
     kvm_trace_part_t *parts; /* [n] */
     char **texts;            /* [n] owned placeholder contents (NULL for fixed text) */
     int n;
+    kvm_workflow_t *wf;
+    wf_account_t *acct;      /* the run account its bytes are charged to (C-side copies count against the cap) */
+    size_t charged;
 } wf_seen_t;
 
 /* One node of a super-step. */
@@ -302,8 +331,9 @@ void wf_push_task_output(wf_run_t *r, const wf_task_t *t, const wf_graph_t *g);
 void wf_task_start(kvm_workflow_t *wf, wf_run_t *r, wf_task_t *t);
 /* Hands an engine result to the task waiting for it (agent node, ctx:call or one call of ctx:map). */
 void wf_deliver(kvm_workflow_t *wf, wf_llm_result_t *res);
-/* Releases the super-step's tasks (coroutines, references, texts). */
-void wf_tasks_free(wf_run_t *r);
+/* Releases the super-step's tasks (coroutines, references, texts). A coroutine left suspended or failed
+ * is closed under the run's budgets: its pending __close handlers are script code. */
+void wf_tasks_free(kvm_workflow_t *wf, wf_run_t *r);
 /* Sets up the run's Lua side (thread, inputs, state) under its own account. 0 or a Lua status. */
 int wf_run_setup(kvm_workflow_t *wf, wf_run_t *r);
 /* Calls a workflow-level function (dataset, score) with nargs arguments on wf->L on a scratch budget;

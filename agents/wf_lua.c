@@ -24,6 +24,25 @@ static kvm_workflow_t *getwf(lua_State *L) {
     return ud;
 }
 
+/* A copy of the n bytes at s as a C string, each NUL byte replaced by U+FFFD (traces, prompts and logs are C
+ * text: a NUL would cut them silently). kvm_free; NULL when out of memory. */
+static char *text_dup(const char *s, size_t n) {
+    size_t nul = 0;
+    for (size_t i = 0; i < n; i++) nul += s[i] == '\0';
+    char *d = kvm_malloc(n + 2 * nul + 1);
+    if (!d) return NULL;
+    size_t k = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (s[i]) d[k++] = s[i];
+        else {
+            memcpy(d + k, "\xEF\xBF\xBD", 3);
+            k += 3;
+        }
+    }
+    d[k] = '\0';
+    return d;
+}
+
 /* ---- allocator ---------------------------------------------------------------------------------- */
 
 typedef struct ahdr {
@@ -87,6 +106,16 @@ static void *wf_alloc(void *ud, void *ptr, size_t osize, size_t nsize) {
     return nh ? nh + 1 : ptr;
 }
 
+int wf_account_take(kvm_workflow_t *wf, wf_account_t *a, size_t n) {
+    if (wf->total_bytes + n > wf->total_cap || a->bytes + n > a->cap) return KVM_ELUA_MEMORY;
+    acct_add(wf, a, n);
+    return 0;
+}
+
+void wf_account_give(kvm_workflow_t *wf, wf_account_t *a, size_t n) {
+    if (a && n) acct_sub(wf, a, n);
+}
+
 void wf_account_charge_close(kvm_workflow_t *wf, wf_account_t *a) {
     if (!a) return;
     a->closed = true;
@@ -98,7 +127,7 @@ void wf_account_charge_close(kvm_workflow_t *wf, wf_account_t *a) {
 /* Charges executed instructions and Lua CPU time to the current budget. Once exceeded, the budget is
  * marked killed and the hook re-arms itself to fire on every instruction, so a pcall that catches the
  * error is hit again at once: the kill cannot be swallowed. */
-static void wf_hook(lua_State *L, lua_Debug *ar) {
+void wf_hook(lua_State *L, lua_Debug *ar) {
     (void)ar;
     kvm_workflow_t *wf = getwf(L);
     wf_budget_t *b = wf->cur_budget;
@@ -109,10 +138,10 @@ static void wf_hook(lua_State *L, lua_Debug *ar) {
         if (cnt != WF_HOOK_COUNT) lua_sethook(L, wf_hook, LUA_MASKCOUNT, WF_HOOK_COUNT);
         uint64_t used = b->lua_ns + (b->slice_t0 ? kvm_now_ns() - b->slice_t0 : 0);
         if (b->max_instructions && b->instructions > b->max_instructions)
-            snprintf(b->kill_msg, sizeof b->kill_msg, "instruction budget exceeded (%llu Lua instructions; raise it with g:limit{instructions = N})",
+            snprintf(b->kill_msg, sizeof b->kill_msg, "instruction budget exceeded (%llu; the smaller of --instructions and g:limit{instructions = N})",
                      (unsigned long long)b->max_instructions);
         else if (b->max_lua_ns && used > b->max_lua_ns)
-            snprintf(b->kill_msg, sizeof b->kill_msg, "Lua CPU budget exceeded (%.0f ms; raise it with g:limit{lua_ms = N})",
+            snprintf(b->kill_msg, sizeof b->kill_msg, "Lua CPU budget exceeded (%.0f ms; the smaller of --lua-ms and g:limit{lua_ms = N})",
                      (double)b->max_lua_ns / 1e6);
         else
             return;
@@ -189,7 +218,11 @@ static int l_print(lua_State *L) {
         (void)l;
     }
     luaL_pushresult(&b);
-    wf_log(getwf(L), "info", lua_tostring(L, -1));
+    size_t len;
+    const char *s = lua_tolstring(L, -1, &len);
+    char *text = text_dup(s, len);
+    wf_log(getwf(L), "info", text ? text : s);
+    kvm_free(text);
     return 0;
 }
 
@@ -203,7 +236,8 @@ static int l_collectgarbage(lua_State *L) {
 
 static int is_locked(lua_State *L, int idx) {
     if (!lua_getmetatable(L, idx)) return 0;
-    lua_getfield(L, -1, "__metatable");
+    lua_pushliteral(L, "__metatable");
+    lua_rawget(L, -2);
     int locked = lua_type(L, -1) == LUA_TSTRING && !strcmp(lua_tostring(L, -1), "locked");
     lua_pop(L, 2);
     return locked;
@@ -298,6 +332,14 @@ static char *where_dup(lua_State *L) {
     return kvm_strdup(buf);
 }
 
+/* Raises when the script has loaded: the graph, its agents and models are sized into every run (run
+ * arrays, validation), so any change after that point is refused, naming the call. */
+static void check_unfrozen(lua_State *L, const char *call) {
+    if (getwf(L)->frozen)
+        luaL_error(L, "%s: the graph, its agents and models are frozen once the script has loaded "
+                      "(define them at load time, not from a node, router, dataset or scorer)", call);
+}
+
 static char *dup_or_die(lua_State *L, const char *s) {
     char *d = kvm_strdup(s ? s : "");
     if (!d) luaL_error(L, "out of memory");
@@ -310,12 +352,46 @@ static void *grow(lua_State *L, void *arr, int n, size_t elem) {
     return na;
 }
 
+/* Pushes t[k] read raw (no __index: no script code runs inside a binding, and a value the table holds
+ * stays anchored by it) and returns its type. t is an absolute index. */
+static int raw_field(lua_State *L, int t, const char *k) {
+    luaL_checkstack(L, 2, "spec table");
+    lua_pushstring(L, k);
+    return lua_rawget(L, t);
+}
+
+/* Argument idx as a name (a C string): one with a NUL byte is refused, not cut. */
+static const char *check_name(lua_State *L, int idx, const char *what) {
+    size_t n;
+    const char *s = luaL_checklstring(L, idx, &n);
+    if (strlen(s) != n) luaL_error(L, "%s: the name '%s...' contains a NUL byte", what, s);
+    return s;
+}
+
+/* The string at idx holds no NUL byte (it is used as a C string). */
+static bool no_nul(lua_State *L, int idx) { return strlen(lua_tostring(L, idx)) == lua_rawlen(L, idx); }
+
 static bool name_char(char c) { return isalnum((unsigned char)c) || c == '_' || c == '-'; }
 
 /* ---- JSON <-> Lua ------------------------------------------------------------------------------- */
 
-static cJSON *to_json_rec(lua_State *L, int idx, int depth) {
+/* What one conversion may still build: values (a table reached twice is counted, and converted, twice)
+ * and bytes of string text. */
+typedef struct json_budget {
+    size_t nodes, bytes;
+    bool over;
+} json_budget_t;
+
+#define WF_JSON_MAX_NODES ((size_t)1 << 20)
+
+static cJSON *to_json_rec(lua_State *L, int idx, int depth, json_budget_t *jb) {
     idx = lua_absindex(L, idx);
+    if (jb->nodes == 0 || jb->bytes < sizeof(cJSON)) {
+        jb->over = true;
+        return NULL;
+    }
+    jb->nodes--;
+    jb->bytes -= sizeof(cJSON); /* the C-side tree counts too */
     switch (lua_type(L, idx)) {
     case LUA_TNIL: return cJSON_CreateNull();
     case LUA_TBOOLEAN: return cJSON_CreateBool(lua_toboolean(L, idx));
@@ -328,7 +404,16 @@ static cJSON *to_json_rec(lua_State *L, int idx, int depth) {
     case LUA_TSTRING: {
         size_t n;
         const char *s = lua_tolstring(L, idx, &n);
-        return cJSON_CreateString(s); /* embedded NULs are cut: traces are text */
+        if (n > jb->bytes) {
+            jb->over = true;
+            return NULL;
+        }
+        jb->bytes -= n;
+        if (strlen(s) == n) return cJSON_CreateString(s);
+        char *t = text_dup(s, n); /* a NUL byte becomes U+FFFD: nothing is cut silently */
+        cJSON *j = t ? cJSON_CreateString(t) : NULL;
+        kvm_free(t);
+        return j;
     }
     case LUA_TTABLE: {
         if (depth > 32 || !lua_checkstack(L, 4)) return cJSON_CreateString("<table nested too deep>");
@@ -343,7 +428,7 @@ static cJSON *to_json_rec(lua_State *L, int idx, int depth) {
             cJSON *a = cJSON_CreateArray();
             for (lua_Unsigned i = 1; a && i <= len; i++) {
                 lua_rawgeti(L, idx, (lua_Integer)i);
-                cJSON *c = to_json_rec(L, -1, depth + 1);
+                cJSON *c = to_json_rec(L, -1, depth + 1, jb);
                 lua_pop(L, 1);
                 if (!c || !cJSON_AddItemToArray(a, c)) { /* out of memory: nothing half-built survives */
                     cJSON_Delete(c);
@@ -368,7 +453,7 @@ static cJSON *to_json_rec(lua_State *L, int idx, int depth) {
                 snprintf(kb, sizeof kb, "<%s>", luaL_typename(L, -2));
                 k = kb;
             }
-            cJSON *c = to_json_rec(L, -1, depth + 1);
+            cJSON *c = to_json_rec(L, -1, depth + 1, jb);
             lua_pop(L, 1);
             if (!c || !cJSON_AddItemToObject(o, k, c)) {
                 cJSON_Delete(c);
@@ -399,7 +484,18 @@ static cJSON *to_json_rec(lua_State *L, int idx, int depth) {
     }
 }
 
-cJSON *wf_lua_to_json(lua_State *L, int idx) { return to_json_rec(L, idx, 0); }
+cJSON *wf_lua_to_json(lua_State *L, int idx) {
+    size_t cap = getwf(L)->o.run_mem_cap_bytes / 4; /* the tree and its text, made outside the Lua heap */
+    json_budget_t jb = {.nodes = WF_JSON_MAX_NODES, .bytes = cap};
+    cJSON *j = to_json_rec(L, idx, 0, &jb);
+    wf_charge(L, (double)(WF_JSON_MAX_NODES - jb.nodes) + (double)(cap - jb.bytes) / 64);
+    if (!j && jb.over)
+        kvm_seterr(KVM_EBUDGET, "value too large to convert to JSON (over %zu values or %zu MiB with its text, a quarter of the run "
+                                "memory cap; a table reached twice counts twice)", WF_JSON_MAX_NODES, cap >> 20);
+    else if (!j)
+        kvm_seterr(KVM_ENOMEM, "out of memory converting a value to JSON");
+    return j;
+}
 
 void wf_lua_push_json(lua_State *L, const cJSON *j) {
     luaL_checkstack(L, 4, "json");
@@ -431,7 +527,11 @@ char *wf_lua_value_text(lua_State *L, int idx) {
     switch (lua_type(L, idx)) {
     case LUA_TNIL:
     case LUA_TNONE: return kvm_strdup("");
-    case LUA_TSTRING: return kvm_strdup(lua_tostring(L, idx));
+    case LUA_TSTRING: {
+        size_t n;
+        const char *s = lua_tolstring(L, idx, &n);
+        return text_dup(s, n);
+    }
     case LUA_TBOOLEAN: return kvm_strdup(lua_toboolean(L, idx) ? "true" : "false");
     case LUA_TNUMBER: {
         char b[64];
@@ -441,9 +541,11 @@ char *wf_lua_value_text(lua_State *L, int idx) {
     }
     default: {
         cJSON *j = wf_lua_to_json(L, idx);
+        if (!j) return NULL; /* the message says why */
         char *s = cJSON_PrintUnformatted(j);
         cJSON_Delete(j);
-        char *r = kvm_strdup(s ? s : "");
+        if (!s) kvm_seterr(KVM_ENOMEM, "out of memory converting a value to JSON");
+        char *r = s ? kvm_strdup(s) : NULL;
         cJSON_free(s);
         return r;
     }
@@ -453,7 +555,7 @@ char *wf_lua_value_text(lua_State *L, int idx) {
 static int l_json(lua_State *L) {
     luaL_checkany(L, 1);
     char *s = wf_lua_value_text(L, 1);
-    if (!s) return luaL_error(L, "out of memory");
+    if (!s) return luaL_error(L, "kvmesh.json: %s", kvm_errmsg());
     lua_pushstring(L, s);
     kvm_free(s);
     return 1;
@@ -480,7 +582,7 @@ static int l_host_call(lua_State *L) {
     }
     char *text = ok ? cJSON_PrintUnformatted(args) : NULL;
     cJSON_Delete(args);
-    if (!text) return luaL_error(L, "kvmesh.%s: out of memory", h->name);
+    if (!text) return luaL_error(L, "kvmesh.%s: %s", h->name, ok ? "out of memory" : kvm_errmsg());
     char *res = NULL;
     int rc = h->fn(h->ud, text, &res);
     cJSON_free(text);
@@ -559,13 +661,13 @@ static int l_now_ms(lua_State *L) {
 
 static int l_model(lua_State *L) {
     kvm_workflow_t *wf = getwf(L);
+    check_unfrozen(L, "kvmesh.model");
     const char *path;
     if (lua_type(L, 1) == LUA_TTABLE) {
-        lua_getfield(L, 1, "path");
-        path = lua_tostring(L, -1);
+        path = raw_field(L, 1, "path") == LUA_TSTRING ? lua_tostring(L, -1) : NULL; /* stays on the stack */
         if (!path) return luaL_error(L, "kvmesh.model{...}: field 'path' (a string) is required");
     } else {
-        path = luaL_checkstring(L, 1);
+        path = check_name(L, 1, "kvmesh.model");
     }
     char resolved[4096];
     const char *use = path;
@@ -629,7 +731,7 @@ static void check_fields(lua_State *L, int t, const char *what, const char *cons
 }
 
 static lua_Number opt_num_field(lua_State *L, int t, const char *k, lua_Number def, const char *what) {
-    lua_getfield(L, t, k);
+    raw_field(L, t, k);
     lua_Number v = def;
     if (!lua_isnil(L, -1)) {
         if (!lua_isnumber(L, -1)) luaL_error(L, "%s: field '%s' must be a number (got %s)", what, k, luaL_typename(L, -1));
@@ -639,15 +741,29 @@ static lua_Number opt_num_field(lua_State *L, int t, const char *k, lua_Number d
     return v;
 }
 
-static const char *opt_str_field(lua_State *L, int t, const char *k, const char *what) {
-    lua_getfield(L, t, k);
-    const char *s = NULL;
-    if (!lua_isnil(L, -1)) {
-        if (lua_type(L, -1) != LUA_TSTRING) luaL_error(L, "%s: field '%s' must be a string (got %s)", what, k, luaL_typename(L, -1));
-        s = lua_tostring(L, -1);
+/* t[k] (read raw) when it is a string, else NULL (nil) or an error. A string is left on the stack, so it
+ * stays alive while the calling binding uses it, whatever happens to the table meanwhile. */
+/* opt_num_field checked to lie in [lo, hi] (NaN and infinities never do): a bad value is refused where it
+ * is defined, naming the field, instead of surfacing later as a wrapped integer or 'out of memory'. */
+static lua_Number num_in(lua_State *L, int t, const char *k, lua_Number def, lua_Number lo, lua_Number hi, const char *what) {
+    lua_Number v = opt_num_field(L, t, k, def, what);
+    if (!(v >= lo && v <= hi)) {
+        char m[512]; /* lua_pushfstring has no %g */
+        snprintf(m, sizeof m, "%s: field '%s' must be a number in [%.15g, %.15g] (got %g)", what, k, lo, hi, v);
+        luaL_error(L, "%s", m);
     }
-    lua_pop(L, 1); /* the string stays alive: it is referenced by the table */
-    return s;
+    return v;
+}
+
+static const char *opt_str_field(lua_State *L, int t, const char *k, const char *what) {
+    raw_field(L, t, k);
+    if (lua_isnil(L, -1)) {
+        lua_pop(L, 1);
+        return NULL;
+    }
+    if (lua_type(L, -1) != LUA_TSTRING) luaL_error(L, "%s: field '%s' must be a string (got %s)", what, k, luaL_typename(L, -1));
+    if (!no_nul(L, -1)) luaL_error(L, "%s: field '%s' contains a NUL byte", what, k);
+    return lua_tostring(L, -1);
 }
 
 /* Builds an agent from the spec table at index t (name may come from the argument). Returns its index.
@@ -661,7 +777,7 @@ static int make_agent(lua_State *L, int t, const char *name_arg) {
     if (!name || !*name) return luaL_error(L, "%s: field 'name' is required", what);
     for (int i = 0; i < wf->n_agents; i++)
         if (!strcmp(wf->agents[i].name, name)) return luaL_error(L, "%s: an agent named '%s' already exists (%s)", what, name, wf->agents[i].where);
-    lua_getfield(L, t, "model");
+    raw_field(L, t, "model");
     int model = test_handle(L, -1, WF_MT_MODEL);
     lua_pop(L, 1);
     if (model < 0) {
@@ -673,24 +789,23 @@ static int make_agent(lua_State *L, int t, const char *name_arg) {
     const char *tmpl = opt_str_field(L, t, "template", what);
     if (!tmpl) tmpl = opt_str_field(L, t, "prompt", what);
     if (!tmpl) return luaL_error(L, "%s '%s': field 'template' is required", what, name);
-    lua_Number max_tokens = opt_num_field(L, t, "max_tokens", 64, what);
-    if (max_tokens < 1 || max_tokens > 1 << 20) return luaL_error(L, "%s '%s': max_tokens must be in 1..1048576", what, name);
+    char aw[300];
+    snprintf(aw, sizeof aw, "%s '%.256s'", what, name);
+    lua_Number max_tokens = num_in(L, t, "max_tokens", 64, 1, 1 << 20, aw);
     kvm_sampler_params_t sp = {0};
-    sp.temperature = (float)opt_num_field(L, t, "temperature", 0, what);
-    sp.top_k = (int)opt_num_field(L, t, "top_k", 0, what);
-    sp.top_p = (float)opt_num_field(L, t, "top_p", 1, what);
-    sp.repetition_penalty = (float)opt_num_field(L, t, "repetition_penalty", 1, what);
-    sp.seed = (uint64_t)opt_num_field(L, t, "seed", 0, what);
-    if (sp.temperature < 0 || sp.top_p < 0 || sp.top_p > 1 || sp.top_k < 0)
-        return luaL_error(L, "%s '%s': need temperature >= 0, 0 <= top_p <= 1, top_k >= 0", what, name);
-    lua_Number budget = opt_num_field(L, t, "budget", 0, what);
-    lua_getfield(L, t, "ignore_eos");
+    sp.temperature = (float)num_in(L, t, "temperature", 0, 0, 1e4, aw);
+    sp.top_k = (int)num_in(L, t, "top_k", 0, 0, 1 << 30, aw);
+    sp.top_p = (float)num_in(L, t, "top_p", 1, 0, 1, aw);
+    sp.repetition_penalty = (float)num_in(L, t, "repetition_penalty", 1, 1e-6, 1e4, aw);
+    sp.seed = (uint64_t)num_in(L, t, "seed", 0, 0, 18446744073709549568.0, aw); /* the largest double below 2^64 */
+    lua_Number budget = num_in(L, t, "budget", 0, 0, 1e15, aw);
+    raw_field(L, t, "ignore_eos");
     bool ignore_eos = lua_toboolean(L, -1);
     lua_pop(L, 1);
     const char *kvs = opt_str_field(L, t, "kv", what);
     int kv = kvs ? wf_kv_policy_parse(kvs) : KVM_KV_KVCOMM;
     if (kv < 0) return luaL_error(L, "%s '%s': kv must be \"dense\", \"prefix\" or \"kvcomm\" (got \"%s\")", what, name, kvs);
-    lua_getfield(L, t, "stop");
+    raw_field(L, t, "stop");
     int stop_idx = lua_gettop(L);
     int n_stop = 0;
     if (lua_type(L, stop_idx) == LUA_TSTRING) n_stop = 1;
@@ -698,8 +813,8 @@ static int make_agent(lua_State *L, int t, const char *name_arg) {
         n_stop = (int)lua_rawlen(L, stop_idx);
         for (int i = 1; i <= n_stop; i++) {
             lua_rawgeti(L, stop_idx, i);
-            if (lua_type(L, -1) != LUA_TSTRING || !*lua_tostring(L, -1))
-                return luaL_error(L, "%s '%s': stop must be a non-empty string or a list of them", what, name);
+            if (lua_type(L, -1) != LUA_TSTRING || !*lua_tostring(L, -1) || !no_nul(L, -1))
+                return luaL_error(L, "%s '%s': stop must be a non-empty string (without NUL bytes) or a list of them", what, name);
             lua_pop(L, 1);
         }
     } else if (!lua_isnil(L, stop_idx))
@@ -755,6 +870,7 @@ static int make_agent(lua_State *L, int t, const char *name_arg) {
 }
 
 static int l_agent(lua_State *L) {
+    check_unfrozen(L, "kvmesh.agent");
     luaL_checktype(L, 1, LUA_TTABLE);
     push_handle(L, WF_MT_AGENT, make_agent(L, 1, NULL));
     return 1;
@@ -762,8 +878,11 @@ static int l_agent(lua_State *L) {
 
 /* ---- kvmesh.graph ------------------------------------------------------------------------------- */
 
-static wf_graph_t *check_graph(lua_State *L, int i) {
+/* The graph of method `call` (e.g. "g:edge"): every graph method changes the graph, so each is refused
+ * once the script has loaded. */
+static wf_graph_t *check_graph(lua_State *L, int i, const char *call) {
     kvm_workflow_t *wf = getwf(L);
+    check_unfrozen(L, call);
     int idx = check_handle(L, i, WF_MT_GRAPH);
     return wf->graphs[idx];
 }
@@ -775,32 +894,37 @@ static int parse_reducer(lua_State *L, int idx, int *fn_ref, const char *key) {
         *fn_ref = luaL_ref(L, LUA_REGISTRYINDEX);
         return WF_RED_FUNC;
     }
-    const char *r = lua_tostring(L, idx);
+    const char *r = lua_type(L, idx) == LUA_TSTRING ? lua_tostring(L, idx) : NULL;
     static const char *const names[] = {"replace", "append", "merge", "sum", "max", "min"};
-    if (r && lua_type(L, idx) == LUA_TSTRING)
+    if (r)
         for (int i = 0; i < 6; i++)
             if (!strcmp(names[i], r)) return i;
     return luaL_error(L, "kvmesh.graph: state key '%s': the reducer must be kvmesh.reduce.<replace|append|merge|sum|max|min> "
                          "or a function(old, new)", key);
 }
 
+/* g:limit{...} / limit = {...}: each given value must be a finite number in range (absent: -1). A script
+ * may lower the operator's instruction, CPU and memory limits, never raise them (kvm_wf_start takes the
+ * minimum). */
 static void set_limits(lua_State *L, wf_graph_t *g, int t) {
     static const char *const lf[] = {"steps", "tokens", "wall_ms", "instructions", "memory_mb", "lua_ms", NULL};
     check_fields(L, t, "limit", lf);
+    const double big = 1e15;
     lua_Number v;
-    if ((v = opt_num_field(L, t, "steps", -1, "limit")) >= 0) {
+    if ((v = num_in(L, t, "steps", -1, -1, big, "limit")) >= 0) {
         if (v < 1) luaL_error(L, "limit: steps must be >= 1");
         g->lim_steps = (long)v;
     }
-    if ((v = opt_num_field(L, t, "tokens", -1, "limit")) >= 0) g->lim_tokens = (long)v;
-    if ((v = opt_num_field(L, t, "wall_ms", -1, "limit")) >= 0) g->lim_wall_ms = (long)v;
-    if ((v = opt_num_field(L, t, "instructions", -1, "limit")) >= 0) g->lim_instructions = (uint64_t)v;
-    if ((v = opt_num_field(L, t, "memory_mb", -1, "limit")) >= 0) g->lim_memory_mb = (long)v;
-    if ((v = opt_num_field(L, t, "lua_ms", -1, "limit")) >= 0) g->lim_lua_ms = v;
+    if ((v = num_in(L, t, "tokens", -1, -1, big, "limit")) >= 0) g->lim_tokens = (long)v;
+    if ((v = num_in(L, t, "wall_ms", -1, -1, big, "limit")) >= 0) g->lim_wall_ms = (long)v;
+    if ((v = num_in(L, t, "instructions", -1, -1, 1e18, "limit")) >= 0) g->lim_instructions = (uint64_t)v;
+    if ((v = num_in(L, t, "memory_mb", -1, -1, 1e9, "limit")) >= 0) g->lim_memory_mb = (long)v;
+    if ((v = num_in(L, t, "lua_ms", -1, -1, big, "limit")) >= 0) g->lim_lua_ms = v;
 }
 
 static int l_graph(lua_State *L) {
     kvm_workflow_t *wf = getwf(L);
+    check_unfrozen(L, "kvmesh.graph");
     if (!lua_isnoneornil(L, 1)) luaL_checktype(L, 1, LUA_TTABLE);
     else {
         lua_newtable(L);
@@ -820,14 +944,14 @@ static int l_graph(lua_State *L) {
     g->output_ref = g->dataset_ref = g->score_ref = LUA_NOREF;
     lua_newtable(L);
     g->init_ref = luaL_ref(L, LUA_REGISTRYINDEX);
-    lua_getfield(L, 1, "state");
+    raw_field(L, 1, "state");
     int st = lua_gettop(L);
     if (lua_type(L, st) == LUA_TTABLE) {
         lua_rawgeti(L, LUA_REGISTRYINDEX, g->init_ref);
         int init = lua_gettop(L);
         lua_pushnil(L);
         while (lua_next(L, st)) {
-            if (lua_type(L, -2) != LUA_TSTRING) return luaL_error(L, "kvmesh.graph: state keys must be strings");
+            if (lua_type(L, -2) != LUA_TSTRING || !no_nul(L, -2)) return luaL_error(L, "kvmesh.graph: state keys must be strings without NUL bytes");
             const char *k = lua_tostring(L, -2);
             if (!strcmp(k, "input")) return luaL_error(L, "kvmesh.graph: state key 'input' is reserved (it is the run's input)");
             int red, ref, vi = lua_gettop(L);
@@ -836,7 +960,7 @@ static int l_graph(lua_State *L) {
                 lua_rawgeti(L, vi, 1);
                 red = parse_reducer(L, lua_gettop(L), &ref, k);
                 lua_pop(L, 1);
-                lua_getfield(L, vi, "init");
+                raw_field(L, vi, "init");
                 has_init = !lua_isnil(L, -1);
                 if (has_init) lua_setfield(L, init, k);
                 else lua_pop(L, 1);
@@ -877,7 +1001,7 @@ static int l_graph(lua_State *L) {
         lua_setfield(L, -2, "msgs");
         lua_pop(L, 1);
     }
-    lua_getfield(L, 1, "limit");
+    raw_field(L, 1, "limit");
     if (lua_type(L, -1) == LUA_TTABLE) set_limits(L, g, lua_gettop(L));
     lua_pop(L, 1);
     push_handle(L, WF_MT_GRAPH, wf->n_graphs - 1);
@@ -907,10 +1031,10 @@ static wf_node_t *add_node(lua_State *L, wf_graph_t *g, const char *name, int ki
     return n;
 }
 
-/* g:agent(name, spec | agent [, {writes = key}]) */
-static int g_agent(lua_State *L) {
-    wf_graph_t *g = check_graph(L, 1);
-    const char *name = luaL_checkstring(L, 2);
+/* g:agent(name, spec | agent [, {writes = key}]) (alias g:node) */
+static int g_agent_as(lua_State *L, const char *call) {
+    wf_graph_t *g = check_graph(L, 1, call);
+    const char *name = check_name(L, 2, call);
     int ai = test_handle(L, 3, WF_MT_AGENT);
     const char *writes = NULL;
     if (ai < 0) {
@@ -926,10 +1050,12 @@ static int g_agent(lua_State *L) {
     lua_settop(L, 1);
     return 1;
 }
+static int g_agent(lua_State *L) { return g_agent_as(L, "g:agent"); }
+static int g_node(lua_State *L) { return g_agent_as(L, "g:node"); }
 
-static int g_fnnode(lua_State *L, int kind) {
-    wf_graph_t *g = check_graph(L, 1);
-    const char *name = luaL_checkstring(L, 2);
+static int g_fnnode(lua_State *L, int kind, const char *call) {
+    wf_graph_t *g = check_graph(L, 1, call);
+    const char *name = check_name(L, 2, call);
     luaL_checktype(L, 3, LUA_TFUNCTION);
     const char *writes = lua_type(L, 4) == LUA_TTABLE ? opt_str_field(L, 4, "writes", "g:func") : NULL;
     wf_node_t *n = add_node(L, g, name, kind);
@@ -939,8 +1065,9 @@ static int g_fnnode(lua_State *L, int kind) {
     lua_settop(L, 1);
     return 1;
 }
-static int g_func(lua_State *L) { return g_fnnode(L, WF_NODE_FUNC); }
-static int g_tool(lua_State *L) { return g_fnnode(L, WF_NODE_TOOL); }
+static int g_func(lua_State *L) { return g_fnnode(L, WF_NODE_FUNC, "g:func"); }
+static int g_tool(lua_State *L) { return g_fnnode(L, WF_NODE_TOOL, "g:tool"); }
+static int g_verifier(lua_State *L) { return g_fnnode(L, WF_NODE_TOOL, "g:verifier"); }
 
 static void free_names(char **v, int n) {
     for (int i = 0; i < n; i++) kvm_free(v[i]);
@@ -951,6 +1078,7 @@ static void free_names(char **v, int n) {
 static char **names_arg(lua_State *L, int idx, int *n, const char *what) {
     *n = 0;
     if (lua_type(L, idx) == LUA_TSTRING) {
+        check_name(L, idx, what);
         char **v = kvm_calloc(1, sizeof *v);
         if (!v) luaL_error(L, "out of memory");
         v[0] = kvm_strdup(lua_tostring(L, idx));
@@ -966,7 +1094,7 @@ static char **names_arg(lua_State *L, int idx, int *n, const char *what) {
     if (len == 0) luaL_error(L, "%s: the list of node names is empty", what);
     for (int i = 1; i <= len; i++) {
         lua_rawgeti(L, idx, i);
-        if (lua_type(L, -1) != LUA_TSTRING) luaL_error(L, "%s: item %d is not a node name", what, i);
+        if (lua_type(L, -1) != LUA_TSTRING || !no_nul(L, -1)) luaL_error(L, "%s: item %d is not a node name (a string without NUL bytes)", what, i);
         lua_pop(L, 1);
     }
     char **v = kvm_calloc((size_t)len, sizeof *v);
@@ -991,18 +1119,18 @@ void wf_free_strs(char **v, int n) {
 
 /* g:edge(from, to | {to...} [, {when = fn, on_error = bool}]) */
 static int g_edge(lua_State *L) {
-    wf_graph_t *g = check_graph(L, 1);
-    const char *from = luaL_checkstring(L, 2);
+    wf_graph_t *g = check_graph(L, 1, "g:edge");
+    const char *from = check_name(L, 2, "g:edge");
     luaL_checkany(L, 3);
     int when = LUA_NOREF;
     bool on_error = false;
     if (lua_type(L, 4) == LUA_TTABLE) {
         static const char *const ef[] = {"when", "on_error", NULL};
         check_fields(L, 4, "g:edge", ef);
-        lua_getfield(L, 4, "when");
+        raw_field(L, 4, "when");
         if (!lua_isnil(L, -1) && lua_type(L, -1) != LUA_TFUNCTION) return luaL_error(L, "g:edge: 'when' must be a function(state, last)");
         lua_pop(L, 1);
-        lua_getfield(L, 4, "on_error");
+        raw_field(L, 4, "on_error");
         on_error = lua_toboolean(L, -1);
         lua_pop(L, 1);
     } else if (!lua_isnoneornil(L, 4))
@@ -1010,7 +1138,7 @@ static int g_edge(lua_State *L) {
     int n;
     char **to = names_arg(L, 3, &n, "g:edge");
     if (lua_type(L, 4) == LUA_TTABLE) {
-        lua_getfield(L, 4, "when");
+        raw_field(L, 4, "when");
         if (lua_isfunction(L, -1)) when = luaL_ref(L, LUA_REGISTRYINDEX);
         else lua_pop(L, 1);
     }
@@ -1041,8 +1169,8 @@ static int g_edge(lua_State *L) {
 
 /* g:route(from, fn [, {targets...}]) */
 static int g_route(lua_State *L) {
-    wf_graph_t *g = check_graph(L, 1);
-    const char *from = luaL_checkstring(L, 2);
+    wf_graph_t *g = check_graph(L, 1, "g:route");
+    const char *from = check_name(L, 2, "g:route");
     luaL_checktype(L, 3, LUA_TFUNCTION);
     int n = 0;
     char **targets = lua_isnoneornil(L, 4) ? NULL : names_arg(L, 4, &n, "g:route targets");
@@ -1070,9 +1198,9 @@ static int g_route(lua_State *L) {
 
 /* g:join({sources}, target [, {mode = "all" | "any"}]) */
 static int g_join(lua_State *L) {
-    wf_graph_t *g = check_graph(L, 1);
+    wf_graph_t *g = check_graph(L, 1, "g:join");
     luaL_checktype(L, 2, LUA_TTABLE);
-    const char *target = luaL_checkstring(L, 3);
+    const char *target = check_name(L, 3, "g:join");
     bool all = true;
     if (lua_type(L, 4) == LUA_TTABLE) {
         const char *mode = opt_str_field(L, 4, "mode", "g:join");
@@ -1096,7 +1224,7 @@ static int g_join(lua_State *L) {
 }
 
 static int g_limit(lua_State *L) {
-    wf_graph_t *g = check_graph(L, 1);
+    wf_graph_t *g = check_graph(L, 1, "g:limit");
     luaL_checktype(L, 2, LUA_TTABLE);
     set_limits(L, g, 2);
     lua_settop(L, 1);
@@ -1111,12 +1239,13 @@ static int set_fn(lua_State *L, int *ref) {
     lua_settop(L, 1);
     return 1;
 }
-static int g_output(lua_State *L) { return set_fn(L, &check_graph(L, 1)->output_ref); }
-static int g_dataset(lua_State *L) { return set_fn(L, &check_graph(L, 1)->dataset_ref); }
-static int g_score(lua_State *L) { return set_fn(L, &check_graph(L, 1)->score_ref); }
+static int g_output(lua_State *L) { return set_fn(L, &check_graph(L, 1, "g:output")->output_ref); }
+static int g_dataset(lua_State *L) { return set_fn(L, &check_graph(L, 1, "g:dataset")->dataset_ref); }
+static int g_score(lua_State *L) { return set_fn(L, &check_graph(L, 1, "g:score")->score_ref); }
 
 static int g_tostring(lua_State *L) {
-    wf_graph_t *g = check_graph(L, 1);
+    kvm_workflow_t *wf = getwf(L);
+    wf_graph_t *g = wf->graphs[check_handle(L, 1, WF_MT_GRAPH)];
     lua_pushfstring(L, "graph '%s' (%d nodes, %d edges)", g->name, g->n_nodes, g->n_edges);
     return 1;
 }
@@ -1411,8 +1540,8 @@ static void l_warn(void *ud, const char *msg, int tocont) {
 
 static const luaL_Reg kvmesh_fns[] = {{"model", l_model}, {"agent", l_agent}, {"graph", l_graph}, {"json", l_json},
                                       {"now_ms", l_now_ms}, {"log", c_log}, {NULL, NULL}};
-static const luaL_Reg graph_methods[] = {{"agent", g_agent}, {"node", g_agent}, {"func", g_func}, {"tool", g_tool},
-                                         {"verifier", g_tool}, {"edge", g_edge}, {"route", g_route}, {"join", g_join},
+static const luaL_Reg graph_methods[] = {{"agent", g_agent}, {"node", g_node}, {"func", g_func}, {"tool", g_tool},
+                                         {"verifier", g_verifier}, {"edge", g_edge}, {"route", g_route}, {"join", g_join},
                                          {"limit", g_limit}, {"output", g_output}, {"dataset", g_dataset}, {"score", g_score},
                                          {NULL, NULL}};
 
@@ -1472,6 +1601,7 @@ static int open_protected(lua_State *L) {
     lua_pushcfunction(L, l_randomseed);
     lua_setfield(L, -2, "randomseed");
     lua_pop(L, 1);
+    wf_sandbox_wrap_libs(L, G); /* before the library tables are frozen */
     /* lock the string metatable: scripts cannot reach or patch string methods */
     lua_pushliteral(L, "");
     lua_getmetatable(L, -1);
@@ -1622,6 +1752,7 @@ int wf_lua_load_script(kvm_workflow_t *wf, const char *chunkname, const char *sr
         return rc;
     }
     wf->g = wf->graphs[gi];
+    wf->frozen = true; /* from here on, nothing may change the graph, the agents or the models */
     lua_settop(L, top);
     lua_pushcfunction(L, freeze_env);
     if (lua_pcall(L, 0, 0, 0) != LUA_OK) {

@@ -241,22 +241,28 @@ static const wf_key_t *find_key(const wf_graph_t *g, const char *k) {
     return NULL;
 }
 
-/* The smallest string key of the table at u (NULL if empty); *bad when a key is not a string. */
-static const char *least_key(lua_State *L, int u, bool *bad) {
-    const char *best = NULL;
+/* The smallest string key of the table at u, pushed (nil when the table is empty); *bad when a key is not
+ * a string. Keys compare as byte strings of their full length. */
+static void push_least_key(lua_State *L, int u, bool *bad) {
     *bad = false;
+    lua_pushnil(L);
+    int b = lua_gettop(L);
     lua_pushnil(L);
     while (lua_next(L, u)) {
         lua_pop(L, 1);
         if (lua_type(L, -1) != LUA_TSTRING) {
             *bad = true;
-            lua_pop(L, 1);
-            return NULL;
+            lua_settop(L, b);
+            return;
         }
-        const char *k = lua_tostring(L, -1);
-        if (!best || strcmp(k, best) < 0) best = k; /* the key stays alive: it is in the table */
+        size_t lk = 0, lb = 0;
+        const char *k = lua_tolstring(L, -1, &lk), *best = lua_isnil(L, b) ? NULL : lua_tolstring(L, b, &lb);
+        int c = best ? memcmp(k, best, lk < lb ? lk : lb) : -1;
+        if (c < 0 || (c == 0 && lk < lb)) {
+            lua_pushvalue(L, -1);
+            lua_replace(L, b);
+        }
     }
-    return best;
 }
 
 int wf_apply_updates(kvm_workflow_t *wf, wf_run_t *r, const wf_task_t *t, char **msg) {
@@ -283,24 +289,27 @@ int wf_apply_updates(kvm_workflow_t *wf, wf_run_t *r, const wf_task_t *t, char *
     int code = 0;
     for (;;) { /* keys in sorted order for determinism */
         bool bad;
-        const char *best = least_key(L, u, &bad);
+        push_least_key(L, u, &bad);
+        int kx = lua_gettop(L);
         if (bad) {
             *msg = wf_strf("%s: func node '%s' returned an update with a non-string key", n->where, n->name);
             code = KVM_EINVAL;
         }
-        if (!best) break;
-        char key[256];
-        snprintf(key, sizeof key, "%s", best);
+        if (lua_isnil(L, kx)) break;
+        const char *key = lua_tostring(L, kx); /* anchored at kx until the key is consumed */
         const wf_key_t *k = find_key(wf->g, key);
         if (!k) {
-            *msg = wf_strf("%s: func node '%s' updated state key '%s', which the graph does not declare", n->where, n->name, key);
+            *msg = wf_strf("%s: func node '%s' updated state key '%.200s', which the graph does not declare", n->where, n->name, key);
             code = KVM_EINVAL;
             break;
         }
-        lua_getfield(L, u, key);
+        lua_pushvalue(L, kx);
+        lua_rawget(L, u);
         code = wf_reduce(wf, r, k, n->name, msg);
+        lua_pushvalue(L, kx);
         lua_pushnil(L);
-        lua_setfield(L, u, key); /* consumed (the node's own table) */
+        lua_rawset(L, u); /* consumed (the node's own table) */
+        lua_settop(L, kx - 1);
         if (code) break;
     }
     lua_settop(L, u - 1);
@@ -348,17 +357,40 @@ void wf_push_task_output(wf_run_t *r, const wf_task_t *t, const wf_graph_t *g) {
 
 /* Text of placeholder `part` of agent a: from vars (ctx:call) if given, else from the run's inputs,
  * node outputs or state. */
+/* One agent call's prompt may use at most this share of the run's memory cap (1/16: 4 MiB by default), so the
+ * copies made for it, in the executor and in the engine, stay bounded per call. */
+#define WF_PROMPT_SHARE 16
+
+/* The text of the Lua value at idx of VL for placeholder p of agent a, or an error with a message: a string
+ * over the per-call prompt limit is refused before it is copied. */
+static int piece_text(wf_run_t *r, const wf_agent_t *a, const kvm_tpl_part_t *p, lua_State *VL, int idx, char **out) {
+    size_t lim = r->acct->cap / WF_PROMPT_SHARE;
+    *out = NULL;
+    if (lua_type(VL, idx) == LUA_TSTRING && lua_rawlen(VL, idx) > lim)
+        return kvm_seterr(KVM_ELUA_MEMORY, "%s: agent '%s': placeholder {%s} holds %zu bytes, over the per-call prompt limit of %zu bytes "
+                                           "(1/%d of the run's memory cap)", a->where, a->name, p->source, (size_t)lua_rawlen(VL, idx), lim,
+                          WF_PROMPT_SHARE);
+    *out = wf_lua_value_text(VL, idx);
+    if (*out) return 0;
+    return kvm_errctx(kvm_errcode() == KVM_EBUDGET ? KVM_EBUDGET : KVM_ENOMEM, "%s: agent '%s': placeholder {%s}", a->where, a->name,
+                      p->source);
+}
+
 static int slot_text(kvm_workflow_t *wf, wf_run_t *r, const wf_agent_t *a, int part, lua_State *VL, int vars, char **out,
                      bool *missing) {
     const kvm_tpl_part_t *p = &a->parts[part];
     lua_State *L = r->th;
+    int rc;
     *missing = false;
-    if (VL && vars) {
-        lua_getfield(VL, vars, p->source);
+    if (VL && vars && lua_type(VL, vars) == LUA_TSTRING) { /* ctx:map's bare string: the value of {input} */
+        if (p->src == KVM_TPL_INPUT && !p->key) return piece_text(r, a, p, VL, vars, out);
+    } else if (VL && vars) { /* read raw: no script code runs while the prompt is built */
+        lua_pushstring(VL, p->source);
+        lua_rawget(VL, vars);
         if (!lua_isnil(VL, -1)) {
-            *out = wf_lua_value_text(VL, -1);
+            rc = piece_text(r, a, p, VL, lua_gettop(VL), out);
             lua_pop(VL, 1);
-            return *out ? 0 : KVM_ENOMEM;
+            return rc;
         }
         lua_pop(VL, 1);
     }
@@ -371,9 +403,9 @@ static int slot_text(kvm_workflow_t *wf, wf_run_t *r, const wf_agent_t *a, int p
             return kvm_seterr(KVM_EINVAL, "%s: agent '%s': placeholder {%s} but the run has no input '%s' (give --input %s=...)",
                               a->where, a->name, p->source, p->key ? p->key : "input", p->key ? p->key : "input");
         }
-        *out = wf_lua_value_text(L, -1);
+        rc = piece_text(r, a, p, L, lua_gettop(L), out);
         lua_pop(L, 2);
-        break;
+        return rc;
     case KVM_TPL_AGENT:
     case KVM_TPL_TOOL:
     case KVM_TPL_AGENT_PREV: {
@@ -387,16 +419,17 @@ static int slot_text(kvm_workflow_t *wf, wf_run_t *r, const wf_agent_t *a, int p
         lua_rawgeti(L, LUA_REGISTRYINDEX, r->state_ref);
         lua_getfield(L, -1, p->key);
         *missing = lua_isnil(L, -1);
-        *out = wf_lua_value_text(L, -1);
+        rc = piece_text(r, a, p, L, lua_gettop(L), out);
         lua_pop(L, 2);
-        break;
+        return rc;
     }
     (void)wf;
-    return *out ? 0 : KVM_ENOMEM;
+    return *out ? 0 : kvm_seterr(KVM_ENOMEM, "%s: agent '%s': out of memory copying placeholder {%s}", a->where, a->name, p->source);
 }
 
 void wf_seen_free(wf_seen_t *s) {
     if (!s) return;
+    wf_account_give(s->wf, s->acct, s->charged);
     for (int i = 0; s->texts && i < s->n; i++) kvm_free(s->texts[i]);
     kvm_free(s->texts);
     kvm_free(s->parts);
@@ -422,6 +455,20 @@ static int make_seen(kvm_workflow_t *wf, wf_run_t *r, int ai, lua_State *VL, int
         bool missing;
         rc = slot_text(wf, r, a, i, VL, vars, &s->texts[i], &missing);
         s->parts[i] = (kvm_trace_part_t){.slot = p->text, .src = p->source, .text = s->texts[i], .missing = missing};
+    }
+    /* the copies count against the run's memory cap while the call is in flight */
+    size_t bytes = sizeof *s + ((size_t)a->n_parts + 1) * (sizeof *s->parts + sizeof *s->texts);
+    for (int i = 0; rc == 0 && i < a->n_parts; i++) bytes += s->texts[i] ? strlen(s->texts[i]) + 1 : 0;
+    if (rc == 0 && bytes > r->acct->cap / WF_PROMPT_SHARE)
+        rc = kvm_seterr(KVM_ELUA_MEMORY, "%s: agent '%s': its prompt pieces (%zu bytes) are over the per-call limit of %zu bytes (1/%d of the "
+                                         "run's memory cap)", a->where, a->name, bytes, r->acct->cap / WF_PROMPT_SHARE, WF_PROMPT_SHARE);
+    else if (rc == 0 && wf_account_take(wf, r->acct, bytes) != 0)
+        rc = kvm_seterr(KVM_ELUA_MEMORY, "%s: agent '%s': its prompt pieces (%zu bytes) do not fit the run's memory cap (%zu MiB, %zu bytes in use)",
+                        a->where, a->name, bytes, r->acct->cap >> 20, r->acct->bytes);
+    else if (rc == 0) {
+        s->wf = wf;
+        s->acct = r->acct;
+        s->charged = bytes;
     }
     if (rc) {
         wf_seen_free(s);
@@ -571,10 +618,11 @@ void wf_task_start(kvm_workflow_t *wf, wf_run_t *r, wf_task_t *t) {
     resume_task(wf, r, t, 3);
 }
 
-void wf_tasks_free(wf_run_t *r) {
+void wf_tasks_free(kvm_workflow_t *wf, wf_run_t *r) {
     for (int i = 0; i < r->n_tasks; i++) {
         wf_task_t *t = &r->tasks[i];
         if (t->co_ref != LUA_NOREF) {
+            wf_enter(wf, r); /* pending __close handlers run here: under the run's budgets */
 #if LUA_VERSION_RELEASE_NUM >= 50406
             lua_closethread(t->co, r->th);
 #elif LUA_VERSION_RELEASE_NUM == 50405
@@ -582,6 +630,7 @@ void wf_tasks_free(wf_run_t *r) {
 #else
             lua_resetthread(t->co);
 #endif
+            wf_leave(wf, r);
             luaL_unref(r->th, LUA_REGISTRYINDEX, t->co_ref);
         }
         if (t->out_ref != LUA_NOREF) luaL_unref(r->th, LUA_REGISTRYINDEX, t->out_ref);
@@ -628,6 +677,16 @@ static ctx_target_t ctx_agent_call_target(lua_State *L, const char *what) {
     } else if ((c.ai = wf_lua_test_agent(L, 2)) < 0) {
         luaL_error(L, "%s: argument 1 must be an agent (kvmesh.agent handle or name)", what);
     }
+    /* engine work started from Lua is the run's: its token and wall-time budgets stop it here (a kill, as
+     * the hook's), and every call is charged to its instruction budget */
+    const wf_graph_t *g = c.wf->g;
+    long used = c.r->tokens_in + c.r->tokens_out;
+    double ms = (double)(kvm_now_ns() - c.r->t0_mono) / 1e6;
+    if (g->lim_tokens > 0 && used >= g->lim_tokens)
+        wf_budget_kill(L, "%s: graph '%.40s' used %ld tokens, over its token budget of %ld", what, g->name, used, g->lim_tokens);
+    if (g->lim_wall_ms > 0 && ms > (double)g->lim_wall_ms)
+        wf_budget_kill(L, "%s: graph '%.40s' ran past its wall-time budget of %ld ms", what, g->name, g->lim_wall_ms);
+    wf_charge(L, WF_CALL_INSTRUCTIONS);
     return c;
 }
 
@@ -646,6 +705,7 @@ int wf_ctx_call(lua_State *L) {
         lua_pushstring(L, kvm_errmsg());
         return 2;
     }
+    wf_charge(L, (double)seen->charged); /* the prompt built in C */
     t->job = job;
     t->job_is_call = true;
     t->call_agent = c.ai;
@@ -655,9 +715,37 @@ int wf_ctx_call(lua_State *L) {
     return lua_yield(L, 0);
 }
 
+/* Writes the messages of ctx:map calls that could not be submitted into the results table as {error = msg}
+ * (run under lua_pcall: a memory error must not leak the batch). */
+static int map_fill_errors(lua_State *L) {
+    char **errs = lua_touserdata(L, 2);
+    int n = (int)lua_tointeger(L, 3);
+    for (int i = 0; i < n; i++) {
+        if (!errs[i]) continue;
+        lua_createtable(L, 0, 1);
+        lua_pushstring(L, errs[i]);
+        lua_setfield(L, -2, "error");
+        lua_rawseti(L, 1, i + 1);
+    }
+    return 0;
+}
+
+/* Releases a ctx:map batch that was not handed to its task. */
+static void map_batch_free(uint64_t *jobs, wf_seen_t **seen, char **errs, int n) {
+    for (int i = 0; i < n; i++) {
+        wf_seen_free(seen[i]);
+        kvm_free(errs[i]);
+    }
+    kvm_free(jobs);
+    kvm_free(seen);
+    kvm_free(errs);
+}
+
 /* ctx:map(agent, {vars1, vars2, ...}) -> {out1, out2, ...}: one call of the agent per element, all in
  * flight at once (they share forward passes); out_i is the text, or {error = msg} for a failed call.
- * An element may be a table of placeholder values (as ctx:call) or a string (the value of {input}). */
+ * An element may be a table of placeholder values (as ctx:call) or a string (the value of {input}).
+ * Nothing between the first C allocation and the hand-over to the task can raise: the prompts' copies are
+ * charged to the run's memory cap and freed on every path. */
 int wf_ctx_map(lua_State *L) {
     ctx_target_t c = ctx_agent_call_target(L, "ctx:map");
     kvm_workflow_t *wf = c.wf;
@@ -668,41 +756,42 @@ int wf_ctx_map(lua_State *L) {
     lua_createtable(L, n, 0);
     int res = lua_gettop(L);
     if (n == 0) return 1;
+    luaL_checkstack(L, 8, "ctx:map");
     uint64_t *jobs = kvm_calloc((size_t)n, sizeof *jobs);
     wf_seen_t **seen = kvm_calloc((size_t)n, sizeof *seen);
-    if (!jobs || !seen) {
+    char **errs = kvm_calloc((size_t)n, sizeof *errs);
+    if (!jobs || !seen || !errs) {
         kvm_free(jobs);
         kvm_free(seen);
+        kvm_free(errs);
         return luaL_error(L, "ctx:map: out of memory");
     }
     int left = 0;
     for (int i = 0; i < n; i++) {
         lua_rawgeti(L, 3, i + 1);
-        if (lua_type(L, -1) == LUA_TSTRING) { /* a bare string is {input} */
-            lua_createtable(L, 0, 1);
-            lua_insert(L, -2);
-            lua_setfield(L, -2, "input");
-        } else if (lua_type(L, -1) != LUA_TTABLE) {
-            lua_pop(L, 1);
-            lua_createtable(L, 0, 0);
-        }
+        int ty = lua_type(L, -1), vars = ty == LUA_TSTRING || ty == LUA_TTABLE ? lua_gettop(L) : 0;
         uint64_t job = ++wf->job_serial;
-        if (submit_agent(wf, c.r, c.ai, L, lua_gettop(L), job, &seen[i]) != 0) {
-            lua_createtable(L, 0, 1);
-            lua_pushstring(L, kvm_errmsg());
-            lua_setfield(L, -2, "error");
-            lua_rawseti(L, res, i + 1);
+        if (submit_agent(wf, c.r, c.ai, L, vars, job, &seen[i]) != 0) {
+            seen[i] = NULL;
+            if (!(errs[i] = kvm_strdup(kvm_errmsg()))) errs[i] = kvm_strdup("out of memory");
         } else {
             jobs[i] = job;
             left++;
+            wf_charge(L, (double)seen[i]->charged + WF_CALL_INSTRUCTIONS);
         }
         lua_pop(L, 1);
     }
-    if (left == 0) {
-        kvm_free(jobs);
-        kvm_free(seen);
-        return 1;
+    lua_pushcfunction(L, map_fill_errors);
+    lua_pushvalue(L, res);
+    lua_pushlightuserdata(L, errs);
+    lua_pushinteger(L, n);
+    int st = lua_pcall(L, 3, 0, 0);
+    if (st != LUA_OK || left == 0) { /* results of calls already submitted find no task: they are dropped */
+        map_batch_free(jobs, seen, errs, n);
+        return st != LUA_OK ? lua_error(L) : 1;
     }
+    for (int i = 0; i < n; i++) kvm_free(errs[i]);
+    kvm_free(errs);
     lua_pushvalue(L, res);
     t->m_ref = luaL_ref(L, LUA_REGISTRYINDEX);
     t->mjobs = jobs;
@@ -837,7 +926,7 @@ static int run_setup_protected(lua_State *L) {
     lua_rawgeti(L, LUA_REGISTRYINDEX, g->init_ref);
     cJSON *init = wf_lua_to_json(L, -1);
     lua_pop(L, 1);
-    if (!init) return luaL_error(L, "not enough memory"); /* the state would miss its initial values */
+    if (!init) return luaL_error(L, "initial state: %s", kvm_errmsg()); /* the state would miss its initial values */
     wf_lua_push_json(L, init);
     cJSON_Delete(init);
     if (lua_isnil(L, -1)) {
@@ -883,8 +972,8 @@ int wf_call_scratch(kvm_workflow_t *wf, int nargs, cJSON **out, const char *what
     if (st != LUA_OK) {
         rc = kvm_seterr(b.killed ? KVM_EBUDGET : st == LUA_ERRMEM ? KVM_ELUA_MEMORY : KVM_ELUA_RUNTIME, "%s: %s", what,
                         lua_tostring(L, -1) ? lua_tostring(L, -1) : "not enough memory");
-    } else
-        *out = wf_lua_to_json(L, -1);
+    } else if (!(*out = wf_lua_to_json(L, -1)))
+        rc = kvm_errctx(kvm_errcode() ? kvm_errcode() : KVM_ENOMEM, "%s", what);
     lua_settop(L, base - 1);
     return rc;
 }

@@ -24,6 +24,7 @@ static char *ref_json_text(wf_run_t *r, int ref) {
     lua_rawgeti(r->th, LUA_REGISTRYINDEX, ref);
     cJSON *j = wf_lua_to_json(r->th, -1);
     lua_pop(r->th, 1);
+    if (!j) j = cJSON_CreateString(kvm_errmsg()); /* a value over the conversion bounds is recorded as why */
     char *s = json_text(j);
     cJSON_Delete(j);
     return s;
@@ -272,6 +273,9 @@ static int compare(const kvm_trace_log_t *log, const cJSON *msgs, kvm_replay_t *
     return 0;
 }
 
+/* A limit recorded in a trace, used only when it is a number in (0, operator's); else the operator's. */
+static double lower_limit(double traced, double op) { return traced > 0 && traced < op ? traced : op; }
+
 /* The workflow options a traced run ran with (the log must outlive the workflow: strings point into it). */
 static kvm_wf_opts_t traced_opts(const kvm_trace_run_start_t *s, const kvm_wf_replay_opts_t *o) {
     kvm_wf_opts_t w = {0};
@@ -284,9 +288,13 @@ static kvm_wf_opts_t traced_opts(const kvm_trace_run_start_t *s, const kvm_wf_re
         w.n_host_fns = o->n_host_fns;
     }
     w.llm.quiet = true;
-    if (s->limits.instructions > 0) w.max_instructions = (uint64_t)s->limits.instructions;
-    if (s->limits.lua_ms > 0) w.lua_cpu_ms = s->limits.lua_ms;
-    if (s->limits.memory_bytes > 0) w.run_mem_cap_bytes = (size_t)s->limits.memory_bytes;
+    /* the trace is input, not the operator: its limits only lower the operator's (NaN, infinities and
+       absurd values fall back to them) */
+    double ins = o && o->max_instructions ? (double)o->max_instructions : 1e9, ms = o && o->lua_cpu_ms > 0 ? o->lua_cpu_ms : 5000;
+    double mem = o && o->run_mem_cap_bytes ? (double)o->run_mem_cap_bytes : (double)((size_t)64 << 20);
+    w.max_instructions = (uint64_t)lower_limit(s->limits.instructions, ins);
+    w.lua_cpu_ms = lower_limit(s->limits.lua_ms, ms);
+    w.run_mem_cap_bytes = (size_t)lower_limit(s->limits.memory_bytes, mem);
     return w;
 }
 

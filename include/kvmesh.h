@@ -279,9 +279,9 @@ typedef struct kvm_runtime_params {
     const char *model_override;   /* every kvmesh.model(...) in scripts resolves to this path; "mock:echo" is
                                      the mock model (dry runs, tests) */
     size_t lua_mem_bytes;         /* the whole Lua state (default 512 MiB) */
-    size_t run_mem_bytes;         /* Lua memory of one run (default 64 MiB; a graph's limits.memory_mb wins) */
-    uint64_t run_instructions;    /* Lua instructions per run (default 1e9) */
-    double run_lua_ms;            /* Lua CPU time per run, waits for agents excluded (default 5000) */
+    size_t run_mem_bytes;         /* Lua memory of one run (default 64 MiB; a graph's limits.memory_mb may only lower it) */
+    uint64_t run_instructions;    /* Lua instructions per run (default 1e9; a graph's limits may only lower it) */
+    double run_lua_ms;            /* Lua CPU time per run, waits for agents excluded (default 5000; likewise) */
     bool echo_print;              /* print() in scripts also goes to stderr */
     bool quiet;                   /* no progress on stderr (model loading) */
     const char *state_dir;        /* what the runtime learns (KVCOMM anchors) is kept here across processes: loaded

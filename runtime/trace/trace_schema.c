@@ -281,6 +281,60 @@ static void put_fields(cJSON *o, const void *base, const field_t *f) {
     }
 }
 
+/* Length of the valid UTF-8 sequence at s (n bytes left), 0 when the bytes there are not one: no overlong
+ * forms, no surrogates, nothing above U+10FFFF. */
+static size_t utf8_seq(const unsigned char *s, size_t n) {
+    if (s[0] < 0x80) return 1;
+    size_t len = s[0] >= 0xF0 ? 4 : s[0] >= 0xE0 ? 3 : s[0] >= 0xC2 ? 2 : 0;
+    if (!len || len > n || s[0] > 0xF4) return 0;
+    for (size_t i = 1; i < len; i++)
+        if ((s[i] & 0xC0) != 0x80) return 0;
+    if ((s[0] == 0xE0 && s[1] < 0xA0) || (s[0] == 0xED && s[1] >= 0xA0) || (s[0] == 0xF0 && s[1] < 0x90) || (s[0] == 0xF4 && s[1] >= 0x90))
+        return 0;
+    return len;
+}
+
+/* s with every byte that is not part of valid UTF-8 replaced by U+FFFD (a new cJSON string), or NULL when
+ * s is valid (or out of memory: the string is then left as it is). */
+static char *utf8_clean(const char *s) {
+    size_t n = strlen(s), bad = 0;
+    for (size_t i = 0; i < n;) {
+        size_t l = utf8_seq((const unsigned char *)s + i, n - i);
+        bad += l == 0;
+        i += l ? l : 1;
+    }
+    char *o = bad ? cJSON_malloc(n + 2 * bad + 1) : NULL;
+    if (!o) return NULL;
+    size_t k = 0;
+    for (size_t i = 0; i < n;) {
+        size_t l = utf8_seq((const unsigned char *)s + i, n - i);
+        if (l) memcpy(o + k, s + i, l);
+        else memcpy(o + k, "\xEF\xBF\xBD", 3);
+        k += l ? l : 3;
+        i += l ? l : 1;
+    }
+    o[k] = '\0';
+    return o;
+}
+
+/* Makes every string of the record valid UTF-8 (keys, string values and raw JSON values: bytes that are not
+ * UTF-8 only occur inside JSON strings, so the raw text stays valid JSON), so that a strict JSON reader
+ * accepts every line. docs/trace-format.md, "Text". */
+static void utf8_clean_tree(cJSON *j) {
+    for (; j; j = j->next) {
+        char *c;
+        if (j->string && !(j->type & cJSON_StringIsConst) && (c = utf8_clean(j->string))) {
+            cJSON_free(j->string);
+            j->string = c;
+        }
+        if ((cJSON_IsString(j) || cJSON_IsRaw(j)) && j->valuestring && !(j->type & cJSON_IsReference) && (c = utf8_clean(j->valuestring))) {
+            cJSON_free(j->valuestring);
+            j->valuestring = c;
+        }
+        if (j->child && !(j->type & cJSON_IsReference)) utf8_clean_tree(j->child);
+    }
+}
+
 static int write_rec(kvm_trace_t *t, kvm_trace_type_t type, const void *r, const field_t *f1, const field_t *f2) {
     if (!t || !r) return kvm_seterr(KVM_EINVAL, "trace: write without a trace or record");
     cJSON *o = cJSON_CreateObject();
@@ -288,6 +342,7 @@ static int write_rec(kvm_trace_t *t, kvm_trace_type_t type, const void *r, const
     cJSON_AddStringToObject(o, "t", type_names[type]);
     put_fields(o, r, f1);
     if (f2) put_fields(o, r, f2);
+    utf8_clean_tree(o);
     int rc = trace_write_json(t, o);
     cJSON_Delete(o);
     return rc;
@@ -317,6 +372,7 @@ int kvm_trace_write_index(kvm_trace_t *t, const kvm_trace_index_t *r) {
     cJSON *o = cJSON_CreateObject();
     if (!o) return kvm_seterr(KVM_ENOMEM, "trace: out of memory building the index of '%s'", t->dir);
     put_fields(o, r, index_f);
+    utf8_clean_tree(o);
     int rc = trace_write_file_json(t, "index.json", o);
     cJSON_Delete(o);
     return rc;

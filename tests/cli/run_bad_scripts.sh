@@ -28,4 +28,14 @@ check tool "tool.lua:6: no index" "${head}g:tool('t', function()
   error('no index') end)
 g:edge('a', 't')
 return g"
+check frozen "frozen.lua:6: g:func: the graph, its agents and models are frozen" "${head}g:func('f', function()
+  g:func('late', function() end) end)
+g:edge('a', 'f')
+return g"
+check pattern "pattern.lua:6: kvmesh: string.find: the pattern" "${head}g:func('f', function()
+  return { x = (('a'):rep(5000)):find(('a-'):rep(20) .. 'b') } end)
+g:edge('a', 'f')
+return g"
+check finalizer "finalizer.lua:5: setmetatable: __gc metamethods are not allowed" "${head}setmetatable({}, { __gc = function() end })
+return g"
 echo "bad scripts ok"
