@@ -14,17 +14,13 @@
 #include <string.h>
 
 int LLVMFuzzerInitialize(int *argc, char ***argv) {
+    (void)argc;
+    (void)argv;
     fz_init_library();
     return 0;
 }
 
-#define CHECK(cond)                                                                        \
-    do {                                                                                   \
-        if (!(cond)) {                                                                     \
-            fprintf(stderr, "fuzz_safetensors: invariant broken: %s (line %d)\n", #cond, __LINE__); \
-            abort();                                                                       \
-        }                                                                                  \
-    } while (0)
+#define CHECK(cond) FZ_CHECK("fuzz_safetensors", cond)
 
 static volatile uint8_t g_sink;
 

@@ -99,3 +99,9 @@ char *fz_cstr(const uint8_t *data, size_t size) {
     s[size] = 0;
     return s;
 }
+
+void fz_report(const char *what, int rc) {
+    static int verbose = -1;
+    if (verbose < 0) verbose = getenv("FZ_VERBOSE") && atoi(getenv("FZ_VERBOSE")) > 0;
+    if (verbose) fprintf(stderr, "%s: %d %s\n", what, rc, rc ? kvm_errmsg() : "ok");
+}

@@ -9,8 +9,19 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
 
 #define FZ_SEP "\n@@\n"
+
+/* Aborts (a crash libFuzzer reports and saves) when an invariant of the code under test is broken. */
+#define FZ_CHECK(target, cond)                                                                          \
+    do {                                                                                                \
+        if (!(cond)) {                                                                                  \
+            fprintf(stderr, "%s: invariant broken: %s (%s:%d)\n", target, #cond, __FILE__, __LINE__); \
+            abort();                                                                                    \
+        }                                                                                               \
+    } while (0)
 #define FZ_MAX_PARTS 4
 
 typedef struct fz_part {
@@ -32,6 +43,8 @@ void fz_mkdir(const char *name, char *path, size_t cap);
 void fz_unlink(const char *name);
 /* The library's log off (the targets check behaviour, not warnings) and its one-time set-up done. */
 void fz_init_library(void);
+/* With FZ_VERBOSE=1 in the environment, prints "what: rc message" (to see what the seeds reach). */
+void fz_report(const char *what, int rc);
 /* A NUL-terminated copy of data[0..size) from malloc (the caller frees it with free()). */
 char *fz_cstr(const uint8_t *data, size_t size);
 

@@ -1,0 +1,106 @@
+#!/usr/bin/env python3
+"""seeds.py - writes the generated part of the seed corpora of fuzz/ (fuzz/corpus/<target>/, committed).
+
+Run from the repository root: python3 fuzz/seeds.py. Deterministic; needs only the standard library and the
+repository's own fixtures. Multi-file inputs are cut at SEP (fuzz_util.h: FZ_SEP)."""
+import json
+import os
+import struct
+
+SEP = b"\n@@\n"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CORPUS = os.path.join(ROOT, "fuzz", "corpus")
+
+
+def write(target, name, data):
+    d = os.path.join(CORPUS, target)
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, name), "wb") as f:
+        f.write(data)
+
+
+def read(rel):
+    with open(os.path.join(ROOT, rel), "rb") as f:
+        return f.read()
+
+
+def st_image(tensors, meta=None, pad=0):
+    """A safetensors image of {name: (dtype, shape)} holding zeros, tensors laid out in name order."""
+    es = {"F32": 4, "F16": 2, "BF16": 2}
+    hdr, off = {}, 0
+    if meta is not None:
+        hdr["__metadata__"] = meta
+    for name in sorted(tensors):
+        dt, shape = tensors[name]
+        n = es[dt]
+        for s in shape:
+            n *= s
+        hdr[name] = {"dtype": dt, "shape": shape, "data_offsets": [off, off + n]}
+        off += n
+    hb = json.dumps(hdr, separators=(",", ":")).encode()
+    hb += b" " * ((-len(hb)) % 8 + pad)  # the data area aligned, as the official writer does
+    return struct.pack("<Q", len(hb)) + hb + bytes(off)
+
+
+def hf_tiny(arch, D=4, F=8, V=8, H=2, KV=1, L=1, tied=True, dt="F32"):
+    hd = D // H
+    cfg = {"architectures": [arch], "hidden_size": D, "intermediate_size": F, "num_hidden_layers": L,
+           "num_attention_heads": H, "num_key_value_heads": KV, "vocab_size": V, "max_position_embeddings": 64,
+           "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": tied, "bos_token_id": 1,
+           "eos_token_id": [2, 3]}
+    t = {"model.embed_tokens.weight": (dt, [V, D]), "model.norm.weight": (dt, [D])}
+    if not tied:
+        t["lm_head.weight"] = (dt, [V, D])
+    for l in range(L):
+        p = "model.layers.%d." % l
+        t[p + "input_layernorm.weight"] = (dt, [D])
+        t[p + "post_attention_layernorm.weight"] = (dt, [D])
+        t[p + "self_attn.q_proj.weight"] = (dt, [H * hd, D])
+        t[p + "self_attn.k_proj.weight"] = (dt, [KV * hd, D])
+        t[p + "self_attn.v_proj.weight"] = (dt, [KV * hd, D])
+        t[p + "self_attn.o_proj.weight"] = (dt, [D, H * hd])
+        t[p + "mlp.gate_proj.weight"] = (dt, [F, D])
+        t[p + "mlp.up_proj.weight"] = (dt, [F, D])
+        t[p + "mlp.down_proj.weight"] = (dt, [D, F])
+        if arch == "Qwen2ForCausalLM":
+            t[p + "self_attn.q_proj.bias"] = (dt, [H * hd])
+            t[p + "self_attn.k_proj.bias"] = (dt, [KV * hd])
+            t[p + "self_attn.v_proj.bias"] = (dt, [KV * hd])
+        if arch == "Qwen3ForCausalLM":
+            cfg["head_dim"] = hd
+            t[p + "self_attn.q_norm.weight"] = (dt, [hd])
+            t[p + "self_attn.k_norm.weight"] = (dt, [hd])
+    return json.dumps(cfg, indent=1).encode(), st_image(t, {"format": "pt"})
+
+
+def safetensors_seeds():
+    write("safetensors", "f32_two.safetensors", st_image({"a": ("F32", [2, 2]), "b": ("F32", [3])}))
+    write("safetensors", "mixed_meta.safetensors",
+          st_image({"w.bf": ("BF16", [2, 3]), "w.f16": ("F16", [2]), "s": ("F32", [])}, {"format": "pt"}, pad=6))
+    write("safetensors", "empty_tensor.safetensors", st_image({"z": ("F32", [0, 4]), "y": ("F32", [1, 1, 1, 1, 1])}))
+    _, img = hf_tiny("Qwen3ForCausalLM")
+    write("safetensors", "qwen3_tiny.safetensors", img)
+
+
+def config_seeds():
+    gen = b'{"do_sample": true, "temperature": 0.7, "top_p": 0.9, "top_k": 20, "repetition_penalty": 1.1, ' \
+          b'"eos_token_id": [2, 5], "bos_token_id": 1, "pad_token_id": 0}'
+    tcfg = b'{"add_bos_token": true, "bos_token": "<s>", "eos_token": {"content": "</s>"}, ' \
+           b'"chat_template": "<|im_start|>{{ m }}<|im_end|>"}'
+    for arch, tied in (("LlamaForCausalLM", False), ("Qwen2ForCausalLM", True), ("Qwen3ForCausalLM", True),
+                       ("MistralForCausalLM", False)):
+        cfg, img = hf_tiny(arch, tied=tied)
+        write("config", "tiny_%s" % arch, SEP.join([cfg, gen, tcfg, img]))
+    cfg, img = hf_tiny("LlamaForCausalLM", L=2, dt="BF16")
+    write("config", "tiny_llama_bf16_2layers", SEP.join([cfg, b"", b"", img]))
+    for d in ("tests/fixtures/hf/llama3.1-8b-tiny", "tests/fixtures/hf/qwen2.5-7b-tiny",
+              "tests/fixtures/hf/qwen3-0.6b-tiny", "models/minillama-2m", "models/miniqwen3-6m"):
+        parts = [read(os.path.join(d, "config.json")), read(os.path.join(d, "generation_config.json"))]
+        if os.path.exists(os.path.join(ROOT, d, "tokenizer_config.json")):
+            parts.append(read(os.path.join(d, "tokenizer_config.json")))
+        write("config", os.path.basename(d) + "_json", SEP.join(parts))
+
+
+if __name__ == "__main__":
+    safetensors_seeds()
+    config_seeds()
