@@ -1,0 +1,67 @@
+/* test_fuzz_regressions.c - one test per bug the libFuzzer targets of fuzz/ found (docs/security.md,
+ * "Fuzzing"). Each reproducer, minimized, is also kept in fuzz/regressions/<target>/, which scripts/fuzz.sh
+ * replays under the sanitizers; these tests state the behaviour that was fixed, in the release build too. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <cmocka.h>
+
+#include "runtime/core/core.h"
+#include "runtime/model/model.h"
+#include "test_common.h"
+
+TC_TMPDIR_FIXTURE("kvm_fuzzreg")
+
+static void write_file(const char *dir, const char *name, const void *data, size_t size) {
+    char p[1024];
+    snprintf(p, sizeof p, "%s/%s", dir, name);
+    FILE *f = fopen(p, "wb");
+    assert_non_null(f);
+    assert_int_equal(fwrite(data, 1, size, f), size);
+    assert_int_equal(fclose(f), 0);
+}
+
+static void write_text(const char *dir, const char *name, const char *text) { write_file(dir, name, text, strlen(text)); }
+
+static const char *k_config = "{\"architectures\": [\"LlamaForCausalLM\"], \"hidden_size\": 4, \"intermediate_size\": 8, "
+                              "\"num_hidden_layers\": 1, \"num_attention_heads\": 2, \"vocab_size\": 8, "
+                              "\"max_position_embeddings\": 64%s}";
+
+/* fuzz_config: "eos_token_id": 22147483647 was converted to int (undefined behaviour; UBSan:
+ * "2.21475e+10 is outside the range of representable values of type 'int'"). */
+static void test_config_eos_token_id_outside_int_range_is_a_format_error(void **st) {
+    (void)st;
+    const char *vals[] = {", \"eos_token_id\": 22147483647", ", \"eos_token_id\": [2, -1e300]"};
+    for (size_t i = 0; i < sizeof vals / sizeof *vals; i++) {
+        char text[512];
+        snprintf(text, sizeof text, k_config, vals[i]);
+        kvm_config_t c;
+        assert_int_equal(kvm_config_parse_hf(&c, text, "config.json"), KVM_EFORMAT);
+        assert_non_null(strstr(kvm_errmsg(), "eos_token_id"));
+    }
+}
+
+/* fuzz_config: generation_config.json "top_k": 1e10 was converted to int the same way. */
+static void test_generation_config_top_k_outside_int_range_is_a_format_error(void **st) {
+    (void)st;
+    char dir[512], text[512];
+    snprintf(dir, sizeof dir, "%s/topk", g_dir);
+    assert_int_equal(mkdir(dir, 0700), 0);
+    snprintf(text, sizeof text, k_config, "");
+    write_text(dir, "config.json", text);
+    write_text(dir, "generation_config.json", "{\"top_k\": 1e10}");
+    kvm_model_t *m = kvm_calloc(1, sizeof *m);
+    assert_non_null(m);
+    assert_int_equal(kvm_load_hf(m, dir), KVM_EFORMAT);
+    assert_non_null(strstr(kvm_errmsg(), "generation_config.json"));
+    assert_non_null(strstr(kvm_errmsg(), "top_k"));
+    kvm_model_free(m);
+}
+
+TC_MAIN(setup, teardown, cmocka_unit_test(test_config_eos_token_id_outside_int_range_is_a_format_error),
+        cmocka_unit_test(test_generation_config_top_k_outside_int_range_is_a_format_error))
