@@ -101,6 +101,20 @@ def config_seeds():
         write("config", os.path.basename(d) + "_json", SEP.join(parts))
 
 
+def tokenizer_seeds():
+    texts = [b"Hello, world! 12345 <|im_start|>user\nhi<|im_end|>", "caf\u00e9 \u2581na\u00efve \U0001F600 \t\n  x".encode(),
+             b"\xff\xfe invalid \xc3 utf-8 \x00 nul", b"<think>  digits 0123456789</think><|bos|>"]
+    tcfg = b'{"add_bos_token": true, "bos_token": "<|bos|>", "eos_token": {"content": "<|eos|>"}}'
+    for name in ("tests/data/tokenizer/tiny-digits.json", "tests/data/tokenizer/tiny-metaspace.json"):
+        tj = read(name)
+        base = os.path.basename(name)[:-5]
+        for i, t in enumerate(texts):
+            write("tokenizer", "%s_%d" % (base, i), SEP.join([tj, t] + ([tcfg] if i % 2 else [])))
+    write("tokenizer", "minillama_qwen_bpe", SEP.join([read("models/minillama-2m/tokenizer.json"), texts[0],
+                                                      read("models/minillama-2m/tokenizer_config.json")]))
+
+
 if __name__ == "__main__":
     safetensors_seeds()
     config_seeds()
+    tokenizer_seeds()
