@@ -4,7 +4,7 @@
  * The input is cut at FZ_SEP into tokenizer.json, the text to encode, and an optional
  * tokenizer_config.json; with one part only, the part is the tokenizer and its own last 64 bytes are the
  * text. A tokenizer that loads encodes the text with each flag combination; every id must lie in the
- * vocabulary, the ids must decode (with and without special tokens), and streaming them one by one with
+ * vocabulary, decoding them (with and without special tokens) must succeed or fail with a message, and streaming them one by one with
  * kvm_token_bytes must fit the buffer kvm_tokenizer_max_token_bytes promises. */
 #include "fuzz_util.h"
 
@@ -53,7 +53,10 @@ static void encode_decode(const kvm_tokenizer_t *t, const char *text, size_t len
             char *out = NULL;
             size_t olen = 0;
             rc = kvm_detokenize(t, ids, n, skip, &out, &olen);
-            CHECK(rc == 0 && out && strlen(out) <= olen);
+            fz_report("kvm_detokenize", rc);
+            /* an id the tokenizer's own template names but no token has (a malformed post_processor)
+             * encodes, and decoding it is a clear error: allowed */
+            CHECK(rc == 0 ? out && strlen(out) <= olen : rc < 0 && *kvm_errmsg());
             kvm_free(out);
         }
         if (flags == 0) check_stream(t, ids, n);

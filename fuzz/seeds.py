@@ -114,7 +114,38 @@ def tokenizer_seeds():
                                                       read("models/minillama-2m/tokenizer_config.json")]))
 
 
+def l2c_model(dim=8, hidden=16, layers=1, heads=2, kv=1, vocab=16, seq=4, tied=True):
+    hs = dim // heads
+    kvd = kv * hs
+    n = vocab * dim + layers * dim * (2 + 2 * dim + 2 * kvd + 3 * hidden) + dim + seq * hs
+    if not tied:
+        n += vocab * dim
+    hdr = struct.pack("<7i", dim, hidden, layers, heads, kv, vocab if tied else -vocab, seq)
+    return hdr + struct.pack("<%df" % n, *[((i * 37) % 101 - 50) / 100.0 for i in range(n)])
+
+
+def l2c_tokenizer(pieces):
+    out = struct.pack("<i", max(len(p) for p in pieces))
+    for i, p in enumerate(pieces):
+        out += struct.pack("<fi", -float(i), len(p)) + p
+    return out
+
+
+def llama2c_seeds():
+    small = [b"<unk>", b"<s>", b"</s>"] + [bytes([c]) for c in b" Onceuptimah"] + [b" O", b"nce"]
+    tok = l2c_tokenizer(small[:16])
+    write("llama2c", "tiny_tied", SEP.join([l2c_model(), tok, b"Once upon a time"]))
+    write("llama2c", "tiny_untied_2layers", SEP.join([l2c_model(layers=2, tied=False), tok]))
+    write("llama2c", "tiny_gqa", l2c_model(dim=8, heads=4, kv=2, hidden=8, seq=2))
+    tok512 = "/work/shared/models/stories260K/tok512.bin"
+    if os.path.exists(tok512):
+        with open(tok512, "rb") as f:
+            write("llama2c", "vocab512_tok512", SEP.join([l2c_model(vocab=512), f.read(), "caf\u00e9 \U0001F600".encode()]))
+    write("llama2c", "header_only", struct.pack("<7i", 64, 172, 5, 8, 4, 512, 512))
+
+
 if __name__ == "__main__":
     safetensors_seeds()
     config_seeds()
     tokenizer_seeds()
+    llama2c_seeds()
