@@ -144,8 +144,27 @@ def llama2c_seeds():
     write("llama2c", "header_only", struct.pack("<7i", 64, 172, 5, 8, 4, 512, 512))
 
 
+def trace_seeds():
+    ev = read("tests/fixtures/trace_v1/events.jsonl")
+    idx = read("tests/fixtures/trace_v1/index.json")
+    lines = ev.splitlines(keepends=True)
+    write("trace", "fixture_v1", SEP.join([ev, idx]))
+    write("trace", "fixture_v1_no_index", ev)
+    write("trace", "fixture_v1_torn", ev[: len(ev) - 40])
+    seen = set()
+    for ln in lines:  # one record of each type after the run.start
+        t = json.loads(ln)["t"]
+        if t not in seen:
+            seen.add(t)
+            write("trace", "start_and_%s" % t.replace(".", "_"), lines[0] + ln)
+    write("trace", "unknown_type_and_newer_version",
+          b'{"t":"run.start","v":2,"run_id":"00","run":0}\n{"t":"future.thing","x":[1,{"y":null}]}\n')
+    write("trace", "step_without_start", b'{"t":"step","idx":0,"superstep":1,"node":"a\\u0000b","op":"agent"}\n')
+
+
 if __name__ == "__main__":
     safetensors_seeds()
     config_seeds()
     tokenizer_seeds()
     llama2c_seeds()
+    trace_seeds()
