@@ -63,5 +63,24 @@ static void test_generation_config_top_k_outside_int_range_is_a_format_error(voi
     kvm_model_free(m);
 }
 
+/* fuzz_llama2c: a header whose vocab_size is INT32_MIN was negated (signed overflow: undefined behaviour,
+ * which UBSan reports and the ASan+UBSan build's ctest fails on; the release build happened to wrap). */
+static void test_llama2c_header_with_vocab_int32_min_is_implausible(void **st) {
+    (void)st;
+    int32_t h[7] = {8, 16, 1, 2, 1, INT32_MIN, 4};
+    uint8_t file[28 + 64] = {0};
+    memcpy(file, h, sizeof h);
+    write_file(g_dir, "vocab_min.bin", file, sizeof file);
+    char path[512];
+    snprintf(path, sizeof path, "%s/vocab_min.bin", g_dir);
+    kvm_model_t *m = kvm_calloc(1, sizeof *m);
+    assert_non_null(m);
+    assert_int_equal(kvm_load_llama2c(m, path), KVM_EFORMAT);
+    assert_non_null(strstr(kvm_errmsg(), "implausible llama2.c header"));
+    assert_non_null(strstr(kvm_errmsg(), "vocab -2147483648"));
+    kvm_model_free(m);
+}
+
 TC_MAIN(setup, teardown, cmocka_unit_test(test_config_eos_token_id_outside_int_range_is_a_format_error),
-        cmocka_unit_test(test_generation_config_top_k_outside_int_range_is_a_format_error))
+        cmocka_unit_test(test_generation_config_top_k_outside_int_range_is_a_format_error),
+        cmocka_unit_test(test_llama2c_header_with_vocab_int32_min_is_implausible))
