@@ -2,7 +2,8 @@
 # deps.sh - makes sure the Debian packages kvmesh builds with are present.
 # As root it installs what is missing; otherwise it prints the exact apt command and fails.
 set -euo pipefail
-pkgs=(build-essential cmake pkg-config liblua5.4-dev libzmq3-dev libcjson-dev libcmocka-dev valgrind)
+# clang + libclang-rt-dev: the libFuzzer targets of fuzz/ (scripts/fuzz.sh, tests/cli/fuzz_short.sh)
+pkgs=(build-essential cmake pkg-config liblua5.4-dev libzmq3-dev libcjson-dev libcmocka-dev valgrind clang libclang-rt-dev)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

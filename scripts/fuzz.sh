@@ -40,7 +40,7 @@ cc="${CC:-clang}"
 if [ "$do_build" = 1 ]; then
   command -v "$cc" >/dev/null || { echo "fuzz.sh: $cc not found (libFuzzer needs clang: scripts/deps.sh installs it)" >&2; exit 77; }
   cmake -S "$here" -B "$build" -DCMAKE_C_COMPILER="$cc" -DKVM_FUZZ=ON -DCMAKE_BUILD_TYPE=Debug -DKVM_CUDA=OFF \
-        -DKVM_SHARED_DIR="$here/../shared" >/dev/null || exit 1
+        -DKVM_SHARED_DIR="${KVM_SHARED_DIR:-$here/../shared}" >/dev/null || exit 1
   tl=(); for t in "${targets[@]}"; do tl+=(--target "fuzz_$t"); done
   cmake --build "$build" "${tl[@]}" -j "${JOBS:-2}" >"$build/build.log" 2>&1 || { tail -30 "$build/build.log"; echo "fuzz.sh: build failed"; exit 1; }
 fi
