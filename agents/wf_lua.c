@@ -8,6 +8,7 @@
 #include "../runtime/core/json.h"
 
 #include <ctype.h>
+#include <limits.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -639,6 +640,19 @@ static lua_Number opt_num_field(lua_State *L, int t, const char *k, lua_Number d
     return v;
 }
 
+/* opt_num_field for a value C converts to an integer type: outside [lo, hi] (NaN included) it is an error, as
+ * converting a double outside the target type's range is undefined behaviour. */
+static lua_Number opt_int_field(lua_State *L, int t, const char *k, lua_Number def, lua_Number lo, lua_Number hi,
+                                const char *what) {
+    lua_Number v = opt_num_field(L, t, k, def, what);
+    if (!(v >= lo && v <= hi)) {
+        char msg[160]; /* lua_pushfstring has no %g */
+        snprintf(msg, sizeof msg, "field '%s' must be in %.0f..%.0f (got %g)", k, lo, hi, v);
+        luaL_error(L, "%s: %s", what, msg);
+    }
+    return v;
+}
+
 static const char *opt_str_field(lua_State *L, int t, const char *k, const char *what) {
     lua_getfield(L, t, k);
     const char *s = NULL;
@@ -674,16 +688,16 @@ static int make_agent(lua_State *L, int t, const char *name_arg) {
     if (!tmpl) tmpl = opt_str_field(L, t, "prompt", what);
     if (!tmpl) return luaL_error(L, "%s '%s': field 'template' is required", what, name);
     lua_Number max_tokens = opt_num_field(L, t, "max_tokens", 64, what);
-    if (max_tokens < 1 || max_tokens > 1 << 20) return luaL_error(L, "%s '%s': max_tokens must be in 1..1048576", what, name);
+    if (!(max_tokens >= 1 && max_tokens <= 1 << 20)) return luaL_error(L, "%s '%s': max_tokens must be in 1..1048576", what, name);
     kvm_sampler_params_t sp = {0};
     sp.temperature = (float)opt_num_field(L, t, "temperature", 0, what);
-    sp.top_k = (int)opt_num_field(L, t, "top_k", 0, what);
+    sp.top_k = (int)opt_int_field(L, t, "top_k", 0, 0, INT_MAX, what);
     sp.top_p = (float)opt_num_field(L, t, "top_p", 1, what);
     sp.repetition_penalty = (float)opt_num_field(L, t, "repetition_penalty", 1, what);
-    sp.seed = (uint64_t)opt_num_field(L, t, "seed", 0, what);
+    sp.seed = (uint64_t)opt_int_field(L, t, "seed", 0, 0, 1.8e19, what);
     if (sp.temperature < 0 || sp.top_p < 0 || sp.top_p > 1 || sp.top_k < 0)
         return luaL_error(L, "%s '%s': need temperature >= 0, 0 <= top_p <= 1, top_k >= 0", what, name);
-    lua_Number budget = opt_num_field(L, t, "budget", 0, what);
+    lua_Number budget = opt_int_field(L, t, "budget", 0, -1e18, 1e18, what);
     lua_getfield(L, t, "ignore_eos");
     bool ignore_eos = lua_toboolean(L, -1);
     lua_pop(L, 1);
@@ -788,14 +802,14 @@ static void set_limits(lua_State *L, wf_graph_t *g, int t) {
     static const char *const lf[] = {"steps", "tokens", "wall_ms", "instructions", "memory_mb", "lua_ms", NULL};
     check_fields(L, t, "limit", lf);
     lua_Number v;
-    if ((v = opt_num_field(L, t, "steps", -1, "limit")) >= 0) {
+    if ((v = opt_int_field(L, t, "steps", -1, -1e18, 1e18, "limit")) >= 0) {
         if (v < 1) luaL_error(L, "limit: steps must be >= 1");
         g->lim_steps = (long)v;
     }
-    if ((v = opt_num_field(L, t, "tokens", -1, "limit")) >= 0) g->lim_tokens = (long)v;
-    if ((v = opt_num_field(L, t, "wall_ms", -1, "limit")) >= 0) g->lim_wall_ms = (long)v;
-    if ((v = opt_num_field(L, t, "instructions", -1, "limit")) >= 0) g->lim_instructions = (uint64_t)v;
-    if ((v = opt_num_field(L, t, "memory_mb", -1, "limit")) >= 0) g->lim_memory_mb = (long)v;
+    if ((v = opt_int_field(L, t, "tokens", -1, -1e18, 1e18, "limit")) >= 0) g->lim_tokens = (long)v;
+    if ((v = opt_int_field(L, t, "wall_ms", -1, -1e18, 1e18, "limit")) >= 0) g->lim_wall_ms = (long)v;
+    if ((v = opt_int_field(L, t, "instructions", -1, -1e18, 1e18, "limit")) >= 0) g->lim_instructions = (uint64_t)v;
+    if ((v = opt_int_field(L, t, "memory_mb", -1, -1e18, 1e18, "limit")) >= 0) g->lim_memory_mb = (long)v;
     if ((v = opt_num_field(L, t, "lua_ms", -1, "limit")) >= 0) g->lim_lua_ms = v;
 }
 

@@ -81,6 +81,37 @@ static void test_llama2c_header_with_vocab_int32_min_is_implausible(void **st) {
     kvm_model_free(m);
 }
 
+/* fuzz_lua: agent fields and graph limits were converted from Lua numbers to C integers unchecked:
+ * seed = -1 (UBSan: "-1 is outside the range of representable values of type 'unsigned long'"), top_k,
+ * budget or a limit of 1e300 were undefined conversions too. Each is now a load error naming the field. */
+static void test_lua_numbers_outside_their_integer_range_fail_the_load_naming_the_field(void **st) {
+    (void)st;
+    kvm_runtime_params_t p = kvm_runtime_default_params();
+    p.model_override = "mock:echo";
+    p.quiet = true;
+    p.echo_print = false;
+    kvm_runtime_t *rt = kvm_runtime_create(&p);
+    assert_non_null(rt);
+    const char *cases[][2] = {{"seed = -1", "'seed'"}, {"top_k = 1e300", "'top_k'"}, {"budget = 1e300", "'budget'"},
+                              {"max_tokens = 0/0", "max_tokens"}};
+    for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
+        char src[512];
+        snprintf(src, sizeof src, "local m = kvmesh.model('mock:echo')\nlocal g = kvmesh.graph{ name = 'r' }\n"
+                                  "g:agent('a', { model = m, template = 'x', %s })\ng:edge(kvmesh.START, 'a')\nreturn g\n",
+                 cases[i][0]);
+        kvm_workflow_t *wf = kvm_workflow_load_string(rt, "reg.lua", src, strlen(src), NULL);
+        if (wf || !strstr(kvm_errmsg(), cases[i][1])) fprintf(stderr, "%s: %s\n", cases[i][0], kvm_errmsg());
+        assert_null(wf);
+        assert_non_null(strstr(kvm_errmsg(), cases[i][1]));
+    }
+    const char *lim = "local g = kvmesh.graph{ name = 'r', limit = { memory_mb = 1e300 } }\n"
+                      "g:func('f', function() end)\ng:edge(kvmesh.START, 'f')\nreturn g\n";
+    assert_null(kvm_workflow_load_string(rt, "reg.lua", lim, strlen(lim), NULL));
+    assert_non_null(strstr(kvm_errmsg(), "'memory_mb'"));
+    kvm_runtime_free(rt);
+}
+
 TC_MAIN(setup, teardown, cmocka_unit_test(test_config_eos_token_id_outside_int_range_is_a_format_error),
         cmocka_unit_test(test_generation_config_top_k_outside_int_range_is_a_format_error),
-        cmocka_unit_test(test_llama2c_header_with_vocab_int32_min_is_implausible))
+        cmocka_unit_test(test_llama2c_header_with_vocab_int32_min_is_implausible),
+        cmocka_unit_test(test_lua_numbers_outside_their_integer_range_fail_the_load_naming_the_field))
