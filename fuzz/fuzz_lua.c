@@ -14,8 +14,9 @@
  * call must succeed or fail with a message; a hang is a libFuzzer timeout.
  *
  * Known bugs of issue 19 that the lua helper's branch fixes (a running node changing its graph or
- * creating agents, a script raising its own limits above the operator's) are generated only with
- * FZ_LUA_KNOWN=1 in the environment, so that they do not stop every run here before they are merged. */
+ * creating agents, a script raising its own limits above the operator's, a spec table whose __index
+ * builds fresh strings: use-after-free, fuzz/known/lua/) are generated only with FZ_LUA_KNOWN=1 in the
+ * environment, so that they do not stop every run here before they are merged. */
 #include "fuzz_util.h"
 
 #include <kvmesh.h>
@@ -122,7 +123,10 @@ static void gen_expr(gen_t *g) {
         emit(g, " })");
         break;
     case 13: emit(g, "select(2, pcall(error, "); gen_expr(g); emit(g, "))"); break;
-    case 14: emit(g, "setmetatable({}, { __index = function(t, k) return tostring(k) .. \"x\" end })"); break;
+    case 14:
+        if (g->known) emit(g, "setmetatable({}, { __index = function(t, k) return tostring(k) .. \"x\" end })");
+        else emit(g, "setmetatable({}, { __tostring = function() return \"mt\" end })");
+        break;
     case 15: emit(g, "coroutine.wrap(function() return "); gen_expr(g); emit(g, " end)()"); break;
     case 16: emit(g, "math.random(1, 10)"); break;
     case 17: emit(g, "utf8.char(%d)", pick(g, 256) * 4352); break;
@@ -184,7 +188,7 @@ static void gen_node(gen_t *g, int i) {
     case 0:
     case 1:
         emit(g, "g:agent(\"n%d\", ", i);
-        if (pick(g, 8) == 0) {
+        if (g->known && pick(g, 8) == 0) {
             emit(g, "setmetatable({}, { __index = function(t, k) if k == \"model\" then return m end "
                     "if k == \"template\" then return \"T \" .. \"{input}\" end end })");
         } else {
