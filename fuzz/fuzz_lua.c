@@ -9,7 +9,7 @@
  * (the rest of the input): the seeds hold the examples' and the docs' workflows that way.
  *
  * The script is loaded with kvm_workflow_load_string into one runtime (created once, mock model, small
- * budgets: 16 MiB of Lua memory per run, 200,000 instructions, 300 ms of Lua CPU), run once with an input
+ * budgets: 4 MiB of Lua memory per run, 50,000 instructions, 100 ms of Lua CPU), run once with an input
  * from the generator, driven to its end, and its status, outputs, state, inputs and score are read. Every
  * call must succeed or fail with a message; a hang is a libFuzzer timeout.
  *
@@ -274,9 +274,9 @@ int LLVMFuzzerInitialize(int *argc, char ***argv) {
     p.quiet = true;
     p.echo_print = false;
     p.lua_mem_bytes = 64u << 20;
-    p.run_mem_bytes = 16u << 20;
-    p.run_instructions = 200000;
-    p.run_lua_ms = 300;
+    p.run_mem_bytes = 4u << 20;
+    p.run_instructions = 50000;
+    p.run_lua_ms = 100;
     g_rt = kvm_runtime_create(&p);
     if (!g_rt) {
         fprintf(stderr, "fuzz_lua: kvm_runtime_create: %s\n", kvm_errmsg());
