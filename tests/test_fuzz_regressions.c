@@ -81,6 +81,29 @@ static void test_llama2c_header_with_vocab_int32_min_is_implausible(void **st) {
     kvm_model_free(m);
 }
 
+/* fuzz_llama2c: a header with vocab_size 1 (or 2) loaded, with BOS 1 and EOS 2 outside the vocabulary:
+ * the first embedding lookup of a prompt read past tok_emb. The loader now validates its config. */
+static void test_llama2c_vocab_smaller_than_its_fixed_special_ids_is_refused(void **st) {
+    (void)st;
+    for (int32_t vocab = 1; vocab <= 2; vocab++) {
+        int32_t h[7] = {8, 16, 1, 2, 1, vocab, 16};
+        size_t n_floats = (size_t)vocab * 8 + 8 * (2 + 2 * 8 + 2 * 4 + 3 * 16) + 8 + 16 * 4;
+        size_t size = 28 + 4 * n_floats;
+        uint8_t *file = calloc(1, size);
+        assert_non_null(file);
+        memcpy(file, h, sizeof h);
+        write_file(g_dir, "vocab_small.bin", file, size);
+        free(file);
+        char path[512];
+        snprintf(path, sizeof path, "%s/vocab_small.bin", g_dir);
+        kvm_model_t *m = kvm_calloc(1, sizeof *m);
+        assert_non_null(m);
+        assert_int_equal(kvm_load_llama2c(m, path), KVM_ERANGE);
+        assert_non_null(strstr(kvm_errmsg(), "outside the vocabulary"));
+        kvm_model_free(m);
+    }
+}
+
 /* fuzz_lua: agent fields and graph limits were converted from Lua numbers to C integers unchecked:
  * seed = -1 (UBSan: "-1 is outside the range of representable values of type 'unsigned long'"), top_k,
  * budget or a limit of 1e300 were undefined conversions too. Each is now a load error naming the field. */
@@ -114,4 +137,5 @@ static void test_lua_numbers_outside_their_integer_range_fail_the_load_naming_th
 TC_MAIN(setup, teardown, cmocka_unit_test(test_config_eos_token_id_outside_int_range_is_a_format_error),
         cmocka_unit_test(test_generation_config_top_k_outside_int_range_is_a_format_error),
         cmocka_unit_test(test_llama2c_header_with_vocab_int32_min_is_implausible),
+        cmocka_unit_test(test_llama2c_vocab_smaller_than_its_fixed_special_ids_is_refused),
         cmocka_unit_test(test_lua_numbers_outside_their_integer_range_fail_the_load_naming_the_field))

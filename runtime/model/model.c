@@ -131,6 +131,8 @@ int kvm_load_llama2c(kvm_model_t *m, const char *path) {
     c->pad_id = -1;
     c->chat_format = KVM_CHAT_NONE;
     c->weight_dtype = KVM_F32;
+    /* the fixed BOS/EOS ids must lie in the vocabulary (a vocab of 1 or 2 would embed past tok_emb) */
+    if ((rc = kvm_config_validate(c, path))) return rc;
 
     const int64_t D = c->dim, L = c->n_layers, H = c->hidden_dim, V = c->vocab_size, KVD = (int64_t)c->n_kv_heads * c->head_dim;
     const int64_t hs = c->head_dim;
