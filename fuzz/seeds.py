@@ -162,9 +162,21 @@ def trace_seeds():
     write("trace", "step_without_start", b'{"t":"step","idx":0,"superstep":1,"node":"a\\u0000b","op":"agent"}\n')
 
 
+def lua_seeds():
+    """Raw scripts (first byte 0xFF, see fuzz_lua.c): the docs' runnable snippets and the examples."""
+    import re
+    doc = read("docs/lua-api.md").decode()
+    for m in re.finditer(r"```lua\n-- runnable: (\S+)\.lua\n(.*?)```", doc, re.S):
+        write("lua", "doc_" + m.group(1), b"\xff" + m.group(2).encode())
+    for f in sorted(os.listdir(os.path.join(ROOT, "examples"))):
+        if f.endswith(".lua"):
+            write("lua", "example_" + f[:-4], b"\xff" + read(os.path.join("examples", f)))
+
+
 if __name__ == "__main__":
     safetensors_seeds()
     config_seeds()
     tokenizer_seeds()
     llama2c_seeds()
     trace_seeds()
+    lua_seeds()

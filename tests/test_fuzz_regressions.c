@@ -63,22 +63,31 @@ static void test_generation_config_top_k_outside_int_range_is_a_format_error(voi
     kvm_model_free(m);
 }
 
+/* Writes a llama2.c checkpoint of header h followed by n_floats zero floats, loads it with kvm_load_llama2c
+ * and expects the status code and both message fragments. */
+static void expect_llama2c_refused(const int32_t h[7], size_t n_floats, int code, const char *f1, const char *f2) {
+    size_t size = 28 + 4 * n_floats;
+    uint8_t *file = calloc(1, size);
+    assert_non_null(file);
+    memcpy(file, h, 28);
+    write_file(g_dir, "l2c.bin", file, size);
+    free(file);
+    char path[512];
+    snprintf(path, sizeof path, "%s/l2c.bin", g_dir);
+    kvm_model_t *m = kvm_calloc(1, sizeof *m);
+    assert_non_null(m);
+    assert_int_equal(kvm_load_llama2c(m, path), code);
+    assert_non_null(strstr(kvm_errmsg(), f1));
+    assert_non_null(strstr(kvm_errmsg(), f2));
+    kvm_model_free(m);
+}
+
 /* fuzz_llama2c: a header whose vocab_size is INT32_MIN was negated (signed overflow: undefined behaviour,
  * which UBSan reports and the ASan+UBSan build's ctest fails on; the release build happened to wrap). */
 static void test_llama2c_header_with_vocab_int32_min_is_implausible(void **st) {
     (void)st;
-    int32_t h[7] = {8, 16, 1, 2, 1, INT32_MIN, 4};
-    uint8_t file[28 + 64] = {0};
-    memcpy(file, h, sizeof h);
-    write_file(g_dir, "vocab_min.bin", file, sizeof file);
-    char path[512];
-    snprintf(path, sizeof path, "%s/vocab_min.bin", g_dir);
-    kvm_model_t *m = kvm_calloc(1, sizeof *m);
-    assert_non_null(m);
-    assert_int_equal(kvm_load_llama2c(m, path), KVM_EFORMAT);
-    assert_non_null(strstr(kvm_errmsg(), "implausible llama2.c header"));
-    assert_non_null(strstr(kvm_errmsg(), "vocab -2147483648"));
-    kvm_model_free(m);
+    const int32_t h[7] = {8, 16, 1, 2, 1, INT32_MIN, 4};
+    expect_llama2c_refused(h, 16, KVM_EFORMAT, "implausible llama2.c header", "vocab -2147483648");
 }
 
 /* fuzz_llama2c: a header with vocab_size 1 (or 2) loaded, with BOS 1 and EOS 2 outside the vocabulary:
@@ -86,21 +95,9 @@ static void test_llama2c_header_with_vocab_int32_min_is_implausible(void **st) {
 static void test_llama2c_vocab_smaller_than_its_fixed_special_ids_is_refused(void **st) {
     (void)st;
     for (int32_t vocab = 1; vocab <= 2; vocab++) {
-        int32_t h[7] = {8, 16, 1, 2, 1, vocab, 16};
+        const int32_t h[7] = {8, 16, 1, 2, 1, vocab, 16}; /* dim 8, ffn 16, 1 layer, 2 heads, 1 kv head, seq 16 */
         size_t n_floats = (size_t)vocab * 8 + 8 * (2 + 2 * 8 + 2 * 4 + 3 * 16) + 8 + 16 * 4;
-        size_t size = 28 + 4 * n_floats;
-        uint8_t *file = calloc(1, size);
-        assert_non_null(file);
-        memcpy(file, h, sizeof h);
-        write_file(g_dir, "vocab_small.bin", file, size);
-        free(file);
-        char path[512];
-        snprintf(path, sizeof path, "%s/vocab_small.bin", g_dir);
-        kvm_model_t *m = kvm_calloc(1, sizeof *m);
-        assert_non_null(m);
-        assert_int_equal(kvm_load_llama2c(m, path), KVM_ERANGE);
-        assert_non_null(strstr(kvm_errmsg(), "outside the vocabulary"));
-        kvm_model_free(m);
+        expect_llama2c_refused(h, n_floats, KVM_ERANGE, "outside the vocabulary", "vocab_size");
     }
 }
 
