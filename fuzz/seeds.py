@@ -101,6 +101,30 @@ def config_seeds():
         write("config", os.path.basename(d) + "_json", SEP.join(parts))
 
 
+def small_tokenizer(path, keep):
+    """A copy of a test tokenizer cut to a few tokens (ids renumbered, merges of kept tokens only): small
+    seeds keep the fuzzer fast (fuzz.sh runs the tokenizer with -max_len=4096)."""
+    d = json.loads(read(path))
+    vocab = d["model"]["vocab"]
+    kept = [t for t in vocab if keep(t)]
+    d["model"]["vocab"] = {t: i for i, t in enumerate(kept)}
+    ids = {t: i for i, t in enumerate(kept)}
+    merges = []
+    for m in d["model"]["merges"]:
+        a, b = m.split(" ", 1) if isinstance(m, str) else m
+        if a in ids and b in ids and a + b in ids:
+            merges.append(m)
+    d["model"]["merges"] = merges
+    n = len(kept)
+    for j, at in enumerate(d.get("added_tokens", [])):
+        at["id"] = n + j
+    specials = (d.get("post_processor") or {}).get("special_tokens", {})
+    by_content = {at["content"]: at["id"] for at in d.get("added_tokens", [])}
+    for name, sp in specials.items():
+        sp["ids"] = [by_content.get(name, 0)]
+    return json.dumps(d, separators=(",", ":")).encode()
+
+
 def tokenizer_seeds():
     texts = [b"Hello, world! 12345 <|im_start|>user\nhi<|im_end|>", "caf\u00e9 \u2581na\u00efve \U0001F600 \t\n  x".encode(),
              b"\xff\xfe invalid \xc3 utf-8 \x00 nul", b"<think>  digits 0123456789</think><|bos|>"]
@@ -110,6 +134,13 @@ def tokenizer_seeds():
         base = os.path.basename(name)[:-5]
         for i, t in enumerate(texts):
             write("tokenizer", "%s_%d" % (base, i), SEP.join([tj, t] + ([tcfg] if i % 2 else [])))
+    short = lambda t: len(t) <= 3 and (t.isascii() or t in ("\u0120", "\u2581", "\u010a"))
+    small_bl = small_tokenizer("tests/data/tokenizer/tiny-digits.json", lambda t: short(t) and not t.isupper())
+    small_ms = small_tokenizer("tests/data/tokenizer/tiny-metaspace.json",
+                               lambda t: t in ("<unk>", "<s>", "</s>", "<0x0A>", "<0xC3>", "<0xA9>") or (short(t) and t.islower()) or t == "\u2581")
+    for i, t in enumerate(texts):
+        write("tokenizer", "small-bytelevel_%d" % i, SEP.join([small_bl, t] + ([tcfg] if i % 2 else [])))
+        write("tokenizer", "small-metaspace_%d" % i, SEP.join([small_ms, t]))
     write("tokenizer", "minillama_qwen_bpe", SEP.join([read("models/minillama-2m/tokenizer.json"), texts[0],
                                                       read("models/minillama-2m/tokenizer_config.json")]))
 

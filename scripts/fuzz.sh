@@ -7,8 +7,9 @@
 # For each target: the reproducers of fuzz/regressions/<name>/ are run once each, then the fuzzer runs for
 # S seconds (default 60) or N executions, whichever ends first, from the seeds of fuzz/corpus/<name>/ (read
 # only) and the working corpus DIR/work/<name>/ (what it finds is kept there between runs, never committed),
-# with fuzz/dict/<name>.dict when it exists. --replay runs the regressions and the seeds once each, no
-# fuzzing. Crashes are saved as DIR/artifacts/<name>/crash-*; the log of each run is DIR/logs/<name>.log.
+# with fuzz/dict/<name>.dict and the libFuzzer flags of fuzz/options/<name> (one line) when they exist.
+# --replay runs the regressions and the seeds once each, no fuzzing. Crashes are saved as
+# DIR/artifacts/<name>/crash-*; the log of each run is DIR/logs/<name>.log.
 # Prints one line per target (executions, cov, ft) and exits non-zero if any target failed.
 set -uo pipefail
 here="$(cd "$(dirname "$0")/.." && pwd)"
@@ -62,6 +63,7 @@ for t in "${targets[@]}"; do
   mkdir -p "$build/work/$t" "$build/artifacts/$t"
   args=(-timeout=10 -rss_limit_mb=2048 -print_final_stats=1 -artifact_prefix="$build/artifacts/$t/")
   [ -f "$here/fuzz/dict/$t.dict" ] && args+=(-dict="$here/fuzz/dict/$t.dict")
+  [ -f "$here/fuzz/options/$t" ] && read -r -a extra < "$here/fuzz/options/$t" && args+=("${extra[@]}")
   if [ "$replay" = 1 ]; then
     args+=(-runs=0)
   else
