@@ -3,11 +3,15 @@
 #   make test   install missing packages, build, run every test (plus the ASan+UBSan build of the tests)
 BUILD      ?= build
 ASAN_BUILD ?= build-asan
+TSAN_BUILD ?= build-tsan
+# the tests whose code runs on several threads (OpenMP kernels, the atomic counted allocator, cJSON hooks)
+TSAN_TESTS ?= test_core_alloc|test_api|test_sched_batch|test_engine|test_decode|test_stories260k|test_graph_exec|test_kvcomm_ops|test_kv_store|test_lua_sandbox
+ARCHER     ?= $(firstword $(wildcard /usr/lib/llvm-*/lib/libarcher.so))
 JOBS       ?= $(shell nproc 2>/dev/null || echo 2)
 CMAKE_ARGS ?=
 SHARED     ?= $(abspath ../shared)
 
-.PHONY: all deps build asan test test-fast test-asan demo clean help
+.PHONY: all deps build asan tsan test test-fast test-asan test-tsan fuzz demo clean help
 
 all: build
 
@@ -16,6 +20,8 @@ help:
 	@echo "make test       - install deps, build, run all tests (release + ASan/UBSan builds)"
 	@echo "make test-fast  - release build tests only"
 	@echo "make build      - configure and build into $(BUILD)/"
+	@echo "make test-tsan  - ThreadSanitizer build (clang) of the threaded tests (not part of make test)"
+	@echo "make fuzz       - build the libFuzzer targets (clang) and run each 60 s (scripts/fuzz.sh)"
 	@echo "make clean      - remove build folders"
 
 deps:
@@ -36,10 +42,23 @@ test-fast: build
 test-asan: asan
 	@cd $(ASAN_BUILD) && KVM_SANITIZED=1 ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 ctest --output-on-failure -j $(JOBS)
 
+# ThreadSanitizer (clang): tests/tsan.supp says what is suppressed and why; Archer, LLVM's OpenMP tool, gives
+# TSan the OpenMP synchronisation when installed. Not in `make test` (its build would exceed CI's time budget).
+tsan: deps
+	@cmake -S . -B $(TSAN_BUILD) -DCMAKE_C_COMPILER=clang -DCMAKE_BUILD_TYPE=Debug -DKVM_TSAN=ON -DKVM_CUDA=OFF -DKVM_SHARED_DIR=$(SHARED) $(CMAKE_ARGS) >/dev/null
+	@cmake --build $(TSAN_BUILD) -j $(JOBS)
+
+test-tsan: tsan
+	@cd $(TSAN_BUILD) && KVM_SANITIZED=1 TSAN_OPTIONS="suppressions=$(abspath tests/tsan.supp)" OMP_TOOL_LIBRARIES=$(ARCHER) \
+	  ctest --output-on-failure -j $(JOBS) -R '^($(TSAN_TESTS))$$'
+
+fuzz: deps
+	@bash scripts/fuzz.sh --time $${FUZZ_SECONDS:-60}
+
 test: test-fast test-asan
 
 demo: build
 	@bash scripts/demo.sh $(BUILD)/kvmesh $(SHARED)
 
 clean:
-	rm -rf $(BUILD) $(ASAN_BUILD)
+	rm -rf $(BUILD) $(ASAN_BUILD) $(TSAN_BUILD) build-fuzz

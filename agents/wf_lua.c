@@ -8,6 +8,7 @@
 #include "../runtime/core/json.h"
 
 #include <ctype.h>
+#include <limits.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>

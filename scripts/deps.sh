@@ -2,7 +2,9 @@
 # deps.sh - makes sure the Debian packages kvmesh builds with are present.
 # As root it installs what is missing; otherwise it prints the exact apt command and fails.
 set -euo pipefail
-pkgs=(build-essential cmake pkg-config liblua5.4-dev libzmq3-dev libcjson-dev libcmocka-dev valgrind python3-zmq)
+# clang + libclang-rt-dev: the libFuzzer targets of fuzz/ (scripts/fuzz.sh, tests/cli/fuzz_short.sh); python3-zmq:
+# the daemon's Python client and its tests
+pkgs=(build-essential cmake pkg-config liblua5.4-dev libzmq3-dev libcjson-dev libcmocka-dev valgrind clang libclang-rt-dev python3-zmq)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -47,15 +47,20 @@ static int cfg_num(const cJSON *o, const char *key, const char *prefix, bool req
     return 0;
 }
 
+/* A JSON number that is a whole number in int range (converting anything else to int is undefined). */
+static bool cfg_is_int(const cJSON *v) {
+    return cJSON_IsNumber(v) && floor(v->valuedouble) == v->valuedouble && fabs(v->valuedouble) <= 2147483647.0;
+}
+
 /* Reads an integer field as cfg_num does; a present value that is not a whole number in int range is
  * KVM_EFORMAT. */
 static int cfg_int(const cJSON *o, const char *key, const char *prefix, bool required, int def, int *out,
                    const char *path) {
     const cJSON *v = cfg_field(o, key);
-    if (v && (!cJSON_IsNumber(v) || floor(v->valuedouble) != v->valuedouble || fabs(v->valuedouble) > 2147483647.0))
+    if (v && !cfg_is_int(v))
         return kvm_seterr(KVM_EFORMAT, "%s: field '%s%s' must be an integer (found %s)", path, prefix, key,
                           cfg_json_type(v));
-    double d;
+    double d = 0;
     int rc = cfg_num(o, key, prefix, required, def, &d, path);
     if (!rc) *out = (int)d;
     return rc;
@@ -141,7 +146,7 @@ static int cfg_add_eos_json(kvm_config_t *c, const cJSON *v, const char *field, 
     const cJSON *it;
     if (cJSON_IsArray(v)) {
         cJSON_ArrayForEach(it, v) {
-            if (!cJSON_IsNumber(it) || floor(it->valuedouble) != it->valuedouble)
+            if (!cfg_is_int(it))
                 return kvm_seterr(KVM_EFORMAT, "%s: field '%s' must be an integer or a list of integers", path, field);
             int id = (int)it->valuedouble;
             bool dup = false;
@@ -155,7 +160,7 @@ static int cfg_add_eos_json(kvm_config_t *c, const cJSON *v, const char *field, 
         }
         return 0;
     }
-    if (!cJSON_IsNumber(v) || floor(v->valuedouble) != v->valuedouble)
+    if (!cfg_is_int(v))
         return kvm_seterr(KVM_EFORMAT, "%s: field '%s' must be an integer or a list of integers (found %s)", path, field,
                           cfg_json_type(v));
     int id = (int)v->valuedouble;

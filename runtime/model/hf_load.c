@@ -129,8 +129,10 @@ static int hf_merge_generation(kvm_config_t *c, const cJSON *g, const char *path
     if (found) c->gen_temperature = (float)d;
     if ((rc = hf_gen_num(g, "top_p", &d, &found, path))) return rc;
     if (found) c->gen_top_p = (float)d;
-    if ((rc = hf_gen_num(g, "top_k", &d, &found, path))) return rc;
-    if (found) c->gen_top_k = (int)d;
+    if ((v = hf_field(g, "top_k"))) {
+        if (!hf_int(v, &id)) return kvm_seterr(KVM_EFORMAT, "%s: field 'top_k' must be an integer", path);
+        c->gen_top_k = id;
+    }
     if ((rc = hf_gen_num(g, "repetition_penalty", &d, &found, path))) return rc;
     if (found) c->gen_repetition_penalty = (float)d;
     v = hf_field(g, "do_sample");

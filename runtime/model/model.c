@@ -109,7 +109,7 @@ int kvm_load_llama2c(kvm_model_t *m, const char *path) {
     c->n_heads = h[3];
     c->n_kv_heads = h[4];
     c->tied_embeddings = h[5] > 0;
-    c->vocab_size = h[5] < 0 ? -h[5] : h[5];
+    c->vocab_size = h[5] == INT32_MIN ? 0 : h[5] < 0 ? -h[5] : h[5]; /* INT32_MIN has no negation: implausible */
     c->max_seq_len = h[6];
     if (c->dim <= 0 || c->hidden_dim <= 0 || c->n_layers <= 0 || c->n_layers > KVM_MAX_LAYERS || c->n_heads <= 0 ||
         c->n_kv_heads <= 0 || c->vocab_size <= 0 || c->max_seq_len <= 0 || c->dim % c->n_heads ||
@@ -131,6 +131,8 @@ int kvm_load_llama2c(kvm_model_t *m, const char *path) {
     c->pad_id = -1;
     c->chat_format = KVM_CHAT_NONE;
     c->weight_dtype = KVM_F32;
+    /* the fixed BOS/EOS ids must lie in the vocabulary (a vocab of 1 or 2 would embed past tok_emb) */
+    if ((rc = kvm_config_validate(c, path))) return rc;
 
     const int64_t D = c->dim, L = c->n_layers, H = c->hidden_dim, V = c->vocab_size, KVD = (int64_t)c->n_kv_heads * c->head_dim;
     const int64_t hs = c->head_dim;
