@@ -52,12 +52,12 @@ if want serve; then
     echo "daemon up after ${i} s"
     for r in 1 2; do
       s=$(date +%s.%N); timeout 120 "$K" client --connect tcp://127.0.0.1:5655 --timeout-s 110 run review --input input="Write is_prime(n) in C" --no-stream 2>&1 | tail -3
-      echo "run $r wall $(echo "$(date +%s.%N) - $s" | bc) s"
+      echo "run $r wall $(python3 -c "print(round($(date +%s.%N) - $s, 2))") s"
     done
     s=$(date +%s.%N)
     for c in $(seq 1 8); do timeout 300 "$K" client --connect tcp://127.0.0.1:5655 --timeout-s 290 run review --input input="Task $c: parse a CSV line" --no-stream > "$w/c$c.txt" 2>&1 & done
     wait $(jobs -p | grep -v "^$d$") 2>/dev/null
-    echo "8 concurrent clients: wall $(echo "$(date +%s.%N) - $s" | bc) s"; tail -q -n 2 "$w"/c*.txt
+    echo "8 concurrent clients: wall $(python3 -c "print(round($(date +%s.%N) - $s, 2))") s"; tail -q -n 2 "$w"/c*.txt
     "$K" client --connect tcp://127.0.0.1:5655 stats 2>&1 | head -40
     kill -TERM $d; wait $d; echo "daemon exit $?"; tail -5 "$OUT/serve-daemon.log"; } > "$OUT/serve.log" 2>&1
   cat "$OUT/serve.log"
