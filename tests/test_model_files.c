@@ -212,6 +212,81 @@ static void test_text_file_as_model_safetensors_is_named_without_echoing_its_byt
     expect_no_bytes_of((const unsigned char *)k_secret, sizeof k_secret - 1);
 }
 
+/* ---- generation_config.json -------------------------------------------------------------------- */
+
+/* A copy of minillama-2m in g_dir/name: the JSON files copied, model.safetensors and tokenizer.json linked,
+ * generation_config.json replaced by gen (NULL: kept). Returns the directory. */
+static const char *minillama_copy(const char *name, const char *gen) {
+    static char dir[512];
+    snprintf(dir, sizeof dir, "%s/%s", g_dir, name);
+    assert_int_equal(mkdir(dir, 0755), 0);
+    const char *files[] = {"config.json", "generation_config.json", "tokenizer_config.json", "tokenizer.json",
+                           "model.safetensors"};
+    for (size_t i = 0; i < sizeof files / sizeof *files; i++) {
+        char src[600], dst[600];
+        snprintf(src, sizeof src, "%s/%s", MINILLAMA, files[i]);
+        snprintf(dst, sizeof dst, "%s/%s", dir, files[i]);
+        if (i >= 3) {
+            assert_int_equal(symlink(src, dst), 0);
+            continue;
+        }
+        size_t n;
+        unsigned char *b = slurp(src, &n);
+        const char *text = i == 1 && gen ? gen : (const char *)b;
+        FILE *f = fopen(dst, "wb");
+        assert_non_null(f);
+        fputs(text, f);
+        fclose(f);
+        free(b);
+    }
+    return dir;
+}
+
+static void expect_gen_error(const char *name, const char *gen, int code, const char *field, const char *what) {
+    const char *dir = minillama_copy(name, gen);
+    assert_int_equal(load_fails(dir), code);
+    expect_msg("generation_config.json", field, what);
+    if (strstr(kvm_errmsg(), "/config.json")) fail_msg("'%s' blames config.json", kvm_errmsg());
+}
+
+static void test_minillama_copy_loads(void **st) {
+    (void)st;
+    kvm_model_t *m = kvm_model_load_opts(minillama_copy("copy_ok", NULL), NULL);
+    assert_non_null(m);
+    kvm_model_free(m);
+}
+
+static void test_generation_config_eos_outside_the_vocabulary_is_blamed_on_it(void **st) {
+    (void)st;
+    expect_gen_error("gen_eos_vocab", "{\"eos_token_id\": [2, 5000]}", KVM_ERANGE, "'eos_token_id'", "vocab");
+}
+
+static void test_generation_config_eos_beyond_int_range_is_not_wrapped(void **st) {
+    (void)st;
+    expect_gen_error("gen_eos_wrap", "{\"eos_token_id\": 4294967298}", KVM_EFORMAT, "'eos_token_id'", "integer");
+    if (strstr(kvm_errmsg(), "-2147483648") || strstr(kvm_errmsg(), " 2 ")) fail_msg("wrapped value: %s", kvm_errmsg());
+}
+
+static void test_generation_config_bos_outside_the_vocabulary_is_blamed_on_it(void **st) {
+    (void)st;
+    expect_gen_error("gen_bos_vocab", "{\"bos_token_id\": 633}", KVM_ERANGE, "'bos_token_id'", "vocab");
+}
+
+static void test_generation_config_top_k_beyond_int_range_is_refused(void **st) {
+    (void)st;
+    expect_gen_error("gen_topk", "{\"top_k\": 1e30}", KVM_EFORMAT, "'top_k'", "integer");
+}
+
+static void test_generation_config_negative_temperature_is_refused(void **st) {
+    (void)st;
+    expect_gen_error("gen_temp", "{\"temperature\": -1}", KVM_ERANGE, "'temperature'", NULL);
+}
+
+static void test_generation_config_top_p_above_one_is_refused(void **st) {
+    (void)st;
+    expect_gen_error("gen_topp", "{\"top_p\": 1.5}", KVM_ERANGE, "'top_p'", NULL);
+}
+
 TC_MAIN(setup, teardown,
         cmocka_unit_test(test_llama2c_with_the_most_negative_vocab_size_is_refused_not_a_crash),
         cmocka_unit_test(test_llama2c_with_a_huge_negative_vocab_size_is_refused),
@@ -222,4 +297,11 @@ TC_MAIN(setup, teardown,
         cmocka_unit_test(test_llama2c_truncated_by_one_float_is_refused_with_both_sizes),
         cmocka_unit_test(test_text_file_opened_as_a_model_is_named_without_echoing_its_bytes),
         cmocka_unit_test(test_text_file_opened_as_a_tokenizer_bin_is_named_without_echoing_its_bytes),
-        cmocka_unit_test(test_text_file_as_model_safetensors_is_named_without_echoing_its_bytes))
+        cmocka_unit_test(test_text_file_as_model_safetensors_is_named_without_echoing_its_bytes),
+        cmocka_unit_test(test_minillama_copy_loads),
+        cmocka_unit_test(test_generation_config_eos_outside_the_vocabulary_is_blamed_on_it),
+        cmocka_unit_test(test_generation_config_eos_beyond_int_range_is_not_wrapped),
+        cmocka_unit_test(test_generation_config_bos_outside_the_vocabulary_is_blamed_on_it),
+        cmocka_unit_test(test_generation_config_top_k_beyond_int_range_is_refused),
+        cmocka_unit_test(test_generation_config_negative_temperature_is_refused),
+        cmocka_unit_test(test_generation_config_top_p_above_one_is_refused))
