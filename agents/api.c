@@ -72,6 +72,7 @@ static int runtime_check(const kvm_runtime_params_t *p) {
         return kvm_seterr(KVM_EINVAL, "runtime parameters: max_batch_tokens, max_active and n_kvcomm must be >= 0 "
                           "(and kvcomm set when n_kvcomm > 0)");
     if (p->run_lua_ms < 0) return kvm_seterr(KVM_EINVAL, "runtime parameter run_lua_ms: %g is negative", p->run_lua_ms);
+    if (!(p->kv_wait_ms >= 0)) return kvm_seterr(KVM_EINVAL, "runtime parameter kv_wait_ms: %g is not >= 0", p->kv_wait_ms);
     /* the KVCOMM settings are applied to every model the engine opens: check them now, on a scratch config */
     kvm_kvcomm_config_t scratch;
     kvm_kvcomm_config_default(&scratch);
@@ -115,7 +116,7 @@ kvm_runtime_t *kvm_runtime_create(const kvm_runtime_params_t *params) {
     if (!rc) {
         wf_llm_opts_t lo = {.model = rt->p.model, .max_rows = rt->p.max_batch_tokens, .max_active = rt->p.max_active,
                             .kv_bytes = rt->p.kv_budget_bytes, .quiet = rt->p.quiet,
-                            .kvcomm_set = rt->kvcomm, .n_kvcomm_set = rt->p.n_kvcomm};
+                            .kvcomm_set = rt->kvcomm, .n_kvcomm_set = rt->p.n_kvcomm, .kv_wait_ms = rt->p.kv_wait_ms};
         rt->engine = wf_llm_create(&lo);
         if (!rt->engine) rc = kvm_errcode() ? kvm_errcode() : KVM_ENOMEM;
     }

@@ -78,6 +78,8 @@ typedef struct wf_llm_opts {
     const char *const *kvcomm_set; /* "key=value" KVCOMM switches (kvcomm.md §8), applied to every model */
     int n_kvcomm_set;
     const char *kvcomm_ablation;   /* NULL, or "rotation" | "rotation+ph" | "rotation+pf" | "full" | "dense" */
+    double kv_wait_ms;     /* how long a step waits for KV memory while no step of its model finishes, before it
+                              fails (<= 0: 300000) */
 } wf_llm_opts_t;
 
 /* Creates the engine (no models yet). NULL + message on error; free with wf_llm_free(). */

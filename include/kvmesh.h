@@ -284,6 +284,11 @@ typedef struct kvm_runtime_params {
     double run_lua_ms;            /* Lua CPU time per run, waits for agents excluded (default 5000) */
     bool echo_print;              /* print() in scripts also goes to stderr */
     bool quiet;                   /* no progress on stderr (model loading) */
+    /* KV admission control (docs/kv-store.md): an agent step that does not fit the KV pool beside the running
+     * ones waits, in submit order, for them to finish; one that has waited this long while no step of its model
+     * finished fails with KVM_ENOMEM. 0 = the default, 300000 ms (5 min). A step whose prompt needs more KV
+     * than the whole pool fails at once. */
+    double kv_wait_ms;
 } kvm_runtime_params_t;
 
 kvm_runtime_params_t kvm_runtime_default_params(void);
