@@ -287,6 +287,67 @@ static void test_generation_config_top_p_above_one_is_refused(void **st) {
     expect_gen_error("gen_topp", "{\"top_p\": 1.5}", KVM_ERANGE, "'top_p'", NULL);
 }
 
+/* ---- truncations of minillama-2m's files --------------------------------------------------------- */
+
+/* minillama-2m in g_dir/name with `file` cut to n bytes (the others linked). */
+static const char *minillama_cut(const char *name, const char *file, size_t n) {
+    static char dir[512];
+    char p[700], src[700];
+    snprintf(dir, sizeof dir, "%s/%s", g_dir, name);
+    mkdir(dir, 0755);
+    const char *files[] = {"config.json", "generation_config.json", "tokenizer_config.json", "tokenizer.json",
+                           "model.safetensors"};
+    for (size_t i = 0; i < sizeof files / sizeof *files; i++) {
+        snprintf(p, sizeof p, "%s/%s", dir, files[i]);
+        snprintf(src, sizeof src, "%s/%s", MINILLAMA, files[i]);
+        unlink(p);
+        if (strcmp(files[i], file)) {
+            assert_int_equal(symlink(src, p), 0);
+            continue;
+        }
+        size_t len;
+        unsigned char *b = slurp(src, &len);
+        FILE *f = fopen(p, "wb");
+        assert_non_null(f);
+        if (n) assert_int_equal(fwrite(b, 1, n < len ? n : len, f), n < len ? n : len);
+        fclose(f);
+        free(b);
+    }
+    return dir;
+}
+
+/* Cuts `file` at `steps` points spread over its length (and at every byte of its last 16): every cut fails to
+ * load with a format error naming a file of the model, none crashes (ASan) or loads. */
+static void expect_every_cut_refused(const char *file, int steps) {
+    char src[600];
+    snprintf(src, sizeof src, "%s/%s", MINILLAMA, file);
+    size_t len;
+    unsigned char *b = slurp(src, &len);
+    while (len > 0 && (b[len - 1] == '\n' || b[len - 1] == ' ')) len--; /* trailing white space is no cut */
+    free(b);
+    for (int k = 0; k < steps + 16; k++) {
+        size_t n = k < steps ? len * (size_t)k / (size_t)steps : len - 1 - (size_t)(k - steps);
+        int rc = load_fails(minillama_cut("cut", file, n));
+        if (rc != KVM_EFORMAT && rc != KVM_ESHAPE && rc != KVM_ENOENT)
+            fail_msg("%s cut to %zu of %zu bytes: %s (%s)", file, n, len, rc ? kvm_errname(rc) : "loaded", kvm_errmsg());
+    }
+}
+
+static void test_every_cut_of_model_safetensors_is_refused(void **st) {
+    (void)st;
+    expect_every_cut_refused("model.safetensors", 64);
+}
+
+static void test_every_cut_of_config_json_is_refused(void **st) {
+    (void)st;
+    expect_every_cut_refused("config.json", 64);
+}
+
+static void test_every_cut_of_tokenizer_json_is_refused(void **st) {
+    (void)st;
+    expect_every_cut_refused("tokenizer.json", 64);
+}
+
 TC_MAIN(setup, teardown,
         cmocka_unit_test(test_llama2c_with_the_most_negative_vocab_size_is_refused_not_a_crash),
         cmocka_unit_test(test_llama2c_with_a_huge_negative_vocab_size_is_refused),
@@ -304,4 +365,7 @@ TC_MAIN(setup, teardown,
         cmocka_unit_test(test_generation_config_bos_outside_the_vocabulary_is_blamed_on_it),
         cmocka_unit_test(test_generation_config_top_k_beyond_int_range_is_refused),
         cmocka_unit_test(test_generation_config_negative_temperature_is_refused),
-        cmocka_unit_test(test_generation_config_top_p_above_one_is_refused))
+        cmocka_unit_test(test_generation_config_top_p_above_one_is_refused),
+        cmocka_unit_test(test_every_cut_of_model_safetensors_is_refused),
+        cmocka_unit_test(test_every_cut_of_config_json_is_refused),
+        cmocka_unit_test(test_every_cut_of_tokenizer_json_is_refused))
