@@ -214,9 +214,8 @@ static void test_text_file_as_model_safetensors_is_named_without_echoing_its_byt
 
 /* ---- generation_config.json -------------------------------------------------------------------- */
 
-/* A copy of minillama-2m in g_dir/name: the JSON files copied, model.safetensors and tokenizer.json linked,
- * generation_config.json replaced by gen (NULL: kept). Returns the directory. */
-static const char *minillama_copy(const char *name, const char *gen) {
+/* minillama-2m in g_dir/name with `file` replaced by text (NULL: every file linked). Returns the directory. */
+static const char *minillama_with(const char *name, const char *file, const char *text) {
     static char dir[512];
     snprintf(dir, sizeof dir, "%s/%s", g_dir, name);
     assert_int_equal(mkdir(dir, 0755), 0);
@@ -226,20 +225,20 @@ static const char *minillama_copy(const char *name, const char *gen) {
         char src[600], dst[600];
         snprintf(src, sizeof src, "%s/%s", MINILLAMA, files[i]);
         snprintf(dst, sizeof dst, "%s/%s", dir, files[i]);
-        if (i >= 3) {
+        if (!file || !text || strcmp(file, files[i])) {
             assert_int_equal(symlink(src, dst), 0);
             continue;
         }
-        size_t n;
-        unsigned char *b = slurp(src, &n);
-        const char *text = i == 1 && gen ? gen : (const char *)b;
         FILE *f = fopen(dst, "wb");
         assert_non_null(f);
         fputs(text, f);
         fclose(f);
-        free(b);
     }
     return dir;
+}
+
+static const char *minillama_copy(const char *name, const char *gen) {
+    return minillama_with(name, "generation_config.json", gen);
 }
 
 static void expect_gen_error(const char *name, const char *gen, int code, const char *field, const char *what) {
@@ -285,6 +284,28 @@ static void test_generation_config_negative_temperature_is_refused(void **st) {
 static void test_generation_config_top_p_above_one_is_refused(void **st) {
     (void)st;
     expect_gen_error("gen_topp", "{\"top_p\": 1.5}", KVM_ERANGE, "'top_p'", NULL);
+}
+
+/* ---- tokenizer.json ------------------------------------------------------------------------------- */
+
+/* Two tokens of model.vocab with one id: the second was silently left out of the vocabulary. */
+static void test_tokenizer_json_giving_one_id_to_two_tokens_is_refused(void **st) {
+    (void)st;
+    size_t n;
+    char *text = (char *)slurp(MINILLAMA "/tokenizer.json", &n);
+    cJSON *root = cJSON_Parse(text);
+    free(text);
+    assert_non_null(root);
+    cJSON *vocab = cJSON_GetObjectItem(cJSON_GetObjectItem(root, "model"), "vocab");
+    cJSON *a = cJSON_GetArrayItem(vocab, 100), *b = cJSON_GetArrayItem(vocab, 101);
+    assert_non_null(b);
+    cJSON_SetNumberValue(b, a->valuedouble);
+    char *out = cJSON_PrintUnformatted(root);
+    cJSON_Delete(root);
+    const char *dir = minillama_with("tok_dup", "tokenizer.json", out);
+    cJSON_free(out);
+    assert_int_equal(load_fails(dir), KVM_EFORMAT);
+    expect_msg("tokenizer.json", "model.vocab", "two tokens");
 }
 
 /* ---- truncations of minillama-2m's files --------------------------------------------------------- */
@@ -366,6 +387,7 @@ TC_MAIN(setup, teardown,
         cmocka_unit_test(test_generation_config_top_k_beyond_int_range_is_refused),
         cmocka_unit_test(test_generation_config_negative_temperature_is_refused),
         cmocka_unit_test(test_generation_config_top_p_above_one_is_refused),
+        cmocka_unit_test(test_tokenizer_json_giving_one_id_to_two_tokens_is_refused),
         cmocka_unit_test(test_every_cut_of_model_safetensors_is_refused),
         cmocka_unit_test(test_every_cut_of_config_json_is_refused),
         cmocka_unit_test(test_every_cut_of_tokenizer_json_is_refused))
