@@ -127,12 +127,14 @@ static void test_every_failed_allocation_of_a_llama2c_model_load_is_a_clean_erro
 typedef struct wf_case {
     char *want;             /* outputs of the clean run, as JSON text (counted memory) */
     const char *trace_root; /* NULL: no trace */
+    const char *model;      /* NULL: the mock; else every kvmesh.model() opens this path */
 } wf_case_t;
 
 /* Load + start + drive + check; the status of a failure is the load's or the run's. */
 static int op_workflow(void *ud) {
     wf_case_t *c = ud;
-    kvm_wf_opts_t o = {.trace_root = c->trace_root};
+    kvm_wf_opts_t o = {.trace_root = c->trace_root, .model_override = c->model,
+                       .llm = {.model = {.backend = "cpu", .quiet = true}}};
     kvm_workflow_t *wf = kvm_wf_load_string("pair.lua", TWO_AGENTS, strlen(TWO_AGENTS), &o);
     if (!wf) return kvm_errcode() < 0 ? kvm_errcode() : KVM_EINTERNAL;
     int rc = 0, run = -1;
@@ -165,6 +167,22 @@ static void test_every_failed_allocation_of_a_workflow_run_is_a_clean_error(void
     assert_int_equal(op_workflow(&c), 0); /* the reference outputs (and one-time set-up) */
     assert_non_null(c.want);
     sweep("two-agent workflow run", op_workflow, &c);
+    kvm_free(c.want);
+}
+
+/* The same workflow on minillama-2m: templates, the KV store, prefix reuse, the scheduler and admission
+ * control on a real model (its load included in every operation: about 8,000 operations, 5 minutes in the
+ * release build), so only with KVM_FAULT_REAL=1. */
+static void test_every_failed_allocation_of_a_workflow_run_on_a_real_model_is_a_clean_error(void **st) {
+    (void)st;
+    if (!getenv("KVM_FAULT_REAL")) {
+        fprintf(stderr, "SKIPPED: set KVM_FAULT_REAL=1 for the sweep of a workflow run on minillama-2m\n");
+        skip();
+    }
+    wf_case_t c = {.model = MINILLAMA};
+    assert_int_equal(op_workflow(&c), 0);
+    assert_non_null(c.want);
+    sweep("two-agent workflow run on minillama-2m", op_workflow, &c);
     kvm_free(c.want);
 }
 
@@ -275,6 +293,7 @@ int main(void) {
         cmocka_unit_test(test_every_failed_allocation_of_an_hf_model_load_is_a_clean_error),
         cmocka_unit_test(test_every_failed_allocation_of_a_llama2c_model_load_is_a_clean_error),
         cmocka_unit_test(test_every_failed_allocation_of_a_workflow_run_is_a_clean_error),
+        cmocka_unit_test(test_every_failed_allocation_of_a_workflow_run_on_a_real_model_is_a_clean_error),
         cmocka_unit_test(test_every_failed_allocation_of_a_trace_view_is_a_clean_error),
         cmocka_unit_test(test_a_disk_full_while_writing_a_trace_stops_tracing_and_the_run_goes_on),
     };

@@ -190,7 +190,7 @@ static int ensure_workspace(kvm_model_t *m, int rows, int seqs, int blocks, int 
         !b->ids || !b->pos || !b->row_start || !b->ctx_len || !b->block_table || !b->h_ids || !b->h_pos ||
         !b->h_row_start || !b->h_ctx_len || !b->h_block_table || !b->next_ids || !b->h_next_ids) {
         free_workspace(b);
-        return kvm_seterr(KVM_ENOMEM, "forward: cannot allocate the workspace for %d rows on the %s backend", R, b->ops->name);
+        return kvm_seterr(KVM_ENOMEM, "forward: out of memory allocating the workspace for %d rows on the %s backend", R, b->ops->name);
     }
     b->max_rows = R;
     b->max_seqs = S;
