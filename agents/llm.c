@@ -293,9 +293,13 @@ static kvm_comm_request_t *get_request(lmodel_t *m, const char *run) {
     lreq_t *nr = kvm_realloc(m->reqs, (size_t)(m->n_reqs + 1) * sizeof *nr);
     if (!nr) return NULL;
     m->reqs = nr;
-    kvm_comm_request_t *rq = kvm_comm_request_begin(m->comm, hash_str(run, KVM_HASH_SEED));
-    if (!rq) return NULL;
-    nr[m->n_reqs].run = kvm_strdup(run);
+    char *name = kvm_strdup(run);
+    kvm_comm_request_t *rq = name ? kvm_comm_request_begin(m->comm, hash_str(run, KVM_HASH_SEED)) : NULL;
+    if (!rq) { /* nothing is recorded half-made (a NULL run name would be compared later) */
+        kvm_free(name);
+        return NULL;
+    }
+    nr[m->n_reqs].run = name;
     nr[m->n_reqs].rq = rq;
     m->n_reqs++;
     return rq;
@@ -310,19 +314,25 @@ static lseg_t *find_seg(lmodel_t *m, const char *run, const char *name) {
 /* Records segment id seg_id under (run, name) with its text, replacing any older one. */
 static int put_seg(lmodel_t *m, const char *run, const char *name, const char *text, uint64_t seg_id) {
     lseg_t *e = find_seg(m, run, name);
-    if (!e) {
-        lseg_t *ns = kvm_realloc(m->segs, (size_t)(m->n_segs + 1) * sizeof *ns);
-        if (!ns) return KVM_ENOMEM;
+    char *t = kvm_strdup(text ? text : "");
+    if (!t) return KVM_ENOMEM;
+    if (!e) { /* an entry is added whole or not at all (find_seg compares its names) */
+        char *r = kvm_strdup(run), *n = kvm_strdup(name);
+        lseg_t *ns = r && n ? kvm_realloc(m->segs, (size_t)(m->n_segs + 1) * sizeof *ns) : NULL;
+        if (!ns) {
+            kvm_free(r);
+            kvm_free(n);
+            kvm_free(t);
+            return KVM_ENOMEM;
+        }
         m->segs = ns;
         e = &ns[m->n_segs++];
-        memset(e, 0, sizeof *e);
-        e->run = kvm_strdup(run);
-        e->name = kvm_strdup(name);
+        *e = (lseg_t){.run = r, .name = n};
     } else
         kvm_free(e->text);
     e->seg_id = seg_id;
-    e->text = kvm_strdup(text ? text : "");
-    return e->run && e->name && e->text ? 0 : KVM_ENOMEM;
+    e->text = t;
+    return 0;
 }
 
 /* The segment holding `text` for placeholder `name` of this run, with a new reference for the
@@ -496,7 +506,7 @@ static int model_prepare(lmodel_t *m, job_t *j, const wf_llm_req_t *r) {
         if (buf) {
             kvm_comm_report_json(rep, buf, (size_t)need + 1);
             cJSON *rj = cJSON_CreateRaw(buf);
-            if (rj) cJSON_AddItemToObject(detail, "report", rj);
+            if (rj && !cJSON_AddItemToObject(detail, "report", rj)) cJSON_Delete(rj); /* its key's copy failed */
             kvm_free(buf);
         }
     }
@@ -863,7 +873,8 @@ cJSON *wf_llm_stats_json(const wf_llm_t *l) {
         cJSON_AddStringToObject(m, "engine", info.t.engine);
         if (info.t.describe) cJSON_AddStringToObject(m, "describe", info.t.describe);
         if (info.t.kvcomm) cJSON_AddStringToObject(m, "kvcomm", info.t.kvcomm);
-        if (l->models[i].comm) cJSON_AddItemToObject(m, "kvcomm_stats", comm_stats_json(l->models[i].comm));
+        cJSON *cs = l->models[i].comm ? comm_stats_json(l->models[i].comm) : NULL;
+        if (cs && !cJSON_AddItemToObject(m, "kvcomm_stats", cs)) cJSON_Delete(cs);
         cJSON_AddItemToArray(ms, m);
     }
     return o;
