@@ -579,6 +579,10 @@ static void model_complete(lmodel_t *m, job_t *j, const kvm_sched_done_t *d) {
         if (kvm_comm_complete(j->rq, &j->prep, &gr, &resp) != 0)
             KVM_LOGW("agent '%s': completing its KV bookkeeping failed: %s", j->agent, kvm_errmsg());
     }
+    if (resp && (!j->run_id || !j->agent)) { /* their copies failed (out of memory): the response is not recorded */
+        kvm_segment_release(resp);
+        resp = NULL;
+    }
     if (resp) {
         char cur[256], prev[256];
         snprintf(cur, sizeof cur, "agent:%s:current", j->agent);
@@ -713,7 +717,7 @@ static void retry_deferred(wf_llm_t *l, int mi) {
             continue;
         }
         if (rc == KVM_ENOMEM && kvm_sched_pending(m->sched) > 0) return; /* wait for more to finish */
-        if (rc == KVM_ENOMEM) kvm_errctx(rc, "the KV pool cannot hold this step even with nothing else running");
+        if (rc == KVM_ENOMEM) kvm_errctx(rc, "this step does not fit even with nothing else running");
         fail_job(old, rc, kvm_errmsg());
     }
 }
@@ -739,7 +743,7 @@ int wf_llm_submit(wf_llm_t *l, const wf_llm_req_t *r) {
         defer_job(j);
         rc = 0;
     }
-    if (rc == KVM_ENOMEM) kvm_errctx(rc, "the KV pool cannot hold this step even with nothing else running");
+    if (rc == KVM_ENOMEM) kvm_errctx(rc, "this step does not fit even with nothing else running");
     if (rc != 0) {
         job_free(j);
         return rc;
