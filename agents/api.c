@@ -79,6 +79,7 @@ static int runtime_check(const kvm_runtime_params_t *p) {
                           "(and kvcomm set when n_kvcomm > 0)");
     if (p->state_dir && !*p->state_dir) return kvm_seterr(KVM_EINVAL, "runtime parameter state_dir: empty (NULL = none)");
     if (p->run_lua_ms < 0) return kvm_seterr(KVM_EINVAL, "runtime parameter run_lua_ms: %g is negative", p->run_lua_ms);
+    if (!(p->kv_wait_ms >= 0)) return kvm_seterr(KVM_EINVAL, "runtime parameter kv_wait_ms: %g is not >= 0", p->kv_wait_ms);
     /* the KVCOMM settings are applied to every model the engine opens: check them now, on a scratch config */
     kvm_kvcomm_config_t scratch;
     kvm_kvcomm_config_default(&scratch);
@@ -138,7 +139,7 @@ kvm_runtime_t *kvm_runtime_create(const kvm_runtime_params_t *params) {
         wf_llm_opts_t lo = {.model = rt->p.model, .max_rows = rt->p.max_batch_tokens, .max_active = rt->p.max_active,
                             .kv_bytes = rt->p.kv_budget_bytes, .quiet = rt->p.quiet,
                             .kvcomm_set = rt->kvcomm, .n_kvcomm_set = rt->p.n_kvcomm, .state_dir = rt->p.state_dir,
-                            .on_token = on_token, .on_token_ud = rt};
+                            .on_token = on_token, .on_token_ud = rt, .kv_wait_ms = rt->p.kv_wait_ms};
         if (!(rt->engine = wf_llm_create(&lo))) rc = kvm_errcode() ? kvm_errcode() : KVM_ENOMEM;
     }
     if (rc) {

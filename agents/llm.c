@@ -27,9 +27,12 @@ typedef struct job {
     int n_bound;
     char *run_id, *agent;
     double prepare_ms;
-    /* deferred: the KV budget could not hold the assembled prompt; retried when others finish */
+    /* deferred (admission control, docs/kv-store.md): the KV pool could not hold the step beside the others;
+     * prepared again, oldest first, as KV frees up, or failed once it has waited kv_wait_ms */
     bool deferred;
-    int n_redefer;           /* times its KV was given back for others to finish first */
+    uint64_t wait_since;     /* when it first waited for KV (0: never) */
+    uint64_t tmpl_key;       /* the template its prepared prompt points at (tmpl_held) */
+    bool tmpl_held;
     wf_llm_req_t req;        /* owned copy of the request (strings below) */
     wf_piece_t *rq_pieces;
     char **rq_strs;
@@ -47,6 +50,7 @@ typedef struct ltmpl {
     uint64_t key;            /* hash of system + pieces (text and names) */
     kvm_template_t *t;       /* NULL when comm/ rejected the template */
     char *err;               /* why it was rejected (the step then runs on plain ids, dense) */
+    int users;               /* jobs whose prepared prompt points at t (it is not evicted while > 0) */
 } ltmpl_t;
 
 /* A segment bound to (run, placeholder) with the text it holds. Only its id is kept: between steps
@@ -73,6 +77,7 @@ typedef struct lmodel {
     int n_segs;
     lreq_t *reqs;
     int n_reqs;
+    uint64_t last_done;      /* when a step of this model last finished (KV was freed): kv_wait_ms counts from it */
 } lmodel_t;
 
 struct wf_llm {
@@ -319,6 +324,8 @@ static ltmpl_t *get_template(lmodel_t *m, const wf_llm_req_t *r) {
     kvm_template_desc_t d = {.agent = r->agent, .system = r->system, .pieces = pc, .n_pieces = r->n_pieces};
     t->t = kvm_template_create(m->comm, &d);
     kvm_free(pc);
+    if (!t->t && kvm_errcode() == KVM_ENOMEM) /* the KV pool is full now: the step waits, the template is made later */
+        return NULL;
     if (!t->t) {
         t->err = kvm_strdup(kvm_errmsg());
         KVM_LOGW("agent '%s': template not usable for KV reuse (%s); its steps run dense", r->agent ? r->agent : "?", kvm_errmsg());
@@ -335,9 +342,13 @@ static kvm_comm_request_t *get_request(lmodel_t *m, const char *run) {
     lreq_t *nr = kvm_realloc(m->reqs, (size_t)(m->n_reqs + 1) * sizeof *nr);
     if (!nr) return NULL;
     m->reqs = nr;
-    kvm_comm_request_t *rq = kvm_comm_request_begin(m->comm, hash_str(run, KVM_HASH_SEED));
-    if (!rq) return NULL;
-    nr[m->n_reqs].run = kvm_strdup(run);
+    char *name = kvm_strdup(run);
+    kvm_comm_request_t *rq = name ? kvm_comm_request_begin(m->comm, hash_str(run, KVM_HASH_SEED)) : NULL;
+    if (!rq) { /* nothing is recorded half-made (a NULL run name would be compared later) */
+        kvm_free(name);
+        return NULL;
+    }
+    nr[m->n_reqs].run = name;
     nr[m->n_reqs].rq = rq;
     m->n_reqs++;
     return rq;
@@ -352,19 +363,25 @@ static lseg_t *find_seg(lmodel_t *m, const char *run, const char *name) {
 /* Records segment id seg_id under (run, name) with its text, replacing any older one. */
 static int put_seg(lmodel_t *m, const char *run, const char *name, const char *text, uint64_t seg_id) {
     lseg_t *e = find_seg(m, run, name);
-    if (!e) {
-        lseg_t *ns = kvm_realloc(m->segs, (size_t)(m->n_segs + 1) * sizeof *ns);
-        if (!ns) return KVM_ENOMEM;
+    char *t = kvm_strdup(text ? text : "");
+    if (!t) return KVM_ENOMEM;
+    if (!e) { /* an entry is added whole or not at all (find_seg compares its names) */
+        char *r = kvm_strdup(run), *n = kvm_strdup(name);
+        lseg_t *ns = r && n ? kvm_realloc(m->segs, (size_t)(m->n_segs + 1) * sizeof *ns) : NULL;
+        if (!ns) {
+            kvm_free(r);
+            kvm_free(n);
+            kvm_free(t);
+            return KVM_ENOMEM;
+        }
         m->segs = ns;
         e = &ns[m->n_segs++];
-        memset(e, 0, sizeof *e);
-        e->run = kvm_strdup(run);
-        e->name = kvm_strdup(name);
+        *e = (lseg_t){.run = r, .name = n};
     } else
         kvm_free(e->text);
     e->seg_id = seg_id;
-    e->text = kvm_strdup(text ? text : "");
-    return e->run && e->name && e->text ? 0 : KVM_ENOMEM;
+    e->text = t;
+    return 0;
 }
 
 /* The segment holding `text` for placeholder `name` of this run, with a new reference for the
@@ -447,7 +464,7 @@ static int model_prepare(lmodel_t *m, job_t *j, const wf_llm_req_t *r) {
     ltmpl_t *lt = m->m->tok ? get_template(m, r) : &none;
     if (!lt) {
         cJSON_Delete(detail);
-        return kvm_seterr(KVM_ENOMEM, "agent '%s': out of memory building its template", r->agent);
+        return kvm_errctx(KVM_ENOMEM, "agent '%s': building its template", r->agent);
     }
     bool use_tmpl = lt->t != NULL && m->m->tok != NULL;
     const char *why = m->m->tok                ? lt->err
@@ -482,7 +499,12 @@ static int model_prepare(lmodel_t *m, job_t *j, const wf_llm_req_t *r) {
         if (!rc) {
             kvm_prompt_t p = {.tmpl = lt->t, .bindings = b, .n_bindings = nb, .policy = r->kv};
             rc = kvm_comm_prepare(j->rq, &p, &j->prep);
-            if (!rc) j->has_prep = true;
+            if (!rc) {
+                j->has_prep = true;
+                lt->users++;
+                j->tmpl_key = lt->key;
+                j->tmpl_held = true;
+            }
         }
     } else {
         j->rq = NULL;
@@ -541,7 +563,7 @@ static int model_prepare(lmodel_t *m, job_t *j, const wf_llm_req_t *r) {
         if (buf) {
             kvm_comm_report_json(rep, buf, (size_t)need + 1);
             cJSON *rj = cJSON_CreateRaw(buf);
-            if (rj) cJSON_AddItemToObject(detail, "report", rj);
+            if (rj && !cJSON_AddItemToObject(detail, "report", rj)) cJSON_Delete(rj); /* its key's copy failed */
             kvm_free(buf);
         }
     }
@@ -564,6 +586,43 @@ static int model_prepare(lmodel_t *m, job_t *j, const wf_llm_req_t *r) {
     return kvm_sched_submit(m->sched, &sr);
 }
 
+/* Gives back what a prepared step holds: its prompt's KV, the segments bound to it and its template. */
+static void job_release_prep(lmodel_t *m, job_t *j) {
+    if (j->has_prep) kvm_prepared_release(&j->prep);
+    j->has_prep = false;
+    for (int i = 0; i < j->n_bound; i++) kvm_segment_release(j->bound[i]);
+    j->n_bound = 0;
+    for (int i = 0; j->tmpl_held && i < m->n_tmpls; i++)
+        if (m->tmpls[i].key == j->tmpl_key) m->tmpls[i].users--;
+    j->tmpl_held = false;
+}
+
+/* Frees the templates no prepared step points at (their prefix KV is pinned while they live); they are made
+ * again when next needed. Returns how many were freed. */
+static int evict_idle_templates(lmodel_t *m) {
+    int n = 0;
+    for (int i = 0; i < m->n_tmpls;) {
+        ltmpl_t *t = &m->tmpls[i];
+        if (!t->t || t->users > 0) {
+            i++;
+            continue;
+        }
+        kvm_template_free(t->t);
+        kvm_free(t->agent);
+        kvm_free(t->err);
+        m->tmpls[i] = m->tmpls[--m->n_tmpls];
+        n++;
+    }
+    return n;
+}
+
+/* model_prepare, once more after freeing the idle templates when the KV pool was full. */
+static int prepare_job(lmodel_t *m, job_t *j) {
+    int rc = model_prepare(m, j, &j->req);
+    if (rc == KVM_ENOMEM && evict_idle_templates(m) > 0) rc = model_prepare(m, j, &j->req);
+    return rc;
+}
+
 /* After generation: comm/ fills anchor deltas and the prefix index and publishes the response as a
  * segment, which later placeholders of this run reuse ("agent:<agent>:current"; the older one moves
  * to ":prev"). */
@@ -579,6 +638,10 @@ static void model_complete(lmodel_t *m, job_t *j, const kvm_sched_done_t *d) {
         if (kvm_comm_complete(j->rq, &j->prep, &gr, &resp) != 0)
             KVM_LOGW("agent '%s': completing its KV bookkeeping failed: %s", j->agent, kvm_errmsg());
     }
+    if (resp && (!j->run_id || !j->agent)) { /* their copies failed (out of memory): the response is not recorded */
+        kvm_segment_release(resp);
+        resp = NULL;
+    }
     if (resp) {
         char cur[256], prev[256];
         snprintf(cur, sizeof cur, "agent:%s:current", j->agent);
@@ -592,10 +655,7 @@ static void model_complete(lmodel_t *m, job_t *j, const kvm_sched_done_t *d) {
         put_seg(m, j->run_id, cur, d->text ? d->text : "", kvm_segment_info(resp)->id);
         kvm_segment_release(resp); /* cached in the store; found again by id */
     }
-    kvm_prepared_release(&j->prep);
-    j->has_prep = false;
-    for (int i = 0; i < j->n_bound; i++) kvm_segment_release(j->bound[i]);
-    j->n_bound = 0;
+    job_release_prep(m, j);
 }
 
 int wf_llm_run_end(wf_llm_t *l, const char *run_id) {
@@ -660,26 +720,64 @@ static int req_copy(job_t *j, const wf_llm_req_t *r) {
     return 0;
 }
 
-/* Retries the deferred steps of model mi, oldest first, while their prompts fit. When nothing else
- * runs on the model (nothing will free KV), the oldest that still does not fit fails. */
+/* ---- admission control: steps that wait for KV ------------------------------------------------------ */
+
+#define KV_WAIT_MS_DEFAULT 300000.0
+
+static double kv_wait_ms(const wf_llm_t *l) { return l->o.kv_wait_ms > 0 ? l->o.kv_wait_ms : KV_WAIT_MS_DEFAULT; }
+
+static void defer_job(job_t *j) {
+    j->deferred = true;
+    if (!j->wait_since) j->wait_since = kvm_now_ns();
+}
+
+static void fail_job(job_t *j, int rc, const char *msg) {
+    j->deferred = false;
+    j->done = true;
+    j->res.status = rc;
+    kvm_free(j->res.error);
+    j->res.error = kvm_strdup(msg);
+}
+
+/* Fails the deferred steps of model mi that have waited kv_wait_ms for KV while no step of the model finished
+ * (a queue that moves is waited for: steps are prepared in submit order, so each gets its turn). */
+static void expire_deferred(wf_llm_t *l, int mi) {
+    lmodel_t *m = &l->models[mi];
+    const kvm_kv_pool_t *p = kvm_comm_pool(m->comm);
+    uint64_t now = kvm_now_ns();
+    for (job_t *j = l->jobs; j; j = j->next) {
+        if (j->model != mi || !j->deferred) continue;
+        uint64_t since = j->wait_since > m->last_done ? j->wait_since : m->last_done;
+        if ((double)(now - since) / 1e6 <= kv_wait_ms(l)) continue;
+        char msg[400];
+        snprintf(msg, sizeof msg, "agent '%s': waited %.0f ms for KV memory while no step of its model finished "
+                 "(kv_wait_ms): the KV pool has %d blocks of %d tokens, %d free, %d steps running; raise the KV budget or "
+                 "kv_wait_ms", j->req.agent ? j->req.agent : "?", (double)(now - since) / 1e6, p->n_blocks, KVM_KV_BLOCK,
+                 p->n_free, kvm_sched_pending(m->sched));
+        fail_job(j, KVM_ENOMEM, msg);
+    }
+}
+
+/* Prepares the deferred steps of model mi, oldest first, while the scheduler admits what it has (a step is
+ * prepared only when the one before it got its KV). A step that does not fit while nothing else runs on the
+ * model (nothing will free KV) can never run and fails. */
 static void retry_deferred(wf_llm_t *l, int mi) {
     lmodel_t *m = &l->models[mi];
     for (;;) {
         job_t *old = NULL;
         for (job_t *j = l->jobs; j; j = j->next)
             if (j->model == mi && j->deferred && !j->done && (!old || j->t_submit < old->t_submit)) old = j;
-        if (!old) return;
-        int rc = model_prepare(m, old, &old->req);
+        /* the scheduler's queue waits for KV: the idle templates' pinned prefixes go first */
+        if (!old || (kvm_sched_admit(m->sched) && (evict_idle_templates(m) == 0 || kvm_sched_admit(m->sched)))) return;
+        int rc = prepare_job(m, old);
         if (rc == 0) {
             old->deferred = false;
             old->prepare_ms = (double)(kvm_now_ns() - old->t_submit) / 1e6; /* the wait counts in TTFT */
             continue;
         }
         if (rc == KVM_ENOMEM && kvm_sched_pending(m->sched) > 0) return; /* wait for more to finish */
-        old->deferred = false;
-        old->done = true;
-        old->res.status = rc;
-        old->res.error = kvm_strdup(kvm_errmsg());
+        if (rc == KVM_ENOMEM) kvm_errctx(rc, "this step does not fit even with nothing else running");
+        fail_job(old, rc, kvm_errmsg());
     }
 }
 
@@ -695,12 +793,17 @@ int wf_llm_submit(wf_llm_t *l, const wf_llm_req_t *r) {
     j->t_submit = kvm_now_ns();
     lmodel_t *m = &l->models[r->model];
     int rc = req_copy(j, r); /* kept: the step may have to be prepared again later */
-    if (!rc) rc = model_prepare(m, j, &j->req);
-    if (rc == KVM_ENOMEM && kvm_sched_pending(m->sched) > 0) {
-        /* the KV budget is full now: keep the step and retry when running ones finish */
-        j->deferred = true;
+    /* admission control: behind steps that already wait for KV, this one waits too (nothing overtakes) */
+    bool wait = false;
+    for (job_t *o = l->jobs; !rc && o && !wait; o = o->next) wait = o->model == r->model && o->deferred;
+    if (!rc && !wait) wait = kvm_sched_admit(m->sched);
+    if (!rc && !wait) rc = prepare_job(m, j);
+    if (wait || (rc == KVM_ENOMEM && kvm_sched_pending(m->sched) > 0)) {
+        /* the KV pool is full now: keep the step and prepare it when running ones finish */
+        defer_job(j);
         rc = 0;
     }
+    if (rc == KVM_ENOMEM) kvm_errctx(rc, "this step does not fit even with nothing else running");
     if (rc != 0) {
         job_free(j);
         return rc;
@@ -719,22 +822,19 @@ static int collect(wf_llm_t *l, int mi) {
     kvm_sched_done_t d;
     while (kvm_sched_take(m->sched, &d) == 1) {
         job_t *j = (job_t *)(uintptr_t)d.tag;
-        bool others = kvm_sched_pending(m->sched) > 0;
-        for (job_t *o = l->jobs; o && !others; o = o->next) others = o != j && o->model == mi && o->deferred;
-        if (d.status == KVM_ENOMEM && others && j->n_redefer < 16) {
-            /* the KV budget could not hold it with the others: give its KV back and prepare it
-             * again once some of them have finished (results do not change: nothing ran yet
-             * that was delivered) */
-            kvm_prepared_release(&j->prep);
-            j->has_prep = false;
-            for (int i = 0; i < j->n_bound; i++) kvm_segment_release(j->bound[i]);
-            j->n_bound = 0;
-            j->deferred = true; /* retried after a real completion (not counted as one) */
-            j->n_redefer++;
+        /* the KV pool could not hold it beside the others (running ones, or idle templates): give its KV
+         * back and prepare it again once some have finished (results do not change: nothing ran yet that
+         * was delivered). One whose prompt is larger than the whole pool fails now. */
+        bool others = d.status == KVM_ENOMEM && !d.kv_never_fits &&
+                      (evict_idle_templates(m) > 0 || kvm_sched_pending(m->sched) > 0);
+        if (others) {
+            job_release_prep(m, j);
+            defer_job(j);
             kvm_sched_done_clear(&d);
             continue;
         }
         j->done = true;
+        m->last_done = kvm_now_ns();
         model_complete(m, j, &d); /* before the text moves into the result */
         j->res.status = d.status;
         if (d.status) j->res.error = kvm_strdup(d.error);
@@ -761,7 +861,9 @@ int wf_llm_step(wf_llm_t *l) {
         lmodel_t *m = &l->models[mi];
         int n = kvm_sched_step(m->sched);
         if (n < 0) return n;
-        if (collect(l, mi) > 0 || kvm_sched_pending(m->sched) == 0) retry_deferred(l, mi);
+        collect(l, mi);
+        expire_deferred(l, mi);
+        retry_deferred(l, mi);
         if (n > 0) {
             l->steps++;
             l->seqs += (uint64_t)n;
@@ -851,7 +953,8 @@ cJSON *wf_llm_stats_json(const wf_llm_t *l) {
         cJSON_AddStringToObject(m, "engine", info.t.engine);
         if (info.t.describe) cJSON_AddStringToObject(m, "describe", info.t.describe);
         if (info.t.kvcomm) cJSON_AddStringToObject(m, "kvcomm", info.t.kvcomm);
-        if (l->models[i].comm) cJSON_AddItemToObject(m, "kvcomm_stats", comm_stats_json(l->models[i].comm));
+        cJSON *cs = l->models[i].comm ? comm_stats_json(l->models[i].comm) : NULL;
+        if (cs && !cJSON_AddItemToObject(m, "kvcomm_stats", cs)) cJSON_Delete(cs);
         cJSON_AddItemToArray(ms, m);
     }
     return o;

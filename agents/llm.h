@@ -84,6 +84,8 @@ typedef struct wf_llm_opts {
     int (*on_token)(void *ud, uint64_t tag, const char *run_id, const char *agent, int32_t id, const char *text,
                     size_t len);
     void *on_token_ud;
+    double kv_wait_ms;     /* how long a step waits for KV memory while no step of its model finishes, before it
+                              fails (<= 0: 300000) */
 } wf_llm_opts_t;
 
 /* Creates the engine (no models yet). NULL + message on error; free with wf_llm_free(). */

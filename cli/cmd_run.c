@@ -29,6 +29,7 @@ static void usage(FILE *f) {
             "  --backend B           auto | cpu | cuda (default auto)\n"
             "  --max-rows N          tokens per forward pass (default 256)\n"
             "  --kv-mb N             KV cache budget per model in MiB (default: the model's, 4 full contexts)\n"
+            "  --kv-wait-ms N        how long an agent step waits for KV while none finishes (default 300000)\n"
             "  --kvcomm KEY=VALUE    a KVCOMM switch (docs/kvcomm.md), e.g. gamma=0.5, max_anchors=10 (repeatable);\n"
             "                        the default is preset=blend: ours, KVCOMM + a selective recompute, within\n"
             "                        2 points of dense on the bundled models' examples (docs/kvcomm.md, 5.2);\n"
@@ -152,7 +153,7 @@ static int parse_args(int argc, char **argv, run_args_t *a) {
         const char *arg = argv[i];
         const char *v = i + 1 < argc ? argv[i + 1] : NULL;
         static const char *const valued[] = {"--input", "--kv", "--trace", "--n", "--seed", "--concurrency", "--model", "--backend",
-                                             "--max-rows", "--kvcomm", "--ablation", "--kv-mb", "--mem-mb", "--instructions", "--lua-ms", "--state"};
+                                             "--max-rows", "--kvcomm", "--ablation", "--kv-mb", "--kv-wait-ms", "--mem-mb", "--instructions", "--lua-ms", "--state"};
         bool needs_value = false;
         for (size_t k = 0; k < sizeof valued / sizeof *valued; k++) needs_value |= !strcmp(arg, valued[k]);
         if (needs_value && !v) {
@@ -188,6 +189,7 @@ static int parse_args(int argc, char **argv, run_args_t *a) {
             if (a->n_kvcomm < 32) a->kvcomm_set[a->n_kvcomm++] = v;
         } else if (!strcmp(arg, "--ablation")) snprintf(a->ablation, sizeof a->ablation, "ablation=%s", v);
         else if (!strcmp(arg, "--kv-mb")) a->rp.kv_budget_bytes = (size_t)strtoul(v, NULL, 10) << 20;
+        else if (!strcmp(arg, "--kv-wait-ms")) a->rp.kv_wait_ms = strtod(v, NULL);
         else if (!strcmp(arg, "--mem-mb")) a->rp.run_mem_bytes = (size_t)strtoul(v, NULL, 10) << 20;
         else if (!strcmp(arg, "--instructions")) a->rp.run_instructions = (uint64_t)strtod(v, NULL);
         else if (!strcmp(arg, "--lua-ms")) a->rp.run_lua_ms = strtod(v, NULL);

@@ -287,6 +287,11 @@ typedef struct kvm_runtime_params {
     const char *state_dir;        /* what the runtime learns (KVCOMM anchors) is kept here across processes: loaded
                                      when a model opens, saved by kvm_runtime_save_state and kvm_runtime_free
                                      (docs/state.md); created if missing. NULL = nothing kept */
+    /* KV admission control (docs/kv-store.md): an agent step that does not fit the KV pool beside the running
+     * ones waits, in submit order, for them to finish; one that has waited this long while no step of its model
+     * finished fails with KVM_ENOMEM. 0 = the default, 300000 ms (5 min). A step whose prompt needs more KV
+     * than the whole pool fails at once. */
+    double kv_wait_ms;
 } kvm_runtime_params_t;
 
 kvm_runtime_params_t kvm_runtime_default_params(void);

@@ -4,6 +4,9 @@
  * what failed, or be absorbed (Lua retries after a collection) with the same result as a clean run;
  * nothing may leak (live bytes back to where they were; ASan checks the rest) and nothing may crash.
  * Every N is tried, in the release and the ASan build alike (about 9,000 operations, 3 s and 14 s).
+ * Disk full while writing a trace: a traced run in a child process whose file size limit (RLIMIT_FSIZE)
+ * cuts the trace at every 97th byte in turn; the run must go on with the same outputs, leak nothing, and
+ * leave a trace that reads back.
  * Debugging: KVM_FAULT_TRACE=1 prints every N with its outcome; KVM_FAULT_FROM=N starts there. */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -13,10 +16,17 @@
 #include <stdlib.h>
 #include <string.h>
 #include <cmocka.h>
+#include <dirent.h>
+#include <signal.h>
+#include <sys/resource.h>
+#include <sys/types.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include "agents/wf.h"
 #include "runtime/core/core.h"
 #include "runtime/model/model.h"
+#include "runtime/trace/trace.h"
 
 #define MINILLAMA KVM_SOURCE_DIR "/models/minillama-2m"
 #define S260 KVM_SHARED_DIR "/models/stories260K"
@@ -115,13 +125,16 @@ static void test_every_failed_allocation_of_a_llama2c_model_load_is_a_clean_erro
     "g:edge(kvm.START, 'a')\ng:edge('a', 'b')\nreturn g\n"
 
 typedef struct wf_case {
-    char *want; /* outputs of the clean run, as JSON text (counted memory) */
+    char *want;             /* outputs of the clean run, as JSON text (counted memory) */
+    const char *trace_root; /* NULL: no trace */
+    const char *model;      /* NULL: the mock; else every kvmesh.model() opens this path */
 } wf_case_t;
 
 /* Load + start + drive + check; the status of a failure is the load's or the run's. */
 static int op_workflow(void *ud) {
     wf_case_t *c = ud;
-    kvm_wf_opts_t o = {0};
+    kvm_wf_opts_t o = {.trace_root = c->trace_root, .model_override = c->model,
+                       .llm = {.model = {.backend = "cpu", .quiet = true}}};
     kvm_workflow_t *wf = kvm_wf_load_string("pair.lua", TWO_AGENTS, strlen(TWO_AGENTS), &o);
     if (!wf) return kvm_errcode() < 0 ? kvm_errcode() : KVM_EINTERNAL;
     int rc = 0, run = -1;
@@ -157,6 +170,98 @@ static void test_every_failed_allocation_of_a_workflow_run_is_a_clean_error(void
     kvm_free(c.want);
 }
 
+/* The same workflow on minillama-2m: templates, the KV store, prefix reuse, the scheduler and admission
+ * control on a real model (its load included in every operation: about 8,000 operations, 5 minutes in the
+ * release build), so only with KVM_FAULT_REAL=1. */
+static void test_every_failed_allocation_of_a_workflow_run_on_a_real_model_is_a_clean_error(void **st) {
+    (void)st;
+    if (!getenv("KVM_FAULT_REAL")) {
+        fprintf(stderr, "SKIPPED: set KVM_FAULT_REAL=1 for the sweep of a workflow run on minillama-2m\n");
+        skip();
+    }
+    wf_case_t c = {.model = MINILLAMA};
+    assert_int_equal(op_workflow(&c), 0);
+    assert_non_null(c.want);
+    sweep("two-agent workflow run on minillama-2m", op_workflow, &c);
+    kvm_free(c.want);
+}
+
+/* ---- disk full while writing a trace ------------------------------------------------------------- */
+
+/* Bytes of the files under dir (one level of run folders). */
+static size_t trace_bytes(const char *root) {
+    char cmd[600];
+    snprintf(cmd, sizeof cmd, "du -sb --apparent-size '%s' | cut -f1", root);
+    FILE *p = popen(cmd, "r");
+    unsigned long long n = 0;
+    if (p && fscanf(p, "%llu", &n) != 1) n = 0;
+    if (p) pclose(p);
+    return (size_t)n;
+}
+
+/* In a child process whose files may grow to `limit` bytes (RLIMIT_FSIZE; SIGXFSZ ignored, so a write past it
+ * fails with EFBIG as on a full disk): the traced run gives the clean run's outputs (tracing stops with a
+ * warning), nothing leaks, and what was written reads back (a torn last record at most). The child's exit
+ * status says which check failed (0: none). */
+static int traced_run_in_child(size_t limit, const char *root, wf_case_t *c) {
+    fflush(NULL);
+    pid_t pid = fork();
+    if (pid < 0) return -1;
+    if (pid > 0) {
+        int st = 0;
+        waitpid(pid, &st, 0);
+        return WIFEXITED(st) ? WEXITSTATUS(st) : 100 + (WIFSIGNALED(st) ? WTERMSIG(st) : 0);
+    }
+    struct rlimit rl = {.rlim_cur = limit, .rlim_max = limit};
+    signal(SIGXFSZ, SIG_IGN);
+    if (setrlimit(RLIMIT_FSIZE, &rl) != 0) _exit(2);
+    kvm_log_set_level(KVM_LOG_ERROR); /* the expected "trace write failed ... tracing stops" warnings */
+    size_t live0 = kvm_alloc_bytes_live();
+    wf_case_t tc = {.want = c->want, .trace_root = root};
+    if (op_workflow(&tc) != 0) {
+        fprintf(stderr, "limit %zu: %s\n", limit, kvm_errmsg());
+        _exit(3);
+    }
+    if (kvm_alloc_bytes_live() != live0) _exit(4);
+    DIR *d = opendir(root);
+    for (struct dirent *e; d && (e = readdir(d)) != NULL;) {
+        if (e->d_name[0] == '.') continue;
+        char run[700];
+        snprintf(run, sizeof run, "%s/%s", root, e->d_name);
+        kvm_trace_log_t log;
+        int rc = kvm_trace_read(run, &log);
+        if (rc != 0 && rc != KVM_ENOENT) {
+            fprintf(stderr, "limit %zu: %s\n", limit, kvm_errmsg());
+            _exit(5);
+        }
+        kvm_trace_log_free(&log);
+    }
+    if (d) closedir(d);
+    _exit(0);
+}
+
+static void test_a_disk_full_while_writing_a_trace_stops_tracing_and_the_run_goes_on(void **st) {
+    (void)st;
+    char root[256], cmd[600];
+    snprintf(root, sizeof root, "%s/fault_trace_%d", KVM_BINARY_DIR, (int)getpid());
+    wf_case_t c = {.trace_root = root};
+    assert_int_equal(op_workflow(&c), 0); /* the reference outputs, and the size of a whole trace */
+    size_t full = trace_bytes(root);
+    assert_true(full > 1000);
+    int tried = 0;
+    for (size_t limit = 0; limit < full + 512; limit += 97, tried++) {
+        snprintf(cmd, sizeof cmd, "rm -rf '%s'", root);
+        assert_int_equal(system(cmd), 0);
+        int rc = traced_run_in_child(limit, root, &c);
+        if (rc != 0) fail_msg("file size limit %zu (a whole trace is %zu bytes): check %d failed", limit, full, rc);
+    }
+    snprintf(cmd, sizeof cmd, "rm -rf '%s'", root);
+    assert_int_equal(system(cmd), 0);
+    fprintf(stderr, "disk full: %d file size limits from 0 to %zu bytes, each a clean run with its trace cut\n", tried,
+            full + 512);
+    kvm_free(c.want);
+}
+
 /* ---- trace views ---------------------------------------------------------------------------------- */
 
 /* Every view of the version-1 fixture trace (kvm_trace_view_*), each text freed. */
@@ -188,7 +293,9 @@ int main(void) {
         cmocka_unit_test(test_every_failed_allocation_of_an_hf_model_load_is_a_clean_error),
         cmocka_unit_test(test_every_failed_allocation_of_a_llama2c_model_load_is_a_clean_error),
         cmocka_unit_test(test_every_failed_allocation_of_a_workflow_run_is_a_clean_error),
+        cmocka_unit_test(test_every_failed_allocation_of_a_workflow_run_on_a_real_model_is_a_clean_error),
         cmocka_unit_test(test_every_failed_allocation_of_a_trace_view_is_a_clean_error),
+        cmocka_unit_test(test_a_disk_full_while_writing_a_trace_stops_tracing_and_the_run_goes_on),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -458,6 +458,45 @@ static void test_prompts_rebuild_from_the_trace_alone(void **s) {
     assert_int_equal(runs, 1);
 }
 
+/* trace ls of a folder with no runs (issue 19): an empty folder, one of files and nested folders that are no
+ * runs, and a dangling link list nothing and are no error (the sort of zero paths was undefined behaviour). */
+static void test_a_folder_without_runs_lists_none(void **st) {
+    (void)st;
+    char d[300], cmd[2000];
+    snprintf(d, sizeof d, "%s/no_runs", root);
+    snprintf(cmd, sizeof cmd, "mkdir -p '%s/empty' '%s/other/a/b/c/d' && touch '%s/other/x.jsonl' '%s/other/a/index.json' "
+             "&& ln -sf /nonexistent '%s/other/dangling'", d, d, d, d, d);
+    assert_int_equal(system(cmd), 0);
+    int runs = 0;
+    char p[500];
+    snprintf(p, sizeof p, "%s/empty", d);
+    assert_int_equal(kvm_trace_find_runs(p, found, &runs), 0);
+    snprintf(p, sizeof p, "%s/other", d);
+    assert_int_equal(kvm_trace_find_runs(p, found, &runs), 0);
+    assert_int_equal(runs, 0);
+    char *text = NULL;
+    assert_int_equal(kvm_trace_view_list(d, &text), 0);
+    assert_non_null(text);
+    assert_string_equal(text, "");
+    kvm_free(text);
+}
+
+static void test_an_unreadable_trace_root_is_an_error_naming_it(void **st) {
+    (void)st;
+    if (geteuid() == 0) skip(); /* root reads every folder */
+    char d[300], cmd[1200];
+    snprintf(d, sizeof d, "%s/unreadable", root);
+    snprintf(cmd, sizeof cmd, "mkdir -p '%s/run' && touch '%s/run/events.jsonl' && chmod 000 '%s'", d, d, d);
+    assert_int_equal(system(cmd), 0);
+    int runs = 0;
+    int rc = kvm_trace_find_runs(d, found, &runs);
+    snprintf(cmd, sizeof cmd, "chmod 755 '%s'", d);
+    assert_int_equal(system(cmd), 0);
+    assert_int_equal(rc, KVM_EIO);
+    assert_non_null(strstr(kvm_errmsg(), d));
+    assert_int_equal(runs, 0);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_records_are_readable_while_the_file_is_open),
@@ -475,6 +514,8 @@ int main(void) {
         cmocka_unit_test(test_a_run_without_an_index_says_so),
         cmocka_unit_test(test_a_version_1_trace_of_the_previous_writer_reads),
         cmocka_unit_test(test_prompts_rebuild_from_the_trace_alone),
+        cmocka_unit_test(test_a_folder_without_runs_lists_none),
+        cmocka_unit_test(test_an_unreadable_trace_root_is_an_error_naming_it),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

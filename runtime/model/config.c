@@ -47,7 +47,7 @@ static int cfg_num(const cJSON *o, const char *key, const char *prefix, bool req
     return 0;
 }
 
-/* A JSON number that is a whole number in int range (converting anything else to int is undefined). */
+/* A JSON number that is a whole number in int range (a cast of anything else would wrap or be undefined). */
 static bool cfg_is_int(const cJSON *v) {
     return cJSON_IsNumber(v) && floor(v->valuedouble) == v->valuedouble && fabs(v->valuedouble) <= 2147483647.0;
 }
@@ -59,7 +59,7 @@ static int cfg_int(const cJSON *o, const char *key, const char *prefix, bool req
     const cJSON *v = cfg_field(o, key);
     if (v && !cfg_is_int(v))
         return kvm_seterr(KVM_EFORMAT, "%s: field '%s%s' must be an integer (found %s)", path, prefix, key,
-                          cfg_json_type(v));
+                          cJSON_IsNumber(v) ? "a number that is not an integer in int range" : cfg_json_type(v));
     double d = 0;
     int rc = cfg_num(o, key, prefix, required, def, &d, path);
     if (!rc) *out = (int)d;
@@ -147,7 +147,8 @@ static int cfg_add_eos_json(kvm_config_t *c, const cJSON *v, const char *field, 
     if (cJSON_IsArray(v)) {
         cJSON_ArrayForEach(it, v) {
             if (!cfg_is_int(it))
-                return kvm_seterr(KVM_EFORMAT, "%s: field '%s' must be an integer or a list of integers", path, field);
+                return kvm_seterr(KVM_EFORMAT, "%s: field '%s' must be an integer or a list of integers (an item is %s)",
+                                  path, field, cJSON_IsNumber(it) ? "not an integer in int range" : cfg_json_type(it));
             int id = (int)it->valuedouble;
             bool dup = false;
             for (int i = 0; i < c->n_eos; i++) dup |= c->eos_ids[i] == id;
@@ -162,7 +163,7 @@ static int cfg_add_eos_json(kvm_config_t *c, const cJSON *v, const char *field, 
     }
     if (!cfg_is_int(v))
         return kvm_seterr(KVM_EFORMAT, "%s: field '%s' must be an integer or a list of integers (found %s)", path, field,
-                          cfg_json_type(v));
+                          cJSON_IsNumber(v) ? "a number that is not an integer in int range" : cfg_json_type(v));
     int id = (int)v->valuedouble;
     for (int i = 0; i < c->n_eos; i++)
         if (c->eos_ids[i] == id) return 0;

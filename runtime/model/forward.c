@@ -5,6 +5,7 @@
  * Qwen2 adds q/k/v biases, Qwen3 an RMSNorm per head on q and k before RoPE. Every op goes through
  * the model's kvm_ops_t, so the same code runs on the CPU reference and on CUDA. */
 #include "forward.h"
+#include "../core/vec.h"
 
 #include <math.h>
 #include <stdio.h>
@@ -190,7 +191,7 @@ static int ensure_workspace(kvm_model_t *m, int rows, int seqs, int blocks, int 
         !b->ids || !b->pos || !b->row_start || !b->ctx_len || !b->block_table || !b->h_ids || !b->h_pos ||
         !b->h_row_start || !b->h_ctx_len || !b->h_block_table || !b->next_ids || !b->h_next_ids) {
         free_workspace(b);
-        return kvm_seterr(KVM_ENOMEM, "forward: cannot allocate the workspace for %d rows on the %s backend", R, b->ops->name);
+        return kvm_seterr(KVM_ENOMEM, "forward: out of memory allocating the workspace for %d rows on the %s backend", R, b->ops->name);
     }
     b->max_rows = R;
     b->max_seqs = S;
@@ -654,8 +655,19 @@ int kvm_forward(kvm_model_t *m, kvm_batch_item_t *items, int n_items) {
         kvm_free(old_n);
         return kvm_errctx(src, "forward");
     }
+    /* room for every item's ids first, so that the step records all of them or none (a push that failed
+     * silently left a sequence without the ids of the KV it holds) */
+    for (int i = 0; i < n_items; i++) {
+        kvm_seq_t *sq = items[i].seq;
+        if (!items[i].positions &&
+            kvm_array_reserve(&sq->tokens, &sq->cap_tokens, (size_t)sq->n_tokens + (size_t)items[i].n_tokens, sizeof *sq->tokens, 64)) {
+            kvm_free(old_n);
+            return kvm_seterr(KVM_ENOMEM, "forward: out of memory recording the ids of batch item %d (%d tokens)", i,
+                              items[i].n_tokens);
+        }
+    }
     for (int i = 0; i < n_items; i++)
-        if (!items[i].positions) kvm_seq_push_tokens(items[i].seq, items[i].tokens, items[i].n_tokens);
+        if (!items[i].positions) kvm_seq_push_tokens(items[i].seq, items[i].tokens, items[i].n_tokens); /* has room */
     kvm_free(old_n);
     return 0;
 }

@@ -98,46 +98,61 @@ static void hf_add_eos(kvm_config_t *c, int id) {
 
 /* ---- generation_config.json and tokenizer_config.json ---------------------------------------- */
 
-static int hf_gen_num(const cJSON *g, const char *key, double *out, bool *found, const char *path) {
+/* A sampling default of generation_config.json: absent or null leaves *out; otherwise a number in [lo, hi]
+ * (integer: also whole and in int range), else an error naming the file and the field. */
+static int hf_gen_num(const cJSON *g, const char *key, double lo, double hi, bool integer, double *out, const char *path) {
     const cJSON *v = hf_field(g, key);
-    *found = v != NULL;
+    int i;
     if (!v) return 0;
-    if (!cJSON_IsNumber(v))
-        return kvm_seterr(KVM_EFORMAT, "%s: field '%s' must be a number", path, key);
+    if (!cJSON_IsNumber(v) || (integer && !hf_int(v, &i)))
+        return kvm_seterr(KVM_EFORMAT, "%s: field '%s' must be %s", path, key,
+                          integer ? "an integer in int range" : "a number");
+    if (!(v->valuedouble >= lo && v->valuedouble <= hi))
+        return kvm_seterr(KVM_ERANGE, "%s: field '%s' (%g) is outside [%g, %g]", path, key, v->valuedouble, lo, hi);
     *out = v->valuedouble;
     return 0;
 }
 
-/* Merges eos ids, a missing bos/pad id and the sampling defaults. do_sample: false means greedy, which
- * kvmesh spells temperature 0. */
+/* A token id field of generation_config.json (absent: *out unchanged): an integer inside the vocabulary
+ * config.json declares. */
+static int hf_gen_id(const cJSON *g, const char *key, int vocab, int *out, const char *path) {
+    const cJSON *v = hf_field(g, key);
+    if (!v) return 0;
+    if (!hf_int(v, out)) return kvm_seterr(KVM_EFORMAT, "%s: field '%s' must be an integer in int range", path, key);
+    if (*out < 0 || *out >= vocab)
+        return kvm_seterr(KVM_ERANGE, "%s: field '%s' (%d) is outside the vocabulary (config.json vocab_size %d)", path,
+                          key, *out, vocab);
+    return 0;
+}
+
+/* Merges eos ids, a missing bos/pad id and the sampling defaults; every value is checked here, so that an
+ * error names generation_config.json and the field (config.json has been validated before). do_sample:
+ * false means greedy, which kvmesh spells temperature 0. */
 static int hf_merge_generation(kvm_config_t *c, const cJSON *g, const char *path) {
+    int n0 = c->n_eos;
     int rc = kvm__config_add_eos(c, hf_field(g, "eos_token_id"), "eos_token_id", path);
+    for (int i = n0; !rc && i < c->n_eos; i++)
+        if (c->eos_ids[i] < 0 || c->eos_ids[i] >= c->vocab_size)
+            rc = kvm_seterr(KVM_ERANGE, "%s: field 'eos_token_id': id %d is outside the vocabulary (config.json "
+                            "vocab_size %d)", path, c->eos_ids[i], c->vocab_size);
+    int bos = c->bos_id, pad = c->pad_id;
+    if (!rc) rc = hf_gen_id(g, "bos_token_id", c->vocab_size, &bos, path);
+    if (!rc && hf_field(g, "pad_token_id") && !hf_int(hf_field(g, "pad_token_id"), &pad))
+        rc = kvm_seterr(KVM_EFORMAT, "%s: field 'pad_token_id' must be an integer in int range", path);
     if (rc) return rc;
-    const cJSON *v;
-    int id;
-    if ((v = hf_field(g, "bos_token_id"))) {
-        if (!hf_int(v, &id)) return kvm_seterr(KVM_EFORMAT, "%s: field 'bos_token_id' must be an integer", path);
-        if (c->bos_id < 0) c->bos_id = id;
-    }
-    if ((v = hf_field(g, "pad_token_id"))) {
-        if (!hf_int(v, &id)) return kvm_seterr(KVM_EFORMAT, "%s: field 'pad_token_id' must be an integer", path);
-        if (c->pad_id < 0) c->pad_id = id;
-    }
-    double d = 0;
-    bool found;
-    if ((rc = hf_gen_num(g, "temperature", &d, &found, path))) return rc;
-    if (found) c->gen_temperature = (float)d;
-    if ((rc = hf_gen_num(g, "top_p", &d, &found, path))) return rc;
-    if (found) c->gen_top_p = (float)d;
-    if ((v = hf_field(g, "top_k"))) {
-        if (!hf_int(v, &id)) return kvm_seterr(KVM_EFORMAT, "%s: field 'top_k' must be an integer", path);
-        c->gen_top_k = id;
-    }
-    if ((rc = hf_gen_num(g, "repetition_penalty", &d, &found, path))) return rc;
-    if (found) c->gen_repetition_penalty = (float)d;
-    v = hf_field(g, "do_sample");
+    if (c->bos_id < 0) c->bos_id = bos;
+    if (c->pad_id < 0) c->pad_id = pad;
+    double t = c->gen_temperature, p = c->gen_top_p, k = c->gen_top_k, r = c->gen_repetition_penalty;
+    if ((rc = hf_gen_num(g, "temperature", 0, 1e6, false, &t, path))) return rc;
+    if ((rc = hf_gen_num(g, "top_p", 0, 1, false, &p, path))) return rc;
+    if ((rc = hf_gen_num(g, "top_k", 0, 2147483647.0, true, &k, path))) return rc;
+    if ((rc = hf_gen_num(g, "repetition_penalty", 1e-6, 1e6, false, &r, path))) return rc;
+    const cJSON *v = hf_field(g, "do_sample");
     if (v && !cJSON_IsBool(v)) return kvm_seterr(KVM_EFORMAT, "%s: field 'do_sample' must be true or false", path);
-    if (cJSON_IsFalse(v)) c->gen_temperature = 0.0f;
+    c->gen_temperature = cJSON_IsFalse(v) ? 0.0f : (float)t;
+    c->gen_top_p = (float)p;
+    c->gen_top_k = (int)k;
+    c->gen_repetition_penalty = (float)r;
     return 0;
 }
 
@@ -480,11 +495,13 @@ int kvm_load_hf(kvm_model_t *m, const char *dir) {
     kvm_free(text);
     if (rc) return rc;
 
+    if ((rc = kvm_config_validate(&m->cfg, path))) return rc; /* config.json's own values, blamed on it */
     if ((rc = kvm_path_join(path, sizeof path, dir, "generation_config.json"))) goto out;
     if ((rc = hf_read_json(path, false, &gen))) goto out;
     if (gen && (rc = hf_merge_generation(&m->cfg, gen, path))) goto out;
     if ((rc = hf_load_tokenizer_side(&x))) goto out;
-    if ((rc = kvm_path_join(path, sizeof path, dir, "config.json"))) goto out;
+    /* only the bos/eos ids tokenizer_config.json gave can have changed since config.json was validated */
+    if ((rc = kvm_path_join(path, sizeof path, dir, "tokenizer_config.json"))) goto out;
     if ((rc = kvm_config_validate(&m->cfg, path))) goto out;
     if ((rc = hf_open_weights(&x))) goto out;
     if ((rc = hf_map_weights(&x))) goto out;

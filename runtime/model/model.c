@@ -86,23 +86,35 @@ static kvm_tensor_t l2c_take(const float **p, int64_t d0, int64_t d1) {
     return t;
 }
 
-/* Reads a llama2.c "legacy" checkpoint (stories260K README): 7 int32 header, fp32 tensors in a fixed
- * order, negative vocab = untied classifier at the end. Weights point into the mapping. */
-int kvm_load_llama2c(kvm_model_t *m, const char *path) {
-    m->maps = kvm_calloc(1, sizeof(kvm_mmap_t));
-    if (!m->maps) return KVM_ENOMEM;
-    int rc = kvm_mmap_open(&m->maps[0], path);
-    if (rc) return rc;
-    m->n_maps = 1;
-    const kvm_mmap_t *mm = &m->maps[0];
+/* The 7 int32 fields of a llama2.c header, their byte offsets and plausible ranges. */
+static const struct {
+    const char *name;
+    int64_t lo, hi;
+} k_l2c_fields[7] = {
+    {"dim", 1, 1 << 16},       {"hidden_dim", 1, 1 << 18}, {"n_layers", 1, KVM_MAX_LAYERS}, {"n_heads", 1, 1 << 16},
+    {"n_kv_heads", 1, 1 << 16}, {"vocab_size", 1, 1 << 22}, {"seq_len", 1, 1 << 22},
+};
+
+/* Reads and checks the 28-byte header into c. Messages name the field, its offset and the range it must be
+ * in, never the value found: the file may be any file the process can read (issue 19, class 1). */
+static int l2c_header(kvm_config_t *c, const kvm_mmap_t *mm, const char *path) {
     if (mm->size < 7 * sizeof(int32_t))
         return kvm_seterr(KVM_EFORMAT, "%s: file is %zu bytes, too short for the 28-byte llama2.c header", path, mm->size);
     int32_t h[7];
     memcpy(h, mm->data, sizeof h);
-    kvm_config_t *c = &m->cfg;
+    for (int i = 0; i < 7; i++) {
+        /* a negative vocab_size means an untied classifier: its magnitude is checked, in 64 bits */
+        int64_t v = i == 5 && h[i] < 0 ? -(int64_t)h[i] : h[i];
+        if (v < k_l2c_fields[i].lo || v > k_l2c_fields[i].hi)
+            return kvm_seterr(KVM_EFORMAT, "%s: not a llama2.c checkpoint: header field %s (int32 at byte %d) is outside "
+                              "%s%lld..%lld", path, k_l2c_fields[i].name, 4 * i, i == 5 ? "+/-" : "",
+                              (long long)k_l2c_fields[i].lo, (long long)k_l2c_fields[i].hi);
+    }
+    if (h[0] % h[3] || h[3] % h[4] || (h[0] / h[3]) % 2)
+        return kvm_seterr(KVM_EFORMAT, "%s: not a llama2.c checkpoint: header fields dim, n_heads and n_kv_heads (bytes "
+                          "0, 12, 16) do not fit (dim must be an even multiple of n_heads, n_heads a multiple of "
+                          "n_kv_heads)", path);
     memset(c, 0, sizeof *c);
-    c->arch = KVM_ARCH_LLAMA;
-    snprintf(c->arch_name, sizeof c->arch_name, "llama2c");
     c->dim = h[0];
     c->hidden_dim = h[1];
     c->n_layers = h[2];
@@ -111,12 +123,39 @@ int kvm_load_llama2c(kvm_model_t *m, const char *path) {
     c->tied_embeddings = h[5] > 0;
     c->vocab_size = h[5] == INT32_MIN ? 0 : h[5] < 0 ? -h[5] : h[5]; /* INT32_MIN has no negation: implausible */
     c->max_seq_len = h[6];
-    if (c->dim <= 0 || c->hidden_dim <= 0 || c->n_layers <= 0 || c->n_layers > KVM_MAX_LAYERS || c->n_heads <= 0 ||
-        c->n_kv_heads <= 0 || c->vocab_size <= 0 || c->max_seq_len <= 0 || c->dim % c->n_heads ||
-        c->n_heads % c->n_kv_heads || c->dim > (1 << 16) || c->hidden_dim > (1 << 18) || c->vocab_size > (1 << 22) ||
-        c->max_seq_len > (1 << 22))
-        return kvm_seterr(KVM_EFORMAT, "%s: implausible llama2.c header (dim %d, hidden %d, layers %d, heads %d, kv heads %d, "
-                          "vocab %d, seq %d)", path, h[0], h[1], h[2], h[3], h[4], h[5], h[6]);
+    return 0;
+}
+
+/* The exact size in bytes of a llama2.c checkpoint with the header c: the header, the weights in their fixed
+ * order, freq_cis_real/imag (max_seq_len x head_dim/2 each) and, untied, the classifier. */
+static int64_t l2c_expected_size(const kvm_config_t *c) {
+    const int64_t D = c->dim, L = c->n_layers, H = c->hidden_dim, V = c->vocab_size;
+    const int64_t hs = c->dim / c->n_heads, KVD = (int64_t)c->n_kv_heads * hs;
+    int64_t n_floats = V * D + L * D + L * D * D + 2 * L * KVD * D + L * D * D + L * D + 3 * L * H * D + D +
+                       (int64_t)c->max_seq_len * hs;
+    if (!c->tied_embeddings) n_floats += V * D;
+    return 28 + n_floats * 4;
+}
+
+/* Reads a llama2.c "legacy" checkpoint (stories260K README): 7 int32 header, fp32 tensors in a fixed
+ * order, negative vocab = untied classifier at the end. The file must have exactly the size its header
+ * implies (a wrong size would load and compute garbage). Weights point into the mapping. */
+int kvm_load_llama2c(kvm_model_t *m, const char *path) {
+    m->maps = kvm_calloc(1, sizeof(kvm_mmap_t));
+    if (!m->maps) return KVM_ENOMEM;
+    int rc = kvm_mmap_open(&m->maps[0], path);
+    if (rc) return rc;
+    m->n_maps = 1;
+    const kvm_mmap_t *mm = &m->maps[0];
+    kvm_config_t *c = &m->cfg;
+    if ((rc = l2c_header(c, mm, path))) return rc;
+    int64_t need = l2c_expected_size(c);
+    if ((int64_t)mm->size != need)
+        return kvm_seterr(KVM_EFORMAT, "%s: file is %zu bytes, but a llama2.c checkpoint with this header (%s "
+                          "classifier) is %lld bytes%s", path, mm->size, c->tied_embeddings ? "tied" : "untied",
+                          (long long)need, (int64_t)mm->size < need ? ": truncated" : ": trailing bytes");
+    c->arch = KVM_ARCH_LLAMA;
+    snprintf(c->arch_name, sizeof c->arch_name, "llama2c");
     c->head_dim = c->dim / c->n_heads;
     c->rms_eps = 1e-5f;
     c->rope_theta = 10000.0;
@@ -136,13 +175,6 @@ int kvm_load_llama2c(kvm_model_t *m, const char *path) {
 
     const int64_t D = c->dim, L = c->n_layers, H = c->hidden_dim, V = c->vocab_size, KVD = (int64_t)c->n_kv_heads * c->head_dim;
     const int64_t hs = c->head_dim;
-    int64_t n_floats = V * D + L * D + L * D * D + 2 * L * KVD * D + L * D * D + L * D + 3 * L * H * D + D +
-                       (int64_t)c->max_seq_len * hs;
-    if (!c->tied_embeddings) n_floats += V * D;
-    int64_t need = 28 + n_floats * 4;
-    if ((int64_t)mm->size < need)
-        return kvm_seterr(KVM_EFORMAT, "%s: truncated llama2.c checkpoint: %zu bytes, the header's shapes need %lld",
-                          path, mm->size, (long long)need);
     m->w.layers = kvm_calloc((size_t)L, sizeof(kvm_layer_weights_t));
     if (!m->w.layers) return KVM_ENOMEM;
     const float *p = (const float *)((const char *)mm->data + 28);

@@ -174,13 +174,13 @@ int kvm_st_parse(kvm_st_file_t *f, const void *buf, size_t size, const char *pat
     for (int i = 7; i >= 0; i--) n = (n << 8) | p[i];
     f->header_bytes = n;
     if (n > KVM_ST_MAX_HEADER_BYTES) {
-        rc = kvm_seterr(KVM_EFORMAT, "%s: header length %llu is over the safetensors limit of %llu bytes (not a safetensors file?)",
-                        path, (unsigned long long)n, KVM_ST_MAX_HEADER_BYTES);
+        rc = kvm_seterr(KVM_EFORMAT, "%s: the header length (uint64 at byte 0) is over the safetensors limit of %llu "
+                        "bytes: not a safetensors file", path, KVM_ST_MAX_HEADER_BYTES);
         goto fail;
     }
     if (n > size - 8) {
-        rc = kvm_seterr(KVM_EFORMAT, "%s: header length %llu runs past the end of the file (%zu bytes): truncated or not a safetensors file",
-                        path, (unsigned long long)n, size);
+        rc = kvm_seterr(KVM_EFORMAT, "%s: the header length (uint64 at byte 0) runs past the end of the file (%zu "
+                        "bytes): truncated or not a safetensors file", path, size);
         goto fail;
     }
     f->data = p + 8 + n;
@@ -194,8 +194,7 @@ int kvm_st_parse(kvm_st_file_t *f, const void *buf, size_t size, const char *pat
     }
     if (!root) {
         size_t at = end && end >= hdr ? (size_t)(end - hdr) : 0;
-        rc = kvm_seterr(KVM_EFORMAT, "%s: header is not valid JSON (error near header byte %zu of %llu)", path, at,
-                        (unsigned long long)n);
+        rc = kvm_seterr(KVM_EFORMAT, "%s: header is not valid JSON (error near header byte %zu)", path, at);
         goto fail;
     }
     for (const char *q = end; q < hdr + n; q++) {

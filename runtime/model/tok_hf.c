@@ -448,7 +448,11 @@ static int parse_model(ctx_t *c, const cJSON *model) {
     cJSON_ArrayForEach(it, vocab) {
         long long id = 0;
         jint(it, 0, t->vocab_size - 1, &id); /* validated by scan_ids */
-        if (tok_set_piece(t, (int32_t)id, it->string, strlen(it->string), true)) return KVM_ENOMEM;
+        size_t len = strlen(it->string);
+        if (t->pieces[id] && (t->piece_len[id] != len || memcmp(t->pieces[id], it->string, len)))
+            return kvm_seterr(KVM_EFORMAT, "%s: model.vocab: id %lld is given to two tokens (\"%.40s\" and \"%.40s\")",
+                              c->path, id, t->pieces[id], it->string);
+        if (tok_set_piece(t, (int32_t)id, it->string, len, true)) return KVM_ENOMEM;
     }
     const char *unk = jstr(model, "unk_token");
     if (unk) {

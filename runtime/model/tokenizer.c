@@ -357,8 +357,8 @@ kvm_tokenizer_t *kvm_tokenizer_load_bin(const char *path, int vocab_size) {
         memcpy(&len, data + off + 4, 4);
         off += 8;
         if (len < 0 || (size_t)len > size - off) {
-            kvm_seterr(KVM_EFORMAT, "%s: token %d has length %d past the end of the file (offset %zu)", path, i,
-                       len, off);
+            kvm_seterr(KVM_EFORMAT, "%s: token %d: its length (int32 at byte %zu) is negative or runs past the end of "
+                       "the file (%zu bytes)", path, i, off - 4, size);
             goto fail;
         }
         if (!isfinite(score)) {

@@ -16,8 +16,11 @@ typedef struct sreq {
     int32_t pending;         /* sampled id not yet forwarded, -1 none */
     int base;                /* tokens the caller's seq held at submit (kept on preemption) */
     int n_preempted;
+    int resv;                /* KV blocks reserved at activation (admission control), 0 when not active */
+    int blocks0;             /* blocks its sequence held then */
     int phase;
     bool mem_wait;           /* the KV budget was full: retried once another request has finished */
+    bool never_fits;         /* failed because its prompt needs more KV blocks than the whole pool */
     int stop_reason;
     int status;
     char error[512];
@@ -37,6 +40,7 @@ struct kvm_sched {
     kvm_sched_stats_t st;
     uint64_t n_finished;     /* requests finished so far (wakes requests waiting for KV memory) */
     uint64_t wake_at;        /* n_finished seen when the waiters were last woken */
+    bool kv_blocked;         /* the head of the queue waits for KV blocks (admission control) */
 };
 
 kvm_sched_t *kvm_sched_create(kvm_model_t *m, const kvm_sched_opts_t *o) {
@@ -114,6 +118,7 @@ int kvm_sched_submit(kvm_sched_t *s, const kvm_sched_req_t *r) {
 
 static void finish(sreq_t *q, int reason) {
     q->mem_wait = false;
+    q->resv = 0;
     q->phase = SR_DONE;
     q->stop_reason = reason;
     q->t_end = kvm_now_ns();
@@ -142,19 +147,73 @@ static void accept_token(sreq_t *q, int32_t id) {
     q->phase = SR_DECODE;
 }
 
-/* Activates queued requests (FIFO) while fewer than max_active are running. */
+/* KV blocks q needs to be admitted: its prompt and one more block of decode room, counting the copy of a shared
+ * partial last block. Decoding beyond that is covered by waiting and preemption (sched.h). */
+static int admission_blocks(const sreq_t *q) {
+    const kvm_seq_t *sq = q->r.seq;
+    int64_t tokens = (int64_t)sq->n_tokens + q->r.n_prompt;
+    int need = (int)((tokens + KVM_KV_BLOCK - 1) / KVM_KV_BLOCK) + 1 - sq->n_blocks;
+    if (sq->n_blocks > 0 && sq->n_tokens % KVM_KV_BLOCK && sq->pool->refcount[sq->blocks[sq->n_blocks - 1]] > 1) need++;
+    return need > 0 ? need : 0;
+}
+
+/* Blocks the active requests reserved at admission and have not allocated yet. */
+static int outstanding_blocks(const kvm_sched_t *s) {
+    int out = 0;
+    for (const sreq_t *q = s->head; q; q = q->next) {
+        if (q->phase != SR_PREFILL && q->phase != SR_DECODE) continue;
+        int left = q->resv - (q->r.seq->n_blocks - q->blocks0);
+        if (left > 0) out += left;
+    }
+    return out;
+}
+
+/* Admission control: whether q's blocks fit beside what the active requests reserved (the store's cache is
+ * evicted for them first). The first request always goes (it may then wait, preempt or fail: sched.h). */
+static bool admit(sreq_t *q, int active, int *outstanding) {
+    kvm_kv_pool_t *p = q->r.seq->pool;
+    int need = admission_blocks(q);
+    if (active > 0 && p->n_free - *outstanding < need) {
+        if (p->reclaim) p->reclaim(p->reclaim_ud, *outstanding + need); /* evicts only unreferenced cache */
+        if (p->n_free - *outstanding < need) return false;
+    }
+    q->resv = need;
+    q->blocks0 = q->r.seq->n_blocks;
+    *outstanding += need;
+    return true;
+}
+
+/* Activates queued requests in submit order while fewer than max_active run and the KV pool can hold them
+ * (admission control: the head of the queue waits for running requests to finish; nothing overtakes it).
+ * A request whose prompt needs more blocks than the whole pool can never run and fails at once. */
 static void activate(kvm_sched_t *s) {
+    s->kv_blocked = false;
     int active = 0;
     for (sreq_t *q = s->head; q; q = q->next)
         if (q->phase == SR_PREFILL || q->phase == SR_DECODE) active++;
+    int outstanding = -1;
     for (sreq_t *q = s->head; q && active < s->o.max_active; q = q->next) {
         if (q->phase != SR_QUEUED) continue;
+        char msg[256];
         if (q->r.seq->n_tokens + q->r.n_prompt > s->m->cfg.max_seq_len) {
-            char msg[256];
             snprintf(msg, sizeof msg, "sched: prompt of %d tokens (+%d cached) does not fit the context of %d", q->r.n_prompt,
                      q->r.seq->n_tokens, s->m->cfg.max_seq_len);
             fail_req(q, KVM_ERANGE, msg);
             continue;
+        }
+        int need = admission_blocks(q), cap = q->r.seq->pool->n_blocks;
+        if (need > cap) {
+            snprintf(msg, sizeof msg, "sched: the prompt of %d tokens (+%d cached) needs %d KV blocks of %d tokens, the "
+                     "whole KV pool has %d: it can never fit (raise the KV budget)", q->r.n_prompt, q->r.seq->n_tokens,
+                     need, KVM_KV_BLOCK, cap);
+            fail_req(q, KVM_ENOMEM, msg);
+            q->never_fits = true;
+            continue;
+        }
+        if (outstanding < 0) outstanding = outstanding_blocks(s);
+        if (!admit(q, active, &outstanding)) {
+            s->kv_blocked = true;
+            return;
         }
         q->phase = SR_PREFILL;
         active++;
@@ -167,6 +226,7 @@ static void activate(kvm_sched_t *s) {
  * shown what it was shown before (the decode state remembers how far it got). */
 static void preempt(kvm_sched_t *s, sreq_t *q) {
     kvm_seq_truncate(q->r.seq, q->base);
+    q->blocks0 = q->r.seq->n_blocks; /* its reservation is allocated again from here */
     q->prompt_pos = 0;
     kvm_decode_restart(&q->dec);
     q->pending = -1;
@@ -320,6 +380,7 @@ int kvm_sched_take(kvm_sched_t *s, kvm_sched_done_t *out) {
             snprintf(out->error, sizeof out->error, "sched: out of memory handing over the output");
         }
         out->stop_reason = q->stop_reason;
+        out->kv_never_fits = q->never_fits;
         out->n_prompt = q->prompt_pos;
         uint64_t te = q->t_end ? q->t_end : kvm_now_ns();
         out->queue_ms = q->t_first_fwd ? (double)(q->t_first_fwd - q->t_submit) / 1e6 : (double)(te - q->t_submit) / 1e6;
@@ -336,6 +397,11 @@ int kvm_sched_take(kvm_sched_t *s, kvm_sched_done_t *out) {
 }
 
 int kvm_sched_pending(const kvm_sched_t *s) { return s ? s->n_pending : 0; }
+
+bool kvm_sched_admit(kvm_sched_t *s) {
+    activate(s);
+    return s->kv_blocked;
+}
 
 void kvm_sched_done_clear(kvm_sched_done_t *d) {
     if (!d) return;

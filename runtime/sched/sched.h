@@ -12,11 +12,16 @@
  * The scheduler never frees the caller's sequence: on completion the sequence holds the KV of the
  * prompt and of every generated token except the last.
  *
- * KV memory: a request that finds the KV budget full waits until another request finishes (its owner
- * then releases that sequence). When every request in flight is waiting, the youngest one holding
- * computed KV is preempted: its sequence goes back to what the caller gave and it restarts from its
- * prompt later (recompute, as vLLM; nothing was delivered yet and its sampler restarts from its seed,
- * so results do not change). A request that cannot fit even alone fails with KVM_ENOMEM. */
+ * KV memory (admission control, docs/kv-store.md): a queued request is admitted only when the pool can hold
+ * its prompt and one more block beside what the running requests reserved (the store's unreferenced cache
+ * is evicted for it first); otherwise it and every request queued after it wait, in submit order, for
+ * running requests to finish. The first request is always admitted. A request whose prompt needs more
+ * blocks than the whole pool fails at once (KVM_ENOMEM, kv_never_fits, the numbers in the message).
+ * A running request that finds the KV budget full (decoding past its reservation) waits until another
+ * request finishes (its owner then releases that sequence). When every request in flight is waiting, the
+ * youngest one holding computed KV is preempted: its sequence goes back to what the caller gave and it
+ * restarts from its prompt later (recompute, as vLLM; nothing was delivered yet and its sampler restarts
+ * from its seed, so results do not change). A request that cannot fit even alone fails with KVM_ENOMEM. */
 #ifndef KVM_SCHED_H
 #define KVM_SCHED_H
 
@@ -44,6 +49,8 @@ typedef struct kvm_sched_req {
 typedef struct kvm_sched_done {
     uint64_t tag;
     int status;              /* 0 or KVM_E*; error holds the message */
+    bool kv_never_fits;      /* status KVM_ENOMEM because the prompt needs more KV blocks than the whole pool
+                                (waiting cannot help) */
     char error[512];
     int32_t *ids;            /* generated ids (stop token excluded); kvm_free */
     int n_ids;
@@ -82,6 +89,10 @@ int kvm_sched_submit(kvm_sched_t *s, const kvm_sched_req_t *r);
 int kvm_sched_step(kvm_sched_t *s);
 /* Moves one completion into *out (caller frees with kvm_sched_done_clear); returns 1, or 0 if none. */
 int kvm_sched_take(kvm_sched_t *s, kvm_sched_done_t *out);
+/* Admits queued requests now (as kvm_sched_step does first); true when the head of the queue waits for KV
+ * blocks (admission control), so that a caller holding more requests keeps them back rather than
+ * allocating KV for them. */
+bool kvm_sched_admit(kvm_sched_t *s);
 /* Requests submitted and not yet taken. */
 int kvm_sched_pending(const kvm_sched_t *s);
 void kvm_sched_done_clear(kvm_sched_done_t *d);

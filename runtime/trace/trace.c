@@ -257,7 +257,8 @@ static int strvec_push(strvec *sv, const char *s) {
     return 0;
 }
 
-/* Adds dir, or the run directories under it, to out. 0, or KVM_ENOMEM. */
+/* Adds dir, or the run directories under it, to out. 0, or KVM_ENOMEM. A folder that cannot be read
+ * below the root is skipped (the root is opened by kvm_trace_find_runs, which reports it). */
 static int collect(const char *dir, int depth, strvec *out) {
     char p[4096];
     if (kvm_path_join(p, sizeof p, dir, "events.jsonl") == 0 && kvm_file_exists(p)) return strvec_push(out, dir);
@@ -277,10 +278,13 @@ static int collect(const char *dir, int depth, strvec *out) {
 static int cmp_str(const void *a, const void *b) { return strcmp(*(char *const *)a, *(char *const *)b); }
 
 int kvm_trace_find_runs(const char *root, void (*fn)(const char *run_dir, void *ud), void *ud) {
-    if (!kvm_dir_exists(root)) return kvm_seterr(KVM_ENOENT, "trace: '%s' is not a directory", root);
+    if (!root || !kvm_dir_exists(root)) return kvm_seterr(KVM_ENOENT, "trace: '%s' is not a directory", root ? root : "(null)");
+    DIR *d = opendir(root);
+    if (!d) return kvm_seterr(KVM_EIO, "trace: cannot read the directory '%s': %s", root, strerror(errno));
+    closedir(d);
     strvec sv = {0};
     int rc = collect(root, 0, &sv);
-    if (rc == 0) qsort(sv.v, (size_t)sv.n, sizeof *sv.v, cmp_str);
+    if (rc == 0 && sv.n > 1) qsort(sv.v, (size_t)sv.n, sizeof *sv.v, cmp_str); /* sv.v is NULL when none */
     for (int i = 0; i < sv.n; i++) {
         if (rc == 0) fn(sv.v[i], ud);
         kvm_free(sv.v[i]);

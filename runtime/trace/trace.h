@@ -322,7 +322,9 @@ void kvm_trace_log_free(kvm_trace_log_t *log);
 const kvm_trace_rec_t *kvm_trace_log_next(const kvm_trace_log_t *log, kvm_trace_type_t type, int *from);
 
 /* Calls fn(run_dir, ud) for every directory under root (depth <= 3) that holds an events.jsonl, in
- * sorted path order. Returns the number found, or <0 on error (root unreadable). */
+ * sorted path order. Returns the number found (0 for a folder without runs), or <0 on error: KVM_ENOENT
+ * when root is no directory, KVM_EIO when it cannot be read. Folders below root that cannot be read are
+ * skipped. */
 int kvm_trace_find_runs(const char *root, void (*fn)(const char *run_dir, void *ud), void *ud);
 
 #endif
