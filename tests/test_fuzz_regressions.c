@@ -87,7 +87,7 @@ static void expect_llama2c_refused(const int32_t h[7], size_t n_floats, int code
 static void test_llama2c_header_with_vocab_int32_min_is_implausible(void **st) {
     (void)st;
     const int32_t h[7] = {8, 16, 1, 2, 1, INT32_MIN, 4};
-    expect_llama2c_refused(h, 16, KVM_EFORMAT, "implausible llama2.c header", "vocab -2147483648");
+    expect_llama2c_refused(h, 16, KVM_EFORMAT, "not a llama2.c checkpoint", "vocab_size");
 }
 
 /* fuzz_llama2c: a header with vocab_size 1 (or 2) loaded, with BOS 1 and EOS 2 outside the vocabulary:
