@@ -1,0 +1,12 @@
+/* cpu_kernels.h - the CPU backend's kernels that live in their own files (gemm_cpu.c, attn_cpu.c); the
+ * op table in ops_cpu.c points at them. Signatures are those of kvm_ops_t (kernels/ops.h). */
+#ifndef KVM_CPU_KERNELS_H
+#define KVM_CPU_KERNELS_H
+
+#include "../ops.h"
+
+void kvm_cpu_matmul(float *y, const float *x, const kvm_wmat_t *W, const float *bias, int n);
+void kvm_cpu_attention(float *out, const float *q, const void *kv, const kvm_kv_geom_t *g, int layer, int heads,
+                       const kvm_attn_batch_t *b, float scale);
+
+#endif
