@@ -19,6 +19,7 @@
 #include <kvmesh_lab.h>
 
 #include "bench.h"
+#include "cpu_limits.h"
 #include "json_out.h"
 #include "stats.h"
 
@@ -63,7 +64,9 @@ static void bench_help(FILE *f) {
             "usage: kvmesh bench engine (--synthetic NAME | --model PATH) [options]\n"
             "       kvmesh bench kvcomm ...   (the KVCOMM benchmark: kvmesh bench kvcomm --help)\n\n"
             "Measures the dense engine: TTFT of a P-token prompt (batch 1), decode ms/token at batch 1 and batch B\n"
-            "with a P-token context, tokens/s, achieved TFLOP/s and GB/s, against the floors of perf.md.\n\n"
+            "with a P-token context, tokens/s, achieved TFLOP/s and GB/s, against the floors of perf.md (on the H100);\n"
+            "on the CPU against its own limits measured in the same run (FMA peak, OpenBLAS SGEMM when installed,\n"
+            "streaming read and copy bandwidth).\n\n"
             "  --synthetic NAME   llama-3.1-8b, qwen2.5-7b, qwen3-0.6b, qwen2.5-0.5b, llama-3.2-1b, qwen3-8b, tiny-*\n"
             "                     (real shapes, seeded synthetic bf16 weights made on the device)\n"
             "  --model PATH       a model directory or file instead\n"
@@ -205,6 +208,11 @@ typedef struct engine_report {
     double flops, b1_bytes, bB_bytes, tok_s_1, tok_s_B;
     double ttft_floor_peak, ttft_floor_meas, d1_floor_peak, d1_floor_meas, dB_floor_peak, dB_floor_meas;
     double hf_tt, hf_d1, hf_dB;
+    /* the floors' rates: FLOP/s at peak and measured GEMM, bytes/s at peak and measured copy (H100 constants on
+     * the GPU; on the CPU, cpu's measurements of this run) */
+    double peak_flops, meas_flops, peak_bw, meas_bw;
+    bool on_cpu;
+    lab_cpu_limits_t cpu;
 } engine_report_t;
 
 /* Statistics, floors and the HF figures of r's timings (model sizes from model_sizes). */
@@ -226,17 +234,47 @@ static void report_figures(engine_report_t *r, const kvm_model_info_t *c, double
     double w_bytes = (p_layers + p_head) * (!strcmp(r->weights, "F32") ? 4 : 2);
     r->b1_bytes = w_bytes + (P + 1) * kv_tok;
     r->bB_bytes = w_bytes + (double)B * (P + 1) * kv_tok;
-    r->ttft_floor_peak = r->flops / (PEAK_BF16_TFLOPS * 1e9);
-    r->ttft_floor_meas = r->flops / (MEAS_GEMM_TFLOPS * 1e9);
-    r->d1_floor_peak = r->b1_bytes / (PEAK_HBM_TBS * 1e9);
-    r->d1_floor_meas = r->b1_bytes / (MEAS_COPY_TBS * 1e9);
-    r->dB_floor_peak = r->bB_bytes / (PEAK_HBM_TBS * 1e9);
-    r->dB_floor_meas = r->bB_bytes / (MEAS_COPY_TBS * 1e9);
+    if (r->on_cpu) {
+        r->peak_flops = r->cpu.fma_gflops * 1e9;
+        r->meas_flops = r->cpu.sgemm_gflops * 1e9;
+        r->peak_bw = r->cpu.read_gbs * 1e9;
+        r->meas_bw = r->cpu.copy_gbs * 1e9;
+    } else {
+        r->peak_flops = PEAK_BF16_TFLOPS * 1e12;
+        r->meas_flops = MEAS_GEMM_TFLOPS * 1e12;
+        r->peak_bw = PEAK_HBM_TBS * 1e12;
+        r->meas_bw = MEAS_COPY_TBS * 1e12;
+    }
+    /* floors in ms; 0 (printed "-") where a rate is unknown */
+#define FLOOR_MS(amount, rate) ((rate) > 0 ? (amount) / (rate) * 1e3 : 0)
+    r->ttft_floor_peak = FLOOR_MS(r->flops, r->peak_flops);
+    r->ttft_floor_meas = FLOOR_MS(r->flops, r->meas_flops);
+    r->d1_floor_peak = FLOOR_MS(r->b1_bytes, r->peak_bw);
+    r->d1_floor_meas = FLOOR_MS(r->b1_bytes, r->meas_bw);
+    r->dB_floor_peak = FLOOR_MS(r->bB_bytes, r->peak_bw);
+    r->dB_floor_meas = FLOOR_MS(r->bB_bytes, r->meas_bw);
+#undef FLOOR_MS
     r->tok_s_1 = r->st_d1.med > 0 ? 1000.0 / r->st_d1.med : 0;
     r->tok_s_B = r->st_dB.med > 0 ? 1000.0 * B / r->st_dB.med : 0;
     r->hf_tt = hf_get(hf, "ttft_ms");
     r->hf_d1 = hf_get(hf, "decode_b1_ms");
     r->hf_dB = hf_get(hf, "decode_bB_ms");
+}
+
+/* The CPU's limits measured in this run and our ratios to them (the floors' columns of the table). */
+static void print_cpu_limits(const engine_report_t *r) {
+    const lab_cpu_limits_t *L = &r->cpu;
+    const double ours = r->flops / (r->st_tt.med * 1e6);
+    printf("CPU limits, measured in this run on %d thread%s: FMA peak %.1f GFLOP/s (%s); ", L->threads,
+           L->threads == 1 ? "" : "s", L->fma_gflops, L->isa);
+    if (L->sgemm_name) printf("%s on the prefill's GEMM shapes %.1f GFLOP/s; ", L->sgemm_name, L->sgemm_gflops);
+    else printf("no tuned SGEMM installed (Debian: apt-get install libopenblas0-pthread); ");
+    printf("streaming read %.1f GB/s, copy %.1f GB/s\n", L->read_gbs, L->copy_gbs);
+    printf("floor@peak = FMA peak (prefill) / streaming read (decode); floor@meas = the tuned SGEMM / copy\n");
+    printf("prefill: %.1f GFLOP/s = %.0f%% of the FMA peak", ours, L->fma_gflops > 0 ? 100.0 * ours / L->fma_gflops : 0);
+    if (L->sgemm_gflops > 0) printf(", %.2fx the tuned SGEMM's rate", ours / L->sgemm_gflops);
+    printf("; decode b=1 reads %.1f MB a token: %.1f GB/s = %.0f%% of the streaming read\n", r->b1_bytes / 1e6,
+           r->b1_bytes / (r->st_d1.med * 1e6), L->read_gbs > 0 ? 100.0 * r->b1_bytes / (r->st_d1.med * 1e6) / L->read_gbs : 0);
 }
 
 static void print_report(const engine_report_t *r) {
@@ -250,11 +288,14 @@ static void print_report(const engine_report_t *r) {
     printf("|------------------------------------|-----------|--------|-----------|----------|-----------|-----------|\n");
     print_row("TTFT prefill", r->st_tt.med, "ms", r->hf_tt, r->ttft_floor_peak, r->ttft_floor_meas);
     print_row("TTFT prefill, host end-to-end", r->st_tth.med, "ms", 0, 0, 0);
-    print_row("prefill achieved", r->flops / (r->st_tt.med * 1e9), "TFLOP/s", 0, 0, 0);
+    /* rates per ms: FLOP/ms / 1e9 = TFLOP/s; on the CPU GFLOP/s and GB/s read better */
+    const double rs = r->on_cpu ? 1e6 : 1e9;
+    const char *fl_unit = r->on_cpu ? "GFLOP/s" : "TFLOP/s", *bw_unit = r->on_cpu ? "GB/s" : "TB/s";
+    print_row("prefill achieved", r->flops / (r->st_tt.med * rs), fl_unit, 0, 0, 0);
     print_row(r->graphs ? "decode b=1 (graph)" : "decode b=1", r->st_d1.med, "ms/tok", r->hf_d1, r->d1_floor_peak, r->d1_floor_meas);
     if (r->d1e.n) print_row("decode b=1 (eager)", r->st_d1e.med, "ms/tok", 0, 0, 0);
     print_row("decode b=1, host end-to-end", r->st_d1h.med, "ms/tok", 0, 0, 0);
-    print_row("decode b=1 achieved", r->b1_bytes / (r->st_d1.med * 1e9), "TB/s", 0, 0, 0);
+    print_row("decode b=1 achieved", r->b1_bytes / (r->st_d1.med * rs), bw_unit, 0, 0, 0);
     print_row("decode b=1 tokens/s", r->tok_s_1, "tok/s", r->hf_d1 > 0 ? 1000.0 / r->hf_d1 : 0, 0, 0);
     char lbl[64];
     snprintf(lbl, sizeof lbl, "decode b=%d step%s", r->B, r->graphs ? " (graph)" : "");
@@ -268,14 +309,18 @@ static void print_report(const engine_report_t *r) {
     snprintf(lbl, sizeof lbl, "decode b=%d tokens/s", r->B);
     print_row(lbl, r->tok_s_B, "tok/s", r->hf_dB > 0 ? 1000.0 * r->B / r->hf_dB : 0, 0, 0);
     snprintf(lbl, sizeof lbl, "decode b=%d achieved", r->B);
-    print_row(lbl, r->bB_bytes / (r->st_dB.med * 1e9), "TB/s", 0, 0, 0);
+    print_row(lbl, r->bB_bytes / (r->st_dB.med * rs), bw_unit, 0, 0, 0);
     printf("\nspread (p10-p90): TTFT %.3f-%.3f ms; decode b=1 %.3f-%.3f ms; b=%d %.3f-%.3f ms\n", r->st_tt.p10, r->st_tt.p90,
            r->st_d1.p10, r->st_d1.p90, r->B, r->st_dB.p10, r->st_dB.p90);
-    printf("batch %d / batch 1 tokens/s: %.2fx (target >= 10x)\n", r->B, r->tok_s_1 > 0 ? r->tok_s_B / r->tok_s_1 : 0);
+    printf("batch %d / batch 1 tokens/s: %.2fx (target >= %s)\n", r->B, r->tok_s_1 > 0 ? r->tok_s_B / r->tok_s_1 : 0,
+           r->on_cpu ? "4x" : "10x");
+    if (r->on_cpu) {
+        print_cpu_limits(r);
+        return;
+    }
     printf("floors: prefill %.2f GFLOP (%.0f / %.0f TFLOP/s: datasheet / measured GEMM); decode b=1 %.2f GB, b=%d %.2f GB "
            "(%.2f / %.2f TB/s: datasheet / measured copy)\n",
            r->flops / 1e9, PEAK_BF16_TFLOPS, MEAS_GEMM_TFLOPS, r->b1_bytes / 1e9, r->B, r->bB_bytes / 1e9, PEAK_HBM_TBS, MEAS_COPY_TBS);
-
 }
 
 typedef lab_json_num_t json_num_t;
@@ -439,6 +484,13 @@ static int engine_measure(kvm_model_t *m, const engine_opts_t *o, bool graphs_on
     rep->graphs = graphs;
     dtype_upper(rep->weights, sizeof rep->weights, kvm_model_device_dtype(m));
     dtype_upper(rep->kv, sizeof rep->kv, kvm_model_kv_dtype(m));
+    rep->on_cpu = c.backend && !strcmp(c.backend, "cpu");
+    if (rep->on_cpu && !rc) { /* after the engine's timings: the SGEMM library's idle threads must not disturb them */
+        const int D = c.dim, QD = c.n_heads * c.head_dim, KD = c.n_kv_heads * c.head_dim, F = c.hidden_dim, L = c.n_layers;
+        const lab_gemm_shape_t shapes[] = {{P, QD, D, L}, {P, KD, D, 2 * L}, {P, D, QD, L}, {P, F, D, 2 * L}, {P, D, F, L}};
+        fprintf(stderr, "kvmesh bench engine: measuring the CPU's limits (FMA, SGEMM, memory; a few seconds)...\n");
+        lab_cpu_limits_measure(kvm_threads(), shapes, (int)(sizeof shapes / sizeof shapes[0]), &rep->cpu);
+    }
     report_figures(rep, &c, p_layers, p_head, kv_tok, hf);
     print_report(rep);
     if (o->json_path) write_report_json(rep, o->json_path, hf);
