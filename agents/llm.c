@@ -224,6 +224,13 @@ int wf_llm_model_open(wf_llm_t *l, const char *path, int *idx) {
     kvm_model_params_t lo = l->o.model;
     lo.quiet = lo.quiet || l->o.quiet;
     m->m = kvm_model_load(path, &lo); /* "mock:echo" too: the mock model plugs in below the scheduler */
+    if (m->m && !m->m->tok && !kvm_model_is_mock(m->m) && strncmp(path, "synthetic:", 10)) {
+        /* agents speak text: only synthetic weights (benchmarks) run on hashed words */
+        kvm_seterr(KVM_EINVAL, "the model has no tokenizer (no tokenizer.json or tokenizer.bin was found with it): "
+                               "agents read and write text, so put the model's tokenizer beside its weights");
+        kvm_model_free(m->m);
+        m->m = NULL;
+    }
     m->comm = m->m ? kvm_comm_create(m->m, &co) : NULL;
     kvm_sched_opts_t so = {.max_rows = l->o.max_rows, .max_active = l->o.max_active};
     m->sched = m->comm ? kvm_sched_create(m->m, &so) : NULL;

@@ -38,4 +38,12 @@ g:edge('a', 'f')
 return g"
 check finalizer "finalizer.lua:5: setmetatable: __gc metamethods are not allowed" "${head}setmetatable({}, { __gc = function() end })
 return g"
+# a model folder without its tokenizer: refused by name at kvmesh.model, not run on hashed words (issue 18)
+mkdir -p "$tmp/notok"
+cp models/minillama-2m/config.json models/minillama-2m/model.safetensors "$tmp/notok/"
+printf 'local g = kvmesh.graph{}\nlocal m = kvmesh.model("%s")\ng:agent("a", { model = m, template = "{input}" })\ng:edge(kvmesh.START, "a")\nreturn g\n' "$tmp/notok" > "$tmp/notok.lua"
+"$kvmesh" run "$tmp/notok.lua" --no-trace --input input=x > "$tmp/out" 2>&1
+rc=$?
+{ [ $rc -eq 1 ] && grep -q "notok.lua:2: kvmesh.model: model '.*notok': the model has no tokenizer" "$tmp/out"; } ||
+  { echo "notok: exit status $rc"; cat "$tmp/out"; exit 1; }
 echo "bad scripts ok"
