@@ -227,6 +227,18 @@ static int l_print(lua_State *L) {
     return 0;
 }
 
+/* ctx:log(...): print's message without the ctx table itself (a method call passes it first); ctx.log(...)
+ * works as print too. */
+static int ctx_log(lua_State *L) {
+    if (lua_gettop(L) >= 1 && lua_getmetatable(L, 1)) {
+        lua_rawgeti(L, LUA_REGISTRYINDEX, getwf(L)->ctx_mt_ref);
+        bool is_ctx = lua_rawequal(L, -1, -2);
+        lua_pop(L, 2);
+        if (is_ctx) lua_remove(L, 1);
+    }
+    return l_print(L);
+}
+
 static int l_collectgarbage(lua_State *L) {
     const char *opt = luaL_optstring(L, 1, "count");
     if (strcmp(opt, "count") != 0) return luaL_error(L, "collectgarbage: only \"count\" is allowed in kvmesh scripts");
@@ -285,6 +297,50 @@ static void push_guard_mt(lua_State *L, int backing, lua_CFunction newindex) {
     lua_setfield(L, -2, "__metatable");
 }
 
+/* Levenshtein distance of a and b (names: at most 64 bytes each, longer ones are "far", 99). */
+static int edit_distance(const char *a, const char *b) {
+    size_t na = strlen(a), nb = strlen(b);
+    if (na > 64 || nb > 64) return 99;
+    int row[65];
+    for (size_t j = 0; j <= nb; j++) row[j] = (int)j;
+    for (size_t i = 1; i <= na; i++) {
+        int diag = row[0];
+        row[0] = (int)i;
+        for (size_t j = 1; j <= nb; j++) {
+            int up = row[j], best = diag + (a[i - 1] != b[j - 1]);
+            if (up + 1 < best) best = up + 1;
+            if (row[j - 1] + 1 < best) best = row[j - 1] + 1;
+            diag = up;
+            row[j] = best;
+        }
+    }
+    return row[nb];
+}
+
+/* __index of the kvmesh table, kvmesh.reduce and graph handles (upvalues: the backing table, a label such as
+ * "kvmesh.reduce"): a name they lack is an error at the line that reads it, with the nearest name, instead of a
+ * nil that fails later, far from the typo. */
+static int l_strict_index(lua_State *L) {
+    lua_pushvalue(L, 2);
+    lua_rawget(L, lua_upvalueindex(1));
+    if (!lua_isnil(L, -1) || lua_type(L, 2) != LUA_TSTRING) return 1;
+    const char *key = lua_tostring(L, 2), *label = lua_tostring(L, lua_upvalueindex(2));
+    lua_pushvalue(L, lua_upvalueindex(1));
+    int t = lua_gettop(L), best_d = 3;
+    const char *best = NULL;
+    lua_pushnil(L);
+    while (lua_next(L, t)) {
+        lua_pop(L, 1);
+        if (lua_type(L, -1) != LUA_TSTRING) continue;
+        int d = edit_distance(key, lua_tostring(L, -1));
+        if (d < best_d) best_d = d, best = lua_tostring(L, -1); /* the table keeps the key string alive */
+    }
+    luaL_where(L, 1);
+    if (best) lua_pushfstring(L, "%s%s has no '%s'; did you mean '%s'?", lua_tostring(L, -1), label, key, best);
+    else lua_pushfstring(L, "%s%s has no '%s'", lua_tostring(L, -1), label, key);
+    return lua_error(L);
+}
+
 /* Replaces the table at the top of the stack by a read-only proxy of it. */
 void wf_lua_push_proxy(lua_State *L) {
     int t = lua_gettop(L);
@@ -295,6 +351,18 @@ void wf_lua_push_proxy(lua_State *L) {
     lua_setfield(L, -2, "__pairs");
     lua_setmetatable(L, -2);
     lua_replace(L, t);
+}
+
+/* Replaces the table at the top of the stack by a read-only proxy of it whose unknown names are errors
+ * (l_strict_index; label names the table in them). */
+static void push_strict_proxy(lua_State *L, const char *label) {
+    wf_lua_push_proxy(L);
+    lua_getmetatable(L, -1);        /* proxy mt */
+    lua_getfield(L, -1, "__index"); /* proxy mt backing */
+    lua_pushstring(L, label);
+    lua_pushcclosure(L, l_strict_index, 2);
+    lua_setfield(L, -2, "__index"); /* proxy mt */
+    lua_pop(L, 1);
 }
 
 /* ---- handles ------------------------------------------------------------------------------------ */
@@ -1546,7 +1614,7 @@ static const luaL_Reg graph_methods[] = {{"agent", g_agent}, {"node", g_node}, {
                                          {"limit", g_limit}, {"output", g_output}, {"dataset", g_dataset}, {"score", g_score},
                                          {NULL, NULL}};
 
-static const luaL_Reg ctx_methods[] = {{"call", wf_ctx_call}, {"map", wf_ctx_map}, {"log", l_print}, {NULL, NULL}};
+static const luaL_Reg ctx_methods[] = {{"call", wf_ctx_call}, {"map", wf_ctx_map}, {"log", ctx_log}, {NULL, NULL}};
 
 /* Pushes a locked metatable (registered as `name`, or a plain one when name is NULL) with __tostring
  * and an __index that is a function or a table of methods (each optional). */
@@ -1613,6 +1681,10 @@ static int open_protected(lua_State *L) {
     new_locked_mt(L, WF_MT_MODEL, m_tostring, NULL, NULL);
     new_locked_mt(L, WF_MT_AGENT, a_tostring, a_index, NULL);
     new_locked_mt(L, WF_MT_GRAPH, g_tostring, NULL, graph_methods);
+    lua_getfield(L, -1, "__index"); /* a misspelled method: an error with the nearest name */
+    lua_pushliteral(L, "a graph");
+    lua_pushcclosure(L, l_strict_index, 2);
+    lua_setfield(L, -2, "__index");
     lua_pop(L, 3);
     /* ctx objects of func nodes: {run_id, seed, node, superstep} + methods */
     new_locked_mt(L, NULL, NULL, NULL, ctx_methods);
@@ -1631,11 +1703,11 @@ static int open_protected(lua_State *L) {
         lua_pushstring(L, reds[i]);
         lua_setfield(L, -2, reds[i]);
     }
-    wf_lua_push_proxy(L);
+    push_strict_proxy(L, "kvmesh.reduce");
     lua_setfield(L, -2, "reduce");
     add_host_fns(L, &getwf(L)->o);
     freeze_plain_tables(L);
-    wf_lua_push_proxy(L);
+    push_strict_proxy(L, "kvmesh");
     lua_setfield(L, G, "kvmesh");
     /* freeze the library tables */
     static const char *const frozen[] = {"string", "table", "math", "utf8", "coroutine", NULL};

@@ -38,6 +38,20 @@ g:edge('a', 'f')
 return g"
 check finalizer "finalizer.lua:5: setmetatable: __gc metamethods are not allowed" "${head}setmetatable({}, { __gc = function() end })
 return g"
+# misspelled names: an error at the line of the typo, with the nearest name (issue 18)
+check reducer "reducer.lua:1: kvmesh.reduce has no 'apend'; did you mean 'append'?" "local g = kvmesh.graph{ state = { notes = kvmesh.reduce.apend } }
+return g"
+check method "method.lua:5: a graph has no 'agnet'; did you mean 'agent'?" "${head}g:agnet('b', { model = m, template = 'x' })
+return g"
+check kvname "kvname.lua:1: kvmesh has no 'graf'; did you mean 'graph'?" "local g = kvmesh.graf{}
+return g"
+# ctx:log(...) logs its arguments, not the ctx table (issue 18)
+printf '%s' "${head}g:func('f', function(state, last, ctx) ctx:log('hello', 2); ctx.log('plain') end)
+g:edge('a', 'f')
+return g" > "$tmp/log.lua"
+"$kvmesh" run "$tmp/log.lua" --mock --no-trace --input input=x > "$tmp/out" 2>&1 || { echo "log: failed"; cat "$tmp/out"; exit 1; }
+{ grep -q "^\[run 0\] hello	2$" "$tmp/out" && grep -q "^\[run 0\] plain$" "$tmp/out" && ! grep -q "table: 0x" "$tmp/out"; } ||
+  { echo "log: ctx:log printed the wrong text"; cat "$tmp/out"; exit 1; }
 # a model folder without its tokenizer: refused by name at kvmesh.model, not run on hashed words (issue 18)
 mkdir -p "$tmp/notok"
 cp models/minillama-2m/config.json models/minillama-2m/model.safetensors "$tmp/notok/"
