@@ -317,7 +317,7 @@ static int edit_distance(const char *a, const char *b) {
     return row[nb];
 }
 
-/* __index of the kvmesh table, kvmesh.reduce and graph handles (upvalues: the backing table, a label such as
+/* __index of kvmesh.reduce and graph handles (upvalues: the backing table, a label such as
  * "kvmesh.reduce"): a name they lack is an error at the line that reads it, with the nearest name, instead of a
  * nil that fails later, far from the typo. */
 static int l_strict_index(lua_State *L) {
@@ -1707,7 +1707,7 @@ static int open_protected(lua_State *L) {
     lua_setfield(L, -2, "reduce");
     add_host_fns(L, &getwf(L)->o);
     freeze_plain_tables(L);
-    push_strict_proxy(L, "kvmesh");
+    wf_lua_push_proxy(L); /* not strict: `kvmesh.name == nil` tells whether a host function is registered */
     lua_setfield(L, G, "kvmesh");
     /* freeze the library tables */
     static const char *const frozen[] = {"string", "table", "math", "utf8", "coroutine", NULL};

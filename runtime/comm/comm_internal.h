@@ -75,6 +75,7 @@ struct kvm_template {
     kvm_seq_t seq;                    /* segment 0, exact, shared by reference */
     float *P[KVM_COMM_MAX_PH + 1];    /* text segments 1..n in F0, host fp32 */
     void *dev_P[KVM_COMM_MAX_PH + 1]; /* kvcomm_dev.c: device copies of P in the pool dtype, or NULL */
+    bool used;                        /* a request has shared seq (its first one was charged for computing it) */
 };
 
 /* One sample (placeholder name, content) seen in a request. */

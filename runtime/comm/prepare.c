@@ -379,8 +379,17 @@ int comm_prepare_run(kvm_comm_request_t *rq, const kvm_prompt_t *p, const comm_f
     bool dense = true;
     int rc = stage_bind(rq, p, pv, out);
     if (!rc) rc = stage_decide(rq, p, pv, out, &dense);
-    const int E = rc ? 0 : exact_prefix(c, t, out->prompt_ids, out->n_prompt, out->n_prompt - 1, &out->seq);
+    /* DENSE computes every row (the baseline that the other policies are measured against) */
+    const int E = rc || p->policy == KVM_KV_DENSE ? 0
+                                                 : exact_prefix(c, t, out->prompt_ids, out->n_prompt, out->n_prompt - 1, &out->seq);
     if (!rc && E < 0) rc = E;
+    /* the template's first use: its head rows were computed for this request (when the template compiled), so
+     * they count as computed, not reused */
+    int fresh = 0;
+    if (!rc && E > 0 && !t->used) {
+        fresh = E < t->seq.n_tokens ? E : t->seq.n_tokens;
+        ((kvm_template_t *)t)->used = true; /* a flag of the comm context's own object, which it mutates */
+    }
     if (!rc && dense) {
         r->mode = KVM_COMM_DENSE;
         for (int i = 0; i < t->n_ph; i++) {
@@ -389,10 +398,12 @@ int comm_prepare_run(kvm_comm_request_t *rq, const kvm_prompt_t *p, const comm_f
             r->ph[i].decision = pv->ph[i].decision;
         }
         out->n_cached = pv->n_exact = E;
-        r->exact_tokens = E;
-        r->recomputed_tokens = out->n_prompt - E;
+        r->exact_tokens = E - fresh;
+        r->recomputed_tokens = out->n_prompt - E + fresh;
     } else if (!rc) {
         rc = stage_assemble(rq, t, forced, pv, out, E);
+        r->exact_tokens -= fresh;
+        r->recomputed_tokens += fresh;
     }
     if (rc) {
         kvm_prepared_release(out);

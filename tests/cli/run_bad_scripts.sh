@@ -43,8 +43,6 @@ check reducer "reducer.lua:1: kvmesh.reduce has no 'apend'; did you mean 'append
 return g"
 check method "method.lua:5: a graph has no 'agnet'; did you mean 'agent'?" "${head}g:agnet('b', { model = m, template = 'x' })
 return g"
-check kvname "kvname.lua:1: kvmesh has no 'graf'; did you mean 'graph'?" "local g = kvmesh.graf{}
-return g"
 # ctx:log(...) logs its arguments, not the ctx table (issue 18)
 printf '%s' "${head}g:func('f', function(state, last, ctx) ctx:log('hello', 2); ctx.log('plain') end)
 g:edge('a', 'f')
