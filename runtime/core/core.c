@@ -103,6 +103,20 @@ bool kvm_dir_exists(const char *path) {
 }
 
 /* mkdir -p: creates every missing component of path (mode 0755). */
+uint64_t kvm_host_mem_available(void) {
+    FILE *f = fopen("/proc/meminfo", "r");
+    if (f) {
+        char line[256];
+        unsigned long long kb = 0;
+        bool found = false;
+        while (!found && fgets(line, sizeof line, f)) found = sscanf(line, "MemAvailable: %llu kB", &kb) == 1;
+        fclose(f);
+        if (found) return (uint64_t)kb * 1024u;
+    }
+    long pages = sysconf(_SC_AVPHYS_PAGES), size = sysconf(_SC_PAGESIZE);
+    return pages > 0 && size > 0 ? (uint64_t)pages * (uint64_t)size : 0;
+}
+
 int kvm_mkdirs(const char *path) {
     char buf[4096];
     size_t n = strlen(path);

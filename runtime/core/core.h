@@ -29,6 +29,9 @@ bool kvm_dir_exists(const char *path);
 int kvm_path_join(char *buf, size_t cap, const char *dir, const char *name);
 /* mkdir -p: creates every missing component of path (mode 0755); KVM_EIO naming the component that failed. */
 int kvm_mkdirs(const char *path);
+/* Host memory the kernel reports as available to a new allocation without swapping (MemAvailable of
+ * /proc/meminfo, else free pages), in bytes; 0 when unknown. */
+uint64_t kvm_host_mem_available(void);
 
 /* ---- counted allocation --------------------------------------------------------------------- */
 

@@ -176,8 +176,17 @@ kvm_model_t *kvm_model_synthetic(const char *name, const kvm_load_opts_t *opts) 
         if (on_dev) {
             buf = m->ops->alloc(off);
         } else {
-            buf = kvm_malloc(off);
-            if (!buf) kvm_seterr(KVM_ENOMEM, "%s: cannot allocate %zu bytes of host memory for the weights", m->name, off);
+            /* the available memory is checked first: filling an overcommitted buffer would end in the OOM killer */
+            const uint64_t avail = kvm_host_mem_available();
+            const bool short_mem = avail && off > avail / 10 * 9;
+            buf = short_mem ? NULL : kvm_malloc(off);
+            char why[64];
+            snprintf(why, sizeof why, short_mem ? "only %.1f GB is available" : "allocating it failed", (double)avail / 1e9);
+            if (!buf)
+                kvm_seterr(KVM_ENOMEM,
+                           "%s needs %.1f GB of host memory for its weights on the %s backend and %s: "
+                           "use a GPU (backend cuda) or a smaller synthetic model (tiny-*, qwen2.5-0.5b, qwen3-0.6b)",
+                           m->name, (double)off / 1e9, m->ops->name, why);
             m->owned = buf;
         }
         if (!buf) rc = kvm_errcode() ? kvm_errcode() : KVM_ENOMEM;

@@ -10,6 +10,14 @@ out=$("$kvmesh" generate 2>&1); [ $? -eq 2 ] || fail "generate without args shou
 echo "$out" | grep -q "required" || fail "missing-args message: $out"
 out=$("$kvmesh" generate --model /nonexistent/model --prompt hi 2>&1); [ $? -eq 1 ] || fail "bad model path should exit 1"
 echo "$out" | grep -q "/nonexistent/model" || fail "error should name the path: $out"
+# a synthetic model too large for the host's memory: a message with what to do, not the OOM killer (issue 18);
+# the address-space limit stands in for a small machine (not under ASan, whose shadow memory needs the space)
+if [ -z "${KVM_SANITIZED:-}" ]; then
+  out=$(ulimit -v 4000000; "$kvmesh" generate --model synthetic:llama-3.1-8b --backend cpu --prompt hi --max-tokens 1 2>&1)
+  [ $? -eq 1 ] || fail "an 8B synthetic model under a 4 GB limit should exit 1: $out"
+  echo "$out" | grep -q "needs 16.1 GB of host memory.*use a GPU (backend cuda) or a smaller synthetic model" ||
+    fail "memory message: $out"
+fi
 # --max-tokens 0 is a usage error (it never means a default)
 out=$("$kvmesh" generate --model mock:echo --prompt hi --max-tokens 0 2>&1); [ $? -eq 2 ] || fail "--max-tokens 0 should exit 2"
 echo "$out" | grep -q -- "--max-tokens must be a whole number of at least 1" || fail "--max-tokens 0 message: $out"
