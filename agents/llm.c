@@ -4,6 +4,7 @@
 #include <ctype.h>
 #include <stdio.h>
 #include <string.h>
+#include <time.h>
 
 #include "../runtime/comm/prompt.h"
 #include "../runtime/model/mock_model.h"
@@ -39,6 +40,10 @@ typedef struct job {
     int n_rq_strs;
     bool done;
     bool canceled;           /* its run ended: stop at the next token (wf_llm_cancel_run) */
+    uint64_t deadline;       /* req.timeout_ms after submit or retry (0: none); checked at every token */
+    bool timed_out;          /* stopped at its deadline */
+    int attempts;            /* calls made so far (1 + retries) */
+    uint64_t not_before;     /* a retry waits for its backoff until then */
     struct wf_llm *l;        /* the engine, for the token hook */
     struct job *next;
 } job_t;
@@ -458,6 +463,10 @@ static int words_to_ids(const kvm_model_t *mm, const char *system, const wf_piec
 static int job_token(void *ud, int32_t id, const char *text, size_t len) {
     job_t *j = ud;
     if (j->canceled) return 1;
+    if (j->deadline && kvm_now_ns() > j->deadline) {
+        j->timed_out = true;
+        return 1;
+    }
     const wf_llm_opts_t *o = &j->l->o;
     return o->on_token ? o->on_token(o->on_token_ud, j->res.tag, j->req.run_id, j->req.agent, id, text, len) : 0;
 }
@@ -753,7 +762,15 @@ static void expire_deferred(wf_llm_t *l, int mi) {
     const kvm_kv_pool_t *p = kvm_comm_pool(m->comm);
     uint64_t now = kvm_now_ns();
     for (job_t *j = l->jobs; j; j = j->next) {
-        if (j->model != mi || !j->deferred) continue;
+        if (j->model != mi || !j->deferred || j->not_before > now) continue;
+        if (j->deadline && now > j->deadline) {
+            char msg[300];
+            snprintf(msg, sizeof msg, "timed out: its timeout_ms of %.0f ms passed while it waited for KV memory",
+                     j->req.timeout_ms);
+            j->res.attempts = j->attempts;
+            fail_job(j, KVM_ETIMEDOUT, msg);
+            continue;
+        }
         uint64_t since = j->wait_since > m->last_done ? j->wait_since : m->last_done;
         if ((double)(now - since) / 1e6 <= kv_wait_ms(l)) continue;
         char msg[400];
@@ -771,9 +788,11 @@ static void expire_deferred(wf_llm_t *l, int mi) {
 static void retry_deferred(wf_llm_t *l, int mi) {
     lmodel_t *m = &l->models[mi];
     for (;;) {
+        const uint64_t now = kvm_now_ns();
         job_t *old = NULL;
         for (job_t *j = l->jobs; j; j = j->next)
-            if (j->model == mi && j->deferred && !j->done && (!old || j->t_submit < old->t_submit)) old = j;
+            if (j->model == mi && j->deferred && !j->done && j->not_before <= now && (!old || j->t_submit < old->t_submit))
+                old = j;
         /* the scheduler's queue waits for KV: the idle templates' pinned prefixes go first */
         if (!old || (kvm_sched_admit(m->sched) && (evict_idle_templates(m) == 0 || kvm_sched_admit(m->sched)))) return;
         int rc = prepare_job(m, old);
@@ -798,6 +817,8 @@ int wf_llm_submit(wf_llm_t *l, const wf_llm_req_t *r) {
     j->l = l;
     j->res.tag = r->tag;
     j->t_submit = kvm_now_ns();
+    j->attempts = 1;
+    if (r->timeout_ms > 0) j->deadline = j->t_submit + (uint64_t)(r->timeout_ms * 1e6);
     lmodel_t *m = &l->models[r->model];
     int rc = req_copy(j, r); /* kept: the step may have to be prepared again later */
     /* admission control: behind steps that already wait for KV, this one waits too (nothing overtakes) */
@@ -823,6 +844,49 @@ int wf_llm_submit(wf_llm_t *l, const wf_llm_req_t *r) {
 
 /* Moves the scheduler's completions of model mi into their jobs; returns how many finished. A step
  * the KV budget could not hold beside the others is deferred instead (prepared again later). */
+/* Whether status is one the request retries on. */
+static bool retry_matches(const wf_llm_req_t *r, int status) {
+    unsigned kind = status == KVM_ETIMEDOUT ? WF_RETRY_TIMEOUT : status == KVM_ENOMEM ? WF_RETRY_KV : WF_RETRY_ERROR;
+    return (r->retry_on & kind) != 0;
+}
+
+/* A failed call with retries left: its KV goes back, and it waits for its backoff, then for KV, as a deferred
+ * step (retry_deferred prepares it again). Returns whether it was retried. */
+static bool retry_job(lmodel_t *m, job_t *j, const kvm_sched_done_t *d) {
+    if (j->canceled || j->attempts > j->req.retry_max || !retry_matches(&j->req, d->status)) return false;
+    job_release_prep(m, j);
+    cJSON_Delete(j->res.kv_detail);
+    j->res.kv_detail = NULL;
+    kvm_free(j->run_id);
+    kvm_free(j->agent);
+    j->run_id = j->agent = NULL;
+    const double backoff = j->req.retry_backoff_ms * (double)(1u << (j->attempts - 1 < 20 ? j->attempts - 1 : 20));
+    KVM_LOGI("agent '%s': attempt %d failed (%s); retrying in %.0f ms", j->req.agent ? j->req.agent : "?", j->attempts,
+             d->error[0] ? d->error : kvm_strerror(d->status), backoff);
+    j->attempts++;
+    j->timed_out = false;
+    j->not_before = kvm_now_ns() + (uint64_t)(backoff * 1e6);
+    j->deadline = j->req.timeout_ms > 0 ? j->not_before + (uint64_t)(j->req.timeout_ms * 1e6) : 0;
+    j->wait_since = j->not_before; /* the KV wait counts from the end of the backoff */
+    defer_job(j);
+    return true;
+}
+
+/* The message of a failed call (owned): the scheduler's, or the timeout's, with the attempts it took. */
+static char *job_error(const job_t *j, const kvm_sched_done_t *d) {
+    char msg[512];
+    if (j->timed_out)
+        snprintf(msg, sizeof msg, "timed out: its timeout_ms of %.0f ms passed after %d output tokens", j->req.timeout_ms,
+                 d->n_ids);
+    else
+        snprintf(msg, sizeof msg, "%s", d->error[0] ? d->error : kvm_strerror(d->status));
+    if (j->attempts > 1) {
+        size_t n = strlen(msg);
+        snprintf(msg + n, sizeof msg - n, " (attempt %d of %d)", j->attempts, j->req.retry_max + 1);
+    }
+    return kvm_strdup(msg);
+}
+
 static int collect(wf_llm_t *l, int mi) {
     lmodel_t *m = &l->models[mi];
     int finished = 0;
@@ -840,11 +904,17 @@ static int collect(wf_llm_t *l, int mi) {
             kvm_sched_done_clear(&d);
             continue;
         }
-        j->done = true;
+        if (j->timed_out && !d.status) d.status = KVM_ETIMEDOUT; /* its truncated output is not completed */
         m->last_done = kvm_now_ns();
+        if (d.status && retry_job(m, j, &d)) {
+            kvm_sched_done_clear(&d);
+            continue;
+        }
+        j->done = true;
         model_complete(m, j, &d); /* before the text moves into the result */
         j->res.status = d.status;
-        if (d.status) j->res.error = kvm_strdup(d.error);
+        j->res.attempts = j->attempts;
+        if (d.status) j->res.error = job_error(j, &d);
         j->res.text = d.text;
         d.text = NULL;
         j->res.n_out = d.n_ids;
@@ -860,6 +930,21 @@ static int collect(wf_llm_t *l, int mi) {
         finished++;
     }
     return finished;
+}
+
+/* When nothing runs and every waiting step is in its retry backoff, sleeps until the first backoff ends (at most
+ * 1 ms at a time), so that the runtime's loop does not spin. */
+static void nap_if_only_backoffs(const wf_llm_t *l) {
+    uint64_t now = kvm_now_ns(), first = UINT64_MAX;
+    for (const job_t *j = l->jobs; j; j = j->next) {
+        if (j->done) continue;
+        if (!j->deferred || j->not_before <= now) return; /* something can run */
+        if (j->not_before < first) first = j->not_before;
+    }
+    if (first == UINT64_MAX) return;
+    uint64_t ns = first - now < 1000000u ? first - now : 1000000u;
+    struct timespec ts = {0, (long)ns};
+    nanosleep(&ts, NULL);
 }
 
 int wf_llm_step(wf_llm_t *l) {
@@ -878,6 +963,7 @@ int wf_llm_step(wf_llm_t *l) {
         }
         total += n;
     }
+    if (total == 0) nap_if_only_backoffs(l);
     return total;
 }
 
@@ -960,6 +1046,12 @@ cJSON *wf_llm_stats_json(const wf_llm_t *l) {
         cJSON_AddStringToObject(m, "engine", info.t.engine);
         if (info.t.describe) cJSON_AddStringToObject(m, "describe", info.t.describe);
         if (info.t.kvcomm) cJSON_AddStringToObject(m, "kvcomm", info.t.kvcomm);
+        if (l->models[i].comm) { /* the KV pool's blocks: a finished or failed step has given its own back */
+            const kvm_kv_pool_t *p = kvm_comm_pool(l->models[i].comm);
+            cJSON_AddNumberToObject(m, "kv_blocks", p->n_blocks);
+            cJSON_AddNumberToObject(m, "kv_blocks_free", p->n_free);
+            cJSON_AddNumberToObject(m, "steps_running", kvm_sched_pending(l->models[i].sched));
+        }
         cJSON *cs = l->models[i].comm ? comm_stats_json(l->models[i].comm) : NULL;
         if (cs && !cJSON_AddItemToObject(m, "kvcomm_stats", cs)) cJSON_Delete(cs);
         cJSON_AddItemToArray(ms, m);

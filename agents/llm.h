@@ -42,7 +42,15 @@ typedef struct wf_llm_req {
     kvm_kv_policy_t kv;
     bool ignore_eos;             /* generate exactly max_tokens unless a stop string hits */
     uint64_t tag;                /* returned in the result */
+    double timeout_ms;           /* > 0: the call fails with KVM_ETIMEDOUT once this long has passed since it was
+                                    submitted (or retried), checked at every generated token; its KV goes back at once */
+    int retry_max;               /* attempts after the first when the call fails with a status in retry_on */
+    double retry_backoff_ms;     /* wait before retry k (1-based): retry_backoff_ms * 2^(k-1) */
+    unsigned retry_on;           /* WF_RETRY_* bits */
 } wf_llm_req_t;
+
+/* The failures a call can be retried on (wf_llm_req_t.retry_on). */
+enum { WF_RETRY_TIMEOUT = 1u, WF_RETRY_KV = 2u, WF_RETRY_ERROR = 4u };
 
 typedef struct wf_llm_kv {
     int exact, offset, naive, recomputed, fused; /* partition of the prompt tokens (kvcomm.md §6) */
@@ -65,6 +73,7 @@ typedef struct wf_llm_result {
     double queue_ms, ttft_ms, decode_ms;
     int n_forward, batch_max_seqs, batch_max_rows;
     double batch_mean_seqs;
+    int attempts;                /* 1 + the retries it took */
 } wf_llm_result_t;
 
 typedef struct wf_llm wf_llm_t;

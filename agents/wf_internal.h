@@ -68,6 +68,10 @@ typedef struct wf_agent {
     long budget_tokens;    /* per run, prompt + output over all calls (0 = none) */
     bool ignore_eos;       /* generate exactly max_tokens (benchmarks) */
     kvm_kv_policy_t kv;
+    double timeout_ms;     /* per call, enforced at every generated token (0 = none) */
+    int retry_max;         /* retries of a failed call (retry = { max, backoff_ms, on }) */
+    double retry_backoff_ms;
+    unsigned retry_on;     /* WF_RETRY_* (llm.h) */
     char *where;           /* "file:line" of the definition */
 } wf_agent_t;
 

@@ -775,7 +775,7 @@ static int l_model(lua_State *L) {
 
 static const char *const agent_fields[] = {"name", "model", "role", "system", "template", "prompt", "max_tokens",
                                            "temperature", "top_k", "top_p", "repetition_penalty", "seed", "stop",
-                                           "budget", "kv", "writes", "ignore_eos", NULL};
+                                           "budget", "kv", "writes", "ignore_eos", "timeout_ms", "retry", NULL};
 
 static void check_fields(lua_State *L, int t, const char *what, const char *const *allowed) {
     lua_pushnil(L);
@@ -824,6 +824,47 @@ static lua_Number num_in(lua_State *L, int t, const char *k, lua_Number def, lua
     return v;
 }
 
+typedef struct wf_retry {
+    int max;
+    double backoff_ms;
+    unsigned on;
+} wf_retry_t;
+
+/* The agent field `retry = { max = N, backoff_ms = M, on = {"timeout", "kv", "error"} }` (absent: no retries;
+ * backoff 100 ms; on timeout and kv). */
+static void parse_retry(lua_State *L, int t, const char *aw, wf_retry_t *out) {
+    *out = (wf_retry_t){.max = 0, .backoff_ms = 100, .on = WF_RETRY_TIMEOUT | WF_RETRY_KV};
+    raw_field(L, t, "retry");
+    int r = lua_gettop(L);
+    if (lua_isnil(L, r)) {
+        lua_pop(L, 1);
+        return;
+    }
+    if (!lua_istable(L, r)) luaL_error(L, "%s: retry must be a table { max = N, backoff_ms = M, on = {...} }", aw);
+    char what[340];
+    snprintf(what, sizeof what, "%s: retry", aw);
+    static const char *const fields[] = {"max", "backoff_ms", "on", NULL};
+    check_fields(L, r, what, fields);
+    out->max = (int)num_in(L, r, "max", 1, 0, 10, what);
+    out->backoff_ms = num_in(L, r, "backoff_ms", 100, 0, 60000, what);
+    raw_field(L, r, "on");
+    if (!lua_isnil(L, -1)) {
+        if (!lua_istable(L, -1)) luaL_error(L, "%s.on must be a list of \"timeout\", \"kv\", \"error\"", what);
+        out->on = 0;
+        int n = (int)lua_rawlen(L, -1);
+        for (int i = 1; i <= n; i++) {
+            lua_rawgeti(L, -1, i);
+            const char *k = lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1) : "";
+            unsigned bit = !strcmp(k, "timeout") ? WF_RETRY_TIMEOUT : !strcmp(k, "kv") ? WF_RETRY_KV
+                           : !strcmp(k, "error") ? WF_RETRY_ERROR : 0;
+            if (!bit) luaL_error(L, "%s.on[%d]: \"timeout\", \"kv\" or \"error\" (got %s)", what, i, luaL_typename(L, -1));
+            out->on |= bit;
+            lua_pop(L, 1);
+        }
+    }
+    lua_pop(L, 2);
+}
+
 static const char *opt_str_field(lua_State *L, int t, const char *k, const char *what) {
     raw_field(L, t, k);
     if (lua_isnil(L, -1)) {
@@ -868,6 +909,9 @@ static int make_agent(lua_State *L, int t, const char *name_arg) {
     sp.repetition_penalty = (float)num_in(L, t, "repetition_penalty", 1, 1e-6, 1e4, aw);
     sp.seed = (uint64_t)num_in(L, t, "seed", 0, 0, 18446744073709549568.0, aw); /* the largest double below 2^64 */
     lua_Number budget = num_in(L, t, "budget", 0, 0, 1e15, aw);
+    const double timeout_ms = num_in(L, t, "timeout_ms", 0, 0, 1e9, aw);
+    wf_retry_t retry;
+    parse_retry(L, t, aw, &retry);
     raw_field(L, t, "ignore_eos");
     bool ignore_eos = lua_toboolean(L, -1);
     lua_pop(L, 1);
@@ -918,6 +962,10 @@ static int make_agent(lua_State *L, int t, const char *name_arg) {
     a->budget_tokens = (long)budget;
     a->ignore_eos = ignore_eos;
     a->kv = (kvm_kv_policy_t)kv;
+    a->timeout_ms = timeout_ms;
+    a->retry_max = retry.max;
+    a->retry_backoff_ms = retry.backoff_ms;
+    a->retry_on = retry.on;
     a->where = w;
     if (n_stop > 0) {
         a->stop = kvm_calloc((size_t)n_stop, sizeof *a->stop);

@@ -492,7 +492,8 @@ static int submit_agent(kvm_workflow_t *wf, wf_run_t *r, int ai, lua_State *VL, 
         wf_llm_req_t req = {.model = wf->models[a->model].llm, .agent = a->name, .run_id = r->id, .system = a->role,
                             .pieces = pieces, .n_pieces = s->n, .sampling = a->sampling, .max_tokens = a->max_tokens,
                             .stop = (const char *const *)a->stop, .n_stop = a->n_stop, .kv = wf_agent_kv(wf, a),
-                            .ignore_eos = a->ignore_eos, .tag = tag};
+                            .ignore_eos = a->ignore_eos, .tag = tag, .timeout_ms = a->timeout_ms,
+                            .retry_max = a->retry_max, .retry_backoff_ms = a->retry_backoff_ms, .retry_on = a->retry_on};
         if (req.sampling.seed == 0) req.sampling.seed = r->seed * 1000003u + (uint64_t)r->step_idx + 1;
         rc = wf_llm_submit(wf->llm, &req);
         if (rc) rc = kvm_errctx(rc, "%s: agent '%s'", a->where, a->name);

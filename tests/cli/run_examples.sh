@@ -27,4 +27,8 @@ for r in "$tmp"/t/*/; do
   "$kvmesh" trace replay "$r" > "$tmp/replay" 2>&1 || { cat "$tmp/replay"; exit 1; }
   grep -q " 0 different" "$tmp/replay" || { cat "$tmp/replay"; exit 1; }
 done
+# timeout + retry on the bundled model: three attempts time out, the on_error edge runs the fallback (issue 18)
+"$kvmesh" run examples/deadline.lua --input input="a cat" --no-trace > "$tmp/out" 2>&1 || { cat "$tmp/out"; exit 1; }
+grep -q "note: .*timed out: its timeout_ms of 30 ms passed after .* output tokens (attempt 3 of 3)" "$tmp/out" &&
+  grep -q "\[step 3\] fallback" "$tmp/out" || { echo "deadline.lua:"; cat "$tmp/out"; exit 1; }
 echo "examples ok"
