@@ -42,6 +42,7 @@ typedef struct job {
     bool canceled;           /* its run ended: stop at the next token (wf_llm_cancel_run) */
     uint64_t deadline;       /* req.timeout_ms after submit or retry (0: none); checked at every token */
     bool timed_out;          /* stopped at its deadline */
+    bool over_budget;        /* stopped at the run's wall-time budget (req.run_deadline_ns) */
     int attempts;            /* calls made so far (1 + retries) */
     uint64_t not_before;     /* a retry waits for its backoff until then */
     struct wf_llm *l;        /* the engine, for the token hook */
@@ -463,9 +464,11 @@ static int words_to_ids(const kvm_model_t *mm, const char *system, const wf_piec
 static int job_token(void *ud, int32_t id, const char *text, size_t len) {
     job_t *j = ud;
     if (j->canceled) return 1;
-    if (j->deadline && kvm_now_ns() > j->deadline) {
-        j->timed_out = true;
-        return 1;
+    if (j->deadline || j->req.run_deadline_ns) {
+        const uint64_t now = kvm_now_ns();
+        j->over_budget = j->req.run_deadline_ns && now > j->req.run_deadline_ns;
+        j->timed_out = !j->over_budget && j->deadline && now > j->deadline;
+        if (j->over_budget || j->timed_out) return 1;
     }
     const wf_llm_opts_t *o = &j->l->o;
     return o->on_token ? o->on_token(o->on_token_ud, j->res.tag, j->req.run_id, j->req.agent, id, text, len) : 0;
@@ -875,7 +878,9 @@ static bool retry_job(lmodel_t *m, job_t *j, const kvm_sched_done_t *d) {
 /* The message of a failed call (owned): the scheduler's, or the timeout's, with the attempts it took. */
 static char *job_error(const job_t *j, const kvm_sched_done_t *d) {
     char msg[512];
-    if (j->timed_out)
+    if (j->over_budget)
+        snprintf(msg, sizeof msg, "the run's wall-time budget ended during generation, after %d output tokens", d->n_ids);
+    else if (j->timed_out)
         snprintf(msg, sizeof msg, "timed out: its timeout_ms of %.0f ms passed after %d output tokens", j->req.timeout_ms,
                  d->n_ids);
     else
@@ -904,7 +909,9 @@ static int collect(wf_llm_t *l, int mi) {
             kvm_sched_done_clear(&d);
             continue;
         }
-        if (j->timed_out && !d.status) d.status = KVM_ETIMEDOUT; /* its truncated output is not completed */
+        /* a truncated output is not completed */
+        if (j->over_budget && !d.status) d.status = KVM_EBUDGET;
+        if (j->timed_out && !d.status) d.status = KVM_ETIMEDOUT;
         m->last_done = kvm_now_ns();
         if (d.status && retry_job(m, j, &d)) {
             kvm_sched_done_clear(&d);

@@ -44,6 +44,8 @@ typedef struct wf_llm_req {
     uint64_t tag;                /* returned in the result */
     double timeout_ms;           /* > 0: the call fails with KVM_ETIMEDOUT once this long has passed since it was
                                     submitted (or retried), checked at every generated token; its KV goes back at once */
+    uint64_t run_deadline_ns;    /* > 0: the run's wall-time budget ends then (kvm_now_ns clock): the call stops at the
+                                    next token and fails with KVM_EBUDGET */
     int retry_max;               /* attempts after the first when the call fails with a status in retry_on */
     double retry_backoff_ms;     /* wait before retry k (1-based): retry_backoff_ms * 2^(k-1) */
     unsigned retry_on;           /* WF_RETRY_* bits */

@@ -494,6 +494,8 @@ static int submit_agent(kvm_workflow_t *wf, wf_run_t *r, int ai, lua_State *VL, 
                             .stop = (const char *const *)a->stop, .n_stop = a->n_stop, .kv = wf_agent_kv(wf, a),
                             .ignore_eos = a->ignore_eos, .tag = tag, .timeout_ms = a->timeout_ms,
                             .retry_max = a->retry_max, .retry_backoff_ms = a->retry_backoff_ms, .retry_on = a->retry_on};
+        if (wf->g->lim_wall_ms > 0) /* the run's wall-time budget also stops a generation under way */
+            req.run_deadline_ns = r->t0_mono + (uint64_t)wf->g->lim_wall_ms * 1000000u;
         if (req.sampling.seed == 0) req.sampling.seed = r->seed * 1000003u + (uint64_t)r->step_idx + 1;
         rc = wf_llm_submit(wf->llm, &req);
         if (rc) rc = kvm_errctx(rc, "%s: agent '%s'", a->where, a->name);
