@@ -41,6 +41,7 @@ static void usage(FILE *f) {
             "  --state DIR           keep what the runtime learns (KVCOMM anchors) in DIR across runs: loaded at\n"
             "                        start, saved at the end, so repeated runs build up reuse (docs/state.md)\n"
             "  --json                print outputs (and the batch summary) as JSON on stdout\n"
+            "  --stream              print each agent's tokens on stdout as they come (\"agent> ...\"), one run\n"
             "  -q, --quiet           no live progress\n"
             "  -h, --help            this help\n\n"
             "example:\n"
@@ -50,7 +51,7 @@ static void usage(FILE *f) {
 }
 
 typedef struct progress {
-    bool quiet, batch;
+    bool quiet, batch, stream; /* stream: agents' tokens go to stdout as they come (--stream) */
     int n_total;
     int done_steps;
 } progress_t;
@@ -71,6 +72,7 @@ static void on_step(void *ud, const kvm_step_event_t *s) {
         fprintf(stderr, "  [step %d] %-14s (%s) ok\n", s->superstep, s->node, s->op);
         return;
     }
+    if (p->stream) return; /* the stream showed the text and ends its line with the figures (on_stream) */
     char preview[61];
     size_t n = 0;
     for (const char *c = s->text ? s->text : ""; *c && n < 60; c++) preview[n++] = (*c == '\n' || *c == '\r') ? ' ' : *c;
@@ -79,6 +81,43 @@ static void on_step(void *ud, const kvm_step_event_t *s) {
     fprintf(stderr, "  [step %d] %-14s %4d tok in (%d reused) -> %3d out  ttft %7.1f ms  %6.1f tok/s  | %s%s\n", s->superstep,
             s->node, s->tokens_in, s->tokens_reused, s->tokens_out, s->ttft_ms, tps, preview,
             s->text && strlen(s->text) > 60 ? "..." : "");
+}
+
+/* --stream: each agent's tokens on stdout as they come, behind "agent> " whenever the speaker changes; a step's
+ * end closes its line, with its figures on stderr. */
+typedef struct streamer {
+    char agent[128]; /* who spoke last ("" at the start of a line) */
+    bool mid_line;
+} streamer_t;
+
+static void stream_break(streamer_t *s) {
+    if (s->mid_line) fputc('\n', stdout);
+    fflush(stdout);
+    s->mid_line = false;
+    s->agent[0] = '\0';
+}
+
+static void on_stream(void *ud, const kvm_run_event_t *e) {
+    streamer_t *s = ud;
+    if (e->kind == KVM_RUN_TOKEN) {
+        const char *who = e->agent ? e->agent : "?";
+        if (strcmp(s->agent, who)) {
+            stream_break(s);
+            printf("%s> ", who);
+            snprintf(s->agent, sizeof s->agent, "%s", who);
+        }
+        fwrite(e->text, 1, e->len, stdout);
+        fflush(stdout);
+        s->mid_line = e->len == 0 || e->text[e->len - 1] != '\n';
+        if (!s->mid_line) s->agent[0] = '\0';
+    } else if (e->kind == KVM_RUN_STEP && e->step && e->step->agent) {
+        stream_break(s);
+        const kvm_step_event_t *st = e->step;
+        fprintf(stderr, "  [%s: %d tok in (%d reused) -> %d out, ttft %.1f ms]\n", st->node, st->tokens_in, st->tokens_reused,
+                st->tokens_out, st->ttft_ms);
+    } else if (e->kind == KVM_RUN_END) {
+        stream_break(s);
+    }
 }
 
 static void print_agent_table(const kvm_workflow_t *wf, FILE *f) {
@@ -194,6 +233,7 @@ static int parse_args(int argc, char **argv, run_args_t *a) {
         else if (!strcmp(arg, "--instructions")) a->rp.run_instructions = (uint64_t)strtod(v, NULL);
         else if (!strcmp(arg, "--lua-ms")) a->rp.run_lua_ms = strtod(v, NULL);
         else if (!strcmp(arg, "--json")) a->json = true;
+        else if (!strcmp(arg, "--stream")) a->prog.stream = true;
         else if (!strcmp(arg, "-q") || !strcmp(arg, "--quiet")) a->prog.quiet = true;
         else if (arg[0] == '-') {
             fprintf(stderr, "kvmesh run: unknown option '%s' (kvmesh run --help)\n", arg);
@@ -238,6 +278,7 @@ static int finish_opts(run_args_t *a) {
     a->rp.kvcomm = a->kvcomm_set;
     a->rp.n_kvcomm = a->n_kvcomm;
     a->prog.batch = a->n > 0;
+
     a->prog.n_total = (int)a->n;
     a->rp.quiet = a->prog.quiet;
     if (a->prog.batch) {
@@ -291,6 +332,11 @@ static int run_single(kvm_runtime_t *rt, kvm_workflow_t *wf, run_args_t *a, doub
     kvm_run_params_t p = kvm_run_default_params();
     p.inputs_json = in;
     p.seed = a->seed;
+    streamer_t streamer = {0};
+    if (a->prog.stream) {
+        p.on_event = on_stream;
+        p.event_ud = &streamer;
+    }
     kvm_run_t *run = in ? kvm_run_start(wf, &p) : NULL;
     cJSON_free(in);
     if (!run || kvm_workflow_drive(wf) != 0) {
@@ -432,6 +478,11 @@ static int run_batch(kvm_runtime_t *rt, kvm_workflow_t *wf, run_args_t *a, doubl
 int cmd_run(int argc, char **argv) {
     run_args_t a = {.concurrency = 32, .seed = 1, .rp = kvm_runtime_default_params(), .inputs = cJSON_CreateObject()};
     int rc = parse_args(argc, argv, &a);
+    if (rc < 0 && a.prog.stream && (a.n > 0 || a.json)) {
+        fprintf(stderr, "kvmesh run: --stream shows one run as text: not with --n or --json (a program follows many "
+                        "runs' tokens through the daemon's event stream, docs/protocol.md)\n");
+        rc = 2;
+    }
     if (rc < 0 && finish_opts(&a) != 0) {
         fprintf(stderr, "kvmesh run: %s\n", kvm_errmsg());
         rc = 2;

@@ -31,4 +31,11 @@ done
 "$kvmesh" run examples/deadline.lua --input input="a cat" --no-trace > "$tmp/out" 2>&1 || { cat "$tmp/out"; exit 1; }
 grep -q "note: .*timed out: its timeout_ms of 30 ms passed after .* output tokens (attempt 3 of 3)" "$tmp/out" &&
   grep -q "\[step 3\] fallback" "$tmp/out" || { echo "deadline.lua:"; cat "$tmp/out"; exit 1; }
+# --stream: each agent's tokens on stdout as they come, behind its name; one run only (issue 18)
+"$kvmesh" run examples/pipeline.lua --stream --no-trace --input name=Mark --input corpus="Mark: 9442" > "$tmp/so" 2> "$tmp/se" ||
+  { cat "$tmp/so" "$tmp/se"; exit 1; }
+grep -q "^extractor> 9442$" "$tmp/so" && grep -q "^answerer> " "$tmp/so" && grep -q "\[extractor: .* tok in" "$tmp/se" ||
+  { echo "--stream output:"; cat "$tmp/so" "$tmp/se"; exit 1; }
+"$kvmesh" run examples/team.lua --mock --stream --n 2 > "$tmp/out" 2>&1 && { echo "--stream --n accepted"; exit 1; }
+grep -q "stream shows one run" "$tmp/out" || { cat "$tmp/out"; exit 1; }
 echo "examples ok"
