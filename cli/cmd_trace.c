@@ -4,6 +4,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include <kvmesh.h>
 
@@ -11,7 +12,12 @@
 #include "lab/lab.h"
 
 static void usage(FILE *f) {
-    fprintf(f, "usage: kvmesh trace ls DIR...              list the runs under trace directories\n"
+    fprintf(f, "usage: kvmesh trace ls DIR... [--workflow W] [--status ok|error] [--agent A] [--since T] [--until T]\n"
+               "                                           list the runs under trace directories: those whose workflow\n"
+               "                                           path or graph contains W, that ended ok / failed, in which agent\n"
+               "                                           A made a step, started in [since, until) (T: YYYY-MM-DD or\n"
+               "                                           YYYY-MM-DDTHH:MM[:SS], UTC)\n"
+               "       kvmesh trace search TEXT DIR...     every record of every run that contains TEXT (any case)\n"
                "       kvmesh trace show RUN_DIR...        a run: header, steps (who, tokens, reuse, timings), edges, result\n"
                "       kvmesh trace steps RUN_DIR [--step N] [--full]\n"
                "                                           what each agent saw (pieces, placeholders) and said, and its KV\n"
@@ -79,6 +85,75 @@ static dir_args_t parse_dir_args(int argc, char **argv) {
     return a;
 }
 
+/* "YYYY-MM-DD[THH:MM[:SS]]" (UTC) as ns since 1970; false when malformed. */
+static bool parse_when(const char *s, uint64_t *ns) {
+    struct tm tmv = {0};
+    int y, mo, d, h = 0, mi = 0, sec = 0, used = 0;
+    int n = sscanf(s, "%4d-%2d-%2d%n", &y, &mo, &d, &used);
+    if (n != 3) return false;
+    if (s[used] == 'T' || s[used] == ' ') {
+        int used2 = 0;
+        if (sscanf(s + used + 1, "%2d:%2d%n", &h, &mi, &used2) != 2) return false;
+        used += 1 + used2;
+        if (s[used] == ':') {
+            int used3 = 0;
+            if (sscanf(s + used + 1, "%2d%n", &sec, &used3) != 1) return false;
+            used += 1 + used3;
+        }
+    }
+    if (s[used] || mo < 1 || mo > 12 || d < 1 || d > 31 || h > 23 || mi > 59 || sec > 60) return false;
+    tmv.tm_year = y - 1900, tmv.tm_mon = mo - 1, tmv.tm_mday = d, tmv.tm_hour = h, tmv.tm_min = mi, tmv.tm_sec = sec;
+    time_t t = timegm(&tmv);
+    if (t < 0) return false;
+    *ns = (uint64_t)t * 1000000000ULL;
+    return true;
+}
+
+/* `trace ls DIR... [filters]`: 0, 1 (a directory unreadable) or 2 (usage). */
+static int trace_ls(int argc, char **argv) {
+    kvm_trace_filter_t f = {0};
+    const char *dirs[64];
+    int n_dirs = 0;
+    for (int i = 2; i < argc; i++) {
+        const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
+        bool valued = !strcmp(a, "--workflow") || !strcmp(a, "--status") || !strcmp(a, "--agent") || !strcmp(a, "--since") ||
+                      !strcmp(a, "--until");
+        if (valued && !v) {
+            fprintf(stderr, "kvmesh trace ls: %s needs a value (kvmesh trace --help)\n", a);
+            return 2;
+        }
+        if (valued) i++;
+        if (!strcmp(a, "--workflow")) f.workflow = v;
+        else if (!strcmp(a, "--agent")) f.agent = v;
+        else if (!strcmp(a, "--status")) {
+            f.status = !strcmp(v, "ok") ? 1 : !strcmp(v, "error") ? 2 : -1;
+            if (f.status < 0) {
+                fprintf(stderr, "kvmesh trace ls: --status is ok or error (got '%s')\n", v);
+                return 2;
+            }
+        } else if (!strcmp(a, "--since") || !strcmp(a, "--until")) {
+            if (!parse_when(v, a[2] == 's' ? &f.since_ns : &f.until_ns)) {
+                fprintf(stderr, "kvmesh trace ls: %s takes YYYY-MM-DD or YYYY-MM-DDTHH:MM[:SS] in UTC (got '%s')\n", a, v);
+                return 2;
+            }
+        } else if (a[0] == '-') {
+            fprintf(stderr, "kvmesh trace ls: unknown option '%s' (kvmesh trace --help)\n", a);
+            return 2;
+        } else if (n_dirs < 64) dirs[n_dirs++] = a;
+    }
+    if (!n_dirs) {
+        fprintf(stderr, "kvmesh trace ls: give at least one directory (kvmesh trace --help)\n");
+        return 2;
+    }
+    int rc = 0;
+    for (int i = 0; i < n_dirs; i++) {
+        char *text = NULL;
+        int n = kvm_trace_view_list_filtered(dirs[i], &f, &text);
+        rc |= print_view("trace ls", n, text);
+    }
+    return rc;
+}
+
 int cmd_trace(int argc, char **argv) {
     if (argc < 2 || !strcmp(argv[1], "-h") || !strcmp(argv[1], "--help")) {
         usage(argc < 2 ? stderr : stdout);
@@ -90,11 +165,16 @@ int cmd_trace(int argc, char **argv) {
         return 2;
     }
     int rc = 0;
-    if (!strcmp(sub, "ls")) {
-        for (int i = 2; i < argc; i++) {
+    if (!strcmp(sub, "ls")) return trace_ls(argc, argv);
+    if (!strcmp(sub, "search")) {
+        if (argc < 4) {
+            fprintf(stderr, "kvmesh trace search: give the text and at least one directory (kvmesh trace --help)\n");
+            return 2;
+        }
+        for (int i = 3; i < argc; i++) {
             char *text = NULL;
-            int n = kvm_trace_view_list(argv[i], &text);
-            rc |= print_view("trace ls", n, text);
+            int n = kvm_trace_view_search(argv[i], argv[2], &text);
+            rc |= print_view("trace search", n, text);
         }
         return rc;
     }
@@ -117,7 +197,7 @@ int cmd_trace(int argc, char **argv) {
         return n > 0 ? 1 : 0;
     }
     if (strcmp(sub, "steps") != 0 && strcmp(sub, "replay") != 0) {
-        fprintf(stderr, "kvmesh trace: unknown subcommand '%s' (ls, show, steps, diff, replay)\n", sub);
+        fprintf(stderr, "kvmesh trace: unknown subcommand '%s' (ls, search, show, steps, diff, replay)\n", sub);
         return 2;
     }
     dir_args_t a = parse_dir_args(argc, argv);

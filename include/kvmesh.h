@@ -512,6 +512,21 @@ kvm_trace_view_params_t kvm_trace_view_default_params(void);
  * gets a line "(unreadable: <why>)". Returns the number of runs (>= 0), or <0 when root is no readable
  * directory. */
 int kvm_trace_view_list(const char *root, char **text);
+/* Which runs kvm_trace_view_list_filtered lists (each field NULL / 0 = any). */
+typedef struct kvm_trace_filter {
+    const char *workflow;        /* a substring of the workflow path or of the graph name */
+    int status;                  /* 1 = runs that ended ok, 2 = runs that failed (or never ended), 0 = any */
+    const char *agent;           /* runs in which this agent made a step (reads each run's log: slower) */
+    uint64_t since_ns, until_ns; /* runs started in [since, until) (wall clock, ns since 1970) */
+} kvm_trace_filter_t;
+/* kvm_trace_view_list of the runs that pass every given field of f (NULL = all). Returns how many were
+ * listed (>= 0), or <0 when root is no readable directory. */
+int kvm_trace_view_list_filtered(const char *root, const kvm_trace_filter_t *f, char **text);
+/* Every record of every run under root whose JSON text contains needle (case-insensitive; at most 1,000
+ * matches): one line each with the run id, the record (step index, node, agent) and the text around the
+ * match; unreadable runs are skipped and counted at the end. Returns the number of matches (>= 0), or <0
+ * when root is no readable directory. */
+int kvm_trace_view_search(const char *root, const char *needle, char **text);
 /* A run (a run directory or its events.jsonl): header (id, workflow, seed, inputs, models, agents with their
  * policy and template), every step on one line (node, op, status, tokens in and how many were reused,
  * TTFT, tok/s, batch size, output), edges and log lines in order, and the result (status, outputs, usage).

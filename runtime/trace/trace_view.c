@@ -6,6 +6,7 @@
 #include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
+#include <strings.h>
 #include <time.h>
 
 #include <cjson/cJSON.h>
@@ -100,17 +101,123 @@ static void list_one(const char *dir, void *ud) {
     kvm_trace_log_free(&log);
 }
 
-int kvm_trace_view_list(const char *root, char **text) {
+/* Whether the run in dir made a step as agent (its log read; an unreadable log: no). */
+static bool ran_agent(const char *dir, const char *agent) {
+    kvm_trace_log_t log;
+    if (kvm_trace_read(dir, &log)) return false;
+    bool found = false;
+    for (int from = 0; !found;) {
+        const kvm_trace_rec_t *r = kvm_trace_log_next(&log, KVM_TRACE_STEP, &from);
+        if (!r) break;
+        found = r->step.agent && !strcmp(r->step.agent, agent);
+    }
+    kvm_trace_log_free(&log);
+    return found;
+}
+
+typedef struct list_ctx {
+    view_t v;
+    const kvm_trace_filter_t *f;
+    int listed;
+} list_ctx_t;
+
+/* Whether the run in dir passes the filter (its index.json when there is one; a run without it has not ended: it
+ * counts as not ok, started at an unknown time, so a time window leaves it out). */
+static bool passes(const kvm_trace_filter_t *f, const char *dir) {
+    kvm_trace_log_t log;
+    const bool have = kvm_trace_read_index(dir, &log) == 0;
+    const kvm_trace_index_t *ix = have ? &log.recs[0].index : NULL;
+    bool ok = true;
+    if (f->workflow)
+        ok = ix && ((ix->workflow && strstr(ix->workflow, f->workflow)) || (ix->graph && strstr(ix->graph, f->workflow)));
+    if (ok && f->status) ok = (ix && !ix->error) == (f->status == 1);
+    if (ok && (f->since_ns || f->until_ns))
+        ok = ix && ix->started >= f->since_ns && (!f->until_ns || ix->started < f->until_ns);
+    if (have) kvm_trace_log_free(&log);
+    return ok && (!f->agent || ran_agent(dir, f->agent));
+}
+
+static void list_filtered(const char *dir, void *ud) {
+    list_ctx_t *c = ud;
+    if (c->v.rc || (c->f && !passes(c->f, dir))) return;
+    list_one(dir, &c->v);
+    c->listed++;
+}
+
+int kvm_trace_view_list_filtered(const char *root, const kvm_trace_filter_t *f, char **text) {
     *text = NULL;
     if (!root) return kvm_seterr(KVM_EINVAL, "kvm_trace_view_list: no trace root given");
-    view_t v = {KVM_SB_INIT, 0};
-    int n = kvm_trace_find_runs(root, list_one, &v);
+    list_ctx_t c = {{KVM_SB_INIT, 0}, f, 0};
+    int n = kvm_trace_find_runs(root, list_filtered, &c);
     if (n < 0) {
-        kvm_sb_free(&v.b);
+        kvm_sb_free(&c.v.b);
         return n;
     }
-    int rc = view_end(&v, text);
-    return rc ? rc : n;
+    int rc = view_end(&c.v, text);
+    return rc ? rc : c.listed;
+}
+
+int kvm_trace_view_list(const char *root, char **text) { return kvm_trace_view_list_filtered(root, NULL, text); }
+
+/* ---- search --------------------------------------------------------------------------------------------- */
+
+#define SEARCH_MAX 1000
+#define SEARCH_CONTEXT 60
+
+typedef struct search_ctx {
+    view_t v;
+    const char *needle;
+    int matches, unreadable;
+    char run_id[40]; /* of the run being searched (its run.start record) */
+} search_ctx_t;
+
+static const char *find_nocase(const char *hay, const char *needle) {
+    size_t n = strlen(needle);
+    for (; *hay; hay++)
+        if (!strncasecmp(hay, needle, n)) return hay;
+    return NULL;
+}
+
+static void search_run(const char *dir, void *ud) {
+    search_ctx_t *c = ud;
+    if (c->v.rc || c->matches >= SEARCH_MAX) return;
+    kvm_trace_reader_t *r = kvm_trace_reader_open(dir);
+    if (!r) {
+        c->unreadable++;
+        return;
+    }
+    c->run_id[0] = '\0';
+    for (int i = 0; i < kvm_trace_reader_n_records(r) && !c->v.rc && c->matches < SEARCH_MAX; i++) {
+        const char *line = kvm_trace_reader_record_json(r, i), *type = kvm_trace_reader_record_type(r, i);
+        if (!strcmp(type, "run.start")) { /* the id, for the lines that follow */
+            const char *at = strstr(line, "\"run_id\":\"");
+            snprintf(c->run_id, sizeof c->run_id, "%.32s", at ? at + 10 : "");
+        }
+        const char *hit = find_nocase(line, c->needle);
+        if (!hit) continue;
+        c->matches++;
+        const char *from = hit - line > SEARCH_CONTEXT ? hit - SEARCH_CONTEXT : line;
+        put(&c->v, "%-32s record %-4d %-10s ...", c->run_id, i, type);
+        oneline(&c->v, from, (size_t)(hit - from) + strlen(c->needle) + SEARCH_CONTEXT);
+        put(&c->v, "\n");
+    }
+    kvm_trace_reader_free(r);
+}
+
+int kvm_trace_view_search(const char *root, const char *needle, char **text) {
+    *text = NULL;
+    if (!root || !needle || !*needle) return kvm_seterr(KVM_EINVAL, "trace search: give a trace root and a non-empty text");
+    search_ctx_t c = {.v = {KVM_SB_INIT, 0}, .needle = needle};
+    int n = kvm_trace_find_runs(root, search_run, &c);
+    if (n < 0) {
+        kvm_sb_free(&c.v.b);
+        return n;
+    }
+    if (c.matches >= SEARCH_MAX) put(&c.v, "(stopped at %d matches)\n", SEARCH_MAX);
+    put(&c.v, "%d match%s in %d runs%s", c.matches, c.matches == 1 ? "" : "es", n, c.unreadable ? "" : "\n");
+    if (c.unreadable) put(&c.v, " (%d unreadable runs skipped)\n", c.unreadable);
+    int rc = view_end(&c.v, text);
+    return rc ? rc : c.matches;
 }
 
 /* ---- a run ---------------------------------------------------------------------------------------------- */
