@@ -34,6 +34,7 @@ static void usage(FILE *f) {
                "  --max-message-mb N    largest request (default 16)\n"
                "  --drain-ms N          on SIGTERM, how long runs going may take to end (default 30000)\n"
                "  --recycle-runs N      load a workflow afresh after N runs, freeing the old runs' memory (1000; 0 never)\n"
+               "  --hwm N               messages queued per client or event subscriber before ZeroMQ drops (10000)\n"
                "  --curve-secret FILE   CURVE: the server's secret key (Z85, mode 0600); then public binds are allowed\n"
                "  --curve-allow FILE    CURVE: the client public keys admitted (Z85, one per line)\n"
                "  --allow-public        permit a non-loopback bind without CURVE\n"
@@ -88,6 +89,8 @@ static int valued_opt(serve_args_t *a, const char *arg, const char *v) {
         if (!(rc = num_opt(v, 1, 4096, arg, &x))) a->sp.max_message_bytes = (size_t)x << 20;
     } else if (!strcmp(arg, "--recycle-runs")) {
         if (!(rc = num_opt(v, 0, 100000000, arg, &x))) a->sp.recycle_runs = (int)x;
+    } else if (!strcmp(arg, "--hwm")) {
+        if (!(rc = num_opt(v, 1, 10000000, arg, &x))) a->sp.hwm = (int)x;
     } else if (!strcmp(arg, "--drain-ms")) {
         if (!(rc = num_opt(v, 0, 86400000, arg, &x))) a->sp.drain_ms = (int)x;
     } else return -1;

@@ -48,10 +48,10 @@ return g
 
 
 class Daemon:
-    def __init__(self, kvmesh, *args, env=None):
+    def __init__(self, kvmesh, *args, env=None, events="tcp://127.0.0.1:*"):
         e = dict(os.environ, KVM_THREADS="1", OMP_WAIT_POLICY="passive")
         e.update(env or {})
-        cmd = [kvmesh, "serve", "--bind", "tcp://127.0.0.1:*", "--events", "tcp://127.0.0.1:*"] + list(args)
+        cmd = [kvmesh, "serve", "--bind", "tcp://127.0.0.1:*", "--events", events] + list(args)
         self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=e, cwd=ROOT)
         self.log = []
         deadline = time.time() + 120
