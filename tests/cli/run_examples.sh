@@ -36,6 +36,10 @@ grep -q "note: .*timed out: its timeout_ms of 30 ms passed after .* output token
   { cat "$tmp/so" "$tmp/se"; exit 1; }
 grep -q "^extractor> 9442$" "$tmp/so" && grep -q "^answerer> " "$tmp/so" && grep -q "\[extractor: .* tok in" "$tmp/se" ||
   { echo "--stream output:"; cat "$tmp/so" "$tmp/se"; exit 1; }
+"$kvmesh" run examples/debate.lua --mock --stream --no-trace --input input="Cats make better pets." > "$tmp/so" 2> "$tmp/se" ||
+  { cat "$tmp/so" "$tmp/se"; exit 1; }
+[ "$(grep -c "^pro> " "$tmp/so")" = 2 ] && [ "$(grep -c "^con> " "$tmp/so")" = 2 ] && grep -q "^judge> " "$tmp/so" &&
+  grep -q "rounds: 2" "$tmp/so" || { echo "debate.lua --stream:"; cat "$tmp/so"; exit 1; }
 "$kvmesh" run examples/team.lua --mock --stream --n 2 > "$tmp/out" 2>&1 && { echo "--stream --n accepted"; exit 1; }
 grep -q "stream shows one run" "$tmp/out" || { cat "$tmp/out"; exit 1; }
 echo "examples ok"
