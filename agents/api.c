@@ -534,8 +534,13 @@ kvm_run_t *kvm_run_start(kvm_workflow_t *wf, const kvm_run_params_t *params) {
     cJSON *in = parse_inputs(params->inputs_json);
     if (!in) return NULL;
     int idx = -1;
-    int rc = params->from_dataset ? kvm_wf_start_seeded(wf, params->seed, in, &idx)
-                                  : kvm_wf_start(wf, in, params->seed, &idx);
+    kvm_kv_policy_t kv = (kvm_kv_policy_t)-1;
+    if (params->kv && kvm_kv_policy_parse(params->kv, &kv) != 0) {
+        cJSON_Delete(in);
+        return NULL;
+    }
+    int rc = params->from_dataset ? kvm_wf_start_seeded_kv(wf, params->seed, in, (int)kv, &idx)
+                                  : kvm_wf_start_kv(wf, in, params->seed, (int)kv, &idx);
     cJSON_Delete(in);
     if (rc) return NULL;
     kvm_run_t *r = run_handle(wf, idx);

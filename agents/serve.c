@@ -632,6 +632,7 @@ static int on_run_start(ctx_t *x) {
     rp.inputs_json = inputs;
     rp.seed = x->q->seed;
     rp.from_dataset = x->q->dataset;
+    rp.kv = x->q->kv;
     rp.on_event = run_event;
     rp.event_ud = r;
     r->r = kvm_run_start(w->wf, &rp);

@@ -93,6 +93,10 @@ bool kvm_wf_has_dataset(const kvm_workflow_t *wf);
 bool kvm_wf_has_score(const kvm_workflow_t *wf);
 /* Calls g:dataset(seed) and starts a run with its inputs (merged over `extra`, which may be NULL). */
 int kvm_wf_start_seeded(kvm_workflow_t *wf, uint64_t seed, const cJSON *extra, int *run);
+/* The same with a KV policy for every agent of the run (a kvm_kv_policy_t; -1 = the agents' own, or the
+ * workflow's override); it is recorded as the run's kv_override in its trace, so a replay uses it too. */
+int kvm_wf_start_kv(kvm_workflow_t *wf, const cJSON *inputs, uint64_t seed, int kv, int *run);
+int kvm_wf_start_seeded_kv(kvm_workflow_t *wf, uint64_t seed, const cJSON *extra, int kv, int *run);
 /* Runs every started run to its end. Returns 0 (per-run failures are in the runs), or <0 when the
  * engine itself failed. A loop of kvm_wf_advance and one engine step, for a workflow whose engine no other
  * workflow drives (a runtime of several workflows steps its shared engine itself: kvm_runtime_step). */

@@ -27,6 +27,10 @@ kvm_kv_policy_t wf_agent_kv(const kvm_workflow_t *wf, const wf_agent_t *a) {
     return kv < 0 ? a->kv : (kvm_kv_policy_t)kv;
 }
 
+kvm_kv_policy_t wf_run_agent_kv(const kvm_workflow_t *wf, const wf_run_t *r, const wf_agent_t *a) {
+    return r && r->kv_override >= 0 ? (kvm_kv_policy_t)r->kv_override : wf_agent_kv(wf, a);
+}
+
 static void finish_run(kvm_workflow_t *wf, wf_run_t *r, int code, char *msg);
 static void end_superstep(kvm_workflow_t *wf, wf_run_t *r);
 
@@ -424,8 +428,14 @@ void wf_runs_free(kvm_workflow_t *wf) {
 }
 
 int kvm_wf_start(kvm_workflow_t *wf, const cJSON *inputs, uint64_t seed, int *run) {
+    return kvm_wf_start_kv(wf, inputs, seed, -1, run);
+}
+
+int kvm_wf_start_kv(kvm_workflow_t *wf, const cJSON *inputs, uint64_t seed, int kv, int *run) {
     const wf_graph_t *g = wf->g;
     if (inputs && !cJSON_IsObject(inputs)) return kvm_seterr(KVM_EINVAL, "run inputs must be a JSON object");
+    if (kv != -1 && (kv < KVM_KV_PREFIX || kv > KVM_KV_KVCOMM))
+        return kvm_seterr(KVM_EINVAL, "a run's KV policy must be dense, prefix or kvcomm (got %d)", kv);
     size_t cap = (size_t)wf->cap_runs;
     int rc = kvm_array_reserve(&wf->runs, &cap, (size_t)wf->n_runs + 1, sizeof *wf->runs, 16);
     if (rc) return rc;
@@ -434,6 +444,7 @@ int kvm_wf_start(kvm_workflow_t *wf, const cJSON *inputs, uint64_t seed, int *ru
     if (!r) return KVM_ENOMEM;
     r->idx = wf->n_runs;
     r->seed = seed;
+    r->kv_override = kv;
     r->rng[0] = seed ^ 0x9e3779b97f4a7c15ULL;
     r->rng[1] = kvm_hash64(&seed, sizeof seed, KVM_HASH_SEED) | 1;
     kvm_trace_new_id(r->id);
@@ -495,6 +506,10 @@ bool kvm_wf_has_dataset(const kvm_workflow_t *wf) { return wf->g->dataset_ref !=
 bool kvm_wf_has_score(const kvm_workflow_t *wf) { return wf->g->score_ref != LUA_NOREF; }
 
 int kvm_wf_start_seeded(kvm_workflow_t *wf, uint64_t seed, const cJSON *extra, int *run) {
+    return kvm_wf_start_seeded_kv(wf, seed, extra, -1, run);
+}
+
+int kvm_wf_start_seeded_kv(kvm_workflow_t *wf, uint64_t seed, const cJSON *extra, int kv, int *run) {
     if (!kvm_wf_has_dataset(wf)) return kvm_seterr(KVM_EINVAL, "%s: the graph has no dataset (g:dataset(function(seed) ... end))", wf->path);
     wf->rng_load[0] = seed ^ 0x9e3779b97f4a7c15ULL;
     wf->rng_load[1] = kvm_hash64(&seed, sizeof seed, KVM_HASH_SEED) | 1;
@@ -511,7 +526,7 @@ int kvm_wf_start_seeded(kvm_workflow_t *wf, uint64_t seed, const cJSON *extra, i
         cJSON_DeleteItemFromObjectCaseSensitive(in, c->string);
         cJSON_AddItemToObject(in, c->string, cJSON_Duplicate(c, 1));
     }
-    rc = kvm_wf_start(wf, in, seed, run);
+    rc = kvm_wf_start_kv(wf, in, seed, kv, run);
     cJSON_Delete(in);
     return rc;
 }

@@ -262,6 +262,7 @@ typedef struct wf_task {
 } wf_task_t;
 
 typedef struct wf_run {
+    int kv_override;       /* the run's KV policy for every agent (kvm_run_params_t.kv), or -1 */
     int idx;
     char id[KVM_TRACE_ID_HEX];
     uint64_t seed;
@@ -298,6 +299,8 @@ void wf_runs_free(kvm_workflow_t *wf);
 uint64_t *wf_current_rng(kvm_workflow_t *wf);
 /* The agent's KV policy in effect (the --kv override, else its own). */
 kvm_kv_policy_t wf_agent_kv(const kvm_workflow_t *wf, const wf_agent_t *a);
+/* In run r: the run's own policy (kvm_run_params_t.kv) when it has one, else wf_agent_kv. */
+kvm_kv_policy_t wf_run_agent_kv(const kvm_workflow_t *wf, const struct wf_run *r, const wf_agent_t *a);
 /* A task has finished (its output or error is set): records a func/tool step, closes the super-step
  * when it was the last open task. */
 void wf_task_done(kvm_workflow_t *wf, wf_run_t *r, wf_task_t *t);

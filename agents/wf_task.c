@@ -491,7 +491,7 @@ static int submit_agent(kvm_workflow_t *wf, wf_run_t *r, int ai, lua_State *VL, 
     if (rc == 0) {
         wf_llm_req_t req = {.model = wf->models[a->model].llm, .agent = a->name, .run_id = r->id, .system = a->role,
                             .pieces = pieces, .n_pieces = s->n, .sampling = a->sampling, .max_tokens = a->max_tokens,
-                            .stop = (const char *const *)a->stop, .n_stop = a->n_stop, .kv = wf_agent_kv(wf, a),
+                            .stop = (const char *const *)a->stop, .n_stop = a->n_stop, .kv = wf_run_agent_kv(wf, r, a),
                             .ignore_eos = a->ignore_eos, .tag = tag, .timeout_ms = a->timeout_ms,
                             .retry_max = a->retry_max, .retry_backoff_ms = a->retry_backoff_ms, .retry_on = a->retry_on};
         if (wf->g->lim_wall_ms > 0) /* the run's wall-time budget also stops a generation under way */

@@ -73,7 +73,7 @@ static bool graph_records(const kvm_workflow_t *wf, kvm_trace_run_start_t *o) {
 }
 
 /* The agents with their parsed templates; parts of every agent in one array (both kvm_free). */
-static bool agent_records(const kvm_workflow_t *wf, kvm_trace_run_start_t *o, kvm_trace_part_t **parts_out) {
+static bool agent_records(const kvm_workflow_t *wf, const wf_run_t *r, kvm_trace_run_start_t *o, kvm_trace_part_t **parts_out) {
     int n_parts = 0;
     for (int i = 0; i < wf->n_agents; i++) n_parts += wf->agents[i].n_parts;
     kvm_trace_agent_t *agents = kvm_calloc((size_t)wf->n_agents + 1, sizeof *agents);
@@ -88,7 +88,7 @@ static bool agent_records(const kvm_workflow_t *wf, kvm_trace_run_start_t *o, kv
             .sampling = {.temperature = a->sampling.temperature, .top_k = a->sampling.top_k, .top_p = a->sampling.top_p,
                          .repetition_penalty = a->sampling.repetition_penalty},
             .max_tokens = a->max_tokens, .stop = (const char *const *)a->stop, .n_stop = a->n_stop, .budget_tokens = a->budget_tokens,
-            .kv = kvm_kv_policy_name(wf_agent_kv(wf, a)), .where = a->where};
+            .kv = kvm_kv_policy_name(wf_run_agent_kv(wf, r, a)), .where = a->where};
         for (int p = 0; p < a->n_parts; p++, k++) {
             const kvm_tpl_part_t *tp = &a->parts[p];
             parts[k] = tp->src == KVM_TPL_TEXT ? (kvm_trace_part_t){.text = tp->text} : (kvm_trace_part_t){.slot = tp->text, .src = tp->source};
@@ -103,7 +103,8 @@ void wf_trace_run_start(kvm_workflow_t *wf, wf_run_t *r) {
     const wf_graph_t *g = wf->g;
     kvm_trace_run_start_t o = {
         .run_id = r->id, .run = r->idx, .workflow_path = wf->path, .graph = g->name, .source_hash = wf->source_hash,
-        .source = wf->source, .seed = r->seed, .kv_override = wf->o.kv_override, .mock = wf->o.mock,
+        .source = wf->source, .seed = r->seed,
+        .kv_override = r->kv_override >= 0 ? kvm_kv_policy_name((kvm_kv_policy_t)r->kv_override) : wf->o.kv_override, .mock = wf->o.mock,
         .limits = {.steps = g->lim_steps ? g->lim_steps : 50, .tokens = g->lim_tokens, .wall_ms = g->lim_wall_ms,
                    .instructions = (double)r->budget.max_instructions, .lua_ms = (double)r->budget.max_lua_ns / 1e6,
                    .memory_bytes = r->acct ? (double)r->acct->cap : 0},
@@ -112,7 +113,7 @@ void wf_trace_run_start(kvm_workflow_t *wf, wf_run_t *r) {
     wf_llm_model_info_t *info = kvm_calloc((size_t)wf->n_models + 1, sizeof *info);
     kvm_trace_model_t *models = kvm_calloc((size_t)wf->n_models + 1, sizeof *models);
     kvm_trace_part_t *parts = NULL;
-    bool ok = inputs && info && models && agent_records(wf, &o, &parts) && graph_records(wf, &o);
+    bool ok = inputs && info && models && agent_records(wf, r, &o, &parts) && graph_records(wf, &o);
     for (int i = 0; ok && i < wf->n_models; i++) {
         wf_llm_model_describe(wf->llm, wf->models[i].llm, &info[i]);
         models[i] = info[i].t;

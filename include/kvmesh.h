@@ -407,6 +407,9 @@ typedef struct kvm_run_params {
     bool from_dataset;        /* inputs from g:dataset(seed), with inputs_json merged over them */
     kvm_run_event_fn on_event; /* the run's events (NULL = none); KVM_RUN_END comes exactly once */
     void *event_ud;
+    const char *kv;            /* "dense" | "prefix" | "kvcomm": the KV policy of every agent of this run (an A/B
+                                  of one workflow from one runtime); NULL = the agents' own, or the runtime's
+                                  kv_override. Recorded in the trace, so a replay uses it too */
 } kvm_run_params_t;
 
 kvm_run_params_t kvm_run_default_params(void);

@@ -37,7 +37,7 @@ static const field_t k_hello[] = {{"client", K_STR}, {"versions", K_ARR}, {"want
 static const field_t k_wf_load[] = {{"name", K_STR}, {"source", K_STR}, {NULL, 0}};
 static const field_t k_wf_name[] = {{"name", K_STR}, {NULL, 0}};
 static const field_t k_run_start[] = {{"workflow", K_STR}, {"inputs", K_OBJ}, {"seed", K_SEED},
-                                      {"dataset", K_BOOL}, {"stream", K_ARR}, {NULL, 0}};
+                                      {"dataset", K_BOOL}, {"stream", K_ARR}, {"kv", K_STR}, {NULL, 0}};
 static const field_t k_run_id[] = {{"run_id", K_STR}, {NULL, 0}};
 static const field_t k_trace_get[] = {{"run_id", K_STR}, {"format", K_STR}, {NULL, 0}};
 
@@ -322,6 +322,9 @@ static int decode_run_start(const cJSON *h, kvm_req_t *r, kvm_req_error_t *e) {
     if (rc) return rc;
     r->inputs = cJSON_GetObjectItemCaseSensitive(h, "inputs");
     r->dataset = cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(h, "dataset"));
+    r->kv = str_of(h, "kv");
+    if (r->kv && strcmp(r->kv, "dense") && strcmp(r->kv, "prefix") && strcmp(r->kv, "kvcomm"))
+        return fail(e, KVM_EINVAL, "kv", "run.start: field 'kv' must be \"dense\", \"prefix\" or \"kvcomm\"");
     return 0;
 }
 

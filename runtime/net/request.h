@@ -66,6 +66,7 @@ typedef struct kvm_req {
     const cJSON *inputs;            /* an object, or NULL = {} */
     uint64_t seed;                  /* default 1 */
     bool dataset;                   /* inputs from the workflow's g:dataset(seed) */
+    const char *kv;                 /* run.start: the run's KV policy ("dense" | "prefix" | "kvcomm"), or NULL */
     unsigned stream;                /* enum kvm_req_stream bits */
     /* run.cancel / run.status / trace.get */
     const char *run_id;

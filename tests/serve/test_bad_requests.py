@@ -59,6 +59,8 @@ BAD = [
     ("run.start streaming a string", [b"", hdr(type="run.start", workflow="pair", stream="tokens")], "KVM_EINVAL", "stream", "bad"),
     ("run.start repeating a stream", [b"", hdr(type="run.start", workflow="pair", stream=["kv", "kv"])], "KVM_EINVAL", "stream[1]", "bad"),
     ("run.start with dataset 'yes'", [b"", hdr(type="run.start", workflow="pair", dataset="yes")], "KVM_EINVAL", "dataset", "bad"),
+    ("run.start with kv 'fast'", [b"", hdr(type="run.start", workflow="pair", kv="fast")], "KVM_EINVAL", "kv", "bad"),
+    ("run.start with kv 3", [b"", hdr(type="run.start", workflow="pair", kv=3)], "KVM_EINVAL", "kv", "bad"),
     ("run.start from a dataset the graph lacks", [b"", hdr(type="run.start", workflow="pair", dataset=True)], "KVM_EINVAL", "dataset", "bad"),
     ("run.cancel of an unknown run", [b"", hdr(type="run.cancel", run_id="0123")], "KVM_ENOENT", "run_id", "bad"),
     ("run.status without run_id", [b"", hdr(type="run.status")], "KVM_EINVAL", "run_id", "bad"),

@@ -166,16 +166,17 @@ class Client:
         text = h["_payload"][0].decode("utf-8", "replace") if h["_payload"] else ""
         return [json.loads(line) for line in text.splitlines() if line.strip()]
 
-    def start(self, workflow, inputs=None, seed=None, stream=None, deadline_ms=None, dataset=None, id=None):
-        """Sends run.start; returns the request id (read its stream with messages(id))."""
+    def start(self, workflow, inputs=None, seed=None, stream=None, deadline_ms=None, dataset=None, id=None, kv=None):
+        """Sends run.start; returns the request id (read its stream with messages(id)). kv: "dense" | "prefix" |
+        "kvcomm" for every agent of the run (None: each agent's own)."""
         return self.send("run.start", id=id, workflow=workflow, inputs=inputs, seed=seed, stream=stream,
-                         deadline_ms=deadline_ms, dataset=dataset)
+                         deadline_ms=deadline_ms, dataset=dataset, kv=kv)
 
     def run(self, workflow, inputs=None, seed=None, stream=("tokens",), deadline_ms=None, dataset=None,
-            timeout_s=None):
+            timeout_s=None, kv=None):
         """Runs a workflow, yielding every message of its stream (run.accepted, token, step, kv, then done);
         raises KvmeshError when it ends in error."""
-        id = self.start(workflow, inputs, seed, list(stream) if stream else None, deadline_ms, dataset)
+        id = self.start(workflow, inputs, seed, list(stream) if stream else None, deadline_ms, dataset, kv=kv)
         for h, _ in self.messages(id, timeout_s):
             if h.get("type") == "error":
                 raise KvmeshError(h)
