@@ -382,7 +382,11 @@ static int ld_weights(kvm_c2c_fuser_t *f, const bool *gk, const bool *gv) {
     const kvm_c2c_config_t *g = &f->cfg;
     ld_ctx_t c = {.f = f};
     int rc = kvm_st_open(&c.st, f->weights_path, KVM_ST_EXACT);
-    if (rc == KVM_EDTYPE) rc = KVM_EFORMAT; /* a dtype outside BF16/F16/F32 is a malformed fuser (spec §7.1) */
+    if (rc == KVM_EDTYPE) { /* a dtype outside BF16/F16/F32 is a malformed fuser (spec §7.1) */
+        char msg[512];
+        snprintf(msg, sizeof msg, "%s", kvm_errmsg());
+        return kvm_seterr(KVM_EFORMAT, "%s", msg);
+    }
     if (rc) return rc;
     const int lr = g->receiver.n_layers;
     for (int l = 0; l < lr && !rc; l++)
