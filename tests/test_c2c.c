@@ -311,6 +311,84 @@ static void test_torch_fixture_bf16_matches_within_1e_2(void **st) {
     check_torch_fixture("bf16", 1e-2);
 }
 
+/* ---- CPU vs CUDA (spec §12 item 1): the same fuser and caches on both backends ------------------------- */
+
+/* A copy of a host cache in backend memory (pool and block table). */
+static kvm_c2c_cache_t to_backend(const kvm_ops_t *o, const tcc_cache_t *h, void **kv, int32_t **blocks) {
+    const size_t bytes = h->elems * kvm_dtype_size(h->c.view.g.dtype);
+    *kv = o->alloc(bytes);
+    *blocks = o->alloc((size_t)h->c.n_blocks * sizeof(int32_t));
+    assert_non_null(*kv);
+    assert_non_null(*blocks);
+    assert_int_equal(o->h2d(*kv, h->kv, bytes), 0);
+    assert_int_equal(o->h2d(*blocks, h->blocks, (size_t)h->c.n_blocks * sizeof(int32_t)), 0);
+    kvm_c2c_cache_t c = h->c;
+    c.view.kv = *kv;
+    c.view.blocks = *blocks;
+    return c;
+}
+
+static void check_cuda_matches_cpu(kvm_dtype_t wdt, kvm_dtype_t kvd, int n, double tol, const char *name) {
+    const kvm_ops_t *cu = kvm_ops_cuda();
+    if (!cu) {
+        fprintf(stderr, "SKIP test_c2c CPU vs CUDA (%s): no CUDA backend here (%s)\n", name, kvm_errmsg());
+        skip();
+    }
+    tcc_spec_t s = tcc_spec_default(wdt);
+    const char *jp = tcc_write_fuser(g_dir, name, &s);
+    kvm_c2c_fuser_t *fc = kvm_c2c_load(jp, NULL, NULL), *fg = kvm_c2c_load(jp, NULL, cu);
+    if (!fc || !fg) fail_msg("load: %s", kvm_errmsg());
+    const int nb = (n + 2 + KVM_KV_BLOCK - 1) / KVM_KV_BLOCK;
+    tcc_cache_t R, S;
+    tcc_cache_make(&R, s.lr, s.ht, s.dt, kvd, nb, 31);
+    tcc_cache_make(&S, s.ls, s.hs, s.ds, kvd, nb, 37);
+    void *rkv, *skv;
+    int32_t *rb, *sb;
+    kvm_c2c_cache_t gr = to_backend(cu, &R, &rkv, &rb), gs = to_backend(cu, &S, &skv, &sb);
+    const size_t bytes = R.elems * kvm_dtype_size(kvd);
+    void *before = malloc(bytes), *gpu = malloc(bytes);
+    memcpy(before, R.kv, bytes);
+    assert_int_equal(kvm_c2c_fuse(fc, &R.c, &S.c, 1, n), 0);
+    assert_int_equal(kvm_c2c_fuse(fg, &gr, &gs, 1, n), 0);
+    assert_int_equal(cu->sync(), 0);
+    assert_int_equal(cu->d2h(gpu, rkv, bytes), 0);
+    for (int l = 0; l < s.lr; l++)
+        for (int b = 0; b < 2; b++) {
+            frob_t e = {0, 0}, r = {0, 0};
+            for (int h = 0; h < s.ht; h++)
+                for (int p = 0; p < nb * KVM_KV_BLOCK; p++)
+                    for (int d = 0; d < s.dt; d++) {
+                        double c = tcc_cache_get(&R, R.kv, l, b, h, p, d), g = tcc_cache_get(&R, gpu, l, b, h, p, d);
+                        double o = tcc_cache_get(&R, before, l, b, h, p, d);
+                        if (p < 1 || p >= 1 + n || !fc->layers[l][b].open) {
+                            assert_true(g == o); /* untouched rows and closed gates: bit-identical on the GPU too */
+                            continue;
+                        }
+                        e.num += (g - c) * (g - c), e.den += c * c;
+                        r.num += (g - c) * (g - c), r.den += (c - o) * (c - o); /* against the residual's size */
+                    }
+            if (fc->layers[l][b].open) {
+                fprintf(stderr, "%s layer %d %c: CUDA vs CPU fused rel err %.3g (residual-relative %.3g)\n", name, l,
+                        b ? 'v' : 'k', frob_rel(&e), frob_rel(&r));
+                if (frob_rel(&e) > tol) fail_msg("%s: CUDA vs CPU rel err %.3g > %g", name, frob_rel(&e), tol);
+            }
+        }
+    cu->free(rkv), cu->free(skv), cu->free(rb), cu->free(sb);
+    free(before), free(gpu);
+    tcc_cache_free(&R), tcc_cache_free(&S);
+    kvm_c2c_free(fc), kvm_c2c_free(fg);
+}
+
+static void test_cuda_f32_fuser_matches_the_cpu_within_1e_5(void **st) {
+    (void)st;
+    check_cuda_matches_cpu(KVM_F32, KVM_F32, 300, 1e-5, "cuda_f32");
+}
+
+static void test_cuda_bf16_fuser_matches_the_cpu_within_1e_2(void **st) {
+    (void)st;
+    check_cuda_matches_cpu(KVM_BF16, KVM_BF16, 40, 1e-2, "cuda_bf16");
+}
+
 TC_MAIN(setup, teardown, cmocka_unit_test(test_f32_fuser_matches_the_fp64_reference),
         cmocka_unit_test(test_bf16_fuser_on_a_bf16_cache_matches_within_1e_2),
         cmocka_unit_test(test_f16_fuser_on_an_f16_cache_matches_within_1e_2),
@@ -319,4 +397,6 @@ TC_MAIN(setup, teardown, cmocka_unit_test(test_f32_fuser_matches_the_fp64_refere
         cmocka_unit_test(test_closed_gates_leave_the_cache_bit_identical),
         cmocka_unit_test(test_constant_fuser_adds_half_its_out_bias),
         cmocka_unit_test(test_mismatched_cache_and_range_are_refused),
-        cmocka_unit_test(test_torch_fixture_f32_matches_within_1e_5), cmocka_unit_test(test_torch_fixture_bf16_matches_within_1e_2))
+        cmocka_unit_test(test_torch_fixture_f32_matches_within_1e_5), cmocka_unit_test(test_torch_fixture_bf16_matches_within_1e_2),
+        cmocka_unit_test(test_cuda_f32_fuser_matches_the_cpu_within_1e_5),
+        cmocka_unit_test(test_cuda_bf16_fuser_matches_the_cpu_within_1e_2))
