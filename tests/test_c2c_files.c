@@ -16,6 +16,7 @@
 
 #include <cjson/cJSON.h>
 
+#include "runtime/core/core.h"
 #include "test_c2c_common.h"
 #include "test_common.h"
 
@@ -384,6 +385,37 @@ static void test_fuser_for_another_model_pair_is_refused(void **st) {
     expect_refused(jp, &p, KVM_EINVAL, "pair.c2c.json", "identity", "600");
 }
 
+/* Every allocation of a load made to fail in turn (kvm_alloc_fail_nth): an error, never a crash, nothing leaked. */
+static void test_every_failed_allocation_of_a_load_is_an_error_without_leaks(void **st) {
+    (void)st;
+    tcc_spec_t s = tcc_spec_default(KVM_BF16);
+    kvm_c2c_pair_t p = pair_of(&s);
+    const char *jp = tcc_write_fuser(g_dir, "oom", &s);
+    const size_t live0 = kvm_alloc_bytes_live();
+    int failed = 0;
+    for (uint64_t n = 1;; n++) {
+        kvm_errclear();
+        kvm_alloc_fail_nth(n);
+        kvm_c2c_fuser_t *f = kvm_c2c_load(jp, &p, NULL);
+        const bool fired = !kvm_alloc_fail_pending();
+        kvm_alloc_fail_nth(0);
+        if (!fired) {
+            if (!f) fail_msg("allocation %llu: no failure injected, but: %s", (unsigned long long)n, kvm_errmsg());
+            kvm_c2c_free(f);
+            break;
+        }
+        if (f) kvm_c2c_free(f);
+        else {
+            failed++;
+            assert_int_equal(kvm_errcode(), KVM_ENOMEM);
+        }
+        if (kvm_alloc_bytes_live() != live0) fail_msg("allocation %llu failed: %zd bytes leaked", (unsigned long long)n,
+                                                      (ssize_t)(kvm_alloc_bytes_live() - live0));
+    }
+    fprintf(stderr, "  %d injected allocation failures, each an error without leaks\n", failed);
+    assert_true(failed > 5);
+}
+
 TC_MAIN(setup, teardown, cmocka_unit_test(test_valid_fuser_loads), cmocka_unit_test(test_wrong_shape_names_the_tensor),
         cmocka_unit_test(test_wrong_dtype_names_the_tensor), cmocka_unit_test(test_unknown_dtype_is_a_format_error),
         cmocka_unit_test(test_missing_tensor_is_named), cmocka_unit_test(test_missing_closed_gate_branch_tensor_is_named),
@@ -394,4 +426,5 @@ TC_MAIN(setup, teardown, cmocka_unit_test(test_valid_fuser_loads), cmocka_unit_t
         cmocka_unit_test(test_nan_weight_is_named), cmocka_unit_test(test_gates_open_disagreeing_with_the_logit_is_named),
         cmocka_unit_test(test_layer_map_out_of_range_is_named), cmocka_unit_test(test_unknown_config_keys_are_named),
         cmocka_unit_test(test_wrong_format_or_version_is_named), cmocka_unit_test(test_weights_sha256_mismatch_is_named),
-        cmocka_unit_test(test_fuser_for_another_model_pair_is_refused))
+        cmocka_unit_test(test_fuser_for_another_model_pair_is_refused),
+        cmocka_unit_test(test_every_failed_allocation_of_a_load_is_an_error_without_leaks))
