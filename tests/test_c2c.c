@@ -57,14 +57,14 @@ static void check_fuse(const tcc_spec_t *s, kvm_dtype_t kvd, int pos0, int n, do
             for (int t = 0; t < m; t++)
                 for (int i = 0; i < cs + ct; i++) {
                     int h = i < cs ? i / s->ds : (i - cs) / s->dt, d = i < cs ? i % s->ds : (i - cs) % s->dt;
-                    xf[(size_t)t * (cs + ct) + i] = i < cs ? tcc_cache_get(&S, S.kv, c->layer_map[l], b, h, pos0 + t, d)
+                    xf[(size_t)t * (cs + ct) + i] = i < cs ? tcc_cache_get(&S, S.kv, s->layer_map[l], b, h, pos0 + t, d)
                                                            : tcc_cache_get(&R, before, l, b, h, pos0 + t, d);
                 }
             assert_int_equal(kvm_c2c_branch_forward(f, l, b, xf, m, y, wl), 0);
             for (int t = 0; t < n; t++) {
                 const int p = pos0 + t;
                 for (int h = 0; h < s->hs; h++)
-                    for (int d = 0; d < s->ds; d++) x[h * s->ds + d] = tcc_cache_get(&S, S.kv, c->layer_map[l], b, h, p, d);
+                    for (int d = 0; d < s->ds; d++) x[h * s->ds + d] = tcc_cache_get(&S, S.kv, s->layer_map[l], b, h, p, d);
                 for (int h = 0; h < s->ht; h++)
                     for (int d = 0; d < s->dt; d++) x[cs + h * s->dt + d] = tcc_cache_get(&R, before, l, b, h, p, d);
                 tcc_ref_token(&st, c, l, b, x, res);
@@ -147,6 +147,14 @@ static void test_deeper_sharer_and_several_chunks_match(void **st) {
     tcc_spec_t s = tcc_spec_default(KVM_F32);
     s.lr = 1, s.ls = 5, s.layer_map[0] = 4;
     check_fuse(&s, KVM_F32, 1, KVM_C2C_CHUNK_ROWS + 44, 1e-5, "deep");
+}
+
+/* The layer map is read from the file, never recomputed (spec §3): a non-terminal, non-monotonic map. */
+static void test_layer_map_is_taken_from_the_file(void **st) {
+    (void)st;
+    tcc_spec_t s = tcc_spec_default(KVM_F32);
+    s.layer_map[0] = 2, s.layer_map[1] = 0; /* terminal alignment would be [1, 2] */
+    check_fuse(&s, KVM_F32, 0, 9, 1e-5, "map");
 }
 
 /* Logits <= 0 (exactly 0 included) are closed: the cache is bit-identical. */
@@ -394,6 +402,7 @@ TC_MAIN(setup, teardown, cmocka_unit_test(test_f32_fuser_matches_the_fp64_refere
         cmocka_unit_test(test_f16_fuser_on_an_f16_cache_matches_within_1e_2),
         cmocka_unit_test(test_shallower_sharer_and_other_widths_match),
         cmocka_unit_test(test_deeper_sharer_and_several_chunks_match),
+        cmocka_unit_test(test_layer_map_is_taken_from_the_file),
         cmocka_unit_test(test_closed_gates_leave_the_cache_bit_identical),
         cmocka_unit_test(test_constant_fuser_adds_half_its_out_bias),
         cmocka_unit_test(test_mismatched_cache_and_range_are_refused),
