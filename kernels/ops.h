@@ -68,6 +68,8 @@ typedef struct kvm_kv_geom {
 struct kvm_kvcomm_dist_args;  /* KVCOMM op arguments, defined after the table */
 struct kvm_kvcomm_apply_args;
 struct kvm_kvcomm_spread_args;
+struct kvm_c2c_gather_args;   /* C2C op arguments, defined after the table */
+struct kvm_c2c_residual_args;
 
 typedef struct kvm_ops {
     const char *name; /* "cpu" or "cuda" */
@@ -185,6 +187,16 @@ typedef struct kvm_ops {
     /* (ours, kvcomm.recompute_frac): the anchors' disagreement per row of a placeholder,
      * contract with kvm_kvcomm_spread_args_t (part of the KVCOMM op set above) */
     int (*kvcomm_spread)(const struct kvm_kvcomm_spread_args *a);
+
+    /* ---- C2C ops (docs/c2c.md; ../shared/spec/c2c.md §2.2, §6), used by runtime/comm/c2c.c. Required of a
+     * backend that fuses (kvm_c2c_load refuses a backend where one is NULL). Each returns 0 or a negative KVM_E*.
+     * Contracts with kvm_c2c_gather_args_t / kvm_c2c_residual_args_t below. ---- */
+    /* the fuser's input rows: sharer then receiver K (or V) of n positions, flattened head-major, fp32 */
+    int (*c2c_gather)(const struct kvm_c2c_gather_args *a);
+    /* x[i] = 0.5 * x[i] * (1 + erf(x[i] / sqrt(2))) in place (exact-erf GELU, fp32) */
+    void (*gelu_erf)(float *x, size_t n);
+    /* the gated, weighted residual add into the paged cache: fp32, rounded once to the cache dtype */
+    int (*c2c_residual)(const struct kvm_c2c_residual_args *a);
 } kvm_ops_t;
 
 /* ---- KVCOMM op types ------------------------------------------------------------------------------ */
@@ -274,6 +286,39 @@ typedef struct kvm_kvcomm_spread_args {
     int r0, r1;
     float *out;                 /* backend memory */
 } kvm_kvcomm_spread_args_t;
+
+/* ---- C2C op types -------------------------------------------------------------------------------- */
+
+/* One model's paged cache, as the C2C ops read and write it: the pool `kv` (backend memory, the KV-cache
+ * layout at the top of this file, geometry g) and a sequence's block table `blocks` (backend memory);
+ * position p is block blocks[p / KVM_KV_BLOCK], slot p % KVM_KV_BLOCK. */
+typedef struct kvm_c2c_cache_view {
+    void *kv;
+    kvm_kv_geom_t g;
+    const int32_t *blocks;
+} kvm_c2c_cache_view_t;
+
+/* c2c_gather: for t < n, with Cs = s.g.n_kv_heads * s.g.head_dim and Cr = r.g.n_kv_heads * r.g.head_dim:
+ *   x[t][h * Ds + d]      = S[s_layer, kv, h, pos0 + t, d]   h < Hs, d < Ds   (sharer first)
+ *   x[t][Cs + h * Dt + d] = R[r_layer, kv, h, pos0 + t, d]   h < Ht, d < Dt   (then the receiver)
+ * values converted from each cache's dtype to fp32 exactly; x is [n][Cs + Cr] fp32 in backend memory. */
+typedef struct kvm_c2c_gather_args {
+    float *x;
+    int n, pos0, kv; /* kv 0 = K, 1 = V */
+    kvm_c2c_cache_view_t s, r;
+    int s_layer, r_layer;
+} kvm_c2c_gather_args_t;
+
+/* c2c_residual: for t < n, h < H = c.g.n_kv_heads, d < D = c.g.head_dim, p = pos0 + t:
+ *   C[layer, kv, h, p, d] = round_to_cache_dtype( C[...] + sigmoid(wlogit[t][h]) * y[t][h * D + d] )
+ * with the old value read as fp32, sigmoid(z) = 1 / (1 + exp(-z)) and the sum in fp32 (rounded once).
+ * y [n][H * D] and wlogit [n][H] are fp32 in backend memory. The gate is the caller's: a closed gate calls
+ * nothing. */
+typedef struct kvm_c2c_residual_args {
+    kvm_c2c_cache_view_t c;
+    int layer, kv, pos0, n;
+    const float *y, *wlogit;
+} kvm_c2c_residual_args_t;
 
 /* The CPU reference backend (always available). */
 const kvm_ops_t *kvm_ops_cpu(void);

@@ -118,6 +118,11 @@ int kvm_cpu_kvcomm_softmax(float *w, const float *d, int n, size_t cols, int mod
 int kvm_cpu_kvcomm_apply(const kvm_kvcomm_apply_args_t *a);
 int kvm_cpu_kvcomm_spread(const kvm_kvcomm_spread_args_t *a);
 
+/* ops_cpu_c2c.c */
+int kvm_cpu_c2c_gather(const kvm_c2c_gather_args_t *a);
+void kvm_cpu_gelu_erf(float *x, size_t n);
+int kvm_cpu_c2c_residual(const kvm_c2c_residual_args_t *a);
+
 static const kvm_ops_t cpu_ops = {
     .name = "cpu",
     .alloc = cpu_alloc,
@@ -142,6 +147,9 @@ static const kvm_ops_t cpu_ops = {
     .kvcomm_softmax = kvm_cpu_kvcomm_softmax,
     .kvcomm_apply = kvm_cpu_kvcomm_apply,
     .kvcomm_spread = kvm_cpu_kvcomm_spread,
+    .c2c_gather = kvm_cpu_c2c_gather,
+    .gelu_erf = kvm_cpu_gelu_erf,
+    .c2c_residual = kvm_cpu_c2c_residual,
 };
 
 const kvm_ops_t *kvm_ops_cpu(void) { return &cpu_ops; }

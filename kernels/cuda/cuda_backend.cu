@@ -367,6 +367,11 @@ extern "C" int kvm_cuda_kvcomm_softmax(float *w, const float *d, int n, size_t c
 extern "C" int kvm_cuda_kvcomm_apply(const kvm_kvcomm_apply_args_t *a);
 extern "C" int kvm_cuda_kvcomm_spread(const kvm_kvcomm_spread_args_t *a);
 
+/* c2c_kernels.cu */
+extern "C" int kvm_cuda_c2c_gather(const kvm_c2c_gather_args_t *a);
+extern "C" void kvm_cuda_gelu_erf(float *x, size_t n);
+extern "C" int kvm_cuda_c2c_residual(const kvm_c2c_residual_args_t *a);
+
 static kvm_ops_t make_ops(void) {
     kvm_ops_t o;
     memset(&o, 0, sizeof o);
@@ -412,5 +417,8 @@ static kvm_ops_t make_ops(void) {
     o.qkv_rope_kv = kvm_cuda_qkv_rope_kv;
     o.matmul_add_rmsnorm_16 = kvm_cuda_matmul_add_rmsnorm_16;
     o.ffn_add_rmsnorm_16 = kvm_cuda_ffn_add_rmsnorm_16;
+    o.c2c_gather = kvm_cuda_c2c_gather;
+    o.gelu_erf = kvm_cuda_gelu_erf;
+    o.c2c_residual = kvm_cuda_c2c_residual;
     return o;
 }
