@@ -1,12 +1,14 @@
 /* attn_cpu.c - the CPU backend's causal attention over the paged KV cache (contract: kvm_ops_t.attention).
  *
  * Work items are (sequence, KV head, tile of ATT_QT query rows): an item holds the rows' queries of every head of
- * the KV head's group (GQA, group = heads / n_kv_heads), reads each K/V block of 16 positions once (K widened to
- * fp32 and transposed to [head_dim][16] so that the 16 scores of a query are one vector), and runs an online
- * softmax (running max and sum, rescaled when the max grows) per query. Blocks past a row's position are skipped
- * (causal), as are positions past it within its last block. Items go through kvm_cpu_parallel_for, the tiles
- * holding the latest rows (the most work) first. Decode is the tile of one row. The per-block arithmetic (scores,
- * softmax and P.V) is the instruction-set path's (gemm_cpu.h): fp32, exp within 2e-7 relative of expf. */
+ * the KV head's group (GQA, group = heads / n_kv_heads) and walks the keys in chunks of ATT_CB blocks of 16
+ * positions. Each K block is read once per item, widened to fp32 and transposed to [head_dim][16] (the 16 scores
+ * of a query are then one vector); each V block is read once (in place when the cache is F32). Per query and
+ * chunk: the scores of the chunk, one online-softmax step (running max and sum; the accumulator rescaled once
+ * per chunk) and P.V. Blocks past a row's position are skipped (causal), as are positions past it within its
+ * last block. Items go through kvm_cpu_parallel_for, the tiles holding the latest rows (the most work) first.
+ * Decode is the tile of one row. The arithmetic of a chunk is the instruction-set path's (gemm_cpu.h): fp32,
+ * exp within 2e-7 relative of expf. */
 #include <math.h>
 #include <stdbool.h>
 #include <stdlib.h>
@@ -17,38 +19,38 @@
 #include "gemm_cpu.h"
 
 #define ATT_QT 16 /* query rows per tile */
+#define ATT_CB 16 /* key blocks per chunk (256 positions) */
 
-/* ---- the portable per-block arithmetic ---------------------------------------------------------------- */
+/* ---- the portable arithmetic of a chunk (contracts in gemm_cpu.h) ------------------------------------- */
 
-void kvm_cpu_scores_portable(float *s, const float *q, const float *kt, int d);
-void kvm_cpu_scores_portable(float *s, const float *q, const float *kt, int d) {
-    float a[KVM_KV_BLOCK] = {0};
-    for (int i = 0; i < d; i++)
-        for (int j = 0; j < KVM_KV_BLOCK; j++) a[j] += q[i] * kt[(size_t)i * KVM_KV_BLOCK + j];
-    memcpy(s, a, sizeof a);
+void kvm_cpu_scores_portable(float *s, const float *q, const float *kt, int nblk, int d) {
+    for (int b = 0; b < nblk; b++) {
+        float a[KVM_KV_BLOCK] = {0};
+        const float *k = kt + (size_t)b * d * KVM_KV_BLOCK;
+        for (int i = 0; i < d; i++)
+            for (int j = 0; j < KVM_KV_BLOCK; j++) a[j] += q[i] * k[(size_t)i * KVM_KV_BLOCK + j];
+        memcpy(s + (size_t)b * KVM_KV_BLOCK, a, sizeof a);
+    }
 }
 
-void kvm_cpu_softmax_pv_portable(float *acc, float *m, float *l, const float *s, int nv, const float *vb, int d);
-void kvm_cpu_softmax_pv_portable(float *acc, float *m, float *l, const float *s, int nv, const float *vb, int d) {
-    float mb = s[0];
-    for (int j = 1; j < nv; j++) mb = s[j] > mb ? s[j] : mb;
-    if (mb > *m) {
-        float corr = expf(*m - mb);
-        *l *= corr;
-        for (int i = 0; i < d; i++) acc[i] *= corr;
-        *m = mb;
-    }
-    float p[KVM_KV_BLOCK], sum = 0;
+float kvm_cpu_softmax_portable(float *s, int nv, float *m, float *l) {
+    float mb = *m;
+    for (int i = 0; i < nv; i++) mb = s[i] > mb ? s[i] : mb;
+    float corr = *m == -INFINITY ? 0.0f : expf(*m - mb), sum = 0;
+    for (int i = 0; i < nv; i++) sum += (s[i] = expf(s[i] - mb));
+    *l = *l * corr + sum;
+    *m = mb;
+    return corr;
+}
+
+void kvm_cpu_pv_portable(float *acc, const float *p, int nv, const float *const *v, int d, float corr) {
+    for (int i = 0; i < d; i++) acc[i] *= corr;
     for (int j = 0; j < nv; j++) {
-        p[j] = expf(s[j] - *m);
-        sum += p[j];
+        const float *vr = v[j / KVM_KV_BLOCK] + (size_t)(j % KVM_KV_BLOCK) * d;
+        for (int i = 0; i < d; i++) acc[i] += p[j] * vr[i];
     }
-    *l += sum;
-    for (int j = 0; j < nv; j++)
-        for (int i = 0; i < d; i++) acc[i] += p[j] * vb[(size_t)j * d + i];
 }
 
-void kvm_cpu_load_kt_portable(float *kt, const void *k, kvm_dtype_t dt, int d, int nv);
 void kvm_cpu_load_kt_portable(float *kt, const void *k, kvm_dtype_t dt, int d, int nv) {
     for (int t = 0; t < KVM_KV_BLOCK; t++)
         for (int i = 0; i < d; i++) {
@@ -78,9 +80,9 @@ static inline int row_pos(const kvm_attn_batch_t *b, int s, int r) {
     return b->h_q_pos ? b->h_q_pos[r] : b->h_ctx_len[s] - (r1 - r0) + (r - r0);
 }
 
-/* K of the first nv positions of block blk transposed to kt[D][16] (the rest zero) and V as vb[16][D] fp32: vb
- * points into the cache itself when it is F32, else at vbuf (converted). A block's 16 rows of one (layer, K or V,
- * KV head) are contiguous in the cache. */
+/* the keys of block blk (its first nv positions) transposed into kt[D][16]; returns its values as fp32 [16][D]:
+ * the cache itself when it is F32, else converted into vbuf. A block's 16 rows of one (layer, K or V, KV head)
+ * are contiguous in the cache. */
 static const float *load_block(float *kt, float *vbuf, const attn_job_t *j, int kh, int32_t blk, int nv) {
     const int D = j->g->head_dim;
     const kvm_dtype_t dt = j->g->dtype;
@@ -93,16 +95,25 @@ static const float *load_block(float *kt, float *vbuf, const attn_job_t *j, int 
     return vbuf;
 }
 
+/* scratch floats of one item: kt [ATT_CB][D][16], vbuf [ATT_CB][16][D], qs and acc [nq][D], m/l [nq][2],
+ * scores [ATT_CB * 16] */
+static size_t item_floats(int D, int nq) {
+    return 2 * (size_t)ATT_CB * KVM_KV_BLOCK * D + 2 * (size_t)nq * D + 2 * (size_t)nq + (size_t)ATT_CB * KVM_KV_BLOCK;
+}
+
 static void attn_item(const attn_job_t *j, int s, int kh, int tile, float *buf) {
     const kvm_attn_batch_t *b = j->b;
+    const cpu_kern_t *K = j->k;
     const int D = j->g->head_dim, G = j->group, heads = j->heads;
     const int r0 = b->h_row_start[s], r1 = b->h_row_start[s + 1];
     const int ra = r0 + tile * ATT_QT, rb = ra + ATT_QT < r1 ? ra + ATT_QT : r1;
     if (ra >= rb) return;
-    const int nq = (rb - ra) * G, maxpos = row_pos(b, s, rb - 1);
+    const int nq = (rb - ra) * G, maxpos = row_pos(b, s, rb - 1), nkb = maxpos / KVM_KV_BLOCK + 1;
     const int32_t *bt = b->h_block_table + (size_t)s * b->max_blocks;
-    float *kt = buf, *vb = kt + (size_t)KVM_KV_BLOCK * D, *qs = vb + (size_t)KVM_KV_BLOCK * D;
+    const size_t kblk = (size_t)KVM_KV_BLOCK * D; /* floats of one block of K or V */
+    float *kt = buf, *vbuf = kt + ATT_CB * kblk, *qs = vbuf + ATT_CB * kblk;
     float *acc = qs + (size_t)nq * D, *ml = acc + (size_t)nq * D, *sc = ml + 2 * (size_t)nq;
+    const float *vrows[ATT_CB];
     for (int r = ra; r < rb; r++)
         for (int hh = 0; hh < G; hh++) {
             int qi = (r - ra) * G + hh;
@@ -112,17 +123,21 @@ static void attn_item(const attn_job_t *j, int s, int kh, int tile, float *buf) 
             ml[2 * qi] = -INFINITY;
             ml[2 * qi + 1] = 0.0f;
         }
-    for (int kb = 0; kb <= maxpos / KVM_KV_BLOCK; kb++) {
-        const int p0 = kb * KVM_KV_BLOCK;
-        const float *v = load_block(kt, vb, j, kh, bt[kb], maxpos - p0 + 1 < KVM_KV_BLOCK ? maxpos - p0 + 1 : KVM_KV_BLOCK);
-        for (int r = rb - 1; r >= ra; r--) { /* positions increase with r: stop at the first row before the block */
-            int pos = row_pos(b, s, r);
+    for (int c0 = 0; c0 < nkb; c0 += ATT_CB) {
+        const int c1 = c0 + ATT_CB < nkb ? c0 + ATT_CB : nkb, p0 = c0 * KVM_KV_BLOCK;
+        for (int kb = c0; kb < c1; kb++) {
+            int nvb = maxpos - kb * KVM_KV_BLOCK + 1 < KVM_KV_BLOCK ? maxpos - kb * KVM_KV_BLOCK + 1 : KVM_KV_BLOCK;
+            vrows[kb - c0] = load_block(kt + (kb - c0) * kblk, vbuf + (kb - c0) * kblk, j, kh, bt[kb], nvb);
+        }
+        for (int r = rb - 1; r >= ra; r--) { /* positions increase with r: stop at the first row before the chunk */
+            const int pos = row_pos(b, s, r);
             if (pos < p0) break;
-            int nv = pos - p0 + 1 < KVM_KV_BLOCK ? pos - p0 + 1 : KVM_KV_BLOCK;
+            const int nv = pos - p0 + 1 < (c1 - c0) * KVM_KV_BLOCK ? pos - p0 + 1 : (c1 - c0) * KVM_KV_BLOCK;
             for (int hh = 0; hh < G; hh++) {
-                int qi = (r - ra) * G + hh;
-                j->k->scores(sc, qs + (size_t)qi * D, kt, D);
-                j->k->softmax_pv(acc + (size_t)qi * D, &ml[2 * qi], &ml[2 * qi + 1], sc, nv, v, D);
+                const int qi = (r - ra) * G + hh;
+                K->scores(sc, qs + (size_t)qi * D, kt, (nv + KVM_KV_BLOCK - 1) / KVM_KV_BLOCK, D);
+                float corr = K->softmax(sc, nv, &ml[2 * qi], &ml[2 * qi + 1]);
+                K->pv(acc + (size_t)qi * D, sc, nv, vrows, D, corr);
             }
         }
     }
@@ -137,9 +152,8 @@ static void attn_item(const attn_job_t *j, int s, int kh, int tile, float *buf) 
 
 static void attn_task(void *ctx, int i0, int i1, int tid) {
     const attn_job_t *j = ctx;
-    const int H = j->g->n_kv_heads, D = j->g->head_dim, nq = ATT_QT * j->group;
-    size_t floats = 2 * (size_t)KVM_KV_BLOCK * D + 2 * (size_t)nq * D + 2 * (size_t)nq + KVM_KV_BLOCK;
-    float *buf = kvm_cpu_scratch(tid, floats * sizeof(float));
+    const int H = j->g->n_kv_heads, D = j->g->head_dim;
+    float *buf = kvm_cpu_scratch(tid, item_floats(D, ATT_QT * j->group) * sizeof(float));
     for (int it = i0; it < i1; it++) {
         int s = it / (H * j->maxt), rem = it % (H * j->maxt);
         int tile = j->maxt - 1 - rem / H, kh = rem % H; /* the latest tiles (most work) first */

@@ -5,17 +5,20 @@
  * with __builtin_cpu_supports. The x86 paths are compiled with __attribute__((target(...))) in
  * gemm_cpu_x86.c / attn_cpu_x86.c: the build has no -march flag, so the binary runs on any x86-64.
  *
- * Matmul pieces (y[n][rows] = x[n][cols] . W^T + bias, W row-major [rows][cols] in F32/F16/BF16):
- *   pack(dst, w, dt, cols, r0, nrows, k0, kc): dst[kc][nr] (fp32) = W[r0 + j][k0 + k] for j < nrows, 0 for
- *       nrows <= j < nr: a panel of nr weight rows, transposed so that nr rows lie across the SIMD lanes.
- *   tile(y, ldy, x, ldx, pw, kc, m, nv, bias, acc): for t < m (<= mr), j < nv (<= nr):
- *       y[t * ldy + j] = (acc ? y[t * ldy + j] : bias ? bias[j] : 0) + sum_{k < kc} x[t * ldx + k] * pw[k * nr + j]
- *       (fp32, k in order: one FMA chain per output).
- *   dot(y, ldy, x, ldx, w, dt, cols, r0, r1, n, bias): rows [r0, r1) of the whole product for all n tokens, the
- *       weight rows streamed in their dtype without a packing pass (decode GEMV and other small n).
- * Attention pieces (attn_cpu.c): over one key block of KVM_KV_BLOCK (16) positions,
- *   scores(s, q, kt, d): s[j] = sum_{i < d} q[i] * kt[i * 16 + j] for j < 16;
- *   softmax_pv(...): the online-softmax update of one query (attn_cpu.c documents it). */
+ * The matmul piece (y[n][rows] = x[n][cols] . W^T + bias, W row-major [rows][cols] in F32/F16/BF16):
+ *   dot(y, ldy, x, ldx, w, dt, cols, r0, r1, n, bias): rows [r0, r1) for the n tokens of x / y (row strides ldx,
+ *       ldy), the weight rows streamed in their dtype. Each output's arithmetic depends on nothing but its own
+ *       row of x and of W (not on n, r0, r1 or the tile it falls in): a row computed alone gives the same bits
+ *       as in any batch (the forward's positioned recompute and prefix reuse rely on it).
+ * Attention pieces (attn_cpu.c), over a chunk of key blocks of KVM_KV_BLOCK (16) positions:
+ *   load_kt(kt, k, dt, d, nv): kt[d][16] = the first nv rows of one block's keys k[16][d] (dtype dt) transposed
+ *       to fp32, rows nv.. zero;
+ *   scores(s, q, kt, nblk, d): s[b * 16 + j] = sum_{i < d} q[i] * kt[(b * d + i) * 16 + j] for b < nblk;
+ *   softmax(s, nv, m, l): one online-softmax step of a query over its next nv scores: m' = max(*m, s[0..nv)),
+ *       s[i] = exp(s[i] - m') in place, *l = *l * corr + sum s[i], *m = m'; returns corr = exp(m - m')
+ *       (0 while *m was -inf);
+ *   pv(acc, p, nv, v, d, corr): acc[:] = acc[:] * corr + sum_{i < nv} p[i] * v[i / 16][(i % 16) * d + :]
+ *       (v: the chunk's blocks of values, [16][d] fp32 each). */
 #ifndef KVM_GEMM_CPU_H
 #define KVM_GEMM_CPU_H
 
@@ -25,23 +28,31 @@ enum { KVM_CPU_ISA_AUTO = -1, KVM_CPU_ISA_PORTABLE = 0, KVM_CPU_ISA_AVX2 = 1, KV
 
 typedef struct cpu_kern {
     const char *name;
-    int nr, mr, kc_max;
-    void (*pack)(float *dst, const void *w, kvm_dtype_t dt, int cols, int r0, int nrows, int k0, int kc);
-    void (*tile)(float *y, int ldy, const float *x, int ldx, const float *pw, int kc, int m, int nv, const float *bias,
-                 int acc);
     void (*dot)(float *y, int ldy, const float *x, int ldx, const void *w, kvm_dtype_t dt, int cols, int r0, int r1, int n,
                 const float *bias);
-    /* one query's online-softmax step over one key block: s[16] raw scores (already scaled), nv valid keys
-     * (j < nv), running max *m and sum *l, acc[d] += sum_j p_j * vb[j * d + :] after rescaling by exp(m_old - m_new) */
-    void (*softmax_pv)(float *acc, float *m, float *l, const float *s, int nv, const float *vb, int d);
-    void (*scores)(float *s, const float *q, const float *kt, int d);
-    /* kt[d][16] = the first nv rows of k[16][d] (dtype dt) transposed to fp32, rows nv.. zero */
     void (*load_kt)(float *kt, const void *k, kvm_dtype_t dt, int d, int nv);
+    void (*scores)(float *s, const float *q, const float *kt, int nblk, int d);
+    float (*softmax)(float *s, int nv, float *m, float *l);
+    void (*pv)(float *acc, const float *p, int nv, const float *const *v, int d, float corr);
 } cpu_kern_t;
 
 extern const cpu_kern_t kvm_cpu_kern_portable;
 #if defined(__x86_64__) || defined(__i386__)
 extern const cpu_kern_t kvm_cpu_kern_avx2, kvm_cpu_kern_avx512;
+#endif
+
+/* the pieces, by path (gemm_cpu.c, attn_cpu.c; gemm_cpu_x86.c, attn_cpu_x86.c) */
+void kvm_cpu_load_kt_portable(float *kt, const void *k, kvm_dtype_t dt, int d, int nv);
+void kvm_cpu_scores_portable(float *s, const float *q, const float *kt, int nblk, int d);
+float kvm_cpu_softmax_portable(float *s, int nv, float *m, float *l);
+void kvm_cpu_pv_portable(float *acc, const float *p, int nv, const float *const *v, int d, float corr);
+#if defined(__x86_64__) || defined(__i386__)
+void kvm_cpu_scores_avx512(float *s, const float *q, const float *kt, int nblk, int d);
+float kvm_cpu_softmax_avx512(float *s, int nv, float *m, float *l);
+void kvm_cpu_pv_avx512(float *acc, const float *p, int nv, const float *const *v, int d, float corr);
+void kvm_cpu_scores_avx2(float *s, const float *q, const float *kt, int nblk, int d);
+float kvm_cpu_softmax_avx2(float *s, int nv, float *m, float *l);
+void kvm_cpu_pv_avx2(float *acc, const float *p, int nv, const float *const *v, int d, float corr);
 #endif
 
 /* The kernels in use: the best the CPU supports, or what kvm_cpu_force_isa chose. */

@@ -1,14 +1,16 @@
-/* gemm_cpu_x86.c - the matmul kernels of the AVX-512 and AVX2+FMA paths (contracts in gemm_cpu.h).
+/* gemm_cpu_x86.c - the matmul kernels of the AVX-512 and AVX2+FMA paths (contracts in gemm_cpu.h), and the
+ * AVX-512 transposed load of a key block for attn_cpu.c.
  *
  * Every function here carries its own target attribute; nothing runs unless kvm_cpu_kern() found the
  * instructions (__builtin_cpu_supports), so the file builds without -march flags.
  *
- * GEMM (prefill, batched decode): the weights are packed per panel of nr rows into [kc][nr] fp32 (bf16 widened
- * by a shift into the high half, f16 by F16C; a 16x16 in-register transpose on AVX-512), then a register tile of
- * mr tokens x nr rows accumulates x[t][k] (broadcast) * panel[k][:] with one FMA chain per output.
- * AVX-512: nr 32 (two zmm), mr 12: 24 accumulators. AVX2: nr 16 (two ymm), mr 6: 12 accumulators.
- * Small n (dot): rows in blocks of 4 against up to 4 tokens at a time, k along the lanes, the weight rows
- * read in their dtype and widened in-register (no packing pass), one horizontal sum per output. */
+ * One arithmetic per output whatever the batch (the engine relies on it: a row recomputed alone, or beside
+ * other rows, gives the bits of the dense prefill): k along the SIMD lanes, lane l accumulating k = l, l + 16,
+ * ... in order (one FMA chain per lane), then a fixed reduction tree of the lanes, then the bias. The weight
+ * rows are read in their dtype and widened in registers (bf16: a shift into the high half; f16: F16C), with no
+ * packing pass. Register tiles of 16 accumulators: R rows x T tokens with R * T = 16 (T = 4, 2 or 1), reduced
+ * together by one transposed 16-way reduction; a tile with fewer rows repeats its last row. AVX2: 8 lanes, tiles
+ * of up to 4 rows x 4 tokens, a horizontal sum per output and the k % 8 tail in scalar. */
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 #include <stdint.h>
@@ -20,14 +22,6 @@
 #define T512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
 #define T256 __attribute__((target("avx2,fma,f16c")))
 #define INL __attribute__((always_inline)) inline
-
-/* attn_cpu_x86.c */
-void kvm_cpu_scores_avx512(float *s, const float *q, const float *kt, int d);
-void kvm_cpu_softmax_pv_avx512(float *acc, float *m, float *l, const float *s, int nv, const float *vb, int d);
-void kvm_cpu_scores_avx2(float *s, const float *q, const float *kt, int d);
-void kvm_cpu_softmax_pv_avx2(float *acc, float *m, float *l, const float *s, int nv, const float *vb, int d);
-/* gemm_cpu.c: the scalar pack (AVX2 path) */
-void kvm_cpu_pack_scalar(float *dst, int nr, const void *w, kvm_dtype_t dt, int cols, int r0, int nrows, int k0, int kc);
 
 /* ---- AVX-512 ------------------------------------------------------------------------------------ */
 
@@ -63,125 +57,83 @@ static INL T512 void tr16x16(__m512 r[16]) {
     }
 }
 
-static INL T512 void pack512_dt(float *dst, const void *w, kvm_dtype_t dt, int cols, int r0, int nrows, int k0, int kc) {
-    enum { NR = 32 };
-    int k = 0;
-    for (; k + 16 <= kc; k += 16)
-        for (int half = 0; half < 2; half++) {
-            __m512 r[16];
-            for (int j = 0; j < 16; j++) {
-                int row = half * 16 + j;
-                r[j] = row < nrows ? w16_512(w, dt, (size_t)(r0 + row) * cols + k0 + k) : _mm512_setzero_ps();
-            }
-            tr16x16(r);
-            for (int i = 0; i < 16; i++) _mm512_storeu_ps(dst + (size_t)(k + i) * NR + half * 16, r[i]);
-        }
-    if (k < kc) kvm_cpu_pack_scalar(dst + (size_t)k * NR, NR, w, dt, cols, r0, nrows, k0 + k, kc - k);
+/* 16 sums: lane i of the result = the sum of the lanes of a[i] */
+static INL T512 __m512 reduce16(const __m512 a[16]) {
+    __m512 b[8], c[4], d[2];
+    for (int i = 0; i < 8; i++)
+        b[i] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]), _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
+    for (int i = 0; i < 4; i++)
+        c[i] = _mm512_add_ps(_mm512_shuffle_ps(b[2 * i], b[2 * i + 1], 0x44), _mm512_shuffle_ps(b[2 * i], b[2 * i + 1], 0xEE));
+    for (int i = 0; i < 2; i++)
+        d[i] = _mm512_add_ps(_mm512_shuffle_f32x4(c[2 * i], c[2 * i + 1], 0x88),
+                             _mm512_shuffle_f32x4(c[2 * i], c[2 * i + 1], 0xDD));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(d[0], d[1], 0x88), _mm512_shuffle_f32x4(d[0], d[1], 0xDD));
 }
 
-static T512 void pack_avx512(float *dst, const void *w, kvm_dtype_t dt, int cols, int r0, int nrows, int k0, int kc) {
-    switch (dt) {
-    case KVM_F32: pack512_dt(dst, w, KVM_F32, cols, r0, nrows, k0, kc); break;
-    case KVM_BF16: pack512_dt(dst, w, KVM_BF16, cols, r0, nrows, k0, kc); break;
-    default: pack512_dt(dst, w, KVM_F16, cols, r0, nrows, k0, kc); break;
-    }
+/* the first n (< 16) weights at w + i widened to fp32, the other lanes zero */
+static INL T512 __m512 w16_512_tail(const void *w, kvm_dtype_t dt, size_t i, int n) {
+    const __mmask16 k = (__mmask16)((1u << n) - 1);
+    if (dt == KVM_F32) return _mm512_maskz_loadu_ps(k, (const float *)w + i);
+    __m256i h = _mm256_maskz_loadu_epi16(k, (const uint16_t *)w + i);
+    if (dt == KVM_BF16) return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    return _mm512_cvtph_ps(h);
 }
 
-static INL T512 void tile512_m(int M, float *y, int ldy, const float *x, int ldx, const float *pw, int kc, int nv,
-                               const float *bias, int acc) {
-    __m512 c0[12], c1[12];
-    for (int i = 0; i < M; i++) c0[i] = c1[i] = _mm512_setzero_ps();
-    for (int k = 0; k < kc; k++) {
-        __m512 b0 = _mm512_loadu_ps(pw + (size_t)k * 32), b1 = _mm512_loadu_ps(pw + (size_t)k * 32 + 16);
-        for (int i = 0; i < M; i++) {
-            __m512 a = _mm512_set1_ps(x[(size_t)i * ldx + k]);
-            c0[i] = _mm512_fmadd_ps(a, b0, c0[i]);
-            c1[i] = _mm512_fmadd_ps(a, b1, c1[i]);
-        }
-    }
-    __mmask16 m0 = nv >= 16 ? 0xFFFF : (__mmask16)((1u << nv) - 1);
-    __mmask16 m1 = nv >= 32 ? 0xFFFF : nv <= 16 ? 0 : (__mmask16)((1u << (nv - 16)) - 1);
-    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
-    if (!acc && bias) {
-        a0 = _mm512_maskz_loadu_ps(m0, bias);
-        a1 = _mm512_maskz_loadu_ps(m1, bias + 16);
-    }
-    for (int i = 0; i < M; i++) {
-        float *yy = y + (size_t)i * ldy;
-        if (acc) {
-            a0 = _mm512_maskz_loadu_ps(m0, yy);
-            a1 = _mm512_maskz_loadu_ps(m1, yy + 16);
-        }
-        _mm512_mask_storeu_ps(yy, m0, _mm512_add_ps(a0, c0[i]));
-        _mm512_mask_storeu_ps(yy + 16, m1, _mm512_add_ps(a1, c1[i]));
-    }
-}
-
-static T512 void tile_avx512(float *y, int ldy, const float *x, int ldx, const float *pw, int kc, int m, int nv,
-                             const float *bias, int acc) {
-    switch (m) {
-#define CASE(M) case M: tile512_m(M, y, ldy, x, ldx, pw, kc, nv, bias, acc); break;
-    CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8) CASE(9) CASE(10) CASE(11)
-    default: tile512_m(12, y, ldy, x, ldx, pw, kc, nv, bias, acc); break;
-#undef CASE
-    }
-}
-
-/* R rows (r .. r + R) x T tokens, k along the lanes; the tail k of cols % 16 in scalar */
-static INL T512 void dot512_rt(int R, int T, kvm_dtype_t dt, float *y, int ldy, const float *x, int ldx, const void *w,
-                               int cols, int r, const float *bias) {
-    __m512 acc[4][4];
-    for (int i = 0; i < R; i++)
-        for (int t = 0; t < T; t++) acc[i][t] = _mm512_setzero_ps();
+/* nr (<= 16 / T) rows (r ..) x T tokens (T = 4, 2 or 1): 16 accumulators with k along the lanes (rows past nr
+ * repeat the last one), one transposed reduction for the 16 outputs */
+static INL T512 void dot512_tile(int T, kvm_dtype_t dt, float *y, int ldy, const float *x, int ldx, const void *w,
+                                 int cols, int r, int nr, const float *bias) {
+    const int R = 16 / T;
+    size_t wr[16];
+    for (int i = 0; i < R; i++) wr[i] = (size_t)(r + (i < nr ? i : nr - 1)) * cols;
+    __m512 acc[16];
+    for (int i = 0; i < 16; i++) acc[i] = _mm512_setzero_ps();
     int k = 0;
     for (; k + 16 <= cols; k += 16) {
-        __m512 wv[4];
-        for (int i = 0; i < R; i++) wv[i] = w16_512(w, dt, (size_t)(r + i) * cols + k);
-        for (int t = 0; t < T; t++) {
-            __m512 xv = _mm512_loadu_ps(x + (size_t)t * ldx + k);
-            for (int i = 0; i < R; i++) acc[i][t] = _mm512_fmadd_ps(wv[i], xv, acc[i][t]);
+        __m512 xv[4];
+        for (int t = 0; t < T; t++) xv[t] = _mm512_loadu_ps(x + (size_t)t * ldx + k);
+        for (int i = 0; i < R; i++) {
+            __m512 wv = w16_512(w, dt, wr[i] + k);
+            for (int t = 0; t < T; t++) acc[i * T + t] = _mm512_fmadd_ps(wv, xv[t], acc[i * T + t]);
         }
     }
-    for (int i = 0; i < R; i++) {
-        float wt[16];
-        int nt = cols - k;
-        for (int j = 0; j < nt; j++) {
-            size_t e = (size_t)(r + i) * cols + k + j;
-            wt[j] = dt == KVM_F32 ? ((const float *)w)[e]
-                    : dt == KVM_BF16 ? kvm_bf16_to_f32(((const uint16_t *)w)[e])
-                                     : kvm_f16_to_f32(((const uint16_t *)w)[e]);
-        }
-        for (int t = 0; t < T; t++) {
-            float s = _mm512_reduce_add_ps(acc[i][t]);
-            for (int j = 0; j < nt; j++) s += x[(size_t)t * ldx + k + j] * wt[j];
-            y[(size_t)t * ldy + r + i] = s + (bias ? bias[r + i] : 0.0f);
+    if (k < cols) {
+        const __mmask16 km = (__mmask16)((1u << (cols - k)) - 1);
+        __m512 xv[4];
+        for (int t = 0; t < T; t++) xv[t] = _mm512_maskz_loadu_ps(km, x + (size_t)t * ldx + k);
+        for (int i = 0; i < R; i++) {
+            __m512 wv = w16_512_tail(w, dt, wr[i] + k, cols - k);
+            for (int t = 0; t < T; t++) acc[i * T + t] = _mm512_fmadd_ps(wv, xv[t], acc[i * T + t]);
         }
     }
+    __m512 s = reduce16(acc);
+    if (T == 1) {
+        const __mmask16 kr = (__mmask16)(nr >= 16 ? 0xFFFF : (1u << nr) - 1);
+        if (bias) s = _mm512_add_ps(s, _mm512_maskz_loadu_ps(kr, bias + r));
+        _mm512_mask_storeu_ps(y + r, kr, s);
+        return;
+    }
+    float o[16];
+    _mm512_storeu_ps(o, s);
+    for (int i = 0; i < nr; i++)
+        for (int t = 0; t < T; t++) y[(size_t)t * ldy + r + i] = o[i * T + t] + (bias ? bias[r + i] : 0.0f);
 }
 
 static INL T512 void dot512_dt(kvm_dtype_t dt, float *y, int ldy, const float *x, int ldx, const void *w, int cols, int r0,
                                int r1, int n, const float *bias) {
-    for (int t0 = 0; t0 < n; t0 += 4) {
-        int T = n - t0 < 4 ? n - t0 : 4;
+    for (int t0 = 0; t0 < n;) {
+        const int T = n - t0 >= 4 ? 4 : n - t0 >= 2 ? 2 : 1, R = 16 / T;
         float *yt = y + (size_t)t0 * ldy;
         const float *xt = x + (size_t)t0 * ldx;
-        int r = r0;
-        for (; r + 4 <= r1; r += 4) {
+        for (int r = r0; r < r1; r += R) {
+            const int nr = r1 - r < R ? r1 - r : R;
             switch (T) {
-            case 1: dot512_rt(4, 1, dt, yt, ldy, xt, ldx, w, cols, r, bias); break;
-            case 2: dot512_rt(4, 2, dt, yt, ldy, xt, ldx, w, cols, r, bias); break;
-            case 3: dot512_rt(4, 3, dt, yt, ldy, xt, ldx, w, cols, r, bias); break;
-            default: dot512_rt(4, 4, dt, yt, ldy, xt, ldx, w, cols, r, bias); break;
+            case 1: dot512_tile(1, dt, yt, ldy, xt, ldx, w, cols, r, nr, bias); break;
+            case 2: dot512_tile(2, dt, yt, ldy, xt, ldx, w, cols, r, nr, bias); break;
+            default: dot512_tile(4, dt, yt, ldy, xt, ldx, w, cols, r, nr, bias); break;
             }
         }
-        for (; r < r1; r++) {
-            switch (T) {
-            case 1: dot512_rt(1, 1, dt, yt, ldy, xt, ldx, w, cols, r, bias); break;
-            case 2: dot512_rt(1, 2, dt, yt, ldy, xt, ldx, w, cols, r, bias); break;
-            case 3: dot512_rt(1, 3, dt, yt, ldy, xt, ldx, w, cols, r, bias); break;
-            default: dot512_rt(1, 4, dt, yt, ldy, xt, ldx, w, cols, r, bias); break;
-            }
-        }
+        t0 += T;
     }
 }
 
@@ -193,8 +145,6 @@ static T512 void dot_avx512(float *y, int ldy, const float *x, int ldx, const vo
     default: dot512_dt(KVM_F16, y, ldy, x, ldx, w, cols, r0, r1, n, bias); break;
     }
 }
-
-void kvm_cpu_load_kt_portable(float *kt, const void *k, kvm_dtype_t dt, int d, int nv);
 
 static T512 void load_kt_avx512(float *kt, const void *k, kvm_dtype_t dt, int d, int nv) {
     if (d % 16) {
@@ -211,15 +161,11 @@ static T512 void load_kt_avx512(float *kt, const void *k, kvm_dtype_t dt, int d,
 
 const cpu_kern_t kvm_cpu_kern_avx512 = {
     .name = "avx512",
-    .nr = 32,
-    .mr = 12,
-    .kc_max = 256,
-    .pack = pack_avx512,
-    .tile = tile_avx512,
     .dot = dot_avx512,
-    .softmax_pv = kvm_cpu_softmax_pv_avx512,
-    .scores = kvm_cpu_scores_avx512,
     .load_kt = load_kt_avx512,
+    .scores = kvm_cpu_scores_avx512,
+    .softmax = kvm_cpu_softmax_avx512,
+    .pv = kvm_cpu_pv_avx512,
 };
 
 /* ---- AVX2 + FMA + F16C ---------------------------------------------------------------------------- */
@@ -229,43 +175,6 @@ static INL T256 __m256 w8_256(const void *w, kvm_dtype_t dt, size_t i) {
     __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)w + i));
     if (dt == KVM_BF16) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
     return _mm256_cvtph_ps(h);
-}
-
-static T256 void pack_avx2(float *dst, const void *w, kvm_dtype_t dt, int cols, int r0, int nrows, int k0, int kc) {
-    kvm_cpu_pack_scalar(dst, 16, w, dt, cols, r0, nrows, k0, kc);
-}
-
-static INL T256 void tile256_m(int M, float *y, int ldy, const float *x, int ldx, const float *pw, int kc, int nv,
-                               const float *bias, int acc) {
-    __m256 c0[6], c1[6];
-    for (int i = 0; i < M; i++) c0[i] = c1[i] = _mm256_setzero_ps();
-    for (int k = 0; k < kc; k++) {
-        __m256 b0 = _mm256_loadu_ps(pw + (size_t)k * 16), b1 = _mm256_loadu_ps(pw + (size_t)k * 16 + 8);
-        for (int i = 0; i < M; i++) {
-            __m256 a = _mm256_broadcast_ss(x + (size_t)i * ldx + k);
-            c0[i] = _mm256_fmadd_ps(a, b0, c0[i]);
-            c1[i] = _mm256_fmadd_ps(a, b1, c1[i]);
-        }
-    }
-    float out[16];
-    for (int i = 0; i < M; i++) {
-        float *yy = y + (size_t)i * ldy;
-        _mm256_storeu_ps(out, c0[i]);
-        _mm256_storeu_ps(out + 8, c1[i]);
-        for (int j = 0; j < nv; j++) yy[j] = (acc ? yy[j] : bias ? bias[j] : 0.0f) + out[j];
-    }
-}
-
-static T256 void tile_avx2(float *y, int ldy, const float *x, int ldx, const float *pw, int kc, int m, int nv,
-                           const float *bias, int acc) {
-    switch (m) {
-    case 1: tile256_m(1, y, ldy, x, ldx, pw, kc, nv, bias, acc); break;
-    case 2: tile256_m(2, y, ldy, x, ldx, pw, kc, nv, bias, acc); break;
-    case 3: tile256_m(3, y, ldy, x, ldx, pw, kc, nv, bias, acc); break;
-    case 4: tile256_m(4, y, ldy, x, ldx, pw, kc, nv, bias, acc); break;
-    case 5: tile256_m(5, y, ldy, x, ldx, pw, kc, nv, bias, acc); break;
-    default: tile256_m(6, y, ldy, x, ldx, pw, kc, nv, bias, acc); break;
-    }
 }
 
 static INL T256 float hsum256(__m256 v) {
@@ -343,15 +252,11 @@ static T256 void dot_avx2(float *y, int ldy, const float *x, int ldx, const void
 
 const cpu_kern_t kvm_cpu_kern_avx2 = {
     .name = "avx2",
-    .nr = 16,
-    .mr = 6,
-    .kc_max = 256,
-    .pack = pack_avx2,
-    .tile = tile_avx2,
     .dot = dot_avx2,
-    .softmax_pv = kvm_cpu_softmax_pv_avx2,
-    .scores = kvm_cpu_scores_avx2,
     .load_kt = kvm_cpu_load_kt_portable,
+    .scores = kvm_cpu_scores_avx2,
+    .softmax = kvm_cpu_softmax_avx2,
+    .pv = kvm_cpu_pv_avx2,
 };
 
 #endif
