@@ -130,6 +130,54 @@ static void test_matmul_matches_the_oracle_on_every_path(void **st) {
     kvm_cpu_force_isa(-1);
 }
 
+/* a token's outputs are the same bits whether it is computed alone, in a small batch or in a large one, at any
+ * offset (the engine's positioned recompute and prefix reuse compare KV rows bit for bit) */
+static int check_matmul_batch_invariance(int rows, int cols, kvm_dtype_t dt, int n) {
+    const kvm_ops_t *ops = kvm_ops_cpu();
+    void *w = malloc((size_t)rows * cols * kvm_dtype_size(dt));
+    float *x = malloc((size_t)n * cols * sizeof(float)), *bias = malloc((size_t)rows * sizeof(float));
+    float *all = malloc((size_t)n * rows * sizeof(float)), *part = malloc((size_t)n * rows * sizeof(float));
+    for (size_t e = 0; e < (size_t)rows * cols; e++) put(w, dt, e, rnd());
+    for (size_t e = 0; e < (size_t)n * cols; e++) x[e] = rnd();
+    for (int r = 0; r < rows; r++) bias[r] = rnd();
+    kvm_wmat_t W = {.data = w, .dtype = dt, .rows = rows, .cols = cols};
+    ops->matmul(all, x, &W, bias, n);
+    int bad = 0;
+    const int cuts[] = {1, 2, 3, 5, 16, 17};
+    for (size_t c = 0; c < sizeof cuts / sizeof cuts[0]; c++)
+        for (int t0 = 0; t0 < n; t0 += cuts[c]) { /* the batch cut into pieces of cuts[c] tokens */
+            int m = n - t0 < cuts[c] ? n - t0 : cuts[c];
+            ops->matmul(part, x + (size_t)t0 * cols, &W, bias, m);
+            if (memcmp(part, all + (size_t)t0 * rows, (size_t)m * rows * sizeof(float)) && bad++ < 3)
+                fprintf(stderr, "matmul %dx%d %s: tokens %d..%d computed %d at a time differ from the batch of %d\n", rows,
+                        cols, kvm_dtype_name(dt), t0, t0 + m - 1, cuts[c], n);
+        }
+    free(w);
+    free(x);
+    free(bias);
+    free(all);
+    free(part);
+    return bad;
+}
+
+static void test_matmul_gives_a_token_the_same_bits_in_any_batch(void **st) {
+    (void)st;
+    for (int isa = 0; isa <= 2; isa++) {
+        if (kvm_cpu_force_isa(isa) != isa) continue;
+        int bad = 0;
+        for (int th = 1; th <= 2; th++) {
+            kvm_set_threads(th);
+            bad += check_matmul_batch_invariance(200, 129, KVM_BF16, 67);
+            bad += check_matmul_batch_invariance(64, 192, KVM_F32, 53);
+            bad += check_matmul_batch_invariance(7, 17, KVM_F16, 40);
+        }
+        kvm_set_threads(0);
+        if (bad) fprintf(stderr, "%s path: %d batch-dependent results\n", isa_name(isa), bad);
+        assert_int_equal(bad, 0);
+    }
+    kvm_cpu_force_isa(-1);
+}
+
 /* ---- attention ------------------------------------------------------------------------------------------ */
 
 typedef struct att_case {
@@ -296,5 +344,6 @@ static void test_forcing_a_path_the_cpu_lacks_clamps_to_the_best(void **st) {
 }
 
 TC_MAIN(NULL, NULL, cmocka_unit_test(test_matmul_matches_the_oracle_on_every_path),
+        cmocka_unit_test(test_matmul_gives_a_token_the_same_bits_in_any_batch),
         cmocka_unit_test(test_attention_matches_the_oracle_on_every_path),
         cmocka_unit_test(test_forcing_a_path_the_cpu_lacks_clamps_to_the_best))
