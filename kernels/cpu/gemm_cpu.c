@@ -103,7 +103,7 @@ static void gemm_task(void *ctx, int i0, int i1, int tid) {
  * product is small or there is one thread, else >= 4 chunks per thread of >= GEMM_CHUNK_MACS each */
 static int pick_grain(int items, double macs, int threads) {
     if (threads <= 1 || items * macs < 2 * GEMM_CHUNK_MACS) return items;
-    int g = (items + 4 * threads - 1) / (4 * threads);
+    int g = items / (4 * threads);
     int gmin = (int)(GEMM_CHUNK_MACS / macs);
     if (g < gmin) g = gmin;
     return g < 1 ? 1 : g;

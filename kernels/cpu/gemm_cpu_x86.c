@@ -147,8 +147,23 @@ static T512 void dot_avx512(float *y, int ldy, const float *x, int ldx, const vo
 }
 
 static T512 void load_kt_avx512(float *kt, const void *k, kvm_dtype_t dt, int d, int nv) {
-    if (d % 16) {
-        kvm_cpu_load_kt_portable(kt, k, dt, d, nv);
+    if (d % 16) { /* one gather of the nv keys per dimension (a 16-bit element is the low half of a 32-bit read,
+                   * which stays inside the block: its values follow its keys) */
+        const __mmask16 m = (__mmask16)(nv >= 16 ? 0xFFFF : (1u << nv) - 1);
+        const __m512i rows = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                                _mm512_set1_epi32(d));
+        for (int i = 0; i < d; i++) {
+            const __m512i idx = _mm512_add_epi32(rows, _mm512_set1_epi32(i));
+            __m512 v;
+            if (dt == KVM_F32) {
+                v = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, idx, k, 4);
+            } else {
+                __m512i h = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m, idx, k, 2);
+                v = dt == KVM_BF16 ? _mm512_castsi512_ps(_mm512_slli_epi32(h, 16))
+                                   : _mm512_cvtph_ps(_mm512_cvtepi32_epi16(h));
+            }
+            _mm512_storeu_ps(kt + (size_t)i * 16, v);
+        }
         return;
     }
     for (int c = 0; c < d; c += 16) {
