@@ -31,20 +31,28 @@ static INL T512 __m512 exp512(__m512 x) {
     return _mm512_scalef_ps(p, fx);
 }
 
-T512 void kvm_cpu_scores_avx512(float *s, const float *q, const float *kt, int nblk, int d) {
-    for (int b = 0; b < nblk; b++) {
-        const float *k = kt + (size_t)b * d * BLK;
-        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-        int i = 0;
-        for (; i + 4 <= d; i += 4) {
-            a0 = _mm512_fmadd_ps(_mm512_set1_ps(q[i]), _mm512_loadu_ps(k + (size_t)i * BLK), a0);
-            a1 = _mm512_fmadd_ps(_mm512_set1_ps(q[i + 1]), _mm512_loadu_ps(k + (size_t)(i + 1) * BLK), a1);
-            a2 = _mm512_fmadd_ps(_mm512_set1_ps(q[i + 2]), _mm512_loadu_ps(k + (size_t)(i + 2) * BLK), a2);
-            a3 = _mm512_fmadd_ps(_mm512_set1_ps(q[i + 3]), _mm512_loadu_ps(k + (size_t)(i + 3) * BLK), a3);
-        }
-        for (; i < d; i++) a0 = _mm512_fmadd_ps(_mm512_set1_ps(q[i]), _mm512_loadu_ps(k + (size_t)i * BLK), a0);
-        _mm512_storeu_ps(s + (size_t)b * BLK, _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+/* one block's 16 scores, 4 FMA chains */
+static INL T512 __m512 scores16(const float *q, const float *k, int d) {
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    int i = 0;
+    for (; i + 4 <= d; i += 4) {
+        a0 = _mm512_fmadd_ps(_mm512_set1_ps(q[i]), _mm512_loadu_ps(k + (size_t)i * BLK), a0);
+        a1 = _mm512_fmadd_ps(_mm512_set1_ps(q[i + 1]), _mm512_loadu_ps(k + (size_t)(i + 1) * BLK), a1);
+        a2 = _mm512_fmadd_ps(_mm512_set1_ps(q[i + 2]), _mm512_loadu_ps(k + (size_t)(i + 2) * BLK), a2);
+        a3 = _mm512_fmadd_ps(_mm512_set1_ps(q[i + 3]), _mm512_loadu_ps(k + (size_t)(i + 3) * BLK), a3);
     }
+    for (; i < d; i++) a0 = _mm512_fmadd_ps(_mm512_set1_ps(q[i]), _mm512_loadu_ps(k + (size_t)i * BLK), a0);
+    return _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3));
+}
+
+T512 void kvm_cpu_scores_avx512(float *s, const float *q, const float *kt, int nblk, int d) {
+    int b = 0;
+    for (; b + 2 <= nblk; b += 2) { /* two blocks in flight: 8 independent chains */
+        __m512 s0 = scores16(q, kt + (size_t)b * d * BLK, d), s1 = scores16(q, kt + (size_t)(b + 1) * d * BLK, d);
+        _mm512_storeu_ps(s + (size_t)b * BLK, s0);
+        _mm512_storeu_ps(s + (size_t)(b + 1) * BLK, s1);
+    }
+    if (b < nblk) _mm512_storeu_ps(s + (size_t)b * BLK, scores16(q, kt + (size_t)b * d * BLK, d));
 }
 
 static INL T512 __mmask16 mask_of(int n) { return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1); }
@@ -76,32 +84,35 @@ T512 float kvm_cpu_softmax_avx512(float *s, int nv, float *m, float *l) {
     return corr;
 }
 
-/* NC (1..4) chunks of 16 lanes of acc from lane i0, the last one masked by mt */
+/* NC (1..4) chunks of 16 lanes of acc from lane i0, the last one masked by mt; keys block by block, 4 at a
+ * time into 4 sets of accumulators (independent FMA chains) */
 static INL T512 void pv512_nc(int NC, float *acc, const float *p, int nv, const float *const *v, int d, int i0,
                               __mmask16 mt, __m512 cv) {
-    __m512 a[4], b[4];
+    __m512 a[4][4];
     for (int c = 0; c < NC; c++) {
-        a[c] = _mm512_mul_ps(_mm512_maskz_loadu_ps(c == NC - 1 ? mt : 0xFFFF, acc + i0 + 16 * c), cv);
-        b[c] = _mm512_setzero_ps();
+        a[0][c] = _mm512_mul_ps(_mm512_maskz_loadu_ps(c == NC - 1 ? mt : 0xFFFF, acc + i0 + 16 * c), cv);
+        a[1][c] = a[2][c] = a[3][c] = _mm512_setzero_ps();
     }
-    int j = 0;
-    for (; j + 2 <= nv; j += 2) { /* j even: j and j + 1 lie in one block */
-        const float *v0 = v[j / BLK] + (size_t)(j % BLK) * d + i0, *v1 = v0 + d;
-        const __m512 p0 = _mm512_set1_ps(p[j]), p1 = _mm512_set1_ps(p[j + 1]);
-        for (int c = 0; c < NC; c++) {
-            const __mmask16 k = c == NC - 1 ? mt : 0xFFFF;
-            a[c] = _mm512_fmadd_ps(p0, _mm512_maskz_loadu_ps(k, v0 + 16 * c), a[c]);
-            b[c] = _mm512_fmadd_ps(p1, _mm512_maskz_loadu_ps(k, v1 + 16 * c), b[c]);
+    for (int j0 = 0; j0 < nv; j0 += BLK) {
+        const float *vb = v[j0 / BLK] + i0, *pb = p + j0;
+        const int nk = nv - j0 < BLK ? nv - j0 : BLK;
+        int j = 0;
+        for (; j + 4 <= nk; j += 4)
+            for (int u = 0; u < 4; u++) {
+                const __m512 pu = _mm512_set1_ps(pb[j + u]);
+                for (int c = 0; c < NC; c++)
+                    a[u][c] = _mm512_fmadd_ps(pu, _mm512_maskz_loadu_ps(c == NC - 1 ? mt : 0xFFFF, vb + (size_t)(j + u) * d + 16 * c),
+                                              a[u][c]);
+            }
+        for (; j < nk; j++) {
+            const __m512 pu = _mm512_set1_ps(pb[j]);
+            for (int c = 0; c < NC; c++)
+                a[0][c] = _mm512_fmadd_ps(pu, _mm512_maskz_loadu_ps(c == NC - 1 ? mt : 0xFFFF, vb + (size_t)j * d + 16 * c), a[0][c]);
         }
     }
-    if (j < nv) {
-        const float *v0 = v[j / BLK] + (size_t)(j % BLK) * d + i0;
-        const __m512 p0 = _mm512_set1_ps(p[j]);
-        for (int c = 0; c < NC; c++)
-            a[c] = _mm512_fmadd_ps(p0, _mm512_maskz_loadu_ps(c == NC - 1 ? mt : 0xFFFF, v0 + 16 * c), a[c]);
-    }
     for (int c = 0; c < NC; c++)
-        _mm512_mask_storeu_ps(acc + i0 + 16 * c, c == NC - 1 ? mt : 0xFFFF, _mm512_add_ps(a[c], b[c]));
+        _mm512_mask_storeu_ps(acc + i0 + 16 * c, c == NC - 1 ? mt : 0xFFFF,
+                              _mm512_add_ps(_mm512_add_ps(a[0][c], a[1][c]), _mm512_add_ps(a[2][c], a[3][c])));
 }
 
 T512 void kvm_cpu_pv_avx512(float *acc, const float *p, int nv, const float *const *v, int d, float corr) {
