@@ -19,6 +19,7 @@
 
 #define GEMM_RB 32                /* weight rows per work item */
 #define GEMM_CHUNK_MACS 65536.0   /* a parallel chunk does at least this many multiply-adds */
+#define GEMM_WIDEN_MIN 32         /* token blocks at least this long widen 16-bit weights first */
 
 /* ---- the portable path (every machine) ------------------------------------------------------------- */
 
@@ -88,14 +89,25 @@ typedef struct gemm_job {
     int rb, nb, tb;        /* rows per row block; token blocks and tokens per block */
 } gemm_job_t;
 
+/* Items of at least GEMM_WIDEN_MIN tokens first widen their 16-bit weight rows to fp32 in per-thread scratch (exact,
+ * so the bits do not change) and run the fp32 kernel: the conversion is then done once per item instead of once
+ * per 4 tokens. */
 static void gemm_task(void *ctx, int i0, int i1, int tid) {
     const gemm_job_t *j = ctx;
     const int rows = j->W->rows, cols = j->W->cols;
+    float *wf = NULL;
+    if (j->W->dtype != KVM_F32 && j->tb >= GEMM_WIDEN_MIN) wf = kvm_cpu_scratch(tid, (size_t)j->rb * cols * sizeof(float));
     for (int it = i0; it < i1; it++) {
         int r0 = (it / j->nb) * j->rb, r1 = r0 + j->rb < rows ? r0 + j->rb : rows;
         int t0 = (it % j->nb) * j->tb, t1 = t0 + j->tb < j->n ? t0 + j->tb : j->n;
-        j->k->dot(j->y + (size_t)t0 * rows, rows, j->x + (size_t)t0 * cols, cols, j->W->data, j->W->dtype, cols, r0, r1,
-                  t1 - t0, j->bias);
+        float *y = j->y + (size_t)t0 * rows;
+        const float *x = j->x + (size_t)t0 * cols;
+        if (wf) {
+            row_to_f32(wf, (const uint16_t *)j->W->data + (size_t)r0 * cols, j->W->dtype, (size_t)(r1 - r0) * cols);
+            j->k->dot(y + r0, rows, x, cols, wf, KVM_F32, cols, 0, r1 - r0, t1 - t0, j->bias ? j->bias + r0 : NULL);
+        } else {
+            j->k->dot(y, rows, x, cols, j->W->data, j->W->dtype, cols, r0, r1, t1 - t0, j->bias);
+        }
     }
 }
 
