@@ -10,7 +10,7 @@
  * rows are read in their dtype and widened in registers (bf16: a shift into the high half; f16: F16C), with no
  * packing pass. Register tiles of 16 accumulators: R rows x T tokens with R * T = 16 (T = 4, 2 or 1), reduced
  * together by one transposed 16-way reduction; a tile with fewer rows repeats its last row. AVX2: 8 lanes, tiles
- * of up to 4 rows x 4 tokens, a horizontal sum per output and the k % 8 tail in scalar. */
+ * of 8 accumulators (R x T = 8) and an 8-way transposed reduction. */
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 #include <stdint.h>
@@ -192,67 +192,75 @@ static INL T256 __m256 w8_256(const void *w, kvm_dtype_t dt, size_t i) {
     return _mm256_cvtph_ps(h);
 }
 
-static INL T256 float hsum256(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
+/* 8 sums: lane i of the result = the sum of the lanes of a[i], one fixed tree for every input */
+static INL T256 __m256 reduce8(const __m256 a[8]) {
+    __m256 b[4], c[2];
+    for (int i = 0; i < 4; i++)
+        b[i] = _mm256_add_ps(_mm256_unpacklo_ps(a[2 * i], a[2 * i + 1]), _mm256_unpackhi_ps(a[2 * i], a[2 * i + 1]));
+    for (int i = 0; i < 2; i++)
+        c[i] = _mm256_add_ps(_mm256_shuffle_ps(b[2 * i], b[2 * i + 1], 0x44), _mm256_shuffle_ps(b[2 * i], b[2 * i + 1], 0xEE));
+    return _mm256_add_ps(_mm256_permute2f128_ps(c[0], c[1], 0x20), _mm256_permute2f128_ps(c[0], c[1], 0x31));
 }
 
-static INL T256 void dot256_rt(int R, int T, kvm_dtype_t dt, float *y, int ldy, const float *x, int ldx, const void *w,
-                               int cols, int r, const float *bias) {
-    __m256 acc[4][4];
-    for (int i = 0; i < R; i++)
-        for (int t = 0; t < T; t++) acc[i][t] = _mm256_setzero_ps();
+/* the first n (< 8) weights at w + i widened to fp32, the other lanes zero */
+static INL T256 __m256 w8_256_tail(const void *w, kvm_dtype_t dt, size_t i, int n) {
+    if (dt == KVM_F32) {
+        float t[8] = {0};
+        memcpy(t, (const float *)w + i, (size_t)n * sizeof(float));
+        return _mm256_loadu_ps(t);
+    }
+    uint16_t h[8] = {0};
+    memcpy(h, (const uint16_t *)w + i, (size_t)n * sizeof(uint16_t));
+    return w8_256(h, dt, 0);
+}
+
+/* nr (<= 8 / T) rows (r ..) x T tokens (T = 4, 2 or 1): 8 accumulators with k along the lanes (rows past nr
+ * repeat the last one), one transposed reduction for the 8 outputs */
+static INL T256 void dot256_tile(int T, kvm_dtype_t dt, float *y, int ldy, const float *x, int ldx, const void *w,
+                                 int cols, int r, int nr, const float *bias) {
+    const int R = 8 / T;
+    size_t wr[8];
+    for (int i = 0; i < R; i++) wr[i] = (size_t)(r + (i < nr ? i : nr - 1)) * cols;
+    __m256 acc[8];
+    for (int i = 0; i < 8; i++) acc[i] = _mm256_setzero_ps();
     int k = 0;
     for (; k + 8 <= cols; k += 8) {
-        __m256 wv[4];
-        for (int i = 0; i < R; i++) wv[i] = w8_256(w, dt, (size_t)(r + i) * cols + k);
-        for (int t = 0; t < T; t++) {
-            __m256 xv = _mm256_loadu_ps(x + (size_t)t * ldx + k);
-            for (int i = 0; i < R; i++) acc[i][t] = _mm256_fmadd_ps(wv[i], xv, acc[i][t]);
+        __m256 xv[4];
+        for (int t = 0; t < T; t++) xv[t] = _mm256_loadu_ps(x + (size_t)t * ldx + k);
+        for (int i = 0; i < R; i++) {
+            __m256 wv = w8_256(w, dt, wr[i] + k);
+            for (int t = 0; t < T; t++) acc[i * T + t] = _mm256_fmadd_ps(wv, xv[t], acc[i * T + t]);
         }
     }
-    for (int i = 0; i < R; i++) {
-        float wt[8];
-        int nt = cols - k;
-        for (int j = 0; j < nt; j++) {
-            size_t e = (size_t)(r + i) * cols + k + j;
-            wt[j] = dt == KVM_F32 ? ((const float *)w)[e]
-                    : dt == KVM_BF16 ? kvm_bf16_to_f32(((const uint16_t *)w)[e])
-                                     : kvm_f16_to_f32(((const uint16_t *)w)[e]);
-        }
-        for (int t = 0; t < T; t++) {
-            float s = hsum256(acc[i][t]);
-            for (int j = 0; j < nt; j++) s += x[(size_t)t * ldx + k + j] * wt[j];
-            y[(size_t)t * ldy + r + i] = s + (bias ? bias[r + i] : 0.0f);
+    if (k < cols) {
+        __m256 xv[4];
+        for (int t = 0; t < T; t++) xv[t] = w8_256_tail(x + (size_t)t * ldx, KVM_F32, (size_t)k, cols - k);
+        for (int i = 0; i < R; i++) {
+            __m256 wv = w8_256_tail(w, dt, wr[i] + k, cols - k);
+            for (int t = 0; t < T; t++) acc[i * T + t] = _mm256_fmadd_ps(wv, xv[t], acc[i * T + t]);
         }
     }
+    float o[8];
+    _mm256_storeu_ps(o, reduce8(acc));
+    for (int i = 0; i < nr; i++)
+        for (int t = 0; t < T; t++) y[(size_t)t * ldy + r + i] = o[i * T + t] + (bias ? bias[r + i] : 0.0f);
 }
 
 static INL T256 void dot256_dt(kvm_dtype_t dt, float *y, int ldy, const float *x, int ldx, const void *w, int cols, int r0,
                                int r1, int n, const float *bias) {
-    for (int t0 = 0; t0 < n; t0 += 4) {
-        int T = n - t0 < 4 ? n - t0 : 4;
+    for (int t0 = 0; t0 < n;) {
+        const int T = n - t0 >= 4 ? 4 : n - t0 >= 2 ? 2 : 1, R = 8 / T;
         float *yt = y + (size_t)t0 * ldy;
         const float *xt = x + (size_t)t0 * ldx;
-        int r = r0;
-        for (; r + 4 <= r1; r += 4) {
+        for (int r = r0; r < r1; r += R) {
+            const int nr = r1 - r < R ? r1 - r : R;
             switch (T) {
-            case 1: dot256_rt(4, 1, dt, yt, ldy, xt, ldx, w, cols, r, bias); break;
-            case 2: dot256_rt(4, 2, dt, yt, ldy, xt, ldx, w, cols, r, bias); break;
-            case 3: dot256_rt(4, 3, dt, yt, ldy, xt, ldx, w, cols, r, bias); break;
-            default: dot256_rt(4, 4, dt, yt, ldy, xt, ldx, w, cols, r, bias); break;
+            case 1: dot256_tile(1, dt, yt, ldy, xt, ldx, w, cols, r, nr, bias); break;
+            case 2: dot256_tile(2, dt, yt, ldy, xt, ldx, w, cols, r, nr, bias); break;
+            default: dot256_tile(4, dt, yt, ldy, xt, ldx, w, cols, r, nr, bias); break;
             }
         }
-        for (; r < r1; r++) {
-            switch (T) {
-            case 1: dot256_rt(1, 1, dt, yt, ldy, xt, ldx, w, cols, r, bias); break;
-            case 2: dot256_rt(1, 2, dt, yt, ldy, xt, ldx, w, cols, r, bias); break;
-            case 3: dot256_rt(1, 3, dt, yt, ldy, xt, ldx, w, cols, r, bias); break;
-            default: dot256_rt(1, 4, dt, yt, ldy, xt, ldx, w, cols, r, bias); break;
-            }
-        }
+        t0 += T;
     }
 }
 
