@@ -79,8 +79,9 @@ static INL T512 __m512 w16_512_tail(const void *w, kvm_dtype_t dt, size_t i, int
     return _mm512_cvtph_ps(h);
 }
 
-/* nr (<= 16 / T) rows (r ..) x T tokens (T = 4, 2 or 1): 16 accumulators with k along the lanes (rows past nr
- * repeat the last one), one transposed reduction for the 16 outputs */
+/* nr (<= 16 / T) rows (r ..) x T tokens (T = 4, 2 or 1): 16 accumulators with k along the lanes, acc[t * R + i]
+ * for token t and row i (rows past nr repeat the last one), one transposed reduction for the 16 outputs, which
+ * then lie as T runs of R consecutive outputs (one store per token) */
 static INL T512 void dot512_tile(int T, kvm_dtype_t dt, float *y, int ldy, const float *x, int ldx, const void *w,
                                  int cols, int r, int nr, const float *bias) {
     const int R = 16 / T;
@@ -94,7 +95,7 @@ static INL T512 void dot512_tile(int T, kvm_dtype_t dt, float *y, int ldy, const
         for (int t = 0; t < T; t++) xv[t] = _mm512_loadu_ps(x + (size_t)t * ldx + k);
         for (int i = 0; i < R; i++) {
             __m512 wv = w16_512(w, dt, wr[i] + k);
-            for (int t = 0; t < T; t++) acc[i * T + t] = _mm512_fmadd_ps(wv, xv[t], acc[i * T + t]);
+            for (int t = 0; t < T; t++) acc[t * R + i] = _mm512_fmadd_ps(wv, xv[t], acc[t * R + i]);
         }
     }
     if (k < cols) {
@@ -103,20 +104,25 @@ static INL T512 void dot512_tile(int T, kvm_dtype_t dt, float *y, int ldy, const
         for (int t = 0; t < T; t++) xv[t] = _mm512_maskz_loadu_ps(km, x + (size_t)t * ldx + k);
         for (int i = 0; i < R; i++) {
             __m512 wv = w16_512_tail(w, dt, wr[i] + k, cols - k);
-            for (int t = 0; t < T; t++) acc[i * T + t] = _mm512_fmadd_ps(wv, xv[t], acc[i * T + t]);
+            for (int t = 0; t < T; t++) acc[t * R + i] = _mm512_fmadd_ps(wv, xv[t], acc[t * R + i]);
         }
     }
     __m512 s = reduce16(acc);
+    const __mmask16 kr = (__mmask16)((1u << nr) - 1); /* nr <= R <= 16 */
     if (T == 1) {
-        const __mmask16 kr = (__mmask16)(nr >= 16 ? 0xFFFF : (1u << nr) - 1);
-        if (bias) s = _mm512_add_ps(s, _mm512_maskz_loadu_ps(kr, bias + r));
-        _mm512_mask_storeu_ps(y + r, kr, s);
-        return;
+        if (bias) s = _mm512_add_ps(s, _mm512_maskz_loadu_ps(nr >= 16 ? 0xFFFF : kr, bias + r));
+        _mm512_mask_storeu_ps(y + r, nr >= 16 ? 0xFFFF : kr, s);
+    } else if (T == 2) {
+        if (bias) s = _mm512_add_ps(s, _mm512_broadcast_f32x8(_mm256_maskz_loadu_ps((__mmask8)kr, bias + r)));
+        _mm256_mask_storeu_ps(y + r, (__mmask8)kr, _mm512_castps512_ps256(s));
+        _mm256_mask_storeu_ps(y + (size_t)ldy + r, (__mmask8)kr, _mm512_extractf32x8_ps(s, 1));
+    } else {
+        if (bias) s = _mm512_add_ps(s, _mm512_broadcast_f32x4(_mm_maskz_loadu_ps((__mmask8)kr, bias + r)));
+        _mm_mask_storeu_ps(y + r, (__mmask8)kr, _mm512_castps512_ps128(s));
+        _mm_mask_storeu_ps(y + (size_t)ldy + r, (__mmask8)kr, _mm512_extractf32x4_ps(s, 1));
+        _mm_mask_storeu_ps(y + 2 * (size_t)ldy + r, (__mmask8)kr, _mm512_extractf32x4_ps(s, 2));
+        _mm_mask_storeu_ps(y + 3 * (size_t)ldy + r, (__mmask8)kr, _mm512_extractf32x4_ps(s, 3));
     }
-    float o[16];
-    _mm512_storeu_ps(o, s);
-    for (int i = 0; i < nr; i++)
-        for (int t = 0; t < T; t++) y[(size_t)t * ldy + r + i] = o[i * T + t] + (bias ? bias[r + i] : 0.0f);
 }
 
 static INL T512 void dot512_dt(kvm_dtype_t dt, float *y, int ldy, const float *x, int ldx, const void *w, int cols, int r0,
