@@ -334,6 +334,57 @@ static void test_attention_matches_the_oracle_on_every_path(void **st) {
     kvm_cpu_force_isa(-1);
 }
 
+/* a row's attention output is the same bits computed among all rows of its sequence (prefill) or alone at its
+ * position (decode, a positioned recompute) */
+static int check_attention_row_invariance(kvm_dtype_t dt) {
+    const kvm_ops_t *ops = kvm_ops_cpu();
+    enum { L = 1, H = 2, G = 3, D = 32, CTX = 290, NB = (CTX + KVM_KV_BLOCK - 1) / KVM_KV_BLOCK };
+    const int heads = H * G;
+    kvm_kv_geom_t g = {.n_layers = L, .n_kv_heads = H, .head_dim = D, .dtype = dt};
+    const size_t elems = (size_t)NB * L * 2 * H * KVM_KV_BLOCK * D;
+    void *kv = malloc(elems * kvm_dtype_size(dt));
+    for (size_t e = 0; e < elems; e++) put(kv, dt, e, rnd());
+    int32_t bt[NB], rs_all[2] = {0, CTX}, rs_one[2] = {0, 1}, ctx[1] = {CTX}, pos[1];
+    for (int b = 0; b < NB; b++) bt[b] = NB - 1 - b;
+    float *q = malloc((size_t)CTX * heads * D * sizeof(float)), *all = malloc((size_t)CTX * heads * D * sizeof(float));
+    float one[6 * 32];
+    for (size_t e = 0; e < (size_t)CTX * heads * D; e++) q[e] = rnd();
+    kvm_attn_batch_t ab = {.n_seqs = 1, .row_start = rs_all, .ctx_len = ctx, .block_table = bt, .max_blocks = NB,
+                           .total_rows = CTX, .h_row_start = rs_all, .h_ctx_len = ctx, .h_block_table = bt};
+    ops->attention(all, q, kv, &g, 0, heads, &ab, 0.17f);
+    int bad = 0;
+    const int rows[] = {0, 1, 15, 16, 17, 100, 255, 256, 257, CTX - 1};
+    for (size_t i = 0; i < sizeof rows / sizeof rows[0]; i++) {
+        pos[0] = rows[i];
+        kvm_attn_batch_t a1 = {.n_seqs = 1, .row_start = rs_one, .ctx_len = ctx, .block_table = bt, .max_blocks = NB,
+                               .total_rows = 1, .h_row_start = rs_one, .h_ctx_len = ctx, .h_block_table = bt,
+                               .q_pos = pos, .h_q_pos = pos};
+        ops->attention(one, q + (size_t)rows[i] * heads * D, kv, &g, 0, heads, &a1, 0.17f);
+        if (memcmp(one, all + (size_t)rows[i] * heads * D, sizeof one) && bad++ < 3)
+            fprintf(stderr, "attention %s: row %d alone differs from the same row in the prefill\n", kvm_dtype_name(dt), rows[i]);
+    }
+    free(kv);
+    free(q);
+    free(all);
+    return bad;
+}
+
+static void test_attention_gives_a_row_the_same_bits_alone_or_in_the_prefill(void **st) {
+    (void)st;
+    for (int isa = 0; isa <= 2; isa++) {
+        if (kvm_cpu_force_isa(isa) != isa) continue;
+        int bad = 0;
+        for (int th = 1; th <= 2; th++) {
+            kvm_set_threads(th);
+            bad += check_attention_row_invariance(KVM_F32) + check_attention_row_invariance(KVM_BF16);
+        }
+        kvm_set_threads(0);
+        if (bad) fprintf(stderr, "%s path: %d rows differ\n", isa_name(isa), bad);
+        assert_int_equal(bad, 0);
+    }
+    kvm_cpu_force_isa(-1);
+}
+
 static void test_forcing_a_path_the_cpu_lacks_clamps_to_the_best(void **st) {
     (void)st;
     int best = kvm_cpu_force_isa(-1);
@@ -346,4 +397,5 @@ static void test_forcing_a_path_the_cpu_lacks_clamps_to_the_best(void **st) {
 TC_MAIN(NULL, NULL, cmocka_unit_test(test_matmul_matches_the_oracle_on_every_path),
         cmocka_unit_test(test_matmul_gives_a_token_the_same_bits_in_any_batch),
         cmocka_unit_test(test_attention_matches_the_oracle_on_every_path),
+        cmocka_unit_test(test_attention_gives_a_row_the_same_bits_alone_or_in_the_prefill),
         cmocka_unit_test(test_forcing_a_path_the_cpu_lacks_clamps_to_the_best))
