@@ -57,6 +57,23 @@ static void poison(float *p, size_t n) {
 
 static const char *isa_name(int isa) { return isa == 2 ? "avx512" : isa == 1 ? "avx2" : "portable"; }
 
+/* runs check() (returns the number of failures) on every instruction-set path the CPU has, with 1 and 2
+ * threads, and asserts none failed */
+static void on_every_path(int (*check)(void), const char *what) {
+    for (int isa = 0; isa <= 2; isa++) {
+        if (kvm_cpu_force_isa(isa) != isa) continue;
+        int bad = 0;
+        for (int th = 1; th <= 2; th++) {
+            kvm_set_threads(th);
+            bad += check();
+        }
+        kvm_set_threads(0);
+        if (bad) fprintf(stderr, "%s path: %d %s\n", isa_name(isa), bad, what);
+        assert_int_equal(bad, 0);
+    }
+    kvm_cpu_force_isa(-1);
+}
+
 /* ---- matmul ------------------------------------------------------------------------------------------ */
 
 /* one matmul of the op table against the oracle; returns the number of outputs out of tolerance */
@@ -160,22 +177,14 @@ static int check_matmul_batch_invariance(int rows, int cols, kvm_dtype_t dt, int
     return bad;
 }
 
+static int matmul_batch_invariance_cases(void) {
+    return check_matmul_batch_invariance(200, 129, KVM_BF16, 67) + check_matmul_batch_invariance(64, 192, KVM_F32, 53) +
+           check_matmul_batch_invariance(7, 17, KVM_F16, 40);
+}
+
 static void test_matmul_gives_a_token_the_same_bits_in_any_batch(void **st) {
     (void)st;
-    for (int isa = 0; isa <= 2; isa++) {
-        if (kvm_cpu_force_isa(isa) != isa) continue;
-        int bad = 0;
-        for (int th = 1; th <= 2; th++) {
-            kvm_set_threads(th);
-            bad += check_matmul_batch_invariance(200, 129, KVM_BF16, 67);
-            bad += check_matmul_batch_invariance(64, 192, KVM_F32, 53);
-            bad += check_matmul_batch_invariance(7, 17, KVM_F16, 40);
-        }
-        kvm_set_threads(0);
-        if (bad) fprintf(stderr, "%s path: %d batch-dependent results\n", isa_name(isa), bad);
-        assert_int_equal(bad, 0);
-    }
-    kvm_cpu_force_isa(-1);
+    on_every_path(matmul_batch_invariance_cases, "batch-dependent matmul results");
 }
 
 /* ---- attention ------------------------------------------------------------------------------------------ */
@@ -369,20 +378,13 @@ static int check_attention_row_invariance(kvm_dtype_t dt) {
     return bad;
 }
 
+static int attention_row_invariance_cases(void) {
+    return check_attention_row_invariance(KVM_F32) + check_attention_row_invariance(KVM_BF16);
+}
+
 static void test_attention_gives_a_row_the_same_bits_alone_or_in_the_prefill(void **st) {
     (void)st;
-    for (int isa = 0; isa <= 2; isa++) {
-        if (kvm_cpu_force_isa(isa) != isa) continue;
-        int bad = 0;
-        for (int th = 1; th <= 2; th++) {
-            kvm_set_threads(th);
-            bad += check_attention_row_invariance(KVM_F32) + check_attention_row_invariance(KVM_BF16);
-        }
-        kvm_set_threads(0);
-        if (bad) fprintf(stderr, "%s path: %d rows differ\n", isa_name(isa), bad);
-        assert_int_equal(bad, 0);
-    }
-    kvm_cpu_force_isa(-1);
+    on_every_path(attention_row_invariance_cases, "attention rows differ alone and in the prefill");
 }
 
 static void test_forcing_a_path_the_cpu_lacks_clamps_to_the_best(void **st) {
