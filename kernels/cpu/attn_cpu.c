@@ -1,56 +1,188 @@
-/* attn_cpu.c - the CPU backend's causal attention over the paged KV cache. */
+/* attn_cpu.c - the CPU backend's causal attention over the paged KV cache (contract: kvm_ops_t.attention).
+ *
+ * Work items are (sequence, KV head, tile of ATT_QT query rows): an item holds the rows' queries of every head of
+ * the KV head's group (GQA, group = heads / n_kv_heads) and walks the keys in chunks of ATT_CB blocks of 16
+ * positions. Each K block is read once per item, widened to fp32 and transposed to [head_dim][16] (the 16 scores
+ * of a query are then one vector); each V block is read once (in place when the cache is F32). Per query and
+ * chunk: the scores of the chunk, one online-softmax step (running max and sum; the accumulator rescaled once
+ * per chunk) and P.V. Blocks past a row's position are skipped (causal), as are positions past it within its
+ * last block. Items go through kvm_cpu_parallel_for, the tiles holding the latest rows (the most work) first.
+ * Decode is the tile of one row. The arithmetic of a chunk is the instruction-set path's (gemm_cpu.h): fp32,
+ * exp within 2e-7 relative of expf. */
 #include <math.h>
 #include <stdbool.h>
 #include <stdlib.h>
 
 #include "cpu_common.h"
+#include "cpu_kernels.h"
 #include "cpu_pool.h"
+#include "gemm_cpu.h"
 
-void kvm_cpu_attention(float *out, const float *q, const void *kv, const kvm_kv_geom_t *g, int layer, int heads,
-                          const kvm_attn_batch_t *b, float scale) {
-    const int H = g->n_kv_heads, D = g->head_dim, group = heads / H;
-    for (int s = 0; s < b->n_seqs; s++) {
-        int r0 = b->h_row_start[s], r1 = b->h_row_start[s + 1];
-        int ctx = b->h_ctx_len[s];
-        int first_pos = ctx - (r1 - r0);
-        const int32_t *bt = b->h_block_table + (size_t)s * b->max_blocks;
-        int nwork = (r1 - r0) * heads;
-        const bool par = (double)nwork * ctx * D > 65536.0;
-#pragma omp parallel if (par)
-        {
-            float *att = malloc((size_t)ctx * sizeof(float));
-            float *tmp = malloc((size_t)D * sizeof(float));
-            float *acc = malloc((size_t)D * sizeof(float));
-#pragma omp for schedule(dynamic, 1)
-            for (int w = 0; w < nwork; w++) {
-                int r = r0 + w / heads, h = w % heads, kh = h / group;
-                int pos = b->h_q_pos ? b->h_q_pos[r] : first_pos + (r - r0);
-                const float *qv = q + ((size_t)r * heads + h) * D;
-                float mx = -INFINITY;
-                for (int p = 0; p <= pos; p++) {
-                    kv_load(tmp, kv, g, kv_index(g, bt[p / KVM_KV_BLOCK], layer, 0, kh, p % KVM_KV_BLOCK));
-                    float sc = dot_f32(qv, tmp, D) * scale;
-                    att[p] = sc;
-                    if (sc > mx) mx = sc;
-                }
-                float sum = 0;
-                for (int p = 0; p <= pos; p++) {
-                    att[p] = expf(att[p] - mx);
-                    sum += att[p];
-                }
-                float inv = 1.0f / sum;
-                memset(acc, 0, (size_t)D * sizeof(float));
-                for (int p = 0; p <= pos; p++) {
-                    kv_load(tmp, kv, g, kv_index(g, bt[p / KVM_KV_BLOCK], layer, 1, kh, p % KVM_KV_BLOCK));
-                    float a = att[p] * inv;
-                    for (int d = 0; d < D; d++) acc[d] += a * tmp[d];
-                }
-                memcpy(out + ((size_t)r * heads + h) * D, acc, (size_t)D * sizeof(float));
-            }
-            free(att);
-            free(tmp);
-            free(acc);
-        }
+#define ATT_QT 16 /* query rows per tile */
+#define ATT_CB 16 /* key blocks per chunk (256 positions) */
+
+/* ---- the portable arithmetic of a chunk (contracts in gemm_cpu.h) ------------------------------------- */
+
+void kvm_cpu_scores_portable(float *s, const float *q, const float *kt, int nblk, int d) {
+    for (int b = 0; b < nblk; b++) {
+        float a[KVM_KV_BLOCK] = {0};
+        const float *k = kt + (size_t)b * d * KVM_KV_BLOCK;
+        for (int i = 0; i < d; i++)
+            for (int j = 0; j < KVM_KV_BLOCK; j++) a[j] += q[i] * k[(size_t)i * KVM_KV_BLOCK + j];
+        memcpy(s + (size_t)b * KVM_KV_BLOCK, a, sizeof a);
     }
 }
 
+float kvm_cpu_softmax_portable(float *s, int nv, float *m, float *l) {
+    float mb = *m;
+    for (int i = 0; i < nv; i++) mb = s[i] > mb ? s[i] : mb;
+    float corr = *m == -INFINITY ? 0.0f : expf(*m - mb), sum = 0;
+    for (int i = 0; i < nv; i++) sum += (s[i] = expf(s[i] - mb));
+    *l = *l * corr + sum;
+    *m = mb;
+    return corr;
+}
+
+void kvm_cpu_pv_portable(float *acc, const float *p, int nv, const float *const *v, int d, float corr) {
+    for (int i = 0; i < d; i++) acc[i] *= corr;
+    for (int j = 0; j < nv; j++) {
+        const float *vr = v[j / KVM_KV_BLOCK] + (size_t)(j % KVM_KV_BLOCK) * d;
+        for (int i = 0; i < d; i++) acc[i] += p[j] * vr[i];
+    }
+}
+
+void kvm_cpu_load_kt_portable(float *kt, const void *k, kvm_dtype_t dt, int d, int nv) {
+    for (int t = 0; t < KVM_KV_BLOCK; t++)
+        for (int i = 0; i < d; i++) {
+            size_t e = (size_t)t * d + i;
+            kt[(size_t)i * KVM_KV_BLOCK + t] = t >= nv ? 0.0f
+                                               : dt == KVM_F32 ? ((const float *)k)[e]
+                                               : dt == KVM_BF16 ? kvm_bf16_to_f32(((const uint16_t *)k)[e])
+                                                                : kvm_f16_to_f32(((const uint16_t *)k)[e]);
+        }
+}
+
+/* ---- the driver ------------------------------------------------------------------------------------------ */
+
+typedef struct attn_job {
+    float *out;             /* [rows][heads][D] */
+    const float *q;         /* [rows][heads][D] */
+    const void *kv;
+    const kvm_kv_geom_t *g;
+    const kvm_attn_batch_t *b;
+    int layer, heads, group, maxt; /* maxt: the most tiles of any sequence */
+    float scale;
+    const cpu_kern_t *k;
+} attn_job_t;
+
+static inline int row_pos(const kvm_attn_batch_t *b, int s, int r) {
+    int r0 = b->h_row_start[s], r1 = b->h_row_start[s + 1];
+    return b->h_q_pos ? b->h_q_pos[r] : b->h_ctx_len[s] - (r1 - r0) + (r - r0);
+}
+
+/* the keys of block blk (its first nv positions) transposed into kt[D][16]; returns its values as fp32 [16][D]:
+ * the cache itself when it is F32, else converted into vbuf. A block's 16 rows of one (layer, K or V, KV head)
+ * are contiguous in the cache. */
+static const float *load_block(float *kt, float *vbuf, const attn_job_t *j, int kh, int32_t blk, int nv) {
+    const int D = j->g->head_dim;
+    const kvm_dtype_t dt = j->g->dtype;
+    const size_t es = kvm_dtype_size(dt);
+    const char *k = (const char *)j->kv + kv_index(j->g, blk, j->layer, 0, kh, 0) * es;
+    const char *v = (const char *)j->kv + kv_index(j->g, blk, j->layer, 1, kh, 0) * es;
+    j->k->load_kt(kt, k, dt, D, nv);
+    if (dt == KVM_F32) return (const float *)v;
+    row_to_f32(vbuf, v, dt, (size_t)nv * D);
+    return vbuf;
+}
+
+/* scratch floats of one item: kt [ATT_CB][D][16], vbuf [ATT_CB][16][D], qs and acc [nq][D], m/l [nq][2],
+ * scores [ATT_CB * 16] */
+static size_t item_floats(int D, int nq) {
+    return 2 * (size_t)ATT_CB * KVM_KV_BLOCK * D + 2 * (size_t)nq * D + 2 * (size_t)nq + (size_t)ATT_CB * KVM_KV_BLOCK;
+}
+
+static void attn_item(const attn_job_t *j, int s, int kh, int tile, float *buf) {
+    const kvm_attn_batch_t *b = j->b;
+    const cpu_kern_t *K = j->k;
+    const int D = j->g->head_dim, G = j->group, heads = j->heads;
+    const int r0 = b->h_row_start[s], r1 = b->h_row_start[s + 1];
+    const int ra = r0 + tile * ATT_QT, rb = ra + ATT_QT < r1 ? ra + ATT_QT : r1;
+    if (ra >= rb) return;
+    const int nq = (rb - ra) * G, maxpos = row_pos(b, s, rb - 1), nkb = maxpos / KVM_KV_BLOCK + 1;
+    const int32_t *bt = b->h_block_table + (size_t)s * b->max_blocks;
+    const size_t kblk = (size_t)KVM_KV_BLOCK * D; /* floats of one block of K or V */
+    float *kt = buf, *vbuf = kt + ATT_CB * kblk, *qs = vbuf + ATT_CB * kblk;
+    float *acc = qs + (size_t)nq * D, *ml = acc + (size_t)nq * D, *sc = ml + 2 * (size_t)nq;
+    const float *vrows[ATT_CB];
+    for (int r = ra; r < rb; r++)
+        for (int hh = 0; hh < G; hh++) {
+            int qi = (r - ra) * G + hh;
+            const float *qv = j->q + ((size_t)r * heads + kh * G + hh) * D;
+            for (int i = 0; i < D; i++) qs[(size_t)qi * D + i] = qv[i] * j->scale;
+            memset(acc + (size_t)qi * D, 0, (size_t)D * sizeof(float));
+            ml[2 * qi] = -INFINITY;
+            ml[2 * qi + 1] = 0.0f;
+        }
+    for (int c0 = 0; c0 < nkb; c0 += ATT_CB) {
+        const int c1 = c0 + ATT_CB < nkb ? c0 + ATT_CB : nkb, p0 = c0 * KVM_KV_BLOCK;
+        for (int kb = c0; kb < c1; kb++) {
+            int nvb = maxpos - kb * KVM_KV_BLOCK + 1 < KVM_KV_BLOCK ? maxpos - kb * KVM_KV_BLOCK + 1 : KVM_KV_BLOCK;
+            vrows[kb - c0] = load_block(kt + (kb - c0) * kblk, vbuf + (kb - c0) * kblk, j, kh, bt[kb], nvb);
+        }
+        for (int r = rb - 1; r >= ra; r--) { /* positions increase with r: stop at the first row before the chunk */
+            const int pos = row_pos(b, s, r);
+            if (pos < p0) break;
+            const int nv = pos - p0 + 1 < (c1 - c0) * KVM_KV_BLOCK ? pos - p0 + 1 : (c1 - c0) * KVM_KV_BLOCK;
+            for (int hh = 0; hh < G; hh++) {
+                const int qi = (r - ra) * G + hh;
+                K->scores(sc, qs + (size_t)qi * D, kt, (nv + KVM_KV_BLOCK - 1) / KVM_KV_BLOCK, D);
+                float corr = K->softmax(sc, nv, &ml[2 * qi], &ml[2 * qi + 1]);
+                K->pv(acc + (size_t)qi * D, sc, nv, vrows, D, corr);
+            }
+        }
+    }
+    for (int r = ra; r < rb; r++)
+        for (int hh = 0; hh < G; hh++) {
+            int qi = (r - ra) * G + hh;
+            float inv = 1.0f / ml[2 * qi + 1];
+            float *o = j->out + ((size_t)r * heads + kh * G + hh) * D;
+            for (int i = 0; i < D; i++) o[i] = acc[(size_t)qi * D + i] * inv;
+        }
+}
+
+static void attn_task(void *ctx, int i0, int i1, int tid) {
+    const attn_job_t *j = ctx;
+    const int H = j->g->n_kv_heads, D = j->g->head_dim;
+    float *buf = kvm_cpu_scratch(tid, item_floats(D, ATT_QT * j->group) * sizeof(float));
+    for (int it = i0; it < i1; it++) {
+        int s = it / (H * j->maxt), rem = it % (H * j->maxt);
+        int tile = j->maxt - 1 - rem / H, kh = rem % H; /* the latest tiles (most work) first */
+        if (buf) {
+            attn_item(j, s, kh, tile, buf);
+            continue;
+        }
+        /* no scratch (out of memory, the error is set): the rows read NaN rather than stale values */
+        const kvm_attn_batch_t *b = j->b;
+        int ra = b->h_row_start[s] + tile * ATT_QT, rb = b->h_row_start[s + 1];
+        for (int r = ra; r < rb && r < ra + ATT_QT; r++)
+            for (int h = kh * j->group; h < (kh + 1) * j->group; h++)
+                for (int i = 0; i < D; i++) j->out[((size_t)r * j->heads + h) * D + i] = NAN;
+    }
+}
+
+void kvm_cpu_attention(float *out, const float *q, const void *kv, const kvm_kv_geom_t *g, int layer, int heads,
+                       const kvm_attn_batch_t *b, float scale) {
+    const int H = g->n_kv_heads;
+    attn_job_t j = {.out = out, .q = q, .kv = kv, .g = g, .b = b, .layer = layer, .heads = heads, .group = heads / H,
+                    .scale = scale, .k = kvm_cpu_kern()};
+    double work = 0; /* query-key pairs x head_dim, for the grain */
+    for (int s = 0; s < b->n_seqs; s++) {
+        int nr = b->h_row_start[s + 1] - b->h_row_start[s], t = (nr + ATT_QT - 1) / ATT_QT;
+        if (t > j.maxt) j.maxt = t;
+        work += (double)nr * b->h_ctx_len[s] * heads * g->head_dim;
+    }
+    int items = b->n_seqs * H * j.maxt;
+    if (items <= 0) return;
+    int grain = kvm_cpu_pool_size() <= 1 || work < 131072.0 ? items : 1;
+    kvm_cpu_parallel_for(items, grain, attn_task, &j);
+}

@@ -1,0 +1,232 @@
+/* attn_cpu_x86.c - the per-block attention arithmetic of the AVX-512 and AVX2 paths (contracts in gemm_cpu.h,
+ * the portable versions in attn_cpu.c). The exp is Cephes' expf polynomial (relative error below 2e-7 on
+ * [-87, 0]; inputs below -87.3 give about 1e-38 instead of 0, masked lanes are 0). */
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#include <math.h>
+#include <string.h>
+
+#include "gemm_cpu.h"
+
+#define T512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
+#define T256 __attribute__((target("avx2,fma,f16c")))
+#define INL __attribute__((always_inline)) inline
+#define BLK KVM_KV_BLOCK
+
+/* ---- AVX-512 ------------------------------------------------------------------------------------ */
+
+static INL T512 __m512 exp512(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.33f));
+    __m512 fx = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(fx, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(fx, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500E-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507E-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073E-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894E-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459E-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201E-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(p, fx);
+}
+
+/* one block's 16 scores, 4 FMA chains */
+static INL T512 __m512 scores16(const float *q, const float *k, int d) {
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    int i = 0;
+    for (; i + 4 <= d; i += 4) {
+        a0 = _mm512_fmadd_ps(_mm512_set1_ps(q[i]), _mm512_loadu_ps(k + (size_t)i * BLK), a0);
+        a1 = _mm512_fmadd_ps(_mm512_set1_ps(q[i + 1]), _mm512_loadu_ps(k + (size_t)(i + 1) * BLK), a1);
+        a2 = _mm512_fmadd_ps(_mm512_set1_ps(q[i + 2]), _mm512_loadu_ps(k + (size_t)(i + 2) * BLK), a2);
+        a3 = _mm512_fmadd_ps(_mm512_set1_ps(q[i + 3]), _mm512_loadu_ps(k + (size_t)(i + 3) * BLK), a3);
+    }
+    for (; i < d; i++) a0 = _mm512_fmadd_ps(_mm512_set1_ps(q[i]), _mm512_loadu_ps(k + (size_t)i * BLK), a0);
+    return _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3));
+}
+
+T512 void kvm_cpu_scores_avx512(float *s, const float *q, const float *kt, int nblk, int d) {
+    int b = 0;
+    for (; b + 2 <= nblk; b += 2) { /* two blocks in flight: 8 independent chains */
+        __m512 s0 = scores16(q, kt + (size_t)b * d * BLK, d), s1 = scores16(q, kt + (size_t)(b + 1) * d * BLK, d);
+        _mm512_storeu_ps(s + (size_t)b * BLK, s0);
+        _mm512_storeu_ps(s + (size_t)(b + 1) * BLK, s1);
+    }
+    if (b < nblk) _mm512_storeu_ps(s + (size_t)b * BLK, scores16(q, kt + (size_t)b * d * BLK, d));
+}
+
+static INL T512 __mmask16 mask_of(int n) { return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1); }
+
+T512 float kvm_cpu_softmax_avx512(float *s, int nv, float *m, float *l) {
+    __m512 mx = _mm512_set1_ps(*m);
+    for (int i = 0; i < nv; i += 16) mx = _mm512_mask_max_ps(mx, mask_of(nv - i), mx, _mm512_loadu_ps(s + i));
+    const float mn = _mm512_reduce_max_ps(mx);
+    const float corr = *m == -INFINITY ? 0.0f : expf(*m - mn);
+    const __m512 vm = _mm512_set1_ps(mn);
+    __m512 sum0 = _mm512_setzero_ps(), sum1 = sum0;
+    int i = 0;
+    for (; i + 32 <= nv; i += 32) {
+        __m512 p0 = exp512(_mm512_sub_ps(_mm512_loadu_ps(s + i), vm));
+        __m512 p1 = exp512(_mm512_sub_ps(_mm512_loadu_ps(s + i + 16), vm));
+        _mm512_storeu_ps(s + i, p0);
+        _mm512_storeu_ps(s + i + 16, p1);
+        sum0 = _mm512_add_ps(sum0, p0);
+        sum1 = _mm512_add_ps(sum1, p1);
+    }
+    for (; i < nv; i += 16) {
+        const __mmask16 k = mask_of(nv - i);
+        __m512 p = _mm512_maskz_mov_ps(k, exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, s + i), vm)));
+        _mm512_mask_storeu_ps(s + i, k, p);
+        sum0 = _mm512_add_ps(sum0, p);
+    }
+    *l = *l * corr + _mm512_reduce_add_ps(_mm512_add_ps(sum0, sum1));
+    *m = mn;
+    return corr;
+}
+
+/* NC (1..4) chunks of 16 lanes of acc from lane i0, the last one masked by mt; keys block by block, 4 at a
+ * time into 4 sets of accumulators (independent FMA chains) */
+static INL T512 void pv512_nc(int NC, float *acc, const float *p, int nv, const float *const *v, int d, int i0,
+                              __mmask16 mt, __m512 cv) {
+    __m512 a[4][4];
+    for (int c = 0; c < NC; c++) {
+        a[0][c] = _mm512_mul_ps(_mm512_maskz_loadu_ps(c == NC - 1 ? mt : 0xFFFF, acc + i0 + 16 * c), cv);
+        a[1][c] = a[2][c] = a[3][c] = _mm512_setzero_ps();
+    }
+    for (int j0 = 0; j0 < nv; j0 += BLK) {
+        const float *vb = v[j0 / BLK] + i0, *pb = p + j0;
+        const int nk = nv - j0 < BLK ? nv - j0 : BLK;
+        int j = 0;
+        for (; j + 4 <= nk; j += 4)
+            for (int u = 0; u < 4; u++) {
+                const __m512 pu = _mm512_set1_ps(pb[j + u]);
+                for (int c = 0; c < NC; c++)
+                    a[u][c] = _mm512_fmadd_ps(pu, _mm512_maskz_loadu_ps(c == NC - 1 ? mt : 0xFFFF, vb + (size_t)(j + u) * d + 16 * c),
+                                              a[u][c]);
+            }
+        for (; j < nk; j++) {
+            const __m512 pu = _mm512_set1_ps(pb[j]);
+            for (int c = 0; c < NC; c++)
+                a[0][c] = _mm512_fmadd_ps(pu, _mm512_maskz_loadu_ps(c == NC - 1 ? mt : 0xFFFF, vb + (size_t)j * d + 16 * c), a[0][c]);
+        }
+    }
+    for (int c = 0; c < NC; c++)
+        _mm512_mask_storeu_ps(acc + i0 + 16 * c, c == NC - 1 ? mt : 0xFFFF,
+                              _mm512_add_ps(_mm512_add_ps(a[0][c], a[1][c]), _mm512_add_ps(a[2][c], a[3][c])));
+}
+
+T512 void kvm_cpu_pv_avx512(float *acc, const float *p, int nv, const float *const *v, int d, float corr) {
+    const __m512 cv = _mm512_set1_ps(corr);
+    for (int i0 = 0; i0 < d; i0 += 64) {
+        const int left = d - i0, nc = left >= 64 ? 4 : (left + 15) / 16;
+        const __mmask16 mt = mask_of(left - 16 * (nc - 1));
+        switch (nc) {
+        case 1: pv512_nc(1, acc, p, nv, v, d, i0, mt, cv); break;
+        case 2: pv512_nc(2, acc, p, nv, v, d, i0, mt, cv); break;
+        case 3: pv512_nc(3, acc, p, nv, v, d, i0, mt, cv); break;
+        default: pv512_nc(4, acc, p, nv, v, d, i0, mt, cv); break;
+        }
+    }
+}
+
+/* ---- AVX2 ------------------------------------------------------------------------------------------ */
+
+static INL T256 __m256 exp256(__m256 x) {
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.33f));
+    __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500E-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507E-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073E-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894E-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459E-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201E-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+T256 void kvm_cpu_scores_avx2(float *s, const float *q, const float *kt, int nblk, int d) {
+    for (int b = 0; b < nblk; b++) {
+        const float *k = kt + (size_t)b * d * BLK;
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, b0 = a0, b1 = a0;
+        int i = 0;
+        for (; i + 2 <= d; i += 2) {
+            __m256 q0 = _mm256_set1_ps(q[i]), q1 = _mm256_set1_ps(q[i + 1]);
+            a0 = _mm256_fmadd_ps(q0, _mm256_loadu_ps(k + (size_t)i * BLK), a0);
+            a1 = _mm256_fmadd_ps(q0, _mm256_loadu_ps(k + (size_t)i * BLK + 8), a1);
+            b0 = _mm256_fmadd_ps(q1, _mm256_loadu_ps(k + (size_t)(i + 1) * BLK), b0);
+            b1 = _mm256_fmadd_ps(q1, _mm256_loadu_ps(k + (size_t)(i + 1) * BLK + 8), b1);
+        }
+        if (i < d) {
+            __m256 q0 = _mm256_set1_ps(q[i]);
+            a0 = _mm256_fmadd_ps(q0, _mm256_loadu_ps(k + (size_t)i * BLK), a0);
+            a1 = _mm256_fmadd_ps(q0, _mm256_loadu_ps(k + (size_t)i * BLK + 8), a1);
+        }
+        _mm256_storeu_ps(s + (size_t)b * BLK, _mm256_add_ps(a0, b0));
+        _mm256_storeu_ps(s + (size_t)b * BLK + 8, _mm256_add_ps(a1, b1));
+    }
+}
+
+T256 float kvm_cpu_softmax_avx2(float *s, int nv, float *m, float *l) {
+    const int nv8 = (nv + 7) & ~7;
+    for (int i = nv; i < nv8; i++) s[i] = -INFINITY; /* the tail of the last vector (the buffer holds whole blocks) */
+    __m256 mx = _mm256_set1_ps(*m);
+    for (int i = 0; i < nv8; i += 8) mx = _mm256_max_ps(mx, _mm256_loadu_ps(s + i));
+    float t[8], mn = *m;
+    _mm256_storeu_ps(t, mx);
+    for (int i = 0; i < 8; i++) mn = t[i] > mn ? t[i] : mn;
+    const float corr = *m == -INFINITY ? 0.0f : expf(*m - mn);
+    const __m256 vm = _mm256_set1_ps(mn);
+    __m256 sum = _mm256_setzero_ps();
+    for (int i = 0; i < nv8; i += 8) {
+        __m256 p = exp256(_mm256_sub_ps(_mm256_loadu_ps(s + i), vm));
+        if (nv8 - i == 8 && nv < nv8) { /* zero the tail lanes */
+            const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+            p = _mm256_and_ps(p, _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(nv - i), lane)));
+        }
+        _mm256_storeu_ps(s + i, p);
+        sum = _mm256_add_ps(sum, p);
+    }
+    _mm256_storeu_ps(t, sum);
+    float tot = 0;
+    for (int i = 0; i < 8; i++) tot += t[i];
+    *l = *l * corr + tot;
+    *m = mn;
+    return corr;
+}
+
+T256 void kvm_cpu_pv_avx2(float *acc, const float *p, int nv, const float *const *v, int d, float corr) {
+    const __m256 cv = _mm256_set1_ps(corr);
+    int i = 0;
+    for (; i + 16 <= d; i += 16) {
+        __m256 a0 = _mm256_mul_ps(_mm256_loadu_ps(acc + i), cv), a1 = _mm256_mul_ps(_mm256_loadu_ps(acc + i + 8), cv);
+        __m256 b0 = _mm256_setzero_ps(), b1 = b0;
+        int j = 0;
+        for (; j + 2 <= nv; j += 2) {
+            const float *v0 = v[j / BLK] + (size_t)(j % BLK) * d + i, *v1 = v0 + d;
+            const __m256 p0 = _mm256_set1_ps(p[j]), p1 = _mm256_set1_ps(p[j + 1]);
+            a0 = _mm256_fmadd_ps(p0, _mm256_loadu_ps(v0), a0);
+            a1 = _mm256_fmadd_ps(p0, _mm256_loadu_ps(v0 + 8), a1);
+            b0 = _mm256_fmadd_ps(p1, _mm256_loadu_ps(v1), b0);
+            b1 = _mm256_fmadd_ps(p1, _mm256_loadu_ps(v1 + 8), b1);
+        }
+        if (j < nv) {
+            const float *v0 = v[j / BLK] + (size_t)(j % BLK) * d + i;
+            const __m256 p0 = _mm256_set1_ps(p[j]);
+            a0 = _mm256_fmadd_ps(p0, _mm256_loadu_ps(v0), a0);
+            a1 = _mm256_fmadd_ps(p0, _mm256_loadu_ps(v0 + 8), a1);
+        }
+        _mm256_storeu_ps(acc + i, _mm256_add_ps(a0, b0));
+        _mm256_storeu_ps(acc + i + 8, _mm256_add_ps(a1, b1));
+    }
+    for (; i < d; i++) {
+        float a = acc[i] * corr;
+        for (int j = 0; j < nv; j++) a += p[j] * v[j / BLK][(size_t)(j % BLK) * d + i];
+        acc[i] = a;
+    }
+}
+
+#endif

@@ -1,0 +1,61 @@
+/* gemm_cpu.h - the CPU backend's kernel paths per instruction set (internal to kernels/cpu).
+ *
+ * gemm_cpu.c and attn_cpu.c split the work and hand pieces to one cpu_kern_t: the portable C one (every
+ * machine, and the oracle-shaped fallback), AVX2+FMA+F16C or AVX-512 (F, BW, VL), chosen once at run time
+ * with __builtin_cpu_supports. The x86 paths are compiled with __attribute__((target(...))) in
+ * gemm_cpu_x86.c / attn_cpu_x86.c: the build has no -march flag, so the binary runs on any x86-64.
+ *
+ * The matmul piece (y[n][rows] = x[n][cols] . W^T + bias, W row-major [rows][cols] in F32/F16/BF16):
+ *   dot(y, ldy, x, ldx, w, dt, cols, r0, r1, n, bias): rows [r0, r1) for the n tokens of x / y (row strides ldx,
+ *       ldy), the weight rows streamed in their dtype. Each output's arithmetic depends on nothing but its own
+ *       row of x and of W (not on n, r0, r1 or the tile it falls in): a row computed alone gives the same bits
+ *       as in any batch (the forward's positioned recompute and prefix reuse rely on it).
+ * Attention pieces (attn_cpu.c), over a chunk of key blocks of KVM_KV_BLOCK (16) positions:
+ *   load_kt(kt, k, dt, d, nv): kt[d][16] = the first nv rows of one block's keys k[16][d] (dtype dt) transposed
+ *       to fp32, rows nv.. zero;
+ *   scores(s, q, kt, nblk, d): s[b * 16 + j] = sum_{i < d} q[i] * kt[(b * d + i) * 16 + j] for b < nblk;
+ *   softmax(s, nv, m, l): one online-softmax step of a query over its next nv scores: m' = max(*m, s[0..nv)),
+ *       s[i] = exp(s[i] - m') in place, *l = *l * corr + sum s[i], *m = m'; returns corr = exp(m - m')
+ *       (0 while *m was -inf);
+ *   pv(acc, p, nv, v, d, corr): acc[:] = acc[:] * corr + sum_{i < nv} p[i] * v[i / 16][(i % 16) * d + :]
+ *       (v: the chunk's blocks of values, [16][d] fp32 each). */
+#ifndef KVM_GEMM_CPU_H
+#define KVM_GEMM_CPU_H
+
+#include "../ops.h"
+
+enum { KVM_CPU_ISA_AUTO = -1, KVM_CPU_ISA_PORTABLE = 0, KVM_CPU_ISA_AVX2 = 1, KVM_CPU_ISA_AVX512 = 2 };
+
+typedef struct cpu_kern {
+    const char *name;
+    void (*dot)(float *y, int ldy, const float *x, int ldx, const void *w, kvm_dtype_t dt, int cols, int r0, int r1, int n,
+                const float *bias);
+    void (*load_kt)(float *kt, const void *k, kvm_dtype_t dt, int d, int nv);
+    void (*scores)(float *s, const float *q, const float *kt, int nblk, int d);
+    float (*softmax)(float *s, int nv, float *m, float *l);
+    void (*pv)(float *acc, const float *p, int nv, const float *const *v, int d, float corr);
+} cpu_kern_t;
+
+extern const cpu_kern_t kvm_cpu_kern_portable;
+#if defined(__x86_64__) || defined(__i386__)
+extern const cpu_kern_t kvm_cpu_kern_avx2, kvm_cpu_kern_avx512;
+#endif
+
+/* the pieces, by path (gemm_cpu.c, attn_cpu.c; gemm_cpu_x86.c, attn_cpu_x86.c) */
+void kvm_cpu_load_kt_portable(float *kt, const void *k, kvm_dtype_t dt, int d, int nv);
+void kvm_cpu_scores_portable(float *s, const float *q, const float *kt, int nblk, int d);
+float kvm_cpu_softmax_portable(float *s, int nv, float *m, float *l);
+void kvm_cpu_pv_portable(float *acc, const float *p, int nv, const float *const *v, int d, float corr);
+#if defined(__x86_64__) || defined(__i386__)
+void kvm_cpu_scores_avx512(float *s, const float *q, const float *kt, int nblk, int d);
+float kvm_cpu_softmax_avx512(float *s, int nv, float *m, float *l);
+void kvm_cpu_pv_avx512(float *acc, const float *p, int nv, const float *const *v, int d, float corr);
+void kvm_cpu_scores_avx2(float *s, const float *q, const float *kt, int nblk, int d);
+float kvm_cpu_softmax_avx2(float *s, int nv, float *m, float *l);
+void kvm_cpu_pv_avx2(float *acc, const float *p, int nv, const float *const *v, int d, float corr);
+#endif
+
+/* The kernels in use: the best the CPU supports, or what kvm_cpu_force_isa chose. */
+const cpu_kern_t *kvm_cpu_kern(void);
+
+#endif
