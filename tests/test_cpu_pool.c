@@ -38,6 +38,7 @@ typedef struct {
     _Atomic int shared_tid;  /* two running chunks with one tid */
     _Atomic int tids_seen;   /* bit per tid < 32 */
     int spin;                /* busy work per item, to make chunks overlap */
+    _Atomic unsigned sink;
 } rec_t;
 
 static void rec_task(void *ctx, int i0, int i1, int tid) {
@@ -50,8 +51,9 @@ static void rec_task(void *ctx, int i0, int i1, int tid) {
     if (i0 % r->grain != 0 || i1 != (i0 + r->grain < r->n ? i0 + r->grain : r->n)) atomic_store(&r->bad_chunk, 1);
     if (tid < 32) atomic_fetch_or(&r->tids_seen, 1 << tid);
     for (int i = i0; i < i1; i++) {
-        volatile int sink = 0;
-        for (int k = 0; k < r->spin; k++) sink += k;
+        unsigned acc = 0;
+        for (int k = 0; k < r->spin; k++) acc = acc * 31u + (unsigned)k;
+        atomic_fetch_add_explicit(&r->sink, acc, memory_order_relaxed); /* keeps the busy work */
         atomic_fetch_add(&r->visits[i], 1);
     }
     atomic_store(&r->busy[tid], 0);
