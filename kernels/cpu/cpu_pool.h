@@ -24,7 +24,8 @@ typedef void (*kvm_cpu_task_fn)(void *ctx, int i0, int i1, int tid);
 void kvm_cpu_parallel_for(int n, int grain, kvm_cpu_task_fn fn, void *ctx);
 int kvm_cpu_pool_size(void);
 void *kvm_cpu_scratch(int tid, size_t bytes);
-/* Workers running now (kvm_cpu_pool_size() - 1 once a call has needed them; 0 before): for tests. */
+/* Workers running now (kvm_cpu_pool_size() - 1 once a call has needed them; 0 before): for tests; not
+ * from inside fn (it waits for the running call to end). */
 int kvm_cpu_pool_workers(void);
 
 #endif
