@@ -4,9 +4,8 @@
 BUILD      ?= build
 ASAN_BUILD ?= build-asan
 TSAN_BUILD ?= build-tsan
-# the tests whose code runs on several threads (OpenMP kernels, the atomic counted allocator, cJSON hooks)
-TSAN_TESTS ?= test_core_alloc|test_api|test_sched_batch|test_engine|test_decode|test_stories260k|test_graph_exec|test_kvcomm_ops|test_kv_store|test_lua_sandbox
-ARCHER     ?= $(firstword $(wildcard /usr/lib/llvm-*/lib/libarcher.so))
+# the tests whose code runs on several threads (the CPU kernels' pool, the atomic counted allocator, cJSON hooks)
+TSAN_TESTS ?= test_core_alloc|test_api|test_sched_batch|test_engine|test_decode|test_stories260k|test_graph_exec|test_kvcomm_ops|test_kv_store|test_lua_sandbox|test_cpu_pool
 JOBS       ?= $(shell nproc 2>/dev/null || echo 2)
 CMAKE_ARGS ?=
 SHARED     ?= $(abspath ../shared)
@@ -42,14 +41,14 @@ test-fast: build
 test-asan: asan
 	@cd $(ASAN_BUILD) && KVM_SANITIZED=1 ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 ctest --output-on-failure -j $(JOBS)
 
-# ThreadSanitizer (clang): tests/tsan.supp says what is suppressed and why; Archer, LLVM's OpenMP tool, gives
-# TSan the OpenMP synchronisation when installed. Not in `make test` (its build would exceed CI's time budget).
+# ThreadSanitizer (clang): tests/tsan.supp says what is suppressed and why. Not in `make test` (its build would
+# exceed CI's time budget).
 tsan: deps
 	@cmake -S . -B $(TSAN_BUILD) -DCMAKE_C_COMPILER=clang -DCMAKE_BUILD_TYPE=Debug -DKVM_TSAN=ON -DKVM_CUDA=OFF -DKVM_SHARED_DIR=$(SHARED) $(CMAKE_ARGS) >/dev/null
 	@cmake --build $(TSAN_BUILD) -j $(JOBS)
 
 test-tsan: tsan
-	@cd $(TSAN_BUILD) && KVM_SANITIZED=1 TSAN_OPTIONS="suppressions=$(abspath tests/tsan.supp)" OMP_TOOL_LIBRARIES=$(ARCHER) \
+	@cd $(TSAN_BUILD) && KVM_SANITIZED=1 TSAN_OPTIONS="suppressions=$(abspath tests/tsan.supp)" \
 	  ctest --output-on-failure -j $(JOBS) -R '^($(TSAN_TESTS))$$'
 
 fuzz: deps

@@ -107,8 +107,11 @@ void kvm_log_set_level(int level);
 int kvm_log_get_level(void);
 /* Parses "debug" | "info" | "warn" | "error" | "off" into *level; KVM_EINVAL names the accepted values. */
 int kvm_log_level_parse(const char *name, int *level);
-/* Threads of the CPU backend's kernels, process-wide (OpenMP): n >= 1, or 0 = all cores (the default).
- * kvm_model_params_t.n_threads sets the same when a model loads. */
+/* Threads of the CPU backend's kernels, process-wide: n >= 1, or 0 = all cores (the default). The kernels
+ * run on the library's own pool of n - 1 workers beside the calling thread, started on first use and
+ * restarted when n changes, joined at exit; it reads no environment variable. Kernels called from several
+ * application threads at once run one call after the other. kvm_model_params_t.n_threads sets the same
+ * when a model loads. */
 void kvm_set_threads(int n);
 int kvm_threads(void);
 
@@ -130,7 +133,7 @@ typedef struct kvm_model_params {
     const char *kv_dtype;       /* KV cache storage: "f32", "f16", "bf16"; NULL = the backend's default
                                    (f32 on the CPU, bf16 on a GPU) */
     int cuda_graphs;            /* CUDA graphs for decode steps: 0 = default (on), 1 = on, -1 = off */
-    int n_threads;              /* CPU kernel threads (process-wide, OpenMP): 0 = all cores */
+    int n_threads;              /* CPU kernel threads (process-wide, kvm_set_threads): 0 = all cores */
     uint64_t synthetic_seed;    /* "synthetic:<name>" models: weight seed (0 = the fixed default, 1234) */
     bool quiet;                 /* no progress lines on stderr while loading */
 } kvm_model_params_t;

@@ -1,15 +1,17 @@
 /* ops_cpu.c - the CPU reference backend. fp32 compute; weights F32/F16/BF16 converted on the fly;
- * parallel over output rows/heads with OpenMP (both cores of the CI machine). */
+ * parallel over output rows/heads on the pool of cpu_pool.h (both cores of the CI machine). */
 #include "../ops.h"
 
 #include <math.h>
 #include <stdbool.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "../../runtime/core/core.h"
 #include "cpu_common.h"
 #include "cpu_kernels.h"
+#include "cpu_pool.h"
 #include "../rope.h"
 
 /* ---- memory: plain host memory -------------------------------------------------------------- */
@@ -40,35 +42,99 @@ static void cpu_embed(float *out, const void *table, kvm_dtype_t dt, const int32
         row_to_f32(out + (size_t)i * dim, (const char *)table + (size_t)ids[i] * dim * es, dt, (size_t)dim);
 }
 
-static void cpu_rmsnorm(float *out, const float *x, const float *w, int n, int dim, float eps) {
-    for (int r = 0; r < n; r++) {
-        const float *xr = x + (size_t)r * dim;
-        float *o = out + (size_t)r * dim;
+/* Items per chunk so that a chunk holds at least min_work units of work (per_item units each): work below
+ * that runs on the calling thread, since handing out a chunk costs about a microsecond. */
+static int grain_for(size_t per_item, size_t min_work) {
+    size_t g = per_item ? (min_work + per_item - 1) / per_item : min_work;
+    return g > (size_t)INT32_MAX ? INT32_MAX : (int)(g ? g : 1);
+}
+
+typedef struct {
+    float *out;
+    const float *x, *w;
+    int dim;
+    float eps;
+} rmsnorm_task_t;
+
+static void rmsnorm_task(void *ctx, int r0, int r1, int tid) {
+    const rmsnorm_task_t *t = ctx;
+    const int dim = t->dim;
+    for (int r = r0; r < r1; r++) {
+        const float *xr = t->x + (size_t)r * dim;
+        float *o = t->out + (size_t)r * dim;
         double ss = 0;
         for (int i = 0; i < dim; i++) ss += (double)xr[i] * xr[i];
-        float inv = 1.0f / sqrtf((float)(ss / dim) + eps);
-        for (int i = 0; i < dim; i++) o[i] = w[i] * (xr[i] * inv);
+        float inv = 1.0f / sqrtf((float)(ss / dim) + t->eps);
+        for (int i = 0; i < dim; i++) o[i] = t->w[i] * (xr[i] * inv);
     }
+}
+
+static void cpu_rmsnorm(float *out, const float *x, const float *w, int n, int dim, float eps) {
+    rmsnorm_task_t t = {.out = out, .x = x, .w = w, .dim = dim, .eps = eps};
+    kvm_cpu_parallel_for(n, grain_for((size_t)dim, 32768), rmsnorm_task, &t);
 }
 
 static void cpu_head_rmsnorm(float *x, const float *w, int n, int heads, int hd, float eps) {
     cpu_rmsnorm(x, x, w, n * heads, hd, eps);
 }
 
-static void cpu_rope(float *x, int n, int heads, int hd, const int32_t *pos, const float *inv_freq, kvm_rope_layout_t layout) {
-    for (int t = 0; t < n; t++)
-        for (int h = 0; h < heads; h++) kvm_rope_rotate_vec(x + ((size_t)t * heads + h) * hd, hd, (double)pos[t], inv_freq, layout);
+typedef struct {
+    float *x;
+    int heads, hd;
+    const int32_t *pos;
+    const float *inv_freq;
+    kvm_rope_layout_t layout;
+} rope_task_t;
+
+static void rope_task(void *ctx, int t0, int t1, int tid) {
+    const rope_task_t *r = ctx;
+    for (int t = t0; t < t1; t++)
+        for (int h = 0; h < r->heads; h++)
+            kvm_rope_rotate_vec(r->x + ((size_t)t * r->heads + h) * r->hd, r->hd, (double)r->pos[t], r->inv_freq, r->layout);
 }
 
-static void cpu_swiglu(float *out, const float *gate, const float *up, size_t n) {
-    for (size_t i = 0; i < n; i++) {
-        float g = gate[i];
-        out[i] = (g / (1.0f + expf(-g))) * up[i];
+static void cpu_rope(float *x, int n, int heads, int hd, const int32_t *pos, const float *inv_freq, kvm_rope_layout_t layout) {
+    rope_task_t r = {.x = x, .heads = heads, .hd = hd, .pos = pos, .inv_freq = inv_freq, .layout = layout};
+    /* a rotated pair costs a cos and a sin in fp64: about 20 elementwise ops' worth */
+    kvm_cpu_parallel_for(n, grain_for((size_t)heads * hd / 2, 2048), rope_task, &r);
+}
+
+/* elementwise ops over pieces of ELEM_PIECE elements */
+#define ELEM_PIECE 4096
+
+typedef struct {
+    float *out;
+    const float *a, *b;
+    size_t n;
+} elem_task_t;
+
+static void swiglu_task(void *ctx, int p0, int p1, int tid) {
+    const elem_task_t *t = ctx;
+    size_t i1 = (size_t)p1 * ELEM_PIECE < t->n ? (size_t)p1 * ELEM_PIECE : t->n;
+    for (size_t i = (size_t)p0 * ELEM_PIECE; i < i1; i++) {
+        float g = t->a[i];
+        t->out[i] = (g / (1.0f + expf(-g))) * t->b[i];
     }
 }
 
+static void cpu_swiglu(float *out, const float *gate, const float *up, size_t n) {
+    elem_task_t t = {.out = out, .a = gate, .b = up, .n = n};
+    size_t pieces = (n + ELEM_PIECE - 1) / ELEM_PIECE;
+    /* an expf per element: 2 pieces (8192 elements) per chunk */
+    kvm_cpu_parallel_for((int)pieces, 2, swiglu_task, &t);
+}
+
+static void add_task(void *ctx, int p0, int p1, int tid) {
+    const elem_task_t *t = ctx;
+    size_t i1 = (size_t)p1 * ELEM_PIECE < t->n ? (size_t)p1 * ELEM_PIECE : t->n;
+    for (size_t i = (size_t)p0 * ELEM_PIECE; i < i1; i++) t->out[i] += t->b[i];
+}
+
 static void cpu_add(float *x, const float *y, size_t n) {
-    for (size_t i = 0; i < n; i++) x[i] += y[i];
+    elem_task_t t = {.out = x, .b = y, .n = n};
+    size_t pieces = (n + ELEM_PIECE - 1) / ELEM_PIECE;
+    /* memory-bound: 16 pieces (65536 elements) per chunk */
+    kvm_cpu_parallel_for((int)pieces, 16, add_task, &t);
 }
 
 static void cpu_kv_write(void *kv, const kvm_kv_geom_t *g, int layer, const float *k, const float *v, const kvm_attn_batch_t *b) {

@@ -1,14 +1,17 @@
 /* ops_cpu_kvcomm.c - the KVCOMM ops of ops.h on the CPU backend (kvcomm_dist, kvcomm_softmax, kvcomm_apply,
  * kvcomm_spread; kvcomm.md §3.6, §3.11): KVCOMM's production path on the CPU (runtime/comm/kvcomm_dev.c) and the
  * reference the CUDA kernels (kernels/cuda/kvcomm_kernels.cu) are tested against. Straightforward loops in
- * fp64/fp32 exactly as the contracts in ops.h read, parallel above 2^18 elements. */
+ * fp64/fp32 exactly as the contracts in ops.h read, parallel (kvm_cpu_parallel_for) above 2^18 elements. */
 #include "../ops.h"
 
 #include <math.h>
+#include <stdatomic.h>
+#include <stdbool.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "../../runtime/core/core.h"
+#include "cpu_pool.h"
 
 int kvm_cpu_kvcomm_dist(const kvm_kvcomm_dist_args_t *a);
 int kvm_cpu_kvcomm_softmax(float *w, const float *d, int n, size_t cols, int mode);
@@ -77,6 +80,74 @@ static int check_geom(const kvm_kv_geom_t *g, const char *op) {
     return 0;
 }
 
+/* the distances of anchor n (kvcomm_dist); x, y, cs: D floats, ss: D doubles of scratch */
+static void dist_anchor(const kvm_kvcomm_dist_args_t *a, int n, float *x, float *y, float *cs, double *ss) {
+    const kvm_kv_geom_t *g = &a->g;
+    const int L = g->n_layers, H = g->n_kv_heads, D = g->head_dim, T = a->T, N = a->n;
+    const kvm_kv_view_t *A = &a->a[n];
+    const int off = a->a_rows[n] - T;
+    if ((a->want & KVM_KVCOMM_WANT_PF) && off && a->rotate_tail) rot_table(cs, D, -off, a->inv_freq);
+    if (a->want & KVM_KVCOMM_WANT_PH)
+        for (int kv = 0; kv < 2; kv++)
+            for (int t = 0; t < T; t++) {
+                double acc = 0;
+                for (int l = 0; l < L; l++)
+                    for (int h = 0; h < H; h++) {
+                        load_row(x, a->x.data, g->dtype, view_idx(g, &a->x, l, kv, h, t), D);
+                        load_row(y, A->data, g->dtype, view_idx(g, A, l, kv, h, t), D);
+                        for (int d = 0; d < D; d++) acc += fabs((double)x[d] - (double)y[d]);
+                    }
+                a->d_ph[((size_t)kv * N + n) * T + t] = (float)(acc / ((double)L * H * D));
+            }
+    if (a->want & KVM_KVCOMM_WANT_PF)
+        for (int kv = 0; kv < 2; kv++)
+            for (int l = 0; l < L; l++)
+                for (int h = 0; h < H; h++) {
+                    for (int d = 0; d < D; d++) ss[d] = 0;
+                    for (int t = 0; t < T; t++) {
+                        load_row(x, a->x.data, g->dtype, view_idx(g, &a->x, l, kv, h, t), D);
+                        load_row(y, A->data, g->dtype, view_idx(g, A, l, kv, h, off + t), D);
+                        if (kv == 0 && off && a->rotate_tail) rotate_row(y, D, cs, a->layout);
+                        for (int d = 0; d < D; d++) {
+                            double df = (double)x[d] - (double)y[d];
+                            ss[d] += df * df;
+                        }
+                    }
+                    for (int d = 0; d < D; d++)
+                        a->d_pf[((((size_t)kv * N + n) * L + l) * H + h) * D + d] = (float)sqrt(ss[d]);
+                }
+    if (a->want & KVM_KVCOMM_WANT_PRED) {
+        double acc = 0;
+        for (int l = 0; l < L; l++)
+            for (int h = 0; h < H; h++)
+                for (int t = 0; t < T; t++) {
+                    load_row(x, a->x.data, g->dtype, view_idx(g, &a->x, l, 1, h, t), D);
+                    load_row(y, A->data, g->dtype, view_idx(g, A, l, 1, h, t), D);
+                    for (int d = 0; d < D; d++) {
+                        double df = (double)x[d] - (double)y[d];
+                        acc += df * df;
+                    }
+                }
+        a->d_pred[n] = (float)sqrt(acc);
+    }
+}
+
+typedef struct {
+    const kvm_kvcomm_dist_args_t *a;
+    _Atomic int fail;
+} dist_task_t;
+
+static void dist_task(void *ctx, int i0, int i1, int tid) {
+    dist_task_t *t = ctx;
+    const int D = t->a->g.head_dim;
+    float *x = malloc((size_t)D * sizeof(float)), *y = malloc((size_t)D * sizeof(float)), *cs = malloc((size_t)D * sizeof(float));
+    double *ss = malloc((size_t)D * sizeof(double));
+    if (!x || !y || !ss || !cs) atomic_store(&t->fail, 1);
+    else
+        for (int n = i0; n < i1; n++) dist_anchor(t->a, n, x, y, cs, ss);
+    free(x), free(y), free(ss), free(cs);
+}
+
 /* kvcomm_dist (contract in ops.h). fp64 sums; O(N * L * H * T * D). */
 int kvm_cpu_kvcomm_dist(const kvm_kvcomm_dist_args_t *a) {
     if (!a) return kvm_seterr(KVM_EINVAL, "kvcomm_dist: no arguments");
@@ -90,67 +161,10 @@ int kvm_cpu_kvcomm_dist(const kvm_kvcomm_dist_args_t *a) {
             return kvm_seterr(KVM_EINVAL, "kvcomm_dist: anchor %d has %d rows, fewer than T=%d", n, a->a_rows[n], T);
     if ((a->want & KVM_KVCOMM_WANT_PF) && a->rotate_tail && !a->inv_freq)
         return kvm_seterr(KVM_EINVAL, "kvcomm_dist: rotate_tail needs inv_freq");
-    int fail = 0;
     const bool par = (size_t)N * L * 2 * H * T * D > KVCOMM_PAR_MIN;
-#pragma omp parallel for schedule(dynamic) if (par)
-    for (int n = 0; n < N; n++) {
-        float *x = malloc((size_t)D * sizeof(float)), *y = malloc((size_t)D * sizeof(float)), *cs = malloc((size_t)D * sizeof(float));
-        double *ss = malloc((size_t)D * sizeof(double));
-        if (!x || !y || !ss || !cs) {
-            free(x), free(y), free(ss), free(cs);
-#pragma omp atomic write
-            fail = 1;
-            continue;
-        }
-        const kvm_kv_view_t *A = &a->a[n];
-        const int off = a->a_rows[n] - T;
-        if ((a->want & KVM_KVCOMM_WANT_PF) && off && a->rotate_tail) rot_table(cs, D, -off, a->inv_freq);
-        if (a->want & KVM_KVCOMM_WANT_PH)
-            for (int kv = 0; kv < 2; kv++)
-                for (int t = 0; t < T; t++) {
-                    double acc = 0;
-                    for (int l = 0; l < L; l++)
-                        for (int h = 0; h < H; h++) {
-                            load_row(x, a->x.data, g->dtype, view_idx(g, &a->x, l, kv, h, t), D);
-                            load_row(y, A->data, g->dtype, view_idx(g, A, l, kv, h, t), D);
-                            for (int d = 0; d < D; d++) acc += fabs((double)x[d] - (double)y[d]);
-                        }
-                    a->d_ph[((size_t)kv * N + n) * T + t] = (float)(acc / ((double)L * H * D));
-                }
-        if (a->want & KVM_KVCOMM_WANT_PF)
-            for (int kv = 0; kv < 2; kv++)
-                for (int l = 0; l < L; l++)
-                    for (int h = 0; h < H; h++) {
-                        for (int d = 0; d < D; d++) ss[d] = 0;
-                        for (int t = 0; t < T; t++) {
-                            load_row(x, a->x.data, g->dtype, view_idx(g, &a->x, l, kv, h, t), D);
-                            load_row(y, A->data, g->dtype, view_idx(g, A, l, kv, h, off + t), D);
-                            if (kv == 0 && off && a->rotate_tail) rotate_row(y, D, cs, a->layout);
-                            for (int d = 0; d < D; d++) {
-                                double df = (double)x[d] - (double)y[d];
-                                ss[d] += df * df;
-                            }
-                        }
-                        for (int d = 0; d < D; d++)
-                            a->d_pf[((((size_t)kv * N + n) * L + l) * H + h) * D + d] = (float)sqrt(ss[d]);
-                    }
-        if (a->want & KVM_KVCOMM_WANT_PRED) {
-            double acc = 0;
-            for (int l = 0; l < L; l++)
-                for (int h = 0; h < H; h++)
-                    for (int t = 0; t < T; t++) {
-                        load_row(x, a->x.data, g->dtype, view_idx(g, &a->x, l, 1, h, t), D);
-                        load_row(y, A->data, g->dtype, view_idx(g, A, l, 1, h, t), D);
-                        for (int d = 0; d < D; d++) {
-                            double df = (double)x[d] - (double)y[d];
-                            acc += df * df;
-                        }
-                    }
-            a->d_pred[n] = (float)sqrt(acc);
-        }
-        free(x), free(y), free(ss), free(cs);
-    }
-    if (fail) return kvm_seterr(KVM_ENOMEM, "kvcomm_dist: out of host memory");
+    dist_task_t t = {.a = a};
+    kvm_cpu_parallel_for(N, par ? 1 : N, dist_task, &t);
+    if (atomic_load(&t.fail)) return kvm_seterr(KVM_ENOMEM, "kvcomm_dist: out of host memory");
     return 0;
 }
 
@@ -175,6 +189,47 @@ int kvm_cpu_kvcomm_softmax(float *w, const float *d, int n, size_t cols, int mod
     return 0;
 }
 
+typedef struct {
+    const kvm_kvcomm_apply_args_t *a;
+    kvm_kv_view_t dst; /* the destination as a view: row r at position dst_pos + (r - r0) = dst.start + r */
+    const float *cs;   /* the rotation of a shift, or NULL */
+    _Atomic int fail;
+} apply_task_t;
+
+/* kvcomm_apply over the (layer, head) pairs [i0, i1) */
+static void apply_task(void *ctx, int i0, int i1, int tid) {
+    apply_task_t *t = ctx;
+    const kvm_kvcomm_apply_args_t *a = t->a;
+    const kvm_kv_geom_t *g = &a->g;
+    const int L = g->n_layers, H = g->n_kv_heads, D = g->head_dim, N = a->n;
+    float *y = malloc((size_t)D * sizeof(float)), *dl = malloc((size_t)D * sizeof(float));
+    if (!y || !dl) {
+        free(y), free(dl);
+        atomic_store(&t->fail, 1);
+        return;
+    }
+    for (int i = i0; i < i1; i++) {
+        const int l = i / H, h = i % H;
+        for (int kv = 0; kv < 2; kv++)
+            for (int r = a->r0; r < a->r1; r++) {
+                load_row(y, a->src.data, g->dtype, view_idx(g, &a->src, l, kv, h, r), D);
+                for (int j = 0; l >= 1 && j < N; j++) {
+                    load_row(dl, a->delta[j].data, g->dtype, view_idx(g, &a->delta[j], l, kv, h, r), D);
+                    if (a->per_channel) {
+                        const float *w = a->w + ((((size_t)kv * N + j) * L + l) * H + h) * D;
+                        for (int d = 0; d < D; d++) y[d] += w[d] * dl[d];
+                    } else {
+                        float w = a->w[((size_t)kv * N + j) * a->w_rows + r];
+                        for (int d = 0; d < D; d++) y[d] += w * dl[d];
+                    }
+                }
+                if (kv == 0 && t->cs) rotate_row(y, D, t->cs, a->layout);
+                store_row(a->dst_kv, g->dtype, view_idx(g, &t->dst, l, kv, h, r), y, D);
+            }
+    }
+    free(y), free(dl);
+}
+
 /* kvcomm_apply (contract in ops.h). */
 int kvm_cpu_kvcomm_apply(const kvm_kvcomm_apply_args_t *a) {
     if (!a) return kvm_seterr(KVM_EINVAL, "kvcomm_apply: no arguments");
@@ -188,66 +243,35 @@ int kvm_cpu_kvcomm_apply(const kvm_kvcomm_apply_args_t *a) {
     if (a->dst_n_blocks > 0 && a->r1 > a->r0 && (a->dst_pos + (a->r1 - a->r0) - 1) / KVM_KV_BLOCK >= a->dst_n_blocks)
         return kvm_seterr(KVM_EINVAL, "kvcomm_apply: positions [%d, %d) need block %d, the table has %d", a->dst_pos,
                           a->dst_pos + (a->r1 - a->r0), (a->dst_pos + (a->r1 - a->r0) - 1) / KVM_KV_BLOCK, a->dst_n_blocks);
-    const kvm_kv_view_t dst = {.data = a->dst_kv, .blocks = a->dst_blocks, .start = a->dst_pos - a->r0};
     float *cs = a->shift ? malloc((size_t)D * sizeof(float)) : NULL;
     if (a->shift && !cs) return kvm_seterr(KVM_ENOMEM, "kvcomm_apply: out of host memory");
     if (cs) rot_table(cs, D, a->shift, a->inv_freq);
+    apply_task_t t = {.a = a, .dst = {.data = a->dst_kv, .blocks = a->dst_blocks, .start = a->dst_pos - a->r0}, .cs = cs};
     const bool par = (size_t)(N + 1) * L * 2 * H * (size_t)(a->r1 - a->r0) * D > KVCOMM_PAR_MIN;
-    int fail = 0;
-#pragma omp parallel for collapse(2) schedule(static) if (par)
-    for (int l = 0; l < L; l++)
-        for (int h = 0; h < H; h++) {
-            float *y = malloc((size_t)D * sizeof(float)), *dl = malloc((size_t)D * sizeof(float));
-            if (!y || !dl) {
-                free(y), free(dl);
-#pragma omp atomic write
-                fail = 1;
-                continue;
-            }
-            for (int kv = 0; kv < 2; kv++)
-                for (int r = a->r0; r < a->r1; r++) {
-                    load_row(y, a->src.data, g->dtype, view_idx(g, &a->src, l, kv, h, r), D);
-                    for (int i = 0; l >= 1 && i < N; i++) {
-                        load_row(dl, a->delta[i].data, g->dtype, view_idx(g, &a->delta[i], l, kv, h, r), D);
-                        if (a->per_channel) {
-                            const float *w = a->w + ((((size_t)kv * N + i) * L + l) * H + h) * D;
-                            for (int d = 0; d < D; d++) y[d] += w[d] * dl[d];
-                        } else {
-                            float w = a->w[((size_t)kv * N + i) * a->w_rows + r];
-                            for (int d = 0; d < D; d++) y[d] += w * dl[d];
-                        }
-                    }
-                    if (kv == 0 && a->shift) rotate_row(y, D, cs, a->layout);
-                    /* dst row r sits at position dst_pos + (r - r0) = dst.start + r */
-                    store_row(a->dst_kv, g->dtype, view_idx(g, &dst, l, kv, h, r), y, D);
-                }
-            free(y), free(dl);
-        }
+    kvm_cpu_parallel_for(L * H, par ? 1 : L * H, apply_task, &t);
     free(cs);
-    if (fail) return kvm_seterr(KVM_ENOMEM, "kvcomm_apply: out of host memory");
+    if (atomic_load(&t.fail)) return kvm_seterr(KVM_ENOMEM, "kvcomm_apply: out of host memory");
     return 0;
 }
 
-/* kvcomm_spread (contract in ops.h). */
-int kvm_cpu_kvcomm_spread(const kvm_kvcomm_spread_args_t *a) {
-    if (!a) return kvm_seterr(KVM_EINVAL, "kvcomm_spread: no arguments");
-    int rc = check_geom(&a->g, "kvcomm_spread");
-    if (rc) return rc;
+typedef struct {
+    const kvm_kvcomm_spread_args_t *a;
+    _Atomic int fail;
+} spread_task_t;
+
+/* kvcomm_spread over the rows r0 + [i0, i1) */
+static void spread_task(void *ctx, int i0, int i1, int tid) {
+    spread_task_t *t = ctx;
+    const kvm_kvcomm_spread_args_t *a = t->a;
     const kvm_kv_geom_t *g = &a->g;
     const int L = g->n_layers, H = g->n_kv_heads, D = g->head_dim, N = a->n;
-    if (a->r0 < 0 || a->r1 < a->r0 || N < 1 || N > KVM_KVCOMM_MAX_ANCHORS || !a->w || !a->delta || !a->out)
-        return kvm_seterr(KVM_EINVAL, "kvcomm_spread: rows [%d, %d), N=%d", a->r0, a->r1, N);
-    int fail = 0;
-    const bool par = (size_t)(N + 1) * (L - 1) * 2 * H * (size_t)(a->r1 - a->r0) * D > KVCOMM_PAR_MIN;
-#pragma omp parallel for schedule(static) if (par)
-    for (int r = a->r0; r < a->r1; r++) {
-        float *x = malloc((size_t)D * sizeof(float)), *dl = malloc((size_t)N * D * sizeof(float));
-        if (!x || !dl) {
-            free(x), free(dl);
-#pragma omp atomic write
-            fail = 1;
-            continue;
-        }
+    float *x = malloc((size_t)D * sizeof(float)), *dl = malloc((size_t)N * D * sizeof(float));
+    if (!x || !dl) {
+        free(x), free(dl);
+        atomic_store(&t->fail, 1);
+        return;
+    }
+    for (int r = a->r0 + i0; r < a->r0 + i1; r++) {
         double S = 0, X = 0;
         for (int l = 1; l < L; l++)
             for (int kv = 0; kv < 2; kv++)
@@ -266,8 +290,23 @@ int kvm_cpu_kvcomm_spread(const kvm_kvcomm_spread_args_t *a) {
                     }
                 }
         a->out[r - a->r0] = (float)(S / (X + 1e-30)) + 1e-30f;
-        free(x), free(dl);
     }
-    if (fail) return kvm_seterr(KVM_ENOMEM, "kvcomm_spread: out of host memory");
+    free(x), free(dl);
+}
+
+/* kvcomm_spread (contract in ops.h). */
+int kvm_cpu_kvcomm_spread(const kvm_kvcomm_spread_args_t *a) {
+    if (!a) return kvm_seterr(KVM_EINVAL, "kvcomm_spread: no arguments");
+    int rc = check_geom(&a->g, "kvcomm_spread");
+    if (rc) return rc;
+    const kvm_kv_geom_t *g = &a->g;
+    const int L = g->n_layers, H = g->n_kv_heads, D = g->head_dim, N = a->n;
+    if (a->r0 < 0 || a->r1 < a->r0 || N < 1 || N > KVM_KVCOMM_MAX_ANCHORS || !a->w || !a->delta || !a->out)
+        return kvm_seterr(KVM_EINVAL, "kvcomm_spread: rows [%d, %d), N=%d", a->r0, a->r1, N);
+    const int rows = a->r1 - a->r0;
+    const bool par = (size_t)(N + 1) * (L - 1) * 2 * H * (size_t)rows * D > KVCOMM_PAR_MIN;
+    spread_task_t t = {.a = a};
+    kvm_cpu_parallel_for(rows, par ? 1 : rows, spread_task, &t);
+    if (atomic_load(&t.fail)) return kvm_seterr(KVM_ENOMEM, "kvcomm_spread: out of host memory");
     return 0;
 }

@@ -18,11 +18,13 @@
  * synchronization in between, one sync at the end, then one small read-back of the placeholder key weights per
  * newly computed sample for the trace's top anchor. */
 #include <math.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "comm_internal.h"
+#include "../../kernels/cpu/cpu_pool.h"
 
 struct comm_dev_anchor {
     const kvm_ops_t *o;
@@ -159,6 +161,26 @@ static const int32_t *upload_blocks(kvm_comm_t *c, int which, const int32_t *blo
     return x->bt[which];
 }
 
+#define CONVERT_PIECE ((size_t)1 << 16)
+
+typedef struct {
+    uint16_t *dst;
+    const float *src;
+    size_t count;
+    bool bf16;
+} convert_task_t;
+
+/* fp32 -> bf16/f16 over the pieces [i0, i1) of CONVERT_PIECE elements */
+static void convert_task(void *ctx, int i0, int i1, int tid) {
+    const convert_task_t *c = ctx;
+    size_t e0 = (size_t)i0 * CONVERT_PIECE, e1 = (size_t)i1 * CONVERT_PIECE;
+    if (e1 > c->count) e1 = c->count;
+    if (c->bf16)
+        for (size_t i = e0; i < e1; i++) c->dst[i] = kvm_f32_to_bf16(c->src[i]);
+    else
+        for (size_t i = e0; i < e1; i++) c->dst[i] = kvm_f32_to_f16(c->src[i]);
+}
+
 /* host fp32 [count] -> new backend buffer in dtype dt */
 static void *upload_rows(const kvm_ops_t *o, kvm_dtype_t dt, const float *src, size_t count) {
     size_t bytes = count * kvm_dtype_size(dt);
@@ -172,14 +194,10 @@ static void *upload_rows(const kvm_ops_t *o, kvm_dtype_t dt, const float *src, s
             o->free(d);
             return NULL;
         }
-        const long long cnt = (long long)count;
-        if (dt == KVM_BF16) {
-#pragma omp parallel for schedule(static) if (cnt > (1 << 18))
-            for (long long i = 0; i < cnt; i++) tmp[i] = kvm_f32_to_bf16(src[i]);
-        } else {
-#pragma omp parallel for schedule(static) if (cnt > (1 << 18))
-            for (long long i = 0; i < cnt; i++) tmp[i] = kvm_f32_to_f16(src[i]);
-        }
+        convert_task_t c = {.dst = tmp, .src = src, .count = count, .bf16 = dt == KVM_BF16};
+        /* pieces of 2^16 elements; one thread up to 2^18 */
+        const int pieces = (int)((count + CONVERT_PIECE - 1) / CONVERT_PIECE);
+        kvm_cpu_parallel_for(pieces, count > ((size_t)1 << 18) ? 1 : pieces, convert_task, &c);
         h = tmp;
     }
     int rc = o->h2d(d, h, bytes);

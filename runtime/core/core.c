@@ -17,9 +17,6 @@
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 /* ---- files ---------------------------------------------------------------------------------- */
 
@@ -356,18 +353,21 @@ uint16_t kvm_f32_to_f16(float f) {
 
 /* ---- threads -------------------------------------------------------------------------------- */
 
-static int g_threads;
+/* read by the CPU pool on every parallel call, possibly on another thread than the one setting it */
+static _Atomic int g_threads;
+static _Atomic int g_cores; /* online cores, counted once (sysconf reads a file under /sys) */
 
 int kvm_threads(void) {
-    if (g_threads > 0) return g_threads;
+    int t = atomic_load_explicit(&g_threads, memory_order_relaxed);
+    if (t > 0) return t;
+    int n = atomic_load_explicit(&g_cores, memory_order_relaxed);
+    if (n > 0) return n;
     long c = sysconf(_SC_NPROCESSORS_ONLN);
-    int n = c > 0 ? (int)c : 1;
-    return n > 256 ? 256 : n;
+    n = c > 0 ? (c > 256 ? 256 : (int)c) : 1;
+    atomic_store_explicit(&g_cores, n, memory_order_relaxed);
+    return n;
 }
 
 void kvm_set_threads(int n) {
-    g_threads = n > 0 ? (n > 256 ? 256 : n) : 0;
-#ifdef _OPENMP
-    omp_set_num_threads(kvm_threads());
-#endif
+    atomic_store_explicit(&g_threads, n > 0 ? (n > 256 ? 256 : n) : 0, memory_order_relaxed);
 }

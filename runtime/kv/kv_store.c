@@ -8,6 +8,7 @@
 
 #include "../core/core.h"
 #include "../core/vec.h"
+#include "../../kernels/cpu/cpu_pool.h"
 #include "../../kernels/rope.h"
 
 /* ==== types ======================================================================================= */
@@ -410,39 +411,59 @@ static int rows_stage(const kvm_kv_pool_t *p, const int32_t *blocks, int b0, int
     return 0;
 }
 
+typedef struct {
+    const kvm_kv_pool_t *p;
+    const int32_t *blocks;
+    unsigned char *stage; /* the blocks b0.. staged in host memory, or NULL (the pool is host memory) */
+    int pos, n, b0;
+    float *rows;
+    bool read;
+} rows_task_t;
+
+/* rows_copy over the (block, layer) pairs [i0, i1), block b0 + i / L */
+static void rows_task(void *ctx, int i0, int i1, int tid) {
+    const rows_task_t *c = ctx;
+    const kvm_kv_pool_t *p = c->p;
+    const kvm_kv_geom_t *g = &p->geom;
+    const int L = g->n_layers, H = g->n_kv_heads, D = g->head_dim, pos = c->pos, n = c->n;
+    const kvm_dtype_t dt = g->dtype;
+    for (int i = i0; i < i1; i++) {
+        const int bi = i / L, l = i % L;
+        int first = (c->b0 + bi) * KVM_KV_BLOCK;
+        int s0 = first < pos ? pos - first : 0;
+        int s1 = first + KVM_KV_BLOCK > pos + n ? pos + n - first : KVM_KV_BLOCK;
+        void *base = c->stage ? (void *)(c->stage + (size_t)bi * p->block_bytes) : p->data;
+        int32_t sblk = c->stage ? 0 : c->blocks[c->b0 + bi];
+        for (int kv = 0; kv < 2; kv++)
+            for (int h = 0; h < H; h++)
+                for (int sl = s0; sl < s1; sl++) {
+                    size_t ei = kv_elem(g, sblk, l, kv, h, sl);
+                    int t = first + sl - pos;
+                    float *r = c->rows + ((((size_t)l * 2 + kv) * H + h) * n + t) * D;
+                    if (c->read && dt == KVM_F32) memcpy(r, (const float *)base + ei, (size_t)D * sizeof(float));
+                    else if (c->read)
+                        for (int d = 0; d < D; d++) r[d] = load_elem(base, dt, ei + d);
+                    else if (dt == KVM_F32) memcpy((float *)base + ei, r, (size_t)D * sizeof(float));
+                    else
+                        for (int d = 0; d < D; d++) store_elem(base, dt, ei + d, r[d]);
+                }
+    }
+}
+
 /* Copies rows [pos, pos+n) between the pool and `rows` ([L][2][H][n][D] floats): out of the pool into
  * `rows` when `read`, otherwise from `rows` into the pool (then `rows` is only read). */
 static int rows_copy(const kvm_kv_pool_t *p, const int32_t *blocks, int pos, int n, float *rows, bool read) {
     if (n <= 0) return 0;
     const kvm_kv_geom_t *g = &p->geom;
     const int L = g->n_layers, H = g->n_kv_heads, D = g->head_dim;
-    const kvm_dtype_t dt = g->dtype;
     const int b0 = pos / KVM_KV_BLOCK, nb = (pos + n - 1) / KVM_KV_BLOCK - b0 + 1;
     unsigned char *stage = NULL;
     int rc = rows_stage(p, blocks, b0, nb, read, pos, n, &stage);
     if (rc) return rc;
-#pragma omp parallel for collapse(2) schedule(static) if ((size_t)n * L * H * D > ((size_t)1 << 18))
-    for (int bi = 0; bi < nb; bi++)
-        for (int l = 0; l < L; l++) {
-            int first = (b0 + bi) * KVM_KV_BLOCK;
-            int s0 = first < pos ? pos - first : 0;
-            int s1 = first + KVM_KV_BLOCK > pos + n ? pos + n - first : KVM_KV_BLOCK;
-            void *base = stage ? (void *)(stage + (size_t)bi * p->block_bytes) : p->data;
-            int32_t sblk = stage ? 0 : blocks[b0 + bi];
-            for (int kv = 0; kv < 2; kv++)
-                for (int h = 0; h < H; h++)
-                    for (int sl = s0; sl < s1; sl++) {
-                        size_t ei = kv_elem(g, sblk, l, kv, h, sl);
-                        int t = first + sl - pos;
-                        float *r = rows + ((((size_t)l * 2 + kv) * H + h) * n + t) * D;
-                        if (read && dt == KVM_F32) memcpy(r, (const float *)base + ei, (size_t)D * sizeof(float));
-                        else if (read)
-                            for (int d = 0; d < D; d++) r[d] = load_elem(base, dt, ei + d);
-                        else if (dt == KVM_F32) memcpy((float *)base + ei, r, (size_t)D * sizeof(float));
-                        else
-                            for (int d = 0; d < D; d++) store_elem(base, dt, ei + d, r[d]);
-                    }
-        }
+    rows_task_t c = {.p = p, .blocks = blocks, .stage = stage, .pos = pos, .n = n, .b0 = b0, .rows = rows, .read = read};
+    /* one thread below 2^18 elements: a small copy is done before a second thread would start */
+    const bool par = (size_t)n * L * H * D > ((size_t)1 << 18);
+    kvm_cpu_parallel_for(nb * L, par ? 1 : nb * L, rows_task, &c);
     for (int bi = 0; stage && !read && bi < nb && !rc; bi++)
         rc = p->ops->h2d((char *)p->data + (size_t)blocks[b0 + bi] * p->block_bytes, stage + (size_t)bi * p->block_bytes,
                          p->block_bytes);
