@@ -210,10 +210,7 @@ static void measure_sgemm(int threads, const lab_gemm_shape_t *shapes, int n_sha
     if (!h) return;
     sgemm_fn sgemm = (sgemm_fn)(uintptr_t)dlsym(h, "cblas_sgemm");
     set_threads_fn set_threads = (set_threads_fn)(uintptr_t)dlsym(h, "openblas_set_num_threads");
-    if (!sgemm) {
-        dlclose(h);
-        return;
-    }
+    if (!sgemm) return; /* the handle stays open, as below */
     if (set_threads) set_threads(threads);
     size_t need_x = 0, need_w = 0, need_y = 0;
     for (int s = 0; s < n_shapes; s++) {
@@ -243,7 +240,7 @@ static void measure_sgemm(int threads, const lab_gemm_shape_t *shapes, int n_sha
     free(x);
     free(w);
     free(y);
-    dlclose(h);
+    /* not dlclose'd: OpenBLAS's worker threads live on, and would wake up in unmapped code */
 }
 
 void lab_cpu_limits_measure(int threads, const lab_gemm_shape_t *shapes, int n_shapes, lab_cpu_limits_t *L) {
