@@ -95,6 +95,32 @@ static void test_every_item_is_visited_exactly_once(void **st) {
     kvm_set_threads(2);
 }
 
+static _Atomic int g_hits[256];
+
+static void hit_task(void *ctx, int i0, int i1, int tid) {
+    (void)ctx, (void)tid;
+    for (int i = i0; i < i1; i++) atomic_fetch_add_explicit(&g_hits[i], 1, memory_order_relaxed);
+}
+
+/* Jobs whose chunk counts alternate between few and many, back to back: a worker late from a job with few chunks
+ * must not claim a chunk of the next, larger job against the old ticket (it did: the chunk ran twice, the count of
+ * finished chunks passed the job's, and the caller waited for ever). */
+static void test_back_to_back_jobs_of_growing_size_run_every_item_once(void **st) {
+    (void)st;
+    kvm_set_threads(2);
+    alarm(120); /* the bug hung the caller: end the process (SIGALRM) rather than wait for ctest's timeout */
+    for (int iter = 0; iter < 200000; iter++) {
+        const int n = iter & 1 ? 2 + (iter >> 1) % 200 : 2;
+        kvm_cpu_parallel_for(n, 1, hit_task, NULL);
+        for (int i = 0; i < n; i++) {
+            if (atomic_load(&g_hits[i]) != 1) fail_msg("job %d: item %d of %d ran %d times", iter, i, n, atomic_load(&g_hits[i]));
+            atomic_store(&g_hits[i], 0);
+        }
+    }
+    alarm(0);
+    kvm_set_threads(0);
+}
+
 static void test_a_grain_below_one_means_one_item_per_chunk(void **st) {
     (void)st;
     kvm_set_threads(2);
@@ -334,6 +360,7 @@ static void test_the_cost_of_a_call_is_printed(void **st) {
 
 TC_MAIN(NULL, NULL, cmocka_unit_test(test_every_item_is_visited_exactly_once),
         cmocka_unit_test(test_a_grain_below_one_means_one_item_per_chunk),
+        cmocka_unit_test(test_back_to_back_jobs_of_growing_size_run_every_item_once),
         cmocka_unit_test(test_tids_are_in_range_and_never_shared_by_running_chunks),
         cmocka_unit_test(test_one_thread_or_one_chunk_runs_in_order_on_the_caller),
         cmocka_unit_test(test_scratch_is_aligned_kept_and_grown),

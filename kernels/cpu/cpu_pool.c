@@ -15,8 +15,9 @@
  *   running takes nothing, and one that wakes late finds the ticket exhausted and goes back to sleep.
  *   The caller waits only for chunks already claimed (done == chunks), never for a worker to start.
  * - The job's fields are atomics read before the claiming CAS and validated by it: the caller writes
- *   the next job's fields only after it saw the ticket exhausted (then a release fence), so a late
- *   worker that read a mix of two jobs' fields fails its CAS (seqlock argument) and reads again.
+ *   the next job's fields only after it saw the ticket exhausted, and after moving the ticket to the new
+ *   generation with no claimable chunk (then a release fence), so a late worker that read a mix of two
+ *   jobs' fields fails its CAS (seqlock argument) and reads again.
  * - Waiting (workers for a job, the caller for claimed chunks): spin with a pause instruction for at
  *   most POOL_SPIN_NS, then sleep on a futex. */
 #include "cpu_pool.h"
@@ -127,12 +128,12 @@ static void run_chunks(int tid) {
         int grain = atomic_load_explicit(&g.grain, memory_order_relaxed);
         int chunks = atomic_load_explicit(&g.chunks, memory_order_relaxed);
         atomic_thread_fence(memory_order_acquire);
-        int c = (int)(uint32_t)t;
-        if (c >= chunks) return;
+        const uint32_t c = (uint32_t)t; /* UINT32_MAX while the next job is being written */
+        if (c >= (uint32_t)chunks) return;
         /* success means the ticket was still t, so the fields above were this job's (see the top) */
         if (!atomic_compare_exchange_weak_explicit(&g.ticket, &t, t + 1, memory_order_acq_rel, memory_order_relaxed))
             continue;
-        int i0 = c * grain;
+        int i0 = (int)c * grain;
         fn(ctx, i0, n - i0 > grain ? i0 + grain : n, tid);
         if (atomic_fetch_add(&g.done, 1) + 1 == chunks && atomic_load(&g.caller_sleeps)) futex_wake(&g.done, 1);
     }
@@ -259,7 +260,13 @@ void kvm_cpu_parallel_for(int n, int grain, kvm_cpu_task_fn fn, void *ctx) {
     if (chunks == 1 || g.n_workers == 0) {
         run_inline(n, grain, fn, ctx, 0);
     } else {
-        /* the previous job is exhausted (this thread saw it): publish the next (see the top) */
+        /* the previous job is exhausted (this thread saw it): publish the next (see the top). First the ticket
+         * moves to the new generation with no chunk claimable (UINT32_MAX), so that a late worker which read the
+         * old ticket and then some of the new fields cannot claim with the old ticket: its CAS fails. (Without
+         * it, a worker claimed "chunk 8" of the new job against the old exhausted ticket, done was counted past
+         * the chunk count, and the caller waited for done == chunks for ever: a hang seen in CI.) */
+        const uint64_t gen = ((atomic_load_explicit(&g.ticket, memory_order_relaxed) >> 32) + 1) & 0xffffffffu;
+        atomic_store_explicit(&g.ticket, gen << 32 | 0xffffffffu, memory_order_relaxed);
         atomic_thread_fence(memory_order_release);
         atomic_store_explicit(&g.fn, fn, memory_order_relaxed);
         atomic_store_explicit(&g.ctx, ctx, memory_order_relaxed);
@@ -267,8 +274,7 @@ void kvm_cpu_parallel_for(int n, int grain, kvm_cpu_task_fn fn, void *ctx) {
         atomic_store_explicit(&g.grain, grain, memory_order_relaxed);
         atomic_store_explicit(&g.chunks, chunks, memory_order_relaxed);
         atomic_store_explicit(&g.done, 0, memory_order_relaxed);
-        uint64_t gen = (atomic_load_explicit(&g.ticket, memory_order_relaxed) >> 32) + 1;
-        atomic_store_explicit(&g.ticket, (gen & 0xffffffffu) << 32, memory_order_release);
+        atomic_store_explicit(&g.ticket, gen << 32, memory_order_release);
         atomic_fetch_add(&g.wake_seq, 1);
         if (atomic_load(&g.sleepers) > 0) futex_wake(&g.wake_seq, INT_MAX);
         run_chunks(0);
