@@ -81,7 +81,8 @@ try:
     failed, pings, growth, wall = phase(500, "deaf")
     time.sleep(0.3)
     read_all()
-    t.check(got["ends"] == 500, "a subscriber that reads gets the end of every run beside the deaf ones (%d of 500)" % got["ends"])
+    # >= : the end event of the last run before it subscribed may still reach it (published just after that run's reply)
+    t.check(got["ends"] >= 500, "a subscriber that reads gets the end of every run beside the deaf ones (%d of 500)" % got["ends"])
     t.check(failed == 0, "500 runs complete while three subscribers never read (%d failed, %.1f s; %.1f s alone)" % (failed, wall, base_s))
     t.check(statistics.median(pings) < 50, "pings stay fast: median %.1f ms, max %.1f ms" % (statistics.median(pings), max(pings)))
     t.check(growth - base_growth < 8 * 1024, "the deaf subscribers cost the daemon %d KiB of RSS (%d KiB with, %d without)"
