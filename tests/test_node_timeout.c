@@ -49,8 +49,8 @@ static kvm_workflow_t *load(kvm_runtime_t *rt, const char *agent_opts) {
     return wf;
 }
 
-/* Runs wf once; returns its result JSON (kvm_free) and the wall time. */
-static char *run_once(kvm_runtime_t *rt, kvm_workflow_t *wf, double *ms) {
+/* Starts a run of wf and drives the runtime until it is idle; *ms is the wall time. */
+static kvm_run_t *drive_once(kvm_runtime_t *rt, kvm_workflow_t *wf, double *ms) {
     kvm_run_params_t p = kvm_run_default_params();
     p.inputs_json = "{\"input\": \"a cat\"}";
     double t0 = now_ms();
@@ -59,7 +59,12 @@ static char *run_once(kvm_runtime_t *rt, kvm_workflow_t *wf, double *ms) {
     while (kvm_runtime_step(rt) > 0) {
     }
     *ms = now_ms() - t0;
-    char *res = kvm_run_outputs_json(r);
+    return r;
+}
+
+/* Runs wf once; returns its outputs JSON (kvm_free) and the wall time. */
+static char *run_once(kvm_runtime_t *rt, kvm_workflow_t *wf, double *ms) {
+    char *res = kvm_run_outputs_json(drive_once(rt, wf, ms));
     assert_non_null(res);
     return res;
 }
@@ -165,14 +170,7 @@ static void test_the_runs_wall_time_budget_stops_a_generation_under_way(void **s
     assert_non_null(wf);
     for (int k = 0; k < 2; k++) { /* the second run: the model is loaded and warm */
         double ms;
-        kvm_run_params_t p = kvm_run_default_params();
-        p.inputs_json = "{\"input\": \"a cat\"}";
-        double t0 = now_ms();
-        kvm_run_t *r = kvm_run_start(wf, &p);
-        assert_non_null(r);
-        while (kvm_runtime_step(rt) > 0) {
-        }
-        ms = now_ms() - t0;
+        kvm_run_t *r = drive_once(rt, wf, &ms);
         const char *msg = NULL;
         assert_int_equal(kvm_run_status(r, &msg), KVM_EBUDGET);
         assert_non_null(strstr(msg, "the run's wall-time budget ended during generation, after"));
