@@ -68,6 +68,7 @@ typedef struct kvm_kv_geom {
 struct kvm_kvcomm_dist_args;  /* KVCOMM op arguments, defined after the table */
 struct kvm_kvcomm_apply_args;
 struct kvm_kvcomm_spread_args;
+struct kvm_kvcomm_diff_args;
 struct kvm_c2c_gather_args;   /* C2C op arguments, defined after the table */
 struct kvm_c2c_residual_args;
 
@@ -187,6 +188,9 @@ typedef struct kvm_ops {
     /* (ours, kvcomm.recompute_frac): the anchors' disagreement per row of a placeholder,
      * contract with kvm_kvcomm_spread_args_t (part of the KVCOMM op set above) */
     int (*kvcomm_spread)(const struct kvm_kvcomm_spread_args *a);
+    /* anchor materialization in backend memory (kvcomm.md §3.8: bases and deltas), contract with
+     * kvm_kvcomm_diff_args_t (part of the KVCOMM op set above) */
+    int (*kvcomm_diff)(const struct kvm_kvcomm_diff_args *a);
 
     /* ---- C2C ops (docs/c2c.md; ../shared/spec/c2c.md §2.2, §6), used by runtime/comm/c2c.c. Required of a
      * backend that fuses (kvm_c2c_load refuses a backend where one is NULL). Each returns 0 or a negative KVM_E*.
@@ -286,6 +290,24 @@ typedef struct kvm_kvcomm_spread_args {
     int r0, r1;
     float *out;                 /* backend memory */
 } kvm_kvcomm_spread_args_t;
+
+/* kvcomm_diff: for rows r in [0, n) and layers l in [l0, L) (l0 = 0 or 1), kv, h, d:
+ *   y[l,kv,h,r,d] = a'[l,kv,h,r,d] - (b.data ? b[l,kv,h,r,d] : 0)      (fp32)
+ *   where a' = a, except that keys (kv 0) are first rotated by `shift` positions (same numerics as kvcomm_apply's
+ *   shift; none when shift == 0); y is rounded ONCE to the dtype and stored contiguous:
+ *   out[((((l - l0) * 2 + kv) * H + h) * n + r) * D + d]  (the contiguous view {out, rows = n, l0}).
+ * a and b are views (paged or contiguous; a contiguous one must hold layer l0 and n rows); out must not overlap
+ * them. An anchor's base is kvcomm_diff(segment rows, no b, l0 = 0); a consumer's delta is
+ * kvcomm_diff(its dense rows at position p, shift -p, b = the base or the template's text rows, l0 = 1). */
+typedef struct kvm_kvcomm_diff_args {
+    kvm_kv_geom_t g;
+    kvm_kv_view_t a, b;
+    int n, l0;
+    int32_t shift;
+    const float *inv_freq; /* backend memory [D/2], needed when shift != 0 */
+    kvm_rope_layout_t layout;
+    void *out;             /* backend memory */
+} kvm_kvcomm_diff_args_t;
 
 /* ---- C2C op types -------------------------------------------------------------------------------- */
 

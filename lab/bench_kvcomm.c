@@ -189,15 +189,17 @@ static void ttft_report(const bench_model_t *bm, const opts_t *o, kvm_comm_t *c,
     free(v);
     double per1k = align_tok ? align_ms / (align_tok / 1000.0) : 0;
     double floor1k = align_tok ? (align_bytes / (o->bw_gbs * 1e9) * 1e3) / (align_tok / 1000.0) : 0;
-    /* anchor memory: ours (host fp32) and the paper's formula in bf16 (kvcomm.md §2.4) */
+    /* anchor memory: bases and deltas as stored (backend memory in the KV dtype; host fp32 on the CPU backend
+     * with an fp32 pool) */
     double per_anchor = n_anchors ? (double)st.anchor_bytes / n_anchors : 0;
     printf("\nreuse rate (measured requests): %.1f%% (%d of %d agent invocations)\n",
            n_meas ? 100.0 * n_reuse / n_meas : 0, n_reuse, n_meas);
     printf("alignment (weights + offsets + assembly): %.3f ms per 1K reused tokens; bandwidth floor %.3f ms per 1K "
            "at %.0f GB/s (bf16 bytes of bases, deltas, anchor bases, writes) -> %.1fx the floor\n", per1k, floor1k,
            o->bw_gbs, floor1k > 0 ? per1k / floor1k : 0);
-    printf("anchors: %d in %d pools, %.1f MiB in all, %.2f MiB per anchor (host fp32; the same data in bf16 would "
-           "be half)\n", n_anchors, st.n_pools, st.anchor_bytes / 1048576.0, per_anchor / 1048576.0);
+    printf("anchors: %d in %d pools, %.1f MiB in all, %.2f MiB per anchor (as stored: %s memory in the KV cache's "
+           "dtype)\n", n_anchors, st.n_pools, st.anchor_bytes / 1048576.0, per_anchor / 1048576.0,
+           strcmp(bm->info.backend, "cpu") ? "device" : "host");
     cJSON_AddNumberToObject(root, "reuse_rate", n_meas ? (double)n_reuse / n_meas : 0);
     cJSON_AddNumberToObject(root, "align_ms_per_1k", per1k);
     cJSON_AddNumberToObject(root, "align_floor_ms_per_1k", floor1k);

@@ -70,7 +70,7 @@ static float *dense_kv(kvm_comm_t *c, const int32_t *ids, int n) {
     kvm_seq_init(&s, kvm_kv_store_pool(kvm_comm_store(c)));
     kvm_batch_item_t it = {.seq = &s, .tokens = ids, .n_tokens = n};
     assert_int_equal(kvm_forward(m, &it, 1), 0);
-    comm_geom_t g = {m->cfg.n_layers, m->cfg.n_kv_heads, m->cfg.head_dim};
+    comm_geom_t g = {m->cfg.n_layers, m->cfg.n_kv_heads, m->cfg.head_dim, 4};
     float *kv = malloc(comm_rows_elems(&g, n) * sizeof(float));
     assert_int_equal(kvm_kv_read_rows(s.pool, s.blocks, 0, n, kv), 0);
     kvm_seq_free(&s);
@@ -105,7 +105,7 @@ static void layer0_exact(kvm_rope_layout_t layout) {
     assert_int_equal(p.report.mode, KVM_COMM_REUSE);
     assert_int_equal(p.n_cached, p.n_prompt - 1);
     float *dense = dense_kv(c, p.prompt_ids, p.n_prompt);
-    const comm_geom_t g = {m->cfg.n_layers, m->cfg.n_kv_heads, m->cfg.head_dim};
+    const comm_geom_t g = {m->cfg.n_layers, m->cfg.n_kv_heads, m->cfg.head_dim, 4};
     float *got = malloc(comm_rows_elems(&g, p.n_cached) * sizeof(float));
     assert_int_equal(kvm_kv_read_rows(p.seq.pool, p.seq.blocks, 0, p.n_cached, got), 0);
     /* layer 0, all heads, the placeholder rows (positions 37..65) */
@@ -207,7 +207,7 @@ static void test_identical_prompt_reuses_the_prefix_cache_bit_for_bit(void **st)
     assert_int_equal(kvm_generate(m, &p2.seq, p2.rest_ids, p2.n_rest, &gp, NULL, NULL, &r2), 0);
     assert_int_equal(r1.n_ids, r2.n_ids);
     assert_memory_equal(r1.ids, r2.ids, (size_t)r1.n_ids * sizeof(int32_t));
-    const comm_geom_t g = {m->cfg.n_layers, m->cfg.n_kv_heads, m->cfg.head_dim};
+    const comm_geom_t g = {m->cfg.n_layers, m->cfg.n_kv_heads, m->cfg.head_dim, 4};
     size_t e = comm_rows_elems(&g, N);
     float *x = malloc(e * 4), *y = malloc(e * 4);
     kvm_kv_read_rows(p1.seq.pool, p1.seq.blocks, 0, N, x);
@@ -268,7 +268,8 @@ static void test_single_anchor_applied_to_its_own_sample_reproduces_dense(void *
     assert_int_equal(rq->n_staged, 1);
     comm_sample_t *s = &rq->samples[0];
     comm_anchor_t *a = rq->staged[0];
-    assert_non_null(s->X); /* read by the materialization */
+    assert_null(s->X); /* the materialization runs on the backend: no KV read to the host */
+    assert_int_equal(comm_dev_sample_x(c, s), 0); /* (the oracle's copy) */
     comm_ref_weights_t w;
     assert_int_equal(comm_ref_weights(c, s->X, s->T, &a, 1, &w), 0); /* one anchor: every weight is 1 */
     const comm_geom_t *g = &c->g;
@@ -671,7 +672,7 @@ static void oracle_run(kvm_rope_layout_t layout, bool agent_first, int which, co
     kvm_template_t *ta = make_tmpl(c, "a", "input", NULL, 41, 30);
     kvm_template_t *tb = make_tmpl(c, "b", agent_first ? "agent:a:current" : "input",
                                    agent_first ? "input" : "agent:a:current", 51, 21);
-    const comm_geom_t g = {m->cfg.n_layers, m->cfg.n_kv_heads, m->cfg.head_dim};
+    const comm_geom_t g = {m->cfg.n_layers, m->cfg.n_kv_heads, m->cfg.head_dim, 4};
     for (int q = 0; q < 4; q++) {
         kvm_comm_request_t *rq = kvm_comm_request_begin(c, (uint64_t)q + 1);
         kvm_segment_t *in = input_segment(c, 300 + (uint64_t)q, 20 + (q < 2)), *out_a = NULL;
@@ -795,11 +796,11 @@ static void test_recompute_below_keeps_every_other_row_bit_for_bit_and_is_off_by
     (void)st;
     oracle_run_t off, on;
     oracle_run(KVM_ROPE_HALF, true, 0, NULL, 0, &off);
-    assert_memory_equal(off.before, off.after, comm_rows_elems(&(comm_geom_t){3, 2, 16}, off.n) * sizeof(float));
+    assert_memory_equal(off.before, off.after, comm_rows_elems(&(comm_geom_t){3, 2, 16, 4}, off.n) * sizeof(float));
     assert_int_equal(off.rep.short_recomputed, 0);
     assert_int_equal(off.rep.recomputed_tokens, 1);
     oracle_run(KVM_ROPE_HALF, true, 0, NULL, 6, &on); /* answer (5 tokens) first: its span sits in the middle */
-    const comm_geom_t g = {3, 2, 16};
+    const comm_geom_t g = {3, 2, 16, 4};
     int a = on.rep.ph[0].start_pos, b = a + on.rep.ph[0].tokens + on.rep.ph[0].text_tokens;
     int changed_in = 0;
     double err_in_before = 0, err_in_after = 0, scale = 0;
@@ -860,7 +861,7 @@ static void test_recompute_frac_changes_only_the_selected_rows(void **st) {
     g_recompute_frac = 0.25f;
     oracle_run(KVM_ROPE_HALF, false, 0, NULL, 0, &r);
     g_recompute_frac = 0;
-    const comm_geom_t g = {3, 2, 16};
+    const comm_geom_t g = {3, 2, 16, 4};
     int cand = r.rep.ph[0].tokens + r.rep.ph[1].tokens; /* both placeholders are offset-corrected here */
     int want = (int)ceil(0.25 * cand);
     assert_int_equal(r.rep.selected_recomputed, want);
@@ -902,7 +903,7 @@ static void fake_init(fake_t *f, int n, const int *T, const float *v) {
     memset(f, 0, sizeof *f);
     kvm_kvcomm_config_default(&f->c.cfg);
     snprintf(f->c.kvcomm_off, sizeof f->c.kvcomm_off, "a hand-made pool: no backend to mirror anchors on");
-    f->c.g = (comm_geom_t){2, 1, 4};
+    f->c.g = (comm_geom_t){2, 1, 4, 4};
     comm_pool_t *p = comm_pool_get(&f->c, "input", true);
     p->a = kvm_malloc(sizeof(comm_anchor_t *) * 32);
     p->cap = 32;
@@ -1136,7 +1137,7 @@ static void test_spread_score_is_zero_where_anchors_agree_and_grows_where_they_d
     fake_init(&f, 2, T, v);
     const comm_geom_t *g = &f.c.g; /* L 2, H 1, D 4 */
     comm_sample_t s = mk_sample(g, 2, 1.0f);
-    const comm_geom_t gd = {1, 1, 4};
+    const comm_geom_t gd = {1, 1, 4, 4};
     comm_anchor_t **A = f.c.pools[0].a;
     kvm_kv_view_t dv[2];
     for (int n = 0; n < 2; n++) { /* row 0: both deltas 0.3; row 1 (V only): +1 and -1 */

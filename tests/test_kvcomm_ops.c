@@ -463,6 +463,75 @@ static double rel_err_ff(const float *a, const float *ref, size_t n) {
     return sqrt(num / (den > 0 ? den : 1e-300));
 }
 
+/* ---- kvcomm_diff (anchor materialization) ------------------------------------------------------------------ */
+
+/* The three uses of kvcomm_diff: 0 = an anchor's base (the candidate X, paged, copied: l0 0, no b); 1 = a
+ * placeholder delta (X paged, keys re-based by -shift, minus anchor 0's contiguous base, layers 1..); 2 = a text
+ * delta (anchor 0's contiguous rows minus the text segment P, paged, layers 1..). Rows: T, T, S. */
+static int diff_rows(const kcase_t *k, int use) { return use == 2 ? k->S : k->T; }
+static int diff_l0(int use) { return use ? 1 : 0; }
+
+static float *run_diff(const devcase_t *dc, const kcase_t *k, int use, int shift) {
+    const kvm_ops_t *o = dc->o;
+    const int n = diff_rows(k, use), l0 = diff_l0(use);
+    const size_t cnt = (size_t)(k->L - l0) * 2 * k->H * n * k->D;
+    void *out = o->alloc(cnt * esz(k->dt) + 16);
+    assert_non_null(out);
+    const kvm_kv_view_t xv = {.data = dc->pool, .blocks = dc->xblk, .start = k->xs};
+    const kvm_kv_view_t pv = {.data = dc->pool, .blocks = dc->pblk, .start = k->ps};
+    const kvm_kv_view_t av = {.data = dc->Ab[0], .rows = k->Tn[0], .l0 = 0};
+    kvm_kvcomm_diff_args_t a = {.g = case_geom(k), .n = n, .l0 = l0, .inv_freq = dc->inv_freq, .layout = k->layout,
+                                .out = out};
+    if (use == 0) a.a = xv;
+    if (use == 1) a.a = xv, a.b = av, a.shift = shift;
+    if (use == 2) a.a = av, a.b = pv;
+    assert_int_equal(o->kvcomm_diff(&a), 0);
+    assert_int_equal(o->sync(), 0);
+    void *h = malloc(cnt * esz(k->dt) + 16);
+    assert_int_equal(o->d2h(h, out, cnt * esz(k->dt)), 0);
+    float *y = malloc(cnt * sizeof(float) + 4);
+    for (size_t i = 0; i < cnt; i++) y[i] = get(h, k->dt, i);
+    free(h);
+    o->free(out);
+    return y;
+}
+
+/* kvcomm_diff's formula in fp64 over the logical tensors */
+static double *ref_diff(const kcase_t *k, int use, int shift) {
+    const int L = k->L, H = k->H, D = k->D, n = diff_rows(k, use), l0 = diff_l0(use);
+    double *y = malloc((size_t)(L - l0) * 2 * H * n * D * sizeof(double)), *row = malloc((size_t)D * sizeof(double));
+    for (int l = l0; l < L; l++)
+        for (int kv = 0; kv < 2; kv++)
+            for (int h = 0; h < H; h++)
+                for (int r = 0; r < n; r++) {
+                    for (int d = 0; d < D; d++)
+                        row[d] = use == 2 ? k->A[0][lidx(k, L, k->Tn[0], l, kv, h, r, d)] : k->X[lidx(k, L, k->T, l, kv, h, r, d)];
+                    if (use == 1 && kv == 0 && shift) ref_rotate(row, D, shift, k->inv_freq, k->layout);
+                    for (int d = 0; d < D; d++) {
+                        if (use == 1) row[d] -= k->A[0][lidx(k, L, k->Tn[0], l, kv, h, r, d)];
+                        if (use == 2) row[d] -= k->P[lidx(k, L, k->S, l, kv, h, r, d)];
+                    }
+                    memcpy(y + lidx(k, L - l0, n, l - l0, kv, h, r, 0), row, (size_t)D * sizeof(double));
+                }
+    free(row);
+    return y;
+}
+
+/* the three uses on backend dc against the formula; the worst relative error */
+static double diff_err(const devcase_t *dc, const kcase_t *k, int shift) {
+    double worst = 0;
+    for (int use = 0; use < 3; use++) {
+        float *y = run_diff(dc, k, use, shift);
+        double *ry = ref_diff(k, use, shift);
+        double e = rel_err_fd(y, ry, (size_t)(k->L - diff_l0(use)) * 2 * k->H * diff_rows(k, use) * k->D);
+        if (use == 0 && e != 0) e = INFINITY; /* a copy of representable values is exact */
+        fprintf(stderr, "  [%s %s D=%d] kvcomm_diff use %d rel err %.3g\n", dc->o->name, kvm_dtype_name(k->dt), k->D, use, e);
+        if (e > worst) worst = e;
+        free(y), free(ry);
+    }
+    return worst;
+}
+
 static void ref_softmax(const double *d, int N, size_t cols, double *w) {
     for (size_t c = 0; c < cols; c++) {
         double mn = d[c], s = 0;
@@ -510,6 +579,8 @@ static void check_cpu_case(kvm_dtype_t dt, kvm_rope_layout_t lay, int D) {
     if (e1 > tol_out || e2 > tol_out) fprintf(stderr, "apply rel err ph %.3g pf %.3g (tol %.g)\n", e1, e2, tol_out);
     assert_true(e1 <= tol_out);
     assert_true(e2 <= tol_out);
+    /* diff (anchor materialization) against its formula: one rounding of an fp32 difference */
+    assert_true(diff_err(&dc, k, -(k->xs + 37)) <= (dt == KVM_F32 ? 1e-6 : 1e-2));
     /* spread (ours): the CPU op against its formula */
     {
         float *sp = run_spread(&dc, k, wph);
@@ -608,6 +679,15 @@ static void check_backend_case(const kvm_ops_t *o, int L, int H, int D, int T, i
                 kvm_dtype_name(dt), e);
         if (!(e <= 1e-4)) bad = 1;
         free(sc), free(sg);
+    }
+    /* diff (anchor materialization): each use on both, against each other */
+    for (int use = 0; use < 3; use++) {
+        float *yc = run_diff(&cc, k, use, -(T + 41)), *yg = run_diff(&gc, k, use, -(T + 41));
+        double e = rel_err_ff(yg, yc, (size_t)(L - diff_l0(use)) * 2 * H * diff_rows(k, use) * D);
+        fprintf(stderr, "  [%s L=%d H=%d D=%d T=%d %s] kvcomm_diff use %d rel err %.3g (tol 1e-6)\n", o->name, L, H, D, T,
+                kvm_dtype_name(dt), use, e);
+        if (!(e <= 1e-6)) bad = 1;
+        free(yc), free(yg);
     }
     /* no anchors: copy and re-rotate only (kvm_segment_publish's one op), by a negative shift into frame 0 */
     {

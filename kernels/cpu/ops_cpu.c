@@ -183,6 +183,7 @@ int kvm_cpu_kvcomm_dist(const kvm_kvcomm_dist_args_t *a);
 int kvm_cpu_kvcomm_softmax(float *w, const float *d, int n, size_t cols, int mode);
 int kvm_cpu_kvcomm_apply(const kvm_kvcomm_apply_args_t *a);
 int kvm_cpu_kvcomm_spread(const kvm_kvcomm_spread_args_t *a);
+int kvm_cpu_kvcomm_diff(const kvm_kvcomm_diff_args_t *a);
 
 /* ops_cpu_c2c.c */
 int kvm_cpu_c2c_gather(const kvm_c2c_gather_args_t *a);
@@ -213,6 +214,7 @@ static const kvm_ops_t cpu_ops = {
     .kvcomm_softmax = kvm_cpu_kvcomm_softmax,
     .kvcomm_apply = kvm_cpu_kvcomm_apply,
     .kvcomm_spread = kvm_cpu_kvcomm_spread,
+    .kvcomm_diff = kvm_cpu_kvcomm_diff,
     .c2c_gather = kvm_cpu_c2c_gather,
     .gelu_erf = kvm_cpu_gelu_erf,
     .c2c_residual = kvm_cpu_c2c_residual,

@@ -17,6 +17,7 @@ int kvm_cpu_kvcomm_dist(const kvm_kvcomm_dist_args_t *a);
 int kvm_cpu_kvcomm_softmax(float *w, const float *d, int n, size_t cols, int mode);
 int kvm_cpu_kvcomm_apply(const kvm_kvcomm_apply_args_t *a);
 int kvm_cpu_kvcomm_spread(const kvm_kvcomm_spread_args_t *a);
+int kvm_cpu_kvcomm_diff(const kvm_kvcomm_diff_args_t *a);
 
 /* Element index of (l, kv, h, r, d = 0) in a view (ops.h, kvm_kv_view_t). */
 static size_t view_idx(const kvm_kv_geom_t *g, const kvm_kv_view_t *v, int l, int kv, int h, int r) {
@@ -308,5 +309,71 @@ int kvm_cpu_kvcomm_spread(const kvm_kvcomm_spread_args_t *a) {
     spread_task_t t = {.a = a};
     kvm_cpu_parallel_for(rows, par ? 1 : rows, spread_task, &t);
     if (atomic_load(&t.fail)) return kvm_seterr(KVM_ENOMEM, "kvcomm_spread: out of host memory");
+    return 0;
+}
+
+/* ---- kvcomm_diff (anchor materialization) ------------------------------------------------------------------ */
+
+typedef struct {
+    const kvm_kvcomm_diff_args_t *a;
+    kvm_kv_view_t out;
+    const float *cs;
+    _Atomic int fail;
+} diff_task_t;
+
+/* kvcomm_diff over the (layer - l0, head) slabs [i0, i1) */
+static void diff_task(void *ctx, int i0, int i1, int tid) {
+    (void)tid;
+    diff_task_t *t = ctx;
+    const kvm_kvcomm_diff_args_t *a = t->a;
+    const kvm_kv_geom_t *g = &a->g;
+    const int H = g->n_kv_heads, D = g->head_dim;
+    float *x = malloc((size_t)D * sizeof(float)), *y = malloc((size_t)D * sizeof(float));
+    if (!x || !y) {
+        free(x), free(y);
+        atomic_store(&t->fail, 1);
+        return;
+    }
+    for (int i = i0; i < i1; i++) {
+        const int l = a->l0 + i / H, h = i % H;
+        for (int kv = 0; kv < 2; kv++)
+            for (int r = 0; r < a->n; r++) {
+                load_row(x, a->a.data, g->dtype, view_idx(g, &a->a, l, kv, h, r), D);
+                if (kv == 0 && t->cs) rotate_row(x, D, t->cs, a->layout);
+                if (a->b.data) {
+                    load_row(y, a->b.data, g->dtype, view_idx(g, &a->b, l, kv, h, r), D);
+                    for (int d = 0; d < D; d++) x[d] -= y[d];
+                }
+                store_row(a->out, g->dtype, view_idx(g, &t->out, l, kv, h, r), x, D);
+            }
+    }
+    free(x), free(y);
+}
+
+int kvm_cpu_kvcomm_diff(const kvm_kvcomm_diff_args_t *a) {
+    if (!a) return kvm_seterr(KVM_EINVAL, "kvcomm_diff: no arguments");
+    int rc = check_geom(&a->g, "kvcomm_diff");
+    if (rc) return rc;
+    const kvm_kv_geom_t *g = &a->g;
+    const int L = g->n_layers, H = g->n_kv_heads, D = g->head_dim;
+    if (a->n < 0 || a->l0 < 0 || a->l0 > 1 || a->l0 >= L || !a->out || !a->a.data)
+        return kvm_seterr(KVM_EINVAL, "kvcomm_diff: n=%d l0=%d (L=%d), out %p, a %p", a->n, a->l0, L, a->out, a->a.data);
+    if (a->shift && !a->inv_freq) return kvm_seterr(KVM_EINVAL, "kvcomm_diff: a shift needs inv_freq");
+    for (int k = 0; k < 2; k++) {
+        const kvm_kv_view_t *v = k ? &a->b : &a->a;
+        if (v->data && !v->blocks && (v->l0 > a->l0 || v->rows < a->n))
+            return kvm_seterr(KVM_EINVAL, "kvcomm_diff: view %c holds layers from %d and %d rows (need %d and %d)",
+                              k ? 'b' : 'a', v->l0, v->rows, a->l0, a->n);
+    }
+    if (!a->n) return 0;
+    float *cs = a->shift ? malloc((size_t)D * sizeof(float)) : NULL;
+    if (a->shift && !cs) return kvm_seterr(KVM_ENOMEM, "kvcomm_diff: out of host memory");
+    if (cs) rot_table(cs, D, a->shift, a->inv_freq);
+    diff_task_t t = {.a = a, .out = {.data = a->out, .rows = a->n, .l0 = a->l0}, .cs = cs};
+    const int slabs = (L - a->l0) * H;
+    const bool par = (size_t)slabs * 2 * (size_t)a->n * D > KVCOMM_PAR_MIN;
+    kvm_cpu_parallel_for(slabs, par ? 1 : slabs, diff_task, &t);
+    free(cs);
+    if (atomic_load(&t.fail)) return kvm_seterr(KVM_ENOMEM, "kvcomm_diff: out of host memory");
     return 0;
 }

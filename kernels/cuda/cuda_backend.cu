@@ -366,6 +366,7 @@ extern "C" int kvm_cuda_kvcomm_dist(const kvm_kvcomm_dist_args_t *a);
 extern "C" int kvm_cuda_kvcomm_softmax(float *w, const float *d, int n, size_t cols, int mode);
 extern "C" int kvm_cuda_kvcomm_apply(const kvm_kvcomm_apply_args_t *a);
 extern "C" int kvm_cuda_kvcomm_spread(const kvm_kvcomm_spread_args_t *a);
+extern "C" int kvm_cuda_kvcomm_diff(const kvm_kvcomm_diff_args_t *a);
 
 /* c2c_kernels.cu */
 extern "C" int kvm_cuda_c2c_gather(const kvm_c2c_gather_args_t *a);
@@ -410,6 +411,7 @@ static kvm_ops_t make_ops(void) {
     o.kvcomm_softmax = kvm_cuda_kvcomm_softmax;
     o.kvcomm_apply = kvm_cuda_kvcomm_apply;
     o.kvcomm_spread = kvm_cuda_kvcomm_spread;
+    o.kvcomm_diff = kvm_cuda_kvcomm_diff;
     o.rope_qk_kv_write = kvm_cuda_rope_qk_kv_write;
     o.swiglu_matmul = kvm_cuda_swiglu_matmul;
     o.ffn = kvm_cuda_ffn;

@@ -869,3 +869,89 @@ extern "C" int kvm_cuda_kvcomm_spread(const kvm_kvcomm_spread_args_t *a) {
     }
     return launch_rc("kvcomm_spread");
 }
+
+/* ---- kvcomm_diff (anchor materialization, kvcomm.md §3.8): one block per (row chunk, layer, kv, head) -------- */
+
+namespace {
+
+struct DiffParams {
+    Geo g;
+    DView a, b, out;
+    int n, l0, rows_per_block, shift, il, has_b;
+    const float *inv_freq;
+};
+
+/* y = rot(a) - b as k_apply reads and rotates rows (16-element pair chunks), stored contiguous */
+template <typename T> __global__ void __launch_bounds__(kThreads) k_diff(const __grid_constant__ DiffParams p) {
+    __shared__ float cs[512];
+    const Geo g = p.g;
+    int b = blockIdx.y;
+    const int h = b % g.H;
+    b /= g.H;
+    const int kv = b % 2;
+    const int l = p.l0 + b / 2;
+    const int CPR = g.D / 16, RG = kThreads / CPR;
+    const int c = threadIdx.x % CPR, rg = threadIdx.x / CPR;
+    const bool rot = kv == 0 && p.shift != 0;
+    if (rot) fill_cs(cs, p.shift, p.inv_freq, g.D);
+    __syncthreads();
+    const T *A = static_cast<const T *>(p.a.data);
+    const T *B = static_cast<const T *>(p.b.data);
+    T *Y = static_cast<T *>(const_cast<void *>(p.out.data));
+    const int rbeg = blockIdx.x * p.rows_per_block;
+    const int rend = min(p.n, rbeg + p.rows_per_block);
+    for (int r = rbeg + rg; r < rend; r += RG) {
+        float y[16];
+        ld16(A + vidx(p.a, g, l, kv, h, r), c, g.D, p.il, y);
+        if (rot) rot16(y, cs, c, g.D);
+        if (p.has_b) {
+            float x[16];
+            ld16(B + vidx(p.b, g, l, kv, h, r), c, g.D, p.il, x);
+#pragma unroll
+            for (int k = 0; k < 16; k++) y[k] = __fsub_rn(y[k], x[k]);
+        }
+        st16(Y + vidx(p.out, g, l, kv, h, r), c, g.D, p.il, y);
+    }
+}
+
+} // namespace
+
+extern "C" int kvm_cuda_kvcomm_diff(const kvm_kvcomm_diff_args_t *a) {
+    KVM_OP("kvcomm_diff");
+    if (!a) return kvm_seterr(KVM_EINVAL, "kvcomm_diff: no arguments");
+    int rc = check_common(&a->g, 0, "kvcomm_diff");
+    if (rc) return rc;
+    const int L = a->g.n_layers, H = a->g.n_kv_heads, D = a->g.head_dim;
+    if (a->n < 0 || a->l0 < 0 || a->l0 > 1 || a->l0 >= L || !a->out)
+        return kvm_seterr(KVM_EINVAL, "kvcomm_diff: n=%d l0=%d (L=%d), out %p", a->n, a->l0, L, a->out);
+    if (a->shift && !a->inv_freq) return kvm_seterr(KVM_EINVAL, "kvcomm_diff: a shift needs inv_freq");
+    if (!a->n) return 0;
+    if ((rc = check_view(a->a, "a", "kvcomm_diff", a->n))) return rc;
+    if (a->b.data && (rc = check_view(a->b, "b", "kvcomm_diff", a->n))) return rc;
+    for (int k = 0; k < 2; k++) {
+        const kvm_kv_view_t &v = k ? a->b : a->a;
+        if (v.data && !v.blocks && v.l0 > a->l0)
+            return kvm_seterr(KVM_EINVAL, "kvcomm_diff: view %c starts at layer %d, needed %d", k ? 'b' : 'a', v.l0, a->l0);
+    }
+    if (reinterpret_cast<uintptr_t>(a->out) & 15) return kvm_seterr(KVM_EINVAL, "kvcomm_diff (cuda): out not 16-byte aligned");
+    DiffParams p;
+    memset(&p, 0, sizeof p);
+    p.g = Geo{L, H, D};
+    p.a = to_dview(a->a);
+    p.b = to_dview(a->b);
+    p.has_b = a->b.data != nullptr;
+    p.out = DView{a->out, nullptr, 0, a->n, a->l0};
+    p.n = a->n, p.l0 = a->l0, p.shift = a->shift;
+    p.il = a->layout == KVM_ROPE_INTERLEAVED;
+    p.inv_freq = a->inv_freq;
+    const int RG = kThreads / (D / 16);
+    p.rows_per_block = RG * 2;
+    dim3 grid((unsigned)((a->n + p.rows_per_block - 1) / p.rows_per_block), (unsigned)((L - a->l0) * 2 * H));
+    cudaStream_t st = g_cuda.stream;
+    switch (a->g.dtype) {
+    case KVM_F32: k_diff<float><<<grid, kThreads, 0, st>>>(p); break;
+    case KVM_BF16: k_diff<__nv_bfloat16><<<grid, kThreads, 0, st>>>(p); break;
+    default: k_diff<__half><<<grid, kThreads, 0, st>>>(p); break;
+    }
+    return launch_rc("kvcomm_diff");
+}

@@ -186,12 +186,13 @@ kvm_comm_t *kvm_comm_create(kvm_model_t *m, const kvm_comm_opts_t *opts) {
     c->m = m;
     if (opts && opts->kvcomm_set) c->cfg = opts->kvcomm;
     else kvm_kvcomm_config_default(&c->cfg);
-    c->g = (comm_geom_t){m->cfg.n_layers, m->cfg.n_kv_heads, m->cfg.head_dim};
+    c->g = (comm_geom_t){m->cfg.n_layers, m->cfg.n_kv_heads, m->cfg.head_dim, 4}; /* esize: below, once the pool is there */
     c->pool = kvm_model_kv_pool(m, opts ? opts->kv_budget_bytes : 0);
     if (!c->pool) {
         kvm_free(c);
         return NULL;
     }
+    c->g.esize = c->pool->ops == kvm_ops_cpu() && c->pool->geom.dtype == KVM_F32 ? 4 : (int)kvm_dtype_size(c->pool->geom.dtype);
     kvm_rope_params_t rp = {.inv_freq = m->inv_freq, .n_freq = m->cfg.head_dim / 2, .layout = m->cfg.rope_layout};
     c->store = kvm_kv_store_create(c->pool, &rp);
     if (!c->store) {

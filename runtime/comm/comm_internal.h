@@ -8,6 +8,7 @@
 /* KV geometry on the host: one tensor of n rows is fp32 [L][2][H][n][D] (K then V per layer). */
 typedef struct comm_geom {
     int L, H, D;
+    int esize; /* bytes of one stored anchor element: 4 on a host-fp32 backend, else the pool dtype's (0: 4) */
 } comm_geom_t;
 
 static inline size_t comm_rows_elems(const comm_geom_t *g, int n) { return (size_t)g->L * 2 * g->H * n * g->D; }
@@ -16,11 +17,15 @@ static inline size_t comm_idx(const comm_geom_t *g, int n, int l, int kv, int h,
     return ((((size_t)l * 2 + kv) * g->H + h) * n + t) * g->D;
 }
 
-/* Per-consumer deltas of an anchor (kvcomm.md §2.4), F0, layers 1..L-1: fp32 [L-1][2][H][rows][D]. */
+/* Per-consumer deltas of an anchor (kvcomm.md §2.4), F0, layers 1..L-1: [L-1][2][H][rows][D].
+ * An anchor's data (base and deltas) lives in backend memory in the pool dtype (struct comm_dev_anchor,
+ * kvcomm_dev.c). The host fp32 arrays below are that data itself on a host-fp32 backend (CPU, fp32 pool); on
+ * any other backend they are NULL except while comm_anchor_host holds a widened copy (the oracle, saving state)
+ * or an anchor loaded from a state file waits for its upload. */
 typedef struct comm_delta {
     char consumer[KVM_COMM_NAME_MAX];
     uint64_t template_hash;
-    float *d_ph; /* rows = anchor T */
+    float *d_ph; /* rows = anchor T (host fp32, see above) */
     float *d_pf; /* rows = S */
     int S;
 } comm_delta_t;
@@ -29,7 +34,7 @@ typedef struct comm_anchor {
     int refs;
     uint64_t key;
     int T;
-    float *base; /* [L][2][H][T][D] F0 */
+    float *base; /* [L][2][H][T][D] F0 (host fp32, see comm_delta_t) */
     comm_delta_t *deltas;
     int n_deltas, cap_deltas;
     uint32_t activation;
@@ -143,13 +148,11 @@ int comm_predict_by(kvm_comm_request_t *rq, comm_sample_t *s, comm_dist_fn dist)
 /* §3.5: the usable anchors of s for consumer/template_hash (T_a >= T, deltas present) */
 int comm_usable(kvm_comm_request_t *rq, const comm_sample_t *s, const char *consumer, uint64_t thash,
                 comm_anchor_t ***out, int *n);
-/* adds the delta of consumer to anchor a (T = a->T rows): d_ph = real_ph - X, d_pf = real_pf - P (S rows) */
-int comm_anchor_add_delta(const comm_geom_t *g, comm_anchor_t *a, const char *consumer, uint64_t thash,
-                          const float *real_ph, const float *X, const float *real_pf, const float *P, int S);
-/* §3.8: fills the deltas of anchor (s->name, s->key) for consumer from the real (F0) rows; creates the
- * staged anchor if needed */
-int comm_materialize(kvm_comm_request_t *rq, comm_sample_t *s, const char *consumer, uint64_t thash,
-                     const float *real_ph, const float *real_pf, const float *P, int S);
+/* §3.8: fills the deltas of anchor (s->name, s->key) for template t's agent from the dense rows of seq
+ * (placeholder i: rows [t_ph, t_ph + s->T), its text segment rows [t_pf, t_pf + S)); creates the staged anchor
+ * (base = the sample's segment rows) if needed. All on the backend (kvcomm_diff): no KV crosses to the host. */
+int comm_materialize(kvm_comm_request_t *rq, comm_sample_t *s, kvm_template_t *t, int i, const kvm_seq_t *seq,
+                     int t_ph, int t_pf, int S);
 /* Puts anchor a (one reference, moved to the pool) into pool p, evicting first so that p holds at most V anchors
  * (§3.9) and the anchor budget holds; a->insert_seq 0 = the next of c (else kept: anchors loaded from a state
  * file). Mirrors a into backend memory. 0 or KVM_ENOMEM (then a still belongs to the caller). */
@@ -192,16 +195,27 @@ typedef struct comm_forced {
 /* kvm_comm_prepare with the hook above (forced: [n placeholders] or NULL = kvm_comm_prepare). */
 int comm_prepare_run(kvm_comm_request_t *rq, const kvm_prompt_t *p, const comm_forced_t *forced, kvm_prepared_t *out);
 
-/* ---- kvcomm_dev.c: KVCOMM on the backend's ops (kernels/ops.h kvcomm_dist / softmax / apply / spread) ----
- * The one path on every backend (the CPU backend implements the ops on host memory). Anchors keep their host
- * fp32 data (written by the DENSE path's materialization) and get a backend mirror in the pool dtype when they
- * are committed (on a host-memory backend with an fp32 pool the mirror is the host data itself); the REUSE path
- * reads only backend memory. */
+/* ---- kvcomm_dev.c: KVCOMM on the backend's ops (kernels/ops.h kvcomm_dist / softmax / apply / spread / diff) ----
+ * The one path on every backend (the CPU backend implements the ops on host memory). Anchors live in backend
+ * memory in the pool dtype, written there by the DENSE path's materialization (kvcomm_diff); on a host-memory
+ * backend with an fp32 pool that memory is the host fp32 arrays of comm_anchor_t. Neither path moves KV
+ * between host and device. */
 /* "" when c's backend runs KVCOMM (the ops are there and take c's shapes), else why not (written into buf) */
 void comm_dev_check(kvm_comm_t *c, char *buf, size_t cap);
 void comm_dev_ctx_free(kvm_comm_t *c);
+/* uploads host arrays that have no backend data yet (anchors loaded from a state file or made by a test) */
 int comm_dev_anchor_sync(kvm_comm_t *c, comm_anchor_t *a);
 void comm_dev_anchor_free(comm_anchor_t *a);
+/* A new anchor's base from sample s's segment rows [0, a->T) (a->T set); 0 or a KVM_E*. */
+int comm_dev_anchor_base(kvm_comm_t *c, comm_anchor_t *a, comm_sample_t *s);
+/* Adds t's agent's delta to anchor a from the dense rows of seq (see comm_materialize; P = t's text segment
+ * i + 1, S rows). */
+int comm_dev_anchor_add_delta(kvm_comm_t *c, comm_anchor_t *a, kvm_template_t *t, int i, const kvm_seq_t *seq, int t_ph,
+                              int t_pf, int S);
+/* Host fp32 copies of a's base and deltas (the test oracle, saving state): a no-op on a host-fp32 backend, else
+ * downloaded and widened; comm_anchor_host_drop frees them again (never the host-fp32 backend's data). */
+int comm_anchor_host(kvm_comm_t *c, comm_anchor_t *a);
+void comm_anchor_host_drop(kvm_comm_t *c, comm_anchor_t *a);
 void comm_dev_template_free(kvm_template_t *t);
 /* makes the backend copies of t's text segments (at template creation, so that no REUSE pays the upload) */
 int comm_dev_template_prepare(kvm_template_t *t);
@@ -212,7 +226,7 @@ int comm_dev_weight_buffers_made(const kvm_comm_t *c);
 int comm_dev_sample_bind(kvm_comm_t *c, comm_sample_t *s, const kvm_segment_t *seg);
 void comm_dev_sample_rebind(comm_sample_t *s, const kvm_segment_t *seg);
 void comm_dev_sample_free(kvm_comm_t *c, comm_sample_t *s);
-/* reads the sample's F0 base to host fp32 s->X if it is not there (materialization needs it) */
+/* reads the sample's F0 base to host fp32 s->X if it is not there (the test oracle needs it) */
 int comm_dev_sample_x(kvm_comm_t *c, comm_sample_t *s);
 /* §3.4 distances (a comm_dist_fn) */
 int comm_dev_pred(kvm_comm_t *c, comm_sample_t *s, comm_anchor_t **E, int n, double *d);

@@ -157,8 +157,18 @@ int kvm_comm_save_anchors(const kvm_comm_t *c, const char *path) {
     h.check = kvm_hash64(&h, offsetof(state_header_t, check), KVM_HASH_SEED);
     out_bytes(&o, &h, sizeof h);
     uint64_t n = 0;
-    for (int i = 0; i < c->n_pools; i++)
-        for (int k = 0; k < c->pools[i].n; k++, n++) write_anchor(&o, &c->g, c->pools[i].name, c->pools[i].a[k]);
+    /* the file holds fp32: each anchor's backend data widened into a temporary host copy (kvcomm_dev.c) */
+    kvm_comm_t *cw = (kvm_comm_t *)c;
+    for (int i = 0; i < c->n_pools && !o.err; i++)
+        for (int k = 0; k < c->pools[i].n && !o.err; k++, n++) {
+            comm_anchor_t *a = c->pools[i].a[k];
+            if (comm_anchor_host(cw, a)) {
+                o.err = ENOMEM;
+                break;
+            }
+            write_anchor(&o, &c->g, c->pools[i].name, a);
+            comm_anchor_host_drop(cw, a);
+        }
     out_u32(&o, TAG_END);
     out_u32(&o, 0);
     out_u64(&o, n);

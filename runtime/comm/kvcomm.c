@@ -2,7 +2,8 @@
  * commit and eviction (§2.4, §3.9) of kvcomm.md. The offsets are estimated and applied on the backend's ops
  * (kvcomm_dev.c); the host fp32 formulas are kept only as the tests' oracle (kvcomm_ref.c).
  *
- * Anchor data lives in host fp32 (bases and deltas in F0), mirrored into backend memory at commit. */
+ * Anchor data (bases and deltas in F0) lives in backend memory in the pool dtype, written there by the
+ * materialization (kvcomm_dev.c: kvcomm_diff); see comm_delta_t for the host fp32 arrays. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -35,8 +36,9 @@ comm_pool_t *comm_pool_get(kvm_comm_t *c, const char *name, bool create) {
 }
 
 size_t comm_anchor_bytes(const comm_geom_t *g, const comm_anchor_t *a) {
-    size_t b = comm_rows_elems(g, a->T) * sizeof(float);
-    size_t per_row_delta = (size_t)(g->L - 1) * 2 * g->H * g->D * sizeof(float);
+    const size_t es = g->esize > 0 ? (size_t)g->esize : sizeof(float);
+    size_t b = comm_rows_elems(g, a->T) * es;
+    size_t per_row_delta = (size_t)(g->L - 1) * 2 * g->H * g->D * es;
     for (int i = 0; i < a->n_deltas; i++) b += per_row_delta * (size_t)(a->T + a->deltas[i].S);
     return b;
 }
@@ -215,22 +217,9 @@ int comm_usable(kvm_comm_request_t *rq, const comm_sample_t *s, const char *cons
 
 /* ==== materialization (§3.8) =========================================================================== */
 
-/* out = real - base on layers 1..L-1 of two F0 tensors of n rows (out: [L-1][2][H][n][D]) */
-static void comm_delta_fill(const comm_geom_t *g, const float *real, const float *base, int n, float *out) {
-    const comm_geom_t gd = {g->L - 1, g->H, g->D};
-    for (int l = 1; l < g->L; l++)
-        for (int kv = 0; kv < 2; kv++)
-            for (int h = 0; h < g->H; h++) {
-                const float *r = real + comm_idx(g, n, l, kv, h, 0), *b = base + comm_idx(g, n, l, kv, h, 0);
-                float *o = out + comm_idx(&gd, n, l - 1, kv, h, 0);
-                for (size_t k = 0; k < (size_t)n * g->D; k++) o[k] = r[k] - b[k];
-            }
-}
-
-int comm_materialize(kvm_comm_request_t *rq, comm_sample_t *s, const char *consumer, uint64_t thash,
-                     const float *real_ph, const float *real_pf, const float *P, int S) {
+int comm_materialize(kvm_comm_request_t *rq, comm_sample_t *s, kvm_template_t *t, int i, const kvm_seq_t *seq,
+                     int t_ph, int t_pf, int S) {
     kvm_comm_t *c = rq->c;
-    const comm_geom_t *g = &c->g;
     comm_anchor_t *a = s->staged;
     if (!a) {
         a = kvm_calloc(1, sizeof *a);
@@ -238,52 +227,28 @@ int comm_materialize(kvm_comm_request_t *rq, comm_sample_t *s, const char *consu
         a->refs = 1; /* the request's staged list */
         a->key = s->key;
         a->T = s->T;
-        a->base = kvm_malloc(comm_rows_elems(g, s->T) * sizeof(float));
-        if (!a->base) {
-            kvm_free(a);
-            return KVM_ENOMEM;
-        }
-        memcpy(a->base, s->X, comm_rows_elems(g, s->T) * sizeof(float));
+        int rc = comm_dev_anchor_base(c, a, s);
         int cap = rq->cap_staged; /* two arrays of one capacity */
-        if (comm_reserve(&rq->staged, &cap, rq->n_staged, sizeof *rq->staged) ||
-            comm_reserve(&rq->staged_pool, &rq->cap_staged, rq->n_staged, sizeof *rq->staged_pool)) {
+        if (!rc && (comm_reserve(&rq->staged, &cap, rq->n_staged, sizeof *rq->staged) ||
+                    comm_reserve(&rq->staged_pool, &rq->cap_staged, rq->n_staged, sizeof *rq->staged_pool)))
+            rc = KVM_ENOMEM;
+        if (rc) {
             anchor_free(a);
-            return KVM_ENOMEM;
+            return rc;
         }
         snprintf(rq->staged_pool[rq->n_staged], KVM_COMM_NAME_MAX, "%s", s->name);
         rq->staged[rq->n_staged++] = a;
         s->staged = a;
     }
-    if (comm_anchor_delta(a, consumer)) return 0; /* first materialization wins */
+    if (comm_anchor_delta(a, t->agent)) return 0; /* first materialization wins */
     if (a->T != s->T) {
         KVM_LOGW("kvcomm: anchor %016llx of '%s' has %d rows, the sample %d: delta update discarded",
                  (unsigned long long)a->key, s->name, a->T, s->T);
         return 0;
     }
-    return comm_anchor_add_delta(g, a, consumer, thash, real_ph, s->X, real_pf, P, S);
-}
-
-int comm_anchor_add_delta(const comm_geom_t *g, comm_anchor_t *a, const char *consumer, uint64_t thash,
-                          const float *real_ph, const float *X, const float *real_pf, const float *P, int S) {
-    if (comm_reserve(&a->deltas, &a->cap_deltas, a->n_deltas, sizeof *a->deltas)) return KVM_ENOMEM;
-    comm_delta_t dl;
-    memset(&dl, 0, sizeof dl);
-    snprintf(dl.consumer, sizeof dl.consumer, "%s", consumer);
-    dl.template_hash = thash;
-    dl.S = S;
-    const comm_geom_t gd = {g->L - 1, g->H, g->D};
-    dl.d_ph = kvm_malloc(comm_rows_elems(&gd, a->T) * sizeof(float) + 1);
-    dl.d_pf = kvm_malloc(comm_rows_elems(&gd, S) * sizeof(float) + 1);
-    if (!dl.d_ph || !dl.d_pf) {
-        kvm_free(dl.d_ph);
-        kvm_free(dl.d_pf);
-        return KVM_ENOMEM;
-    }
-    comm_delta_fill(g, real_ph, X, a->T, dl.d_ph);
-    comm_delta_fill(g, real_pf, P, S, dl.d_pf);
-    a->deltas[a->n_deltas++] = dl;
-    a->bytes = comm_anchor_bytes(g, a);
-    return 0;
+    int rc = comm_dev_anchor_add_delta(c, a, t, i, seq, t_ph, t_pf, S);
+    if (!rc) a->bytes = comm_anchor_bytes(&c->g, a);
+    return rc;
 }
 
 /* ==== commit and eviction (§2.4, §3.9) ================================================================= */
@@ -336,7 +301,10 @@ int comm_pool_insert(kvm_comm_t *c, comm_pool_t *p, comm_anchor_t *a) {
     else if (a->insert_seq > c->insert_seq) c->insert_seq = a->insert_seq;
     a->bytes = comm_anchor_bytes(&c->g, a);
     p->a[p->n++] = a; /* the caller's reference moves to the pool */
-    if (!c->kvcomm_off[0] && comm_dev_anchor_sync(c, a)) KVM_LOGW("kvcomm: the backend mirror of an anchor failed: %s", kvm_errmsg());
+    if (!c->kvcomm_off[0]) {
+        if (comm_dev_anchor_sync(c, a)) KVM_LOGW("kvcomm: uploading an anchor failed: %s", kvm_errmsg());
+        else comm_anchor_host_drop(c, a); /* a loaded anchor's host copy, now on the backend */
+    }
     c->anchor_bytes += a->bytes;
     while (c->cfg.anchor_budget_bytes && c->anchor_bytes > c->cfg.anchor_budget_bytes && p->n > 1)
         pool_evict_one(c, p, a);

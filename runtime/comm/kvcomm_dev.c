@@ -1,14 +1,17 @@
 /* kvcomm_dev.c - KVCOMM on the backend's ops: prediction distances, offset weights and the REUSE assembly
- * through kernels/ops.h (kvcomm_dist, kvcomm_softmax, kvcomm_apply, kvcomm_spread), the one path on every
- * backend (kvcomm.md §3.4, §3.6, §3.7, §3.11). On a GPU no KV crosses PCIe on the reuse path; the CPU backend
- * runs the same ops on host memory.
+ * through kernels/ops.h (kvcomm_dist, kvcomm_softmax, kvcomm_apply, kvcomm_spread), the anchors' materialization
+ * (kvcomm_diff): the one path on every backend (kvcomm.md §3.4, §3.6, §3.7, §3.8, §3.11). On a GPU no KV crosses
+ * PCIe on either the reuse or the dense path; the CPU backend runs the same ops on host memory.
  *
  * Data placement:
- *   - a sample's base X stays in its segment's pool blocks (a paged view); host fp32 X is read only when the
- *     DENSE path needs it to materialize an anchor (comm_dev_sample_x);
- *   - anchors keep their host fp32 base and deltas (written by the DENSE path, off the reuse path) and get a
- *     backend mirror in the pool dtype when they are committed (comm_dev_anchor_sync), freed with the anchor; on
- *     a host-memory backend with an fp32 pool the mirror is the host data itself (no copy);
+ *   - a sample's base X stays in its segment's pool blocks (a paged view); host fp32 X is read only by the
+ *     tests' oracle (comm_dev_sample_x);
+ *   - anchors live in backend memory in the pool dtype: the DENSE path's materialization writes the base (the
+ *     sample's segment rows) and each consumer's deltas (its dense rows re-based to F0 minus the base, or minus
+ *     the template's text rows) there with kvcomm_diff, at complete(), with no KV crossing to the host; on a
+ *     host-memory backend with an fp32 pool that memory is the anchor's host fp32 arrays (kvm_malloc'd, owned by
+ *     the anchor, aliased by the mirror). Anchors loaded from a state file arrive as host fp32 and are uploaded
+ *     at insertion (comm_dev_anchor_sync); comm_anchor_host widens a copy back for the oracle and for saving;
  *   - template text segments P get a backend copy when the template is created (the same aliasing applies);
  *   - weights live in backend memory per sample, cached by anchor set; their buffers come from a small free list
  *     in the comm's context (returned there when the request's samples are freed), so a steady stream of requests
@@ -76,7 +79,7 @@ struct comm_dev_ctx {
 void comm_dev_check(kvm_comm_t *c, char *buf, size_t cap) {
     const kvm_ops_t *o = c->pool->ops;
     buf[0] = 0;
-    if (!o->kvcomm_dist || !o->kvcomm_softmax || !o->kvcomm_apply || !o->kvcomm_spread) {
+    if (!o->kvcomm_dist || !o->kvcomm_softmax || !o->kvcomm_apply || !o->kvcomm_spread || !o->kvcomm_diff) {
         snprintf(buf, cap, "backend %s has no KVCOMM ops", o->name);
         return;
     }
@@ -211,6 +214,9 @@ static void *upload_rows(const kvm_ops_t *o, kvm_dtype_t dt, const float *src, s
 
 /* ==== anchors ============================================================================================== */
 
+static struct comm_dev_anchor *anchor_mirror(kvm_comm_t *c, comm_anchor_t *a);
+static int mirror_reserve(struct comm_dev_anchor *m, int n);
+
 /* Runs each KVCOMM op once on a few rows of the first committed anchor (dist with every output, softmax, an
  * apply into a scratch block), so that the backend's one-time costs (lazy kernel loading, the distance
  * scratch, the first COMM_DEV_WARM_BUFFERS weight buffers, which go to the free list) are paid at commit, off
@@ -276,28 +282,14 @@ int comm_dev_anchor_sync(kvm_comm_t *c, comm_anchor_t *a) {
     const kvm_ops_t *o = c->pool->ops;
     const kvm_dtype_t dt = c->pool->geom.dtype;
     const comm_geom_t *g = &c->g;
-    const comm_geom_t gd = {g->L - 1, g->H, g->D};
-    if (!a->dev) {
-        a->dev = kvm_calloc(1, sizeof *a->dev);
-        if (!a->dev) return KVM_ENOMEM;
-        a->dev->o = o;
-        a->dev->alias = host_f32(c);
-    }
-    struct comm_dev_anchor *m = a->dev;
+    const comm_geom_t gd = {g->L - 1, g->H, g->D, g->esize};
+    struct comm_dev_anchor *m = anchor_mirror(c, a);
+    if (!m) return KVM_ENOMEM;
     if (!m->base) {
         m->base = m->alias ? a->base : upload_rows(o, dt, a->base, comm_rows_elems(g, a->T));
         if (!m->base) return kvm_errcode() ? kvm_errcode() : KVM_ENOMEM;
     }
-    if (m->cap < a->n_deltas) {
-        int cap = a->n_deltas + 4;
-        void **p = kvm_realloc(m->d_ph, (size_t)cap * sizeof *p);
-        if (!p) return KVM_ENOMEM;
-        m->d_ph = p;
-        void **f = kvm_realloc(m->d_pf, (size_t)cap * sizeof *f);
-        if (!f) return KVM_ENOMEM;
-        m->d_pf = f;
-        m->cap = cap;
-    }
+    if (mirror_reserve(m, a->n_deltas)) return KVM_ENOMEM;
     while (m->n < a->n_deltas) {
         const comm_delta_t *dl = &a->deltas[m->n];
         void *ph = m->alias ? dl->d_ph : upload_rows(o, dt, dl->d_ph, comm_rows_elems(&gd, a->T));
@@ -330,6 +322,157 @@ void comm_dev_anchor_free(comm_anchor_t *a) {
     kvm_free(m->d_pf);
     kvm_free(m);
     a->dev = NULL;
+}
+
+/* Storage of n elements of anchor data: host fp32 (kvm_malloc, owned by the anchor's host arrays) on a host-fp32
+ * backend, else backend memory in the pool dtype (owned by the mirror). */
+static void *anchor_alloc(kvm_comm_t *c, size_t n) {
+    if (host_f32(c)) return kvm_malloc(n * sizeof(float) + 1);
+    return c->pool->ops->alloc(n ? n * kvm_dtype_size(c->pool->geom.dtype) : 16);
+}
+
+static void anchor_release(kvm_comm_t *c, void *p) {
+    if (host_f32(c)) kvm_free(p);
+    else c->pool->ops->free(p);
+}
+
+static struct comm_dev_anchor *anchor_mirror(kvm_comm_t *c, comm_anchor_t *a) {
+    if (!a->dev) {
+        a->dev = kvm_calloc(1, sizeof *a->dev);
+        if (!a->dev) return NULL;
+        a->dev->o = c->pool->ops;
+        a->dev->alias = host_f32(c);
+    }
+    return a->dev;
+}
+
+static int mirror_reserve(struct comm_dev_anchor *m, int n) {
+    if (m->cap >= n) return 0;
+    int cap = n + 4;
+    void **p = kvm_realloc(m->d_ph, (size_t)cap * sizeof *p);
+    if (!p) return KVM_ENOMEM;
+    m->d_ph = p;
+    void **f = kvm_realloc(m->d_pf, (size_t)cap * sizeof *f);
+    if (!f) return KVM_ENOMEM;
+    m->d_pf = f;
+    m->cap = cap;
+    return 0;
+}
+
+static int seg_view(kvm_comm_t *c, const kvm_segment_t *seg, kvm_kv_view_t *v);
+
+int comm_dev_anchor_base(kvm_comm_t *c, comm_anchor_t *a, comm_sample_t *s) {
+    if (!s->dev || !s->dev->seg) return kvm_seterr(KVM_EINTERNAL, "kvcomm: sample '%s' has no segment", s->name);
+    struct comm_dev_anchor *m = anchor_mirror(c, a);
+    if (!m) return KVM_ENOMEM;
+    if (m->base) return 0;
+    kvm_kv_view_t sv;
+    int rc = seg_view(c, s->dev->seg, &sv);
+    if (rc) return rc;
+    void *buf = anchor_alloc(c, comm_rows_elems(&c->g, a->T));
+    if (!buf) return kvm_errcode() ? kvm_errcode() : KVM_ENOMEM;
+    kvm_kvcomm_diff_args_t d = {.g = c->pool->geom, .a = sv, .n = a->T, .l0 = 0, .out = buf};
+    rc = c->pool->ops->kvcomm_diff(&d);
+    if (rc) {
+        anchor_release(c, buf);
+        return rc;
+    }
+    m->base = buf;
+    if (m->alias) a->base = buf;
+    return 0;
+}
+
+static const void *template_P(kvm_template_t *t, int i);
+
+int comm_dev_anchor_add_delta(kvm_comm_t *c, comm_anchor_t *a, kvm_template_t *t, int i, const kvm_seq_t *seq, int t_ph,
+                              int t_pf, int S) {
+    const comm_geom_t *g = &c->g;
+    const comm_geom_t gd = {g->L - 1, g->H, g->D, g->esize};
+    struct comm_dev_anchor *m = a->dev;
+    if (!m || !m->base) return kvm_seterr(KVM_EINTERNAL, "kvcomm: anchor %016llx has no base", (unsigned long long)a->key);
+    if (m->n != a->n_deltas) return kvm_seterr(KVM_EINTERNAL, "kvcomm: anchor %016llx: deltas not uploaded", (unsigned long long)a->key);
+    const void *P = S > 0 ? template_P(t, i + 1) : NULL;
+    if (S > 0 && !P) return kvm_errcode() ? kvm_errcode() : KVM_ENOMEM;
+    if (comm_reserve(&a->deltas, &a->cap_deltas, a->n_deltas, sizeof *a->deltas) || mirror_reserve(m, a->n_deltas + 1))
+        return KVM_ENOMEM;
+    const int32_t *bt = upload_blocks(c, 0, seq->blocks, seq->n_blocks);
+    if (!bt) return kvm_errcode() ? kvm_errcode() : KVM_ENOMEM;
+    void *ph = anchor_alloc(c, comm_rows_elems(&gd, a->T)), *pf = anchor_alloc(c, comm_rows_elems(&gd, S));
+    int rc = ph && pf ? 0 : kvm_errcode() ? kvm_errcode() : KVM_ENOMEM;
+    const kvm_kv_view_t paged = {.data = c->pool->data, .blocks = bt};
+    kvm_kvcomm_diff_args_t d = {.g = c->pool->geom, .a = paged, .b = {.data = m->base, .rows = a->T, .l0 = 0}, .n = a->T,
+                                .l0 = 1, .shift = -t_ph, .inv_freq = kvm_kv_store_inv_freq_dev(c->store),
+                                .layout = kvm_kv_store_rope(c->store)->layout, .out = ph};
+    d.a.start = t_ph;
+    if (!rc) rc = c->pool->ops->kvcomm_diff(&d);
+    d.a.start = t_pf, d.shift = -t_pf, d.n = S, d.out = pf;
+    d.b = (kvm_kv_view_t){.data = P, .rows = S, .l0 = 0};
+    if (!rc && S > 0) rc = c->pool->ops->kvcomm_diff(&d);
+    if (rc) {
+        anchor_release(c, ph);
+        anchor_release(c, pf);
+        return rc;
+    }
+    comm_delta_t dl;
+    memset(&dl, 0, sizeof dl);
+    snprintf(dl.consumer, sizeof dl.consumer, "%s", t->agent);
+    dl.template_hash = t->hash;
+    dl.S = S;
+    if (m->alias) dl.d_ph = ph, dl.d_pf = pf;
+    a->deltas[a->n_deltas++] = dl;
+    m->d_ph[m->n] = ph;
+    m->d_pf[m->n] = pf;
+    m->n++;
+    return 0;
+}
+
+/* backend rows of n elements in the pool dtype -> new host fp32 array */
+static float *download_f32(kvm_comm_t *c, const void *src, size_t n) {
+    const kvm_ops_t *o = c->pool->ops;
+    const kvm_dtype_t dt = c->pool->geom.dtype;
+    float *out = kvm_malloc(n * sizeof(float) + 1);
+    if (!out) return NULL;
+    int rc = 0;
+    if (dt == KVM_F32) {
+        rc = n ? o->d2h(out, src, n * sizeof(float)) : 0;
+    } else {
+        uint16_t *tmp = kvm_malloc(n * sizeof(uint16_t) + 1);
+        rc = tmp ? (n ? o->d2h(tmp, src, n * sizeof(uint16_t)) : 0) : KVM_ENOMEM;
+        for (size_t k = 0; !rc && k < n; k++) out[k] = dt == KVM_BF16 ? kvm_bf16_to_f32(tmp[k]) : kvm_f16_to_f32(tmp[k]);
+        kvm_free(tmp);
+    }
+    if (rc) {
+        kvm_free(out);
+        return NULL;
+    }
+    return out;
+}
+
+int comm_anchor_host(kvm_comm_t *c, comm_anchor_t *a) {
+    struct comm_dev_anchor *m = a->dev;
+    if (!m || m->alias) return 0; /* host-fp32 backend: the arrays are the data; no mirror: host arrays only */
+    const comm_geom_t *g = &c->g;
+    const comm_geom_t gd = {g->L - 1, g->H, g->D, g->esize};
+    if (!a->base && !(a->base = download_f32(c, m->base, comm_rows_elems(g, a->T)))) return KVM_ENOMEM;
+    for (int i = 0; i < a->n_deltas && i < m->n; i++) {
+        comm_delta_t *dl = &a->deltas[i];
+        if (!dl->d_ph && !(dl->d_ph = download_f32(c, m->d_ph[i], comm_rows_elems(&gd, a->T)))) return KVM_ENOMEM;
+        if (!dl->d_pf && !(dl->d_pf = download_f32(c, m->d_pf[i], comm_rows_elems(&gd, dl->S)))) return KVM_ENOMEM;
+    }
+    return 0;
+}
+
+void comm_anchor_host_drop(kvm_comm_t *c, comm_anchor_t *a) {
+    (void)c;
+    struct comm_dev_anchor *m = a->dev;
+    if (!m || m->alias || !m->base || m->n < a->n_deltas) return; /* only copies of data the backend holds */
+    kvm_free(a->base);
+    a->base = NULL;
+    for (int i = 0; i < a->n_deltas; i++) {
+        kvm_free(a->deltas[i].d_ph);
+        kvm_free(a->deltas[i].d_pf);
+        a->deltas[i].d_ph = a->deltas[i].d_pf = NULL;
+    }
 }
 
 /* ==== templates ============================================================================================= */

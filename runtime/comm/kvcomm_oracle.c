@@ -13,32 +13,21 @@ _Static_assert((int)KVM_ORACLE_PH == (int)COMM_FORCE_PH && (int)KVM_ORACLE_PF ==
 static int oracle_anchor(kvm_comm_request_t *rq, const kvm_template_t *t, int i, const kvm_comm_ph_report_t *pr,
                          const kvm_seq_t *dense, comm_anchor_t **out) {
     kvm_comm_t *c = rq->c;
-    const comm_geom_t *g = &c->g;
     comm_sample_t *s = NULL;
     for (int k = 0; k < rq->n_samples && !s; k++)
         if (rq->samples[k].key == pr->sample_key && !strcmp(rq->samples[k].name, pr->name)) s = &rq->samples[k];
     if (!s) return kvm_seterr(KVM_EINTERNAL, "prepare_oracle: no sample for placeholder '%s'", pr->name);
-    const int T = pr->tokens, S = pr->text_tokens;
     comm_anchor_t *a = kvm_calloc(1, sizeof *a);
-    float *ph = kvm_malloc(comm_rows_elems(g, T) * sizeof(float) + 1);
-    float *pf = kvm_malloc(comm_rows_elems(g, S) * sizeof(float) + 1);
-    int rc = a && ph && pf ? 0 : KVM_ENOMEM;
+    int rc = a ? 0 : KVM_ENOMEM;
     if (!rc) {
         a->refs = 1;
         a->key = pr->sample_key ^ 0x6f7261636c65ULL; /* never an anchor of the pool */
-        a->T = T;
-        rc = comm_dev_sample_x(c, s);
+        a->T = pr->tokens;
+        rc = comm_dev_anchor_base(c, a, s);
     }
-    if (!rc && !(a->base = kvm_malloc(comm_rows_elems(g, T) * sizeof(float)))) rc = KVM_ENOMEM;
-    if (!rc) {
-        memcpy(a->base, s->X, comm_rows_elems(g, T) * sizeof(float));
-        rc = comm_read_f0(c, dense, pr->start_pos, T, ph);
-    }
-    if (!rc) rc = comm_read_f0(c, dense, pr->start_pos + T, S, pf);
-    if (!rc) rc = comm_anchor_add_delta(g, a, t->agent, t->hash, ph, s->X, pf, t->P[i + 1], S);
-    if (!rc) rc = comm_dev_anchor_sync(c, a);
-    kvm_free(ph);
-    kvm_free(pf);
+    if (!rc)
+        rc = comm_dev_anchor_add_delta(c, a, (kvm_template_t *)t, i, dense, pr->start_pos, pr->start_pos + pr->tokens,
+                                       pr->text_tokens);
     if (rc && a) comm_anchor_unref(c, a);
     *out = rc ? NULL : a;
     return rc;

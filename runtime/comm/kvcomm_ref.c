@@ -6,8 +6,19 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* host fp32 copies of the anchors' data (kvcomm_dev.c: a no-op on a host-fp32 backend) */
+static int ref_host(kvm_comm_t *c, comm_anchor_t **A, int n) {
+    for (int i = 0; i < n; i++) {
+        int rc = comm_anchor_host(c, A[i]);
+        if (rc) return rc;
+    }
+    return 0;
+}
+
 int comm_ref_pred_dist(kvm_comm_t *c, comm_sample_t *s, comm_anchor_t **E, int n, double *d) {
     const comm_geom_t *g = &c->g;
+    int rch = ref_host(c, E, n);
+    if (rch) return rch;
     if (!s->X) {
         int rc = comm_dev_sample_x(c, s);
         if (rc) return rc;
@@ -47,6 +58,8 @@ int comm_ref_weights(kvm_comm_t *c, const float *X, int T, comm_anchor_t **A, in
     const int L = g->L, H = g->H, D = g->D;
     const size_t nph = (size_t)N * T, per = (size_t)L * H * D, npf = (size_t)N * per;
     memset(w, 0, sizeof *w);
+    int rch = ref_host(c, A, N);
+    if (rch) return rch;
     w->N = N, w->T = T;
     w->kph = kvm_malloc(2 * nph * sizeof(float) + 1);
     w->kpf = kvm_malloc(2 * npf * sizeof(float) + 1);
@@ -111,9 +124,10 @@ void comm_ref_apply(kvm_comm_t *c, const float *X, const comm_ref_weights_t *w, 
                     const float *P, int S, float *out_ph, float *out_pf, bool ph_offset, bool pf_offset) {
     const comm_geom_t *g = &c->g;
     const int L = g->L, H = g->H, D = g->D, T = w->T, N = w->N;
-    const comm_geom_t gd = {L - 1, H, D};
+    const comm_geom_t gd = {L - 1, H, D, g->esize};
     if (out_ph) memcpy(out_ph, X, comm_rows_elems(g, T) * sizeof(float));
     if (out_pf) memcpy(out_pf, P, comm_rows_elems(g, S) * sizeof(float));
+    if (ref_host(c, A, N)) return; /* (comm_ref_weights made the copies; only an allocation can fail here) */
     for (int n = 0; n < N; n++) {
         const comm_delta_t *dl = comm_anchor_delta(A[n], consumer);
         for (int l = 1; l < L; l++)
@@ -139,7 +153,8 @@ void comm_ref_spread(kvm_comm_t *c, const float *X, const comm_ref_weights_t *w,
                      const float *xh, float *out) {
     const comm_geom_t *g = &c->g;
     const int L = g->L, H = g->H, D = g->D, T = w->T, N = w->N;
-    const comm_geom_t gd = {L - 1, H, D};
+    const comm_geom_t gd = {L - 1, H, D, g->esize};
+    if (ref_host(c, A, N)) return;
     for (int t = 0; t < T; t++) {
         double var = 0, xx = 0;
         for (int l = 1; l < L; l++)

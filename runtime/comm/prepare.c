@@ -424,25 +424,15 @@ int kvm_comm_prepare(kvm_comm_request_t *rq, const kvm_prompt_t *p, kvm_prepared
 /* ==== complete (§3.8, §2.3) ================================================================================== */
 
 /* DENSE: fills this consumer's deltas of every new anchor (and of every anchor without one for it) from the
- * computed rows. */
+ * computed rows, on the backend. */
 static int materialize_all(kvm_comm_request_t *rq, const prep_priv_t *pv, kvm_prepared_t *p) {
-    kvm_comm_t *c = rq->c;
-    const kvm_template_t *t = pv->tmpl;
+    kvm_template_t *t = (kvm_template_t *)pv->tmpl; /* the backend copies of its text rows may be made here */
     int rc = 0;
     for (int i = 0; t && i < pv->n_ph && !rc; i++) {
         const comm_piece_t *ph = &pv->ph[i];
         if (ph->decision != KVM_PH_NEW_ANCHOR && ph->decision != KVM_PH_NO_ANCHOR) continue;
-        comm_sample_t *s = &rq->samples[ph->sample];
-        float *rph = kvm_malloc(comm_rows_elems(&c->g, ph->T) * sizeof(float));
-        float *rpf = kvm_malloc(comm_rows_elems(&c->g, ph->S) * sizeof(float) + 1);
-        if (!rph || !rpf) rc = KVM_ENOMEM;
-        if (!rc) rc = comm_dev_sample_x(c, s); /* the base was left in the pool */
-        if (!rc) rc = comm_read_f0(c, &p->seq, ph->t_ph, ph->T, rph);
-        if (!rc) rc = comm_read_f0(c, &p->seq, ph->t_pf, ph->S, rpf);
-        if (!rc) rc = comm_materialize(rq, s, t->agent, t->hash, rph, rpf, t->P[i + 1], ph->S);
+        rc = comm_materialize(rq, &rq->samples[ph->sample], t, i, &p->seq, ph->t_ph, ph->t_pf, ph->S);
         if (!rc) p->report.ph[i].materialized = true;
-        kvm_free(rph);
-        kvm_free(rpf);
     }
     return rc;
 }

@@ -2,7 +2,8 @@
 """hf_engine.py - the HF transformers baseline of `kvmesh bench engine`, same workload, same card.
 
 Random bf16 weights at the real shapes of the model (config values from perf.md §2; no download), sdpa
-attention, eager PyTorch (no torch.compile), as the KVCOMM paper's dense baseline runs:
+attention, eager PyTorch (no torch.compile), as the KVCOMM paper's dense baseline runs, or (--compile) with a
+static KV cache and torch.compile(mode="reduce-overhead"), the fastest setting transformers documents:
   - TTFT: one forward of a P-token prompt with logits_to_keep=1 (batch 1);
   - decode at batch 1 and batch B: one forward of one new token per sequence over a P-token KV cache
     (DynamicCache, cropped back to P after each step so the context stays constant), greedy argmax on the GPU.
@@ -70,6 +71,72 @@ def timed(fn, warmup, reps):
     return dev, host
 
 
+def static_cache(cfg, bs, n):
+    """A StaticCache of bs sequences of n positions (the constructor's arguments changed across versions)."""
+    from transformers import StaticCache
+    for kw in (dict(config=cfg, max_cache_len=n, max_batch_size=bs, device="cuda", dtype=torch.bfloat16),
+               dict(config=cfg, max_cache_len=n),
+               dict(config=cfg, batch_size=bs, max_cache_len=n, device="cuda", dtype=torch.bfloat16)):
+        try:
+            return StaticCache(**kw)
+        except TypeError:
+            continue
+    raise RuntimeError("StaticCache: no known constructor signature")
+
+
+def compiled(a, model, cfg, prompts, out):
+    """--compile: the same three measurements with a static cache and the forward compiled (CUDA graphs).
+    Decode writes the new token at position P each step (constant context, as the eager run's crop)."""
+    P, B = a.prompt, a.batch
+    fwd = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
+    out["mode"] = "static cache + torch.compile(mode=reduce-overhead, fullgraph)"
+    t0 = time.time()
+    with torch.inference_mode():
+        cache = static_cache(cfg, 1, P + 8)
+        pos = torch.arange(P, device="cuda")
+        k = [0]
+
+        def prefill():
+            fwd(input_ids=prompts[k[0] % 3], past_key_values=cache, cache_position=pos, use_cache=True,
+                logits_to_keep=1)
+            k[0] += 1
+
+        prefill()
+        torch.cuda.synchronize()
+        out["compile_prefill_s"] = time.time() - t0
+        dev, host = timed(prefill, a.warmup + 2, a.reps)
+        out["ttft_ms"], out["ttft_host_ms"] = stats(dev), stats(host)
+        print(f"HF compiled TTFT {P} tokens: {out['ttft_ms']['median']:.2f} ms (host "
+              f"{out['ttft_host_ms']['median']:.2f}; compile {out['compile_prefill_s']:.0f} s)", flush=True)
+        del cache
+        for bs, key in ((1, "decode_b1_ms"), (B, "decode_bB_ms")):
+            cache = static_cache(cfg, bs, P + 8)
+            ids = torch.cat([prompts[i % 3] for i in range(bs)], 0)
+            r = fwd(input_ids=ids, past_key_values=cache, cache_position=pos, use_cache=True, logits_to_keep=1)
+            state = [r.logits[:, -1].argmax(-1, keepdim=True).clone()]
+            cpos = torch.tensor([P], device="cuda")
+
+            def step():
+                r2 = fwd(input_ids=state[0], past_key_values=cache, cache_position=cpos, use_cache=True,
+                         logits_to_keep=1)
+                state[0] = r2.logits[:, -1].argmax(-1, keepdim=True).clone()
+
+            t1 = time.time()
+            step()
+            torch.cuda.synchronize()
+            out[key.replace("_ms", "_compile_s")] = time.time() - t1
+            dev, host = timed(step, a.warmup + 2, a.reps * 5)
+            out[key], out[key.replace("_ms", "_host_ms")] = stats(dev), stats(host)
+            print(f"HF compiled decode batch {bs} at {P} context: {out[key]['median']:.2f} ms/step (host "
+                  f"{out[key.replace('_ms', '_host_ms')]['median']:.2f})", flush=True)
+            del cache, r
+            torch.cuda.empty_cache()
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(out, f, indent=1)
+    return 0
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="llama-3.1-8b", choices=sorted(SHAPES))
@@ -78,6 +145,8 @@ def main():
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--compile", action="store_true",
+                    help="static cache + torch.compile(mode='reduce-overhead') instead of eager + DynamicCache")
     ap.add_argument("--ttft-prompts", default=None,
                     help="comma-separated prompt lengths: time only the TTFT at each (one model load), e.g. the "
                          "agents' prompts of `kvmesh bench kvcomm`: 1520,2040,2560,3080,3600")
@@ -102,6 +171,8 @@ def main():
     out = dict(bench="hf_engine", model=a.model, synthetic_weights=True, prompt_tokens=P, batch=B,
                torch=torch.__version__, transformers=transformers.__version__,
                card=torch.cuda.get_device_name(0), attn="sdpa", dtype="bfloat16", load_s=load_s)
+    if a.compile:
+        return compiled(a, model, cfg, prompts, out)
     if a.ttft_prompts:
         out["ttft_by_prompt"] = {}
         with torch.inference_mode():
