@@ -3,11 +3,12 @@
 # repo root on the GPU machine with .gpu-i17/ carried (make it here: `scripts/gpu/issue17.sh bundle [BUILD_DIR]`,
 # default build/, configured with CUDA for sm_90). Logs in $OUT (at most 8 files come back):
 #   gpu.txt      card, driver, clocks at start and end, the bundle's commit
-#   parity.log   test_cuda_ops, test_cuda_model, test_kvcomm_ops, test_kvcomm_device_path, test_c2c; then
-#                compute-sanitizer memcheck of test_c2c and test_kvcomm_ops; the C2C converter round trip (torch)
+#   parity.log   test_cuda_ops, test_cuda_model, test_kvcomm_ops, test_kvcomm_device_path, test_kvcomm_core,
+#                test_comm_state, test_c2c; then compute-sanitizer memcheck of test_c2c, test_kvcomm_ops and
+#                test_kvcomm_device_path; the C2C converter round trip (torch)
 #   engine.log   kvmesh bench engine --synthetic llama-3.1-8b --profile (beside HF eager)
 #   hf.log       HF transformers eager (hf.json) and static cache + torch.compile (hf_compile.json), same card
-#   kvcomm.log   kvmesh bench kvcomm --synthetic llama-3.1-8b: the spec's policy, then the default policy
+#   kvcomm.log   kvmesh bench kvcomm --synthetic llama-3.1-8b: the spec's policy, then the blend
 #   team.log     kvmesh bench kvcomm --workload team on models/minillama-2m (dense, spec, default), accuracy on the GPU
 # Steps: parity engine hf kvcomm team (default: all of them, in that order; HF_COMPILE=0 skips the compiled HF).
 set -uo pipefail
@@ -15,7 +16,7 @@ root=$(cd "$(dirname "$0")/../.." && pwd)
 if [ "${1:-}" = bundle ]; then
   build=${2:-$root/build}
   bash "$root/scripts/gpu/bundle_tests.sh" i17 "$build" kvmesh test_cuda_ops test_cuda_model test_kvcomm_ops \
-    test_kvcomm_device_path test_c2c
+    test_kvcomm_device_path test_kvcomm_core test_comm_state test_c2c
   mkdir -p "$root/.gpu-i17/models" && cp -r "$root/models/minillama-2m" "$root/.gpu-i17/models/"
   du -sh "$root/.gpu-i17"
   exit 0
@@ -32,11 +33,11 @@ clocks() { nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,tempe
 { echo "start: $(date -u)"; echo "bundle: $(cat "$B/VERSION")"; clocks; nvidia-smi -L; } > "$OUT/gpu.txt" 2>&1
 cat "$OUT/gpu.txt"
 if want parity; then
-  for t in test_cuda_ops test_cuda_model test_kvcomm_ops test_kvcomm_device_path test_c2c; do
+  for t in test_cuda_ops test_cuda_model test_kvcomm_ops test_kvcomm_device_path test_kvcomm_core test_comm_state test_c2c; do
     echo "== $t ($(date -u +%T))"; timeout 240 "$B/$t" 2>&1 | grep -vE "^\[ +(RUN|OK) +\]" | tail -30; echo "rc=${PIPESTATUS[0]}"
   done > "$OUT/parity.log" 2>&1
   cs=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
-  for t in test_c2c test_kvcomm_ops; do
+  for t in test_c2c test_kvcomm_ops test_kvcomm_device_path; do
     echo "== memcheck $t ($(date -u +%T))"
     [ -n "$cs" ] && timeout 240 "$cs" --tool memcheck --leak-check no "$B/$t" 2>&1 | grep -E "ERROR SUMMARY|Invalid|PASSED|FAILED" | head -8
   done >> "$OUT/parity.log" 2>&1
@@ -62,15 +63,15 @@ if want hf; then
   grep -E "^HF|rc=|Error" "$OUT/hf.log" | head -12
 fi
 if want kvcomm; then
-  { for pol in "kvcomm.preset=spec" ""; do
-      echo "==== bench kvcomm ${pol:-default policy} ($(date -u +%T))"
-      timeout 200 "$B/kvmesh" bench kvcomm --synthetic llama-3.1-8b ${pol:+--set $pol} --out /tmp/kvb; echo "rc=$?"
+  { for pol in spec blend; do
+      echo "==== bench kvcomm kvcomm.preset=$pol ($(date -u +%T))"
+      timeout 200 "$B/kvmesh" bench kvcomm --synthetic llama-3.1-8b --set kvcomm.preset=$pol --out /tmp/kvb; echo "rc=$?"
     done; } > "$OUT/kvcomm.log" 2>&1
   grep -E "^====|^agent|^a[0-9] |^alignment|^anchors|rc=|rror" "$OUT/kvcomm.log" | head -30
 fi
 if want team; then
   timeout 300 "$B/kvmesh" bench kvcomm --model "$B/models/minillama-2m" --backend cuda --workload team --requests 300 \
-    --modes "${TEAM_MODES:-dense,full,full+blend}" > "$OUT/team.log" 2>&1
+    --modes "${TEAM_MODES:-dense,full,full+blend}" --out /tmp/team > "$OUT/team.log" 2>&1
   echo "team rc=$?"; grep -iE "accuracy|^mode|^dense|^full|reuse" "$OUT/team.log" | head -20
 fi
 { echo "end: $(date -u)"; clocks; } >> "$OUT/gpu.txt" 2>&1
