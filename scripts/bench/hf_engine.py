@@ -85,40 +85,47 @@ def static_cache(cfg, bs, n):
 
 
 def compiled(a, model, cfg, prompts, out):
-    """--compile: the same three measurements with a static cache and the forward compiled (CUDA graphs).
-    Decode writes the new token at position P each step (constant context, as the eager run's crop)."""
+    """--compile: the same measurements with a static cache and the forward compiled: the prefill in the default
+    mode, the decode steps in --compile-mode (reduce-overhead = CUDA graphs). Decode writes the new token at
+    position P each step (constant context, as the eager run's crop)."""
     P, B = a.prompt, a.batch
-    fwd = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
-    out["mode"] = "static cache + torch.compile(mode=reduce-overhead, fullgraph)"
-    t0 = time.time()
+    dmode = None if a.compile_mode == "default" else a.compile_mode
+    pfwd = torch.compile(model.forward, fullgraph=True)
+    dfwd = torch.compile(model.forward, mode=dmode, fullgraph=True)
+    out["mode"] = f"static cache + torch.compile (prefill: default mode; decode: {a.compile_mode}), fullgraph"
+    out["phase"] = a.phase
+    pos = torch.arange(P, device="cuda")
+    cpos = torch.tensor([P], device="cuda")
     with torch.inference_mode():
-        cache = static_cache(cfg, 1, P + 8)
-        pos = torch.arange(P, device="cuda")
-        k = [0]
+        if a.phase in ("all", "prefill"):
+            t0 = time.time()
+            cache = static_cache(cfg, 1, P + 8)
+            k = [0]
 
-        def prefill():
-            fwd(input_ids=prompts[k[0] % 3], past_key_values=cache, cache_position=pos, use_cache=True,
-                logits_to_keep=1)
-            k[0] += 1
+            def prefill():
+                pfwd(input_ids=prompts[k[0] % 3], past_key_values=cache, cache_position=pos, use_cache=True,
+                     logits_to_keep=1)
+                k[0] += 1
 
-        prefill()
-        torch.cuda.synchronize()
-        out["compile_prefill_s"] = time.time() - t0
-        dev, host = timed(prefill, a.warmup + 2, a.reps)
-        out["ttft_ms"], out["ttft_host_ms"] = stats(dev), stats(host)
-        print(f"HF compiled TTFT {P} tokens: {out['ttft_ms']['median']:.2f} ms (host "
-              f"{out['ttft_host_ms']['median']:.2f}; compile {out['compile_prefill_s']:.0f} s)", flush=True)
-        del cache
+            prefill()
+            torch.cuda.synchronize()
+            out["compile_prefill_s"] = time.time() - t0
+            dev, host = timed(prefill, a.warmup + 2, a.reps)
+            out["ttft_ms"], out["ttft_host_ms"] = stats(dev), stats(host)
+            print(f"HF compiled TTFT {P} tokens: {out['ttft_ms']['median']:.2f} ms (host "
+                  f"{out['ttft_host_ms']['median']:.2f}; compile {out['compile_prefill_s']:.0f} s)", flush=True)
+            del cache
         for bs, key in ((1, "decode_b1_ms"), (B, "decode_bB_ms")):
+            if a.phase not in ("all", "decode1" if bs == 1 else "decodeB"):
+                continue
             cache = static_cache(cfg, bs, P + 8)
             ids = torch.cat([prompts[i % 3] for i in range(bs)], 0)
-            r = fwd(input_ids=ids, past_key_values=cache, cache_position=pos, use_cache=True, logits_to_keep=1)
+            r = pfwd(input_ids=ids, past_key_values=cache, cache_position=pos, use_cache=True, logits_to_keep=1)
             state = [r.logits[:, -1].argmax(-1, keepdim=True).clone()]
-            cpos = torch.tensor([P], device="cuda")
 
             def step():
-                r2 = fwd(input_ids=state[0], past_key_values=cache, cache_position=cpos, use_cache=True,
-                         logits_to_keep=1)
+                r2 = dfwd(input_ids=state[0], past_key_values=cache, cache_position=cpos, use_cache=True,
+                          logits_to_keep=1)
                 state[0] = r2.logits[:, -1].argmax(-1, keepdim=True).clone()
 
             t1 = time.time()
@@ -146,7 +153,13 @@ def main():
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--json", default=None)
     ap.add_argument("--compile", action="store_true",
-                    help="static cache + torch.compile(mode='reduce-overhead') instead of eager + DynamicCache")
+                    help="static cache + torch.compile instead of eager + DynamicCache")
+    ap.add_argument("--compile-mode", default="reduce-overhead",
+                    help="torch.compile mode for the decode steps (the prefill uses the default mode): "
+                         "reduce-overhead (CUDA graphs) or default")
+    ap.add_argument("--phase", default="all", choices=["all", "prefill", "decode1", "decodeB"],
+                    help="with --compile: only this measurement (one process each, so that one crash of the "
+                         "compiler loses one figure)")
     ap.add_argument("--ttft-prompts", default=None,
                     help="comma-separated prompt lengths: time only the TTFT at each (one model load), e.g. the "
                          "agents' prompts of `kvmesh bench kvcomm`: 1520,2040,2560,3080,3600")

@@ -56,16 +56,23 @@ if want engine; then
 fi
 if want hf; then
   { timeout 200 python3 scripts/bench/hf_engine.py --model llama-3.1-8b --json "$OUT/hf.json"; echo "hf eager rc=$?"
-    if [ "${HF_COMPILE:-1}" != 0 ]; then
-      timeout 420 python3 scripts/bench/hf_engine.py --model llama-3.1-8b --compile --json "$OUT/hf_compile.json"
-      echo "hf compile rc=$?"
+    if [ "${HF_COMPILE:-1}" != 0 ]; then   # one process per figure; a compiler crash in CUDA-graph mode retries without
+      for ph in prefill decode1 decodeB; do
+        timeout 300 python3 scripts/bench/hf_engine.py --model llama-3.1-8b --compile --phase $ph --json "/tmp/hfc_$ph.json"
+        rc=$?; echo "hf compile $ph rc=$rc"
+        if [ $rc != 0 ] && [ $ph != prefill ]; then
+          timeout 300 python3 scripts/bench/hf_engine.py --model llama-3.1-8b --compile --compile-mode default --phase $ph \
+            --json "/tmp/hfc_$ph.json"; echo "hf compile $ph (default mode) rc=$?"
+        fi
+      done
+      python3 -c "import json,sys; print(json.dumps({p: json.load(open(f'/tmp/hfc_{p}.json')) for p in ('prefill','decode1','decodeB') if __import__('os').path.exists(f'/tmp/hfc_{p}.json')}))" > "$OUT/hf_compile.json"
     fi; } > "$OUT/hf.log" 2>&1
-  grep -E "^HF|rc=|Error" "$OUT/hf.log" | head -12
+  grep -E "^HF|rc=|Error|Segmentation" "$OUT/hf.log" | head -16
 fi
 if want kvcomm; then
   { for pol in spec blend; do
       echo "==== bench kvcomm kvcomm.preset=$pol ($(date -u +%T))"
-      timeout 200 "$B/kvmesh" bench kvcomm --synthetic llama-3.1-8b --set kvcomm.preset=$pol --out /tmp/kvb; echo "rc=$?"
+      timeout 200 "$B/kvmesh" bench kvcomm --synthetic llama-3.1-8b --set kvcomm.preset=$pol --set kvcomm.force_reuse=on --out /tmp/kvb; echo "rc=$?"
     done; } > "$OUT/kvcomm.log" 2>&1
   grep -E "^====|^agent|^a[0-9] |^alignment|^anchors|rc=|rror" "$OUT/kvcomm.log" | head -30
 fi
