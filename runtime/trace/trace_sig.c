@@ -65,9 +65,25 @@ int tsig_n_phrases(void) { return PH_N; }
 const char *tsig_phrase(int i) { return i >= 0 && i < PH_N ? phrases[i] : NULL; }
 
 uint64_t tsig_phrases_in(const char *content) {
+    if (!content || !*content) return 0;
+    size_t n = strlen(content);
+    char stack[4096], *low = n < sizeof stack ? stack : kvm_malloc(n + 1);
+    if (!low) { /* no memory: the slow way */
+        uint64_t m = 0;
+        for (int i = 0; i < PH_N; i++)
+            if (ci_contains(content, phrases[i])) m |= 1ULL << i;
+        return m;
+    }
+    for (size_t i = 0; i <= n; i++) low[i] = (char)tolower((unsigned char)content[i]);
     uint64_t m = 0;
-    for (int i = 0; content && i < PH_N; i++)
-        if (ci_contains(content, phrases[i])) m |= 1ULL << i;
+    for (int i = 0; i < PH_N; i++) {
+        char p[32];
+        size_t k = 0;
+        for (; phrases[i][k] && k + 1 < sizeof p; k++) p[k] = (char)tolower((unsigned char)phrases[i][k]);
+        p[k] = '\0';
+        if (strstr(low, p)) m |= 1ULL << i;
+    }
+    if (low != stack) kvm_free(low);
     return m;
 }
 
@@ -367,13 +383,22 @@ static void tok_emit(tok_state_t *t, const char *tok, size_t n) {
     kvm_mapval_t v = {0};
     bool had = kvm_map_get(&t->counts, tok, n, &v);
     if (kvm_map_put(&t->counts, tok, n, KVM_MAPVAL_U64(had ? v.u64 + 1 : 1))) t->rc = KVM_ENOMEM;
-    if (t->n_prev == 2) {
+    if (t->n_prev == 2) { /* the shingle "prev0 prev1 tok" */
         char sh[3 * 128 + 2];
-        int k = snprintf(sh, sizeof sh, "%s %s %.*s", t->prev[0], t->prev[1], (int)n, tok);
-        minhash_add(t->mins, t->fns, sh, (size_t)k < sizeof sh ? (size_t)k : sizeof sh - 1);
-        memcpy(t->prev[0], t->prev[1], sizeof t->prev[0]);
-        snprintf(t->prev[1], sizeof t->prev[1], "%.*s", (int)n, tok);
-    } else snprintf(t->prev[t->n_prev++], sizeof t->prev[0], "%.*s", (int)n, tok);
+        size_t a = strlen(t->prev[0]), b = strlen(t->prev[1]);
+        memcpy(sh, t->prev[0], a);
+        sh[a] = ' ';
+        memcpy(sh + a + 1, t->prev[1], b);
+        sh[a + 1 + b] = ' ';
+        memcpy(sh + a + b + 2, tok, n);
+        minhash_add(t->mins, t->fns, sh, a + b + 2 + n);
+        memcpy(t->prev[0], t->prev[1], b + 1);
+        memcpy(t->prev[1], tok, n);
+        t->prev[1][n] = '\0';
+    } else {
+        memcpy(t->prev[t->n_prev], tok, n);
+        t->prev[t->n_prev++][n] = '\0';
+    }
     t->n_tokens++;
 }
 
@@ -382,7 +407,8 @@ static void tokenize(tok_state_t *t, const char *s) {
     size_t k = 0;
     bool in_digits = false;
     for (const char *p = s;; p++) {
-        int c = tolower((unsigned char)*p);
+        int c = (unsigned char)*p;
+        if (c >= 'A' && c <= 'Z') c += 'a' - 'A';
         bool w = (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '_';
         if (w) {
             bool d = c >= '0' && c <= '9';
