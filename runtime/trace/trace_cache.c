@@ -28,6 +28,7 @@
 #include "../core/json.h"
 #include "../core/map.h"
 #include "../core/sb.h"
+#include "trace_cache.h"
 #include "trace_sig.h"
 
 #define SNAP_MAGIC "kvmesh-schemas"
@@ -589,6 +590,11 @@ static void evict(kvm_schema_cache_t *c) {
     }
 }
 
+int tcache_decide(double s_best, int hamming_best) {
+    if (hamming_best <= 3 || s_best >= MERGE_S) return TCACHE_MERGE;
+    return s_best >= GROUP_S ? TCACHE_SAME_GROUP : TCACHE_NEW_GROUP;
+}
+
 static int popcount64(uint64_t x) {
     int n = 0;
     for (; x; x &= x - 1) n++;
@@ -611,13 +617,14 @@ int kvm_schema_cache_insert(kvm_schema_cache_t *c, const kvm_failure_t *f, bool 
         nox.id = NULL, nox.family = NULL;
         q.f = &nox;
         rc = rank(c, &q, KVM_RETRIEVE_COMBINED, false, &sc, &n);
-        int ham_best = 65; /* the nearest SimHash within 3 bits (ties: higher S, then lower id: the rank order) */
+        int ham_best = 65, ham_id = -1; /* the nearest SimHash (ties: higher S, then lower id: the rank order) */
         for (int i = 0; !rc && i < n; i++) {
             int h = popcount64(c->e[sc[i].id]->simhash ^ q.sig.simhash);
-            if (h <= 3 && h < ham_best) ham_best = h, target = sc[i].id;
+            if (h < ham_best) ham_best = h, ham_id = sc[i].id;
         }
-        if (!rc && target < 0 && n > 0 && sc[0].s >= MERGE_S) target = sc[0].id;
-        if (!rc && target < 0 && n > 0 && sc[0].s >= GROUP_S) group = c->e[sc[0].id]->group;
+        int d = !rc && n > 0 ? tcache_decide(sc[0].s, ham_best) : TCACHE_NEW_GROUP;
+        if (d == TCACHE_MERGE) target = ham_best <= 3 ? ham_id : sc[0].id;
+        else if (d == TCACHE_SAME_GROUP) group = c->e[sc[0].id]->group;
         kvm_free(sc);
     }
     if (!rc && target >= 0) { /* merge */
