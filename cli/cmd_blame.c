@@ -144,10 +144,17 @@ static int label(const blame_args_t *a) {
     f->gold_step = a->step;
     f->human_label = true;
     kvm_schema_cache_t *c = open_cache("label", a->state);
-    int id = c ? kvm_schema_cache_insert(c, f, false) : -1;
+    /* the schemata blame would have shown get their feedback, then the failure goes in */
+    kvm_blame_params_t p = kvm_blame_default_params();
+    p.count_hit = false;
+    kvm_blame_t shown;
+    int helpful = c && kvm_blame(c, f, &p, &shown) == 0 ? kvm_schema_cache_feedback(c, &shown, f) : -1;
+    int id = c && helpful >= 0 ? kvm_schema_cache_insert(c, f, false) : -1;
     int rc = id >= 0 ? kvm_schema_cache_save(c) : -1;
     if (c && rc) fprintf(stderr, "kvmesh trace label: %s\n", kvm_errmsg());
-    else if (!rc) printf("labelled %s: agent %s, step %d -> schema #%d\n", f->id, want, a->step, id);
+    else if (!rc)
+        printf("labelled %s: agent %s, step %d -> schema #%d (feedback: %d of %d schemata shown were helpful)\n", f->id, want,
+               a->step, id, helpful, shown.n_schemata);
     kvm_schema_cache_free(c);
     kvm_failure_free(f);
     return rc ? 1 : 0;

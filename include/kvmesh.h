@@ -706,6 +706,11 @@ typedef struct kvm_blame {
 /* Localises the decisive mistake of f (its label, if any, is ignored) with the cache's help (c may be NULL:
  * no schemata). 0, or KVM_EINVAL for a malformed failure / params, KVM_ENOMEM. */
 int kvm_blame(kvm_schema_cache_t *c, const kvm_failure_t *f, const kvm_blame_params_t *params, kvm_blame_t *out);
+/* Feedback once the cause of a failure is confirmed (a label, a replay): each entry blame showed for it (shown, as
+ * kvm_blame filled it) counts as helpful when its gold agent class is the confirmed agent or it holds the error
+ * template of the confirmed step, else as misleading (eviction keeps helpful entries longer). Entries evicted
+ * since are skipped. Returns how many were helpful (>= 0), or KVM_EINVAL for an unlabelled failure. */
+int kvm_schema_cache_feedback(kvm_schema_cache_t *c, const kvm_blame_t *shown, const kvm_failure_t *confirmed);
 /* The normalised agent name of a raw label (a trailing "(...)" removed, trimmed, ASCII lower case) into
  * out[cap]. */
 void kvm_agent_normalize(const char *raw, char *out, size_t cap);

@@ -457,6 +457,16 @@ static void test_a_warm_cache_moves_the_blame_to_the_known_error_kind(void **s) 
     assert_int_equal(kvm_blame(c, &x.f, NULL, &warm), 0);
     assert_int_equal(warm.step, 5);
     assert_int_equal(warm.n_schemata, 5);
+    /* confirmed: every schema shown blamed the coder: helpful; a confirmation of another agent: misleading */
+    assert_int_equal(kvm_schema_cache_feedback(c, &warm, &x.f), 5);
+    x.f.gold_step = 0, x.f.gold_agent = "Planner";
+    assert_int_equal(kvm_schema_cache_feedback(c, &warm, &x.f), 0);
+    char *j = kvm_schema_cache_entry_json(c, warm.schema_ids[0]);
+    assert_non_null(strstr(j, "\"helpful\":\t1"));
+    assert_non_null(strstr(j, "\"misleading\":\t1"));
+    kvm_free(j);
+    x.f.gold_agent = NULL;
+    assert_int_equal(kvm_schema_cache_feedback(c, &warm, &x.f), KVM_EINVAL);
     kvm_schema_cache_free(c);
 }
 

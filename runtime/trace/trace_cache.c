@@ -1343,3 +1343,24 @@ int kvm_blame(kvm_schema_cache_t *c, const kvm_failure_t *f, const kvm_blame_par
     kvm_schema_cache_free(empty);
     return rc;
 }
+
+int kvm_schema_cache_feedback(kvm_schema_cache_t *c, const kvm_blame_t *shown, const kvm_failure_t *f) {
+    if (!c || !shown || !f || !f->gold_agent || f->gold_step < 0 || f->gold_step >= f->n_steps || !f->steps)
+        return kvm_seterr(KVM_EINVAL, "schema feedback: a cache, the blame shown and a labelled failure are needed");
+    char agent[TSIG_AGENT];
+    kvm_agent_normalize(f->gold_agent, agent, sizeof agent);
+    const kvm_failure_step_t *st = &f->steps[f->gold_step];
+    char *tmpl = tsig_error_template(st->content, st->error);
+    uint64_t h = tmpl ? tsig_fnv1a(tmpl, strlen(tmpl)) | 1 : 0;
+    kvm_free(tmpl);
+    int helpful = 0;
+    for (int i = 0; i < shown->n_schemata && i < KVM_BLAME_MAX_K; i++) {
+        entry_t *e = live_entry(c, shown->schema_ids[i]);
+        if (!e) continue;
+        bool match = !strcmp(top_class(e), agent);
+        for (int j = 0; h && j < e->n_tmpl; j++) match |= e->tmpl_hash[j] == h;
+        if (match) e->helpful++, helpful++;
+        else e->misleading++;
+    }
+    return helpful;
+}

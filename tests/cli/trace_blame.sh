@@ -57,6 +57,10 @@ out="$("$bin" trace cache stats --state "$work/st")"
 grep -q "^entries 1, groups 1, tombstones 0" <<< "$out" && grep -q "queries 1" <<< "$out" \
   && ok "cache stats counts the entry and the query" || bad "stats: $out"
 "$bin" trace cache show 0 --state "$work/st" | grep -q '"HUMAN_LABEL"' && ok "cache show: a human label" || bad "cache show"
+cp -r "$work/st" "$work/st2"
+out="$("$bin" trace label "$r8" --agent finder --step 1 --state "$work/st2")"
+grep -q "feedback: 1 of 1 schemata shown were helpful" <<< "$out" && "$bin" trace cache show 0 --state "$work/st2" | grep -q '"helpful":.1' \
+  && ok "a label gives feedback to the schemata blame showed" || bad "feedback: $out"
 "$bin" trace cache pin 0 --state "$work/st" && "$bin" trace cache show 0 --state "$work/st" | grep -q '"PINNED"' \
   && ok "cache pin persists" || bad "cache pin"
 
