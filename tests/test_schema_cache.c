@@ -17,6 +17,7 @@
 #include <kvmesh.h>
 
 #include "runtime/core/core.h"
+#include "runtime/core/rng.h"
 #include "runtime/trace/trace.h"
 #include "runtime/trace/trace_cache.h"
 #include "runtime/trace/trace_sig.h"
@@ -502,6 +503,137 @@ static void test_a_traced_run_reads_as_a_failure_with_the_task_at_step_0(void **
     assert_null(kvm_failure_from_trace(nope));
 }
 
+
+/* ---- hostile snapshots and out of memory ------------------------------------------------------------------- */
+
+/* Rewrites the trailer of a snapshot text (its last line) for the bytes before it, so that a mutation reaches the
+ * parser instead of the checksum. Returns the new length. */
+static size_t fix_trailer(char *buf, size_t n, size_t cap) {
+    size_t body = n;
+    if (body && buf[body - 1] == '\n') body--;
+    while (body > 0 && buf[body - 1] != '\n') body--;
+    int entries = 0;
+    for (size_t i = 0; i < body; i++) entries += buf[i] == '\n';
+    char tr[96];
+    int k = snprintf(tr, sizeof tr, "{\"end\":%d,\"fnv1a\":\"%016llx\"}\n", entries > 0 ? entries - 1 : 0,
+                     (unsigned long long)tsig_fnv1a(buf, body));
+    if (body + (size_t)k > cap) return n;
+    memcpy(buf + body, tr, (size_t)k);
+    return body + (size_t)k;
+}
+
+static void test_mutated_snapshots_with_valid_checksums_never_crash_the_loader(void **s) {
+    (void)s;
+    char dir[512], path[600];
+    snprintf(dir, sizeof dir, "%s/mut", root);
+    snprintf(path, sizeof path, "%s/schemas.snap", dir);
+    kvm_schema_cache_t *c = kvm_schema_cache_open(dir, NULL);
+    fill(c);
+    assert_int_equal(kvm_schema_cache_save(c), 0);
+    kvm_schema_cache_free(c);
+    size_t n;
+    char *good = slurp(path, &n);
+    size_t cap = n + 4096;
+    char *buf = malloc(cap);
+    uint64_t st = 1234;
+    kvm_log_set_level(KVM_LOG_OFF);
+    int loaded = 0, set_aside = 0;
+    fx_t q;
+    fx_make(&q, "q", "chess", 8, 3, NULL);
+    for (int i = 0; i < 500; i++) {
+        memcpy(buf, good, n);
+        size_t len = n;
+        int edits = 1 + (int)(kvm_splitmix64_next(&st) % 4);
+        for (int e = 0; e < edits; e++) {
+            size_t at = kvm_splitmix64_next(&st) % len;
+            static const char alphabet[] = "0123456789-.eE\"{}[]:,\\ nul\x01\xff";
+            switch (kvm_splitmix64_next(&st) % 3) {
+            case 0: buf[at] = alphabet[kvm_splitmix64_next(&st) % (sizeof alphabet - 1)]; break;
+            case 1: memmove(buf + at, buf + at + 1, len - at - 1), len--; break; /* delete a byte */
+            default: /* a digit run made huge or negative */
+                if (len + 12 < cap) {
+                    memmove(buf + at + 12, buf + at, len - at);
+                    memcpy(buf + at, "-99999999999", 12);
+                    len += 12;
+                }
+            }
+        }
+        len = fix_trailer(buf, len, cap);
+        write_bytes(path, buf, len);
+        c = kvm_schema_cache_open(dir, NULL);
+        assert_non_null(c);
+        kvm_schema_cache_stats_t stc;
+        kvm_schema_cache_stats(c, &stc);
+        if (stc.entries) loaded++;
+        else set_aside++;
+        kvm_blame_t b; /* whatever loaded must be usable */
+        assert_int_equal(kvm_blame(c, &q.f, NULL, &b), 0);
+        if (i % 50 == 0) assert_int_equal(kvm_schema_cache_save(c), 0); /* and what loaded saves (fsync: not every time) */
+        kvm_schema_cache_free(c);
+        char badp[700];
+        snprintf(badp, sizeof badp, "%s.bad", path);
+        remove(badp);
+    }
+    kvm_log_set_level(KVM_LOG_WARN);
+    assert_true(loaded > 0);    /* some mutations (inside strings) still load */
+    assert_true(set_aside > 0); /* most do not */
+    free(buf);
+    free(good);
+}
+
+/* Every allocation of open (with a snapshot) + insert + blame + save made to fail in turn: an error or the clean
+ * result, never a crash or a leak, and the snapshot on disk stays loadable. */
+static int oom_op(const char *dir) {
+    kvm_schema_cache_t *c = kvm_schema_cache_open(dir, NULL);
+    if (!c) return kvm_errcode() ? kvm_errcode() : -1;
+    fx_t x;
+    fx_make(&x, "new", "weather", 8, 2, "\nTraceback (most recent call last):\nValueError: bad 'x' at 0x1f");
+    int rc = kvm_schema_cache_insert(c, &x.f, false);
+    kvm_blame_t b;
+    if (rc >= 0) rc = kvm_blame(c, &x.f, NULL, &b);
+    if (rc >= 0) rc = kvm_schema_cache_feedback(c, &b, &x.f);
+    if (rc >= 0) rc = kvm_schema_cache_save(c);
+    kvm_schema_cache_free(c);
+    return rc < 0 ? rc : 0;
+}
+
+static void test_out_of_memory_anywhere_is_an_error_without_a_leak(void **s) {
+    (void)s;
+    char dir[512], path[600];
+    snprintf(dir, sizeof dir, "%s/oom", root);
+    snprintf(path, sizeof path, "%s/schemas.snap", dir);
+    kvm_schema_cache_t *c = kvm_schema_cache_open(dir, NULL);
+    fill(c);
+    assert_int_equal(kvm_schema_cache_save(c), 0);
+    kvm_schema_cache_free(c);
+    size_t n;
+    char *good = slurp(path, &n);
+    size_t live0 = kvm_alloc_bytes_live();
+    int failed = 0;
+    for (uint64_t k = 1;; k++) {
+        write_bytes(path, good, n);
+        kvm_alloc_fail_nth(k);
+        int rc = oom_op(dir);
+        bool fired = !kvm_alloc_fail_pending();
+        kvm_alloc_fail_nth(0);
+        if (!fired) {
+            assert_int_equal(rc, 0);
+            break;
+        }
+        if (rc) {
+            failed++;
+            assert_int_equal(rc, KVM_ENOMEM);
+        }
+        if (kvm_alloc_bytes_live() != live0) fail_msg("allocation %llu failed: %zd bytes leaked", (unsigned long long)k,
+                                                      (ssize_t)(kvm_alloc_bytes_live() - live0));
+        /* the file is never set aside for a lack of memory */
+        assert_int_equal(access(path, F_OK), 0);
+    }
+    fprintf(stderr, "out of memory: %d of the allocations failed in turn gave an error, the others were absorbed\n", failed);
+    assert_true(failed > 100);
+    free(good);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_agent_labels_lose_their_suffix_and_case),
@@ -516,6 +648,8 @@ int main(void) {
         cmocka_unit_test(test_an_unlabelled_failure_is_refused),
         cmocka_unit_test(test_a_saved_cache_reopens_with_the_same_entries_and_bytes),
         cmocka_unit_test(test_a_torn_or_corrupted_snapshot_is_set_aside_and_the_cache_starts_empty),
+        cmocka_unit_test(test_mutated_snapshots_with_valid_checksums_never_crash_the_loader),
+        cmocka_unit_test(test_out_of_memory_anywhere_is_an_error_without_a_leak),
         cmocka_unit_test(test_triage_blames_the_step_whose_tool_call_failed_and_never_the_task),
         cmocka_unit_test(test_a_warm_cache_moves_the_blame_to_the_known_error_kind),
         cmocka_unit_test(test_a_traced_run_reads_as_a_failure_with_the_task_at_step_0),

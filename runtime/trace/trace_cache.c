@@ -283,9 +283,11 @@ typedef struct query {
     int n_tmpl;
 } query_t;
 
-static void query_free(query_t *q) {
+static void query_free(query_t *q) { /* may be called twice */
     tsig_free(&q->sig);
     kvm_free(q->w);
+    q->w = NULL;
+    q->n_w = 0;
 }
 
 static int query_build(kvm_schema_cache_t *c, const kvm_failure_t *f, query_t *q) {
@@ -770,30 +772,37 @@ static bool parse_hex64(const cJSON *j, uint64_t *out) {
     return end && !*end;
 }
 
+/* cJSON_AddItemToArray that frees the item when it cannot be added (out of memory: the array is NULL) */
+static void arr_add(cJSON *a, cJSON *item) {
+    if (!cJSON_AddItemToArray(a, item)) cJSON_Delete(item);
+}
+
+/* An entry as JSON. Out of memory leaves fields out, so callers check kvm_errcode() == KVM_ENOMEM after it (the
+ * allocator sets it) before using the result. */
 static cJSON *entry_json(const kvm_schema_cache_t *c, const entry_t *e, bool with_stub) {
     cJSON *o = cJSON_CreateObject();
     char h[17];
     cJSON_AddNumberToObject(o, "id", e->id);
     cJSON_AddNumberToObject(o, "group", e->group);
     cJSON *fl = cJSON_AddArrayToObject(o, "flags");
-    if (e->flags & F_PINNED) cJSON_AddItemToArray(fl, cJSON_CreateString("PINNED"));
-    if (e->flags & F_HUMAN) cJSON_AddItemToArray(fl, cJSON_CreateString("HUMAN_LABEL"));
+    if (e->flags & F_PINNED) arr_add(fl, cJSON_CreateString("PINNED"));
+    if (e->flags & F_HUMAN) arr_add(fl, cJSON_CreateString("HUMAN_LABEL"));
     hex64(h, e->created_ns);
     cJSON_AddStringToObject(o, "created_ns", h);
     cJSON_AddNumberToObject(o, "support", e->support);
     cJSON *src = cJSON_AddArrayToObject(o, "source_traces");
     for (int k = 0; k < e->n_src; k++) { /* oldest first */
         int i = (e->src_next - e->n_src + k + MAX_SRC) % MAX_SRC;
-        cJSON_AddItemToArray(src, cJSON_CreateString(e->src[i] ? e->src[i] : ""));
+        arr_add(src, cJSON_CreateString(e->src[i] ? e->src[i] : ""));
     }
     if (e->family) cJSON_AddStringToObject(o, "family", e->family);
     cJSON *g = cJSON_AddObjectToObject(o, "gold");
     cJSON *hist = cJSON_AddArrayToObject(g, "agents");
     for (int i = 0; i < e->n_hist; i++) {
         cJSON *p = cJSON_CreateArray();
-        cJSON_AddItemToArray(p, cJSON_CreateString(e->hist[i].name));
-        cJSON_AddItemToArray(p, cJSON_CreateNumber(e->hist[i].n));
-        cJSON_AddItemToArray(hist, p);
+        arr_add(p, cJSON_CreateString(e->hist[i].name));
+        arr_add(p, cJSON_CreateNumber(e->hist[i].n));
+        arr_add(hist, p);
     }
     cJSON_AddNumberToObject(g, "pos_sum", e->pos_sum);
     cJSON_AddNumberToObject(g, "pos_n", e->pos_n);
@@ -801,20 +810,20 @@ static cJSON *entry_json(const kvm_schema_cache_t *c, const entry_t *e, bool wit
     cJSON_AddNumberToObject(g, "n_steps", e->n_steps);
     cJSON *sig = cJSON_AddObjectToObject(o, "sig");
     cJSON *tm = cJSON_AddArrayToObject(sig, "err_templates");
-    for (int i = 0; i < e->n_tmpl; i++) cJSON_AddItemToArray(tm, cJSON_CreateString(e->tmpl[i]));
+    for (int i = 0; i < e->n_tmpl; i++) arr_add(tm, cJSON_CreateString(e->tmpl[i]));
     cJSON *ph = cJSON_AddArrayToObject(sig, "phrases");
     for (int i = 0; i < tsig_n_phrases(); i++)
-        if (e->phrases & (1ULL << i)) cJSON_AddItemToArray(ph, cJSON_CreateString(tsig_phrase(i)));
+        if (e->phrases & (1ULL << i)) arr_add(ph, cJSON_CreateString(tsig_phrase(i)));
     cJSON *gf = cJSON_AddArrayToObject(sig, "flags_at_gold");
     for (int i = 0; i < TSIG_N_FLAGS; i++)
-        if (e->gold_flags & (1u << i)) cJSON_AddItemToArray(gf, cJSON_CreateString(tsig_flag_name(i)));
+        if (e->gold_flags & (1u << i)) arr_add(gf, cJSON_CreateString(tsig_flag_name(i)));
     cJSON *keys = cJSON_AddObjectToObject(o, "keys");
     cJSON *tf = cJSON_AddArrayToObject(keys, "tf");
     for (int i = 0; i < e->n_terms; i++) {
         cJSON *p = cJSON_CreateArray();
-        cJSON_AddItemToArray(p, cJSON_CreateString(c->terms[e->term[i]]));
-        cJSON_AddItemToArray(p, cJSON_CreateNumber(e->cnt[i]));
-        cJSON_AddItemToArray(tf, p);
+        arr_add(p, cJSON_CreateString(c->terms[e->term[i]]));
+        arr_add(p, cJSON_CreateNumber(e->cnt[i]));
+        arr_add(tf, p);
     }
     char mh[TSIG_MINHASH * 8 + 1];
     for (int i = 0; i < TSIG_MINHASH; i++) snprintf(mh + 8 * i, 9, "%08x", e->minhash[i]);
@@ -825,9 +834,9 @@ static cJSON *entry_json(const kvm_schema_cache_t *c, const entry_t *e, bool wit
     for (int i = 0; i < e->n_feats; i++) {
         cJSON *p = cJSON_CreateArray();
         hex64(h, e->feats[i].key);
-        cJSON_AddItemToArray(p, cJSON_CreateString(h));
-        cJSON_AddItemToArray(p, cJSON_CreateNumber(e->feats[i].n));
-        cJSON_AddItemToArray(st, p);
+        arr_add(p, cJSON_CreateString(h));
+        arr_add(p, cJSON_CreateNumber(e->feats[i].n));
+        arr_add(st, p);
     }
     cJSON *s = cJSON_AddObjectToObject(o, "stats");
     cJSON_AddNumberToObject(s, "hits", e->hits);
@@ -853,8 +862,9 @@ char *kvm_schema_cache_entry_json(const kvm_schema_cache_t *c, int id) {
         kvm_seterr(KVM_ENOENT, "schema cache: no entry %d", id);
         return NULL;
     }
+    kvm_errclear();
     cJSON *o = entry_json(c, e, true);
-    char *s = o ? cJSON_Print(o) : NULL;
+    char *s = o && kvm_errcode() != KVM_ENOMEM ? cJSON_Print(o) : NULL;
     cJSON_Delete(o);
     char *r = s ? kvm_strdup(s) : NULL;
     cJSON_free(s);
@@ -887,8 +897,9 @@ static int put_line(kvm_sb_t *b, cJSON *o) {
     return rc;
 }
 
-/* The snapshot's bytes (every live entry, ids kept). */
+/* The snapshot's bytes (every live entry, ids kept); KVM_ENOMEM when any part could not be made. */
 static int snapshot(const kvm_schema_cache_t *c, kvm_sb_t *b) {
+    kvm_errclear();
     cJSON *h = cJSON_CreateObject();
     char x[17];
     cJSON_AddStringToObject(h, "magic", SNAP_MAGIC);
@@ -899,13 +910,22 @@ static int snapshot(const kvm_schema_cache_t *c, kvm_sb_t *b) {
     cJSON *a = cJSON_AddArrayToObject(h, "minhash_a"), *bb = cJSON_AddArrayToObject(h, "minhash_b");
     for (int i = 0; i < TSIG_MINHASH; i++) {
         hex64(x, c->fns.a[i]);
-        cJSON_AddItemToArray(a, cJSON_CreateString(x));
+        arr_add(a, cJSON_CreateString(x));
         hex64(x, c->fns.b[i]);
-        cJSON_AddItemToArray(bb, cJSON_CreateString(x));
+        arr_add(bb, cJSON_CreateString(x));
     }
-    int rc = put_line(b, h), n = 0;
+    int rc = kvm_errcode() == KVM_ENOMEM ? KVM_ENOMEM : 0, n = 0;
+    if (rc) cJSON_Delete(h);
+    else rc = put_line(b, h);
     for (int i = 0; !rc && i < c->n_e; i++)
-        if (c->e[i]->live) rc = put_line(b, entry_json(c, c->e[i], false)), n++;
+        if (c->e[i]->live) {
+            cJSON *o = entry_json(c, c->e[i], false);
+            if (kvm_errcode() == KVM_ENOMEM) {
+                cJSON_Delete(o);
+                return KVM_ENOMEM;
+            }
+            rc = put_line(b, o), n++;
+        }
     if (rc) return rc;
     uint64_t sum = tsig_fnv1a(b->s, b->len);
     hex64(x, sum);
@@ -1081,7 +1101,8 @@ static int load_text(kvm_schema_cache_t *c, char *data, size_t len, const char *
     char *last = data + len - 1;
     while (last > data && last[-1] != '\n') last--;
     cJSON *tr = NULL;
-    if (kvm_json_parse(last, (size_t)(data + len - last), "schemas.snap trailer", &tr)) return KVM_EFORMAT;
+    int prc = kvm_json_parse(last, (size_t)(data + len - last), "schemas.snap trailer", &tr);
+    if (prc) return prc == KVM_ENOMEM ? prc : KVM_EFORMAT;
     double n_end;
     uint64_t sum;
     bool ok = num_in(tr, "end", 0, 1e9, &n_end) && parse_hex64(cJSON_GetObjectItemCaseSensitive(tr, "fnv1a"), &sum);
@@ -1095,7 +1116,8 @@ static int load_text(kvm_schema_cache_t *c, char *data, size_t len, const char *
         char *nl = memchr(p, '\n', (size_t)(last - p));
         cJSON *o = NULL;
         *why = "a malformed line";
-        if (!nl || kvm_json_parse(p, (size_t)(nl - p), "schemas.snap line", &o)) rc = KVM_EFORMAT;
+        int lrc = nl ? kvm_json_parse(p, (size_t)(nl - p), "schemas.snap line", &o) : KVM_EFORMAT;
+        if (lrc) rc = lrc == KVM_ENOMEM ? lrc : KVM_EFORMAT;
         if (!rc && line == 0) {
             const char *magic = str_in(o, "magic");
             const cJSON *a = cJSON_GetObjectItemCaseSensitive(o, "minhash_a"), *b = cJSON_GetObjectItemCaseSensitive(o, "minhash_b");

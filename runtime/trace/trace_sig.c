@@ -489,7 +489,6 @@ static int build_steps(const kvm_failure_t *f, tsig_t *s) {
         s->error[t] = st->error || s->tmpl[t];
         if (st->tool_result) tool_before = true;
         rc = seen_add(&seen, c);
-        if (!rc && (s->tmpl[t] == NULL) != (s->tmpl_hash[t] == 0)) rc = KVM_ENOMEM;
     }
     kvm_free(chash);
     kvm_sb_free(&seen);
@@ -577,7 +576,9 @@ int tsig_build(const kvm_failure_t *f, const tsig_minhash_fns_t *fns, int max_te
     s->error = kvm_calloc(n, sizeof *s->error);
     s->phrases = kvm_calloc(n, sizeof *s->phrases);
     int rc = !s->agent || !s->flags || !s->tmpl || !s->tmpl_hash || !s->tool || !s->error || !s->phrases ? KVM_ENOMEM : 0;
+    kvm_errclear(); /* the allocator sets KVM_ENOMEM: a template cut short by a failed allocation is noticed below */
     if (!rc) rc = build_steps(f, s);
+    if (!rc && kvm_errcode() == KVM_ENOMEM) rc = KVM_ENOMEM;
     if (!rc) rc = build_keys(f, fns, max_terms, s);
     if (!rc) rc = build_feats(s);
     if (rc) {
