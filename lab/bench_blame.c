@@ -4,14 +4,19 @@
  *    one-out over a bulk-loaded cache, no LLM: agent and step accuracy (strict equality, 0-based steps) of the
  *    prior, of label transfer from each retriever (correct.md §9.3) and of the triage with an empty and a warm
  *    cache, beside the expected accuracy of a random guess.
- * 2. Error injection: synthetic multi-agent failures in which one agent's output at a random step is corrupted
+ * 2. Error injection into real runs: the bundled workflows (team, pipeline, revise) run on the bundled model (or
+ *    --mock), traced; in each trace one agent output at a random step is corrupted (a fabricated number, a
+ *    plausible but wrong line copied from the task, a premature final answer, an empty answer); blame over the
+ *    corrupted trace, leave-one-out against a cache of the other corrupted runs, beside the baselines.
+ * 3. Error injection: synthetic multi-agent failures in which one agent's output at a random step is corrupted
  *    (a fabricated number, a failed tool call, a premature final answer: the kinds CORRECT injects), three
  *    workflows; blame's step / agent accuracy with an empty and a warm cache beside random and "most active
  *    agent" baselines.
- * 3. Query latency at --entries schemata (default 10,000) on one thread: kvm_blame (signature + retrieval +
+ * 4. Query latency at --entries schemata (default 10,000) on one thread: kvm_blame (signature + retrieval +
  *    triage) per query, on the LSH path (the default) and scoring every entry. */
 #include <ctype.h>
 #include <dirent.h>
+#include <ftw.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -373,6 +378,129 @@ static int injection(int n_per_wf, int warm, uint64_t seed, cJSON *out, bool ver
     return rc;
 }
 
+
+/* ---- error injection into traced runs of the bundled workflows ------------------------------------------------ */
+
+static int rm_one(const char *path, const struct stat *sb, int flag, struct FTW *ftw) {
+    (void)sb, (void)flag, (void)ftw;
+    return remove(path);
+}
+
+/* A failure read from a run's trace with one agent output corrupted; the strings it points to are its own. */
+typedef struct injected {
+    kvm_failure_t *f;      /* from kvm_failure_from_trace */
+    char *text;            /* the corrupted content (malloc) */
+    char id[64];
+} injected_t;
+
+enum { RI_FABRICATE, RI_GROUNDED_WRONG, RI_PREMATURE, RI_EMPTY, RI_N };
+
+/* Corrupts a random agent step of f (not the task, not a tool result); false when f has none. */
+static bool inject(kvm_rng_t *r, injected_t *x, int workflow) {
+    kvm_failure_t *f = x->f;
+    int elig[256], n = 0;
+    for (int t = 1; t < f->n_steps && n < 256; t++)
+        if (!f->steps[t].tool_result) elig[n++] = t;
+    if (!n) return false;
+    int t = elig[kvm_rng_below(r, (uint64_t)n)], kind = (int)kvm_rng_below(r, RI_N);
+    char buf[512];
+    if (kind == RI_FABRICATE) snprintf(buf, sizeof buf, "The answer is %d.", 10000 + (int)kvm_rng_below(r, 90000));
+    else if (kind == RI_PREMATURE) snprintf(buf, sizeof buf, "%.200s\nFinal Answer: done. TERMINATE", f->steps[t].content);
+    else if (kind == RI_EMPTY) buf[0] = '\0';
+    else { /* a line of the task, plausible and grounded, but not the answer */
+        const char *q = f->question ? f->question : "";
+        int lines = 1;
+        for (const char *p = q; *p; p++) lines += *p == '\n' || (p[0] == '\\' && p[1] == 'n');
+        int want = (int)kvm_rng_below(r, (uint64_t)lines), k = 0;
+        const char *b = q;
+        for (const char *p = q; *p && k < want; p++)
+            if (*p == '\n' || (p[0] == '\\' && p[1] == 'n')) k++, b = p + (*p == '\n' ? 1 : 2);
+        size_t len = 0;
+        while (b[len] && b[len] != '\n' && !(b[len] == '\\' && b[len + 1] == 'n') && len < 200) len++;
+        snprintf(buf, sizeof buf, "%.*s", (int)len, b);
+    }
+    x->text = strdup(buf);
+    ((kvm_failure_step_t *)f->steps)[t].content = x->text;
+    f->gold_agent = f->steps[t].agent;
+    f->gold_step = t;
+    snprintf(x->id, sizeof x->id, "w%d-%s", workflow, f->id);
+    f->id = x->id;
+    f->family = NULL;
+    return true;
+}
+
+/* Runs the workflow n times (seeds seed..seed+n-1, inputs from its dataset) with traces under root; reads each
+ * trace back as a failure with one injected error into out[*n_out]. */
+static int run_and_inject(kvm_lab_params_fn fill, bool mock, const char *model, const char *path, int n, uint64_t seed, const char *root,
+                          kvm_rng_t *r, int workflow, injected_t *out, int *n_out) {
+    kvm_runtime_params_t rp = kvm_runtime_default_params();
+    rp.model.backend = NULL;
+    rp.model_override = mock ? "mock:echo" : model;
+    rp.trace_root = root;
+    rp.quiet = true;
+    rp.echo_print = false;
+    kvm_runtime_t *rt = fill(&rp.model) == 0 ? kvm_runtime_create(&rp) : NULL;
+    if (rt && kvm_lab_add_functions(rt)) kvm_runtime_free(rt), rt = NULL;
+    kvm_workflow_t *wf = rt ? kvm_workflow_load(rt, path, NULL) : NULL;
+    int rc = wf ? 0 : -1;
+    for (int i = 0; !rc && i < n; i++) {
+        kvm_run_params_t p = kvm_run_default_params();
+        p.seed = seed + (uint64_t)i;
+        p.from_dataset = kvm_workflow_has_dataset(wf);
+        if (!kvm_run_start(wf, &p) || kvm_workflow_drive(wf) < 0) rc = -1; /* one at a time: a small KV budget */
+    }
+    for (int i = 0; !rc && i < kvm_workflow_n_runs(wf); i++) {
+        const char *dir = kvm_run_trace_dir(kvm_workflow_run(wf, i));
+        injected_t *x = &out[*n_out];
+        memset(x, 0, sizeof *x);
+        if (!dir || !(x->f = kvm_failure_from_trace(dir))) continue;
+        if (inject(r, x, workflow)) (*n_out)++;
+        else kvm_failure_free(x->f);
+    }
+    kvm_workflow_free(wf);
+    kvm_runtime_free(rt);
+    return rc;
+}
+
+static int real_injection(kvm_lab_params_fn fill, bool mock, const char *model, const char *list, int runs, uint64_t seed, cJSON *out) {
+    char root[] = "/tmp/kvmesh-bench-blame-XXXXXX";
+    if (!mkdtemp(root)) return kvm_seterr(KVM_EIO, "bench blame: cannot make a temporary folder");
+    char paths[8][512];
+    int n_wf = 0;
+    for (const char *p = list; *p && n_wf < 8;) {
+        const char *e = strchr(p, ',');
+        size_t len = e ? (size_t)(e - p) : strlen(p);
+        snprintf(paths[n_wf++], sizeof paths[0], "%.*s", (int)len, p);
+        p += len + (e ? 1 : 0);
+    }
+    injected_t *x = calloc((size_t)(n_wf * runs + 1), sizeof *x);
+    int n = 0, rc = 0;
+    kvm_rng_t r;
+    kvm_rng_seed(&r, seed);
+    for (int w = 0; !rc && w < n_wf; w++) {
+        int before = n;
+        rc = run_and_inject(fill, mock, model, paths[w], runs, seed * 1000 + 1, root, &r, w, x, &n);
+        if (rc) fprintf(stderr, "kvmesh bench blame: %s: %s\n", paths[w], kvm_errmsg());
+        else printf("  %s: %d traced runs, one error injected in each\n", paths[w], n - before);
+    }
+    nftw(root, rm_one, 16, FTW_DEPTH | FTW_PHYS);
+    if (!rc && n) {
+        const kvm_failure_t **fs = calloc((size_t)n, sizeof *fs);
+        for (int i = 0; i < n; i++) fs[i] = x[i].f;
+        char title[160];
+        snprintf(title, sizeof title, "error injection into %d traced runs of %d workflows (%s model), leave-one-out", n, n_wf,
+                 mock ? "mock" : "bundled");
+        rc = eval_set(title, fs, n, out, true);
+        free(fs);
+    }
+    for (int i = 0; i < n; i++) {
+        kvm_failure_free(x[i].f);
+        free(x[i].text);
+    }
+    free(x);
+    return rc;
+}
+
 /* CPU time of the calling thread in ns: on a shared machine the wall clock also counts other processes. */
 static uint64_t thread_cpu_ns(void) {
     struct timespec ts;
@@ -446,33 +574,44 @@ static int latency(int n_entries, int n_queries, bool bruteforce, cJSON *out, bo
 /* ---- the command ------------------------------------------------------------------------------------------- */
 
 static void help(FILE *f) {
-    fprintf(f, "usage: kvmesh bench blame [--whowhen DIR] [--inject N] [--warm N] [--entries N] [--queries N]\n"
-               "                          [--seed S] [--json PATH]\n"
+    fprintf(f, "usage: kvmesh bench blame [--whowhen DIR] [--workflows A.lua,B.lua,...] [--runs N] [--mock]\n"
+               "                          [--model PATH] [--inject N] [--warm N] [--entries N] [--queries N] [--seed S] [--json PATH]\n"
                "  --whowhen DIR  Who&When Algorithm-Generated logs (default ../shared/data/whowhen/Algorithm-Generated;\n"
                "                 skipped, said, when absent)\n"
-               "  --inject N     injected failures per workflow, 3 workflows (default 100; 0 = skip)\n"
-               "  --warm N       labelled failures in the warm cache of the injection benchmark (default 300)\n"
+               "  --workflows L  workflows run (traced) for error injection (default examples/team.lua,\n"
+               "                 examples/pipeline.lua,examples/revise.lua), on the bundled model or --model / --mock\n"
+               "  --runs N       runs per workflow, one error injected into each trace (default 70; 0 = skip)\n"
+               "  --inject N     synthetic injected failures per workflow, 3 workflows (default 100; 0 = skip)\n"
+               "  --warm N       labelled failures in the warm cache of the synthetic benchmark (default 300)\n"
                "  --entries N    schemata in the latency benchmark (default 10000; 0 = skip)\n"
                "  --queries N    queries timed (default 200)\n");
 }
 
-int lab_bench_blame(int argc, char **argv) {
-    const char *ww = "../shared/data/whowhen/Algorithm-Generated", *json = NULL;
-    long inject = 100, warm = 300, entries = 10000, queries = 200, seed = 13;
+int lab_bench_blame(int argc, char **argv, kvm_lab_params_fn fill) {
+    const char *ww = "../shared/data/whowhen/Algorithm-Generated", *json = NULL,
+               *workflows = "examples/team.lua,examples/pipeline.lua,examples/revise.lua", *model = NULL;
+    long inject = 100, warm = 300, entries = 10000, queries = 200, seed = 13, runs = 70;
+    bool mock = false;
     for (int i = 1; i < argc; i++) {
         const char *o = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         if (!strcmp(o, "-h") || !strcmp(o, "--help")) {
             help(stdout);
             return 0;
         }
-        long *num = !strcmp(o, "--inject") ? &inject : !strcmp(o, "--warm") ? &warm : !strcmp(o, "--entries") ? &entries
+        if (!strcmp(o, "--mock")) {
+            mock = true;
+            continue;
+        }
+        long *num = !strcmp(o, "--runs") ? &runs : !strcmp(o, "--inject") ? &inject : !strcmp(o, "--warm") ? &warm : !strcmp(o, "--entries") ? &entries
                   : !strcmp(o, "--queries") ? &queries : !strcmp(o, "--seed") ? &seed : NULL;
-        if (!v || (!num && strcmp(o, "--whowhen") && strcmp(o, "--json"))) {
+        if (!v || (!num && strcmp(o, "--whowhen") && strcmp(o, "--json") && strcmp(o, "--workflows") && strcmp(o, "--model"))) {
             fprintf(stderr, "kvmesh bench blame: %s '%s' (kvmesh bench blame --help)\n", v ? "unknown option" : "missing value for", o);
             return 2;
         }
         i++;
         if (!strcmp(o, "--whowhen")) ww = v;
+        else if (!strcmp(o, "--workflows")) workflows = v;
+        else if (!strcmp(o, "--model")) model = v;
         else if (!strcmp(o, "--json")) json = v;
         else {
             char *end = NULL;
@@ -496,6 +635,8 @@ int lab_bench_blame(int argc, char **argv) {
         free(fs);
     }
     ww_free(t, n);
+    if (!rc && runs > 0 && *workflows)
+        rc = real_injection(fill, mock, model, workflows, (int)runs, (uint64_t)seed, cJSON_AddObjectToObject(root, "injection_runs"));
     if (!rc && inject > 0) rc = injection((int)inject, (int)warm, (uint64_t)seed, cJSON_AddObjectToObject(root, "injection"), true);
     if (!rc && entries > 0) {
         rc = latency((int)entries, (int)queries, false, cJSON_AddObjectToObject(root, "latency_lsh"), true);

@@ -547,7 +547,7 @@ int kvm_lab_cmd_bench(int argc, char **argv, kvm_lab_params_fn fill) {
     }
     if (!strcmp(argv[1], "engine")) return bench_engine(argc - 1, argv + 1, fill);
     if (!strcmp(argv[1], "kvcomm")) return lab_bench_kvcomm(argc - 1, argv + 1, fill);
-    if (!strcmp(argv[1], "blame")) return lab_bench_blame(argc - 1, argv + 1);
+    if (!strcmp(argv[1], "blame")) return lab_bench_blame(argc - 1, argv + 1, fill);
     fprintf(stderr, "kvmesh bench: unknown benchmark '%s' (engine, kvcomm, blame)\n", argv[1]);
     return 2;
 }
