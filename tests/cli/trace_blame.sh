@@ -85,8 +85,10 @@ out="$("$bin" trace cache show 9 --state "$work/st" 2>&1)"; rc=$?
 # bench blame: the deterministic Who&When rows (correct.md §9.3) and a small latency run
 ww="$shared/data/whowhen/Algorithm-Generated"
 if [ -d "$ww" ]; then
-  out="$("$bin" bench blame --whowhen "$ww" --inject 20 --warm 30 --entries 300 --queries 20 --json "$work/b.json")"; rc=$?
+  out="$("$bin" bench blame --whowhen "$ww" --runs 4 --mock --inject 20 --warm 30 --entries 300 --queries 20 --json "$work/b.json")"; rc=$?
   [ $rc -eq 0 ] && ok "bench blame runs" || bad "bench blame: rc $rc: $out"
+  grep -q "error injection into 12 traced runs of 3 workflows (mock model)" <<< "$out" \
+    && ok "bench blame injects into traced runs of three workflows" || bad "run injection: $out"
   grep -qE "prior: most active agent, its first step +54\.0 +19\.0" <<< "$out" && ok "Who&When prior row: 54.0 / 19.0" \
     || bad "prior row: $out"
   grep -qE "knn, TF-IDF \(no term cuts\) +43\.7 +24\.6 +42\.1" <<< "$out" && ok "Who&When TF-IDF row: 43.7 / 24.6 / 42.1" \
