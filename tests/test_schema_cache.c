@@ -634,6 +634,33 @@ static void test_out_of_memory_anywhere_is_an_error_without_a_leak(void **s) {
     free(good);
 }
 
+static void test_a_runtime_keeps_its_schema_cache_in_its_state_folder(void **s) {
+    (void)s;
+    char dir[512];
+    snprintf(dir, sizeof dir, "%s/state", root);
+    kvm_runtime_params_t p = kvm_runtime_default_params();
+    p.model_override = "mock:echo";
+    p.state_dir = dir;
+    p.quiet = true;
+    kvm_runtime_t *rt = kvm_runtime_create(&p);
+    assert_non_null(rt);
+    kvm_schema_cache_t *c = kvm_runtime_schema_cache(rt);
+    assert_non_null(c);
+    assert_ptr_equal(kvm_runtime_schema_cache(rt), c); /* one cache per runtime: every run shares it */
+    fx_t x;
+    fx_make(&x, "a", "chess", 8, 2, NULL);
+    assert_int_equal(kvm_schema_cache_insert(c, &x.f, false), 0);
+    kvm_runtime_free(rt); /* saves */
+    rt = kvm_runtime_create(&p);
+    assert_non_null(rt);
+    kvm_schema_cache_stats_t st;
+    kvm_schema_cache_stats(kvm_runtime_schema_cache(rt), &st);
+    assert_int_equal(st.entries, 1);
+    assert_int_equal(kvm_runtime_save_state(rt), 0);
+    kvm_runtime_free(rt);
+    assert_null(kvm_runtime_schema_cache(NULL));
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_agent_labels_lose_their_suffix_and_case),
@@ -653,6 +680,7 @@ int main(void) {
         cmocka_unit_test(test_triage_blames_the_step_whose_tool_call_failed_and_never_the_task),
         cmocka_unit_test(test_a_warm_cache_moves_the_blame_to_the_known_error_kind),
         cmocka_unit_test(test_a_traced_run_reads_as_a_failure_with_the_task_at_step_0),
+        cmocka_unit_test(test_a_runtime_keeps_its_schema_cache_in_its_state_folder),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

@@ -717,12 +717,13 @@ void kvm_schema_cache_stats(const kvm_schema_cache_t *c, kvm_schema_cache_stats_
     out->bytes = live_bytes(c);
     out->queries = c->queries;
     out->over_limits = c->over_limits;
-    for (int g = 0; g < c->next_group; g++)
-        for (int i = 0; i < c->n_e; i++)
-            if (c->e[i]->live && c->e[i]->group == g) {
-                out->groups++;
-                break;
-            }
+    unsigned char *seen = c->next_group ? kvm_calloc((size_t)c->next_group, 1) : NULL;
+    for (int i = 0; seen && i < c->n_e; i++)
+        if (c->e[i]->live && c->e[i]->group < c->next_group && !seen[c->e[i]->group]) {
+            seen[c->e[i]->group] = 1;
+            out->groups++;
+        }
+    kvm_free(seen); /* out of memory: groups stays 0 */
 }
 
 int kvm_schema_cache_ids(const kvm_schema_cache_t *c, int *ids, int cap) {
