@@ -52,6 +52,7 @@ struct kvm_runtime {
     wf_host_fn_t **fns;       /* kvm_runtime_add_function; each entry its own allocation, so that the scripts of
                                  loaded workflows keep valid pointers as more are added */
     int n_fns;
+    kvm_schema_cache_t *schemas; /* the error-schema cache (kvm_runtime_schema_cache), opened on first use */
 };
 
 kvm_runtime_params_t kvm_runtime_default_params(void) {
@@ -152,12 +153,26 @@ kvm_runtime_t *kvm_runtime_create(const kvm_runtime_params_t *params) {
 
 int kvm_runtime_save_state(kvm_runtime_t *rt) {
     if (!rt) return kvm_seterr(KVM_EINVAL, "save state: no runtime");
-    return wf_llm_save_state(rt->engine);
+    int rc = wf_llm_save_state(rt->engine);
+    int rc2 = rt->schemas ? kvm_schema_cache_save(rt->schemas) : 0;
+    return rc ? rc : rc2;
+}
+
+kvm_schema_cache_t *kvm_runtime_schema_cache(kvm_runtime_t *rt) {
+    if (!rt) {
+        kvm_seterr(KVM_EINVAL, "schema cache: no runtime");
+        return NULL;
+    }
+    if (!rt->schemas) rt->schemas = kvm_schema_cache_open(rt->p.state_dir, NULL);
+    return rt->schemas;
 }
 
 void kvm_runtime_free(kvm_runtime_t *rt) {
     if (!rt) return;
     KVM_ASSERT(rt->n_workflows == 0); /* free every workflow first */
+    if (rt->schemas && kvm_schema_cache_save(rt->schemas))
+        kvm_log(KVM_LOG_WARN, "runtime: saving the schema cache failed: %s", kvm_errmsg());
+    kvm_schema_cache_free(rt->schemas);
     wf_llm_free(rt->engine);
     kvm_free(rt->wfs);
     kvm_map_free(&rt->watched);

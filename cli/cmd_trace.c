@@ -11,6 +11,8 @@
 #include "cli_env.h"
 #include "lab/lab.h"
 
+int cmd_trace_blame(int argc, char **argv); /* cmd_blame.c: blame, label, cache */
+
 static void usage(FILE *f) {
     fprintf(f, "usage: kvmesh trace ls DIR... [--workflow W] [--status ok|error] [--agent A] [--since T] [--until T]\n"
                "                                           list the runs under trace directories: those whose workflow\n"
@@ -26,7 +28,9 @@ static void usage(FILE *f) {
                "                                           exit status 1 when an output differs\n"
                "       kvmesh trace replay RUN_DIR [--model PATH | --mock]\n"
                "                                           re-run the recorded script with the recorded inputs, seed and\n"
-               "                                           switches; compare every agent's output with the trace\n\n"
+               "                                           switches; compare every agent's output with the trace\n"
+               "       kvmesh trace blame|label|cache ...  which agent and step made a run fail; the error-schema\n"
+               "                                           cache (kvmesh trace blame --help)\n\n"
                "RUN_DIR is a run's directory (holding events.jsonl), as printed by kvmesh run.\n");
 }
 
@@ -160,6 +164,7 @@ int cmd_trace(int argc, char **argv) {
         return argc < 2 ? 2 : 0;
     }
     const char *sub = argv[1];
+    if (!strcmp(sub, "blame") || !strcmp(sub, "label") || !strcmp(sub, "cache")) return cmd_trace_blame(argc, argv);
     if (argc < 3) {
         fprintf(stderr, "kvmesh trace %s: give at least one directory (kvmesh trace --help)\n", sub);
         return 2;
@@ -197,7 +202,7 @@ int cmd_trace(int argc, char **argv) {
         return n > 0 ? 1 : 0;
     }
     if (strcmp(sub, "steps") != 0 && strcmp(sub, "replay") != 0) {
-        fprintf(stderr, "kvmesh trace: unknown subcommand '%s' (ls, search, show, steps, diff, replay)\n", sub);
+        fprintf(stderr, "kvmesh trace: unknown subcommand '%s' (ls, search, show, steps, diff, replay, blame, label, cache)\n", sub);
         return 2;
     }
     dir_args_t a = parse_dir_args(argc, argv);

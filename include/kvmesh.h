@@ -589,6 +589,137 @@ void kvm_replay_clear(kvm_replay_t *r);
 int kvm_trace_view_replay(const kvm_replay_t *r, char **text);
 
 /* ================================================================================================
+ * Failure attribution: the error-schema cache and blame (docs/correct.md; spec: CORRECT, arXiv:2509.24088)
+ * ================================================================================================
+ * A failed run is seen as a list of steps (Who&When convention: step t = the t-th message of the run's shared
+ * conversation, 0-based; a kvmesh trace's step 0 is the task, its inputs). Blame names the agent and the step of
+ * the decisive mistake: a deterministic triage (no LLM) helped by an error-schema cache that keeps a structured
+ * signature of every labelled failure and retrieves those of similar past failures (TF-IDF, MinHash,
+ * structural keys). */
+
+/* One step of a failure. Strings are borrowed (the caller's, valid during the call). */
+typedef struct kvm_failure_step {
+    const char *agent;    /* the raw agent label ("Orchestrator (thought)"); normalised inside */
+    const char *content;  /* what the step said (NULL = "") */
+    bool tool_result;     /* the output of a tool / code executor, not an agent turn */
+    bool error;           /* the step failed (status error) */
+} kvm_failure_step_t;
+
+typedef struct kvm_failure {
+    const char *id;         /* the trace's id (run id, file name): an entry is never retrieved for itself */
+    const char *family;     /* task family: entries of one family are never retrieved for each other; NULL = none */
+    const char *question;   /* the task (NULL = "") */
+    const kvm_failure_step_t *steps;
+    int n_steps;
+    const char *gold_agent; /* the label, when known: the responsible agent and its step; NULL / -1 = unlabelled */
+    int gold_step;
+    bool human_label;       /* labelled by a person: the entry is never evicted */
+} kvm_failure_t;
+
+/* Reads a run's trace (a run directory) as a failure: step 0 = the task (the run's inputs, agent "user"), then
+ * one step per traced step in order (agent steps under the agent's name, func / tool nodes as tool results
+ * under the node's name, a failed step's error as its content). id = the run id, question = the inputs. Free
+ * with kvm_failure_free(). NULL + message when the trace cannot be read or has no run.start. */
+kvm_failure_t *kvm_failure_from_trace(const char *run_dir);
+void kvm_failure_free(kvm_failure_t *f);
+
+typedef struct kvm_schema_cache kvm_schema_cache_t;
+
+typedef struct kvm_schema_cache_params {
+    int max_entries;      /* eviction above this many live entries (4096) */
+    size_t max_bytes;     /* ... or above this many bytes of entries (64 MiB) */
+    int bruteforce_max;   /* up to this many live entries a query scores every one; above, MinHash-LSH and
+                             error-template candidates, at most 512 (4096) */
+    int tfidf_max_terms;  /* terms kept per entry (the vector keeps half of them); 0 = no cut (512) */
+} kvm_schema_cache_params_t;
+
+kvm_schema_cache_params_t kvm_schema_cache_default_params(void);
+
+/* Opens the cache kept in dir/schemas.snap (dir NULL: in memory only, never saved). A missing file is an empty
+ * cache; a damaged one (torn, bad checksum, foreign) is set aside as schemas.snap.bad, said in the log, and the
+ * cache starts empty. NULL + message on bad params or no memory. Free with kvm_schema_cache_free() (which
+ * does not save). One thread at a time. */
+kvm_schema_cache_t *kvm_schema_cache_open(const char *dir, const kvm_schema_cache_params_t *params);
+void kvm_schema_cache_free(kvm_schema_cache_t *c);
+/* Writes dir/schemas.snap crash-safely (temp file, fsync, rename, fsync of dir). 0 without a dir. */
+int kvm_schema_cache_save(kvm_schema_cache_t *c);
+/* Inserts a labelled failure (gold_agent and gold_step set; gold_step in [0, n_steps)): merged into a near-
+ * duplicate entry, a new entry of a known group, or a new group (docs/correct.md); then evicts over the
+ * limits. bulk: one new entry, no merge, no eviction (evaluations). Returns the id of the entry that holds it
+ * (>= 0), or <0 (KVM_EINVAL for an unlabelled or malformed failure). */
+int kvm_schema_cache_insert(kvm_schema_cache_t *c, const kvm_failure_t *f, bool bulk);
+/* Live entries, groups and bytes. */
+typedef struct kvm_schema_cache_stats {
+    int entries, groups, tombstones;
+    size_t bytes;
+    long queries;
+    bool over_limits; /* only pinned / human-labelled entries are left and they exceed the limits */
+} kvm_schema_cache_stats_t;
+void kvm_schema_cache_stats(const kvm_schema_cache_t *c, kvm_schema_cache_stats_t *out);
+/* Entry ids (live, ascending) into ids[cap]; returns how many there are. */
+int kvm_schema_cache_ids(const kvm_schema_cache_t *c, int *ids, int cap);
+/* Entry id as JSON text (its signature, gold label, support, stats and stub text); freed with kvm_free. NULL +
+ * KVM_ENOENT for an unknown id. */
+char *kvm_schema_cache_entry_json(const kvm_schema_cache_t *c, int id);
+/* Pins (never evicted) or unpins an entry. KVM_ENOENT for an unknown id. */
+int kvm_schema_cache_pin(kvm_schema_cache_t *c, int id, bool pinned);
+
+typedef enum kvm_blame_method {
+    KVM_BLAME_TRIAGE = 0, /* deterministic triage over the retrieved schemata (the default) */
+    KVM_BLAME_KNN,        /* label transfer from the nearest entries (correct.md §9.3) */
+    KVM_BLAME_PRIOR,      /* the most active agent (not a tool / the user), its first step: a baseline */
+} kvm_blame_method_t;
+
+typedef enum kvm_blame_retriever {
+    KVM_RETRIEVE_COMBINED = 0, /* S = .55 TF-IDF + .20 MinHash + .15 structure + .10 error template */
+    KVM_RETRIEVE_TFIDF,        /* one similarity alone (KVM_BLAME_KNN evaluations) */
+    KVM_RETRIEVE_MINHASH,
+    KVM_RETRIEVE_STRUCT,
+} kvm_blame_retriever_t;
+
+typedef struct kvm_blame_params {
+    int k;                       /* schemata retrieved (5) */
+    kvm_blame_method_t method;
+    kvm_blame_retriever_t retriever;
+    bool count_hit;              /* the query counts as a cache hit for the retrieved entries (true) */
+} kvm_blame_params_t;
+
+kvm_blame_params_t kvm_blame_default_params(void);
+
+#define KVM_BLAME_MAX_CAND 3
+#define KVM_BLAME_MAX_K 16
+typedef struct kvm_blame {
+    int step;                          /* the decisive step, 0-based (-1 when the failure has no eligible step) */
+    char agent[64];                    /* its agent, normalised */
+    int n_cand;                        /* candidates, best first */
+    struct {
+        int step;
+        char agent[64];
+        double score;
+        char evidence[256];
+    } cand[KVM_BLAME_MAX_CAND];
+    int n_schemata;                    /* retrieved entries, best first */
+    int schema_ids[KVM_BLAME_MAX_K];
+    double schema_scores[KVM_BLAME_MAX_K];
+} kvm_blame_t;
+
+/* Localises the decisive mistake of f (its label, if any, is ignored) with the cache's help (c may be NULL:
+ * no schemata). 0, or KVM_EINVAL for a malformed failure / params, KVM_ENOMEM. */
+int kvm_blame(kvm_schema_cache_t *c, const kvm_failure_t *f, const kvm_blame_params_t *params, kvm_blame_t *out);
+/* Feedback once the cause of a failure is confirmed (a label, a replay): each entry blame showed for it (shown, as
+ * kvm_blame filled it) counts as helpful when its gold agent class is the confirmed agent or it holds the error
+ * template of the confirmed step, else as misleading (eviction keeps helpful entries longer). Entries evicted
+ * since are skipped. Returns how many were helpful (>= 0), or KVM_EINVAL for an unlabelled failure. */
+int kvm_schema_cache_feedback(kvm_schema_cache_t *c, const kvm_blame_t *shown, const kvm_failure_t *confirmed);
+/* The normalised agent name of a raw label (a trailing "(...)" removed, trimmed, ASCII lower case) into
+ * out[cap]. */
+void kvm_agent_normalize(const char *raw, char *out, size_t cap);
+
+/* The runtime's error-schema cache: opened on its state_dir (or in memory), shared by every run of the
+ * runtime, saved by kvm_runtime_save_state. NULL + message when it cannot be opened. */
+kvm_schema_cache_t *kvm_runtime_schema_cache(kvm_runtime_t *rt);
+
+/* ================================================================================================
  * The daemon: a runtime served over ZeroMQ (docs/protocol.md, `kvmesh serve`)
  * ================================================================================================ */
 

@@ -8,4 +8,8 @@
 /* `kvmesh bench kvcomm` (argv[0] = "kvcomm"): the TTFT and team workloads; the process exit status. */
 int lab_bench_kvcomm(int argc, char **argv, kvm_lab_params_fn fill);
 
+/* `kvmesh bench blame` (argv[0] = "blame"): failure attribution on Who&When, on injected errors, and the schema
+ * cache's query latency (bench_blame.c); the process exit status. */
+int lab_bench_blame(int argc, char **argv, kvm_lab_params_fn fill);
+
 #endif

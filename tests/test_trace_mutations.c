@@ -1,6 +1,6 @@
 /* test_trace_mutations.c - 500 seeded mutations of a real trace (tests/fixtures/trace_v1): truncations, flipped
  * bytes, lost / doubled / swapped / garbage lines, wrong types, huge numbers, a damaged index.json. Every trace
- * reader and view (`kvmesh trace ls / show / steps / diff` and the record reader) must answer each one with text or
+ * reader and view (`kvmesh trace ls / show / steps / diff / blame` and the record reader) must answer each one with text or
  * with an error message, and never crash, hang or leak (the ASan build runs this too) (issue 13). */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -225,6 +225,13 @@ static void test_every_trace_view_answers_500_mutated_traces_without_crashing(vo
         rc = kvm_trace_view_list(root, &text);
         check_answer(rc, text, "view_list", m);
         assert_int_equal(rc, 1); /* the one run is listed, readable or not */
+        kvm_failure_t *f = kvm_failure_from_trace(dir); /* `trace blame`: the failure, then blame on it */
+        if (f) {
+            kvm_blame_t b;
+            assert_int_equal(kvm_blame(NULL, f, NULL, &b), 0);
+            assert_true(b.step < f->n_steps);
+            kvm_failure_free(f);
+        } else assert_true(kvm_errmsg()[0] != '\0');
     }
     /* the mutations did reach the parser: many mutants are refused, some still read */
     assert_true(failed_reads > N_MUTANTS / 10);
