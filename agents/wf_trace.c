@@ -384,8 +384,20 @@ static const char *nth_message(const cJSON *msgs, const char *node, int want) {
     return NULL;
 }
 
-/* Compares the traced agent-node steps with the replayed run's messages, in order per node. */
-static int compare(const kvm_trace_log_t *log, const cJSON *msgs, kvm_replay_t *out) {
+/* How many messages of node msgs holds. */
+static int n_messages(const cJSON *msgs, const char *node) {
+    int n = 0;
+    const cJSON *m;
+    cJSON_ArrayForEach(m, msgs) {
+        const cJSON *x = cJSON_GetObjectItemCaseSensitive(m, "node");
+        n += cJSON_IsString(x) && !strcmp(x->valuestring, node);
+    }
+    return n;
+}
+
+/* Compares the traced agent-node steps with the replayed run's messages, in order per node; base: the messages
+ * the run started with (a resumed run's checkpoint), which come first in msgs. */
+static int compare(const kvm_trace_log_t *log, const cJSON *msgs, const cJSON *base, kvm_replay_t *out) {
     int n = 0, from = 0;
     for (const kvm_trace_rec_t *rec; (rec = kvm_trace_log_next(log, KVM_TRACE_STEP, &from)) != NULL;) n += compared(&rec->step);
     out->steps = kvm_calloc((size_t)n + 1, sizeof *out->steps);
@@ -394,7 +406,7 @@ static int compare(const kvm_trace_log_t *log, const cJSON *msgs, kvm_replay_t *
     for (const kvm_trace_rec_t *rec; (rec = kvm_trace_log_next(log, KVM_TRACE_STEP, &from)) != NULL;) {
         const kvm_trace_step_t *s = &rec->step;
         if (!compared(s)) continue;
-        int want = 0; /* this is the want-th compared step of its node in the trace */
+        int want = n_messages(base, s->node); /* this is the want-th compared step of its node in the trace */
         for (int k = 0; k < out->n_steps; k++) want += !strcmp(out->steps[k].node, s->node);
         const char *now = nth_message(msgs, s->node, want), *was = s->output_text ? s->output_text : "";
         kvm_replay_step_t *st = &out->steps[out->n_steps++];
@@ -454,11 +466,31 @@ int kvm_wf_replay(const char *run_dir, const kvm_wf_replay_opts_t *o, kvm_replay
     cJSON *inputs = s->inputs_json ? cJSON_Parse(s->inputs_json) : NULL;
     kvm_workflow_t *wf = kvm_wf_load_string(s->workflow_path ? s->workflow_path : "replay.lua", s->source, strlen(s->source), &wo);
     int run = 0;
+    /* a resumed run replays from the checkpoint its trace starts with */
+    const kvm_trace_rec_t *ck = s->resumed_run_id ? kvm_trace_log_next(&log, KVM_TRACE_CHECKPOINT, NULL) : NULL;
+    cJSON *base = ck && ck->checkpoint.state_json ? cJSON_Parse(ck->checkpoint.state_json) : NULL;
     if (!wf) rc = kvm_errcode() ? kvm_errcode() : KVM_EINVAL;
-    else if ((rc = kvm_wf_start(wf, inputs, s->seed, &run)) == 0 && (rc = kvm_wf_drive(wf)) == 0) {
-        out->status = kvm_wf_run_status(wf, run, NULL);
-        rc = compare(&log, cJSON_GetObjectItemCaseSensitive(kvm_wf_run_state(wf, run), "msgs"), out);
+    else if (s->resumed_run_id && !ck) rc = kvm_seterr(KVM_EFORMAT, "%s: a resumed run without its checkpoint", run_dir);
+    else if (ck) rc = wf_run_resume_from(wf, inputs, s->seed, -1, s->resumed_run_id, &ck->checkpoint, NULL, &run);
+    else rc = kvm_wf_start(wf, inputs, s->seed, &run);
+    if (!rc) rc = kvm_wf_drive(wf);
+    /* interrupts get the answers the trace recorded, in order */
+    for (int from = 0; !rc && kvm_wf_run_parked(wf, run, NULL, NULL);) {
+        const kvm_trace_rec_t *a = kvm_trace_log_next(&log, KVM_TRACE_RESUME, &from);
+        if (!a) break; /* the traced run stayed parked here too */
+        cJSON *v = a->resume.value_json ? cJSON_Parse(a->resume.value_json) : NULL;
+        rc = kvm_wf_run_resume(wf, run, v);
+        cJSON_Delete(v);
+        if (!rc) rc = kvm_wf_drive(wf);
     }
+    if (!rc && kvm_wf_run_parked(wf, run, NULL, NULL)) /* ends it: its state (and messages) as they are */
+        kvm_wf_run_cancel(wf, run, KVM_EINTERRUPTED, "parked in kvmesh.interrupt with no answer in the trace");
+    if (!rc) {
+        out->status = kvm_wf_run_status(wf, run, NULL);
+        rc = compare(&log, cJSON_GetObjectItemCaseSensitive(kvm_wf_run_state(wf, run), "msgs"),
+                     cJSON_GetObjectItemCaseSensitive(base, "msgs"), out);
+    }
+    cJSON_Delete(base);
     char msg[1024] = "";
     if (rc) snprintf(msg, sizeof msg, "%s", kvm_errmsg());
     kvm_wf_free(wf);

@@ -199,6 +199,12 @@ static void test_resumed_run_trace_names_its_origin_and_resumes_again(void **sta
     kvm_trace_reader_free(t);
     int ss[MAX_CK];
     assert_int_equal(checkpoints(dir2, ss, MAX_CK), 9 - 2 + 1);
+    kvm_replay_t rep; /* a resumed run's trace replays from the checkpoint it starts with */
+    assert_int_equal(kvm_trace_replay(rt, dir2, &rep), 0);
+    assert_int_equal(rep.differ, 0);
+    assert_int_equal(rep.same, 7 - 1); /* the agent steps of super-steps 3..9: b, a c, b, a c, b */
+    assert_int_equal(rep.status, 0);
+    kvm_replay_clear(&rep);
     q.resume_trace = dir2;
     q.resume_step = 5;
     kvm_run_t *r3 = kvm_run_start(wf, &q);
