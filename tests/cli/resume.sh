@@ -39,6 +39,8 @@ outputs "$tmp/e.out" | cmp -s - "$tmp/want" || fail "fixed script: outputs diffe
 # the resumed trace names its origin and replays from its checkpoint
 r2=$(ls -d "$tmp"/t2/*/)
 grep -q "\"resumed_from\":\"$(basename "$run")\"" "$r2/events.jsonl" || fail "resumed_from missing"
+"$kvmesh" trace show "$r2" > "$tmp/f.out" 2>&1 || fail "trace show of a resumed run"
+grep -q "resumed from run $(basename "$run") after super-step 2" "$tmp/f.out" || fail "trace show: no 'resumed from'"
 "$kvmesh" trace replay "$r2" > "$tmp/f.out" 2>&1 || fail "replay of a resumed run"
 grep -q " 0 different" "$tmp/f.out" || fail "replay of a resumed run differs"
 # bad uses: clear errors
@@ -60,6 +62,8 @@ grep -q "the run is parked waiting for an answer" "$tmp/i.err" || fail "parked: 
 cmd=$(sed -n 's/^resume it with: //p' "$tmp/i.err"); [ -n "$cmd" ] || fail "parked: no resume command"
 parked=$(ls -d "$tmp"/p/*/)
 grep -q '"t":"interrupt"' "$parked/events.jsonl" && grep -q 'KVM_EINTERRUPTED' "$parked/events.jsonl" || fail "the trace lacks the interrupt"
+"$kvmesh" trace show "$parked" > "$tmp/i2.out" 2>&1 || fail "trace show of a parked run"
+grep -q "interrupt from approve: {" "$tmp/i2.out" && grep -q "result: error (KVM_EINTERRUPTED)" "$tmp/i2.out" || fail "trace show: the interrupt"
 # the command printed, with an answer (VALUE replaced)
 cmd=${cmd/#kvmesh /}
 "$kvmesh" ${cmd/--answer VALUE/--answer-json \"no\"} --no-trace < /dev/null > "$tmp/j.out" 2> "$tmp/j.err" || fail "resume with an answer"
