@@ -75,4 +75,13 @@ grep -q "decision: published" "$tmp/k.out" || fail "the answer 'yes' did not pub
 grep -q "nothing to answer" "$tmp/l.err" || fail "answer without interrupt: message"
 "$kvmesh" run examples/approval.lua --answer-json '{oops' < /dev/null > "$tmp/l.err" 2>&1 && fail "bad --answer-json accepted"
 grep -q "answer-json takes a JSON value" "$tmp/l.err" || fail "bad --answer-json: message"
+# on a terminal the question is asked and the typed line is the answer (script(1) gives the run a pty)
+if command -v script > /dev/null; then
+  echo no | script -qec "'$kvmesh' run examples/approval.lua --input input='a cat' --no-trace" /dev/null > "$tmp/m.out" 2>&1 ||
+    fail "approval on a terminal"
+  tr -d '\r' < "$tmp/m.out" > "$tmp/m2.out"
+  grep -q "^answer> " "$tmp/m2.out" && grep -q "decision: rejected" "$tmp/m2.out" || fail "approval on a terminal: no question or answer"
+else
+  echo "SKIP the terminal case: no script(1)"
+fi
 echo "resume ok"
