@@ -459,7 +459,7 @@ static int run_single(kvm_runtime_t *rt, kvm_workflow_t *wf, run_args_t *a, doub
         cJSON *o2 = cJSON_CreateObject();
         cJSON_AddStringToObject(o2, "run_id", kvm_run_id(run));
         cJSON_AddStringToObject(o2, "status", st ? kvm_errname(st) : "ok");
-        if (st) cJSON_AddStringToObject(o2, "error", msg ? msg : "");
+        if (st && !parked) cJSON_AddStringToObject(o2, "error", msg ? msg : "");
         if (parked) { /* the pending interrupt */
             const char *node = NULL;
             char *payload = kvm_run_interrupt_json(run, &node);

@@ -75,6 +75,9 @@ grep -q "decision: published" "$tmp/k.out" || fail "the answer 'yes' did not pub
 grep -q "nothing to answer" "$tmp/l.err" || fail "answer without interrupt: message"
 "$kvmesh" run examples/approval.lua --answer-json '{oops' < /dev/null > "$tmp/l.err" 2>&1 && fail "bad --answer-json accepted"
 grep -q "answer-json takes a JSON value" "$tmp/l.err" || fail "bad --answer-json: message"
+rc=0; "$kvmesh" run examples/approval.lua --input input="a cat" --json --no-trace < /dev/null > "$tmp/n.out" 2> "$tmp/n.err" || rc=$?
+[ "$rc" = 3 ] && grep -q '"status":.*"KVM_EINTERRUPTED"' "$tmp/n.out" && grep -q '"node":.*"approve"' "$tmp/n.out" ||
+  fail "--json of a parked run"
 # on a terminal the question is asked and the typed line is the answer (script(1) gives the run a pty)
 if command -v script > /dev/null; then
   echo no | script -qec "'$kvmesh' run examples/approval.lua --input input='a cat' --no-trace" /dev/null > "$tmp/m.out" 2>&1 ||
