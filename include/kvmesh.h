@@ -475,7 +475,8 @@ int kvm_workflow_n_runs(const kvm_workflow_t *wf);
 kvm_run_t *kvm_workflow_run(kvm_workflow_t *wf, int i);
 
 /* The run's status: 0 ok, or KVM_E*; *message (may be NULL) receives the error with file:line and
- * traceback (owned by the run). Before the run finished: KVM_EBUSY. */
+ * traceback (owned by the run). Before the run finished: KVM_EBUSY, or KVM_EINTERRUPTED while it is parked in
+ * kvmesh.interrupt (kvm_run_resume). */
 int kvm_run_status(const kvm_run_t *r, const char **message);
 const char *kvm_run_id(const kvm_run_t *r);
 /* The run's trace directory, or NULL when tracing is off. */
