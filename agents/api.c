@@ -267,6 +267,7 @@ struct kvm_run {
     kvm_run_event_fn on_event; /* NULL = none */
     void *event_ud;
     bool watched;              /* in rt->watched until its end event */
+    bool told_parked;          /* its KVM_RUN_INTERRUPT event went out for the park going on */
 };
 
 /* Engine tags are (workflow serial << WF_TAG_SHIFT) + the workflow's job number: kvm_runtime_step hands each
@@ -394,8 +395,16 @@ void kvm_workflow_free(kvm_workflow_t *wf) {
     if (a) {
         kvm_runtime_t *rt = a->rt;
         /* runs still going end canceled (their engine steps stop, their KV and staged anchors go) */
-        for (int i = 0; i < kvm_wf_n_runs(wf); i++)
-            if (kvm_wf_run_status(wf, i, NULL) == KVM_EBUSY) kvm_wf_run_cancel(wf, i, KVM_ECANCELED, "its workflow was freed");
+        for (int i = 0; i < kvm_wf_n_runs(wf); i++) {
+            const char *node = NULL;
+            if (kvm_wf_run_parked(wf, i, &node, NULL)) { /* its trace keeps the interrupt: a resume with an answer goes on */
+                char msg[512];
+                snprintf(msg, sizeof msg, "parked in kvmesh.interrupt (node '%.200s') when its workflow was freed: resume it "
+                                          "from its trace with an answer", node);
+                kvm_wf_run_cancel(wf, i, KVM_EINTERRUPTED, msg);
+            } else if (kvm_wf_run_status(wf, i, NULL) == KVM_EBUSY)
+                kvm_wf_run_cancel(wf, i, KVM_ECANCELED, "its workflow was freed");
+        }
         for (int i = 0; i < a->n_runs; i++) {
             if (a->runs[i] && a->runs[i]->watched) kvm_map_remove_str(&rt->watched, kvm_wf_run_id(wf, i), NULL);
             kvm_free(a->runs[i]);
@@ -407,6 +416,23 @@ void kvm_workflow_free(kvm_workflow_t *wf) {
         wf->api = NULL;
     }
     kvm_wf_free(wf);
+}
+
+kvm_workflow_t *kvm_workflow_load_trace(kvm_runtime_t *rt, const char *run_dir, const kvm_workflow_params_t *params) {
+    if (!run_dir) {
+        kvm_seterr(KVM_EINVAL, "no trace directory given");
+        return NULL;
+    }
+    kvm_trace_log_t log;
+    if (kvm_trace_read(run_dir, &log) != 0) return NULL;
+    const kvm_trace_rec_t *st = kvm_trace_log_next(&log, KVM_TRACE_RUN_START, NULL);
+    kvm_workflow_t *wf = NULL;
+    if (!st || !st->run_start.source) kvm_seterr(KVM_EFORMAT, "%s has no run.start record with the script's source", run_dir);
+    else
+        wf = workflow_load(rt, NULL, st->run_start.workflow_path ? st->run_start.workflow_path : "resume.lua", st->run_start.source,
+                           strlen(st->run_start.source), params);
+    kvm_trace_log_free(&log);
+    return wf;
 }
 
 const char *kvm_workflow_name(const kvm_workflow_t *wf) { return kvm_wf_name(wf); }
@@ -471,6 +497,18 @@ static void notify_ends(kvm_runtime_t *rt) {
         kvm_run_t *r = e->val.ptr;
         const char *msg = NULL;
         int st = kvm_wf_run_status(r->wf, r->idx, &msg);
+        const char *node = NULL;
+        const cJSON *payload = NULL;
+        if (kvm_wf_run_parked(r->wf, r->idx, &node, &payload)) { /* parked: not the end */
+            if (!r->told_parked) {
+                char *text = cJSON_PrintUnformatted(payload);
+                r->told_parked = true;
+                r->on_event(r->event_ud, &(kvm_run_event_t){.kind = KVM_RUN_INTERRUPT, .run = r, .run_id = kvm_wf_run_id(r->wf, r->idx),
+                                                            .node = node, .text = text ? text : "null", .len = strlen(text ? text : "null")});
+                cJSON_free(text);
+            }
+            continue;
+        }
         if (st == KVM_EBUSY) continue;
         r->watched = false;
         kvm_map_remove_str(&rt->watched, kvm_wf_run_id(r->wf, r->idx), NULL);
@@ -554,8 +592,16 @@ kvm_run_t *kvm_run_start(kvm_workflow_t *wf, const kvm_run_params_t *params) {
         cJSON_Delete(in);
         return NULL;
     }
-    int rc = params->from_dataset ? kvm_wf_start_seeded_kv(wf, params->seed, in, (int)kv, &idx)
-                                  : kvm_wf_start_kv(wf, in, params->seed, (int)kv, &idx);
+    cJSON *answer = NULL;
+    int rc = 0;
+    if (params->answer_json && !params->resume_trace)
+        rc = kvm_seterr(KVM_EINVAL, "run parameters: answer_json answers a traced run's interrupt: it needs resume_trace");
+    else if (params->answer_json && !(answer = cJSON_Parse(params->answer_json)))
+        rc = kvm_seterr(KVM_EINVAL, "run parameters: answer_json is not valid JSON");
+    else if (params->resume_trace) rc = kvm_wf_start_resume(wf, params->resume_trace, params->resume_step, answer, &idx);
+    else rc = params->from_dataset ? kvm_wf_start_seeded_kv(wf, params->seed, in, (int)kv, &idx)
+                                   : kvm_wf_start_kv(wf, in, params->seed, (int)kv, &idx);
+    cJSON_Delete(answer);
     cJSON_Delete(in);
     if (rc) return NULL;
     kvm_run_t *r = run_handle(wf, idx);
@@ -580,6 +626,26 @@ int kvm_run_status(const kvm_run_t *r, const char **message) { return kvm_wf_run
 const char *kvm_run_id(const kvm_run_t *r) { return kvm_wf_run_id(r->wf, r->idx); }
 const char *kvm_run_trace_dir(const kvm_run_t *r) { return kvm_wf_run_trace_dir(r->wf, r->idx); }
 int kvm_run_score(kvm_run_t *r, double *score) { return kvm_wf_run_score(r->wf, r->idx, score); }
+
+char *kvm_run_interrupt_json(const kvm_run_t *r, const char **node) {
+    const cJSON *payload = NULL;
+    if (node) *node = NULL;
+    if (!r || !kvm_wf_run_parked(r->wf, r->idx, node, &payload)) {
+        kvm_seterr(KVM_EINVAL, "run %s is not parked in kvmesh.interrupt", r ? kvm_wf_run_id(r->wf, r->idx) : "(null)");
+        return NULL;
+    }
+    return json_text(payload, "interrupt payload");
+}
+
+int kvm_run_resume(kvm_run_t *r, const char *value_json) {
+    if (!r) return kvm_seterr(KVM_EINVAL, "kvm_run_resume: no run");
+    cJSON *v = value_json ? cJSON_Parse(value_json) : cJSON_CreateNull();
+    if (!v) return kvm_seterr(KVM_EINVAL, "kvm_run_resume: the value is not valid JSON");
+    int rc = kvm_wf_run_resume(r->wf, r->idx, v);
+    cJSON_Delete(v);
+    if (!rc) r->told_parked = false;
+    return rc;
+}
 
 char *kvm_run_outputs_json(const kvm_run_t *r) { return json_text(kvm_wf_run_outputs(r->wf, r->idx), "run outputs"); }
 char *kvm_run_state_json(const kvm_run_t *r) { return json_text(kvm_wf_run_state(r->wf, r->idx), "run state"); }

@@ -370,6 +370,17 @@ static void run_event(void *ud, const kvm_run_event_t *e) {
         run_send(r, h, false);
     } else if (e->kind == KVM_RUN_STEP) {
         on_run_step(r, e->step);
+    } else if (e->kind == KVM_RUN_INTERRUPT) { /* always streamed (interfaces.md §7): someone must answer */
+        cJSON *payload = cJSON_ParseWithLength(e->text, e->len);
+        cJSON *h = hdr_new("interrupt", r->req_id, r->seq++);
+        cJSON_AddStringToObject(h, "run_id", r->run_id);
+        cJSON_AddStringToObject(h, "node", e->node ? e->node : "");
+        cJSON_AddItemToObject(h, "payload", payload ? cJSON_Duplicate(payload, 1) : cJSON_CreateNull());
+        run_send(r, h, false);
+        cJSON *b = cJSON_CreateObject();
+        cJSON_AddStringToObject(b, "node", e->node ? e->node : "");
+        cJSON_AddItemToObject(b, "payload", payload ? payload : cJSON_CreateNull());
+        run_publish(r, "interrupt", b);
     } else if (e->kind == KVM_RUN_END) {
         on_run_end(r, e);
     }
@@ -397,7 +408,7 @@ static int reply_err(ctx_t *x, int code, const char *field, const char *msg, int
 }
 
 static const char *const k_types[] = {"hello", "ping", "stats", "workflow.load", "workflow.list", "workflow.drop",
-                                      "run.start", "run.cancel", "run.status", "run.list", "trace.get"};
+                                      "run.start", "run.cancel", "run.status", "run.list", "trace.get", "run.resume"};
 
 static int on_hello(ctx_t *x) {
     kvm_server_t *s = x->s;
@@ -669,10 +680,33 @@ static srun_t *run_named(const kvm_server_t *s, const char *id) {
     return kvm_map_get_str(&s->by_id, id, &v) ? v.ptr : NULL;
 }
 
+/* Whether the run has not ended: going, or parked in kvmesh.interrupt (a parked run can be canceled too). */
+static bool run_going(const srun_t *r) {
+    int st = kvm_run_status(r->r, NULL);
+    return !r->ended && (st == KVM_EBUSY || st == KVM_EINTERRUPTED);
+}
+
+/* run.resume {run_id, value}: the answer to a run parked in kvmesh.interrupt; its stream goes on. */
+static int on_run_resume(ctx_t *x) {
+    srun_t *r = run_named(x->s, x->q->run_id);
+    if (!r) return reply_err(x, KVM_ENOENT, "run_id", "no run of that id", -1);
+    if (r->ended || !r->r) return reply_err(x, KVM_ESTALE, "run_id", "the run has ended", -1);
+    if (kvm_run_status(r->r, NULL) != KVM_EINTERRUPTED)
+        return reply_err(x, KVM_EINVAL, "run_id", "the run is not waiting for an answer (no kvmesh.interrupt pending)", -1);
+    char *v = x->q->value ? cJSON_PrintUnformatted(x->q->value) : NULL;
+    if (x->q->value && !v) return reply_err(x, KVM_ENOMEM, "", "out of memory", 100);
+    int rc = kvm_run_resume(r->r, v ? v : "null");
+    cJSON_free(v);
+    if (rc) return reply_err(x, rc, "value", kvm_errmsg(), -1);
+    cJSON *b = cJSON_CreateObject();
+    cJSON_AddStringToObject(b, "run_id", r->run_id);
+    return reply_ok(x, "ok", b);
+}
+
 static int on_run_cancel(ctx_t *x) {
     srun_t *r = run_named(x->s, x->q->run_id);
     if (!r) return reply_err(x, KVM_ENOENT, "run_id", "no run of that id", -1);
-    if (r->ended || !r->r || kvm_run_status(r->r, NULL) != KVM_EBUSY) return reply_err(x, KVM_ESTALE, "run_id", "the run has ended", -1);
+    if (r->ended || !r->r || !run_going(r)) return reply_err(x, KVM_ESTALE, "run_id", "the run has ended", -1);
     int rc = kvm_run_cancel(r->r, KVM_ECANCELED, "canceled by a client");
     if (rc) return reply_err(x, rc, "run_id", kvm_errmsg(), -1);
     cJSON *b = cJSON_CreateObject();
@@ -782,6 +816,7 @@ static int dispatch(ctx_t *x) {
     case KVM_REQ_WORKFLOW_DROP: return on_wf_drop(x);
     case KVM_REQ_RUN_START: return on_run_start(x);
     case KVM_REQ_RUN_CANCEL: return on_run_cancel(x);
+    case KVM_REQ_RUN_RESUME: return on_run_resume(x);
     case KVM_REQ_RUN_STATUS: return on_run_status(x);
     case KVM_REQ_RUN_LIST: return on_run_list(x);
     case KVM_REQ_TRACE_GET: return on_trace_get(x);
@@ -815,7 +850,7 @@ static void serve_message(kvm_server_t *s, const kvm_net_msg_t *m) {
 /* ---- the loop ------------------------------------------------------------------------------------------- */
 
 static void cancel_run(srun_t *r, int code, const char *msg) {
-    if (r->r && kvm_run_status(r->r, NULL) == KVM_EBUSY) kvm_run_cancel(r->r, code, msg);
+    if (r->r && run_going(r)) kvm_run_cancel(r->r, code, msg);
 }
 
 /* Cancels asked from inside events, deadlines passed, clients gone silent, idle clients forgotten. */
@@ -889,7 +924,12 @@ int kvm_server_run(kvm_server_t *s) {
         if (s->draining && s->n_going == 0) break;
         if (s->draining && kvm_now_ns() > drain_end)
             for (int i = 0; i < s->n_going; i++) cancel_run(s->going[i], KVM_ECANCELED, "the daemon is stopping");
-        int rc = serve_requests(s, s->n_going ? 0 : 50);
+        for (int i = 0; s->draining && i < s->n_going; i++) /* no answer will come: the trace keeps the question */
+            if (s->going[i]->r && kvm_run_status(s->going[i]->r, NULL) == KVM_EINTERRUPTED)
+                cancel_run(s->going[i], KVM_EINTERRUPTED, "the daemon stopped while the run waited for an answer: resume it "
+                                                          "from its trace (kvmesh run --resume TRACE_DIR --answer VALUE)");
+        /* runs parked in kvmesh.interrupt need no rounds until an answer comes: wait for requests then */
+        int rc = serve_requests(s, kvm_runtime_n_active(s->rt) ? 0 : 50);
         if (rc < 0) return rc;
         housekeeping(s); /* right after reading: a long engine round does not make clients look silent */
         if (s->n_going > 0 && kvm_runtime_step(s->rt) < 0 && !s->p.quiet)

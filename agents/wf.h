@@ -115,6 +115,21 @@ void kvm_wf_fail_stalled(kvm_workflow_t *wf);
  * ended. 0; KVM_EINVAL for no such run; KVM_ESTALE when it had finished. */
 int kvm_wf_run_cancel(kvm_workflow_t *wf, int run, int code, const char *msg);
 
+/* ---- checkpoints, resume and interrupts (wf_exec.c, wf_trace.c) ------------------------------------------ */
+
+/* Starts a run that continues the run traced in run_dir from its checkpoint after super-step `step` (0 = the
+ * last): the trace's inputs, seed and KV policy, the checkpoint's state, outputs, pending nodes, joins, texts,
+ * counters and RNG. answer (may be NULL) answers the interrupt the traced run was parked on after that
+ * checkpoint. The script is the workflow's (its node names must cover the checkpoint's). 0 and *run, or KVM_E*
+ * with a message (no such checkpoint, a checkpoint written before resume existed, a name the graph lacks). */
+int kvm_wf_start_resume(kvm_workflow_t *wf, const char *run_dir, int step, const cJSON *answer, int *run);
+/* Whether run is parked in kvmesh.interrupt; *node and *payload (may be NULL) get the first parked node's
+ * name and payload (owned by the run). */
+bool kvm_wf_run_parked(const kvm_workflow_t *wf, int run, const char **node, const cJSON **payload);
+/* Answers the first parked node of run with value (copied): kvmesh.interrupt returns it. 0; KVM_EINVAL when not
+ * parked. */
+int kvm_wf_run_resume(kvm_workflow_t *wf, int run, const cJSON *value);
+
 int kvm_wf_n_runs(const kvm_workflow_t *wf);
 /* The run's status: 0 ok, or KVM_E*; *msg (may be NULL) gets the message with file:line + traceback. */
 int kvm_wf_run_status(const kvm_workflow_t *wf, int run, const char **msg);

@@ -334,9 +334,11 @@ static void end_superstep(kvm_workflow_t *wf, wf_run_t *r) {
     bool any_end = false;
     for (int i = 0; i < g->n_nodes; i++) any_end |= r->to_end[i];
     if (!code && any_end) code = collect_outputs(wf, r, r->to_end, &msg); /* 5. outputs of nodes that reached END */
-    wf_trace_checkpoint(wf, r);
     /* the last super-step's outputs are the run's outputs when nothing reached END */
     if (!code && count_ready(g, r) == 0 && !r->outputs) code = collect_outputs(wf, r, NULL, &msg);
+    if (!code) wf_trace_checkpoint(wf, r); /* 6. a super-step that failed leaves the previous one as the last */
+    cJSON_Delete(r->answers);              /* answers to interrupts hold within their super-step */
+    r->answers = NULL;
     wf_tasks_free(wf, r);
     r->need_end = false;
     if (code) finish_run(wf, r, code, msg);
@@ -417,6 +419,8 @@ static void run_free(kvm_workflow_t *wf, wf_run_t *r) {
     cJSON_Delete(r->inputs);
     cJSON_Delete(r->outputs);
     cJSON_Delete(r->state);
+    cJSON_Delete(r->answers);
+    kvm_free(r->resumed_from);
     kvm_free(r);
 }
 
@@ -431,8 +435,12 @@ int kvm_wf_start(kvm_workflow_t *wf, const cJSON *inputs, uint64_t seed, int *ru
     return kvm_wf_start_kv(wf, inputs, seed, -1, run);
 }
 
-int kvm_wf_start_kv(kvm_workflow_t *wf, const cJSON *inputs, uint64_t seed, int kv, int *run) {
+/* Makes a run (not yet at START) and writes its run.start; resumed_from (may be NULL) names the run it resumes at
+ * resumed_step. 0 and *out (a run that could not set up its Lua side has finished with the reason), or KVM_E*. */
+static int run_new(kvm_workflow_t *wf, const cJSON *inputs, uint64_t seed, int kv, const char *resumed_from, int resumed_step,
+                   int *run, wf_run_t **out) {
     const wf_graph_t *g = wf->g;
+    *out = NULL;
     if (inputs && !cJSON_IsObject(inputs)) return kvm_seterr(KVM_EINVAL, "run inputs must be a JSON object");
     if (kv != -1 && (kv < KVM_KV_PREFIX || kv > KVM_KV_KVCOMM))
         return kvm_seterr(KVM_EINVAL, "a run's KV policy must be dense, prefix or kvcomm (got %d)", kv);
@@ -459,7 +467,9 @@ int kvm_wf_start_kv(kvm_workflow_t *wf, const cJSON *inputs, uint64_t seed, int 
     r->arrived = kvm_calloc((size_t)g->n_joins + 1, sizeof *r->arrived);
     r->agent_tokens = kvm_calloc((size_t)wf->n_agents + 1, sizeof *r->agent_tokens);
     r->acct = kvm_calloc(1, sizeof *r->acct);
-    bool ok = r->inputs && r->node_cur && r->node_prev && r->ready && r->to_end && r->arrived && r->agent_tokens && r->acct;
+    r->resumed_from = resumed_from ? kvm_strdup(resumed_from) : NULL;
+    r->resumed_superstep = resumed_step;
+    bool ok = (!resumed_from || r->resumed_from) && r->inputs && r->node_cur && r->node_prev && r->ready && r->to_end && r->arrived && r->agent_tokens && r->acct;
     for (int j = 0; ok && j < g->n_joins; j++) ok = (r->arrived[j] = kvm_calloc((size_t)g->joins[j].n_src, sizeof **r->arrived)) != NULL;
     if (!ok) {
         kvm_free(r->acct);
@@ -475,6 +485,7 @@ int kvm_wf_start_kv(kvm_workflow_t *wf, const cJSON *inputs, uint64_t seed, int 
     r->budget.max_lua_ns = (uint64_t)((g->lim_lua_ms > 0 && g->lim_lua_ms < wf->o.lua_cpu_ms ? g->lim_lua_ms : wf->o.lua_cpu_ms) * 1e6);
     wf->runs[wf->n_runs++] = r;
     *run = r->idx;
+    *out = r;
     int st = wf_run_setup(wf, r); /* the Lua side, charged to the run */
     if (wf->o.trace_root) {
         r->trace = kvm_trace_open(wf->o.trace_root, r->id);
@@ -494,12 +505,179 @@ int kvm_wf_start_kv(kvm_workflow_t *wf, const cJSON *inputs, uint64_t seed, int 
         return 0;
     }
     wf_trace_run_start(wf, r);
+    return 0;
+}
+
+int kvm_wf_start_kv(kvm_workflow_t *wf, const cJSON *inputs, uint64_t seed, int kv, int *run) {
+    const wf_graph_t *g = wf->g;
+    wf_run_t *r = NULL;
+    int rc = run_new(wf, inputs, seed, kv, NULL, 0, run, &r);
+    if (rc || r->finished) return rc;
     for (int i = 0; i < g->n_edges; i++)
         if (g->edges[i].from == WF_START && g->edges[i].to >= 0) {
             r->ready[g->edges[i].to] = true;
             wf_trace_edge(r, "START", g->nodes[g->edges[i].to].name, "edge");
         }
     return 0;
+}
+
+/* ---- resume from a checkpoint ------------------------------------------------------------------------ */
+
+/* A checkpoint's JSON fields, parsed. */
+typedef struct ckpt_json {
+    cJSON *state, *last, *nodes, *joins, *outputs, *agents;
+} ckpt_json_t;
+
+static void ckpt_json_free(ckpt_json_t *j) {
+    cJSON_Delete(j->state);
+    cJSON_Delete(j->last);
+    cJSON_Delete(j->nodes);
+    cJSON_Delete(j->joins);
+    cJSON_Delete(j->outputs);
+    cJSON_Delete(j->agents);
+}
+
+/* Parses field `name` (JSON text; NULL = absent) into *out; it must have type `want` (cJSON_Object / cJSON_Array)
+ * unless absent and optional. */
+static int ckpt_field(const char *text, const char *name, int want, bool optional, cJSON **out) {
+    *out = NULL;
+    if (!text || !strcmp(text, "null")) return optional ? 0 : kvm_seterr(KVM_EFORMAT, "checkpoint: field '%s' is missing", name);
+    *out = cJSON_Parse(text);
+    if (!*out) return kvm_seterr(KVM_EFORMAT, "checkpoint: field '%s' is not valid JSON", name);
+    if (((*out)->type & 0xFF) != want)
+        return kvm_seterr(KVM_EFORMAT, "checkpoint: field '%s' must be %s", name, want == cJSON_Object ? "an object" : "an array");
+    return 0;
+}
+
+/* The index of source `name` in join j, or -1. */
+static int join_src(const wf_join_t *jn, const char *name) {
+    for (int k = 0; k < jn->n_src; k++)
+        if (!strcmp(jn->src_names[k], name)) return k;
+    return -1;
+}
+
+/* Parses a checkpoint and checks every name in it against the graph, before a run is made for it. */
+static int ckpt_parse(const kvm_workflow_t *wf, const kvm_trace_checkpoint_t *c, ckpt_json_t *j) {
+    const wf_graph_t *g = wf->g;
+    if (!c->resumable)
+        return kvm_seterr(KVM_EUNSUPPORTED, "the checkpoint after super-step %d was written by a kvmesh without resume (no "
+                                            "'v_resume'): its run cannot be resumed", c->superstep);
+    int rc = ckpt_field(c->state_json, "state", cJSON_Object, false, &j->state);
+    if (!rc) rc = ckpt_field(c->last_json, "last", cJSON_Object, false, &j->last);
+    if (!rc) rc = ckpt_field(c->nodes_json, "nodes", cJSON_Object, false, &j->nodes);
+    if (!rc) rc = ckpt_field(c->joins_json, "joins", cJSON_Array, false, &j->joins);
+    if (!rc) rc = ckpt_field(c->outputs_json, "outputs", cJSON_Object, true, &j->outputs);
+    if (!rc) rc = ckpt_field(c->agent_tokens_json, "usage.agents", cJSON_Object, true, &j->agents);
+    if (rc) return rc;
+    for (int i = 0; i < c->n_next; i++)
+        if (wf_graph_find(g, c->next[i]) < 0)
+            return kvm_seterr(KVM_EINVAL, "checkpoint: next node '%s' is not a node of graph '%s'", c->next[i], g->name);
+    for (const cJSON *n = j->nodes->child; n; n = n->next) {
+        if (wf_graph_find(g, n->string) < 0)
+            return kvm_seterr(KVM_EINVAL, "checkpoint: node '%s' is not a node of graph '%s'", n->string, g->name);
+        const cJSON *cur = cJSON_GetObjectItemCaseSensitive(n, "cur"), *prev = cJSON_GetObjectItemCaseSensitive(n, "prev");
+        if ((cur && !cJSON_IsString(cur)) || (prev && !cJSON_IsString(prev)))
+            return kvm_seterr(KVM_EFORMAT, "checkpoint: nodes.%s.cur / .prev must be strings", n->string);
+    }
+    if (cJSON_GetArraySize(j->joins) != g->n_joins)
+        return kvm_seterr(KVM_EINVAL, "checkpoint: %d joins, graph '%s' has %d", cJSON_GetArraySize(j->joins), g->name, g->n_joins);
+    int jx = 0;
+    for (const cJSON *a = j->joins->child; a; a = a->next, jx++) {
+        if (!cJSON_IsArray(a)) return kvm_seterr(KVM_EFORMAT, "checkpoint: joins[%d] must be an array of node names", jx);
+        for (const cJSON *n = a->child; n; n = n->next)
+            if (!cJSON_IsString(n) || join_src(&g->joins[jx], n->valuestring) < 0)
+                return kvm_seterr(KVM_EINVAL, "checkpoint: joins[%d] names a node that is not a source of the join to '%s'", jx,
+                                  g->joins[jx].target_name);
+    }
+    for (const cJSON *a = j->agents ? j->agents->child : NULL; a; a = a->next) {
+        bool known = false;
+        for (int i = 0; i < wf->n_agents; i++) known |= !strcmp(wf->agents[i].name, a->string);
+        if (!known || !cJSON_IsNumber(a)) return kvm_seterr(KVM_EINVAL, "checkpoint: usage.agents.%s: no such agent, or not a number", a->string);
+    }
+    return 0;
+}
+
+typedef struct restore_lua {
+    wf_run_t *r;
+    const cJSON *state, *last;
+} restore_lua_t;
+
+/* The Lua side of a restore (may raise on memory): state and `last` replace the fresh run's. */
+static int restore_protected(lua_State *L) {
+    restore_lua_t *x = lua_touserdata(L, 1);
+    wf_lua_push_json(L, x->state);
+    lua_rawseti(L, LUA_REGISTRYINDEX, x->r->state_ref);
+    wf_lua_push_json(L, x->last);
+    lua_rawseti(L, LUA_REGISTRYINDEX, x->r->last_ref);
+    return 0;
+}
+
+/* Puts the checkpoint into the fresh run r (its Lua side set up). 0, or KVM_E* with *msg. */
+static int restore(kvm_workflow_t *wf, wf_run_t *r, const kvm_trace_checkpoint_t *c, ckpt_json_t *j, char **msg) {
+    const wf_graph_t *g = wf->g;
+    r->superstep = c->superstep;
+    r->step_idx = c->steps;
+    r->tokens_in = c->input_tokens;
+    r->tokens_out = c->output_tokens;
+    r->agent_calls = c->agent_calls;
+    r->rng[0] = c->rng0;
+    r->rng[1] = c->rng1;
+    for (int i = 0; i < c->n_next; i++) r->ready[wf_graph_find(g, c->next[i])] = true;
+    for (const cJSON *n = j->nodes->child; n; n = n->next) {
+        int i = wf_graph_find(g, n->string);
+        const cJSON *cur = cJSON_GetObjectItemCaseSensitive(n, "cur"), *prev = cJSON_GetObjectItemCaseSensitive(n, "prev");
+        if ((cur && !(r->node_cur[i] = kvm_strdup(cur->valuestring))) || (prev && !(r->node_prev[i] = kvm_strdup(prev->valuestring)))) {
+            *msg = xstrdup("out of memory restoring a checkpoint");
+            return KVM_ENOMEM;
+        }
+    }
+    int jx = 0;
+    for (const cJSON *a = j->joins->child; a; a = a->next, jx++)
+        for (const cJSON *n = a->child; n; n = n->next) r->arrived[jx][join_src(&g->joins[jx], n->valuestring)] = true;
+    for (int i = 0; i < wf->n_agents; i++) {
+        const cJSON *t = j->agents ? cJSON_GetObjectItemCaseSensitive(j->agents, wf->agents[i].name) : NULL;
+        if (t) r->agent_tokens[i] = (long)t->valuedouble;
+    }
+    if (j->outputs) {
+        cJSON_Delete(r->outputs);
+        r->outputs = j->outputs;
+        j->outputs = NULL;
+    }
+    restore_lua_t x = {.r = r, .state = j->state, .last = j->last};
+    wf->cur_acct = r->acct;
+    lua_pushcfunction(wf->L, restore_protected);
+    lua_pushlightuserdata(wf->L, &x);
+    int st = lua_pcall(wf->L, 1, 0, 0);
+    wf->cur_acct = NULL;
+    if (st != LUA_OK) {
+        lua_pop(wf->L, 1);
+        *msg = xstrdup("out of Lua memory restoring the checkpoint's state (over the run's memory cap?)");
+        return KVM_ELUA_MEMORY;
+    }
+    return 0;
+}
+
+int wf_run_resume_from(kvm_workflow_t *wf, const cJSON *inputs, uint64_t seed, int kv, const char *from_id,
+                       const kvm_trace_checkpoint_t *c, cJSON *answers, int *run) {
+    ckpt_json_t j = {0};
+    wf_run_t *r = NULL;
+    int rc = ckpt_parse(wf, c, &j);
+    if (!rc) rc = run_new(wf, inputs, seed, kv, from_id, c->superstep, run, &r);
+    if (!rc && !r->finished) {
+        char *msg = NULL;
+        int code = restore(wf, r, c, &j, &msg);
+        if (code) {
+            finish_run(wf, r, code, msg);
+        } else {
+            r->answers = answers;
+            answers = NULL;
+            wf_trace_checkpoint(wf, r); /* the resumed run's trace starts where it resumed, and can be resumed too */
+            wf_trace_answers(wf, r);
+        }
+    }
+    cJSON_Delete(answers);
+    ckpt_json_free(&j);
+    return rc;
 }
 
 bool kvm_wf_has_dataset(const kvm_workflow_t *wf) { return wf->g->dataset_ref != LUA_NOREF; }
@@ -554,11 +732,14 @@ int kvm_wf_run_score(kvm_workflow_t *wf, int run, double *score) {
     return 1;
 }
 
+/* A run parked in kvmesh.interrupt with nothing else of its super-step going: it waits for kvm_wf_run_resume. */
+static bool run_waiting(const wf_run_t *r) { return !r->finished && r->n_parked > 0 && r->n_open <= r->n_parked; }
+
 int kvm_wf_advance(kvm_workflow_t *wf, bool *progress) {
     int active = 0;
     for (int i = 0; i < wf->n_runs; i++) {
         wf_run_t *r = wf->runs[i];
-        if (r->finished) continue;
+        if (r->finished || run_waiting(r)) continue;
         if (r->need_end) {
             end_superstep(wf, r);
             *progress = true;
@@ -574,7 +755,7 @@ int kvm_wf_advance(kvm_workflow_t *wf, bool *progress) {
 
 int kvm_wf_n_active(const kvm_workflow_t *wf) {
     int n = 0;
-    for (int i = 0; i < wf->n_runs; i++) n += !wf->runs[i]->finished;
+    for (int i = 0; i < wf->n_runs; i++) n += !wf->runs[i]->finished && !run_waiting(wf->runs[i]);
     return n;
 }
 
@@ -584,7 +765,7 @@ void kvm_wf_fail_runs(kvm_workflow_t *wf, int code, const char *msg) {
 
 void kvm_wf_fail_stalled(kvm_workflow_t *wf) {
     for (int i = 0; i < wf->n_runs; i++)
-        if (!wf->runs[i]->finished) {
+        if (!wf->runs[i]->finished && !run_waiting(wf->runs[i])) {
             bool waiting = false;
             for (int k = 0; k < wf->runs[i]->n_tasks; k++) waiting |= wf->runs[i]->tasks[k].status != WF_T_DONE;
             finish_run(wf, wf->runs[i], KVM_EINTERNAL,
@@ -636,7 +817,42 @@ int kvm_wf_run_status(const kvm_workflow_t *wf, int run, const char **msg) {
     const wf_run_t *r = get_run(wf, run);
     if (!r) return KVM_EINVAL;
     if (msg) *msg = r->errmsg;
-    return r->finished ? r->err : KVM_EBUSY;
+    return r->finished ? r->err : run_waiting(r) ? KVM_EINTERRUPTED : KVM_EBUSY;
+}
+
+/* The first task of r parked in kvmesh.interrupt, or NULL. */
+static wf_task_t *first_parked(const wf_run_t *r) {
+    for (int i = 0; r && !r->finished && i < r->n_tasks; i++)
+        if (r->tasks[i].parked) return &r->tasks[i];
+    return NULL;
+}
+
+bool kvm_wf_run_parked(const kvm_workflow_t *wf, int run, const char **node, const cJSON **payload) {
+    const wf_run_t *r = get_run(wf, run);
+    const wf_task_t *t = r && run_waiting(r) ? first_parked(r) : NULL;
+    if (node) *node = t ? wf->g->nodes[t->node].name : NULL;
+    if (payload) *payload = t ? t->payload : NULL;
+    return t != NULL;
+}
+
+int kvm_wf_run_resume(kvm_workflow_t *wf, int run, const cJSON *value) {
+    wf_run_t *r = run >= 0 && run < wf->n_runs ? wf->runs[run] : NULL;
+    wf_task_t *t = r && run_waiting(r) ? first_parked(r) : NULL;
+    if (!t) return kvm_seterr(KVM_EINVAL, "run %s is not parked in kvmesh.interrupt", r ? r->id : "?");
+    const char *node = wf->g->nodes[t->node].name;
+    /* kept for the rest of the super-step: a resume from the trace replays it to the node's same call */
+    if (!r->answers && !(r->answers = cJSON_CreateObject())) return kvm_seterr(KVM_ENOMEM, "out of memory keeping an answer");
+    cJSON *list = cJSON_GetObjectItemCaseSensitive(r->answers, node);
+    if (!list && !cJSON_AddItemToObject(r->answers, node, list = cJSON_CreateArray())) return kvm_seterr(KVM_ENOMEM, "out of memory keeping an answer");
+    cJSON *v = value ? cJSON_Duplicate(value, 1) : cJSON_CreateNull();
+    if (!v || !cJSON_AddItemToArray(list, v)) {
+        cJSON_Delete(v);
+        return kvm_seterr(KVM_ENOMEM, "out of memory keeping an answer");
+    }
+    wf_trace_resume_rec(r, node, v);
+    if (--r->n_parked == 0) r->t0_mono += kvm_now_ns() - r->parked_ns; /* time parked is not the run's */
+    wf_task_answer(wf, r, t, v);
+    return 0;
 }
 
 const char *kvm_wf_run_id(const kvm_workflow_t *wf, int run) {

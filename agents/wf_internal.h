@@ -259,6 +259,10 @@ typedef struct wf_task {
     int n_m, m_left;
     int m_agent;
     int m_ref;             /* results table (registry) */
+    /* kvmesh.interrupt */
+    bool parked;           /* waiting for kvm_run_resume (its coroutine suspended in kvmesh.interrupt) */
+    int n_interrupts;      /* kvmesh.interrupt calls so far: the k-th takes the k-th recorded answer */
+    cJSON *payload;        /* the pending interrupt's payload */
 } wf_task_t;
 
 typedef struct wf_run {
@@ -290,6 +294,14 @@ typedef struct wf_run {
     uint64_t t0_wall;
     kvm_trace_t *trace;
     cJSON *inputs, *outputs, *state;
+    /* interrupts: answers given in this super-step, per node ({node: [values]}; NULL = none); cleared when the
+       super-step ends. A resumed run starts with those of the trace it resumes. */
+    cJSON *answers;
+    int n_parked;                   /* tasks parked in kvmesh.interrupt */
+    uint64_t parked_ns;             /* monotonic time the run parked */
+    /* the run this one resumes (trace run.start "resumed_from") */
+    char *resumed_from;
+    int resumed_superstep;
 } wf_run_t;
 
 /* ---- wf_exec.c ---------------------------------------------------------------------------------- */
@@ -305,6 +317,11 @@ kvm_kv_policy_t wf_run_agent_kv(const kvm_workflow_t *wf, const struct wf_run *r
  * when it was the last open task. */
 void wf_task_done(kvm_workflow_t *wf, wf_run_t *r, wf_task_t *t);
 /* Counts a finished agent call (run and agent figures, on_step) and records its step. */
+/* Starts a run that continues from checkpoint c of a traced run (from_id) with the traced inputs, seed and KV
+ * policy; answers ({node: [values]}, may be NULL; taken over) are those of the interrupts of the super-step after
+ * it. 0 and *run, or KVM_E* when the checkpoint does not fit the workflow. */
+int wf_run_resume_from(kvm_workflow_t *wf, const cJSON *inputs, uint64_t seed, int kv, const char *from_id,
+                       const kvm_trace_checkpoint_t *c, cJSON *answers, int *run);
 void wf_agent_step_done(kvm_workflow_t *wf, wf_run_t *r, wf_task_t *t, int ai, const wf_llm_result_t *res, int status,
                         const char *err, bool via_call);
 
@@ -349,6 +366,10 @@ int wf_call_scratch(kvm_workflow_t *wf, int nargs, cJSON **out, const char *what
 void wf_seen_free(wf_seen_t *s);
 /* The C functions behind ctx:call and ctx:map (registered by wf_lua.c in the ctx metatable). */
 int wf_ctx_call(lua_State *L);
+/* kvmesh.interrupt(payload): returns the recorded answer of this call, or parks the node's coroutine. */
+int wf_interrupt(lua_State *L);
+/* Resumes parked task t with value (its kvmesh.interrupt's result); the caller has counted it out of r->n_parked. */
+void wf_task_answer(kvm_workflow_t *wf, wf_run_t *r, wf_task_t *t, const cJSON *value);
 int wf_ctx_map(lua_State *L);
 
 /* ---- wf_trace.c --------------------------------------------------------------------------------- */
@@ -362,6 +383,10 @@ void wf_trace_agent_step(kvm_workflow_t *wf, wf_run_t *r, const wf_task_t *t, in
                          int status, const char *err, bool via_call);
 void wf_trace_lua_step(kvm_workflow_t *wf, wf_run_t *r, const wf_task_t *t, int idx);
 void wf_trace_checkpoint(kvm_workflow_t *wf, wf_run_t *r);
+void wf_trace_interrupt(wf_run_t *r, const char *node, const cJSON *payload, const cJSON *answers);
+void wf_trace_resume_rec(wf_run_t *r, const char *node, const cJSON *value);
+/* A resume record for every answer a resumed run starts with (r->answers). */
+void wf_trace_answers(kvm_workflow_t *wf, wf_run_t *r);
 /* run.end and index.json; closes the trace. */
 void wf_trace_run_end(kvm_workflow_t *wf, wf_run_t *r, double wall_ms);
 /* print() target: a log record in the current run's trace (and stderr when asked or untraced). */

@@ -1668,7 +1668,7 @@ static void l_warn(void *ud, const char *msg, int tocont) {
 }
 
 static const luaL_Reg kvmesh_fns[] = {{"model", l_model}, {"agent", l_agent}, {"graph", l_graph}, {"json", l_json},
-                                      {"now_ms", l_now_ms}, {"log", c_log}, {NULL, NULL}};
+                                      {"now_ms", l_now_ms}, {"log", c_log}, {"interrupt", wf_interrupt}, {NULL, NULL}};
 static const luaL_Reg graph_methods[] = {{"agent", g_agent}, {"node", g_node}, {"func", g_func}, {"tool", g_tool},
                                          {"verifier", g_verifier}, {"edge", g_edge}, {"route", g_route}, {"join", g_join},
                                          {"limit", g_limit}, {"output", g_output}, {"dataset", g_dataset}, {"score", g_score},

@@ -544,7 +544,7 @@ static void resume_task(kvm_workflow_t *wf, wf_run_t *r, wf_task_t *t, int nargs
     wf_leave(wf, r);
     if (st == LUA_YIELD) {
         lua_pop(t->co, nres);
-        if (t->job || t->m_left > 0) {
+        if (t->job || t->m_left > 0 || t->parked) {
             t->status = WF_T_WAIT;
             return;
         }
@@ -639,6 +639,7 @@ void wf_tasks_free(kvm_workflow_t *wf, wf_run_t *r) {
         if (t->out_ref != LUA_NOREF) luaL_unref(r->th, LUA_REGISTRYINDEX, t->out_ref);
         kvm_free(t->errmsg);
         kvm_free(t->out_text);
+        cJSON_Delete(t->payload);
         wf_seen_free(t->seen);
         for (int k = 0; k < t->n_m; k++) wf_seen_free(t->mseen[k]);
         kvm_free(t->mseen);
@@ -648,6 +649,53 @@ void wf_tasks_free(kvm_workflow_t *wf, wf_run_t *r) {
     kvm_free(r->tasks);
     r->tasks = NULL;
     r->n_tasks = r->n_open = 0;
+}
+
+/* ---- kvmesh.interrupt ------------------------------------------------------------------------------ */
+
+int wf_interrupt(lua_State *L) {
+    void *ud;
+    lua_getallocf(L, &ud);
+    kvm_workflow_t *wf = ud;
+    wf_run_t *r = wf->cur_run;
+    wf_task_t *t = NULL;
+    for (int i = 0; r && i < r->n_tasks; i++)
+        if (r->tasks[i].co == L && r->tasks[i].status == WF_T_RUNNING) t = &r->tasks[i];
+    if (!t || !lua_isyieldable(L))
+        return luaL_error(L, "kvmesh.interrupt must be called from a func/tool node's own code (not from a predicate, "
+                             "router, reducer, the script's top level or a coroutine the script created)");
+    const char *node = wf->g->nodes[t->node].name;
+    const cJSON *given = r->answers ? cJSON_GetObjectItemCaseSensitive(r->answers, node) : NULL;
+    int k = t->n_interrupts++;
+    if (k < cJSON_GetArraySize(given)) { /* answered already (a resumed run replays its answers in order) */
+        wf_lua_push_json(L, cJSON_GetArrayItem(given, k));
+        return 1;
+    }
+    lua_settop(L, 1);
+    cJSON *payload = wf_lua_to_json(L, 1);
+    if (!payload) return luaL_error(L, "kvmesh.interrupt: the payload: %s", kvm_errmsg());
+    t->parked = true;
+    t->payload = payload;
+    if (r->n_parked++ == 0) r->parked_ns = kvm_now_ns();
+    wf_trace_interrupt(r, node, payload, given);
+    return lua_yield(L, 0);
+}
+
+void wf_task_answer(kvm_workflow_t *wf, wf_run_t *r, wf_task_t *t, const cJSON *value) {
+    t->parked = false;
+    cJSON_Delete(t->payload);
+    t->payload = NULL;
+    t->status = WF_T_RUNNING;
+    wf_book(wf, r);
+    int ok = lua_checkstack(t->co, 4);
+    if (ok) wf_lua_push_json(t->co, value); /* small (it was parsed from the caller's JSON); charged to the run */
+    wf_unbook(wf);
+    if (!ok) {
+        task_fail(t, KVM_ELUA_MEMORY, xstrdup("Lua stack overflow answering kvmesh.interrupt"));
+        wf_task_done(wf, r, t);
+        return;
+    }
+    resume_task(wf, r, t, 1);
 }
 
 /* ---- ctx:call and ctx:map -------------------------------------------------------------------------- */

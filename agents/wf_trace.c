@@ -108,7 +108,8 @@ void wf_trace_run_start(kvm_workflow_t *wf, wf_run_t *r) {
         .limits = {.steps = g->lim_steps ? g->lim_steps : 50, .tokens = g->lim_tokens, .wall_ms = g->lim_wall_ms,
                    .instructions = (double)r->budget.max_instructions, .lua_ms = (double)r->budget.max_lua_ns / 1e6,
                    .memory_bytes = r->acct ? (double)r->acct->cap : 0},
-        .build_version = KVM_VERSION, .build_lua = LUA_RELEASE, .build_cjson = cJSON_Version()};
+        .build_version = KVM_VERSION, .build_lua = LUA_RELEASE, .build_cjson = cJSON_Version(),
+        .resumed_run_id = r->resumed_from, .resumed_superstep = r->resumed_superstep};
     char *inputs = json_text(r->inputs);
     wf_llm_model_info_t *info = kvm_calloc((size_t)wf->n_models + 1, sizeof *info);
     kvm_trace_model_t *models = kvm_calloc((size_t)wf->n_models + 1, sizeof *models);
@@ -160,16 +161,151 @@ void wf_trace_edge(wf_run_t *r, const char *from, const char *to, const char *ki
     written(r, kvm_trace_write_edge(r->trace, &o));
 }
 
+/* The checkpoint's "nodes", "joins" and "usage.agents" (what is not Lua data) as JSON; false when out of memory. */
+static bool ckpt_tables(const kvm_workflow_t *wf, const wf_run_t *r, cJSON *nodes, cJSON *joins, cJSON *agents) {
+    const wf_graph_t *g = wf->g;
+    bool ok = nodes && joins && agents;
+    for (int i = 0; ok && i < g->n_nodes; i++) {
+        if (!r->node_cur[i] && !r->node_prev[i]) continue;
+        cJSON *n = cJSON_AddObjectToObject(nodes, g->nodes[i].name);
+        ok = n && (!r->node_cur[i] || cJSON_AddStringToObject(n, "cur", r->node_cur[i])) &&
+             (!r->node_prev[i] || cJSON_AddStringToObject(n, "prev", r->node_prev[i]));
+    }
+    for (int j = 0; ok && j < g->n_joins; j++) {
+        cJSON *a = cJSON_CreateArray();
+        ok = a && cJSON_AddItemToArray(joins, a);
+        if (!ok) cJSON_Delete(a);
+        for (int k = 0; ok && k < g->joins[j].n_src; k++)
+            if (r->arrived[j][k]) ok = cJSON_AddItemToArray(a, cJSON_CreateString(g->joins[j].src_names[k]));
+    }
+    for (int i = 0; ok && i < wf->n_agents; i++)
+        if (r->agent_tokens[i]) ok = cJSON_AddNumberToObject(agents, wf->agents[i].name, (double)r->agent_tokens[i]) != NULL;
+    return ok;
+}
+
 void wf_trace_checkpoint(kvm_workflow_t *wf, wf_run_t *r) {
     if (!r->trace) return;
-    kvm_trace_checkpoint_t o = {.superstep = r->superstep};
-    char *state = ref_json_text(r, r->state_ref);
+    kvm_trace_checkpoint_t o = {.superstep = r->superstep, .rng0 = r->rng[0], .rng1 = r->rng[1], .input_tokens = r->tokens_in,
+                                .output_tokens = r->tokens_out, .agent_calls = r->agent_calls, .steps = r->step_idx,
+                                .resumable = true};
+    cJSON *nodes = cJSON_CreateObject(), *joins = cJSON_CreateArray(), *agents = cJSON_CreateObject();
+    bool ok = ckpt_tables(wf, r, nodes, joins, agents);
+    char *state = ref_json_text(r, r->state_ref), *last = ref_json_text(r, r->last_ref);
+    char *nodes_t = ok ? json_text(nodes) : NULL, *joins_t = ok ? json_text(joins) : NULL;
+    char *agents_t = ok ? json_text(agents) : NULL, *outputs = json_text(r->outputs);
     const char **next = marked_nodes(wf->g, r->ready, &o.n_next);
     o.state_json = state;
+    o.last_json = last;
+    o.nodes_json = nodes_t;
+    o.joins_json = joins_t;
+    o.agent_tokens_json = agents_t;
+    o.outputs_json = outputs;
     o.next = next;
-    written(r, state && next ? kvm_trace_write_checkpoint(r->trace, &o) : kvm_seterr(KVM_ENOMEM, "out of memory building a checkpoint"));
+    ok = ok && state && last && nodes_t && joins_t && agents_t && (outputs || !r->outputs) && next;
+    written(r, ok ? kvm_trace_write_checkpoint(r->trace, &o) : kvm_seterr(KVM_ENOMEM, "out of memory building a checkpoint"));
     cJSON_free(state);
+    cJSON_free(last);
+    cJSON_free(nodes_t);
+    cJSON_free(joins_t);
+    cJSON_free(agents_t);
+    cJSON_free(outputs);
+    cJSON_Delete(nodes);
+    cJSON_Delete(joins);
+    cJSON_Delete(agents);
     kvm_free(next);
+}
+
+void wf_trace_interrupt(wf_run_t *r, const char *node, const cJSON *payload, const cJSON *answers) {
+    if (!r->trace) return;
+    char *p = json_text(payload), *a = answers ? json_text(answers) : kvm_strdup("[]");
+    kvm_trace_interrupt_t o = {.superstep = r->superstep, .node = node, .payload_json = p, .answers_json = a};
+    written(r, p && a ? kvm_trace_write_interrupt(r->trace, &o) : kvm_seterr(KVM_ENOMEM, "out of memory building an interrupt record"));
+    cJSON_free(p);
+    if (answers) cJSON_free(a);
+    else kvm_free(a);
+}
+
+void wf_trace_resume_rec(wf_run_t *r, const char *node, const cJSON *value) {
+    if (!r->trace) return;
+    char *v = json_text(value);
+    /* answered inside the super-step going on, or (a resumed run's answers) for the one after its checkpoint */
+    kvm_trace_resume_t o = {.superstep = r->n_tasks > 0 ? r->superstep : r->superstep + 1, .node = node, .value_json = v};
+    written(r, v ? kvm_trace_write_resume(r->trace, &o) : kvm_seterr(KVM_ENOMEM, "out of memory building a resume record"));
+    cJSON_free(v);
+}
+
+void wf_trace_answers(kvm_workflow_t *wf, wf_run_t *r) {
+    (void)wf;
+    for (const cJSON *n = r->answers ? r->answers->child : NULL; n; n = n->next)
+        for (const cJSON *v = n->child; v; v = v->next) wf_trace_resume_rec(r, n->string, v);
+}
+
+/* ---- resume from a trace ------------------------------------------------------------------------------------- */
+
+/* Adds value to answers[node] (answers: {node: [values]}); false when out of memory. */
+static bool add_answer(cJSON *answers, const char *node, cJSON *value) {
+    cJSON *list = cJSON_GetObjectItemCaseSensitive(answers, node);
+    if (!list && !cJSON_AddItemToObject(answers, node, list = cJSON_CreateArray())) return false;
+    if (value && cJSON_AddItemToArray(list, value)) return true;
+    cJSON_Delete(value);
+    return false;
+}
+
+int kvm_wf_start_resume(kvm_workflow_t *wf, const char *run_dir, int step, const cJSON *answer, int *run) {
+    if (!run_dir) return kvm_seterr(KVM_EINVAL, "resume: no trace directory given");
+    if (step < 0) return kvm_seterr(KVM_EINVAL, "resume: super-step %d (0 = the last checkpoint)", step);
+    kvm_trace_log_t log;
+    int rc = kvm_trace_read(run_dir, &log);
+    if (rc) return rc;
+    const kvm_trace_rec_t *st = kvm_trace_log_next(&log, KVM_TRACE_RUN_START, NULL);
+    int at = -1, n_ck = 0, last_ss = 0;
+    for (int i = 0; i < log.n; i++)
+        if (log.recs[i].type == KVM_TRACE_CHECKPOINT) {
+            n_ck++;
+            last_ss = log.recs[i].checkpoint.superstep;
+            if (step == 0 || log.recs[i].checkpoint.superstep == step) at = i;
+        }
+    cJSON *inputs = NULL, *answers = cJSON_CreateObject();
+    const kvm_trace_interrupt_t *pending = NULL;
+    if (!st) rc = kvm_seterr(KVM_EFORMAT, "%s has no run.start record", run_dir);
+    else if (at < 0 && n_ck == 0)
+        rc = kvm_seterr(KVM_ENOENT, "%s has no checkpoint: the run ended before its first super-step did (run it again)", run_dir);
+    else if (at < 0)
+        rc = kvm_seterr(KVM_ENOENT, "%s has no checkpoint after super-step %d (its last is after super-step %d)", run_dir, step, last_ss);
+    else if (!answers || !(inputs = st->run_start.inputs_json ? cJSON_Parse(st->run_start.inputs_json) : cJSON_CreateObject()))
+        rc = kvm_seterr(KVM_EFORMAT, "%s: run.start inputs are not JSON", run_dir);
+    /* the interrupts of the super-step after the checkpoint: the answers given then are given again (the nodes run
+       again from their start); an interrupt not answered is pending, and `answer` answers it */
+    int next_ss = at >= 0 ? log.recs[at].checkpoint.superstep + 1 : 0;
+    for (int i = at + 1; !rc && i < log.n; i++) {
+        const kvm_trace_rec_t *x = &log.recs[i];
+        if (x->type == KVM_TRACE_CHECKPOINT) break;
+        if (x->type == KVM_TRACE_INTERRUPT && x->interrupt.superstep == next_ss) pending = &x->interrupt;
+        if (x->type == KVM_TRACE_RESUME && x->resume.superstep == next_ss && x->resume.node) {
+            cJSON *v = x->resume.value_json ? cJSON_Parse(x->resume.value_json) : cJSON_CreateNull();
+            if (!add_answer(answers, x->resume.node, v)) rc = kvm_seterr(KVM_ENOMEM, "resume: out of memory");
+            if (pending && !strcmp(pending->node, x->resume.node)) pending = NULL;
+        }
+    }
+    if (!rc && answer && !pending)
+        rc = kvm_seterr(KVM_EINVAL, "%s: the run was not parked on kvmesh.interrupt after super-step %d: nothing to answer", run_dir,
+                        next_ss - 1);
+    if (!rc && answer && !add_answer(answers, pending->node, cJSON_Duplicate(answer, 1)))
+        rc = kvm_seterr(KVM_ENOMEM, "resume: out of memory");
+    int kv = -1;
+    kvm_kv_policy_t p;
+    if (!rc && st->run_start.kv_override && kvm_kv_policy_parse(st->run_start.kv_override, &p) == 0) kv = (int)p;
+    if (!rc) {
+        cJSON *given = answers->child ? answers : NULL;
+        if (!given) cJSON_Delete(answers);
+        answers = NULL;
+        rc = wf_run_resume_from(wf, inputs, st->run_start.seed, kv, st->run_start.run_id, &log.recs[at].checkpoint, given, run);
+        if (rc) rc = kvm_errctx(rc, "resuming %s after super-step %d", run_dir, next_ss - 1);
+    }
+    cJSON_Delete(answers);
+    cJSON_Delete(inputs);
+    kvm_trace_log_free(&log);
+    return rc;
 }
 
 /* ---- steps --------------------------------------------------------------------------------------------- */
@@ -248,8 +384,20 @@ static const char *nth_message(const cJSON *msgs, const char *node, int want) {
     return NULL;
 }
 
-/* Compares the traced agent-node steps with the replayed run's messages, in order per node. */
-static int compare(const kvm_trace_log_t *log, const cJSON *msgs, kvm_replay_t *out) {
+/* How many messages of node msgs holds. */
+static int n_messages(const cJSON *msgs, const char *node) {
+    int n = 0;
+    const cJSON *m;
+    cJSON_ArrayForEach(m, msgs) {
+        const cJSON *x = cJSON_GetObjectItemCaseSensitive(m, "node");
+        n += cJSON_IsString(x) && !strcmp(x->valuestring, node);
+    }
+    return n;
+}
+
+/* Compares the traced agent-node steps with the replayed run's messages, in order per node; base: the messages
+ * the run started with (a resumed run's checkpoint), which come first in msgs. */
+static int compare(const kvm_trace_log_t *log, const cJSON *msgs, const cJSON *base, kvm_replay_t *out) {
     int n = 0, from = 0;
     for (const kvm_trace_rec_t *rec; (rec = kvm_trace_log_next(log, KVM_TRACE_STEP, &from)) != NULL;) n += compared(&rec->step);
     out->steps = kvm_calloc((size_t)n + 1, sizeof *out->steps);
@@ -258,7 +406,7 @@ static int compare(const kvm_trace_log_t *log, const cJSON *msgs, kvm_replay_t *
     for (const kvm_trace_rec_t *rec; (rec = kvm_trace_log_next(log, KVM_TRACE_STEP, &from)) != NULL;) {
         const kvm_trace_step_t *s = &rec->step;
         if (!compared(s)) continue;
-        int want = 0; /* this is the want-th compared step of its node in the trace */
+        int want = n_messages(base, s->node); /* this is the want-th compared step of its node in the trace */
         for (int k = 0; k < out->n_steps; k++) want += !strcmp(out->steps[k].node, s->node);
         const char *now = nth_message(msgs, s->node, want), *was = s->output_text ? s->output_text : "";
         kvm_replay_step_t *st = &out->steps[out->n_steps++];
@@ -318,11 +466,31 @@ int kvm_wf_replay(const char *run_dir, const kvm_wf_replay_opts_t *o, kvm_replay
     cJSON *inputs = s->inputs_json ? cJSON_Parse(s->inputs_json) : NULL;
     kvm_workflow_t *wf = kvm_wf_load_string(s->workflow_path ? s->workflow_path : "replay.lua", s->source, strlen(s->source), &wo);
     int run = 0;
+    /* a resumed run replays from the checkpoint its trace starts with */
+    const kvm_trace_rec_t *ck = s->resumed_run_id ? kvm_trace_log_next(&log, KVM_TRACE_CHECKPOINT, NULL) : NULL;
+    cJSON *base = ck && ck->checkpoint.state_json ? cJSON_Parse(ck->checkpoint.state_json) : NULL;
     if (!wf) rc = kvm_errcode() ? kvm_errcode() : KVM_EINVAL;
-    else if ((rc = kvm_wf_start(wf, inputs, s->seed, &run)) == 0 && (rc = kvm_wf_drive(wf)) == 0) {
-        out->status = kvm_wf_run_status(wf, run, NULL);
-        rc = compare(&log, cJSON_GetObjectItemCaseSensitive(kvm_wf_run_state(wf, run), "msgs"), out);
+    else if (s->resumed_run_id && !ck) rc = kvm_seterr(KVM_EFORMAT, "%s: a resumed run without its checkpoint", run_dir);
+    else if (ck) rc = wf_run_resume_from(wf, inputs, s->seed, -1, s->resumed_run_id, &ck->checkpoint, NULL, &run);
+    else rc = kvm_wf_start(wf, inputs, s->seed, &run);
+    if (!rc) rc = kvm_wf_drive(wf);
+    /* interrupts get the answers the trace recorded, in order */
+    for (int from = 0; !rc && kvm_wf_run_parked(wf, run, NULL, NULL);) {
+        const kvm_trace_rec_t *a = kvm_trace_log_next(&log, KVM_TRACE_RESUME, &from);
+        if (!a) break; /* the traced run stayed parked here too */
+        cJSON *v = a->resume.value_json ? cJSON_Parse(a->resume.value_json) : NULL;
+        rc = kvm_wf_run_resume(wf, run, v);
+        cJSON_Delete(v);
+        if (!rc) rc = kvm_wf_drive(wf);
     }
+    if (!rc && kvm_wf_run_parked(wf, run, NULL, NULL)) /* ends it: its state (and messages) as they are */
+        kvm_wf_run_cancel(wf, run, KVM_EINTERRUPTED, "parked in kvmesh.interrupt with no answer in the trace");
+    if (!rc) {
+        out->status = kvm_wf_run_status(wf, run, NULL);
+        rc = compare(&log, cJSON_GetObjectItemCaseSensitive(kvm_wf_run_state(wf, run), "msgs"),
+                     cJSON_GetObjectItemCaseSensitive(base, "msgs"), out);
+    }
+    cJSON_Delete(base);
     char msg[1024] = "";
     if (rc) snprintf(msg, sizeof msg, "%s", kvm_errmsg());
     kvm_wf_free(wf);

@@ -19,7 +19,8 @@ static void usage(FILE *f) {
                "  load NAME FILE.lua     register a workflow        list      the workflows\n"
                "  drop NAME              drop a workflow            runs      the runs the daemon remembers\n"
                "  status RUN_ID          a run's state and figures  cancel RUN_ID   cancel a run\n"
-               "  stats                  KV pool, anchors, reuse    ping      is the daemon there\n\n"
+               "  stats                  KV pool, anchors, reuse    ping      is the daemon there\n"
+               "  resume RUN_ID VALUE    answer a run's kvmesh.interrupt with a string (resume-json RUN_ID JSON: any value)\n\n"
                "  --connect EP           the daemon's request endpoint (default tcp://127.0.0.1:5555)\n");
 }
 
@@ -154,6 +155,11 @@ static void on_stream(const cJSON *h, void *ud) {
                 num(cJSON_GetObjectItemCaseSensitive(s, "timings"), "ttft_ms"), kv && !strcmp(str(kv, "mode"), "reuse") ? ", KV reused" : "");
     } else if (!strcmp(t, "run.accepted")) {
         fprintf(stderr, "run %s\n", str(h, "run_id"));
+    } else if (!strcmp(t, "interrupt")) {
+        char *p = cJSON_PrintUnformatted(cJSON_GetObjectItemCaseSensitive(h, "payload"));
+        fprintf(stderr, "\ninterrupt from node '%s': %s\n(answer: kvmesh client resume %s VALUE)\n", str(h, "node"), p ? p : "null",
+                str(h, "run_id"));
+        cJSON_free(p);
     }
 }
 
@@ -262,6 +268,13 @@ static int dispatch(conn_t *c, int argc, char **argv, bool json) {
     if (!strcmp(cmd, "drop") && argc == 2) return simple(c, typed("workflow.drop", "name", argv[1]), NULL, 0);
     if (!strcmp(cmd, "status") && argc == 2) return simple(c, typed("run.status", "run_id", argv[1]), NULL, 0);
     if (!strcmp(cmd, "cancel") && argc == 2) return simple(c, typed("run.cancel", "run_id", argv[1]), NULL, 0);
+    if ((!strcmp(cmd, "resume") || !strcmp(cmd, "resume-json")) && argc == 3) {
+        cJSON *v = cmd[6] ? cJSON_Parse(argv[2]) : cJSON_CreateString(argv[2]);
+        if (!v) return fprintf(stderr, "kvmesh client: resume-json takes a JSON value (got '%s')\n", argv[2]), 2;
+        cJSON *h = typed("run.resume", "run_id", argv[1]);
+        cJSON_AddItemToObject(h, "value", v);
+        return simple(c, h, NULL, 0);
+    }
     if (!strcmp(cmd, "load") && argc == 3) {
         size_t len = 0;
         char *src = read_file(argv[2], &len);

@@ -42,12 +42,21 @@ static void usage(FILE *f) {
             "                        start, saved at the end, so repeated runs build up reuse (docs/state.md)\n"
             "  --json                print outputs (and the batch summary) as JSON on stdout\n"
             "  --stream              print each agent's tokens on stdout as they come (\"agent> ...\"), one run\n"
+            "  --resume TRACE_DIR    continue a failed or interrupted run from its last checkpoint (the script, inputs,\n"
+            "                        seed and KV policy come from the trace; WORKFLOW.lua, if given, replaces the script)\n"
+            "  --from-step N         with --resume: from the checkpoint after super-step N instead of the last\n"
+            "  --answer VALUE        the answer (a string) to the next kvmesh.interrupt (repeatable: one per interrupt,\n"
+            "                        in order); with --resume the first answers the traced run's pending interrupt.\n"
+            "                        Without one the question is asked on the terminal; when stdin is no terminal\n"
+            "                        the run stays parked: exit status 3 and the command that resumes it\n"
+            "  --answer-json JSON    the same with a JSON value (true, 42, {\"ok\":true})\n"
             "  -q, --quiet           no live progress\n"
             "  -h, --help            this help\n\n"
             "example:\n"
             "  kvmesh run examples/pipeline.lua --input name=Mark --input corpus='Mark: 9442' --kv kvcomm\n"
             "  kvmesh run examples/team.lua --n 100 --seed 1 --kv dense\n"
-            "  kvmesh run examples/team.lua --n 20 --kv kvcomm --state ~/.kvmesh/state\n");
+            "  kvmesh run examples/team.lua --n 20 --kv kvcomm --state ~/.kvmesh/state\n"
+            "  kvmesh run --resume traces/2026-12-06/<run_id> --answer yes\n");
 }
 
 typedef struct progress {
@@ -184,6 +193,9 @@ typedef struct run_args {
     char ablation[96];
     int n_kvcomm;
     cJSON *inputs;
+    const char *resume;        /* --resume TRACE_DIR */
+    long from_step;
+    cJSON *answers;            /* --answer / --answer-json, as JSON values in order */
 } run_args_t;
 
 /* Parses the options into *a. -1 to go on, else the exit status (usage printed, or an error). */
@@ -192,7 +204,8 @@ static int parse_args(int argc, char **argv, run_args_t *a) {
         const char *arg = argv[i];
         const char *v = i + 1 < argc ? argv[i + 1] : NULL;
         static const char *const valued[] = {"--input", "--kv", "--trace", "--n", "--seed", "--concurrency", "--model", "--backend",
-                                             "--max-rows", "--kvcomm", "--ablation", "--kv-mb", "--kv-wait-ms", "--mem-mb", "--instructions", "--lua-ms", "--state"};
+                                             "--max-rows", "--kvcomm", "--ablation", "--kv-mb", "--kv-wait-ms", "--mem-mb", "--instructions", "--lua-ms", "--state",
+                                             "--resume", "--from-step", "--answer", "--answer-json"};
         bool needs_value = false;
         for (size_t k = 0; k < sizeof valued / sizeof *valued; k++) needs_value |= !strcmp(arg, valued[k]);
         if (needs_value && !v) {
@@ -213,6 +226,21 @@ static int parse_args(int argc, char **argv, run_args_t *a) {
             snprintf(key, sizeof key, "%.*s", (int)(eq - v), v);
             cJSON_DeleteItemFromObjectCaseSensitive(a->inputs, key);
             cJSON_AddStringToObject(a->inputs, key, eq + 1);
+        } else if (!strcmp(arg, "--answer") || !strcmp(arg, "--answer-json")) {
+            cJSON *j = arg[8] ? cJSON_Parse(v) : cJSON_CreateString(v);
+            if (!j) {
+                fprintf(stderr, "kvmesh run: --answer-json takes a JSON value (got '%s'; a plain string goes with --answer)\n", v);
+                return 2;
+            }
+            cJSON_AddItemToArray(a->answers, j);
+        } else if (!strcmp(arg, "--resume")) a->resume = v;
+        else if (!strcmp(arg, "--from-step")) {
+            char *end = NULL;
+            a->from_step = strtol(v, &end, 10);
+            if (!*v || *end || a->from_step < 1) {
+                fprintf(stderr, "kvmesh run: --from-step takes a super-step number >= 1 (got '%s')\n", v);
+                return 2;
+            }
         } else if (!strcmp(arg, "--kv")) a->kv = v;
         else if (!strcmp(arg, "--trace")) a->trace_root = v;
         else if (!strcmp(arg, "--state")) a->rp.state_dir = v;
@@ -244,11 +272,34 @@ static int parse_args(int argc, char **argv, run_args_t *a) {
             return 2;
         }
     }
-    if (!a->script) {
+    if (!a->script && !a->resume) {
         usage(stderr);
         return 2;
     }
+    if (a->resume && a->n > 0) {
+        fprintf(stderr, "kvmesh run: --resume continues one run: not with --n\n");
+        return 2;
+    }
+    if (a->from_step && !a->resume) {
+        fprintf(stderr, "kvmesh run: --from-step goes with --resume TRACE_DIR\n");
+        return 2;
+    }
     return -1;
+}
+
+/* Whether the run traced in dir used the mock model (a resume uses it too unless --model says otherwise). */
+static bool trace_was_mock(const char *dir) {
+    kvm_trace_reader_t *t = kvm_trace_reader_open(dir);
+    bool mock = false;
+    for (int i = 0; t && i < kvm_trace_reader_n_records(t); i++)
+        if (!strcmp(kvm_trace_reader_record_type(t, i), "run.start")) {
+            cJSON *o = cJSON_Parse(kvm_trace_reader_record_json(t, i));
+            mock = cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(o, "mock"));
+            cJSON_Delete(o);
+            break;
+        }
+    kvm_trace_reader_free(t);
+    return mock;
 }
 
 /* Fills the runtime parameters that follow from the parsed arguments. 0, or the message of a bad value. */
@@ -269,6 +320,7 @@ static int finish_opts(run_args_t *a) {
         if (kvm_kv_policy_parse(a->kv, &p) != 0) return KVM_EINVAL;
         a->rp.kv_override = (int)p;
     }
+    if (a->resume && !a->mock && !a->rp.model_override && trace_was_mock(a->resume)) a->mock = true;
     if (a->mock) a->rp.model_override = "mock:echo";
     if (a->ablation[0]) { /* the ablation first, the --kvcomm switches over it */
         memmove(&a->kvcomm_set[1], &a->kvcomm_set[0], (size_t)a->n_kvcomm * sizeof *a->kvcomm_set);
@@ -325,13 +377,67 @@ static cJSON *run_json(char *text) {
     return j ? j : cJSON_CreateNull();
 }
 
-/* One run with the given inputs: live progress, the outputs and the per-agent table. */
+/* The next answer to an interrupt as JSON text (cJSON_free): from --answer in order, else a line typed on the
+ * terminal; NULL when there is none (no --answer left, stdin no terminal or at its end). */
+static char *next_answer(run_args_t *a, int *used) {
+    if (*used < cJSON_GetArraySize(a->answers)) return cJSON_PrintUnformatted(cJSON_GetArrayItem(a->answers, (*used)++));
+    if (!isatty(0)) return NULL;
+    fprintf(stderr, "answer> ");
+    fflush(stderr);
+    char line[4096];
+    if (!fgets(line, sizeof line, stdin)) return NULL;
+    line[strcspn(line, "\r\n")] = '\0';
+    cJSON *j = cJSON_CreateString(line);
+    char *text = j ? cJSON_PrintUnformatted(j) : NULL;
+    cJSON_Delete(j);
+    return text;
+}
+
+/* Answers the run's interrupts until it ends (or stays parked): 0, 3 when parked with no answer, 1 on an error. */
+static int answer_interrupts(kvm_workflow_t *wf, kvm_run_t *run, run_args_t *a, int *used) {
+    while (kvm_run_status(run, NULL) == KVM_EINTERRUPTED) {
+        const char *node = NULL;
+        char *payload = kvm_run_interrupt_json(run, &node);
+        cJSON *pj = payload ? cJSON_Parse(payload) : NULL;
+        fprintf(stderr, "\ninterrupt from node '%s': %s\n", node ? node : "?", cJSON_IsString(pj) ? pj->valuestring : payload ? payload : "?");
+        cJSON_Delete(pj);
+        kvm_free(payload);
+        char *value = next_answer(a, used);
+        if (!value) {
+            fprintf(stderr, "kvmesh run: the run is parked waiting for an answer (no --answer left, and stdin is no terminal)\n");
+            if (kvm_run_trace_dir(run)) fprintf(stderr, "resume it with: kvmesh run --resume %s --answer VALUE\n", kvm_run_trace_dir(run));
+            return 3;
+        }
+        if (!a->prog.quiet) fprintf(stderr, "  answer: %s\n", value);
+        int rc = kvm_run_resume(run, value);
+        cJSON_free(value);
+        if (rc != 0 || kvm_workflow_drive(wf) != 0) {
+            fprintf(stderr, "kvmesh run: %s\n", kvm_errmsg());
+            return 1;
+        }
+    }
+    return 0;
+}
+
+/* One run with the given inputs (or resumed from a trace): live progress, interrupts answered, the outputs and the
+ * per-agent table. */
 static int run_single(kvm_runtime_t *rt, kvm_workflow_t *wf, run_args_t *a, double t0) {
-    if (!a->prog.quiet) fprintf(stderr, "kvmesh run: %s (graph '%s')%s\n", a->script, kvm_workflow_name(wf), a->mock ? " [mock model]" : "");
+    if (!a->prog.quiet && a->resume)
+        fprintf(stderr, "kvmesh run: resuming %s (graph '%s') from %s%s\n", a->resume, kvm_workflow_name(wf),
+                a->from_step ? "a chosen checkpoint" : "its last checkpoint", a->mock ? " [mock model]" : "");
+    else if (!a->prog.quiet)
+        fprintf(stderr, "kvmesh run: %s (graph '%s')%s\n", a->script, kvm_workflow_name(wf), a->mock ? " [mock model]" : "");
     char *in = cJSON_PrintUnformatted(a->inputs);
     kvm_run_params_t p = kvm_run_default_params();
     p.inputs_json = in;
     p.seed = a->seed;
+    int used = 0;
+    char *first = NULL;
+    if (a->resume) {
+        p.resume_trace = a->resume;
+        p.resume_step = (int)a->from_step;
+        if (cJSON_GetArraySize(a->answers) > 0) p.answer_json = first = next_answer(a, &used);
+    }
     streamer_t streamer = {0};
     if (a->prog.stream) {
         p.on_event = on_stream;
@@ -339,10 +445,13 @@ static int run_single(kvm_runtime_t *rt, kvm_workflow_t *wf, run_args_t *a, doub
     }
     kvm_run_t *run = in ? kvm_run_start(wf, &p) : NULL;
     cJSON_free(in);
+    cJSON_free(first);
     if (!run || kvm_workflow_drive(wf) != 0) {
         fprintf(stderr, "kvmesh run: %s\n", kvm_errmsg());
         return 1;
     }
+    int parked = answer_interrupts(wf, run, a, &used);
+    if (parked == 1) return 1;
     const char *msg = NULL;
     int st = kvm_run_status(run, &msg);
     cJSON *outs = run_json(kvm_run_outputs_json(run));
@@ -350,7 +459,15 @@ static int run_single(kvm_runtime_t *rt, kvm_workflow_t *wf, run_args_t *a, doub
         cJSON *o2 = cJSON_CreateObject();
         cJSON_AddStringToObject(o2, "run_id", kvm_run_id(run));
         cJSON_AddStringToObject(o2, "status", st ? kvm_errname(st) : "ok");
-        if (st) cJSON_AddStringToObject(o2, "error", msg ? msg : "");
+        if (st && !parked) cJSON_AddStringToObject(o2, "error", msg ? msg : "");
+        if (parked) { /* the pending interrupt */
+            const char *node = NULL;
+            char *payload = kvm_run_interrupt_json(run, &node);
+            cJSON *i = cJSON_AddObjectToObject(o2, "interrupt");
+            cJSON_AddStringToObject(i, "node", node ? node : "");
+            cJSON_AddItemToObject(i, "payload", payload ? cJSON_Parse(payload) : cJSON_CreateNull());
+            kvm_free(payload);
+        }
         cJSON_AddItemToObject(o2, "outputs", outs);
         outs = NULL;
         cJSON_AddItemToObject(o2, "state", run_json(kvm_run_state_json(run)));
@@ -370,9 +487,9 @@ static int run_single(kvm_runtime_t *rt, kvm_workflow_t *wf, run_args_t *a, doub
     }
     cJSON_Delete(outs);
     fflush(stdout);
-    if (st) fprintf(stderr, "\nkvmesh run: run failed (%s): %s\n", kvm_errname(st), msg ? msg : "");
+    if (st && !parked) fprintf(stderr, "\nkvmesh run: run failed (%s): %s\n", kvm_errname(st), msg ? msg : "");
     if (!a->prog.quiet && kvm_run_trace_dir(run)) fprintf(stderr, "trace: %s\n", kvm_run_trace_dir(run));
-    return st ? 1 : 0;
+    return parked ? parked : st ? 1 : 0;
 }
 
 /* Starts and drives the seeded runs in waves of --concurrency. */
@@ -476,7 +593,8 @@ static int run_batch(kvm_runtime_t *rt, kvm_workflow_t *wf, run_args_t *a, doubl
 }
 
 int cmd_run(int argc, char **argv) {
-    run_args_t a = {.concurrency = 32, .seed = 1, .rp = kvm_runtime_default_params(), .inputs = cJSON_CreateObject()};
+    run_args_t a = {.concurrency = 32, .seed = 1, .rp = kvm_runtime_default_params(), .inputs = cJSON_CreateObject(),
+                    .answers = cJSON_CreateArray()};
     int rc = parse_args(argc, argv, &a);
     if (rc < 0 && a.prog.stream && (a.n > 0 || a.json)) {
         fprintf(stderr, "kvmesh run: --stream shows one run as text: not with --n or --json (a program follows many "
@@ -497,7 +615,7 @@ int cmd_run(int argc, char **argv) {
         rc = 2;
     }
     kvm_workflow_params_t wp = {.on_step = on_step, .ud = &a.prog};
-    kvm_workflow_t *wf = rc < 0 ? kvm_workflow_load(rt, a.script, &wp) : NULL;
+    kvm_workflow_t *wf = rc < 0 ? (a.script ? kvm_workflow_load(rt, a.script, &wp) : kvm_workflow_load_trace(rt, a.resume, &wp)) : NULL;
     if (rc < 0 && !wf) {
         fprintf(stderr, "kvmesh run: %s\n", kvm_errmsg());
         rc = 1;
@@ -509,5 +627,6 @@ int cmd_run(int argc, char **argv) {
     kvm_workflow_free(wf);
     kvm_runtime_free(rt);
     cJSON_Delete(a.inputs);
+    cJSON_Delete(a.answers);
     return rc;
 }

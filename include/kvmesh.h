@@ -73,6 +73,7 @@ extern "C" {
     X(KVM_EMODEL, -1017, "model mismatch")                                    \
     X(KVM_EFRAME, -1018, "position frame mismatch")                           \
     X(KVM_EDEVICE, -1019, "device (GPU) error")                               \
+    X(KVM_EINTERRUPTED, -1020, "interrupted: waiting for an answer")          \
     X(KVM_EINTERNAL, -1099, "internal error")
 
 enum kvm_status {
@@ -374,6 +375,9 @@ kvm_workflow_t *kvm_workflow_load(kvm_runtime_t *rt, const char *path, const kvm
 kvm_workflow_t *kvm_workflow_load_string(kvm_runtime_t *rt, const char *name, const char *source, size_t len,
                                          const kvm_workflow_params_t *params);
 void kvm_workflow_free(kvm_workflow_t *wf);
+/* Loads the workflow script a traced run ran (its source as recorded in the trace's run.start), for resuming
+ * that run (kvm_run_params_t.resume_trace). NULL + message when the trace cannot be read or has no source. */
+kvm_workflow_t *kvm_workflow_load_trace(kvm_runtime_t *rt, const char *run_dir, const kvm_workflow_params_t *params);
 /* The graph's name (g = kvmesh.graph{name = ...}). */
 const char *kvm_workflow_name(const kvm_workflow_t *wf);
 /* Whether the graph defines g:dataset(seed) and g:score(result, inputs). */
@@ -387,6 +391,8 @@ enum kvm_run_event_kind {
     KVM_RUN_TOKEN = 1, /* a piece of an agent's output, as it becomes final (agent, token_id, text, len) */
     KVM_RUN_STEP = 2,  /* a step ended (step: the same record as kvm_workflow_params_t.on_step gets) */
     KVM_RUN_END = 3,   /* the run ended (status 0 or KVM_E*, message); the last event of the run */
+    KVM_RUN_INTERRUPT = 4, /* a node called kvmesh.interrupt(payload): the run is parked until kvm_run_resume
+                              (node; text/len: the payload as JSON). Once per park */
 };
 
 typedef struct kvm_run_event {
@@ -400,6 +406,7 @@ typedef struct kvm_run_event {
     const kvm_step_event_t *step; /* STEP */
     int status;            /* END */
     const char *message;   /* END: NULL if ok */
+    const char *node;      /* INTERRUPT: the node that called kvmesh.interrupt */
 } kvm_run_event_t;
 
 typedef void (*kvm_run_event_fn)(void *ud, const kvm_run_event_t *e);
@@ -413,6 +420,14 @@ typedef struct kvm_run_params {
     const char *kv;            /* "dense" | "prefix" | "kvcomm": the KV policy of every agent of this run (an A/B
                                   of one workflow from one runtime); NULL = the agents' own, or the runtime's
                                   kv_override. Recorded in the trace, so a replay uses it too */
+    /* Resume (docs/lua-api.md, "Checkpoints and resume"): continue the run traced in resume_trace (a run
+       directory) from a checkpoint instead of starting afresh. Its inputs, seed and KV policy come from the
+       trace (inputs_json, seed, from_dataset and kv are ignored); the run gets a new id and a trace of its own
+       whose run.start names the run it resumes. KV is rebuilt or reused through the normal paths. */
+    const char *resume_trace;
+    int resume_step;           /* the checkpoint written after this super-step; 0 = the last one */
+    const char *answer_json;   /* the answer (JSON) to the interrupt the traced run was parked on after that
+                                  checkpoint (kvmesh.interrupt returns it); NULL = none (the node asks again) */
 } kvm_run_params_t;
 
 kvm_run_params_t kvm_run_default_params(void);
@@ -442,12 +457,26 @@ int kvm_runtime_n_active(const kvm_runtime_t *rt);
  * inside an event callback. */
 int kvm_run_cancel(kvm_run_t *r, int code, const char *message);
 
+/* Interrupts (human in the loop). A func/tool node that calls kvmesh.interrupt(payload) parks its run: the rest
+ * of the super-step finishes, then the run waits (kvm_run_status gives KVM_EINTERRUPTED, kvm_runtime_step does not
+ * count it as going; a KVM_RUN_INTERRUPT event comes once). kvm_run_interrupt_json gives the payload as JSON text
+ * (kvm_free) and *node (owned by the run, may be NULL) the node that asked; NULL + KVM_EINVAL when the run is not
+ * parked. kvm_run_resume answers: value_json (JSON text; NULL = null) becomes kvmesh.interrupt's result and the node
+ * goes on from there at the next kvm_runtime_step; the time parked does not count against the run's wall budget.
+ * 0; KVM_EINVAL when the run is not parked or the value is not JSON. A parked run whose workflow is freed ends with
+ * KVM_EINTERRUPTED, its trace keeping the interrupt: kvm_run_params_t.resume_trace + answer_json resume it later
+ * (the node then runs again from its start and kvmesh.interrupt returns the answer). Not from inside an event
+ * callback. */
+char *kvm_run_interrupt_json(const kvm_run_t *r, const char **node);
+int kvm_run_resume(kvm_run_t *r, const char *value_json);
+
 /* Runs started on wf so far, in order; kvm_workflow_run(wf, i) for i in [0, n). */
 int kvm_workflow_n_runs(const kvm_workflow_t *wf);
 kvm_run_t *kvm_workflow_run(kvm_workflow_t *wf, int i);
 
 /* The run's status: 0 ok, or KVM_E*; *message (may be NULL) receives the error with file:line and
- * traceback (owned by the run). Before the run finished: KVM_EBUSY. */
+ * traceback (owned by the run). Before the run finished: KVM_EBUSY, or KVM_EINTERRUPTED while it is parked in
+ * kvmesh.interrupt (kvm_run_resume). */
 int kvm_run_status(const kvm_run_t *r, const char **message);
 const char *kvm_run_id(const kvm_run_t *r);
 /* The run's trace directory, or NULL when tracing is off. */

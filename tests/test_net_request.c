@@ -94,6 +94,24 @@ static void test_fields_a_type_does_not_take_are_refused(void **st) {
     assert_string_equal(e.field, "seed");
 }
 
+static void test_a_run_resume_carries_any_json_value(void **st) {
+    (void)st;
+    kvm_req_t q;
+    kvm_req_error_t e;
+    assert_int_equal(decode("{\"v\":1,\"type\":\"run.resume\",\"id\":\"a\",\"run_id\":\"r1\",\"value\":{\"ok\":[true]}}", NULL, &q, &e), 0);
+    assert_int_equal(q.type, KVM_REQ_RUN_RESUME);
+    assert_string_equal(q.run_id, "r1");
+    assert_true(cJSON_IsObject(q.value));
+    kvm_req_clear(&q);
+    assert_int_equal(decode("{\"v\":1,\"type\":\"run.resume\",\"id\":\"a\",\"run_id\":\"r1\"}", NULL, &q, &e), 0);
+    assert_null(q.value); /* absent: the answer is null */
+    kvm_req_clear(&q);
+    assert_int_equal(decode("{\"v\":1,\"type\":\"run.resume\",\"id\":\"a\",\"value\":1}", NULL, &q, &e), KVM_EINVAL);
+    assert_string_equal(e.field, "run_id");
+    assert_int_equal(decode("{\"v\":1,\"type\":\"run.resume\",\"id\":\"a\",\"run_id\":\"r1\",\"answer\":1}", NULL, &q, &e), KVM_EINVAL);
+    assert_string_equal(e.field, "answer");
+}
+
 static void test_framing_errors_are_protocol_errors(void **st) {
     (void)st;
     kvm_req_t q;
@@ -132,6 +150,7 @@ int main(void) {
         cmocka_unit_test(test_an_unreadable_id_leaves_the_error_without_one),
         cmocka_unit_test(test_a_workflow_source_comes_from_payload_frame_zero),
         cmocka_unit_test(test_fields_a_type_does_not_take_are_refused),
+        cmocka_unit_test(test_a_run_resume_carries_any_json_value),
         cmocka_unit_test(test_framing_errors_are_protocol_errors),
         cmocka_unit_test(test_decoding_leaks_nothing_on_any_path),
     };

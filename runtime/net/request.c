@@ -16,7 +16,7 @@ kvm_req_limits_t kvm_req_default_limits(void) {
 
 /* ---- the schema --------------------------------------------------------------------------------------- */
 
-enum kind { K_STR = 1, K_NUM, K_OBJ, K_ARR, K_BOOL, K_SEED /* number or decimal string */ };
+enum kind { K_STR = 1, K_NUM, K_OBJ, K_ARR, K_BOOL, K_SEED /* number or decimal string */, K_ANY /* any JSON value */ };
 
 typedef struct field {
     const char *name;
@@ -40,6 +40,7 @@ static const field_t k_run_start[] = {{"workflow", K_STR}, {"inputs", K_OBJ}, {"
                                       {"dataset", K_BOOL}, {"stream", K_ARR}, {"kv", K_STR}, {NULL, 0}};
 static const field_t k_run_id[] = {{"run_id", K_STR}, {NULL, 0}};
 static const field_t k_trace_get[] = {{"run_id", K_STR}, {"format", K_STR}, {NULL, 0}};
+static const field_t k_run_resume[] = {{"run_id", K_STR}, {"value", K_ANY}, {NULL, 0}};
 
 static const schema_t k_schemas[] = {
     {KVM_REQ_HELLO, "hello", k_hello, false},
@@ -53,6 +54,7 @@ static const schema_t k_schemas[] = {
     {KVM_REQ_RUN_STATUS, "run.status", k_run_id, false},
     {KVM_REQ_RUN_LIST, "run.list", k_none, false},
     {KVM_REQ_TRACE_GET, "trace.get", k_trace_get, false},
+    {KVM_REQ_RUN_RESUME, "run.resume", k_run_resume, false},
 };
 #define N_SCHEMAS (sizeof k_schemas / sizeof k_schemas[0])
 
@@ -69,6 +71,7 @@ static const char *kind_name(int kind) {
     case K_OBJ: return "an object";
     case K_ARR: return "an array";
     case K_BOOL: return "a boolean";
+    case K_ANY: return "a JSON value";
     default: return "an integer or a decimal string";
     }
 }
@@ -80,6 +83,7 @@ static bool kind_ok(const cJSON *j, int kind) {
     case K_OBJ: return cJSON_IsObject(j);
     case K_ARR: return cJSON_IsArray(j);
     case K_BOOL: return cJSON_IsBool(j);
+    case K_ANY: return !cJSON_IsInvalid(j);
     default: return cJSON_IsNumber(j) || cJSON_IsString(j);
     }
 }
@@ -341,6 +345,7 @@ static int decode_body(const cJSON *h, const kvm_req_frame_t *pay, int n_pay, co
         fmt = str_of(h, "format");
         if (fmt && strcmp(fmt, "jsonl")) return fail(e, KVM_EINVAL, "format", "trace.get: field 'format' must be \"jsonl\"");
         /* fall through */
+    case KVM_REQ_RUN_RESUME: r->value = cJSON_GetObjectItemCaseSensitive(h, "value"); /* fall through */
     case KVM_REQ_RUN_CANCEL:
     case KVM_REQ_RUN_STATUS: return need_str(h, "run_id", id_ok, "a run id (1 to 64 printable bytes)", &r->run_id, r->type_name, e);
     default: return 0;

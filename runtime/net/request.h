@@ -31,6 +31,7 @@ enum kvm_req_type {
     KVM_REQ_RUN_STATUS,
     KVM_REQ_RUN_LIST,
     KVM_REQ_TRACE_GET,
+    KVM_REQ_RUN_RESUME,
 };
 
 /* Streams a run.start asks for (`stream`). */
@@ -68,8 +69,10 @@ typedef struct kvm_req {
     bool dataset;                   /* inputs from the workflow's g:dataset(seed) */
     const char *kv;                 /* run.start: the run's KV policy ("dense" | "prefix" | "kvcomm"), or NULL */
     unsigned stream;                /* enum kvm_req_stream bits */
-    /* run.cancel / run.status / trace.get */
+    /* run.cancel / run.status / trace.get / run.resume */
     const char *run_id;
+    /* run.resume: the answer (any JSON value; NULL = absent, which answers null) */
+    const cJSON *value;
 } kvm_req_t;
 
 /* A request that failed validation. */

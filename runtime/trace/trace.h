@@ -42,6 +42,8 @@ typedef enum kvm_trace_type {
     KVM_TRACE_LOG,
     KVM_TRACE_CHECKPOINT,
     KVM_TRACE_RUN_END,
+    KVM_TRACE_INTERRUPT,  /* kvmesh.interrupt parked the run */
+    KVM_TRACE_RESUME,     /* a parked run got its answer */
     KVM_TRACE_INDEX,      /* index.json (kvm_trace_read_index) */
 } kvm_trace_type_t;
 
@@ -149,6 +151,9 @@ typedef struct kvm_trace_run_start {
     const kvm_trace_join_t *joins;
     int n_joins;
     const char *build_version, *build_lua, *build_cjson;
+    /* a run resumed from another run's checkpoint ("resumed_from"; NULL / 0 = a fresh run) */
+    const char *resumed_run_id;
+    int resumed_superstep;
 } kvm_trace_run_start_t;
 
 /* edge: an edge taken at the end of a super-step. kind: edge | when | route | on_error | join_all |
@@ -215,12 +220,38 @@ typedef struct kvm_trace_log_rec {
     int superstep;
 } kvm_trace_log_rec_t;
 
+/* checkpoint: everything a resume needs after a super-step (docs/trace-format.md). The JSON fields are
+ * text; absent in traces older than resume (then NULL / 0, and the checkpoint cannot be resumed). */
 typedef struct kvm_trace_checkpoint {
     int superstep;
     const char *state_json;
     const char *const *next;
     int n_next;
+    const char *last_json;         /* `last` of the next super-step: outputs by node name */
+    const char *nodes_json;        /* {node: {"cur": text, "prev": text}}: what {agent:x} / {agent:x:prev} read */
+    const char *joins_json;        /* [[source names arrived], ...] per join, in graph order */
+    const char *outputs_json;      /* outputs collected so far (nodes that reached END); NULL = none */
+    const char *agent_tokens_json; /* {agent: tokens used} (per-agent budgets) */
+    uint64_t rng0, rng1;           /* the run's PRNG state (math.random) */
+    long input_tokens, output_tokens;
+    int agent_calls, steps;        /* steps: step records written so far (the next step's idx; seeds sampling) */
+    bool resumable;                /* written as "v_resume": 1 (a checkpoint with the fields above) */
 } kvm_trace_checkpoint_t;
+
+/* interrupt: kvmesh.interrupt(payload) in a func/tool node parked the run. */
+typedef struct kvm_trace_interrupt {
+    int superstep;
+    const char *node;
+    const char *payload_json;
+    const char *answers_json;      /* answers this node got before, in this super-step (a JSON array) */
+} kvm_trace_interrupt_t;
+
+/* resume: the answer to a parked node (kvm_run_resume, or a resume from a trace with an answer). */
+typedef struct kvm_trace_resume {
+    int superstep;
+    const char *node;
+    const char *value_json;
+} kvm_trace_resume_t;
 
 typedef struct kvm_trace_run_end {
     const char *run_id;
@@ -258,6 +289,8 @@ typedef struct kvm_trace_rec {
         kvm_trace_step_t step;
         kvm_trace_log_rec_t log;
         kvm_trace_checkpoint_t checkpoint;
+        kvm_trace_interrupt_t interrupt;
+        kvm_trace_resume_t resume;
         kvm_trace_run_end_t run_end;
         kvm_trace_index_t index;
     };
@@ -291,6 +324,8 @@ int kvm_trace_write_superstep(kvm_trace_t *t, const kvm_trace_superstep_t *r);
 int kvm_trace_write_step(kvm_trace_t *t, const kvm_trace_step_t *r);
 int kvm_trace_write_log(kvm_trace_t *t, const kvm_trace_log_rec_t *r);
 int kvm_trace_write_checkpoint(kvm_trace_t *t, const kvm_trace_checkpoint_t *r);
+int kvm_trace_write_interrupt(kvm_trace_t *t, const kvm_trace_interrupt_t *r);
+int kvm_trace_write_resume(kvm_trace_t *t, const kvm_trace_resume_t *r);
 int kvm_trace_write_run_end(kvm_trace_t *t, const kvm_trace_run_end_t *r);
 /* Writes dir/index.json (atomically: temp file + rename). */
 int kvm_trace_write_index(kvm_trace_t *t, const kvm_trace_index_t *r);

@@ -105,7 +105,8 @@ static const field_t run_start_f[] = {
     F("seed", F_U64, kvm_trace_run_start_t, seed, 0), FLAT("config", config_f),
     ARR("models", F_STRUCTS, kvm_trace_run_start_t, models, n_models, model_f, kvm_trace_model_t),
     ARR("agents", F_STRUCTS, kvm_trace_run_start_t, agents, n_agents, agent_f, kvm_trace_agent_t), FLAT("graph", graph_f),
-    FLAT("build", build_f), END};
+    FLAT("build", build_f), F("resumed_from", F_STR, kvm_trace_run_start_t, resumed_run_id, OMIT_NULL),
+    F("resumed_superstep", F_INT, kvm_trace_run_start_t, resumed_superstep, OMIT_ZERO), END};
 
 /* edge, superstep, log, checkpoint */
 static const field_t edge_f[] = {F("superstep", F_INT, kvm_trace_edge_t, superstep, 0), F("from", F_STR, kvm_trace_edge_t, from, 0),
@@ -114,9 +115,26 @@ static const field_t superstep_f[] = {F("superstep", F_INT, kvm_trace_superstep_
                                       ARR("nodes", F_STRS, kvm_trace_superstep_t, nodes, n_nodes, NULL, char *), END};
 static const field_t log_f[] = {F("level", F_STR, kvm_trace_log_rec_t, level, 0), F("msg", F_STR, kvm_trace_log_rec_t, msg, 0),
                                 F("superstep", F_INT, kvm_trace_log_rec_t, superstep, 0), END};
+static const field_t ckpt_rng_f[] = {F("s0", F_HEX64, kvm_trace_checkpoint_t, rng0, 0), F("s1", F_HEX64, kvm_trace_checkpoint_t, rng1, 0), END};
+static const field_t ckpt_usage_f[] = {F("input_tokens", F_LONG, kvm_trace_checkpoint_t, input_tokens, 0),
+                                       F("output_tokens", F_LONG, kvm_trace_checkpoint_t, output_tokens, 0),
+                                       F("agent_calls", F_INT, kvm_trace_checkpoint_t, agent_calls, 0),
+                                       F("steps", F_INT, kvm_trace_checkpoint_t, steps, 0),
+                                       F("agents", F_JSON, kvm_trace_checkpoint_t, agent_tokens_json, OMIT_NULL), END};
 static const field_t checkpoint_f[] = {F("superstep", F_INT, kvm_trace_checkpoint_t, superstep, 0),
                                        F("state", F_JSON, kvm_trace_checkpoint_t, state_json, 0),
-                                       ARR("next", F_STRS, kvm_trace_checkpoint_t, next, n_next, NULL, char *), END};
+                                       ARR("next", F_STRS, kvm_trace_checkpoint_t, next, n_next, NULL, char *),
+                                       F("v_resume", F_BOOL, kvm_trace_checkpoint_t, resumable, OMIT_FALSE),
+                                       F("last", F_JSON, kvm_trace_checkpoint_t, last_json, OMIT_NULL),
+                                       F("nodes", F_JSON, kvm_trace_checkpoint_t, nodes_json, OMIT_NULL),
+                                       F("joins", F_JSON, kvm_trace_checkpoint_t, joins_json, OMIT_NULL),
+                                       F("outputs", F_JSON, kvm_trace_checkpoint_t, outputs_json, OMIT_NULL),
+                                       FLAT("rng", ckpt_rng_f), FLAT("usage", ckpt_usage_f), END};
+static const field_t interrupt_f[] = {F("superstep", F_INT, kvm_trace_interrupt_t, superstep, 0), F("node", F_STR, kvm_trace_interrupt_t, node, 0),
+                                      F("payload", F_JSON, kvm_trace_interrupt_t, payload_json, 0),
+                                      F("answers", F_JSON, kvm_trace_interrupt_t, answers_json, 0), END};
+static const field_t resume_f[] = {F("superstep", F_INT, kvm_trace_resume_t, superstep, 0), F("node", F_STR, kvm_trace_resume_t, node, 0),
+                                   F("value", F_JSON, kvm_trace_resume_t, value_json, 0), END};
 
 /* step: the fields every step has, then those of agent calls or of func/tool nodes */
 static const field_t step_head_f[] = {
@@ -176,11 +194,13 @@ static const field_t index_f[] = {
 static const char *const type_names[] = {
     [KVM_TRACE_OTHER] = "?", [KVM_TRACE_RUN_START] = "run.start", [KVM_TRACE_EDGE] = "edge", [KVM_TRACE_SUPERSTEP] = "superstep",
     [KVM_TRACE_STEP] = "step", [KVM_TRACE_LOG] = "log", [KVM_TRACE_CHECKPOINT] = "checkpoint", [KVM_TRACE_RUN_END] = "run.end",
+    [KVM_TRACE_INTERRUPT] = "interrupt", [KVM_TRACE_RESUME] = "resume",
     [KVM_TRACE_INDEX] = "index"};
 
 static const field_t *const type_fields[] = {[KVM_TRACE_RUN_START] = run_start_f, [KVM_TRACE_EDGE] = edge_f,
                                              [KVM_TRACE_SUPERSTEP] = superstep_f, [KVM_TRACE_LOG] = log_f,
                                              [KVM_TRACE_CHECKPOINT] = checkpoint_f, [KVM_TRACE_RUN_END] = run_end_f,
+                                             [KVM_TRACE_INTERRUPT] = interrupt_f, [KVM_TRACE_RESUME] = resume_f,
                                              [KVM_TRACE_INDEX] = index_f};
 
 const char *kvm_trace_type_name(kvm_trace_type_t t) {
@@ -365,6 +385,10 @@ int kvm_trace_write_log(kvm_trace_t *t, const kvm_trace_log_rec_t *r) { return w
 int kvm_trace_write_checkpoint(kvm_trace_t *t, const kvm_trace_checkpoint_t *r) {
     return write_rec(t, KVM_TRACE_CHECKPOINT, r, checkpoint_f, NULL);
 }
+int kvm_trace_write_interrupt(kvm_trace_t *t, const kvm_trace_interrupt_t *r) {
+    return write_rec(t, KVM_TRACE_INTERRUPT, r, interrupt_f, NULL);
+}
+int kvm_trace_write_resume(kvm_trace_t *t, const kvm_trace_resume_t *r) { return write_rec(t, KVM_TRACE_RESUME, r, resume_f, NULL); }
 int kvm_trace_write_run_end(kvm_trace_t *t, const kvm_trace_run_end_t *r) { return write_rec(t, KVM_TRACE_RUN_END, r, run_end_f, NULL); }
 
 int kvm_trace_write_index(kvm_trace_t *t, const kvm_trace_index_t *r) {

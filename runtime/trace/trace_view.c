@@ -291,12 +291,17 @@ int kvm_trace_view_run(const char *run_dir, char **text) {
     view_t v = {KVM_SB_INIT, 0};
     const kvm_trace_rec_t *st = kvm_trace_log_next(&log, KVM_TRACE_RUN_START, NULL);
     if (st) run_header(&v, &st->run_start);
+    if (st && st->run_start.resumed_run_id)
+        put(&v, "resumed from run %s after super-step %d\n", st->run_start.resumed_run_id, st->run_start.resumed_superstep);
     put(&v, "\nsteps:\n");
     for (int i = 0; i < log.n; i++) {
         const kvm_trace_rec_t *r = &log.recs[i];
         if (r->type == KVM_TRACE_STEP) run_step(&v, &r->step);
         else if (r->type == KVM_TRACE_EDGE) put(&v, "        edge %s -> %s (%s)\n", or_empty(r->edge.from), or_empty(r->edge.to), or_empty(r->edge.kind));
         else if (r->type == KVM_TRACE_LOG) put(&v, "        log [%s] %s\n", or_empty(r->log.level), or_empty(r->log.msg));
+        else if (r->type == KVM_TRACE_INTERRUPT)
+            put(&v, "        interrupt from %s: %s\n", or_empty(r->interrupt.node), or_empty(r->interrupt.payload_json));
+        else if (r->type == KVM_TRACE_RESUME) put(&v, "        answer to %s: %s\n", or_empty(r->resume.node), or_empty(r->resume.value_json));
     }
     run_result(&v, &log);
     kvm_trace_log_free(&log);

@@ -16,9 +16,9 @@ print(f"{n} runnable snippets")
 PY
 n=0
 for f in "$tmp"/*.lua; do
-  args=(--mock --no-trace -q --input input="sort 3 1 2")
+  args=(--mock --no-trace -q --input input="sort 3 1 2" --answer yes) # an answer for snippets that interrupt
   if grep -q "g:dataset" "$f"; then args+=(--n 5); fi
-  "$kvmesh" run "$f" "${args[@]}" > "$tmp/out" 2>&1 || { echo "FAILED: $(basename "$f")"; cat "$tmp/out"; exit 1; }
+  "$kvmesh" run "$f" "${args[@]}" < /dev/null > "$tmp/out" 2>&1 || { echo "FAILED: $(basename "$f")"; cat "$tmp/out"; exit 1; }
   n=$((n + 1))
 done
 [ "$n" -ge 4 ] || { echo "expected at least 4 runnable snippets, found $n"; exit 1; }

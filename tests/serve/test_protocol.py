@@ -1,5 +1,6 @@
 """test_protocol.py KVMESH TMP - every request type of `kvmesh serve` through the pyzmq client, on the mock model:
 hello, ping, stats, workflow.load/list/drop, run.start with each stream, run.status/list, trace.get, run.cancel,
+run.resume of a run parked in kvmesh.interrupt,
 deadline_ms, the event stream (per-topic order, one seq across topics), a silent client losing its run, and
 SIGTERM draining a run going."""
 import os
@@ -8,6 +9,17 @@ import sys
 import time
 
 from daemon import LONG, PAIR, ROOT, SLOW, Checks, Daemon, Events, KvmeshError
+
+ASK = """local kvm = kvmesh
+local m = kvm.model('mock:echo')
+local g = kvm.graph{ name = 'ask', state = { answer = kvm.reduce.replace } }
+g:agent('draft', { model = m, template = '{input}', max_tokens = 4 })
+g:func('ask', function(state, last) return { answer = kvm.interrupt({ question = 'ok?', draft = last.draft }) } end)
+g:edge(kvm.START, 'draft')
+g:edge('draft', 'ask')
+g:output(function(state) return { answer = state.answer } end)
+return g
+"""
 
 kvmesh, tmp = sys.argv[1], sys.argv[2]
 t = Checks()
@@ -75,6 +87,33 @@ try:
         t.check(False, "canceling an ended run is refused")
     except KvmeshError as e:
         t.check(e.code == "KVM_ESTALE", "canceling an ended run is KVM_ESTALE")
+
+    # an interrupt: the run parks, its stream gets `interrupt`, run.resume answers it (issue 12 item 2)
+    c.workflow_load("ask", ASK)
+    rid = c.start("ask", inputs={"input": "ship it"}, stream=["steps"])
+    asked, resumed, last = None, None, None
+    for m, _ in c.messages(rid):
+        if m["type"] == "interrupt":
+            asked = m
+            try:
+                c.run_resume(m["run_id"] + "0")
+                t.check(False, "run.resume of an unknown run is refused")
+            except KvmeshError as e:
+                t.check(e.code == "KVM_ENOENT", "run.resume of an unknown run is KVM_ENOENT")
+            resumed = c.run_resume(m["run_id"], {"go": True})
+        elif m["type"] in ("done", "error"):
+            last = m
+    t.check(asked is not None and asked["node"] == "ask" and asked["payload"] == {"question": "ok?", "draft": "ship it"},
+            "a parked run's stream carries interrupt{node, payload} (%s)" % asked)
+    t.check(resumed is not None and resumed["type"] == "ok", "run.resume answers ok")
+    t.check(last is not None and last["type"] == "done" and last["outputs"] == {"answer": {"go": True}},
+            "the answer becomes kvmesh.interrupt's result (%s)" % (last and last.get("outputs")))
+    try:
+        c.run_resume(asked["run_id"], 1)
+        t.check(False, "run.resume of an ended run is refused")
+    except KvmeshError as e:
+        t.check(e.code == "KVM_ESTALE", "run.resume of an ended run is KVM_ESTALE")
+    c.workflow_drop("ask")
 
     # deadline
     try:

@@ -160,6 +160,11 @@ class Client:
     def run_cancel(self, run_id):
         return self.request("run.cancel", run_id=run_id)
 
+    def run_resume(self, run_id, value=None):
+        """Answers a run parked in kvmesh.interrupt (its stream had an `interrupt` message): `value` (any JSON
+        value) becomes kvmesh.interrupt's result and the run's stream goes on."""
+        return self.request("run.resume", run_id=run_id, value=value)
+
     def trace_get(self, run_id):
         """The run's trace as a list of records (dicts)."""
         h = self.request("trace.get", run_id=run_id)

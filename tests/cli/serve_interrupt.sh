@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# serve_interrupt.sh KVMESH SHARED - human in the loop through `kvmesh serve` (interfaces.md §7, issue 12 item 2):
+# a run parks in kvmesh.interrupt, its client gets an `interrupt` message, another client answers with run.resume
+# (`kvmesh client resume`), the run goes on with the answer; bad resumes get structured errors; a run parked when
+# the daemon stops ends KVM_EINTERRUPTED and resumes later from its trace with `kvmesh run --resume`.
+set -u
+kvmesh=$(realpath "$1")
+tmp=$(mktemp -d)
+dpid= cpid=
+cleanup() { [ -n "$cpid" ] && kill "$cpid" 2>/dev/null; [ -n "$dpid" ] && kill "$dpid" 2>/dev/null; rm -rf "$tmp"; }
+trap cleanup EXIT
+fail() { echo "FAIL $*"; for f in "$tmp"/*.log "$tmp"/*.out "$tmp"/*.err; do [ -f "$f" ] && { echo "== $f"; cat "$f"; }; done; exit 1; }
+cat > "$tmp/ask.lua" <<'LUA'
+local kvm = kvmesh
+local m = kvm.model('mock:echo')
+local g = kvm.graph{ name = 'ask', state = { answer = kvm.reduce.replace } }
+g:agent('draft', { model = m, template = '{input}', max_tokens = 4 })
+g:func('ask', function(state, last)
+  return { answer = kvm.interrupt({ question = 'ok?', draft = last.draft }) }
+end)
+g:edge(kvm.START, 'draft')
+g:edge('draft', 'ask')
+g:output(function(state) return { answer = state.answer } end)
+return g
+LUA
+start_daemon() {
+  KVM_THREADS=1 "$kvmesh" serve --mock --bind 'tcp://127.0.0.1:*' --no-events --trace "$tmp/traces" 2> "$tmp/d.log" &
+  dpid=$!
+  ep=
+  for _ in $(seq 100); do
+    ep=$(grep -o 'listening on tcp://127.0.0.1:[0-9]*' "$tmp/d.log" | sed 's/listening on //')
+    [ -n "$ep" ] && break
+    sleep 0.1
+  done
+  [ -n "$ep" ] || fail "the daemon did not listen"
+  "$kvmesh" client --connect "$ep" load ask "$tmp/ask.lua" > "$tmp/load.out" || fail "client load"
+}
+wait_interrupt() { # $1: the client's stderr; sets run
+  run=
+  for _ in $(seq 100); do
+    run=$(sed -n 's/^(answer: kvmesh client resume \([0-9a-f]*\) VALUE)$/\1/p' "$1")
+    [ -n "$run" ] && break
+    sleep 0.1
+  done
+  [ -n "$run" ] || fail "no interrupt message reached the client"
+}
+start_daemon
+"$kvmesh" client --connect "$ep" --json run ask --input input="ship it" > "$tmp/c.out" 2> "$tmp/c.err" &
+cpid=$!
+wait_interrupt "$tmp/c.err"
+grep "interrupt from node 'ask': {" "$tmp/c.err" | grep -q '"question":"ok?"' &&
+  grep "interrupt from node 'ask': {" "$tmp/c.err" | grep -q '"draft":"ship it"' || fail "the payload"
+"$kvmesh" client --connect "$ep" status "$run" > "$tmp/s.out" || fail "status of a parked run"
+"$kvmesh" client --connect "$ep" resume nope yes > "$tmp/e.out" 2>&1 && fail "resume of an unknown run"
+grep -q "KVM_ENOENT" "$tmp/e.out" || fail "unknown run: no KVM_ENOENT"
+"$kvmesh" client --connect "$ep" resume-json "$run" '{bad' > "$tmp/e.out" 2>&1 && fail "bad resume-json accepted"
+"$kvmesh" client --connect "$ep" resume-json "$run" '{"go": true}' > "$tmp/r.out" 2>&1 || fail "resume"
+grep -q '"type":.*"ok"' "$tmp/r.out" || fail "resume reply"
+wait "$cpid" || fail "the streaming client failed"
+cpid=
+grep -q '"answer":.*{' "$tmp/c.out" && grep -q '"go":.*true' "$tmp/c.out" || fail "the answer is not in the outputs"
+"$kvmesh" client --connect "$ep" resume "$run" again > "$tmp/e.out" 2>&1 && fail "resume of an ended run"
+grep -q "KVM_ESTALE" "$tmp/e.out" || fail "ended run: no KVM_ESTALE"
+# parked when the daemon stops: the run ends KVM_EINTERRUPTED, its trace resumes with the CLI
+"$kvmesh" client --connect "$ep" run ask --input input="later" > "$tmp/c2.out" 2> "$tmp/c2.err" &
+cpid=$!
+wait_interrupt "$tmp/c2.err"
+kill -TERM "$dpid"
+wait "$dpid" || fail "the daemon exited non-zero after SIGTERM"
+dpid=
+wait "$cpid"; cpid=
+grep -q "KVM_EINTERRUPTED" "$tmp/c2.err" || fail "the parked run did not end KVM_EINTERRUPTED"
+"$kvmesh" run --mock --resume "$tmp/traces/$run" --answer yes --no-trace < /dev/null > "$tmp/x.out" 2> "$tmp/x.err" ||
+  fail "resume from the daemon's trace"
+grep -q "answer: yes" "$tmp/x.out" || fail "the resumed run lacks the answer"
+echo "serve_interrupt ok"
