@@ -740,6 +740,17 @@ static int l_now_ms(lua_State *L) {
 
 /* ---- kvmesh.model ------------------------------------------------------------------------------- */
 
+/* qsort order of "KEY=VALUE" KVCOMM switches: preset first, ablation second, the others by key */
+static int switch_rank(const char *s) {
+    return !strncmp(s, "preset=", 7) || !strncmp(s, "kvcomm.preset=", 14) ? 0 : strstr(s, "ablation=") == s ? 1 : 2;
+}
+
+static int cmp_switch(const void *a, const void *b) {
+    const char *x = *(const char *const *)a, *y = *(const char *const *)b;
+    const int rx = switch_rank(x), ry = switch_rank(y);
+    return rx != ry ? rx - ry : strcmp(x, y);
+}
+
 static int l_model(lua_State *L) {
     kvm_workflow_t *wf = getwf(L);
     check_unfrozen(L, "kvmesh.model");
@@ -766,6 +777,8 @@ static int l_model(lua_State *L) {
             sets[n_sets] = setbuf[n_sets];
             n_sets++;
         }
+        /* a Lua table has no order: preset, then ablation (each resets switches), then the others by name */
+        qsort(sets, (size_t)n_sets, sizeof *sets, cmp_switch);
     } else {
         path = check_name(L, 1, "kvmesh.model");
     }

@@ -226,6 +226,11 @@ typedef struct kvm_kvcomm_config {
      * the estimate (the weighted spread, kvcomm_spread), is recomputed in the same pass (each row attends to the
      * assembled cache up to its position, and to the other recomputed rows). 0 (default) = the spec. */
     float recompute_frac;
+    /* kvcomm.recompute_spread [ours]: the offset-corrected placeholder rows whose spread score (the anchors'
+     * weighted variance around the estimate over the row's squared norm: a predicted relative squared error of the
+     * offset, kvcomm_spread) is at least this are recomputed in the same pass, on top of recompute_frac's share: a
+     * per-row gate on the predicted offset error, so a call with agreeing anchors keeps more rows. 0 (default) = off. */
+    float recompute_spread;
 } kvm_kvcomm_config_t;
 
 /* Fills the defaults of kvcomm.md §3.10 (enable, rotate, both offsets, l2, length+entropy, γ 0.3, V 20,

@@ -62,6 +62,8 @@ static void usage(void) {
             "              default                 what kv = \"kvcomm\" runs (kvcomm.preset=blend); spec = the paper's\n"
             "              blend@F                 the blended policy with kvcomm.recompute_frac=F (the accuracy-vs-reuse\n"
             "                                      curve of scripts/bench/kvcomm_curve.py)\n"
+            "              gate@S                  the blended policy with kvcomm.recompute_frac=0 and\n"
+            "                                      kvcomm.recompute_spread=S (rows whose predicted error passes S)\n"
             "       --set applies after the mode (e.g. --modes full+blend --set kvcomm.recompute_frac=0.3)\n"
             "       --seed 1000            (needs a model with a tokenizer; the trained minitasks models)\n");
 }
@@ -457,6 +459,10 @@ static int run_team(const bench_model_t *bm, const opts_t *o) {
         } else if (!strncmp(tok, "blend@", 6)) { /* the blended policy at another recompute fraction (the curve) */
             kvm_team_blend_policy(&to.cfg);
             rc = kvm_kvcomm_config_set(&to.cfg, "recompute_frac", tok + 6);
+        } else if (!strncmp(tok, "gate@", 5)) { /* the blend with the predicted-error gate instead of a fraction */
+            kvm_team_blend_policy(&to.cfg);
+            rc = kvm_kvcomm_config_set(&to.cfg, "recompute_frac", "0");
+            if (!rc) rc = kvm_kvcomm_config_set(&to.cfg, "recompute_spread", tok + 5);
         } else if (!strcmp(tok, "spec")) { /* the paper's policy */
             rc = kvm_kvcomm_config_set(&to.cfg, "preset", "spec");
         } else rc = kvm_kvcomm_ablation(&to.cfg, tok);

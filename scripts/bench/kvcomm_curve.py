@@ -25,12 +25,12 @@ import sys
 
 def run_cell(a, model, wl):
     out = os.path.join(a.out, "%s-%s" % (os.path.basename(model.rstrip("/")), wl))
-    modes = ["dense", "spec"] + ["blend@%g" % f for f in a.fracs]
+    modes = ["dense", "spec"] + ["default" if f == 0.5 else "blend@%g" % f for f in a.fracs]
     cmd = [a.kvmesh, "bench", "kvcomm", "--model", model, "--backend", "cpu", "--workload", wl,
            "--requests", str(a.requests), "--cos-samples", "0", "--modes", ",".join(modes), "--out", out]
     print("+ " + " ".join(cmd), file=sys.stderr, flush=True)
-    with open(out + ".txt", "w") if os.path.isdir(a.out) else open(os.devnull, "w") as log:
-        r = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+    r = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+    with open(out + ".txt", "w") as log:
         log.write(r.stdout)
     sys.stdout.write(r.stdout)
     if r.returncode:
@@ -148,7 +148,8 @@ def main():
     ap.add_argument("--models", default="models/minillama-2m,models/miniqwen3-6m")
     ap.add_argument("--workloads", default="team,pipeline,revise,arith")
     ap.add_argument("--requests", type=int, default=300)
-    ap.add_argument("--fracs", default="0.1,0.3,0.5,0.7,0.9")
+    ap.add_argument("--fracs", default="0.1,0.3,0.5,0.7,0.9",
+                    help="recompute fractions of the blended policy (0.5 is the default policy, mode 'default')")
     ap.add_argument("--out", default="results/kvcomm-curve")
     ap.add_argument("--from", dest="frm", default=None, help="redraw from the JSON files under this folder")
     a = ap.parse_args()
