@@ -73,27 +73,34 @@ def curve_points(c):
     return sorted([(r["tok"], r["diff"], r["mode"]) for r in c["rows"] if r["mode"] != "dense"])
 
 
-def ascii_plot(cells, w=64, h=20):
-    pts = [(x, y) for c in cells for x, y, _ in curve_points(c)]
-    if not pts:
-        return ""
-    ylo = min(min(y for _, y in pts), -2.0)
+def ascii_plot(cells, w=60, ylo=-8.0, yhi=1.0, step=0.5):
+    """Accuracy difference to dense (rows, yhi down to ylo) against tok-reuse (columns, 0-100%); a point below ylo
+    sits on the bottom row in upper case."""
+    h = int(round((yhi - ylo) / step))
     grid = [[" "] * (w + 1) for _ in range(h + 1)]
     for i, c in enumerate(cells):
         for x, y, _ in curve_points(c):
-            col = int(round(x / 100.0 * w))
-            row = int(round((0 - y) / (0 - ylo) * h)) if ylo < 0 else 0
-            grid[max(0, min(h, row))][max(0, min(w, col))] = chr(ord("a") + i)
-    out = ["accuracy vs dense (points, over the non-degenerate roles) against tokens past the exact prefix that keep",
-           "another agent's KV (%); one letter per cell, the rightmost point of each is spec"]
+            col = max(0, min(w, int(round(x / 100.0 * w))))
+            ch = chr(ord("a") + i)
+            if y < ylo:
+                row, ch = h, ch.upper()
+            else:
+                row = max(0, min(h, int(round((yhi - y) / step))))
+            grid[row][col] = ch
+    out = ["accuracy vs dense (points, over the roles that are not degenerate) against the tokens past the exact",
+           "prefix that keep another agent's KV (%%); one letter per cell, UPPER CASE = below %g points" % ylo]
     for r in range(h + 1):
-        yv = 0 - r * (0 - ylo) / h
-        out.append("%7.1f |%s" % (yv, "".join(grid[r])))
+        yv = yhi - r * step
+        out.append("%6.1f %s|%s" % (yv, "-" if abs(yv + 1) < 1e-9 else " ", "".join(grid[r])))
     out.append("        +" + "-" * (w + 1))
-    out.append("         0%" + " " * (w - 8) + "100%")
+    out.append("         0%" + " " * (w // 2 - 4) + "50%" + " " * (w // 2 - 4) + "100%")
     for i, c in enumerate(cells):
-        out.append("  %s = %s" % (chr(ord("a") + i), c["cell"]))
+        pts = ", ".join("%s %.1f%%/%+.1f" % (m, x, y) for x, y, m in curve_points(c))
+        out.append("  %s = %s: %s" % (chr(ord("a") + i), c["cell"], pts))
     return "\n".join(out)
+
+
+YCLIP = -12.0  # the plot's lowest difference to dense; lower points are drawn on its bottom edge, labelled
 
 
 def svg_plot(cells, path):
@@ -106,6 +113,7 @@ def svg_plot(cells, path):
             p = curve_points(c)
             ax.plot([x for x, _, _ in p], [y for _, y, _ in p], marker="o", label=c["cell"])
         ax.axhline(-1, ls="--", c="gray")
+        ax.set_ylim(bottom=max(YCLIP, min([y for c in cells for _, y, _ in curve_points(c)] + [-2.0])) - 0.5, top=1)
         ax.set_xlabel("tokens past the exact prefix keeping another agent's KV (%)")
         ax.set_ylabel("accuracy vs dense (points)")
         ax.legend(fontsize=7)
@@ -115,9 +123,9 @@ def svg_plot(cells, path):
         pass
     W, H, L, B = 640, 400, 60, 40
     pts = [(x, y) for c in cells for x, y, _ in curve_points(c)]
-    ylo = min([y for _, y in pts] + [-2.0])
+    ylo = max(min([y for _, y in pts] + [-2.0]), YCLIP)  # points below YCLIP sit on the bottom edge
     sx = lambda x: L + x / 100.0 * (W - L - 20)
-    sy = lambda y: 20 + (0 - y) / (0 - ylo) * (H - B - 20)
+    sy = lambda y: 20 + (1 - max(y, ylo)) / (1 - ylo) * (H - B - 20)
     colors = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"]
     s = ['<svg xmlns="http://www.w3.org/2000/svg" width="%d" height="%d" font-family="sans-serif" font-size="11">' % (W, H),
          '<rect width="100%" height="100%" fill="white"/>',
@@ -129,14 +137,17 @@ def svg_plot(cells, path):
     for t in range(0, 101, 20):
         s.append('<text x="%.1f" y="%d" text-anchor="middle">%d</text>' % (sx(t), H - B + 14, t))
     ystep = max(1, int(-ylo / 5))
-    for t in range(0, int(ylo) - 1, -ystep):
+    for t in range(0, int(ylo) - 1, -ystep):  # ticks from 0 down
         s.append('<text x="%d" y="%.1f" text-anchor="end">%d</text>' % (L - 4, sy(t) + 4, t))
     for i, c in enumerate(cells):
         p = curve_points(c)
         col = colors[i % len(colors)]
         s.append('<polyline fill="none" stroke="%s" points="%s"/>' % (col, " ".join("%.1f,%.1f" % (sx(x), sy(y)) for x, y, _ in p)))
         for x, y, m in p:
-            s.append('<circle cx="%.1f" cy="%.1f" r="3" fill="%s"><title>%s: %s</title></circle>' % (sx(x), sy(y), col, c["cell"], m))
+            s.append('<circle cx="%.1f" cy="%.1f" r="3" fill="%s"><title>%s: %s (%.1f%%, %+.1f)</title></circle>' % (
+                sx(x), sy(y), col, c["cell"], m, x, y))
+            if y < ylo:
+                s.append('<text x="%.1f" y="%.1f" fill="%s">%s %+.1f</text>' % (sx(x) + 4, sy(y) - 4, col, m, y))
         s.append('<text x="%d" y="%d" fill="%s">%s</text>' % (W - 260, 34 + 14 * i, col, c["cell"]))
     s.append("</svg>")
     open(path, "w").write("\n".join(s) + "\n")
