@@ -368,7 +368,7 @@ int kvm_team_run(kvm_model_t *m, const kvm_team_opts_t *o, const kvm_team_result
         double now = (double)kvm_now_ns() / 1e9;
         /* progress within a mode: every request on a terminal, else every 50 requests or 10 seconds */
         if (!o->quiet && (tty || (q + 1) % 50 == 0 || now - last >= 10 || q + 1 == o->requests)) {
-            fprintf(stderr, "%steam: %d/%d requests, %.0f s%s", tty ? "\r" : "", q + 1, o->requests, now - t0,
+            fprintf(stderr, "%s%s: %d/%d requests, %.0f s%s", tty ? "\r" : "", WL[o->workload].name, q + 1, o->requests, now - t0,
                     tty && q + 1 < o->requests ? "" : "\n");
             last = now;
         }

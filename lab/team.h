@@ -1,11 +1,10 @@
 /* team.h - (lab/, research code on include/kvmesh_lab.h, not the production library) the KVCOMM fidelity
- * workload: the minitasks "team" task run as a four-agent system
- * (finder, checker, reverser, neighbour) that reads one shared facts segment and the finder's answer,
- * under one KV policy and KVCOMM configuration. Used by `kvmesh bench kvcomm --workload team` and by
- * the fidelity test on the bundled models.
+ * workloads: small agent graphs on minitasks items (team, pipeline, revise, arith: kvm_team_workload_t below)
+ * under one KV policy and KVCOMM configuration. Used by `kvmesh bench kvcomm --workload NAME` and by the
+ * fidelity test on the bundled models.
  *
- * Per request q (items (team, eval, seed, q, role)): the facts + question become an INPUT segment; the
- * finder runs on {input}; its response (a segment) is bound to {agent:finder:current} of the three
+ * The team workload, per request q (items (team, eval, seed, q, role)): the facts + question become an INPUT
+ * segment; the finder runs on {input}; its response (a segment) is bound to {agent:finder:current} of the three
  * others, whose expected answers follow from the finder's actual output (checker: "yes" iff it equals
  * the true value; reverser: its digits reversed; neighbour: independent of it). */
 #ifndef KVM_LAB_TEAM_H
