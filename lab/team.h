@@ -39,7 +39,8 @@ const char *kvm_team_role_name(int w, int role);
 #define KVM_TEAM_RECOMPUTE_BELOW 8
 
 /* The blended policy (`--modes full+blend`, ours; kvcomm.md §5.2) = kvcomm.preset=blend: full KVCOMM (the
- * spec's position alignment), the short answer and every text segment after a placeholder recomputed, and
+ * spec's position alignment), every shared piece shorter than KVM_KVCOMM_BLEND_BELOW tokens and every text segment
+ * after a placeholder recomputed, and
  * KVM_KVCOMM_BLEND_FRAC of the offset-corrected facts rows (where the anchors' deltas disagree most:
  * the spread score) recomputed with them in one batched pass. */
 void kvm_team_blend_policy(kvm_kvcomm_config_t *c);

@@ -1244,7 +1244,7 @@ static void test_switches_parse_and_reject_unknown_values(void **st) {
     kvm_kvcomm_config_str(&c, buf, sizeof buf);
     assert_non_null(strstr(buf, "recompute_frac=0.30"));
     assert_int_equal(kvm_kvcomm_config_set(&c, "preset", "blend"), 0);
-    assert_true(c.ph_offset && c.pf_offset && c.recompute_below == 8 && c.recompute_text == 64);
+    assert_true(c.ph_offset && c.pf_offset && c.recompute_below == KVM_KVCOMM_BLEND_BELOW && c.recompute_text == 64);
     assert_true(c.recompute_frac == KVM_KVCOMM_BLEND_FRAC);
     assert_int_equal(kvm_kvcomm_config_set(&c, "preset", "spec"), 0);
     assert_true(c.recompute_frac == 0 && c.recompute_below == 0 && c.gamma == 0.3f);

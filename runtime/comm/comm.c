@@ -114,7 +114,7 @@ int kvm_kvcomm_config_set(kvm_kvcomm_config_t *c, const char *key, const char *v
             kvm_kvcomm_config_default(c);
         } else if (!strcmp(value, "blend")) {
             kvm_kvcomm_ablation(c, "full");
-            c->recompute_below = 8;
+            c->recompute_below = KVM_KVCOMM_BLEND_BELOW;
             c->recompute_text = 64;
             c->recompute_frac = KVM_KVCOMM_BLEND_FRAC;
         } else {

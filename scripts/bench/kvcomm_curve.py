@@ -25,7 +25,7 @@ import sys
 
 def run_cell(a, model, wl):
     out = os.path.join(a.out, "%s-%s" % (os.path.basename(model.rstrip("/")), wl))
-    modes = ["dense", "spec"] + ["default" if f == 0.5 else "blend@%g" % f for f in a.fracs]
+    modes = ["dense", "spec"] + ["default" if f == 0.7 else "blend@%g" % f for f in a.fracs]
     cmd = [a.kvmesh, "bench", "kvcomm", "--model", model, "--backend", "cpu", "--workload", wl,
            "--requests", str(a.requests), "--cos-samples", "0", "--modes", ",".join(modes), "--out", out]
     print("+ " + " ".join(cmd), file=sys.stderr, flush=True)
@@ -160,7 +160,7 @@ def main():
     ap.add_argument("--workloads", default="team,pipeline,revise,arith")
     ap.add_argument("--requests", type=int, default=300)
     ap.add_argument("--fracs", default="0.1,0.3,0.5,0.7,0.9",
-                    help="recompute fractions of the blended policy (0.5 is the default policy, mode 'default')")
+                    help="recompute fractions of the blended policy (0.7 is the default policy, mode 'default')")
     ap.add_argument("--out", default="results/kvcomm-curve")
     ap.add_argument("--from", dest="frm", default=None, help="redraw from the JSON files under this folder")
     a = ap.parse_args()
