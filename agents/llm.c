@@ -190,31 +190,50 @@ void wf_llm_free(wf_llm_t *l) {
     kvm_free(l);
 }
 
-/* The KVCOMM settings of the engine's options (ablation, then KEY=VALUE switches) into co. */
-static int comm_opts(const wf_llm_opts_t *o, kvm_comm_opts_t *co) {
-    *co = (kvm_comm_opts_t){.kv_budget_bytes = o->kv_bytes, .kvcomm_set = true};
-    kvm_kvcomm_config_default(&co->kvcomm);
+/* Applies "KEY=VALUE" KVCOMM switches in order. */
+static int apply_switches(kvm_kvcomm_config_t *c, const char *const *sets, int n) {
+    int rc = 0;
+    for (int i = 0; !rc && i < n; i++) {
+        char key[128];
+        const char *kv = sets[i], *eq = strchr(kv, '=');
+        if (!eq) return kvm_seterr(KVM_EINVAL, "--kvcomm takes KEY=VALUE (got '%s')", kv);
+        snprintf(key, sizeof key, "%.*s", (int)(eq - kv), kv);
+        rc = kvm_kvcomm_config_set(c, key, eq + 1);
+    }
+    return rc;
+}
+
+/* The KVCOMM settings of a model into co: the default policy, then the model's own switches (`sets`, from
+ * kvmesh.model{kvcomm = {...}}), then the engine's options (ablation, then KEY=VALUE switches: the CLI, the API's
+ * runtime parameters and the daemon's), which win. */
+static int comm_opts(const wf_llm_opts_t *o, const char *const *sets, int n_sets, kvm_kvcomm_config_t *cfg) {
+    kvm_kvcomm_config_default(cfg);
     /* The runtime's KVCOMM keeps the answers of dense: preset=blend (docs/kvcomm.md §5.2) unless the switches ask
      * for the paper's policy (preset=spec resets to it) or one of its ablations (they are rows of the paper's
      * table, on its settings). */
     bool paper = o->kvcomm_ablation != NULL;
     for (int i = 0; i < o->n_kvcomm_set; i++) paper |= !strncmp(o->kvcomm_set[i], "ablation=", 9);
-    if (!paper) kvm_kvcomm_config_set(&co->kvcomm, "preset", "blend");
-    int rc = o->kvcomm_ablation ? kvm_kvcomm_ablation(&co->kvcomm, o->kvcomm_ablation) : 0;
-    for (int i = 0; !rc && i < o->n_kvcomm_set; i++) {
-        char key[128];
-        const char *kv = o->kvcomm_set[i], *eq = strchr(kv, '=');
-        if (!eq) return kvm_seterr(KVM_EINVAL, "--kvcomm takes KEY=VALUE (got '%s')", kv);
-        snprintf(key, sizeof key, "%.*s", (int)(eq - kv), kv);
-        rc = kvm_kvcomm_config_set(&co->kvcomm, key, eq + 1);
-    }
+    for (int i = 0; i < n_sets; i++) paper |= !strncmp(sets[i], "ablation=", 9);
+    if (!paper) kvm_kvcomm_config_set(cfg, "preset", "blend");
+    int rc = apply_switches(cfg, sets, n_sets);
+    if (!rc && o->kvcomm_ablation) rc = kvm_kvcomm_ablation(cfg, o->kvcomm_ablation);
+    if (!rc) rc = apply_switches(cfg, o->kvcomm_set, o->n_kvcomm_set);
     return rc;
 }
 
-int wf_llm_model_open(wf_llm_t *l, const char *path, int *idx) {
+int wf_llm_model_open(wf_llm_t *l, const char *path, const char *const *kvcomm, int n_kvcomm, int *idx) {
     if (!path || !*path) return kvm_seterr(KVM_EINVAL, "model: empty path");
+    kvm_comm_opts_t co = {.kv_budget_bytes = l->o.kv_bytes, .kvcomm_set = true};
+    int rc = comm_opts(&l->o, kvcomm, n_kvcomm, &co.kvcomm);
+    if (rc) return kvm_errctx(rc, "model '%s'", path);
     for (int i = 0; i < l->n_models; i++)
         if (!strcmp(l->models[i].path, path)) {
+            char want[512], have[512];
+            kvm_kvcomm_config_str(&co.kvcomm, want, sizeof want);
+            kvm_kvcomm_config_str(kvm_comm_config(l->models[i].comm), have, sizeof have);
+            if (strcmp(want, have))
+                return kvm_seterr(KVM_EINVAL, "model '%s' is already open with other KVCOMM switches (%s); one model "
+                                  "has one KVCOMM configuration", path, have);
             *idx = i;
             return 0;
         }
@@ -223,9 +242,6 @@ int wf_llm_model_open(wf_llm_t *l, const char *path, int *idx) {
     l->models = nm;
     lmodel_t *m = &l->models[l->n_models];
     memset(m, 0, sizeof *m);
-    kvm_comm_opts_t co;
-    int rc = comm_opts(&l->o, &co);
-    if (rc) return rc;
     if (!(m->path = kvm_strdup(path))) return KVM_ENOMEM;
     kvm_model_params_t lo = l->o.model;
     lo.quiet = lo.quiet || l->o.quiet;

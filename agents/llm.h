@@ -102,8 +102,11 @@ typedef struct wf_llm_opts {
 /* Creates the engine (no models yet). NULL + message on error; free with wf_llm_free(). */
 wf_llm_t *wf_llm_create(const wf_llm_opts_t *o);
 void wf_llm_free(wf_llm_t *l);
-/* Opens a model once per path (later calls with the same path share it) and returns its index. */
-int wf_llm_model_open(wf_llm_t *l, const char *path, int *idx);
+/* Opens a model once per path (later calls with the same path share it) and returns its index. kvcomm[n_kvcomm]
+ * (may be NULL) are the model's own "KEY=VALUE" KVCOMM switches (kvmesh.model{kvcomm = {...}}), applied over the
+ * default policy (preset=blend) and under the engine's (wf_llm_opts_t.kvcomm_set, .kvcomm_ablation); a path that
+ * is open already must come with the same resulting switches (KVM_EINVAL otherwise). */
+int wf_llm_model_open(wf_llm_t *l, const char *path, const char *const *kvcomm, int n_kvcomm, int *idx);
 /* Saves the anchors of every open model into the state folder (a no-op without one); wf_llm_free does it too.
  * 0, or the first error (the other models are still saved). */
 int wf_llm_save_state(wf_llm_t *l);

@@ -740,13 +740,45 @@ static int l_now_ms(lua_State *L) {
 
 /* ---- kvmesh.model ------------------------------------------------------------------------------- */
 
+/* qsort order of "KEY=VALUE" KVCOMM switches: preset first, ablation second, the others by key */
+static int switch_rank(const char *s) {
+    return !strncmp(s, "preset=", 7) || !strncmp(s, "kvcomm.preset=", 14) ? 0 : strstr(s, "ablation=") == s ? 1 : 2;
+}
+
+static int cmp_switch(const void *a, const void *b) {
+    const char *x = *(const char *const *)a, *y = *(const char *const *)b;
+    const int rx = switch_rank(x), ry = switch_rank(y);
+    return rx != ry ? rx - ry : strcmp(x, y);
+}
+
 static int l_model(lua_State *L) {
     kvm_workflow_t *wf = getwf(L);
     check_unfrozen(L, "kvmesh.model");
     const char *path;
+    /* kvmesh.model{path = ..., kvcomm = {preset = "spec", gamma = 0.5, ...}}: the model's own KVCOMM switches */
+    char setbuf[32][192];
+    const char *sets[32];
+    int n_sets = 0;
     if (lua_type(L, 1) == LUA_TTABLE) {
         path = raw_field(L, 1, "path") == LUA_TSTRING ? lua_tostring(L, -1) : NULL; /* stays on the stack */
         if (!path) return luaL_error(L, "kvmesh.model{...}: field 'path' (a string) is required");
+        const int kt = raw_field(L, 1, "kvcomm"), ki = lua_gettop(L);
+        if (kt != LUA_TNIL && kt != LUA_TTABLE)
+            return luaL_error(L, "kvmesh.model{...}: field 'kvcomm' must be a table of KVCOMM switches, e.g. "
+                              "{ preset = \"spec\" } (got a %s)", lua_typename(L, kt));
+        for (lua_pushnil(L); kt == LUA_TTABLE && lua_next(L, ki); lua_pop(L, 1)) {
+            if (lua_type(L, -2) != LUA_TSTRING) return luaL_error(L, "kvmesh.model{...}: kvcomm switch names must be strings");
+            if (n_sets == 32) return luaL_error(L, "kvmesh.model{...}: more than 32 kvcomm switches");
+            const char *k = lua_tostring(L, -2), *v;
+            if (lua_type(L, -1) == LUA_TBOOLEAN) v = lua_toboolean(L, -1) ? "on" : "off";
+            else if (lua_type(L, -1) == LUA_TSTRING || lua_type(L, -1) == LUA_TNUMBER) v = lua_tostring(L, -1);
+            else return luaL_error(L, "kvmesh.model{...}: kvcomm.%s must be a string, number or boolean", k);
+            snprintf(setbuf[n_sets], sizeof setbuf[n_sets], "%s=%s", k, v);
+            sets[n_sets] = setbuf[n_sets];
+            n_sets++;
+        }
+        /* a Lua table has no order: preset, then ablation (each resets switches), then the others by name */
+        qsort(sets, (size_t)n_sets, sizeof *sets, cmp_switch);
     } else {
         path = check_name(L, 1, "kvmesh.model");
     }
@@ -762,13 +794,16 @@ static int l_model(lua_State *L) {
             if (kvm_file_exists(resolved) || kvm_dir_exists(resolved)) use = resolved;
         }
     }
+    int idx;
     for (int i = 0; i < wf->n_models; i++)
         if (!strcmp(wf->models[i].path, path)) {
+            /* the same switches again, or none: the same model; others are refused (one model, one configuration) */
+            if (n_sets && wf_llm_model_open(wf->llm, use, sets, n_sets, &idx) != 0)
+                return luaL_error(L, "kvmesh.model: %s", kvm_errmsg());
             push_handle(L, WF_MT_MODEL, i);
             return 1;
         }
-    int idx;
-    if (wf_llm_model_open(wf->llm, use, &idx) != 0) return luaL_error(L, "kvmesh.model: %s", kvm_errmsg());
+    if (wf_llm_model_open(wf->llm, use, sets, n_sets, &idx) != 0) return luaL_error(L, "kvmesh.model: %s", kvm_errmsg());
     char *w = where_dup(L), *p = kvm_strdup(path);
     wf_model_t *nm = kvm_realloc(wf->models, (size_t)(wf->n_models + 1) * sizeof *nm);
     if (!w || !p || !nm) {

@@ -32,7 +32,7 @@ static void usage(FILE *f) {
             "  --kv-wait-ms N        how long an agent step waits for KV while none finishes (default 300000)\n"
             "  --kvcomm KEY=VALUE    a KVCOMM switch (docs/kvcomm.md), e.g. gamma=0.5, max_anchors=10 (repeatable);\n"
             "                        the default is preset=blend: ours, KVCOMM + a selective recompute, within\n"
-            "                        2 points of dense on the bundled models' examples (docs/kvcomm.md, 5.2);\n"
+            "                        a point of dense on the bundled model's team workload (docs/kvcomm.md, 5.2);\n"
             "                        preset=spec: the paper's policy (reuses more, loses answers)\n"
             "  --ablation NAME       KVCOMM ablation: rotation | rotation+ph | rotation+pf | full | dense\n"
             "  --mem-mb N            Lua memory cap per run (default 64)\n"

@@ -5,7 +5,7 @@
  *        P-token prefix, an I-token input, O-token forced outputs. Per agent: dense TTFT (full prefill of
  *        the same ids) and reused TTFT (KVCOMM, force_reuse) with the paper's breakdown, reuse rate,
  *        alignment time per 1K reused tokens beside its bandwidth floor, anchor memory.
- *   --workload team            the fidelity workload: the minitasks "team" task (finder, checker,
+ *   --workload team|pipeline|revise|arith   the fidelity workloads (lab/team.h), e.g. the minitasks "team" task (finder, checker,
  *        reverser, neighbour reading one shared facts segment and the finder's answer) under dense
  *        prefill, full KVCOMM and the ablations; accuracy, reuse rate after warm-up, per-layer K/V cosine
  *        to dense prefill, greedy agreement with dense.
@@ -43,20 +43,27 @@ static void usage(void) {
     fprintf(stderr,
             "usage: kvmesh bench kvcomm (--synthetic NAME | --model PATH) [options]\n"
             "  --backend auto|cpu|cuda     (default auto)\n"
-            "  --workload ttft|team        (default ttft)\n"
+            "  --workload ttft|team|pipeline|revise|arith   (default ttft)\n"
             "  --set kvcomm.KEY=VALUE      a KVCOMM switch (repeatable), e.g. --set kvcomm.gamma=0.5\n"
             "  --kv-budget-mb N            KV pool size (default: the model's default)\n"
             "  --out DIR                   write the full JSON there\n"
             " ttft: --agents 5 --input 1000 --prefix 512 --output 512 --warmup 2 --requests 3\n"
             "       --bandwidth-gbs B      bandwidth of the alignment floor (default 2990 on CUDA = H100 measured copy,\n"
             "                              perf.md; 20 on the CPU)\n"
-            " team: --requests 300 --modes dense,full,rotation --warm 10 --cos-samples 32 --max-tokens 12\n"
+            " team, pipeline, revise, arith (the fidelity workloads, lab/team.h: accuracy per role, the headline over the\n"
+            "       roles that are not degenerate under dense, which are named):\n"
+            "       --requests 300 --modes dense,full,rotation --warm 10 --cos-samples 32 --max-tokens 12\n"
             "       modes: dense, full, rotation, rotation+ph, rotation+pf (kvcomm.md Tab. 5 rows);\n"
             "              oracle[-ph|-pf][@NAME]  full KVCOMM with the true per-request deltas (all shared\n"
             "                                      placeholders, or only NAME; -ph/-pf: only that piece);\n"
             "              full+recompute          full KVCOMM with kvcomm.recompute_below=8 (short pieces recomputed)\n"
-            "              full+blend              ours: full KVCOMM, short pieces and text segments recomputed, and\n"
-            "                                      half of the facts rows (where anchors disagree most) in one pass\n"
+            "              full+blend              ours (= default): full KVCOMM, short pieces and text segments\n"
+            "                                      recomputed, and 70%% of the other rows (where anchors disagree most)\n"
+            "              default                 what kv = \"kvcomm\" runs (kvcomm.preset=blend); spec = the paper's\n"
+            "              blend@F                 the blended policy with kvcomm.recompute_frac=F (the accuracy-vs-reuse\n"
+            "                                      curve of scripts/bench/kvcomm_curve.py)\n"
+            "              gate@S                  the blended policy with kvcomm.recompute_frac=0 and\n"
+            "                                      kvcomm.recompute_spread=S (rows whose predicted error passes S)\n"
             "       --set applies after the mode (e.g. --modes full+blend --set kvcomm.recompute_frac=0.3)\n"
             "       --seed 1000            (needs a model with a tokenizer; the trained minitasks models)\n");
 }
@@ -376,7 +383,7 @@ static void team_time_json(cJSON *o1, const kvm_team_result_t *r, team_stat_fn f
     cJSON_AddNumberToObject(o1, k1, tp);
     snprintf(k1, sizeof k1, "%s_per_role", key);
     cJSON *tr = cJSON_AddArrayToObject(o1, k1);
-    for (int k = 0; k < KVM_TEAM_ROLES; k++) {
+    for (int k = 0; k < r->n_roles; k++) {
         fn(r, k, &tm, &tp);
         cJSON *e = cJSON_CreateObject();
         cJSON_AddNumberToObject(e, "mean", tm);
@@ -391,16 +398,17 @@ static void team_ttft_json(cJSON *o1, const kvm_team_result_t *r) {
 }
 
 /* the per-call time tables of the team runs: time to first token, and the prepare call's CPU time */
-static void team_ttft_table(const char *backend, const kvm_team_result_t *res, char (*names)[32], int nm) {
+static void team_ttft_table(const char *backend, int wl, const kvm_team_result_t *res, char (*names)[32], int nm) {
     const char *title[2] = {"time to first token per agent call (prepare + remaining prompt forward + first id; host wall "
                             "ms)", "CPU time of the prepare call (KVCOMM + recompute pass; process CPU ms, all threads)"};
     const team_stat_fn stat[2] = {kvm_team_ttft, kvm_team_prep_cpu};
     for (int t = 0; t < 2; t++) {
-        printf("\n%s on %s, mean / p50:\n%-14s %15s %15s %15s %15s %15s\n", title[t], backend, "mode", "all", "finder",
-               "checker", "reverser", "neighbour");
+        printf("\n%s on %s, mean / p50:\n%-14s %15s", title[t], backend, "mode", "all");
+        for (int k = 0; k < kvm_team_n_roles(wl); k++) printf(" %15.15s", kvm_team_role_name(wl, k));
+        printf("\n");
         for (int i = 0; i < nm; i++) {
             printf("%-14s", names[i]);
-            for (int k = -1; k < KVM_TEAM_ROLES; k++) {
+            for (int k = -1; k < kvm_team_n_roles(wl); k++) {
                 double tm = 0, tp = 0;
                 stat[t](&res[i], k, &tm, &tp);
                 printf(" %7.2f/%7.2f", tm, tp);
@@ -412,8 +420,9 @@ static void team_ttft_table(const char *backend, const kvm_team_result_t *res, c
 
 static int run_team(const bench_model_t *bm, const opts_t *o) {
     kvm_model_t *m = bm->m;
+    const int wl = kvm_team_workload_from_name(o->workload), R = kvm_team_n_roles(wl);
     if (!kvm_model_tokenizer(m)) {
-        fprintf(stderr, "kvmesh bench kvcomm: the team workload needs a model with a tokenizer\n");
+        fprintf(stderr, "kvmesh bench kvcomm: the %s workload needs a model with a tokenizer\n", o->workload);
         return 2;
     }
     char modes[256];
@@ -432,6 +441,7 @@ static int run_team(const bench_model_t *bm, const opts_t *o) {
         to.cos_samples = o->cos_samples;
         to.max_tokens = o->max_tokens;
         to.seed = o->seed;
+        to.workload = wl;
         to.kv_budget_bytes = o->kv_mb << 20;
         if (!strcmp(tok, "dense")) to.policy = KVM_KV_PREFIX;
         else if (!strncmp(tok, "oracle", 6)) { /* oracle[-ph|-pf][@NAME]: full KVCOMM with the true deltas */
@@ -447,10 +457,19 @@ static int run_team(const bench_model_t *bm, const opts_t *o) {
             to.oracle_only = at ? at + 1 : NULL;
         } else if (!strcmp(tok, "full+recompute")) { /* full KVCOMM, short pieces recomputed */
             to.cfg.recompute_below = KVM_TEAM_RECOMPUTE_BELOW;
-        } else if (!strcmp(tok, "full+blend")) { /* ours: the blended policy (team.h) */
+        } else if (!strcmp(tok, "full+blend") || !strcmp(tok, "default")) { /* ours: the blended policy (team.h) */
             kvm_team_blend_policy(&to.cfg);
-        } else if ((rc = kvm_kvcomm_ablation(&to.cfg, tok))) break;
-        if ((rc = apply_sets(&to.cfg, o))) break;
+        } else if (!strncmp(tok, "blend@", 6)) { /* the blended policy at another recompute fraction (the curve) */
+            kvm_team_blend_policy(&to.cfg);
+            rc = kvm_kvcomm_config_set(&to.cfg, "recompute_frac", tok + 6);
+        } else if (!strncmp(tok, "gate@", 5)) { /* the blend with the predicted-error gate instead of a fraction */
+            kvm_team_blend_policy(&to.cfg);
+            rc = kvm_kvcomm_config_set(&to.cfg, "recompute_frac", "0");
+            if (!rc) rc = kvm_kvcomm_config_set(&to.cfg, "recompute_spread", tok + 5);
+        } else if (!strcmp(tok, "spec")) { /* the paper's policy */
+            rc = kvm_kvcomm_config_set(&to.cfg, "preset", "spec");
+        } else rc = kvm_kvcomm_ablation(&to.cfg, tok);
+        if (rc || (rc = apply_sets(&to.cfg, o))) break;
         kvm_kvcomm_config_str(&to.cfg, cfgs[nm], sizeof cfgs[nm]);
         size_t cl = strlen(cfgs[nm]);
         snprintf(cfgs[nm] + cl, sizeof cfgs[nm] - cl, " oracle=%d%s%s", to.oracle, to.oracle_only ? "@" : "", to.oracle_only ? to.oracle_only : "");
@@ -463,34 +482,61 @@ static int run_team(const bench_model_t *bm, const opts_t *o) {
         fprintf(stderr, "kvmesh bench kvcomm: %s\n", kvm_errmsg());
     } else {
         const int L = bm->info.n_layers;
-        printf("\nkvmesh bench kvcomm (team): %s on %s; %d requests x %d agents (minitasks team, eval seed %llu)\n",
-               bm->name, bm->info.backend, o->requests, KVM_TEAM_ROLES, (unsigned long long)o->seed);
-        printf("%-14s %6s %7s %7s %8s %7s %7s %10s %9s %7s %7s  %s\n", "mode", "acc%", "finder", "checker", "reverser",
-               "neighbr", "reuse%", "reuse%warm", "tok-reuse%", "agree%", "anchors", "exact/offset/naive/recomputed tokens");
+        char why[KVM_TEAM_ROLES][96];
+        const unsigned degen = dense_i >= 0 ? kvm_team_degenerate_roles(&res[dense_i], why) : 0;
+        printf("\nkvmesh bench kvcomm (%s): %s on %s; %d requests x %d agents (minitasks eval seed %llu)\n", o->workload,
+               bm->name, bm->info.backend, o->requests, R, (unsigned long long)o->seed);
+        if (dense_i < 0) printf("no dense mode: every role is in acc%% (degenerate roles are found by the dense run)\n");
+        for (int k = 0; k < R; k++)
+            if (degen >> k & 1) printf("degenerate role left out of acc%%: %s (%s)\n", kvm_team_role_name(wl, k), why[k]);
+        printf("acc%% = calls right over the other roles; per-role columns: accuracy (difference to dense)\n");
+        printf("%-14s %6s", "mode", "acc%");
+        for (int k = 0; k < R; k++) printf(" %15.15s", kvm_team_role_name(wl, k));
+        printf(" %7s %10s %10s %7s %7s  %s\n", "reuse%", "reuse%warm", "tok-reuse%", "agree%", "anchors",
+               "exact/offset/naive/recomputed tokens");
         cJSON *root = cJSON_CreateObject(), *jm = cJSON_AddArrayToObject(root, "modes");
         cJSON_AddStringToObject(root, "model", bm->name);
+        cJSON_AddStringToObject(root, "workload", o->workload);
         cJSON_AddNumberToObject(root, "requests", o->requests);
+        cJSON *jr = cJSON_AddArrayToObject(root, "roles"), *jd = cJSON_AddArrayToObject(root, "degenerate_roles");
+        for (int k = 0; k < R; k++) {
+            cJSON_AddItemToArray(jr, cJSON_CreateString(kvm_team_role_name(wl, k)));
+            if (degen >> k & 1) {
+                cJSON *e = cJSON_CreateObject();
+                cJSON_AddStringToObject(e, "role", kvm_team_role_name(wl, k));
+                cJSON_AddStringToObject(e, "why", why[k]);
+                cJSON_AddItemToArray(jd, e);
+            }
+        }
         for (int i = 0; i < nm; i++) {
             kvm_team_result_t *r = &res[i];
-            double acc = kvm_team_accuracy(r);
+            double acc = kvm_team_accuracy_except(r, degen);
             printf("%-14s %6.1f", names[i], acc);
-            for (int k = 0; k < KVM_TEAM_ROLES; k++)
-                printf(" %*.1f", k == 2 ? 8 : 7, r->total[k] ? 100.0 * r->correct[k] / r->total[k] : 0);
+            for (int k = 0; k < R; k++) {
+                const double a = r->total[k] ? 100.0 * r->correct[k] / r->total[k] : 0;
+                const kvm_team_result_t *d = dense_i >= 0 ? &res[dense_i] : NULL;
+                char cell[32];
+                if (d && d->total[k] && i != dense_i)
+                    snprintf(cell, sizeof cell, "%.1f (%+.1f)%s", a, a - 100.0 * d->correct[k] / d->total[k], degen >> k & 1 ? "*" : "");
+                else snprintf(cell, sizeof cell, "%.1f%s", a, degen >> k & 1 ? "*" : "");
+                printf(" %15s", cell);
+            }
             /* tokens beyond the exact prefix whose KV came from another agent's segment (offset or naive) */
             const double beyond = (double)(r->input - r->exact), tok_reuse = beyond > 0 ? (r->offset + r->naive) / beyond : 0;
             char agree[16] = "-"; /* measured against an earlier dense mode of the same run only */
             if (r->agree_n) snprintf(agree, sizeof agree, "%.1f", 100.0 * r->agree / r->agree_n);
             else if (i == dense_i) snprintf(agree, sizeof agree, "%.1f", 100.0);
-            printf(" %7.1f %10.1f %9.1f %7s %7d  %llu/%llu/%llu/%llu\n", r->invocations ? 100.0 * r->reuse / r->invocations : 0,
+            printf(" %7.1f %10.1f %10.1f %7s %7d  %llu/%llu/%llu/%llu\n", r->invocations ? 100.0 * r->reuse / r->invocations : 0,
                    r->invocations_warm ? 100.0 * r->reuse_warm / r->invocations_warm : 0, 100.0 * tok_reuse, agree, r->anchors,
                    (unsigned long long)r->exact,
                    (unsigned long long)r->offset, (unsigned long long)r->naive, (unsigned long long)r->recomputed);
             cJSON *o1 = cJSON_CreateObject();
             cJSON_AddStringToObject(o1, "mode", names[i]);
             cJSON_AddStringToObject(o1, "switches", cfgs[i]);
-            cJSON_AddNumberToObject(o1, "accuracy", acc);
+            cJSON_AddNumberToObject(o1, "accuracy", acc); /* over the roles that are not degenerate */
+            cJSON_AddNumberToObject(o1, "accuracy_all_roles", kvm_team_accuracy(r));
             cJSON *pr = cJSON_AddArrayToObject(o1, "accuracy_per_role");
-            for (int k = 0; k < KVM_TEAM_ROLES; k++)
+            for (int k = 0; k < R; k++)
                 cJSON_AddItemToArray(pr, cJSON_CreateNumber(r->total[k] ? 100.0 * r->correct[k] / r->total[k] : 0));
             cJSON_AddNumberToObject(o1, "reuse_rate", r->invocations ? (double)r->reuse / r->invocations : 0);
             cJSON_AddNumberToObject(o1, "reuse_rate_after_warmup",
@@ -516,7 +562,7 @@ static int run_team(const bench_model_t *bm, const opts_t *o) {
             }
             cJSON_AddItemToArray(jm, o1);
         }
-        team_ttft_table(bm->info.backend, res, names, nm);
+        team_ttft_table(bm->info.backend, wl, res, names, nm);
         printf("\nper-layer cosine to dense prefill of the reused rows, K/V (mean over %d sampled REUSE invocations):\n",
                o->cos_samples);
         for (int i = 0; i < nm; i++) {
@@ -575,7 +621,7 @@ int lab_bench_kvcomm(int argc, char **argv, kvm_lab_params_fn fill) {
     }
     bool ttft = !strcmp(o.workload, "ttft");
     if (o.requests < 0) o.requests = ttft ? 3 : 300;
-    if (!o.synth == !o.model || (!ttft && strcmp(o.workload, "team")) || o.agents < 1 || o.agents > 32 || o.input < 1 ||
+    if (!o.synth == !o.model || (!ttft && kvm_team_workload_from_name(o.workload) < 0) || o.agents < 1 || o.agents > 32 || o.input < 1 ||
         o.prefix < 1 || o.output < 1 || o.warmup < 0 || o.requests < 1) {
         usage();
         return 2;

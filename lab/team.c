@@ -19,7 +19,90 @@ void kvm_team_opts_default(kvm_team_opts_t *o) {
     o->max_tokens = 12;
     o->seed = KVM_MT_DEFAULT_EVAL_SEED;
     o->policy = KVM_KV_KVCOMM;
+    o->workload = KVM_WL_TEAM;
     kvm_kvcomm_config_default(&o->cfg);
+}
+
+/* ==== the workloads (team.h) ============================================================================== */
+
+typedef struct wl_desc {
+    const char *name;
+    int task;                            /* minitasks task of the items */
+    int n_roles;
+    const char *agent[KVM_TEAM_ROLES];   /* agent (template) names */
+    int mt_role[KVM_TEAM_ROLES];         /* minitasks role of each agent: its system prompt and expected answer */
+} wl_desc_t;
+
+static const wl_desc_t WL[KVM_WL_N] = {
+    [KVM_WL_TEAM] = {"team", KVM_MT_TEAM, 4, {"finder", "checker", "reverser", "neighbour"}, {0, 1, 2, 3}},
+    [KVM_WL_PIPELINE] = {"pipeline", KVM_MT_TEAM, 2, {"extractor", "answerer"}, {0, 2}},
+    [KVM_WL_REVISE] = {"revise", KVM_MT_ARITH, 2, {"solver", "reviser"}, {0, 0}},
+    [KVM_WL_ARITH] = {"arith", KVM_MT_ARITH, 2, {"result", "reverse"}, {0, 1}},
+};
+
+const char *kvm_team_workload_name(int w) { return w >= 0 && w < KVM_WL_N ? WL[w].name : NULL; }
+
+int kvm_team_workload_from_name(const char *name) {
+    for (int w = 0; name && w < KVM_WL_N; w++)
+        if (!strcmp(name, WL[w].name)) return w;
+    return -1;
+}
+
+int kvm_team_n_roles(int w) { return w >= 0 && w < KVM_WL_N ? WL[w].n_roles : 0; }
+
+const char *kvm_team_role_name(int w, int role) {
+    return w >= 0 && w < KVM_WL_N && role >= 0 && role < WL[w].n_roles ? WL[w].agent[role] : NULL;
+}
+
+/* The pieces of agent `role`'s template in workload w (team.h); returns their count. */
+static int wl_pieces(int w, int role, kvm_piece_t *pc) {
+    int n = 0;
+    if (w == KVM_WL_PIPELINE) {
+        pc[n++] = (kvm_piece_t){.kind = KVM_PIECE_PLACEHOLDER, .text = "tool:facts"};
+        pc[n++] = (kvm_piece_t){.kind = KVM_PIECE_TEXT, .text = "\nAsk: "};
+        pc[n++] = (kvm_piece_t){.kind = KVM_PIECE_PLACEHOLDER, .text = "state:input.name"};
+    } else {
+        pc[n++] = (kvm_piece_t){.kind = KVM_PIECE_PLACEHOLDER, .text = "input"};
+    }
+    if (role > 0 && (w == KVM_WL_TEAM || w == KVM_WL_PIPELINE)) {
+        pc[n++] = (kvm_piece_t){.kind = KVM_PIECE_TEXT, .text = "\nFinder: "};
+        pc[n++] = (kvm_piece_t){.kind = KVM_PIECE_PLACEHOLDER,
+                                .text = w == KVM_WL_TEAM ? "agent:finder:current" : "agent:extractor:current"};
+    }
+    return n;
+}
+
+/* The expected answer of agent `role` (item it[role]; fout = the first agent's actual output) into ans. */
+static void wl_expected(int w, int role, const kvm_mt_item_t *it, const char *fout, char *ans, size_t cap) {
+    if (w == KVM_WL_TEAM && role == 1) snprintf(ans, cap, "%s", !strcmp(fout, it[0].answer) ? "yes" : "no");
+    else if ((w == KVM_WL_TEAM && role == 2) || (w == KVM_WL_PIPELINE && role == 1)) kvm_mt_reverse_str(fout, ans, cap);
+    else snprintf(ans, cap, "%s", it[role].answer);
+}
+
+double kvm_team_accuracy_except(const kvm_team_result_t *r, unsigned skip_mask) {
+    int c = 0, t = 0;
+    for (int k = 0; k < KVM_TEAM_ROLES; k++)
+        if (!(skip_mask >> k & 1)) c += r->correct[k], t += r->total[k];
+    return t ? 100.0 * c / t : 0;
+}
+
+unsigned kvm_team_degenerate_roles(const kvm_team_result_t *d, char (*why)[96]) {
+    unsigned mask = 0;
+    const int R = d->n_roles > 0 ? d->n_roles : KVM_TEAM_ROLES, nq = (d->n_outputs + KVM_TEAM_ROLES - 1) / KVM_TEAM_ROLES;
+    for (int k = 0; k < R; k++) {
+        if (why) why[k][0] = 0;
+        if (!d->total[k]) continue;
+        bool same = nq > 1;
+        for (int q = 1; same && q < nq; q++) same = !strcmp(d->outputs[(size_t)q * KVM_TEAM_ROLES + k], d->outputs[k]);
+        const double acc = 100.0 * d->correct[k] / d->total[k];
+        if (acc > 0 && !same) continue;
+        mask |= 1u << k;
+        if (why) {
+            if (same) snprintf(why[k], 96, "dense %.1f%%, always '%.40s'", acc, d->outputs[k]);
+            else snprintf(why[k], 96, "dense %.1f%%", acc);
+        }
+    }
+    return mask;
 }
 
 void kvm_team_result_free(kvm_team_result_t *r) {
@@ -122,8 +205,7 @@ void kvm_team_blend_policy(kvm_kvcomm_config_t *c) {
 static void team_account(kvm_team_result_t *r, const kvm_team_opts_t *o, const kvm_team_result_t *dense_ref, int q,
                          int role, const char *out, const kvm_mt_item_t *it, const char *fout, const kvm_comm_report_t *rp) {
     kvm_mt_item_t sc = it[role];
-    if (role == 1) snprintf(sc.answer, sizeof sc.answer, "%s", !strcmp(fout, it[0].answer) ? "yes" : "no");
-    if (role == 2) kvm_mt_reverse_str(fout, sc.answer, sizeof sc.answer);
+    wl_expected(o->workload, role, it, fout, sc.answer, sizeof sc.answer);
     r->correct[role] += kvm_mt_score(&sc, out);
     r->total[role]++;
     size_t oi = (size_t)q * KVM_TEAM_ROLES + (size_t)role;
@@ -154,18 +236,39 @@ typedef struct team_ctx {
     const kvm_team_result_t *dense_ref;
 } team_ctx_t;
 
-/* Runs agent `role` of request q: prepares its prompt (segments in, the finder's response bound), generates
- * greedily, completes (the finder's response segment into *finder), scores. fout holds the finder's output. */
+/* The shared segments of one request: the input ones and the first agent's response. */
+typedef struct team_segs {
+    kvm_binding_t in[2];   /* name -> segment: {input}, or {tool:facts} and {state:input.name} */
+    int n_in;
+    kvm_segment_t *first;  /* the first agent's response segment */
+    char first_name[64];   /* its placeholder, "agent:NAME:current" */
+} team_segs_t;
+
+/* Runs agent `role` of request q: prepares its prompt (the request's segments and the first agent's response
+ * bound), generates greedily, completes (the first agent's response segment into sg->first), scores. fout holds
+ * the first agent's output. */
 static int team_agent(team_ctx_t *x, kvm_comm_request_t *rq, int q, int role, const kvm_mt_item_t *it,
-                      kvm_segment_t *in, kvm_segment_t **finder, char *fout, size_t fout_cap, kvm_team_result_t *r) {
+                      team_segs_t *sg, char *fout, size_t fout_cap, kvm_team_result_t *r) {
     const kvm_team_opts_t *o = x->o;
-    if (role > 0 && !*finder) { /* the finder produced nothing with KV: fall back to its text */
-        int rc = kvm_comm_segment_text(x->c, KVM_PRODUCER_AGENT, "finder", fout[0] ? fout : "?",
-                                       strlen(fout[0] ? fout : "?"), finder);
-        if (rc) return rc;
+    const char *first = WL[o->workload].agent[0];
+    kvm_piece_t pc[8];
+    kvm_binding_t b[8];
+    int nb = 0;
+    const int np = wl_pieces(o->workload, role, pc);
+    for (int i = 0; i < np; i++) {
+        if (pc[i].kind != KVM_PIECE_PLACEHOLDER) continue;
+        if (!strcmp(pc[i].text, sg->first_name)) {
+            if (!sg->first) { /* the first agent produced nothing with KV: fall back to its text */
+                int rc = kvm_comm_segment_text(x->c, KVM_PRODUCER_AGENT, first, fout[0] ? fout : "?",
+                                               strlen(fout[0] ? fout : "?"), &sg->first);
+                if (rc) return rc;
+            }
+            b[nb++] = (kvm_binding_t){sg->first_name, sg->first};
+        }
+        for (int k = 0; k < sg->n_in; k++)
+            if (!strcmp(pc[i].text, sg->in[k].name)) b[nb++] = sg->in[k];
     }
-    kvm_binding_t b[2] = {{"input", in}, {"agent:finder:current", *finder}};
-    kvm_prompt_t pr = {.tmpl = x->tm[role], .bindings = b, .n_bindings = role == 0 ? 1 : 2, .policy = o->policy};
+    kvm_prompt_t pr = {.tmpl = x->tm[role], .bindings = b, .n_bindings = nb, .policy = o->policy};
     kvm_prepared_t *p = x->p;
     const uint64_t t0 = kvm_now_ns(), c0 = cpu_ns();
     int rc = o->oracle ? kvm_comm_prepare_oracle(rq, &pr, o->oracle, o->oracle_only, p) : kvm_comm_prepare(rq, &pr, p);
@@ -183,7 +286,7 @@ static int team_agent(team_ctx_t *x, kvm_comm_request_t *rq, int q, int role, co
     if (!rc) rc = kvm_seq_generate(x->m, kvm_prepared_seq(p), rest, n_rest, &gp, NULL, NULL, &gr);
     const size_t oi = (size_t)q * KVM_TEAM_ROLES + (size_t)role;
     if (!rc) r->ttft_ms[oi] = prep_ms + gr.ttft_ms, r->prep_cpu_ms[oi] = prep_cpu;
-    if (!rc) rc = kvm_comm_complete(rq, p, &gr, role == 0 ? finder : NULL);
+    if (!rc) rc = kvm_comm_complete(rq, p, &gr, role == 0 ? &sg->first : NULL);
     if (!rc) {
         char out[64];
         snprintf(out, sizeof out, "%s", gr.text ? gr.text : "");
@@ -196,23 +299,34 @@ static int team_agent(team_ctx_t *x, kvm_comm_request_t *rq, int q, int role, co
     return rc;
 }
 
-/* One request: the facts segment, then the four agents in order. */
+/* One request: the input segments, then the agents in order. */
 static int team_request(team_ctx_t *x, int q, kvm_team_result_t *r) {
+    const wl_desc_t *wd = &WL[x->o->workload];
     kvm_mt_item_t it[KVM_TEAM_ROLES];
     int rc = 0;
-    for (int role = 0; role < KVM_TEAM_ROLES && !rc; role++)
-        rc = kvm_mt_make(&it[role], KVM_MT_TEAM, KVM_MT_EVAL, x->o->seed, (uint64_t)q, role);
+    for (int role = 0; role < wd->n_roles && !rc; role++)
+        rc = kvm_mt_make(&it[role], wd->task, KVM_MT_EVAL, x->o->seed, (uint64_t)q, wd->mt_role[role]);
     if (rc) return rc;
     kvm_comm_request_t *rq = kvm_comm_request_begin(x->c, (uint64_t)q + 1);
     if (!rq) return kvm_errcode() ? kvm_errcode() : KVM_ENOMEM;
-    kvm_segment_t *in = NULL, *finder = NULL;
-    rc = kvm_comm_segment_text(x->c, KVM_PRODUCER_INPUT, "input", it[0].user, strlen(it[0].user), &in);
+    team_segs_t sg = {0};
+    snprintf(sg.first_name, sizeof sg.first_name, "agent:%s:current", wd->agent[0]);
+    if (x->o->workload == KVM_WL_PIPELINE) { /* the retriever's facts (a tool result) and the asked name (an input) */
+        const char *u = it[0].user, *ask = strstr(u, "\nAsk: ");
+        if (!ask) rc = kvm_seterr(KVM_EINTERNAL, "pipeline workload: item %s has no 'Ask:' line", it[0].id);
+        sg.in[0].name = "tool:facts", sg.in[1].name = "state:input.name", sg.n_in = 2;
+        if (!rc) rc = kvm_comm_segment_text(x->c, KVM_PRODUCER_TOOL, "tool:facts", u, (size_t)(ask - u), &sg.in[0].seg);
+        if (!rc) rc = kvm_comm_segment_text(x->c, KVM_PRODUCER_INPUT, "state:input.name", ask + 6, strlen(ask + 6), &sg.in[1].seg);
+    } else {
+        sg.in[0].name = "input", sg.n_in = 1;
+        rc = kvm_comm_segment_text(x->c, KVM_PRODUCER_INPUT, "input", it[0].user, strlen(it[0].user), &sg.in[0].seg);
+    }
     char fout[64] = "";
-    for (int role = 0; role < KVM_TEAM_ROLES && !rc; role++) rc = team_agent(x, rq, q, role, it, in, &finder, fout, sizeof fout, r);
+    for (int role = 0; role < wd->n_roles && !rc; role++) rc = team_agent(x, rq, q, role, it, &sg, fout, sizeof fout, r);
     if (!rc) rc = kvm_comm_request_end(rq);
     else kvm_comm_request_abort(rq);
-    kvm_segment_release(in);
-    kvm_segment_release(finder);
+    for (int k = 0; k < sg.n_in; k++) kvm_segment_release(sg.in[k].seg);
+    kvm_segment_release(sg.first);
     return rc;
 }
 
@@ -222,6 +336,7 @@ int kvm_team_run(kvm_model_t *m, const kvm_team_opts_t *o, const kvm_team_result
     kvm_model_info(m, &mi);
     if (!kvm_model_tokenizer(m)) return kvm_seterr(KVM_EINVAL, "team workload: model %s has no tokenizer", mi.name);
     if (o->requests <= 0) return kvm_seterr(KVM_EINVAL, "team workload: no requests");
+    if (o->workload < 0 || o->workload >= KVM_WL_N) return kvm_seterr(KVM_EINVAL, "team workload: unknown workload %d", o->workload);
     kvm_comm_opts_t co = {.kv_budget_bytes = o->kv_budget_bytes, .kvcomm = o->cfg, .kvcomm_set = true};
     team_ctx_t x = {.m = m, .c = kvm_comm_create(m, &co), .o = o, .dense_ref = dense_ref};
     if (!x.c) return kvm_errcode() ? kvm_errcode() : KVM_EINTERNAL;
@@ -235,14 +350,14 @@ int kvm_team_run(kvm_model_t *m, const kvm_team_opts_t *o, const kvm_team_result
     int rc = r->cos_k && r->outputs && r->ttft_ms && r->prep_cpu_ms && x.p ? 0 : KVM_ENOMEM;
     for (int i = 0; !rc && i < o->requests * KVM_TEAM_ROLES; i++) r->ttft_ms[i] = r->prep_cpu_ms[i] = -1;
     if (!rc) r->cos_v = r->cos_k + L, r->l2_k = r->cos_k + 2 * L, r->l2_v = r->cos_k + 3 * L;
-    for (int role = 0; role < KVM_TEAM_ROLES && !rc; role++) {
-        kvm_piece_t pc[3] = {{.kind = KVM_PIECE_PLACEHOLDER, .text = "input"},
-                             {.kind = KVM_PIECE_TEXT, .text = "\nFinder: "},
-                             {.kind = KVM_PIECE_PLACEHOLDER, .text = "agent:finder:current"}};
-        kvm_template_desc_t d = {.agent = kvm_mt_role_name(KVM_MT_TEAM, role),
-                                 .system = kvm_mt_role_system(KVM_MT_TEAM, role),
+    const wl_desc_t *wd = &WL[o->workload];
+    r->workload = o->workload, r->n_roles = wd->n_roles;
+    for (int role = 0; role < wd->n_roles && !rc; role++) {
+        kvm_piece_t pc[8];
+        kvm_template_desc_t d = {.agent = wd->agent[role],
+                                 .system = kvm_mt_role_system(wd->task, wd->mt_role[role]),
                                  .pieces = pc,
-                                 .n_pieces = role == 0 ? 1 : 3};
+                                 .n_pieces = wl_pieces(o->workload, role, pc)};
         x.tm[role] = kvm_template_create(x.c, &d);
         if (!x.tm[role]) rc = kvm_errcode() ? kvm_errcode() : KVM_EINTERNAL;
     }
@@ -253,7 +368,7 @@ int kvm_team_run(kvm_model_t *m, const kvm_team_opts_t *o, const kvm_team_result
         double now = (double)kvm_now_ns() / 1e9;
         /* progress within a mode: every request on a terminal, else every 50 requests or 10 seconds */
         if (!o->quiet && (tty || (q + 1) % 50 == 0 || now - last >= 10 || q + 1 == o->requests)) {
-            fprintf(stderr, "%steam: %d/%d requests, %.0f s%s", tty ? "\r" : "", q + 1, o->requests, now - t0,
+            fprintf(stderr, "%s%s: %d/%d requests, %.0f s%s", tty ? "\r" : "", WL[o->workload].name, q + 1, o->requests, now - t0,
                     tty && q + 1 < o->requests ? "" : "\n");
             last = now;
         }

@@ -10,6 +10,7 @@
 
 #include <cmocka.h>
 
+#include "agents/llm.h"
 #include "agents/wf.h"
 
 #define HEAD_ECHO "local kvm = kvmesh\nlocal m = kvm.model('mock:echo')\n"
@@ -256,6 +257,66 @@ static void test_dataset_and_score_drive_seeded_runs(void **s) {
     kvm_wf_free(wf);
 }
 
+/* kv = "kvcomm" runs the default policy (preset=blend, within a point of dense: docs/kvcomm.md §5.2); the paper's
+ * policy is a model's switch, kvmesh.model{kvcomm = {preset = "spec"}}, and the engine's switches win over it. */
+static kvm_workflow_t *load_model_line(const char *model_line, const char *const *sets, int n_sets) {
+    char src[1024];
+    snprintf(src, sizeof src, "local kvm = kvmesh\nlocal m = %s\nlocal g = kvm.graph{ name = 'k' }\n"
+             "g:agent('a', { model = m, template = 'Q: {input}', max_tokens = 2 })\ng:edge(kvm.START, 'a')\nreturn g\n",
+             model_line);
+    kvm_wf_opts_t o = {0};
+    o.llm.kvcomm_set = sets;
+    o.llm.n_kvcomm_set = n_sets;
+    return kvm_wf_load_string("k.lua", src, strlen(src), &o);
+}
+
+static void model_switches(kvm_workflow_t *wf, char *out, size_t cap) {
+    wf_llm_model_info_t mi;
+    wf_llm_model_describe(kvm_wf_llm(wf), 0, &mi);
+    snprintf(out, cap, "%s", mi.kvcomm);
+}
+
+static void test_kvcomm_default_is_the_blend_and_a_model_can_ask_for_the_spec(void **s) {
+    (void)s;
+    char sw[512];
+    kvm_workflow_t *wf = load_model_line("kvm.model('mock:echo')", NULL, 0);
+    if (!wf) fail_msg("load: %s", kvm_errmsg());
+    model_switches(wf, sw, sizeof sw);
+    if (!strstr(sw, "recompute_below=32 recompute_text=64 recompute_frac=0.70")) fail_msg("default is not the blend: %s", sw);
+    drive1_ok(wf, "hello");
+    kvm_wf_free(wf);
+    wf = load_model_line("kvm.model{ path = 'mock:echo', kvcomm = { preset = 'spec', gamma = 0.5 } }", NULL, 0);
+    if (!wf) fail_msg("load: %s", kvm_errmsg());
+    model_switches(wf, sw, sizeof sw);
+    if (!strstr(sw, "recompute_below=0 recompute_text=0 recompute_frac=0.00") || !strstr(sw, "gamma=0.50"))
+        fail_msg("preset=spec not applied: %s", sw);
+    kvm_wf_free(wf);
+    /* the engine's switches (CLI --kvcomm, the API's runtime parameters, kvmesh serve) are applied after the model's */
+    static const char *const over[] = {"recompute_frac=0.25"};
+    wf = load_model_line("kvm.model{ path = 'mock:echo', kvcomm = { preset = 'spec' } }", over, 1);
+    if (!wf) fail_msg("load: %s", kvm_errmsg());
+    model_switches(wf, sw, sizeof sw);
+    if (!strstr(sw, "recompute_frac=0.25")) fail_msg("the engine's switch did not win: %s", sw);
+    kvm_wf_free(wf);
+}
+
+static void test_bad_model_kvcomm_switches_are_refused_with_their_name(void **s) {
+    (void)s;
+    static const char *const lines[][2] = {
+        {"kvm.model{ path = 'mock:echo', kvcomm = { preset = 'fast' } }", "preset: 'fast' is not one of spec|blend"},
+        {"kvm.model{ path = 'mock:echo', kvcomm = { nosuch = 1 } }", "unknown KVCOMM switch 'nosuch'"},
+        {"kvm.model{ path = 'mock:echo', kvcomm = 'spec' }", "field 'kvcomm' must be a table"},
+        {"kvm.model{ path = 'mock:echo', kvcomm = { gamma = {} } }", "kvcomm.gamma must be a string, number or boolean"},
+        {"kvm.model('mock:echo') m = kvm.model{ path = 'mock:echo', kvcomm = { preset = 'spec' } }",
+         "already open with other KVCOMM switches"},
+    };
+    for (size_t i = 0; i < sizeof lines / sizeof lines[0]; i++) {
+        kvm_workflow_t *wf = load_model_line(lines[i][0], NULL, 0);
+        if (wf) fail_msg("loaded: %s", lines[i][0]);
+        if (!strstr(kvm_errmsg(), lines[i][1])) fail_msg("message lacks '%s':\n%s", lines[i][1], kvm_errmsg());
+    }
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_fan_out_of_four_agents_runs_in_one_batch),
@@ -271,6 +332,8 @@ int main(void) {
         cmocka_unit_test(test_failing_agent_routes_through_on_error),
         cmocka_unit_test(test_agent_token_budget_fails_the_node),
         cmocka_unit_test(test_dataset_and_score_drive_seeded_runs),
+        cmocka_unit_test(test_kvcomm_default_is_the_blend_and_a_model_can_ask_for_the_spec),
+        cmocka_unit_test(test_bad_model_kvcomm_switches_are_refused_with_their_name),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

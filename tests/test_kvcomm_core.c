@@ -651,6 +651,7 @@ typedef struct oracle_run {
  * both caches are compared with a dense prefill of the same ids. */
 static float g_recompute_frac = 0; /* kvcomm.recompute_frac and kvcomm.recompute_text of oracle_run's `after` */
 static int g_recompute_text = 0;
+static float g_recompute_spread = 0; /* kvcomm.recompute_spread of oracle_run's `after` */
 
 static void prepare_b(kvm_comm_request_t *rq, kvm_prompt_t *pr, int which, const char *only, kvm_prepared_t *p) {
     int rc = which ? kvm_comm_prepare_oracle(rq, pr, which, only, p) : kvm_comm_prepare(rq, pr, p);
@@ -696,7 +697,7 @@ static void oracle_run(kvm_rope_layout_t layout, bool agent_first, int which, co
             out->err_before = max_rel(out->before, dense, e);
             kvm_prepared_release(&p);
             cfg->recompute_below = recompute_below, cfg->recompute_frac = g_recompute_frac;
-            cfg->recompute_text = g_recompute_text;
+            cfg->recompute_text = g_recompute_text, cfg->recompute_spread = g_recompute_spread;
             prepare_b(rq, &pr, which, only, &p); /* the same decisions (cached per sample), now recomputing */
             assert_int_equal(p.n_prompt - 1, n);
             assert_int_equal(kvm_kv_read_rows(p.seq.pool, p.seq.blocks, 0, n, out->after), 0);
@@ -880,6 +881,31 @@ static void test_recompute_frac_changes_only_the_selected_rows(void **st) {
     assert_int_equal(changed, want);
     assert_true(r.err < r.err_before * 1.5f); /* the selected rows are computed from the model, not garbage */
     oracle_run_free(&r);
+}
+
+/* kvcomm.recompute_spread (ours): the gate on the predicted offset error. A gate every candidate passes (scores are
+ * > 0) recomputes every offset row, as recompute_frac = 1 does; a gate none passes recomputes none; in between, the
+ * rows it takes are exactly those the scores of a fraction-only run would rank first. */
+static void test_recompute_spread_gate_recomputes_the_rows_whose_predicted_error_passes_it(void **st) {
+    (void)st;
+    oracle_run_t all, none, half;
+    g_recompute_spread = 1e-35f;
+    oracle_run(KVM_ROPE_HALF, false, 0, NULL, 0, &all);
+    g_recompute_spread = 1e30f;
+    oracle_run(KVM_ROPE_HALF, false, 0, NULL, 0, &none);
+    const int cand = all.rep.ph[0].tokens + all.rep.ph[1].tokens;
+    assert_int_equal(all.rep.selected_recomputed, cand);
+    assert_true(all.err < all.err_before * 1.5f); /* computed from the model, not garbage */
+    assert_int_equal(none.rep.selected_recomputed, 0);
+    assert_memory_equal(none.before, none.after, comm_rows_elems(&(comm_geom_t){3, 2, 16}, none.n) * sizeof(float));
+    /* a fraction and a gate together: the gate can only add rows to the fraction's */
+    g_recompute_spread = 1e30f, g_recompute_frac = 0.25f;
+    oracle_run(KVM_ROPE_HALF, false, 0, NULL, 0, &half);
+    g_recompute_spread = 0, g_recompute_frac = 0;
+    assert_int_equal(half.rep.selected_recomputed, (int)ceil(0.25 * cand));
+    oracle_run_free(&all);
+    oracle_run_free(&none);
+    oracle_run_free(&half);
 }
 
 /* ---- hand-made pools: prediction and eviction (§8 items 6-8) ------------------------------------------------- */
@@ -1199,6 +1225,15 @@ static void test_switches_parse_and_reject_unknown_values(void **st) {
     assert_true(fabsf(c.recompute_frac - 0.3f) < 1e-6f);
     assert_int_equal(kvm_kvcomm_config_set(&c, "recompute_frac", "1.5"), KVM_EINVAL);
     assert_non_null(strstr(kvm_errmsg(), "[0, 1]"));
+    kvm_kvcomm_config_str(&c, buf, sizeof buf);
+    assert_null(strstr(buf, "recompute_spread")); /* printed only when on */
+    assert_int_equal(kvm_kvcomm_config_set(&c, "recompute_spread", "0.05"), 0);
+    assert_true(fabsf(c.recompute_spread - 0.05f) < 1e-7f);
+    kvm_kvcomm_config_str(&c, buf, sizeof buf);
+    assert_non_null(strstr(buf, "recompute_spread=0.05"));
+    assert_int_equal(kvm_kvcomm_config_set(&c, "recompute_spread", "-1"), KVM_EINVAL);
+    assert_non_null(strstr(kvm_errmsg(), "recompute_spread"));
+    assert_int_equal(kvm_kvcomm_config_set(&c, "recompute_spread", "0"), 0);
     /* the switches of the removed host path say so */
     const char *gone[] = {"kvcomm.frame", "align", "align_window", "recompute_select"};
     for (int i = 0; i < 4; i++) {
@@ -1210,7 +1245,7 @@ static void test_switches_parse_and_reject_unknown_values(void **st) {
     kvm_kvcomm_config_str(&c, buf, sizeof buf);
     assert_non_null(strstr(buf, "recompute_frac=0.30"));
     assert_int_equal(kvm_kvcomm_config_set(&c, "preset", "blend"), 0);
-    assert_true(c.ph_offset && c.pf_offset && c.recompute_below == 8 && c.recompute_text == 64);
+    assert_true(c.ph_offset && c.pf_offset && c.recompute_below == KVM_KVCOMM_BLEND_BELOW && c.recompute_text == 64);
     assert_true(c.recompute_frac == KVM_KVCOMM_BLEND_FRAC);
     assert_int_equal(kvm_kvcomm_config_set(&c, "preset", "spec"), 0);
     assert_true(c.recompute_frac == 0 && c.recompute_below == 0 && c.gamma == 0.3f);
@@ -1331,6 +1366,7 @@ int main(void) {
         cmocka_unit_test(test_switches_parse_and_reject_unknown_values),
         cmocka_unit_test(test_recompute_frac_one_with_the_text_recomputed_gives_the_dense_cache),
         cmocka_unit_test(test_recompute_frac_changes_only_the_selected_rows),
+        cmocka_unit_test(test_recompute_spread_gate_recomputes_the_rows_whose_predicted_error_passes_it),
         cmocka_unit_test(test_spread_score_is_zero_where_anchors_agree_and_grows_where_they_disagree),
         cmocka_unit_test(test_oracle_offsets_make_the_reused_cache_equal_dense_prefill_in_both_rope_layouts),
         cmocka_unit_test(test_oracle_offsets_equal_dense_with_qk_norm_and_biases),

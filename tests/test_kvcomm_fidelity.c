@@ -14,9 +14,11 @@
  *     alone (deepest layer), KVCOMM's accuracy and agreement are at least rotation-only's.
  * The accuracy gaps to dense of the spec's KVCOMM and of the blended policy (kvcomm.preset=blend) are printed.
  * At the acceptance size (300 requests, the default outside the sanitizers; `kvmesh bench kvcomm --workload team`
- * prints the same numbers) the issue's 2-point check holds the blended policy to dense: 71.8% vs 72.3% with the v2
- * weights (the spec's KVCOMM is 31.2 points below; docs/kvcomm.md §5.2), and its reuse after warm-up to >= 60%.
- * KVM_FIDELITY_REQUESTS=N sets another size (below 300 the blended policy is measured but the 2-point check runs
+ * prints the same numbers) the 1-point check (issue 15) holds the default policy (kvcomm.preset=blend, what
+ * kv = "kvcomm" runs) to dense over the roles that are not degenerate under dense (the checker, always "no", is left
+ * out and named): the test fails if it falls more than 1 point below; and its reuse after warm-up to >= 60% (the
+ * spec's KVCOMM is 31 points below dense; docs/kvcomm.md §5.2).
+ * KVM_FIDELITY_REQUESTS=N sets another size (below 300 the blended policy is measured but the 1-point check runs
  * only with KVM_FIDELITY_STRICT=1). Skipped loudly when the model is not in the tree. Answers of at most 8
  * tokens; the oracle checks 6 requests. About 2-3 minutes on 2 cores.
  * (KVM_SANITIZED) the accuracy checks are skipped and the plumbing runs on 4-6 requests. */
@@ -39,7 +41,7 @@
 typedef struct fid {
     kvm_model_t *m;
     int requests;
-    bool strict; /* the 2-point check of the blended policy (300 requests, or KVM_FIDELITY_STRICT) */
+    bool strict; /* the 1-point check of the default policy (300 requests, or KVM_FIDELITY_STRICT) */
     bool sanitized;
     kvm_team_result_t dense; /* the dense reference of `requests` requests, shared by the tests */
     bool have_dense;
@@ -203,11 +205,20 @@ static void test_kvcomm_offsets_beat_rotation_only_and_reuse_after_warmup(void *
     assert_true(full.cos_n > 0 && rot.cos_n > 0);
     assert_int_equal(full.invocations, 4 * f->requests);
     if (!f->sanitized) {
-        fprintf(stderr, "fidelity gap: spec KVCOMM %.1f points %s dense (the acceptance allows 2 below)\n", fabs(af - ad),
+        fprintf(stderr, "fidelity gap: spec KVCOMM %.1f points %s dense (preset=spec, lossy: not the default)\n", fabs(af - ad),
                 af >= ad ? "above" : "below");
+        /* the default policy (what kv = "kvcomm" runs) against dense over the roles that are not degenerate under
+         * dense (the checker, whose dense answer is always "no": kvm_team_degenerate_roles) */
+        char why[KVM_TEAM_ROLES][96];
+        const unsigned degen = kvm_team_degenerate_roles(&f->dense, why);
+        for (int k = 0; k < KVM_TEAM_ROLES; k++)
+            if (degen >> k & 1) fprintf(stderr, "degenerate role left out: %s (%s)\n", kvm_team_role_name(KVM_WL_TEAM, k), why[k]);
+        const double ad1 = kvm_team_accuracy_except(&f->dense, degen), ai1 = kvm_team_accuracy_except(&imp, degen);
         if (with_imp)
-            fprintf(stderr, "fidelity gap: blended policy %.1f points %s dense\n", fabs(ai - ad), ai >= ad ? "above" : "below");
-        if (f->strict) assert_true(ai >= ad - 2.0);
+            fprintf(stderr, "fidelity gap: default (blended) policy %.1f points %s dense over all roles; %.1f%% vs dense "
+                    "%.1f%% over the others (the check allows 1 point below)\n", fabs(ai - ad), ai >= ad ? "above" : "below",
+                    ai1, ad1);
+        if (f->strict) assert_true(ai1 >= ad1 - 1.0);
         assert_true(af >= ar);
         assert_true(pct(full.agree, full.agree_n) >= pct(rot.agree, rot.agree_n));
         assert_true(rw >= 60.0);

@@ -114,7 +114,7 @@ int kvm_kvcomm_config_set(kvm_kvcomm_config_t *c, const char *key, const char *v
             kvm_kvcomm_config_default(c);
         } else if (!strcmp(value, "blend")) {
             kvm_kvcomm_ablation(c, "full");
-            c->recompute_below = 8;
+            c->recompute_below = KVM_KVCOMM_BLEND_BELOW;
             c->recompute_text = 64;
             c->recompute_frac = KVM_KVCOMM_BLEND_FRAC;
         } else {
@@ -123,6 +123,13 @@ int kvm_kvcomm_config_set(kvm_kvcomm_config_t *c, const char *key, const char *v
         return 0;
     }
     if (!strcmp(k, "ablation")) return kvm_kvcomm_ablation(c, value); /* the paper's Tab. 5 rows */
+    if (!strcmp(k, "recompute_spread")) { /* ours: the recompute pass's gate on the predicted offset error */
+        double f = strtod(value, &end);
+        if (!end || *end || !(f >= 0 && f <= 1e6))
+            return kvm_seterr(KVM_EINVAL, "kvcomm.recompute_spread: '%s' is not a non-negative number (0 = off)", value);
+        c->recompute_spread = (float)f;
+        return 0;
+    }
     if (!strcmp(k, "recompute_frac")) { /* ours: the recompute pass of kvm_comm_prepare */
         double f = strtod(value, &end);
         if (!end || *end || !(f >= 0 && f <= 1))
@@ -136,7 +143,7 @@ int kvm_kvcomm_config_set(kvm_kvcomm_config_t *c, const char *key, const char *v
                               "(docs/kvcomm.md §3)", k);
     return kvm_seterr(KVM_EINVAL, "unknown KVCOMM switch '%s' (known: enable rotate ph_offset pf_offset weights criterion "
                       "gamma max_anchors evict_window dist_norm pool_bound no_anchor resp_last_token force_reuse "
-                      "anchor_budget_bytes recompute_below recompute_text recompute_frac preset ablation)", key);
+                      "anchor_budget_bytes recompute_below recompute_text recompute_frac recompute_spread preset ablation)", key);
 }
 
 int kvm_kvcomm_ablation(kvm_kvcomm_config_t *c, const char *name) {
@@ -150,15 +157,17 @@ int kvm_kvcomm_ablation(kvm_kvcomm_config_t *c, const char *name) {
 }
 
 void kvm_kvcomm_config_str(const kvm_kvcomm_config_t *c, char *buf, size_t cap) {
+    char spread[48] = ""; /* printed when on, so the lines of the other settings stay as they were */
+    if (c->recompute_spread > 0) snprintf(spread, sizeof spread, " recompute_spread=%g", (double)c->recompute_spread);
     snprintf(buf, cap,
              "enable=%s rotate=%s ph_offset=%s pf_offset=%s weights=%s criterion=%s gamma=%.2f V=%d W=%d dist_norm=%s "
              "pool_bound=%s no_anchor=%s resp_last_token=%s force_reuse=%s recompute_below=%d recompute_text=%d "
-             "recompute_frac=%.2f",
+             "recompute_frac=%.2f%s",
              c->enable ? "on" : "off", c->rotate ? "on" : "off", c->ph_offset ? "on" : "off", c->pf_offset ? "on" : "off",
              W_NAMES[c->weights % 2], CRIT_NAMES[c->criterion % 2], c->gamma, c->max_anchors, c->evict_window,
              NORM_NAMES[c->dist_norm % 2], BOUND_NAMES[c->pool_bound % 2], NOANCHOR_NAMES[c->no_anchor % 2],
              RESP_NAMES[c->resp_last_token % 2], c->force_reuse ? "on" : "off", c->recompute_below, c->recompute_text,
-             c->recompute_frac);
+             c->recompute_frac, spread);
 }
 
 const char *kvm_ph_decision_name(int d) {

@@ -244,6 +244,10 @@ int comm_dev_pred(kvm_comm_t *c, comm_sample_t *s, comm_anchor_t **E, int n, dou
 /* §3.6/§3.7 REUSE assembly of rows [E, N-1) of out->seq (weights, offsets, shift, scatter of every piece; fills
  * the report's top anchors and times); forced: the diagnostics hook or NULL; row_score (host [N] or NULL): with
  * recompute_frac, the spread score of every offset-corrected placeholder row (kvcomm_spread) at its position */
+/* whether a REUSE call needs the spread scores: kvcomm.recompute_frac or kvcomm.recompute_spread is on */
+static inline bool comm_wants_scores(const kvm_kvcomm_config_t *cfg) {
+    return cfg->recompute_frac > 0 || cfg->recompute_spread > 0;
+}
 int comm_dev_reuse(kvm_comm_request_t *rq, const kvm_template_t *t, const comm_piece_t *pcs, const comm_forced_t *forced,
                    kvm_prepared_t *out, int E, int N, float *row_score);
 

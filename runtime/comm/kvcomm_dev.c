@@ -929,7 +929,7 @@ int comm_dev_reuse(kvm_comm_request_t *rq, const kvm_template_t *tc, const comm_
     /* 1. plan every piece, upload the block tables */
     reuse_plan_t rp;
     memset(&rp, 0, sizeof rp);
-    const bool scores = row_score && c->cfg.recompute_frac > 0 && c->cfg.ph_offset;
+    const bool scores = row_score && comm_wants_scores(&c->cfg) && c->cfg.ph_offset;
     if ((rc = reuse_plan(rq, t, pcs, forced, out, E, N, scores, &rp))) return rc;
     const double assemble = ms_since(ta);
     /* 2. weights and applies of every piece, enqueued back to back; one sync */

@@ -265,7 +265,7 @@ static int cmp_score_desc(const void *a, const void *b) {
  * or a short text segment after a shared piece (recompute_text), 1 = one of the recompute_frac share of the other
  * offset-corrected placeholder rows with the largest spread score. Returns the number of marked rows or < 0. */
 static int mark_rows(const prep_priv_t *pv, const kvm_kvcomm_config_t *cfg, int E, int N, char *mark) {
-    const bool select = pv->row_score && cfg->recompute_frac > 0;
+    const bool select = pv->row_score && comm_wants_scores(cfg);
     for (int j = 0; j < pv->n_ph; j++) {
         const comm_piece_t *q = &pv->ph[j];
         if (q->decision != KVM_PH_SHARED && q->decision != KVM_PH_NAIVE) continue;
@@ -286,7 +286,9 @@ static int mark_rows(const prep_priv_t *pv, const kvm_kvcomm_config_t *cfg, int 
     }
     int k = select ? (int)ceil((double)cfg->recompute_frac * nc) : 0;
     if (k > nc) k = nc;
-    if (k > 0) qsort(cand, (size_t)nc, 2 * sizeof(float), cmp_score_desc);
+    if (select && nc > 0) qsort(cand, (size_t)nc, 2 * sizeof(float), cmp_score_desc);
+    if (select && cfg->recompute_spread > 0) /* and every row whose predicted error passes the gate */
+        while (k < nc && cand[2 * k] >= cfg->recompute_spread) k++;
     for (int i = 0; i < k; i++) mark[(int)cand[2 * i + 1]] = 1;
     kvm_free(cand);
     return k + n2;
@@ -302,7 +304,7 @@ static int stage_recompute(kvm_comm_t *c, prep_priv_t *pv, kvm_prepared_t *p) {
     kvm_comm_report_t *r = &p->report;
     const kvm_kvcomm_config_t *cfg = &c->cfg;
     const int N = p->n_prompt, E = pv->n_exact;
-    if (!(pv->row_score && cfg->recompute_frac > 0) && cfg->recompute_below <= 0 && cfg->recompute_text <= 0) return 0;
+    if (!(pv->row_score && comm_wants_scores(cfg)) && cfg->recompute_below <= 0 && cfg->recompute_text <= 0) return 0;
     for (int row = E; row < N - 1; row++)
         if (c->pool->refcount[p->seq.blocks[row / KVM_KV_BLOCK]] != 1)
             return kvm_seterr(KVM_EINTERNAL, "recompute: assembled row %d sits in a shared block", row);
@@ -346,7 +348,7 @@ static int stage_assemble(kvm_comm_request_t *rq, const kvm_template_t *t, const
     const int N = out->n_prompt;
     r->mode = KVM_COMM_REUSE;
     for (int i = 0; i < t->n_ph; i++) r->ph[i].decision = pv->ph[i].decision;
-    if (cfg->recompute_frac > 0 && !(pv->row_score = kvm_calloc((size_t)N, sizeof(float)))) return KVM_ENOMEM;
+    if (comm_wants_scores(cfg) && !(pv->row_score = kvm_calloc((size_t)N, sizeof(float)))) return KVM_ENOMEM;
     int rc = comm_dev_reuse(rq, t, pv->ph, forced, out, E, N, pv->row_score);
     if (rc) return rc;
     r->exact_tokens = E;
