@@ -489,10 +489,8 @@ typedef struct kvm_comm_stats {
     uint64_t invocations, reuse_invocations;     /* reuse rate = reuse / invocations (paper §4.1) */
     uint64_t exact_tokens, offset_tokens, naive_tokens, recomputed_tokens, input_tokens;
     int n_pools;
-    size_t anchor_bytes;        /* KV-pool blocks the anchors hold as their own (deltas; bases loaded from a file) */
-    size_t anchor_shared_bytes; /* KV-pool blocks of anchor bases shared with their segments (kvcomm.md §2.4) */
+    size_t anchor_bytes;
     uint64_t anchors_created, anchors_evicted;
-    uint64_t anchors_reclaimed; /* of the evicted: evicted because the KV pool needed their blocks */
 } kvm_comm_stats_t;
 void kvm_comm_stats(const kvm_comm_t *c, kvm_comm_stats_t *out);
 

@@ -294,19 +294,19 @@ typedef struct kvm_kvcomm_spread_args {
 /* kvcomm_diff: for rows r in [0, n) and layers l in [l0, L) (l0 = 0 or 1), kv, h, d:
  *   y[l,kv,h,r,d] = a'[l,kv,h,r,d] - (b.data ? b[l,kv,h,r,d] : 0)      (fp32)
  *   where a' = a, except that keys (kv 0) are first rotated by `shift` positions (same numerics as kvcomm_apply's
- *   shift; none when shift == 0); y is rounded ONCE to the dtype and stored in the view `out`: contiguous
- *   (out.rows >= n, out.l0 == l0: element ((((l - l0) * 2 + kv) * H + h) * out.rows + r) * D + d) or paged (row r
- *   at position out.start + r of the block table out.blocks in the pool out.data; layers below l0 untouched).
+ *   shift; none when shift == 0); y is rounded ONCE to the dtype and stored contiguous:
+ *   out[((((l - l0) * 2 + kv) * H + h) * n + r) * D + d]  (the contiguous view {out, rows = n, l0}).
  * a and b are views (paged or contiguous; a contiguous one must hold layer l0 and n rows); out must not overlap
- * them. An anchor's delta is kvcomm_diff(the consumer's dense rows at position p, shift -p, b = the anchor's base
- * or the template's text rows, l0 = 1), stored in the anchor's own pool blocks. */
+ * them. An anchor's base is kvcomm_diff(segment rows, no b, l0 = 0); a consumer's delta is
+ * kvcomm_diff(its dense rows at position p, shift -p, b = the base or the template's text rows, l0 = 1). */
 typedef struct kvm_kvcomm_diff_args {
     kvm_kv_geom_t g;
-    kvm_kv_view_t a, b, out;
+    kvm_kv_view_t a, b;
     int n, l0;
     int32_t shift;
     const float *inv_freq; /* backend memory [D/2], needed when shift != 0 */
     kvm_rope_layout_t layout;
+    void *out;             /* backend memory */
 } kvm_kvcomm_diff_args_t;
 
 /* ---- C2C op types -------------------------------------------------------------------------------- */

@@ -204,9 +204,9 @@ static void ttft_report(const bench_model_t *bm, const opts_t *o, kvm_comm_t *c,
     printf("alignment (weights + offsets + assembly): %.3f ms per 1K reused tokens; bandwidth floor %.3f ms per 1K "
            "at %.0f GB/s (bf16 bytes of bases, deltas, anchor bases, writes) -> %.1fx the floor\n", per1k, floor1k,
            o->bw_gbs, floor1k > 0 ? per1k / floor1k : 0);
-    printf("anchors: %d in %d pools, %.1f MiB in all, %.2f MiB per anchor (their own blocks of the KV pool, the KV "
-           "dtype); bases shared with their segments: %.1f MiB more\n", n_anchors, st.n_pools,
-           st.anchor_bytes / 1048576.0, per_anchor / 1048576.0, st.anchor_shared_bytes / 1048576.0);
+    printf("anchors: %d in %d pools, %.1f MiB in all, %.2f MiB per anchor (as stored: %s memory in the KV cache's "
+           "dtype)\n", n_anchors, st.n_pools, st.anchor_bytes / 1048576.0, per_anchor / 1048576.0,
+           strcmp(bm->info.backend, "cpu") ? "device" : "host");
     cJSON_AddNumberToObject(root, "reuse_rate", n_meas ? (double)n_reuse / n_meas : 0);
     cJSON_AddNumberToObject(root, "align_ms_per_1k", per1k);
     cJSON_AddNumberToObject(root, "align_floor_ms_per_1k", floor1k);
@@ -214,7 +214,6 @@ static void ttft_report(const bench_model_t *bm, const opts_t *o, kvm_comm_t *c,
     cJSON_AddNumberToObject(root, "anchors", n_anchors);
     cJSON_AddNumberToObject(root, "anchor_bytes", (double)st.anchor_bytes);
     cJSON_AddNumberToObject(root, "anchor_bytes_per_anchor", per_anchor);
-    cJSON_AddNumberToObject(root, "anchor_shared_bytes", (double)st.anchor_shared_bytes);
     write_json(o, "kvcomm_ttft.json", root);
     cJSON_Delete(root);
 }

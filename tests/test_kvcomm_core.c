@@ -1251,87 +1251,6 @@ static void test_switches_parse_and_reject_unknown_values(void **st) {
     assert_true(c.recompute_frac == 0 && c.recompute_below == 0 && c.gamma == 0.3f);
 }
 
-/* ---- anchors in the KV pool (issue 17) ------------------------------------------------------------------------ */
-
-/* An anchor's base is its segment's blocks (references, no copy); its delta has blocks of its own; both come out
- * of the KV pool, and the widened host copy equals the segment's rows. */
-static void test_anchor_base_shares_the_segments_blocks_and_its_delta_lives_in_the_pool(void **st) {
-    (void)st;
-    kvm_model_t *m = small_model(KVM_ROPE_HALF, 41);
-    kvm_comm_t *c = kvm_comm_create(m, NULL);
-    kvm_template_t *t = make_tmpl(c, "a", "input", NULL, 43, 23);
-    kvm_segment_t *in = input_segment(c, 44, 33);
-    kvm_kv_pool_t *pool = kvm_kv_store_pool(kvm_comm_store(c));
-    int nb = 0;
-    const int32_t *sb = kvm_segment_blocks(in, &nb);
-    const int32_t refs_before = pool->refcount[sb[0]];
-    const int free_before = pool->n_free;
-    kvm_binding_t b = {"input", in};
-    kvm_comm_request_t *rq = kvm_comm_request_begin(c, 1);
-    kvm_comm_report_t rep;
-    assert_int_equal(run_agent(rq, t, &b, 1, KVM_KV_KVCOMM, &rep, NULL, 2), 0);
-    assert_int_equal(rep.ph[0].decision, KVM_PH_NEW_ANCHOR);
-    assert_int_equal(kvm_comm_request_end(rq), 0);
-    const int S = t->te[1] - t->ts[1], T = 33;
-    kvm_comm_stats_t stt;
-    kvm_comm_stats(c, &stt);
-    assert_int_equal(stt.anchors_created, 1);
-    assert_int_equal(stt.anchor_shared_bytes, (size_t)((T + 15) / 16) * pool->block_bytes);
-    assert_int_equal(stt.anchor_bytes, (size_t)((T + S + 15) / 16) * pool->block_bytes);
-    assert_int_equal(pool->refcount[sb[0]], refs_before + 1); /* the anchor's reference to the segment's block */
-    assert_true(free_before - pool->n_free >= (T + S + 15) / 16); /* (the prefix store keeps the prompt's too) */
-    /* the host copy of the base is the segment's rows */
-    comm_anchor_t *a = c->pools[0].a[0];
-    assert_int_equal(comm_anchor_host(c, a), 0);
-    float *seg = malloc(comm_rows_elems(&c->g, T) * sizeof(float));
-    assert_int_equal(kvm_segment_read_f32(in, 0, T, seg), 0);
-    assert_memory_equal(a->base, seg, comm_rows_elems(&c->g, T) * sizeof(float));
-    assert_non_null(a->deltas[0].d_ph);
-    comm_anchor_host_drop(c, a);
-    assert_null(a->base);
-    free(seg);
-    teardown(m, c, t, NULL, in, NULL);
-}
-
-/* Anchors hold KV-pool blocks; when a sequence needs them, the pool's reclaim evicts cached segments and then
- * anchors instead of failing, and counts it. */
-static void test_kv_pressure_evicts_anchors_before_failing(void **st) {
-    (void)st;
-    kvm_model_t *m = small_model(KVM_ROPE_HALF, 47);
-    kvm_comm_opts_t o = {0};
-    o.kv_budget_bytes = 40 * kvm_kv_block_bytes(&(kvm_kv_geom_t){3, 2, 16, KVM_F32});
-    kvm_comm_t *c = kvm_comm_create(m, &o);
-    assert_non_null(c);
-    kvm_kv_pool_t *pool = kvm_kv_store_pool(kvm_comm_store(c));
-    assert_int_equal(pool->n_blocks, 40);
-    kvm_template_t *t = make_tmpl(c, "a", "input", NULL, 48, 23);
-    for (int r = 0; r < 4; r++) { /* four different inputs: four anchors of pool "input" */
-        kvm_segment_t *in = input_segment(c, 100 + (uint64_t)r, 33);
-        kvm_binding_t b = {"input", in};
-        kvm_comm_request_t *rq = kvm_comm_request_begin(c, 1 + (uint64_t)r);
-        assert_int_equal(run_agent(rq, t, &b, 1, KVM_KV_KVCOMM, NULL, NULL, 2), 0);
-        assert_int_equal(kvm_comm_request_end(rq), 0);
-        kvm_segment_release(in);
-    }
-    kvm_comm_stats_t before;
-    kvm_comm_stats(c, &before);
-    assert_int_equal(before.anchors_created, 4);
-    assert_true(before.anchor_bytes > 0);
-    /* a sequence that needs every block of the pool but the template's: anchors must go */
-    kvm_seq_t hog;
-    kvm_seq_init(&hog, pool);
-    const int want = pool->n_blocks - 3;
-    assert_true(want > pool->n_free);
-    assert_int_equal(kvm_seq_reserve(&hog, want * KVM_KV_BLOCK), 0);
-    kvm_comm_stats_t after;
-    kvm_comm_stats(c, &after);
-    assert_true(after.anchors_reclaimed >= 1);
-    assert_true(after.anchors_evicted >= after.anchors_reclaimed);
-    assert_true(after.anchor_bytes < before.anchor_bytes);
-    kvm_seq_free(&hog);
-    teardown(m, c, t, NULL, NULL, NULL);
-}
-
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_layer0_keys_after_shift_equal_dense_rotate_half),
@@ -1346,8 +1265,6 @@ int main(void) {
         cmocka_unit_test(test_response_segment_drops_the_token_without_kv_or_computes_it_on_length_stop),
         cmocka_unit_test(test_prepare_rejects_a_segment_of_another_model_and_a_wrong_frame),
         cmocka_unit_test(test_prepare_fails_cleanly_when_the_kv_budget_cannot_hold_the_prompt),
-        cmocka_unit_test(test_anchor_base_shares_the_segments_blocks_and_its_delta_lives_in_the_pool),
-        cmocka_unit_test(test_kv_pressure_evicts_anchors_before_failing),
         cmocka_unit_test(test_template_validation_rejects_whitespace_pieces_and_adjacent_placeholders),
         cmocka_unit_test(test_template_change_invalidates_deltas),
         cmocka_unit_test(test_template_parse_maps_graph_placeholders_to_kvcomm_names),

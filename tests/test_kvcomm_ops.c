@@ -465,11 +465,9 @@ static double rel_err_ff(const float *a, const float *ref, size_t n) {
 
 /* ---- kvcomm_diff (anchor materialization) ------------------------------------------------------------------ */
 
-/* The uses of kvcomm_diff: 0 = a copy of the candidate X (paged; l0 0, no b); 1 = a placeholder delta (X paged,
- * keys re-based by -shift, minus anchor 0's contiguous base, layers 1..); 2 = a text delta (anchor 0's contiguous
- * rows minus the text segment P, paged, layers 1..); 3 = use 1 written paged into the pool (the output table at
- * position 7), as an anchor's deltas are stored. Rows: T, T, S, T. */
-#define DIFF_USES 4
+/* The three uses of kvcomm_diff: 0 = an anchor's base (the candidate X, paged, copied: l0 0, no b); 1 = a
+ * placeholder delta (X paged, keys re-based by -shift, minus anchor 0's contiguous base, layers 1..); 2 = a text
+ * delta (anchor 0's contiguous rows minus the text segment P, paged, layers 1..). Rows: T, T, S. */
 static int diff_rows(const kcase_t *k, int use) { return use == 2 ? k->S : k->T; }
 static int diff_l0(int use) { return use ? 1 : 0; }
 
@@ -477,38 +475,21 @@ static float *run_diff(const devcase_t *dc, const kcase_t *k, int use, int shift
     const kvm_ops_t *o = dc->o;
     const int n = diff_rows(k, use), l0 = diff_l0(use);
     const size_t cnt = (size_t)(k->L - l0) * 2 * k->H * n * k->D;
-    void *out = use == 3 ? dc->pool : o->alloc(cnt * esz(k->dt) + 16);
+    void *out = o->alloc(cnt * esz(k->dt) + 16);
     assert_non_null(out);
     const kvm_kv_view_t xv = {.data = dc->pool, .blocks = dc->xblk, .start = k->xs};
     const kvm_kv_view_t pv = {.data = dc->pool, .blocks = dc->pblk, .start = k->ps};
     const kvm_kv_view_t av = {.data = dc->Ab[0], .rows = k->Tn[0], .l0 = 0};
     kvm_kvcomm_diff_args_t a = {.g = case_geom(k), .n = n, .l0 = l0, .inv_freq = dc->inv_freq, .layout = k->layout,
-                                .out = {.data = out, .rows = n, .l0 = l0}};
+                                .out = out};
     if (use == 0) a.a = xv;
-    if (use == 1 || use == 3) a.a = xv, a.b = av, a.shift = shift;
-    if (use == 3) a.out = (kvm_kv_view_t){.data = dc->pool, .blocks = dc->oblk, .start = 7};
+    if (use == 1) a.a = xv, a.b = av, a.shift = shift;
     if (use == 2) a.a = av, a.b = pv;
     assert_int_equal(o->kvcomm_diff(&a), 0);
     assert_int_equal(o->sync(), 0);
-    float *y = malloc(cnt * sizeof(float) + 4);
-    if (use == 3) { /* the rows out of the pool, contiguous */
-        const size_t pool_bytes = (size_t)k->n_blocks * k->L * 2 * k->H * KVM_KV_BLOCK * k->D * esz(k->dt);
-        void *h = malloc(pool_bytes);
-        assert_int_equal(o->d2h(h, dc->pool, pool_bytes), 0);
-        for (int l = l0; l < k->L; l++)
-            for (int kv = 0; kv < 2; kv++)
-                for (int hh = 0; hh < k->H; hh++)
-                    for (int r = 0; r < n; r++)
-                        for (int d = 0; d < k->D; d++) {
-                            int p = 7 + r;
-                            y[lidx(k, k->L - l0, n, l - l0, kv, hh, r, d)] =
-                                get(h, k->dt, pool_idx(k, k->oblk[p / KVM_KV_BLOCK], l, kv, hh, p % KVM_KV_BLOCK, d));
-                        }
-        free(h);
-        return y;
-    }
     void *h = malloc(cnt * esz(k->dt) + 16);
     assert_int_equal(o->d2h(h, out, cnt * esz(k->dt)), 0);
+    float *y = malloc(cnt * sizeof(float) + 4);
     for (size_t i = 0; i < cnt; i++) y[i] = get(h, k->dt, i);
     free(h);
     o->free(out);
@@ -525,9 +506,9 @@ static double *ref_diff(const kcase_t *k, int use, int shift) {
                 for (int r = 0; r < n; r++) {
                     for (int d = 0; d < D; d++)
                         row[d] = use == 2 ? k->A[0][lidx(k, L, k->Tn[0], l, kv, h, r, d)] : k->X[lidx(k, L, k->T, l, kv, h, r, d)];
-                    if ((use == 1 || use == 3) && kv == 0 && shift) ref_rotate(row, D, shift, k->inv_freq, k->layout);
+                    if (use == 1 && kv == 0 && shift) ref_rotate(row, D, shift, k->inv_freq, k->layout);
                     for (int d = 0; d < D; d++) {
-                        if (use == 1 || use == 3) row[d] -= k->A[0][lidx(k, L, k->Tn[0], l, kv, h, r, d)];
+                        if (use == 1) row[d] -= k->A[0][lidx(k, L, k->Tn[0], l, kv, h, r, d)];
                         if (use == 2) row[d] -= k->P[lidx(k, L, k->S, l, kv, h, r, d)];
                     }
                     memcpy(y + lidx(k, L - l0, n, l - l0, kv, h, r, 0), row, (size_t)D * sizeof(double));
@@ -539,7 +520,7 @@ static double *ref_diff(const kcase_t *k, int use, int shift) {
 /* the three uses on backend dc against the formula; the worst relative error */
 static double diff_err(const devcase_t *dc, const kcase_t *k, int shift) {
     double worst = 0;
-    for (int use = 0; use < DIFF_USES; use++) {
+    for (int use = 0; use < 3; use++) {
         float *y = run_diff(dc, k, use, shift);
         double *ry = ref_diff(k, use, shift);
         double e = rel_err_fd(y, ry, (size_t)(k->L - diff_l0(use)) * 2 * k->H * diff_rows(k, use) * k->D);
@@ -700,7 +681,7 @@ static void check_backend_case(const kvm_ops_t *o, int L, int H, int D, int T, i
         free(sc), free(sg);
     }
     /* diff (anchor materialization): each use on both, against each other */
-    for (int use = 0; use < DIFF_USES; use++) {
+    for (int use = 0; use < 3; use++) {
         float *yc = run_diff(&cc, k, use, -(T + 41)), *yg = run_diff(&gc, k, use, -(T + 41));
         double e = rel_err_ff(yg, yc, (size_t)(L - diff_l0(use)) * 2 * H * diff_rows(k, use) * D);
         fprintf(stderr, "  [%s L=%d H=%d D=%d T=%d %s] kvcomm_diff use %d rel err %.3g (tol 1e-6)\n", o->name, L, H, D, T,

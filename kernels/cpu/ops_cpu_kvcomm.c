@@ -316,6 +316,7 @@ int kvm_cpu_kvcomm_spread(const kvm_kvcomm_spread_args_t *a) {
 
 typedef struct {
     const kvm_kvcomm_diff_args_t *a;
+    kvm_kv_view_t out;
     const float *cs;
     _Atomic int fail;
 } diff_task_t;
@@ -343,7 +344,7 @@ static void diff_task(void *ctx, int i0, int i1, int tid) {
                     load_row(y, a->b.data, g->dtype, view_idx(g, &a->b, l, kv, h, r), D);
                     for (int d = 0; d < D; d++) x[d] -= y[d];
                 }
-                store_row((void *)a->out.data, g->dtype, view_idx(g, &a->out, l, kv, h, r), x, D);
+                store_row(a->out, g->dtype, view_idx(g, &t->out, l, kv, h, r), x, D);
             }
     }
     free(x), free(y);
@@ -355,13 +356,8 @@ int kvm_cpu_kvcomm_diff(const kvm_kvcomm_diff_args_t *a) {
     if (rc) return rc;
     const kvm_kv_geom_t *g = &a->g;
     const int L = g->n_layers, H = g->n_kv_heads, D = g->head_dim;
-    if (a->n < 0 || a->l0 < 0 || a->l0 > 1 || a->l0 >= L || !a->out.data || !a->a.data)
-        return kvm_seterr(KVM_EINVAL, "kvcomm_diff: n=%d l0=%d (L=%d), out %p, a %p", a->n, a->l0, L, a->out.data, a->a.data);
-    if (!a->out.blocks && (a->out.rows < a->n || a->out.l0 != a->l0))
-        return kvm_seterr(KVM_EINVAL, "kvcomm_diff: a contiguous out of %d rows from layer %d (need %d, %d)", a->out.rows,
-                          a->out.l0, a->n, a->l0);
-    if (a->out.blocks && (a->out.l0 != 0 || a->out.start < 0))
-        return kvm_seterr(KVM_EINVAL, "kvcomm_diff: a paged out needs l0 = 0 and start >= 0");
+    if (a->n < 0 || a->l0 < 0 || a->l0 > 1 || a->l0 >= L || !a->out || !a->a.data)
+        return kvm_seterr(KVM_EINVAL, "kvcomm_diff: n=%d l0=%d (L=%d), out %p, a %p", a->n, a->l0, L, a->out, a->a.data);
     if (a->shift && !a->inv_freq) return kvm_seterr(KVM_EINVAL, "kvcomm_diff: a shift needs inv_freq");
     for (int k = 0; k < 2; k++) {
         const kvm_kv_view_t *v = k ? &a->b : &a->a;
@@ -373,7 +369,7 @@ int kvm_cpu_kvcomm_diff(const kvm_kvcomm_diff_args_t *a) {
     float *cs = a->shift ? malloc((size_t)D * sizeof(float)) : NULL;
     if (a->shift && !cs) return kvm_seterr(KVM_ENOMEM, "kvcomm_diff: out of host memory");
     if (cs) rot_table(cs, D, a->shift, a->inv_freq);
-    diff_task_t t = {.a = a, .cs = cs};
+    diff_task_t t = {.a = a, .out = {.data = a->out, .rows = a->n, .l0 = a->l0}, .cs = cs};
     const int slabs = (L - a->l0) * H;
     const bool par = (size_t)slabs * 2 * (size_t)a->n * D > KVCOMM_PAR_MIN;
     kvm_cpu_parallel_for(slabs, par ? 1 : slabs, diff_task, &t);

@@ -922,11 +922,8 @@ extern "C" int kvm_cuda_kvcomm_diff(const kvm_kvcomm_diff_args_t *a) {
     int rc = check_common(&a->g, 0, "kvcomm_diff");
     if (rc) return rc;
     const int L = a->g.n_layers, H = a->g.n_kv_heads, D = a->g.head_dim;
-    if (a->n < 0 || a->l0 < 0 || a->l0 > 1 || a->l0 >= L || !a->out.data)
-        return kvm_seterr(KVM_EINVAL, "kvcomm_diff: n=%d l0=%d (L=%d), out %p", a->n, a->l0, L, a->out.data);
-    if (!a->out.blocks && (a->out.rows < a->n || a->out.l0 != a->l0))
-        return kvm_seterr(KVM_EINVAL, "kvcomm_diff: a contiguous out of %d rows from layer %d (need %d, %d)", a->out.rows,
-                          a->out.l0, a->n, a->l0);
+    if (a->n < 0 || a->l0 < 0 || a->l0 > 1 || a->l0 >= L || !a->out)
+        return kvm_seterr(KVM_EINVAL, "kvcomm_diff: n=%d l0=%d (L=%d), out %p", a->n, a->l0, L, a->out);
     if (a->shift && !a->inv_freq) return kvm_seterr(KVM_EINVAL, "kvcomm_diff: a shift needs inv_freq");
     if (!a->n) return 0;
     if ((rc = check_view(a->a, "a", "kvcomm_diff", a->n))) return rc;
@@ -936,14 +933,14 @@ extern "C" int kvm_cuda_kvcomm_diff(const kvm_kvcomm_diff_args_t *a) {
         if (v.data && !v.blocks && v.l0 > a->l0)
             return kvm_seterr(KVM_EINVAL, "kvcomm_diff: view %c starts at layer %d, needed %d", k ? 'b' : 'a', v.l0, a->l0);
     }
-    if ((rc = check_view(a->out, "out", "kvcomm_diff", a->n))) return rc;
+    if (reinterpret_cast<uintptr_t>(a->out) & 15) return kvm_seterr(KVM_EINVAL, "kvcomm_diff (cuda): out not 16-byte aligned");
     DiffParams p;
     memset(&p, 0, sizeof p);
     p.g = Geo{L, H, D};
     p.a = to_dview(a->a);
     p.b = to_dview(a->b);
     p.has_b = a->b.data != nullptr;
-    p.out = to_dview(a->out);
+    p.out = DView{a->out, nullptr, 0, a->n, a->l0};
     p.n = a->n, p.l0 = a->l0, p.shift = a->shift;
     p.il = a->layout == KVM_ROPE_INTERLEAVED;
     p.inv_freq = a->inv_freq;

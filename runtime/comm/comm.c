@@ -201,7 +201,7 @@ kvm_comm_t *kvm_comm_create(kvm_model_t *m, const kvm_comm_opts_t *opts) {
         kvm_free(c);
         return NULL;
     }
-    c->g.esize = (int)kvm_dtype_size(c->pool->geom.dtype);
+    c->g.esize = c->pool->ops == kvm_ops_cpu() && c->pool->geom.dtype == KVM_F32 ? 4 : (int)kvm_dtype_size(c->pool->geom.dtype);
     kvm_rope_params_t rp = {.inv_freq = m->inv_freq, .n_freq = m->cfg.head_dim / 2, .layout = m->cfg.rope_layout};
     c->store = kvm_kv_store_create(c->pool, &rp);
     if (!c->store) {
@@ -209,11 +209,6 @@ kvm_comm_t *kvm_comm_create(kvm_model_t *m, const kvm_comm_opts_t *opts) {
         kvm_free(c);
         return NULL;
     }
-    /* anchors live in the pool too: its reclaim hook evicts them after the store's cached segments */
-    c->store_reclaim = c->pool->reclaim;
-    c->store_reclaim_ud = c->pool->reclaim_ud;
-    c->pool->reclaim = comm_reclaim;
-    c->pool->reclaim_ud = c;
     comm_dev_check(c, c->kvcomm_off, sizeof c->kvcomm_off);
     if (c->kvcomm_off[0]) KVM_LOGW("comm: KVCOMM is off on this model (the KVCOMM policy prepares dense): %s", c->kvcomm_off);
     return c;
@@ -228,10 +223,6 @@ void kvm_comm_free(kvm_comm_t *c) {
     }
     kvm_free(c->pools);
     comm_dev_ctx_free(c);
-    if (c->pool->reclaim == comm_reclaim) { /* the store's hook back, so that freeing the store unsets it */
-        c->pool->reclaim = c->store_reclaim;
-        c->pool->reclaim_ud = c->store_reclaim_ud;
-    }
     kvm_kv_store_free(c->store);
     kvm_kv_pool_free(c->pool);
     kvm_free(c);

@@ -63,10 +63,6 @@ struct kvm_comm {
     kvm_comm_stats_t st;
     int active_requests;
     struct comm_dev_ctx *dev;  /* kvcomm_dev.c: scratch of the op path, or NULL */
-    /* the KV pool's reclaim hook is comm_reclaim while c lives; the store's own hook is called from it */
-    int (*store_reclaim)(void *ud, int n_blocks);
-    void *store_reclaim_ud;
-    const struct comm_anchor *reclaim_keep; /* an anchor comm_reclaim must not evict (being inserted), or NULL */
     char kvcomm_off[160];      /* why the backend cannot run KVCOMM (no ops, a shape it does not take), or "" */
 };
 
@@ -165,10 +161,6 @@ int comm_pool_insert(kvm_comm_t *c, comm_pool_t *p, comm_anchor_t *a);
 int comm_commit(kvm_comm_request_t *rq);
 void comm_request_free_state(kvm_comm_request_t *rq);
 size_t comm_anchor_bytes(const comm_geom_t *g, const comm_anchor_t *a);
-bool comm_pool_holds(const comm_pool_t *p, const comm_anchor_t *a);
-/* The KV pool's reclaim hook (kv.h) while a comm owns the pool: the store's eviction of cached segments, then
- * anchors (the pool with the most first, §3.9's choice within it) until n_blocks blocks are free. */
-int comm_reclaim(void *ud, int n_blocks);
 
 /* ---- prepare.c: one placeholder of a prompt being prepared and the text segment after it ---- */
 typedef struct comm_piece {
@@ -214,9 +206,6 @@ void comm_dev_ctx_free(kvm_comm_t *c);
 /* uploads host arrays that have no backend data yet (anchors loaded from a state file or made by a test) */
 int comm_dev_anchor_sync(kvm_comm_t *c, comm_anchor_t *a);
 void comm_dev_anchor_free(comm_anchor_t *a);
-/* bytes of the KV pool's blocks a holds as its own (its deltas; its base too when loaded from a state file);
- * *shared (may be NULL): bytes of the base blocks it shares with its sample's segment */
-size_t comm_dev_anchor_bytes(const comm_anchor_t *a, size_t *shared);
 /* A new anchor's base from sample s's segment rows [0, a->T) (a->T set); 0 or a KVM_E*. */
 int comm_dev_anchor_base(kvm_comm_t *c, comm_anchor_t *a, comm_sample_t *s);
 /* Adds t's agent's delta to anchor a from the dense rows of seq (see comm_materialize; P = t's text segment

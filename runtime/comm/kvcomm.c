@@ -36,7 +36,6 @@ comm_pool_t *comm_pool_get(kvm_comm_t *c, const char *name, bool create) {
 }
 
 size_t comm_anchor_bytes(const comm_geom_t *g, const comm_anchor_t *a) {
-    if (a->dev) return comm_dev_anchor_bytes(a, NULL); /* its own blocks of the KV pool */
     const size_t es = g->esize > 0 ? (size_t)g->esize : sizeof(float);
     size_t b = comm_rows_elems(g, a->T) * es;
     size_t per_row_delta = (size_t)(g->L - 1) * 2 * g->H * g->D * es;
@@ -289,12 +288,6 @@ static void pool_evict_one(kvm_comm_t *c, comm_pool_t *p, const comm_anchor_t *k
     comm_anchor_unref(c, a);
 }
 
-bool comm_pool_holds(const comm_pool_t *p, const comm_anchor_t *a) {
-    for (int i = 0; i < p->n; i++)
-        if (p->a[i] == a) return true;
-    return false;
-}
-
 int comm_pool_insert(kvm_comm_t *c, comm_pool_t *p, comm_anchor_t *a) {
     const int V = c->cfg.max_anchors > 0 ? c->cfg.max_anchors : 1;
     if (c->cfg.pool_bound == KVM_KVCOMM_POOL_REFERENCE) {
@@ -306,38 +299,16 @@ int comm_pool_insert(kvm_comm_t *c, comm_pool_t *p, comm_anchor_t *a) {
     if (comm_reserve(&p->a, &p->cap, p->n, sizeof *p->a)) return KVM_ENOMEM;
     if (!a->insert_seq) a->insert_seq = ++c->insert_seq;
     else if (a->insert_seq > c->insert_seq) c->insert_seq = a->insert_seq;
+    a->bytes = comm_anchor_bytes(&c->g, a);
     p->a[p->n++] = a; /* the caller's reference moves to the pool */
     if (!c->kvcomm_off[0]) {
-        c->reclaim_keep = a; /* the blocks a loaded anchor takes may make the pool evict others, never a */
         if (comm_dev_anchor_sync(c, a)) KVM_LOGW("kvcomm: uploading an anchor failed: %s", kvm_errmsg());
-        else comm_anchor_host_drop(c, a); /* a loaded anchor's host copy, now in the pool */
-        c->reclaim_keep = NULL;
+        else comm_anchor_host_drop(c, a); /* a loaded anchor's host copy, now on the backend */
     }
-    a->bytes = comm_anchor_bytes(&c->g, a);
     c->anchor_bytes += a->bytes;
     while (c->cfg.anchor_budget_bytes && c->anchor_bytes > c->cfg.anchor_budget_bytes && p->n > 1)
         pool_evict_one(c, p, a);
     return 0;
-}
-
-int comm_reclaim(void *ud, int n_blocks) {
-    kvm_comm_t *c = ud;
-    if (c->store_reclaim) c->store_reclaim(c->store_reclaim_ud, n_blocks); /* cached segments first */
-    while (c->pool->n_free < n_blocks) {
-        comm_pool_t *big = NULL; /* then anchors, from the pool that holds the most */
-        for (int i = 0; i < c->n_pools; i++) {
-            comm_pool_t *p = &c->pools[i];
-            int evictable = p->n - (c->reclaim_keep && p->n && comm_pool_holds(p, c->reclaim_keep) ? 1 : 0);
-            if (evictable > 0 && (!big || p->n > big->n)) big = p;
-        }
-        if (!big) break;
-        KVM_LOGD("kvcomm: the KV pool needs %d blocks (%d free): evicting an anchor of '%s'", n_blocks, c->pool->n_free,
-                 big->name);
-        pool_evict_one(c, big, c->reclaim_keep);
-        c->st.anchors_reclaimed++;
-        if (c->store_reclaim) c->store_reclaim(c->store_reclaim_ud, n_blocks); /* segments it was the last to hold */
-    }
-    return c->pool->n_free >= n_blocks ? 0 : KVM_ENOMEM;
 }
 
 int comm_commit(kvm_comm_request_t *rq) {

@@ -29,23 +29,11 @@
 #include "comm_internal.h"
 #include "../../kernels/cpu/cpu_pool.h"
 
-/* Blocks of the KV pool holding anchor rows: host ids (one pool reference each) and their backend copy (what the
- * ops' paged views read). */
-typedef struct comm_blist {
-    int32_t *h;
-    int n;
-    int32_t *d;
-} comm_blist_t;
-
-/* An anchor's data, all in the KV pool (counted in its budget, kvcomm.md §2.4): the base is the rows [0, T) of
- * the blocks of the sample's segment (shared with the prefix store: references, no copy), and each delta i has
- * its own blocks: d_ph at rows [0, T), d_pf at rows [T, T + S), layers 1..L-1 (layer 0 of those rows unused). */
 struct comm_dev_anchor {
     const kvm_ops_t *o;
-    kvm_kv_pool_t *pool;
-    comm_blist_t base;
-    bool base_shared;     /* base blocks came from a segment (else: an anchor loaded from a state file) */
-    comm_blist_t *d;      /* per a->deltas[i] */
+    bool alias;           /* base, d_ph, d_pf are the anchor's host arrays (host-memory backend, fp32 pool) */
+    void *base;           /* [L][2][H][T][D] dtype */
+    void **d_ph, **d_pf;  /* per a->deltas[i]: [L-1][2][H][T|S][D] dtype */
     int n, cap;
 };
 
@@ -229,61 +217,6 @@ static void *upload_rows(const kvm_ops_t *o, kvm_dtype_t dt, const float *src, s
 static struct comm_dev_anchor *anchor_mirror(kvm_comm_t *c, comm_anchor_t *a);
 static int mirror_reserve(struct comm_dev_anchor *m, int n);
 
-static void blist_free(const kvm_ops_t *o, kvm_kv_pool_t *pool, comm_blist_t *b) {
-    for (int i = 0; i < b->n; i++) kvm_kv_block_unref(pool, b->h[i]);
-    if (b->d) o->free(b->d);
-    kvm_free(b->h);
-    memset(b, 0, sizeof *b);
-}
-
-static int blist_upload(kvm_comm_t *c, comm_blist_t *b) {
-    const kvm_ops_t *o = c->pool->ops;
-    b->d = o->alloc((size_t)(b->n ? b->n : 1) * sizeof(int32_t));
-    if (!b->d) return kvm_errcode() ? kvm_errcode() : KVM_ENOMEM;
-    return b->n ? o->h2d(b->d, b->h, (size_t)b->n * sizeof(int32_t)) : 0;
-}
-
-/* b = references to the blocks holding rows [0, rows) of segment seg */
-static int blist_share(kvm_comm_t *c, comm_blist_t *b, const kvm_segment_t *seg, int rows) {
-    int nb = 0;
-    const int32_t *sb = kvm_segment_blocks(seg, &nb);
-    const int need = (rows + KVM_KV_BLOCK - 1) / KVM_KV_BLOCK;
-    if (need > nb) return kvm_seterr(KVM_EINTERNAL, "kvcomm: a segment of %d blocks holds no %d rows", nb, rows);
-    b->h = kvm_malloc((size_t)(need ? need : 1) * sizeof(int32_t));
-    if (!b->h) return KVM_ENOMEM;
-    for (int i = 0; i < need; i++) kvm_kv_block_ref(c->pool, b->h[b->n++] = sb[i]);
-    int rc = blist_upload(c, b);
-    if (rc) blist_free(c->pool->ops, c->pool, b);
-    return rc;
-}
-
-/* b = new blocks for `rows` rows (the pool's reclaim hook may evict cached segments and anchors to make room) */
-static int blist_alloc(kvm_comm_t *c, comm_blist_t *b, int rows) {
-    const int need = (rows + KVM_KV_BLOCK - 1) / KVM_KV_BLOCK;
-    b->h = kvm_malloc((size_t)(need ? need : 1) * sizeof(int32_t));
-    if (!b->h) return KVM_ENOMEM;
-    int rc = 0;
-    for (int i = 0; i < need && !rc; i++) {
-        int32_t id = kvm_kv_block_alloc(c->pool);
-        if (id < 0) rc = kvm_errcode() ? kvm_errcode() : KVM_ENOMEM;
-        else b->h[b->n++] = id;
-    }
-    if (!rc) rc = blist_upload(c, b);
-    if (rc) blist_free(c->pool->ops, c->pool, b);
-    return rc;
-}
-
-static kvm_kv_view_t blist_view(const struct comm_dev_anchor *m, const comm_blist_t *b, int start) {
-    return (kvm_kv_view_t){.data = m->pool->data, .blocks = b->d, .start = start};
-}
-
-static kvm_kv_view_t anchor_base_view(const comm_anchor_t *a) { return blist_view(a->dev, &a->dev->base, 0); }
-
-/* the placeholder (pf false) or text-segment (pf true) rows of delta k */
-static kvm_kv_view_t anchor_delta_view(const comm_anchor_t *a, int k, bool pf) {
-    return blist_view(a->dev, &a->dev->d[k], pf ? a->T : 0);
-}
-
 /* Runs each KVCOMM op once on a few rows of the first committed anchor (dist with every output, softmax, an
  * apply into a scratch block), so that the backend's one-time costs (lazy kernel loading, the distance
  * scratch, the first COMM_DEV_WARM_BUFFERS weight buffers, which go to the free list) are paid at commit, off
@@ -292,7 +225,7 @@ static kvm_kv_view_t anchor_delta_view(const comm_anchor_t *a, int k, bool pf) {
 static void dev_warm(kvm_comm_t *c, const comm_anchor_t *a) {
     const kvm_ops_t *o = c->pool->ops;
     struct comm_dev_ctx *x = ctx(c);
-    if (!x || !a->dev || !a->dev->base.n || a->T <= 0) return;
+    if (!x || !a->dev || !a->dev->base || a->T <= 0) return;
     const comm_geom_t *g = &c->g;
     const int T = a->T < KVM_KV_BLOCK ? a->T : KVM_KV_BLOCK;
     const int V = c->cfg.max_anchors <= 0                     ? 1
@@ -314,7 +247,7 @@ static void dev_warm(kvm_comm_t *c, const comm_anchor_t *a) {
     const int32_t zero = 0;
     const int32_t *bt = upload_blocks(c, 0, &zero, 1);
     if (w && x->pred && dst && bt) {
-        kvm_kv_view_t av = anchor_base_view(a);
+        kvm_kv_view_t av = {.data = a->dev->base, .rows = a->T, .l0 = 0};
         int rows = a->T;
         kvm_kvcomm_dist_args_t d = {.g = c->pool->geom, .x = av, .T = T, .n = 1, .a = &av, .a_rows = &rows,
                                     .want = KVM_KVCOMM_WANT_PH | KVM_KVCOMM_WANT_PF | KVM_KVCOMM_WANT_PRED,
@@ -345,64 +278,30 @@ static void dev_warm(kvm_comm_t *c, const comm_anchor_t *a) {
     o->free(dst);
 }
 
-/* host fp32 rows [L][2][H][n][D] (layer 0 first; l0 = 1: [L-1][...], layer 0 written as zeros) into rows
- * [pos, pos + n) of b */
-static int blist_write(kvm_comm_t *c, const comm_blist_t *b, int pos, int n, const float *src, int l0) {
-    if (!n) return 0;
-    if (!l0) return kvm_kv_write_rows(c->pool, b->h, pos, n, src);
-    const size_t slab = (size_t)2 * c->g.H * n * c->g.D; /* one layer */
-    float *full = kvm_calloc(slab * c->g.L, sizeof(float));
-    if (!full) return KVM_ENOMEM;
-    memcpy(full + slab, src, slab * (size_t)(c->g.L - 1) * sizeof(float));
-    int rc = kvm_kv_write_rows(c->pool, b->h, pos, n, full);
-    kvm_free(full);
-    return rc;
-}
-
-/* rows [pos, pos + n) of b into a new host fp32 array ([L][...], or from layer 1 when l0 = 1) */
-static float *blist_read(kvm_comm_t *c, const comm_blist_t *b, int pos, int n, int l0) {
-    const size_t slab = (size_t)2 * c->g.H * n * c->g.D;
-    float *full = kvm_malloc(slab * c->g.L * sizeof(float) + 1);
-    if (!full) return NULL;
-    if (n && kvm_kv_read_rows(c->pool, b->h, pos, n, full)) {
-        kvm_free(full);
-        return NULL;
-    }
-    if (l0) memmove(full, full + slab, slab * (size_t)(c->g.L - 1) * sizeof(float));
-    return full;
-}
-
 int comm_dev_anchor_sync(kvm_comm_t *c, comm_anchor_t *a) {
+    const kvm_ops_t *o = c->pool->ops;
+    const kvm_dtype_t dt = c->pool->geom.dtype;
     const comm_geom_t *g = &c->g;
+    const comm_geom_t gd = {g->L - 1, g->H, g->D, g->esize};
     struct comm_dev_anchor *m = anchor_mirror(c, a);
     if (!m) return KVM_ENOMEM;
-    int rc = 0;
-    if (!m->base.n) { /* a loaded anchor: its base gets blocks of its own */
-        if (!a->base) return kvm_seterr(KVM_EINTERNAL, "kvcomm: anchor %016llx has no base", (unsigned long long)a->key);
-        rc = blist_alloc(c, &m->base, a->T);
-        if (!rc) rc = blist_write(c, &m->base, 0, a->T, a->base, 0);
-        if (rc) {
-            blist_free(m->o, m->pool, &m->base);
-            return rc;
-        }
-        m->base_shared = false;
+    if (!m->base) {
+        m->base = m->alias ? a->base : upload_rows(o, dt, a->base, comm_rows_elems(g, a->T));
+        if (!m->base) return kvm_errcode() ? kvm_errcode() : KVM_ENOMEM;
     }
     if (mirror_reserve(m, a->n_deltas)) return KVM_ENOMEM;
     while (m->n < a->n_deltas) {
         const comm_delta_t *dl = &a->deltas[m->n];
-        comm_blist_t b;
-        memset(&b, 0, sizeof b);
-        if (!dl->d_ph || !dl->d_pf) return kvm_seterr(KVM_EINTERNAL, "kvcomm: a delta without data");
-        rc = blist_alloc(c, &b, a->T + dl->S);
-        if (!rc) rc = blist_write(c, &b, 0, a->T, dl->d_ph, 1);
-        if (!rc) rc = blist_write(c, &b, a->T, dl->S, dl->d_pf, 1);
-        if (rc) {
-            blist_free(m->o, m->pool, &b);
-            return rc;
+        void *ph = m->alias ? dl->d_ph : upload_rows(o, dt, dl->d_ph, comm_rows_elems(&gd, a->T));
+        void *pf = m->alias ? dl->d_pf : ph ? upload_rows(o, dt, dl->d_pf, comm_rows_elems(&gd, dl->S)) : NULL;
+        if (!ph || !pf) {
+            o->free(ph);
+            return kvm_errcode() ? kvm_errcode() : KVM_ENOMEM;
         }
-        m->d[m->n++] = b;
+        m->d_ph[m->n] = ph;
+        m->d_pf[m->n] = pf;
+        m->n++;
     }
-    (void)g;
     struct comm_dev_ctx *x = ctx(c);
     if (x && !x->warmed) {
         x->warmed = true;
@@ -414,22 +313,27 @@ int comm_dev_anchor_sync(kvm_comm_t *c, comm_anchor_t *a) {
 void comm_dev_anchor_free(comm_anchor_t *a) {
     struct comm_dev_anchor *m = a->dev;
     if (!m) return;
-    for (int i = 0; i < m->n; i++) blist_free(m->o, m->pool, &m->d[i]);
-    blist_free(m->o, m->pool, &m->base);
-    kvm_free(m->d);
+    for (int i = 0; i < m->n && !m->alias; i++) {
+        m->o->free(m->d_ph[i]);
+        m->o->free(m->d_pf[i]);
+    }
+    if (!m->alias) m->o->free(m->base);
+    kvm_free(m->d_ph);
+    kvm_free(m->d_pf);
     kvm_free(m);
     a->dev = NULL;
 }
 
-size_t comm_dev_anchor_bytes(const comm_anchor_t *a, size_t *shared) {
-    const struct comm_dev_anchor *m = a->dev;
-    if (shared) *shared = 0;
-    if (!m) return 0;
-    size_t own = 0;
-    for (int i = 0; i < m->n; i++) own += (size_t)m->d[i].n;
-    if (m->base_shared && shared) *shared = (size_t)m->base.n * m->pool->block_bytes;
-    if (!m->base_shared) own += (size_t)m->base.n;
-    return own * m->pool->block_bytes;
+/* Storage of n elements of anchor data: host fp32 (kvm_malloc, owned by the anchor's host arrays) on a host-fp32
+ * backend, else backend memory in the pool dtype (owned by the mirror). */
+static void *anchor_alloc(kvm_comm_t *c, size_t n) {
+    if (host_f32(c)) return kvm_malloc(n * sizeof(float) + 1);
+    return c->pool->ops->alloc(n ? n * kvm_dtype_size(c->pool->geom.dtype) : 16);
+}
+
+static void anchor_release(kvm_comm_t *c, void *p) {
+    if (host_f32(c)) kvm_free(p);
+    else c->pool->ops->free(p);
 }
 
 static struct comm_dev_anchor *anchor_mirror(kvm_comm_t *c, comm_anchor_t *a) {
@@ -437,7 +341,7 @@ static struct comm_dev_anchor *anchor_mirror(kvm_comm_t *c, comm_anchor_t *a) {
         a->dev = kvm_calloc(1, sizeof *a->dev);
         if (!a->dev) return NULL;
         a->dev->o = c->pool->ops;
-        a->dev->pool = c->pool;
+        a->dev->alias = host_f32(c);
     }
     return a->dev;
 }
@@ -445,53 +349,68 @@ static struct comm_dev_anchor *anchor_mirror(kvm_comm_t *c, comm_anchor_t *a) {
 static int mirror_reserve(struct comm_dev_anchor *m, int n) {
     if (m->cap >= n) return 0;
     int cap = n + 4;
-    comm_blist_t *d = kvm_realloc(m->d, (size_t)cap * sizeof *d);
-    if (!d) return KVM_ENOMEM;
-    memset(d + m->cap, 0, (size_t)(cap - m->cap) * sizeof *d);
-    m->d = d;
+    void **p = kvm_realloc(m->d_ph, (size_t)cap * sizeof *p);
+    if (!p) return KVM_ENOMEM;
+    m->d_ph = p;
+    void **f = kvm_realloc(m->d_pf, (size_t)cap * sizeof *f);
+    if (!f) return KVM_ENOMEM;
+    m->d_pf = f;
     m->cap = cap;
     return 0;
 }
+
+static int seg_view(kvm_comm_t *c, const kvm_segment_t *seg, kvm_kv_view_t *v);
 
 int comm_dev_anchor_base(kvm_comm_t *c, comm_anchor_t *a, comm_sample_t *s) {
     if (!s->dev || !s->dev->seg) return kvm_seterr(KVM_EINTERNAL, "kvcomm: sample '%s' has no segment", s->name);
     struct comm_dev_anchor *m = anchor_mirror(c, a);
     if (!m) return KVM_ENOMEM;
-    if (m->base.n) return 0;
-    int rc = blist_share(c, &m->base, s->dev->seg, a->T);
-    if (!rc) m->base_shared = true;
-    return rc;
+    if (m->base) return 0;
+    kvm_kv_view_t sv;
+    int rc = seg_view(c, s->dev->seg, &sv);
+    if (rc) return rc;
+    void *buf = anchor_alloc(c, comm_rows_elems(&c->g, a->T));
+    if (!buf) return kvm_errcode() ? kvm_errcode() : KVM_ENOMEM;
+    kvm_kvcomm_diff_args_t d = {.g = c->pool->geom, .a = sv, .n = a->T, .l0 = 0, .out = buf};
+    rc = c->pool->ops->kvcomm_diff(&d);
+    if (rc) {
+        anchor_release(c, buf);
+        return rc;
+    }
+    m->base = buf;
+    if (m->alias) a->base = buf;
+    return 0;
 }
 
 static const void *template_P(kvm_template_t *t, int i);
 
 int comm_dev_anchor_add_delta(kvm_comm_t *c, comm_anchor_t *a, kvm_template_t *t, int i, const kvm_seq_t *seq, int t_ph,
                               int t_pf, int S) {
+    const comm_geom_t *g = &c->g;
+    const comm_geom_t gd = {g->L - 1, g->H, g->D, g->esize};
     struct comm_dev_anchor *m = a->dev;
-    if (!m || !m->base.n) return kvm_seterr(KVM_EINTERNAL, "kvcomm: anchor %016llx has no base", (unsigned long long)a->key);
+    if (!m || !m->base) return kvm_seterr(KVM_EINTERNAL, "kvcomm: anchor %016llx has no base", (unsigned long long)a->key);
     if (m->n != a->n_deltas) return kvm_seterr(KVM_EINTERNAL, "kvcomm: anchor %016llx: deltas not uploaded", (unsigned long long)a->key);
     const void *P = S > 0 ? template_P(t, i + 1) : NULL;
     if (S > 0 && !P) return kvm_errcode() ? kvm_errcode() : KVM_ENOMEM;
     if (comm_reserve(&a->deltas, &a->cap_deltas, a->n_deltas, sizeof *a->deltas) || mirror_reserve(m, a->n_deltas + 1))
         return KVM_ENOMEM;
-    comm_blist_t b;
-    memset(&b, 0, sizeof b);
-    int rc = blist_alloc(c, &b, a->T + S);
-    /* the sequence's table after blist_alloc: a reclaim there cannot touch the caller's sequence, but the upload
-     * slot must hold the table the diff reads */
-    const int32_t *bt = rc ? NULL : upload_blocks(c, 0, seq->blocks, seq->n_blocks);
-    if (!rc && !bt) rc = kvm_errcode() ? kvm_errcode() : KVM_ENOMEM;
-    kvm_kvcomm_diff_args_t d = {.g = c->pool->geom, .a = {.data = c->pool->data, .blocks = bt, .start = t_ph},
-                                .b = anchor_base_view(a), .out = blist_view(m, &b, 0), .n = a->T, .l0 = 1,
-                                .shift = -t_ph, .inv_freq = kvm_kv_store_inv_freq_dev(c->store),
-                                .layout = kvm_kv_store_rope(c->store)->layout};
+    const int32_t *bt = upload_blocks(c, 0, seq->blocks, seq->n_blocks);
+    if (!bt) return kvm_errcode() ? kvm_errcode() : KVM_ENOMEM;
+    void *ph = anchor_alloc(c, comm_rows_elems(&gd, a->T)), *pf = anchor_alloc(c, comm_rows_elems(&gd, S));
+    int rc = ph && pf ? 0 : kvm_errcode() ? kvm_errcode() : KVM_ENOMEM;
+    const kvm_kv_view_t paged = {.data = c->pool->data, .blocks = bt};
+    kvm_kvcomm_diff_args_t d = {.g = c->pool->geom, .a = paged, .b = {.data = m->base, .rows = a->T, .l0 = 0}, .n = a->T,
+                                .l0 = 1, .shift = -t_ph, .inv_freq = kvm_kv_store_inv_freq_dev(c->store),
+                                .layout = kvm_kv_store_rope(c->store)->layout, .out = ph};
+    d.a.start = t_ph;
     if (!rc) rc = c->pool->ops->kvcomm_diff(&d);
-    d.a.start = t_pf, d.shift = -t_pf, d.n = S;
+    d.a.start = t_pf, d.shift = -t_pf, d.n = S, d.out = pf;
     d.b = (kvm_kv_view_t){.data = P, .rows = S, .l0 = 0};
-    d.out = blist_view(m, &b, a->T);
     if (!rc && S > 0) rc = c->pool->ops->kvcomm_diff(&d);
     if (rc) {
-        blist_free(m->o, m->pool, &b);
+        anchor_release(c, ph);
+        anchor_release(c, pf);
         return rc;
     }
     comm_delta_t dl;
@@ -499,19 +418,46 @@ int comm_dev_anchor_add_delta(kvm_comm_t *c, comm_anchor_t *a, kvm_template_t *t
     snprintf(dl.consumer, sizeof dl.consumer, "%s", t->agent);
     dl.template_hash = t->hash;
     dl.S = S;
+    if (m->alias) dl.d_ph = ph, dl.d_pf = pf;
     a->deltas[a->n_deltas++] = dl;
-    m->d[m->n++] = b;
+    m->d_ph[m->n] = ph;
+    m->d_pf[m->n] = pf;
+    m->n++;
     return 0;
+}
+
+/* backend rows of n elements in the pool dtype -> new host fp32 array */
+static float *download_f32(kvm_comm_t *c, const void *src, size_t n) {
+    const kvm_ops_t *o = c->pool->ops;
+    const kvm_dtype_t dt = c->pool->geom.dtype;
+    float *out = kvm_malloc(n * sizeof(float) + 1);
+    if (!out) return NULL;
+    int rc = 0;
+    if (dt == KVM_F32) {
+        rc = n ? o->d2h(out, src, n * sizeof(float)) : 0;
+    } else {
+        uint16_t *tmp = kvm_malloc(n * sizeof(uint16_t) + 1);
+        rc = tmp ? (n ? o->d2h(tmp, src, n * sizeof(uint16_t)) : 0) : KVM_ENOMEM;
+        for (size_t k = 0; !rc && k < n; k++) out[k] = dt == KVM_BF16 ? kvm_bf16_to_f32(tmp[k]) : kvm_f16_to_f32(tmp[k]);
+        kvm_free(tmp);
+    }
+    if (rc) {
+        kvm_free(out);
+        return NULL;
+    }
+    return out;
 }
 
 int comm_anchor_host(kvm_comm_t *c, comm_anchor_t *a) {
     struct comm_dev_anchor *m = a->dev;
-    if (!m) return 0; /* host arrays only (a hand-made pool) */
-    if (!a->base && !(a->base = blist_read(c, &m->base, 0, a->T, 0))) return kvm_errcode() ? kvm_errcode() : KVM_ENOMEM;
+    if (!m || m->alias) return 0; /* host-fp32 backend: the arrays are the data; no mirror: host arrays only */
+    const comm_geom_t *g = &c->g;
+    const comm_geom_t gd = {g->L - 1, g->H, g->D, g->esize};
+    if (!a->base && !(a->base = download_f32(c, m->base, comm_rows_elems(g, a->T)))) return KVM_ENOMEM;
     for (int i = 0; i < a->n_deltas && i < m->n; i++) {
         comm_delta_t *dl = &a->deltas[i];
-        if (!dl->d_ph && !(dl->d_ph = blist_read(c, &m->d[i], 0, a->T, 1))) return kvm_errcode() ? kvm_errcode() : KVM_ENOMEM;
-        if (!dl->d_pf && !(dl->d_pf = blist_read(c, &m->d[i], a->T, dl->S, 1))) return kvm_errcode() ? kvm_errcode() : KVM_ENOMEM;
+        if (!dl->d_ph && !(dl->d_ph = download_f32(c, m->d_ph[i], comm_rows_elems(&gd, a->T)))) return KVM_ENOMEM;
+        if (!dl->d_pf && !(dl->d_pf = download_f32(c, m->d_pf[i], comm_rows_elems(&gd, dl->S)))) return KVM_ENOMEM;
     }
     return 0;
 }
@@ -519,7 +465,7 @@ int comm_anchor_host(kvm_comm_t *c, comm_anchor_t *a) {
 void comm_anchor_host_drop(kvm_comm_t *c, comm_anchor_t *a) {
     (void)c;
     struct comm_dev_anchor *m = a->dev;
-    if (!m || !m->base.n || m->n < a->n_deltas) return; /* only copies of data the pool holds */
+    if (!m || m->alias || !m->base || m->n < a->n_deltas) return; /* only copies of data the backend holds */
     kvm_free(a->base);
     a->base = NULL;
     for (int i = 0; i < a->n_deltas; i++) {
@@ -610,7 +556,7 @@ static int anchor_views(kvm_comm_t *c, comm_anchor_t **A, int N, kvm_kv_view_t *
     for (int n = 0; n < N; n++) {
         int rc = comm_dev_anchor_sync(c, A[n]);
         if (rc) return rc;
-        av[n] = anchor_base_view(A[n]);
+        av[n] = (kvm_kv_view_t){.data = A[n]->dev->base, .rows = A[n]->T, .l0 = 0};
         rows[n] = A[n]->T;
     }
     return 0;
@@ -844,7 +790,8 @@ static void piece_mix(const comm_piece_t *ph, const comm_sample_t *s, const comm
         const comm_anchor_t *an = A[n];
         const comm_delta_t *dl = comm_anchor_delta(an, consumer);
         const int k = (int)(dl - an->deltas);
-        m->d[n] = anchor_delta_view(an, k, pf);
+        m->d[n] = pf ? (kvm_kv_view_t){.data = an->dev->d_pf[k], .rows = dl->S, .l0 = 1}
+                     : (kvm_kv_view_t){.data = an->dev->d_ph[k], .rows = an->T, .l0 = 1};
     }
 }
 

@@ -521,13 +521,6 @@ void kvm_comm_stats(const kvm_comm_t *c, kvm_comm_stats_t *out) {
     *out = c->st;
     out->n_pools = c->n_pools;
     out->anchor_bytes = c->anchor_bytes;
-    out->anchor_shared_bytes = 0;
-    for (int i = 0; i < c->n_pools; i++)
-        for (int k = 0; k < c->pools[i].n; k++) {
-            size_t sh = 0;
-            comm_dev_anchor_bytes(c->pools[i].a[k], &sh);
-            out->anchor_shared_bytes += sh;
-        }
 }
 
 int kvm_comm_pool_stats(const kvm_comm_t *c, int i, kvm_comm_pool_stats_t *out) {
