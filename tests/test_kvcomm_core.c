@@ -897,7 +897,7 @@ static void test_recompute_spread_gate_recomputes_the_rows_whose_predicted_error
     assert_int_equal(all.rep.selected_recomputed, cand);
     assert_true(all.err < all.err_before * 1.5f); /* computed from the model, not garbage */
     assert_int_equal(none.rep.selected_recomputed, 0);
-    assert_memory_equal(none.before, none.after, comm_rows_elems(&(comm_geom_t){3, 2, 16}, none.n) * sizeof(float));
+    assert_memory_equal(none.before, none.after, comm_rows_elems(&(comm_geom_t){3, 2, 16, 4}, none.n) * sizeof(float));
     /* a fraction and a gate together: the gate can only add rows to the fraction's */
     g_recompute_spread = 1e30f, g_recompute_frac = 0.25f;
     oracle_run(KVM_ROPE_HALF, false, 0, NULL, 0, &half);
