@@ -152,6 +152,16 @@ static T512 void dot_avx512(float *y, int ldy, const float *x, int ldx, const vo
     }
 }
 
+/* kt[d][16] = the block's first nv keys (d a multiple of 16) transposed, 16 dimensions at a time */
+static INL T512 void kt512_dt(kvm_dtype_t dt, float *kt, const void *k, int d, int nv) {
+    for (int c = 0; c < d; c += 16) {
+        __m512 r[16];
+        for (int t = 0; t < 16; t++) r[t] = t < nv ? w16_512(k, dt, (size_t)t * d + c) : _mm512_setzero_ps();
+        tr16x16(r);
+        for (int i = 0; i < 16; i++) _mm512_storeu_ps(kt + (size_t)(c + i) * 16, r[i]);
+    }
+}
+
 static T512 void load_kt_avx512(float *kt, const void *k, kvm_dtype_t dt, int d, int nv) {
     if (d % 16) { /* one gather of the nv keys per dimension (a 16-bit element is the low half of a 32-bit read,
                    * which stays inside the block: its values follow its keys) */
@@ -172,11 +182,13 @@ static T512 void load_kt_avx512(float *kt, const void *k, kvm_dtype_t dt, int d,
         }
         return;
     }
-    for (int c = 0; c < d; c += 16) {
-        __m512 r[16];
-        for (int t = 0; t < 16; t++) r[t] = t < nv ? w16_512(k, dt, (size_t)t * d + c) : _mm512_setzero_ps();
-        tr16x16(r);
-        for (int i = 0; i < 16; i++) _mm512_storeu_ps(kt + (size_t)(c + i) * 16, r[i]);
+    switch (dt * 2 + (nv >= 16)) { /* the dtype and a full block as constants: no branch per row */
+    case KVM_F32 * 2: kt512_dt(KVM_F32, kt, k, d, nv); break;
+    case KVM_F32 * 2 + 1: kt512_dt(KVM_F32, kt, k, d, 16); break;
+    case KVM_BF16 * 2: kt512_dt(KVM_BF16, kt, k, d, nv); break;
+    case KVM_BF16 * 2 + 1: kt512_dt(KVM_BF16, kt, k, d, 16); break;
+    case KVM_F16 * 2: kt512_dt(KVM_F16, kt, k, d, nv); break;
+    default: kt512_dt(KVM_F16, kt, k, d, 16); break;
     }
 }
 
