@@ -388,6 +388,37 @@ static void test_attention_gives_a_row_the_same_bits_alone_or_in_the_prefill(voi
     on_every_path(attention_row_invariance_cases, "attention rows differ alone and in the prefill");
 }
 
+/* ---- SwiGLU -------------------------------------------------------------------------------------------- */
+
+/* swiglu against silu(g) * u in fp64, ragged lengths (vector tails, several pieces), gates from -100 to 100
+ * (exp overflow one way, underflow the other), out in place of gate: |got - ref| <= 1e-6 * |ref| + 1e-30 */
+static int check_swiglu(void) {
+    const kvm_ops_t *ops = kvm_ops_cpu();
+    const size_t lens[] = {1, 7, 16, 17, 4096 + 13, 3 * 4096 + 1};
+    int bad = 0;
+    for (size_t li = 0; li < sizeof lens / sizeof lens[0]; li++) {
+        const size_t n = lens[li];
+        float *g = malloc(n * sizeof(float)), *u = malloc(n * sizeof(float)), *g0 = malloc(n * sizeof(float));
+        for (size_t i = 0; i < n; i++) {
+            g0[i] = g[i] = i % 5 == 4 ? 100.0f * rnd() : 8.0f * rnd();
+            u[i] = rnd();
+        }
+        ops->swiglu(g, g, u, n);
+        for (size_t i = 0; i < n; i++) {
+            double x = g0[i], ref = x / (1.0 + exp(-x)) * u[i];
+            if (!(fabs(g[i] - ref) <= 1e-6 * fabs(ref) + 1e-30) && bad++ < 3)
+                fprintf(stderr, "swiglu n=%zu i=%zu gate %.8g up %.8g: %.9g, oracle %.9g\n", n, i, g0[i], u[i], g[i], ref);
+        }
+        free(g), free(u), free(g0);
+    }
+    return bad;
+}
+
+static void test_swiglu_matches_the_oracle_on_every_path(void **st) {
+    (void)st;
+    on_every_path(check_swiglu, "swiglu outputs out of tolerance");
+}
+
 /* ---- RoPE ------------------------------------------------------------------------------------------------- */
 
 /* rope_qk (one table of angles per token for its q and k heads) gives the bits of rotating each head vector on
@@ -444,5 +475,6 @@ TC_MAIN(NULL, NULL, cmocka_unit_test(test_matmul_matches_the_oracle_on_every_pat
         cmocka_unit_test(test_matmul_gives_a_token_the_same_bits_in_any_batch),
         cmocka_unit_test(test_attention_matches_the_oracle_on_every_path),
         cmocka_unit_test(test_attention_gives_a_row_the_same_bits_alone_or_in_the_prefill),
+        cmocka_unit_test(test_swiglu_matches_the_oracle_on_every_path),
         cmocka_unit_test(test_rope_qk_gives_the_bits_of_rotating_each_head_alone),
         cmocka_unit_test(test_forcing_a_path_the_cpu_lacks_clamps_to_the_best))

@@ -61,6 +61,13 @@ void kvm_cpu_pv_portable(float *acc, const float *p, int lds, int nq, int nv, co
     for (int n = 0; n < nq; n++) pv1_portable(acc + (size_t)n * d, p + (size_t)n * lds, nv, v, d, corr[n]);
 }
 
+void kvm_cpu_swiglu_portable(float *out, const float *gate, const float *up, size_t n) {
+    for (size_t i = 0; i < n; i++) {
+        float g = gate[i];
+        out[i] = (g / (1.0f + expf(-g))) * up[i];
+    }
+}
+
 void kvm_cpu_load_kt_portable(float *kt, const void *k, kvm_dtype_t dt, int d, int nv) {
     for (int t = 0; t < KVM_KV_BLOCK; t++)
         for (int i = 0; i < d; i++) {

@@ -1,5 +1,5 @@
 /* attn_cpu_x86.c - the per-block attention arithmetic of the AVX-512 and AVX2 paths (contracts in gemm_cpu.h,
- * the portable versions in attn_cpu.c). The exp is Cephes' expf polynomial (relative error below 2e-7 on
+ * the portable versions in attn_cpu.c), and SwiGLU's silu, which uses the same exp. The exp is Cephes' expf polynomial (relative error below 2e-7 on
  * [-87, 0]; inputs below -87.3 give about 1e-38 instead of 0, masked lanes are 0). */
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
@@ -154,6 +154,17 @@ T512 void kvm_cpu_pv_avx512(float *acc, const float *p, int lds, int nq, int nv,
     }
 }
 
+/* out[i] = gate[i] / (1 + exp(-gate[i])) * up[i] */
+T512 void kvm_cpu_swiglu_avx512(float *out, const float *gate, const float *up, size_t n) {
+    const __m512 one = _mm512_set1_ps(1.0f);
+    for (size_t i = 0; i < n; i += 16) {
+        const __mmask16 k = n - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - i)) - 1);
+        const __m512 g = _mm512_maskz_loadu_ps(k, gate + i);
+        const __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), g));
+        _mm512_mask_storeu_ps(out + i, k, _mm512_mul_ps(_mm512_div_ps(g, _mm512_add_ps(one, e)), _mm512_maskz_loadu_ps(k, up + i)));
+    }
+}
+
 /* ---- AVX2 ------------------------------------------------------------------------------------------ */
 
 static INL T256 __m256 exp256(__m256 x) {
@@ -251,6 +262,23 @@ static T256 void pv1_avx2(float *acc, const float *p, int nv, const float *const
         float a = acc[i] * corr;
         for (int j = 0; j < nv; j++) a += p[j] * v[j / BLK][(size_t)(j % BLK) * d + i];
         acc[i] = a;
+    }
+}
+
+T256 void kvm_cpu_swiglu_avx2(float *out, const float *gate, const float *up, size_t n) {
+    const __m256 one = _mm256_set1_ps(1.0f);
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256 g = _mm256_loadu_ps(gate + i); /* exp256 has no overflow check: exp(88) is near FLT_MAX */
+        const __m256 e = exp256(_mm256_min_ps(_mm256_sub_ps(_mm256_setzero_ps(), g), _mm256_set1_ps(88.0f)));
+        _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(one, e)), _mm256_loadu_ps(up + i)));
+    }
+    if (i < n) { /* the tail through a padded vector: the same arithmetic per element */
+        float g8[8] = {0}, u8[8] = {0}, o8[8];
+        memcpy(g8, gate + i, (n - i) * sizeof(float));
+        memcpy(u8, up + i, (n - i) * sizeof(float));
+        kvm_cpu_swiglu_avx2(o8, g8, u8, 8);
+        memcpy(out + i, o8, (n - i) * sizeof(float));
     }
 }
 

@@ -45,6 +45,7 @@ const cpu_kern_t kvm_cpu_kern_portable = {
     .scores = kvm_cpu_scores_portable,
     .softmax = kvm_cpu_softmax_portable,
     .pv = kvm_cpu_pv_portable,
+    .swiglu = kvm_cpu_swiglu_portable,
 };
 
 /* ---- the choice of path ------------------------------------------------------------------------------ */

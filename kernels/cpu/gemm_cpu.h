@@ -20,7 +20,9 @@
  *       (0 while *m was -inf);
  *   pv(acc, p, lds, nq, nv, v, d, corr): for the nq queries: acc[n][:] = acc[n][:] * corr[n] +
  *       sum_{i < nv} p[n * lds + i] * v[i / 16][(i % 16) * d + :] (v: the chunk's blocks of values, [16][d] fp32
- *       each; acc [nq][d]; a query's arithmetic its own whatever nq). */
+ *       each; acc [nq][d]; a query's arithmetic its own whatever nq).
+ * SwiGLU (ops_cpu.c): swiglu(out, gate, up, n): out[i] = gate[i] / (1 + exp(-gate[i])) * up[i], the exp of the
+ *   path (expf, or the attention's exp within 2e-7 relative); out may equal gate. */
 #ifndef KVM_GEMM_CPU_H
 #define KVM_GEMM_CPU_H
 
@@ -36,6 +38,7 @@ typedef struct cpu_kern {
     void (*scores)(float *s, int lds, const float *q, int nq, const float *kt, int nblk, int d);
     float (*softmax)(float *s, int nv, float *m, float *l);
     void (*pv)(float *acc, const float *p, int lds, int nq, int nv, const float *const *v, int d, const float *corr);
+    void (*swiglu)(float *out, const float *gate, const float *up, size_t n);
 } cpu_kern_t;
 
 extern const cpu_kern_t kvm_cpu_kern_portable;
@@ -49,7 +52,10 @@ void kvm_cpu_scores_portable(float *s, int lds, const float *q, int nq, const fl
 float kvm_cpu_softmax_portable(float *s, int nv, float *m, float *l);
 void kvm_cpu_pv_portable(float *acc, const float *p, int lds, int nq, int nv, const float *const *v, int d,
                          const float *corr);
+void kvm_cpu_swiglu_portable(float *out, const float *gate, const float *up, size_t n);
 #if defined(__x86_64__) || defined(__i386__)
+void kvm_cpu_swiglu_avx512(float *out, const float *gate, const float *up, size_t n);
+void kvm_cpu_swiglu_avx2(float *out, const float *gate, const float *up, size_t n);
 void kvm_cpu_scores_avx512(float *s, int lds, const float *q, int nq, const float *kt, int nblk, int d);
 float kvm_cpu_softmax_avx512(float *s, int nv, float *m, float *l);
 void kvm_cpu_pv_avx512(float *acc, const float *p, int lds, int nq, int nv, const float *const *v, int d,

@@ -199,6 +199,7 @@ const cpu_kern_t kvm_cpu_kern_avx512 = {
     .scores = kvm_cpu_scores_avx512,
     .softmax = kvm_cpu_softmax_avx512,
     .pv = kvm_cpu_pv_avx512,
+    .swiglu = kvm_cpu_swiglu_avx512,
 };
 
 /* ---- AVX2 + FMA + F16C ---------------------------------------------------------------------------- */
@@ -298,6 +299,7 @@ const cpu_kern_t kvm_cpu_kern_avx2 = {
     .scores = kvm_cpu_scores_avx2,
     .softmax = kvm_cpu_softmax_avx2,
     .pv = kvm_cpu_pv_avx2,
+    .swiglu = kvm_cpu_swiglu_avx2,
 };
 
 #endif

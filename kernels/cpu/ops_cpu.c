@@ -12,6 +12,7 @@
 #include "cpu_common.h"
 #include "cpu_kernels.h"
 #include "cpu_pool.h"
+#include "gemm_cpu.h"
 #include "../rope.h"
 
 /* ---- memory: plain host memory -------------------------------------------------------------- */
@@ -131,10 +132,8 @@ typedef struct {
 static void swiglu_task(void *ctx, int p0, int p1, int tid) {
     const elem_task_t *t = ctx;
     size_t i1 = (size_t)p1 * ELEM_PIECE < t->n ? (size_t)p1 * ELEM_PIECE : t->n;
-    for (size_t i = (size_t)p0 * ELEM_PIECE; i < i1; i++) {
-        float g = t->a[i];
-        t->out[i] = (g / (1.0f + expf(-g))) * t->b[i];
-    }
+    const size_t i0 = (size_t)p0 * ELEM_PIECE;
+    kvm_cpu_kern()->swiglu(t->out + i0, t->a + i0, t->b + i0, i1 - i0);
 }
 
 static void cpu_swiglu(float *out, const float *gate, const float *up, size_t n) {
