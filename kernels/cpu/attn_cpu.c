@@ -108,7 +108,7 @@ static const float *load_block(float *kt, float *vbuf, const attn_job_t *j, int 
     const char *v = (const char *)j->kv + kv_index(j->g, blk, j->layer, 1, kh, 0) * es;
     j->k->load_kt(kt, k, dt, D, nv);
     if (dt == KVM_F32) return (const float *)v;
-    row_to_f32(vbuf, v, dt, (size_t)nv * D);
+    j->k->widen(vbuf, v, dt, (size_t)nv * D);
     return vbuf;
 }
 

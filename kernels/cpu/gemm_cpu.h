@@ -10,6 +10,7 @@
  *       ldy), the weight rows streamed in their dtype. Each output's arithmetic depends on nothing but its own
  *       row of x and of W (not on n, r0, r1 or the tile it falls in): a row computed alone gives the same bits
  *       as in any batch (the forward's positioned recompute and prefix reuse rely on it).
+ *   widen(dst, src, dt, n): dst[0..n) = src[0..n) in dtype dt, widened to fp32 (exact).
  * Attention pieces (attn_cpu.c), over a chunk of key blocks of KVM_KV_BLOCK (16) positions:
  *   load_kt(kt, k, dt, d, nv): kt[d][16] = the first nv rows of one block's keys k[16][d] (dtype dt) transposed
  *       to fp32, rows nv.. zero;
@@ -35,6 +36,7 @@ typedef struct cpu_kern {
     void (*dot)(float *y, int ldy, const float *x, int ldx, const void *w, kvm_dtype_t dt, int cols, int r0, int r1, int n,
                 const float *bias);
     void (*load_kt)(float *kt, const void *k, kvm_dtype_t dt, int d, int nv);
+    void (*widen)(float *dst, const void *src, kvm_dtype_t dt, size_t n);
     void (*scores)(float *s, int lds, const float *q, int nq, const float *kt, int nblk, int d);
     float (*softmax)(float *s, int nv, float *m, float *l);
     void (*pv)(float *acc, const float *p, int lds, int nq, int nv, const float *const *v, int d, const float *corr);
@@ -52,6 +54,7 @@ void kvm_cpu_scores_portable(float *s, int lds, const float *q, int nq, const fl
 float kvm_cpu_softmax_portable(float *s, int nv, float *m, float *l);
 void kvm_cpu_pv_portable(float *acc, const float *p, int lds, int nq, int nv, const float *const *v, int d,
                          const float *corr);
+void kvm_cpu_widen_portable(float *dst, const void *src, kvm_dtype_t dt, size_t n);
 void kvm_cpu_swiglu_portable(float *out, const float *gate, const float *up, size_t n);
 #if defined(__x86_64__) || defined(__i386__)
 void kvm_cpu_swiglu_avx512(float *out, const float *gate, const float *up, size_t n);

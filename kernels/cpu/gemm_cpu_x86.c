@@ -152,6 +152,17 @@ static T512 void dot_avx512(float *y, int ldy, const float *x, int ldx, const vo
     }
 }
 
+/* dst[0..n) = src[0..n) (dtype dt) widened to fp32: exact, the bits of row_to_f32 */
+static T512 void widen_avx512(float *dst, const void *src, kvm_dtype_t dt, size_t n) {
+    size_t i = 0;
+    if (dt == KVM_F32) {
+        memcpy(dst, src, n * sizeof(float));
+        return;
+    }
+    for (; i + 16 <= n; i += 16) _mm512_storeu_ps(dst + i, w16_512(src, dt, i));
+    if (i < n) _mm512_mask_storeu_ps(dst + i, (__mmask16)((1u << (n - i)) - 1), w16_512_tail(src, dt, i, (int)(n - i)));
+}
+
 /* kt[d][16] = the block's first nv keys (d a multiple of 16) transposed, 16 dimensions at a time */
 static INL T512 void kt512_dt(kvm_dtype_t dt, float *kt, const void *k, int d, int nv) {
     for (int c = 0; c < d; c += 16) {
@@ -196,6 +207,7 @@ const cpu_kern_t kvm_cpu_kern_avx512 = {
     .name = "avx512",
     .dot = dot_avx512,
     .load_kt = load_kt_avx512,
+    .widen = widen_avx512,
     .scores = kvm_cpu_scores_avx512,
     .softmax = kvm_cpu_softmax_avx512,
     .pv = kvm_cpu_pv_avx512,
@@ -292,10 +304,21 @@ static T256 void dot_avx2(float *y, int ldy, const float *x, int ldx, const void
     }
 }
 
+static T256 void widen_avx2(float *dst, const void *src, kvm_dtype_t dt, size_t n) {
+    if (dt == KVM_F32) {
+        memcpy(dst, src, n * sizeof(float));
+        return;
+    }
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, w8_256(src, dt, i));
+    if (i < n) kvm_cpu_widen_portable(dst + i, (const uint16_t *)src + i, dt, n - i);
+}
+
 const cpu_kern_t kvm_cpu_kern_avx2 = {
     .name = "avx2",
     .dot = dot_avx2,
     .load_kt = kvm_cpu_load_kt_portable,
+    .widen = widen_avx2,
     .scores = kvm_cpu_scores_avx2,
     .softmax = kvm_cpu_softmax_avx2,
     .pv = kvm_cpu_pv_avx2,
