@@ -27,21 +27,43 @@ KVM_ROPE_FN double kvm_rope_angle_reduced(double pos, float inv_freq) {
 #ifndef __CUDACC__
 #include "ops.h"
 
-/* Rotates the pair (*a, *b) by angle (the product computed in float, as every CPU path does). */
-static inline void kvm_rope_rotate_pair(float *a, float *b, double angle) {
-    float c = (float)cos(angle), s = (float)sin(angle);
+/* Rotates the pair (*a, *b) by the angle whose cosine and sine (rounded to float) are c and s; the product is
+ * computed in float, as every CPU path does. */
+static inline void kvm_rope_rotate_pair(float *a, float *b, float c, float s) {
     float x = *a, y = *b;
     *a = x * c - y * s;
     *b = x * s + y * c;
 }
 
-/* Rotates the hd/2 pairs of one head vector v[0..hd) to position pos (pairs as `layout` says). */
-static inline void kvm_rope_rotate_vec(float *v, int hd, double pos, const float *inv_freq, kvm_rope_layout_t layout) {
-    int half = hd / 2;
+/* The rotation of pair j at position pos: c[j] = cos, s[j] = sin of its reduced angle, rounded to float, for
+ * j < half. A token's heads (q and k alike) share one position: the CPU ops compute these once per token. */
+static inline void kvm_rope_cos_sin(float *c, float *s, int half, double pos, const float *inv_freq) {
     for (int j = 0; j < half; j++) {
         double ang = kvm_rope_angle_reduced(pos, inv_freq[j]);
-        if (layout == KVM_ROPE_HALF) kvm_rope_rotate_pair(&v[j], &v[j + half], ang);
-        else kvm_rope_rotate_pair(&v[2 * j], &v[2 * j + 1], ang);
+        c[j] = (float)cos(ang);
+        s[j] = (float)sin(ang);
+    }
+}
+
+/* Rotates the hd/2 pairs of one head vector v[0..hd) (pairs as `layout` says) by the angles c, s of
+ * kvm_rope_cos_sin. */
+static inline void kvm_rope_apply(float *v, int hd, const float *c, const float *s, kvm_rope_layout_t layout) {
+    const int half = hd / 2;
+    for (int j = 0; j < half; j++) {
+        if (layout == KVM_ROPE_HALF) kvm_rope_rotate_pair(&v[j], &v[j + half], c[j], s[j]);
+        else kvm_rope_rotate_pair(&v[2 * j], &v[2 * j + 1], c[j], s[j]);
+    }
+}
+
+/* Rotates the hd/2 pairs of one head vector v[0..hd) to position pos (the same bits as kvm_rope_cos_sin then
+ * kvm_rope_apply, without their buffers). */
+static inline void kvm_rope_rotate_vec(float *v, int hd, double pos, const float *inv_freq, kvm_rope_layout_t layout) {
+    const int half = hd / 2;
+    for (int j = 0; j < half; j++) {
+        float c, s;
+        kvm_rope_cos_sin(&c, &s, 1, pos, &inv_freq[j]);
+        if (layout == KVM_ROPE_HALF) kvm_rope_rotate_pair(&v[j], &v[j + half], c, s);
+        else kvm_rope_rotate_pair(&v[2 * j], &v[2 * j + 1], c, s);
     }
 }
 #endif

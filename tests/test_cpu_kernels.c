@@ -22,6 +22,7 @@
 
 #include "kernels/cpu/cpu_kernels.h"
 #include "kernels/ops.h"
+#include "kernels/rope.h"
 #include "runtime/core/core.h"
 #include "test_common.h"
 
@@ -387,6 +388,80 @@ static void test_attention_gives_a_row_the_same_bits_alone_or_in_the_prefill(voi
     on_every_path(attention_row_invariance_cases, "attention rows differ alone and in the prefill");
 }
 
+/* ---- SwiGLU -------------------------------------------------------------------------------------------- */
+
+/* swiglu against silu(g) * u in fp64, ragged lengths (vector tails, several pieces), gates from -100 to 100
+ * (exp overflow one way, underflow the other), out in place of gate: |got - ref| <= 1e-6 * |ref| + 1e-30 */
+static int check_swiglu(void) {
+    const kvm_ops_t *ops = kvm_ops_cpu();
+    const size_t lens[] = {1, 7, 16, 17, 4096 + 13, 3 * 4096 + 1};
+    int bad = 0;
+    for (size_t li = 0; li < sizeof lens / sizeof lens[0]; li++) {
+        const size_t n = lens[li];
+        float *g = malloc(n * sizeof(float)), *u = malloc(n * sizeof(float)), *g0 = malloc(n * sizeof(float));
+        for (size_t i = 0; i < n; i++) {
+            g0[i] = g[i] = i % 5 == 4 ? 100.0f * rnd() : 8.0f * rnd();
+            u[i] = rnd();
+        }
+        ops->swiglu(g, g, u, n);
+        for (size_t i = 0; i < n; i++) {
+            double x = g0[i], ref = x / (1.0 + exp(-x)) * u[i];
+            if (!(fabs(g[i] - ref) <= 1e-6 * fabs(ref) + 1e-30) && bad++ < 3)
+                fprintf(stderr, "swiglu n=%zu i=%zu gate %.8g up %.8g: %.9g, oracle %.9g\n", n, i, g0[i], u[i], g[i], ref);
+        }
+        free(g), free(u), free(g0);
+    }
+    return bad;
+}
+
+static void test_swiglu_matches_the_oracle_on_every_path(void **st) {
+    (void)st;
+    on_every_path(check_swiglu, "swiglu outputs out of tolerance");
+}
+
+/* ---- RoPE ------------------------------------------------------------------------------------------------- */
+
+/* rope_qk (one table of angles per token for its q and k heads) gives the bits of rotating each head vector on
+ * its own (kvm_rope_rotate_vec), for both pair layouts, a head_dim past the table (the per-head path) and
+ * scattered positions; rope (q only) too */
+static int check_rope_qk_per_head(void) {
+    const kvm_ops_t *ops = kvm_ops_cpu();
+    const int hds[] = {2, 32, 80, 514};
+    int bad = 0;
+    for (size_t hi = 0; hi < sizeof hds / sizeof hds[0]; hi++)
+        for (int lay = 0; lay < 2; lay++) {
+            const int hd = hds[hi], n = 7, hq = 3, hk = 2;
+            const kvm_rope_layout_t layout = lay ? KVM_ROPE_HALF : KVM_ROPE_INTERLEAVED;
+            float *inv = malloc((size_t)hd / 2 * sizeof(float));
+            float *q = malloc((size_t)n * hq * hd * sizeof(float)), *k = malloc((size_t)n * hk * hd * sizeof(float));
+            float *qr = malloc((size_t)n * hq * hd * sizeof(float)), *kr = malloc((size_t)n * hk * hd * sizeof(float));
+            float *q1 = malloc((size_t)n * hq * hd * sizeof(float));
+            int32_t pos[7];
+            for (int j = 0; j < hd / 2; j++) inv[j] = powf(10000.0f, -2.0f * j / hd);
+            for (int t = 0; t < n; t++) pos[t] = rnd_int(5000);
+            for (int e = 0; e < n * hq * hd; e++) q1[e] = qr[e] = q[e] = rnd();
+            for (int e = 0; e < n * hk * hd; e++) kr[e] = k[e] = rnd();
+            for (int t = 0; t < n; t++) {
+                for (int h = 0; h < hq; h++) kvm_rope_rotate_vec(qr + ((size_t)t * hq + h) * hd, hd, pos[t], inv, layout);
+                for (int h = 0; h < hk; h++) kvm_rope_rotate_vec(kr + ((size_t)t * hk + h) * hd, hd, pos[t], inv, layout);
+            }
+            ops->rope_qk(q, k, n, hq, hk, hd, pos, inv, layout);
+            ops->rope(q1, n, hq, hd, pos, inv, layout);
+            if (memcmp(q, qr, (size_t)n * hq * hd * sizeof(float)) || memcmp(k, kr, (size_t)n * hk * hd * sizeof(float)) ||
+                memcmp(q1, qr, (size_t)n * hq * hd * sizeof(float))) {
+                fprintf(stderr, "rope_qk hd %d layout %d: differs from rotating each head alone\n", hd, lay);
+                bad++;
+            }
+            free(inv), free(q), free(k), free(qr), free(kr), free(q1);
+        }
+    return bad;
+}
+
+static void test_rope_qk_gives_the_bits_of_rotating_each_head_alone(void **st) {
+    (void)st;
+    on_every_path(check_rope_qk_per_head, "rope cases differ from the per-head rotation");
+}
+
 static void test_forcing_a_path_the_cpu_lacks_clamps_to_the_best(void **st) {
     (void)st;
     int best = kvm_cpu_force_isa(-1);
@@ -400,4 +475,6 @@ TC_MAIN(NULL, NULL, cmocka_unit_test(test_matmul_matches_the_oracle_on_every_pat
         cmocka_unit_test(test_matmul_gives_a_token_the_same_bits_in_any_batch),
         cmocka_unit_test(test_attention_matches_the_oracle_on_every_path),
         cmocka_unit_test(test_attention_gives_a_row_the_same_bits_alone_or_in_the_prefill),
+        cmocka_unit_test(test_swiglu_matches_the_oracle_on_every_path),
+        cmocka_unit_test(test_rope_qk_gives_the_bits_of_rotating_each_head_alone),
         cmocka_unit_test(test_forcing_a_path_the_cpu_lacks_clamps_to_the_best))

@@ -3,9 +3,10 @@
  * Work items are (sequence, KV head, tile of ATT_QT query rows): an item holds the rows' queries of every head of
  * the KV head's group (GQA, group = heads / n_kv_heads) and walks the keys in chunks of ATT_CB blocks of 16
  * positions. Each K block is read once per item, widened to fp32 and transposed to [head_dim][16] (the 16 scores
- * of a query are then one vector); each V block is read once (in place when the cache is F32). Per query and
- * chunk: the scores of the chunk, one online-softmax step (running max and sum; the accumulator rescaled once
- * per chunk) and P.V. Blocks past a row's position are skipped (causal), as are positions past it within its
+ * of a query are then one vector); each V block is read once (in place when the cache is F32). Per row and
+ * chunk, for the G queries of the row together (each transposed key and value vector loaded once for the G):
+ * the scores of the chunk, one online-softmax step per query (running max and sum; the accumulator rescaled
+ * once per chunk) and P.V; a query's arithmetic is its own whatever G. Blocks past a row's position are skipped (causal), as are positions past it within its
  * last block. Items go through kvm_cpu_parallel_for, the tiles holding the latest rows (the most work) first.
  * Decode is the tile of one row. The arithmetic of a chunk is the instruction-set path's (gemm_cpu.h): fp32,
  * exp within 2e-7 relative of expf. */
@@ -23,7 +24,7 @@
 
 /* ---- the portable arithmetic of a chunk (contracts in gemm_cpu.h) ------------------------------------- */
 
-void kvm_cpu_scores_portable(float *s, const float *q, const float *kt, int nblk, int d) {
+static void scores1_portable(float *s, const float *q, const float *kt, int nblk, int d) {
     for (int b = 0; b < nblk; b++) {
         float a[KVM_KV_BLOCK] = {0};
         const float *k = kt + (size_t)b * d * KVM_KV_BLOCK;
@@ -43,11 +44,27 @@ float kvm_cpu_softmax_portable(float *s, int nv, float *m, float *l) {
     return corr;
 }
 
-void kvm_cpu_pv_portable(float *acc, const float *p, int nv, const float *const *v, int d, float corr) {
+static void pv1_portable(float *acc, const float *p, int nv, const float *const *v, int d, float corr) {
     for (int i = 0; i < d; i++) acc[i] *= corr;
     for (int j = 0; j < nv; j++) {
         const float *vr = v[j / KVM_KV_BLOCK] + (size_t)(j % KVM_KV_BLOCK) * d;
         for (int i = 0; i < d; i++) acc[i] += p[j] * vr[i];
+    }
+}
+
+void kvm_cpu_scores_portable(float *s, int lds, const float *q, int nq, const float *kt, int nblk, int d) {
+    for (int n = 0; n < nq; n++) scores1_portable(s + (size_t)n * lds, q + (size_t)n * d, kt, nblk, d);
+}
+
+void kvm_cpu_pv_portable(float *acc, const float *p, int lds, int nq, int nv, const float *const *v, int d,
+                         const float *corr) {
+    for (int n = 0; n < nq; n++) pv1_portable(acc + (size_t)n * d, p + (size_t)n * lds, nv, v, d, corr[n]);
+}
+
+void kvm_cpu_swiglu_portable(float *out, const float *gate, const float *up, size_t n) {
+    for (size_t i = 0; i < n; i++) {
+        float g = gate[i];
+        out[i] = (g / (1.0f + expf(-g))) * up[i];
     }
 }
 
@@ -91,14 +108,15 @@ static const float *load_block(float *kt, float *vbuf, const attn_job_t *j, int 
     const char *v = (const char *)j->kv + kv_index(j->g, blk, j->layer, 1, kh, 0) * es;
     j->k->load_kt(kt, k, dt, D, nv);
     if (dt == KVM_F32) return (const float *)v;
-    row_to_f32(vbuf, v, dt, (size_t)nv * D);
+    j->k->widen(vbuf, v, dt, (size_t)nv * D);
     return vbuf;
 }
 
-/* scratch floats of one item: kt [ATT_CB][D][16], vbuf [ATT_CB][16][D], qs and acc [nq][D], m/l [nq][2],
- * scores [ATT_CB * 16] */
-static size_t item_floats(int D, int nq) {
-    return 2 * (size_t)ATT_CB * KVM_KV_BLOCK * D + 2 * (size_t)nq * D + 2 * (size_t)nq + (size_t)ATT_CB * KVM_KV_BLOCK;
+/* scratch floats of one item of nq queries (G per row): kt [ATT_CB][D][16], vbuf [ATT_CB][16][D], qs and acc
+ * [nq][D], m/l [nq][2], the scores of a row's G queries [G][ATT_CB * 16] and their corrections [G] */
+static size_t item_floats(int D, int nq, int G) {
+    return 2 * (size_t)ATT_CB * KVM_KV_BLOCK * D + 2 * (size_t)nq * D + 2 * (size_t)nq +
+           (size_t)G * (ATT_CB * KVM_KV_BLOCK + 1);
 }
 
 static void attn_item(const attn_job_t *j, int s, int kh, int tile, float *buf) {
@@ -113,6 +131,8 @@ static void attn_item(const attn_job_t *j, int s, int kh, int tile, float *buf) 
     const size_t kblk = (size_t)KVM_KV_BLOCK * D; /* floats of one block of K or V */
     float *kt = buf, *vbuf = kt + ATT_CB * kblk, *qs = vbuf + ATT_CB * kblk;
     float *acc = qs + (size_t)nq * D, *ml = acc + (size_t)nq * D, *sc = ml + 2 * (size_t)nq;
+    float *corr = sc + (size_t)G * ATT_CB * KVM_KV_BLOCK;
+    const int lds = ATT_CB * KVM_KV_BLOCK;
     const float *vrows[ATT_CB];
     for (int r = ra; r < rb; r++)
         for (int hh = 0; hh < G; hh++) {
@@ -133,12 +153,11 @@ static void attn_item(const attn_job_t *j, int s, int kh, int tile, float *buf) 
             const int pos = row_pos(b, s, r);
             if (pos < p0) break;
             const int nv = pos - p0 + 1 < (c1 - c0) * KVM_KV_BLOCK ? pos - p0 + 1 : (c1 - c0) * KVM_KV_BLOCK;
-            for (int hh = 0; hh < G; hh++) {
-                const int qi = (r - ra) * G + hh;
-                K->scores(sc, qs + (size_t)qi * D, kt, (nv + KVM_KV_BLOCK - 1) / KVM_KV_BLOCK, D);
-                float corr = K->softmax(sc, nv, &ml[2 * qi], &ml[2 * qi + 1]);
-                K->pv(acc + (size_t)qi * D, sc, nv, vrows, D, corr);
-            }
+            const int q0 = (r - ra) * G; /* the row's G queries: one pass over the chunk's keys and values */
+            K->scores(sc, lds, qs + (size_t)q0 * D, G, kt, (nv + KVM_KV_BLOCK - 1) / KVM_KV_BLOCK, D);
+            for (int hh = 0; hh < G; hh++)
+                corr[hh] = K->softmax(sc + (size_t)hh * lds, nv, &ml[2 * (q0 + hh)], &ml[2 * (q0 + hh) + 1]);
+            K->pv(acc + (size_t)q0 * D, sc, lds, G, nv, vrows, D, corr);
         }
     }
     for (int r = ra; r < rb; r++)
@@ -153,7 +172,7 @@ static void attn_item(const attn_job_t *j, int s, int kh, int tile, float *buf) 
 static void attn_task(void *ctx, int i0, int i1, int tid) {
     const attn_job_t *j = ctx;
     const int H = j->g->n_kv_heads, D = j->g->head_dim;
-    float *buf = kvm_cpu_scratch(tid, item_floats(D, ATT_QT * j->group) * sizeof(float));
+    float *buf = kvm_cpu_scratch(tid, item_floats(D, ATT_QT * j->group, j->group) * sizeof(float));
     for (int it = i0; it < i1; it++) {
         int s = it / (H * j->maxt), rem = it % (H * j->maxt);
         int tile = j->maxt - 1 - rem / H, kh = rem % H; /* the latest tiles (most work) first */

@@ -1,5 +1,5 @@
 /* attn_cpu_x86.c - the per-block attention arithmetic of the AVX-512 and AVX2 paths (contracts in gemm_cpu.h,
- * the portable versions in attn_cpu.c). The exp is Cephes' expf polynomial (relative error below 2e-7 on
+ * the portable versions in attn_cpu.c), and SwiGLU's silu, which uses the same exp. The exp is Cephes' expf polynomial (relative error below 2e-7 on
  * [-87, 0]; inputs below -87.3 give about 1e-38 instead of 0, masked lanes are 0). */
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
@@ -31,28 +31,41 @@ static INL T512 __m512 exp512(__m512 x) {
     return _mm512_scalef_ps(p, fx);
 }
 
-/* one block's 16 scores, 4 FMA chains */
-static INL T512 __m512 scores16(const float *q, const float *k, int d) {
-    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+/* the 16 scores of one block for QN (1..4) queries (query qn at q + qn * d, its scores at s + qn * lds): 4 FMA
+ * chains per query by i mod 4 (the tail of d in chain 0), summed (0 + 1) + (2 + 3); each row of kt is loaded once
+ * for the QN queries */
+static INL T512 void scores_qn(int QN, float *s, int lds, const float *q, int d, const float *k) {
+    __m512 a[4][4];
+    for (int n = 0; n < QN; n++)
+        for (int u = 0; u < 4; u++) a[n][u] = _mm512_setzero_ps();
     int i = 0;
-    for (; i + 4 <= d; i += 4) {
-        a0 = _mm512_fmadd_ps(_mm512_set1_ps(q[i]), _mm512_loadu_ps(k + (size_t)i * BLK), a0);
-        a1 = _mm512_fmadd_ps(_mm512_set1_ps(q[i + 1]), _mm512_loadu_ps(k + (size_t)(i + 1) * BLK), a1);
-        a2 = _mm512_fmadd_ps(_mm512_set1_ps(q[i + 2]), _mm512_loadu_ps(k + (size_t)(i + 2) * BLK), a2);
-        a3 = _mm512_fmadd_ps(_mm512_set1_ps(q[i + 3]), _mm512_loadu_ps(k + (size_t)(i + 3) * BLK), a3);
+    for (; i + 4 <= d; i += 4)
+        for (int u = 0; u < 4; u++) {
+            const __m512 kv = _mm512_loadu_ps(k + (size_t)(i + u) * BLK);
+            for (int n = 0; n < QN; n++) a[n][u] = _mm512_fmadd_ps(_mm512_set1_ps(q[(size_t)n * d + i + u]), kv, a[n][u]);
+        }
+    for (; i < d; i++) {
+        const __m512 kv = _mm512_loadu_ps(k + (size_t)i * BLK);
+        for (int n = 0; n < QN; n++) a[n][0] = _mm512_fmadd_ps(_mm512_set1_ps(q[(size_t)n * d + i]), kv, a[n][0]);
     }
-    for (; i < d; i++) a0 = _mm512_fmadd_ps(_mm512_set1_ps(q[i]), _mm512_loadu_ps(k + (size_t)i * BLK), a0);
-    return _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3));
+    for (int n = 0; n < QN; n++)
+        _mm512_storeu_ps(s + (size_t)n * lds, _mm512_add_ps(_mm512_add_ps(a[n][0], a[n][1]), _mm512_add_ps(a[n][2], a[n][3])));
 }
 
-T512 void kvm_cpu_scores_avx512(float *s, const float *q, const float *kt, int nblk, int d) {
-    int b = 0;
-    for (; b + 2 <= nblk; b += 2) { /* two blocks in flight: 8 independent chains */
-        __m512 s0 = scores16(q, kt + (size_t)b * d * BLK, d), s1 = scores16(q, kt + (size_t)(b + 1) * d * BLK, d);
-        _mm512_storeu_ps(s + (size_t)b * BLK, s0);
-        _mm512_storeu_ps(s + (size_t)(b + 1) * BLK, s1);
+T512 void kvm_cpu_scores_avx512(float *s, int lds, const float *q, int nq, const float *kt, int nblk, int d) {
+    for (int b = 0; b < nblk; b++) {
+        const float *k = kt + (size_t)b * d * BLK;
+        for (int n0 = 0; n0 < nq; n0 += 4) {
+            float *sb = s + (size_t)n0 * lds + (size_t)b * BLK;
+            const float *qn = q + (size_t)n0 * d;
+            switch (nq - n0 >= 4 ? 4 : nq - n0) {
+            case 1: scores_qn(1, sb, lds, qn, d, k); break;
+            case 2: scores_qn(2, sb, lds, qn, d, k); break;
+            case 3: scores_qn(3, sb, lds, qn, d, k); break;
+            default: scores_qn(4, sb, lds, qn, d, k); break;
+            }
+        }
     }
-    if (b < nblk) _mm512_storeu_ps(s + (size_t)b * BLK, scores16(q, kt + (size_t)b * d * BLK, d));
 }
 
 static INL T512 __mmask16 mask_of(int n) { return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1); }
@@ -84,48 +97,71 @@ T512 float kvm_cpu_softmax_avx512(float *s, int nv, float *m, float *l) {
     return corr;
 }
 
-/* NC (1..4) chunks of 16 lanes of acc from lane i0, the last one masked by mt; keys block by block, 4 at a
- * time into 4 sets of accumulators (independent FMA chains) */
-static INL T512 void pv512_nc(int NC, float *acc, const float *p, int nv, const float *const *v, int d, int i0,
-                              __mmask16 mt, __m512 cv) {
-    __m512 a[4][4];
-    for (int c = 0; c < NC; c++) {
-        a[0][c] = _mm512_mul_ps(_mm512_maskz_loadu_ps(c == NC - 1 ? mt : 0xFFFF, acc + i0 + 16 * c), cv);
-        a[1][c] = a[2][c] = a[3][c] = _mm512_setzero_ps();
-    }
+/* QN (1..3) queries x NC (1..2) chunks of 16 lanes of acc from lane i0, the last one masked by mt (query n: acc
+ * at acc + n * d, probabilities at p + n * lds, correction corr[n]); keys block by block, 4 at a time into 4 sets
+ * of accumulators (independent FMA chains, the tail of a block in set 0), summed (0 + 1) + (2 + 3); each value
+ * vector is loaded once for the QN queries. A lane's arithmetic depends on nothing but its query and keys. */
+static INL T512 void pv512_q(int QN, int NC, float *acc, const float *p, int lds, int nv, const float *const *v, int d,
+                             int i0, __mmask16 mt, const float *corr) {
+    __m512 a[3][4][2];
+    for (int n = 0; n < QN; n++)
+        for (int c = 0; c < NC; c++) {
+            a[n][0][c] = _mm512_mul_ps(_mm512_maskz_loadu_ps(c == NC - 1 ? mt : 0xFFFF, acc + (size_t)n * d + i0 + 16 * c),
+                                       _mm512_set1_ps(corr[n]));
+            a[n][1][c] = a[n][2][c] = a[n][3][c] = _mm512_setzero_ps();
+        }
     for (int j0 = 0; j0 < nv; j0 += BLK) {
         const float *vb = v[j0 / BLK] + i0, *pb = p + j0;
         const int nk = nv - j0 < BLK ? nv - j0 : BLK;
         int j = 0;
         for (; j + 4 <= nk; j += 4)
-            for (int u = 0; u < 4; u++) {
-                const __m512 pu = _mm512_set1_ps(pb[j + u]);
-                for (int c = 0; c < NC; c++)
-                    a[u][c] = _mm512_fmadd_ps(pu, _mm512_maskz_loadu_ps(c == NC - 1 ? mt : 0xFFFF, vb + (size_t)(j + u) * d + 16 * c),
-                                              a[u][c]);
+            for (int u = 0; u < 4; u++)
+                for (int c = 0; c < NC; c++) {
+                    const __m512 vv = _mm512_maskz_loadu_ps(c == NC - 1 ? mt : 0xFFFF, vb + (size_t)(j + u) * d + 16 * c);
+                    for (int n = 0; n < QN; n++)
+                        a[n][u][c] = _mm512_fmadd_ps(_mm512_set1_ps(pb[(size_t)n * lds + j + u]), vv, a[n][u][c]);
+                }
+        for (; j < nk; j++)
+            for (int c = 0; c < NC; c++) {
+                const __m512 vv = _mm512_maskz_loadu_ps(c == NC - 1 ? mt : 0xFFFF, vb + (size_t)j * d + 16 * c);
+                for (int n = 0; n < QN; n++) a[n][0][c] = _mm512_fmadd_ps(_mm512_set1_ps(pb[(size_t)n * lds + j]), vv, a[n][0][c]);
             }
-        for (; j < nk; j++) {
-            const __m512 pu = _mm512_set1_ps(pb[j]);
-            for (int c = 0; c < NC; c++)
-                a[0][c] = _mm512_fmadd_ps(pu, _mm512_maskz_loadu_ps(c == NC - 1 ? mt : 0xFFFF, vb + (size_t)j * d + 16 * c), a[0][c]);
-        }
     }
-    for (int c = 0; c < NC; c++)
-        _mm512_mask_storeu_ps(acc + i0 + 16 * c, c == NC - 1 ? mt : 0xFFFF,
-                              _mm512_add_ps(_mm512_add_ps(a[0][c], a[1][c]), _mm512_add_ps(a[2][c], a[3][c])));
+    for (int n = 0; n < QN; n++)
+        for (int c = 0; c < NC; c++)
+            _mm512_mask_storeu_ps(acc + (size_t)n * d + i0 + 16 * c, c == NC - 1 ? mt : 0xFFFF,
+                                  _mm512_add_ps(_mm512_add_ps(a[n][0][c], a[n][1][c]), _mm512_add_ps(a[n][2][c], a[n][3][c])));
 }
 
-T512 void kvm_cpu_pv_avx512(float *acc, const float *p, int nv, const float *const *v, int d, float corr) {
-    const __m512 cv = _mm512_set1_ps(corr);
-    for (int i0 = 0; i0 < d; i0 += 64) {
-        const int left = d - i0, nc = left >= 64 ? 4 : (left + 15) / 16;
+T512 void kvm_cpu_pv_avx512(float *acc, const float *p, int lds, int nq, int nv, const float *const *v, int d,
+                            const float *corr) {
+    for (int i0 = 0; i0 < d; i0 += 32) {
+        const int left = d - i0, nc = left > 16 ? 2 : 1;
         const __mmask16 mt = mask_of(left - 16 * (nc - 1));
-        switch (nc) {
-        case 1: pv512_nc(1, acc, p, nv, v, d, i0, mt, cv); break;
-        case 2: pv512_nc(2, acc, p, nv, v, d, i0, mt, cv); break;
-        case 3: pv512_nc(3, acc, p, nv, v, d, i0, mt, cv); break;
-        default: pv512_nc(4, acc, p, nv, v, d, i0, mt, cv); break;
+        for (int n0 = 0; n0 < nq; n0 += 3) {
+            float *an = acc + (size_t)n0 * d;
+            const float *pn = p + (size_t)n0 * lds;
+            const int qn = nq - n0 >= 3 ? 3 : nq - n0;
+            switch (qn * 2 + nc - 1) {
+            case 2: pv512_q(1, 1, an, pn, lds, nv, v, d, i0, mt, corr + n0); break;
+            case 3: pv512_q(1, 2, an, pn, lds, nv, v, d, i0, mt, corr + n0); break;
+            case 4: pv512_q(2, 1, an, pn, lds, nv, v, d, i0, mt, corr + n0); break;
+            case 5: pv512_q(2, 2, an, pn, lds, nv, v, d, i0, mt, corr + n0); break;
+            case 6: pv512_q(3, 1, an, pn, lds, nv, v, d, i0, mt, corr + n0); break;
+            default: pv512_q(3, 2, an, pn, lds, nv, v, d, i0, mt, corr + n0); break;
+            }
         }
+    }
+}
+
+/* out[i] = gate[i] / (1 + exp(-gate[i])) * up[i] */
+T512 void kvm_cpu_swiglu_avx512(float *out, const float *gate, const float *up, size_t n) {
+    const __m512 one = _mm512_set1_ps(1.0f);
+    for (size_t i = 0; i < n; i += 16) {
+        const __mmask16 k = n - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - i)) - 1);
+        const __m512 g = _mm512_maskz_loadu_ps(k, gate + i);
+        const __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), g));
+        _mm512_mask_storeu_ps(out + i, k, _mm512_mul_ps(_mm512_div_ps(g, _mm512_add_ps(one, e)), _mm512_maskz_loadu_ps(k, up + i)));
     }
 }
 
@@ -148,7 +184,7 @@ static INL T256 __m256 exp256(__m256 x) {
     return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
 
-T256 void kvm_cpu_scores_avx2(float *s, const float *q, const float *kt, int nblk, int d) {
+static T256 void scores1_avx2(float *s, const float *q, const float *kt, int nblk, int d) {
     for (int b = 0; b < nblk; b++) {
         const float *k = kt + (size_t)b * d * BLK;
         __m256 a0 = _mm256_setzero_ps(), a1 = a0, b0 = a0, b1 = a0;
@@ -198,7 +234,7 @@ T256 float kvm_cpu_softmax_avx2(float *s, int nv, float *m, float *l) {
     return corr;
 }
 
-T256 void kvm_cpu_pv_avx2(float *acc, const float *p, int nv, const float *const *v, int d, float corr) {
+static T256 void pv1_avx2(float *acc, const float *p, int nv, const float *const *v, int d, float corr) {
     const __m256 cv = _mm256_set1_ps(corr);
     int i = 0;
     for (; i + 16 <= d; i += 16) {
@@ -227,6 +263,33 @@ T256 void kvm_cpu_pv_avx2(float *acc, const float *p, int nv, const float *const
         for (int j = 0; j < nv; j++) a += p[j] * v[j / BLK][(size_t)(j % BLK) * d + i];
         acc[i] = a;
     }
+}
+
+T256 void kvm_cpu_swiglu_avx2(float *out, const float *gate, const float *up, size_t n) {
+    const __m256 one = _mm256_set1_ps(1.0f);
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256 g = _mm256_loadu_ps(gate + i); /* exp256 has no overflow check: exp(88) is near FLT_MAX */
+        const __m256 e = exp256(_mm256_min_ps(_mm256_sub_ps(_mm256_setzero_ps(), g), _mm256_set1_ps(88.0f)));
+        _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(one, e)), _mm256_loadu_ps(up + i)));
+    }
+    if (i < n) { /* the tail through a padded vector: the same arithmetic per element */
+        float g8[8] = {0}, u8[8] = {0}, o8[8];
+        memcpy(g8, gate + i, (n - i) * sizeof(float));
+        memcpy(u8, up + i, (n - i) * sizeof(float));
+        kvm_cpu_swiglu_avx2(o8, g8, u8, 8);
+        memcpy(out + i, o8, (n - i) * sizeof(float));
+    }
+}
+
+/* the multi-query forms: each query on its own */
+T256 void kvm_cpu_scores_avx2(float *s, int lds, const float *q, int nq, const float *kt, int nblk, int d) {
+    for (int n = 0; n < nq; n++) scores1_avx2(s + (size_t)n * lds, q + (size_t)n * d, kt, nblk, d);
+}
+
+T256 void kvm_cpu_pv_avx2(float *acc, const float *p, int lds, int nq, int nv, const float *const *v, int d,
+                          const float *corr) {
+    for (int n = 0; n < nq; n++) pv1_avx2(acc + (size_t)n * d, p + (size_t)n * lds, nv, v, d, corr[n]);
 }
 
 #endif

@@ -38,13 +38,17 @@ static void dot_portable(float *y, int ldy, const float *x, int ldx, const void 
     }
 }
 
+void kvm_cpu_widen_portable(float *dst, const void *src, kvm_dtype_t dt, size_t n) { row_to_f32(dst, src, dt, n); }
+
 const cpu_kern_t kvm_cpu_kern_portable = {
     .name = "portable",
     .dot = dot_portable,
     .load_kt = kvm_cpu_load_kt_portable,
+    .widen = kvm_cpu_widen_portable,
     .scores = kvm_cpu_scores_portable,
     .softmax = kvm_cpu_softmax_portable,
     .pv = kvm_cpu_pv_portable,
+    .swiglu = kvm_cpu_swiglu_portable,
 };
 
 /* ---- the choice of path ------------------------------------------------------------------------------ */
@@ -103,7 +107,7 @@ static void gemm_task(void *ctx, int i0, int i1, int tid) {
         float *y = j->y + (size_t)t0 * rows;
         const float *x = j->x + (size_t)t0 * cols;
         if (wf) {
-            row_to_f32(wf, (const uint16_t *)j->W->data + (size_t)r0 * cols, j->W->dtype, (size_t)(r1 - r0) * cols);
+            j->k->widen(wf, (const uint16_t *)j->W->data + (size_t)r0 * cols, j->W->dtype, (size_t)(r1 - r0) * cols);
             j->k->dot(y + r0, rows, x, cols, wf, KVM_F32, cols, 0, r1 - r0, t1 - t0, j->bias ? j->bias + r0 : NULL);
         } else {
             j->k->dot(y, rows, x, cols, j->W->data, j->W->dtype, cols, r0, r1, t1 - t0, j->bias);

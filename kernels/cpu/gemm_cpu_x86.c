@@ -152,6 +152,27 @@ static T512 void dot_avx512(float *y, int ldy, const float *x, int ldx, const vo
     }
 }
 
+/* dst[0..n) = src[0..n) (dtype dt) widened to fp32: exact, the bits of row_to_f32 */
+static T512 void widen_avx512(float *dst, const void *src, kvm_dtype_t dt, size_t n) {
+    size_t i = 0;
+    if (dt == KVM_F32) {
+        memcpy(dst, src, n * sizeof(float));
+        return;
+    }
+    for (; i + 16 <= n; i += 16) _mm512_storeu_ps(dst + i, w16_512(src, dt, i));
+    if (i < n) _mm512_mask_storeu_ps(dst + i, (__mmask16)((1u << (n - i)) - 1), w16_512_tail(src, dt, i, (int)(n - i)));
+}
+
+/* kt[d][16] = the block's first nv keys (d a multiple of 16) transposed, 16 dimensions at a time */
+static INL T512 void kt512_dt(kvm_dtype_t dt, float *kt, const void *k, int d, int nv) {
+    for (int c = 0; c < d; c += 16) {
+        __m512 r[16];
+        for (int t = 0; t < 16; t++) r[t] = t < nv ? w16_512(k, dt, (size_t)t * d + c) : _mm512_setzero_ps();
+        tr16x16(r);
+        for (int i = 0; i < 16; i++) _mm512_storeu_ps(kt + (size_t)(c + i) * 16, r[i]);
+    }
+}
+
 static T512 void load_kt_avx512(float *kt, const void *k, kvm_dtype_t dt, int d, int nv) {
     if (d % 16) { /* one gather of the nv keys per dimension (a 16-bit element is the low half of a 32-bit read,
                    * which stays inside the block: its values follow its keys) */
@@ -172,11 +193,13 @@ static T512 void load_kt_avx512(float *kt, const void *k, kvm_dtype_t dt, int d,
         }
         return;
     }
-    for (int c = 0; c < d; c += 16) {
-        __m512 r[16];
-        for (int t = 0; t < 16; t++) r[t] = t < nv ? w16_512(k, dt, (size_t)t * d + c) : _mm512_setzero_ps();
-        tr16x16(r);
-        for (int i = 0; i < 16; i++) _mm512_storeu_ps(kt + (size_t)(c + i) * 16, r[i]);
+    switch (dt * 2 + (nv >= 16)) { /* the dtype and a full block as constants: no branch per row */
+    case KVM_F32 * 2: kt512_dt(KVM_F32, kt, k, d, nv); break;
+    case KVM_F32 * 2 + 1: kt512_dt(KVM_F32, kt, k, d, 16); break;
+    case KVM_BF16 * 2: kt512_dt(KVM_BF16, kt, k, d, nv); break;
+    case KVM_BF16 * 2 + 1: kt512_dt(KVM_BF16, kt, k, d, 16); break;
+    case KVM_F16 * 2: kt512_dt(KVM_F16, kt, k, d, nv); break;
+    default: kt512_dt(KVM_F16, kt, k, d, 16); break;
     }
 }
 
@@ -184,9 +207,11 @@ const cpu_kern_t kvm_cpu_kern_avx512 = {
     .name = "avx512",
     .dot = dot_avx512,
     .load_kt = load_kt_avx512,
+    .widen = widen_avx512,
     .scores = kvm_cpu_scores_avx512,
     .softmax = kvm_cpu_softmax_avx512,
     .pv = kvm_cpu_pv_avx512,
+    .swiglu = kvm_cpu_swiglu_avx512,
 };
 
 /* ---- AVX2 + FMA + F16C ---------------------------------------------------------------------------- */
@@ -279,13 +304,25 @@ static T256 void dot_avx2(float *y, int ldy, const float *x, int ldx, const void
     }
 }
 
+static T256 void widen_avx2(float *dst, const void *src, kvm_dtype_t dt, size_t n) {
+    if (dt == KVM_F32) {
+        memcpy(dst, src, n * sizeof(float));
+        return;
+    }
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, w8_256(src, dt, i));
+    if (i < n) kvm_cpu_widen_portable(dst + i, (const uint16_t *)src + i, dt, n - i);
+}
+
 const cpu_kern_t kvm_cpu_kern_avx2 = {
     .name = "avx2",
     .dot = dot_avx2,
     .load_kt = kvm_cpu_load_kt_portable,
+    .widen = widen_avx2,
     .scores = kvm_cpu_scores_avx2,
     .softmax = kvm_cpu_softmax_avx2,
     .pv = kvm_cpu_pv_avx2,
+    .swiglu = kvm_cpu_swiglu_avx2,
 };
 
 #endif

@@ -12,6 +12,7 @@
 #include "cpu_common.h"
 #include "cpu_kernels.h"
 #include "cpu_pool.h"
+#include "gemm_cpu.h"
 #include "../rope.h"
 
 /* ---- memory: plain host memory -------------------------------------------------------------- */
@@ -79,24 +80,44 @@ static void cpu_head_rmsnorm(float *x, const float *w, int n, int heads, int hd,
 }
 
 typedef struct {
-    float *x;
-    int heads, hd;
+    float *x[2];  /* q [n][heads[0]][hd], k [n][heads[1]][hd] (or NULL) */
+    int heads[2], hd;
     const int32_t *pos;
     const float *inv_freq;
     kvm_rope_layout_t layout;
 } rope_task_t;
 
+#define ROPE_TABLE_PAIRS 256 /* head vectors up to 512 wide rotate from one table per token */
+
+/* every head of tokens [t0, t1): the angles of a token computed once for its q and k heads (the same bits as
+ * rotating each head on its own) */
 static void rope_task(void *ctx, int t0, int t1, int tid) {
     const rope_task_t *r = ctx;
-    for (int t = t0; t < t1; t++)
-        for (int h = 0; h < r->heads; h++)
-            kvm_rope_rotate_vec(r->x + ((size_t)t * r->heads + h) * r->hd, r->hd, (double)r->pos[t], r->inv_freq, r->layout);
+    const int hd = r->hd, half = hd / 2;
+    float c[ROPE_TABLE_PAIRS], s[ROPE_TABLE_PAIRS];
+    (void)tid;
+    for (int t = t0; t < t1; t++) {
+        const bool table = half <= ROPE_TABLE_PAIRS;
+        if (table) kvm_rope_cos_sin(c, s, half, (double)r->pos[t], r->inv_freq);
+        for (int x = 0; x < 2; x++)
+            for (int h = 0; r->x[x] && h < r->heads[x]; h++) {
+                float *v = r->x[x] + ((size_t)t * r->heads[x] + h) * hd;
+                if (table) kvm_rope_apply(v, hd, c, s, r->layout);
+                else kvm_rope_rotate_vec(v, hd, (double)r->pos[t], r->inv_freq, r->layout);
+            }
+    }
+}
+
+static void cpu_rope_qk(float *q, float *k, int n, int hq, int hk, int hd, const int32_t *pos, const float *inv_freq,
+                        kvm_rope_layout_t layout) {
+    rope_task_t r = {.x = {q, k}, .heads = {hq, k ? hk : 0}, .hd = hd, .pos = pos, .inv_freq = inv_freq, .layout = layout};
+    /* in elementwise ops: a token's angles cost a cos and a sin in fp64 per pair (about 20), its rotations about
+     * 3 per pair and head; a chunk does at least 40960 */
+    kvm_cpu_parallel_for(n, grain_for((size_t)hd / 2 * (20 + 3 * (size_t)(hq + r.heads[1])), 40960), rope_task, &r);
 }
 
 static void cpu_rope(float *x, int n, int heads, int hd, const int32_t *pos, const float *inv_freq, kvm_rope_layout_t layout) {
-    rope_task_t r = {.x = x, .heads = heads, .hd = hd, .pos = pos, .inv_freq = inv_freq, .layout = layout};
-    /* a rotated pair costs a cos and a sin in fp64: about 20 elementwise ops' worth */
-    kvm_cpu_parallel_for(n, grain_for((size_t)heads * hd / 2, 2048), rope_task, &r);
+    cpu_rope_qk(x, NULL, n, heads, 0, hd, pos, inv_freq, layout);
 }
 
 /* elementwise ops over pieces of ELEM_PIECE elements */
@@ -111,10 +132,8 @@ typedef struct {
 static void swiglu_task(void *ctx, int p0, int p1, int tid) {
     const elem_task_t *t = ctx;
     size_t i1 = (size_t)p1 * ELEM_PIECE < t->n ? (size_t)p1 * ELEM_PIECE : t->n;
-    for (size_t i = (size_t)p0 * ELEM_PIECE; i < i1; i++) {
-        float g = t->a[i];
-        t->out[i] = (g / (1.0f + expf(-g))) * t->b[i];
-    }
+    const size_t i0 = (size_t)p0 * ELEM_PIECE;
+    kvm_cpu_kern()->swiglu(t->out + i0, t->a + i0, t->b + i0, i1 - i0);
 }
 
 static void cpu_swiglu(float *out, const float *gate, const float *up, size_t n) {
@@ -204,6 +223,7 @@ static const kvm_ops_t cpu_ops = {
     .head_rmsnorm = cpu_head_rmsnorm,
     .matmul = kvm_cpu_matmul,
     .rope = cpu_rope,
+    .rope_qk = cpu_rope_qk,
     .swiglu = cpu_swiglu,
     .add = cpu_add,
     .kv_write = cpu_kv_write,
