@@ -9,7 +9,7 @@
 #   engine.log   kvmesh bench engine --synthetic llama-3.1-8b --profile (beside HF eager)
 #   hf.log       HF transformers eager (hf.json) and static cache + torch.compile (hf_compile.json), same card
 #   kvcomm.log   kvmesh bench kvcomm --synthetic llama-3.1-8b: the spec's policy, then the blend
-#   team.log     kvmesh bench kvcomm --workload team on models/minillama-2m (dense, spec, default), accuracy on the GPU
+#   team.log     kvmesh bench kvcomm --workload W on the bundled models (TEAM_CELLS, TEAM_MODES), accuracy on the GPU
 # Steps: parity engine hf kvcomm team (default: all of them, in that order; HF_COMPILE=0 skips the compiled HF).
 set -uo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
@@ -17,7 +17,7 @@ if [ "${1:-}" = bundle ]; then
   build=${2:-$root/build}
   bash "$root/scripts/gpu/bundle_tests.sh" i17 "$build" kvmesh test_cuda_ops test_cuda_model test_kvcomm_ops \
     test_kvcomm_device_path test_kvcomm_core test_comm_state test_c2c
-  mkdir -p "$root/.gpu-i17/models" && cp -r "$root/models/minillama-2m" "$root/.gpu-i17/models/"
+  mkdir -p "$root/.gpu-i17/models" && cp -r "$root/models/minillama-2m" "$root/models/miniqwen3-6m" "$root/.gpu-i17/models/"
   du -sh "$root/.gpu-i17"
   exit 0
 fi
@@ -58,10 +58,10 @@ if want hf; then
   { timeout 200 python3 scripts/bench/hf_engine.py --model llama-3.1-8b --json "$OUT/hf.json"; echo "hf eager rc=$?"
     if [ "${HF_COMPILE:-1}" != 0 ]; then   # one process per figure; a compiler crash in CUDA-graph mode retries without
       for ph in prefill decode1 decodeB; do
-        timeout 300 python3 scripts/bench/hf_engine.py --model llama-3.1-8b --compile --phase $ph --json "/tmp/hfc_$ph.json"
+        timeout ${HF_PHASE_S:-300} python3 scripts/bench/hf_engine.py --model llama-3.1-8b --compile --phase $ph --json "/tmp/hfc_$ph.json"
         rc=$?; echo "hf compile $ph rc=$rc"
         if [ $rc != 0 ] && [ $ph != prefill ]; then
-          timeout 300 python3 scripts/bench/hf_engine.py --model llama-3.1-8b --compile --compile-mode default --phase $ph \
+          timeout ${HF_PHASE_S:-300} python3 scripts/bench/hf_engine.py --model llama-3.1-8b --compile --compile-mode default --phase $ph \
             --json "/tmp/hfc_$ph.json"; echo "hf compile $ph (default mode) rc=$?"
         fi
       done
@@ -72,13 +72,19 @@ fi
 if want kvcomm; then
   { for pol in spec blend; do
       echo "==== bench kvcomm kvcomm.preset=$pol ($(date -u +%T))"
-      timeout 200 "$B/kvmesh" bench kvcomm --synthetic llama-3.1-8b --set kvcomm.preset=$pol --set kvcomm.force_reuse=on --out /tmp/kvb; echo "rc=$?"
+      timeout 200 "$B/kvmesh" bench kvcomm --synthetic llama-3.1-8b --set kvcomm.preset=$pol --set kvcomm.force_reuse=on ${KV_ARGS:-} --out /tmp/kvb; echo "rc=$?"
     done; } > "$OUT/kvcomm.log" 2>&1
   grep -E "^====|^agent|^a[0-9] |^alignment|^anchors|rc=|rror" "$OUT/kvcomm.log" | head -30
 fi
-if want team; then
-  timeout 300 "$B/kvmesh" bench kvcomm --model "$B/models/minillama-2m" --backend cuda --workload team --requests 300 \
-    --modes "${TEAM_MODES:-dense,full,full+blend}" --out /tmp/team > "$OUT/team.log" 2>&1
-  echo "team rc=$?"; grep -iE "accuracy|^mode|^dense|^full|reuse" "$OUT/team.log" | head -20
+if want team; then   # TEAM_CELLS: "MODEL:WORKLOAD ..." (models under .gpu-i17/models), each with TEAM_MODES
+  : > "$OUT/team.log"
+  for cell in ${TEAM_CELLS:-minillama-2m:team}; do
+    mdl=${cell%%:*} wl=${cell#*:}
+    echo "==== $mdl $wl ($(date -u +%T))" >> "$OUT/team.log"
+    timeout 240 "$B/kvmesh" bench kvcomm --model "$B/models/$mdl" --backend cuda --workload "$wl" --requests 300 \
+      --modes "${TEAM_MODES:-dense,full,full+blend}" --out /tmp/team >> "$OUT/team.log" 2>&1
+    echo "team $mdl $wl rc=$?" | tee -a "$OUT/team.log"
+  done
+  grep -E "^====|^mode  |^dense |^default |^spec |^full|rc=" "$OUT/team.log" | head -40
 fi
 { echo "end: $(date -u)"; clocks; } >> "$OUT/gpu.txt" 2>&1
