@@ -352,7 +352,7 @@ int kvm_sched_step(kvm_sched_t *s) {
         }
         int32_t id = kvm_sampler_sample(q->sampler, q->logits, q->dec.hist, q->dec.n_hist);
         if (id < 0) {
-            fail_req(q, KVM_EINTERNAL, "sched: the sampler returned no token");
+            fail_req(q, KVM_ENOMEM, "sched: out of memory sampling the next token");
             continue;
         }
         accept_token(q, id);
