@@ -46,6 +46,8 @@ typedef struct job {
     int attempts;            /* calls made so far (1 + retries) */
     uint64_t not_before;     /* a retry waits for its backoff until then */
     struct wf_llm *l;        /* the engine, for the token hook */
+    kvm_account_t *acct;     /* req.acct, retained: what the step allocates is charged there */
+    uint64_t refused0;       /* its refusals when the step was submitted */
     struct job *next;
 } job_t;
 
@@ -103,8 +105,18 @@ wf_llm_t *wf_llm_create(const wf_llm_opts_t *o) {
     return l;
 }
 
+/* Whether the step's memory account refused an allocation since the step was submitted: the run is at its memory cap,
+ * so an out-of-memory failure of the step is that, not a full KV pool to wait for. */
+static bool job_over_cap(const job_t *j) { return j->acct && kvm_account_refusals(j->acct) > j->refused0; }
+
+static int job_cap_error(const job_t *j) {
+    return kvm_seterr(KVM_ELUA_MEMORY, "agent '%s': the step does not fit its run's memory cap (%zu bytes, %zu in use): %s",
+                      j->req.agent ? j->req.agent : "?", kvm_account_cap(j->acct), kvm_account_bytes(j->acct), kvm_errmsg());
+}
+
 static void job_free(job_t *j) {
     if (!j) return;
+    kvm_account_t *acct = j->acct;
     wf_llm_result_clear(&j->res);
     if (j->has_prep) kvm_prepared_release(&j->prep);
     for (int i = 0; i < j->n_bound; i++) kvm_segment_release(j->bound[i]);
@@ -114,6 +126,7 @@ static void job_free(job_t *j) {
     kvm_free(j->run_id);
     kvm_free(j->agent);
     kvm_free(j);
+    kvm_account_release(acct);
 }
 
 /* <state_dir>/<the anchor file name of m> */
@@ -222,6 +235,7 @@ static int comm_opts(const wf_llm_opts_t *o, const char *const *sets, int n_sets
 }
 
 int wf_llm_model_open(wf_llm_t *l, const char *path, const char *const *kvcomm, int n_kvcomm, int *idx) {
+    *idx = -3;
     if (!path || !*path) return kvm_seterr(KVM_EINVAL, "model: empty path");
     kvm_comm_opts_t co = {.kv_budget_bytes = l->o.kv_bytes, .kvcomm_set = true};
     int rc = comm_opts(&l->o, kvcomm, n_kvcomm, &co.kvcomm);
@@ -246,12 +260,14 @@ int wf_llm_model_open(wf_llm_t *l, const char *path, const char *const *kvcomm, 
     kvm_model_params_t lo = l->o.model;
     lo.quiet = lo.quiet || l->o.quiet;
     m->m = kvm_model_load(path, &lo); /* "mock:echo" too: the mock model plugs in below the scheduler */
+    if (!m->m && kvm_errcode() != KVM_ENOMEM) *idx = -1;
     if (m->m && !m->m->tok && !kvm_model_is_mock(m->m) && strncmp(path, "synthetic:", 10)) {
         /* agents speak text: only synthetic weights (benchmarks) run on hashed words */
         kvm_seterr(KVM_EINVAL, "the model has no tokenizer (no tokenizer.json or tokenizer.bin was found with it): "
                                "agents read and write text, so put the model's tokenizer beside its weights");
         kvm_model_free(m->m);
         m->m = NULL;
+        *idx = -2;
     }
     m->comm = m->m ? kvm_comm_create(m->m, &co) : NULL;
     kvm_sched_opts_t so = {.max_rows = l->o.max_rows, .max_active = l->o.max_active};
@@ -651,10 +667,14 @@ static int evict_idle_templates(lmodel_t *m) {
     return n;
 }
 
-/* model_prepare, once more after freeing the idle templates when the KV pool was full. */
+/* model_prepare, once more after freeing the idle templates when the KV pool was full; charged to the step's account.
+ * KVM_ELUA_MEMORY when that account refused an allocation (the run's memory cap, not the KV pool: no use waiting). */
 static int prepare_job(lmodel_t *m, job_t *j) {
+    kvm_account_t *prev = kvm_account_enter(j->acct);
     int rc = model_prepare(m, j, &j->req);
-    if (rc == KVM_ENOMEM && evict_idle_templates(m) > 0) rc = model_prepare(m, j, &j->req);
+    if (rc == KVM_ENOMEM && !job_over_cap(j) && evict_idle_templates(m) > 0) rc = model_prepare(m, j, &j->req);
+    kvm_account_enter(prev);
+    if (rc && job_over_cap(j)) rc = job_cap_error(j);
     return rc;
 }
 
@@ -830,8 +850,16 @@ static void retry_deferred(wf_llm_t *l, int mi) {
 
 int wf_llm_submit(wf_llm_t *l, const wf_llm_req_t *r) {
     if (!r || r->model < 0 || r->model >= l->n_models) return kvm_seterr(KVM_EINVAL, "llm: unknown model index");
+    kvm_account_t *prev = kvm_account_enter(r->acct); /* the step and its copies of the request are its run's */
     job_t *j = kvm_calloc(1, sizeof *j);
-    if (!j) return KVM_ENOMEM;
+    if (!j) {
+        kvm_account_enter(prev);
+        return KVM_ENOMEM;
+    }
+    if ((j->acct = r->acct)) {
+        kvm_account_retain(j->acct);
+        j->refused0 = kvm_account_refusals(j->acct);
+    }
     j->model = r->model;
     j->l = l;
     j->res.tag = r->tag;
@@ -840,6 +868,8 @@ int wf_llm_submit(wf_llm_t *l, const wf_llm_req_t *r) {
     if (r->timeout_ms > 0) j->deadline = j->t_submit + (uint64_t)(r->timeout_ms * 1e6);
     lmodel_t *m = &l->models[r->model];
     int rc = req_copy(j, r); /* kept: the step may have to be prepared again later */
+    kvm_account_enter(prev);
+    if (rc && job_over_cap(j)) rc = job_cap_error(j);
     /* admission control: behind steps that already wait for KV, this one waits too (nothing overtakes) */
     bool wait = false;
     for (job_t *o = l->jobs; !rc && o && !wait; o = o->next) wait = o->model == r->model && o->deferred;
@@ -917,6 +947,7 @@ static int collect(wf_llm_t *l, int mi) {
         /* the KV pool could not hold it beside the others (running ones, or idle templates): give its KV
          * back and prepare it again once some have finished (results do not change: nothing ran yet that
          * was delivered). One whose prompt is larger than the whole pool fails now. */
+        if (d.status == KVM_ENOMEM && job_over_cap(j)) d.status = KVM_ELUA_MEMORY; /* the run's memory cap: no use waiting */
         bool others = d.status == KVM_ENOMEM && !d.kv_never_fits &&
                       (evict_idle_templates(m) > 0 || kvm_sched_pending(m->sched) > 0);
         if (others) {
@@ -934,10 +965,12 @@ static int collect(wf_llm_t *l, int mi) {
             continue;
         }
         j->done = true;
+        kvm_account_t *prev = kvm_account_enter(j->acct);
         model_complete(m, j, &d); /* before the text moves into the result */
         j->res.status = d.status;
         j->res.attempts = j->attempts;
         if (d.status) j->res.error = job_error(j, &d);
+        kvm_account_enter(prev);
         j->res.text = d.text;
         d.text = NULL;
         j->res.n_out = d.n_ids;

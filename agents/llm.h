@@ -49,6 +49,9 @@ typedef struct wf_llm_req {
     int retry_max;               /* attempts after the first when the call fails with a status in retry_on */
     double retry_backoff_ms;     /* wait before retry k (1-based): retry_backoff_ms * 2^(k-1) */
     unsigned retry_on;           /* WF_RETRY_* bits */
+    kvm_account_t *acct;         /* the memory account the step's allocations are charged to (its run's; NULL: none):
+                                    the engine enters it while it copies, prepares and decodes the step, and fails the
+                                    step with KVM_ELUA_MEMORY when an allocation would pass its cap */
 } wf_llm_req_t;
 
 /* The failures a call can be retried on (wf_llm_req_t.retry_on). */
@@ -105,7 +108,9 @@ void wf_llm_free(wf_llm_t *l);
 /* Opens a model once per path (later calls with the same path share it) and returns its index. kvcomm[n_kvcomm]
  * (may be NULL) are the model's own "KEY=VALUE" KVCOMM switches (kvmesh.model{kvcomm = {...}}), applied over the
  * default policy (preset=blend) and under the engine's (wf_llm_opts_t.kvcomm_set, .kvcomm_ablation); a path that
- * is open already must come with the same resulting switches (KVM_EINVAL otherwise). */
+ * is open already must come with the same resulting switches (KVM_EINVAL otherwise). On failure *idx tells what
+ * failed: -1 nothing could be loaded from path (missing, unreadable, not a model: the message has the loader's
+ * reason), -2 a model loaded but cannot serve agents (no tokenizer), -3 anything else (memory, settings). */
 int wf_llm_model_open(wf_llm_t *l, const char *path, const char *const *kvcomm, int n_kvcomm, int *idx);
 /* Saves the anchors of every open model into the state folder (a no-op without one); wf_llm_free does it too.
  * 0, or the first error (the other models are still saved). */

@@ -90,7 +90,9 @@ void wf_agent_step_done(kvm_workflow_t *wf, wf_run_t *r, wf_task_t *t, int ai, c
 /* The run's budgets before a new super-step: 0, or KVM_EBUDGET with *msg. */
 static int check_budgets(const wf_graph_t *g, const wf_run_t *r, char **msg) {
     long lim_steps = g->lim_steps ? g->lim_steps : 50;
-    if (r->superstep >= lim_steps)
+    if (r->budget.killed) /* by the engine work of its agent calls (wf_task.c), between two of its Lua slices */
+        *msg = wf_strf("%s: graph '%s': %s", g->where, g->name, r->budget.kill_msg);
+    else if (r->superstep >= lim_steps)
         *msg = wf_strf("%s: graph '%s' reached its step budget (%ld super-steps) with nodes still ready", g->where, g->name, lim_steps);
     else if (g->lim_tokens > 0 && r->tokens_in + r->tokens_out > g->lim_tokens)
         *msg = wf_strf("%s: graph '%s' used %ld tokens, over its budget of %ld", g->where, g->name, r->tokens_in + r->tokens_out,
@@ -480,6 +482,12 @@ static int run_new(kvm_workflow_t *wf, const cJSON *inputs, uint64_t seed, int k
     /* every limit is the smaller of the operator's and the script's (g:limit may lower, never raise) */
     r->acct->cap = wf->o.run_mem_cap_bytes;
     if (g->lim_memory_mb > 0 && (uint64_t)g->lim_memory_mb < (r->acct->cap >> 20)) r->acct->cap = (size_t)g->lim_memory_mb << 20;
+    if (!(r->acct->mem = kvm_account_create(r->acct->cap))) {
+        kvm_free(r->acct);
+        r->acct = NULL;
+        run_free(wf, r);
+        return kvm_seterr(KVM_ENOMEM, "out of memory starting a run");
+    }
     r->budget.max_instructions = wf->o.max_instructions;
     if (g->lim_instructions && g->lim_instructions < r->budget.max_instructions) r->budget.max_instructions = g->lim_instructions;
     r->budget.max_lua_ns = (uint64_t)((g->lim_lua_ms > 0 && g->lim_lua_ms < wf->o.lua_cpu_ms ? g->lim_lua_ms : wf->o.lua_cpu_ms) * 1e6);

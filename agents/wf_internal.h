@@ -24,6 +24,8 @@
 #define WF_HOOK_COUNT 1000
 #define WF_CALL_INSTRUCTIONS 100000 /* instructions each agent call from Lua (ctx:call, one ctx:map element) costs:
                                     the default budget allows 10,000 calls per run */
+#define WF_TOKEN_INSTRUCTIONS 5000  /* and each token the engine generated for it (charged when it is delivered) */
+#define WF_PROMPT_TOKEN_INSTRUCTIONS 50 /* and each token of its prompt */
 
 /* ---- accounting --------------------------------------------------------------------------------- */
 
@@ -33,6 +35,9 @@
 typedef struct wf_account {
     size_t bytes, peak, cap;
     bool closed;           /* owner gone: free the account when bytes reach 0 */
+    kvm_account_t *mem;    /* a run's: its one memory account (runtime/core), capped at `cap`, to which its Lua heap is
+                              charged here and every C allocation made for the run (JSON conversions, prompts, the
+                              engine's work on its agent calls) by the counted allocator; NULL for the shared account */
 } wf_account_t;
 
 /* Instruction and CPU budget of whatever Lua is executing (a run, or the script's load). */
@@ -150,6 +155,8 @@ struct kvm_workflow {
     wf_account_t *acct_shared;
     wf_account_t *cur_acct;      /* account charged for new blocks */
     wf_budget_t *cur_budget;     /* budget charged by the hook (NULL = none) */
+    kvm_account_t *mem_prev;     /* the memory account entered before the outermost wf_enter() entered the run's */
+    int mem_depth;               /* wf_enter() calls not yet left */
     struct wf_run *cur_run;      /* run whose Lua is executing (NULL at load) */
     wf_budget_t load_budget;
     uint64_t rng_load[2];
@@ -197,10 +204,6 @@ void wf_lua_push_proxy(lua_State *L);
 /* Index of the agent handle at idx, or -1 if it is not one. */
 int wf_lua_test_agent(lua_State *L, int idx);
 void wf_account_charge_close(kvm_workflow_t *wf, wf_account_t *a);
-/* Charges n bytes of C-side memory made for a run to its account: 0, or KVM_ELUA_MEMORY (nothing charged)
- * when they do not fit its cap or the state's. wf_account_give() credits them back. */
-int wf_account_take(kvm_workflow_t *wf, wf_account_t *a, size_t n);
-void wf_account_give(kvm_workflow_t *wf, wf_account_t *a, size_t n);
 uint64_t wf_rng_next(uint64_t s[2]);
 /* Finds a node by name (-1 if none). */
 int wf_graph_find(const wf_graph_t *g, const char *name);
@@ -232,9 +235,7 @@ typedef struct wf_seen {
     kvm_trace_part_t *parts; /* [n] */
     char **texts;            /* [n] owned placeholder contents (NULL for fixed text) */
     int n;
-    kvm_workflow_t *wf;
-    wf_account_t *acct;      /* the run account its bytes are charged to (C-side copies count against the cap) */
-    size_t charged;
+    size_t bytes;            /* what was built in C for it (charged to the instruction budget) */
 } wf_seen_t;
 
 /* One node of a super-step. */
@@ -330,7 +331,8 @@ void wf_agent_step_done(kvm_workflow_t *wf, wf_run_t *r, wf_task_t *t, int ai, c
 /* A formatted message (at most 1 KiB) as a new string (kvm_free); NULL when out of memory. */
 char *wf_strf(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 
-/* Makes run r the executing one: its budget, account and RNG are charged until wf_leave(). */
+/* Makes run r the executing one: its budget, account and RNG are charged until wf_leave(); the C allocations made
+ * meanwhile are charged to its memory account (r->acct->mem). */
 void wf_enter(kvm_workflow_t *wf, wf_run_t *r);
 void wf_leave(kvm_workflow_t *wf, wf_run_t *r);
 /* Charges allocations to run r without running its code (no cap, no budget) until wf_unbook(). */

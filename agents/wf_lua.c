@@ -52,33 +52,46 @@ typedef struct ahdr {
 } ahdr_t;
 
 /* What a block of n bytes costs in memory, as charged to the caps: n plus the headers in front of it (ahdr_t 16,
- * kvm_malloc's 16, the C allocator's 8), and under AddressSanitizer its redzones and shadow too, so that the caps
- * bound what the process holds: a table of a million small strings holds about twice their bytes (issue 19). */
-static size_t footprint(size_t n) {
-#if defined(__SANITIZE_ADDRESS__)
-    return n + 40 + n / 4 + 32;
-#else
-    return n + 40;
-#endif
+ * then what the counted allocator charges for any block: its header, the C allocator's, and under AddressSanitizer
+ * the redzones), so that the caps bound what the process holds: a table of a million small strings holds about twice
+ * their bytes (issue 19). */
+static size_t footprint(size_t n) { return kvm_alloc_footprint(n + sizeof(ahdr_t)); }
+
+static void acct_free(kvm_workflow_t *wf, wf_account_t *a) {
+    if (a == wf->acct_shared) return;
+    kvm_account_release(a->mem);
+    kvm_free(a);
 }
 
 static void acct_sub(kvm_workflow_t *wf, wf_account_t *a, size_t n) {
     a->bytes -= n;
     wf->total_bytes -= n;
-    if (a->closed && a->bytes == 0 && a != wf->acct_shared) kvm_free(a);
+    if (a->mem) kvm_account_credit(a->mem, n);
+    if (a->closed && a->bytes == 0) acct_free(wf, a);
 }
 
 /* Caps apply only while script code runs (a budget is set): the C side's own bookkeeping between
  * calls (pushing results, refs, traceback strings) is small and must never fail unprotected. */
 static int acct_room(const kvm_workflow_t *wf, const wf_account_t *a, size_t n) {
     if (!wf->cur_budget) return 1;
-    return wf->total_bytes + n <= wf->total_cap && a->bytes + n <= a->cap;
+    if (wf->total_bytes + n > wf->total_cap) return 0;
+    /* a run's cap bounds its Lua heap and the C memory made for it together */
+    return a->mem ? kvm_account_bytes(a->mem) + n <= a->cap : a->bytes + n <= a->cap;
 }
 
 static void acct_add(kvm_workflow_t *wf, wf_account_t *a, size_t n) {
     a->bytes += n;
     if (a->bytes > a->peak) a->peak = a->bytes;
     wf->total_bytes += n;
+    if (a->mem) kvm_account_charge(a->mem, n, false); /* acct_room decided */
+}
+
+/* The counted allocator for a Lua block, charged to no memory account (wf_alloc charges the block's owner itself). */
+static void *lua_block_realloc(void *p, size_t n) {
+    kvm_account_t *prev = kvm_account_enter(NULL);
+    void *q = kvm_realloc(p, n);
+    kvm_account_enter(prev);
+    return q;
 }
 
 /* lua_Alloc: refuses only growth past the block owner's cap or the state's cap; never fails a shrink.
@@ -96,7 +109,7 @@ static void *wf_alloc(void *ud, void *ptr, size_t osize, size_t nsize) {
     if (!ptr) {
         wf_account_t *a = wf->cur_acct ? wf->cur_acct : wf->acct_shared;
         if (!acct_room(wf, a, footprint(nsize))) return NULL;
-        ahdr_t *h = kvm_malloc(sizeof *h + nsize);
+        ahdr_t *h = lua_block_realloc(NULL, sizeof *h + nsize);
         if (!h) return NULL;
         h->acct = a;
         acct_add(wf, a, footprint(nsize));
@@ -106,7 +119,7 @@ static void *wf_alloc(void *ud, void *ptr, size_t osize, size_t nsize) {
     wf_account_t *a = h->acct;
     const size_t fo = footprint(osize), fn = footprint(nsize);
     if (fn > fo && !acct_room(wf, a, fn - fo)) return NULL;
-    ahdr_t *nh = kvm_realloc(h, sizeof *h + nsize);
+    ahdr_t *nh = lua_block_realloc(h, sizeof *h + nsize);
     if (nsize > osize) {
         if (!nh) return NULL;
         acct_add(wf, a, fn - fo);
@@ -116,23 +129,14 @@ static void *wf_alloc(void *ud, void *ptr, size_t osize, size_t nsize) {
      * at the size Lua now believes it has (the size it will free) */
     a->bytes -= fo - fn;
     wf->total_bytes -= fo - fn;
+    if (a->mem) kvm_account_credit(a->mem, fo - fn);
     return nh ? nh + 1 : ptr;
-}
-
-int wf_account_take(kvm_workflow_t *wf, wf_account_t *a, size_t n) {
-    if (wf->total_bytes + n > wf->total_cap || a->bytes + n > a->cap) return KVM_ELUA_MEMORY;
-    acct_add(wf, a, n);
-    return 0;
-}
-
-void wf_account_give(kvm_workflow_t *wf, wf_account_t *a, size_t n) {
-    if (a && n) acct_sub(wf, a, n);
 }
 
 void wf_account_charge_close(kvm_workflow_t *wf, wf_account_t *a) {
     if (!a) return;
     a->closed = true;
-    if (a->bytes == 0 && a != wf->acct_shared) kvm_free(a);
+    if (a->bytes == 0) acct_free(wf, a);
 }
 
 /* ---- budget hook -------------------------------------------------------------------------------- */
@@ -803,7 +807,16 @@ static int l_model(lua_State *L) {
             push_handle(L, WF_MT_MODEL, i);
             return 1;
         }
-    if (wf_llm_model_open(wf->llm, use, sets, n_sets, &idx) != 0) return luaL_error(L, "kvmesh.model: %s", kvm_errmsg());
+    if (wf_llm_model_open(wf->llm, use, sets, n_sets, &idx) != 0) {
+        if (idx != -1) return luaL_error(L, "kvmesh.model: %s", kvm_errmsg());
+        /* Nothing loaded: the script learns no more than that, whether the path is missing, unreadable, a directory
+         * or a file of another kind (a script may name any path the process can read: issue 19). The loader's
+         * reason goes to the runtime's log, which the operator reads and a script or a client of the daemon does not. */
+        KVM_LOGW("kvmesh.model '%s': %s", path, kvm_errmsg());
+        return luaL_error(L, "kvmesh.model: no model could be loaded from '%s' (it is missing, unreadable, or not a model: a folder "
+                             "with config.json and .safetensors weights, or a llama2.c .bin file; the runtime's log has the reason)",
+                          path);
+    }
     char *w = where_dup(L), *p = kvm_strdup(path);
     wf_model_t *nm = kvm_realloc(wf->models, (size_t)(wf->n_models + 1) * sizeof *nm);
     if (!w || !p || !nm) {

@@ -26,6 +26,8 @@ void wf_enter(kvm_workflow_t *wf, wf_run_t *r) {
     wf->cur_run = r;
     wf->cur_budget = &r->budget;
     wf->cur_acct = r->acct;
+    kvm_account_t *prev = kvm_account_enter(r->acct->mem);
+    if (wf->mem_depth++ == 0) wf->mem_prev = prev;
     r->budget.slice_t0 = kvm_now_ns();
 }
 
@@ -35,6 +37,10 @@ void wf_leave(kvm_workflow_t *wf, wf_run_t *r) {
     wf->cur_run = NULL;
     wf->cur_budget = NULL;
     wf->cur_acct = NULL;
+    if (wf->mem_depth > 0 && --wf->mem_depth == 0) {
+        kvm_account_enter(wf->mem_prev);
+        wf->mem_prev = NULL;
+    }
 }
 
 void wf_book(kvm_workflow_t *wf, wf_run_t *r) {
@@ -429,16 +435,17 @@ static int slot_text(kvm_workflow_t *wf, wf_run_t *r, const wf_agent_t *a, int p
 
 void wf_seen_free(wf_seen_t *s) {
     if (!s) return;
-    wf_account_give(s->wf, s->acct, s->charged);
     for (int i = 0; s->texts && i < s->n; i++) kvm_free(s->texts[i]);
     kvm_free(s->texts);
     kvm_free(s->parts);
     kvm_free(s);
 }
 
-/* What agent ai sees now: its template with the placeholders filled. */
+/* What agent ai sees now: its template with the placeholders filled. Called with the run's memory account entered:
+ * the copies count against its cap (an allocation that would pass it fails) for as long as they live. */
 static int make_seen(kvm_workflow_t *wf, wf_run_t *r, int ai, lua_State *VL, int vars, wf_seen_t **out) {
     const wf_agent_t *a = &wf->agents[ai];
+    const uint64_t refused0 = kvm_account_refusals(r->acct->mem);
     wf_seen_t *s = kvm_calloc(1, sizeof *s);
     if (s) {
         s->parts = kvm_calloc((size_t)a->n_parts + 1, sizeof *s->parts);
@@ -456,24 +463,19 @@ static int make_seen(kvm_workflow_t *wf, wf_run_t *r, int ai, lua_State *VL, int
         rc = slot_text(wf, r, a, i, VL, vars, &s->texts[i], &missing);
         s->parts[i] = (kvm_trace_part_t){.slot = p->text, .src = p->source, .text = s->texts[i], .missing = missing};
     }
-    /* the copies count against the run's memory cap while the call is in flight */
     size_t bytes = sizeof *s + ((size_t)a->n_parts + 1) * (sizeof *s->parts + sizeof *s->texts);
     for (int i = 0; rc == 0 && i < a->n_parts; i++) bytes += s->texts[i] ? strlen(s->texts[i]) + 1 : 0;
     if (rc == 0 && bytes > r->acct->cap / WF_PROMPT_SHARE)
         rc = kvm_seterr(KVM_ELUA_MEMORY, "%s: agent '%s': its prompt pieces (%zu bytes) are over the per-call limit of %zu bytes (1/%d of the "
                                          "run's memory cap)", a->where, a->name, bytes, r->acct->cap / WF_PROMPT_SHARE, WF_PROMPT_SHARE);
-    else if (rc == 0 && wf_account_take(wf, r->acct, bytes) != 0)
-        rc = kvm_seterr(KVM_ELUA_MEMORY, "%s: agent '%s': its prompt pieces (%zu bytes) do not fit the run's memory cap (%zu MiB, %zu bytes in use)",
-                        a->where, a->name, bytes, r->acct->cap >> 20, r->acct->bytes);
-    else if (rc == 0) {
-        s->wf = wf;
-        s->acct = r->acct;
-        s->charged = bytes;
-    }
+    else if (rc && kvm_account_refusals(r->acct->mem) > refused0)
+        rc = kvm_seterr(KVM_ELUA_MEMORY, "%s: agent '%s': its prompt pieces do not fit the run's memory cap (%zu MiB, %zu bytes in use)",
+                        a->where, a->name, r->acct->cap >> 20, kvm_account_bytes(r->acct->mem));
     if (rc) {
         wf_seen_free(s);
         return rc;
     }
+    s->bytes = bytes;
     *out = s;
     return 0;
 }
@@ -482,8 +484,12 @@ static int make_seen(kvm_workflow_t *wf, wf_run_t *r, int ai, lua_State *VL, int
 static int submit_agent(kvm_workflow_t *wf, wf_run_t *r, int ai, lua_State *VL, int vars, uint64_t tag, wf_seen_t **seen_out) {
     const wf_agent_t *a = &wf->agents[ai];
     wf_seen_t *s = NULL;
+    kvm_account_t *prev = kvm_account_enter(r->acct->mem); /* the prompt and the engine's copies of it are the run's */
     int rc = make_seen(wf, r, ai, VL, vars, &s);
-    if (rc) return rc;
+    if (rc) {
+        kvm_account_enter(prev);
+        return rc;
+    }
     wf_piece_t *pieces = kvm_calloc((size_t)s->n + 1, sizeof *pieces);
     if (!pieces) rc = kvm_seterr(KVM_ENOMEM, "agent '%s': out of memory building its prompt", a->name);
     for (int i = 0; pieces && i < s->n; i++)
@@ -493,7 +499,8 @@ static int submit_agent(kvm_workflow_t *wf, wf_run_t *r, int ai, lua_State *VL, 
                             .pieces = pieces, .n_pieces = s->n, .sampling = a->sampling, .max_tokens = a->max_tokens,
                             .stop = (const char *const *)a->stop, .n_stop = a->n_stop, .kv = wf_run_agent_kv(wf, r, a),
                             .ignore_eos = a->ignore_eos, .tag = tag, .timeout_ms = a->timeout_ms,
-                            .retry_max = a->retry_max, .retry_backoff_ms = a->retry_backoff_ms, .retry_on = a->retry_on};
+                            .retry_max = a->retry_max, .retry_backoff_ms = a->retry_backoff_ms, .retry_on = a->retry_on,
+                            .acct = r->acct->mem};
         if (wf->g->lim_wall_ms > 0) /* the run's wall-time budget also stops a generation under way */
             req.run_deadline_ns = r->t0_mono + (uint64_t)wf->g->lim_wall_ms * 1000000u;
         if (req.sampling.seed == 0) req.sampling.seed = r->seed * 1000003u + (uint64_t)r->step_idx + 1;
@@ -503,6 +510,7 @@ static int submit_agent(kvm_workflow_t *wf, wf_run_t *r, int ai, lua_State *VL, 
     kvm_free(pieces);
     if (rc) wf_seen_free(s);
     else *seen_out = s;
+    kvm_account_enter(prev);
     return rc;
 }
 
@@ -756,7 +764,7 @@ int wf_ctx_call(lua_State *L) {
         lua_pushstring(L, kvm_errmsg());
         return 2;
     }
-    wf_charge(L, (double)seen->charged); /* the prompt built in C */
+    wf_charge(L, (double)seen->bytes); /* the prompt built in C */
     t->job = job;
     t->job_is_call = true;
     t->call_agent = c.ai;
@@ -828,7 +836,7 @@ int wf_ctx_map(lua_State *L) {
         } else {
             jobs[i] = job;
             left++;
-            wf_charge(L, (double)seen[i]->charged + WF_CALL_INSTRUCTIONS);
+            wf_charge(L, (double)seen[i]->bytes + WF_CALL_INSTRUCTIONS);
         }
         lua_pop(L, 1);
     }
@@ -858,6 +866,22 @@ int wf_ctx_map(lua_State *L) {
 
 /* One call of a ctx:map batch finished: its result goes into the results table; the last one resumes
  * the node with the table. */
+/* Charges the engine's work on an agent call made from Lua to the run's instruction budget (its tokens: a loop of calls
+ * costs what the engine does for it, not only what Lua does). Over the budget, the run is killed as the hook kills it
+ * (its Lua raises at its next instruction; the executor checks at the next super-step) and its steps still queued or
+ * generating are canceled: the engine stops working for it at their next token. */
+static void charge_engine_work(kvm_workflow_t *wf, wf_run_t *r, const wf_llm_result_t *res) {
+    wf_budget_t *b = &r->budget;
+    b->instructions += (uint64_t)(res->n_out > 0 ? res->n_out : 0) * WF_TOKEN_INSTRUCTIONS +
+                       (uint64_t)(res->n_prompt > 0 ? res->n_prompt : 0) * WF_PROMPT_TOKEN_INSTRUCTIONS;
+    if (b->killed || !b->max_instructions || b->instructions <= b->max_instructions) return;
+    b->killed = true;
+    b->kill_code = KVM_EBUDGET;
+    snprintf(b->kill_msg, sizeof b->kill_msg, "instruction budget exceeded (%llu, agent calls' tokens included; the smaller of "
+             "--instructions and g:limit{instructions = N})", (unsigned long long)b->max_instructions);
+    wf_llm_cancel_run(wf->llm, r->id);
+}
+
 static void deliver_map(kvm_workflow_t *wf, wf_run_t *r, wf_task_t *t, int mi, const wf_llm_result_t *res) {
     const wf_agent_t *a = &wf->agents[t->m_agent];
     char msg[1024] = "";
@@ -928,6 +952,7 @@ void wf_deliver(kvm_workflow_t *wf, wf_llm_result_t *res) {
     int mi;
     wf_task_t *t = find_task_by_job(wf, res->tag, &r, &mi);
     if (!t) return; /* its run ended meanwhile */
+    if (mi >= 0 || t->job_is_call) charge_engine_work(wf, r, res);
     if (mi >= 0) {
         deliver_map(wf, r, t, mi, res);
         return;

@@ -1,6 +1,6 @@
 /* test_core_alloc.c - the one counted allocator of runtime/core/core.h: live bytes and attempts are
- * counted, fault injection fails exactly the n-th attempt, a failed realloc keeps the block, and
- * kvm_read_file and cJSON allocate through it. */
+ * counted, fault injection fails exactly the n-th attempt, a failed realloc keeps the block, kvm_read_file
+ * and cJSON allocate through it, and accounts charge the blocks made while they are entered. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -97,6 +97,52 @@ static void test_overflowing_sizes_fail_cleanly(void **st) {
     assert_int_equal(kvm_errcode(), KVM_ENOMEM);
 }
 
+static void test_an_account_charges_the_blocks_made_while_it_is_entered_and_refuses_past_its_cap(void **st) {
+    (void)st;
+    kvm_account_t *a = kvm_account_create(4096);
+    assert_non_null(a);
+    assert_null(kvm_account_enter(a));
+    char *p = kvm_malloc(1000);
+    assert_non_null(p);
+    size_t one = kvm_account_bytes(a);
+    assert_true(one >= 1000 + 16);                 /* the block and its header */
+    char *q = kvm_malloc(4096);                    /* would pass the cap */
+    assert_null(q);
+    assert_int_equal(kvm_errcode(), KVM_ENOMEM);
+    assert_non_null(strstr(kvm_errmsg(), "memory cap of 4096 bytes"));
+    assert_int_equal(kvm_account_refusals(a), 1);
+    assert_int_equal(kvm_account_bytes(a), one);   /* nothing charged for the refused block */
+    assert_null(kvm_realloc(p, 8000));             /* growth is capped too; p is kept */
+    p = kvm_realloc(p, 10);                        /* a shrink credits */
+    assert_non_null(p);
+    assert_true(kvm_account_bytes(a) < one);
+    assert_ptr_equal(kvm_account_enter(NULL), a);
+    char *free_one = kvm_malloc(100000);           /* no account entered: no cap */
+    assert_non_null(free_one);
+    kvm_free(free_one);
+    kvm_free(p);                                   /* credited whatever is entered now */
+    assert_int_equal(kvm_account_bytes(a), 0);
+    assert_true(kvm_account_peak(a) >= one);
+    kvm_account_release(a);
+}
+
+static void test_an_account_outlives_its_owner_while_blocks_charged_to_it_live(void **st) {
+    (void)st;
+    size_t live = kvm_alloc_bytes_live();
+    kvm_account_t *a = kvm_account_create(0), *other = kvm_account_create(0);
+    kvm_account_enter(a);
+    char *p = kvm_strdup("kept after its run");
+    kvm_account_enter(NULL);
+    kvm_account_release(a);                        /* the owner is gone; p still holds the account */
+    kvm_account_enter(other);
+    p = kvm_realloc(p, 64);                        /* still charged to a, not to the account entered now */
+    assert_int_equal(kvm_account_bytes(other), 0);
+    kvm_free(p);                                   /* frees the account too (ASan/leak check: nothing left) */
+    kvm_account_enter(NULL);
+    kvm_account_release(other);
+    assert_int_equal(kvm_alloc_bytes_live(), live);
+}
+
 static void test_read_file_returns_counted_memory(void **st) {
     (void)st;
     char path[] = "/tmp/kvm_alloc_XXXXXX";
@@ -153,6 +199,8 @@ int main(void) {
         cmocka_unit_test(test_disarmed_fault_injection_fails_nothing),
         cmocka_unit_test(test_failed_realloc_keeps_the_old_block),
         cmocka_unit_test(test_overflowing_sizes_fail_cleanly),
+        cmocka_unit_test(test_an_account_charges_the_blocks_made_while_it_is_entered_and_refuses_past_its_cap),
+        cmocka_unit_test(test_an_account_outlives_its_owner_while_blocks_charged_to_it_live),
         cmocka_unit_test(test_read_file_returns_counted_memory),
         cmocka_unit_test(test_cjson_allocates_through_the_counted_allocator),
         cmocka_unit_test(test_thread_count_defaults_to_the_cores_and_can_be_set),

@@ -14,6 +14,7 @@
 #include <cmocka.h>
 
 #include "agents/wf.h"
+#include "runtime/core/core.h"
 
 static kvm_wf_opts_t opts(void) {
     kvm_wf_opts_t o = {0};
@@ -391,6 +392,32 @@ static void test_each_call_from_lua_is_charged_to_the_instruction_budget(void **
     expect_msg("instruction budget");
 }
 
+static int g_steps;
+static void count_step(void *ud, const kvm_wf_step_info_t *si) {
+    (void)ud, (void)si;
+    g_steps++;
+}
+
+/* The engine's work for calls from Lua is charged too, by the token: a loop of ctx:map over agents that each generate 64
+ * tokens (the held-out c3d_map_loop, ~41 s under ASan at 100,000 instructions a call) is stopped after ~430 calls of a
+ * 2e8 budget instead of 2,000, and the steps it still has in the engine are canceled. */
+static void test_the_tokens_agent_calls_from_lua_generate_are_charged_to_the_instruction_budget(void **s) {
+    (void)s;
+    kvm_wf_opts_t o = opts();
+    o.max_instructions = 200000000;
+    o.on_step = count_step;
+    g_steps = 0;
+    const char *src = "local kvm = kvmesh\nlocal m = kvm.model('mock:echo')\nlocal g = kvm.graph{ name = 'loop' }\n"
+                      "g:agent('b', { model = m, template = '{input}', max_tokens = 64 })\n"
+                      "g:func('f', function(state, last, ctx)\n"
+                      "  local p = ('w '):rep(64)\n"
+                      "  while true do ctx:map('b', { p, p, p, p, p, p, p, p }) end\n"
+                      "end)\ng:edge(kvm.START, 'f')\nreturn g\n";
+    expect_status(run_src(src, &o), KVM_EBUDGET);
+    expect_msg("instruction budget");
+    if (g_steps > 600) fail_msg("%d agent calls ran on a budget of 2e8 instructions (each generates 64 tokens)", g_steps);
+}
+
 /* ---- 5. C-side copies made for a run count against its memory cap -------------------------------------- */
 
 static void test_prompt_copies_of_a_map_count_against_the_run_memory_cap(void **s) {
@@ -400,6 +427,81 @@ static void test_prompt_copies_of_a_map_count_against_the_run_memory_cap(void **
                            "for i, o in ipairs(out) do if type(o) == 'table' and o.error:find('memory cap') then capped = capped + 1 end end\n"
                            "assert(capped > 150, 'calls refused by the cap: ' .. capped)\nreturn {}"),
                   0);
+}
+
+/* The process's live bytes, sampled at every token the engine generates. */
+static size_t g_live_peak;
+static int sample_live(void *ud, uint64_t tag, const char *run_id, const char *agent, int32_t id, const char *text, size_t len) {
+    (void)ud, (void)tag, (void)run_id, (void)agent, (void)id, (void)text, (void)len;
+    size_t live = kvm_alloc_bytes_live();
+    if (live > g_live_peak) g_live_peak = live;
+    return 0;
+}
+
+/* Every C allocation made for a run counts against its memory cap, the engine's included: a ctx:map of 40 calls
+ * with 96 KB prompts (each under the per-call limit) under a 2 MiB cap. Before, only the executor's prompt pieces
+ * were counted: the engine's copies of the requests, prompt texts, ids and decode histories came on top, and the
+ * process held ~5 MiB more than before the run; now the calls that do not fit fail naming the memory cap, and what
+ * the process holds beyond the run's cap is the engine's scratch (two logits rows of the mock's 49k vocabulary). */
+static void test_engine_memory_of_a_runs_agent_calls_counts_against_its_memory_cap(void **s) {
+    (void)s;
+    kvm_wf_opts_t o = opts();
+    o.run_mem_cap_bytes = (size_t)2 << 20;
+    o.llm.max_active = 2;
+    o.llm.on_token = sample_live;
+    const char *body = "local w = ('abcdefghijk '):rep(8000)\nlocal items = {}\nfor i = 1, 40 do items[i] = w end\n"
+                       "local out = ctx:map(a, items)\nlocal ok, capped = 0, 0\n"
+                       "for i, o in ipairs(out) do if type(o) == 'string' then ok = ok + 1 elseif o.error:find('memory cap') then "
+                       "capped = capped + 1 else error(o.error) end end\n"
+                       "assert(ok > 0 and capped > 0, 'answered ' .. ok .. ', refused by the cap ' .. capped)\nreturn {}";
+    size_t base = kvm_alloc_bytes_live();
+    g_live_peak = base;
+    expect_status(run_body_o(body, &o), 0);
+    size_t grew = g_live_peak - base;
+    if (grew > o.run_mem_cap_bytes + ((size_t)3 << 19))
+        fail_msg("the process held %zu bytes more during the run, over its cap of %zu bytes + 1.5 MiB", grew, o.run_mem_cap_bytes);
+}
+
+/* ---- 5b. errors never tell whether a path exists ------------------------------------------------------------- */
+
+/* The load error of a script naming `path` as its model, with the path replaced by "P". */
+static void model_error(const char *path, char *out, size_t cap) {
+    char src[1024];
+    snprintf(src, sizeof src, "local m = kvmesh.model('%s')\nreturn kvmesh.graph{}\n", path);
+    kvm_wf_opts_t o = opts();
+    kvm_workflow_t *wf = kvm_wf_load_string("probe.lua", src, strlen(src), &o);
+    assert_null(wf);
+    const char *msg = kvm_errmsg(), *at = strstr(msg, path);
+    assert_non_null(at);
+    snprintf(out, cap, "%d %.*sP%s", kvm_errcode(), (int)(at - msg), msg, at + strlen(path));
+}
+
+/* A script may name any path as its model: whether the path is missing, unreadable, a directory, a FIFO (which must not
+ * hang the load), a file of another kind or a folder whose config.json is not a model's, the error is the same. */
+static void test_a_model_path_error_does_not_reveal_whether_the_path_exists(void **s) {
+    (void)s;
+    char dir[] = "/tmp/kvm_probe_XXXXXX";
+    assert_non_null(mkdtemp(dir));
+    char fifo[300], text[300], notmodel[300], cfg[400], cmd[2400];
+    snprintf(fifo, sizeof fifo, "%s/fifo", dir);
+    snprintf(text, sizeof text, "%s/secret.txt", dir);
+    snprintf(notmodel, sizeof notmodel, "%s/folder", dir);
+    snprintf(cfg, sizeof cfg, "%s/config.json", notmodel);
+    snprintf(cmd, sizeof cmd, "mkfifo '%s' && printf 'password=hunter2\n' > '%s' && mkdir '%s' && printf '{\"a\": 1}' > '%s'", fifo, text,
+             notmodel, cfg);
+    assert_int_equal(system(cmd), 0);
+    char missing[300];
+    snprintf(missing, sizeof missing, "%s/missing", dir);
+    const char *paths[] = {missing, dir, fifo, text, notmodel, "/proc/self/environ", "/nonexistent/dir/model"};
+    char want[2048], got[2048];
+    model_error(paths[0], want, sizeof want);
+    assert_non_null(strstr(want, "no model could be loaded from 'P'"));
+    for (size_t i = 1; i < sizeof paths / sizeof *paths; i++) {
+        model_error(paths[i], got, sizeof got);
+        if (strcmp(got, want)) fail_msg("the error for %s differs from a missing path's:\n  %s\n  %s", paths[i], got, want);
+    }
+    snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
+    assert_int_equal(system(cmd), 0);
 }
 
 /* ---- 6. trace lines are valid UTF-8 JSON; names with NUL bytes are refused ------------------------------- */
@@ -581,7 +683,10 @@ int main(int argc, char **argv) {
         cmocka_unit_test(test_a_chain_of_ctx_calls_stops_at_the_token_budget),
         cmocka_unit_test(test_a_chain_of_ctx_calls_stops_at_the_wall_time_budget),
         cmocka_unit_test(test_each_call_from_lua_is_charged_to_the_instruction_budget),
+        cmocka_unit_test(test_the_tokens_agent_calls_from_lua_generate_are_charged_to_the_instruction_budget),
         cmocka_unit_test(test_prompt_copies_of_a_map_count_against_the_run_memory_cap),
+        cmocka_unit_test(test_engine_memory_of_a_runs_agent_calls_counts_against_its_memory_cap),
+        cmocka_unit_test(test_a_model_path_error_does_not_reveal_whether_the_path_exists),
         cmocka_unit_test(test_invalid_utf8_and_nul_bytes_make_valid_json_trace_lines),
         cmocka_unit_test(test_a_name_with_a_nul_byte_is_refused_at_load),
         cmocka_unit_test(test_a_crafted_trace_replays_in_the_sandbox_under_the_operators_limits),

@@ -22,7 +22,8 @@
 
 int kvm_mmap_open(kvm_mmap_t *m, const char *path) {
     memset(m, 0, sizeof *m);
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    /* O_NONBLOCK: opening a FIFO named as a model would wait for a writer forever; a regular file ignores it */
+    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
     if (fd < 0) return kvm_seterr(errno == ENOENT ? KVM_ENOENT : KVM_EIO, "%s: cannot open: %s", path, strerror(errno));
     struct stat st;
     if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
@@ -59,8 +60,13 @@ int kvm_read_file(const char *path, char **out, size_t *len, size_t max_bytes) {
     *out = NULL;
     if (len) *len = 0;
     if (max_bytes == 0) max_bytes = (size_t)1 << 30;
-    FILE *f = fopen(path, "rb");
-    if (!f) return kvm_seterr(errno == ENOENT ? KVM_ENOENT : KVM_EIO, "%s: cannot open: %s", path, strerror(errno));
+    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK); /* a FIFO would block the open (kvm_mmap_open) */
+    FILE *f = fd >= 0 ? fdopen(fd, "rb") : NULL;
+    if (!f) {
+        int e = errno;
+        if (fd >= 0) close(fd);
+        return kvm_seterr(e == ENOENT ? KVM_ENOENT : KVM_EIO, "%s: cannot open: %s", path, strerror(e));
+    }
     struct stat st;
     if (fstat(fileno(f), &st) != 0 || !S_ISREG(st.st_mode)) {
         fclose(f);
@@ -141,16 +147,101 @@ int kvm_path_join(char *buf, size_t cap, const char *dir, const char *name) {
 
 /* ---- counted allocation --------------------------------------------------------------------- */
 
-/* Each block carries a 16-byte header with its size so that free can subtract it (16 keeps the
- * payload as aligned as malloc's). */
+/* Each block carries a 16-byte header: its size, so that free can subtract it, and the account it is
+ * charged to (NULL: none). 16 keeps the payload as aligned as malloc's. */
 #define KVM_HDR 16
+typedef struct hdr {
+    size_t size;
+    kvm_account_t *acct;
+} hdr_t;
+_Static_assert(sizeof(hdr_t) <= KVM_HDR, "the block header fits its 16 bytes");
+
 static atomic_size_t g_live;
 static atomic_uint_least64_t g_attempts;
 static atomic_uint_least64_t g_fail_countdown; /* 0 = disarmed; 1 = the next attempt fails */
 
+struct kvm_account {
+    atomic_size_t bytes, peak;
+    atomic_size_t cap;               /* 0 = none */
+    atomic_uint_least64_t refusals;
+    atomic_uint_least64_t refs;      /* the owner's, plus one per block charged to it */
+};
+static _Thread_local kvm_account_t *t_acct;
+
+size_t kvm_alloc_footprint(size_t n) {
+#if defined(__SANITIZE_ADDRESS__)
+    return n + KVM_HDR + 8 + n / 4 + 32;
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+    return n + KVM_HDR + 8 + n / 4 + 32;
+#else
+    return n + KVM_HDR + 8;
+#endif
+#else
+    return n + KVM_HDR + 8;
+#endif
+}
+
+kvm_account_t *kvm_account_create(size_t cap_bytes) {
+    kvm_account_t *prev = kvm_account_enter(NULL); /* the account itself is no one's block */
+    kvm_account_t *a = kvm_calloc(1, sizeof *a);
+    kvm_account_enter(prev);
+    if (!a) return NULL;
+    atomic_store(&a->cap, cap_bytes);
+    atomic_store(&a->refs, 1);
+    return a;
+}
+
+void kvm_account_retain(kvm_account_t *a) { atomic_fetch_add(&a->refs, 1); }
+
+void kvm_account_release(kvm_account_t *a) {
+    if (a && atomic_fetch_sub(&a->refs, 1) == 1) kvm_free(a);
+}
+
+size_t kvm_account_bytes(const kvm_account_t *a) { return atomic_load(&a->bytes); }
+size_t kvm_account_peak(const kvm_account_t *a) { return atomic_load(&a->peak); }
+size_t kvm_account_cap(const kvm_account_t *a) { return atomic_load(&a->cap); }
+void kvm_account_set_cap(kvm_account_t *a, size_t cap_bytes) { atomic_store(&a->cap, cap_bytes); }
+uint64_t kvm_account_refusals(const kvm_account_t *a) { return atomic_load(&a->refusals); }
+
+int kvm_account_charge(kvm_account_t *a, size_t n, bool enforce) {
+    size_t cap = atomic_load(&a->cap), cur = atomic_load(&a->bytes), next;
+    do {
+        next = cur + n;
+        if (enforce && cap && (next < cur || next > cap)) {
+            atomic_fetch_add(&a->refusals, 1);
+            return KVM_ENOMEM;
+        }
+    } while (!atomic_compare_exchange_weak(&a->bytes, &cur, next));
+    size_t pk = atomic_load(&a->peak);
+    while (next > pk && !atomic_compare_exchange_weak(&a->peak, &pk, next)) {
+    }
+    return 0;
+}
+
+void kvm_account_credit(kvm_account_t *a, size_t n) { atomic_fetch_sub(&a->bytes, n); }
+
+kvm_account_t *kvm_account_enter(kvm_account_t *a) {
+    kvm_account_t *prev = t_acct;
+    t_acct = a;
+    return prev;
+}
+
+kvm_account_t *kvm_account_current(void) { return t_acct; }
+
+static void (*_Atomic g_observer)(void *ud, uint64_t attempt);
+static void *_Atomic g_observer_ud;
+
+void kvm_alloc_set_observer(void (*fn)(void *ud, uint64_t attempt), void *ud) {
+    atomic_store(&g_observer_ud, ud);
+    atomic_store(&g_observer, fn);
+}
+
 /* Counts one allocation attempt; false when fault injection says this one fails. */
 static bool alloc_attempt(void) {
-    atomic_fetch_add(&g_attempts, 1);
+    uint64_t n = atomic_fetch_add(&g_attempts, 1) + 1;
+    void (*obs)(void *, uint64_t) = atomic_load(&g_observer);
+    if (obs) obs(atomic_load(&g_observer_ud), n);
     uint64_t c = atomic_load(&g_fail_countdown);
     while (c > 0) {
         if (atomic_compare_exchange_weak(&g_fail_countdown, &c, c - 1)) return c != 1;
@@ -162,11 +253,39 @@ uint64_t kvm_alloc_count(void) { return atomic_load(&g_attempts); }
 void kvm_alloc_fail_nth(uint64_t n) { atomic_store(&g_fail_countdown, n); }
 bool kvm_alloc_fail_pending(void) { return atomic_load(&g_fail_countdown) > 0; }
 
+/* Charges a block of n bytes to account a (none: 0); KVM_ENOMEM with a message when it would pass its cap. */
+static int account_block(kvm_account_t *a, size_t n, const char *what) {
+    if (!a) return 0;
+    if (kvm_account_charge(a, kvm_alloc_footprint(n), true) != 0)
+        return kvm_seterr(KVM_ENOMEM, "out of memory: %s of %zu bytes would pass the memory cap of %zu bytes (%zu in use)", what, n,
+                          kvm_account_cap(a), kvm_account_bytes(a));
+    kvm_account_retain(a);
+    return 0;
+}
+
+static void unaccount_block(kvm_account_t *a, size_t n) {
+    if (!a) return;
+    kvm_account_credit(a, kvm_alloc_footprint(n));
+    kvm_account_release(a);
+}
+
 static void *alloc_block(size_t n, const char *what) {
-    if (n > SIZE_MAX - KVM_HDR) { kvm_seterr(KVM_ENOMEM, "%s of %zu bytes overflows", what, n); return NULL; }
-    unsigned char *p = alloc_attempt() ? malloc(n + KVM_HDR) : NULL;
-    if (!p) { kvm_seterr(KVM_ENOMEM, "out of memory (%s of %zu bytes)", what, n); return NULL; }
-    memcpy(p, &n, sizeof n);
+    if (n > SIZE_MAX / 2 - KVM_HDR) {
+        alloc_attempt();
+        kvm_seterr(KVM_ENOMEM, "%s of %zu bytes overflows", what, n);
+        return NULL;
+    }
+    kvm_account_t *a = t_acct;
+    if (!alloc_attempt()) { kvm_seterr(KVM_ENOMEM, "out of memory (%s of %zu bytes)", what, n); return NULL; }
+    if (account_block(a, n, what) != 0) return NULL;
+    unsigned char *p = malloc(n + KVM_HDR);
+    if (!p) {
+        unaccount_block(a, n);
+        kvm_seterr(KVM_ENOMEM, "out of memory (%s of %zu bytes)", what, n);
+        return NULL;
+    }
+    hdr_t h = {.size = n, .acct = a};
+    memcpy(p, &h, sizeof h);
     atomic_fetch_add(&g_live, n);
     return p + KVM_HDR;
 }
@@ -188,16 +307,34 @@ void *kvm_realloc(void *p, size_t n) {
     if (!p) return alloc_block(n, "allocation");
     if (n == 0) { kvm_free(p); return NULL; }
     unsigned char *base = (unsigned char *)p - KVM_HDR;
-    size_t old;
-    memcpy(&old, base, sizeof old);
-    if (n > SIZE_MAX - KVM_HDR) {
+    hdr_t h;
+    memcpy(&h, base, sizeof h);
+    if (n > SIZE_MAX / 2 - KVM_HDR) {
         alloc_attempt();
         kvm_seterr(KVM_ENOMEM, "reallocation to %zu bytes overflows", n);
         return NULL;
     }
-    unsigned char *q = alloc_attempt() ? realloc(base, n + KVM_HDR) : NULL;
-    if (!q) { kvm_seterr(KVM_ENOMEM, "out of memory (reallocation from %zu to %zu bytes)", old, n); return NULL; }
-    memcpy(q, &n, sizeof n);
+    if (!alloc_attempt()) {
+        kvm_seterr(KVM_ENOMEM, "out of memory (reallocation from %zu to %zu bytes)", h.size, n);
+        return NULL;
+    }
+    /* the block stays charged to its own account: growth is charged (and capped) there, a shrink credited */
+    size_t fo = kvm_alloc_footprint(h.size), fn = kvm_alloc_footprint(n);
+    if (h.acct && fn > fo && kvm_account_charge(h.acct, fn - fo, true) != 0) {
+        kvm_seterr(KVM_ENOMEM, "out of memory: growing a block from %zu to %zu bytes would pass the memory cap of %zu bytes (%zu in use)",
+                   h.size, n, kvm_account_cap(h.acct), kvm_account_bytes(h.acct));
+        return NULL;
+    }
+    unsigned char *q = realloc(base, n + KVM_HDR);
+    if (!q) {
+        if (h.acct && fn > fo) kvm_account_credit(h.acct, fn - fo);
+        kvm_seterr(KVM_ENOMEM, "out of memory (reallocation from %zu to %zu bytes)", h.size, n);
+        return NULL;
+    }
+    if (h.acct && fn < fo) kvm_account_credit(h.acct, fo - fn);
+    size_t old = h.size;
+    h.size = n;
+    memcpy(q, &h, sizeof h);
     atomic_fetch_sub(&g_live, old);
     atomic_fetch_add(&g_live, n);
     return q + KVM_HDR;
@@ -206,10 +343,11 @@ void *kvm_realloc(void *p, size_t n) {
 void kvm_free(void *p) {
     if (!p) return;
     unsigned char *base = (unsigned char *)p - KVM_HDR;
-    size_t n;
-    memcpy(&n, base, sizeof n);
-    atomic_fetch_sub(&g_live, n);
+    hdr_t h;
+    memcpy(&h, base, sizeof h);
+    atomic_fetch_sub(&g_live, h.size);
     free(base);
+    unaccount_block(h.acct, h.size); /* may free the account itself (a block of no account) */
 }
 
 char *kvm_strdup(const char *s) { return kvm_strndup(s, SIZE_MAX); }

@@ -58,6 +58,48 @@ uint64_t kvm_alloc_count(void);
 void kvm_alloc_fail_nth(uint64_t n);
 /* True while an armed failure has not fired yet. */
 bool kvm_alloc_fail_pending(void);
+/* For tests: fn(ud, attempt) is called at every allocation attempt, with its number (kvm_alloc_count() once it is
+ * counted), on the allocating thread, before fault injection decides; NULL removes it. A sweep uses it to find where
+ * each attempt comes from (tests/test_fault_injection.c fails each allocation site once instead of every attempt). */
+void kvm_alloc_set_observer(void (*fn)(void *ud, uint64_t attempt), void *ud);
+
+/* ---- accounts: memory charged to an owner ------------------------------------------------------ */
+
+/* An account is a count of bytes with a cap, charged by the one counted allocator: while a thread has
+ * entered an account (kvm_account_enter), every block kvm_malloc/kvm_calloc/kvm_realloc/kvm_strdup makes on
+ * that thread is charged to it with its footprint (kvm_alloc_footprint), and an allocation that would take
+ * it past its cap fails as out of memory (KVM_ENOMEM, a message naming the cap). A block remembers its
+ * account: kvm_free credits it whichever thread frees it and whatever account is entered then, and a
+ * block grown by kvm_realloc charges the growth to its own account. The workflow layer charges a run's
+ * Lua heap, its JSON conversions, its prompts and the engine's work for its agent calls to one account
+ * (docs/security.md, "The budgets"): the run's memory cap.
+ * Lifetime: refcounted. kvm_account_create gives the caller one reference; every block charged to the
+ * account holds one more, so an account outlives its owner while blocks made for it are alive (an output
+ * cached after its run ended); kvm_account_release drops a reference and frees the account at zero.
+ * Thread-safe (atomic counts); the entered account is per thread. */
+typedef struct kvm_account kvm_account_t;
+/* A new account with cap_bytes (0 = no cap); NULL (KVM_ENOMEM) when out of memory. Made uncharged. */
+kvm_account_t *kvm_account_create(size_t cap_bytes);
+void kvm_account_retain(kvm_account_t *a);
+void kvm_account_release(kvm_account_t *a); /* NULL is a no-op */
+size_t kvm_account_bytes(const kvm_account_t *a);
+size_t kvm_account_peak(const kvm_account_t *a);
+size_t kvm_account_cap(const kvm_account_t *a);
+void kvm_account_set_cap(kvm_account_t *a, size_t cap_bytes);
+/* Allocations refused because they would have passed the cap, since the account was made. */
+uint64_t kvm_account_refusals(const kvm_account_t *a);
+/* Explicit charges, for memory an owner counts itself (a Lua heap): kvm_account_charge adds n bytes, or
+ * refuses them (returns KVM_ENOMEM, nothing charged, no message set) when enforce is true and they would
+ * pass the cap; kvm_account_credit takes n bytes back. */
+int kvm_account_charge(kvm_account_t *a, size_t n, bool enforce);
+void kvm_account_credit(kvm_account_t *a, size_t n);
+/* Makes a (NULL: none) the account this thread's allocations are charged to; returns the one it replaces,
+ * which the caller puts back when done (enter/leave nest). */
+kvm_account_t *kvm_account_enter(kvm_account_t *a);
+kvm_account_t *kvm_account_current(void);
+/* What a block of n bytes costs the process, as accounts charge it: n plus the allocator headers in front of
+ * it (the counted allocator's 16 bytes, the C allocator's 8), and under AddressSanitizer its redzones. */
+size_t kvm_alloc_footprint(size_t n);
 
 /* Library-wide one-time set-up (thread-safe through pthread_once; later calls are no-ops): points
  * cJSON's allocator at kvm_malloc/kvm_free, so that every cJSON object and every string cJSON prints

@@ -19,7 +19,8 @@ typedef struct kvm_sampler kvm_sampler_t;
 /* Creates a sampler for vocab_size logits; free with kvm_sampler_free. */
 kvm_sampler_t *kvm_sampler_create(const kvm_sampler_params_t *p, int vocab_size);
 void kvm_sampler_free(kvm_sampler_t *s);
-/* Picks the next token from logits[vocab] (modified in place); history = ids seen so far (prompt + output). */
+/* Picks the next token from logits[vocab] (modified in place); history = ids seen so far (prompt + output).
+ * -1 (KVM_ENOMEM set) when the scratch a non-greedy sample sorts in cannot be allocated. */
 int32_t kvm_sampler_sample(kvm_sampler_t *s, float *logits, const int32_t *history, int n_history);
 
 /* ---- chat formats ----------------------------------------------------------------------------- */

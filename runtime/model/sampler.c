@@ -11,7 +11,7 @@ struct kvm_sampler {
     kvm_sampler_params_t p;
     int vocab;
     uint64_t state;
-    int32_t *idx; /* [vocab] scratch for sorting */
+    int32_t *idx; /* [vocab] scratch for sorting, made at the first sample that sorts (greedy steps never need it) */
 };
 
 /* uniform in [0, 1) with 53 random bits of the core PRNG's splitmix64 stream (the stream the sampler
@@ -34,11 +34,6 @@ kvm_sampler_t *kvm_sampler_create(const kvm_sampler_params_t *p, int vocab_size)
     if (p) s->p = *p;
     s->vocab = vocab_size;
     s->state = s->p.seed ^ 0x6a09e667f3bcc909ULL;
-    s->idx = kvm_malloc((size_t)vocab_size * sizeof(int32_t));
-    if (!s->idx) {
-        kvm_free(s);
-        return NULL;
-    }
     return s;
 }
 
@@ -76,6 +71,7 @@ int32_t kvm_sampler_sample(kvm_sampler_t *s, float *logits, const int32_t *histo
             if (logits[i] > logits[best]) best = i;
         return best;
     }
+    if (!s->idx && !(s->idx = kvm_malloc((size_t)V * sizeof(int32_t)))) return -1;
     for (int i = 0; i < V; i++) logits[i] /= s->p.temperature;
     /* candidates sorted by logit (only as many as needed) */
     int n = V;

@@ -12,7 +12,9 @@ typedef struct sreq {
     int prompt_pos;          /* prompt tokens already forwarded */
     kvm_decode_t dec;        /* history, output and the stop rules */
     kvm_sampler_t *sampler;
-    float *logits;           /* [vocab] */
+    float *logits;           /* [vocab] while active (made at activation, freed when done: max_active rows at most;
+                                engine scratch, charged to no account) */
+    kvm_account_t *acct;     /* the memory account entered when it was submitted (retained): its output is charged there */
     int32_t pending;         /* sampled id not yet forwarded, -1 none */
     int base;                /* tokens the caller's seq held at submit (kept on preemption) */
     int n_preempted;
@@ -68,7 +70,9 @@ static void sreq_free(sreq_t *q) {
     kvm_decode_free(&q->dec);
     if (q->sampler) kvm_sampler_free(q->sampler);
     kvm_free(q->logits);
+    kvm_account_t *a = q->acct;
     kvm_free(q);
+    kvm_account_release(a);
 }
 
 void kvm_sched_free(kvm_sched_t *s) {
@@ -88,6 +92,7 @@ int kvm_sched_submit(kvm_sched_t *s, const kvm_sched_req_t *r) {
     sreq_t *q = kvm_calloc(1, sizeof *q);
     if (!q) return KVM_ENOMEM;
     q->r = *r;
+    if ((q->acct = kvm_account_current())) kvm_account_retain(q->acct);
     q->pending = -1;
     int vocab = s->m->cfg.vocab_size;
     int rc = kvm_decode_init(&q->dec, s->m, &r->gen, r->on_token, r->on_token_ud);
@@ -95,9 +100,8 @@ int kvm_sched_submit(kvm_sched_t *s, const kvm_sched_req_t *r) {
     if (!rc) rc = kvm_decode_context(&q->dec, r->prompt, r->n_prompt);
     if (!rc) {
         q->prompt = kvm_malloc((size_t)r->n_prompt * sizeof *q->prompt);
-        q->logits = kvm_malloc((size_t)vocab * sizeof *q->logits);
         q->sampler = kvm_sampler_create(&r->gen.sampling, vocab);
-        if (!q->prompt || !q->logits || !q->sampler) rc = kvm_errcode() == KVM_EINVAL ? KVM_EINVAL : KVM_ENOMEM;
+        if (!q->prompt || !q->sampler) rc = kvm_errcode() == KVM_EINVAL ? KVM_EINVAL : KVM_ENOMEM;
     }
     if (rc) {
         if (rc == KVM_ENOMEM && kvm_errcode() != KVM_ENOMEM) kvm_seterr(rc, "sched: out of memory queuing a request");
@@ -117,6 +121,8 @@ int kvm_sched_submit(kvm_sched_t *s, const kvm_sched_req_t *r) {
 }
 
 static void finish(sreq_t *q, int reason) {
+    kvm_free(q->logits);
+    q->logits = NULL;
     q->mem_wait = false;
     q->resv = 0;
     q->phase = SR_DONE;
@@ -214,6 +220,15 @@ static void activate(kvm_sched_t *s) {
         if (!admit(q, active, &outstanding)) {
             s->kv_blocked = true;
             return;
+        }
+        /* the logits row: the model's scratch, for active requests only (a queue of a thousand holds none) */
+        kvm_account_t *a = kvm_account_enter(NULL);
+        q->logits = kvm_malloc((size_t)s->m->cfg.vocab_size * sizeof *q->logits);
+        kvm_account_enter(a);
+        if (!q->logits) {
+            outstanding -= q->resv;
+            fail_req(q, KVM_ENOMEM, "sched: out of memory for a logits row");
+            continue;
         }
         q->phase = SR_PREFILL;
         active++;
@@ -352,10 +367,12 @@ int kvm_sched_step(kvm_sched_t *s) {
         }
         int32_t id = kvm_sampler_sample(q->sampler, q->logits, q->dec.hist, q->dec.n_hist);
         if (id < 0) {
-            fail_req(q, KVM_EINTERNAL, "sched: the sampler returned no token");
+            fail_req(q, KVM_ENOMEM, "sched: out of memory sampling the next token");
             continue;
         }
+        kvm_account_t *prev = kvm_account_enter(q->acct); /* the output grows: the request's owner pays */
         accept_token(q, id);
+        kvm_account_enter(prev);
     }
     return n;
 }

@@ -82,7 +82,10 @@ kvm_sched_t *kvm_sched_create(kvm_model_t *m, const kvm_sched_opts_t *o);
 /* Frees the scheduler; requests still in flight are dropped (their sequences are left as they are). */
 void kvm_sched_free(kvm_sched_t *s);
 /* Queues a request. KVM_EINVAL (message names the field) for an empty prompt, a missing seq, or
- * generation parameters kvm_decode_init refuses (max_tokens 0 among them). */
+ * generation parameters kvm_decode_init refuses (max_tokens 0 among them). The memory account the calling
+ * thread has entered (core.h) is kept with the request: its copies and its output, as it grows at every
+ * token, are charged there (an output that would pass the account's cap fails the request with KVM_ENOMEM);
+ * the logits row is the model's scratch and charged to none. */
 int kvm_sched_submit(kvm_sched_t *s, const kvm_sched_req_t *r);
 /* Runs one forward pass over all active work. Returns the number of sequences in it (0 = idle). A
  * failing request (KV budget, context) completes with its error; the others go on. */
