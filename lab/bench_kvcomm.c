@@ -224,11 +224,15 @@ static int run_ttft(const bench_model_t *bm, const opts_t *o) {
     const int A = o->agents, V = mc->vocab_size, G = 8;
     kvm_comm_opts_t co = {.kv_budget_bytes = o->kv_mb << 20, .kvcomm_set = true};
     kvm_kvcomm_config_default(&co.kvcomm);
-    co.kvcomm.force_reuse = true; /* the paper's TTFT run used gamma = 1 (kvcomm.md §8) */
     if (apply_sets(&co.kvcomm, o)) {
         fprintf(stderr, "kvmesh bench kvcomm: %s\n", kvm_errmsg());
         return 2;
     }
+    /* the paper's TTFT run used gamma = 1 (kvcomm.md §8): on after the --set switches (a preset resets every
+     * switch), unless they set it themselves */
+    bool own_force = false;
+    for (int i = 0; i < o->n_sets; i++) own_force |= strstr(o->sets[i], "force_reuse=") != NULL;
+    if (!own_force) co.kvcomm.force_reuse = true;
     int need = o->prefix + o->input + (A - 1) * (o->output + G) + 2 * G + 16;
     if (mc->max_context > 0 && need + o->output > mc->max_context) {
         fprintf(stderr, "kvmesh bench kvcomm: the last agent needs %d tokens, beyond the model's context of %d "
