@@ -71,6 +71,20 @@ def timed(fn, warmup, reps):
     return dev, host
 
 
+def record(out, key, dev, host, label, unit):
+    """Stores a figure's device and host statistics under key / key_host and prints its median."""
+    hkey = key.replace("_ms", "_host_ms")
+    out[key], out[hkey] = stats(dev), stats(host)
+    print(f"{label}: {out[key]['median']:.2f} {unit} (host {out[hkey]['median']:.2f})", flush=True)
+
+
+def write_json(a, out):
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(out, f, indent=1)
+    return 0
+
+
 def static_cache(cfg, bs, n):
     """A StaticCache of bs sequences of n positions (the constructor's arguments changed across versions)."""
     from transformers import StaticCache
@@ -133,15 +147,10 @@ def compiled(a, model, cfg, prompts, out):
             torch.cuda.synchronize()
             out[key.replace("_ms", "_compile_s")] = time.time() - t1
             dev, host = timed(step, a.warmup + 2, a.reps * 5)
-            out[key], out[key.replace("_ms", "_host_ms")] = stats(dev), stats(host)
-            print(f"HF compiled decode batch {bs} at {P} context: {out[key]['median']:.2f} ms/step (host "
-                  f"{out[key.replace('_ms', '_host_ms')]['median']:.2f})", flush=True)
+            record(out, key, dev, host, f"HF compiled decode batch {bs} at {P} context", "ms/step")
             del cache, r
             torch.cuda.empty_cache()
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(out, f, indent=1)
-    return 0
+    return write_json(a, out)
 
 
 def main():
@@ -200,10 +209,7 @@ def main():
                 dev, host = timed(prefill_n, a.warmup, a.reps)
                 out["ttft_by_prompt"][str(n)] = dict(dev=stats(dev), host=stats(host))
                 print(f"HF TTFT {n} tokens: {statistics.median(dev):.2f} ms (host {statistics.median(host):.2f})", flush=True)
-        if a.json:
-            with open(a.json, "w") as f:
-                json.dump(out, f, indent=1)
-        return 0
+        return write_json(a, out)
     with torch.inference_mode():
         k = [0]
 
@@ -228,15 +234,10 @@ def main():
                 cache.crop(P)
 
             dev, host = timed(step, a.warmup, a.reps * 5)
-            out[key], out[key.replace("_ms", "_host_ms")] = stats(dev), stats(host)
-            print(f"HF decode batch {bs} at {P} context: {out[key]['median']:.2f} ms/step (host "
-                  f"{out[key.replace('_ms', '_host_ms')]['median']:.2f})", flush=True)
+            record(out, key, dev, host, f"HF decode batch {bs} at {P} context", "ms/step")
             del cache, r
             torch.cuda.empty_cache()
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(out, f, indent=1)
-    return 0
+    return write_json(a, out)
 
 
 if __name__ == "__main__":
