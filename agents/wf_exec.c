@@ -451,6 +451,19 @@ void wf_runs_free(kvm_workflow_t *wf) {
     wf->n_runs = wf->cap_runs = 0;
 }
 
+bool wf_run_arrays(const kvm_workflow_t *wf, wf_run_t *r) {
+    const wf_graph_t *g = r->g;
+    r->node_cur = kvm_calloc((size_t)g->n_nodes, sizeof *r->node_cur);
+    r->node_prev = kvm_calloc((size_t)g->n_nodes, sizeof *r->node_prev);
+    r->ready = kvm_calloc((size_t)g->n_nodes, sizeof *r->ready);
+    r->to_end = kvm_calloc((size_t)g->n_nodes, sizeof *r->to_end);
+    r->arrived = kvm_calloc((size_t)g->n_joins + 1, sizeof *r->arrived);
+    r->agent_tokens = kvm_calloc((size_t)wf->n_agents + 1, sizeof *r->agent_tokens);
+    bool ok = r->node_cur && r->node_prev && r->ready && r->to_end && r->arrived && r->agent_tokens;
+    for (int j = 0; ok && j < g->n_joins; j++) ok = (r->arrived[j] = kvm_calloc((size_t)g->joins[j].n_src, sizeof **r->arrived)) != NULL;
+    return ok;
+}
+
 int kvm_wf_start(kvm_workflow_t *wf, const cJSON *inputs, uint64_t seed, int *run) {
     return kvm_wf_start_kv(wf, inputs, seed, -1, run);
 }
@@ -482,17 +495,10 @@ static int run_new(kvm_workflow_t *wf, const cJSON *inputs, uint64_t seed, int k
     r->t0_wall = kvm_wall_ns();
     r->state_ref = r->inputs_ref = r->last_ref = r->th_ref = LUA_NOREF;
     r->inputs = inputs ? cJSON_Duplicate(inputs, 1) : cJSON_CreateObject();
-    r->node_cur = kvm_calloc((size_t)g->n_nodes, sizeof *r->node_cur);
-    r->node_prev = kvm_calloc((size_t)g->n_nodes, sizeof *r->node_prev);
-    r->ready = kvm_calloc((size_t)g->n_nodes, sizeof *r->ready);
-    r->to_end = kvm_calloc((size_t)g->n_nodes, sizeof *r->to_end);
-    r->arrived = kvm_calloc((size_t)g->n_joins + 1, sizeof *r->arrived);
-    r->agent_tokens = kvm_calloc((size_t)wf->n_agents + 1, sizeof *r->agent_tokens);
     r->acct = kvm_calloc(1, sizeof *r->acct);
     r->resumed_from = resumed_from ? kvm_strdup(resumed_from) : NULL;
     r->resumed_superstep = resumed_step;
-    bool ok = (!resumed_from || r->resumed_from) && r->inputs && r->node_cur && r->node_prev && r->ready && r->to_end && r->arrived && r->agent_tokens && r->acct;
-    for (int j = 0; ok && j < g->n_joins; j++) ok = (r->arrived[j] = kvm_calloc((size_t)g->joins[j].n_src, sizeof **r->arrived)) != NULL;
+    bool ok = wf_run_arrays(wf, r) && (!resumed_from || r->resumed_from) && r->inputs && r->acct;
     if (!ok) {
         kvm_free(r->acct);
         r->acct = NULL;

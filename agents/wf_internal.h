@@ -426,6 +426,9 @@ wf_task_t *wf_subgraph_find_job(wf_run_t *r, uint64_t job, wf_run_t **run, int *
 void wf_subgraph_abort(kvm_workflow_t *wf, wf_task_t *t);
 /* ---- wf_exec.c: what wf_subgraph.c needs of runs ---------------------------------------------------------- */
 
+/* Allocates run r's per-node, per-join and per-agent arrays for its graph r->g; false when out of memory (run_free
+ * frees what was made). */
+bool wf_run_arrays(const kvm_workflow_t *wf, wf_run_t *r);
 /* Makes the nodes after START ready in a new run of r->g. */
 void wf_run_at_start(kvm_workflow_t *wf, wf_run_t *r);
 /* Ends run r (a child run too) with code and msg (taken over). */

@@ -310,15 +310,7 @@ static wf_run_t *child_new(kvm_workflow_t *wf, wf_run_t *p, const wf_task_t *t) 
     c->state_ref = c->inputs_ref = c->last_ref = c->th_ref = LUA_NOREF;
     c->acct = p->acct;
     c->trace = p->trace;
-    c->node_cur = kvm_calloc((size_t)g->n_nodes, sizeof *c->node_cur);
-    c->node_prev = kvm_calloc((size_t)g->n_nodes, sizeof *c->node_prev);
-    c->ready = kvm_calloc((size_t)g->n_nodes, sizeof *c->ready);
-    c->to_end = kvm_calloc((size_t)g->n_nodes, sizeof *c->to_end);
-    c->arrived = kvm_calloc((size_t)g->n_joins + 1, sizeof *c->arrived);
-    c->agent_tokens = kvm_calloc((size_t)wf->n_agents + 1, sizeof *c->agent_tokens);
-    bool ok = c->node_cur && c->node_prev && c->ready && c->to_end && c->arrived && c->agent_tokens;
-    for (int j = 0; ok && j < g->n_joins; j++) ok = (c->arrived[j] = kvm_calloc((size_t)g->joins[j].n_src, sizeof **c->arrived)) != NULL;
-    if (!ok) {
+    if (!wf_run_arrays(wf, c)) {
         wf_run_free(wf, c);
         kvm_seterr(KVM_ENOMEM, "out of memory starting subgraph '%s'", g->name);
         return NULL;

@@ -98,6 +98,11 @@ static cJSON *state_of(kvm_run_t *r) {
     "                     findings = { kvm.reduce.append, init = { 'first' } }, answer = kvm.reduce.replace } }\n"          \
     "g:func('ask', function(state, last, ctx) return { question = ctx.inputs.input } end)\n"
 
+/* ... then the main graph asks, runs the subgraph node 'research' and writes. */
+#define WRITE_AFTER                                                                                                        \
+    "g:agent('write', { model = m, template = 'Answer {state.question}', max_tokens = 4, writes = 'answer' })\n"         \
+    "g:edge(kvm.START, 'ask')\ng:edge('ask', 'research')\ng:edge('research', 'write')\nreturn g\n"
+
 static void check_research_state(kvm_run_t *r) {
     const char *msg = NULL;
     if (kvm_run_status(r, &msg) != 0) fail_msg("run failed: %s", msg ? msg : "?");
@@ -115,15 +120,13 @@ static void test_state_is_mapped_in_and_out_through_the_parents_reducers(void **
     kvm_runtime_t *rt = runtime();
     kvm_workflow_t *wf = load(rt, RESEARCH
                               "g:subgraph('research', research, { input = { question = 'q' }, output = { notes = 'findings' } })\n"
-                              "g:agent('write', { model = m, template = 'Answer {state.question}', max_tokens = 4, writes = 'answer' })\n"
-                              "g:edge(kvm.START, 'ask')\ng:edge('ask', 'research')\ng:edge('research', 'write')\nreturn g\n");
+                              WRITE_AFTER);
     check_research_state(run(rt, wf, "why sky blue", 1));
     kvm_workflow_free(wf);
     /* the same with g:node(name, {subgraph = ...}) */
     wf = load(rt, RESEARCH
               "g:node('research', { subgraph = research, input = { question = 'q' }, output = { notes = 'findings' } })\n"
-              "g:agent('write', { model = m, template = 'Answer {state.question}', max_tokens = 4, writes = 'answer' })\n"
-              "g:edge(kvm.START, 'ask')\ng:edge('ask', 'research')\ng:edge('research', 'write')\nreturn g\n");
+              WRITE_AFTER);
     check_research_state(run(rt, wf, "why sky blue", 1));
     kvm_workflow_free(wf);
     kvm_runtime_free(rt);
@@ -248,8 +251,7 @@ static void test_child_steps_are_traced_as_nested_steps(void **s) {
     kvm_runtime_t *rt = runtime();
     kvm_workflow_t *wf = load(rt, RESEARCH
                               "g:subgraph('research', research, { input = { question = 'q' }, output = { notes = 'findings' } })\n"
-                              "g:agent('write', { model = m, template = 'Answer {state.question}', max_tokens = 4, writes = 'answer' })\n"
-                              "g:edge(kvm.START, 'ask')\ng:edge('ask', 'research')\ng:edge('research', 'write')\nreturn g\n");
+                              WRITE_AFTER);
     kvm_run_t *r = run(rt, wf, "why sky blue", 1);
     assert_int_equal(kvm_run_status(r, NULL), 0);
     kvm_trace_reader_t *t = kvm_trace_reader_open(kvm_run_trace_dir(r));
