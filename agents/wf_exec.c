@@ -363,7 +363,7 @@ static void finish_run(kvm_workflow_t *wf, wf_run_t *r, int code, char *msg) {
     }
     const wf_graph_t *g = r->g;
     lua_State *L = r->th;
-    if (!code && g->output_ref != LUA_NOREF) {
+    if (!code && !r->parent && g->output_ref != LUA_NOREF) { /* a subgraph's outputs are its node's output map */
         char *m = NULL;
         int rc = wf_run_call_state_fn(wf, r, g->output_ref, &m, g->where);
         if (rc) {
