@@ -55,18 +55,24 @@ static cJSON *ck(otlp_t *x, cJSON *j) {
     return j;
 }
 
-static void add(otlp_t *x, cJSON *obj, const char *key, cJSON *v) {
+/* obj[key] = v; false (v deleted: never use it after a failure) when out of memory. */
+static bool add(otlp_t *x, cJSON *obj, const char *key, cJSON *v) {
     if (!v || !obj || !cJSON_AddItemToObject(obj, key, v)) {
         cJSON_Delete(v);
         x->oom = true;
+        return false;
     }
+    return true;
 }
 
-static void push(otlp_t *x, cJSON *arr, cJSON *v) {
+/* arr += v; false (v deleted) when out of memory. */
+static bool push(otlp_t *x, cJSON *arr, cJSON *v) {
     if (!v || !arr || !cJSON_AddItemToArray(arr, v)) {
         cJSON_Delete(v);
         x->oom = true;
+        return false;
     }
+    return true;
 }
 
 static char *u64_text(uint64_t v, char buf[24]) {
@@ -166,8 +172,8 @@ static cJSON *span_new(otlp_t *x, int k, int k_parent, const char *name, uint64_
     add(x, s, "kind", ck(x, cJSON_CreateNumber(1)));
     add(x, s, "startTimeUnixNano", ck(x, cJSON_CreateString(u64_text(t0, buf))));
     add(x, s, "endTimeUnixNano", ck(x, cJSON_CreateString(u64_text(t1, buf))));
-    *attrs = ck(x, cJSON_CreateArray());
-    add(x, s, "attributes", *attrs);
+    cJSON *a = ck(x, cJSON_CreateArray());
+    if (add(x, s, "attributes", a)) *attrs = a;
     return s;
 }
 
@@ -198,13 +204,13 @@ static cJSON *event_new(otlp_t *x, cJSON **evs, const char *name, uint64_t t) {
     char buf[24];
     if (!*evs) *evs = ck(x, cJSON_CreateArray());
     cJSON *ev = ck(x, cJSON_CreateObject()), *ea = ck(x, cJSON_CreateArray());
+    bool kept = false;
     if (ev) {
         add(x, ev, "timeUnixNano", ck(x, cJSON_CreateString(u64_text(t, buf))));
         add(x, ev, "name", ck(x, cJSON_CreateString(name)));
-        add(x, ev, "attributes", ea);
+        kept = add(x, ev, "attributes", ea);
     } else cJSON_Delete(ea);
-    push(x, *evs, ev);
-    return ev ? ea : NULL;
+    return push(x, *evs, ev) && kept ? ea : NULL; /* ea is ev's: gone with it when push failed */
 }
 
 /* One message of gen_ai.input.messages / gen_ai.output.messages: {"role", "parts": [{"type": "text", "content"}]}
