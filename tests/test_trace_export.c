@@ -351,6 +351,57 @@ static void test_otlp_is_the_same_text_for_the_same_trace_and_handles_odd_run_id
     cJSON_Delete(doc);
 }
 
+/* A func node that made 10,000 agent calls (as tests/cli/trace_kill.sh's loop does), its own step written last: every
+ * call hangs under it, and the two funcs of another super-step or node keep theirs. */
+static void test_a_func_with_ten_thousand_calls_holds_them_all(void **st) {
+    (void)st;
+    enum { CALLS = 10000 };
+    kvm_trace_t *t = kvm_trace_open(root, "many");
+    assert_non_null(t);
+    kvm_trace_run_start_t rs = {.run_id = RUN_ID, .inputs_json = "{}", .source = "", .workflow_path = "loop.lua", .graph = "loop"};
+    assert_int_equal(kvm_trace_write_run_start(t, &rs), 0);
+    uint64_t t0 = now_ns();
+    for (int i = 0; i < CALLS; i++) {
+        kvm_trace_step_t c = {.idx = i, .superstep = 1, .node = i % 2 ? "loop" : "other", .agent = "talker", .op = "chat",
+                              .via = "ctx:call", .t_start = t0 + (uint64_t)i, .t_end = t0 + (uint64_t)i + 1, .model = "mock:echo"};
+        assert_int_equal(kvm_trace_write_step(t, &c), 0);
+    }
+    kvm_trace_step_t other = {.idx = CALLS, .superstep = 1, .node = "other", .op = "func", .t_start = t0, .t_end = t0 + 1};
+    kvm_trace_step_t loop2 = {.idx = CALLS + 1, .superstep = 2, .node = "loop", .op = "func", .t_start = t0, .t_end = t0 + 1};
+    kvm_trace_step_t loop = {.idx = CALLS + 2, .superstep = 1, .node = "loop", .op = "func", .t_start = t0, .t_end = t0 + 1};
+    assert_int_equal(kvm_trace_write_step(t, &other), 0);
+    assert_int_equal(kvm_trace_write_step(t, &loop2), 0);
+    assert_int_equal(kvm_trace_write_step(t, &loop), 0);
+    char dir[512];
+    snprintf(dir, sizeof dir, "%s", t->dir);
+    kvm_trace_close(t);
+    cJSON *doc = export_json(dir, KVM_TRACE_FORMAT_OTLP_JSON, KVM_TRACE_CONTENT_NONE, 0);
+    cJSON *spans = spans_of(doc), *s;
+    assert_int_equal(cJSON_GetArraySize(spans), 1 + 2 * CALLS + 3);
+    const char *loop_id = NULL, *other_id = NULL;
+    cJSON_ArrayForEach(s, spans) {
+        const char *name = cJSON_GetObjectItem(s, "name")->valuestring;
+        if (!strcmp(name, "kvmesh.func loop") && attr_int(s, "kvmesh.step.superstep") == 1) loop_id = cJSON_GetObjectItem(s, "spanId")->valuestring;
+        if (!strcmp(name, "kvmesh.func other")) {
+            other_id = cJSON_GetObjectItem(s, "spanId")->valuestring;
+            assert_int_equal(ns_of(s, "endTimeUnixNano"), t0 + CALLS - 1); /* widened to its last call's end */
+        }
+    }
+    assert_non_null(loop_id);
+    assert_non_null(other_id);
+    int under_loop = 0, under_other = 0;
+    cJSON_ArrayForEach(s, spans) if (!strcmp(cJSON_GetObjectItem(s, "name")->valuestring, "invoke_agent talker")) {
+        const char *p = cJSON_GetObjectItem(s, "parentSpanId")->valuestring;
+        int idx = (int)attr_int(s, "kvmesh.step.index");
+        assert_string_equal(p, idx % 2 ? loop_id : other_id);
+        under_loop += !strcmp(p, loop_id);
+        under_other += !strcmp(p, other_id);
+    }
+    assert_int_equal(under_loop, CALLS / 2);
+    assert_int_equal(under_other, CALLS / 2);
+    cJSON_Delete(doc);
+}
+
 static void test_whowhen_history_is_blames_steps(void **st) {
     (void)st;
     char dir[512];
@@ -505,6 +556,7 @@ int main(void) {
         cmocka_unit_test(test_otlp_genai_and_kv_attributes),
         cmocka_unit_test(test_otlp_content_truncated_on_a_character_boundary_full_or_none),
         cmocka_unit_test(test_otlp_is_the_same_text_for_the_same_trace_and_handles_odd_run_ids),
+        cmocka_unit_test(test_a_func_with_ten_thousand_calls_holds_them_all),
         cmocka_unit_test(test_whowhen_history_is_blames_steps),
         cmocka_unit_test(test_jsonl_complete_records_torn_tail_and_bad_lines),
         cmocka_unit_test(test_formats_and_arguments),

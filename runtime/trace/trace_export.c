@@ -10,6 +10,7 @@
 #include <inttypes.h>
 #include <math.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
@@ -47,6 +48,8 @@ typedef struct otlp {
     char trace_id[KVM_TRACE_ID_HEX];
     uint64_t id_base; /* span k's id is mix64(id_base + k): distinct for distinct k */
     bool oom;         /* an allocation failed: the export ends with KVM_ENOMEM */
+    kvm_sb_t *out;    /* the document's text; spans are printed into it one by one */
+    int n_spans;      /* printed so far */
 } otlp_t;
 
 /* cJSON results, the failure remembered. */
@@ -73,6 +76,21 @@ static bool push(otlp_t *x, cJSON *arr, cJSON *v) {
         return false;
     }
     return true;
+}
+
+/* j printed (its strings made valid UTF-8) and appended to x->out, then deleted; NULL or a failure: x->oom. */
+static void print_to(otlp_t *x, cJSON *j) {
+    char *t = j && !x->oom ? (trace_utf8_clean(j), cJSON_PrintUnformatted(j)) : NULL;
+    if (!t || kvm_sb_puts(x->out, t)) x->oom = true;
+    cJSON_free(t);
+    cJSON_Delete(j);
+}
+
+/* One span of the spans array: printed as soon as it is built, so that memory holds one span's tree at a time
+ * (a func may make 100,000 calls). */
+static void emit(otlp_t *x, cJSON *span) {
+    if (x->n_spans++ && !x->oom && kvm_sb_putc(x->out, ',')) x->oom = true;
+    print_to(x, span);
 }
 
 static char *u64_text(uint64_t v, char buf[24]) {
@@ -262,7 +280,7 @@ typedef struct step_span {
 } step_span_t;
 
 /* The agent step's two spans: invoke_agent (k) and chat (k + 1) under it. */
-static void agent_spans(otlp_t *x, cJSON *spans, const step_span_t *ss, int k, int k_parent) {
+static void agent_spans(otlp_t *x, const step_span_t *ss, int k, int k_parent) {
     const kvm_trace_step_t *s = &ss->rec->step;
     const char *agent = s->agent ? s->agent : "?";
     kvm_sb_t name = KVM_SB_INIT;
@@ -293,7 +311,7 @@ static void agent_spans(otlp_t *x, cJSON *spans, const step_span_t *ss, int k, i
     attr_dbl(x, attrs, "kvmesh.queue_ms", s->timings.queue_ms);
     attr_dbl(x, attrs, "kvmesh.decode_ms", s->timings.decode_ms);
     if (sp) span_status(x, sp, attrs, &s->error, ss->t1);
-    push(x, spans, sp);
+    emit(x, sp);
 
     /* the model call under it */
     kvm_sb_clear(&name);
@@ -326,11 +344,11 @@ static void agent_spans(otlp_t *x, cJSON *spans, const step_span_t *ss, int k, i
         }
     }
     if (cs) span_status(x, cs, ca, &s->error, ss->t1);
-    push(x, spans, cs);
+    emit(x, cs);
 }
 
 /* A func / tool node's span (k): execute_tool {node} for a tool, kvmesh.func {node} for a func. */
-static void node_span(otlp_t *x, cJSON *spans, const step_span_t *ss, int k) {
+static void node_span(otlp_t *x, const step_span_t *ss, int k) {
     const kvm_trace_step_t *s = &ss->rec->step;
     bool tool = s->op && !strcmp(s->op, "tool");
     kvm_sb_t name = KVM_SB_INIT;
@@ -354,22 +372,57 @@ static void node_span(otlp_t *x, cJSON *spans, const step_span_t *ss, int k) {
         kvm_free(c);
     }
     if (sp) span_status(x, sp, attrs, &s->error, ss->t1);
-    push(x, spans, sp);
+    emit(x, sp);
 }
 
-/* The func / tool step (not itself a call) of the same node and super-step as the ctx:call step i, or -1. */
-static int call_parent(const step_span_t *ss, int n, int i) {
-    const kvm_trace_step_t *c = &ss[i].rec->step;
-    if (!c->via || !c->node) return -1;
-    for (int j = 0; j < n; j++) {
-        const kvm_trace_step_t *s = &ss[j].rec->step;
-        if (j != i && !s->agent && !s->via && s->node && !strcmp(s->node, c->node) && s->superstep == c->superstep) return j;
+/* A func / tool step (not itself a call) by super-step and node, sorted: where ctx:call steps find their node. */
+typedef struct node_key {
+    int superstep;
+    const char *node;
+    int pos; /* index into the step_span array */
+} node_key_t;
+
+static int node_key_cmp(const void *a, const void *b) {
+    const node_key_t *x = a, *y = b;
+    if (x->superstep != y->superstep) return x->superstep < y->superstep ? -1 : 1;
+    int c = strcmp(x->node, y->node);
+    return c ? c : (x->pos > y->pos) - (x->pos < y->pos);
+}
+
+/* Sets each step's parent: for a ctx:call, the first func / tool step of the same node and super-step (one lookup
+ * each: a func may make 100,000 calls); -1 (the run) otherwise. false when out of memory. */
+static bool call_parents(step_span_t *ss, int n) {
+    int m = 0;
+    for (int i = 0; i < n; i++) {
+        const kvm_trace_step_t *s = &ss[i].rec->step;
+        ss[i].parent = -1;
+        m += !s->agent && !s->via && s->node;
     }
-    return -1;
+    node_key_t *k = m ? kvm_malloc((size_t)m * sizeof *k) : NULL;
+    if (m && !k) return false;
+    for (int i = 0, j = 0; i < n; i++) {
+        const kvm_trace_step_t *s = &ss[i].rec->step;
+        if (!s->agent && !s->via && s->node) k[j++] = (node_key_t){s->superstep, s->node, i};
+    }
+    if (m) qsort(k, (size_t)m, sizeof *k, node_key_cmp);
+    for (int i = 0; i < n; i++) {
+        const kvm_trace_step_t *c = &ss[i].rec->step;
+        if (!c->via || !c->node || !c->agent) continue;
+        node_key_t want = {c->superstep, c->node, -1};
+        int lo = 0, hi = m;
+        while (lo < hi) { /* the first key not below want */
+            int mid = lo + (hi - lo) / 2;
+            if (node_key_cmp(&k[mid], &want) < 0) lo = mid + 1;
+            else hi = mid;
+        }
+        if (lo < m && k[lo].superstep == c->superstep && !strcmp(k[lo].node, c->node)) ss[i].parent = k[lo].pos;
+    }
+    kvm_free(k);
+    return true;
 }
 
 /* The run's span (0) with its attributes, status and events (log lines, interrupts, resumes). */
-static void run_span(otlp_t *x, cJSON *spans, const kvm_trace_log_t *log, const kvm_trace_run_start_t *st,
+static void run_span(otlp_t *x, const kvm_trace_log_t *log, const kvm_trace_run_start_t *st,
                      const kvm_trace_rec_t *end, uint64_t t0, uint64_t t1) {
     const char *wf = st->graph ? st->graph : st->workflow_path ? st->workflow_path : "?";
     kvm_sb_t name = KVM_SB_INIT;
@@ -421,7 +474,7 @@ static void run_span(otlp_t *x, cJSON *spans, const kvm_trace_log_t *log, const 
         }
     }
     if (evs && !had) add(x, sp, "events", evs);
-    push(x, spans, sp);
+    emit(x, sp);
 }
 
 static int export_otlp(const char *run_dir, const kvm_trace_export_params_t *p, kvm_sb_t *out) {
@@ -452,8 +505,8 @@ static int export_otlp(const char *run_dir, const kvm_trace_export_params_t *p, 
         ss[i].rec = kvm_trace_log_next(&log, KVM_TRACE_STEP, &from);
         step_times(ss[i].rec, &ss[i].t0, &ss[i].t1);
     }
+    if (ss && !call_parents(ss, n)) x.oom = true;
     for (int i = 0; ss && i < n; i++) {
-        ss[i].parent = call_parent(ss, n, i);
         step_span_t *pa = ss[i].parent >= 0 ? &ss[ss[i].parent] : NULL;
         if (pa && ss[i].t0 < pa->t0) pa->t0 = ss[i].t0;
         if (pa && ss[i].t1 > pa->t1) pa->t1 = ss[i].t1;
@@ -464,7 +517,8 @@ static int export_otlp(const char *run_dir, const kvm_trace_export_params_t *p, 
     }
     if (t1 < t0) t1 = t0;
 
-    cJSON *root = ck(&x, cJSON_CreateObject()), *rss = ck(&x, cJSON_CreateArray()), *rs = ck(&x, cJSON_CreateObject());
+    /* {"resourceSpans":[{"resource":{...},"scopeSpans":[{"scope":{...},"spans":[ span, ... ]}]}]} */
+    x.out = out;
     cJSON *res = ck(&x, cJSON_CreateObject()), *rattrs = ck(&x, cJSON_CreateArray());
     char host[256] = "";
     if (gethostname(host, sizeof host - 1)) snprintf(host, sizeof host, "unknown");
@@ -473,40 +527,27 @@ static int export_otlp(const char *run_dir, const kvm_trace_export_params_t *p, 
     attr_str(&x, rattrs, "host.name", host);
     if (res) add(&x, res, "attributes", rattrs);
     else cJSON_Delete(rattrs);
-    cJSON *sss = ck(&x, cJSON_CreateArray()), *scs = ck(&x, cJSON_CreateObject()), *scope = ck(&x, cJSON_CreateObject());
+    cJSON *scope = ck(&x, cJSON_CreateObject());
     if (scope) {
         add(&x, scope, "name", ck(&x, cJSON_CreateString("kvmesh")));
         add(&x, scope, "version", ck(&x, cJSON_CreateString(kvm_version())));
     }
-    cJSON *spans = ck(&x, cJSON_CreateArray());
-    run_span(&x, spans, &log, &st->run_start, end, t0, t1);
+    if (kvm_sb_puts(out, "{\"resourceSpans\":[{\"resource\":")) x.oom = true;
+    print_to(&x, res);
+    if (!x.oom && kvm_sb_puts(out, ",\"scopeSpans\":[{\"scope\":")) x.oom = true;
+    print_to(&x, scope);
+    if (!x.oom && kvm_sb_puts(out, ",\"spans\":[")) x.oom = true;
+    run_span(&x, &log, &st->run_start, end, t0, t1);
     /* span numbers: 0 the run; step i: 1 + 2i (its invoke_agent / node span) and 2 + 2i (its chat span) */
     for (int i = 0; ss && i < n && !x.oom; i++) {
         int k = 1 + 2 * i, kp = ss[i].parent >= 0 ? 1 + 2 * ss[i].parent : 0;
-        if (ss[i].rec->step.agent) agent_spans(&x, spans, &ss[i], k, kp);
-        else node_span(&x, spans, &ss[i], k);
+        if (ss[i].rec->step.agent) agent_spans(&x, &ss[i], k, kp);
+        else node_span(&x, &ss[i], k);
     }
     kvm_free(ss);
-    if (scs) {
-        add(&x, scs, "scope", scope);
-        add(&x, scs, "spans", spans);
-    } else cJSON_Delete(scope), cJSON_Delete(spans);
-    push(&x, sss, scs);
-    if (rs) {
-        add(&x, rs, "resource", res);
-        add(&x, rs, "scopeSpans", sss);
-    } else cJSON_Delete(res), cJSON_Delete(sss);
-    push(&x, rss, rs);
-    if (root) add(&x, root, "resourceSpans", rss);
-    else cJSON_Delete(rss);
     kvm_trace_log_free(&log);
-    if (!x.oom) trace_utf8_clean(root);
-    char *text = x.oom ? NULL : cJSON_PrintUnformatted(root);
-    cJSON_Delete(root);
-    rc = text ? kvm_sb_puts(out, text) : KVM_ENOMEM;
-    if (!rc) rc = kvm_sb_putc(out, '\n');
-    cJSON_free(text);
-    return rc ? kvm_seterr(KVM_ENOMEM, "trace export: out of memory exporting %s", run_dir) : 0;
+    if (!x.oom && kvm_sb_puts(out, "]}]}]}\n")) x.oom = true;
+    return x.oom ? kvm_seterr(KVM_ENOMEM, "trace export: out of memory exporting %s", run_dir) : 0;
 }
 
 /* ---- Who&When ------------------------------------------------------------------------------------------- */
