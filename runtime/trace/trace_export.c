@@ -4,9 +4,10 @@
  * kvm_trace_reader_open, kvm_failure_from_trace), which never crashes on a torn or hostile file: a torn last
  * line is not exported, a bad line is the reader's KVM_EFORMAT naming path:line.
  *
- * The OTLP document is built as a cJSON tree; every allocation failure is remembered in the builder (oom) and
- * ends the export with KVM_ENOMEM, so a partial tree is never printed. Strings of a hostile trace may hold bytes
- * that are not UTF-8: the tree is cleaned as the writer cleans records (trace_utf8_clean) before printing. */
+ * Each OTLP span is built as a small cJSON tree and printed into the document's text at once, so memory holds the
+ * read log, the text and one span. Every allocation failure is remembered in the builder (oom) and ends the export
+ * with KVM_ENOMEM: a partial document is never returned. Strings of a hostile trace may hold bytes that are not
+ * UTF-8: each tree is cleaned as the writer cleans records (trace_utf8_clean) before it is printed. */
 #include <inttypes.h>
 #include <math.h>
 #include <stdio.h>
