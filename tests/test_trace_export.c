@@ -23,6 +23,7 @@
 
 #include "runtime/core/core.h"
 #include "runtime/trace/trace.h"
+#include "tests/support/test_dir.h"
 
 #define RUN_ID "4bf92f3577b34da6a3ce929d0e0e4736"
 #define LONG_N 6000 /* bytes of the long output: 2000 three-byte characters */
@@ -32,17 +33,14 @@ static char long_text[LONG_N + 1];
 
 static int setup(void **s) {
     (void)s;
-    snprintf(root, sizeof root, "%s/test_trace_export_%d", KVM_BINARY_DIR, (int)getpid());
     for (int i = 0; i < LONG_N; i += 3) memcpy(long_text + i, "\xE2\x82\xAC", 3); /* U+20AC, the euro sign */
     long_text[LONG_N] = '\0';
-    return mkdir(root, 0755);
+    return test_dir_make(root, sizeof root, "test_trace_export");
 }
 
 static int teardown(void **s) {
     (void)s;
-    char cmd[512];
-    snprintf(cmd, sizeof cmd, "rm -rf '%s'", root);
-    return system(cmd) == 0 ? 0 : 0;
+    return test_dir_remove(root);
 }
 
 static uint64_t now_ns(void) {

@@ -24,13 +24,14 @@ g:edge("writer", "lookup")
 g:edge("lookup", "ask")
 return g
 LUA
-# 'broken': an agent, then a func that fails
+# 'broken': a tool whose Lua fails after the agent answered
 cat > "$tmp/broken.lua" <<'LUA'
-local g = kvmesh.graph{ name = "broken" }
-g:agent("reader", { model = kvmesh.model("mock:echo"), template = "{input}" })
-g:func("boom", function() error("the wheel came off") end)
-g:edge(kvmesh.START, "reader")
-g:edge("reader", "boom")
+local kvm = kvmesh
+local g = kvm.graph{ name = "broken" }
+g:agent("reader", { model = kvm.model("mock:echo"), template = "read {input}", max_tokens = 4 })
+g:tool("wheel", function(state, last) if last.reader then error("the wheel came off") end end)
+g:edge(kvm.START, "reader")
+g:edge("reader", "wheel")
 return g
 LUA
 "$kvmesh" run "$tmp/team.lua" --mock --trace "$tmp/a" -q --input input="a long enough task text" > /dev/null 2>&1 || fail "team run"
@@ -77,7 +78,7 @@ python3 "$check" "$tmp/none.json" > /dev/null || fail "--content none OTLP"
 grep -q "gen_ai.input.messages" "$tmp/none.json" && fail "--content none still carries messages"
 grep -q "gen_ai.input.messages" "$tmp/a.json" || fail "the default export carries messages"
 
-# a failed run: status ERROR with error.type and an exception event, on the func's span and the run's
+# a failed run: status ERROR with error.type and an exception event, on the tool's span and the run's
 "$kvmesh" trace export "$rb" -o "$tmp/b.json" || fail "export broken"
 python3 "$check" "$tmp/b.json" || fail "broken OTLP"
 python3 - "$tmp/b.json" <<'PY' || fail "broken OTLP content"
@@ -86,11 +87,11 @@ sys.path.insert(0, "tests/support")
 from otlp_check import summary
 d = json.load(open(sys.argv[1]))
 spans = summary(d)
-boom = [s for s in spans if s[0] == "kvmesh.func boom"][0]
-assert boom[4] == 2 and boom[3]["error.type"].startswith("KVM_"), boom
+wheel = [s for s in spans if s[0] == "execute_tool wheel"][0]
+assert wheel[4] == 2 and wheel[3]["error.type"].startswith("KVM_") and wheel[3]["gen_ai.tool.name"] == "wheel", wheel
 root = [s for s in spans if not s[2]][0]
 assert root[4] == 2, root
-raw = [s for rs in d["resourceSpans"] for ss in rs["scopeSpans"] for s in ss["spans"] if s["name"] == "kvmesh.func boom"][0]
+raw = [s for rs in d["resourceSpans"] for ss in rs["scopeSpans"] for s in ss["spans"] if s["name"] == "execute_tool wheel"][0]
 ev = raw["events"][0]
 assert ev["name"] == "exception" and any(a["key"] == "exception.message" and "the wheel came off" in a["value"]["stringValue"] for a in ev["attributes"]), ev
 print("broken OTLP ok")
@@ -103,7 +104,7 @@ import json, sys
 d = json.load(open(sys.argv[1]))
 h = d["history"]
 assert d["is_correct"] is False and d["workflow"] == "broken", d
-assert [m["name"] for m in h] == ["user", "reader", "boom"], h
+assert [m["name"] for m in h] == ["user", "reader", "wheel"], h
 assert [m["role"] for m in h] == ["user", "assistant", "tool"], h
 assert "hello" in h[0]["content"] and "the wheel came off" in h[2]["content"], h
 assert all(set(m) == {"content", "role", "name"} for m in h)
