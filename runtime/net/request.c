@@ -342,15 +342,15 @@ static int decode_body(const cJSON *h, const kvm_req_frame_t *pay, int n_pay, co
     case KVM_REQ_WORKFLOW_DROP:
         return need_str(h, "name", name_ok, "a workflow name (1 to 64 letters, digits, '_', '-' or '.')", &r->name, r->type_name, e);
     case KVM_REQ_RUN_START: return decode_run_start(h, r, e);
-    case KVM_REQ_TRACE_GET:
-        fmt = str_of(h, "format");
-        if (fmt && strcmp(fmt, "jsonl")) return fail(e, KVM_EINVAL, "format", "trace.get: field 'format' must be \"jsonl\"");
-        /* fall through */
     case KVM_REQ_TRACE_EXPORT:
         r->format = str_of(h, "format");
         if (r->format && strcmp(r->format, "otlp-json") && strcmp(r->format, "whowhen") && strcmp(r->format, "jsonl"))
             return fail(e, KVM_EINVAL, "format", "trace.export: field 'format' must be \"otlp-json\", \"whowhen\" or \"jsonl\"");
         return need_str(h, "run_id", id_ok, "a run id (1 to 64 printable bytes)", &r->run_id, r->type_name, e);
+    case KVM_REQ_TRACE_GET:
+        fmt = str_of(h, "format");
+        if (fmt && strcmp(fmt, "jsonl")) return fail(e, KVM_EINVAL, "format", "trace.get: field 'format' must be \"jsonl\"");
+        /* fall through */
     case KVM_REQ_RUN_RESUME: r->value = cJSON_GetObjectItemCaseSensitive(h, "value"); /* fall through */
     case KVM_REQ_RUN_CANCEL:
     case KVM_REQ_RUN_STATUS: return need_str(h, "run_id", id_ok, "a run id (1 to 64 printable bytes)", &r->run_id, r->type_name, e);
