@@ -9,6 +9,7 @@
 #include <kvmesh.h>
 
 #include "cli_env.h"
+#include "cmd_replay.h"
 #include "lab/lab.h"
 
 int cmd_trace_blame(int argc, char **argv); /* cmd_blame.c: blame, label, cache */
@@ -29,6 +30,9 @@ static void usage(FILE *f) {
                "       kvmesh trace replay RUN_DIR [--model PATH | --mock]\n"
                "                                           re-run the recorded script with the recorded inputs, seed and\n"
                "                                           switches; compare every agent's output with the trace\n"
+               "       kvmesh trace replay RUN_DIR --from-step N [--kv P] [--edit-output FILE]\n"
+               "                                           re-run from step N with its output replaced or generated\n"
+               "                                           again (kvmesh trace replay --from-step 0 --help)\n"
                "       kvmesh trace blame|label|cache ...  which agent and step made a run fail; the error-schema\n"
                "                                           cache (kvmesh trace blame --help)\n\n"
                "RUN_DIR is a run's directory (holding events.jsonl), as printed by kvmesh run.\n");
@@ -205,6 +209,8 @@ int cmd_trace(int argc, char **argv) {
         fprintf(stderr, "kvmesh trace: unknown subcommand '%s' (ls, search, show, steps, diff, replay, blame, label, cache)\n", sub);
         return 2;
     }
+    for (int i = 2; !strcmp(sub, "replay") && i < argc; i++)
+        if (!strcmp(argv[i], "--from-step")) return cmd_trace_replay_from(argc, argv); /* cmd_replay.c */
     dir_args_t a = parse_dir_args(argc, argv);
     if (!a.dir) {
         fprintf(stderr, "kvmesh trace %s: give a run directory\n", sub);
