@@ -73,19 +73,25 @@ int kvm_blame_verify(kvm_runtime_t *rt, kvm_schema_cache_t *c, const char *run_d
         kvm_workflow_free(wf);
         return rc;
     }
-    /* candidates: blame's, then the other agent steps in order */
-    int order[512], n_order = 0;
-    for (int i = 0; i < b->n_cand && n_order < 512; i++)
-        if (b->cand[i].step >= 1 && b->cand[i].step <= n) order[n_order++] = b->cand[i].step;
-    for (int t = 1; t <= n && n_order < 512; t++) {
-        bool seen = false;
-        for (int i = 0; i < n_order; i++) seen |= order[i] == t;
+    /* the candidates: blame's, then the other agent steps in order, as many as the budget (a func / tool node is
+       deterministic: running it again changes nothing); replayed earliest first, so that the first that passes is the
+       earliest step whose change makes the run pass (Who&When's decisive error) */
+    int order[KVM_VERIFY_MAX], n_order = 0;
+    for (int i = 0; i <= b->n_cand + n && n_order < p->budget; i++) {
+        int t = i < b->n_cand ? b->cand[i].step : i - b->n_cand;
+        bool seen = t < 1 || t > n || f->steps[t].tool_result;
+        for (int j = 0; j < n_order; j++) seen |= order[j] == t;
         if (!seen) order[n_order++] = t;
     }
+    for (int i = 1; i < n_order; i++) /* insertion sort: a few steps */
+        for (int j = i; j > 0 && order[j - 1] > order[j]; j--) {
+            int x = order[j];
+            order[j] = order[j - 1];
+            order[j - 1] = x;
+        }
     uint64_t base = p->seed ? p->seed : fnv(f->id);
-    for (int i = 0; !rc && i < n_order && out->n_replays < p->budget; i++) {
+    for (int i = 0; !rc && i < n_order; i++) {
         int t = order[i];
-        if (f->steps[t].tool_result) continue; /* a func / tool node is deterministic: running it again changes nothing */
         kvm_verify_replay_t *o = &out->replay[out->n_replays++];
         o->step = t;
         kvm_agent_normalize(f->steps[t].agent, o->agent, sizeof o->agent);

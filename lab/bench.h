@@ -3,6 +3,8 @@
 #ifndef KVM_LAB_BENCH_H
 #define KVM_LAB_BENCH_H
 
+#include <cjson/cJSON.h>
+
 #include "lab.h"
 
 /* `kvmesh bench kvcomm` (argv[0] = "kvcomm"): the TTFT and team workloads; the process exit status. */
@@ -11,5 +13,11 @@ int lab_bench_kvcomm(int argc, char **argv, kvm_lab_params_fn fill);
 /* `kvmesh bench blame` (argv[0] = "blame"): failure attribution on Who&When, on injected errors, and the schema
  * cache's query latency (bench_blame.c); the process exit status. */
 int lab_bench_blame(int argc, char **argv, kvm_lab_params_fn fill);
+
+/* `kvmesh bench blame --verify`: errors injected into real runs of the workflows of list (comma-separated) by replays,
+ * blamed without and with replays (budget per failure) beside the baselines; figures into out (bench_blame_verify.c).
+ * 0, or -1 (said). */
+int lab_bench_blame_verify(kvm_lab_params_fn fill, bool mock, const char *model, const char *list, int runs, uint64_t seed,
+                           int budget, cJSON *out);
 
 #endif

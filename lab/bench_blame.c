@@ -584,26 +584,29 @@ static void help(FILE *f) {
                "  --inject N     synthetic injected failures per workflow, 3 workflows (default 100; 0 = skip)\n"
                "  --warm N       labelled failures in the warm cache of the synthetic benchmark (default 300)\n"
                "  --entries N    schemata in the latency benchmark (default 10000; 0 = skip)\n"
-               "  --queries N    queries timed (default 200)\n");
+               "  --queries N    queries timed (default 200)\n"
+               "  --verify       instead of the above: errors injected into real runs of --workflows by replays (--runs\n"
+               "                 runs each; those that pass get one agent output replaced), blamed without replay and\n"
+               "                 with trace blame --verify (--budget replays per failure, default 3)\n");
 }
 
 int lab_bench_blame(int argc, char **argv, kvm_lab_params_fn fill) {
     const char *ww = "../shared/data/whowhen/Algorithm-Generated", *json = NULL,
                *workflows = "examples/team.lua,examples/pipeline.lua,examples/revise.lua", *model = NULL;
-    long inject = 100, warm = 300, entries = 10000, queries = 200, seed = 13, runs = 70;
-    bool mock = false;
+    long inject = 100, warm = 300, entries = 10000, queries = 200, seed = 13, runs = 70, budget = 3;
+    bool mock = false, verify = false;
     for (int i = 1; i < argc; i++) {
         const char *o = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         if (!strcmp(o, "-h") || !strcmp(o, "--help")) {
             help(stdout);
             return 0;
         }
-        if (!strcmp(o, "--mock")) {
-            mock = true;
+        if (!strcmp(o, "--mock") || !strcmp(o, "--verify")) {
+            *(o[2] == 'm' ? &mock : &verify) = true;
             continue;
         }
         long *num = !strcmp(o, "--runs") ? &runs : !strcmp(o, "--inject") ? &inject : !strcmp(o, "--warm") ? &warm : !strcmp(o, "--entries") ? &entries
-                  : !strcmp(o, "--queries") ? &queries : !strcmp(o, "--seed") ? &seed : NULL;
+                  : !strcmp(o, "--queries") ? &queries : !strcmp(o, "--seed") ? &seed : !strcmp(o, "--budget") ? &budget : NULL;
         if (!v || (!num && strcmp(o, "--whowhen") && strcmp(o, "--json") && strcmp(o, "--workflows") && strcmp(o, "--model"))) {
             fprintf(stderr, "kvmesh bench blame: %s '%s' (kvmesh bench blame --help)\n", v ? "unknown option" : "missing value for", o);
             return 2;
@@ -622,9 +625,23 @@ int lab_bench_blame(int argc, char **argv, kvm_lab_params_fn fill) {
             }
         }
     }
+    if (budget > KVM_VERIFY_MAX) {
+        fprintf(stderr, "kvmesh bench blame: --budget takes 0..%d replays\n", KVM_VERIFY_MAX);
+        return 2;
+    }
     cJSON *root = cJSON_CreateObject();
     cJSON_AddStringToObject(root, "bench", "blame");
     int rc = 0;
+    if (verify) { /* the replay benchmark alone (bench_blame_verify.c) */
+        rc = lab_bench_blame_verify(fill, mock, model, workflows, (int)runs, (uint64_t)seed, (int)budget,
+                                    cJSON_AddObjectToObject(root, "verify"));
+        if (!rc && json && lab_json_write(root, json)) {
+            fprintf(stderr, "kvmesh bench blame: cannot write %s\n", json);
+            rc = 1;
+        }
+        cJSON_Delete(root);
+        return rc ? 1 : 0;
+    }
     ww_trace_t *t = NULL;
     int n = ww_load_dir(ww, &t);
     if (!n) printf("Who&When: no logs in %s; skipped (give --whowhen DIR)\n", ww);
