@@ -206,6 +206,7 @@ int lab_bench_blame_verify(kvm_lab_params_fn fill, bool mock, const char *model,
         if (kvm_schema_cache_insert(warm, cs[i].f, true) < 0) rc = -1;
     vscore_t prior = {0}, empty = {0}, warmed = {0}, v_empty = {0}, v_warm = {0};
     double rnd_a = 0, rnd_s = 0;
+    int per_n[8] = {0}, per_ok[2][8] = {{0}}; /* per workflow: failures, verified steps right (empty, warm cache) */
     kvm_blame_params_t bp = kvm_blame_default_params();
     bp.count_hit = false;
     kvm_verify_params_t vp = kvm_verify_default_params();
@@ -232,6 +233,7 @@ int lab_bench_blame_verify(kvm_lab_params_fn fill, bool mock, const char *model,
         }
         rnd_a += k ? 1.0 / k : 0;
         rnd_s += 1.0 / f->n_steps;
+        per_n[cs[i].workflow]++;
         for (int c = 0; !rc && c < 2; c++) {
             const kvm_blame_t *x = c ? &bw : &b;
             vscore_t *s = c ? &v_warm : &v_empty;
@@ -244,8 +246,10 @@ int lab_bench_blame_verify(kvm_lab_params_fn fill, bool mock, const char *model,
             }
             s->replays += v.n_replays;
             s->confirmed += v.step >= 0;
+            int got = v.step >= 0 ? v.step : x->step;
             if (v.step >= 0) vscore_add(s, f, v.step, v.agent); /* confirmed */
             else vscore_add(s, f, x->step, x->agent);           /* nothing flipped the run: blame's answer */
+            per_ok[c][cs[i].workflow] += got == f->gold_step;
         }
         if ((i + 1) % 50 == 0) fprintf(stderr, "  ... %d of %d verified\n", i + 1, n);
     }
@@ -262,6 +266,15 @@ int lab_bench_blame_verify(kvm_lab_params_fn fill, bool mock, const char *model,
             vrow(arr, rows[i].name, 100.0 * rows[i].s->agent / n, 100.0 * rows[i].s->step / n, n,
                  rows[i].v ? (double)rows[i].s->replays / n : -1, true);
         printf("  confirmed by a replay: %d of %d (empty cache), %d of %d (warm)\n", v_empty.confirmed, n, v_warm.confirmed, n);
+        cJSON *per = cJSON_AddArrayToObject(out, "per_workflow");
+        for (int w = 0; w < n_wf; w++) {
+            printf("  --verify step right, %s: %d of %d (empty cache), %d (warm)\n", paths[w], per_ok[0][w], per_n[w], per_ok[1][w]);
+            cJSON *o = cJSON_CreateObject();
+            cJSON_AddStringToObject(o, "workflow", paths[w]);
+            lab_json_num_t pn[] = {{"failures", per_n[w]}, {"verify_step_right_empty", per_ok[0][w]}, {"verify_step_right_warm", per_ok[1][w]}};
+            lab_json_add_nums(o, pn, sizeof pn / sizeof *pn);
+            cJSON_AddItemToArray(per, o);
+        }
         lab_json_num_t nums[] = {{"failures", n}, {"budget", budget}, {"confirmed_empty", v_empty.confirmed}, {"confirmed_warm", v_warm.confirmed}};
         lab_json_add_nums(out, nums, sizeof nums / sizeof *nums);
     }
