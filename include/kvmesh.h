@@ -757,9 +757,10 @@ int kvm_schema_cache_feedback(kvm_schema_cache_t *c, const kvm_blame_t *shown, c
  * out[cap]. */
 void kvm_agent_normalize(const char *raw, char *out, size_t cap);
 
-/* Verifying blame by replay (docs/correct.md, "Verify by replay"): the top candidates of a blame are replayed
- * counterfactually, each step generated again (a fresh sampling seed, the KV policy kv) with the steps before it given
- * their recorded outputs (kvm_run_params_t.replay); the first whose replay passes is the confirmed decisive step. A
+/* Verifying blame by replay (docs/correct.md, "Verify by replay"): the top candidates of a blame (then the other agent
+ * steps in order; func / tool steps skipped), as many as the budget, are replayed earliest first, each step generated
+ * again (a fresh sampling seed, the KV policy kv) with the steps before it given their recorded outputs
+ * (kvm_run_params_t.replay); the first whose replay passes is the confirmed decisive step. A
  * run passes when it ended ok and g:score(result, inputs) >= pass_score (a graph without g:score: when it ended ok).
  * A control replay first re-makes the run from its recorded outputs alone (no model work, not counted in the
  * budget): when it passes, the run did not fail and nothing is replayed. */

@@ -4,7 +4,8 @@
 # error injected by a replay (the extractor's output replaced) makes the run fail, blame --verify confirms the
 # extractor's step by replaying it and puts the failure into the cache; a step generated again reproduces the run;
 # bad input (a step out of range, a missing file, a func step edited, a torn or garbled trace, bad options) is a
-# clear error with a non-zero exit status, never a crash. Args: kvmesh binary.
+# clear error with a non-zero exit status, never a crash; `kvmesh bench blame --verify` on two runs. Args: kvmesh
+# binary.
 set -u
 bin="$1"
 here="$(cd "$(dirname "$0")/../.." && pwd)"
@@ -90,6 +91,14 @@ out="$("$bin" trace replay "$work/garbled" --from-step 1 --trace "$work/out" 2>&
 [ $rc -eq 1 ] && grep -q "events.jsonl:3" <<< "$out" && ok "a garbled trace: exit 1 naming the line" || bad "garbled: rc $rc: $out"
 out="$("$bin" trace blame "$work/garbled" --verify 2>&1)"; rc=$?
 sane $rc && grep -q "events.jsonl:3" <<< "$out" && ok "blame --verify on a garbled trace: exit $rc naming the line" || bad "garbled blame: rc $rc: $out"
+
+# the benchmark of docs/correct.md, a few runs of one workflow (every pipeline run is scored 1 and an injected
+# error fails it: two failures, both confirmed)
+out="$("$bin" bench blame --verify --runs 2 --workflows examples/pipeline.lua --json "$work/v.json" 2>&1)"; rc=$?
+[ $rc -eq 0 ] && grep -q "blame verified by replay: 2 failures" <<< "$out" && grep -q "confirmed by a replay: 2 of 2 (empty cache)" <<< "$out" \
+  && grep -q '"replays_per_run"' "$work/v.json" && ok "bench blame --verify" || bad "bench: rc $rc: $out"
+out="$("$bin" bench blame --verify --budget 17 2>&1)"; rc=$?
+[ $rc -eq 2 ] && ok "bench blame --verify --budget out of range" || bad "bench budget: rc $rc: $out"
 
 echo "trace_replay: $fails failed"
 [ $fails -eq 0 ]
