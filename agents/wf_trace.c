@@ -474,7 +474,14 @@ int kvm_wf_replay(const char *run_dir, const kvm_wf_replay_opts_t *o, kvm_replay
     if (!wf) rc = kvm_errcode() ? kvm_errcode() : KVM_EINVAL;
     else if (s->resumed_run_id && !ck) rc = kvm_seterr(KVM_EFORMAT, "%s: a resumed run without its checkpoint", run_dir);
     else if (ck) rc = wf_run_resume_from(wf, inputs, s->seed, -1, s->resumed_run_id, &ck->checkpoint, NULL, &run);
-    else rc = kvm_wf_start(wf, inputs, s->seed, &run);
+    else {
+        /* a counterfactual replay's trace: its edits and its changed step again (the steps before it are generated,
+           as they were in its origin) */
+        wf->next_replay = s->replay_json ? cJSON_Parse(s->replay_json) : NULL;
+        rc = kvm_wf_start(wf, inputs, s->seed, &run);
+        cJSON_Delete(wf->next_replay);
+        wf->next_replay = NULL;
+    }
     if (!rc) rc = kvm_wf_drive(wf);
     /* interrupts get the answers the trace recorded, in order */
     for (int from = 0; !rc && kvm_wf_run_parked(wf, run, NULL, NULL);) {

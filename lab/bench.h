@@ -14,6 +14,12 @@ int lab_bench_kvcomm(int argc, char **argv, kvm_lab_params_fn fill);
  * cache's query latency (bench_blame.c); the process exit status. */
 int lab_bench_blame(int argc, char **argv, kvm_lab_params_fn fill);
 
+/* The corrupted text that replaces agent step t of f in bench blame's error injection (kind 0..3: a fabricated number,
+ * a line of the task, a premature final answer, an empty answer), into buf[cap] (bench_blame.c). */
+void lab_blame_corrupt(kvm_rng_t *r, const kvm_failure_t *f, int t, int kind, char *buf, size_t cap);
+/* Removes the folder root and everything under it (bench_blame.c). */
+void lab_rm_tree(const char *root);
+
 /* `kvmesh bench blame --verify`: errors injected into real runs of the workflows of list (comma-separated) by replays,
  * blamed without and with replays (budget per failure) beside the baselines; figures into out (bench_blame_verify.c).
  * 0, or -1 (said). */

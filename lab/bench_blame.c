@@ -386,6 +386,8 @@ static int rm_one(const char *path, const struct stat *sb, int flag, struct FTW 
     return remove(path);
 }
 
+void lab_rm_tree(const char *root) { nftw(root, rm_one, 16, FTW_DEPTH | FTW_PHYS); }
+
 /* A failure read from a run's trace with one agent output corrupted; the strings it points to are its own. */
 typedef struct injected {
     kvm_failure_t *f;      /* from kvm_failure_from_trace */
@@ -395,17 +397,9 @@ typedef struct injected {
 
 enum { RI_FABRICATE, RI_GROUNDED_WRONG, RI_PREMATURE, RI_EMPTY, RI_N };
 
-/* Corrupts a random agent step of f (not the task, not a tool result); false when f has none. */
-static bool inject(kvm_rng_t *r, injected_t *x, int workflow) {
-    kvm_failure_t *f = x->f;
-    int elig[256], n = 0;
-    for (int t = 1; t < f->n_steps && n < 256; t++)
-        if (!f->steps[t].tool_result) elig[n++] = t;
-    if (!n) return false;
-    int t = elig[kvm_rng_below(r, (uint64_t)n)], kind = (int)kvm_rng_below(r, RI_N);
-    char buf[512];
-    if (kind == RI_FABRICATE) snprintf(buf, sizeof buf, "The answer is %d.", 10000 + (int)kvm_rng_below(r, 90000));
-    else if (kind == RI_PREMATURE) snprintf(buf, sizeof buf, "%.200s\nFinal Answer: done. TERMINATE", f->steps[t].content);
+void lab_blame_corrupt(kvm_rng_t *r, const kvm_failure_t *f, int t, int kind, char *buf, size_t cap) {
+    if (kind == RI_FABRICATE) snprintf(buf, cap, "The answer is %d.", 10000 + (int)kvm_rng_below(r, 90000));
+    else if (kind == RI_PREMATURE) snprintf(buf, cap, "%.200s\nFinal Answer: done. TERMINATE", f->steps[t].content);
     else if (kind == RI_EMPTY) buf[0] = '\0';
     else { /* a line of the task, plausible and grounded, but not the answer */
         const char *q = f->question ? f->question : "";
@@ -417,8 +411,20 @@ static bool inject(kvm_rng_t *r, injected_t *x, int workflow) {
             if (*p == '\n' || (p[0] == '\\' && p[1] == 'n')) k++, b = p + (*p == '\n' ? 1 : 2);
         size_t len = 0;
         while (b[len] && b[len] != '\n' && !(b[len] == '\\' && b[len + 1] == 'n') && len < 200) len++;
-        snprintf(buf, sizeof buf, "%.*s", (int)len, b);
+        snprintf(buf, cap, "%.*s", (int)len, b);
     }
+}
+
+/* Corrupts a random agent step of f (not the task, not a tool result); false when f has none. */
+static bool inject(kvm_rng_t *r, injected_t *x, int workflow) {
+    kvm_failure_t *f = x->f;
+    int elig[256], n = 0;
+    for (int t = 1; t < f->n_steps && n < 256; t++)
+        if (!f->steps[t].tool_result) elig[n++] = t;
+    if (!n) return false;
+    int t = elig[kvm_rng_below(r, (uint64_t)n)], kind = (int)kvm_rng_below(r, RI_N);
+    char buf[512];
+    lab_blame_corrupt(r, f, t, kind, buf, sizeof buf);
     x->text = strdup(buf);
     ((kvm_failure_step_t *)f->steps)[t].content = x->text;
     f->gold_agent = f->steps[t].agent;
@@ -483,7 +489,7 @@ static int real_injection(kvm_lab_params_fn fill, bool mock, const char *model, 
         if (rc) fprintf(stderr, "kvmesh bench blame: %s: %s\n", paths[w], kvm_errmsg());
         else printf("  %s: %d traced runs, one error injected in each\n", paths[w], n - before);
     }
-    nftw(root, rm_one, 16, FTW_DEPTH | FTW_PHYS);
+    lab_rm_tree(root);
     if (!rc && n) {
         const kvm_failure_t **fs = calloc((size_t)n, sizeof *fs);
         for (int i = 0; i < n; i++) fs[i] = x[i].f;

@@ -9,7 +9,6 @@
  * trace (no replay; with an empty cache, and with a warm one holding the other injected failures, leave-one-out);
  * kvm_blame_verify replays the candidates within the budget. Scored strictly (exact step, exact agent), beside the
  * random guess and the most active agent. */
-#include <ftw.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -39,30 +38,6 @@ static void vscore_add(vscore_t *s, const kvm_failure_t *f, int step, const char
     s->n++;
     s->step += step == f->gold_step;
     s->agent += !strcmp(gold, got);
-}
-
-static int rm_one(const char *path, const struct stat *sb, int flag, struct FTW *ftw) {
-    (void)sb, (void)flag, (void)ftw;
-    return remove(path);
-}
-
-/* The corrupted text for agent step t of f (kind 0..3), into buf. */
-static void corrupt(kvm_rng_t *r, const kvm_failure_t *f, int t, int kind, char *buf, size_t cap) {
-    if (kind == 0) snprintf(buf, cap, "The answer is %d.", 10000 + (int)kvm_rng_below(r, 90000));
-    else if (kind == 2) snprintf(buf, cap, "%.200s\nFinal Answer: done. TERMINATE", f->steps[t].content);
-    else if (kind == 3) buf[0] = '\0';
-    else { /* a line of the task: plausible, grounded, not the answer */
-        const char *q = f->question ? f->question : "";
-        int lines = 1;
-        for (const char *p = q; *p; p++) lines += *p == '\n' || (p[0] == '\\' && p[1] == 'n');
-        int want = (int)kvm_rng_below(r, (uint64_t)lines), k = 0;
-        const char *b = q;
-        for (const char *p = q; *p && k < want; p++)
-            if (*p == '\n' || (p[0] == '\\' && p[1] == 'n')) k++, b = p + (*p == '\n' ? 1 : 2);
-        size_t len = 0;
-        while (b[len] && b[len] != '\n' && !(b[len] == '\\' && b[len + 1] == 'n') && len < 200) len++;
-        snprintf(buf, cap, "%.*s", (int)len, b);
-    }
 }
 
 /* Run r's score (1 without a scorer), or -1 when it did not end ok. */
@@ -106,7 +81,7 @@ static int make_cases(kvm_runtime_t *rt, const char *path, int w, int runs, uint
         int occ = 0; /* step t is the occ-th step of its agent (steps of one super-step are traced as they end, so the
                         injected run, whose step t ends at once, may order them otherwise; an agent's own stay in order) */
         if (t > 0) {
-            corrupt(rng, bf, t, kind, text, sizeof text);
+            lab_blame_corrupt(rng, bf, t, kind, text, sizeof text);
             if (!strcmp(text, bf->steps[t].content)) snprintf(text, sizeof text, "The answer is %d.", 10000 + (int)kvm_rng_below(rng, 90000));
             snprintf(agent, sizeof agent, "%s", bf->steps[t].agent);
             for (int s = 1; s < t; s++) occ += !strcmp(bf->steps[s].agent, agent);
@@ -282,6 +257,6 @@ int lab_bench_blame_verify(kvm_lab_params_fn fill, bool mock, const char *model,
     for (int i = 0; i < n; i++) kvm_failure_free(cs[i].f);
     free(cs);
     kvm_runtime_free(rt);
-    nftw(root, rm_one, 16, FTW_DEPTH | FTW_PHYS);
+    lab_rm_tree(root);
     return rc;
 }

@@ -38,6 +38,9 @@ inj="$(sed -n 's/^trace: //p' <<< "$out")"
 "$bin" trace show "$inj" | grep -q "^replay of run $(basename "$base") from step 1 (output), 1 edited output$" \
   && ok "trace show names the replay's origin" || bad "origin: $("$bin" trace show "$inj" | head -3)"
 
+out="$("$bin" trace replay "$inj" 2>&1)"; rc=$?
+[ $rc -eq 0 ] && ok "trace replay of a replay (no --from-step) reproduces it, edit included" || bad "compare replay: rc $rc: $out"
+
 # a step generated again (greedy: the same output): the run passes again, under --kv dense too
 out="$("$bin" trace replay "$inj" --from-step 1 2>&1)"; rc=$?
 [ $rc -eq 0 ] && grep -q -- "-> passed" <<< "$out" && ok "regenerating the edited step makes the run pass (exit 0)" || bad "regen: rc $rc: $out"
