@@ -434,8 +434,8 @@ typedef struct kvm_run_params {
        replay_output (an agent step only) or, when that is NULL, generated again with sampling seed replay_seed
        (0 = the recorded one) and the KV policy kv (NULL = the recorded one); the steps after it are generated.
        Edits the traced run recorded (it may be a replay too) stay, except step replay_step's. The run gets a
-       new id and a trace whose run.start "replay" names its origin. resume_step and answer_json are not used;
-       a run that waited in kvmesh.interrupt before the step, or that was itself resumed, is KVM_EUNSUPPORTED; a
+       new id and a trace whose run.start "replay" names its origin. resume_step is not used and answer_json must
+       be NULL (KVM_EINVAL); a run that waited in kvmesh.interrupt before the step, or that was itself resumed, is KVM_EUNSUPPORTED; a
        step out of range is KVM_ERANGE. The workflow is the traced one (kvm_workflow_load_trace). */
     bool replay;
     int replay_step;
