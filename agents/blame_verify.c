@@ -95,7 +95,8 @@ int kvm_blame_verify(kvm_runtime_t *rt, kvm_schema_cache_t *c, const char *run_d
         kvm_verify_replay_t *o = &out->replay[out->n_replays++];
         o->step = t;
         kvm_agent_normalize(f->steps[t].agent, o->agent, sizeof o->agent);
-        rc = replay_once(wf, run_dir, t - 1, NULL, fresh_seed(base, t), p->kv, p->pass_score, o);
+        o->seed = fresh_seed(base, t);
+        rc = replay_once(wf, run_dir, t - 1, NULL, o->seed, p->kv, p->pass_score, o);
         if (rc) rc = kvm_errctx(rc, "verifying %s: replaying step %d", run_dir, t);
         else if (o->passed) {
             out->step = t;

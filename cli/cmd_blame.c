@@ -136,8 +136,8 @@ static int verify(const blame_args_t *a, kvm_schema_cache_t *c, const kvm_failur
             const kvm_verify_replay_t *o = &v.replay[i];
             printf("  step %-3d %-16s %s", o->step, o->agent, o->status ? kvm_errname(o->status) : "ok");
             if (o->scored) printf(", score %.3f", o->score);
-            printf(" -> %s  (kvmesh trace replay %s --from-step %d; trace %s)\n", o->passed ? "passed" : "failed", a->dir,
-                   o->step - 1, o->run_dir[0] ? o->run_dir : "-");
+            printf(" -> %s  (kvmesh trace replay %s --from-step %d --kv %s --seed %llu; trace %s)\n", o->passed ? "passed" : "failed",
+                   a->dir, o->step - 1, a->kv, (unsigned long long)o->seed, o->run_dir[0] ? o->run_dir : "-");
         }
         if (v.step >= 0)
             printf("confirmed: agent %s, step %d\n", v.agent, v.step);

@@ -49,13 +49,14 @@ kvm_runtime_t *cli_replay_runtime(const char *cmd, const char *run_dir, const ch
 }
 
 static void usage(FILE *f) {
-    fprintf(f, "usage: kvmesh trace replay RUN_DIR --from-step N [--kv dense|prefix|kvcomm] [--edit-output FILE]\n"
+    fprintf(f, "usage: kvmesh trace replay RUN_DIR --from-step N [--kv dense|prefix|kvcomm] [--seed S] [--edit-output FILE]\n"
                "                          [--model PATH | --mock] [--trace DIR]\n"
                "  re-runs the traced run from its step N (0-based, as `kvmesh trace steps` numbers them): the agent steps\n"
                "  before N are given their recorded outputs, step N is given FILE's text (one trailing newline dropped;\n"
-               "  an agent step only) or generated again (under --kv when given), the rest is generated. The new run's\n"
-               "  trace (under DIR, default the folder holding RUN_DIR) names its origin. Exit status 0 when the replay\n"
-               "  passes (it ends ok and g:score, if the graph has one, is >= 1), 1 when it fails or cannot run, 2 usage.\n");
+               "  an agent step only) or generated again (under --kv, with sampling seed S, when given), the rest is\n"
+               "  generated. The new run's trace (under DIR, default the folder holding RUN_DIR) names its origin.\n"
+               "  Exit status 0 when the replay passes (it ends ok and g:score, if the graph has one, is >= 1), 1 when\n"
+               "  it fails or cannot run, 2 usage.\n");
 }
 
 /* FILE's text with one trailing newline dropped (malloc), or NULL (said). */
@@ -94,7 +95,7 @@ static char *read_text(const char *path) {
 }
 
 int cmd_trace_replay_from(int argc, char **argv) {
-    const char *dir = NULL, *kv = NULL, *edit = NULL, *model = NULL, *trace = NULL, *step_s = NULL;
+    const char *dir = NULL, *kv = NULL, *edit = NULL, *model = NULL, *trace = NULL, *step_s = NULL, *seed_s = NULL;
     bool mock = false;
     for (int i = 2; i < argc; i++) {
         const char *o = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
@@ -107,7 +108,7 @@ int cmd_trace_replay_from(int argc, char **argv) {
             continue;
         }
         const char **slot = !strcmp(o, "--from-step") ? &step_s : !strcmp(o, "--kv") ? &kv : !strcmp(o, "--edit-output") ? &edit
-                          : !strcmp(o, "--model") ? &model : !strcmp(o, "--trace") ? &trace : NULL;
+                          : !strcmp(o, "--model") ? &model : !strcmp(o, "--trace") ? &trace : !strcmp(o, "--seed") ? &seed_s : NULL;
         if (slot && !v) {
             fprintf(stderr, "kvmesh trace replay: %s needs a value (kvmesh trace replay --from-step 0 --help)\n", o);
             return 2;
@@ -129,13 +130,18 @@ int cmd_trace_replay_from(int argc, char **argv) {
                         "prints%s%s)\n", step_s ? "; got " : "", step_s ? step_s : "");
         return 2;
     }
+    unsigned long long seed = seed_s ? strtoull(seed_s, &end, 10) : 0;
+    if (seed_s && (!*seed_s || *end || seed_s[0] == '-' || seed >= (1ULL << 53))) {
+        fprintf(stderr, "kvmesh trace replay: --seed takes a number below 2^53 (got '%s')\n", seed_s);
+        return 2;
+    }
     kvm_kv_policy_t pol;
     if (kv && kvm_kv_policy_parse(kv, &pol) != 0) {
         fprintf(stderr, "kvmesh trace replay: --kv is dense, prefix or kvcomm (got '%s')\n", kv);
         return 2;
     }
-    if (kv && edit) {
-        fprintf(stderr, "kvmesh trace replay: --kv is for a step generated again; --edit-output gives the step its text\n");
+    if ((kv || seed_s) && edit) {
+        fprintf(stderr, "kvmesh trace replay: --kv and --seed are for a step generated again; --edit-output gives the step its text\n");
         return 2;
     }
     char *text = NULL;
@@ -152,6 +158,7 @@ int cmd_trace_replay_from(int argc, char **argv) {
     p.replay_step = (int)step;
     p.replay_output = text;
     p.kv = kv;
+    p.replay_seed = seed;
     kvm_run_t *r = wf ? kvm_run_start(wf, &p) : NULL;
     int rc = 1;
     if (wf && !r) fprintf(stderr, "kvmesh trace replay: %s\n", kvm_errmsg());
@@ -164,6 +171,7 @@ int cmd_trace_replay_from(int argc, char **argv) {
         bool passed = st == 0 && (!kvm_workflow_has_score(wf) || (scored && score >= 1.0));
         printf("replay of %s from step %ld: %s\n", dir, step, text ? "its output given from --edit-output" : "generated again");
         if (kv) printf("  step %ld under kv %s\n", step, kv);
+        if (seed) printf("  step %ld with sampling seed %llu\n", step, seed);
         printf("run %s: %s%s%s", kvm_run_id(r), st ? kvm_errname(st) : "ok", st && msg ? ": " : "", st && msg ? msg : "");
         if (scored) printf(", score %.3f", score);
         printf(" -> %s\n", passed ? "passed" : "failed");

@@ -16,7 +16,8 @@ bool cli_trace_was_mock(const char *dir);
  * host functions (kvmesh.minitasks). NULL + message (printed, prefixed by cmd). */
 kvm_runtime_t *cli_replay_runtime(const char *cmd, const char *run_dir, const char *model, bool mock, const char *trace_root);
 
-/* `kvmesh trace replay RUN_DIR --from-step N [--kv P] [--edit-output FILE] [--model PATH | --mock] [--trace DIR]`. */
+/* `kvmesh trace replay RUN_DIR --from-step N [--kv P] [--seed S] [--edit-output FILE] [--model PATH | --mock]
+ * [--trace DIR]`. */
 int cmd_trace_replay_from(int argc, char **argv);
 
 #endif

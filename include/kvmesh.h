@@ -777,6 +777,7 @@ kvm_verify_params_t kvm_verify_default_params(void);
 typedef struct kvm_verify_replay {
     int step;            /* the step generated again (blame's numbering: 0 = the task) */
     char agent[64];
+    uint64_t seed;       /* its sampling seed in the replay */
     int status;          /* the replay's end: 0 or KVM_E* */
     bool scored;         /* the graph has g:score and it ran */
     double score;

@@ -57,6 +57,9 @@ out="$("$bin" trace blame "$inj" --verify --state "$work/st" 2>&1)"; rc=$?
 [ $rc -eq 0 ] && grep -q "^confirmed: agent extractor, step 2$" <<< "$out" && ok "blame --verify confirms the injected step" \
   || bad "verify: rc $rc: $out"
 grep -q "^verify: [1-3] replays\? (budget 3)" <<< "$out" && ok "within the default budget of 3" || bad "budget: $out"
+again="$(grep -o 'kvmesh trace replay [^;]*' <<< "$out" | head -1 | sed 's/^kvmesh //')"
+out2="$("$bin" $again 2>&1)"; rc=$?
+[ $rc -eq 0 ] && grep -q "with sampling seed" <<< "$out2" && ok "the command verify names repeats its replay: $again" || bad "repeat '$again': rc $rc: $out2"
 grep -q "cache: the confirmed failure is in schema #0" <<< "$out" && "$bin" trace cache stats --state "$work/st" | grep -q "^entries 1," \
   && ok "the confirmed failure is in the cache" || bad "cache: $out"
 out="$("$bin" trace blame "$base" --verify 2>&1)"; rc=$?
@@ -73,6 +76,7 @@ out="$("$bin" trace replay "$base" --from-step 0 --edit-output "$work/edit.txt" 
 [ $rc -eq 1 ] && grep -q "step 0 is the tool node 'facts': only an agent's output can be replaced" <<< "$out" \
   && ok "a tool step cannot be edited" || bad "tool edit: rc $rc: $out"
 for a in "--from-step -1" "--from-step x" "--from-step" "--kv bogus --from-step 1" "--from-step 1 --kv dense --edit-output $work/edit.txt" \
+         "--from-step 1 --seed -3" "--from-step 1 --seed 9007199254740992" "--from-step 1 --seed 5 --edit-output $work/edit.txt" \
          "--from-step 1 --nope"; do
   out="$("$bin" trace replay "$base" $a 2>&1)"; rc=$?
   [ $rc -eq 2 ] && [ -n "$out" ] && ok "usage error: $a" || bad "usage '$a': rc $rc: $out"
