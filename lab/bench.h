@@ -19,6 +19,11 @@ int lab_bench_blame(int argc, char **argv, kvm_lab_params_fn fill);
 void lab_blame_corrupt(kvm_rng_t *r, const kvm_failure_t *f, int t, int kind, char *buf, size_t cap);
 /* Removes the folder root and everything under it (bench_blame.c). */
 void lab_rm_tree(const char *root);
+/* A quiet runtime tracing under root, on the bundled model (or model, or mock), with lab's host functions; NULL +
+ * message (bench_blame.c). */
+kvm_runtime_t *lab_blame_runtime(kvm_lab_params_fn fill, bool mock, const char *model, const char *root);
+/* The comma-separated paths of list into paths (at most 8); how many (bench_blame.c). */
+int lab_split_list(const char *list, char paths[8][512]);
 
 /* `kvmesh bench blame --verify`: errors injected into real runs of the workflows of list (comma-separated) by replays,
  * blamed without and with replays (budget per failure) beside the baselines; figures into out (bench_blame_verify.c).

@@ -435,10 +435,7 @@ static bool inject(kvm_rng_t *r, injected_t *x, int workflow) {
     return true;
 }
 
-/* Runs the workflow n times (seeds seed..seed+n-1, inputs from its dataset) with traces under root; reads each
- * trace back as a failure with one injected error into out[*n_out]. */
-static int run_and_inject(kvm_lab_params_fn fill, bool mock, const char *model, const char *path, int n, uint64_t seed, const char *root,
-                          kvm_rng_t *r, int workflow, injected_t *out, int *n_out) {
+kvm_runtime_t *lab_blame_runtime(kvm_lab_params_fn fill, bool mock, const char *model, const char *root) {
     kvm_runtime_params_t rp = kvm_runtime_default_params();
     rp.model.backend = NULL;
     rp.model_override = mock ? "mock:echo" : model;
@@ -447,6 +444,25 @@ static int run_and_inject(kvm_lab_params_fn fill, bool mock, const char *model, 
     rp.echo_print = false;
     kvm_runtime_t *rt = fill(&rp.model) == 0 ? kvm_runtime_create(&rp) : NULL;
     if (rt && kvm_lab_add_functions(rt)) kvm_runtime_free(rt), rt = NULL;
+    return rt;
+}
+
+int lab_split_list(const char *list, char paths[8][512]) {
+    int n = 0;
+    for (const char *p = list; *p && n < 8;) {
+        const char *e = strchr(p, ',');
+        size_t len = e ? (size_t)(e - p) : strlen(p);
+        snprintf(paths[n++], 512, "%.*s", (int)len, p);
+        p += len + (e ? 1 : 0);
+    }
+    return n;
+}
+
+/* Runs the workflow n times (seeds seed..seed+n-1, inputs from its dataset) with traces under root; reads each
+ * trace back as a failure with one injected error into out[*n_out]. */
+static int run_and_inject(kvm_lab_params_fn fill, bool mock, const char *model, const char *path, int n, uint64_t seed, const char *root,
+                          kvm_rng_t *r, int workflow, injected_t *out, int *n_out) {
+    kvm_runtime_t *rt = lab_blame_runtime(fill, mock, model, root);
     kvm_workflow_t *wf = rt ? kvm_workflow_load(rt, path, NULL) : NULL;
     int rc = wf ? 0 : -1;
     for (int i = 0; !rc && i < n; i++) {
@@ -472,13 +488,7 @@ static int real_injection(kvm_lab_params_fn fill, bool mock, const char *model, 
     char root[] = "/tmp/kvmesh-bench-blame-XXXXXX";
     if (!mkdtemp(root)) return kvm_seterr(KVM_EIO, "bench blame: cannot make a temporary folder");
     char paths[8][512];
-    int n_wf = 0;
-    for (const char *p = list; *p && n_wf < 8;) {
-        const char *e = strchr(p, ',');
-        size_t len = e ? (size_t)(e - p) : strlen(p);
-        snprintf(paths[n_wf++], sizeof paths[0], "%.*s", (int)len, p);
-        p += len + (e ? 1 : 0);
-    }
+    int n_wf = lab_split_list(list, paths);
     injected_t *x = calloc((size_t)(n_wf * runs + 1), sizeof *x);
     int n = 0, rc = 0;
     kvm_rng_t r;

@@ -147,22 +147,9 @@ int lab_bench_blame_verify(kvm_lab_params_fn fill, bool mock, const char *model,
         fprintf(stderr, "kvmesh bench blame: cannot make a temporary folder\n");
         return -1;
     }
-    kvm_runtime_params_t rp = kvm_runtime_default_params();
-    rp.model.backend = NULL;
-    rp.model_override = mock ? "mock:echo" : model;
-    rp.trace_root = root;
-    rp.quiet = true;
-    rp.echo_print = false;
-    kvm_runtime_t *rt = fill(&rp.model) == 0 ? kvm_runtime_create(&rp) : NULL;
-    if (rt && kvm_lab_add_functions(rt)) kvm_runtime_free(rt), rt = NULL;
+    kvm_runtime_t *rt = lab_blame_runtime(fill, mock, model, root);
     char paths[8][512];
-    int n_wf = 0;
-    for (const char *p = list; *p && n_wf < 8;) {
-        const char *e = strchr(p, ',');
-        size_t len = e ? (size_t)(e - p) : strlen(p);
-        snprintf(paths[n_wf++], sizeof paths[0], "%.*s", (int)len, p);
-        p += len + (e ? 1 : 0);
-    }
+    int n_wf = lab_split_list(list, paths);
     vcase_t *cs = calloc((size_t)(n_wf * runs + 1), sizeof *cs);
     kvm_rng_t rng;
     kvm_rng_seed(&rng, seed);
