@@ -598,6 +598,13 @@ kvm_run_t *kvm_run_start(kvm_workflow_t *wf, const kvm_run_params_t *params) {
         rc = kvm_seterr(KVM_EINVAL, "run parameters: answer_json answers a traced run's interrupt: it needs resume_trace");
     else if (params->answer_json && !(answer = cJSON_Parse(params->answer_json)))
         rc = kvm_seterr(KVM_EINVAL, "run parameters: answer_json is not valid JSON");
+    else if (params->replay && !params->resume_trace)
+        rc = kvm_seterr(KVM_EINVAL, "run parameters: replay re-runs a traced run: it needs resume_trace");
+    else if (params->replay && params->answer_json)
+        rc = kvm_seterr(KVM_EINVAL, "run parameters: a replay gives no interrupt answer (answer_json is for a resume)");
+    else if (params->replay)
+        rc = kvm_wf_start_replay(wf, params->resume_trace, params->replay_step, params->replay_output, params->replay_seed,
+                                 params->kv ? (int)kv : -1, &idx);
     else if (params->resume_trace) rc = kvm_wf_start_resume(wf, params->resume_trace, params->resume_step, answer, &idx);
     else rc = params->from_dataset ? kvm_wf_start_seeded_kv(wf, params->seed, in, (int)kv, &idx)
                                    : kvm_wf_start_kv(wf, in, params->seed, (int)kv, &idx);

@@ -848,8 +848,33 @@ static void retry_deferred(wf_llm_t *l, int mi) {
 
 /* ---- the interface ---------------------------------------------------------------------------- */
 
+/* A step whose output is given (wf_llm_req_t.given_text): done now, taken by the next wf_llm_take. */
+static int submit_given(wf_llm_t *l, const wf_llm_req_t *r) {
+    job_t *j = kvm_calloc(1, sizeof *j);
+    if (!j) return KVM_ENOMEM;
+    j->model = r->model;
+    j->l = l;
+    j->res.tag = r->tag;
+    j->t_submit = kvm_now_ns();
+    j->attempts = 1;
+    j->done = true;
+    j->res.attempts = 1;
+    j->res.text = kvm_strdup(r->given_text);
+    j->res.prompt_text = wf_llm_render_plain(r->system, r->pieces, r->n_pieces);
+    snprintf(j->res.kv.mode, sizeof j->res.kv.mode, "given");
+    if (!j->res.text || !j->res.prompt_text) {
+        job_free(j);
+        return kvm_seterr(KVM_ENOMEM, "out of memory giving a step its output");
+    }
+    j->next = l->jobs;
+    l->jobs = j;
+    l->n_jobs++;
+    return 0;
+}
+
 int wf_llm_submit(wf_llm_t *l, const wf_llm_req_t *r) {
     if (!r || r->model < 0 || r->model >= l->n_models) return kvm_seterr(KVM_EINVAL, "llm: unknown model index");
+    if (r->given_text) return submit_given(l, r);
     kvm_account_t *prev = kvm_account_enter(r->acct); /* the step and its copies of the request are its run's */
     job_t *j = kvm_calloc(1, sizeof *j);
     if (!j) {

@@ -52,6 +52,9 @@ typedef struct wf_llm_req {
     kvm_account_t *acct;         /* the memory account the step's allocations are charged to (its run's; NULL: none):
                                     the engine enters it while it copies, prepares and decodes the step, and fails the
                                     step with KVM_ELUA_MEMORY when an allocation would pass its cap */
+    const char *given_text;      /* non-NULL: the step's output is this text, not generated (a replay's edited or
+                                    recorded output): it completes at once, with no model work and no KV (kv.mode
+                                    "given", the prompt rendered plain) */
 } wf_llm_req_t;
 
 /* The failures a call can be retried on (wf_llm_req_t.retry_on). */

@@ -123,6 +123,10 @@ int kvm_wf_run_cancel(kvm_workflow_t *wf, int run, int code, const char *msg);
  * checkpoint. The script is the workflow's (its node names must cover the checkpoint's). 0 and *run, or KVM_E*
  * with a message (no such checkpoint, a checkpoint written before resume existed, a name the graph lacks). */
 int kvm_wf_start_resume(kvm_workflow_t *wf, const char *run_dir, int step, const cJSON *answer, int *run);
+/* Starts a counterfactual replay of the run traced in run_dir from its trace step `step` (0-based, in the order the
+ * trace holds them): the steps before it are given their recorded outputs, step `step` is given `output` (non-NULL)
+ * or generated again (seed: its sampling seed, 0 = as recorded; kv: its KV policy, -1 = as recorded). wf_replay.c. */
+int kvm_wf_start_replay(kvm_workflow_t *wf, const char *run_dir, int step, const char *output, uint64_t seed, int kv, int *run);
 /* Whether run is parked in kvmesh.interrupt; *node and *payload (may be NULL) get the first parked node's
  * name and payload (owned by the run). */
 bool kvm_wf_run_parked(const kvm_workflow_t *wf, int run, const char **node, const cJSON **payload);

@@ -439,6 +439,8 @@ static void run_free(kvm_workflow_t *wf, wf_run_t *r) {
     cJSON_Delete(r->state);
     cJSON_Delete(r->answers);
     kvm_free(r->resumed_from);
+    cJSON_Delete(r->replay);
+    cJSON_Delete(r->replay_calls);
     kvm_free(r);
 }
 
@@ -498,6 +500,8 @@ static int run_new(kvm_workflow_t *wf, const cJSON *inputs, uint64_t seed, int k
     r->acct = kvm_calloc(1, sizeof *r->acct);
     r->resumed_from = resumed_from ? kvm_strdup(resumed_from) : NULL;
     r->resumed_superstep = resumed_step;
+    r->replay = wf->next_replay; /* a replay's spec (kvm_wf_start_replay), recorded in run.start */
+    wf->next_replay = NULL;
     bool ok = wf_run_arrays(wf, r) && (!resumed_from || r->resumed_from) && r->inputs && r->acct;
     if (!ok) {
         kvm_free(r->acct);

@@ -166,6 +166,7 @@ struct kvm_workflow {
     kvm_account_t *mem_prev;     /* the memory account entered before the outermost wf_enter() entered the run's */
     int mem_depth;               /* wf_enter() calls not yet left */
     struct wf_run *cur_run;      /* run whose Lua is executing (NULL at load) */
+    cJSON *next_replay;          /* the replay spec the next run_new takes over (wf_replay.c), or NULL */
     wf_budget_t load_budget;
     uint64_t rng_load[2];
     wf_model_t *models;
@@ -320,6 +321,10 @@ typedef struct wf_run {
     /* the run this one resumes (trace run.start "resumed_from") */
     char *resumed_from;
     int resumed_superstep;
+    /* a counterfactual replay of a traced run (wf_replay.c; NULL = none): what its steps are given or how they are
+       generated again, and its agent calls so far per "superstep/node/agent" */
+    cJSON *replay;
+    cJSON *replay_calls;
 } wf_run_t;
 
 /* ---- wf_exec.c ---------------------------------------------------------------------------------- */
@@ -342,6 +347,15 @@ int wf_run_resume_from(kvm_workflow_t *wf, const cJSON *inputs, uint64_t seed, i
                        const kvm_trace_checkpoint_t *c, cJSON *answers, int *run);
 void wf_agent_step_done(kvm_workflow_t *wf, wf_run_t *r, wf_task_t *t, int ai, const wf_llm_result_t *res, int status,
                         const char *err, bool via_call);
+
+/* ---- wf_replay.c -------------------------------------------------------------------------------- */
+
+/* For an agent call of run r (node, agent ai) about to be submitted: *given the text it is given instead of being
+ * generated (NULL = generated), *seed and *kv changed when it is the step a replay generates again. */
+void wf_replay_apply(kvm_workflow_t *wf, wf_run_t *r, int node, int ai, const char **given, uint64_t *seed, kvm_kv_policy_t *kv);
+/* The run's replay spec as recorded in run.start (without the recorded outputs it gives); NULL when none
+ * (cJSON_free). */
+char *wf_replay_json(const wf_run_t *r);
 
 /* ---- wf_task.c ---------------------------------------------------------------------------------- */
 

@@ -481,7 +481,8 @@ static int make_seen(kvm_workflow_t *wf, wf_run_t *r, int ai, lua_State *VL, int
 }
 
 /* Builds what agent ai sees and submits the step; on success *seen_out is what it sees. */
-static int submit_agent(kvm_workflow_t *wf, wf_run_t *r, int ai, lua_State *VL, int vars, uint64_t tag, wf_seen_t **seen_out) {
+/* Submits agent ai's step for node `node` of run r (a replay may give it its output instead). */
+static int submit_agent(kvm_workflow_t *wf, wf_run_t *r, int node, int ai, lua_State *VL, int vars, uint64_t tag, wf_seen_t **seen_out) {
     const wf_agent_t *a = &wf->agents[ai];
     wf_seen_t *s = NULL;
     kvm_account_t *prev = kvm_account_enter(r->acct->mem); /* the prompt and the engine's copies of it are the run's */
@@ -504,6 +505,7 @@ static int submit_agent(kvm_workflow_t *wf, wf_run_t *r, int ai, lua_State *VL, 
         /* the run's wall-time budget (and those of the graphs above a subgraph) also stops a generation under way */
         req.run_deadline_ns = wf_run_deadline_ns(r);
         if (req.sampling.seed == 0) req.sampling.seed = r->seed * 1000003u + (uint64_t)r->root->step_idx + 1;
+        if (r->replay) wf_replay_apply(wf, r, node, ai, &req.given_text, &req.sampling.seed, &req.kv);
         rc = wf_llm_submit(wf->llm, &req);
         if (rc) rc = kvm_errctx(rc, "%s: agent '%s'", a->where, a->name);
     }
@@ -589,7 +591,7 @@ void wf_task_start(kvm_workflow_t *wf, wf_run_t *r, wf_task_t *t) {
         t->job = ++wf->job_serial;
         t->job_is_call = false;
         t->t_job = kvm_now_ns();
-        int rc = submit_agent(wf, r, n->agent, NULL, 0, t->job, &t->seen);
+        int rc = submit_agent(wf, r, t->node, n->agent, NULL, 0, t->job, &t->seen);
         if (rc) {
             t->job = 0;
             task_fail(t, rc, xstrdup(kvm_errmsg()));
@@ -762,7 +764,7 @@ int wf_ctx_call(lua_State *L) {
     else if (!lua_isnoneornil(L, 3)) return luaL_error(L, "ctx:call: argument 2 must be a table of placeholder values");
     uint64_t job = ++wf->job_serial;
     wf_seen_t *seen = NULL;
-    if (submit_agent(wf, c.r, c.ai, L, vars, job, &seen) != 0) {
+    if (submit_agent(wf, c.r, c.t->node, c.ai, L, vars, job, &seen) != 0) {
         lua_pushnil(L);
         lua_pushstring(L, kvm_errmsg());
         return 2;
@@ -833,7 +835,7 @@ int wf_ctx_map(lua_State *L) {
         lua_rawgeti(L, 3, i + 1);
         int ty = lua_type(L, -1), vars = ty == LUA_TSTRING || ty == LUA_TTABLE ? lua_gettop(L) : 0;
         uint64_t job = ++wf->job_serial;
-        if (submit_agent(wf, c.r, c.ai, L, vars, job, &seen[i]) != 0) {
+        if (submit_agent(wf, c.r, c.t->node, c.ai, L, vars, job, &seen[i]) != 0) {
             seen[i] = NULL;
             if (!(errs[i] = kvm_strdup(kvm_errmsg()))) errs[i] = kvm_strdup("out of memory");
         } else {

@@ -110,11 +110,12 @@ void wf_trace_run_start(kvm_workflow_t *wf, wf_run_t *r) {
                    .memory_bytes = r->acct ? (double)r->acct->cap : 0},
         .build_version = KVM_VERSION, .build_lua = LUA_RELEASE, .build_cjson = cJSON_Version(),
         .resumed_run_id = r->resumed_from, .resumed_superstep = r->resumed_superstep};
-    char *inputs = json_text(r->inputs);
+    char *inputs = json_text(r->inputs), *replay = wf_replay_json(r);
+    o.replay_json = replay;
     wf_llm_model_info_t *info = kvm_calloc((size_t)wf->n_models + 1, sizeof *info);
     kvm_trace_model_t *models = kvm_calloc((size_t)wf->n_models + 1, sizeof *models);
     kvm_trace_part_t *parts = NULL;
-    bool ok = inputs && info && models && agent_records(wf, r, &o, &parts) && graph_records(wf, &o);
+    bool ok = inputs && (replay || !r->replay) && info && models && agent_records(wf, r, &o, &parts) && graph_records(wf, &o);
     for (int i = 0; ok && i < wf->n_models; i++) {
         wf_llm_model_describe(wf->llm, wf->models[i].llm, &info[i]);
         models[i] = info[i].t;
@@ -126,6 +127,7 @@ void wf_trace_run_start(kvm_workflow_t *wf, wf_run_t *r) {
     o.n_models = wf->n_models;
     written(r, ok ? kvm_trace_write_run_start(r->trace, &o) : kvm_seterr(KVM_ENOMEM, "out of memory building run.start"));
     cJSON_free(inputs);
+    cJSON_free(replay);
     kvm_free(info);
     kvm_free(models);
     kvm_free(parts);
@@ -477,7 +479,14 @@ int kvm_wf_replay(const char *run_dir, const kvm_wf_replay_opts_t *o, kvm_replay
     if (!wf) rc = kvm_errcode() ? kvm_errcode() : KVM_EINVAL;
     else if (s->resumed_run_id && !ck) rc = kvm_seterr(KVM_EFORMAT, "%s: a resumed run without its checkpoint", run_dir);
     else if (ck) rc = wf_run_resume_from(wf, inputs, s->seed, -1, s->resumed_run_id, &ck->checkpoint, NULL, &run);
-    else rc = kvm_wf_start(wf, inputs, s->seed, &run);
+    else {
+        /* a counterfactual replay's trace: its edits and its changed step again (the steps before it are generated,
+           as they were in its origin) */
+        wf->next_replay = s->replay_json ? cJSON_Parse(s->replay_json) : NULL;
+        rc = kvm_wf_start(wf, inputs, s->seed, &run);
+        cJSON_Delete(wf->next_replay);
+        wf->next_replay = NULL;
+    }
     if (!rc) rc = kvm_wf_drive(wf);
     /* interrupts get the answers the trace recorded, in order */
     for (int from = 0; !rc && kvm_wf_run_parked(wf, run, NULL, NULL);) {

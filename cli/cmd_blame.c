@@ -6,13 +6,19 @@
 
 #include <kvmesh.h>
 
+#include "cmd_replay.h"
+
 int cmd_trace_blame(int argc, char **argv); /* cmd_trace.c dispatches to it */
 
 static void usage(FILE *f) {
     fprintf(f, "usage: kvmesh trace blame RUN_DIR [--state DIR] [--k N] [--method triage|knn|prior]\n"
+               "                          [--verify [--budget N] [--pass S] [--kv P] [--model PATH | --mock] [--trace DIR]]\n"
                "                                           the agent and the step (0 = the task, then one per traced step)\n"
                "                                           that most likely made the run fail, with two runner-ups and the\n"
-               "                                           past failures (schemata) that informed it\n"
+               "                                           past failures (schemata) that informed it; --verify replays the\n"
+               "                                           candidates (each generated again, fresh seed, --kv dense) up to\n"
+               "                                           N times (3) and confirms the first that makes the run pass (ends\n"
+               "                                           ok, g:score >= S, default 1); a confirmed step goes into the cache\n"
                "       kvmesh trace label RUN_DIR --agent A --step N --state DIR\n"
                "                                           record the confirmed cause of a failed run in the schema cache\n"
                "       kvmesh trace cache stats|ls --state DIR\n"
@@ -24,15 +30,20 @@ typedef struct blame_args {
     const char *dir, *state, *agent, *id;
     int k, step;
     kvm_blame_method_t method;
+    bool verify, mock;                  /* --verify and its options */
+    int budget;
+    double pass;
+    const char *kv, *model, *trace;
 } blame_args_t;
 
 /* Parses the options after argv[2]; 0 or 2 (usage, said). */
 static int parse(int argc, char **argv, int first, blame_args_t *a) {
-    *a = (blame_args_t){.k = 5, .step = -1};
+    *a = (blame_args_t){.k = 5, .step = -1, .budget = 3, .pass = 1.0, .kv = "dense"};
     for (int i = first; i < argc; i++) {
         const char *o = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         bool valued = !strcmp(o, "--state") || !strcmp(o, "--k") || !strcmp(o, "--method") || !strcmp(o, "--agent") ||
-                      !strcmp(o, "--step");
+                      !strcmp(o, "--step") || !strcmp(o, "--budget") || !strcmp(o, "--pass") || !strcmp(o, "--kv") ||
+                      !strcmp(o, "--model") || !strcmp(o, "--trace");
         if (valued && !v) {
             fprintf(stderr, "kvmesh trace %s: %s needs a value (kvmesh trace blame --help)\n", argv[1], o);
             return 2;
@@ -41,6 +52,30 @@ static int parse(int argc, char **argv, int first, blame_args_t *a) {
         char *end = NULL;
         if (!strcmp(o, "--state")) a->state = v;
         else if (!strcmp(o, "--agent")) a->agent = v;
+        else if (!strcmp(o, "--verify")) a->verify = true;
+        else if (!strcmp(o, "--mock")) a->mock = true;
+        else if (!strcmp(o, "--model")) a->model = v;
+        else if (!strcmp(o, "--trace")) a->trace = v;
+        else if (!strcmp(o, "--kv")) {
+            kvm_kv_policy_t p;
+            if (kvm_kv_policy_parse(v, &p) != 0) {
+                fprintf(stderr, "kvmesh trace blame: --kv is dense, prefix or kvcomm (got '%s')\n", v);
+                return 2;
+            }
+            a->kv = v;
+        } else if (!strcmp(o, "--budget")) {
+            a->budget = (int)strtol(v, &end, 10);
+            if (!*v || *end || a->budget < 0 || a->budget > KVM_VERIFY_MAX) {
+                fprintf(stderr, "kvmesh trace blame: --budget takes 0..%d replays (got '%s')\n", KVM_VERIFY_MAX, v);
+                return 2;
+            }
+        } else if (!strcmp(o, "--pass")) {
+            a->pass = strtod(v, &end);
+            if (!*v || *end) {
+                fprintf(stderr, "kvmesh trace blame: --pass takes a score (got '%s')\n", v);
+                return 2;
+            }
+        }
         else if (!strcmp(o, "--k")) {
             a->k = (int)strtol(v, &end, 10);
             if (!*v || *end || a->k < 0 || a->k > KVM_BLAME_MAX_K) {
@@ -79,6 +114,40 @@ static kvm_schema_cache_t *open_cache(const char *cmd, const char *state) {
     return c;
 }
 
+/* --verify: replays blame's candidates; prints what each replay did and the confirmed step. 0, or -1 (said). */
+static int verify(const blame_args_t *a, kvm_schema_cache_t *c, const kvm_failure_t *f, const kvm_blame_t *b) {
+    kvm_runtime_t *rt = cli_replay_runtime("trace blame --verify", a->dir, a->model, a->mock, a->trace);
+    if (!rt) return -1;
+    kvm_verify_params_t p = kvm_verify_default_params();
+    p.budget = a->budget;
+    p.pass_score = a->pass;
+    p.kv = a->kv;
+    kvm_verify_t v;
+    int rc = kvm_blame_verify(rt, c, a->dir, f, b, &p, &v);
+    if (rc) fprintf(stderr, "kvmesh trace blame: %s\n", kvm_errmsg());
+    else if (v.control.passed) {
+        printf("verify: the run re-made from its recorded outputs passes (status ok");
+        if (v.control.scored) printf(", score %.3f", v.control.score);
+        printf("): it did not fail, nothing to verify\n");
+    } else {
+        printf("verify: %d replay%s (budget %d), each step generated again (kv %s, fresh seed), the steps before it as "
+               "recorded\n", v.n_replays, v.n_replays == 1 ? "" : "s", a->budget, a->kv);
+        for (int i = 0; i < v.n_replays; i++) {
+            const kvm_verify_replay_t *o = &v.replay[i];
+            printf("  step %-3d %-16s %s", o->step, o->agent, o->status ? kvm_errname(o->status) : "ok");
+            if (o->scored) printf(", score %.3f", o->score);
+            printf(" -> %s  (kvmesh trace replay %s --from-step %d --kv %s --seed %llu; trace %s)\n", o->passed ? "passed" : "failed",
+                   a->dir, o->step - 1, a->kv, (unsigned long long)o->seed, o->run_dir[0] ? o->run_dir : "-");
+        }
+        if (v.step >= 0)
+            printf("confirmed: agent %s, step %d\n", v.agent, v.step);
+        else printf("not confirmed: no replay within the budget made the run pass\n");
+        if (v.schema_id >= 0) printf("cache: the confirmed failure is in schema #%d\n", v.schema_id);
+    }
+    kvm_runtime_free(rt);
+    return rc ? -1 : 0;
+}
+
 static int blame(const blame_args_t *a) {
     kvm_failure_t *f = kvm_failure_from_trace(a->dir);
     if (!f) {
@@ -107,7 +176,8 @@ static int blame(const blame_args_t *a) {
         printf("schemata: %d of %d in the cache", b.n_schemata, st.entries);
         for (int i = 0; i < b.n_schemata; i++) printf("%s#%d (S %.3f)", i ? ", " : ": ", b.schema_ids[i], b.schema_scores[i]);
         printf("\n");
-        if (a->state && kvm_schema_cache_save(c)) { /* the hit counts */
+        if (a->verify && verify(a, c, f, &b)) rc = -1;
+        if (!rc && a->state && kvm_schema_cache_save(c)) { /* the hit counts, a confirmed failure */
             fprintf(stderr, "kvmesh trace blame: %s\n", kvm_errmsg());
             rc = -1;
         }

@@ -11,6 +11,7 @@
 #include <kvmesh.h>
 
 #include "cli_env.h"
+#include "cmd_replay.h"
 #include "lab/lab.h"
 
 static void usage(FILE *f) {
@@ -287,21 +288,6 @@ static int parse_args(int argc, char **argv, run_args_t *a) {
     return -1;
 }
 
-/* Whether the run traced in dir used the mock model (a resume uses it too unless --model says otherwise). */
-static bool trace_was_mock(const char *dir) {
-    kvm_trace_reader_t *t = kvm_trace_reader_open(dir);
-    bool mock = false;
-    for (int i = 0; t && i < kvm_trace_reader_n_records(t); i++)
-        if (!strcmp(kvm_trace_reader_record_type(t, i), "run.start")) {
-            cJSON *o = cJSON_Parse(kvm_trace_reader_record_json(t, i));
-            mock = cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(o, "mock"));
-            cJSON_Delete(o);
-            break;
-        }
-    kvm_trace_reader_free(t);
-    return mock;
-}
-
 /* Fills the runtime parameters that follow from the parsed arguments. 0, or the message of a bad value. */
 static int finish_opts(run_args_t *a) {
     if (a->concurrency < 1) a->concurrency = 1;
@@ -320,7 +306,7 @@ static int finish_opts(run_args_t *a) {
         if (kvm_kv_policy_parse(a->kv, &p) != 0) return KVM_EINVAL;
         a->rp.kv_override = (int)p;
     }
-    if (a->resume && !a->mock && !a->rp.model_override && trace_was_mock(a->resume)) a->mock = true;
+    if (a->resume && !a->mock && !a->rp.model_override && cli_trace_was_mock(a->resume)) a->mock = true;
     if (a->mock) a->rp.model_override = "mock:echo";
     if (a->ablation[0]) { /* the ablation first, the --kvcomm switches over it */
         memmove(&a->kvcomm_set[1], &a->kvcomm_set[0], (size_t)a->n_kvcomm * sizeof *a->kvcomm_set);

@@ -10,6 +10,7 @@
 #include <kvmesh.h>
 
 #include "cli_env.h"
+#include "cmd_replay.h"
 #include "lab/lab.h"
 
 int cmd_trace_blame(int argc, char **argv); /* cmd_blame.c: blame, label, cache */
@@ -35,6 +36,9 @@ static void usage(FILE *f) {
                "                                           conventions; the default), as a Who&When log, or as its complete\n"
                "                                           records; --content: message content in OTLP (truncated: 4 KiB\n"
                "                                           per message, the default); -o: to FILE instead of stdout\n"
+               "       kvmesh trace replay RUN_DIR --from-step N [--kv P] [--edit-output FILE]\n"
+               "                                           re-run from step N with its output replaced or generated\n"
+               "                                           again (kvmesh trace replay --from-step 0 --help)\n"
                "       kvmesh trace blame|label|cache ...  which agent and step made a run fail; the error-schema\n"
                "                                           cache (kvmesh trace blame --help)\n\n"
                "RUN_DIR is a run's directory (holding events.jsonl), as printed by kvmesh run.\n");
@@ -266,6 +270,8 @@ int cmd_trace(int argc, char **argv) {
         fprintf(stderr, "kvmesh trace: unknown subcommand '%s' (ls, search, show, steps, diff, replay, export, blame, label, cache)\n", sub);
         return 2;
     }
+    for (int i = 2; !strcmp(sub, "replay") && i < argc; i++)
+        if (!strcmp(argv[i], "--from-step")) return cmd_trace_replay_from(argc, argv); /* cmd_replay.c */
     dir_args_t a = parse_dir_args(argc, argv);
     if (!a.dir) {
         fprintf(stderr, "kvmesh trace %s: give a run directory\n", sub);

@@ -428,6 +428,19 @@ typedef struct kvm_run_params {
     int resume_step;           /* the checkpoint written after this super-step; 0 = the last one */
     const char *answer_json;   /* the answer (JSON) to the interrupt the traced run was parked on after that
                                   checkpoint (kvmesh.interrupt returns it); NULL = none (the node asks again) */
+    /* Counterfactual replay (docs/correct.md, "Replay"): with replay, the run traced in resume_trace runs again
+       from its step replay_step (0-based, as `kvmesh trace steps` numbers them): the agent steps before it are
+       given their recorded outputs (not generated; func and tool nodes run again), step replay_step is given
+       replay_output (an agent step only) or, when that is NULL, generated again with sampling seed replay_seed
+       (0 = the recorded one) and the KV policy kv (NULL = the recorded one); the steps after it are generated.
+       Edits the traced run recorded (it may be a replay too) stay, except step replay_step's. The run gets a
+       new id and a trace whose run.start "replay" names its origin. resume_step is not used and answer_json must
+       be NULL (KVM_EINVAL); a run that waited in kvmesh.interrupt before the step, or that was itself resumed, is KVM_EUNSUPPORTED; a
+       step out of range is KVM_ERANGE. The workflow is the traced one (kvm_workflow_load_trace). */
+    bool replay;
+    int replay_step;
+    const char *replay_output;
+    uint64_t replay_seed;
 } kvm_run_params_t;
 
 kvm_run_params_t kvm_run_default_params(void);
@@ -781,6 +794,50 @@ int kvm_schema_cache_feedback(kvm_schema_cache_t *c, const kvm_blame_t *shown, c
 /* The normalised agent name of a raw label (a trailing "(...)" removed, trimmed, ASCII lower case) into
  * out[cap]. */
 void kvm_agent_normalize(const char *raw, char *out, size_t cap);
+
+/* Verifying blame by replay (docs/correct.md, "Verify by replay"): the top candidates of a blame (then the other agent
+ * steps in order; func / tool steps skipped), as many as the budget, are replayed earliest first, each step generated
+ * again (a fresh sampling seed, the KV policy kv) with the steps before it given their recorded outputs
+ * (kvm_run_params_t.replay); the first whose replay passes is the confirmed decisive step. A
+ * run passes when it ended ok and g:score(result, inputs) >= pass_score (a graph without g:score: when it ended ok).
+ * A control replay first re-makes the run from its recorded outputs alone (no model work, not counted in the
+ * budget): when it passes, the run did not fail and nothing is replayed. */
+typedef struct kvm_verify_params {
+    int budget;          /* candidate replays at most (3); candidates beyond blame's come in step order */
+    double pass_score;   /* 1.0 */
+    const char *kv;      /* the policy a candidate step is generated again under ("dense"; NULL = the recorded one) */
+    uint64_t seed;       /* the fresh sampling seeds derive from it (0: from the run id) */
+} kvm_verify_params_t;
+
+kvm_verify_params_t kvm_verify_default_params(void);
+
+#define KVM_VERIFY_MAX 16
+typedef struct kvm_verify_replay {
+    int step;            /* the step generated again (blame's numbering: 0 = the task) */
+    char agent[64];
+    uint64_t seed;       /* its sampling seed in the replay */
+    int status;          /* the replay's end: 0 or KVM_E* */
+    bool scored;         /* the graph has g:score and it ran */
+    double score;
+    bool passed;
+    char run_dir[512];   /* the replay's trace ("" without tracing) */
+} kvm_verify_replay_t;
+
+typedef struct kvm_verify {
+    kvm_verify_replay_t control; /* the run re-made from its recorded outputs (step -1) */
+    int n_replays;
+    kvm_verify_replay_t replay[KVM_VERIFY_MAX];
+    int step;            /* the confirmed decisive step (blame's numbering), -1 when no replay passed */
+    char agent[64];      /* its agent, normalised */
+    int schema_id;       /* the cache entry the confirmed failure went into (-1: none, or no cache) */
+} kvm_verify_t;
+
+/* Verifies blame b of the run traced in run_dir (f: kvm_failure_from_trace(run_dir)) by replays on rt (its models
+ * and host functions; replays are traced under its trace_root). With a cache c, a confirmed failure gets its
+ * feedback and goes in (as a label does; the caller saves). 0 (out filled, out->step -1 when nothing flipped the
+ * run), or KVM_E* when the trace cannot be replayed (named). */
+int kvm_blame_verify(kvm_runtime_t *rt, kvm_schema_cache_t *c, const char *run_dir, const kvm_failure_t *f, const kvm_blame_t *b,
+                     const kvm_verify_params_t *params, kvm_verify_t *out);
 
 /* The runtime's error-schema cache: opened on its state_dir (or in memory), shared by every run of the
  * runtime, saved by kvm_runtime_save_state. NULL + message when it cannot be opened. */

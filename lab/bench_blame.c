@@ -386,6 +386,8 @@ static int rm_one(const char *path, const struct stat *sb, int flag, struct FTW 
     return remove(path);
 }
 
+void lab_rm_tree(const char *root) { nftw(root, rm_one, 16, FTW_DEPTH | FTW_PHYS); }
+
 /* A failure read from a run's trace with one agent output corrupted; the strings it points to are its own. */
 typedef struct injected {
     kvm_failure_t *f;      /* from kvm_failure_from_trace */
@@ -395,17 +397,9 @@ typedef struct injected {
 
 enum { RI_FABRICATE, RI_GROUNDED_WRONG, RI_PREMATURE, RI_EMPTY, RI_N };
 
-/* Corrupts a random agent step of f (not the task, not a tool result); false when f has none. */
-static bool inject(kvm_rng_t *r, injected_t *x, int workflow) {
-    kvm_failure_t *f = x->f;
-    int elig[256], n = 0;
-    for (int t = 1; t < f->n_steps && n < 256; t++)
-        if (!f->steps[t].tool_result) elig[n++] = t;
-    if (!n) return false;
-    int t = elig[kvm_rng_below(r, (uint64_t)n)], kind = (int)kvm_rng_below(r, RI_N);
-    char buf[512];
-    if (kind == RI_FABRICATE) snprintf(buf, sizeof buf, "The answer is %d.", 10000 + (int)kvm_rng_below(r, 90000));
-    else if (kind == RI_PREMATURE) snprintf(buf, sizeof buf, "%.200s\nFinal Answer: done. TERMINATE", f->steps[t].content);
+void lab_blame_corrupt(kvm_rng_t *r, const kvm_failure_t *f, int t, int kind, char *buf, size_t cap) {
+    if (kind == RI_FABRICATE) snprintf(buf, cap, "The answer is %d.", 10000 + (int)kvm_rng_below(r, 90000));
+    else if (kind == RI_PREMATURE) snprintf(buf, cap, "%.200s\nFinal Answer: done. TERMINATE", f->steps[t].content);
     else if (kind == RI_EMPTY) buf[0] = '\0';
     else { /* a line of the task, plausible and grounded, but not the answer */
         const char *q = f->question ? f->question : "";
@@ -417,8 +411,20 @@ static bool inject(kvm_rng_t *r, injected_t *x, int workflow) {
             if (*p == '\n' || (p[0] == '\\' && p[1] == 'n')) k++, b = p + (*p == '\n' ? 1 : 2);
         size_t len = 0;
         while (b[len] && b[len] != '\n' && !(b[len] == '\\' && b[len + 1] == 'n') && len < 200) len++;
-        snprintf(buf, sizeof buf, "%.*s", (int)len, b);
+        snprintf(buf, cap, "%.*s", (int)len, b);
     }
+}
+
+/* Corrupts a random agent step of f (not the task, not a tool result); false when f has none. */
+static bool inject(kvm_rng_t *r, injected_t *x, int workflow) {
+    kvm_failure_t *f = x->f;
+    int elig[256], n = 0;
+    for (int t = 1; t < f->n_steps && n < 256; t++)
+        if (!f->steps[t].tool_result) elig[n++] = t;
+    if (!n) return false;
+    int t = elig[kvm_rng_below(r, (uint64_t)n)], kind = (int)kvm_rng_below(r, RI_N);
+    char buf[512];
+    lab_blame_corrupt(r, f, t, kind, buf, sizeof buf);
     x->text = strdup(buf);
     ((kvm_failure_step_t *)f->steps)[t].content = x->text;
     f->gold_agent = f->steps[t].agent;
@@ -429,10 +435,7 @@ static bool inject(kvm_rng_t *r, injected_t *x, int workflow) {
     return true;
 }
 
-/* Runs the workflow n times (seeds seed..seed+n-1, inputs from its dataset) with traces under root; reads each
- * trace back as a failure with one injected error into out[*n_out]. */
-static int run_and_inject(kvm_lab_params_fn fill, bool mock, const char *model, const char *path, int n, uint64_t seed, const char *root,
-                          kvm_rng_t *r, int workflow, injected_t *out, int *n_out) {
+kvm_runtime_t *lab_blame_runtime(kvm_lab_params_fn fill, bool mock, const char *model, const char *root) {
     kvm_runtime_params_t rp = kvm_runtime_default_params();
     rp.model.backend = NULL;
     rp.model_override = mock ? "mock:echo" : model;
@@ -441,6 +444,25 @@ static int run_and_inject(kvm_lab_params_fn fill, bool mock, const char *model, 
     rp.echo_print = false;
     kvm_runtime_t *rt = fill(&rp.model) == 0 ? kvm_runtime_create(&rp) : NULL;
     if (rt && kvm_lab_add_functions(rt)) kvm_runtime_free(rt), rt = NULL;
+    return rt;
+}
+
+int lab_split_list(const char *list, char paths[8][512]) {
+    int n = 0;
+    for (const char *p = list; *p && n < 8;) {
+        const char *e = strchr(p, ',');
+        size_t len = e ? (size_t)(e - p) : strlen(p);
+        snprintf(paths[n++], 512, "%.*s", (int)len, p);
+        p += len + (e ? 1 : 0);
+    }
+    return n;
+}
+
+/* Runs the workflow n times (seeds seed..seed+n-1, inputs from its dataset) with traces under root; reads each
+ * trace back as a failure with one injected error into out[*n_out]. */
+static int run_and_inject(kvm_lab_params_fn fill, bool mock, const char *model, const char *path, int n, uint64_t seed, const char *root,
+                          kvm_rng_t *r, int workflow, injected_t *out, int *n_out) {
+    kvm_runtime_t *rt = lab_blame_runtime(fill, mock, model, root);
     kvm_workflow_t *wf = rt ? kvm_workflow_load(rt, path, NULL) : NULL;
     int rc = wf ? 0 : -1;
     for (int i = 0; !rc && i < n; i++) {
@@ -466,13 +488,7 @@ static int real_injection(kvm_lab_params_fn fill, bool mock, const char *model, 
     char root[] = "/tmp/kvmesh-bench-blame-XXXXXX";
     if (!mkdtemp(root)) return kvm_seterr(KVM_EIO, "bench blame: cannot make a temporary folder");
     char paths[8][512];
-    int n_wf = 0;
-    for (const char *p = list; *p && n_wf < 8;) {
-        const char *e = strchr(p, ',');
-        size_t len = e ? (size_t)(e - p) : strlen(p);
-        snprintf(paths[n_wf++], sizeof paths[0], "%.*s", (int)len, p);
-        p += len + (e ? 1 : 0);
-    }
+    int n_wf = lab_split_list(list, paths);
     injected_t *x = calloc((size_t)(n_wf * runs + 1), sizeof *x);
     int n = 0, rc = 0;
     kvm_rng_t r;
@@ -483,7 +499,7 @@ static int real_injection(kvm_lab_params_fn fill, bool mock, const char *model, 
         if (rc) fprintf(stderr, "kvmesh bench blame: %s: %s\n", paths[w], kvm_errmsg());
         else printf("  %s: %d traced runs, one error injected in each\n", paths[w], n - before);
     }
-    nftw(root, rm_one, 16, FTW_DEPTH | FTW_PHYS);
+    lab_rm_tree(root);
     if (!rc && n) {
         const kvm_failure_t **fs = calloc((size_t)n, sizeof *fs);
         for (int i = 0; i < n; i++) fs[i] = x[i].f;
@@ -584,26 +600,29 @@ static void help(FILE *f) {
                "  --inject N     synthetic injected failures per workflow, 3 workflows (default 100; 0 = skip)\n"
                "  --warm N       labelled failures in the warm cache of the synthetic benchmark (default 300)\n"
                "  --entries N    schemata in the latency benchmark (default 10000; 0 = skip)\n"
-               "  --queries N    queries timed (default 200)\n");
+               "  --queries N    queries timed (default 200)\n"
+               "  --verify       instead of the above: errors injected into real runs of --workflows by replays (--runs\n"
+               "                 runs each; those that pass get one agent output replaced), blamed without replay and\n"
+               "                 with trace blame --verify (--budget replays per failure, default 3)\n");
 }
 
 int lab_bench_blame(int argc, char **argv, kvm_lab_params_fn fill) {
     const char *ww = "../shared/data/whowhen/Algorithm-Generated", *json = NULL,
                *workflows = "examples/team.lua,examples/pipeline.lua,examples/revise.lua", *model = NULL;
-    long inject = 100, warm = 300, entries = 10000, queries = 200, seed = 13, runs = 70;
-    bool mock = false;
+    long inject = 100, warm = 300, entries = 10000, queries = 200, seed = 13, runs = 70, budget = 3;
+    bool mock = false, verify = false;
     for (int i = 1; i < argc; i++) {
         const char *o = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         if (!strcmp(o, "-h") || !strcmp(o, "--help")) {
             help(stdout);
             return 0;
         }
-        if (!strcmp(o, "--mock")) {
-            mock = true;
+        if (!strcmp(o, "--mock") || !strcmp(o, "--verify")) {
+            *(o[2] == 'm' ? &mock : &verify) = true;
             continue;
         }
         long *num = !strcmp(o, "--runs") ? &runs : !strcmp(o, "--inject") ? &inject : !strcmp(o, "--warm") ? &warm : !strcmp(o, "--entries") ? &entries
-                  : !strcmp(o, "--queries") ? &queries : !strcmp(o, "--seed") ? &seed : NULL;
+                  : !strcmp(o, "--queries") ? &queries : !strcmp(o, "--seed") ? &seed : !strcmp(o, "--budget") ? &budget : NULL;
         if (!v || (!num && strcmp(o, "--whowhen") && strcmp(o, "--json") && strcmp(o, "--workflows") && strcmp(o, "--model"))) {
             fprintf(stderr, "kvmesh bench blame: %s '%s' (kvmesh bench blame --help)\n", v ? "unknown option" : "missing value for", o);
             return 2;
@@ -622,9 +641,23 @@ int lab_bench_blame(int argc, char **argv, kvm_lab_params_fn fill) {
             }
         }
     }
+    if (budget > KVM_VERIFY_MAX) {
+        fprintf(stderr, "kvmesh bench blame: --budget takes 0..%d replays\n", KVM_VERIFY_MAX);
+        return 2;
+    }
     cJSON *root = cJSON_CreateObject();
     cJSON_AddStringToObject(root, "bench", "blame");
     int rc = 0;
+    if (verify) { /* the replay benchmark alone (bench_blame_verify.c) */
+        rc = lab_bench_blame_verify(fill, mock, model, workflows, (int)runs, (uint64_t)seed, (int)budget,
+                                    cJSON_AddObjectToObject(root, "verify"));
+        if (!rc && json && lab_json_write(root, json)) {
+            fprintf(stderr, "kvmesh bench blame: cannot write %s\n", json);
+            rc = 1;
+        }
+        cJSON_Delete(root);
+        return rc ? 1 : 0;
+    }
     ww_trace_t *t = NULL;
     int n = ww_load_dir(ww, &t);
     if (!n) printf("Who&When: no logs in %s; skipped (give --whowhen DIR)\n", ww);

@@ -425,8 +425,140 @@ static void test_interrupt_outside_a_node_fails_the_run(void **state) {
     kvm_runtime_free(rt);
 }
 
+/* ---- counterfactual replay (kvm_run_params_t.replay, docs/correct.md) ------------------------------------------ */
+
+/* The traced steps of a run (its failure view: step 0 is the task). */
+static kvm_failure_t *steps_of(const char *dir) {
+    kvm_failure_t *f = kvm_failure_from_trace(dir);
+    if (!f) fail_msg("trace %s: %s", dir, kvm_errmsg());
+    return f;
+}
+
+/* A replay from any step with nothing changed (the step generated again with its recorded seed) ends as the run did:
+ * the steps before it are given their recorded outputs and the rest generated as before (joins across super-steps,
+ * math.random in a func node, loops of 1..3 rounds). An edited step says the given text, the steps after it read it,
+ * and a replay of the replay from a later step keeps the edit; bad requests are refused with their reason. */
+static void test_replay_from_any_step_reproduces_the_run_and_keeps_edits(void **state) {
+    (void)state;
+    kvm_runtime_t *rt = runtime();
+    kvm_workflow_t *wf = load(rt, loop_src);
+    enum { SEEDS = 6 };
+    kvm_run_t *runs[SEEDS];
+    for (int s = 0; s < SEEDS; s++) {
+        kvm_run_params_t p = kvm_run_default_params();
+        p.seed = (uint64_t)s + 1;
+        p.from_dataset = true;
+        p.kv = "dense";
+        assert_non_null(runs[s] = kvm_run_start(wf, &p));
+    }
+    drive(rt);
+    kvm_workflow_t *wf2 = kvm_workflow_load_trace(rt, kvm_run_trace_dir(runs[0]), NULL);
+    assert_non_null(wf2);
+    int replays = 0;
+    for (int s = 0; s < SEEDS; s++) {
+        char dir[512];
+        snprintf(dir, sizeof dir, "%s", kvm_run_trace_dir(runs[s]));
+        char *want_out = kvm_run_outputs_json(runs[s]), *want_state = kvm_run_state_json(runs[s]);
+        kvm_failure_t *f = steps_of(dir);
+        for (int t = 0; t + 1 < f->n_steps; t++) {
+            kvm_run_params_t p = kvm_run_default_params();
+            p.resume_trace = dir;
+            p.replay = true;
+            p.replay_step = t;
+            kvm_run_t *r = kvm_run_start(wf2, &p);
+            if (!r) fail_msg("seed %d replay from step %d: %s", s + 1, t, kvm_errmsg());
+            drive(rt);
+            const char *msg = NULL;
+            if (kvm_run_status(r, &msg) != 0) fail_msg("seed %d from step %d: %s", s + 1, t, msg ? msg : "?");
+            char *out = kvm_run_outputs_json(r), *st = kvm_run_state_json(r);
+            if (!same_json(out, want_out) || !same_json(st, want_state))
+                fail_msg("seed %d replayed from step %d:\n outputs %s\n want    %s\n state %s\n want  %s", s + 1, t, out, want_out, st,
+                         want_state);
+            kvm_free(out);
+            kvm_free(st);
+            replays++;
+        }
+        kvm_failure_free(f);
+        kvm_free(want_out);
+        kvm_free(want_state);
+    }
+    assert_true(replays >= SEEDS * 4);
+    /* an edit: agent a's first output (trace step 0 or 1: a and c start together) */
+    char dir[512];
+    snprintf(dir, sizeof dir, "%s", kvm_run_trace_dir(runs[2])); /* seed 3: three rounds */
+    kvm_failure_t *f = steps_of(dir);
+    int ta = !strcmp(f->steps[1].agent, "a") ? 0 : 1;
+    kvm_run_params_t p = kvm_run_default_params();
+    p.resume_trace = dir;
+    p.replay = true;
+    p.replay_step = ta;
+    p.replay_output = "EDITED";
+    kvm_run_t *r = kvm_run_start(wf2, &p);
+    assert_non_null(r);
+    drive(rt);
+    assert_int_equal(kvm_run_status(r, NULL), 0);
+    char edited[512];
+    snprintf(edited, sizeof edited, "%s", kvm_run_trace_dir(r));
+    kvm_failure_t *g = steps_of(edited);
+    int seen_edit = 0, seen_read = 0;
+    for (int t = 1; t < g->n_steps; t++) {
+        seen_edit += !strcmp(g->steps[t].agent, "a") && !strcmp(g->steps[t].content, "EDITED");
+        seen_read += !strcmp(g->steps[t].agent, "b") && strstr(g->steps[t].content, "EDITED") == NULL; /* b generates */
+    }
+    assert_int_equal(seen_edit, 1);
+    assert_true(seen_read >= 1);
+    /* a replay of the replay from its last agent step keeps the edit (and ends as the edited run did) */
+    int last = g->n_steps - 1;
+    while (last > 0 && g->steps[last].tool_result) last--;
+    char *want_out = kvm_run_outputs_json(r);
+    p.resume_trace = edited;
+    p.replay_step = last - 1;
+    p.replay_output = NULL;
+    kvm_run_t *r2 = kvm_run_start(wf2, &p);
+    assert_non_null(r2);
+    drive(rt);
+    assert_int_equal(kvm_run_status(r2, NULL), 0);
+    char *out2 = kvm_run_outputs_json(r2);
+    assert_true(same_json(out2, want_out));
+    kvm_failure_t *h = steps_of(kvm_run_trace_dir(r2));
+    int kept = 0;
+    for (int t = 1; t < h->n_steps; t++) kept += !strcmp(h->steps[t].agent, "a") && !strcmp(h->steps[t].content, "EDITED");
+    assert_int_equal(kept, 1);
+    kvm_free(out2);
+    kvm_free(want_out);
+    /* refused: a step out of range, a func step edited, no trace, an interrupt answer */
+    p.resume_trace = dir;
+    p.replay_step = f->n_steps - 1;
+    assert_null(kvm_run_start(wf2, &p));
+    assert_int_equal(kvm_errcode(), KVM_ERANGE);
+    assert_non_null(strstr(kvm_errmsg(), "out of range"));
+    int tf = 1;
+    while (tf < f->n_steps && !f->steps[tf].tool_result) tf++;
+    assert_true(tf < f->n_steps);
+    p.replay_step = tf - 1;
+    p.replay_output = "x";
+    assert_null(kvm_run_start(wf2, &p));
+    assert_int_equal(kvm_errcode(), KVM_EINVAL);
+    assert_non_null(strstr(kvm_errmsg(), "only an agent's output can be replaced"));
+    p.resume_trace = NULL;
+    assert_null(kvm_run_start(wf2, &p));
+    assert_int_equal(kvm_errcode(), KVM_EINVAL);
+    p.resume_trace = dir;
+    p.answer_json = "1";
+    p.replay_step = 0;
+    assert_null(kvm_run_start(wf2, &p));
+    assert_int_equal(kvm_errcode(), KVM_EINVAL);
+    kvm_failure_free(f);
+    kvm_failure_free(g);
+    kvm_failure_free(h);
+    kvm_workflow_free(wf2);
+    kvm_workflow_free(wf);
+    kvm_runtime_free(rt);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_replay_from_any_step_reproduces_the_run_and_keeps_edits),
         cmocka_unit_test(test_resume_from_any_checkpoint_reproduces_the_uninterrupted_run),
         cmocka_unit_test(test_resumed_run_trace_names_its_origin_and_resumes_again),
         cmocka_unit_test(test_resume_refuses_what_it_cannot_resume),

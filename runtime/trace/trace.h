@@ -154,6 +154,10 @@ typedef struct kvm_trace_run_start {
     /* a run resumed from another run's checkpoint ("resumed_from"; NULL / 0 = a fresh run) */
     const char *resumed_run_id;
     int resumed_superstep;
+    /* a counterfactual replay of another run ("replay": JSON object text, NULL = none): {of, of_dir, from_step,
+       change: "output" | "regenerate", step: {superstep, node, agent, call[, seed, kv]}, edits: [{superstep, node,
+       agent, call, text}]} (docs/trace-format.md) */
+    const char *replay_json;
 } kvm_trace_run_start_t;
 
 /* edge: an edge taken at the end of a super-step. kind: edge | when | route | on_error | join_all |

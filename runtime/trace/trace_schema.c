@@ -106,7 +106,8 @@ static const field_t run_start_f[] = {
     ARR("models", F_STRUCTS, kvm_trace_run_start_t, models, n_models, model_f, kvm_trace_model_t),
     ARR("agents", F_STRUCTS, kvm_trace_run_start_t, agents, n_agents, agent_f, kvm_trace_agent_t), FLAT("graph", graph_f),
     FLAT("build", build_f), F("resumed_from", F_STR, kvm_trace_run_start_t, resumed_run_id, OMIT_NULL),
-    F("resumed_superstep", F_INT, kvm_trace_run_start_t, resumed_superstep, OMIT_ZERO), END};
+    F("resumed_superstep", F_INT, kvm_trace_run_start_t, resumed_superstep, OMIT_ZERO),
+    F("replay", F_JSON, kvm_trace_run_start_t, replay_json, OMIT_NULL), END};
 
 /* edge, superstep, log, checkpoint */
 static const field_t edge_f[] = {F("superstep", F_INT, kvm_trace_edge_t, superstep, 0), F("from", F_STR, kvm_trace_edge_t, from, 0),

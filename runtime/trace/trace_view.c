@@ -311,6 +311,15 @@ int kvm_trace_view_run(const char *run_dir, char **text) {
     if (st) run_header(&v, &st->run_start);
     if (st && st->run_start.resumed_run_id)
         put(&v, "resumed from run %s after super-step %d\n", st->run_start.resumed_run_id, st->run_start.resumed_superstep);
+    cJSON *rp = st && st->run_start.replay_json ? cJSON_Parse(st->run_start.replay_json) : NULL;
+    if (rp) { /* a counterfactual replay (docs/correct.md) */
+        const cJSON *of = cJSON_GetObjectItemCaseSensitive(rp, "of"), *from = cJSON_GetObjectItemCaseSensitive(rp, "from_step"),
+                    *ch = cJSON_GetObjectItemCaseSensitive(rp, "change"), *ed = cJSON_GetObjectItemCaseSensitive(rp, "edits");
+        put(&v, "replay of run %s from step %d (%s), %d edited output%s\n", cJSON_IsString(of) ? of->valuestring : "?",
+            cJSON_IsNumber(from) ? from->valueint : -1, cJSON_IsString(ch) ? ch->valuestring : "?", cJSON_GetArraySize(ed),
+            cJSON_GetArraySize(ed) == 1 ? "" : "s");
+        cJSON_Delete(rp);
+    }
     put(&v, "\nsteps:\n");
     for (int i = 0; i < log.n; i++) {
         const kvm_trace_rec_t *r = &log.recs[i];
