@@ -393,7 +393,10 @@ static void run_event(void *ud, const kvm_run_event_t *e) {
 
 static int reply_ok(ctx_t *x, const char *type, cJSON *body) {
     cJSON *h = hdr_new(type, x->q->id, 0);
-    for (cJSON *b = body ? body->child : NULL; b; b = b->next) cJSON_AddItemToObject(h, b->string, cJSON_Duplicate(b, 1));
+    while (body && body->child) { /* moved, not copied: a run.status body holds every step */
+        cJSON *b = cJSON_DetachItemViaPointer(body, body->child);
+        if (!cJSON_AddItemToObject(h, b->string, b)) cJSON_Delete(b);
+    }
     cJSON_Delete(body);
     return send_hdr(x->s, x->m->peer, x->m->peer_len, h, NULL, 0, true);
 }
@@ -820,7 +823,7 @@ static int dispatch(ctx_t *x) {
 
 /* One message: decoded, then answered (exactly one terminal reply, now or at the run's end). */
 static void serve_message(kvm_server_t *s, const kvm_net_msg_t *m) {
-    uint64_t t0 = kvm_now_ns();
+    uint64_t t0 = kvm_now_ns(), c0 = serve_cpu_ns();
     sclient_t *c = client_of(s, m->peer, m->peer_len, true);
     if (c) c->last_ns = kvm_now_ns();
     kvm_req_t q;
@@ -831,7 +834,7 @@ static void serve_message(kvm_server_t *s, const kvm_net_msg_t *m) {
     if (rc) {
         s->bad_requests++;
         send_error(s, m->peer, m->peer_len, e.has_id ? e.id : NULL, 0, e.code, e.field, e.message, -1, NULL);
-        serve_overhead_note(s->ext, 0, kvm_now_ns() - t0);
+        serve_overhead_note(s->ext, 0, kvm_now_ns() - t0, serve_cpu_ns() - c0);
         return;
     }
     uint64_t compute_ns = 0;
@@ -844,8 +847,8 @@ static void serve_message(kvm_server_t *s, const kvm_net_msg_t *m) {
     }
     int type = q.type;
     kvm_req_clear(&q);
-    uint64_t ns = kvm_now_ns() - t0;
-    serve_overhead_note(s->ext, type, ns > compute_ns ? ns - compute_ns : 0);
+    uint64_t ns = kvm_now_ns() - t0, cpu = serve_cpu_ns() - c0;
+    serve_overhead_note(s->ext, type, ns > compute_ns ? ns - compute_ns : 0, cpu > compute_ns ? cpu - compute_ns : 0);
 }
 
 /* ---- the loop ------------------------------------------------------------------------------------------- */

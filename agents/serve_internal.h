@@ -42,8 +42,11 @@ serve_ext_t *serve_ext_new(void);
 void serve_ext_free(serve_ext_t *e);
 /* Answers the request types of serve_req.c (exactly one terminal reply); KVM_EINTERNAL reply for any other. */
 int serve_req_dispatch(ctx_t *x);
-/* Notes the daemon's own time for one request of type (enum kvm_req_type; 0 = undecodable). */
-void serve_overhead_note(serve_ext_t *e, int type, uint64_t ns);
+/* Notes the daemon's own time for one request of type (enum kvm_req_type; 0 = undecodable): wall time and the
+ * thread's CPU time (what is left when the wall time also holds waits for the CPU on a loaded machine). */
+void serve_overhead_note(serve_ext_t *e, int type, uint64_t wall_ns, uint64_t cpu_ns);
+/* The calling thread's CPU time in ns. */
+uint64_t serve_cpu_ns(void);
 /* stats: {"overhead": {...}, "models": [...]} fields added to b. */
 void serve_ext_stats(const serve_ext_t *e, cJSON *b);
 

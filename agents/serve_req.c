@@ -5,6 +5,7 @@
  * (runtime/net/request.c, decode_models) has checked every field before a handler runs. */
 #include <stdio.h>
 #include <string.h>
+#include <time.h>
 
 #include "../runtime/core/core.h"
 #include "../runtime/core/map.h"
@@ -66,8 +67,9 @@ typedef struct smodel {
 
 struct serve_ext {
     kvm_map_t models;        /* name -> smodel_t * */
-    hist_t *hist[N_TYPES];   /* per request type, made on first use */
-    hist_t all;
+    hist_t *hist[N_TYPES];   /* wall time per request type, made on first use */
+    hist_t *cpu[N_TYPES];    /* the thread's CPU time, likewise */
+    hist_t all, all_cpu;
     uint64_t generates, generate_tokens;
 };
 
@@ -90,24 +92,41 @@ void serve_ext_free(serve_ext_t *e) {
     size_t it = 0;
     for (const kvm_map_entry_t *x; (x = kvm_map_next(&e->models, &it));) smodel_free(x->val.ptr);
     kvm_map_free(&e->models);
-    for (int i = 0; i < N_TYPES; i++) kvm_free(e->hist[i]);
+    for (int i = 0; i < N_TYPES; i++) {
+        kvm_free(e->hist[i]);
+        kvm_free(e->cpu[i]);
+    }
     kvm_free(e);
 }
 
-void serve_overhead_note(serve_ext_t *e, int type, uint64_t ns) {
-    if (!e || type < 0 || type >= N_TYPES) return;
-    if (!e->hist[type]) e->hist[type] = kvm_calloc(1, sizeof(hist_t)); /* out of memory: only "all" counts it */
-    if (e->hist[type]) hist_add(e->hist[type], ns);
-    hist_add(&e->all, ns);
+uint64_t serve_cpu_ns(void) {
+    struct timespec ts;
+    if (clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts)) return 0;
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
 }
 
-static cJSON *hist_json(const hist_t *h) {
+void serve_overhead_note(serve_ext_t *e, int type, uint64_t wall_ns, uint64_t cpu_ns) {
+    if (!e || type < 0 || type >= N_TYPES) return;
+    if (!e->hist[type]) e->hist[type] = kvm_calloc(1, sizeof(hist_t)); /* out of memory: only "all" counts it */
+    if (!e->cpu[type]) e->cpu[type] = kvm_calloc(1, sizeof(hist_t));
+    if (e->hist[type]) hist_add(e->hist[type], wall_ns);
+    if (e->cpu[type]) hist_add(e->cpu[type], cpu_ns);
+    hist_add(&e->all, wall_ns);
+    hist_add(&e->all_cpu, cpu_ns);
+}
+
+static cJSON *hist_json(const hist_t *h, const hist_t *cpu) {
     cJSON *o = cJSON_CreateObject();
     cJSON_AddNumberToObject(o, "n", (double)h->n);
     cJSON_AddNumberToObject(o, "mean_us", h->n ? (double)h->sum_ns / (double)h->n / 1e3 : 0.0);
     cJSON_AddNumberToObject(o, "p50_us", (double)hist_quantile(h, 0.50) / 1e3);
     cJSON_AddNumberToObject(o, "p99_us", (double)hist_quantile(h, 0.99) / 1e3);
     cJSON_AddNumberToObject(o, "max_us", (double)h->max_ns / 1e3);
+    if (cpu) {
+        cJSON_AddNumberToObject(o, "cpu_p50_us", (double)hist_quantile(cpu, 0.50) / 1e3);
+        cJSON_AddNumberToObject(o, "cpu_p99_us", (double)hist_quantile(cpu, 0.99) / 1e3);
+        cJSON_AddNumberToObject(o, "cpu_max_us", (double)cpu->max_ns / 1e3);
+    }
     return o;
 }
 
@@ -135,11 +154,12 @@ static cJSON *model_info_json(const smodel_t *sm) {
 void serve_ext_stats(const serve_ext_t *e, cJSON *b) {
     if (!e) return;
     cJSON *o = cJSON_AddObjectToObject(b, "overhead");
-    cJSON_AddStringToObject(o, "what", "daemon time per request outside model compute: decode, handler, encode, send");
-    cJSON_AddItemToObject(o, "all", hist_json(&e->all));
+    cJSON_AddStringToObject(o, "what", "daemon time per request outside model compute: decode, handler, encode, send "
+                                       "(wall time; cpu_*: the daemon thread's CPU time)");
+    cJSON_AddItemToObject(o, "all", hist_json(&e->all, &e->all_cpu));
     cJSON *by = cJSON_AddObjectToObject(o, "by_type");
     for (int t = 0; t < N_TYPES; t++)
-        if (e->hist[t]) cJSON_AddItemToObject(by, t ? (kvm_req_type_name(t) ? kvm_req_type_name(t) : "?") : "(undecodable)", hist_json(e->hist[t]));
+        if (e->hist[t]) cJSON_AddItemToObject(by, t ? (kvm_req_type_name(t) ? kvm_req_type_name(t) : "?") : "(undecodable)", hist_json(e->hist[t], e->cpu[t]));
     cJSON *g = cJSON_AddObjectToObject(b, "generate");
     cJSON_AddNumberToObject(g, "requests", (double)e->generates);
     cJSON_AddNumberToObject(g, "tokens_out", (double)e->generate_tokens);
@@ -264,6 +284,7 @@ static int on_generate(ctx_t *x) {
     gp.stop = q->stop;
     gp.n_stop = q->n_stop;
     gp.chat = q->chat;
+    gp.ignore_eos = q->ignore_eos;
     uint64_t t0 = kvm_now_ns();
     gen_t g = {x, sm->name, 0, q->deadline_ms >= 0 ? t0 + (uint64_t)q->deadline_ms * 1000000u : 0, 0, 0, NULL};
     kvm_generation_t out;

@@ -44,7 +44,8 @@ static const field_t k_run_resume[] = {{"run_id", K_STR}, {"value", K_ANY}, {NUL
 static const field_t k_model_load[] = {{"name", K_STR}, {"path", K_STR}, {"backend", K_STR}, {NULL, 0}};
 static const field_t k_model_name[] = {{"name", K_STR}, {NULL, 0}};
 static const field_t k_generate[] = {{"model", K_STR}, {"prompt", K_STR}, {"max_tokens", K_NUM}, {"temperature", K_NUM},
-                                     {"top_p", K_NUM}, {"seed", K_SEED}, {"stop", K_ARR}, {"chat", K_BOOL}, {NULL, 0}};
+                                     {"top_p", K_NUM}, {"seed", K_SEED}, {"stop", K_ARR}, {"chat", K_BOOL},
+                                     {"ignore_eos", K_BOOL}, {NULL, 0}};
 static const field_t k_attribute[] = {{"run_id", K_STR}, {"k", K_NUM}, {NULL, 0}};
 static const field_t k_cache_show[] = {{"entry", K_NUM}, {NULL, 0}};
 static const field_t k_cache_pin[] = {{"entry", K_NUM}, {"pinned", K_BOOL}, {NULL, 0}};
@@ -420,6 +421,7 @@ static int decode_generate(const cJSON *h, const kvm_req_frame_t *pay, int n_pay
     if (!isfinite(r->top_p) || r->top_p <= 0 || r->top_p > 1)
         return fail(e, KVM_EINVAL, "top_p", "generate: field 'top_p' must be in (0, 1]");
     r->chat = cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(h, "chat"));
+    r->ignore_eos = cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(h, "ignore_eos"));
     return 0;
 }
 

@@ -100,6 +100,7 @@ typedef struct kvm_req {
     const char *stop[KVM_REQ_STOP_MAX];
     int n_stop;
     bool chat;                      /* the prompt rendered in the model's chat format */
+    bool ignore_eos;                /* generate past end-of-sequence ids (benchmarks) */
     /* attribute (run_id, k); cache.show / cache.pin / cache.evict (entry); cache.label (run_id, agent, step) */
     int k;                          /* attribute: schemata retrieved (default 5) */
     int entry;                      /* -1 = none (cache.show lists the ids) */

@@ -4,8 +4,9 @@ not a timed test; figures in docs/perf/serve.md).
 Starts a daemon on loopback, then N client threads, each with its own DEALER socket, send a mix of requests for
 the given time: runs of a two-agent workflow (streaming tokens), run.status of their last run, ping, stats,
 workflow.list. It reports the requests served, errors, latency percentiles per type (ping: the daemon's request
-overhead as a client sees it, loopback and Python included), and the daemon's RSS sampled every second (warm-up =
-the first quarter of the time).
+overhead as a client sees it, loopback and Python included), the daemon's own time per request outside model
+compute as its `stats` reports it (p50 / p99 / max per request type: decode, handler, encode, send), and the daemon's
+RSS sampled every second (warm-up = the first quarter of the time).
 """
 import argparse
 import os
@@ -109,6 +110,13 @@ def main():
           % (rss[0] / 1024, warm[0] / 1024, rss[-1] / 1024, min(warm) / 1024, max(warm) / 1024))
     print("daemon: runs started %d, replies sent %d, dropped replies %d, bad requests %d"
           % (s["server"]["runs_started"], s["net"]["sent"], s["net"]["dropped_replies"], s["server"]["bad_requests"]))
+    ov = s.get("overhead")
+    if ov:
+        print("daemon overhead per request (its stats: decode, handler, encode, send; model compute left out)")
+        print("%-14s %8s %9s %9s %9s   %s" % ("type", "n", "p50 us", "p99 us", "max us", "CPU time p50 / p99 / max us"))
+        for k, h in [("all", ov["all"])] + sorted(ov["by_type"].items()):
+            print("%-14s %8d %9.1f %9.1f %9.1f   %.1f / %.1f / %.1f" % (k, h["n"], h["p50_us"], h["p99_us"], h["max_us"],
+                                                                     h.get("cpu_p50_us", 0), h.get("cpu_p99_us", 0), h.get("cpu_max_us", 0)))
     return 1 if errs or rc else 0
 
 

@@ -184,7 +184,7 @@ class Client:
         return self.request("model.list")["models"]
 
     def generate(self, model, prompt=None, token_ids=None, max_tokens=None, temperature=None, top_p=None, seed=None,
-                 stop=None, chat=None, deadline_ms=None, timeout_s=None):
+                 stop=None, chat=None, ignore_eos=None, deadline_ms=None, timeout_s=None):
         """Generates from a loaded model, yielding each `token` message, then `done` (text, token_ids, usage,
         timings, stop_reason); raises KvmeshError when it ends in error. The prompt is text, or token_ids (a list
         of ints, sent as an i32 frame)."""
@@ -193,7 +193,7 @@ class Client:
             frames = [("token_ids", "i32", [len(token_ids)], struct.pack("<%di" % len(token_ids), *token_ids))]
         id = self.send("generate", frames=frames, model=model, prompt=prompt, max_tokens=max_tokens,
                        temperature=temperature, top_p=top_p, seed=seed, stop=list(stop) if stop else None, chat=chat,
-                       deadline_ms=deadline_ms)
+                       ignore_eos=ignore_eos, deadline_ms=deadline_ms)
         for h, _ in self.messages(id, timeout_s):
             if h.get("type") == "error":
                 raise KvmeshError(h)
