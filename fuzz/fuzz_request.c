@@ -40,6 +40,12 @@ static size_t touch(const kvm_req_t *r) {
     if (r->client) n += strlen(r->client);
     if (r->name) n += strlen(r->name);
     if (r->run_id) n += strlen(r->run_id);
+    const char *more[] = {r->model, r->path, r->backend, r->prompt, r->agent};
+    for (size_t i = 0; i < sizeof more / sizeof more[0]; i++)
+        if (more[i]) n += strlen(more[i]);
+    for (int i = 0; i < r->n_stop; i++) n += strlen(r->stop[i]);
+    for (int i = 0; r->token_ids && i < r->n_token_ids * 4; i++) n += ((const uint8_t *)r->token_ids)[i] == 0xff;
+    if (r->type == KVM_REQ_GENERATE && (r->max_tokens < 1 || (!r->prompt && !r->token_ids))) __builtin_trap();
     for (size_t i = 0; r->source && i < r->source_len; i++) n += (uint8_t)r->source[i] == 0xff;
     if (r->inputs && !cJSON_IsObject(r->inputs)) __builtin_trap();
     if (kvm_req_type_name(r->type) == NULL) __builtin_trap();
