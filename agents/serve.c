@@ -1028,6 +1028,16 @@ int serve_send_hdr(kvm_server_t *s, const uint8_t *peer, size_t peer_len, cJSON 
     return send_hdr(s, peer, peer_len, h, payload, plen, terminal);
 }
 
+int serve_send_frames(kvm_server_t *s, const uint8_t *peer, size_t peer_len, cJSON *h, const kvm_req_frame_t *pay,
+                      int n_pay, bool terminal) {
+    char *txt = h ? cJSON_PrintUnformatted(h) : NULL;
+    cJSON_Delete(h);
+    if (!txt) return KVM_ENOMEM;
+    int rc = kvm_net_sendv(s->net, peer, peer_len, txt, pay, n_pay, terminal);
+    cJSON_free(txt);
+    return rc;
+}
+
 int serve_reply_ok(ctx_t *x, const char *type, cJSON *body) { return reply_ok(x, type, body); }
 
 int serve_reply_err(ctx_t *x, int code, const char *field, const char *msg, int retry_after_ms) {

@@ -29,6 +29,9 @@ typedef struct ctx {
 cJSON *serve_hdr_new(const char *type, const char *id, uint64_t seq);
 int serve_send_hdr(kvm_server_t *s, const uint8_t *peer, size_t peer_len, cJSON *h, const void *payload, size_t plen,
                    bool terminal);
+/* The same with n_pay payload frames (h's "frames" describes them). */
+int serve_send_frames(kvm_server_t *s, const uint8_t *peer, size_t peer_len, cJSON *h, const kvm_req_frame_t *pay,
+                      int n_pay, bool terminal);
 int serve_reply_ok(ctx_t *x, const char *type, cJSON *body);
 int serve_reply_err(ctx_t *x, int code, const char *field, const char *msg, int retry_after_ms);
 kvm_runtime_t *serve_runtime(kvm_server_t *s);

@@ -1,7 +1,8 @@
 /* serve_req.c - the daemon's requests besides workflows and runs (docs/protocol.md): model.load / model.unload /
- * model.list, generate (a model's tokens streamed straight, no workflow), attribute (blame of an ended run), the
- * error-schema cache (cache.stats / show / pin / evict / label), and the daemon's own time per request (the
- * overhead histograms `stats` reports). Everything through the public API (include/kvmesh.h); the decoder
+ * model.list, generate (a model's tokens streamed straight, no workflow), segment.put / get / drop (KV segments
+ * kept by the daemon, checked against a loaded model, given back byte for byte), attribute (blame of an ended
+ * run), the error-schema cache (cache.stats / show / pin / evict / label), and the daemon's own time per request
+ * (the overhead histograms `stats` reports). Everything through the public API (include/kvmesh.h); the decoder
  * (runtime/net/request.c, decode_models) has checked every field before a handler runs. */
 #include <stdio.h>
 #include <string.h>
@@ -61,12 +62,27 @@ static void hist_add(hist_t *h, uint64_t ns) {
 typedef struct smodel {
     kvm_model_t *m;
     char *name, *path;
+    const char *kv_dtype; /* the KV cache's dtype: the backend's default (f32 on the CPU, bf16 on a GPU) */
     long generates;
     uint64_t tokens_out;
 } smodel_t;
 
+/* A KV segment put by a client: token ids and K / V, [layers][kv_heads][T][head_dim] each, in the model's cache
+ * dtype, as they came (little-endian). */
+typedef struct sseg {
+    char *id, *model;
+    int frame, layers, kv_heads, head_dim, n_tokens;
+    const char *dtype;
+    void *ids, *k, *v;       /* one allocation, at ids */
+    size_t kv_bytes;
+} sseg_t;
+
+#define SEG_MAX_BYTES ((size_t)1 << 30) /* all segments together */
+
 struct serve_ext {
     kvm_map_t models;        /* name -> smodel_t * */
+    kvm_map_t segs;          /* segment id -> sseg_t * */
+    size_t seg_bytes;
     hist_t *hist[N_TYPES];   /* wall time per request type, made on first use */
     hist_t *cpu[N_TYPES];    /* the thread's CPU time, likewise */
     hist_t all, all_cpu;
@@ -75,8 +91,21 @@ struct serve_ext {
 
 serve_ext_t *serve_ext_new(void) {
     serve_ext_t *e = kvm_calloc(1, sizeof *e);
-    if (e) kvm_map_init(&e->models, KVM_MAP_STR);
+    if (e) {
+        kvm_map_init(&e->models, KVM_MAP_STR);
+        kvm_map_init(&e->segs, KVM_MAP_STR);
+    }
     return e;
+}
+
+static size_t sseg_bytes(const sseg_t *g) { return (size_t)g->n_tokens * 4 + 2 * g->kv_bytes; }
+
+static void sseg_free(sseg_t *g) {
+    if (!g) return;
+    kvm_free(g->id);
+    kvm_free(g->model);
+    kvm_free(g->ids);
+    kvm_free(g);
 }
 
 static void smodel_free(smodel_t *m) {
@@ -92,6 +121,9 @@ void serve_ext_free(serve_ext_t *e) {
     size_t it = 0;
     for (const kvm_map_entry_t *x; (x = kvm_map_next(&e->models, &it));) smodel_free(x->val.ptr);
     kvm_map_free(&e->models);
+    it = 0;
+    for (const kvm_map_entry_t *x; (x = kvm_map_next(&e->segs, &it));) sseg_free(x->val.ptr);
+    kvm_map_free(&e->segs);
     for (int i = 0; i < N_TYPES; i++) {
         kvm_free(e->hist[i]);
         kvm_free(e->cpu[i]);
@@ -140,6 +172,7 @@ static cJSON *model_info_json(const smodel_t *sm) {
     cJSON_AddStringToObject(o, "backend", in.backend ? in.backend : "");
     cJSON_AddStringToObject(o, "chat_format", in.chat_format ? in.chat_format : "");
     cJSON_AddStringToObject(o, "weight_dtype", in.weight_dtype ? in.weight_dtype : "");
+    cJSON_AddStringToObject(o, "kv_dtype", sm->kv_dtype);
     cJSON_AddNumberToObject(o, "n_layers", in.n_layers);
     cJSON_AddNumberToObject(o, "n_kv_heads", in.n_kv_heads);
     cJSON_AddNumberToObject(o, "head_dim", in.head_dim);
@@ -164,6 +197,10 @@ void serve_ext_stats(const serve_ext_t *e, cJSON *b) {
     cJSON_AddNumberToObject(g, "requests", (double)e->generates);
     cJSON_AddNumberToObject(g, "tokens_out", (double)e->generate_tokens);
     cJSON_AddNumberToObject(g, "models", (double)kvm_map_len(&e->models));
+    cJSON *sg = cJSON_AddObjectToObject(b, "segments");
+    cJSON_AddNumberToObject(sg, "count", (double)kvm_map_len(&e->segs));
+    cJSON_AddNumberToObject(sg, "bytes", (double)e->seg_bytes);
+    cJSON_AddNumberToObject(sg, "max_bytes", (double)SEG_MAX_BYTES);
 }
 
 /* ---- models ---------------------------------------------------------------------------------------------- */
@@ -196,6 +233,9 @@ static int on_model_load(ctx_t *x) {
         smodel_free(sm);
         return serve_reply_err(x, code, "path", msg, -1);
     }
+    kvm_model_info_t in;
+    kvm_model_info(sm->m, &in);
+    sm->kv_dtype = in.backend && !strcmp(in.backend, "cpu") ? "f32" : "bf16";
     if (kvm_map_put_str(&e->models, sm->name, KVM_MAPVAL_PTR(sm))) {
         smodel_free(sm);
         return serve_reply_err(x, KVM_ENOMEM, "", "out of memory", 100);
@@ -209,9 +249,22 @@ static int on_model_unload(ctx_t *x) {
     smodel_t *sm = model_named(e, x->q->model);
     if (!sm) return serve_reply_err(x, KVM_ENOENT, "name", "no model of that name (model.list lists them)", -1);
     kvm_map_remove_str(&e->models, x->q->model, NULL);
+    int dropped = 0; /* its segments go with it (another model may take the name) */
+    for (size_t it = 0;;) {
+        const kvm_map_entry_t *m = kvm_map_next(&e->segs, &it);
+        if (!m) break;
+        sseg_t *g = m->val.ptr;
+        if (strcmp(g->model, sm->name)) continue;
+        e->seg_bytes -= sseg_bytes(g);
+        kvm_map_remove_str(&e->segs, g->id, NULL);
+        sseg_free(g);
+        dropped++;
+        it = 0; /* removal moves entries */
+    }
     cJSON *b = cJSON_CreateObject();
     cJSON_AddStringToObject(b, "name", sm->name);
     cJSON_AddNumberToObject(b, "generates", (double)sm->generates);
+    cJSON_AddNumberToObject(b, "segments_dropped", dropped);
     smodel_free(sm);
     return serve_reply_ok(x, "ok", b);
 }
@@ -318,6 +371,121 @@ static int on_generate(ctx_t *x) {
     cJSON_AddNumberToObject(t, "total_ms", (double)(t1 - t0) / 1e6);
     kvm_generation_clear(&out);
     return serve_send_hdr(x->s, x->m->peer, x->m->peer_len, h, NULL, 0, true);
+}
+
+/* ---- segments --------------------------------------------------------------------------------------------- */
+
+static sseg_t *seg_named(serve_ext_t *e, const char *id) {
+    kvm_mapval_t v;
+    return kvm_map_get_str(&e->segs, id, &v) ? v.ptr : NULL;
+}
+
+/* segment.put: the decoder checked the frames against the header; here the header against the model. */
+static int on_segment_put(ctx_t *x) {
+    serve_ext_t *e = serve_ext(x->s);
+    const kvm_req_t *q = x->q;
+    if (seg_named(e, q->segment_id)) return serve_reply_err(x, KVM_EINVAL, "segment_id", "a segment of that id exists (segment.drop it first)", -1);
+    smodel_t *sm = model_named(e, q->model);
+    if (!sm) return serve_reply_err(x, KVM_ENOENT, "model", "no model of that name (load it with model.load)", -1);
+    kvm_model_info_t in;
+    kvm_model_info(sm->m, &in);
+    char msg[256];
+    const struct {
+        const char *field;
+        int got, want;
+    } dims[] = {{"layers", q->layers, in.n_layers}, {"kv_heads", q->kv_heads, in.n_kv_heads}, {"head_dim", q->head_dim, in.head_dim}};
+    for (size_t i = 0; i < sizeof dims / sizeof dims[0]; i++)
+        if (dims[i].got != dims[i].want) {
+            snprintf(msg, sizeof msg, "segment.put: %s is %d, model '%s' has %d", dims[i].field, dims[i].got, sm->name, dims[i].want);
+            return serve_reply_err(x, KVM_ESHAPE, dims[i].field, msg, -1);
+        }
+    if (strcmp(q->dtype, sm->kv_dtype)) {
+        snprintf(msg, sizeof msg, "segment.put: dtype %s, but model '%s' keeps its KV in %s", q->dtype, sm->name, sm->kv_dtype);
+        return serve_reply_err(x, KVM_EDTYPE, "dtype", msg, -1);
+    }
+    if ((int64_t)q->frame + q->n_tokens > in.max_context) {
+        snprintf(msg, sizeof msg, "segment.put: frame %d + %d tokens is past the model's context of %d", q->frame, q->n_tokens, in.max_context);
+        return serve_reply_err(x, KVM_ERANGE, "frame", msg, -1);
+    }
+    for (int i = 0; i < q->n_tokens; i++) {
+        int32_t id;
+        memcpy(&id, (const uint8_t *)q->seg_ids + (size_t)i * 4, 4);
+        if (id < 0 || id >= in.vocab_size) {
+            snprintf(msg, sizeof msg, "segment.put: token id %d at index %d is outside [0, %d)", (int)id, i, in.vocab_size);
+            return serve_reply_err(x, KVM_ERANGE, "frames[0]", msg, -1);
+        }
+    }
+    size_t bytes = (size_t)q->n_tokens * 4 + 2 * q->seg_kv_bytes;
+    if (e->seg_bytes + bytes > SEG_MAX_BYTES) {
+        snprintf(msg, sizeof msg, "segment.put: the segments would take %zu bytes, over the daemon's %zu (drop some)", e->seg_bytes + bytes, SEG_MAX_BYTES);
+        return serve_reply_err(x, KVM_ENOMEM, "", msg, -1);
+    }
+    sseg_t *g = kvm_calloc(1, sizeof *g);
+    if (!g || !(g->id = kvm_strdup(q->segment_id)) || !(g->model = kvm_strdup(sm->name)) || !(g->ids = kvm_malloc(bytes)) ||
+        kvm_map_put_str(&e->segs, g->id, KVM_MAPVAL_PTR(g))) {
+        sseg_free(g);
+        return serve_reply_err(x, KVM_ENOMEM, "", "out of memory keeping the segment", 100);
+    }
+    g->frame = q->frame;
+    g->layers = q->layers;
+    g->kv_heads = q->kv_heads;
+    g->head_dim = q->head_dim;
+    g->n_tokens = q->n_tokens;
+    g->dtype = sm->kv_dtype;
+    g->kv_bytes = q->seg_kv_bytes;
+    g->k = (uint8_t *)g->ids + (size_t)q->n_tokens * 4;
+    g->v = (uint8_t *)g->k + g->kv_bytes;
+    memcpy(g->ids, q->seg_ids, (size_t)q->n_tokens * 4);
+    memcpy(g->k, q->seg_k, g->kv_bytes);
+    memcpy(g->v, q->seg_v, g->kv_bytes);
+    e->seg_bytes += bytes;
+    cJSON *b = cJSON_CreateObject();
+    cJSON_AddStringToObject(b, "segment_id", g->id);
+    cJSON_AddStringToObject(b, "model", g->model);
+    cJSON_AddNumberToObject(b, "tokens", g->n_tokens);
+    cJSON_AddNumberToObject(b, "bytes", (double)bytes);
+    return serve_reply_ok(x, "ok", b);
+}
+
+static cJSON *frame_desc(const char *name, const char *dtype, const int *shape, int n) {
+    cJSON *d = cJSON_CreateObject();
+    cJSON_AddStringToObject(d, "name", name);
+    cJSON_AddStringToObject(d, "dtype", dtype);
+    cJSON_AddItemToObject(d, "shape", cJSON_CreateIntArray(shape, n));
+    return d;
+}
+
+static int on_segment_get(ctx_t *x) {
+    sseg_t *g = seg_named(serve_ext(x->s), x->q->segment_id);
+    if (!g) return serve_reply_err(x, KVM_ENOENT, "segment_id", "no segment of that id", -1);
+    cJSON *h = serve_hdr_new("ok", x->q->id, 0);
+    cJSON_AddStringToObject(h, "segment_id", g->id);
+    cJSON_AddStringToObject(h, "model", g->model);
+    cJSON_AddNumberToObject(h, "frame", g->frame);
+    cJSON_AddStringToObject(h, "dtype", g->dtype);
+    cJSON_AddNumberToObject(h, "layers", g->layers);
+    cJSON_AddNumberToObject(h, "kv_heads", g->kv_heads);
+    cJSON_AddNumberToObject(h, "head_dim", g->head_dim);
+    cJSON_AddNumberToObject(h, "tokens", g->n_tokens);
+    const int kv_shape[4] = {g->layers, g->kv_heads, g->n_tokens, g->head_dim};
+    cJSON *fr = cJSON_AddArrayToObject(h, "frames");
+    cJSON_AddItemToArray(fr, frame_desc("token_ids", "i32", &g->n_tokens, 1));
+    cJSON_AddItemToArray(fr, frame_desc("k", g->dtype, kv_shape, 4));
+    cJSON_AddItemToArray(fr, frame_desc("v", g->dtype, kv_shape, 4));
+    const kvm_req_frame_t pay[3] = {{g->ids, (size_t)g->n_tokens * 4}, {g->k, g->kv_bytes}, {g->v, g->kv_bytes}};
+    return serve_send_frames(x->s, x->m->peer, x->m->peer_len, h, pay, 3, true);
+}
+
+static int on_segment_drop(ctx_t *x) {
+    serve_ext_t *e = serve_ext(x->s);
+    sseg_t *g = seg_named(e, x->q->segment_id);
+    if (!g) return serve_reply_err(x, KVM_ENOENT, "segment_id", "no segment of that id", -1);
+    kvm_map_remove_str(&e->segs, g->id, NULL);
+    e->seg_bytes -= sseg_bytes(g);
+    sseg_free(g);
+    cJSON *b = cJSON_CreateObject();
+    cJSON_AddStringToObject(b, "segment_id", x->q->segment_id);
+    return serve_reply_ok(x, "ok", b);
 }
 
 /* ---- attribute and the error-schema cache ----------------------------------------------------------------- */
@@ -468,6 +636,9 @@ int serve_req_dispatch(ctx_t *x) {
     case KVM_REQ_CACHE_PIN:
     case KVM_REQ_CACHE_EVICT: return on_cache_pin_evict(x);
     case KVM_REQ_CACHE_LABEL: return on_cache_label(x);
+    case KVM_REQ_SEGMENT_PUT: return on_segment_put(x);
+    case KVM_REQ_SEGMENT_GET: return on_segment_get(x);
+    case KVM_REQ_SEGMENT_DROP: return on_segment_drop(x);
     default: return serve_reply_err(x, KVM_EINTERNAL, "type", "no handler", -1);
     }
 }

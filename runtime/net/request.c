@@ -27,7 +27,7 @@ typedef struct schema {
     int type;
     const char *name;
     const field_t *fields; /* besides the common ones; {NULL} ends */
-    bool frames;           /* payload frames allowed */
+    int frames;            /* payload frames allowed at most (false = 0, true = 1) */
 } schema_t;
 
 static const field_t k_common[] = {{"v", K_NUM}, {"type", K_STR}, {"id", K_STR}, {"deadline_ms", K_NUM},
@@ -49,6 +49,9 @@ static const field_t k_generate[] = {{"model", K_STR}, {"prompt", K_STR}, {"max_
 static const field_t k_attribute[] = {{"run_id", K_STR}, {"k", K_NUM}, {NULL, 0}};
 static const field_t k_cache_show[] = {{"entry", K_NUM}, {NULL, 0}};
 static const field_t k_cache_pin[] = {{"entry", K_NUM}, {"pinned", K_BOOL}, {NULL, 0}};
+static const field_t k_seg_put[] = {{"segment_id", K_STR}, {"model", K_STR}, {"frame", K_NUM}, {"dtype", K_STR},
+                                    {"layers", K_NUM}, {"kv_heads", K_NUM}, {"head_dim", K_NUM}, {NULL, 0}};
+static const field_t k_seg_id[] = {{"segment_id", K_STR}, {NULL, 0}};
 static const field_t k_cache_label[] = {{"run_id", K_STR}, {"agent", K_STR}, {"step", K_NUM}, {"human", K_BOOL}, {NULL, 0}};
 
 static const schema_t k_schemas[] = {
@@ -74,6 +77,9 @@ static const schema_t k_schemas[] = {
     {KVM_REQ_CACHE_PIN, "cache.pin", k_cache_pin, false},
     {KVM_REQ_CACHE_EVICT, "cache.evict", k_cache_show, false},
     {KVM_REQ_CACHE_LABEL, "cache.label", k_cache_label, false},
+    {KVM_REQ_SEGMENT_PUT, "segment.put", k_seg_put, 3},
+    {KVM_REQ_SEGMENT_GET, "segment.get", k_seg_id, false},
+    {KVM_REQ_SEGMENT_DROP, "segment.drop", k_seg_id, false},
 };
 #define N_SCHEMAS (sizeof k_schemas / sizeof k_schemas[0])
 
@@ -210,7 +216,7 @@ static int check_frames(const cJSON *h, const schema_t *s, const kvm_req_frame_t
     if (n_desc != n_pay)
         return fail(e, KVM_EPROTO, "frames", "%s: %d payload frame(s) but header.frames describes %d", s->name, n_pay, n_desc);
     if (n_desc > 0 && !s->frames) return fail(e, KVM_EPROTO, "frames", "%s: takes no payload frames", s->name);
-    if (n_desc > 1) return fail(e, KVM_EPROTO, "frames", "%s: takes at most one payload frame", s->name);
+    if (n_desc > s->frames) return fail(e, KVM_EPROTO, "frames", "%s: takes at most %d payload frame(s)", s->name, s->frames);
     int i = 0;
     char path[64];
     for (const cJSON *d = fr ? fr->child : NULL; d; d = d->next, i++) {
@@ -425,6 +431,53 @@ static int decode_generate(const cJSON *h, const kvm_req_frame_t *pay, int n_pay
     return 0;
 }
 
+/* segment.put: token_ids (i32 [T]) then k and v (dtype [layers][kv_heads][T][head_dim]), in that order. */
+static int decode_segment_put(const cJSON *h, const kvm_req_frame_t *pay, int n_pay, kvm_req_t *r, kvm_req_error_t *e) {
+    int rc = need_str(h, "segment_id", name_ok, "a segment id (" NAME_RULE ")", &r->segment_id, "segment.put", e);
+    if (!rc) rc = need_str(h, "model", name_ok, "a model name (" NAME_RULE ")", &r->model, "segment.put", e);
+    if (!rc) rc = opt_int(h, "frame", 0, 1 << 24, 0, &r->frame, "segment.put", e);
+    const char *dims[3] = {"layers", "kv_heads", "head_dim"};
+    int *out[3] = {&r->layers, &r->kv_heads, &r->head_dim};
+    for (int i = 0; i < 3 && !rc; i++) {
+        if (!cJSON_GetObjectItemCaseSensitive(h, dims[i])) return fail(e, KVM_EINVAL, dims[i], "segment.put: field '%s' is required", dims[i]);
+        rc = opt_int(h, dims[i], 1, 4096, 0, out[i], "segment.put", e);
+    }
+    if (rc) return rc;
+    r->dtype = str_of(h, "dtype");
+    if (!r->dtype || (strcmp(r->dtype, "f32") && strcmp(r->dtype, "f16") && strcmp(r->dtype, "bf16")))
+        return fail(e, KVM_EINVAL, "dtype", "segment.put: field 'dtype' must be the model's cache dtype: \"f32\", \"f16\" or \"bf16\"");
+    if (n_pay != 3) return fail(e, KVM_EPROTO, "frames", "segment.put: takes 3 payload frames (token_ids, k, v), not %d", n_pay);
+    const cJSON *fr = cJSON_GetObjectItemCaseSensitive(h, "frames");
+    static const char *const names[3] = {"token_ids", "k", "v"};
+    int64_t T = -1;
+    for (int i = 0; i < 3; i++) {
+        const cJSON *d = cJSON_GetArrayItem(fr, i), *sh = cJSON_GetObjectItemCaseSensitive(d, "shape");
+        const char *nm = str_of(d, "name"), *dt = str_of(d, "dtype");
+        char p[32];
+        snprintf(p, sizeof p, "frames[%d]", i);
+        if (nm && strcmp(nm, names[i])) return fail(e, KVM_EINVAL, p, "segment.put: %s must be named \"%s\" (token_ids, k, v in that order)", p, names[i]);
+        if (i == 0) {
+            if (strcmp(dt, "i32") || cJSON_GetArraySize(sh) != 1 || pay[0].len < 4)
+                return fail(e, KVM_EINVAL, p, "segment.put: the token_ids frame must be i32 of shape [T], T >= 1");
+            T = (int64_t)(pay[0].len / 4);
+            continue;
+        }
+        bool ok = !strcmp(dt, r->dtype) && cJSON_GetArraySize(sh) == 4;
+        const double want[4] = {r->layers, r->kv_heads, (double)T, r->head_dim};
+        for (int j = 0; ok && j < 4; j++) ok = cJSON_GetArrayItem(sh, j)->valuedouble == want[j];
+        if (!ok)
+            return fail(e, KVM_EINVAL, p, "segment.put: frame '%s' must be %s of shape [layers %d][kv_heads %d][T %lld][head_dim %d]",
+                        names[i], r->dtype, r->layers, r->kv_heads, (long long)T, r->head_dim);
+    }
+    if (T > 1000000) return fail(e, KVM_EINVAL, "frames[0]", "segment.put: more than 1000000 tokens");
+    r->n_tokens = (int)T;
+    r->seg_ids = pay[0].data;
+    r->seg_k = pay[1].data;
+    r->seg_v = pay[2].data;
+    r->seg_kv_bytes = pay[1].len;
+    return 0;
+}
+
 static int decode_models(const cJSON *h, const kvm_req_frame_t *pay, int n_pay, kvm_req_t *r, kvm_req_error_t *e) {
     const cJSON *pin = cJSON_GetObjectItemCaseSensitive(h, "pinned"), *hum = cJSON_GetObjectItemCaseSensitive(h, "human");
     int rc = 0;
@@ -442,6 +495,10 @@ static int decode_models(const cJSON *h, const kvm_req_frame_t *pay, int n_pay, 
         if (!cJSON_GetObjectItemCaseSensitive(h, "entry")) return fail(e, KVM_EINVAL, "entry", "%s: field 'entry' is required", r->type_name);
         r->pinned = !pin || cJSON_IsTrue(pin);
         return opt_int(h, "entry", 0, 2147483647.0, -1, &r->entry, r->type_name, e);
+    case KVM_REQ_SEGMENT_PUT: return decode_segment_put(h, pay, n_pay, r, e);
+    case KVM_REQ_SEGMENT_GET:
+    case KVM_REQ_SEGMENT_DROP:
+        return need_str(h, "segment_id", name_ok, "a segment id (" NAME_RULE ")", &r->segment_id, r->type_name, e);
     case KVM_REQ_CACHE_LABEL:
         if (!cJSON_GetObjectItemCaseSensitive(h, "step")) return fail(e, KVM_EINVAL, "step", "cache.label: field 'step' is required");
         rc = opt_int(h, "step", 0, 1000000, 0, &r->step, r->type_name, e);

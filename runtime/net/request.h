@@ -45,6 +45,9 @@ enum kvm_req_type {
     KVM_REQ_CACHE_PIN,
     KVM_REQ_CACHE_EVICT,
     KVM_REQ_CACHE_LABEL,
+    KVM_REQ_SEGMENT_PUT,
+    KVM_REQ_SEGMENT_GET,
+    KVM_REQ_SEGMENT_DROP,
 };
 
 /* Streams a run.start asks for (`stream`). */
@@ -108,6 +111,14 @@ typedef struct kvm_req {
     const char *agent;
     int step;
     bool human;                     /* cache.label: a person's label (never evicted); default true */
+    /* segment.put / segment.get / segment.drop (segment_id); put: model, frame, dtype, dimensions and the three
+     * payload frames, checked against each other (the handler checks them against the model) */
+    const char *segment_id;
+    int frame;                      /* the RoPE frame: the position of the segment's first token (default 0) */
+    const char *dtype;              /* "f32" | "f16" | "bf16" */
+    int layers, kv_heads, head_dim, n_tokens;
+    const void *seg_ids, *seg_k, *seg_v; /* into the payload frames (not aligned) */
+    size_t seg_kv_bytes;            /* bytes of k (= of v) */
 } kvm_req_t;
 
 /* A request that failed validation. */

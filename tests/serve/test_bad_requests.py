@@ -27,6 +27,26 @@ def hdr(**kw):
     return json.dumps(h)
 
 
+def seg(ids=(1,), names=("token_ids", "k", "v"), kshape=None, **kw):
+    """The frames of a segment.put of one token for "mini" (6 layers, 2 KV heads, head_dim 32), a field changed or
+    dropped (None) by kw."""
+    f = dict(segment_id="s", model="mini", dtype="f32", layers=6, kv_heads=2, head_dim=32)
+    f.update(kw)
+    f = {k: v for k, v in f.items() if v is not None}
+    es = {"f32": 4, "bf16": 2}.get(f.get("dtype"), 4)
+    fd = f.get("dtype") if f.get("dtype") in ("f32", "bf16") else "f32"  # frames of a valid dtype: the header's is checked
+    L, H, D = f.get("layers") or 6, f.get("kv_heads") or 2, f.get("head_dim") or 32
+    shape = [L, H, len(ids), D]
+    kv = bytes(es * L * H * len(ids) * D)
+    ks = kshape or shape
+    kb = bytes(es * ks[0] * ks[1] * ks[2] * ks[3])
+    desc = [{"name": names[0], "dtype": "i32", "shape": [len(ids)]}, {"name": names[1], "dtype": fd, "shape": ks},
+            {"name": names[2], "dtype": fd, "shape": shape}]
+    if names[0] == "k":  # out of order: the descriptors follow the names, the bytes stay
+        desc[0], desc[1] = {"name": "k", "dtype": "i32", "shape": [len(ids)]}, {"name": "token_ids", "dtype": fd, "shape": ks}
+    return [b"", hdr(type="segment.put", frames=desc, **f), struct.pack("<%di" % len(ids), *ids), kb, kv]
+
+
 # (what, frames after the identity (bytes or str), expected code, expected field (None = not checked), id expected)
 BAD = [
     ("no delimiter frame", [hdr(type="ping")], "KVM_EPROTO", None, None),
@@ -134,6 +154,22 @@ BAD = [
     ("cache.label without step", [b"", hdr(type="cache.label", run_id="0123", agent="a")], "KVM_EINVAL", "step", "bad"),
     ("cache.label without agent", [b"", hdr(type="cache.label", run_id="0123", step=1)], "KVM_EINVAL", "agent", "bad"),
     ("cache.label of an unknown run", [b"", hdr(type="cache.label", run_id="0123", agent="a", step=1)], "KVM_ENOENT", "run_id", "bad"),
+    # segments ("mini": 6 layers, 2 KV heads, head_dim 32, f32 KV on the CPU)
+    ("segment.put without segment_id", seg(segment_id=None), "KVM_EINVAL", "segment_id", "bad"),
+    ("segment.put without layers", seg(layers=None), "KVM_EINVAL", "layers", "bad"),
+    ("segment.put with head_dim 0", seg(head_dim=0), "KVM_EINVAL", "head_dim", "bad"),
+    ("segment.put in dtype f64", seg(dtype="f64"), "KVM_EINVAL", "dtype", "bad"),
+    ("segment.put with two frames", seg()[:-1], "KVM_EPROTO", "frames", "bad"),
+    ("segment.put with four frames", seg() + [b"x"], "KVM_EPROTO", "frames", "bad"),
+    ("segment.put with k of another shape", seg(kshape=[6, 2, 2, 16]), "KVM_EINVAL", "frames[1]", "bad"),
+    ("segment.put with frames out of order", seg(names=["k", "token_ids", "v"]), "KVM_EINVAL", "frames[0]", "bad"),
+    ("segment.put of an unknown model", seg(model="nope"), "KVM_ENOENT", "model", "bad"),
+    ("segment.put with kv_heads the model lacks", seg(kv_heads=4), "KVM_ESHAPE", "kv_heads", "bad"),
+    ("segment.put in the wrong cache dtype", seg(dtype="bf16"), "KVM_EDTYPE", "dtype", "bad"),
+    ("segment.put with a token id past the vocabulary", seg(ids=[1 << 20]), "KVM_ERANGE", "frames[0]", "bad"),
+    ("segment.put past the model's context", seg(frame=100000), "KVM_ERANGE", "frame", "bad"),
+    ("segment.get of an unknown segment", [b"", hdr(type="segment.get", segment_id="nope")], "KVM_ENOENT", "segment_id", "bad"),
+    ("segment.drop of '../x'", [b"", hdr(type="segment.drop", segment_id="../x")], "KVM_EINVAL", "segment_id", "bad"),
 ]
 
 try:

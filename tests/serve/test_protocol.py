@@ -1,10 +1,11 @@
 """test_protocol.py KVMESH TMP - every request type of `kvmesh serve` through the pyzmq client, on the mock model:
 hello, ping, stats, workflow.load/list/drop, run.start with each stream, run.status/list, trace.get, run.cancel,
 run.resume of a run parked in kvmesh.interrupt, model.load/list/unload, generate (text and token_ids, streamed),
-attribute, cache.stats/show/pin/evict/label, the overhead figures in stats,
+segment.put/get/drop, attribute, cache.stats/show/pin/evict/label, the overhead figures in stats,
 deadline_ms, the event stream (per-topic order, one seq across topics), a silent client losing its run, and
 SIGTERM draining a run going."""
 import os
+import struct
 import subprocess
 import sys
 import time
@@ -192,7 +193,43 @@ try:
         t.check(False, "model.load of a taken name is refused")
     except KvmeshError as e:
         t.check(e.code == "KVM_EINVAL" and e.field == "name", "model.load of a taken name is KVM_EINVAL at 'name'")
-    t.check(c.model_unload("mini")["generates"] == 5 and c.model_list() == [], "model.unload frees the model")
+    # KV segments: put checked against the model, get gives the same bytes back, drop
+    L, H, D, T = m["n_layers"], m["n_kv_heads"], m["head_dim"], 5
+    n = L * H * T * D
+    kb = struct.pack("<%df" % n, *[i * 0.25 for i in range(n)])
+    vb = struct.pack("<%df" % n, *[-i * 0.5 for i in range(n)])
+    put = c.segment_put("seg-1", "mini", [1, 5, 9, 13, 17], kb, vb, "f32", L, H, D, frame=7)
+    t.check(put["tokens"] == T and put["bytes"] == 4 * T + 2 * len(kb) and m["kv_dtype"] == "f32",
+            "segment.put keeps a segment in the model's cache dtype (%s)" % m["kv_dtype"])
+    got = c.segment_get("seg-1")
+    t.check(got["token_ids"] == [1, 5, 9, 13, 17] and got["k"] == kb and got["v"] == vb, "segment.get gives the token ids, K and V back byte for byte")
+    t.check(got["frame"] == 7 and (got["layers"], got["kv_heads"], got["head_dim"], got["dtype"]) == (L, H, D, "f32"),
+            "and its frame, dimensions and dtype")
+    for what, kw, code, field in [("layers", dict(layers=L + 1), "KVM_ESHAPE", "layers"),
+                                  ("head_dim", dict(head_dim=D * 2), "KVM_ESHAPE", "head_dim"),
+                                  ("dtype", dict(dtype="bf16"), "KVM_EDTYPE", "dtype"),
+                                  ("segment_id (one taken)", dict(segment_id="seg-1"), "KVM_EINVAL", "segment_id")]:
+        a = dict(segment_id="seg-2", model="mini", token_ids=[1, 2, 3, 4, 5], k=kb, v=vb, dtype="f32", layers=L, kv_heads=H, head_dim=D)
+        a.update(kw)
+        if a["dtype"] == "bf16":
+            a["k"] = a["v"] = kb[: len(kb) // 2]
+        if a["layers"] != L or a["head_dim"] != D:
+            a["k"] = a["v"] = bytes(4 * a["layers"] * H * T * a["head_dim"])
+        try:
+            c.segment_put(**a)
+            t.check(False, "segment.put with a wrong %s is refused" % what)
+        except KvmeshError as e:
+            t.check(e.code == code and e.field == field, "segment.put with a wrong %s is %s at '%s' (%s %s)" % (what, code, field, e.code, e.field))
+    t.check(c.stats()["segments"]["count"] == 1, "stats counts the segments")
+    c.segment_drop("seg-1")
+    try:
+        c.segment_get("seg-1")
+        t.check(False, "segment.get of a dropped segment is refused")
+    except KvmeshError as e:
+        t.check(e.code == "KVM_ENOENT" and e.field == "segment_id", "segment.get of a dropped segment is KVM_ENOENT")
+    c.segment_put("seg-3", "mini", [1, 2, 3, 4, 5], kb, vb, "f32", L, H, D)
+    un = c.model_unload("mini")
+    t.check(un["generates"] == 5 and un["segments_dropped"] == 1 and c.model_list() == [], "model.unload frees the model and its segments")
     try:
         c.generate_sync("mini", prompt="x")
         t.check(False, "generate on an unloaded model is refused")

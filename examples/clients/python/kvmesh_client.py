@@ -206,6 +206,27 @@ class Client:
             done = h
         return done
 
+    # ---- KV segments -------------------------------------------------------------------------------------
+    def segment_put(self, segment_id, model, token_ids, k, v, dtype, layers, kv_heads, head_dim, frame=None):
+        """Keeps a KV segment in the daemon: token_ids (ints), k and v (bytes, [layers][kv_heads][T][head_dim] in
+        the model's cache dtype, little-endian), checked against the loaded model. Returns {segment_id, tokens, bytes}."""
+        T = len(token_ids)
+        shape = [layers, kv_heads, T, head_dim]
+        frames = [("token_ids", "i32", [T], struct.pack("<%di" % T, *token_ids)), ("k", dtype, shape, k), ("v", dtype, shape, v)]
+        return self.request("segment.put", frames=frames, segment_id=segment_id, model=model, frame=frame, dtype=dtype,
+                            layers=layers, kv_heads=kv_heads, head_dim=head_dim)
+
+    def segment_get(self, segment_id):
+        """A kept segment: its header (model, frame, dtype, dimensions) with "token_ids" (ints), "k" and "v" (bytes)."""
+        h = self.request("segment.get", segment_id=segment_id)
+        ids, k, v = h.pop("_payload")
+        h["token_ids"] = list(struct.unpack("<%di" % (len(ids) // 4), ids))
+        h["k"], h["v"] = k, v
+        return h
+
+    def segment_drop(self, segment_id):
+        return self.request("segment.drop", segment_id=segment_id)
+
     # ---- failure attribution and the error-schema cache (docs/correct.md) ------------------------------
     def attribute(self, run_id, k=None):
         """Blame of an ended run: {agent, step, score, evidence[], candidates[], schema_ids[]}."""
