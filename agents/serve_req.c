@@ -346,6 +346,7 @@ static int on_generate(ctx_t *x) {
                  : kvm_model_generate(sm->m, q->prompt, &gp, gen_token, &g, &out);
     uint64_t t1 = kvm_now_ns();
     x->compute_ns = t1 - t0 > g.send_ns ? t1 - t0 - g.send_ns : 0; /* the token sends are the daemon's own time */
+    bool from_ids = ids != NULL;
     kvm_free(ids);
     sm->generates++;
     e->generates++;
@@ -353,7 +354,8 @@ static int on_generate(ctx_t *x) {
         char msg[512];
         snprintf(msg, sizeof msg, "%s", rc ? kvm_errmsg() : g.stop_msg);
         kvm_generation_clear(&out);
-        return gen_error(&g, rc ? rc : g.stop_code, rc == KVM_ERANGE ? "frames[0]" : rc == KVM_EINVAL ? "prompt" : "", msg);
+        const char *field = rc == KVM_ERANGE || rc == KVM_EINVAL ? (from_ids ? "frames[0]" : "prompt") : "";
+        return gen_error(&g, rc ? rc : g.stop_code, field, msg);
     }
     sm->tokens_out += (uint64_t)out.n_ids;
     e->generate_tokens += (uint64_t)out.n_ids;
