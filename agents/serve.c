@@ -108,15 +108,22 @@ static char *u64_str(uint64_t v, char buf[24]) {
     return buf;
 }
 
-/* Sends h (then deletes it) and an optional payload frame; the net status (0, KVM_ESLOWCLIENT, KVM_ENOENT ...). */
-static int send_hdr(kvm_server_t *s, const uint8_t *peer, size_t peer_len, cJSON *h, const void *payload, size_t plen,
-                    bool terminal) {
+/* Sends h (then deletes it) and n_pay payload frames; the net status (0, KVM_ESLOWCLIENT, KVM_ENOENT ...). */
+static int send_frames(kvm_server_t *s, const uint8_t *peer, size_t peer_len, cJSON *h, const kvm_req_frame_t *pay,
+                       int n_pay, bool terminal) {
     char *txt = h ? cJSON_PrintUnformatted(h) : NULL;
     cJSON_Delete(h);
     if (!txt) return KVM_ENOMEM;
-    int rc = kvm_net_send(s->net, peer, peer_len, txt, payload, plen, terminal);
+    int rc = kvm_net_sendv(s->net, peer, peer_len, txt, pay, n_pay, terminal);
     cJSON_free(txt);
     return rc;
+}
+
+/* The same with an optional payload frame. */
+static int send_hdr(kvm_server_t *s, const uint8_t *peer, size_t peer_len, cJSON *h, const void *payload, size_t plen,
+                    bool terminal) {
+    const kvm_req_frame_t f = {payload, plen};
+    return send_frames(s, peer, peer_len, h, &f, payload || plen ? 1 : 0, terminal);
 }
 
 static int send_error(kvm_server_t *s, const uint8_t *peer, size_t peer_len, const char *id, uint64_t seq, int code,
@@ -1030,12 +1037,11 @@ int serve_send_hdr(kvm_server_t *s, const uint8_t *peer, size_t peer_len, cJSON 
 
 int serve_send_frames(kvm_server_t *s, const uint8_t *peer, size_t peer_len, cJSON *h, const kvm_req_frame_t *pay,
                       int n_pay, bool terminal) {
-    char *txt = h ? cJSON_PrintUnformatted(h) : NULL;
-    cJSON_Delete(h);
-    if (!txt) return KVM_ENOMEM;
-    int rc = kvm_net_sendv(s->net, peer, peer_len, txt, pay, n_pay, terminal);
-    cJSON_free(txt);
-    return rc;
+    return send_frames(s, peer, peer_len, h, pay, n_pay, terminal);
+}
+
+int serve_send_error(ctx_t *x, uint64_t seq, int code, const char *field, const char *message) {
+    return send_error(x->s, x->m->peer, x->m->peer_len, x->q->id, seq, code, field, message, -1, NULL);
 }
 
 int serve_reply_ok(ctx_t *x, const char *type, cJSON *body) { return reply_ok(x, type, body); }

@@ -33,6 +33,8 @@ int serve_send_hdr(kvm_server_t *s, const uint8_t *peer, size_t peer_len, cJSON 
 int serve_send_frames(kvm_server_t *s, const uint8_t *peer, size_t peer_len, cJSON *h, const kvm_req_frame_t *pay,
                       int n_pay, bool terminal);
 int serve_reply_ok(ctx_t *x, const char *type, cJSON *body);
+/* The terminal error of a request that streamed replies before it (seq: the next one). */
+int serve_send_error(ctx_t *x, uint64_t seq, int code, const char *field, const char *message);
 int serve_reply_err(ctx_t *x, int code, const char *field, const char *msg, int retry_after_ms);
 kvm_runtime_t *serve_runtime(kvm_server_t *s);
 serve_ext_t *serve_ext(kvm_server_t *s);

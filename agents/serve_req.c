@@ -305,17 +305,6 @@ static int gen_token(void *ud, int32_t id, const char *text, size_t len) {
     return g->stop_code != 0;
 }
 
-static int gen_error(gen_t *g, int code, const char *field, const char *msg) {
-    cJSON *h = serve_hdr_new("error", g->x->q->id, g->seq++);
-    cJSON_AddStringToObject(h, "code", kvm_errname(code));
-    cJSON_AddNumberToObject(h, "errno", code);
-    cJSON_AddStringToObject(h, "message", msg && *msg ? msg : kvm_strerror(code));
-    cJSON *d = cJSON_AddObjectToObject(h, "detail");
-    if (field && *field) cJSON_AddStringToObject(d, "field", field);
-    cJSON_AddNullToObject(h, "retry_after_ms");
-    return serve_send_hdr(g->x->s, g->x->m->peer, g->x->m->peer_len, h, NULL, 0, true);
-}
-
 static int on_generate(ctx_t *x) {
     serve_ext_t *e = serve_ext(x->s);
     const kvm_req_t *q = x->q;
@@ -355,7 +344,7 @@ static int on_generate(ctx_t *x) {
         snprintf(msg, sizeof msg, "%s", rc ? kvm_errmsg() : g.stop_msg);
         kvm_generation_clear(&out);
         const char *field = rc == KVM_ERANGE || rc == KVM_EINVAL ? (from_ids ? "frames[0]" : "prompt") : "";
-        return gen_error(&g, rc ? rc : g.stop_code, field, msg);
+        return serve_send_error(x, g.seq, rc ? rc : g.stop_code, field, msg);
     }
     sm->tokens_out += (uint64_t)out.n_ids;
     e->generate_tokens += (uint64_t)out.n_ids;

@@ -214,21 +214,32 @@ bad:
     return NULL;
 }
 
+/* Sends h (deleted), passes each message of its stream to each, and returns its terminal reply (printed as JSON
+ * with json, its error printed), *rc the exit status; NULL (said) when it cannot send or no end came. */
+static cJSON *stream_request(conn_t *c, cJSON *h, void (*each)(const cJSON *h, void *ud), const char *what, bool json, int *rc) {
+    char id[32];
+    *rc = 1;
+    if (send_req(c, h, NULL, 0, id)) return fprintf(stderr, "kvmesh client: cannot send\n"), NULL;
+    cJSON *r = wait_for(c, id, each, NULL, NULL, NULL);
+    if (!r) return fprintf(stderr, "kvmesh client: no end of the %s in %.0f s\n", what, c->timeout_s), NULL;
+    *rc = !strcmp(str(r, "type"), "error") ? print_error(r) : 0;
+    if (json) {
+        char *txt = cJSON_Print(r);
+        printf("%s\n", txt ? txt : "{}");
+        cJSON_free(txt);
+    }
+    return r;
+}
+
 static int cmd_run_wf(conn_t *c, int argc, char **argv, bool json) {
     if (argc < 1) return usage(stderr), 2;
     bool stream = !json;
     cJSON *h = run_request(argc - 1, argv + 1, argv[0], &stream);
     if (!h) return 2;
-    char id[32];
-    if (send_req(c, h, NULL, 0, id)) return fprintf(stderr, "kvmesh client: cannot send\n"), 1;
-    cJSON *r = wait_for(c, id, on_stream, NULL, NULL, NULL);
-    if (!r) return fprintf(stderr, "kvmesh client: no end of the run in %.0f s\n", c->timeout_s), 1;
-    int rc = !strcmp(str(r, "type"), "error") ? print_error(r) : 0;
-    if (json) {
-        char *txt = cJSON_Print(r);
-        printf("%s\n", txt ? txt : "{}");
-        cJSON_free(txt);
-    } else if (!rc) {
+    int rc;
+    cJSON *r = stream_request(c, h, on_stream, "run", json, &rc);
+    if (!r) return rc;
+    if (!json && !rc) {
         const cJSON *u = cJSON_GetObjectItemCaseSensitive(r, "usage"), *kv = cJSON_GetObjectItemCaseSensitive(r, "kv");
         const cJSON *t = cJSON_GetObjectItemCaseSensitive(r, "timings");
         fprintf(stderr, "\nrun %s done: %g agent steps, %g reused through anchors; prompt tokens %g (exact %g, offset %g, "
@@ -278,16 +289,10 @@ static int cmd_generate_remote(conn_t *c, int argc, char **argv, bool json) {
     }
     if (cJSON_GetArraySize(stop)) cJSON_AddItemToObject(h, "stop", stop);
     else cJSON_Delete(stop);
-    char id[32];
-    if (send_req(c, h, NULL, 0, id)) return fprintf(stderr, "kvmesh client: cannot send\n"), 1;
-    cJSON *r = wait_for(c, id, json ? NULL : on_gen_token, NULL, NULL, NULL);
-    if (!r) return fprintf(stderr, "kvmesh client: no end of the generation in %.0f s\n", c->timeout_s), 1;
-    int rc = !strcmp(str(r, "type"), "error") ? print_error(r) : 0;
-    if (json) {
-        char *txt = cJSON_Print(r);
-        printf("%s\n", txt ? txt : "{}");
-        cJSON_free(txt);
-    } else if (!rc) {
+    int rc;
+    cJSON *r = stream_request(c, h, json ? NULL : on_gen_token, "generation", json, &rc);
+    if (!r) return rc;
+    if (!json && !rc) {
         const cJSON *u = cJSON_GetObjectItemCaseSensitive(r, "usage"), *t = cJSON_GetObjectItemCaseSensitive(r, "timings");
         fprintf(stderr, "\n[%g prompt tokens, %g generated, stop: %s; TTFT %.1f ms, total %.1f ms]\n", num(u, "input_tokens"),
                 num(u, "output_tokens"), str(r, "stop_reason"), num(t, "ttft_ms"), num(t, "total_ms"));
