@@ -9,6 +9,9 @@
             print(msg["text"], end="", flush=True)
         elif msg["type"] == "done":
             print("\\nreuse:", msg["kv"], "ttft:", msg["timings"].get("ttft_ms"))
+    c.model_load("mini", "models/minillama-2m")          # a model for direct generation (no workflow)
+    for msg in c.generate("mini", prompt="Once upon a time", max_tokens=32):
+        print(msg.get("text", ""), end="", flush=True)
 
 One DEALER socket per Client (one ROUTER routing id on the daemon's side); a Client is not thread-safe.
 While a run streams, the client sends `ping` every second (the daemon cancels the runs of a client silent for
