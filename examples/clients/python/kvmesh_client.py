@@ -11,7 +11,8 @@
             print("\\nreuse:", msg["kv"], "ttft:", msg["timings"].get("ttft_ms"))
     c.model_load("mini", "models/minillama-2m")          # a model for direct generation (no workflow)
     for msg in c.generate("mini", prompt="Once upon a time", max_tokens=32):
-        print(msg.get("text", ""), end="", flush=True)
+        if msg["type"] == "token":                        # then "done": the whole text, usage, timings
+            print(msg["text"], end="", flush=True)
 
 One DEALER socket per Client (one ROUTER routing id on the daemon's side); a Client is not thread-safe.
 While a run streams, the client sends `ping` every second (the daemon cancels the runs of a client silent for
