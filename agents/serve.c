@@ -844,18 +844,19 @@ static void serve_message(kvm_server_t *s, const kvm_net_msg_t *m) {
         serve_overhead_note(s->ext, 0, kvm_now_ns() - t0, serve_cpu_ns() - c0);
         return;
     }
-    uint64_t compute_ns = 0;
+    uint64_t compute_ns = 0, compute_cpu_ns = 0;
     if (!c) {
         send_error(s, m->peer, m->peer_len, q.id, 0, KVM_ENOMEM, "", "out of memory tracking the client", 100, NULL);
     } else {
-        ctx_t x = {s, m, c, &q, 0};
+        ctx_t x = {s, m, c, &q, 0, 0};
         dispatch(&x);
         compute_ns = x.compute_ns;
+        compute_cpu_ns = x.compute_cpu_ns;
     }
     int type = q.type;
     kvm_req_clear(&q);
     uint64_t ns = kvm_now_ns() - t0, cpu = serve_cpu_ns() - c0;
-    serve_overhead_note(s->ext, type, ns > compute_ns ? ns - compute_ns : 0, cpu > compute_ns ? cpu - compute_ns : 0);
+    serve_overhead_note(s->ext, type, ns > compute_ns ? ns - compute_ns : 0, cpu > compute_cpu_ns ? cpu - compute_cpu_ns : 0);
 }
 
 /* ---- the loop ------------------------------------------------------------------------------------------- */

@@ -22,7 +22,8 @@ typedef struct ctx {
     const kvm_net_msg_t *m;
     struct sclient *c;
     kvm_req_t *q;
-    uint64_t compute_ns; /* model compute inside the handler (generate), left out of the overhead figure */
+    uint64_t compute_ns;     /* model compute inside the handler (generate, model.load), left out of the overhead */
+    uint64_t compute_cpu_ns; /* the same in the thread's CPU time */
 } ctx_t;
 
 /* serve.c: replies (each sends and frees h / body) */

@@ -222,10 +222,11 @@ static int on_model_load(ctx_t *x) {
         smodel_free(sm);
         return serve_reply_err(x, KVM_ENOMEM, "", "out of memory", 100);
     }
-    uint64_t t0 = kvm_now_ns();
+    uint64_t t0 = kvm_now_ns(), c0 = serve_cpu_ns();
     kvm_errclear();
     sm->m = kvm_model_load(q->path, &mp);
     x->compute_ns = kvm_now_ns() - t0; /* reading weights is model work, not the daemon's overhead */
+    x->compute_cpu_ns = serve_cpu_ns() - c0;
     if (!sm->m) {
         int code = kvm_errcode() ? kvm_errcode() : KVM_EIO;
         char msg[512];
@@ -282,14 +283,14 @@ static int on_model_list(ctx_t *x) {
 typedef struct gen {
     ctx_t *x;
     const char *model;
-    uint64_t seq, deadline_ns, send_ns;
+    uint64_t seq, deadline_ns, send_ns, send_cpu_ns;
     int stop_code;
     const char *stop_msg;
 } gen_t;
 
 static int gen_token(void *ud, int32_t id, const char *text, size_t len) {
     gen_t *g = ud;
-    uint64_t t0 = kvm_now_ns();
+    uint64_t t0 = kvm_now_ns(), c0 = serve_cpu_ns();
     cJSON *h = serve_hdr_new("token", g->x->q->id, g->seq++);
     char *t = kvm_strndup(text ? text : "", len);
     cJSON_AddStringToObject(h, "agent", g->model);
@@ -299,6 +300,7 @@ static int gen_token(void *ud, int32_t id, const char *text, size_t len) {
     int rc = serve_send_hdr(g->x->s, g->x->m->peer, g->x->m->peer_len, h, NULL, 0, false);
     uint64_t t1 = kvm_now_ns();
     g->send_ns += t1 - t0;
+    g->send_cpu_ns += serve_cpu_ns() - c0;
     if (rc == KVM_ESLOWCLIENT) g->stop_code = KVM_ESLOWCLIENT, g->stop_msg = "the client did not read its stream fast enough";
     else if (rc == KVM_ENOENT) g->stop_code = KVM_ECANCELED, g->stop_msg = "the client is gone";
     else if (g->deadline_ns && t1 > g->deadline_ns) g->stop_code = KVM_ETIMEDOUT, g->stop_msg = "deadline_ms passed";
@@ -327,14 +329,16 @@ static int on_generate(ctx_t *x) {
     gp.n_stop = q->n_stop;
     gp.chat = q->chat;
     gp.ignore_eos = q->ignore_eos;
-    uint64_t t0 = kvm_now_ns();
-    gen_t g = {x, sm->name, 0, q->deadline_ms >= 0 ? t0 + (uint64_t)q->deadline_ms * 1000000u : 0, 0, 0, NULL};
+    uint64_t t0 = kvm_now_ns(), c0 = serve_cpu_ns();
+    gen_t g = {x, sm->name, 0, q->deadline_ms >= 0 ? t0 + (uint64_t)q->deadline_ms * 1000000u : 0, 0, 0, 0, NULL};
     kvm_generation_t out;
     kvm_errclear();
     int rc = ids ? kvm_model_generate_ids(sm->m, ids, q->n_token_ids, &gp, gen_token, &g, &out)
                  : kvm_model_generate(sm->m, q->prompt, &gp, gen_token, &g, &out);
     uint64_t t1 = kvm_now_ns();
+    uint64_t c1 = serve_cpu_ns();
     x->compute_ns = t1 - t0 > g.send_ns ? t1 - t0 - g.send_ns : 0; /* the token sends are the daemon's own time */
+    x->compute_cpu_ns = c1 - c0 > g.send_cpu_ns ? c1 - c0 - g.send_cpu_ns : 0;
     bool from_ids = ids != NULL;
     kvm_free(ids);
     sm->generates++;
