@@ -419,7 +419,8 @@ static int on_hello(ctx_t *x) {
     cJSON_AddNumberToObject(b, "version", 1);
     cJSON *cap = cJSON_AddObjectToObject(b, "capabilities");
     cJSON *types = cJSON_AddArrayToObject(cap, "types");
-    for (int t = 1; kvm_req_type_name(t); t++) cJSON_AddItemToArray(types, cJSON_CreateString(kvm_req_type_name(t)));
+    for (int t = 1; t < 256; t++) /* every type the decoder knows (request.c's schema table) */
+        if (kvm_req_type_name(t)) cJSON_AddItemToArray(types, cJSON_CreateString(kvm_req_type_name(t)));
     static const char *const streams[] = {"tokens", "steps", "kv"};
     cJSON_AddItemToObject(cap, "streams", cJSON_CreateStringArray(streams, 3));
     cJSON_AddBoolToObject(cap, "events", kvm_server_endpoint(s, true)[0] != '\0');
