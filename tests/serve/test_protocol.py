@@ -32,6 +32,8 @@ try:
     h = c.hello()
     t.check(h["type"] == "hello.ok" and h["version"] == 1 and "run.start" in h["capabilities"]["types"], "hello answers hello.ok with version 1 and the types")
     t.check(h["seq"] == 0 and h["id"].startswith("r-"), "a reply echoes the request id with seq 0")
+    t.check({"model.load", "generate", "segment.put", "attribute", "cache.label"} <= set(h["capabilities"]["types"]),
+            "hello lists the model, generate, segment, attribute and cache types")
     t.check(c.ping()["type"] == "pong", "ping answers pong")
     ok = c.workflow_load("pair", PAIR)
     t.check(ok["name"] == "pair" and [a["name"] for a in ok["agents"]] == ["a", "b"], "workflow.load names the agents")
