@@ -13,6 +13,7 @@
 #include "../runtime/core/sb.h"
 #include "../runtime/net/net.h"
 #include "../runtime/net/request.h"
+#include "serve_internal.h"
 
 #define PEER_MAX 256
 
@@ -72,6 +73,7 @@ struct kvm_server {
     int n_going, cap_going;
     kvm_map_t by_id;         /* run id -> srun_t * (keys borrowed from the srun) */
     kvm_map_t clients;       /* peer -> sclient_t * */
+    serve_ext_t *ext;        /* models, generate, the overhead figures (serve_req.c) */
     volatile sig_atomic_t stop;
     bool draining;
     uint64_t t_saved, runs_at_save; /* the last state save (kvm_runtime_save_state) and runs_started then */
@@ -106,15 +108,22 @@ static char *u64_str(uint64_t v, char buf[24]) {
     return buf;
 }
 
-/* Sends h (then deletes it) and an optional payload frame; the net status (0, KVM_ESLOWCLIENT, KVM_ENOENT ...). */
-static int send_hdr(kvm_server_t *s, const uint8_t *peer, size_t peer_len, cJSON *h, const void *payload, size_t plen,
-                    bool terminal) {
+/* Sends h (then deletes it) and n_pay payload frames; the net status (0, KVM_ESLOWCLIENT, KVM_ENOENT ...). */
+static int send_frames(kvm_server_t *s, const uint8_t *peer, size_t peer_len, cJSON *h, const kvm_req_frame_t *pay,
+                       int n_pay, bool terminal) {
     char *txt = h ? cJSON_PrintUnformatted(h) : NULL;
     cJSON_Delete(h);
     if (!txt) return KVM_ENOMEM;
-    int rc = kvm_net_send(s->net, peer, peer_len, txt, payload, plen, terminal);
+    int rc = kvm_net_sendv(s->net, peer, peer_len, txt, pay, n_pay, terminal);
     cJSON_free(txt);
     return rc;
+}
+
+/* The same with an optional payload frame. */
+static int send_hdr(kvm_server_t *s, const uint8_t *peer, size_t peer_len, cJSON *h, const void *payload, size_t plen,
+                    bool terminal) {
+    const kvm_req_frame_t f = {payload, plen};
+    return send_frames(s, peer, peer_len, h, &f, payload || plen ? 1 : 0, terminal);
 }
 
 static int send_error(kvm_server_t *s, const uint8_t *peer, size_t peer_len, const char *id, uint64_t seq, int code,
@@ -388,17 +397,13 @@ static void run_event(void *ud, const kvm_run_event_t *e) {
 
 /* ---- handlers ------------------------------------------------------------------------------------------- */
 
-/* What a handler needs of the request being served. */
-typedef struct ctx {
-    kvm_server_t *s;
-    const kvm_net_msg_t *m;
-    sclient_t *c;
-    kvm_req_t *q;
-} ctx_t;
 
 static int reply_ok(ctx_t *x, const char *type, cJSON *body) {
     cJSON *h = hdr_new(type, x->q->id, 0);
-    for (cJSON *b = body ? body->child : NULL; b; b = b->next) cJSON_AddItemToObject(h, b->string, cJSON_Duplicate(b, 1));
+    while (body && body->child) { /* moved, not copied: a run.status body holds every step */
+        cJSON *b = cJSON_DetachItemViaPointer(body, body->child);
+        if (!cJSON_AddItemToObject(h, b->string, b)) cJSON_Delete(b);
+    }
     cJSON_Delete(body);
     return send_hdr(x->s, x->m->peer, x->m->peer_len, h, NULL, 0, true);
 }
@@ -407,17 +412,15 @@ static int reply_err(ctx_t *x, int code, const char *field, const char *msg, int
     return send_error(x->s, x->m->peer, x->m->peer_len, x->q->id, 0, code, field, msg, retry_after_ms, NULL);
 }
 
-static const char *const k_types[] = {"hello", "ping", "stats", "workflow.load", "workflow.list", "workflow.drop",
-                                      "run.start", "run.cancel", "run.status", "run.list", "trace.get", "run.resume",
-                                      "trace.export"};
-
 static int on_hello(ctx_t *x) {
     kvm_server_t *s = x->s;
     if (x->q->client) snprintf(x->c->name, sizeof x->c->name, "%s", x->q->client);
     cJSON *b = cJSON_CreateObject();
     cJSON_AddNumberToObject(b, "version", 1);
     cJSON *cap = cJSON_AddObjectToObject(b, "capabilities");
-    cJSON_AddItemToObject(cap, "types", cJSON_CreateStringArray(k_types, (int)(sizeof k_types / sizeof k_types[0])));
+    cJSON *types = cJSON_AddArrayToObject(cap, "types");
+    for (int t = 1; t < 256; t++) /* every type the decoder knows (request.c's schema table) */
+        if (kvm_req_type_name(t)) cJSON_AddItemToArray(types, cJSON_CreateString(kvm_req_type_name(t)));
     static const char *const streams[] = {"tokens", "steps", "kv"};
     cJSON_AddItemToObject(cap, "streams", cJSON_CreateStringArray(streams, 3));
     cJSON_AddBoolToObject(cap, "events", kvm_server_endpoint(s, true)[0] != '\0');
@@ -829,6 +832,7 @@ static int on_stats(ctx_t *x) {
     cJSON_AddNumberToObject(n, "curve_denied", (double)ns.curve_denied);
     char buf[24];
     cJSON_AddStringToObject(n, "next_seq", u64_str(ns.next_seq, buf));
+    serve_ext_stats(s->ext, b);
     return reply_ok(x, "ok", b);
 }
 
@@ -847,12 +851,13 @@ static int dispatch(ctx_t *x) {
     case KVM_REQ_RUN_LIST: return on_run_list(x);
     case KVM_REQ_TRACE_GET: return on_trace_get(x);
     case KVM_REQ_TRACE_EXPORT: return on_trace_export(x);
-    default: return reply_err(x, KVM_EINTERNAL, "type", "no handler", -1);
+    default: return serve_req_dispatch(x);
     }
 }
 
 /* One message: decoded, then answered (exactly one terminal reply, now or at the run's end). */
 static void serve_message(kvm_server_t *s, const kvm_net_msg_t *m) {
+    uint64_t t0 = kvm_now_ns(), c0 = serve_cpu_ns();
     sclient_t *c = client_of(s, m->peer, m->peer_len, true);
     if (c) c->last_ns = kvm_now_ns();
     kvm_req_t q;
@@ -863,15 +868,22 @@ static void serve_message(kvm_server_t *s, const kvm_net_msg_t *m) {
     if (rc) {
         s->bad_requests++;
         send_error(s, m->peer, m->peer_len, e.has_id ? e.id : NULL, 0, e.code, e.field, e.message, -1, NULL);
+        serve_overhead_note(s->ext, 0, kvm_now_ns() - t0, serve_cpu_ns() - c0);
         return;
     }
+    uint64_t compute_ns = 0, compute_cpu_ns = 0;
     if (!c) {
         send_error(s, m->peer, m->peer_len, q.id, 0, KVM_ENOMEM, "", "out of memory tracking the client", 100, NULL);
     } else {
-        ctx_t x = {s, m, c, &q};
+        ctx_t x = {s, m, c, &q, 0, 0};
         dispatch(&x);
+        compute_ns = x.compute_ns;
+        compute_cpu_ns = x.compute_cpu_ns;
     }
+    int type = q.type;
     kvm_req_clear(&q);
+    uint64_t ns = kvm_now_ns() - t0, cpu = serve_cpu_ns() - c0;
+    serve_overhead_note(s->ext, type, ns > compute_ns ? ns - compute_ns : 0, cpu > compute_cpu_ns ? cpu - compute_cpu_ns : 0);
 }
 
 /* ---- the loop ------------------------------------------------------------------------------------------- */
@@ -1004,7 +1016,8 @@ kvm_server_t *kvm_server_create(kvm_runtime_t *rt, const kvm_server_params_t *pa
                            .client_queue = s->p.client_queue, .curve_secret_file = s->p.curve_secret_file,
                            .curve_allow_file = s->p.curve_allow_file};
     s->net = kvm_net_create(&np);
-    if (!s->net) {
+    s->ext = s->net ? serve_ext_new() : NULL;
+    if (!s->net || !s->ext) {
         kvm_server_free(s);
         return NULL;
     }
@@ -1037,5 +1050,42 @@ void kvm_server_free(kvm_server_t *s) {
     for (const kvm_map_entry_t *e; (e = kvm_map_next(&s->clients, &it));) kvm_free(e->val.ptr);
     kvm_map_free(&s->clients);
     kvm_net_free(s->net);
+    serve_ext_free(s->ext);
     kvm_free(s);
+}
+
+/* ---- for serve_req.c (serve_internal.h) ------------------------------------------------------------------ */
+
+cJSON *serve_hdr_new(const char *type, const char *id, uint64_t seq) { return hdr_new(type, id, seq); }
+
+int serve_send_hdr(kvm_server_t *s, const uint8_t *peer, size_t peer_len, cJSON *h, const void *payload, size_t plen,
+                   bool terminal) {
+    return send_hdr(s, peer, peer_len, h, payload, plen, terminal);
+}
+
+int serve_send_frames(kvm_server_t *s, const uint8_t *peer, size_t peer_len, cJSON *h, const kvm_req_frame_t *pay,
+                      int n_pay, bool terminal) {
+    return send_frames(s, peer, peer_len, h, pay, n_pay, terminal);
+}
+
+int serve_send_error(ctx_t *x, uint64_t seq, int code, const char *field, const char *message) {
+    return send_error(x->s, x->m->peer, x->m->peer_len, x->q->id, seq, code, field, message, -1, NULL);
+}
+
+int serve_reply_ok(ctx_t *x, const char *type, cJSON *body) { return reply_ok(x, type, body); }
+
+int serve_reply_err(ctx_t *x, int code, const char *field, const char *msg, int retry_after_ms) {
+    return reply_err(x, code, field, msg, retry_after_ms);
+}
+
+kvm_runtime_t *serve_runtime(kvm_server_t *s) { return s->rt; }
+
+serve_ext_t *serve_ext(kvm_server_t *s) { return s->ext; }
+
+int serve_run_trace(kvm_server_t *s, const char *run_id, const char **trace_dir, bool *ended) {
+    const srun_t *r = run_named(s, run_id);
+    if (!r) return KVM_ENOENT;
+    *trace_dir = r->trace_dir;
+    *ended = r->ended;
+    return 0;
 }

@@ -1,5 +1,6 @@
 /* cmd_client.c - `kvmesh client`: talk to a `kvmesh serve` daemon (docs/protocol.md) from the command line: run a
- * workflow and stream its tokens, load / list / drop workflows, query runs, stats, ping. A DEALER socket; one
+ * workflow and stream its tokens, load / list / drop workflows, query runs, stats, ping; load / unload models and
+ * generate from them. A DEALER socket; one
  * request at a time; pings every second while a run streams. */
 #include <stdio.h>
 #include <stdlib.h>
@@ -20,7 +21,13 @@ static void usage(FILE *f) {
                "  drop NAME              drop a workflow            runs      the runs the daemon remembers\n"
                "  status RUN_ID          a run's state and figures  cancel RUN_ID   cancel a run\n"
                "  stats                  KV pool, anchors, reuse    ping      is the daemon there\n"
-               "  resume RUN_ID VALUE    answer a run's kvmesh.interrupt with a string (resume-json RUN_ID JSON: any value)\n\n"
+               "  resume RUN_ID VALUE    answer a run's kvmesh.interrupt with a string (resume-json RUN_ID JSON: any value)\n"
+               "  model-load NAME PATH [--backend auto|cpu|cuda]   load a model for generate\n"
+               "  model-unload NAME      free it                    models    the models loaded for generate\n"
+               "  generate MODEL PROMPT [--max-tokens N] [--temperature T] [--top-p P] [--seed N] [--stop S]...\n"
+               "           [--chat] [--ignore-eos] [--deadline-ms N]\n"
+               "                         generate from a loaded model, streaming the text to stdout; a summary to\n"
+               "                         stderr (--json: the final reply on stdout instead)\n\n"
                "  --connect EP           the daemon's request endpoint (default tcp://127.0.0.1:5555)\n");
 }
 
@@ -207,21 +214,32 @@ bad:
     return NULL;
 }
 
+/* Sends h (deleted), passes each message of its stream to each, and returns its terminal reply (printed as JSON
+ * with json, its error printed), *rc the exit status; NULL (said) when it cannot send or no end came. */
+static cJSON *stream_request(conn_t *c, cJSON *h, void (*each)(const cJSON *h, void *ud), const char *what, bool json, int *rc) {
+    char id[32];
+    *rc = 1;
+    if (send_req(c, h, NULL, 0, id)) return fprintf(stderr, "kvmesh client: cannot send\n"), NULL;
+    cJSON *r = wait_for(c, id, each, NULL, NULL, NULL);
+    if (!r) return fprintf(stderr, "kvmesh client: no end of the %s in %.0f s\n", what, c->timeout_s), NULL;
+    *rc = !strcmp(str(r, "type"), "error") ? print_error(r) : 0;
+    if (json) {
+        char *txt = cJSON_Print(r);
+        printf("%s\n", txt ? txt : "{}");
+        cJSON_free(txt);
+    }
+    return r;
+}
+
 static int cmd_run_wf(conn_t *c, int argc, char **argv, bool json) {
     if (argc < 1) return usage(stderr), 2;
     bool stream = !json;
     cJSON *h = run_request(argc - 1, argv + 1, argv[0], &stream);
     if (!h) return 2;
-    char id[32];
-    if (send_req(c, h, NULL, 0, id)) return fprintf(stderr, "kvmesh client: cannot send\n"), 1;
-    cJSON *r = wait_for(c, id, on_stream, NULL, NULL, NULL);
-    if (!r) return fprintf(stderr, "kvmesh client: no end of the run in %.0f s\n", c->timeout_s), 1;
-    int rc = !strcmp(str(r, "type"), "error") ? print_error(r) : 0;
-    if (json) {
-        char *txt = cJSON_Print(r);
-        printf("%s\n", txt ? txt : "{}");
-        cJSON_free(txt);
-    } else if (!rc) {
+    int rc;
+    cJSON *r = stream_request(c, h, on_stream, "run", json, &rc);
+    if (!r) return rc;
+    if (!json && !rc) {
         const cJSON *u = cJSON_GetObjectItemCaseSensitive(r, "usage"), *kv = cJSON_GetObjectItemCaseSensitive(r, "kv");
         const cJSON *t = cJSON_GetObjectItemCaseSensitive(r, "timings");
         fprintf(stderr, "\nrun %s done: %g agent steps, %g reused through anchors; prompt tokens %g (exact %g, offset %g, "
@@ -231,6 +249,60 @@ static int cmd_run_wf(conn_t *c, int argc, char **argv, bool json) {
     }
     cJSON_Delete(r);
     return rc;
+}
+
+static void on_gen_token(const cJSON *h, void *ud) {
+    (void)ud;
+    if (!strcmp(str(h, "type"), "token")) {
+        fputs(str(h, "text"), stdout);
+        fflush(stdout);
+    }
+}
+
+/* generate MODEL PROMPT [options]: the text streams to stdout. */
+static int cmd_generate_remote(conn_t *c, int argc, char **argv, bool json) {
+    if (argc < 2) return usage(stderr), 2;
+    cJSON *h = cJSON_CreateObject(), *stop = cJSON_CreateArray();
+    cJSON_AddStringToObject(h, "type", "generate");
+    cJSON_AddStringToObject(h, "model", argv[0]);
+    cJSON_AddStringToObject(h, "prompt", argv[1]);
+    for (int i = 2; i < argc; i++) {
+        const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
+        char *end = NULL;
+        if (!strcmp(a, "--chat")) cJSON_AddBoolToObject(h, "chat", true);
+        else if (!strcmp(a, "--ignore-eos")) cJSON_AddBoolToObject(h, "ignore_eos", true);
+        else if (v && !strcmp(a, "--seed") && ++i) cJSON_AddStringToObject(h, "seed", v);
+        else if (v && !strcmp(a, "--stop") && ++i) cJSON_AddItemToArray(stop, cJSON_CreateString(v));
+        else if (v && (!strcmp(a, "--max-tokens") || !strcmp(a, "--temperature") || !strcmp(a, "--top-p") ||
+                       !strcmp(a, "--deadline-ms")) && ++i) {
+            double d = strtod(v, &end);
+            if (end == v || *end) {
+                fprintf(stderr, "kvmesh client generate: %s takes a number (got '%s')\n", a, v);
+                goto bad;
+            }
+            cJSON_AddNumberToObject(h, !strcmp(a, "--max-tokens") ? "max_tokens" : !strcmp(a, "--temperature") ? "temperature"
+                                       : !strcmp(a, "--top-p") ? "top_p" : "deadline_ms", d);
+        } else {
+            fprintf(stderr, "kvmesh client generate: unknown option or missing value '%s'\n", a);
+            goto bad;
+        }
+    }
+    if (cJSON_GetArraySize(stop)) cJSON_AddItemToObject(h, "stop", stop);
+    else cJSON_Delete(stop);
+    int rc;
+    cJSON *r = stream_request(c, h, json ? NULL : on_gen_token, "generation", json, &rc);
+    if (!r) return rc;
+    if (!json && !rc) {
+        const cJSON *u = cJSON_GetObjectItemCaseSensitive(r, "usage"), *t = cJSON_GetObjectItemCaseSensitive(r, "timings");
+        fprintf(stderr, "\n[%g prompt tokens, %g generated, stop: %s; TTFT %.1f ms, total %.1f ms]\n", num(u, "input_tokens"),
+                num(u, "output_tokens"), str(r, "stop_reason"), num(t, "ttft_ms"), num(t, "total_ms"));
+    }
+    cJSON_Delete(r);
+    return rc;
+bad:
+    cJSON_Delete(h);
+    cJSON_Delete(stop);
+    return 2;
 }
 
 static char *read_file(const char *path, size_t *len) {
@@ -261,6 +333,15 @@ static cJSON *typed(const char *type, const char *key, const char *val) {
 static int dispatch(conn_t *c, int argc, char **argv, bool json) {
     const char *cmd = argv[0];
     if (!strcmp(cmd, "run")) return cmd_run_wf(c, argc - 1, argv + 1, json);
+    if (!strcmp(cmd, "generate")) return cmd_generate_remote(c, argc - 1, argv + 1, json);
+    if (!strcmp(cmd, "models") && argc == 1) return simple(c, typed("model.list", NULL, NULL), NULL, 0);
+    if (!strcmp(cmd, "model-unload") && argc == 2) return simple(c, typed("model.unload", "name", argv[1]), NULL, 0);
+    if (!strcmp(cmd, "model-load") && (argc == 3 || (argc == 5 && !strcmp(argv[3], "--backend")))) {
+        cJSON *h = typed("model.load", "name", argv[1]);
+        cJSON_AddStringToObject(h, "path", argv[2]);
+        if (argc == 5) cJSON_AddStringToObject(h, "backend", argv[4]);
+        return simple(c, h, NULL, 0);
+    }
     if (!strcmp(cmd, "ping") && argc == 1) return simple(c, typed("ping", NULL, NULL), NULL, 0);
     if (!strcmp(cmd, "stats") && argc == 1) return simple(c, typed("stats", NULL, NULL), NULL, 0);
     if (!strcmp(cmd, "list") && argc == 1) return simple(c, typed("workflow.list", NULL, NULL), NULL, 0);

@@ -41,6 +41,19 @@ static size_t touch(const kvm_req_t *r) {
     if (r->name) n += strlen(r->name);
     if (r->run_id) n += strlen(r->run_id);
     if (r->format) n += strlen(r->format);
+    const char *more[] = {r->model, r->path, r->backend, r->prompt, r->agent};
+    for (size_t i = 0; i < sizeof more / sizeof more[0]; i++)
+        if (more[i]) n += strlen(more[i]);
+    for (int i = 0; i < r->n_stop; i++) n += strlen(r->stop[i]);
+    for (int i = 0; r->token_ids && i < r->n_token_ids * 4; i++) n += ((const uint8_t *)r->token_ids)[i] == 0xff;
+    if (r->type == KVM_REQ_GENERATE && (r->max_tokens < 1 || (!r->prompt && !r->token_ids))) __builtin_trap();
+    if (r->segment_id) n += strlen(r->segment_id);
+    if (r->type == KVM_REQ_SEGMENT_PUT) {
+        size_t kv = (size_t)r->layers * (size_t)r->kv_heads * (size_t)r->n_tokens * (size_t)r->head_dim * (r->dtype[0] == 'f' && r->dtype[1] == '3' ? 4 : 2);
+        if (kv != r->seg_kv_bytes || r->n_tokens < 1) __builtin_trap(); /* the decoder checked the frames against the header */
+        for (size_t i = 0; i < (size_t)r->n_tokens * 4; i++) n += ((const uint8_t *)r->seg_ids)[i] == 0xff;
+        for (size_t i = 0; i < kv; i++) n += (((const uint8_t *)r->seg_k)[i] ^ ((const uint8_t *)r->seg_v)[i]) == 0xff;
+    }
     for (size_t i = 0; r->source && i < r->source_len; i++) n += (uint8_t)r->source[i] == 0xff;
     if (r->inputs && !cJSON_IsObject(r->inputs)) __builtin_trap();
     if (kvm_req_type_name(r->type) == NULL) __builtin_trap();

@@ -248,6 +248,10 @@ typedef struct kvm_generation {
  * *out is filled on success and on KVM_STOP_* ends; clear it with kvm_generation_clear(). */
 int kvm_model_generate(kvm_model_t *m, const char *prompt, const kvm_generate_params_t *params, kvm_token_fn fn,
                        void *ud, kvm_generation_t *out);
+/* The same from token ids (ids[0..n), each in [0, vocab_size); nothing added or rendered: params->chat and
+ * params->system are ignored). out->n_prompt = n. KVM_EINVAL for no ids, KVM_ERANGE for an id out of range. */
+int kvm_model_generate_ids(kvm_model_t *m, const int32_t *ids, int n, const kvm_generate_params_t *params, kvm_token_fn fn,
+                           void *ud, kvm_generation_t *out);
 void kvm_generation_clear(kvm_generation_t *g);
 
 /* ================================================================================================
@@ -743,6 +747,9 @@ int kvm_schema_cache_ids(const kvm_schema_cache_t *c, int *ids, int cap);
 char *kvm_schema_cache_entry_json(const kvm_schema_cache_t *c, int id);
 /* Pins (never evicted) or unpins an entry. KVM_ENOENT for an unknown id. */
 int kvm_schema_cache_pin(kvm_schema_cache_t *c, int id, bool pinned);
+/* Evicts an entry now (as the limits would: its id stays a tombstone). KVM_ENOENT for an unknown or evicted id,
+ * KVM_EBUSY for a pinned one (unpin it first). */
+int kvm_schema_cache_evict(kvm_schema_cache_t *c, int id);
 
 typedef enum kvm_blame_method {
     KVM_BLAME_TRIAGE = 0, /* deterministic triage over the retrieved schemata (the default) */

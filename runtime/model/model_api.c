@@ -160,4 +160,22 @@ int kvm_model_generate(kvm_model_t *m, const char *prompt, const kvm_generate_pa
     return rc;
 }
 
+int kvm_model_generate_ids(kvm_model_t *m, const int32_t *ids, int n, const kvm_generate_params_t *params, kvm_token_fn fn,
+                           void *ud, kvm_generation_t *out) {
+    memset(out, 0, sizeof *out);
+    if (!m || !ids || n < 1) return kvm_seterr(KVM_EINVAL, "kvm_model_generate_ids: no model or no token ids");
+    for (int i = 0; i < n; i++)
+        if (ids[i] < 0 || ids[i] >= m->cfg.vocab_size)
+            return kvm_seterr(KVM_ERANGE, "token id %d at index %d is outside [0, %d)", (int)ids[i], i, m->cfg.vocab_size);
+    kvm_kv_pool_t *pool = kvm_model_kv_pool(m, 0);
+    if (!pool) return kvm_errcode() ? kvm_errcode() : KVM_ENOMEM;
+    kvm_seq_t seq;
+    kvm_seq_init(&seq, pool);
+    int rc = kvm_seq_generate(m, &seq, ids, n, params, fn, ud, out);
+    out->n_prompt = n;
+    kvm_seq_free(&seq);
+    kvm_kv_pool_free(pool);
+    return rc;
+}
+
 void kvm_generation_clear(kvm_generation_t *g) { kvm_gen_result_free(g); }

@@ -17,9 +17,8 @@ typedef struct qmsg {
     uint8_t *peer;
     size_t peer_len;
     char *header;
-    void *payload;
-    size_t plen;
-    bool has_payload;
+    kvm_req_frame_t *pay;    /* [n_pay] frames, their bytes in the same allocation */
+    int n_pay;
 } qmsg_t;
 
 #define MAX_KEYS 1024
@@ -208,7 +207,7 @@ static void close_parts(kvm_net_t *n) {
 static void qmsg_free(qmsg_t *q) {
     kvm_free(q->peer);
     kvm_free(q->header);
-    kvm_free(q->payload);
+    kvm_free(q->pay);
     kvm_free(q);
 }
 
@@ -231,13 +230,13 @@ void kvm_net_free(kvm_net_t *n) {
 const char *kvm_net_endpoint(const kvm_net_t *n, bool events) { return n ? n->ep[events ? 1 : 0] : ""; }
 
 /* One attempt: 0 sent, or the errno of the first part (EAGAIN, EHOSTUNREACH, ...). */
-static int try_send(kvm_net_t *n, const void *peer, size_t peer_len, const char *header, const void *payload, size_t plen,
-                    bool has_payload) {
+static int try_send(kvm_net_t *n, const void *peer, size_t peer_len, const char *header, const kvm_req_frame_t *pay, int n_pay) {
     if (zmq_send(n->router, peer, peer_len, ZMQ_SNDMORE | ZMQ_DONTWAIT) < 0) return zmq_errno();
     /* the rest of a message whose first part went cannot block (ZeroMQ queues multipart messages whole) */
     zmq_send(n->router, "", 0, ZMQ_SNDMORE | ZMQ_DONTWAIT);
-    zmq_send(n->router, header, strlen(header), (has_payload ? ZMQ_SNDMORE : 0) | ZMQ_DONTWAIT);
-    if (has_payload) zmq_send(n->router, payload ? payload : "", plen, ZMQ_DONTWAIT);
+    zmq_send(n->router, header, strlen(header), (n_pay ? ZMQ_SNDMORE : 0) | ZMQ_DONTWAIT);
+    for (int i = 0; i < n_pay; i++)
+        zmq_send(n->router, pay[i].data ? pay[i].data : "", pay[i].len, (i + 1 < n_pay ? ZMQ_SNDMORE : 0) | ZMQ_DONTWAIT);
     n->st.sent++;
     return 0;
 }
@@ -247,23 +246,28 @@ static uint64_t queued_for(const kvm_net_t *n, const void *peer, size_t peer_len
     return kvm_map_get(&n->qcount, peer, peer_len, &v) ? v.u64 : 0;
 }
 
-static int enqueue(kvm_net_t *n, const void *peer, size_t peer_len, const char *header, const void *payload, size_t plen,
-                   bool has_payload) {
+static int enqueue(kvm_net_t *n, const void *peer, size_t peer_len, const char *header, const kvm_req_frame_t *pay, int n_pay) {
     qmsg_t *q = kvm_calloc(1, sizeof *q);
     if (!q) return KVM_ENOMEM;
+    size_t bytes = (size_t)n_pay * sizeof *q->pay;
+    for (int i = 0; i < n_pay; i++) bytes += pay[i].len;
     q->peer = kvm_malloc(peer_len ? peer_len : 1);
     q->header = kvm_strdup(header);
-    q->payload = plen ? kvm_malloc(plen) : NULL;
-    if (!q->peer || !q->header || (plen && !q->payload) ||
+    q->pay = n_pay ? kvm_malloc(bytes) : NULL;
+    if (!q->peer || !q->header || (n_pay && !q->pay) ||
         kvm_map_put(&n->qcount, peer, peer_len, KVM_MAPVAL_U64(queued_for(n, peer, peer_len) + 1))) {
         qmsg_free(q);
         return KVM_ENOMEM;
     }
     memcpy(q->peer, peer, peer_len);
     q->peer_len = peer_len;
-    if (plen) memcpy(q->payload, payload, plen);
-    q->plen = plen;
-    q->has_payload = has_payload;
+    uint8_t *at = (uint8_t *)(q->pay + n_pay);
+    for (int i = 0; i < n_pay; i++) {
+        if (pay[i].len) memcpy(at, pay[i].data, pay[i].len);
+        q->pay[i] = (kvm_req_frame_t){at, pay[i].len};
+        at += pay[i].len;
+    }
+    q->n_pay = n_pay;
     if (n->qtail) n->qtail->next = q;
     else n->qhead = q;
     n->qtail = q;
@@ -274,10 +278,15 @@ static int enqueue(kvm_net_t *n, const void *peer, size_t peer_len, const char *
 
 int kvm_net_send(kvm_net_t *n, const void *peer, size_t peer_len, const char *header, const void *payload, size_t plen,
                  bool terminal) {
-    bool has_payload = payload || plen;
+    kvm_req_frame_t f = {payload, plen};
+    return kvm_net_sendv(n, peer, peer_len, header, &f, payload || plen ? 1 : 0, terminal);
+}
+
+int kvm_net_sendv(kvm_net_t *n, const void *peer, size_t peer_len, const char *header, const kvm_req_frame_t *pay,
+                  int n_pay, bool terminal) {
     uint64_t waiting = queued_for(n, peer, peer_len);
     if (!waiting) {
-        int e = try_send(n, peer, peer_len, header, payload, plen, has_payload);
+        int e = try_send(n, peer, peer_len, header, pay, n_pay);
         if (!e) return 0;
         if (e == EHOSTUNREACH) return kvm_seterr(KVM_ENOENT, "peer gone");
         if (e != EAGAIN) return kvm_seterr(KVM_EIO, "zmq: send: %s", zmq_strerror(e));
@@ -286,7 +295,7 @@ int kvm_net_send(kvm_net_t *n, const void *peer, size_t peer_len, const char *he
         n->st.dropped_replies++;
         return kvm_seterr(KVM_ESLOWCLIENT, "peer's queue of %d replies is full", n->p.client_queue);
     }
-    return enqueue(n, peer, peer_len, header, payload, plen, has_payload);
+    return enqueue(n, peer, peer_len, header, pay, n_pay);
 }
 
 static void unlink_queued(kvm_net_t *n, qmsg_t *prev, qmsg_t *q) {
@@ -324,7 +333,7 @@ static void flush_queues(kvm_net_t *n) {
             prev = q;
             continue;
         }
-        int e = try_send(n, q->peer, q->peer_len, q->header, q->payload, q->plen, q->has_payload);
+        int e = try_send(n, q->peer, q->peer_len, q->header, q->pay, q->n_pay);
         if (e == EAGAIN) {
             kvm_map_put(&blocked, q->peer, q->peer_len, KVM_MAPVAL_U64(1)); /* out of memory: tried again, no harm */
             prev = q;

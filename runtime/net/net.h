@@ -56,6 +56,9 @@ int kvm_net_recv(kvm_net_t *n, int timeout_ms, kvm_net_msg_t *m);
  * KVM_ENOENT when the peer is gone (EHOSTUNREACH); KVM_EIO otherwise. */
 int kvm_net_send(kvm_net_t *n, const void *peer, size_t peer_len, const char *header, const void *payload,
                  size_t plen, bool terminal);
+/* The same with n_pay payload frames (segment.get's three). */
+int kvm_net_sendv(kvm_net_t *n, const void *peer, size_t peer_len, const char *header, const kvm_req_frame_t *pay,
+                  int n_pay, bool terminal);
 /* Drops the replies queued for a peer; how many. */
 int kvm_net_forget(kvm_net_t *n, const void *peer, size_t peer_len);
 

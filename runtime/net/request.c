@@ -27,7 +27,7 @@ typedef struct schema {
     int type;
     const char *name;
     const field_t *fields; /* besides the common ones; {NULL} ends */
-    bool frames;           /* payload frames allowed */
+    int frames;            /* payload frames allowed at most (false = 0, true = 1) */
 } schema_t;
 
 static const field_t k_common[] = {{"v", K_NUM}, {"type", K_STR}, {"id", K_STR}, {"deadline_ms", K_NUM},
@@ -41,6 +41,18 @@ static const field_t k_run_start[] = {{"workflow", K_STR}, {"inputs", K_OBJ}, {"
 static const field_t k_run_id[] = {{"run_id", K_STR}, {NULL, 0}};
 static const field_t k_trace_get[] = {{"run_id", K_STR}, {"format", K_STR}, {NULL, 0}};
 static const field_t k_run_resume[] = {{"run_id", K_STR}, {"value", K_ANY}, {NULL, 0}};
+static const field_t k_model_load[] = {{"name", K_STR}, {"path", K_STR}, {"backend", K_STR}, {NULL, 0}};
+static const field_t k_model_name[] = {{"name", K_STR}, {NULL, 0}};
+static const field_t k_generate[] = {{"model", K_STR}, {"prompt", K_STR}, {"max_tokens", K_NUM}, {"temperature", K_NUM},
+                                     {"top_p", K_NUM}, {"seed", K_SEED}, {"stop", K_ARR}, {"chat", K_BOOL},
+                                     {"ignore_eos", K_BOOL}, {NULL, 0}};
+static const field_t k_attribute[] = {{"run_id", K_STR}, {"k", K_NUM}, {NULL, 0}};
+static const field_t k_cache_show[] = {{"entry", K_NUM}, {NULL, 0}};
+static const field_t k_cache_pin[] = {{"entry", K_NUM}, {"pinned", K_BOOL}, {NULL, 0}};
+static const field_t k_seg_put[] = {{"segment_id", K_STR}, {"model", K_STR}, {"frame", K_NUM}, {"dtype", K_STR},
+                                    {"layers", K_NUM}, {"kv_heads", K_NUM}, {"head_dim", K_NUM}, {NULL, 0}};
+static const field_t k_seg_id[] = {{"segment_id", K_STR}, {NULL, 0}};
+static const field_t k_cache_label[] = {{"run_id", K_STR}, {"agent", K_STR}, {"step", K_NUM}, {"human", K_BOOL}, {NULL, 0}};
 
 static const schema_t k_schemas[] = {
     {KVM_REQ_HELLO, "hello", k_hello, false},
@@ -56,6 +68,19 @@ static const schema_t k_schemas[] = {
     {KVM_REQ_TRACE_GET, "trace.get", k_trace_get, false},
     {KVM_REQ_RUN_RESUME, "run.resume", k_run_resume, false},
     {KVM_REQ_TRACE_EXPORT, "trace.export", k_trace_get, false},
+    {KVM_REQ_MODEL_LOAD, "model.load", k_model_load, false},
+    {KVM_REQ_MODEL_UNLOAD, "model.unload", k_model_name, false},
+    {KVM_REQ_MODEL_LIST, "model.list", k_none, false},
+    {KVM_REQ_GENERATE, "generate", k_generate, true},
+    {KVM_REQ_ATTRIBUTE, "attribute", k_attribute, false},
+    {KVM_REQ_CACHE_STATS, "cache.stats", k_none, false},
+    {KVM_REQ_CACHE_SHOW, "cache.show", k_cache_show, false},
+    {KVM_REQ_CACHE_PIN, "cache.pin", k_cache_pin, false},
+    {KVM_REQ_CACHE_EVICT, "cache.evict", k_cache_show, false},
+    {KVM_REQ_CACHE_LABEL, "cache.label", k_cache_label, false},
+    {KVM_REQ_SEGMENT_PUT, "segment.put", k_seg_put, 3},
+    {KVM_REQ_SEGMENT_GET, "segment.get", k_seg_id, false},
+    {KVM_REQ_SEGMENT_DROP, "segment.drop", k_seg_id, false},
 };
 #define N_SCHEMAS (sizeof k_schemas / sizeof k_schemas[0])
 
@@ -192,7 +217,7 @@ static int check_frames(const cJSON *h, const schema_t *s, const kvm_req_frame_t
     if (n_desc != n_pay)
         return fail(e, KVM_EPROTO, "frames", "%s: %d payload frame(s) but header.frames describes %d", s->name, n_pay, n_desc);
     if (n_desc > 0 && !s->frames) return fail(e, KVM_EPROTO, "frames", "%s: takes no payload frames", s->name);
-    if (n_desc > 1) return fail(e, KVM_EPROTO, "frames", "%s: takes at most one payload frame", s->name);
+    if (n_desc > s->frames) return fail(e, KVM_EPROTO, "frames", "%s: takes at most %d payload frame(s)", s->name, s->frames);
     int i = 0;
     char path[64];
     for (const cJSON *d = fr ? fr->child : NULL; d; d = d->next, i++) {
@@ -303,7 +328,7 @@ static int decode_seed(const cJSON *s, kvm_req_t *r, kvm_req_error_t *e) {
     }
     if (cJSON_IsNumber(s)) {
         if (!int_in(s, 0, 9007199254740992.0))
-            return fail(e, KVM_EINVAL, "seed", "run.start: field 'seed' must be an integer in [0, 2^53] (larger ones as a decimal string)");
+            return fail(e, KVM_EINVAL, "seed", "%s: field 'seed' must be an integer in [0, 2^53] (larger ones as a decimal string)", r->type_name);
         r->seed = (uint64_t)s->valuedouble;
         return 0;
     }
@@ -315,7 +340,7 @@ static int decode_seed(const cJSON *s, kvm_req_t *r, kvm_req_error_t *e) {
         ok = t[i] >= '0' && t[i] <= '9' && v <= (UINT64_MAX - (uint64_t)(t[i] - '0')) / 10;
         if (ok) v = v * 10 + (uint64_t)(t[i] - '0');
     }
-    if (!ok) return fail(e, KVM_EINVAL, "seed", "run.start: field 'seed' must be a decimal string of a 64-bit unsigned integer");
+    if (!ok) return fail(e, KVM_EINVAL, "seed", "%s: field 'seed' must be a decimal string of a 64-bit unsigned integer", r->type_name);
     r->seed = v;
     return 0;
 }
@@ -331,6 +356,162 @@ static int decode_run_start(const cJSON *h, kvm_req_t *r, kvm_req_error_t *e) {
     if (r->kv && strcmp(r->kv, "dense") && strcmp(r->kv, "prefix") && strcmp(r->kv, "kvcomm"))
         return fail(e, KVM_EINVAL, "kv", "run.start: field 'kv' must be \"dense\", \"prefix\" or \"kvcomm\"");
     return 0;
+}
+
+/* ---- models, generate, attribute, cache.* ---------------------------------------------------------------- */
+
+#define NAME_RULE "1 to 64 letters, digits, '_', '-' or '.', not starting with '.'"
+
+/* An optional integer field in [lo, hi] into *out (def when absent). */
+static int opt_int(const cJSON *h, const char *k, double lo, double hi, int def, int *out, const char *type, kvm_req_error_t *e) {
+    const cJSON *j = cJSON_GetObjectItemCaseSensitive(h, k);
+    *out = def;
+    if (!j) return 0;
+    if (!int_in(j, lo, hi)) return fail(e, KVM_EINVAL, k, "%s: field '%s' must be an integer in [%.0f, %.0f]", type, k, lo, hi);
+    *out = (int)j->valuedouble;
+    return 0;
+}
+
+static bool path_ok(const char *s) { return s[0] && strlen(s) <= KVM_REQ_PATH_MAX; }
+
+static int decode_model_load(const cJSON *h, kvm_req_t *r, kvm_req_error_t *e) {
+    int rc = need_str(h, "name", name_ok, NAME_RULE, &r->model, r->type_name, e);
+    if (!rc) rc = need_str(h, "path", path_ok, "a path of 1 to 4096 bytes (or synthetic:NAME)", &r->path, r->type_name, e);
+    if (rc) return rc;
+    r->backend = str_of(h, "backend");
+    if (r->backend && strcmp(r->backend, "auto") && strcmp(r->backend, "cpu") && strcmp(r->backend, "cuda"))
+        return fail(e, KVM_EINVAL, "backend", "model.load: field 'backend' must be \"auto\", \"cpu\" or \"cuda\"");
+    return 0;
+}
+
+static int decode_stop(const cJSON *st, kvm_req_t *r, kvm_req_error_t *e) {
+    int i = 0;
+    for (const cJSON *x = st ? st->child : NULL; x; x = x->next, i++) {
+        char p[32];
+        snprintf(p, sizeof p, "stop[%d]", i);
+        if (i >= KVM_REQ_STOP_MAX) return fail(e, KVM_EINVAL, "stop", "generate: field 'stop' holds more than %d strings", KVM_REQ_STOP_MAX);
+        if (!cJSON_IsString(x) || !x->valuestring[0] || strlen(x->valuestring) > 256)
+            return fail(e, KVM_EINVAL, p, "generate: %s must be a string of 1 to 256 bytes", p);
+        r->stop[r->n_stop++] = x->valuestring;
+    }
+    return 0;
+}
+
+static int decode_generate(const cJSON *h, const kvm_req_frame_t *pay, int n_pay, kvm_req_t *r, kvm_req_error_t *e) {
+    int rc = need_str(h, "model", name_ok, "a model name (" NAME_RULE ")", &r->model, "generate", e);
+    if (!rc) rc = decode_seed(cJSON_GetObjectItemCaseSensitive(h, "seed"), r, e);
+    if (!rc) rc = opt_int(h, "max_tokens", 1, 4096, 64, &r->max_tokens, "generate", e);
+    if (!rc) rc = decode_stop(cJSON_GetObjectItemCaseSensitive(h, "stop"), r, e);
+    if (rc) return rc;
+    r->prompt = str_of(h, "prompt");
+    if (r->prompt && n_pay) return fail(e, KVM_EINVAL, "prompt", "generate: the prompt is either field 'prompt' or a token_ids frame, not both");
+    if (!r->prompt && !n_pay) return fail(e, KVM_EINVAL, "prompt", "generate: field 'prompt' (or a token_ids frame) is required");
+    if (n_pay) {
+        const cJSON *d = cJSON_GetArrayItem(cJSON_GetObjectItemCaseSensitive(h, "frames"), 0);
+        const char *dt = str_of(d, "dtype"), *nm = str_of(d, "name");
+        const cJSON *sh = cJSON_GetObjectItemCaseSensitive(d, "shape");
+        if (nm && strcmp(nm, "token_ids")) return fail(e, KVM_EINVAL, "frames[0].name", "generate: frame 0 must be named \"token_ids\"");
+        if (!dt || strcmp(dt, "i32") || cJSON_GetArraySize(sh) != 1)
+            return fail(e, KVM_EINVAL, "frames[0]", "generate: the token_ids frame must be i32 of shape [T]");
+        if (pay[0].len == 0 || pay[0].len / 4 > 1000000)
+            return fail(e, KVM_EINVAL, "frames[0].shape", "generate: the token_ids frame must hold 1 to 1000000 ids");
+        r->token_ids = pay[0].data;
+        r->n_token_ids = (int)(pay[0].len / 4);
+    } else if (!r->prompt[0]) {
+        return fail(e, KVM_EINVAL, "prompt", "generate: field 'prompt' is empty");
+    }
+    const cJSON *t = cJSON_GetObjectItemCaseSensitive(h, "temperature"), *p = cJSON_GetObjectItemCaseSensitive(h, "top_p");
+    r->temperature = t ? t->valuedouble : 0;
+    r->top_p = p ? p->valuedouble : 1;
+    if (!isfinite(r->temperature) || r->temperature < 0 || r->temperature > 100)
+        return fail(e, KVM_EINVAL, "temperature", "generate: field 'temperature' must be in [0, 100] (0 = greedy)");
+    if (!isfinite(r->top_p) || r->top_p <= 0 || r->top_p > 1)
+        return fail(e, KVM_EINVAL, "top_p", "generate: field 'top_p' must be in (0, 1]");
+    r->chat = cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(h, "chat"));
+    r->ignore_eos = cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(h, "ignore_eos"));
+    return 0;
+}
+
+/* segment.put: token_ids (i32 [T]) then k and v (dtype [layers][kv_heads][T][head_dim]), in that order. */
+static int decode_segment_put(const cJSON *h, const kvm_req_frame_t *pay, int n_pay, kvm_req_t *r, kvm_req_error_t *e) {
+    int rc = need_str(h, "segment_id", name_ok, "a segment id (" NAME_RULE ")", &r->segment_id, "segment.put", e);
+    if (!rc) rc = need_str(h, "model", name_ok, "a model name (" NAME_RULE ")", &r->model, "segment.put", e);
+    if (!rc) rc = opt_int(h, "frame", 0, 1 << 24, 0, &r->frame, "segment.put", e);
+    const char *dims[3] = {"layers", "kv_heads", "head_dim"};
+    int *out[3] = {&r->layers, &r->kv_heads, &r->head_dim};
+    for (int i = 0; i < 3 && !rc; i++) {
+        if (!cJSON_GetObjectItemCaseSensitive(h, dims[i])) return fail(e, KVM_EINVAL, dims[i], "segment.put: field '%s' is required", dims[i]);
+        rc = opt_int(h, dims[i], 1, 4096, 0, out[i], "segment.put", e);
+    }
+    if (rc) return rc;
+    r->dtype = str_of(h, "dtype");
+    if (!r->dtype || (strcmp(r->dtype, "f32") && strcmp(r->dtype, "f16") && strcmp(r->dtype, "bf16")))
+        return fail(e, KVM_EINVAL, "dtype", "segment.put: field 'dtype' must be the model's cache dtype: \"f32\", \"f16\" or \"bf16\"");
+    if (n_pay != 3) return fail(e, KVM_EPROTO, "frames", "segment.put: takes 3 payload frames (token_ids, k, v), not %d", n_pay);
+    const cJSON *fr = cJSON_GetObjectItemCaseSensitive(h, "frames");
+    static const char *const names[3] = {"token_ids", "k", "v"};
+    int64_t T = -1;
+    for (int i = 0; i < 3; i++) {
+        const cJSON *d = cJSON_GetArrayItem(fr, i), *sh = cJSON_GetObjectItemCaseSensitive(d, "shape");
+        const char *nm = str_of(d, "name"), *dt = str_of(d, "dtype");
+        char p[32];
+        snprintf(p, sizeof p, "frames[%d]", i);
+        if (nm && strcmp(nm, names[i])) return fail(e, KVM_EINVAL, p, "segment.put: %s must be named \"%s\" (token_ids, k, v in that order)", p, names[i]);
+        if (i == 0) {
+            if (strcmp(dt, "i32") || cJSON_GetArraySize(sh) != 1 || pay[0].len < 4)
+                return fail(e, KVM_EINVAL, p, "segment.put: the token_ids frame must be i32 of shape [T], T >= 1");
+            T = (int64_t)(pay[0].len / 4);
+            continue;
+        }
+        bool ok = !strcmp(dt, r->dtype) && cJSON_GetArraySize(sh) == 4;
+        const double want[4] = {r->layers, r->kv_heads, (double)T, r->head_dim};
+        for (int j = 0; ok && j < 4; j++) ok = cJSON_GetArrayItem(sh, j)->valuedouble == want[j];
+        if (!ok)
+            return fail(e, KVM_EINVAL, p, "segment.put: frame '%s' must be %s of shape [layers %d][kv_heads %d][T %lld][head_dim %d]",
+                        names[i], r->dtype, r->layers, r->kv_heads, (long long)T, r->head_dim);
+    }
+    if (T > 1000000) return fail(e, KVM_EINVAL, "frames[0]", "segment.put: more than 1000000 tokens");
+    r->n_tokens = (int)T;
+    r->seg_ids = pay[0].data;
+    r->seg_k = pay[1].data;
+    r->seg_v = pay[2].data;
+    r->seg_kv_bytes = pay[1].len;
+    return 0;
+}
+
+static int decode_models(const cJSON *h, const kvm_req_frame_t *pay, int n_pay, kvm_req_t *r, kvm_req_error_t *e) {
+    const cJSON *pin = cJSON_GetObjectItemCaseSensitive(h, "pinned"), *hum = cJSON_GetObjectItemCaseSensitive(h, "human");
+    int rc = 0;
+    r->entry = -1;
+    switch (r->type) {
+    case KVM_REQ_MODEL_LOAD: return decode_model_load(h, r, e);
+    case KVM_REQ_MODEL_UNLOAD: return need_str(h, "name", name_ok, "a model name (" NAME_RULE ")", &r->model, r->type_name, e);
+    case KVM_REQ_GENERATE: return decode_generate(h, pay, n_pay, r, e);
+    case KVM_REQ_ATTRIBUTE:
+        rc = opt_int(h, "k", 1, 16, 5, &r->k, r->type_name, e);
+        return rc ? rc : need_str(h, "run_id", id_ok, "a run id (1 to 64 printable bytes)", &r->run_id, r->type_name, e);
+    case KVM_REQ_CACHE_SHOW: return opt_int(h, "entry", 0, 2147483647.0, -1, &r->entry, r->type_name, e);
+    case KVM_REQ_CACHE_PIN:
+    case KVM_REQ_CACHE_EVICT:
+        if (!cJSON_GetObjectItemCaseSensitive(h, "entry")) return fail(e, KVM_EINVAL, "entry", "%s: field 'entry' is required", r->type_name);
+        r->pinned = !pin || cJSON_IsTrue(pin);
+        return opt_int(h, "entry", 0, 2147483647.0, -1, &r->entry, r->type_name, e);
+    case KVM_REQ_SEGMENT_PUT: return decode_segment_put(h, pay, n_pay, r, e);
+    case KVM_REQ_SEGMENT_GET:
+    case KVM_REQ_SEGMENT_DROP:
+        return need_str(h, "segment_id", name_ok, "a segment id (" NAME_RULE ")", &r->segment_id, r->type_name, e);
+    case KVM_REQ_CACHE_LABEL:
+        if (!cJSON_GetObjectItemCaseSensitive(h, "step")) return fail(e, KVM_EINVAL, "step", "cache.label: field 'step' is required");
+        rc = opt_int(h, "step", 0, 1000000, 0, &r->step, r->type_name, e);
+        if (!rc) rc = need_str(h, "run_id", id_ok, "a run id (1 to 64 printable bytes)", &r->run_id, r->type_name, e);
+        if (rc) return rc;
+        r->agent = str_of(h, "agent");
+        if (!r->agent || !r->agent[0] || strlen(r->agent) > 63)
+            return fail(e, KVM_EINVAL, "agent", "cache.label: field 'agent' (the responsible agent) must be 1 to 63 bytes");
+        r->human = !hum || cJSON_IsTrue(hum);
+        return 0;
+    default: return 0;
+    }
 }
 
 static int decode_body(const cJSON *h, const kvm_req_frame_t *pay, int n_pay, const kvm_req_limits_t *lim, kvm_req_t *r,
@@ -354,7 +535,7 @@ static int decode_body(const cJSON *h, const kvm_req_frame_t *pay, int n_pay, co
     case KVM_REQ_RUN_RESUME: r->value = cJSON_GetObjectItemCaseSensitive(h, "value"); /* fall through */
     case KVM_REQ_RUN_CANCEL:
     case KVM_REQ_RUN_STATUS: return need_str(h, "run_id", id_ok, "a run id (1 to 64 printable bytes)", &r->run_id, r->type_name, e);
-    default: return 0;
+    default: return decode_models(h, pay, n_pay, r, e);
     }
 }
 

@@ -18,6 +18,8 @@
 #define KVM_REQ_ID_MAX 64          /* bytes of a request id */
 #define KVM_REQ_NAME_MAX 64        /* bytes of a workflow name */
 #define KVM_REQ_HEADER_MAX 65536   /* bytes of the header frame */
+#define KVM_REQ_STOP_MAX 8         /* generate: stop strings */
+#define KVM_REQ_PATH_MAX 4096      /* model.load: bytes of the path */
 
 enum kvm_req_type {
     KVM_REQ_HELLO = 1,
@@ -33,6 +35,20 @@ enum kvm_req_type {
     KVM_REQ_TRACE_GET,
     KVM_REQ_RUN_RESUME,
     KVM_REQ_TRACE_EXPORT,
+    /* models, direct generation, failure attribution and the error-schema cache (request.c's decode_models) */
+    KVM_REQ_MODEL_LOAD,
+    KVM_REQ_MODEL_UNLOAD,
+    KVM_REQ_MODEL_LIST,
+    KVM_REQ_GENERATE,
+    KVM_REQ_ATTRIBUTE,
+    KVM_REQ_CACHE_STATS,
+    KVM_REQ_CACHE_SHOW,
+    KVM_REQ_CACHE_PIN,
+    KVM_REQ_CACHE_EVICT,
+    KVM_REQ_CACHE_LABEL,
+    KVM_REQ_SEGMENT_PUT,
+    KVM_REQ_SEGMENT_GET,
+    KVM_REQ_SEGMENT_DROP,
 };
 
 /* Streams a run.start asks for (`stream`). */
@@ -76,6 +92,36 @@ typedef struct kvm_req {
     const cJSON *value;
     /* trace.export: "otlp-json" | "whowhen" | "jsonl" (checked); NULL = not given ("otlp-json") */
     const char *format;
+    /* model.load (name = the model's name, path, backend) / model.unload (name); generate (model) */
+    const char *model;
+    const char *path;
+    const char *backend;            /* "auto" | "cpu" | "cuda"; NULL = auto */
+    /* generate: prompt text, or token_ids (i32 little-endian, payload frame 0, not aligned: memcpy them) */
+    const char *prompt;
+    const void *token_ids;
+    int n_token_ids;
+    int max_tokens;                 /* default 64 */
+    double temperature;             /* default 0 (greedy) */
+    double top_p;                   /* default 1 */
+    const char *stop[KVM_REQ_STOP_MAX];
+    int n_stop;
+    bool chat;                      /* the prompt rendered in the model's chat format */
+    bool ignore_eos;                /* generate past end-of-sequence ids (benchmarks) */
+    /* attribute (run_id, k); cache.show / cache.pin / cache.evict (entry); cache.label (run_id, agent, step) */
+    int k;                          /* attribute: schemata retrieved (default 5) */
+    int entry;                      /* -1 = none (cache.show lists the ids) */
+    bool pinned;                    /* cache.pin: default true */
+    const char *agent;
+    int step;
+    bool human;                     /* cache.label: a person's label (never evicted); default true */
+    /* segment.put / segment.get / segment.drop (segment_id); put: model, frame, dtype, dimensions and the three
+     * payload frames, checked against each other (the handler checks them against the model) */
+    const char *segment_id;
+    int frame;                      /* the RoPE frame: the position of the segment's first token (default 0) */
+    const char *dtype;              /* "f32" | "f16" | "bf16" */
+    int layers, kv_heads, head_dim, n_tokens;
+    const void *seg_ids, *seg_k, *seg_v; /* into the payload frames (not aligned) */
+    size_t seg_kv_bytes;            /* bytes of k (= of v) */
 } kvm_req_t;
 
 /* A request that failed validation. */

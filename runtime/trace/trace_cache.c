@@ -748,6 +748,14 @@ int kvm_schema_cache_pin(kvm_schema_cache_t *c, int id, bool pinned) {
     return 0;
 }
 
+int kvm_schema_cache_evict(kvm_schema_cache_t *c, int id) {
+    entry_t *e = live_entry(c, id);
+    if (!e) return kvm_seterr(KVM_ENOENT, "schema cache: no entry %d", id);
+    if (e->flags & F_PINNED) return kvm_seterr(KVM_EBUSY, "schema cache: entry %d is pinned (unpin it first)", id);
+    entry_detach(c, e);
+    return 0;
+}
+
 /* The stub text of an entry (correct.md §3.2): rendered from its signature. */
 static void entry_stub(const entry_t *e, kvm_sb_t *b) {
     int top = 0;

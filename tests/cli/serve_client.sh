@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # serve_client.sh KVMESH SHARED - `kvmesh client` against a `kvmesh serve` daemon on the mock model: load a
-# workflow from a file, run it streaming tokens, errors with a non-zero exit, SIGTERM stops the daemon cleanly.
+# workflow from a file, run it streaming tokens, load a model and generate from it, errors with a non-zero exit,
+# SIGTERM stops the daemon cleanly.
 set -u
 kvmesh=$1
 tmp=$(mktemp -d)
@@ -42,6 +43,24 @@ grep -q '"type":.*"done"' "$tmp/out" || fail "client --json run printed no done 
 grep -q "KVM_ENOENT" "$tmp/out" || fail "unknown workflow: no KVM_ENOENT ($(cat "$tmp/out"))"
 "$kvmesh" client --connect "$ep" runs > "$tmp/out" || fail "client runs"
 [ "$(grep -c '"run_id"' "$tmp/out")" -eq 2 ] || fail "client runs does not list the two runs"
+# models and generate (docs/protocol.md: model.load, generate, model.unload)
+grep -q "generate MODEL PROMPT" <("$kvmesh" client --help) || fail "client --help lacks 'generate MODEL PROMPT'"
+"$kvmesh" client --connect "$ep" model-load mini models/minillama-2m --backend cpu > "$tmp/out" || fail "client model-load: $(cat "$tmp/out")"
+grep -q '"arch":.*"LlamaForCausalLM"' "$tmp/out" || fail "model-load reply lacks the arch"
+"$kvmesh" client --connect "$ep" models > "$tmp/out" || fail "client models"
+grep -q '"name":.*"mini"' "$tmp/out" || fail "client models does not list mini"
+"$kvmesh" client --connect "$ep" generate mini "Once upon a time" --max-tokens 6 --ignore-eos --seed 3 > "$tmp/out" 2> "$tmp/err" || fail "client generate: $(cat "$tmp/err")"
+[ -s "$tmp/out" ] || fail "client generate streamed no text"
+grep -q "6 generated, stop: length" "$tmp/err" || fail "client generate printed no summary: $(cat "$tmp/err")"
+"$kvmesh" client --connect "$ep" --json generate mini "Once upon a time" --max-tokens 6 --ignore-eos --seed 3 > "$tmp/json" || fail "client --json generate"
+/usr/bin/python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); sys.exit(d["text"] != open(sys.argv[2]).read())' "$tmp/json" "$tmp/out" \
+  || fail "the streamed text is not done's text"
+"$kvmesh" client --connect "$ep" generate mini "x" --temperature -1 > "$tmp/out" 2>&1 && fail "generate with temperature -1 succeeded"
+grep -q "KVM_EINVAL.*field temperature" "$tmp/out" || fail "temperature -1: no KVM_EINVAL at temperature ($(cat "$tmp/out"))"
+"$kvmesh" client --connect "$ep" generate mini "x" --max-tokens abc > "$tmp/out" 2>&1; [ $? -eq 2 ] || fail "--max-tokens abc: not a usage error"
+"$kvmesh" client --connect "$ep" model-unload mini > "$tmp/out" || fail "client model-unload"
+"$kvmesh" client --connect "$ep" generate mini "x" > "$tmp/out" 2>&1 && fail "generate on an unloaded model succeeded"
+grep -q "KVM_ENOENT" "$tmp/out" || fail "unloaded model: no KVM_ENOENT ($(cat "$tmp/out"))"
 kill -TERM "$dpid"
 wait "$dpid" || fail "the daemon exited non-zero after SIGTERM"
 dpid=

@@ -1,10 +1,12 @@
 """test_protocol.py KVMESH TMP - every request type of `kvmesh serve` through the pyzmq client, on the mock model:
 hello, ping, stats, workflow.load/list/drop, run.start with each stream, run.status/list, trace.get, trace.export
 (OTLP/JSON checked by tests/support/otlp_check.py, Who&When, JSONL, bad format, unknown run), run.cancel,
-run.resume of a run parked in kvmesh.interrupt,
+run.resume of a run parked in kvmesh.interrupt, model.load/list/unload, generate (text and token_ids, streamed),
+segment.put/get/drop, attribute, cache.stats/show/pin/evict/label, the overhead figures in stats,
 deadline_ms, the event stream (per-topic order, one seq across topics), a silent client losing its run, and
 SIGTERM draining a run going."""
 import os
+import struct
 import subprocess
 import sys
 import time
@@ -34,6 +36,8 @@ try:
     h = c.hello()
     t.check(h["type"] == "hello.ok" and h["version"] == 1 and "run.start" in h["capabilities"]["types"], "hello answers hello.ok with version 1 and the types")
     t.check(h["seq"] == 0 and h["id"].startswith("r-"), "a reply echoes the request id with seq 0")
+    t.check({"model.load", "generate", "segment.put", "attribute", "cache.label"} <= set(h["capabilities"]["types"]),
+            "hello lists the model, generate, segment, attribute and cache types")
     t.check(c.ping()["type"] == "pong", "ping answers pong")
     ok = c.workflow_load("pair", PAIR)
     t.check(ok["name"] == "pair" and [a["name"] for a in ok["agents"]] == ["a", "b"], "workflow.load names the agents")
@@ -180,6 +184,116 @@ try:
     t.check(st["state"] == "done" and len(st["steps"]) == 2 and st["outputs"], "a run of a recycled instance keeps its status, steps and outputs")
     t.check(len(c.trace_get(run_id)) > 2 and len(c.trace_get(more[0])) > 2, "and its trace")
     t.check([w["runs"] for w in c.workflow_list() if w["name"] == "pair"] == [9], "workflow.list counts the runs over the instances")
+
+    # models and direct generation: model.load / model.list / generate (text prompt or token_ids frame) / model.unload
+    mini = os.path.join(ROOT, "models", "minillama-2m")
+    m = c.model_load("mini", mini, backend="cpu")
+    t.check(m["arch"] == "LlamaForCausalLM" and m["n_layers"] > 0 and m["tokenizer"] and m["backend"] == "cpu", "model.load answers the model's shape")
+    t.check([x["name"] for x in c.model_list()] == ["mini"], "model.list lists the loaded model")
+    msgs = list(c.generate("mini", prompt="Once upon a time", max_tokens=8, seed=3))
+    g = msgs[-1]
+    t.check(g["type"] == "done" and all(x["type"] == "token" for x in msgs[:-1]) and [x["seq"] for x in msgs] == list(range(len(msgs))),
+            "generate streams token messages, then done, seq 0, 1, 2, ...")
+    t.check("".join(x["text"] for x in msgs[:-1]) == g["text"] and [x["token_id"] for x in msgs[:-1]] == g["token_ids"],
+            "the streamed tokens are done's text and token_ids")
+    t.check(all(x["agent"] == "mini" for x in msgs[:-1]), "token messages name the model as their agent (the run event schema)")
+    t.check(g["usage"]["output_tokens"] == len(g["token_ids"]) and g["usage"]["input_tokens"] > 0 and g["stop_reason"] in ("eos", "length"),
+            "done carries usage and the stop reason (%s)" % g["stop_reason"])
+    t.check(c.generate_sync("mini", prompt="Once upon a time", max_tokens=8, seed=3)["token_ids"] == g["token_ids"], "greedy generate repeats exactly")
+    ids = [1, 100, 200, 300, 400]
+    gi = c.generate_sync("mini", token_ids=ids, max_tokens=6, ignore_eos=True)
+    t.check(gi["usage"]["input_tokens"] == len(ids) and gi["usage"]["output_tokens"] == 6 and gi["stop_reason"] == "length",
+            "generate from a token_ids frame: its ids are the prompt, ignore_eos runs to max_tokens")
+    gs = c.generate_sync("mini", token_ids=ids, max_tokens=64, ignore_eos=True, temperature=0.8, top_p=0.9, seed="18446744073709551615")
+    t.check(gs["usage"]["output_tokens"] == 64, "sampled generate (temperature, top_p, a 64-bit seed string) runs")
+    try:
+        c.generate_sync("mini", token_ids=ids, max_tokens=400, ignore_eos=True, deadline_ms=1)
+        t.check(False, "a generate past its deadline ends with KVM_ETIMEDOUT")
+    except KvmeshError as e:
+        t.check(e.code == "KVM_ETIMEDOUT", "a generate past its deadline ends with KVM_ETIMEDOUT")
+    try:
+        c.model_load("mini", mini)
+        t.check(False, "model.load of a taken name is refused")
+    except KvmeshError as e:
+        t.check(e.code == "KVM_EINVAL" and e.field == "name", "model.load of a taken name is KVM_EINVAL at 'name'")
+    # KV segments: put checked against the model, get gives the same bytes back, drop
+    L, H, D, T = m["n_layers"], m["n_kv_heads"], m["head_dim"], 5
+    n = L * H * T * D
+    kb = struct.pack("<%df" % n, *[i * 0.25 for i in range(n)])
+    vb = struct.pack("<%df" % n, *[-i * 0.5 for i in range(n)])
+    put = c.segment_put("seg-1", "mini", [1, 5, 9, 13, 17], kb, vb, "f32", L, H, D, frame=7)
+    t.check(put["tokens"] == T and put["bytes"] == 4 * T + 2 * len(kb) and m["kv_dtype"] == "f32",
+            "segment.put keeps a segment in the model's cache dtype (%s)" % m["kv_dtype"])
+    got = c.segment_get("seg-1")
+    t.check(got["token_ids"] == [1, 5, 9, 13, 17] and got["k"] == kb and got["v"] == vb, "segment.get gives the token ids, K and V back byte for byte")
+    t.check(got["frame"] == 7 and (got["layers"], got["kv_heads"], got["head_dim"], got["dtype"]) == (L, H, D, "f32"),
+            "and its frame, dimensions and dtype")
+    for what, kw, code, field in [("layers", dict(layers=L + 1), "KVM_ESHAPE", "layers"),
+                                  ("head_dim", dict(head_dim=D * 2), "KVM_ESHAPE", "head_dim"),
+                                  ("dtype", dict(dtype="bf16"), "KVM_EDTYPE", "dtype"),
+                                  ("segment_id (one taken)", dict(segment_id="seg-1"), "KVM_EINVAL", "segment_id")]:
+        a = dict(segment_id="seg-2", model="mini", token_ids=[1, 2, 3, 4, 5], k=kb, v=vb, dtype="f32", layers=L, kv_heads=H, head_dim=D)
+        a.update(kw)
+        if a["dtype"] == "bf16":
+            a["k"] = a["v"] = kb[: len(kb) // 2]
+        if a["layers"] != L or a["head_dim"] != D:
+            a["k"] = a["v"] = bytes(4 * a["layers"] * H * T * a["head_dim"])
+        try:
+            c.segment_put(**a)
+            t.check(False, "segment.put with a wrong %s is refused" % what)
+        except KvmeshError as e:
+            t.check(e.code == code and e.field == field, "segment.put with a wrong %s is %s at '%s' (%s %s)" % (what, code, field, e.code, e.field))
+    t.check(c.stats()["segments"]["count"] == 1, "stats counts the segments")
+    c.segment_drop("seg-1")
+    try:
+        c.segment_get("seg-1")
+        t.check(False, "segment.get of a dropped segment is refused")
+    except KvmeshError as e:
+        t.check(e.code == "KVM_ENOENT" and e.field == "segment_id", "segment.get of a dropped segment is KVM_ENOENT")
+    c.segment_put("seg-3", "mini", [1, 2, 3, 4, 5], kb, vb, "f32", L, H, D)
+    un = c.model_unload("mini")
+    t.check(un["generates"] == 5 and un["segments_dropped"] == 1 and c.model_list() == [], "model.unload frees the model and its segments")
+    try:
+        c.generate_sync("mini", prompt="x")
+        t.check(False, "generate on an unloaded model is refused")
+    except KvmeshError as e:
+        t.check(e.code == "KVM_ENOENT" and e.field == "model", "generate on an unloaded model is KVM_ENOENT at 'model'")
+
+    # failure attribution and the error-schema cache over the traced run
+    a = c.attribute(run_id, k=3)
+    t.check(a["run_id"] == run_id and 0 <= a["step"] < a["steps"] and a["agent"] and len(a["evidence"]) == len(a["candidates"]) >= 1,
+            "attribute answers the blamed agent and step with ranked candidates (%s at %d)" % (a["agent"], a["step"]))
+    n0 = c.cache_stats()["entries"]
+    lab = c.cache_label(run_id, "b", 2)
+    t.check(c.cache_stats()["entries"] == n0 + 1 and lab["entry"] in c.cache_show()["ids"], "cache.label puts the labelled run into the cache")
+    sch = c.cache_show(lab["entry"])["schema"]
+    t.check(run_id in sch["source_traces"] and "HUMAN_LABEL" in sch["flags"], "cache.show shows the entry (its source trace, the human label)")
+    try:
+        c.cache_label(run_id, "b", 9)
+        t.check(False, "cache.label past the run's last step is refused")
+    except KvmeshError as e:
+        t.check(e.code == "KVM_EINVAL" and e.field == "step", "cache.label past the run's last step is KVM_EINVAL at 'step'")
+    c.cache_pin(lab["entry"])
+    try:
+        c.cache_evict(lab["entry"])
+        t.check(False, "cache.evict of a pinned entry is refused")
+    except KvmeshError as e:
+        t.check(e.code == "KVM_EBUSY", "cache.evict of a pinned entry is KVM_EBUSY")
+    c.cache_pin(lab["entry"], pinned=False)
+    t.check(c.cache_evict(lab["entry"])["evicted"] and c.cache_stats()["entries"] == n0, "cache.evict of an unpinned entry removes it")
+    try:
+        c.cache_show(lab["entry"])
+        t.check(False, "cache.show of an evicted entry is refused")
+    except KvmeshError as e:
+        t.check(e.code == "KVM_ENOENT" and e.field == "entry", "cache.show of an evicted entry is KVM_ENOENT at 'entry'")
+
+    # the daemon's own time per request, outside model compute
+    ov = c.stats()["overhead"]
+    p = ov["by_type"].get("ping", {})
+    t.check(p.get("n", 0) >= 1 and 0 < p["p50_us"] <= p["p99_us"] <= p["max_us"], "stats reports the overhead per request type (ping %s)" % p)
+    gen = ov["by_type"].get("generate", {})
+    t.check(gen.get("n") == 6 and ov["all"]["n"] == sum(h["n"] for h in ov["by_type"].values()),
+            "every generate is counted, the total covers every type")
 
     # workflow.drop
     c.workflow_drop("pair")

@@ -9,6 +9,10 @@
             print(msg["text"], end="", flush=True)
         elif msg["type"] == "done":
             print("\\nreuse:", msg["kv"], "ttft:", msg["timings"].get("ttft_ms"))
+    c.model_load("mini", "models/minillama-2m")          # a model for direct generation (no workflow)
+    for msg in c.generate("mini", prompt="Once upon a time", max_tokens=32):
+        if msg["type"] == "token":                        # then "done": the whole text, usage, timings
+            print(msg["text"], end="", flush=True)
 
 One DEALER socket per Client (one ROUTER routing id on the daemon's side); a Client is not thread-safe.
 While a run streams, the client sends `ping` every second (the daemon cancels the runs of a client silent for
@@ -76,15 +80,16 @@ class Client:
             raise TimeoutError("cannot send to the daemon (not connected)")
         self._last_send = time.monotonic()
 
-    def send(self, type, id=None, payload=None, **fields):
-        """Sends one request; returns its id. payload: bytes for one u8 payload frame (described in `frames`)."""
+    def send(self, type, id=None, payload=None, frames=None, **fields):
+        """Sends one request; returns its id. payload: bytes for one u8 payload frame (described in `frames`);
+        frames: [(name, dtype, shape, bytes)] for typed payload frames instead (token ids: "i32", [n])."""
         hdr = {"v": PROTOCOL_VERSION, "type": type, "id": id or self.new_id()}
         hdr.update({k: v for k, v in fields.items() if v is not None})
-        frames = [json.dumps(hdr).encode()]
         if payload is not None:
-            hdr["frames"] = [{"name": "source", "dtype": "u8", "shape": [len(payload)]}]
-            frames = [json.dumps(hdr).encode(), payload]
-        self.send_frames(frames)
+            frames = [("source", "u8", [len(payload)], payload)]
+        if frames:
+            hdr["frames"] = [{"name": n, "dtype": d, "shape": list(sh)} for n, d, sh, _ in frames]
+        self.send_frames([json.dumps(hdr).encode()] + [f[3] for f in (frames or [])])
         return hdr["id"]
 
     def recv_any(self, timeout_s=None):
@@ -122,9 +127,9 @@ class Client:
                 continue
             self._pending.setdefault(h.get("id"), []).append((h, p))
 
-    def request(self, type, payload=None, timeout_s=None, **fields):
+    def request(self, type, payload=None, timeout_s=None, frames=None, **fields):
         """One request with a single terminal reply: its header (payload frames under "_payload")."""
-        id = self.send(type, payload=payload, **fields)
+        id = self.send(type, payload=payload, frames=frames, **fields)
         for h, p in self.messages(id, timeout_s):
             if h.get("type") in TERMINAL:
                 if h["type"] == "error":
@@ -180,6 +185,83 @@ class Client:
         if fmt == "jsonl":
             return [json.loads(line) for line in text.splitlines() if line.strip()]
         return json.loads(text)
+
+    # ---- models and direct generation -------------------------------------------------------------------
+    def model_load(self, name, path, backend=None):
+        """Loads a model (a Hugging Face directory, a llama2.c .bin, "synthetic:<name>") under name for generate."""
+        return self.request("model.load", name=name, path=path, backend=backend)
+
+    def model_unload(self, name):
+        return self.request("model.unload", name=name)
+
+    def model_list(self):
+        return self.request("model.list")["models"]
+
+    def generate(self, model, prompt=None, token_ids=None, max_tokens=None, temperature=None, top_p=None, seed=None,
+                 stop=None, chat=None, ignore_eos=None, deadline_ms=None, timeout_s=None):
+        """Generates from a loaded model, yielding each `token` message, then `done` (text, token_ids, usage,
+        timings, stop_reason); raises KvmeshError when it ends in error. The prompt is text, or token_ids (a list
+        of ints, sent as an i32 frame)."""
+        frames = None
+        if token_ids is not None:
+            frames = [("token_ids", "i32", [len(token_ids)], struct.pack("<%di" % len(token_ids), *token_ids))]
+        id = self.send("generate", frames=frames, model=model, prompt=prompt, max_tokens=max_tokens,
+                       temperature=temperature, top_p=top_p, seed=seed, stop=list(stop) if stop else None, chat=chat,
+                       ignore_eos=ignore_eos, deadline_ms=deadline_ms)
+        for h, _ in self.messages(id, timeout_s):
+            if h.get("type") == "error":
+                raise KvmeshError(h)
+            yield h
+
+    def generate_sync(self, model, **kw):
+        """generate() to its end: the `done` reply."""
+        done = None
+        for h in self.generate(model, **kw):
+            done = h
+        return done
+
+    # ---- KV segments -------------------------------------------------------------------------------------
+    def segment_put(self, segment_id, model, token_ids, k, v, dtype, layers, kv_heads, head_dim, frame=None):
+        """Keeps a KV segment in the daemon: token_ids (ints), k and v (bytes, [layers][kv_heads][T][head_dim] in
+        the model's cache dtype, little-endian), checked against the loaded model. Returns {segment_id, tokens, bytes}."""
+        T = len(token_ids)
+        shape = [layers, kv_heads, T, head_dim]
+        frames = [("token_ids", "i32", [T], struct.pack("<%di" % T, *token_ids)), ("k", dtype, shape, k), ("v", dtype, shape, v)]
+        return self.request("segment.put", frames=frames, segment_id=segment_id, model=model, frame=frame, dtype=dtype,
+                            layers=layers, kv_heads=kv_heads, head_dim=head_dim)
+
+    def segment_get(self, segment_id):
+        """A kept segment: its header (model, frame, dtype, dimensions) with "token_ids" (ints), "k" and "v" (bytes)."""
+        h = self.request("segment.get", segment_id=segment_id)
+        ids, k, v = h.pop("_payload")
+        h["token_ids"] = list(struct.unpack("<%di" % (len(ids) // 4), ids))
+        h["k"], h["v"] = k, v
+        return h
+
+    def segment_drop(self, segment_id):
+        return self.request("segment.drop", segment_id=segment_id)
+
+    # ---- failure attribution and the error-schema cache (docs/correct.md) ------------------------------
+    def attribute(self, run_id, k=None):
+        """Blame of an ended run: {agent, step, score, evidence[], candidates[], schema_ids[]}."""
+        return self.request("attribute", run_id=run_id, k=k)
+
+    def cache_stats(self):
+        return self.request("cache.stats")
+
+    def cache_show(self, entry=None):
+        """An entry ({entry, schema}), or without one the live ids ({ids, entries})."""
+        return self.request("cache.show", entry=entry)
+
+    def cache_pin(self, entry, pinned=True):
+        return self.request("cache.pin", entry=entry, pinned=pinned)
+
+    def cache_evict(self, entry):
+        return self.request("cache.evict", entry=entry)
+
+    def cache_label(self, run_id, agent, step, human=None):
+        """Labels an ended run's failure (the responsible agent and its step) into the cache: {entry}."""
+        return self.request("cache.label", run_id=run_id, agent=agent, step=step, human=human)
 
     def start(self, workflow, inputs=None, seed=None, stream=None, deadline_ms=None, dataset=None, id=None, kv=None):
         """Sends run.start; returns the request id (read its stream with messages(id)). kv: "dense" | "prefix" |
