@@ -44,6 +44,23 @@ typedef struct wf_host_fn {
     void *ud;
 } wf_host_fn_t;
 
+/* A host tool (kvm_runtime_add_tool, include/kvmesh.h): a function of the program with a description and a JSON
+ * Schema for its arguments (runtime/core/jsonschema.h), called from a node as ctx:tool(name, args) (wf_tools.c). */
+typedef struct wf_tool {
+    char *name;
+    char *description;     /* "" when none */
+    cJSON *schema;         /* checked at registration */
+    kvm_tool_fn fn;
+    void *ud;
+} wf_tool_t;
+
+/* Makes a tool: checks the name (letters, digits, '_', '-', '.'; 1 to 64 bytes, not starting with a digit) and the
+ * schema (JSON text; NULL = {"type": "object"}). 0 and *out (free with wf_tool_free), or KVM_EINVAL / KVM_ENOMEM
+ * with a message naming the tool. */
+int wf_tool_new(const char *name, const char *description, const char *schema_json, kvm_tool_fn fn, void *ud,
+                wf_tool_t **out);
+void wf_tool_free(wf_tool_t *t);
+
 typedef struct kvm_wf_opts {
     const char *kv_override;       /* NULL, or "dense" | "prefix" | "kvcomm": overrides every agent's kv */
     bool mock;                     /* every kvmesh.model() resolves to "mock:echo" (dry runs, tests) */
@@ -60,6 +77,8 @@ typedef struct kvm_wf_opts {
     wf_host_fn_t *const *host_fns; /* kvmesh.<name> functions of the host program (read at load; each entry is
                                       borrowed and must outlive the workflow) */
     int n_host_fns;
+    wf_tool_t *const *tools;       /* ctx:tool(name, args) tools of the host program (borrowed, as host_fns) */
+    int n_tools;
     void (*on_step)(void *ud, const kvm_wf_step_info_t *s);
     void *ud;
     bool echo_print;               /* print() in scripts also goes to stderr */
@@ -159,6 +178,8 @@ typedef struct kvm_wf_replay_opts {
     kvm_model_params_t model;      /* how models are loaded (backend, dtypes); zero = defaults */
     wf_host_fn_t *const *host_fns; /* kvmesh.<name> functions the script may call (borrowed, as in kvm_wf_opts_t) */
     int n_host_fns;
+    wf_tool_t *const *tools;       /* ctx:tool tools the script may call (borrowed) */
+    int n_tools;
     /* the operator's limits for the replayed run (0 = kvmesh's defaults: 1e9 instructions, 5000 ms, 64 MiB); the
        limits recorded in the trace can only lower them, as a script's g:limit can */
     uint64_t max_instructions;

@@ -368,6 +368,8 @@ int wf_call_scratch(kvm_workflow_t *wf, int nargs, cJSON **out, const char *what
 void wf_seen_free(wf_seen_t *s);
 /* The C functions behind ctx:call and ctx:map (registered by wf_lua.c in the ctx metatable). */
 int wf_ctx_call(lua_State *L);
+/* ctx:tool(name, args): a host tool (wf_tools.c). */
+int wf_ctx_tool(lua_State *L);
 /* kvmesh.interrupt(payload): returns the recorded answer of this call, or parks the node's coroutine. */
 int wf_interrupt(lua_State *L);
 /* Resumes parked task t with value (its kvmesh.interrupt's result); the caller has counted it out of r->n_parked. */

@@ -1722,7 +1722,8 @@ static const luaL_Reg graph_methods[] = {{"agent", g_agent}, {"node", g_node}, {
                                          {"limit", g_limit}, {"output", g_output}, {"dataset", g_dataset}, {"score", g_score},
                                          {NULL, NULL}};
 
-static const luaL_Reg ctx_methods[] = {{"call", wf_ctx_call}, {"map", wf_ctx_map}, {"log", ctx_log}, {NULL, NULL}};
+static const luaL_Reg ctx_methods[] = {{"call", wf_ctx_call}, {"map", wf_ctx_map}, {"tool", wf_ctx_tool},
+                                       {"log", ctx_log}, {NULL, NULL}};
 
 /* Pushes a locked metatable (registered as `name`, or a plain one when name is NULL) with __tostring
  * and an __index that is a function or a table of methods (each optional). */

@@ -324,6 +324,36 @@ typedef int (*kvm_host_fn)(void *ud, const char *args_json, char **result_json);
  * (kvmesh.model, kvmesh.graph, ...). */
 int kvm_runtime_add_function(kvm_runtime_t *rt, const char *name, kvm_host_fn fn, void *ud);
 
+/* Host tools (docs/lua-api.md, "Host tools"): functions of the program with a JSON Schema for their arguments,
+ * called from a func/tool node as ctx:tool(name, args). The arguments (a Lua table, as a JSON object) are checked
+ * against the schema before the call; a violation is a Lua error naming the path ("ctx:tool: tool 'weather':
+ * args.city: expected string, got integer") and the tool does not run. One call of a tool: */
+typedef struct kvm_tool_call {
+    const char *tool;      /* the tool's name */
+    const char *args_json; /* the arguments: a JSON object that passed the schema */
+    const char *run_id;    /* the calling run */
+    const char *node;      /* the node that called */
+    double ms_left;        /* what is left of the run's wall-time budget (g:limit{wall_ms}) as the call begins; < 0 =
+                              none. A tool that returns after it is spent ends the run with KVM_EBUDGET */
+} kvm_tool_call_t;
+
+/* On success return 0 and set *result_json to JSON text allocated with kvm_malloc (the library frees it; NULL = the
+ * call returns nil). On failure return a KVM_E* code and set *result_json to a message allocated with kvm_malloc (or
+ * NULL): the script gets the Lua error "ctx:tool: tool '<name>': <message>". Pointers in call are valid during the
+ * call. The tool runs on the thread that drives the workflow, while the run waits: its time counts against the run's
+ * wall-time budget, not its Lua CPU budget. */
+typedef int (*kvm_tool_fn)(void *ud, const kvm_tool_call_t *call, char **result_json);
+
+/* Registers a tool for every workflow loaded into rt from now on. name: letters, digits, '_', '-' and '.' (1 to 64
+ * bytes, not starting with a digit), not registered before. description: what the tool does, for people and for
+ * models shown the tool (NULL = none). schema_json: the JSON Schema of the arguments (NULL = {"type": "object"}),
+ * of the subset docs/lua-api.md lists: type, properties, required, additionalProperties, enum, items, minimum,
+ * maximum, minLength, maxLength, minItems, maxItems (and the annotations title, description, default, examples);
+ * any other keyword is refused. 0, or KVM_EINVAL naming the tool and the place in the schema
+ * ("tool 'weather': schema.properties.city: unsupported keyword 'pattern' (supported: ...)"). */
+int kvm_runtime_add_tool(kvm_runtime_t *rt, const char *name, const char *description, const char *schema_json,
+                         kvm_tool_fn fn, void *ud);
+
 /* Counters of the runtime as a JSON object (freed with kvm_free): forward passes, sequences per pass, and
  * per model its KV store and KVCOMM statistics (anchors, pools, reuse). NULL + message on error. */
 char *kvm_runtime_stats_json(const kvm_runtime_t *rt);

@@ -1,0 +1,273 @@
+/* test_host_tools.c - host tools through the public API (kvm_runtime_add_tool, ctx:tool): arguments checked
+ * against the tool's schema before the call, the result back as Lua data, every failure a clear error of the run
+ * (unknown tool, schema violation with its path, the tool's own error, a result that is not JSON), the run's
+ * wall-time budget covering the callback, registration refusing bad names and unsupported schema keywords, and the
+ * call recorded in the trace. Only the public header is included. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <cmocka.h>
+
+#include <kvmesh.h>
+
+#include "test_common.h"
+#include "tests/support/test_runtime.h"
+
+TC_TMPDIR_FIXTURE("kvm_tools")
+
+static const char *const WEATHER_SCHEMA =
+    "{\"type\":\"object\",\"properties\":{\"city\":{\"type\":\"string\",\"minLength\":1},"
+    "\"days\":{\"type\":\"integer\",\"minimum\":1,\"maximum\":7}},\"required\":[\"city\"],\"additionalProperties\":false}";
+
+typedef struct calls {
+    int n;
+    char last_args[256];
+    char last_node[64];
+    double ms_left;
+} calls_t;
+
+static char *dup_text(const char *s) {
+    char *p = kvm_malloc(strlen(s) + 1);
+    if (p) strcpy(p, s);
+    return p;
+}
+
+/* {"city": C, "days": D} -> {"city": C, "forecast": ["sun", ...] (D entries)}; the city "Atlantis" fails. */
+static int weather(void *ud, const kvm_tool_call_t *call, char **result) {
+    calls_t *c = ud;
+    c->n++;
+    snprintf(c->last_args, sizeof c->last_args, "%s", call->args_json);
+    snprintf(c->last_node, sizeof c->last_node, "%s", call->node);
+    c->ms_left = call->ms_left;
+    if (strstr(call->args_json, "Atlantis")) {
+        *result = dup_text("no weather under the sea");
+        return KVM_ENOENT;
+    }
+    *result = dup_text("{\"forecast\":[\"sun\",\"rain\"],\"ok\":true}");
+    return 0;
+}
+
+static int not_json(void *ud, const kvm_tool_call_t *call, char **result) {
+    (void)ud;
+    (void)call;
+    *result = dup_text("{oops");
+    return 0;
+}
+
+static int slow(void *ud, const kvm_tool_call_t *call, char **result) {
+    (void)call;
+    ((calls_t *)ud)->n++;
+    struct timespec ts = {0, 80 * 1000000L};
+    nanosleep(&ts, NULL);
+    *result = NULL;
+    return 0;
+}
+
+/* A one-node workflow whose node runs `body` (Lua, with state, last, ctx) and writes what it returns to 'out'. */
+static kvm_workflow_t *load_node(kvm_runtime_t *rt, const char *body, const char *limit) {
+    char src[2048];
+    snprintf(src, sizeof src,
+             "local kvm = kvmesh\n"
+             "local g = kvm.graph{ name = 'tools', state = { out = kvm.reduce.replace } }\n"
+             "%s\n"
+             "g:func('ask', function(state, last, ctx)\n"
+             "  %s\n"
+             "end)\n"
+             "g:edge(kvm.START, 'ask')\n"
+             "g:output(function(state) return { out = state.out } end)\n"
+             "return g\n",
+             limit ? limit : "", body);
+    kvm_workflow_t *wf = kvm_workflow_load_string(rt, "tools.lua", src, strlen(src), NULL);
+    if (!wf) fail_msg("%s", kvm_errmsg());
+    return wf;
+}
+
+/* Runs wf once; returns its status, the message in msg and the outputs in out (either may be NULL). */
+static int run_once(kvm_workflow_t *wf, char *msg, size_t cap, char **out) {
+    kvm_run_t *r = kvm_run_start(wf, NULL);
+    assert_non_null(r);
+    assert_int_equal(kvm_workflow_drive(wf), 0);
+    const char *m = NULL;
+    int st = kvm_run_status(r, &m);
+    if (msg) snprintf(msg, cap, "%s", m ? m : "");
+    if (out) *out = st == 0 ? kvm_run_outputs_json(r) : NULL;
+    return st;
+}
+
+static void test_a_tool_gets_checked_arguments_and_returns_lua_data(void **st) {
+    (void)st;
+    kvm_runtime_t *rt = mock_runtime(NULL);
+    calls_t c = {0};
+    assert_int_equal(kvm_runtime_add_tool(rt, "weather", "Forecast for a city", WEATHER_SCHEMA, weather, &c), 0);
+    kvm_workflow_t *wf = load_node(rt,
+                                   "local r = ctx:tool('weather', { city = 'Oslo', days = 2 })\n"
+                                   "  return { out = r.forecast[2] .. ' ' .. tostring(r.ok) .. ' ' .. #r.forecast }",
+                                   NULL);
+    char *out = NULL;
+    assert_int_equal(run_once(wf, NULL, 0, &out), 0);
+    assert_string_equal(out, "{\"out\":\"rain true 2\"}");
+    kvm_free(out);
+    assert_int_equal(c.n, 1);
+    assert_non_null(strstr(c.last_args, "\"city\":\"Oslo\""));
+    assert_non_null(strstr(c.last_args, "\"days\":2"));
+    assert_string_equal(c.last_node, "ask");
+    assert_true(c.ms_left < 0); /* no wall-time budget */
+    kvm_workflow_free(wf);
+    kvm_runtime_free(rt);
+}
+
+static void test_a_schema_violation_names_the_path_and_the_tool_does_not_run(void **st) {
+    (void)st;
+    kvm_runtime_t *rt = mock_runtime(NULL);
+    calls_t c = {0};
+    assert_int_equal(kvm_runtime_add_tool(rt, "weather", NULL, WEATHER_SCHEMA, weather, &c), 0);
+    struct {
+        const char *call, *want;
+    } cases[] = {
+        {"ctx:tool('weather', { city = 12 })", "ctx:tool: tool 'weather': args.city: expected string, got integer"},
+        {"ctx:tool('weather', { days = 2 })", "ctx:tool: tool 'weather': args: missing required property 'city'"},
+        {"ctx:tool('weather', { city = 'Oslo', days = 9 })", "ctx:tool: tool 'weather': args.days: 9 is above the maximum 7"},
+        {"ctx:tool('weather', { city = 'Oslo', zip = 1 })", "args: property 'zip' is not allowed"},
+        {"ctx:tool('weather', 'Oslo')", "ctx:tool: tool 'weather': the arguments must be a table (got string)"},
+        {"ctx:tool('wether', { city = 'Oslo' })", "ctx:tool: no tool 'wether' is registered (tools: weather)"},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
+        char body[256], msg[2048];
+        snprintf(body, sizeof body, "return { out = %s }", cases[i].call);
+        kvm_workflow_t *wf = load_node(rt, body, NULL);
+        assert_int_equal(run_once(wf, msg, sizeof msg, NULL), KVM_ELUA_RUNTIME);
+        if (!strstr(msg, cases[i].want)) fail_msg("case %zu: '%s' lacks '%s'", i, msg, cases[i].want);
+        assert_non_null(strstr(msg, "tools.lua:5:")); /* the script's line */
+        kvm_workflow_free(wf);
+    }
+    assert_int_equal(c.n, 0);
+    kvm_runtime_free(rt);
+}
+
+static void test_a_failing_tool_is_a_lua_error_pcall_can_catch(void **st) {
+    (void)st;
+    kvm_runtime_t *rt = mock_runtime(NULL);
+    calls_t c = {0};
+    assert_int_equal(kvm_runtime_add_tool(rt, "weather", NULL, WEATHER_SCHEMA, weather, &c), 0);
+    assert_int_equal(kvm_runtime_add_tool(rt, "broken", NULL, NULL, not_json, NULL), 0);
+    kvm_workflow_t *wf = load_node(rt,
+                                   "local ok, err = pcall(ctx.tool, ctx, 'weather', { city = 'Atlantis' })\n"
+                                   "  return { out = tostring(ok) .. ' | ' .. err }",
+                                   NULL);
+    char *out = NULL;
+    assert_int_equal(run_once(wf, NULL, 0, &out), 0);
+    assert_non_null(strstr(out, "false | "));
+    assert_non_null(strstr(out, "ctx:tool: tool 'weather': no weather under the sea"));
+    kvm_free(out);
+    kvm_workflow_free(wf);
+    wf = load_node(rt, "return { out = ctx:tool('broken') }", NULL);
+    char msg[1024];
+    assert_int_equal(run_once(wf, msg, sizeof msg, NULL), KVM_ELUA_RUNTIME);
+    assert_non_null(strstr(msg, "ctx:tool: tool 'broken': its result: not valid JSON"));
+    kvm_workflow_free(wf);
+    kvm_runtime_free(rt);
+}
+
+static void test_the_wall_time_budget_covers_the_callback(void **st) {
+    (void)st;
+    kvm_runtime_t *rt = mock_runtime(NULL);
+    calls_t c = {0};
+    assert_int_equal(kvm_runtime_add_tool(rt, "slow", NULL, NULL, slow, &c), 0);
+    /* 80 ms a call against a 50 ms budget: the first call returns late and the run ends there */
+    kvm_workflow_t *wf = load_node(rt, "for i = 1, 5 do ctx:tool('slow', {}) end\n  return { out = 'done' }",
+                                   "g:limit{ wall_ms = 50 }");
+    char msg[1024];
+    assert_int_equal(run_once(wf, msg, sizeof msg, NULL), KVM_EBUDGET);
+    assert_non_null(strstr(msg, "ctx:tool: tool 'slow' returned after graph 'tools' ran past its wall-time budget of 50 ms"));
+    assert_int_equal(c.n, 1);
+    kvm_workflow_free(wf);
+    /* the callback's time is the run's wall time, not its Lua CPU time: 3 x 80 ms pass a 100 ms Lua budget */
+    kvm_runtime_params_t p = kvm_runtime_default_params();
+    p.model_override = "mock:echo";
+    p.echo_print = false;
+    p.run_lua_ms = 100;
+    kvm_runtime_t *rt2 = kvm_runtime_create(&p);
+    assert_non_null(rt2);
+    c.n = 0;
+    assert_int_equal(kvm_runtime_add_tool(rt2, "slow", NULL, NULL, slow, &c), 0);
+    wf = load_node(rt2, "for i = 1, 3 do ctx:tool('slow') end\n  return { out = 'done' }", NULL);
+    char *out = NULL;
+    assert_int_equal(run_once(wf, msg, sizeof msg, &out), 0);
+    assert_string_equal(out, "{\"out\":\"done\"}");
+    kvm_free(out);
+    assert_int_equal(c.n, 3);
+    kvm_workflow_free(wf);
+    kvm_runtime_free(rt2);
+    kvm_runtime_free(rt);
+}
+
+static void test_tools_are_only_for_a_nodes_own_code(void **st) {
+    (void)st;
+    kvm_runtime_t *rt = mock_runtime(NULL);
+    calls_t c = {0};
+    assert_int_equal(kvm_runtime_add_tool(rt, "weather", NULL, WEATHER_SCHEMA, weather, &c), 0);
+    kvm_workflow_t *wf = load_node(rt,
+                                   "local co = coroutine.wrap(function() return ctx:tool('weather', { city = 'Oslo' }) end)\n"
+                                   "  return { out = co() }",
+                                   NULL);
+    char msg[1024];
+    assert_int_equal(run_once(wf, msg, sizeof msg, NULL), KVM_ELUA_RUNTIME);
+    assert_non_null(strstr(msg, "ctx:tool must be called from a func/tool node's own code"));
+    assert_int_equal(c.n, 0);
+    kvm_workflow_free(wf);
+    kvm_runtime_free(rt);
+}
+
+static void test_registration_checks_names_and_schemas(void **st) {
+    (void)st;
+    kvm_runtime_t *rt = mock_runtime(NULL);
+    const char *bad_names[] = {"", "1x", "a b", "a/b", "x\n"};
+    for (size_t i = 0; i < sizeof bad_names / sizeof *bad_names; i++) {
+        assert_int_equal(kvm_runtime_add_tool(rt, bad_names[i], NULL, NULL, weather, NULL), KVM_EINVAL);
+        assert_non_null(strstr(kvm_errmsg(), "tool name"));
+    }
+    assert_int_equal(kvm_runtime_add_tool(rt, "w", NULL, NULL, NULL, NULL), KVM_EINVAL);
+    assert_int_equal(kvm_runtime_add_tool(rt, "w", NULL, "{\"type\":\"object\",\"properties\":{\"c\":{\"pattern\":\"x\"}}}",
+                                          weather, NULL),
+                     KVM_EINVAL);
+    assert_non_null(strstr(kvm_errmsg(), "tool 'w': schema.properties.c: unsupported keyword 'pattern'"));
+    assert_int_equal(kvm_runtime_add_tool(rt, "w", NULL, "{\"type\":", weather, NULL), KVM_EFORMAT);
+    assert_non_null(strstr(kvm_errmsg(), "tool 'w'"));
+    assert_int_equal(kvm_runtime_add_tool(rt, "get_weather.v2-beta", NULL, NULL, weather, NULL), 0);
+    assert_int_equal(kvm_runtime_add_tool(rt, "get_weather.v2-beta", NULL, NULL, weather, NULL), KVM_EINVAL);
+    assert_non_null(strstr(kvm_errmsg(), "registered already"));
+    kvm_runtime_free(rt);
+}
+
+static void test_a_call_is_recorded_in_the_trace(void **st) {
+    (void)st;
+    kvm_runtime_t *rt = mock_runtime(g_dir);
+    calls_t c = {0};
+    assert_int_equal(kvm_runtime_add_tool(rt, "weather", NULL, WEATHER_SCHEMA, weather, &c), 0);
+    kvm_workflow_t *wf = load_node(rt, "return { out = ctx:tool('weather', { city = 'Oslo' }).ok }", NULL);
+    kvm_run_t *r = kvm_run_start(wf, NULL);
+    assert_int_equal(kvm_workflow_drive(wf), 0);
+    assert_int_equal(kvm_run_status(r, NULL), 0);
+    kvm_trace_reader_t *t = kvm_trace_reader_open(kvm_run_trace_dir(r));
+    assert_non_null(t);
+    bool seen = false;
+    for (int i = 0; i < kvm_trace_reader_n_records(t); i++)
+        seen = seen || strstr(kvm_trace_reader_record_json(t, i), "tool weather({\\\"city\\\":\\\"Oslo\\\"}) -> ") != NULL;
+    assert_true(seen);
+    kvm_trace_reader_free(t);
+    kvm_workflow_free(wf);
+    kvm_runtime_free(rt);
+}
+
+TC_MAIN(setup, teardown, cmocka_unit_test(test_a_tool_gets_checked_arguments_and_returns_lua_data),
+        cmocka_unit_test(test_a_schema_violation_names_the_path_and_the_tool_does_not_run),
+        cmocka_unit_test(test_a_failing_tool_is_a_lua_error_pcall_can_catch),
+        cmocka_unit_test(test_the_wall_time_budget_covers_the_callback),
+        cmocka_unit_test(test_tools_are_only_for_a_nodes_own_code),
+        cmocka_unit_test(test_registration_checks_names_and_schemas),
+        cmocka_unit_test(test_a_call_is_recorded_in_the_trace))
