@@ -743,11 +743,32 @@ int kvm_wf_run_score(kvm_workflow_t *wf, int run, double *score) {
 /* A run parked in kvmesh.interrupt with nothing else of its super-step going: it waits for kvm_wf_run_resume. */
 static bool run_waiting(const wf_run_t *r) { return !r->finished && r->n_parked > 0 && r->n_open <= r->n_parked; }
 
+/* A run whose open nodes all wait for an answer (tools answered later, an interrupt): nothing to do for it until one
+ * comes, so it does not count as going, and a round without progress is no stall for it. */
+static bool run_tool_idle(const wf_run_t *r) {
+    int waits = r->finished ? 0 : wf_run_tool_waits(r);
+    return waits > 0 && r->n_open <= waits + r->n_parked;
+}
+
+/* A run waiting for a tool's answer past its wall-time budget ends there (the wait is the run's time). */
+static void check_tool_deadline(kvm_workflow_t *wf, wf_run_t *r) {
+    const wf_graph_t *g = wf->g;
+    if (r->finished || g->lim_wall_ms <= 0 || ms_since(r->t0_mono) <= (double)g->lim_wall_ms || !wf_run_tool_waits(r)) return;
+    const char *tool = "?";
+    for (int i = 0; i < r->n_tasks; i++)
+        if (r->tasks[i].tool_call) tool = r->tasks[i].tool_name;
+    char msg[512];
+    snprintf(msg, sizeof msg, "%s: graph '%s' ran past its wall-time budget of %ld ms waiting for tool '%s' to answer",
+             g->where, g->name, g->lim_wall_ms, tool);
+    kvm_wf_run_cancel(wf, r->idx, KVM_EBUDGET, msg);
+}
+
 int kvm_wf_advance(kvm_workflow_t *wf, bool *progress) {
     int active = 0;
     for (int i = 0; i < wf->n_runs; i++) {
         wf_run_t *r = wf->runs[i];
-        if (r->finished || run_waiting(r)) continue;
+        check_tool_deadline(wf, r);
+        if (r->finished || run_waiting(r) || run_tool_idle(r)) continue;
         if (r->need_end) {
             end_superstep(wf, r);
             *progress = true;
@@ -763,7 +784,7 @@ int kvm_wf_advance(kvm_workflow_t *wf, bool *progress) {
 
 int kvm_wf_n_active(const kvm_workflow_t *wf) {
     int n = 0;
-    for (int i = 0; i < wf->n_runs; i++) n += !wf->runs[i]->finished && !run_waiting(wf->runs[i]);
+    for (int i = 0; i < wf->n_runs; i++) n += !wf->runs[i]->finished && !run_waiting(wf->runs[i]) && !run_tool_idle(wf->runs[i]);
     return n;
 }
 
@@ -773,7 +794,7 @@ void kvm_wf_fail_runs(kvm_workflow_t *wf, int code, const char *msg) {
 
 void kvm_wf_fail_stalled(kvm_workflow_t *wf) {
     for (int i = 0; i < wf->n_runs; i++)
-        if (!wf->runs[i]->finished && !run_waiting(wf->runs[i])) {
+        if (!wf->runs[i]->finished && !run_waiting(wf->runs[i]) && !wf_run_tool_waits(wf->runs[i])) {
             bool waiting = false;
             for (int k = 0; k < wf->runs[i]->n_tasks; k++) waiting |= wf->runs[i]->tasks[k].status != WF_T_DONE;
             finish_run(wf, wf->runs[i], KVM_EINTERNAL,

@@ -264,6 +264,9 @@ typedef struct wf_task {
     bool parked;           /* waiting for kvm_run_resume (its coroutine suspended in kvmesh.interrupt) */
     int n_interrupts;      /* kvmesh.interrupt calls so far: the k-th takes the k-th recorded answer */
     cJSON *payload;        /* the pending interrupt's payload */
+    /* ctx:tool answered later (wf_tools.c) */
+    uint64_t tool_call;    /* the call waiting for kvm_wf_tool_result (0 = none) */
+    char *tool_name;       /* its tool */
 } wf_task_t;
 
 typedef struct wf_run {
@@ -370,6 +373,12 @@ void wf_seen_free(wf_seen_t *s);
 int wf_ctx_call(lua_State *L);
 /* ctx:tool(name, args): a host tool (wf_tools.c). */
 int wf_ctx_tool(lua_State *L);
+/* Tasks of r waiting for a tool's answer (wf_tools.c). */
+int wf_run_tool_waits(const wf_run_t *r);
+/* Resumes a func/tool task's coroutine with nargs values pushed on it (wf_task.c). */
+void wf_task_resume(kvm_workflow_t *wf, wf_run_t *r, wf_task_t *t, int nargs);
+/* The public handle of run idx (agents/api.c); NULL for a workflow made without the API (a replay). */
+kvm_run_t *wf_api_run(kvm_workflow_t *wf, int idx);
 /* kvmesh.interrupt(payload): returns the recorded answer of this call, or parks the node's coroutine. */
 int wf_interrupt(lua_State *L);
 /* Resumes parked task t with value (its kvmesh.interrupt's result); the caller has counted it out of r->n_parked. */

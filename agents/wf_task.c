@@ -552,7 +552,7 @@ static void resume_task(kvm_workflow_t *wf, wf_run_t *r, wf_task_t *t, int nargs
     wf_leave(wf, r);
     if (st == LUA_YIELD) {
         lua_pop(t->co, nres);
-        if (t->job || t->m_left > 0 || t->parked) {
+        if (t->job || t->m_left > 0 || t->parked || t->tool_call) {
             t->status = WF_T_WAIT;
             return;
         }
@@ -571,6 +571,8 @@ static void resume_task(kvm_workflow_t *wf, wf_run_t *r, wf_task_t *t, int nargs
     }
     wf_task_done(wf, r, t);
 }
+
+void wf_task_resume(kvm_workflow_t *wf, wf_run_t *r, wf_task_t *t, int nargs) { resume_task(wf, r, t, nargs); }
 
 /* Pushes the ctx table of a func/tool node on co: run_id, seed, node, superstep, inputs; ctx methods. */
 static void push_ctx(kvm_workflow_t *wf, wf_run_t *r, lua_State *co, const wf_node_t *n) {
@@ -648,6 +650,7 @@ void wf_tasks_free(kvm_workflow_t *wf, wf_run_t *r) {
         kvm_free(t->errmsg);
         kvm_free(t->out_text);
         cJSON_Delete(t->payload);
+        kvm_free(t->tool_name);
         wf_seen_free(t->seen);
         for (int k = 0; k < t->n_m; k++) wf_seen_free(t->mseen[k]);
         kvm_free(t->mseen);

@@ -25,13 +25,28 @@ static bool tool_name_ok(const char *name) {
     return true;
 }
 
-int wf_tool_new(const char *name, const char *description, const char *schema_json, kvm_tool_fn fn, void *ud,
-                wf_tool_t **out) {
-    *out = NULL;
+static void tool_free(wf_tool_t *t) {
+    if (!t) return;
+    kvm_free(t->name);
+    kvm_free(t->description);
+    cJSON_Delete(t->schema);
+    kvm_free(t);
+}
+
+/* The tool named name in ts, or NULL. */
+static const wf_tool_t *find_tool(const wf_tools_t *ts, const char *name) {
+    for (int i = 0; ts && i < ts->n; i++)
+        if (!strcmp(ts->v[i]->name, name)) return ts->v[i];
+    return NULL;
+}
+
+int wf_tools_add(wf_tools_t *ts, const char *name, const char *description, const char *schema_json, kvm_tool_fn fn,
+                 void *ud) {
     if (!fn) return kvm_seterr(KVM_EINVAL, "tool '%.64s': no function given", name ? name : "(null)");
     if (!tool_name_ok(name))
         return kvm_seterr(KVM_EINVAL, "tool name '%.80s': 1 to 64 letters, digits, '_', '-' or '.', not starting with a digit",
                           name ? name : "(null)");
+    if (find_tool(ts, name)) return kvm_seterr(KVM_EINVAL, "tool '%s': registered already", name);
     char what[96];
     snprintf(what, sizeof what, "tool '%s'", name);
     cJSON *schema = NULL;
@@ -44,7 +59,9 @@ int wf_tool_new(const char *name, const char *description, const char *schema_js
     }
     wf_tool_t *t = kvm_calloc(1, sizeof *t);
     char *nm = kvm_strdup(name), *desc = kvm_strdup(description ? description : "");
-    if (!t || !nm || !desc) {
+    wf_tool_t **v = kvm_realloc(ts->v, (size_t)(ts->n + 1) * sizeof *v);
+    if (v) ts->v = v;
+    if (!t || !nm || !desc || !v) {
         kvm_free(t);
         kvm_free(nm);
         kvm_free(desc);
@@ -52,34 +69,37 @@ int wf_tool_new(const char *name, const char *description, const char *schema_js
         return kvm_seterr(KVM_ENOMEM, "%s: out of memory", what);
     }
     *t = (wf_tool_t){.name = nm, .description = desc, .schema = schema, .fn = fn, .ud = ud};
-    *out = t;
+    ts->v[ts->n++] = t;
     return 0;
 }
 
-void wf_tool_free(wf_tool_t *t) {
-    if (!t) return;
-    kvm_free(t->name);
-    kvm_free(t->description);
-    cJSON_Delete(t->schema);
-    kvm_free(t);
+int wf_tools_remove(wf_tools_t *ts, const char *name) {
+    for (int i = 0; i < ts->n; i++)
+        if (!strcmp(ts->v[i]->name, name)) {
+            tool_free(ts->v[i]);
+            memmove(ts->v + i, ts->v + i + 1, (size_t)(ts->n - i - 1) * sizeof *ts->v);
+            ts->n--;
+            return 0;
+        }
+    return kvm_seterr(KVM_ENOENT, "tool '%.64s': not registered", name);
+}
+
+void wf_tools_clear(wf_tools_t *ts) {
+    for (int i = 0; i < ts->n; i++) tool_free(ts->v[i]);
+    kvm_free(ts->v);
+    *ts = (wf_tools_t){0};
 }
 
 /* ---- ctx:tool ------------------------------------------------------------------------------------------------- */
 
-/* The tool named name, or NULL. */
-static const wf_tool_t *find_tool(const kvm_workflow_t *wf, const char *name) {
-    for (int i = 0; i < wf->o.n_tools; i++)
-        if (!strcmp(wf->o.tools[i]->name, name)) return wf->o.tools[i];
-    return NULL;
-}
-
 /* Raises "ctx:tool: no tool 'x' is registered (tools: a, b)". */
-static int no_such_tool(lua_State *L, const kvm_workflow_t *wf, const char *name) {
+static int no_such_tool(lua_State *L, const wf_tools_t *ts, const char *name) {
     char list[512] = "";
     size_t n = 0;
-    for (int i = 0; i < wf->o.n_tools && n < sizeof list - 80; i++)
-        n += (size_t)snprintf(list + n, sizeof list - n, "%s%s", i ? ", " : "", wf->o.tools[i]->name);
-    return luaL_error(L, "ctx:tool: no tool '%s' is registered (%s%s)", name, wf->o.n_tools ? "tools: " : "the program registered none",
+    int count = ts ? ts->n : 0;
+    for (int i = 0; i < count && n < sizeof list - 80; i++)
+        n += (size_t)snprintf(list + n, sizeof list - n, "%s%s", i ? ", " : "", ts->v[i]->name);
+    return luaL_error(L, "ctx:tool: no tool '%s' is registered (%s%s)", name, count ? "tools: " : "the program registered none",
                       list);
 }
 
@@ -101,23 +121,53 @@ static int push_json_protected(lua_State *L) {
     return 1;
 }
 
+/* Validates a result's JSON text and pushes it (protected: a memory error must not leak j). 1 value pushed, or raises
+ * "ctx:tool: tool 'x': its result: ...". Frees res. */
+static int push_result(lua_State *L, const char *name, char *res) {
+    if (!res) {
+        lua_pushnil(L);
+        return 1;
+    }
+    size_t len = strlen(res);
+    wf_charge(L, (double)len);
+    cJSON *j = NULL;
+    int rc = kvm_json_parse(res, len, "its result", &j);
+    kvm_free(res);
+    if (rc) return luaL_error(L, "ctx:tool: tool '%s': %s", name, kvm_errmsg());
+    lua_pushcfunction(L, push_json_protected);
+    lua_pushlightuserdata(L, j);
+    int st = lua_pcall(L, 1, 1, 0);
+    cJSON_Delete(j);
+    return st == LUA_OK ? 1 : lua_error(L);
+}
+
+/* Where ctx:tool goes on once a pending call is answered (kvm_wf_tool_result resumed the coroutine with ok, value):
+ * the value, or the error raised at the script's line. */
+static int tool_answered(lua_State *L, int status, lua_KContext kctx) {
+    (void)status;
+    (void)kctx;
+    if (!lua_toboolean(L, -2)) return luaL_error(L, "%s", lua_tostring(L, -1));
+    return 1;
+}
+
 /* ctx:tool(name [, args]) -> the tool's result as Lua data (nil for none). args: a table (nil = {}). Raises on an
  * unknown tool, arguments the schema refuses, a failed call or a result that is not JSON. Only from a node's own
- * code (the run's budgets are charged). */
+ * code (the run's budgets are charged). A tool that answers later (KVM_EBUSY) suspends the node until
+ * kvm_wf_tool_result. */
 int wf_ctx_tool(lua_State *L) {
     void *ud;
     lua_getallocf(L, &ud);
     kvm_workflow_t *wf = ud;
     wf_run_t *r = wf->cur_run;
-    const wf_task_t *t = NULL;
+    wf_task_t *t = NULL;
     for (int i = 0; r && i < r->n_tasks; i++)
         if (r->tasks[i].co == L && r->tasks[i].status == WF_T_RUNNING) t = &r->tasks[i];
     if (!t)
         return luaL_error(L, "ctx:tool must be called from a func/tool node's own code (not from a predicate, router, "
                              "reducer or a coroutine the script created)");
     const char *name = luaL_checkstring(L, 2);
-    const wf_tool_t *tool = find_tool(wf, name);
-    if (!tool) return no_such_tool(L, wf, name);
+    const wf_tool_t *tool = find_tool(wf->o.tools, name);
+    if (!tool) return no_such_tool(L, wf->o.tools, name);
     if (!lua_isnoneornil(L, 3) && !lua_istable(L, 3))
         return luaL_error(L, "ctx:tool: tool '%s': the arguments must be a table (got %s)", name, luaL_typename(L, 3));
     const wf_graph_t *g = wf->g;
@@ -137,16 +187,37 @@ int wf_ctx_tool(lua_State *L) {
     }
     char *text = cJSON_PrintUnformatted(args);
     cJSON_Delete(args);
-    if (!text) return luaL_error(L, "ctx:tool: tool '%s': out of memory", name);
+    char *tname = text ? kvm_strdup(name) : NULL; /* kept while the call may wait */
+    if (!text || !tname) {
+        cJSON_free(text);
+        return luaL_error(L, "ctx:tool: tool '%s': out of memory", name);
+    }
     wf_charge(L, (double)strlen(text));
 
-    kvm_tool_call_t call = {.tool = name, .args_json = text, .run_id = r->id, .node = g->nodes[t->node].name,
+    wf_tools_t *ts = (wf_tools_t *)wf->o.tools; /* the call counter is the registry's */
+    uint64_t id = ++ts->next_call;
+    kvm_tool_call_t call = {.tool = name, .args_json = text, .run = wf_api_run(wf, r->idx), .run_id = r->id,
+                            .node = g->nodes[t->node].name, .call_id = id,
                             .ms_left = g->lim_wall_ms > 0 ? (double)g->lim_wall_ms - ms : -1};
     char *res = NULL;
     uint64_t t0 = kvm_now_ns();
     int rc = tool->fn(tool->ud, &call, &res);
     uint64_t spent = kvm_now_ns() - t0;
     if (r->budget.slice_t0) r->budget.slice_t0 += spent; /* the program's time, not the script's CPU time */
+    if (rc == KVM_EBUSY && !res) { /* answered later: the node waits, the run goes on */
+        trace_call(r, tname, text, "(pending)", 0);
+        cJSON_free(text);
+        if (!lua_isyieldable(L)) {
+            kvm_free(tname);
+            return luaL_error(L, "ctx:tool: tool '%s' answers later, which needs a node that can wait: not inside a "
+                                 "metamethod or a C function's callback", name);
+        }
+        t->tool_call = id;
+        kvm_free(t->tool_name);
+        t->tool_name = tname;
+        return lua_yieldk(L, 0, 0, tool_answered);
+    }
+    kvm_free(tname);
     trace_call(r, name, text, res, rc);
     cJSON_free(text);
     if (rc) { /* the message is copied before the raise: nothing C-side survives it */
@@ -161,16 +232,70 @@ int wf_ctx_tool(lua_State *L) {
         wf_budget_kill(L, "ctx:tool: tool '%s' returned after graph '%.40s' ran past its wall-time budget of %ld ms", name,
                        g->name, g->lim_wall_ms);
     }
-    if (!res) return 0;
-    size_t len = strlen(res);
-    wf_charge(L, (double)len);
-    cJSON *j = NULL;
-    rc = kvm_json_parse(res, len, "its result", &j);
-    kvm_free(res);
-    if (rc) return luaL_error(L, "ctx:tool: tool '%s': %s", name, kvm_errmsg());
-    lua_pushcfunction(L, push_json_protected);
-    lua_pushlightuserdata(L, j);
-    int st = lua_pcall(L, 1, 1, 0);
-    cJSON_Delete(j);
-    return st == LUA_OK ? 1 : lua_error(L);
+    return push_result(L, name, res);
+}
+
+/* ---- answers that come later ---------------------------------------------------------------------------------- */
+
+int wf_run_tool_waits(const wf_run_t *r) {
+    int n = 0;
+    for (int i = 0; i < r->n_tasks; i++) n += r->tasks[i].tool_call != 0 && r->tasks[i].status == WF_T_WAIT;
+    return n;
+}
+
+/* Pushes the answer on the run's thread (protected: a memory error is caught there): true and the value, or false
+ * and the message ctx:tool raises. Arguments: the cJSON value (or NULL), the message (or NULL), the tool's name. */
+static int push_answer(lua_State *L) {
+    const cJSON *v = lua_touserdata(L, 1);
+    const char *msg = lua_touserdata(L, 2), *name = lua_touserdata(L, 3);
+    lua_settop(L, 0);
+    if (msg) {
+        lua_pushboolean(L, 0);
+        lua_pushfstring(L, "ctx:tool: tool '%s': %s", name, msg);
+    } else {
+        lua_pushboolean(L, 1);
+        if (v) wf_lua_push_json(L, v);
+        else lua_pushnil(L);
+    }
+    return 2;
+}
+
+int kvm_wf_tool_result(kvm_workflow_t *wf, int run, uint64_t call_id, int status, const cJSON *value, const char *msg) {
+    if (run < 0 || run >= wf->n_runs) return kvm_seterr(KVM_EINVAL, "no run %d", run);
+    wf_run_t *r = wf->runs[run];
+    if (r->finished) return kvm_seterr(KVM_ESTALE, "run %s has ended: its tool calls are void", r->id);
+    wf_task_t *t = NULL;
+    for (int i = 0; i < r->n_tasks; i++)
+        if (r->tasks[i].tool_call == call_id && call_id && r->tasks[i].status == WF_T_WAIT) t = &r->tasks[i];
+    if (!t) return kvm_seterr(KVM_ENOENT, "run %s: no tool call %llu waits for an answer", r->id, (unsigned long long)call_id);
+    char why[1024] = "";
+    if (status) snprintf(why, sizeof why, "%s", msg ? msg : kvm_strerror(status));
+    char *res = !status && value ? cJSON_PrintUnformatted(value) : NULL;
+    trace_call(r, t->tool_name, "answered", status ? why : res, status);
+    cJSON_free(res);
+    lua_State *L = r->th;
+    wf_book(wf, r);
+    int ok = lua_checkstack(L, 6) && lua_checkstack(t->co, 4);
+    int st = LUA_ERRMEM;
+    if (ok) {
+        lua_pushcfunction(L, push_answer);
+        lua_pushlightuserdata(L, (void *)value);
+        lua_pushlightuserdata(L, status ? why : NULL);
+        lua_pushlightuserdata(L, t->tool_name);
+        st = lua_pcall(L, 3, 2, 0);
+        if (st == LUA_OK) lua_xmove(L, t->co, 2);
+        else lua_pop(L, 1);
+    }
+    wf_unbook(wf);
+    t->tool_call = 0;
+    t->status = WF_T_RUNNING;
+    if (st != LUA_OK) { /* no room for the answer: the node ends with the error, as a failed ctx:tool would */
+        t->err = KVM_ELUA_MEMORY;
+        kvm_free(t->errmsg);
+        t->errmsg = wf_strf("ctx:tool: tool '%s': no memory left for its answer (the run's Lua memory cap)", t->tool_name);
+        wf_task_done(wf, r, t);
+        return 0;
+    }
+    wf_task_resume(wf, r, t, 2);
+    return 0;
 }

@@ -436,7 +436,6 @@ static kvm_wf_opts_t traced_opts(const kvm_trace_run_start_t *s, const kvm_wf_re
         w.host_fns = o->host_fns;
         w.n_host_fns = o->n_host_fns;
         w.tools = o->tools;
-        w.n_tools = o->n_tools;
     }
     w.llm.quiet = true;
     /* the trace is input, not the operator: its limits only lower the operator's (NaN, infinities and

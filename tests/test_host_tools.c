@@ -264,7 +264,168 @@ static void test_a_call_is_recorded_in_the_trace(void **st) {
     kvm_runtime_free(rt);
 }
 
-TC_MAIN(setup, teardown, cmocka_unit_test(test_a_tool_gets_checked_arguments_and_returns_lua_data),
+/* ---- tools that answer later -------------------------------------------------------------------------------- */
+
+typedef struct pending {
+    int n;
+    kvm_run_t *run[8];
+    uint64_t id[8];
+    char args[8][128];
+} pending_t;
+
+static int remote(void *ud, const kvm_tool_call_t *call, char **result) {
+    pending_t *p = ud;
+    assert_true(p->n < 8);
+    assert_non_null(call->run);
+    assert_true(call->call_id > 0);
+    p->run[p->n] = call->run;
+    p->id[p->n] = call->call_id;
+    snprintf(p->args[p->n], sizeof p->args[0], "%s", call->args_json);
+    p->n++;
+    *result = NULL;
+    return KVM_EBUSY;
+}
+
+/* Two nodes of one super-step each wait for a remote tool; fills *wf and returns the run. */
+static kvm_run_t *start_two_waits(kvm_runtime_t *rt, kvm_workflow_t **wf, const char *limit) {
+    char src[1024];
+    snprintf(src, sizeof src,
+             "local kvm = kvmesh\n"
+             "local g = kvm.graph{ name = 'remote', state = { a = kvm.reduce.replace, b = kvm.reduce.replace } }\n"
+             "%s\n"
+             "g:func('a', function(s, l, ctx) return { a = ctx:tool('remote', { q = 'a' }).t } end)\n"
+             "g:func('b', function(s, l, ctx) return { b = ctx:tool('remote', { q = 'b' }).t } end)\n"
+             "g:edge(kvm.START, { 'a', 'b' })\n"
+             "g:output(function(s) return { sum = s.a + s.b } end)\n"
+             "return g\n",
+             limit ? limit : "");
+    *wf = kvm_workflow_load_string(rt, "remote.lua", src, strlen(src), NULL);
+    if (!*wf) fail_msg("%s", kvm_errmsg());
+    kvm_run_t *r = kvm_run_start(*wf, NULL);
+    assert_non_null(r);
+    return r;
+}
+
+static void test_a_tool_can_answer_later_while_the_run_waits(void **st) {
+    (void)st;
+    kvm_runtime_t *rt = mock_runtime(NULL);
+    pending_t p = {0};
+    assert_int_equal(kvm_runtime_add_tool(rt, "remote", NULL, NULL, remote, &p), 0);
+    kvm_workflow_t *wf = NULL;
+    kvm_run_t *r = start_two_waits(rt, &wf, NULL);
+    /* both calls go out; the run waits without counting as going (no busy rounds, no stall) */
+    assert_int_equal(kvm_workflow_drive(wf), 0);
+    assert_int_equal(p.n, 2);
+    assert_int_equal(kvm_run_status(r, NULL), KVM_EBUSY);
+    assert_int_equal(kvm_runtime_n_active(rt), 0);
+    assert_int_equal(kvm_runtime_step(rt), 0);
+    assert_int_equal(kvm_run_status(r, NULL), KVM_EBUSY);
+    int ia = strstr(p.args[0], "\"a\"") ? 0 : 1, ib = 1 - ia;
+    /* bad answers are refused and leave the call waiting */
+    assert_int_equal(kvm_run_tool_result(r, p.id[ia], 0, "{oops"), KVM_EFORMAT);
+    assert_int_equal(kvm_run_tool_result(r, 999999, 0, "{}"), KVM_ENOENT);
+    /* answered in the other order */
+    assert_int_equal(kvm_run_tool_result(r, p.id[ib], 0, "{\"t\": 30}"), 0);
+    assert_int_equal(kvm_run_tool_result(r, p.id[ib], 0, "{\"t\": 30}"), KVM_ENOENT); /* once */
+    assert_int_equal(kvm_workflow_drive(wf), 0);
+    assert_int_equal(kvm_run_status(r, NULL), KVM_EBUSY);
+    assert_int_equal(kvm_run_tool_result(r, p.id[ia], 0, "{\"t\": 12}"), 0);
+    assert_int_equal(kvm_workflow_drive(wf), 0);
+    const char *msg = NULL;
+    assert_int_equal(kvm_run_status(r, &msg), 0);
+    char *out = kvm_run_outputs_json(r);
+    assert_string_equal(out, "{\"sum\":42}");
+    kvm_free(out);
+    kvm_workflow_free(wf);
+    kvm_runtime_free(rt);
+}
+
+static void test_an_error_answer_fails_the_node_at_its_line(void **st) {
+    (void)st;
+    kvm_runtime_t *rt = mock_runtime(NULL);
+    pending_t p = {0};
+    assert_int_equal(kvm_runtime_add_tool(rt, "remote", NULL, NULL, remote, &p), 0);
+    kvm_workflow_t *wf = NULL;
+    kvm_run_t *r = start_two_waits(rt, &wf, NULL);
+    assert_int_equal(kvm_workflow_drive(wf), 0);
+    assert_int_equal(p.n, 2);
+    assert_int_equal(kvm_run_tool_result(r, p.id[0], KVM_ENOENT, "no such city"), 0);
+    assert_int_equal(kvm_run_tool_result(r, p.id[1], 0, "{\"t\": 1}"), 0);
+    assert_int_equal(kvm_workflow_drive(wf), 0);
+    const char *msg = NULL;
+    assert_int_equal(kvm_run_status(r, &msg), KVM_ELUA_RUNTIME);
+    assert_non_null(strstr(msg, "ctx:tool: tool 'remote': no such city"));
+    assert_non_null(strstr(msg, strstr(p.args[0], "\"a\"") ? "remote.lua:4:" : "remote.lua:5:"));
+    kvm_workflow_free(wf);
+    kvm_runtime_free(rt);
+}
+
+static void test_a_wait_past_the_wall_budget_ends_the_run(void **st) {
+    (void)st;
+    kvm_runtime_t *rt = mock_runtime(NULL);
+    pending_t p = {0};
+    assert_int_equal(kvm_runtime_add_tool(rt, "remote", NULL, NULL, remote, &p), 0);
+    kvm_workflow_t *wf = NULL;
+    kvm_run_t *r = start_two_waits(rt, &wf, "g:limit{ wall_ms = 40 }");
+    assert_int_equal(kvm_workflow_drive(wf), 0);
+    assert_int_equal(kvm_run_status(r, NULL), KVM_EBUSY);
+    struct timespec ts = {0, 10 * 1000000L};
+    int rounds = 0;
+    while (kvm_run_status(r, NULL) == KVM_EBUSY && rounds++ < 100) { /* a daemon's loop: a round now and then */
+        nanosleep(&ts, NULL);
+        kvm_runtime_step(rt);
+    }
+    const char *msg = NULL;
+    assert_int_equal(kvm_run_status(r, &msg), KVM_EBUDGET);
+    assert_non_null(strstr(msg, "graph 'remote' ran past its wall-time budget of 40 ms waiting for tool 'remote' to answer"));
+    assert_true(rounds >= 3 && rounds <= 20); /* about 40 ms of 10 ms rounds, not at once and not much later */
+    assert_int_equal(kvm_run_tool_result(r, p.id[0], 0, "{}"), KVM_ESTALE);
+    kvm_workflow_free(wf);
+    kvm_runtime_free(rt);
+}
+
+static void test_a_waiting_run_can_be_canceled(void **st) {
+    (void)st;
+    kvm_runtime_t *rt = mock_runtime(NULL);
+    pending_t p = {0};
+    assert_int_equal(kvm_runtime_add_tool(rt, "remote", NULL, NULL, remote, &p), 0);
+    kvm_workflow_t *wf = NULL;
+    kvm_run_t *r = start_two_waits(rt, &wf, NULL);
+    assert_int_equal(kvm_workflow_drive(wf), 0);
+    assert_int_equal(kvm_run_cancel(r, 0, "the user left"), 0);
+    const char *msg = NULL;
+    assert_int_equal(kvm_run_status(r, &msg), KVM_ECANCELED);
+    assert_string_equal(msg, "the user left");
+    assert_int_equal(kvm_run_tool_result(r, p.id[1], 0, "{}"), KVM_ESTALE);
+    kvm_workflow_free(wf);
+    kvm_runtime_free(rt);
+}
+
+static void test_a_removed_tool_is_no_longer_callable(void **st) {
+    (void)st;
+    kvm_runtime_t *rt = mock_runtime(NULL);
+    calls_t c = {0};
+    assert_int_equal(kvm_runtime_add_tool(rt, "weather", NULL, WEATHER_SCHEMA, weather, &c), 0);
+    kvm_workflow_t *wf = load_node(rt, "return { out = ctx:tool('weather', { city = 'Oslo' }).ok }", NULL);
+    assert_int_equal(run_once(wf, NULL, 0, NULL), 0);
+    assert_int_equal(kvm_runtime_remove_tool(rt, "weather"), 0);
+    assert_int_equal(kvm_runtime_remove_tool(rt, "weather"), KVM_ENOENT);
+    char msg[1024];
+    assert_int_equal(run_once(wf, msg, sizeof msg, NULL), KVM_ELUA_RUNTIME);
+    assert_non_null(strstr(msg, "ctx:tool: no tool 'weather' is registered (the program registered none)"));
+    /* registered again after the workflow loaded: found at the call */
+    assert_int_equal(kvm_runtime_add_tool(rt, "weather", NULL, WEATHER_SCHEMA, weather, &c), 0);
+    assert_int_equal(run_once(wf, NULL, 0, NULL), 0);
+    assert_int_equal(c.n, 2);
+    kvm_workflow_free(wf);
+    kvm_runtime_free(rt);
+}
+
+TC_MAIN(setup, teardown, cmocka_unit_test(test_a_tool_can_answer_later_while_the_run_waits),
+        cmocka_unit_test(test_an_error_answer_fails_the_node_at_its_line),
+        cmocka_unit_test(test_a_wait_past_the_wall_budget_ends_the_run),
+        cmocka_unit_test(test_a_waiting_run_can_be_canceled),
+        cmocka_unit_test(test_a_removed_tool_is_no_longer_callable), cmocka_unit_test(test_a_tool_gets_checked_arguments_and_returns_lua_data),
         cmocka_unit_test(test_a_schema_violation_names_the_path_and_the_tool_does_not_run),
         cmocka_unit_test(test_a_failing_tool_is_a_lua_error_pcall_can_catch),
         cmocka_unit_test(test_the_wall_time_budget_covers_the_callback),
