@@ -768,6 +768,7 @@ int kvm_wf_advance(kvm_workflow_t *wf, bool *progress) {
     for (int i = 0; i < wf->n_runs; i++) {
         wf_run_t *r = wf->runs[i];
         check_tool_deadline(wf, r);
+        if (!r->finished && wf_run_tool_deliver(wf, r)) *progress = true;
         if (r->finished || run_waiting(r) || run_tool_idle(r)) continue;
         if (r->need_end) {
             end_superstep(wf, r);

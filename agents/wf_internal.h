@@ -267,6 +267,10 @@ typedef struct wf_task {
     /* ctx:tool answered later (wf_tools.c) */
     uint64_t tool_call;    /* the call waiting for kvm_wf_tool_result (0 = none) */
     char *tool_name;       /* its tool */
+    bool tool_answered;    /* its answer came: the next round resumes the node with it */
+    int tool_status;       /* 0, or KVM_E* with tool_msg */
+    cJSON *tool_value;     /* the result (NULL = nil) */
+    char *tool_msg;
 } wf_task_t;
 
 typedef struct wf_run {
@@ -373,8 +377,10 @@ void wf_seen_free(wf_seen_t *s);
 int wf_ctx_call(lua_State *L);
 /* ctx:tool(name, args): a host tool (wf_tools.c). */
 int wf_ctx_tool(lua_State *L);
-/* Tasks of r waiting for a tool's answer (wf_tools.c). */
+/* Tasks of r waiting for a tool's answer that has not come (wf_tools.c). */
 int wf_run_tool_waits(const wf_run_t *r);
+/* Resumes the tasks of r whose tool answer came (kvm_wf_tool_result); whether there was one. */
+bool wf_run_tool_deliver(kvm_workflow_t *wf, wf_run_t *r);
 /* Resumes a func/tool task's coroutine with nargs values pushed on it (wf_task.c). */
 void wf_task_resume(kvm_workflow_t *wf, wf_run_t *r, wf_task_t *t, int nargs);
 /* The public handle of run idx (agents/api.c); NULL for a workflow made without the API (a replay). */

@@ -651,6 +651,8 @@ void wf_tasks_free(kvm_workflow_t *wf, wf_run_t *r) {
         kvm_free(t->out_text);
         cJSON_Delete(t->payload);
         kvm_free(t->tool_name);
+        cJSON_Delete(t->tool_value);
+        kvm_free(t->tool_msg);
         wf_seen_free(t->seen);
         for (int k = 0; k < t->n_m; k++) wf_seen_free(t->mseen[k]);
         kvm_free(t->mseen);

@@ -103,11 +103,13 @@ static int no_such_tool(lua_State *L, const wf_tools_t *ts, const char *name) {
                       list);
 }
 
-/* A trace log record of a call: "tool NAME(ARGS) -> RESULT" or "... failed: MESSAGE" (texts cut to 2,000 bytes). */
+/* A trace log record of a call: "tool NAME(ARGS) -> RESULT" or "... failed: MESSAGE"; args NULL: the answer of a call
+ * that waited, "tool NAME answered -> RESULT" (texts cut to 2,000 bytes). */
 static void trace_call(wf_run_t *r, const char *name, const char *args, const char *res, int rc) {
     if (!r->trace) return;
     char msg[4200];
-    snprintf(msg, sizeof msg, "tool %s(%.2000s) %s %.2000s", name, args, rc ? "failed:" : "->", res ? res : "null");
+    if (args) snprintf(msg, sizeof msg, "tool %s(%.2000s) %s %.2000s", name, args, rc ? "failed:" : "->", res ? res : "null");
+    else snprintf(msg, sizeof msg, "tool %s answered %s %.2000s", name, rc ? "with an error:" : "->", res ? res : "null");
     kvm_trace_log_rec_t rec = {.level = rc ? "warn" : "info", .msg = msg, .superstep = r->superstep};
     if (kvm_trace_write_log(r->trace, &rec)) {
         KVM_LOGW("run %s: trace write failed (%s); tracing stops for this run", r->id, kvm_errmsg());
@@ -239,25 +241,11 @@ int wf_ctx_tool(lua_State *L) {
 
 int wf_run_tool_waits(const wf_run_t *r) {
     int n = 0;
-    for (int i = 0; i < r->n_tasks; i++) n += r->tasks[i].tool_call != 0 && r->tasks[i].status == WF_T_WAIT;
-    return n;
-}
-
-/* Pushes the answer on the run's thread (protected: a memory error is caught there): true and the value, or false
- * and the message ctx:tool raises. Arguments: the cJSON value (or NULL), the message (or NULL), the tool's name. */
-static int push_answer(lua_State *L) {
-    const cJSON *v = lua_touserdata(L, 1);
-    const char *msg = lua_touserdata(L, 2), *name = lua_touserdata(L, 3);
-    lua_settop(L, 0);
-    if (msg) {
-        lua_pushboolean(L, 0);
-        lua_pushfstring(L, "ctx:tool: tool '%s': %s", name, msg);
-    } else {
-        lua_pushboolean(L, 1);
-        if (v) wf_lua_push_json(L, v);
-        else lua_pushnil(L);
+    for (int i = 0; i < r->n_tasks; i++) {
+        const wf_task_t *t = &r->tasks[i];
+        n += t->tool_call != 0 && t->status == WF_T_WAIT && !t->tool_answered;
     }
-    return 2;
+    return n;
 }
 
 int kvm_wf_tool_result(kvm_workflow_t *wf, int run, uint64_t call_id, int status, const cJSON *value, const char *msg) {
@@ -265,37 +253,78 @@ int kvm_wf_tool_result(kvm_workflow_t *wf, int run, uint64_t call_id, int status
     wf_run_t *r = wf->runs[run];
     if (r->finished) return kvm_seterr(KVM_ESTALE, "run %s has ended: its tool calls are void", r->id);
     wf_task_t *t = NULL;
-    for (int i = 0; i < r->n_tasks; i++)
-        if (r->tasks[i].tool_call == call_id && call_id && r->tasks[i].status == WF_T_WAIT) t = &r->tasks[i];
+    for (int i = 0; call_id && i < r->n_tasks; i++)
+        if (r->tasks[i].tool_call == call_id && r->tasks[i].status == WF_T_WAIT && !r->tasks[i].tool_answered) t = &r->tasks[i];
     if (!t) return kvm_seterr(KVM_ENOENT, "run %s: no tool call %llu waits for an answer", r->id, (unsigned long long)call_id);
-    char why[1024] = "";
-    if (status) snprintf(why, sizeof why, "%s", msg ? msg : kvm_strerror(status));
-    char *res = !status && value ? cJSON_PrintUnformatted(value) : NULL;
-    trace_call(r, t->tool_name, "answered", status ? why : res, status);
+    cJSON *v = !status && value ? cJSON_Duplicate(value, 1) : NULL;
+    char *m = status ? kvm_strdup(msg ? msg : kvm_strerror(status)) : NULL;
+    if ((!status && value && !v) || (status && !m)) {
+        cJSON_Delete(v);
+        kvm_free(m);
+        return kvm_seterr(KVM_ENOMEM, "run %s: out of memory keeping the answer of tool call %llu", r->id, (unsigned long long)call_id);
+    }
+    t->tool_answered = true;
+    t->tool_status = status;
+    t->tool_value = v;
+    t->tool_msg = m;
+    return 0;
+}
+
+/* Pushes the answer on the run's thread (protected: a memory error is caught there): true and the value, or false
+ * and the message ctx:tool raises. Argument: the task. */
+static int push_answer(lua_State *L) {
+    const wf_task_t *t = lua_touserdata(L, 1);
+    lua_settop(L, 0);
+    if (t->tool_status) {
+        lua_pushboolean(L, 0);
+        lua_pushfstring(L, "ctx:tool: tool '%s': %s", t->tool_name, t->tool_msg);
+    } else {
+        lua_pushboolean(L, 1);
+        if (t->tool_value) wf_lua_push_json(L, t->tool_value);
+        else lua_pushnil(L);
+    }
+    return 2;
+}
+
+/* Resumes t, whose answer came, with it. */
+static void deliver(kvm_workflow_t *wf, wf_run_t *r, wf_task_t *t) {
+    char *res = !t->tool_status && t->tool_value ? cJSON_PrintUnformatted(t->tool_value) : NULL;
+    trace_call(r, t->tool_name, NULL, t->tool_status ? t->tool_msg : res, t->tool_status);
     cJSON_free(res);
     lua_State *L = r->th;
     wf_book(wf, r);
-    int ok = lua_checkstack(L, 6) && lua_checkstack(t->co, 4);
     int st = LUA_ERRMEM;
-    if (ok) {
+    if (lua_checkstack(L, 4) && lua_checkstack(t->co, 4)) {
         lua_pushcfunction(L, push_answer);
-        lua_pushlightuserdata(L, (void *)value);
-        lua_pushlightuserdata(L, status ? why : NULL);
-        lua_pushlightuserdata(L, t->tool_name);
-        st = lua_pcall(L, 3, 2, 0);
+        lua_pushlightuserdata(L, t);
+        st = lua_pcall(L, 1, 2, 0);
         if (st == LUA_OK) lua_xmove(L, t->co, 2);
         else lua_pop(L, 1);
     }
     wf_unbook(wf);
     t->tool_call = 0;
+    t->tool_answered = false;
+    cJSON_Delete(t->tool_value);
+    t->tool_value = NULL;
+    kvm_free(t->tool_msg);
+    t->tool_msg = NULL;
     t->status = WF_T_RUNNING;
     if (st != LUA_OK) { /* no room for the answer: the node ends with the error, as a failed ctx:tool would */
         t->err = KVM_ELUA_MEMORY;
         kvm_free(t->errmsg);
         t->errmsg = wf_strf("ctx:tool: tool '%s': no memory left for its answer (the run's Lua memory cap)", t->tool_name);
         wf_task_done(wf, r, t);
-        return 0;
+        return;
     }
     wf_task_resume(wf, r, t, 2);
-    return 0;
+}
+
+bool wf_run_tool_deliver(kvm_workflow_t *wf, wf_run_t *r) {
+    bool any = false;
+    for (int i = 0; i < r->n_tasks && !r->finished; i++)
+        if (r->tasks[i].tool_answered && r->tasks[i].status == WF_T_WAIT) {
+            deliver(wf, r, &r->tasks[i]);
+            any = true;
+        }
+    return any;
 }

@@ -41,6 +41,9 @@ static const field_t k_run_start[] = {{"workflow", K_STR}, {"inputs", K_OBJ}, {"
 static const field_t k_run_id[] = {{"run_id", K_STR}, {NULL, 0}};
 static const field_t k_trace_get[] = {{"run_id", K_STR}, {"format", K_STR}, {NULL, 0}};
 static const field_t k_run_resume[] = {{"run_id", K_STR}, {"value", K_ANY}, {NULL, 0}};
+static const field_t k_tool_register[] = {{"name", K_STR}, {"description", K_STR}, {"schema", K_OBJ}, {NULL, 0}};
+static const field_t k_tool_result[] = {{"run_id", K_STR}, {"call_id", K_SEED}, {"result", K_ANY}, {"error", K_STR},
+                                        {NULL, 0}};
 
 static const schema_t k_schemas[] = {
     {KVM_REQ_HELLO, "hello", k_hello, false},
@@ -55,6 +58,8 @@ static const schema_t k_schemas[] = {
     {KVM_REQ_RUN_LIST, "run.list", k_none, false},
     {KVM_REQ_TRACE_GET, "trace.get", k_trace_get, false},
     {KVM_REQ_RUN_RESUME, "run.resume", k_run_resume, false},
+    {KVM_REQ_TOOL_REGISTER, "tool.register", k_tool_register, false},
+    {KVM_REQ_TOOL_RESULT, "tool.result", k_tool_result, false},
 };
 #define N_SCHEMAS (sizeof k_schemas / sizeof k_schemas[0])
 
@@ -332,6 +337,34 @@ static int decode_run_start(const cJSON *h, kvm_req_t *r, kvm_req_error_t *e) {
     return 0;
 }
 
+/* tool.result: run_id, call_id (an integer or a decimal string, > 0), and either result or error. */
+static int decode_tool_result(const cJSON *h, kvm_req_t *r, kvm_req_error_t *e) {
+    int rc = need_str(h, "run_id", id_ok, "a run id (1 to 64 printable bytes)", &r->run_id, r->type_name, e);
+    if (rc) return rc;
+    const cJSON *c = cJSON_GetObjectItemCaseSensitive(h, "call_id");
+    if (!c) return fail(e, KVM_EINVAL, "call_id", "tool.result: field 'call_id' is required");
+    uint64_t v = 0;
+    bool ok = true;
+    if (cJSON_IsNumber(c)) {
+        ok = int_in(c, 1, 9007199254740992.0);
+        v = ok ? (uint64_t)c->valuedouble : 0;
+    } else {
+        size_t n = strlen(c->valuestring);
+        ok = n > 0 && n <= 20;
+        for (size_t i = 0; ok && i < n; i++) {
+            ok = c->valuestring[i] >= '0' && c->valuestring[i] <= '9' && v <= (UINT64_MAX - (uint64_t)(c->valuestring[i] - '0')) / 10;
+            if (ok) v = v * 10 + (uint64_t)(c->valuestring[i] - '0');
+        }
+        ok = ok && v > 0;
+    }
+    if (!ok) return fail(e, KVM_EINVAL, "call_id", "tool.result: field 'call_id' must be the call's id (a positive integer, or its decimal string)");
+    r->call_id = v;
+    r->value = cJSON_GetObjectItemCaseSensitive(h, "result");
+    r->error = str_of(h, "error");
+    if (r->value && r->error) return fail(e, KVM_EINVAL, "error", "tool.result: give 'result' or 'error', not both");
+    return 0;
+}
+
 static int decode_body(const cJSON *h, const kvm_req_frame_t *pay, int n_pay, const kvm_req_limits_t *lim, kvm_req_t *r,
                        kvm_req_error_t *e) {
     const char *fmt = NULL;
@@ -341,6 +374,11 @@ static int decode_body(const cJSON *h, const kvm_req_frame_t *pay, int n_pay, co
     case KVM_REQ_WORKFLOW_DROP:
         return need_str(h, "name", name_ok, "a workflow name (1 to 64 letters, digits, '_', '-' or '.')", &r->name, r->type_name, e);
     case KVM_REQ_RUN_START: return decode_run_start(h, r, e);
+    case KVM_REQ_TOOL_REGISTER:
+        r->description = str_of(h, "description");
+        r->schema = cJSON_GetObjectItemCaseSensitive(h, "schema");
+        return need_str(h, "name", name_ok, "a tool name (1 to 64 letters, digits, '_', '-' or '.')", &r->name, r->type_name, e);
+    case KVM_REQ_TOOL_RESULT: return decode_tool_result(h, r, e);
     case KVM_REQ_TRACE_GET:
         fmt = str_of(h, "format");
         if (fmt && strcmp(fmt, "jsonl")) return fail(e, KVM_EINVAL, "format", "trace.get: field 'format' must be \"jsonl\"");

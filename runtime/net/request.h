@@ -32,6 +32,8 @@ enum kvm_req_type {
     KVM_REQ_RUN_LIST,
     KVM_REQ_TRACE_GET,
     KVM_REQ_RUN_RESUME,
+    KVM_REQ_TOOL_REGISTER,
+    KVM_REQ_TOOL_RESULT,
 };
 
 /* Streams a run.start asks for (`stream`). */
@@ -71,8 +73,14 @@ typedef struct kvm_req {
     unsigned stream;                /* enum kvm_req_stream bits */
     /* run.cancel / run.status / trace.get / run.resume */
     const char *run_id;
-    /* run.resume: the answer (any JSON value; NULL = absent, which answers null) */
+    /* run.resume: the answer (any JSON value; NULL = absent, which answers null); tool.result: the result */
     const cJSON *value;
+    /* tool.register (name, description, schema: an object or NULL) */
+    const char *description;
+    const cJSON *schema;
+    /* tool.result (run_id, value or error) */
+    uint64_t call_id;
+    const char *error;              /* the tool failed: the message (NULL = it succeeded) */
 } kvm_req_t;
 
 /* A request that failed validation. */
