@@ -975,6 +975,7 @@ void kvm_wf_free(kvm_workflow_t *wf) {
         kvm_free(a->parts);
         kvm_free(a->part_node);
         wf_free_strs(a->stop, a->n_stop);
+        wf_free_strs(a->tools, a->n_tools);
         kvm_free(a->where);
     }
     kvm_free(wf->agents);

@@ -77,6 +77,9 @@ typedef struct wf_agent {
     int retry_max;         /* retries of a failed call (retry = { max, backoff_ms, on }) */
     double retry_backoff_ms;
     unsigned retry_on;     /* WF_RETRY_* (llm.h) */
+    char **tools;          /* host tools the model may call (tools = {...}; wf_tools.c) */
+    int n_tools;
+    int tool_rounds;       /* tool-call rounds at most per step (default 4) */
     char *where;           /* "file:line" of the definition */
 } wf_agent_t;
 
@@ -271,6 +274,9 @@ typedef struct wf_task {
     int tool_status;       /* 0, or KVM_E* with tool_msg */
     cJSON *tool_value;     /* the result (NULL = nil) */
     char *tool_msg;
+    /* model-driven tool calls of the agent step in flight (wf_tools.c) */
+    cJSON *turns;          /* [{role, content}] after the user message so far (NULL = none) */
+    int tool_rounds;       /* rounds done */
 } wf_task_t;
 
 typedef struct wf_run {
@@ -379,6 +385,15 @@ int wf_ctx_call(lua_State *L);
 int wf_ctx_tool(lua_State *L);
 /* Tasks of r waiting for a tool's answer that has not come (wf_tools.c). */
 int wf_run_tool_waits(const wf_run_t *r);
+/* The system message of agent a with the tools it may call (Qwen / Hermes convention), new string; NULL + message
+ * (a tool not registered) (wf_tools.c). */
+char *wf_tools_system(kvm_workflow_t *wf, const wf_agent_t *a);
+/* After agent a's generation res for task t: the <tool_call> blocks it wrote run (each answered in a tool-response
+ * turn, errors included) and the generation goes on with those turns: 1 (a new job in flight), 0 (no tool call:
+ * res is the step's output), or <0 with msg (tool_rounds exhausted, a resubmission failed) (wf_tools.c). */
+int wf_tools_model_round(kvm_workflow_t *wf, wf_run_t *r, wf_task_t *t, int ai, const wf_llm_result_t *res, char *msg, size_t cap);
+/* Submits agent ai's prompt of task t again with the turns of a tool-call continuation as job tag (wf_task.c). */
+int wf_agent_resubmit(kvm_workflow_t *wf, wf_run_t *r, wf_task_t *t, int ai, uint64_t tag, const wf_turn_t *turns, int n_turns);
 /* Resumes the tasks of r whose tool answer came (kvm_wf_tool_result); whether there was one. */
 bool wf_run_tool_deliver(kvm_workflow_t *wf, wf_run_t *r);
 /* Resumes a func/tool task's coroutine with nargs values pushed on it (wf_task.c). */

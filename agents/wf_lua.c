@@ -835,7 +835,8 @@ static int l_model(lua_State *L) {
 
 static const char *const agent_fields[] = {"name", "model", "role", "system", "template", "prompt", "max_tokens",
                                            "temperature", "top_k", "top_p", "repetition_penalty", "seed", "stop",
-                                           "budget", "kv", "writes", "ignore_eos", "timeout_ms", "retry", NULL};
+                                           "budget", "kv", "writes", "ignore_eos", "timeout_ms", "retry", "tools",
+                                           "tool_rounds", NULL};
 
 static void check_fields(lua_State *L, int t, const char *what, const char *const *allowed) {
     lua_pushnil(L);
@@ -992,6 +993,21 @@ static int make_agent(lua_State *L, int t, const char *name_arg) {
         }
     } else if (!lua_isnil(L, stop_idx))
         return luaL_error(L, "%s '%s': stop must be a string or a list of strings", what, name);
+    /* tools = {"name", ...}: host tools the model may call (wf_tools.c); tool_rounds bounds the rounds */
+    raw_field(L, t, "tools");
+    int tools_idx = lua_gettop(L);
+    int n_tools = 0;
+    if (lua_type(L, tools_idx) == LUA_TTABLE) {
+        n_tools = (int)lua_rawlen(L, tools_idx);
+        for (int i = 1; i <= n_tools; i++) {
+            lua_rawgeti(L, tools_idx, i);
+            if (lua_type(L, -1) != LUA_TSTRING || !*lua_tostring(L, -1) || !no_nul(L, -1))
+                return luaL_error(L, "%s '%s': tools must be a list of tool names", what, name);
+            lua_pop(L, 1);
+        }
+    } else if (!lua_isnil(L, tools_idx))
+        return luaL_error(L, "%s '%s': tools must be a list of tool names (strings)", what, name);
+    const int tool_rounds = (int)num_in(L, t, "tool_rounds", 4, 1, 16, aw);
     /* template check before allocating the agent */
     kvm_tpl_part_t *parts;
     int n_parts;
@@ -1036,8 +1052,18 @@ static int make_agent(lua_State *L, int t, const char *name_arg) {
             lua_pop(L, 1);
         }
     }
-    lua_pop(L, 1); /* stop */
-    if (!a->name || !a->tmpl || (role && !a->role) || (n_stop && !a->stop)) return luaL_error(L, "out of memory");
+    a->tool_rounds = tool_rounds;
+    if (n_tools > 0) {
+        a->tools = kvm_calloc((size_t)n_tools, sizeof *a->tools);
+        for (int i = 0; a->tools && i < n_tools; i++) {
+            lua_rawgeti(L, tools_idx, i + 1);
+            a->tools[a->n_tools++] = kvm_strdup(lua_tostring(L, -1));
+            lua_pop(L, 1);
+        }
+    }
+    lua_pop(L, 2); /* stop, tools */
+    if (!a->name || !a->tmpl || (role && !a->role) || (n_stop && !a->stop) || (n_tools && !a->tools))
+        return luaL_error(L, "out of memory");
     /* the stats table follows the agents */
     kvm_wf_agent_stats_t *ns = kvm_realloc(wf->stats, (size_t)wf->n_agents * sizeof *ns);
     if (!ns) return luaL_error(L, "out of memory");

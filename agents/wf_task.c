@@ -481,26 +481,25 @@ static int make_seen(kvm_workflow_t *wf, wf_run_t *r, int ai, lua_State *VL, int
 }
 
 /* Builds what agent ai sees and submits the step; on success *seen_out is what it sees. */
-static int submit_agent(kvm_workflow_t *wf, wf_run_t *r, int ai, lua_State *VL, int vars, uint64_t tag, wf_seen_t **seen_out) {
+/* Submits the prompt s of agent ai (with the turns of a tool-call continuation, if any) as engine job tag. The
+ * caller has entered the run's account. */
+static int submit_seen(kvm_workflow_t *wf, wf_run_t *r, int ai, const wf_seen_t *s, uint64_t tag, const wf_turn_t *turns,
+                       int n_turns) {
     const wf_agent_t *a = &wf->agents[ai];
-    wf_seen_t *s = NULL;
-    kvm_account_t *prev = kvm_account_enter(r->acct->mem); /* the prompt and the engine's copies of it are the run's */
-    int rc = make_seen(wf, r, ai, VL, vars, &s);
-    if (rc) {
-        kvm_account_enter(prev);
-        return rc;
-    }
+    int rc = 0;
+    char *system = a->n_tools > 0 ? wf_tools_system(wf, a) : NULL; /* the tools shown to the model */
+    if (a->n_tools > 0 && !system) return kvm_errctx(kvm_errcode() ? kvm_errcode() : KVM_ENOMEM, "%s: agent '%s'", a->where, a->name);
     wf_piece_t *pieces = kvm_calloc((size_t)s->n + 1, sizeof *pieces);
     if (!pieces) rc = kvm_seterr(KVM_ENOMEM, "agent '%s': out of memory building its prompt", a->name);
     for (int i = 0; pieces && i < s->n; i++)
         pieces[i] = (wf_piece_t){.is_slot = s->parts[i].slot != NULL, .name = s->parts[i].slot, .text = s->parts[i].text};
     if (rc == 0) {
-        wf_llm_req_t req = {.model = wf->models[a->model].llm, .agent = a->name, .run_id = r->id, .system = a->role,
-                            .pieces = pieces, .n_pieces = s->n, .sampling = a->sampling, .max_tokens = a->max_tokens,
-                            .stop = (const char *const *)a->stop, .n_stop = a->n_stop, .kv = wf_run_agent_kv(wf, r, a),
-                            .ignore_eos = a->ignore_eos, .tag = tag, .timeout_ms = a->timeout_ms,
+        wf_llm_req_t req = {.model = wf->models[a->model].llm, .agent = a->name, .run_id = r->id,
+                            .system = system ? system : a->role, .pieces = pieces, .n_pieces = s->n, .sampling = a->sampling,
+                            .max_tokens = a->max_tokens, .stop = (const char *const *)a->stop, .n_stop = a->n_stop,
+                            .kv = wf_run_agent_kv(wf, r, a), .ignore_eos = a->ignore_eos, .tag = tag, .timeout_ms = a->timeout_ms,
                             .retry_max = a->retry_max, .retry_backoff_ms = a->retry_backoff_ms, .retry_on = a->retry_on,
-                            .acct = r->acct->mem};
+                            .turns = turns, .n_turns = n_turns, .acct = r->acct->mem};
         if (wf->g->lim_wall_ms > 0) /* the run's wall-time budget also stops a generation under way */
             req.run_deadline_ns = r->t0_mono + (uint64_t)wf->g->lim_wall_ms * 1000000u;
         if (req.sampling.seed == 0) req.sampling.seed = r->seed * 1000003u + (uint64_t)r->step_idx + 1;
@@ -508,8 +507,24 @@ static int submit_agent(kvm_workflow_t *wf, wf_run_t *r, int ai, lua_State *VL, 
         if (rc) rc = kvm_errctx(rc, "%s: agent '%s'", a->where, a->name);
     }
     kvm_free(pieces);
+    kvm_free(system);
+    return rc;
+}
+
+static int submit_agent(kvm_workflow_t *wf, wf_run_t *r, int ai, lua_State *VL, int vars, uint64_t tag, wf_seen_t **seen_out) {
+    wf_seen_t *s = NULL;
+    kvm_account_t *prev = kvm_account_enter(r->acct->mem); /* the prompt and the engine's copies of it are the run's */
+    int rc = make_seen(wf, r, ai, VL, vars, &s);
+    if (!rc) rc = submit_seen(wf, r, ai, s, tag, NULL, 0);
     if (rc) wf_seen_free(s);
     else *seen_out = s;
+    kvm_account_enter(prev);
+    return rc;
+}
+
+int wf_agent_resubmit(kvm_workflow_t *wf, wf_run_t *r, wf_task_t *t, int ai, uint64_t tag, const wf_turn_t *turns, int n_turns) {
+    kvm_account_t *prev = kvm_account_enter(r->acct->mem);
+    int rc = submit_seen(wf, r, ai, t->seen, tag, turns, n_turns);
     kvm_account_enter(prev);
     return rc;
 }
@@ -653,6 +668,7 @@ void wf_tasks_free(kvm_workflow_t *wf, wf_run_t *r) {
         kvm_free(t->tool_name);
         cJSON_Delete(t->tool_value);
         kvm_free(t->tool_msg);
+        cJSON_Delete(t->turns);
         wf_seen_free(t->seen);
         for (int k = 0; k < t->n_m; k++) wf_seen_free(t->mseen[k]);
         kvm_free(t->mseen);
@@ -977,6 +993,14 @@ void wf_deliver(kvm_workflow_t *wf, wf_llm_result_t *res) {
                      r->agent_tokens[ai], a->budget_tokens);
         }
     }
+    if (!status && a->n_tools > 0) { /* the model may have called tools: they run and the generation goes on */
+        int rc = wf_tools_model_round(wf, r, t, ai, res, msg, sizeof msg);
+        if (rc == 1) return; /* the next round is in flight */
+        if (rc < 0) status = rc;
+    }
+    cJSON_Delete(t->turns);
+    t->turns = NULL;
+    t->tool_rounds = 0;
     wf_agent_step_done(wf, r, t, ai, res, status, status ? msg : NULL, call);
     if (call) {
         resume_call(wf, r, t, res, status, msg);

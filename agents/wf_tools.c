@@ -12,6 +12,7 @@
 
 #include "../runtime/core/json.h"
 #include "../runtime/core/jsonschema.h"
+#include "../runtime/core/sb.h"
 
 /* ---- registration -------------------------------------------------------------------------------------------- */
 
@@ -327,4 +328,233 @@ bool wf_run_tool_deliver(kvm_workflow_t *wf, wf_run_t *r) {
             any = true;
         }
     return any;
+}
+
+/* ---- model-driven tool calls (Qwen / Hermes convention) ------------------------------------------------------
+ * An agent with tools = {...} sees them in its system message as Qwen's chat template shows them (a <tools> block of
+ * {"type": "function", "function": {name, description, parameters}} lines, then how to call one). What it writes is
+ * searched for <tool_call>{"name": ..., "arguments": {...}}</tool_call> blocks; each call is checked and run as
+ * ctx:tool runs one, and its result (or {"error": ...}, which the model may correct) goes back in a tool-response
+ * turn (<tool_response>...</tool_response>, a user turn as Qwen's template renders it); the generation goes on
+ * with the model's turn and that one appended, for tool_rounds rounds at most. */
+
+/* JSON as Python's json.dumps writes it (", " and ": " separators, as the template's tojson does). */
+static int py_json(kvm_sb_t *b, const cJSON *j) {
+    if (cJSON_IsObject(j) || cJSON_IsArray(j)) {
+        bool obj = cJSON_IsObject(j);
+        int rc = kvm_sb_putc(b, obj ? '{' : '[');
+        for (const cJSON *c = j->child; !rc && c; c = c->next) {
+            if (c != j->child) rc = kvm_sb_puts(b, ", ");
+            if (!rc && obj) {
+                cJSON *k = cJSON_CreateString(c->string);
+                char *ks = k ? cJSON_PrintUnformatted(k) : NULL;
+                rc = ks ? kvm_sb_puts(b, ks) : KVM_ENOMEM;
+                if (!rc) rc = kvm_sb_puts(b, ": ");
+                cJSON_free(ks);
+                cJSON_Delete(k);
+            }
+            if (!rc) rc = py_json(b, c);
+        }
+        return rc ? rc : kvm_sb_putc(b, obj ? '}' : ']');
+    }
+    char *t = cJSON_PrintUnformatted(j);
+    int rc = t ? kvm_sb_puts(b, t) : KVM_ENOMEM;
+    cJSON_free(t);
+    return rc;
+}
+
+char *wf_tools_system(kvm_workflow_t *wf, const wf_agent_t *a) {
+    kvm_sb_t b = KVM_SB_INIT;
+    int rc = 0;
+    if (a->role && *a->role) rc = kvm_sb_printf(&b, "%s\n\n", a->role);
+    if (!rc)
+        rc = kvm_sb_puts(&b, "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+                             "You are provided with function signatures within <tools></tools> XML tags:\n<tools>");
+    for (int i = 0; !rc && i < a->n_tools; i++) {
+        const wf_tool_t *tool = find_tool(wf->o.tools, a->tools[i]);
+        if (!tool) {
+            kvm_sb_free(&b);
+            kvm_seterr(KVM_EINVAL, "tools: no tool '%s' is registered (the agent's tools = {...} names it)", a->tools[i]);
+            return NULL;
+        }
+        cJSON *f = cJSON_CreateObject(), *fn = cJSON_CreateObject(), *params = cJSON_Duplicate(tool->schema, 1);
+        bool ok = f && fn && params && cJSON_AddStringToObject(f, "type", "function") && cJSON_AddItemToObject(f, "function", fn);
+        if (!ok) cJSON_Delete(fn);
+        ok = ok && cJSON_AddStringToObject(fn, "name", tool->name) && cJSON_AddStringToObject(fn, "description", tool->description) &&
+             cJSON_AddItemToObject(fn, "parameters", params);
+        if (!ok) cJSON_Delete(params);
+        rc = ok ? kvm_sb_putc(&b, '\n') : KVM_ENOMEM;
+        if (!rc) rc = py_json(&b, f);
+        cJSON_Delete(f);
+    }
+    if (!rc)
+        rc = kvm_sb_puts(&b, "\n</tools>\n\nFor each function call, return a json object with function name and arguments "
+                             "within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, "
+                             "\"arguments\": <args-json-object>}\n</tool_call>");
+    if (rc) {
+        kvm_sb_free(&b);
+        kvm_seterr(KVM_ENOMEM, "out of memory showing the tools");
+        return NULL;
+    }
+    return kvm_sb_take(&b, NULL);
+}
+
+/* The calls in text: [{name, arguments}] or, for a block that is not a call, [{error}]; 0 or KVM_ENOMEM. */
+static int parse_calls(const char *text, cJSON **out) {
+    static const char open_tag[] = "<tool_call>", close_tag[] = "</tool_call>";
+    cJSON *calls = cJSON_CreateArray();
+    if (!calls) return KVM_ENOMEM;
+    for (const char *p = text ? strstr(text, open_tag) : NULL; p; p = strstr(p, open_tag)) {
+        p += sizeof open_tag - 1;
+        const char *end = strstr(p, close_tag);
+        size_t len = end ? (size_t)(end - p) : strlen(p);
+        cJSON *call = cJSON_CreateObject(), *j = NULL;
+        if (!call || !cJSON_AddItemToArray(calls, call)) {
+            cJSON_Delete(call);
+            cJSON_Delete(calls);
+            return KVM_ENOMEM;
+        }
+        const char *why = NULL;
+        if (!end) why = "a <tool_call> block without its </tool_call>";
+        else if (kvm_json_parse(p, len, "the call", &j)) why = kvm_errmsg();
+        const cJSON *name = j ? cJSON_GetObjectItemCaseSensitive(j, "name") : NULL;
+        cJSON *args = j ? cJSON_GetObjectItemCaseSensitive(j, "arguments") : NULL;
+        cJSON *parsed = NULL;
+        if (!why && (!cJSON_IsObject(j) || !cJSON_IsString(name)))
+            why = "a call must be a JSON object {\"name\": <function-name>, \"arguments\": <args-json-object>}";
+        if (!why && cJSON_IsString(args) && kvm_json_parse(args->valuestring, strlen(args->valuestring), "its arguments", &parsed) == 0)
+            args = parsed; /* some models write the arguments as a JSON string */
+        if (!why && args && !cJSON_IsObject(args)) why = "\"arguments\" must be a JSON object";
+        if (why) {
+            if (cJSON_IsString(name)) cJSON_AddStringToObject(call, "name", name->valuestring);
+            cJSON_AddStringToObject(call, "error", why);
+        } else {
+            cJSON_AddStringToObject(call, "name", name->valuestring);
+            cJSON_AddItemToObject(call, "arguments", args ? cJSON_Duplicate(args, 1) : cJSON_CreateObject());
+        }
+        cJSON_Delete(parsed);
+        cJSON_Delete(j);
+        if (!end) break;
+        p = end + sizeof close_tag - 1;
+    }
+    *out = calls;
+    return 0;
+}
+
+/* Runs one parsed call for agent a (the tools it may call only); the text of its response: the tool's JSON result,
+ * or {"error": "..."} the model can read. New string, NULL for no memory. */
+static char *run_model_call(kvm_workflow_t *wf, wf_run_t *r, const wf_task_t *t, const wf_agent_t *a, const cJSON *call) {
+    const cJSON *name = cJSON_GetObjectItemCaseSensitive(call, "name"), *err = cJSON_GetObjectItemCaseSensitive(call, "error");
+    const cJSON *args = cJSON_GetObjectItemCaseSensitive(call, "arguments");
+    char why[1024] = "";
+    const wf_tool_t *tool = NULL;
+    bool offered = false;
+    for (int i = 0; cJSON_IsString(name) && i < a->n_tools; i++) offered |= !strcmp(a->tools[i], name->valuestring);
+    if (err) snprintf(why, sizeof why, "%s", err->valuestring);
+    else if (!offered) snprintf(why, sizeof why, "no tool '%.64s' is offered to you", name->valuestring);
+    else if (!(tool = find_tool(wf->o.tools, name->valuestring))) snprintf(why, sizeof why, "tool '%.64s' is not registered now", name->valuestring);
+    else if (kvm_jsonschema_validate(tool->schema, args, "arguments")) snprintf(why, sizeof why, "%s", kvm_errmsg());
+    char *text = !why[0] ? cJSON_PrintUnformatted(args) : NULL;
+    char *res = NULL;
+    if (!why[0] && !text) snprintf(why, sizeof why, "out of memory");
+    if (!why[0]) {
+        const wf_graph_t *g = wf->g;
+        double ms = (double)(kvm_now_ns() - r->t0_mono) / 1e6;
+        kvm_tool_call_t c = {.tool = tool->name, .args_json = text, .run = wf_api_run(wf, r->idx), .run_id = r->id,
+                             .node = g->nodes[t->node].name, .call_id = ++((wf_tools_t *)wf->o.tools)->next_call,
+                             .ms_left = g->lim_wall_ms > 0 ? (double)g->lim_wall_ms - ms : -1};
+        r->budget.instructions += WF_CALL_INSTRUCTIONS;
+        int rc = tool->fn(tool->ud, &c, &res);
+        if (rc == KVM_EBUSY && !res) snprintf(why, sizeof why, "tool '%s' answers later, which calls made by a model do not support", tool->name);
+        else if (rc) snprintf(why, sizeof why, "%s", res ? res : kvm_strerror(rc));
+        else if (res) { /* the result must be JSON: the model reads it as such */
+            cJSON *j = NULL;
+            if (kvm_json_parse(res, strlen(res), "its result", &j)) snprintf(why, sizeof why, "%s", kvm_errmsg());
+            cJSON_Delete(j);
+        }
+        trace_call(r, tool->name, text, why[0] ? why : res ? res : "null", why[0] != 0);
+    } else {
+        trace_call(r, cJSON_IsString(name) ? name->valuestring : "?", text ? text : "(no arguments)", why, 1);
+    }
+    cJSON_free(text);
+    if (!why[0]) {
+        if (res) return res;
+        return kvm_strdup("null");
+    }
+    kvm_free(res);
+    cJSON *e = cJSON_CreateObject();
+    cJSON_AddStringToObject(e, "error", why);
+    char *et = e ? cJSON_PrintUnformatted(e) : NULL;
+    cJSON_Delete(e);
+    char *out = et ? kvm_strdup(et) : NULL;
+    cJSON_free(et);
+    return out;
+}
+
+int wf_tools_model_round(kvm_workflow_t *wf, wf_run_t *r, wf_task_t *t, int ai, const wf_llm_result_t *res, char *msg, size_t cap) {
+    const wf_agent_t *a = &wf->agents[ai];
+    cJSON *calls = NULL;
+    if (parse_calls(res->text, &calls)) {
+        snprintf(msg, cap, "%s: agent '%s': out of memory reading its tool calls", a->where, a->name);
+        return KVM_ENOMEM;
+    }
+    if (cJSON_GetArraySize(calls) == 0) {
+        cJSON_Delete(calls);
+        return 0;
+    }
+    if (t->tool_rounds >= a->tool_rounds) {
+        cJSON_Delete(calls);
+        snprintf(msg, cap, "%s: agent '%s': the model still calls tools after tool_rounds = %d rounds", a->where, a->name,
+                 a->tool_rounds);
+        return KVM_EBUDGET;
+    }
+    /* the tool-response turn: one <tool_response> per call, in order */
+    kvm_sb_t b = KVM_SB_INIT;
+    int rc = 0;
+    for (const cJSON *c = calls->child; !rc && c; c = c->next) {
+        char *one = run_model_call(wf, r, t, a, c);
+        rc = one ? kvm_sb_printf(&b, "%s<tool_response>\n%s\n</tool_response>", c == calls->child ? "" : "\n", one) : KVM_ENOMEM;
+        kvm_free(one);
+    }
+    cJSON_Delete(calls);
+    if (!rc && !t->turns && !(t->turns = cJSON_CreateArray())) rc = KVM_ENOMEM;
+    if (!rc) {
+        const char *roles[2] = {"assistant", "user"}, *texts[2] = {res->text ? res->text : "", kvm_sb_str(&b)};
+        for (int k = 0; !rc && k < 2; k++) {
+            cJSON *turn = cJSON_CreateObject();
+            if (!turn || !cJSON_AddStringToObject(turn, "role", roles[k]) || !cJSON_AddStringToObject(turn, "content", texts[k]) ||
+                !cJSON_AddItemToArray(t->turns, turn)) {
+                cJSON_Delete(turn);
+                rc = KVM_ENOMEM;
+            }
+        }
+    }
+    kvm_sb_free(&b);
+    if (rc) {
+        snprintf(msg, cap, "%s: agent '%s': out of memory answering its tool calls", a->where, a->name);
+        return KVM_ENOMEM;
+    }
+    t->tool_rounds++;
+    r->tokens_in += res->n_prompt; /* this round's tokens are the run's; the last round's are counted as the step's */
+    r->tokens_out += res->n_out;
+    int n = cJSON_GetArraySize(t->turns);
+    wf_turn_t *turns = kvm_calloc((size_t)n + 1, sizeof *turns);
+    if (!turns) {
+        snprintf(msg, cap, "%s: agent '%s': out of memory", a->where, a->name);
+        return KVM_ENOMEM;
+    }
+    int k = 0;
+    for (const cJSON *c = t->turns->child; c; c = c->next, k++)
+        turns[k] = (wf_turn_t){cJSON_GetObjectItemCaseSensitive(c, "role")->valuestring,
+                               cJSON_GetObjectItemCaseSensitive(c, "content")->valuestring};
+    uint64_t job = ++wf->job_serial;
+    rc = wf_agent_resubmit(wf, r, t, ai, job, turns, n);
+    kvm_free(turns);
+    if (rc) {
+        snprintf(msg, cap, "%s", kvm_errmsg());
+        return rc;
+    }
+    t->job = job;
+    t->t_job = kvm_now_ns();
+    return 1;
 }

@@ -421,7 +421,121 @@ static void test_a_removed_tool_is_no_longer_callable(void **st) {
     kvm_runtime_free(rt);
 }
 
-TC_MAIN(setup, teardown, cmocka_unit_test(test_a_tool_can_answer_later_while_the_run_waits),
+/* ---- model-driven tool calls ---------------------------------------------------------------------------------
+ * The mock model answers with its user message (and, in a continuation, with the last turn): a tool call written
+ * in the input comes back as the model's own text, so the parse / check / call / continue loop runs for real. */
+
+static const char *const MODEL_WF =
+    "local kvm = kvmesh\n"
+    "local m = kvm.model('mock:echo')\n"
+    "local g = kvm.graph{ name = 'mtools' }\n"
+    "g:agent('asker', { model = m, role = 'You help.', template = '{input}', max_tokens = 64, tools = { 'weather' }, tool_rounds = 1 })\n"
+    "g:edge(kvm.START, 'asker')\n"
+    "g:output(function(state, last) return { out = last.asker } end)\n"
+    "return g\n";
+
+/* Runs MODEL_WF with the input text; returns the status, the output text in out (cap bytes). */
+static int model_run(kvm_runtime_t *rt, const char *input, char *out, size_t cap, char *msg, size_t mcap) {
+    kvm_workflow_t *wf = kvm_workflow_load_string(rt, "mtools.lua", MODEL_WF, strlen(MODEL_WF), NULL);
+    if (!wf) fail_msg("%s", kvm_errmsg());
+    char in[1024];
+    snprintf(in, sizeof in, "{\"input\": \"%s\"}", input);
+    kvm_run_params_t rp = kvm_run_default_params();
+    rp.inputs_json = in;
+    kvm_run_t *r = kvm_run_start(wf, &rp);
+    assert_non_null(r);
+    assert_int_equal(kvm_workflow_drive(wf), 0);
+    const char *m = NULL;
+    int st = kvm_run_status(r, &m);
+    snprintf(msg, mcap, "%s", m ? m : "");
+    char *o = st == 0 ? kvm_run_outputs_json(r) : NULL;
+    snprintf(out, cap, "%s", o ? o : "");
+    kvm_free(o);
+    kvm_workflow_free(wf);
+    return st;
+}
+
+#define CALL(args) "<tool_call>{\\\"name\\\":\\\"weather\\\",\\\"arguments\\\":" args "}</tool_call>"
+
+static void test_a_model_tool_call_runs_and_the_generation_goes_on(void **st) {
+    (void)st;
+    kvm_runtime_t *rt = mock_runtime(g_dir);
+    calls_t c = {0};
+    assert_int_equal(kvm_runtime_add_tool(rt, "weather", "Forecast for a city", WEATHER_SCHEMA, weather, &c), 0);
+    char out[4096], msg[2048];
+    assert_int_equal(model_run(rt, "Let me look. " CALL("{\\\"city\\\":\\\"Oslo\\\",\\\"days\\\":2}"), out, sizeof out, msg, sizeof msg), 0);
+    assert_int_equal(c.n, 1);
+    assert_non_null(strstr(c.last_args, "\"city\":\"Oslo\""));
+    /* the second round answered the tool-response turn (the mock echoes it): the step's output */
+    assert_non_null(strstr(out, "<tool_response>"));
+    assert_non_null(strstr(out, "{\\\"forecast\\\":[\\\"sun\\\",\\\"rain\\\"],\\\"ok\\\":true}"));
+    assert_null(strstr(out, "<tool_call>"));
+    /* the model saw the tool in its system message, as Qwen's chat template shows tools */
+    char *text = NULL;
+    assert_true(kvm_trace_view_search(g_dir, "You help.\\n\\n# Tools\\n\\nYou may call one or more functions", &text) >= 1);
+    kvm_free(text);
+    assert_true(kvm_trace_view_search(g_dir, "<tools>\\n{\\\"type\\\": \\\"function\\\", \\\"function\\\": {\\\"name\\\": "
+                                             "\\\"weather\\\", \\\"description\\\": \\\"Forecast for a city\\\", "
+                                             "\\\"parameters\\\": {\\\"type\\\": \\\"object\\\"", &text) >= 1);
+    kvm_free(text);
+    kvm_runtime_free(rt);
+}
+
+static void test_bad_model_calls_are_answered_with_errors_the_model_can_read(void **st) {
+    (void)st;
+    kvm_runtime_t *rt = mock_runtime(NULL);
+    calls_t c = {0};
+    assert_int_equal(kvm_runtime_add_tool(rt, "weather", NULL, WEATHER_SCHEMA, weather, &c), 0);
+    assert_int_equal(kvm_runtime_add_tool(rt, "secret", NULL, NULL, weather, &c), 0);
+    char out[4096], msg[2048];
+    /* arguments the schema refuses, a tool not offered to the agent, a block that is not JSON: one response each */
+    assert_int_equal(model_run(rt,
+                               CALL("{\\\"city\\\":7}") " <tool_call>{\\\"name\\\":\\\"secret\\\"}</tool_call>"
+                               " <tool_call>{oops}</tool_call>",
+                               out, sizeof out, msg, sizeof msg),
+                     0);
+    assert_int_equal(c.n, 0);
+    assert_non_null(strstr(out, "arguments.city: expected string, got integer"));
+    assert_non_null(strstr(out, "no tool 'secret' is offered to you"));
+    assert_non_null(strstr(out, "the call: not valid JSON"));
+    kvm_runtime_free(rt);
+}
+
+/* A tool whose result makes the mock call it again: the rounds are bounded. */
+static int loops(void *ud, const kvm_tool_call_t *call, char **result) {
+    (void)call;
+    ((calls_t *)ud)->n++;
+    *result = dup_text("\"<tool_call>{\\\"name\\\":\\\"weather\\\",\\\"arguments\\\":{\\\"city\\\":\\\"x\\\"}}</tool_call>\"");
+    return 0;
+}
+
+static void test_tool_rounds_bound_a_model_that_keeps_calling(void **st) {
+    (void)st;
+    kvm_runtime_t *rt = mock_runtime(NULL);
+    calls_t c = {0};
+    assert_int_equal(kvm_runtime_add_tool(rt, "weather", NULL, NULL, loops, &c), 0);
+    char out[4096], msg[2048];
+    /* round 1 calls the tool; its answer, echoed, is a call again in round 2: past tool_rounds = 1 */
+    assert_int_equal(model_run(rt, CALL("{}"), out, sizeof out, msg, sizeof msg), KVM_EBUDGET);
+    assert_non_null(strstr(msg, "agent 'asker': the model still calls tools after tool_rounds = 1 rounds"));
+    assert_int_equal(c.n, 1);
+    kvm_runtime_free(rt);
+}
+
+static void test_an_agent_naming_an_unregistered_tool_fails_its_step(void **st) {
+    (void)st;
+    kvm_runtime_t *rt = mock_runtime(NULL);
+    char out[4096], msg[2048];
+    assert_true(model_run(rt, "hello", out, sizeof out, msg, sizeof msg) < 0);
+    assert_non_null(strstr(msg, "agent 'asker'"));
+    assert_non_null(strstr(msg, "tools: no tool 'weather' is registered"));
+    kvm_runtime_free(rt);
+}
+
+TC_MAIN(setup, teardown, cmocka_unit_test(test_a_model_tool_call_runs_and_the_generation_goes_on),
+        cmocka_unit_test(test_bad_model_calls_are_answered_with_errors_the_model_can_read),
+        cmocka_unit_test(test_tool_rounds_bound_a_model_that_keeps_calling),
+        cmocka_unit_test(test_an_agent_naming_an_unregistered_tool_fails_its_step), cmocka_unit_test(test_a_tool_can_answer_later_while_the_run_waits),
         cmocka_unit_test(test_an_error_answer_fails_the_node_at_its_line),
         cmocka_unit_test(test_a_wait_past_the_wall_budget_ends_the_run),
         cmocka_unit_test(test_a_waiting_run_can_be_canceled),
