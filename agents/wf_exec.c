@@ -38,12 +38,15 @@ static void end_superstep(kvm_workflow_t *wf, wf_run_t *r);
 
 void wf_task_done(kvm_workflow_t *wf, wf_run_t *r, wf_task_t *t) {
     t->status = WF_T_DONE;
-    const wf_node_t *n = &wf->g->nodes[t->node];
+    const wf_node_t *n = &r->g->nodes[t->node];
     if (n->kind != WF_NODE_AGENT) {
-        int idx = r->step_idx++;
+        int idx = n->kind == WF_NODE_SUBGRAPH ? t->step : r->root->step_idx++; /* a subgraph node took its idx when it started */
         if (wf->o.on_step) {
-            kvm_wf_step_info_t si = {.run = r->idx, .run_id = r->id, .superstep = r->superstep, .node = n->name,
-                                     .op = n->kind == WF_NODE_TOOL ? "tool" : "func", .status = t->err, .error = t->errmsg};
+            static const char *const ops[] = {"chat", "func", "tool", "subgraph"};
+            char path[512];
+            kvm_wf_step_info_t si = {.run = r->idx, .run_id = r->id, .superstep = r->superstep,
+                                     .node = wf_step_node_path(r, n->name, path, sizeof path),
+                                     .op = ops[n->kind], .status = t->err, .error = t->errmsg};
             wf->o.on_step(wf->o.ud, &si);
         }
         wf_trace_lua_step(wf, r, t, idx);
@@ -68,12 +71,16 @@ void wf_agent_step_done(kvm_workflow_t *wf, wf_run_t *r, wf_task_t *t, int ai, c
     s->ttft_ms_sum += res->ttft_ms;
     s->decode_ms_sum += res->decode_ms;
     s->decode_tokens += res->n_out > 1 ? res->n_out - 1 : 0;
-    r->tokens_in += res->n_prompt;
-    r->tokens_out += res->n_out;
-    r->agent_calls++;
-    int idx = r->step_idx++;
+    for (wf_run_t *p = r; p; p = p->parent) { /* a subgraph's calls count in the runs above it too */
+        p->tokens_in += res->n_prompt;
+        p->tokens_out += res->n_out;
+        p->agent_calls++;
+    }
+    int idx = r->root->step_idx++;
     if (wf->o.on_step) {
-        kvm_wf_step_info_t si = {.run = r->idx, .run_id = r->id, .superstep = r->superstep, .node = wf->g->nodes[t->node].name,
+        char path[512];
+        kvm_wf_step_info_t si = {.run = r->idx, .run_id = r->id, .superstep = r->superstep,
+                                 .node = wf_step_node_path(r, r->g->nodes[t->node].name, path, sizeof path),
                                  .agent = a->name, .op = "chat", .status = status, .error = err, .tokens_in = res->n_prompt,
                                  .tokens_out = res->n_out, .reused = res->kv.exact + res->kv.offset + res->kv.naive,
                                  .ttft_ms = res->ttft_ms, .decode_ms = res->decode_ms, .text = res->text, .kv = &res->kv,
@@ -100,7 +107,7 @@ static int check_budgets(const wf_graph_t *g, const wf_run_t *r, char **msg) {
     else if (g->lim_wall_ms > 0 && ms_since(r->t0_mono) > (double)g->lim_wall_ms)
         *msg = wf_strf("%s: graph '%s' ran past its wall-time budget of %ld ms", g->where, g->name, g->lim_wall_ms);
     else
-        return 0;
+        return r->parent ? wf_subgraph_budgets(r, msg) : 0;
     return KVM_EBUDGET;
 }
 
@@ -111,7 +118,7 @@ static int count_ready(const wf_graph_t *g, const wf_run_t *r) {
 }
 
 static void start_superstep(kvm_workflow_t *wf, wf_run_t *r) {
-    const wf_graph_t *g = wf->g;
+    const wf_graph_t *g = r->g;
     int n_ready = count_ready(g, r);
     if (n_ready == 0) {
         finish_run(wf, r, 0, NULL);
@@ -151,7 +158,7 @@ static int cmp_task_name(const void *a, const void *b, void *g) {
 }
 
 static void take_target(kvm_workflow_t *wf, wf_run_t *r, int from, int to, const char *kind) {
-    const wf_graph_t *g = wf->g;
+    const wf_graph_t *g = r->g;
     if (to == WF_END) r->to_end[from] = true;
     else r->ready[to] = true;
     wf_trace_edge(r, g->nodes[from].name, to == WF_END ? "END" : g->nodes[to].name, kind);
@@ -160,7 +167,7 @@ static void take_target(kvm_workflow_t *wf, wf_run_t *r, int from, int to, const
 /* Runs a router's result (on top of r->th) into targets: a name, a list of names, or END. */
 static int route_targets(kvm_workflow_t *wf, wf_run_t *r, int from, char **msg) {
     lua_State *L = r->th;
-    const wf_graph_t *g = wf->g;
+    const wf_graph_t *g = r->g;
     const wf_node_t *n = &g->nodes[from];
     int top = lua_gettop(L);
     int count = lua_type(L, top) == LUA_TTABLE ? (int)lua_rawlen(L, top) : 1;
@@ -200,7 +207,7 @@ static int outputs_nomem(char **msg) {
 /* Step 1 of a super-step's end: each completed node's output becomes its {agent.x} / {tool.x} text
  * and is reduced into the state (messages, `writes`, a func node's updates). */
 static int apply_outputs(kvm_workflow_t *wf, wf_run_t *r, char **msg) {
-    const wf_graph_t *g = wf->g;
+    const wf_graph_t *g = r->g;
     lua_State *L = r->th;
     int code = 0;
     for (int i = 0; i < r->n_tasks && !code; i++) {
@@ -223,7 +230,8 @@ static int apply_outputs(kvm_workflow_t *wf, wf_run_t *r, char **msg) {
         }
         if (n->kind == WF_NODE_AGENT) code = wf_reduce_message(wf, r, t, msg);
         if (!code) code = wf_reduce_writes(wf, r, t, msg);
-        if (!code && n->kind == WF_NODE_FUNC && t->out_ref != LUA_NOREF) code = wf_apply_updates(wf, r, t, msg);
+        if (!code && (n->kind == WF_NODE_FUNC || n->kind == WF_NODE_SUBGRAPH) && t->out_ref != LUA_NOREF)
+            code = wf_apply_updates(wf, r, t, msg); /* a subgraph node's: its output map, through this graph's reducers */
     }
     return code;
 }
@@ -234,8 +242,8 @@ static void set_last(kvm_workflow_t *wf, wf_run_t *r) {
     wf_book(wf, r);
     lua_newtable(L);
     for (int i = 0; i < r->n_tasks; i++) {
-        wf_push_task_output(r, &r->tasks[i], wf->g);
-        lua_setfield(L, -2, wf->g->nodes[r->tasks[i].node].name);
+        wf_push_task_output(r, &r->tasks[i], r->g);
+        lua_setfield(L, -2, r->g->nodes[r->tasks[i].node].name);
     }
     luaL_unref(L, LUA_REGISTRYINDEX, r->last_ref);
     r->last_ref = luaL_ref(L, LUA_REGISTRYINDEX);
@@ -245,7 +253,7 @@ static void set_last(kvm_workflow_t *wf, wf_run_t *r) {
 /* Step 3, for one completed task: its on_error edges if it failed (or the run fails), else its edges,
  * predicates and router; then it counts as arrived at the joins it feeds. */
 static int take_edges(kvm_workflow_t *wf, wf_run_t *r, wf_task_t *t, char **msg) {
-    const wf_graph_t *g = wf->g;
+    const wf_graph_t *g = r->g;
     const wf_node_t *n = &g->nodes[t->node];
     int code = 0;
     if (t->err) {
@@ -287,7 +295,7 @@ static int take_edges(kvm_workflow_t *wf, wf_run_t *r, wf_task_t *t, char **msg)
 
 /* Step 4: joins whose sources have arrived ("all": every one, "any": at least one) make their target ready. */
 static void fire_joins(kvm_workflow_t *wf, wf_run_t *r) {
-    const wf_graph_t *g = wf->g;
+    const wf_graph_t *g = r->g;
     for (int j = 0; j < g->n_joins; j++) {
         const wf_join_t *jn = &g->joins[j];
         int got = 0;
@@ -305,7 +313,7 @@ static void fire_joins(kvm_workflow_t *wf, wf_run_t *r) {
 /* The outputs of the tasks selected by `only` ([n_nodes] flags, NULL = every task) into r->outputs; 0, or
  * KVM_ENOMEM with *msg set when one cannot be kept. */
 static int collect_outputs(kvm_workflow_t *wf, wf_run_t *r, const bool *only, char **msg) {
-    const wf_graph_t *g = wf->g;
+    const wf_graph_t *g = r->g;
     if (!r->outputs && !(r->outputs = cJSON_CreateObject())) return outputs_nomem(msg);
     for (int i = 0; i < r->n_tasks; i++) {
         const char *name = g->nodes[r->tasks[i].node].name;
@@ -325,7 +333,7 @@ static int collect_outputs(kvm_workflow_t *wf, wf_run_t *r, const bool *only, ch
 /* Ends a super-step once all its tasks are done: state updates, `last`, edges, joins, outputs, the
  * checkpoint record; then the next super-step can start (or the run ends). */
 static void end_superstep(kvm_workflow_t *wf, wf_run_t *r) {
-    const wf_graph_t *g = wf->g;
+    const wf_graph_t *g = r->g;
     qsort_r(r->tasks, (size_t)r->n_tasks, sizeof *r->tasks, cmp_task_name, (void *)g);
     char *msg = NULL;
     int code = apply_outputs(wf, r, &msg); /* 1. updates, ascending node name */
@@ -353,9 +361,9 @@ static void finish_run(kvm_workflow_t *wf, wf_run_t *r, int code, char *msg) {
         kvm_free(msg);
         return;
     }
-    const wf_graph_t *g = wf->g;
+    const wf_graph_t *g = r->g;
     lua_State *L = r->th;
-    if (!code && g->output_ref != LUA_NOREF) {
+    if (!code && !r->parent && g->output_ref != LUA_NOREF) { /* a subgraph's outputs are its node's output map */
         char *m = NULL;
         int rc = wf_run_call_state_fn(wf, r, g->output_ref, &m, g->where);
         if (rc) {
@@ -383,6 +391,11 @@ static void finish_run(kvm_workflow_t *wf, wf_run_t *r, int code, char *msg) {
     r->err = code;
     r->errmsg = msg;
     r->finished = true;
+    if (r->parent) { /* a subgraph's run: its node gets the result; the trace, the KV anchors and the account are its root's */
+        wf_tasks_free(wf, r);
+        wf_subgraph_done(wf, r);
+        return;
+    }
     wf_trace_run_end(wf, r, ms_since(r->t0_mono));
     wf_tasks_free(wf, r);
     if (wf_llm_run_end(wf->llm, r->id) != 0) KVM_LOGW("run %s: committing its KV anchors failed: %s", r->id, kvm_errmsg());
@@ -402,8 +415,11 @@ static void finish_run(kvm_workflow_t *wf, wf_run_t *r, int code, char *msg) {
 
 /* ---- runs ---------------------------------------------------------------------------------------- */
 
+void wf_run_finish(kvm_workflow_t *wf, wf_run_t *r, int code, char *msg) { finish_run(wf, r, code, msg); }
+
 static void run_free(kvm_workflow_t *wf, wf_run_t *r) {
-    const wf_graph_t *g = wf->g;
+    const wf_graph_t *g = r->g;
+    if (r->parent) r->trace = NULL; /* its root's */
     for (int i = 0; g && i < g->n_nodes; i++) { /* either array may be missing after a failed start */
         if (r->node_cur) kvm_free(r->node_cur[i]);
         if (r->node_prev) kvm_free(r->node_prev[i]);
@@ -426,11 +442,26 @@ static void run_free(kvm_workflow_t *wf, wf_run_t *r) {
     kvm_free(r);
 }
 
+void wf_run_free(kvm_workflow_t *wf, wf_run_t *r) { run_free(wf, r); }
+
 void wf_runs_free(kvm_workflow_t *wf) {
     for (int i = 0; i < wf->n_runs; i++) run_free(wf, wf->runs[i]);
     kvm_free(wf->runs);
     wf->runs = NULL;
     wf->n_runs = wf->cap_runs = 0;
+}
+
+bool wf_run_arrays(const kvm_workflow_t *wf, wf_run_t *r) {
+    const wf_graph_t *g = r->g;
+    r->node_cur = kvm_calloc((size_t)g->n_nodes, sizeof *r->node_cur);
+    r->node_prev = kvm_calloc((size_t)g->n_nodes, sizeof *r->node_prev);
+    r->ready = kvm_calloc((size_t)g->n_nodes, sizeof *r->ready);
+    r->to_end = kvm_calloc((size_t)g->n_nodes, sizeof *r->to_end);
+    r->arrived = kvm_calloc((size_t)g->n_joins + 1, sizeof *r->arrived);
+    r->agent_tokens = kvm_calloc((size_t)wf->n_agents + 1, sizeof *r->agent_tokens);
+    bool ok = r->node_cur && r->node_prev && r->ready && r->to_end && r->arrived && r->agent_tokens;
+    for (int j = 0; ok && j < g->n_joins; j++) ok = (r->arrived[j] = kvm_calloc((size_t)g->joins[j].n_src, sizeof **r->arrived)) != NULL;
+    return ok;
 }
 
 int kvm_wf_start(kvm_workflow_t *wf, const cJSON *inputs, uint64_t seed, int *run) {
@@ -452,6 +483,8 @@ static int run_new(kvm_workflow_t *wf, const cJSON *inputs, uint64_t seed, int k
     wf->cap_runs = (int)cap;
     wf_run_t *r = kvm_calloc(1, sizeof *r);
     if (!r) return KVM_ENOMEM;
+    r->g = g;
+    r->root = r;
     r->idx = wf->n_runs;
     r->seed = seed;
     r->kv_override = kv;
@@ -462,17 +495,10 @@ static int run_new(kvm_workflow_t *wf, const cJSON *inputs, uint64_t seed, int k
     r->t0_wall = kvm_wall_ns();
     r->state_ref = r->inputs_ref = r->last_ref = r->th_ref = LUA_NOREF;
     r->inputs = inputs ? cJSON_Duplicate(inputs, 1) : cJSON_CreateObject();
-    r->node_cur = kvm_calloc((size_t)g->n_nodes, sizeof *r->node_cur);
-    r->node_prev = kvm_calloc((size_t)g->n_nodes, sizeof *r->node_prev);
-    r->ready = kvm_calloc((size_t)g->n_nodes, sizeof *r->ready);
-    r->to_end = kvm_calloc((size_t)g->n_nodes, sizeof *r->to_end);
-    r->arrived = kvm_calloc((size_t)g->n_joins + 1, sizeof *r->arrived);
-    r->agent_tokens = kvm_calloc((size_t)wf->n_agents + 1, sizeof *r->agent_tokens);
     r->acct = kvm_calloc(1, sizeof *r->acct);
     r->resumed_from = resumed_from ? kvm_strdup(resumed_from) : NULL;
     r->resumed_superstep = resumed_step;
-    bool ok = (!resumed_from || r->resumed_from) && r->inputs && r->node_cur && r->node_prev && r->ready && r->to_end && r->arrived && r->agent_tokens && r->acct;
-    for (int j = 0; ok && j < g->n_joins; j++) ok = (r->arrived[j] = kvm_calloc((size_t)g->joins[j].n_src, sizeof **r->arrived)) != NULL;
+    bool ok = wf_run_arrays(wf, r) && (!resumed_from || r->resumed_from) && r->inputs && r->acct;
     if (!ok) {
         kvm_free(r->acct);
         r->acct = NULL;
@@ -516,16 +542,21 @@ static int run_new(kvm_workflow_t *wf, const cJSON *inputs, uint64_t seed, int k
     return 0;
 }
 
-int kvm_wf_start_kv(kvm_workflow_t *wf, const cJSON *inputs, uint64_t seed, int kv, int *run) {
-    const wf_graph_t *g = wf->g;
-    wf_run_t *r = NULL;
-    int rc = run_new(wf, inputs, seed, kv, NULL, 0, run, &r);
-    if (rc || r->finished) return rc;
+void wf_run_at_start(kvm_workflow_t *wf, wf_run_t *r) {
+    (void)wf;
+    const wf_graph_t *g = r->g;
     for (int i = 0; i < g->n_edges; i++)
         if (g->edges[i].from == WF_START && g->edges[i].to >= 0) {
             r->ready[g->edges[i].to] = true;
             wf_trace_edge(r, "START", g->nodes[g->edges[i].to].name, "edge");
         }
+}
+
+int kvm_wf_start_kv(kvm_workflow_t *wf, const cJSON *inputs, uint64_t seed, int kv, int *run) {
+    wf_run_t *r = NULL;
+    int rc = run_new(wf, inputs, seed, kv, NULL, 0, run, &r);
+    if (rc || r->finished) return rc;
+    wf_run_at_start(wf, r);
     return 0;
 }
 
@@ -743,41 +774,28 @@ int kvm_wf_run_score(kvm_workflow_t *wf, int run, double *score) {
 /* A run parked in kvmesh.interrupt with nothing else of its super-step going: it waits for kvm_wf_run_resume. */
 static bool run_waiting(const wf_run_t *r) { return !r->finished && r->n_parked > 0 && r->n_open <= r->n_parked; }
 
-/* A run whose open nodes all wait for an answer (tools answered later, an interrupt): nothing to do for it until one
- * comes, so it does not count as going, and a round without progress is no stall for it. */
-static bool run_tool_idle(const wf_run_t *r) {
-    int waits = r->finished ? 0 : wf_run_tool_waits(r);
-    return waits > 0 && r->n_open <= waits + r->n_parked;
-}
-
-/* A run waiting for a tool's answer past its wall-time budget ends there (the wait is the run's time). */
-static void check_tool_deadline(kvm_workflow_t *wf, wf_run_t *r) {
-    const wf_graph_t *g = wf->g;
-    if (r->finished || g->lim_wall_ms <= 0 || ms_since(r->t0_mono) <= (double)g->lim_wall_ms || !wf_run_tool_waits(r)) return;
-    const char *tool = "?";
-    for (int i = 0; i < r->n_tasks; i++)
-        if (r->tasks[i].tool_call) tool = r->tasks[i].tool_name;
-    char msg[512];
-    snprintf(msg, sizeof msg, "%s: graph '%s' ran past its wall-time budget of %ld ms waiting for tool '%s' to answer",
-             g->where, g->name, g->lim_wall_ms, tool);
-    kvm_wf_run_cancel(wf, r->idx, KVM_EBUDGET, msg);
+bool wf_run_advance(kvm_workflow_t *wf, wf_run_t *r) {
+    bool progress = false;
+    if (r->finished || run_waiting(r)) return false;
+    if (r->need_end) {
+        end_superstep(wf, r);
+        progress = true;
+    }
+    if (!r->finished && r->n_open == 0 && !r->need_end) {
+        start_superstep(wf, r);
+        progress = true;
+    }
+    if (!r->finished && wf_subgraph_advance(wf, r)) progress = true; /* the runs of its subgraph nodes */
+    return progress;
 }
 
 int kvm_wf_advance(kvm_workflow_t *wf, bool *progress) {
     int active = 0;
     for (int i = 0; i < wf->n_runs; i++) {
         wf_run_t *r = wf->runs[i];
-        check_tool_deadline(wf, r);
-        if (!r->finished && wf_run_tool_deliver(wf, r)) *progress = true;
-        if (r->finished || run_waiting(r) || run_tool_idle(r)) continue;
-        if (r->need_end) {
-            end_superstep(wf, r);
-            *progress = true;
-        }
-        if (!r->finished && r->n_open == 0 && !r->need_end) {
-            start_superstep(wf, r);
-            *progress = true;
-        }
+        if (!r->finished && wf_run_tool_deliver(wf, r)) *progress = true; /* answers of tools that answer later */
+        if (r->finished || run_waiting(r) || wf_run_tool_idle(wf, r)) continue;
+        if (wf_run_advance(wf, r)) *progress = true;
         active++;
     }
     return active;
@@ -785,7 +803,7 @@ int kvm_wf_advance(kvm_workflow_t *wf, bool *progress) {
 
 int kvm_wf_n_active(const kvm_workflow_t *wf) {
     int n = 0;
-    for (int i = 0; i < wf->n_runs; i++) n += !wf->runs[i]->finished && !run_waiting(wf->runs[i]) && !run_tool_idle(wf->runs[i]);
+    for (int i = 0; i < wf->n_runs; i++) n += !wf->runs[i]->finished && !run_waiting(wf->runs[i]) && !wf_run_tool_only(wf->runs[i]);
     return n;
 }
 
@@ -938,6 +956,10 @@ static void graph_free(wf_graph_t *g) {
         kvm_free(n->route_targets);
         wf_free_strs(n->route_names, n->n_route_targets);
         kvm_free(n->route_where);
+        wf_free_strs(n->in_from, n->n_in);
+        wf_free_strs(n->in_to, n->n_in);
+        wf_free_strs(n->out_from, n->n_out);
+        wf_free_strs(n->out_to, n->n_out);
     }
     kvm_free(g->nodes);
     for (int i = 0; i < g->n_edges; i++) {

@@ -83,7 +83,8 @@ typedef struct wf_agent {
     char *where;           /* "file:line" of the definition */
 } wf_agent_t;
 
-enum wf_node_kind { WF_NODE_AGENT = 0, WF_NODE_FUNC, WF_NODE_TOOL };
+enum wf_node_kind { WF_NODE_AGENT = 0, WF_NODE_FUNC, WF_NODE_TOOL, WF_NODE_SUBGRAPH };
+#define WF_SUB_MAX_DEPTH 8 /* subgraphs nested at most this deep (a graph is depth 0) */
 enum wf_reducer { WF_RED_REPLACE = 0, WF_RED_APPEND, WF_RED_MERGE, WF_RED_SUM, WF_RED_MAX, WF_RED_MIN, WF_RED_FUNC };
 
 typedef struct wf_node {
@@ -99,6 +100,12 @@ typedef struct wf_node {
     char **route_names;    /* as written (resolved at validation) */
     bool route_declared;
     char *route_where;
+    /* subgraph nodes (g:subgraph, wf_subgraph.c): the child graph and its state maps */
+    int sub;               /* index in wf->graphs (-1 = not a subgraph node) */
+    char **in_from, **in_to;   /* [n_in] parent state key -> child state key (set before the child starts) */
+    int n_in;
+    char **out_from, **out_to; /* [n_out] child state key -> parent state key (reduced by the parent's reducers) */
+    int n_out;
 } wf_node_t;
 
 typedef struct wf_edge {
@@ -142,6 +149,7 @@ typedef struct wf_graph {
     double lim_lua_ms;
     uint64_t lim_instructions;
     int output_ref, dataset_ref, score_ref;
+    bool validated;        /* validate() has resolved it (a subgraph used by several nodes is validated once) */
 } wf_graph_t;
 
 struct wf_run;
@@ -277,9 +285,18 @@ typedef struct wf_task {
     /* model-driven tool calls of the agent step in flight (wf_tools.c) */
     cJSON *turns;          /* [{role, content}] after the user message so far (NULL = none) */
     int tool_rounds;       /* rounds done */
+    /* subgraph nodes */
+    struct wf_run *child;  /* the child run going on (NULL = none) */
+    int step;              /* the node's step idx, taken when it starts (its child's steps name it as their parent) */
 } wf_task_t;
 
 typedef struct wf_run {
+    const wf_graph_t *g;   /* the graph it runs: wf->g, or a subgraph for a child run */
+    struct wf_run *parent; /* child runs (a subgraph node's): the run of the parent graph; NULL for a run */
+    struct wf_run *root;   /* the run at the top (itself for a run): its trace, step counter, id and seed are shared */
+    int parent_node;       /* child runs: the subgraph node of the parent graph */
+    int parent_step;       /* child runs: that node's step idx */
+    int depth;             /* 0 for a run, 1 for its subgraphs' runs, ... */
     int kv_override;       /* the run's KV policy for every agent (kvm_run_params_t.kv), or -1 */
     int idx;
     char id[KVM_TRACE_ID_HEX];
@@ -383,8 +400,13 @@ void wf_seen_free(wf_seen_t *s);
 int wf_ctx_call(lua_State *L);
 /* ctx:tool(name, args): a host tool (wf_tools.c). */
 int wf_ctx_tool(lua_State *L);
-/* Tasks of r waiting for a tool's answer that has not come (wf_tools.c). */
+/* Nodes of r waiting for a tool's answer that has not come, directly or in the runs of their subgraphs (wf_tools.c). */
 int wf_run_tool_waits(const wf_run_t *r);
+/* Whether r has nothing to do until a tool answers (it does not count as going, and a round without progress is no
+ * stall for it); first ends it (or the subgraph run concerned) when a wait passed a wall-time budget (wf_tools.c). */
+bool wf_run_tool_idle(kvm_workflow_t *wf, wf_run_t *r);
+/* The same, without the deadline check. */
+bool wf_run_tool_only(const wf_run_t *r);
 /* The system message of agent a with the tools it may call (Qwen / Hermes convention), new string; NULL + message
  * (a tool not registered) (wf_tools.c). */
 char *wf_tools_system(kvm_workflow_t *wf, const wf_agent_t *a);
@@ -405,6 +427,53 @@ int wf_interrupt(lua_State *L);
 /* Resumes parked task t with value (its kvmesh.interrupt's result); the caller has counted it out of r->n_parked. */
 void wf_task_answer(kvm_workflow_t *wf, wf_run_t *r, wf_task_t *t, const cJSON *value);
 int wf_ctx_map(lua_State *L);
+
+/* ---- wf_subgraph.c ------------------------------------------------------------------------------ */
+
+/* g:subgraph(name, child_graph, {input = {parent_key = child_key}, output = {child_key = parent_key}}) (registered by
+ * wf_lua.c); g:node(name, {subgraph = child, input = ..., output = ...}) comes here too. */
+int wf_lua_g_subgraph(lua_State *L);
+/* True when the g:node spec at idx is a subgraph node's ({subgraph = ...}). */
+bool wf_lua_is_subgraph_spec(lua_State *L, int idx);
+/* The load-time error of an agent that is a node of two graphs where its placeholder `src` names different nodes. */
+int wf_subgraph_shared_agent(const wf_agent_t *a, const char *src, const wf_graph_t *g);
+/* wf_lua.c's binding helpers, for g:subgraph: the graph handle at i (raises when frozen or not one), the index of the
+ * graph handle at i (-1 if none), a name argument, a spec's fields against a list, a new node of g. All may raise. */
+wf_graph_t *wf_lua_check_graph(lua_State *L, int i, const char *call);
+int wf_lua_graph_index(lua_State *L, int i);
+const char *wf_lua_check_name(lua_State *L, int idx, const char *what);
+void wf_lua_check_fields(lua_State *L, int t, const char *what, const char *const *allowed);
+wf_node_t *wf_lua_add_node(lua_State *L, wf_graph_t *g, const char *name, int kind);
+/* The name on_step reports for a node of run r: the node, or for a subgraph's run the path of subgraph nodes down to it
+ * ("research/search"), written into buf. */
+const char *wf_step_node_path(const wf_run_t *r, const char *node, char *buf, size_t cap);
+/* Starts a subgraph node's task: its child run, with the mapped keys of the parent's state. */
+void wf_subgraph_start(kvm_workflow_t *wf, wf_run_t *r, wf_task_t *t);
+/* A child run has finished (wf_exec.c's finish_run): its mapped outputs (or its error) become its node's result. */
+void wf_subgraph_done(kvm_workflow_t *wf, wf_run_t *child);
+/* Advances the child runs of r's super-step (kvm_wf_advance); true when one made progress. */
+bool wf_subgraph_advance(kvm_workflow_t *wf, wf_run_t *r);
+/* The token and wall-time budgets of the graphs above child run r: 0, or KVM_EBUDGET with *msg (wf_strf). */
+int wf_subgraph_budgets(const wf_run_t *r, char **msg);
+/* The earliest wall-time deadline (monotonic ns) of r's graph and the graphs above it; 0 = none. */
+uint64_t wf_run_deadline_ns(const wf_run_t *r);
+/* The task of r whose engine job is `job` (in r's super-step or a child run's); *run, *map_index as find_task_by_job. */
+wf_task_t *wf_subgraph_find_job(wf_run_t *r, uint64_t job, wf_run_t **run, int *map_index);
+/* Releases a child run that has not finished (its parent ends first): its Lua side, tasks and memory. */
+void wf_subgraph_abort(kvm_workflow_t *wf, wf_task_t *t);
+/* ---- wf_exec.c: what wf_subgraph.c needs of runs ---------------------------------------------------------- */
+
+/* Allocates run r's per-node, per-join and per-agent arrays for its graph r->g; false when out of memory (run_free
+ * frees what was made). */
+bool wf_run_arrays(const kvm_workflow_t *wf, wf_run_t *r);
+/* Makes the nodes after START ready in a new run of r->g. */
+void wf_run_at_start(kvm_workflow_t *wf, wf_run_t *r);
+/* Ends run r (a child run too) with code and msg (taken over). */
+void wf_run_finish(kvm_workflow_t *wf, wf_run_t *r, int code, char *msg);
+/* Frees a run's memory (after it finished). */
+void wf_run_free(kvm_workflow_t *wf, wf_run_t *r);
+/* One pass of kvm_wf_advance over run r; true when it made progress. */
+bool wf_run_advance(kvm_workflow_t *wf, wf_run_t *r);
 
 /* ---- wf_trace.c --------------------------------------------------------------------------------- */
 

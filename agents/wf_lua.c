@@ -1254,7 +1254,7 @@ static int g_agent_as(lua_State *L, const char *call) {
     return 1;
 }
 static int g_agent(lua_State *L) { return g_agent_as(L, "g:agent"); }
-static int g_node(lua_State *L) { return g_agent_as(L, "g:node"); }
+static int g_node(lua_State *L) { return wf_lua_is_subgraph_spec(L, 3) ? wf_lua_g_subgraph(L) : g_agent_as(L, "g:node"); }
 
 static int g_fnnode(lua_State *L, int kind, const char *call) {
     wf_graph_t *g = check_graph(L, 1, call);
@@ -1661,11 +1661,13 @@ static int validate(kvm_workflow_t *wf, wf_graph_t *g) {
                         if (g->nodes[q].kind == WF_NODE_AGENT && !strcmp(wf->agents[g->nodes[q].agent].name, p->key)) nd = q;
                 if (nd < 0 || g->nodes[nd].kind != WF_NODE_AGENT)
                     return kvm_seterr(KVM_EINVAL, "%s: agent '%s': placeholder {%s} names no agent node of graph '%s'", a->where, a->name, p->source, g->name);
+                if (a->part_node[k] >= 0 && a->part_node[k] != nd) return wf_subgraph_shared_agent(a, p->source, g);
                 a->part_node[k] = nd;
             } else if (p->src == KVM_TPL_TOOL) {
                 int nd = wf_graph_find(g, p->key);
                 if (nd < 0 || g->nodes[nd].kind != WF_NODE_TOOL)
                     return kvm_seterr(KVM_EINVAL, "%s: agent '%s': placeholder {%s} names no tool node (g:tool) of graph '%s'", a->where, a->name, p->source, g->name);
+                if (a->part_node[k] >= 0 && a->part_node[k] != nd) return wf_subgraph_shared_agent(a, p->source, g);
                 a->part_node[k] = nd;
             } else if (p->src == KVM_TPL_STATE) {
                 bool ok = false;
@@ -1675,6 +1677,12 @@ static int validate(kvm_workflow_t *wf, wf_graph_t *g) {
             }
         }
     }
+    g->validated = true;
+    for (int i = 0; i < g->n_nodes; i++) /* the graphs of its subgraph nodes, each once */
+        if (g->nodes[i].kind == WF_NODE_SUBGRAPH && !wf->graphs[g->nodes[i].sub]->validated) {
+            int rc = validate(wf, wf->graphs[g->nodes[i].sub]);
+            if (rc) return rc;
+        }
     char cyc[1024];
     if (find_cycle(g, true, cyc, sizeof cyc))
         return kvm_seterr(KVM_EINVAL, "%s: the cycle %s has no conditional edge or router on it: it could only end by exhausting the step budget",
@@ -1746,6 +1754,7 @@ static const luaL_Reg kvmesh_fns[] = {{"model", l_model}, {"agent", l_agent}, {"
 static const luaL_Reg graph_methods[] = {{"agent", g_agent}, {"node", g_node}, {"func", g_func}, {"tool", g_tool},
                                          {"verifier", g_verifier}, {"edge", g_edge}, {"route", g_route}, {"join", g_join},
                                          {"limit", g_limit}, {"output", g_output}, {"dataset", g_dataset}, {"score", g_score},
+                                         {"subgraph", wf_lua_g_subgraph},
                                          {NULL, NULL}};
 
 static const luaL_Reg ctx_methods[] = {{"call", wf_ctx_call}, {"map", wf_ctx_map}, {"tool", wf_ctx_tool},
@@ -1970,3 +1979,11 @@ int wf_lua_load_script(kvm_workflow_t *wf, const char *chunkname, const char *sr
     }
     return validate(wf, wf->g);
 }
+
+/* ---- for wf_subgraph.c ---------------------------------------------------------------------------- */
+
+wf_graph_t *wf_lua_check_graph(lua_State *L, int i, const char *call) { return check_graph(L, i, call); }
+int wf_lua_graph_index(lua_State *L, int i) { return test_handle(L, i, WF_MT_GRAPH); }
+const char *wf_lua_check_name(lua_State *L, int idx, const char *what) { return check_name(L, idx, what); }
+void wf_lua_check_fields(lua_State *L, int t, const char *what, const char *const *allowed) { check_fields(L, t, what, allowed); }
+wf_node_t *wf_lua_add_node(lua_State *L, wf_graph_t *g, const char *name, int kind) { return add_node(L, g, name, kind); }

@@ -273,7 +273,7 @@ static void push_least_key(lua_State *L, int u, bool *bad) {
 
 int wf_apply_updates(kvm_workflow_t *wf, wf_run_t *r, const wf_task_t *t, char **msg) {
     lua_State *L = r->th;
-    const wf_node_t *n = &wf->g->nodes[t->node];
+    const wf_node_t *n = &r->g->nodes[t->node];
     lua_rawgeti(L, LUA_REGISTRYINDEX, t->out_ref);
     int u = lua_gettop(L);
     if (lua_type(L, u) != LUA_TTABLE) {
@@ -303,7 +303,7 @@ int wf_apply_updates(kvm_workflow_t *wf, wf_run_t *r, const wf_task_t *t, char *
         }
         if (lua_isnil(L, kx)) break;
         const char *key = lua_tostring(L, kx); /* anchored at kx until the key is consumed */
-        const wf_key_t *k = find_key(wf->g, key);
+        const wf_key_t *k = find_key(r->g, key);
         if (!k) {
             *msg = wf_strf("%s: func node '%s' updated state key '%.200s', which the graph does not declare", n->where, n->name, key);
             code = KVM_EINVAL;
@@ -325,7 +325,7 @@ int wf_apply_updates(kvm_workflow_t *wf, wf_run_t *r, const wf_task_t *t, char *
 /* Reduces an agent node's output into state key "msgs" as {node, agent, text}. */
 int wf_reduce_message(kvm_workflow_t *wf, wf_run_t *r, const wf_task_t *t, char **msg) {
     lua_State *L = r->th;
-    const wf_node_t *n = &wf->g->nodes[t->node];
+    const wf_node_t *n = &r->g->nodes[t->node];
     wf_book(wf, r);
     lua_createtable(L, 0, 3);
     lua_pushstring(L, n->name);
@@ -335,15 +335,15 @@ int wf_reduce_message(kvm_workflow_t *wf, wf_run_t *r, const wf_task_t *t, char 
     lua_pushstring(L, t->out_text ? t->out_text : "");
     lua_setfield(L, -2, "text");
     wf_unbook(wf);
-    return wf_reduce(wf, r, find_key(wf->g, "msgs"), n->name, msg);
+    return wf_reduce(wf, r, find_key(r->g, "msgs"), n->name, msg);
 }
 
 /* Reduces the task's output into the state key its node writes (if any). */
 int wf_reduce_writes(kvm_workflow_t *wf, wf_run_t *r, const wf_task_t *t, char **msg) {
-    const wf_node_t *n = &wf->g->nodes[t->node];
+    const wf_node_t *n = &r->g->nodes[t->node];
     if (!n->writes) return 0;
-    wf_push_task_output(r, t, wf->g);
-    return wf_reduce(wf, r, find_key(wf->g, n->writes), n->name, msg);
+    wf_push_task_output(r, t, r->g);
+    return wf_reduce(wf, r, find_key(r->g, n->writes), n->name, msg);
 }
 
 void wf_push_task_output(wf_run_t *r, const wf_task_t *t, const wf_graph_t *g) {
@@ -500,9 +500,9 @@ static int submit_seen(kvm_workflow_t *wf, wf_run_t *r, int ai, const wf_seen_t 
                             .kv = wf_run_agent_kv(wf, r, a), .ignore_eos = a->ignore_eos, .tag = tag, .timeout_ms = a->timeout_ms,
                             .retry_max = a->retry_max, .retry_backoff_ms = a->retry_backoff_ms, .retry_on = a->retry_on,
                             .turns = turns, .n_turns = n_turns, .acct = r->acct->mem};
-        if (wf->g->lim_wall_ms > 0) /* the run's wall-time budget also stops a generation under way */
-            req.run_deadline_ns = r->t0_mono + (uint64_t)wf->g->lim_wall_ms * 1000000u;
-        if (req.sampling.seed == 0) req.sampling.seed = r->seed * 1000003u + (uint64_t)r->step_idx + 1;
+        /* the run's wall-time budget (and those of the graphs above a subgraph) also stops a generation under way */
+        req.run_deadline_ns = wf_run_deadline_ns(r);
+        if (req.sampling.seed == 0) req.sampling.seed = r->seed * 1000003u + (uint64_t)r->root->step_idx + 1;
         rc = wf_llm_submit(wf->llm, &req);
         if (rc) rc = kvm_errctx(rc, "%s: agent '%s'", a->where, a->name);
     }
@@ -534,21 +534,8 @@ int wf_agent_resubmit(kvm_workflow_t *wf, wf_run_t *r, wf_task_t *t, int ai, uin
 /* The task waiting for engine job `job`; *map_index is its index in a ctx:map batch, or -1. */
 static wf_task_t *find_task_by_job(kvm_workflow_t *wf, uint64_t job, wf_run_t **run, int *map_index) {
     for (int i = 0; i < wf->n_runs; i++) {
-        wf_run_t *r = wf->runs[i];
-        for (int k = 0; k < r->n_tasks; k++) {
-            wf_task_t *t = &r->tasks[k];
-            *map_index = -1;
-            if (t->job == job) {
-                *run = r;
-                return t;
-            }
-            for (int m = 0; m < t->n_m; m++)
-                if (t->mjobs[m] == job) {
-                    *run = r;
-                    *map_index = m;
-                    return t;
-                }
-        }
+        wf_task_t *t = wf_subgraph_find_job(wf->runs[i], job, run, map_index);
+        if (t) return t;
     }
     return NULL;
 }
@@ -572,7 +559,7 @@ static void resume_task(kvm_workflow_t *wf, wf_run_t *r, wf_task_t *t, int nargs
             return;
         }
         task_fail(t, KVM_ELUA_RUNTIME, wf_strf("%s: node '%s' yielded outside ctx:call (coroutine.yield is for the script's own coroutines)",
-                                               wf->g->nodes[t->node].where, wf->g->nodes[t->node].name));
+                                               r->g->nodes[t->node].where, r->g->nodes[t->node].name));
     } else if (st == LUA_OK) {
         if (nres > 0) {
             lua_settop(t->co, lua_gettop(t->co) - nres + 1); /* keep the first result */
@@ -582,7 +569,7 @@ static void resume_task(kvm_workflow_t *wf, wf_run_t *r, wf_task_t *t, int nargs
             wf_unbook(wf);
         }
     } else {
-        task_fail(t, status_code(r, st), error_text(r->th, t->co, st, wf->g->nodes[t->node].where));
+        task_fail(t, status_code(r, st), error_text(r->th, t->co, st, r->g->nodes[t->node].where));
     }
     wf_task_done(wf, r, t);
 }
@@ -607,10 +594,14 @@ static void push_ctx(kvm_workflow_t *wf, wf_run_t *r, lua_State *co, const wf_no
 }
 
 void wf_task_start(kvm_workflow_t *wf, wf_run_t *r, wf_task_t *t) {
-    const wf_node_t *n = &wf->g->nodes[t->node];
+    const wf_node_t *n = &r->g->nodes[t->node];
     t->t_start = kvm_wall_ns();
     t->out_ref = LUA_NOREF;
     t->co_ref = LUA_NOREF;
+    if (n->kind == WF_NODE_SUBGRAPH) {
+        wf_subgraph_start(wf, r, t);
+        return;
+    }
     if (n->kind == WF_NODE_AGENT) {
         t->job = ++wf->job_serial;
         t->job_is_call = false;
@@ -661,6 +652,7 @@ void wf_tasks_free(kvm_workflow_t *wf, wf_run_t *r) {
             wf_leave(wf, r);
             luaL_unref(r->th, LUA_REGISTRYINDEX, t->co_ref);
         }
+        if (t->child) wf_subgraph_abort(wf, t);
         if (t->out_ref != LUA_NOREF) luaL_unref(r->th, LUA_REGISTRYINDEX, t->out_ref);
         kvm_free(t->errmsg);
         kvm_free(t->out_text);
@@ -693,7 +685,11 @@ int wf_interrupt(lua_State *L) {
     if (!t || !lua_isyieldable(L))
         return luaL_error(L, "kvmesh.interrupt must be called from a func/tool node's own code (not from a predicate, "
                              "router, reducer, the script's top level or a coroutine the script created)");
-    const char *node = wf->g->nodes[t->node].name;
+    if (r->parent)
+        return luaL_error(L, "kvmesh.interrupt: node '%s' runs in subgraph '%s' (of node '%s'): interrupts inside subgraphs are not "
+                             "supported; interrupt in a node of the graph the script returns", r->g->nodes[t->node].name, r->g->name,
+                          r->parent->g->nodes[r->parent_node].name);
+    const char *node = r->g->nodes[t->node].name;
     const cJSON *given = r->answers ? cJSON_GetObjectItemCaseSensitive(r->answers, node) : NULL;
     int k = t->n_interrupts++;
     if (k < cJSON_GetArraySize(given)) { /* answered already (a resumed run replays its answers in order) */
@@ -759,13 +755,20 @@ static ctx_target_t ctx_agent_call_target(lua_State *L, const char *what) {
     }
     /* engine work started from Lua is the run's: its token and wall-time budgets stop it here (a kill, as
      * the hook's), and every call is charged to its instruction budget */
-    const wf_graph_t *g = c.wf->g;
+    const wf_graph_t *g = c.r->g;
     long used = c.r->tokens_in + c.r->tokens_out;
     double ms = (double)(kvm_now_ns() - c.r->t0_mono) / 1e6;
     if (g->lim_tokens > 0 && used >= g->lim_tokens)
         wf_budget_kill(L, "%s: graph '%.40s' used %ld tokens, over its token budget of %ld", what, g->name, used, g->lim_tokens);
     if (g->lim_wall_ms > 0 && ms > (double)g->lim_wall_ms)
         wf_budget_kill(L, "%s: graph '%.40s' ran past its wall-time budget of %ld ms", what, g->name, g->lim_wall_ms);
+    char *over = NULL;
+    if (c.r->parent && wf_subgraph_budgets(c.r, &over)) { /* a subgraph's run: the budgets of the graphs above it too */
+        char buf[512];
+        snprintf(buf, sizeof buf, "%s", over ? over : "over the budget of a graph above this subgraph");
+        kvm_free(over);
+        wf_budget_kill(L, "%s: %s", what, buf);
+    }
     wf_charge(L, WF_CALL_INSTRUCTIONS);
     return c;
 }
@@ -900,7 +903,7 @@ static void charge_engine_work(kvm_workflow_t *wf, wf_run_t *r, const wf_llm_res
     b->kill_code = KVM_EBUDGET;
     snprintf(b->kill_msg, sizeof b->kill_msg, "instruction budget exceeded (%llu, agent calls' tokens included; the smaller of "
              "--instructions and g:limit{instructions = N})", (unsigned long long)b->max_instructions);
-    wf_llm_cancel_run(wf->llm, r->id);
+    if (!r->parent) wf_llm_cancel_run(wf->llm, r->id); /* a subgraph's run shares its root's id: it fails at its next super-step */
 }
 
 static void deliver_map(kvm_workflow_t *wf, wf_run_t *r, wf_task_t *t, int mi, const wf_llm_result_t *res) {
@@ -980,7 +983,7 @@ void wf_deliver(kvm_workflow_t *wf, wf_llm_result_t *res) {
     }
     t->job = 0;
     bool call = t->job_is_call;
-    int ai = call ? t->call_agent : wf->g->nodes[t->node].agent;
+    int ai = call ? t->call_agent : r->g->nodes[t->node].agent;
     const wf_agent_t *a = &wf->agents[ai];
     int status = res->status;
     char msg[1024] = "";
@@ -1018,7 +1021,7 @@ static int run_setup_protected(lua_State *L) {
     kvm_workflow_t *wf;
     lua_getallocf(L, (void **)&wf);
     wf_run_t *r = lua_touserdata(L, 1);
-    const wf_graph_t *g = wf->g;
+    const wf_graph_t *g = r->g;
     r->th = lua_newthread(L);
     r->th_ref = luaL_ref(L, LUA_REGISTRYINDEX);
     wf_lua_push_json(L, r->inputs);

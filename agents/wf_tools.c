@@ -112,12 +112,12 @@ static void trace_call(wf_run_t *r, const char *name, const char *args, const ch
     if (args) snprintf(msg, sizeof msg, "tool %s(%.2000s) %s %.2000s", name, args, rc ? "failed:" : "->", res ? res : "null");
     else snprintf(msg, sizeof msg, "tool %s answered %s %.2000s", name, rc ? "with an error:" : "->", res ? res : "null");
     kvm_trace_log_rec_t rec = {.level = rc ? "warn" : "info", .msg = msg, .superstep = r->superstep};
-    if (kvm_trace_write_log(r->trace, &rec)) {
-        KVM_LOGW("run %s: trace write failed (%s); tracing stops for this run", r->id, kvm_errmsg());
-        kvm_trace_close(r->trace);
-        r->trace = NULL;
-    }
+    if (kvm_trace_write_log(r->trace, &rec)) /* the trace may be shared with the runs of subgraphs: left open */
+        KVM_LOGW("run %s: a tool call's trace record could not be written (%s)", r->id, kvm_errmsg());
 }
+
+/* Milliseconds from now until the monotonic time deadline_ns (negative once passed). */
+static double ms_until(uint64_t deadline_ns) { return ((double)deadline_ns - (double)kvm_now_ns()) / 1e6; }
 
 static int push_json_protected(lua_State *L) {
     wf_lua_push_json(L, lua_touserdata(L, 1));
@@ -173,14 +173,22 @@ int wf_ctx_tool(lua_State *L) {
     if (!tool) return no_such_tool(L, wf->o.tools, name);
     if (!lua_isnoneornil(L, 3) && !lua_istable(L, 3))
         return luaL_error(L, "ctx:tool: tool '%s': the arguments must be a table (got %s)", name, luaL_typename(L, 3));
-    const wf_graph_t *g = wf->g;
+    const wf_graph_t *g = r->g; /* a subgraph's, in a subgraph's run */
     long used = r->tokens_in + r->tokens_out;
     double ms = (double)(kvm_now_ns() - r->t0_mono) / 1e6;
     if (g->lim_tokens > 0 && used >= g->lim_tokens)
         wf_budget_kill(L, "ctx:tool: graph '%.40s' used %ld tokens, over its token budget of %ld", g->name, used, g->lim_tokens);
     if (g->lim_wall_ms > 0 && ms > (double)g->lim_wall_ms)
         wf_budget_kill(L, "ctx:tool: graph '%.40s' ran past its wall-time budget of %ld ms", g->name, g->lim_wall_ms);
+    char *over = NULL;
+    if (r->parent && wf_subgraph_budgets(r, &over)) { /* the budgets of the graphs above a subgraph too */
+        char buf[512];
+        snprintf(buf, sizeof buf, "%s", over ? over : "over the budget of a graph above this subgraph");
+        kvm_free(over);
+        wf_budget_kill(L, "ctx:tool: %s", buf);
+    }
     wf_charge(L, WF_CALL_INSTRUCTIONS);
+    const uint64_t deadline = wf_run_deadline_ns(r); /* the earliest wall-time budget of its graph and those above */
 
     cJSON *args = lua_isnoneornil(L, 3) ? cJSON_CreateObject() : wf_lua_to_json(L, 3);
     if (!args) return luaL_error(L, "ctx:tool: tool '%s': the arguments: %s", name, kvm_errmsg());
@@ -201,7 +209,7 @@ int wf_ctx_tool(lua_State *L) {
     uint64_t id = ++ts->next_call;
     kvm_tool_call_t call = {.tool = name, .args_json = text, .run = wf_api_run(wf, r->idx), .run_id = r->id,
                             .node = g->nodes[t->node].name, .call_id = id,
-                            .ms_left = g->lim_wall_ms > 0 ? (double)g->lim_wall_ms - ms : -1};
+                            .ms_left = deadline ? ms_until(deadline) : -1};
     char *res = NULL;
     uint64_t t0 = kvm_now_ns();
     int rc = tool->fn(tool->ud, &call, &res);
@@ -229,33 +237,85 @@ int wf_ctx_tool(lua_State *L) {
         kvm_free(res);
         return luaL_error(L, "ctx:tool: tool '%s': %s", name, msg);
     }
-    ms = (double)(kvm_now_ns() - r->t0_mono) / 1e6;
-    if (g->lim_wall_ms > 0 && ms > (double)g->lim_wall_ms) {
+    if (deadline && kvm_now_ns() > deadline) {
         kvm_free(res);
-        wf_budget_kill(L, "ctx:tool: tool '%s' returned after graph '%.40s' ran past its wall-time budget of %ld ms", name,
-                       g->name, g->lim_wall_ms);
+        if (g->lim_wall_ms > 0 && (double)(kvm_now_ns() - r->t0_mono) / 1e6 > (double)g->lim_wall_ms)
+            wf_budget_kill(L, "ctx:tool: tool '%s' returned after graph '%.40s' ran past its wall-time budget of %ld ms", name,
+                           g->name, g->lim_wall_ms);
+        wf_budget_kill(L, "ctx:tool: tool '%s' returned after the wall-time budget of a graph above subgraph '%.40s' passed",
+                       name, g->name);
     }
     return push_result(L, name, res);
 }
 
 /* ---- answers that come later ---------------------------------------------------------------------------------- */
 
+/* Whether run r (a subgraph's too) has nothing to do until a tool answers: some tool call waits in it or in the runs
+ * of its subgraph nodes, and every other open node waits for an answer too (a tool's, an interrupt's). */
+bool wf_run_tool_only(const wf_run_t *r) {
+    int waits = r->finished ? 0 : wf_run_tool_waits(r);
+    return waits > 0 && r->n_open <= waits + r->n_parked;
+}
+
 int wf_run_tool_waits(const wf_run_t *r) {
     int n = 0;
     for (int i = 0; i < r->n_tasks; i++) {
         const wf_task_t *t = &r->tasks[i];
-        n += t->tool_call != 0 && t->status == WF_T_WAIT && !t->tool_answered;
+        if (t->tool_call && t->status == WF_T_WAIT && !t->tool_answered) n++;
+        else if (t->child && !t->child->finished && wf_run_tool_only(t->child)) n++; /* a subgraph node that waits */
     }
     return n;
+}
+
+/* The task of r, or of the runs of its subgraph nodes, whose tool call call_id waits for its answer; *run gets its run. */
+static wf_task_t *find_tool_task(wf_run_t *r, uint64_t call_id, wf_run_t **run) {
+    for (int i = 0; call_id && i < r->n_tasks; i++) {
+        wf_task_t *t = &r->tasks[i];
+        if (t->tool_call == call_id && t->status == WF_T_WAIT && !t->tool_answered) {
+            *run = r;
+            return t;
+        }
+        wf_task_t *c = t->child && !t->child->finished ? find_tool_task(t->child, call_id, run) : NULL;
+        if (c) return c;
+    }
+    return NULL;
+}
+
+/* The run ends (a subgraph's run: its node fails) when a tool call waits in it past its wall-time budget or that of a
+ * graph above it: the wait is the run's time. Returns whether one ended. */
+static bool tool_deadline_rec(kvm_workflow_t *wf, wf_run_t *r, uint64_t now) {
+    for (int i = 0; i < r->n_tasks && !r->finished; i++) {
+        wf_task_t *t = &r->tasks[i];
+        if (t->child && !t->child->finished && tool_deadline_rec(wf, t->child, now)) return true;
+        if (!t->tool_call || t->status != WF_T_WAIT || t->tool_answered) continue;
+        uint64_t d = wf_run_deadline_ns(r);
+        if (!d || now <= d) continue;
+        char msg[512];
+        const wf_graph_t *g = r->g;
+        if (g->lim_wall_ms > 0 && (double)(now - r->t0_mono) / 1e6 > (double)g->lim_wall_ms)
+            snprintf(msg, sizeof msg, "%s: graph '%s' ran past its wall-time budget of %ld ms waiting for tool '%s' to answer",
+                     g->where, g->name, g->lim_wall_ms, t->tool_name);
+        else
+            snprintf(msg, sizeof msg, "%s: a graph above subgraph '%s' ran past its wall-time budget while it waited for tool "
+                     "'%s' to answer", g->where, g->name, t->tool_name);
+        if (r->parent) wf_run_finish(wf, r, KVM_EBUDGET, kvm_strdup(msg));
+        else kvm_wf_run_cancel(wf, r->idx, KVM_EBUDGET, msg);
+        return true;
+    }
+    return false;
+}
+
+bool wf_run_tool_idle(kvm_workflow_t *wf, wf_run_t *r) {
+    if (!r->finished && wf_run_tool_waits(r) > 0) tool_deadline_rec(wf, r, kvm_now_ns());
+    return wf_run_tool_only(r);
 }
 
 int kvm_wf_tool_result(kvm_workflow_t *wf, int run, uint64_t call_id, int status, const cJSON *value, const char *msg) {
     if (run < 0 || run >= wf->n_runs) return kvm_seterr(KVM_EINVAL, "no run %d", run);
     wf_run_t *r = wf->runs[run];
     if (r->finished) return kvm_seterr(KVM_ESTALE, "run %s has ended: its tool calls are void", r->id);
-    wf_task_t *t = NULL;
-    for (int i = 0; call_id && i < r->n_tasks; i++)
-        if (r->tasks[i].tool_call == call_id && r->tasks[i].status == WF_T_WAIT && !r->tasks[i].tool_answered) t = &r->tasks[i];
+    wf_run_t *in = r;
+    wf_task_t *t = find_tool_task(r, call_id, &in);
     if (!t) return kvm_seterr(KVM_ENOENT, "run %s: no tool call %llu waits for an answer", r->id, (unsigned long long)call_id);
     cJSON *v = !status && value ? cJSON_Duplicate(value, 1) : NULL;
     char *m = status ? kvm_strdup(msg ? msg : kvm_strerror(status)) : NULL;
@@ -322,11 +382,15 @@ static void deliver(kvm_workflow_t *wf, wf_run_t *r, wf_task_t *t) {
 
 bool wf_run_tool_deliver(kvm_workflow_t *wf, wf_run_t *r) {
     bool any = false;
-    for (int i = 0; i < r->n_tasks && !r->finished; i++)
-        if (r->tasks[i].tool_answered && r->tasks[i].status == WF_T_WAIT) {
-            deliver(wf, r, &r->tasks[i]);
+    for (int i = 0; i < r->n_tasks && !r->finished; i++) {
+        wf_task_t *t = &r->tasks[i];
+        if (t->tool_answered && t->status == WF_T_WAIT) {
+            deliver(wf, r, t);
+            any = true;
+        } else if (t->child && !t->child->finished && wf_run_tool_deliver(wf, t->child)) {
             any = true;
         }
+    }
     return any;
 }
 
@@ -458,11 +522,10 @@ static char *run_model_call(kvm_workflow_t *wf, wf_run_t *r, const wf_task_t *t,
     char *res = NULL;
     if (!why[0] && !text) snprintf(why, sizeof why, "out of memory");
     if (!why[0]) {
-        const wf_graph_t *g = wf->g;
-        double ms = (double)(kvm_now_ns() - r->t0_mono) / 1e6;
+        const uint64_t deadline = wf_run_deadline_ns(r);
         kvm_tool_call_t c = {.tool = tool->name, .args_json = text, .run = wf_api_run(wf, r->idx), .run_id = r->id,
-                             .node = g->nodes[t->node].name, .call_id = ++((wf_tools_t *)wf->o.tools)->next_call,
-                             .ms_left = g->lim_wall_ms > 0 ? (double)g->lim_wall_ms - ms : -1};
+                             .node = r->g->nodes[t->node].name, .call_id = ++((wf_tools_t *)wf->o.tools)->next_call,
+                             .ms_left = deadline ? ms_until(deadline) : -1};
         r->budget.instructions += WF_CALL_INSTRUCTIONS;
         int rc = tool->fn(tool->ud, &c, &res);
         if (rc == KVM_EBUSY && !res) snprintf(why, sizeof why, "tool '%s' answers later, which calls made by a model do not support", tool->name);

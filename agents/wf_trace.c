@@ -12,7 +12,7 @@
 static void written(wf_run_t *r, int rc) {
     if (rc == 0 || !r->trace) return;
     KVM_LOGW("run %s: trace write failed (%s); tracing stops for this run", r->id, kvm_errmsg());
-    kvm_trace_close(r->trace);
+    if (!r->parent) kvm_trace_close(r->trace); /* a subgraph's run writes into its root's trace: the root closes it */
     r->trace = NULL;
 }
 
@@ -46,7 +46,7 @@ void wf_log(kvm_workflow_t *wf, const char *level, const char *msg) {
 
 /* The graph's nodes, edges and joins as run.start lists them (arrays owned by the caller: kvm_free). */
 static bool graph_records(const kvm_workflow_t *wf, kvm_trace_run_start_t *o) {
-    static const char *const kinds[] = {"agent", "func", "tool"};
+    static const char *const kinds[] = {"agent", "func", "tool", "subgraph"};
     const wf_graph_t *g = wf->g;
     kvm_trace_node_t *nodes = kvm_calloc((size_t)g->n_nodes + 1, sizeof *nodes);
     kvm_trace_edge_def_t *edges = kvm_calloc((size_t)g->n_edges + 1, sizeof *edges);
@@ -99,7 +99,7 @@ static bool agent_records(const kvm_workflow_t *wf, const wf_run_t *r, kvm_trace
 }
 
 void wf_trace_run_start(kvm_workflow_t *wf, wf_run_t *r) {
-    if (!r->trace) return;
+    if (!r->trace || r->parent) return;
     const wf_graph_t *g = wf->g;
     kvm_trace_run_start_t o = {
         .run_id = r->id, .run = r->idx, .workflow_path = wf->path, .graph = g->name, .source_hash = wf->source_hash,
@@ -146,24 +146,26 @@ static const char **marked_nodes(const wf_graph_t *g, const bool *flags, int *n)
     return v;
 }
 
+/* A subgraph's run writes only its steps (nested under its node's step) and logs into its root's trace: its super-steps,
+ * edges and checkpoints are its own, not the run's (a resume starts again from the root's checkpoints). */
 void wf_trace_superstep(kvm_workflow_t *wf, wf_run_t *r) {
-    if (!r->trace) return;
+    if (!r->trace || r->parent) return;
     kvm_trace_superstep_t o = {.superstep = r->superstep};
-    const char **nodes = marked_nodes(wf->g, r->ready, &o.n_nodes);
+    const char **nodes = marked_nodes(r->g, r->ready, &o.n_nodes);
     o.nodes = nodes;
     written(r, nodes ? kvm_trace_write_superstep(r->trace, &o) : kvm_seterr(KVM_ENOMEM, "out of memory building a superstep record"));
     kvm_free(nodes);
 }
 
 void wf_trace_edge(wf_run_t *r, const char *from, const char *to, const char *kind) {
-    if (!r->trace) return;
+    if (!r->trace || r->parent) return;
     kvm_trace_edge_t o = {.superstep = r->superstep, .from = from, .to = to, .kind = kind};
     written(r, kvm_trace_write_edge(r->trace, &o));
 }
 
 /* The checkpoint's "nodes", "joins" and "usage.agents" (what is not Lua data) as JSON; false when out of memory. */
 static bool ckpt_tables(const kvm_workflow_t *wf, const wf_run_t *r, cJSON *nodes, cJSON *joins, cJSON *agents) {
-    const wf_graph_t *g = wf->g;
+    const wf_graph_t *g = r->g;
     bool ok = nodes && joins && agents;
     for (int i = 0; ok && i < g->n_nodes; i++) {
         if (!r->node_cur[i] && !r->node_prev[i]) continue;
@@ -184,7 +186,7 @@ static bool ckpt_tables(const kvm_workflow_t *wf, const wf_run_t *r, cJSON *node
 }
 
 void wf_trace_checkpoint(kvm_workflow_t *wf, wf_run_t *r) {
-    if (!r->trace) return;
+    if (!r->trace || r->parent) return;
     kvm_trace_checkpoint_t o = {.superstep = r->superstep, .rng0 = r->rng[0], .rng1 = r->rng[1], .input_tokens = r->tokens_in,
                                 .output_tokens = r->tokens_out, .agent_calls = r->agent_calls, .steps = r->step_idx,
                                 .resumable = true};
@@ -193,7 +195,7 @@ void wf_trace_checkpoint(kvm_workflow_t *wf, wf_run_t *r) {
     char *state = ref_json_text(r, r->state_ref), *last = ref_json_text(r, r->last_ref);
     char *nodes_t = ok ? json_text(nodes) : NULL, *joins_t = ok ? json_text(joins) : NULL;
     char *agents_t = ok ? json_text(agents) : NULL, *outputs = json_text(r->outputs);
-    const char **next = marked_nodes(wf->g, r->ready, &o.n_next);
+    const char **next = marked_nodes(r->g, r->ready, &o.n_next);
     o.state_json = state;
     o.last_json = last;
     o.nodes_json = nodes_t;
@@ -316,7 +318,7 @@ void wf_trace_agent_step(kvm_workflow_t *wf, wf_run_t *r, const wf_task_t *t, in
     const wf_agent_t *a = &wf->agents[ai];
     char *decisions = json_text(res->kv_detail);
     kvm_trace_step_t o = {
-        .idx = idx, .superstep = r->superstep, .node = wf->g->nodes[t->node].name, .agent = a->name, .op = "chat",
+        .idx = idx, .superstep = r->superstep, .node = r->g->nodes[t->node].name, .agent = a->name, .op = "chat",
         .via = via_call ? "ctx:call" : NULL, .t_start = t->t_start, .t_end = kvm_wall_ns(), .error = {.code = status, .message = err},
         .model = wf->models[a->model].path, .system = a->role, .pieces = t->seen ? t->seen->parts : NULL,
         .n_pieces = t->seen ? t->seen->n : 0, .prompt_text = res->prompt_text, .prompt_tokens = res->n_prompt,
@@ -331,16 +333,19 @@ void wf_trace_agent_step(kvm_workflow_t *wf, wf_run_t *r, const wf_task_t *t, in
                     .total_ms = (double)(kvm_now_ns() - t->t_job) / 1e6,
                     .tokens_per_s = res->decode_ms > 0 && res->n_out > 1 ? (res->n_out - 1) / (res->decode_ms / 1e3) : 0},
         .batch = {.forwards = res->n_forward, .max_seqs = res->batch_max_seqs, .mean_seqs = res->batch_mean_seqs,
-                  .max_rows = res->batch_max_rows}};
+                  .max_rows = res->batch_max_rows},
+        .graph = r->parent ? r->g->name : NULL, .depth = r->depth, .parent = r->parent_step};
     written(r, kvm_trace_write_step(r->trace, &o));
     cJSON_free(decisions);
 }
 
 void wf_trace_lua_step(kvm_workflow_t *wf, wf_run_t *r, const wf_task_t *t, int idx) {
     if (!r->trace) return;
-    const wf_node_t *n = &wf->g->nodes[t->node];
-    kvm_trace_step_t o = {.idx = idx, .superstep = r->superstep, .node = n->name, .op = n->kind == WF_NODE_TOOL ? "tool" : "func",
-                          .t_start = t->t_start, .t_end = kvm_wall_ns(), .error = {.code = t->err, .message = t->errmsg}};
+    const wf_node_t *n = &r->g->nodes[t->node];
+    static const char *const ops[] = {"chat", "func", "tool", "subgraph"};
+    kvm_trace_step_t o = {.idx = idx, .superstep = r->superstep, .node = n->name, .op = ops[n->kind], .t_start = t->t_start,
+                          .t_end = kvm_wall_ns(), .error = {.code = t->err, .message = t->errmsg},
+                          .graph = r->parent ? r->g->name : NULL, .depth = r->depth, .parent = r->parent_step};
     char *out = !t->err && t->out_ref != LUA_NOREF ? ref_json_text(r, t->out_ref) : NULL;
     o.output_json = out;
     written(r, kvm_trace_write_step(r->trace, &o));
@@ -350,7 +355,7 @@ void wf_trace_lua_step(kvm_workflow_t *wf, wf_run_t *r, const wf_task_t *t, int 
 /* ---- run.end and index.json ------------------------------------------------------------------------------ */
 
 void wf_trace_run_end(kvm_workflow_t *wf, wf_run_t *r, double wall_ms) {
-    if (!r->trace) return;
+    if (!r->trace || r->parent) return;
     char *outputs = json_text(r->outputs), *state = json_text(r->state);
     kvm_trace_run_end_t o = {
         .run_id = r->id, .error = {.code = r->err, .message = r->errmsg}, .outputs_json = outputs, .state_json = state,
@@ -360,7 +365,7 @@ void wf_trace_run_end(kvm_workflow_t *wf, wf_run_t *r, double wall_ms) {
     written(r, outputs && state ? kvm_trace_write_run_end(r->trace, &o) : kvm_seterr(KVM_ENOMEM, "out of memory building run.end"));
     cJSON_free(outputs);
     cJSON_free(state);
-    kvm_trace_index_t idx = {.run_id = r->id, .workflow = wf->path, .graph = wf->g->name, .error = r->err, .started = r->t0_wall,
+    kvm_trace_index_t idx = {.run_id = r->id, .workflow = wf->path, .graph = r->g->name, .error = r->err, .started = r->t0_wall,
                              .wall_ms = wall_ms, .supersteps = r->superstep, .steps = r->step_idx, .agent_calls = r->agent_calls,
                              .input_tokens = r->tokens_in, .output_tokens = r->tokens_out, .seed = r->seed};
     if (r->trace && kvm_trace_write_index(r->trace, &idx) != 0) KVM_LOGW("run %s: %s", r->id, kvm_errmsg());
@@ -371,7 +376,7 @@ void wf_trace_run_end(kvm_workflow_t *wf, wf_run_t *r, double wall_ms) {
 /* ---- replay ------------------------------------------------------------------------------------------------ */
 
 /* A traced step that replay compares: an agent node's own call that succeeded. */
-static bool compared(const kvm_trace_step_t *s) { return s->agent && !s->via && s->error.code == 0; }
+static bool compared(const kvm_trace_step_t *s) { return s->agent && !s->via && s->depth == 0 && s->error.code == 0; }
 
 /* The want-th message (0-based) of node in the replayed run's state.msgs; NULL if none. */
 static const char *nth_message(const cJSON *msgs, const char *node, int want) {

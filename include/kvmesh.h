@@ -380,9 +380,9 @@ typedef struct kvm_step_event {
     kvm_run_t *run;
     const char *run_id;
     int superstep;
-    const char *node;
-    const char *agent;     /* NULL for func / tool nodes */
-    const char *op;        /* "chat" | "func" | "tool" */
+    const char *node;      /* a subgraph's nodes as the path of subgraph nodes to them: "research/search" */
+    const char *agent;     /* NULL for func / tool / subgraph nodes */
+    const char *op;        /* "chat" | "func" | "tool" | "subgraph" */
     int status;            /* 0 or KVM_E* */
     const char *error;     /* NULL if ok */
     int tokens_in, tokens_out, tokens_reused;

@@ -421,6 +421,67 @@ static void test_a_removed_tool_is_no_longer_callable(void **st) {
     kvm_runtime_free(rt);
 }
 
+/* A subgraph's node waits for a tool too: the parent run is idle meanwhile, the answer reaches the child's node, and
+ * a wait past the subgraph's wall-time budget fails the subgraph node (routed by the parent's on_error edge). */
+static const char *const SUB_WF =
+    "local kvm = kvmesh\n"
+    "local inner = kvm.graph{ name = 'inner', state = { t = kvm.reduce.replace } }\n"
+    "inner:limit{ wall_ms = %d }\n"
+    "inner:func('ask', function(s, l, ctx) return { t = ctx:tool('remote', { q = 'in' }).t } end)\n"
+    "inner:edge(kvm.START, 'ask')\n"
+    "local g = kvm.graph{ name = 'outer', state = { got = kvm.reduce.replace } }\n"
+    "g:subgraph('sub', inner, { output = { t = 'got' } })\n"
+    "g:func('fallback', function(s, last) return { got = 'failed: ' .. last.sub.error } end)\n"
+    "g:edge(kvm.START, 'sub')\n"
+    "g:edge('sub', 'fallback', { on_error = true })\n"
+    "g:output(function(s) return { got = s.got } end)\n"
+    "return g\n";
+
+static void test_a_subgraph_node_waits_for_a_tool_answer(void **st) {
+    (void)st;
+    kvm_runtime_t *rt = mock_runtime(NULL);
+    pending_t p = {0};
+    assert_int_equal(kvm_runtime_add_tool(rt, "remote", NULL, NULL, remote, &p), 0);
+    char src[2048];
+    snprintf(src, sizeof src, SUB_WF, 100000);
+    kvm_workflow_t *wf = kvm_workflow_load_string(rt, "sub.lua", src, strlen(src), NULL);
+    if (!wf) fail_msg("%s", kvm_errmsg());
+    kvm_run_t *r = kvm_run_start(wf, NULL);
+    assert_int_equal(kvm_workflow_drive(wf), 0);
+    assert_int_equal(p.n, 1);
+    assert_int_equal(kvm_runtime_n_active(rt), 0);
+    assert_int_equal(kvm_runtime_step(rt), 0); /* idle, not stalled */
+    assert_int_equal(kvm_run_status(r, NULL), KVM_EBUSY);
+    assert_int_equal(kvm_run_tool_result(r, p.id[0], 0, "{\"t\": 7}"), 0);
+    assert_int_equal(kvm_workflow_drive(wf), 0);
+    const char *msg = NULL;
+    assert_int_equal(kvm_run_status(r, &msg), 0);
+    char *out = kvm_run_outputs_json(r);
+    assert_string_equal(out, "{\"got\":7}");
+    kvm_free(out);
+    kvm_workflow_free(wf);
+    /* the subgraph's own wall-time budget passes while its node waits: the subgraph node fails, the parent goes on */
+    p.n = 0;
+    snprintf(src, sizeof src, SUB_WF, 30);
+    wf = kvm_workflow_load_string(rt, "sub.lua", src, strlen(src), NULL);
+    if (!wf) fail_msg("%s", kvm_errmsg());
+    r = kvm_run_start(wf, NULL);
+    assert_int_equal(kvm_workflow_drive(wf), 0);
+    struct timespec ts = {0, 10 * 1000000L};
+    for (int i = 0; i < 100 && kvm_run_status(r, NULL) == KVM_EBUSY; i++) {
+        nanosleep(&ts, NULL);
+        kvm_runtime_step(rt);
+        kvm_workflow_drive(wf);
+    }
+    assert_int_equal(kvm_run_status(r, &msg), 0);
+    out = kvm_run_outputs_json(r);
+    assert_non_null(strstr(out, "failed: "));
+    assert_non_null(strstr(out, "graph 'inner' ran past its wall-time budget of 30 ms waiting for tool 'remote' to answer"));
+    kvm_free(out);
+    kvm_workflow_free(wf);
+    kvm_runtime_free(rt);
+}
+
 /* ---- model-driven tool calls ---------------------------------------------------------------------------------
  * The mock model answers with its user message (and, in a continuation, with the last turn): a tool call written
  * in the input comes back as the model's own text, so the parse / check / call / continue loop runs for real. */
@@ -532,7 +593,8 @@ static void test_an_agent_naming_an_unregistered_tool_fails_its_step(void **st) 
     kvm_runtime_free(rt);
 }
 
-TC_MAIN(setup, teardown, cmocka_unit_test(test_a_model_tool_call_runs_and_the_generation_goes_on),
+TC_MAIN(setup, teardown, cmocka_unit_test(test_a_subgraph_node_waits_for_a_tool_answer),
+        cmocka_unit_test(test_a_model_tool_call_runs_and_the_generation_goes_on),
         cmocka_unit_test(test_bad_model_calls_are_answered_with_errors_the_model_can_read),
         cmocka_unit_test(test_tool_rounds_bound_a_model_that_keeps_calling),
         cmocka_unit_test(test_an_agent_naming_an_unregistered_tool_fails_its_step), cmocka_unit_test(test_a_tool_can_answer_later_while_the_run_waits),

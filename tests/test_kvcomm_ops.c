@@ -726,6 +726,10 @@ static void test_backend_ops_match_the_cpu_reference(void **st) {
     check_backend_case(o, 2, 2, 128, 300, 40, 4, Tn3, KVM_F32, KVM_ROPE_INTERLEAVED);
     const int Tn4[4] = {1100, 1100, 1203, 1100}; /* D = 16: 1024 rows per chunk */
     check_backend_case(o, 2, 1, 16, 1100, 20, 4, Tn4, KVM_F32, KVM_ROPE_HALF);
+    /* head_dim 48 (miniqwen3-6m): 3 chunks of 16 on 4 lanes per row, one lane idle; 80 = 5 chunks on 8 lanes */
+    check_backend_case(o, 3, 2, 48, 100, 77, 5, Tn2, KVM_BF16, KVM_ROPE_HALF);
+    check_backend_case(o, 2, 2, 48, 300, 40, 4, Tn3, KVM_F32, KVM_ROPE_INTERLEAVED);
+    check_backend_case(o, 2, 3, 80, 45, 30, 5, Tn2, KVM_F16, KVM_ROPE_HALF);
 }
 
 /* ---- destination block tables ------------------------------------------------------------------------------ */

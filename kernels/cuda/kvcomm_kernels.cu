@@ -154,6 +154,15 @@ struct DistParams {
 
 constexpr int kThreads = 256;
 
+/* Threads per K/V row: one per 16-element chunk (D / 16 of them), rounded up to a power of 2 so that the lanes of
+ * a row are consecutive lanes of one warp and kThreads holds whole rows (D = 48, Qwen3-style small heads: 3
+ * chunks on 4 lanes). Lanes at or past D / 16 hold no chunk: they load and store nothing. */
+__host__ __device__ __forceinline__ int row_lanes(int D) {
+    int p = 1;
+    while (p < D / 16) p <<= 1;
+    return p;
+}
+
 /* the (anchor n, head h, layer l, K/V kv) slab of a distance block index b, anchors fastest */
 __device__ __forceinline__ void slab_of(int b, int N, const Geo &g, int *n, int *h, int *l, int *kv) {
     *n = b % N;
@@ -173,8 +182,9 @@ template <typename E> __global__ void __launch_bounds__(kThreads) k_dist(const _
     const bool want_ph = p.want & KVM_KVCOMM_WANT_PH, want_pf = p.want & KVM_KVCOMM_WANT_PF;
     const bool want_pred = (p.want & KVM_KVCOMM_WANT_PRED) && kv == 1;
     if (!want_ph && !want_pf && !want_pred) return;
-    const int CPR = g.D / 16, RG = kThreads / CPR;
+    const int CPR = row_lanes(g.D), RG = kThreads / CPR;
     const int c = threadIdx.x % CPR, rg = threadIdx.x / CPR;
+    const bool on = c < g.D / 16;
     const int Tn = p.a_rows[n], T = p.T, off = Tn - T;
     const bool rot = kv == 0 && off && p.rotate_tail && want_pf;
     float *cs = sm, *red = sm + g.D;
@@ -189,7 +199,7 @@ template <typename E> __global__ void __launch_bounds__(kThreads) k_dist(const _
     const int lh = l * g.H + h;
     for (int t0 = 0; t0 < T; t0 += RG) {
         const int t = t0 + rg;
-        const bool live = t < T;
+        const bool live = on && t < T;
         float x[16], ah[16], at[16];
         float s_abs = 0.f;
         if (live) {
@@ -219,14 +229,15 @@ template <typename E> __global__ void __launch_bounds__(kThreads) k_dist(const _
             }
         }
         if (want_ph) {
-            /* the CPR threads of a row are consecutive lanes of one warp (CPR is a power of 2 <= 32) */
+            /* the CPR lanes of a row are consecutive lanes of one warp (CPR is a power of 2 <= 32) */
             for (int o = CPR / 2; o > 0; o >>= 1) s_abs += __shfl_xor_sync(0xffffffffu, s_abs, o);
             if (live && c == 0) p.ph_part[(((size_t)kv * N + n) * (g.L * g.H) + lh) * T + t] = s_abs;
         }
     }
     if (want_pf) {
+        if (on)
 #pragma unroll
-        for (int k = 0; k < 16; k++) red[rg * g.D + chunk_elem(c, k, g.D, p.il)] = acc_pf[k];
+            for (int k = 0; k < 16; k++) red[rg * g.D + chunk_elem(c, k, g.D, p.il)] = acc_pf[k];
         __syncthreads();
         for (int d = threadIdx.x; d < g.D; d += blockDim.x) {
             float s = 0.f;
@@ -310,8 +321,9 @@ __global__ void __launch_bounds__(kThreads, MINB) k_dist2(const __grid_constant_
     const bool want_ph = p.want & KVM_KVCOMM_WANT_PH, want_pf = p.want & KVM_KVCOMM_WANT_PF;
     const bool want_pred = (p.want & KVM_KVCOMM_WANT_PRED) && kv == 1;
     if (!want_ph && !want_pf && !want_pred) return;
-    const int CPR = g.D / 16, RG = kThreads / CPR;
+    const int CPR = row_lanes(g.D), RG = kThreads / CPR;
     const int c = threadIdx.x % CPR, rg = threadIdx.x / CPR, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const bool on = c < g.D / 16;
     const int chunk = blockIdx.x, tb = chunk * rows_per_chunk, te = min(T, tb + rows_per_chunk);
     const size_t LH = (size_t)g.L * g.H, lh = (size_t)l * g.H + h;
     const int off = p.a_rows[n] - T;
@@ -332,7 +344,7 @@ __global__ void __launch_bounds__(kThreads, MINB) k_dist2(const __grid_constant_
 #pragma unroll
         for (int u = 0; u < U; u++) {
             const int t = t0 + rg + u * RG;
-            live[u] = t < te;
+            live[u] = on && t < te;
             if (live[u]) {
                 ld_raw(X + vidx(p.x, g, l, kv, h, t), c, g.D, p.il, xr[u]);
                 ld_raw(A + vidx(p.a[n], g, l, kv, h, need_head ? t : off + t), c, g.D, p.il, ar[u]);
@@ -390,7 +402,7 @@ __global__ void __launch_bounds__(kThreads, MINB) k_dist2(const __grid_constant_
             }
         }
     }
-    if (want_pf) {
+    if (want_pf && on) {
 #pragma unroll
         for (int k = 0; k < 16; k++) red[rg * g.D + chunk_elem(c, k, g.D, p.il)] = acc[k];
     }
@@ -508,8 +520,9 @@ template <typename T> __global__ void __launch_bounds__(kThreads) k_apply(const 
     b /= g.H;
     const int kv = b % 2;
     const int l = b / 2;
-    const int CPR = g.D / 16, RG = kThreads / CPR;
+    const int CPR = row_lanes(g.D), RG = kThreads / CPR;
     const int c = threadIdx.x % CPR, rg = threadIdx.x / CPR;
+    const bool on = c < g.D / 16;
     const bool rot = kv == 0 && p.shift != 0;
     const bool mix = l >= 1 && p.N > 0;
     float *cs = sm, *wsm = sm + g.D;
@@ -525,7 +538,7 @@ template <typename T> __global__ void __launch_bounds__(kThreads) k_apply(const 
     const T *S = static_cast<const T *>(p.src.data);
     T *Y = static_cast<T *>(const_cast<void *>(p.dst.data));
     const int rbeg = p.r0 + blockIdx.x * p.rows_per_block;
-    const int rend = min(p.r1, rbeg + p.rows_per_block);
+    const int rend = on ? min(p.r1, rbeg + p.rows_per_block) : rbeg;
     for (int r = rbeg + rg; r < rend; r += RG) {
         float y[16];
         ld16(S + vidx(p.src, g, l, kv, h, r), c, g.D, p.il, y);
@@ -589,8 +602,8 @@ DView to_dview(const kvm_kv_view_t &v) { return DView{v.data, v.blocks, v.start,
 
 int check_common(const kvm_kv_geom_t *g, int N, const char *op) {
     const int D = g->head_dim;
-    if (g->n_layers <= 0 || g->n_kv_heads <= 0 || D < 16 || D % 16 || D > 512 || ((D / 16) & (D / 16 - 1)))
-        return kvm_seterr(KVM_EUNSUPPORTED, "%s (cuda): head_dim %d is not a power-of-2 multiple of 16 up to 512", op, D);
+    if (g->n_layers <= 0 || g->n_kv_heads <= 0 || D < 16 || D % 16 || D > 512)
+        return kvm_seterr(KVM_EUNSUPPORTED, "%s (cuda): head_dim %d is not a multiple of 16 up to 512", op, D);
     if (N < 0 || N > KVM_KVCOMM_MAX_ANCHORS)
         return kvm_seterr(KVM_EUNSUPPORTED, "%s (cuda): %d anchors (at most %d)", op, N, KVM_KVCOMM_MAX_ANCHORS);
     return 0;
@@ -656,7 +669,7 @@ extern "C" int kvm_cuda_kvcomm_dist(const kvm_kvcomm_dist_args_t *a) {
         /* rows per thread in flight: 3 for 16-bit (2 blocks per SM), 4 with KVM_KVCOMM_DIST=v2u4 (1 block per SM),
          * 2 for fp32 */
         const int U = a->g.dtype == KVM_F32 ? 2 : dist_u4() ? 4 : 3;
-        const int step = (kThreads / (D / 16)) * U;
+        const int step = (kThreads / row_lanes(D)) * U;
         const size_t base = (size_t)N * 2 * LH, want_blocks = (size_t)8 * (g_cuda.prop.multiProcessorCount > 0 ? g_cuda.prop.multiProcessorCount : 132);
         int NC = (int)((want_blocks + base - 1) / base);
         const int max_nc = (T + step - 1) / step;
@@ -693,7 +706,7 @@ extern "C" int kvm_cuda_kvcomm_dist(const kvm_kvcomm_dist_args_t *a) {
     if (!part) return kvm_errcode();
     p.ph_part = part;
     p.pred_part = part + ph_elems;
-    const int RG = kThreads / (D / 16);
+    const int RG = kThreads / row_lanes(D);
     size_t shmem = (size_t)D * sizeof(float) + (size_t)RG * D * sizeof(float);
     unsigned blocks = (unsigned)((size_t)N * 2 * L * H);
     switch (a->g.dtype) {
@@ -769,7 +782,7 @@ extern "C" int kvm_cuda_kvcomm_apply(const kvm_kvcomm_apply_args_t *a) {
             return kvm_seterr(KVM_EINVAL, "kvcomm_apply: delta %d starts at layer %d", i, a->delta[i].l0);
         p.d[i] = to_dview(a->delta[i]);
     }
-    const int RG = kThreads / (D / 16);
+    const int RG = kThreads / row_lanes(D);
     p.rows_per_block = RG * 2;
     size_t shmem = (size_t)D * sizeof(float) + (a->per_channel ? (size_t)N * D * sizeof(float) : 0);
     if (shmem > 200 * 1024) return kvm_seterr(KVM_EUNSUPPORTED, "kvcomm_apply (cuda): %zu bytes of shared memory", shmem);
@@ -890,8 +903,9 @@ template <typename T> __global__ void __launch_bounds__(kThreads) k_diff(const _
     b /= g.H;
     const int kv = b % 2;
     const int l = p.l0 + b / 2;
-    const int CPR = g.D / 16, RG = kThreads / CPR;
+    const int CPR = row_lanes(g.D), RG = kThreads / CPR;
     const int c = threadIdx.x % CPR, rg = threadIdx.x / CPR;
+    const bool on = c < g.D / 16;
     const bool rot = kv == 0 && p.shift != 0;
     if (rot) fill_cs(cs, p.shift, p.inv_freq, g.D);
     __syncthreads();
@@ -899,7 +913,7 @@ template <typename T> __global__ void __launch_bounds__(kThreads) k_diff(const _
     const T *B = static_cast<const T *>(p.b.data);
     T *Y = static_cast<T *>(const_cast<void *>(p.out.data));
     const int rbeg = blockIdx.x * p.rows_per_block;
-    const int rend = min(p.n, rbeg + p.rows_per_block);
+    const int rend = on ? min(p.n, rbeg + p.rows_per_block) : rbeg;
     for (int r = rbeg + rg; r < rend; r += RG) {
         float y[16];
         ld16(A + vidx(p.a, g, l, kv, h, r), c, g.D, p.il, y);
@@ -944,7 +958,7 @@ extern "C" int kvm_cuda_kvcomm_diff(const kvm_kvcomm_diff_args_t *a) {
     p.n = a->n, p.l0 = a->l0, p.shift = a->shift;
     p.il = a->layout == KVM_ROPE_INTERLEAVED;
     p.inv_freq = a->inv_freq;
-    const int RG = kThreads / (D / 16);
+    const int RG = kThreads / row_lanes(D);
     p.rows_per_block = RG * 2;
     dim3 grid((unsigned)((a->n + p.rows_per_block - 1) / p.rows_per_block), (unsigned)((L - a->l0) * 2 * H));
     cudaStream_t st = g_cuda.stream;

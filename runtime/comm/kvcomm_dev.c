@@ -84,8 +84,8 @@ void comm_dev_check(kvm_comm_t *c, char *buf, size_t cap) {
         return;
     }
     const int D = c->g.D;
-    if (o != kvm_ops_cpu() && (D % 16 || D > 512 || ((D / 16) & (D / 16 - 1))))
-        snprintf(buf, cap, "backend %s: the KVCOMM ops take head_dim 16 x a power of two up to 512, not %d", o->name, D);
+    if (o != kvm_ops_cpu() && (D < 16 || D % 16 || D > 512))
+        snprintf(buf, cap, "backend %s: the KVCOMM ops take a head_dim that is a multiple of 16 up to 512, not %d", o->name, D);
 }
 
 /* A host-memory backend with an fp32 pool: backend copies of host fp32 rows are the rows themselves. */

@@ -213,6 +213,10 @@ typedef struct kvm_trace_step {
     kvm_trace_batch_t batch;
     /* func/tool nodes: the returned value (JSON text; NULL = null; left out on error) */
     const char *output_json;
+    /* steps of a subgraph's run (depth > 0; written only then): the subgraph's graph name, how deep it is nested (1 = a
+       subgraph node of the run's graph), and the idx of the step of its subgraph node (written after its nested steps) */
+    const char *graph;
+    int depth, parent;
 } kvm_trace_step_t;
 
 typedef struct kvm_trace_log_rec {

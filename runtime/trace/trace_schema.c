@@ -165,6 +165,9 @@ static const field_t step_agent_f[] = {
     F("error", F_ERROR, kvm_trace_step_t, error, 0), END};
 static const field_t step_fn_error_f[] = {F("error", F_ERROR, kvm_trace_step_t, error, 0), END};
 static const field_t step_fn_ok_f[] = {F("output", F_JSON, kvm_trace_step_t, output_json, 0), END};
+/* steps of a subgraph's run: written when depth > 0 (older readers ignore them) */
+static const field_t step_nest_f[] = {F("graph", F_STR, kvm_trace_step_t, graph, 0), F("depth", F_INT, kvm_trace_step_t, depth, 0),
+                                      F("parent", F_INT, kvm_trace_step_t, parent, 0), END};
 static const field_t step_fn_f[] = {F("error", F_ERROR, kvm_trace_step_t, error, 0), F("output", F_JSON, kvm_trace_step_t, output_json, 0), END};
 
 /* run.end, index.json */
@@ -355,17 +358,22 @@ static void utf8_clean_tree(cJSON *j) {
     }
 }
 
-static int write_rec(kvm_trace_t *t, kvm_trace_type_t type, const void *r, const field_t *f1, const field_t *f2) {
+static int write_rec3(kvm_trace_t *t, kvm_trace_type_t type, const void *r, const field_t *f1, const field_t *f2, const field_t *f3) {
     if (!t || !r) return kvm_seterr(KVM_EINVAL, "trace: write without a trace or record");
     cJSON *o = cJSON_CreateObject();
     if (!o) return kvm_seterr(KVM_ENOMEM, "trace: out of memory building a %s record", type_names[type]);
     cJSON_AddStringToObject(o, "t", type_names[type]);
     put_fields(o, r, f1);
     if (f2) put_fields(o, r, f2);
+    if (f3) put_fields(o, r, f3);
     utf8_clean_tree(o);
     int rc = trace_write_json(t, o);
     cJSON_Delete(o);
     return rc;
+}
+
+static int write_rec(kvm_trace_t *t, kvm_trace_type_t type, const void *r, const field_t *f1, const field_t *f2) {
+    return write_rec3(t, type, r, f1, f2, NULL);
 }
 
 int kvm_trace_write_run_start(kvm_trace_t *t, const kvm_trace_run_start_t *r) {
@@ -379,7 +387,7 @@ int kvm_trace_write_superstep(kvm_trace_t *t, const kvm_trace_superstep_t *r) {
 }
 int kvm_trace_write_step(kvm_trace_t *t, const kvm_trace_step_t *r) {
     const field_t *rest = r->agent ? step_agent_f : r->error.code ? step_fn_error_f : step_fn_ok_f;
-    return write_rec(t, KVM_TRACE_STEP, r, step_head_f, rest);
+    return write_rec3(t, KVM_TRACE_STEP, r, step_head_f, r->depth > 0 ? step_nest_f : NULL, rest);
 }
 int kvm_trace_write_log(kvm_trace_t *t, const kvm_trace_log_rec_t *r) { return write_rec(t, KVM_TRACE_LOG, r, log_f, NULL); }
 int kvm_trace_write_checkpoint(kvm_trace_t *t, const kvm_trace_checkpoint_t *r) {
@@ -572,6 +580,7 @@ int trace_rec_from_json(const cJSON *o, kvm_trace_rec_t *rec, kvm_trace_mem_t **
     }
     if (rec->type == KVM_TRACE_STEP) {
         int rc = get_fields(&rd, o, &rec->step, step_head_f, "");
+        if (!rc) rc = get_fields(&rd, o, &rec->step, step_nest_f, "");
         if (rc) return rc;
         return get_fields(&rd, o, &rec->step, rec->step.agent ? step_agent_f : step_fn_f, "");
     }

@@ -222,8 +222,26 @@ int kvm_trace_view_search(const char *root, const char *needle, char **text) {
 
 /* ---- a run ---------------------------------------------------------------------------------------------- */
 
-static void run_step(view_t *v, const kvm_trace_step_t *st) {
-    put(v, "  #%-3d s%-3d %-14s %-5s %-5s", st->idx, st->superstep, or_empty(st->node), or_empty(st->op), status_word(st->error.code));
+/* The node of the step whose idx is `idx` in the log (NULL if none): a nested step's subgraph node. */
+static const char *step_node_of(const kvm_trace_log_t *log, int idx) {
+    for (int i = 0; i < log->n; i++)
+        if (log->recs[i].type == KVM_TRACE_STEP && log->recs[i].step.idx == idx) return log->recs[i].step.node;
+    return NULL;
+}
+
+/* A step's node as shown: a nested step (a subgraph's) as "subgraph_node/node" (its parent's name taken from the log),
+ * indented by its depth. */
+static const char *shown_node(const kvm_trace_log_t *log, const kvm_trace_step_t *st, char *buf, size_t cap) {
+    if (st->depth <= 0 || !log) return or_empty(st->node);
+    const char *p = step_node_of(log, st->parent);
+    snprintf(buf, cap, "%*s%s/%s", 2 * (st->depth > 8 ? 8 : st->depth), "", p ? p : "?", or_empty(st->node));
+    return buf;
+}
+
+static void run_step(view_t *v, const kvm_trace_step_t *st, const kvm_trace_log_t *log) {
+    char name[256];
+    put(v, "  #%-3d s%-3d %-14s %-5s %-5s", st->idx, st->superstep, shown_node(log, st, name, sizeof name), or_empty(st->op),
+        status_word(st->error.code));
     if (st->agent) {
         const kvm_trace_kv_t *kv = &st->kv;
         put(v, " %5d in (%d reused: %d exact %d offset %d naive; %d recomputed; %s) -> %4d out  ttft %7.1f ms  %6.1f tok/s  batch<=%d  | ",
@@ -296,7 +314,7 @@ int kvm_trace_view_run(const char *run_dir, char **text) {
     put(&v, "\nsteps:\n");
     for (int i = 0; i < log.n; i++) {
         const kvm_trace_rec_t *r = &log.recs[i];
-        if (r->type == KVM_TRACE_STEP) run_step(&v, &r->step);
+        if (r->type == KVM_TRACE_STEP) run_step(&v, &r->step, &log);
         else if (r->type == KVM_TRACE_EDGE) put(&v, "        edge %s -> %s (%s)\n", or_empty(r->edge.from), or_empty(r->edge.to), or_empty(r->edge.kind));
         else if (r->type == KVM_TRACE_LOG) put(&v, "        log [%s] %s\n", or_empty(r->log.level), or_empty(r->log.msg));
         else if (r->type == KVM_TRACE_INTERRUPT)
@@ -390,6 +408,7 @@ static void step_agent(view_t *v, const kvm_trace_step_t *st, size_t cut) {
 
 static void step_one(view_t *v, const kvm_trace_step_t *st, size_t cut) {
     put(v, "== step %d (super-step %d) node '%s'", st->idx, st->superstep, or_empty(st->node));
+    if (st->depth > 0) put(v, " in subgraph '%s' (depth %d, of step %d)", or_empty(st->graph), st->depth, st->parent);
     if (st->agent) put(v, " agent '%s' on %s%s", st->agent, or_empty(st->model), st->via ? " via ctx:call" : "");
     put(v, " [%s]\n", status_word(st->error.code));
     if (st->agent) step_agent(v, st, cut);

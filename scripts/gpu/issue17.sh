@@ -10,6 +10,7 @@
 #   hf.log       HF transformers eager (hf.json) and static cache + torch.compile (hf_compile.json), same card
 #   kvcomm.log   kvmesh bench kvcomm --synthetic llama-3.1-8b: the spec's policy, then the blend
 #   team.log     kvmesh bench kvcomm --workload W on the bundled models (TEAM_CELLS, TEAM_MODES), accuracy on the GPU
+# TEAM_CELLS name models of models/ (they travel with the working tree, so the bundle does not copy them).
 # Steps: parity engine hf kvcomm team (default: all of them, in that order; HF_COMPILE=0 skips the compiled HF).
 set -uo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
@@ -17,7 +18,7 @@ if [ "${1:-}" = bundle ]; then
   build=${2:-$root/build}
   bash "$root/scripts/gpu/bundle_tests.sh" i17 "$build" kvmesh test_cuda_ops test_cuda_model test_kvcomm_ops \
     test_kvcomm_device_path test_kvcomm_core test_comm_state test_c2c
-  mkdir -p "$root/.gpu-i17/models" && cp -r "$root/models/minillama-2m" "$root/models/miniqwen3-6m" "$root/.gpu-i17/models/"
+  rm -rf "$root/.gpu-i17/models"   # the bundled models travel with the working tree (models/)
   du -sh "$root/.gpu-i17"
   exit 0
 fi
@@ -76,12 +77,12 @@ if want kvcomm; then
     done; } > "$OUT/kvcomm.log" 2>&1
   grep -E "^====|^agent|^a[0-9] |^alignment|^anchors|rc=|rror" "$OUT/kvcomm.log" | head -30
 fi
-if want team; then   # TEAM_CELLS: "MODEL:WORKLOAD ..." (models under .gpu-i17/models), each with TEAM_MODES
+if want team; then   # TEAM_CELLS: "MODEL:WORKLOAD ..." (models of models/), each with TEAM_MODES
   : > "$OUT/team.log"
   for cell in ${TEAM_CELLS:-minillama-2m:team}; do
     mdl=${cell%%:*} wl=${cell#*:}
     echo "==== $mdl $wl ($(date -u +%T))" >> "$OUT/team.log"
-    timeout 240 "$B/kvmesh" bench kvcomm --model "$B/models/$mdl" --backend cuda --workload "$wl" --requests 300 \
+    timeout 240 "$B/kvmesh" bench kvcomm --model "$PWD/models/$mdl" --backend cuda --workload "$wl" --requests 300 \
       --modes "${TEAM_MODES:-dense,full,full+blend}" --out /tmp/team >> "$OUT/team.log" 2>&1
     echo "team $mdl $wl rc=$?" | tee -a "$OUT/team.log"
   done

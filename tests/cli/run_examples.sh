@@ -31,6 +31,18 @@ done
 "$kvmesh" run examples/deadline.lua --input input="a cat" --no-trace > "$tmp/out" 2>&1 || { cat "$tmp/out"; exit 1; }
 grep -q "note: .*timed out: its timeout_ms of 30 ms passed after .* output tokens (attempt 3 of 3)" "$tmp/out" &&
   grep -q "\[step 3\] fallback" "$tmp/out" || { echo "deadline.lua:"; cat "$tmp/out"; exit 1; }
+# a subgraph on the bundled model: its state mapped in and out through the parent's reducers, its steps nested in the
+# trace under its node (issue 18)
+"$kvmesh" run examples/subgraph.lua --input input="a cat who learns to fly" --trace "$tmp/sg" > "$tmp/out" 2>&1 || { cat "$tmp/out"; exit 1; }
+grep -q "^  notes: 2$" "$tmp/out" && grep -q "\[step 1\] research/plot " "$tmp/out" && grep -q "\[step 2\] research  *(subgraph) ok" "$tmp/out" ||
+  { echo "subgraph.lua:"; cat "$tmp/out"; exit 1; }
+sg=$(ls -d "$tmp"/sg/*/ | head -1)
+"$kvmesh" trace show "$sg" > "$tmp/show" || { cat "$tmp/show"; exit 1; }
+grep -q "research/pick  *func  ok" "$tmp/show" && grep -q "research  *subgraph ok" "$tmp/show" || { echo "trace show of subgraph.lua:"; cat "$tmp/show"; exit 1; }
+grep -q '"graph":"research","depth":1,"parent":1' "$sg/events.jsonl" || { echo "no nested step records"; grep '"step"' "$sg/events.jsonl" | cut -c1-300; exit 1; }
+"$kvmesh" trace replay "$sg" > "$tmp/replay" 2>&1 && grep -q " 0 different" "$tmp/replay" || { cat "$tmp/replay"; exit 1; }
+"$kvmesh" run examples/subgraph.lua --mock --input input="a cat" --no-trace > "$tmp/out" 2>&1 && grep -q "^  notes: 2$" "$tmp/out" ||
+  { echo "subgraph.lua --mock:"; cat "$tmp/out"; exit 1; }
 # --stream: each agent's tokens on stdout as they come, behind its name; one run only (issue 18)
 "$kvmesh" run examples/pipeline.lua --stream --no-trace --input name=Mark --input corpus="Mark: 9442" > "$tmp/so" 2> "$tmp/se" ||
   { cat "$tmp/so" "$tmp/se"; exit 1; }

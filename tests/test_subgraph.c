@@ -1,0 +1,372 @@
+/* test_subgraph.c - subgraphs (docs/lua-api.md "Subgraphs"): a graph used as a node of another graph, its state
+ * mapped in and out through the parent's reducers, load-time checks of the maps and of cycles and nesting, failures and
+ * budgets counted inside the parent's, nested trace steps, and resume from the parent's checkpoints. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include <cjson/cJSON.h>
+#include <cmocka.h>
+
+#include <kvmesh.h>
+
+static char g_root[256];
+
+static int setup(void **state) {
+    (void)state;
+    snprintf(g_root, sizeof g_root, "/tmp/kvm_subgraph_XXXXXX");
+    return mkdtemp(g_root) ? 0 : -1;
+}
+
+static int teardown(void **state) {
+    (void)state;
+    char cmd[300];
+    snprintf(cmd, sizeof cmd, "rm -rf '%s'", g_root);
+    return system(cmd) == 0 ? 0 : -1;
+}
+
+static kvm_runtime_t *runtime(void) {
+    kvm_runtime_params_t p = kvm_runtime_default_params();
+    p.echo_print = false;
+    p.quiet = true;
+    p.trace_root = g_root;
+    kvm_runtime_t *rt = kvm_runtime_create(&p);
+    if (!rt) fail_msg("runtime: %s", kvm_errmsg());
+    return rt;
+}
+
+static void drive(kvm_runtime_t *rt) {
+    while (kvm_runtime_step(rt) > 0) {
+    }
+}
+
+static kvm_workflow_t *load(kvm_runtime_t *rt, const char *src) {
+    kvm_workflow_t *wf = kvm_workflow_load_string(rt, "g.lua", src, strlen(src), NULL);
+    if (!wf) fail_msg("load: %s", kvm_errmsg());
+    return wf;
+}
+
+/* Loading src must fail with a message that contains every one of the (NULL-ended) parts. */
+static void load_fails(const char *src, ...) {
+    kvm_runtime_t *rt = runtime();
+    kvm_workflow_t *wf = kvm_workflow_load_string(rt, "g.lua", src, strlen(src), NULL);
+    if (wf) fail_msg("loaded, but should not have:\n%s", src);
+    const char *msg = kvm_errmsg();
+    va_list ap;
+    va_start(ap, src);
+    for (const char *part; (part = va_arg(ap, const char *));)
+        if (!strstr(msg, part)) fail_msg("message '%s' lacks '%s'", msg, part);
+    va_end(ap);
+    kvm_runtime_free(rt);
+}
+
+/* One run of wf with input `input` (and the seed), driven to its end. */
+static kvm_run_t *run(kvm_runtime_t *rt, kvm_workflow_t *wf, const char *input, uint64_t seed) {
+    kvm_run_params_t p = kvm_run_default_params();
+    char in[256];
+    snprintf(in, sizeof in, "{\"input\":\"%s\"}", input);
+    p.inputs_json = in;
+    p.seed = seed;
+    kvm_run_t *r = kvm_run_start(wf, &p);
+    if (!r) fail_msg("start: %s", kvm_errmsg());
+    drive(rt);
+    return r;
+}
+
+static cJSON *state_of(kvm_run_t *r) {
+    char *s = kvm_run_state_json(r);
+    cJSON *j = cJSON_Parse(s);
+    kvm_free(s);
+    assert_non_null(j);
+    return j;
+}
+
+/* The child keeps notes (append) from the question it is given; the parent maps question -> q in and notes ->
+ * findings out, where its own reducer (append, with an initial element) applies. */
+#define RESEARCH                                                                                                           \
+    "local kvm = kvmesh\nlocal m = kvm.model('mock:echo')\n"                                                              \
+    "local research = kvm.graph{ name = 'research', state = { q = kvm.reduce.replace, notes = kvm.reduce.append } }\n"   \
+    "research:agent('search', { model = m, template = 'Search {state.q}', max_tokens = 3, writes = 'notes' })\n"         \
+    "research:func('pick', function(state) return { notes = 'picked ' .. #state.notes } end)\n"                         \
+    "research:edge(kvm.START, 'search')\nresearch:edge('search', 'pick')\n"                                               \
+    "local g = kvm.graph{ name = 'main', state = { question = kvm.reduce.replace,\n"                                      \
+    "                     findings = { kvm.reduce.append, init = { 'first' } }, answer = kvm.reduce.replace } }\n"          \
+    "g:func('ask', function(state, last, ctx) return { question = ctx.inputs.input } end)\n"
+
+/* ... then the main graph asks, runs the subgraph node 'research' and writes. */
+#define WRITE_AFTER                                                                                                        \
+    "g:agent('write', { model = m, template = 'Answer {state.question}', max_tokens = 4, writes = 'answer' })\n"         \
+    "g:edge(kvm.START, 'ask')\ng:edge('ask', 'research')\ng:edge('research', 'write')\nreturn g\n"
+
+static void check_research_state(kvm_run_t *r) {
+    const char *msg = NULL;
+    if (kvm_run_status(r, &msg) != 0) fail_msg("run failed: %s", msg ? msg : "?");
+    cJSON *st = state_of(r);
+    char *f = cJSON_PrintUnformatted(cJSON_GetObjectItem(st, "findings"));
+    assert_string_equal(f, "[\"first\",\"Search why sky\",\"picked 1\"]"); /* the parent's append extended by the child's list */
+    cJSON_free(f);
+    assert_null(cJSON_GetObjectItem(st, "notes")); /* the child's keys stay the child's */
+    assert_string_equal(cJSON_GetObjectItem(st, "answer")->valuestring, "Answer why sky blue");
+    cJSON_Delete(st);
+}
+
+static void test_state_is_mapped_in_and_out_through_the_parents_reducers(void **s) {
+    (void)s;
+    kvm_runtime_t *rt = runtime();
+    kvm_workflow_t *wf = load(rt, RESEARCH
+                              "g:subgraph('research', research, { input = { question = 'q' }, output = { notes = 'findings' } })\n"
+                              WRITE_AFTER);
+    check_research_state(run(rt, wf, "why sky blue", 1));
+    kvm_workflow_free(wf);
+    /* the same with g:node(name, {subgraph = ...}) */
+    wf = load(rt, RESEARCH
+              "g:node('research', { subgraph = research, input = { question = 'q' }, output = { notes = 'findings' } })\n"
+              WRITE_AFTER);
+    check_research_state(run(rt, wf, "why sky blue", 1));
+    kvm_workflow_free(wf);
+    kvm_runtime_free(rt);
+}
+
+static void test_bad_subgraphs_are_refused_at_load_naming_the_line(void **s) {
+    (void)s;
+    load_fails(RESEARCH "g:subgraph('research', research, { input = { qestion = 'q' } })\nreturn g\n", "g.lua:11:",
+               "input maps 'qestion', which graph 'main' does not declare", "question", NULL);
+    load_fails(RESEARCH "g:subgraph('research', research, { input = { question = 'qq' } })\nreturn g\n", "g.lua:11:",
+               "maps 'question' to 'qq', which graph 'research' does not declare", NULL);
+    load_fails(RESEARCH "g:subgraph('research', research, { output = { note = 'findings' } })\nreturn g\n", "g.lua:11:",
+               "output maps 'note', which graph 'research' does not declare", NULL);
+    load_fails(RESEARCH "g:subgraph('research', research, { output = { notes = 'finding' } })\nreturn g\n", "g.lua:11:",
+               "which graph 'main' does not declare", NULL);
+    load_fails(RESEARCH "g:subgraph('research', research, { output = { notes = 'findings', q = 'findings' } })\nreturn g\n",
+               "g.lua:11:", "two keys to 'findings'", NULL);
+    load_fails(RESEARCH "g:subgraph('research', research, { outputs = {} })\nreturn g\n", "g.lua:11:", "unknown field 'outputs'", NULL);
+    load_fails(RESEARCH "g:subgraph('research', 'research')\nreturn g\n", "g.lua:11:", "must be a graph", NULL);
+    load_fails(RESEARCH "g:subgraph('me', g)\nreturn g\n", "g.lua:11:", "cannot be a subgraph of itself", NULL);
+    load_fails(RESEARCH "g:subgraph('research', research)\nresearch:subgraph('back', g)\nreturn g\n", "g.lua:12:",
+               "graph 'main' already holds graph 'research'", "cycle", NULL);
+    /* a cycle through a third graph */
+    load_fails("local kvm = kvmesh\nlocal a, b, c = kvm.graph{ name = 'a' }, kvm.graph{ name = 'b' }, kvm.graph{ name = 'c' }\n"
+               "a:subgraph('x', b)\nb:subgraph('y', c)\nc:subgraph('z', a)\nreturn a\n",
+               "g.lua:5:", "graph 'a' already holds graph 'c'", NULL);
+    /* nesting: 9 levels below the top are refused where the 9th is added */
+    load_fails("local kvm = kvmesh\nlocal m = kvm.model('mock:echo')\nlocal gs = {}\n"
+               "for i = 1, 10 do gs[i] = kvm.graph{ name = 'g' .. i } end\n"
+               "for i = 1, 9 do gs[i]:subgraph('s', gs[i + 1]) end\nreturn gs[1]\n",
+               "g.lua:5:", "subgraphs would nest 9 deep (at most 8)", NULL);
+    /* the child graph is validated too: its own errors name its lines */
+    load_fails(RESEARCH "research:edge('pick', 'nowhere')\ng:subgraph('research', research)\ng:edge(kvm.START, 'research')\nreturn g\n",
+               "g.lua:11:", "unknown node 'nowhere'", NULL);
+}
+
+/* A child that fails fails its node: the parent routes it with on_error, or fails with the child's message. */
+static void test_a_failing_subgraph_fails_its_node(void **s) {
+    (void)s;
+    kvm_runtime_t *rt = runtime();
+    const char *src = "local kvm = kvmesh\n"
+                      "local child = kvm.graph{ name = 'child' }\n"
+                      "child:func('boom', function() error('child broke') end)\n"
+                      "child:edge(kvm.START, 'boom')\n"
+                      "local g = kvm.graph{ name = 'main', state = { why = kvm.reduce.replace } }\n"
+                      "g:subgraph('sub', child)\n"
+                      "g:func('catch', function(state, last) return { why = last.sub.error } end)\n"
+                      "g:edge(kvm.START, 'sub')\ng:edge('sub', 'catch', { on_error = true })\nreturn g\n";
+    kvm_workflow_t *wf = load(rt, src);
+    kvm_run_t *r = run(rt, wf, "x", 1);
+    assert_int_equal(kvm_run_status(r, NULL), 0);
+    cJSON *st = state_of(r);
+    const char *why = cJSON_GetObjectItem(st, "why")->valuestring;
+    assert_non_null(strstr(why, "g.lua:6: subgraph node 'sub' (graph 'child')"));
+    assert_non_null(strstr(why, "g.lua:3: child broke"));
+    cJSON_Delete(st);
+    kvm_workflow_free(wf);
+    /* without on_error, the run fails with it */
+    wf = load(rt, "local kvm = kvmesh\nlocal child = kvm.graph{ name = 'child' }\n"
+                  "child:func('boom', function() error('child broke') end)\nchild:edge(kvm.START, 'boom')\n"
+                  "local g = kvm.graph{ name = 'main' }\ng:subgraph('sub', child)\ng:edge(kvm.START, 'sub')\nreturn g\n");
+    const char *msg = NULL;
+    r = run(rt, wf, "x", 1);
+    assert_int_equal(kvm_run_status(r, &msg), KVM_ELUA_RUNTIME);
+    assert_non_null(strstr(msg, "subgraph node 'sub'"));
+    assert_non_null(strstr(msg, "child broke"));
+    kvm_workflow_free(wf);
+    kvm_runtime_free(rt);
+}
+
+/* Hostile scripts: a graph cannot gain a subgraph once loaded (no recursion built at run time), a child looping forever
+ * ends on its step budget, an endless Lua loop in a child ends on the parent's instruction budget, a child's tokens
+ * count against the parent's token budget, and kvmesh.interrupt inside a subgraph is a clear error. */
+static void test_hostile_subgraphs_end_with_clear_errors(void **s) {
+    (void)s;
+    kvm_runtime_t *rt = runtime();
+    struct {
+        const char *src;
+        int code;
+        const char *want;
+    } cases[] = {
+        {"local kvm = kvmesh\nlocal g = kvm.graph{ name = 'main' }\nlocal c = kvm.graph{ name = 'c' }\n"
+         "c:func('f', function() end)\nc:edge(kvm.START, 'f')\n"
+         "g:func('grow', function() g:subgraph('again', g) end)\ng:edge(kvm.START, 'grow')\nreturn g\n",
+         KVM_ELUA_RUNTIME, "frozen"},
+        {"local kvm = kvmesh\nlocal c = kvm.graph{ name = 'spin', state = { n = kvm.reduce.sum } }\n"
+         "c:func('f', function() return { n = 1 } end)\nc:edge(kvm.START, 'f')\n"
+         "c:route('f', function() return 'f' end, { 'f' })\nc:limit{ steps = 7 }\n"
+         "local g = kvm.graph{ name = 'main' }\ng:subgraph('s', c)\ng:edge(kvm.START, 's')\nreturn g\n",
+         KVM_EBUDGET, "graph 'spin' reached its step budget (7 super-steps)"},
+        {"local kvm = kvmesh\nlocal c = kvm.graph{ name = 'c' }\n"
+         "c:func('f', function() local x = 0 while true do x = x + 1 end end)\nc:edge(kvm.START, 'f')\n"
+         "local g = kvm.graph{ name = 'main' }\ng:subgraph('s', c)\ng:edge(kvm.START, 's')\ng:limit{ instructions = 200000 }\nreturn g\n",
+         KVM_EBUDGET, "instruction budget exceeded"},
+        {"local kvm = kvmesh\nlocal m = kvm.model('mock:echo')\nlocal c = kvm.graph{ name = 'talk', state = { n = kvm.reduce.sum } }\n"
+         "c:agent('a', { model = m, template = 'one two three four five {input}', max_tokens = 8 })\n"
+         "c:func('count', function() return { n = 1 } end)\nc:edge(kvm.START, 'a')\nc:edge('a', 'count')\n"
+         "c:route('count', function() return 'a' end, { 'a' })\nc:limit{ steps = 40 }\n"
+         "local g = kvm.graph{ name = 'main' }\ng:subgraph('s', c)\ng:edge(kvm.START, 's')\ng:limit{ tokens = 60 }\nreturn g\n",
+         KVM_EBUDGET, "graph 'main' used"},
+        {"local kvm = kvmesh\nlocal c = kvm.graph{ name = 'c' }\n"
+         "c:func('ask', function() return { ok = kvm.interrupt({ q = 'ok?' }) } end)\nc:edge(kvm.START, 'ask')\n"
+         "local g = kvm.graph{ name = 'main' }\ng:subgraph('s', c)\ng:edge(kvm.START, 's')\nreturn g\n",
+         KVM_ELUA_RUNTIME, "interrupts inside subgraphs are not supported"},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
+        kvm_workflow_t *wf = load(rt, cases[i].src);
+        kvm_run_t *r = run(rt, wf, "go", 1);
+        const char *msg = NULL;
+        int code = kvm_run_status(r, &msg);
+        if (code != cases[i].code || !msg || !strstr(msg, cases[i].want))
+            fail_msg("case %zu: status %s, message '%s'; want %s with '%s'", i, kvm_errname(code), msg ? msg : "", kvm_errname(cases[i].code),
+                     cases[i].want);
+        kvm_workflow_free(wf);
+    }
+    kvm_runtime_free(rt);
+}
+
+/* The child's steps are in the run's trace, nested: graph, depth and the idx of their subgraph node's step. */
+static void test_child_steps_are_traced_as_nested_steps(void **s) {
+    (void)s;
+    kvm_runtime_t *rt = runtime();
+    kvm_workflow_t *wf = load(rt, RESEARCH
+                              "g:subgraph('research', research, { input = { question = 'q' }, output = { notes = 'findings' } })\n"
+                              WRITE_AFTER);
+    kvm_run_t *r = run(rt, wf, "why sky blue", 1);
+    assert_int_equal(kvm_run_status(r, NULL), 0);
+    kvm_trace_reader_t *t = kvm_trace_reader_open(kvm_run_trace_dir(r));
+    assert_non_null(t);
+    int sub_idx = -1, nested = 0, top = 0, supersteps = 0;
+    int parents[8];
+    for (int i = 0; i < kvm_trace_reader_n_records(t); i++) {
+        if (!strcmp(kvm_trace_reader_record_type(t, i), "superstep")) supersteps++;
+        if (strcmp(kvm_trace_reader_record_type(t, i), "step")) continue;
+        cJSON *o = cJSON_Parse(kvm_trace_reader_record_json(t, i));
+        const cJSON *depth = cJSON_GetObjectItem(o, "depth");
+        if (!strcmp(cJSON_GetObjectItem(o, "op")->valuestring, "subgraph")) {
+            sub_idx = cJSON_GetObjectItem(o, "idx")->valueint;
+            assert_null(depth);
+            char *out = cJSON_PrintUnformatted(cJSON_GetObjectItem(o, "output"));
+            assert_non_null(out);
+            assert_non_null(strstr(out, "picked 1")); /* its output: the mapped keys */
+            cJSON_free(out);
+        } else if (depth) {
+            assert_int_equal(depth->valueint, 1);
+            assert_string_equal(cJSON_GetObjectItem(o, "graph")->valuestring, "research");
+            parents[nested++] = cJSON_GetObjectItem(o, "parent")->valueint;
+        } else
+            top++;
+        cJSON_Delete(o);
+    }
+    kvm_trace_reader_free(t);
+    assert_int_equal(nested, 2); /* search, pick */
+    assert_int_equal(top, 2);    /* ask, write */
+    assert_int_equal(supersteps, 3); /* the parent's only: the child's are its own */
+    assert_true(sub_idx >= 0);
+    for (int i = 0; i < nested; i++) assert_int_equal(parents[i], sub_idx);
+    /* kvmesh trace show lists them under their node */
+    char *text = NULL;
+    assert_int_equal(kvm_trace_view_run(kvm_run_trace_dir(r), &text), 0);
+    assert_non_null(strstr(text, "research/search"));
+    assert_non_null(strstr(text, "research/pick"));
+    kvm_free(text);
+    kvm_workflow_free(wf);
+    kvm_runtime_free(rt);
+}
+
+/* Resume at the parent's level: from every checkpoint of seeded runs whose subgraph draws math.random and calls the
+ * model, the resumed outputs and state equal the uninterrupted ones. */
+static void test_resume_from_the_parents_checkpoints_reproduces_the_run(void **s) {
+    (void)s;
+    const char *src =
+        "local kvm = kvmesh\nlocal m = kvm.model('" KVM_SOURCE_DIR "/models/minillama-2m')\n"
+        "local child = kvm.graph{ name = 'child', state = { topic = kvm.reduce.replace, drafts = kvm.reduce.append } }\n"
+        "child:agent('draft', { model = m, template = 'Once upon a time {state.topic} said', max_tokens = 5, writes = 'drafts' })\n"
+        "child:func('roll', function(state) return { drafts = 'roll ' .. math.random(1, 1000000) } end)\n"
+        "child:agent('polish', { model = m, template = 'Then {agent.draft} and', max_tokens = 4, writes = 'drafts' })\n"
+        "child:edge(kvm.START, 'draft')\nchild:edge('draft', { 'roll', 'polish' })\n"
+        "local g = kvm.graph{ name = 'main', state = { topic = kvm.reduce.replace, story = kvm.reduce.append, n = kvm.reduce.sum } }\n"
+        "g:func('start', function(state, last, ctx) return { topic = ctx.inputs.input, n = math.random(1, 9) } end)\n"
+        "g:subgraph('write', child, { input = { topic = 'topic' }, output = { drafts = 'story' } })\n"
+        "g:agent('end', { model = m, template = 'The end of {input}', max_tokens = 3, writes = 'story' })\n"
+        "g:edge(kvm.START, 'start')\ng:edge('start', 'write')\ng:edge('write', 'end')\n"
+        "g:dataset(function(seed) local w = { 'cat', 'dog', 'owl', 'fox' } return { input = w[seed % 4 + 1] } end)\n"
+        "return g\n";
+    kvm_runtime_t *rt = runtime();
+    kvm_workflow_t *wf = load(rt, src);
+    enum { N = 4 };
+    kvm_run_t *runs[N];
+    for (int i = 0; i < N; i++) {
+        kvm_run_params_t p = kvm_run_default_params();
+        p.seed = (uint64_t)i + 1;
+        p.from_dataset = true;
+        p.kv = "dense";
+        assert_non_null(runs[i] = kvm_run_start(wf, &p));
+    }
+    drive(rt);
+    int resumed = 0;
+    for (int i = 0; i < N; i++) {
+        const char *msg = NULL;
+        if (kvm_run_status(runs[i], &msg) != 0) fail_msg("seed %d: %s", i + 1, msg ? msg : "?");
+        char *want_out = kvm_run_outputs_json(runs[i]), *want_st = kvm_run_state_json(runs[i]);
+        char dir[512];
+        snprintf(dir, sizeof dir, "%s", kvm_run_trace_dir(runs[i]));
+        for (int step = 1; step <= 3; step++) { /* a checkpoint after each of the parent's 3 super-steps */
+            kvm_run_params_t q = kvm_run_default_params();
+            q.resume_trace = dir;
+            q.resume_step = step;
+            kvm_run_t *r2 = kvm_run_start(wf, &q);
+            if (!r2) fail_msg("resume seed %d after %d: %s", i + 1, step, kvm_errmsg());
+            drive(rt);
+            if (kvm_run_status(r2, &msg) != 0) fail_msg("resumed seed %d after %d: %s", i + 1, step, msg ? msg : "?");
+            char *out = kvm_run_outputs_json(r2), *st = kvm_run_state_json(r2);
+            cJSON *a = cJSON_Parse(out), *b = cJSON_Parse(want_out), *c = cJSON_Parse(st), *d = cJSON_Parse(want_st);
+            if (!cJSON_Compare(a, b, true) || !cJSON_Compare(c, d, true))
+                fail_msg("seed %d resumed after %d:\n %s\n %s\nwant\n %s\n %s", i + 1, step, out, st, want_out, want_st);
+            cJSON_Delete(a);
+            cJSON_Delete(b);
+            cJSON_Delete(c);
+            cJSON_Delete(d);
+            kvm_free(out);
+            kvm_free(st);
+            resumed++;
+        }
+        kvm_free(want_out);
+        kvm_free(want_st);
+    }
+    assert_int_equal(resumed, N * 3);
+    kvm_workflow_free(wf);
+    kvm_runtime_free(rt);
+}
+
+int main(void) {
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_state_is_mapped_in_and_out_through_the_parents_reducers),
+        cmocka_unit_test(test_bad_subgraphs_are_refused_at_load_naming_the_line),
+        cmocka_unit_test(test_a_failing_subgraph_fails_its_node),
+        cmocka_unit_test(test_hostile_subgraphs_end_with_clear_errors),
+        cmocka_unit_test(test_child_steps_are_traced_as_nested_steps),
+        cmocka_unit_test(test_resume_from_the_parents_checkpoints_reproduces_the_run),
+    };
+    return cmocka_run_group_tests(tests, setup, teardown);
+}
