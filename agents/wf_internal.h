@@ -398,6 +398,8 @@ int wf_call_scratch(kvm_workflow_t *wf, int nargs, cJSON **out, const char *what
 void wf_seen_free(wf_seen_t *s);
 /* The C functions behind ctx:call and ctx:map (registered by wf_lua.c in the ctx metatable). */
 int wf_ctx_call(lua_State *L);
+/* The task of the run executing now whose coroutine is L (a func/tool node's own code), or NULL (wf_task.c). */
+wf_task_t *wf_running_task(const kvm_workflow_t *wf, lua_State *L);
 /* ctx:tool(name, args): a host tool (wf_tools.c). */
 int wf_ctx_tool(lua_State *L);
 /* Nodes of r waiting for a tool's answer that has not come, directly or in the runs of their subgraphs (wf_tools.c). */

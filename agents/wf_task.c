@@ -723,6 +723,13 @@ void wf_task_answer(kvm_workflow_t *wf, wf_run_t *r, wf_task_t *t, const cJSON *
     resume_task(wf, r, t, 1);
 }
 
+wf_task_t *wf_running_task(const kvm_workflow_t *wf, lua_State *L) {
+    wf_run_t *r = wf->cur_run;
+    for (int i = 0; r && i < r->n_tasks; i++)
+        if (r->tasks[i].co == L && r->tasks[i].status == WF_T_RUNNING) return &r->tasks[i];
+    return NULL;
+}
+
 /* ---- ctx:call and ctx:map -------------------------------------------------------------------------- */
 
 /* Who calls ctx:call / ctx:map: the workflow, the run, the running task whose coroutine is L, and
@@ -741,8 +748,7 @@ static ctx_target_t ctx_agent_call_target(lua_State *L, const char *what) {
     lua_getallocf(L, &ud);
     ctx_target_t c = {.wf = ud, .ai = -1};
     c.r = c.wf->cur_run;
-    for (int i = 0; c.r && i < c.r->n_tasks; i++)
-        if (c.r->tasks[i].co == L && c.r->tasks[i].status == WF_T_RUNNING) c.t = &c.r->tasks[i];
+    c.t = wf_running_task(c.wf, L);
     if (!c.t || !lua_isyieldable(L))
         luaL_error(L, "%s must be called from a func/tool node's own code (not from a predicate, router, "
                       "reducer or a coroutine the script created)", what);

@@ -162,9 +162,7 @@ int wf_ctx_tool(lua_State *L) {
     lua_getallocf(L, &ud);
     kvm_workflow_t *wf = ud;
     wf_run_t *r = wf->cur_run;
-    wf_task_t *t = NULL;
-    for (int i = 0; r && i < r->n_tasks; i++)
-        if (r->tasks[i].co == L && r->tasks[i].status == WF_T_RUNNING) t = &r->tasks[i];
+    wf_task_t *t = wf_running_task(wf, L);
     if (!t)
         return luaL_error(L, "ctx:tool must be called from a func/tool node's own code (not from a predicate, router, "
                              "reducer or a coroutine the script created)");

@@ -286,8 +286,19 @@ static int remote(void *ud, const kvm_tool_call_t *call, char **result) {
     return KVM_EBUSY;
 }
 
-/* Two nodes of one super-step each wait for a remote tool; fills *wf and returns the run. */
-static kvm_run_t *start_two_waits(kvm_runtime_t *rt, kvm_workflow_t **wf, const char *limit) {
+/* A runtime with the 'remote' tool (it answers later) and a run whose two nodes of one super-step each called it: both
+ * calls are out, the run waits. */
+typedef struct waits {
+    kvm_runtime_t *rt;
+    kvm_workflow_t *wf;
+    kvm_run_t *r;
+    pending_t p;
+} waits_t;
+
+static void waits_start(waits_t *w, const char *limit) {
+    memset(w, 0, sizeof *w);
+    w->rt = mock_runtime(NULL);
+    assert_int_equal(kvm_runtime_add_tool(w->rt, "remote", NULL, NULL, remote, &w->p), 0);
     char src[1024];
     snprintf(src, sizeof src,
              "local kvm = kvmesh\n"
@@ -299,106 +310,90 @@ static kvm_run_t *start_two_waits(kvm_runtime_t *rt, kvm_workflow_t **wf, const 
              "g:output(function(s) return { sum = s.a + s.b } end)\n"
              "return g\n",
              limit ? limit : "");
-    *wf = kvm_workflow_load_string(rt, "remote.lua", src, strlen(src), NULL);
-    if (!*wf) fail_msg("%s", kvm_errmsg());
-    kvm_run_t *r = kvm_run_start(*wf, NULL);
-    assert_non_null(r);
-    return r;
+    w->wf = kvm_workflow_load_string(w->rt, "remote.lua", src, strlen(src), NULL);
+    if (!w->wf) fail_msg("%s", kvm_errmsg());
+    w->r = kvm_run_start(w->wf, NULL);
+    assert_non_null(w->r);
+    assert_int_equal(kvm_workflow_drive(w->wf), 0);
+    assert_int_equal(w->p.n, 2);
+    assert_int_equal(kvm_run_status(w->r, NULL), KVM_EBUSY);
+}
+
+static void waits_free(waits_t *w) {
+    kvm_workflow_free(w->wf);
+    kvm_runtime_free(w->rt);
 }
 
 static void test_a_tool_can_answer_later_while_the_run_waits(void **st) {
     (void)st;
-    kvm_runtime_t *rt = mock_runtime(NULL);
-    pending_t p = {0};
-    assert_int_equal(kvm_runtime_add_tool(rt, "remote", NULL, NULL, remote, &p), 0);
-    kvm_workflow_t *wf = NULL;
-    kvm_run_t *r = start_two_waits(rt, &wf, NULL);
-    /* both calls go out; the run waits without counting as going (no busy rounds, no stall) */
-    assert_int_equal(kvm_workflow_drive(wf), 0);
-    assert_int_equal(p.n, 2);
+    waits_t w;
+    waits_start(&w, NULL);
+    kvm_run_t *r = w.r;
+    /* the run waits without counting as going (no busy rounds, no stall) */
+    assert_int_equal(kvm_runtime_n_active(w.rt), 0);
+    assert_int_equal(kvm_runtime_step(w.rt), 0);
     assert_int_equal(kvm_run_status(r, NULL), KVM_EBUSY);
-    assert_int_equal(kvm_runtime_n_active(rt), 0);
-    assert_int_equal(kvm_runtime_step(rt), 0);
-    assert_int_equal(kvm_run_status(r, NULL), KVM_EBUSY);
-    int ia = strstr(p.args[0], "\"a\"") ? 0 : 1, ib = 1 - ia;
+    int ia = strstr(w.p.args[0], "\"a\"") ? 0 : 1, ib = 1 - ia;
     /* bad answers are refused and leave the call waiting */
-    assert_int_equal(kvm_run_tool_result(r, p.id[ia], 0, "{oops"), KVM_EFORMAT);
+    assert_int_equal(kvm_run_tool_result(r, w.p.id[ia], 0, "{oops"), KVM_EFORMAT);
     assert_int_equal(kvm_run_tool_result(r, 999999, 0, "{}"), KVM_ENOENT);
     /* answered in the other order */
-    assert_int_equal(kvm_run_tool_result(r, p.id[ib], 0, "{\"t\": 30}"), 0);
-    assert_int_equal(kvm_run_tool_result(r, p.id[ib], 0, "{\"t\": 30}"), KVM_ENOENT); /* once */
-    assert_int_equal(kvm_workflow_drive(wf), 0);
+    assert_int_equal(kvm_run_tool_result(r, w.p.id[ib], 0, "{\"t\": 30}"), 0);
+    assert_int_equal(kvm_run_tool_result(r, w.p.id[ib], 0, "{\"t\": 30}"), KVM_ENOENT); /* once */
+    assert_int_equal(kvm_workflow_drive(w.wf), 0);
     assert_int_equal(kvm_run_status(r, NULL), KVM_EBUSY);
-    assert_int_equal(kvm_run_tool_result(r, p.id[ia], 0, "{\"t\": 12}"), 0);
-    assert_int_equal(kvm_workflow_drive(wf), 0);
+    assert_int_equal(kvm_run_tool_result(r, w.p.id[ia], 0, "{\"t\": 12}"), 0);
+    assert_int_equal(kvm_workflow_drive(w.wf), 0);
     const char *msg = NULL;
     assert_int_equal(kvm_run_status(r, &msg), 0);
     char *out = kvm_run_outputs_json(r);
     assert_string_equal(out, "{\"sum\":42}");
     kvm_free(out);
-    kvm_workflow_free(wf);
-    kvm_runtime_free(rt);
+    waits_free(&w);
 }
 
 static void test_an_error_answer_fails_the_node_at_its_line(void **st) {
     (void)st;
-    kvm_runtime_t *rt = mock_runtime(NULL);
-    pending_t p = {0};
-    assert_int_equal(kvm_runtime_add_tool(rt, "remote", NULL, NULL, remote, &p), 0);
-    kvm_workflow_t *wf = NULL;
-    kvm_run_t *r = start_two_waits(rt, &wf, NULL);
-    assert_int_equal(kvm_workflow_drive(wf), 0);
-    assert_int_equal(p.n, 2);
-    assert_int_equal(kvm_run_tool_result(r, p.id[0], KVM_ENOENT, "no such city"), 0);
-    assert_int_equal(kvm_run_tool_result(r, p.id[1], 0, "{\"t\": 1}"), 0);
-    assert_int_equal(kvm_workflow_drive(wf), 0);
+    waits_t w;
+    waits_start(&w, NULL);
+    assert_int_equal(kvm_run_tool_result(w.r, w.p.id[0], KVM_ENOENT, "no such city"), 0);
+    assert_int_equal(kvm_run_tool_result(w.r, w.p.id[1], 0, "{\"t\": 1}"), 0);
+    assert_int_equal(kvm_workflow_drive(w.wf), 0);
     const char *msg = NULL;
-    assert_int_equal(kvm_run_status(r, &msg), KVM_ELUA_RUNTIME);
+    assert_int_equal(kvm_run_status(w.r, &msg), KVM_ELUA_RUNTIME);
     assert_non_null(strstr(msg, "ctx:tool: tool 'remote': no such city"));
-    assert_non_null(strstr(msg, strstr(p.args[0], "\"a\"") ? "remote.lua:4:" : "remote.lua:5:"));
-    kvm_workflow_free(wf);
-    kvm_runtime_free(rt);
+    assert_non_null(strstr(msg, strstr(w.p.args[0], "\"a\"") ? "remote.lua:4:" : "remote.lua:5:"));
+    waits_free(&w);
 }
 
 static void test_a_wait_past_the_wall_budget_ends_the_run(void **st) {
     (void)st;
-    kvm_runtime_t *rt = mock_runtime(NULL);
-    pending_t p = {0};
-    assert_int_equal(kvm_runtime_add_tool(rt, "remote", NULL, NULL, remote, &p), 0);
-    kvm_workflow_t *wf = NULL;
-    kvm_run_t *r = start_two_waits(rt, &wf, "g:limit{ wall_ms = 40 }");
-    assert_int_equal(kvm_workflow_drive(wf), 0);
-    assert_int_equal(kvm_run_status(r, NULL), KVM_EBUSY);
+    waits_t w;
+    waits_start(&w, "g:limit{ wall_ms = 40 }");
     struct timespec ts = {0, 10 * 1000000L};
     int rounds = 0;
-    while (kvm_run_status(r, NULL) == KVM_EBUSY && rounds++ < 100) { /* a daemon's loop: a round now and then */
+    while (kvm_run_status(w.r, NULL) == KVM_EBUSY && rounds++ < 100) { /* a daemon's loop: a round now and then */
         nanosleep(&ts, NULL);
-        kvm_runtime_step(rt);
+        kvm_runtime_step(w.rt);
     }
     const char *msg = NULL;
-    assert_int_equal(kvm_run_status(r, &msg), KVM_EBUDGET);
+    assert_int_equal(kvm_run_status(w.r, &msg), KVM_EBUDGET);
     assert_non_null(strstr(msg, "graph 'remote' ran past its wall-time budget of 40 ms waiting for tool 'remote' to answer"));
     assert_true(rounds >= 3 && rounds <= 20); /* about 40 ms of 10 ms rounds, not at once and not much later */
-    assert_int_equal(kvm_run_tool_result(r, p.id[0], 0, "{}"), KVM_ESTALE);
-    kvm_workflow_free(wf);
-    kvm_runtime_free(rt);
+    assert_int_equal(kvm_run_tool_result(w.r, w.p.id[0], 0, "{}"), KVM_ESTALE);
+    waits_free(&w);
 }
 
 static void test_a_waiting_run_can_be_canceled(void **st) {
     (void)st;
-    kvm_runtime_t *rt = mock_runtime(NULL);
-    pending_t p = {0};
-    assert_int_equal(kvm_runtime_add_tool(rt, "remote", NULL, NULL, remote, &p), 0);
-    kvm_workflow_t *wf = NULL;
-    kvm_run_t *r = start_two_waits(rt, &wf, NULL);
-    assert_int_equal(kvm_workflow_drive(wf), 0);
-    assert_int_equal(kvm_run_cancel(r, 0, "the user left"), 0);
+    waits_t w;
+    waits_start(&w, NULL);
+    assert_int_equal(kvm_run_cancel(w.r, 0, "the user left"), 0);
     const char *msg = NULL;
-    assert_int_equal(kvm_run_status(r, &msg), KVM_ECANCELED);
+    assert_int_equal(kvm_run_status(w.r, &msg), KVM_ECANCELED);
     assert_string_equal(msg, "the user left");
-    assert_int_equal(kvm_run_tool_result(r, p.id[1], 0, "{}"), KVM_ESTALE);
-    kvm_workflow_free(wf);
-    kvm_runtime_free(rt);
+    assert_int_equal(kvm_run_tool_result(w.r, w.p.id[1], 0, "{}"), KVM_ESTALE);
+    waits_free(&w);
 }
 
 static void test_a_removed_tool_is_no_longer_callable(void **st) {
