@@ -477,7 +477,8 @@ kvm_run_t *kvm_run_start(kvm_workflow_t *wf, const kvm_run_params_t *params);
 /* Runs every started run of wf to its end, interleaving them on this thread and batching their agents'
  * model work: a loop of kvm_runtime_step() until wf has no run going (runs of the runtime's other workflows
  * advance meanwhile too). A failing run ends alone with its status; the result is <0 only when the engine
- * itself failed. */
+ * itself failed. A run parked in kvmesh.interrupt, or whose nodes all wait for tools that answer later
+ * (kvm_run_tool_result), is not going: drive returns with it still waiting. */
 int kvm_workflow_drive(kvm_workflow_t *wf);
 
 /* One round of the runtime, for programs that serve many runs of many workflows on one thread and do other
