@@ -413,7 +413,7 @@ static int reply_err(ctx_t *x, int code, const char *field, const char *msg, int
 
 static const char *const k_types[] = {"hello", "ping", "stats", "workflow.load", "workflow.list", "workflow.drop",
                                       "run.start", "run.cancel", "run.status", "run.list", "trace.get", "run.resume",
-                                      "tool.register", "tool.result"};
+                                      "trace.export", "tool.register", "tool.result"};
 
 static int on_hello(ctx_t *x) {
     kvm_server_t *s = x->s;
@@ -773,6 +773,31 @@ static int on_trace_get(ctx_t *x) {
     return rc;
 }
 
+/* trace.export: the run's trace as OTLP/JSON, Who&When or JSONL (kvm_trace_export), in one u8 frame. */
+static int on_trace_export(ctx_t *x) {
+    srun_t *r = run_named(x->s, x->q->run_id);
+    if (!r) return reply_err(x, KVM_ENOENT, "run_id", "no run of that id", -1);
+    if (!r->trace_dir) return reply_err(x, KVM_ENOENT, "run_id", "the daemon keeps no traces (start it with --trace DIR)", -1);
+    kvm_trace_export_params_t p = kvm_trace_export_default_params();
+    const char *fmt = x->q->format ? x->q->format : "otlp-json";
+    p.format = kvm_trace_format_from_name(fmt); /* the decoder checked the name */
+    char *text = NULL;
+    size_t len = 0;
+    if (p.format < 0 || kvm_trace_export(r->trace_dir, &p, &text, &len))
+        return reply_err(x, kvm_errcode() ? kvm_errcode() : KVM_EIO, "run_id", kvm_errmsg(), -1);
+    cJSON *h = hdr_new("ok", x->q->id, 0);
+    cJSON_AddStringToObject(h, "run_id", r->run_id);
+    cJSON_AddStringToObject(h, "format", fmt);
+    cJSON *fd = cJSON_CreateObject();
+    cJSON_AddStringToObject(fd, "name", p.format == KVM_TRACE_FORMAT_JSONL ? "events.jsonl" : p.format == KVM_TRACE_FORMAT_WHOWHEN ? "whowhen.json" : "otlp.json");
+    cJSON_AddStringToObject(fd, "dtype", "u8");
+    cJSON_AddItemToObject(fd, "shape", cJSON_CreateIntArray((const int[]){(int)len}, 1));
+    cJSON_AddItemToArray(cJSON_AddArrayToObject(h, "frames"), fd);
+    int rc = send_hdr(x->s, x->m->peer, x->m->peer_len, h, text, len, true);
+    kvm_free(text);
+    return rc;
+}
+
 static int on_stats(ctx_t *x) {
     kvm_server_t *s = x->s;
     cJSON *b = cJSON_CreateObject();
@@ -990,6 +1015,7 @@ static int dispatch(ctx_t *x) {
     case KVM_REQ_RUN_STATUS: return on_run_status(x);
     case KVM_REQ_RUN_LIST: return on_run_list(x);
     case KVM_REQ_TRACE_GET: return on_trace_get(x);
+    case KVM_REQ_TRACE_EXPORT: return on_trace_export(x);
     case KVM_REQ_TOOL_REGISTER: return on_tool_register(x);
     case KVM_REQ_TOOL_RESULT: return on_tool_result(x);
     default: return reply_err(x, KVM_EINTERNAL, "type", "no handler", -1);

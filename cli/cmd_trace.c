@@ -1,6 +1,7 @@
-/* cmd_trace.c - `kvmesh trace ls|show|steps|diff|replay`: a debugger for run traces (docs/trace-format.md) on
+/* cmd_trace.c - `kvmesh trace ls|show|steps|diff|replay|export`: a debugger for run traces (docs/trace-format.md) on
  * include/kvmesh.h. It parses arguments and prints: the views are the library's (kvm_trace_view_*), the replay
  * is kvm_trace_replay on a runtime made from the CLI's settings. */
+#include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -29,6 +30,11 @@ static void usage(FILE *f) {
                "       kvmesh trace replay RUN_DIR [--model PATH | --mock]\n"
                "                                           re-run the recorded script with the recorded inputs, seed and\n"
                "                                           switches; compare every agent's output with the trace\n"
+               "       kvmesh trace export RUN_DIR [--otlp-json | --whowhen | --jsonl] [--content truncated|none|full]\n"
+               "                           [-o FILE]       the run's trace as OTLP/JSON spans (OpenTelemetry GenAI\n"
+               "                                           conventions; the default), as a Who&When log, or as its complete\n"
+               "                                           records; --content: message content in OTLP (truncated: 4 KiB\n"
+               "                                           per message, the default); -o: to FILE instead of stdout\n"
                "       kvmesh trace blame|label|cache ...  which agent and step made a run fail; the error-schema\n"
                "                                           cache (kvmesh trace blame --help)\n\n"
                "RUN_DIR is a run's directory (holding events.jsonl), as printed by kvmesh run.\n");
@@ -87,6 +93,60 @@ static dir_args_t parse_dir_args(int argc, char **argv) {
         else a.dir = argv[i];
     }
     return a;
+}
+
+/* `trace export RUN_DIR [--otlp-json|--whowhen|--jsonl] [--content C] [-o FILE]`: 0, 1 (the run unreadable, FILE
+ * not written) or 2 (usage). */
+static int trace_export(int argc, char **argv) {
+    kvm_trace_export_params_t p = kvm_trace_export_default_params();
+    const char *dir = NULL, *file = NULL;
+    for (int i = 2; i < argc; i++) {
+        const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
+        if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
+            usage(stdout);
+            return 0;
+        }
+        if (!strcmp(a, "--otlp-json") || !strcmp(a, "--whowhen") || !strcmp(a, "--jsonl")) {
+            p.format = kvm_trace_format_from_name(a + 2);
+        } else if (!strcmp(a, "-o") || !strcmp(a, "--content")) {
+            if (!v) {
+                fprintf(stderr, "kvmesh trace export: %s needs a value (kvmesh trace --help)\n", a);
+                return 2;
+            }
+            i++;
+            if (a[1] == 'o') file = v;
+            else if (!strcmp(v, "truncated") || !strcmp(v, "none") || !strcmp(v, "full"))
+                p.content = v[0] == 't' ? KVM_TRACE_CONTENT_TRUNCATED : v[0] == 'n' ? KVM_TRACE_CONTENT_NONE : KVM_TRACE_CONTENT_FULL;
+            else {
+                fprintf(stderr, "kvmesh trace export: --content is truncated, none or full (got '%s')\n", v);
+                return 2;
+            }
+        } else if (a[0] == '-' || dir) {
+            fprintf(stderr, "kvmesh trace export: %s '%s' (kvmesh trace --help)\n", a[0] == '-' ? "unknown option" : "one run directory only, got also", a);
+            return 2;
+        } else dir = a;
+    }
+    if (!dir) {
+        fprintf(stderr, "kvmesh trace export: give a run directory (kvmesh trace --help)\n");
+        return 2;
+    }
+    char *text = NULL;
+    size_t len = 0;
+    if (kvm_trace_export(dir, &p, &text, &len)) {
+        fprintf(stderr, "kvmesh trace export: %s\n", kvm_errmsg());
+        return 1;
+    }
+    FILE *f = file ? fopen(file, "wb") : stdout;
+    bool ok = f && fwrite(text, 1, len, f) == len;
+    if (file && f) ok = fclose(f) == 0 && ok;
+    else if (f) ok = fflush(f) == 0 && ok;
+    int err = errno;
+    kvm_free(text);
+    if (!ok) {
+        fprintf(stderr, "kvmesh trace export: cannot write '%s': %s\n", file ? file : "(stdout)", strerror(err));
+        return 1;
+    }
+    return 0;
 }
 
 /* "YYYY-MM-DD[THH:MM[:SS]]" (UTC) as ns since 1970; false when malformed. */
@@ -171,6 +231,7 @@ int cmd_trace(int argc, char **argv) {
     }
     int rc = 0;
     if (!strcmp(sub, "ls")) return trace_ls(argc, argv);
+    if (!strcmp(sub, "export")) return trace_export(argc, argv);
     if (!strcmp(sub, "search")) {
         if (argc < 4) {
             fprintf(stderr, "kvmesh trace search: give the text and at least one directory (kvmesh trace --help)\n");
@@ -202,7 +263,7 @@ int cmd_trace(int argc, char **argv) {
         return n > 0 ? 1 : 0;
     }
     if (strcmp(sub, "steps") != 0 && strcmp(sub, "replay") != 0) {
-        fprintf(stderr, "kvmesh trace: unknown subcommand '%s' (ls, search, show, steps, diff, replay, blame, label, cache)\n", sub);
+        fprintf(stderr, "kvmesh trace: unknown subcommand '%s' (ls, search, show, steps, diff, replay, export, blame, label, cache)\n", sub);
         return 2;
     }
     dir_args_t a = parse_dir_args(argc, argv);

@@ -40,6 +40,7 @@ static size_t touch(const kvm_req_t *r) {
     if (r->client) n += strlen(r->client);
     if (r->name) n += strlen(r->name);
     if (r->run_id) n += strlen(r->run_id);
+    if (r->format) n += strlen(r->format);
     for (size_t i = 0; r->source && i < r->source_len; i++) n += (uint8_t)r->source[i] == 0xff;
     if (r->inputs && !cJSON_IsObject(r->inputs)) __builtin_trap();
     if (kvm_req_type_name(r->type) == NULL) __builtin_trap();

@@ -664,6 +664,44 @@ void kvm_replay_clear(kvm_replay_t *r);
  * both outputs on one line each, cut to 120 bytes) and a summary line. 0, or KVM_ENOMEM. */
 int kvm_trace_view_replay(const kvm_replay_t *r, char **text);
 
+/* ---- export ------------------------------------------------------------------------------------------ */
+
+/* What kvm_trace_export writes (docs/trace-format.md, "Export"). */
+typedef enum kvm_trace_format {
+    KVM_TRACE_FORMAT_OTLP_JSON = 1, /* "otlp-json": OTLP/JSON spans after the OpenTelemetry GenAI conventions */
+    KVM_TRACE_FORMAT_WHOWHEN,       /* "whowhen": the Who&When conversation format (history = blame's steps) */
+    KVM_TRACE_FORMAT_JSONL,         /* "jsonl": the complete records as stored, one per line */
+} kvm_trace_format_t;
+
+/* How much message content an OTLP export carries (gen_ai.input.messages / gen_ai.output.messages,
+ * gen_ai.tool.call.result). */
+typedef enum kvm_trace_content {
+    KVM_TRACE_CONTENT_TRUNCATED = 0, /* each message cut to content_max bytes (default) */
+    KVM_TRACE_CONTENT_NONE,          /* no content attributes */
+    KVM_TRACE_CONTENT_FULL,          /* whole */
+} kvm_trace_content_t;
+
+typedef struct kvm_trace_export_params {
+    int format;          /* kvm_trace_format_t (KVM_TRACE_FORMAT_OTLP_JSON) */
+    int content;         /* kvm_trace_content_t (KVM_TRACE_CONTENT_TRUNCATED) */
+    size_t content_max;  /* bytes per message when truncated (4096); cut on a UTF-8 character boundary */
+} kvm_trace_export_params_t;
+
+kvm_trace_export_params_t kvm_trace_export_default_params(void);
+/* "otlp-json" | "whowhen" | "jsonl" as a kvm_trace_format_t; KVM_EINVAL (message naming the choices) otherwise. */
+int kvm_trace_format_from_name(const char *name);
+/* The name of a kvm_trace_format_t ("otlp-json", ...); NULL for an unknown one. */
+const char *kvm_trace_format_name(int format);
+/* Exports a run's trace (a run directory or its events.jsonl), read through the same reader as the views: only
+ * complete records (a torn last line is skipped), a bad line KVM_EFORMAT naming path:line. *text (freed with
+ * kvm_free) is UTF-8 ending in '\n', *len (may be NULL) its length. otlp-json: one JSON document, trace id = run
+ * id, one span for the run, one per step (invoke_agent, execute_tool, or kvmesh.func; an agent call made with
+ * ctx:call under its func / tool node's span) and one chat span under each agent step; span ids are derived from
+ * the run id, so the same trace always exports the same text. whowhen: one JSON document whose history[i] is step i
+ * of kvm_failure_from_trace. otlp-json and whowhen need the trace's run.start (else KVM_EFORMAT). params NULL =
+ * the defaults. 0 or KVM_E*, *text then NULL. */
+int kvm_trace_export(const char *run_dir, const kvm_trace_export_params_t *params, char **text, size_t *len);
+
 /* ================================================================================================
  * Failure attribution: the error-schema cache and blame (docs/correct.md; spec: CORRECT, arXiv:2509.24088)
  * ================================================================================================

@@ -112,6 +112,27 @@ static void test_a_run_resume_carries_any_json_value(void **st) {
     assert_string_equal(e.field, "answer");
 }
 
+static void test_a_trace_export_names_one_of_three_formats(void **st) {
+    (void)st;
+    kvm_req_t q;
+    kvm_req_error_t e;
+    assert_int_equal(decode("{\"v\":1,\"type\":\"trace.export\",\"id\":\"x\",\"run_id\":\"r1\",\"format\":\"whowhen\"}", NULL, &q, &e), 0);
+    assert_int_equal(q.type, KVM_REQ_TRACE_EXPORT);
+    assert_string_equal(q.run_id, "r1");
+    assert_string_equal(q.format, "whowhen");
+    kvm_req_clear(&q);
+    assert_int_equal(decode("{\"v\":1,\"type\":\"trace.export\",\"id\":\"x\",\"run_id\":\"r1\"}", NULL, &q, &e), 0);
+    assert_null(q.format); /* not given: otlp-json */
+    kvm_req_clear(&q);
+    assert_int_equal(decode("{\"v\":1,\"type\":\"trace.export\",\"id\":\"x\",\"run_id\":\"r1\",\"format\":\"otlp\"}", NULL, &q, &e), KVM_EINVAL);
+    assert_string_equal(e.field, "format");
+    assert_int_equal(decode("{\"v\":1,\"type\":\"trace.export\",\"id\":\"x\",\"run_id\":\"r1\",\"format\":3}", NULL, &q, &e), KVM_EINVAL);
+    assert_string_equal(e.field, "format");
+    assert_int_equal(decode("{\"v\":1,\"type\":\"trace.export\",\"id\":\"x\",\"format\":\"jsonl\"}", NULL, &q, &e), KVM_EINVAL);
+    assert_string_equal(e.field, "run_id");
+    assert_string_equal(kvm_req_type_name(KVM_REQ_TRACE_EXPORT), "trace.export");
+}
+
 static void test_framing_errors_are_protocol_errors(void **st) {
     (void)st;
     kvm_req_t q;
@@ -151,6 +172,7 @@ int main(void) {
         cmocka_unit_test(test_a_workflow_source_comes_from_payload_frame_zero),
         cmocka_unit_test(test_fields_a_type_does_not_take_are_refused),
         cmocka_unit_test(test_a_run_resume_carries_any_json_value),
+        cmocka_unit_test(test_a_trace_export_names_one_of_three_formats),
         cmocka_unit_test(test_framing_errors_are_protocol_errors),
         cmocka_unit_test(test_decoding_leaks_nothing_on_any_path),
     };

@@ -1,7 +1,8 @@
 /* test_trace_mutations.c - 500 seeded mutations of a real trace (tests/fixtures/trace_v1): truncations, flipped
  * bytes, lost / doubled / swapped / garbage lines, wrong types, huge numbers, a damaged index.json. Every trace
- * reader and view (`kvmesh trace ls / show / steps / diff / blame` and the record reader) must answer each one with text or
- * with an error message, and never crash, hang or leak (the ASan build runs this too) (issue 13). */
+ * reader and view (`kvmesh trace ls / show / steps / diff / blame / export` and the record reader) must answer each
+ * one with text or with an error message, and never crash, hang or leak (the ASan build runs this too); an export
+ * that succeeds is one strict JSON document of its format's shape (issue 13). */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -12,6 +13,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <cjson/cJSON.h>
 #include <cmocka.h>
 
 #include <kvmesh.h>
@@ -196,7 +198,7 @@ static void test_every_trace_view_answers_500_mutated_traces_without_crashing(vo
     assert_int_equal(mkdir(mid, 0700), 0);
     assert_int_equal(mkdir(dir, 0700), 0);
     buf_t out = {malloc(1 << 20), 0}, idx_out = {malloc(1 << 16), 0};
-    int failed_reads = 0;
+    int failed_reads = 0, exported = 0;
     for (int m = 0; m < N_MUTANTS; m++) {
         mutate(m, &ev, &idx, &out, &idx_out);
         write_all(evp, out.p, out.n);
@@ -225,6 +227,22 @@ static void test_every_trace_view_answers_500_mutated_traces_without_crashing(vo
         rc = kvm_trace_view_list(root, &text);
         check_answer(rc, text, "view_list", m);
         assert_int_equal(rc, 1); /* the one run is listed, readable or not */
+        for (int fmt = KVM_TRACE_FORMAT_OTLP_JSON; fmt <= KVM_TRACE_FORMAT_JSONL; fmt++) { /* `trace export` */
+            kvm_trace_export_params_t xp = kvm_trace_export_default_params();
+            xp.format = fmt;
+            xp.content = m % 3;
+            rc = kvm_trace_export(dir, &xp, &text, NULL);
+            if (rc == 0 && fmt != KVM_TRACE_FORMAT_JSONL) { /* one strict JSON document of the format's shape */
+                const char *end = NULL;
+                cJSON *j = cJSON_ParseWithOpts(text, &end, 0);
+                if (!j || strspn(end, "\n") != strlen(end)) fail_msg("mutant %d: export %d is not one JSON document", m, fmt);
+                const char *top = fmt == KVM_TRACE_FORMAT_OTLP_JSON ? "resourceSpans" : "history";
+                if (!cJSON_IsArray(cJSON_GetObjectItemCaseSensitive(j, top))) fail_msg("mutant %d: export %d has no %s", m, fmt, top);
+                cJSON_Delete(j);
+            }
+            exported += rc == 0;
+            check_answer(rc < 0 ? rc : 0, text, "export", m);
+        }
         kvm_failure_t *f = kvm_failure_from_trace(dir); /* `trace blame`: the failure, then blame on it */
         if (f) {
             kvm_blame_t b;
@@ -236,6 +254,7 @@ static void test_every_trace_view_answers_500_mutated_traces_without_crashing(vo
     /* the mutations did reach the parser: many mutants are refused, some still read */
     assert_true(failed_reads > N_MUTANTS / 10);
     assert_true(failed_reads < N_MUTANTS);
+    assert_true(exported > N_MUTANTS / 2); /* most mutants still export (in one format or more) */
     unlink(evp);
     unlink(idxp);
     rmdir(dir);

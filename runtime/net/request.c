@@ -58,6 +58,7 @@ static const schema_t k_schemas[] = {
     {KVM_REQ_RUN_LIST, "run.list", k_none, false},
     {KVM_REQ_TRACE_GET, "trace.get", k_trace_get, false},
     {KVM_REQ_RUN_RESUME, "run.resume", k_run_resume, false},
+    {KVM_REQ_TRACE_EXPORT, "trace.export", k_trace_get, false},
     {KVM_REQ_TOOL_REGISTER, "tool.register", k_tool_register, false},
     {KVM_REQ_TOOL_RESULT, "tool.result", k_tool_result, false},
 };
@@ -374,6 +375,11 @@ static int decode_body(const cJSON *h, const kvm_req_frame_t *pay, int n_pay, co
     case KVM_REQ_WORKFLOW_DROP:
         return need_str(h, "name", name_ok, "a workflow name (1 to 64 letters, digits, '_', '-' or '.')", &r->name, r->type_name, e);
     case KVM_REQ_RUN_START: return decode_run_start(h, r, e);
+    case KVM_REQ_TRACE_EXPORT:
+        r->format = str_of(h, "format");
+        if (r->format && strcmp(r->format, "otlp-json") && strcmp(r->format, "whowhen") && strcmp(r->format, "jsonl"))
+            return fail(e, KVM_EINVAL, "format", "trace.export: field 'format' must be \"otlp-json\", \"whowhen\" or \"jsonl\"");
+        return need_str(h, "run_id", id_ok, "a run id (1 to 64 printable bytes)", &r->run_id, r->type_name, e);
     case KVM_REQ_TOOL_REGISTER:
         r->description = str_of(h, "description");
         r->schema = cJSON_GetObjectItemCaseSensitive(h, "schema");

@@ -32,6 +32,7 @@ enum kvm_req_type {
     KVM_REQ_RUN_LIST,
     KVM_REQ_TRACE_GET,
     KVM_REQ_RUN_RESUME,
+    KVM_REQ_TRACE_EXPORT,
     KVM_REQ_TOOL_REGISTER,
     KVM_REQ_TOOL_RESULT,
 };
@@ -71,10 +72,12 @@ typedef struct kvm_req {
     bool dataset;                   /* inputs from the workflow's g:dataset(seed) */
     const char *kv;                 /* run.start: the run's KV policy ("dense" | "prefix" | "kvcomm"), or NULL */
     unsigned stream;                /* enum kvm_req_stream bits */
-    /* run.cancel / run.status / trace.get / run.resume */
+    /* run.cancel / run.status / trace.get / trace.export / run.resume */
     const char *run_id;
     /* run.resume: the answer (any JSON value; NULL = absent, which answers null); tool.result: the result */
     const cJSON *value;
+    /* trace.export: "otlp-json" | "whowhen" | "jsonl" (checked); NULL = not given ("otlp-json") */
+    const char *format;
     /* tool.register (name, description, schema: an object or NULL) */
     const char *description;
     const cJSON *schema;

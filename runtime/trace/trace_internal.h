@@ -26,4 +26,8 @@ int trace_rec_from_json(const cJSON *o, kvm_trace_rec_t *rec, kvm_trace_mem_t **
 /* The same for index.json. */
 int trace_index_from_json(const cJSON *o, kvm_trace_rec_t *rec, kvm_trace_mem_t **mem, const char *file);
 
+/* Makes every string of j and its children (keys, values, raw values) valid UTF-8, bytes that are not replaced by
+ * U+FFFD: what the writer does to each record, for other JSON made from records (trace_export.c). */
+void trace_utf8_clean(cJSON *j);
+
 #endif

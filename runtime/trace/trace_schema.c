@@ -358,6 +358,8 @@ static void utf8_clean_tree(cJSON *j) {
     }
 }
 
+void trace_utf8_clean(cJSON *j) { utf8_clean_tree(j); }
+
 static int write_rec3(kvm_trace_t *t, kvm_trace_type_t type, const void *r, const field_t *f1, const field_t *f2, const field_t *f3) {
     if (!t || !r) return kvm_seterr(KVM_EINVAL, "trace: write without a trace or record");
     cJSON *o = cJSON_CreateObject();

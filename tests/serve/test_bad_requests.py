@@ -66,6 +66,8 @@ BAD = [
     ("run.status without run_id", [b"", hdr(type="run.status")], "KVM_EINVAL", "run_id", "bad"),
     ("run.status with run_id a list", [b"", hdr(type="run.status", run_id=["x"])], "KVM_EINVAL", "run_id", "bad"),
     ("trace.get in format xml", [b"", hdr(type="trace.get", run_id="x", format="xml")], "KVM_EINVAL", "format", "bad"),
+    ("trace.export in format otlp", [b"", hdr(type="trace.export", run_id="x", format="otlp")], "KVM_EINVAL", "format", "bad"),
+    ("trace.export of an unknown run", [b"", hdr(type="trace.export", run_id="0123")], "KVM_ENOENT", "run_id", "bad"),
     ("workflow.load with a Lua syntax error", [b"", hdr(type="workflow.load", name="broken", source="return {")], "KVM_ELUA_SYNTAX", "source", "bad"),
     ("workflow.load of a script that errors", [b"", hdr(type="workflow.load", name="broken", source="error('no')")], "KVM_ELUA_RUNTIME", "source", "bad"),
     ("workflow.load named '../x'", [b"", hdr(type="workflow.load", name="../x", source="return 1")], "KVM_EINVAL", "name", "bad"),

@@ -1,5 +1,6 @@
 """test_protocol.py KVMESH TMP - every request type of `kvmesh serve` through the pyzmq client, on the mock model:
-hello, ping, stats, workflow.load/list/drop, run.start with each stream, run.status/list, trace.get, run.cancel,
+hello, ping, stats, workflow.load/list/drop, run.start with each stream, run.status/list, trace.get, trace.export
+(OTLP/JSON checked by tests/support/otlp_check.py, Who&When, JSONL, bad format, unknown run), run.cancel,
 run.resume of a run parked in kvmesh.interrupt,
 deadline_ms, the event stream (per-topic order, one seq across topics), a silent client losing its run, and
 SIGTERM draining a run going."""
@@ -9,6 +10,9 @@ import sys
 import time
 
 from daemon import LONG, PAIR, ROOT, SLOW, Checks, Daemon, Events, KvmeshError
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "support"))
+import otlp_check  # noqa: E402  (tests/support/otlp_check.py: the OTLP/JSON structural check)
 
 ASK = """local kvm = kvmesh
 local m = kvm.model('mock:echo')
@@ -57,6 +61,23 @@ try:
     t.check(any(r["run_id"] == run_id and r["mine"] for r in c.run_list()), "run.list shows the run as this client's")
     recs = c.trace_get(run_id)
     t.check(recs and recs[0].get("t") == "run.start" and recs[-1].get("t") == "run.end", "trace.get returns the run's trace, run.start to run.end")
+    otlp = c.trace_export(run_id)
+    problems = otlp_check.check(otlp)
+    t.check(not problems, "trace.export answers OTLP/JSON that tests/support/otlp_check.py accepts %s" % problems[:3])
+    names = [s[0] for s in otlp_check.summary(otlp)]
+    t.check(names.count("invoke_workflow pair") == 1 and names.count("invoke_agent a") == 1 and names.count("invoke_agent b") == 1,
+            "trace.export: the run's span and one invoke_agent span per agent step (%s)" % names)
+    t.check(all(s[1] and s[0] for s in otlp_check.summary(otlp)) and
+            otlp["resourceSpans"][0]["scopeSpans"][0]["spans"][0]["traceId"] == run_id, "trace.export: the trace id is the run id")
+    ww = c.trace_export(run_id, "whowhen")
+    t.check([m["name"] for m in ww["history"]] == ["user", "a", "b"] and ww["is_correct"] is True, "trace.export whowhen: the task, then the steps")
+    t.check(c.trace_export(run_id, "jsonl") == recs, "trace.export jsonl: the records trace.get gives")
+    for bad, field, code in ((dict(run_id=run_id, format="xml"), "format", "KVM_EINVAL"), (dict(run_id="no-such-run"), "run_id", "KVM_ENOENT")):
+        try:
+            c.request("trace.export", **bad)
+            t.check(False, "trace.export %s should fail" % bad)
+        except KvmeshError as e:
+            t.check(e.code == code and e.field == field, "trace.export %s: %s on '%s'" % (bad, code, field))
 
     # the events of that run: start, step, step, end, in order, seq increasing
     seen, seqs = [], []

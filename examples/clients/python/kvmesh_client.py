@@ -246,6 +246,16 @@ class Client:
         text = h["_payload"][0].decode("utf-8", "replace") if h["_payload"] else ""
         return [json.loads(line) for line in text.splitlines() if line.strip()]
 
+    def trace_export(self, run_id, fmt="otlp-json"):
+        """The run's trace exported (docs/trace-format.md, "Export"): fmt "otlp-json" (OTLP/JSON spans after the
+        OpenTelemetry GenAI conventions) or "whowhen" gives the parsed document (a dict), "jsonl" the records (a
+        list of dicts)."""
+        h = self.request("trace.export", run_id=run_id, format=fmt)
+        text = h["_payload"][0].decode("utf-8") if h["_payload"] else ""
+        if fmt == "jsonl":
+            return [json.loads(line) for line in text.splitlines() if line.strip()]
+        return json.loads(text)
+
     def start(self, workflow, inputs=None, seed=None, stream=None, deadline_ms=None, dataset=None, id=None, kv=None):
         """Sends run.start; returns the request id (read its stream with messages(id)). kv: "dense" | "prefix" |
         "kvcomm" for every agent of the run (None: each agent's own)."""
