@@ -41,6 +41,10 @@ static size_t touch(const kvm_req_t *r) {
     if (r->name) n += strlen(r->name);
     if (r->run_id) n += strlen(r->run_id);
     if (r->format) n += strlen(r->format);
+    if (r->description) n += strlen(r->description);
+    if (r->error) n += strlen(r->error);
+    if (r->schema && !cJSON_IsObject(r->schema)) __builtin_trap();
+    if (r->type == KVM_REQ_TOOL_RESULT && (r->call_id == 0 || (r->value && r->error))) __builtin_trap();
     for (size_t i = 0; r->source && i < r->source_len; i++) n += (uint8_t)r->source[i] == 0xff;
     if (r->inputs && !cJSON_IsObject(r->inputs)) __builtin_trap();
     if (kvm_req_type_name(r->type) == NULL) __builtin_trap();
