@@ -328,11 +328,10 @@ int kvm_runtime_add_function(kvm_runtime_t *rt, const char *name, kvm_host_fn fn
  * called from a func/tool node as ctx:tool(name, args). The arguments (a Lua table, as a JSON object) are checked
  * against the schema before the call; a violation is a Lua error naming the path ("ctx:tool: tool 'weather':
  * args.city: expected string, got integer") and the tool does not run. One call of a tool: */
-typedef struct kvm_run kvm_run_t;
 typedef struct kvm_tool_call {
     const char *tool;      /* the tool's name */
     const char *args_json; /* the arguments: a JSON object that passed the schema */
-    kvm_run_t *run;        /* the calling run (NULL in a replay, kvm_trace_replay) */
+    struct kvm_run *run;   /* the calling run, a kvm_run_t (NULL in a replay, kvm_trace_replay) */
     const char *run_id;
     const char *node;      /* the node that called */
     uint64_t call_id;      /* numbers the runtime's tool calls: what kvm_run_tool_result names */
