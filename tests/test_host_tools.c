@@ -578,6 +578,27 @@ static void test_tool_rounds_bound_a_model_that_keeps_calling(void **st) {
     kvm_runtime_free(rt);
 }
 
+static void test_bad_tools_options_are_refused_at_load(void **st) {
+    (void)st;
+    kvm_runtime_t *rt = mock_runtime(NULL);
+    const char *bad[][2] = {{"tools = 'weather'", "tools must be a list of tool names (non-empty strings)"},
+                            {"tools = { 'weather', 7 }", "tools must be a list of tool names (non-empty strings)"},
+                            {"tools = { '' }", "tools must be a list of tool names (non-empty strings)"},
+                            {"tools = { 'weather' }, tool_rounds = 0", "tool_rounds"},
+                            {"tools = { 'weather' }, tool_rounds = 17", "tool_rounds"}};
+    for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
+        char src[512];
+        snprintf(src, sizeof src,
+                 "local kvm = kvmesh\nlocal g = kvm.graph{ name = 'x' }\n"
+                 "g:agent('a', { model = kvm.model('mock:echo'), template = '{input}', %s })\n"
+                 "g:edge(kvm.START, 'a')\nreturn g\n", bad[i][0]);
+        kvm_workflow_t *wf = kvm_workflow_load_string(rt, "bad.lua", src, strlen(src), NULL);
+        if (wf) fail_msg("case %zu loaded", i);
+        if (!strstr(kvm_errmsg(), bad[i][1]) || !strstr(kvm_errmsg(), "bad.lua:3:")) fail_msg("case %zu: %s", i, kvm_errmsg());
+    }
+    kvm_runtime_free(rt);
+}
+
 static void test_an_agent_naming_an_unregistered_tool_fails_its_step(void **st) {
     (void)st;
     kvm_runtime_t *rt = mock_runtime(NULL);
@@ -592,6 +613,7 @@ TC_MAIN(setup, teardown, cmocka_unit_test(test_a_subgraph_node_waits_for_a_tool_
         cmocka_unit_test(test_a_model_tool_call_runs_and_the_generation_goes_on),
         cmocka_unit_test(test_bad_model_calls_are_answered_with_errors_the_model_can_read),
         cmocka_unit_test(test_tool_rounds_bound_a_model_that_keeps_calling),
+        cmocka_unit_test(test_bad_tools_options_are_refused_at_load),
         cmocka_unit_test(test_an_agent_naming_an_unregistered_tool_fails_its_step), cmocka_unit_test(test_a_tool_can_answer_later_while_the_run_waits),
         cmocka_unit_test(test_an_error_answer_fails_the_node_at_its_line),
         cmocka_unit_test(test_a_wait_past_the_wall_budget_ends_the_run),
