@@ -11,6 +11,7 @@
 #include <cjson/cJSON.h>
 
 #include "../runtime/comm/prompt.h"
+#include "../runtime/core/json.h"
 #include "../runtime/core/map.h"
 #include "llm.h"
 #include "wf.h"
@@ -52,6 +53,7 @@ struct kvm_runtime {
     wf_host_fn_t **fns;       /* kvm_runtime_add_function; each entry its own allocation, so that the scripts of
                                  loaded workflows keep valid pointers as more are added */
     int n_fns;
+    wf_tools_t tools;         /* kvm_runtime_add_tool */
     kvm_schema_cache_t *schemas; /* the error-schema cache (kvm_runtime_schema_cache), opened on first use */
 };
 
@@ -181,6 +183,7 @@ void kvm_runtime_free(kvm_runtime_t *rt) {
         kvm_free(rt->fns[i]);
     }
     kvm_free(rt->fns);
+    wf_tools_clear(&rt->tools);
     for (int i = 0; i < rt->n_strs; i++) kvm_free(rt->strs[i]);
     kvm_free(rt->strs);
     kvm_free(rt->kvcomm);
@@ -237,6 +240,17 @@ int kvm_runtime_add_function(kvm_runtime_t *rt, const char *name, kvm_host_fn fn
     *h = (wf_host_fn_t){.name = copy, .fn = fn, .ud = ud};
     n[rt->n_fns++] = h;
     return 0;
+}
+
+int kvm_runtime_add_tool(kvm_runtime_t *rt, const char *name, const char *description, const char *schema_json,
+                         kvm_tool_fn fn, void *ud) {
+    if (!rt) return kvm_seterr(KVM_EINVAL, "kvm_runtime_add_tool needs a runtime");
+    return wf_tools_add(&rt->tools, name, description, schema_json, fn, ud);
+}
+
+int kvm_runtime_remove_tool(kvm_runtime_t *rt, const char *name) {
+    if (!rt || !name) return kvm_seterr(KVM_EINVAL, "kvm_runtime_remove_tool needs a runtime and a name");
+    return wf_tools_remove(&rt->tools, name);
 }
 
 /* j as compact JSON text in memory the caller frees with kvm_free; NULL + message naming what. */
@@ -349,7 +363,7 @@ static kvm_workflow_t *workflow_load(kvm_runtime_t *rt, const char *path, const 
         .mock = mock, .model_override = mock ? NULL : p->model_override, .trace_root = p->trace_root,
         .mem_cap_bytes = p->lua_mem_bytes, .run_mem_cap_bytes = p->run_mem_bytes,
         .max_instructions = p->run_instructions, .lua_cpu_ms = p->run_lua_ms, .engine = rt->engine,
-        .host_fns = rt->fns, .n_host_fns = rt->n_fns,
+        .host_fns = rt->fns, .n_host_fns = rt->n_fns, .tools = &rt->tools,
         .on_step = on_step, .ud = NULL, .echo_print = p->echo_print};
     kvm_workflow_t *wf = path ? kvm_wf_load(path, &o) : kvm_wf_load_string(name, src, len, &o);
     if (!wf) {
@@ -629,6 +643,21 @@ kvm_run_t *kvm_run_start(kvm_workflow_t *wf, const kvm_run_params_t *params) {
     return r;
 }
 
+int kvm_run_tool_result(kvm_run_t *r, uint64_t call_id, int status, const char *result_json) {
+    if (!r) return kvm_seterr(KVM_EINVAL, "kvm_run_tool_result: no run");
+    if (status > 0) return kvm_seterr(KVM_EINVAL, "kvm_run_tool_result: status %d is not 0 or a KVM_E* code", status);
+    cJSON *v = NULL;
+    if (status == 0 && result_json) {
+        int rc = kvm_json_parse(result_json, strlen(result_json), "the tool's result", &v);
+        if (rc) return rc;
+    }
+    int rc = kvm_wf_tool_result(r->wf, r->idx, call_id, status, v, status ? result_json : NULL);
+    cJSON_Delete(v);
+    return rc;
+}
+
+kvm_run_t *wf_api_run(kvm_workflow_t *wf, int idx) { return wf->api ? run_handle(wf, idx) : NULL; }
+
 int kvm_run_status(const kvm_run_t *r, const char **message) { return kvm_wf_run_status(r->wf, r->idx, message); }
 const char *kvm_run_id(const kvm_run_t *r) { return kvm_wf_run_id(r->wf, r->idx); }
 const char *kvm_run_trace_dir(const kvm_run_t *r) { return kvm_wf_run_trace_dir(r->wf, r->idx); }
@@ -666,7 +695,8 @@ int kvm_trace_replay(kvm_runtime_t *rt, const char *run_dir, kvm_replay_t *out) 
     if (!rt || !run_dir) return kvm_seterr(KVM_EINVAL, "kvm_trace_replay needs a runtime and a run directory");
     bool mock = runtime_mock(rt);
     kvm_wf_replay_opts_t o = {.model_override = mock ? NULL : rt->p.model_override, .mock = mock, .model = rt->p.model,
-                              .host_fns = rt->fns, .n_host_fns = rt->n_fns, .max_instructions = rt->p.run_instructions,
+                              .host_fns = rt->fns, .n_host_fns = rt->n_fns, .tools = &rt->tools,
+                              .max_instructions = rt->p.run_instructions,
                               .lua_cpu_ms = rt->p.run_lua_ms, .run_mem_cap_bytes = rt->p.run_mem_bytes};
     return kvm_wf_replay(run_dir, &o, out);
 }

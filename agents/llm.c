@@ -36,6 +36,7 @@ typedef struct job {
     bool tmpl_held;
     wf_llm_req_t req;        /* owned copy of the request (strings below) */
     wf_piece_t *rq_pieces;
+    wf_turn_t *rq_turns;
     char **rq_strs;
     int n_rq_strs;
     bool done;
@@ -123,6 +124,7 @@ static void job_free(job_t *j) {
     for (int i = 0; i < j->n_rq_strs; i++) kvm_free(j->rq_strs[i]);
     kvm_free(j->rq_strs);
     kvm_free(j->rq_pieces);
+    kvm_free(j->rq_turns);
     kvm_free(j->run_id);
     kvm_free(j->agent);
     kvm_free(j);
@@ -346,6 +348,29 @@ char *wf_llm_render_plain(const char *system, const wf_piece_t *pieces, int n) {
     return s;
 }
 
+/* The prompt of a tool-call continuation: system, user, then the turns, rendered in the model's chat format and
+ * tokenized with its special tokens. ChatML only (Qwen's tool-call convention); the mock model answers the last
+ * turn. */
+static int encode_turns(const kvm_model_t *mm, const wf_llm_req_t *r, const char *user, int32_t **ids, int *n) {
+    if (kvm_model_is_mock(mm)) return kvm_prompt_encode(mm, r->system, r->turns[r->n_turns - 1].content, false, ids, n);
+    if (!mm->tok || mm->cfg.chat_format != KVM_CHAT_CHATML)
+        return kvm_seterr(KVM_EUNSUPPORTED, "agent '%s': model-driven tool calls need a model with the ChatML chat format "
+                          "(Qwen's <tool_call> convention); model %s has another or none", r->agent ? r->agent : "?", mm->name);
+    kvm_chat_msg_t *msgs = kvm_calloc((size_t)r->n_turns + 2, sizeof *msgs);
+    if (!msgs) return KVM_ENOMEM;
+    int k = 0;
+    if (r->system && *r->system) msgs[k++] = (kvm_chat_msg_t){"system", r->system};
+    msgs[k++] = (kvm_chat_msg_t){"user", user};
+    for (int i = 0; i < r->n_turns; i++) msgs[k++] = (kvm_chat_msg_t){r->turns[i].role, r->turns[i].content};
+    char *text = NULL;
+    int rc = kvm_chat_render(mm->cfg.chat_format, msgs, k, true, &text);
+    kvm_free(msgs);
+    if (rc) return rc;
+    rc = kvm_tokenize(mm->tok, text, strlen(text), (mm->cfg.add_bos ? KVM_TOK_ADD_BOS : 0) | KVM_TOK_PARSE_SPECIAL, ids, n);
+    kvm_free(text);
+    return rc;
+}
+
 /* ---- model engine ----------------------------------------------------------------------------- */
 
 static uint64_t hash_str(const char *x, uint64_t h) { return kvm_hash64(x ? x : "", x ? strlen(x) + 1 : 1, h); }
@@ -517,8 +542,9 @@ static int model_prepare(lmodel_t *m, job_t *j, const wf_llm_req_t *r) {
         cJSON_Delete(detail);
         return kvm_errctx(KVM_ENOMEM, "agent '%s': building its template", r->agent);
     }
-    bool use_tmpl = lt->t != NULL && m->m->tok != NULL;
-    const char *why = m->m->tok                ? lt->err
+    bool use_tmpl = lt->t != NULL && m->m->tok != NULL && r->n_turns == 0;
+    const char *why = r->n_turns > 0 ? "a tool-call continuation (the model's turn and the tool responses after the user message) runs dense"
+                      : m->m->tok    ? lt->err
                       : kvm_model_is_mock(m->m) ? "the mock model keeps no KV to reuse: run dense"
                                                 : "the model has no tokenizer (synthetic weights): prompt words hashed to ids, run dense";
     for (int i = 0; use_tmpl && i < r->n_pieces; i++)
@@ -563,6 +589,7 @@ static int model_prepare(lmodel_t *m, job_t *j, const wf_llm_req_t *r) {
         int32_t *ids = NULL;
         int n = 0;
         if (!user) rc = KVM_ENOMEM;
+        else if (r->n_turns > 0) rc = encode_turns(m->m, r, user, &ids, &n);
         else if (m->m->tok || kvm_model_is_mock(m->m)) rc = kvm_prompt_encode(m->m, r->system, user, m->m->cfg.chat_format != KVM_CHAT_NONE, &ids, &n);
         else rc = words_to_ids(m->m, r->system, r->pieces, r->n_pieces, &ids, &n);
         kvm_free(user);
@@ -743,10 +770,11 @@ int wf_llm_run_end(wf_llm_t *l, const char *run_id) {
 
 /* Copies r (strings, pieces, stop list) into j->rq so the step can be prepared later. */
 static int req_copy(job_t *j, const wf_llm_req_t *r) {
-    int n_strs = 3 + 2 * r->n_pieces + r->n_stop;
+    int n_strs = 3 + 2 * r->n_pieces + r->n_stop + 2 * r->n_turns;
     j->rq_strs = kvm_calloc((size_t)n_strs, sizeof *j->rq_strs);
     j->rq_pieces = kvm_calloc((size_t)r->n_pieces + 1, sizeof *j->rq_pieces);
-    if (!j->rq_strs || !j->rq_pieces) return KVM_ENOMEM;
+    j->rq_turns = kvm_calloc((size_t)r->n_turns + 1, sizeof *j->rq_turns);
+    if (!j->rq_strs || !j->rq_pieces || !j->rq_turns) return KVM_ENOMEM;
     j->req = *r;
 #define DUP(dst, src)                                                       \
     do {                                                                    \
@@ -764,6 +792,11 @@ static int req_copy(job_t *j, const wf_llm_req_t *r) {
         DUP(j->rq_pieces[i].text, r->pieces[i].text);
     }
     j->req.pieces = j->rq_pieces;
+    for (int i = 0; i < r->n_turns; i++) {
+        DUP(j->rq_turns[i].role, r->turns[i].role);
+        DUP(j->rq_turns[i].content, r->turns[i].content);
+    }
+    j->req.turns = j->rq_turns;
     /* stop strings: a pointer array inside rq_strs' tail would need its own allocation; keep the
      * strings in rq_strs and point req.stop at them */
     j->req.stop = (const char *const *)(j->rq_strs + j->n_rq_strs);

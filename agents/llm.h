@@ -28,6 +28,13 @@ typedef struct wf_piece {
     const char *text;    /* fixed text, or the slot's content */
 } wf_piece_t;
 
+/* A turn after the user message, for a model-driven tool-call continuation (wf_tools.c): "assistant" (what the model
+ * wrote) or "user" (the tool responses), and its text. */
+typedef struct wf_turn {
+    const char *role;
+    const char *content;
+} wf_turn_t;
+
 typedef struct wf_llm_req {
     int model;                   /* from wf_llm_model_open */
     const char *agent;           /* agent name (anchor pools, logs) */
@@ -49,6 +56,9 @@ typedef struct wf_llm_req {
     int retry_max;               /* attempts after the first when the call fails with a status in retry_on */
     double retry_backoff_ms;     /* wait before retry k (1-based): retry_backoff_ms * 2^(k-1) */
     unsigned retry_on;           /* WF_RETRY_* bits */
+    const wf_turn_t *turns;      /* turns after the user message (NULL = none): the prompt is rendered whole in the
+                                    model's chat format (ChatML only) and run dense; the mock model answers the last */
+    int n_turns;
     kvm_account_t *acct;         /* the memory account the step's allocations are charged to (its run's; NULL: none):
                                     the engine enters it while it copies, prepares and decodes the step, and fails the
                                     step with KVM_ELUA_MEMORY when an allocation would pass its cap */

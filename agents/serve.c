@@ -74,6 +74,10 @@ struct kvm_server {
     kvm_map_t by_id;         /* run id -> srun_t * (keys borrowed from the srun) */
     kvm_map_t clients;       /* peer -> sclient_t * */
     serve_ext_t *ext;        /* models, generate, the overhead figures (serve_req.c) */
+    struct stool **tools;    /* tools registered by clients (tool.register) */
+    int n_tools, cap_tools;
+    struct scall **calls;    /* their calls waiting for a tool.result */
+    int n_calls, cap_calls;
     volatile sig_atomic_t stop;
     bool draining;
     uint64_t t_saved, runs_at_save; /* the last state save (kvm_runtime_save_state) and runs_started then */
@@ -836,6 +840,171 @@ static int on_stats(ctx_t *x) {
     return reply_ok(x, "ok", b);
 }
 
+/* ---- client tools (tool.register / tool.result) --------------------------------------------------------------
+ * A client registers a tool (a name, a description, a JSON Schema) into the runtime; when a run calls it, the
+ * daemon sends that client a `tool.call` message (id: the tool.register request's) and the node waits until the
+ * client answers with a `tool.result` request. The wait ends with an error in the run when the run's wall-time
+ * budget passes, when the run is canceled, or when the client is gone (silent for client_timeout_ms with calls
+ * waiting, or forgotten as idle): its tools are removed then. */
+
+typedef struct stool {
+    kvm_server_t *s;
+    char name[KVM_REQ_NAME_MAX + 1];
+    uint8_t peer[PEER_MAX];  /* the client that serves it */
+    size_t peer_len;
+    char req_id[KVM_REQ_ID_MAX + 1]; /* its tool.register request: the id of its tool.call messages */
+} stool_t;
+
+typedef struct scall {
+    uint64_t call_id;
+    char run_id[KVM_REQ_ID_MAX + 1];
+    stool_t *tool;
+} scall_t;
+
+static char *text_dup(const char *s) { return kvm_strdup(s); }
+
+/* The runtime's tool callback for a client's tool: sends the call to the client and leaves it pending. */
+static int client_tool(void *ud, const kvm_tool_call_t *call, char **result) {
+    stool_t *t = ud;
+    kvm_server_t *s = t->s;
+    scall_t *c = kvm_calloc(1, sizeof *c);
+    cJSON *args = cJSON_Parse(call->args_json);
+    cJSON *h = hdr_new("tool.call", t->req_id, 0);
+    if (!c || !args || !h || push_ptr((void ***)&s->calls, &s->n_calls, &s->cap_calls, c)) {
+        kvm_free(c);
+        cJSON_Delete(args);
+        cJSON_Delete(h);
+        *result = text_dup("out of memory sending the call to its client");
+        return KVM_ENOMEM;
+    }
+    char buf[24];
+    c->call_id = call->call_id;
+    snprintf(c->run_id, sizeof c->run_id, "%s", call->run_id);
+    c->tool = t;
+    cJSON_AddStringToObject(h, "tool", t->name);
+    cJSON_AddStringToObject(h, "call_id", u64_str(call->call_id, buf));
+    cJSON_AddStringToObject(h, "run_id", call->run_id);
+    cJSON_AddStringToObject(h, "node", call->node);
+    cJSON_AddItemToObject(h, "args", args);
+    if (call->ms_left >= 0) cJSON_AddNumberToObject(h, "ms_left", floor(call->ms_left));
+    else cJSON_AddNullToObject(h, "ms_left");
+    int rc = send_hdr(s, t->peer, t->peer_len, h, NULL, 0, true);
+    if (rc) {
+        s->n_calls--;
+        kvm_free(c);
+        char msg[256];
+        snprintf(msg, sizeof msg, "the client serving it cannot be reached (%s)", kvm_errname(rc));
+        *result = text_dup(msg);
+        return KVM_EIO;
+    }
+    *result = NULL;
+    return KVM_EBUSY;
+}
+
+/* Removes call i from the list (order kept). */
+static void call_drop(kvm_server_t *s, int i) {
+    kvm_free(s->calls[i]);
+    memmove(&s->calls[i], &s->calls[i + 1], (size_t)(s->n_calls - i - 1) * sizeof *s->calls);
+    s->n_calls--;
+}
+
+/* Ends every call of tool t waiting with msg, and unregisters t (its client is gone). */
+static void tool_drop(kvm_server_t *s, int ti, const char *why) {
+    stool_t *t = s->tools[ti];
+    char msg[256];
+    snprintf(msg, sizeof msg, "the client serving it %s", why);
+    for (int i = 0; i < s->n_calls;) {
+        if (s->calls[i]->tool != t) {
+            i++;
+            continue;
+        }
+        srun_t *r = run_named(s, s->calls[i]->run_id);
+        if (r && r->r && !r->ended) kvm_run_tool_result(r->r, s->calls[i]->call_id, KVM_ECANCELED, msg);
+        call_drop(s, i);
+    }
+    kvm_runtime_remove_tool(s->rt, t->name);
+    kvm_free(t);
+    memmove(&s->tools[ti], &s->tools[ti + 1], (size_t)(s->n_tools - ti - 1) * sizeof *s->tools);
+    s->n_tools--;
+}
+
+/* Housekeeping of client tools: calls whose run ended are forgotten; the tools of a client forgotten as idle, or
+ * silent for client_timeout_ms while calls of its tools wait, are removed (their waiting calls fail). */
+static void tools_housekeeping(kvm_server_t *s, uint64_t now) {
+    for (int i = 0; i < s->n_calls;) {
+        srun_t *r = run_named(s, s->calls[i]->run_id);
+        if (!r || r->ended || !r->r) call_drop(s, i);
+        else i++;
+    }
+    for (int ti = 0; ti < s->n_tools;) {
+        stool_t *t = s->tools[ti];
+        sclient_t *c = client_of(s, t->peer, t->peer_len, false);
+        bool waited = false;
+        for (int i = 0; i < s->n_calls && !waited; i++) waited = s->calls[i]->tool == t;
+        if (!c) tool_drop(s, ti, "is gone (forgotten after idle_client_ms)");
+        else if (waited && s->p.client_timeout_ms > 0 && now - c->last_ns > (uint64_t)s->p.client_timeout_ms * 1000000u)
+            tool_drop(s, ti, "sent nothing (not even a ping) for client_timeout_ms");
+        else ti++;
+    }
+}
+
+/* tool.register {name, description, schema}: the tool is the runtime's until its client is gone. */
+static int on_tool_register(ctx_t *x) {
+    kvm_server_t *s = x->s;
+    stool_t *t = kvm_calloc(1, sizeof *t);
+    if (!t || push_ptr((void ***)&s->tools, &s->n_tools, &s->cap_tools, t)) {
+        kvm_free(t);
+        return reply_err(x, KVM_ENOMEM, "", "out of memory", 100);
+    }
+    s->n_tools--; /* in the list only once registered */
+    t->s = s;
+    snprintf(t->name, sizeof t->name, "%s", x->q->name);
+    memcpy(t->peer, x->m->peer, x->m->peer_len);
+    t->peer_len = x->m->peer_len;
+    snprintf(t->req_id, sizeof t->req_id, "%.64s", x->q->id);
+    char *schema = x->q->schema ? cJSON_PrintUnformatted(x->q->schema) : NULL;
+    if (x->q->schema && !schema) {
+        kvm_free(t);
+        return reply_err(x, KVM_ENOMEM, "", "out of memory", 100);
+    }
+    int rc = kvm_runtime_add_tool(s->rt, t->name, x->q->description, schema, client_tool, t);
+    cJSON_free(schema);
+    if (rc) {
+        kvm_free(t);
+        return reply_err(x, rc, strstr(kvm_errmsg(), ": schema") ? "schema" : "name", kvm_errmsg(), -1);
+    }
+    s->tools[s->n_tools++] = t;
+    cJSON *b = cJSON_CreateObject();
+    cJSON_AddStringToObject(b, "name", t->name);
+    return reply_ok(x, "ok", b);
+}
+
+/* tool.result {run_id, call_id, result | error}: the answer of the client a call was sent to. */
+static int on_tool_result(ctx_t *x) {
+    kvm_server_t *s = x->s;
+    int i = 0;
+    while (i < s->n_calls && !(s->calls[i]->call_id == x->q->call_id && !strcmp(s->calls[i]->run_id, x->q->run_id))) i++;
+    if (i == s->n_calls)
+        return reply_err(x, KVM_ENOENT, "call_id", "no call of that id waits in that run (answered already, or its run ended)", -1);
+    const stool_t *t = s->calls[i]->tool;
+    if (t->peer_len != x->m->peer_len || memcmp(t->peer, x->m->peer, t->peer_len))
+        return reply_err(x, KVM_EINVAL, "call_id", "the call was sent to another client", -1);
+    srun_t *r = run_named(s, x->q->run_id);
+    uint64_t id = s->calls[i]->call_id;
+    call_drop(s, i);
+    if (!r || r->ended || !r->r) return reply_err(x, KVM_ESTALE, "run_id", "the run has ended", -1);
+    char *v = x->q->value ? cJSON_PrintUnformatted(x->q->value) : NULL;
+    if (x->q->value && !v) return reply_err(x, KVM_ENOMEM, "", "out of memory", 100);
+    int rc = x->q->error ? kvm_run_tool_result(r->r, id, KVM_EIO, x->q->error) : kvm_run_tool_result(r->r, id, 0, v);
+    cJSON_free(v);
+    if (rc) return reply_err(x, rc, "call_id", kvm_errmsg(), -1);
+    char buf[24];
+    cJSON *b = cJSON_CreateObject();
+    cJSON_AddStringToObject(b, "run_id", r->run_id);
+    cJSON_AddStringToObject(b, "call_id", u64_str(id, buf));
+    return reply_ok(x, "ok", b);
+}
+
 static int dispatch(ctx_t *x) {
     switch (x->q->type) {
     case KVM_REQ_HELLO: return on_hello(x);
@@ -851,6 +1020,8 @@ static int dispatch(ctx_t *x) {
     case KVM_REQ_RUN_LIST: return on_run_list(x);
     case KVM_REQ_TRACE_GET: return on_trace_get(x);
     case KVM_REQ_TRACE_EXPORT: return on_trace_export(x);
+    case KVM_REQ_TOOL_REGISTER: return on_tool_register(x);
+    case KVM_REQ_TOOL_RESULT: return on_tool_result(x);
     default: return serve_req_dispatch(x);
     }
 }
@@ -913,6 +1084,7 @@ static void housekeeping(kvm_server_t *s) {
         kvm_free(c);
         it = 0; /* removal moves entries */
     }
+    tools_housekeeping(s, now);
     if (now - s->t_heartbeat >= 1000000000u) {
         s->t_heartbeat = now;
         kvm_net_stats_t ns;
@@ -1049,6 +1221,13 @@ void kvm_server_free(kvm_server_t *s) {
     it = 0;
     for (const kvm_map_entry_t *e; (e = kvm_map_next(&s->clients, &it));) kvm_free(e->val.ptr);
     kvm_map_free(&s->clients);
+    for (int i = 0; i < s->n_calls; i++) kvm_free(s->calls[i]);
+    kvm_free(s->calls);
+    for (int i = 0; i < s->n_tools; i++) {
+        kvm_runtime_remove_tool(s->rt, s->tools[i]->name);
+        kvm_free(s->tools[i]);
+    }
+    kvm_free(s->tools);
     kvm_net_free(s->net);
     serve_ext_free(s->ext);
     kvm_free(s);

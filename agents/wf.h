@@ -44,6 +44,33 @@ typedef struct wf_host_fn {
     void *ud;
 } wf_host_fn_t;
 
+/* A host tool (kvm_runtime_add_tool, include/kvmesh.h): a function of the program with a description and a JSON
+ * Schema for its arguments (runtime/core/jsonschema.h), called from a node as ctx:tool(name, args) (wf_tools.c). */
+typedef struct wf_tool {
+    char *name;
+    char *description;     /* "" when none */
+    cJSON *schema;         /* checked at registration */
+    kvm_tool_fn fn;
+    void *ud;
+} wf_tool_t;
+
+/* The tools of a runtime: read at every ctx:tool call, so that a tool registered (or removed) after a workflow
+ * loaded counts for it. */
+typedef struct wf_tools {
+    wf_tool_t **v;         /* [n], each its own allocation */
+    int n;
+    uint64_t next_call;    /* numbers the calls (kvm_tool_call_t.call_id) */
+} wf_tools_t;
+
+/* Adds a tool: checks the name (letters, digits, '_', '-', '.'; 1 to 64 bytes, not starting with a digit; not in ts
+ * yet) and the schema (JSON text; NULL = {"type": "object"}). 0, or KVM_EINVAL / KVM_EFORMAT / KVM_ENOMEM with a
+ * message naming the tool. */
+int wf_tools_add(wf_tools_t *ts, const char *name, const char *description, const char *schema_json, kvm_tool_fn fn,
+                 void *ud);
+/* Removes the tool named name: 0, or KVM_ENOENT. Calls of it still waiting for their answer stay waiting. */
+int wf_tools_remove(wf_tools_t *ts, const char *name);
+void wf_tools_clear(wf_tools_t *ts);
+
 typedef struct kvm_wf_opts {
     const char *kv_override;       /* NULL, or "dense" | "prefix" | "kvcomm": overrides every agent's kv */
     bool mock;                     /* every kvmesh.model() resolves to "mock:echo" (dry runs, tests) */
@@ -60,6 +87,7 @@ typedef struct kvm_wf_opts {
     wf_host_fn_t *const *host_fns; /* kvmesh.<name> functions of the host program (read at load; each entry is
                                       borrowed and must outlive the workflow) */
     int n_host_fns;
+    const wf_tools_t *tools;       /* ctx:tool(name, args) tools of the host program (borrowed; NULL = none) */
     void (*on_step)(void *ud, const kvm_wf_step_info_t *s);
     void *ud;
     bool echo_print;               /* print() in scripts also goes to stderr */
@@ -134,6 +162,12 @@ bool kvm_wf_run_parked(const kvm_workflow_t *wf, int run, const char **node, con
  * parked. */
 int kvm_wf_run_resume(kvm_workflow_t *wf, int run, const cJSON *value);
 
+/* Answers the tool call call_id of run (one whose tool returned KVM_EBUSY: it answers later): status 0 and value
+ * (ctx:tool returns it; NULL = nil), or a KVM_E* status and msg (ctx:tool raises "ctx:tool: tool 'x': msg"). The node
+ * goes on at once. 0; KVM_EINVAL for no such run, KVM_ESTALE when the run has ended, KVM_ENOENT when no call of
+ * that id waits in it. */
+int kvm_wf_tool_result(kvm_workflow_t *wf, int run, uint64_t call_id, int status, const cJSON *value, const char *msg);
+
 int kvm_wf_n_runs(const kvm_workflow_t *wf);
 /* The run's status: 0 ok, or KVM_E*; *msg (may be NULL) gets the message with file:line + traceback. */
 int kvm_wf_run_status(const kvm_workflow_t *wf, int run, const char **msg);
@@ -163,6 +197,7 @@ typedef struct kvm_wf_replay_opts {
     kvm_model_params_t model;      /* how models are loaded (backend, dtypes); zero = defaults */
     wf_host_fn_t *const *host_fns; /* kvmesh.<name> functions the script may call (borrowed, as in kvm_wf_opts_t) */
     int n_host_fns;
+    const wf_tools_t *tools;       /* ctx:tool tools the script may call (borrowed; NULL = none) */
     /* the operator's limits for the replayed run (0 = kvmesh's defaults: 1e9 instructions, 5000 ms, 64 MiB); the
        limits recorded in the trace can only lower them, as a script's g:limit can */
     uint64_t max_instructions;

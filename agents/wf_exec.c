@@ -797,7 +797,8 @@ int kvm_wf_advance(kvm_workflow_t *wf, bool *progress) {
     int active = 0;
     for (int i = 0; i < wf->n_runs; i++) {
         wf_run_t *r = wf->runs[i];
-        if (r->finished || run_waiting(r)) continue;
+        if (!r->finished && wf_run_tool_deliver(wf, r)) *progress = true; /* answers of tools that answer later */
+        if (r->finished || run_waiting(r) || wf_run_tool_idle(wf, r)) continue;
         if (wf_run_advance(wf, r)) *progress = true;
         active++;
     }
@@ -806,7 +807,7 @@ int kvm_wf_advance(kvm_workflow_t *wf, bool *progress) {
 
 int kvm_wf_n_active(const kvm_workflow_t *wf) {
     int n = 0;
-    for (int i = 0; i < wf->n_runs; i++) n += !wf->runs[i]->finished && !run_waiting(wf->runs[i]);
+    for (int i = 0; i < wf->n_runs; i++) n += !wf->runs[i]->finished && !run_waiting(wf->runs[i]) && !wf_run_tool_only(wf->runs[i]);
     return n;
 }
 
@@ -816,7 +817,7 @@ void kvm_wf_fail_runs(kvm_workflow_t *wf, int code, const char *msg) {
 
 void kvm_wf_fail_stalled(kvm_workflow_t *wf) {
     for (int i = 0; i < wf->n_runs; i++)
-        if (!wf->runs[i]->finished && !run_waiting(wf->runs[i])) {
+        if (!wf->runs[i]->finished && !run_waiting(wf->runs[i]) && !wf_run_tool_waits(wf->runs[i])) {
             bool waiting = false;
             for (int k = 0; k < wf->runs[i]->n_tasks; k++) waiting |= wf->runs[i]->tasks[k].status != WF_T_DONE;
             finish_run(wf, wf->runs[i], KVM_EINTERNAL,
@@ -1000,6 +1001,7 @@ void kvm_wf_free(kvm_workflow_t *wf) {
         kvm_free(a->parts);
         kvm_free(a->part_node);
         wf_free_strs(a->stop, a->n_stop);
+        wf_free_strs(a->tools, a->n_tools);
         kvm_free(a->where);
     }
     kvm_free(wf->agents);

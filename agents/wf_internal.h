@@ -77,6 +77,9 @@ typedef struct wf_agent {
     int retry_max;         /* retries of a failed call (retry = { max, backoff_ms, on }) */
     double retry_backoff_ms;
     unsigned retry_on;     /* WF_RETRY_* (llm.h) */
+    char **tools;          /* host tools the model may call (tools = {...}; wf_tools.c) */
+    int n_tools;
+    int tool_rounds;       /* tool-call rounds at most per step (default 4) */
     char *where;           /* "file:line" of the definition */
 } wf_agent_t;
 
@@ -273,6 +276,16 @@ typedef struct wf_task {
     bool parked;           /* waiting for kvm_run_resume (its coroutine suspended in kvmesh.interrupt) */
     int n_interrupts;      /* kvmesh.interrupt calls so far: the k-th takes the k-th recorded answer */
     cJSON *payload;        /* the pending interrupt's payload */
+    /* ctx:tool answered later (wf_tools.c) */
+    uint64_t tool_call;    /* the call waiting for kvm_wf_tool_result (0 = none) */
+    char *tool_name;       /* its tool */
+    bool tool_answered;    /* its answer came: the next round resumes the node with it */
+    int tool_status;       /* 0, or KVM_E* with tool_msg */
+    cJSON *tool_value;     /* the result (NULL = nil) */
+    char *tool_msg;
+    /* model-driven tool calls of the agent step in flight (wf_tools.c) */
+    cJSON *turns;          /* [{role, content}] after the user message so far (NULL = none) */
+    int tool_rounds;       /* rounds done */
     /* subgraph nodes */
     struct wf_run *child;  /* the child run going on (NULL = none) */
     int step;              /* the node's step idx, taken when it starts (its child's steps name it as their parent) */
@@ -399,6 +412,32 @@ int wf_call_scratch(kvm_workflow_t *wf, int nargs, cJSON **out, const char *what
 void wf_seen_free(wf_seen_t *s);
 /* The C functions behind ctx:call and ctx:map (registered by wf_lua.c in the ctx metatable). */
 int wf_ctx_call(lua_State *L);
+/* The task of the run executing now whose coroutine is L (a func/tool node's own code), or NULL (wf_task.c). */
+wf_task_t *wf_running_task(const kvm_workflow_t *wf, lua_State *L);
+/* ctx:tool(name, args): a host tool (wf_tools.c). */
+int wf_ctx_tool(lua_State *L);
+/* Nodes of r waiting for a tool's answer that has not come, directly or in the runs of their subgraphs (wf_tools.c). */
+int wf_run_tool_waits(const wf_run_t *r);
+/* Whether r has nothing to do until a tool answers (it does not count as going, and a round without progress is no
+ * stall for it); first ends it (or the subgraph run concerned) when a wait passed a wall-time budget (wf_tools.c). */
+bool wf_run_tool_idle(kvm_workflow_t *wf, wf_run_t *r);
+/* The same, without the deadline check. */
+bool wf_run_tool_only(const wf_run_t *r);
+/* The system message of agent a with the tools it may call (Qwen / Hermes convention), new string; NULL + message
+ * (a tool not registered) (wf_tools.c). */
+char *wf_tools_system(kvm_workflow_t *wf, const wf_agent_t *a);
+/* After agent a's generation res for task t: the <tool_call> blocks it wrote run (each answered in a tool-response
+ * turn, errors included) and the generation goes on with those turns: 1 (a new job in flight), 0 (no tool call:
+ * res is the step's output), or <0 with msg (tool_rounds exhausted, a resubmission failed) (wf_tools.c). */
+int wf_tools_model_round(kvm_workflow_t *wf, wf_run_t *r, wf_task_t *t, int ai, const wf_llm_result_t *res, char *msg, size_t cap);
+/* Submits agent ai's prompt of task t again with the turns of a tool-call continuation as job tag (wf_task.c). */
+int wf_agent_resubmit(kvm_workflow_t *wf, wf_run_t *r, wf_task_t *t, int ai, uint64_t tag, const wf_turn_t *turns, int n_turns);
+/* Resumes the tasks of r whose tool answer came (kvm_wf_tool_result); whether there was one. */
+bool wf_run_tool_deliver(kvm_workflow_t *wf, wf_run_t *r);
+/* Resumes a func/tool task's coroutine with nargs values pushed on it (wf_task.c). */
+void wf_task_resume(kvm_workflow_t *wf, wf_run_t *r, wf_task_t *t, int nargs);
+/* The public handle of run idx (agents/api.c); NULL for a workflow made without the API (a replay). */
+kvm_run_t *wf_api_run(kvm_workflow_t *wf, int idx);
 /* kvmesh.interrupt(payload): returns the recorded answer of this call, or parks the node's coroutine. */
 int wf_interrupt(lua_State *L);
 /* Resumes parked task t with value (its kvmesh.interrupt's result); the caller has counted it out of r->n_parked. */

@@ -835,7 +835,8 @@ static int l_model(lua_State *L) {
 
 static const char *const agent_fields[] = {"name", "model", "role", "system", "template", "prompt", "max_tokens",
                                            "temperature", "top_k", "top_p", "repetition_penalty", "seed", "stop",
-                                           "budget", "kv", "writes", "ignore_eos", "timeout_ms", "retry", NULL};
+                                           "budget", "kv", "writes", "ignore_eos", "timeout_ms", "retry", "tools",
+                                           "tool_rounds", NULL};
 
 static void check_fields(lua_State *L, int t, const char *what, const char *const *allowed) {
     lua_pushnil(L);
@@ -939,6 +940,17 @@ static const char *opt_str_field(lua_State *L, int t, const char *k, const char 
 /* Builds an agent from the spec table at index t (name may come from the argument). Returns its index.
  * Raises a Lua error (with the script's file:line) on a bad spec; nothing leaks on error because all
  * checks run before the first allocation. */
+/* Whether elements 1..n of the table at idx are non-empty strings without NUL bytes (read raw). */
+static bool string_list(lua_State *L, int idx, int n) {
+    for (int i = 1; i <= n; i++) {
+        lua_rawgeti(L, idx, i);
+        bool ok = lua_type(L, -1) == LUA_TSTRING && *lua_tostring(L, -1) && no_nul(L, -1);
+        lua_pop(L, 1);
+        if (!ok) return false;
+    }
+    return true;
+}
+
 static int make_agent(lua_State *L, int t, const char *name_arg) {
     kvm_workflow_t *wf = getwf(L);
     const char *what = "kvmesh.agent";
@@ -984,14 +996,20 @@ static int make_agent(lua_State *L, int t, const char *name_arg) {
     if (lua_type(L, stop_idx) == LUA_TSTRING) n_stop = 1;
     else if (lua_type(L, stop_idx) == LUA_TTABLE) {
         n_stop = (int)lua_rawlen(L, stop_idx);
-        for (int i = 1; i <= n_stop; i++) {
-            lua_rawgeti(L, stop_idx, i);
-            if (lua_type(L, -1) != LUA_TSTRING || !*lua_tostring(L, -1) || !no_nul(L, -1))
-                return luaL_error(L, "%s '%s': stop must be a non-empty string (without NUL bytes) or a list of them", what, name);
-            lua_pop(L, 1);
-        }
+        if (!string_list(L, stop_idx, n_stop))
+            return luaL_error(L, "%s '%s': stop must be a non-empty string (without NUL bytes) or a list of them", what, name);
     } else if (!lua_isnil(L, stop_idx))
         return luaL_error(L, "%s '%s': stop must be a string or a list of strings", what, name);
+    /* tools = {"name", ...}: host tools the model may call (wf_tools.c); tool_rounds bounds the rounds */
+    raw_field(L, t, "tools");
+    int tools_idx = lua_gettop(L);
+    int n_tools = 0;
+    if (lua_type(L, tools_idx) == LUA_TTABLE) {
+        n_tools = (int)lua_rawlen(L, tools_idx);
+    }
+    if ((n_tools == 0 && !lua_isnil(L, tools_idx) && !lua_istable(L, tools_idx)) || !string_list(L, tools_idx, n_tools))
+        return luaL_error(L, "%s '%s': tools must be a list of tool names (non-empty strings)", what, name);
+    const int tool_rounds = (int)num_in(L, t, "tool_rounds", 4, 1, 16, aw);
     /* template check before allocating the agent */
     kvm_tpl_part_t *parts;
     int n_parts;
@@ -1036,8 +1054,18 @@ static int make_agent(lua_State *L, int t, const char *name_arg) {
             lua_pop(L, 1);
         }
     }
-    lua_pop(L, 1); /* stop */
-    if (!a->name || !a->tmpl || (role && !a->role) || (n_stop && !a->stop)) return luaL_error(L, "out of memory");
+    a->tool_rounds = tool_rounds;
+    if (n_tools > 0) {
+        a->tools = kvm_calloc((size_t)n_tools, sizeof *a->tools);
+        for (int i = 0; a->tools && i < n_tools; i++) {
+            lua_rawgeti(L, tools_idx, i + 1);
+            a->tools[a->n_tools++] = kvm_strdup(lua_tostring(L, -1));
+            lua_pop(L, 1);
+        }
+    }
+    lua_pop(L, 2); /* stop, tools */
+    if (!a->name || !a->tmpl || (role && !a->role) || (n_stop && !a->stop) || (n_tools && !a->tools))
+        return luaL_error(L, "out of memory");
     /* the stats table follows the agents */
     kvm_wf_agent_stats_t *ns = kvm_realloc(wf->stats, (size_t)wf->n_agents * sizeof *ns);
     if (!ns) return luaL_error(L, "out of memory");
@@ -1731,7 +1759,8 @@ static const luaL_Reg graph_methods[] = {{"agent", g_agent}, {"node", g_node}, {
                                          {"subgraph", wf_lua_g_subgraph},
                                          {NULL, NULL}};
 
-static const luaL_Reg ctx_methods[] = {{"call", wf_ctx_call}, {"map", wf_ctx_map}, {"log", ctx_log}, {NULL, NULL}};
+static const luaL_Reg ctx_methods[] = {{"call", wf_ctx_call}, {"map", wf_ctx_map}, {"tool", wf_ctx_tool},
+                                       {"log", ctx_log}, {NULL, NULL}};
 
 /* Pushes a locked metatable (registered as `name`, or a plain one when name is NULL) with __tostring
  * and an __index that is a function or a table of methods (each optional). */

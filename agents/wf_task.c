@@ -481,37 +481,52 @@ static int make_seen(kvm_workflow_t *wf, wf_run_t *r, int ai, lua_State *VL, int
 }
 
 /* Builds what agent ai sees and submits the step; on success *seen_out is what it sees. */
-/* Submits agent ai's step for node `node` of run r (a replay may give it its output instead). */
-static int submit_agent(kvm_workflow_t *wf, wf_run_t *r, int node, int ai, lua_State *VL, int vars, uint64_t tag, wf_seen_t **seen_out) {
+/* Submits the prompt s of agent ai for node `node` of run r (with the turns of a tool-call continuation, if any) as
+ * engine job tag; a replay may give the step its output instead (node < 0: a continuation, never given). The caller
+ * has entered the run's account. */
+static int submit_seen(kvm_workflow_t *wf, wf_run_t *r, int node, int ai, const wf_seen_t *s, uint64_t tag, const wf_turn_t *turns,
+                       int n_turns) {
     const wf_agent_t *a = &wf->agents[ai];
-    wf_seen_t *s = NULL;
-    kvm_account_t *prev = kvm_account_enter(r->acct->mem); /* the prompt and the engine's copies of it are the run's */
-    int rc = make_seen(wf, r, ai, VL, vars, &s);
-    if (rc) {
-        kvm_account_enter(prev);
-        return rc;
-    }
+    int rc = 0;
+    char *system = a->n_tools > 0 ? wf_tools_system(wf, a) : NULL; /* the tools shown to the model */
+    if (a->n_tools > 0 && !system) return kvm_errctx(kvm_errcode() ? kvm_errcode() : KVM_ENOMEM, "%s: agent '%s'", a->where, a->name);
     wf_piece_t *pieces = kvm_calloc((size_t)s->n + 1, sizeof *pieces);
     if (!pieces) rc = kvm_seterr(KVM_ENOMEM, "agent '%s': out of memory building its prompt", a->name);
     for (int i = 0; pieces && i < s->n; i++)
         pieces[i] = (wf_piece_t){.is_slot = s->parts[i].slot != NULL, .name = s->parts[i].slot, .text = s->parts[i].text};
     if (rc == 0) {
-        wf_llm_req_t req = {.model = wf->models[a->model].llm, .agent = a->name, .run_id = r->id, .system = a->role,
-                            .pieces = pieces, .n_pieces = s->n, .sampling = a->sampling, .max_tokens = a->max_tokens,
-                            .stop = (const char *const *)a->stop, .n_stop = a->n_stop, .kv = wf_run_agent_kv(wf, r, a),
-                            .ignore_eos = a->ignore_eos, .tag = tag, .timeout_ms = a->timeout_ms,
+        wf_llm_req_t req = {.model = wf->models[a->model].llm, .agent = a->name, .run_id = r->id,
+                            .system = system ? system : a->role, .pieces = pieces, .n_pieces = s->n, .sampling = a->sampling,
+                            .max_tokens = a->max_tokens, .stop = (const char *const *)a->stop, .n_stop = a->n_stop,
+                            .kv = wf_run_agent_kv(wf, r, a), .ignore_eos = a->ignore_eos, .tag = tag, .timeout_ms = a->timeout_ms,
                             .retry_max = a->retry_max, .retry_backoff_ms = a->retry_backoff_ms, .retry_on = a->retry_on,
-                            .acct = r->acct->mem};
+                            .turns = turns, .n_turns = n_turns, .acct = r->acct->mem};
         /* the run's wall-time budget (and those of the graphs above a subgraph) also stops a generation under way */
         req.run_deadline_ns = wf_run_deadline_ns(r);
         if (req.sampling.seed == 0) req.sampling.seed = r->seed * 1000003u + (uint64_t)r->root->step_idx + 1;
-        if (r->replay) wf_replay_apply(wf, r, node, ai, &req.given_text, &req.sampling.seed, &req.kv);
+        if (r->replay && node >= 0) wf_replay_apply(wf, r, node, ai, &req.given_text, &req.sampling.seed, &req.kv);
         rc = wf_llm_submit(wf->llm, &req);
         if (rc) rc = kvm_errctx(rc, "%s: agent '%s'", a->where, a->name);
     }
     kvm_free(pieces);
+    kvm_free(system);
+    return rc;
+}
+
+static int submit_agent(kvm_workflow_t *wf, wf_run_t *r, int node, int ai, lua_State *VL, int vars, uint64_t tag, wf_seen_t **seen_out) {
+    wf_seen_t *s = NULL;
+    kvm_account_t *prev = kvm_account_enter(r->acct->mem); /* the prompt and the engine's copies of it are the run's */
+    int rc = make_seen(wf, r, ai, VL, vars, &s);
+    if (!rc) rc = submit_seen(wf, r, node, ai, s, tag, NULL, 0);
     if (rc) wf_seen_free(s);
     else *seen_out = s;
+    kvm_account_enter(prev);
+    return rc;
+}
+
+int wf_agent_resubmit(kvm_workflow_t *wf, wf_run_t *r, wf_task_t *t, int ai, uint64_t tag, const wf_turn_t *turns, int n_turns) {
+    kvm_account_t *prev = kvm_account_enter(r->acct->mem);
+    int rc = submit_seen(wf, r, -1, ai, t->seen, tag, turns, n_turns);
     kvm_account_enter(prev);
     return rc;
 }
@@ -541,7 +556,7 @@ static void resume_task(kvm_workflow_t *wf, wf_run_t *r, wf_task_t *t, int nargs
     wf_leave(wf, r);
     if (st == LUA_YIELD) {
         lua_pop(t->co, nres);
-        if (t->job || t->m_left > 0 || t->parked) {
+        if (t->job || t->m_left > 0 || t->parked || t->tool_call) {
             t->status = WF_T_WAIT;
             return;
         }
@@ -560,6 +575,8 @@ static void resume_task(kvm_workflow_t *wf, wf_run_t *r, wf_task_t *t, int nargs
     }
     wf_task_done(wf, r, t);
 }
+
+void wf_task_resume(kvm_workflow_t *wf, wf_run_t *r, wf_task_t *t, int nargs) { resume_task(wf, r, t, nargs); }
 
 /* Pushes the ctx table of a func/tool node on co: run_id, seed, node, superstep, inputs; ctx methods. */
 static void push_ctx(kvm_workflow_t *wf, wf_run_t *r, lua_State *co, const wf_node_t *n) {
@@ -642,6 +659,10 @@ void wf_tasks_free(kvm_workflow_t *wf, wf_run_t *r) {
         kvm_free(t->errmsg);
         kvm_free(t->out_text);
         cJSON_Delete(t->payload);
+        kvm_free(t->tool_name);
+        cJSON_Delete(t->tool_value);
+        kvm_free(t->tool_msg);
+        cJSON_Delete(t->turns);
         wf_seen_free(t->seen);
         for (int k = 0; k < t->n_m; k++) wf_seen_free(t->mseen[k]);
         kvm_free(t->mseen);
@@ -704,6 +725,13 @@ void wf_task_answer(kvm_workflow_t *wf, wf_run_t *r, wf_task_t *t, const cJSON *
     resume_task(wf, r, t, 1);
 }
 
+wf_task_t *wf_running_task(const kvm_workflow_t *wf, lua_State *L) {
+    wf_run_t *r = wf->cur_run;
+    for (int i = 0; r && i < r->n_tasks; i++)
+        if (r->tasks[i].co == L && r->tasks[i].status == WF_T_RUNNING) return &r->tasks[i];
+    return NULL;
+}
+
 /* ---- ctx:call and ctx:map -------------------------------------------------------------------------- */
 
 /* Who calls ctx:call / ctx:map: the workflow, the run, the running task whose coroutine is L, and
@@ -722,8 +750,7 @@ static ctx_target_t ctx_agent_call_target(lua_State *L, const char *what) {
     lua_getallocf(L, &ud);
     ctx_target_t c = {.wf = ud, .ai = -1};
     c.r = c.wf->cur_run;
-    for (int i = 0; c.r && i < c.r->n_tasks; i++)
-        if (c.r->tasks[i].co == L && c.r->tasks[i].status == WF_T_RUNNING) c.t = &c.r->tasks[i];
+    c.t = wf_running_task(c.wf, L);
     if (!c.t || !lua_isyieldable(L))
         luaL_error(L, "%s must be called from a func/tool node's own code (not from a predicate, router, "
                       "reducer or a coroutine the script created)", what);
@@ -977,6 +1004,14 @@ void wf_deliver(kvm_workflow_t *wf, wf_llm_result_t *res) {
                      r->agent_tokens[ai], a->budget_tokens);
         }
     }
+    if (!status && a->n_tools > 0) { /* the model may have called tools: they run and the generation goes on */
+        int rc = wf_tools_model_round(wf, r, t, ai, res, msg, sizeof msg);
+        if (rc == 1) return; /* the next round is in flight */
+        if (rc < 0) status = rc;
+    }
+    cJSON_Delete(t->turns);
+    t->turns = NULL;
+    t->tool_rounds = 0;
     wf_agent_step_done(wf, r, t, ai, res, status, status ? msg : NULL, call);
     if (call) {
         resume_call(wf, r, t, res, status, msg);

@@ -442,6 +442,7 @@ static kvm_wf_opts_t traced_opts(const kvm_trace_run_start_t *s, const kvm_wf_re
         w.llm.model = o->model;
         w.host_fns = o->host_fns;
         w.n_host_fns = o->n_host_fns;
+        w.tools = o->tools;
     }
     w.llm.quiet = true;
     /* the trace is input, not the operator: its limits only lower the operator's (NaN, infinities and

@@ -54,6 +54,10 @@ static size_t touch(const kvm_req_t *r) {
         for (size_t i = 0; i < (size_t)r->n_tokens * 4; i++) n += ((const uint8_t *)r->seg_ids)[i] == 0xff;
         for (size_t i = 0; i < kv; i++) n += (((const uint8_t *)r->seg_k)[i] ^ ((const uint8_t *)r->seg_v)[i]) == 0xff;
     }
+    if (r->description) n += strlen(r->description);
+    if (r->error) n += strlen(r->error);
+    if (r->schema && !cJSON_IsObject(r->schema)) __builtin_trap();
+    if (r->type == KVM_REQ_TOOL_RESULT && (r->call_id == 0 || (r->value && r->error))) __builtin_trap();
     for (size_t i = 0; r->source && i < r->source_len; i++) n += (uint8_t)r->source[i] == 0xff;
     if (r->inputs && !cJSON_IsObject(r->inputs)) __builtin_trap();
     if (kvm_req_type_name(r->type) == NULL) __builtin_trap();

@@ -328,6 +328,44 @@ typedef int (*kvm_host_fn)(void *ud, const char *args_json, char **result_json);
  * (kvmesh.model, kvmesh.graph, ...). */
 int kvm_runtime_add_function(kvm_runtime_t *rt, const char *name, kvm_host_fn fn, void *ud);
 
+/* Host tools (docs/lua-api.md, "Host tools"): functions of the program with a JSON Schema for their arguments,
+ * called from a func/tool node as ctx:tool(name, args). The arguments (a Lua table, as a JSON object) are checked
+ * against the schema before the call; a violation is a Lua error naming the path ("ctx:tool: tool 'weather':
+ * args.city: expected string, got integer") and the tool does not run. One call of a tool: */
+typedef struct kvm_tool_call {
+    const char *tool;      /* the tool's name */
+    const char *args_json; /* the arguments: a JSON object that passed the schema */
+    struct kvm_run *run;   /* the calling run, a kvm_run_t (NULL in a replay, kvm_trace_replay) */
+    const char *run_id;
+    const char *node;      /* the node that called */
+    uint64_t call_id;      /* numbers the runtime's tool calls: what kvm_run_tool_result names */
+    double ms_left;        /* what is left of the run's wall-time budget (g:limit{wall_ms}) as the call begins; < 0 =
+                              none. A tool that returns after it is spent ends the run with KVM_EBUDGET */
+} kvm_tool_call_t;
+
+/* On success return 0 and set *result_json to JSON text allocated with kvm_malloc (the library frees it; NULL = the
+ * call returns nil). On failure return a KVM_E* code and set *result_json to a message allocated with kvm_malloc (or
+ * NULL): the script gets the Lua error "ctx:tool: tool '<name>': <message>". To answer later (a tool served by
+ * another process, as `kvmesh serve` does for its clients' tools), return KVM_EBUSY with *result_json NULL: the node
+ * waits (the rest of the run goes on) until kvm_run_tool_result(call->run, call->call_id, ...) answers; the wait counts
+ * against the run's wall-time budget (past it the run ends with KVM_EBUDGET), and kvm_run_cancel ends it. Pointers in
+ * call are valid during the call. A tool runs on the thread that drives the workflow: its time counts against the
+ * run's wall-time budget, not its Lua CPU budget. */
+typedef int (*kvm_tool_fn)(void *ud, const kvm_tool_call_t *call, char **result_json);
+
+/* Registers a tool for every workflow of rt (those loaded already too: ctx:tool looks tools up at each call). name:
+ * letters, digits, '_', '-' and '.' (1 to 64 bytes, not starting with a digit), not registered now. description:
+ * what the tool does, for people and for models shown the tool (NULL = none). schema_json: the JSON Schema of the
+ * arguments (NULL = {"type": "object"}), of the subset docs/lua-api.md lists: type, properties, required,
+ * additionalProperties, enum, items, minimum, maximum, minLength, maxLength, minItems, maxItems (and the annotations
+ * title, description, default, examples); any other keyword is refused. 0, or KVM_EINVAL naming the tool and the
+ * place in the schema ("tool 'weather': schema.properties.city: unsupported keyword 'pattern' (supported: ...)"). */
+int kvm_runtime_add_tool(kvm_runtime_t *rt, const char *name, const char *description, const char *schema_json,
+                         kvm_tool_fn fn, void *ud);
+/* Removes a tool (later ctx:tool calls of it fail as for a name never registered; calls waiting for their answer go
+ * on waiting for it). 0, or KVM_ENOENT. */
+int kvm_runtime_remove_tool(kvm_runtime_t *rt, const char *name);
+
 /* Counters of the runtime as a JSON object (freed with kvm_free): forward passes, sequences per pass, and
  * per model its KV store and KVCOMM statistics (anchors, pools, reuse). NULL + message on error. */
 char *kvm_runtime_stats_json(const kvm_runtime_t *rt);
@@ -455,7 +493,8 @@ kvm_run_t *kvm_run_start(kvm_workflow_t *wf, const kvm_run_params_t *params);
 /* Runs every started run of wf to its end, interleaving them on this thread and batching their agents'
  * model work: a loop of kvm_runtime_step() until wf has no run going (runs of the runtime's other workflows
  * advance meanwhile too). A failing run ends alone with its status; the result is <0 only when the engine
- * itself failed. */
+ * itself failed. A run parked in kvmesh.interrupt, or whose nodes all wait for tools that answer later
+ * (kvm_run_tool_result), is not going: drive returns with it still waiting. */
 int kvm_workflow_drive(kvm_workflow_t *wf);
 
 /* One round of the runtime, for programs that serve many runs of many workflows on one thread and do other
@@ -486,6 +525,13 @@ int kvm_run_cancel(kvm_run_t *r, int code, const char *message);
  * callback. */
 char *kvm_run_interrupt_json(const kvm_run_t *r, const char **node);
 int kvm_run_resume(kvm_run_t *r, const char *value_json);
+
+/* Answers a tool call that its tool left pending (it returned KVM_EBUSY): status 0 and result_json (JSON text; NULL =
+ * nil) is what ctx:tool returns; a KVM_E* status and result_json a message (NULL = the code's description) make
+ * ctx:tool raise "ctx:tool: tool '<name>': <message>". The node goes on at the next kvm_runtime_step. 0; KVM_EFORMAT
+ * for result text that is not JSON (the call stays pending), KVM_ESTALE when the run has ended (canceled, past its
+ * budget), KVM_ENOENT when no call call_id waits in the run. Not from inside an event callback. */
+int kvm_run_tool_result(kvm_run_t *r, uint64_t call_id, int status, const char *result_json);
 
 /* Runs started on wf so far, in order; kvm_workflow_run(wf, i) for i in [0, n). */
 int kvm_workflow_n_runs(const kvm_workflow_t *wf);

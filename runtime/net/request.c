@@ -53,6 +53,9 @@ static const field_t k_seg_put[] = {{"segment_id", K_STR}, {"model", K_STR}, {"f
                                     {"layers", K_NUM}, {"kv_heads", K_NUM}, {"head_dim", K_NUM}, {NULL, 0}};
 static const field_t k_seg_id[] = {{"segment_id", K_STR}, {NULL, 0}};
 static const field_t k_cache_label[] = {{"run_id", K_STR}, {"agent", K_STR}, {"step", K_NUM}, {"human", K_BOOL}, {NULL, 0}};
+static const field_t k_tool_register[] = {{"name", K_STR}, {"description", K_STR}, {"schema", K_OBJ}, {NULL, 0}};
+static const field_t k_tool_result[] = {{"run_id", K_STR}, {"call_id", K_SEED}, {"result", K_ANY}, {"error", K_STR},
+                                        {NULL, 0}};
 
 static const schema_t k_schemas[] = {
     {KVM_REQ_HELLO, "hello", k_hello, false},
@@ -81,6 +84,8 @@ static const schema_t k_schemas[] = {
     {KVM_REQ_SEGMENT_PUT, "segment.put", k_seg_put, 3},
     {KVM_REQ_SEGMENT_GET, "segment.get", k_seg_id, false},
     {KVM_REQ_SEGMENT_DROP, "segment.drop", k_seg_id, false},
+    {KVM_REQ_TOOL_REGISTER, "tool.register", k_tool_register, false},
+    {KVM_REQ_TOOL_RESULT, "tool.result", k_tool_result, false},
 };
 #define N_SCHEMAS (sizeof k_schemas / sizeof k_schemas[0])
 
@@ -514,6 +519,34 @@ static int decode_models(const cJSON *h, const kvm_req_frame_t *pay, int n_pay, 
     }
 }
 
+/* tool.result: run_id, call_id (an integer or a decimal string, > 0), and either result or error. */
+static int decode_tool_result(const cJSON *h, kvm_req_t *r, kvm_req_error_t *e) {
+    int rc = need_str(h, "run_id", id_ok, "a run id (1 to 64 printable bytes)", &r->run_id, r->type_name, e);
+    if (rc) return rc;
+    const cJSON *c = cJSON_GetObjectItemCaseSensitive(h, "call_id");
+    if (!c) return fail(e, KVM_EINVAL, "call_id", "tool.result: field 'call_id' is required");
+    uint64_t v = 0;
+    bool ok = true;
+    if (cJSON_IsNumber(c)) {
+        ok = int_in(c, 1, 9007199254740992.0);
+        v = ok ? (uint64_t)c->valuedouble : 0;
+    } else {
+        size_t n = strlen(c->valuestring);
+        ok = n > 0 && n <= 20;
+        for (size_t i = 0; ok && i < n; i++) {
+            ok = c->valuestring[i] >= '0' && c->valuestring[i] <= '9' && v <= (UINT64_MAX - (uint64_t)(c->valuestring[i] - '0')) / 10;
+            if (ok) v = v * 10 + (uint64_t)(c->valuestring[i] - '0');
+        }
+        ok = ok && v > 0;
+    }
+    if (!ok) return fail(e, KVM_EINVAL, "call_id", "tool.result: field 'call_id' must be the call's id (a positive integer, or its decimal string)");
+    r->call_id = v;
+    r->value = cJSON_GetObjectItemCaseSensitive(h, "result");
+    r->error = str_of(h, "error");
+    if (r->value && r->error) return fail(e, KVM_EINVAL, "error", "tool.result: give 'result' or 'error', not both");
+    return 0;
+}
+
 static int decode_body(const cJSON *h, const kvm_req_frame_t *pay, int n_pay, const kvm_req_limits_t *lim, kvm_req_t *r,
                        kvm_req_error_t *e) {
     const char *fmt = NULL;
@@ -528,6 +561,11 @@ static int decode_body(const cJSON *h, const kvm_req_frame_t *pay, int n_pay, co
         if (r->format && strcmp(r->format, "otlp-json") && strcmp(r->format, "whowhen") && strcmp(r->format, "jsonl"))
             return fail(e, KVM_EINVAL, "format", "trace.export: field 'format' must be \"otlp-json\", \"whowhen\" or \"jsonl\"");
         return need_str(h, "run_id", id_ok, "a run id (1 to 64 printable bytes)", &r->run_id, r->type_name, e);
+    case KVM_REQ_TOOL_REGISTER:
+        r->description = str_of(h, "description");
+        r->schema = cJSON_GetObjectItemCaseSensitive(h, "schema");
+        return need_str(h, "name", name_ok, "a tool name (1 to 64 letters, digits, '_', '-' or '.')", &r->name, r->type_name, e);
+    case KVM_REQ_TOOL_RESULT: return decode_tool_result(h, r, e);
     case KVM_REQ_TRACE_GET:
         fmt = str_of(h, "format");
         if (fmt && strcmp(fmt, "jsonl")) return fail(e, KVM_EINVAL, "format", "trace.get: field 'format' must be \"jsonl\"");

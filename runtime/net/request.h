@@ -49,6 +49,8 @@ enum kvm_req_type {
     KVM_REQ_SEGMENT_PUT,
     KVM_REQ_SEGMENT_GET,
     KVM_REQ_SEGMENT_DROP,
+    KVM_REQ_TOOL_REGISTER,
+    KVM_REQ_TOOL_RESULT,
 };
 
 /* Streams a run.start asks for (`stream`). */
@@ -88,7 +90,7 @@ typedef struct kvm_req {
     unsigned stream;                /* enum kvm_req_stream bits */
     /* run.cancel / run.status / trace.get / trace.export / run.resume */
     const char *run_id;
-    /* run.resume: the answer (any JSON value; NULL = absent, which answers null) */
+    /* run.resume: the answer (any JSON value; NULL = absent, which answers null); tool.result: the result */
     const cJSON *value;
     /* trace.export: "otlp-json" | "whowhen" | "jsonl" (checked); NULL = not given ("otlp-json") */
     const char *format;
@@ -122,6 +124,12 @@ typedef struct kvm_req {
     int layers, kv_heads, head_dim, n_tokens;
     const void *seg_ids, *seg_k, *seg_v; /* into the payload frames (not aligned) */
     size_t seg_kv_bytes;            /* bytes of k (= of v) */
+    /* tool.register (name, description, schema: an object or NULL) */
+    const char *description;
+    const cJSON *schema;
+    /* tool.result (run_id, value or error) */
+    uint64_t call_id;
+    const char *error;              /* the tool failed: the message (NULL = it succeeded) */
 } kvm_req_t;
 
 /* A request that failed validation. */

@@ -18,6 +18,18 @@ One DEALER socket per Client (one ROUTER routing id on the daemon's side); a Cli
 While a run streams, the client sends `ping` every second (the daemon cancels the runs of a client silent for
 longer than its client_timeout_ms). Errors come back as KvmeshError with the daemon's code, message and the
 offending field.
+
+Tools (docs/protocol.md, tool.register): a client registers a Python function as a tool that workflows call with
+ctx:tool(name, args); the daemon sends the call to this client, which answers while it waits for anything (a run's
+stream, a request, serve_tools()):
+
+    @c.tool("weather", {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+            description="The forecast of a city")
+    def weather(city, days=1):
+        return {"sky": "sunny", "days": days}
+
+The arguments arrive checked against the schema, as keyword arguments; what the function returns (any JSON value)
+is what ctx:tool returns; an exception becomes a Lua error in the run ("ctx:tool: tool 'weather': <message>").
 """
 
 import json
@@ -57,6 +69,8 @@ class Client:
         self._n = 0
         self._pending = {}   # id -> [(header, payloads)] received for requests not being waited on
         self._last_send = 0.0
+        self._tools = {}     # name -> function (register_tool)
+        self.tool_errors = []  # replies to tool.result that were errors (the run had ended, ...)
 
     def close(self):
         self.sock.close(0)
@@ -125,6 +139,8 @@ class Client:
                 continue
             if str(h.get("id", "")).startswith("ping-") and h.get("type") == "pong":
                 continue
+            if self._tool_message(h):
+                continue
             self._pending.setdefault(h.get("id"), []).append((h, p))
 
     def request(self, type, payload=None, timeout_s=None, frames=None, **fields):
@@ -136,6 +152,65 @@ class Client:
                     raise KvmeshError(h)
                 h["_payload"] = p
                 return h
+
+    # ---- tools ---------------------------------------------------------------------------------------------
+    def register_tool(self, name, schema, fn, description=None):
+        """Registers fn as the tool `name` for every workflow of the daemon, its arguments checked against `schema`
+        (a JSON Schema, the subset of docs/lua-api.md). The tool lives while this client does (it must keep talking
+        to the daemon: a stream, a request or serve_tools() pings it)."""
+        self._tools[name] = fn
+        try:
+            return self.request("tool.register", name=name, schema=schema, description=description)
+        except Exception:
+            self._tools.pop(name, None)
+            raise
+
+    def tool(self, name, schema=None, description=None):
+        """Decorator form of register_tool."""
+        def wrap(fn):
+            self.register_tool(name, schema if schema is not None else {"type": "object"}, fn, description)
+            return fn
+        return wrap
+
+    def _tool_message(self, h):
+        """Answers a tool.call (True), or lets the message through (False); drops the replies to tool.result."""
+        if str(h.get("id", "")).startswith("tool-"):
+            if h.get("type") == "error":
+                self.tool_errors.append(h)
+            return True
+        if h.get("type") != "tool.call":
+            return False
+        fn = self._tools.get(h.get("tool"))
+        fields = {"run_id": h.get("run_id"), "call_id": h.get("call_id")}
+        try:
+            if fn is None:
+                raise LookupError("this client has no tool '%s'" % h.get("tool"))
+            args = h.get("args") or {}
+            fields["result"] = fn(**args) if isinstance(args, dict) else fn(args)
+        except Exception as e:  # the run gets the message as a Lua error
+            fields.pop("result", None)
+            fields["error"] = "%s: %s" % (type(e).__name__, e)
+        self._n += 1
+        hdr = {"v": PROTOCOL_VERSION, "type": "tool.result", "id": "tool-%d" % self._n}
+        hdr.update(fields)  # result may be None (nil): sent as null
+        self.send_frames([json.dumps(hdr).encode()])
+        return True
+
+    def serve_tools(self, duration_s, until=None):
+        """Answers tool calls (and pings) for duration_s seconds, or until until() is true."""
+        end = time.monotonic() + duration_s
+        while time.monotonic() < end and not (until and until()):
+            if time.monotonic() - self._last_send >= self.ping_s:
+                self.send("ping", id="ping-%d" % self._n)
+                self._n += 1
+            try:
+                h, p = self.recv_any(timeout_s=min(0.05, max(0.001, end - time.monotonic())))
+            except TimeoutError:
+                continue
+            if str(h.get("id", "")).startswith("ping-") and h.get("type") == "pong":
+                continue
+            if not self._tool_message(h):
+                self._pending.setdefault(h.get("id"), []).append((h, p))
 
     # ---- the message types -----------------------------------------------------------------------------
     def hello(self, client="kvmesh_client.py"):
