@@ -53,6 +53,11 @@ int serve_req_dispatch(ctx_t *x);
 void serve_overhead_note(serve_ext_t *e, int type, uint64_t wall_ns, uint64_t cpu_ns);
 /* The calling thread's CPU time in ns. */
 uint64_t serve_cpu_ns(void);
+/* Generates going (jobs of the runtime's engine). */
+int serve_gens_going(const serve_ext_t *e);
+/* Cancels the generates whose client is gone or too slow (noted by their token events), or all of them (cancel_all,
+ * with message why); their ends come from the next kvm_runtime_step. */
+void serve_gens_tick(kvm_server_t *s, bool cancel_all, const char *why);
 /* stats: {"overhead": {...}, "models": [...]} fields added to b. */
 void serve_ext_stats(const serve_ext_t *e, cJSON *b);
 
