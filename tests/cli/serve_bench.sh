@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# serve_bench.sh KVMESH SHARED - `kvmesh client bench` (the C load client of scripts/gpu/serve_load_gpu.sh) against
+# a `kvmesh serve --mock` daemon for 3 s: 8 clients, every request type of its mix including generate; each type
+# answered without error, the daemon's stats line follows; a bad option is refused with exit 2.
+set -u
+kvmesh=$1
+tmp=$(mktemp -d)
+dpid=
+cleanup() { [ -n "$dpid" ] && kill "$dpid" 2>/dev/null; rm -rf "$tmp"; }
+trap cleanup EXIT
+fail() { echo "FAIL $*"; [ -f "$tmp/d.log" ] && tail -20 "$tmp/d.log"; exit 1; }
+mkdir "$tmp/wf"
+cat > "$tmp/wf/pair.lua" <<'LUA'
+local kvm = kvmesh
+local m = kvm.model('mock:echo')
+local g = kvm.graph{ name = 'pair' }
+g:agent('a', { model = m, template = 'Q: {input}\nA:', max_tokens = 4 })
+g:agent('b', { model = m, template = 'Q: {input}\nA: {agent.a}\nB:', max_tokens = 6 })
+g:edge(kvm.START, 'a')
+g:edge('a', 'b')
+return g
+LUA
+"$kvmesh" client bench --help 2> "$tmp/help"; [ $? = 0 ] || fail "client bench --help"
+grep -q -- "--clients" "$tmp/help" || fail "client bench --help lacks --clients"
+"$kvmesh" client bench --mix 1,2 2> /dev/null; [ $? = 2 ] || fail "a bad --mix is not refused with exit 2"
+KVM_THREADS=1 "$kvmesh" serve --mock --workflows "$tmp/wf" --bind 'tcp://127.0.0.1:*' --no-events 2> "$tmp/d.log" &
+dpid=$!
+ep=
+for _ in $(seq 100); do
+  ep=$(grep -o 'listening on tcp://127.0.0.1:[0-9]*' "$tmp/d.log" | sed 's/listening on //')
+  [ -n "$ep" ] && break
+  sleep 0.1
+done
+[ -n "$ep" ] || fail "the daemon did not listen"
+"$kvmesh" client --connect "$ep" model-load gen synthetic:tiny-llama --backend cpu > /dev/null || fail "model-load"
+"$kvmesh" client --connect "$ep" bench --clients 8 --seconds 3 --generate gen --gen-tokens 4 --prompt-ids 8 \
+  --mix 2,1,3,1,1,2 > "$tmp/out" 2> "$tmp/err" || fail "bench exit $?: $(cat "$tmp/err")"
+for t in run.start run.status ping stats workflow.list generate; do
+  grep -q "^{\"type\":\"$t\",\"n\":[1-9][0-9]*,\"errors\":0," "$tmp/out" || fail "no error-free $t line: $(cat "$tmp/out")"
+done
+grep -q '^{"type":"all","clients":8,' "$tmp/out" || fail "no total line"
+grep -q '^{"type":"daemon_stats","stats":{.*"overhead"' "$tmp/out" || fail "no daemon stats line"
+kill -TERM "$dpid"; wait "$dpid"; rc=$?; dpid=
+[ "$rc" = 0 ] || fail "the daemon exited $rc"
+echo "ok: client bench (8 clients, 3 s): $(grep -c . "$tmp/out") lines, no error"
