@@ -1266,6 +1266,7 @@ int serve_reply_err(ctx_t *x, int code, const char *field, const char *msg, int 
 }
 
 kvm_runtime_t *serve_runtime(kvm_server_t *s) { return s->rt; }
+bool serve_draining(const kvm_server_t *s) { return s->draining; }
 
 serve_ext_t *serve_ext(kvm_server_t *s) { return s->ext; }
 

@@ -38,6 +38,8 @@ int serve_reply_ok(ctx_t *x, const char *type, cJSON *body);
 int serve_send_error(ctx_t *x, uint64_t seq, int code, const char *field, const char *message);
 int serve_reply_err(ctx_t *x, int code, const char *field, const char *msg, int retry_after_ms);
 kvm_runtime_t *serve_runtime(kvm_server_t *s);
+/* Whether the daemon is stopping (no new runs or generates). */
+bool serve_draining(const kvm_server_t *s);
 serve_ext_t *serve_ext(kvm_server_t *s);
 /* A remembered run's trace directory (NULL: the daemon keeps no traces) and whether it ended; KVM_ENOENT for no
  * run of that id. */

@@ -390,6 +390,7 @@ static void gen_event(void *ud, const kvm_gen_event_t *ev) {
 static int on_generate(ctx_t *x) {
     serve_ext_t *e = serve_ext(x->s);
     const kvm_req_t *q = x->q;
+    if (serve_draining(x->s)) return serve_reply_err(x, KVM_EBUSY, "", "the daemon is stopping: no new generates", -1);
     smodel_t *sm = model_named(e, q->model);
     if (!sm) return serve_reply_err(x, KVM_ENOENT, "model", "no model of that name (load it with model.load)", -1);
     if (q->prompt && !kvm_model_tokenizer(sm->m))
