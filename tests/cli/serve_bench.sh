@@ -10,30 +10,23 @@ cleanup() { [ -n "$dpid" ] && kill "$dpid" 2>/dev/null; rm -rf "$tmp"; }
 trap cleanup EXIT
 fail() { echo "FAIL $*"; [ -f "$tmp/d.log" ] && tail -20 "$tmp/d.log"; exit 1; }
 mkdir "$tmp/wf"
-cat > "$tmp/wf/pair.lua" <<'LUA'
-local kvm = kvmesh
-local m = kvm.model('mock:echo')
-local g = kvm.graph{ name = 'pair' }
-g:agent('a', { model = m, template = 'Q: {input}\nA:', max_tokens = 4 })
-g:agent('b', { model = m, template = 'Q: {input}\nA: {agent.a}\nB:', max_tokens = 6 })
-g:edge(kvm.START, 'a')
-g:edge('a', 'b')
+cat > "$tmp/wf/duo.lua" <<'LUA'
+-- two mock agents, the second reading the first
+local m = kvmesh.model('mock:echo')
+local g = kvmesh.graph{ name = 'duo' }
+g:agent('first', { model = m, template = 'Task: {input}\nFirst:', max_tokens = 3 })
+g:agent('second', { model = m, template = 'Task: {input}\nFirst: {agent.first}\nSecond:', max_tokens = 5 })
+g:edge(kvmesh.START, 'first')
+g:edge('first', 'second')
 return g
 LUA
 "$kvmesh" client bench --help 2> "$tmp/help"; [ $? = 0 ] || fail "client bench --help"
 grep -q -- "--clients" "$tmp/help" || fail "client bench --help lacks --clients"
 "$kvmesh" client bench --mix 1,2 2> /dev/null; [ $? = 2 ] || fail "a bad --mix is not refused with exit 2"
-KVM_THREADS=1 "$kvmesh" serve --mock --workflows "$tmp/wf" --bind 'tcp://127.0.0.1:*' --no-events 2> "$tmp/d.log" &
-dpid=$!
-ep=
-for _ in $(seq 100); do
-  ep=$(grep -o 'listening on tcp://127.0.0.1:[0-9]*' "$tmp/d.log" | sed 's/listening on //')
-  [ -n "$ep" ] && break
-  sleep 0.1
-done
-[ -n "$ep" ] || fail "the daemon did not listen"
+. tests/support/serve_lib.sh
+serve_start "$kvmesh" "$tmp/d.log" --mock --workflows "$tmp/wf" --no-events || fail "the daemon did not listen"
 "$kvmesh" client --connect "$ep" model-load gen synthetic:tiny-llama --backend cpu > /dev/null || fail "model-load"
-"$kvmesh" client --connect "$ep" bench --clients 8 --seconds 3 --generate gen --gen-tokens 4 --prompt-ids 8 \
+"$kvmesh" client --connect "$ep" bench --clients 8 --seconds 3 --workflow duo --generate gen --gen-tokens 4 --prompt-ids 8 \
   --mix 2,1,3,1,1,2 > "$tmp/out" 2> "$tmp/err" || fail "bench exit $?: $(cat "$tmp/err")"
 for t in run.start run.status ping stats workflow.list generate; do
   grep -q "^{\"type\":\"$t\",\"n\":[1-9][0-9]*,\"errors\":0," "$tmp/out" || fail "no error-free $t line: $(cat "$tmp/out")"
