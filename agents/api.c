@@ -666,6 +666,12 @@ static int engine_round(kvm_runtime_t *rt) {
         char msg[512];
         snprintf(msg, sizeof msg, "engine: %s", kvm_errmsg());
         for (int i = 0; i < rt->n_workflows; i++) kvm_wf_fail_runs(rt->wfs[i], n, msg);
+        while (rt->n_gens > 0) { /* the generation jobs end with it too (what the engine still holds is never taken) */
+            gen_job_t job = rt->gens[--rt->n_gens];
+            wf_llm_cancel_run(rt->engine, job.run_id);
+            if (job.fn) job.fn(job.ud, &(kvm_gen_event_t){.kind = KVM_RUN_END, .job = job.id, .text = "", .status = n, .message = msg});
+            kvm_free(job.cancel_msg);
+        }
         return kvm_seterr(n, "%s", msg);
     }
     wf_llm_result_t res;
