@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # serve_bench.sh KVMESH SHARED - `kvmesh client bench` (the C load client of scripts/gpu/serve_load_gpu.sh) against
-# a `kvmesh serve --mock` daemon for 3 s: 8 clients, every request type of its mix including generate; each type
-# answered without error, the daemon's stats line follows; a bad option is refused with exit 2.
+# a `kvmesh serve --mock` daemon for 3 s: 8 clients, a mix of every request type including generate; none answered
+# with an error, the daemon's stats line follows; a bad option is refused with exit 2.
 set -u
 kvmesh=$1
 tmp=$(mktemp -d)
@@ -28,10 +28,12 @@ serve_start "$kvmesh" "$tmp/d.log" --mock --workflows "$tmp/wf" --no-events || f
 "$kvmesh" client --connect "$ep" model-load gen synthetic:tiny-llama --backend cpu > /dev/null || fail "model-load"
 "$kvmesh" client --connect "$ep" bench --clients 8 --seconds 3 --workflow duo --generate gen --gen-tokens 4 --prompt-ids 8 \
   --mix 2,1,3,1,1,2 > "$tmp/out" 2> "$tmp/err" || fail "bench exit $?: $(cat "$tmp/err")"
-for t in run.start run.status ping stats workflow.list generate; do
+# how many of each type complete in 3 s depends on the build (sanitizers) and the load: these always do
+for t in run.start ping generate; do
   grep -q "^{\"type\":\"$t\",\"n\":[1-9][0-9]*,\"errors\":0," "$tmp/out" || fail "no error-free $t line: $(cat "$tmp/out")"
 done
-grep -q '^{"type":"all","clients":8,' "$tmp/out" || fail "no total line"
+! grep -v daemon_stats "$tmp/out" | grep -q '"errors":[1-9]' || fail "a request failed: $(cat "$tmp/out")"
+grep -q '^{"type":"all","clients":8,"seconds":[0-9.]*,"n":[1-9][0-9]*,"errors":0,' "$tmp/out" || fail "no error-free total line"
 grep -q '^{"type":"daemon_stats","stats":{.*"overhead"' "$tmp/out" || fail "no daemon stats line"
 kill -TERM "$dpid"; wait "$dpid"; rc=$?; dpid=
 [ "$rc" = 0 ] || fail "the daemon exited $rc"
