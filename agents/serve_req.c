@@ -1,5 +1,6 @@
 /* serve_req.c - the daemon's requests besides workflows and runs (docs/protocol.md): model.load / model.unload /
- * model.list, generate (a model's tokens streamed straight, no workflow), segment.put / get / drop (KV segments
+ * model.list, generate (a model's tokens streamed straight, no workflow: a job of the runtime's engine) and
+ * generate.cancel, segment.put / get / drop (KV segments
  * kept by the daemon, checked against a loaded model, given back byte for byte), attribute (blame of an ended
  * run), the error-schema cache (cache.stats / show / pin / evict / label), and the daemon's own time per request
  * (the overhead histograms `stats` reports). Everything through the public API (include/kvmesh.h); the decoder
