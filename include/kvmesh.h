@@ -506,6 +506,59 @@ int kvm_workflow_drive(kvm_workflow_t *wf);
 int kvm_runtime_step(kvm_runtime_t *rt);
 /* Runs started and not yet ended, over every workflow of rt. */
 int kvm_runtime_n_active(const kvm_runtime_t *rt);
+/* Generation jobs: a prompt generated on one of the runtime's models as a job of its engine, like an agent step
+ * (batched with the runs' steps in the same forward passes, its KV taken from and given back to the model's pool,
+ * reusing exact prefix hits), for programs that serve generation beside runs (the daemon's generate request). The
+ * job advances inside kvm_runtime_step; its events come from there: a KVM_RUN_TOKEN per piece of output as it
+ * becomes final, then exactly one KVM_RUN_END. Every pointer is valid only during the callback. */
+typedef struct kvm_gen_event {
+    int kind;                /* KVM_RUN_TOKEN or KVM_RUN_END */
+    uint64_t job;            /* kvm_runtime_generate's *job */
+    int32_t token_id;        /* TOKEN */
+    const char *text;        /* TOKEN: bytes, not NUL-terminated (a piece may be empty); END: the output (stop string
+                                removed), NUL-terminated, "" on an error */
+    size_t len;
+    int status;              /* END: 0, or KVM_ECANCELED (kvm_runtime_generate_cancel), KVM_ETIMEDOUT (deadline_ms),
+                                KVM_ENOMEM (the KV pool cannot hold it), ... */
+    const char *message;     /* END: NULL if ok */
+    const int32_t *ids;      /* END: the generated ids (stop id excluded), n_ids of them */
+    int n_ids;
+    int n_prompt;            /* END: prompt tokens */
+    int kv_exact;            /* END: prompt tokens whose KV was an exact prefix hit (not computed) */
+    int stop_reason;         /* END: enum kvm_stop_reason */
+    double queue_ms, ttft_ms, decode_ms; /* END */
+} kvm_gen_event_t;
+
+typedef void (*kvm_gen_event_fn)(void *ud, const kvm_gen_event_t *e);
+
+typedef struct kvm_gen_request {
+    const char *model;       /* the model's path, opened through the runtime as a workflow's kvmesh.model(path) is (the
+                                same model, KV pool and engine as the workflows naming that path) */
+    const char *prompt;      /* a text prompt (params.chat renders it in the model's chat format, with params.system);
+                                the model needs a tokenizer */
+    const int32_t *ids;      /* or the prompt as token ids, each in [0, vocab_size), nothing added (copied) */
+    int n_ids;
+    kvm_generate_params_t params; /* max_tokens, temperature (< 0: the model's generation_config), top_k, top_p,
+                                     repetition_penalty, seed, stop strings, ignore_eos, chat, system; max_total_tokens
+                                     must stay 0 (KVM_EUNSUPPORTED otherwise) */
+    double deadline_ms;      /* > 0: the job ends with KVM_ETIMEDOUT once this long has passed since it was submitted
+                                (checked at every generated token; its KV goes back at once); 0 = none */
+    kvm_gen_event_fn on_event; /* may be NULL */
+    void *ud;
+} kvm_gen_request_t;
+
+/* Queues a generation job; *job receives its id (> 0). Nothing executes until kvm_runtime_step. KVM_EINVAL naming
+ * the field for a bad request (no model, no prompt or both, bad params), KVM_ERANGE for an id out of range, the
+ * model's error when it cannot be opened. */
+int kvm_runtime_generate(kvm_runtime_t *rt, const kvm_gen_request_t *req, uint64_t *job);
+/* Ends a job with code (0 = KVM_ECANCELED) and message (NULL = "canceled"): one waiting for KV ends now, one being
+ * decoded stops at its next token (a prompt being prefilled finishes its prefill first); its KV goes back to the
+ * pool when it ends, at the next kvm_runtime_step, which delivers its KVM_RUN_END with that code. 0; KVM_ENOENT for
+ * no such job going. Not from inside an event callback. */
+int kvm_runtime_generate_cancel(kvm_runtime_t *rt, uint64_t job, int code, const char *message);
+/* Generation jobs queued and not yet ended. */
+int kvm_runtime_n_generating(const kvm_runtime_t *rt);
+
 /* Ends a run now with code (0 = KVM_ECANCELED; KVM_ETIMEDOUT for a deadline) and message (NULL = the
  * code's description): its agent steps in flight stop at their next token (one still prefilling finishes
  * its prefill) and give their KV back, anchors it staged are dropped, its trace ends with the status. Its

@@ -233,6 +233,97 @@ static void test_a_model_loads_tokenizes_and_generates(void **s) {
     kvm_model_free(m);
 }
 
+/* Generation jobs (kvm_runtime_generate): what a job streams and ends with. */
+typedef struct genlog {
+    int tokens, ends, status, n_ids;
+    int32_t ids[64];
+    char text[512];
+    size_t streamed;
+    char streamed_text[512];
+} genlog_t;
+
+static void on_gen(void *ud, const kvm_gen_event_t *e) {
+    genlog_t *g = ud;
+    if (e->kind == KVM_RUN_TOKEN) {
+        g->tokens++;
+        if (g->streamed + e->len < sizeof g->streamed_text) memcpy(g->streamed_text + g->streamed, e->text, e->len), g->streamed += e->len;
+        return;
+    }
+    g->ends++;
+    g->status = e->status;
+    g->n_ids = e->n_ids < 64 ? e->n_ids : 64;
+    if (e->ids) memcpy(g->ids, e->ids, (size_t)g->n_ids * sizeof *g->ids);
+    snprintf(g->text, sizeof g->text, "%s", e->text ? e->text : "");
+}
+
+static void test_a_generation_job_matches_direct_generation_and_can_be_canceled(void **s) {
+    (void)s;
+    kvm_runtime_params_t rp = kvm_runtime_default_params();
+    rp.model.backend = "cpu";
+    rp.quiet = true;
+    kvm_runtime_t *rt = kvm_runtime_create(&rp);
+    assert_non_null(rt);
+    /* bad requests are refused, naming what */
+    uint64_t job = 99;
+    kvm_gen_request_t bad = {.model = MINI, .params = kvm_generate_default_params()};
+    assert_int_equal(kvm_runtime_generate(rt, &bad, &job), KVM_EINVAL); /* no prompt */
+    assert_int_equal(job, 0);
+    const int32_t far[2] = {1, 1 << 20};
+    bad.ids = far;
+    bad.n_ids = 2;
+    assert_int_equal(kvm_runtime_generate(rt, &bad, &job), KVM_ERANGE);
+    assert_non_null(strstr(kvm_errmsg(), "index 1"));
+    bad.params.max_total_tokens = 10;
+    bad.ids = far;
+    bad.n_ids = 1;
+    assert_int_equal(kvm_runtime_generate(rt, &bad, &job), KVM_EUNSUPPORTED);
+    assert_int_equal(kvm_runtime_n_generating(rt), 0);
+
+    /* greedy: the job gives what kvm_model_generate gives, streamed and at its end */
+    kvm_model_params_t mp = kvm_model_default_params();
+    mp.backend = "cpu";
+    mp.quiet = true;
+    kvm_model_t *m = kvm_model_load(MINI, &mp);
+    assert_non_null(m);
+    kvm_generate_params_t gp = kvm_generate_default_params();
+    gp.max_tokens = 12;
+    gp.temperature = 0;
+    kvm_generation_t direct;
+    assert_int_equal(kvm_model_generate(m, "Once upon a time", &gp, NULL, NULL, &direct), 0);
+    genlog_t g = {0};
+    kvm_gen_request_t rq = {.model = MINI, .prompt = "Once upon a time", .params = gp, .on_event = on_gen, .ud = &g};
+    assert_int_equal(kvm_runtime_generate(rt, &rq, &job), 0);
+    assert_true(job > 0);
+    assert_int_equal(kvm_runtime_n_generating(rt), 1);
+    for (int i = 0; i < 10000 && kvm_runtime_n_generating(rt) > 0; i++) assert_true(kvm_runtime_step(rt) >= 0);
+    assert_int_equal(g.ends, 1);
+    assert_int_equal(g.status, 0);
+    assert_int_equal(g.n_ids, direct.n_ids);
+    assert_memory_equal(g.ids, direct.ids, (size_t)direct.n_ids * sizeof *direct.ids);
+    assert_string_equal(g.text, direct.text);
+    assert_true(g.tokens >= 1);
+    assert_int_equal(g.streamed, strlen(direct.text));
+    kvm_generation_clear(&direct);
+    kvm_model_free(m);
+
+    /* a long job canceled: its end carries the code; an ended job cannot be canceled */
+    genlog_t c = {0};
+    const int32_t ids[4] = {1, 5, 9, 13};
+    kvm_gen_request_t lq = {.model = MINI, .ids = ids, .n_ids = 4, .params = kvm_generate_default_params(), .on_event = on_gen, .ud = &c};
+    lq.params.max_tokens = 400;
+    lq.params.ignore_eos = true;
+    assert_int_equal(kvm_runtime_generate(rt, &lq, &job), 0);
+    for (int i = 0; i < 5; i++) kvm_runtime_step(rt);
+    assert_int_equal(c.ends, 0);
+    assert_int_equal(kvm_runtime_generate_cancel(rt, job, 0, "enough"), 0);
+    for (int i = 0; i < 100 && kvm_runtime_n_generating(rt) > 0; i++) kvm_runtime_step(rt);
+    assert_int_equal(c.ends, 1);
+    assert_int_equal(c.status, KVM_ECANCELED);
+    assert_true(c.tokens < 400);
+    assert_int_equal(kvm_runtime_generate_cancel(rt, job, 0, NULL), KVM_ENOENT);
+    kvm_runtime_free(rt);
+}
+
 static void test_a_missing_model_is_an_error_naming_the_path(void **s) {
     (void)s;
     assert_null(kvm_model_load("/nonexistent/model-dir", NULL));
@@ -344,6 +435,7 @@ int main(void) {
         cmocka_unit_test(test_a_script_error_names_the_chunk_and_line),
         cmocka_unit_test(test_two_workflows_share_the_runtime_engine),
         cmocka_unit_test(test_a_model_loads_tokenizes_and_generates),
+        cmocka_unit_test(test_a_generation_job_matches_direct_generation_and_can_be_canceled),
         cmocka_unit_test(test_a_missing_model_is_an_error_naming_the_path),
         cmocka_unit_test(test_a_tokenizer_loads_on_its_own),
         cmocka_unit_test(test_a_host_function_is_callable_from_scripts),

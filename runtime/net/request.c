@@ -39,6 +39,7 @@ static const field_t k_wf_name[] = {{"name", K_STR}, {NULL, 0}};
 static const field_t k_run_start[] = {{"workflow", K_STR}, {"inputs", K_OBJ}, {"seed", K_SEED},
                                       {"dataset", K_BOOL}, {"stream", K_ARR}, {"kv", K_STR}, {NULL, 0}};
 static const field_t k_run_id[] = {{"run_id", K_STR}, {NULL, 0}};
+static const field_t k_request_id[] = {{"request_id", K_STR}, {NULL, 0}};
 static const field_t k_trace_get[] = {{"run_id", K_STR}, {"format", K_STR}, {NULL, 0}};
 static const field_t k_run_resume[] = {{"run_id", K_STR}, {"value", K_ANY}, {NULL, 0}};
 static const field_t k_model_load[] = {{"name", K_STR}, {"path", K_STR}, {"backend", K_STR}, {NULL, 0}};
@@ -86,6 +87,7 @@ static const schema_t k_schemas[] = {
     {KVM_REQ_SEGMENT_DROP, "segment.drop", k_seg_id, false},
     {KVM_REQ_TOOL_REGISTER, "tool.register", k_tool_register, false},
     {KVM_REQ_TOOL_RESULT, "tool.result", k_tool_result, false},
+    {KVM_REQ_GENERATE_CANCEL, "generate.cancel", k_request_id, false},
 };
 #define N_SCHEMAS (sizeof k_schemas / sizeof k_schemas[0])
 
@@ -566,6 +568,8 @@ static int decode_body(const cJSON *h, const kvm_req_frame_t *pay, int n_pay, co
         r->schema = cJSON_GetObjectItemCaseSensitive(h, "schema");
         return need_str(h, "name", name_ok, "a tool name (1 to 64 letters, digits, '_', '-' or '.')", &r->name, r->type_name, e);
     case KVM_REQ_TOOL_RESULT: return decode_tool_result(h, r, e);
+    case KVM_REQ_GENERATE_CANCEL:
+        return need_str(h, "request_id", id_ok, "the id of a generate request of this client", &r->run_id, r->type_name, e);
     case KVM_REQ_TRACE_GET:
         fmt = str_of(h, "format");
         if (fmt && strcmp(fmt, "jsonl")) return fail(e, KVM_EINVAL, "format", "trace.get: field 'format' must be \"jsonl\"");

@@ -51,6 +51,7 @@ enum kvm_req_type {
     KVM_REQ_SEGMENT_DROP,
     KVM_REQ_TOOL_REGISTER,
     KVM_REQ_TOOL_RESULT,
+    KVM_REQ_GENERATE_CANCEL,        /* generate.cancel {request_id}: the id (in run_id) of a generate of the same client */
 };
 
 /* Streams a run.start asks for (`stream`). */
