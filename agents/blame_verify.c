@@ -112,6 +112,110 @@ int kvm_blame_verify(kvm_runtime_t *rt, kvm_schema_cache_t *c, const char *run_d
         g.human_label = false;
         if (kvm_schema_cache_feedback(c, b, &g) < 0 || (out->schema_id = kvm_schema_cache_insert(c, &g, false)) < 0)
             rc = kvm_errcode() ? kvm_errcode() : KVM_ENOMEM;
+        if (!rc && p->judge) { /* the judge writes the entry's text; a judge that fails leaves the stub (said in judge_status) */
+            out->judge_status = kvm_schema_distill(c, out->schema_id, &g, p->judge, p->judge_params);
+            if (out->judge_status) snprintf(out->judge_error, sizeof out->judge_error, "%s", kvm_errmsg());
+            out->distilled = out->judge_status == 0;
+        }
     }
+    return rc;
+}
+
+/* ---- the LLM-written schema text (correct.md §3.2) ----------------------------------------------------------- */
+
+kvm_judge_params_t kvm_judge_default_params(void) {
+    return (kvm_judge_params_t){.max_tokens = 512, .max_prompt_bytes = 8192, .temperature = 0.7f, .top_p = 0.95f};
+}
+
+/* Appends at most cap bytes of s to b (cut at a byte boundary; the scrub later makes stray bytes spaces). */
+static void put_cut(char *b, size_t bcap, size_t *len, const char *s, size_t cap) {
+    size_t n = s ? strlen(s) : 0;
+    if (n > cap) n = cap;
+    if (*len + n >= bcap) n = bcap - *len - 1;
+    memcpy(b + *len, s, n);
+    *len += n;
+    b[*len] = '\0';
+}
+
+/* The judge's prompt: the instruction, the task, the label and the transcript ("Step i: agent: content"), the
+ * transcript cut to budget bytes (each step to a share of it). New string or NULL (no memory). */
+static char *judge_prompt(const kvm_failure_t *f, size_t budget) {
+    static const char head[] =
+        "You write an error schema: a note that helps recognise this kind of mistake in future multi-agent "
+        "conversations. Do not explain how to fix the agents.\n";
+    static const char tail[] =
+        "\nWrite three sections with these headings: Error Signatures (tell-tale behaviours and markers of this "
+        "error), Error Context Analysis (what happened before it), Detection Heuristics (concrete questions to ask "
+        "and key phrases to look for).\n";
+    size_t cap = sizeof head + sizeof tail + budget + 1024 + 256;
+    char *b = kvm_malloc(cap);
+    if (!b) return NULL;
+    size_t len = 0;
+    b[0] = '\0';
+    put_cut(b, cap, &len, head, sizeof head);
+    put_cut(b, cap, &len, "Task: ", 6);
+    put_cut(b, cap, &len, f->question ? f->question : "", 512);
+    char line[160];
+    snprintf(line, sizeof line, "\nThe decisive mistake: agent %.64s, step %d.\nConversation:\n", f->gold_agent ? f->gold_agent : "?",
+             f->gold_step);
+    put_cut(b, cap, &len, line, sizeof line);
+    size_t per = f->n_steps > 0 ? budget / (size_t)f->n_steps : budget, used = 0;
+    if (per < 64) per = 64;
+    for (int i = 0; i < f->n_steps && used < budget; i++) {
+        size_t before = len;
+        snprintf(line, sizeof line, "Step %d: %.64s: ", i, f->steps[i].agent ? f->steps[i].agent : "?");
+        put_cut(b, cap, &len, line, sizeof line);
+        size_t room = budget - used < per ? budget - used : per;
+        put_cut(b, cap, &len, f->steps[i].content ? f->steps[i].content : "", room);
+        put_cut(b, cap, &len, "\n", 1);
+        used += len - before;
+    }
+    put_cut(b, cap, &len, tail, sizeof tail);
+    return b;
+}
+
+int kvm_schema_distill(kvm_schema_cache_t *c, int id, const kvm_failure_t *f, kvm_model_t *judge, const kvm_judge_params_t *params) {
+    if (!c || !f || !judge) return kvm_seterr(KVM_EINVAL, "kvm_schema_distill: a cache, a failure and a judge model are needed");
+    const kvm_judge_params_t def = kvm_judge_default_params();
+    const kvm_judge_params_t *p = params ? params : &def;
+    if (p->max_tokens < 1 || p->max_tokens > 4096 || p->max_prompt_bytes < 256 || p->max_prompt_bytes > (1u << 20))
+        return kvm_seterr(KVM_EINVAL, "kvm_schema_distill: max_tokens must be in 1..4096 (got %d) and max_prompt_bytes in "
+                          "256..1048576 (got %zu)", p->max_tokens, p->max_prompt_bytes);
+    if (!f->gold_agent || f->gold_step < 0 || f->gold_step >= f->n_steps)
+        return kvm_seterr(KVM_EINVAL, "kvm_schema_distill: the failure '%s' is not labelled (gold agent and step)", f->id ? f->id : "");
+    char *have = kvm_schema_cache_text(c, id); /* also: KVM_ENOENT for an unknown id */
+    if (!have && kvm_errcode() == KVM_ENOENT) return KVM_ENOENT;
+    kvm_free(have);
+    kvm_model_info_t info;
+    kvm_model_info(judge, &info);
+    const kvm_tokenizer_t *tok = kvm_model_tokenizer(judge);
+    kvm_generate_params_t gp = kvm_generate_default_params();
+    gp.max_tokens = p->max_tokens;
+    if (info.max_context > 0 && gp.max_tokens > info.max_context / 2) gp.max_tokens = info.max_context / 2 > 0 ? info.max_context / 2 : 1;
+    gp.temperature = p->temperature;
+    gp.top_p = p->top_p;
+    gp.seed = p->seed;
+    gp.chat = info.chat_format && strcmp(info.chat_format, "none") != 0;
+    /* the prompt, cut until it fits the judge's context beside its answer */
+    char *prompt = NULL;
+    for (size_t budget = p->max_prompt_bytes;; budget /= 2) {
+        kvm_free(prompt);
+        if (!(prompt = judge_prompt(f, budget))) return kvm_seterr(KVM_ENOMEM, "out of memory writing the judge's prompt");
+        int32_t *ids = NULL;
+        int n = 0;
+        if (!tok || info.max_context <= 0 || budget < 128) break;
+        if (kvm_tokenize(tok, prompt, strlen(prompt), KVM_TOK_ADD_BOS, &ids, &n)) break;
+        kvm_free(ids);
+        if (n + gp.max_tokens + 64 <= info.max_context) break; /* 64: the chat markup */
+    }
+    kvm_generation_t g = {0};
+    int rc = kvm_model_generate(judge, prompt, &gp, NULL, NULL, &g);
+    kvm_free(prompt);
+    if (rc) {
+        kvm_generation_clear(&g);
+        return kvm_errctx(rc, "the judge %s writing the text of schema %d", info.name, id);
+    }
+    rc = kvm_schema_cache_set_text(c, id, g.text ? g.text : "", info.name);
+    kvm_generation_clear(&g);
     return rc;
 }
