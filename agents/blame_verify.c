@@ -154,7 +154,7 @@ static char *judge_prompt(const kvm_failure_t *f, size_t budget) {
     b[0] = '\0';
     put_cut(b, cap, &len, head, sizeof head);
     put_cut(b, cap, &len, "Task: ", 6);
-    put_cut(b, cap, &len, f->question ? f->question : "", 512);
+    put_cut(b, cap, &len, f->question ? f->question : "", budget / 4 < 512 ? budget / 4 : 512);
     char line[160];
     snprintf(line, sizeof line, "\nThe decisive mistake: agent %.64s, step %d.\nConversation:\n", f->gold_agent ? f->gold_agent : "?",
              f->gold_step);
@@ -198,15 +198,25 @@ int kvm_schema_distill(kvm_schema_cache_t *c, int id, const kvm_failure_t *f, kv
     gp.chat = info.chat_format && strcmp(info.chat_format, "none") != 0;
     /* the prompt, cut until it fits the judge's context beside its answer */
     char *prompt = NULL;
+    int n = 0;
     for (size_t budget = p->max_prompt_bytes;; budget /= 2) {
         kvm_free(prompt);
         if (!(prompt = judge_prompt(f, budget))) return kvm_seterr(KVM_ENOMEM, "out of memory writing the judge's prompt");
         int32_t *ids = NULL;
-        int n = 0;
-        if (!tok || info.max_context <= 0 || budget < 128) break;
+        n = 0;
+        if (!tok || info.max_context <= 0) break;
         if (kvm_tokenize(tok, prompt, strlen(prompt), KVM_TOK_ADD_BOS, &ids, &n)) break;
         kvm_free(ids);
-        if (n + gp.max_tokens + 64 <= info.max_context) break; /* 64: the chat markup */
+        if (n + gp.max_tokens + 64 <= info.max_context || budget == 0) break; /* 64: the chat markup */
+    }
+    if (tok && info.max_context > 0) { /* what is left of the context is the answer's */
+        int room = info.max_context - n - 64;
+        if (room < 16) {
+            kvm_free(prompt);
+            return kvm_seterr(KVM_ERANGE, "the judge %s: its context of %d tokens cannot hold the prompt (%d tokens with no "
+                              "transcript) and an answer", info.name, info.max_context, n);
+        }
+        if (gp.max_tokens > room) gp.max_tokens = room;
     }
     kvm_generation_t g = {0};
     int rc = kvm_model_generate(judge, prompt, &gp, NULL, NULL, &g);
