@@ -193,7 +193,7 @@ void kvm_runtime_free(kvm_runtime_t *rt) {
 /* Names the Lua API keeps for itself (kvmesh.<name> and the first segment of a dotted name). */
 static bool builtin_name(const char *seg, size_t n) {
     static const char *const names[] = {"model", "agent", "graph", "json", "START", "END", "version", "reduce", "now_ms",
-                                        "tool", "interrupt", NULL};
+                                        "tool", "interrupt", "blame", NULL};
     for (int i = 0; names[i]; i++)
         if (strlen(names[i]) == n && !strncmp(names[i], seg, n)) return true;
     return false;
@@ -699,4 +699,41 @@ int kvm_trace_replay(kvm_runtime_t *rt, const char *run_dir, kvm_replay_t *out) 
                               .max_instructions = rt->p.run_instructions,
                               .lua_cpu_ms = rt->p.run_lua_ms, .run_mem_cap_bytes = rt->p.run_mem_bytes};
     return kvm_wf_replay(run_dir, &o, out);
+}
+
+/* ---- kvmesh.blame (wf_lua.c): blame of an ended run of the same runtime ------------------------------------ */
+
+int wf_api_blame(kvm_workflow_t *wf, const char *run_id, int k, kvm_blame_t *out, int *n_steps, char *why, size_t cap) {
+    kvm_runtime_t *rt = wf->api ? wf->api->rt : NULL;
+    if (!rt) return snprintf(why, cap, "the workflow has no runtime"), KVM_EINVAL;
+    const wf_run_t *cur = wf->cur_run ? wf->cur_run->root : NULL;
+    if (cur && !strcmp(cur->id, run_id))
+        return snprintf(why, cap, "run %s is the run calling kvmesh.blame: it has not ended", run_id), KVM_EBUSY;
+    const kvm_workflow_t *owner = NULL;
+    int idx = -1;
+    for (int i = 0; i < rt->n_workflows && idx < 0; i++)
+        for (int j = 0; j < rt->wfs[i]->n_runs && idx < 0; j++)
+            if (!rt->wfs[i]->runs[j]->parent && !strcmp(rt->wfs[i]->runs[j]->id, run_id)) owner = rt->wfs[i], idx = j;
+    if (idx < 0) return snprintf(why, cap, "no run %.40s in this runtime", run_id), KVM_ENOENT;
+    int st = kvm_wf_run_status(owner, idx, NULL);
+    if (st == KVM_EBUSY || st == KVM_EINTERRUPTED)
+        return snprintf(why, cap, "run %s has not ended (ask again once it has)", run_id), KVM_EBUSY;
+    const char *d = kvm_wf_run_trace_dir(owner, idx);
+    if (!d) return snprintf(why, cap, "run %s has no trace (the runtime keeps none: trace_root)", run_id), KVM_ENOENT;
+    char dir[4096];
+    snprintf(dir, sizeof dir, "%s", d);
+    kvm_errclear();
+    kvm_failure_t *f = kvm_failure_from_trace(dir);
+    kvm_schema_cache_t *c = f ? kvm_runtime_schema_cache(rt) : NULL;
+    int rc = f && c ? 0 : kvm_errcode() ? kvm_errcode() : KVM_EIO;
+    if (!rc) {
+        kvm_blame_params_t p = kvm_blame_default_params();
+        p.k = k;
+        p.count_hit = false; /* a script's question leaves the cache as it was */
+        rc = kvm_blame(c, f, &p, out);
+        *n_steps = f->n_steps;
+    }
+    if (rc) snprintf(why, cap, "run %s: %s", run_id, kvm_errmsg());
+    kvm_failure_free(f);
+    return rc;
 }
