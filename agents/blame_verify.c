@@ -7,6 +7,8 @@
 
 #include <kvmesh.h>
 
+#include <kvmesh_lab.h> /* kvm_now_ns */
+
 #include "../runtime/core/core.h" /* kvm_seterr, kvm_errctx */
 
 kvm_verify_params_t kvm_verify_default_params(void) { return (kvm_verify_params_t){.budget = 3, .pass_score = 1.0, .kv = "dense"}; }
@@ -28,8 +30,8 @@ static uint64_t fnv(const char *s) {
 
 /* One replay of run_dir from trace step `step` (output NULL: generated again with seed under kv); its end and score
  * into *o. 0, or KVM_E* when the replay could not start (a run that fails is a result, not an error). */
-static int replay_once(kvm_workflow_t *wf, const char *run_dir, int step, const char *output, uint64_t seed, const char *kv,
-                       double pass_score, kvm_verify_replay_t *o) {
+static int replay_once(kvm_runtime_t *rt, kvm_workflow_t *wf, const char *run_dir, int step, const char *output, uint64_t seed,
+                       const char *kv, double pass_score, uint64_t deadline_ns, bool *timed_out, kvm_verify_replay_t *o) {
     kvm_run_params_t p = kvm_run_default_params();
     p.resume_trace = run_dir;
     p.replay = true;
@@ -39,7 +41,25 @@ static int replay_once(kvm_workflow_t *wf, const char *run_dir, int step, const 
     p.kv = output ? NULL : kv;
     kvm_run_t *r = kvm_run_start(wf, &p);
     if (!r) return kvm_errcode() ? kvm_errcode() : KVM_EINVAL;
-    if (kvm_workflow_drive(wf) < 0) return kvm_errcode() ? kvm_errcode() : KVM_EIO;
+    if (!deadline_ns) {
+        if (kvm_workflow_drive(wf) < 0) return kvm_errcode() ? kvm_errcode() : KVM_EIO;
+    } else { /* stepped here, so that the deadline can cancel it (it ends at its next token) */
+        bool canceled = false;
+        while (kvm_run_status(r, NULL) == KVM_EBUSY) {
+            if (!canceled && kvm_now_ns() > deadline_ns) {
+                kvm_run_cancel(r, KVM_ETIMEDOUT, "verify: the deadline passed");
+                canceled = *timed_out = true;
+            }
+            int n = kvm_runtime_step(rt);
+            if (n < 0) return kvm_errcode() ? kvm_errcode() : KVM_EIO;
+            if (n == 0 && kvm_run_status(r, NULL) == KVM_EBUSY) { /* nothing can move it (a tool that answers later) */
+                if (!canceled) kvm_run_cancel(r, KVM_ETIMEDOUT, "verify: the replay waits for something that does not come");
+                canceled = true;
+                kvm_runtime_step(rt);
+                break;
+            }
+        }
+    }
     o->status = kvm_run_status(r, NULL);
     const char *dir = kvm_run_trace_dir(r);
     snprintf(o->run_dir, sizeof o->run_dir, "%s", dir ? dir : "");
@@ -55,6 +75,7 @@ int kvm_blame_verify(kvm_runtime_t *rt, kvm_schema_cache_t *c, const char *run_d
     const kvm_verify_params_t *p = params ? params : &def;
     if (p->budget < 0 || p->budget > KVM_VERIFY_MAX)
         return kvm_seterr(KVM_EINVAL, "kvm_blame_verify: budget %d is outside 0..%d", p->budget, KVM_VERIFY_MAX);
+    if (!(p->timeout_ms >= 0)) return kvm_seterr(KVM_EINVAL, "kvm_blame_verify: timeout_ms %g is not >= 0", p->timeout_ms);
     memset(out, 0, sizeof *out);
     out->step = out->schema_id = -1;
     out->control.step = -1;
@@ -67,7 +88,9 @@ int kvm_blame_verify(kvm_runtime_t *rt, kvm_schema_cache_t *c, const char *run_d
     }
     /* the control: every agent step given its recorded output (the last step: given too, or run again when a node) */
     const kvm_failure_step_t *last = &f->steps[n];
-    rc = replay_once(wf, run_dir, n - 1, last->tool_result || last->error ? NULL : last->content, 0, NULL, p->pass_score, &out->control);
+    uint64_t deadline = p->timeout_ms > 0 ? kvm_now_ns() + (uint64_t)(p->timeout_ms * 1e6) : 0;
+    rc = replay_once(rt, wf, run_dir, n - 1, last->tool_result || last->error ? NULL : last->content, 0, NULL, p->pass_score,
+                     deadline, &out->timed_out, &out->control);
     if (rc) rc = kvm_errctx(rc, "verifying %s: the control replay (recorded outputs)", run_dir);
     if (rc || out->control.passed) {
         kvm_workflow_free(wf);
@@ -90,13 +113,17 @@ int kvm_blame_verify(kvm_runtime_t *rt, kvm_schema_cache_t *c, const char *run_d
             order[j - 1] = x;
         }
     uint64_t base = p->seed ? p->seed : fnv(f->id);
-    for (int i = 0; !rc && i < n_order; i++) {
+    for (int i = 0; !rc && i < n_order && !out->timed_out; i++) {
         int t = order[i];
+        if (deadline && kvm_now_ns() > deadline) { /* no replay starts after the deadline */
+            out->timed_out = true;
+            break;
+        }
         kvm_verify_replay_t *o = &out->replay[out->n_replays++];
         o->step = t;
         kvm_agent_normalize(f->steps[t].agent, o->agent, sizeof o->agent);
         o->seed = fresh_seed(base, t);
-        rc = replay_once(wf, run_dir, t - 1, NULL, o->seed, p->kv, p->pass_score, o);
+        rc = replay_once(rt, wf, run_dir, t - 1, NULL, o->seed, p->kv, p->pass_score, deadline, &out->timed_out, o);
         if (rc) rc = kvm_errctx(rc, "verifying %s: replaying step %d", run_dir, t);
         else if (o->passed) {
             out->step = t;

@@ -890,6 +890,9 @@ typedef struct kvm_verify_params {
     kvm_model_t *judge;  /* with a cache: the confirmed failure's text is written by this model (kvm_schema_distill);
                             NULL = no judge (the stub stands) */
     const kvm_judge_params_t *judge_params; /* NULL = kvm_judge_default_params() */
+    double timeout_ms;   /* > 0: verify ends within about this long (a daemon's request deadline): no replay starts
+                            after it, and the replay going then is canceled (KVM_ETIMEDOUT, not passed) and stepped to its
+                            end; 0 = none (kvm_workflow_drive runs each replay to its end) */
 } kvm_verify_params_t;
 
 kvm_verify_params_t kvm_verify_default_params(void);
@@ -913,6 +916,7 @@ typedef struct kvm_verify {
     int step;            /* the confirmed decisive step (blame's numbering), -1 when no replay passed */
     char agent[64];      /* its agent, normalised */
     int schema_id;       /* the cache entry the confirmed failure went into (-1: none, or no cache) */
+    bool timed_out;      /* timeout_ms passed: a replay was canceled or not started */
     bool distilled;      /* the judge wrote that entry's text */
     int judge_status;    /* 0, or why the judge could not (the confirmation stands; the entry keeps its stub) */
     char judge_error[256];
