@@ -72,6 +72,13 @@ static void test_kv_policy_names_round_trip(void **s) {
     assert_non_null(strstr(kvm_errmsg(), "kvcom"));
 }
 
+/* Removes a test's temporary folder (made by mkdtemp: no quote in its name). */
+static void remove_tree(const char *dir) {
+    char cmd[300];
+    snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
+    assert_int_equal(system(cmd), 0);
+}
+
 static void count_step(void *ud, const kvm_step_event_t *e) {
     int *n = ud;
     assert_non_null(e->run);
@@ -135,9 +142,7 @@ static void test_a_workflow_runs_on_the_mock_model_and_reports_its_steps(void **
     kvm_free(stats);
     kvm_workflow_free(wf);
     kvm_runtime_free(rt);
-    char cmd[300];
-    snprintf(cmd, sizeof cmd, "rm -rf '%s'", tmpl);
-    assert_int_equal(system(cmd), 0);
+    remove_tree(tmpl);
 }
 
 static void test_bad_run_inputs_name_the_offset_and_start_nothing(void **s) {
@@ -417,9 +422,7 @@ static void test_kvmesh_blame_ranks_an_ended_run_of_the_runtime_and_refuses_the_
     kvm_workflow_free(asker);
     kvm_workflow_free(pair);
     kvm_runtime_free(rt);
-    char cmd[300];
-    snprintf(cmd, sizeof cmd, "rm -rf '%s'", tmpl);
-    assert_int_equal(system(cmd), 0);
+    remove_tree(tmpl);
 }
 
 int main(void) {
