@@ -723,7 +723,9 @@ int wf_api_blame(kvm_workflow_t *wf, const char *run_id, int k, kvm_blame_t *out
     char dir[4096];
     snprintf(dir, sizeof dir, "%s", d);
     kvm_errclear();
-    kvm_failure_t *f = kvm_failure_from_trace(dir);
+    kvm_failure_t *f = kvm_failure_from_trace(dir); /* charged to the calling run (freed below) */
+    /* the cache is the runtime's: what it allocates (opening, cached vectors) is charged to no run */
+    kvm_account_t *acct = kvm_account_enter(NULL);
     kvm_schema_cache_t *c = f ? kvm_runtime_schema_cache(rt) : NULL;
     int rc = f && c ? 0 : kvm_errcode() ? kvm_errcode() : KVM_EIO;
     if (!rc) {
@@ -733,6 +735,7 @@ int wf_api_blame(kvm_workflow_t *wf, const char *run_id, int k, kvm_blame_t *out
         rc = kvm_blame(c, f, &p, out);
         *n_steps = f->n_steps;
     }
+    kvm_account_enter(acct);
     if (rc) snprintf(why, cap, "run %s: %s", run_id, kvm_errmsg());
     kvm_failure_free(f);
     return rc;

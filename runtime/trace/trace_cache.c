@@ -850,7 +850,10 @@ char *kvm_schema_cache_text(const kvm_schema_cache_t *c, int id) {
         kvm_seterr(KVM_ENOENT, "schema cache: no entry %d", id);
         return NULL;
     }
-    if (!e->text) return NULL;
+    if (!e->text) {
+        kvm_errclear(); /* no text: not an error */
+        return NULL;
+    }
     char *r = kvm_strdup(e->text);
     if (!r) kvm_seterr(KVM_ENOMEM, "out of memory");
     return r;
