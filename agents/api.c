@@ -55,6 +55,7 @@ struct kvm_runtime {
     int n_fns;
     wf_tools_t tools;         /* kvm_runtime_add_tool */
     kvm_schema_cache_t *schemas; /* the error-schema cache (kvm_runtime_schema_cache), opened on first use */
+    kvm_model_t *judge;          /* p.judge_model, loaded on first use (kvm_runtime_judge) */
 };
 
 kvm_runtime_params_t kvm_runtime_default_params(void) {
@@ -81,6 +82,7 @@ static int runtime_check(const kvm_runtime_params_t *p) {
         return kvm_seterr(KVM_EINVAL, "runtime parameters: max_batch_tokens, max_active and n_kvcomm must be >= 0 "
                           "(and kvcomm set when n_kvcomm > 0)");
     if (p->state_dir && !*p->state_dir) return kvm_seterr(KVM_EINVAL, "runtime parameter state_dir: empty (NULL = none)");
+    if (p->judge_model && !*p->judge_model) return kvm_seterr(KVM_EINVAL, "runtime parameter judge_model: empty (NULL = none)");
     if (p->run_lua_ms < 0) return kvm_seterr(KVM_EINVAL, "runtime parameter run_lua_ms: %g is negative", p->run_lua_ms);
     if (!(p->kv_wait_ms >= 0)) return kvm_seterr(KVM_EINVAL, "runtime parameter kv_wait_ms: %g is not >= 0", p->kv_wait_ms);
     /* the KVCOMM settings are applied to every model the engine opens: check them now, on a scratch config */
@@ -100,7 +102,7 @@ static int runtime_check(const kvm_runtime_params_t *p) {
 static int runtime_keep_strings(kvm_runtime_t *rt) {
     kvm_runtime_params_t *p = &rt->p;
     const char **fields[] = {&p->model.backend, &p->model.tokenizer_path, &p->model.weight_dtype, &p->model.kv_dtype,
-                             &p->trace_root, &p->model_override, &p->state_dir};
+                             &p->trace_root, &p->model_override, &p->state_dir, &p->judge_model};
     for (size_t i = 0; i < sizeof fields / sizeof *fields; i++)
         if (keep_str(rt, fields[i])) return KVM_ENOMEM;
     if (p->n_kvcomm > 0) {
@@ -169,12 +171,25 @@ kvm_schema_cache_t *kvm_runtime_schema_cache(kvm_runtime_t *rt) {
     return rt->schemas;
 }
 
+kvm_model_t *kvm_runtime_judge(kvm_runtime_t *rt) {
+    kvm_errclear();
+    if (!rt || !rt->p.judge_model) return NULL;
+    if (!rt->judge) {
+        kvm_account_t *acct = kvm_account_enter(NULL); /* the runtime's, whoever asks */
+        rt->judge = kvm_model_load(rt->p.judge_model, &rt->p.model);
+        kvm_account_enter(acct);
+        if (!rt->judge) kvm_errctx(kvm_errcode() ? kvm_errcode() : KVM_EIO, "runtime parameter judge_model '%s'", rt->p.judge_model);
+    }
+    return rt->judge;
+}
+
 void kvm_runtime_free(kvm_runtime_t *rt) {
     if (!rt) return;
     KVM_ASSERT(rt->n_workflows == 0); /* free every workflow first */
     if (rt->schemas && kvm_schema_cache_save(rt->schemas))
         kvm_log(KVM_LOG_WARN, "runtime: saving the schema cache failed: %s", kvm_errmsg());
     kvm_schema_cache_free(rt->schemas);
+    kvm_model_free(rt->judge);
     wf_llm_free(rt->engine);
     kvm_free(rt->wfs);
     kvm_map_free(&rt->watched);

@@ -139,8 +139,13 @@ int kvm_blame_verify(kvm_runtime_t *rt, kvm_schema_cache_t *c, const char *run_d
         g.human_label = false;
         if (kvm_schema_cache_feedback(c, b, &g) < 0 || (out->schema_id = kvm_schema_cache_insert(c, &g, false)) < 0)
             rc = kvm_errcode() ? kvm_errcode() : KVM_ENOMEM;
-        if (!rc && p->judge) { /* the judge writes the entry's text; a judge that fails leaves the stub (said in judge_status) */
-            out->judge_status = kvm_schema_distill(c, out->schema_id, &g, p->judge, p->judge_params);
+        kvm_model_t *judge = rc ? NULL : p->judge ? p->judge : kvm_runtime_judge(rt); /* the params', else the runtime's */
+        if (!rc && !judge && kvm_errcode()) { /* the runtime's judge could not be loaded */
+            out->judge_status = kvm_errcode();
+            snprintf(out->judge_error, sizeof out->judge_error, "%s", kvm_errmsg());
+        }
+        if (judge) { /* the judge writes the entry's text; a judge that fails leaves the stub (said in judge_status) */
+            out->judge_status = kvm_schema_distill(c, out->schema_id, &g, judge, p->judge_params);
             if (out->judge_status) snprintf(out->judge_error, sizeof out->judge_error, "%s", kvm_errmsg());
             out->distilled = out->judge_status == 0;
         }

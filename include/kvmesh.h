@@ -300,6 +300,10 @@ typedef struct kvm_runtime_params {
      * finished fails with KVM_ENOMEM. 0 = the default, 300000 ms (5 min). A step whose prompt needs more KV
      * than the whole pool fails at once. */
     double kv_wait_ms;
+    /* The judge model (docs/correct.md, "The judge's text"): a path kvm_model_load opens (or "mock:echo") whose model
+     * writes the schema text of every failure kvm_blame_verify confirms on this runtime (unless its params name
+     * another judge). Loaded on first use (kvm_runtime_judge). NULL = no judge (schemata keep their stub). */
+    const char *judge_model;
 } kvm_runtime_params_t;
 
 kvm_runtime_params_t kvm_runtime_default_params(void);
@@ -888,7 +892,7 @@ typedef struct kvm_verify_params {
     const char *kv;      /* the policy a candidate step is generated again under ("dense"; NULL = the recorded one) */
     uint64_t seed;       /* the fresh sampling seeds derive from it (0: from the run id) */
     kvm_model_t *judge;  /* with a cache: the confirmed failure's text is written by this model (kvm_schema_distill);
-                            NULL = no judge (the stub stands) */
+                            NULL = the runtime's judge (kvm_runtime_params_t.judge_model), if any */
     const kvm_judge_params_t *judge_params; /* NULL = kvm_judge_default_params() */
     double timeout_ms;   /* > 0: verify ends within about this long (a daemon's request deadline): no replay starts
                             after it, and the replay going then is canceled (KVM_ETIMEDOUT, not passed) and stepped to its
@@ -932,6 +936,10 @@ int kvm_blame_verify(kvm_runtime_t *rt, kvm_schema_cache_t *c, const char *run_d
 /* The runtime's error-schema cache: opened on its state_dir (or in memory), shared by every run of the
  * runtime, saved by kvm_runtime_save_state. NULL + message when it cannot be opened. */
 kvm_schema_cache_t *kvm_runtime_schema_cache(kvm_runtime_t *rt);
+/* The runtime's judge model (kvm_runtime_params_t.judge_model), loaded on first use and kept until kvm_runtime_free.
+ * NULL with kvm_errcode() 0 when none is configured, or NULL + a message naming the path when it cannot be loaded
+ * (tried again at the next call). */
+kvm_model_t *kvm_runtime_judge(kvm_runtime_t *rt);
 
 /* ================================================================================================
  * The daemon: a runtime served over ZeroMQ (docs/protocol.md, `kvmesh serve`)

@@ -833,6 +833,41 @@ static void test_a_judge_model_writes_the_text_of_a_labelled_failure(void **s) {
     kvm_schema_cache_free(c);
 }
 
+static void test_a_runtime_loads_its_judge_once_and_names_a_bad_one(void **s) {
+    (void)s;
+    kvm_runtime_params_t p = kvm_runtime_default_params();
+    p.model_override = "mock:echo";
+    p.quiet = true;
+    kvm_runtime_t *rt = kvm_runtime_create(&p);
+    assert_non_null(rt);
+    assert_null(kvm_runtime_judge(rt)); /* none configured: not an error */
+    assert_int_equal(kvm_errcode(), 0);
+    kvm_runtime_free(rt);
+    p.judge_model = "mock:echo";
+    rt = kvm_runtime_create(&p);
+    kvm_model_t *j = kvm_runtime_judge(rt);
+    assert_non_null(j);
+    assert_ptr_equal(kvm_runtime_judge(rt), j);
+    kvm_schema_cache_t *c = kvm_runtime_schema_cache(rt);
+    fill(c);
+    fx_t x;
+    fx_make(&x, "t1", "weather", 8, 2, NULL);
+    assert_int_equal(kvm_schema_distill(c, 1, &x.f, j, NULL), 0);
+    char *t = kvm_schema_cache_text(c, 1);
+    assert_non_null(t);
+    kvm_free(t);
+    kvm_runtime_free(rt);
+    p.judge_model = "/nonexistent/judge-model";
+    rt = kvm_runtime_create(&p);
+    assert_null(kvm_runtime_judge(rt));
+    assert_int_not_equal(kvm_errcode(), 0);
+    assert_non_null(strstr(kvm_errmsg(), "judge_model '/nonexistent/judge-model'"));
+    kvm_runtime_free(rt);
+    p.judge_model = "";
+    assert_null(kvm_runtime_create(&p));
+    assert_non_null(strstr(kvm_errmsg(), "judge_model"));
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_agent_labels_lose_their_suffix_and_case),
@@ -857,6 +892,7 @@ int main(void) {
         cmocka_unit_test(test_the_scrub_drops_think_blocks_non_ascii_and_caps_the_length),
         cmocka_unit_test(test_a_version_1_snapshot_still_loads_and_a_future_version_is_set_aside),
         cmocka_unit_test(test_a_judge_model_writes_the_text_of_a_labelled_failure),
+        cmocka_unit_test(test_a_runtime_loads_its_judge_once_and_names_a_bad_one),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }
