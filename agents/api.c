@@ -59,6 +59,7 @@ struct kvm_runtime {
     struct gen_job *gens;     /* kvm_runtime_generate's jobs not yet ended, [n_gens] */
     int n_gens, cap_gens;
     uint64_t gen_serial;
+    kvm_model_t *judge;          /* p.judge_model, loaded on first use (kvm_runtime_judge) */
 };
 
 /* A generation job (kvm_runtime_generate): an engine step of its own pseudo-run "gen-<id>", tagged GEN_TAG | id. */
@@ -97,6 +98,7 @@ static int runtime_check(const kvm_runtime_params_t *p) {
         return kvm_seterr(KVM_EINVAL, "runtime parameters: max_batch_tokens, max_active and n_kvcomm must be >= 0 "
                           "(and kvcomm set when n_kvcomm > 0)");
     if (p->state_dir && !*p->state_dir) return kvm_seterr(KVM_EINVAL, "runtime parameter state_dir: empty (NULL = none)");
+    if (p->judge_model && !*p->judge_model) return kvm_seterr(KVM_EINVAL, "runtime parameter judge_model: empty (NULL = none)");
     if (p->run_lua_ms < 0) return kvm_seterr(KVM_EINVAL, "runtime parameter run_lua_ms: %g is negative", p->run_lua_ms);
     if (!(p->kv_wait_ms >= 0)) return kvm_seterr(KVM_EINVAL, "runtime parameter kv_wait_ms: %g is not >= 0", p->kv_wait_ms);
     /* the KVCOMM settings are applied to every model the engine opens: check them now, on a scratch config */
@@ -116,7 +118,7 @@ static int runtime_check(const kvm_runtime_params_t *p) {
 static int runtime_keep_strings(kvm_runtime_t *rt) {
     kvm_runtime_params_t *p = &rt->p;
     const char **fields[] = {&p->model.backend, &p->model.tokenizer_path, &p->model.weight_dtype, &p->model.kv_dtype,
-                             &p->trace_root, &p->model_override, &p->state_dir};
+                             &p->trace_root, &p->model_override, &p->state_dir, &p->judge_model};
     for (size_t i = 0; i < sizeof fields / sizeof *fields; i++)
         if (keep_str(rt, fields[i])) return KVM_ENOMEM;
     if (p->n_kvcomm > 0) {
@@ -185,12 +187,25 @@ kvm_schema_cache_t *kvm_runtime_schema_cache(kvm_runtime_t *rt) {
     return rt->schemas;
 }
 
+kvm_model_t *kvm_runtime_judge(kvm_runtime_t *rt) {
+    kvm_errclear();
+    if (!rt || !rt->p.judge_model) return NULL;
+    if (!rt->judge) {
+        kvm_account_t *acct = kvm_account_enter(NULL); /* the runtime's, whoever asks */
+        rt->judge = kvm_model_load(rt->p.judge_model, &rt->p.model);
+        kvm_account_enter(acct);
+        if (!rt->judge) kvm_errctx(kvm_errcode() ? kvm_errcode() : KVM_EIO, "runtime parameter judge_model '%s'", rt->p.judge_model);
+    }
+    return rt->judge;
+}
+
 void kvm_runtime_free(kvm_runtime_t *rt) {
     if (!rt) return;
     KVM_ASSERT(rt->n_workflows == 0); /* free every workflow first */
     if (rt->schemas && kvm_schema_cache_save(rt->schemas))
         kvm_log(KVM_LOG_WARN, "runtime: saving the schema cache failed: %s", kvm_errmsg());
     kvm_schema_cache_free(rt->schemas);
+    kvm_model_free(rt->judge);
     wf_llm_free(rt->engine);
     for (int i = 0; i < rt->n_gens; i++) kvm_free(rt->gens[i].cancel_msg);
     kvm_free(rt->gens);
@@ -211,7 +226,7 @@ void kvm_runtime_free(kvm_runtime_t *rt) {
 /* Names the Lua API keeps for itself (kvmesh.<name> and the first segment of a dotted name). */
 static bool builtin_name(const char *seg, size_t n) {
     static const char *const names[] = {"model", "agent", "graph", "json", "START", "END", "version", "reduce", "now_ms",
-                                        "tool", "interrupt", NULL};
+                                        "tool", "interrupt", "blame", NULL};
     for (int i = 0; names[i]; i++)
         if (strlen(names[i]) == n && !strncmp(names[i], seg, n)) return true;
     return false;
@@ -830,4 +845,44 @@ int kvm_trace_replay(kvm_runtime_t *rt, const char *run_dir, kvm_replay_t *out) 
                               .max_instructions = rt->p.run_instructions,
                               .lua_cpu_ms = rt->p.run_lua_ms, .run_mem_cap_bytes = rt->p.run_mem_bytes};
     return kvm_wf_replay(run_dir, &o, out);
+}
+
+/* ---- kvmesh.blame (wf_lua.c): blame of an ended run of the same runtime ------------------------------------ */
+
+int wf_api_blame(kvm_workflow_t *wf, const char *run_id, int k, kvm_blame_t *out, int *n_steps, char *why, size_t cap) {
+    kvm_runtime_t *rt = wf->api ? wf->api->rt : NULL;
+    if (!rt) return snprintf(why, cap, "the workflow has no runtime"), KVM_EINVAL;
+    const wf_run_t *cur = wf->cur_run ? wf->cur_run->root : NULL;
+    if (cur && !strcmp(cur->id, run_id))
+        return snprintf(why, cap, "run %s is the run calling kvmesh.blame: it has not ended", run_id), KVM_EBUSY;
+    const kvm_workflow_t *owner = NULL;
+    int idx = -1;
+    for (int i = 0; i < rt->n_workflows && idx < 0; i++)
+        for (int j = 0; j < rt->wfs[i]->n_runs && idx < 0; j++)
+            if (!rt->wfs[i]->runs[j]->parent && !strcmp(rt->wfs[i]->runs[j]->id, run_id)) owner = rt->wfs[i], idx = j;
+    if (idx < 0) return snprintf(why, cap, "no run %.40s in this runtime", run_id), KVM_ENOENT;
+    int st = kvm_wf_run_status(owner, idx, NULL);
+    if (st == KVM_EBUSY || st == KVM_EINTERRUPTED)
+        return snprintf(why, cap, "run %s has not ended (ask again once it has)", run_id), KVM_EBUSY;
+    const char *d = kvm_wf_run_trace_dir(owner, idx);
+    if (!d) return snprintf(why, cap, "run %s has no trace (the runtime keeps none: trace_root)", run_id), KVM_ENOENT;
+    char dir[4096];
+    snprintf(dir, sizeof dir, "%s", d);
+    kvm_errclear();
+    kvm_failure_t *f = kvm_failure_from_trace(dir); /* charged to the calling run (freed below) */
+    /* the cache is the runtime's: what it allocates (opening, cached vectors) is charged to no run */
+    kvm_account_t *acct = kvm_account_enter(NULL);
+    kvm_schema_cache_t *c = f ? kvm_runtime_schema_cache(rt) : NULL;
+    int rc = f && c ? 0 : kvm_errcode() ? kvm_errcode() : KVM_EIO;
+    if (!rc) {
+        kvm_blame_params_t p = kvm_blame_default_params();
+        p.k = k;
+        p.count_hit = false; /* a script's question leaves the cache as it was */
+        rc = kvm_blame(c, f, &p, out);
+        *n_steps = f->n_steps;
+    }
+    kvm_account_enter(acct);
+    if (rc) snprintf(why, cap, "run %s: %s", run_id, kvm_errmsg());
+    kvm_failure_free(f);
+    return rc;
 }

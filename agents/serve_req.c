@@ -588,8 +588,9 @@ static int on_segment_drop(ctx_t *x) {
 
 /* ---- attribute and the error-schema cache ----------------------------------------------------------------- */
 
-/* The failure of an ended, traced run; NULL after an error reply. */
-static kvm_failure_t *run_failure(ctx_t *x) {
+/* The failure of an ended, traced run (its trace folder into *dir_out when not NULL: the daemon's, valid while the run
+ * is known); NULL after an error reply. */
+static kvm_failure_t *run_failure(ctx_t *x, const char **dir_out) {
     const char *dir = NULL;
     bool ended = false;
     if (serve_run_trace(x->s, x->q->run_id, &dir, &ended))
@@ -599,6 +600,7 @@ static kvm_failure_t *run_failure(ctx_t *x) {
     kvm_errclear();
     kvm_failure_t *f = kvm_failure_from_trace(dir);
     if (!f) serve_reply_err(x, kvm_errcode() ? kvm_errcode() : KVM_EIO, "run_id", kvm_errmsg(), -1);
+    if (dir_out) *dir_out = dir;
     return f;
 }
 
@@ -608,8 +610,70 @@ static kvm_schema_cache_t *cache_of(ctx_t *x) {
     return c;
 }
 
+/* The default bound of attribute's verify when the request has no deadline_ms: the daemon's loop waits for it. */
+#define VERIFY_DEFAULT_MS 60000
+
+static cJSON *replay_json(const kvm_verify_replay_t *o) {
+    cJSON *r = cJSON_CreateObject();
+    cJSON_AddNumberToObject(r, "step", o->step);
+    if (o->step >= 0) cJSON_AddStringToObject(r, "agent", o->agent);
+    cJSON_AddStringToObject(r, "status", o->status ? kvm_errname(o->status) : "ok");
+    if (o->scored) cJSON_AddNumberToObject(r, "score", o->score);
+    cJSON_AddBoolToObject(r, "passed", o->passed);
+    if (o->step >= 0) cJSON_AddNumberToObject(r, "seed", (double)o->seed);
+    if (o->run_dir[0]) cJSON_AddStringToObject(r, "trace", o->run_dir);
+    return r;
+}
+
+/* attribute's verify: blame b of the run traced in dir checked by replays on the daemon's runtime, bounded by the
+ * request's deadline (else VERIFY_DEFAULT_MS); the judge (a loaded model) writes a confirmed schema's text. The reply's
+ * "verify" object into b_json; 0, or an error reply sent (<0 not: the caller returns 0 then). */
+static int attribute_verify(ctx_t *x, kvm_schema_cache_t *c, const char *dir, const kvm_failure_t *f, const kvm_blame_t *b,
+                            cJSON *b_json, bool *replied) {
+    const kvm_req_t *q = x->q;
+    smodel_t *judge = NULL;
+    if (q->judge && !(judge = model_named(serve_ext(x->s), q->judge))) {
+        *replied = true;
+        return serve_reply_err(x, KVM_ENOENT, "judge", "no model of that name (load it with model.load)", -1);
+    }
+    kvm_verify_params_t vp = kvm_verify_default_params();
+    vp.budget = q->budget;
+    vp.pass_score = q->pass_score;
+    vp.timeout_ms = q->deadline_ms >= 0 ? (double)q->deadline_ms : VERIFY_DEFAULT_MS;
+    kvm_judge_params_t jp = kvm_judge_default_params();
+    vp.judge = judge ? judge->m : NULL;
+    vp.judge_params = &jp;
+    kvm_verify_t v;
+    int rc = kvm_blame_verify(serve_runtime(x->s), c, dir, f, b, &vp, &v);
+    if (rc) {
+        *replied = true;
+        return serve_reply_err(x, rc, "verify", kvm_errmsg(), -1);
+    }
+    cJSON *o = cJSON_AddObjectToObject(b_json, "verify");
+    cJSON_AddNumberToObject(o, "budget", q->budget);
+    cJSON_AddItemToObject(o, "control", replay_json(&v.control));
+    cJSON *rs = cJSON_AddArrayToObject(o, "replays");
+    for (int i = 0; i < v.n_replays; i++) cJSON_AddItemToArray(rs, replay_json(&v.replay[i]));
+    cJSON_AddBoolToObject(o, "failed", !v.control.passed);
+    cJSON_AddBoolToObject(o, "confirmed", v.step >= 0);
+    if (v.step >= 0) {
+        cJSON_AddStringToObject(o, "agent", v.agent);
+        cJSON_AddNumberToObject(o, "step", v.step);
+    }
+    cJSON_AddBoolToObject(o, "timed_out", v.timed_out);
+    if (v.schema_id >= 0) cJSON_AddNumberToObject(o, "schema_id", v.schema_id);
+    if (judge && v.schema_id >= 0) {
+        cJSON *j = cJSON_AddObjectToObject(o, "judge");
+        cJSON_AddStringToObject(j, "model", judge->name);
+        cJSON_AddBoolToObject(j, "written", v.distilled);
+        if (!v.distilled) cJSON_AddStringToObject(j, "error", v.judge_error);
+    }
+    return 0;
+}
+
 static int on_attribute(ctx_t *x) {
-    kvm_failure_t *f = run_failure(x);
+    const char *dir = NULL;
+    kvm_failure_t *f = run_failure(x, &dir);
     if (!f) return 0;
     kvm_schema_cache_t *c = cache_of(x);
     if (!c) return kvm_failure_free(f), 0;
@@ -618,8 +682,10 @@ static int on_attribute(ctx_t *x) {
     kvm_blame_t out;
     int rc = kvm_blame(c, f, &bp, &out);
     int n_steps = f->n_steps;
-    kvm_failure_free(f);
-    if (rc) return serve_reply_err(x, rc, "run_id", kvm_errmsg(), -1);
+    if (rc) {
+        kvm_failure_free(f);
+        return serve_reply_err(x, rc, "run_id", kvm_errmsg(), -1);
+    }
     cJSON *b = cJSON_CreateObject();
     cJSON_AddStringToObject(b, "run_id", x->q->run_id);
     cJSON_AddStringToObject(b, "agent", out.agent);
@@ -641,6 +707,18 @@ static int on_attribute(ctx_t *x) {
         cJSON_AddItemToArray(ids, cJSON_CreateNumber(out.schema_ids[i]));
         cJSON_AddItemToArray(sc, cJSON_CreateNumber(out.schema_scores[i]));
     }
+    if (x->q->verify) {
+        char run_dir[4096];
+        snprintf(run_dir, sizeof run_dir, "%s", dir); /* the replays start runs: keep our own copy */
+        bool replied = false;
+        attribute_verify(x, c, run_dir, f, &out, b, &replied);
+        if (replied) {
+            kvm_failure_free(f);
+            cJSON_Delete(b);
+            return 0;
+        }
+    }
+    kvm_failure_free(f);
     return serve_reply_ok(x, "ok", b);
 }
 
@@ -700,7 +778,7 @@ static int on_cache_pin_evict(ctx_t *x) {
 
 /* cache.label {run_id, agent, step, human?}: the run's trace, labelled, goes into the cache. */
 static int on_cache_label(ctx_t *x) {
-    kvm_failure_t *f = run_failure(x);
+    kvm_failure_t *f = run_failure(x, NULL);
     if (!f) return 0;
     kvm_schema_cache_t *c = cache_of(x);
     if (!c) return kvm_failure_free(f), 0;

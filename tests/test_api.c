@@ -72,6 +72,13 @@ static void test_kv_policy_names_round_trip(void **s) {
     assert_non_null(strstr(kvm_errmsg(), "kvcom"));
 }
 
+/* Removes a test's temporary folder (made by mkdtemp: no quote in its name). */
+static void remove_tree(const char *dir) {
+    char cmd[300];
+    snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
+    assert_int_equal(system(cmd), 0);
+}
+
 static void count_step(void *ud, const kvm_step_event_t *e) {
     int *n = ud;
     assert_non_null(e->run);
@@ -135,9 +142,7 @@ static void test_a_workflow_runs_on_the_mock_model_and_reports_its_steps(void **
     kvm_free(stats);
     kvm_workflow_free(wf);
     kvm_runtime_free(rt);
-    char cmd[300];
-    snprintf(cmd, sizeof cmd, "rm -rf '%s'", tmpl);
-    assert_int_equal(system(cmd), 0);
+    remove_tree(tmpl);
 }
 
 static void test_bad_run_inputs_name_the_offset_and_start_nothing(void **s) {
@@ -425,8 +430,95 @@ static void test_status_names_and_log_levels(void **s) {
     assert_non_null(kvm_version());
 }
 
+/* kvmesh.blame from a workflow: an ended run of the same runtime, by id, ranked from the runtime's schema cache;
+ * hostile use (its own run, an unknown id, a path, a huge k, no argument) is nil + a reason or a Lua error. */
+static const char *const k_asker_wf =
+    "local kvm = kvmesh\n"
+    "local g = kvm.graph{ name = 'asker', state = { out = kvm.reduce.replace } }\n"
+    "g:func('ask', function(state, last, ctx)\n"
+    "  local b, err = kvm.blame(ctx.inputs.target, 3)\n"
+    "  if not b then return { out = { err = err } } end\n"
+    "  local own, own_err = kvm.blame(ctx.run_id)\n"
+    "  local unk, unk_err = kvm.blame('0123456789abcdef0123456789abcdef')\n"
+    "  local p, path_err = kvm.blame('../../etc/passwd')\n"
+    "  local ok_huge, huge = pcall(kvm.blame, ctx.inputs.target, 1000000000)\n"
+    "  local ok_none, none = pcall(kvm.blame)\n"
+    "  return { out = { agent = b.agent, step = b.step, steps = b.steps, run_id = b.run_id,\n"
+    "    n_cand = #b.candidates, c1 = b.candidates[1].agent, c1_step = b.candidates[1].step,\n"
+    "    c1_score = b.candidates[1].score, n_schemata = #b.schemata, s1 = b.schemata[1] and b.schemata[1].id or -1,\n"
+    "    own = own == nil and own_err or 'x', unk = unk == nil and unk_err or 'x', path = p == nil and path_err or 'x',\n"
+    "    huge = (not ok_huge) and huge or 'x', none = (not ok_none) and none or 'x' } }\n"
+    "end)\n"
+    "g:edge(kvm.START, 'ask')\n"
+    "g:output(function(state) return state.out end)\n"
+    "return g\n";
+
+static char *run_once(kvm_workflow_t *wf, const char *inputs, char *id, size_t cap) {
+    kvm_run_params_t rp = kvm_run_default_params();
+    rp.inputs_json = inputs;
+    kvm_run_t *r = kvm_run_start(wf, &rp);
+    assert_non_null(r);
+    assert_int_equal(kvm_workflow_drive(wf), 0);
+    assert_int_equal(kvm_run_status(r, NULL), 0);
+    snprintf(id, cap, "%s", kvm_run_id(r));
+    return kvm_run_outputs_json(r);
+}
+
+static void test_kvmesh_blame_ranks_an_ended_run_of_the_runtime_and_refuses_the_rest(void **s) {
+    (void)s;
+    char tmpl[] = "/tmp/kvm_api_blame_XXXXXX";
+    assert_non_null(mkdtemp(tmpl));
+    kvm_runtime_t *rt = mock_runtime(tmpl);
+    kvm_workflow_t *pair = kvm_workflow_load_string(rt, "pair.lua", k_pair_wf, strlen(k_pair_wf), NULL);
+    kvm_workflow_t *asker = kvm_workflow_load_string(rt, "asker.lua", k_asker_wf, strlen(k_asker_wf), NULL);
+    assert_non_null(pair);
+    assert_non_null(asker);
+    char r1[64], r2[64], me[64], in[200];
+    kvm_free(run_once(pair, "{\"input\": \"two plus two\"}", r1, sizeof r1));
+    kvm_free(run_once(pair, "{\"input\": \"three plus three\"}", r2, sizeof r2));
+    /* r2's failure, labelled, is in the runtime's cache: r1's blame is shown it */
+    char dir[512];
+    snprintf(dir, sizeof dir, "%s/%s", tmpl, r2);
+    kvm_failure_t *f = kvm_failure_from_trace(dir);
+    assert_non_null(f);
+    f->gold_agent = "b";
+    f->gold_step = 2;
+    int entry = kvm_schema_cache_insert(kvm_runtime_schema_cache(rt), f, false);
+    assert_int_equal(entry, 0);
+    kvm_failure_free(f);
+    kvm_schema_cache_stats_t before;
+    kvm_schema_cache_stats(kvm_runtime_schema_cache(rt), &before);
+    snprintf(in, sizeof in, "{\"target\": \"%s\"}", r1);
+    char *out = run_once(asker, in, me, sizeof me);
+    assert_non_null(out);
+    char want[200];
+    snprintf(want, sizeof want, "\"run_id\":\"%s\"", r1);
+    assert_non_null(strstr(out, want));
+    assert_non_null(strstr(out, "\"steps\":3"));           /* the task, a, b */
+    assert_non_null(strstr(out, "\"n_schemata\":1"));
+    assert_non_null(strstr(out, "\"s1\":0"));
+    assert_null(strstr(out, "\"err\""));
+    assert_non_null(strstr(out, "\"own\":\"kvmesh.blame: run "));
+    assert_non_null(strstr(out, "is the run calling kvmesh.blame: it has not ended"));
+    assert_non_null(strstr(out, "\"unk\":\"kvmesh.blame: no run 0123456789abcdef0123456789abcdef in this runtime\""));
+    assert_non_null(strstr(out, "kvmesh.blame takes no path"));
+    assert_non_null(strstr(out, "k must be in 0..16"));
+    assert_non_null(strstr(out, "\"none\":\""));           /* no argument: a Lua error, caught */
+    assert_null(strstr(out, "\"huge\":\"x\""));
+    /* a script's question counts no hit */
+    kvm_schema_cache_stats_t after;
+    kvm_schema_cache_stats(kvm_runtime_schema_cache(rt), &after);
+    assert_int_equal(after.queries, before.queries);
+    kvm_free(out);
+    kvm_workflow_free(asker);
+    kvm_workflow_free(pair);
+    kvm_runtime_free(rt);
+    remove_tree(tmpl);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_kvmesh_blame_ranks_an_ended_run_of_the_runtime_and_refuses_the_rest),
         cmocka_unit_test(test_default_params_are_usable_as_they_are),
         cmocka_unit_test(test_a_bad_runtime_parameter_is_an_error_naming_it),
         cmocka_unit_test(test_kv_policy_names_round_trip),

@@ -329,9 +329,12 @@ class Client:
         return self.request("segment.drop", segment_id=segment_id)
 
     # ---- failure attribution and the error-schema cache (docs/correct.md) ------------------------------
-    def attribute(self, run_id, k=None):
-        """Blame of an ended run: {agent, step, score, evidence[], candidates[], schema_ids[]}."""
-        return self.request("attribute", run_id=run_id, k=k)
+    def attribute(self, run_id, k=None, verify=None, judge=None, deadline_ms=None):
+        """Blame of an ended run: {agent, step, score, evidence[], candidates[], schema_ids[]}. verify (a dict, e.g.
+        {"budget": 3}) checks it by replays ("verify": control, replays, confirmed, step, agent, timed_out, schema_id);
+        judge names a loaded model (model.load) that writes a confirmed failure's schema text. The daemon's loop waits
+        for a verify: deadline_ms bounds it (60 s without)."""
+        return self.request("attribute", run_id=run_id, k=k, verify=verify, judge=judge, deadline_ms=deadline_ms)
 
     def cache_stats(self):
         return self.request("cache.stats")
