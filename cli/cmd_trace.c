@@ -10,6 +10,7 @@
 #include <kvmesh.h>
 
 #include "cli_env.h"
+#include "cli_pager.h"
 #include "cmd_replay.h"
 #include "lab/lab.h"
 
@@ -41,16 +42,24 @@ static void usage(FILE *f) {
                "                                           again (kvmesh trace replay --from-step 0 --help)\n"
                "       kvmesh trace blame|label|cache ...  which agent and step made a run fail; the error-schema\n"
                "                                           cache (kvmesh trace blame --help)\n\n"
-               "RUN_DIR is a run's directory (holding events.jsonl), as printed by kvmesh run.\n");
+               "RUN_DIR is a run's directory (holding events.jsonl), as printed by kvmesh run.\n\n"
+               "On a terminal the views (ls, search, show, steps, diff) are in colour and go through a pager\n"
+               "($KVMESH_PAGER, else $PAGER, else less -FRX; cat for none); piped, plain text.\n"
+               "  --color auto|always|never   colour (default auto: on a terminal, unless NO_COLOR is set)\n"
+               "  --no-pager                   write to the terminal directly\n");
 }
 
-/* Prints a view's text (0), or the error (1). */
+static cli_out_opts_t g_out_opts; /* --color / --no-pager of this command */
+static cli_out_t g_out;           /* opened at the first view printed, closed at the end of cmd_trace */
+
+/* Prints a view's text (0), or the error (1). On a terminal in colour and through a pager (cli_pager.h). */
 static int print_view(const char *cmd, int rc, char *text) {
     if (rc < 0 || !text) {
         fprintf(stderr, "kvmesh %s: %s\n", cmd, kvm_errmsg());
         return 1;
     }
-    fputs(text, stdout);
+    if (!g_out.f) cli_out_open(&g_out, &g_out_opts);
+    cli_out_text(&g_out, text);
     kvm_free(text);
     return 0;
 }
@@ -222,7 +231,16 @@ static int trace_ls(int argc, char **argv) {
     return rc;
 }
 
+static int cmd_trace_views(int argc, char **argv);
+
 int cmd_trace(int argc, char **argv) {
+    if (cli_out_strip_args(&argc, argv, &g_out_opts, "kvmesh trace")) return 2;
+    int rc = cmd_trace_views(argc, argv);
+    if (g_out.f) cli_out_close(&g_out);
+    return rc;
+}
+
+static int cmd_trace_views(int argc, char **argv) {
     if (argc < 2 || !strcmp(argv[1], "-h") || !strcmp(argv[1], "--help")) {
         usage(argc < 2 ? stderr : stdout);
         return argc < 2 ? 2 : 0;
