@@ -1003,6 +1003,9 @@ void kvm_wf_free(kvm_workflow_t *wf) {
         wf_free_strs(a->stop, a->n_stop);
         wf_free_strs(a->tools, a->n_tools);
         kvm_free(a->where);
+        kvm_free(a->c2c_from);
+        kvm_free(a->c2c_fuser);
+        kvm_free(a->c2c_section);
     }
     kvm_free(wf->agents);
     kvm_free(wf->stats);
