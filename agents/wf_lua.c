@@ -986,8 +986,15 @@ static void parse_kv_from(lua_State *L, kvm_workflow_t *wf, int t, wf_agent_t *a
         if (a->model == s->model)
             luaL_error(L, "%s: agent '%s' runs on the same model (%s); C2C is between two checkpoints (kv = \"kvcomm\" shares "
                        "KV on one)", what, from, wf->models[a->model].path);
-        if (wf_llm_c2c_open(wf->llm, use, wf->models[a->model].llm, wf->models[s->model].llm, &idx) != 0)
-            luaL_error(L, "%s: %s", what, kvm_errmsg());
+        int rc = wf_llm_c2c_open(wf->llm, use, wf->models[a->model].llm, wf->models[s->model].llm, &idx);
+        if (rc == KVM_EINVAL) luaL_error(L, "%s: %s", what, kvm_errmsg()); /* a valid fuser for another pair */
+        if (rc) {
+            /* as for kvmesh.model (issue 19): a script learns only that no fuser could be read from the path; the reason
+             * (which may quote the file) goes to the runtime's log */
+            KVM_LOGW("kv_from fuser '%s': %s", fuser, kvm_errmsg());
+            luaL_error(L, "%s: no C2C fuser could be loaded from '%s' (it is missing, unreadable, or not a fuser config "
+                       "with its weights file: docs/c2c.md; the runtime's log has the reason)", what, fuser);
+        }
     }
     a->c2c = idx + 1;
     a->c2c_from = kvm_strdup(from);

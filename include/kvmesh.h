@@ -395,7 +395,8 @@ typedef struct kvm_step_event {
      * func and tool nodes */
     int kv_exact, kv_offset, kv_naive, kv_recomputed, kv_fused;
     int kv_anchors;        /* anchors used (KVCOMM reuse) */
-    const char *kv_mode;   /* "dense" | "prefix" | "reuse" */
+    const char *kv_mode;   /* "dense" | "prefix" | "reuse" | "c2c" (kv_fused rows from another model through a C2C
+                              fuser: the agent option kv_from, docs/c2c.md) */
     double queue_ms;       /* submit -> first forward pass that included the step */
 } kvm_step_event_t;
 
