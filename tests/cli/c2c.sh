@@ -51,13 +51,13 @@ grep -q "KV c2c: 0 exact, 0 offset-corrected, 0 naive, 13 recomputed, 7 fused" "
 
 # --- bad kv_from options: refused at load, naming the script's line ---------------------------------------------
 mkdir -p "$tmp/bad/c2c"; cp examples/c2c/untrained.c2c.* "$tmp/bad/c2c/"; ln -s "$PWD/models" "$tmp/models"
-bad() { # name, expected text, kv_from table (line 6 of the script), [receiver model variable]
+bad() { # name, expected text, kv_from table (line 6 of the script), [receiver model variable], [receiver template]
   cat > "$tmp/bad/$1.lua" <<LUA
 local q = kvmesh.model("../models/miniqwen3-6m")
 local l = kvmesh.model("../models/minillama-2m")
 local g = kvmesh.graph{}
 g:agent("reader", { model = q, template = "{input.docs} {input.q}" })
-g:agent("answerer", { model = ${4:-l}, template = "{input.docs} Ask: {input.q}",
+g:agent("answerer", { model = ${4:-l}, template = "${5:-{input.docs\} Ask: {input.q\}}",
   kv_from = $3 })
 g:edge(kvmesh.START, "reader")
 g:edge("reader", "answerer")
@@ -73,6 +73,7 @@ bad field "unknown field 'layers'" "{ agent = 'reader', via = 'c2c', $F, section
 bad missing "fields 'agent', 'fuser' and 'section' are required" "{ agent = 'reader', via = 'c2c', section = 'input.docs' }"
 bad noagent "agent 'writer' is not an agent defined before this one" "{ agent = 'writer', via = 'c2c', $F, section = 'input.docs' }"
 bad nosection "section '{input.text}' is not a placeholder of this agent's template" "{ agent = 'reader', via = 'c2c', $F, section = 'input.text' }"
+bad notinsharer "section '{input.tag}' is not in the template of agent 'reader'" "{ agent = 'reader', via = 'c2c', $F, section = 'input.tag' }" l "{input.tag} {input.docs}"
 bad table "kv_from must be a table" "'reader'"
 bad samemodel "runs on the same model" "{ agent = 'reader', via = 'c2c', $F, section = 'input.docs' }" q
 bad nofile "no C2C fuser could be loaded from 'c2c/none.c2c.json'" "{ agent = 'reader', via = 'c2c', fuser = 'c2c/none.c2c.json', section = 'input.docs' }"
