@@ -295,6 +295,77 @@ static void test_bad_prefills_are_refused(void **st) {
     kvm_kv_pool_free(rp), kvm_kv_pool_free(sp);
 }
 
+/* ---- the graph face through the public API (kvm_workflow_load_string, run events) ----------------------------- */
+
+typedef struct c2c_seen {
+    int steps, fused[3], reused[3], recomputed[3], tokens_in[3];
+    char mode[3][16];
+} c2c_seen_t;
+
+static void on_event(void *ud, const kvm_run_event_t *e) {
+    c2c_seen_t *s = ud;
+    if (e->kind != KVM_RUN_STEP || !e->step->agent) return;
+    const int i = !strcmp(e->step->agent, "reader") ? 0 : !strcmp(e->step->agent, "answerer") ? 1 : 2;
+    s->steps++;
+    s->fused[i] = e->step->kv_fused;
+    s->reused[i] = e->step->kv_exact + e->step->kv_offset + e->step->kv_naive;
+    s->recomputed[i] = e->step->kv_recomputed;
+    s->tokens_in[i] = e->step->tokens_in;
+    snprintf(s->mode[i], sizeof s->mode[i], "%s", e->step->kv_mode ? e->step->kv_mode : "");
+}
+
+/* kv_from: the answerer's {input.docs} rows are fused (its step's kv partition says so: fused + recomputed = the
+ * prompt, mode "c2c"), the reader's are not; a later agent on the receiver's model with the same prompt under the
+ * prefix policy finds no prefix in the first run (a fused cache is never published as one). Two runs. */
+static void test_kv_from_fuses_the_section_and_publishes_nothing(void **st) {
+    (void)st;
+    const char *fp = fuser_path("graph", NULL);
+    kvm_runtime_params_t rp = kvm_runtime_default_params();
+    rp.echo_print = false;
+    rp.trace_root = g_dir;
+    kvm_runtime_t *rt = kvm_runtime_create(&rp);
+    assert_non_null(rt);
+    char src[2048];
+    snprintf(src, sizeof src,
+             "local q = kvmesh.model('%s/models/miniqwen3-6m')\nlocal l = kvmesh.model('%s/models/minillama-2m')\n"
+             "local g = kvmesh.graph{}\n"
+             "g:agent('reader', { model = q, max_tokens = 2, template = '{input.docs}\\nAsk: {input.q}' })\n"
+             "g:agent('answerer', { model = l, max_tokens = 2, template = '{input.docs}\\nAsk: {input.q}',\n"
+             "  kv_from = { agent = 'reader', via = 'c2c', fuser = '%s', section = 'input.docs' } })\n"
+             "g:agent('plain', { model = l, kv = 'prefix', max_tokens = 2, template = '{input.docs}\\nAsk: {input.q}' })\n"
+             "g:edge(kvmesh.START, 'reader')\ng:edge('reader', 'answerer')\ng:edge('answerer', 'plain')\nreturn g\n",
+             KVM_SOURCE_DIR, KVM_SOURCE_DIR, fp);
+    kvm_workflow_t *wf = kvm_workflow_load_string(rt, "c2c.lua", src, strlen(src), NULL);
+    if (!wf) fail_msg("load: %s", kvm_errmsg());
+    for (int k = 0; k < 2; k++) {
+        c2c_seen_t s = {0};
+        kvm_run_params_t p = kvm_run_default_params();
+        p.inputs_json = "{\"docs\": \"Ann: 1234. Bob: 5678. Cleo: 9012. Dan: 3456. Eve: 7890. Fay: 2345. Gus: 6789.\", "
+                        "\"q\": \"Bob\"}";
+        p.on_event = on_event;
+        p.event_ud = &s;
+        kvm_run_t *r = kvm_run_start(wf, &p);
+        if (!r) fail_msg("run: %s", kvm_errmsg());
+        while (kvm_runtime_step(rt) > 0) {
+        }
+        assert_int_equal(kvm_run_status(r, NULL), 0);
+        fprintf(stderr, "run %d: answerer %d in, %d fused, %d recomputed (%s); plain reused %d; reader fused %d\n", k,
+                s.tokens_in[1], s.fused[1], s.recomputed[1], s.mode[1], s.reused[2], s.fused[0]);
+        assert_int_equal(s.steps, 3);
+        assert_int_equal(s.fused[0], 0);
+        assert_true(s.fused[1] > 20);
+        assert_int_equal(s.fused[1] + s.recomputed[1], s.tokens_in[1]);
+        assert_int_equal(s.reused[1], 0);
+        assert_string_equal(s.mode[1], "c2c");
+        assert_int_equal(s.fused[2], 0);
+        /* run 0: nothing on the receiver's model was published before plain but the answerer's fused cache, which must
+         * not be (run 1: plain reuses its own run-0 prefix) */
+        if (k == 0) assert_int_equal(s.reused[2], 0);
+    }
+    kvm_workflow_free(wf);
+    kvm_runtime_free(rt);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_the_bundled_pair_shares_one_tokenizer),
@@ -302,6 +373,7 @@ int main(void) {
         cmocka_unit_test(test_sectioned_prefill_equals_the_direct_fuser_forward),
         cmocka_unit_test(test_closed_gates_and_a_receiver_prefix_stay_bit_identical),
         cmocka_unit_test(test_bad_prefills_are_refused),
+        cmocka_unit_test(test_kv_from_fuses_the_section_and_publishes_nothing),
     };
     return cmocka_run_group_tests(tests, group_setup, group_teardown);
 }
