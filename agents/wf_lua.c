@@ -1133,12 +1133,12 @@ static int make_agent(lua_State *L, int t, const char *name_arg) {
     lua_pop(L, 2); /* stop, tools */
     if (!a->name || !a->tmpl || (role && !a->role) || (n_stop && !a->stop) || (n_tools && !a->tools))
         return luaL_error(L, "out of memory");
-    parse_kv_from(L, wf, t, a, aw);
     /* the stats table follows the agents */
     kvm_wf_agent_stats_t *ns = kvm_realloc(wf->stats, (size_t)wf->n_agents * sizeof *ns);
     if (!ns) return luaL_error(L, "out of memory");
     wf->stats = ns;
     memset(&ns[wf->n_agents - 1], 0, sizeof *ns);
+    parse_kv_from(L, wf, t, &wf->agents[wf->n_agents - 1], aw); /* last: it may raise, the agent is complete */
     return wf->n_agents - 1;
 }
 
