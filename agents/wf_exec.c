@@ -941,7 +941,7 @@ const kvm_wf_agent_stats_t *kvm_wf_agent_stats(const kvm_workflow_t *wf, int i) 
     kvm_wf_agent_stats_t *s = &wf->stats[i];
     s->name = wf->agents[i].name;
     s->model = wf->models[wf->agents[i].model].path;
-    s->kv = kvm_kv_policy_name(wf_agent_kv(wf, &wf->agents[i]));
+    s->kv = wf->agents[i].c2c ? "c2c" : kvm_kv_policy_name(wf_agent_kv(wf, &wf->agents[i])); /* kv_from: its own */
     return s;
 }
 

@@ -558,7 +558,7 @@ int kvm_run_score(kvm_run_t *r, double *score);
 typedef struct kvm_agent_stats {
     const char *name;
     const char *model;
-    const char *kv;                /* effective policy name */
+    const char *kv;                /* effective policy name ("c2c" for an agent with kv_from via c2c) */
     int calls, errors, reuse_calls;
     long prompt_tokens, output_tokens;
     long exact, offset, naive, recomputed, fused; /* partition of the prompt tokens (docs/kvcomm.md §6) */

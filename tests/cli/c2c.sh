@@ -34,6 +34,8 @@ usage "dtype 'f8'" init --receiver $R --sharer $S -o "$tmp/x.c2c.json" --dtype f
 # --- examples/c2c.lua on the bundled models ---------------------------------------------------------------------
 "$kvmesh" run examples/c2c.lua --input docs="Mark: 9442" --input q=Mark --trace "$tmp/t" > "$tmp/out" 2>&1 || { cat "$tmp/out"; exit 1; }
 grep -q "^  answerer: " "$tmp/out" || { cat "$tmp/out"; exit 1; }
+# the per-agent table: the answerer's policy is c2c, 13 of its 20 prompt tokens computed by its own model
+grep -q "^answerer  *c2c  *1  *20  *0  *13 " "$tmp/out" || { echo "agent table:"; cat "$tmp/out"; exit 1; }
 run=$(ls -d "$tmp"/t/*/ | head -1)
 # the answerer's prompt: {input.docs} ("Mark: 9442", 7 tokens) fused, the other 13 computed by the Llama model
 grep '"agent":"answerer"' "$run/events.jsonl" | grep -q '"recomputed":13,"fused":7,"mode":"c2c"' ||
