@@ -38,9 +38,10 @@ grep -q "^  answerer: " "$tmp/out" || { cat "$tmp/out"; exit 1; }
 grep -q "^answerer  *c2c  *1  *20  *0  *13 " "$tmp/out" || { echo "agent table:"; cat "$tmp/out"; exit 1; }
 run=$(ls -d "$tmp"/t/*/ | head -1)
 # the answerer's prompt: {input.docs} ("Mark: 9442", 7 tokens) fused, the other 13 computed by the Llama model
-grep '"agent":"answerer"' "$run/events.jsonl" | grep -q '"recomputed":13,"fused":7,"mode":"c2c"' ||
-  { echo "answerer's kv record:"; grep '"agent":"answerer"' "$run/events.jsonl" | cut -c1-600; exit 1; }
-grep '"agent":"reader"' "$run/events.jsonl" | grep -q '"fused":0' || { echo "reader fused something"; exit 1; }
+# (to files before grep -q: `cmd | grep -q` under pipefail fails at random when grep exits first, SIGPIPE)
+grep '"agent":"answerer"' "$run/events.jsonl" > "$tmp/ans"; grep '"agent":"reader"' "$run/events.jsonl" > "$tmp/rdr"
+grep -q '"recomputed":13,"fused":7,"mode":"c2c"' "$tmp/ans" || { echo "answerer's kv record:"; cut -c1-600 "$tmp/ans"; exit 1; }
+grep -q '"fused":0' "$tmp/rdr" || { echo "reader fused something:"; cut -c1-600 "$tmp/rdr"; exit 1; }
 "$kvmesh" trace steps "$run" > "$tmp/steps"
 grep -q "KV c2c: 0 exact, 0 offset-corrected, 0 naive, 13 recomputed, 7 fused" "$tmp/steps" &&
   grep -q "c2c: 7 tokens of {state:input.docs} at 3 fused from .*miniqwen3-6m (fuser .*untrained.c2c.json)" "$tmp/steps" &&
