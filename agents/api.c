@@ -13,6 +13,7 @@
 #include "../runtime/comm/prompt.h"
 #include "../runtime/core/json.h"
 #include "../runtime/core/map.h"
+#include "../runtime/model/mock_model.h"
 #include "llm.h"
 #include "wf.h"
 #include "wf_internal.h"
@@ -55,7 +56,23 @@ struct kvm_runtime {
     int n_fns;
     wf_tools_t tools;         /* kvm_runtime_add_tool */
     kvm_schema_cache_t *schemas; /* the error-schema cache (kvm_runtime_schema_cache), opened on first use */
+    struct gen_job *gens;     /* kvm_runtime_generate's jobs not yet ended, [n_gens] */
+    int n_gens, cap_gens;
+    uint64_t gen_serial;
+    kvm_model_t *judge;          /* p.judge_model, loaded on first use (kvm_runtime_judge) */
 };
+
+/* A generation job (kvm_runtime_generate): an engine step of its own pseudo-run "gen-<id>", tagged GEN_TAG | id. */
+typedef struct gen_job {
+    uint64_t id;
+    kvm_gen_event_fn fn;
+    void *ud;
+    char run_id[32];
+    int cancel_code;          /* kvm_runtime_generate_cancel's code (0: not canceled) */
+    char *cancel_msg;
+} gen_job_t;
+
+#define GEN_TAG (1ull << 63)
 
 kvm_runtime_params_t kvm_runtime_default_params(void) {
     return (kvm_runtime_params_t){.model = kvm_model_default_params(), .kv_override = -1, .echo_print = true};
@@ -81,6 +98,7 @@ static int runtime_check(const kvm_runtime_params_t *p) {
         return kvm_seterr(KVM_EINVAL, "runtime parameters: max_batch_tokens, max_active and n_kvcomm must be >= 0 "
                           "(and kvcomm set when n_kvcomm > 0)");
     if (p->state_dir && !*p->state_dir) return kvm_seterr(KVM_EINVAL, "runtime parameter state_dir: empty (NULL = none)");
+    if (p->judge_model && !*p->judge_model) return kvm_seterr(KVM_EINVAL, "runtime parameter judge_model: empty (NULL = none)");
     if (p->run_lua_ms < 0) return kvm_seterr(KVM_EINVAL, "runtime parameter run_lua_ms: %g is negative", p->run_lua_ms);
     if (!(p->kv_wait_ms >= 0)) return kvm_seterr(KVM_EINVAL, "runtime parameter kv_wait_ms: %g is not >= 0", p->kv_wait_ms);
     /* the KVCOMM settings are applied to every model the engine opens: check them now, on a scratch config */
@@ -100,7 +118,7 @@ static int runtime_check(const kvm_runtime_params_t *p) {
 static int runtime_keep_strings(kvm_runtime_t *rt) {
     kvm_runtime_params_t *p = &rt->p;
     const char **fields[] = {&p->model.backend, &p->model.tokenizer_path, &p->model.weight_dtype, &p->model.kv_dtype,
-                             &p->trace_root, &p->model_override, &p->state_dir};
+                             &p->trace_root, &p->model_override, &p->state_dir, &p->judge_model};
     for (size_t i = 0; i < sizeof fields / sizeof *fields; i++)
         if (keep_str(rt, fields[i])) return KVM_ENOMEM;
     if (p->n_kvcomm > 0) {
@@ -169,13 +187,28 @@ kvm_schema_cache_t *kvm_runtime_schema_cache(kvm_runtime_t *rt) {
     return rt->schemas;
 }
 
+kvm_model_t *kvm_runtime_judge(kvm_runtime_t *rt) {
+    kvm_errclear();
+    if (!rt || !rt->p.judge_model) return NULL;
+    if (!rt->judge) {
+        kvm_account_t *acct = kvm_account_enter(NULL); /* the runtime's, whoever asks */
+        rt->judge = kvm_model_load(rt->p.judge_model, &rt->p.model);
+        kvm_account_enter(acct);
+        if (!rt->judge) kvm_errctx(kvm_errcode() ? kvm_errcode() : KVM_EIO, "runtime parameter judge_model '%s'", rt->p.judge_model);
+    }
+    return rt->judge;
+}
+
 void kvm_runtime_free(kvm_runtime_t *rt) {
     if (!rt) return;
     KVM_ASSERT(rt->n_workflows == 0); /* free every workflow first */
     if (rt->schemas && kvm_schema_cache_save(rt->schemas))
         kvm_log(KVM_LOG_WARN, "runtime: saving the schema cache failed: %s", kvm_errmsg());
     kvm_schema_cache_free(rt->schemas);
+    kvm_model_free(rt->judge);
     wf_llm_free(rt->engine);
+    for (int i = 0; i < rt->n_gens; i++) kvm_free(rt->gens[i].cancel_msg);
+    kvm_free(rt->gens);
     kvm_free(rt->wfs);
     kvm_map_free(&rt->watched);
     for (int i = 0; i < rt->n_fns; i++) {
@@ -193,7 +226,7 @@ void kvm_runtime_free(kvm_runtime_t *rt) {
 /* Names the Lua API keeps for itself (kvmesh.<name> and the first segment of a dotted name). */
 static bool builtin_name(const char *seg, size_t n) {
     static const char *const names[] = {"model", "agent", "graph", "json", "START", "END", "version", "reduce", "now_ms",
-                                        "tool", "interrupt", NULL};
+                                        "tool", "interrupt", "blame", NULL};
     for (int i = 0; names[i]; i++)
         if (strlen(names[i]) == n && !strncmp(names[i], seg, n)) return true;
     return false;
@@ -495,8 +528,19 @@ static kvm_run_t *watched_run(const kvm_runtime_t *rt, const char *run_id) {
     return run_id && kvm_map_get_str(&rt->watched, run_id, &v) ? v.ptr : NULL;
 }
 
+static gen_job_t *gen_find(const kvm_runtime_t *rt, uint64_t id) {
+    for (int i = 0; i < rt->n_gens; i++)
+        if (rt->gens[i].id == id) return &rt->gens[i];
+    return NULL;
+}
+
 static int on_token(void *ud, uint64_t tag, const char *run_id, const char *agent, int32_t id, const char *text, size_t len) {
-    (void)tag;
+    if (tag & GEN_TAG) {
+        gen_job_t *g = gen_find(ud, tag & ~GEN_TAG);
+        if (g && g->cancel_code) return 1;
+        if (g && g->fn) g->fn(g->ud, &(kvm_gen_event_t){.kind = KVM_RUN_TOKEN, .job = g->id, .token_id = id, .text = text, .len = len});
+        return 0;
+    }
     kvm_run_t *r = watched_run(ud, run_id);
     if (!r) return 0;
     r->on_event(r->event_ud, &(kvm_run_event_t){.kind = KVM_RUN_TOKEN, .run = r, .run_id = run_id, .agent = agent,
@@ -538,6 +582,97 @@ int kvm_runtime_n_active(const kvm_runtime_t *rt) {
     return n;
 }
 
+/* A generation job's end: its KVM_RUN_END event, then it is forgotten (its KV went back when the engine took it). */
+static void gen_end(kvm_runtime_t *rt, const wf_llm_result_t *res) {
+    gen_job_t *g = gen_find(rt, res->tag & ~GEN_TAG);
+    if (!g) return;
+    gen_job_t job = *g;
+    *g = rt->gens[--rt->n_gens]; /* forgotten first: the callback may queue new jobs */
+    int st = job.cancel_code ? job.cancel_code : res->status;
+    const char *msg = job.cancel_code ? (job.cancel_msg ? job.cancel_msg : "canceled") : st ? (res->error ? res->error : kvm_strerror(st)) : NULL;
+    if (job.fn)
+        job.fn(job.ud, &(kvm_gen_event_t){.kind = KVM_RUN_END, .job = job.id, .text = st ? "" : res->text ? res->text : "",
+                                          .len = st || !res->text ? 0 : strlen(res->text), .status = st, .message = msg,
+                                          .ids = st ? NULL : res->out_ids, .n_ids = st ? 0 : res->n_out, .n_prompt = res->n_prompt,
+                                          .kv_exact = res->kv.exact, .stop_reason = res->stop_reason, .queue_ms = res->queue_ms,
+                                          .ttft_ms = res->ttft_ms, .decode_ms = res->decode_ms});
+    kvm_free(job.cancel_msg);
+}
+
+int kvm_runtime_generate(kvm_runtime_t *rt, const kvm_gen_request_t *q, uint64_t *job) {
+    if (!rt || !q || !job) return kvm_seterr(KVM_EINVAL, "kvm_runtime_generate: no runtime, request or job");
+    *job = 0;
+    if (!q->model || !*q->model) return kvm_seterr(KVM_EINVAL, "generate: model: no model path");
+    if (!q->prompt == !q->ids) return kvm_seterr(KVM_EINVAL, "generate: give a prompt or token ids (one of them)");
+    if (q->ids && q->n_ids < 1) return kvm_seterr(KVM_EINVAL, "generate: ids: n_ids is %d, must be at least 1", q->n_ids);
+    const kvm_generate_params_t *p = &q->params;
+    if (p->max_tokens < 1) return kvm_seterr(KVM_EINVAL, "generate: max_tokens: %d, must be at least 1", p->max_tokens);
+    if (p->max_total_tokens) return kvm_seterr(KVM_EUNSUPPORTED, "generate: max_total_tokens: not supported by generation jobs (use max_tokens)");
+    if (p->top_k < 0 || !(p->top_p > 0 && p->top_p <= 1) || !(p->repetition_penalty > 0))
+        return kvm_seterr(KVM_EINVAL, "generate: top_k >= 0, top_p in (0, 1] and repetition_penalty > 0 (got %d, %g, %g)",
+                          p->top_k, (double)p->top_p, (double)p->repetition_penalty);
+    if (p->n_stop < 0 || (p->n_stop > 0 && !p->stop)) return kvm_seterr(KVM_EINVAL, "generate: n_stop: %d without stop strings", p->n_stop);
+    if (!(q->deadline_ms >= 0)) return kvm_seterr(KVM_EINVAL, "generate: deadline_ms: %g is negative", q->deadline_ms);
+    int idx = -1;
+    int rc = wf_llm_model_open(rt->engine, q->model, NULL, 0, &idx);
+    if (rc) return kvm_errctx(rc, "generate");
+    const kvm_model_t *m = wf_llm_model(rt->engine, idx);
+    int32_t *ids = NULL;
+    int n = 0;
+    if (q->prompt) {
+        if (!m->tok && !kvm_model_is_mock(m)) return kvm_seterr(KVM_EINVAL, "generate: prompt: the model has no tokenizer: give token ids");
+        rc = kvm_prompt_encode(m, p->system, q->prompt, p->chat, &ids, &n);
+        if (rc) return kvm_errctx(rc, "generate: prompt");
+        if (n < 1) {
+            kvm_free(ids);
+            return kvm_seterr(KVM_EINVAL, "generate: prompt: it encodes to no tokens");
+        }
+    } else
+        for (int i = 0; i < q->n_ids; i++)
+            if (q->ids[i] < 0 || q->ids[i] >= m->cfg.vocab_size)
+                return kvm_seterr(KVM_ERANGE, "generate: ids: token id %d at index %d is outside [0, %d)", (int)q->ids[i], i, m->cfg.vocab_size);
+    if (rt->n_gens == rt->cap_gens) {
+        int cap = rt->cap_gens ? 2 * rt->cap_gens : 8;
+        gen_job_t *ng = kvm_realloc(rt->gens, (size_t)cap * sizeof *ng);
+        if (!ng) {
+            kvm_free(ids);
+            return kvm_seterr(KVM_ENOMEM, "generate: out of memory");
+        }
+        rt->gens = ng;
+        rt->cap_gens = cap;
+    }
+    gen_job_t *g = &rt->gens[rt->n_gens];
+    *g = (gen_job_t){.id = ++rt->gen_serial, .fn = q->on_event, .ud = q->ud};
+    snprintf(g->run_id, sizeof g->run_id, "gen-%llu", (unsigned long long)g->id);
+    float temp = p->temperature < 0 ? (m->cfg.gen_temperature > 0 ? m->cfg.gen_temperature : 0) : p->temperature;
+    wf_llm_req_t r = {.model = idx, .agent = "generate", .run_id = g->run_id, .max_tokens = p->max_tokens,
+                      .sampling = {.temperature = temp, .top_k = p->top_k, .top_p = p->top_p,
+                                   .repetition_penalty = p->repetition_penalty, .seed = p->seed},
+                      .stop = p->stop, .n_stop = p->n_stop, .kv = KVM_KV_PREFIX, .ignore_eos = p->ignore_eos,
+                      .tag = GEN_TAG | g->id, .timeout_ms = q->deadline_ms,
+                      .prompt_ids = ids ? ids : q->ids, .n_prompt_ids = ids ? n : q->n_ids};
+    rc = wf_llm_submit(rt->engine, &r);
+    kvm_free(ids);
+    if (rc) return kvm_errctx(rc, "generate");
+    rt->n_gens++;
+    *job = g->id;
+    return 0;
+}
+
+int kvm_runtime_generate_cancel(kvm_runtime_t *rt, uint64_t job, int code, const char *message) {
+    if (!rt) return kvm_seterr(KVM_EINVAL, "kvm_runtime_generate_cancel: no runtime");
+    if (code > 0) return kvm_seterr(KVM_EINVAL, "kvm_runtime_generate_cancel: code %d is not 0 or a KVM_E* status", code);
+    gen_job_t *g = gen_find(rt, job);
+    if (!g) return kvm_seterr(KVM_ENOENT, "kvm_runtime_generate_cancel: no generation job %llu going", (unsigned long long)job);
+    if (g->cancel_code) return 0;
+    g->cancel_code = code ? code : KVM_ECANCELED;
+    g->cancel_msg = message ? kvm_strdup(message) : NULL;
+    wf_llm_cancel_run(rt->engine, g->run_id);
+    return 0;
+}
+
+int kvm_runtime_n_generating(const kvm_runtime_t *rt) { return rt ? rt->n_gens : 0; }
+
 /* One engine pass over the model work of every run, its results handed to their workflows; 0 or the engine's
  * failure (<0; every run going then ended with it). */
 static int engine_round(kvm_runtime_t *rt) {
@@ -546,10 +681,21 @@ static int engine_round(kvm_runtime_t *rt) {
         char msg[512];
         snprintf(msg, sizeof msg, "engine: %s", kvm_errmsg());
         for (int i = 0; i < rt->n_workflows; i++) kvm_wf_fail_runs(rt->wfs[i], n, msg);
+        while (rt->n_gens > 0) { /* the generation jobs end with it too (what the engine still holds is never taken) */
+            gen_job_t job = rt->gens[--rt->n_gens];
+            wf_llm_cancel_run(rt->engine, job.run_id);
+            if (job.fn) job.fn(job.ud, &(kvm_gen_event_t){.kind = KVM_RUN_END, .job = job.id, .text = "", .status = n, .message = msg});
+            kvm_free(job.cancel_msg);
+        }
         return kvm_seterr(n, "%s", msg);
     }
     wf_llm_result_t res;
     while (wf_llm_take(rt->engine, &res) == 1) {
+        if (res.tag & GEN_TAG) {
+            gen_end(rt, &res);
+            wf_llm_result_clear(&res);
+            continue;
+        }
         kvm_workflow_t *wf = tag_workflow(rt, res.tag);
         if (wf) wf_deliver(wf, &res);
         wf_llm_result_clear(&res);
@@ -699,4 +845,44 @@ int kvm_trace_replay(kvm_runtime_t *rt, const char *run_dir, kvm_replay_t *out) 
                               .max_instructions = rt->p.run_instructions,
                               .lua_cpu_ms = rt->p.run_lua_ms, .run_mem_cap_bytes = rt->p.run_mem_bytes};
     return kvm_wf_replay(run_dir, &o, out);
+}
+
+/* ---- kvmesh.blame (wf_lua.c): blame of an ended run of the same runtime ------------------------------------ */
+
+int wf_api_blame(kvm_workflow_t *wf, const char *run_id, int k, kvm_blame_t *out, int *n_steps, char *why, size_t cap) {
+    kvm_runtime_t *rt = wf->api ? wf->api->rt : NULL;
+    if (!rt) return snprintf(why, cap, "the workflow has no runtime"), KVM_EINVAL;
+    const wf_run_t *cur = wf->cur_run ? wf->cur_run->root : NULL;
+    if (cur && !strcmp(cur->id, run_id))
+        return snprintf(why, cap, "run %s is the run calling kvmesh.blame: it has not ended", run_id), KVM_EBUSY;
+    const kvm_workflow_t *owner = NULL;
+    int idx = -1;
+    for (int i = 0; i < rt->n_workflows && idx < 0; i++)
+        for (int j = 0; j < rt->wfs[i]->n_runs && idx < 0; j++)
+            if (!rt->wfs[i]->runs[j]->parent && !strcmp(rt->wfs[i]->runs[j]->id, run_id)) owner = rt->wfs[i], idx = j;
+    if (idx < 0) return snprintf(why, cap, "no run %.40s in this runtime", run_id), KVM_ENOENT;
+    int st = kvm_wf_run_status(owner, idx, NULL);
+    if (st == KVM_EBUSY || st == KVM_EINTERRUPTED)
+        return snprintf(why, cap, "run %s has not ended (ask again once it has)", run_id), KVM_EBUSY;
+    const char *d = kvm_wf_run_trace_dir(owner, idx);
+    if (!d) return snprintf(why, cap, "run %s has no trace (the runtime keeps none: trace_root)", run_id), KVM_ENOENT;
+    char dir[4096];
+    snprintf(dir, sizeof dir, "%s", d);
+    kvm_errclear();
+    kvm_failure_t *f = kvm_failure_from_trace(dir); /* charged to the calling run (freed below) */
+    /* the cache is the runtime's: what it allocates (opening, cached vectors) is charged to no run */
+    kvm_account_t *acct = kvm_account_enter(NULL);
+    kvm_schema_cache_t *c = f ? kvm_runtime_schema_cache(rt) : NULL;
+    int rc = f && c ? 0 : kvm_errcode() ? kvm_errcode() : KVM_EIO;
+    if (!rc) {
+        kvm_blame_params_t p = kvm_blame_default_params();
+        p.k = k;
+        p.count_hit = false; /* a script's question leaves the cache as it was */
+        rc = kvm_blame(c, f, &p, out);
+        *n_steps = f->n_steps;
+    }
+    kvm_account_enter(acct);
+    if (rc) snprintf(why, cap, "run %s: %s", run_id, kvm_errmsg());
+    kvm_failure_free(f);
+    return rc;
 }

@@ -301,6 +301,8 @@ int wf_llm_model_open(wf_llm_t *l, const char *path, const char *const *kvcomm, 
     return 0;
 }
 
+const kvm_model_t *wf_llm_model(const wf_llm_t *l, int idx) { return idx >= 0 && idx < l->n_models ? l->models[idx].m : NULL; }
+
 const char *wf_llm_model_name(const wf_llm_t *l, int idx) {
     if (idx < 0 || idx >= l->n_models) return "?";
     return l->models[idx].m->name;
@@ -555,12 +557,12 @@ static int model_prepare(lmodel_t *m, job_t *j, const wf_llm_req_t *r) {
     cJSON *detail = cJSON_CreateObject();
     int rc = 0;
     ltmpl_t none = {0};
-    ltmpl_t *lt = m->m->tok ? get_template(m, r) : &none;
+    ltmpl_t *lt = m->m->tok && !r->prompt_ids ? get_template(m, r) : &none;
     if (!lt) {
         cJSON_Delete(detail);
         return kvm_errctx(KVM_ENOMEM, "agent '%s': building its template", r->agent);
     }
-    bool use_tmpl = lt->t != NULL && m->m->tok != NULL && r->n_turns == 0;
+    bool use_tmpl = lt->t != NULL && m->m->tok != NULL && r->n_turns == 0 && !r->prompt_ids;
     const char *why = r->n_turns > 0 ? "a tool-call continuation (the model's turn and the tool responses after the user message) runs dense"
                       : m->m->tok    ? lt->err
                       : kvm_model_is_mock(m->m) ? "the mock model keeps no KV to reuse: run dense"
@@ -611,7 +613,12 @@ static int model_prepare(lmodel_t *m, job_t *j, const wf_llm_req_t *r) {
         int32_t *ids = NULL;
         int n = 0;
         if (!user) rc = KVM_ENOMEM;
-        else if (r->n_turns > 0) rc = encode_turns(m->m, r, user, &ids, &n);
+        else if (r->prompt_ids) {
+            ids = kvm_malloc((size_t)r->n_prompt_ids * sizeof *ids);
+            if (!ids) rc = KVM_ENOMEM;
+            else memcpy(ids, r->prompt_ids, (size_t)r->n_prompt_ids * sizeof *ids), n = r->n_prompt_ids;
+            why = "a prompt given as token ids (generate) runs dense or on exact prefix hits";
+        } else if (r->n_turns > 0) rc = encode_turns(m->m, r, user, &ids, &n);
         else if (m->m->tok || kvm_model_is_mock(m->m)) rc = kvm_prompt_encode(m->m, r->system, user, m->m->cfg.chat_format != KVM_CHAT_NONE, &ids, &n);
         else rc = words_to_ids(m->m, r->system, r->pieces, r->n_pieces, &ids, &n);
         kvm_free(user);
@@ -646,7 +653,8 @@ static int model_prepare(lmodel_t *m, job_t *j, const wf_llm_req_t *r) {
     j->res.prompt_ids = kvm_malloc((size_t)(j->prep.n_prompt > 0 ? j->prep.n_prompt : 1) * sizeof *j->res.prompt_ids);
     if (j->res.prompt_ids) memcpy(j->res.prompt_ids, j->prep.prompt_ids, (size_t)j->prep.n_prompt * sizeof *j->res.prompt_ids);
     size_t tl = 0;
-    if (!m->m->tok) j->res.prompt_text = wf_llm_render_plain(r->system, r->pieces, r->n_pieces);
+    if (r->prompt_ids && !m->m->tok) j->res.prompt_text = kvm_strdup("");
+    else if (!m->m->tok) j->res.prompt_text = wf_llm_render_plain(r->system, r->pieces, r->n_pieces);
     else if (kvm_detokenize(m->m->tok, j->prep.prompt_ids, j->prep.n_prompt, false, &j->res.prompt_text, &tl) != 0)
         j->res.prompt_text = NULL;
     j->res.kv.exact = rep->exact_tokens;
@@ -887,7 +895,7 @@ int wf_llm_run_end(wf_llm_t *l, const char *run_id) {
 
 /* Copies r (strings, pieces, stop list) into j->rq so the step can be prepared later. */
 static int req_copy(job_t *j, const wf_llm_req_t *r) {
-    int n_strs = 4 + 2 * r->n_pieces + r->n_stop + 2 * r->n_turns;
+    int n_strs = 4 + 2 * r->n_pieces + r->n_stop + 2 * r->n_turns + (r->prompt_ids ? 1 : 0);
     j->rq_strs = kvm_calloc((size_t)n_strs, sizeof *j->rq_strs);
     j->rq_pieces = kvm_calloc((size_t)r->n_pieces + 1, sizeof *j->rq_pieces);
     j->rq_turns = kvm_calloc((size_t)r->n_turns + 1, sizeof *j->rq_turns);
@@ -915,6 +923,14 @@ static int req_copy(job_t *j, const wf_llm_req_t *r) {
         DUP(j->rq_turns[i].content, r->turns[i].content);
     }
     j->req.turns = j->rq_turns;
+    if (r->prompt_ids) { /* kept in rq_strs too (freed with them) */
+        if (r->n_prompt_ids < 1) return kvm_seterr(KVM_EINVAL, "llm: a prompt of token ids needs at least one id");
+        int32_t *ids = kvm_malloc((size_t)r->n_prompt_ids * sizeof *ids);
+        if (!ids) return KVM_ENOMEM;
+        memcpy(ids, r->prompt_ids, (size_t)r->n_prompt_ids * sizeof *ids);
+        j->rq_strs[j->n_rq_strs++] = (char *)ids;
+        j->req.prompt_ids = ids;
+    }
     /* stop strings: a pointer array inside rq_strs' tail would need its own allocation; keep the
      * strings in rq_strs and point req.stop at them */
     j->req.stop = (const char *const *)(j->rq_strs + j->n_rq_strs);
@@ -1149,6 +1165,8 @@ static int collect(wf_llm_t *l, int mi) {
         kvm_account_enter(prev);
         j->res.text = d.text;
         d.text = NULL;
+        j->res.out_ids = d.ids;
+        d.ids = NULL;
         j->res.n_out = d.n_ids;
         j->res.stop_reason = d.stop_reason;
         j->res.queue_ms = d.queue_ms;
@@ -1236,6 +1254,7 @@ void wf_llm_result_clear(wf_llm_result_t *r) {
     if (!r) return;
     kvm_free(r->error);
     kvm_free(r->text);
+    kvm_free(r->out_ids);
     kvm_free(r->prompt_text);
     kvm_free(r->prompt_ids);
     cJSON_Delete(r->kv_detail);

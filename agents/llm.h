@@ -69,6 +69,10 @@ typedef struct wf_llm_req {
     const char *given_text;      /* non-NULL: the step's output is this text, not generated (a replay's edited or
                                     recorded output): it completes at once, with no model work and no KV (kv.mode
                                     "given", the prompt rendered plain) */
+    const int32_t *prompt_ids;   /* non-NULL: the prompt is these n_prompt_ids ids exactly (a client's generate request,
+                                    kvm_runtime_generate): nothing rendered, system / pieces / turns unused, run dense or
+                                    with exact prefix hits (kv KVM_KV_PREFIX); copied */
+    int n_prompt_ids;
 } wf_llm_req_t;
 
 /* The failures a call can be retried on (wf_llm_req_t.retry_on). */
@@ -85,6 +89,7 @@ typedef struct wf_llm_result {
     int status;                  /* 0 or KVM_E*; error holds the message */
     char *error;
     char *text;                  /* output text (stop string removed) */
+    int32_t *out_ids;            /* [n_out] output ids (stop id excluded) */
     int n_out;                   /* output tokens */
     int stop_reason;             /* enum kvm_stop_reason */
     char *prompt_text;           /* the prompt exactly as rendered for the model (chat markup included) */
@@ -146,6 +151,8 @@ typedef struct wf_llm_model_info {
 } wf_llm_model_info_t;
 void wf_llm_model_describe(const wf_llm_t *l, int idx, wf_llm_model_info_t *out);
 const char *wf_llm_model_name(const wf_llm_t *l, int idx);
+/* The engine's model idx itself (kvm_runtime_generate encodes prompts and checks ids with it); NULL if out of range. */
+const kvm_model_t *wf_llm_model(const wf_llm_t *l, int idx);
 /* Queues a step. Pieces, strings and stop lists are copied. */
 int wf_llm_submit(wf_llm_t *l, const wf_llm_req_t *r);
 /* Advances all queued work by one forward pass per model. Returns the number of sequences advanced. */

@@ -1132,18 +1132,22 @@ int kvm_server_run(kvm_server_t *s) {
             drain_end = kvm_now_ns() + (uint64_t)s->p.drain_ms * 1000000u;
             if (!s->p.quiet) fprintf(stderr, "kvmesh serve: stopping; %d run(s) going get %d ms to end\n", s->n_going, s->p.drain_ms);
         }
-        if (s->draining && s->n_going == 0) break;
-        if (s->draining && kvm_now_ns() > drain_end)
+        int gens = serve_gens_going(s->ext);
+        if (s->draining && s->n_going == 0 && gens == 0) break;
+        if (s->draining && kvm_now_ns() > drain_end) {
             for (int i = 0; i < s->n_going; i++) cancel_run(s->going[i], KVM_ECANCELED, "the daemon is stopping");
+            serve_gens_tick(s, true, "the daemon is stopping");
+        }
         for (int i = 0; s->draining && i < s->n_going; i++) /* no answer will come: the trace keeps the question */
             if (s->going[i]->r && kvm_run_status(s->going[i]->r, NULL) == KVM_EINTERRUPTED)
                 cancel_run(s->going[i], KVM_EINTERRUPTED, "the daemon stopped while the run waited for an answer: resume it "
                                                           "from its trace (kvmesh run --resume TRACE_DIR --answer VALUE)");
         /* runs parked in kvmesh.interrupt need no rounds until an answer comes: wait for requests then */
-        int rc = serve_requests(s, kvm_runtime_n_active(s->rt) ? 0 : 50);
+        int rc = serve_requests(s, kvm_runtime_n_active(s->rt) || kvm_runtime_n_generating(s->rt) ? 0 : 50);
         if (rc < 0) return rc;
         housekeeping(s); /* right after reading: a long engine round does not make clients look silent */
-        if (s->n_going > 0 && kvm_runtime_step(s->rt) < 0 && !s->p.quiet)
+        serve_gens_tick(s, false, NULL);
+        if ((s->n_going > 0 || kvm_runtime_n_generating(s->rt) > 0) && kvm_runtime_step(s->rt) < 0 && !s->p.quiet)
             fprintf(stderr, "kvmesh serve: engine failure (its runs ended with it): %s\n", kvm_errmsg());
         if (!s->n_going) save_state(s, false); /* between runs: a save does not hold up a run's tokens */
     }
@@ -1209,6 +1213,10 @@ const char *kvm_server_endpoint(const kvm_server_t *s, bool events) { return s ?
 
 void kvm_server_free(kvm_server_t *s) {
     if (!s) return;
+    /* generates still going end now (their events point at the server): canceled, they stop at their next token */
+    serve_gens_tick(s, true, "the daemon is stopping");
+    for (int i = 0; i < 100000 && kvm_runtime_n_generating(s->rt) > 0; i++)
+        if (kvm_runtime_step(s->rt) < 0) break;
     size_t it = 0;
     for (const kvm_map_entry_t *e; (e = kvm_map_next(&s->wfs, &it));) swf_free(s, e->val.ptr);
     kvm_map_free(&s->wfs);
@@ -1258,6 +1266,7 @@ int serve_reply_err(ctx_t *x, int code, const char *field, const char *msg, int 
 }
 
 kvm_runtime_t *serve_runtime(kvm_server_t *s) { return s->rt; }
+bool serve_draining(const kvm_server_t *s) { return s->draining; }
 
 serve_ext_t *serve_ext(kvm_server_t *s) { return s->ext; }
 

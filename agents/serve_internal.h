@@ -38,6 +38,8 @@ int serve_reply_ok(ctx_t *x, const char *type, cJSON *body);
 int serve_send_error(ctx_t *x, uint64_t seq, int code, const char *field, const char *message);
 int serve_reply_err(ctx_t *x, int code, const char *field, const char *msg, int retry_after_ms);
 kvm_runtime_t *serve_runtime(kvm_server_t *s);
+/* Whether the daemon is stopping (no new runs or generates). */
+bool serve_draining(const kvm_server_t *s);
 serve_ext_t *serve_ext(kvm_server_t *s);
 /* A remembered run's trace directory (NULL: the daemon keeps no traces) and whether it ended; KVM_ENOENT for no
  * run of that id. */
@@ -53,6 +55,11 @@ int serve_req_dispatch(ctx_t *x);
 void serve_overhead_note(serve_ext_t *e, int type, uint64_t wall_ns, uint64_t cpu_ns);
 /* The calling thread's CPU time in ns. */
 uint64_t serve_cpu_ns(void);
+/* Generates going (jobs of the runtime's engine). */
+int serve_gens_going(const serve_ext_t *e);
+/* Cancels the generates whose client is gone or too slow (noted by their token events), or all of them (cancel_all,
+ * with message why); their ends come from the next kvm_runtime_step. */
+void serve_gens_tick(kvm_server_t *s, bool cancel_all, const char *why);
 /* stats: {"overhead": {...}, "models": [...]} fields added to b. */
 void serve_ext_stats(const serve_ext_t *e, cJSON *b);
 

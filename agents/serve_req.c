@@ -1,5 +1,6 @@
 /* serve_req.c - the daemon's requests besides workflows and runs (docs/protocol.md): model.load / model.unload /
- * model.list, generate (a model's tokens streamed straight, no workflow), segment.put / get / drop (KV segments
+ * model.list, generate (a model's tokens streamed straight, no workflow: a job of the runtime's engine) and
+ * generate.cancel, segment.put / get / drop (KV segments
  * kept by the daemon, checked against a loaded model, given back byte for byte), attribute (blame of an ended
  * run), the error-schema cache (cache.stats / show / pin / evict / label), and the daemon's own time per request
  * (the overhead histograms `stats` reports). Everything through the public API (include/kvmesh.h); the decoder
@@ -79,6 +80,28 @@ typedef struct sseg {
 
 #define SEG_MAX_BYTES ((size_t)1 << 30) /* all segments together */
 
+/* A generate going: a job of the runtime's engine, answered from its events. */
+typedef struct sgen {
+    kvm_server_t *s;
+    serve_ext_t *e;
+    uint8_t *peer;
+    size_t peer_len;
+    char req_id[KVM_REQ_ID_MAX + 1];
+    char *model;             /* the model's name */
+    uint64_t job, seq, t0;
+    int stop_code;           /* set from a token event (the client gone or too slow): canceled at the next tick */
+    const char *stop_msg;
+    bool stop_sent;
+    struct sgen *next;
+} sgen_t;
+
+static void sgen_free(sgen_t *g) {
+    if (!g) return;
+    kvm_free(g->peer);
+    kvm_free(g->model);
+    kvm_free(g);
+}
+
 struct serve_ext {
     kvm_map_t models;        /* name -> smodel_t * */
     kvm_map_t segs;          /* segment id -> sseg_t * */
@@ -86,7 +109,9 @@ struct serve_ext {
     hist_t *hist[N_TYPES];   /* wall time per request type, made on first use */
     hist_t *cpu[N_TYPES];    /* the thread's CPU time, likewise */
     hist_t all, all_cpu;
-    uint64_t generates, generate_tokens;
+    uint64_t generates, generate_tokens, generate_errors, generate_canceled, generate_timed_out;
+    struct sgen *gens;       /* generates going (jobs of the runtime's engine) */
+    int n_gens;
 };
 
 serve_ext_t *serve_ext_new(void) {
@@ -118,6 +143,11 @@ static void smodel_free(smodel_t *m) {
 
 void serve_ext_free(serve_ext_t *e) {
     if (!e) return;
+    while (e->gens) { /* only when the runtime could not end them (serve_gens_tick + kvm_runtime_step) */
+        sgen_t *g = e->gens;
+        e->gens = g->next;
+        sgen_free(g);
+    }
     size_t it = 0;
     for (const kvm_map_entry_t *x; (x = kvm_map_next(&e->models, &it));) smodel_free(x->val.ptr);
     kvm_map_free(&e->models);
@@ -196,6 +226,10 @@ void serve_ext_stats(const serve_ext_t *e, cJSON *b) {
     cJSON *g = cJSON_AddObjectToObject(b, "generate");
     cJSON_AddNumberToObject(g, "requests", (double)e->generates);
     cJSON_AddNumberToObject(g, "tokens_out", (double)e->generate_tokens);
+    cJSON_AddNumberToObject(g, "going", e->n_gens);
+    cJSON_AddNumberToObject(g, "errors", (double)e->generate_errors);
+    cJSON_AddNumberToObject(g, "canceled", (double)e->generate_canceled);
+    cJSON_AddNumberToObject(g, "timed_out", (double)e->generate_timed_out);
     cJSON_AddNumberToObject(g, "models", (double)kvm_map_len(&e->models));
     cJSON *sg = cJSON_AddObjectToObject(b, "segments");
     cJSON_AddNumberToObject(sg, "count", (double)kvm_map_len(&e->segs));
@@ -244,11 +278,15 @@ static int on_model_load(ctx_t *x) {
     return serve_reply_ok(x, "ok", model_info_json(sm));
 }
 
-/* generate runs to its end inside its request, so an unload never meets a generate in flight: it always frees. */
+/* A model with generates going is not unloaded (KVM_EBUSY: cancel them or wait). The engine's instance of the model
+ * (what generates run on, shared with workflows naming its path) stays open until the daemon exits. */
 static int on_model_unload(ctx_t *x) {
     serve_ext_t *e = serve_ext(x->s);
     smodel_t *sm = model_named(e, x->q->model);
     if (!sm) return serve_reply_err(x, KVM_ENOENT, "name", "no model of that name (model.list lists them)", -1);
+    for (sgen_t *g = e->gens; g; g = g->next)
+        if (!strcmp(g->model, sm->name))
+            return serve_reply_err(x, KVM_EBUSY, "name", "generates of the model are going (generate.cancel them, or wait)", 100);
     kvm_map_remove_str(&e->models, x->q->model, NULL);
     int dropped = 0; /* its segments go with it (another model may take the name) */
     for (size_t it = 0;;) {
@@ -278,94 +316,159 @@ static int on_model_list(ctx_t *x) {
     return serve_reply_ok(x, "ok", b);
 }
 
-/* ---- generate --------------------------------------------------------------------------------------------- */
+/* ---- generate --------------------------------------------------------------------------------------------
+ * A generate is a job of the runtime's engine (kvm_runtime_generate): batched with the runs' agent steps, its KV from
+ * the model's pool, advanced by kvm_runtime_step in the daemon's loop, so the daemon keeps serving while it runs. Its
+ * tokens and its end come back as events (gen_event); a generate.cancel, a deadline, a client gone or too slow end it,
+ * and its KV goes back at once. */
 
-typedef struct gen {
-    ctx_t *x;
-    const char *model;
-    uint64_t seq, deadline_ns, send_ns, send_cpu_ns;
-    int stop_code;
-    const char *stop_msg;
-} gen_t;
+static void gen_unlink(serve_ext_t *e, sgen_t *g) {
+    for (sgen_t **p = &e->gens; *p; p = &(*p)->next)
+        if (*p == g) {
+            *p = g->next;
+            e->n_gens--;
+            return;
+        }
+}
 
-static int gen_token(void *ud, int32_t id, const char *text, size_t len) {
-    gen_t *g = ud;
-    uint64_t t0 = kvm_now_ns(), c0 = serve_cpu_ns();
-    cJSON *h = serve_hdr_new("token", g->x->q->id, g->seq++);
-    char *t = kvm_strndup(text ? text : "", len);
-    cJSON_AddStringToObject(h, "agent", g->model);
-    cJSON_AddStringToObject(h, "text", t ? t : "");
-    cJSON_AddNumberToObject(h, "token_id", id);
-    kvm_free(t);
-    int rc = serve_send_hdr(g->x->s, g->x->m->peer, g->x->m->peer_len, h, NULL, 0, false);
+static void gen_event(void *ud, const kvm_gen_event_t *ev) {
+    sgen_t *g = ud;
+    serve_ext_t *e = g->e;
+    if (ev->kind == KVM_RUN_TOKEN) {
+        if (g->stop_code) return;
+        cJSON *h = serve_hdr_new("token", g->req_id, g->seq++);
+        char *t = kvm_strndup(ev->text ? ev->text : "", ev->len);
+        cJSON_AddStringToObject(h, "agent", g->model);
+        cJSON_AddStringToObject(h, "text", t ? t : "");
+        cJSON_AddNumberToObject(h, "token_id", ev->token_id);
+        kvm_free(t);
+        int rc = serve_send_hdr(g->s, g->peer, g->peer_len, h, NULL, 0, false);
+        if (rc == KVM_ESLOWCLIENT) g->stop_code = KVM_ESLOWCLIENT, g->stop_msg = "the client did not read its stream fast enough";
+        else if (rc == KVM_ENOENT) g->stop_code = KVM_ECANCELED, g->stop_msg = "the client is gone";
+        return;
+    }
+    gen_unlink(e, g);
+    smodel_t *sm = model_named(e, g->model);
+    if (sm) sm->generates++;
+    e->generates++;
     uint64_t t1 = kvm_now_ns();
-    g->send_ns += t1 - t0;
-    g->send_cpu_ns += serve_cpu_ns() - c0;
-    if (rc == KVM_ESLOWCLIENT) g->stop_code = KVM_ESLOWCLIENT, g->stop_msg = "the client did not read its stream fast enough";
-    else if (rc == KVM_ENOENT) g->stop_code = KVM_ECANCELED, g->stop_msg = "the client is gone";
-    else if (g->deadline_ns && t1 > g->deadline_ns) g->stop_code = KVM_ETIMEDOUT, g->stop_msg = "deadline_ms passed";
-    return g->stop_code != 0;
+    if (ev->status) {
+        e->generate_errors++;
+        if (ev->status == KVM_ECANCELED) e->generate_canceled++;
+        if (ev->status == KVM_ETIMEDOUT) e->generate_timed_out++;
+        ctx_t x = {.s = g->s};
+        kvm_net_msg_t m = {0};
+        m.peer = g->peer;
+        m.peer_len = g->peer_len;
+        kvm_req_t q = {0};
+        snprintf(q.id, sizeof q.id, "%s", g->req_id);
+        x.m = &m;
+        x.q = &q;
+        serve_send_error(&x, g->seq, ev->status, "", ev->message ? ev->message : kvm_strerror(ev->status));
+        sgen_free(g);
+        return;
+    }
+    if (sm) sm->tokens_out += (uint64_t)ev->n_ids;
+    e->generate_tokens += (uint64_t)ev->n_ids;
+    cJSON *h = serve_hdr_new("done", g->req_id, g->seq++);
+    cJSON_AddStringToObject(h, "model", g->model);
+    cJSON_AddStringToObject(h, "text", ev->text ? ev->text : "");
+    cJSON_AddItemToObject(h, "token_ids", cJSON_CreateIntArray(ev->ids ? ev->ids : (const int[]){0}, ev->ids ? ev->n_ids : 0));
+    cJSON_AddStringToObject(h, "stop_reason", kvm_stop_reason_name(ev->stop_reason));
+    cJSON *u = cJSON_AddObjectToObject(h, "usage");
+    cJSON_AddNumberToObject(u, "input_tokens", ev->n_prompt);
+    cJSON_AddNumberToObject(u, "output_tokens", ev->n_ids);
+    cJSON_AddNumberToObject(u, "input_tokens_reused", ev->kv_exact);
+    cJSON *t = cJSON_AddObjectToObject(h, "timings");
+    cJSON_AddNumberToObject(t, "queue_ms", ev->queue_ms);
+    cJSON_AddNumberToObject(t, "ttft_ms", ev->ttft_ms);
+    cJSON_AddNumberToObject(t, "decode_ms", ev->decode_ms);
+    cJSON_AddNumberToObject(t, "total_ms", (double)(t1 - g->t0) / 1e6);
+    serve_send_hdr(g->s, g->peer, g->peer_len, h, NULL, 0, true);
+    sgen_free(g);
 }
 
 static int on_generate(ctx_t *x) {
     serve_ext_t *e = serve_ext(x->s);
     const kvm_req_t *q = x->q;
+    if (serve_draining(x->s)) return serve_reply_err(x, KVM_EBUSY, "", "the daemon is stopping: no new generates", -1);
     smodel_t *sm = model_named(e, q->model);
     if (!sm) return serve_reply_err(x, KVM_ENOENT, "model", "no model of that name (load it with model.load)", -1);
     if (q->prompt && !kvm_model_tokenizer(sm->m))
         return serve_reply_err(x, KVM_EINVAL, "prompt", "the model has no tokenizer: send a token_ids frame", -1);
+    for (sgen_t *o = e->gens; o; o = o->next)
+        if (o->peer_len == x->m->peer_len && !memcmp(o->peer, x->m->peer, o->peer_len) && !strcmp(o->req_id, q->id))
+            return serve_reply_err(x, KVM_EINVAL, "id", "a generate of this id is going (ids name a client's generates for generate.cancel)", -1);
     int32_t *ids = NULL;
     if (q->token_ids) {
         ids = kvm_malloc((size_t)q->n_token_ids * sizeof *ids);
         if (!ids) return serve_reply_err(x, KVM_ENOMEM, "", "out of memory", 100);
         memcpy(ids, q->token_ids, (size_t)q->n_token_ids * sizeof *ids); /* the frame is not aligned; little-endian host */
     }
-    kvm_generate_params_t gp = kvm_generate_default_params();
-    gp.max_tokens = q->max_tokens;
-    gp.temperature = (float)q->temperature;
-    gp.top_p = (float)q->top_p;
-    gp.seed = q->seed;
-    gp.stop = q->stop;
-    gp.n_stop = q->n_stop;
-    gp.chat = q->chat;
-    gp.ignore_eos = q->ignore_eos;
-    uint64_t t0 = kvm_now_ns(), c0 = serve_cpu_ns();
-    gen_t g = {x, sm->name, 0, q->deadline_ms >= 0 ? t0 + (uint64_t)q->deadline_ms * 1000000u : 0, 0, 0, 0, NULL};
-    kvm_generation_t out;
-    kvm_errclear();
-    int rc = ids ? kvm_model_generate_ids(sm->m, ids, q->n_token_ids, &gp, gen_token, &g, &out)
-                 : kvm_model_generate(sm->m, q->prompt, &gp, gen_token, &g, &out);
-    uint64_t t1 = kvm_now_ns();
-    uint64_t c1 = serve_cpu_ns();
-    x->compute_ns = t1 - t0 > g.send_ns ? t1 - t0 - g.send_ns : 0; /* the token sends are the daemon's own time */
-    x->compute_cpu_ns = c1 - c0 > g.send_cpu_ns ? c1 - c0 - g.send_cpu_ns : 0;
-    bool from_ids = ids != NULL;
-    kvm_free(ids);
-    sm->generates++;
-    e->generates++;
-    if (rc || g.stop_code) {
-        char msg[512];
-        snprintf(msg, sizeof msg, "%s", rc ? kvm_errmsg() : g.stop_msg);
-        kvm_generation_clear(&out);
-        const char *field = rc == KVM_ERANGE || rc == KVM_EINVAL ? (from_ids ? "frames[0]" : "prompt") : "";
-        return serve_send_error(x, g.seq, rc ? rc : g.stop_code, field, msg);
+    sgen_t *g = kvm_calloc(1, sizeof *g);
+    if (!g || !(g->peer = kvm_malloc(x->m->peer_len ? x->m->peer_len : 1)) || !(g->model = kvm_strdup(sm->name))) {
+        kvm_free(ids);
+        sgen_free(g);
+        return serve_reply_err(x, KVM_ENOMEM, "", "out of memory", 100);
     }
-    sm->tokens_out += (uint64_t)out.n_ids;
-    e->generate_tokens += (uint64_t)out.n_ids;
-    cJSON *h = serve_hdr_new("done", q->id, g.seq++);
-    cJSON_AddStringToObject(h, "model", sm->name);
-    cJSON_AddStringToObject(h, "text", out.text ? out.text : "");
-    cJSON_AddItemToObject(h, "token_ids", cJSON_CreateIntArray(out.ids ? out.ids : (const int[]){0}, out.ids ? out.n_ids : 0));
-    cJSON_AddStringToObject(h, "stop_reason", kvm_stop_reason_name(out.stop_reason));
-    cJSON *u = cJSON_AddObjectToObject(h, "usage");
-    cJSON_AddNumberToObject(u, "input_tokens", out.n_prompt);
-    cJSON_AddNumberToObject(u, "output_tokens", out.n_ids);
-    cJSON *t = cJSON_AddObjectToObject(h, "timings");
-    cJSON_AddNumberToObject(t, "ttft_ms", out.ttft_ms);
-    cJSON_AddNumberToObject(t, "decode_ms", out.decode_ms);
-    cJSON_AddNumberToObject(t, "total_ms", (double)(t1 - t0) / 1e6);
-    kvm_generation_clear(&out);
-    return serve_send_hdr(x->s, x->m->peer, x->m->peer_len, h, NULL, 0, true);
+    memcpy(g->peer, x->m->peer, x->m->peer_len);
+    g->peer_len = x->m->peer_len;
+    snprintf(g->req_id, sizeof g->req_id, "%s", q->id);
+    g->s = x->s;
+    g->e = e;
+    g->t0 = kvm_now_ns();
+    kvm_gen_request_t r = {.model = sm->path, .prompt = ids ? NULL : q->prompt, .ids = ids, .n_ids = ids ? q->n_token_ids : 0,
+                           .params = kvm_generate_default_params(), .deadline_ms = q->deadline_ms > 0 ? (double)q->deadline_ms : 0,
+                           .on_event = gen_event, .ud = g};
+    r.params.max_tokens = q->max_tokens;
+    r.params.temperature = (float)q->temperature;
+    r.params.top_p = (float)q->top_p;
+    r.params.seed = q->seed;
+    r.params.stop = q->stop;
+    r.params.n_stop = q->n_stop;
+    r.params.chat = q->chat;
+    r.params.ignore_eos = q->ignore_eos;
+    kvm_errclear();
+    uint64_t t0 = kvm_now_ns(), c0 = serve_cpu_ns();
+    int rc = kvm_runtime_generate(serve_runtime(x->s), &r, &g->job);
+    x->compute_ns = kvm_now_ns() - t0; /* opening the model in the engine (first generate) and encoding the prompt */
+    x->compute_cpu_ns = serve_cpu_ns() - c0;
+    kvm_free(ids);
+    if (rc) {
+        sgen_free(g);
+        const char *field = rc == KVM_ERANGE || rc == KVM_EINVAL ? (q->token_ids ? "frames[0]" : "prompt") : "";
+        return serve_reply_err(x, rc, field, kvm_errmsg(), -1);
+    }
+    g->next = e->gens;
+    e->gens = g;
+    e->n_gens++;
+    return 0; /* answered by its events */
+}
+
+/* generate.cancel {request_id}: a generate of the same client, by the id of its request. */
+static int on_generate_cancel(ctx_t *x) {
+    serve_ext_t *e = serve_ext(x->s);
+    for (sgen_t *g = e->gens; g; g = g->next) {
+        if (g->peer_len != x->m->peer_len || memcmp(g->peer, x->m->peer, g->peer_len) || strcmp(g->req_id, x->q->run_id)) continue;
+        int rc = kvm_runtime_generate_cancel(serve_runtime(x->s), g->job, KVM_ECANCELED, "canceled by generate.cancel");
+        if (rc) return serve_reply_err(x, rc, "request_id", kvm_errmsg(), -1);
+        cJSON *b = cJSON_CreateObject();
+        cJSON_AddStringToObject(b, "request_id", g->req_id);
+        cJSON_AddBoolToObject(b, "canceled", true);
+        return serve_reply_ok(x, "ok", b);
+    }
+    return serve_reply_err(x, KVM_ENOENT, "request_id", "no generate of that id going for this client", -1);
+}
+
+int serve_gens_going(const serve_ext_t *e) { return e ? e->n_gens : 0; }
+
+void serve_gens_tick(kvm_server_t *s, bool cancel_all, const char *why) {
+    serve_ext_t *e = serve_ext(s);
+    for (sgen_t *g = e ? e->gens : NULL; g; g = g->next) {
+        if (g->stop_sent || !(g->stop_code || cancel_all)) continue;
+        g->stop_sent = true;
+        kvm_runtime_generate_cancel(serve_runtime(s), g->job, g->stop_code ? g->stop_code : KVM_ECANCELED, g->stop_code ? g->stop_msg : why);
+    }
 }
 
 /* ---- segments --------------------------------------------------------------------------------------------- */
@@ -485,8 +588,9 @@ static int on_segment_drop(ctx_t *x) {
 
 /* ---- attribute and the error-schema cache ----------------------------------------------------------------- */
 
-/* The failure of an ended, traced run; NULL after an error reply. */
-static kvm_failure_t *run_failure(ctx_t *x) {
+/* The failure of an ended, traced run (its trace folder into *dir_out when not NULL: the daemon's, valid while the run
+ * is known); NULL after an error reply. */
+static kvm_failure_t *run_failure(ctx_t *x, const char **dir_out) {
     const char *dir = NULL;
     bool ended = false;
     if (serve_run_trace(x->s, x->q->run_id, &dir, &ended))
@@ -496,6 +600,7 @@ static kvm_failure_t *run_failure(ctx_t *x) {
     kvm_errclear();
     kvm_failure_t *f = kvm_failure_from_trace(dir);
     if (!f) serve_reply_err(x, kvm_errcode() ? kvm_errcode() : KVM_EIO, "run_id", kvm_errmsg(), -1);
+    if (dir_out) *dir_out = dir;
     return f;
 }
 
@@ -505,8 +610,70 @@ static kvm_schema_cache_t *cache_of(ctx_t *x) {
     return c;
 }
 
+/* The default bound of attribute's verify when the request has no deadline_ms: the daemon's loop waits for it. */
+#define VERIFY_DEFAULT_MS 60000
+
+static cJSON *replay_json(const kvm_verify_replay_t *o) {
+    cJSON *r = cJSON_CreateObject();
+    cJSON_AddNumberToObject(r, "step", o->step);
+    if (o->step >= 0) cJSON_AddStringToObject(r, "agent", o->agent);
+    cJSON_AddStringToObject(r, "status", o->status ? kvm_errname(o->status) : "ok");
+    if (o->scored) cJSON_AddNumberToObject(r, "score", o->score);
+    cJSON_AddBoolToObject(r, "passed", o->passed);
+    if (o->step >= 0) cJSON_AddNumberToObject(r, "seed", (double)o->seed);
+    if (o->run_dir[0]) cJSON_AddStringToObject(r, "trace", o->run_dir);
+    return r;
+}
+
+/* attribute's verify: blame b of the run traced in dir checked by replays on the daemon's runtime, bounded by the
+ * request's deadline (else VERIFY_DEFAULT_MS); the judge (a loaded model) writes a confirmed schema's text. The reply's
+ * "verify" object into b_json; 0, or an error reply sent (<0 not: the caller returns 0 then). */
+static int attribute_verify(ctx_t *x, kvm_schema_cache_t *c, const char *dir, const kvm_failure_t *f, const kvm_blame_t *b,
+                            cJSON *b_json, bool *replied) {
+    const kvm_req_t *q = x->q;
+    smodel_t *judge = NULL;
+    if (q->judge && !(judge = model_named(serve_ext(x->s), q->judge))) {
+        *replied = true;
+        return serve_reply_err(x, KVM_ENOENT, "judge", "no model of that name (load it with model.load)", -1);
+    }
+    kvm_verify_params_t vp = kvm_verify_default_params();
+    vp.budget = q->budget;
+    vp.pass_score = q->pass_score;
+    vp.timeout_ms = q->deadline_ms >= 0 ? (double)q->deadline_ms : VERIFY_DEFAULT_MS;
+    kvm_judge_params_t jp = kvm_judge_default_params();
+    vp.judge = judge ? judge->m : NULL;
+    vp.judge_params = &jp;
+    kvm_verify_t v;
+    int rc = kvm_blame_verify(serve_runtime(x->s), c, dir, f, b, &vp, &v);
+    if (rc) {
+        *replied = true;
+        return serve_reply_err(x, rc, "verify", kvm_errmsg(), -1);
+    }
+    cJSON *o = cJSON_AddObjectToObject(b_json, "verify");
+    cJSON_AddNumberToObject(o, "budget", q->budget);
+    cJSON_AddItemToObject(o, "control", replay_json(&v.control));
+    cJSON *rs = cJSON_AddArrayToObject(o, "replays");
+    for (int i = 0; i < v.n_replays; i++) cJSON_AddItemToArray(rs, replay_json(&v.replay[i]));
+    cJSON_AddBoolToObject(o, "failed", !v.control.passed);
+    cJSON_AddBoolToObject(o, "confirmed", v.step >= 0);
+    if (v.step >= 0) {
+        cJSON_AddStringToObject(o, "agent", v.agent);
+        cJSON_AddNumberToObject(o, "step", v.step);
+    }
+    cJSON_AddBoolToObject(o, "timed_out", v.timed_out);
+    if (v.schema_id >= 0) cJSON_AddNumberToObject(o, "schema_id", v.schema_id);
+    if (judge && v.schema_id >= 0) {
+        cJSON *j = cJSON_AddObjectToObject(o, "judge");
+        cJSON_AddStringToObject(j, "model", judge->name);
+        cJSON_AddBoolToObject(j, "written", v.distilled);
+        if (!v.distilled) cJSON_AddStringToObject(j, "error", v.judge_error);
+    }
+    return 0;
+}
+
 static int on_attribute(ctx_t *x) {
-    kvm_failure_t *f = run_failure(x);
+    const char *dir = NULL;
+    kvm_failure_t *f = run_failure(x, &dir);
     if (!f) return 0;
     kvm_schema_cache_t *c = cache_of(x);
     if (!c) return kvm_failure_free(f), 0;
@@ -515,8 +682,10 @@ static int on_attribute(ctx_t *x) {
     kvm_blame_t out;
     int rc = kvm_blame(c, f, &bp, &out);
     int n_steps = f->n_steps;
-    kvm_failure_free(f);
-    if (rc) return serve_reply_err(x, rc, "run_id", kvm_errmsg(), -1);
+    if (rc) {
+        kvm_failure_free(f);
+        return serve_reply_err(x, rc, "run_id", kvm_errmsg(), -1);
+    }
     cJSON *b = cJSON_CreateObject();
     cJSON_AddStringToObject(b, "run_id", x->q->run_id);
     cJSON_AddStringToObject(b, "agent", out.agent);
@@ -538,6 +707,18 @@ static int on_attribute(ctx_t *x) {
         cJSON_AddItemToArray(ids, cJSON_CreateNumber(out.schema_ids[i]));
         cJSON_AddItemToArray(sc, cJSON_CreateNumber(out.schema_scores[i]));
     }
+    if (x->q->verify) {
+        char run_dir[4096];
+        snprintf(run_dir, sizeof run_dir, "%s", dir); /* the replays start runs: keep our own copy */
+        bool replied = false;
+        attribute_verify(x, c, run_dir, f, &out, b, &replied);
+        if (replied) {
+            kvm_failure_free(f);
+            cJSON_Delete(b);
+            return 0;
+        }
+    }
+    kvm_failure_free(f);
     return serve_reply_ok(x, "ok", b);
 }
 
@@ -597,7 +778,7 @@ static int on_cache_pin_evict(ctx_t *x) {
 
 /* cache.label {run_id, agent, step, human?}: the run's trace, labelled, goes into the cache. */
 static int on_cache_label(ctx_t *x) {
-    kvm_failure_t *f = run_failure(x);
+    kvm_failure_t *f = run_failure(x, NULL);
     if (!f) return 0;
     kvm_schema_cache_t *c = cache_of(x);
     if (!c) return kvm_failure_free(f), 0;
@@ -625,6 +806,7 @@ int serve_req_dispatch(ctx_t *x) {
     case KVM_REQ_MODEL_UNLOAD: return on_model_unload(x);
     case KVM_REQ_MODEL_LIST: return on_model_list(x);
     case KVM_REQ_GENERATE: return on_generate(x);
+    case KVM_REQ_GENERATE_CANCEL: return on_generate_cancel(x);
     case KVM_REQ_ATTRIBUTE: return on_attribute(x);
     case KVM_REQ_CACHE_STATS: return on_cache_stats(x);
     case KVM_REQ_CACHE_SHOW: return on_cache_show(x);

@@ -196,6 +196,12 @@ struct kvm_workflow {
     uint64_t job_serial;
 };
 
+/* kvmesh.blame(run_id, k) (agents/api.c): blame (no verify) of an ended run of wf's runtime, found by id among the
+ * runs of every workflow loaded into it (never a path), from its trace, with the runtime's schema cache (no hit
+ * counted). 0 (*out, *n_steps filled), or KVM_E* with the reason in why: KVM_ENOENT an unknown run or one without a
+ * trace, KVM_EBUSY a run going (the caller's own included), or the trace's error. */
+int wf_api_blame(kvm_workflow_t *wf, const char *run_id, int k, kvm_blame_t *out, int *n_steps, char *why, size_t cap);
+
 /* ---- wf_lua.c ----------------------------------------------------------------------------------- */
 
 /* Opens the sandboxed state (allocator, libraries, freezing, kvmesh table). 0 or KVM_E*. */

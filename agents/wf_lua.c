@@ -1819,8 +1819,72 @@ static void l_warn(void *ud, const char *msg, int tocont) {
     }
 }
 
+/* kvmesh.blame(run_id [, k]): the ranked candidates of blame for an ended run of this runtime (docs/lua-api.md) as
+ * {run_id, agent, step, steps, candidates = {{agent, step, score, evidence}...}, schemata = {{id, score}...}}; nil and
+ * the reason for a run that is unknown, going (the caller's own) or untraced. Never a path, never a replay (the
+ * executor is not re-entrant: a verify would step the run that calls it). */
+static int l_blame(lua_State *L) {
+    kvm_workflow_t *wf = getwf(L);
+    size_t n = 0;
+    const char *id = luaL_checklstring(L, 1, &n);
+    lua_Integer k = luaL_optinteger(L, 2, 5);
+    if (k < 0 || k > KVM_BLAME_MAX_K) return luaL_error(L, "kvmesh.blame: k must be in 0..%d (got %I)", KVM_BLAME_MAX_K, k);
+    bool hex = n > 0 && n < KVM_TRACE_ID_HEX;
+    for (size_t i = 0; hex && i < n; i++) hex = (id[i] >= '0' && id[i] <= '9') || (id[i] >= 'a' && id[i] <= 'f');
+    if (!hex) {
+        lua_pushnil(L);
+        lua_pushstring(L, "kvmesh.blame: a run id is the hex id of a run of this runtime (kvmesh.blame takes no path)");
+        return 2;
+    }
+    kvm_blame_t b;
+    int steps = 0;
+    char why[512];
+    int rc = wf_api_blame(wf, id, (int)k, &b, &steps, why, sizeof why);
+    wf_charge(L, 200.0 * steps); /* the trace was read and scored on the script's behalf */
+    if (rc) {
+        lua_pushnil(L);
+        lua_pushfstring(L, "kvmesh.blame: %s", why);
+        return 2;
+    }
+    lua_createtable(L, 0, 6);
+    lua_pushlstring(L, id, n);
+    lua_setfield(L, -2, "run_id");
+    lua_pushstring(L, b.agent);
+    lua_setfield(L, -2, "agent");
+    lua_pushinteger(L, b.step);
+    lua_setfield(L, -2, "step");
+    lua_pushinteger(L, steps);
+    lua_setfield(L, -2, "steps");
+    lua_createtable(L, b.n_cand, 0);
+    for (int i = 0; i < b.n_cand; i++) {
+        lua_createtable(L, 0, 4);
+        lua_pushstring(L, b.cand[i].agent);
+        lua_setfield(L, -2, "agent");
+        lua_pushinteger(L, b.cand[i].step);
+        lua_setfield(L, -2, "step");
+        lua_pushnumber(L, b.cand[i].score);
+        lua_setfield(L, -2, "score");
+        lua_pushstring(L, b.cand[i].evidence);
+        lua_setfield(L, -2, "evidence");
+        lua_rawseti(L, -2, i + 1);
+    }
+    lua_setfield(L, -2, "candidates");
+    lua_createtable(L, b.n_schemata, 0);
+    for (int i = 0; i < b.n_schemata; i++) {
+        lua_createtable(L, 0, 2);
+        lua_pushinteger(L, b.schema_ids[i]);
+        lua_setfield(L, -2, "id");
+        lua_pushnumber(L, b.schema_scores[i]);
+        lua_setfield(L, -2, "score");
+        lua_rawseti(L, -2, i + 1);
+    }
+    lua_setfield(L, -2, "schemata");
+    return 1;
+}
+
 static const luaL_Reg kvmesh_fns[] = {{"model", l_model}, {"agent", l_agent}, {"graph", l_graph}, {"json", l_json},
-                                      {"now_ms", l_now_ms}, {"log", c_log}, {"interrupt", wf_interrupt}, {NULL, NULL}};
+                                      {"now_ms", l_now_ms}, {"log", c_log}, {"interrupt", wf_interrupt},
+                                      {"blame", l_blame}, {NULL, NULL}};
 static const luaL_Reg graph_methods[] = {{"agent", g_agent}, {"node", g_node}, {"func", g_func}, {"tool", g_tool},
                                          {"verifier", g_verifier}, {"edge", g_edge}, {"route", g_route}, {"join", g_join},
                                          {"limit", g_limit}, {"output", g_output}, {"dataset", g_dataset}, {"score", g_score},

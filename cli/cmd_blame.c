@@ -12,14 +12,17 @@ int cmd_trace_blame(int argc, char **argv); /* cmd_trace.c dispatches to it */
 
 static void usage(FILE *f) {
     fprintf(f, "usage: kvmesh trace blame RUN_DIR [--state DIR] [--k N] [--method triage|knn|prior]\n"
-               "                          [--verify [--budget N] [--pass S] [--kv P] [--model PATH | --mock] [--trace DIR]]\n"
+               "                          [--verify [--budget N] [--pass S] [--kv P] [--model PATH | --mock] [--trace DIR]\n"
+               "                                    [--judge MODEL [--judge-tokens N]]]\n"
                "                                           the agent and the step (0 = the task, then one per traced step)\n"
                "                                           that most likely made the run fail, with two runner-ups and the\n"
                "                                           past failures (schemata) that informed it; --verify replays the\n"
                "                                           candidates (each generated again, fresh seed, --kv dense) up to\n"
                "                                           N times (3) and confirms the first that makes the run pass (ends\n"
-               "                                           ok, g:score >= S, default 1); a confirmed step goes into the cache\n"
-               "       kvmesh trace label RUN_DIR --agent A --step N --state DIR\n"
+               "                                           ok, g:score >= S, default 1); a confirmed step goes into the cache;\n"
+               "                                           --judge MODEL (a model path, mock:echo) writes its schema's text\n"
+               "                                           (at most N tokens, 512; a tiny model writes poor text)\n"
+               "       kvmesh trace label RUN_DIR --agent A --step N --state DIR [--judge MODEL [--judge-tokens N]]\n"
                "                                           record the confirmed cause of a failed run in the schema cache\n"
                "       kvmesh trace cache stats|ls --state DIR\n"
                "       kvmesh trace cache show|pin|unpin ID --state DIR\n"
@@ -34,16 +37,18 @@ typedef struct blame_args {
     int budget;
     double pass;
     const char *kv, *model, *trace;
+    const char *judge;                  /* --judge MODEL: writes the confirmed failure's schema text */
+    int judge_tokens;
 } blame_args_t;
 
 /* Parses the options after argv[2]; 0 or 2 (usage, said). */
 static int parse(int argc, char **argv, int first, blame_args_t *a) {
-    *a = (blame_args_t){.k = 5, .step = -1, .budget = 3, .pass = 1.0, .kv = "dense"};
+    *a = (blame_args_t){.k = 5, .step = -1, .budget = 3, .pass = 1.0, .kv = "dense", .judge_tokens = 512};
     for (int i = first; i < argc; i++) {
         const char *o = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         bool valued = !strcmp(o, "--state") || !strcmp(o, "--k") || !strcmp(o, "--method") || !strcmp(o, "--agent") ||
                       !strcmp(o, "--step") || !strcmp(o, "--budget") || !strcmp(o, "--pass") || !strcmp(o, "--kv") ||
-                      !strcmp(o, "--model") || !strcmp(o, "--trace");
+                      !strcmp(o, "--model") || !strcmp(o, "--trace") || !strcmp(o, "--judge") || !strcmp(o, "--judge-tokens");
         if (valued && !v) {
             fprintf(stderr, "kvmesh trace %s: %s needs a value (kvmesh trace blame --help)\n", argv[1], o);
             return 2;
@@ -56,6 +61,14 @@ static int parse(int argc, char **argv, int first, blame_args_t *a) {
         else if (!strcmp(o, "--mock")) a->mock = true;
         else if (!strcmp(o, "--model")) a->model = v;
         else if (!strcmp(o, "--trace")) a->trace = v;
+        else if (!strcmp(o, "--judge")) a->judge = v;
+        else if (!strcmp(o, "--judge-tokens")) {
+            a->judge_tokens = (int)strtol(v, &end, 10);
+            if (!*v || *end || a->judge_tokens < 1 || a->judge_tokens > 4096) {
+                fprintf(stderr, "kvmesh trace %s: --judge-tokens takes 1..4096 (got '%s')\n", argv[1], v);
+                return 2;
+            }
+        }
         else if (!strcmp(o, "--kv")) {
             kvm_kv_policy_t p;
             if (kvm_kv_policy_parse(v, &p) != 0) {
@@ -114,6 +127,27 @@ static kvm_schema_cache_t *open_cache(const char *cmd, const char *state) {
     return c;
 }
 
+/* The --judge model (NULL without one, or when it cannot be loaded: said). */
+static kvm_model_t *load_judge(const char *cmd, const blame_args_t *a, bool *failed) {
+    *failed = false;
+    if (!a->judge) return NULL;
+    kvm_model_t *m = kvm_model_load(a->judge, NULL);
+    if (!m) {
+        fprintf(stderr, "kvmesh trace %s: --judge %s: %s\n", cmd, a->judge, kvm_errmsg());
+        *failed = true;
+    }
+    return m;
+}
+
+/* Prints what the judge wrote into schema id. */
+static void said_judge(kvm_schema_cache_t *c, int id, const char *judge) {
+    char *t = kvm_schema_cache_text(c, id);
+    if (t) printf("judge: %s wrote the text of schema #%d (%zu bytes; `kvmesh trace cache show %d` prints it)\n", judge, id,
+                  strlen(t), id);
+    else printf("judge: %s wrote nothing usable for schema #%d (its stub stands)\n", judge, id);
+    kvm_free(t);
+}
+
 /* --verify: replays blame's candidates; prints what each replay did and the confirmed step. 0, or -1 (said). */
 static int verify(const blame_args_t *a, kvm_schema_cache_t *c, const kvm_failure_t *f, const kvm_blame_t *b) {
     kvm_runtime_t *rt = cli_replay_runtime("trace blame --verify", a->dir, a->model, a->mock, a->trace);
@@ -122,6 +156,16 @@ static int verify(const blame_args_t *a, kvm_schema_cache_t *c, const kvm_failur
     p.budget = a->budget;
     p.pass_score = a->pass;
     p.kv = a->kv;
+    bool judge_failed;
+    kvm_model_t *judge = load_judge("blame", a, &judge_failed);
+    if (judge_failed) {
+        kvm_runtime_free(rt);
+        return -1;
+    }
+    kvm_judge_params_t jp = kvm_judge_default_params();
+    jp.max_tokens = a->judge_tokens;
+    p.judge = judge;
+    p.judge_params = &jp;
     kvm_verify_t v;
     int rc = kvm_blame_verify(rt, c, a->dir, f, b, &p, &v);
     if (rc) fprintf(stderr, "kvmesh trace blame: %s\n", kvm_errmsg());
@@ -143,12 +187,20 @@ static int verify(const blame_args_t *a, kvm_schema_cache_t *c, const kvm_failur
             printf("confirmed: agent %s, step %d\n", v.agent, v.step);
         else printf("not confirmed: no replay within the budget made the run pass\n");
         if (v.schema_id >= 0) printf("cache: the confirmed failure is in schema #%d\n", v.schema_id);
+        if (v.schema_id >= 0 && judge && v.distilled) said_judge(c, v.schema_id, a->judge);
+        else if (v.schema_id >= 0 && judge) printf("judge: %s failed (%s); schema #%d keeps its stub\n", a->judge, v.judge_error, v.schema_id);
     }
+    kvm_model_free(judge);
     kvm_runtime_free(rt);
     return rc ? -1 : 0;
 }
 
 static int blame(const blame_args_t *a) {
+    if (a->judge && !a->verify) {
+        fprintf(stderr, "kvmesh trace blame: --judge writes the text of a confirmed failure: give --verify too "
+                        "(or `kvmesh trace label --judge`)\n");
+        return 2;
+    }
     kvm_failure_t *f = kvm_failure_from_trace(a->dir);
     if (!f) {
         fprintf(stderr, "kvmesh trace blame: %s\n", kvm_errmsg());
@@ -219,12 +271,24 @@ static int label(const blame_args_t *a) {
     p.count_hit = false;
     kvm_blame_t shown;
     int helpful = c && kvm_blame(c, f, &p, &shown) == 0 ? kvm_schema_cache_feedback(c, &shown, f) : -1;
-    int id = c && helpful >= 0 ? kvm_schema_cache_insert(c, f, false) : -1;
+    bool judge_failed = false; /* loaded first: a judge that cannot be loaded changes nothing */
+    kvm_model_t *judge = c && helpful >= 0 ? load_judge("label", a, &judge_failed) : NULL;
+    int id = c && helpful >= 0 && !judge_failed ? kvm_schema_cache_insert(c, f, false) : -1;
+    int jrc = 0;
+    if (judge && id >= 0) {
+        kvm_judge_params_t jp = kvm_judge_default_params();
+        jp.max_tokens = a->judge_tokens;
+        if ((jrc = kvm_schema_distill(c, id, f, judge, &jp)) != 0)
+            fprintf(stderr, "kvmesh trace label: --judge %s: %s (schema #%d keeps its stub)\n", a->judge, kvm_errmsg(), id);
+    }
     int rc = id >= 0 ? kvm_schema_cache_save(c) : -1;
-    if (c && rc) fprintf(stderr, "kvmesh trace label: %s\n", kvm_errmsg());
+    if (c && rc && !judge_failed) fprintf(stderr, "kvmesh trace label: %s\n", kvm_errmsg());
     else if (!rc)
         printf("labelled %s: agent %s, step %d -> schema #%d (feedback: %d of %d schemata shown were helpful)\n", f->id, want,
                a->step, id, helpful, shown.n_schemata);
+    if (!rc && judge && !jrc) said_judge(c, id, a->judge);
+    kvm_model_free(judge);
+    if (!rc && jrc) rc = -1;
     kvm_schema_cache_free(c);
     kvm_failure_free(f);
     return rc ? 1 : 0;

@@ -28,6 +28,9 @@ static void usage(FILE *f) {
                "           [--chat] [--ignore-eos] [--deadline-ms N]\n"
                "                         generate from a loaded model, streaming the text to stdout; a summary to\n"
                "                         stderr (--json: the final reply on stdout instead)\n\n"
+               "  bench [--clients N] [--seconds S] [--workflow NAME] [--generate MODEL] [--mix R,S,P,T,L,G] ...\n"
+               "                         load: N clients (default 64) send a mix of requests for S seconds; latency\n"
+               "                         per request type and the daemon's stats as JSON lines (kvmesh client bench -h)\n\n"
                "  --connect EP           the daemon's request endpoint (default tcp://127.0.0.1:5555)\n");
 }
 
@@ -330,6 +333,8 @@ static cJSON *typed(const char *type, const char *key, const char *val) {
     return h;
 }
 
+int client_bench(void *ctx, const char *ep, int argc, char **argv); /* cmd_client_bench.c */
+
 static int dispatch(conn_t *c, int argc, char **argv, bool json) {
     const char *cmd = argv[0];
     if (!strcmp(cmd, "run")) return cmd_run_wf(c, argc - 1, argv + 1, json);
@@ -395,7 +400,7 @@ int cmd_client(int argc, char **argv) {
         if (c.ctx) zmq_ctx_term(c.ctx);
         return 1;
     }
-    int rc = dispatch(&c, argc - i, argv + i, json);
+    int rc = !strcmp(argv[i], "bench") ? client_bench(c.ctx, ep, argc - i - 1, argv + i + 1) : dispatch(&c, argc - i, argv + i, json);
     zmq_close(c.sock);
     zmq_ctx_term(c.ctx);
     return rc;

@@ -11,6 +11,7 @@
 #include <kvmesh.h>
 
 #include "cli_env.h"
+#include "cli_tools.h"
 #include "cmd_replay.h"
 #include "lab/lab.h"
 
@@ -51,13 +52,20 @@ static void usage(FILE *f) {
             "                        Without one the question is asked on the terminal; when stdin is no terminal\n"
             "                        the run stays parked: exit status 3 and the command that resumes it\n"
             "  --answer-json JSON    the same with a JSON value (true, 42, {\"ok\":true})\n"
+            "  --tool NAME=COMMAND   a host tool for ctx:tool(NAME, args) (repeatable): each call runs COMMAND with\n"
+            "                        /bin/sh, the arguments (a JSON object) on its stdin; its stdout (JSON) is the\n"
+            "                        result, a non-zero exit an error with its stderr; killed at the run's wall-time\n"
+            "                        budget (60 s without one). $KVMESH_TOOL, $KVMESH_RUN_ID, $KVMESH_NODE name the call\n"
+            "  --tool-schema NAME=FILE  the JSON Schema the tool's arguments must pass (default {\"type\": \"object\"})\n"
             "  -q, --quiet           no live progress\n"
             "  -h, --help            this help\n\n"
             "example:\n"
             "  kvmesh run examples/pipeline.lua --input name=Mark --input corpus='Mark: 9442' --kv kvcomm\n"
             "  kvmesh run examples/team.lua --n 100 --seed 1 --kv dense\n"
             "  kvmesh run examples/team.lua --n 20 --kv kvcomm --state ~/.kvmesh/state\n"
-            "  kvmesh run --resume traces/2026-12-06/<run_id> --answer yes\n");
+            "  kvmesh run --resume traces/2026-12-06/<run_id> --answer yes\n"
+            "  kvmesh run examples/host_tool.lua --input city=Oslo --tool weather=examples/tools/weather.sh \\\n"
+            "      --tool-schema weather=examples/tools/weather.schema.json\n");
 }
 
 typedef struct progress {
@@ -197,6 +205,7 @@ typedef struct run_args {
     const char *resume;        /* --resume TRACE_DIR */
     long from_step;
     cJSON *answers;            /* --answer / --answer-json, as JSON values in order */
+    cli_tools_t *tools;        /* --tool / --tool-schema */
 } run_args_t;
 
 /* Parses the options into *a. -1 to go on, else the exit status (usage printed, or an error). */
@@ -206,7 +215,7 @@ static int parse_args(int argc, char **argv, run_args_t *a) {
         const char *v = i + 1 < argc ? argv[i + 1] : NULL;
         static const char *const valued[] = {"--input", "--kv", "--trace", "--n", "--seed", "--concurrency", "--model", "--backend",
                                              "--max-rows", "--kvcomm", "--ablation", "--kv-mb", "--kv-wait-ms", "--mem-mb", "--instructions", "--lua-ms", "--state",
-                                             "--resume", "--from-step", "--answer", "--answer-json"};
+                                             "--resume", "--from-step", "--answer", "--answer-json", "--tool", "--tool-schema"};
         bool needs_value = false;
         for (size_t k = 0; k < sizeof valued / sizeof *valued; k++) needs_value |= !strcmp(arg, valued[k]);
         if (needs_value && !v) {
@@ -234,6 +243,9 @@ static int parse_args(int argc, char **argv, run_args_t *a) {
                 return 2;
             }
             cJSON_AddItemToArray(a->answers, j);
+        } else if (!strcmp(arg, "--tool") || !strcmp(arg, "--tool-schema")) {
+            int rc = cli_tools_add(&a->tools, v, arg[6] != 0, "kvmesh run");
+            if (rc) return rc;
         } else if (!strcmp(arg, "--resume")) a->resume = v;
         else if (!strcmp(arg, "--from-step")) {
             char *end = NULL;
@@ -600,6 +612,10 @@ int cmd_run(int argc, char **argv) {
         fprintf(stderr, "kvmesh run: %s\n", kvm_errmsg());
         rc = 2;
     }
+    if (rc < 0) {
+        int trc = cli_tools_register(a.tools, rt, "kvmesh run");
+        if (trc) rc = trc;
+    }
     kvm_workflow_params_t wp = {.on_step = on_step, .ud = &a.prog};
     kvm_workflow_t *wf = rc < 0 ? (a.script ? kvm_workflow_load(rt, a.script, &wp) : kvm_workflow_load_trace(rt, a.resume, &wp)) : NULL;
     if (rc < 0 && !wf) {
@@ -614,5 +630,6 @@ int cmd_run(int argc, char **argv) {
     kvm_runtime_free(rt);
     cJSON_Delete(a.inputs);
     cJSON_Delete(a.answers);
+    cli_tools_free(a.tools);
     return rc;
 }

@@ -4,8 +4,11 @@
 -- string, got integer"), and the tool does not run. Scripts still have no I/O: they reach only what the program
 -- registered.
 --
--- `kvmesh run` registers no tools: run it through the host program built beside kvmesh (examples/tools/host_tool.c):
+-- Run it through the host program built beside kvmesh (examples/tools/host_tool.c), or with `kvmesh run --tool`
+-- serving the tool from a command (examples/tools/weather.sh: the arguments on stdin, the result on stdout):
 --
+--   build/kvmesh run examples/host_tool.lua --input city=Oslo --tool weather=examples/tools/weather.sh \
+--       --tool-schema weather=examples/tools/weather.schema.json
 --   build/host_tool examples/host_tool.lua --input city=Oslo            # the bundled tiny model
 --   build/host_tool examples/host_tool.lua --input city=Oslo --mock     # the mock model (no model files)
 local kvm = kvmesh

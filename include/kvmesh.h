@@ -300,6 +300,10 @@ typedef struct kvm_runtime_params {
      * finished fails with KVM_ENOMEM. 0 = the default, 300000 ms (5 min). A step whose prompt needs more KV
      * than the whole pool fails at once. */
     double kv_wait_ms;
+    /* The judge model (docs/correct.md, "The judge's text"): a path kvm_model_load opens (or "mock:echo") whose model
+     * writes the schema text of every failure kvm_blame_verify confirms on this runtime (unless its params name
+     * another judge). Loaded on first use (kvm_runtime_judge). NULL = no judge (schemata keep their stub). */
+    const char *judge_model;
 } kvm_runtime_params_t;
 
 kvm_runtime_params_t kvm_runtime_default_params(void);
@@ -507,6 +511,59 @@ int kvm_workflow_drive(kvm_workflow_t *wf);
 int kvm_runtime_step(kvm_runtime_t *rt);
 /* Runs started and not yet ended, over every workflow of rt. */
 int kvm_runtime_n_active(const kvm_runtime_t *rt);
+/* Generation jobs: a prompt generated on one of the runtime's models as a job of its engine, like an agent step
+ * (batched with the runs' steps in the same forward passes, its KV taken from and given back to the model's pool,
+ * reusing exact prefix hits), for programs that serve generation beside runs (the daemon's generate request). The
+ * job advances inside kvm_runtime_step; its events come from there: a KVM_RUN_TOKEN per piece of output as it
+ * becomes final, then exactly one KVM_RUN_END. Every pointer is valid only during the callback. */
+typedef struct kvm_gen_event {
+    int kind;                /* KVM_RUN_TOKEN or KVM_RUN_END */
+    uint64_t job;            /* kvm_runtime_generate's *job */
+    int32_t token_id;        /* TOKEN */
+    const char *text;        /* TOKEN: bytes, not NUL-terminated (a piece may be empty); END: the output (stop string
+                                removed), NUL-terminated, "" on an error */
+    size_t len;
+    int status;              /* END: 0, or KVM_ECANCELED (kvm_runtime_generate_cancel), KVM_ETIMEDOUT (deadline_ms),
+                                KVM_ENOMEM (the KV pool cannot hold it), ... */
+    const char *message;     /* END: NULL if ok */
+    const int32_t *ids;      /* END: the generated ids (stop id excluded), n_ids of them */
+    int n_ids;
+    int n_prompt;            /* END: prompt tokens */
+    int kv_exact;            /* END: prompt tokens whose KV was an exact prefix hit (not computed) */
+    int stop_reason;         /* END: enum kvm_stop_reason */
+    double queue_ms, ttft_ms, decode_ms; /* END */
+} kvm_gen_event_t;
+
+typedef void (*kvm_gen_event_fn)(void *ud, const kvm_gen_event_t *e);
+
+typedef struct kvm_gen_request {
+    const char *model;       /* the model's path, opened through the runtime as a workflow's kvmesh.model(path) is (the
+                                same model, KV pool and engine as the workflows naming that path) */
+    const char *prompt;      /* a text prompt (params.chat renders it in the model's chat format, with params.system);
+                                the model needs a tokenizer */
+    const int32_t *ids;      /* or the prompt as token ids, each in [0, vocab_size), nothing added (copied) */
+    int n_ids;
+    kvm_generate_params_t params; /* max_tokens, temperature (< 0: the model's generation_config), top_k, top_p,
+                                     repetition_penalty, seed, stop strings, ignore_eos, chat, system; max_total_tokens
+                                     must stay 0 (KVM_EUNSUPPORTED otherwise) */
+    double deadline_ms;      /* > 0: the job ends with KVM_ETIMEDOUT once this long has passed since it was submitted
+                                (checked at every generated token; its KV goes back at once); 0 = none */
+    kvm_gen_event_fn on_event; /* may be NULL */
+    void *ud;
+} kvm_gen_request_t;
+
+/* Queues a generation job; *job receives its id (> 0). Nothing executes until kvm_runtime_step. KVM_EINVAL naming
+ * the field for a bad request (no model, no prompt or both, bad params), KVM_ERANGE for an id out of range, the
+ * model's error when it cannot be opened. */
+int kvm_runtime_generate(kvm_runtime_t *rt, const kvm_gen_request_t *req, uint64_t *job);
+/* Ends a job with code (0 = KVM_ECANCELED) and message (NULL = "canceled"): one waiting for KV ends now, one being
+ * decoded stops at its next token (a prompt being prefilled finishes its prefill first); its KV goes back to the
+ * pool when it ends, at the next kvm_runtime_step, which delivers its KVM_RUN_END with that code. 0; KVM_ENOENT for
+ * no such job going. Not from inside an event callback. */
+int kvm_runtime_generate_cancel(kvm_runtime_t *rt, uint64_t job, int code, const char *message);
+/* Generation jobs queued and not yet ended. */
+int kvm_runtime_n_generating(const kvm_runtime_t *rt);
+
 /* Ends a run now with code (0 = KVM_ECANCELED; KVM_ETIMEDOUT for a deadline) and message (NULL = the
  * code's description): its agent steps in flight stop at their next token (one still prefilling finishes
  * its prefill) and give their KV back, anchors it staged are dropped, its trace ends with the status. Its
@@ -792,6 +849,15 @@ int kvm_schema_cache_ids(const kvm_schema_cache_t *c, int *ids, int cap);
 /* Entry id as JSON text (its signature, gold label, support, stats and stub text); freed with kvm_free. NULL +
  * KVM_ENOENT for an unknown id. */
 char *kvm_schema_cache_entry_json(const kvm_schema_cache_t *c, int id);
+/* Sets the LLM-written text of an entry (correct.md §3.2; kvm_schema_distill writes it with a judge model): scrubbed
+ * (<think>...</think> removed, non-ASCII bytes made spaces, cut at 6,144 bytes), kept beside the structured signature,
+ * shown by kvm_schema_cache_entry_json ("text": {"body", "model", "stub": false}), saved with the cache, and its terms
+ * added to the entry's TF-IDF keys (retrieval reads it). It replaces an earlier text; NULL (or a text empty after the
+ * scrub) removes it (the stub rendered from the signature stands again). model: who wrote it (NULL = unnamed).
+ * KVM_ENOENT for an unknown id. */
+int kvm_schema_cache_set_text(kvm_schema_cache_t *c, int id, const char *text, const char *model);
+/* The entry's LLM-written text (kvm_free), NULL when it has none (kvm_errcode() 0) or for an unknown id (KVM_ENOENT). */
+char *kvm_schema_cache_text(const kvm_schema_cache_t *c, int id);
 /* Pins (never evicted) or unpins an entry. KVM_ENOENT for an unknown id. */
 int kvm_schema_cache_pin(kvm_schema_cache_t *c, int id, bool pinned);
 /* Evicts an entry now (as the limits would: its id stays a tombstone). KVM_ENOENT for an unknown or evicted id,
@@ -849,6 +915,24 @@ int kvm_schema_cache_feedback(kvm_schema_cache_t *c, const kvm_blame_t *shown, c
  * out[cap]. */
 void kvm_agent_normalize(const char *raw, char *out, size_t cap);
 
+/* The LLM-written text of a schema (correct.md §3.2): a judge model (any model kvm_model_load opens, e.g. a bundled
+ * one; a tiny model writes poor text) is shown a bounded prompt (the instruction, the task, the label, the transcript as
+ * "Step i: agent: content" cut to max_prompt_bytes, then cut further until it fits the model's context beside the
+ * answer) and writes at most max_tokens; its answer, scrubbed, becomes the entry's text (kvm_schema_cache_set_text). */
+typedef struct kvm_judge_params {
+    int max_tokens;          /* the answer's tokens at most (512; 1..4096; at most half the judge's context) */
+    size_t max_prompt_bytes; /* the transcript's bytes in the prompt at most (8192; 256..1 MiB) */
+    float temperature;       /* 0.7 (correct.md §3.2); 0 = greedy */
+    float top_p;             /* 0.95 */
+    uint64_t seed;           /* sampling seed (0) */
+} kvm_judge_params_t;
+
+kvm_judge_params_t kvm_judge_default_params(void);
+/* Has judge write the text of cache entry id from f, the failure it holds, labelled (gold_agent, gold_step). Runs the
+ * model to its end in the calling thread (CPU models: seconds). 0; KVM_EINVAL for an unlabelled failure or bad
+ * params, KVM_ENOENT for an unknown id, or the model's error (named). */
+int kvm_schema_distill(kvm_schema_cache_t *c, int id, const kvm_failure_t *f, kvm_model_t *judge, const kvm_judge_params_t *params);
+
 /* Verifying blame by replay (docs/correct.md, "Verify by replay"): the top candidates of a blame (then the other agent
  * steps in order; func / tool steps skipped), as many as the budget, are replayed earliest first, each step generated
  * again (a fresh sampling seed, the KV policy kv) with the steps before it given their recorded outputs
@@ -861,6 +945,12 @@ typedef struct kvm_verify_params {
     double pass_score;   /* 1.0 */
     const char *kv;      /* the policy a candidate step is generated again under ("dense"; NULL = the recorded one) */
     uint64_t seed;       /* the fresh sampling seeds derive from it (0: from the run id) */
+    kvm_model_t *judge;  /* with a cache: the confirmed failure's text is written by this model (kvm_schema_distill);
+                            NULL = the runtime's judge (kvm_runtime_params_t.judge_model), if any */
+    const kvm_judge_params_t *judge_params; /* NULL = kvm_judge_default_params() */
+    double timeout_ms;   /* > 0: verify ends within about this long (a daemon's request deadline): no replay starts
+                            after it, and the replay going then is canceled (KVM_ETIMEDOUT, not passed) and stepped to its
+                            end; 0 = none (kvm_workflow_drive runs each replay to its end) */
 } kvm_verify_params_t;
 
 kvm_verify_params_t kvm_verify_default_params(void);
@@ -884,6 +974,10 @@ typedef struct kvm_verify {
     int step;            /* the confirmed decisive step (blame's numbering), -1 when no replay passed */
     char agent[64];      /* its agent, normalised */
     int schema_id;       /* the cache entry the confirmed failure went into (-1: none, or no cache) */
+    bool timed_out;      /* timeout_ms passed: a replay was canceled or not started */
+    bool distilled;      /* the judge wrote that entry's text */
+    int judge_status;    /* 0, or why the judge could not (the confirmation stands; the entry keeps its stub) */
+    char judge_error[256];
 } kvm_verify_t;
 
 /* Verifies blame b of the run traced in run_dir (f: kvm_failure_from_trace(run_dir)) by replays on rt (its models
@@ -896,6 +990,10 @@ int kvm_blame_verify(kvm_runtime_t *rt, kvm_schema_cache_t *c, const char *run_d
 /* The runtime's error-schema cache: opened on its state_dir (or in memory), shared by every run of the
  * runtime, saved by kvm_runtime_save_state. NULL + message when it cannot be opened. */
 kvm_schema_cache_t *kvm_runtime_schema_cache(kvm_runtime_t *rt);
+/* The runtime's judge model (kvm_runtime_params_t.judge_model), loaded on first use and kept until kvm_runtime_free.
+ * NULL with kvm_errcode() 0 when none is configured, or NULL + a message naming the path when it cannot be loaded
+ * (tried again at the next call). */
+kvm_model_t *kvm_runtime_judge(kvm_runtime_t *rt);
 
 /* ================================================================================================
  * The daemon: a runtime served over ZeroMQ (docs/protocol.md, `kvmesh serve`)

@@ -72,6 +72,13 @@ static void test_kv_policy_names_round_trip(void **s) {
     assert_non_null(strstr(kvm_errmsg(), "kvcom"));
 }
 
+/* Removes a test's temporary folder (made by mkdtemp: no quote in its name). */
+static void remove_tree(const char *dir) {
+    char cmd[300];
+    snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
+    assert_int_equal(system(cmd), 0);
+}
+
 static void count_step(void *ud, const kvm_step_event_t *e) {
     int *n = ud;
     assert_non_null(e->run);
@@ -135,9 +142,7 @@ static void test_a_workflow_runs_on_the_mock_model_and_reports_its_steps(void **
     kvm_free(stats);
     kvm_workflow_free(wf);
     kvm_runtime_free(rt);
-    char cmd[300];
-    snprintf(cmd, sizeof cmd, "rm -rf '%s'", tmpl);
-    assert_int_equal(system(cmd), 0);
+    remove_tree(tmpl);
 }
 
 static void test_bad_run_inputs_name_the_offset_and_start_nothing(void **s) {
@@ -231,6 +236,97 @@ static void test_a_model_loads_tokenizes_and_generates(void **s) {
     assert_int_equal(kvm_model_generate(m, "x", &gp, NULL, NULL, &g), KVM_EINVAL);
     assert_non_null(strstr(kvm_errmsg(), "max_tokens"));
     kvm_model_free(m);
+}
+
+/* Generation jobs (kvm_runtime_generate): what a job streams and ends with. */
+typedef struct genlog {
+    int tokens, ends, status, n_ids;
+    int32_t ids[64];
+    char text[512];
+    size_t streamed;
+    char streamed_text[512];
+} genlog_t;
+
+static void on_gen(void *ud, const kvm_gen_event_t *e) {
+    genlog_t *g = ud;
+    if (e->kind == KVM_RUN_TOKEN) {
+        g->tokens++;
+        if (g->streamed + e->len < sizeof g->streamed_text) memcpy(g->streamed_text + g->streamed, e->text, e->len), g->streamed += e->len;
+        return;
+    }
+    g->ends++;
+    g->status = e->status;
+    g->n_ids = e->n_ids < 64 ? e->n_ids : 64;
+    if (e->ids) memcpy(g->ids, e->ids, (size_t)g->n_ids * sizeof *g->ids);
+    snprintf(g->text, sizeof g->text, "%s", e->text ? e->text : "");
+}
+
+static void test_a_generation_job_matches_direct_generation_and_can_be_canceled(void **s) {
+    (void)s;
+    kvm_runtime_params_t rp = kvm_runtime_default_params();
+    rp.model.backend = "cpu";
+    rp.quiet = true;
+    kvm_runtime_t *rt = kvm_runtime_create(&rp);
+    assert_non_null(rt);
+    /* bad requests are refused, naming what */
+    uint64_t job = 99;
+    kvm_gen_request_t bad = {.model = MINI, .params = kvm_generate_default_params()};
+    assert_int_equal(kvm_runtime_generate(rt, &bad, &job), KVM_EINVAL); /* no prompt */
+    assert_int_equal(job, 0);
+    const int32_t far[2] = {1, 1 << 20};
+    bad.ids = far;
+    bad.n_ids = 2;
+    assert_int_equal(kvm_runtime_generate(rt, &bad, &job), KVM_ERANGE);
+    assert_non_null(strstr(kvm_errmsg(), "index 1"));
+    bad.params.max_total_tokens = 10;
+    bad.ids = far;
+    bad.n_ids = 1;
+    assert_int_equal(kvm_runtime_generate(rt, &bad, &job), KVM_EUNSUPPORTED);
+    assert_int_equal(kvm_runtime_n_generating(rt), 0);
+
+    /* greedy: the job gives what kvm_model_generate gives, streamed and at its end */
+    kvm_model_params_t mp = kvm_model_default_params();
+    mp.backend = "cpu";
+    mp.quiet = true;
+    kvm_model_t *m = kvm_model_load(MINI, &mp);
+    assert_non_null(m);
+    kvm_generate_params_t gp = kvm_generate_default_params();
+    gp.max_tokens = 12;
+    gp.temperature = 0;
+    kvm_generation_t direct;
+    assert_int_equal(kvm_model_generate(m, "Once upon a time", &gp, NULL, NULL, &direct), 0);
+    genlog_t g = {0};
+    kvm_gen_request_t rq = {.model = MINI, .prompt = "Once upon a time", .params = gp, .on_event = on_gen, .ud = &g};
+    assert_int_equal(kvm_runtime_generate(rt, &rq, &job), 0);
+    assert_true(job > 0);
+    assert_int_equal(kvm_runtime_n_generating(rt), 1);
+    for (int i = 0; i < 10000 && kvm_runtime_n_generating(rt) > 0; i++) assert_true(kvm_runtime_step(rt) >= 0);
+    assert_int_equal(g.ends, 1);
+    assert_int_equal(g.status, 0);
+    assert_int_equal(g.n_ids, direct.n_ids);
+    assert_memory_equal(g.ids, direct.ids, (size_t)direct.n_ids * sizeof *direct.ids);
+    assert_string_equal(g.text, direct.text);
+    assert_true(g.tokens >= 1);
+    assert_int_equal(g.streamed, strlen(direct.text));
+    kvm_generation_clear(&direct);
+    kvm_model_free(m);
+
+    /* a long job canceled: its end carries the code; an ended job cannot be canceled */
+    genlog_t c = {0};
+    const int32_t ids[4] = {1, 5, 9, 13};
+    kvm_gen_request_t lq = {.model = MINI, .ids = ids, .n_ids = 4, .params = kvm_generate_default_params(), .on_event = on_gen, .ud = &c};
+    lq.params.max_tokens = 400;
+    lq.params.ignore_eos = true;
+    assert_int_equal(kvm_runtime_generate(rt, &lq, &job), 0);
+    for (int i = 0; i < 5; i++) kvm_runtime_step(rt);
+    assert_int_equal(c.ends, 0);
+    assert_int_equal(kvm_runtime_generate_cancel(rt, job, 0, "enough"), 0);
+    for (int i = 0; i < 100 && kvm_runtime_n_generating(rt) > 0; i++) kvm_runtime_step(rt);
+    assert_int_equal(c.ends, 1);
+    assert_int_equal(c.status, KVM_ECANCELED);
+    assert_true(c.tokens < 400);
+    assert_int_equal(kvm_runtime_generate_cancel(rt, job, 0, NULL), KVM_ENOENT);
+    kvm_runtime_free(rt);
 }
 
 static void test_a_missing_model_is_an_error_naming_the_path(void **s) {
@@ -334,8 +430,95 @@ static void test_status_names_and_log_levels(void **s) {
     assert_non_null(kvm_version());
 }
 
+/* kvmesh.blame from a workflow: an ended run of the same runtime, by id, ranked from the runtime's schema cache;
+ * hostile use (its own run, an unknown id, a path, a huge k, no argument) is nil + a reason or a Lua error. */
+static const char *const k_asker_wf =
+    "local kvm = kvmesh\n"
+    "local g = kvm.graph{ name = 'asker', state = { out = kvm.reduce.replace } }\n"
+    "g:func('ask', function(state, last, ctx)\n"
+    "  local b, err = kvm.blame(ctx.inputs.target, 3)\n"
+    "  if not b then return { out = { err = err } } end\n"
+    "  local own, own_err = kvm.blame(ctx.run_id)\n"
+    "  local unk, unk_err = kvm.blame('0123456789abcdef0123456789abcdef')\n"
+    "  local p, path_err = kvm.blame('../../etc/passwd')\n"
+    "  local ok_huge, huge = pcall(kvm.blame, ctx.inputs.target, 1000000000)\n"
+    "  local ok_none, none = pcall(kvm.blame)\n"
+    "  return { out = { agent = b.agent, step = b.step, steps = b.steps, run_id = b.run_id,\n"
+    "    n_cand = #b.candidates, c1 = b.candidates[1].agent, c1_step = b.candidates[1].step,\n"
+    "    c1_score = b.candidates[1].score, n_schemata = #b.schemata, s1 = b.schemata[1] and b.schemata[1].id or -1,\n"
+    "    own = own == nil and own_err or 'x', unk = unk == nil and unk_err or 'x', path = p == nil and path_err or 'x',\n"
+    "    huge = (not ok_huge) and huge or 'x', none = (not ok_none) and none or 'x' } }\n"
+    "end)\n"
+    "g:edge(kvm.START, 'ask')\n"
+    "g:output(function(state) return state.out end)\n"
+    "return g\n";
+
+static char *run_once(kvm_workflow_t *wf, const char *inputs, char *id, size_t cap) {
+    kvm_run_params_t rp = kvm_run_default_params();
+    rp.inputs_json = inputs;
+    kvm_run_t *r = kvm_run_start(wf, &rp);
+    assert_non_null(r);
+    assert_int_equal(kvm_workflow_drive(wf), 0);
+    assert_int_equal(kvm_run_status(r, NULL), 0);
+    snprintf(id, cap, "%s", kvm_run_id(r));
+    return kvm_run_outputs_json(r);
+}
+
+static void test_kvmesh_blame_ranks_an_ended_run_of_the_runtime_and_refuses_the_rest(void **s) {
+    (void)s;
+    char tmpl[] = "/tmp/kvm_api_blame_XXXXXX";
+    assert_non_null(mkdtemp(tmpl));
+    kvm_runtime_t *rt = mock_runtime(tmpl);
+    kvm_workflow_t *pair = kvm_workflow_load_string(rt, "pair.lua", k_pair_wf, strlen(k_pair_wf), NULL);
+    kvm_workflow_t *asker = kvm_workflow_load_string(rt, "asker.lua", k_asker_wf, strlen(k_asker_wf), NULL);
+    assert_non_null(pair);
+    assert_non_null(asker);
+    char r1[64], r2[64], me[64], in[200];
+    kvm_free(run_once(pair, "{\"input\": \"two plus two\"}", r1, sizeof r1));
+    kvm_free(run_once(pair, "{\"input\": \"three plus three\"}", r2, sizeof r2));
+    /* r2's failure, labelled, is in the runtime's cache: r1's blame is shown it */
+    char dir[512];
+    snprintf(dir, sizeof dir, "%s/%s", tmpl, r2);
+    kvm_failure_t *f = kvm_failure_from_trace(dir);
+    assert_non_null(f);
+    f->gold_agent = "b";
+    f->gold_step = 2;
+    int entry = kvm_schema_cache_insert(kvm_runtime_schema_cache(rt), f, false);
+    assert_int_equal(entry, 0);
+    kvm_failure_free(f);
+    kvm_schema_cache_stats_t before;
+    kvm_schema_cache_stats(kvm_runtime_schema_cache(rt), &before);
+    snprintf(in, sizeof in, "{\"target\": \"%s\"}", r1);
+    char *out = run_once(asker, in, me, sizeof me);
+    assert_non_null(out);
+    char want[200];
+    snprintf(want, sizeof want, "\"run_id\":\"%s\"", r1);
+    assert_non_null(strstr(out, want));
+    assert_non_null(strstr(out, "\"steps\":3"));           /* the task, a, b */
+    assert_non_null(strstr(out, "\"n_schemata\":1"));
+    assert_non_null(strstr(out, "\"s1\":0"));
+    assert_null(strstr(out, "\"err\""));
+    assert_non_null(strstr(out, "\"own\":\"kvmesh.blame: run "));
+    assert_non_null(strstr(out, "is the run calling kvmesh.blame: it has not ended"));
+    assert_non_null(strstr(out, "\"unk\":\"kvmesh.blame: no run 0123456789abcdef0123456789abcdef in this runtime\""));
+    assert_non_null(strstr(out, "kvmesh.blame takes no path"));
+    assert_non_null(strstr(out, "k must be in 0..16"));
+    assert_non_null(strstr(out, "\"none\":\""));           /* no argument: a Lua error, caught */
+    assert_null(strstr(out, "\"huge\":\"x\""));
+    /* a script's question counts no hit */
+    kvm_schema_cache_stats_t after;
+    kvm_schema_cache_stats(kvm_runtime_schema_cache(rt), &after);
+    assert_int_equal(after.queries, before.queries);
+    kvm_free(out);
+    kvm_workflow_free(asker);
+    kvm_workflow_free(pair);
+    kvm_runtime_free(rt);
+    remove_tree(tmpl);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_kvmesh_blame_ranks_an_ended_run_of_the_runtime_and_refuses_the_rest),
         cmocka_unit_test(test_default_params_are_usable_as_they_are),
         cmocka_unit_test(test_a_bad_runtime_parameter_is_an_error_naming_it),
         cmocka_unit_test(test_kv_policy_names_round_trip),
@@ -344,6 +527,7 @@ int main(void) {
         cmocka_unit_test(test_a_script_error_names_the_chunk_and_line),
         cmocka_unit_test(test_two_workflows_share_the_runtime_engine),
         cmocka_unit_test(test_a_model_loads_tokenizes_and_generates),
+        cmocka_unit_test(test_a_generation_job_matches_direct_generation_and_can_be_canceled),
         cmocka_unit_test(test_a_missing_model_is_an_error_naming_the_path),
         cmocka_unit_test(test_a_tokenizer_loads_on_its_own),
         cmocka_unit_test(test_a_host_function_is_callable_from_scripts),

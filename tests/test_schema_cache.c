@@ -2,6 +2,7 @@
  * agent normalisation, error templates, retrieval and its exclusions, insert / merge / group thresholds, eviction
  * and its pins, the snapshot (round trip byte for byte, torn and corrupted files set aside), the triage's blame
  * shift, and a run's trace read as a failure. */
+#include <math.h>
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -661,6 +662,212 @@ static void test_a_runtime_keeps_its_schema_cache_in_its_state_folder(void **s) 
     assert_null(kvm_runtime_schema_cache(NULL));
 }
 
+/* ---- the LLM-written text (correct.md §3.2) ---------------------------------------------------------------- */
+
+static void test_a_judge_text_is_scrubbed_kept_beside_the_signature_and_retrieved(void **s) {
+    (void)s;
+    char dir[512], path[600];
+    snprintf(dir, sizeof dir, "%s/text", root);
+    snprintf(path, sizeof path, "%s/schemas.snap", dir);
+    kvm_schema_cache_t *c = kvm_schema_cache_open(dir, NULL);
+    assert_non_null(c);
+    fill(c);
+    /* a query that only the text of entry 1 speaks of */
+    fx_t q;
+    fx_make(&q, "q", "quokka marmot", 8, 3, NULL);
+    kvm_blame_params_t p = kvm_blame_default_params();
+    p.count_hit = false;
+    kvm_blame_t before, after;
+    assert_int_equal(kvm_blame(c, &q.f, &p, &before), 0);
+    double s_before = -1;
+    for (int i = 0; i < before.n_schemata; i++)
+        if (before.schema_ids[i] == 1) s_before = before.schema_scores[i];
+    assert_null(kvm_schema_cache_text(c, 1));
+    assert_int_equal(kvm_schema_cache_set_text(c, 1, "<think>hidden plan</think>Error Signatures: the quokka marmot "
+                                                     "\xc3\xa9 mix-up\n", "judge-x"), 0);
+    char *t = kvm_schema_cache_text(c, 1);
+    assert_non_null(t);
+    assert_string_equal(t, "Error Signatures: the quokka marmot    mix-up");
+    kvm_free(t);
+    char *j = kvm_schema_cache_entry_json(c, 1);
+    assert_non_null(strstr(j, "\"body\":"));
+    assert_non_null(strstr(j, "\"model\":\t\"judge-x\""));
+    assert_non_null(strstr(j, "\"stub\":\tfalse"));
+    kvm_free(j);
+    assert_int_equal(kvm_blame(c, &q.f, &p, &after), 0);
+    assert_int_equal(after.schema_ids[0], 1); /* the text's terms are keys now */
+    assert_true(after.schema_scores[0] > s_before);
+    /* saved and loaded: the text, the scores and the bytes stay */
+    assert_int_equal(kvm_schema_cache_save(c), 0);
+    kvm_schema_cache_free(c);
+    size_t n1, n2;
+    char *a = slurp(path, &n1);
+    assert_non_null(strstr(a, "\"version\":2"));
+    c = kvm_schema_cache_open(dir, NULL);
+    assert_non_null(c);
+    t = kvm_schema_cache_text(c, 1);
+    assert_string_equal(t, "Error Signatures: the quokka marmot    mix-up");
+    kvm_free(t);
+    kvm_blame_t again;
+    assert_int_equal(kvm_blame(c, &q.f, &p, &again), 0);
+    assert_int_equal(again.schema_ids[0], 1);
+    assert_true(again.schema_scores[0] == after.schema_scores[0]);
+    assert_int_equal(kvm_schema_cache_save(c), 0);
+    char *b = slurp(path, &n2);
+    assert_int_equal(n1, n2);
+    assert_memory_equal(a, b, n1);
+    free(a);
+    free(b);
+    /* removed: the keys are the signature's again */
+    assert_int_equal(kvm_schema_cache_set_text(c, 1, NULL, NULL), 0);
+    assert_null(kvm_schema_cache_text(c, 1));
+    kvm_blame_t gone;
+    assert_int_equal(kvm_blame(c, &q.f, &p, &gone), 0);
+    assert_int_equal(gone.n_schemata, before.n_schemata);
+    for (int i = 0; i < gone.n_schemata; i++) {
+        assert_int_equal(gone.schema_ids[i], before.schema_ids[i]);
+        assert_true(fabs(gone.schema_scores[i] - before.schema_scores[i]) < 1e-9);
+    }
+    j = kvm_schema_cache_entry_json(c, 1);
+    assert_non_null(strstr(j, "\"stub\":\ttrue"));
+    kvm_free(j);
+    assert_int_equal(kvm_schema_cache_set_text(c, 99, "x", NULL), KVM_ENOENT);
+    assert_null(kvm_schema_cache_text(c, 99));
+    assert_int_equal(kvm_errcode(), KVM_ENOENT);
+    kvm_schema_cache_free(c);
+}
+
+static void test_the_scrub_drops_think_blocks_non_ascii_and_caps_the_length(void **s) {
+    (void)s;
+    char *t = tcache_scrub_text("  a<think>x</think>b<think>never closed");
+    assert_string_equal(t, "ab");
+    kvm_free(t);
+    char *big = malloc(20001);
+    memset(big, 'z', 20000);
+    big[20000] = '\0';
+    big[5] = '\x01';
+    t = tcache_scrub_text(big);
+    assert_int_equal(strlen(t), 6144);
+    assert_int_equal(t[5], ' ');
+    kvm_free(t);
+    free(big);
+}
+
+/* Rewrites the snapshot at path with its header's "version":2 set to v, the trailer's checksum made valid again. */
+static void snapshot_as_version(const char *path, int v) {
+    size_t n;
+    char *a = slurp(path, &n);
+    char *ver = strstr(a, "\"version\":2");
+    assert_non_null(ver);
+    ver[10] = (char)('0' + v);
+    char *last = a + n - 1;
+    while (last > a && last[-1] != '\n') last--;
+    char trailer[128];
+    int cnt = 0;
+    assert_int_equal(sscanf(last, "{\"end\":%d", &cnt), 1);
+    snprintf(trailer, sizeof trailer, "{\"end\":%d,\"fnv1a\":\"%016llx\"}\n", cnt,
+             (unsigned long long)tsig_fnv1a(a, (size_t)(last - a)));
+    FILE *f = fopen(path, "wb");
+    assert_non_null(f);
+    fwrite(a, 1, (size_t)(last - a), f);
+    fputs(trailer, f);
+    fclose(f);
+    free(a);
+}
+
+static void test_a_version_1_snapshot_still_loads_and_a_future_version_is_set_aside(void **s) {
+    (void)s;
+    char dir[512], path[600], bad[700];
+    snprintf(dir, sizeof dir, "%s/v1", root);
+    snprintf(path, sizeof path, "%s/schemas.snap", dir);
+    snprintf(bad, sizeof bad, "%s.bad", path);
+    kvm_schema_cache_t *c = kvm_schema_cache_open(dir, NULL);
+    assert_non_null(c);
+    fill(c);
+    assert_int_equal(kvm_schema_cache_save(c), 0);
+    kvm_schema_cache_free(c);
+    snapshot_as_version(path, 1); /* what a kvmesh before the judge's text wrote */
+    c = kvm_schema_cache_open(dir, NULL);
+    kvm_schema_cache_stats_t st;
+    kvm_schema_cache_stats(c, &st);
+    assert_int_equal(st.entries, 4);
+    assert_int_equal(access(bad, F_OK), -1);
+    assert_int_equal(kvm_schema_cache_save(c), 0); /* saved again: version 2 */
+    kvm_schema_cache_free(c);
+    snapshot_as_version(path, 3);
+    c = kvm_schema_cache_open(dir, NULL);
+    kvm_schema_cache_stats(c, &st);
+    assert_int_equal(st.entries, 0);
+    assert_int_equal(access(bad, F_OK), 0);
+    kvm_schema_cache_free(c);
+}
+
+static void test_a_judge_model_writes_the_text_of_a_labelled_failure(void **s) {
+    (void)s;
+    kvm_schema_cache_t *c = mem_cache();
+    fill(c);
+    kvm_model_t *m = kvm_model_load("mock:echo", NULL);
+    assert_non_null(m);
+    fx_t x;
+    fx_make(&x, "t0", "invoices", 8, 1, NULL);
+    kvm_judge_params_t jp = kvm_judge_default_params();
+    jp.max_tokens = 24;
+    assert_int_equal(kvm_schema_distill(c, 0, &x.f, m, &jp), 0);
+    char *t = kvm_schema_cache_text(c, 0);
+    assert_non_null(t);
+    assert_true(strlen(t) > 0 && strlen(t) <= 6144);
+    kvm_free(t);
+    char *j = kvm_schema_cache_entry_json(c, 0);
+    assert_non_null(strstr(j, "\"model\":\t\"mock:echo\""));
+    kvm_free(j);
+    /* hostile use: named errors, nothing written */
+    assert_int_equal(kvm_schema_distill(c, 42, &x.f, m, &jp), KVM_ENOENT);
+    assert_int_equal(kvm_schema_distill(c, 0, &x.f, NULL, &jp), KVM_EINVAL);
+    jp.max_tokens = 0;
+    assert_int_equal(kvm_schema_distill(c, 0, &x.f, m, &jp), KVM_EINVAL);
+    jp = kvm_judge_default_params();
+    x.f.gold_agent = NULL;
+    assert_int_equal(kvm_schema_distill(c, 1, &x.f, m, &jp), KVM_EINVAL);
+    assert_null(kvm_schema_cache_text(c, 1));
+    kvm_model_free(m);
+    kvm_schema_cache_free(c);
+}
+
+static void test_a_runtime_loads_its_judge_once_and_names_a_bad_one(void **s) {
+    (void)s;
+    kvm_runtime_params_t p = kvm_runtime_default_params();
+    p.model_override = "mock:echo";
+    p.quiet = true;
+    kvm_runtime_t *rt = kvm_runtime_create(&p);
+    assert_non_null(rt);
+    assert_null(kvm_runtime_judge(rt)); /* none configured: not an error */
+    assert_int_equal(kvm_errcode(), 0);
+    kvm_runtime_free(rt);
+    p.judge_model = "mock:echo";
+    rt = kvm_runtime_create(&p);
+    kvm_model_t *j = kvm_runtime_judge(rt);
+    assert_non_null(j);
+    assert_ptr_equal(kvm_runtime_judge(rt), j);
+    kvm_schema_cache_t *c = kvm_runtime_schema_cache(rt);
+    fill(c);
+    fx_t x;
+    fx_make(&x, "t1", "weather", 8, 2, NULL);
+    assert_int_equal(kvm_schema_distill(c, 1, &x.f, j, NULL), 0);
+    char *t = kvm_schema_cache_text(c, 1);
+    assert_non_null(t);
+    kvm_free(t);
+    kvm_runtime_free(rt);
+    p.judge_model = "/nonexistent/judge-model";
+    rt = kvm_runtime_create(&p);
+    assert_null(kvm_runtime_judge(rt));
+    assert_int_not_equal(kvm_errcode(), 0);
+    assert_non_null(strstr(kvm_errmsg(), "judge_model '/nonexistent/judge-model'"));
+    kvm_runtime_free(rt);
+    p.judge_model = "";
+    assert_null(kvm_runtime_create(&p));
+    assert_non_null(strstr(kvm_errmsg(), "judge_model"));
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_agent_labels_lose_their_suffix_and_case),
@@ -681,6 +888,11 @@ int main(void) {
         cmocka_unit_test(test_a_warm_cache_moves_the_blame_to_the_known_error_kind),
         cmocka_unit_test(test_a_traced_run_reads_as_a_failure_with_the_task_at_step_0),
         cmocka_unit_test(test_a_runtime_keeps_its_schema_cache_in_its_state_folder),
+        cmocka_unit_test(test_a_judge_text_is_scrubbed_kept_beside_the_signature_and_retrieved),
+        cmocka_unit_test(test_the_scrub_drops_think_blocks_non_ascii_and_caps_the_length),
+        cmocka_unit_test(test_a_version_1_snapshot_still_loads_and_a_future_version_is_set_aside),
+        cmocka_unit_test(test_a_judge_model_writes_the_text_of_a_labelled_failure),
+        cmocka_unit_test(test_a_runtime_loads_its_judge_once_and_names_a_bad_one),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

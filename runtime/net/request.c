@@ -39,6 +39,7 @@ static const field_t k_wf_name[] = {{"name", K_STR}, {NULL, 0}};
 static const field_t k_run_start[] = {{"workflow", K_STR}, {"inputs", K_OBJ}, {"seed", K_SEED},
                                       {"dataset", K_BOOL}, {"stream", K_ARR}, {"kv", K_STR}, {NULL, 0}};
 static const field_t k_run_id[] = {{"run_id", K_STR}, {NULL, 0}};
+static const field_t k_request_id[] = {{"request_id", K_STR}, {NULL, 0}};
 static const field_t k_trace_get[] = {{"run_id", K_STR}, {"format", K_STR}, {NULL, 0}};
 static const field_t k_run_resume[] = {{"run_id", K_STR}, {"value", K_ANY}, {NULL, 0}};
 static const field_t k_model_load[] = {{"name", K_STR}, {"path", K_STR}, {"backend", K_STR}, {NULL, 0}};
@@ -46,7 +47,7 @@ static const field_t k_model_name[] = {{"name", K_STR}, {NULL, 0}};
 static const field_t k_generate[] = {{"model", K_STR}, {"prompt", K_STR}, {"max_tokens", K_NUM}, {"temperature", K_NUM},
                                      {"top_p", K_NUM}, {"seed", K_SEED}, {"stop", K_ARR}, {"chat", K_BOOL},
                                      {"ignore_eos", K_BOOL}, {NULL, 0}};
-static const field_t k_attribute[] = {{"run_id", K_STR}, {"k", K_NUM}, {NULL, 0}};
+static const field_t k_attribute[] = {{"run_id", K_STR}, {"k", K_NUM}, {"verify", K_OBJ}, {"judge", K_STR}, {NULL, 0}};
 static const field_t k_cache_show[] = {{"entry", K_NUM}, {NULL, 0}};
 static const field_t k_cache_pin[] = {{"entry", K_NUM}, {"pinned", K_BOOL}, {NULL, 0}};
 static const field_t k_seg_put[] = {{"segment_id", K_STR}, {"model", K_STR}, {"frame", K_NUM}, {"dtype", K_STR},
@@ -86,6 +87,7 @@ static const schema_t k_schemas[] = {
     {KVM_REQ_SEGMENT_DROP, "segment.drop", k_seg_id, false},
     {KVM_REQ_TOOL_REGISTER, "tool.register", k_tool_register, false},
     {KVM_REQ_TOOL_RESULT, "tool.result", k_tool_result, false},
+    {KVM_REQ_GENERATE_CANCEL, "generate.cancel", k_request_id, false},
 };
 #define N_SCHEMAS (sizeof k_schemas / sizeof k_schemas[0])
 
@@ -484,6 +486,29 @@ static int decode_segment_put(const cJSON *h, const kvm_req_frame_t *pay, int n_
     return 0;
 }
 
+/* attribute's verify {budget, pass} and judge (a model name). */
+static int decode_verify(const cJSON *h, kvm_req_t *r, kvm_req_error_t *e) {
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(h, "verify"), *it;
+    r->verify = v != NULL;
+    r->budget = 3;
+    r->pass_score = 1.0;
+    cJSON_ArrayForEach(it, v) {
+        if (strcmp(it->string, "budget") && strcmp(it->string, "pass"))
+            return fail(e, KVM_EINVAL, "verify", "attribute: field 'verify' takes 'budget' and 'pass', not '%.40s'", it->string);
+    }
+    int rc = v ? opt_int(v, "budget", 0, 16, 3, &r->budget, "attribute verify", e) : 0;
+    const cJSON *ps = v ? cJSON_GetObjectItemCaseSensitive(v, "pass") : NULL;
+    if (!rc && ps && (!cJSON_IsNumber(ps) || !(ps->valuedouble >= -1e9 && ps->valuedouble <= 1e9)))
+        return fail(e, KVM_EINVAL, "verify.pass", "attribute: field 'verify.pass' must be a score (a number)");
+    if (ps) r->pass_score = ps->valuedouble;
+    if (rc) return rc;
+    r->judge = str_of(h, "judge");
+    if (r->judge && !name_ok(r->judge)) return fail(e, KVM_EINVAL, "judge", "attribute: field 'judge' must be a model name (" NAME_RULE ")");
+    if (r->judge && !r->verify)
+        return fail(e, KVM_EINVAL, "judge", "attribute: 'judge' writes the schema text of a failure that 'verify' confirms: give 'verify' too");
+    return 0;
+}
+
 static int decode_models(const cJSON *h, const kvm_req_frame_t *pay, int n_pay, kvm_req_t *r, kvm_req_error_t *e) {
     const cJSON *pin = cJSON_GetObjectItemCaseSensitive(h, "pinned"), *hum = cJSON_GetObjectItemCaseSensitive(h, "human");
     int rc = 0;
@@ -494,7 +519,8 @@ static int decode_models(const cJSON *h, const kvm_req_frame_t *pay, int n_pay, 
     case KVM_REQ_GENERATE: return decode_generate(h, pay, n_pay, r, e);
     case KVM_REQ_ATTRIBUTE:
         rc = opt_int(h, "k", 1, 16, 5, &r->k, r->type_name, e);
-        return rc ? rc : need_str(h, "run_id", id_ok, "a run id (1 to 64 printable bytes)", &r->run_id, r->type_name, e);
+        if (!rc) rc = need_str(h, "run_id", id_ok, "a run id (1 to 64 printable bytes)", &r->run_id, r->type_name, e);
+        return rc ? rc : decode_verify(h, r, e);
     case KVM_REQ_CACHE_SHOW: return opt_int(h, "entry", 0, 2147483647.0, -1, &r->entry, r->type_name, e);
     case KVM_REQ_CACHE_PIN:
     case KVM_REQ_CACHE_EVICT:
@@ -566,6 +592,8 @@ static int decode_body(const cJSON *h, const kvm_req_frame_t *pay, int n_pay, co
         r->schema = cJSON_GetObjectItemCaseSensitive(h, "schema");
         return need_str(h, "name", name_ok, "a tool name (1 to 64 letters, digits, '_', '-' or '.')", &r->name, r->type_name, e);
     case KVM_REQ_TOOL_RESULT: return decode_tool_result(h, r, e);
+    case KVM_REQ_GENERATE_CANCEL:
+        return need_str(h, "request_id", id_ok, "the id of a generate request of this client", &r->run_id, r->type_name, e);
     case KVM_REQ_TRACE_GET:
         fmt = str_of(h, "format");
         if (fmt && strcmp(fmt, "jsonl")) return fail(e, KVM_EINVAL, "format", "trace.get: field 'format' must be \"jsonl\"");

@@ -51,6 +51,7 @@ enum kvm_req_type {
     KVM_REQ_SEGMENT_DROP,
     KVM_REQ_TOOL_REGISTER,
     KVM_REQ_TOOL_RESULT,
+    KVM_REQ_GENERATE_CANCEL,        /* generate.cancel {request_id}: the id (in run_id) of a generate of the same client */
 };
 
 /* Streams a run.start asks for (`stream`). */
@@ -111,6 +112,10 @@ typedef struct kvm_req {
     bool ignore_eos;                /* generate past end-of-sequence ids (benchmarks) */
     /* attribute (run_id, k); cache.show / cache.pin / cache.evict (entry); cache.label (run_id, agent, step) */
     int k;                          /* attribute: schemata retrieved (default 5) */
+    bool verify;                    /* attribute: "verify" given: blame is checked by replays (kvm_blame_verify) */
+    int budget;                     /* attribute verify.budget: replays at most (0..16, default 3) */
+    double pass_score;              /* attribute verify.pass: the score a replay must reach (default 1) */
+    const char *judge;              /* attribute: the loaded model (model.load name) that writes the confirmed schema's text */
     int entry;                      /* -1 = none (cache.show lists the ids) */
     bool pinned;                    /* cache.pin: default true */
     const char *agent;

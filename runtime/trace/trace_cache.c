@@ -12,7 +12,9 @@
  * Persistence: dir/schemas.snap, a text file: a header line (magic, version, the MinHash functions, counters),
  * one JSON line per live entry, and a trailer line with the entry count and the FNV-1a-64 of every byte before
  * it. Saved by writing schemas.snap.tmp.<pid>, fsync, rename, fsync of the folder: a crash leaves the old or
- * the new file. A file that fails any check is renamed schemas.snap.bad and the cache starts empty. (The
+ * the new file. An entry may also hold the LLM-written text of its failure (kvm_schema_cache_set_text; version 2 of
+ * the file: its "text" object), whose terms are added to the entry's TF-IDF counts, so retrieval reads it; version 1
+ * files (no text) still load. A file that fails any check is renamed schemas.snap.bad and the cache starts empty. (The
  * spec's WAL of every operation is not kept: what was learned since the last save is lost by a crash.) */
 #include <errno.h>
 #include <fcntl.h>
@@ -32,7 +34,8 @@
 #include "trace_sig.h"
 
 #define SNAP_MAGIC "kvmesh-schemas"
-#define SNAP_VERSION 1
+#define SNAP_VERSION 2 /* 2: an entry may hold an LLM-written text ("text"); version 1 files still load */
+#define TEXT_CAP 6144    /* bytes of an LLM-written text kept (correct.md §3.2) */
 #define MAX_SRC 8        /* source traces kept per entry (a ring) */
 #define MAX_HIST 8       /* agent classes kept per entry */
 #define MAX_TMPL 8       /* error templates kept per entry */
@@ -78,6 +81,8 @@ typedef struct entry {
     int n_feats;
     double feats_norm;
     /* stats */
+    char *text;             /* the LLM-written schema text (correct.md §3.2), NULL = none (the stub stands) */
+    char *text_model;       /* the model that wrote it */
     double hits;
     int helpful, misleading;
     uint64_t last_hit_ns;
@@ -118,6 +123,8 @@ static void entry_free(entry_t *e) {
     for (int i = 0; i < MAX_SRC; i++) kvm_free(e->src[i]);
     for (int i = 0; i < e->n_tmpl; i++) kvm_free(e->tmpl[i]);
     kvm_free(e->family);
+    kvm_free(e->text);
+    kvm_free(e->text_model);
     kvm_free(e->term);
     kvm_free(e->cnt);
     kvm_free(e->feats);
@@ -131,6 +138,7 @@ static size_t entry_bytes(const entry_t *e) {
                (size_t)e->n_feats * sizeof(tsig_feat_t);
     for (int i = 0; i < e->n_tmpl; i++) b += strlen(e->tmpl[i]) + 1;
     for (int i = 0; i < MAX_SRC; i++) b += e->src[i] ? strlen(e->src[i]) + 1 : 0;
+    if (e->text) b += strlen(e->text) + 1 + (e->text_model ? strlen(e->text_model) + 1 : 0);
     return b;
 }
 
@@ -756,6 +764,101 @@ int kvm_schema_cache_evict(kvm_schema_cache_t *c, int id) {
     return 0;
 }
 
+/* The post-processing of an LLM-written text (correct.md §3.2): <think>...</think> removed (an unclosed one: to the
+ * end), every byte outside printable ASCII, newline and tab made a space, cut at TEXT_CAP bytes, trimmed. NULL when
+ * out of memory. */
+char *tcache_scrub_text(const char *in) {
+    size_t n = strlen(in);
+    char *o = kvm_malloc(n + 1);
+    if (!o) return NULL;
+    size_t k = 0;
+    for (const char *p = in; *p && k < TEXT_CAP;) {
+        if (!strncmp(p, "<think>", 7)) {
+            const char *end = strstr(p + 7, "</think>");
+            if (!end) break;
+            p = end + 8;
+            continue;
+        }
+        unsigned char ch = (unsigned char)*p++;
+        o[k++] = (ch >= 32 && ch < 127) || ch == '\n' || ch == '\t' ? (char)ch : ' ';
+    }
+    while (k > 0 && (o[k - 1] == ' ' || o[k - 1] == '\n' || o[k - 1] == '\t')) k--;
+    size_t s0 = 0;
+    while (s0 < k && (o[s0] == ' ' || o[s0] == '\n' || o[s0] == '\t')) s0++;
+    memmove(o, o + s0, k - s0);
+    o[k - s0] = '\0';
+    return o;
+}
+
+/* Adds (sign 1) or removes (sign -1) the term counts of text to a live entry's TF-IDF keys (document frequencies
+ * follow). 0 or KVM_ENOMEM (nothing changed then only when the text could not be tokenised). */
+static int text_terms(kvm_schema_cache_t *c, entry_t *e, const char *text, int sign) {
+    tsig_term_t *t = NULL;
+    int n = 0, rc = tsig_text_terms(text, &c->fns, &t, &n);
+    if (rc) return rc;
+    int *nt = kvm_realloc(e->term, (size_t)(e->n_terms + n + 1) * sizeof *nt);
+    if (nt) e->term = nt;
+    int *nc = nt ? kvm_realloc(e->cnt, (size_t)(e->n_terms + n + 1) * sizeof *nc) : NULL;
+    if (nc) e->cnt = nc;
+    if (!nc) rc = KVM_ENOMEM;
+    for (int i = 0; !rc && i < n; i++) {
+        int id = term_id(c, t[i].s, sign > 0, &rc), at = -1;
+        for (int j = 0; id >= 0 && j < e->n_terms && at < 0; j++)
+            if (e->term[j] == id) at = j;
+        if (sign > 0 && at >= 0) e->cnt[at] += t[i].n;
+        else if (sign > 0 && id >= 0) {
+            e->term[e->n_terms] = id;
+            e->cnt[e->n_terms++] = t[i].n;
+            c->df[id]++;
+        } else if (sign < 0 && at >= 0 && (e->cnt[at] -= t[i].n) <= 0) {
+            c->df[id]--;
+            e->term[at] = e->term[e->n_terms - 1];
+            e->cnt[at] = e->cnt[--e->n_terms];
+        }
+    }
+    for (int i = 0; i < n; i++) kvm_free(t[i].s);
+    kvm_free(t);
+    c->gen++; /* df and this entry's counts changed: every vector is recomputed */
+    return rc;
+}
+
+int kvm_schema_cache_set_text(kvm_schema_cache_t *c, int id, const char *text, const char *model) {
+    entry_t *e = live_entry(c, id);
+    if (!e) return kvm_seterr(KVM_ENOENT, "schema cache: no entry %d", id);
+    char *t = text ? tcache_scrub_text(text) : NULL, *m = model ? kvm_strdup(model) : NULL;
+    if ((text && !t) || (model && !m)) {
+        kvm_free(t);
+        kvm_free(m);
+        return kvm_seterr(KVM_ENOMEM, "out of memory setting the text of schema %d", id);
+    }
+    if (t && !*t) { /* nothing left after the scrub: the stub stands */
+        kvm_free(t);
+        t = NULL;
+    }
+    int rc = e->text ? text_terms(c, e, e->text, -1) : 0;
+    kvm_free(e->text);
+    kvm_free(e->text_model);
+    e->text = t;
+    e->text_model = t ? m : (kvm_free(m), NULL);
+    if (!rc && e->text) rc = text_terms(c, e, e->text, 1);
+    return rc ? kvm_seterr(rc, "out of memory indexing the text of schema %d", id) : 0;
+}
+
+char *kvm_schema_cache_text(const kvm_schema_cache_t *c, int id) {
+    const entry_t *e = live_entry(c, id);
+    if (!e) {
+        kvm_seterr(KVM_ENOENT, "schema cache: no entry %d", id);
+        return NULL;
+    }
+    if (!e->text) {
+        kvm_errclear(); /* no text: not an error */
+        return NULL;
+    }
+    char *r = kvm_strdup(e->text);
+    if (!r) kvm_seterr(KVM_ENOMEM, "out of memory");
+    return r;
+}
+
 /* The stub text of an entry (correct.md §3.2): rendered from its signature. */
 static void entry_stub(const entry_t *e, kvm_sb_t *b) {
     int top = 0;
@@ -854,7 +957,12 @@ static cJSON *entry_json(const kvm_schema_cache_t *c, const entry_t *e, bool wit
     hex64(h, e->last_hit_ns);
     cJSON_AddStringToObject(s, "last_hit_ns", h);
     cJSON_AddNumberToObject(s, "last_hit_q", (double)e->last_hit_q);
-    if (with_stub) {
+    if (e->text) { /* the LLM-written text (its terms are already in keys.tf) */
+        cJSON *t = cJSON_AddObjectToObject(o, "text");
+        cJSON_AddStringToObject(t, "body", e->text);
+        if (e->text_model) cJSON_AddStringToObject(t, "model", e->text_model);
+        cJSON_AddBoolToObject(t, "stub", false);
+    } else if (with_stub) {
         kvm_sb_t b = KVM_SB_INIT;
         entry_stub(e, &b);
         cJSON *t = cJSON_AddObjectToObject(o, "text");
@@ -1088,6 +1196,12 @@ static int entry_parse(kvm_schema_cache_t *c, const cJSON *o, entry_t **out) {
         if (!end || *end) rc = KVM_EFORMAT;
     }
     if (!rc && !parse_hex64(cJSON_GetObjectItemCaseSensitive(keys, "simhash"), &e->simhash)) rc = KVM_EFORMAT;
+    const cJSON *tx = rc ? NULL : cJSON_GetObjectItemCaseSensitive(o, "text");
+    if (tx) { /* version 2: an LLM-written text (its terms are in keys.tf already) */
+        const char *body = str_in(tx, "body"), *model = str_in(tx, "model");
+        if (!cJSON_IsObject(tx) || !body || strlen(body) > TEXT_CAP) rc = KVM_EFORMAT;
+        else if (!(e->text = kvm_strdup(body)) || (model && !(e->text_model = kvm_strdup(model)))) rc = KVM_ENOMEM;
+    }
     if (!rc) {
         if (num_in(st, "hits", 0, 1e12, &v)) e->hits = v;
         if (num_in(st, "helpful", 0, 1e9, &v)) e->helpful = (int)v;
@@ -1130,8 +1244,8 @@ static int load_text(kvm_schema_cache_t *c, char *data, size_t len, const char *
         if (!rc && line == 0) {
             const char *magic = str_in(o, "magic");
             const cJSON *a = cJSON_GetObjectItemCaseSensitive(o, "minhash_a"), *b = cJSON_GetObjectItemCaseSensitive(o, "minhash_b");
-            *why = "not a kvmesh schema snapshot of version 1";
-            if (!magic || strcmp(magic, SNAP_MAGIC) || !num_in(o, "version", SNAP_VERSION, SNAP_VERSION, &v) ||
+            *why = "not a kvmesh schema snapshot of version 1 or 2";
+            if (!magic || strcmp(magic, SNAP_MAGIC) || !num_in(o, "version", 1, SNAP_VERSION, &v) || v != floor(v) ||
                 cJSON_GetArraySize(a) != TSIG_MINHASH || cJSON_GetArraySize(b) != TSIG_MINHASH)
                 rc = KVM_EFORMAT;
             for (int i = 0; !rc && i < TSIG_MINHASH; i++)

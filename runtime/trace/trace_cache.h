@@ -8,4 +8,9 @@ enum { TCACHE_MERGE, TCACHE_SAME_GROUP, TCACHE_NEW_GROUP };
  * entry of the best entry's group when S >= 0.60, else a new group. */
 int tcache_decide(double s_best, int hamming_best);
 
+/* The post-processing of an LLM-written schema text (correct.md §3.2): <think>...</think> removed, bytes outside
+ * printable ASCII (newline and tab kept) made spaces, cut at 6,144 bytes, trimmed. New string (kvm_free), NULL when
+ * out of memory. */
+char *tcache_scrub_text(const char *in);
+
 #endif

@@ -537,6 +537,34 @@ static int build_keys(const kvm_failure_t *f, const tsig_minhash_fns_t *fns, int
     return rc;
 }
 
+/* The term counts of a free text (the same tokens as the key text), unsorted, into *out[*n] (kvm_free each s and
+ * the array; NULL when none). 0 or KVM_ENOMEM. */
+int tsig_text_terms(const char *text, const tsig_minhash_fns_t *fns, tsig_term_t **out, int *n_out) {
+    tok_state_t t = {.fns = fns};
+    kvm_map_init(&t.counts, KVM_MAP_STR);
+    for (int i = 0; i < TSIG_MINHASH; i++) t.mins[i] = UINT64_MAX;
+    tokenize(&t, text ? text : "");
+    int rc = t.rc, k = 0;
+    size_t n = kvm_map_len(&t.counts);
+    tsig_term_t *terms = n ? kvm_calloc(n, sizeof *terms) : NULL;
+    if (n && !terms) rc = KVM_ENOMEM;
+    for (size_t i = 0; !rc && i < t.counts.cap; i++) {
+        const kvm_map_entry_t *e = &t.counts.slots[i];
+        if (!e->hash) continue;
+        terms[k].n = (int)e->val.u64;
+        if (!(terms[k++].s = kvm_strndup(e->key.str, e->klen))) rc = KVM_ENOMEM;
+    }
+    kvm_map_free(&t.counts);
+    if (rc) {
+        for (int i = 0; i < k; i++) kvm_free(terms[i].s);
+        kvm_free(terms);
+        return KVM_ENOMEM;
+    }
+    *out = terms;
+    *n_out = k;
+    return 0;
+}
+
 static int build_feats(tsig_t *s) {
     kvm_map_t m;
     kvm_map_init(&m, KVM_MAP_U64);

@@ -73,6 +73,9 @@ void tsig_minhash_fns_default(tsig_minhash_fns_t *fns);
  * malformed failure). On error *s is empty. */
 int tsig_build(const kvm_failure_t *f, const tsig_minhash_fns_t *fns, int max_terms, tsig_t *s);
 void tsig_free(tsig_t *s);
+/* The term counts of a free text (a schema's LLM-written text), tokenised as the key text is, unsorted: *out[*n]
+ * (each s and the array kvm_free'd by the caller; NULL / 0 for none). 0 or KVM_ENOMEM. */
+int tsig_text_terms(const char *text, const tsig_minhash_fns_t *fns, tsig_term_t **out, int *n);
 
 /* The §3.1 error template of a line (masked URLs, quoted strings, paths, hex, numbers; whitespace collapsed),
  * malloc'd (kvm_free); NULL when out of memory. */

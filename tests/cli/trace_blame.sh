@@ -64,6 +64,20 @@ grep -q "feedback: 1 of 1 schemata shown were helpful" <<< "$out" && "$bin" trac
 "$bin" trace cache pin 0 --state "$work/st" && "$bin" trace cache show 0 --state "$work/st" | grep -q '"PINNED"' \
   && ok "cache pin persists" || bad "cache pin"
 
+# --judge on label: the judge model writes the schema's text (mock:echo here; trace_replay.sh uses the bundled model)
+cp -r "$work/st" "$work/stj"
+out="$("$bin" trace label "$r8" --agent finder --step 1 --state "$work/stj" --judge mock:echo --judge-tokens 16)"; rc=$?
+id="$(sed -n 's/.*-> schema #\([0-9]*\).*/\1/p' <<< "$out")"
+[ $rc -eq 0 ] && grep -q "^judge: mock:echo wrote the text of schema #$id" <<< "$out" \
+  && "$bin" trace cache show "$id" --state "$work/stj" | grep -q '"stub":.*false' \
+  && ok "label --judge: the schema's text is written by the judge" || bad "label --judge: rc $rc: $out"
+before="$(cat "$work/stj/schemas.snap")"
+out="$("$bin" trace label "$r8" --agent finder --step 1 --state "$work/stj" --judge "$work/none" 2>&1)"; rc=$?
+[ $rc -eq 1 ] && grep -q "none" <<< "$out" && [ "$before" = "$(cat "$work/stj/schemas.snap")" ] \
+  && ok "label --judge with a missing model: exit 1, the cache unchanged" || bad "label bad judge: rc $rc: $out"
+out="$("$bin" trace label "$r8" --agent finder --step 1 --state "$work/stj" --judge mock:echo --judge-tokens 0 2>&1)"; rc=$?
+[ $rc -eq 2 ] && ok "--judge-tokens 0: exit 2" || bad "judge-tokens: rc $rc: $out"
+
 # a torn snapshot: set aside, the cache starts empty, blame still answers
 head -c 100 "$work/st/schemas.snap" > "$work/st/t" && mv "$work/st/t" "$work/st/schemas.snap"
 out="$("$bin" trace blame "$r8" --state "$work/st" 2>&1)"; rc=$?

@@ -62,6 +62,17 @@ out2="$("$bin" $again 2>&1)"; rc=$?
 [ $rc -eq 0 ] && grep -q "with sampling seed" <<< "$out2" && ok "the command verify names repeats its replay: $again" || bad "repeat '$again': rc $rc: $out2"
 grep -q "cache: the confirmed failure is in schema #0" <<< "$out" && "$bin" trace cache stats --state "$work/st" | grep -q "^entries 1," \
   && ok "the confirmed failure is in the cache" || bad "cache: $out"
+# --judge: the bundled model writes the confirmed failure's schema text (poor text from a 2M-parameter model: the
+# mechanics are what is checked), kept in the snapshot and shown by cache show
+out="$("$bin" trace blame "$inj" --verify --state "$work/stj" --judge models/minillama-2m --judge-tokens 48 2>&1)"; rc=$?
+[ $rc -eq 0 ] && grep -q "^judge: models/minillama-2m wrote the text of schema #0" <<< "$out" \
+  && "$bin" trace cache show 0 --state "$work/stj" | grep -q '"model":.*"minillama-2m"' \
+  && grep -q '"version":2' "$work/stj/schemas.snap" && ok "blame --verify --judge: the schema's text is written and kept" \
+  || bad "judge: rc $rc: $out"
+out="$("$bin" trace blame "$inj" --judge models/minillama-2m 2>&1)"; rc=$?
+[ $rc -eq 2 ] && grep -q "give --verify too" <<< "$out" && ok "--judge without --verify: exit 2" || bad "judge alone: rc $rc: $out"
+out="$("$bin" trace blame "$inj" --verify --judge "$work/no-model" 2>&1)"; rc=$?
+[ $rc -eq 1 ] && grep -q "no-model" <<< "$out" && ok "a judge that cannot be loaded is named (exit 1)" || bad "bad judge: rc $rc: $out"
 out="$("$bin" trace blame "$base" --verify 2>&1)"; rc=$?
 [ $rc -eq 0 ] && grep -q "it did not fail, nothing to verify" <<< "$out" && ok "a run that passed: nothing to verify" || bad "passed run: rc $rc: $out"
 out="$("$bin" trace blame "$inj" --verify --budget 0 2>&1)"; rc=$?

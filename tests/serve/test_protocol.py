@@ -263,6 +263,48 @@ try:
     a = c.attribute(run_id, k=3)
     t.check(a["run_id"] == run_id and 0 <= a["step"] < a["steps"] and a["agent"] and len(a["evidence"]) == len(a["candidates"]) >= 1,
             "attribute answers the blamed agent and step with ranked candidates (%s at %d)" % (a["agent"], a["step"]))
+    # attribute with verify: the run passed (no g:score, it ended ok): the control replay says so, nothing is replayed
+    a = c.attribute(run_id, verify={"budget": 2})
+    v = a["verify"]
+    t.check(v["control"]["passed"] and not v["failed"] and v["replays"] == [] and not v["confirmed"] and not v["timed_out"],
+            "attribute verify of a run that passed: the control passes, nothing replayed")
+    t.check(a["agent"] and a["step"] >= 0, "attribute verify still answers blame's agent and step")
+    # a run that fails by its workflow's measure (g:score 0): replayed within the budget, not confirmed (the mock
+    # model says the same again), the replays traced
+    c.workflow_load("zero", PAIR.replace("return g", "g:score(function(result, inputs) return 0 end)\nreturn g"))
+    zmsgs = list(c.run("zero", inputs={"input": "two plus two"}, seed=3))
+    zid = zmsgs[-1]["run_id"]
+    v = c.attribute(zid, verify={"budget": 2, "pass": 1})["verify"]
+    t.check(v["failed"] and not v["control"]["passed"] and len(v["replays"]) == 2 and not v["confirmed"]
+            and all(r["status"] == "ok" and r["score"] == 0 and not r["passed"] and os.path.isdir(r["trace"]) for r in v["replays"]),
+            "attribute verify of a failed run: 2 replays (budget 2), traced, none passes: not confirmed (%s)" % v)
+    v = c.attribute(zid, verify={"budget": 0})["verify"]
+    t.check(v["failed"] and v["replays"] == [], "verify budget 0: the control only")
+    for what, kw, code, field in [("a budget of 17", dict(verify={"budget": 17}), "KVM_EINVAL", "budget"),
+                                  ("an unknown verify field", dict(verify={"budgets": 1}), "KVM_EINVAL", "verify"),
+                                  ("verify not an object", dict(verify=3), "KVM_EINVAL", "verify"),
+                                  ("a judge without verify", dict(judge="mini"), "KVM_EINVAL", "judge"),
+                                  ("a judge not loaded", dict(verify={}, judge="nobody"), "KVM_ENOENT", "judge"),
+                                  ("a judge name with a slash", dict(verify={}, judge="../x"), "KVM_EINVAL", "judge")]:
+        try:
+            c.attribute(zid, **kw)
+            t.check(False, "attribute with %s is refused" % what)
+        except KvmeshError as e:
+            t.check(e.code == code and e.field == field, "attribute with %s is %s at '%s' (%s %s)" % (what, code, field, e.code, e.field))
+    # the deadline bounds verify (the daemon's loop waits for it): a long failing run, deadline 1 ms
+    c.workflow_load("zlong", (LONG % 3000).replace("return g", "g:score(function(result, inputs) return 0 end)\nreturn g"))
+    lmsgs = list(c.run("zlong", inputs={"input": "long"}, seed=3))
+    t0 = time.time()
+    v = c.attribute(lmsgs[-1]["run_id"], verify={"budget": 3}, deadline_ms=1)["verify"]
+    t.check(v["timed_out"] and not v["confirmed"] and len(v["replays"]) <= 1, "verify past its deadline_ms stops: timed_out (%s)" % v)
+    t.check(time.time() - t0 < 5, "and answers at once (%.2f s)" % (time.time() - t0))
+    # the judge: a loaded model is accepted; it writes only a confirmed failure's text (none here: nothing flips)
+    c.model_load("judge", os.path.join(ROOT, "models", "minillama-2m"), backend="cpu")
+    v = c.attribute(zid, verify={"budget": 1}, judge="judge")["verify"]
+    t.check(not v["confirmed"] and "judge" not in v, "attribute verify with a judge: nothing confirmed, nothing written")
+    c.model_unload("judge")
+    c.workflow_drop("zero")
+    c.workflow_drop("zlong")
     n0 = c.cache_stats()["entries"]
     lab = c.cache_label(run_id, "b", 2)
     t.check(c.cache_stats()["entries"] == n0 + 1 and lab["entry"] in c.cache_show()["ids"], "cache.label puts the labelled run into the cache")

@@ -277,16 +277,28 @@ class Client:
         """Generates from a loaded model, yielding each `token` message, then `done` (text, token_ids, usage,
         timings, stop_reason); raises KvmeshError when it ends in error. The prompt is text, or token_ids (a list
         of ints, sent as an i32 frame)."""
-        frames = None
-        if token_ids is not None:
-            frames = [("token_ids", "i32", [len(token_ids)], struct.pack("<%di" % len(token_ids), *token_ids))]
-        id = self.send("generate", frames=frames, model=model, prompt=prompt, max_tokens=max_tokens,
-                       temperature=temperature, top_p=top_p, seed=seed, stop=list(stop) if stop else None, chat=chat,
-                       ignore_eos=ignore_eos, deadline_ms=deadline_ms)
+        id = self.generate_start(model, prompt, token_ids, max_tokens, temperature, top_p, seed, stop, chat,
+                                 ignore_eos, deadline_ms)
         for h, _ in self.messages(id, timeout_s):
             if h.get("type") == "error":
                 raise KvmeshError(h)
             yield h
+
+    def generate_start(self, model, prompt=None, token_ids=None, max_tokens=None, temperature=None, top_p=None,
+                       seed=None, stop=None, chat=None, ignore_eos=None, deadline_ms=None, id=None):
+        """Sends a generate and returns its request id at once (read its stream with messages(id), stop it with
+        generate_cancel(id)); the daemon serves other requests while it runs."""
+        frames = None
+        if token_ids is not None:
+            frames = [("token_ids", "i32", [len(token_ids)], struct.pack("<%di" % len(token_ids), *token_ids))]
+        return self.send("generate", id=id, frames=frames, model=model, prompt=prompt, max_tokens=max_tokens,
+                         temperature=temperature, top_p=top_p, seed=seed, stop=list(stop) if stop else None, chat=chat,
+                         ignore_eos=ignore_eos, deadline_ms=deadline_ms)
+
+    def generate_cancel(self, request_id):
+        """Stops a generate of this client (by its request id): its stream ends with an error KVM_ECANCELED and its
+        KV goes back to the model's pool."""
+        return self.request("generate.cancel", request_id=request_id)
 
     def generate_sync(self, model, **kw):
         """generate() to its end: the `done` reply."""
@@ -317,9 +329,12 @@ class Client:
         return self.request("segment.drop", segment_id=segment_id)
 
     # ---- failure attribution and the error-schema cache (docs/correct.md) ------------------------------
-    def attribute(self, run_id, k=None):
-        """Blame of an ended run: {agent, step, score, evidence[], candidates[], schema_ids[]}."""
-        return self.request("attribute", run_id=run_id, k=k)
+    def attribute(self, run_id, k=None, verify=None, judge=None, deadline_ms=None):
+        """Blame of an ended run: {agent, step, score, evidence[], candidates[], schema_ids[]}. verify (a dict, e.g.
+        {"budget": 3}) checks it by replays ("verify": control, replays, confirmed, step, agent, timed_out, schema_id);
+        judge names a loaded model (model.load) that writes a confirmed failure's schema text. The daemon's loop waits
+        for a verify: deadline_ms bounds it (60 s without)."""
+        return self.request("attribute", run_id=run_id, k=k, verify=verify, judge=judge, deadline_ms=deadline_ms)
 
     def cache_stats(self):
         return self.request("cache.stats")
