@@ -6,6 +6,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "../runtime/comm/c2c.h"
 #include "../runtime/comm/prompt.h"
 #include "../runtime/model/mock_model.h"
 #include "../runtime/sched/sched.h"
@@ -89,10 +90,19 @@ typedef struct lmodel {
     uint64_t last_done;      /* when a step of this model last finished (KV was freed): kv_wait_ms counts from it */
 } lmodel_t;
 
+/* A C2C fuser opened for a (receiver, sharer) pair of the engine's models. */
+typedef struct lc2c {
+    char *path;
+    int receiver, sharer;
+    kvm_c2c_fuser_t *f;
+} lc2c_t;
+
 struct wf_llm {
     wf_llm_opts_t o;
     lmodel_t *models;
     int n_models;
+    lc2c_t *c2c;
+    int n_c2c;
     job_t *jobs;             /* submitted, not taken */
     int n_jobs;
     uint64_t steps, seqs;
@@ -177,6 +187,11 @@ void wf_llm_free(wf_llm_t *l) {
         n = j->next;
         job_free(j);
     }
+    for (int i = 0; i < l->n_c2c; i++) {
+        kvm_c2c_free(l->c2c[i].f);
+        kvm_free(l->c2c[i].path);
+    }
+    kvm_free(l->c2c);
     for (int i = 0; i < l->n_models; i++) {
         lmodel_t *m = &l->models[i];
         if (m->sched) kvm_sched_free(m->sched);
@@ -533,6 +548,9 @@ static int job_token(void *ud, int32_t id, const char *text, size_t len) {
     return o->on_token ? o->on_token(o->on_token_ud, j->res.tag, j->req.run_id, j->req.agent, id, text, len) : 0;
 }
 
+static int c2c_prefill(wf_llm_t *l, lmodel_t *m, job_t *j, const wf_llm_req_t *r, cJSON *detail);
+static void job_release_prep(lmodel_t *m, job_t *j);
+
 static int model_prepare(lmodel_t *m, job_t *j, const wf_llm_req_t *r) {
     uint64_t t0 = kvm_now_ns();
     const char *run = r->run_id ? r->run_id : "";
@@ -576,7 +594,8 @@ static int model_prepare(lmodel_t *m, job_t *j, const wf_llm_req_t *r) {
             }
         }
         if (!rc) {
-            kvm_prompt_t p = {.tmpl = lt->t, .bindings = b, .n_bindings = nb, .policy = r->kv};
+            /* a C2C step assembles its prompt as text: the fused section is computed here, not reused */
+            kvm_prompt_t p = {.tmpl = lt->t, .bindings = b, .n_bindings = nb, .policy = r->c2c ? KVM_KV_DENSE : r->kv};
             rc = kvm_comm_prepare(j->rq, &p, &j->prep);
             if (!rc) {
                 j->has_prep = true;
@@ -585,6 +604,9 @@ static int model_prepare(lmodel_t *m, job_t *j, const wf_llm_req_t *r) {
                 j->tmpl_held = true;
             }
         }
+    } else if (r->c2c) {
+        rc = kvm_seterr(KVM_EINVAL, "agent '%s': C2C (kv_from via c2c) needs the receiver's prompt as a template: %s",
+                        r->agent ? r->agent : "?", why ? why : "no template");
     } else {
         j->rq = NULL;
         char *user = join_pieces(r->pieces, r->n_pieces);
@@ -611,7 +633,12 @@ static int model_prepare(lmodel_t *m, job_t *j, const wf_llm_req_t *r) {
         cJSON_Delete(detail);
         return rc;
     }
-    if (r->kv != KVM_KV_KVCOMM) { /* dense / prefix need the ids only: let the store evict them */
+    if (r->c2c && (rc = c2c_prefill(j->l, m, j, r, detail))) {
+        job_release_prep(m, j);
+        cJSON_Delete(detail);
+        return rc;
+    }
+    if (r->kv != KVM_KV_KVCOMM || r->c2c) { /* dense / prefix need the ids only: let the store evict them */
         for (int i = 0; i < j->n_bound; i++) kvm_segment_release(j->bound[i]);
         j->n_bound = 0;
     }
@@ -635,13 +662,17 @@ static int model_prepare(lmodel_t *m, job_t *j, const wf_llm_req_t *r) {
     j->res.kv.naive = rep->naive_tokens;
     j->res.kv.recomputed = rep->recomputed_tokens;
     j->res.kv.fused = rep->fused_tokens;
+    if (r->c2c) { /* c2c_prefill: the section's rows fused, the rest computed by the receiver */
+        j->res.kv.fused = j->prep.report.fused_tokens;
+        j->res.kv.recomputed = j->prep.n_prompt - j->res.kv.fused;
+    }
     int anchors = 0;
     for (int i = 0; i < rep->n_placeholders; i++)
         if (rep->ph[i].decision == KVM_PH_SHARED && rep->ph[i].n_eligible > anchors) anchors = rep->ph[i].n_eligible;
     j->res.kv.anchors = anchors;
     snprintf(j->res.kv.mode, sizeof j->res.kv.mode, "%s",
-             rep->mode == KVM_COMM_REUSE ? "reuse" : rep->exact_tokens > 0 ? "prefix" : "dense");
-    cJSON_AddStringToObject(detail, "policy", kvm_kv_policy_name(r->kv));
+             r->c2c ? "c2c" : rep->mode == KVM_COMM_REUSE ? "reuse" : rep->exact_tokens > 0 ? "prefix" : "dense");
+    cJSON_AddStringToObject(detail, "policy", r->c2c ? "c2c" : kvm_kv_policy_name(r->kv));
     if (use_tmpl) {
         /* the report is the struct above; its one serialiser's text goes into the trace as is (never parsed back) */
         int need = kvm_comm_report_json(rep, NULL, 0);
@@ -670,6 +701,90 @@ static int model_prepare(lmodel_t *m, job_t *j, const wf_llm_req_t *r) {
     sr.on_token = job_token;
     sr.on_token_ud = j;
     return kvm_sched_submit(m->sched, &sr);
+}
+
+int wf_llm_c2c_open(wf_llm_t *l, const char *path, int receiver, int sharer, int *idx) {
+    if (receiver < 0 || receiver >= l->n_models || sharer < 0 || sharer >= l->n_models)
+        return kvm_seterr(KVM_EINVAL, "c2c: model index out of range");
+    for (int i = 0; i < l->n_c2c; i++)
+        if (!strcmp(l->c2c[i].path, path) && l->c2c[i].receiver == receiver && l->c2c[i].sharer == sharer) {
+            *idx = i;
+            return 0;
+        }
+    if (receiver == sharer)
+        return kvm_seterr(KVM_EINVAL, "%s: the receiver and the sharer are the same model (%s); C2C is between two "
+                          "checkpoints (one model shares KV through kv = \"kvcomm\")", path, l->models[receiver].path);
+    kvm_c2c_fuser_t *f = kvm_c2c_open(path, l->models[receiver].m, l->models[sharer].m);
+    if (!f) return kvm_errcode() ? kvm_errcode() : KVM_EINVAL;
+    lc2c_t *n = kvm_realloc(l->c2c, (size_t)(l->n_c2c + 1) * sizeof *n);
+    char *p = kvm_strdup(path);
+    if (!n || !p) {
+        if (n) l->c2c = n;
+        kvm_free(p);
+        kvm_c2c_free(f);
+        return kvm_seterr(KVM_ENOMEM, "c2c: out of memory");
+    }
+    l->c2c = n;
+    n[l->n_c2c] = (lc2c_t){.path = p, .receiver = receiver, .sharer = sharer, .f = f};
+    *idx = l->n_c2c++;
+    return 0;
+}
+
+/* The C2C prefill of a prepared (dense, empty-sequence) step: the receiver computes the prompt up to placeholder
+ * r->c2c_section; kvm_c2c_prefill has the sharer prefill the same tokens and the section, and fuses the section's rows
+ * into the receiver's cache; the rest of the prompt is left to the scheduler (receiver only). detail gets "c2c":
+ * the fused range, the sharer, the fuser, the open gates per layer and the times. */
+static int c2c_prefill(wf_llm_t *l, lmodel_t *m, job_t *j, const wf_llm_req_t *r, cJSON *detail) {
+    const int fi = r->c2c - 1;
+    if (fi < 0 || fi >= l->n_c2c || &l->models[l->c2c[fi].receiver] != m)
+        return kvm_seterr(KVM_EINVAL, "agent '%s': C2C fuser %d is not open for this model", r->agent, fi);
+    const lc2c_t *c = &l->c2c[fi];
+    kvm_prepared_t *p = &j->prep;
+    const kvm_comm_report_t *rep = &p->report;
+    int a = -1, len = 0;
+    for (int i = 0; i < rep->n_placeholders; i++)
+        if (r->c2c_section && !strcmp(rep->ph[i].name, r->c2c_section)) a = rep->ph[i].start_pos, len = rep->ph[i].tokens;
+    if (a < 0 || len <= 0)
+        return kvm_seterr(KVM_EINVAL, "agent '%s': the C2C section {%s} is not in its prompt (or is empty)", r->agent,
+                          r->c2c_section ? r->c2c_section : "?");
+    if (p->n_cached != 0 || p->seq.n_tokens != 0 || a + len >= p->n_prompt)
+        return kvm_seterr(KVM_EINVAL, "agent '%s': the C2C section {%s} must be followed by prompt text (the last prompt "
+                          "token runs on the receiver alone, spec §5)", r->agent, r->c2c_section);
+    lmodel_t *sm = &l->models[c->sharer];
+    int rc = 0;
+    const uint64_t t0 = kvm_now_ns();
+    if (a > 0) {
+        kvm_batch_item_t it = {.seq = &p->seq, .tokens = p->prompt_ids, .n_tokens = a};
+        rc = kvm_forward(m->m, &it, 1);
+    }
+    const double pre_ms = (double)(kvm_now_ns() - t0) / 1e6;
+    kvm_c2c_stats_t st = {0};
+    if (!rc) rc = kvm_c2c_prefill(c->f, m->m, &p->seq, sm->m, kvm_comm_pool(sm->comm), p->prompt_ids + a, len, len, NULL, &st);
+    if (rc) {
+        kvm_seq_truncate(&p->seq, 0);
+        return kvm_errctx(rc, "agent '%s': C2C prefill from '%s'", r->agent, sm->path);
+    }
+    p->n_cached = a + len;
+    p->rest_ids = p->prompt_ids + a + len;
+    p->n_rest = p->n_prompt - a - len;
+    p->report.fused_tokens = len;
+    cJSON *o = cJSON_AddObjectToObject(detail, "c2c");
+    if (o) {
+        cJSON_AddStringToObject(o, "section", r->c2c_section);
+        cJSON_AddNumberToObject(o, "start", a);
+        cJSON_AddNumberToObject(o, "fused", len);
+        cJSON_AddStringToObject(o, "sharer", sm->path);
+        cJSON_AddStringToObject(o, "fuser", c->path);
+        cJSON *gk = cJSON_AddArrayToObject(o, "gates_k"), *gv = cJSON_AddArrayToObject(o, "gates_v");
+        for (int i = 0; i < kvm_c2c_n_layers(c->f); i++) {
+            if (gk) cJSON_AddItemToArray(gk, cJSON_CreateBool(kvm_c2c_gate_open(c->f, i, 0)));
+            if (gv) cJSON_AddItemToArray(gv, cJSON_CreateBool(kvm_c2c_gate_open(c->f, i, 1)));
+        }
+        cJSON_AddNumberToObject(o, "prefix_ms", pre_ms);
+        cJSON_AddNumberToObject(o, "prefill_ms", st.prefill_ms);
+        cJSON_AddNumberToObject(o, "fuse_ms", st.fuse_ms);
+    }
+    return 0;
 }
 
 /* Gives back what a prepared step holds: its prompt's KV, the segments bound to it and its template. */
@@ -724,7 +839,9 @@ static void model_complete(lmodel_t *m, job_t *j, const kvm_sched_done_t *d) {
     gr.text = d->text;
     gr.stop_reason = d->stop_reason;
     kvm_segment_t *resp = NULL;
-    if (j->rq && d->status == 0 && j->prep.seq.n_tokens >= j->prep.n_prompt) {
+    /* a C2C step's cache holds fused rows: never published as a prefix or a response segment (spec §6: a fused
+     * segment is no receiver's own prefill) */
+    if (j->rq && !j->req.c2c && d->status == 0 && j->prep.seq.n_tokens >= j->prep.n_prompt) {
         if (kvm_comm_complete(j->rq, &j->prep, &gr, &resp) != 0)
             KVM_LOGW("agent '%s': completing its KV bookkeeping failed: %s", j->agent, kvm_errmsg());
     }
@@ -778,7 +895,7 @@ int wf_llm_run_end(wf_llm_t *l, const char *run_id) {
 
 /* Copies r (strings, pieces, stop list) into j->rq so the step can be prepared later. */
 static int req_copy(job_t *j, const wf_llm_req_t *r) {
-    int n_strs = 3 + 2 * r->n_pieces + r->n_stop + 2 * r->n_turns + (r->prompt_ids ? 1 : 0);
+    int n_strs = 4 + 2 * r->n_pieces + r->n_stop + 2 * r->n_turns + (r->prompt_ids ? 1 : 0);
     j->rq_strs = kvm_calloc((size_t)n_strs, sizeof *j->rq_strs);
     j->rq_pieces = kvm_calloc((size_t)r->n_pieces + 1, sizeof *j->rq_pieces);
     j->rq_turns = kvm_calloc((size_t)r->n_turns + 1, sizeof *j->rq_turns);
@@ -794,6 +911,7 @@ static int req_copy(job_t *j, const wf_llm_req_t *r) {
     DUP(j->req.agent, r->agent);
     DUP(j->req.run_id, r->run_id);
     DUP(j->req.system, r->system);
+    DUP(j->req.c2c_section, r->c2c_section);
     for (int i = 0; i < r->n_pieces; i++) {
         j->rq_pieces[i] = r->pieces[i];
         DUP(j->rq_pieces[i].name, r->pieces[i].name);

@@ -62,6 +62,10 @@ typedef struct wf_llm_req {
     kvm_account_t *acct;         /* the memory account the step's allocations are charged to (its run's; NULL: none):
                                     the engine enters it while it copies, prepares and decodes the step, and fails the
                                     step with KVM_ELUA_MEMORY when an allocation would pass its cap */
+    int c2c;                     /* 1 + a fuser index from wf_llm_c2c_open (0 = none): the prompt's placeholder
+                                    c2c_section is prefilled by the sharer and fused into this model's cache (C2C, spec
+                                    §5-6, docs/c2c.md); the step runs with the TEXT policy otherwise */
+    const char *c2c_section;     /* that placeholder's KVCOMM name (as in wf_piece_t.name) */
     const char *given_text;      /* non-NULL: the step's output is this text, not generated (a replay's edited or
                                     recorded output): it completes at once, with no model work and no KV (kv.mode
                                     "given", the prompt rendered plain) */
@@ -130,6 +134,11 @@ void wf_llm_free(wf_llm_t *l);
  * failed: -1 nothing could be loaded from path (missing, unreadable, not a model: the message has the loader's
  * reason), -2 a model loaded but cannot serve agents (no tokenizer), -3 anything else (memory, settings). */
 int wf_llm_model_open(wf_llm_t *l, const char *path, const char *const *kvcomm, int n_kvcomm, int *idx);
+/* Opens the C2C fuser at path (<name>.c2c.json) for receiver model `receiver` and sharer model `sharer` (indices of
+ * wf_llm_model_open), once per (path, receiver, sharer): every file check and the pairing checks against both models
+ * (docs/c2c.md). *idx receives the index to pass (plus one) as wf_llm_req_t.c2c. 0 or KVM_E* with the message. */
+int wf_llm_c2c_open(wf_llm_t *l, const char *path, int receiver, int sharer, int *idx);
+
 /* Saves the anchors of every open model into the state folder (a no-op without one); wf_llm_free does it too.
  * 0, or the first error (the other models are still saved). */
 int wf_llm_save_state(wf_llm_t *l);

@@ -941,7 +941,7 @@ const kvm_wf_agent_stats_t *kvm_wf_agent_stats(const kvm_workflow_t *wf, int i) 
     kvm_wf_agent_stats_t *s = &wf->stats[i];
     s->name = wf->agents[i].name;
     s->model = wf->models[wf->agents[i].model].path;
-    s->kv = kvm_kv_policy_name(wf_agent_kv(wf, &wf->agents[i]));
+    s->kv = wf->agents[i].c2c ? "c2c" : kvm_kv_policy_name(wf_agent_kv(wf, &wf->agents[i])); /* kv_from: its own */
     return s;
 }
 
@@ -1003,6 +1003,9 @@ void kvm_wf_free(kvm_workflow_t *wf) {
         wf_free_strs(a->stop, a->n_stop);
         wf_free_strs(a->tools, a->n_tools);
         kvm_free(a->where);
+        kvm_free(a->c2c_from);
+        kvm_free(a->c2c_fuser);
+        kvm_free(a->c2c_section);
     }
     kvm_free(wf->agents);
     kvm_free(wf->stats);

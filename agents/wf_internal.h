@@ -80,6 +80,12 @@ typedef struct wf_agent {
     char **tools;          /* host tools the model may call (tools = {...}; wf_tools.c) */
     int n_tools;
     int tool_rounds;       /* tool-call rounds at most per step (default 4) */
+    /* kv_from = { agent, via = "c2c", fuser, section } (docs/c2c.md): placeholder c2c_section of the prompt is
+     * prefilled by the sharer agent's model and fused into this agent's cache */
+    int c2c;               /* 1 + the engine's fuser index (wf_llm_c2c_open); 0 = none (or a --mock run) */
+    char *c2c_from;        /* the sharer agent's name */
+    char *c2c_fuser;       /* the fuser config path as resolved */
+    char *c2c_section;     /* the placeholder's KVCOMM name (wf_piece_t.name) */
     char *where;           /* "file:line" of the definition */
 } wf_agent_t;
 

@@ -836,7 +836,7 @@ static int l_model(lua_State *L) {
 static const char *const agent_fields[] = {"name", "model", "role", "system", "template", "prompt", "max_tokens",
                                            "temperature", "top_k", "top_p", "repetition_penalty", "seed", "stop",
                                            "budget", "kv", "writes", "ignore_eos", "timeout_ms", "retry", "tools",
-                                           "tool_rounds", NULL};
+                                           "tool_rounds", "kv_from", NULL};
 
 static void check_fields(lua_State *L, int t, const char *what, const char *const *allowed) {
     lua_pushnil(L);
@@ -935,6 +935,73 @@ static const char *opt_str_field(lua_State *L, int t, const char *k, const char 
     if (lua_type(L, -1) != LUA_TSTRING) luaL_error(L, "%s: field '%s' must be a string (got %s)", what, k, luaL_typename(L, -1));
     if (!no_nul(L, -1)) luaL_error(L, "%s: field '%s' contains a NUL byte", what, k);
     return lua_tostring(L, -1);
+}
+
+/* The agent field `kv_from = { agent = "reader", via = "c2c", fuser = "x.c2c.json", section = "state.doc" }`
+ * (docs/c2c.md): the placeholder `section` (as written between braces) of this agent's template, which the sharer
+ * agent's template holds too, is prefilled by the sharer agent's model and fused into this agent's cache through the
+ * fuser (spec §5-6). Checked here: the fields, the sharer agent (defined before this one), the placeholder in both
+ * templates, and (unless the run is --mock) the fuser file against both models. Raises with the script's line. */
+static void parse_kv_from(lua_State *L, kvm_workflow_t *wf, int t, wf_agent_t *a, const char *aw) {
+    static const char *const fields[] = {"agent", "via", "fuser", "section", NULL};
+    const int top = lua_gettop(L);
+    raw_field(L, t, "kv_from");
+    if (lua_isnil(L, -1)) {
+        lua_settop(L, top);
+        return;
+    }
+    if (!lua_istable(L, -1))
+        luaL_error(L, "%s: kv_from must be a table { agent = NAME, via = \"c2c\", fuser = PATH, section = PLACEHOLDER }", aw);
+    const int k = lua_gettop(L);
+    char what[340];
+    snprintf(what, sizeof what, "%s: kv_from", aw);
+    check_fields(L, k, what, fields);
+    const char *via = opt_str_field(L, k, "via", what), *from = opt_str_field(L, k, "agent", what);
+    const char *fuser = opt_str_field(L, k, "fuser", what), *section = opt_str_field(L, k, "section", what);
+    if (!via || strcmp(via, "c2c")) luaL_error(L, "%s: field 'via' must be \"c2c\" (the only kind of kv_from)", what);
+    if (!from || !fuser || !section) luaL_error(L, "%s: fields 'agent', 'fuser' and 'section' are required", what);
+    int si = -1;
+    for (int i = 0; i < wf->n_agents; i++)
+        if (!strcmp(wf->agents[i].name, from) && &wf->agents[i] != a) si = i;
+    if (si < 0) luaL_error(L, "%s: agent '%s' is not an agent defined before this one", what, from);
+    const wf_agent_t *s = &wf->agents[si];
+    const char *name = NULL;
+    bool in_sharer = false;
+    for (int i = 0; i < a->n_parts; i++)
+        if (a->parts[i].source && !strcmp(a->parts[i].source, section)) name = a->parts[i].text;
+    for (int i = 0; i < s->n_parts; i++) in_sharer |= s->parts[i].source && !strcmp(s->parts[i].source, section);
+    if (!name) luaL_error(L, "%s: section '{%s}' is not a placeholder of this agent's template", what, section);
+    if (!in_sharer) luaL_error(L, "%s: section '{%s}' is not in the template of agent '%s' (both prompts hold it)", what, section, from);
+    char resolved[4096];
+    const char *use = fuser;
+    if (fuser[0] != '/' && !kvm_file_exists(fuser) && wf->path) { /* relative paths are tried against the script's directory too */
+        const char *slash = strrchr(wf->path, '/');
+        if (slash) {
+            snprintf(resolved, sizeof resolved, "%.*s/%s", (int)(slash - wf->path), wf->path, fuser);
+            if (kvm_file_exists(resolved)) use = resolved;
+        }
+    }
+    int idx = -1;
+    if (!wf->o.mock) { /* mock models have no KV to fuse: the option is checked, the fusion skipped */
+        if (a->model == s->model)
+            luaL_error(L, "%s: agent '%s' runs on the same model (%s); C2C is between two checkpoints (kv = \"kvcomm\" shares "
+                       "KV on one)", what, from, wf->models[a->model].path);
+        int rc = wf_llm_c2c_open(wf->llm, use, wf->models[a->model].llm, wf->models[s->model].llm, &idx);
+        if (rc == KVM_EINVAL) luaL_error(L, "%s: %s", what, kvm_errmsg()); /* a valid fuser for another pair */
+        if (rc) {
+            /* as for kvmesh.model (issue 19): a script learns only that no fuser could be read from the path; the reason
+             * (which may quote the file) goes to the runtime's log */
+            KVM_LOGW("kv_from fuser '%s': %s", fuser, kvm_errmsg());
+            luaL_error(L, "%s: no C2C fuser could be loaded from '%s' (it is missing, unreadable, or not a fuser config "
+                       "with its weights file: docs/c2c.md; the runtime's log has the reason)", what, fuser);
+        }
+    }
+    a->c2c = idx + 1;
+    a->c2c_from = kvm_strdup(from);
+    a->c2c_fuser = kvm_strdup(use);
+    a->c2c_section = kvm_strdup(name);
+    if (!a->c2c_from || !a->c2c_fuser || !a->c2c_section) luaL_error(L, "out of memory");
+    lua_settop(L, top);
 }
 
 /* Builds an agent from the spec table at index t (name may come from the argument). Returns its index.
@@ -1071,6 +1138,7 @@ static int make_agent(lua_State *L, int t, const char *name_arg) {
     if (!ns) return luaL_error(L, "out of memory");
     wf->stats = ns;
     memset(&ns[wf->n_agents - 1], 0, sizeof *ns);
+    parse_kv_from(L, wf, t, &wf->agents[wf->n_agents - 1], aw); /* last: it may raise, the agent is complete */
     return wf->n_agents - 1;
 }
 

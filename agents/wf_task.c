@@ -500,7 +500,8 @@ static int submit_seen(kvm_workflow_t *wf, wf_run_t *r, int node, int ai, const 
                             .max_tokens = a->max_tokens, .stop = (const char *const *)a->stop, .n_stop = a->n_stop,
                             .kv = wf_run_agent_kv(wf, r, a), .ignore_eos = a->ignore_eos, .tag = tag, .timeout_ms = a->timeout_ms,
                             .retry_max = a->retry_max, .retry_backoff_ms = a->retry_backoff_ms, .retry_on = a->retry_on,
-                            .turns = turns, .n_turns = n_turns, .acct = r->acct->mem};
+                            .turns = turns, .n_turns = n_turns, .acct = r->acct->mem, .c2c = a->c2c,
+                            .c2c_section = a->c2c_section};
         /* the run's wall-time budget (and those of the graphs above a subgraph) also stops a generation under way */
         req.run_deadline_ns = wf_run_deadline_ns(r);
         if (req.sampling.seed == 0) req.sampling.seed = r->seed * 1000003u + (uint64_t)r->root->step_idx + 1;

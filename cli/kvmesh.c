@@ -24,6 +24,7 @@ KVM_WEAK int cmd_info(int, char **);
 static int cmd_bench(int argc, char **argv) { return kvm_lab_cmd_bench(argc, argv, cli_env_model_params); }
 static int cmd_eval(int argc, char **argv) { return kvm_lab_cmd_eval(argc, argv, cli_env_model_params); }
 static int cmd_minitasks(int argc, char **argv) { return kvm_lab_cmd_minitasks(argc, argv); }
+static int cmd_c2c(int argc, char **argv) { return kvm_lab_cmd_c2c(argc, argv, cli_env_model_params); }
 
 static const struct {
     const char *name;
@@ -40,6 +41,7 @@ static const struct {
     {"client", (cmd_fn *)0, "talk to a kvmesh serve daemon: run workflows, stream tokens"},
     {"trace", (cmd_fn *)0, "inspect run traces"},
     {"bench", (cmd_fn *)0, "run a benchmark (engine, kvcomm, ...)"},
+    {"c2c", (cmd_fn *)0, "C2C fuser files: write an untrained fuser for a model pair (tests, examples)"},
 };
 
 static cmd_fn lookup(const char *name) {
@@ -53,6 +55,7 @@ static cmd_fn lookup(const char *name) {
     if (!strcmp(name, "client")) return cmd_client;
     if (!strcmp(name, "trace")) return cmd_trace;
     if (!strcmp(name, "bench")) return cmd_bench;
+    if (!strcmp(name, "c2c")) return cmd_c2c;
     return NULL;
 }
 

@@ -399,7 +399,8 @@ typedef struct kvm_step_event {
      * func and tool nodes */
     int kv_exact, kv_offset, kv_naive, kv_recomputed, kv_fused;
     int kv_anchors;        /* anchors used (KVCOMM reuse) */
-    const char *kv_mode;   /* "dense" | "prefix" | "reuse" */
+    const char *kv_mode;   /* "dense" | "prefix" | "reuse" | "c2c" (kv_fused rows from another model through a C2C
+                              fuser: the agent option kv_from, docs/c2c.md) */
     double queue_ms;       /* submit -> first forward pass that included the step */
 } kvm_step_event_t;
 
@@ -614,7 +615,7 @@ int kvm_run_score(kvm_run_t *r, double *score);
 typedef struct kvm_agent_stats {
     const char *name;
     const char *model;
-    const char *kv;                /* effective policy name */
+    const char *kv;                /* effective policy name ("c2c" for an agent with kv_from via c2c) */
     int calls, errors, reuse_calls;
     long prompt_tokens, output_tokens;
     long exact, offset, naive, recomputed, fused; /* partition of the prompt tokens (docs/kvcomm.md §6) */

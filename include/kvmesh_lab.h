@@ -586,4 +586,61 @@ double kvm_cuda_profile_end(FILE *f, const char *title);
 }
 #endif
 
+/* ================================================================================================
+ * C2C (Cache-to-Cache, ../shared/spec/c2c.md; docs/c2c.md): a fuser projects a sharer model's KV cache of a
+ * prompt section into a receiver model's cache at the same positions. runtime/comm/c2c_run.c.
+ * ================================================================================================ */
+
+typedef struct kvm_c2c_fuser kvm_c2c_fuser_t;
+
+/* Loads the fuser whose config is json_path (<name>.c2c.json) on the receiver's backend, with every check of spec
+ * §7 and the pairing checks against both loaded models (layer counts, KV heads, head dims, RoPE, the hashes of
+ * their tokenizer.json files, vocabulary). Both models must be Hugging Face directories on one backend. NULL +
+ * message (naming the file and the field) on error. Free with kvm_c2c_free. */
+kvm_c2c_fuser_t *kvm_c2c_open(const char *json_path, kvm_model_t *receiver, kvm_model_t *sharer);
+void kvm_c2c_free(kvm_c2c_fuser_t *f);
+/* The fuser's receiver layer count, and whether layer l's K (branch 0) or V (branch 1) gate is open (false for a
+ * bad l / branch). */
+int kvm_c2c_n_layers(const kvm_c2c_fuser_t *f);
+bool kvm_c2c_gate_open(const kvm_c2c_fuser_t *f, int layer, int branch);
+
+/* What one sectioned prefill did (kvm_c2c_prefill). */
+typedef struct kvm_c2c_stats {
+    int pos0;              /* first fused position (the receiver's length before the call) */
+    int fused_tokens;      /* rows fused: n_fuse */
+    int n_layers;          /* receiver layers */
+    int gates_k_open, gates_v_open; /* branches that ran (a closed gate is an exact identity) */
+    double prefill_ms;     /* receiver + sharer prefill of the fused section */
+    double fuse_ms;        /* the fuser over every open branch */
+    double rest_ms;        /* the receiver-only tokens after the section */
+} kvm_c2c_stats_t;
+
+/* The sectioned prefill of spec §5-6 (identity token alignment: the ids go to both models unchanged; a fuser with
+ * token_alignment first / longest is refused, spec §4 is not built). With p0 = rseq's length:
+ *   1. the receiver prefills ids[0, n_fuse) at positions p0.. on rseq;
+ *   2. the sharer prefills rseq's tokens [0, p0) and ids[0, n_fuse) on a fresh sequence of spool (same positions);
+ *   3. rows [p0, p0 + n_fuse) of every receiver layer are fused in place (spec §6; open gates only);
+ *   4. the sharer's sequence is freed;
+ *   5. the receiver runs ids[n_fuse, n) (receiver only) over the fused cache; logits (host [vocab], may be NULL)
+ *      get the last row. n_fuse == n runs nothing after the fusion (logits must then be NULL).
+ * Standard inference (spec §5) is n_fuse = n - 1. 1 <= n_fuse <= n. On error rseq is truncated back to p0.
+ * st may be NULL. */
+int kvm_c2c_prefill(kvm_c2c_fuser_t *f, kvm_model_t *receiver, kvm_seq_t *rseq, kvm_model_t *sharer, kvm_kv_pool_t *spool,
+                    const int32_t *ids, int n, int n_fuse, float *logits, kvm_c2c_stats_t *st);
+
+/* Options of kvm_c2c_write_untrained (every zero is the default). */
+typedef struct kvm_c2c_init_opts {
+    uint64_t seed;          /* weights ~ U(-1, 1) / sqrt(fan_in) from this seed (default 0) */
+    int hidden;             /* fuser width (default 64) */
+    const char *dtype;      /* "f32" (default), "bf16", "f16" */
+    const char *closed;     /* NULL, or gates to close: a comma list of "k<l>" / "v<l>" (e.g. "v0,k5") */
+} kvm_c2c_init_opts_t;
+
+/* Writes an UNTRAINED fuser for the pair (random weights, every gate open but those in o->closed, terminal layer map
+ * of spec §3, identity alignment): json_path (must end in ".c2c.json") and <name>.c2c.safetensors beside it, with
+ * both models' tokenizer hashes, so that kvm_c2c_open accepts it for this pair. For tests and examples: it moves
+ * the receiver's cache by an arbitrary amount and carries no information. 0 or a KVM_E* code with a message. */
+int kvm_c2c_write_untrained(const char *json_path, kvm_model_t *receiver, kvm_model_t *sharer,
+                            const kvm_c2c_init_opts_t *o);
+
 #endif

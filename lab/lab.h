@@ -25,5 +25,7 @@ typedef int (*kvm_lab_params_fn)(kvm_model_params_t *p);
 int kvm_lab_cmd_bench(int argc, char **argv, kvm_lab_params_fn fill);
 int kvm_lab_cmd_eval(int argc, char **argv, kvm_lab_params_fn fill);
 int kvm_lab_cmd_minitasks(int argc, char **argv);
+/* `kvmesh c2c init`: writes an untrained C2C fuser for a model pair (lab/cmd_c2c.c). */
+int kvm_lab_cmd_c2c(int argc, char **argv, kvm_lab_params_fn fill);
 
 #endif

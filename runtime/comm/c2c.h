@@ -23,6 +23,8 @@
 #include <stdint.h>
 
 #include "../../kernels/ops.h"
+#include <kvmesh_lab.h>
+
 #include "../model/model.h"
 
 #define KVM_C2C_CHUNK_ROWS 256     /* tokens fused per pass of the fuser (its scratch holds this many rows) */
@@ -87,7 +89,9 @@ typedef struct kvm_c2c_config {
     char weights_sha256[65];
 } kvm_c2c_config_t;
 
-typedef struct kvm_c2c_fuser {
+/* kvm_c2c_fuser_t (typedef), kvm_c2c_free and the model-pair face (kvm_c2c_open, kvm_c2c_prefill,
+ * kvm_c2c_write_untrained): include/kvmesh_lab.h */
+struct kvm_c2c_fuser {
     char *json_path;                       /* owned, for messages */
     char *weights_path;                    /* owned: directory of json_path + weights_file */
     kvm_c2c_config_t cfg;
@@ -97,7 +101,7 @@ typedef struct kvm_c2c_fuser {
     size_t params_bytes;
     float *ws;                             /* backend scratch for KVM_C2C_CHUNK_ROWS rows (kvm_c2c_branch_forward) */
     size_t ws_floats;
-} kvm_c2c_fuser_t;
+};
 
 /* Loads the fuser whose config is at json_path onto the backend ops (NULL: the CPU backend). With pair != NULL,
  * also checks that the fuser was made for these models (layer counts, KV heads, head dims, RoPE layout and base,

@@ -372,6 +372,33 @@ static void decision_fields(view_t *v, const cJSON *o, const char *const *skip, 
     }
 }
 
+/* A C2C step's fusion (llm.c, docs/c2c.md): what was fused from which sharer, the open gates per branch (receiver
+ * layers), and the times. */
+static void step_c2c(view_t *v, const cJSON *c) {
+    if (!cJSON_IsObject(c)) return;
+    const cJSON *sec = cJSON_GetObjectItemCaseSensitive(c, "section"), *at = cJSON_GetObjectItemCaseSensitive(c, "start");
+    const cJSON *n = cJSON_GetObjectItemCaseSensitive(c, "fused"), *sh = cJSON_GetObjectItemCaseSensitive(c, "sharer");
+    const cJSON *fu = cJSON_GetObjectItemCaseSensitive(c, "fuser");
+    put(v, "  c2c: %d tokens of {%s} at %d fused from %s (fuser %s)\n", cJSON_IsNumber(n) ? n->valueint : 0,
+        cJSON_IsString(sec) ? sec->valuestring : "?", cJSON_IsNumber(at) ? at->valueint : 0,
+        cJSON_IsString(sh) ? sh->valuestring : "?", cJSON_IsString(fu) ? fu->valuestring : "?");
+    for (int b = 0; b < 2; b++) {
+        const cJSON *g = cJSON_GetObjectItemCaseSensitive(c, b ? "gates_v" : "gates_k"), *e;
+        if (!cJSON_IsArray(g)) g = NULL;
+        int open = 0, total = 0;
+        put(v, "    gates %c open at layers [", b ? 'V' : 'K');
+        cJSON_ArrayForEach(e, g) {
+            if (cJSON_IsTrue(e)) put(v, "%s%d", open++ ? " " : "", total);
+            total++;
+        }
+        put(v, "] (%d of %d)\n", open, total);
+    }
+    const cJSON *pm = cJSON_GetObjectItemCaseSensitive(c, "prefill_ms"), *fm = cJSON_GetObjectItemCaseSensitive(c, "fuse_ms");
+    const cJSON *xm = cJSON_GetObjectItemCaseSensitive(c, "prefix_ms");
+    put(v, "    times: prefix %.2f ms, section prefill (receiver + sharer) %.2f ms, fusion %.2f ms\n",
+        cJSON_IsNumber(xm) ? xm->valuedouble : 0, cJSON_IsNumber(pm) ? pm->valuedouble : 0, cJSON_IsNumber(fm) ? fm->valuedouble : 0);
+}
+
 /* runtime/comm's reuse decisions (a JSON object the trace carries as it is), one line per placeholder: what it
  * held, where, what was decided and the figures behind it. The raw JSON too with --full, or when it is not an
  * object of the expected shape. */
@@ -397,6 +424,7 @@ static void step_decisions(view_t *v, const char *json, bool full) {
         decision_fields(v, ph, pskip, 6);
         put(v, "\n");
     }
+    step_c2c(v, cJSON_GetObjectItemCaseSensitive(d, "c2c"));
     if (full || !cJSON_IsObject(rep)) put(v, "  reuse decisions (JSON): %s\n", json);
     cJSON_Delete(d);
 }
