@@ -1,6 +1,8 @@
 /* test_subgraph.c - subgraphs (docs/lua-api.md "Subgraphs"): a graph used as a node of another graph, its state
  * mapped in and out through the parent's reducers, load-time checks of the maps and of cycles and nesting, failures and
- * budgets counted inside the parent's, nested trace steps, and resume from the parent's checkpoints. */
+ * budgets counted inside the parent's, nested trace steps, resume from the parent's checkpoints, kvmesh.interrupt inside a
+ * subgraph (answered in the process, and from the trace where the resume continues inside the child), and replay of
+ * a run with subgraphs from each of its steps. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -199,7 +201,7 @@ static void test_a_failing_subgraph_fails_its_node(void **s) {
 
 /* Hostile scripts: a graph cannot gain a subgraph once loaded (no recursion built at run time), a child looping forever
  * ends on its step budget, an endless Lua loop in a child ends on the parent's instruction budget, a child's tokens
- * count against the parent's token budget, and kvmesh.interrupt inside a subgraph is a clear error. */
+ * count against the parent's token budget. */
 static void test_hostile_subgraphs_end_with_clear_errors(void **s) {
     (void)s;
     kvm_runtime_t *rt = runtime();
@@ -227,10 +229,6 @@ static void test_hostile_subgraphs_end_with_clear_errors(void **s) {
          "c:route('count', function() return 'a' end, { 'a' })\nc:limit{ steps = 40 }\n"
          "local g = kvm.graph{ name = 'main' }\ng:subgraph('s', c)\ng:edge(kvm.START, 's')\ng:limit{ tokens = 60 }\nreturn g\n",
          KVM_EBUDGET, "graph 'main' used"},
-        {"local kvm = kvmesh\nlocal c = kvm.graph{ name = 'c' }\n"
-         "c:func('ask', function() return { ok = kvm.interrupt({ q = 'ok?' }) } end)\nc:edge(kvm.START, 'ask')\n"
-         "local g = kvm.graph{ name = 'main' }\ng:subgraph('s', c)\ng:edge(kvm.START, 's')\nreturn g\n",
-         KVM_ELUA_RUNTIME, "interrupts inside subgraphs are not supported"},
     };
     for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
         kvm_workflow_t *wf = load(rt, cases[i].src);
@@ -359,6 +357,167 @@ static void test_resume_from_the_parents_checkpoints_reproduces_the_run(void **s
     kvm_runtime_free(rt);
 }
 
+/* ---- interrupts inside subgraphs ------------------------------------------------------------------------------- */
+
+/* The child 'review' drafts (an agent), rolls math.random, asks (kvmesh.interrupt in its second super-step) and
+ * polishes with the answer; the grandchild 'check' of 'audit' asks in its first super-step. The main graph starts,
+ * reviews, audits, ends. */
+static const char *ask_src =
+    "local kvm = kvmesh\nlocal m = kvm.model('" KVM_SOURCE_DIR "/models/minillama-2m')\n"
+    "local check = kvm.graph{ name = 'check', state = { ok = kvm.reduce.replace } }\n"
+    "check:func('confirm', function(state) return { ok = kvm.interrupt({ q = 'sure?' }) } end)\n"
+    "check:edge(kvm.START, 'confirm')\n"
+    "local audit = kvm.graph{ name = 'audit', state = { ok = kvm.reduce.replace, note = kvm.reduce.replace } }\n"
+    "audit:agent('look', { model = m, template = 'Look at {input}', max_tokens = 3, writes = 'note' })\n"
+    "audit:subgraph('check', check, { output = { ok = 'ok' } })\n"
+    "audit:edge(kvm.START, 'look')\naudit:edge('look', 'check')\n"
+    "local review = kvm.graph{ name = 'review', state = { topic = kvm.reduce.replace, drafts = kvm.reduce.append,\n"
+    "                         verdict = kvm.reduce.replace, roll = kvm.reduce.replace } }\n"
+    "review:agent('draft', { model = m, template = 'Once upon a time {state.topic} said', max_tokens = 5, writes = 'drafts' })\n"
+    "review:func('ask', function(state) return { roll = math.random(1, 1000000),\n"
+    "  verdict = kvm.interrupt({ q = 'publish?', draft = state.drafts[1] }) } end)\n"
+    "review:agent('polish', { model = m, template = 'Then {state.verdict} and {agent.draft}', max_tokens = 4, writes = 'drafts' })\n"
+    "review:edge(kvm.START, 'draft')\nreview:edge('draft', 'ask')\nreview:edge('ask', 'polish')\n"
+    "local g = kvm.graph{ name = 'main', state = { topic = kvm.reduce.replace, story = kvm.reduce.append, roll = kvm.reduce.replace,\n"
+    "                     verdict = kvm.reduce.replace, ok = kvm.reduce.replace, n = kvm.reduce.sum } }\n"
+    "g:func('start', function(state, last, ctx) return { topic = ctx.inputs.input, n = math.random(1, 9) } end)\n"
+    "g:subgraph('review', review, { input = { topic = 'topic' }, output = { drafts = 'story', roll = 'roll', verdict = 'verdict' } })\n"
+    "g:subgraph('audit', audit, { output = { ok = 'ok' } })\n"
+    "g:agent('end', { model = m, template = 'The end of {input} was {state.verdict}', max_tokens = 3, writes = 'story' })\n"
+    "g:edge(kvm.START, 'start')\ng:edge('start', 'review')\ng:edge('review', 'audit')\ng:edge('audit', 'end')\n"
+    "return g\n";
+
+/* The JSON texts a and b hold the same value (object keys in any order). */
+static bool same_json(const char *a, const char *b) {
+    cJSON *x = cJSON_Parse(a), *y = cJSON_Parse(b);
+    bool same = x && y && cJSON_Compare(x, y, true);
+    cJSON_Delete(x);
+    cJSON_Delete(y);
+    return same;
+}
+
+/* The run's outputs and state equal want_out / want_state. */
+static void assert_same_run(kvm_run_t *r, const char *want_out, const char *want_state, const char *what) {
+    const char *msg = NULL;
+    if (kvm_run_status(r, &msg) != 0) fail_msg("%s: %s", what, msg ? msg : "?");
+    char *out = kvm_run_outputs_json(r), *st = kvm_run_state_json(r);
+    if (!same_json(out, want_out) || !same_json(st, want_state))
+        fail_msg("%s:\n %s\n %s\nwant\n %s\n %s", what, out, st, want_out, want_state);
+    kvm_free(out);
+    kvm_free(st);
+}
+
+/* Agent steps named `node` (as "trace show" names them, "review/draft") in the trace of dir. */
+static int steps_of(const char *dir, const char *agent) {
+    kvm_trace_reader_t *t = kvm_trace_reader_open(dir);
+    assert_non_null(t);
+    int n = 0;
+    for (int i = 0; i < kvm_trace_reader_n_records(t); i++) {
+        if (strcmp(kvm_trace_reader_record_type(t, i), "step")) continue;
+        cJSON *o = cJSON_Parse(kvm_trace_reader_record_json(t, i));
+        const cJSON *a = cJSON_GetObjectItem(o, "agent");
+        n += cJSON_IsString(a) && !strcmp(a->valuestring, agent);
+        cJSON_Delete(o);
+    }
+    kvm_trace_reader_free(t);
+    return n;
+}
+
+/* Parks the run on the interrupt of node `want_node` (a subgraph's: "review/ask"); its payload contains want. */
+static void assert_parked(kvm_run_t *r, const char *want_node, const char *want) {
+    const char *msg = NULL;
+    int st = kvm_run_status(r, &msg);
+    if (st != KVM_EINTERRUPTED) fail_msg("not parked: %s %s", kvm_errname(st), msg ? msg : "");
+    const char *node = NULL;
+    char *payload = kvm_run_interrupt_json(r, &node);
+    assert_non_null(payload);
+    if (strcmp(node, want_node) || !strstr(payload, want)) fail_msg("parked on %s with %s; want %s with %s", node, payload, want_node, want);
+    kvm_free(payload);
+}
+
+/* kvmesh.interrupt in a subgraph's node (and in a subgraph's subgraph) parks the whole run; kvm_run_resume answers it
+ * where it stopped. From the trace of a run parked there, another process resumes with --answer: the resume continues
+ * inside the child (its steps before the interrupt are not run again) and ends as the run answered in the process. */
+static void test_interrupt_inside_a_subgraph_parks_the_run_and_resumes_inside_it(void **s) {
+    (void)s;
+    kvm_runtime_t *rt = runtime();
+    kvm_workflow_t *wf = load(rt, ask_src);
+    const char *words[] = {"cat", "owl", "fox"};
+    for (int i = 0; i < 3; i++) {
+        char in[64];
+        snprintf(in, sizeof in, "{\"input\":\"%s\"}", words[i]);
+        kvm_run_params_t p = kvm_run_default_params();
+        p.inputs_json = in;
+        p.seed = (uint64_t)i + 7;
+        p.kv = "dense";
+        kvm_run_t *r = kvm_run_start(wf, &p);
+        assert_non_null(r);
+        drive(rt);
+        assert_int_equal(kvm_runtime_n_active(rt), 0);
+        assert_parked(r, "review/ask", "\"q\":\"publish?\"");
+        char dir1[512];
+        snprintf(dir1, sizeof dir1, "%s", kvm_run_trace_dir(r));
+        assert_int_equal(kvm_run_resume(r, "\"yes\""), 0);
+        drive(rt);
+        assert_parked(r, "audit/check/confirm", "\"q\":\"sure?\""); /* two levels down, in its first super-step */
+        assert_int_equal(kvm_run_resume(r, "{\"sure\":true}"), 0);
+        drive(rt);
+        const char *msg = NULL;
+        if (kvm_run_status(r, &msg) != 0) fail_msg("answered run: %s", msg ? msg : "?");
+        char *want_out = kvm_run_outputs_json(r), *want_st = kvm_run_state_json(r);
+        cJSON *st = cJSON_Parse(want_st);
+        assert_string_equal(cJSON_GetObjectItem(st, "verdict")->valuestring, "yes");
+        assert_true(cJSON_IsTrue(cJSON_GetObjectItem(cJSON_GetObjectItem(st, "ok"), "sure")));
+        cJSON_Delete(st);
+
+        /* the same run parked at the first question, in a process that stops there: resumed from its trace */
+        kvm_run_t *r1 = kvm_run_start(wf, &p);
+        drive(rt);
+        assert_parked(r1, "review/ask", "publish?");
+        char dir[512];
+        snprintf(dir, sizeof dir, "%s", kvm_run_trace_dir(r1));
+        kvm_run_cancel(r1, KVM_EINTERRUPTED, "parked"); /* as a CLI without an answer leaves it */
+        kvm_run_params_t q = kvm_run_default_params();
+        q.resume_trace = dir;
+        q.answer_json = "\"yes\"";
+        kvm_run_t *r2 = kvm_run_start(wf, &q);
+        if (!r2) fail_msg("resume: %s", kvm_errmsg());
+        drive(rt);
+        assert_parked(r2, "audit/check/confirm", "sure?");
+        char dir2[512];
+        snprintf(dir2, sizeof dir2, "%s", kvm_run_trace_dir(r2));
+        assert_int_equal(steps_of(dir2, "draft"), 0); /* continued inside 'review': its draft was not made again */
+        assert_int_equal(steps_of(dir2, "polish"), 1);
+        /* ... and that one parked again, two levels down: resumed from its own trace */
+        kvm_run_cancel(r2, KVM_EINTERRUPTED, "parked");
+        q.resume_trace = dir2;
+        q.answer_json = "{\"sure\":true}";
+        kvm_run_t *r3 = kvm_run_start(wf, &q);
+        if (!r3) fail_msg("resume 2: %s", kvm_errmsg());
+        drive(rt);
+        assert_same_run(r3, want_out, want_st, "resumed twice from traces");
+        assert_int_equal(steps_of(kvm_run_trace_dir(r3), "look"), 0); /* 'audit' continued after its look */
+        assert_int_equal(steps_of(kvm_run_trace_dir(r3), "end"), 1);
+        /* without an answer, a resume asks the same question again */
+        q.answer_json = NULL;
+        kvm_run_t *r4 = kvm_run_start(wf, &q);
+        drive(rt);
+        assert_parked(r4, "audit/check/confirm", "sure?");
+        kvm_run_cancel(r4, KVM_EINTERRUPTED, "parked");
+        /* the first process's trace (answered in the process) resumes after the parent's super-step 2 to the same end:
+           'audit' continues from its last checkpoint */
+        q.resume_trace = dir1;
+        q.resume_step = 2;
+        kvm_run_t *r5 = kvm_run_start(wf, &q);
+        drive(rt);
+        assert_same_run(r5, want_out, want_st, "resumed from the trace of the run answered in the process");
+        kvm_free(want_out);
+        kvm_free(want_st);
+    }
+    kvm_workflow_free(wf);
+    kvm_runtime_free(rt);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_state_is_mapped_in_and_out_through_the_parents_reducers),
@@ -367,6 +526,7 @@ int main(void) {
         cmocka_unit_test(test_hostile_subgraphs_end_with_clear_errors),
         cmocka_unit_test(test_child_steps_are_traced_as_nested_steps),
         cmocka_unit_test(test_resume_from_the_parents_checkpoints_reproduces_the_run),
+        cmocka_unit_test(test_interrupt_inside_a_subgraph_parks_the_run_and_resumes_inside_it),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }
