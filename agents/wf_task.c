@@ -504,7 +504,7 @@ static int submit_seen(kvm_workflow_t *wf, wf_run_t *r, int node, int ai, const 
         /* the run's wall-time budget (and those of the graphs above a subgraph) also stops a generation under way */
         req.run_deadline_ns = wf_run_deadline_ns(r);
         if (req.sampling.seed == 0) req.sampling.seed = r->seed * 1000003u + (uint64_t)r->root->step_idx + 1;
-        if (r->replay && node >= 0) wf_replay_apply(wf, r, node, ai, &req.given_text, &req.sampling.seed, &req.kv);
+        if (r->root->replay && node >= 0) wf_replay_apply(wf, r, node, ai, &req.given_text, &req.sampling.seed, &req.kv);
         rc = wf_llm_submit(wf->llm, &req);
         if (rc) rc = kvm_errctx(rc, "%s: agent '%s'", a->where, a->name);
     }

@@ -518,6 +518,147 @@ static void test_interrupt_inside_a_subgraph_parks_the_run_and_resumes_inside_it
     kvm_runtime_free(rt);
 }
 
+/* ---- replay of runs with subgraphs ------------------------------------------------------------------------------ */
+
+/* Agent steps at three levels (a subgraph's subgraph), a ctx:call from a child's func node, the same child run twice by
+ * a loop of the main graph (its steps differ only by the parent's super-step) and math.random in a child. */
+static const char *replay_src =
+    "local kvm = kvmesh\nlocal m = kvm.model('" KVM_SOURCE_DIR "/models/minillama-2m')\n"
+    "local inner = kvm.graph{ name = 'inner', state = { t = kvm.reduce.replace, notes = kvm.reduce.append } }\n"
+    "inner:agent('deep', { model = m, template = 'Deep down {state.t} was', max_tokens = 3, writes = 'notes' })\n"
+    "inner:edge(kvm.START, 'deep')\n"
+    "local child = kvm.graph{ name = 'child', state = { topic = kvm.reduce.replace, drafts = kvm.reduce.append } }\n"
+    "child:agent('draft', { model = m, template = 'Once upon a time {state.topic} said', max_tokens = 4, writes = 'drafts' })\n"
+    "child:func('ask', function(state, last, ctx)\n"
+    "  return { drafts = ctx:call('draft', { topic = 'x' }) .. ' ' .. math.random(1, 1000000) } end)\n"
+    "child:subgraph('dig', inner, { input = { topic = 't' }, output = { notes = 'drafts' } })\n"
+    "child:agent('polish', { model = m, template = 'Then {agent.draft} and', max_tokens = 3, writes = 'drafts' })\n"
+    "child:edge(kvm.START, 'draft')\nchild:edge('draft', { 'ask', 'dig' })\nchild:edge('dig', 'polish')\n"
+    "local g = kvm.graph{ name = 'main', state = { topic = kvm.reduce.replace, story = kvm.reduce.append, n = kvm.reduce.sum } }\n"
+    "g:func('start', function(state, last, ctx) return { topic = ctx.inputs.input, n = 1 } end)\n"
+    "g:subgraph('write', child, { input = { topic = 'topic' }, output = { drafts = 'story' } })\n"
+    "g:func('count', function(state) return { n = 1 } end)\n"
+    "g:agent('end', { model = m, template = 'The end of {input} came', max_tokens = 3, writes = 'story' })\n"
+    "g:edge(kvm.START, 'start')\ng:edge('start', 'write')\ng:edge('write', 'count')\n"
+    "g:route('count', function(state) return state.n < 4 and 'write' or 'end' end, { 'write', 'end' })\n"
+    "g:limit{ steps = 20 }\nreturn g\n";
+
+/* What a step record says: its agent (NULL for other nodes), its KV mode, its output text. */
+typedef struct step_rec {
+    char agent[64], mode[16], text[256];
+} step_rec_t;
+
+static int cmp_step(const void *a, const void *b) {
+    const step_rec_t *x = a, *y = b;
+    int c = strcmp(x->agent, y->agent);
+    return c ? c : strcmp(x->text, y->text);
+}
+
+static int read_steps(const char *dir, step_rec_t *out, int cap) {
+    kvm_trace_reader_t *t = kvm_trace_reader_open(dir);
+    assert_non_null(t);
+    int n = 0;
+    for (int i = 0; i < kvm_trace_reader_n_records(t) && n < cap; i++) {
+        if (strcmp(kvm_trace_reader_record_type(t, i), "step")) continue;
+        cJSON *o = cJSON_Parse(kvm_trace_reader_record_json(t, i));
+        const cJSON *a = cJSON_GetObjectItem(o, "agent"), *kv = cJSON_GetObjectItem(o, "kv");
+        const cJSON *mode = kv ? cJSON_GetObjectItem(kv, "mode") : NULL, *text = cJSON_GetObjectItem(o, "output");
+        if (cJSON_IsObject(text)) text = cJSON_GetObjectItem(text, "text");
+        snprintf(out[n].agent, sizeof out[n].agent, "%s", cJSON_IsString(a) ? a->valuestring : "");
+        snprintf(out[n].mode, sizeof out[n].mode, "%s", cJSON_IsString(mode) ? mode->valuestring : "");
+        snprintf(out[n].text, sizeof out[n].text, "%s", cJSON_IsString(text) ? text->valuestring : "");
+        n++;
+        cJSON_Delete(o);
+    }
+    kvm_trace_reader_free(t);
+    return n;
+}
+
+/* A replay from each step of a run with subgraphs (greedy, dense) reproduces the run: the agent steps before it, nested
+ * ones included, are given their recorded outputs (KV mode "given"), and the steps from it on are generated again to
+ * the same outputs. A nested step's output edited by a replay is what its step says in the replay. */
+static void test_replay_from_every_step_of_a_subgraph_run_reproduces_it(void **s) {
+    (void)s;
+    kvm_runtime_t *rt = runtime();
+    kvm_workflow_t *wf = load(rt, replay_src);
+    kvm_run_params_t p = kvm_run_default_params();
+    p.inputs_json = "{\"input\":\"owl\"}";
+    p.seed = 5;
+    p.kv = "dense";
+    kvm_run_t *r = kvm_run_start(wf, &p);
+    assert_non_null(r);
+    drive(rt);
+    const char *msg = NULL;
+    if (kvm_run_status(r, &msg) != 0) fail_msg("run: %s", msg ? msg : "?");
+    char *want_out = kvm_run_outputs_json(r), *want_st = kvm_run_state_json(r);
+    char dir[512];
+    snprintf(dir, sizeof dir, "%s", kvm_run_trace_dir(r));
+    enum { CAP = 96 };
+    step_rec_t *orig = calloc(CAP, sizeof *orig), *rep = calloc(CAP, sizeof *rep);
+    int n = read_steps(dir, orig, CAP);
+    int nested_agents = 0;
+    for (int i = 0; i < n; i++) nested_agents += !strcmp(orig[i].agent, "deep") || !strcmp(orig[i].agent, "polish");
+    assert_int_equal(nested_agents, 6); /* the child ran 3 times, each with its subgraph */
+    assert_true(n > 20);
+    step_rec_t *sorted = calloc(CAP, sizeof *sorted);
+    memcpy(sorted, orig, CAP * sizeof *orig);
+    qsort(sorted, (size_t)n, sizeof *sorted, cmp_step);
+    kvm_workflow_t *wt = kvm_workflow_load_trace(rt, dir, NULL);
+    assert_non_null(wt);
+    for (int step = 0; step < n; step++) {
+        kvm_run_params_t q = kvm_run_default_params();
+        q.resume_trace = dir;
+        q.replay = true;
+        q.replay_step = step;
+        kvm_run_t *x = kvm_run_start(wt, &q);
+        if (!x) fail_msg("replay from %d: %s", step, kvm_errmsg());
+        drive(rt);
+        char what[64];
+        snprintf(what, sizeof what, "replay from step %d", step);
+        assert_same_run(x, want_out, want_st, what);
+        int m = read_steps(kvm_run_trace_dir(x), rep, CAP);
+        assert_int_equal(m, n);
+        int given = 0, want_given = 0;
+        for (int i = 0; i < n; i++) { /* the same steps (those of one super-step may be recorded in another order) */
+            given += !strcmp(rep[i].mode, "given");
+            want_given += i < step && *orig[i].agent;
+        }
+        qsort(rep, (size_t)n, sizeof *rep, cmp_step);
+        for (int i = 0; i < n; i++)
+            if (strcmp(rep[i].agent, sorted[i].agent) || strcmp(rep[i].text, sorted[i].text))
+                fail_msg("%s: step %s '%s', want %s '%s'", what, rep[i].agent, rep[i].text, sorted[i].agent, sorted[i].text);
+        if (given != want_given) fail_msg("%s: %d steps given, want %d", what, given, want_given);
+    }
+    /* an edited nested step: the third 'deep' step says the edit in the replay */
+    int third = -1;
+    for (int i = 0, k = 0; i < n && third < 0; i++)
+        if (!strcmp(orig[i].agent, "deep") && ++k == 3) third = i;
+    assert_true(third > 0);
+    kvm_run_params_t q = kvm_run_default_params();
+    q.resume_trace = dir;
+    q.replay = true;
+    q.replay_step = third;
+    q.replay_output = "EDITED deep note";
+    kvm_run_t *x = kvm_run_start(wt, &q);
+    assert_non_null(x);
+    drive(rt);
+    assert_int_equal(kvm_run_status(x, NULL), 0);
+    int m = read_steps(kvm_run_trace_dir(x), rep, CAP), edited = 0;
+    for (int i = 0; i < m; i++) edited += !strcmp(rep[i].agent, "deep") && !strcmp(rep[i].text, "EDITED deep note");
+    assert_int_equal(edited, 1);
+    char *st = kvm_run_state_json(x);
+    assert_non_null(strstr(st, "EDITED deep note")); /* mapped out to the parent's story */
+    kvm_free(st);
+    free(orig);
+    free(rep);
+    free(sorted);
+    kvm_free(want_out);
+    kvm_free(want_st);
+    kvm_workflow_free(wt);
+    kvm_workflow_free(wf);
+    kvm_runtime_free(rt);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_state_is_mapped_in_and_out_through_the_parents_reducers),
@@ -527,6 +668,7 @@ int main(void) {
         cmocka_unit_test(test_child_steps_are_traced_as_nested_steps),
         cmocka_unit_test(test_resume_from_the_parents_checkpoints_reproduces_the_run),
         cmocka_unit_test(test_interrupt_inside_a_subgraph_parks_the_run_and_resumes_inside_it),
+        cmocka_unit_test(test_replay_from_every_step_of_a_subgraph_run_reproduces_it),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }
