@@ -346,7 +346,7 @@ static void end_superstep(kvm_workflow_t *wf, wf_run_t *r) {
     if (!code && any_end) code = collect_outputs(wf, r, r->to_end, &msg); /* 5. outputs of nodes that reached END */
     /* the last super-step's outputs are the run's outputs when nothing reached END */
     if (!code && count_ready(g, r) == 0 && !r->outputs) code = collect_outputs(wf, r, NULL, &msg);
-    if (!code) wf_trace_checkpoint(wf, r); /* 6. a super-step that failed leaves the previous one as the last */
+    if (!code) wf_trace_checkpoint(wf, r, false); /* 6. a super-step that failed leaves the previous one as the last */
     cJSON_Delete(r->answers);              /* answers to interrupts hold within their super-step */
     r->answers = NULL;
     cJSON_Delete(r->sub_resume);           /* and what its subgraph nodes continue from (a resumed run's) */
@@ -718,7 +718,7 @@ int wf_run_resume_from(kvm_workflow_t *wf, const cJSON *inputs, uint64_t seed, i
             answers = NULL;
             r->sub_resume = subs;
             subs = NULL;
-            wf_trace_checkpoint(wf, r); /* the resumed run's trace starts where it resumed, and can be resumed too */
+            wf_trace_checkpoint(wf, r, true); /* the resumed run's trace starts where it resumed, and can be resumed too */
             wf_trace_answers(wf, r);
         }
     }

@@ -520,7 +520,7 @@ void wf_trace_edge(wf_run_t *r, const char *from, const char *to, const char *ki
 void wf_trace_agent_step(kvm_workflow_t *wf, wf_run_t *r, const wf_task_t *t, int idx, int ai, const wf_llm_result_t *res,
                          int status, const char *err, bool via_call);
 void wf_trace_lua_step(kvm_workflow_t *wf, wf_run_t *r, const wf_task_t *t, int idx);
-void wf_trace_checkpoint(kvm_workflow_t *wf, wf_run_t *r);
+void wf_trace_checkpoint(kvm_workflow_t *wf, wf_run_t *r, bool restored); /* restored: the one a resumed run starts from */
 void wf_trace_interrupt(wf_run_t *r, const char *node, const cJSON *payload, const cJSON *answers);
 void wf_trace_resume_rec(wf_run_t *r, const char *node, const cJSON *value);
 /* A resume record for every answer a resumed run starts with (r->answers). */

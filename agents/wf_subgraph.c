@@ -374,7 +374,7 @@ static void continue_child(kvm_workflow_t *wf, wf_run_t *r, wf_run_t *c, cJSON *
         p->agent_calls += c->agent_calls;
     }
     if (cp.steps > r->root->step_idx) r->root->step_idx = cp.steps;
-    wf_trace_checkpoint(wf, c);
+    wf_trace_checkpoint(wf, c, true);
     wf_trace_answers(wf, c);
 }
 

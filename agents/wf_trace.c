@@ -189,12 +189,12 @@ static bool ckpt_tables(const kvm_workflow_t *wf, const wf_run_t *r, cJSON *node
 }
 
 /* A subgraph's run writes its checkpoints too, with its path: a resume continues inside it (wf_subgraph.c). */
-void wf_trace_checkpoint(kvm_workflow_t *wf, wf_run_t *r) {
+void wf_trace_checkpoint(kvm_workflow_t *wf, wf_run_t *r, bool restored) {
     if (!r->trace) return;
     char path[512];
     kvm_trace_checkpoint_t o = {.superstep = r->superstep, .rng0 = r->rng[0], .rng1 = r->rng[1], .input_tokens = r->tokens_in,
                                 .output_tokens = r->tokens_out, .agent_calls = r->agent_calls, .steps = r->root->step_idx,
-                                .resumable = true, .path = r->parent ? wf_run_path(r, path, sizeof path) : NULL};
+                                .resumable = true, .restored = restored, .path = r->parent ? wf_run_path(r, path, sizeof path) : NULL};
     cJSON *nodes = cJSON_CreateObject(), *joins = cJSON_CreateArray(), *agents = cJSON_CreateObject();
     bool ok = ckpt_tables(wf, r, nodes, joins, agents);
     char *state = ref_json_text(r, r->state_ref), *last = ref_json_text(r, r->last_ref);
@@ -357,6 +357,61 @@ static bool reset_field(cJSON *e, const char *name) {
     return cJSON_AddObjectToObject(e, name) != NULL;
 }
 
+/* The resume tree of a run resumed from its checkpoint record at (tree: {"answers": {}, "subs": {}}, filled; with
+ * only_restored, a replay of a resumed run's trace: only the checkpoints its subgraphs' runs continued from): the
+ * interrupts of the super-step after the checkpoint: the answers given then are given again (the nodes run again from
+ * their start); an interrupt not answered is *pending. Inside the subgraph nodes of that super-step, each subgraph's
+ * run continues from its last checkpoint with the answers given after it (a checkpoint of a subgraph's run makes what
+ * was recorded below it before stale). 0 or KVM_ENOMEM. */
+static int resume_tree(const kvm_trace_log_t *log, int at, bool only_restored, cJSON *tree, const kvm_trace_interrupt_t **pending) {
+    int next_ss = log->recs[at].checkpoint.superstep + 1;
+    *pending = NULL;
+    for (int i = at + 1; i < log->n; i++) {
+        const kvm_trace_rec_t *x = &log->recs[i];
+        if (x->type == KVM_TRACE_CHECKPOINT) {
+            if (!x->checkpoint.path) break;
+            if (only_restored && !x->checkpoint.restored) continue;
+            cJSON *e = tree_entry(tree, x->checkpoint.path), *c = wf_ckpt_to_json(&x->checkpoint);
+            cJSON_DeleteItemFromObjectCaseSensitive(e, "ckpt");
+            if (!e || !c || !cJSON_AddItemToObject(e, "ckpt", c) || !reset_field(e, "answers") || !reset_field(e, "subs")) {
+                if (!e) cJSON_Delete(c);
+                return kvm_seterr(KVM_ENOMEM, "resume: out of memory");
+            }
+            if (*pending && path_in((*pending)->path, x->checkpoint.path)) *pending = NULL;
+            continue;
+        }
+        if (x->type == KVM_TRACE_INTERRUPT && (x->interrupt.path || x->interrupt.superstep == next_ss)) *pending = &x->interrupt;
+        if (x->type == KVM_TRACE_RESUME && (x->resume.path || x->resume.superstep == next_ss) && x->resume.node) {
+            cJSON *v = x->resume.value_json ? cJSON_Parse(x->resume.value_json) : cJSON_CreateNull();
+            cJSON *e = tree_entry(tree, x->resume.path);
+            if (!e || !add_answer(cJSON_GetObjectItemCaseSensitive(e, "answers"), x->resume.node, v)) {
+                if (!e) cJSON_Delete(v);
+                return kvm_seterr(KVM_ENOMEM, "resume: out of memory");
+            }
+            if (*pending && !strcmp((*pending)->node, x->resume.node) && same_path((*pending)->path, x->resume.path)) *pending = NULL;
+        }
+    }
+    return 0;
+}
+
+/* A new resume tree {"answers": {}, "subs": {}}; NULL when out of memory. */
+static cJSON *tree_new(void) {
+    cJSON *t = cJSON_CreateObject();
+    if (t && (!cJSON_AddObjectToObject(t, "answers") || !cJSON_AddObjectToObject(t, "subs"))) {
+        cJSON_Delete(t);
+        return NULL;
+    }
+    return t;
+}
+
+/* Drops every "answers" of the entries below subs (a replay gives the recorded answers in order instead). */
+static void tree_drop_answers(cJSON *subs) {
+    for (cJSON *e = subs ? subs->child : NULL; e; e = e->next) {
+        cJSON_DeleteItemFromObjectCaseSensitive(e, "answers");
+        tree_drop_answers(cJSON_GetObjectItemCaseSensitive(e, "subs"));
+    }
+}
+
 int kvm_wf_start_resume(kvm_workflow_t *wf, const char *run_dir, int step, const cJSON *answer, int *run) {
     if (!run_dir) return kvm_seterr(KVM_EINVAL, "resume: no trace directory given");
     if (step < 0) return kvm_seterr(KVM_EINVAL, "resume: super-step %d (0 = the last checkpoint)", step);
@@ -371,46 +426,19 @@ int kvm_wf_start_resume(kvm_workflow_t *wf, const char *run_dir, int step, const
             last_ss = log.recs[i].checkpoint.superstep;
             if (step == 0 || log.recs[i].checkpoint.superstep == step) at = i;
         }
-    cJSON *inputs = NULL, *tree = cJSON_CreateObject();
+    cJSON *inputs = NULL, *tree = tree_new();
     const kvm_trace_interrupt_t *pending = NULL;
     if (!st) rc = kvm_seterr(KVM_EFORMAT, "%s has no run.start record", run_dir);
     else if (at < 0 && n_ck == 0)
         rc = kvm_seterr(KVM_ENOENT, "%s has no checkpoint: the run ended before its first super-step did (run it again)", run_dir);
     else if (at < 0)
         rc = kvm_seterr(KVM_ENOENT, "%s has no checkpoint after super-step %d (its last is after super-step %d)", run_dir, step, last_ss);
-    else if (!tree || !cJSON_AddObjectToObject(tree, "answers") || !cJSON_AddObjectToObject(tree, "subs"))
+    else if (!tree)
         rc = kvm_seterr(KVM_ENOMEM, "resume: out of memory");
     else if (!(inputs = st->run_start.inputs_json ? cJSON_Parse(st->run_start.inputs_json) : cJSON_CreateObject()))
         rc = kvm_seterr(KVM_EFORMAT, "%s: run.start inputs are not JSON", run_dir);
-    /* the interrupts of the super-step after the checkpoint: the answers given then are given again (the nodes run
-       again from their start); an interrupt not answered is pending, and `answer` answers it. Inside the subgraph
-       nodes of that super-step, each subgraph's run continues from its last checkpoint with the answers given after it
-       (a checkpoint of a subgraph's run makes what was recorded below it before stale). */
     int next_ss = at >= 0 ? log.recs[at].checkpoint.superstep + 1 : 0;
-    for (int i = at + 1; !rc && i < log.n; i++) {
-        const kvm_trace_rec_t *x = &log.recs[i];
-        if (x->type == KVM_TRACE_CHECKPOINT) {
-            if (!x->checkpoint.path) break;
-            cJSON *e = tree_entry(tree, x->checkpoint.path), *c = wf_ckpt_to_json(&x->checkpoint);
-            cJSON_DeleteItemFromObjectCaseSensitive(e, "ckpt");
-            if (!e || !c || !cJSON_AddItemToObject(e, "ckpt", c) || !reset_field(e, "answers") || !reset_field(e, "subs")) {
-                if (!e) cJSON_Delete(c);
-                rc = kvm_seterr(KVM_ENOMEM, "resume: out of memory");
-            }
-            if (pending && path_in(pending->path, x->checkpoint.path)) pending = NULL;
-            continue;
-        }
-        if (x->type == KVM_TRACE_INTERRUPT && (x->interrupt.path || x->interrupt.superstep == next_ss)) pending = &x->interrupt;
-        if (x->type == KVM_TRACE_RESUME && (x->resume.path || x->resume.superstep == next_ss) && x->resume.node) {
-            cJSON *v = x->resume.value_json ? cJSON_Parse(x->resume.value_json) : cJSON_CreateNull();
-            cJSON *e = tree_entry(tree, x->resume.path);
-            if (!e || !add_answer(cJSON_GetObjectItemCaseSensitive(e, "answers"), x->resume.node, v)) {
-                if (!e) cJSON_Delete(v);
-                rc = kvm_seterr(KVM_ENOMEM, "resume: out of memory");
-            }
-            if (pending && !strcmp(pending->node, x->resume.node) && same_path(pending->path, x->resume.path)) pending = NULL;
-        }
-    }
+    if (!rc) rc = resume_tree(&log, at, false, tree, &pending);
     if (!rc && answer && !pending)
         rc = kvm_seterr(KVM_EINVAL, "%s: the run was not parked on kvmesh.interrupt after super-step %d: nothing to answer", run_dir,
                         next_ss - 1);
@@ -608,7 +636,22 @@ int kvm_wf_replay(const char *run_dir, const kvm_wf_replay_opts_t *o, kvm_replay
     cJSON *base = ck && ck->checkpoint.state_json ? cJSON_Parse(ck->checkpoint.state_json) : NULL;
     if (!wf) rc = kvm_errcode() ? kvm_errcode() : KVM_EINVAL;
     else if (s->resumed_run_id && !ck) rc = kvm_seterr(KVM_EFORMAT, "%s: a resumed run without its checkpoint", run_dir);
-    else if (ck) rc = wf_run_resume_from(wf, inputs, s->seed, -1, s->resumed_run_id, &ck->checkpoint, NULL, NULL, &run);
+    else if (ck) { /* its subgraph nodes continue from their checkpoints as in the resumed run (answers: below) */
+        cJSON *tree = tree_new(), *subs = NULL;
+        const kvm_trace_interrupt_t *pending = NULL;
+        rc = tree ? resume_tree(&log, (int)(ck - log.recs), true, tree, &pending) : kvm_seterr(KVM_ENOMEM, "replay: out of memory");
+        if (!rc) {
+            subs = cJSON_DetachItemFromObjectCaseSensitive(tree, "subs");
+            tree_drop_answers(subs);
+        }
+        cJSON_Delete(tree);
+        if (subs && !subs->child) {
+            cJSON_Delete(subs);
+            subs = NULL;
+        }
+        if (!rc) rc = wf_run_resume_from(wf, inputs, s->seed, -1, s->resumed_run_id, &ck->checkpoint, NULL, subs, &run);
+        else cJSON_Delete(subs);
+    }
     else {
         /* a counterfactual replay's trace: its edits and its changed step again (the steps before it are generated,
            as they were in its origin) */

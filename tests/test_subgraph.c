@@ -498,6 +498,14 @@ static void test_interrupt_inside_a_subgraph_parks_the_run_and_resumes_inside_it
         assert_same_run(r3, want_out, want_st, "resumed twice from traces");
         assert_int_equal(steps_of(kvm_run_trace_dir(r3), "look"), 0); /* 'audit' continued after its look */
         assert_int_equal(steps_of(kvm_run_trace_dir(r3), "end"), 1);
+        /* `kvmesh trace replay` of the twice-resumed run reproduces its step of the main graph ('end') */
+        kvm_replay_t rep;
+        assert_int_equal(kvm_trace_replay(rt, kvm_run_trace_dir(r3), &rep), 0);
+        if (rep.status != 0 || rep.differ != 0 || rep.same != 1) fail_msg("replay: status %d, %d same, %d differ", rep.status, rep.same, rep.differ);
+        kvm_replay_clear(&rep);
+        assert_int_equal(kvm_trace_replay(rt, dir2, &rep), 0); /* the once-resumed one parks again where it did */
+        if (rep.status != KVM_EINTERRUPTED || rep.differ != 0) fail_msg("replay 2: status %s, %d differ", kvm_errname(rep.status), rep.differ);
+        kvm_replay_clear(&rep);
         /* without an answer, a resume asks the same question again */
         q.answer_json = NULL;
         kvm_run_t *r4 = kvm_run_start(wf, &q);

@@ -244,6 +244,8 @@ typedef struct kvm_trace_checkpoint {
     long input_tokens, output_tokens;
     int agent_calls, steps;        /* steps: step records written so far (the next step's idx; seeds sampling) */
     bool resumable;                /* written as "v_resume": 1 (a checkpoint with the fields above) */
+    bool restored;                 /* written as "restored": 1 by a resumed run (or a subgraph's run continued) for the
+                                      checkpoint it starts from, before it runs anything */
     const char *path;              /* NULL: the run's; else a subgraph's run, as the subgraph nodes down to it with the
                                       super-step each ran in ("write@3" or "write@3/check@2"); its superstep, state, next,
                                       last, nodes, joins and usage are its own, "steps" is the run's step count */

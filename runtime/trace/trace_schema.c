@@ -131,7 +131,8 @@ static const field_t checkpoint_f[] = {F("superstep", F_INT, kvm_trace_checkpoin
                                        F("joins", F_JSON, kvm_trace_checkpoint_t, joins_json, OMIT_NULL),
                                        F("outputs", F_JSON, kvm_trace_checkpoint_t, outputs_json, OMIT_NULL),
                                        FLAT("rng", ckpt_rng_f), FLAT("usage", ckpt_usage_f),
-                                       F("path", F_STR, kvm_trace_checkpoint_t, path, OMIT_NULL), END};
+                                       F("path", F_STR, kvm_trace_checkpoint_t, path, OMIT_NULL),
+                                       F("restored", F_BOOL, kvm_trace_checkpoint_t, restored, OMIT_FALSE), END};
 static const field_t interrupt_f[] = {F("superstep", F_INT, kvm_trace_interrupt_t, superstep, 0), F("node", F_STR, kvm_trace_interrupt_t, node, 0),
                                       F("payload", F_JSON, kvm_trace_interrupt_t, payload_json, 0),
                                       F("answers", F_JSON, kvm_trace_interrupt_t, answers_json, 0),
