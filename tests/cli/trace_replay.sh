@@ -99,6 +99,29 @@ out="$("$bin" trace replay "$work/garbled" --from-step 1 --trace "$work/out" 2>&
 out="$("$bin" trace blame "$work/garbled" --verify 2>&1)"; rc=$?
 sane $rc && grep -q "events.jsonl:3" <<< "$out" && ok "blame --verify on a garbled trace: exit $rc naming the line" || bad "garbled blame: rc $rc: $out"
 
+# a run with subgraphs (examples/subgraph.lua, greedy, dense): a replay from each of its steps, nested ones included,
+# reproduces every agent step (the nested steps before it are given their recorded outputs); a nested step edited says the
+# edit and the subgraph maps it out
+said() { "$bin" trace steps "$1" | sed -n 's/^  said ([^)]*): //p' | sort; } # agent steps (a table's key order varies)
+"$bin" run examples/subgraph.lua --input input="a cat" --kv dense --trace "$work/sg" -q > /dev/null 2>&1
+sg="$(ls -d "$work"/sg/*/ | head -1)"; sg="${sg%/}"
+want="$(said "$sg")"
+n=$(grep -c '"t":"step"' "$sg/events.jsonl"); differ=0
+for ((k = 0; k < n; k++)); do
+  out="$("$bin" trace replay "$sg" --from-step $k 2>&1)"; rc=$?
+  rp="$(sed -n 's/^trace: //p' <<< "$out")"
+  [ $rc -eq 0 ] && [ -n "$rp" ] && [ "$(said "$rp")" = "$want" ] || { differ=$((differ + 1)); echo "from step $k: rc $rc: $out"; }
+done
+[ "$n" -eq 6 ] && [ $differ -eq 0 ] && ok "replay from each of the 6 steps of a run with a subgraph reproduces it" \
+  || bad "subgraph replay: $differ of $n steps differ"
+given=$(grep -c '"mode":"given"' "$rp/events.jsonl")
+[ "$given" -eq 2 ] && ok "replayed from its last step: the 2 nested agent steps before it were given" || bad "given: $given"
+printf 'EDITED hero\n' > "$work/hero.txt"
+out="$("$bin" trace replay "$sg" --from-step 1 --edit-output "$work/hero.txt" 2>&1)"; rc=$?
+rp="$(sed -n 's/^trace: //p' <<< "$out")"
+[ $rc -eq 0 ] && "$bin" trace show "$rp" | grep -q '"findings":\["EDITED hero"' && ok "--edit-output of a nested step reaches the parent" \
+  || bad "nested edit: rc $rc: $out"
+
 # the benchmark of docs/correct.md, a few runs of one workflow (every pipeline run is scored 1 and an injected
 # error fails it: two failures, both confirmed)
 out="$("$bin" bench blame --verify --runs 2 --workflows examples/pipeline.lua --json "$work/v.json" 2>&1)"; rc=$?
