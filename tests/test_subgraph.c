@@ -526,6 +526,57 @@ static void test_interrupt_inside_a_subgraph_parks_the_run_and_resumes_inside_it
     kvm_runtime_free(rt);
 }
 
+/* A subgraph's checkpoint that does not fit its graph (edited, or a script changed under it) fails the subgraph node
+ * with a message naming the subgraph and the bad name; a garbled one is a clear read error; nothing crashes. */
+static void test_a_bad_subgraph_checkpoint_is_a_clear_error(void **s) {
+    (void)s;
+    kvm_runtime_t *rt = runtime();
+    kvm_workflow_t *wf = load(rt, ask_src);
+    kvm_run_params_t p = kvm_run_default_params();
+    p.inputs_json = "{\"input\":\"cat\"}";
+    kvm_run_t *r = kvm_run_start(wf, &p);
+    drive(rt);
+    assert_parked(r, "review/ask", "publish?");
+    char dir[512], path[600], bad[600], cmd[4096];
+    snprintf(dir, sizeof dir, "%s", kvm_run_trace_dir(r));
+    kvm_run_cancel(r, KVM_EINTERRUPTED, "parked");
+    snprintf(path, sizeof path, "%s/events.jsonl", dir);
+    struct {
+        const char *sed, *want;
+        int code;
+    } cases[] = {
+        {"/\"path\":\"review@2\"/s/\"next\":\\[\"ask\"\\]/\"next\":[\"nope\"]/", "checkpoint: next node 'nope' is not a node of graph 'review'",
+         KVM_EINVAL},
+        {"/\"t\":\"checkpoint\".*\"path\":\"review@2\"/s/\"v_resume\":true/\"v_resume\":false/", "written by a kvmesh without resume", KVM_EUNSUPPORTED},
+        {"/\"t\":\"checkpoint\".*\"path\":\"review@2\"/s/\"state\":{/\"state\":[{/", NULL, 0}, /* garbled: not JSON any more */
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
+        snprintf(bad, sizeof bad, "%s/bad%zu", g_root, i);
+        snprintf(cmd, sizeof cmd, "rm -rf '%s' && mkdir -p '%s' && sed '%s' '%s' > '%s/events.jsonl'", bad, bad, cases[i].sed, path, bad);
+        assert_int_equal(system(cmd), 0);
+        kvm_run_params_t q = kvm_run_default_params();
+        q.resume_trace = bad;
+        q.answer_json = "\"yes\"";
+        kvm_run_t *x = kvm_run_start(wf, &q);
+        if (!cases[i].want) { /* the trace cannot be read: the start fails naming the line */
+            if (x) {
+                drive(rt);
+                fail_msg("case %zu: a garbled checkpoint resumed (status %s)", i, kvm_errname(kvm_run_status(x, NULL)));
+            }
+            assert_non_null(strstr(kvm_errmsg(), "events.jsonl:"));
+            continue;
+        }
+        if (!x) fail_msg("case %zu: %s", i, kvm_errmsg());
+        drive(rt);
+        const char *msg = NULL;
+        int code = kvm_run_status(x, &msg);
+        if (code != cases[i].code || !msg || !strstr(msg, cases[i].want) || !strstr(msg, "resuming subgraph 'review'"))
+            fail_msg("case %zu: %s '%s'; want %s with '%s'", i, kvm_errname(code), msg ? msg : "", kvm_errname(cases[i].code), cases[i].want);
+    }
+    kvm_workflow_free(wf);
+    kvm_runtime_free(rt);
+}
+
 /* ---- replay of runs with subgraphs ------------------------------------------------------------------------------ */
 
 /* Agent steps at three levels (a subgraph's subgraph), a ctx:call from a child's func node, the same child run twice by
@@ -676,6 +727,7 @@ int main(void) {
         cmocka_unit_test(test_child_steps_are_traced_as_nested_steps),
         cmocka_unit_test(test_resume_from_the_parents_checkpoints_reproduces_the_run),
         cmocka_unit_test(test_interrupt_inside_a_subgraph_parks_the_run_and_resumes_inside_it),
+        cmocka_unit_test(test_a_bad_subgraph_checkpoint_is_a_clear_error),
         cmocka_unit_test(test_replay_from_every_step_of_a_subgraph_run_reproduces_it),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
