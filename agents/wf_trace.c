@@ -149,8 +149,8 @@ static const char **marked_nodes(const wf_graph_t *g, const bool *flags, int *n)
     return v;
 }
 
-/* A subgraph's run writes only its steps (nested under its node's step) and logs into its root's trace: its super-steps,
- * edges and checkpoints are its own, not the run's (a resume starts again from the root's checkpoints). */
+/* A subgraph's run writes its steps (nested under its node's step), logs, checkpoints, interrupts and answers (with its
+ * path) into its root's trace; its super-steps and edges are its own and not written. */
 void wf_trace_superstep(kvm_workflow_t *wf, wf_run_t *r) {
     if (!r->trace || r->parent) return;
     kvm_trace_superstep_t o = {.superstep = r->superstep};
