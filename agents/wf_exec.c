@@ -346,9 +346,11 @@ static void end_superstep(kvm_workflow_t *wf, wf_run_t *r) {
     if (!code && any_end) code = collect_outputs(wf, r, r->to_end, &msg); /* 5. outputs of nodes that reached END */
     /* the last super-step's outputs are the run's outputs when nothing reached END */
     if (!code && count_ready(g, r) == 0 && !r->outputs) code = collect_outputs(wf, r, NULL, &msg);
-    if (!code) wf_trace_checkpoint(wf, r); /* 6. a super-step that failed leaves the previous one as the last */
+    if (!code) wf_trace_checkpoint(wf, r, false); /* 6. a super-step that failed leaves the previous one as the last */
     cJSON_Delete(r->answers);              /* answers to interrupts hold within their super-step */
     r->answers = NULL;
+    cJSON_Delete(r->sub_resume);           /* and what its subgraph nodes continue from (a resumed run's) */
+    r->sub_resume = NULL;
     wf_tasks_free(wf, r);
     r->need_end = false;
     if (code) finish_run(wf, r, code, msg);
@@ -438,6 +440,7 @@ static void run_free(kvm_workflow_t *wf, wf_run_t *r) {
     cJSON_Delete(r->outputs);
     cJSON_Delete(r->state);
     cJSON_Delete(r->answers);
+    cJSON_Delete(r->sub_resume);
     kvm_free(r->resumed_from);
     cJSON_Delete(r->replay);
     cJSON_Delete(r->replay_calls);
@@ -600,8 +603,7 @@ static int join_src(const wf_join_t *jn, const char *name) {
 }
 
 /* Parses a checkpoint and checks every name in it against the graph, before a run is made for it. */
-static int ckpt_parse(const kvm_workflow_t *wf, const kvm_trace_checkpoint_t *c, ckpt_json_t *j) {
-    const wf_graph_t *g = wf->g;
+static int ckpt_parse(const kvm_workflow_t *wf, const wf_graph_t *g, const kvm_trace_checkpoint_t *c, ckpt_json_t *j) {
     if (!c->resumable)
         return kvm_seterr(KVM_EUNSUPPORTED, "the checkpoint after super-step %d was written by a kvmesh without resume (no "
                                             "'v_resume'): its run cannot be resumed", c->superstep);
@@ -657,7 +659,7 @@ static int restore_protected(lua_State *L) {
 
 /* Puts the checkpoint into the fresh run r (its Lua side set up). 0, or KVM_E* with *msg. */
 static int restore(kvm_workflow_t *wf, wf_run_t *r, const kvm_trace_checkpoint_t *c, ckpt_json_t *j, char **msg) {
-    const wf_graph_t *g = wf->g;
+    const wf_graph_t *g = r->g;
     r->superstep = c->superstep;
     r->step_idx = c->steps;
     r->tokens_in = c->input_tokens;
@@ -701,10 +703,10 @@ static int restore(kvm_workflow_t *wf, wf_run_t *r, const kvm_trace_checkpoint_t
 }
 
 int wf_run_resume_from(kvm_workflow_t *wf, const cJSON *inputs, uint64_t seed, int kv, const char *from_id,
-                       const kvm_trace_checkpoint_t *c, cJSON *answers, int *run) {
+                       const kvm_trace_checkpoint_t *c, cJSON *answers, cJSON *subs, int *run) {
     ckpt_json_t j = {0};
     wf_run_t *r = NULL;
-    int rc = ckpt_parse(wf, c, &j);
+    int rc = ckpt_parse(wf, wf->g, c, &j);
     if (!rc) rc = run_new(wf, inputs, seed, kv, from_id, c->superstep, run, &r);
     if (!rc && !r->finished) {
         char *msg = NULL;
@@ -714,11 +716,27 @@ int wf_run_resume_from(kvm_workflow_t *wf, const cJSON *inputs, uint64_t seed, i
         } else {
             r->answers = answers;
             answers = NULL;
-            wf_trace_checkpoint(wf, r); /* the resumed run's trace starts where it resumed, and can be resumed too */
+            r->sub_resume = subs;
+            subs = NULL;
+            wf_trace_checkpoint(wf, r, true); /* the resumed run's trace starts where it resumed, and can be resumed too */
             wf_trace_answers(wf, r);
         }
     }
     cJSON_Delete(answers);
+    cJSON_Delete(subs);
+    ckpt_json_free(&j);
+    return rc;
+}
+
+int wf_run_restore(kvm_workflow_t *wf, wf_run_t *r, const kvm_trace_checkpoint_t *c, char **msg) {
+    ckpt_json_t j = {0};
+    int rc = ckpt_parse(wf, r->g, c, &j);
+    if (rc) {
+        *msg = wf_strf("%s", kvm_errmsg());
+        ckpt_json_free(&j);
+        return rc;
+    }
+    rc = restore(wf, r, c, &j, msg);
     ckpt_json_free(&j);
     return rc;
 }
@@ -775,8 +793,33 @@ int kvm_wf_run_score(kvm_workflow_t *wf, int run, double *score) {
     return 1;
 }
 
-/* A run parked in kvmesh.interrupt with nothing else of its super-step going: it waits for kvm_wf_run_resume. */
-static bool run_waiting(const wf_run_t *r) { return !r->finished && r->n_parked > 0 && r->n_open <= r->n_parked; }
+static bool run_waiting(const wf_run_t *r);
+
+/* Tasks of r parked in kvmesh.interrupt, or subgraph nodes whose run waits for an answer. */
+int wf_run_parked_tasks(const wf_run_t *r) {
+    int n = 0;
+    for (int i = 0; !r->finished && i < r->n_tasks; i++)
+        n += r->tasks[i].parked || (r->tasks[i].child && r->tasks[i].status == WF_T_WAIT && run_waiting(r->tasks[i].child));
+    return n;
+}
+
+/* A run parked in kvmesh.interrupt (in one of its nodes, or in a node of a subgraph's run) with nothing else of its
+ * super-step going: it waits for kvm_wf_run_resume. */
+static bool run_waiting(const wf_run_t *r) {
+    if (r->finished || r->n_parked_tree == 0 || r->need_end) return false;
+    int n = wf_run_parked_tasks(r);
+    return n > 0 && r->n_open <= n;
+}
+
+void wf_run_park(wf_run_t *r, int delta) {
+    uint64_t now = kvm_now_ns();
+    if (delta > 0) r->n_parked++;
+    else r->n_parked--;
+    for (wf_run_t *p = r; p; p = p->parent) {
+        if (delta > 0 && p->n_parked_tree++ == 0) p->parked_ns = now;
+        else if (delta < 0 && --p->n_parked_tree == 0) p->t0_mono += now - p->parked_ns;
+    }
+}
 
 bool wf_run_advance(kvm_workflow_t *wf, wf_run_t *r) {
     bool progress = false;
@@ -872,26 +915,33 @@ int kvm_wf_run_status(const kvm_workflow_t *wf, int run, const char **msg) {
     return r->finished ? r->err : run_waiting(r) ? KVM_EINTERRUPTED : KVM_EBUSY;
 }
 
-/* The first task of r parked in kvmesh.interrupt, or NULL. */
-static wf_task_t *first_parked(const wf_run_t *r) {
-    for (int i = 0; r && !r->finished && i < r->n_tasks; i++)
-        if (r->tasks[i].parked) return &r->tasks[i];
+/* The first task of r parked in kvmesh.interrupt, in r or in the runs of its subgraph nodes (*in: its run), or NULL. */
+static wf_task_t *first_parked(const wf_run_t *r, wf_run_t **in) {
+    for (int i = 0; r && !r->finished && i < r->n_tasks; i++) {
+        if (r->tasks[i].parked) {
+            *in = (wf_run_t *)r;
+            return &r->tasks[i];
+        }
+        wf_task_t *t = r->tasks[i].child ? first_parked(r->tasks[i].child, in) : NULL;
+        if (t) return t;
+    }
     return NULL;
 }
 
 bool kvm_wf_run_parked(const kvm_workflow_t *wf, int run, const char **node, const cJSON **payload) {
     const wf_run_t *r = get_run(wf, run);
-    const wf_task_t *t = r && run_waiting(r) ? first_parked(r) : NULL;
-    if (node) *node = t ? wf->g->nodes[t->node].name : NULL;
+    wf_run_t *in = NULL;
+    const wf_task_t *t = r && run_waiting(r) ? first_parked(r, &in) : NULL;
+    if (node) *node = t ? t->ask_node ? t->ask_node : in->g->nodes[t->node].name : NULL;
     if (payload) *payload = t ? t->payload : NULL;
     return t != NULL;
 }
 
 int kvm_wf_run_resume(kvm_workflow_t *wf, int run, const cJSON *value) {
-    wf_run_t *r = run >= 0 && run < wf->n_runs ? wf->runs[run] : NULL;
-    wf_task_t *t = r && run_waiting(r) ? first_parked(r) : NULL;
-    if (!t) return kvm_seterr(KVM_EINVAL, "run %s is not parked in kvmesh.interrupt", r ? r->id : "?");
-    const char *node = wf->g->nodes[t->node].name;
+    wf_run_t *root = run >= 0 && run < wf->n_runs ? wf->runs[run] : NULL, *r = NULL;
+    wf_task_t *t = root && run_waiting(root) ? first_parked(root, &r) : NULL;
+    if (!t) return kvm_seterr(KVM_EINVAL, "run %s is not parked in kvmesh.interrupt", root ? root->id : "?");
+    const char *node = r->g->nodes[t->node].name;
     /* kept for the rest of the super-step: a resume from the trace replays it to the node's same call */
     if (!r->answers && !(r->answers = cJSON_CreateObject())) return kvm_seterr(KVM_ENOMEM, "out of memory keeping an answer");
     cJSON *list = cJSON_GetObjectItemCaseSensitive(r->answers, node);
@@ -902,7 +952,7 @@ int kvm_wf_run_resume(kvm_workflow_t *wf, int run, const cJSON *value) {
         return kvm_seterr(KVM_ENOMEM, "out of memory keeping an answer");
     }
     wf_trace_resume_rec(r, node, v);
-    if (--r->n_parked == 0) r->t0_mono += kvm_now_ns() - r->parked_ns; /* time parked is not the run's */
+    wf_run_park(r, -1); /* time parked is not the run's */
     wf_task_answer(wf, r, t, v);
     return 0;
 }

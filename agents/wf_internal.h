@@ -288,6 +288,7 @@ typedef struct wf_task {
     bool parked;           /* waiting for kvm_run_resume (its coroutine suspended in kvmesh.interrupt) */
     int n_interrupts;      /* kvmesh.interrupt calls so far: the k-th takes the k-th recorded answer */
     cJSON *payload;        /* the pending interrupt's payload */
+    char *ask_node;        /* a subgraph's node: its path as kvm_wf_run_parked names it ("write/ask"); NULL otherwise */
     /* ctx:tool answered later (wf_tools.c) */
     uint64_t tool_call;    /* the call waiting for kvm_wf_tool_result (0 = none) */
     char *tool_name;       /* its tool */
@@ -342,7 +343,12 @@ typedef struct wf_run {
        super-step ends. A resumed run starts with those of the trace it resumes. */
     cJSON *answers;
     int n_parked;                   /* tasks parked in kvmesh.interrupt */
+    int n_parked_tree;              /* the same in its subgraphs' runs too (time parked is not the run's) */
     uint64_t parked_ns;             /* monotonic time the run parked */
+    /* a resumed run, and a subgraph's run restored from its checkpoint: what the subgraph nodes of its first super-step
+       continue from ({"<node>@<superstep>": {"ckpt": {...}, "answers": {node: [values]}, "subs": {...}}}; NULL =
+       none; wf_subgraph.c); cleared when that super-step ends */
+    cJSON *sub_resume;
     /* the run this one resumes (trace run.start "resumed_from") */
     char *resumed_from;
     int resumed_superstep;
@@ -367,9 +373,10 @@ void wf_task_done(kvm_workflow_t *wf, wf_run_t *r, wf_task_t *t);
 /* Counts a finished agent call (run and agent figures, on_step) and records its step. */
 /* Starts a run that continues from checkpoint c of a traced run (from_id) with the traced inputs, seed and KV
  * policy; answers ({node: [values]}, may be NULL; taken over) are those of the interrupts of the super-step after
- * it. 0 and *run, or KVM_E* when the checkpoint does not fit the workflow. */
+ * it; subs (may be NULL; taken over) what the subgraph nodes of that super-step continue from (wf_run_t.sub_resume).
+ * 0 and *run, or KVM_E* when the checkpoint does not fit the workflow. */
 int wf_run_resume_from(kvm_workflow_t *wf, const cJSON *inputs, uint64_t seed, int kv, const char *from_id,
-                       const kvm_trace_checkpoint_t *c, cJSON *answers, int *run);
+                       const kvm_trace_checkpoint_t *c, cJSON *answers, cJSON *subs, int *run);
 void wf_agent_step_done(kvm_workflow_t *wf, wf_run_t *r, wf_task_t *t, int ai, const wf_llm_result_t *res, int status,
                         const char *err, bool via_call);
 
@@ -489,6 +496,18 @@ uint64_t wf_run_deadline_ns(const wf_run_t *r);
 wf_task_t *wf_subgraph_find_job(wf_run_t *r, uint64_t job, wf_run_t **run, int *map_index);
 /* Releases a child run that has not finished (its parent ends first): its Lua side, tasks and memory. */
 void wf_subgraph_abort(kvm_workflow_t *wf, wf_task_t *t);
+/* The path of run r's graph from the run's ("" for the run itself; "write@3" for a subgraph node 'write' that started
+ * in super-step 3, "write@3/check@2" below it), written into buf. */
+const char *wf_run_path(const wf_run_t *r, char *buf, size_t cap);
+/* Tasks of r parked in kvmesh.interrupt, or subgraph nodes whose run waits for an answer (wf_exec.c). */
+int wf_run_parked_tasks(const wf_run_t *r);
+/* A kvmesh.interrupt in run r parked (+1) or was answered (-1): the time parked is not r's nor its parents'. */
+void wf_run_park(wf_run_t *r, int delta);
+/* A checkpoint record as JSON (the sub_resume "ckpt" form), and back (strings point into j; *next: kvm_free). */
+cJSON *wf_ckpt_to_json(const kvm_trace_checkpoint_t *c);
+int wf_ckpt_from_json(const cJSON *j, kvm_trace_checkpoint_t *c, const char ***next);
+/* Restores checkpoint c into the fresh run r (of r->g, its Lua side set up): 0, or KVM_E* with *msg (wf_exec.c). */
+int wf_run_restore(kvm_workflow_t *wf, wf_run_t *r, const kvm_trace_checkpoint_t *c, char **msg);
 /* ---- wf_exec.c: what wf_subgraph.c needs of runs ---------------------------------------------------------- */
 
 /* Allocates run r's per-node, per-join and per-agent arrays for its graph r->g; false when out of memory (run_free
@@ -513,7 +532,7 @@ void wf_trace_edge(wf_run_t *r, const char *from, const char *to, const char *ki
 void wf_trace_agent_step(kvm_workflow_t *wf, wf_run_t *r, const wf_task_t *t, int idx, int ai, const wf_llm_result_t *res,
                          int status, const char *err, bool via_call);
 void wf_trace_lua_step(kvm_workflow_t *wf, wf_run_t *r, const wf_task_t *t, int idx);
-void wf_trace_checkpoint(kvm_workflow_t *wf, wf_run_t *r);
+void wf_trace_checkpoint(kvm_workflow_t *wf, wf_run_t *r, bool restored); /* restored: the one a resumed run starts from */
 void wf_trace_interrupt(wf_run_t *r, const char *node, const cJSON *payload, const cJSON *answers);
 void wf_trace_resume_rec(wf_run_t *r, const char *node, const cJSON *value);
 /* A resume record for every answer a resumed run starts with (r->answers). */

@@ -7,18 +7,21 @@
  * (with a fresh sampling seed or another KV policy), and the steps after it are generated as usual. Edits recorded
  * by the traced run itself (it may be a replay too) stay where they were unless they are step N's: they are part of
  * the run's recipe, as an injected error is. Steps are matched by (super-step, node, agent, k-th call of that agent
- * in that node and super-step), so a step keeps its identity when the outputs before it change. The replay's
+ * in that node and super-step), so a step keeps its identity when the outputs before it change; a step of a
+ * subgraph's run also by its "path" (the subgraph nodes down to it, each with the super-step it ran in, as
+ * "review@2/check@1": wf_run_path), so the nested steps before step N are given their outputs too. The replay's
  * run.start records all of it under "replay" (its origin, the step, the edits, the step generated again). */
 #include "wf_internal.h"
 
 #include <stdio.h>
 #include <string.h>
 
-/* {"superstep", "node", "agent", "call"} of a step. */
-static cJSON *step_key(int superstep, const char *node, const char *agent, int call) {
+/* {"superstep", "node", "agent", "call"} of a step, and "path" for a subgraph's step (path not empty). */
+static cJSON *step_key(const char *path, int superstep, const char *node, const char *agent, int call) {
     cJSON *k = cJSON_CreateObject();
-    if (k && (!cJSON_AddNumberToObject(k, "superstep", superstep) || !cJSON_AddStringToObject(k, "node", node ? node : "") ||
-              !cJSON_AddStringToObject(k, "agent", agent ? agent : "") || !cJSON_AddNumberToObject(k, "call", call))) {
+    if (k && ((path && *path && !cJSON_AddStringToObject(k, "path", path)) || !cJSON_AddNumberToObject(k, "superstep", superstep) ||
+              !cJSON_AddStringToObject(k, "node", node ? node : "") || !cJSON_AddStringToObject(k, "agent", agent ? agent : "") ||
+              !cJSON_AddNumberToObject(k, "call", call))) {
         cJSON_Delete(k);
         return NULL;
     }
@@ -35,20 +38,38 @@ static const char *key_str(const cJSON *k, const char *name) {
     return cJSON_IsString(v) ? v->valuestring : "";
 }
 
-static bool key_is(const cJSON *k, int superstep, const char *node, const char *agent, int call) {
+static bool key_is(const cJSON *k, const char *path, int superstep, const char *node, const char *agent, int call) {
     return key_int(k, "superstep") == superstep && key_int(k, "call") == call && !strcmp(key_str(k, "node"), node) &&
-           !strcmp(key_str(k, "agent"), agent);
+           !strcmp(key_str(k, "agent"), agent) && !strcmp(key_str(k, "path"), path ? path : "");
 }
 
 static bool same_key(const cJSON *a, const cJSON *b) {
-    return key_is(a, key_int(b, "superstep"), key_str(b, "node"), key_str(b, "agent"), key_int(b, "call"));
+    return key_is(a, key_str(b, "path"), key_int(b, "superstep"), key_str(b, "node"), key_str(b, "agent"), key_int(b, "call"));
 }
 
 /* The entry of list whose key matches, or NULL. */
-static const cJSON *find_key(const cJSON *list, int superstep, const char *node, const char *agent, int call) {
+static const cJSON *find_key(const cJSON *list, const char *path, int superstep, const char *node, const char *agent, int call) {
     for (const cJSON *e = list ? list->child : NULL; e; e = e->next)
-        if (key_is(e, superstep, node, agent, call)) return e;
+        if (key_is(e, path, superstep, node, agent, call)) return e;
     return NULL;
+}
+
+/* The path of step i's subgraph's run ("" for a step of the run's graph), from the steps of their subgraph nodes
+ * (a nested step names its node's step by idx in "parent"); paths[i] is filled once (kvm_free each). NULL when out of
+ * memory; "" when the trace does not hold the parent (a torn trace: matched as the run's own). */
+static const char *step_path(const kvm_trace_step_t **steps, int n, char **paths, int i, int depth) {
+    if (paths[i]) return paths[i];
+    const kvm_trace_step_t *s = steps[i];
+    int p = -1;
+    for (int j = 0; s->depth > 0 && depth < 16 && j < n && p < 0; j++)
+        if (steps[j]->idx == s->parent && j != i) p = j;
+    if (p < 0) return paths[i] = kvm_strdup("");
+    const char *up = step_path(steps, n, paths, p, depth + 1);
+    if (!up) return NULL;
+    size_t len = strlen(up) + strlen(steps[p]->node ? steps[p]->node : "") + 24;
+    if ((paths[i] = kvm_malloc(len)))
+        snprintf(paths[i], len, "%s%s%s@%d", up, *up ? "/" : "", steps[p]->node ? steps[p]->node : "", steps[p]->superstep);
+    return paths[i];
 }
 
 /* Adds {key..., "text": text} to list; false when out of memory. */
@@ -94,25 +115,34 @@ static int build_spec(const char *run_dir, const kvm_trace_log_t *log, const kvm
         return kvm_seterr(KVM_ERANGE, "%s: step %d is out of range: the run has %d step%s (0..%d, as `kvmesh trace steps` "
                                       "numbers them)", run_dir, step, n, n == 1 ? "" : "s", n - 1);
     const kvm_trace_step_t **steps = kvm_calloc((size_t)n, sizeof *steps);
-    int *calls = kvm_calloc((size_t)n, sizeof *calls);
-    if (!steps || !calls) {
+    int *calls = kvm_calloc((size_t)n, sizeof *calls), *pos = kvm_calloc((size_t)n, sizeof *pos);
+    char **paths = kvm_calloc((size_t)n, sizeof *paths);
+    if (!steps || !calls || !pos || !paths) {
         kvm_free(steps);
         kvm_free(calls);
+        kvm_free(pos);
+        kvm_free(paths);
         return kvm_seterr(KVM_ENOMEM, "replay: out of memory");
     }
     int k = 0;
-    for (int from = 0; k < n;) steps[k++] = &kvm_trace_log_next(log, KVM_TRACE_STEP, &from)->step;
-    for (int i = 0; i < n; i++) /* the k-th call of this agent in this node and super-step */
+    for (int from = 0; k < n;) {
+        steps[k] = &kvm_trace_log_next(log, KVM_TRACE_STEP, &from)->step;
+        pos[k++] = from - 1; /* its record's index in the log */
+    }
+    bool nomem = false;
+    for (int i = 0; i < n; i++) nomem |= !step_path(steps, n, paths, i, 0);
+    for (int i = 0; i < n && !nomem; i++) /* the k-th call of this agent in this node and super-step (of this subgraph's run) */
         for (int j = 0; j < i; j++)
             calls[i] += steps[j]->superstep == steps[i]->superstep && !strcmp(steps[j]->node ? steps[j]->node : "", steps[i]->node ? steps[i]->node : "") &&
-                        !strcmp(steps[j]->agent ? steps[j]->agent : "", steps[i]->agent ? steps[i]->agent : "");
+                        !strcmp(steps[j]->agent ? steps[j]->agent : "", steps[i]->agent ? steps[i]->agent : "") && !strcmp(paths[i], paths[j]);
     const kvm_trace_step_t *t = steps[step];
-    int rc = 0;
-    if (output && !t->agent)
+    int rc = nomem ? kvm_seterr(KVM_ENOMEM, "replay: out of memory") : 0;
+    if (!rc && output && !t->agent)
         rc = kvm_seterr(KVM_EINVAL, "%s: step %d is the %s node '%s': only an agent's output can be replaced (replay it without "
                                     "an output to run the node again)", run_dir, step, t->op ? t->op : "func", t->node ? t->node : "?");
     for (int i = 0; !rc && i < log->n; i++) /* answers to interrupts before the step would have to be given again */
-        if (log->recs[i].type == KVM_TRACE_INTERRUPT && log->recs[i].interrupt.superstep <= t->superstep)
+        if (log->recs[i].type == KVM_TRACE_INTERRUPT &&
+            (i < pos[step] || (!log->recs[i].interrupt.path && !t->depth && log->recs[i].interrupt.superstep <= t->superstep)))
             rc = kvm_seterr(KVM_EUNSUPPORTED, "%s: the run waited in kvmesh.interrupt at super-step %d, before step %d: a replay "
                                               "does not give interrupt answers again (resume it instead: kvmesh run --resume)",
                             run_dir, log->recs[i].interrupt.superstep, step);
@@ -121,7 +151,7 @@ static int build_spec(const char *run_dir, const kvm_trace_log_t *log, const kvm
     if (!rc) {
         spec = cJSON_CreateObject();
         pins = cJSON_CreateArray();
-        target = step_key(t->superstep, t->node, t->agent, calls[step]);
+        target = step_key(paths[step], t->superstep, t->node, t->agent, calls[step]);
         if (!edits) edits = cJSON_CreateArray();
         if (!spec || !pins || !target || !edits) rc = kvm_seterr(KVM_ENOMEM, "replay: out of memory");
     }
@@ -131,12 +161,12 @@ static int build_spec(const char *run_dir, const kvm_trace_log_t *log, const kvm
         if (same_key(e, target)) cJSON_Delete(cJSON_DetachItemViaPointer(edits, e));
     }
     if (!rc && output && !add_given(edits, cJSON_Duplicate(target, 1), output)) rc = kvm_seterr(KVM_ENOMEM, "replay: out of memory");
-    /* the agent steps before step N give their recorded outputs (a failed one is generated again) */
-    for (int i = 0; !rc && i < n; i++) {
+    /* the agent steps before step N give their recorded outputs (a failed one is generated again): those recorded
+       before it, nested steps included (a super-step's steps are recorded after the previous super-step's) */
+    for (int i = 0; !rc && i < step; i++) {
         const kvm_trace_step_t *s = steps[i];
-        bool before = s->superstep < t->superstep || (s->superstep == t->superstep && i < step);
-        if (!before || !s->agent || s->error.code || find_key(edits, s->superstep, s->node, s->agent, calls[i])) continue;
-        if (!add_given(pins, step_key(s->superstep, s->node, s->agent, calls[i]), s->output_text))
+        if (!s->agent || s->error.code || find_key(edits, paths[i], s->superstep, s->node, s->agent, calls[i])) continue;
+        if (!add_given(pins, step_key(paths[i], s->superstep, s->node, s->agent, calls[i]), s->output_text))
             rc = kvm_seterr(KVM_ENOMEM, "replay: out of memory");
     }
     if (!rc && !output) { /* step N generated again */
@@ -158,6 +188,9 @@ static int build_spec(const char *run_dir, const kvm_trace_log_t *log, const kvm
     cJSON_Delete(pins);
     cJSON_Delete(target);
     cJSON_Delete(edits);
+    for (int i = 0; i < n; i++) kvm_free(paths[i]);
+    kvm_free(paths);
+    kvm_free(pos);
     kvm_free(steps);
     kvm_free(calls);
     return rc;
@@ -198,23 +231,25 @@ int kvm_wf_start_replay(kvm_workflow_t *wf, const char *run_dir, int step, const
 
 void wf_replay_apply(kvm_workflow_t *wf, wf_run_t *r, int node, int ai, const char **given, uint64_t *seed, kvm_kv_policy_t *kv) {
     *given = NULL;
-    if (!r->replay) return;
-    const char *nname = wf->g->nodes[node].name, *aname = wf->agents[ai].name;
-    char name[512];
-    snprintf(name, sizeof name, "%d/%.200s/%.200s", r->superstep, nname, aname);
-    if (!r->replay_calls) r->replay_calls = cJSON_CreateObject();
-    cJSON *c = r->replay_calls ? cJSON_GetObjectItemCaseSensitive(r->replay_calls, name) : NULL;
+    wf_run_t *root = r->root;
+    if (!root->replay) return;
+    const char *nname = r->g->nodes[node].name, *aname = wf->agents[ai].name;
+    char name[1200], path[512];
+    wf_run_path(r, path, sizeof path);
+    snprintf(name, sizeof name, "%s|%d/%.200s/%.200s", path, r->superstep, nname, aname);
+    if (!root->replay_calls) root->replay_calls = cJSON_CreateObject();
+    cJSON *c = root->replay_calls ? cJSON_GetObjectItemCaseSensitive(root->replay_calls, name) : NULL;
     int call = c ? c->valueint : 0;
     if (c) cJSON_SetNumberValue(c, call + 1);
-    else if (r->replay_calls) cJSON_AddNumberToObject(r->replay_calls, name, 1);
-    const cJSON *e = find_key(cJSON_GetObjectItemCaseSensitive(r->replay, "edits"), r->superstep, nname, aname, call);
-    if (!e) e = find_key(cJSON_GetObjectItemCaseSensitive(r->replay, "pins"), r->superstep, nname, aname, call);
+    else if (root->replay_calls) cJSON_AddNumberToObject(root->replay_calls, name, 1);
+    const cJSON *e = find_key(cJSON_GetObjectItemCaseSensitive(root->replay, "edits"), path, r->superstep, nname, aname, call);
+    if (!e) e = find_key(cJSON_GetObjectItemCaseSensitive(root->replay, "pins"), path, r->superstep, nname, aname, call);
     if (e) {
         *given = key_str(e, "text");
         return;
     }
-    const cJSON *t = cJSON_GetObjectItemCaseSensitive(r->replay, "step");
-    if (!t || !key_is(t, r->superstep, nname, aname, call)) return;
+    const cJSON *t = cJSON_GetObjectItemCaseSensitive(root->replay, "step");
+    if (!t || !key_is(t, path, r->superstep, nname, aname, call)) return;
     const cJSON *s = cJSON_GetObjectItemCaseSensitive(t, "seed"), *k = cJSON_GetObjectItemCaseSensitive(t, "kv");
     if (cJSON_IsNumber(s) && s->valuedouble > 0) *seed = (uint64_t)s->valuedouble;
     kvm_kv_policy_t p;

@@ -13,8 +13,13 @@
  * Lua memory is the parent's account (the run's cap holds for the whole tree).
  *
  * Trace: the child writes its steps into the root's trace with "graph", "depth" and "parent" (the idx of its node's
- * step, taken when the node starts); its super-steps, edges and checkpoints are not written: a resume starts from the
- * root's checkpoints, and a subgraph node whose super-step did not end runs again from its start.
+ * step, taken when the node starts), and its checkpoints with "path" (the subgraph nodes down to it, each with the
+ * super-step it ran in: "write@3/check@2"); its super-steps and edges are not written. A resume starts from a root
+ * checkpoint; in the super-step after it, a subgraph node whose child wrote checkpoints continues from the last one
+ * (sub_resume), with the interrupt answers given after it, so an interrupt inside a subgraph resumes where it parked.
+ *
+ * Interrupts: kvmesh.interrupt in a child's node parks the node; the root waits while every open task of it waits
+ * (parked, or a subgraph node whose child waits), and kvm_wf_run_resume answers the first parked node of the tree.
  *
  * Load time: the maps name declared keys of both graphs, a graph is never its own subgraph (directly or through
  * others) and subgraphs nest at most WF_SUB_MAX_DEPTH deep; each error names the g:subgraph line. */
@@ -337,6 +342,42 @@ static wf_run_t *child_new(kvm_workflow_t *wf, wf_run_t *p, const wf_task_t *t) 
     return c;
 }
 
+/* A resumed run's subgraph node whose child wrote checkpoints (entry e of r->sub_resume): the child continues from the
+ * last one, its usage counted in the runs above it, with the answers given after it and what its own subgraph nodes
+ * continue from; it writes that checkpoint again (its trace can be resumed too). A checkpoint that does not fit the
+ * graph fails the child with the reason. */
+static void continue_child(kvm_workflow_t *wf, wf_run_t *r, wf_run_t *c, cJSON *e) {
+    const cJSON *ck = cJSON_GetObjectItemCaseSensitive(e, "ckpt");
+    c->answers = cJSON_DetachItemFromObjectCaseSensitive(e, "answers");
+    c->sub_resume = cJSON_DetachItemFromObjectCaseSensitive(e, "subs");
+    if (!ck) {
+        wf_run_at_start(wf, c);
+        wf_trace_answers(wf, c);
+        return;
+    }
+    kvm_trace_checkpoint_t cp;
+    const char **next = NULL;
+    char *msg = NULL;
+    int code = wf_ckpt_from_json(ck, &cp, &next);
+    if (code) msg = wf_strf("%s", kvm_errmsg());
+    else code = wf_run_restore(wf, c, &cp, &msg);
+    kvm_free(next);
+    if (code) {
+        char *m = wf_strf("resuming subgraph '%s' from its checkpoint after its super-step %d: %s", c->g->name, cp.superstep, msg ? msg : "?");
+        kvm_free(msg);
+        wf_run_finish(wf, c, code, m);
+        return;
+    }
+    for (wf_run_t *p = r; p; p = p->parent) { /* the child's usage before its checkpoint is theirs too */
+        p->tokens_in += c->tokens_in;
+        p->tokens_out += c->tokens_out;
+        p->agent_calls += c->agent_calls;
+    }
+    if (cp.steps > r->root->step_idx) r->root->step_idx = cp.steps;
+    wf_trace_checkpoint(wf, c, true);
+    wf_trace_answers(wf, c);
+}
+
 void wf_subgraph_start(kvm_workflow_t *wf, wf_run_t *r, wf_task_t *t) {
     const wf_node_t *n = &r->g->nodes[t->node];
     t->step = r->root->step_idx++; /* before its child's steps, which name it as their parent */
@@ -351,7 +392,15 @@ void wf_subgraph_start(kvm_workflow_t *wf, wf_run_t *r, wf_task_t *t) {
     }
     t->child = c;
     t->status = WF_T_WAIT;
-    wf_run_at_start(wf, c); /* its first super-step starts at the next pass of kvm_wf_advance */
+    char key[300];
+    snprintf(key, sizeof key, "%.250s@%d", n->name, r->superstep);
+    cJSON *e = r->sub_resume ? cJSON_DetachItemFromObjectCaseSensitive(r->sub_resume, key) : NULL;
+    if (!e) {
+        wf_run_at_start(wf, c); /* its first super-step starts at the next pass of kvm_wf_advance */
+        return;
+    }
+    continue_child(wf, r, c, e);
+    cJSON_Delete(e);
 }
 
 /* The child's instructions and Lua time are the parent's too: added when it ends; over the parent's budget, the parent
@@ -493,5 +542,17 @@ const char *wf_step_node_path(const wf_run_t *r, const char *node, char *buf, si
     size_t l = 0;
     buf[0] = '\0';
     for (int i = n - 1; i >= 0 && l < cap; i--) l += (size_t)snprintf(buf + l, cap - l, "%s%s", names[i], i ? "/" : "");
+    return buf;
+}
+
+const char *wf_run_path(const wf_run_t *r, char *buf, size_t cap) {
+    const wf_run_t *chain[WF_SUB_MAX_DEPTH + 2];
+    int n = 0;
+    for (const wf_run_t *c = r; c->parent && n < WF_SUB_MAX_DEPTH + 2; c = c->parent) chain[n++] = c;
+    size_t l = 0;
+    buf[0] = '\0';
+    for (int i = n - 1; i >= 0 && l < cap; i--)
+        l += (size_t)snprintf(buf + l, cap - l, "%s%s@%d", i == n - 1 ? "" : "/", chain[i]->parent->g->nodes[chain[i]->parent_node].name,
+                              chain[i]->parent->superstep);
     return buf;
 }

@@ -505,7 +505,7 @@ static int submit_seen(kvm_workflow_t *wf, wf_run_t *r, int node, int ai, const 
         /* the run's wall-time budget (and those of the graphs above a subgraph) also stops a generation under way */
         req.run_deadline_ns = wf_run_deadline_ns(r);
         if (req.sampling.seed == 0) req.sampling.seed = r->seed * 1000003u + (uint64_t)r->root->step_idx + 1;
-        if (r->replay && node >= 0) wf_replay_apply(wf, r, node, ai, &req.given_text, &req.sampling.seed, &req.kv);
+        if (r->root->replay && node >= 0) wf_replay_apply(wf, r, node, ai, &req.given_text, &req.sampling.seed, &req.kv);
         rc = wf_llm_submit(wf->llm, &req);
         if (rc) rc = kvm_errctx(rc, "%s: agent '%s'", a->where, a->name);
     }
@@ -659,7 +659,10 @@ void wf_tasks_free(kvm_workflow_t *wf, wf_run_t *r) {
         if (t->out_ref != LUA_NOREF) luaL_unref(r->th, LUA_REGISTRYINDEX, t->out_ref);
         kvm_free(t->errmsg);
         kvm_free(t->out_text);
+        if (t->parked) wf_run_park(r, -1); /* its root is not parked in it any more */
+        t->parked = false;
         cJSON_Delete(t->payload);
+        kvm_free(t->ask_node);
         kvm_free(t->tool_name);
         cJSON_Delete(t->tool_value);
         kvm_free(t->tool_msg);
@@ -688,10 +691,6 @@ int wf_interrupt(lua_State *L) {
     if (!t || !lua_isyieldable(L))
         return luaL_error(L, "kvmesh.interrupt must be called from a func/tool node's own code (not from a predicate, "
                              "router, reducer, the script's top level or a coroutine the script created)");
-    if (r->parent)
-        return luaL_error(L, "kvmesh.interrupt: node '%s' runs in subgraph '%s' (of node '%s'): interrupts inside subgraphs are not "
-                             "supported; interrupt in a node of the graph the script returns", r->g->nodes[t->node].name, r->g->name,
-                          r->parent->g->nodes[r->parent_node].name);
     const char *node = r->g->nodes[t->node].name;
     const cJSON *given = r->answers ? cJSON_GetObjectItemCaseSensitive(r->answers, node) : NULL;
     int k = t->n_interrupts++;
@@ -702,9 +701,12 @@ int wf_interrupt(lua_State *L) {
     lua_settop(L, 1);
     cJSON *payload = wf_lua_to_json(L, 1);
     if (!payload) return luaL_error(L, "kvmesh.interrupt: the payload: %s", kvm_errmsg());
+    char path[512];
+    kvm_free(t->ask_node);
+    t->ask_node = r->parent ? kvm_strdup(wf_step_node_path(r, node, path, sizeof path)) : NULL; /* "write/ask" */
     t->parked = true;
     t->payload = payload;
-    if (r->n_parked++ == 0) r->parked_ns = kvm_now_ns();
+    wf_run_park(r, +1); /* the whole run waits (a subgraph's run parks its root) */
     wf_trace_interrupt(r, node, payload, given);
     return lua_yield(L, 0);
 }
@@ -713,6 +715,8 @@ void wf_task_answer(kvm_workflow_t *wf, wf_run_t *r, wf_task_t *t, const cJSON *
     t->parked = false;
     cJSON_Delete(t->payload);
     t->payload = NULL;
+    kvm_free(t->ask_node);
+    t->ask_node = NULL;
     t->status = WF_T_RUNNING;
     wf_book(wf, r);
     int ok = lua_checkstack(t->co, 4);

@@ -252,7 +252,7 @@ int wf_ctx_tool(lua_State *L) {
  * of its subgraph nodes, and every other open node waits for an answer too (a tool's, an interrupt's). */
 bool wf_run_tool_only(const wf_run_t *r) {
     int waits = r->finished ? 0 : wf_run_tool_waits(r);
-    return waits > 0 && r->n_open <= waits + r->n_parked;
+    return waits > 0 && r->n_open <= waits + wf_run_parked_tasks(r);
 }
 
 int wf_run_tool_waits(const wf_run_t *r) {

@@ -6,6 +6,7 @@
 #include "wf_internal.h"
 
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 /* Stops tracing the run when a write failed. */
@@ -148,8 +149,8 @@ static const char **marked_nodes(const wf_graph_t *g, const bool *flags, int *n)
     return v;
 }
 
-/* A subgraph's run writes only its steps (nested under its node's step) and logs into its root's trace: its super-steps,
- * edges and checkpoints are its own, not the run's (a resume starts again from the root's checkpoints). */
+/* A subgraph's run writes its steps (nested under its node's step), logs, checkpoints, interrupts and answers (with its
+ * path) into its root's trace; its super-steps and edges are its own and not written. */
 void wf_trace_superstep(kvm_workflow_t *wf, wf_run_t *r) {
     if (!r->trace || r->parent) return;
     kvm_trace_superstep_t o = {.superstep = r->superstep};
@@ -187,11 +188,13 @@ static bool ckpt_tables(const kvm_workflow_t *wf, const wf_run_t *r, cJSON *node
     return ok;
 }
 
-void wf_trace_checkpoint(kvm_workflow_t *wf, wf_run_t *r) {
-    if (!r->trace || r->parent) return;
+/* A subgraph's run writes its checkpoints too, with its path: a resume continues inside it (wf_subgraph.c). */
+void wf_trace_checkpoint(kvm_workflow_t *wf, wf_run_t *r, bool restored) {
+    if (!r->trace) return;
+    char path[512];
     kvm_trace_checkpoint_t o = {.superstep = r->superstep, .rng0 = r->rng[0], .rng1 = r->rng[1], .input_tokens = r->tokens_in,
-                                .output_tokens = r->tokens_out, .agent_calls = r->agent_calls, .steps = r->step_idx,
-                                .resumable = true};
+                                .output_tokens = r->tokens_out, .agent_calls = r->agent_calls, .steps = r->root->step_idx,
+                                .resumable = true, .restored = restored, .path = r->parent ? wf_run_path(r, path, sizeof path) : NULL};
     cJSON *nodes = cJSON_CreateObject(), *joins = cJSON_CreateArray(), *agents = cJSON_CreateObject();
     bool ok = ckpt_tables(wf, r, nodes, joins, agents);
     char *state = ref_json_text(r, r->state_ref), *last = ref_json_text(r, r->last_ref);
@@ -221,8 +224,9 @@ void wf_trace_checkpoint(kvm_workflow_t *wf, wf_run_t *r) {
 
 void wf_trace_interrupt(wf_run_t *r, const char *node, const cJSON *payload, const cJSON *answers) {
     if (!r->trace) return;
-    char *p = json_text(payload), *a = answers ? json_text(answers) : kvm_strdup("[]");
-    kvm_trace_interrupt_t o = {.superstep = r->superstep, .node = node, .payload_json = p, .answers_json = a};
+    char *p = json_text(payload), *a = answers ? json_text(answers) : kvm_strdup("[]"), path[512];
+    kvm_trace_interrupt_t o = {.superstep = r->superstep, .node = node, .payload_json = p, .answers_json = a,
+                               .path = r->parent ? wf_run_path(r, path, sizeof path) : NULL};
     written(r, p && a ? kvm_trace_write_interrupt(r->trace, &o) : kvm_seterr(KVM_ENOMEM, "out of memory building an interrupt record"));
     cJSON_free(p);
     if (answers) cJSON_free(a);
@@ -231,9 +235,10 @@ void wf_trace_interrupt(wf_run_t *r, const char *node, const cJSON *payload, con
 
 void wf_trace_resume_rec(wf_run_t *r, const char *node, const cJSON *value) {
     if (!r->trace) return;
-    char *v = json_text(value);
+    char *v = json_text(value), path[512];
     /* answered inside the super-step going on, or (a resumed run's answers) for the one after its checkpoint */
-    kvm_trace_resume_t o = {.superstep = r->n_tasks > 0 ? r->superstep : r->superstep + 1, .node = node, .value_json = v};
+    kvm_trace_resume_t o = {.superstep = r->n_tasks > 0 ? r->superstep : r->superstep + 1, .node = node, .value_json = v,
+                            .path = r->parent ? wf_run_path(r, path, sizeof path) : NULL};
     written(r, v ? kvm_trace_write_resume(r->trace, &o) : kvm_seterr(KVM_ENOMEM, "out of memory building a resume record"));
     cJSON_free(v);
 }
@@ -255,6 +260,158 @@ static bool add_answer(cJSON *answers, const char *node, cJSON *value) {
     return false;
 }
 
+static bool add_text(cJSON *o, const char *name, const char *text) { return !text || cJSON_AddStringToObject(o, name, text); }
+
+cJSON *wf_ckpt_to_json(const kvm_trace_checkpoint_t *c) {
+    cJSON *o = cJSON_CreateObject(), *next = cJSON_CreateArray();
+    char r0[24], r1[24];
+    snprintf(r0, sizeof r0, "%016llx", (unsigned long long)c->rng0);
+    snprintf(r1, sizeof r1, "%016llx", (unsigned long long)c->rng1);
+    bool ok = o && next && cJSON_AddItemToObject(o, "next", next);
+    if (!ok) cJSON_Delete(next);
+    for (int i = 0; ok && i < c->n_next; i++) ok = cJSON_AddItemToArray(next, cJSON_CreateString(c->next[i]));
+    ok = ok && cJSON_AddNumberToObject(o, "superstep", c->superstep) && add_text(o, "state", c->state_json) &&
+         add_text(o, "last", c->last_json) && add_text(o, "nodes", c->nodes_json) && add_text(o, "joins", c->joins_json) &&
+         add_text(o, "outputs", c->outputs_json) && add_text(o, "agents", c->agent_tokens_json) && cJSON_AddStringToObject(o, "rng0", r0) &&
+         cJSON_AddStringToObject(o, "rng1", r1) && cJSON_AddNumberToObject(o, "input_tokens", (double)c->input_tokens) &&
+         cJSON_AddNumberToObject(o, "output_tokens", (double)c->output_tokens) && cJSON_AddNumberToObject(o, "agent_calls", c->agent_calls) &&
+         cJSON_AddNumberToObject(o, "steps", c->steps) && (!c->resumable || cJSON_AddTrueToObject(o, "v_resume"));
+    if (!ok) {
+        cJSON_Delete(o);
+        return NULL;
+    }
+    return o;
+}
+
+static const char *opt_text(const cJSON *j, const char *name) {
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(j, name);
+    return cJSON_IsString(v) ? v->valuestring : NULL;
+}
+
+static double num_of(const cJSON *j, const char *name) {
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(j, name);
+    return cJSON_IsNumber(v) ? v->valuedouble : 0;
+}
+
+int wf_ckpt_from_json(const cJSON *j, kvm_trace_checkpoint_t *c, const char ***next) {
+    memset(c, 0, sizeof *c);
+    const cJSON *nx = cJSON_GetObjectItemCaseSensitive(j, "next");
+    int n = cJSON_GetArraySize(nx);
+    *next = kvm_calloc((size_t)n + 1, sizeof **next);
+    if (!*next) return kvm_seterr(KVM_ENOMEM, "out of memory restoring a checkpoint");
+    for (const cJSON *x = nx ? nx->child : NULL; x; x = x->next) {
+        if (!cJSON_IsString(x)) return kvm_seterr(KVM_EFORMAT, "checkpoint: 'next' must list node names");
+        (*next)[c->n_next++] = x->valuestring;
+    }
+    c->next = *next;
+    c->superstep = (int)num_of(j, "superstep");
+    c->state_json = opt_text(j, "state");
+    c->last_json = opt_text(j, "last");
+    c->nodes_json = opt_text(j, "nodes");
+    c->joins_json = opt_text(j, "joins");
+    c->outputs_json = opt_text(j, "outputs");
+    c->agent_tokens_json = opt_text(j, "agents");
+    const char *r0 = opt_text(j, "rng0"), *r1 = opt_text(j, "rng1");
+    c->rng0 = r0 ? strtoull(r0, NULL, 16) : 0;
+    c->rng1 = r1 ? strtoull(r1, NULL, 16) : 0;
+    c->input_tokens = (long)num_of(j, "input_tokens");
+    c->output_tokens = (long)num_of(j, "output_tokens");
+    c->agent_calls = (int)num_of(j, "agent_calls");
+    c->steps = (int)num_of(j, "steps");
+    c->resumable = cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(j, "v_resume"));
+    return 0;
+}
+
+/* The entry of the resume tree for a subgraph's run at path ("write@3/check@2"; NULL = the run's own): {"answers": {},
+ * "subs": {}, "ckpt": ...}, made when missing; NULL when out of memory. */
+static cJSON *tree_entry(cJSON *tree, const char *path) {
+    cJSON *e = tree;
+    char seg[512];
+    for (const char *p = path; e && p && *p;) {
+        const char *slash = strchr(p, '/');
+        size_t len = slash ? (size_t)(slash - p) : strlen(p);
+        snprintf(seg, sizeof seg, "%.*s", (int)(len < sizeof seg ? len : sizeof seg - 1), p);
+        p = slash ? slash + 1 : NULL;
+        cJSON *subs = cJSON_GetObjectItemCaseSensitive(e, "subs");
+        cJSON *x = subs ? cJSON_GetObjectItemCaseSensitive(subs, seg) : NULL;
+        if (!x && subs && (x = cJSON_AddObjectToObject(subs, seg)) &&
+            (!cJSON_AddObjectToObject(x, "answers") || !cJSON_AddObjectToObject(x, "subs")))
+            x = NULL;
+        e = x;
+    }
+    return e;
+}
+
+/* Whether path p is path `under` or below it (NULL = the run's own). */
+static bool path_in(const char *p, const char *under) {
+    if (!under) return true;
+    size_t n = strlen(under);
+    return p && !strncmp(p, under, n) && (p[n] == '\0' || p[n] == '/');
+}
+
+static bool same_path(const char *a, const char *b) { return (!a && !b) || (a && b && !strcmp(a, b)); }
+
+/* Replaces e's field name by a new empty object; false when out of memory. */
+static bool reset_field(cJSON *e, const char *name) {
+    cJSON_DeleteItemFromObjectCaseSensitive(e, name);
+    return cJSON_AddObjectToObject(e, name) != NULL;
+}
+
+/* The resume tree of a run resumed from its checkpoint record at (tree: {"answers": {}, "subs": {}}, filled; with
+ * only_restored, a replay of a resumed run's trace: only the checkpoints its subgraphs' runs continued from): the
+ * interrupts of the super-step after the checkpoint: the answers given then are given again (the nodes run again from
+ * their start); an interrupt not answered is *pending. Inside the subgraph nodes of that super-step, each subgraph's
+ * run continues from its last checkpoint with the answers given after it (a checkpoint of a subgraph's run makes what
+ * was recorded below it before stale). 0 or KVM_ENOMEM. */
+static int resume_tree(const kvm_trace_log_t *log, int at, bool only_restored, cJSON *tree, const kvm_trace_interrupt_t **pending) {
+    int next_ss = log->recs[at].checkpoint.superstep + 1;
+    *pending = NULL;
+    for (int i = at + 1; i < log->n; i++) {
+        const kvm_trace_rec_t *x = &log->recs[i];
+        if (x->type == KVM_TRACE_CHECKPOINT) {
+            if (!x->checkpoint.path) break;
+            if (only_restored && !x->checkpoint.restored) continue;
+            cJSON *e = tree_entry(tree, x->checkpoint.path), *c = wf_ckpt_to_json(&x->checkpoint);
+            cJSON_DeleteItemFromObjectCaseSensitive(e, "ckpt");
+            if (!e || !c || !cJSON_AddItemToObject(e, "ckpt", c) || !reset_field(e, "answers") || !reset_field(e, "subs")) {
+                if (!e) cJSON_Delete(c);
+                return kvm_seterr(KVM_ENOMEM, "resume: out of memory");
+            }
+            if (*pending && path_in((*pending)->path, x->checkpoint.path)) *pending = NULL;
+            continue;
+        }
+        if (x->type == KVM_TRACE_INTERRUPT && (x->interrupt.path || x->interrupt.superstep == next_ss)) *pending = &x->interrupt;
+        if (x->type == KVM_TRACE_RESUME && (x->resume.path || x->resume.superstep == next_ss) && x->resume.node) {
+            cJSON *v = x->resume.value_json ? cJSON_Parse(x->resume.value_json) : cJSON_CreateNull();
+            cJSON *e = tree_entry(tree, x->resume.path);
+            if (!e || !add_answer(cJSON_GetObjectItemCaseSensitive(e, "answers"), x->resume.node, v)) {
+                if (!e) cJSON_Delete(v);
+                return kvm_seterr(KVM_ENOMEM, "resume: out of memory");
+            }
+            if (*pending && !strcmp((*pending)->node, x->resume.node) && same_path((*pending)->path, x->resume.path)) *pending = NULL;
+        }
+    }
+    return 0;
+}
+
+/* A new resume tree {"answers": {}, "subs": {}}; NULL when out of memory. */
+static cJSON *tree_new(void) {
+    cJSON *t = cJSON_CreateObject();
+    if (t && (!cJSON_AddObjectToObject(t, "answers") || !cJSON_AddObjectToObject(t, "subs"))) {
+        cJSON_Delete(t);
+        return NULL;
+    }
+    return t;
+}
+
+/* Drops every "answers" of the entries below subs (a replay gives the recorded answers in order instead). */
+static void tree_drop_answers(cJSON *subs) {
+    for (cJSON *e = subs ? subs->child : NULL; e; e = e->next) {
+        cJSON_DeleteItemFromObjectCaseSensitive(e, "answers");
+        tree_drop_answers(cJSON_GetObjectItemCaseSensitive(e, "subs"));
+    }
+}
+
 int kvm_wf_start_resume(kvm_workflow_t *wf, const char *run_dir, int step, const cJSON *answer, int *run) {
     if (!run_dir) return kvm_seterr(KVM_EINVAL, "resume: no trace directory given");
     if (step < 0) return kvm_seterr(KVM_EINVAL, "resume: super-step %d (0 = the last checkpoint)", step);
@@ -264,49 +421,49 @@ int kvm_wf_start_resume(kvm_workflow_t *wf, const char *run_dir, int step, const
     const kvm_trace_rec_t *st = kvm_trace_log_next(&log, KVM_TRACE_RUN_START, NULL);
     int at = -1, n_ck = 0, last_ss = 0;
     for (int i = 0; i < log.n; i++)
-        if (log.recs[i].type == KVM_TRACE_CHECKPOINT) {
+        if (log.recs[i].type == KVM_TRACE_CHECKPOINT && !log.recs[i].checkpoint.path) { /* the run's, not a subgraph's */
             n_ck++;
             last_ss = log.recs[i].checkpoint.superstep;
             if (step == 0 || log.recs[i].checkpoint.superstep == step) at = i;
         }
-    cJSON *inputs = NULL, *answers = cJSON_CreateObject();
+    cJSON *inputs = NULL, *tree = tree_new();
     const kvm_trace_interrupt_t *pending = NULL;
     if (!st) rc = kvm_seterr(KVM_EFORMAT, "%s has no run.start record", run_dir);
     else if (at < 0 && n_ck == 0)
         rc = kvm_seterr(KVM_ENOENT, "%s has no checkpoint: the run ended before its first super-step did (run it again)", run_dir);
     else if (at < 0)
         rc = kvm_seterr(KVM_ENOENT, "%s has no checkpoint after super-step %d (its last is after super-step %d)", run_dir, step, last_ss);
-    else if (!answers || !(inputs = st->run_start.inputs_json ? cJSON_Parse(st->run_start.inputs_json) : cJSON_CreateObject()))
+    else if (!tree)
+        rc = kvm_seterr(KVM_ENOMEM, "resume: out of memory");
+    else if (!(inputs = st->run_start.inputs_json ? cJSON_Parse(st->run_start.inputs_json) : cJSON_CreateObject()))
         rc = kvm_seterr(KVM_EFORMAT, "%s: run.start inputs are not JSON", run_dir);
-    /* the interrupts of the super-step after the checkpoint: the answers given then are given again (the nodes run
-       again from their start); an interrupt not answered is pending, and `answer` answers it */
     int next_ss = at >= 0 ? log.recs[at].checkpoint.superstep + 1 : 0;
-    for (int i = at + 1; !rc && i < log.n; i++) {
-        const kvm_trace_rec_t *x = &log.recs[i];
-        if (x->type == KVM_TRACE_CHECKPOINT) break;
-        if (x->type == KVM_TRACE_INTERRUPT && x->interrupt.superstep == next_ss) pending = &x->interrupt;
-        if (x->type == KVM_TRACE_RESUME && x->resume.superstep == next_ss && x->resume.node) {
-            cJSON *v = x->resume.value_json ? cJSON_Parse(x->resume.value_json) : cJSON_CreateNull();
-            if (!add_answer(answers, x->resume.node, v)) rc = kvm_seterr(KVM_ENOMEM, "resume: out of memory");
-            if (pending && !strcmp(pending->node, x->resume.node)) pending = NULL;
-        }
-    }
+    if (!rc) rc = resume_tree(&log, at, false, tree, &pending);
     if (!rc && answer && !pending)
         rc = kvm_seterr(KVM_EINVAL, "%s: the run was not parked on kvmesh.interrupt after super-step %d: nothing to answer", run_dir,
                         next_ss - 1);
-    if (!rc && answer && !add_answer(answers, pending->node, cJSON_Duplicate(answer, 1)))
-        rc = kvm_seterr(KVM_ENOMEM, "resume: out of memory");
+    if (!rc && answer) {
+        cJSON *e = tree_entry(tree, pending->path);
+        if (!e || !add_answer(cJSON_GetObjectItemCaseSensitive(e, "answers"), pending->node, cJSON_Duplicate(answer, 1)))
+            rc = kvm_seterr(KVM_ENOMEM, "resume: out of memory");
+    }
     int kv = -1;
     kvm_kv_policy_t p;
     if (!rc && st->run_start.kv_override && kvm_kv_policy_parse(st->run_start.kv_override, &p) == 0) kv = (int)p;
     if (!rc) {
-        cJSON *given = answers->child ? answers : NULL;
-        if (!given) cJSON_Delete(answers);
-        answers = NULL;
-        rc = wf_run_resume_from(wf, inputs, st->run_start.seed, kv, st->run_start.run_id, &log.recs[at].checkpoint, given, run);
+        cJSON *answers = cJSON_DetachItemFromObjectCaseSensitive(tree, "answers"), *subs = cJSON_DetachItemFromObjectCaseSensitive(tree, "subs");
+        if (answers && !answers->child) {
+            cJSON_Delete(answers);
+            answers = NULL;
+        }
+        if (subs && !subs->child) {
+            cJSON_Delete(subs);
+            subs = NULL;
+        }
+        rc = wf_run_resume_from(wf, inputs, st->run_start.seed, kv, st->run_start.run_id, &log.recs[at].checkpoint, answers, subs, run);
         if (rc) rc = kvm_errctx(rc, "resuming %s after super-step %d", run_dir, next_ss - 1);
     }
-    cJSON_Delete(answers);
+    cJSON_Delete(tree);
     cJSON_Delete(inputs);
     kvm_trace_log_free(&log);
     return rc;
@@ -479,7 +636,22 @@ int kvm_wf_replay(const char *run_dir, const kvm_wf_replay_opts_t *o, kvm_replay
     cJSON *base = ck && ck->checkpoint.state_json ? cJSON_Parse(ck->checkpoint.state_json) : NULL;
     if (!wf) rc = kvm_errcode() ? kvm_errcode() : KVM_EINVAL;
     else if (s->resumed_run_id && !ck) rc = kvm_seterr(KVM_EFORMAT, "%s: a resumed run without its checkpoint", run_dir);
-    else if (ck) rc = wf_run_resume_from(wf, inputs, s->seed, -1, s->resumed_run_id, &ck->checkpoint, NULL, &run);
+    else if (ck) { /* its subgraph nodes continue from their checkpoints as in the resumed run (answers: below) */
+        cJSON *tree = tree_new(), *subs = NULL;
+        const kvm_trace_interrupt_t *pending = NULL;
+        rc = tree ? resume_tree(&log, (int)(ck - log.recs), true, tree, &pending) : kvm_seterr(KVM_ENOMEM, "replay: out of memory");
+        if (!rc) {
+            subs = cJSON_DetachItemFromObjectCaseSensitive(tree, "subs");
+            tree_drop_answers(subs);
+        }
+        cJSON_Delete(tree);
+        if (subs && !subs->child) {
+            cJSON_Delete(subs);
+            subs = NULL;
+        }
+        if (!rc) rc = wf_run_resume_from(wf, inputs, s->seed, -1, s->resumed_run_id, &ck->checkpoint, NULL, subs, &run);
+        else cJSON_Delete(subs);
+    }
     else {
         /* a counterfactual replay's trace: its edits and its changed step again (the steps before it are generated,
            as they were in its origin) */

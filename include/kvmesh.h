@@ -574,7 +574,8 @@ int kvm_run_cancel(kvm_run_t *r, int code, const char *message);
 /* Interrupts (human in the loop). A func/tool node that calls kvmesh.interrupt(payload) parks its run: the rest
  * of the super-step finishes, then the run waits (kvm_run_status gives KVM_EINTERRUPTED, kvm_runtime_step does not
  * count it as going; a KVM_RUN_INTERRUPT event comes once). kvm_run_interrupt_json gives the payload as JSON text
- * (kvm_free) and *node (owned by the run, may be NULL) the node that asked; NULL + KVM_EINVAL when the run is not
+ * (kvm_free) and *node (owned by the run, may be NULL) the node that asked (in a subgraph: its path from the run's
+ * graph, "review/approve"; the whole run parks); NULL + KVM_EINVAL when the run is not
  * parked. kvm_run_resume answers: value_json (JSON text; NULL = null) becomes kvmesh.interrupt's result and the node
  * goes on from there at the next kvm_runtime_step; the time parked does not count against the run's wall budget.
  * 0; KVM_EINVAL when the run is not parked or the value is not JSON. A parked run whose workflow is freed ends with

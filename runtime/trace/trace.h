@@ -244,6 +244,11 @@ typedef struct kvm_trace_checkpoint {
     long input_tokens, output_tokens;
     int agent_calls, steps;        /* steps: step records written so far (the next step's idx; seeds sampling) */
     bool resumable;                /* written as "v_resume": 1 (a checkpoint with the fields above) */
+    bool restored;                 /* written as "restored": 1 by a resumed run (or a subgraph's run continued) for the
+                                      checkpoint it starts from, before it runs anything */
+    const char *path;              /* NULL: the run's; else a subgraph's run, as the subgraph nodes down to it with the
+                                      super-step each ran in ("write@3" or "write@3/check@2"); its superstep, state, next,
+                                      last, nodes, joins and usage are its own, "steps" is the run's step count */
 } kvm_trace_checkpoint_t;
 
 /* interrupt: kvmesh.interrupt(payload) in a func/tool node parked the run. */
@@ -252,6 +257,8 @@ typedef struct kvm_trace_interrupt {
     const char *node;
     const char *payload_json;
     const char *answers_json;      /* answers this node got before, in this super-step (a JSON array) */
+    const char *path;              /* NULL, or the subgraph's run the node is in (as kvm_trace_checkpoint_t.path): then
+                                      superstep is that run's */
 } kvm_trace_interrupt_t;
 
 /* resume: the answer to a parked node (kvm_run_resume, or a resume from a trace with an answer). */
@@ -259,6 +266,7 @@ typedef struct kvm_trace_resume {
     int superstep;
     const char *node;
     const char *value_json;
+    const char *path;              /* as kvm_trace_interrupt_t.path */
 } kvm_trace_resume_t;
 
 typedef struct kvm_trace_run_end {

@@ -130,12 +130,16 @@ static const field_t checkpoint_f[] = {F("superstep", F_INT, kvm_trace_checkpoin
                                        F("nodes", F_JSON, kvm_trace_checkpoint_t, nodes_json, OMIT_NULL),
                                        F("joins", F_JSON, kvm_trace_checkpoint_t, joins_json, OMIT_NULL),
                                        F("outputs", F_JSON, kvm_trace_checkpoint_t, outputs_json, OMIT_NULL),
-                                       FLAT("rng", ckpt_rng_f), FLAT("usage", ckpt_usage_f), END};
+                                       FLAT("rng", ckpt_rng_f), FLAT("usage", ckpt_usage_f),
+                                       F("path", F_STR, kvm_trace_checkpoint_t, path, OMIT_NULL),
+                                       F("restored", F_BOOL, kvm_trace_checkpoint_t, restored, OMIT_FALSE), END};
 static const field_t interrupt_f[] = {F("superstep", F_INT, kvm_trace_interrupt_t, superstep, 0), F("node", F_STR, kvm_trace_interrupt_t, node, 0),
                                       F("payload", F_JSON, kvm_trace_interrupt_t, payload_json, 0),
-                                      F("answers", F_JSON, kvm_trace_interrupt_t, answers_json, 0), END};
+                                      F("answers", F_JSON, kvm_trace_interrupt_t, answers_json, 0),
+                                      F("path", F_STR, kvm_trace_interrupt_t, path, OMIT_NULL), END};
 static const field_t resume_f[] = {F("superstep", F_INT, kvm_trace_resume_t, superstep, 0), F("node", F_STR, kvm_trace_resume_t, node, 0),
-                                   F("value", F_JSON, kvm_trace_resume_t, value_json, 0), END};
+                                   F("value", F_JSON, kvm_trace_resume_t, value_json, 0),
+                                   F("path", F_STR, kvm_trace_resume_t, path, OMIT_NULL), END};
 
 /* step: the fields every step has, then those of agent calls or of func/tool nodes */
 static const field_t step_head_f[] = {

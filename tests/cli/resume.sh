@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # resume.sh KVMESH SHARED - checkpoints, resume and interrupts through `kvmesh run` (issue 18 items 2 and 3), on
 # the bundled model: examples/resume.lua resumed after a crash, from a chosen checkpoint and with a fixed script;
-# examples/approval.lua answered by --answer, parked without one (exit 3) and resumed from its trace.
+# examples/approval.lua answered by --answer, parked without one (exit 3) and resumed from its trace;
+# examples/subgraph_approval.lua parked inside a subgraph and resumed there.
 set -euo pipefail
 kvmesh=$(realpath "$1")
 tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
@@ -87,4 +88,21 @@ if command -v script > /dev/null; then
 else
   echo "SKIP the terminal case: no script(1)"
 fi
+
+# ---- subgraph_approval.lua: an interrupt inside a subgraph parks the run; the resume goes on inside the subgraph
+sa=examples/subgraph_approval.lua
+"$kvmesh" run $sa --input input="a cat" --answer yes --no-trace < /dev/null > "$tmp/s1.out" 2> "$tmp/s1.err" || fail "subgraph_approval --answer yes"
+grep -q "interrupt from node 'review/approve': .*Publish this line" "$tmp/s1.err" || fail "subgraph_approval: the question was not shown"
+grep -q "verdict: published" "$tmp/s1.out" && grep -q "news: " "$tmp/s1.out" || fail "subgraph_approval: not published"
+rc=0; "$kvmesh" run $sa --input input="a cat" --trace "$tmp/sp" < /dev/null > "$tmp/s2.out" 2> "$tmp/s2.err" || rc=$?
+[ "$rc" = 3 ] || fail "a run parked in a subgraph must exit 3 (got $rc)"
+sparked=$(ls -d "$tmp"/sp/*/); sparked=${sparked%/}
+grep -q '"t":"checkpoint".*"path":"review@2"' "$sparked/events.jsonl" || fail "the subgraph's checkpoint is not in the trace"
+grep -q '"t":"interrupt".*"path":"review@2"' "$sparked/events.jsonl" || fail "the interrupt names no subgraph path"
+"$kvmesh" run --resume "$sparked" --answer yes --no-trace < /dev/null > "$tmp/s3.out" 2> "$tmp/s3.err" || fail "resume inside the subgraph"
+outputs "$tmp/s3.out" | cmp -s - <(outputs "$tmp/s1.out") || fail "resumed in the subgraph: outputs differ from the run answered at once"
+grep -q "review/draft" "$tmp/s3.err" && fail "the resume made review's draft again (it must go on after it)"
+grep -q "review/polish" "$tmp/s3.err" || fail "the resume did not polish"
+"$kvmesh" run --resume "$sparked" --answer no --no-trace < /dev/null > "$tmp/s4.out" 2> "$tmp/s4.err" || fail "resume with no"
+grep -q "verdict: rejected" "$tmp/s4.out" && ! grep -q "news: [^n]" "$tmp/s4.out" || fail "the answer 'no' did not reject"
 echo "resume ok"

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # serve_interrupt.sh KVMESH SHARED - human in the loop through `kvmesh serve` (interfaces.md §7, issue 12 item 2):
 # a run parks in kvmesh.interrupt, its client gets an `interrupt` message, another client answers with run.resume
-# (`kvmesh client resume`), the run goes on with the answer; bad resumes get structured errors; a run parked when
-# the daemon stops ends KVM_EINTERRUPTED and resumes later from its trace with `kvmesh run --resume`.
+# (`kvmesh client resume`), the run goes on with the answer (also when the node is in a subgraph); bad resumes get
+# structured errors; a run parked when the daemon stops ends KVM_EINTERRUPTED and resumes later from its trace with
+# `kvmesh run --resume`.
 set -u
 kvmesh=$(realpath "$1")
 tmp=$(mktemp -d)
@@ -61,6 +62,30 @@ cpid=
 grep -q '"answer":.*{' "$tmp/c.out" && grep -q '"go":.*true' "$tmp/c.out" || fail "the answer is not in the outputs"
 "$kvmesh" client --connect "$ep" resume "$run" again > "$tmp/e.out" 2>&1 && fail "resume of an ended run"
 grep -q "KVM_ESTALE" "$tmp/e.out" || fail "ended run: no KVM_ESTALE"
+# an interrupt inside a subgraph parks the run the same way; run.resume reaches the subgraph's node (issue 18)
+cat > "$tmp/subask.lua" <<'LUA'
+local kvm = kvmesh
+local m = kvm.model('mock:echo')
+local c = kvm.graph{ name = 'check', state = { draft = kvm.reduce.replace, answer = kvm.reduce.replace } }
+c:agent('draft', { model = m, template = '{input}', max_tokens = 4, writes = 'draft' })
+c:func('ask', function(state) return { answer = kvm.interrupt({ question = 'sub ok?', draft = state.draft }) } end)
+c:edge(kvm.START, 'draft')
+c:edge('draft', 'ask')
+local g = kvm.graph{ name = 'subask', state = { answer = kvm.reduce.replace } }
+g:subgraph('check', c, { output = { answer = 'answer' } })
+g:edge(kvm.START, 'check')
+g:output(function(state) return { answer = state.answer } end)
+return g
+LUA
+"$kvmesh" client --connect "$ep" load subask "$tmp/subask.lua" > "$tmp/load2.out" || fail "client load subask"
+"$kvmesh" client --connect "$ep" --json run subask --input input="sub it" > "$tmp/sc.out" 2> "$tmp/sc.err" &
+cpid=$!
+wait_interrupt "$tmp/sc.err"
+grep "interrupt from node 'check/ask': {" "$tmp/sc.err" | grep -q '"draft":"sub it"' || fail "the subgraph's interrupt"
+"$kvmesh" client --connect "$ep" resume-json "$run" '"sub yes"' > "$tmp/r2.out" 2>&1 || fail "resume inside a subgraph"
+wait "$cpid" || fail "the subgraph's streaming client failed"
+cpid=
+grep -q '"answer":.*"sub yes"' "$tmp/sc.out" || fail "the subgraph's answer is not in the outputs"
 # parked when the daemon stops: the run ends KVM_EINTERRUPTED, its trace resumes with the CLI
 "$kvmesh" client --connect "$ep" run ask --input input="later" > "$tmp/c2.out" 2> "$tmp/c2.err" &
 cpid=$!

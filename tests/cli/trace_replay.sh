@@ -4,8 +4,9 @@
 # error injected by a replay (the extractor's output replaced) makes the run fail, blame --verify confirms the
 # extractor's step by replaying it and puts the failure into the cache; a step generated again reproduces the run;
 # bad input (a step out of range, a missing file, a func step edited, a torn or garbled trace, bad options) is a
-# clear error with a non-zero exit status, never a crash; `kvmesh bench blame --verify` on two runs. Args: kvmesh
-# binary.
+# clear error with a non-zero exit status, never a crash; runs with subgraphs: a replay from each step reproduces the
+# run, an edited nested step reaches the parent, blame --verify confirms a nested step; `kvmesh bench blame --verify`
+# on two runs. Args: kvmesh binary.
 set -u
 bin="$1"
 here="$(cd "$(dirname "$0")/../.." && pwd)"
@@ -109,6 +110,57 @@ out="$("$bin" trace replay "$work/garbled" --from-step 1 --trace "$work/out" 2>&
 [ $rc -eq 1 ] && grep -q "events.jsonl:3" <<< "$out" && ok "a garbled trace: exit 1 naming the line" || bad "garbled: rc $rc: $out"
 out="$("$bin" trace blame "$work/garbled" --verify 2>&1)"; rc=$?
 sane $rc && grep -q "events.jsonl:3" <<< "$out" && ok "blame --verify on a garbled trace: exit $rc naming the line" || bad "garbled blame: rc $rc: $out"
+
+# a run with subgraphs (examples/subgraph.lua, greedy, dense): a replay from each of its steps, nested ones included,
+# reproduces every agent step (the nested steps before it are given their recorded outputs); a nested step edited says the
+# edit and the subgraph maps it out
+said() { "$bin" trace steps "$1" | sed -n 's/^  said ([^)]*): //p' | sort; } # agent steps (a table's key order varies)
+"$bin" run examples/subgraph.lua --input input="a cat" --kv dense --trace "$work/sg" -q > /dev/null 2>&1
+sg="$(ls -d "$work"/sg/*/ | head -1)"; sg="${sg%/}"
+want="$(said "$sg")"
+n=$(grep -c '"t":"step"' "$sg/events.jsonl"); differ=0
+for ((k = 0; k < n; k++)); do
+  out="$("$bin" trace replay "$sg" --from-step $k 2>&1)"; rc=$?
+  rp="$(sed -n 's/^trace: //p' <<< "$out")"
+  [ $rc -eq 0 ] && [ -n "$rp" ] && [ "$(said "$rp")" = "$want" ] || { differ=$((differ + 1)); echo "from step $k: rc $rc: $out"; }
+done
+[ "$n" -eq 6 ] && [ $differ -eq 0 ] && ok "replay from each of the 6 steps of a run with a subgraph reproduces it" \
+  || bad "subgraph replay: $differ of $n steps differ"
+given=$(grep -c '"mode":"given"' "$rp/events.jsonl")
+[ "$given" -eq 2 ] && ok "replayed from its last step: the 2 nested agent steps before it were given" || bad "given: $given"
+printf 'EDITED hero\n' > "$work/hero.txt"
+out="$("$bin" trace replay "$sg" --from-step 1 --edit-output "$work/hero.txt" 2>&1)"; rc=$?
+rp="$(sed -n 's/^trace: //p' <<< "$out")"
+[ $rc -eq 0 ] && "$bin" trace show "$rp" | grep -q '"findings":\["EDITED hero"' && ok "--edit-output of a nested step reaches the parent" \
+  || bad "nested edit: rc $rc: $out"
+
+# blame --verify on a run with a subgraph (mock model): the nested extractor's output edited makes the run fail; the
+# replay that generates that nested step again passes, so it is confirmed
+cat > "$work/sgscore.lua" <<'LUA'
+local kvm = kvmesh
+local m = kvm.model("mock:echo")
+local find = kvm.graph{ name = "find", state = { q = kvm.reduce.replace, fact = kvm.reduce.replace } }
+find:agent("extractor", { model = m, template = "{state.q}", max_tokens = 8, writes = "fact" })
+find:edge(kvm.START, "extractor")
+local g = kvm.graph{ name = "main", state = { q = kvm.reduce.replace, fact = kvm.reduce.replace, answer = kvm.reduce.replace } }
+g:func("ask", function(state, last, ctx) return { q = ctx.inputs.input } end)
+g:subgraph("find", find, { input = { q = "q" }, output = { fact = "fact" } })
+g:agent("answerer", { model = m, template = "{state.fact}", max_tokens = 8, writes = "answer" })
+g:edge(kvm.START, "ask")
+g:edge("ask", "find")
+g:edge("find", "answerer")
+g:output(function(state) return { answer = state.answer } end)
+g:score(function(res) return res.outputs.answer and res.outputs.answer:find("9442") and 1 or 0 end)
+return g
+LUA
+"$bin" run "$work/sgscore.lua" --input input="Mark 9442" --trace "$work/sgb" -q > /dev/null 2>&1
+sgb="$(ls -d "$work"/sgb/*/ | head -1)"; sgb="${sgb%/}"
+out="$("$bin" trace replay "$sgb" --from-step 1 --edit-output "$work/edit.txt" 2>&1)"; rc=$?
+sginj="$(sed -n 's/^trace: //p' <<< "$out")"
+[ $rc -eq 1 ] && grep -q "score 0.000 -> failed" <<< "$out" && ok "a nested step edited: the run with a subgraph fails" || bad "nested inj: rc $rc: $out"
+out="$("$bin" trace blame "$sginj" --verify --state "$work/st2" 2>&1)"; rc=$?
+[ $rc -eq 0 ] && grep -q "^confirmed: agent extractor, step 2$" <<< "$out" && ok "blame --verify confirms the nested step of a subgraph" \
+  || bad "nested verify: rc $rc: $out"
 
 # the benchmark of docs/correct.md, a few runs of one workflow (every pipeline run is scored 1 and an injected
 # error fails it: two failures, both confirmed)
