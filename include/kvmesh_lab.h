@@ -231,6 +231,12 @@ typedef struct kvm_kvcomm_config {
      * offset, kvcomm_spread) is at least this are recomputed in the same pass, on top of recompute_frac's share: a
      * per-row gate on the predicted offset error, so a call with agreeing anchors keeps more rows. 0 (default) = off. */
     float recompute_spread;
+    /* kvcomm.guard [ours, issue 15; on in preset=blend]: the fidelity guard. For a deterministic sample of each
+     * consumer's REUSE calls (its first 32, then every 8th) the greedy next token of the assembled cache is compared
+     * with a dense prefill's; on a disagreement that consumer's recompute fraction moves up one step (f + (1-f)/2,
+     * 1 within 0.05 of 1) for the rest of the comm context's life and the call is served from the dense prefill.
+     * false (default) = off. */
+    bool guard;
 } kvm_kvcomm_config_t;
 
 /* Fills the defaults of kvcomm.md §3.10 (enable, rotate, both offsets, l2, length+entropy, γ 0.3, V 20,
@@ -429,6 +435,9 @@ typedef struct kvm_comm_report {
     int short_recomputed;  /* rows moved from offset/naive to recomputed by recompute_below / recompute_text */
     int selected_recomputed; /* rows moved from offset to recomputed by kvcomm.recompute_frac */
     int recompute_items;     /* batch items of the recompute pass: 1 (kvm_batch_item_t.positions), 0 without one */
+    int guard;               /* kvcomm.guard: 0 not checked, 1 checked and the next token agreed with dense, 2 it did
+                                not (the call was served from the dense prefill; its rows count as recomputed) */
+    int guard_tokens;        /* tokens the guard's dense prefill computed besides the call's own (0 unchecked) */
 } kvm_comm_report_t;
 
 /* Writes the report as one JSON object (no newline) into buf; returns the length it needed. */

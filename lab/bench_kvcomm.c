@@ -464,9 +464,11 @@ static int run_team(const bench_model_t *bm, const opts_t *o) {
             kvm_team_blend_policy(&to.cfg);
         } else if (!strncmp(tok, "blend@", 6)) { /* the blended policy at another recompute fraction (the curve) */
             kvm_team_blend_policy(&to.cfg);
+            to.cfg.guard = false; /* a point of the static curve */
             rc = kvm_kvcomm_config_set(&to.cfg, "recompute_frac", tok + 6);
         } else if (!strncmp(tok, "gate@", 5)) { /* the blend with the predicted-error gate instead of a fraction */
             kvm_team_blend_policy(&to.cfg);
+            to.cfg.guard = false;
             rc = kvm_kvcomm_config_set(&to.cfg, "recompute_frac", "0");
             if (!rc) rc = kvm_kvcomm_config_set(&to.cfg, "recompute_spread", tok + 5);
         } else if (!strcmp(tok, "spec")) { /* the paper's policy */
