@@ -497,12 +497,12 @@ int kvm_comm_report_json(const kvm_comm_report_t *r, char *buf, size_t cap) {
     PUT("{\"mode\":\"%s\",\"policy\":\"%s\",\"input_tokens\":%d,\"exact\":%d,\"offset\":%d,\"naive\":%d,"
         "\"recomputed\":%d,\"fused\":%d,\"template_hash\":\"%016llx\",\"predict_ms\":%.3f,\"weights_ms\":%.3f,"
         "\"offset_ms\":%.3f,\"assemble_ms\":%.3f,\"anchors_staged\":%d,\"short_recomputed\":%d,"
-        "\"selected_recomputed\":%d,\"recompute_items\":%d,\"placeholders\":[",
+        "\"selected_recomputed\":%d,\"recompute_items\":%d,\"guard\":%d,\"guard_tokens\":%d,\"placeholders\":[",
         r->mode == KVM_COMM_REUSE ? "reuse" : "dense",
         r->policy == KVM_KV_KVCOMM ? "kvcomm" : r->policy == KVM_KV_DENSE ? "text" : "exact", r->input_tokens,
         r->exact_tokens, r->offset_tokens, r->naive_tokens, r->recomputed_tokens, r->fused_tokens,
         (unsigned long long)r->template_hash, r->predict_ms, r->weights_ms, r->offset_ms, r->assemble_ms,
-        r->anchors_staged, r->short_recomputed, r->selected_recomputed, r->recompute_items);
+        r->anchors_staged, r->short_recomputed, r->selected_recomputed, r->recompute_items, r->guard, r->guard_tokens);
     for (int i = 0; i < r->n_placeholders && i < KVM_COMM_MAX_PH; i++) {
         const kvm_comm_ph_report_t *p = &r->ph[i];
         PUT("%s{\"name\":\"%s\",\"segment\":%llu,\"sample\":\"%016llx\",\"tokens\":%d,\"start\":%d,\"text_tokens\":%d,"
