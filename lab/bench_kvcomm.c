@@ -554,7 +554,8 @@ static int run_team(const bench_model_t *bm, const opts_t *o) {
                 {"recomputed_tokens", (double)r->recomputed}, {"cos_samples", r->cos_n}, {"max_abs_err", r->max_abs_err},
                 {"max_abs_dense", r->max_abs_dense}, {"short_recomputed_tokens", r->short_recomputed},
                 {"selected_recomputed_tokens", r->selected_recomputed}, {"recompute_items", r->recompute_items},
-                {"token_reuse_beyond_prefix", tok_reuse}};
+                {"guard_checked", r->guard_checked}, {"guard_served_dense", r->guard_dense},
+                {"guard_tokens", (double)r->guard_tokens}, {"token_reuse_beyond_prefix", tok_reuse}};
             lab_json_add_nums(o1, nums, sizeof nums / sizeof nums[0]);
             team_ttft_json(o1, r);
             cJSON *ck = cJSON_AddArrayToObject(o1, "cos_k"), *cv = cJSON_AddArrayToObject(o1, "cos_v");
@@ -580,6 +581,11 @@ static int run_team(const bench_model_t *bm, const opts_t *o) {
         printf("\nmax |reused - dense| over all K/V elements of those rows (dense max |x| in brackets):\n");
         for (int i = 0; i < nm; i++)
             if (res[i].cos_n) printf("%-14s %.3g [%.3g]\n", names[i], res[i].max_abs_err, res[i].max_abs_dense);
+        for (int i = 0; i < nm; i++) /* the fidelity guard (kvcomm.guard, kvcomm.md §5.2) */
+            if (res[i].guard_checked)
+                printf("%-14s guard: %d calls checked against dense, %d disagreed (served dense), %llu tokens computed by the "
+                       "checks (the prompts' own: %llu)\n", names[i], res[i].guard_checked, res[i].guard_dense,
+                       (unsigned long long)res[i].guard_tokens, (unsigned long long)res[i].input);
         write_json(o, "kvcomm_team.json", root);
         cJSON_Delete(root);
     }
