@@ -243,7 +243,8 @@ typedef struct kvm_kvcomm_config {
  * W 5, raw, strict, dense, compute). */
 void kvm_kvcomm_config_default(kvm_kvcomm_config_t *c);
 /* kvcomm.preset=blend [ours, kvcomm.md §5.2; the runtime's default policy]: full KVCOMM, recompute_below
- * KVM_KVCOMM_BLEND_BELOW, recompute_text 64 and recompute_frac KVM_KVCOMM_BLEND_FRAC. kvcomm.preset=spec restores
+ * KVM_KVCOMM_BLEND_BELOW, recompute_text 64, recompute_frac KVM_KVCOMM_BLEND_FRAC and guard on (the fidelity guard
+ * raises an agent's fraction where it changes answers: with it both bundled models stay within 1 point of dense). kvcomm.preset=spec restores
  * the defaults above (the paper's policy). Issue 15 (300 requests per workload on models/minillama-2m): with 0.7 and
  * 32 every role of the team, pipeline, revise and arith workloads is within 1 point of dense; with the earlier 0.5
  * and 8 the team's neighbour was 2.3 points below, the pipeline's extractor 2.7, revise and arith 4.0. */
