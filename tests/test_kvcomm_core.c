@@ -653,6 +653,17 @@ static float g_recompute_frac = 0; /* kvcomm.recompute_frac and kvcomm.recompute
 static int g_recompute_text = 0;
 static float g_recompute_spread = 0; /* kvcomm.recompute_spread of oracle_run's `after` */
 
+/* Runs a prepared prompt's rest and 3 more tokens, completes the step and releases p. */
+static void generate_and_complete(kvm_model_t *m, kvm_comm_request_t *rq, kvm_prepared_t *p) {
+    kvm_gen_params_t gp = {.max_tokens = 3, .ignore_eos = true};
+    kvm_gen_result_t res;
+    memset(&res, 0, sizeof res);
+    assert_int_equal(kvm_generate(m, &p->seq, p->rest_ids, p->n_rest, &gp, NULL, NULL, &res), 0);
+    assert_int_equal(kvm_comm_complete(rq, p, &res, NULL), 0);
+    kvm_gen_result_free(&res);
+    kvm_prepared_release(p);
+}
+
 static void prepare_b(kvm_comm_request_t *rq, kvm_prompt_t *pr, int which, const char *only, kvm_prepared_t *p) {
     int rc = which ? kvm_comm_prepare_oracle(rq, pr, which, only, p) : kvm_comm_prepare(rq, pr, p);
     if (rc) fprintf(stderr, "prepare: %s\n", kvm_errmsg());
@@ -704,13 +715,7 @@ static void oracle_run(kvm_rope_layout_t layout, bool agent_first, int which, co
             out->err = max_rel(out->after, dense, e);
             out->rep = p.report;
             out->dense = dense;
-            kvm_gen_params_t gp = {.max_tokens = 3, .ignore_eos = true};
-            kvm_gen_result_t res;
-            memset(&res, 0, sizeof res);
-            assert_int_equal(kvm_generate(m, &p.seq, p.rest_ids, p.n_rest, &gp, NULL, NULL, &res), 0);
-            assert_int_equal(kvm_comm_complete(rq, &p, &res, NULL), 0);
-            kvm_gen_result_free(&res);
-            kvm_prepared_release(&p);
+            generate_and_complete(m, rq, &p);
         }
         assert_int_equal(kvm_comm_request_end(rq), 0);
         kvm_segment_release(in);
@@ -1235,13 +1240,7 @@ static void test_guard_serves_a_disagreeing_call_dense_and_raises_the_agents_rec
                 free(dense);
             }
         }
-        kvm_gen_params_t gp = {.max_tokens = 3, .ignore_eos = true};
-        kvm_gen_result_t res;
-        memset(&res, 0, sizeof res);
-        assert_int_equal(kvm_generate(m, &p.seq, p.rest_ids, p.n_rest, &gp, NULL, NULL, &res), 0);
-        assert_int_equal(kvm_comm_complete(rq, &p, &res, NULL), 0);
-        kvm_gen_result_free(&res);
-        kvm_prepared_release(&p);
+        generate_and_complete(m, rq, &p);
         assert_int_equal(kvm_comm_request_end(rq), 0);
         kvm_segment_release(in);
         kvm_segment_release(out_a);
