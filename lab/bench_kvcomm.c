@@ -61,8 +61,8 @@ static void usage(void) {
             "                                      recomputed, 50%% of the other rows (where anchors disagree most)\n"
             "                                      to start with, and the fidelity guard (kvcomm.guard)\n"
             "              default                 what kv = \"kvcomm\" runs (kvcomm.preset=blend); spec = the paper's\n"
-            "              blend@F                 the blended policy with kvcomm.recompute_frac=F, no guard (the accuracy-vs-reuse\n"
-            "                                      curve of scripts/bench/kvcomm_curve.py)\n"
+            "              blend@F                 the blended policy with kvcomm.recompute_frac=F and no guard\n"
+            "                                      (the accuracy-vs-reuse curve of scripts/bench/kvcomm_curve.py)\n"
             "              gate@S                  the blended policy with kvcomm.recompute_frac=0 and\n"
             "                                      kvcomm.recompute_spread=S (rows whose predicted error passes S)\n"
             "       --set applies after the mode (e.g. --modes full+blend --set kvcomm.recompute_frac=0.3)\n"
@@ -584,8 +584,8 @@ static int run_team(const bench_model_t *bm, const opts_t *o) {
             if (res[i].cos_n) printf("%-14s %.3g [%.3g]\n", names[i], res[i].max_abs_err, res[i].max_abs_dense);
         for (int i = 0; i < nm; i++) /* the fidelity guard (kvcomm.guard, kvcomm.md §5.2) */
             if (res[i].guard_checked)
-                printf("%-14s guard: %d calls checked against dense, %d disagreed (served dense), %llu tokens computed by the "
-                       "checks (the prompts' own: %llu)\n", names[i], res[i].guard_checked, res[i].guard_dense,
+                printf("%-14s guard: %d calls checked against dense, %d disagreed (served dense), %llu tokens computed "
+                       "by the checks (the prompts' own: %llu)\n", names[i], res[i].guard_checked, res[i].guard_dense,
                        (unsigned long long)res[i].guard_tokens, (unsigned long long)res[i].input);
         write_json(o, "kvcomm_team.json", root);
         cJSON_Delete(root);

@@ -145,7 +145,8 @@ int kvm_kvcomm_config_set(kvm_kvcomm_config_t *c, const char *key, const char *v
                               "(docs/kvcomm.md §3)", k);
     return kvm_seterr(KVM_EINVAL, "unknown KVCOMM switch '%s' (known: enable rotate ph_offset pf_offset weights criterion "
                       "gamma max_anchors evict_window dist_norm pool_bound no_anchor resp_last_token force_reuse "
-                      "anchor_budget_bytes recompute_below recompute_text recompute_frac recompute_spread guard preset ablation)", key);
+                      "anchor_budget_bytes recompute_below recompute_text recompute_frac recompute_spread guard preset "
+                      "ablation)", key);
 }
 
 int kvm_kvcomm_ablation(kvm_kvcomm_config_t *c, const char *name) {

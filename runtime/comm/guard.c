@@ -7,10 +7,12 @@
  * after the assembly and the recompute pass:
  *   - greedy decoding of up to KVM_GUARD_TOKENS tokens (to an end token) on the assembled cache, and
  *   - a dense prefill of the prompt on a scratch sequence and the same greedy decoding there,
- * and compares the two (the first token alone misses most changed answers: names share their first pieces). On a disagreement the consumer's recompute fraction moves up one step (f + (1 - f) / 2,
- * and to 1 once that is within 0.05 of 1; 1 is the dense cache) and this call is served from the dense prefill.
- * The fraction never goes down within the context's life. Deterministic for a given order of calls. A check that
+ * and compares the two (the first token alone misses most changed answers: names share their first pieces). On a
+ * disagreement the consumer's recompute fraction moves up one step (f + (1 - f) / 2, and to 1 once that is within
+ * 0.05 of 1; 1 is the dense cache) and this call is served from the dense prefill. The state is kept per agent name
+ * and the fraction never goes down within the context's life. Deterministic for a given order of calls. A check that
  * cannot run (the KV budget cannot hold the dense copy, say) is skipped with a warning; the call keeps its cache. */
+#include <stdio.h>
 #include <string.h>
 
 #include "comm_internal.h"
