@@ -58,10 +58,11 @@ static void usage(void) {
             "                                      placeholders, or only NAME; -ph/-pf: only that piece);\n"
             "              full+recompute          full KVCOMM with kvcomm.recompute_below=8 (short pieces recomputed)\n"
             "              full+blend              ours (= default): full KVCOMM, short pieces and text segments\n"
-            "                                      recomputed, and 70%% of the other rows (where anchors disagree most)\n"
+            "                                      recomputed, 50%% of the other rows (where anchors disagree most)\n"
+            "                                      to start with, and the fidelity guard (kvcomm.guard)\n"
             "              default                 what kv = \"kvcomm\" runs (kvcomm.preset=blend); spec = the paper's\n"
-            "              blend@F                 the blended policy with kvcomm.recompute_frac=F (the accuracy-vs-reuse\n"
-            "                                      curve of scripts/bench/kvcomm_curve.py)\n"
+            "              blend@F                 the blended policy with kvcomm.recompute_frac=F and no guard\n"
+            "                                      (the accuracy-vs-reuse curve of scripts/bench/kvcomm_curve.py)\n"
             "              gate@S                  the blended policy with kvcomm.recompute_frac=0 and\n"
             "                                      kvcomm.recompute_spread=S (rows whose predicted error passes S)\n"
             "       --set applies after the mode (e.g. --modes full+blend --set kvcomm.recompute_frac=0.3)\n"
@@ -464,9 +465,11 @@ static int run_team(const bench_model_t *bm, const opts_t *o) {
             kvm_team_blend_policy(&to.cfg);
         } else if (!strncmp(tok, "blend@", 6)) { /* the blended policy at another recompute fraction (the curve) */
             kvm_team_blend_policy(&to.cfg);
+            to.cfg.guard = false; /* a point of the static curve */
             rc = kvm_kvcomm_config_set(&to.cfg, "recompute_frac", tok + 6);
         } else if (!strncmp(tok, "gate@", 5)) { /* the blend with the predicted-error gate instead of a fraction */
             kvm_team_blend_policy(&to.cfg);
+            to.cfg.guard = false;
             rc = kvm_kvcomm_config_set(&to.cfg, "recompute_frac", "0");
             if (!rc) rc = kvm_kvcomm_config_set(&to.cfg, "recompute_spread", tok + 5);
         } else if (!strcmp(tok, "spec")) { /* the paper's policy */
@@ -552,7 +555,8 @@ static int run_team(const bench_model_t *bm, const opts_t *o) {
                 {"recomputed_tokens", (double)r->recomputed}, {"cos_samples", r->cos_n}, {"max_abs_err", r->max_abs_err},
                 {"max_abs_dense", r->max_abs_dense}, {"short_recomputed_tokens", r->short_recomputed},
                 {"selected_recomputed_tokens", r->selected_recomputed}, {"recompute_items", r->recompute_items},
-                {"token_reuse_beyond_prefix", tok_reuse}};
+                {"guard_checked", r->guard_checked}, {"guard_served_dense", r->guard_dense},
+                {"guard_tokens", (double)r->guard_tokens}, {"token_reuse_beyond_prefix", tok_reuse}};
             lab_json_add_nums(o1, nums, sizeof nums / sizeof nums[0]);
             team_ttft_json(o1, r);
             cJSON *ck = cJSON_AddArrayToObject(o1, "cos_k"), *cv = cJSON_AddArrayToObject(o1, "cos_v");
@@ -578,6 +582,11 @@ static int run_team(const bench_model_t *bm, const opts_t *o) {
         printf("\nmax |reused - dense| over all K/V elements of those rows (dense max |x| in brackets):\n");
         for (int i = 0; i < nm; i++)
             if (res[i].cos_n) printf("%-14s %.3g [%.3g]\n", names[i], res[i].max_abs_err, res[i].max_abs_dense);
+        for (int i = 0; i < nm; i++) /* the fidelity guard (kvcomm.guard, kvcomm.md §5.2) */
+            if (res[i].guard_checked)
+                printf("%-14s guard: %d calls checked against dense, %d disagreed (served dense), %llu tokens computed "
+                       "by the checks (the prompts' own: %llu)\n", names[i], res[i].guard_checked, res[i].guard_dense,
+                       (unsigned long long)res[i].guard_tokens, (unsigned long long)res[i].input);
         write_json(o, "kvcomm_team.json", root);
         cJSON_Delete(root);
     }

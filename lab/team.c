@@ -223,6 +223,9 @@ static void team_account(kvm_team_result_t *r, const kvm_team_opts_t *o, const k
     r->input += (uint64_t)rp->input_tokens;
     r->short_recomputed += rp->short_recomputed;
     r->selected_recomputed += rp->selected_recomputed;
+    r->guard_checked += rp->guard > 0;
+    r->guard_dense += rp->guard == 2;
+    r->guard_tokens += (uint64_t)rp->guard_tokens;
     r->recompute_items += rp->recompute_items;
 }
 

@@ -77,6 +77,8 @@ typedef struct kvm_team_result {
     int short_recomputed;    /* rows recomputed by kvcomm.recompute_below / recompute_text */
     int selected_recomputed; /* rows recomputed by kvcomm.recompute_frac */
     int recompute_items;     /* batch items of the recompute passes (one per REUSE call that recomputed rows) */
+    int guard_checked, guard_dense; /* kvcomm.guard: calls checked against dense, of them served dense (disagreed) */
+    uint64_t guard_tokens;   /* tokens the guard's checks computed besides the calls' own */
     double *ttft_ms;         /* [requests * 4] per invocation (request q, role k at q * 4 + k): host wall time from
                               * the agent's prepare call to its first output id (prepare + recompute + the forward
                               * of the remaining prompt tokens + sampling), ms; < 0 where the invocation did not run */

@@ -282,7 +282,8 @@ static void test_kvcomm_default_is_the_blend_and_a_model_can_ask_for_the_spec(vo
     kvm_workflow_t *wf = load_model_line("kvm.model('mock:echo')", NULL, 0);
     if (!wf) fail_msg("load: %s", kvm_errmsg());
     model_switches(wf, sw, sizeof sw);
-    if (!strstr(sw, "recompute_below=32 recompute_text=64 recompute_frac=0.70")) fail_msg("default is not the blend: %s", sw);
+    if (!strstr(sw, "recompute_below=32 recompute_text=64 recompute_frac=0.50 guard=on"))
+        fail_msg("default is not the blend: %s", sw);
     drive1_ok(wf, "hello");
     kvm_wf_free(wf);
     wf = load_model_line("kvm.model{ path = 'mock:echo', kvcomm = { preset = 'spec', gamma = 0.5 } }", NULL, 0);

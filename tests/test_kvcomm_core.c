@@ -653,6 +653,17 @@ static float g_recompute_frac = 0; /* kvcomm.recompute_frac and kvcomm.recompute
 static int g_recompute_text = 0;
 static float g_recompute_spread = 0; /* kvcomm.recompute_spread of oracle_run's `after` */
 
+/* Runs a prepared prompt's rest and 3 more tokens, completes the step and releases p. */
+static void generate_and_complete(kvm_model_t *m, kvm_comm_request_t *rq, kvm_prepared_t *p) {
+    kvm_gen_params_t gp = {.max_tokens = 3, .ignore_eos = true};
+    kvm_gen_result_t res;
+    memset(&res, 0, sizeof res);
+    assert_int_equal(kvm_generate(m, &p->seq, p->rest_ids, p->n_rest, &gp, NULL, NULL, &res), 0);
+    assert_int_equal(kvm_comm_complete(rq, p, &res, NULL), 0);
+    kvm_gen_result_free(&res);
+    kvm_prepared_release(p);
+}
+
 static void prepare_b(kvm_comm_request_t *rq, kvm_prompt_t *pr, int which, const char *only, kvm_prepared_t *p) {
     int rc = which ? kvm_comm_prepare_oracle(rq, pr, which, only, p) : kvm_comm_prepare(rq, pr, p);
     if (rc) fprintf(stderr, "prepare: %s\n", kvm_errmsg());
@@ -704,13 +715,7 @@ static void oracle_run(kvm_rope_layout_t layout, bool agent_first, int which, co
             out->err = max_rel(out->after, dense, e);
             out->rep = p.report;
             out->dense = dense;
-            kvm_gen_params_t gp = {.max_tokens = 3, .ignore_eos = true};
-            kvm_gen_result_t res;
-            memset(&res, 0, sizeof res);
-            assert_int_equal(kvm_generate(m, &p.seq, p.rest_ids, p.n_rest, &gp, NULL, NULL, &res), 0);
-            assert_int_equal(kvm_comm_complete(rq, &p, &res, NULL), 0);
-            kvm_gen_result_free(&res);
-            kvm_prepared_release(&p);
+            generate_and_complete(m, rq, &p);
         }
         assert_int_equal(kvm_comm_request_end(rq), 0);
         kvm_segment_release(in);
@@ -1188,6 +1193,66 @@ static void test_spread_score_is_zero_where_anchors_agree_and_grows_where_they_d
     fake_free(&f);
 }
 
+/* kvcomm.guard (ours, issue 15): every REUSE call of a consumer's first 32 is checked against a dense prefill; a call
+ * whose greedy tokens differ is served from the dense cache (bit for bit here) and raises that consumer's recompute
+ * fraction, which the later calls' recompute pass shows; the guard's decoding leaves the cache at N-1 rows. Here the
+ * fraction starts at 0 on a random model, so the offsets alone change the tokens. */
+static void test_guard_serves_a_disagreeing_call_dense_and_raises_the_agents_recompute_fraction(void **st) {
+    (void)st;
+    kvm_model_t *m = small_model(KVM_ROPE_HALF, 17);
+    kvm_comm_t *c = kvm_comm_create(m, NULL);
+    kvm_kvcomm_config_t *cfg = kvm_comm_config(c);
+    cfg->force_reuse = true;
+    assert_int_equal(kvm_kvcomm_config_set(cfg, "guard", "on"), 0);
+    kvm_template_t *ta = make_tmpl(c, "a", "input", NULL, 41, 30);
+    kvm_template_t *tb = make_tmpl(c, "b", "input", "agent:a:current", 51, 21);
+    const comm_geom_t g = {m->cfg.n_layers, m->cfg.n_kv_heads, m->cfg.head_dim, 4};
+    int checked = 0, served_dense = 0, selected_after = 0;
+    for (int q = 0; q < 10; q++) {
+        kvm_comm_request_t *rq = kvm_comm_request_begin(c, (uint64_t)q + 1);
+        kvm_segment_t *in = input_segment(c, 700 + (uint64_t)q, 20 + (q < 2)), *out_a = NULL;
+        kvm_binding_t ba = {"input", in};
+        assert_int_equal(run_agent(rq, ta, &ba, 1, KVM_KV_KVCOMM, NULL, &out_a, 5), 0);
+        kvm_binding_t bb[2] = {{"input", in}, {"agent:a:current", out_a}};
+        kvm_prompt_t pr = {.tmpl = tb, .bindings = bb, .n_bindings = 2, .policy = KVM_KV_KVCOMM};
+        kvm_prepared_t p;
+        assert_int_equal(kvm_comm_prepare(rq, &pr, &p), 0);
+        const kvm_comm_report_t *r = &p.report;
+        assert_int_equal(r->exact_tokens + r->offset_tokens + r->naive_tokens + r->recomputed_tokens, r->input_tokens);
+        if (r->mode == KVM_COMM_REUSE) {
+            const int n = p.n_prompt - 1;
+            assert_int_equal(p.seq.n_tokens, n); /* the guard's decoding is undone */
+            assert_memory_equal(p.seq.tokens, p.prompt_ids, (size_t)n * sizeof(int32_t));
+            if (served_dense && r->guard != 2) selected_after += r->selected_recomputed > 0;
+            if (r->guard) {
+                checked++;
+                assert_true(r->guard_tokens >= n + 2);
+            }
+            if (r->guard == 2) {
+                served_dense++;
+                assert_int_equal(r->offset_tokens + r->naive_tokens, 0);
+                float *dense = dense_kv(c, p.prompt_ids, n);
+                size_t e = comm_rows_elems(&g, n);
+                float *got = malloc(e * sizeof(float));
+                assert_int_equal(kvm_kv_read_rows(p.seq.pool, p.seq.blocks, 0, n, got), 0);
+                assert_true(max_rel(got, dense, e) < 1e-6f);
+                free(got);
+                free(dense);
+            }
+        }
+        generate_and_complete(m, rq, &p);
+        assert_int_equal(kvm_comm_request_end(rq), 0);
+        kvm_segment_release(in);
+        kvm_segment_release(out_a);
+    }
+    fprintf(stderr, "guard: %d checked, %d served dense, %d later calls recomputed selected rows\n", checked,
+            served_dense, selected_after);
+    assert_true(checked >= 3);
+    assert_true(served_dense >= 1);  /* offsets alone change a random model's tokens */
+    assert_true(selected_after >= 1); /* and agent b's fraction is above 0 from then on */
+    teardown(m, c, ta, tb, NULL, NULL);
+}
+
 static void test_switches_parse_and_reject_unknown_values(void **st) {
     (void)st;
     kvm_kvcomm_config_t c;
@@ -1246,9 +1311,17 @@ static void test_switches_parse_and_reject_unknown_values(void **st) {
     assert_non_null(strstr(buf, "recompute_frac=0.30"));
     assert_int_equal(kvm_kvcomm_config_set(&c, "preset", "blend"), 0);
     assert_true(c.ph_offset && c.pf_offset && c.recompute_below == KVM_KVCOMM_BLEND_BELOW && c.recompute_text == 64);
-    assert_true(c.recompute_frac == KVM_KVCOMM_BLEND_FRAC);
+    assert_true(c.recompute_frac == KVM_KVCOMM_BLEND_FRAC && c.guard);
+    kvm_kvcomm_config_str(&c, buf, sizeof buf);
+    assert_non_null(strstr(buf, "guard=on"));
     assert_int_equal(kvm_kvcomm_config_set(&c, "preset", "spec"), 0);
-    assert_true(c.recompute_frac == 0 && c.recompute_below == 0 && c.gamma == 0.3f);
+    assert_true(c.recompute_frac == 0 && c.recompute_below == 0 && c.gamma == 0.3f && !c.guard);
+    kvm_kvcomm_config_str(&c, buf, sizeof buf);
+    assert_null(strstr(buf, "guard")); /* printed only when on */
+    assert_int_equal(kvm_kvcomm_config_set(&c, "guard", "maybe"), KVM_EINVAL);
+    assert_non_null(strstr(kvm_errmsg(), "kvcomm.guard"));
+    assert_int_equal(kvm_kvcomm_config_set(&c, "kvcomm.guard", "on"), 0);
+    assert_true(c.guard);
 }
 
 int main(void) {
@@ -1280,6 +1353,7 @@ int main(void) {
         cmocka_unit_test(test_no_anchor_naive_switch_reuses_without_offset),
         cmocka_unit_test(test_kvcomm_policy_prepares_dense_where_the_backend_cannot_run_it),
         cmocka_unit_test(test_prepare_ids_takes_the_exact_prefix_of_an_earlier_dense_prompt),
+        cmocka_unit_test(test_guard_serves_a_disagreeing_call_dense_and_raises_the_agents_recompute_fraction),
         cmocka_unit_test(test_switches_parse_and_reject_unknown_values),
         cmocka_unit_test(test_recompute_frac_one_with_the_text_recomputed_gives_the_dense_cache),
         cmocka_unit_test(test_recompute_frac_changes_only_the_selected_rows),

@@ -76,6 +76,7 @@ int kvm_kvcomm_config_set(kvm_kvcomm_config_t *c, const char *key, const char *v
     BOOLSW("ph_offset", ph_offset)
     BOOLSW("pf_offset", pf_offset)
     BOOLSW("force_reuse", force_reuse)
+    BOOLSW("guard", guard)
     ENUMSW("weights", weights, W_NAMES, "l2|nearest")
     ENUMSW("criterion", criterion, CRIT_NAMES, "length+entropy|length")
     ENUMSW("dist_norm", dist_norm, NORM_NAMES, "raw|per_element")
@@ -117,6 +118,7 @@ int kvm_kvcomm_config_set(kvm_kvcomm_config_t *c, const char *key, const char *v
             c->recompute_below = KVM_KVCOMM_BLEND_BELOW;
             c->recompute_text = 64;
             c->recompute_frac = KVM_KVCOMM_BLEND_FRAC;
+            c->guard = true;
         } else {
             return kvm_seterr(KVM_EINVAL, "kvcomm.preset: '%s' is not one of spec|blend", value);
         }
@@ -143,7 +145,8 @@ int kvm_kvcomm_config_set(kvm_kvcomm_config_t *c, const char *key, const char *v
                               "(docs/kvcomm.md §3)", k);
     return kvm_seterr(KVM_EINVAL, "unknown KVCOMM switch '%s' (known: enable rotate ph_offset pf_offset weights criterion "
                       "gamma max_anchors evict_window dist_norm pool_bound no_anchor resp_last_token force_reuse "
-                      "anchor_budget_bytes recompute_below recompute_text recompute_frac recompute_spread preset ablation)", key);
+                      "anchor_budget_bytes recompute_below recompute_text recompute_frac recompute_spread guard preset "
+                      "ablation)", key);
 }
 
 int kvm_kvcomm_ablation(kvm_kvcomm_config_t *c, const char *name) {
@@ -159,6 +162,7 @@ int kvm_kvcomm_ablation(kvm_kvcomm_config_t *c, const char *name) {
 void kvm_kvcomm_config_str(const kvm_kvcomm_config_t *c, char *buf, size_t cap) {
     char spread[48] = ""; /* printed when on, so the lines of the other settings stay as they were */
     if (c->recompute_spread > 0) snprintf(spread, sizeof spread, " recompute_spread=%g", (double)c->recompute_spread);
+    if (c->guard) snprintf(spread + strlen(spread), sizeof spread - strlen(spread), " guard=on");
     snprintf(buf, cap,
              "enable=%s rotate=%s ph_offset=%s pf_offset=%s weights=%s criterion=%s gamma=%.2f V=%d W=%d dist_norm=%s "
              "pool_bound=%s no_anchor=%s resp_last_token=%s force_reuse=%s recompute_below=%d recompute_text=%d "
@@ -222,6 +226,7 @@ void kvm_comm_free(kvm_comm_t *c) {
         kvm_free(c->pools[i].a);
     }
     kvm_free(c->pools);
+    kvm_free(c->guards);
     comm_dev_ctx_free(c);
     kvm_kv_store_free(c->store);
     kvm_kv_pool_free(c->pool);

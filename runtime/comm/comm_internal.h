@@ -50,6 +50,13 @@ typedef struct comm_pool {
     uint64_t created, evicted, predictions, predicted_new;
 } comm_pool_t;
 
+/* The fidelity guard's state of one consumer (agent) of a comm context (guard.c). */
+typedef struct comm_guard {
+    char agent[KVM_COMM_NAME_MAX];
+    float frac;                          /* the agent's recompute fraction now (starts at cfg.recompute_frac) */
+    uint32_t reused, checked, disagreed; /* REUSE calls, of them checked against dense, of those that disagreed */
+} comm_guard_t;
+
 struct kvm_comm {
     kvm_model_t *m;
     kvm_kv_pool_t *pool;
@@ -64,6 +71,8 @@ struct kvm_comm {
     int active_requests;
     struct comm_dev_ctx *dev;  /* kvcomm_dev.c: scratch of the op path, or NULL */
     char kvcomm_off[160];      /* why the backend cannot run KVCOMM (no ops, a shape it does not take), or "" */
+    comm_guard_t *guards;      /* kvcomm.guard: per consumer (guard.c) */
+    int n_guards, cap_guards;
 };
 
 /* One agent template record (kvcomm.md §2.2). */
@@ -235,8 +244,12 @@ int comm_dev_pred(kvm_comm_t *c, comm_sample_t *s, comm_anchor_t **E, int n, dou
  * recompute_frac, the spread score of every offset-corrected placeholder row (kvcomm_spread) at its position */
 /* whether a REUSE call needs the spread scores: kvcomm.recompute_frac or kvcomm.recompute_spread is on */
 static inline bool comm_wants_scores(const kvm_kvcomm_config_t *cfg) {
-    return cfg->recompute_frac > 0 || cfg->recompute_spread > 0;
+    return cfg->recompute_frac > 0 || cfg->recompute_spread > 0 || cfg->guard; /* the guard may raise the fraction */
 }
+/* kvcomm.guard (guard.c): the recompute fraction of consumer `agent` (cfg.recompute_frac when the guard is off), and
+ * the check of one assembled REUSE prompt (after its recompute pass; E = its exact rows) against a dense prefill. */
+float comm_guard_frac(kvm_comm_t *c, const char *agent);
+int comm_guard_check(kvm_comm_t *c, const char *agent, kvm_prepared_t *p, int E);
 int comm_dev_reuse(kvm_comm_request_t *rq, const kvm_template_t *t, const comm_piece_t *pcs, const comm_forced_t *forced,
                    kvm_prepared_t *out, int E, int N, float *row_score);
 

@@ -264,7 +264,7 @@ static int cmp_score_desc(const void *a, const void *b) {
 /* Marks the rows [E, N-1) of a REUSE prompt to recompute: 2 = the span of a short shared piece (recompute_below)
  * or a short text segment after a shared piece (recompute_text), 1 = one of the recompute_frac share of the other
  * offset-corrected placeholder rows with the largest spread score. Returns the number of marked rows or < 0. */
-static int mark_rows(const prep_priv_t *pv, const kvm_kvcomm_config_t *cfg, int E, int N, char *mark) {
+static int mark_rows(const prep_priv_t *pv, const kvm_kvcomm_config_t *cfg, float frac, int E, int N, char *mark) {
     const bool select = pv->row_score && comm_wants_scores(cfg);
     for (int j = 0; j < pv->n_ph; j++) {
         const comm_piece_t *q = &pv->ph[j];
@@ -284,7 +284,7 @@ static int mark_rows(const prep_priv_t *pv, const kvm_kvcomm_config_t *cfg, int 
         if (select && !mark[row] && pv->row_score[row] > 0)
             cand[2 * nc] = pv->row_score[row], cand[2 * nc + 1] = (float)row, nc++;
     }
-    int k = select ? (int)ceil((double)cfg->recompute_frac * nc) : 0;
+    int k = select ? (int)ceil((double)frac * nc) : 0;
     if (k > nc) k = nc;
     if (select && nc > 0) qsort(cand, (size_t)nc, 2 * sizeof(float), cmp_score_desc);
     if (select && cfg->recompute_spread > 0) /* and every row whose predicted error passes the gate */
@@ -310,7 +310,7 @@ static int stage_recompute(kvm_comm_t *c, prep_priv_t *pv, kvm_prepared_t *p) {
             return kvm_seterr(KVM_EINTERNAL, "recompute: assembled row %d sits in a shared block", row);
     char *mark = kvm_calloc((size_t)N, 1);
     if (!mark) return KVM_ENOMEM;
-    const int nb = mark_rows(pv, cfg, E, N, mark);
+    const int nb = mark_rows(pv, cfg, comm_guard_frac(c, pv->tmpl->agent), E, N, mark);
     int32_t *buf = nb > 0 ? kvm_malloc((size_t)(N + 2 * nb) * sizeof(int32_t)) : NULL;
     int rc = nb < 0 ? nb : nb > 0 && !buf ? KVM_ENOMEM : 0;
     if (!rc && nb > 0) {
@@ -361,7 +361,8 @@ static int stage_assemble(kvm_comm_request_t *rq, const kvm_template_t *t, const
     r->recomputed_tokens = 1;
     out->n_cached = N - 1;
     pv->n_exact = E;
-    return stage_recompute(c, pv, out);
+    rc = stage_recompute(c, pv, out);
+    return rc ? rc : comm_guard_check(c, t->agent, out, E);
 }
 
 int comm_prepare_run(kvm_comm_request_t *rq, const kvm_prompt_t *p, const comm_forced_t *forced, kvm_prepared_t *out) {
@@ -496,12 +497,12 @@ int kvm_comm_report_json(const kvm_comm_report_t *r, char *buf, size_t cap) {
     PUT("{\"mode\":\"%s\",\"policy\":\"%s\",\"input_tokens\":%d,\"exact\":%d,\"offset\":%d,\"naive\":%d,"
         "\"recomputed\":%d,\"fused\":%d,\"template_hash\":\"%016llx\",\"predict_ms\":%.3f,\"weights_ms\":%.3f,"
         "\"offset_ms\":%.3f,\"assemble_ms\":%.3f,\"anchors_staged\":%d,\"short_recomputed\":%d,"
-        "\"selected_recomputed\":%d,\"recompute_items\":%d,\"placeholders\":[",
+        "\"selected_recomputed\":%d,\"recompute_items\":%d,\"guard\":%d,\"guard_tokens\":%d,\"placeholders\":[",
         r->mode == KVM_COMM_REUSE ? "reuse" : "dense",
         r->policy == KVM_KV_KVCOMM ? "kvcomm" : r->policy == KVM_KV_DENSE ? "text" : "exact", r->input_tokens,
         r->exact_tokens, r->offset_tokens, r->naive_tokens, r->recomputed_tokens, r->fused_tokens,
         (unsigned long long)r->template_hash, r->predict_ms, r->weights_ms, r->offset_ms, r->assemble_ms,
-        r->anchors_staged, r->short_recomputed, r->selected_recomputed, r->recompute_items);
+        r->anchors_staged, r->short_recomputed, r->selected_recomputed, r->recompute_items, r->guard, r->guard_tokens);
     for (int i = 0; i < r->n_placeholders && i < KVM_COMM_MAX_PH; i++) {
         const kvm_comm_ph_report_t *p = &r->ph[i];
         PUT("%s{\"name\":\"%s\",\"segment\":%llu,\"sample\":\"%016llx\",\"tokens\":%d,\"start\":%d,\"text_tokens\":%d,"

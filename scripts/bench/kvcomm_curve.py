@@ -2,7 +2,7 @@
 """kvcomm_curve.py - the accuracy-vs-reuse curve of the KVCOMM policies (docs/kvcomm.md §5.2).
 
 Runs `kvmesh bench kvcomm` once per (model, workload) with the modes dense, spec (the paper's policy) and the
-blended policy at several recompute fractions (blend@F; default = what kv = "kvcomm" runs), then writes
+blended policy at several recompute fractions (blend@F, without the guard of the default), then writes
 
   OUT/curve.md   a table per cell: accuracy over the roles that are not degenerate under dense (named), its
                  difference to dense, the worst role's difference, greedy agreement, calls reused, and the share of
@@ -25,7 +25,7 @@ import sys
 
 def run_cell(a, model, wl):
     out = os.path.join(a.out, "%s-%s" % (os.path.basename(model.rstrip("/")), wl))
-    modes = ["dense", "spec"] + ["default" if f == 0.7 else "blend@%g" % f for f in a.fracs]
+    modes = ["dense", "spec"] + ["blend@%g" % f for f in a.fracs]
     cmd = [a.kvmesh, "bench", "kvcomm", "--model", model, "--backend", "cpu", "--workload", wl,
            "--requests", str(a.requests), "--cos-samples", "0", "--modes", ",".join(modes), "--out", out]
     print("+ " + " ".join(cmd), file=sys.stderr, flush=True)
@@ -160,7 +160,7 @@ def main():
     ap.add_argument("--workloads", default="team,pipeline,revise,arith")
     ap.add_argument("--requests", type=int, default=300)
     ap.add_argument("--fracs", default="0.1,0.3,0.5,0.7,0.9",
-                    help="recompute fractions of the blended policy (0.7 is the default policy, mode 'default')")
+                    help="recompute fractions of the blended policy without the guard (the default starts its guard at 0.5)")
     ap.add_argument("--out", default="results/kvcomm-curve")
     ap.add_argument("--from", dest="frm", default=None, help="redraw from the JSON files under this folder")
     a = ap.parse_args()

@@ -29,7 +29,7 @@ has "team: the degenerate checker is named" "$out" "degenerate role left out of 
 for m in dense spec default blend@0.9 gate@0.05; do
   printf '%s\n' "$out" | grep -q "^$m " && ok "team: mode $m" || bad "team: no line for mode $m"
 done
-has "team: the default's switches in the JSON" "$(cat "$tmp/team/kvcomm_team.json")" "recompute_below=32 recompute_text=64 recompute_frac=0.70"
+has "team: the default's switches in the JSON" "$(cat "$tmp/team/kvcomm_team.json")" "recompute_below=32 recompute_text=64 recompute_frac=0.50 guard=on"
 has "team: the degenerate role in the JSON" "$(tr -d ' \t\n' <"$tmp/team/kvcomm_team.json")" '"degenerate_roles":[{"role":"checker"'
 for w in pipeline:extractor:answerer revise:solver:reviser arith:result:reverse; do
   IFS=: read -r name r0 r1 <<<"$w"

@@ -1,0 +1,109 @@
+/* guard.c - the fidelity guard of the blended policy (ours, issue 15; kvcomm.md §5.2 "The fidelity guard").
+ *
+ * KVCOMM's offset estimate keeps the answers on one model and not on another (minillama-2m vs miniqwen3-6m): how
+ * much of a prompt must be recomputed is a property of the model and the agent's prompt, which a fixed
+ * recompute_frac cannot know. The guard measures it online. For a deterministic sample of the REUSE calls of each
+ * consumer (agent) of a comm context (all of its first KVM_GUARD_FIRST, then every KVM_GUARD_EVERY-th) it runs,
+ * after the assembly and the recompute pass:
+ *   - greedy decoding of up to KVM_GUARD_TOKENS tokens (to an end token) on the assembled cache, and
+ *   - a dense prefill of the prompt on a scratch sequence and the same greedy decoding there,
+ * and compares the two (the first token alone misses most changed answers: names share their first pieces). On a
+ * disagreement the consumer's recompute fraction moves up one step (f + (1 - f) / 2, and to 1 once that is within
+ * 0.05 of 1; 1 is the dense cache) and this call is served from the dense prefill. The state is kept per agent name
+ * and the fraction never goes down within the context's life. Deterministic for a given order of calls. A check that
+ * cannot run (the KV budget cannot hold the dense copy, say) is skipped with a warning; the call keeps its cache. */
+#include <stdio.h>
+#include <string.h>
+
+#include "comm_internal.h"
+
+enum { KVM_GUARD_FIRST = 32, KVM_GUARD_EVERY = 8, KVM_GUARD_TOKENS = 8 };
+
+static comm_guard_t *guard_get(kvm_comm_t *c, const char *agent) {
+    for (int i = 0; i < c->n_guards; i++)
+        if (!strcmp(c->guards[i].agent, agent)) return &c->guards[i];
+    if (comm_reserve(&c->guards, &c->cap_guards, c->n_guards, sizeof *c->guards)) return NULL;
+    comm_guard_t *g = &c->guards[c->n_guards++];
+    memset(g, 0, sizeof *g);
+    snprintf(g->agent, sizeof g->agent, "%s", agent);
+    g->frac = c->cfg.recompute_frac;
+    return g;
+}
+
+float comm_guard_frac(kvm_comm_t *c, const char *agent) {
+    if (!c->cfg.guard) return c->cfg.recompute_frac;
+    const comm_guard_t *g = guard_get(c, agent);
+    return g ? g->frac : 1.0f; /* out of memory: the safe side */
+}
+
+static float guard_step(float f) {
+    float n = f + (1.0f - f) / 2;
+    return 1.0f - n < 0.05f ? 1.0f : n;
+}
+
+static bool is_eos(const kvm_model_t *m, int32_t id) {
+    for (int i = 0; i < m->cfg.n_eos; i++)
+        if (m->cfg.eos_ids[i] == id) return true;
+    return false;
+}
+
+/* Greedy-decodes up to KVM_GUARD_TOKENS tokens on seq (which holds N-1 prompt rows) from the last prompt token,
+ * stopping after an end token, into out; truncates seq back to N-1 rows. Returns the count or < 0. */
+static int guard_decode(kvm_comm_t *c, kvm_seq_t *seq, int32_t last, int N, int32_t *out) {
+    int32_t in = last;
+    int n = 0, rc = 0;
+    while (n < KVM_GUARD_TOKENS) {
+        kvm_batch_item_t it = {.seq = seq, .tokens = &in, .n_tokens = 1, .next_token = &out[n]};
+        if ((rc = kvm_forward(c->m, &it, 1))) break;
+        in = out[n++];
+        if (is_eos(c->m, in)) break;
+    }
+    kvm_seq_truncate(seq, N - 1);
+    return rc ? rc : n;
+}
+
+int comm_guard_check(kvm_comm_t *c, const char *agent, kvm_prepared_t *p, int E) {
+    if (!c->cfg.guard) return 0;
+    comm_guard_t *g = guard_get(c, agent);
+    if (!g) return KVM_ENOMEM;
+    g->reused++;
+    if (g->frac >= 1.0f) return 0; /* the dense cache already: nothing to check */
+    if (g->reused > KVM_GUARD_FIRST && g->reused % KVM_GUARD_EVERY) return 0;
+    const int N = p->n_prompt;
+    kvm_comm_report_t *r = &p->report;
+    int32_t ro[KVM_GUARD_TOKENS], dn[KVM_GUARD_TOKENS];
+    const int nr = guard_decode(c, &p->seq, p->prompt_ids[N - 1], N, ro); /* the caller runs them again */
+    if (nr < 0) { /* the check is skipped, the call goes on with its cache (back at N-1 rows) */
+        KVM_LOGW("kvcomm guard: agent '%s': no check of this call (the reused path's tokens): %s", agent, kvm_errmsg());
+        return 0;
+    }
+    kvm_seq_t d;
+    kvm_seq_init(&d, c->pool);
+    int rc = comm_prefill(c, &d, p->prompt_ids, N - 1);
+    const int nd = rc ? rc : guard_decode(c, &d, p->prompt_ids[N - 1], N, dn);
+    if (nd < 0) { /* e.g. a KV budget too small for a second copy of the prompt: skipped, not an error */
+        kvm_seq_free(&d);
+        KVM_LOGW("kvcomm guard: agent '%s': no check of this call (the dense prefill of %d tokens): %s", agent, N,
+                 kvm_errmsg());
+        return 0;
+    }
+    g->checked++;
+    r->guard = 1;
+    r->guard_tokens = N - 1 + nd + nr;
+    if (nr != nd || memcmp(ro, dn, (size_t)nr * sizeof *ro)) {
+        g->disagreed++;
+        const float before = g->frac;
+        g->frac = guard_step(g->frac);
+        KVM_LOGI("kvcomm guard: agent '%s' greedy tokens differ from dense on check %u: recompute_frac %.3f -> %.3f",
+                 agent, g->checked, (double)before, (double)g->frac);
+        kvm_seq_t t = p->seq; /* serve this call from the dense prefill */
+        p->seq = d;
+        d = t;
+        r->guard = 2;
+        r->exact_tokens = E;
+        r->offset_tokens = r->naive_tokens = 0;
+        r->recomputed_tokens = N - E;
+    }
+    kvm_seq_free(&d);
+    return 0;
+}
