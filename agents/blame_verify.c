@@ -226,7 +226,6 @@ int kvm_schema_distill(kvm_schema_cache_t *c, int id, const kvm_failure_t *f, kv
     if (info.max_context > 0 && gp.max_tokens > info.max_context / 2) gp.max_tokens = info.max_context / 2 > 0 ? info.max_context / 2 : 1;
     gp.temperature = p->temperature;
     gp.top_p = p->top_p;
-    gp.seed = p->seed;
     gp.chat = info.chat_format && strcmp(info.chat_format, "none") != 0;
     /* the prompt, cut until it fits the judge's context beside its answer */
     char *prompt = NULL;
@@ -250,14 +249,27 @@ int kvm_schema_distill(kvm_schema_cache_t *c, int id, const kvm_failure_t *f, kv
         }
         if (gp.max_tokens > room) gp.max_tokens = room;
     }
-    kvm_generation_t g = {0};
-    int rc = kvm_model_generate(judge, prompt, &gp, NULL, NULL, &g);
-    kvm_free(prompt);
-    if (rc) {
+    /* The seed: the caller's, else one derived from the failure (the same failure gets the same text). A sample that
+     * leaves nothing after the scrub (a small judge that ends at once, or writes only markup) is drawn again, twice at
+     * most, with the next seeds; then the stub stands. */
+    const uint64_t base = p->seed ? p->seed : fnv(f->id ? f->id : "") ^ ((uint64_t)(unsigned)id * 0x9E3779B97F4A7C15ull);
+    int rc = 0;
+    for (int attempt = 0; attempt < 3; attempt++) {
+        kvm_generation_t g = {0};
+        gp.seed = base + (uint64_t)attempt;
+        rc = kvm_model_generate(judge, prompt, &gp, NULL, NULL, &g);
+        if (rc) {
+            kvm_generation_clear(&g);
+            rc = kvm_errctx(rc, "the judge %s writing the text of schema %d", info.name, id);
+            break;
+        }
+        rc = kvm_schema_cache_set_text(c, id, g.text ? g.text : "", info.name);
         kvm_generation_clear(&g);
-        return kvm_errctx(rc, "the judge %s writing the text of schema %d", info.name, id);
+        char *t = rc ? NULL : kvm_schema_cache_text(c, id);
+        bool usable = t != NULL;
+        kvm_free(t);
+        if (rc || usable) break;
     }
-    rc = kvm_schema_cache_set_text(c, id, g.text ? g.text : "", info.name);
-    kvm_generation_clear(&g);
+    kvm_free(prompt);
     return rc;
 }

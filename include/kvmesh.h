@@ -925,7 +925,8 @@ typedef struct kvm_judge_params {
     size_t max_prompt_bytes; /* the transcript's bytes in the prompt at most (8192; 256..1 MiB) */
     float temperature;       /* 0.7 (correct.md §3.2); 0 = greedy */
     float top_p;             /* 0.95 */
-    uint64_t seed;           /* sampling seed (0) */
+    uint64_t seed;           /* sampling seed (0: derived from the failure); a sample that leaves nothing after the
+                                scrub is drawn again with the next seeds, 3 samples at most */
 } kvm_judge_params_t;
 
 kvm_judge_params_t kvm_judge_default_params(void);
