@@ -39,52 +39,60 @@ static int c2c_decode1(const kvm_c2c_align_side_t *sd, int32_t id, char **out, s
     return kvm_detokenize(sd->tok, &id, 1, false, out, len);
 }
 
-int kvm_c2c_map_token(const kvm_c2c_align_side_t *r, const kvm_c2c_align_side_t *s, int32_t rid,
-                      kvm_c2c_strategy_t strategy, int32_t *sid) {
+static bool c2c_special(const kvm_c2c_align_side_t *r, int32_t id) {
+    return kvm_tokenizer_is_special(r->tok, id) || id == r->pad || id == r->eos || id == r->bos || id == r->unk;
+}
+
+/* kvm_c2c_map_token; *n_cand = how many ids the re-encoding gave (-1 for a special token). */
+static int c2c_map(const kvm_c2c_align_side_t *r, const kvm_c2c_align_side_t *s, int32_t rid,
+                   kvm_c2c_strategy_t strategy, int32_t *sid, int *n_cand) {
     const int32_t fallback = c2c_valid(s, s->unk) ? s->unk : 0;
     if (!c2c_valid(r, rid)) return kvm_seterr(KVM_EINVAL, "c2c align: receiver id %d is not in its vocabulary", rid);
     if (strategy != KVM_C2C_ALIGN_FIRST && strategy != KVM_C2C_ALIGN_LONGEST)
         return kvm_seterr(KVM_EINVAL, "c2c align: strategy %d is not first or longest", (int)strategy);
     char *text = NULL;
     size_t tlen = 0;
-    int rc;
+    int rc = c2c_decode1(r, rid, &text, &tlen);
+    if (rc) return rc;
+    *n_cand = -1;
     /* special tokens: by role, then by string (the receiver's role ids count as special) */
-    if (kvm_tokenizer_is_special(r->tok, rid) || rid == r->pad || rid == r->eos || rid == r->bos || rid == r->unk) {
+    if (c2c_special(r, rid)) {
         const int32_t roles[4][2] = {{r->pad, s->pad}, {r->eos, s->eos}, {r->bos, s->bos}, {r->unk, s->unk}};
-        for (int k = 0; k < 4; k++)
-            if (rid == roles[k][0] && c2c_valid(s, roles[k][1])) {
-                *sid = roles[k][1];
-                return 0;
-            }
-        if ((rc = c2c_decode1(r, rid, &text, &tlen))) return rc;
-        const int32_t id = kvm_tokenizer_find(s->tok, text);
+        int32_t id = -1;
+        for (int k = 0; k < 4 && id < 0; k++)
+            if (rid == roles[k][0] && c2c_valid(s, roles[k][1])) id = roles[k][1];
+        if (id < 0) id = kvm_tokenizer_find(s->tok, text);
         kvm_free(text);
         *sid = c2c_valid(s, id) ? id : fallback;
         return 0;
     }
-    /* a message token: decode alone, re-encode with the sharer's tokenizer */
-    if ((rc = c2c_decode1(r, rid, &text, &tlen))) return rc;
+    /* a message token: decoded alone, re-encoded with the sharer's tokenizer */
     int32_t *ids = NULL;
     int n = 0;
     rc = kvm_tokenize(s->tok, text, tlen, KVM_TOK_PARSE_SPECIAL, &ids, &n);
     kvm_free(text);
     if (rc) return kvm_errctx(rc, "c2c align: re-encoding receiver id %d with the sharer's tokenizer", rid);
-    if (n == 0) *sid = fallback;
-    else if (n == 1 || strategy == KVM_C2C_ALIGN_FIRST) *sid = ids[0];
-    else {
+    *n_cand = n;
+    *sid = n ? ids[0] : fallback;
+    if (n > 1 && strategy == KVM_C2C_ALIGN_LONGEST) {
         size_t best = 0;
-        *sid = ids[0];
         for (int i = 0; i < n && !rc; i++) {
             char *c = NULL;
             size_t clen = 0;
             if ((rc = c2c_decode1(s, ids[i], &c, &clen))) break;
             const size_t chars = c2c_chars(c, clen);
             kvm_free(c);
-            if (i == 0 || chars > best) best = chars, *sid = ids[i]; /* strictly longer: the earlier wins a tie */
+            if (chars > best) best = chars, *sid = ids[i]; /* strictly longer: the earlier wins a tie */
         }
     }
     kvm_free(ids);
     return rc;
+}
+
+int kvm_c2c_map_token(const kvm_c2c_align_side_t *r, const kvm_c2c_align_side_t *s, int32_t rid,
+                      kvm_c2c_strategy_t strategy, int32_t *sid) {
+    int n_cand;
+    return c2c_map(r, s, rid, strategy, sid, &n_cand);
 }
 
 /* ---- section alignment --------------------------------------------------------------------------------- */
@@ -137,24 +145,12 @@ static int c2c_align_one(const kvm_c2c_align_side_t *r, const kvm_c2c_section_t 
         if ((rc = c2c_grow(w, nr))) goto out;
         for (int t = 0; t < nr && !rc; t++) {
             int32_t sid = 0;
-            const bool special = kvm_tokenizer_is_special(r->tok, ri[t]) || ri[t] == r->pad || ri[t] == r->eos ||
-                                 ri[t] == r->bos || ri[t] == r->unk;
-            if ((rc = kvm_c2c_map_token(r, s, ri[t], strategy, &sid))) break;
-            if (special) a->mapped_special++;
-            else {
-                /* count the rule that applied (several / empty) for the report */
-                char *txt = NULL;
-                size_t tl = 0;
-                int32_t *cand = NULL;
-                int nc = 0;
-                if (!(rc = c2c_decode1(r, ri[t], &txt, &tl)) &&
-                    !(rc = kvm_tokenize(s->tok, txt, tl, KVM_TOK_PARSE_SPECIAL, &cand, &nc))) {
-                    a->mapped_several += nc > 1;
-                    a->mapped_empty += nc == 0;
-                }
-                kvm_free(txt), kvm_free(cand);
-            }
-            if (!rc) c2c_row(a, ri[t], sid, true, false, false);
+            int n_cand = 0;
+            if ((rc = c2c_map(r, s, ri[t], strategy, &sid, &n_cand))) break;
+            a->mapped_special += n_cand < 0;
+            a->mapped_several += n_cand > 1;
+            a->mapped_empty += n_cand == 0;
+            c2c_row(a, ri[t], sid, true, false, false);
         }
         goto out;
     }

@@ -10,7 +10,9 @@
  *     (0 if it has none). Receiver special tokens (and its pad / eos / bos / unk ids) map by role pad -> pad,
  *     eos -> eos, bos -> bos, unk -> unk where the sharer has that role, any other by its string to the sharer id
  *     of the same string, else unk (or 0).
- * Both sequences get the same length N and positions 0..N-1; only message rows are marked for fusion.
+ * Both sequences get the same length N and positions 0..N-1; only message rows are marked for fusion. Each section
+ * is tokenized on its own (the reference cuts one tokenization at character offsets: the same wherever no token
+ * spans a section boundary).
  *
  * The aligner is pure (no model runs); kvm_c2c_prefill_aligned runs the two models over an alignment. The engine has
  * no attention mask (a sequence's KV row index is its position, and every row attends to all rows before it), so
