@@ -548,6 +548,9 @@ static void test_the_aligned_prefill_fuses_exactly_the_message_rows(void **st) {
     assert_int_equal(kvm_c2c_prefill_aligned(fi, R, re, S, sp, &a, la, NULL), KVM_EINVAL); /* identity fuser */
     assert_non_null(strstr(kvm_errmsg(), "not aligned mode"));
     assert_int_equal(kvm_c2c_prefill_aligned(f, R, rs, S, sp, &a, la, NULL), KVM_EINVAL); /* rseq not empty */
+    kvm_c2c_aligned_t empty = {.strategy = KVM_C2C_ALIGN_LONGEST};
+    assert_int_equal(kvm_c2c_prefill_aligned(f, R, re, S, sp, &empty, la, NULL), KVM_EINVAL);
+    assert_non_null(strstr(kvm_errmsg(), "no rows"));
     assert_int_equal(rs->n_tokens, N);
     assert_int_equal(kvm_c2c_prefill(f, R, re, S, sp, a.r_ids, N, N - 1, la, NULL), KVM_EINVAL);
     assert_non_null(strstr(kvm_errmsg(), "spec §4"));

@@ -339,8 +339,12 @@ int kvm_c2c_prefill_aligned(kvm_c2c_fuser_t *f, kvm_model_t *receiver, kvm_seq_t
     if (rseq->n_tokens)
         return kvm_seterr(KVM_EINVAL, "c2c prefill: the aligned sequence starts at position 0, but the receiver's sequence "
                           "holds %d tokens", rseq->n_tokens);
-    if (a->n_sections < 1 || a->n < 1)
-        return kvm_seterr(KVM_EINVAL, "c2c prefill: the alignment has no rows");
+    bool sane = a->n_sections >= 1 && a->n >= 1 && a->r_ids && a->s_ids && a->r_pad && a->sec_start && a->sec_message &&
+                a->sec_start[0] == 0 && a->sec_start[a->n_sections] == a->n;
+    for (int i = 0; sane && i < a->n_sections; i++) sane = a->sec_start[i] <= a->sec_start[i + 1];
+    if (!sane)
+        return kvm_seterr(KVM_EINVAL, "c2c prefill: the alignment has no rows or inconsistent section bounds (make it "
+                          "with kvm_c2c_align_models / kvm_c2c_align_chat)");
     const int last = a->n_sections - 1, last0 = a->sec_start[last], n_run = a->n - a->r_pads_trailing;
     for (int t = 0; t < last0; t++)
         if (a->r_pad[t])
