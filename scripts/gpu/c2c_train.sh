@@ -15,7 +15,9 @@
 # C test's fixture; (3) kvmesh's C loader opens the exported fuser for the bundled pair (a workflow with kv_from), and
 # `kvmesh bench c2c` (when the binary has it) scores the same eval documents through the C runtime for spec §9 (h).
 # Everything lands in OUT: docs, train.log, results.json, c2c-miniqwen3-to-minillama/ (config, weights, README.md
-# model card), control/, fixture/rows.safetensors, loader.log, bench.json. Progress lines carry UTC timestamps.
+# model card), control/, fixture/rows.safetensors, loader.log, bench.json, h.json. Progress lines carry UTC timestamps.
+# Knobs (environment): BUDGET_S, N_TRAIN, N_EVAL, FACTS, STEPS (3000), CONTROL_STEPS (1000), BATCH (256), LR (1e-3),
+# HIDDEN (128: 1.68M parameters, 3.4 MB bf16), BENCH_DOCS (500), KVMESH (a kvmesh binary instead of the bundle's).
 set -uo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 cmd=${1:-}
@@ -42,7 +44,7 @@ if [ "$SMOKE" = 1 ]; then
   [ -x /usr/bin/python3 ] && PY=${PYTHON:-/usr/bin/python3}
 else
   N_TRAIN=${N_TRAIN:-200000} N_EVAL=${N_EVAL:-2000} FACTS=${FACTS:-2-8} BUDGET_S=${BUDGET_S:-540}
-  TRAIN_ARGS="--steps ${STEPS:-2500} --control-steps ${CONTROL_STEPS:-800} --batch ${BATCH:-256}"
+  TRAIN_ARGS="--steps ${STEPS:-3000} --control-steps ${CONTROL_STEPS:-1000} --batch ${BATCH:-256} --lr ${LR:-1e-3} --hidden ${HIDDEN:-128}"
   B=$root/.gpu-c2ctrain
   if [ -z "${KVMESH:-}" ]; then
     export LD_LIBRARY_PATH=$B/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
@@ -94,19 +96,23 @@ g:edge(kvm.START, "reader")
 g:edge("reader", "answerer")
 return g
 EOF
-KVM_BACKEND=cpu timeout 60 "$KV" run "$OUT/loader_check.lua" --input docs="Mark: 9442" --input q=Mark > "$OUT/loader.log" 2>&1
+KVM_BACKEND=cpu timeout 60 "$KV" run "$OUT/loader_check.lua" --input docs="Mark: 9442" --input q=Mark --trace "$OUT/trace" \
+  > "$OUT/loader.log" 2>&1
 lrc=$?
 ts "C loader + kv_from run with the trained fuser: exit status $lrc ($(tail -c 300 "$OUT/loader.log" | tr '\n' ' '))"
 
 # (4) spec §9 (h): the C runtime on the same eval documents, when this kvmesh has `bench c2c` and time is left
 if "$KV" bench c2c --help > /dev/null 2>&1 && [ "$(left)" -gt 25 ]; then
-  nb=$([ "$SMOKE" = 1 ] && echo 20 || echo "${BENCH_DOCS:-2000}")
-  be=$([ "$SMOKE" = 1 ] && echo cpu || echo "${BENCH_BACKEND:-cuda}")
-  ts "kvmesh bench c2c on $nb eval documents ($be, $(($(left) - 8))s at most)"
-  timeout $(($(left) - 8)) "$KV" bench c2c --receiver $R --sharer $S --fuser "$J" \
-    --identity-fuser "$OUT/control/identical.c2c.json" --docs-file <(head -n "$nb" "$OUT/eval.jsonl") --backend "$be" \
+  # the bundled binary is a CPU build (KVM_CUDA=OFF): the C runtime's CPU path, all cores
+  nb=$([ "$SMOKE" = 1 ] && echo 20 || echo "${BENCH_DOCS:-500}")
+  head -n "$nb" "$OUT/eval.jsonl" > "$OUT/bench_docs.jsonl"
+  ts "kvmesh bench c2c on the first $nb eval documents (CPU, $(($(left) - 8))s at most)"
+  KVM_THREADS=${KVM_THREADS:-$(nproc)} timeout $(($(left) - 8)) "$KV" bench c2c --receiver $R --sharer $S --fuser "$J" \
+    --identity-fuser "$OUT/control/identical.c2c.json" --docs-file "$OUT/bench_docs.jsonl" --backend cpu \
     --json "$OUT/bench.json" > "$OUT/bench.log" 2>&1
-  ts "bench c2c exit status $? ; $(tail -n 25 "$OUT/bench.log")"
+  ts "bench c2c exit status $?"
+  tail -n 24 "$OUT/bench.log"
+  [ -f "$OUT/bench.json" ] && $PY scripts/train/c2c_train.py compare "$OUT/results.json" "$OUT/bench.json" "$OUT/h.json"
 else
   ts "kvmesh bench c2c skipped (not in this binary, or no time left: $(left)s)"
 fi

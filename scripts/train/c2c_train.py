@@ -25,6 +25,8 @@ Usage (scripts/gpu/c2c_train.sh runs it; CPU smoke: SMOKE=1 scripts/gpu/c2c_trai
   python3 scripts/train/c2c_train.py --train-docs T.jsonl --eval-docs E.jsonl --out OUT \
       [--export-dir models/c2c-miniqwen3-to-minillama] [--control-dir OUT/control] [--fixture-dir DIR] \
       [--steps 2500] [--control-steps 800] [--budget-s 330] [--batch 256] [--hidden 128] [--device cuda]
+  python3 scripts/train/c2c_train.py compare OUT/results.json OUT/bench.json OUT/h.json   (spec §9 (h): EM of
+      `kvmesh bench c2c --json` on the first lines of the eval file against PyTorch's on the same lines)
 Needs torch (1.13 CPU or 2.x CUDA); no transformers, no safetensors package.
 """
 import argparse
@@ -286,9 +288,11 @@ def derangement(bk):
 
 
 def evaluate(R, S, fuser, ctrl, bk, args, device):
+    n_docs = sum(len(b["idx"]) for b in bk.values())
     ln10 = math.log(10.0)
     conds = ["a", "b", "c", "d", "e", "f"] + (["g"] if ctrl is not None else [])
     acc = {c: dict(em=0, nll=0.0, n=0, by_facts={}) for c in conds}
+    per_doc = {c: {} for c in conds}  # file line -> (em, nll/digit): to compare any subset with the C runtime
     f_bit_equal, f_checked = True, 0
     der, left_out = derangement(bk)
     eb = args.eval_batch
@@ -298,6 +302,7 @@ def evaluate(R, S, fuser, ctrl, bk, args, device):
             sl = slice(i0, min(k, i0 + eb))
             s_ids, r_ids, ans = b["s"][sl], b["r"][sl], b["a"][sl]
             facts = b["facts"][sl]
+            lines = b["idx"][sl]
             nf = n - 1
             with torch.no_grad():
                 _, kv_rb = R.forward(r_ids[:, :nf])
@@ -329,6 +334,8 @@ def evaluate(R, S, fuser, ctrl, bk, args, device):
                 A["em"] += int(em.sum())
                 A["nll"] += float(nll.mean(dim=1).sum())
                 A["n"] += em.shape[0]
+                for j, e, v in zip(lines, em.tolist(), nll.mean(dim=1).tolist()):
+                    per_doc[c][j] = (int(e), v)
                 for fc, e in zip(facts.tolist(), em.tolist()):
                     bf = A["by_facts"].setdefault(str(fc), [0, 0])
                     bf[0] += int(e)
@@ -345,7 +352,9 @@ def evaluate(R, S, fuser, ctrl, bk, args, device):
         if c in res:
             crit[f"{c}_em_le_0.01"] = res[c]["em"] <= 0.01
             crit[f"{c}_nll_ge_{ln10 - 0.1:.2f}"] = res[c]["nll_per_digit"] >= ln10 - 0.1
-    return dict(conditions=res, recovery_ratio=rec, f_bit_identical=f_bit_equal, f_batches_compared=f_checked,
+    per = {c: dict(em="".join(str(per_doc[c][j][0]) if j in per_doc[c] else "-" for j in range(n_docs)),
+                   nll=[round(per_doc[c][j][1], 6) if j in per_doc[c] else None for j in range(n_docs)]) for c in conds}
+    return dict(conditions=res, per_doc=per, recovery_ratio=rec, f_bit_identical=f_bit_equal, f_batches_compared=f_checked,
                 e_left_out=left_out, criteria=crit, passed=all(crit.values()),
                 gates_open={b: [fuser.branch(l, b).is_open() for l in range(len(fuser.k))] for b in ("k", "v")})
 
@@ -570,5 +579,37 @@ def main():
     return 0 if (rt_ok and rt_c) else 1
 
 
+def compare_bench(results_path, bench_path, out_path):
+    """Spec §9 (h), first half: EM of each condition from `kvmesh bench c2c --json` (the C runtime, on the first
+    `docs` lines of the eval file) against PyTorch's on the same lines; within +-0.5 pt passes."""
+    with open(results_path) as f:
+        per = json.load(f)["eval"]["per_doc"]
+    with open(bench_path) as f:
+        bench = json.load(f)
+    n = int(bench["docs"])
+    rows, ok = {}, True
+    print(f"spec §9 (h): EM of the C runtime (kvmesh bench c2c, {bench.get('backend')}) vs PyTorch on the same {n} documents")
+    for c, bc in sorted(bench["conditions"].items()):
+        if c not in per or not isinstance(bc, dict) or "em" not in bc:
+            continue
+        em = [int(x) for x in per[c]["em"][:n] if x != "-"]
+        nll = [v for v in per[c]["nll"][:n] if v is not None]
+        if not em:
+            continue
+        pt_em, c_em = sum(em) / len(em), float(bc["em"])
+        d = 100 * (c_em - pt_em)
+        rows[c] = dict(torch_em=pt_em, c_em=c_em, diff_pt=d, torch_nll=sum(nll) / len(nll),
+                       c_nll=bc.get("nll_per_digit"), torch_docs=len(em), c_docs=bc.get("docs"))
+        ok = ok and abs(d) <= 0.5
+        print(f"  ({c}) EM C {100 * c_em:6.2f}%  PyTorch {100 * pt_em:6.2f}%  diff {d:+.2f} pt   NLL C "
+              f"{bc.get('nll_per_digit', float('nan')):.4f}  PyTorch {rows[c]['torch_nll']:.4f}")
+    print(f"  (h) EM within +-0.5 pt: {'PASS' if ok else 'FAIL'}")
+    with open(out_path, "w") as f:
+        json.dump(dict(conditions=rows, em_within_0_5pt=ok, docs=n), f, indent=1)
+    return 0 if ok else 1
+
+
 if __name__ == "__main__":
+    if len(sys.argv) == 5 and sys.argv[1] == "compare":
+        sys.exit(compare_bench(sys.argv[2], sys.argv[3], sys.argv[4]))
     sys.exit(main())
