@@ -566,15 +566,16 @@ def main():
     fx = write_fixture(fixture_dir, R, S, fz, rel, fx_docs, args.fixture_rows, device)
     log(f"fixture {fx} ({os.path.getsize(fx):,} bytes)")
 
-    res = dict(fuser=dict(config=os.path.abspath(jpath), params=n_params, bytes=os.path.getsize(wpath), hidden=args.hidden),
-               control=dict(config=os.path.abspath(jc)), train=tr, control_train=tr_c, roundtrip_ok=rt_ok,
+    res = dict(fuser=dict(config=os.path.basename(jpath), params=n_params, bytes=os.path.getsize(wpath), hidden=args.hidden),
+               control=dict(config=os.path.basename(jc), params=param_count(cfg_c), bytes=os.path.getsize(wc)), train=tr, control_train=tr_c, roundtrip_ok=rt_ok,
                control_roundtrip_ok=rt_c, eval=ev, device=card, torch=torch.__version__,
                train_docs=args.n_train_docs, eval_docs=len(edocs), total_s=round(time.time() - T0, 1))
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(res, f, indent=1)
     model_card(os.path.join(export_dir, "README.md"), cfg, n_params, os.path.getsize(wpath), tr, tr_c, ev, args, card, rt_ok)
+    card_res = dict(res, eval={k: v for k, v in ev.items() if k != "per_doc"})  # per-document bits: results.json only
     with open(os.path.join(export_dir, "train_results.json"), "w") as f:
-        json.dump(res, f, indent=1)
+        json.dump(card_res, f, indent=1)
     log(f"done: {os.path.join(args.out, 'results.json')}; verdict {'PASS' if ev['passed'] else 'FAIL'}")
     return 0 if (rt_ok and rt_c) else 1
 
