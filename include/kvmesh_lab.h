@@ -639,6 +639,22 @@ typedef struct kvm_c2c_stats {
 int kvm_c2c_prefill(kvm_c2c_fuser_t *f, kvm_model_t *receiver, kvm_seq_t *rseq, kvm_model_t *sharer, kvm_kv_pool_t *spool,
                     const int32_t *ids, int n, int n_fuse, float *logits, kvm_c2c_stats_t *st);
 
+/* What kvm_c2c_prefill_ex adds (every zero: kvm_c2c_prefill). */
+typedef struct kvm_c2c_prefill_opts {
+    const int32_t *sharer_ids; /* [n_fuse] what the sharer prefills in place of ids[0, n_fuse) (same positions; e.g. the
+                                  real document while the receiver reads a blinded one, spec §9); NULL = ids */
+    float *rest_logits;        /* host [n - n_fuse][vocab]: the logits of EVERY row of ids[n_fuse, n) (then the
+                                  logits argument must be NULL); NULL = only `logits` */
+    bool skip_fuse;            /* both prefills run, the fuser is not called (spec §9 (b): the same path, no fusion) */
+} kvm_c2c_prefill_opts_t;
+/* kvm_c2c_prefill with opts (NULL = none): the one implementation, kvm_c2c_prefill calls it. */
+int kvm_c2c_prefill_ex(kvm_c2c_fuser_t *f, kvm_model_t *receiver, kvm_seq_t *rseq, kvm_model_t *sharer, kvm_kv_pool_t *spool,
+                       const int32_t *ids, int n, int n_fuse, float *logits, const kvm_c2c_prefill_opts_t *opts,
+                       kvm_c2c_stats_t *st);
+/* Closes every gate of the loaded fuser f (in memory; the files are untouched): f becomes the exact identity, no
+ * branch runs (spec §9 (f)). 0, or KVM_EINVAL for a NULL f. */
+int kvm_c2c_close_gates(kvm_c2c_fuser_t *f);
+
 /* Options of kvm_c2c_write_untrained (every zero is the default). */
 typedef struct kvm_c2c_init_opts {
     uint64_t seed;          /* weights ~ U(-1, 1) / sqrt(fan_in) from this seed (default 0) */

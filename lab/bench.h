@@ -10,6 +10,11 @@
 /* `kvmesh bench kvcomm` (argv[0] = "kvcomm"): the TTFT and team workloads; the process exit status. */
 int lab_bench_kvcomm(int argc, char **argv, kvm_lab_params_fn fill);
 
+/* `kvmesh bench c2c` (argv[0] = "c2c"): the blinded-receiver demonstration of C2C (spec section 9) and, with
+ * --timing, the fusion cost against the text hand-off (bench_c2c.c, bench_c2c_timing.c); the process exit status. */
+int lab_bench_c2c(int argc, char **argv, kvm_lab_params_fn fill);
+int lab_bench_c2c_timing(int argc, char **argv, kvm_lab_params_fn fill);
+
 /* `kvmesh bench blame` (argv[0] = "blame"): failure attribution on Who&When, on injected errors, and the schema
  * cache's query latency (bench_blame.c); the process exit status. */
 int lab_bench_blame(int argc, char **argv, kvm_lab_params_fn fill);

@@ -63,7 +63,8 @@ static void bench_help(FILE *f) {
     fprintf(f,
             "usage: kvmesh bench engine (--synthetic NAME | --model PATH) [options]\n"
             "       kvmesh bench kvcomm ...   (the KVCOMM benchmark: kvmesh bench kvcomm --help)\n"
-            "       kvmesh bench blame ...    (failure attribution and the schema cache: kvmesh bench blame --help)\n\n"
+            "       kvmesh bench blame ...    (failure attribution and the schema cache: kvmesh bench blame --help)\n"
+            "       kvmesh bench c2c ...      (C2C: the blinded receiver of spec section 9, --timing: kvmesh bench c2c --help)\n\n"
             "Measures the dense engine: TTFT of a P-token prompt (batch 1), decode ms/token at batch 1 and batch B\n"
             "with a P-token context, tokens/s, achieved TFLOP/s and GB/s, against the floors of perf.md (on the H100);\n"
             "on the CPU against its own limits measured in the same run (FMA peak, OpenBLAS SGEMM when installed,\n"
@@ -548,6 +549,7 @@ int kvm_lab_cmd_bench(int argc, char **argv, kvm_lab_params_fn fill) {
     if (!strcmp(argv[1], "engine")) return bench_engine(argc - 1, argv + 1, fill);
     if (!strcmp(argv[1], "kvcomm")) return lab_bench_kvcomm(argc - 1, argv + 1, fill);
     if (!strcmp(argv[1], "blame")) return lab_bench_blame(argc - 1, argv + 1, fill);
-    fprintf(stderr, "kvmesh bench: unknown benchmark '%s' (engine, kvcomm, blame)\n", argv[1]);
+    if (!strcmp(argv[1], "c2c")) return lab_bench_c2c(argc - 1, argv + 1, fill);
+    fprintf(stderr, "kvmesh bench: unknown benchmark '%s' (engine, kvcomm, blame, c2c)\n", argv[1]);
     return 2;
 }

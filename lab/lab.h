@@ -25,7 +25,8 @@ typedef int (*kvm_lab_params_fn)(kvm_model_params_t *p);
 int kvm_lab_cmd_bench(int argc, char **argv, kvm_lab_params_fn fill);
 int kvm_lab_cmd_eval(int argc, char **argv, kvm_lab_params_fn fill);
 int kvm_lab_cmd_minitasks(int argc, char **argv);
-/* `kvmesh c2c init`: writes an untrained C2C fuser for a model pair (lab/cmd_c2c.c). */
+/* `kvmesh c2c init`: writes an untrained C2C fuser for a model pair; `kvmesh c2c docs`: the blinded-receiver documents
+ * of spec §9 (lab/cmd_c2c.c, lab/c2c_docs.c). */
 int kvm_lab_cmd_c2c(int argc, char **argv, kvm_lab_params_fn fill);
 
 #endif

@@ -89,14 +89,30 @@ int kvm_c2c_seq_view(const kvm_c2c_fuser_t *f, const kvm_seq_t *s, kvm_c2c_cache
 
 static double c2c_ms_since(uint64_t t0) { return (double)(kvm_now_ns() - t0) / 1e6; }
 
+int kvm_c2c_close_gates(kvm_c2c_fuser_t *f) {
+    if (!f) return kvm_seterr(KVM_EINVAL, "c2c: no fuser");
+    for (int l = 0; l < f->cfg.receiver.n_layers; l++) f->layers[l][KVM_C2C_K].open = f->layers[l][KVM_C2C_V].open = false;
+    return 0;
+}
+
 int kvm_c2c_prefill(kvm_c2c_fuser_t *f, kvm_model_t *receiver, kvm_seq_t *rseq, kvm_model_t *sharer, kvm_kv_pool_t *spool,
                     const int32_t *ids, int n, int n_fuse, float *logits, kvm_c2c_stats_t *st) {
+    return kvm_c2c_prefill_ex(f, receiver, rseq, sharer, spool, ids, n, n_fuse, logits, NULL, st);
+}
+
+int kvm_c2c_prefill_ex(kvm_c2c_fuser_t *f, kvm_model_t *receiver, kvm_seq_t *rseq, kvm_model_t *sharer, kvm_kv_pool_t *spool,
+                       const int32_t *ids, int n, int n_fuse, float *logits, const kvm_c2c_prefill_opts_t *opts,
+                       kvm_c2c_stats_t *st) {
+    static const kvm_c2c_prefill_opts_t no_opts = {0};
+    if (!opts) opts = &no_opts;
     if (!f || !receiver || !rseq || !sharer || !spool || !ids)
         return kvm_seterr(KVM_EINVAL, "c2c prefill: a fuser, both models, the receiver's sequence, the sharer's pool "
                           "and the ids are needed");
     if (n_fuse < 1 || n_fuse > n)
         return kvm_seterr(KVM_EINVAL, "c2c prefill: %d tokens to fuse out of %d (need 1 <= n_fuse <= n)", n_fuse, n);
-    if (n_fuse == n && logits)
+    if (opts->rest_logits && logits)
+        return kvm_seterr(KVM_EINVAL, "c2c prefill: both logits and rest_logits given (rest_logits holds the last row too)");
+    if (n_fuse == n && (logits || opts->rest_logits))
         return kvm_seterr(KVM_EINVAL, "c2c prefill: logits asked for, but every token is fused (the last token runs on "
                           "the receiver alone, spec §5: n_fuse < n)");
     if (strcmp(f->cfg.token_alignment, "identity"))
@@ -124,7 +140,7 @@ int kvm_c2c_prefill(kvm_c2c_fuser_t *f, kvm_model_t *receiver, kvm_seq_t *rseq, 
         goto out;
     }
     if (p0) memcpy(sids, rseq->tokens, (size_t)p0 * sizeof *sids);
-    memcpy(sids + p0, ids, (size_t)n_fuse * sizeof *sids);
+    memcpy(sids + p0, opts->sharer_ids ? opts->sharer_ids : ids, (size_t)n_fuse * sizeof *sids);
     kvm_batch_item_t ri = {.seq = rseq, .tokens = ids, .n_tokens = n_fuse};
     kvm_batch_item_t si = {.seq = sseq, .tokens = sids, .n_tokens = p0 + n_fuse};
     if ((rc = kvm_forward(receiver, &ri, 1))) {
@@ -148,7 +164,7 @@ int kvm_c2c_prefill(kvm_c2c_fuser_t *f, kvm_model_t *receiver, kvm_seq_t *rseq, 
     t0 = kvm_now_ns();
     kvm_c2c_cache_t rc_view, sc_view;
     if ((rc = c2c_view(f, rseq, &rc_view, &rdev)) || (rc = c2c_view(f, sseq, &sc_view, &sdev)) ||
-        (rc = kvm_c2c_fuse(f, &rc_view, &sc_view, p0, n_fuse)))
+        (rc = opts->skip_fuse ? 0 : kvm_c2c_fuse(f, &rc_view, &sc_view, p0, n_fuse)))
         goto out;
     if (f->ops->sync) f->ops->sync();
     s.fuse_ms = c2c_ms_since(t0);
@@ -160,7 +176,8 @@ int kvm_c2c_prefill(kvm_c2c_fuser_t *f, kvm_model_t *receiver, kvm_seq_t *rseq, 
     /* 5. the rest, receiver only, over the fused cache */
     if (n_fuse < n) {
         t0 = kvm_now_ns();
-        kvm_batch_item_t li = {.seq = rseq, .tokens = ids + n_fuse, .n_tokens = n - n_fuse, .logits = logits};
+        kvm_batch_item_t li = {.seq = rseq, .tokens = ids + n_fuse, .n_tokens = n - n_fuse,
+                               .logits = opts->rest_logits ? opts->rest_logits : logits, .all_logits = opts->rest_logits != NULL};
         if ((rc = kvm_forward(receiver, &li, 1))) {
             kvm_errctx(rc, "c2c prefill: receiver '%s' after the fused section", receiver->name);
             goto out;
