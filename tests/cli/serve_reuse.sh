@@ -5,9 +5,10 @@
 # with its figures, the degenerate checker is named, no run failed, and agent calls reuse KV after the warm-up and
 # after the restart.
 set -u
-/usr/bin/python3 -c "import zmq" 2>/dev/null || { echo "SKIP: no python3-zmq (scripts/deps.sh installs it)"; exit 77; }
+. tests/support/serve_lib.sh
+serve_need_zmq
 [ -e models/minillama-2m ] || { echo "SKIP: no models/minillama-2m"; exit 77; }
-tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
+serve_setup
 /usr/bin/python3 scripts/bench/serve_reuse.py "$1" --requests 16 --warmup 8 --json "$tmp/r.json" > "$tmp/out" 2>&1 ||
   { echo "FAIL serve_reuse.py exit $?"; cat "$tmp/out"; exit 1; }
 cat "$tmp/out"
