@@ -168,7 +168,7 @@ def degenerate(dense_phases):
         runs = sum(p["runs"] for p in dense_phases)
         acc = sum(p["per_role"][role] * p["runs"] for p in dense_phases) / max(1, runs)
         seen = set(o for p in dense_phases for o in p["_outputs"][role])
-        if acc == 0.0 or len(seen) == 1:
+        if acc == 0.0 or (len(seen) == 1 and runs > 1):
             out[role] = "dense %.1f%%%s" % (acc, ", always '%s'" % next(iter(seen)) if len(seen) == 1 else "")
     return out
 
@@ -192,6 +192,10 @@ def main():
     a = ap.parse_args()
     if a.requests < 1 or a.clients < 1 or a.warmup < 0:
         ap.error("--requests and --clients must be at least 1, --warmup at least 0")
+    if a.json and not os.path.isdir(os.path.dirname(os.path.abspath(a.json))):
+        ap.error("--json %s: no such folder" % a.json)
+    if not os.access(a.kvmesh, os.X_OK):
+        ap.error("%s: not an executable kvmesh" % a.kvmesh)
     kvmesh = os.path.abspath(a.kvmesh)
     W, R = a.warmup, a.requests
     warm_seeds = list(range(1, W + 1))
@@ -235,6 +239,9 @@ def main():
         if d.stop() != 0:
             failed.append("the restarted daemon did not exit 0 on SIGTERM")
         d = None
+    except (RuntimeError, subprocess.TimeoutExpired) as e:  # a daemon that did not start or stop
+        print("serve_reuse.py: %s" % e, file=sys.stderr)
+        return 1
     finally:
         if d is not None:
             d.kill()
