@@ -206,26 +206,47 @@ static void trim_runs(kvm_server_t *s) {
 
 static const char *run_state(const srun_t *r) { return !r->ended ? "running" : r->status ? "error" : "done"; }
 
+/* The figures replies share (docs/protocol.md), each added to o as an object and returned for more fields:
+ * "usage" {input_tokens, output_tokens}; a step's "timings" {queue_ms, ttft_ms, decode_ms}; "kv", the partition of a
+ * prompt's tokens {exact, offset, naive, recomputed, fused} and the anchors used. */
+static cJSON *add_usage(cJSON *o, double in, double out) {
+    cJSON *u = cJSON_AddObjectToObject(o, "usage");
+    cJSON_AddNumberToObject(u, "input_tokens", in);
+    cJSON_AddNumberToObject(u, "output_tokens", out);
+    return u;
+}
+
+static cJSON *add_step_timings(cJSON *o, double queue_ms, double ttft_ms, double decode_ms) {
+    cJSON *t = cJSON_AddObjectToObject(o, "timings");
+    cJSON_AddNumberToObject(t, "queue_ms", queue_ms);
+    cJSON_AddNumberToObject(t, "ttft_ms", ttft_ms);
+    cJSON_AddNumberToObject(t, "decode_ms", decode_ms);
+    return t;
+}
+
+static cJSON *add_kv(cJSON *o, double exact, double offset, double naive, double recomputed, double fused, double anchors) {
+    cJSON *kv = cJSON_AddObjectToObject(o, "kv");
+    cJSON_AddNumberToObject(kv, "exact", exact);
+    cJSON_AddNumberToObject(kv, "offset", offset);
+    cJSON_AddNumberToObject(kv, "naive", naive);
+    cJSON_AddNumberToObject(kv, "recomputed", recomputed);
+    cJSON_AddNumberToObject(kv, "fused", fused);
+    cJSON_AddNumberToObject(kv, "anchors", anchors);
+    return kv;
+}
+
 /* The run's figures: usage, timings, the KV partition, each step. */
 static cJSON *run_figures(const srun_t *r, bool with_steps) {
     cJSON *o = cJSON_CreateObject();
     cJSON_AddStringToObject(o, "run_id", r->run_id);
     cJSON_AddStringToObject(o, "workflow", r->workflow);
     cJSON_AddStringToObject(o, "state", run_state(r));
-    cJSON *u = cJSON_AddObjectToObject(o, "usage");
-    cJSON_AddNumberToObject(u, "input_tokens", (double)r->in);
-    cJSON_AddNumberToObject(u, "output_tokens", (double)r->out);
-    cJSON_AddNumberToObject(u, "agent_steps", (double)r->agent_steps);
+    cJSON_AddNumberToObject(add_usage(o, (double)r->in, (double)r->out), "agent_steps", (double)r->agent_steps);
     cJSON *t = cJSON_AddObjectToObject(o, "timings");
     cJSON_AddNumberToObject(t, "total_ms", ms_between(r->t0_ns, kvm_now_ns()));
     if (r->first_ttft_ms >= 0) cJSON_AddNumberToObject(t, "ttft_ms", r->first_ttft_ms);
-    cJSON *kv = cJSON_AddObjectToObject(o, "kv");
-    cJSON_AddNumberToObject(kv, "exact", (double)r->exact);
-    cJSON_AddNumberToObject(kv, "offset", (double)r->offset);
-    cJSON_AddNumberToObject(kv, "naive", (double)r->naive);
-    cJSON_AddNumberToObject(kv, "recomputed", (double)r->recomputed);
-    cJSON_AddNumberToObject(kv, "fused", (double)r->fused);
-    cJSON_AddNumberToObject(kv, "anchors", (double)r->anchors);
+    cJSON *kv = add_kv(o, (double)r->exact, (double)r->offset, (double)r->naive, (double)r->recomputed, (double)r->fused,
+                       (double)r->anchors);
     cJSON_AddNumberToObject(kv, "reuse_steps", (double)r->reuse_steps);
     if (!isnan(r->score)) cJSON_AddNumberToObject(o, "score", r->score);
     if (with_steps && r->steps) cJSON_AddItemToObject(o, "steps", cJSON_Duplicate(r->steps, 1));
@@ -269,23 +290,11 @@ static cJSON *step_figures(srun_t *r, const kvm_step_event_t *e) {
     cJSON_AddStringToObject(o, "op", e->op ? e->op : "");
     cJSON_AddStringToObject(o, "status", e->status ? kvm_errname(e->status) : "ok");
     if (e->status && e->error) cJSON_AddStringToObject(o, "error", e->error);
-    cJSON *u = cJSON_AddObjectToObject(o, "usage");
-    cJSON_AddNumberToObject(u, "input_tokens", e->tokens_in);
-    cJSON_AddNumberToObject(u, "output_tokens", e->tokens_out);
-    cJSON *t = cJSON_AddObjectToObject(o, "timings");
-    cJSON_AddNumberToObject(t, "queue_ms", e->queue_ms);
-    cJSON_AddNumberToObject(t, "ttft_ms", e->ttft_ms);
-    cJSON_AddNumberToObject(t, "decode_ms", e->decode_ms);
-    if (e->agent && e->kv_mode) {
-        cJSON *kv = cJSON_AddObjectToObject(o, "kv");
-        cJSON_AddNumberToObject(kv, "exact", e->kv_exact);
-        cJSON_AddNumberToObject(kv, "offset", e->kv_offset);
-        cJSON_AddNumberToObject(kv, "naive", e->kv_naive);
-        cJSON_AddNumberToObject(kv, "recomputed", e->kv_recomputed);
-        cJSON_AddNumberToObject(kv, "fused", e->kv_fused);
-        cJSON_AddNumberToObject(kv, "anchors", e->kv_anchors);
-        cJSON_AddStringToObject(kv, "mode", e->kv_mode);
-    }
+    add_usage(o, e->tokens_in, e->tokens_out);
+    add_step_timings(o, e->queue_ms, e->ttft_ms, e->decode_ms);
+    if (e->agent && e->kv_mode)
+        cJSON_AddStringToObject(add_kv(o, e->kv_exact, e->kv_offset, e->kv_naive, e->kv_recomputed, e->kv_fused, e->kv_anchors),
+                                "mode", e->kv_mode);
     return o;
 }
 
@@ -414,6 +423,13 @@ static int reply_ok(ctx_t *x, const char *type, cJSON *body) {
 
 static int reply_err(ctx_t *x, int code, const char *field, const char *msg, int retry_after_ms) {
     return send_error(x->s, x->m->peer, x->m->peer_len, x->q->id, 0, code, field, msg, retry_after_ms, NULL);
+}
+
+/* The "ok" reply of a request that acted on one thing: {key: value} (its run_id, name, segment_id). */
+static int reply_ok_str(ctx_t *x, const char *key, const char *value) {
+    cJSON *h = hdr_new("ok", x->q->id, 0);
+    cJSON_AddStringToObject(h, key, value);
+    return send_hdr(x->s, x->m->peer, x->m->peer_len, h, NULL, 0, true);
 }
 
 static int on_hello(ctx_t *x) {
@@ -574,9 +590,7 @@ static int on_wf_drop(ctx_t *x) {
     kvm_map_remove_str(&s->wfs, x->q->name, NULL);
     free_retired(s);
     swf_free(s, w);
-    cJSON *b = cJSON_CreateObject();
-    cJSON_AddStringToObject(b, "name", x->q->name);
-    return reply_ok(x, "ok", b);
+    return reply_ok_str(x, "name", x->q->name);
 }
 
 /* Refusals of a run.start before anything starts: 0 = go. */
@@ -706,9 +720,7 @@ static int on_run_resume(ctx_t *x) {
     int rc = kvm_run_resume(r->r, v ? v : "null");
     cJSON_free(v);
     if (rc) return reply_err(x, rc, "value", kvm_errmsg(), -1);
-    cJSON *b = cJSON_CreateObject();
-    cJSON_AddStringToObject(b, "run_id", r->run_id);
-    return reply_ok(x, "ok", b);
+    return reply_ok_str(x, "run_id", r->run_id);
 }
 
 static int on_run_cancel(ctx_t *x) {
@@ -717,9 +729,7 @@ static int on_run_cancel(ctx_t *x) {
     if (r->ended || !r->r || !run_going(r)) return reply_err(x, KVM_ESTALE, "run_id", "the run has ended", -1);
     int rc = kvm_run_cancel(r->r, KVM_ECANCELED, "canceled by a client");
     if (rc) return reply_err(x, rc, "run_id", kvm_errmsg(), -1);
-    cJSON *b = cJSON_CreateObject();
-    cJSON_AddStringToObject(b, "run_id", r->run_id);
-    return reply_ok(x, "ok", b);
+    return reply_ok_str(x, "run_id", r->run_id);
 }
 
 static int on_run_status(ctx_t *x) {
@@ -974,9 +984,7 @@ static int on_tool_register(ctx_t *x) {
         return reply_err(x, rc, strstr(kvm_errmsg(), ": schema") ? "schema" : "name", kvm_errmsg(), -1);
     }
     s->tools[s->n_tools++] = t;
-    cJSON *b = cJSON_CreateObject();
-    cJSON_AddStringToObject(b, "name", t->name);
-    return reply_ok(x, "ok", b);
+    return reply_ok_str(x, "name", t->name);
 }
 
 /* tool.result {run_id, call_id, result | error}: the answer of the client a call was sent to. */
@@ -1260,6 +1268,12 @@ int serve_send_error(ctx_t *x, uint64_t seq, int code, const char *field, const 
 }
 
 int serve_reply_ok(ctx_t *x, const char *type, cJSON *body) { return reply_ok(x, type, body); }
+int serve_reply_ok_str(ctx_t *x, const char *key, const char *value) { return reply_ok_str(x, key, value); }
+cJSON *serve_add_usage(cJSON *o, double in, double out) { return add_usage(o, in, out); }
+
+cJSON *serve_add_step_timings(cJSON *o, double queue_ms, double ttft_ms, double decode_ms) {
+    return add_step_timings(o, queue_ms, ttft_ms, decode_ms);
+}
 
 int serve_reply_err(ctx_t *x, int code, const char *field, const char *msg, int retry_after_ms) {
     return reply_err(x, code, field, msg, retry_after_ms);

@@ -34,6 +34,12 @@ int serve_send_hdr(kvm_server_t *s, const uint8_t *peer, size_t peer_len, cJSON 
 int serve_send_frames(kvm_server_t *s, const uint8_t *peer, size_t peer_len, cJSON *h, const kvm_req_frame_t *pay,
                       int n_pay, bool terminal);
 int serve_reply_ok(ctx_t *x, const char *type, cJSON *body);
+/* The "ok" reply {key: value} of a request that acted on one thing (its run_id, name, segment_id). */
+int serve_reply_ok_str(ctx_t *x, const char *key, const char *value);
+/* Figures added to a reply (docs/protocol.md), each object returned for more fields: "usage" {input_tokens,
+ * output_tokens}; "timings" {queue_ms, ttft_ms, decode_ms}. */
+cJSON *serve_add_usage(cJSON *o, double in, double out);
+cJSON *serve_add_step_timings(cJSON *o, double queue_ms, double ttft_ms, double decode_ms);
 /* The terminal error of a request that streamed replies before it (seq: the next one). */
 int serve_send_error(ctx_t *x, uint64_t seq, int code, const char *field, const char *message);
 int serve_reply_err(ctx_t *x, int code, const char *field, const char *msg, int retry_after_ms);

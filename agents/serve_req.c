@@ -375,15 +375,9 @@ static void gen_event(void *ud, const kvm_gen_event_t *ev) {
     cJSON_AddStringToObject(h, "text", ev->text ? ev->text : "");
     cJSON_AddItemToObject(h, "token_ids", cJSON_CreateIntArray(ev->ids ? ev->ids : (const int[]){0}, ev->ids ? ev->n_ids : 0));
     cJSON_AddStringToObject(h, "stop_reason", kvm_stop_reason_name(ev->stop_reason));
-    cJSON *u = cJSON_AddObjectToObject(h, "usage");
-    cJSON_AddNumberToObject(u, "input_tokens", ev->n_prompt);
-    cJSON_AddNumberToObject(u, "output_tokens", ev->n_ids);
-    cJSON_AddNumberToObject(u, "input_tokens_reused", ev->kv_exact);
-    cJSON *t = cJSON_AddObjectToObject(h, "timings");
-    cJSON_AddNumberToObject(t, "queue_ms", ev->queue_ms);
-    cJSON_AddNumberToObject(t, "ttft_ms", ev->ttft_ms);
-    cJSON_AddNumberToObject(t, "decode_ms", ev->decode_ms);
-    cJSON_AddNumberToObject(t, "total_ms", (double)(t1 - g->t0) / 1e6);
+    cJSON_AddNumberToObject(serve_add_usage(h, ev->n_prompt, ev->n_ids), "input_tokens_reused", ev->kv_exact);
+    cJSON_AddNumberToObject(serve_add_step_timings(h, ev->queue_ms, ev->ttft_ms, ev->decode_ms), "total_ms",
+                            (double)(t1 - g->t0) / 1e6);
     serve_send_hdr(g->s, g->peer, g->peer_len, h, NULL, 0, true);
     sgen_free(g);
 }
@@ -581,9 +575,7 @@ static int on_segment_drop(ctx_t *x) {
     kvm_map_remove_str(&e->segs, g->id, NULL);
     e->seg_bytes -= sseg_bytes(g);
     sseg_free(g);
-    cJSON *b = cJSON_CreateObject();
-    cJSON_AddStringToObject(b, "segment_id", x->q->segment_id);
-    return serve_reply_ok(x, "ok", b);
+    return serve_reply_ok_str(x, "segment_id", x->q->segment_id);
 }
 
 /* ---- attribute and the error-schema cache ----------------------------------------------------------------- */

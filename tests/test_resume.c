@@ -16,52 +16,9 @@
 
 #include <kvmesh.h>
 
+#include "tests/support/test_workflow.h"
+
 #define MODEL KVM_SOURCE_DIR "/models/minillama-2m"
-
-static char g_root[256];
-
-static int setup(void **state) {
-    (void)state;
-    snprintf(g_root, sizeof g_root, "/tmp/kvm_resume_XXXXXX");
-    return mkdtemp(g_root) ? 0 : -1;
-}
-
-static int teardown(void **state) {
-    (void)state;
-    char cmd[300];
-    snprintf(cmd, sizeof cmd, "rm -rf '%s'", g_root);
-    return system(cmd) == 0 ? 0 : -1;
-}
-
-/* Two JSON texts hold the same value (object keys in any order: a Lua table has no key order). */
-static bool same_json(const char *a, const char *b) {
-    cJSON *x = cJSON_Parse(a), *y = cJSON_Parse(b);
-    bool same = x && y && cJSON_Compare(x, y, true);
-    cJSON_Delete(x);
-    cJSON_Delete(y);
-    return same;
-}
-
-static kvm_runtime_t *runtime(void) {
-    kvm_runtime_params_t p = kvm_runtime_default_params();
-    p.echo_print = false;
-    p.quiet = true;
-    p.trace_root = g_root;
-    kvm_runtime_t *rt = kvm_runtime_create(&p);
-    if (!rt) fail_msg("runtime: %s", kvm_errmsg());
-    return rt;
-}
-
-static kvm_workflow_t *load(kvm_runtime_t *rt, const char *src) {
-    kvm_workflow_t *wf = kvm_workflow_load_string(rt, "t.lua", src, strlen(src), NULL);
-    if (!wf) fail_msg("load: %s", kvm_errmsg());
-    return wf;
-}
-
-static void drive(kvm_runtime_t *rt) {
-    while (kvm_runtime_step(rt) > 0) {
-    }
-}
 
 /* ---- resume from any checkpoint ------------------------------------------------------------------------------ */
 
@@ -153,14 +110,9 @@ static void test_resume_from_any_checkpoint_reproduces_the_uninterrupted_run(voi
     for (int s = 0; s < ns; s++) {
         rounds_seen[n_ck[s] / 3 <= 3 ? n_ck[s] / 3 : 0]++;
         for (int c = 0; c < n_ck[s]; c++, k++) {
-            const char *msg = NULL;
-            if (kvm_run_status(res[k], &msg) != 0) fail_msg("seed %d from step %d: %s", s + 1, ss[s][c], msg ? msg : "?");
-            char *out = kvm_run_outputs_json(res[k]), *st = kvm_run_state_json(res[k]);
-            if (!same_json(out, want_out[s]) || !same_json(st, want_state[s]))
-                fail_msg("seed %d resumed after super-step %d:\n outputs %s\n want    %s\n state %s\n want  %s", s + 1, ss[s][c], out,
-                         want_out[s], st, want_state[s]);
-            kvm_free(out);
-            kvm_free(st);
+            char what[64];
+            snprintf(what, sizeof what, "seed %d resumed after super-step %d", s + 1, ss[s][c]);
+            assert_same_run(res[k], want_out[s], want_state[s], what);
         }
         kvm_free(want_out[s]);
         kvm_free(want_state[s]);
@@ -471,14 +423,9 @@ static void test_replay_from_any_step_reproduces_the_run_and_keeps_edits(void **
             kvm_run_t *r = kvm_run_start(wf2, &p);
             if (!r) fail_msg("seed %d replay from step %d: %s", s + 1, t, kvm_errmsg());
             drive(rt);
-            const char *msg = NULL;
-            if (kvm_run_status(r, &msg) != 0) fail_msg("seed %d from step %d: %s", s + 1, t, msg ? msg : "?");
-            char *out = kvm_run_outputs_json(r), *st = kvm_run_state_json(r);
-            if (!same_json(out, want_out) || !same_json(st, want_state))
-                fail_msg("seed %d replayed from step %d:\n outputs %s\n want    %s\n state %s\n want  %s", s + 1, t, out, want_out, st,
-                         want_state);
-            kvm_free(out);
-            kvm_free(st);
+            char what[64];
+            snprintf(what, sizeof what, "seed %d replayed from step %d", s + 1, t);
+            assert_same_run(r, want_out, want_state, what);
             replays++;
         }
         kvm_failure_free(f);
@@ -569,5 +516,5 @@ int main(void) {
         cmocka_unit_test(test_parked_run_resumes_from_its_trace_with_an_answer),
         cmocka_unit_test(test_interrupt_outside_a_node_fails_the_run),
     };
-    return cmocka_run_group_tests(tests, setup, teardown);
+    return cmocka_run_group_tests(tests, workflow_root_setup, workflow_root_teardown);
 }

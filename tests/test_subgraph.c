@@ -17,41 +17,7 @@
 
 #include <kvmesh.h>
 
-static char g_root[256];
-
-static int setup(void **state) {
-    (void)state;
-    snprintf(g_root, sizeof g_root, "/tmp/kvm_subgraph_XXXXXX");
-    return mkdtemp(g_root) ? 0 : -1;
-}
-
-static int teardown(void **state) {
-    (void)state;
-    char cmd[300];
-    snprintf(cmd, sizeof cmd, "rm -rf '%s'", g_root);
-    return system(cmd) == 0 ? 0 : -1;
-}
-
-static kvm_runtime_t *runtime(void) {
-    kvm_runtime_params_t p = kvm_runtime_default_params();
-    p.echo_print = false;
-    p.quiet = true;
-    p.trace_root = g_root;
-    kvm_runtime_t *rt = kvm_runtime_create(&p);
-    if (!rt) fail_msg("runtime: %s", kvm_errmsg());
-    return rt;
-}
-
-static void drive(kvm_runtime_t *rt) {
-    while (kvm_runtime_step(rt) > 0) {
-    }
-}
-
-static kvm_workflow_t *load(kvm_runtime_t *rt, const char *src) {
-    kvm_workflow_t *wf = kvm_workflow_load_string(rt, "g.lua", src, strlen(src), NULL);
-    if (!wf) fail_msg("load: %s", kvm_errmsg());
-    return wf;
-}
+#include "tests/support/test_workflow.h"
 
 /* Loading src must fail with a message that contains every one of the (NULL-ended) parts. */
 static void load_fails(const char *src, ...) {
@@ -387,26 +353,6 @@ static const char *ask_src =
     "g:edge(kvm.START, 'start')\ng:edge('start', 'review')\ng:edge('review', 'audit')\ng:edge('audit', 'end')\n"
     "return g\n";
 
-/* The JSON texts a and b hold the same value (object keys in any order). */
-static bool same_json(const char *a, const char *b) {
-    cJSON *x = cJSON_Parse(a), *y = cJSON_Parse(b);
-    bool same = x && y && cJSON_Compare(x, y, true);
-    cJSON_Delete(x);
-    cJSON_Delete(y);
-    return same;
-}
-
-/* The run's outputs and state equal want_out / want_state. */
-static void assert_same_run(kvm_run_t *r, const char *want_out, const char *want_state, const char *what) {
-    const char *msg = NULL;
-    if (kvm_run_status(r, &msg) != 0) fail_msg("%s: %s", what, msg ? msg : "?");
-    char *out = kvm_run_outputs_json(r), *st = kvm_run_state_json(r);
-    if (!same_json(out, want_out) || !same_json(st, want_state))
-        fail_msg("%s:\n %s\n %s\nwant\n %s\n %s", what, out, st, want_out, want_state);
-    kvm_free(out);
-    kvm_free(st);
-}
-
 /* Agent steps named `node` (as "trace show" names them, "review/draft") in the trace of dir. */
 static int steps_of(const char *dir, const char *agent) {
     kvm_trace_reader_t *t = kvm_trace_reader_open(dir);
@@ -730,5 +676,5 @@ int main(void) {
         cmocka_unit_test(test_a_bad_subgraph_checkpoint_is_a_clear_error),
         cmocka_unit_test(test_replay_from_every_step_of_a_subgraph_run_reproduces_it),
     };
-    return cmocka_run_group_tests(tests, setup, teardown);
+    return cmocka_run_group_tests(tests, workflow_root_setup, workflow_root_teardown);
 }

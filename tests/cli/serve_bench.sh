@@ -4,11 +4,8 @@
 # with an error, the daemon's stats line follows; a bad option is refused with exit 2.
 set -u
 kvmesh=$1
-tmp=$(mktemp -d)
-dpid=
-cleanup() { [ -n "$dpid" ] && kill "$dpid" 2>/dev/null; rm -rf "$tmp"; }
-trap cleanup EXIT
-fail() { echo "FAIL $*"; [ -f "$tmp/d.log" ] && tail -20 "$tmp/d.log"; exit 1; }
+. tests/support/serve_lib.sh
+serve_setup
 mkdir "$tmp/wf"
 cat > "$tmp/wf/duo.lua" <<'LUA'
 -- two mock agents, the second reading the first
@@ -23,7 +20,6 @@ LUA
 "$kvmesh" client bench --help 2> "$tmp/help"; [ $? = 0 ] || fail "client bench --help"
 grep -q -- "--clients" "$tmp/help" || fail "client bench --help lacks --clients"
 "$kvmesh" client bench --mix 1,2 2> /dev/null; [ $? = 2 ] || fail "a bad --mix is not refused with exit 2"
-. tests/support/serve_lib.sh
 serve_start "$kvmesh" "$tmp/d.log" --mock --workflows "$tmp/wf" --no-events || fail "the daemon did not listen"
 "$kvmesh" client --connect "$ep" model-load gen synthetic:tiny-llama --backend cpu > /dev/null || fail "model-load"
 "$kvmesh" client --connect "$ep" bench --clients 8 --seconds 3 --workflow duo --generate gen --gen-tokens 4 --prompt-ids 8 \
@@ -35,6 +31,5 @@ done
 ! grep -v daemon_stats "$tmp/out" | grep -q '"errors":[1-9]' || fail "a request failed: $(cat "$tmp/out")"
 grep -q '^{"type":"all","clients":8,"seconds":[0-9.]*,"n":[1-9][0-9]*,"errors":0,' "$tmp/out" || fail "no error-free total line"
 grep -q '^{"type":"daemon_stats","stats":{.*"overhead"' "$tmp/out" || fail "no daemon stats line"
-kill -TERM "$dpid"; wait "$dpid"; rc=$?; dpid=
-[ "$rc" = 0 ] || fail "the daemon exited $rc"
+serve_stop || fail "the daemon exited $?"
 echo "ok: client bench (8 clients, 3 s): $(grep -c . "$tmp/out") lines, no error"

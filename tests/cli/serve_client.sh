@@ -4,11 +4,8 @@
 # SIGTERM stops the daemon cleanly.
 set -u
 kvmesh=$1
-tmp=$(mktemp -d)
-dpid=
-cleanup() { [ -n "$dpid" ] && kill "$dpid" 2>/dev/null; rm -rf "$tmp"; }
-trap cleanup EXIT
-fail() { echo "FAIL $*"; [ -f "$tmp/d.log" ] && cat "$tmp/d.log"; exit 1; }
+. tests/support/serve_lib.sh
+serve_setup
 cat > "$tmp/pair.lua" <<'LUA'
 local kvm = kvmesh
 local m = kvm.model('mock:echo')
@@ -23,15 +20,7 @@ LUA
 grep -q "run WORKFLOW" "$tmp/help" || fail "client --help lacks 'run WORKFLOW'"
 "$kvmesh" serve --help > "$tmp/help" || fail "serve --help"
 grep -q -- "--workflows" "$tmp/help" || fail "serve --help lacks --workflows"
-KVM_THREADS=1 "$kvmesh" serve --mock --bind 'tcp://127.0.0.1:*' --no-events 2> "$tmp/d.log" &
-dpid=$!
-ep=
-for _ in $(seq 100); do
-  ep=$(grep -o 'listening on tcp://127.0.0.1:[0-9]*' "$tmp/d.log" | sed 's/listening on //')
-  [ -n "$ep" ] && break
-  sleep 0.1
-done
-[ -n "$ep" ] || fail "the daemon did not listen"
+serve_start "$kvmesh" "$tmp/d.log" --mock --no-events || fail "the daemon did not listen"
 "$kvmesh" client --connect "$ep" load pair "$tmp/pair.lua" > "$tmp/out" || fail "client load"
 grep -q '"name":.*"pair"' "$tmp/out" || fail "load reply lacks the name"
 "$kvmesh" client --connect "$ep" run pair --input input="two plus two" > "$tmp/out" 2> "$tmp/err" || fail "client run: $(cat "$tmp/err")"
@@ -61,8 +50,6 @@ grep -q "KVM_EINVAL.*field temperature" "$tmp/out" || fail "temperature -1: no K
 "$kvmesh" client --connect "$ep" model-unload mini > "$tmp/out" || fail "client model-unload"
 "$kvmesh" client --connect "$ep" generate mini "x" > "$tmp/out" 2>&1 && fail "generate on an unloaded model succeeded"
 grep -q "KVM_ENOENT" "$tmp/out" || fail "unloaded model: no KVM_ENOENT ($(cat "$tmp/out"))"
-kill -TERM "$dpid"
-wait "$dpid" || fail "the daemon exited non-zero after SIGTERM"
-dpid=
+serve_stop || fail "the daemon exited non-zero after SIGTERM"
 grep -q "stopped" "$tmp/d.log" || fail "the daemon did not say it stopped"
 echo "serve_client ok"

@@ -2,6 +2,7 @@
 # serve_curve.sh KVMESH SHARED - CURVE authentication of `kvmesh serve`
 # (tests/serve/test_curve.py), on loopback with ports the daemon picks.
 set -u
-/usr/bin/python3 -c "import zmq" 2>/dev/null || { echo "SKIP: no python3-zmq (scripts/deps.sh installs it)"; exit 77; }
-tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
-exec /usr/bin/python3 tests/serve/test_curve.py "$1" "$tmp"
+. tests/support/serve_lib.sh
+serve_need_zmq
+serve_setup
+/usr/bin/python3 tests/serve/test_curve.py "$1" "$tmp"

@@ -6,11 +6,8 @@
 # `kvmesh run --resume`.
 set -u
 kvmesh=$(realpath "$1")
-tmp=$(mktemp -d)
-dpid= cpid=
-cleanup() { [ -n "$cpid" ] && kill "$cpid" 2>/dev/null; [ -n "$dpid" ] && kill "$dpid" 2>/dev/null; rm -rf "$tmp"; }
-trap cleanup EXIT
-fail() { echo "FAIL $*"; for f in "$tmp"/*.log "$tmp"/*.out "$tmp"/*.err; do [ -f "$f" ] && { echo "== $f"; cat "$f"; }; done; exit 1; }
+. tests/support/serve_lib.sh
+serve_setup
 cat > "$tmp/ask.lua" <<'LUA'
 local kvm = kvmesh
 local m = kvm.model('mock:echo')
@@ -25,15 +22,7 @@ g:output(function(state) return { answer = state.answer } end)
 return g
 LUA
 start_daemon() {
-  KVM_THREADS=1 "$kvmesh" serve --mock --bind 'tcp://127.0.0.1:*' --no-events --trace "$tmp/traces" 2> "$tmp/d.log" &
-  dpid=$!
-  ep=
-  for _ in $(seq 100); do
-    ep=$(grep -o 'listening on tcp://127.0.0.1:[0-9]*' "$tmp/d.log" | sed 's/listening on //')
-    [ -n "$ep" ] && break
-    sleep 0.1
-  done
-  [ -n "$ep" ] || fail "the daemon did not listen"
+  serve_start "$kvmesh" "$tmp/d.log" --mock --no-events --trace "$tmp/traces" || fail "the daemon did not listen"
   "$kvmesh" client --connect "$ep" load ask "$tmp/ask.lua" > "$tmp/load.out" || fail "client load"
 }
 wait_interrupt() { # $1: the client's stderr; sets run
@@ -90,9 +79,7 @@ grep -q '"answer":.*"sub yes"' "$tmp/sc.out" || fail "the subgraph's answer is n
 "$kvmesh" client --connect "$ep" run ask --input input="later" > "$tmp/c2.out" 2> "$tmp/c2.err" &
 cpid=$!
 wait_interrupt "$tmp/c2.err"
-kill -TERM "$dpid"
-wait "$dpid" || fail "the daemon exited non-zero after SIGTERM"
-dpid=
+serve_stop || fail "the daemon exited non-zero after SIGTERM"
 wait "$cpid"; cpid=
 grep -q "KVM_EINTERRUPTED" "$tmp/c2.err" || fail "the parked run did not end KVM_EINTERRUPTED"
 "$kvmesh" run --mock --resume "$tmp/traces/$run" --answer yes --no-trace < /dev/null > "$tmp/x.out" 2> "$tmp/x.err" ||

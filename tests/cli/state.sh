@@ -5,13 +5,7 @@
 # run goes on cold; an empty --state is refused. Args: kvmesh binary. Needs only the bundled models.
 set -u
 bin="$1"
-here="$(cd "$(dirname "$0")/../.." && pwd)"
-cd "$here" || exit 1
-fails=0
-ok() { echo "ok   $1"; }
-bad() { echo "FAIL $1"; fails=$((fails + 1)); }
-work="$(mktemp -d)"
-trap 'rm -rf "$work"' EXIT
+. "$(dirname "$0")/../support/checks.sh"
 field() { /usr/bin/python3 -c "import json,sys; print(json.load(sys.stdin)['$1'])"; }
 run() { "$bin" run examples/team.lua --n 6 --kv kvcomm --no-trace -q --json "$@"; }
 

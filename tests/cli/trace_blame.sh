@@ -7,13 +7,7 @@
 set -u
 bin="$1"
 shared="${2:-../shared}"
-here="$(cd "$(dirname "$0")/../.." && pwd)"
-cd "$here" || exit 1
-fails=0
-ok() { echo "ok   $1"; }
-bad() { echo "FAIL $1"; fails=$((fails + 1)); }
-work="$(mktemp -d)"
-trap 'rm -rf "$work"' EXIT
+. "$(dirname "$0")/../support/checks.sh"
 
 "$bin" trace --help | grep -q "trace blame" && ok "trace --help names blame" || bad "trace --help names blame"
 "$bin" trace blame --help | grep -q "trace label RUN_DIR --agent A --step N --state DIR" \

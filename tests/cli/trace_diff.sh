@@ -5,13 +5,7 @@
 # model a dense and a kvcomm run of the same seed are compared too. Args: kvmesh binary.
 set -u
 bin="$1"
-here="$(cd "$(dirname "$0")/../.." && pwd)"
-cd "$here" || exit 1
-fails=0
-ok() { echo "ok   $1"; }
-bad() { echo "FAIL $1"; fails=$((fails + 1)); }
-work="$(mktemp -d)"
-trap 'rm -rf "$work"' EXIT
+. "$(dirname "$0")/../support/checks.sh"
 
 grep -q "trace diff RUN_A RUN_B" <<< "$("$bin" trace --help)" && ok "trace --help names diff" || bad "trace --help names diff"
 "$bin" run examples/team.lua --mock --n 1 --seed 7 --trace "$work/a" -q > /dev/null 2>&1

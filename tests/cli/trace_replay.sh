@@ -9,13 +9,7 @@
 # on two runs. Args: kvmesh binary.
 set -u
 bin="$1"
-here="$(cd "$(dirname "$0")/../.." && pwd)"
-cd "$here" || exit 1
-fails=0
-ok() { echo "ok   $1"; }
-bad() { echo "FAIL $1"; fails=$((fails + 1)); }
-work="$(mktemp -d)"
-trap 'rm -rf "$work"' EXIT
+. "$(dirname "$0")/../support/checks.sh"
 # exit statuses above 2 (a crash is 128+) fail the check
 sane() { [ "$1" -eq 1 ] || [ "$1" -eq 2 ]; }
 
