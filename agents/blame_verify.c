@@ -206,6 +206,22 @@ static char *judge_prompt(const kvm_failure_t *f, size_t budget) {
     return b;
 }
 
+/* A hash of what a failure says (question, each step's agent, kind and content, the label), not of its id. */
+static uint64_t failure_seed(const kvm_failure_t *f) {
+    uint64_t h = kvm_hash64(f->question ? f->question : "", f->question ? strlen(f->question) : 0, KVM_HASH_SEED);
+    for (int i = 0; i < f->n_steps; i++) {
+        const kvm_failure_step_t *s = &f->steps[i];
+        const char *a = s->agent ? s->agent : "", *t = s->content ? s->content : "";
+        const unsigned char kind = (unsigned char)(s->tool_result | s->error << 1);
+        h = kvm_hash64(a, strlen(a) + 1, h);
+        h = kvm_hash64(&kind, 1, h);
+        h = kvm_hash64(t, strlen(t) + 1, h);
+    }
+    h = kvm_hash64(f->gold_agent, strlen(f->gold_agent) + 1, h);
+    h = kvm_hash64(&f->gold_step, sizeof f->gold_step, h);
+    return (h ^ (h >> 11)) & ((1ull << 53) - 1); /* below 2^53, as every recorded seed */
+}
+
 int kvm_schema_distill(kvm_schema_cache_t *c, int id, const kvm_failure_t *f, kvm_model_t *judge, const kvm_judge_params_t *params) {
     if (!c || !f || !judge) return kvm_seterr(KVM_EINVAL, "kvm_schema_distill: a cache, a failure and a judge model are needed");
     const kvm_judge_params_t def = kvm_judge_default_params();
@@ -249,10 +265,11 @@ int kvm_schema_distill(kvm_schema_cache_t *c, int id, const kvm_failure_t *f, kv
         }
         if (gp.max_tokens > room) gp.max_tokens = room;
     }
-    /* The seed: the caller's, else one derived from the failure (the same failure gets the same text). A sample that
-     * leaves nothing after the scrub (a small judge that ends at once, or writes only markup) is drawn again, twice at
-     * most, with the next seeds; then the stub stands. */
-    const uint64_t base = p->seed ? p->seed : fnv(f->id ? f->id : "") ^ ((uint64_t)(unsigned)id * 0x9E3779B97F4A7C15ull);
+    /* The seed: the caller's, else one derived from what the failure says — its question, steps and label, not its id
+     * (a run id is fresh for every run), so the same failure gets the same text. A sample that leaves nothing after the
+     * scrub (a small judge that ends at once, or writes only markup) is drawn again, twice at most, with the next
+     * seeds; then the stub stands. */
+    const uint64_t base = p->seed ? p->seed : failure_seed(f) ^ ((uint64_t)(unsigned)id * 0x9E3779B97F4A7C15ull);
     int rc = 0;
     for (int attempt = 0; attempt < 3; attempt++) {
         kvm_generation_t g = {0};

@@ -469,6 +469,37 @@ typedef struct json_budget {
 
 #define WF_JSON_MAX_NODES ((size_t)1 << 20)
 
+typedef struct json_key_at {
+    cJSON *item;
+    int at; /* its place in the table's traversal: the order of equal keys ("1" and 1) */
+} json_key_at_t;
+
+static int json_key_cmp(const void *a, const void *b) {
+    const json_key_at_t *x = a, *y = b;
+    int c = strcmp(x->item->string, y->item->string);
+    return c ? c : (x->at > y->at) - (x->at < y->at);
+}
+
+/* The members of o in the byte order of their keys. Lua's traversal order of a table depends on the state's hash
+ * seed, which differs between processes: without this the same state is written differently by each run (traces,
+ * replies, the failure a judge reads). Out of memory: o as it is. */
+static cJSON *json_sort_keys(cJSON *o) {
+    int n = 0;
+    for (cJSON *c = o->child; c; c = c->next) n++;
+    json_key_at_t *v = n > 1 ? kvm_malloc((size_t)n * sizeof *v) : NULL;
+    if (!v) return o;
+    int i = 0;
+    for (cJSON *c = o->child; c; c = c->next, i++) v[i] = (json_key_at_t){c, i};
+    qsort(v, (size_t)n, sizeof *v, json_key_cmp);
+    for (i = 0; i < n; i++) { /* cJSON's list: the first item's prev is the last one, the last's next is NULL */
+        v[i].item->prev = v[i ? i - 1 : n - 1].item;
+        v[i].item->next = i + 1 < n ? v[i + 1].item : NULL;
+    }
+    o->child = v[0].item;
+    kvm_free(v);
+    return o;
+}
+
 static cJSON *to_json_rec(lua_State *L, int idx, int depth, json_budget_t *jb) {
     idx = lua_absindex(L, idx);
     if (jb->nodes == 0 || jb->bytes < sizeof(cJSON)) {
@@ -547,7 +578,7 @@ static cJSON *to_json_rec(lua_State *L, int idx, int depth, json_budget_t *jb) {
                 return NULL;
             }
         }
-        return o;
+        return json_sort_keys(o);
     }
     case LUA_TUSERDATA: {
         const char *kind = luaL_testudata(L, idx, WF_MT_AGENT) ? "agent" : luaL_testudata(L, idx, WF_MT_MODEL) ? "model"
