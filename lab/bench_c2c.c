@@ -62,8 +62,9 @@ static void usage(FILE *f) {
             "usage: kvmesh bench c2c --receiver DIR --sharer DIR --fuser F.c2c.json [--identity-fuser G.c2c.json]\n"
             "                        [--docs N | --docs-file FILE.jsonl] [--seed S] [--facts LO-HI] [--backend cpu|cuda]\n"
             "                        [--json FILE]\n"
-            "       kvmesh bench c2c --timing [--pair bundled|synthetic] [--prompt 128,512,1024] [--msg-tokens T]\n"
-            "                        [--reps R] [--backend cpu|cuda] [--json FILE]\n\n"
+            "       kvmesh bench c2c --timing [--pair bundled|synthetic [--tiny]] [--prompt 128,512,1024] [--msg-tokens T]\n"
+            "                        [--reps R] [--hidden H | --fuser F] [--receiver DIR --sharer DIR] [--backend cpu|cuda]\n"
+            "                        [--json FILE]\n\n"
             "The blinded-receiver demonstration of C2C (spec section 9, docs/c2c.md): documents of `kvmesh c2c docs`\n"
             "(generated from the eval split, --docs N (default 2000), --seed (default 1000), --facts (default 2-8); or\n"
             "read from --docs-file) run through the sectioned prefill, greedy, under the conditions\n"
@@ -76,8 +77,9 @@ static void usage(FILE *f) {
             "--timing: per prompt length, the C2C path (receiver + sharer prefill, fusion, first token) against the\n"
             "text hand-off it replaces (the sharer prefills the prompt and generates --msg-tokens T (default 16) tokens,\n"
             "the receiver prefills prompt + message and produces its first token); --pair bundled (the bundled models,\n"
-            "an untrained fuser: timing only) or synthetic (Qwen3-0.6B <- Qwen2.5-0.5B shapes, random weights;\n"
-            "--tiny: 2-layer models of small width, for CPU tests).\n");
+            "or --receiver / --sharer) or synthetic (Qwen3-0.6B <- Qwen2.5-0.5B shapes, random weights; --tiny: 2-layer\n"
+            "models of small width, for CPU tests), with an UNTRAINED fuser written for the run (width --hidden, default\n"
+            "1024 at real shapes, else 64) or --fuser F: timing only. One warm-up, then the median of --reps (default 3).\n");
 }
 
 /* ---- one run ------------------------------------------------------------------------------------------------- */
