@@ -293,17 +293,9 @@ int lab_bench_c2c(int argc, char **argv, kvm_lab_params_fn fill) {
     for (int i = 1; i < argc; i++)
         if (!strcmp(argv[i], "--timing")) return lab_bench_c2c_timing(argc, argv, fill);
     for (int i = 1; i < argc; i++) {
-        const char *a = argv[i];
-        if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
-            usage(stdout);
-            return 0;
-        }
-        if (i + 1 >= argc) {
-            fprintf(stderr, "%s: option '%s' needs a value (or is unknown)\n", cmd, a);
-            return 2;
-        }
-        const char *v = argv[++i];
-        char *end = NULL;
+        const char *a, *v;
+        const int k = lab_c2c_next_opt(cmd, argc, argv, &i, &a, &v, usage);
+        if (k <= 0) return k ? 2 : 0;
         if (!strcmp(a, "--receiver")) recv = v;
         else if (!strcmp(a, "--sharer")) shr = v;
         else if (!strcmp(a, "--fuser")) fuser = v;
@@ -317,11 +309,8 @@ int lab_bench_c2c(int argc, char **argv, kvm_lab_params_fn fill) {
             }
             backend = v;
         } else if (!strcmp(a, "--docs") || !strcmp(a, "--seed")) {
-            unsigned long long x = strtoull(v, &end, 10);
-            if (!*v || *end || *v == '-') {
-                fprintf(stderr, "%s: %s '%s' is not a non-negative integer\n", cmd, a, v);
-                return 2;
-            }
+            unsigned long long x;
+            if (lab_c2c_parse_u64(cmd, a, v, &x)) return 2;
             if (a[2] == 'd') n_docs = x, have_docs = true;
             else seed = x;
         } else if (!strcmp(a, "--facts")) {
