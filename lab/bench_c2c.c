@@ -287,7 +287,7 @@ static void verdict_low(bc_verdict_t *v, const char *key, const char *crit, cons
 int lab_bench_c2c(int argc, char **argv, kvm_lab_params_fn fill) {
     const char *recv = NULL, *shr = NULL, *fuser = NULL, *idf = NULL, *docs_file = NULL, *backend = "cpu", *json = NULL;
     unsigned long long n_docs = 2000, seed = KVM_MT_DEFAULT_EVAL_SEED;
-    bool have_docs = false;
+    bool have_docs = false, have_gen = false;
     int lo = 2, hi = 8;
     const char *cmd = "kvmesh bench c2c";
     for (int i = 1; i < argc; i++)
@@ -312,9 +312,10 @@ int lab_bench_c2c(int argc, char **argv, kvm_lab_params_fn fill) {
             unsigned long long x;
             if (lab_c2c_parse_u64(cmd, a, v, &x)) return 2;
             if (a[2] == 'd') n_docs = x, have_docs = true;
-            else seed = x;
+            else seed = x, have_gen = true;
         } else if (!strcmp(a, "--facts")) {
             if (lab_c2c_parse_facts(cmd, v, &lo, &hi)) return 2;
+            have_gen = true;
         } else {
             fprintf(stderr, "%s: unknown option '%s'\n", cmd, a);
             return 2;
@@ -324,8 +325,8 @@ int lab_bench_c2c(int argc, char **argv, kvm_lab_params_fn fill) {
         fprintf(stderr, "%s: --receiver, --sharer and --fuser are required (see --help)\n", cmd);
         return 2;
     }
-    if (have_docs && docs_file) {
-        fprintf(stderr, "%s: --docs and --docs-file exclude each other\n", cmd);
+    if ((have_docs || have_gen) && docs_file) {
+        fprintf(stderr, "%s: --docs-file excludes --docs, --seed and --facts (they make the documents)\n", cmd);
         return 2;
     }
     if (!docs_file && (n_docs < 1 || n_docs > 1000000)) {
@@ -403,6 +404,10 @@ int lab_bench_c2c(int argc, char **argv, kvm_lab_params_fn fill) {
         goto done;
     }
     const int left_out = docs_derange(docs, nd, partner);
+    if (left_out < 0) {
+        fprintf(stderr, "%s: out of memory\n", cmd);
+        goto done;
+    }
 
     fprintf(stderr, "%s: %d documents (%s), conditions a-%s, %s backend\n", cmd, nd, docs_file ? docs_file : "eval split",
             b.fid ? "g" : "f", backend);
