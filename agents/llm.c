@@ -716,6 +716,13 @@ int wf_llm_c2c_open(wf_llm_t *l, const char *path, int receiver, int sharer, int
                           "checkpoints (one model shares KV through kv = \"kvcomm\")", path, l->models[receiver].path);
     kvm_c2c_fuser_t *f = kvm_c2c_open(path, l->models[receiver].m, l->models[sharer].m);
     if (!f) return kvm_errcode() ? kvm_errcode() : KVM_EINVAL;
+    if (strcmp(f->cfg.token_alignment, "identity")) {
+        kvm_seterr(KVM_EINVAL, "%s: token_alignment '%s' (spec §4 aligned mode) is not supported by kv_from, which fuses "
+                   "one placeholder of the receiver's prompt with both models reading the same ids; use an identity "
+                   "fuser (docs/c2c.md, \"Token alignment\")", path, f->cfg.token_alignment);
+        kvm_c2c_free(f);
+        return KVM_EINVAL;
+    }
     lc2c_t *n = kvm_realloc(l->c2c, (size_t)(l->n_c2c + 1) * sizeof *n);
     char *p = kvm_strdup(path);
     if (!n || !p) {

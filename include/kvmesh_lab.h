@@ -663,10 +663,12 @@ typedef struct kvm_c2c_init_opts {
     int hidden;             /* fuser width (default 64) */
     const char *dtype;      /* "f32" (default), "bf16", "f16" */
     const char *closed;     /* NULL, or gates to close: a comma list of "k<l>" / "v<l>" (e.g. "v0,k5") */
+    const char *token_alignment; /* NULL / "identity" (fuse_tokens prompt_except_last, the default), or "first" /
+                                    "longest" (fuse_tokens message_tokens: the aligner of spec §4) */
 } kvm_c2c_init_opts_t;
 
 /* Writes an UNTRAINED fuser for the pair (random weights, every gate open but those in o->closed, terminal layer map
- * of spec §3, identity alignment): json_path (must end in ".c2c.json") and <name>.c2c.safetensors beside it, with
+ * of spec §3, o->token_alignment's alignment): json_path (must end in ".c2c.json") and <name>.c2c.safetensors beside it, with
  * both models' tokenizer hashes, so that kvm_c2c_open accepts it for this pair. For tests and examples: it moves
  * the receiver's cache by an arbitrary amount and carries no information. 0 or a KVM_E* code with a message. */
 int kvm_c2c_write_untrained(const char *json_path, kvm_model_t *receiver, kvm_model_t *sharer,

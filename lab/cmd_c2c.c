@@ -1,6 +1,6 @@
 /* cmd_c2c.c - `kvmesh c2c`: C2C fuser files (../shared/spec/c2c.md, docs/c2c.md).
  *   kvmesh c2c init --receiver DIR --sharer DIR -o NAME.c2c.json [--seed N] [--hidden H] [--dtype f32|bf16|f16]
- *                   [--closed k0,v5]
+ *                   [--closed k0,v5] [--align identity|first|longest]
  * writes a seeded, UNTRAINED fuser for the pair (kvm_c2c_write_untrained): it passes every loader check for these
  * models, so tests and examples can drive C2C without torch; it carries no information.
  *   kvmesh c2c docs --model DIR --n N --seed S [--facts LO-HI] [--split train|eval] [-o FILE.jsonl]
@@ -19,12 +19,13 @@
 
 static void c2c_usage(FILE *f) {
     fprintf(f, "usage: kvmesh c2c init --receiver DIR --sharer DIR -o NAME.c2c.json [--seed N] [--hidden H]\n"
-               "                      [--dtype f32|bf16|f16] [--closed k0,v5,...]\n"
+               "                      [--dtype f32|bf16|f16] [--closed k0,v5,...] [--align identity|first|longest]\n"
                "       kvmesh c2c docs --model DIR --n N [--seed S] [--facts LO-HI] [--split train|eval] [-o FILE.jsonl]\n\n"
                "Writes an UNTRAINED C2C fuser (random weights from --seed, default 0; every gate open except those in\n"
                "--closed) for the Hugging Face model directories given, with their tokenizer hashes: NAME.c2c.json and\n"
                "NAME.c2c.safetensors beside it (docs/c2c.md). For tests and examples only: it moves the receiver's\n"
-               "cache by an arbitrary amount and carries no information from the sharer.\n\n"
+               "cache by an arbitrary amount and carries no information from the sharer. --align sets the fuser's\n"
+               "token_alignment (default identity; first / longest: the aligner of spec §4, fuse_tokens message_tokens).\n\n"
                "docs writes N blinded-receiver documents (spec section 9) as JSON lines to -o (default stdout):\n"
                "  {\"i\", \"facts\", \"n\", \"n_fuse\": n-1, \"sharer\": [ids], \"receiver\": [ids], \"answer\": [4 ids], \"answer_text\"}\n"
                "the minitasks recall item i (role value) of (--split, --seed) in the model's chat rendering, tokenized by its\n"
@@ -175,6 +176,7 @@ int kvm_lab_cmd_c2c(int argc, char **argv, kvm_lab_params_fn fill) {
         else if (!strcmp(a, "-o") || !strcmp(a, "--out")) out = v;
         else if (!strcmp(a, "--dtype")) o.dtype = v;
         else if (!strcmp(a, "--closed")) o.closed = v;
+        else if (!strcmp(a, "--align")) o.token_alignment = v;
         else if (!strcmp(a, "--seed")) {
             unsigned long long x;
             if (lab_c2c_parse_u64("kvmesh c2c init", a, v, &x)) return 2;

@@ -13,6 +13,7 @@
 
 #include <cmocka.h>
 
+#include "runtime/comm/comm_internal.h"
 #include "runtime/comm/prompt.h"
 #include "runtime/model/model.h"
 #include "test_kvcomm_common.h"
@@ -254,6 +255,68 @@ static void test_a_save_into_a_missing_folder_fails_naming_the_file_and_leaves_n
     fixture_close(&a);
 }
 
+/* The fidelity guard's per-agent state (guard.c) goes into the file beside the anchors and comes back: a restarted
+ * runtime neither checks an agent's first calls again nor lowers a fraction the guard raised; an impossible state
+ * with a valid checksum is refused and changes nothing. */
+static void test_the_guard_state_is_saved_and_loaded_with_the_anchors(void **st) {
+    (void)st;
+    fixture_t a, z;
+    fixture_open(&a, 10);
+    kvm_comm_config(a.c)->guard = true;
+    requests(a.c, a.t, 0, 5);
+    assert_int_equal(a.c->n_guards, 1);
+    comm_guard_t *g = &a.c->guards[0];
+    assert_string_equal(g->agent, "solver");
+    assert_true(g->reused >= 1 && g->checked >= 1);
+    g->frac = 0.875f; /* as after two disagreements */
+    g->disagreed = 1;
+    const char *p = tmp_path("guard");
+    assert_int_equal(kvm_comm_save_anchors(a.c, p), 0);
+
+    fixture_open(&z, 10);
+    kvm_comm_config(z.c)->guard = true;
+    assert_int_equal(kvm_comm_load_anchors(z.c, p, NULL), 0);
+    assert_int_equal(z.c->n_guards, 1);
+    assert_memory_equal(&z.c->guards[0], g, sizeof *g);
+    assert_true(comm_guard_frac(z.c, "solver") == 0.875f);
+    fixture_close(&z);
+
+    /* a context whose guard already went further keeps its larger figures */
+    fixture_open(&z, 10);
+    kvm_comm_config(z.c)->guard = true;
+    comm_guard_t more = *g;
+    more.frac = 0.9375f;
+    more.reused = g->reused + 100;
+    assert_int_equal(comm_guard_restore(z.c, &more), 0);
+    assert_int_equal(kvm_comm_load_anchors(z.c, p, NULL), 0);
+    assert_true(z.c->guards[0].frac == 0.9375f);
+    assert_int_equal(z.c->guards[0].reused, g->reused + 100);
+    fixture_close(&z);
+
+    /* the guard record is the last before the 16-byte trailer: 16 header + 80 payload + 8 checksum bytes */
+    size_t n;
+    unsigned char *b = slurp(p, &n);
+    const size_t off = n - 16 - 8 - (KVM_COMM_NAME_MAX + 16) - 16;
+    assert_memory_equal(b + off, "GRD1", 4);
+    unsigned char *pay = b + off + 16;
+    uint32_t checked;
+    memcpy(&checked, pay + KVM_COMM_NAME_MAX + 8, 4);
+    uint32_t disagreed = checked + 1; /* more disagreements than checks */
+    memcpy(pay + KVM_COMM_NAME_MAX + 12, &disagreed, 4);
+    uint64_t check = kvm_hash64(pay, KVM_COMM_NAME_MAX + 16, KVM_HASH_SEED);
+    memcpy(pay + KVM_COMM_NAME_MAX + 16, &check, 8);
+    const char *q = tmp_path("guard-bad");
+    spit(q, b, n);
+    fixture_open(&z, 10);
+    expect_refused(z.c, q, KVM_EFORMAT, "impossible");
+    assert_int_equal(z.c->n_guards, 0);
+    fixture_close(&z);
+    free(b);
+    unlink(p);
+    unlink(q);
+    fixture_close(&a);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_saved_anchors_load_into_a_fresh_context_that_reuses_at_once_and_saves_the_same_bytes),
@@ -262,6 +325,7 @@ int main(void) {
         cmocka_unit_test(test_anchors_of_another_model_are_refused_by_fingerprint_and_named_by_file),
         cmocka_unit_test(test_loading_more_anchors_than_a_pool_holds_keeps_the_pool_bound),
         cmocka_unit_test(test_a_save_into_a_missing_folder_fails_naming_the_file_and_leaves_nothing),
+        cmocka_unit_test(test_the_guard_state_is_saved_and_loaded_with_the_anchors),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

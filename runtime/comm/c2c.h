@@ -137,6 +137,10 @@ typedef struct kvm_c2c_cache {
  * is outside a block table. With both gates closed nothing is touched. */
 int kvm_c2c_fuse_layer(kvm_c2c_fuser_t *f, int layer, const kvm_c2c_cache_t *recv, const kvm_c2c_cache_t *sharer,
                        int pos0, int n);
+/* The cache view of a sequence for the fuser's backend: on the CPU the sequence's host block table; elsewhere an
+ * uploaded copy in *dev (the caller frees it with f->ops->free). 0 or KVM_ENOMEM / the upload's error. */
+int kvm_c2c_seq_view(const kvm_c2c_fuser_t *f, const kvm_seq_t *s, kvm_c2c_cache_t *c, int32_t **dev);
+
 /* kvm_c2c_fuse_layer for every receiver layer, in order (stops at the first error). */
 int kvm_c2c_fuse(kvm_c2c_fuser_t *f, const kvm_c2c_cache_t *recv, const kvm_c2c_cache_t *sharer, int pos0, int n);
 

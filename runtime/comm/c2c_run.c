@@ -92,6 +92,10 @@ static int c2c_view(const kvm_c2c_fuser_t *f, const kvm_seq_t *s, kvm_c2c_cache_
     return 0;
 }
 
+int kvm_c2c_seq_view(const kvm_c2c_fuser_t *f, const kvm_seq_t *s, kvm_c2c_cache_t *c, int32_t **dev) {
+    return c2c_view(f, s, c, dev);
+}
+
 static double c2c_ms_since(uint64_t t0) { return (double)(kvm_now_ns() - t0) / 1e6; }
 
 int kvm_c2c_close_gates(kvm_c2c_fuser_t *f) {
@@ -121,9 +125,9 @@ int kvm_c2c_prefill_ex(kvm_c2c_fuser_t *f, kvm_model_t *receiver, kvm_seq_t *rse
         return kvm_seterr(KVM_EINVAL, "c2c prefill: logits asked for, but every token is fused (the last token runs on "
                           "the receiver alone, spec §5: n_fuse < n)");
     if (strcmp(f->cfg.token_alignment, "identity"))
-        return kvm_seterr(KVM_EINVAL, "%s: token_alignment '%s' needs the aligner of spec §4, which kvmesh does not build "
-                          "yet; only 'identity' (one tokenizer for both models) is supported", f->json_path,
-                          f->cfg.token_alignment);
+        return kvm_seterr(KVM_EINVAL, "%s: token_alignment '%s' needs the aligner of spec §4: align the conversation "
+                          "(kvm_c2c_align_models) and prefill it with kvm_c2c_prefill_aligned; kvm_c2c_prefill takes "
+                          "one id list for both models ('identity')", f->json_path, f->cfg.token_alignment);
     if (receiver->ops != f->ops || sharer->ops != f->ops)
         return kvm_seterr(KVM_EINVAL, "%s: the fuser and both models must be on one backend", f->json_path);
     if (rseq->pool->model_id != receiver->model_id || spool->model_id != sharer->model_id)
@@ -299,6 +303,9 @@ int kvm_c2c_write_untrained(const char *json_path, kvm_model_t *receiver, kvm_mo
     else if (!strcmp(dts, "bf16")) dt = KVM_BF16;
     else if (!strcmp(dts, "f16")) dt = KVM_F16;
     else return kvm_seterr(KVM_EINVAL, "c2c init: dtype '%s' is not one of f32, bf16, f16", dts);
+    const char *align = o->token_alignment ? o->token_alignment : "identity";
+    if (strcmp(align, "identity") && strcmp(align, "first") && strcmp(align, "longest"))
+        return kvm_seterr(KVM_EINVAL, "c2c init: token_alignment '%s' is not one of identity, first, longest", align);
     const kvm_c2c_model_desc_t *R = &pair.receiver, *S = &pair.sharer;
     const int lr = R->n_layers, ls = S->n_layers;
     bool(*closed)[2] = calloc((size_t)lr, sizeof *closed);
@@ -359,9 +366,9 @@ int kvm_c2c_write_untrained(const char *json_path, kvm_model_t *receiver, kvm_mo
         for (int l = 0; l < lr; l++) fprintf(fp, "%s%s", l ? ", " : "", closed[l][0] ? "false" : "true");
         fprintf(fp, "], \"v\": [");
         for (int l = 0; l < lr; l++) fprintf(fp, "%s%s", l ? ", " : "", closed[l][1] ? "false" : "true");
-        fprintf(fp, "]},\n  \"token_alignment\": \"identity\", \"fuse_tokens\": \"prompt_except_last\", "
+        fprintf(fp, "]},\n  \"token_alignment\": \"%s\", \"fuse_tokens\": \"%s\", "
                     "\"chat_template\": \"receiver\",\n  \"weights_file\": \"%.*s.c2c.safetensors\", \"weights_sha256\": \"%s\",\n",
-                base_len, base, hex);
+                align, strcmp(align, "identity") ? "message_tokens" : "prompt_except_last", base_len, base, hex);
         fprintf(fp, "  \"provenance\": {\"source\": \"kvmesh c2c init: UNTRAINED random weights (seed %llu); carries no "
                     "information\"}\n}\n", (unsigned long long)o->seed);
         if (fclose(fp)) rc = kvm_seterr(KVM_EIO, "c2c init: cannot write '%s'", json_path);

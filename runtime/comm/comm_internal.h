@@ -250,6 +250,9 @@ static inline bool comm_wants_scores(const kvm_kvcomm_config_t *cfg) {
  * the check of one assembled REUSE prompt (after its recompute pass; E = its exact rows) against a dense prefill. */
 float comm_guard_frac(kvm_comm_t *c, const char *agent);
 int comm_guard_check(kvm_comm_t *c, const char *agent, kvm_prepared_t *p, int E);
+/* Merges a consumer's guard state read from a state file (comm_state.c) into c: each figure becomes the larger of the
+ * two (the fraction never goes down). 0 or KVM_ENOMEM. */
+int comm_guard_restore(kvm_comm_t *c, const comm_guard_t *saved);
 int comm_dev_reuse(kvm_comm_request_t *rq, const kvm_template_t *t, const comm_piece_t *pcs, const comm_forced_t *forced,
                    kvm_prepared_t *out, int E, int N, float *row_score);
 

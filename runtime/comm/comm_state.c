@@ -1,7 +1,8 @@
 /* comm_state.c - KVCOMM anchor pools saved to a file and loaded back (docs/kvcomm.md §"Anchors across
  * processes"), so that a runtime restarted with the same state folder keeps what it learned.
  *
- * The file (little-endian, the host's layout of the numbers; version 1):
+ * The file (little-endian, the host's layout of the numbers; version 2, which adds the guard records; version 1
+ * files, anchors only, still load):
  *   header   "KVMANCH1" | u32 version | u32 L | u32 H | u32 D | u64 fingerprint | u64 insert_seq
  *            | char tag[48] (backend/dtype, for messages) | u64 FNV-1a of the bytes before it
  *   records  u32 'ANCR' | u32 0 | u64 payload bytes | payload | u64 FNV-1a of the payload
@@ -9,7 +10,11 @@
  *                     | i32 n_deltas | f32 base[L][2][H][T][D]
  *                     | n_deltas x (char consumer[KVM_COMM_NAME_MAX] | u64 template_hash | i32 S
  *                                   | f32 d_ph[L-1][2][H][T][D] | f32 d_pf[L-1][2][H][S][D])
- *   trailer  u32 'END!' | u32 0 | u64 number of records
+ *            or u32 'GRD1' | u32 0 | u64 payload bytes | payload | u64 FNV-1a of the payload (the fidelity guard's
+ *            state of one consumer, guard.c, so that a restarted runtime neither checks its first calls again nor
+ *            lowers a fraction it raised)
+ *            payload: char consumer[KVM_COMM_NAME_MAX] | f32 frac | u32 reused | u32 checked | u32 disagreed
+ *   trailer  u32 'END!' | u32 0 | u64 number of anchor records
  * A file is written beside its final name, flushed to the disk and renamed over it (then the folder is
  * synced): a crash leaves the old file or the new one, never a torn one. Every length read is checked against
  * what is left of the file before anything is allocated. */
@@ -25,8 +30,10 @@
 #include "comm_internal.h"
 
 #define STATE_MAGIC "KVMANCH1"
-#define STATE_VERSION 1u
+#define STATE_VERSION 2u
 #define TAG_ANCHOR 0x52434e41u /* "ANCR" */
+#define TAG_GUARD 0x31445247u  /* "GRD1" */
+#define GUARD_PAYLOAD (KVM_COMM_NAME_MAX + 4 * 4)
 #define TAG_END 0x21444e45u    /* "END!" */
 #define STATE_MAX_T (1 << 20)
 
@@ -127,6 +134,22 @@ static void write_anchor(state_out_t *o, const comm_geom_t *g, const char *pool,
     out_u64(o, check);
 }
 
+static void write_guard(state_out_t *o, const comm_guard_t *g) {
+    out_u32(o, TAG_GUARD);
+    out_u32(o, 0);
+    out_u64(o, GUARD_PAYLOAD);
+    o->h = KVM_HASH_SEED;
+    char name[KVM_COMM_NAME_MAX] = {0};
+    snprintf(name, sizeof name, "%s", g->agent);
+    out_bytes(o, name, sizeof name);
+    out_bytes(o, &g->frac, sizeof g->frac);
+    out_u32(o, g->reused);
+    out_u32(o, g->checked);
+    out_u32(o, g->disagreed);
+    uint64_t check = o->h;
+    out_u64(o, check);
+}
+
 /* fsync of the folder that holds path, so that a rename into it is on the disk */
 static void sync_dir_of(const char *path) {
     char dir[4096];
@@ -169,6 +192,7 @@ int kvm_comm_save_anchors(const kvm_comm_t *c, const char *path) {
             write_anchor(&o, &c->g, c->pools[i].name, a);
             comm_anchor_host_drop(cw, a);
         }
+    for (int i = 0; i < c->n_guards && !o.err; i++) write_guard(&o, &c->guards[i]);
     out_u32(&o, TAG_END);
     out_u32(&o, 0);
     out_u64(&o, n);
@@ -261,8 +285,9 @@ static int check_header(const kvm_comm_t *c, const char *path, const state_heade
         return kvm_seterr(KVM_EFORMAT, "anchors: '%s' is not a kvmesh anchor file (no KVMANCH1 at its start)", path);
     if (h->check != kvm_hash64(h, offsetof(state_header_t, check), KVM_HASH_SEED))
         return kvm_seterr(KVM_EFORMAT, "anchors: '%s': the header's checksum does not match (a damaged file)", path);
-    if (h->version != STATE_VERSION)
-        return kvm_seterr(KVM_EFORMAT, "anchors: '%s' is version %u; this kvmesh reads version %u", path, h->version, STATE_VERSION);
+    if (h->version < 1 || h->version > STATE_VERSION)
+        return kvm_seterr(KVM_EFORMAT, "anchors: '%s' is version %u; this kvmesh reads versions 1 to %u", path, h->version,
+                          STATE_VERSION);
     if (h->fingerprint != fp || h->L != (uint32_t)c->g.L || h->H != (uint32_t)c->g.H || h->D != (uint32_t)c->g.D) {
         char theirs[49];
         memcpy(theirs, h->tag, 48);
@@ -273,9 +298,35 @@ static int check_header(const kvm_comm_t *c, const char *path, const state_heade
     return 0;
 }
 
-/* Reads every record of f into a list of anchors (nothing is put into c until the whole file checked out). */
-static int read_records(FILE *f, const char *path, const comm_geom_t *g, uint64_t left, comm_anchor_t ***as,
-                        char (**pools)[KVM_COMM_NAME_MAX], int *n, int *cap) {
+/* One guard record's payload (written by write_guard): the figures must be ones a guard can reach. */
+static int parse_guard(state_in_t *in, comm_guard_t *g) {
+    memset(g, 0, sizeof *g);
+    int rc = in_name(in, g->agent);
+    if (!rc) rc = in_bytes(in, &g->frac, 4);
+    if (!rc) rc = in_bytes(in, &g->reused, 4);
+    if (!rc) rc = in_bytes(in, &g->checked, 4);
+    if (!rc) rc = in_bytes(in, &g->disagreed, 4);
+    if (!rc && in->at != in->n) rc = kvm_seterr(KVM_EFORMAT, "anchors: '%s': a guard record longer than its contents", in->path);
+    if (!rc && (!(g->frac >= 0.0f && g->frac <= 1.0f) || g->checked > g->reused || g->disagreed > g->checked))
+        rc = kvm_seterr(KVM_EFORMAT, "anchors: '%s': the guard state of '%s' is impossible (fraction %g, %u checked of %u "
+                        "reused, %u disagreed)", in->path, g->agent, (double)g->frac, g->checked, g->reused, g->disagreed);
+    return rc;
+}
+
+/* The records read from a file, put into the context only once the whole file checked out. */
+typedef struct state_read {
+    comm_anchor_t **as;
+    char (*pools)[KVM_COMM_NAME_MAX];
+    int n, cap;
+    comm_guard_t *gs;
+    int ng, gcap;
+} state_read_t;
+
+/* Reads every record of f into r (nothing is put into c until the whole file checked out). */
+static int read_records(FILE *f, const char *path, const comm_geom_t *g, uint64_t left, state_read_t *r) {
+    comm_anchor_t ***as = &r->as;
+    char (**pools)[KVM_COMM_NAME_MAX] = &r->pools;
+    int *n = &r->n, *cap = &r->cap;
     for (;;) {
         uint32_t tag, pad;
         uint64_t len;
@@ -288,7 +339,7 @@ static int read_records(FILE *f, const char *path, const comm_geom_t *g, uint64_
                 return kvm_seterr(KVM_EFORMAT, "anchors: '%s' says %llu anchors and holds %d", path, (unsigned long long)len, *n);
             return 0;
         }
-        if (tag != TAG_ANCHOR || len + 8 > left)
+        if ((tag != TAG_ANCHOR && tag != TAG_GUARD) || len + 8 > left)
             return kvm_seterr(KVM_EFORMAT, "anchors: '%s': byte %ld holds no record of the file's %llu bytes left", path, at,
                               (unsigned long long)left);
         unsigned char *buf = kvm_malloc(len ? len : 1);
@@ -298,6 +349,15 @@ static int read_records(FILE *f, const char *path, const comm_geom_t *g, uint64_
         if (!rc && check != kvm_hash64(buf, len, KVM_HASH_SEED))
             rc = kvm_seterr(KVM_EFORMAT, "anchors: '%s': the record at byte %ld fails its checksum (a damaged file)", path, at);
         left -= len + 8;
+        if (tag == TAG_GUARD) {
+            state_in_t in = {.path = path, .p = buf, .n = len};
+            if (!rc) rc = comm_reserve(&r->gs, &r->gcap, r->ng, sizeof *r->gs);
+            if (!rc) rc = parse_guard(&in, &r->gs[r->ng]);
+            kvm_free(buf);
+            if (rc) return rc;
+            r->ng++;
+            continue;
+        }
         if (!rc) rc = comm_reserve(as, cap, *n, sizeof **as);
         int cap2 = *cap;
         if (!rc && !(*pools = kvm_realloc(*pools, (size_t)cap2 * sizeof **pools))) rc = KVM_ENOMEM;
@@ -319,19 +379,21 @@ int kvm_comm_load_anchors(kvm_comm_t *c, const char *path, int *n_loaded) {
     int rc = fstat(fileno(f), &st) != 0 ? kvm_seterr(KVM_EIO, "anchors: cannot stat '%s'", path) : 0;
     if (!rc && read_exact(f, &h, sizeof h)) rc = kvm_seterr(KVM_EFORMAT, "anchors: '%s' is shorter than a header", path);
     if (!rc) rc = check_header(c, path, &h);
-    comm_anchor_t **as = NULL;
-    char (*pools)[KVM_COMM_NAME_MAX] = NULL;
-    int n = 0, cap = 0, i = 0;
-    if (!rc) rc = read_records(f, path, &c->g, (uint64_t)st.st_size - sizeof h, &as, &pools, &n, &cap);
+    state_read_t r = {0};
+    int i = 0;
+    if (!rc) rc = read_records(f, path, &c->g, (uint64_t)st.st_size - sizeof h, &r);
     fclose(f);
+    const int n = r.n;
     for (; !rc && i < n; i++) {
-        comm_pool_t *p = comm_pool_get(c, pools[i], true);
-        rc = p ? comm_pool_insert(c, p, as[i]) : KVM_ENOMEM;
-        if (!rc) as[i] = NULL;
+        comm_pool_t *p = comm_pool_get(c, r.pools[i], true);
+        rc = p ? comm_pool_insert(c, p, r.as[i]) : KVM_ENOMEM;
+        if (!rc) r.as[i] = NULL;
     }
-    for (int k = 0; k < n; k++) comm_anchor_unref(c, as[k]);
-    kvm_free(as);
-    kvm_free(pools);
+    for (int k = 0; !rc && k < r.ng; k++) rc = comm_guard_restore(c, &r.gs[k]);
+    for (int k = 0; k < n; k++) comm_anchor_unref(c, r.as[k]);
+    kvm_free(r.as);
+    kvm_free(r.pools);
+    kvm_free(r.gs);
     if (!rc && h.insert_seq > c->insert_seq) c->insert_seq = h.insert_seq;
     if (!rc && n_loaded) *n_loaded = n;
     return rc;

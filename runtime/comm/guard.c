@@ -30,6 +30,17 @@ static comm_guard_t *guard_get(kvm_comm_t *c, const char *agent) {
     return g;
 }
 
+int comm_guard_restore(kvm_comm_t *c, const comm_guard_t *saved) {
+    comm_guard_t *g = guard_get(c, saved->agent);
+    if (!g) return KVM_ENOMEM;
+    /* a context that already learned something keeps the larger of each figure: the fraction never goes down */
+    if (saved->frac > g->frac) g->frac = saved->frac;
+    if (saved->reused > g->reused) g->reused = saved->reused;
+    if (saved->checked > g->checked) g->checked = saved->checked;
+    if (saved->disagreed > g->disagreed) g->disagreed = saved->disagreed;
+    return 0;
+}
+
 float comm_guard_frac(kvm_comm_t *c, const char *agent) {
     if (!c->cfg.guard) return c->cfg.recompute_frac;
     const comm_guard_t *g = guard_get(c, agent);

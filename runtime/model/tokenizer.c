@@ -552,6 +552,7 @@ int32_t kvm_tokenizer_find(const kvm_tokenizer_t *t, const char *piece) {
 
 int32_t kvm_tokenizer_bos(const kvm_tokenizer_t *t) { return t ? t->bos : -1; }
 int32_t kvm_tokenizer_eos(const kvm_tokenizer_t *t) { return t ? t->eos : -1; }
+int32_t kvm_tokenizer_unk(const kvm_tokenizer_t *t) { return t && t->kind != TOK_LLAMA2C ? t->unk : -1; }
 bool kvm_tokenizer_adds_bos(const kvm_tokenizer_t *t) { return t && t->adds_bos; }
 
 bool kvm_tokenizer_is_special(const kvm_tokenizer_t *t, int32_t id) {

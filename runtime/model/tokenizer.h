@@ -40,6 +40,8 @@ int32_t kvm_tokenizer_find(const kvm_tokenizer_t *t, const char *piece);
 /* BOS / EOS ids known to the tokenizer (-1 if none) and whether encode adds BOS by default. */
 int32_t kvm_tokenizer_bos(const kvm_tokenizer_t *t);
 int32_t kvm_tokenizer_eos(const kvm_tokenizer_t *t);
+/* The HF BPE model's unk_token id (-1 if none, and for llama2.c tokenizers). */
+int32_t kvm_tokenizer_unk(const kvm_tokenizer_t *t);
 bool kvm_tokenizer_adds_bos(const kvm_tokenizer_t *t);
 bool kvm_tokenizer_is_special(const kvm_tokenizer_t *t, int32_t id);
 /* "llama2c", "bpe-bytelevel", "bpe-sentencepiece" */

@@ -9,7 +9,8 @@ shift 2
 root=$(cd "$(dirname "$0")/../.." && pwd)
 shared=${KVM_SHARED:-$root/../shared}
 out=$root/.gpu-$name
-grep -qx "/.gpu-$name/" "$root/.git/info/exclude" 2>/dev/null || echo "/.gpu-$name/" >> "$root/.git/info/exclude"
+# (in a git worktree .git is a file: nothing is excluded there, and the bundle travels as an untracked folder)
+[ -d "$root/.git" ] && { grep -qx "/.gpu-$name/" "$root/.git/info/exclude" 2>/dev/null || echo "/.gpu-$name/" >> "$root/.git/info/exclude"; }
 rm -rf "$out"
 bins=()
 for b in "$@"; do [ -x "$build/$b" ] && bins+=("$build/$b"); done

@@ -83,6 +83,12 @@ bad nofile "no C2C fuser could be loaded from 'c2c/none.c2c.json'" "{ agent = 'r
 # a fuser for another pair (roles swapped): the pairing check names the field
 "$kvmesh" c2c init --receiver $S --sharer $R -o "$tmp/bad/c2c/swapped.c2c.json" > /dev/null
 bad swapped "fuser is for a receiver with 6 layers\|receiver.n_kv_heads\|receiver.head_dim" "{ agent = 'reader', via = 'c2c', fuser = 'c2c/swapped.c2c.json', section = 'input.docs' }"
+# an aligned-mode fuser (token_alignment longest): kv_from refuses it at load, naming the field
+"$kvmesh" c2c init --receiver $R --sharer $S -o "$tmp/bad/c2c/longest.c2c.json" --align longest > /dev/null
+grep -q '"token_alignment": "longest", "fuse_tokens": "message_tokens"' "$tmp/bad/c2c/longest.c2c.json" ||
+  { echo "--align longest:"; cat "$tmp/bad/c2c/longest.c2c.json"; exit 1; }
+bad aligned "token_alignment 'longest' (spec §4 aligned mode) is not supported by kv_from" "{ agent = 'reader', via = 'c2c', fuser = 'c2c/longest.c2c.json', section = 'input.docs' }"
+usage "token_alignment 'nearest'" init --receiver $R --sharer $S -o "$tmp/x.c2c.json" --align nearest
 # a damaged weights file: refused (weights_sha256), the reason in the log only
 cp "$tmp/bad/c2c/untrained.c2c.json" "$tmp/bad/c2c/dmg.c2c.json"
 head -c 1000 examples/c2c/untrained.c2c.safetensors > "$tmp/bad/c2c/untrained.c2c.safetensors"
