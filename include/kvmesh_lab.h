@@ -606,8 +606,10 @@ typedef struct kvm_c2c_fuser kvm_c2c_fuser_t;
 
 /* Loads the fuser whose config is json_path (<name>.c2c.json) on the receiver's backend, with every check of spec
  * §7 and the pairing checks against both loaded models (layer counts, KV heads, head dims, RoPE, the hashes of
- * their tokenizer.json files, vocabulary). Both models must be Hugging Face directories on one backend. NULL +
- * message (naming the file and the field) on error. Free with kvm_c2c_free. */
+ * their tokenizer.json files, vocabulary). Both models must be Hugging Face directories on one backend, or synthetic
+ * models ("synthetic:<name>", no tokenizer: timing only), whose tokenizer hash is that of the text "kvmesh synthetic
+ * model synthetic:<name>: no tokenizer". NULL + message (naming the file and the field) on error. Free with
+ * kvm_c2c_free. */
 kvm_c2c_fuser_t *kvm_c2c_open(const char *json_path, kvm_model_t *receiver, kvm_model_t *sharer);
 void kvm_c2c_free(kvm_c2c_fuser_t *f);
 /* The fuser's receiver layer count, and whether layer l's K (branch 0) or V (branch 1) gate is open (false for a

@@ -62,8 +62,9 @@ static void usage(FILE *f) {
             "usage: kvmesh bench c2c --receiver DIR --sharer DIR --fuser F.c2c.json [--identity-fuser G.c2c.json]\n"
             "                        [--docs N | --docs-file FILE.jsonl] [--seed S] [--facts LO-HI] [--backend cpu|cuda]\n"
             "                        [--json FILE]\n"
-            "       kvmesh bench c2c --timing [--pair bundled|synthetic] [--prompt 128,512,1024] [--msg-tokens T]\n"
-            "                        [--reps R] [--backend cpu|cuda] [--json FILE]\n\n"
+            "       kvmesh bench c2c --timing [--pair bundled|synthetic [--tiny]] [--prompt 128,512,1024] [--msg-tokens T]\n"
+            "                        [--reps R] [--hidden H | --fuser F] [--receiver DIR --sharer DIR] [--backend cpu|cuda]\n"
+            "                        [--json FILE]\n\n"
             "The blinded-receiver demonstration of C2C (spec section 9, docs/c2c.md): documents of `kvmesh c2c docs`\n"
             "(generated from the eval split, --docs N (default 2000), --seed (default 1000), --facts (default 2-8); or\n"
             "read from --docs-file) run through the sectioned prefill, greedy, under the conditions\n"
@@ -76,8 +77,9 @@ static void usage(FILE *f) {
             "--timing: per prompt length, the C2C path (receiver + sharer prefill, fusion, first token) against the\n"
             "text hand-off it replaces (the sharer prefills the prompt and generates --msg-tokens T (default 16) tokens,\n"
             "the receiver prefills prompt + message and produces its first token); --pair bundled (the bundled models,\n"
-            "an untrained fuser: timing only) or synthetic (Qwen3-0.6B <- Qwen2.5-0.5B shapes, random weights;\n"
-            "--tiny: 2-layer models of small width, for CPU tests).\n");
+            "or --receiver / --sharer) or synthetic (Qwen3-0.6B <- Qwen2.5-0.5B shapes, random weights; --tiny: 2-layer\n"
+            "models of small width, for CPU tests), with an UNTRAINED fuser written for the run (width --hidden, default\n"
+            "1024 at real shapes, else 64) or --fuser F: timing only. One warm-up, then the median of --reps (default 3).\n");
 }
 
 /* ---- one run ------------------------------------------------------------------------------------------------- */
@@ -285,23 +287,15 @@ static void verdict_low(bc_verdict_t *v, const char *key, const char *crit, cons
 int lab_bench_c2c(int argc, char **argv, kvm_lab_params_fn fill) {
     const char *recv = NULL, *shr = NULL, *fuser = NULL, *idf = NULL, *docs_file = NULL, *backend = "cpu", *json = NULL;
     unsigned long long n_docs = 2000, seed = KVM_MT_DEFAULT_EVAL_SEED;
-    bool have_docs = false;
+    bool have_docs = false, have_gen = false;
     int lo = 2, hi = 8;
     const char *cmd = "kvmesh bench c2c";
     for (int i = 1; i < argc; i++)
         if (!strcmp(argv[i], "--timing")) return lab_bench_c2c_timing(argc, argv, fill);
     for (int i = 1; i < argc; i++) {
-        const char *a = argv[i];
-        if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
-            usage(stdout);
-            return 0;
-        }
-        if (i + 1 >= argc) {
-            fprintf(stderr, "%s: option '%s' needs a value (or is unknown)\n", cmd, a);
-            return 2;
-        }
-        const char *v = argv[++i];
-        char *end = NULL;
+        const char *a, *v;
+        const int k = lab_c2c_next_opt(cmd, argc, argv, &i, &a, &v, usage);
+        if (k <= 0) return k ? 2 : 0;
         if (!strcmp(a, "--receiver")) recv = v;
         else if (!strcmp(a, "--sharer")) shr = v;
         else if (!strcmp(a, "--fuser")) fuser = v;
@@ -315,15 +309,13 @@ int lab_bench_c2c(int argc, char **argv, kvm_lab_params_fn fill) {
             }
             backend = v;
         } else if (!strcmp(a, "--docs") || !strcmp(a, "--seed")) {
-            unsigned long long x = strtoull(v, &end, 10);
-            if (!*v || *end || *v == '-') {
-                fprintf(stderr, "%s: %s '%s' is not a non-negative integer\n", cmd, a, v);
-                return 2;
-            }
+            unsigned long long x;
+            if (lab_c2c_parse_u64(cmd, a, v, &x)) return 2;
             if (a[2] == 'd') n_docs = x, have_docs = true;
-            else seed = x;
+            else seed = x, have_gen = true;
         } else if (!strcmp(a, "--facts")) {
             if (lab_c2c_parse_facts(cmd, v, &lo, &hi)) return 2;
+            have_gen = true;
         } else {
             fprintf(stderr, "%s: unknown option '%s'\n", cmd, a);
             return 2;
@@ -333,8 +325,8 @@ int lab_bench_c2c(int argc, char **argv, kvm_lab_params_fn fill) {
         fprintf(stderr, "%s: --receiver, --sharer and --fuser are required (see --help)\n", cmd);
         return 2;
     }
-    if (have_docs && docs_file) {
-        fprintf(stderr, "%s: --docs and --docs-file exclude each other\n", cmd);
+    if ((have_docs || have_gen) && docs_file) {
+        fprintf(stderr, "%s: --docs-file excludes --docs, --seed and --facts (they make the documents)\n", cmd);
         return 2;
     }
     if (!docs_file && (n_docs < 1 || n_docs > 1000000)) {
@@ -412,6 +404,10 @@ int lab_bench_c2c(int argc, char **argv, kvm_lab_params_fn fill) {
         goto done;
     }
     const int left_out = docs_derange(docs, nd, partner);
+    if (left_out < 0) {
+        fprintf(stderr, "%s: out of memory\n", cmd);
+        goto done;
+    }
 
     fprintf(stderr, "%s: %d documents (%s), conditions a-%s, %s backend\n", cmd, nd, docs_file ? docs_file : "eval split",
             b.fid ? "g" : "f", backend);

@@ -60,8 +60,14 @@ int lab_c2c_doc_write(FILE *f, const lab_c2c_doc_t *d);
  * message naming the field otherwise (the caller adds file:line). */
 int lab_c2c_doc_parse(const char *line, int vocab, int32_t hash_id, lab_c2c_doc_t *d);
 
-/* Parses the option value "LO-HI" (2 <= LO <= HI <= 48) of --facts: 0, or -1 after a message on stderr naming cmd
- * (lab/cmd_c2c.c). */
+/* Option parsing shared by `kvmesh c2c` and `kvmesh bench c2c` (lab/cmd_c2c.c); messages go to stderr, naming cmd.
+ * lab_c2c_parse_facts: the value "LO-HI" (2 <= LO <= HI <= 48) of --facts: 0, or -1 after a message.
+ * lab_c2c_parse_u64: v as a non-negative integer: 0, or -1 after a message naming the option.
+ * lab_c2c_next_opt: the option at argv[*i] and its value (*i moves past it), for commands whose options all take a
+ * value: 1; 0 when it is --help / -h (help(stdout) printed: exit 0); -1 after a message when the value is missing. */
 int lab_c2c_parse_facts(const char *cmd, const char *v, int *lo, int *hi);
+int lab_c2c_parse_u64(const char *cmd, const char *opt, const char *v, unsigned long long *out);
+int lab_c2c_next_opt(const char *cmd, int argc, char **argv, int *i, const char **opt, const char **val,
+                     void (*help)(FILE *));
 
 #endif

@@ -6,6 +6,7 @@
  *   kvmesh c2c docs --model DIR --n N --seed S [--facts LO-HI] [--split train|eval] [-o FILE.jsonl]
  * writes the blinded-receiver documents of spec §9 as JSON lines (lab/c2c_docs.h): the fuser's training data and
  * `kvmesh bench c2c --docs-file`'s input. */
+#include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -43,31 +44,46 @@ int lab_c2c_parse_facts(const char *cmd, const char *v, int *lo, int *hi) {
     return 0;
 }
 
+int lab_c2c_parse_u64(const char *cmd, const char *opt, const char *v, unsigned long long *out) {
+    char *end = NULL;
+    errno = 0;
+    *out = strtoull(v, &end, 10);
+    if (!*v || *end || *v == '-' || errno) {
+        fprintf(stderr, "%s: %s '%s' is not a non-negative integer\n", cmd, opt, v);
+        return -1;
+    }
+    return 0;
+}
+
+int lab_c2c_next_opt(const char *cmd, int argc, char **argv, int *i, const char **opt, const char **val,
+                     void (*help)(FILE *)) {
+    *opt = argv[*i];
+    if (!strcmp(*opt, "--help") || !strcmp(*opt, "-h")) {
+        help(stdout);
+        return 0;
+    }
+    if (*i + 1 >= argc) {
+        fprintf(stderr, "%s: option '%s' needs a value (or is unknown)\n", cmd, *opt);
+        return -1;
+    }
+    *val = argv[++*i];
+    return 1;
+}
+
 static int c2c_docs(int argc, char **argv, kvm_lab_params_fn fill) {
     const char *model = NULL, *out = NULL, *cmd = "kvmesh c2c docs";
     unsigned long long n = 0, seed = 0;
     bool have_n = false, have_seed = false;
     int split = KVM_MT_TRAIN, lo = 2, hi = 8;
     for (int i = 2; i < argc; i++) {
-        const char *a = argv[i];
-        if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
-            c2c_usage(stdout);
-            return 0;
-        }
-        if (i + 1 >= argc) {
-            fprintf(stderr, "%s: option '%s' needs a value (or is unknown)\n", cmd, a);
-            return 2;
-        }
-        const char *v = argv[++i];
-        char *end = NULL;
+        const char *a, *v;
+        const int k = lab_c2c_next_opt(cmd, argc, argv, &i, &a, &v, c2c_usage);
+        if (k <= 0) return k ? 2 : 0;
         if (!strcmp(a, "--model")) model = v;
         else if (!strcmp(a, "-o") || !strcmp(a, "--out")) out = v;
         else if (!strcmp(a, "--n") || !strcmp(a, "--seed")) {
-            unsigned long long x = strtoull(v, &end, 10);
-            if (!*v || *end || *v == '-') {
-                fprintf(stderr, "%s: %s '%s' is not a non-negative integer\n", cmd, a, v);
-                return 2;
-            }
+            unsigned long long x;
+            if (lab_c2c_parse_u64(cmd, a, v, &x)) return 2;
             if (a[2] == 'n') n = x, have_n = true;
             else seed = x, have_seed = true;
         } else if (!strcmp(a, "--split")) {
@@ -151,16 +167,9 @@ int kvm_lab_cmd_c2c(int argc, char **argv, kvm_lab_params_fn fill) {
     const char *recv = NULL, *shr = NULL, *out = NULL;
     kvm_c2c_init_opts_t o = {0};
     for (int i = 2; i < argc; i++) {
-        const char *a = argv[i];
-        if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
-            c2c_usage(stdout);
-            return 0;
-        }
-        if (i + 1 >= argc) {
-            fprintf(stderr, "kvmesh c2c init: option '%s' needs a value (or is unknown)\n", a);
-            return 2;
-        }
-        const char *v = argv[++i];
+        const char *a, *v;
+        const int k = lab_c2c_next_opt("kvmesh c2c init", argc, argv, &i, &a, &v, c2c_usage);
+        if (k <= 0) return k ? 2 : 0;
         char *end = NULL;
         if (!strcmp(a, "--receiver")) recv = v;
         else if (!strcmp(a, "--sharer")) shr = v;
@@ -169,11 +178,9 @@ int kvm_lab_cmd_c2c(int argc, char **argv, kvm_lab_params_fn fill) {
         else if (!strcmp(a, "--closed")) o.closed = v;
         else if (!strcmp(a, "--align")) o.token_alignment = v;
         else if (!strcmp(a, "--seed")) {
-            o.seed = strtoull(v, &end, 10);
-            if (!*v || *end || *v == '-') {
-                fprintf(stderr, "kvmesh c2c init: --seed '%s' is not a non-negative integer\n", v);
-                return 2;
-            }
+            unsigned long long x;
+            if (lab_c2c_parse_u64("kvmesh c2c init", a, v, &x)) return 2;
+            o.seed = x;
         } else if (!strcmp(a, "--hidden")) {
             long h = strtol(v, &end, 10);
             if (!*v || *end || h < 1 || h > 4096) {

@@ -51,7 +51,9 @@ typedef struct kvm_c2c_pair {
 } kvm_c2c_pair_t;
 
 /* Fills *out from a loaded model and the tokenizer file kvmesh loaded for it (hashed here). 0, or the
- * hashing error naming the file. */
+ * hashing error naming the file. tokenizer_file NULL is for synthetic models only (synthetic:<name>, no tokenizer:
+ * timing benchmarks): their tokenizer_sha256 is the SHA-256 of the text "kvmesh synthetic model synthetic:<name>: no
+ * tokenizer", which pins the shape and can never equal the hash of a real tokenizer.json's bytes in practice. */
 int kvm_c2c_model_desc(const kvm_model_t *m, const char *tokenizer_file, kvm_c2c_model_desc_t *out);
 
 /* One FFN block (spec §2.1): x + down . GELU(up . RMSNorm(x; norm)). */

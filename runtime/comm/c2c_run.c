@@ -13,10 +13,18 @@
 #include "../kv/kv.h"
 #include "../model/safetensors.h"
 
+/* A synthetic model (kvm_model_load("synthetic:<name>"): seeded weights of a real shape, no tokenizer), paired for
+ * timing benchmarks only. */
+static bool c2c_synthetic(const kvm_model_t *m) {
+    return !m->tok && m->path && !strncmp(m->path, "synthetic:", 10) && !strncmp(m->name, "synthetic:", 10);
+}
+
 /* The tokenizer file kvmesh loaded for m, whose SHA-256 pins the fuser's pair (spec §7.3): tokenizer.json of a
- * Hugging Face directory. */
+ * Hugging Face directory; "" for a synthetic model. */
 static int c2c_tokenizer_file(const kvm_model_t *m, const char *role, char *buf, size_t cap) {
     struct stat sb;
+    buf[0] = 0;
+    if (c2c_synthetic(m)) return 0; /* no file: kvm_c2c_model_desc pins the synthetic shape by name */
     if (!m->path || stat(m->path, &sb) || !S_ISDIR(sb.st_mode))
         return kvm_seterr(KVM_EINVAL, "c2c: the %s '%s' is not a Hugging Face model directory (C2C pairs models by the "
                           "hash of their tokenizer.json, spec §7.3)", role, m->path ? m->path : m->name);
@@ -30,7 +38,8 @@ static int c2c_pair_of(kvm_model_t *receiver, kvm_model_t *sharer, kvm_c2c_pair_
     if (!receiver || !sharer) return kvm_seterr(KVM_EINVAL, "c2c: a receiver and a sharer model are needed");
     if ((rc = c2c_tokenizer_file(receiver, "receiver", tr, sizeof tr)) ||
         (rc = c2c_tokenizer_file(sharer, "sharer", ts, sizeof ts)) ||
-        (rc = kvm_c2c_model_desc(receiver, tr, &p->receiver)) || (rc = kvm_c2c_model_desc(sharer, ts, &p->sharer)))
+        (rc = kvm_c2c_model_desc(receiver, tr[0] ? tr : NULL, &p->receiver)) ||
+        (rc = kvm_c2c_model_desc(sharer, ts[0] ? ts : NULL, &p->sharer)))
         return rc;
     return 0;
 }
