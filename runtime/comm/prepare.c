@@ -159,6 +159,13 @@ static int decide_one(kvm_comm_request_t *rq, const kvm_template_t *t, kvm_prepa
         ph->decision = KVM_PH_NAIVE;
         return 0;
     }
+    if (ph->T < cfg->recompute_below) {
+        /* ours (kvcomm.md §5.2): a REUSE prompt recomputes a piece this short and the text after it anyway (mark_rows),
+         * so no offset is predicted for it: it neither asks for a new anchor nor sends the whole call DENSE (a
+         * one-token question failing the entropy gate kept the team's long shared facts from being reused) */
+        ph->decision = KVM_PH_NAIVE;
+        return 0;
+    }
     int rc = get_sample(rq, name, ph->seg, &ph->sample);
     if (rc) return rc;
     comm_sample_t *s = &rq->samples[ph->sample];
