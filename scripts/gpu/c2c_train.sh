@@ -7,6 +7,8 @@
 #                                                name it in the run's `carry`); models/ travel with the tree
 #   scripts/gpu/c2c_train.sh run OUT              on the GPU machine, from the repository root: everything below
 #   SMOKE=1 scripts/gpu/c2c_train.sh run OUT      the same end to end on the CPU here, small (< 3 minutes)
+#   scripts/gpu/c2c_train.sh install OUT          here: a finished run's fuser -> models/c2c-miniqwen3-to-minillama/,
+#                                                its fixture -> tests/fixtures/c2c-trained/ (tests/test_c2c_trained.c)
 #
 # `run`: (1) `kvmesh c2c docs` writes the training documents (split train, seed 1; N_TRAIN, default 200000) and the
 # eval documents (split eval, seed 1000; N_EVAL, default 2000), facts FACTS (default 2-8); (2) c2c_train.py trains
@@ -30,7 +32,20 @@ if [ "$cmd" = bundle ]; then
   du -sh "$root/.gpu-c2ctrain"
   exit 0
 fi
-[ "$cmd" = run ] && [ -n "${2:-}" ] || { echo "usage: $0 bundle [BUILD_DIR] | run OUT   (SMOKE=1: small CPU run)"; exit 2; }
+if [ "$cmd" = install ]; then
+  # the result of a run into the tree: the fuser (config, weights, model card) and the C test's fixture
+  src=${2:-}
+  [ -n "$src" ] && [ -f "$src/c2c-miniqwen3-to-minillama/c2c-miniqwen3-to-minillama.c2c.json" ] &&
+    [ -f "$src/fixture/rows.safetensors" ] || { echo "usage: $0 install OUT (OUT of a finished run)"; exit 2; }
+  rm -rf "$root/models/c2c-miniqwen3-to-minillama"
+  mkdir -p "$root/models/c2c-miniqwen3-to-minillama" "$root/tests/fixtures/c2c-trained"
+  cp "$src"/c2c-miniqwen3-to-minillama/* "$root/models/c2c-miniqwen3-to-minillama/"
+  cp "$src/fixture/rows.safetensors" "$root/tests/fixtures/c2c-trained/rows.safetensors"
+  du -sh "$root/models/c2c-miniqwen3-to-minillama" "$root/tests/fixtures/c2c-trained"
+  echo "now: cmake --build build-h --target test_c2c_trained && ./build-h/test_c2c_trained"
+  exit 0
+fi
+[ "$cmd" = run ] && [ -n "${2:-}" ] || { echo "usage: $0 bundle [BUILD_DIR] | run OUT | install OUT   (SMOKE=1: small CPU run)"; exit 2; }
 OUT=$(mkdir -p "$2" && cd "$2" && pwd)
 cd "$root"
 start=$(date +%s)
