@@ -120,6 +120,8 @@ ts "C loader + kv_from run with the trained fuser: exit status $lrc ($(tail -c 3
 if "$KV" bench c2c --help > /dev/null 2>&1 && [ "$(left)" -gt 25 ]; then
   # the bundled binary is a CPU build (KVM_CUDA=OFF): the C runtime's CPU path, all cores
   nb=$([ "$SMOKE" = 1 ] && echo 20 || echo "${BENCH_DOCS:-500}")
+  cap=$((($(left) - 10) * 4)) # ~0.1 s a document here on 2 cores (7 conditions): stay inside the budget
+  [ "$nb" -gt "$cap" ] && nb=$((cap > 20 ? cap : 20))
   head -n "$nb" "$OUT/eval.jsonl" > "$OUT/bench_docs.jsonl"
   ts "kvmesh bench c2c on the first $nb eval documents (CPU, $(($(left) - 8))s at most)"
   KVM_THREADS=${KVM_THREADS:-$(nproc)} timeout $(($(left) - 8)) "$KV" bench c2c --receiver $R --sharer $S --fuser "$J" \
