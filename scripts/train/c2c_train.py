@@ -604,6 +604,8 @@ def compare_bench(results_path, bench_path, out_path):
         ok = ok and abs(d) <= 0.5
         print(f"  ({c}) EM C {100 * c_em:6.2f}%  PyTorch {100 * pt_em:6.2f}%  diff {d:+.2f} pt   NLL C "
               f"{bc.get('nll_per_digit', float('nan')):.4f}  PyTorch {rows[c]['torch_nll']:.4f}")
+    print("  (e): the bench pairs within the documents it reads, PyTorch within all: the last document of each length\n"
+          "       group has another partner (the same rule, next in the group, cyclically)")
     print(f"  (h) EM within +-0.5 pt: {'PASS' if ok else 'FAIL'}")
     with open(out_path, "w") as f:
         json.dump(dict(conditions=rows, em_within_0_5pt=ok, docs=n), f, indent=1)
