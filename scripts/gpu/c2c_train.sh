@@ -20,7 +20,7 @@
 # config, weights, README.md model card; control/; fixture/rows.safetensors; every log); documents and traces in
 # WORK (default /tmp/c2ctrain-work). Progress lines carry UTC timestamps.
 # Knobs (environment): BUDGET_S, N_TRAIN, N_EVAL, FACTS, STEPS (3000), CONTROL_STEPS (1000), BATCH (256), LR (1e-3),
-# HIDDEN (128: 1.68M parameters, 3.4 MB bf16), BENCH_DOCS (500), KVMESH (a kvmesh binary instead of the bundle's),
+# HIDDEN (128: 1.68M parameters, 3.4 MB bf16), GATE_INIT (0, spec §8), BENCH_DOCS (500), KVMESH (a kvmesh binary instead of the bundle's),
 # WORK.
 set -uo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
@@ -78,7 +78,7 @@ if [ "$SMOKE" = 1 ]; then
   [ -x /usr/bin/python3 ] && PY=${PYTHON:-/usr/bin/python3}
 else
   N_TRAIN=${N_TRAIN:-200000} N_EVAL=${N_EVAL:-2000} FACTS=${FACTS:-2-8} BUDGET_S=${BUDGET_S:-540}
-  TRAIN_ARGS="--steps ${STEPS:-3000} --control-steps ${CONTROL_STEPS:-1000} --batch ${BATCH:-256} --lr ${LR:-1e-3} --hidden ${HIDDEN:-128}"
+  TRAIN_ARGS="--steps ${STEPS:-3000} --control-steps ${CONTROL_STEPS:-1000} --batch ${BATCH:-256} --lr ${LR:-1e-3} --hidden ${HIDDEN:-128} --gate-init ${GATE_INIT:-0}"
   B=$root/.gpu-c2ctrain
   if [ -z "${KVMESH:-}" ]; then
     export LD_LIBRARY_PATH=$B/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
