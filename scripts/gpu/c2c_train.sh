@@ -16,9 +16,9 @@
 # (default 540 s for the whole run), exports both (bf16), checks the round trip, evaluates spec §9 (a)-(g), writes the
 # C test's fixture; (3) kvmesh's C loader opens the exported fuser for the bundled pair (a workflow with kv_from), and
 # `kvmesh bench c2c` (when the binary has it) scores the same eval documents through the C runtime for spec §9 (h).
-# Results: train.log, results.json, h.json, bench.log and c2c_train_result.tgz in OUT (c2c-miniqwen3-to-minillama/:
-# config, weights, README.md model card; control/; fixture/rows.safetensors; every log); documents and traces in
-# WORK (default /tmp/c2ctrain-work). Progress lines carry UTC timestamps.
+# Result: OUT/c2c_train_result.tgz (c2c-miniqwen3-to-minillama/: config, weights, README.md model card; control/;
+# fixture/rows.safetensors; results.json; h.json; every log); documents and traces in WORK (default
+# /tmp/c2ctrain-work). Progress lines carry UTC timestamps. `install OUT` unpacks the tgz into the tree.
 # Knobs (environment): BUDGET_S, N_TRAIN, N_EVAL, FACTS, STEPS (3000), CONTROL_STEPS (1000), BATCH (256), LR (1e-3),
 # HIDDEN (128: 1.68M parameters, 3.4 MB bf16), GATE_INIT (0, spec §8), BENCH_DOCS (500), KVMESH (a kvmesh binary instead of the bundle's),
 # WORK.
@@ -52,18 +52,17 @@ if [ "$cmd" = install ]; then
 fi
 [ "$cmd" = run ] && [ -n "${2:-}" ] || { echo "usage: $0 bundle [BUILD_DIR] | run OUT | install OUT   (SMOKE=1: small CPU run)"; exit 2; }
 OUT=$(mkdir -p "$2" && cd "$2" && pwd)
-# Intermediate files (documents, traces) stay in the work folder W; OUT gets few files (the device tool brings back
-# at most 8): train.log while it runs; at the end (or on any exit) c2c_train_result.tgz (the fuser folder, the
-# control, the fixture, results.json and every log), results.json, h.json and bench.log.
+# Intermediate files (documents, traces) stay in the work folder W; OUT gets ONE file, at the end or on any exit:
+# c2c_train_result.tgz (the fuser folder, the control, the fixture, results.json, h.json and every log). The device
+# tool brings back at most 8 files, 2 folders down; the progress is on stdout.
 W=${WORK:-${TMPDIR:-/tmp}/c2ctrain-work}
 rm -rf "$W" && mkdir -p "$W" || exit 1
 pack() {
   local have=()
   for f in c2c-miniqwen3-to-minillama control fixture results.json train.log env.txt docs.log loader.log bench.log \
            bench.json h.json; do [ -e "$W/$f" ] && have+=("$f"); done
-  [ ${#have[@]} -gt 0 ] && tar czf "$OUT/c2c_train_result.tgz" -C "$W" "${have[@]}"
-  for f in results.json h.json bench.log; do [ -f "$W/$f" ] && cp "$W/$f" "$OUT/"; done
-  ls -la "$OUT"
+  [ ${#have[@]} -gt 0 ] && tar czf "$OUT/c2c_train_result.tgz" -C "$W" "${have[@]}" &&
+    ts "packed ${have[*]} into $OUT/c2c_train_result.tgz ($(du -h "$OUT/c2c_train_result.tgz" | cut -f1))"
 }
 trap pack EXIT
 cd "$root"
@@ -111,7 +110,7 @@ timeout $((rest > 30 ? rest - 10 : 20)) $PY -u scripts/train/c2c_train.py --trai
   --eval-docs "$W/eval.jsonl" --receiver $R --sharer $S --out "$W" \
   --export-dir "$W/c2c-miniqwen3-to-minillama" --control-dir "$W/control" --fixture-dir "$W/fixture" \
   --budget-s $main_s --control-budget-s $ctrl_s --train-seed 1 --eval-seed 1000 --facts "$FACTS" $TRAIN_ARGS \
-  2>&1 | tee "$W/train.log" "$OUT/train.log"
+  2>&1 | tee "$W/train.log"
 rc=${PIPESTATUS[0]}
 ts "c2c_train.py exit status $rc"
 J=$W/c2c-miniqwen3-to-minillama/c2c-miniqwen3-to-minillama.c2c.json
@@ -152,5 +151,5 @@ if "$KV" bench c2c --help > /dev/null 2>&1 && [ "$(left)" -gt 25 ]; then
 else
   ts "kvmesh bench c2c skipped (not in this binary, or no time left: $(left)s)"
 fi
-ts "done in $(($(date +%s) - start))s; results: $OUT/results.json, $OUT/c2c_train_result.tgz"
+ts "done in $(($(date +%s) - start))s"
 [ $rc -eq 0 ] && [ $lrc -eq 0 ]
