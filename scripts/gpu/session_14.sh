@@ -16,7 +16,7 @@ B=$PWD/.gpu-c2ctrain
 export LD_LIBRARY_PATH=$B/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 [ -x "$B/kvmesh" ] || tar xJf "$B/bins.tar.xz" -C "$B"
 { echo "== timing, bundled pair (context 512) $(date -u +%T)"; nvidia-smi --query-gpu=name,driver_version,clocks.sm --format=csv,noheader
-  timeout "${T_BUNDLED:-90}" "$B/kvmesh" bench c2c --timing --pair bundled --backend cuda --prompt 128,256,448 --reps 5 \
+  timeout "${T_BUNDLED:-90}" "$B/kvmesh" bench c2c --timing --pair bundled --hidden 128 --backend cuda --prompt 128,256,448 --reps 5 \
     --json "$OUT/timing-bundled.json"; echo "exit status $?"
   echo "== timing, synthetic Qwen3-0.6B <- Qwen2.5-0.5B $(date -u +%T)"
   timeout "${T_SYNTH:-150}" "$B/kvmesh" bench c2c --timing --pair synthetic --backend cuda --prompt 128,512,1024 --reps 5 \
