@@ -71,7 +71,7 @@ static inline int run_agent_on(kvm_model_t *m, kvm_comm_request_t *rq, kvm_templ
 }
 
 #ifdef KVM_COMM_INTERNAL_H /* (it reads the request's context) */
-static int run_agent(kvm_comm_request_t *rq, kvm_template_t *t, kvm_binding_t *b, int nb, kvm_kv_policy_t pol,
+static inline int run_agent(kvm_comm_request_t *rq, kvm_template_t *t, kvm_binding_t *b, int nb, kvm_kv_policy_t pol,
                      kvm_comm_report_t *rep, kvm_segment_t **resp, int max_tokens) {
     return run_agent_on(kvm_comm_model(rq->c), rq, t, b, nb, pol, rep, resp, max_tokens);
 }
