@@ -669,7 +669,7 @@ def export(args, kind, model, tok, train_s, curve, n_params, done_steps):
     import shutil
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig
-    name = MODEL_NAMES[kind]
+    name = args.name or MODEL_NAMES[kind]
     out = os.path.join(args.work, "export", "models", name)
     os.makedirs(out, exist_ok=True)
     model.eval()
@@ -789,6 +789,9 @@ def main():
                          "off = v1's padded --batch-items batches)")
     ap.add_argument("--step-tokens", type=int, default=24576, help="real tokens per step when packing")
     ap.add_argument("--shape", default="", help="model shape overrides, e.g. layers=8,ffn=448")
+    ap.add_argument("--tokenizer-dir", default="",
+                    help="reuse this model folder's tokenizer (a new member of the family: fresh weights)")
+    ap.add_argument("--name", default="", help="name of the exported model (default minillama-2m / miniqwen3-6m)")
     ap.add_argument("--eval-facts", default="", help="facts range of the quick evals' recall/team items (experiments)")
     ap.add_argument("--tag", default="", help="suffix of the result tar's name (experiments side by side)")
     ap.add_argument("--aux-kinds", default="line,copy", help="auxiliary item kinds: line, copy, bind (aux_items)")
@@ -815,15 +818,16 @@ def main():
     t0 = time.time()
     deadline = ["--deadline", str(t0 + args.budget_s)] if args.budget_s else []
     os.makedirs(args.work, exist_ok=True)
-    if args.init_dir:
+    if args.init_dir or args.tokenizer_dir:
         import shutil
         from tokenizers import Tokenizer
         tok_dir = os.path.join(args.work, "tok")
+        src = args.tokenizer_dir or os.path.join(args.init_dir, MODEL_NAMES["receiver"])
         os.makedirs(tok_dir, exist_ok=True)
         for f in ("tokenizer.json", "tokenizer_config.json"):
-            shutil.copy(os.path.join(args.init_dir, MODEL_NAMES["receiver"], f), os.path.join(tok_dir, f))
+            shutil.copy(os.path.join(src, f), os.path.join(tok_dir, f))
         tok = Tokenizer.from_file(os.path.join(tok_dir, "tokenizer.json"))
-        log(f"tokenizer: reused from {args.init_dir} ({tok.get_vocab_size()} tokens)")
+        log(f"tokenizer: reused from {src} ({tok.get_vocab_size()} tokens)")
     else:
         tok = train_tokenizer(args, os.path.join(args.work, "tok"))
     prepare_data(args, tok, args.work)
