@@ -437,9 +437,12 @@ typedef struct kvm_comm_report {
     int short_recomputed;  /* rows moved from offset/naive to recomputed by recompute_below / recompute_text */
     int selected_recomputed; /* rows moved from offset to recomputed by kvcomm.recompute_frac */
     int recompute_items;     /* batch items of the recompute pass: 1 (kvm_batch_item_t.positions), 0 without one */
-    int guard;               /* kvcomm.guard: 0 not checked, 1 checked and the next token agreed with dense, 2 it did
-                                not (the call was served from the dense prefill; its rows count as recomputed) */
-    int guard_tokens;        /* tokens the guard's dense prefill computed besides the call's own (0 unchecked) */
+    int guard;               /* kvcomm.guard: 0 not checked; 1 checked, greedy tokens agreed with dense; 2 they did
+                                not, found before serving (the guard's warm-up): the call was served from the dense
+                                prefill, its rows count as recomputed; 3 they did not, found after the call's
+                                generation (kvm_comm_complete sets 1 or 3): served reused, the agent's next calls
+                                recompute more */
+    int guard_tokens;        /* tokens the guard's check computed besides the call's own (0 unchecked) */
 } kvm_comm_report_t;
 
 /* Writes the report as one JSON object (no newline) into buf; returns the length it needed. */

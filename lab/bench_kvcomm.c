@@ -556,6 +556,7 @@ static int run_team(const bench_model_t *bm, const opts_t *o) {
                 {"max_abs_dense", r->max_abs_dense}, {"short_recomputed_tokens", r->short_recomputed},
                 {"selected_recomputed_tokens", r->selected_recomputed}, {"recompute_items", r->recompute_items},
                 {"guard_checked", r->guard_checked}, {"guard_served_dense", r->guard_dense},
+                {"guard_late", r->guard_late},
                 {"guard_tokens", (double)r->guard_tokens}, {"token_reuse_beyond_prefix", tok_reuse}};
             lab_json_add_nums(o1, nums, sizeof nums / sizeof nums[0]);
             team_ttft_json(o1, r);
@@ -584,9 +585,10 @@ static int run_team(const bench_model_t *bm, const opts_t *o) {
             if (res[i].cos_n) printf("%-14s %.3g [%.3g]\n", names[i], res[i].max_abs_err, res[i].max_abs_dense);
         for (int i = 0; i < nm; i++) /* the fidelity guard (kvcomm.guard, kvcomm.md §5.2) */
             if (res[i].guard_checked)
-                printf("%-14s guard: %d calls checked against dense, %d disagreed (served dense), %llu tokens computed "
-                       "by the checks (the prompts' own: %llu)\n", names[i], res[i].guard_checked, res[i].guard_dense,
-                       (unsigned long long)res[i].guard_tokens, (unsigned long long)res[i].input);
+                printf("%-14s guard: %d calls checked against dense, %d disagreed before serving (served dense), %d "
+                       "after the call (the agent's next calls recompute more), %llu tokens computed by the checks "
+                       "(the prompts' own: %llu)\n", names[i], res[i].guard_checked, res[i].guard_dense,
+                       res[i].guard_late, (unsigned long long)res[i].guard_tokens, (unsigned long long)res[i].input);
         write_json(o, "kvcomm_team.json", root);
         cJSON_Delete(root);
     }

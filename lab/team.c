@@ -225,6 +225,7 @@ static void team_account(kvm_team_result_t *r, const kvm_team_opts_t *o, const k
     r->selected_recomputed += rp->selected_recomputed;
     r->guard_checked += rp->guard > 0;
     r->guard_dense += rp->guard == 2;
+    r->guard_late += rp->guard == 3;
     r->guard_tokens += (uint64_t)rp->guard_tokens;
     r->recompute_items += rp->recompute_items;
 }

@@ -78,6 +78,7 @@ typedef struct kvm_team_result {
     int selected_recomputed; /* rows recomputed by kvcomm.recompute_frac */
     int recompute_items;     /* batch items of the recompute passes (one per REUSE call that recomputed rows) */
     int guard_checked, guard_dense; /* kvcomm.guard: calls checked against dense, of them served dense (disagreed) */
+    int guard_late;                 /* of them disagreeing after their generation (served reused; kvm_comm_report_t) */
     uint64_t guard_tokens;   /* tokens the guard's checks computed besides the calls' own */
     double *ttft_ms;         /* [requests * 4] per invocation (request q, role k at q * 4 + k): host wall time from
                               * the agent's prepare call to its first output id (prepare + recompute + the forward

@@ -1226,7 +1226,7 @@ static void test_guard_serves_a_disagreeing_call_dense_and_raises_the_agents_rec
             if (served_dense && r->guard != 2) selected_after += r->selected_recomputed > 0;
             if (r->guard) {
                 checked++;
-                assert_true(r->guard_tokens >= n + 2);
+                assert_true(r->guard_tokens >= 2 && r->guard_tokens <= n + 16); /* the exact prefix is shared */
             }
             if (r->guard == 2) {
                 served_dense++;
@@ -1250,6 +1250,78 @@ static void test_guard_serves_a_disagreeing_call_dense_and_raises_the_agents_rec
     assert_true(checked >= 3);
     assert_true(served_dense >= 1);  /* offsets alone change a random model's tokens */
     assert_true(selected_after >= 1); /* and agent b's fraction is above 0 from then on */
+    teardown(m, c, ta, tb, NULL, NULL);
+}
+
+/* kvcomm.guard after its warm-up (an agent's first 32 REUSE calls): every 8th REUSE call is checked after its
+ * generation, on a copy-on-write fork of its assembled rows, so it is served from its reused cache (mode REUSE, guard
+ * 0 until complete, the served rows untouched by the check) and a difference raises the agent's fraction for its
+ * next calls (guard 3). The warm-up is taken as done by a restored guard state (as after a restart on --state). */
+static void test_guard_after_its_warmup_checks_after_the_generation_and_serves_the_reused_cache(void **st) {
+    (void)st;
+    kvm_model_t *m = small_model(KVM_ROPE_HALF, 17);
+    kvm_comm_t *c = kvm_comm_create(m, NULL);
+    kvm_kvcomm_config_t *cfg = kvm_comm_config(c);
+    cfg->force_reuse = true;
+    assert_int_equal(kvm_kvcomm_config_set(cfg, "guard", "on"), 0);
+    cfg->recompute_frac = 0.0f;
+    comm_guard_t warm = {.frac = 0.0f, .reused = 100, .checked = 32};
+    snprintf(warm.agent, sizeof warm.agent, "b");
+    assert_int_equal(comm_guard_restore(c, &warm), 0);
+    kvm_template_t *ta = make_tmpl(c, "a", "input", NULL, 41, 30);
+    kvm_template_t *tb = make_tmpl(c, "b", "input", "agent:a:current", 51, 21);
+    const comm_geom_t g = {m->cfg.n_layers, m->cfg.n_kv_heads, m->cfg.head_dim, 4};
+    int reused = 0, checked = 0, differed = 0;
+    for (int q = 0; q < 20; q++) {
+        kvm_comm_request_t *rq = kvm_comm_request_begin(c, (uint64_t)q + 1);
+        kvm_segment_t *in = input_segment(c, 900 + (uint64_t)q, 20), *out_a = NULL;
+        kvm_binding_t ba = {"input", in};
+        assert_int_equal(run_agent(rq, ta, &ba, 1, KVM_KV_KVCOMM, NULL, &out_a, 5), 0);
+        kvm_binding_t bb[2] = {{"input", in}, {"agent:a:current", out_a}};
+        kvm_prompt_t pr = {.tmpl = tb, .bindings = bb, .n_bindings = 2, .policy = KVM_KV_KVCOMM};
+        kvm_prepared_t p;
+        assert_int_equal(kvm_comm_prepare(rq, &pr, &p), 0);
+        const kvm_comm_report_t *r = &p.report;
+        const int n = p.n_prompt - 1;
+        assert_int_equal(r->guard, 0); /* nothing is checked before serving after the warm-up */
+        const bool reuse = r->mode == KVM_COMM_REUSE;
+        reused += reuse;
+        const float frac_before = comm_guard_frac(c, "b");
+        size_t e = comm_rows_elems(&g, n);
+        float *before = malloc(e * sizeof(float)), *after = malloc(e * sizeof(float));
+        if (reuse) assert_int_equal(kvm_kv_read_rows(p.seq.pool, p.seq.blocks, 0, n, before), 0);
+        kvm_gen_params_t gp = {.max_tokens = 3, .ignore_eos = true};
+        kvm_gen_result_t res;
+        memset(&res, 0, sizeof res);
+        assert_int_equal(kvm_generate(m, &p.seq, p.rest_ids, p.n_rest, &gp, NULL, NULL, &res), 0);
+        assert_int_equal(kvm_comm_complete(rq, &p, &res, NULL), 0);
+        if (reuse) { /* the check ran on its fork */
+            assert_int_equal(kvm_kv_read_rows(p.seq.pool, p.seq.blocks, 0, n, after), 0);
+            assert_memory_equal(after, before, e * sizeof(float));
+        }
+        if (r->guard) {
+            assert_true(reuse);
+            assert_true(r->guard == 1 || r->guard == 3);
+            assert_true(r->guard_tokens >= 2);
+            checked++;
+            if (r->guard == 3) {
+                differed++;
+                assert_true(comm_guard_frac(c, "b") > frac_before);
+            }
+        }
+        free(before);
+        free(after);
+        kvm_gen_result_free(&res);
+        kvm_prepared_release(&p);
+        assert_int_equal(kvm_comm_request_end(rq), 0);
+        kvm_segment_release(in);
+        kvm_segment_release(out_a);
+    }
+    fprintf(stderr, "guard after warm-up: %d calls reused, %d checked after generation, %d differed\n", reused, checked,
+            differed);
+    assert_true(reused >= 16);
+    assert_true(checked >= 2 && checked <= reused / 8 + 1); /* every 8th */
+    assert_true(differed >= 1); /* offsets alone change a random model's tokens */
     teardown(m, c, ta, tb, NULL, NULL);
 }
 
@@ -1354,6 +1426,7 @@ int main(void) {
         cmocka_unit_test(test_kvcomm_policy_prepares_dense_where_the_backend_cannot_run_it),
         cmocka_unit_test(test_prepare_ids_takes_the_exact_prefix_of_an_earlier_dense_prompt),
         cmocka_unit_test(test_guard_serves_a_disagreeing_call_dense_and_raises_the_agents_recompute_fraction),
+        cmocka_unit_test(test_guard_after_its_warmup_checks_after_the_generation_and_serves_the_reused_cache),
         cmocka_unit_test(test_switches_parse_and_reject_unknown_values),
         cmocka_unit_test(test_recompute_frac_one_with_the_text_recomputed_gives_the_dense_cache),
         cmocka_unit_test(test_recompute_frac_changes_only_the_selected_rows),

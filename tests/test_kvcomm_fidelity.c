@@ -200,8 +200,9 @@ static void test_kvcomm_offsets_beat_rotation_only_and_reuse_after_warmup(void *
             pct(full.agree, full.agree_n), ar, pct(rot.agree, rot.agree_n));
     if (with_imp)
         fprintf(stderr, "blended policy (recompute_frac=%.2f, guard on): %.1f%% (reuse after warm-up %.1f%%, agreement "
-                "%.1f%%; the guard checked %d calls, %d served dense)\n", (double)KVM_KVCOMM_BLEND_FRAC, ai, rwi,
-                pct(imp.agree, imp.agree_n), imp.guard_checked, imp.guard_dense);
+                "%.1f%%; the guard checked %d calls, %d served dense, %d differed after the call)\n",
+                (double)KVM_KVCOMM_BLEND_FRAC, ai, rwi, pct(imp.agree, imp.agree_n), imp.guard_checked, imp.guard_dense,
+                imp.guard_late);
     print_layers("kvcomm", &full);
     print_layers("rotation", &rot);
     assert_true(full.cos_n > 0 && rot.cos_n > 0);

@@ -246,10 +246,19 @@ int comm_dev_pred(kvm_comm_t *c, comm_sample_t *s, comm_anchor_t **E, int n, dou
 static inline bool comm_wants_scores(const kvm_kvcomm_config_t *cfg) {
     return cfg->recompute_frac > 0 || cfg->recompute_spread > 0 || cfg->guard; /* the guard may raise the fraction */
 }
-/* kvcomm.guard (guard.c): the recompute fraction of consumer `agent` (cfg.recompute_frac when the guard is off), and
- * the check of one assembled REUSE prompt (after its recompute pass; E = its exact rows) against a dense prefill. */
+/* kvcomm.guard (guard.c): the recompute fraction of consumer `agent` (cfg.recompute_frac when the guard is off). */
 float comm_guard_frac(kvm_comm_t *c, const char *agent);
+/* A REUSE call of `agent`: counts it; 0 unchecked (or the guard off), 1 checked now (the guard's warm-up:
+ * comm_guard_check before the call is served), 2 checked after its generation (comm_guard_check_after), or
+ * KVM_ENOMEM. */
+int comm_guard_sample(kvm_comm_t *c, const char *agent);
+/* The check of one assembled REUSE prompt (after its recompute pass; E = its exact rows) against a dense prefill; on a
+ * difference the call is served from the dense rows (p->seq replaced, its rows counted as recomputed). */
 int comm_guard_check(kvm_comm_t *c, const char *agent, kvm_prepared_t *p, int E);
+/* The same check after the call's generation, on `reuse`: a fork of the served assembled rows (N-1 of ids, E exact;
+ * decoded on and truncated back, never the served sequence); r->guard 1 agreed, 3 differed (the fraction went up). */
+int comm_guard_check_after(kvm_comm_t *c, const char *agent, kvm_seq_t *reuse, const int32_t *ids, int N, int E,
+                           kvm_comm_report_t *r);
 /* Merges a consumer's guard state read from a state file (comm_state.c) into c: each figure becomes the larger of the
  * two (the fraction never goes down). 0 or KVM_ENOMEM. */
 int comm_guard_restore(kvm_comm_t *c, const comm_guard_t *saved);

@@ -3,15 +3,21 @@
  * KVCOMM's offset estimate keeps the answers on one model and not on another (minillama-2m vs miniqwen3-6m): how
  * much of a prompt must be recomputed is a property of the model and the agent's prompt, which a fixed
  * recompute_frac cannot know. The guard measures it online. For a deterministic sample of the REUSE calls of each
- * consumer (agent) of a comm context (all of its first KVM_GUARD_FIRST, then every KVM_GUARD_EVERY-th) it runs,
- * after the assembly and the recompute pass:
- *   - greedy decoding of up to KVM_GUARD_TOKENS tokens (to an end token) on the assembled cache, and
- *   - a dense prefill of the prompt on a scratch sequence and the same greedy decoding there,
- * and compares the two (the first token alone misses most changed answers: names share their first pieces). On a
- * disagreement the consumer's recompute fraction moves up one step (f + (1 - f) / 2, and to 1 once that is within
- * 0.05 of 1; 1 is the dense cache) and this call is served from the dense prefill. The state is kept per agent name
- * and the fraction never goes down within the context's life. Deterministic for a given order of calls. A check that
- * cannot run (the KV budget cannot hold the dense copy, say) is skipped with a warning; the call keeps its cache. */
+ * consumer (agent) of a comm context it compares
+ *   - greedy decoding of up to KVM_GUARD_TOKENS tokens (to an end token) on the assembled cache (after the recompute
+ *     pass) with
+ *   - the same decoding after a dense prefill of the prompt on a scratch sequence (the exact prefix shared)
+ * (the first token alone misses most changed answers: names share their first pieces). On a disagreement the
+ * consumer's recompute fraction moves up one step (f + (1 - f) / 2, and to 1 once that is within 0.05 of 1; 1 is the
+ * dense cache). Two phases:
+ *   - warm-up, the consumer's first KVM_GUARD_FIRST REUSE calls: each is checked in kvm_comm_prepare, before it is
+ *     served, and a call that disagrees is served from the dense prefill (its answer is dense's);
+ *   - after that, every KVM_GUARD_EVERY-th: the check runs in kvm_comm_complete, after the call's generation, on a
+ *     copy-on-write fork of its assembled rows, so it adds nothing to the call's time to first token; a call that
+ *     disagrees has been served from its reused cache, and the agent's later calls recompute more.
+ * The state is kept per agent name (and with --state: comm_state.c) and the fraction never goes down within the
+ * context's life. Deterministic for a given order of calls. A check that cannot run (the KV budget cannot hold the
+ * dense copy, say) is skipped with a warning; the call keeps its cache. */
 #include <stdio.h>
 #include <string.h>
 
@@ -73,25 +79,36 @@ static int guard_decode(kvm_comm_t *c, kvm_seq_t *seq, int32_t last, int N, int3
     return rc ? rc : n;
 }
 
-int comm_guard_check(kvm_comm_t *c, const char *agent, kvm_prepared_t *p, int E) {
+int comm_guard_sample(kvm_comm_t *c, const char *agent) {
     if (!c->cfg.guard) return 0;
     comm_guard_t *g = guard_get(c, agent);
     if (!g) return KVM_ENOMEM;
     g->reused++;
     if (g->frac >= 1.0f) return 0; /* the dense cache already: nothing to check */
-    if (g->reused > KVM_GUARD_FIRST && g->reused % KVM_GUARD_EVERY) return 0;
-    const int N = p->n_prompt;
-    kvm_comm_report_t *r = &p->report;
+    if (g->reused <= KVM_GUARD_FIRST) return 1;
+    return g->reused % KVM_GUARD_EVERY == 0 ? 2 : 0;
+}
+
+/* Greedy tokens of `reuse` (N-1 rows of the REUSE assembly of ids, of which the first E are exact) against a dense
+ * prefill's on a scratch sequence (E's whole blocks shared from reuse, the rest computed); counts the check and
+ * raises the fraction on a difference. Returns 0 not run (warned), 1 agreed, 2 differed, or < 0; *dense_out (when
+ * not NULL) receives the dense sequence on a difference (the caller frees it), else it is freed here. */
+static int guard_compare(kvm_comm_t *c, const char *agent, kvm_seq_t *reuse, const int32_t *ids, int N, int E,
+                         kvm_comm_report_t *r, kvm_seq_t *dense_out) {
+    comm_guard_t *g = guard_get(c, agent);
+    if (!g) return KVM_ENOMEM;
     int32_t ro[KVM_GUARD_TOKENS], dn[KVM_GUARD_TOKENS];
-    const int nr = guard_decode(c, &p->seq, p->prompt_ids[N - 1], N, ro); /* the caller runs them again */
+    const int nr = guard_decode(c, reuse, ids[N - 1], N, ro);
     if (nr < 0) { /* the check is skipped, the call goes on with its cache (back at N-1 rows) */
         KVM_LOGW("kvcomm guard: agent '%s': no check of this call (the reused path's tokens): %s", agent, kvm_errmsg());
         return 0;
     }
     kvm_seq_t d;
     kvm_seq_init(&d, c->pool);
-    int rc = comm_prefill(c, &d, p->prompt_ids, N - 1);
-    const int nd = rc ? rc : guard_decode(c, &d, p->prompt_ids[N - 1], N, dn);
+    const int shared = E / KVM_KV_BLOCK * KVM_KV_BLOCK; /* exact rows in whole blocks: nothing writes into them */
+    int rc = kvm_seq_share_prefix(&d, reuse, shared);
+    if (!rc) rc = comm_prefill(c, &d, ids + shared, N - 1 - shared);
+    const int nd = rc ? rc : guard_decode(c, &d, ids[N - 1], N, dn);
     if (nd < 0) { /* e.g. a KV budget too small for a second copy of the prompt: skipped, not an error */
         kvm_seq_free(&d);
         KVM_LOGW("kvcomm guard: agent '%s': no check of this call (the dense prefill of %d tokens): %s", agent, N,
@@ -99,22 +116,40 @@ int comm_guard_check(kvm_comm_t *c, const char *agent, kvm_prepared_t *p, int E)
         return 0;
     }
     g->checked++;
-    r->guard = 1;
-    r->guard_tokens = N - 1 + nd + nr;
+    r->guard_tokens = N - 1 - shared + nd + nr;
+    int verdict = 1;
     if (nr != nd || memcmp(ro, dn, (size_t)nr * sizeof *ro)) {
         g->disagreed++;
         const float before = g->frac;
         g->frac = guard_step(g->frac);
         KVM_LOGI("kvcomm guard: agent '%s' greedy tokens differ from dense on check %u: recompute_frac %.3f -> %.3f",
                  agent, g->checked, (double)before, (double)g->frac);
-        kvm_seq_t t = p->seq; /* serve this call from the dense prefill */
-        p->seq = d;
-        d = t;
-        r->guard = 2;
-        r->exact_tokens = E;
-        r->offset_tokens = r->naive_tokens = 0;
-        r->recomputed_tokens = N - E;
+        verdict = 2;
     }
-    kvm_seq_free(&d);
+    if (verdict == 2 && dense_out) *dense_out = d;
+    else kvm_seq_free(&d);
+    r->guard = verdict;
+    return verdict;
+}
+
+int comm_guard_check(kvm_comm_t *c, const char *agent, kvm_prepared_t *p, int E) {
+    kvm_seq_t d;
+    memset(&d, 0, sizeof d);
+    kvm_comm_report_t *r = &p->report;
+    const int v = guard_compare(c, agent, &p->seq, p->prompt_ids, p->n_prompt, E, r, &d);
+    if (v != 2) return v < 0 ? v : 0;
+    kvm_seq_t t = p->seq; /* serve this call from the dense prefill */
+    p->seq = d;
+    kvm_seq_free(&t);
+    r->exact_tokens = E;
+    r->offset_tokens = r->naive_tokens = 0;
+    r->recomputed_tokens = p->n_prompt - E;
     return 0;
+}
+
+int comm_guard_check_after(kvm_comm_t *c, const char *agent, kvm_seq_t *reuse, const int32_t *ids, int N, int E,
+                           kvm_comm_report_t *r) {
+    const int v = guard_compare(c, agent, reuse, ids, N, E, r, NULL);
+    if (v == 2) r->guard = 3; /* served from the reused cache; the next calls recompute more */
+    return v < 0 ? v : 0;
 }

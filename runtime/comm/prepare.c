@@ -25,6 +25,8 @@ typedef struct prep_priv {
     int n_exact;        /* leading rows of the cache that are exact */
     float *row_score;   /* kvcomm.recompute_frac: [n_prompt] spread score of each offset-corrected placeholder row
                          * (0 elsewhere), or NULL */
+    int guard;          /* kvcomm.guard's sample of this call (comm_guard_sample): 0, 1 now, 2 after generation */
+    kvm_seq_t check;    /* guard 2: a copy-on-write fork of the assembled rows, checked in kvm_comm_complete */
 } prep_priv_t;
 
 void kvm_prepared_release(kvm_prepared_t *p) {
@@ -32,6 +34,7 @@ void kvm_prepared_release(kvm_prepared_t *p) {
     if (p->seq.pool) kvm_seq_free(&p->seq);
     prep_priv_t *pv = p->priv;
     if (pv) {
+        if (pv->check.pool) kvm_seq_free(&pv->check);
         for (int i = 0; i < pv->n_ph; i++) {
             kvm_segment_release(pv->ph[i].seg);
             kvm_free(pv->ph[i].usable);
@@ -369,7 +372,16 @@ static int stage_assemble(kvm_comm_request_t *rq, const kvm_template_t *t, const
     out->n_cached = N - 1;
     pv->n_exact = E;
     rc = stage_recompute(c, pv, out);
-    return rc ? rc : comm_guard_check(c, t->agent, out, E);
+    if (rc || !pv->guard) return rc;
+    if (pv->guard == 1) return comm_guard_check(c, t->agent, out, E);
+    /* checked after the generation: the fork keeps these rows (the generation copies the shared last block) */
+    kvm_seq_init(&pv->check, c->pool);
+    if (kvm_seq_share_prefix(&pv->check, &out->seq, out->seq.n_tokens)) {
+        KVM_LOGW("kvcomm guard: agent '%s': no check of this call (its fork): %s", t->agent, kvm_errmsg());
+        kvm_seq_free(&pv->check);
+        pv->guard = 0;
+    }
+    return 0;
 }
 
 int comm_prepare_run(kvm_comm_request_t *rq, const kvm_prompt_t *p, const comm_forced_t *forced, kvm_prepared_t *out) {
@@ -389,6 +401,7 @@ int comm_prepare_run(kvm_comm_request_t *rq, const kvm_prompt_t *p, const comm_f
     bool dense = true;
     int rc = stage_bind(rq, p, pv, out);
     if (!rc) rc = stage_decide(rq, p, pv, out, &dense);
+    if (!rc && !dense && (pv->guard = comm_guard_sample(c, t->agent)) < 0) rc = pv->guard; /* kvcomm.guard */
     /* DENSE computes every row (the baseline that the other policies are measured against) */
     const int E = rc || p->policy == KVM_KV_DENSE ? 0
                                                  : exact_prefix(c, t, out->prompt_ids, out->n_prompt, out->n_prompt - 1, &out->seq);
@@ -459,6 +472,12 @@ int kvm_comm_complete(kvm_comm_request_t *rq, kvm_prepared_t *p, const kvm_gen_r
         return kvm_seterr(KVM_EINVAL, "complete: the sequence holds %d tokens, fewer than the %d-token prompt (run "
                           "kvm_generate on rest_ids first)", p->seq.n_tokens, N);
     kvm_comm_report_t *r = &p->report;
+    /* ---- kvcomm.guard: a check sampled after the generation, on the fork of the served rows ---- */
+    if (pv->guard == 2 && pv->check.pool) {
+        int rc = comm_guard_check_after(c, t->agent, &pv->check, p->prompt_ids, N, pv->n_exact, r);
+        kvm_seq_free(&pv->check);
+        if (rc) return rc;
+    }
     /* ---- DENSE: register the exact prompt blocks; fill deltas of new anchors (§3.8) ---- */
     if (r->mode == KVM_COMM_DENSE) {
         kvm_prefix_index_insert(c->store, &p->seq, N);
