@@ -325,6 +325,9 @@ static int cu_init(void) {
     g_cuda.device = dev;
     if ((e = cudaStreamCreateWithFlags(&g_cuda.stream, cudaStreamNonBlocking)) != cudaSuccess)
         return kvm_seterr(KVM_EDEVICE, "cuda: cannot create a stream: %s", cudaGetErrorString(e));
+    if (const char *le = kvm_cublas_load_error()) /* cublas_lazy.c: loaded on first use */
+        return kvm_seterr(KVM_EDEVICE, "cuda: cannot load %s (%s): install the CUDA Toolkit's cuBLAS or put its "
+                          "folder in LD_LIBRARY_PATH", kvm_cublas_soname(), le);
     if (cublasCreate(&g_cuda.blas) != CUBLAS_STATUS_SUCCESS)
         return kvm_seterr(KVM_EDEVICE, "cuda: cublasCreate failed (is libcublas usable?)");
     cublasSetStream(g_cuda.blas, g_cuda.stream);

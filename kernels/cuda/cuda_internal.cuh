@@ -17,6 +17,9 @@
 #include "../rope.h"
 
 extern "C" {
+/* cublas_lazy.c: cuBLAS is loaded on first use; NULL once loaded, else why not (and the soname it looked for) */
+const char *kvm_cublas_load_error(void);
+const char *kvm_cublas_soname(void);
 #include "../ops.h"
 #include "../../runtime/core/status.h"
 }
