@@ -17,7 +17,7 @@ root=$(cd "$(dirname "$0")/../.." && pwd)
 if [ "${1:-}" = bundle ]; then
   build=${2:-$root/build}
   bash "$root/scripts/gpu/bundle_tests.sh" i17 "$build" kvmesh test_cuda_ops test_cuda_model test_kvcomm_ops \
-    test_kvcomm_device_path test_kvcomm_core test_comm_state test_c2c
+    test_kvcomm_device_path test_kvcomm_core test_comm_state test_c2c test_cublas_lazy
   rm -rf "$root/.gpu-i17/models"   # the bundled models travel with the working tree (models/)
   du -sh "$root/.gpu-i17"
   exit 0
@@ -34,7 +34,7 @@ clocks() { nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,tempe
 { echo "start: $(date -u)"; echo "bundle: $(cat "$B/VERSION")"; clocks; nvidia-smi -L; } > "$OUT/gpu.txt" 2>&1
 cat "$OUT/gpu.txt"
 if want parity; then
-  for t in test_cuda_ops test_cuda_model test_kvcomm_ops test_kvcomm_device_path test_kvcomm_core test_comm_state test_c2c; do
+  for t in test_cublas_lazy test_cuda_ops test_cuda_model test_kvcomm_ops test_kvcomm_device_path test_kvcomm_core test_comm_state test_c2c; do
     echo "== $t ($(date -u +%T))"; timeout 240 "$B/$t" 2>&1 | grep -vE "^\[ +(RUN|OK) +\]" | tail -30; echo "rc=${PIPESTATUS[0]}"
   done > "$OUT/parity.log" 2>&1
   cs=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)

@@ -5,6 +5,8 @@
 #   2. issue 14: the C2C fuser training of the bundled pair (scripts/gpu/c2c_train.sh run, C2C_BUDGET_S);
 #   3. issue 15: the scale-trend model (scripts/train/train_scale.sh run, SCALE_BUDGET_S);
 #   and on an H100 also the team cells of issue 15 on the GPU (scripts/gpu/issue17.sh team, after the rest).
+# First, with the current build (.gpu-i17), the CUDA parity tests (issue17.sh parity: test_cublas_lazy, the ops, the
+# models, KVCOMM, C2C; memcheck of three), about a minute.
 # All share the GPU: the load test's verdict (errors, RSS, the daemon's own time outside model compute) does not
 # depend on it, the trainings' step counts do (their logs have them). test_c2c (the C2C ops, CUDA vs CPU) runs first.
 # Carry .gpu-serve (bundle_tests.sh serve build kvmesh test_c2c), .gpu-c2ctrain (c2c_train.sh bundle build),
@@ -18,6 +20,11 @@ rm -rf "$W" && mkdir -p "$OUT" "$W/serve" "$W/c2c" "$W/scale" "$W/logs"
 S=$OUT/summary.txt
 t0=$(date +%s)
 { echo "session_all start $(date -u +%T)"; nvidia-smi --query-gpu=name,driver_version --format=csv,noheader; } | tee "$S"
+# the current build (.gpu-i17: cuBLAS loaded on first use, the guard's checks after the call): the CUDA parity tests
+if [ -d .gpu-i17 ]; then
+  OUT=$W/logs bash scripts/gpu/issue17.sh parity > "$W/logs/parity-stdout.log" 2>&1
+  grep -E "^==|PASSED|FAILED|rc=|ERROR SUMMARY" "$W/logs/parity.log" | head -40 >> "$S"
+fi
 (cd .gpu-serve && [ -x test_c2c ] || tar xJf bins.tar.xz)
 LD_LIBRARY_PATH=$PWD/.gpu-serve/lib timeout 120 ./.gpu-serve/test_c2c > "$W/logs/test_c2c.log" 2>&1
 echo "test_c2c rc=$? ($(grep -cE '^\[ +OK' "$W/logs/test_c2c.log") OK, $(grep -cE 'FAILED' "$W/logs/test_c2c.log") FAILED lines)" | tee -a "$S"
