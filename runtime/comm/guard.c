@@ -106,7 +106,7 @@ static int guard_compare(kvm_comm_t *c, const char *agent, kvm_seq_t *reuse, con
     kvm_seq_t d;
     kvm_seq_init(&d, c->pool);
     const int shared = E / KVM_KV_BLOCK * KVM_KV_BLOCK; /* exact rows in whole blocks: nothing writes into them */
-    int rc = kvm_seq_share_prefix(&d, reuse, shared);
+    int rc = shared > 0 ? kvm_seq_share_prefix(&d, reuse, shared) : 0;
     if (!rc) rc = comm_prefill(c, &d, ids + shared, N - 1 - shared);
     const int nd = rc ? rc : guard_decode(c, &d, ids[N - 1], N, dn);
     if (nd < 0) { /* e.g. a KV budget too small for a second copy of the prompt: skipped, not an error */

@@ -119,6 +119,7 @@ int kvm_seq_reserve(kvm_seq_t *s, int n_total) {
 }
 
 int kvm_seq_push_tokens(kvm_seq_t *s, const int32_t *ids, int n) {
+    if (n <= 0) return 0; /* nothing to copy (and no memcpy of a NULL array) */
     int rc = kvm_array_reserve(&s->tokens, &s->cap_tokens, (size_t)s->n_tokens + (size_t)n, sizeof *s->tokens, 64);
     if (rc) return rc;
     memcpy(s->tokens + s->n_tokens, ids, (size_t)n * sizeof(int32_t));
