@@ -1193,20 +1193,41 @@ static void test_spread_score_is_zero_where_anchors_agree_and_grows_where_they_d
     fake_free(&f);
 }
 
+/* The two-agent setup of the guard tests: a (input) then b (input, a's answer) on a random model, KVCOMM forced to
+ * reuse, the guard on from recompute_frac 0; `restore` (or NULL) is a guard state to start b from. */
+typedef struct guard_pair {
+    kvm_model_t *m;
+    kvm_comm_t *c;
+    kvm_template_t *ta, *tb;
+    comm_geom_t g;
+} guard_pair_t;
+
+static guard_pair_t guard_pair_open(const comm_guard_t *restore) {
+    guard_pair_t gp;
+    gp.m = small_model(KVM_ROPE_HALF, 17);
+    gp.c = kvm_comm_create(gp.m, NULL);
+    kvm_kvcomm_config_t *cfg = kvm_comm_config(gp.c);
+    cfg->force_reuse = true;
+    assert_int_equal(kvm_kvcomm_config_set(cfg, "guard", "on"), 0);
+    cfg->recompute_frac = 0.0f;
+    if (restore) assert_int_equal(comm_guard_restore(gp.c, restore), 0);
+    gp.ta = make_tmpl(gp.c, "a", "input", NULL, 41, 30);
+    gp.tb = make_tmpl(gp.c, "b", "input", "agent:a:current", 51, 21);
+    gp.g = (comm_geom_t){gp.m->cfg.n_layers, gp.m->cfg.n_kv_heads, gp.m->cfg.head_dim, 4};
+    return gp;
+}
+
 /* kvcomm.guard (ours, issue 15): every REUSE call of a consumer's first 32 is checked against a dense prefill; a call
  * whose greedy tokens differ is served from the dense cache (bit for bit here) and raises that consumer's recompute
  * fraction, which the later calls' recompute pass shows; the guard's decoding leaves the cache at N-1 rows. Here the
  * fraction starts at 0 on a random model, so the offsets alone change the tokens. */
 static void test_guard_serves_a_disagreeing_call_dense_and_raises_the_agents_recompute_fraction(void **st) {
     (void)st;
-    kvm_model_t *m = small_model(KVM_ROPE_HALF, 17);
-    kvm_comm_t *c = kvm_comm_create(m, NULL);
-    kvm_kvcomm_config_t *cfg = kvm_comm_config(c);
-    cfg->force_reuse = true;
-    assert_int_equal(kvm_kvcomm_config_set(cfg, "guard", "on"), 0);
-    kvm_template_t *ta = make_tmpl(c, "a", "input", NULL, 41, 30);
-    kvm_template_t *tb = make_tmpl(c, "b", "input", "agent:a:current", 51, 21);
-    const comm_geom_t g = {m->cfg.n_layers, m->cfg.n_kv_heads, m->cfg.head_dim, 4};
+    guard_pair_t pair = guard_pair_open(NULL);
+    kvm_model_t *m = pair.m;
+    kvm_comm_t *c = pair.c;
+    kvm_template_t *ta = pair.ta, *tb = pair.tb;
+    const comm_geom_t g = pair.g;
     int checked = 0, served_dense = 0, selected_after = 0;
     for (int q = 0; q < 10; q++) {
         kvm_comm_request_t *rq = kvm_comm_request_begin(c, (uint64_t)q + 1);
@@ -1259,18 +1280,13 @@ static void test_guard_serves_a_disagreeing_call_dense_and_raises_the_agents_rec
  * next calls (guard 3). The warm-up is taken as done by a restored guard state (as after a restart on --state). */
 static void test_guard_after_its_warmup_checks_after_the_generation_and_serves_the_reused_cache(void **st) {
     (void)st;
-    kvm_model_t *m = small_model(KVM_ROPE_HALF, 17);
-    kvm_comm_t *c = kvm_comm_create(m, NULL);
-    kvm_kvcomm_config_t *cfg = kvm_comm_config(c);
-    cfg->force_reuse = true;
-    assert_int_equal(kvm_kvcomm_config_set(cfg, "guard", "on"), 0);
-    cfg->recompute_frac = 0.0f;
     comm_guard_t warm = {.frac = 0.0f, .reused = 100, .checked = 32};
     snprintf(warm.agent, sizeof warm.agent, "b");
-    assert_int_equal(comm_guard_restore(c, &warm), 0);
-    kvm_template_t *ta = make_tmpl(c, "a", "input", NULL, 41, 30);
-    kvm_template_t *tb = make_tmpl(c, "b", "input", "agent:a:current", 51, 21);
-    const comm_geom_t g = {m->cfg.n_layers, m->cfg.n_kv_heads, m->cfg.head_dim, 4};
+    guard_pair_t pair = guard_pair_open(&warm);
+    kvm_model_t *m = pair.m;
+    kvm_comm_t *c = pair.c;
+    kvm_template_t *ta = pair.ta, *tb = pair.tb;
+    const comm_geom_t g = pair.g;
     int reused = 0, checked = 0, differed = 0;
     for (int q = 0; q < 20; q++) {
         kvm_comm_request_t *rq = kvm_comm_request_begin(c, (uint64_t)q + 1);
