@@ -6,7 +6,8 @@
  * consumer (agent) of a comm context it compares
  *   - greedy decoding of up to KVM_GUARD_TOKENS tokens (to an end token) on the assembled cache (after the recompute
  *     pass) with
- *   - the same decoding after a dense prefill of the prompt on a scratch sequence (the exact prefix shared)
+ *   - the same decoding after a dense prefill of the prompt on a scratch sequence (the exact prefix shared),
+ *     the two decodings batched (one forward of two items per step)
  * (the first token alone misses most changed answers: names share their first pieces). On a disagreement the
  * consumer's recompute fraction moves up one step (f + (1 - f) / 2, and to 1 once that is within 0.05 of 1; 1 is the
  * dense cache). Two phases:
@@ -64,19 +65,33 @@ static bool is_eos(const kvm_model_t *m, int32_t id) {
     return false;
 }
 
-/* Greedy-decodes up to KVM_GUARD_TOKENS tokens on seq (which holds N-1 prompt rows) from the last prompt token,
- * stopping after an end token, into out; truncates seq back to N-1 rows. Returns the count or < 0. */
-static int guard_decode(kvm_comm_t *c, kvm_seq_t *seq, int32_t last, int N, int32_t *out) {
-    int32_t in = last;
-    int n = 0, rc = 0;
-    while (n < KVM_GUARD_TOKENS) {
-        kvm_batch_item_t it = {.seq = seq, .tokens = &in, .n_tokens = 1, .next_token = &out[n]};
-        if ((rc = kvm_forward(c->m, &it, 1))) break;
-        in = out[n++];
-        if (is_eos(c->m, in)) break;
+/* Greedy-decodes up to KVM_GUARD_TOKENS tokens on each of seq[0] and seq[1] (each holding N-1 prompt rows) from the
+ * last prompt token, both in one batched forward per step (a sequence that emits an end token stops; the other goes
+ * on alone), into out[i] (n[i] tokens); truncates both back to N-1 rows. 0 or < 0. */
+static int guard_decode2(kvm_comm_t *c, kvm_seq_t *seq[2], int32_t last, int N, int32_t out[2][KVM_GUARD_TOKENS],
+                         int n[2]) {
+    int32_t in[2] = {last, last};
+    bool live[2] = {true, true};
+    int rc = 0;
+    n[0] = n[1] = 0;
+    for (int step = 0; step < KVM_GUARD_TOKENS && (live[0] || live[1]) && !rc; step++) {
+        kvm_batch_item_t it[2];
+        int k = 0, who[2];
+        for (int i = 0; i < 2; i++)
+            if (live[i]) {
+                it[k] = (kvm_batch_item_t){.seq = seq[i], .tokens = &in[i], .n_tokens = 1, .next_token = &out[i][n[i]]};
+                who[k++] = i;
+            }
+        if ((rc = kvm_forward(c->m, it, k))) break;
+        for (int j = 0; j < k; j++) {
+            const int i = who[j];
+            in[i] = out[i][n[i]++];
+            if (is_eos(c->m, in[i])) live[i] = false;
+        }
     }
-    kvm_seq_truncate(seq, N - 1);
-    return rc ? rc : n;
+    kvm_seq_truncate(seq[0], N - 1);
+    kvm_seq_truncate(seq[1], N - 1);
+    return rc;
 }
 
 int comm_guard_sample(kvm_comm_t *c, const char *agent) {
@@ -97,28 +112,26 @@ static int guard_compare(kvm_comm_t *c, const char *agent, kvm_seq_t *reuse, con
                          kvm_comm_report_t *r, kvm_seq_t *dense_out) {
     comm_guard_t *g = guard_get(c, agent);
     if (!g) return KVM_ENOMEM;
-    int32_t ro[KVM_GUARD_TOKENS], dn[KVM_GUARD_TOKENS];
-    const int nr = guard_decode(c, reuse, ids[N - 1], N, ro);
-    if (nr < 0) { /* the check is skipped, the call goes on with its cache (back at N-1 rows) */
-        KVM_LOGW("kvcomm guard: agent '%s': no check of this call (the reused path's tokens): %s", agent, kvm_errmsg());
-        return 0;
-    }
     kvm_seq_t d;
     kvm_seq_init(&d, c->pool);
     const int shared = E / KVM_KV_BLOCK * KVM_KV_BLOCK; /* exact rows in whole blocks: nothing writes into them */
     int rc = shared > 0 ? kvm_seq_share_prefix(&d, reuse, shared) : 0;
     if (!rc) rc = comm_prefill(c, &d, ids + shared, N - 1 - shared);
-    const int nd = rc ? rc : guard_decode(c, &d, ids[N - 1], N, dn);
-    if (nd < 0) { /* e.g. a KV budget too small for a second copy of the prompt: skipped, not an error */
+    int32_t tok[2][KVM_GUARD_TOKENS];
+    int nt[2];
+    kvm_seq_t *both[2] = {reuse, &d}; /* [0] the reused path, [1] dense */
+    if (!rc) rc = guard_decode2(c, both, ids[N - 1], N, tok, nt);
+    if (rc) { /* e.g. a KV budget too small for a second copy of the prompt: skipped, not an error; the call goes on
+               * with its cache (back at N-1 rows) */
         kvm_seq_free(&d);
-        KVM_LOGW("kvcomm guard: agent '%s': no check of this call (the dense prefill of %d tokens): %s", agent, N,
-                 kvm_errmsg());
+        KVM_LOGW("kvcomm guard: agent '%s': no check of this call (%d tokens): %s", agent, N, kvm_errmsg());
         return 0;
     }
+    const int nr = nt[0], nd = nt[1];
     g->checked++;
     r->guard_tokens = N - 1 - shared + nd + nr;
     int verdict = 1;
-    if (nr != nd || memcmp(ro, dn, (size_t)nr * sizeof *ro)) {
+    if (nr != nd || memcmp(tok[0], tok[1], (size_t)nr * sizeof(int32_t))) {
         g->disagreed++;
         const float before = g->frac;
         g->frac = guard_step(g->frac);
