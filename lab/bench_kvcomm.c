@@ -106,6 +106,7 @@ static void write_json(const opts_t *o, const char *name, cJSON *root) {
 typedef struct ttft_rec {
     double dense, reuse, kvcomm, first, others;
     int mode, n_prompt, exact, offset, naive, recomputed, n_anchor_max;
+    int guard; /* kvcomm_report_t.guard: the fidelity guard checked this call (before serving: 1 or 2; after: 3) */
     double align_ms;
     int align_tokens;
     double align_bytes;
@@ -152,7 +153,7 @@ static void ttft_report(const bench_model_t *bm, const opts_t *o, kvm_comm_t *c,
     cJSON_AddNumberToObject(root, "output", o->output);
     double *v = malloc((size_t)R * 6 * sizeof(double));
     double align_ms = 0, align_bytes = 0;
-    int align_tok = 0, n_reuse = 0, n_meas = 0;
+    int align_tok = 0, n_reuse = 0, n_meas = 0, n_checked_before = 0;
     for (int i = 0; i < A; i++) {
         int n = 0, nr = 0;
         double *dn = v, *ru = v + R, *kc = v + 2 * R, *ft = v + 3 * R, *ot = v + 4 * R;
@@ -162,6 +163,7 @@ static void ttft_report(const bench_model_t *bm, const opts_t *o, kvm_comm_t *c,
             dn[n] = x->dense, ru[n] = x->reuse, kc[n] = x->kvcomm, ft[n] = x->first, ot[n] = x->others;
             n++;
             nr += x->mode == KVM_COMM_REUSE;
+            n_checked_before += x->guard == 1 || x->guard == 2;
             align_ms += x->align_ms, align_bytes += x->align_bytes, align_tok += x->align_tokens;
             last = *x;
         }
@@ -202,6 +204,11 @@ static void ttft_report(const bench_model_t *bm, const opts_t *o, kvm_comm_t *c,
     double per_anchor = n_anchors ? (double)st.anchor_bytes / n_anchors : 0;
     printf("\nreuse rate (measured requests): %.1f%% (%d of %d agent invocations)\n",
            n_meas ? 100.0 * n_reuse / n_meas : 0, n_reuse, n_meas);
+    if (n_checked_before)
+        printf("fidelity guard: %d of the %d measured calls were in their agent's guard warm-up (its first 32 REUSE "
+               "calls) and checked before serving: their reuse ms include a dense prefill and 8 batched greedy steps "
+               "(docs/kvcomm.md, \"The fidelity guard\"); --warmup 40 measures past the warm-up, --set kvcomm.guard=off "
+               "without the guard\n", n_checked_before, n_meas);
     printf("alignment (weights + offsets + assembly): %.3f ms per 1K reused tokens; bandwidth floor %.3f ms per 1K "
            "at %.0f GB/s (bf16 bytes of bases, deltas, anchor bases, writes) -> %.1fx the floor\n", per1k, floor1k,
            o->bw_gbs, floor1k > 0 ? per1k / floor1k : 0);
@@ -313,6 +320,7 @@ static int run_ttft(const bench_model_t *bm, const opts_t *o) {
             if (!rc) rc = kvm_comm_complete(rq, p, &res, &resp[i]);
             const kvm_comm_report_t *rp = kvm_prepared_report(p);
             x->mode = rp->mode;
+            x->guard = rp->guard;
             kvm_prepared_prompt(p, &x->n_prompt);
             x->exact = rp->exact_tokens;
             x->offset = rp->offset_tokens;

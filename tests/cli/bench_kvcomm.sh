@@ -53,5 +53,15 @@ else
   echo "SKIPPED: python3 not found (kvcomm_curve.py)"
 fi
 
+# the TTFT workload says when its measured calls were in the fidelity guard's warm-up (checked before serving), and
+# not when the guard is off
+t="$("$bin" bench kvcomm --synthetic tiny-llama --backend cpu --agents 2 --input 64 --prefix 32 --output 4 --warmup 2 \
+     --requests 2 --set kvcomm.preset=blend 2>/dev/null)"
+has "ttft: the guard's warm-up is named" "$t" "in their agent's guard warm-up"
+t="$("$bin" bench kvcomm --synthetic tiny-llama --backend cpu --agents 2 --input 64 --prefix 32 --output 4 --warmup 2 \
+     --requests 2 --set kvcomm.preset=blend --set kvcomm.guard=off 2>/dev/null)"
+case "$t" in *"guard warm-up"*) bad "ttft: a guard line without the guard" ;; *"reuse rate"*) ok "ttft: no guard line with kvcomm.guard=off" ;;
+  *) bad "ttft with kvcomm.guard=off: $t" ;; esac
+
 [ "$fails" -eq 0 ] || { echo "$fails failure(s)"; exit 1; }
 echo "all ok"
