@@ -1217,6 +1217,30 @@ static guard_pair_t guard_pair_open(const comm_guard_t *restore) {
     return gp;
 }
 
+/* One request of the guard tests: an input of n_in tokens (content seed), agent a run to the end, agent b's prompt
+ * prepared under KVCOMM into *p; guard_call_end ends the request and drops the segments. */
+typedef struct guard_call {
+    kvm_comm_request_t *rq;
+    kvm_segment_t *in, *out_a;
+} guard_call_t;
+
+static guard_call_t guard_call_prepare(const guard_pair_t *pair, int q, uint64_t seed, int n_in, kvm_prepared_t *p) {
+    guard_call_t gc = {.rq = kvm_comm_request_begin(pair->c, (uint64_t)q + 1)};
+    gc.in = input_segment(pair->c, seed, n_in);
+    kvm_binding_t ba = {"input", gc.in};
+    assert_int_equal(run_agent(gc.rq, pair->ta, &ba, 1, KVM_KV_KVCOMM, NULL, &gc.out_a, 5), 0);
+    kvm_binding_t bb[2] = {{"input", gc.in}, {"agent:a:current", gc.out_a}};
+    kvm_prompt_t pr = {.tmpl = pair->tb, .bindings = bb, .n_bindings = 2, .policy = KVM_KV_KVCOMM};
+    assert_int_equal(kvm_comm_prepare(gc.rq, &pr, p), 0);
+    return gc;
+}
+
+static void guard_call_end(guard_call_t *gc) {
+    assert_int_equal(kvm_comm_request_end(gc->rq), 0);
+    kvm_segment_release(gc->in);
+    kvm_segment_release(gc->out_a);
+}
+
 /* kvcomm.guard (ours, issue 15): every REUSE call of a consumer's first 32 is checked against a dense prefill; a call
  * whose greedy tokens differ is served from the dense cache (bit for bit here) and raises that consumer's recompute
  * fraction, which the later calls' recompute pass shows; the guard's decoding leaves the cache at N-1 rows. Here the
@@ -1230,14 +1254,8 @@ static void test_guard_serves_a_disagreeing_call_dense_and_raises_the_agents_rec
     const comm_geom_t g = pair.g;
     int checked = 0, served_dense = 0, selected_after = 0;
     for (int q = 0; q < 10; q++) {
-        kvm_comm_request_t *rq = kvm_comm_request_begin(c, (uint64_t)q + 1);
-        kvm_segment_t *in = input_segment(c, 700 + (uint64_t)q, 20 + (q < 2)), *out_a = NULL;
-        kvm_binding_t ba = {"input", in};
-        assert_int_equal(run_agent(rq, ta, &ba, 1, KVM_KV_KVCOMM, NULL, &out_a, 5), 0);
-        kvm_binding_t bb[2] = {{"input", in}, {"agent:a:current", out_a}};
-        kvm_prompt_t pr = {.tmpl = tb, .bindings = bb, .n_bindings = 2, .policy = KVM_KV_KVCOMM};
         kvm_prepared_t p;
-        assert_int_equal(kvm_comm_prepare(rq, &pr, &p), 0);
+        guard_call_t gc = guard_call_prepare(&pair, q, 700 + (uint64_t)q, 20 + (q < 2), &p);
         const kvm_comm_report_t *r = &p.report;
         assert_int_equal(r->exact_tokens + r->offset_tokens + r->naive_tokens + r->recomputed_tokens, r->input_tokens);
         if (r->mode == KVM_COMM_REUSE) {
@@ -1261,10 +1279,8 @@ static void test_guard_serves_a_disagreeing_call_dense_and_raises_the_agents_rec
                 free(dense);
             }
         }
-        generate_and_complete(m, rq, &p);
-        assert_int_equal(kvm_comm_request_end(rq), 0);
-        kvm_segment_release(in);
-        kvm_segment_release(out_a);
+        generate_and_complete(m, gc.rq, &p);
+        guard_call_end(&gc);
     }
     fprintf(stderr, "guard: %d checked, %d served dense, %d later calls recomputed selected rows\n", checked,
             served_dense, selected_after);
@@ -1289,14 +1305,8 @@ static void test_guard_after_its_warmup_checks_after_the_generation_and_serves_t
     const comm_geom_t g = pair.g;
     int reused = 0, checked = 0, differed = 0;
     for (int q = 0; q < 20; q++) {
-        kvm_comm_request_t *rq = kvm_comm_request_begin(c, (uint64_t)q + 1);
-        kvm_segment_t *in = input_segment(c, 900 + (uint64_t)q, 20), *out_a = NULL;
-        kvm_binding_t ba = {"input", in};
-        assert_int_equal(run_agent(rq, ta, &ba, 1, KVM_KV_KVCOMM, NULL, &out_a, 5), 0);
-        kvm_binding_t bb[2] = {{"input", in}, {"agent:a:current", out_a}};
-        kvm_prompt_t pr = {.tmpl = tb, .bindings = bb, .n_bindings = 2, .policy = KVM_KV_KVCOMM};
         kvm_prepared_t p;
-        assert_int_equal(kvm_comm_prepare(rq, &pr, &p), 0);
+        guard_call_t gc = guard_call_prepare(&pair, q, 900 + (uint64_t)q, 20, &p);
         const kvm_comm_report_t *r = &p.report;
         const int n = p.n_prompt - 1;
         assert_int_equal(r->guard, 0); /* nothing is checked before serving after the warm-up */
@@ -1310,7 +1320,7 @@ static void test_guard_after_its_warmup_checks_after_the_generation_and_serves_t
         kvm_gen_result_t res;
         memset(&res, 0, sizeof res);
         assert_int_equal(kvm_generate(m, &p.seq, p.rest_ids, p.n_rest, &gp, NULL, NULL, &res), 0);
-        assert_int_equal(kvm_comm_complete(rq, &p, &res, NULL), 0);
+        assert_int_equal(kvm_comm_complete(gc.rq, &p, &res, NULL), 0);
         if (reuse) { /* the check ran on its fork */
             assert_int_equal(kvm_kv_read_rows(p.seq.pool, p.seq.blocks, 0, n, after), 0);
             assert_memory_equal(after, before, e * sizeof(float));
@@ -1329,9 +1339,7 @@ static void test_guard_after_its_warmup_checks_after_the_generation_and_serves_t
         free(after);
         kvm_gen_result_free(&res);
         kvm_prepared_release(&p);
-        assert_int_equal(kvm_comm_request_end(rq), 0);
-        kvm_segment_release(in);
-        kvm_segment_release(out_a);
+        guard_call_end(&gc);
     }
     fprintf(stderr, "guard after warm-up: %d calls reused, %d checked after generation, %d differed\n", reused, checked,
             differed);

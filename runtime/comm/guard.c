@@ -115,7 +115,7 @@ static int guard_compare(kvm_comm_t *c, const char *agent, kvm_seq_t *reuse, con
     kvm_seq_t d;
     kvm_seq_init(&d, c->pool);
     const int shared = E / KVM_KV_BLOCK * KVM_KV_BLOCK; /* exact rows in whole blocks: nothing writes into them */
-    int rc = shared > 0 ? kvm_seq_share_prefix(&d, reuse, shared) : 0;
+    int rc = kvm_seq_share_prefix(&d, reuse, shared);
     if (!rc) rc = comm_prefill(c, &d, ids + shared, N - 1 - shared);
     int32_t tok[2][KVM_GUARD_TOKENS];
     int nt[2];

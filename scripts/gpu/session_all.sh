@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# session_all.sh - one device call for three jobs at once, for a session whose device budget allows one long call:
+# session_all.sh - one device call for three jobs at once, for a session whose device budget allows one long call
+# (it replaces session_12_14.sh, which ran the first two):
 #   1. issue 12: the daemon's load test (scripts/gpu/serve_load_gpu.sh: 64 clients, synthetic Llama-3.1-8B,
 #      LOAD_SECONDS), in the background;
 #   2. issue 14: the C2C fuser training of the bundled pair (scripts/gpu/c2c_train.sh run, C2C_BUDGET_S);
