@@ -532,7 +532,7 @@ int lab_bench_c2c(int argc, char **argv, kvm_lab_params_fn fill) {
             cJSON *by = cJSON_AddObjectToObject(o, "by_facts");
             for (int r = 0; r < 49; r++) {
                 if (!acc[c].by_n[r]) continue;
-                char key[8];
+                char key[16]; /* room for any int: -O1's format check sees r's type, not its 0..48 */
                 snprintf(key, sizeof key, "%d", r);
                 cJSON *x = cJSON_AddObjectToObject(by, key);
                 const lab_json_num_t bn[] = {{"docs", acc[c].by_n[r]}, {"em", (double)acc[c].by_em[r] / acc[c].by_n[r]},
