@@ -7,6 +7,7 @@
 #include <time.h>
 
 #include "../runtime/comm/c2c.h"
+#include "../runtime/comm/c2c_align.h"
 #include "../runtime/comm/prompt.h"
 #include "../runtime/model/mock_model.h"
 #include "../runtime/sched/sched.h"
@@ -716,10 +717,10 @@ int wf_llm_c2c_open(wf_llm_t *l, const char *path, int receiver, int sharer, int
                           "checkpoints (one model shares KV through kv = \"kvcomm\")", path, l->models[receiver].path);
     kvm_c2c_fuser_t *f = kvm_c2c_open(path, l->models[receiver].m, l->models[sharer].m);
     if (!f) return kvm_errcode() ? kvm_errcode() : KVM_EINVAL;
-    if (strcmp(f->cfg.token_alignment, "identity")) {
-        kvm_seterr(KVM_EINVAL, "%s: token_alignment '%s' (spec §4 aligned mode) is not supported by kv_from, which fuses "
-                   "one placeholder of the receiver's prompt with both models reading the same ids; use an identity "
-                   "fuser (docs/c2c.md, \"Token alignment\")", path, f->cfg.token_alignment);
+    if (kvm_c2c_strategy_of(f->cfg.token_alignment) && strcmp(f->cfg.fuse_tokens, "message_tokens")) {
+        kvm_seterr(KVM_EINVAL, "%s: token_alignment '%s' with fuse_tokens '%s' is not a mode kv_from runs (spec §4: "
+                   "aligned mode fuses message_tokens; identity fuses the section's rows)", path, f->cfg.token_alignment,
+                   f->cfg.fuse_tokens);
         kvm_c2c_free(f);
         return KVM_EINVAL;
     }
@@ -737,10 +738,86 @@ int wf_llm_c2c_open(wf_llm_t *l, const char *path, int receiver, int sharer, int
     return 0;
 }
 
+/* The sharer's own rendering of the step's prompt up to the C2C section (aligned mode, spec §4: each model renders
+ * its own template): the same system and user text in the sharer's chat format, the section's content cut out.
+ * *head: kvm_malloc, *len its length. */
+static int c2c_sharer_head(const kvm_model_t *sharer, const wf_llm_req_t *r, char **head, size_t *len) {
+    *head = NULL, *len = 0;
+    size_t cap = 2;
+    for (int i = 0; i < r->n_pieces; i++) cap += r->pieces[i].text ? strlen(r->pieces[i].text) : 0;
+    char *user = kvm_malloc(cap), *text = NULL;
+    if (!user) return kvm_seterr(KVM_ENOMEM, "agent '%s': C2C: out of memory", r->agent);
+    size_t at = 0;
+    int marks = 0, rc = 0;
+    for (int i = 0; i < r->n_pieces && !rc; i++) {
+        const wf_piece_t *pc = &r->pieces[i];
+        if (pc->is_slot && pc->name && !strcmp(pc->name, r->c2c_section)) {
+            user[at++] = '\x1e', marks++;
+            continue;
+        }
+        const size_t n = pc->text ? strlen(pc->text) : 0;
+        if (n && memchr(pc->text, '\x1e', n))
+            rc = kvm_seterr(KVM_EINVAL, "agent '%s': C2C aligned mode: the prompt holds the byte 0x1E", r->agent);
+        else memcpy(user + at, pc->text ? pc->text : "", n), at += n;
+    }
+    user[at] = 0;
+    if (!rc && marks != 1)
+        rc = kvm_seterr(KVM_EINVAL, "agent '%s': the C2C section {%s} appears %d times in its prompt (aligned mode needs "
+                        "it once)", r->agent, r->c2c_section, marks);
+    if (!rc && (!r->system || !memchr(r->system, '\x1e', strlen(r->system))))
+        rc = kvm_prompt_render(sharer, r->system, user, &text);
+    else if (!rc)
+        rc = kvm_seterr(KVM_EINVAL, "agent '%s': C2C aligned mode: the system prompt holds the byte 0x1E", r->agent);
+    kvm_free(user);
+    if (rc) return kvm_errctx(rc, "agent '%s': rendering the sharer's prompt", r->agent);
+    const char *cut = strchr(text, '\x1e');
+    if (!cut || strchr(cut + 1, '\x1e')) {
+        kvm_free(text);
+        return kvm_seterr(KVM_EINVAL, "agent '%s': the sharer's chat format (%s) does not hold the C2C section once",
+                          r->agent, kvm_chat_format_name(sharer->cfg.chat_format));
+    }
+    *len = (size_t)(cut - text);
+    text[*len] = 0;
+    *head = text;
+    return 0;
+}
+
+/* Aligned mode (a first / longest fuser: the two models' tokenizers differ, spec §4): the receiver's rows before the
+ * section beside the sharer's own rendering of them (c2c_sharer_head), the section's rows mapped token by token and
+ * fused; the rest is the scheduler's. o (may be NULL) gets the alignment's counts. */
+static int c2c_prefill_aligned(const lc2c_t *c, lmodel_t *m, lmodel_t *sm, kvm_prepared_t *p, const wf_llm_req_t *r,
+                               int a, int len, kvm_c2c_stats_t *st, cJSON *o) {
+    char *head = NULL;
+    size_t hl = 0;
+    kvm_c2c_aligned_t al;
+    int rc = c2c_sharer_head(sm->m, r, &head, &hl);
+    if (!rc) rc = kvm_c2c_align_span(c->f, m->m, sm->m, p->prompt_ids, p->n_prompt, a, len, head, hl, &al);
+    kvm_free(head);
+    if (rc) return rc;
+    rc = kvm_c2c_prefill_aligned_head(c->f, m->m, &p->seq, sm->m, kvm_comm_pool(sm->comm), &al, st);
+    if (rc == KVM_EUNSUPPORTED && al.r_pads > 0)
+        kvm_errctx(rc, "aligned mode: the sharer reads the prompt before {%s} as %d tokens and the receiver as %d (fewer "
+                   "words before the section, e.g. the section first in the template, may avoid receiver pads)",
+                   r->c2c_section, al.sec_start[1] - al.s_pads_run, a);
+    if (!rc && p->seq.n_tokens != a + len) { /* cannot happen: receiver pads before the section are refused */
+        kvm_seq_truncate(&p->seq, 0);
+        rc = kvm_seterr(KVM_EINVAL, "agent '%s': C2C aligned prefill left %d rows, not %d", r->agent, p->seq.n_tokens, a + len);
+    }
+    if (!rc && o) {
+        cJSON_AddStringToObject(o, "alignment", c->f->cfg.token_alignment);
+        cJSON_AddNumberToObject(o, "sharer_head_tokens", al.sec_start[1] - al.s_pads_run);
+        cJSON_AddNumberToObject(o, "sharer_pads", al.s_pads_run);
+        cJSON_AddNumberToObject(o, "mapped_several", al.mapped_several);
+        cJSON_AddNumberToObject(o, "mapped_empty", al.mapped_empty);
+    }
+    kvm_c2c_aligned_free(&al);
+    return rc;
+}
+
 /* The C2C prefill of a prepared (dense, empty-sequence) step: the receiver computes the prompt up to placeholder
  * r->c2c_section; kvm_c2c_prefill has the sharer prefill the same tokens and the section, and fuses the section's rows
- * into the receiver's cache; the rest of the prompt is left to the scheduler (receiver only). detail gets "c2c":
- * the fused range, the sharer, the fuser, the open gates per layer and the times. */
+ * into the receiver's cache (aligned mode: c2c_prefill_aligned); the rest of the prompt is left to the scheduler
+ * (receiver only). detail gets "c2c": the fused range, the sharer, the fuser, the open gates per layer and the times. */
 static int c2c_prefill(wf_llm_t *l, lmodel_t *m, job_t *j, const wf_llm_req_t *r, cJSON *detail) {
     const int fi = r->c2c - 1;
     if (fi < 0 || fi >= l->n_c2c || &l->models[l->c2c[fi].receiver] != m)
@@ -759,17 +836,21 @@ static int c2c_prefill(wf_llm_t *l, lmodel_t *m, job_t *j, const wf_llm_req_t *r
                           "token runs on the receiver alone, spec §5)", r->agent, r->c2c_section);
     lmodel_t *sm = &l->models[c->sharer];
     int rc = 0;
+    const bool aligned = kvm_c2c_strategy_of(c->f->cfg.token_alignment) != 0;
+    cJSON *al = aligned ? cJSON_CreateObject() : NULL;
     const uint64_t t0 = kvm_now_ns();
-    if (a > 0) {
+    if (a > 0 && !aligned) {
         kvm_batch_item_t it = {.seq = &p->seq, .tokens = p->prompt_ids, .n_tokens = a};
         rc = kvm_forward(m->m, &it, 1);
     }
     const double pre_ms = (double)(kvm_now_ns() - t0) / 1e6;
     kvm_c2c_stats_t st = {0};
-    if (!rc) rc = kvm_c2c_prefill(c->f, m->m, &p->seq, sm->m, kvm_comm_pool(sm->comm), p->prompt_ids + a, len, len, NULL, &st);
+    if (!rc && aligned) rc = c2c_prefill_aligned(c, m, sm, p, r, a, len, &st, al);
+    else if (!rc) rc = kvm_c2c_prefill(c->f, m->m, &p->seq, sm->m, kvm_comm_pool(sm->comm), p->prompt_ids + a, len, len, NULL, &st);
     if (rc) {
+        cJSON_Delete(al);
         kvm_seq_truncate(&p->seq, 0);
-        return kvm_errctx(rc, "agent '%s': C2C prefill from '%s'", r->agent, sm->path);
+        return kvm_errctx(rc, "C2C prefill from '%s'", sm->path); /* the caller names the agent */
     }
     p->n_cached = a + len;
     p->rest_ids = p->prompt_ids + a + len;
@@ -790,7 +871,10 @@ static int c2c_prefill(wf_llm_t *l, lmodel_t *m, job_t *j, const wf_llm_req_t *r
         cJSON_AddNumberToObject(o, "prefix_ms", pre_ms);
         cJSON_AddNumberToObject(o, "prefill_ms", st.prefill_ms);
         cJSON_AddNumberToObject(o, "fuse_ms", st.fuse_ms);
+        if (al && !cJSON_AddItemToObject(o, "aligned", al)) cJSON_Delete(al);
+        al = NULL;
     }
+    cJSON_Delete(al);
     return 0;
 }
 

@@ -7,8 +7,11 @@
 -- The fuser here, c2c/untrained.c2c.json, is UNTRAINED (random weights, `kvmesh c2c init --receiver
 -- models/minillama-2m --sharer models/miniqwen3-6m -o examples/c2c/untrained.c2c.json --seed 1 --hidden 16
 -- --dtype bf16 --closed v0,k5`): it exercises the path (fused token counts, gate states, timings in the trace)
--- and carries no information from the reader, so the answer is no better than the Llama model's own. No trained
--- fuser exists for the bundled pair yet.
+-- and carries no information from the reader, so the answer is no better than the Llama model's own. The trained
+-- fuser of the pair (models/c2c-miniqwen3-to-minillama) is trained for spec §9's blinded receiver, whose own rows
+-- of the facts hide the digits: `kvmesh bench c2c` measures it (docs/c2c.md). On rows the receiver computed from
+-- the real facts, as here, it adds a correction the receiver does not need and its answers are garbled.
+-- A fuser made with `--align longest` runs the same graph in aligned mode (two tokenizers, spec §4; docs/c2c.md).
 --
 --   kvmesh run examples/c2c.lua --input docs="Mark: 9442" --input q="Mark" --trace /tmp/c2c-trace
 --   kvmesh trace steps /tmp/c2c-trace/<run>     (the answerer's step: "c2c: ... tokens fused ...")

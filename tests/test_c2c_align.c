@@ -22,6 +22,8 @@
 #include <unistd.h>
 #include <cmocka.h>
 
+#include <kvmesh.h>
+
 #include "runtime/comm/c2c_align.h"
 #include "runtime/core/core.h"
 #include "runtime/core/json.h"
@@ -396,12 +398,13 @@ static kvm_model_t *load_dir(const char *dir) {
     return m;
 }
 
-/* minillama-2m's files with V1 as its tokenizer (eos <|im_end|> = 1, pad <|endoftext|> = 2 there) */
-static kvm_model_t *receiver_v1(void) {
-    char dir[600], src[600], dst[700];
-    snprintf(dir, sizeof dir, "%s/rllama", g_dir);
+/* A bundled model's files (models/<name>) with V1 as its tokenizer (eos <|im_end|> = 1, pad <|endoftext|> = 2
+ * there), in g_dir/<name>-v1; dir gets the folder. */
+static void v1_dir(const char *name, char *dir, size_t cap) {
+    char base[600], src[700], dst[700];
+    snprintf(dir, cap, "%s/%s-v1", g_dir, name);
     mkdir(dir, 0755);
-    const char *base = KVM_SOURCE_DIR "/models/minillama-2m";
+    snprintf(base, sizeof base, "%s/models/%s", KVM_SOURCE_DIR, name);
     snprintf(src, sizeof src, "%s/model.safetensors", base);
     snprintf(dst, sizeof dst, "%s/model.safetensors", dir);
     if (access(dst, F_OK)) assert_int_equal(symlink(src, dst), 0);
@@ -415,6 +418,12 @@ static kvm_model_t *receiver_v1(void) {
     copy_patched(g_cfg, dst, NULL, NULL, NULL, NULL);
     snprintf(dst, sizeof dst, "%s/tokenizer.json", dir);
     copy_patched(g_v1, dst, NULL, NULL, NULL, NULL);
+}
+
+/* minillama-2m with V1 */
+static kvm_model_t *receiver_v1(void) {
+    char dir[600];
+    v1_dir("minillama-2m", dir, sizeof dir);
     return load_dir(dir);
 }
 
@@ -593,6 +602,106 @@ static void test_the_aligned_prefill_fuses_exactly_the_message_rows(void **st) {
     kvm_model_free(R), kvm_model_free(S);
 }
 
+/* ---- kv_from in aligned mode: one placeholder of the receiver's prompt, the sharer's own rendering before it ---- */
+
+typedef struct kvf_seen {
+    int steps, fused, recomputed, tokens_in, status;
+    char text[128], mode[16], err[512];
+} kvf_seen_t;
+
+static void kvf_on_step(void *ud, const kvm_step_event_t *e) {
+    kvf_seen_t *s = ud;
+    if (!e->agent || strcmp(e->agent, "answerer")) return;
+    s->steps++;
+    s->fused = e->kv_fused, s->recomputed = e->kv_recomputed, s->tokens_in = e->tokens_in, s->status = e->status;
+    snprintf(s->text, sizeof s->text, "%s", e->text ? e->text : "");
+    snprintf(s->mode, sizeof s->mode, "%s", e->kv_mode ? e->kv_mode : "");
+    snprintf(s->err, sizeof s->err, "%s", e->error ? e->error : "");
+}
+
+/* reader (sharer) -> answerer (receiver, kv_from the reader's {input.docs} through fuser fp); the run's status */
+static int kvf_run(const char *rdir, const char *sdir, const char *fp, kvf_seen_t *s) {
+    memset(s, 0, sizeof *s);
+    kvm_runtime_params_t rp = kvm_runtime_default_params();
+    rp.echo_print = false;
+    kvm_runtime_t *rt = kvm_runtime_create(&rp);
+    assert_non_null(rt);
+    char src[3072];
+    snprintf(src, sizeof src,
+             "local q = kvmesh.model('%s')\nlocal l = kvmesh.model('%s')\nlocal g = kvmesh.graph{}\n"
+             "g:agent('reader', { model = q, max_tokens = 2, system = 'Answer with the number.',\n"
+             "  template = 'Facts: {input.docs}\\nAsk: {input.q}' })\n"
+             "g:agent('answerer', { model = l, max_tokens = 6, ignore_eos = true, system = 'Answer with the number.',\n"
+             "  template = 'Facts: {input.docs}\\nAsk: {input.q}',\n"
+             "  kv_from = { agent = 'reader', via = 'c2c', fuser = '%s', section = 'input.docs' } })\n"
+             "g:edge(kvmesh.START, 'reader')\ng:edge('reader', 'answerer')\nreturn g\n", sdir, rdir, fp);
+    kvm_workflow_params_t wp = kvm_workflow_default_params();
+    wp.on_step = kvf_on_step;
+    wp.ud = s;
+    kvm_workflow_t *wf = kvm_workflow_load_string(rt, "kvf.lua", src, strlen(src), &wp);
+    if (!wf) fail_msg("load: %s", kvm_errmsg());
+    kvm_run_params_t p = kvm_run_default_params();
+    p.inputs_json = "{\"docs\": \"the xdog: 4312. the dogcat: 7781.\", \"q\": \"the xdog\"}";
+    kvm_run_t *r = kvm_run_start(wf, &p);
+    if (!r) fail_msg("run: %s", kvm_errmsg());
+    while (kvm_runtime_step(rt) > 0) {
+    }
+    const char *msg = NULL;
+    const int rc = kvm_run_status(r, &msg);
+    if (rc && !s->err[0]) snprintf(s->err, sizeof s->err, "%s", msg ? msg : "");
+    kvm_workflow_free(wf);
+    kvm_runtime_free(rt);
+    return rc;
+}
+
+/* kv_from with a `longest` fuser: (1) on the bundled pair (one tokenizer) it fuses the same rows as the identity fuser
+ * of the same weights and answers the same; (2) between different tokenizers (receiver minillama-2m with V1, sharer
+ * miniqwen3-6m) it runs: the section's rows fused, the rest the receiver's; (3) where the sharer's own rendering
+ * before the section is longer than the receiver's (receiver pads, spec §4), the step fails naming the rule. */
+static void test_kv_from_runs_aligned_mode(void **st) {
+    (void)st;
+    const char *mr = KVM_SOURCE_DIR "/models/minillama-2m", *ms = KVM_SOURCE_DIR "/models/miniqwen3-6m";
+    char rv1[600], sv1[600], fid[700], flg[700], fx[700], fy[700];
+    v1_dir("minillama-2m", rv1, sizeof rv1);
+    v1_dir("miniqwen3-6m", sv1, sizeof sv1);
+    kvm_model_t *R = load_dir(mr), *S = load_dir(ms), *R1 = load_dir(rv1), *S1 = load_dir(sv1);
+    snprintf(fid, sizeof fid, "%s/kvf-id.c2c.json", g_dir);
+    snprintf(flg, sizeof flg, "%s/kvf-lg.c2c.json", g_dir);
+    snprintf(fx, sizeof fx, "%s/kvf-x.c2c.json", g_dir);
+    snprintf(fy, sizeof fy, "%s/kvf-y.c2c.json", g_dir);
+    kvm_c2c_init_opts_t oi = {.seed = 5, .hidden = 16}, ol = {.seed = 5, .hidden = 16, .token_alignment = "longest"};
+    assert_int_equal(kvm_c2c_write_untrained(fid, R, S, &oi), 0);
+    assert_int_equal(kvm_c2c_write_untrained(flg, R, S, &ol), 0);
+    assert_int_equal(kvm_c2c_write_untrained(fx, R1, S, &ol), 0);
+    assert_int_equal(kvm_c2c_write_untrained(fy, R, S1, &ol), 0);
+    kvm_model_free(R), kvm_model_free(S), kvm_model_free(R1), kvm_model_free(S1);
+
+    kvf_seen_t a, b, c, d;
+    if (kvf_run(mr, ms, fid, &a)) fail_msg("identity: %s", a.err);
+    if (kvf_run(mr, ms, flg, &b)) fail_msg("longest: %s", b.err);
+    fprintf(stderr, "kv_from, one tokenizer: identity '%s' (%d fused of %d), longest '%s' (%d fused of %d)\n", a.text,
+            a.fused, a.tokens_in, b.text, b.fused, b.tokens_in);
+    assert_int_equal(a.steps, 1), assert_int_equal(b.steps, 1);
+    assert_string_equal(b.mode, "c2c");
+    assert_true(a.fused > 5);
+    assert_int_equal(b.fused, a.fused);
+    assert_int_equal(b.tokens_in, a.tokens_in);
+    assert_int_equal(b.fused + b.recomputed, b.tokens_in);
+    assert_string_equal(b.text, a.text);
+
+    if (kvf_run(rv1, ms, fx, &c)) fail_msg("V1 receiver: %s", c.err);
+    fprintf(stderr, "kv_from, two tokenizers: '%s' (%d fused of %d)\n", c.text, c.fused, c.tokens_in);
+    assert_string_equal(c.mode, "c2c");
+    assert_true(c.fused > 5);
+    assert_int_equal(c.fused + c.recomputed, c.tokens_in);
+    assert_true(c.text[0] != 0);
+
+    assert_int_not_equal(kvf_run(mr, sv1, fy, &d), 0);
+    fprintf(stderr, "kv_from, receiver pads: %s\n", d.err);
+    assert_non_null(strstr(d.err, "spec §4"));
+    assert_non_null(strstr(d.err, "is a pad"));
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_the_variants_differ),
@@ -602,6 +711,7 @@ int main(void) {
         cmocka_unit_test(test_a_shorter_receiver_gets_pads),
         cmocka_unit_test(test_section_mismatches_are_refused),
         cmocka_unit_test(test_the_aligned_prefill_fuses_exactly_the_message_rows),
+        cmocka_unit_test(test_kv_from_runs_aligned_mode),
     };
     return cmocka_run_group_tests(tests, group_setup, group_teardown);
 }

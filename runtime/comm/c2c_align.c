@@ -283,19 +283,84 @@ int kvm_c2c_align_side_of(const kvm_model_t *m, kvm_c2c_align_side_t *side) {
     return 0;
 }
 
+/* The strategy of an aligned-mode fuser and the two models' sides; KVM_EINVAL for an identity fuser. */
+static int c2c_fuser_sides(const kvm_c2c_fuser_t *f, const kvm_model_t *receiver, const kvm_model_t *sharer,
+                           kvm_c2c_strategy_t *strategy, kvm_c2c_align_side_t *r, kvm_c2c_align_side_t *s) {
+    *strategy = kvm_c2c_strategy_of(f->cfg.token_alignment);
+    if (!*strategy)
+        return kvm_seterr(KVM_EINVAL, "%s: token_alignment '%s' aligns nothing (one id list for both models: "
+                          "kvm_c2c_prefill)", f->json_path, f->cfg.token_alignment);
+    int rc = kvm_c2c_align_side_of(receiver, r);
+    return rc ? rc : kvm_c2c_align_side_of(sharer, s);
+}
+
 int kvm_c2c_align_models(const kvm_c2c_fuser_t *f, const kvm_model_t *receiver, const kvm_model_t *sharer,
                          const kvm_chat_msg_t *msgs, int n, kvm_c2c_aligned_t *out) {
     if (out) memset(out, 0, sizeof *out);
     if (!f || !receiver || !sharer || !out) return kvm_seterr(KVM_EINVAL, "c2c align: a fuser and both models are needed");
-    const kvm_c2c_strategy_t strategy = kvm_c2c_strategy_of(f->cfg.token_alignment);
-    if (!strategy)
-        return kvm_seterr(KVM_EINVAL, "%s: token_alignment '%s' aligns nothing (one id list for both models: "
-                          "kvm_c2c_prefill)", f->json_path, f->cfg.token_alignment);
+    kvm_c2c_strategy_t strategy;
     kvm_c2c_align_side_t r, s;
-    int rc = kvm_c2c_align_side_of(receiver, &r);
-    if (!rc) rc = kvm_c2c_align_side_of(sharer, &s);
+    int rc = c2c_fuser_sides(f, receiver, sharer, &strategy, &r, &s);
     if (!rc)
         rc = kvm_c2c_align_chat(&r, receiver->cfg.chat_format, &s, sharer->cfg.chat_format, msgs, n, true, strategy, out);
+    return rc;
+}
+
+int kvm_c2c_align_span(const kvm_c2c_fuser_t *f, const kvm_model_t *receiver, const kvm_model_t *sharer,
+                       const int32_t *r_ids, int n, int at, int len, const char *s_head, size_t s_head_len,
+                       kvm_c2c_aligned_t *out) {
+    if (out) memset(out, 0, sizeof *out);
+    if (!f || !receiver || !sharer || !out || !r_ids || !s_head)
+        return kvm_seterr(KVM_EINVAL, "c2c align: a fuser, both models, the receiver's ids and the sharer's head are needed");
+    if (at < 0 || len <= 0 || at + len >= n)
+        return kvm_seterr(KVM_EINVAL, "c2c align: the message rows [%d, %d) must lie inside the %d-token prompt with "
+                          "at least one token after them", at, at + len, n);
+    kvm_c2c_strategy_t strategy;
+    kvm_c2c_align_side_t r, s;
+    int rc = c2c_fuser_sides(f, receiver, sharer, &strategy, &r, &s);
+    if (rc) return rc;
+    kvm_c2c_aligned_t *a = out;
+    a->strategy = strategy;
+    a->n_sections = 3;
+    a->sec_start = kvm_malloc(4 * sizeof *a->sec_start);
+    a->sec_message = kvm_malloc(3);
+    c2c_rows_t w = {.a = a};
+    int32_t *si = NULL;
+    int ns = 0;
+    const kvm_c2c_section_t head = {s_head, s_head_len, false};
+    rc = a->sec_start && a->sec_message ? c2c_grow(&w, n) : kvm_seterr(KVM_ENOMEM, "c2c align: out of memory");
+    if (!rc) rc = c2c_encode(&s, "sharer", &head, 0, &si, &ns);
+    const int h = at > ns ? at : ns;
+    if (!rc && at < h && !c2c_valid(&r, r.pad))
+        rc = kvm_seterr(KVM_EINVAL, "c2c align: the text before the message is %d tokens for the receiver and %d for the "
+                        "sharer, and the receiver has no pad token to pad it (spec §4)", at, ns);
+    if (!rc && ns < h && !c2c_valid(&s, s.pad))
+        rc = kvm_seterr(KVM_EINVAL, "c2c align: the text before the message is %d tokens for the receiver and %d for the "
+                        "sharer, and the sharer has no pad token to pad it (spec §4)", at, ns);
+    if (!rc) rc = c2c_grow(&w, h + len + (n - at - len));
+    if (!rc) { /* section 0: each model's own tokens of the text before the message, the shorter side padded */
+        a->sec_start[0] = 0, a->sec_message[0] = 0;
+        for (int t = 0; t < h; t++) c2c_row(a, t < at ? r_ids[t] : r.pad, t < ns ? si[t] : s.pad, false, t >= at, t >= ns);
+        a->sec_start[1] = a->n, a->sec_message[1] = 1;
+    }
+    for (int t = at; !rc && t < at + len; t++) { /* section 1: the message, token by token */
+        int32_t sid = 0;
+        int n_cand = 0;
+        if ((rc = c2c_map(&r, &s, r_ids[t], strategy, &sid, &n_cand))) break;
+        a->mapped_special += n_cand < 0;
+        a->mapped_several += n_cand > 1;
+        a->mapped_empty += n_cand == 0;
+        c2c_row(a, r_ids[t], sid, true, false, false);
+    }
+    if (!rc) { /* section 2: the rest of the prompt, the receiver's alone (the sharer side is never run) */
+        a->sec_start[2] = a->n, a->sec_message[2] = 0;
+        const int32_t sp = c2c_valid(&s, s.pad) ? s.pad : 0;
+        for (int t = at + len; t < n; t++) c2c_row(a, r_ids[t], sp, false, false, true);
+        a->sec_start[3] = a->n;
+        for (int t = 0; t < a->sec_start[2]; t++) a->s_pads_run += a->s_pad[t];
+    }
+    kvm_free(si);
+    if (rc) kvm_c2c_aligned_free(a);
     return rc;
 }
 
@@ -318,8 +383,8 @@ static int c2c_fuse_rows(kvm_c2c_fuser_t *f, kvm_seq_t *rseq, kvm_seq_t *sseq, i
     return rc;
 }
 
-int kvm_c2c_prefill_aligned(kvm_c2c_fuser_t *f, kvm_model_t *receiver, kvm_seq_t *rseq, kvm_model_t *sharer,
-                            kvm_kv_pool_t *spool, const kvm_c2c_aligned_t *a, float *logits, kvm_c2c_stats_t *st) {
+int kvm_c2c_prefill_aligned_head(kvm_c2c_fuser_t *f, kvm_model_t *receiver, kvm_seq_t *rseq, kvm_model_t *sharer,
+                                 kvm_kv_pool_t *spool, const kvm_c2c_aligned_t *a, kvm_c2c_stats_t *st) {
     if (!f || !receiver || !rseq || !sharer || !spool || !a)
         return kvm_seterr(KVM_EINVAL, "c2c prefill: a fuser, both models, the receiver's sequence, the sharer's pool "
                           "and an alignment are needed");
@@ -384,14 +449,25 @@ int kvm_c2c_prefill_aligned(kvm_c2c_fuser_t *f, kvm_model_t *receiver, kvm_seq_t
         s.fused_tokens += len;
     }
     kvm_seq_destroy(sseq);
-    if (!rc) {
-        uint64_t t0 = kvm_now_ns();
-        kvm_batch_item_t li = {.seq = rseq, .tokens = a->r_ids + last0, .n_tokens = n_run - last0, .logits = logits};
-        if ((rc = kvm_forward(receiver, &li, 1)))
-            kvm_errctx(rc, "c2c prefill: receiver '%s', the last section", receiver->name);
-        s.rest_ms = c2c_ms(t0);
-    }
     if (rc) kvm_seq_truncate(rseq, 0);
     else if (st) *st = s;
     return rc;
+}
+
+int kvm_c2c_prefill_aligned(kvm_c2c_fuser_t *f, kvm_model_t *receiver, kvm_seq_t *rseq, kvm_model_t *sharer,
+                            kvm_kv_pool_t *spool, const kvm_c2c_aligned_t *a, float *logits, kvm_c2c_stats_t *st) {
+    kvm_c2c_stats_t s = {0};
+    int rc = kvm_c2c_prefill_aligned_head(f, receiver, rseq, sharer, spool, a, &s);
+    if (rc) return rc;
+    const int last0 = a->sec_start[a->n_sections - 1], n_run = a->n - a->r_pads_trailing;
+    uint64_t t0 = kvm_now_ns();
+    kvm_batch_item_t li = {.seq = rseq, .tokens = a->r_ids + last0, .n_tokens = n_run - last0, .logits = logits};
+    if ((rc = kvm_forward(receiver, &li, 1))) {
+        kvm_errctx(rc, "c2c prefill: receiver '%s', the last section", receiver->name);
+        kvm_seq_truncate(rseq, 0);
+        return rc;
+    }
+    s.rest_ms = c2c_ms(t0);
+    if (st) *st = s;
+    return 0;
 }

@@ -98,6 +98,24 @@ int kvm_c2c_align_side_of(const kvm_model_t *m, kvm_c2c_align_side_t *side);
 int kvm_c2c_align_models(const kvm_c2c_fuser_t *f, const kvm_model_t *receiver, const kvm_model_t *sharer,
                          const kvm_chat_msg_t *msgs, int n, kvm_c2c_aligned_t *out);
 
+/* The alignment of one receiver prompt r_ids[0..n) whose rows [at, at + len) are the one message (a placeholder's
+ * content: C2C kv_from in aligned mode), in three sections: (0) the receiver's rows [0, at) beside the sharer's own
+ * tokens of s_head[0..s_head_len), its rendering of the same prompt up to the message (encoded as a prompt start:
+ * BOS where the sharer adds one), the shorter side padded (spec §4); (1) the message rows, each receiver id mapped
+ * by the message-token rule; (2) the rows [at + len, n), the receiver's alone (the sharer side holds pads and is
+ * never run). Refused (KVM_EINVAL): an identity fuser, an empty message or none after it, a side to pad without a
+ * pad id. The receiver rows equal r_ids unless section 0 pads the receiver, which kvm_c2c_prefill_aligned_head
+ * refuses. */
+int kvm_c2c_align_span(const kvm_c2c_fuser_t *f, const kvm_model_t *receiver, const kvm_model_t *sharer,
+                       const int32_t *r_ids, int n, int at, int len, const char *s_head, size_t s_head_len,
+                       kvm_c2c_aligned_t *out);
+
+/* kvm_c2c_prefill_aligned without its last section: every section but the last runs (and is fused) as there, with
+ * the same checks; the caller runs the last section's rows on the receiver (kv_from leaves them to the scheduler).
+ * st: as there, rest_ms 0. */
+int kvm_c2c_prefill_aligned_head(kvm_c2c_fuser_t *f, kvm_model_t *receiver, kvm_seq_t *rseq, kvm_model_t *sharer,
+                                 kvm_kv_pool_t *spool, const kvm_c2c_aligned_t *a, kvm_c2c_stats_t *st);
+
 /* The aligned-mode prefill (spec §5, §6) of a fuser with token_alignment first / longest and fuse_tokens
  * message_tokens, on an empty receiver sequence rseq: sections in order; each runs on the receiver (attending to
  * the already fused rows before it) and, but for the last, on the sharer (a fresh sequence of spool); a message

@@ -375,18 +375,26 @@ static int tmpl_render_chat(const kvm_model_t *m, const kvm_template_desc_t *d, 
         }
     }
     t->n_ph = k;
+    int rc = kvm_prompt_render(m, d->system, user, &rendered);
+    kvm_free(user);
+    *out = rc ? NULL : rendered;
+    return rc;
+}
+
+int kvm_prompt_render(const kvm_model_t *m, const char *system, const char *user, char **out) {
+    *out = NULL;
     kvm_chat_msg_t msgs[2];
     int nm = 0;
-    if (d->system && *d->system) msgs[nm++] = (kvm_chat_msg_t){"system", d->system};
+    char *rendered = NULL;
+    if (system && *system) msgs[nm++] = (kvm_chat_msg_t){"system", system};
     msgs[nm++] = (kvm_chat_msg_t){"user", user};
     int rc = kvm_chat_render(m->cfg.chat_format, msgs, nm, true, &rendered);
-    kvm_free(user);
-    if (!rc && m->cfg.chat_format == KVM_CHAT_NONE && d->system && *d->system) {
+    if (!rc && m->cfg.chat_format == KVM_CHAT_NONE && system && *system) {
         /* plain concatenation: keep the system text apart from the user text by a newline */
         char *r2 = kvm_malloc(strlen(rendered) + 2);
         if (!r2) rc = KVM_ENOMEM;
         else {
-            size_t sl = strlen(d->system);
+            size_t sl = strlen(system);
             memcpy(r2, rendered, sl);
             r2[sl] = '\n';
             strcpy(r2 + sl + 1, rendered + sl);
@@ -395,7 +403,7 @@ static int tmpl_render_chat(const kvm_model_t *m, const kvm_template_desc_t *d, 
         }
     }
     if (rc) kvm_free(rendered);
-    *out = rc ? NULL : rendered;
+    else *out = rendered;
     return rc;
 }
 

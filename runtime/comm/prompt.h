@@ -31,6 +31,11 @@
  * kvm_comm_prepare, kvm_comm_prepare_ids, kvm_comm_complete, kvm_prepared_release and the accessors of
  * kvm_prepared_t); statistics (kvm_comm_stats_t, kvm_comm_pool_stats_t); the oracle (kvm_comm_prepare_oracle). */
 
+/* An agent prompt's text as model m reads it: the system text and the user text rendered with m's chat format and
+ * the generation prompt (with no chat format: system, a newline, then the user text). The one rendering of the
+ * templates (kvm_template_create) and of C2C's aligned sharer side (agents/llm.c). *out: kvm_malloc. */
+int kvm_prompt_render(const kvm_model_t *m, const char *system, const char *user, char **out);
+
 kvm_kv_store_t *kvm_comm_store(kvm_comm_t *c);
 kvm_model_t *kvm_comm_model(kvm_comm_t *c);
 /* The name of c's anchor file in a state folder: "anchors-<model>-<fingerprint>.kva", the fingerprint covering the

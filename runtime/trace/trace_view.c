@@ -382,6 +382,16 @@ static void step_c2c(view_t *v, const cJSON *c) {
     put(v, "  c2c: %d tokens of {%s} at %d fused from %s (fuser %s)\n", cJSON_IsNumber(n) ? n->valueint : 0,
         cJSON_IsString(sec) ? sec->valuestring : "?", cJSON_IsNumber(at) ? at->valueint : 0,
         cJSON_IsString(sh) ? sh->valuestring : "?", cJSON_IsString(fu) ? fu->valuestring : "?");
+    const cJSON *al = cJSON_GetObjectItemCaseSensitive(c, "aligned");
+    if (cJSON_IsObject(al)) { /* aligned mode (spec §4): the two tokenizations side by side */
+        const char *k[5] = {"alignment", "sharer_head_tokens", "sharer_pads", "mapped_several", "mapped_empty"};
+        const cJSON *x[5];
+        for (int i = 0; i < 5; i++) x[i] = cJSON_GetObjectItemCaseSensitive(al, k[i]);
+        put(v, "    aligned (%s): the sharer's own rendering before the section %d tokens + %d pads; section tokens "
+               "mapped to several %d, to none %d\n", cJSON_IsString(x[0]) ? x[0]->valuestring : "?",
+            cJSON_IsNumber(x[1]) ? x[1]->valueint : 0, cJSON_IsNumber(x[2]) ? x[2]->valueint : 0,
+            cJSON_IsNumber(x[3]) ? x[3]->valueint : 0, cJSON_IsNumber(x[4]) ? x[4]->valueint : 0);
+    }
     for (int b = 0; b < 2; b++) {
         const cJSON *g = cJSON_GetObjectItemCaseSensitive(c, b ? "gates_v" : "gates_k"), *e;
         if (!cJSON_IsArray(g)) g = NULL;

@@ -33,6 +33,7 @@ usage "dtype 'f8'" init --receiver $R --sharer $S -o "$tmp/x.c2c.json" --dtype f
 
 # --- examples/c2c.lua on the bundled models ---------------------------------------------------------------------
 "$kvmesh" run examples/c2c.lua --input docs="Mark: 9442" --input q=Mark --trace "$tmp/t" > "$tmp/out" 2>&1 || { cat "$tmp/out"; exit 1; }
+cp "$tmp/out" "$tmp/out0"
 grep -q "^  answerer: " "$tmp/out" || { cat "$tmp/out"; exit 1; }
 # the per-agent table: the answerer's policy is c2c, 13 of its 20 prompt tokens computed by its own model
 grep -q "^answerer  *c2c  *1  *20  *0  *13 " "$tmp/out" || { echo "agent table:"; cat "$tmp/out"; exit 1; }
@@ -83,11 +84,21 @@ bad nofile "no C2C fuser could be loaded from 'c2c/none.c2c.json'" "{ agent = 'r
 # a fuser for another pair (roles swapped): the pairing check names the field
 "$kvmesh" c2c init --receiver $S --sharer $R -o "$tmp/bad/c2c/swapped.c2c.json" > /dev/null
 bad swapped "fuser is for a receiver with 6 layers\|receiver.n_kv_heads\|receiver.head_dim" "{ agent = 'reader', via = 'c2c', fuser = 'c2c/swapped.c2c.json', section = 'input.docs' }"
-# an aligned-mode fuser (token_alignment longest): kv_from refuses it at load, naming the field
-"$kvmesh" c2c init --receiver $R --sharer $S -o "$tmp/bad/c2c/longest.c2c.json" --align longest > /dev/null
+# an aligned-mode fuser (token_alignment longest, the same weights as examples/c2c's): kv_from runs it (the sharer
+# reads its own rendering of the prompt before the section; one tokenizer here, so the same fused rows and answer)
+"$kvmesh" c2c init --receiver $R --sharer $S -o "$tmp/bad/c2c/longest.c2c.json" --align longest --seed 1 --hidden 16 \
+  --dtype bf16 --closed v0,k5 > /dev/null
 grep -q '"token_alignment": "longest", "fuse_tokens": "message_tokens"' "$tmp/bad/c2c/longest.c2c.json" ||
   { echo "--align longest:"; cat "$tmp/bad/c2c/longest.c2c.json"; exit 1; }
-bad aligned "token_alignment 'longest' (spec §4 aligned mode) is not supported by kv_from" "{ agent = 'reader', via = 'c2c', fuser = 'c2c/longest.c2c.json', section = 'input.docs' }"
+sed 's|c2c/untrained.c2c.json|c2c/longest.c2c.json|' examples/c2c.lua > "$tmp/bad/longest.lua"
+"$kvmesh" run "$tmp/bad/longest.lua" --input docs="Mark: 9442" --input q=Mark --trace "$tmp/tl" > "$tmp/outl" 2>&1 ||
+  { cat "$tmp/outl"; exit 1; }
+grep "^  answerer: " "$tmp/out0" > "$tmp/a0"; grep "^  answerer: " "$tmp/outl" > "$tmp/al"
+cmp -s "$tmp/a0" "$tmp/al" || { echo "aligned and identity answers differ:"; cat "$tmp/a0" "$tmp/al"; exit 1; }
+"$kvmesh" trace steps "$(ls -d "$tmp"/tl/*/ | head -1)" > "$tmp/stepsl"
+grep -q "c2c: 7 tokens of {state:input.docs} at 3 fused" "$tmp/stepsl" &&
+  grep -q "aligned (longest): the sharer's own rendering before the section 3 tokens + 0 pads" "$tmp/stepsl" ||
+  { echo "trace steps (aligned):"; cat "$tmp/stepsl"; exit 1; }
 usage "token_alignment 'nearest'" init --receiver $R --sharer $S -o "$tmp/x.c2c.json" --align nearest
 # a damaged weights file: refused (weights_sha256), the reason in the log only
 cp "$tmp/bad/c2c/untrained.c2c.json" "$tmp/bad/c2c/dmg.c2c.json"
