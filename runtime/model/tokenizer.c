@@ -179,6 +179,7 @@ typedef struct {
     int32_t merged;
 } cand_t;
 
+/* A binary heap of a fixed capacity (merge_symbols sizes it: a word of n symbols pushes at most 3n candidates). */
 typedef struct {
     cand_t *v;
     int n;
@@ -189,10 +190,8 @@ static bool cand_less(const cand_t *a, const cand_t *b) {
     return a->prio < b->prio || (a->prio == b->prio && a->pos < b->pos);
 }
 
-static int heap_push(heap_t *h, cand_t c) {
-    int rc = kvm_array_reserve(&h->v, &h->cap, (size_t)h->n + 1, sizeof *h->v, 64);
-    if (rc) return rc;
-    int i = h->n++;
+static void heap_push(heap_t *h, cand_t c) {
+    int i = h->n++; /* < cap: see heap_t */
     h->v[i] = c;
     while (i > 0) {
         int p = (i - 1) / 2;
@@ -202,7 +201,6 @@ static int heap_push(heap_t *h, cand_t c) {
         h->v[p] = tmp;
         i = p;
     }
-    return 0;
 }
 
 static cand_t heap_pop(heap_t *h) {
@@ -242,13 +240,20 @@ static bool pair_candidate(const kvm_tokenizer_t *t, const sym_t *s, int a, int 
     return true;
 }
 
-/* Merges the symbols in place until no candidate is left; appends the surviving ids to out. */
+/* Merges the symbols in place until no candidate is left; appends the surviving ids to out. The candidates: n - 1 at
+ * first, then at most 2 per merge, and a merge retires a symbol: fewer than 3n in all, in a stack buffer for the
+ * short words that most text is made of (a word a token or two long: no allocation). */
 static int merge_symbols(const kvm_tokenizer_t *t, sym_t *s, int n, const char *word, tok_ids_t *out) {
-    heap_t h = {0};
+    cand_t local[48];
+    heap_t h = {.v = local, .cap = sizeof local / sizeof local[0]};
+    if ((size_t)n * 3 > h.cap) {
+        h.cap = (size_t)n * 3;
+        if (!(h.v = kvm_malloc(h.cap * sizeof *h.v))) return KVM_ENOMEM;
+    }
     int rc = 0;
     cand_t c;
     for (int i = 0; i + 1 < n; i++)
-        if (pair_candidate(t, s, i, i + 1, word, &c) && (rc = heap_push(&h, c))) goto done;
+        if (pair_candidate(t, s, i, i + 1, word, &c)) heap_push(&h, c);
     while (h.n > 0) {
         c = heap_pop(&h);
         int a = c.pos, b = s[a].next;
@@ -258,13 +263,12 @@ static int merge_symbols(const kvm_tokenizer_t *t, sym_t *s, int n, const char *
         s[a].next = s[b].next;
         if (s[b].next >= 0) s[s[b].next].prev = a;
         s[b].alive = false;
-        if (s[a].prev >= 0 && pair_candidate(t, s, s[a].prev, a, word, &c) && (rc = heap_push(&h, c))) goto done;
-        if (s[a].next >= 0 && pair_candidate(t, s, a, s[a].next, word, &c) && (rc = heap_push(&h, c))) goto done;
+        if (s[a].prev >= 0 && pair_candidate(t, s, s[a].prev, a, word, &c)) heap_push(&h, c);
+        if (s[a].next >= 0 && pair_candidate(t, s, a, s[a].next, word, &c)) heap_push(&h, c);
     }
-    for (int i = 0; i < n; i++)
-        if (s[i].alive && (rc = tok_ids_push(out, s[i].id))) goto done;
-done:
-    kvm_free(h.v);
+    for (int i = 0; i < n && !rc; i++)
+        if (s[i].alive) rc = tok_ids_push(out, s[i].id);
+    if (h.v != local) kvm_free(h.v);
     return rc;
 }
 
@@ -276,8 +280,8 @@ int tok_bpe_word(const kvm_tokenizer_t *t, const char *w, size_t len, tok_ids_t 
         int32_t id = tok_strmap_get(&t->vocab, w, len);
         if (id >= 0) return tok_ids_push(out, id);
     }
-    sym_t *s = kvm_malloc((len * 4 + 1) * sizeof *s); /* a char may become up to 4 byte symbols */
-    if (!s) return KVM_ENOMEM;
+    sym_t local[32], *s = local; /* a char may become up to 4 byte symbols; short words need no allocation */
+    if (len * 4 + 1 > sizeof local / sizeof local[0] && !(s = kvm_malloc((len * 4 + 1) * sizeof *s))) return KVM_ENOMEM;
     int n = 0;
     bool prev_unk = false;
     for (size_t i = 0; i < len;) {
@@ -311,7 +315,7 @@ int tok_bpe_word(const kvm_tokenizer_t *t, const char *w, size_t len, tok_ids_t 
         s[i].alive = true;
     }
     int rc = merge_symbols(t, s, n, w, out);
-    kvm_free(s);
+    if (s != local) kvm_free(s);
     return rc;
 }
 
