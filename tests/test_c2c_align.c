@@ -619,8 +619,9 @@ static void kvf_on_step(void *ud, const kvm_step_event_t *e) {
     snprintf(s->err, sizeof s->err, "%s", e->error ? e->error : "");
 }
 
-/* reader (sharer) -> answerer (receiver, kv_from the reader's {input.docs} through fuser fp); the run's status */
-static int kvf_run(const char *rdir, const char *sdir, const char *fp, kvf_seen_t *s) {
+/* reader (sharer) -> answerer (receiver, kv_from the reader's {input.docs} through fuser fp) on inputs (NULL: two
+ * facts and a question); the run's status */
+static int kvf_run(const char *rdir, const char *sdir, const char *fp, const char *inputs, kvf_seen_t *s) {
     memset(s, 0, sizeof *s);
     kvm_runtime_params_t rp = kvm_runtime_default_params();
     rp.echo_print = false;
@@ -641,7 +642,7 @@ static int kvf_run(const char *rdir, const char *sdir, const char *fp, kvf_seen_
     kvm_workflow_t *wf = kvm_workflow_load_string(rt, "kvf.lua", src, strlen(src), &wp);
     if (!wf) fail_msg("load: %s", kvm_errmsg());
     kvm_run_params_t p = kvm_run_default_params();
-    p.inputs_json = "{\"docs\": \"the xdog: 4312. the dogcat: 7781.\", \"q\": \"the xdog\"}";
+    p.inputs_json = inputs ? inputs : "{\"docs\": \"the xdog: 4312. the dogcat: 7781.\", \"q\": \"the xdog\"}";
     kvm_run_t *r = kvm_run_start(wf, &p);
     if (!r) fail_msg("run: %s", kvm_errmsg());
     while (kvm_runtime_step(rt) > 0) {
@@ -677,8 +678,8 @@ static void test_kv_from_runs_aligned_mode(void **st) {
     kvm_model_free(R), kvm_model_free(S), kvm_model_free(R1), kvm_model_free(S1);
 
     kvf_seen_t a, b, c, d;
-    if (kvf_run(mr, ms, fid, &a)) fail_msg("identity: %s", a.err);
-    if (kvf_run(mr, ms, flg, &b)) fail_msg("longest: %s", b.err);
+    if (kvf_run(mr, ms, fid, NULL, &a)) fail_msg("identity: %s", a.err);
+    if (kvf_run(mr, ms, flg, NULL, &b)) fail_msg("longest: %s", b.err);
     fprintf(stderr, "kv_from, one tokenizer: identity '%s' (%d fused of %d), longest '%s' (%d fused of %d)\n", a.text,
             a.fused, a.tokens_in, b.text, b.fused, b.tokens_in);
     assert_int_equal(a.steps, 1), assert_int_equal(b.steps, 1);
@@ -689,17 +690,25 @@ static void test_kv_from_runs_aligned_mode(void **st) {
     assert_int_equal(b.fused + b.recomputed, b.tokens_in);
     assert_string_equal(b.text, a.text);
 
-    if (kvf_run(rv1, ms, fx, &c)) fail_msg("V1 receiver: %s", c.err);
+    if (kvf_run(rv1, ms, fx, NULL, &c)) fail_msg("V1 receiver: %s", c.err);
     fprintf(stderr, "kv_from, two tokenizers: '%s' (%d fused of %d)\n", c.text, c.fused, c.tokens_in);
     assert_string_equal(c.mode, "c2c");
     assert_true(c.fused > 5);
     assert_int_equal(c.fused + c.recomputed, c.tokens_in);
     assert_true(c.text[0] != 0);
 
-    assert_int_not_equal(kvf_run(mr, sv1, fy, &d), 0);
+    assert_int_not_equal(kvf_run(mr, sv1, fy, NULL, &d), 0);
     fprintf(stderr, "kv_from, receiver pads: %s\n", d.err);
     assert_non_null(strstr(d.err, "spec §4"));
     assert_non_null(strstr(d.err, "is a pad"));
+
+    /* hostile content: the byte the sharer's rendering cuts at, in the other placeholder and in the section itself */
+    const char *bad[2] = {"{\"docs\": \"the xdog: 4312.\", \"q\": \"the \\u001exdog\"}",
+                          "{\"docs\": \"the \\u001exdog: 4312.\", \"q\": \"the xdog\"}"};
+    assert_int_not_equal(kvf_run(mr, ms, flg, bad[0], &d), 0);
+    assert_non_null(strstr(d.err, "0x1E"));
+    if (kvf_run(mr, ms, flg, bad[1], &d)) fail_msg("0x1E inside the section (its content is not rendered): %s", d.err);
+    assert_string_equal(d.mode, "c2c");
 }
 
 int main(void) {
