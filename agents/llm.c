@@ -746,7 +746,7 @@ static int c2c_sharer_head(const kvm_model_t *sharer, const wf_llm_req_t *r, cha
     size_t cap = 2;
     for (int i = 0; i < r->n_pieces; i++) cap += r->pieces[i].text ? strlen(r->pieces[i].text) : 0;
     char *user = kvm_malloc(cap), *text = NULL;
-    if (!user) return kvm_seterr(KVM_ENOMEM, "agent '%s': C2C: out of memory", r->agent);
+    if (!user) return kvm_seterr(KVM_ENOMEM, "C2C: out of memory");
     size_t at = 0;
     int marks = 0, rc = 0;
     for (int i = 0; i < r->n_pieces && !rc; i++) {
@@ -757,24 +757,24 @@ static int c2c_sharer_head(const kvm_model_t *sharer, const wf_llm_req_t *r, cha
         }
         const size_t n = pc->text ? strlen(pc->text) : 0;
         if (n && memchr(pc->text, '\x1e', n))
-            rc = kvm_seterr(KVM_EINVAL, "agent '%s': C2C aligned mode: the prompt holds the byte 0x1E", r->agent);
+            rc = kvm_seterr(KVM_EINVAL, "C2C aligned mode: the prompt holds the byte 0x1E (it marks the section)");
         else memcpy(user + at, pc->text ? pc->text : "", n), at += n;
     }
     user[at] = 0;
     if (!rc && marks != 1)
-        rc = kvm_seterr(KVM_EINVAL, "agent '%s': the C2C section {%s} appears %d times in its prompt (aligned mode needs "
-                        "it once)", r->agent, r->c2c_section, marks);
+        rc = kvm_seterr(KVM_EINVAL, "the C2C section {%s} appears %d times in the prompt (aligned mode needs it once)",
+                        r->c2c_section, marks);
     if (!rc && (!r->system || !memchr(r->system, '\x1e', strlen(r->system))))
         rc = kvm_prompt_render(sharer, r->system, user, &text);
     else if (!rc)
-        rc = kvm_seterr(KVM_EINVAL, "agent '%s': C2C aligned mode: the system prompt holds the byte 0x1E", r->agent);
+        rc = kvm_seterr(KVM_EINVAL, "C2C aligned mode: the system prompt holds the byte 0x1E (it marks the section)");
     kvm_free(user);
-    if (rc) return kvm_errctx(rc, "agent '%s': rendering the sharer's prompt", r->agent);
+    if (rc) return kvm_errctx(rc, "rendering the sharer's prompt");
     const char *cut = strchr(text, '\x1e');
     if (!cut || strchr(cut + 1, '\x1e')) {
         kvm_free(text);
-        return kvm_seterr(KVM_EINVAL, "agent '%s': the sharer's chat format (%s) does not hold the C2C section once",
-                          r->agent, kvm_chat_format_name(sharer->cfg.chat_format));
+        return kvm_seterr(KVM_EINVAL, "the sharer's chat format (%s) does not hold the C2C section once",
+                          kvm_chat_format_name(sharer->cfg.chat_format));
     }
     *len = (size_t)(cut - text);
     text[*len] = 0;
@@ -801,7 +801,7 @@ static int c2c_prefill_aligned(const lc2c_t *c, lmodel_t *m, lmodel_t *sm, kvm_p
                    r->c2c_section, al.sec_start[1] - al.s_pads_run, a);
     if (!rc && p->seq.n_tokens != a + len) { /* cannot happen: receiver pads before the section are refused */
         kvm_seq_truncate(&p->seq, 0);
-        rc = kvm_seterr(KVM_EINVAL, "agent '%s': C2C aligned prefill left %d rows, not %d", r->agent, p->seq.n_tokens, a + len);
+        rc = kvm_seterr(KVM_EINVAL, "C2C aligned prefill left %d rows, not %d", p->seq.n_tokens, a + len);
     }
     if (!rc && o) {
         cJSON_AddStringToObject(o, "alignment", c->f->cfg.token_alignment);
