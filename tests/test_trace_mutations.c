@@ -178,7 +178,7 @@ static void mutate(int m, const buf_t *ev, const buf_t *idx, buf_t *out, buf_t *
 
 /* A view's answer: text (>= 0) or an error with a message (< 0), never both or neither. */
 static void check_answer(int rc, char *text, const char *what, int m) {
-    if (rc >= 0 && !text) fail_msg("mutant %d: %s returned %d without text", m, what);
+    if (rc >= 0 && !text) fail_msg("mutant %d: %s returned %d without text", m, what, rc);
     if (rc < 0 && text) fail_msg("mutant %d: %s failed (%d) but gave text", m, what, rc);
     if (rc < 0 && !kvm_errmsg()[0]) fail_msg("mutant %d: %s failed (%d) without a message", m, what, rc);
     kvm_free(text);

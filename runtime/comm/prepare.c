@@ -516,7 +516,7 @@ int kvm_comm_report_json(const kvm_comm_report_t *r, char *buf, size_t cap) {
     size_t at = 0;
 #define PUT(...)                                                                                              \
     do {                                                                                                      \
-        int k_ = snprintf(buf + (at < cap ? at : cap), at < cap ? cap - at : 0, __VA_ARGS__);                 \
+        int k_ = snprintf(buf ? buf + (at < cap ? at : cap) : NULL, at < cap ? cap - at : 0, __VA_ARGS__);   \
         if (k_ > 0) at += (size_t)k_;                                                                         \
     } while (0)
     if (!buf) cap = 0;
