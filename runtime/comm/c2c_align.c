@@ -328,7 +328,7 @@ int kvm_c2c_align_span(const kvm_c2c_fuser_t *f, const kvm_model_t *receiver, co
     int32_t *si = NULL;
     int ns = 0;
     const kvm_c2c_section_t head = {s_head, s_head_len, false};
-    rc = a->sec_start && a->sec_message ? c2c_grow(&w, n) : kvm_seterr(KVM_ENOMEM, "c2c align: out of memory");
+    rc = a->sec_start && a->sec_message ? 0 : kvm_seterr(KVM_ENOMEM, "c2c align: out of memory");
     if (!rc) rc = c2c_encode(&s, "sharer", &head, 0, &si, &ns);
     const int h = at > ns ? at : ns;
     if (!rc && at < h && !c2c_valid(&r, r.pad))
@@ -337,7 +337,7 @@ int kvm_c2c_align_span(const kvm_c2c_fuser_t *f, const kvm_model_t *receiver, co
     if (!rc && ns < h && !c2c_valid(&s, s.pad))
         rc = kvm_seterr(KVM_EINVAL, "c2c align: the text before the message is %d tokens for the receiver and %d for the "
                         "sharer, and the sharer has no pad token to pad it (spec §4)", at, ns);
-    if (!rc) rc = c2c_grow(&w, h + len + (n - at - len));
+    if (!rc) rc = c2c_grow(&w, h + n - at); /* every row: h, then the message's and the rest's */
     if (!rc) { /* section 0: each model's own tokens of the text before the message, the shorter side padded */
         a->sec_start[0] = 0, a->sec_message[0] = 0;
         for (int t = 0; t < h; t++) c2c_row(a, t < at ? r_ids[t] : r.pad, t < ns ? si[t] : s.pad, false, t >= at, t >= ns);
