@@ -78,6 +78,9 @@ typedef struct kvm_ops {
     /* memory in this backend; alloc returns NULL on failure (message set) */
     void *(*alloc)(size_t bytes);
     void (*free)(void *p);
+    /* optional: alloc whose memory reads as zero without being written (a fresh mapping: a page costs nothing
+     * until it is used), released with free; NULL: alloc + memset0 */
+    void *(*alloc_zeroed)(size_t bytes);
     int (*h2d)(void *dst, const void *src, size_t bytes);
     int (*d2h)(void *dst, const void *src, size_t bytes);
     int (*d2d)(void *dst, const void *src, size_t bytes);

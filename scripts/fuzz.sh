@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # fuzz.sh - builds the libFuzzer targets of fuzz/ (clang, -DKVM_FUZZ=ON) and runs them one after the other.
 #
-#   scripts/fuzz.sh [--build DIR] [--time S] [--runs N] [--replay] [--no-build] [TARGET...]
+#   scripts/fuzz.sh [--build DIR] [--time S] [--runs N] [--replay] [--no-build] [--opt -O0|-O1] [TARGET...]
 #
 # TARGET: safetensors, config, ... (with or without the fuzz_ prefix); default every fuzz/fuzz_*.c.
 # For each target: the reproducers of fuzz/regressions/<name>/ are run once each, then the fuzzer runs for
@@ -10,6 +10,8 @@
 # with fuzz/dict/<name>.dict and the libFuzzer flags of fuzz/options/<name> (one line) when they exist.
 # --replay runs the regressions and the seeds once each, no fuzzing. Crashes are saved as
 # DIR/artifacts/<name>/crash-*; the log of each run is DIR/logs/<name>.log.
+# --opt sets the targets' optimisation (default -O1, what a fuzzing campaign wants; CI's short run, whose
+# fuzzing time is fixed, builds at -O0: half the compile time, docs/perf/cpu.md "The test suite").
 # Prints one line per target (executions, cov, ft) and exits non-zero if any target failed.
 set -uo pipefail
 here="$(cd "$(dirname "$0")/.." && pwd)"
@@ -18,6 +20,7 @@ time_s=60
 runs=""
 replay=0
 do_build=1
+opt=-O1
 targets=()
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -26,7 +29,8 @@ while [ $# -gt 0 ]; do
     --runs) runs="$2"; shift 2 ;;
     --replay) replay=1; shift ;;
     --no-build) do_build=0; shift ;;
-    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+    --opt) opt="$2"; shift 2 ;;
+    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
     -*) echo "fuzz.sh: unknown option $1" >&2; exit 2 ;;
     *) targets+=("${1#fuzz_}"); shift ;;
   esac
@@ -40,7 +44,7 @@ fi
 cc="${CC:-clang}"
 if [ "$do_build" = 1 ]; then
   command -v "$cc" >/dev/null || { echo "fuzz.sh: $cc not found (libFuzzer needs clang: scripts/deps.sh installs it)" >&2; exit 77; }
-  cmake -S "$here" -B "$build" -DCMAKE_C_COMPILER="$cc" -DKVM_FUZZ=ON -DCMAKE_BUILD_TYPE=Debug -DKVM_CUDA=OFF \
+  cmake -S "$here" -B "$build" -DCMAKE_C_COMPILER="$cc" -DKVM_FUZZ=ON -DKVM_FUZZ_OPT="$opt" -DCMAKE_BUILD_TYPE=Debug -DKVM_CUDA=OFF \
         -DKVM_SHARED_DIR="${KVM_SHARED_DIR:-$here/../shared}" >/dev/null || exit 1
   tl=(); for t in "${targets[@]}"; do tl+=(--target "fuzz_$t"); done
   cmake --build "$build" "${tl[@]}" -j "${JOBS:-2}" >"$build/build.log" 2>&1 || { tail -30 "$build/build.log"; echo "fuzz.sh: build failed"; exit 1; }

@@ -17,12 +17,30 @@
 
 /* ---- memory: plain host memory -------------------------------------------------------------- */
 
-static void *cpu_alloc(size_t n) {
-    void *p = aligned_alloc(64, (n + 63) & ~(size_t)63);
-    if (!p) kvm_seterr(KVM_ENOMEM, "out of host memory allocating %zu bytes", n);
-    return p;
+/* Every allocation of this backend is 64-byte aligned inside a plain malloc/calloc block whose start is kept in the
+ * word before the returned pointer, so that cpu_free takes both kinds. cpu_alloc_zeroed takes its block from calloc:
+ * a large one is a fresh mapping that glibc (and ASan's allocator) do not clear, so a KV pool of many MiB costs no
+ * page until a block is used, where alloc + memset0 touched every page of it (kv_pool.c; docs/perf/cpu.md). */
+static void *cpu_alloc_with(size_t n, bool zero) {
+    const size_t pad = 64 + sizeof(void *);
+    if (n > SIZE_MAX - pad) {
+        kvm_seterr(KVM_ENOMEM, "out of host memory allocating %zu bytes", n);
+        return NULL;
+    }
+    char *raw = zero ? calloc(1, n + pad) : malloc(n + pad);
+    if (!raw) {
+        kvm_seterr(KVM_ENOMEM, "out of host memory allocating %zu bytes", n);
+        return NULL;
+    }
+    uintptr_t a = ((uintptr_t)raw + sizeof(void *) + 63) & ~(uintptr_t)63;
+    ((void **)a)[-1] = raw;
+    return (void *)a;
 }
-static void cpu_free(void *p) { free(p); }
+static void *cpu_alloc(size_t n) { return cpu_alloc_with(n, false); }
+static void *cpu_alloc_zeroed(size_t n) { return cpu_alloc_with(n, true); }
+static void cpu_free(void *p) {
+    if (p) free(((void **)p)[-1]);
+}
 static int cpu_copy(void *dst, const void *src, size_t n) {
     if (n) memmove(dst, src, n);
     return 0;
@@ -213,6 +231,7 @@ static const kvm_ops_t cpu_ops = {
     .name = "cpu",
     .alloc = cpu_alloc,
     .free = cpu_free,
+    .alloc_zeroed = cpu_alloc_zeroed,
     .h2d = cpu_copy,
     .d2h = cpu_copy,
     .d2d = cpu_copy,

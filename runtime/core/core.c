@@ -269,7 +269,8 @@ static void unaccount_block(kvm_account_t *a, size_t n) {
     kvm_account_release(a);
 }
 
-static void *alloc_block(size_t n, const char *what) {
+/* zero: from calloc, which leaves a fresh mapping (every large block) untouched instead of writing its pages */
+static void *alloc_block_z(size_t n, const char *what, bool zero) {
     if (n > SIZE_MAX / 2 - KVM_HDR) {
         alloc_attempt();
         kvm_seterr(KVM_ENOMEM, "%s of %zu bytes overflows", what, n);
@@ -278,7 +279,7 @@ static void *alloc_block(size_t n, const char *what) {
     kvm_account_t *a = t_acct;
     if (!alloc_attempt()) { kvm_seterr(KVM_ENOMEM, "out of memory (%s of %zu bytes)", what, n); return NULL; }
     if (account_block(a, n, what) != 0) return NULL;
-    unsigned char *p = malloc(n + KVM_HDR);
+    unsigned char *p = zero ? calloc(1, n + KVM_HDR) : malloc(n + KVM_HDR);
     if (!p) {
         unaccount_block(a, n);
         kvm_seterr(KVM_ENOMEM, "out of memory (%s of %zu bytes)", what, n);
@@ -290,6 +291,8 @@ static void *alloc_block(size_t n, const char *what) {
     return p + KVM_HDR;
 }
 
+static void *alloc_block(size_t n, const char *what) { return alloc_block_z(n, what, false); }
+
 void *kvm_malloc(size_t n) { return alloc_block(n, "allocation"); }
 
 void *kvm_calloc(size_t count, size_t size) {
@@ -298,9 +301,7 @@ void *kvm_calloc(size_t count, size_t size) {
         kvm_seterr(KVM_ENOMEM, "calloc(%zu, %zu) overflows", count, size);
         return NULL;
     }
-    void *p = alloc_block(count * size, "zeroed allocation");
-    if (p) memset(p, 0, count * size);
-    return p;
+    return alloc_block_z(count * size, "zeroed allocation", true);
 }
 
 void *kvm_realloc(void *p, size_t n) {

@@ -29,15 +29,16 @@ kvm_kv_pool_t *kvm_kv_pool_create(const kvm_ops_t *ops, const kvm_kv_geom_t *g, 
     p->n_blocks = n_blocks;
     p->block_bytes = kvm_kv_block_bytes(g);
     p->model_id = model_id;
-    p->data = ops->alloc(p->block_bytes * (size_t)n_blocks);
+    const size_t bytes = p->block_bytes * (size_t)n_blocks;
+    p->data = ops->alloc_zeroed ? ops->alloc_zeroed(bytes) : ops->alloc(bytes);
     p->refcount = kvm_calloc((size_t)n_blocks, sizeof(int32_t));
     p->free_list = kvm_malloc((size_t)n_blocks * sizeof(int32_t));
     if (!p->data || !p->refcount || !p->free_list) {
-        kvm_errctx(KVM_ENOMEM, "kv pool of %d blocks (%zu bytes)", n_blocks, p->block_bytes * (size_t)n_blocks);
+        kvm_errctx(KVM_ENOMEM, "kv pool of %d blocks (%zu bytes)", n_blocks, bytes);
         kvm_kv_pool_free(p);
         return NULL;
     }
-    ops->memset0(p->data, p->block_bytes * (size_t)n_blocks);
+    if (!ops->alloc_zeroed) ops->memset0(p->data, bytes); /* unwritten slots read as 0, never as NaN */
     for (int i = 0; i < n_blocks; i++) p->free_list[i] = n_blocks - 1 - i;
     p->n_free = n_blocks;
     return p;

@@ -3,7 +3,7 @@
 # Args: kvmesh binary (its build folder holds the fuzz build, <build>/fuzz-ci), shared data dir.
 # Builds the targets with clang (-DKVM_FUZZ=ON: ASan + UBSan + libFuzzer) and, for each fuzz/fuzz_*.c,
 # replays its reproducers (fuzz/regressions/<name>/) and its seeds (fuzz/corpus/<name>/), then fuzzes it
-# for KVM_FUZZ_CI_SECONDS (default 5) seconds. Skips loudly (77) without clang/libFuzzer (scripts/deps.sh
+# for KVM_FUZZ_CI_SECONDS (default 5) seconds, built at -O0. Skips loudly (77) without clang/libFuzzer (scripts/deps.sh
 # installs them) and in the ASan build's ctest (KVM_SANITIZED=1: the release build's ctest runs it once).
 set -u
 bin="$1"
@@ -28,7 +28,9 @@ if ! "$cc" -fsanitize=fuzzer,address,undefined "$probe/p.c" -o "$probe/p" >"$pro
   exit 77
 fi
 build="$(cd "$(dirname "$bin")" && pwd)/fuzz-ci"
-args=(--build "$build" --time "$secs")
+# -O0: half the clang build's CPU time (about 30 of 70 s on 2 cores); the fuzzing time is fixed, and at -O0 it
+# runs 60-100% of -O1's executions to the same coverage (docs/perf/cpu.md "The test suite")
+args=(--build "$build" --time "$secs" --opt -O0)
 [ -n "$shared" ] && export KVM_SHARED_DIR="$shared"
 start=$(date +%s)
 CC="$cc" bash "$here/scripts/fuzz.sh" "${args[@]}"
