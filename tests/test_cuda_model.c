@@ -148,6 +148,71 @@ static void test_stories260k_greedy_256_tokens_identical_to_cpu_in_fp32_mode(voi
 
 /* ---- the bundled models (models/), fp32 mode ------------------------------------------------------------ */
 
+/* Agents taking turns: sequence A decodes alone, B and C together, in alternation (two step shapes), 48 rounds
+ * after their prompts. Fills ids[3][n] with each sequence's greedy tokens. */
+static void run_turns(kvm_model_t *m, const int32_t *const prompts[3], const int lens[3], int n, int32_t ids[3][48]) {
+    const int V = m->cfg.vocab_size;
+    kvm_kv_pool_t *pool = kvm_model_kv_pool(m, 0);
+    assert_non_null(pool);
+    kvm_seq_t s[3];
+    float *lg = malloc((size_t)2 * V * sizeof(float));
+    int32_t next[3];
+    for (int k = 0; k < 3; k++) {
+        kvm_seq_init(&s[k], pool);
+        kvm_batch_item_t it = {.seq = &s[k], .tokens = prompts[k], .n_tokens = lens[k], .logits = lg};
+        assert_int_equal(kvm_forward(m, &it, 1), 0);
+        next[k] = argmax(lg, V);
+    }
+    for (int i = 0; i < n; i++) {
+        for (int k = 0; k < 3; k++) ids[k][i] = next[k];
+        kvm_batch_item_t a = {.seq = &s[0], .tokens = &ids[0][i], .n_tokens = 1, .logits = lg};
+        assert_int_equal(kvm_forward(m, &a, 1), 0);
+        next[0] = argmax(lg, V);
+        kvm_batch_item_t bc[2] = {{.seq = &s[1], .tokens = &ids[1][i], .n_tokens = 1, .logits = lg},
+                                  {.seq = &s[2], .tokens = &ids[2][i], .n_tokens = 1, .logits = lg + V}};
+        assert_int_equal(kvm_forward(m, bc, 2), 0);
+        next[1] = argmax(lg, V), next[2] = argmax(lg + V, V);
+    }
+    for (int k = 0; k < 3; k++) kvm_seq_free(&s[k]);
+    kvm_kv_pool_free(pool);
+    free(lg);
+}
+
+/* Two step shapes in alternation each replay their own captured graph (a single graph would be recaptured
+ * or never captured), with the CPU engine's greedy tokens. */
+static void test_agents_taking_turns_replay_their_own_decode_graphs(void **st) {
+    (void)st;
+    NEED_GPU();
+    char dir[1024];
+    const char *src = getenv("KVM_SOURCE_DIR");
+    snprintf(dir, sizeof dir, "%s/models/minillama-2m", src && *src ? src : KVM_SOURCE_DIR);
+    if (!kvm_dir_exists(dir)) {
+        printf("SKIPPED: bundled model %s not found\n", dir);
+        skip();
+    }
+    kvm_model_t *mc = load_on(dir, "cpu", false), *mg = load_on(dir, "cuda", true);
+    int32_t pa[12], pb[9], pc[15];
+    seeded_prompt(pa, 12, 7, 3, mc->cfg.vocab_size);
+    seeded_prompt(pb, 9, 8, 3, mc->cfg.vocab_size);
+    seeded_prompt(pc, 15, 9, 3, mc->cfg.vocab_size);
+    const int32_t *const prompts[3] = {pa, pb, pc};
+    const int lens[3] = {12, 9, 15};
+    static int32_t ic[3][48], ig[3][48];
+    run_turns(mc, prompts, lens, 48, ic);
+    run_turns(mg, prompts, lens, 48, ig);
+    const int graphs = kvm_forward_graph_count(mg);
+    fprintf(stderr, "taking turns: %d decode graphs held; greedy tokens %s\n", graphs,
+            !memcmp(ic, ig, sizeof ic) ? "identical to the CPU engine's" : "DIFFER");
+    for (int k = 0; k < 3; k++) {
+        int bad = first_difference(ig[k], ic[k], 48);
+        if (bad >= 0) fprintf(stderr, "  sequence %d: first difference at step %d\n", k, bad);
+        assert_int_equal(bad, -1);
+    }
+    assert_int_equal(graphs, 2);
+    kvm_model_free(mc);
+    kvm_model_free(mg);
+}
+
 /* 256 greedy tokens of a bundled model on the GPU in fp32 mode, identical to the CPU engine. */
 static void check_bundled_fp32(const char *name) {
     NEED_GPU();
@@ -344,6 +409,7 @@ int main(void) {
         cmocka_unit_test(test_stories260k_greedy_256_tokens_identical_to_cpu_in_fp32_mode),
         cmocka_unit_test(test_positioned_item_recomputes_scattered_rows_on_cuda),
         cmocka_unit_test(test_bundled_minillama_greedy_256_tokens_identical_to_cpu_in_fp32_mode),
+        cmocka_unit_test(test_agents_taking_turns_replay_their_own_decode_graphs),
         cmocka_unit_test(test_bundled_miniqwen3_greedy_256_tokens_identical_to_cpu_in_fp32_mode),
         cmocka_unit_test(test_synthetic_tiny_llama_bf16_matches_cpu),
         cmocka_unit_test(test_synthetic_tiny_qwen2_bf16_matches_cpu),

@@ -12,6 +12,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#define KVM_GRAPH_SLOTS 8 /* decode-step graphs kept per model (forward.c: graph_find) */
+
 typedef struct kvm_backend_layer {
     kvm_wmat_t wq, wk, wv, wo, w_gate, w_up, w_down;
     float *attn_norm, *ffn_norm, *bq, *bk, *bv, *q_norm, *k_norm; /* fp32, backend memory */
@@ -34,10 +36,17 @@ typedef struct kvm_backend_model {
     int max_seqs, max_blocks_total;
     /* host staging */
     int32_t *h_ids, *h_pos, *h_row_start, *h_ctx_len, *h_block_table;
-    /* CUDA graph of the device part of a decode step (backends with graph ops): the graph, the step shape
-     * it was captured for, and the shape of the last eager decode step (captured when seen twice) */
-    void *graph;
-    uint64_t graph_key, warm_key;
+    /* CUDA graphs of the device part of decode steps (backends with graph ops), one per step shape, the least
+     * recently used replaced: agents that take turns (each its own batch and context bucket, and a reused
+     * prompt's 1-row first pass) each replay their own instead of evicting one another's. A shape is captured
+     * the second time it is seen eagerly (warm: the last KVM_GRAPH_SLOTS eager shapes). */
+    struct {
+        void *graph;
+        uint64_t key, used;
+    } graphs[KVM_GRAPH_SLOTS];
+    uint64_t warm[KVM_GRAPH_SLOTS];
+    uint64_t graph_tick;
+    int warm_next;
     bool graphs_off;      /* a capture failed once: decode runs eagerly from then on */
     bool graphs_disabled; /* kvm_load_opts_t.no_cuda_graphs / kvm_forward_set_graphs */
     bool kv_dtype_set;    /* kvm_load_opts_t.kv_dtype: the dtype of the model's KV pools */
@@ -122,9 +131,38 @@ static int upload_mat(kvm_backend_model_t *b, const kvm_model_t *m, const kvm_te
 }
 
 static void drop_graph(kvm_backend_model_t *b) {
-    if (b->graph && b->ops->graph_free) b->ops->graph_free(b->graph);
-    b->graph = NULL;
-    b->graph_key = b->warm_key = 0;
+    for (int i = 0; i < KVM_GRAPH_SLOTS; i++) {
+        if (b->graphs[i].graph && b->ops->graph_free) b->ops->graph_free(b->graphs[i].graph);
+        b->graphs[i].graph = NULL;
+        b->graphs[i].key = b->graphs[i].used = 0;
+        b->warm[i] = 0;
+    }
+}
+
+/* The slot holding the graph of step shape key, or -1. */
+static int graph_find(const kvm_backend_model_t *b, uint64_t key) {
+    for (int i = 0; i < KVM_GRAPH_SLOTS; i++)
+        if (b->graphs[i].graph && b->graphs[i].key == key) return i;
+    return -1;
+}
+
+static bool graph_warm(const kvm_backend_model_t *b, uint64_t key) {
+    for (int i = 0; i < KVM_GRAPH_SLOTS; i++)
+        if (b->warm[i] == key) return true;
+    return false;
+}
+
+/* The slot a new graph goes to: an empty one, else the least recently used (its graph freed). */
+static int graph_victim(kvm_backend_model_t *b) {
+    int v = 0;
+    for (int i = 0; i < KVM_GRAPH_SLOTS; i++) {
+        if (!b->graphs[i].graph) return i;
+        if (b->graphs[i].used < b->graphs[v].used) v = i;
+    }
+    b->ops->graph_free(b->graphs[v].graph);
+    b->graphs[v].graph = NULL;
+    b->graphs[v].key = 0;
+    return v;
 }
 
 static void free_workspace(kvm_backend_model_t *b) {
@@ -288,6 +326,13 @@ void kvm_forward_set_graphs(kvm_model_t *m, bool on) {
     if (!b) return;
     if (!on) drop_graph(b);
     b->graphs_disabled = !on;
+}
+
+int kvm_forward_graph_count(const kvm_model_t *m) {
+    const kvm_backend_model_t *b = m ? m->bm : NULL;
+    int n = 0;
+    for (int i = 0; b && i < KVM_GRAPH_SLOTS; i++) n += b->graphs[i].graph != NULL;
+    return n;
 }
 
 void kvm_forward_free(kvm_model_t *m) {
@@ -620,32 +665,35 @@ int kvm_forward(kvm_model_t *m, kvm_batch_item_t *items, int n_items) {
         for (int i = 0; i < n_items; i++) kd[5] = kd[5] * 31 + (items[i].logits ? 1 : 0) + (items[i].next_token ? 2 : 0);
         key = kvm_hash64(kd, sizeof kd, KVM_HASH_SEED) | 1;
     }
-    int frc = 0;
-    if (decode && b->graph && b->graph_key == key) {
-        frc = ops->graph_launch(b->graph);
-    } else if (decode && b->warm_key == key) {
+    int frc = 0, slot = decode ? graph_find(b, key) : -1;
+    if (slot >= 0) {
+        b->graphs[slot].used = ++b->graph_tick;
+        frc = ops->graph_launch(b->graphs[slot].graph);
+    } else if (decode && graph_warm(b, key)) {
         /* seen this shape before (so every buffer the step needs exists): capture it, then replay */
-        if (b->graph) ops->graph_free(b->graph);
-        b->graph = NULL;
+        slot = graph_victim(b);
         frc = ops->graph_begin();
         if (!frc) {
             run_device_step(m, items, n_items, &ab, pool, rows, logit_rows);
-            frc = ops->graph_end(&b->graph);
+            frc = ops->graph_end(&b->graphs[slot].graph);
         }
         if (!frc) {
-            b->graph_key = key;
-            frc = ops->graph_launch(b->graph);
+            b->graphs[slot].key = key;
+            b->graphs[slot].used = ++b->graph_tick;
+            frc = ops->graph_launch(b->graphs[slot].graph);
         }
     } else {
         run_device_step(m, items, n_items, &ab, pool, rows, logit_rows);
-        if (decode) b->warm_key = key;
+        if (decode) {
+            b->warm[b->warm_next] = key;
+            b->warm_next = (b->warm_next + 1) % KVM_GRAPH_SLOTS;
+        }
     }
     if (frc) {
         /* the step was not run (a failed capture enqueues nothing): run it eagerly, and stop capturing */
         KVM_LOGW("forward: CUDA graph capture/replay failed (%s); decoding without graphs from now on", kvm_errmsg());
         kvm_errclear();
-        if (b->graph) ops->graph_free(b->graph);
-        b->graph = NULL;
+        drop_graph(b);
         b->graphs_off = true;
         run_device_step(m, items, n_items, &ab, pool, rows, logit_rows);
     }

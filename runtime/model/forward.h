@@ -25,6 +25,9 @@ int kvm_forward_adopt(kvm_model_t *m, void *backend_ptr);
  * sequences grow as in kvm_forward; no item may ask for logits. (KVCOMM's layer-1 check, kvcomm.md §5.2.) */
 int kvm_forward_layers(kvm_model_t *m, kvm_batch_item_t *items, int n_items, int n_layers);
 
+/* The decode-step graphs m's backend holds now (at most 8, one per step shape; 0 without graph ops). */
+int kvm_forward_graph_count(const kvm_model_t *m);
+
 /* The dtype of m's KV pools (kvm_model_kv_pool): kvm_load_opts_t.kv_dtype when given (any backend), else f32 on the
  * CPU and the device dtype of the weights on a GPU. */
 kvm_dtype_t kvm_model_kv_dtype_of(const kvm_model_t *m);
