@@ -39,6 +39,13 @@ static void load_row(float *dst, const void *base, kvm_dtype_t dt, size_t idx, i
     for (int i = 0; i < D; i++) dst[i] = dt == KVM_BF16 ? kvm_bf16_to_f32(s[i]) : kvm_f16_to_f32(s[i]);
 }
 
+/* Row (l, kv, h, r) as fp32 for reading: the row itself in an fp32 view (no copy), else widened into buf. */
+static const float *row_f32(float *buf, const void *base, kvm_dtype_t dt, size_t idx, int D) {
+    if (dt == KVM_F32) return (const float *)base + idx;
+    load_row(buf, base, dt, idx, D);
+    return buf;
+}
+
 static void store_row(void *base, kvm_dtype_t dt, size_t idx, const float *src, int D) {
     if (dt == KVM_F32) {
         memcpy((float *)base + idx, src, (size_t)D * sizeof(float));
@@ -94,9 +101,9 @@ static void dist_anchor(const kvm_kvcomm_dist_args_t *a, int n, float *x, float 
                 double acc = 0;
                 for (int l = 0; l < L; l++)
                     for (int h = 0; h < H; h++) {
-                        load_row(x, a->x.data, g->dtype, view_idx(g, &a->x, l, kv, h, t), D);
-                        load_row(y, A->data, g->dtype, view_idx(g, A, l, kv, h, t), D);
-                        for (int d = 0; d < D; d++) acc += fabs((double)x[d] - (double)y[d]);
+                        const float *xr = row_f32(x, a->x.data, g->dtype, view_idx(g, &a->x, l, kv, h, t), D);
+                        const float *yr = row_f32(y, A->data, g->dtype, view_idx(g, A, l, kv, h, t), D);
+                        for (int d = 0; d < D; d++) acc += fabs((double)xr[d] - (double)yr[d]);
                     }
                 a->d_ph[((size_t)kv * N + n) * T + t] = (float)(acc / ((double)L * H * D));
             }
@@ -105,12 +112,18 @@ static void dist_anchor(const kvm_kvcomm_dist_args_t *a, int n, float *x, float 
             for (int l = 0; l < L; l++)
                 for (int h = 0; h < H; h++) {
                     for (int d = 0; d < D; d++) ss[d] = 0;
+                    const bool rot = kv == 0 && off && a->rotate_tail;
                     for (int t = 0; t < T; t++) {
-                        load_row(x, a->x.data, g->dtype, view_idx(g, &a->x, l, kv, h, t), D);
-                        load_row(y, A->data, g->dtype, view_idx(g, A, l, kv, h, off + t), D);
-                        if (kv == 0 && off && a->rotate_tail) rotate_row(y, D, cs, a->layout);
+                        const float *xr = row_f32(x, a->x.data, g->dtype, view_idx(g, &a->x, l, kv, h, t), D);
+                        const float *yr = y;
+                        if (rot) { /* rotated in a copy */
+                            load_row(y, A->data, g->dtype, view_idx(g, A, l, kv, h, off + t), D);
+                            rotate_row(y, D, cs, a->layout);
+                        } else {
+                            yr = row_f32(y, A->data, g->dtype, view_idx(g, A, l, kv, h, off + t), D);
+                        }
                         for (int d = 0; d < D; d++) {
-                            double df = (double)x[d] - (double)y[d];
+                            double df = (double)xr[d] - (double)yr[d];
                             ss[d] += df * df;
                         }
                     }
@@ -122,10 +135,10 @@ static void dist_anchor(const kvm_kvcomm_dist_args_t *a, int n, float *x, float 
         for (int l = 0; l < L; l++)
             for (int h = 0; h < H; h++)
                 for (int t = 0; t < T; t++) {
-                    load_row(x, a->x.data, g->dtype, view_idx(g, &a->x, l, 1, h, t), D);
-                    load_row(y, A->data, g->dtype, view_idx(g, A, l, 1, h, t), D);
+                    const float *xr = row_f32(x, a->x.data, g->dtype, view_idx(g, &a->x, l, 1, h, t), D);
+                    const float *yr = row_f32(y, A->data, g->dtype, view_idx(g, A, l, 1, h, t), D);
                     for (int d = 0; d < D; d++) {
-                        double df = (double)x[d] - (double)y[d];
+                        double df = (double)xr[d] - (double)yr[d];
                         acc += df * df;
                     }
                 }
@@ -215,13 +228,13 @@ static void apply_task(void *ctx, int i0, int i1, int tid) {
             for (int r = a->r0; r < a->r1; r++) {
                 load_row(y, a->src.data, g->dtype, view_idx(g, &a->src, l, kv, h, r), D);
                 for (int j = 0; l >= 1 && j < N; j++) {
-                    load_row(dl, a->delta[j].data, g->dtype, view_idx(g, &a->delta[j], l, kv, h, r), D);
+                    const float *dr = row_f32(dl, a->delta[j].data, g->dtype, view_idx(g, &a->delta[j], l, kv, h, r), D);
                     if (a->per_channel) {
                         const float *w = a->w + ((((size_t)kv * N + j) * L + l) * H + h) * D;
-                        for (int d = 0; d < D; d++) y[d] += w[d] * dl[d];
+                        for (int d = 0; d < D; d++) y[d] += w[d] * dr[d];
                     } else {
                         float w = a->w[((size_t)kv * N + j) * a->w_rows + r];
-                        for (int d = 0; d < D; d++) y[d] += w * dl[d];
+                        for (int d = 0; d < D; d++) y[d] += w * dr[d];
                     }
                 }
                 if (kv == 0 && t->cs) rotate_row(y, D, t->cs, a->layout);
@@ -277,17 +290,18 @@ static void spread_task(void *ctx, int i0, int i1, int tid) {
         for (int l = 1; l < L; l++)
             for (int kv = 0; kv < 2; kv++)
                 for (int h = 0; h < H; h++) {
-                    load_row(x, a->x.data, g->dtype, view_idx(g, &a->x, l, kv, h, r), D);
+                    const float *xr = row_f32(x, a->x.data, g->dtype, view_idx(g, &a->x, l, kv, h, r), D);
+                    const float *dr[KVM_KVCOMM_MAX_ANCHORS];
                     for (int i = 0; i < N; i++)
-                        load_row(dl + (size_t)i * D, a->delta[i].data, g->dtype, view_idx(g, &a->delta[i], l, kv, h, r), D);
+                        dr[i] = row_f32(dl + (size_t)i * D, a->delta[i].data, g->dtype, view_idx(g, &a->delta[i], l, kv, h, r), D);
                     for (int d = 0; d < D; d++) {
                         float est = 0;
-                        for (int i = 0; i < N; i++) est += a->w[((size_t)kv * N + i) * a->w_rows + r] * dl[(size_t)i * D + d];
+                        for (int i = 0; i < N; i++) est += a->w[((size_t)kv * N + i) * a->w_rows + r] * dr[i][d];
                         for (int i = 0; i < N; i++) {
-                            double e = (double)dl[(size_t)i * D + d] - est;
+                            double e = (double)dr[i][d] - est;
                             S += a->w[((size_t)kv * N + i) * a->w_rows + r] * e * e;
                         }
-                        X += (double)x[d] * x[d];
+                        X += (double)xr[d] * xr[d];
                     }
                 }
         a->out[r - a->r0] = (float)(S / (X + 1e-30)) + 1e-30f;
