@@ -29,7 +29,8 @@ while [ $# -gt 0 ]; do
     --runs) runs="$2"; shift 2 ;;
     --replay) replay=1; shift ;;
     --no-build) do_build=0; shift ;;
-    --opt) opt="$2"; shift 2 ;;
+    --opt) opt="${2:-}"; shift $(( $# > 1 ? 2 : 1 ))
+           case "$opt" in -O0|-O1|-O2|-O3|-Os) ;; *) echo "fuzz.sh: --opt takes -O0, -O1, -O2, -O3 or -Os, not '$opt'" >&2; exit 2 ;; esac ;;
     -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
     -*) echo "fuzz.sh: unknown option $1" >&2; exit 2 ;;
     *) targets+=("${1#fuzz_}"); shift ;;

@@ -10,6 +10,11 @@ bin="$1"
 shared="${2:-}"
 here="$(cd "$(dirname "$0")/../.." && pwd)"
 secs="${KVM_FUZZ_CI_SECONDS:-5}"
+# scripts/fuzz.sh refuses an --opt that is not one optimisation level (it goes into the build's flags)
+for bad in "" "-O1 -fno-sanitize=all" "O2"; do
+  out="$(bash "$here/scripts/fuzz.sh" --no-build --opt "$bad" 2>&1)"; rc=$?
+  [ $rc -eq 2 ] && grep -q -- "--opt takes" <<< "$out" || { echo "FAIL fuzz.sh --opt '$bad': exit $rc: $out"; exit 1; }
+done
 if [ "${KVM_SANITIZED:-0}" = 1 ]; then
   echo "SKIP fuzz short run: this is the sanitizer build's ctest; the release build's ctest runs it"
   exit 77
