@@ -902,6 +902,7 @@ static const attn_case_t MIXED = {3, {40, 1, 5}, {40, 300, 77}};      /* prefill
 static const attn_case_t DECODE = {4, {1, 1, 1, 1}, {1, 17, 1024, 333}};
 static const attn_case_t DECODE_LONG = {3, {1, 1, 1}, {4000, 65, 2049}}; /* several tiles per split */
 static const attn_case_t PREFILL = {2, {130, 64}, {130, 200}};        /* 200: 136 cached + 64 new */
+static const attn_case_t FEW_ROWS = {3, {5, 1, 15}, {77, 300, 1200}};  /* under 16 rows: the decode kernels */
 
 static void test_attention_fp32_matches_cpu_on_mixed_batches(void **st) {
     (void)st;
@@ -915,8 +916,20 @@ static void test_attention_fp32_matches_cpu_on_mixed_batches(void **st) {
 static void test_attention_16bit_decode_kernels_match_cpu_on_decode_batches(void **st) {
     (void)st;
     NEED_GPU();
+    /* the tensor-core kernel: Q and P as hi + lo 16-bit pairs keep the CUDA-core kernels' tolerance */
+    const kvm_cuda_opts_t before = kvm_cuda_get_opts();
+    cuda_switch("attn_dec_mma", "1");
+    check_attention(KVM_BF16, 32, 8, 128, &DECODE, 1e-5, "decode, tensor cores");
+    check_attention(KVM_F16, 14, 2, 64, &DECODE, 1e-5, "decode, tensor cores");
+    check_attention(KVM_BF16, 32, 8, 128, &DECODE_LONG, 1e-5, "long decode, tensor cores");
+    check_attention(KVM_BF16, 16, 1, 128, &DECODE_LONG, 1e-5, "long decode, tensor cores, 16 heads per KV head");
+    check_attention(KVM_BF16, 20, 1, 64, &DECODE_LONG, 1e-5, "long decode, tensor cores, 20 heads: two chunks");
+    check_attention(KVM_BF16, 8, 2, 128, &FEW_ROWS, 1e-5, "a few rows per sequence, tensor cores");
+    check_attention(KVM_F16, 8, 2, 64, &FEW_ROWS, 1e-5, "a few rows per sequence, tensor cores");
+    cuda_switch("attn_dec_mma", "0"); /* the tiled CUDA-core kernel */
     check_attention(KVM_BF16, 32, 8, 128, &DECODE, 1e-5, "decode, tiled");
     check_attention(KVM_F16, 14, 2, 64, &DECODE, 1e-5, "decode, tiled");
+    check_attention(KVM_BF16, 8, 2, 128, &FEW_ROWS, 1e-5, "a few rows per sequence, tiled");
     check_attention(KVM_BF16, 32, 8, 128, &DECODE_LONG, 1e-5, "long decode, tiled");
     check_attention(KVM_BF16, 16, 1, 128, &DECODE_LONG, 1e-5, "long decode, tiled, 16 heads per KV head");
     cuda_switch("attn_merge_fused", "1"); /* the splits merged by the last CTA instead of a merge launch */
@@ -926,7 +939,7 @@ static void test_attention_16bit_decode_kernels_match_cpu_on_decode_batches(void
     cuda_switch("attn_tiled", "0");
     check_attention(KVM_BF16, 32, 8, 128, &DECODE, 1e-5, "decode, untiled");
     check_attention(KVM_BF16, 12, 1, 96, &DECODE, 1e-5, "decode, head_dim 96");
-    cuda_switch("attn_tiled", "1");
+    assert_int_equal(kvm_cuda_set_opts(&before), 0);
 }
 
 static void test_attention_bf16_tensor_core_prefill_matches_cpu(void **st) {

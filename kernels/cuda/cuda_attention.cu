@@ -611,15 +611,226 @@ __global__ void __launch_bounds__(128, MINB)
     }
 }
 
+/* ==== tensor-core decode kernel ================================================================================= */
+
+#define DM_TOK 64 /* tokens per shared-memory tile (4 cache blocks): 16 per warp */
+#define DM_GM 16  /* query heads per CTA: the 16 rows of the mma (the KV head's group, or a chunk of it) */
+
+/* a and b as a pair of 16-bit values (hi) and the pair of what rounding left (lo): hi + lo carries ~16 mantissa
+ * bits (bf16) or ~22 (f16), so products through the tensor cores keep close to fp32 accuracy */
+template <typename T> __device__ __forceinline__ void split_pack(float a, float b, uint32_t &hi, uint32_t &lo) {
+    hi = mma_t<T>::pack(a, b);
+    const T *h = reinterpret_cast<const T *>(&hi);
+    lo = mma_t<T>::pack(a - kvm_to_f32<T>(h[0]), b - kvm_to_f32<T>(h[1]));
+}
+
+/* Shared memory of k_attn_dec: two stages of K and V tiles. */
+template <typename T, int D> constexpr size_t dec_smem_bytes() { return (size_t)2 * 2 * DM_TOK * (D + 8) * sizeof(T); }
+
+/* CTA = (query row r, KV head kh, chunk hc of its query heads, context split), as k_attn_tile, on the tensor
+ * cores: the group's query heads are the 16 rows of mma.sync m16n8k16 (rows past the group are zero). The CTA
+ * streams its chunk through shared memory in 64-token tiles with cp.async, the next tile loading while this
+ * one computes; warp w takes tokens 16w .. 16w + 15 of each tile: S = Q K^T, an online softmax of its own
+ * (exp2, log2 units), O += P V. Q and P go to the tensor cores as hi + lo pairs of 16-bit values (two mma
+ * each), so the scores and the output keep near-fp32 accuracy like the CUDA-core kernels. The 4 warps merge
+ * in shared memory at the end and write the output, or the chunk's partial (m in natural-log units, l,
+ * acc) for k_attn_merge. */
+template <typename T, int D>
+__global__ void __launch_bounds__(128)
+    k_attn_dec(float *__restrict__ out, float *__restrict__ partial, const float *__restrict__ q, const T *__restrict__ kv,
+               int L, int H, int layer, int heads, int group, int hchunks, const int32_t *__restrict__ row_start,
+               const int32_t *__restrict__ ctx_len, const int32_t *__restrict__ block_table, int n_seqs, int max_blocks,
+               float scale_log2, int n_splits, int chunk, const int32_t *__restrict__ qpos) {
+    constexpr int DP = D + 8;
+    kvm_pdl_trigger();
+    extern __shared__ __align__(16) unsigned char dec_smem[];
+    T(*Ksb)[DM_TOK][DP] = reinterpret_cast<T(*)[DM_TOK][DP]>(dec_smem);
+    T(*Vsb)[DM_TOK][DP] = reinterpret_cast<T(*)[DM_TOK][DP]>(dec_smem + (size_t)2 * DM_TOK * DP * sizeof(T));
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t4 = lane & 3;
+    const int split = blockIdx.y;
+    const int hc = blockIdx.x % hchunks, kh = (blockIdx.x / hchunks) % H, r = blockIdx.x / (hchunks * H);
+    const int h0 = kh * group + hc * DM_GM;
+    const int G = min(DM_GM, group - hc * DM_GM);
+    const int s = kvm_seq_of_row_dev(row_start, n_seqs, r);
+    const int r0 = row_start[s], r1 = row_start[s + 1];
+    const int pos = qpos ? qpos[r] : ctx_len[s] - (r1 - r0) + (r - r0);
+    const int t0 = split * chunk;
+    const int t1 = min(t0 + chunk, pos + 1);
+    const int32_t *bt = block_table + (size_t)s * max_blocks;
+
+    /* the group's query heads as A fragments, hi and lo (heads past G read as 0) */
+    uint32_t qh[D / 16][4], ql[D / 16][4];
+    {
+        const bool va = g < G, vb = g + 8 < G;
+        const float *qa_p = q + ((size_t)r * heads + h0 + (va ? g : 0)) * D;
+        const float *qb_p = q + ((size_t)r * heads + h0 + (vb ? g + 8 : 0)) * D;
+#pragma unroll
+        for (int kk = 0; kk < D / 16; kk++) {
+            const int c = kk * 16 + 2 * t4;
+            const float2 x0 = va ? *reinterpret_cast<const float2 *>(qa_p + c) : make_float2(0.f, 0.f);
+            const float2 x1 = vb ? *reinterpret_cast<const float2 *>(qb_p + c) : make_float2(0.f, 0.f);
+            const float2 x2 = va ? *reinterpret_cast<const float2 *>(qa_p + c + 8) : make_float2(0.f, 0.f);
+            const float2 x3 = vb ? *reinterpret_cast<const float2 *>(qb_p + c + 8) : make_float2(0.f, 0.f);
+            split_pack<T>(x0.x, x0.y, qh[kk][0], ql[kk][0]);
+            split_pack<T>(x1.x, x1.y, qh[kk][1], ql[kk][1]);
+            split_pack<T>(x2.x, x2.y, qh[kk][2], ql[kk][2]);
+            split_pack<T>(x3.x, x3.y, qh[kk][3], ql[kk][3]);
+        }
+    }
+    float o[D / 8][4];
+#pragma unroll
+    for (int i = 0; i < D / 8; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
+    float m_a = -INFINITY, m_b = -INFINITY, l_a = 0.0f, l_b = 0.0f;
+
+    const int n_tiles = t1 > t0 ? (t1 - t0 + DM_TOK - 1) / DM_TOK : 0;
+    constexpr int CH = D / 8; /* 16-byte chunks per row */
+    auto load_tile = [&](int j, int stage) {
+        for (int idx = threadIdx.x; idx < DM_TOK * CH; idx += blockDim.x) {
+            const int tl = idx / CH, c = idx % CH, tok = t0 + j * DM_TOK + tl;
+            const bool ok = tok < t1;
+            const int32_t blk = ok ? bt[tok / KVM_KV_BLOCK] : 0;
+            const T *kp = ok ? kv + kvm_kv_index_dev(L, H, D, blk, layer, 0, kh, tok % KVM_KV_BLOCK) + c * 8 : kv;
+            const T *vp = ok ? kv + kvm_kv_index_dev(L, H, D, blk, layer, 1, kh, tok % KVM_KV_BLOCK) + c * 8 : kv;
+            cp_async16(&Ksb[stage][tl][c * 8], kp, ok); /* tokens past the chunk read as zeros */
+            cp_async16(&Vsb[stage][tl][c * 8], vp, ok);
+        }
+        cp_async_commit();
+    };
+    if (n_tiles > 0) load_tile(0, 0);
+    for (int j = 0; j < n_tiles; j++) {
+        if (j + 1 < n_tiles) {
+            load_tile(j + 1, (j + 1) & 1);
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();
+        const int tw = t0 + j * DM_TOK + warp * 16; /* this warp's first token */
+        if (tw < t1) {
+            T(*Ks)[DP] = Ksb[j & 1];
+            T(*Vs)[DP] = Vsb[j & 1];
+            float sc[2][4];
+#pragma unroll
+            for (int nt = 0; nt < 2; nt++) {
+                sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.0f;
+#pragma unroll
+                for (int kk = 0; kk < D / 16; kk++) {
+                    const int kr = warp * 16 + nt * 8 + g;
+                    const uint32_t b0 = *reinterpret_cast<const uint32_t *>(&Ks[kr][kk * 16 + 2 * t4]);
+                    const uint32_t b1 = *reinterpret_cast<const uint32_t *>(&Ks[kr][kk * 16 + 8 + 2 * t4]);
+                    mma_t<T>::mma(sc[nt], qh[kk], b0, b1);
+                    mma_t<T>::mma(sc[nt], ql[kk], b0, b1);
+                }
+            }
+            float mx_a = m_a, mx_b = m_b;
+#pragma unroll
+            for (int nt = 0; nt < 2; nt++) {
+                const int tok = tw + nt * 8 + 2 * t4;
+                sc[nt][0] = tok < t1 ? sc[nt][0] * scale_log2 : -INFINITY;
+                sc[nt][1] = tok + 1 < t1 ? sc[nt][1] * scale_log2 : -INFINITY;
+                sc[nt][2] = tok < t1 ? sc[nt][2] * scale_log2 : -INFINITY;
+                sc[nt][3] = tok + 1 < t1 ? sc[nt][3] * scale_log2 : -INFINITY;
+                mx_a = fmaxf(mx_a, fmaxf(sc[nt][0], sc[nt][1]));
+                mx_b = fmaxf(mx_b, fmaxf(sc[nt][2], sc[nt][3]));
+            }
+            mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, 1));
+            mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, 2));
+            mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, 1));
+            mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, 2));
+            const float base_a = mx_a == -INFINITY ? 0.0f : mx_a, base_b = mx_b == -INFINITY ? 0.0f : mx_b;
+            const float corr_a = exp2f(m_a - base_a), corr_b = exp2f(m_b - base_b);
+            m_a = mx_a;
+            m_b = mx_b;
+            l_a *= corr_a;
+            l_b *= corr_b;
+#pragma unroll
+            for (int i = 0; i < D / 8; i++) {
+                o[i][0] *= corr_a;
+                o[i][1] *= corr_a;
+                o[i][2] *= corr_b;
+                o[i][3] *= corr_b;
+            }
+            uint32_t ph[4], pl[4];
+#pragma unroll
+            for (int nt = 0; nt < 2; nt++) {
+                const float p0 = exp2f(sc[nt][0] - base_a), p1 = exp2f(sc[nt][1] - base_a);
+                const float p2 = exp2f(sc[nt][2] - base_b), p3 = exp2f(sc[nt][3] - base_b);
+                l_a += p0 + p1;
+                l_b += p2 + p3;
+                split_pack<T>(p0, p1, ph[nt * 2 + 0], pl[nt * 2 + 0]);
+                split_pack<T>(p2, p3, ph[nt * 2 + 1], pl[nt * 2 + 1]);
+            }
+#pragma unroll
+            for (int dp = 0; dp < D / 16; dp++) {
+                uint32_t b[4];
+                ldmatrix_x4_trans(b, &Vs[warp * 16 + ((lane >> 3) & 1) * 8 + (lane & 7)][dp * 16 + (lane >> 4) * 8]);
+                mma_t<T>::mma(o[2 * dp], ph, b[0], b[1]);
+                mma_t<T>::mma(o[2 * dp], pl, b[0], b[1]);
+                mma_t<T>::mma(o[2 * dp + 1], ph, b[2], b[3]);
+                mma_t<T>::mma(o[2 * dp + 1], pl, b[2], b[3]);
+            }
+        }
+        __syncthreads(); /* this stage is reloaded two tiles later (and, after the last, reused below) */
+    }
+    l_a += __shfl_xor_sync(0xffffffffu, l_a, 1);
+    l_a += __shfl_xor_sync(0xffffffffu, l_a, 2);
+    l_b += __shfl_xor_sync(0xffffffffu, l_b, 1);
+    l_b += __shfl_xor_sync(0xffffffffu, l_b, 2);
+    /* the 4 warps' (m, l, O) through shared memory (the tiles' space: every warp is past its last tile) */
+    float(*so)[DM_GM][D + 4] = reinterpret_cast<float(*)[DM_GM][D + 4]>(dec_smem);
+    __shared__ float sm_m[4][DM_GM], sm_l[4][DM_GM];
+#pragma unroll
+    for (int i = 0; i < D / 8; i++) {
+        const int d = i * 8 + 2 * t4;
+        *reinterpret_cast<float2 *>(&so[warp][g][d]) = make_float2(o[i][0], o[i][1]);
+        *reinterpret_cast<float2 *>(&so[warp][g + 8][d]) = make_float2(o[i][2], o[i][3]);
+    }
+    if (t4 == 0) {
+        sm_m[warp][g] = m_a;
+        sm_m[warp][g + 8] = m_b;
+        sm_l[warp][g] = l_a;
+        sm_l[warp][g + 8] = l_b;
+    }
+    __syncthreads();
+    const float LN2 = 0.6931471805599453f;
+    for (int e = threadIdx.x; e < G * D; e += blockDim.x) {
+        const int hh = e / D, d = e % D;
+        const float M = fmaxf(fmaxf(sm_m[0][hh], sm_m[1][hh]), fmaxf(sm_m[2][hh], sm_m[3][hh]));
+        float a = 0.0f, ls = 0.0f;
+        if (M != -INFINITY) {
+#pragma unroll
+            for (int w = 0; w < 4; w++) {
+                const float f = exp2f(sm_m[w][hh] - M); /* 0 for a warp that saw no token */
+                a += so[w][hh][d] * f;
+                ls += sm_l[w][hh] * f;
+            }
+        }
+        const size_t wi = (size_t)r * heads + h0 + hh;
+        if (n_splits == 1) {
+            out[wi * D + d] = a / ls;
+        } else {
+            float *pp = partial + (wi * n_splits + split) * (D + 2);
+            pp[2 + d] = a;
+            if (d == 0) {
+                pp[0] = M == -INFINITY ? -INFINITY : M * LN2;
+                pp[1] = ls;
+            }
+        }
+    }
+}
+
 /* ==== dispatch ================================================================================================== */
 
 template <typename T>
 static void launch_split(float *out, const float *q, const T *kv, const kvm_kv_geom_t *g, int layer, int heads,
                          const kvm_attn_batch_t *b, float scale) {
     const int D = g->head_dim, H = g->n_kv_heads, group = heads / H;
-    const bool tiled = sizeof(T) == 2 && (D == 64 || D == 128) && g_cuda.opts.attn_tiled &&
+    /* the tensor-core kernel (opts.attn_dec_mma), else the tiled CUDA-core one (opts.attn_tiled), else k_attn_split */
+    const bool dec = sizeof(T) == 2 && (D == 64 || D == 128) && g_cuda.opts.attn_dec_mma && ((uintptr_t)q % 8) == 0;
+    const bool tiled = !dec && sizeof(T) == 2 && (D == 64 || D == 128) && g_cuda.opts.attn_tiled &&
                        ((uintptr_t)q % 16) == 0 && ((uintptr_t)out % 16) == 0;
-    const int hchunks = (group + SPLIT_GMAX - 1) / SPLIT_GMAX;
+    const int gmax = dec ? DM_GM : SPLIT_GMAX;
+    const int hchunks = (group + gmax - 1) / gmax;
     const int ctas = b->total_rows * H * hchunks;
     const int max_ctx = b->max_blocks * KVM_KV_BLOCK;
     /* enough CTAs to fill the GPU (8 per SM), chunks of at least 64 tokens; depends only on the batch
@@ -629,7 +840,7 @@ static void launch_split(float *out, const float *q, const T *kv, const kvm_kv_g
     if (n_splits > max_by_len) n_splits = max_by_len;
     if (n_splits < 1) n_splits = 1;
     int chunk = (max_ctx + n_splits - 1) / n_splits;
-    const int gran = tiled ? TL_TOK : SPLIT_TB * SPLIT_WARPS; /* the tiled kernel splits at whole tiles */
+    const int gran = dec ? DM_TOK : tiled ? TL_TOK : SPLIT_TB * SPLIT_WARPS; /* the tiled kernels split at whole tiles */
     chunk = (chunk + gran - 1) / gran * gran;
     n_splits = (max_ctx + chunk - 1) / chunk;
     float *partial = NULL;
@@ -639,6 +850,29 @@ static void launch_split(float *out, const float *q, const T *kv, const kvm_kv_g
     }
     dim3 grid((unsigned)ctas, (unsigned)n_splits);
     if constexpr (sizeof(T) == 2) {
+      if (dec) {
+        static bool attr_set = false; /* per instantiation of this template (T) */
+        if (!attr_set) {
+            cudaFuncSetAttribute(k_attn_dec<T, 128>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)dec_smem_bytes<T, 128>());
+            cudaFuncSetAttribute(k_attn_dec<T, 64>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)dec_smem_bytes<T, 64>());
+            attr_set = true;
+        }
+        const float sl2 = scale * 1.4426950408889634f;
+        if (D == 128)
+            k_attn_dec<T, 128><<<grid, 128, dec_smem_bytes<T, 128>(), S>>>(out, partial, q, kv, g->n_layers, H, layer, heads, group,
+                                                                         hchunks, b->row_start, b->ctx_len, b->block_table,
+                                                                         b->n_seqs, b->max_blocks, sl2, n_splits, chunk, b->q_pos);
+        else
+            k_attn_dec<T, 64><<<grid, 128, dec_smem_bytes<T, 64>(), S>>>(out, partial, q, kv, g->n_layers, H, layer, heads, group,
+                                                                       hchunks, b->row_start, b->ctx_len, b->block_table,
+                                                                       b->n_seqs, b->max_blocks, sl2, n_splits, chunk, b->q_pos);
+        if (KVM_CU_LAUNCH("attention (tensor-core decode)")) return;
+        if (n_splits > 1) {
+            k_attn_merge<<<b->total_rows * heads, D <= 128 ? 128 : 256, 0, S>>>(out, partial, D, n_splits);
+            KVM_CU_LAUNCH("attention (merge)");
+        }
+        return;
+      }
       if (tiled) {
         const int ch = hchunks;
         int *done = n_splits > 1 ? merge_counters(ctas) : NULL;
