@@ -561,7 +561,7 @@ typedef struct kvm_cuda_opts {
                                  tensor cores for 2..16), gemv, mma (auto) */
     bool attn_tiled;          /* attn_tiled: the tiled decode attention for 16-bit caches (true) */
     bool attn_dec_mma;        /* attn_dec_mma: decode attention of 16-bit caches on the tensor cores, ahead of
-                                 attn_tiled (false until measured on an H100) */
+                                 attn_tiled (true) */
     bool no_mma_attn;         /* no_mma_attn: prefill attention through the split-K kernel (false) */
     int mma_occ;              /* mma_occ: CTAs per SM the prefill attention's registers are capped for: 3, or 1
                                  (no cap) (3) */

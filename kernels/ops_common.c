@@ -71,7 +71,7 @@ const kvm_ops_t *kvm_ops_select(const char *name) {
 
 kvm_cuda_opts_t kvm_cuda_opts_default(void) {
     return (kvm_cuda_opts_t){.device = 0, .profile = false, .pdl = true, .prefetch = 2, .skinny = KVM_CUDA_SKINNY_AUTO,
-                             .attn_tiled = true, .attn_dec_mma = false, .no_mma_attn = false, .mma_occ = 3,
+                             .attn_tiled = true, .attn_dec_mma = true, .no_mma_attn = false, .mma_occ = 3,
                              .attn_merge_fused = false, .ffn = true, .ffn_gemv = false, .qkv_fuse = true, .qkv16 = true,
                              .norm16 = true, .y16 = true, .norm_v = true, .kvcomm_dist = KVM_CUDA_DIST_V2};
 }
