@@ -441,6 +441,33 @@ __device__ __forceinline__ void cp_async16(void *smem, const void *gmem, bool va
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 
+/* One online-softmax step of the two rows a thread of an m16n8k16 fragment holds (a: row g, b: row g + 8), in log2
+ * units: the tile's maxima mx_a / mx_b (this thread's columns) reduced over the quad, the running maxima m_a / m_b
+ * moved to them, l and the NO output fragments o rescaled; base_a / base_b: what the tile's scores subtract before
+ * exp2 (0 for a row with no valid score yet, so that nothing becomes NaN). */
+template <int NO>
+__device__ __forceinline__ void online_step(float mx_a, float mx_b, float &m_a, float &m_b, float &l_a, float &l_b,
+                                            float (*o)[4], float &base_a, float &base_b) {
+    mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, 1));
+    mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, 2));
+    mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, 1));
+    mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, 2));
+    base_a = mx_a == -INFINITY ? 0.0f : mx_a;
+    base_b = mx_b == -INFINITY ? 0.0f : mx_b;
+    const float corr_a = exp2f(m_a - base_a), corr_b = exp2f(m_b - base_b);
+    m_a = mx_a;
+    m_b = mx_b;
+    l_a *= corr_a;
+    l_b *= corr_b;
+#pragma unroll
+    for (int i = 0; i < NO; i++) {
+        o[i][0] *= corr_a;
+        o[i][1] *= corr_a;
+        o[i][2] *= corr_b;
+        o[i][3] *= corr_b;
+    }
+}
+
 /* Shared memory of k_attn_mma: two stages of K and V tiles (the next tile loads while this one computes). */
 template <typename T, int D> constexpr size_t mma_smem_bytes() { return (size_t)2 * 2 * MMA_K * (D + 8) * sizeof(T); }
 
@@ -548,23 +575,8 @@ __global__ void __launch_bounds__(128, MINB)
             mx_a = fmaxf(mx_a, fmaxf(sc[nt][0], sc[nt][1]));
             mx_b = fmaxf(mx_b, fmaxf(sc[nt][2], sc[nt][3]));
         }
-        mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, 1));
-        mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, 2));
-        mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, 1));
-        mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, 2));
-        const float base_a = mx_a == -INFINITY ? 0.0f : mx_a, base_b = mx_b == -INFINITY ? 0.0f : mx_b;
-        const float corr_a = exp2f(m_a - base_a), corr_b = exp2f(m_b - base_b);
-        m_a = mx_a;
-        m_b = mx_b;
-        l_a *= corr_a;
-        l_b *= corr_b;
-#pragma unroll
-        for (int i = 0; i < D / 8; i++) {
-            o[i][0] *= corr_a;
-            o[i][1] *= corr_a;
-            o[i][2] *= corr_b;
-            o[i][3] *= corr_b;
-        }
+        float base_a, base_b;
+        online_step<D / 8>(mx_a, mx_b, m_a, m_b, l_a, l_b, o, base_a, base_b);
         uint32_t pa[MMA_K / 16][4];
 #pragma unroll
         for (int nt = 0; nt < MMA_K / 8; nt++) {
@@ -733,23 +745,8 @@ __global__ void __launch_bounds__(128)
                 mx_a = fmaxf(mx_a, fmaxf(sc[nt][0], sc[nt][1]));
                 mx_b = fmaxf(mx_b, fmaxf(sc[nt][2], sc[nt][3]));
             }
-            mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, 1));
-            mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, 2));
-            mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, 1));
-            mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, 2));
-            const float base_a = mx_a == -INFINITY ? 0.0f : mx_a, base_b = mx_b == -INFINITY ? 0.0f : mx_b;
-            const float corr_a = exp2f(m_a - base_a), corr_b = exp2f(m_b - base_b);
-            m_a = mx_a;
-            m_b = mx_b;
-            l_a *= corr_a;
-            l_b *= corr_b;
-#pragma unroll
-            for (int i = 0; i < D / 8; i++) {
-                o[i][0] *= corr_a;
-                o[i][1] *= corr_a;
-                o[i][2] *= corr_b;
-                o[i][3] *= corr_b;
-            }
+            float base_a, base_b;
+            online_step<D / 8>(mx_a, mx_b, m_a, m_b, l_a, l_b, o, base_a, base_b);
             uint32_t ph[4], pl[4];
 #pragma unroll
             for (int nt = 0; nt < 2; nt++) {
