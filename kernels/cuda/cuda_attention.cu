@@ -27,6 +27,33 @@
 #define SPLIT_TB 4   /* tokens per warp iteration (independent loads in flight) */
 #define SPLIT_GMAX 8 /* query heads per CTA (one KV head's group, or a chunk of it) */
 
+/* Where a split-K decode CTA works: blockIdx.x = (query row r, KV head kh, chunk of gm query heads of its group: h0 ..
+ * h0 + G - 1), blockIdx.y = the context split, whose tokens are [t0, t1) (empty past the row's position); bt: the
+ * block table of the row's sequence. */
+typedef struct split_cta {
+    int split, kh, r, h0, G, t0, t1;
+    const int32_t *bt;
+} split_cta_t;
+
+__device__ __forceinline__ split_cta_t split_cta_of(int gm, int H, int group, int hchunks, const int32_t *row_start,
+                                                    const int32_t *ctx_len, const int32_t *block_table, int n_seqs,
+                                                    int max_blocks, int chunk, const int32_t *qpos) {
+    split_cta_t c;
+    c.split = blockIdx.y;
+    const int hc = blockIdx.x % hchunks;
+    c.kh = (blockIdx.x / hchunks) % H;
+    c.r = blockIdx.x / (hchunks * H);
+    c.h0 = c.kh * group + hc * gm;
+    c.G = min(gm, group - hc * gm);
+    const int s = kvm_seq_of_row_dev(row_start, n_seqs, c.r);
+    const int r0 = row_start[s], r1 = row_start[s + 1];
+    const int pos = qpos ? qpos[c.r] : ctx_len[s] - (r1 - r0) + (c.r - r0);
+    c.t0 = c.split * chunk;
+    c.t1 = min(c.t0 + chunk, pos + 1);
+    c.bt = block_table + (size_t)s * max_blocks;
+    return c;
+}
+
 /* CTA = (query row r, KV head kh, chunk hc of its query heads, context split). The group's query heads
  * share every K/V load. Each warp runs an online softmax over tokens t0 + 4w .. (step 16); the warps then
  * merge in shared memory. */
@@ -39,17 +66,10 @@ __global__ void __launch_bounds__(SPLIT_WARPS * 32)
     __shared__ float sm_m[SPLIT_WARPS][SPLIT_GMAX], sm_l[SPLIT_WARPS][SPLIT_GMAX];
     kvm_pdl_trigger();
     __shared__ float sm_acc[SPLIT_WARPS][SPLIT_GMAX][32 * DPL];
-    const int split = blockIdx.y;
-    const int hc = blockIdx.x % hchunks, kh = (blockIdx.x / hchunks) % H, r = blockIdx.x / (hchunks * H);
-    const int h0 = kh * group + hc * SPLIT_GMAX;
-    const int G = min(SPLIT_GMAX, group - hc * SPLIT_GMAX);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int s = kvm_seq_of_row_dev(row_start, n_seqs, r);
-    const int r0 = row_start[s], r1 = row_start[s + 1];
-    const int pos = qpos ? qpos[r] : ctx_len[s] - (r1 - r0) + (r - r0);
-    const int t0 = split * chunk;
-    const int t1 = min(t0 + chunk, pos + 1);
-    const int32_t *bt = block_table + (size_t)s * max_blocks;
+    const split_cta_t cta = split_cta_of(SPLIT_GMAX, H, group, hchunks, row_start, ctx_len, block_table, n_seqs, max_blocks, chunk, qpos);
+    const int split = cta.split, kh = cta.kh, r = cta.r, h0 = cta.h0, G = cta.G, t0 = cta.t0, t1 = cta.t1;
+    const int32_t *bt = cta.bt;
 
     float qv[SPLIT_GMAX][DPL], acc[SPLIT_GMAX][DPL], m[SPLIT_GMAX], l[SPLIT_GMAX];
 #pragma unroll
@@ -180,16 +200,9 @@ __global__ void __launch_bounds__(128)
     __shared__ float red[4][SPLIT_GMAX];
     __shared__ float run_m[SPLIT_GMAX], run_l[SPLIT_GMAX], corr_s[SPLIT_GMAX];
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-    const int split = blockIdx.y;
-    const int hc = blockIdx.x % hchunks, kh = (blockIdx.x / hchunks) % H, r = blockIdx.x / (hchunks * H);
-    const int h0 = kh * group + hc * SPLIT_GMAX;
-    const int G = min(SPLIT_GMAX, group - hc * SPLIT_GMAX);
-    const int s = kvm_seq_of_row_dev(row_start, n_seqs, r);
-    const int r0 = row_start[s], r1 = row_start[s + 1];
-    const int pos = qpos ? qpos[r] : ctx_len[s] - (r1 - r0) + (r - r0);
-    const int t0 = split * chunk;
-    const int t1 = min(t0 + chunk, pos + 1);
-    const int32_t *bt = block_table + (size_t)s * max_blocks;
+    const split_cta_t cta = split_cta_of(SPLIT_GMAX, H, group, hchunks, row_start, ctx_len, block_table, n_seqs, max_blocks, chunk, qpos);
+    const int split = cta.split, kh = cta.kh, r = cta.r, h0 = cta.h0, G = cta.G, t0 = cta.t0, t1 = cta.t1;
+    const int32_t *bt = cta.bt;
 
     for (int e = tid; e < G * D; e += 128) qs[e / D][e % D] = q[((size_t)r * heads + h0 + e / D) * D + e % D];
     if (tid < SPLIT_GMAX) {
@@ -659,16 +672,9 @@ __global__ void __launch_bounds__(128)
     T(*Ksb)[DM_TOK][DP] = reinterpret_cast<T(*)[DM_TOK][DP]>(dec_smem);
     T(*Vsb)[DM_TOK][DP] = reinterpret_cast<T(*)[DM_TOK][DP]>(dec_smem + (size_t)2 * DM_TOK * DP * sizeof(T));
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t4 = lane & 3;
-    const int split = blockIdx.y;
-    const int hc = blockIdx.x % hchunks, kh = (blockIdx.x / hchunks) % H, r = blockIdx.x / (hchunks * H);
-    const int h0 = kh * group + hc * DM_GM;
-    const int G = min(DM_GM, group - hc * DM_GM);
-    const int s = kvm_seq_of_row_dev(row_start, n_seqs, r);
-    const int r0 = row_start[s], r1 = row_start[s + 1];
-    const int pos = qpos ? qpos[r] : ctx_len[s] - (r1 - r0) + (r - r0);
-    const int t0 = split * chunk;
-    const int t1 = min(t0 + chunk, pos + 1);
-    const int32_t *bt = block_table + (size_t)s * max_blocks;
+    const split_cta_t cta = split_cta_of(DM_GM, H, group, hchunks, row_start, ctx_len, block_table, n_seqs, max_blocks, chunk, qpos);
+    const int split = cta.split, kh = cta.kh, r = cta.r, h0 = cta.h0, G = cta.G, t0 = cta.t0, t1 = cta.t1;
+    const int32_t *bt = cta.bt;
 
     /* the group's query heads as A fragments, hi and lo (heads past G read as 0) */
     uint32_t qh[D / 16][4], ql[D / 16][4];
