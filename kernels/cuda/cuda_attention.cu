@@ -454,6 +454,24 @@ __device__ __forceinline__ void cp_async16(void *smem, const void *gmem, bool va
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 
+/* K and V of tokens [first, first + NTOK) of KV head kh into Ks / Vs [NTOK][D + 8] by cp.async, 16 bytes per copy,
+ * spread over the CTA's threads; tokens at or past `end` read as zeros. One commit group. */
+template <typename T, int D, int NTOK>
+__device__ __forceinline__ void load_kv_tile(T (*Ks)[D + 8], T (*Vs)[D + 8], const T *kv, const int32_t *bt, int L, int H,
+                                             int layer, int kh, int first, int end) {
+    constexpr int CH = D / 8; /* 16-byte chunks per row */
+    for (int idx = threadIdx.x; idx < NTOK * CH; idx += blockDim.x) {
+        const int tl = idx / CH, c = idx % CH, tok = first + tl;
+        const bool ok = tok < end;
+        const int32_t blk = ok ? bt[tok / KVM_KV_BLOCK] : 0;
+        const T *kp = ok ? kv + kvm_kv_index_dev(L, H, D, blk, layer, 0, kh, tok % KVM_KV_BLOCK) + c * 8 : kv;
+        const T *vp = ok ? kv + kvm_kv_index_dev(L, H, D, blk, layer, 1, kh, tok % KVM_KV_BLOCK) + c * 8 : kv;
+        cp_async16(&Ks[tl][c * 8], kp, ok);
+        cp_async16(&Vs[tl][c * 8], vp, ok);
+    }
+    cp_async_commit();
+}
+
 /* One online-softmax step of the two rows a thread of an m16n8k16 fragment holds (a: row g, b: row g + 8), in log2
  * units: the tile's maxima mx_a / mx_b (this thread's columns) reduced over the quad, the running maxima m_a / m_b
  * moved to them, l and the NO output fragments o rescaled; base_a / base_b: what the tile's scores subtract before
@@ -538,18 +556,8 @@ __global__ void __launch_bounds__(128, MINB)
 
     const int last_pos = row_pos(min(qt0 + MMA_Q, nrows) - 1);
     const int n_tiles = last_pos / MMA_K + 1;
-    constexpr int CH = D / 8; /* 16-byte chunks per row */
     auto load_tile = [&](int j, int stage) {
-        for (int idx = threadIdx.x; idx < MMA_K * CH; idx += blockDim.x) {
-            const int tl = idx / CH, c = idx % CH, tok = j * MMA_K + tl;
-            const bool ok = tok < ctx;
-            const int32_t blk = ok ? bt[tok / KVM_KV_BLOCK] : 0;
-            const T *kp = ok ? kv + kvm_kv_index_dev(L, H, D, blk, layer, 0, kh, tok % KVM_KV_BLOCK) + c * 8 : kv;
-            const T *vp = ok ? kv + kvm_kv_index_dev(L, H, D, blk, layer, 1, kh, tok % KVM_KV_BLOCK) + c * 8 : kv;
-            cp_async16(&Ksb[stage][tl][c * 8], kp, ok); /* tokens past the context read as zeros */
-            cp_async16(&Vsb[stage][tl][c * 8], vp, ok);
-        }
-        cp_async_commit();
+        load_kv_tile<T, D, MMA_K>(Ksb[stage], Vsb[stage], kv, bt, L, H, layer, kh, j * MMA_K, ctx);
     };
     load_tile(0, 0);
     for (int j = 0; j < n_tiles; j++) {
@@ -701,18 +709,8 @@ __global__ void __launch_bounds__(128)
     float m_a = -INFINITY, m_b = -INFINITY, l_a = 0.0f, l_b = 0.0f;
 
     const int n_tiles = t1 > t0 ? (t1 - t0 + DM_TOK - 1) / DM_TOK : 0;
-    constexpr int CH = D / 8; /* 16-byte chunks per row */
     auto load_tile = [&](int j, int stage) {
-        for (int idx = threadIdx.x; idx < DM_TOK * CH; idx += blockDim.x) {
-            const int tl = idx / CH, c = idx % CH, tok = t0 + j * DM_TOK + tl;
-            const bool ok = tok < t1;
-            const int32_t blk = ok ? bt[tok / KVM_KV_BLOCK] : 0;
-            const T *kp = ok ? kv + kvm_kv_index_dev(L, H, D, blk, layer, 0, kh, tok % KVM_KV_BLOCK) + c * 8 : kv;
-            const T *vp = ok ? kv + kvm_kv_index_dev(L, H, D, blk, layer, 1, kh, tok % KVM_KV_BLOCK) + c * 8 : kv;
-            cp_async16(&Ksb[stage][tl][c * 8], kp, ok); /* tokens past the chunk read as zeros */
-            cp_async16(&Vsb[stage][tl][c * 8], vp, ok);
-        }
-        cp_async_commit();
+        load_kv_tile<T, D, DM_TOK>(Ksb[stage], Vsb[stage], kv, bt, L, H, layer, kh, t0 + j * DM_TOK, t1);
     };
     if (n_tiles > 0) load_tile(0, 0);
     for (int j = 0; j < n_tiles; j++) {
