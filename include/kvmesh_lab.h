@@ -559,13 +559,11 @@ typedef struct kvm_cuda_opts {
                                  prefetch, 2 their first loads into registers (2) */
     int skinny;               /* skinny: kvm_cuda_skinny_t, the kernel of few-row matmuls: auto (GEMV for 1 row,
                                  tensor cores for 2..16), gemv, mma (auto) */
-    bool attn_tiled;          /* attn_tiled: the tiled decode attention for 16-bit caches (true) */
-    bool attn_dec_mma;        /* attn_dec_mma: decode attention of 16-bit caches on the tensor cores, ahead of
-                                 attn_tiled (true) */
+    bool attn_dec_mma;        /* attn_dec_mma: decode attention of 16-bit caches (head_dim 64, 128) on the
+                                 tensor cores; 0: the generic split-K kernel (true) */
     bool no_mma_attn;         /* no_mma_attn: prefill attention through the split-K kernel (false) */
     int mma_occ;              /* mma_occ: CTAs per SM the prefill attention's registers are capped for: 3, or 1
                                  (no cap) (3) */
-    bool attn_merge_fused;    /* attn_merge_fused: decode attention splits merged by the last CTA (false) */
     bool ffn;                 /* ffn: the fused MLP op (true) */
     bool ffn_gemv;            /* ffn_gemv: batch-1 gate+up GEMV with the SwiGLU in its epilogue (false) */
     bool qkv_fuse;            /* qkv_fuse: q/k/v + RoPE + KV write fused (true) */

@@ -926,19 +926,11 @@ static void test_attention_16bit_decode_kernels_match_cpu_on_decode_batches(void
     check_attention(KVM_BF16, 20, 1, 64, &DECODE_LONG, 1e-5, "long decode, tensor cores, 20 heads: two chunks");
     check_attention(KVM_BF16, 8, 2, 128, &FEW_ROWS, 1e-5, "a few rows per sequence, tensor cores");
     check_attention(KVM_F16, 8, 2, 64, &FEW_ROWS, 1e-5, "a few rows per sequence, tensor cores");
-    cuda_switch("attn_dec_mma", "0"); /* the tiled CUDA-core kernel */
-    check_attention(KVM_BF16, 32, 8, 128, &DECODE, 1e-5, "decode, tiled");
-    check_attention(KVM_F16, 14, 2, 64, &DECODE, 1e-5, "decode, tiled");
-    check_attention(KVM_BF16, 8, 2, 128, &FEW_ROWS, 1e-5, "a few rows per sequence, tiled");
-    check_attention(KVM_BF16, 32, 8, 128, &DECODE_LONG, 1e-5, "long decode, tiled");
-    check_attention(KVM_BF16, 16, 1, 128, &DECODE_LONG, 1e-5, "long decode, tiled, 16 heads per KV head");
-    cuda_switch("attn_merge_fused", "1"); /* the splits merged by the last CTA instead of a merge launch */
-    check_attention(KVM_BF16, 32, 8, 128, &DECODE_LONG, 1e-5, "long decode, tiled, merged in the last CTA");
-    check_attention(KVM_F16, 14, 2, 64, &DECODE, 1e-5, "decode, tiled, merged in the last CTA");
-    cuda_switch("attn_merge_fused", "0");
-    cuda_switch("attn_tiled", "0");
-    check_attention(KVM_BF16, 32, 8, 128, &DECODE, 1e-5, "decode, untiled");
-    check_attention(KVM_BF16, 12, 1, 96, &DECODE, 1e-5, "decode, head_dim 96");
+    cuda_switch("attn_dec_mma", "0"); /* the generic split-K kernel */
+    check_attention(KVM_BF16, 32, 8, 128, &DECODE, 1e-5, "decode, split-K");
+    check_attention(KVM_F16, 14, 2, 64, &DECODE_LONG, 1e-5, "long decode, split-K");
+    check_attention(KVM_BF16, 8, 2, 128, &FEW_ROWS, 1e-5, "a few rows per sequence, split-K");
+    check_attention(KVM_BF16, 12, 1, 96, &DECODE, 1e-5, "decode, head_dim 96 (split-K at any setting)");
     assert_int_equal(kvm_cuda_set_opts(&before), 0);
 }
 

@@ -128,8 +128,8 @@ static void test_the_synthetic_seed_option_chooses_the_weights(void **st) {
 
 static bool opts_equal(const kvm_cuda_opts_t *a, const kvm_cuda_opts_t *b) {
 #define SAME(f) (a->f == b->f)
-    return SAME(device) && SAME(profile) && SAME(pdl) && SAME(prefetch) && SAME(skinny) && SAME(attn_tiled) && SAME(attn_dec_mma) &&
-           SAME(no_mma_attn) && SAME(mma_occ) && SAME(attn_merge_fused) && SAME(ffn) && SAME(ffn_gemv) && SAME(qkv_fuse) &&
+    return SAME(device) && SAME(profile) && SAME(pdl) && SAME(prefetch) && SAME(skinny) && SAME(attn_dec_mma) &&
+           SAME(no_mma_attn) && SAME(mma_occ) && SAME(ffn) && SAME(ffn_gemv) && SAME(qkv_fuse) &&
            SAME(qkv16) && SAME(norm16) && SAME(y16) && SAME(norm_v) && SAME(kvcomm_dist);
 #undef SAME
 }
@@ -144,10 +144,10 @@ static void test_every_cuda_switch_rejects_a_value_outside_its_list_naming_the_s
         {"pdl", "2", "cuda pdl: '2' is not one of 0, 1"},
         {"prefetch", "5", "cuda prefetch: '5' is not one of 0, 1, 2"},
         {"skinny", "gemm", "cuda skinny: 'gemm' is not one of auto, gemv, mma"},
-        {"attn_tiled", "", "cuda attn_tiled: '' is not one of 0, 1"},
+        {"attn_dec_mma", "", "cuda attn_dec_mma: '' is not one of 0, 1"},
         {"no_mma_attn", "true", "cuda no_mma_attn: 'true' is not one of 0, 1"},
         {"mma_occ", "2", "cuda mma_occ: '2' is not one of 1, 3"},
-        {"attn_merge_fused", "on", "cuda attn_merge_fused: 'on' is not one of 0, 1"},
+        {"attn_dec_mma", "on", "cuda attn_dec_mma: 'on' is not one of 0, 1"},
         {"ffn", "01", "cuda ffn: '01' is not one of 0, 1"},
         {"ffn_gemv", "1 ", "cuda ffn_gemv: '1 ' is not one of 0, 1"},
         {"qkv_fuse", "-0", "cuda qkv_fuse: '-0' is not one of 0, 1"},

@@ -1,12 +1,15 @@
 /* cuda_attention.cu - causal grouped-query attention over the paged KV cache.
  *
- * Two kernels, both reading keys and values through the block tables and never forming the T x T score
+ * Three kernels, all reading keys and values through the block tables and never forming the T x T score
  * matrix:
  *  - k_attn_mma (prefill; BF16/F16 cache, head_dim 64 or 128): FlashAttention-2 style. A CTA of 4 warps
  *    takes 64 query rows of one sequence and one query head; it walks the keys in tiles of 64 tokens
  *    (4 cache blocks) staged in shared memory, computes S = Q K^T and O += P V with mma.sync m16n8k16
  *    (16-bit operands, fp32 accumulation) and keeps an online softmax per row in registers.
- *  - k_attn_split (decode, and every other case, fp32 cache included): a CTA of 4 warps takes one query
+ *  - k_attn_dec (decode and other steps of fewer than 16 rows a sequence; BF16/F16 cache, head_dim 64 or
+ *    128): a CTA takes one query row and up to 16 query heads of one KV head (the 16 rows of the tensor-core
+ *    MMA) over one chunk of the context; Q and P as hi + lo 16-bit pairs (fp32-level accuracy).
+ *  - k_attn_split (every other case, fp32 cache included): a CTA of 4 warps takes one query
  *    row and the query heads of one KV head (they share every K/V load) over one chunk of the context
  *    (split-K); each warp runs an online softmax over every 4th group of 4 tokens; the warps merge in
  *    shared memory and, when the context was split,
@@ -175,220 +178,7 @@ __global__ void __launch_bounds__(SPLIT_WARPS * 32)
     }
 }
 
-/* ==== tiled decode kernel (BF16/F16 cache, head_dim 64 or 128) ============================================= */
-
-#define TL_TOK 64 /* tokens per shared-memory tile */
-
-/* CTA = (query row r, KV head kh, chunk hc of its query heads, context split), like k_attn_split, but the
- * CTA stages 64 tokens of K and V at a time in shared memory with 16-byte loads (all of a tile's loads in
- * flight at once), then: 2 threads per token form the G scores (q from shared memory), the CTA reduces
- * the tile's maximum and sum per head, and each thread accumulates 4 output dims of one head over the
- * tile. Writes the same partials as k_attn_split (or the output when there is one split). */
-template <typename T, int D>
-__global__ void __launch_bounds__(128)
-    k_attn_tile(float *__restrict__ out, float *__restrict__ partial, const float *__restrict__ q, const T *__restrict__ kv,
-                int L, int H, int layer, int heads, int group, int hchunks, const int32_t *__restrict__ row_start,
-                const int32_t *__restrict__ ctx_len, const int32_t *__restrict__ block_table, int n_seqs, int max_blocks,
-                float scale, int n_splits, int chunk, int *__restrict__ done, const int32_t *__restrict__ qpos) {
-    constexpr int DP = D + 8;
-    kvm_pdl_trigger();
-    constexpr int OUTS = (SPLIT_GMAX * D / 4 + 127) / 128; /* float4 outputs per thread, at most */
-    __shared__ __align__(16) T Ks[TL_TOK][DP];
-    __shared__ __align__(16) T Vs[TL_TOK][DP];
-    __shared__ __align__(16) float qs[SPLIT_GMAX][D];
-    __shared__ float ps[SPLIT_GMAX][TL_TOK];
-    __shared__ float red[4][SPLIT_GMAX];
-    __shared__ float run_m[SPLIT_GMAX], run_l[SPLIT_GMAX], corr_s[SPLIT_GMAX];
-    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-    const split_cta_t cta = split_cta_of(SPLIT_GMAX, H, group, hchunks, row_start, ctx_len, block_table, n_seqs, max_blocks, chunk, qpos);
-    const int split = cta.split, kh = cta.kh, r = cta.r, h0 = cta.h0, G = cta.G, t0 = cta.t0, t1 = cta.t1;
-    const int32_t *bt = cta.bt;
-
-    for (int e = tid; e < G * D; e += 128) qs[e / D][e % D] = q[((size_t)r * heads + h0 + e / D) * D + e % D];
-    if (tid < SPLIT_GMAX) {
-        run_m[tid] = -INFINITY;
-        run_l[tid] = 0.0f;
-    }
-    float4 acc[OUTS];
-#pragma unroll
-    for (int o = 0; o < OUTS; o++) acc[o] = make_float4(0.f, 0.f, 0.f, 0.f);
-
-    constexpr int CH = D / 8; /* 16-byte chunks per token row */
-    const int tk = tid >> 1, half = tid & 1; /* score phase: token tk, dims [half * D/2, +D/2) */
-    for (int tb = t0; tb < t1; tb += TL_TOK) {
-        __syncthreads(); /* previous tile fully used (and qs/run_* initialised on the first pass) */
-        for (int idx = tid; idx < TL_TOK * CH; idx += 128) {
-            const int tl = idx / CH, c = idx % CH, tok = tb + tl;
-            uint4 kz = make_uint4(0, 0, 0, 0), vz = kz;
-            if (tok < t1) {
-                const int32_t blk = bt[tok / KVM_KV_BLOCK];
-                kz = __ldcs(reinterpret_cast<const uint4 *>(kv + kvm_kv_index_dev(L, H, D, blk, layer, 0, kh, tok % KVM_KV_BLOCK)) + c);
-                vz = __ldcs(reinterpret_cast<const uint4 *>(kv + kvm_kv_index_dev(L, H, D, blk, layer, 1, kh, tok % KVM_KV_BLOCK)) + c);
-            }
-            *reinterpret_cast<uint4 *>(&Ks[tl][c * 8]) = kz;
-            *reinterpret_cast<uint4 *>(&Vs[tl][c * 8]) = vz;
-        }
-        __syncthreads();
-        /* scores of token tk for every head of the group */
-        float sc[SPLIT_GMAX];
-#pragma unroll
-        for (int g = 0; g < SPLIT_GMAX; g++) sc[g] = 0.0f;
-#pragma unroll
-        for (int c = 0; c < D / 16; c++) {
-            const int d0 = half * (D / 2) + c * 8;
-            const uint4 kr = *reinterpret_cast<const uint4 *>(&Ks[tk][d0]);
-            const T *kh8 = reinterpret_cast<const T *>(&kr);
-            float kf[8];
-#pragma unroll
-            for (int i = 0; i < 8; i++) kf[i] = kvm_to_f32<T>(kh8[i]);
-#pragma unroll
-            for (int g = 0; g < SPLIT_GMAX; g++) {
-                if (g < G) {
-                    const float4 qa = *reinterpret_cast<const float4 *>(&qs[g][d0]);
-                    const float4 qb = *reinterpret_cast<const float4 *>(&qs[g][d0 + 4]);
-                    sc[g] += qa.x * kf[0] + qa.y * kf[1] + qa.z * kf[2] + qa.w * kf[3] + qb.x * kf[4] + qb.y * kf[5] +
-                             qb.z * kf[6] + qb.w * kf[7];
-                }
-            }
-        }
-        const bool valid = tb + tk < t1;
-#pragma unroll
-        for (int g = 0; g < SPLIT_GMAX; g++) {
-            sc[g] += __shfl_xor_sync(0xffffffffu, sc[g], 1);
-            sc[g] = valid ? sc[g] * scale : -INFINITY;
-        }
-        /* tile maximum per head: warp, then CTA */
-#pragma unroll
-        for (int g = 0; g < SPLIT_GMAX; g++) {
-            float mx = sc[g];
-            for (int o = 16; o > 1; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-            if (lane == 0) red[warp][g] = mx;
-        }
-        __syncthreads();
-        if (tid < SPLIT_GMAX) {
-            const float mt = fmaxf(fmaxf(red[0][tid], red[1][tid]), fmaxf(red[2][tid], red[3][tid]));
-            const float mn = fmaxf(run_m[tid], mt);
-            corr_s[tid] = __expf(run_m[tid] - mn); /* 0 on the first tile */
-            run_m[tid] = mn;
-        }
-        __syncthreads();
-#pragma unroll
-        for (int g = 0; g < SPLIT_GMAX; g++) {
-            const float p = valid && g < G ? __expf(sc[g] - run_m[g]) : 0.0f;
-            if (half == 0) ps[g][tk] = p;
-            float sm = half == 0 ? p : 0.0f;
-            for (int o = 16; o > 0; o >>= 1) sm += __shfl_xor_sync(0xffffffffu, sm, o);
-            if (lane == 0) red[warp][g] = sm;
-        }
-        __syncthreads();
-        if (tid < SPLIT_GMAX) run_l[tid] = run_l[tid] * corr_s[tid] + red[0][tid] + red[1][tid] + red[2][tid] + red[3][tid];
-        /* O += P V: output e = (head g, dims 4*dq .. 4*dq+3) */
-#pragma unroll
-        for (int o = 0; o < OUTS; o++) {
-            const int e = tid + o * 128;
-            if (e < G * (D / 4)) {
-                const int g = e / (D / 4), dq = e % (D / 4);
-                const float cr = corr_s[g];
-                float4 a = acc[o];
-                a.x *= cr;
-                a.y *= cr;
-                a.z *= cr;
-                a.w *= cr;
-                const int nt = min(TL_TOK, t1 - tb);
-                for (int t = 0; t < nt; t++) {
-                    const float p = ps[g][t];
-                    const uint2 vr = *reinterpret_cast<const uint2 *>(&Vs[t][dq * 4]);
-                    const T *v4 = reinterpret_cast<const T *>(&vr);
-                    a.x += p * kvm_to_f32<T>(v4[0]);
-                    a.y += p * kvm_to_f32<T>(v4[1]);
-                    a.z += p * kvm_to_f32<T>(v4[2]);
-                    a.w += p * kvm_to_f32<T>(v4[3]);
-                }
-                acc[o] = a;
-            }
-        }
-    }
-    __syncthreads();
-#pragma unroll
-    for (int o = 0; o < OUTS; o++) {
-        const int e = tid + o * 128;
-        if (e < G * (D / 4)) {
-            const int g = e / (D / 4), dq = e % (D / 4);
-            const size_t wi = (size_t)r * heads + h0 + g;
-            const float M = run_m[g], Ls = run_l[g];
-            if (n_splits == 1) {
-                const float il = 1.0f / Ls;
-                *reinterpret_cast<float4 *>(out + wi * D + dq * 4) = make_float4(acc[o].x * il, acc[o].y * il, acc[o].z * il, acc[o].w * il);
-            } else {
-                float *pp = partial + (wi * n_splits + split) * (D + 2);
-                pp[2 + dq * 4] = acc[o].x;
-                pp[3 + dq * 4] = acc[o].y;
-                pp[4 + dq * 4] = acc[o].z;
-                pp[5 + dq * 4] = acc[o].w;
-                if (dq == 0) {
-                    pp[0] = t0 < t1 ? M : -INFINITY;
-                    pp[1] = t0 < t1 ? Ls : 0.0f;
-                }
-            }
-        }
-    }
-    /* done != NULL: the last CTA of this (row, head chunk) to finish merges the splits (as k_attn_merge), so
-     * no merge launch follows; it resets the counter for the next launch (or graph replay) */
-    if (n_splits == 1 || !done) return;
-    __shared__ int last;
-    __threadfence();
-    __syncthreads();
-    if (tid == 0) {
-        last = atomicAdd(&done[blockIdx.x], 1) == n_splits - 1;
-        if (last) done[blockIdx.x] = 0;
-    }
-    __syncthreads();
-    if (!last) return;
-    __threadfence();
-    for (int e = tid; e < G * D; e += 128) {
-        const int g = e / D, d = e % D;
-        const size_t wi = (size_t)r * heads + h0 + g;
-        const float *pp = partial + wi * n_splits * (D + 2);
-        float M = -INFINITY;
-        for (int sp = 0; sp < n_splits; sp++) M = fmaxf(M, __ldcg(pp + (size_t)sp * (D + 2)));
-        float a = 0.0f, l = 0.0f;
-        for (int sp = 0; sp < n_splits; sp++) {
-            const float *p = pp + (size_t)sp * (D + 2);
-            const float m = __ldcg(p);
-            const float w = m == -INFINITY ? 0.0f : __expf(m - M);
-            l += __ldcg(p + 1) * w;
-            a += __ldcg(p + 2 + d) * w;
-        }
-        out[wi * D + d] = a / l;
-    }
-}
-
-/* Zeroed per-CTA counters of the merging decode kernel (grow-only, outside graph capture; NULL: merge launch). */
-static int *merge_counters(int n) {
-    static int *buf = NULL;
-    static int cap = 0;
-    /* opts.attn_merge_fused: the last CTA merges. Off by default: measured 0.23 ms per batch-1 decode token
-     * SLOWER than the merge launch (H100, 2026-11-26 15:14: 6.17 vs 5.94 ms; one CTA per KV head merging
-     * 4 heads x 16 splits serially costs more than the launch it saves) */
-    if (!g_cuda.opts.attn_merge_fused) return NULL;
-    if (n <= cap) return buf;
-    if (kvm_cuda_capturing()) return NULL;
-    int want = n < 4096 ? 4096 : n;
-    int *nb = NULL;
-    if (cudaMalloc(&nb, (size_t)want * sizeof(int)) != cudaSuccess) {
-        cudaGetLastError();
-        return NULL;
-    }
-    if (cudaMemsetAsync(nb, 0, (size_t)want * sizeof(int), g_cuda.stream) != cudaSuccess) {
-        cudaGetLastError();
-        cudaFree(nb);
-        return NULL;
-    }
-    /* the old buffer is kept (a captured graph may point into it) */
-    buf = nb;
-    cap = want;
-    return buf;
-}
+/* ==== merge of the splits ===================================================================================== */
 
 /* Combines the n_splits partial results (m, l, acc[D]) of each (row, head). */
 __global__ void k_attn_merge(float *__restrict__ out, const float *__restrict__ partial, int D, int n_splits) {
@@ -660,7 +450,7 @@ template <typename T> __device__ __forceinline__ void split_pack(float a, float 
 /* Shared memory of k_attn_dec: two stages of K and V tiles. */
 template <typename T, int D> constexpr size_t dec_smem_bytes() { return (size_t)2 * 2 * DM_TOK * (D + 8) * sizeof(T); }
 
-/* CTA = (query row r, KV head kh, chunk hc of its query heads, context split), as k_attn_tile, on the tensor
+/* CTA = (query row r, KV head kh, chunk hc of its query heads, context split), as k_attn_split, on the tensor
  * cores: the group's query heads are the 16 rows of mma.sync m16n8k16 (rows past the group are zero). The CTA
  * streams its chunk through shared memory in 64-token tiles with cp.async, the next tile loading while this
  * one computes; warp w takes tokens 16w .. 16w + 15 of each tile: S = Q K^T, an online softmax of its own
@@ -826,10 +616,8 @@ template <typename T>
 static void launch_split(float *out, const float *q, const T *kv, const kvm_kv_geom_t *g, int layer, int heads,
                          const kvm_attn_batch_t *b, float scale) {
     const int D = g->head_dim, H = g->n_kv_heads, group = heads / H;
-    /* the tensor-core kernel (opts.attn_dec_mma), else the tiled CUDA-core one (opts.attn_tiled), else k_attn_split */
+    /* the tensor-core kernel (16-bit cache, head_dim 64 or 128; opts.attn_dec_mma), else k_attn_split */
     const bool dec = sizeof(T) == 2 && (D == 64 || D == 128) && g_cuda.opts.attn_dec_mma && ((uintptr_t)q % 8) == 0;
-    const bool tiled = !dec && sizeof(T) == 2 && (D == 64 || D == 128) && g_cuda.opts.attn_tiled &&
-                       ((uintptr_t)q % 16) == 0 && ((uintptr_t)out % 16) == 0;
     const int gmax = dec ? DM_GM : SPLIT_GMAX;
     const int hchunks = (group + gmax - 1) / gmax;
     const int ctas = b->total_rows * H * hchunks;
@@ -841,7 +629,7 @@ static void launch_split(float *out, const float *q, const T *kv, const kvm_kv_g
     if (n_splits > max_by_len) n_splits = max_by_len;
     if (n_splits < 1) n_splits = 1;
     int chunk = (max_ctx + n_splits - 1) / n_splits;
-    const int gran = dec ? DM_TOK : tiled ? TL_TOK : SPLIT_TB * SPLIT_WARPS; /* the tiled kernels split at whole tiles */
+    const int gran = dec ? DM_TOK : SPLIT_TB * SPLIT_WARPS; /* the tensor-core kernel splits at whole tiles */
     chunk = (chunk + gran - 1) / gran * gran;
     n_splits = (max_ctx + chunk - 1) / chunk;
     float *partial = NULL;
@@ -851,47 +639,29 @@ static void launch_split(float *out, const float *q, const T *kv, const kvm_kv_g
     }
     dim3 grid((unsigned)ctas, (unsigned)n_splits);
     if constexpr (sizeof(T) == 2) {
-      if (dec) {
-        static bool attr_set = false; /* per instantiation of this template (T) */
-        if (!attr_set) {
-            cudaFuncSetAttribute(k_attn_dec<T, 128>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)dec_smem_bytes<T, 128>());
-            cudaFuncSetAttribute(k_attn_dec<T, 64>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)dec_smem_bytes<T, 64>());
-            attr_set = true;
+        if (dec) {
+            static bool attr_set = false; /* per instantiation of this template (T) */
+            if (!attr_set) {
+                cudaFuncSetAttribute(k_attn_dec<T, 128>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)dec_smem_bytes<T, 128>());
+                cudaFuncSetAttribute(k_attn_dec<T, 64>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)dec_smem_bytes<T, 64>());
+                attr_set = true;
+            }
+            const float sl2 = scale * 1.4426950408889634f;
+            if (D == 128)
+                k_attn_dec<T, 128><<<grid, 128, dec_smem_bytes<T, 128>(), S>>>(out, partial, q, kv, g->n_layers, H, layer, heads, group,
+                                                                             hchunks, b->row_start, b->ctx_len, b->block_table,
+                                                                             b->n_seqs, b->max_blocks, sl2, n_splits, chunk, b->q_pos);
+            else
+                k_attn_dec<T, 64><<<grid, 128, dec_smem_bytes<T, 64>(), S>>>(out, partial, q, kv, g->n_layers, H, layer, heads, group,
+                                                                           hchunks, b->row_start, b->ctx_len, b->block_table,
+                                                                           b->n_seqs, b->max_blocks, sl2, n_splits, chunk, b->q_pos);
+            if (KVM_CU_LAUNCH("attention (tensor-core decode)")) return;
+            if (n_splits > 1) {
+                k_attn_merge<<<b->total_rows * heads, D <= 128 ? 128 : 256, 0, S>>>(out, partial, D, n_splits);
+                KVM_CU_LAUNCH("attention (merge)");
+            }
+            return;
         }
-        const float sl2 = scale * 1.4426950408889634f;
-        if (D == 128)
-            k_attn_dec<T, 128><<<grid, 128, dec_smem_bytes<T, 128>(), S>>>(out, partial, q, kv, g->n_layers, H, layer, heads, group,
-                                                                         hchunks, b->row_start, b->ctx_len, b->block_table,
-                                                                         b->n_seqs, b->max_blocks, sl2, n_splits, chunk, b->q_pos);
-        else
-            k_attn_dec<T, 64><<<grid, 128, dec_smem_bytes<T, 64>(), S>>>(out, partial, q, kv, g->n_layers, H, layer, heads, group,
-                                                                       hchunks, b->row_start, b->ctx_len, b->block_table,
-                                                                       b->n_seqs, b->max_blocks, sl2, n_splits, chunk, b->q_pos);
-        if (KVM_CU_LAUNCH("attention (tensor-core decode)")) return;
-        if (n_splits > 1) {
-            k_attn_merge<<<b->total_rows * heads, D <= 128 ? 128 : 256, 0, S>>>(out, partial, D, n_splits);
-            KVM_CU_LAUNCH("attention (merge)");
-        }
-        return;
-      }
-      if (tiled) {
-        const int ch = hchunks;
-        int *done = n_splits > 1 ? merge_counters(ctas) : NULL;
-        if (D == 128)
-            k_attn_tile<T, 128><<<grid, 128, 0, S>>>(out, partial, q, kv, g->n_layers, H, layer, heads, group, ch, b->row_start,
-                                                     b->ctx_len, b->block_table, b->n_seqs, b->max_blocks, scale, n_splits,
-                                                     chunk, done, b->q_pos);
-        else
-            k_attn_tile<T, 64><<<grid, 128, 0, S>>>(out, partial, q, kv, g->n_layers, H, layer, heads, group, ch, b->row_start,
-                                                    b->ctx_len, b->block_table, b->n_seqs, b->max_blocks, scale, n_splits,
-                                                    chunk, done, b->q_pos);
-        if (KVM_CU_LAUNCH("attention (tiled decode)")) return;
-        if (n_splits > 1 && !done) {
-            k_attn_merge<<<b->total_rows * heads, D <= 128 ? 128 : 256, 0, S>>>(out, partial, D, n_splits);
-            KVM_CU_LAUNCH("attention (merge)");
-        }
-        return;
-      }
     }
 #define KVM_SPLIT(DPL)                                                                                                  \
     k_attn_split<T, DPL><<<grid, SPLIT_WARPS * 32, 0, S>>>(out, partial, q, kv, g->n_layers, H, D, layer, heads, group,  \

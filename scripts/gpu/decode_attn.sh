@@ -2,8 +2,9 @@
 # decode_attn.sh - one GPU call for the decode attention kernels (issue 17): parity of every attention kernel
 # against the CPU reference, whole-model greedy tokens and the KVCOMM tests (their 1-row passes use the decode
 # kernel), then the engine's decode (batch 1 and 16) with the tensor-core decode kernel (attn_dec_mma=1) and the
-# tiled CUDA-core one (attn_dec_mma=0) alternated in the same call, a per-op profile, the KVCOMM spec TTFT with
-# each, compute-sanitizer memcheck. NCU=1 adds Nsight Compute on one batch-16 decode-attention launch and two
+# generic split-K one (attn_dec_mma=0) alternated in the same call (OLD=DIR also runs the bundle DIR of an older
+# commit, the previous path, in the same alternation), a per-op profile, the KVCOMM spec TTFT with each,
+# compute-sanitizer memcheck. NCU=1 adds Nsight Compute on one batch-16 decode-attention launch and two
 # skinny GEMMs; PROFILE=0, KVCOMM=0, MEMCHECK=0, PARITY_TESTS, MEMCHECK_TESTS and MODES trim the call. Run from
 # the repo root on the GPU machine with .gpu-i17/ carried (made here by `scripts/gpu/issue17.sh bundle`). Logs in
 # $OUT.
@@ -19,10 +20,15 @@ for t in test_cuda_ops test_cuda_model test_kvcomm_ops test_kvcomm_device_path t
   echo "== $t ($(date -u +%T))"; timeout 200 "$B/$t" 2>&1 | grep -vE "^\[ +(RUN|OK) +\]" | tail -60; echo "rc=${PIPESTATUS[0]}"
 done > "$OUT/parity.log" 2>&1
 grep -E "^==|tensor cores|PASSED|FAILED|rc=" "$OUT/parity.log" | head -40
-for a in ${MODES:-0 1 0 1}; do   # attn_dec_mma: 0 the tiled CUDA-core kernel (the previous default), 1 the tensor cores
+for a in ${MODES:-0 1 0 1}; do   # attn_dec_mma: 1 the tensor cores (default), 0 the generic split-K kernel
   echo "==== attn_dec_mma=$a ($(date -u +%T))"
   KVM_CUDA_ATTN_DEC_MMA=$a timeout 150 "$B/kvmesh" bench engine --synthetic llama-3.1-8b --no-eager ${ENGINE_ARGS:-} 2>&1 |
     grep -E "^\| (TTFT prefill  |decode b=1 \(graph|decode b=16 step \(graph)|^spread|rror"
+  if [ -n "${OLD:-}" ]; then
+    echo "==== the older bundle $OLD ($(cat "$OLD/VERSION"))"
+    LD_LIBRARY_PATH=$OLD/lib timeout 150 "$OLD/kvmesh" bench engine --synthetic llama-3.1-8b --no-eager ${ENGINE_ARGS:-} 2>&1 |
+      grep -E "^\| (TTFT prefill  |decode b=1 \(graph|decode b=16 step \(graph)|^spread|rror"
+  fi
 done > "$OUT/engine.log" 2>&1
 cat "$OUT/engine.log"
 if [ "${PROFILE:-1}" = 1 ]; then
