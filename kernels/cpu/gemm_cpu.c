@@ -137,5 +137,8 @@ void kvm_cpu_matmul(float *y, const float *x, const kvm_wmat_t *W, const float *
     j.tb = ((n + j.nb - 1) / j.nb + 3) / 4 * 4;
     j.nb = (n + j.tb - 1) / j.tb;
     int items = rblocks * j.nb;
-    kvm_cpu_parallel_for(items, pick_grain(items, (double)GEMM_RB * cols * j.tb, threads), gemm_task, &j);
+    /* the multiply-adds of an item: its tokens, not the block length tb (rounded up to 4), or a one-token matmul
+     * counted 4x too much work was split into chunks smaller than a hand-off to the other thread costs */
+    const int item_tokens = n < j.tb ? n : j.tb;
+    kvm_cpu_parallel_for(items, pick_grain(items, (double)GEMM_RB * cols * item_tokens, threads), gemm_task, &j);
 }
