@@ -70,7 +70,8 @@ __global__ void __launch_bounds__(SPLIT_WARPS * 32)
     kvm_pdl_trigger();
     __shared__ float sm_acc[SPLIT_WARPS][SPLIT_GMAX][32 * DPL];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const split_cta_t cta = split_cta_of(SPLIT_GMAX, H, group, hchunks, row_start, ctx_len, block_table, n_seqs, max_blocks, chunk, qpos);
+    const split_cta_t cta =
+        split_cta_of(SPLIT_GMAX, H, group, hchunks, row_start, ctx_len, block_table, n_seqs, max_blocks, chunk, qpos);
     const int split = cta.split, kh = cta.kh, r = cta.r, h0 = cta.h0, G = cta.G, t0 = cta.t0, t1 = cta.t1;
     const int32_t *bt = cta.bt;
 
@@ -470,7 +471,8 @@ __global__ void __launch_bounds__(128)
     T(*Ksb)[DM_TOK][DP] = reinterpret_cast<T(*)[DM_TOK][DP]>(dec_smem);
     T(*Vsb)[DM_TOK][DP] = reinterpret_cast<T(*)[DM_TOK][DP]>(dec_smem + (size_t)2 * DM_TOK * DP * sizeof(T));
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t4 = lane & 3;
-    const split_cta_t cta = split_cta_of(DM_GM, H, group, hchunks, row_start, ctx_len, block_table, n_seqs, max_blocks, chunk, qpos);
+    const split_cta_t cta =
+        split_cta_of(DM_GM, H, group, hchunks, row_start, ctx_len, block_table, n_seqs, max_blocks, chunk, qpos);
     const int split = cta.split, kh = cta.kh, r = cta.r, h0 = cta.h0, G = cta.G, t0 = cta.t0, t1 = cta.t1;
     const int32_t *bt = cta.bt;
 
@@ -642,19 +644,20 @@ static void launch_split(float *out, const float *q, const T *kv, const kvm_kv_g
         if (dec) {
             static bool attr_set = false; /* per instantiation of this template (T) */
             if (!attr_set) {
-                cudaFuncSetAttribute(k_attn_dec<T, 128>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)dec_smem_bytes<T, 128>());
-                cudaFuncSetAttribute(k_attn_dec<T, 64>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)dec_smem_bytes<T, 64>());
+                cudaFuncSetAttribute(k_attn_dec<T, 128>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                     (int)dec_smem_bytes<T, 128>());
+                cudaFuncSetAttribute(k_attn_dec<T, 64>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                     (int)dec_smem_bytes<T, 64>());
                 attr_set = true;
             }
             const float sl2 = scale * 1.4426950408889634f;
-            if (D == 128)
-                k_attn_dec<T, 128><<<grid, 128, dec_smem_bytes<T, 128>(), S>>>(out, partial, q, kv, g->n_layers, H, layer, heads, group,
-                                                                             hchunks, b->row_start, b->ctx_len, b->block_table,
-                                                                             b->n_seqs, b->max_blocks, sl2, n_splits, chunk, b->q_pos);
-            else
-                k_attn_dec<T, 64><<<grid, 128, dec_smem_bytes<T, 64>(), S>>>(out, partial, q, kv, g->n_layers, H, layer, heads, group,
-                                                                           hchunks, b->row_start, b->ctx_len, b->block_table,
-                                                                           b->n_seqs, b->max_blocks, sl2, n_splits, chunk, b->q_pos);
+#define KVM_DEC(DD)                                                                                                     \
+    k_attn_dec<T, DD><<<grid, 128, dec_smem_bytes<T, DD>(), S>>>(out, partial, q, kv, g->n_layers, H, layer, heads, group, \
+                                                                 hchunks, b->row_start, b->ctx_len, b->block_table,      \
+                                                                 b->n_seqs, b->max_blocks, sl2, n_splits, chunk, b->q_pos)
+            if (D == 128) KVM_DEC(128);
+            else KVM_DEC(64);
+#undef KVM_DEC
             if (KVM_CU_LAUNCH("attention (tensor-core decode)")) return;
             if (n_splits > 1) {
                 k_attn_merge<<<b->total_rows * heads, D <= 128 ? 128 : 256, 0, S>>>(out, partial, D, n_splits);
