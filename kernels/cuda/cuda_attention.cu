@@ -57,6 +57,22 @@ __device__ __forceinline__ split_cta_t split_cta_of(int gm, int H, int group, in
     return c;
 }
 
+/* Output dimension d of (row, head) wi of one context split: the output itself when the context was not split,
+ * else the split's partial for k_attn_merge (m in natural-log units, l and acc[d] relative to it). */
+__device__ __forceinline__ void store_split(float *out, float *partial, size_t wi, int D, int d, int n_splits, int split,
+                                            float acc, float l, float m) {
+    if (n_splits == 1) {
+        out[wi * D + d] = acc / l;
+        return;
+    }
+    float *pp = partial + (wi * n_splits + split) * (D + 2);
+    pp[2 + d] = acc;
+    if (d == 0) {
+        pp[0] = m;
+        pp[1] = l;
+    }
+}
+
 /* CTA = (query row r, KV head kh, chunk hc of its query heads, context split). The group's query heads
  * share every K/V load. Each warp runs an online softmax over tokens t0 + 4w .. (step 16); the warps then
  * merge in shared memory. */
@@ -165,17 +181,7 @@ __global__ void __launch_bounds__(SPLIT_WARPS * 32)
             Lsum += sm_l[w][g] * ws;
             a += sm_acc[w][g][d] * ws;
         }
-        const size_t wi = (size_t)r * heads + h0 + g;
-        if (n_splits == 1) {
-            out[wi * D + d] = a / Lsum;
-        } else {
-            float *pp = partial + (wi * n_splits + split) * (D + 2);
-            pp[2 + d] = a;
-            if (d == 0) {
-                pp[0] = M;
-                pp[1] = Lsum;
-            }
-        }
+        store_split(out, partial, (size_t)r * heads + h0 + g, D, d, n_splits, split, a, Lsum, M);
     }
 }
 
@@ -598,17 +604,8 @@ __global__ void __launch_bounds__(128)
                 ls += sm_l[w][hh] * f;
             }
         }
-        const size_t wi = (size_t)r * heads + h0 + hh;
-        if (n_splits == 1) {
-            out[wi * D + d] = a / ls;
-        } else {
-            float *pp = partial + (wi * n_splits + split) * (D + 2);
-            pp[2 + d] = a;
-            if (d == 0) {
-                pp[0] = M == -INFINITY ? -INFINITY : M * LN2;
-                pp[1] = ls;
-            }
-        }
+        store_split(out, partial, (size_t)r * heads + h0 + hh, D, d, n_splits, split, a, ls,
+                    M == -INFINITY ? -INFINITY : M * LN2);
     }
 }
 
