@@ -637,6 +637,7 @@ static void launch_split(float *out, const float *q, const T *kv, const kvm_kv_g
         if (!partial) return;
     }
     dim3 grid((unsigned)ctas, (unsigned)n_splits);
+    bool launched = false;
     if constexpr (sizeof(T) == 2) {
         if (dec) {
             static bool attr_set = false; /* per instantiation of this template (T) */
@@ -656,23 +657,21 @@ static void launch_split(float *out, const float *q, const T *kv, const kvm_kv_g
             else KVM_DEC(64);
 #undef KVM_DEC
             if (KVM_CU_LAUNCH("attention (tensor-core decode)")) return;
-            if (n_splits > 1) {
-                k_attn_merge<<<b->total_rows * heads, D <= 128 ? 128 : 256, 0, S>>>(out, partial, D, n_splits);
-                KVM_CU_LAUNCH("attention (merge)");
-            }
-            return;
+            launched = true;
         }
     }
 #define KVM_SPLIT(DPL)                                                                                                  \
     k_attn_split<T, DPL><<<grid, SPLIT_WARPS * 32, 0, S>>>(out, partial, q, kv, g->n_layers, H, D, layer, heads, group,  \
                                                            hchunks, b->row_start, b->ctx_len, b->block_table, b->n_seqs, \
                                                            b->max_blocks, scale, n_splits, chunk, b->q_pos)
-    if (D <= 32) KVM_SPLIT(1);
-    else if (D <= 64) KVM_SPLIT(2);
-    else if (D <= 128) KVM_SPLIT(4);
-    else KVM_SPLIT(8);
+    if (!launched) {
+        if (D <= 32) KVM_SPLIT(1);
+        else if (D <= 64) KVM_SPLIT(2);
+        else if (D <= 128) KVM_SPLIT(4);
+        else KVM_SPLIT(8);
+        if (KVM_CU_LAUNCH("attention (split)")) return;
+    }
 #undef KVM_SPLIT
-    if (KVM_CU_LAUNCH("attention (split)")) return;
     if (n_splits > 1) {
         k_attn_merge<<<b->total_rows * heads, D <= 128 ? 128 : 256, 0, S>>>(out, partial, D, n_splits);
         KVM_CU_LAUNCH("attention (merge)");
