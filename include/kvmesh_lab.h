@@ -195,6 +195,7 @@ enum kvm_kvcomm_dist_norm { KVM_KVCOMM_DIST_RAW = 0, KVM_KVCOMM_DIST_PER_ELEMENT
 enum kvm_kvcomm_pool_bound { KVM_KVCOMM_POOL_STRICT = 0, KVM_KVCOMM_POOL_REFERENCE = 1 };
 enum kvm_kvcomm_no_anchor { KVM_KVCOMM_NOANCHOR_DENSE = 0, KVM_KVCOMM_NOANCHOR_NAIVE = 1 };
 enum kvm_kvcomm_resp_last { KVM_KVCOMM_RESP_COMPUTE = 0, KVM_KVCOMM_RESP_DROP = 1 };
+enum kvm_kvcomm_deltas { KVM_KVCOMM_DELTAS_Q8 = 0, KVM_KVCOMM_DELTAS_KV = 1 };
 
 typedef struct kvm_kvcomm_config {
     bool enable;           /* kvcomm.enable: off = every placeholder dense ("Original") */
@@ -212,6 +213,10 @@ typedef struct kvm_kvcomm_config {
     int resp_last_token;   /* kvcomm.resp_last_token: compute | drop */
     bool force_reuse;      /* kvcomm.force_reuse: SHARE whenever >= 2 eligible anchors exist */
     size_t anchor_budget_bytes; /* host bytes all anchor pools may hold (0 = unlimited) */
+    /* kvcomm.deltas [ours, issue 17]: how new anchors store their per-consumer deltas. q8 (default): int8 with one
+     * fp32 scale per head row (kernels/ops.h, KVM_Q8_MAX), a quarter of fp32 and about half of the KV dtype; kv:
+     * the KV cache's dtype (fp32 on a CPU fp32 pool). Anchors keep the form they were made in. */
+    int deltas;
     /* segment headers (kvcomm.md §2.3): lead-in text after the user-role header, per producer kind */
     const char *lead_input, *lead_tool, *lead_state; /* NULL = "The task is:\n\n", "Tool result:\n\n", "Value:\n\n" */
     /* kvcomm.recompute_below [our design, not in the spec]: in a REUSE prompt, a shared placeholder of fewer
@@ -503,8 +508,13 @@ typedef struct kvm_comm_stats {
     uint64_t invocations, reuse_invocations;     /* reuse rate = reuse / invocations (paper §4.1) */
     uint64_t exact_tokens, offset_tokens, naive_tokens, recomputed_tokens, input_tokens;
     int n_pools;
-    size_t anchor_bytes;
+    size_t anchor_bytes;        /* the anchors' own storage (deltas; bases loaded from a state file) */
     uint64_t anchors_created, anchors_evicted;
+    /* anchors whose base shared its segment's KV blocks in the store (counted in the KV budget) until the store
+     * needed the blocks: the base moved into the anchor's own storage (docs/kvcomm.md, "Anchor memory") */
+    uint64_t anchors_unshared;
+    int anchors_shared;        /* anchors in the pools now whose base is their segment's blocks in the store */
+    size_t shared_base_bytes;  /* the KV bytes of those bases (the store's, in the KV budget; not in anchor_bytes) */
 } kvm_comm_stats_t;
 void kvm_comm_stats(const kvm_comm_t *c, kvm_comm_stats_t *out);
 

@@ -216,6 +216,9 @@ enum { KVM_KVCOMM_WANT_PH = 1, KVM_KVCOMM_WANT_PF = 2, KVM_KVCOMM_WANT_PRED = 4 
  *   contiguous (blocks == NULL): data[((((l - l0) * 2 + kv) * H + h) * rows + r) * D + d], l in [l0, L)
  *   paged      (blocks != NULL): the KV-cache layout above, position p = start + r, block blocks[p / KVM_KV_BLOCK],
  *              slot p % KVM_KV_BLOCK, all L layers (l0 must be 0); `rows` is unused
+ *   q8         (contiguous with scale != NULL): data is int8 in the contiguous layout, and element (l, kv, h, r, d)
+ *              is (float)data[i] * scale[i / D] (one fp32 multiply), i the contiguous index above: one scale per
+ *              head row (l, kv, h, r). Only the anchor deltas of kvcomm_apply and kvcomm_spread are q8 views.
  * The host layout of comm/ (fp32 [L][2][H][n][D]) is the contiguous view with l0 = 0, rows = n; anchor deltas
  * ([L-1][2][H][n][D], layers 1..L-1) are contiguous with l0 = 1. */
 typedef struct kvm_kv_view {
@@ -224,7 +227,18 @@ typedef struct kvm_kv_view {
     int start;             /* paged: position of row 0 */
     int rows;              /* contiguous: row stride of one (l, kv, h) slab */
     int l0;                /* contiguous: first layer stored (0 or 1) */
+    const float *scale;    /* q8: backend memory, one scale per head row; NULL = the geometry's dtype */
 } kvm_kv_view_t;
+
+/* The q8 encoding of one head row y[0, D) (fp32): s = max_d |y[d]| / 127 (fp32 division), stored as the row's
+ * scale; q[d] = y[d] / s (fp32 division) rounded to the nearest integer, ties to even, in [-127, 127]; every q is 0
+ * when s is 0 (and a NaN quotient gives 0). Decoding is q * s. Error per element <= s / 2, i.e. <= 1/254 of the
+ * row's largest magnitude. */
+#define KVM_Q8_MAX 127.0f
+/* the encoding of one row on the host (the CPU op's, and what uploads of host rows use) */
+void kvm_q8_encode_row(int8_t *q, float *scale, const float *y, int D);
+/* bytes of a q8 buffer of `elems` elements in rows of D: the int8 data, padded to 16 bytes, then the fp32 scales */
+size_t kvm_q8_bytes(size_t elems, int D);
 
 /* kvcomm_dist: distances of the candidate X (rows [0, T)) to anchors A_n (rows [0, T_n), T_n >= T), n < N.
  * Outputs are fp32 in backend memory; each is written only if its bit is in `want` (others may be NULL):
@@ -299,6 +313,8 @@ typedef struct kvm_kvcomm_spread_args {
  *   where a' = a, except that keys (kv 0) are first rotated by `shift` positions (same numerics as kvcomm_apply's
  *   shift; none when shift == 0); y is rounded ONCE to the dtype and stored contiguous:
  *   out[((((l - l0) * 2 + kv) * H + h) * n + r) * D + d]  (the contiguous view {out, rows = n, l0}).
+ *   With out_scale != NULL, y is stored q8 instead (the encoding above KVM_Q8_MAX): out is int8 in the same layout
+ *   and out_scale[(((l - l0) * 2 + kv) * H + h) * n + r] the row's scale (the q8 view {out, rows = n, l0, out_scale}).
  * a and b are views (paged or contiguous; a contiguous one must hold layer l0 and n rows); out must not overlap
  * them. An anchor's base is kvcomm_diff(segment rows, no b, l0 = 0); a consumer's delta is
  * kvcomm_diff(its dense rows at position p, shift -p, b = the base or the template's text rows, l0 = 1). */
@@ -310,6 +326,7 @@ typedef struct kvm_kvcomm_diff_args {
     const float *inv_freq; /* backend memory [D/2], needed when shift != 0 */
     kvm_rope_layout_t layout;
     void *out;             /* backend memory */
+    float *out_scale;      /* backend memory, or NULL (see above) */
 } kvm_kvcomm_diff_args_t;
 
 /* ---- C2C op types -------------------------------------------------------------------------------- */

@@ -13,6 +13,19 @@
 
 size_t kvm_dtype_size(kvm_dtype_t t) { return t == KVM_F32 ? 4 : 2; }
 
+void kvm_q8_encode_row(int8_t *q, float *scale, const float *y, int D) {
+    float m = 0.f;
+    for (int d = 0; d < D; d++) m = fmaxf(m, fabsf(y[d]));
+    const float s = m / KVM_Q8_MAX;
+    *scale = s;
+    for (int d = 0; d < D; d++) {
+        const float v = s > 0.f ? y[d] / s : 0.f;
+        q[d] = v > -KVM_Q8_MAX ? (v < KVM_Q8_MAX ? (int8_t)rintf(v) : 127) : v == v ? -127 : 0;
+    }
+}
+
+size_t kvm_q8_bytes(size_t elems, int D) { return (elems + 15) / 16 * 16 + elems / (size_t)D * sizeof(float); }
+
 const char *kvm_dtype_name(kvm_dtype_t t) {
     switch (t) {
     case KVM_F32: return "F32";

@@ -199,8 +199,8 @@ static void ttft_report(const bench_model_t *bm, const opts_t *o, kvm_comm_t *c,
     free(v);
     double per1k = align_tok ? align_ms / (align_tok / 1000.0) : 0;
     double floor1k = align_tok ? (align_bytes / (o->bw_gbs * 1e9) * 1e3) / (align_tok / 1000.0) : 0;
-    /* anchor memory: bases and deltas as stored (backend memory in the KV dtype; host fp32 on the CPU backend
-     * with an fp32 pool) */
+    /* anchor memory: bases and deltas as stored (backend memory in the KV dtype, deltas q8 unless kvcomm.deltas=kv;
+     * host fp32 on the CPU backend with an fp32 pool) */
     double per_anchor = n_anchors ? (double)st.anchor_bytes / n_anchors : 0;
     printf("\nreuse rate (measured requests): %.1f%% (%d of %d agent invocations)\n",
            n_meas ? 100.0 * n_reuse / n_meas : 0, n_reuse, n_meas);
@@ -212,9 +212,13 @@ static void ttft_report(const bench_model_t *bm, const opts_t *o, kvm_comm_t *c,
     printf("alignment (weights + offsets + assembly): %.3f ms per 1K reused tokens; bandwidth floor %.3f ms per 1K "
            "at %.0f GB/s (bf16 bytes of bases, deltas, anchor bases, writes) -> %.1fx the floor\n", per1k, floor1k,
            o->bw_gbs, floor1k > 0 ? per1k / floor1k : 0);
-    printf("anchors: %d in %d pools, %.1f MiB in all, %.2f MiB per anchor (as stored: %s memory in the KV cache's "
-           "dtype)\n", n_anchors, st.n_pools, st.anchor_bytes / 1048576.0, per_anchor / 1048576.0,
-           strcmp(bm->info.backend, "cpu") ? "device" : "host");
+    printf("anchors: %d in %d pools, %.1f MiB in all, %.2f MiB per anchor (own storage in %s memory: deltas %s, bases "
+           "not shared in the KV cache's dtype); %d bases share their segment's blocks in the store (%.1f MiB, in the "
+           "KV budget), %llu were copied out when the store needed the blocks\n",
+           n_anchors, st.n_pools, st.anchor_bytes / 1048576.0, per_anchor / 1048576.0,
+           strcmp(bm->info.backend, "cpu") ? "device" : "host",
+           kvm_comm_config(c)->deltas == KVM_KVCOMM_DELTAS_Q8 ? "q8 (int8, a scale per head row)" : "in the KV dtype",
+           st.anchors_shared, st.shared_base_bytes / 1048576.0, (unsigned long long)st.anchors_unshared);
     cJSON_AddNumberToObject(root, "reuse_rate", n_meas ? (double)n_reuse / n_meas : 0);
     cJSON_AddNumberToObject(root, "align_ms_per_1k", per1k);
     cJSON_AddNumberToObject(root, "align_floor_ms_per_1k", floor1k);
@@ -222,6 +226,9 @@ static void ttft_report(const bench_model_t *bm, const opts_t *o, kvm_comm_t *c,
     cJSON_AddNumberToObject(root, "anchors", n_anchors);
     cJSON_AddNumberToObject(root, "anchor_bytes", (double)st.anchor_bytes);
     cJSON_AddNumberToObject(root, "anchor_bytes_per_anchor", per_anchor);
+    cJSON_AddNumberToObject(root, "anchors_base_shared", st.anchors_shared);
+    cJSON_AddNumberToObject(root, "shared_base_bytes", (double)st.shared_base_bytes);
+    cJSON_AddNumberToObject(root, "anchors_unshared", (double)st.anchors_unshared);
     write_json(o, "kvcomm_ttft.json", root);
     cJSON_Delete(root);
 }
@@ -290,6 +297,9 @@ static int run_ttft(const bench_model_t *bm, const opts_t *o) {
     kvm_prepared_t *p = kvm_prepared_create();
     if (!p) rc = KVM_ENOMEM;
     const double row_bytes = 2.0 * mc->n_layers * mc->n_kv_heads * mc->head_dim * 2.0; /* bf16 K+V per token */
+    /* a delta row: q8 (kvcomm.deltas, one byte and a 4-byte scale per head row of D) or bf16 */
+    const double delta_row_bytes =
+        kvm_comm_config(c)->deltas == KVM_KVCOMM_DELTAS_Q8 ? row_bytes / 2 * (1 + 4.0 / mc->head_dim) : row_bytes;
     for (int r = 0; r < R && !rc; r++) {
         fprintf(stderr, "request %d/%d%s\n", r + 1, R, r < o->warmup ? " (warm-up)" : "");
         kvm_comm_request_t *rq = kvm_comm_request_begin(c, (uint64_t)r + 1);
@@ -334,10 +344,10 @@ static int run_ttft(const bench_model_t *bm, const opts_t *o) {
                 x->align_ms = rp->weights_ms + rp->offset_ms + rp->assemble_ms;
                 x->align_tokens = rp->offset_tokens + rp->naive_tokens;
                 /* floor: read base rows + N anchors (deltas of T+S rows, bases of T rows) + template rows,
-                 * write the T+S rows, for every placeholder (bf16 bytes) */
+                 * write the T+S rows, for every placeholder (bf16 bytes; deltas as stored) */
                 for (int k = 0; k < rp->n_placeholders; k++) {
                     double T = rp->ph[k].tokens, S = rp->ph[k].text_tokens, N = rp->ph[k].n_eligible;
-                    x->align_bytes += row_bytes * (T + S + N * (T + S) + N * T + (T + S));
+                    x->align_bytes += row_bytes * (T + S + N * T + (T + S)) + delta_row_bytes * N * (T + S);
                     if (rp->ph[k].n_eligible > x->n_anchor_max) x->n_anchor_max = rp->ph[k].n_eligible;
                 }
             }

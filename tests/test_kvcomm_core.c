@@ -252,10 +252,11 @@ static void test_a_request_pins_no_segment_its_finished_agents_bound(void **st) 
 
 /* ---- one anchor reproduces dense (§8 item 5) ------------------------------------------------------------- */
 
-static void test_single_anchor_applied_to_its_own_sample_reproduces_dense(void **st) {
-    (void)st;
+/* deltas: kvcomm.deltas; tol: the largest relative error to dense (lo: the smallest largest one, so that q8 shows) */
+static void single_anchor_case(int deltas, float tol, float lo) {
     kvm_model_t *m = small_model(KVM_ROPE_HALF, 13);
     kvm_comm_t *c = kvm_comm_create(m, NULL);
+    kvm_comm_config(c)->deltas = deltas;
     kvm_template_t *t = make_tmpl(c, "a", "input", NULL, 31, 23);
     kvm_segment_t *in = input_segment(c, 79, 33);
     kvm_binding_t b = {"input", in};
@@ -284,27 +285,46 @@ static void test_single_anchor_applied_to_its_own_sample_reproduces_dense(void *
     memcpy(ids + t->te[0], kvm_segment_info(in)->ids, (size_t)T * 4);
     memcpy(ids + t->te[0] + T, t->ids + t->ts[1], (size_t)S * 4);
     float *dense = dense_kv(c, ids, N);
+    float worst = 0;
     for (int l = 1; l < g->L; l++)
         for (int kv = 0; kv < 2; kv++)
             for (int h = 0; h < g->H; h++) {
                 float *want = malloc((size_t)T * g->D * 4);
                 memcpy(want, dense + comm_idx(g, N, l, kv, h, t->te[0]), (size_t)T * g->D * 4);
                 if (kv == 0) kvm_rope_rotate_rows(want, T, g->D, g->D, -t->te[0], NULL, m->inv_freq, m->cfg.rope_layout);
-                assert_true(max_rel(xh + comm_idx(g, T, l, kv, h, 0), want, (size_t)T * g->D) <= 1e-5f);
+                const float e = max_rel(xh + comm_idx(g, T, l, kv, h, 0), want, (size_t)T * g->D);
+                assert_true(e <= tol);
+                worst = e > worst ? e : worst;
                 free(want);
                 want = malloc((size_t)S * g->D * 4);
                 memcpy(want, dense + comm_idx(g, N, l, kv, h, t->te[0] + T), (size_t)S * g->D * 4);
                 if (kv == 0)
                     kvm_rope_rotate_rows(want, S, g->D, g->D, -(t->te[0] + T), NULL, m->inv_freq, m->cfg.rope_layout);
-                assert_true(max_rel(ph + comm_idx(g, S, l, kv, h, 0), want, (size_t)S * g->D) <= 1e-5f);
+                const float e2 = max_rel(ph + comm_idx(g, S, l, kv, h, 0), want, (size_t)S * g->D);
+                assert_true(e2 <= tol);
+                worst = e2 > worst ? e2 : worst;
                 free(want);
             }
+    printf("deltas=%s: largest relative error to dense %.3g\n", deltas == KVM_KVCOMM_DELTAS_Q8 ? "q8" : "kv", (double)worst);
+    assert_true(worst >= lo);
     free(dense);
     free(ids);
     free(xh);
     free(ph);
     kvm_comm_request_abort(rq);
     teardown(m, c, t, NULL, in, NULL);
+}
+
+static void test_single_anchor_applied_to_its_own_sample_reproduces_dense(void **st) {
+    (void)st;
+    single_anchor_case(KVM_KVCOMM_DELTAS_KV, 1e-5f, 0.f);
+}
+
+/* q8 deltas (the default): within the encoding's error, 1/254 of a row's largest delta per element; a delta is at
+ * most about twice the KV it corrects, so 1/100 of the largest element of a slab bounds it */
+static void test_single_anchor_with_q8_deltas_is_dense_within_the_encoding(void **st) {
+    (void)st;
+    single_anchor_case(KVM_KVCOMM_DELTAS_Q8, 1e-2f, 1e-5f);
 }
 
 /* ---- end to end: anchors form, then agents reuse (§3.1, §3.7, §6) ----------------------------------------- */
@@ -1430,6 +1450,7 @@ int main(void) {
         cmocka_unit_test(test_identical_prompt_reuses_the_prefix_cache_bit_for_bit),
         cmocka_unit_test(test_a_request_pins_no_segment_its_finished_agents_bound),
         cmocka_unit_test(test_single_anchor_applied_to_its_own_sample_reproduces_dense),
+        cmocka_unit_test(test_single_anchor_with_q8_deltas_is_dense_within_the_encoding),
         cmocka_unit_test(test_after_two_anchors_agents_reuse_with_n_minus_1_cached_tokens),
         cmocka_unit_test(test_response_segment_drops_the_token_without_kv_or_computes_it_on_length_stop),
         cmocka_unit_test(test_prepare_rejects_a_segment_of_another_model_and_a_wrong_frame),

@@ -52,6 +52,8 @@ typedef struct kcase {
     int32_t *xblk, *pblk, *oblk;
     int xs, ps, n_xblk, n_pblk, n_oblk;
     void *Ab[MAXN], *dphb[MAXN], *dpfb[MAXN];
+    /* q8 (case_q8): the deltas encoded (kvm_q8_bytes buffers); dph/dpf then hold their decoded values */
+    void *dphq[MAXN], *dpfq[MAXN];
 } kcase_t;
 
 static size_t esz(kvm_dtype_t dt) { return dt == KVM_F32 ? 4 : 2; }
@@ -154,8 +156,37 @@ static void case_free(kcase_t *k) {
     for (int n = 0; n < k->N; n++) {
         free(k->A[n]), free(k->dph[n]), free(k->dpf[n]);
         free(k->Ab[n]), free(k->dphb[n]), free(k->dpfb[n]);
+        free(k->dphq[n]), free(k->dpfq[n]);
     }
     free(k);
+}
+
+/* a delta of `rows` rows q8-encoded (ops.h); x replaced by the decoded values when `decode` */
+static void *q8_encode(const kcase_t *k, float *x, int rows, int decode) {
+    const size_t elems = (size_t)(k->L - 1) * 2 * k->H * rows * k->D;
+    char *q = calloc(1, kvm_q8_bytes(elems, k->D) + 16);
+    float *sc = (float *)(q + (elems + 15) / 16 * 16);
+    for (size_t r = 0; r < elems / (size_t)k->D; r++) {
+        kvm_q8_encode_row((int8_t *)q + r * k->D, sc + r, x + r * k->D, k->D);
+        for (int d = 0; decode && d < k->D; d++) x[r * k->D + d] = (float)((int8_t *)q)[r * k->D + d] * sc[r];
+    }
+    return q;
+}
+
+/* makes the case's deltas q8: the encoded buffers, and (decode) the logical tensors and their packed copies decoded,
+ * so that the references give what the ops should compute from the q8 views */
+static void case_q8(kcase_t *k, int decode) {
+    for (int n = 0; n < k->N; n++) {
+        k->dphq[n] = q8_encode(k, k->dph[n], k->Tn[n], decode);
+        k->dpfq[n] = q8_encode(k, k->dpf[n], k->S, decode);
+        if (!decode) continue;
+        free(k->dphb[n]), free(k->dpfb[n]);
+        k->dphb[n] = pack_contig(k, k->dph[n], k->L - 1, k->Tn[n]);
+        k->dpfb[n] = pack_contig(k, k->dpf[n], k->L - 1, k->S);
+    }
+}
+static size_t q8_size(const kcase_t *k, int rows) {
+    return kvm_q8_bytes((size_t)(k->L - 1) * 2 * k->H * rows * k->D, k->D);
 }
 
 static kvm_kv_geom_t case_geom(const kcase_t *k) {
@@ -283,8 +314,19 @@ typedef struct devcase {
     void *pool;
     int32_t *xblk, *pblk, *oblk;
     void *Ab[MAXN], *dphb[MAXN], *dpfb[MAXN];
+    void *dphq[MAXN], *dpfq[MAXN]; /* a q8 case's encoded deltas */
+    int q8;                        /* apply and spread read the q8 deltas */
     float *inv_freq;
 } devcase_t;
+
+/* the delta view of anchor n (pf: the text rows) */
+static kvm_kv_view_t delta_view(const devcase_t *dc, const kcase_t *k, int pf, int n) {
+    const int rows = pf ? k->S : k->Tn[n];
+    if (!dc->q8) return (kvm_kv_view_t){.data = pf ? dc->dpfb[n] : dc->dphb[n], .rows = rows, .l0 = 1};
+    const char *q = pf ? dc->dpfq[n] : dc->dphq[n];
+    const size_t elems = (size_t)(k->L - 1) * 2 * k->H * rows * k->D;
+    return (kvm_kv_view_t){.data = q, .rows = rows, .l0 = 1, .scale = (const float *)(q + (elems + 15) / 16 * 16)};
+}
 
 static void *up(const kvm_ops_t *o, const void *src, size_t bytes) {
     void *d = o->alloc(bytes + 16);
@@ -307,6 +349,8 @@ static devcase_t dev_make(const kvm_ops_t *o, const kcase_t *k) {
         dc.Ab[n] = up(o, k->Ab[n], (size_t)k->L * 2 * k->H * k->Tn[n] * k->D * esz(k->dt));
         dc.dphb[n] = up(o, k->dphb[n], (size_t)(k->L - 1) * 2 * k->H * k->Tn[n] * k->D * esz(k->dt));
         dc.dpfb[n] = up(o, k->dpfb[n], (size_t)(k->L - 1) * 2 * k->H * k->S * k->D * esz(k->dt));
+        if (k->dphq[n]) dc.dphq[n] = up(o, k->dphq[n], q8_size(k, k->Tn[n]));
+        if (k->dpfq[n]) dc.dpfq[n] = up(o, k->dpfq[n], q8_size(k, k->S));
     }
     return dc;
 }
@@ -314,7 +358,7 @@ static devcase_t dev_make(const kvm_ops_t *o, const kcase_t *k) {
 static void dev_free(devcase_t *dc, const kcase_t *k) {
     const kvm_ops_t *o = dc->o;
     o->free(dc->pool), o->free(dc->xblk), o->free(dc->pblk), o->free(dc->oblk), o->free(dc->inv_freq);
-    for (int n = 0; n < k->N; n++) o->free(dc->Ab[n]), o->free(dc->dphb[n]), o->free(dc->dpfb[n]);
+    for (int n = 0; n < k->N; n++) o->free(dc->Ab[n]), o->free(dc->dphb[n]), o->free(dc->dpfb[n]), o->free(dc->dphq[n]), o->free(dc->dpfq[n]);
 }
 
 /* runs kvcomm_dist (+ softmax into host w_ph [2][N][T], w_pf [2][N][L][H][D]); distances to host */
@@ -369,8 +413,7 @@ static float *run_apply_n(const devcase_t *dc, const kcase_t *k, int pf, const f
     size_t nw = pf ? (size_t)2 * N * L * H * D : (size_t)2 * N * k->T;
     float *dw = up(o, w, nw * 4);
     kvm_kv_view_t dv[MAXN];
-    for (int n = 0; n < N; n++)
-        dv[n] = (kvm_kv_view_t){.data = pf ? dc->dpfb[n] : dc->dphb[n], .rows = pf ? k->S : k->Tn[n], .l0 = 1};
+    for (int n = 0; n < N; n++) dv[n] = delta_view(dc, k, pf, n);
     kvm_kvcomm_apply_args_t a = {.g = case_geom(k),
                                  .src = {.data = dc->pool, .blocks = pf ? dc->pblk : dc->xblk, .start = pf ? k->ps : k->xs},
                                  .n = N,
@@ -417,7 +460,7 @@ static float *run_spread(const devcase_t *dc, const kcase_t *k, const float *w) 
     float *dout = o->alloc((size_t)T * 4 + 16);
     assert_non_null(dout);
     kvm_kv_view_t dv[MAXN];
-    for (int n = 0; n < N; n++) dv[n] = (kvm_kv_view_t){.data = dc->dphb[n], .rows = k->Tn[n], .l0 = 1};
+    for (int n = 0; n < N; n++) dv[n] = delta_view(dc, k, 0, n);
     kvm_kvcomm_spread_args_t a = {.g = case_geom(k),
                                   .x = {.data = dc->pool, .blocks = dc->xblk, .start = k->xs},
                                   .n = N,
@@ -471,11 +514,12 @@ static double rel_err_ff(const float *a, const float *ref, size_t n) {
 static int diff_rows(const kcase_t *k, int use) { return use == 2 ? k->S : k->T; }
 static int diff_l0(int use) { return use ? 1 : 0; }
 
-static float *run_diff(const devcase_t *dc, const kcase_t *k, int use, int shift) {
+/* q8 (uses 1 and 2): the output is q8, its raw bytes in *raw (kvm_q8_bytes) and its decoded values returned */
+static float *run_diff_q8(const devcase_t *dc, const kcase_t *k, int use, int shift, int q8, char **raw) {
     const kvm_ops_t *o = dc->o;
     const int n = diff_rows(k, use), l0 = diff_l0(use);
-    const size_t cnt = (size_t)(k->L - l0) * 2 * k->H * n * k->D;
-    void *out = o->alloc(cnt * esz(k->dt) + 16);
+    const size_t cnt = (size_t)(k->L - l0) * 2 * k->H * n * k->D, qb = kvm_q8_bytes(cnt, k->D);
+    void *out = o->alloc((q8 ? qb : cnt * esz(k->dt)) + 16);
     assert_non_null(out);
     const kvm_kv_view_t xv = {.data = dc->pool, .blocks = dc->xblk, .start = k->xs};
     const kvm_kv_view_t pv = {.data = dc->pool, .blocks = dc->pblk, .start = k->ps};
@@ -485,8 +529,19 @@ static float *run_diff(const devcase_t *dc, const kcase_t *k, int use, int shift
     if (use == 0) a.a = xv;
     if (use == 1) a.a = xv, a.b = av, a.shift = shift;
     if (use == 2) a.a = av, a.b = pv;
+    if (q8) a.out_scale = (float *)((char *)out + (cnt + 15) / 16 * 16);
     assert_int_equal(o->kvcomm_diff(&a), 0);
     assert_int_equal(o->sync(), 0);
+    if (q8) {
+        char *h = malloc(qb + 16);
+        assert_int_equal(o->d2h(h, out, qb), 0);
+        const float *sc = (const float *)(h + (cnt + 15) / 16 * 16);
+        float *y = malloc(cnt * sizeof(float) + 4);
+        for (size_t i = 0; i < cnt; i++) y[i] = (float)((int8_t *)h)[i] * sc[i / (size_t)k->D];
+        o->free(out);
+        *raw = h;
+        return y;
+    }
     void *h = malloc(cnt * esz(k->dt) + 16);
     assert_int_equal(o->d2h(h, out, cnt * esz(k->dt)), 0);
     float *y = malloc(cnt * sizeof(float) + 4);
@@ -494,6 +549,9 @@ static float *run_diff(const devcase_t *dc, const kcase_t *k, int use, int shift
     free(h);
     o->free(out);
     return y;
+}
+static float *run_diff(const devcase_t *dc, const kcase_t *k, int use, int shift) {
+    return run_diff_q8(dc, k, use, shift, 0, NULL);
 }
 
 /* kvcomm_diff's formula in fp64 over the logical tensors */
@@ -614,6 +672,88 @@ static void test_cpu_ops_match_the_formulas_fp32_interleaved_odd_head_dim(void *
     check_cpu_case(KVM_F32, KVM_ROPE_INTERLEAVED, 6);
 }
 
+/* q8 deltas on the CPU (the reference of every backend): apply and spread read them as their decoded values (the
+ * references over the decoded tensors), and kvcomm_diff's q8 output is the encoding of the formula's values: per
+ * row, the scale is max |y| / 127, some element is +-127, and every decoded value is within half a scale of y. */
+static void check_cpu_q8_case(kvm_dtype_t dt, kvm_rope_layout_t lay, int D) {
+    const int Tn[3] = {20, 27, 33};
+    kcase_t *k = case_make(3, 2, D, 20, 13, 3, Tn, dt, lay);
+    case_q8(k, 1);
+    const kvm_ops_t *o = kvm_ops_cpu();
+    devcase_t dc = dev_make(o, k);
+    dc.q8 = 1;
+    const int N = k->N, T = k->T;
+    const size_t nph = (size_t)2 * N * T, npf = (size_t)2 * N * k->L * k->H * k->D;
+    float *dph = malloc(nph * 4), *dpf = malloc(npf * 4), *pred = malloc(N * 4), *wph = malloc(nph * 4), *wpf = malloc(npf * 4);
+    run_dist(&dc, k, dph, dpf, pred, wph, wpf, KVM_KVCOMM_SOFTMAX);
+    const double tol = dt == KVM_F32 ? 1e-5 : 1e-2;
+    float *y = run_apply(&dc, k, 0, wph, 2, T, 7, 1000);
+    double *ry = ref_apply(k, 0, wph, 2, T, 1000);
+    const double e1 = rel_err_fd(y, ry, (size_t)k->L * 2 * k->H * (T - 2) * k->D);
+    free(y), free(ry);
+    y = run_apply(&dc, k, 1, wpf, 0, k->S, 7 + T - 2, 1000 + T);
+    ry = ref_apply(k, 1, wpf, 0, k->S, 1000 + T);
+    const double e2 = rel_err_fd(y, ry, (size_t)k->L * 2 * k->H * k->S * k->D);
+    free(y), free(ry);
+    float *sp = run_spread(&dc, k, wph);
+    double *rs = ref_spread(k, wph);
+    const double e3 = rel_err_fd(sp, rs, (size_t)T);
+    free(sp), free(rs);
+    fprintf(stderr, "  [cpu q8 %s D=%d] apply ph %.3g pf %.3g spread %.3g (tol %g)\n", kvm_dtype_name(dt), D, e1, e2, e3, tol);
+    assert_true(e1 <= tol && e2 <= tol && e3 <= 1e-5);
+    for (int use = 1; use < 3; use++) {
+        char *raw = NULL;
+        float *yq = run_diff_q8(&dc, k, use, -(k->xs + 37), 1, &raw);
+        double *yr = ref_diff(k, use, -(k->xs + 37));
+        const size_t cnt = (size_t)(k->L - 1) * 2 * k->H * diff_rows(k, use) * D;
+        const float *sc = (const float *)(raw + (cnt + 15) / 16 * 16);
+        for (size_t r = 0; r < cnt / (size_t)D; r++) {
+            double m = 0;
+            int qm = 0;
+            for (int d = 0; d < D; d++) {
+                m = fmax(m, fabs(yr[r * D + d]));
+                qm = abs(((int8_t *)raw)[r * D + d]) > qm ? abs(((int8_t *)raw)[r * D + d]) : qm;
+            }
+            assert_true(fabs(sc[r] - m / 127) <= 1e-6 * m);
+            assert_int_equal(qm, 127);
+            for (int d = 0; d < D; d++) assert_true(fabs(yq[r * D + d] - yr[r * D + d]) <= 0.5 * sc[r] + 1e-6 * m);
+        }
+        free(yq), free(yr), free(raw);
+    }
+    dev_free(&dc, k);
+    free(dph), free(dpf), free(pred), free(wph), free(wpf);
+    case_free(k);
+}
+
+static void test_cpu_ops_read_and_write_q8_deltas(void **st) {
+    (void)st;
+    check_cpu_q8_case(KVM_F32, KVM_ROPE_HALF, 16);
+    check_cpu_q8_case(KVM_BF16, KVM_ROPE_INTERLEAVED, 32);
+    check_cpu_q8_case(KVM_F32, KVM_ROPE_INTERLEAVED, 6);
+}
+
+/* a q8 view anywhere but an anchor delta, or a paged one, is refused */
+static void test_q8_views_only_for_contiguous_deltas(void **st) {
+    (void)st;
+    const int Tn[3] = {20, 27, 33};
+    kcase_t *k = case_make(3, 2, 16, 20, 13, 3, Tn, KVM_F32, KVM_ROPE_HALF);
+    const kvm_ops_t *o = kvm_ops_cpu();
+    devcase_t dc = dev_make(o, k);
+    float sc[64] = {1};
+    kvm_kv_view_t dv = {.data = dc.dphb[0], .blocks = dc.xblk, .rows = k->Tn[0], .l0 = 1, .scale = sc};
+    float w[2 * 20] = {1};
+    kvm_kvcomm_spread_args_t a = {.g = case_geom(k), .x = {.data = dc.pool, .blocks = dc.xblk, .start = k->xs}, .n = 1,
+                                  .delta = &dv, .w = w, .w_rows = k->T, .r0 = 0, .r1 = 2, .out = sc};
+    assert_int_equal(o->kvcomm_spread(&a), KVM_EINVAL);
+    assert_non_null(strstr(kvm_errmsg(), "q8"));
+    dv.blocks = NULL;
+    a.x.scale = sc;
+    assert_int_equal(o->kvcomm_spread(&a), KVM_EINVAL);
+    assert_non_null(strstr(kvm_errmsg(), "candidate"));
+    dev_free(&dc, k);
+    case_free(k);
+}
+
 static void test_nearest_softmax_is_one_hot_on_the_first_minimum(void **st) {
     (void)st;
     const float d[3 * 2] = {0.5f, 2.0f, 0.25f, 1.0f, 0.25f, 1.0f};
@@ -642,6 +782,7 @@ static const kvm_ops_t *gpu_ops_or_skip(void) {
 static void check_backend_case(const kvm_ops_t *o, int L, int H, int D, int T, int S, int N, const int *Tn, kvm_dtype_t dt,
                                kvm_rope_layout_t lay) {
     kcase_t *k = case_make(L, H, D, T, S, N, Tn, dt, lay);
+    case_q8(k, 0); /* the deltas also as q8 buffers, for the q8 passes below */
     devcase_t cc = dev_make(kvm_ops_cpu(), k), gc = dev_make(o, k);
     const size_t nph = (size_t)2 * N * T, per = (size_t)L * H * D, npf = 2 * N * per;
     float *b[2][5];
@@ -659,27 +800,30 @@ static void check_backend_case(const kvm_ops_t *o, int L, int H, int D, int T, i
                 kvm_dtype_name(dt), names[j], e);
         if (!(e <= 1e-5)) bad = 1;
     }
-    /* apply with the CPU weights on both (so the comparison isolates apply) */
+    /* apply and spread with the CPU weights on both (so the comparison isolates them), with the deltas in the KV
+     * dtype, then q8 (kvcomm.deltas=q8) */
     const double tol = dt == KVM_F32 ? 1e-5 : 1e-2;
-    for (int pf = 0; pf < 2; pf++) {
-        int r0 = pf ? 0 : 3, r1 = pf ? S : T, pos = pf ? 9 + T - 3 : 9, shift = pf ? 4000 + T : 4000;
-        float *yc = run_apply(&cc, k, pf, pf ? b[0][4] : b[0][3], r0, r1, pos, shift);
-        float *yg = run_apply(&gc, k, pf, pf ? b[0][4] : b[0][3], r0, r1, pos, shift);
-        double e = rel_err_ff(yg, yc, (size_t)L * 2 * H * (r1 - r0) * D);
-        fprintf(stderr, "  [%s L=%d H=%d D=%d T=%d N=%d %s] apply %s rel err %.3g (tol %g)\n", o->name, L, H, D, T, N,
-                kvm_dtype_name(dt), pf ? "pf" : "ph", e, tol);
-        if (!(e <= tol)) bad = 1;
-        free(yc), free(yg);
-    }
-    /* spread (ours) with the CPU weights on both */
-    {
+    for (int q8 = 0; q8 < 2; q8++) {
+        cc.q8 = gc.q8 = q8;
+        const char *form = q8 ? "q8 " : "";
+        for (int pf = 0; pf < 2; pf++) {
+            int r0 = pf ? 0 : 3, r1 = pf ? S : T, pos = pf ? 9 + T - 3 : 9, shift = pf ? 4000 + T : 4000;
+            float *yc = run_apply(&cc, k, pf, pf ? b[0][4] : b[0][3], r0, r1, pos, shift);
+            float *yg = run_apply(&gc, k, pf, pf ? b[0][4] : b[0][3], r0, r1, pos, shift);
+            double e = rel_err_ff(yg, yc, (size_t)L * 2 * H * (r1 - r0) * D);
+            fprintf(stderr, "  [%s L=%d H=%d D=%d T=%d N=%d %s] %sapply %s rel err %.3g (tol %g)\n", o->name, L, H, D, T,
+                    N, kvm_dtype_name(dt), form, pf ? "pf" : "ph", e, tol);
+            if (!(e <= tol)) bad = 1;
+            free(yc), free(yg);
+        }
         float *sc = run_spread(&cc, k, b[0][3]), *sg = run_spread(&gc, k, b[0][3]);
         double e = rel_err_ff(sg, sc, (size_t)T);
-        fprintf(stderr, "  [%s L=%d H=%d D=%d T=%d N=%d %s] spread rel err %.3g (tol 1e-4)\n", o->name, L, H, D, T, N,
-                kvm_dtype_name(dt), e);
+        fprintf(stderr, "  [%s L=%d H=%d D=%d T=%d N=%d %s] %sspread rel err %.3g (tol 1e-4)\n", o->name, L, H, D, T, N,
+                kvm_dtype_name(dt), form, e);
         if (!(e <= 1e-4)) bad = 1;
         free(sc), free(sg);
     }
+    cc.q8 = gc.q8 = 0;
     /* diff (anchor materialization): each use on both, against each other */
     for (int use = 0; use < 3; use++) {
         float *yc = run_diff(&cc, k, use, -(T + 41)), *yg = run_diff(&gc, k, use, -(T + 41));
@@ -698,6 +842,18 @@ static void check_backend_case(const kvm_ops_t *o, int L, int H, int D, int T, i
                 kvm_dtype_name(dt), e, tol);
         if (!(e <= tol)) bad = 1;
         free(yc), free(yg);
+    }
+    /* q8 deltas: diff writes the same bytes on both */
+    for (int use = 1; use < 3; use++) {
+        char *rc_ = NULL, *rg_ = NULL;
+        float *yc = run_diff_q8(&cc, k, use, -(T + 41), 1, &rc_), *yg = run_diff_q8(&gc, k, use, -(T + 41), 1, &rg_);
+        const size_t qb = kvm_q8_bytes((size_t)(L - 1) * 2 * H * diff_rows(k, use) * D, D);
+        size_t differ = 0;
+        for (size_t i = 0; i < qb; i++) differ += rc_[i] != rg_[i];
+        fprintf(stderr, "  [%s L=%d H=%d D=%d T=%d %s] q8 kvcomm_diff use %d: %zu of %zu bytes differ (want 0)\n", o->name,
+                L, H, D, T, kvm_dtype_name(dt), use, differ, qb);
+        if (differ) bad = 1;
+        free(yc), free(yg), free(rc_), free(rg_);
     }
     for (int i = 0; i < 2; i++)
         for (int j = 0; j < 5; j++) free(b[i][j]);
@@ -959,6 +1115,8 @@ int main(void) {
         cmocka_unit_test(test_cpu_ops_match_the_formulas_bf16_interleaved),
         cmocka_unit_test(test_cpu_ops_match_the_formulas_fp32_interleaved_odd_head_dim),
         cmocka_unit_test(test_nearest_softmax_is_one_hot_on_the_first_minimum),
+        cmocka_unit_test(test_cpu_ops_read_and_write_q8_deltas),
+        cmocka_unit_test(test_q8_views_only_for_contiguous_deltas),
         cmocka_unit_test(test_bench_block_table_covers_the_last_scattered_row),
         cmocka_unit_test(test_apply_refuses_a_destination_past_its_block_table),
         cmocka_unit_test(test_backend_ops_match_the_cpu_reference),

@@ -46,6 +46,17 @@ static const float *row_f32(float *buf, const void *base, kvm_dtype_t dt, size_t
     return buf;
 }
 
+/* Row (l, kv, h, r) of view v as fp32 (ops.h: the geometry's dtype, or q8 when v->scale is set); see row_f32. */
+static const float *view_row(float *buf, const kvm_kv_geom_t *g, const kvm_kv_view_t *v, int l, int kv, int h, int r) {
+    const int D = g->head_dim;
+    const size_t idx = view_idx(g, v, l, kv, h, r);
+    if (!v->scale) return row_f32(buf, v->data, g->dtype, idx, D);
+    const int8_t *q = (const int8_t *)v->data + idx;
+    const float s = v->scale[idx / (size_t)D];
+    for (int d = 0; d < D; d++) buf[d] = (float)q[d] * s;
+    return buf;
+}
+
 static void store_row(void *base, kvm_dtype_t dt, size_t idx, const float *src, int D) {
     if (dt == KVM_F32) {
         memcpy((float *)base + idx, src, (size_t)D * sizeof(float));
@@ -85,6 +96,14 @@ static void rotate_row(float *v, int D, const float *cs, kvm_rope_layout_t layou
 static int check_geom(const kvm_kv_geom_t *g, const char *op) {
     if (g->n_layers <= 0 || g->n_kv_heads <= 0 || g->head_dim <= 0 || g->head_dim % 2)
         return kvm_seterr(KVM_EINVAL, "%s: bad geometry L=%d H=%d D=%d", op, g->n_layers, g->n_kv_heads, g->head_dim);
+    return 0;
+}
+
+/* views in the geometry's dtype only (q8 is for anchor deltas), and q8 views contiguous */
+static int check_q8(const kvm_kv_view_t *v, bool q8_ok, const char *op, const char *what) {
+    if (v->scale && (!q8_ok || v->blocks))
+        return kvm_seterr(KVM_EINVAL, "%s: %s is a %s q8 view (only contiguous anchor deltas may be q8)", op, what,
+                          v->blocks ? "paged" : "contiguous");
     return 0;
 }
 
@@ -175,6 +194,9 @@ int kvm_cpu_kvcomm_dist(const kvm_kvcomm_dist_args_t *a) {
             return kvm_seterr(KVM_EINVAL, "kvcomm_dist: anchor %d has %d rows, fewer than T=%d", n, a->a_rows[n], T);
     if ((a->want & KVM_KVCOMM_WANT_PF) && a->rotate_tail && !a->inv_freq)
         return kvm_seterr(KVM_EINVAL, "kvcomm_dist: rotate_tail needs inv_freq");
+    if ((rc = check_q8(&a->x, false, "kvcomm_dist", "the candidate"))) return rc;
+    for (int n = 0; n < N; n++)
+        if ((rc = check_q8(&a->a[n], false, "kvcomm_dist", "an anchor"))) return rc;
     const bool par = (size_t)N * L * 2 * H * T * D > KVCOMM_PAR_MIN;
     dist_task_t t = {.a = a};
     kvm_cpu_parallel_for(N, par ? 1 : N, dist_task, &t);
@@ -228,7 +250,7 @@ static void apply_task(void *ctx, int i0, int i1, int tid) {
             for (int r = a->r0; r < a->r1; r++) {
                 load_row(y, a->src.data, g->dtype, view_idx(g, &a->src, l, kv, h, r), D);
                 for (int j = 0; l >= 1 && j < N; j++) {
-                    const float *dr = row_f32(dl, a->delta[j].data, g->dtype, view_idx(g, &a->delta[j], l, kv, h, r), D);
+                    const float *dr = view_row(dl, g, &a->delta[j], l, kv, h, r);
                     if (a->per_channel) {
                         const float *w = a->w + ((((size_t)kv * N + j) * L + l) * H + h) * D;
                         for (int d = 0; d < D; d++) y[d] += w[d] * dr[d];
@@ -254,6 +276,9 @@ int kvm_cpu_kvcomm_apply(const kvm_kvcomm_apply_args_t *a) {
     if (a->r0 < 0 || a->r1 < a->r0 || N < 0 || (N > 0 && (!a->w || !a->delta)) || !a->dst_blocks || !a->dst_kv)
         return kvm_seterr(KVM_EINVAL, "kvcomm_apply: rows [%d, %d), N=%d", a->r0, a->r1, N);
     if (a->shift && !a->inv_freq) return kvm_seterr(KVM_EINVAL, "kvcomm_apply: a shift needs inv_freq");
+    if ((rc = check_q8(&a->src, false, "kvcomm_apply", "the source"))) return rc;
+    for (int j = 0; j < N; j++)
+        if ((rc = check_q8(&a->delta[j], true, "kvcomm_apply", "a delta"))) return rc;
     if (a->dst_n_blocks > 0 && a->r1 > a->r0 && (a->dst_pos + (a->r1 - a->r0) - 1) / KVM_KV_BLOCK >= a->dst_n_blocks)
         return kvm_seterr(KVM_EINVAL, "kvcomm_apply: positions [%d, %d) need block %d, the table has %d", a->dst_pos,
                           a->dst_pos + (a->r1 - a->r0), (a->dst_pos + (a->r1 - a->r0) - 1) / KVM_KV_BLOCK, a->dst_n_blocks);
@@ -293,7 +318,7 @@ static void spread_task(void *ctx, int i0, int i1, int tid) {
                     const float *xr = row_f32(x, a->x.data, g->dtype, view_idx(g, &a->x, l, kv, h, r), D);
                     const float *dr[KVM_KVCOMM_MAX_ANCHORS];
                     for (int i = 0; i < N; i++)
-                        dr[i] = row_f32(dl + (size_t)i * D, a->delta[i].data, g->dtype, view_idx(g, &a->delta[i], l, kv, h, r), D);
+                        dr[i] = view_row(dl + (size_t)i * D, g, &a->delta[i], l, kv, h, r);
                     for (int d = 0; d < D; d++) {
                         float est = 0;
                         for (int i = 0; i < N; i++) est += a->w[((size_t)kv * N + i) * a->w_rows + r] * dr[i][d];
@@ -318,6 +343,9 @@ int kvm_cpu_kvcomm_spread(const kvm_kvcomm_spread_args_t *a) {
     const int L = g->n_layers, H = g->n_kv_heads, D = g->head_dim, N = a->n;
     if (a->r0 < 0 || a->r1 < a->r0 || N < 1 || N > KVM_KVCOMM_MAX_ANCHORS || !a->w || !a->delta || !a->out)
         return kvm_seterr(KVM_EINVAL, "kvcomm_spread: rows [%d, %d), N=%d", a->r0, a->r1, N);
+    if ((rc = check_q8(&a->x, false, "kvcomm_spread", "the candidate"))) return rc;
+    for (int i = 0; i < N; i++)
+        if ((rc = check_q8(&a->delta[i], true, "kvcomm_spread", "a delta"))) return rc;
     const int rows = a->r1 - a->r0;
     const bool par = (size_t)(N + 1) * (L - 1) * 2 * H * (size_t)rows * D > KVCOMM_PAR_MIN;
     spread_task_t t = {.a = a};
@@ -358,7 +386,9 @@ static void diff_task(void *ctx, int i0, int i1, int tid) {
                     load_row(y, a->b.data, g->dtype, view_idx(g, &a->b, l, kv, h, r), D);
                     for (int d = 0; d < D; d++) x[d] -= y[d];
                 }
-                store_row(a->out, g->dtype, view_idx(g, &t->out, l, kv, h, r), x, D);
+                const size_t o = view_idx(g, &t->out, l, kv, h, r);
+                if (a->out_scale) kvm_q8_encode_row((int8_t *)a->out + o, a->out_scale + o / (size_t)D, x, D);
+                else store_row(a->out, g->dtype, o, x, D);
             }
     }
     free(x), free(y);
@@ -375,6 +405,7 @@ int kvm_cpu_kvcomm_diff(const kvm_kvcomm_diff_args_t *a) {
     if (a->shift && !a->inv_freq) return kvm_seterr(KVM_EINVAL, "kvcomm_diff: a shift needs inv_freq");
     for (int k = 0; k < 2; k++) {
         const kvm_kv_view_t *v = k ? &a->b : &a->a;
+        if ((rc = check_q8(v, false, "kvcomm_diff", k ? "view b" : "view a"))) return rc;
         if (v->data && !v->blocks && (v->l0 > a->l0 || v->rows < a->n))
             return kvm_seterr(KVM_EINVAL, "kvcomm_diff: view %c holds layers from %d and %d rows (need %d and %d)",
                               k ? 'b' : 'a', v->l0, v->rows, a->l0, a->n);

@@ -44,6 +44,7 @@ struct DView {
     const void *data;
     const int32_t *blocks;
     int start, rows, l0;
+    const float *scale; /* q8 (ops.h kvm_kv_view_t): int8 data, one scale per head row; nullptr = the dtype */
 };
 
 struct Geo {
@@ -86,35 +87,71 @@ template <typename T> __device__ __forceinline__ void st8(T *p, const float *o) 
     *reinterpret_cast<uint4 *>(p) = u;
 }
 
+/* q8 (ops.h, above KVM_Q8_MAX): 8 int8 elements <-> fp32 with the row's scale s; the 16-bit and fp32 loads ignore s */
+__device__ __forceinline__ void ld8s(const int8_t *p, float *o, float s) {
+    uint2 u = *reinterpret_cast<const uint2 *>(p);
+    const int8_t *e = reinterpret_cast<const int8_t *>(&u);
+#pragma unroll
+    for (int i = 0; i < 8; i++) o[i] = __fmul_rn((float)e[i], s);
+}
+template <typename T> __device__ __forceinline__ void ld8s(const T *p, float *o, float) { ld8(p, o); }
+__device__ __forceinline__ int8_t q8_of(float y, float s) {
+    const float v = s > 0.f ? __fdiv_rn(y, s) : 0.f;
+    return v > -KVM_Q8_MAX ? (v < KVM_Q8_MAX ? (int8_t)__float2int_rn(v) : (int8_t)127) : v == v ? (int8_t)-127 : (int8_t)0;
+}
+__device__ __forceinline__ void st8s(int8_t *p, const float *o, float s) {
+    uint2 u;
+    int8_t *e = reinterpret_cast<int8_t *>(&u);
+#pragma unroll
+    for (int i = 0; i < 8; i++) e[i] = q8_of(o[i], s);
+    *reinterpret_cast<uint2 *>(p) = u;
+}
+template <typename T> __device__ __forceinline__ void st8s(T *p, const float *o, float) { st8(p, o); }
+
 /* element index (within the row) of chunk slot k of chunk c; pair i = (slot i, slot 8 + i) has frequency c*8+i */
 __device__ __forceinline__ int chunk_elem(int c, int k, int D, int il) {
     if (il) return c * 16 + (k < 8 ? 2 * k : 2 * (k - 8) + 1);
     return k < 8 ? c * 8 + k : D / 2 + c * 8 + (k - 8);
 }
 
-template <typename T> __device__ __forceinline__ void ld16(const T *row, int c, int D, int il, float *x) {
+/* the chunk's 16 elements of a row (s: the row's scale when T is int8, q8) */
+template <typename T> __device__ __forceinline__ void ld16(const T *row, int c, int D, int il, float *x, float s = 1.f) {
     if (!il) {
-        ld8(row + c * 8, x);
-        ld8(row + D / 2 + c * 8, x + 8);
+        ld8s(row + c * 8, x, s);
+        ld8s(row + D / 2 + c * 8, x + 8, s);
     } else {
         float t[16];
-        ld8(row + c * 16, t);
-        ld8(row + c * 16 + 8, t + 8);
+        ld8s(row + c * 16, t, s);
+        ld8s(row + c * 16 + 8, t + 8, s);
 #pragma unroll
         for (int i = 0; i < 8; i++) x[i] = t[2 * i], x[8 + i] = t[2 * i + 1];
     }
 }
-template <typename T> __device__ __forceinline__ void st16(T *row, int c, int D, int il, const float *x) {
+template <typename T> __device__ __forceinline__ void st16(T *row, int c, int D, int il, const float *x, float s = 1.f) {
     if (!il) {
-        st8(row + c * 8, x);
-        st8(row + D / 2 + c * 8, x + 8);
+        st8s(row + c * 8, x, s);
+        st8s(row + D / 2 + c * 8, x + 8, s);
     } else {
         float t[16];
 #pragma unroll
         for (int i = 0; i < 8; i++) t[2 * i] = x[i], t[2 * i + 1] = x[8 + i];
-        st8(row + c * 16, t);
-        st8(row + c * 16 + 8, t + 8);
+        st8s(row + c * 16, t, s);
+        st8s(row + c * 16 + 8, t + 8, s);
     }
+}
+
+/* the chunk of row (l, kv, h, r) of view v: the dtype T, or q8 when v has scales */
+template <typename T>
+__device__ __forceinline__ void ld16v(const DView &v, const Geo &g, int l, int kv, int h, int r, int c, int il, float *x) {
+    const size_t i = vidx(v, g, l, kv, h, r);
+    if (v.scale) ld16(static_cast<const int8_t *>(v.data) + i, c, g.D, il, x, v.scale[i / g.D]);
+    else ld16(static_cast<const T *>(v.data) + i, c, g.D, il, x);
+}
+
+/* element i (vidx + d) of view v as fp32 (q8 when v has scales) */
+template <typename T> __device__ __forceinline__ float ld1v(const DView &v, const Geo &g, size_t i) {
+    if (v.scale) return __fmul_rn((float)static_cast<const int8_t *>(v.data)[i], v.scale[i / g.D]);
+    return kvm_to_f32<T>(static_cast<const T *>(v.data)[i]);
 }
 
 /* rotation of the chunk's 8 pairs with cos/sin table cs[0..D/2) | cs[D/2..D) (same arithmetic as rot()) */
@@ -546,7 +583,7 @@ template <typename T> __global__ void __launch_bounds__(kThreads) k_apply(const 
 #pragma unroll 4
             for (int i = 0; i < p.N; i++) {
                 float dl[16];
-                ld16(static_cast<const T *>(p.d[i].data) + vidx(p.d[i], g, l, kv, h, r), c, g.D, p.il, dl);
+                ld16v<T>(p.d[i], g, l, kv, h, r, c, p.il, dl);
                 if (p.per_channel) {
                     const float4 *wp = reinterpret_cast<const float4 *>(wsm + (size_t)i * g.D + c * 16);
                     float wv[16];
@@ -598,7 +635,7 @@ float *part_buf(size_t bytes) {
     return g_part;
 }
 
-DView to_dview(const kvm_kv_view_t &v) { return DView{v.data, v.blocks, v.start, v.rows, v.l0}; }
+DView to_dview(const kvm_kv_view_t &v) { return DView{v.data, v.blocks, v.start, v.rows, v.l0, v.scale}; }
 
 int check_common(const kvm_kv_geom_t *g, int N, const char *op) {
     const int D = g->head_dim;
@@ -609,9 +646,13 @@ int check_common(const kvm_kv_geom_t *g, int N, const char *op) {
     return 0;
 }
 
-int check_view(const kvm_kv_view_t &v, const char *what, const char *op, int rows_needed) {
+/* q8_ok: the view may be q8 (anchor deltas of apply and spread), if contiguous */
+int check_view(const kvm_kv_view_t &v, const char *what, const char *op, int rows_needed, bool q8_ok = false) {
     if (!v.data || (reinterpret_cast<uintptr_t>(v.data) & 15))
         return kvm_seterr(KVM_EINVAL, "%s (cuda): %s data is NULL or not 16-byte aligned", op, what);
+    if (v.scale && (!q8_ok || v.blocks))
+        return kvm_seterr(KVM_EINVAL, "%s (cuda): %s is a %s q8 view (only contiguous anchor deltas may be q8)", op,
+                          what, v.blocks ? "paged" : "contiguous");
     if (!v.blocks && v.rows < rows_needed)
         return kvm_seterr(KVM_EINVAL, "%s (cuda): %s has %d rows, %d needed", op, what, v.rows, rows_needed);
     if (v.blocks && (v.l0 != 0 || v.start < 0))
@@ -777,7 +818,7 @@ extern "C" int kvm_cuda_kvcomm_apply(const kvm_kvcomm_apply_args_t *a) {
     p.w = a->w;
     p.inv_freq = a->inv_freq;
     for (int i = 0; i < N; i++) {
-        if ((rc = check_view(a->delta[i], "delta", "kvcomm_apply", a->r1))) return rc;
+        if ((rc = check_view(a->delta[i], "delta", "kvcomm_apply", a->r1, true))) return rc;
         if (!a->delta[i].blocks && a->delta[i].l0 > 1)
             return kvm_seterr(KVM_EINVAL, "kvcomm_apply: delta %d starts at layer %d", i, a->delta[i].l0);
         p.d[i] = to_dview(a->delta[i]);
@@ -832,7 +873,7 @@ template <typename T> __global__ void __launch_bounds__(256) k_spread(const __gr
         float dl[KVM_KVCOMM_MAX_ANCHORS];
         float est = 0.f;
         for (int i = 0; i < p.N; i++) {
-            dl[i] = kvm_to_f32<T>(static_cast<const T *>(p.d[i].data)[vidx(p.d[i], g, l, kv, h, r) + d]);
+            dl[i] = ld1v<T>(p.d[i], g, vidx(p.d[i], g, l, kv, h, r) + d);
             est = __fadd_rn(est, __fmul_rn(p.w[((size_t)kv * p.N + i) * p.w_rows + r], dl[i]));
         }
         for (int i = 0; i < p.N; i++) {
@@ -870,7 +911,7 @@ extern "C" int kvm_cuda_kvcomm_spread(const kvm_kvcomm_spread_args_t *a) {
     p.x = to_dview(a->x);
     p.N = N, p.w_rows = a->w_rows, p.r0 = a->r0, p.w = a->w, p.out = a->out;
     for (int i = 0; i < N; i++) {
-        if ((rc = check_view(a->delta[i], "delta", "kvcomm_spread", a->r1))) return rc;
+        if ((rc = check_view(a->delta[i], "delta", "kvcomm_spread", a->r1, true))) return rc;
         p.d[i] = to_dview(a->delta[i]);
     }
     cudaStream_t st = g_cuda.stream;
@@ -892,6 +933,7 @@ struct DiffParams {
     DView a, b, out;
     int n, l0, rows_per_block, shift, il, has_b;
     const float *inv_freq;
+    float *out_scale; /* q8 output (ops.h), or nullptr */
 };
 
 /* y = rot(a) - b as k_apply reads and rotates rows (16-element pair chunks), stored contiguous */
@@ -911,20 +953,35 @@ template <typename T> __global__ void __launch_bounds__(kThreads) k_diff(const _
     __syncthreads();
     const T *A = static_cast<const T *>(p.a.data);
     const T *B = static_cast<const T *>(p.b.data);
-    T *Y = static_cast<T *>(const_cast<void *>(p.out.data));
+    /* a q8 row needs the max over its lanes: every lane of a row group runs the loop (the lanes of one group have
+     * the same rg, so the same trip count), and lanes past D / 16 load and store nothing */
+    const unsigned gmask = CPR >= 32 ? 0xffffffffu : ((1u << CPR) - 1) << (threadIdx.x % 32 / CPR * CPR);
     const int rbeg = blockIdx.x * p.rows_per_block;
-    const int rend = on ? min(p.n, rbeg + p.rows_per_block) : rbeg;
+    const int rend = on || p.out_scale ? min(p.n, rbeg + p.rows_per_block) : rbeg;
     for (int r = rbeg + rg; r < rend; r += RG) {
-        float y[16];
-        ld16(A + vidx(p.a, g, l, kv, h, r), c, g.D, p.il, y);
-        if (rot) rot16(y, cs, c, g.D);
-        if (p.has_b) {
-            float x[16];
-            ld16(B + vidx(p.b, g, l, kv, h, r), c, g.D, p.il, x);
+        float y[16] = {};
+        if (on) {
+            ld16(A + vidx(p.a, g, l, kv, h, r), c, g.D, p.il, y);
+            if (rot) rot16(y, cs, c, g.D);
+            if (p.has_b) {
+                float x[16];
+                ld16(B + vidx(p.b, g, l, kv, h, r), c, g.D, p.il, x);
 #pragma unroll
-            for (int k = 0; k < 16; k++) y[k] = __fsub_rn(y[k], x[k]);
+                for (int k = 0; k < 16; k++) y[k] = __fsub_rn(y[k], x[k]);
+            }
         }
-        st16(Y + vidx(p.out, g, l, kv, h, r), c, g.D, p.il, y);
+        const size_t o = vidx(p.out, g, l, kv, h, r);
+        if (p.out_scale) {
+            float m = 0.f;
+#pragma unroll
+            for (int k = 0; k < 16; k++) m = fmaxf(m, fabsf(y[k]));
+            for (int w = CPR / 2; w > 0; w >>= 1) m = fmaxf(m, __shfl_xor_sync(gmask, m, w));
+            const float sc = __fdiv_rn(m, KVM_Q8_MAX);
+            if (c == 0) p.out_scale[o / g.D] = sc;
+            if (on) st16(static_cast<int8_t *>(const_cast<void *>(p.out.data)) + o, c, g.D, p.il, y, sc);
+        } else {
+            st16(static_cast<T *>(const_cast<void *>(p.out.data)) + o, c, g.D, p.il, y);
+        }
     }
 }
 
@@ -954,7 +1011,8 @@ extern "C" int kvm_cuda_kvcomm_diff(const kvm_kvcomm_diff_args_t *a) {
     p.a = to_dview(a->a);
     p.b = to_dview(a->b);
     p.has_b = a->b.data != nullptr;
-    p.out = DView{a->out, nullptr, 0, a->n, a->l0};
+    p.out = DView{a->out, nullptr, 0, a->n, a->l0, nullptr};
+    p.out_scale = a->out_scale;
     p.n = a->n, p.l0 = a->l0, p.shift = a->shift;
     p.il = a->layout == KVM_ROPE_INTERLEAVED;
     p.inv_freq = a->inv_freq;

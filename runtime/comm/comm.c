@@ -50,6 +50,7 @@ static const char *const NORM_NAMES[] = {"raw", "per_element"};
 static const char *const BOUND_NAMES[] = {"strict", "reference"};
 static const char *const NOANCHOR_NAMES[] = {"dense", "naive"};
 static const char *const RESP_NAMES[] = {"compute", "drop"};
+static const char *const DELTA_NAMES[] = {"q8", "kv"};
 /* research switches that ran only on the removed host path (kvcomm.md §3 says why each went) */
 static const char *const REMOVED[] = {"frame", "align", "align_window", "recompute_select"};
 
@@ -83,6 +84,7 @@ int kvm_kvcomm_config_set(kvm_kvcomm_config_t *c, const char *key, const char *v
     ENUMSW("pool_bound", pool_bound, BOUND_NAMES, "strict|reference")
     ENUMSW("no_anchor", no_anchor, NOANCHOR_NAMES, "dense|naive")
     ENUMSW("resp_last_token", resp_last_token, RESP_NAMES, "compute|drop")
+    ENUMSW("deltas", deltas, DELTA_NAMES, "q8|kv")
 #undef BOOLSW
 #undef ENUMSW
     if (!strcmp(k, "gamma")) {
@@ -145,8 +147,8 @@ int kvm_kvcomm_config_set(kvm_kvcomm_config_t *c, const char *key, const char *v
                               "(docs/kvcomm.md §3)", k);
     return kvm_seterr(KVM_EINVAL, "unknown KVCOMM switch '%s' (known: enable rotate ph_offset pf_offset weights criterion "
                       "gamma max_anchors evict_window dist_norm pool_bound no_anchor resp_last_token force_reuse "
-                      "anchor_budget_bytes recompute_below recompute_text recompute_frac recompute_spread guard preset "
-                      "ablation)", key);
+                      "anchor_budget_bytes recompute_below recompute_text recompute_frac recompute_spread guard deltas "
+                      "preset ablation)", key);
 }
 
 int kvm_kvcomm_ablation(kvm_kvcomm_config_t *c, const char *name) {
@@ -160,9 +162,10 @@ int kvm_kvcomm_ablation(kvm_kvcomm_config_t *c, const char *name) {
 }
 
 void kvm_kvcomm_config_str(const kvm_kvcomm_config_t *c, char *buf, size_t cap) {
-    char spread[48] = ""; /* printed when on, so the lines of the other settings stay as they were */
+    char spread[64] = ""; /* printed when on, so the lines of the other settings stay as they were */
     if (c->recompute_spread > 0) snprintf(spread, sizeof spread, " recompute_spread=%g", (double)c->recompute_spread);
     if (c->guard) snprintf(spread + strlen(spread), sizeof spread - strlen(spread), " guard=on");
+    if (c->deltas) snprintf(spread + strlen(spread), sizeof spread - strlen(spread), " deltas=%s", DELTA_NAMES[c->deltas % 2]);
     snprintf(buf, cap,
              "enable=%s rotate=%s ph_offset=%s pf_offset=%s weights=%s criterion=%s gamma=%.2f V=%d W=%d dist_norm=%s "
              "pool_bound=%s no_anchor=%s resp_last_token=%s force_reuse=%s recompute_below=%d recompute_text=%d "
@@ -213,6 +216,7 @@ kvm_comm_t *kvm_comm_create(kvm_model_t *m, const kvm_comm_opts_t *opts) {
         kvm_free(c);
         return NULL;
     }
+    kvm_kv_store_set_holder(c->store, comm_reclaim_anchor, c);
     comm_dev_check(c, c->kvcomm_off, sizeof c->kvcomm_off);
     if (c->kvcomm_off[0]) KVM_LOGW("comm: KVCOMM is off on this model (the KVCOMM policy prepares dense): %s", c->kvcomm_off);
     return c;

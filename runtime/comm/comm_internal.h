@@ -40,6 +40,9 @@ typedef struct comm_anchor {
     uint32_t activation;
     uint64_t insert_seq;
     size_t bytes;
+    bool q8; /* the backend's deltas are q8 (kvcomm.deltas when the anchor was made or loaded; kernels/ops.h) */
+    bool base_shared; /* the base is the sample's segment in the store (its blocks, counted in the KV budget) */
+    uint64_t seg_id;  /* the store segment the base was copied from (0: none, e.g. loaded from a state file) */
     struct comm_dev_anchor *dev; /* kvcomm_dev.c: backend mirror of base and deltas, or NULL */
 } comm_anchor_t;
 
@@ -166,6 +169,10 @@ int comm_materialize(kvm_comm_request_t *rq, comm_sample_t *s, kvm_template_t *t
  * (§3.9) and the anchor budget holds; a->insert_seq 0 = the next of c (else kept: anchors loaded from a state
  * file). Mirrors a into backend memory. 0 or KVM_ENOMEM (then a still belongs to the caller). */
 int comm_pool_insert(kvm_comm_t *c, comm_pool_t *p, comm_anchor_t *a);
+/* The store's holder hook (store.h, kvm_kv_store_set_holder): when the KV budget is full after every eviction the
+ * store can make, the oldest anchor whose base shares a segment takes its own copy and lets the segment go (counted
+ * in anchors_unshared; when even the copy fails, the anchor is dropped). 1 = let one go, 0 = none left. */
+int comm_reclaim_anchor(void *ctx);
 /* commit at request end (§2.4 visibility, §3.9 eviction) */
 int comm_commit(kvm_comm_request_t *rq);
 void comm_request_free_state(kvm_comm_request_t *rq);
@@ -214,6 +221,13 @@ void comm_dev_check(kvm_comm_t *c, char *buf, size_t cap);
 void comm_dev_ctx_free(kvm_comm_t *c);
 /* uploads host arrays that have no backend data yet (anchors loaded from a state file or made by a test) */
 int comm_dev_anchor_sync(kvm_comm_t *c, comm_anchor_t *a);
+/* Anchor memory (docs/kvcomm.md, "Anchor memory"): a staged anchor's base is a copy of its sample's segment rows; at
+ * commit, comm_dev_anchor_share swaps the copy for a reference to that segment when the store still holds it (1:
+ * shared, 0: the copy stays), so the base costs nothing beyond the segment the store keeps anyway, inside the KV
+ * budget. When the store needs the blocks (comm_reclaim_anchor), comm_dev_anchor_unshare copies them back into the
+ * anchor's own storage and lets the segment go (0 or a KVM_E*). */
+int comm_dev_anchor_share(kvm_comm_t *c, comm_anchor_t *a);
+int comm_dev_anchor_unshare(kvm_comm_t *c, comm_anchor_t *a);
 void comm_dev_anchor_free(comm_anchor_t *a);
 /* A new anchor's base from sample s's segment rows [0, a->T) (a->T set); 0 or a KVM_E*. */
 int comm_dev_anchor_base(kvm_comm_t *c, comm_anchor_t *a, comm_sample_t *s);

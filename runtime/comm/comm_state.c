@@ -386,6 +386,7 @@ int kvm_comm_load_anchors(kvm_comm_t *c, const char *path, int *n_loaded) {
     const int n = r.n;
     for (; !rc && i < n; i++) {
         comm_pool_t *p = comm_pool_get(c, r.pools[i], true);
+        r.as[i]->q8 = c->cfg.deltas == KVM_KVCOMM_DELTAS_Q8; /* the file holds fp32; the backend's form is ours */
         rc = p ? comm_pool_insert(c, p, r.as[i]) : KVM_ENOMEM;
         if (!rc) r.as[i] = NULL;
     }

@@ -37,9 +37,12 @@ comm_pool_t *comm_pool_get(kvm_comm_t *c, const char *name, bool create) {
 
 size_t comm_anchor_bytes(const comm_geom_t *g, const comm_anchor_t *a) {
     const size_t es = g->esize > 0 ? (size_t)g->esize : sizeof(float);
-    size_t b = comm_rows_elems(g, a->T) * es;
-    size_t per_row_delta = (size_t)(g->L - 1) * 2 * g->H * g->D * es;
-    for (int i = 0; i < a->n_deltas; i++) b += per_row_delta * (size_t)(a->T + a->deltas[i].S);
+    size_t b = a->base_shared ? 0 : comm_rows_elems(g, a->T) * es; /* a shared base is the store's */
+    const comm_geom_t gd = {g->L - 1, g->H, g->D, g->esize};
+    for (int i = 0; i < a->n_deltas; i++) {
+        const size_t ph = comm_rows_elems(&gd, a->T), pf = comm_rows_elems(&gd, a->deltas[i].S);
+        b += a->q8 ? kvm_q8_bytes(ph, g->D) + kvm_q8_bytes(pf, g->D) : (ph + pf) * es;
+    }
     return b;
 }
 
@@ -227,6 +230,7 @@ int comm_materialize(kvm_comm_request_t *rq, comm_sample_t *s, kvm_template_t *t
         a->refs = 1; /* the request's staged list */
         a->key = s->key;
         a->T = s->T;
+        a->q8 = c->cfg.deltas == KVM_KVCOMM_DELTAS_Q8;
         int rc = comm_dev_anchor_base(c, a, s);
         int cap = rq->cap_staged; /* two arrays of one capacity */
         if (!rc && (comm_reserve(&rq->staged, &cap, rq->n_staged, sizeof *rq->staged) ||
@@ -253,6 +257,45 @@ int comm_materialize(kvm_comm_request_t *rq, comm_sample_t *s, kvm_template_t *t
 
 /* ==== commit and eviction (§2.4, §3.9) ================================================================= */
 
+/* Drops anchor idx of pool p (an eviction). */
+static void pool_remove(kvm_comm_t *c, comm_pool_t *p, int idx) {
+    comm_anchor_t *a = p->a[idx];
+    KVM_LOGD("kvcomm: pool '%s' evicts anchor %016llx (activation %u, seq %llu)", p->name, (unsigned long long)a->key,
+             a->activation, (unsigned long long)a->insert_seq);
+    memmove(p->a + idx, p->a + idx + 1, (size_t)(p->n - idx - 1) * sizeof *p->a);
+    p->n--;
+    p->evicted++;
+    c->st.anchors_evicted++;
+    c->anchor_bytes -= a->bytes;
+    comm_anchor_unref(c, a);
+}
+
+int comm_reclaim_anchor(void *ctx) {
+    kvm_comm_t *c = ctx;
+    comm_pool_t *bp = NULL;
+    int best = -1;
+    for (int i = 0; i < c->n_pools; i++)
+        for (int k = 0; k < c->pools[i].n; k++) {
+            const comm_anchor_t *a = c->pools[i].a[k];
+            if (a->base_shared && (!bp || a->insert_seq < bp->a[best]->insert_seq)) bp = &c->pools[i], best = k;
+        }
+    if (!bp) return 0;
+    comm_anchor_t *a = bp->a[best];
+    KVM_LOGD("kvcomm: the KV budget is full: anchor %016llx of pool '%s' takes its own copy of its base",
+             (unsigned long long)a->key, bp->name);
+    if (comm_dev_anchor_unshare(c, a)) {
+        KVM_LOGW("kvcomm: copying the base of anchor %016llx failed (%s): the anchor is dropped", (unsigned long long)a->key,
+                 kvm_errmsg());
+        pool_remove(c, bp, best);
+        return 1;
+    }
+    c->st.anchors_unshared++;
+    c->anchor_bytes -= a->bytes;
+    a->bytes = comm_anchor_bytes(&c->g, a);
+    c->anchor_bytes += a->bytes;
+    return 1;
+}
+
 /* Evicts the anchor with the smallest activation among the W oldest of pool p (ties: the oldest). */
 static void pool_evict_one(kvm_comm_t *c, comm_pool_t *p, const comm_anchor_t *keep) {
     int W = c->cfg.evict_window > 0 ? c->cfg.evict_window : 1;
@@ -277,15 +320,7 @@ static void pool_evict_one(kvm_comm_t *c, comm_pool_t *p, const comm_anchor_t *k
     for (int i = 1; i < win; i++)
         if (p->a[idx[i]]->activation < p->a[best]->activation) best = idx[i];
     free(idx);
-    comm_anchor_t *a = p->a[best];
-    KVM_LOGD("kvcomm: pool '%s' evicts anchor %016llx (activation %u, seq %llu)", p->name, (unsigned long long)a->key,
-             a->activation, (unsigned long long)a->insert_seq);
-    memmove(p->a + best, p->a + best + 1, (size_t)(p->n - best - 1) * sizeof *p->a);
-    p->n--;
-    p->evicted++;
-    c->st.anchors_evicted++;
-    c->anchor_bytes -= a->bytes;
-    comm_anchor_unref(c, a);
+    pool_remove(c, p, best);
 }
 
 int comm_pool_insert(kvm_comm_t *c, comm_pool_t *p, comm_anchor_t *a) {
@@ -304,6 +339,7 @@ int comm_pool_insert(kvm_comm_t *c, comm_pool_t *p, comm_anchor_t *a) {
     if (!c->kvcomm_off[0]) {
         if (comm_dev_anchor_sync(c, a)) KVM_LOGW("kvcomm: uploading an anchor failed: %s", kvm_errmsg());
         else comm_anchor_host_drop(c, a); /* a loaded anchor's host copy, now on the backend */
+        if (comm_dev_anchor_share(c, a)) a->bytes = comm_anchor_bytes(&c->g, a);
     }
     c->anchor_bytes += a->bytes;
     while (c->cfg.anchor_budget_bytes && c->anchor_bytes > c->cfg.anchor_budget_bytes && p->n > 1)

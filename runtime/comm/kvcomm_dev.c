@@ -31,9 +31,16 @@
 
 struct comm_dev_anchor {
     const kvm_ops_t *o;
-    bool alias;           /* base, d_ph, d_pf are the anchor's host arrays (host-memory backend, fp32 pool) */
-    void *base;           /* [L][2][H][T][D] dtype */
-    void **d_ph, **d_pf;  /* per a->deltas[i]: [L-1][2][H][T|S][D] dtype */
+    bool alias;           /* base (an own copy) and deltas (unless q8) are the anchor's host arrays (host-memory
+                             backend, fp32 pool) */
+    bool q8;              /* the deltas are q8 buffers of kvm_q8_bytes (kernels/ops.h), never host arrays */
+    /* The base is the sample's segment itself (seg: a reference, so the store keeps its blocks, which the KV budget
+     * counts; seg_bt: its block table in backend memory), or, for an anchor loaded from a state file, a copy of
+     * its own (base: [L][2][H][T][D] dtype). */
+    kvm_segment_t *seg;
+    int32_t *seg_bt;
+    void *base;
+    void **d_ph, **d_pf;  /* per a->deltas[i]: [L-1][2][H][T|S][D] dtype or q8 */
     int n, cap;
 };
 
@@ -217,6 +224,18 @@ static void *upload_rows(const kvm_ops_t *o, kvm_dtype_t dt, const float *src, s
 static struct comm_dev_anchor *anchor_mirror(kvm_comm_t *c, comm_anchor_t *a);
 static int mirror_reserve(struct comm_dev_anchor *m, int n);
 
+static bool has_base(const struct comm_dev_anchor *m) { return m && (m->seg || m->base); }
+static int base_copy(kvm_comm_t *c, comm_anchor_t *a, kvm_kv_view_t v);
+static int seg_view(kvm_comm_t *c, const kvm_segment_t *seg, kvm_kv_view_t *v);
+
+/* the view of anchor a's base (rows [0, a->T), all layers) */
+static kvm_kv_view_t base_view(const kvm_comm_t *c, const comm_anchor_t *a) {
+    const struct comm_dev_anchor *m = a->dev;
+    if (m->seg) return (kvm_kv_view_t){.data = c->pool->data, .blocks = m->seg_bt, .start = 0};
+    return (kvm_kv_view_t){.data = m->base, .rows = a->T, .l0 = 0};
+}
+static void *upload_delta(kvm_comm_t *c, const struct comm_dev_anchor *m, const float *src, int n);
+
 /* Runs each KVCOMM op once on a few rows of the first committed anchor (dist with every output, softmax, an
  * apply into a scratch block), so that the backend's one-time costs (lazy kernel loading, the distance
  * scratch, the first COMM_DEV_WARM_BUFFERS weight buffers, which go to the free list) are paid at commit, off
@@ -225,7 +244,7 @@ static int mirror_reserve(struct comm_dev_anchor *m, int n);
 static void dev_warm(kvm_comm_t *c, const comm_anchor_t *a) {
     const kvm_ops_t *o = c->pool->ops;
     struct comm_dev_ctx *x = ctx(c);
-    if (!x || !a->dev || !a->dev->base || a->T <= 0) return;
+    if (!x || !has_base(a->dev) || a->T <= 0) return;
     const comm_geom_t *g = &c->g;
     const int T = a->T < KVM_KV_BLOCK ? a->T : KVM_KV_BLOCK;
     const int V = c->cfg.max_anchors <= 0                     ? 1
@@ -247,7 +266,7 @@ static void dev_warm(kvm_comm_t *c, const comm_anchor_t *a) {
     const int32_t zero = 0;
     const int32_t *bt = upload_blocks(c, 0, &zero, 1);
     if (w && x->pred && dst && bt) {
-        kvm_kv_view_t av = {.data = a->dev->base, .rows = a->T, .l0 = 0};
+        kvm_kv_view_t av = base_view(c, a);
         int rows = a->T;
         kvm_kvcomm_dist_args_t d = {.g = c->pool->geom, .x = av, .T = T, .n = 1, .a = &av, .a_rows = &rows,
                                     .want = KVM_KVCOMM_WANT_PH | KVM_KVCOMM_WANT_PF | KVM_KVCOMM_WANT_PRED,
@@ -282,18 +301,18 @@ int comm_dev_anchor_sync(kvm_comm_t *c, comm_anchor_t *a) {
     const kvm_ops_t *o = c->pool->ops;
     const kvm_dtype_t dt = c->pool->geom.dtype;
     const comm_geom_t *g = &c->g;
-    const comm_geom_t gd = {g->L - 1, g->H, g->D, g->esize};
     struct comm_dev_anchor *m = anchor_mirror(c, a);
     if (!m) return KVM_ENOMEM;
-    if (!m->base) {
+    if (!has_base(m)) {
         m->base = m->alias ? a->base : upload_rows(o, dt, a->base, comm_rows_elems(g, a->T));
         if (!m->base) return kvm_errcode() ? kvm_errcode() : KVM_ENOMEM;
     }
     if (mirror_reserve(m, a->n_deltas)) return KVM_ENOMEM;
+    const bool own = !m->alias || m->q8; /* the deltas live in backend buffers of their own */
     while (m->n < a->n_deltas) {
         const comm_delta_t *dl = &a->deltas[m->n];
-        void *ph = m->alias ? dl->d_ph : upload_rows(o, dt, dl->d_ph, comm_rows_elems(&gd, a->T));
-        void *pf = m->alias ? dl->d_pf : ph ? upload_rows(o, dt, dl->d_pf, comm_rows_elems(&gd, dl->S)) : NULL;
+        void *ph = !own ? dl->d_ph : upload_delta(c, m, dl->d_ph, a->T);
+        void *pf = !own ? dl->d_pf : ph ? upload_delta(c, m, dl->d_pf, dl->S) : NULL;
         if (!ph || !pf) {
             o->free(ph);
             return kvm_errcode() ? kvm_errcode() : KVM_ENOMEM;
@@ -313,11 +332,13 @@ int comm_dev_anchor_sync(kvm_comm_t *c, comm_anchor_t *a) {
 void comm_dev_anchor_free(comm_anchor_t *a) {
     struct comm_dev_anchor *m = a->dev;
     if (!m) return;
-    for (int i = 0; i < m->n && !m->alias; i++) {
+    for (int i = 0; i < m->n && (!m->alias || m->q8); i++) {
         m->o->free(m->d_ph[i]);
         m->o->free(m->d_pf[i]);
     }
     if (!m->alias) m->o->free(m->base);
+    if (m->seg) kvm_segment_release(m->seg);
+    m->o->free(m->seg_bt);
     kvm_free(m->d_ph);
     kvm_free(m->d_pf);
     kvm_free(m);
@@ -342,8 +363,59 @@ static struct comm_dev_anchor *anchor_mirror(kvm_comm_t *c, comm_anchor_t *a) {
         if (!a->dev) return NULL;
         a->dev->o = c->pool->ops;
         a->dev->alias = host_f32(c);
+        a->dev->q8 = a->q8;
     }
     return a->dev;
+}
+
+/* ---- deltas: rows [L-1][2][H][n][D] in the pool dtype (anchor_alloc), or q8 ---- */
+
+static size_t delta_elems(const kvm_comm_t *c, int n) {
+    const comm_geom_t gd = {c->g.L - 1, c->g.H, c->g.D, c->g.esize};
+    return comm_rows_elems(&gd, n);
+}
+
+static void *delta_alloc(kvm_comm_t *c, const struct comm_dev_anchor *m, int n) {
+    if (!m->q8) return anchor_alloc(c, delta_elems(c, n));
+    return c->pool->ops->alloc(kvm_q8_bytes(delta_elems(c, n), c->g.D));
+}
+
+static void delta_release(kvm_comm_t *c, const struct comm_dev_anchor *m, void *p) {
+    if (!m->q8) anchor_release(c, p);
+    else c->pool->ops->free(p);
+}
+
+/* the scales of a q8 delta buffer p of n rows */
+static float *delta_scale(const kvm_comm_t *c, const struct comm_dev_anchor *m, const void *p, int n) {
+    if (!m->q8) return NULL;
+    return (float *)((char *)p + (delta_elems(c, n) + 15) / 16 * 16);
+}
+
+/* the view kvcomm_apply and kvcomm_spread read delta buffer p of n rows through */
+static kvm_kv_view_t delta_view(const kvm_comm_t *c, const struct comm_dev_anchor *m, const void *p, int n) {
+    return (kvm_kv_view_t){.data = p, .rows = n, .l0 = 1, .scale = delta_scale(c, m, p, n)};
+}
+
+/* host fp32 delta rows -> a new backend delta buffer (encoded when q8) */
+static void *upload_delta(kvm_comm_t *c, const struct comm_dev_anchor *m, const float *src, int n) {
+    const kvm_ops_t *o = c->pool->ops;
+    if (!m->q8) return upload_rows(o, c->pool->geom.dtype, src, delta_elems(c, n));
+    const size_t elems = delta_elems(c, n), bytes = kvm_q8_bytes(elems, c->g.D);
+    void *d = o->alloc(bytes ? bytes : 16);
+    char *h = kvm_malloc(bytes + 1);
+    if (d && h) {
+        float *sc = (float *)(h + (elems + 15) / 16 * 16);
+        memset(h, 0, bytes);
+        for (size_t r = 0; r < elems / (size_t)c->g.D; r++)
+            kvm_q8_encode_row((int8_t *)h + r * c->g.D, sc + r, src + r * c->g.D, c->g.D);
+    }
+    int rc = d && h ? (bytes ? o->h2d(d, h, bytes) : 0) : KVM_ENOMEM;
+    kvm_free(h);
+    if (rc) {
+        o->free(d);
+        return NULL;
+    }
+    return d;
 }
 
 static int mirror_reserve(struct comm_dev_anchor *m, int n) {
@@ -359,20 +431,29 @@ static int mirror_reserve(struct comm_dev_anchor *m, int n) {
     return 0;
 }
 
-static int seg_view(kvm_comm_t *c, const kvm_segment_t *seg, kvm_kv_view_t *v);
 
 int comm_dev_anchor_base(kvm_comm_t *c, comm_anchor_t *a, comm_sample_t *s) {
     if (!s->dev || !s->dev->seg) return kvm_seterr(KVM_EINTERNAL, "kvcomm: sample '%s' has no segment", s->name);
     struct comm_dev_anchor *m = anchor_mirror(c, a);
     if (!m) return KVM_ENOMEM;
-    if (m->base) return 0;
+    if (has_base(m)) return 0;
+    /* a copy while the anchor is staged (a request pins no segment: see comm_dev_sample), shared at commit */
     kvm_kv_view_t sv;
     int rc = seg_view(c, s->dev->seg, &sv);
     if (rc) return rc;
+    rc = base_copy(c, a, sv);
+    if (!rc) a->seg_id = kvm_segment_info(s->dev->seg)->id;
+    return rc;
+}
+
+/* The anchor's base becomes its own copy of the rows of view v (the backend's data; aliased by a->base on a
+ * host-fp32 backend). */
+static int base_copy(kvm_comm_t *c, comm_anchor_t *a, kvm_kv_view_t v) {
+    struct comm_dev_anchor *m = a->dev;
     void *buf = anchor_alloc(c, comm_rows_elems(&c->g, a->T));
     if (!buf) return kvm_errcode() ? kvm_errcode() : KVM_ENOMEM;
-    kvm_kvcomm_diff_args_t d = {.g = c->pool->geom, .a = sv, .n = a->T, .l0 = 0, .out = buf};
-    rc = c->pool->ops->kvcomm_diff(&d);
+    kvm_kvcomm_diff_args_t d = {.g = c->pool->geom, .a = v, .n = a->T, .l0 = 0, .out = buf};
+    int rc = c->pool->ops->kvcomm_diff(&d);
     if (rc) {
         anchor_release(c, buf);
         return rc;
@@ -382,14 +463,52 @@ int comm_dev_anchor_base(kvm_comm_t *c, comm_anchor_t *a, comm_sample_t *s) {
     return 0;
 }
 
+int comm_dev_anchor_share(kvm_comm_t *c, comm_anchor_t *a) {
+    struct comm_dev_anchor *m = a->dev;
+    if (!m || !m->base || m->seg || !a->seg_id) return 0;
+    kvm_segment_t *seg = kvm_segment_get(c->store, a->seg_id); /* a new reference, or NULL: evicted */
+    if (!seg) {
+        kvm_errclear();
+        return 0;
+    }
+    int nb = 0;
+    const int32_t *b = kvm_segment_blocks(seg, &nb);
+    const kvm_ops_t *o = c->pool->ops;
+    int32_t *bt = kvm_segment_info(seg)->n_tokens >= a->T ? o->alloc((size_t)(nb > 0 ? nb : 1) * sizeof(int32_t)) : NULL;
+    if (!bt || (nb > 0 && o->h2d(bt, b, (size_t)nb * sizeof(int32_t)))) {
+        o->free(bt);
+        kvm_segment_release(seg);
+        return 0; /* the copy stays */
+    }
+    anchor_release(c, m->base);
+    if (m->alias) a->base = NULL;
+    m->base = NULL;
+    m->seg = seg;
+    m->seg_bt = bt;
+    a->base_shared = true;
+    return 1;
+}
+
+int comm_dev_anchor_unshare(kvm_comm_t *c, comm_anchor_t *a) {
+    struct comm_dev_anchor *m = a->dev;
+    if (!m || !m->seg) return 0;
+    /* the anchor's own block table: no shared slot that a queued op may still need */
+    int rc = base_copy(c, a, (kvm_kv_view_t){.data = c->pool->data, .blocks = m->seg_bt, .start = 0});
+    if (rc) return rc;
+    kvm_segment_release(m->seg);
+    c->pool->ops->free(m->seg_bt);
+    m->seg = NULL;
+    m->seg_bt = NULL;
+    a->base_shared = false;
+    return 0;
+}
+
 static const void *template_P(kvm_template_t *t, int i);
 
 int comm_dev_anchor_add_delta(kvm_comm_t *c, comm_anchor_t *a, kvm_template_t *t, int i, const kvm_seq_t *seq, int t_ph,
                               int t_pf, int S) {
-    const comm_geom_t *g = &c->g;
-    const comm_geom_t gd = {g->L - 1, g->H, g->D, g->esize};
     struct comm_dev_anchor *m = a->dev;
-    if (!m || !m->base) return kvm_seterr(KVM_EINTERNAL, "kvcomm: anchor %016llx has no base", (unsigned long long)a->key);
+    if (!has_base(m)) return kvm_seterr(KVM_EINTERNAL, "kvcomm: anchor %016llx has no base", (unsigned long long)a->key);
     if (m->n != a->n_deltas) return kvm_seterr(KVM_EINTERNAL, "kvcomm: anchor %016llx: deltas not uploaded", (unsigned long long)a->key);
     const void *P = S > 0 ? template_P(t, i + 1) : NULL;
     if (S > 0 && !P) return kvm_errcode() ? kvm_errcode() : KVM_ENOMEM;
@@ -397,20 +516,21 @@ int comm_dev_anchor_add_delta(kvm_comm_t *c, comm_anchor_t *a, kvm_template_t *t
         return KVM_ENOMEM;
     const int32_t *bt = upload_blocks(c, 0, seq->blocks, seq->n_blocks);
     if (!bt) return kvm_errcode() ? kvm_errcode() : KVM_ENOMEM;
-    void *ph = anchor_alloc(c, comm_rows_elems(&gd, a->T)), *pf = anchor_alloc(c, comm_rows_elems(&gd, S));
+    void *ph = delta_alloc(c, m, a->T), *pf = delta_alloc(c, m, S);
     int rc = ph && pf ? 0 : kvm_errcode() ? kvm_errcode() : KVM_ENOMEM;
     const kvm_kv_view_t paged = {.data = c->pool->data, .blocks = bt};
-    kvm_kvcomm_diff_args_t d = {.g = c->pool->geom, .a = paged, .b = {.data = m->base, .rows = a->T, .l0 = 0}, .n = a->T,
+    kvm_kvcomm_diff_args_t d = {.g = c->pool->geom, .a = paged, .b = base_view(c, a), .n = a->T,
                                 .l0 = 1, .shift = -t_ph, .inv_freq = kvm_kv_store_inv_freq_dev(c->store),
-                                .layout = kvm_kv_store_rope(c->store)->layout, .out = ph};
+                                .layout = kvm_kv_store_rope(c->store)->layout, .out = ph,
+                                .out_scale = ph ? delta_scale(c, m, ph, a->T) : NULL};
     d.a.start = t_ph;
     if (!rc) rc = c->pool->ops->kvcomm_diff(&d);
-    d.a.start = t_pf, d.shift = -t_pf, d.n = S, d.out = pf;
+    d.a.start = t_pf, d.shift = -t_pf, d.n = S, d.out = pf, d.out_scale = pf ? delta_scale(c, m, pf, S) : NULL;
     d.b = (kvm_kv_view_t){.data = P, .rows = S, .l0 = 0};
     if (!rc && S > 0) rc = c->pool->ops->kvcomm_diff(&d);
     if (rc) {
-        anchor_release(c, ph);
-        anchor_release(c, pf);
+        delta_release(c, m, ph);
+        delta_release(c, m, pf);
         return rc;
     }
     comm_delta_t dl;
@@ -418,7 +538,7 @@ int comm_dev_anchor_add_delta(kvm_comm_t *c, comm_anchor_t *a, kvm_template_t *t
     snprintf(dl.consumer, sizeof dl.consumer, "%s", t->agent);
     dl.template_hash = t->hash;
     dl.S = S;
-    if (m->alias) dl.d_ph = ph, dl.d_pf = pf;
+    if (m->alias && !m->q8) dl.d_ph = ph, dl.d_pf = pf;
     a->deltas[a->n_deltas++] = dl;
     m->d_ph[m->n] = ph;
     m->d_pf[m->n] = pf;
@@ -448,16 +568,45 @@ static float *download_f32(kvm_comm_t *c, const void *src, size_t n) {
     return out;
 }
 
+/* a backend delta buffer of n rows -> new host fp32 array (decoded when q8) */
+static float *download_delta(kvm_comm_t *c, const struct comm_dev_anchor *m, const void *src, int n) {
+    const size_t elems = delta_elems(c, n);
+    if (!m->q8) return download_f32(c, src, elems);
+    const size_t bytes = kvm_q8_bytes(elems, c->g.D);
+    char *h = kvm_malloc(bytes + 1);
+    float *out = h ? kvm_malloc(elems * sizeof(float) + 1) : NULL;
+    int rc = out ? (bytes ? c->pool->ops->d2h(h, src, bytes) : 0) : KVM_ENOMEM;
+    if (!rc) {
+        const float *sc = (const float *)(h + (elems + 15) / 16 * 16);
+        for (size_t k = 0; k < elems; k++) out[k] = (float)((const int8_t *)h)[k] * sc[k / (size_t)c->g.D];
+    }
+    kvm_free(h);
+    if (rc) {
+        kvm_free(out);
+        return NULL;
+    }
+    return out;
+}
+
 int comm_anchor_host(kvm_comm_t *c, comm_anchor_t *a) {
     struct comm_dev_anchor *m = a->dev;
-    if (!m || m->alias) return 0; /* host-fp32 backend: the arrays are the data; no mirror: host arrays only */
-    const comm_geom_t *g = &c->g;
-    const comm_geom_t gd = {g->L - 1, g->H, g->D, g->esize};
-    if (!a->base && !(a->base = download_f32(c, m->base, comm_rows_elems(g, a->T)))) return KVM_ENOMEM;
+    if (!m) return 0; /* no mirror: host arrays only */
+    if (!a->base && m->seg) {
+        a->base = kvm_malloc(comm_rows_elems(&c->g, a->T) * sizeof(float) + 1);
+        if (!a->base) return KVM_ENOMEM;
+        int rc = kvm_segment_read_f32(m->seg, 0, a->T, a->base);
+        if (rc) {
+            kvm_free(a->base);
+            a->base = NULL;
+            return rc;
+        }
+    }
+    if (!a->base && !(a->base = download_f32(c, m->base, comm_rows_elems(&c->g, a->T)))) return KVM_ENOMEM;
+    if (m->alias && !m->q8) return 0; /* host-fp32 backend: the host deltas are the data */
     for (int i = 0; i < a->n_deltas && i < m->n; i++) {
         comm_delta_t *dl = &a->deltas[i];
-        if (!dl->d_ph && !(dl->d_ph = download_f32(c, m->d_ph[i], comm_rows_elems(&gd, a->T)))) return KVM_ENOMEM;
-        if (!dl->d_pf && !(dl->d_pf = download_f32(c, m->d_pf[i], comm_rows_elems(&gd, dl->S)))) return KVM_ENOMEM;
+        if (!dl->d_ph && !(dl->d_ph = download_delta(c, m, m->d_ph[i], a->T))) return KVM_ENOMEM;
+        if (!dl->d_pf && !(dl->d_pf = download_delta(c, m, m->d_pf[i], dl->S))) return KVM_ENOMEM;
     }
     return 0;
 }
@@ -465,9 +614,12 @@ int comm_anchor_host(kvm_comm_t *c, comm_anchor_t *a) {
 void comm_anchor_host_drop(kvm_comm_t *c, comm_anchor_t *a) {
     (void)c;
     struct comm_dev_anchor *m = a->dev;
-    if (!m || m->alias || !m->base || m->n < a->n_deltas) return; /* only copies of data the backend holds */
-    kvm_free(a->base);
-    a->base = NULL;
+    if (!has_base(m) || m->n < a->n_deltas) return; /* only copies of data the backend holds */
+    if (!m->alias || m->seg) { /* the host base is a copy */
+        kvm_free(a->base);
+        a->base = NULL;
+    }
+    if (m->alias && !m->q8) return; /* the host deltas are the data */
     for (int i = 0; i < a->n_deltas; i++) {
         kvm_free(a->deltas[i].d_ph);
         kvm_free(a->deltas[i].d_pf);
@@ -556,7 +708,7 @@ static int anchor_views(kvm_comm_t *c, comm_anchor_t **A, int N, kvm_kv_view_t *
     for (int n = 0; n < N; n++) {
         int rc = comm_dev_anchor_sync(c, A[n]);
         if (rc) return rc;
-        av[n] = (kvm_kv_view_t){.data = A[n]->dev->base, .rows = A[n]->T, .l0 = 0};
+        av[n] = base_view(c, A[n]);
         rows[n] = A[n]->T;
     }
     return 0;
@@ -778,7 +930,7 @@ typedef struct {
     int w_rows;
 } piece_mix_t;
 
-static void piece_mix(const comm_piece_t *ph, const comm_sample_t *s, const comm_forced_t *f, const char *consumer,
+static void piece_mix(const kvm_comm_t *c, const comm_piece_t *ph, const comm_sample_t *s, const comm_forced_t *f, const char *consumer,
                       int NA, bool pf, piece_mix_t *m) {
     const int bit = pf ? COMM_FORCE_PF : COMM_FORCE_PH;
     const bool forced = s && f && f->anchor && (f->which & bit); /* (only a SHARED piece has a sample) */
@@ -790,8 +942,7 @@ static void piece_mix(const comm_piece_t *ph, const comm_sample_t *s, const comm
         const comm_anchor_t *an = A[n];
         const comm_delta_t *dl = comm_anchor_delta(an, consumer);
         const int k = (int)(dl - an->deltas);
-        m->d[n] = pf ? (kvm_kv_view_t){.data = an->dev->d_pf[k], .rows = dl->S, .l0 = 1}
-                     : (kvm_kv_view_t){.data = an->dev->d_ph[k], .rows = an->T, .l0 = 1};
+        m->d[n] = pf ? delta_view(c, an->dev, an->dev->d_pf[k], dl->S) : delta_view(c, an->dev, an->dev->d_ph[k], an->T);
     }
 }
 
@@ -819,8 +970,8 @@ static int piece_enqueue(kvm_comm_request_t *rq, kvm_template_t *t, const comm_p
         if (rc) return rc;
     }
     piece_mix_t mph, mpf;
-    piece_mix(ph, s, f, t->agent, q->NA, false, &mph);
-    piece_mix(ph, s, f, t->agent, q->NA, true, &mpf);
+    piece_mix(c, ph, s, f, t->agent, q->NA, false, &mph);
+    piece_mix(c, ph, s, f, t->agent, q->NA, true, &mpf);
     kvm_kvcomm_apply_args_t a = {.g = c->pool->geom, .dst_kv = c->pool->data, .dst_blocks = rp->dbt, .inv_freq = inv,
                                  .layout = layout, .dst_n_blocks = out->seq.n_blocks};
     if (q->na > 0) {

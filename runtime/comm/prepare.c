@@ -548,6 +548,15 @@ void kvm_comm_stats(const kvm_comm_t *c, kvm_comm_stats_t *out) {
     *out = c->st;
     out->n_pools = c->n_pools;
     out->anchor_bytes = c->anchor_bytes;
+    out->anchors_shared = 0;
+    out->shared_base_bytes = 0;
+    const size_t row = comm_rows_elems(&c->g, 1) * kvm_dtype_size(c->pool->geom.dtype);
+    for (int i = 0; i < c->n_pools; i++)
+        for (int k = 0; k < c->pools[i].n; k++)
+            if (c->pools[i].a[k]->base_shared) {
+                out->anchors_shared++;
+                out->shared_base_bytes += row * (size_t)c->pools[i].a[k]->T;
+            }
 }
 
 int kvm_comm_pool_stats(const kvm_comm_t *c, int i, kvm_comm_pool_stats_t *out) {

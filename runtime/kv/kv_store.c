@@ -62,6 +62,8 @@ struct kvm_kv_store {
     int px_nbuckets;
     int hash_bits;
     kvm_kv_store_stats_t st;
+    int (*holder)(void *ctx); /* kvm_kv_store_set_holder */
+    void *holder_ctx;
 };
 
 /* ==== helpers ====================================================================================== */
@@ -353,7 +355,11 @@ int kvm_kv_store_reclaim(kvm_kv_store_t *s, int n_blocks) {
             if (!x->alive || x->n_children || p->refcount[x->block] != 1) continue;
             if (best < 0 || x->last_use < s->px[best].last_use) best = e;
         }
-        if (best < 0) break;
+        if (best < 0) {
+            /* 3. a holder of segments lets one go (then 1 and 2 again) */
+            if (s->holder && s->holder(s->holder_ctx) > 0) continue;
+            break;
+        }
         px_entry_t *x = &s->px[best];
         px_unlink_bucket(s, best);
         if (x->parent >= 0) s->px[x->parent].n_children--;
@@ -663,6 +669,11 @@ int kvm_segment_publish_f32(kvm_kv_store_t *s, const float *kv, const int32_t *i
 }
 
 void kvm_segment_ref(kvm_segment_t *g) { g->info.refcount++; }
+
+void kvm_kv_store_set_holder(kvm_kv_store_t *s, int (*release_one)(void *ctx), void *ctx) {
+    s->holder = release_one;
+    s->holder_ctx = ctx;
+}
 
 void kvm_segment_release(kvm_segment_t *g) {
     if (!g) return;

@@ -61,6 +61,10 @@ const float *kvm_kv_store_inv_freq_dev(const kvm_kv_store_t *s);
  * index-only prefix blocks). Returns 0 when the pool now has >= n_blocks free, else KVM_ENOMEM (after
  * evicting what it could: eviction only drops cached data nobody holds, so nothing is corrupted). */
 int kvm_kv_store_reclaim(kvm_kv_store_t *s, int n_blocks);
+/* A holder of long-lived segment references (the KVCOMM anchors, whose bases are segments): when eviction cannot
+ * free enough blocks, kvm_kv_store_reclaim calls release_one(ctx), which drops one of its references and returns 1
+ * (the store then evicts again), or returns 0 when it holds none it can drop. NULL = none. */
+void kvm_kv_store_set_holder(kvm_kv_store_t *s, int (*release_one)(void *ctx), void *ctx);
 
 typedef struct kvm_kv_store_stats {
     int n_blocks, n_free;                /* pool */

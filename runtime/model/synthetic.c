@@ -65,7 +65,7 @@ int kvm_synthetic_config(const char *name, kvm_config_t *c) {
         char list[512];
         kvm_synthetic_list(list, sizeof list);
         for (char *p = list; *p; p++)
-            if (*p == '\n') *p = ' ';
+            if (*p == '\n') *p = p[1] ? ' ' : '\0';
         return kvm_seterr(KVM_ENOENT, "synthetic model '%s' is unknown (known: %s)", name ? name : "(null)", list);
     }
     *c = (kvm_config_t){.arch = s->arch, .dim = s->dim, .hidden_dim = s->hidden_dim, .n_layers = s->n_layers,

@@ -12,6 +12,8 @@
 #   team.log     kvmesh bench kvcomm --workload W on the bundled models (TEAM_CELLS, TEAM_MODES), accuracy on the GPU
 # TEAM_CELLS name models of models/ (they travel with the working tree, so the bundle does not copy them).
 # Steps: parity engine hf kvcomm team (default: all of them, in that order; HF_COMPILE=0 skips the compiled HF).
+# BUNDLE=DIR runs another bundle (e.g. an older commit's, as the same-call baseline; give it its own OUT), POLICIES
+# the kvcomm step's presets (default "spec blend").
 set -uo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 if [ "${1:-}" = bundle ]; then
@@ -24,7 +26,7 @@ if [ "${1:-}" = bundle ]; then
 fi
 shift 0
 steps=${*:-parity engine hf kvcomm team}
-B=$PWD/.gpu-i17
+B=$(cd "${BUNDLE:-$PWD/.gpu-i17}" && pwd)   # BUNDLE=DIR: another bundle (an older commit as the same-call baseline)
 OUT=${OUT:-$PWD/gpu-out}
 mkdir -p "$OUT"
 export LD_LIBRARY_PATH=$B/lib KVM_SOURCE_DIR=$PWD PYTHONUNBUFFERED=1
@@ -71,7 +73,7 @@ if want hf; then
   grep -E "^HF|rc=|Error|Segmentation" "$OUT/hf.log" | head -16
 fi
 if want kvcomm; then
-  { for pol in spec blend; do
+  { for pol in ${POLICIES:-spec blend}; do
       echo "==== bench kvcomm kvcomm.preset=$pol ($(date -u +%T))"
       timeout 200 "$B/kvmesh" bench kvcomm --synthetic llama-3.1-8b --set kvcomm.preset=$pol --set kvcomm.force_reuse=on ${KV_ARGS:-} --out /tmp/kvb; echo "rc=$?"
     done; } > "$OUT/kvcomm.log" 2>&1
