@@ -569,6 +569,9 @@ typedef struct kvm_cuda_opts {
                                  prefetch, 2 their first loads into registers (2) */
     int skinny;               /* skinny: kvm_cuda_skinny_t, the kernel of few-row matmuls: auto (GEMV for 1 row,
                                  tensor cores for 2..16), gemv, mma (auto) */
+    int skinny_rows;          /* skinny_rows: weight rows per CTA of the tensor-core skinny GEMM: 16, 32 or 64
+                                 (fewer where the launch would not fill the GPU); the activations cross L2 once
+                                 per CTA (16) */
     bool attn_dec_mma;        /* attn_dec_mma: decode attention of 16-bit caches (head_dim 64, 128) on the
                                  tensor cores; 0: the generic split-K kernel (true) */
     bool no_mma_attn;         /* no_mma_attn: prefill attention through the split-K kernel (false) */

@@ -479,6 +479,22 @@ static void cuda_switch(const char *key, const char *value) {
     assert_int_equal(kvm_cuda_set_opts(&o), 0);
 }
 
+/* The skinny GEMM with 32 and 64 weight rows per CTA (opts.skinny_rows): enough rows that the launch keeps them (a
+ * CTA per SM at least: 8500 rows), rows that are not a multiple of the CTA's, one and two n-tiles, bias, f16. */
+static void test_skinny_gemm_with_more_rows_per_cta_matches_cpu(void **st) {
+    (void)st;
+    NEED_GPU();
+    const char *per[2] = {"32", "64"};
+    for (int i = 0; i < 2; i++) {
+        cuda_switch("skinny_rows", per[i]);
+        check_matmul(KVM_BF16, 8500, 256, 5, true, 1e-2);
+        check_matmul(KVM_BF16, 8500, 256, 16, false, 1e-2);
+        check_matmul(KVM_F16, 8500, 512, 12, true, 1e-2);
+        check_matmul(KVM_BF16, 1000, 512, 16, true, 1e-2); /* too few rows: back to 16 per CTA */
+    }
+    cuda_switch("skinny_rows", "16");
+}
+
 static void test_fused_ffn_matches_the_cpu_mlp_on_every_path(void **st) {
     (void)st;
     NEED_GPU();
@@ -1094,6 +1110,7 @@ int main(void) {
         cmocka_unit_test(test_rope_of_q_and_k_in_one_pass_matches_two_cpu_ropes),
         cmocka_unit_test(test_fused_rope_and_kv_write_match_cpu),
         cmocka_unit_test(test_swiglu_then_down_projection_matches_cpu),
+        cmocka_unit_test(test_skinny_gemm_with_more_rows_per_cta_matches_cpu),
         cmocka_unit_test(test_fused_ffn_matches_the_cpu_mlp_on_every_path),
         cmocka_unit_test(test_add_rmsnorm_16_feeds_the_next_gemm_and_refuses_a_gemv),
         cmocka_unit_test(test_fused_qkv_rope_kv_write_matches_the_separate_ops),

@@ -213,25 +213,30 @@ template <> __device__ __forceinline__ void mma16816<__half>(float *c, uint32_t 
                  : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
-#define SK_WARPS 8
-/* CTA = 16 weight rows of one segment; its 8 warps split the columns in chunks of 32 (chunk c goes to warp
- * c % 8) and meet in shared memory at the end. Thread (g = lane/4, t = lane%4) loads 16 bytes of rows g and
- * g+8 at columns 8t..8t+7 of a chunk, and the same 8 columns of activation rows g (and g+8), already
- * rounded to 16 bits (xh): since a dot product does not care about the order of its terms, these 8
- * physical columns play the logical k indices {2t, 2t+1, 2t+8, 2t+9} of two m16n8k16 steps, identically
- * for W (the A operand) and x (B). Weights are read once, with 16-byte loads. cols % 32 == 0. */
-template <typename T, int NT>
-__global__ void __launch_bounds__(SK_WARPS * 32) k_skinny(const mm_segs<T> sg, const T *__restrict__ xh, int cols, int M,
-                                                          int pf) {
-    __shared__ float red[SK_WARPS][16][16 + 1];
+/* CTA = RG groups of 16 weight rows of one segment (16 * RG rows: opts.skinny_rows); its NW warps split the
+ * columns in chunks of 32 (chunk c goes to warp c % NW) and meet in shared memory at the end. Thread (g = lane/4,
+ * t = lane%4) loads 16 bytes of rows g and g+8 of each group at columns 8t..8t+7 of a chunk, and the same 8 columns
+ * of activation rows g (and g+8), already rounded to 16 bits (xh): since a dot product does not care about the
+ * order of its terms, these 8 physical columns play the logical k indices {2t, 2t+1, 2t+8, 2t+9} of two m16n8k16
+ * steps, identically for W (the A operand) and x (B). Weights are read once, with 16-byte loads; a warp's
+ * activation fragment serves its RG row groups, so the activations cross L2 once per 16 * RG rows (at 16 rows
+ * and 16 tokens they are as many bytes as the weights). cols % 32 == 0. */
+template <typename T, int NT, int RG, int NW>
+__global__ void __launch_bounds__(NW * 32) k_skinny(const mm_segs<T> sg, const T *__restrict__ xh, int cols, int M,
+                                                    int pf) {
+    __shared__ float red[NW][16 * RG][16 + 1];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const int sgi = seg_of(sg, (int)blockIdx.x);
     const T *__restrict__ W = sg.W[sgi];
     const int rows = sg.rows[sgi];
-    const int row0 = ((int)blockIdx.x - sg.start[sgi]) * 16;
-    const int ra = min(row0 + g, rows - 1), rb = min(row0 + g + 8, rows - 1);
-    const uint4 *wa_p = reinterpret_cast<const uint4 *>(W + (size_t)ra * cols) + t;
-    const uint4 *wb_p = reinterpret_cast<const uint4 *>(W + (size_t)rb * cols) + t;
+    const int row0 = ((int)blockIdx.x - sg.start[sgi]) * 16 * RG;
+    const uint4 *wa_p[RG], *wb_p[RG];
+#pragma unroll
+    for (int r = 0; r < RG; r++) {
+        const int ra = min(row0 + 16 * r + g, rows - 1), rb = min(row0 + 16 * r + g + 8, rows - 1);
+        wa_p[r] = reinterpret_cast<const uint4 *>(W + (size_t)ra * cols) + t;
+        wb_p[r] = reinterpret_cast<const uint4 *>(W + (size_t)rb * cols) + t;
+    }
     const uint4 *xp[NT];
     bool xv[NT];
 #pragma unroll
@@ -240,87 +245,125 @@ __global__ void __launch_bounds__(SK_WARPS * 32) k_skinny(const mm_segs<T> sg, c
         xv[j] = tok < M;
         xp[j] = reinterpret_cast<const uint4 *>(xh + (size_t)(xv[j] ? tok : 0) * cols) + t;
     }
-    float acc[NT][4];
+    float acc[RG][NT][4];
 #pragma unroll
-    for (int j = 0; j < NT; j++) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
+    for (int r = 0; r < RG; r++)
+#pragma unroll
+        for (int j = 0; j < NT; j++) acc[r][j][0] = acc[r][j][1] = acc[r][j][2] = acc[r][j][3] = 0.0f;
     const int nchunks = cols / 32;
     int c = warp;
-    uint4 wa0, wb0, wa1, wb1; /* weights first, as in k_gemv */
+    uint4 wa0[RG], wb0[RG], wa1[RG], wb1[RG]; /* weights first, as in k_gemv */
     bool pre = false;
-    if (pf == 2 && c + SK_WARPS < nchunks) {
-        wa0 = __ldcs(wa_p + c * 4), wb0 = __ldcs(wb_p + c * 4);
-        wa1 = __ldcs(wa_p + (c + SK_WARPS) * 4), wb1 = __ldcs(wb_p + (c + SK_WARPS) * 4);
+    if (pf == 2 && c + NW < nchunks) {
+#pragma unroll
+        for (int r = 0; r < RG; r++) {
+            wa0[r] = __ldcs(wa_p[r] + c * 4), wb0[r] = __ldcs(wb_p[r] + c * 4);
+            wa1[r] = __ldcs(wa_p[r] + (c + NW) * 4), wb1[r] = __ldcs(wb_p[r] + (c + NW) * 4);
+        }
         pre = true;
     } else if (pf == 1) {
-        for (int pc = warp; pc < nchunks && pc < warp + 8 * SK_WARPS; pc += SK_WARPS) {
-            asm volatile("prefetch.global.L2 [%0];" ::"l"(wa_p + pc * 4));
-            asm volatile("prefetch.global.L2 [%0];" ::"l"(wb_p + pc * 4));
-        }
+        for (int pc = warp; pc < nchunks && pc < warp + 8 * NW; pc += NW)
+#pragma unroll
+            for (int r = 0; r < RG; r++) {
+                asm volatile("prefetch.global.L2 [%0];" ::"l"(wa_p[r] + pc * 4));
+                asm volatile("prefetch.global.L2 [%0];" ::"l"(wb_p[r] + pc * 4));
+            }
     }
     kvm_pdl_wait();
-    for (; c + SK_WARPS < nchunks; c += 2 * SK_WARPS) {
+    for (; c + NW < nchunks; c += 2 * NW) {
         if (!pre) {
-            wa0 = __ldcs(wa_p + c * 4), wb0 = __ldcs(wb_p + c * 4);
-            wa1 = __ldcs(wa_p + (c + SK_WARPS) * 4), wb1 = __ldcs(wb_p + (c + SK_WARPS) * 4);
+#pragma unroll
+            for (int r = 0; r < RG; r++) {
+                wa0[r] = __ldcs(wa_p[r] + c * 4), wb0[r] = __ldcs(wb_p[r] + c * 4);
+                wa1[r] = __ldcs(wa_p[r] + (c + NW) * 4), wb1[r] = __ldcs(wb_p[r] + (c + NW) * 4);
+            }
         }
         pre = false;
         uint4 x0[NT], x1[NT];
 #pragma unroll
         for (int j = 0; j < NT; j++) {
             x0[j] = xv[j] ? __ldg(xp[j] + c * 4) : make_uint4(0, 0, 0, 0);
-            x1[j] = xv[j] ? __ldg(xp[j] + (c + SK_WARPS) * 4) : make_uint4(0, 0, 0, 0);
+            x1[j] = xv[j] ? __ldg(xp[j] + (c + NW) * 4) : make_uint4(0, 0, 0, 0);
         }
 #pragma unroll
-        for (int j = 0; j < NT; j++) {
-            mma16816<T>(acc[j], wa0.x, wb0.x, wa0.y, wb0.y, x0[j].x, x0[j].y);
-            mma16816<T>(acc[j], wa0.z, wb0.z, wa0.w, wb0.w, x0[j].z, x0[j].w);
-            mma16816<T>(acc[j], wa1.x, wb1.x, wa1.y, wb1.y, x1[j].x, x1[j].y);
-            mma16816<T>(acc[j], wa1.z, wb1.z, wa1.w, wb1.w, x1[j].z, x1[j].w);
-        }
+        for (int r = 0; r < RG; r++)
+#pragma unroll
+            for (int j = 0; j < NT; j++) {
+                mma16816<T>(acc[r][j], wa0[r].x, wb0[r].x, wa0[r].y, wb0[r].y, x0[j].x, x0[j].y);
+                mma16816<T>(acc[r][j], wa0[r].z, wb0[r].z, wa0[r].w, wb0[r].w, x0[j].z, x0[j].w);
+                mma16816<T>(acc[r][j], wa1[r].x, wb1[r].x, wa1[r].y, wb1[r].y, x1[j].x, x1[j].y);
+                mma16816<T>(acc[r][j], wa1[r].z, wb1[r].z, wa1[r].w, wb1[r].w, x1[j].z, x1[j].w);
+            }
     }
-    for (; c < nchunks; c += SK_WARPS) {
-        const uint4 wa = __ldcs(wa_p + c * 4), wb = __ldcs(wb_p + c * 4);
+    for (; c < nchunks; c += NW) {
+        uint4 wa[RG], wb[RG];
+#pragma unroll
+        for (int r = 0; r < RG; r++) wa[r] = __ldcs(wa_p[r] + c * 4), wb[r] = __ldcs(wb_p[r] + c * 4);
 #pragma unroll
         for (int j = 0; j < NT; j++) {
             const uint4 xx = xv[j] ? __ldg(xp[j] + c * 4) : make_uint4(0, 0, 0, 0);
-            mma16816<T>(acc[j], wa.x, wb.x, wa.y, wb.y, xx.x, xx.y);
-            mma16816<T>(acc[j], wa.z, wb.z, wa.w, wb.w, xx.z, xx.w);
+#pragma unroll
+            for (int r = 0; r < RG; r++) {
+                mma16816<T>(acc[r][j], wa[r].x, wb[r].x, wa[r].y, wb[r].y, xx.x, xx.y);
+                mma16816<T>(acc[r][j], wa[r].z, wb[r].z, wa[r].w, wb[r].w, xx.z, xx.w);
+            }
         }
     }
     /* c0,c1: row g, tokens j*8 + 2t, +1; c2,c3: row g+8 */
 #pragma unroll
-    for (int j = 0; j < NT; j++) {
-        red[warp][g][j * 8 + 2 * t] = acc[j][0];
-        red[warp][g][j * 8 + 2 * t + 1] = acc[j][1];
-        red[warp][g + 8][j * 8 + 2 * t] = acc[j][2];
-        red[warp][g + 8][j * 8 + 2 * t + 1] = acc[j][3];
-    }
+    for (int r = 0; r < RG; r++)
+#pragma unroll
+        for (int j = 0; j < NT; j++) {
+            red[warp][16 * r + g][j * 8 + 2 * t] = acc[r][j][0];
+            red[warp][16 * r + g][j * 8 + 2 * t + 1] = acc[r][j][1];
+            red[warp][16 * r + g + 8][j * 8 + 2 * t] = acc[r][j][2];
+            red[warp][16 * r + g + 8][j * 8 + 2 * t + 1] = acc[r][j][3];
+        }
     __syncthreads();
     float *y = sg.y[sgi];
     const float *bias = sg.bias[sgi];
-    for (int e = threadIdx.x; e < 16 * NT * 8; e += blockDim.x) {
-        const int r = e % 16, tok = e / 16; /* consecutive threads: consecutive rows (coalesced stores) */
+    for (int e = threadIdx.x; e < 16 * RG * NT * 8; e += blockDim.x) {
+        const int r = e % (16 * RG), tok = e / (16 * RG); /* consecutive threads: consecutive rows (coalesced) */
         const int row = row0 + r;
         if (tok < M && row < rows) {
             float v = 0.0f;
 #pragma unroll
-            for (int w = 0; w < SK_WARPS; w++) v += red[w][r][tok];
+            for (int w = 0; w < NW; w++) v += red[w][r][tok];
             y[(size_t)tok * rows + row] = v + (bias ? bias[row] : 0.0f);
         }
     }
 }
 
-template <typename T>
-static void skinny_dispatch(mm_segs<T> sg, const T *xh, int cols, int n) {
+/* Rows per CTA of the skinny GEMM: opts.skinny_rows (16, 32 or 64), halved while the launch would have fewer CTAs
+ * than the GPU has SMs (a 4096-row projection at 64 rows would leave half of an H100 idle). */
+template <typename T> static int skinny_rows_for(const mm_segs<T> &sg) {
+    int per = g_cuda.opts.skinny_rows;
+    for (; per > 16; per /= 2) {
+        int u = 0;
+        for (int i = 0; i < sg.nseg; i++) u += (sg.rows[i] + per - 1) / per;
+        if (u >= g_cuda.prop.multiProcessorCount) break;
+    }
+    return per < 16 ? 16 : per;
+}
+
+template <typename T, int RG, int NW>
+static void skinny_launch(mm_segs<T> sg, const T *xh, int cols, int n, int pf) {
     int u = 0;
     for (int i = 0; i < sg.nseg; i++) {
         sg.start[i] = u;
-        u += (sg.rows[i] + 15) / 16;
+        u += (sg.rows[i] + 16 * RG - 1) / (16 * RG);
     }
     sg.start[sg.nseg] = u;
-    const int pf = kvm_cuda_prefetch_mode();
-    if (n <= 8) kvm_launch_pdl(k_skinny<T, 1>, dim3(u), dim3(SK_WARPS * 32), 0, sg, xh, cols, n, pf);
-    else kvm_launch_pdl(k_skinny<T, 2>, dim3(u), dim3(SK_WARPS * 32), 0, sg, xh, cols, n, pf);
+    if (n <= 8) kvm_launch_pdl(k_skinny<T, 1, RG, NW>, dim3(u), dim3(NW * 32), 0, sg, xh, cols, n, pf);
+    else kvm_launch_pdl(k_skinny<T, 2, RG, NW>, dim3(u), dim3(NW * 32), 0, sg, xh, cols, n, pf);
+}
+
+template <typename T>
+static void skinny_dispatch(mm_segs<T> sg, const T *xh, int cols, int n) {
+    const int pf = kvm_cuda_prefetch_mode(), per = skinny_rows_for(sg);
+    if (per == 64) skinny_launch<T, 4, 8>(sg, xh, cols, n, pf);
+    else if (per == 32) skinny_launch<T, 2, 8>(sg, xh, cols, n, pf);
+    else skinny_launch<T, 1, 8>(sg, xh, cols, n, pf);
 }
 
 /* The activations last rounded to 16 bits (q, k and v, or gate and up, share one input): reused while no

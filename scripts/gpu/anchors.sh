@@ -1,26 +1,49 @@
 #!/usr/bin/env bash
-# anchors.sh - one GPU call for issue 17's anchor memory (q8 deltas, bases shared with the store): run from the repo
-# root on the GPU machine with .gpu-i17/ (this commit: `scripts/gpu/issue17.sh bundle` here) and OLD=DIR (an older
-# bundle, the same-call baseline of the TTFT figures) carried. Logs in $OUT:
+# anchors.sh - one GPU call for issue 17: the anchor memory (q8 deltas, bases shared with the store) and the skinny
+# GEMM's rows per CTA (opts.skinny_rows). Run from the repo root on the GPU machine with .gpu-i17/ (this commit:
+# `scripts/gpu/issue17.sh bundle` here) and OLD=DIR (an older bundle: the same-call baseline) carried. Logs in $OUT:
 #   gpu.txt, parity.log   issue17.sh's parity step (test_kvcomm_ops compares the q8 ops with the CPU's, byte for
-#                         byte for kvcomm_diff), then compute-sanitizer memcheck of test_cuda_ops
+#                         byte for kvcomm_diff; test_cuda_ops the skinny GEMM at 32 and 64 rows per CTA)
+#   engine.log            kvmesh bench engine (graphs) with skinny_rows 16, 32, 64 alternated (SKINNY_MODES), and
+#                         the OLD bundle once per round
+#   profile.log           per-op profiles of batch-16 decode at each skinny_rows
 #   kvcomm.log            kvmesh bench kvcomm --synthetic llama-3.1-8b, spec then blend (bytes per anchor, TTFT)
 #   old/kvcomm.log        the same with the OLD bundle, spec only
 #   team.log              the team workload on minillama-2m on the GPU (dense, spec, default)
+#   memcheck.log          compute-sanitizer memcheck of test_cuda_ops and test_kvcomm_ops
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu-out}
 export OUT
+mkdir -p "$OUT"
 s=scripts/gpu/issue17.sh
 bash $s parity
 B=$PWD/.gpu-i17
-cs=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
-{ echo "== memcheck test_cuda_ops ($(date -u +%T))"
-  [ -n "$cs" ] && LD_LIBRARY_PATH=$B/lib timeout 200 "$cs" --tool memcheck --leak-check no "$B/test_cuda_ops" 2>&1 |
-    grep -E "ERROR SUMMARY|Invalid|PASSED|FAILED" | head -8; } >> "$OUT/parity.log" 2>&1
-tail -3 "$OUT/parity.log"
+if [ -n "${OLD:-}" ] && [ ! -x "$OLD/kvmesh" ]; then tar xJf "$OLD/bins.tar.xz" -C "$OLD"; fi
+run_engine() { timeout 120 "$1/kvmesh" bench engine --synthetic llama-3.1-8b --no-eager 2>&1 |
+  grep -E "^\| (TTFT prefill  |decode b=1 \(graph|decode b=16 step \(graph)|^spread|rror"; }
+{ for round in 1 2; do
+    for r in ${SKINNY_MODES:-16 32 64}; do
+      echo "==== skinny_rows=$r ($(date -u +%T))"; KVM_CUDA_SKINNY_ROWS=$r LD_LIBRARY_PATH=$B/lib run_engine "$B"
+    done
+    if [ -n "${OLD:-}" ]; then echo "==== the older bundle ($(cat "$OLD/VERSION"))"; LD_LIBRARY_PATH=$OLD/lib run_engine "$OLD"; fi
+  done; } > "$OUT/engine.log" 2>&1
+cat "$OUT/engine.log"
+{ for r in ${SKINNY_MODES:-16 32 64}; do
+    echo "==== skinny_rows=$r"
+    KVM_CUDA_SKINNY_ROWS=$r LD_LIBRARY_PATH=$B/lib timeout 120 "$B/kvmesh" bench engine --synthetic llama-3.1-8b --profile 2>&1 |
+      sed -n '/^profile: decode batch 16, skinny matmul default/,/^$/p'
+  done; } > "$OUT/profile.log" 2>&1
+grep -E "====|m=16 mma" "$OUT/profile.log"
 bash $s kvcomm
 if [ -n "${OLD:-}" ]; then
   mkdir -p "$OUT/old"
   OUT=$OUT/old BUNDLE=$OLD POLICIES=${OLD_POLICIES:-spec} bash $s kvcomm
 fi
 TEAM_MODES=${TEAM_MODES:-dense,spec,default} bash $s team
+cs=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
+for t in test_cuda_ops test_kvcomm_ops; do
+  echo "== memcheck $t ($(date -u +%T))"
+  [ -n "$cs" ] && LD_LIBRARY_PATH=$B/lib timeout 150 "$cs" --tool memcheck --leak-check no "$B/$t" 2>&1 |
+    grep -E "ERROR SUMMARY|Invalid|PASSED|FAILED" | head -8
+done > "$OUT/memcheck.log" 2>&1
+cat "$OUT/memcheck.log"
