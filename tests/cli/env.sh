@@ -20,6 +20,7 @@ bad_values=(
   "KVM_LOG=loud|KVM_LOG: 'loud' is not one of debug, info, warn, error"
   "KVM_CUDA_PREFETCH=5|KVM_CUDA_PREFETCH: cuda prefetch: '5' is not one of 0, 1, 2"
   "KVM_CUDA_SKINNY=gemm|KVM_CUDA_SKINNY: cuda skinny: 'gemm' is not one of auto, gemv, mma"
+  "KVM_CUDA_SKINNY_ROWS=48|KVM_CUDA_SKINNY_ROWS: cuda skinny_rows: '48' is not one of 16, 32, 64"
   "KVM_CUDA_NO_MMA_ATTN=yes|KVM_CUDA_NO_MMA_ATTN: cuda no_mma_attn: 'yes' is not one of 0, 1"
   "KVM_KVCOMM_DIST=v3|KVM_KVCOMM_DIST: cuda kvcomm_dist: 'v3' is not one of v2, v1, v2u4"
   "KVM_CUDA_PREFETCHH=1|KVM_CUDA_PREFETCHH: not a setting of the CUDA backend"
