@@ -327,6 +327,70 @@ static void test_single_anchor_with_q8_deltas_is_dense_within_the_encoding(void 
     single_anchor_case(KVM_KVCOMM_DELTAS_Q8, 1e-2f, 1e-5f);
 }
 
+/* ---- anchor memory: bases shared with the store, given back under pressure (kvcomm.md "Anchor memory") ------- */
+
+/* One request of the two-agent team of the test below on context c (input seed q); b's response ids into out_b
+ * (max 8), its report into rb. */
+static void team_request(kvm_comm_t *c, kvm_template_t *ta, kvm_template_t *tb, int q, int32_t *out_b,
+                         kvm_comm_report_t *rb) {
+    kvm_comm_request_t *rq = kvm_comm_request_begin(c, (uint64_t)q + 1);
+    kvm_segment_t *in = input_segment(c, 100 + (uint64_t)q, 20 + (q < 2)), *out_a = NULL, *ob = NULL;
+    kvm_binding_t ba = {"input", in};
+    assert_int_equal(run_agent(rq, ta, &ba, 1, KVM_KV_KVCOMM, NULL, &out_a, 5), 0);
+    kvm_binding_t bb[2] = {{"input", in}, {"agent:a:current", out_a}};
+    assert_int_equal(run_agent(rq, tb, bb, 2, KVM_KV_KVCOMM, rb, &ob, 3), 0);
+    memcpy(out_b, kvm_segment_info(ob)->ids, 3 * sizeof(int32_t));
+    assert_int_equal(kvm_comm_request_end(rq), 0);
+    kvm_segment_release(in);
+    kvm_segment_release(out_a);
+    kvm_segment_release(ob);
+}
+
+/* Committed anchors share their sample's segment as their base (no copy of their own); when the store needs the
+ * blocks, each copies its base back and lets the segment go, and KVCOMM goes on exactly as before: the same
+ * response ids as a context that kept its bases shared. */
+static void test_anchor_bases_share_segments_and_give_them_back_when_the_store_needs_them(void **st) {
+    (void)st;
+    kvm_model_t *m = small_model(KVM_ROPE_HALF, 17);
+    kvm_comm_t *c[2];
+    kvm_template_t *ta[2], *tb[2];
+    int32_t ids[2][3];
+    kvm_comm_report_t rb;
+    for (int k = 0; k < 2; k++) {
+        c[k] = kvm_comm_create(m, NULL);
+        kvm_comm_config(c[k])->force_reuse = true;
+        ta[k] = make_tmpl(c[k], "a", "input", NULL, 41, 30);
+        tb[k] = make_tmpl(c[k], "b", "input", "agent:a:current", 51, 21);
+        for (int q = 0; q < 4; q++) team_request(c[k], ta[k], tb[k], q, ids[k], &rb);
+    }
+    kvm_comm_stats_t s0, s1;
+    kvm_comm_stats(c[1], &s0);
+    assert_true(s0.anchors_shared >= 2);
+    assert_true(s0.shared_base_bytes > 0);
+    assert_int_equal((int)s0.anchors_unshared, 0);
+    kvm_kv_store_t *store = kvm_comm_store(c[1]);
+    kvm_kv_store_stats_t ks;
+    kvm_kv_store_stats(store, &ks);
+    (void)kvm_kv_store_reclaim(store, ks.n_blocks); /* everything: the anchors give their segments back */
+    kvm_comm_stats(c[1], &s1);
+    kvm_kv_store_stats(store, &ks);
+    assert_int_equal(s1.anchors_shared, 0);
+    assert_int_equal((int)s1.anchors_unshared, s0.anchors_shared);
+    assert_true(s1.anchor_bytes == s0.anchor_bytes + s0.shared_base_bytes); /* the bases are their own now */
+    assert_int_equal(ks.n_segments, 0); /* (the templates' text rows keep their blocks) */
+    for (int k = 0; k < 2; k++) {
+        team_request(c[k], ta[k], tb[k], 4, ids[k], &rb);
+        assert_int_equal(rb.mode, KVM_COMM_REUSE);
+    }
+    assert_memory_equal(ids[0], ids[1], sizeof ids[0]);
+    for (int k = 0; k < 2; k++) {
+        kvm_template_free(ta[k]);
+        kvm_template_free(tb[k]);
+        kvm_comm_free(c[k]);
+    }
+    kvm_model_free(m);
+}
+
 /* ---- end to end: anchors form, then agents reuse (§3.1, §3.7, §6) ----------------------------------------- */
 
 static void test_after_two_anchors_agents_reuse_with_n_minus_1_cached_tokens(void **st) {
@@ -1451,6 +1515,7 @@ int main(void) {
         cmocka_unit_test(test_a_request_pins_no_segment_its_finished_agents_bound),
         cmocka_unit_test(test_single_anchor_applied_to_its_own_sample_reproduces_dense),
         cmocka_unit_test(test_single_anchor_with_q8_deltas_is_dense_within_the_encoding),
+        cmocka_unit_test(test_anchor_bases_share_segments_and_give_them_back_when_the_store_needs_them),
         cmocka_unit_test(test_after_two_anchors_agents_reuse_with_n_minus_1_cached_tokens),
         cmocka_unit_test(test_response_segment_drops_the_token_without_kv_or_computes_it_on_length_stop),
         cmocka_unit_test(test_prepare_rejects_a_segment_of_another_model_and_a_wrong_frame),

@@ -431,7 +431,6 @@ static int mirror_reserve(struct comm_dev_anchor *m, int n) {
     return 0;
 }
 
-
 int comm_dev_anchor_base(kvm_comm_t *c, comm_anchor_t *a, comm_sample_t *s) {
     if (!s->dev || !s->dev->seg) return kvm_seterr(KVM_EINTERNAL, "kvcomm: sample '%s' has no segment", s->name);
     struct comm_dev_anchor *m = anchor_mirror(c, a);
@@ -930,8 +929,8 @@ typedef struct {
     int w_rows;
 } piece_mix_t;
 
-static void piece_mix(const kvm_comm_t *c, const comm_piece_t *ph, const comm_sample_t *s, const comm_forced_t *f, const char *consumer,
-                      int NA, bool pf, piece_mix_t *m) {
+static void piece_mix(const kvm_comm_t *c, const comm_piece_t *ph, const comm_sample_t *s, const comm_forced_t *f,
+                      const char *consumer, int NA, bool pf, piece_mix_t *m) {
     const int bit = pf ? COMM_FORCE_PF : COMM_FORCE_PH;
     const bool forced = s && f && f->anchor && (f->which & bit); /* (only a SHARED piece has a sample) */
     comm_anchor_t *const *A = forced ? &f->anchor : ph->usable;
