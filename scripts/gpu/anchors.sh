@@ -7,10 +7,11 @@
 #   engine.log            kvmesh bench engine (graphs) with skinny_rows 16, 32, 64 alternated (SKINNY_MODES), and
 #                         the OLD bundle once per round
 #   profile.log           per-op profiles of batch-16 decode at each skinny_rows
-#   kvcomm.log            kvmesh bench kvcomm --synthetic llama-3.1-8b, spec then blend (bytes per anchor, TTFT)
+#   kvcomm.log            kvmesh bench kvcomm --synthetic llama-3.1-8b, POLICIES (default spec: bytes per anchor, TTFT)
 #   old/kvcomm.log        the same with the OLD bundle, spec only
 #   team.log              the team workload on minillama-2m on the GPU (dense, spec, default)
 #   memcheck.log          compute-sanitizer memcheck of test_cuda_ops and test_kvcomm_ops
+#   hf.log, hf.json       HF transformers eager at the engine's shapes (HF=0 skips it)
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu-out}
 export OUT
@@ -34,7 +35,7 @@ cat "$OUT/engine.log"
       sed -n '/^profile: decode batch 16, skinny matmul default/,/^$/p'
   done; } > "$OUT/profile.log" 2>&1
 grep -E "====|m=16 mma" "$OUT/profile.log"
-bash $s kvcomm
+POLICIES=${POLICIES:-spec} bash $s kvcomm
 if [ -n "${OLD:-}" ]; then
   mkdir -p "$OUT/old"
   OUT=$OUT/old BUNDLE=$OLD POLICIES=${OLD_POLICIES:-spec} bash $s kvcomm
@@ -47,3 +48,4 @@ for t in test_cuda_ops test_kvcomm_ops; do
     grep -E "ERROR SUMMARY|Invalid|PASSED|FAILED" | head -8
 done > "$OUT/memcheck.log" 2>&1
 cat "$OUT/memcheck.log"
+[ "${HF:-1}" = 1 ] && HF_COMPILE=${HF_COMPILE:-0} bash $s hf   # HF transformers eager on the same card (compile: HF_COMPILE=1)
