@@ -1498,6 +1498,16 @@ static void test_switches_parse_and_reject_unknown_values(void **st) {
     assert_true(c.recompute_frac == 0 && c.recompute_below == 0 && c.gamma == 0.3f && !c.guard);
     kvm_kvcomm_config_str(&c, buf, sizeof buf);
     assert_null(strstr(buf, "guard")); /* printed only when on */
+    /* the anchors' delta storage (issue 17): q8 by default, printed only when not */
+    assert_int_equal(c.deltas, KVM_KVCOMM_DELTAS_Q8);
+    assert_null(strstr(buf, "deltas"));
+    assert_int_equal(kvm_kvcomm_config_set(&c, "kvcomm.deltas", "kv"), 0);
+    assert_int_equal(c.deltas, KVM_KVCOMM_DELTAS_KV);
+    kvm_kvcomm_config_str(&c, buf, sizeof buf);
+    assert_non_null(strstr(buf, "deltas=kv"));
+    assert_int_equal(kvm_kvcomm_config_set(&c, "deltas", "int8"), KVM_EINVAL);
+    assert_non_null(strstr(kvm_errmsg(), "q8|kv"));
+    assert_int_equal(c.deltas, KVM_KVCOMM_DELTAS_KV);
     assert_int_equal(kvm_kvcomm_config_set(&c, "guard", "maybe"), KVM_EINVAL);
     assert_non_null(strstr(kvm_errmsg(), "kvcomm.guard"));
     assert_int_equal(kvm_kvcomm_config_set(&c, "kvcomm.guard", "on"), 0);
