@@ -29,12 +29,6 @@ run_engine() { timeout 120 "$1/kvmesh" bench engine --synthetic llama-3.1-8b --n
     if [ -n "${OLD:-}" ]; then echo "==== the older bundle ($(cat "$OLD/VERSION"))"; LD_LIBRARY_PATH=$OLD/lib run_engine "$OLD"; fi
   done; } > "$OUT/engine.log" 2>&1
 cat "$OUT/engine.log"
-{ for r in ${SKINNY_MODES:-16 32 64}; do
-    echo "==== skinny_rows=$r"
-    KVM_CUDA_SKINNY_ROWS=$r LD_LIBRARY_PATH=$B/lib timeout 120 "$B/kvmesh" bench engine --synthetic llama-3.1-8b --profile 2>&1 |
-      sed -n '/^profile: decode batch 16, skinny matmul default/,/^$/p'
-  done; } > "$OUT/profile.log" 2>&1
-grep -E "====|m=16 mma" "$OUT/profile.log"
 POLICIES=${POLICIES:-spec} bash $s kvcomm
 if [ -n "${OLD:-}" ]; then
   mkdir -p "$OUT/old"
@@ -48,4 +42,12 @@ for t in test_cuda_ops test_kvcomm_ops; do
     grep -E "ERROR SUMMARY|Invalid|PASSED|FAILED" | head -8
 done > "$OUT/memcheck.log" 2>&1
 cat "$OUT/memcheck.log"
+if [ "${PROFILE:-1}" = 1 ]; then
+  { for r in ${SKINNY_MODES:-16 32 64}; do
+      echo "==== skinny_rows=$r"
+      KVM_CUDA_SKINNY_ROWS=$r LD_LIBRARY_PATH=$B/lib timeout 120 "$B/kvmesh" bench engine --synthetic llama-3.1-8b --profile 2>&1 |
+        sed -n '/^profile: decode batch 16, skinny matmul default/,/^$/p'
+    done; } > "$OUT/profile.log" 2>&1
+  grep -E "====|m=16 mma" "$OUT/profile.log"
+fi
 [ "${HF:-1}" = 1 ] && HF_COMPILE=${HF_COMPILE:-0} bash $s hf   # HF transformers eager on the same card (compile: HF_COMPILE=1)
