@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # anchors.sh - one GPU call for issue 17: the anchor memory (q8 deltas, bases shared with the store) and the skinny
 # GEMM's rows per CTA (opts.skinny_rows). Run from the repo root on the GPU machine with .gpu-i17/ (this commit:
-# `scripts/gpu/issue17.sh bundle` here) and OLD=DIR (an older bundle: the same-call baseline) carried. Logs in $OUT:
+# `scripts/gpu/issue17.sh bundle` here) and OLD=DIR (an older bundle: the same-call baseline) carried. The steps run
+# in order of need (parity, the anchor figures, the GEMM timings, accuracy, memcheck, then the baselines and
+# profiles), so a call cut short keeps the first. Logs in $OUT:
 #   gpu.txt, parity.log   issue17.sh's parity step (test_kvcomm_ops compares the q8 ops with the CPU's, byte for
 #                         byte for kvcomm_diff; test_cuda_ops the skinny GEMM at 32 and 64 rows per CTA)
 #   engine.log            kvmesh bench engine (graphs) with skinny_rows 16, 32, 64 alternated (SKINNY_MODES), and
@@ -20,6 +22,7 @@ s=scripts/gpu/issue17.sh
 bash $s parity
 B=$PWD/.gpu-i17
 if [ -n "${OLD:-}" ] && [ ! -x "$OLD/kvmesh" ]; then tar xJf "$OLD/bins.tar.xz" -C "$OLD"; fi
+POLICIES=${POLICIES:-spec} bash $s kvcomm
 run_engine() { timeout 120 "$1/kvmesh" bench engine --synthetic llama-3.1-8b --no-eager 2>&1 |
   grep -E "^\| (TTFT prefill  |decode b=1 \(graph|decode b=16 step \(graph)|^spread|rror"; }
 { for round in 1 2; do
@@ -29,11 +32,6 @@ run_engine() { timeout 120 "$1/kvmesh" bench engine --synthetic llama-3.1-8b --n
     if [ -n "${OLD:-}" ]; then echo "==== the older bundle ($(cat "$OLD/VERSION"))"; LD_LIBRARY_PATH=$OLD/lib run_engine "$OLD"; fi
   done; } > "$OUT/engine.log" 2>&1
 cat "$OUT/engine.log"
-POLICIES=${POLICIES:-spec} bash $s kvcomm
-if [ -n "${OLD:-}" ]; then
-  mkdir -p "$OUT/old"
-  OUT=$OUT/old BUNDLE=$OLD POLICIES=${OLD_POLICIES:-spec} bash $s kvcomm
-fi
 TEAM_MODES=${TEAM_MODES:-dense,spec,default} bash $s team
 cs=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
 for t in test_cuda_ops test_kvcomm_ops; do
@@ -42,6 +40,10 @@ for t in test_cuda_ops test_kvcomm_ops; do
     grep -E "ERROR SUMMARY|Invalid|PASSED|FAILED" | head -8
 done > "$OUT/memcheck.log" 2>&1
 cat "$OUT/memcheck.log"
+if [ -n "${OLD:-}" ]; then
+  mkdir -p "$OUT/old"
+  OUT=$OUT/old BUNDLE=$OLD POLICIES=${OLD_POLICIES:-spec} bash $s kvcomm
+fi
 if [ "${PROFILE:-1}" = 1 ]; then
   { for r in ${SKINNY_MODES:-16 32 64}; do
       echo "==== skinny_rows=$r"
