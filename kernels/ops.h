@@ -239,6 +239,11 @@ typedef struct kvm_kv_view {
 void kvm_q8_encode_row(int8_t *q, float *scale, const float *y, int D);
 /* bytes of a q8 buffer of `elems` elements in rows of D: the int8 data, padded to 16 bytes, then the fp32 scales */
 size_t kvm_q8_bytes(size_t elems, int D);
+/* the scales of such a buffer: after its `elems` int8 values, padded to 16 bytes */
+static inline size_t kvm_q8_data_bytes(size_t elems) { return (elems + 15) / 16 * 16; }
+static inline float *kvm_q8_scales(const void *buf, size_t elems) {
+    return (float *)((uintptr_t)buf + kvm_q8_data_bytes(elems));
+}
 
 /* kvcomm_dist: distances of the candidate X (rows [0, T)) to anchors A_n (rows [0, T_n), T_n >= T), n < N.
  * Outputs are fp32 in backend memory; each is written only if its bit is in `want` (others may be NULL):

@@ -24,7 +24,7 @@ void kvm_q8_encode_row(int8_t *q, float *scale, const float *y, int D) {
     }
 }
 
-size_t kvm_q8_bytes(size_t elems, int D) { return (elems + 15) / 16 * 16 + elems / (size_t)D * sizeof(float); }
+size_t kvm_q8_bytes(size_t elems, int D) { return kvm_q8_data_bytes(elems) + elems / (size_t)D * sizeof(float); }
 
 const char *kvm_dtype_name(kvm_dtype_t t) {
     switch (t) {

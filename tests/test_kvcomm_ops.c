@@ -165,7 +165,7 @@ static void case_free(kcase_t *k) {
 static void *q8_encode(const kcase_t *k, float *x, int rows, int decode) {
     const size_t elems = (size_t)(k->L - 1) * 2 * k->H * rows * k->D;
     char *q = calloc(1, kvm_q8_bytes(elems, k->D) + 16);
-    float *sc = (float *)(q + (elems + 15) / 16 * 16);
+    float *sc = kvm_q8_scales(q, elems);
     for (size_t r = 0; r < elems / (size_t)k->D; r++) {
         kvm_q8_encode_row((int8_t *)q + r * k->D, sc + r, x + r * k->D, k->D);
         for (int d = 0; decode && d < k->D; d++) x[r * k->D + d] = (float)((int8_t *)q)[r * k->D + d] * sc[r];
@@ -325,7 +325,7 @@ static kvm_kv_view_t delta_view(const devcase_t *dc, const kcase_t *k, int pf, i
     if (!dc->q8) return (kvm_kv_view_t){.data = pf ? dc->dpfb[n] : dc->dphb[n], .rows = rows, .l0 = 1};
     const char *q = pf ? dc->dpfq[n] : dc->dphq[n];
     const size_t elems = (size_t)(k->L - 1) * 2 * k->H * rows * k->D;
-    return (kvm_kv_view_t){.data = q, .rows = rows, .l0 = 1, .scale = (const float *)(q + (elems + 15) / 16 * 16)};
+    return (kvm_kv_view_t){.data = q, .rows = rows, .l0 = 1, .scale = kvm_q8_scales(q, elems)};
 }
 
 static void *up(const kvm_ops_t *o, const void *src, size_t bytes) {
@@ -529,13 +529,13 @@ static float *run_diff_q8(const devcase_t *dc, const kcase_t *k, int use, int sh
     if (use == 0) a.a = xv;
     if (use == 1) a.a = xv, a.b = av, a.shift = shift;
     if (use == 2) a.a = av, a.b = pv;
-    if (q8) a.out_scale = (float *)((char *)out + (cnt + 15) / 16 * 16);
+    if (q8) a.out_scale = kvm_q8_scales(out, cnt);
     assert_int_equal(o->kvcomm_diff(&a), 0);
     assert_int_equal(o->sync(), 0);
     if (q8) {
         char *h = malloc(qb + 16);
         assert_int_equal(o->d2h(h, out, qb), 0);
-        const float *sc = (const float *)(h + (cnt + 15) / 16 * 16);
+        const float *sc = kvm_q8_scales(h, cnt);
         float *y = malloc(cnt * sizeof(float) + 4);
         for (size_t i = 0; i < cnt; i++) y[i] = (float)((int8_t *)h)[i] * sc[i / (size_t)k->D];
         o->free(out);
@@ -706,7 +706,7 @@ static void check_cpu_q8_case(kvm_dtype_t dt, kvm_rope_layout_t lay, int D) {
         float *yq = run_diff_q8(&dc, k, use, -(k->xs + 37), 1, &raw);
         double *yr = ref_diff(k, use, -(k->xs + 37));
         const size_t cnt = (size_t)(k->L - 1) * 2 * k->H * diff_rows(k, use) * D;
-        const float *sc = (const float *)(raw + (cnt + 15) / 16 * 16);
+        const float *sc = kvm_q8_scales(raw, cnt);
         for (size_t r = 0; r < cnt / (size_t)D; r++) {
             double m = 0;
             int qm = 0;

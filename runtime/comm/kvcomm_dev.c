@@ -33,10 +33,11 @@ struct comm_dev_anchor {
     const kvm_ops_t *o;
     bool alias;           /* base (an own copy) and deltas (unless q8) are the anchor's host arrays (host-memory
                              backend, fp32 pool) */
-    bool q8;              /* the deltas are q8 buffers of kvm_q8_bytes (kernels/ops.h), never host arrays */
+    bool q8;              /* a->q8, for the helpers that hold only the mirror: the deltas are q8 buffers of
+                             kvm_q8_bytes (kernels/ops.h), never host arrays */
     /* The base is the sample's segment itself (seg: a reference, so the store keeps its blocks, which the KV budget
-     * counts; seg_bt: its block table in backend memory), or, for an anchor loaded from a state file, a copy of
-     * its own (base: [L][2][H][T][D] dtype). */
+     * counts; seg_bt: its block table in backend memory), or a copy of its own (base: [L][2][H][T][D] dtype) while
+     * the anchor is staged, after the store took the segment back, or when it was loaded from a state file. */
     kvm_segment_t *seg;
     int32_t *seg_bt;
     void *base;
@@ -388,7 +389,7 @@ static void delta_release(kvm_comm_t *c, const struct comm_dev_anchor *m, void *
 /* the scales of a q8 delta buffer p of n rows */
 static float *delta_scale(const kvm_comm_t *c, const struct comm_dev_anchor *m, const void *p, int n) {
     if (!m->q8) return NULL;
-    return (float *)((char *)p + (delta_elems(c, n) + 15) / 16 * 16);
+    return kvm_q8_scales(p, delta_elems(c, n));
 }
 
 /* the view kvcomm_apply and kvcomm_spread read delta buffer p of n rows through */
@@ -404,7 +405,7 @@ static void *upload_delta(kvm_comm_t *c, const struct comm_dev_anchor *m, const 
     void *d = o->alloc(bytes ? bytes : 16);
     char *h = kvm_malloc(bytes + 1);
     if (d && h) {
-        float *sc = (float *)(h + (elems + 15) / 16 * 16);
+        float *sc = kvm_q8_scales(h, elems);
         memset(h, 0, bytes);
         for (size_t r = 0; r < elems / (size_t)c->g.D; r++)
             kvm_q8_encode_row((int8_t *)h + r * c->g.D, sc + r, src + r * c->g.D, c->g.D);
@@ -576,7 +577,7 @@ static float *download_delta(kvm_comm_t *c, const struct comm_dev_anchor *m, con
     float *out = h ? kvm_malloc(elems * sizeof(float) + 1) : NULL;
     int rc = out ? (bytes ? c->pool->ops->d2h(h, src, bytes) : 0) : KVM_ENOMEM;
     if (!rc) {
-        const float *sc = (const float *)(h + (elems + 15) / 16 * 16);
+        const float *sc = kvm_q8_scales(h, elems);
         for (size_t k = 0; k < elems; k++) out[k] = (float)((const int8_t *)h)[k] * sc[k / (size_t)c->g.D];
     }
     kvm_free(h);
