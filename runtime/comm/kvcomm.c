@@ -284,8 +284,9 @@ int comm_reclaim_anchor(void *ctx) {
     KVM_LOGD("kvcomm: the KV budget is full: anchor %016llx of pool '%s' takes its own copy of its base",
              (unsigned long long)a->key, bp->name);
     if (comm_dev_anchor_unshare(c, a)) {
-        KVM_LOGW("kvcomm: copying the base of anchor %016llx failed (%s): the anchor is dropped", (unsigned long long)a->key,
-                 kvm_errmsg());
+        KVM_LOGW("kvcomm: copying the base of anchor %016llx failed (%s): the anchor is dropped",
+                 (unsigned long long)a->key, kvm_errmsg());
+        kvm_errclear(); /* the store goes on evicting; its caller sees its own result */
         pool_remove(c, bp, best);
         return 1;
     }
