@@ -13,6 +13,7 @@
  *    T=1024 placeholder, S=512 text segment, N anchors from KVM_KVCOMM_OPS_BENCH_N, default 20) with backend
  *    events, measures the device copy bandwidth, and prints the bandwidth floor (perf.md §4) and the ratios.
  *    KVM_KVCOMM_DIST=v1|v2u4 selects another distance kernel (kvcomm_kernels.cu). Skipped otherwise. */
+#include <float.h>
 #include <math.h>
 #include <setjmp.h>
 #include <stdarg.h>
@@ -732,6 +733,29 @@ static void test_cpu_ops_read_and_write_q8_deltas(void **st) {
     check_cpu_q8_case(KVM_F32, KVM_ROPE_INTERLEAVED, 6);
 }
 
+/* The q8 encoding of rows a hostile state file or a diverged model may hold: a zero row, NaN, infinities, values at
+ * the rounding ties. Every q stays in [-127, 127] and nothing traps (UBSan: no float-to-int overflow). */
+static void test_q8_encoding_of_edge_rows(void **st) {
+    (void)st;
+    int8_t q[4];
+    float s = -1;
+    const float zero[4] = {0, 0, 0, 0};
+    kvm_q8_encode_row(q, &s, zero, 4);
+    assert_true(s == 0.0f);
+    for (int i = 0; i < 4; i++) assert_int_equal(q[i], 0);
+    const float ties[4] = {127.0f, 0.5f, 1.5f, -2.5f}; /* s = 1: ties to even */
+    kvm_q8_encode_row(q, &s, ties, 4);
+    assert_true(s == 1.0f);
+    assert_int_equal(q[0], 127), assert_int_equal(q[1], 0), assert_int_equal(q[2], 2), assert_int_equal(q[3], -2);
+    const float bad[4] = {NAN, 1.0f, -3.0f, 2.0f}; /* NaN is ignored by the max and encodes as 0 */
+    kvm_q8_encode_row(q, &s, bad, 4);
+    assert_true(s == 3.0f / 127.0f);
+    assert_int_equal(q[0], 0), assert_int_equal(q[2], -127);
+    const float inf[4] = {INFINITY, 1.0f, -INFINITY, FLT_MAX};
+    kvm_q8_encode_row(q, &s, inf, 4);
+    for (int i = 0; i < 4; i++) assert_true(q[i] >= -127 && q[i] <= 127);
+}
+
 /* a q8 view anywhere but an anchor delta, or a paged one, is refused */
 static void test_q8_views_only_for_contiguous_deltas(void **st) {
     (void)st;
@@ -1117,6 +1141,7 @@ int main(void) {
         cmocka_unit_test(test_nearest_softmax_is_one_hot_on_the_first_minimum),
         cmocka_unit_test(test_cpu_ops_read_and_write_q8_deltas),
         cmocka_unit_test(test_q8_views_only_for_contiguous_deltas),
+        cmocka_unit_test(test_q8_encoding_of_edge_rows),
         cmocka_unit_test(test_bench_block_table_covers_the_last_scattered_row),
         cmocka_unit_test(test_apply_refuses_a_destination_past_its_block_table),
         cmocka_unit_test(test_backend_ops_match_the_cpu_reference),
