@@ -565,10 +565,15 @@ typedef struct kvm_cuda_opts {
     int device;               /* device: GPU index (0) */
     bool profile;             /* profile: time every op from the start, as kvm_cuda_profile_begin (false) */
     bool pdl;                 /* pdl: programmatic dependent launch (true) */
+    bool pdl_chain;           /* pdl_chain: with pdl, the decode step's small kernels (norms, SwiGLU, RoPE, attention,
+                                 roundings) launch with PDL too and the GEMMs let them launch early, so that every
+                                 kernel of a step waits on its predecessor on the device, not through a launch (false) */
     int prefetch;             /* prefetch: what decode GEMMs read before the PDL wait: 0 nothing, 1 an L2
                                  prefetch, 2 their first loads into registers (2) */
     int skinny;               /* skinny: kvm_cuda_skinny_t, the kernel of few-row matmuls: auto (GEMV for 1 row,
                                  tensor cores for 2..16), gemv, mma (auto) */
+    int gemv_split;           /* gemv_split: warps that share one output row of the batch-1 GEMV, each summing a
+                                 part of the columns: 1, 2 or 4 (1) */
     int skinny_rows;          /* skinny_rows: weight rows per CTA of the tensor-core skinny GEMM: 16, 32 or 64
                                  (fewer where the launch would not fill the GPU); the activations cross L2 once
                                  per CTA (16) */

@@ -4,7 +4,8 @@
  *    fp32 mode (KVM_DEVICE_DTYPE=f32, fp32 KV): 256 greedy tokens identical to the CPU engine;
  *  - synthetic tiny models (llama3 RoPE scaling + GQA, Qwen2 biases, Qwen3 q/k norms with head_dim 128),
  *    bf16 weights generated bit-identically on both backends: prompt logits max|diff|/max|ref| <= 2e-2
- *    and 32 greedy tokens identical (decode runs through the captured CUDA graph after two steps);
+ *    and 32 greedy tokens identical (decode runs through the captured CUDA graph after two steps); batched bf16
+ *    decode gives the same logits bit for bit under every launch setting (PDL off, on the GEMMs, pdl_chain);
  *  - the HF parity fixtures (tests/fixtures/hf): fp32 mode, logits <= 1e-4 and 32 greedy ids identical to
  *    transformers; bf16 weights with an f16 KV cache, <= 2e-2 and 32 ids identical; bf16 weights with a bf16
  *    KV cache (the benchmark configuration), <= 2e-2, and the identical-id count is printed beside the CPU
@@ -234,6 +235,73 @@ static void test_bundled_miniqwen3_greedy_256_tokens_identical_to_cpu_in_fp32_mo
 
 /* ---- synthetic tiny models, bf16 ---------------------------------------------------------------------- */
 
+/* Sequence 0 decodes alone (the GEMV), sequences 1..4 together (the skinny GEMM, 4 rows), n rounds after their
+ * prompts; every step's logits go to lg[round][5][V] (greedy feed). */
+static void run_turns5(kvm_model_t *m, int n, float *lg) {
+    const int V = m->cfg.vocab_size, lens[5] = {12, 9, 15, 33, 4};
+    kvm_kv_pool_t *pool = kvm_model_kv_pool(m, 0);
+    assert_non_null(pool);
+    kvm_seq_t s[5];
+    int32_t next[5], prompt[33];
+    float *last = malloc((size_t)V * 4);
+    for (int k = 0; k < 5; k++) {
+        seeded_prompt(prompt, lens[k], 500 + 40 * k, 0, V);
+        kvm_seq_init(&s[k], pool);
+        kvm_batch_item_t it = {.seq = &s[k], .tokens = prompt, .n_tokens = lens[k], .logits = last};
+        assert_int_equal(kvm_forward(m, &it, 1), 0);
+        next[k] = argmax(last, V);
+    }
+    for (int i = 0; i < n; i++) {
+        float *row = lg + (size_t)i * 5 * V;
+        int32_t tok[5];
+        memcpy(tok, next, sizeof tok);
+        kvm_batch_item_t a = {.seq = &s[0], .tokens = &tok[0], .n_tokens = 1, .logits = row};
+        assert_int_equal(kvm_forward(m, &a, 1), 0);
+        kvm_batch_item_t b[4];
+        for (int k = 1; k < 5; k++)
+            b[k - 1] = (kvm_batch_item_t){.seq = &s[k], .tokens = &tok[k], .n_tokens = 1, .logits = row + (size_t)k * V};
+        assert_int_equal(kvm_forward(m, b, 4), 0);
+        for (int k = 0; k < 5; k++) next[k] = argmax(row + (size_t)k * V, V);
+    }
+    for (int k = 0; k < 5; k++) kvm_seq_free(&s[k]);
+    kvm_kv_pool_free(pool);
+    free(last);
+}
+
+/* When kernels start never changes what they compute: synthetic tiny-llama with bf16 weights (the batch-1 GEMV,
+ * the 4-row skinny GEMM fed by the norms' and the attention merge's 16-bit copies, captured decode graphs), the
+ * same logits bit for bit with PDL off, with PDL on the GEMMs (the default) and through the whole step
+ * (pdl_chain), whose early launches would show any missing wait as a difference. */
+static void test_bf16_decode_computes_the_same_bits_under_every_launch_setting(void **st) {
+    (void)st;
+    NEED_GPU();
+    const kvm_cuda_opts_t before = kvm_cuda_get_opts();
+    const char *settings[3][2] = {{"0", "0"}, {"1", "0"}, {"1", "1"}}; /* pdl, pdl_chain */
+    const int n = 24;
+    float *lg[3] = {NULL, NULL, NULL};
+    int V = 0, graphs = 0;
+    for (int c = 0; c < 3; c++) {
+        kvm_cuda_opts_t o = before;
+        assert_int_equal(kvm_cuda_opts_parse(&o, "pdl", settings[c][0]), 0);
+        assert_int_equal(kvm_cuda_opts_parse(&o, "pdl_chain", settings[c][1]), 0);
+        assert_int_equal(kvm_cuda_set_opts(&o), 0);
+        kvm_model_t *m = load_on("synthetic:tiny-llama", "cuda", false);
+        V = m->cfg.vocab_size;
+        lg[c] = malloc((size_t)n * 5 * V * 4);
+        run_turns5(m, n, lg[c]);
+        graphs = kvm_forward_graph_count(m);
+        kvm_model_free(m);
+    }
+    assert_int_equal(kvm_cuda_set_opts(&before), 0);
+    const size_t bytes = (size_t)n * 5 * V * 4;
+    fprintf(stderr, "launch settings: %d decode graphs; pdl on: logits %s, pdl_chain: logits %s to pdl off\n", graphs,
+            memcmp(lg[1], lg[0], bytes) ? "DIFFER" : "identical", memcmp(lg[2], lg[0], bytes) ? "DIFFER" : "identical");
+    assert_int_equal(graphs, 2);
+    assert_memory_equal(lg[1], lg[0], bytes);
+    assert_memory_equal(lg[2], lg[0], bytes);
+    for (int c = 0; c < 3; c++) free(lg[c]);
+}
+
 /* 32 greedy tokens of a synthetic model with bf16 weights on the GPU, identical to the CPU engine. */
 static void check_synthetic(const char *name) {
     NEED_GPU();
@@ -412,6 +480,7 @@ int main(void) {
         cmocka_unit_test(test_agents_taking_turns_replay_their_own_decode_graphs),
         cmocka_unit_test(test_bundled_miniqwen3_greedy_256_tokens_identical_to_cpu_in_fp32_mode),
         cmocka_unit_test(test_synthetic_tiny_llama_bf16_matches_cpu),
+        cmocka_unit_test(test_bf16_decode_computes_the_same_bits_under_every_launch_setting),
         cmocka_unit_test(test_synthetic_tiny_qwen2_bf16_matches_cpu),
         cmocka_unit_test(test_synthetic_tiny_qwen3_bf16_matches_cpu),
         cmocka_unit_test(test_hf_fixtures_match_transformers_on_cuda_in_fp32_mode),

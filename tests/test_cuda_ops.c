@@ -87,6 +87,48 @@ static void *to_dtype(const float *f, size_t n, kvm_dtype_t dt) {
     return o;
 }
 
+/* A bf16 matrix of `rows` x cols on the device for expect_rounded_copy, after one matmul with it (so that the
+ * backend's 16-bit dtype is bf16, as in a bf16 model's step). */
+typedef struct {
+    void *dw;
+    kvm_wmat_t W;
+    float *dy[2];
+    int cols;
+} probe_gemm_t;
+
+static probe_gemm_t probe_gemm(int cols) {
+    const int rows = 64;
+    probe_gemm_t p = {.cols = cols};
+    float *wf = rand_vec((size_t)rows * cols, 0.05f), *x = rand_vec((size_t)cols, 1.0f);
+    void *wh = to_dtype(wf, (size_t)rows * cols, KVM_BF16);
+    p.dw = dev_from(wh, (size_t)rows * cols * 2);
+    p.W = (kvm_wmat_t){.data = p.dw, .dtype = KVM_BF16, .rows = rows, .cols = cols};
+    p.dy[0] = dev_poisoned((size_t)16 * rows), p.dy[1] = dev_poisoned((size_t)16 * rows);
+    float *dx = dev_from(x, (size_t)cols * 4);
+    G->matmul(p.dy[0], dx, &p.W, NULL, 1);
+    assert_int_equal(G->sync(), 0);
+    G->free(dx);
+    free(wf), free(x), free(wh);
+    return p;
+}
+
+/* Right after an op that wrote dx[n][cols] (2..16 rows) and may have left its 16-bit copy for the skinny GEMM: the
+ * GEMM on that copy and the GEMM after an unrelated op (which drops any copy: the input is rounded again) give
+ * the same bits. */
+static void expect_rounded_copy(probe_gemm_t *p, const float *dx, int n, const char *what) {
+    G->matmul(p->dy[0], dx, &p->W, NULL, n);
+    float *dz = dev_poisoned(4);
+    G->add(dz, dz, 4); /* any op but a matmul: the copy is gone */
+    G->matmul(p->dy[1], dx, &p->W, NULL, n);
+    float *a = host_from(p->dy[0], (size_t)n * p->W.rows), *b = host_from(p->dy[1], (size_t)n * p->W.rows);
+    printf("  %-44s %s\n", what, memcmp(a, b, (size_t)n * p->W.rows * 4) ? "DIFFERS" : "identical");
+    assert_memory_equal(a, b, (size_t)n * p->W.rows * 4);
+    G->free(dz);
+    free(a), free(b);
+}
+
+static void probe_free(probe_gemm_t *p) { G->free(p->dw), G->free(p->dy[0]), G->free(p->dy[1]); }
+
 /* ---- elementwise and norms -------------------------------------------------------------------- */
 
 static void check_embed(kvm_dtype_t dt) {
@@ -262,6 +304,18 @@ static void test_matmul_reuses_rounded_activations_only_while_unchanged(void **s
     G->matmul(dy4, dx2, &GW, NULL, n);
     float *y4 = host_from(dy4, (size_t)n * rows);
     expect_close("matmul after rmsnorm (rounded by the norm)", y4, ref4, (size_t)n * rows, 1e-2);
+    /* and over 2..16 rows (the skinny GEMM's input): the copy is the rounding, the fp32 output is written too */
+    probe_gemm_t pg = probe_gemm(cols);
+    G->rmsnorm(dx2, dx, dnw, 7, cols, 1e-5f);
+    expect_rounded_copy(&pg, dx2, 7, "skinny GEMM after rmsnorm of 7 rows");
+    G->add_rmsnorm(dx, dx2, dx2, dnw, 16, cols, 1e-5f);
+    expect_rounded_copy(&pg, dx2, 16, "skinny GEMM after add_rmsnorm of 16 rows");
+    G->rmsnorm(dx2, dx, dnw, 5, cols, 1e-5f);
+    float *n5 = host_from(dx2, (size_t)5 * cols), *r5 = malloc((size_t)5 * cols * 4), *xs = host_from(dx, (size_t)5 * cols);
+    C->rmsnorm(r5, xs, nw, 5, cols, 1e-5f);
+    expect_close("rmsnorm of 5 rows: fp32 output", n5, r5, (size_t)5 * cols, 1e-6);
+    probe_free(&pg);
+    free(n5), free(r5), free(xs);
     G->free(dnw), G->free(dy4);
     free(nw), free(normed), free(ref4), free(y4);
     G->free(dw), G->free(dx), G->free(dx2), G->free(dy1), G->free(dy2), G->free(dy3);
@@ -366,11 +420,9 @@ static void test_rope_of_q_and_k_in_one_pass_matches_two_cpu_ropes(void **st) {
 }
 
 /* rope of q and k then kv_write, fused, against the three CPU ops (decode-like batch: 3 sequences) */
-static void test_fused_rope_and_kv_write_match_cpu(void **st) {
-    (void)st;
-    NEED_GPU();
-    const int HQ = 8, HK = 2, hd = 64, L = 2, layer = 1, half = hd / 2, nb = 8;
-    kvm_kv_geom_t g = {.n_layers = L, .n_kv_heads = HK, .head_dim = hd, .dtype = KVM_BF16};
+static void check_rope_kv(int HQ, int HK, int hd, kvm_rope_layout_t layout, kvm_dtype_t dt) {
+    const int L = 2, layer = 1, half = hd / 2, nb = 8;
+    kvm_kv_geom_t g = {.n_layers = L, .n_kv_heads = HK, .head_dim = hd, .dtype = dt};
     int32_t rs[4] = {0, 1, 4, 5}, cl[3] = {17, 3, 40}, bt[3 * 3] = {5, 2, -1, 7, -1, -1, 0, 1, 3};
     int32_t pos[5] = {16, 0, 1, 2, 39};
     const int rows = 5;
@@ -378,30 +430,46 @@ static void test_fused_rope_and_kv_write_match_cpu(void **st) {
     float *v = rand_vec((size_t)rows * HK * hd, 1.0f), *inv = malloc(half * 4);
     for (int j = 0; j < half; j++) inv[j] = (float)pow(10000.0, -2.0 * j / hd);
     size_t pool_elems = (size_t)nb * L * 2 * HK * KVM_KV_BLOCK * hd;
-    uint16_t *pool = calloc(pool_elems, 2);
+    const size_t es = kvm_dtype_size(dt);
+    unsigned char *pool = calloc(pool_elems, es);
     float *dq = dev_from(q, (size_t)rows * HQ * hd * 4), *dk = dev_from(k, (size_t)rows * HK * hd * 4);
     float *dv = dev_from(v, (size_t)rows * HK * hd * 4), *dinv = dev_from(inv, half * 4);
     int32_t *dpos = dev_from(pos, sizeof pos);
-    void *dpool = dev_from(pool, pool_elems * 2);
+    void *dpool = dev_from(pool, pool_elems * es);
     kvm_attn_batch_t cb = {.n_seqs = 3, .row_start = rs, .ctx_len = cl, .block_table = bt, .max_blocks = 3, .total_rows = rows,
                            .h_row_start = rs, .h_ctx_len = cl, .h_block_table = bt};
     kvm_attn_batch_t gb = cb;
     gb.row_start = dev_from(rs, sizeof rs);
     gb.ctx_len = dev_from(cl, sizeof cl);
     gb.block_table = dev_from(bt, sizeof bt);
-    C->rope(q, rows, HQ, hd, pos, inv, KVM_ROPE_HALF);
-    C->rope(k, rows, HK, hd, pos, inv, KVM_ROPE_HALF);
+    C->rope(q, rows, HQ, hd, pos, inv, layout);
+    C->rope(k, rows, HK, hd, pos, inv, layout);
     C->kv_write(pool, &g, layer, k, v, &cb);
-    G->rope_qk_kv_write(dq, dk, dv, HQ, hd, dpos, dinv, KVM_ROPE_HALF, dpool, &g, layer, &gb);
+    G->rope_qk_kv_write(dq, dk, dv, HQ, hd, dpos, dinv, layout, dpool, &g, layer, &gb);
     float *gq = host_from(dq, (size_t)rows * HQ * hd);
-    uint16_t *gp = malloc(pool_elems * 2);
-    assert_int_equal(G->d2h(gp, dpool, pool_elems * 2), 0);
-    expect_close("rope_qk_kv_write: q", gq, q, (size_t)rows * HQ * hd, 1e-6);
-    printf("  %-44s %s\n", "rope_qk_kv_write: cache", memcmp(gp, pool, pool_elems * 2) ? "DIFFERS" : "identical");
-    assert_memory_equal(gp, pool, pool_elems * 2);
+    float *gk = host_from(dk, (size_t)rows * HK * hd);
+    unsigned char *gp = malloc(pool_elems * es);
+    assert_int_equal(G->d2h(gp, dpool, pool_elems * es), 0);
+    char what[96];
+    snprintf(what, sizeof what, "rope_qk_kv_write %d/%d x %d %s %s: q", HQ, HK, hd, layout == KVM_ROPE_HALF ? "half" : "interleaved",
+             kvm_dtype_name(dt));
+    expect_close(what, gq, q, (size_t)rows * HQ * hd, 1e-6);
+    expect_close("  k", gk, k, (size_t)rows * HK * hd, 1e-6);
+    printf("  %-44s %s\n", "  cache", memcmp(gp, pool, pool_elems * es) ? "DIFFERS" : "identical");
+    assert_memory_equal(gp, pool, pool_elems * es);
     G->free(dq), G->free(dk), G->free(dv), G->free(dinv), G->free(dpos), G->free(dpool);
     G->free((void *)gb.row_start), G->free((void *)gb.ctx_len), G->free((void *)gb.block_table);
-    free(q), free(k), free(v), free(inv), free(pool), free(gq), free(gp);
+    free(q), free(k), free(v), free(inv), free(pool), free(gq), free(gk), free(gp);
+}
+
+static void test_fused_rope_and_kv_write_match_cpu(void **st) {
+    (void)st;
+    NEED_GPU();
+    check_rope_kv(8, 2, 64, KVM_ROPE_HALF, KVM_BF16);         /* 8 heads per block: a partial second group */
+    check_rope_kv(32, 8, 128, KVM_ROPE_HALF, KVM_BF16);       /* Llama-3.1-8B's heads: 10 groups of 4 */
+    check_rope_kv(12, 4, 128, KVM_ROPE_INTERLEAVED, KVM_F16);
+    check_rope_kv(6, 3, 32, KVM_ROPE_INTERLEAVED, KVM_F32);   /* 16 pairs per head: 16 heads per block */
+    check_rope_kv(4, 2, 576, KVM_ROPE_HALF, KVM_BF16);        /* 288 pairs per head: the block loops */
 }
 
 static void check_swiglu_matmul(kvm_dtype_t dt, int n, double tol) {
@@ -493,6 +561,24 @@ static void test_skinny_gemm_with_more_rows_per_cta_matches_cpu(void **st) {
         check_matmul(KVM_BF16, 1000, 512, 16, true, 1e-2); /* too few rows: back to 16 per CTA */
     }
     cuda_switch("skinny_rows", "16");
+}
+
+/* The batch-1 GEMV with 2 and 4 warps per row (opts.gemv_split): columns that split evenly (bias, f16, several
+ * matrices in one launch as q/k/v and gate/up are), a width that does not (back to one warp per row), and the
+ * last CTA's idle warps (rows not a multiple of the CTA's). */
+static void test_gemv_with_split_rows_matches_cpu(void **st) {
+    (void)st;
+    NEED_GPU();
+    const char *ks[2] = {"2", "4"};
+    for (int i = 0; i < 2; i++) {
+        cuda_switch("gemv_split", ks[i]);
+        check_matmul(KVM_BF16, 4099, 4096, 1, true, 1e-2);
+        check_matmul(KVM_F16, 333, 1024, 1, false, 1e-2);
+        check_matmul(KVM_BF16, 257, 136, 1, true, 1e-2); /* 136 = 17 x 8: 2 or 4 parts do not fit, one warp */
+        check_matmul_multi(KVM_BF16, 1, 1e-2);
+        check_ffn(KVM_BF16, 1, false, false, 1e-2);
+    }
+    cuda_switch("gemv_split", "1");
 }
 
 static void test_fused_ffn_matches_the_cpu_mlp_on_every_path(void **st) {
@@ -898,7 +984,15 @@ static void check_attention(kvm_dtype_t dt, int heads, int kvh, int hd, const at
     float *dq = dev_from(q, (size_t)total_rows * heads * hd * 4);
     float *dout = dev_poisoned((size_t)total_rows * heads * hd);
     G->kv_write(dpool, &g, layer, dk, dv, &gb);
+    /* 2..16 rows of a 16-bit cache: the decode kernels' merge may leave the output's 16-bit copy for the o projection */
+    const bool probe = total_rows >= 2 && total_rows <= 16 && dt != KVM_F32 && (heads * hd) % 32 == 0;
+    probe_gemm_t pg = {0};
+    if (probe) pg = probe_gemm(heads * hd);
     G->attention(dout, dq, dpool, &g, layer, heads, &gb, scale);
+    if (probe) {
+        expect_rounded_copy(&pg, dout, total_rows, "skinny GEMM after decode attention");
+        probe_free(&pg);
+    }
     float *out = host_from(dout, (size_t)total_rows * heads * hd);
     /* the cache itself must be identical after the writes */
     void *gpool = malloc(pool_bytes);
@@ -1111,6 +1205,7 @@ int main(void) {
         cmocka_unit_test(test_fused_rope_and_kv_write_match_cpu),
         cmocka_unit_test(test_swiglu_then_down_projection_matches_cpu),
         cmocka_unit_test(test_skinny_gemm_with_more_rows_per_cta_matches_cpu),
+        cmocka_unit_test(test_gemv_with_split_rows_matches_cpu),
         cmocka_unit_test(test_fused_ffn_matches_the_cpu_mlp_on_every_path),
         cmocka_unit_test(test_add_rmsnorm_16_feeds_the_next_gemm_and_refuses_a_gemv),
         cmocka_unit_test(test_fused_qkv_rope_kv_write_matches_the_separate_ops),

@@ -84,6 +84,7 @@ __global__ void __launch_bounds__(SPLIT_WARPS * 32)
                  float scale, int n_splits, int chunk, const int32_t *__restrict__ qpos) {
     __shared__ float sm_m[SPLIT_WARPS][SPLIT_GMAX], sm_l[SPLIT_WARPS][SPLIT_GMAX];
     kvm_pdl_trigger();
+    kvm_pdl_wait();
     __shared__ float sm_acc[SPLIT_WARPS][SPLIT_GMAX][32 * DPL];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const split_cta_t cta =
@@ -187,9 +188,13 @@ __global__ void __launch_bounds__(SPLIT_WARPS * 32)
 
 /* ==== merge of the splits ===================================================================================== */
 
-/* Combines the n_splits partial results (m, l, acc[D]) of each (row, head). */
-__global__ void k_attn_merge(float *__restrict__ out, const float *__restrict__ partial, int D, int n_splits) {
+/* Combines the n_splits partial results (m, l, acc[D]) of each (row, head); outh != NULL: also the output rounded
+ * to 16 bits, for the skinny GEMM of the o projection (kvm_cuda_skinny_rounds). */
+template <typename TH>
+__global__ void k_attn_merge(float *__restrict__ out, const float *__restrict__ partial, int D, int n_splits,
+                             TH *__restrict__ outh) {
     kvm_pdl_trigger();
+    kvm_pdl_wait();
     const int wi = blockIdx.x;
     const float *pp = partial + (size_t)wi * n_splits * (D + 2);
     float M = -INFINITY;
@@ -202,7 +207,9 @@ __global__ void k_attn_merge(float *__restrict__ out, const float *__restrict__ 
             l += p[1] * w;
             a += p[2 + d] * w;
         }
-        out[(size_t)wi * D + d] = a / l;
+        const float o = a / l;
+        out[(size_t)wi * D + d] = o;
+        if (outh) outh[(size_t)wi * D + d] = kvm_from_f32<TH>(o);
     }
 }
 
@@ -473,6 +480,7 @@ __global__ void __launch_bounds__(128)
                float scale_log2, int n_splits, int chunk, const int32_t *__restrict__ qpos) {
     constexpr int DP = D + 8;
     kvm_pdl_trigger();
+    kvm_pdl_wait();
     extern __shared__ __align__(16) unsigned char dec_smem[];
     T(*Ksb)[DM_TOK][DP] = reinterpret_cast<T(*)[DM_TOK][DP]>(dec_smem);
     T(*Vsb)[DM_TOK][DP] = reinterpret_cast<T(*)[DM_TOK][DP]>(dec_smem + (size_t)2 * DM_TOK * DP * sizeof(T));
@@ -632,9 +640,17 @@ static void launch_split(float *out, const float *q, const T *kv, const kvm_kv_g
     chunk = (chunk + gran - 1) / gran * gran;
     n_splits = (max_ctx + chunk - 1) / chunk;
     float *partial = NULL;
+    /* the merge also leaves the output rounded to 16 bits at the start of scratch for a skinny o projection; the
+     * partials go after it */
+    const kvm_dtype_t hdt = kvm_cuda_half_dtype();
+    const size_t n_out = (size_t)b->total_rows * heads * D;
+    const bool half_copy = n_splits > 1 && hdt != KVM_F32 && kvm_cuda_skinny_rounds(b->total_rows);
+    const size_t poff = half_copy ? (n_out * 2 + 255) / 256 * 256 : 0;
+    char *ws = NULL;
     if (n_splits > 1) {
-        partial = (float *)kvm_cuda_scratch((size_t)b->total_rows * heads * n_splits * (D + 2) * sizeof(float));
-        if (!partial) return;
+        ws = (char *)kvm_cuda_scratch(poff + (size_t)b->total_rows * heads * n_splits * (D + 2) * sizeof(float));
+        if (!ws) return;
+        partial = (float *)(ws + poff);
     }
     dim3 grid((unsigned)ctas, (unsigned)n_splits);
     bool launched = false;
@@ -650,9 +666,9 @@ static void launch_split(float *out, const float *q, const T *kv, const kvm_kv_g
             }
             const float sl2 = scale * 1.4426950408889634f;
 #define KVM_DEC(DD)                                                                                                     \
-    k_attn_dec<T, DD><<<grid, 128, dec_smem_bytes<T, DD>(), S>>>(out, partial, q, kv, g->n_layers, H, layer, heads, group, \
-                                                                 hchunks, b->row_start, b->ctx_len, b->block_table,      \
-                                                                 b->n_seqs, b->max_blocks, sl2, n_splits, chunk, b->q_pos)
+    kvm_launch_chain(k_attn_dec<T, DD>, grid, dim3(128), dec_smem_bytes<T, DD>(), out, partial, q, kv, g->n_layers, H,     \
+                     layer, heads, group, hchunks, b->row_start, b->ctx_len, b->block_table, b->n_seqs, b->max_blocks, sl2, \
+                     n_splits, chunk, b->q_pos)
             if (D == 128) KVM_DEC(128);
             else KVM_DEC(64);
 #undef KVM_DEC
@@ -661,9 +677,9 @@ static void launch_split(float *out, const float *q, const T *kv, const kvm_kv_g
         }
     }
 #define KVM_SPLIT(DPL)                                                                                                  \
-    k_attn_split<T, DPL><<<grid, SPLIT_WARPS * 32, 0, S>>>(out, partial, q, kv, g->n_layers, H, D, layer, heads, group,  \
-                                                           hchunks, b->row_start, b->ctx_len, b->block_table, b->n_seqs, \
-                                                           b->max_blocks, scale, n_splits, chunk, b->q_pos)
+    kvm_launch_chain(k_attn_split<T, DPL>, grid, dim3(SPLIT_WARPS * 32), 0, out, partial, q, kv, g->n_layers, H, D, layer, \
+                     heads, group, hchunks, b->row_start, b->ctx_len, b->block_table, b->n_seqs, b->max_blocks, scale,     \
+                     n_splits, chunk, b->q_pos)
     if (!launched) {
         if (D <= 32) KVM_SPLIT(1);
         else if (D <= 64) KVM_SPLIT(2);
@@ -673,8 +689,13 @@ static void launch_split(float *out, const float *q, const T *kv, const kvm_kv_g
     }
 #undef KVM_SPLIT
     if (n_splits > 1) {
-        k_attn_merge<<<b->total_rows * heads, D <= 128 ? 128 : 256, 0, S>>>(out, partial, D, n_splits);
-        KVM_CU_LAUNCH("attention (merge)");
+        const dim3 mg((unsigned)(b->total_rows * heads)), mb(D <= 128 ? 128 : 256);
+        void *xh = half_copy ? ws : NULL;
+        if (xh && hdt == KVM_BF16) kvm_launch_chain(k_attn_merge<__nv_bfloat16>, mg, mb, 0, out, partial, D, n_splits, (__nv_bfloat16 *)xh);
+        else if (xh) kvm_launch_chain(k_attn_merge<__half>, mg, mb, 0, out, partial, D, n_splits, (__half *)xh);
+        else kvm_launch_chain(k_attn_merge<__half>, mg, mb, 0, out, partial, D, n_splits, (__half *)NULL);
+        if (KVM_CU_LAUNCH("attention (merge)")) return;
+        if (xh) kvm_cuda_set_rounded(out, n_out, hdt);
     }
 }
 

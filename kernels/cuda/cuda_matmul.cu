@@ -23,6 +23,7 @@
 template <typename T>
 __global__ void k_to_half(T *__restrict__ dst, const float *__restrict__ src, size_t n) {
     kvm_pdl_trigger();
+    kvm_pdl_wait();
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
         dst[i] = kvm_from_f32<T>(src[i]);
 }
@@ -72,26 +73,34 @@ template <typename T> __device__ __forceinline__ int seg_of(const mm_segs<T> &sg
     return s;
 }
 
-/* Each warp owns R consecutive output rows of one segment; lanes stride over the columns 8 at a time (one
+/* Each work unit is R consecutive output rows of one segment, owned by KS warps of a CTA (opts.gemv_split: KS
+ * parts of the columns, summed in a fixed order at the end); lanes stride over the unit's columns 8 at a time (one
  * 16-byte load of W per row), UNROLL loads in flight; x is read through L1 (it is shared by every warp).
- * cols % 8 == 0 and 16-byte aligned rows are required (checked by the caller). */
-template <typename T, int M, int R, int UNROLL>
-__global__ void __launch_bounds__(128) k_gemv(const mm_segs<T> sg, const float *__restrict__ x, int cols, int pf) {
-    const int unit = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
-    if (unit >= sg.start[sg.nseg]) return;
-    const int sgi = seg_of(sg, unit);
+ * cols % (8 KS) == 0 and 16-byte aligned rows are required (checked by the caller). */
+template <typename T, int M, int R, int UNROLL, int KS>
+__global__ void __launch_bounds__(128) k_gemv(const mm_segs<T> sg, const float *__restrict__ x, int cols, int pf,
+                                              int chain) {
+    if (chain) kvm_pdl_trigger(); /* opts.pdl_chain: the next (small) kernel may launch and wait on the device */
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int unit = (blockIdx.x * (blockDim.x >> 5) + warp) / KS, part = warp % KS;
+    const bool live = unit < sg.start[sg.nseg];
+    if (KS == 1 && !live) return; /* (with KS > 1 every warp reaches the barrier below) */
+    const int sgi = seg_of(sg, live ? unit : 0);
     const T *__restrict__ W = sg.W[sgi];
     const int rows = sg.rows[sgi];
-    const int row0 = (unit - sg.start[sgi]) * R;
+    const int row0 = ((live ? unit : 0) - sg.start[sgi]) * R;
     float acc[M][R];
 #pragma unroll
     for (int m = 0; m < M; m++)
 #pragma unroll
         for (int r = 0; r < R; r++) acc[m][r] = 0.0f;
+    const int pc = cols / KS; /* this warp's columns: [part * pc, (part + 1) * pc) */
+    x += (size_t)part * pc;
     const uint4 *wr[R];
 #pragma unroll
-    for (int r = 0; r < R; r++) wr[r] = reinterpret_cast<const uint4 *>(W + (size_t)min(row0 + r, rows - 1) * cols);
-    const int nvec = cols / 8;
+    for (int r = 0; r < R; r++)
+        wr[r] = reinterpret_cast<const uint4 *>(W + (size_t)min(row0 + r, rows - 1) * cols + (size_t)part * pc);
+    const int nvec = live ? pc / 8 : 0;
     /* The weights do not depend on the previous kernel: start reading them before waiting for it (pf 2:
      * the first loop iteration's loads into registers; pf 1: L2 prefetches of the first 8 KB; pf 0: none). */
     int v = lane;
@@ -156,6 +165,25 @@ __global__ void __launch_bounds__(128) k_gemv(const mm_segs<T> sg, const float *
     for (int m = 0; m < M; m++)
 #pragma unroll
         for (int r = 0; r < R; r++) acc[m][r] = kvm_warp_sum(acc[m][r]);
+    if constexpr (KS > 1) {
+        __shared__ float red[4][M][R];
+        if (lane == 0)
+#pragma unroll
+            for (int m = 0; m < M; m++)
+#pragma unroll
+                for (int r = 0; r < R; r++) red[warp][m][r] = acc[m][r];
+        __syncthreads();
+        if (part != 0 || !live) return;
+#pragma unroll
+        for (int m = 0; m < M; m++)
+#pragma unroll
+            for (int r = 0; r < R; r++) {
+                float t = red[warp][m][r];
+#pragma unroll
+                for (int k = 1; k < KS; k++) t += red[warp + k][m][r];
+                acc[m][r] = t;
+            }
+    }
     if (lane == 0) {
         float *y = sg.y[sgi];
         const float *bias = sg.bias[sgi];
@@ -179,7 +207,13 @@ static void launch_gemv(mm_segs<T> sg, const float *x, int cols) {
         u += (sg.rows[i] + R - 1) / R;
     }
     sg.start[sg.nseg] = u;
-    kvm_launch_pdl(k_gemv<T, M, R, (M <= 2 ? 4 : 2)>, dim3((u + 3) / 4), dim3(128), 0, sg, x, cols, kvm_cuda_prefetch_mode());
+    const int pf = kvm_cuda_prefetch_mode(), chain = kvm_cuda_chain_enabled();
+    /* opts.gemv_split: 2 or 4 warps per row of a one-row GEMV (whose columns split evenly in 16-byte pieces) */
+    const int ks = M == 1 && cols % (8 * g_cuda.opts.gemv_split) == 0 ? g_cuda.opts.gemv_split : 1;
+    constexpr int U = M <= 2 ? 4 : 2;
+    if (ks == 4) kvm_launch_pdl(k_gemv<T, M, R, U, 4>, dim3(u), dim3(128), 0, sg, x, cols, pf, chain);
+    else if (ks == 2) kvm_launch_pdl(k_gemv<T, M, R, U, 2>, dim3((u + 1) / 2), dim3(128), 0, sg, x, cols, pf, chain);
+    else kvm_launch_pdl(k_gemv<T, M, R, U, 1>, dim3((u + 3) / 4), dim3(128), 0, sg, x, cols, pf, chain);
 }
 
 template <typename T>
@@ -223,7 +257,8 @@ template <> __device__ __forceinline__ void mma16816<__half>(float *c, uint32_t 
  * and 16 tokens they are as many bytes as the weights). cols % 32 == 0. */
 template <typename T, int NT, int RG, int NW>
 __global__ void __launch_bounds__(NW * 32) k_skinny(const mm_segs<T> sg, const T *__restrict__ xh, int cols, int M,
-                                                    int pf) {
+                                                    int pf, int chain) {
+    if (chain) kvm_pdl_trigger();
     __shared__ float red[NW][16 * RG][16 + 1];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const int sgi = seg_of(sg, (int)blockIdx.x);
@@ -354,8 +389,9 @@ static void skinny_launch(mm_segs<T> sg, const T *xh, int cols, int n, int pf) {
         u += (sg.rows[i] + 16 * RG - 1) / (16 * RG);
     }
     sg.start[sg.nseg] = u;
-    if (n <= 8) kvm_launch_pdl(k_skinny<T, 1, RG, NW>, dim3(u), dim3(NW * 32), 0, sg, xh, cols, n, pf);
-    else kvm_launch_pdl(k_skinny<T, 2, RG, NW>, dim3(u), dim3(NW * 32), 0, sg, xh, cols, n, pf);
+    const int chain = kvm_cuda_chain_enabled();
+    if (n <= 8) kvm_launch_pdl(k_skinny<T, 1, RG, NW>, dim3(u), dim3(NW * 32), 0, sg, xh, cols, n, pf, chain);
+    else kvm_launch_pdl(k_skinny<T, 2, RG, NW>, dim3(u), dim3(NW * 32), 0, sg, xh, cols, n, pf, chain);
 }
 
 template <typename T>
@@ -399,8 +435,8 @@ static const void *rounded_input(const float *x, size_t nx, kvm_dtype_t dt) {
     unsigned grid = (unsigned)((nx + 255) / 256);
     if (grid > 65535u * 16u) grid = 65535u * 16u;
     if (!grid) grid = 1;
-    if (dt == KVM_BF16) k_to_half<__nv_bfloat16><<<grid, 256, 0, S>>>((__nv_bfloat16 *)xh, x, nx);
-    else k_to_half<__half><<<grid, 256, 0, S>>>((__half *)xh, x, nx);
+    if (dt == KVM_BF16) kvm_launch_chain(k_to_half<__nv_bfloat16>, dim3(grid), dim3(256), 0, (__nv_bfloat16 *)xh, x, nx);
+    else kvm_launch_chain(k_to_half<__half>, dim3(grid), dim3(256), 0, (__half *)xh, x, nx);
     if (KVM_CU_LAUNCH("matmul: activations to 16 bit")) return NULL;
     g_xh_src = x;
     g_xh_n = nx;
@@ -809,7 +845,8 @@ template <typename T, typename TC> struct qkv_args {
  * summation order); lane 0 adds the biases, rotates q/k pairs by the position's fp64 angle (cos/sin rounded to
  * fp32, no FMA contraction: as k_rope_kv), stores q, k, v in fp32 and k, v into the cache at position ctx_len-1. */
 template <typename T, typename TC, int UNROLL>
-__global__ void __launch_bounds__(128) k_gemv_qkv(const qkv_args<T, TC> a, int pf) {
+__global__ void __launch_bounds__(128) k_gemv_qkv(const qkv_args<T, TC> a, int pf, int chain) {
+    if (chain) kvm_pdl_trigger();
     const int unit = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
     const int half = a.hd / 2, nq = a.hq * half, nk = a.hk * half;
     if (unit >= nq + 2 * nk) return;
@@ -874,7 +911,8 @@ static void launch_qkv(float *q, float *k, float *v, const float *x, const kvm_w
     a.pos = pos, a.ctx_len = b->ctx_len, a.block_table = b->block_table, a.inv_freq = inv_freq;
     a.kv = (TC *)kv;
     const int units = (hq + 2 * hk) * hd / 2;
-    kvm_launch_pdl(k_gemv_qkv<T, TC, 4>, dim3((units + 3) / 4), dim3(128), 0, a, kvm_cuda_prefetch_mode());
+    kvm_launch_pdl(k_gemv_qkv<T, TC, 4>, dim3((units + 3) / 4), dim3(128), 0, a, kvm_cuda_prefetch_mode(),
+                   kvm_cuda_chain_enabled());
 }
 
 /* ---- prefill: q|k|v in one bf16 buffer, then RoPE + KV write from it ---- */

@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# launch17.sh - one GPU call for issue 17's decode step: the launch settings (opts.pdl_chain), the batch-1 GEMV's
+# warps per row (opts.gemv_split), and what the default path gained (RoPE + KV write spread over heads, the norms'
+# and the attention merge's 16-bit copies for the skinny GEMM), against the previous path in the same call. Run
+# from the repo root on the GPU machine with .gpu-i17/ (this commit: `scripts/gpu/issue17.sh bundle` here) and
+# BASE=DIR (default .gpu-base: the previous commit's kvmesh) carried. Steps in order of need, so that a call cut
+# short keeps the first; STEPS trims them (default: parity engine profile memcheck kvcomm hf). Logs in $OUT:
+#   gpu.txt       card, driver, clocks at start and end, both bundles' commits
+#   parity.log    test_cuda_ops, test_cuda_model (with the launch-settings test: the same logits bit for bit with
+#                 PDL off, on the GEMMs and through the whole step), the KVCOMM device tests, test_c2c
+#   engine.log    kvmesh bench engine --synthetic llama-3.1-8b --no-eager for each of CONFIGS, ROUNDS rounds
+#                 alternated (a config is "base" or a list of KVM_CUDA_* settings joined by '+', "default" for none)
+#   profile.log   the per-op profile (eager) of this commit's default
+#   memcheck.log  compute-sanitizer memcheck of test_cuda_ops and test_cuda_model
+#   kvcomm.log    kvmesh bench kvcomm --synthetic llama-3.1-8b, the spec's policy and the blend (5th agent TTFT)
+#   hf.log        HF transformers eager on the same card (issue17.sh hf; HF_COMPILE=1 adds torch.compile)
+set -uo pipefail
+B=$PWD/.gpu-i17
+BASE=$(cd "${BASE:-$PWD/.gpu-base}" && pwd)
+OUT=${OUT:-$PWD/gpu-out}
+export OUT
+mkdir -p "$OUT"
+export KVM_SOURCE_DIR=$PWD
+for d in "$B" "$BASE"; do if [ -f "$d/bins.tar.xz" ] && [ ! -x "$d/kvmesh" ]; then tar xJf "$d/bins.tar.xz" -C "$d"; fi; done
+steps=" ${STEPS:-parity engine profile memcheck kvcomm hf} "
+want() { [[ "$steps" == *" $1 "* ]]; }
+clocks() { nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv,noheader; }
+{ echo "start: $(date -u)"; echo "bundle: $(cat "$B/VERSION"), base: $(cat "$BASE/VERSION")"; clocks; nvidia-smi -L; } > "$OUT/gpu.txt" 2>&1
+cat "$OUT/gpu.txt"
+if want parity; then
+  for t in test_cuda_ops test_cuda_model test_kvcomm_ops test_kvcomm_device_path test_kvcomm_core test_comm_state test_c2c; do
+    echo "== $t ($(date -u +%T))"
+    LD_LIBRARY_PATH=$B/lib timeout 200 "$B/$t" 2>&1 | grep -vE "^\[ +(RUN|OK) +\]" | tail -80; echo "rc=${PIPESTATUS[0]}"
+  done > "$OUT/parity.log" 2>&1
+  grep -E "^==|launch settings|rope_qk_kv_write|skinny GEMM after|gemv|PASSED|FAILED|rc=" "$OUT/parity.log" | head -60
+fi
+# one engine run: $1 = base | default | KEY=V[+KEY=V...] (KVM_CUDA_ settings without the prefix)
+engine() {
+  local cfg=$1 bin=$B lib=$B/lib envs=()
+  if [ "$cfg" = base ]; then bin=$BASE lib=$BASE/lib; elif [ "$cfg" != default ]; then
+    IFS=+ read -ra kv <<< "$cfg"; for x in "${kv[@]}"; do envs+=("KVM_CUDA_$x"); done
+  fi
+  echo "==== $cfg ($(date -u +%T))"
+  env LD_LIBRARY_PATH="$lib" "${envs[@]}" timeout 120 "$bin/kvmesh" bench engine --synthetic llama-3.1-8b --no-eager 2>&1 |
+    grep -E "^\| (TTFT prefill  |decode b=1 \(graph|decode b=16 step \(graph)|^spread|rror"
+}
+if want engine; then
+  { for round in $(seq 1 "${ROUNDS:-3}"); do
+      for c in ${CONFIGS:-base default PDL_CHAIN=1 GEMV_SPLIT=2 GEMV_SPLIT=4 PDL_CHAIN=1+GEMV_SPLIT=2}; do engine "$c"; done
+    done; } > "$OUT/engine.log" 2>&1
+  cat "$OUT/engine.log"
+fi
+if want profile; then
+  LD_LIBRARY_PATH=$B/lib timeout 120 "$B/kvmesh" bench engine --synthetic llama-3.1-8b --profile > "$OUT/profile.log" 2>&1
+  grep -E "^profile|rope|attention decode|m=16 mma|m=1 gemv|rmsnorm" "$OUT/profile.log" | head -40
+fi
+if want memcheck; then
+  cs=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
+  for t in test_cuda_ops test_cuda_model; do
+    echo "== memcheck $t ($(date -u +%T))"
+    [ -n "$cs" ] && LD_LIBRARY_PATH=$B/lib timeout 200 "$cs" --tool memcheck --leak-check no "$B/$t" 2>&1 |
+      grep -E "ERROR SUMMARY|Invalid|PASSED|FAILED" | head -8
+  done > "$OUT/memcheck.log" 2>&1
+  cat "$OUT/memcheck.log"
+fi
+if want kvcomm; then
+  POLICIES=${POLICIES:-spec blend} bash scripts/gpu/issue17.sh kvcomm
+fi
+if want hf; then
+  HF_COMPILE=${HF_COMPILE:-0} bash scripts/gpu/issue17.sh hf
+fi
+{ echo "end: $(date -u)"; clocks; } >> "$OUT/gpu.txt" 2>&1
