@@ -147,8 +147,31 @@ extern "C" double kvm_cuda_profile_end(FILE *f, const char *title) {
                 a[i] = a[j];
                 a[j] = t;
             }
+    /* the device timeline between ops: the span from the first op's start to the last op's end, and the time
+     * between one op's end and the next op's start (the largest three named by the ops around them) */
+    float span = 0, gaps = 0, top[3] = {0, 0, 0};
+    int top_i[3] = {-1, -1, -1};
+    if (g_prof_n > 0) cudaEventElapsedTime(&span, g_prof[0].a, g_prof[g_prof_n - 1].b);
+    for (int i = 0; i + 1 < g_prof_n; i++) {
+        float gms = 0;
+        if (cudaEventElapsedTime(&gms, g_prof[i].b, g_prof[i + 1].a) != cudaSuccess || gms <= 0) continue;
+        gaps += gms;
+        for (int k = 0; k < 3; k++)
+            if (gms > top[k]) {
+                for (int m = 2; m > k; m--) top[m] = top[m - 1], top_i[m] = top_i[m - 1];
+                top[k] = gms, top_i[k] = i;
+                break;
+            }
+    }
+    cudaGetLastError();
     if (f) {
         fprintf(f, "\nprofile: %s (eager; sum of per-op event times %.3f ms)\n", title ? title : "", total);
+        fprintf(f, "timeline: first op start to last op end %.3f ms; between ops %.3f ms over %d boundaries", span, gaps,
+                g_prof_n > 0 ? g_prof_n - 1 : 0);
+        for (int k = 0; k < 3 && top_i[k] >= 0; k++)
+            fprintf(f, "%s %.1f us (%s -> %s)", k ? "," : "; largest:", 1000.0 * top[k], g_prof[top_i[k]].name,
+                    g_prof[top_i[k] + 1].name);
+        fprintf(f, "\n");
         fprintf(f, "| op | calls | total ms | %% | us/call |\n|---|---|---|---|---|\n");
         for (int i = 0; i < na; i++)
             fprintf(f, "| %s | %d | %.3f | %.1f | %.1f |\n", a[i].name, a[i].n, a[i].ms, total > 0 ? 100.0 * a[i].ms / total : 0,
