@@ -733,8 +733,8 @@ static void test_fused_qkv_rope_kv_write_matches_the_separate_ops(void **st) {
 
 /* qkv_rope_kv on a prefill step (two sequences, 40 rows: bf16 q|k|v GEMM, then RoPE + KV write) against the
  * CPU ops (bf16 weights: 1e-2); adjacent: Wq|Wk|Wv in one device buffer (one GEMM), else three GEMMs. */
-static void check_qkv_prefill(kvm_rope_layout_t layout, bool adjacent, bool with_bias) {
-    const int HQ = 8, HK = 2, hd = 64, D = 256, L = 2, layer = 0, half = hd / 2, nb = 8, rows = 40;
+static void check_qkv_prefill(kvm_rope_layout_t layout, bool adjacent, bool with_bias, int hd) {
+    const int HQ = 8, HK = 2, D = 256, L = 2, layer = 0, half = hd / 2, nb = 8, rows = 40;
     kvm_kv_geom_t g = {.n_layers = L, .n_kv_heads = HK, .head_dim = hd, .dtype = KVM_BF16};
     /* seq 0: 30 new tokens from position 0; seq 1: 10 new tokens after 40 cached ones */
     int32_t rs[3] = {0, 30, 40}, cl[2] = {30, 50}, bt[2 * 4] = {6, 1, -1, -1, 0, 2, 5, 7};
@@ -793,7 +793,7 @@ static void check_qkv_prefill(kvm_rope_layout_t layout, bool adjacent, bool with
     char what[112];
     const char *lay = layout == KVM_ROPE_HALF ? "rotate-half" : "interleaved";
     const char *how = adjacent ? "one GEMM" : "three GEMMs";
-    snprintf(what, sizeof what, "qkv_rope_kv prefill %s, %s%s: q", lay, how, with_bias ? ", bias" : "");
+    snprintf(what, sizeof what, "qkv_rope_kv prefill hd %d %s, %s%s: q", hd, lay, how, with_bias ? ", bias" : "");
     expect_close(what, gq, q, (size_t)rows * rq, 1e-2);
     snprintf(what, sizeof what, "qkv_rope_kv prefill %s, %s%s: k", lay, how, with_bias ? ", bias" : "");
     expect_close(what, gk, k, (size_t)rows * rk, 1e-2);
@@ -818,9 +818,11 @@ static void check_qkv_prefill(kvm_rope_layout_t layout, bool adjacent, bool with
 static void test_fused_qkv_rope_kv_write_on_a_prefill_step_matches_cpu(void **st) {
     (void)st;
     NEED_GPU();
-    check_qkv_prefill(KVM_ROPE_HALF, true, false);
-    check_qkv_prefill(KVM_ROPE_HALF, false, true);
-    check_qkv_prefill(KVM_ROPE_INTERLEAVED, true, true);
+    check_qkv_prefill(KVM_ROPE_HALF, true, false, 64);         /* 16-byte accesses (hd % 16 == 0) */
+    check_qkv_prefill(KVM_ROPE_HALF, false, true, 128);
+    check_qkv_prefill(KVM_ROPE_INTERLEAVED, true, true, 64);
+    check_qkv_prefill(KVM_ROPE_HALF, true, true, 72);          /* hd % 16 != 0: one element at a time */
+    check_qkv_prefill(KVM_ROPE_INTERLEAVED, false, false, 40);
 }
 
 /* matmul_add_rmsnorm_16 and ffn_add_rmsnorm_16 (the projection's output reaches the residual norm in 16 bits):

@@ -1006,6 +1006,119 @@ __global__ void k_rope_kv_h(const TH *__restrict__ h, int hw, const float *__res
     }
 }
 
+/* 8 consecutive 16-bit values at p (16-byte aligned) to fp32, and 8 fp32 values to 8 consecutive TC at p (aligned
+ * to 8 TC). */
+template <typename TH> __device__ __forceinline__ void load8f(const TH *p, float *f) {
+    unpack8(*reinterpret_cast<const uint4 *>(p), f, (const TH *)0);
+}
+template <typename TC> __device__ __forceinline__ void store8(TC *p, const float *f) {
+    if constexpr (sizeof(TC) == 4) {
+        reinterpret_cast<float4 *>(p)[0] = make_float4(f[0], f[1], f[2], f[3]);
+        reinterpret_cast<float4 *>(p)[1] = make_float4(f[4], f[5], f[6], f[7]);
+    } else {
+        __align__(16) TC h[8];
+#pragma unroll
+        for (int i = 0; i < 8; i++) h[i] = kvm_from_f32<TC>(f[i]);
+        *reinterpret_cast<uint4 *>(p) = *reinterpret_cast<const uint4 *>(h);
+    }
+}
+__device__ __forceinline__ void load8b(const float *__restrict__ bias, int at, float *f) {
+    const float4 a = reinterpret_cast<const float4 *>(bias + at)[0], b = reinterpret_cast<const float4 *>(bias + at)[1];
+    f[0] = a.x, f[1] = a.y, f[2] = a.z, f[3] = a.w, f[4] = b.x, f[5] = b.y, f[6] = b.z, f[7] = b.w;
+}
+
+/* k_rope_kv_h with 16-byte accesses (hd % 16 == 0): a thread takes 8 pairs of one q/k head (its j0..j0+7: the 8
+ * first and the 8 second elements, or 16 consecutive interleaved ones) or 8 elements of one v head, converts,
+ * adds the biases and rotates them exactly as k_rope_kv_h does, and stores them with 16-byte stores. */
+template <typename TH, typename TC>
+__global__ void k_rope_kv_h8(const TH *__restrict__ h, int hw, const float *__restrict__ bq, const float *__restrict__ bk,
+                             const float *__restrict__ bv, float *__restrict__ q, float *__restrict__ k, float *__restrict__ v,
+                             int hq, int hk, int hd, const int32_t *__restrict__ pos, const float *__restrict__ inv_freq, int il,
+                             TC *__restrict__ kv, int L, int layer, const int32_t *__restrict__ row_start,
+                             const int32_t *__restrict__ block_table, int n_seqs, int max_blocks) {
+    kvm_pdl_trigger();
+    const int r = blockIdx.x, half = hd / 2, QD = hq * hd, KD = hk * hd, per = half / 8;
+    const int s = kvm_seq_of_row_dev(row_start, n_seqs, r);
+    const int ps = pos[r];
+    const int32_t blk = block_table[(size_t)s * max_blocks + ps / KVM_KV_BLOCK];
+    const int t = ps % KVM_KV_BLOCK;
+    const size_t kbase = ((((size_t)blk * L + layer) * 2 + 0) * hk) * KVM_KV_BLOCK * (size_t)hd + (size_t)t * hd;
+    const size_t vbase = ((((size_t)blk * L + layer) * 2 + 1) * hk) * KVM_KV_BLOCK * (size_t)hd + (size_t)t * hd;
+    const size_t hstride = (size_t)KVM_KV_BLOCK * hd; /* between heads of one token in the cache */
+    const TH *hr = h + (size_t)r * hw;
+    const int nrot = (hq + hk) * per, nv = KD / 8;
+    for (int i = threadIdx.x; i < nrot + nv; i += blockDim.x) {
+        float a[8], b[8], ba[8], bb[8];
+        if (i >= nrot) { /* 8 elements of v */
+            const int e = (i - nrot) * 8;
+            load8f(hr + QD + KD + e, a);
+            if (bv) {
+                load8b(bv, e, ba);
+#pragma unroll
+                for (int u = 0; u < 8; u++) a[u] += ba[u];
+            }
+            store8(v + (size_t)r * KD + e, a);
+            store8(kv + vbase + (size_t)(e / hd) * hstride + e % hd, a);
+            continue;
+        }
+        const int hh = i / per, j0 = (i % per) * 8;
+        const bool isq = hh < hq;
+        const int head = isq ? hh : hh - hq;
+        const int col = (isq ? 0 : QD) + head * hd; /* the head's first column in h */
+        const float *bias = isq ? bq : bk;
+        if (il) { /* pairs (2j, 2j+1): 16 consecutive elements from 2 j0 */
+            float e[16];
+            load8f(hr + col + 2 * j0, e);
+            load8f(hr + col + 2 * j0 + 8, e + 8);
+            if (bias) {
+                load8b(bias, head * hd + 2 * j0, ba);
+                load8b(bias, head * hd + 2 * j0 + 8, bb);
+#pragma unroll
+                for (int u = 0; u < 8; u++) e[u] += ba[u], e[8 + u] += bb[u];
+            }
+#pragma unroll
+            for (int u = 0; u < 8; u++) a[u] = e[2 * u], b[u] = e[2 * u + 1];
+        } else { /* pairs (j, j + half) */
+            load8f(hr + col + j0, a);
+            load8f(hr + col + j0 + half, b);
+            if (bias) {
+                load8b(bias, head * hd + j0, ba);
+                load8b(bias, head * hd + j0 + half, bb);
+#pragma unroll
+                for (int u = 0; u < 8; u++) a[u] += ba[u], b[u] += bb[u];
+            }
+        }
+        const double p = (double)ps;
+#pragma unroll
+        for (int u = 0; u < 8; u++) {
+            double sn, cn;
+            sincos(kvm_rope_angle_dev(p, inv_freq[j0 + u]), &sn, &cn);
+            const float c = (float)cn, sf = (float)sn, x0 = a[u], x1 = b[u];
+            a[u] = __fsub_rn(__fmul_rn(x0, c), __fmul_rn(x1, sf));
+            b[u] = __fadd_rn(__fmul_rn(x0, sf), __fmul_rn(x1, c));
+        }
+        float *dst = isq ? q + (size_t)r * QD + head * hd : k + (size_t)r * KD + head * hd;
+        if (il) {
+            float e[16];
+#pragma unroll
+            for (int u = 0; u < 8; u++) e[2 * u] = a[u], e[2 * u + 1] = b[u];
+            store8(dst + 2 * j0, e);
+            store8(dst + 2 * j0 + 8, e + 8);
+            if (!isq) {
+                store8(kv + kbase + head * hstride + 2 * j0, e);
+                store8(kv + kbase + head * hstride + 2 * j0 + 8, e + 8);
+            }
+        } else {
+            store8(dst + j0, a);
+            store8(dst + j0 + half, b);
+            if (!isq) {
+                store8(kv + kbase + head * hstride + j0, a);
+                store8(kv + kbase + head * hstride + j0 + half, b);
+            }
+        }
+    }
+}
+
 /* opts.qkv_fuse = false: q/k/v through matmul_multi + rope_qk_kv_write (batch-1 decode and prefill) */
 static int qkv_fuse_enabled(void) { return g_cuda.opts.qkv_fuse; }
 
@@ -1049,10 +1162,20 @@ static int qkv_prefill(float *q, float *k, float *v, const float *x, const kvm_w
     kvm_cuda_touch(); /* q, k, v change below */
     KVM_PROF("rope q+k, kv_write (from bf16 q|k|v)");
     const size_t sh = (size_t)hd * sizeof(float);
+    /* 16-byte accesses where every piece is aligned: hd % 16, and 16-byte aligned biases */
+    bool v8 = hd % 16 == 0;
+    for (int i = 0; i < 3; i++) v8 = v8 && ((uintptr_t)bias[i] % 16) == 0;
 #define KVM_RKH(TC)                                                                                                       \
-    k_rope_kv_h<__nv_bfloat16, TC><<<n, 256, sh, S>>>(h, HW, bias[0], bias[1], bias[2], q, k, v, hq, hk, hd, pos, inv_freq, \
-                                                      il, (TC *)kv, g->n_layers, layer, b->row_start, b->ctx_len,         \
-                                                      b->block_table, b->n_seqs, b->max_blocks)
+    do {                                                                                                                  \
+        if (v8)                                                                                                           \
+            k_rope_kv_h8<__nv_bfloat16, TC><<<n, 128, 0, S>>>(h, HW, bias[0], bias[1], bias[2], q, k, v, hq, hk, hd, pos,  \
+                                                              inv_freq, il, (TC *)kv, g->n_layers, layer, b->row_start,    \
+                                                              b->block_table, b->n_seqs, b->max_blocks);                   \
+        else                                                                                                              \
+            k_rope_kv_h<__nv_bfloat16, TC><<<n, 256, sh, S>>>(h, HW, bias[0], bias[1], bias[2], q, k, v, hq, hk, hd, pos,   \
+                                                              inv_freq, il, (TC *)kv, g->n_layers, layer, b->row_start,    \
+                                                              b->ctx_len, b->block_table, b->n_seqs, b->max_blocks);       \
+    } while (0)
     if (g->dtype == KVM_BF16) KVM_RKH(__nv_bfloat16);
     else if (g->dtype == KVM_F16) KVM_RKH(__half);
     else KVM_RKH(float);
