@@ -577,6 +577,8 @@ typedef struct kvm_cuda_opts {
     int skinny_rows;          /* skinny_rows: weight rows per CTA of the tensor-core skinny GEMM: 16, 32 or 64
                                  (fewer where the launch would not fill the GPU); the activations cross L2 once
                                  per CTA (16) */
+    int skinny_warps;         /* skinny_warps: warps per CTA of the skinny GEMM, splitting its columns: 8, or 16
+                                 (with 16 weight rows per CTA, whatever skinny_rows says) (8) */
     bool attn_dec_mma;        /* attn_dec_mma: decode attention of 16-bit caches (head_dim 64, 128) on the
                                  tensor cores; 0: the generic split-K kernel (true) */
     bool no_mma_attn;         /* no_mma_attn: prefill attention through the split-K kernel (false) */

@@ -548,7 +548,8 @@ static void cuda_switch(const char *key, const char *value) {
 }
 
 /* The skinny GEMM with 32 and 64 weight rows per CTA (opts.skinny_rows): enough rows that the launch keeps them (a
- * CTA per SM at least: 8500 rows), rows that are not a multiple of the CTA's, one and two n-tiles, bias, f16. */
+ * CTA per SM at least: 8500 rows), rows that are not a multiple of the CTA's, one and two n-tiles, bias, f16; then
+ * with 16 warps per CTA (opts.skinny_warps). */
 static void test_skinny_gemm_with_more_rows_per_cta_matches_cpu(void **st) {
     (void)st;
     NEED_GPU();
@@ -561,6 +562,12 @@ static void test_skinny_gemm_with_more_rows_per_cta_matches_cpu(void **st) {
         check_matmul(KVM_BF16, 1000, 512, 16, true, 1e-2); /* too few rows: back to 16 per CTA */
     }
     cuda_switch("skinny_rows", "16");
+    cuda_switch("skinny_warps", "16"); /* 16 warps per CTA: a column chunk per warp in 16 */
+    check_matmul(KVM_BF16, 4100, 1024, 16, true, 1e-2);
+    check_matmul(KVM_F16, 1000, 512, 3, false, 1e-2);
+    check_matmul(KVM_BF16, 300, 160, 9, true, 1e-2); /* 5 chunks: most warps have none */
+    check_matmul_multi(KVM_BF16, 7, 1e-2);
+    cuda_switch("skinny_warps", "8");
 }
 
 /* The batch-1 GEMV with 2 and 4 warps per row (opts.gemv_split): columns that split evenly (bias, f16, several

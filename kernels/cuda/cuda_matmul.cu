@@ -397,7 +397,9 @@ static void skinny_launch(mm_segs<T> sg, const T *xh, int cols, int n, int pf) {
 template <typename T>
 static void skinny_dispatch(mm_segs<T> sg, const T *xh, int cols, int n) {
     const int pf = kvm_cuda_prefetch_mode(), per = skinny_rows_for(sg);
-    if (per == 64) skinny_launch<T, 4, 8>(sg, xh, cols, n, pf);
+    /* opts.skinny_warps = 16: twice the warps per CTA (each a sixteenth of the columns), 16 rows per CTA */
+    if (g_cuda.opts.skinny_warps == 16) skinny_launch<T, 1, 16>(sg, xh, cols, n, pf);
+    else if (per == 64) skinny_launch<T, 4, 8>(sg, xh, cols, n, pf);
     else if (per == 32) skinny_launch<T, 2, 8>(sg, xh, cols, n, pf);
     else skinny_launch<T, 1, 8>(sg, xh, cols, n, pf);
 }

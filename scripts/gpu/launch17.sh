@@ -46,7 +46,7 @@ engine() {
 }
 if want engine; then
   { for round in $(seq 1 "${ROUNDS:-3}"); do
-      for c in ${CONFIGS:-base default PDL_CHAIN=1 GEMV_SPLIT=2 GEMV_SPLIT=4 PDL_CHAIN=1+GEMV_SPLIT=2}; do engine "$c"; done
+      for c in ${CONFIGS:-base default PDL_CHAIN=1 GEMV_SPLIT=2 GEMV_SPLIT=4 SKINNY_WARPS=16 PDL_CHAIN=1+GEMV_SPLIT=2}; do engine "$c"; done
     done; } > "$OUT/engine.log" 2>&1
   cat "$OUT/engine.log"
 fi
