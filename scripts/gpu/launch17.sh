@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # launch17.sh - one GPU call for issue 17's decode step: the launch settings (opts.pdl_chain), the batch-1 GEMV's
-# warps per row (opts.gemv_split), and what the default path gained (RoPE + KV write spread over heads, the norms'
+# warps per row (opts.gemv_split), the skinny GEMM's warps per CTA (opts.skinny_warps), and what the default path gained (RoPE + KV write spread over heads, the norms'
 # and the attention merge's 16-bit copies for the skinny GEMM), against the previous path in the same call. Run
 # from the repo root on the GPU machine with .gpu-i17/ (this commit: `scripts/gpu/issue17.sh bundle` here) and
 # BASE=DIR (default .gpu-base: the previous commit's kvmesh) carried. Steps in order of need, so that a call cut
