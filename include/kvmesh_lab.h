@@ -587,6 +587,12 @@ typedef struct kvm_cuda_opts {
     bool ffn;                 /* ffn: the fused MLP op (true) */
     bool ffn_gemv;            /* ffn_gemv: batch-1 gate+up GEMV with the SwiGLU in its epilogue (false) */
     bool qkv_fuse;            /* qkv_fuse: q/k/v + RoPE + KV write fused (true) */
+    bool rope_heads;          /* rope_heads: RoPE + KV write of 2+ rows in blocks of (row, 4 heads), a thread per
+                                 rotated pair, instead of a block per row (false until measured on a GPU) */
+    bool rope_v;              /* rope_v: the prefill's RoPE + KV write from the bf16 q|k|v with 16-byte accesses
+                                 (false until measured on a GPU) */
+    bool copy16;              /* copy16: norms and the decode attention's merge leave the 16-bit input of a
+                                 2..16-row skinny GEMM behind them (false until measured on a GPU) */
     bool qkv16;               /* qkv16: prefill q/k/v as one bf16 GEMM (true) */
     bool norm16;              /* norm16: add_rmsnorm_16 skips the fp32 output (true) */
     bool y16;                 /* y16: prefill o / down projections hand 16-bit outputs to the norm (true) */

@@ -269,21 +269,25 @@ static void run_turns5(kvm_model_t *m, int n, float *lg) {
 }
 
 /* When kernels start never changes what they compute: synthetic tiny-llama with bf16 weights (the batch-1 GEMV,
- * the 4-row skinny GEMM fed by the norms' and the attention merge's 16-bit copies, captured decode graphs), the
- * same logits bit for bit with PDL off, with PDL on the GEMMs (the default) and through the whole step
- * (pdl_chain), whose early launches would show any missing wait as a difference. */
+ * the 4-row skinny GEMM, captured decode graphs), the same logits bit for bit with PDL off, with PDL on the GEMMs
+ * (the default), through the whole step (pdl_chain), whose early launches would show any missing wait as a
+ * difference, and with the batched step's exact rewrites on (rope_heads; copy16: the norms' and the attention
+ * merge's 16-bit copies). */
 static void test_bf16_decode_computes_the_same_bits_under_every_launch_setting(void **st) {
     (void)st;
     NEED_GPU();
     const kvm_cuda_opts_t before = kvm_cuda_get_opts();
-    const char *settings[3][2] = {{"0", "0"}, {"1", "0"}, {"1", "1"}}; /* pdl, pdl_chain */
+    /* pdl, pdl_chain, and the exact rewrites of the batched step (rope_heads, copy16) */
+    const char *settings[4][3] = {{"0", "0", "0"}, {"1", "0", "0"}, {"1", "1", "0"}, {"1", "1", "1"}};
     const int n = 24;
-    float *lg[3] = {NULL, NULL, NULL};
+    float *lg[4] = {NULL, NULL, NULL, NULL};
     int V = 0, graphs = 0;
-    for (int c = 0; c < 3; c++) {
+    for (int c = 0; c < 4; c++) {
         kvm_cuda_opts_t o = before;
         assert_int_equal(kvm_cuda_opts_parse(&o, "pdl", settings[c][0]), 0);
         assert_int_equal(kvm_cuda_opts_parse(&o, "pdl_chain", settings[c][1]), 0);
+        assert_int_equal(kvm_cuda_opts_parse(&o, "rope_heads", settings[c][2]), 0);
+        assert_int_equal(kvm_cuda_opts_parse(&o, "copy16", settings[c][2]), 0);
         assert_int_equal(kvm_cuda_set_opts(&o), 0);
         kvm_model_t *m = load_on("synthetic:tiny-llama", "cuda", false);
         V = m->cfg.vocab_size;
@@ -294,12 +298,12 @@ static void test_bf16_decode_computes_the_same_bits_under_every_launch_setting(v
     }
     assert_int_equal(kvm_cuda_set_opts(&before), 0);
     const size_t bytes = (size_t)n * 5 * V * 4;
-    fprintf(stderr, "launch settings: %d decode graphs; pdl on: logits %s, pdl_chain: logits %s to pdl off\n", graphs,
-            memcmp(lg[1], lg[0], bytes) ? "DIFFER" : "identical", memcmp(lg[2], lg[0], bytes) ? "DIFFER" : "identical");
+    fprintf(stderr, "launch settings: %d decode graphs; logits against pdl off: pdl on %s, pdl_chain %s, + rope_heads and "
+            "copy16 %s\n", graphs, memcmp(lg[1], lg[0], bytes) ? "DIFFER" : "identical",
+            memcmp(lg[2], lg[0], bytes) ? "DIFFER" : "identical", memcmp(lg[3], lg[0], bytes) ? "DIFFER" : "identical");
     assert_int_equal(graphs, 2);
-    assert_memory_equal(lg[1], lg[0], bytes);
-    assert_memory_equal(lg[2], lg[0], bytes);
-    for (int c = 0; c < 3; c++) free(lg[c]);
+    for (int c = 1; c < 4; c++) assert_memory_equal(lg[c], lg[0], bytes);
+    for (int c = 0; c < 4; c++) free(lg[c]);
 }
 
 /* 32 greedy tokens of a synthetic model with bf16 weights on the GPU, identical to the CPU engine. */

@@ -87,6 +87,13 @@ static void *to_dtype(const float *f, size_t n, kvm_dtype_t dt) {
     return o;
 }
 
+/* Sets one switch of the CUDA backend (ops.h, kvm_cuda_opts_t) for the checks that follow. */
+static void cuda_switch(const char *key, const char *value) {
+    kvm_cuda_opts_t o = kvm_cuda_get_opts();
+    assert_int_equal(kvm_cuda_opts_parse(&o, key, value), 0);
+    assert_int_equal(kvm_cuda_set_opts(&o), 0);
+}
+
 /* A bf16 matrix of `rows` x cols on the device for expect_rounded_copy, after one matmul with it (so that the
  * backend's 16-bit dtype is bf16, as in a bf16 model's step). */
 typedef struct {
@@ -304,7 +311,9 @@ static void test_matmul_reuses_rounded_activations_only_while_unchanged(void **s
     G->matmul(dy4, dx2, &GW, NULL, n);
     float *y4 = host_from(dy4, (size_t)n * rows);
     expect_close("matmul after rmsnorm (rounded by the norm)", y4, ref4, (size_t)n * rows, 1e-2);
-    /* and over 2..16 rows (the skinny GEMM's input): the copy is the rounding, the fp32 output is written too */
+    /* and over 2..16 rows (the skinny GEMM's input; opts.copy16): the copy is the rounding, the fp32 output is
+     * written too */
+    cuda_switch("copy16", "1");
     probe_gemm_t pg = probe_gemm(cols);
     G->rmsnorm(dx2, dx, dnw, 7, cols, 1e-5f);
     expect_rounded_copy(&pg, dx2, 7, "skinny GEMM after rmsnorm of 7 rows");
@@ -315,6 +324,7 @@ static void test_matmul_reuses_rounded_activations_only_while_unchanged(void **s
     C->rmsnorm(r5, xs, nw, 5, cols, 1e-5f);
     expect_close("rmsnorm of 5 rows: fp32 output", n5, r5, (size_t)5 * cols, 1e-6);
     probe_free(&pg);
+    cuda_switch("copy16", kvm_cuda_opts_default().copy16 ? "1" : "0");
     free(n5), free(r5), free(xs);
     G->free(dnw), G->free(dy4);
     free(nw), free(normed), free(ref4), free(y4);
@@ -462,14 +472,19 @@ static void check_rope_kv(int HQ, int HK, int hd, kvm_rope_layout_t layout, kvm_
     free(q), free(k), free(v), free(inv), free(pool), free(gq), free(gk), free(gp);
 }
 
+/* both kernels: a block per row, and (opts.rope_heads) a block per row and group of heads */
 static void test_fused_rope_and_kv_write_match_cpu(void **st) {
     (void)st;
     NEED_GPU();
-    check_rope_kv(8, 2, 64, KVM_ROPE_HALF, KVM_BF16);         /* 8 heads per block: a partial second group */
-    check_rope_kv(32, 8, 128, KVM_ROPE_HALF, KVM_BF16);       /* Llama-3.1-8B's heads: 10 groups of 4 */
-    check_rope_kv(12, 4, 128, KVM_ROPE_INTERLEAVED, KVM_F16);
-    check_rope_kv(6, 3, 32, KVM_ROPE_INTERLEAVED, KVM_F32);   /* 16 pairs per head: 16 heads per block */
-    check_rope_kv(4, 2, 576, KVM_ROPE_HALF, KVM_BF16);        /* 288 pairs per head: the block loops */
+    for (int heads = 0; heads < 2; heads++) {
+        cuda_switch("rope_heads", heads ? "1" : "0");
+        check_rope_kv(8, 2, 64, KVM_ROPE_HALF, KVM_BF16);         /* 8 heads per block: a partial second group */
+        check_rope_kv(32, 8, 128, KVM_ROPE_HALF, KVM_BF16);       /* Llama-3.1-8B's heads: 10 groups of 4 */
+        check_rope_kv(12, 4, 128, KVM_ROPE_INTERLEAVED, KVM_F16);
+        check_rope_kv(6, 3, 32, KVM_ROPE_INTERLEAVED, KVM_F32);   /* 16 pairs per head: 16 heads per block */
+        check_rope_kv(4, 2, 576, KVM_ROPE_HALF, KVM_BF16);        /* 288 pairs per head: the block loops */
+    }
+    cuda_switch("rope_heads", kvm_cuda_opts_default().rope_heads ? "1" : "0");
 }
 
 static void check_swiglu_matmul(kvm_dtype_t dt, int n, double tol) {
@@ -538,13 +553,6 @@ static void check_ffn(kvm_dtype_t dt, int n, bool adjacent, bool in_place, doubl
     if (!adjacent) G->free(dup);
     if (!in_place) G->free(dy);
     free(x), free(wg), free(wu), free(wd), free(hg), free(hu), free(hd), free(g), free(u), free(ref), free(y);
-}
-
-/* Sets one switch of the CUDA backend (ops.h, kvm_cuda_opts_t) for the checks that follow. */
-static void cuda_switch(const char *key, const char *value) {
-    kvm_cuda_opts_t o = kvm_cuda_get_opts();
-    assert_int_equal(kvm_cuda_opts_parse(&o, key, value), 0);
-    assert_int_equal(kvm_cuda_set_opts(&o), 0);
 }
 
 /* The skinny GEMM with 32 and 64 weight rows per CTA (opts.skinny_rows): enough rows that the launch keeps them (a
@@ -825,11 +833,15 @@ static void check_qkv_prefill(kvm_rope_layout_t layout, bool adjacent, bool with
 static void test_fused_qkv_rope_kv_write_on_a_prefill_step_matches_cpu(void **st) {
     (void)st;
     NEED_GPU();
-    check_qkv_prefill(KVM_ROPE_HALF, true, false, 64);         /* 16-byte accesses (hd % 16 == 0) */
-    check_qkv_prefill(KVM_ROPE_HALF, false, true, 128);
-    check_qkv_prefill(KVM_ROPE_INTERLEAVED, true, true, 64);
-    check_qkv_prefill(KVM_ROPE_HALF, true, true, 72);          /* hd % 16 != 0: one element at a time */
-    check_qkv_prefill(KVM_ROPE_INTERLEAVED, false, false, 40);
+    for (int v8 = 0; v8 < 2; v8++) { /* opts.rope_v: 16-byte accesses where hd % 16 == 0 */
+        cuda_switch("rope_v", v8 ? "1" : "0");
+        check_qkv_prefill(KVM_ROPE_HALF, true, false, 64);
+        check_qkv_prefill(KVM_ROPE_HALF, false, true, 128);
+        check_qkv_prefill(KVM_ROPE_INTERLEAVED, true, true, 64);
+        check_qkv_prefill(KVM_ROPE_HALF, true, true, 72); /* hd % 16 != 0: one element at a time */
+        check_qkv_prefill(KVM_ROPE_INTERLEAVED, false, false, 40);
+    }
+    cuda_switch("rope_v", kvm_cuda_opts_default().rope_v ? "1" : "0");
 }
 
 /* matmul_add_rmsnorm_16 and ffn_add_rmsnorm_16 (the projection's output reaches the residual norm in 16 bits):
@@ -993,7 +1005,8 @@ static void check_attention(kvm_dtype_t dt, int heads, int kvh, int hd, const at
     float *dq = dev_from(q, (size_t)total_rows * heads * hd * 4);
     float *dout = dev_poisoned((size_t)total_rows * heads * hd);
     G->kv_write(dpool, &g, layer, dk, dv, &gb);
-    /* 2..16 rows of a 16-bit cache: the decode kernels' merge may leave the output's 16-bit copy for the o projection */
+    /* 2..16 rows of a 16-bit cache: the decode kernels' merge may leave the output's 16-bit copy for the o projection
+     * (opts.copy16, which the decode-kernel test turns on) */
     const bool probe = total_rows >= 2 && total_rows <= 16 && dt != KVM_F32 && (heads * hd) % 32 == 0;
     probe_gemm_t pg = {0};
     if (probe) pg = probe_gemm(heads * hd);
@@ -1037,6 +1050,7 @@ static void test_attention_16bit_decode_kernels_match_cpu_on_decode_batches(void
     NEED_GPU();
     /* the tensor-core kernel: Q and P as hi + lo 16-bit pairs keep the CUDA-core kernels' tolerance */
     const kvm_cuda_opts_t before = kvm_cuda_get_opts();
+    cuda_switch("copy16", "1");
     cuda_switch("attn_dec_mma", "1");
     check_attention(KVM_BF16, 32, 8, 128, &DECODE, 1e-5, "decode, tensor cores");
     check_attention(KVM_F16, 14, 2, 64, &DECODE, 1e-5, "decode, tensor cores");

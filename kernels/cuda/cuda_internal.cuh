@@ -138,10 +138,11 @@ __device__ __forceinline__ void kvm_pdl_trigger() { asm volatile("griddepcontrol
 __device__ __forceinline__ void kvm_pdl_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
 static inline int kvm_cuda_pdl_enabled(void) { return g_cuda.opts.pdl; } /* opts.pdl = false turns it off */
 static inline int kvm_cuda_chain_enabled(void) { return g_cuda.opts.pdl && g_cuda.opts.pdl_chain; }
-/* 2..16 rows go through the skinny tensor-core GEMM, which reads its input rounded to 16 bits: producers of such
- * inputs (norms, the decode attention's merge) then leave that copy in scratch for it (kvm_cuda_set_rounded). */
+/* 2..16 rows go through the skinny tensor-core GEMM, which reads its input rounded to 16 bits: under opts.copy16
+ * producers of such inputs (norms, the decode attention's merge) leave that copy in scratch for it
+ * (kvm_cuda_set_rounded). */
 static inline bool kvm_cuda_skinny_rounds(int rows) {
-    return rows >= 2 && rows <= 16 && g_cuda.opts.skinny != KVM_CUDA_SKINNY_GEMV;
+    return g_cuda.opts.copy16 && rows >= 2 && rows <= 16 && g_cuda.opts.skinny != KVM_CUDA_SKINNY_GEMV;
 }
 /* How the decode GEMMs read weights before the PDL wait (opts.prefetch): 0 none, 1 L2 prefetch, 2 (default)
  * the first iteration's loads into registers */

@@ -403,7 +403,39 @@ void kvm_cuda_kv_write(void *kv, const kvm_kv_geom_t *g, int layer, const float 
     KVM_CU_LAUNCH("kv_write");
 }
 
-/* Block (row r, group y of the row's q|k heads, hpb of them): one thread per rotated pair (j, j + hd/2, or 2j, 2j+1
+/* Block per row (opts.rope_heads = false, the validated default until the kernel below has run on a GPU): RoPE of
+ * its q and k heads (cos/sin of its position once, in fp64 reduced to [-pi, pi)), then its k and v heads go to the
+ * cache at the row's position (as k_kv_write). */
+template <typename T>
+__global__ void k_rope_kv_row(float *q, float *k, const float *__restrict__ v, int hq, int hk, int hd,
+                              const int32_t *__restrict__ pos, const float *__restrict__ inv_freq, int interleaved, T *kv,
+                              int L, int layer, const int32_t *__restrict__ row_start,
+                              const int32_t *__restrict__ block_table, int n_seqs, int max_blocks) {
+    kvm_pdl_trigger();
+    kvm_pdl_wait();
+    extern __shared__ float cs[];
+    const int r = blockIdx.x, half = hd / 2;
+    rope_table(cs, (double)pos[r], inv_freq, half);
+    float *qr = q + (size_t)r * hq * hd, *kr = k + (size_t)r * hk * hd;
+    for (int i = threadIdx.x; i < (hq + hk) * half; i += blockDim.x) {
+        int h = i / half, j = i % half;
+        float *x = h < hq ? qr + (size_t)h * hd : kr + (size_t)(h - hq) * hd;
+        if (interleaved) rot(&x[2 * j], &x[2 * j + 1], cs[j], cs[half + j]);
+        else rot(&x[j], &x[j + half], cs[j], cs[half + j]);
+    }
+    __syncthreads();
+    const int s = kvm_seq_of_row_dev(row_start, n_seqs, r);
+    const int ps = pos[r]; /* the cache slot is the row's position (= ctx_len - n + j for a sequence's last rows) */
+    const int32_t blk = block_table[(size_t)s * max_blocks + ps / KVM_KV_BLOCK];
+    const int t = ps % KVM_KV_BLOCK;
+    for (int i = threadIdx.x; i < hk * hd; i += blockDim.x) {
+        int h = i / hd, d = i % hd;
+        kv[kvm_kv_index_dev(L, hk, hd, blk, layer, 0, h, t) + d] = kvm_from_f32<T>(kr[i]);
+        kv[kvm_kv_index_dev(L, hk, hd, blk, layer, 1, h, t) + d] = kvm_from_f32<T>(v[(size_t)r * hk * hd + i]);
+    }
+}
+
+/* opts.rope_heads: block (row r, group y of the row's q|k heads, hpb of them): one thread per rotated pair (j, j + hd/2, or 2j, 2j+1
  * interleaved) of one head, with the cos/sin of its own angle (fp64 reduced to [-pi, pi), rounded to fp32: as
  * k_rope); a thread of a k head then writes its two k values and the same two elements of the head's v into the
  * cache at the row's position (as k_kv_write). Spread over rows x head groups so that a batched decode step (16
@@ -451,9 +483,17 @@ void kvm_cuda_rope_qk_kv_write(float *q, float *k, const float *v, int hq, int h
     const int hpb = half >= 256 ? 1 : 256 / half; /* heads per block: 256 pairs (4 heads of 128) */
     const dim3 grid((unsigned)b->total_rows, (unsigned)((hq + hk + hpb - 1) / hpb));
     const dim3 block((unsigned)(hpb * half >= 256 ? 256 : (hpb * half + 31) / 32 * 32));
+    const bool heads = g_cuda.opts.rope_heads;
 #define KVM_RKV(TT)                                                                                                      \
-    kvm_launch_chain(k_rope_kv<TT>, grid, block, 0, q, k, v, hq, hk, hd, hpb, pos, inv_freq, il, (TT *)kv, g->n_layers,  \
-                     layer, b->row_start, b->block_table, b->n_seqs, b->max_blocks)
+    do {                                                                                                                 \
+        if (heads)                                                                                                       \
+            kvm_launch_chain(k_rope_kv<TT>, grid, block, 0, q, k, v, hq, hk, hd, hpb, pos, inv_freq, il, (TT *)kv,        \
+                             g->n_layers, layer, b->row_start, b->block_table, b->n_seqs, b->max_blocks);                \
+        else                                                                                                             \
+            kvm_launch_chain(k_rope_kv_row<TT>, dim3(b->total_rows), dim3(256), (size_t)hd * sizeof(float), q, k, v, hq,  \
+                             hk, hd, pos, inv_freq, il, (TT *)kv, g->n_layers, layer, b->row_start, b->block_table,      \
+                             b->n_seqs, b->max_blocks);                                                                  \
+    } while (0)
     if (g->dtype == KVM_F32) KVM_RKV(float);
     else if (g->dtype == KVM_BF16) KVM_RKV(__nv_bfloat16);
     else KVM_RKV(__half);

@@ -1165,7 +1165,7 @@ static int qkv_prefill(float *q, float *k, float *v, const float *x, const kvm_w
     KVM_PROF("rope q+k, kv_write (from bf16 q|k|v)");
     const size_t sh = (size_t)hd * sizeof(float);
     /* 16-byte accesses where every piece is aligned: hd % 16, and 16-byte aligned biases */
-    bool v8 = hd % 16 == 0;
+    bool v8 = hd % 16 == 0 && g_cuda.opts.rope_v; /* opts.rope_v (off until it has run on a GPU) */
     for (int i = 0; i < 3; i++) v8 = v8 && ((uintptr_t)bias[i] % 16) == 0;
 #define KVM_RKH(TC)                                                                                                       \
     do {                                                                                                                  \

@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
-# launch17.sh - one GPU call for issue 17's decode step: the launch settings (opts.pdl_chain), the batch-1 GEMV's
-# warps per row (opts.gemv_split), the skinny GEMM's warps per CTA (opts.skinny_warps), and what the default path gained (RoPE + KV write spread over heads, the norms'
-# and the attention merge's 16-bit copies for the skinny GEMM), against the previous path in the same call. Run
-# from the repo root on the GPU machine with .gpu-i17/ (this commit: `scripts/gpu/issue17.sh bundle` here) and
-# BASE=DIR (default .gpu-base: the previous commit's kvmesh) carried. Steps in order of need, so that a call cut
+# launch17.sh - one GPU call for issue 17's decode step, against the previous path (BASE) in the same call: the
+# exact rewrites written without a GPU and off until measured (NEW: rope_heads, copy16 and the prefill's rope_v),
+# the launch settings (pdl_chain), the batch-1 GEMV's warps per row (gemv_split) and the skinny GEMM's warps per
+# CTA (skinny_warps). Run from the repo root on the GPU machine with .gpu-i17/ (this commit:
+# `scripts/gpu/issue17.sh bundle` here) and BASE=DIR carried (default .gpu-base: kvmesh of 5fc863f, the path before
+# this work; remade by `scripts/gpu/issue17.sh bundle` in a build of that commit, then keeping only kvmesh and
+# lib/). Steps in order of need, so that a call cut
 # short keeps the first; STEPS trims them (default: parity engine profile memcheck kvcomm hf). Logs in $OUT:
 #   gpu.txt       card, driver, clocks at start and end, both bundles' commits
 #   parity.log    test_cuda_ops, test_cuda_model (with the launch-settings test: the same logits bit for bit with
 #                 PDL off, on the GEMMs and through the whole step), the KVCOMM device tests, test_c2c
 #   engine.log    kvmesh bench engine --synthetic llama-3.1-8b --no-eager for each of CONFIGS, ROUNDS rounds
 #                 alternated (a config is "base" or a list of KVM_CUDA_* settings joined by '+', "default" for none)
-#   profile.log   the per-op profile (eager) of this commit's default
+#   profile.log   the per-op profiles (eager) and the timeline between ops of this commit's default and of NEW
 #   memcheck.log  compute-sanitizer memcheck of test_cuda_ops and test_cuda_model
 #   kvcomm.log    kvmesh bench kvcomm --synthetic llama-3.1-8b, the spec's policy and the blend (5th agent TTFT)
 #   hf.log        HF transformers eager on the same card (issue17.sh hf; HF_COMPILE=1 adds torch.compile)
@@ -44,15 +46,20 @@ engine() {
   env LD_LIBRARY_PATH="$lib" "${envs[@]}" timeout 120 "$bin/kvmesh" bench engine --synthetic llama-3.1-8b --no-eager 2>&1 |
     grep -E "^\| (TTFT prefill  |decode b=1 \(graph|decode b=16 step \(graph)|^spread|rror"
 }
+NEW=${NEW:-ROPE_HEADS=1+COPY16=1+ROPE_V=1}   # the exact rewrites of this commit, off by default until measured
 if want engine; then
   { for round in $(seq 1 "${ROUNDS:-3}"); do
-      for c in ${CONFIGS:-base default PDL_CHAIN=1 GEMV_SPLIT=2 GEMV_SPLIT=4 SKINNY_WARPS=16 PDL_CHAIN=1+GEMV_SPLIT=2}; do engine "$c"; done
+      for c in ${CONFIGS:-base default $NEW $NEW+PDL_CHAIN=1 $NEW+PDL_CHAIN=1+GEMV_SPLIT=2 ROPE_HEADS=1 COPY16=1 PDL_CHAIN=1 \
+                 GEMV_SPLIT=2 GEMV_SPLIT=4 SKINNY_WARPS=16}; do engine "$c"; done
     done; } > "$OUT/engine.log" 2>&1
   cat "$OUT/engine.log"
 fi
-if want profile; then
-  LD_LIBRARY_PATH=$B/lib timeout 120 "$B/kvmesh" bench engine --synthetic llama-3.1-8b --profile > "$OUT/profile.log" 2>&1
-  grep -E "^profile|rope|attention decode|m=16 mma|m=1 gemv|rmsnorm" "$OUT/profile.log" | head -40
+if want profile; then   # this commit's default, then with $NEW (eager per-op profiles and the timeline between ops)
+  { echo "==== default"; LD_LIBRARY_PATH=$B/lib timeout 120 "$B/kvmesh" bench engine --synthetic llama-3.1-8b --profile
+    echo "==== $NEW"; IFS=+ read -ra kv <<< "$NEW"
+    env LD_LIBRARY_PATH=$B/lib $(for x in "${kv[@]}"; do echo "KVM_CUDA_$x"; done) timeout 120 "$B/kvmesh" bench engine \
+      --synthetic llama-3.1-8b --profile; } > "$OUT/profile.log" 2>&1
+  grep -E "^====|^profile|^timeline|rope|attention decode|m=16 mma|m=1 gemv|rmsnorm" "$OUT/profile.log" | head -70
 fi
 if want memcheck; then
   cs=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
