@@ -51,7 +51,7 @@ NEW=${NEW:-ROPE_HEADS=1+COPY16=1+ROPE_V=1}   # the exact rewrites of this commit
 if want engine; then
   { for round in $(seq 1 "${ROUNDS:-3}"); do
       for c in ${CONFIGS:-base default $NEW $NEW+PDL_CHAIN=1 $NEW+PDL_CHAIN=1+GEMV_SPLIT=2 ROPE_HEADS=1 COPY16=1 PDL_CHAIN=1 \
-                 GEMV_SPLIT=2 GEMV_SPLIT=4 SKINNY_WARPS=16}; do engine "$c"; done
+                 GEMV_SPLIT=2 GEMV_SPLIT=4 SKINNY_WARPS=16 PDL_CHAIN=1+FFN_GEMV=1}; do engine "$c"; done
     done; } > "$OUT/engine.log" 2>&1
   cat "$OUT/engine.log"
 fi
