@@ -94,8 +94,8 @@ static void cuda_switch(const char *key, const char *value) {
     assert_int_equal(kvm_cuda_set_opts(&o), 0);
 }
 
-/* A bf16 matrix of `rows` x cols on the device for expect_rounded_copy, after one matmul with it (so that the
- * backend's 16-bit dtype is bf16, as in a bf16 model's step). */
+/* A bf16 matrix of `rows` x cols on the device for expect_rounded_copy, after one skinny GEMM with it (so that the
+ * backend's 16-bit dtype is bf16, as in a bf16 model's step, and the producers make their copies in it). */
 typedef struct {
     void *dw;
     kvm_wmat_t W;
@@ -106,13 +106,13 @@ typedef struct {
 static probe_gemm_t probe_gemm(int cols) {
     const int rows = 64;
     probe_gemm_t p = {.cols = cols};
-    float *wf = rand_vec((size_t)rows * cols, 0.05f), *x = rand_vec((size_t)cols, 1.0f);
+    float *wf = rand_vec((size_t)rows * cols, 0.05f), *x = rand_vec((size_t)2 * cols, 1.0f);
     void *wh = to_dtype(wf, (size_t)rows * cols, KVM_BF16);
     p.dw = dev_from(wh, (size_t)rows * cols * 2);
     p.W = (kvm_wmat_t){.data = p.dw, .dtype = KVM_BF16, .rows = rows, .cols = cols};
     p.dy[0] = dev_poisoned((size_t)16 * rows), p.dy[1] = dev_poisoned((size_t)16 * rows);
-    float *dx = dev_from(x, (size_t)cols * 4);
-    G->matmul(p.dy[0], dx, &p.W, NULL, 1);
+    float *dx = dev_from(x, (size_t)2 * cols * 4);
+    G->matmul(p.dy[0], dx, &p.W, NULL, 2); /* two rows: the skinny GEMM rounds its input, in bf16 */
     assert_int_equal(G->sync(), 0);
     G->free(dx);
     free(wf), free(x), free(wh);
