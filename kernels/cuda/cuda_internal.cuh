@@ -209,6 +209,12 @@ __device__ __forceinline__ int kvm_seq_of_row_dev(const int32_t *row_start, int 
     return lo;
 }
 
+/* The cache block that holds position p of row r's sequence (the slot in it is p % KVM_KV_BLOCK). */
+__device__ __forceinline__ int32_t kvm_row_block_dev(const int32_t *row_start, int n_seqs, const int32_t *block_table,
+                                                     int max_blocks, int r, int p) {
+    return block_table[(size_t)kvm_seq_of_row_dev(row_start, n_seqs, r) * max_blocks + p / KVM_KV_BLOCK];
+}
+
 /* Butterfly over the warp: every lane ends with the warp's largest `best` and, among equal ones, the
  * smallest index `bi`. */
 __device__ __forceinline__ void kvm_warp_argmax(float *best, int *bi) {

@@ -424,9 +424,8 @@ __global__ void k_rope_kv_row(float *q, float *k, const float *__restrict__ v, i
         else rot(&x[j], &x[j + half], cs[j], cs[half + j]);
     }
     __syncthreads();
-    const int s = kvm_seq_of_row_dev(row_start, n_seqs, r);
     const int ps = pos[r]; /* the cache slot is the row's position (= ctx_len - n + j for a sequence's last rows) */
-    const int32_t blk = block_table[(size_t)s * max_blocks + ps / KVM_KV_BLOCK];
+    const int32_t blk = kvm_row_block_dev(row_start, n_seqs, block_table, max_blocks, r, ps);
     const int t = ps % KVM_KV_BLOCK;
     for (int i = threadIdx.x; i < hk * hd; i += blockDim.x) {
         int h = i / hd, d = i % hd;
@@ -462,9 +461,8 @@ __global__ void k_rope_kv(float *q, float *k, const float *__restrict__ v, int h
         x[ia] = a;
         x[ib] = b;
         if (isq) continue;
-        const int s = kvm_seq_of_row_dev(row_start, n_seqs, r);
         const int ps = pos[r]; /* the cache slot is the row's position (= ctx_len - n + j for a sequence's last rows) */
-        const int32_t blk = block_table[(size_t)s * max_blocks + ps / KVM_KV_BLOCK];
+        const int32_t blk = kvm_row_block_dev(row_start, n_seqs, block_table, max_blocks, r, ps);
         const int t = ps % KVM_KV_BLOCK;
         const float *vr = v + ((size_t)r * hk + head) * hd;
         const size_t ki = kvm_kv_index_dev(L, hk, hd, blk, layer, 0, head, t), vi = kvm_kv_index_dev(L, hk, hd, blk, layer, 1, head, t);

@@ -33,13 +33,7 @@ run_engine() { timeout 120 "$1/kvmesh" bench engine --synthetic llama-3.1-8b --n
   done; } > "$OUT/engine.log" 2>&1
 cat "$OUT/engine.log"
 TEAM_MODES=${TEAM_MODES:-dense,spec,default} bash $s team
-cs=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
-for t in test_cuda_ops test_kvcomm_ops; do
-  echo "== memcheck $t ($(date -u +%T))"
-  [ -n "$cs" ] && LD_LIBRARY_PATH=$B/lib timeout 150 "$cs" --tool memcheck --leak-check no "$B/$t" 2>&1 |
-    grep -E "ERROR SUMMARY|Invalid|PASSED|FAILED" | head -8
-done > "$OUT/memcheck.log" 2>&1
-cat "$OUT/memcheck.log"
+MEMCHECK_TESTS="test_cuda_ops test_kvcomm_ops" MEMCHECK_S=150 bash $s memcheck
 if [ -n "${OLD:-}" ]; then
   mkdir -p "$OUT/old"
   OUT=$OUT/old BUNDLE=$OLD POLICIES=${OLD_POLICIES:-spec} bash $s kvcomm

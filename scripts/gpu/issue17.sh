@@ -2,7 +2,7 @@
 # issue17.sh - one GPU call for issue 17 (engine and KVCOMM on the H100) and issue 14 (C2C ops): run from the
 # repo root on the GPU machine with .gpu-i17/ carried (make it here: `scripts/gpu/issue17.sh bundle [BUILD_DIR]`,
 # default build/, configured with CUDA for sm_90). Logs in $OUT (at most 8 files come back):
-#   gpu.txt      card, driver, clocks at start and end, the bundle's commit
+#   gpu.txt      card, driver, clocks at start and end, the bundle's commit (appended by each run of a step)
 #   parity.log   test_cuda_ops, test_cuda_model, test_kvcomm_ops, test_kvcomm_device_path, test_kvcomm_core,
 #                test_comm_state, test_c2c; then compute-sanitizer memcheck of test_c2c, test_kvcomm_ops and
 #                test_kvcomm_device_path; the C2C converter round trip (torch)
@@ -11,7 +11,8 @@
 #   kvcomm.log   kvmesh bench kvcomm --synthetic llama-3.1-8b: the spec's policy, then the blend
 #   team.log     kvmesh bench kvcomm --workload W on the bundled models (TEAM_CELLS, TEAM_MODES), accuracy on the GPU
 # TEAM_CELLS name models of models/ (they travel with the working tree, so the bundle does not copy them).
-# Steps: parity engine hf kvcomm team (default: all of them, in that order; HF_COMPILE=0 skips the compiled HF).
+# Steps: parity engine hf kvcomm team (default: all of them, in that order; HF_COMPILE=0 skips the compiled HF);
+# memcheck (compute-sanitizer memcheck of MEMCHECK_TESTS into memcheck.log) when named.
 # BUNDLE=DIR runs another bundle (e.g. an older commit's, as the same-call baseline; give it its own OUT), POLICIES
 # the kvcomm step's presets (default "spec blend").
 set -uo pipefail
@@ -32,18 +33,24 @@ mkdir -p "$OUT"
 export LD_LIBRARY_PATH=$B/lib KVM_SOURCE_DIR=$PWD PYTHONUNBUFFERED=1
 if [ -f "$B/bins.tar.xz" ] && [ ! -x "$B/kvmesh" ]; then tar xJf "$B/bins.tar.xz" -C "$B"; fi
 want() { [[ " $steps " == *" $1 "* ]]; }
+memcheck() {   # compute-sanitizer memcheck of the bundle's test binaries named
+  local cs t
+  cs=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
+  for t in "$@"; do
+    echo "== memcheck $t ($(date -u +%T))"
+    [ -n "$cs" ] && timeout "${MEMCHECK_S:-240}" "$cs" --tool memcheck --leak-check no "$B/$t" 2>&1 |
+      grep -E "ERROR SUMMARY|Invalid|PASSED|FAILED" | head -8
+  done
+}
 clocks() { nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu,power.draw,memory.used --format=csv,noheader; }
-{ echo "start: $(date -u)"; echo "bundle: $(cat "$B/VERSION")"; clocks; nvidia-smi -L; } > "$OUT/gpu.txt" 2>&1
-cat "$OUT/gpu.txt"
+# appended to, not overwritten: anchors.sh and launch17.sh run several steps of this script in one call
+{ echo "start ($steps): $(date -u)"; echo "bundle: $(cat "$B/VERSION")"; clocks; nvidia-smi -L; } >> "$OUT/gpu.txt" 2>&1
+tail -4 "$OUT/gpu.txt"
 if want parity; then
   for t in test_cublas_lazy test_cuda_ops test_cuda_model test_kvcomm_ops test_kvcomm_device_path test_kvcomm_core test_comm_state test_c2c; do
     echo "== $t ($(date -u +%T))"; timeout 240 "$B/$t" 2>&1 | grep -vE "^\[ +(RUN|OK) +\]" | tail -30; echo "rc=${PIPESTATUS[0]}"
   done > "$OUT/parity.log" 2>&1
-  cs=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
-  for t in test_c2c test_kvcomm_ops test_kvcomm_device_path; do
-    echo "== memcheck $t ($(date -u +%T))"
-    [ -n "$cs" ] && timeout 240 "$cs" --tool memcheck --leak-check no "$B/$t" 2>&1 | grep -E "ERROR SUMMARY|Invalid|PASSED|FAILED" | head -8
-  done >> "$OUT/parity.log" 2>&1
+  memcheck test_c2c test_kvcomm_ops test_kvcomm_device_path >> "$OUT/parity.log" 2>&1
   { echo "== C2C converter round trip ($(date -u +%T))"; python3 -c "import torch; print('torch', torch.__version__)"
     rm -rf /tmp/fx /tmp/conv
     python3 scripts/train/c2c_fixture.py --out /tmp/fx --released &&
@@ -52,6 +59,10 @@ if want parity; then
     cmp /tmp/fx/bf16.c2c.safetensors /tmp/conv/bf16.c2c.safetensors && echo "converter round trip: byte-identical"
     echo "rc=$?"; } >> "$OUT/parity.log" 2>&1
   grep -E "^==|PASSED|FAILED|SKIP|rc=|ERROR SUMMARY|byte-identical" "$OUT/parity.log"
+fi
+if want memcheck; then   # MEMCHECK_TESTS (default test_cuda_ops): compute-sanitizer memcheck into memcheck.log
+  memcheck ${MEMCHECK_TESTS:-test_cuda_ops} > "$OUT/memcheck.log" 2>&1
+  cat "$OUT/memcheck.log"
 fi
 if want engine; then
   timeout 200 "$B/kvmesh" bench engine --synthetic llama-3.1-8b --profile > "$OUT/engine.log" 2>&1

@@ -63,13 +63,7 @@ if want profile; then   # this commit's default, then with $NEW (eager per-op pr
   grep -E "^====|^profile|^timeline|rope|attention decode|m=16 mma|m=1 gemv|rmsnorm" "$OUT/profile.log" | head -70
 fi
 if want memcheck; then
-  cs=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
-  for t in test_cuda_ops test_cuda_model; do
-    echo "== memcheck $t ($(date -u +%T))"
-    [ -n "$cs" ] && LD_LIBRARY_PATH=$B/lib timeout 200 "$cs" --tool memcheck --leak-check no "$B/$t" 2>&1 |
-      grep -E "ERROR SUMMARY|Invalid|PASSED|FAILED" | head -8
-  done > "$OUT/memcheck.log" 2>&1
-  cat "$OUT/memcheck.log"
+  MEMCHECK_TESTS="test_cuda_ops test_cuda_model" MEMCHECK_S=200 bash scripts/gpu/issue17.sh memcheck
 fi
 if want kvcomm; then   # the spec's policy, then the blend's mechanics without the guard (random weights make every
   # guard check differ, so the guarded blend recomputes everything) at two recompute fractions: its 5th-agent TTFT
