@@ -83,10 +83,11 @@ const kvm_ops_t *kvm_ops_select(const char *name) {
 /* ---- settings of the CUDA backend (validated here so that every build checks them the same way) ---- */
 
 kvm_cuda_opts_t kvm_cuda_opts_default(void) {
-    return (kvm_cuda_opts_t){.device = 0, .profile = false, .pdl = true, .pdl_chain = false, .prefetch = 2, .skinny = KVM_CUDA_SKINNY_AUTO, .gemv_split = 1, .skinny_rows = 16, .skinny_warps = 8,
+    return (kvm_cuda_opts_t){.device = 0, .profile = false, .pdl = true, .pdl_chain = false, .prefetch = 2,
+                             .skinny = KVM_CUDA_SKINNY_AUTO, .gemv_split = 1, .skinny_rows = 16, .skinny_warps = 8,
                              .attn_dec_mma = true, .no_mma_attn = false, .mma_occ = 3, .ffn = true, .ffn_gemv = false,
-                             .qkv_fuse = true, .rope_heads = false, .rope_v = false, .copy16 = false, .qkv16 = true, .norm16 = true, .y16 = true, .norm_v = true,
-                             .kvcomm_dist = KVM_CUDA_DIST_V2};
+                             .qkv_fuse = true, .rope_heads = false, .rope_v = false, .copy16 = false, .qkv16 = true,
+                             .norm16 = true, .y16 = true, .norm_v = true, .kvcomm_dist = KVM_CUDA_DIST_V2};
 }
 
 typedef enum { OPT_BOOL, OPT_NUMBER, OPT_NAME, OPT_INDEX } opt_kind_t;

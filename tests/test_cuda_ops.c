@@ -461,8 +461,8 @@ static void check_rope_kv(int HQ, int HK, int hd, kvm_rope_layout_t layout, kvm_
     unsigned char *gp = malloc(pool_elems * es);
     assert_int_equal(G->d2h(gp, dpool, pool_elems * es), 0);
     char what[96];
-    snprintf(what, sizeof what, "rope_qk_kv_write %d/%d x %d %s %s: q", HQ, HK, hd, layout == KVM_ROPE_HALF ? "half" : "interleaved",
-             kvm_dtype_name(dt));
+    snprintf(what, sizeof what, "rope_qk_kv_write %d/%d x %d %s %s: q", HQ, HK, hd,
+             layout == KVM_ROPE_HALF ? "half" : "interleaved", kvm_dtype_name(dt));
     expect_close(what, gq, q, (size_t)rows * HQ * hd, 1e-6);
     expect_close("  k", gk, k, (size_t)rows * HK * hd, 1e-6);
     printf("  %-44s %s\n", "  cache", memcmp(gp, pool, pool_elems * es) ? "DIFFERS" : "identical");

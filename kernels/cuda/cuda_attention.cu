@@ -691,7 +691,8 @@ static void launch_split(float *out, const float *q, const T *kv, const kvm_kv_g
     if (n_splits > 1) {
         const dim3 mg((unsigned)(b->total_rows * heads)), mb(D <= 128 ? 128 : 256);
         void *xh = half_copy ? ws : NULL;
-        if (xh && hdt == KVM_BF16) kvm_launch_chain(k_attn_merge<__nv_bfloat16>, mg, mb, 0, out, partial, D, n_splits, (__nv_bfloat16 *)xh);
+        if (xh && hdt == KVM_BF16)
+            kvm_launch_chain(k_attn_merge<__nv_bfloat16>, mg, mb, 0, out, partial, D, n_splits, (__nv_bfloat16 *)xh);
         else if (xh) kvm_launch_chain(k_attn_merge<__half>, mg, mb, 0, out, partial, D, n_splits, (__half *)xh);
         else kvm_launch_chain(k_attn_merge<__half>, mg, mb, 0, out, partial, D, n_splits, (__half *)NULL);
         if (KVM_CU_LAUNCH("attention (merge)")) return;

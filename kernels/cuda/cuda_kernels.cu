@@ -31,9 +31,11 @@ __global__ void k_embed(float *__restrict__ out, const T *__restrict__ table, co
 void kvm_cuda_embed(float *out, const void *table, kvm_dtype_t dt, const int32_t *ids, int n, int dim) {
     KVM_OP("embed");
     if (n <= 0) return;
-    if (dt == KVM_F32) kvm_launch_chain(k_embed<float>, dim3(n), dim3(256), 0, out, (const float *)table, ids, dim);
-    else if (dt == KVM_BF16) kvm_launch_chain(k_embed<__nv_bfloat16>, dim3(n), dim3(256), 0, out, (const __nv_bfloat16 *)table, ids, dim);
-    else kvm_launch_chain(k_embed<__half>, dim3(n), dim3(256), 0, out, (const __half *)table, ids, dim);
+    const dim3 grid(n), block(256);
+    if (dt == KVM_F32) kvm_launch_chain(k_embed<float>, grid, block, 0, out, (const float *)table, ids, dim);
+    else if (dt == KVM_BF16)
+        kvm_launch_chain(k_embed<__nv_bfloat16>, grid, block, 0, out, (const __nv_bfloat16 *)table, ids, dim);
+    else kvm_launch_chain(k_embed<__half>, grid, block, 0, out, (const __half *)table, ids, dim);
     KVM_CU_LAUNCH("embed");
 }
 
@@ -147,9 +149,9 @@ static bool norm_vec_ok(const float *out, const float *x, const float *y, const 
            ((uintptr_t)y % 16) == 0 && ((uintptr_t)w % 16) == 0;
 }
 
-/* Rows above which a norm also writes its output rounded to 16 bits for the matmul that follows (prefill); it
- * does so for 2..16 rows too, which the skinny tensor-core GEMM takes in 16 bits (kvm_cuda_skinny_rounds), but
- * writes the fp32 output there in every case. */
+/* Rows above which a norm also writes its output rounded to 16 bits for the matmul that follows (prefill); with
+ * opts.copy16 it does so for 2..16 rows too, which the skinny tensor-core GEMM takes in 16 bits
+ * (kvm_cuda_skinny_rounds), but writes the fp32 output there in every case. */
 #define KVM_NORM_HALF_MIN_ROWS 17
 
 /* only16: leave out's fp32 values unwritten when the 16-bit copy is made (add_rmsnorm_16, prefill rows) */
@@ -183,7 +185,8 @@ static void launch_rmsnorm(float *out, float *x, const float *y, const float *w,
         return;
     }
     const dim3 grid(n), block(norm_threads(dim));
-    if (xh && hd == KVM_BF16) kvm_launch_chain(k_rmsnorm<__nv_bfloat16>, grid, block, 0, fout, x, y, w, dim, eps, (__nv_bfloat16 *)xh);
+    if (xh && hd == KVM_BF16)
+        kvm_launch_chain(k_rmsnorm<__nv_bfloat16>, grid, block, 0, fout, x, y, w, dim, eps, (__nv_bfloat16 *)xh);
     else if (xh) kvm_launch_chain(k_rmsnorm<__half>, grid, block, 0, fout, x, y, w, dim, eps, (__half *)xh);
     else kvm_launch_chain(k_rmsnorm<__half>, grid, block, 0, out, x, y, w, dim, eps, (__half *)NULL);
     if (KVM_CU_LAUNCH("rmsnorm")) return;
@@ -346,7 +349,8 @@ __global__ void k_swiglu_half(T *__restrict__ out, const float *__restrict__ gat
 void kvm_cuda_swiglu_half(void *act, kvm_dtype_t dt, const float *gate, const float *up, size_t n) {
     if (!n) return; /* called by swiglu_matmul, which profiles it and owns the scratch it writes */
     const dim3 grid(grid_for(n / 4, 256));
-    if (dt == KVM_BF16) kvm_launch_chain(k_swiglu_half<__nv_bfloat16>, grid, dim3(256), 0, (__nv_bfloat16 *)act, gate, up, n);
+    if (dt == KVM_BF16)
+        kvm_launch_chain(k_swiglu_half<__nv_bfloat16>, grid, dim3(256), 0, (__nv_bfloat16 *)act, gate, up, n);
     else kvm_launch_chain(k_swiglu_half<__half>, grid, dim3(256), 0, (__half *)act, gate, up, n);
     KVM_CU_LAUNCH("swiglu to 16 bit");
 }
@@ -434,10 +438,10 @@ __global__ void k_rope_kv_row(float *q, float *k, const float *__restrict__ v, i
     }
 }
 
-/* opts.rope_heads: block (row r, group y of the row's q|k heads, hpb of them): one thread per rotated pair (j, j + hd/2, or 2j, 2j+1
- * interleaved) of one head, with the cos/sin of its own angle (fp64 reduced to [-pi, pi), rounded to fp32: as
- * k_rope); a thread of a k head then writes its two k values and the same two elements of the head's v into the
- * cache at the row's position (as k_kv_write). Spread over rows x head groups so that a batched decode step (16
+/* opts.rope_heads: block (row r, group y of the row's q|k heads, hpb of them): one thread per rotated pair (j,
+ * j + hd/2, or 2j, 2j+1 interleaved) of one head, with the cos/sin of its own angle (fp64 reduced to [-pi, pi),
+ * rounded to fp32: as k_rope); a thread of a k head then writes its two k values and the same two elements of the
+ * head's v into the cache at the row's position (as k_kv_write). Spread over rows x head groups so that a batched decode step (16
  * rows) fills the GPU instead of running 16 blocks; every thread's loads are independent. */
 template <typename T>
 __global__ void k_rope_kv(float *q, float *k, const float *__restrict__ v, int hq, int hk, int hd, int hpb,
@@ -465,7 +469,8 @@ __global__ void k_rope_kv(float *q, float *k, const float *__restrict__ v, int h
         const int32_t blk = kvm_row_block_dev(row_start, n_seqs, block_table, max_blocks, r, ps);
         const int t = ps % KVM_KV_BLOCK;
         const float *vr = v + ((size_t)r * hk + head) * hd;
-        const size_t ki = kvm_kv_index_dev(L, hk, hd, blk, layer, 0, head, t), vi = kvm_kv_index_dev(L, hk, hd, blk, layer, 1, head, t);
+        const size_t ki = kvm_kv_index_dev(L, hk, hd, blk, layer, 0, head, t);
+        const size_t vi = kvm_kv_index_dev(L, hk, hd, blk, layer, 1, head, t);
         kv[ki + ia] = kvm_from_f32<T>(a);
         kv[ki + ib] = kvm_from_f32<T>(b);
         kv[vi + ia] = kvm_from_f32<T>(vr[ia]);

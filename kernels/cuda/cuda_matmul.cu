@@ -1032,9 +1032,10 @@ __device__ __forceinline__ void load8b(const float *__restrict__ bias, int at, f
  * first and the 8 second elements, or 16 consecutive interleaved ones) or 8 elements of one v head, converts,
  * adds the biases and rotates them exactly as k_rope_kv_h does, and stores them with 16-byte stores. */
 template <typename TH, typename TC>
-__global__ void k_rope_kv_h8(const TH *__restrict__ h, int hw, const float *__restrict__ bq, const float *__restrict__ bk,
-                             const float *__restrict__ bv, float *__restrict__ q, float *__restrict__ k, float *__restrict__ v,
-                             int hq, int hk, int hd, const int32_t *__restrict__ pos, const float *__restrict__ inv_freq, int il,
+__global__ void k_rope_kv_h8(const TH *__restrict__ h, int hw, const float *__restrict__ bq,
+                             const float *__restrict__ bk, const float *__restrict__ bv, float *__restrict__ q,
+                             float *__restrict__ k, float *__restrict__ v, int hq, int hk, int hd,
+                             const int32_t *__restrict__ pos, const float *__restrict__ inv_freq, int il,
                              TC *__restrict__ kv, int L, int layer, const int32_t *__restrict__ row_start,
                              const int32_t *__restrict__ block_table, int n_seqs, int max_blocks) {
     kvm_pdl_trigger();
