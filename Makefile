@@ -10,7 +10,7 @@ JOBS       ?= $(shell nproc 2>/dev/null || echo 2)
 CMAKE_ARGS ?=
 SHARED     ?= $(abspath ../shared)
 
-.PHONY: all deps build asan tsan test test-fast test-asan test-tsan fuzz demo clean help
+.PHONY: all deps build asan tsan test test-fast test-asan test-tsan fuzz fuzz-ci demo clean help
 
 all: build
 
@@ -34,9 +34,15 @@ asan: deps
 	@cmake -S . -B $(ASAN_BUILD) -DCMAKE_BUILD_TYPE=Debug -DKVM_SANITIZE=ON -DKVM_CUDA=OFF -DKVM_SHARED_DIR=$(SHARED) $(CMAKE_ARGS) >/dev/null
 	@cmake --build $(ASAN_BUILD) -j $(JOBS)
 
-test-fast: build
+test-fast: build fuzz-ci
 	@bash scripts/fetch-tokenizers.sh || true
 	@cd $(BUILD) && ctest --output-on-failure -j $(JOBS)
+
+# the libFuzzer targets of the release suite's short run (tests/cli/fuzz_short.sh), built here with the test's own
+# settings so that the test finds them built (a compile is no test); without clang the test says why it skips
+fuzz-ci: build
+	@CC=clang KVM_SHARED_DIR=$(SHARED) JOBS=$(JOBS) bash scripts/fuzz.sh --build $(BUILD)/fuzz-ci --opt -O0 --build-only \
+	  || echo "fuzz targets not built here (the short run in the tests will say why)"
 
 test-asan: asan
 	@cd $(ASAN_BUILD) && KVM_SANITIZED=1 ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 ctest --output-on-failure -j $(JOBS)

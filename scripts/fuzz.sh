@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # fuzz.sh - builds the libFuzzer targets of fuzz/ (clang, -DKVM_FUZZ=ON) and runs them one after the other.
 #
-#   scripts/fuzz.sh [--build DIR] [--time S] [--runs N] [--replay] [--no-build] [--opt -O0|-O1] [TARGET...]
+#   scripts/fuzz.sh [--build DIR] [--time S] [--runs N] [--replay] [--no-build | --build-only] [--opt -O0|-O1]
+#                   [TARGET...]
 #
 # TARGET: safetensors, config, ... (with or without the fuzz_ prefix); default every fuzz/fuzz_*.c.
 # For each target: the reproducers of fuzz/regressions/<name>/ are run once each, then the fuzzer runs for
 # S seconds (default 60) or N executions, whichever ends first, from the seeds of fuzz/corpus/<name>/ (read
 # only) and the working corpus DIR/work/<name>/ (what it finds is kept there between runs, never committed),
 # with fuzz/dict/<name>.dict and the libFuzzer flags of fuzz/options/<name> (one line) when they exist.
-# --replay runs the regressions and the seeds once each, no fuzzing. Crashes are saved as
-# DIR/artifacts/<name>/crash-*; the log of each run is DIR/logs/<name>.log.
+# --replay runs the regressions and the seeds once each, no fuzzing; --build-only builds the targets and stops
+# (`make test` builds CI's short-run targets that way before its tests, so the test finds them built). Crashes are
+# saved as DIR/artifacts/<name>/crash-*; the log of each run is DIR/logs/<name>.log.
 # --opt sets the targets' optimisation (default -O1, what a fuzzing campaign wants; CI's short run, whose
 # fuzzing time is fixed, builds at -O0: half the compile time, docs/perf/cpu.md "The test suite").
 # Prints one line per target (executions, cov, ft) and exits non-zero if any target failed.
@@ -20,6 +22,7 @@ time_s=60
 runs=""
 replay=0
 do_build=1
+build_only=0
 opt=-O1
 targets=()
 while [ $# -gt 0 ]; do
@@ -29,9 +32,10 @@ while [ $# -gt 0 ]; do
     --runs) runs="$2"; shift 2 ;;
     --replay) replay=1; shift ;;
     --no-build) do_build=0; shift ;;
+    --build-only) build_only=1; shift ;;
     --opt) opt="${2:-}"; shift $(( $# > 1 ? 2 : 1 ))
            case "$opt" in -O0|-O1|-O2|-O3|-Os) ;; *) echo "fuzz.sh: --opt takes -O0, -O1, -O2, -O3 or -Os, not '$opt'" >&2; exit 2 ;; esac ;;
-    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
     -*) echo "fuzz.sh: unknown option $1" >&2; exit 2 ;;
     *) targets+=("${1#fuzz_}"); shift ;;
   esac
@@ -50,6 +54,7 @@ if [ "$do_build" = 1 ]; then
   tl=(); for t in "${targets[@]}"; do tl+=(--target "fuzz_$t"); done
   cmake --build "$build" "${tl[@]}" -j "${JOBS:-2}" >"$build/build.log" 2>&1 || { tail -30 "$build/build.log"; echo "fuzz.sh: build failed"; exit 1; }
 fi
+[ "$build_only" = 1 ] && exit 0
 mkdir -p "$build/logs"
 export ASAN_OPTIONS="${ASAN_OPTIONS:-detect_leaks=1}" UBSAN_OPTIONS="${UBSAN_OPTIONS:-print_stacktrace=1}"
 fails=0

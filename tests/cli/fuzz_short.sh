@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # fuzz_short.sh - CI's short run of every libFuzzer target of fuzz/ (docs/security.md, "Fuzzing").
 # Args: kvmesh binary (its build folder holds the fuzz build, <build>/fuzz-ci), shared data dir.
-# Builds the targets with clang (-DKVM_FUZZ=ON: ASan + UBSan + libFuzzer) and, for each fuzz/fuzz_*.c,
+# Builds the targets with clang (-DKVM_FUZZ=ON: ASan + UBSan + libFuzzer; `make test` has built them already with
+# these settings, `make fuzz-ci`, so here the build is only checked) and, for each fuzz/fuzz_*.c,
 # replays its reproducers (fuzz/regressions/<name>/) and its seeds (fuzz/corpus/<name>/), then fuzzes it
 # for KVM_FUZZ_CI_SECONDS (default 5) seconds, built at -O0. Skips loudly (77) without clang/libFuzzer (scripts/deps.sh
 # installs them) and in the ASan build's ctest (KVM_SANITIZED=1: the release build's ctest runs it once).
