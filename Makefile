@@ -21,6 +21,7 @@ help:
 	@echo "make build      - configure and build into $(BUILD)/"
 	@echo "make test-tsan  - ThreadSanitizer build (clang) of the threaded tests (not part of make test)"
 	@echo "make fuzz       - build the libFuzzer targets (clang) and run each 60 s (scripts/fuzz.sh)"
+	@echo "make fuzz-ci    - build the targets of the test suite's short fuzz run (part of make test-fast)"
 	@echo "make clean      - remove build folders"
 
 deps:
