@@ -209,10 +209,13 @@ __device__ __forceinline__ int kvm_seq_of_row_dev(const int32_t *row_start, int 
     return lo;
 }
 
-/* The cache block that holds position p of row r's sequence (the slot in it is p % KVM_KV_BLOCK). */
-__device__ __forceinline__ int32_t kvm_row_block_dev(const int32_t *row_start, int n_seqs, const int32_t *block_table,
-                                                     int max_blocks, int r, int p) {
-    return block_table[(size_t)kvm_seq_of_row_dev(row_start, n_seqs, r) * max_blocks + p / KVM_KV_BLOCK];
+/* Element (head 0, d = 0) of K (kv 0) or V (kv 1) at position p of row r's sequence, in the cache of one layer:
+ * head h of that token starts KVM_KV_BLOCK * D elements further per head (kvm_kv_index_dev). */
+__device__ __forceinline__ size_t kvm_row_kv_base_dev(int L, int H, int D, int layer, int kv, const int32_t *row_start,
+                                                      int n_seqs, const int32_t *block_table, int max_blocks, int r,
+                                                      int p) {
+    const int32_t blk = block_table[(size_t)kvm_seq_of_row_dev(row_start, n_seqs, r) * max_blocks + p / KVM_KV_BLOCK];
+    return kvm_kv_index_dev(L, H, D, blk, layer, kv, 0, p % KVM_KV_BLOCK);
 }
 
 /* Butterfly over the warp: every lane ends with the warp's largest `best` and, among equal ones, the

@@ -428,13 +428,13 @@ __global__ void k_rope_kv_row(float *q, float *k, const float *__restrict__ v, i
         else rot(&x[j], &x[j + half], cs[j], cs[half + j]);
     }
     __syncthreads();
-    const int ps = pos[r]; /* the cache slot is the row's position (= ctx_len - n + j for a sequence's last rows) */
-    const int32_t blk = kvm_row_block_dev(row_start, n_seqs, block_table, max_blocks, r, ps);
-    const int t = ps % KVM_KV_BLOCK;
+    /* the cache slot is the row's position (= ctx_len - n + j for a sequence's last rows) */
+    const size_t kb = kvm_row_kv_base_dev(L, hk, hd, layer, 0, row_start, n_seqs, block_table, max_blocks, r, pos[r]);
+    const size_t vb = kvm_row_kv_base_dev(L, hk, hd, layer, 1, row_start, n_seqs, block_table, max_blocks, r, pos[r]);
     for (int i = threadIdx.x; i < hk * hd; i += blockDim.x) {
-        int h = i / hd, d = i % hd;
-        kv[kvm_kv_index_dev(L, hk, hd, blk, layer, 0, h, t) + d] = kvm_from_f32<T>(kr[i]);
-        kv[kvm_kv_index_dev(L, hk, hd, blk, layer, 1, h, t) + d] = kvm_from_f32<T>(v[(size_t)r * hk * hd + i]);
+        const size_t e = (size_t)(i / hd) * KVM_KV_BLOCK * hd + i % hd;
+        kv[kb + e] = kvm_from_f32<T>(kr[i]);
+        kv[vb + e] = kvm_from_f32<T>(v[(size_t)r * hk * hd + i]);
     }
 }
 
@@ -465,12 +465,11 @@ __global__ void k_rope_kv(float *q, float *k, const float *__restrict__ v, int h
         x[ia] = a;
         x[ib] = b;
         if (isq) continue;
-        const int ps = pos[r]; /* the cache slot is the row's position (= ctx_len - n + j for a sequence's last rows) */
-        const int32_t blk = kvm_row_block_dev(row_start, n_seqs, block_table, max_blocks, r, ps);
-        const int t = ps % KVM_KV_BLOCK;
         const float *vr = v + ((size_t)r * hk + head) * hd;
-        const size_t ki = kvm_kv_index_dev(L, hk, hd, blk, layer, 0, head, t);
-        const size_t vi = kvm_kv_index_dev(L, hk, hd, blk, layer, 1, head, t);
+        const size_t hoff = (size_t)head * KVM_KV_BLOCK * hd; /* the cache slot is the row's position */
+        const int ps = pos[r];
+        const size_t ki = kvm_row_kv_base_dev(L, hk, hd, layer, 0, row_start, n_seqs, block_table, max_blocks, r, ps) + hoff;
+        const size_t vi = kvm_row_kv_base_dev(L, hk, hd, layer, 1, row_start, n_seqs, block_table, max_blocks, r, ps) + hoff;
         kv[ki + ia] = kvm_from_f32<T>(a);
         kv[ki + ib] = kvm_from_f32<T>(b);
         kv[vi + ia] = kvm_from_f32<T>(vr[ia]);

@@ -967,10 +967,8 @@ __global__ void k_rope_kv_h(const TH *__restrict__ h, int hw, const float *__res
     }
     (void)ctx_len; /* the cache slot is the row's position (= ctx_len - n + j for a sequence's last rows) */
     const int ps = pos[r];
-    const int32_t blk = kvm_row_block_dev(row_start, n_seqs, block_table, max_blocks, r, ps);
-    const int t = ps % KVM_KV_BLOCK;
-    const size_t kbase = kvm_kv_index_dev(L, hk, hd, blk, layer, 0, 0, t);
-    const size_t vbase = kvm_kv_index_dev(L, hk, hd, blk, layer, 1, 0, t);
+    const size_t kbase = kvm_row_kv_base_dev(L, hk, hd, layer, 0, row_start, n_seqs, block_table, max_blocks, r, ps);
+    const size_t vbase = kvm_row_kv_base_dev(L, hk, hd, layer, 1, row_start, n_seqs, block_table, max_blocks, r, ps);
     const size_t hstride = (size_t)KVM_KV_BLOCK * hd; /* between heads of one token in the cache */
     const TH *hr = h + (size_t)r * hw;
     __syncthreads();
@@ -1041,10 +1039,8 @@ __global__ void k_rope_kv_h8(const TH *__restrict__ h, int hw, const float *__re
     kvm_pdl_trigger();
     const int r = blockIdx.x, half = hd / 2, QD = hq * hd, KD = hk * hd, per = half / 8;
     const int ps = pos[r];
-    const int32_t blk = kvm_row_block_dev(row_start, n_seqs, block_table, max_blocks, r, ps);
-    const int t = ps % KVM_KV_BLOCK;
-    const size_t kbase = kvm_kv_index_dev(L, hk, hd, blk, layer, 0, 0, t);
-    const size_t vbase = kvm_kv_index_dev(L, hk, hd, blk, layer, 1, 0, t);
+    const size_t kbase = kvm_row_kv_base_dev(L, hk, hd, layer, 0, row_start, n_seqs, block_table, max_blocks, r, ps);
+    const size_t vbase = kvm_row_kv_base_dev(L, hk, hd, layer, 1, row_start, n_seqs, block_table, max_blocks, r, ps);
     const size_t hstride = (size_t)KVM_KV_BLOCK * hd; /* between heads of one token in the cache */
     const TH *hr = h + (size_t)r * hw;
     const int nrot = (hq + hk) * per, nv = KD / 8;
