@@ -13,6 +13,7 @@
 #   engine.log    kvmesh bench engine --synthetic llama-3.1-8b --no-eager for each of CONFIGS, ROUNDS rounds
 #                 alternated (a config is "base" or a list of KVM_CUDA_* settings joined by '+', "default" for none)
 #   profile.log   the per-op profiles (eager) and the timeline between ops of this commit's default and of NEW
+#   ncu.log       (STEPS=... ncu) Nsight Compute sections of one prefill attention launch
 #   memcheck.log  compute-sanitizer memcheck of test_cuda_ops and test_cuda_model
 #   kvcomm.log    kvmesh bench kvcomm --synthetic llama-3.1-8b: the spec's policy, the blend without its guard at
 #                 recompute_frac 0.5 and 0.25 (5th-agent TTFT)
@@ -61,6 +62,19 @@ if want profile; then   # this commit's default, then with $NEW (eager per-op pr
     env LD_LIBRARY_PATH=$B/lib $(for x in "${kv[@]}"; do echo "KVM_CUDA_$x"; done) timeout 120 "$B/kvmesh" bench engine \
       --synthetic llama-3.1-8b --profile; } > "$OUT/profile.log" 2>&1
   grep -E "^====|^profile|^timeline|rope|attention decode|m=16 mma|m=1 gemv|rmsnorm" "$OUT/profile.log" | head -70
+fi
+if want ncu; then   # Nsight Compute on the prefill's attention kernel (NCU_PROMPT, default 4K, the 5th layer's launch): why it runs at
+  # ~110 TFLOP/s (speed of light, occupancy, warp stalls, scheduler). Not in the default steps.
+  ncu=$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)
+  { echo "==== 4K prefill, this commit's default, with the per-op profile ($(date -u +%T))"
+    LD_LIBRARY_PATH=$B/lib timeout 120 "$B/kvmesh" bench engine --synthetic llama-3.1-8b --prompt 4096 --batch 1 --reps 5 \
+      --no-eager --profile 2>&1 | grep -E "^\| TTFT|^profile|^timeline|attention|GEMM|gemm|rope|norm" | head -40
+    echo "==== ncu k_attn_mma ($(date -u +%T)) ${ncu:-no ncu}"
+    [ -n "$ncu" ] && LD_LIBRARY_PATH=$B/lib timeout ${NCU_S:-150} "$ncu" --kernel-name regex:k_attn_mma --launch-skip 4 \
+      --launch-count 1 --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+      --section SchedulerStats --section ComputeWorkloadAnalysis "$B/kvmesh" bench engine --synthetic llama-3.1-8b \
+      --no-eager --reps 1 --prompt ${NCU_PROMPT:-4096} --batch 1 2>&1 | grep -vE "^\| (TTFT|decode)" | tail -120; } > "$OUT/ncu.log" 2>&1
+  tail -60 "$OUT/ncu.log"
 fi
 if want memcheck; then
   MEMCHECK_TESTS="test_cuda_ops test_cuda_model" MEMCHECK_S=200 bash scripts/gpu/issue17.sh memcheck
