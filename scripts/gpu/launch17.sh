@@ -68,7 +68,7 @@ if want ncu; then   # Nsight Compute on the prefill's attention kernel (NCU_PROM
   ncu=$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)
   { echo "==== 4K prefill, this commit's default, with the per-op profile ($(date -u +%T))"
     LD_LIBRARY_PATH=$B/lib timeout 120 "$B/kvmesh" bench engine --synthetic llama-3.1-8b --prompt 4096 --batch 1 --reps 5 \
-      --no-eager --profile 2>&1 | grep -E "^\| TTFT|^profile|^timeline|attention|GEMM|gemm|rope|norm" | head -40
+      --no-eager --profile 2>&1 | grep -E "^\| TTFT|^profile|^timeline|attention|matmul|rope|norm" | head -60
     echo "==== ncu k_attn_mma ($(date -u +%T)) ${ncu:-no ncu}"
     [ -n "$ncu" ] && LD_LIBRARY_PATH=$B/lib timeout ${NCU_S:-150} "$ncu" --kernel-name regex:k_attn_mma --launch-skip 4 \
       --launch-count 1 --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
