@@ -565,34 +565,24 @@ typedef struct kvm_cuda_opts {
     int device;               /* device: GPU index (0) */
     bool profile;             /* profile: time every op from the start, as kvm_cuda_profile_begin (false) */
     bool pdl;                 /* pdl: programmatic dependent launch (true) */
-    bool pdl_chain;           /* pdl_chain: with pdl, the decode step's small kernels (norms, SwiGLU, RoPE, attention,
-                                 roundings) launch with PDL too and the GEMMs let them launch early, so that every
-                                 kernel of a step waits on its predecessor on the device, not through a launch (false) */
     int prefetch;             /* prefetch: what decode GEMMs read before the PDL wait: 0 nothing, 1 an L2
                                  prefetch, 2 their first loads into registers (2) */
     int skinny;               /* skinny: kvm_cuda_skinny_t, the kernel of few-row matmuls: auto (GEMV for 1 row,
                                  tensor cores for 2..16), gemv, mma (auto) */
-    int gemv_split;           /* gemv_split: warps that share one output row of the batch-1 GEMV, each summing a
-                                 part of the columns: 1, 2 or 4 (1) */
     int skinny_rows;          /* skinny_rows: weight rows per CTA of the tensor-core skinny GEMM: 16, 32 or 64
                                  (fewer where the launch would not fill the GPU); the activations cross L2 once
                                  per CTA (16) */
-    int skinny_warps;         /* skinny_warps: warps per CTA of the skinny GEMM, splitting its columns: 8, or 16
-                                 (with 16 weight rows per CTA, whatever skinny_rows says) (8) */
     bool attn_dec_mma;        /* attn_dec_mma: decode attention of 16-bit caches (head_dim 64, 128) on the
                                  tensor cores; 0: the generic split-K kernel (true) */
     bool no_mma_attn;         /* no_mma_attn: prefill attention through the split-K kernel (false) */
     int mma_occ;              /* mma_occ: CTAs per SM the prefill attention's registers are capped for: 3, or 1
                                  (no cap) (3) */
+    bool attn_fast;           /* attn_fast: the prefill attention with fewer instructions per tile (K fragments by
+                                 ldmatrix, no mask on tiles below the diagonal, the scale folded into one FMA)
+                                 (false until measured on a GPU) */
     bool ffn;                 /* ffn: the fused MLP op (true) */
     bool ffn_gemv;            /* ffn_gemv: batch-1 gate+up GEMV with the SwiGLU in its epilogue (false) */
     bool qkv_fuse;            /* qkv_fuse: q/k/v + RoPE + KV write fused (true) */
-    bool rope_heads;          /* rope_heads: RoPE + KV write of 2+ rows in blocks of (row, 4 heads), a thread per
-                                 rotated pair, instead of a block per row (false until measured on a GPU) */
-    bool rope_v;              /* rope_v: the prefill's RoPE + KV write from the bf16 q|k|v with 16-byte accesses
-                                 (false until measured on a GPU) */
-    bool copy16;              /* copy16: norms and the decode attention's merge leave the 16-bit input of a
-                                 2..16-row skinny GEMM behind them (false until measured on a GPU) */
     bool qkv16;               /* qkv16: prefill q/k/v as one bf16 GEMM (true) */
     bool norm16;              /* norm16: add_rmsnorm_16 skips the fp32 output (true) */
     bool y16;                 /* y16: prefill o / down projections hand 16-bit outputs to the norm (true) */

@@ -83,11 +83,10 @@ const kvm_ops_t *kvm_ops_select(const char *name) {
 /* ---- settings of the CUDA backend (validated here so that every build checks them the same way) ---- */
 
 kvm_cuda_opts_t kvm_cuda_opts_default(void) {
-    return (kvm_cuda_opts_t){.device = 0, .profile = false, .pdl = true, .pdl_chain = false, .prefetch = 2,
-                             .skinny = KVM_CUDA_SKINNY_AUTO, .gemv_split = 1, .skinny_rows = 16, .skinny_warps = 8,
-                             .attn_dec_mma = true, .no_mma_attn = false, .mma_occ = 3, .ffn = true, .ffn_gemv = false,
-                             .qkv_fuse = true, .rope_heads = false, .rope_v = false, .copy16 = false, .qkv16 = true,
-                             .norm16 = true, .y16 = true, .norm_v = true, .kvcomm_dist = KVM_CUDA_DIST_V2};
+    return (kvm_cuda_opts_t){.device = 0, .profile = false, .pdl = true, .prefetch = 2, .skinny = KVM_CUDA_SKINNY_AUTO,
+                             .skinny_rows = 16, .attn_dec_mma = true, .no_mma_attn = false, .mma_occ = 3, .attn_fast = false, .ffn = true,
+                             .ffn_gemv = false, .qkv_fuse = true, .qkv16 = true, .norm16 = true, .y16 = true,
+                             .norm_v = true, .kvcomm_dist = KVM_CUDA_DIST_V2};
 }
 
 typedef enum { OPT_BOOL, OPT_NUMBER, OPT_NAME, OPT_INDEX } opt_kind_t;
@@ -104,16 +103,13 @@ typedef struct cuda_opt_field {
 #define OPT(k, kind, vals) {#k, kind, offsetof(kvm_cuda_opts_t, k), vals}
 static const cuda_opt_field_t cuda_fields[] = {
     OPT(device, OPT_INDEX, "0, 1, ..."),    OPT(profile, OPT_BOOL, "0, 1"),
-    OPT(pdl, OPT_BOOL, "0, 1"),             OPT(pdl_chain, OPT_BOOL, "0, 1"),
-    OPT(prefetch, OPT_NUMBER, "0, 1, 2"),
-    OPT(skinny, OPT_NAME, "auto, gemv, mma"), OPT(gemv_split, OPT_NUMBER, "1, 2, 4"),
-    OPT(skinny_rows, OPT_NUMBER, "16, 32, 64"), OPT(skinny_warps, OPT_NUMBER, "8, 16"),
+    OPT(pdl, OPT_BOOL, "0, 1"),             OPT(prefetch, OPT_NUMBER, "0, 1, 2"),
+    OPT(skinny, OPT_NAME, "auto, gemv, mma"), OPT(skinny_rows, OPT_NUMBER, "16, 32, 64"),
     OPT(attn_dec_mma, OPT_BOOL, "0, 1"),
     OPT(no_mma_attn, OPT_BOOL, "0, 1"),     OPT(mma_occ, OPT_NUMBER, "1, 3"),
+    OPT(attn_fast, OPT_BOOL, "0, 1"),
     OPT(ffn, OPT_BOOL, "0, 1"),
     OPT(ffn_gemv, OPT_BOOL, "0, 1"),        OPT(qkv_fuse, OPT_BOOL, "0, 1"),
-    OPT(rope_heads, OPT_BOOL, "0, 1"),      OPT(rope_v, OPT_BOOL, "0, 1"),
-    OPT(copy16, OPT_BOOL, "0, 1"),
     OPT(qkv16, OPT_BOOL, "0, 1"),           OPT(norm16, OPT_BOOL, "0, 1"),
     OPT(y16, OPT_BOOL, "0, 1"),             OPT(norm_v, OPT_BOOL, "0, 1"),
     OPT(kvcomm_dist, OPT_NAME, "v2, v1, v2u4"),

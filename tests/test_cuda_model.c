@@ -5,7 +5,7 @@
  *  - synthetic tiny models (llama3 RoPE scaling + GQA, Qwen2 biases, Qwen3 q/k norms with head_dim 128),
  *    bf16 weights generated bit-identically on both backends: prompt logits max|diff|/max|ref| <= 2e-2
  *    and 32 greedy tokens identical (decode runs through the captured CUDA graph after two steps); batched bf16
- *    decode gives the same logits bit for bit under every launch setting (PDL off, on the GEMMs, pdl_chain);
+ *    decode gives the same logits bit for bit under every launch setting (PDL off, on, prefetch 0/1/2);
  *  - the HF parity fixtures (tests/fixtures/hf): fp32 mode, logits <= 1e-4 and 32 greedy ids identical to
  *    transformers; bf16 weights with an f16 KV cache, <= 2e-2 and 32 ids identical; bf16 weights with a bf16
  *    KV cache (the benchmark configuration), <= 2e-2, and the identical-id count is printed beside the CPU
@@ -269,25 +269,22 @@ static void run_turns5(kvm_model_t *m, int n, float *lg) {
 }
 
 /* When kernels start never changes what they compute: synthetic tiny-llama with bf16 weights (the batch-1 GEMV,
- * the 4-row skinny GEMM, captured decode graphs), the same logits bit for bit with PDL off, with PDL on the GEMMs
- * (the default), through the whole step (pdl_chain), whose early launches would show any missing wait as a
- * difference, and with the batched step's exact rewrites on (rope_heads; copy16: the norms' and the attention
- * merge's 16-bit copies). */
+ * the 4-row skinny GEMM with its 16-bit input left by the norms and the attention merge, captured decode graphs),
+ * the same logits bit for bit with PDL off and with PDL on the GEMMs (the default), whose weight reads before the
+ * PDL wait (opts.prefetch 2: into registers, 1: L2 prefetches, 0: none) would show a missing wait as a
+ * difference. */
 static void test_bf16_decode_computes_the_same_bits_under_every_launch_setting(void **st) {
     (void)st;
     NEED_GPU();
     const kvm_cuda_opts_t before = kvm_cuda_get_opts();
-    /* pdl, pdl_chain, and the exact rewrites of the batched step (rope_heads, copy16) */
-    const char *settings[4][3] = {{"0", "0", "0"}, {"1", "0", "0"}, {"1", "1", "0"}, {"1", "1", "1"}};
+    const char *settings[4][2] = {{"0", "2"}, {"1", "2"}, {"1", "1"}, {"1", "0"}}; /* pdl, prefetch */
     const int n = 24;
     float *lg[4] = {NULL, NULL, NULL, NULL};
     int V = 0, graphs = 0;
     for (int c = 0; c < 4; c++) {
         kvm_cuda_opts_t o = before;
         assert_int_equal(kvm_cuda_opts_parse(&o, "pdl", settings[c][0]), 0);
-        assert_int_equal(kvm_cuda_opts_parse(&o, "pdl_chain", settings[c][1]), 0);
-        assert_int_equal(kvm_cuda_opts_parse(&o, "rope_heads", settings[c][2]), 0);
-        assert_int_equal(kvm_cuda_opts_parse(&o, "copy16", settings[c][2]), 0);
+        assert_int_equal(kvm_cuda_opts_parse(&o, "prefetch", settings[c][1]), 0);
         assert_int_equal(kvm_cuda_set_opts(&o), 0);
         kvm_model_t *m = load_on("synthetic:tiny-llama", "cuda", false);
         V = m->cfg.vocab_size;
@@ -298,8 +295,8 @@ static void test_bf16_decode_computes_the_same_bits_under_every_launch_setting(v
     }
     assert_int_equal(kvm_cuda_set_opts(&before), 0);
     const size_t bytes = (size_t)n * 5 * V * 4;
-    fprintf(stderr, "launch settings: %d decode graphs; logits against pdl off: pdl on %s, pdl_chain %s, + rope_heads and "
-            "copy16 %s\n", graphs, memcmp(lg[1], lg[0], bytes) ? "DIFFER" : "identical",
+    fprintf(stderr, "launch settings: %d decode graphs; logits against pdl off: pdl on %s, + prefetch 1 %s, + prefetch 0 "
+            "%s\n", graphs, memcmp(lg[1], lg[0], bytes) ? "DIFFER" : "identical",
             memcmp(lg[2], lg[0], bytes) ? "DIFFER" : "identical", memcmp(lg[3], lg[0], bytes) ? "DIFFER" : "identical");
     assert_int_equal(graphs, 2);
     for (int c = 1; c < 4; c++) assert_memory_equal(lg[c], lg[0], bytes);

@@ -311,9 +311,7 @@ static void test_matmul_reuses_rounded_activations_only_while_unchanged(void **s
     G->matmul(dy4, dx2, &GW, NULL, n);
     float *y4 = host_from(dy4, (size_t)n * rows);
     expect_close("matmul after rmsnorm (rounded by the norm)", y4, ref4, (size_t)n * rows, 1e-2);
-    /* and over 2..16 rows (the skinny GEMM's input; opts.copy16): the copy is the rounding, the fp32 output is
-     * written too */
-    cuda_switch("copy16", "1");
+    /* and over 2..16 rows (the skinny GEMM's input): the copy is the rounding, the fp32 output is written too */
     probe_gemm_t pg = probe_gemm(cols);
     G->rmsnorm(dx2, dx, dnw, 7, cols, 1e-5f);
     expect_rounded_copy(&pg, dx2, 7, "skinny GEMM after rmsnorm of 7 rows");
@@ -324,7 +322,6 @@ static void test_matmul_reuses_rounded_activations_only_while_unchanged(void **s
     C->rmsnorm(r5, xs, nw, 5, cols, 1e-5f);
     expect_close("rmsnorm of 5 rows: fp32 output", n5, r5, (size_t)5 * cols, 1e-6);
     probe_free(&pg);
-    cuda_switch("copy16", kvm_cuda_opts_default().copy16 ? "1" : "0");
     free(n5), free(r5), free(xs);
     G->free(dnw), G->free(dy4);
     free(nw), free(normed), free(ref4), free(y4);
@@ -472,19 +469,15 @@ static void check_rope_kv(int HQ, int HK, int hd, kvm_rope_layout_t layout, kvm_
     free(q), free(k), free(v), free(inv), free(pool), free(gq), free(gk), free(gp);
 }
 
-/* both kernels: a block per row, and (opts.rope_heads) a block per row and group of heads */
+/* a block per row and group of heads */
 static void test_fused_rope_and_kv_write_match_cpu(void **st) {
     (void)st;
     NEED_GPU();
-    for (int heads = 0; heads < 2; heads++) {
-        cuda_switch("rope_heads", heads ? "1" : "0");
-        check_rope_kv(8, 2, 64, KVM_ROPE_HALF, KVM_BF16);         /* 8 heads per block: a partial second group */
-        check_rope_kv(32, 8, 128, KVM_ROPE_HALF, KVM_BF16);       /* Llama-3.1-8B's heads: 10 groups of 4 */
-        check_rope_kv(12, 4, 128, KVM_ROPE_INTERLEAVED, KVM_F16);
-        check_rope_kv(6, 3, 32, KVM_ROPE_INTERLEAVED, KVM_F32);   /* 16 pairs per head: 16 heads per block */
-        check_rope_kv(4, 2, 576, KVM_ROPE_HALF, KVM_BF16);        /* 288 pairs per head: the block loops */
-    }
-    cuda_switch("rope_heads", kvm_cuda_opts_default().rope_heads ? "1" : "0");
+    check_rope_kv(8, 2, 64, KVM_ROPE_HALF, KVM_BF16);         /* 8 heads per block: a partial second group */
+    check_rope_kv(32, 8, 128, KVM_ROPE_HALF, KVM_BF16);       /* Llama-3.1-8B's heads: 10 groups of 4 */
+    check_rope_kv(12, 4, 128, KVM_ROPE_INTERLEAVED, KVM_F16);
+    check_rope_kv(6, 3, 32, KVM_ROPE_INTERLEAVED, KVM_F32);   /* 16 pairs per head: 16 heads per block */
+    check_rope_kv(4, 2, 576, KVM_ROPE_HALF, KVM_BF16);        /* 288 pairs per head: the block loops */
 }
 
 static void check_swiglu_matmul(kvm_dtype_t dt, int n, double tol) {
@@ -557,7 +550,7 @@ static void check_ffn(kvm_dtype_t dt, int n, bool adjacent, bool in_place, doubl
 
 /* The skinny GEMM with 32 and 64 weight rows per CTA (opts.skinny_rows): enough rows that the launch keeps them (a
  * CTA per SM at least: 8500 rows), rows that are not a multiple of the CTA's, one and two n-tiles, bias, f16; then
- * with 16 warps per CTA (opts.skinny_warps). */
+ * at 16 rows per CTA, wide and narrow. */
 static void test_skinny_gemm_with_more_rows_per_cta_matches_cpu(void **st) {
     (void)st;
     NEED_GPU();
@@ -570,30 +563,22 @@ static void test_skinny_gemm_with_more_rows_per_cta_matches_cpu(void **st) {
         check_matmul(KVM_BF16, 1000, 512, 16, true, 1e-2); /* too few rows: back to 16 per CTA */
     }
     cuda_switch("skinny_rows", "16");
-    cuda_switch("skinny_warps", "16"); /* 16 warps per CTA: a column chunk per warp in 16 */
     check_matmul(KVM_BF16, 4100, 1024, 16, true, 1e-2);
     check_matmul(KVM_F16, 1000, 512, 3, false, 1e-2);
-    check_matmul(KVM_BF16, 300, 160, 9, true, 1e-2); /* 5 chunks: most warps have none */
+    check_matmul(KVM_BF16, 300, 160, 9, true, 1e-2); /* 5 column chunks: 3 of the 8 warps have none */
     check_matmul_multi(KVM_BF16, 7, 1e-2);
-    cuda_switch("skinny_warps", "8");
 }
 
-/* The batch-1 GEMV with 2 and 4 warps per row (opts.gemv_split): columns that split evenly (bias, f16, several
- * matrices in one launch as q/k/v and gate/up are), a width that does not (back to one warp per row), and the
- * last CTA's idle warps (rows not a multiple of the CTA's). */
-static void test_gemv_with_split_rows_matches_cpu(void **st) {
+/* The batch-1 GEMV: a wide row (bias), f16, a width of 17 16-byte pieces, several matrices in one launch (as q/k/v
+ * and gate/up are), and the last CTA's idle warps (rows not a multiple of the CTA's). */
+static void test_gemv_on_odd_shapes_matches_cpu(void **st) {
     (void)st;
     NEED_GPU();
-    const char *ks[2] = {"2", "4"};
-    for (int i = 0; i < 2; i++) {
-        cuda_switch("gemv_split", ks[i]);
-        check_matmul(KVM_BF16, 4099, 4096, 1, true, 1e-2);
-        check_matmul(KVM_F16, 333, 1024, 1, false, 1e-2);
-        check_matmul(KVM_BF16, 257, 136, 1, true, 1e-2); /* 136 = 17 x 8: 2 or 4 parts do not fit, one warp */
-        check_matmul_multi(KVM_BF16, 1, 1e-2);
-        check_ffn(KVM_BF16, 1, false, false, 1e-2);
-    }
-    cuda_switch("gemv_split", "1");
+    check_matmul(KVM_BF16, 4099, 4096, 1, true, 1e-2);
+    check_matmul(KVM_F16, 333, 1024, 1, false, 1e-2);
+    check_matmul(KVM_BF16, 257, 136, 1, true, 1e-2); /* 136 = 17 x 8 */
+    check_matmul_multi(KVM_BF16, 1, 1e-2);
+    check_ffn(KVM_BF16, 1, false, false, 1e-2);
 }
 
 static void test_fused_ffn_matches_the_cpu_mlp_on_every_path(void **st) {
@@ -833,15 +818,11 @@ static void check_qkv_prefill(kvm_rope_layout_t layout, bool adjacent, bool with
 static void test_fused_qkv_rope_kv_write_on_a_prefill_step_matches_cpu(void **st) {
     (void)st;
     NEED_GPU();
-    for (int v8 = 0; v8 < 2; v8++) { /* opts.rope_v: 16-byte accesses where hd % 16 == 0 */
-        cuda_switch("rope_v", v8 ? "1" : "0");
-        check_qkv_prefill(KVM_ROPE_HALF, true, false, 64);
-        check_qkv_prefill(KVM_ROPE_HALF, false, true, 128);
-        check_qkv_prefill(KVM_ROPE_INTERLEAVED, true, true, 64);
-        check_qkv_prefill(KVM_ROPE_HALF, true, true, 72); /* hd % 16 != 0: one element at a time */
-        check_qkv_prefill(KVM_ROPE_INTERLEAVED, false, false, 40);
-    }
-    cuda_switch("rope_v", kvm_cuda_opts_default().rope_v ? "1" : "0");
+    check_qkv_prefill(KVM_ROPE_HALF, true, false, 64);
+    check_qkv_prefill(KVM_ROPE_HALF, false, true, 128);
+    check_qkv_prefill(KVM_ROPE_INTERLEAVED, true, true, 64);
+    check_qkv_prefill(KVM_ROPE_HALF, true, true, 72);
+    check_qkv_prefill(KVM_ROPE_INTERLEAVED, false, false, 40);
 }
 
 /* matmul_add_rmsnorm_16 and ffn_add_rmsnorm_16 (the projection's output reaches the residual norm in 16 bits):
@@ -1005,8 +986,7 @@ static void check_attention(kvm_dtype_t dt, int heads, int kvh, int hd, const at
     float *dq = dev_from(q, (size_t)total_rows * heads * hd * 4);
     float *dout = dev_poisoned((size_t)total_rows * heads * hd);
     G->kv_write(dpool, &g, layer, dk, dv, &gb);
-    /* 2..16 rows of a 16-bit cache: the decode kernels' merge may leave the output's 16-bit copy for the o projection
-     * (opts.copy16, which the decode-kernel test turns on) */
+    /* 2..16 rows of a 16-bit cache: the decode kernels' merge may leave the output's 16-bit copy for the o projection */
     const bool probe = total_rows >= 2 && total_rows <= 16 && dt != KVM_F32 && (heads * hd) % 32 == 0;
     probe_gemm_t pg = {0};
     if (probe) pg = probe_gemm(heads * hd);
@@ -1050,7 +1030,6 @@ static void test_attention_16bit_decode_kernels_match_cpu_on_decode_batches(void
     NEED_GPU();
     /* the tensor-core kernel: Q and P as hi + lo 16-bit pairs keep the CUDA-core kernels' tolerance */
     const kvm_cuda_opts_t before = kvm_cuda_get_opts();
-    cuda_switch("copy16", "1");
     cuda_switch("attn_dec_mma", "1");
     check_attention(KVM_BF16, 32, 8, 128, &DECODE, 1e-5, "decode, tensor cores");
     check_attention(KVM_F16, 14, 2, 64, &DECODE, 1e-5, "decode, tensor cores");
@@ -1067,13 +1046,23 @@ static void test_attention_16bit_decode_kernels_match_cpu_on_decode_batches(void
     assert_int_equal(kvm_cuda_set_opts(&before), 0);
 }
 
+static const attn_case_t PREFILL_LONG = {2, {1000, 300}, {1000, 1100}}; /* tiles wholly below the diagonal */
+
+/* the prefill kernel, and (opts.attn_fast) its variant with ldmatrix K fragments, unmasked interior tiles and the
+ * scale in one FMA */
 static void test_attention_bf16_tensor_core_prefill_matches_cpu(void **st) {
     (void)st;
     NEED_GPU();
-    check_attention(KVM_BF16, 4, 2, 128, &PREFILL, 1e-2, "prefill, mma");
-    check_attention(KVM_BF16, 8, 2, 64, &PREFILL, 1e-2, "prefill, mma");
-    check_attention(KVM_BF16, 8, 2, 64, &MIXED, 1e-2, "mixed, mma");
-    check_attention(KVM_F16, 16, 8, 128, &MIXED, 1e-2, "mixed, mma");
+    for (int fast = 0; fast < 2; fast++) {
+        cuda_switch("attn_fast", fast ? "1" : "0");
+        check_attention(KVM_BF16, 4, 2, 128, &PREFILL, 1e-2, fast ? "prefill, mma fast" : "prefill, mma");
+        check_attention(KVM_BF16, 8, 2, 64, &PREFILL, 1e-2, fast ? "prefill, mma fast" : "prefill, mma");
+        check_attention(KVM_BF16, 8, 2, 64, &MIXED, 1e-2, fast ? "mixed, mma fast" : "mixed, mma");
+        check_attention(KVM_F16, 16, 8, 128, &MIXED, 1e-2, fast ? "mixed, mma fast" : "mixed, mma");
+        check_attention(KVM_BF16, 8, 2, 128, &PREFILL_LONG, 1e-2, fast ? "long prefill, mma fast" : "long prefill, mma");
+        check_attention(KVM_F16, 4, 4, 64, &PREFILL_LONG, 1e-2, fast ? "long prefill, mma fast" : "long prefill, mma");
+    }
+    cuda_switch("attn_fast", kvm_cuda_opts_default().attn_fast ? "1" : "0");
 }
 
 static void check_rope_shift(kvm_dtype_t dt, kvm_rope_layout_t layout, double tol) {
@@ -1228,7 +1217,7 @@ int main(void) {
         cmocka_unit_test(test_fused_rope_and_kv_write_match_cpu),
         cmocka_unit_test(test_swiglu_then_down_projection_matches_cpu),
         cmocka_unit_test(test_skinny_gemm_with_more_rows_per_cta_matches_cpu),
-        cmocka_unit_test(test_gemv_with_split_rows_matches_cpu),
+        cmocka_unit_test(test_gemv_on_odd_shapes_matches_cpu),
         cmocka_unit_test(test_fused_ffn_matches_the_cpu_mlp_on_every_path),
         cmocka_unit_test(test_add_rmsnorm_16_feeds_the_next_gemm_and_refuses_a_gemv),
         cmocka_unit_test(test_fused_qkv_rope_kv_write_matches_the_separate_ops),

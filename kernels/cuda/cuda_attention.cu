@@ -84,7 +84,6 @@ __global__ void __launch_bounds__(SPLIT_WARPS * 32)
                  float scale, int n_splits, int chunk, const int32_t *__restrict__ qpos) {
     __shared__ float sm_m[SPLIT_WARPS][SPLIT_GMAX], sm_l[SPLIT_WARPS][SPLIT_GMAX];
     kvm_pdl_trigger();
-    kvm_pdl_wait();
     __shared__ float sm_acc[SPLIT_WARPS][SPLIT_GMAX][32 * DPL];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const split_cta_t cta =
@@ -194,7 +193,6 @@ template <typename TH>
 __global__ void k_attn_merge(float *__restrict__ out, const float *__restrict__ partial, int D, int n_splits,
                              TH *__restrict__ outh) {
     kvm_pdl_trigger();
-    kvm_pdl_wait();
     const int wi = blockIdx.x;
     const float *pp = partial + (size_t)wi * n_splits * (D + 2);
     float M = -INFINITY;
@@ -244,6 +242,12 @@ template <> struct mma_t<__half> {
     }
 };
 
+__device__ __forceinline__ void ldmatrix_x4(uint32_t *r, const void *smem) {
+    uint32_t a = (uint32_t)__cvta_generic_to_shared(smem);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+}
 __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t *r, const void *smem) {
     uint32_t a = (uint32_t)__cvta_generic_to_shared(smem);
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
@@ -306,7 +310,7 @@ __device__ __forceinline__ void online_step(float mx_a, float mx_b, float &m_a, 
 /* Shared memory of k_attn_mma: two stages of K and V tiles (the next tile loads while this one computes). */
 template <typename T, int D> constexpr size_t mma_smem_bytes() { return (size_t)2 * 2 * MMA_K * (D + 8) * sizeof(T); }
 
-template <typename T, int D, int MINB>
+template <typename T, int D, int MINB, bool FAST>
 __global__ void __launch_bounds__(128, MINB)
     k_attn_mma(float *__restrict__ out, const float *__restrict__ q, const T *__restrict__ kv, int L, int H, int layer,
                int heads, int group, const int32_t *__restrict__ row_start, const int32_t *__restrict__ ctx_len,
@@ -353,6 +357,7 @@ __global__ void __launch_bounds__(128, MINB)
     auto row_pos = [&](int qr) { return qpos ? qpos[r0 + min(qr, nrows - 1)] : first_pos + qr; };
     const int pos_a = row_pos(qr_a), pos_b = row_pos(qr_b);
     const int wmax = row_pos(qt0 + warp * 16 + 15); /* the last position of this warp's rows */
+    const int wmin = row_pos(qt0 + warp * 16);      /* and the first (positions increase with the row) */
     float o[D / 8][4];
 #pragma unroll
     for (int i = 0; i < D / 8; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
@@ -381,32 +386,69 @@ __global__ void __launch_bounds__(128, MINB)
         for (int nt = 0; nt < MMA_K / 8; nt++) {
             sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.0f;
             if (j * MMA_K + nt * 8 > wmax) continue;
+            if constexpr (FAST) { /* B fragments of two k-steps per ldmatrix: rows nt*8.., columns kk*16 + 8i */
 #pragma unroll
-            for (int kk = 0; kk < D / 16; kk++) {
-                const uint32_t b0 = *reinterpret_cast<const uint32_t *>(&Ks[nt * 8 + g][kk * 16 + 2 * t4]);
-                const uint32_t b1 = *reinterpret_cast<const uint32_t *>(&Ks[nt * 8 + g][kk * 16 + 8 + 2 * t4]);
-                mma_t<T>::mma(sc[nt], qa[kk], b0, b1);
+                for (int kk = 0; kk < D / 16; kk += 2) {
+                    uint32_t b[4];
+                    ldmatrix_x4(b, &Ks[nt * 8 + (lane & 7)][kk * 16 + (lane >> 3) * 8]);
+                    mma_t<T>::mma(sc[nt], qa[kk], b[0], b[1]);
+                    mma_t<T>::mma(sc[nt], qa[kk + 1], b[2], b[3]);
+                }
+            } else {
+#pragma unroll
+                for (int kk = 0; kk < D / 16; kk++) {
+                    const uint32_t b0 = *reinterpret_cast<const uint32_t *>(&Ks[nt * 8 + g][kk * 16 + 2 * t4]);
+                    const uint32_t b1 = *reinterpret_cast<const uint32_t *>(&Ks[nt * 8 + g][kk * 16 + 8 + 2 * t4]);
+                    mma_t<T>::mma(sc[nt], qa[kk], b0, b1);
+                }
             }
         }
-        /* mask, scale (to log2 units) and the online softmax */
+        /* mask, scale (to log2 units) and the online softmax. FAST: the scores stay unscaled (the scale is one
+         * FMA with the subtraction below; fl(max(s) c) = max(fl(s c)) for c > 0), and a tile that lies wholly
+         * below the diagonal of every row of the warp and inside the context is not masked. */
         float mx_a = m_a, mx_b = m_b;
+        if constexpr (FAST) {
+            float ra = -INFINITY, rb = -INFINITY;
+            if ((j + 1) * MMA_K - 1 <= wmin && (j + 1) * MMA_K <= ctx) {
 #pragma unroll
-        for (int nt = 0; nt < MMA_K / 8; nt++) {
-            const int tok = j * MMA_K + nt * 8 + 2 * t4;
-            sc[nt][0] = tok <= pos_a && tok < ctx ? sc[nt][0] * scale_log2 : -INFINITY;
-            sc[nt][1] = tok + 1 <= pos_a && tok + 1 < ctx ? sc[nt][1] * scale_log2 : -INFINITY;
-            sc[nt][2] = tok <= pos_b && tok < ctx ? sc[nt][2] * scale_log2 : -INFINITY;
-            sc[nt][3] = tok + 1 <= pos_b && tok + 1 < ctx ? sc[nt][3] * scale_log2 : -INFINITY;
-            mx_a = fmaxf(mx_a, fmaxf(sc[nt][0], sc[nt][1]));
-            mx_b = fmaxf(mx_b, fmaxf(sc[nt][2], sc[nt][3]));
+                for (int nt = 0; nt < MMA_K / 8; nt++) {
+                    ra = fmaxf(ra, fmaxf(sc[nt][0], sc[nt][1]));
+                    rb = fmaxf(rb, fmaxf(sc[nt][2], sc[nt][3]));
+                }
+            } else {
+#pragma unroll
+                for (int nt = 0; nt < MMA_K / 8; nt++) {
+                    const int tok = j * MMA_K + nt * 8 + 2 * t4;
+                    sc[nt][0] = tok <= pos_a && tok < ctx ? sc[nt][0] : -INFINITY;
+                    sc[nt][1] = tok + 1 <= pos_a && tok + 1 < ctx ? sc[nt][1] : -INFINITY;
+                    sc[nt][2] = tok <= pos_b && tok < ctx ? sc[nt][2] : -INFINITY;
+                    sc[nt][3] = tok + 1 <= pos_b && tok + 1 < ctx ? sc[nt][3] : -INFINITY;
+                    ra = fmaxf(ra, fmaxf(sc[nt][0], sc[nt][1]));
+                    rb = fmaxf(rb, fmaxf(sc[nt][2], sc[nt][3]));
+                }
+            }
+            mx_a = fmaxf(mx_a, ra * scale_log2);
+            mx_b = fmaxf(mx_b, rb * scale_log2);
+        } else {
+#pragma unroll
+            for (int nt = 0; nt < MMA_K / 8; nt++) {
+                const int tok = j * MMA_K + nt * 8 + 2 * t4;
+                sc[nt][0] = tok <= pos_a && tok < ctx ? sc[nt][0] * scale_log2 : -INFINITY;
+                sc[nt][1] = tok + 1 <= pos_a && tok + 1 < ctx ? sc[nt][1] * scale_log2 : -INFINITY;
+                sc[nt][2] = tok <= pos_b && tok < ctx ? sc[nt][2] * scale_log2 : -INFINITY;
+                sc[nt][3] = tok + 1 <= pos_b && tok + 1 < ctx ? sc[nt][3] * scale_log2 : -INFINITY;
+                mx_a = fmaxf(mx_a, fmaxf(sc[nt][0], sc[nt][1]));
+                mx_b = fmaxf(mx_b, fmaxf(sc[nt][2], sc[nt][3]));
+            }
         }
         float base_a, base_b;
         online_step<D / 8>(mx_a, mx_b, m_a, m_b, l_a, l_b, o, base_a, base_b);
+        const float sm = FAST ? scale_log2 : 1.0f; /* what the scores are multiplied by before the subtraction */
         uint32_t pa[MMA_K / 16][4];
 #pragma unroll
         for (int nt = 0; nt < MMA_K / 8; nt++) {
-            const float p0 = exp2f(sc[nt][0] - base_a), p1 = exp2f(sc[nt][1] - base_a);
-            const float p2 = exp2f(sc[nt][2] - base_b), p3 = exp2f(sc[nt][3] - base_b);
+            const float p0 = exp2f(fmaf(sc[nt][0], sm, -base_a)), p1 = exp2f(fmaf(sc[nt][1], sm, -base_a));
+            const float p2 = exp2f(fmaf(sc[nt][2], sm, -base_b)), p3 = exp2f(fmaf(sc[nt][3], sm, -base_b));
             l_a += p0 + p1;
             l_b += p2 + p3;
             pa[nt / 2][(nt & 1) * 2 + 0] = mma_t<T>::pack(p0, p1);
@@ -480,7 +522,6 @@ __global__ void __launch_bounds__(128)
                float scale_log2, int n_splits, int chunk, const int32_t *__restrict__ qpos) {
     constexpr int DP = D + 8;
     kvm_pdl_trigger();
-    kvm_pdl_wait();
     extern __shared__ __align__(16) unsigned char dec_smem[];
     T(*Ksb)[DM_TOK][DP] = reinterpret_cast<T(*)[DM_TOK][DP]>(dec_smem);
     T(*Vsb)[DM_TOK][DP] = reinterpret_cast<T(*)[DM_TOK][DP]>(dec_smem + (size_t)2 * DM_TOK * DP * sizeof(T));
@@ -666,7 +707,7 @@ static void launch_split(float *out, const float *q, const T *kv, const kvm_kv_g
             }
             const float sl2 = scale * 1.4426950408889634f;
 #define KVM_DEC(DD)                                                                                                     \
-    kvm_launch_chain(k_attn_dec<T, DD>, grid, dim3(128), dec_smem_bytes<T, DD>(), out, partial, q, kv, g->n_layers, H,     \
+    kvm_launch(k_attn_dec<T, DD>, grid, dim3(128), dec_smem_bytes<T, DD>(), out, partial, q, kv, g->n_layers, H,     \
                      layer, heads, group, hchunks, b->row_start, b->ctx_len, b->block_table, b->n_seqs, b->max_blocks, sl2, \
                      n_splits, chunk, b->q_pos)
             if (D == 128) KVM_DEC(128);
@@ -677,7 +718,7 @@ static void launch_split(float *out, const float *q, const T *kv, const kvm_kv_g
         }
     }
 #define KVM_SPLIT(DPL)                                                                                                  \
-    kvm_launch_chain(k_attn_split<T, DPL>, grid, dim3(SPLIT_WARPS * 32), 0, out, partial, q, kv, g->n_layers, H, D, layer, \
+    kvm_launch(k_attn_split<T, DPL>, grid, dim3(SPLIT_WARPS * 32), 0, out, partial, q, kv, g->n_layers, H, D, layer, \
                      heads, group, hchunks, b->row_start, b->ctx_len, b->block_table, b->n_seqs, b->max_blocks, scale,     \
                      n_splits, chunk, b->q_pos)
     if (!launched) {
@@ -692,9 +733,9 @@ static void launch_split(float *out, const float *q, const T *kv, const kvm_kv_g
         const dim3 mg((unsigned)(b->total_rows * heads)), mb(D <= 128 ? 128 : 256);
         void *xh = half_copy ? ws : NULL;
         if (xh && hdt == KVM_BF16)
-            kvm_launch_chain(k_attn_merge<__nv_bfloat16>, mg, mb, 0, out, partial, D, n_splits, (__nv_bfloat16 *)xh);
-        else if (xh) kvm_launch_chain(k_attn_merge<__half>, mg, mb, 0, out, partial, D, n_splits, (__half *)xh);
-        else kvm_launch_chain(k_attn_merge<__half>, mg, mb, 0, out, partial, D, n_splits, (__half *)NULL);
+            kvm_launch(k_attn_merge<__nv_bfloat16>, mg, mb, 0, out, partial, D, n_splits, (__nv_bfloat16 *)xh);
+        else if (xh) kvm_launch(k_attn_merge<__half>, mg, mb, 0, out, partial, D, n_splits, (__half *)xh);
+        else kvm_launch(k_attn_merge<__half>, mg, mb, 0, out, partial, D, n_splits, (__half *)NULL);
         if (KVM_CU_LAUNCH("attention (merge)")) return;
         if (xh) kvm_cuda_set_rounded(out, n_out, hdt);
     }
@@ -714,25 +755,31 @@ static void launch_mma(float *out, const float *q, const T *kv, const kvm_kv_geo
     __half *outf = xh && hdt == KVM_F16 ? (__half *)xh : NULL;
     /* registers capped for 3 CTAs per SM (168, no spills) unless opts.mma_occ = 1 (199 registers, 2 CTAs) */
     const int occ = g_cuda.opts.mma_occ;
+    const bool fast = g_cuda.opts.attn_fast;
     static bool attr_set = false; /* per instantiation of this template (T) */
     if (!attr_set) {
-        cudaFuncSetAttribute(k_attn_mma<T, 128, 1>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)mma_smem_bytes<T, 128>());
-        cudaFuncSetAttribute(k_attn_mma<T, 64, 1>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)mma_smem_bytes<T, 64>());
-        cudaFuncSetAttribute(k_attn_mma<T, 128, 3>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)mma_smem_bytes<T, 128>());
-        cudaFuncSetAttribute(k_attn_mma<T, 64, 3>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)mma_smem_bytes<T, 64>());
+#define KVM_MMA_ATTR(DD, OCC, F)                                                                                         \
+    cudaFuncSetAttribute(k_attn_mma<T, DD, OCC, F>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)mma_smem_bytes<T, DD>())
+        KVM_MMA_ATTR(128, 1, false), KVM_MMA_ATTR(64, 1, false), KVM_MMA_ATTR(128, 3, false), KVM_MMA_ATTR(64, 3, false);
+        KVM_MMA_ATTR(128, 1, true), KVM_MMA_ATTR(64, 1, true), KVM_MMA_ATTR(128, 3, true), KVM_MMA_ATTR(64, 3, true);
+#undef KVM_MMA_ATTR
         attr_set = true;
     }
-#define KVM_MMA(DD, OCC)                                                                                                 \
-    k_attn_mma<T, DD, OCC><<<grid, 128, mma_smem_bytes<T, DD>(), S>>>(out, q, kv, g->n_layers, g->n_kv_heads, layer, heads, \
-                                                                      group, b->row_start, b->ctx_len, b->block_table,    \
-                                                                      b->max_blocks, sl2, outb, outf, b->q_pos)
-    if (g->head_dim == 128) {
-        if (occ == 3) KVM_MMA(128, 3);
-        else KVM_MMA(128, 1);
-    } else {
-        if (occ == 3) KVM_MMA(64, 3);
-        else KVM_MMA(64, 1);
-    }
+#define KVM_MMA(DD, OCC, F)                                                                                              \
+    k_attn_mma<T, DD, OCC, F><<<grid, 128, mma_smem_bytes<T, DD>(), S>>>(out, q, kv, g->n_layers, g->n_kv_heads, layer,   \
+                                                                         heads, group, b->row_start, b->ctx_len,          \
+                                                                         b->block_table, b->max_blocks, sl2, outb, outf,  \
+                                                                         b->q_pos)
+#define KVM_MMA_D(DD)                                                                                                    \
+    do {                                                                                                                 \
+        if (occ == 3 && fast) KVM_MMA(DD, 3, true);                                                                      \
+        else if (occ == 3) KVM_MMA(DD, 3, false);                                                                        \
+        else if (fast) KVM_MMA(DD, 1, true);                                                                             \
+        else KVM_MMA(DD, 1, false);                                                                                      \
+    } while (0)
+    if (g->head_dim == 128) KVM_MMA_D(128);
+    else KVM_MMA_D(64);
+#undef KVM_MMA_D
 #undef KVM_MMA
     if (KVM_CU_LAUNCH("attention (mma)")) return;
     if (xh) kvm_cuda_set_rounded(out, n_out, hdt);

@@ -128,21 +128,18 @@ void kvm_cuda_attention(float *out, const float *q, const void *kv, const kvm_kv
  * Every small kernel lets the next one launch early (kvm_pdl_trigger at its start); kernels launched with the
  * PDL attribute (the GEMV/skinny GEMMs: kvm_launch_pdl) prefetch their weights, then kvm_pdl_wait for the
  * previous kernel to finish and its writes to be visible before reading activations. A kernel launched
- * without the attribute is ordered by the stream as usual (the wait is then a no-op).
- * opts.pdl_chain extends this to the whole decode step: the small kernels of a step launch through
- * kvm_launch_chain (with the attribute) and call kvm_pdl_wait before touching memory, and the GEMMs trigger
- * at their start too, so no kernel of the step waits for its predecessor through a launch. The wait of a
- * kernel covers the completion of every grid before it (each of them waited for its own predecessor before
- * it could finish). */
+ * without the attribute is ordered by the stream as usual (the wait is then a no-op). The small kernels launch
+ * plainly (kvm_launch): chaining them with PDL too, the GEMMs triggering at their start (tried as opts.pdl_chain,
+ * 2026-12-07), made the batch-16 decode step 48% slower on the H100 (7.55 -> 11.2 ms; batch 1 5.64 -> 6.15 ms):
+ * the early-launched kernels' CTAs wait on SMs the GEMM still needs. */
 __device__ __forceinline__ void kvm_pdl_trigger() { asm volatile("griddepcontrol.launch_dependents;" ::: "memory"); }
 __device__ __forceinline__ void kvm_pdl_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
 static inline int kvm_cuda_pdl_enabled(void) { return g_cuda.opts.pdl; } /* opts.pdl = false turns it off */
-static inline int kvm_cuda_chain_enabled(void) { return g_cuda.opts.pdl && g_cuda.opts.pdl_chain; }
-/* 2..16 rows go through the skinny tensor-core GEMM, which reads its input rounded to 16 bits: under opts.copy16
- * producers of such inputs (norms, the decode attention's merge) leave that copy in scratch for it
- * (kvm_cuda_set_rounded). */
+/* 2..16 rows go through the skinny tensor-core GEMM, which reads its input rounded to 16 bits: producers of such
+ * inputs (norms, the decode attention's merge) leave that copy in scratch for it (kvm_cuda_set_rounded), so that
+ * the q/k/v, o and gate/up GEMMs of a batched decode step launch no conversion kernel. */
 static inline bool kvm_cuda_skinny_rounds(int rows) {
-    return g_cuda.opts.copy16 && rows >= 2 && rows <= 16 && g_cuda.opts.skinny != KVM_CUDA_SKINNY_GEMV;
+    return rows >= 2 && rows <= 16 && g_cuda.opts.skinny != KVM_CUDA_SKINNY_GEMV;
 }
 /* How the decode GEMMs read weights before the PDL wait (opts.prefetch): 0 none, 1 L2 prefetch, 2 (default)
  * the first iteration's loads into registers */
@@ -162,15 +159,10 @@ static inline cudaError_t kvm_launch_pdl(void (*kernel)(KArgs...), dim3 grid, di
     cfg.numAttrs = kvm_cuda_pdl_enabled() ? 1 : 0;
     return cudaLaunchKernelEx(&cfg, kernel, ((KArgs)args)...);
 }
-/* A small kernel of a decode step (it calls kvm_pdl_wait before touching memory): with the PDL attribute under
- * opts.pdl_chain, as a plain launch otherwise. */
+/* A small kernel, as a plain launch on the op stream (errors: KVM_CU_LAUNCH after it). */
 template <typename... KArgs, typename... Args>
-static inline cudaError_t kvm_launch_chain(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, Args... args) {
-    if (!kvm_cuda_chain_enabled()) {
-        kernel<<<grid, block, smem, g_cuda.stream>>>(((KArgs)args)...);
-        return cudaSuccess;
-    }
-    return kvm_launch_pdl(kernel, grid, block, smem, args...);
+static inline void kvm_launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, Args... args) {
+    kernel<<<grid, block, smem, g_cuda.stream>>>(((KArgs)args)...);
 }
 
 /* ---- small device helpers --------------------------------------------------------------------- */

@@ -23,7 +23,6 @@
 template <typename T>
 __global__ void k_to_half(T *__restrict__ dst, const float *__restrict__ src, size_t n) {
     kvm_pdl_trigger();
-    kvm_pdl_wait();
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
         dst[i] = kvm_from_f32<T>(src[i]);
 }
@@ -73,34 +72,29 @@ template <typename T> __device__ __forceinline__ int seg_of(const mm_segs<T> &sg
     return s;
 }
 
-/* Each work unit is R consecutive output rows of one segment, owned by KS warps of a CTA (opts.gemv_split: KS
- * parts of the columns, summed in a fixed order at the end); lanes stride over the unit's columns 8 at a time (one
- * 16-byte load of W per row), UNROLL loads in flight; x is read through L1 (it is shared by every warp).
- * cols % (8 KS) == 0 and 16-byte aligned rows are required (checked by the caller). */
-template <typename T, int M, int R, int UNROLL, int KS>
-__global__ void __launch_bounds__(128) k_gemv(const mm_segs<T> sg, const float *__restrict__ x, int cols, int pf,
-                                              int chain) {
-    if (chain) kvm_pdl_trigger(); /* opts.pdl_chain: the next (small) kernel may launch and wait on the device */
+/* Each work unit is R consecutive output rows of one segment, owned by one warp; lanes stride over the unit's
+ * columns 8 at a time (one 16-byte load of W per row), UNROLL loads in flight; x is read through L1 (it is shared
+ * by every warp). cols % 8 == 0 and 16-byte aligned rows are required (checked by the caller). Splitting a row's
+ * columns over 2 or 4 warps (tried as opts.gemv_split, 2026-12-07) did not speed up the batch-1 step on the H100
+ * (5.64 ms; 5.66 with 2 warps, 5.77 with 4). */
+template <typename T, int M, int R, int UNROLL>
+__global__ void __launch_bounds__(128) k_gemv(const mm_segs<T> sg, const float *__restrict__ x, int cols, int pf) {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int unit = (blockIdx.x * (blockDim.x >> 5) + warp) / KS, part = warp % KS;
-    const bool live = unit < sg.start[sg.nseg];
-    if (KS == 1 && !live) return; /* (with KS > 1 every warp reaches the barrier below) */
-    const int sgi = seg_of(sg, live ? unit : 0);
+    const int unit = blockIdx.x * (blockDim.x >> 5) + warp;
+    if (unit >= sg.start[sg.nseg]) return;
+    const int sgi = seg_of(sg, unit);
     const T *__restrict__ W = sg.W[sgi];
     const int rows = sg.rows[sgi];
-    const int row0 = ((live ? unit : 0) - sg.start[sgi]) * R;
+    const int row0 = (unit - sg.start[sgi]) * R;
     float acc[M][R];
 #pragma unroll
     for (int m = 0; m < M; m++)
 #pragma unroll
         for (int r = 0; r < R; r++) acc[m][r] = 0.0f;
-    const int pc = cols / KS; /* this warp's columns: [part * pc, (part + 1) * pc) */
-    x += (size_t)part * pc;
     const uint4 *wr[R];
 #pragma unroll
-    for (int r = 0; r < R; r++)
-        wr[r] = reinterpret_cast<const uint4 *>(W + (size_t)min(row0 + r, rows - 1) * cols + (size_t)part * pc);
-    const int nvec = live ? pc / 8 : 0;
+    for (int r = 0; r < R; r++) wr[r] = reinterpret_cast<const uint4 *>(W + (size_t)min(row0 + r, rows - 1) * cols);
+    const int nvec = cols / 8;
     /* The weights do not depend on the previous kernel: start reading them before waiting for it (pf 2:
      * the first loop iteration's loads into registers; pf 1: L2 prefetches of the first 8 KB; pf 0: none). */
     int v = lane;
@@ -165,25 +159,6 @@ __global__ void __launch_bounds__(128) k_gemv(const mm_segs<T> sg, const float *
     for (int m = 0; m < M; m++)
 #pragma unroll
         for (int r = 0; r < R; r++) acc[m][r] = kvm_warp_sum(acc[m][r]);
-    if constexpr (KS > 1) {
-        __shared__ float red[4][M][R];
-        if (lane == 0)
-#pragma unroll
-            for (int m = 0; m < M; m++)
-#pragma unroll
-                for (int r = 0; r < R; r++) red[warp][m][r] = acc[m][r];
-        __syncthreads();
-        if (part != 0 || !live) return;
-#pragma unroll
-        for (int m = 0; m < M; m++)
-#pragma unroll
-            for (int r = 0; r < R; r++) {
-                float t = red[warp][m][r];
-#pragma unroll
-                for (int k = 1; k < KS; k++) t += red[warp + k][m][r];
-                acc[m][r] = t;
-            }
-    }
     if (lane == 0) {
         float *y = sg.y[sgi];
         const float *bias = sg.bias[sgi];
@@ -207,13 +182,8 @@ static void launch_gemv(mm_segs<T> sg, const float *x, int cols) {
         u += (sg.rows[i] + R - 1) / R;
     }
     sg.start[sg.nseg] = u;
-    const int pf = kvm_cuda_prefetch_mode(), chain = kvm_cuda_chain_enabled();
-    /* opts.gemv_split: 2 or 4 warps per row of a one-row GEMV (whose columns split evenly in 16-byte pieces) */
-    const int ks = M == 1 && cols % (8 * g_cuda.opts.gemv_split) == 0 ? g_cuda.opts.gemv_split : 1;
     constexpr int U = M <= 2 ? 4 : 2;
-    if (ks == 4) kvm_launch_pdl(k_gemv<T, M, R, U, 4>, dim3(u), dim3(128), 0, sg, x, cols, pf, chain);
-    else if (ks == 2) kvm_launch_pdl(k_gemv<T, M, R, U, 2>, dim3((u + 1) / 2), dim3(128), 0, sg, x, cols, pf, chain);
-    else kvm_launch_pdl(k_gemv<T, M, R, U, 1>, dim3((u + 3) / 4), dim3(128), 0, sg, x, cols, pf, chain);
+    kvm_launch_pdl(k_gemv<T, M, R, U>, dim3((u + 3) / 4), dim3(128), 0, sg, x, cols, kvm_cuda_prefetch_mode());
 }
 
 template <typename T>
@@ -257,8 +227,7 @@ template <> __device__ __forceinline__ void mma16816<__half>(float *c, uint32_t 
  * and 16 tokens they are as many bytes as the weights). cols % 32 == 0. */
 template <typename T, int NT, int RG, int NW>
 __global__ void __launch_bounds__(NW * 32) k_skinny(const mm_segs<T> sg, const T *__restrict__ xh, int cols, int M,
-                                                    int pf, int chain) {
-    if (chain) kvm_pdl_trigger();
+                                                    int pf) {
     __shared__ float red[NW][16 * RG][16 + 1];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const int sgi = seg_of(sg, (int)blockIdx.x);
@@ -389,17 +358,15 @@ static void skinny_launch(mm_segs<T> sg, const T *xh, int cols, int n, int pf) {
         u += (sg.rows[i] + 16 * RG - 1) / (16 * RG);
     }
     sg.start[sg.nseg] = u;
-    const int chain = kvm_cuda_chain_enabled();
-    if (n <= 8) kvm_launch_pdl(k_skinny<T, 1, RG, NW>, dim3(u), dim3(NW * 32), 0, sg, xh, cols, n, pf, chain);
-    else kvm_launch_pdl(k_skinny<T, 2, RG, NW>, dim3(u), dim3(NW * 32), 0, sg, xh, cols, n, pf, chain);
+    if (n <= 8) kvm_launch_pdl(k_skinny<T, 1, RG, NW>, dim3(u), dim3(NW * 32), 0, sg, xh, cols, n, pf);
+    else kvm_launch_pdl(k_skinny<T, 2, RG, NW>, dim3(u), dim3(NW * 32), 0, sg, xh, cols, n, pf);
 }
 
 template <typename T>
 static void skinny_dispatch(mm_segs<T> sg, const T *xh, int cols, int n) {
     const int pf = kvm_cuda_prefetch_mode(), per = skinny_rows_for(sg);
-    /* opts.skinny_warps = 16: twice the warps per CTA (each a sixteenth of the columns), 16 rows per CTA */
-    if (g_cuda.opts.skinny_warps == 16) skinny_launch<T, 1, 16>(sg, xh, cols, n, pf);
-    else if (per == 64) skinny_launch<T, 4, 8>(sg, xh, cols, n, pf);
+    /* (16 warps per CTA, 16 rows, was slower at batch 16 on the H100: 7.71 against 7.55 ms, 2026-12-07) */
+    if (per == 64) skinny_launch<T, 4, 8>(sg, xh, cols, n, pf);
     else if (per == 32) skinny_launch<T, 2, 8>(sg, xh, cols, n, pf);
     else skinny_launch<T, 1, 8>(sg, xh, cols, n, pf);
 }
@@ -437,8 +404,8 @@ static const void *rounded_input(const float *x, size_t nx, kvm_dtype_t dt) {
     unsigned grid = (unsigned)((nx + 255) / 256);
     if (grid > 65535u * 16u) grid = 65535u * 16u;
     if (!grid) grid = 1;
-    if (dt == KVM_BF16) kvm_launch_chain(k_to_half<__nv_bfloat16>, dim3(grid), dim3(256), 0, (__nv_bfloat16 *)xh, x, nx);
-    else kvm_launch_chain(k_to_half<__half>, dim3(grid), dim3(256), 0, (__half *)xh, x, nx);
+    if (dt == KVM_BF16) kvm_launch(k_to_half<__nv_bfloat16>, dim3(grid), dim3(256), 0, (__nv_bfloat16 *)xh, x, nx);
+    else kvm_launch(k_to_half<__half>, dim3(grid), dim3(256), 0, (__half *)xh, x, nx);
     if (KVM_CU_LAUNCH("matmul: activations to 16 bit")) return NULL;
     g_xh_src = x;
     g_xh_n = nx;
@@ -847,8 +814,7 @@ template <typename T, typename TC> struct qkv_args {
  * summation order); lane 0 adds the biases, rotates q/k pairs by the position's fp64 angle (cos/sin rounded to
  * fp32, no FMA contraction: as k_rope_kv), stores q, k, v in fp32 and k, v into the cache at position ctx_len-1. */
 template <typename T, typename TC, int UNROLL>
-__global__ void __launch_bounds__(128) k_gemv_qkv(const qkv_args<T, TC> a, int pf, int chain) {
-    if (chain) kvm_pdl_trigger();
+__global__ void __launch_bounds__(128) k_gemv_qkv(const qkv_args<T, TC> a, int pf) {
     const int unit = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
     const int half = a.hd / 2, nq = a.hq * half, nk = a.hk * half;
     if (unit >= nq + 2 * nk) return;
@@ -913,8 +879,7 @@ static void launch_qkv(float *q, float *k, float *v, const float *x, const kvm_w
     a.pos = pos, a.ctx_len = b->ctx_len, a.block_table = b->block_table, a.inv_freq = inv_freq;
     a.kv = (TC *)kv;
     const int units = (hq + 2 * hk) * hd / 2;
-    kvm_launch_pdl(k_gemv_qkv<T, TC, 4>, dim3((units + 3) / 4), dim3(128), 0, a, kvm_cuda_prefetch_mode(),
-                   kvm_cuda_chain_enabled());
+    kvm_launch_pdl(k_gemv_qkv<T, TC, 4>, dim3((units + 3) / 4), dim3(128), 0, a, kvm_cuda_prefetch_mode());
 }
 
 /* ---- prefill: q|k|v in one bf16 buffer, then RoPE + KV write from it ---- */
@@ -1026,96 +991,6 @@ __device__ __forceinline__ void load8b(const float *__restrict__ bias, int at, f
     f[0] = a.x, f[1] = a.y, f[2] = a.z, f[3] = a.w, f[4] = b.x, f[5] = b.y, f[6] = b.z, f[7] = b.w;
 }
 
-/* k_rope_kv_h with 16-byte accesses (hd % 16 == 0): a thread takes 8 pairs of one q/k head (its j0..j0+7: the 8
- * first and the 8 second elements, or 16 consecutive interleaved ones) or 8 elements of one v head, converts,
- * adds the biases and rotates them exactly as k_rope_kv_h does, and stores them with 16-byte stores. */
-template <typename TH, typename TC>
-__global__ void k_rope_kv_h8(const TH *__restrict__ h, int hw, const float *__restrict__ bq,
-                             const float *__restrict__ bk, const float *__restrict__ bv, float *__restrict__ q,
-                             float *__restrict__ k, float *__restrict__ v, int hq, int hk, int hd,
-                             const int32_t *__restrict__ pos, const float *__restrict__ inv_freq, int il,
-                             TC *__restrict__ kv, int L, int layer, const int32_t *__restrict__ row_start,
-                             const int32_t *__restrict__ block_table, int n_seqs, int max_blocks) {
-    kvm_pdl_trigger();
-    const int r = blockIdx.x, half = hd / 2, QD = hq * hd, KD = hk * hd, per = half / 8;
-    const int ps = pos[r];
-    const size_t kbase = kvm_row_kv_base_dev(L, hk, hd, layer, 0, row_start, n_seqs, block_table, max_blocks, r, ps);
-    const size_t vbase = kvm_row_kv_base_dev(L, hk, hd, layer, 1, row_start, n_seqs, block_table, max_blocks, r, ps);
-    const size_t hstride = (size_t)KVM_KV_BLOCK * hd; /* between heads of one token in the cache */
-    const TH *hr = h + (size_t)r * hw;
-    const int nrot = (hq + hk) * per, nv = KD / 8;
-    for (int i = threadIdx.x; i < nrot + nv; i += blockDim.x) {
-        float a[8], b[8], ba[8], bb[8];
-        if (i >= nrot) { /* 8 elements of v */
-            const int e = (i - nrot) * 8;
-            load8f(hr + QD + KD + e, a);
-            if (bv) {
-                load8b(bv, e, ba);
-#pragma unroll
-                for (int u = 0; u < 8; u++) a[u] += ba[u];
-            }
-            store8(v + (size_t)r * KD + e, a);
-            store8(kv + vbase + (size_t)(e / hd) * hstride + e % hd, a);
-            continue;
-        }
-        const int hh = i / per, j0 = (i % per) * 8;
-        const bool isq = hh < hq;
-        const int head = isq ? hh : hh - hq;
-        const int col = (isq ? 0 : QD) + head * hd; /* the head's first column in h */
-        const float *bias = isq ? bq : bk;
-        if (il) { /* pairs (2j, 2j+1): 16 consecutive elements from 2 j0 */
-            float e[16];
-            load8f(hr + col + 2 * j0, e);
-            load8f(hr + col + 2 * j0 + 8, e + 8);
-            if (bias) {
-                load8b(bias, head * hd + 2 * j0, ba);
-                load8b(bias, head * hd + 2 * j0 + 8, bb);
-#pragma unroll
-                for (int u = 0; u < 8; u++) e[u] += ba[u], e[8 + u] += bb[u];
-            }
-#pragma unroll
-            for (int u = 0; u < 8; u++) a[u] = e[2 * u], b[u] = e[2 * u + 1];
-        } else { /* pairs (j, j + half) */
-            load8f(hr + col + j0, a);
-            load8f(hr + col + j0 + half, b);
-            if (bias) {
-                load8b(bias, head * hd + j0, ba);
-                load8b(bias, head * hd + j0 + half, bb);
-#pragma unroll
-                for (int u = 0; u < 8; u++) a[u] += ba[u], b[u] += bb[u];
-            }
-        }
-        const double p = (double)ps;
-#pragma unroll
-        for (int u = 0; u < 8; u++) {
-            double sn, cn;
-            sincos(kvm_rope_angle_dev(p, inv_freq[j0 + u]), &sn, &cn);
-            const float c = (float)cn, sf = (float)sn, x0 = a[u], x1 = b[u];
-            a[u] = __fsub_rn(__fmul_rn(x0, c), __fmul_rn(x1, sf));
-            b[u] = __fadd_rn(__fmul_rn(x0, sf), __fmul_rn(x1, c));
-        }
-        float *dst = isq ? q + (size_t)r * QD + head * hd : k + (size_t)r * KD + head * hd;
-        if (il) {
-            float e[16];
-#pragma unroll
-            for (int u = 0; u < 8; u++) e[2 * u] = a[u], e[2 * u + 1] = b[u];
-            store8(dst + 2 * j0, e);
-            store8(dst + 2 * j0 + 8, e + 8);
-            if (!isq) {
-                store8(kv + kbase + head * hstride + 2 * j0, e);
-                store8(kv + kbase + head * hstride + 2 * j0 + 8, e + 8);
-            }
-        } else {
-            store8(dst + j0, a);
-            store8(dst + j0 + half, b);
-            if (!isq) {
-                store8(kv + kbase + head * hstride + j0, a);
-                store8(kv + kbase + head * hstride + j0 + half, b);
-            }
-        }
-    }
-}
-
 /* opts.qkv_fuse = false: q/k/v through matmul_multi + rope_qk_kv_write (batch-1 decode and prefill) */
 static int qkv_fuse_enabled(void) { return g_cuda.opts.qkv_fuse; }
 
@@ -1159,20 +1034,12 @@ static int qkv_prefill(float *q, float *k, float *v, const float *x, const kvm_w
     kvm_cuda_touch(); /* q, k, v change below */
     KVM_PROF("rope q+k, kv_write (from bf16 q|k|v)");
     const size_t sh = (size_t)hd * sizeof(float);
-    /* 16-byte accesses where every piece is aligned: hd % 16, and 16-byte aligned biases */
-    bool v8 = hd % 16 == 0 && g_cuda.opts.rope_v; /* opts.rope_v (off until it has run on a GPU) */
-    for (int i = 0; i < 3; i++) v8 = v8 && ((uintptr_t)bias[i] % 16) == 0;
+    /* (a kernel with 16-byte accesses, 8 pairs per thread, took twice as long on the H100: 48 against 24 us per
+     * layer at 1K rows, 2026-12-07) */
 #define KVM_RKH(TC)                                                                                                       \
-    do {                                                                                                                  \
-        if (v8)                                                                                                           \
-            k_rope_kv_h8<__nv_bfloat16, TC><<<n, 128, 0, S>>>(h, HW, bias[0], bias[1], bias[2], q, k, v, hq, hk, hd, pos,  \
-                                                              inv_freq, il, (TC *)kv, g->n_layers, layer, b->row_start,    \
-                                                              b->block_table, b->n_seqs, b->max_blocks);                   \
-        else                                                                                                              \
-            k_rope_kv_h<__nv_bfloat16, TC><<<n, 256, sh, S>>>(h, HW, bias[0], bias[1], bias[2], q, k, v, hq, hk, hd, pos,   \
-                                                              inv_freq, il, (TC *)kv, g->n_layers, layer, b->row_start,    \
-                                                              b->ctx_len, b->block_table, b->n_seqs, b->max_blocks);       \
-    } while (0)
+    k_rope_kv_h<__nv_bfloat16, TC><<<n, 256, sh, S>>>(h, HW, bias[0], bias[1], bias[2], q, k, v, hq, hk, hd, pos, inv_freq, \
+                                                      il, (TC *)kv, g->n_layers, layer, b->row_start, b->ctx_len,         \
+                                                      b->block_table, b->n_seqs, b->max_blocks)
     if (g->dtype == KVM_BF16) KVM_RKH(__nv_bfloat16);
     else if (g->dtype == KVM_F16) KVM_RKH(__half);
     else KVM_RKH(float);

@@ -13,7 +13,8 @@
 # TEAM_CELLS name models of models/ (they travel with the working tree, so the bundle does not copy them).
 # Steps: parity engine hf kvcomm team (default: all of them, in that order; HF_COMPILE=0 skips the compiled HF);
 # memcheck (compute-sanitizer memcheck of MEMCHECK_TESTS into memcheck.log) when named.
-# BUNDLE=DIR runs another bundle (e.g. an older commit's, as the same-call baseline; give it its own OUT), POLICIES
+# HF_EAGER=0 skips HF eager, HF_PHASES names the compiled figures (default "prefill decode1 decodeB"), HF_PHASE_S
+# bounds each. BUNDLE=DIR runs another bundle (e.g. an older commit's, as the same-call baseline; give it its own OUT), POLICIES
 # the kvcomm step's presets (default "spec blend").
 set -uo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
@@ -69,9 +70,11 @@ if want engine; then
   echo "engine rc=$?"; grep -A12 "^| metric\|^kvmesh bench engine" "$OUT/engine.log" | head -30
 fi
 if want hf; then
-  { timeout 200 python3 scripts/bench/hf_engine.py --model llama-3.1-8b --json "$OUT/hf.json"; echo "hf eager rc=$?"
+  { if [ "${HF_EAGER:-1}" != 0 ]; then
+      timeout 200 python3 scripts/bench/hf_engine.py --model llama-3.1-8b --json "$OUT/hf.json"; echo "hf eager rc=$?"
+    fi
     if [ "${HF_COMPILE:-1}" != 0 ]; then   # one process per figure; a compiler crash in CUDA-graph mode retries without
-      for ph in prefill decode1 decodeB; do
+      for ph in ${HF_PHASES:-prefill decode1 decodeB}; do
         timeout ${HF_PHASE_S:-300} python3 scripts/bench/hf_engine.py --model llama-3.1-8b --compile --phase $ph --json "/tmp/hfc_$ph.json"
         rc=$?; echo "hf compile $ph rc=$rc"
         if [ $rc != 0 ] && [ $ph != prefill ]; then

@@ -1,18 +1,18 @@
 #!/usr/bin/env bash
-# launch17.sh - one GPU call for issue 17's decode step, against the previous path (BASE) in the same call: the
-# exact rewrites written without a GPU and off until measured (NEW: rope_heads, copy16 and the prefill's rope_v),
-# the launch settings (pdl_chain), the batch-1 GEMV's warps per row (gemv_split) and the skinny GEMM's warps per
-# CTA (skinny_warps). Run from the repo root on the GPU machine with .gpu-i17/ (this commit:
-# `scripts/gpu/issue17.sh bundle` here) and BASE=DIR carried (default .gpu-base: kvmesh of 5fc863f, the path before
-# this work; remade by `scripts/gpu/issue17.sh bundle` in a build of that commit, then keeping only kvmesh and
-# lib/). Steps in order of need, so that a call cut
+# launch17.sh - one GPU call for issue 17 against the previous path (BASE) in the same call: this commit's default
+# and what it adds behind a switch that is off until measured (NEW, default ATTN_FAST=1: the prefill attention with
+# fewer instructions per tile). Run from the repo root on the GPU machine with .gpu-i17/ (this commit:
+# `scripts/gpu/issue17.sh bundle` here) and BASE=DIR carried (default .gpu-base: kvmesh of 5fc863f, the decode path
+# before the 2026-12-07 changes; remade by `scripts/gpu/bundle_tests.sh base BUILD kvmesh` in a build of that
+# commit). Steps in order of need, so that a call cut
 # short keeps the first; STEPS trims them (default: parity engine profile memcheck kvcomm hf). Logs in $OUT:
 #   gpu.txt       card, driver, clocks at start and end, both bundles' commits
 #   parity.log    test_cuda_ops, test_cuda_model (with the launch-settings test: the same logits bit for bit with
-#                 PDL off, on the GEMMs and through the whole step), the KVCOMM device tests, test_c2c
+#                 PDL off and on, and each weight prefetch), the KVCOMM device tests, test_c2c
 #   engine.log    kvmesh bench engine --synthetic llama-3.1-8b --no-eager for each of CONFIGS, ROUNDS rounds
 #                 alternated (a config is "base" or a list of KVM_CUDA_* settings joined by '+', "default" for none)
 #   profile.log   the per-op profiles (eager) and the timeline between ops of this commit's default and of NEW
+#   prefill4k.log (STEPS=... p4k) the 4K prompt's TTFT for each of CONFIGS4K, and their per-op prefill profiles
 #   ncu.log       (STEPS=... ncu) Nsight Compute sections of one prefill attention launch
 #   memcheck.log  compute-sanitizer memcheck of test_cuda_ops and test_cuda_model
 #   kvcomm.log    kvmesh bench kvcomm --synthetic llama-3.1-8b: the spec's policy, the blend without its guard at
@@ -39,20 +39,20 @@ if want parity; then
   grep -E "^==|launch settings|rope_qk_kv_write|skinny GEMM after|gemv|PASSED|FAILED|rc=" "$OUT/parity.log" | head -60
 fi
 # one engine run: $1 = base | default | KEY=V[+KEY=V...] (KVM_CUDA_ settings without the prefix)
-engine() {
+engine() {   # $1 = config; more arguments go to bench engine
   local cfg=$1 bin=$B lib=$B/lib envs=()
+  shift
   if [ "$cfg" = base ]; then bin=$BASE lib=$BASE/lib; elif [ "$cfg" != default ]; then
     IFS=+ read -ra kv <<< "$cfg"; for x in "${kv[@]}"; do envs+=("KVM_CUDA_$x"); done
   fi
   echo "==== $cfg ($(date -u +%T))"
-  env LD_LIBRARY_PATH="$lib" "${envs[@]}" timeout 120 "$bin/kvmesh" bench engine --synthetic llama-3.1-8b --no-eager 2>&1 |
+  env LD_LIBRARY_PATH="$lib" "${envs[@]}" timeout 120 "$bin/kvmesh" bench engine --synthetic llama-3.1-8b --no-eager "$@" 2>&1 |
     grep -E "^\| (TTFT prefill  |decode b=1 \(graph|decode b=16 step \(graph)|^spread|rror"
 }
-NEW=${NEW:-ROPE_HEADS=1+COPY16=1+ROPE_V=1}   # the exact rewrites of this commit, off by default until measured
+NEW=${NEW:-ATTN_FAST=1}   # what this commit adds behind a switch, off by default until measured
 if want engine; then
   { for round in $(seq 1 "${ROUNDS:-3}"); do
-      for c in ${CONFIGS:-base default $NEW $NEW+PDL_CHAIN=1 $NEW+PDL_CHAIN=1+GEMV_SPLIT=2 ROPE_HEADS=1 COPY16=1 PDL_CHAIN=1 \
-                 GEMV_SPLIT=2 GEMV_SPLIT=4 SKINNY_WARPS=16 PDL_CHAIN=1+FFN_GEMV=1}; do engine "$c"; done
+      for c in ${CONFIGS:-base default $NEW}; do engine "$c"; done
     done; } > "$OUT/engine.log" 2>&1
   cat "$OUT/engine.log"
 fi
@@ -62,6 +62,20 @@ if want profile; then   # this commit's default, then with $NEW (eager per-op pr
     env LD_LIBRARY_PATH=$B/lib $(for x in "${kv[@]}"; do echo "KVM_CUDA_$x"; done) timeout 120 "$B/kvmesh" bench engine \
       --synthetic llama-3.1-8b --profile; } > "$OUT/profile.log" 2>&1
   grep -E "^====|^profile|^timeline|rope|attention decode|m=16 mma|m=1 gemv|rmsnorm" "$OUT/profile.log" | head -70
+fi
+if want p4k; then   # the 4K prompt's TTFT for each of CONFIGS4K (alternated, ROUNDS4K rounds), then the per-op
+  # profile of each config but base (the attention's time per layer at 4K)
+  { for round in $(seq 1 "${ROUNDS4K:-2}"); do
+      for c in ${CONFIGS4K:-base default $NEW}; do engine "$c" --prompt 4096 --batch 1 --reps 5; done
+    done
+    for c in ${CONFIGS4K:-base default $NEW}; do
+      [ "$c" = base ] && continue
+      echo "==== profile 4K: $c"
+      envs=(); if [ "$c" != default ]; then IFS=+ read -ra kv <<< "$c"; for x in "${kv[@]}"; do envs+=("KVM_CUDA_$x"); done; fi
+      env LD_LIBRARY_PATH=$B/lib "${envs[@]}" timeout 120 "$B/kvmesh" bench engine --synthetic llama-3.1-8b --prompt 4096 \
+        --batch 1 --reps 3 --no-eager --profile 2>&1 | sed -n '/^profile: prefill/,/^profile: decode/p' | head -14
+    done; } > "$OUT/prefill4k.log" 2>&1
+  cat "$OUT/prefill4k.log"
 fi
 if want ncu; then   # Nsight Compute on the prefill's attention kernel (NCU_PROMPT, default 4K, the 5th layer's launch): why it runs at
   # ~110 TFLOP/s (speed of light, occupancy, warp stalls, scheduler). Not in the default steps.
