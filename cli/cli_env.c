@@ -61,7 +61,6 @@ static const struct {
     {"KVM_CUDA_MMA_OCC", "mma_occ"},
     {"KVM_CUDA_FFN", "ffn"},
     {"KVM_CUDA_FFN_GEMV", "ffn_gemv"},
-    {"KVM_CUDA_ATTN_FAST", "attn_fast"},
     {"KVM_CUDA_QKV_FUSE", "qkv_fuse"},
     {"KVM_CUDA_QKV16", "qkv16"},
     {"KVM_CUDA_NORM16", "norm16"},

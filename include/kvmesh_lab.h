@@ -577,9 +577,6 @@ typedef struct kvm_cuda_opts {
     bool no_mma_attn;         /* no_mma_attn: prefill attention through the split-K kernel (false) */
     int mma_occ;              /* mma_occ: CTAs per SM the prefill attention's registers are capped for: 3, or 1
                                  (no cap) (3) */
-    bool attn_fast;           /* attn_fast: the prefill attention with fewer instructions per tile (K fragments by
-                                 ldmatrix, no mask on tiles below the diagonal, the scale folded into one FMA)
-                                 (false until measured on a GPU) */
     bool ffn;                 /* ffn: the fused MLP op (true) */
     bool ffn_gemv;            /* ffn_gemv: batch-1 gate+up GEMV with the SwiGLU in its epilogue (false) */
     bool qkv_fuse;            /* qkv_fuse: q/k/v + RoPE + KV write fused (true) */

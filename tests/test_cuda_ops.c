@@ -1048,21 +1048,16 @@ static void test_attention_16bit_decode_kernels_match_cpu_on_decode_batches(void
 
 static const attn_case_t PREFILL_LONG = {2, {1000, 300}, {1000, 1100}}; /* tiles wholly below the diagonal */
 
-/* the prefill kernel, and (opts.attn_fast) its variant with ldmatrix K fragments, unmasked interior tiles and the
- * scale in one FMA */
+/* the prefill kernel: short and long prompts, cached prefixes, tiles below every row's diagonal (no mask) */
 static void test_attention_bf16_tensor_core_prefill_matches_cpu(void **st) {
     (void)st;
     NEED_GPU();
-    for (int fast = 0; fast < 2; fast++) {
-        cuda_switch("attn_fast", fast ? "1" : "0");
-        check_attention(KVM_BF16, 4, 2, 128, &PREFILL, 1e-2, fast ? "prefill, mma fast" : "prefill, mma");
-        check_attention(KVM_BF16, 8, 2, 64, &PREFILL, 1e-2, fast ? "prefill, mma fast" : "prefill, mma");
-        check_attention(KVM_BF16, 8, 2, 64, &MIXED, 1e-2, fast ? "mixed, mma fast" : "mixed, mma");
-        check_attention(KVM_F16, 16, 8, 128, &MIXED, 1e-2, fast ? "mixed, mma fast" : "mixed, mma");
-        check_attention(KVM_BF16, 8, 2, 128, &PREFILL_LONG, 1e-2, fast ? "long prefill, mma fast" : "long prefill, mma");
-        check_attention(KVM_F16, 4, 4, 64, &PREFILL_LONG, 1e-2, fast ? "long prefill, mma fast" : "long prefill, mma");
-    }
-    cuda_switch("attn_fast", kvm_cuda_opts_default().attn_fast ? "1" : "0");
+    check_attention(KVM_BF16, 4, 2, 128, &PREFILL, 1e-2, "prefill, mma");
+    check_attention(KVM_BF16, 8, 2, 64, &PREFILL, 1e-2, "prefill, mma");
+    check_attention(KVM_BF16, 8, 2, 64, &MIXED, 1e-2, "mixed, mma");
+    check_attention(KVM_F16, 16, 8, 128, &MIXED, 1e-2, "mixed, mma");
+    check_attention(KVM_BF16, 8, 2, 128, &PREFILL_LONG, 1e-2, "long prefill, mma");
+    check_attention(KVM_F16, 4, 4, 64, &PREFILL_LONG, 1e-2, "long prefill, mma");
 }
 
 static void check_rope_shift(kvm_dtype_t dt, kvm_rope_layout_t layout, double tol) {

@@ -310,7 +310,7 @@ __device__ __forceinline__ void online_step(float mx_a, float mx_b, float &m_a, 
 /* Shared memory of k_attn_mma: two stages of K and V tiles (the next tile loads while this one computes). */
 template <typename T, int D> constexpr size_t mma_smem_bytes() { return (size_t)2 * 2 * MMA_K * (D + 8) * sizeof(T); }
 
-template <typename T, int D, int MINB, bool FAST>
+template <typename T, int D, int MINB>
 __global__ void __launch_bounds__(128, MINB)
     k_attn_mma(float *__restrict__ out, const float *__restrict__ q, const T *__restrict__ kv, int L, int H, int layer,
                int heads, int group, const int32_t *__restrict__ row_start, const int32_t *__restrict__ ctx_len,
@@ -386,69 +386,47 @@ __global__ void __launch_bounds__(128, MINB)
         for (int nt = 0; nt < MMA_K / 8; nt++) {
             sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.0f;
             if (j * MMA_K + nt * 8 > wmax) continue;
-            if constexpr (FAST) { /* B fragments of two k-steps per ldmatrix: rows nt*8.., columns kk*16 + 8i */
+            /* B fragments of two k-steps per ldmatrix: rows nt*8.., columns kk*16 + 8i (i = lane / 8) */
 #pragma unroll
-                for (int kk = 0; kk < D / 16; kk += 2) {
-                    uint32_t b[4];
-                    ldmatrix_x4(b, &Ks[nt * 8 + (lane & 7)][kk * 16 + (lane >> 3) * 8]);
-                    mma_t<T>::mma(sc[nt], qa[kk], b[0], b[1]);
-                    mma_t<T>::mma(sc[nt], qa[kk + 1], b[2], b[3]);
-                }
-            } else {
-#pragma unroll
-                for (int kk = 0; kk < D / 16; kk++) {
-                    const uint32_t b0 = *reinterpret_cast<const uint32_t *>(&Ks[nt * 8 + g][kk * 16 + 2 * t4]);
-                    const uint32_t b1 = *reinterpret_cast<const uint32_t *>(&Ks[nt * 8 + g][kk * 16 + 8 + 2 * t4]);
-                    mma_t<T>::mma(sc[nt], qa[kk], b0, b1);
-                }
+            for (int kk = 0; kk < D / 16; kk += 2) {
+                uint32_t b[4];
+                ldmatrix_x4(b, &Ks[nt * 8 + (lane & 7)][kk * 16 + (lane >> 3) * 8]);
+                mma_t<T>::mma(sc[nt], qa[kk], b[0], b[1]);
+                mma_t<T>::mma(sc[nt], qa[kk + 1], b[2], b[3]);
             }
         }
-        /* mask, scale (to log2 units) and the online softmax. FAST: the scores stay unscaled (the scale is one
-         * FMA with the subtraction below; fl(max(s) c) = max(fl(s c)) for c > 0), and a tile that lies wholly
-         * below the diagonal of every row of the warp and inside the context is not masked. */
-        float mx_a = m_a, mx_b = m_b;
-        if constexpr (FAST) {
-            float ra = -INFINITY, rb = -INFINITY;
-            if ((j + 1) * MMA_K - 1 <= wmin && (j + 1) * MMA_K <= ctx) {
+        /* mask and the online softmax, in log2 units: the scores stay unscaled (the scale is one FMA with the
+         * subtraction below; fl(max(s) c) = max(fl(s c)) for c > 0), and a tile that lies wholly below the
+         * diagonal of every row of the warp and inside the context is not masked */
+        float ra = -INFINITY, rb = -INFINITY;
+        if ((j + 1) * MMA_K - 1 <= wmin && (j + 1) * MMA_K <= ctx) {
 #pragma unroll
-                for (int nt = 0; nt < MMA_K / 8; nt++) {
-                    ra = fmaxf(ra, fmaxf(sc[nt][0], sc[nt][1]));
-                    rb = fmaxf(rb, fmaxf(sc[nt][2], sc[nt][3]));
-                }
-            } else {
-#pragma unroll
-                for (int nt = 0; nt < MMA_K / 8; nt++) {
-                    const int tok = j * MMA_K + nt * 8 + 2 * t4;
-                    sc[nt][0] = tok <= pos_a && tok < ctx ? sc[nt][0] : -INFINITY;
-                    sc[nt][1] = tok + 1 <= pos_a && tok + 1 < ctx ? sc[nt][1] : -INFINITY;
-                    sc[nt][2] = tok <= pos_b && tok < ctx ? sc[nt][2] : -INFINITY;
-                    sc[nt][3] = tok + 1 <= pos_b && tok + 1 < ctx ? sc[nt][3] : -INFINITY;
-                    ra = fmaxf(ra, fmaxf(sc[nt][0], sc[nt][1]));
-                    rb = fmaxf(rb, fmaxf(sc[nt][2], sc[nt][3]));
-                }
+            for (int nt = 0; nt < MMA_K / 8; nt++) {
+                ra = fmaxf(ra, fmaxf(sc[nt][0], sc[nt][1]));
+                rb = fmaxf(rb, fmaxf(sc[nt][2], sc[nt][3]));
             }
-            mx_a = fmaxf(mx_a, ra * scale_log2);
-            mx_b = fmaxf(mx_b, rb * scale_log2);
         } else {
 #pragma unroll
             for (int nt = 0; nt < MMA_K / 8; nt++) {
                 const int tok = j * MMA_K + nt * 8 + 2 * t4;
-                sc[nt][0] = tok <= pos_a && tok < ctx ? sc[nt][0] * scale_log2 : -INFINITY;
-                sc[nt][1] = tok + 1 <= pos_a && tok + 1 < ctx ? sc[nt][1] * scale_log2 : -INFINITY;
-                sc[nt][2] = tok <= pos_b && tok < ctx ? sc[nt][2] * scale_log2 : -INFINITY;
-                sc[nt][3] = tok + 1 <= pos_b && tok + 1 < ctx ? sc[nt][3] * scale_log2 : -INFINITY;
-                mx_a = fmaxf(mx_a, fmaxf(sc[nt][0], sc[nt][1]));
-                mx_b = fmaxf(mx_b, fmaxf(sc[nt][2], sc[nt][3]));
+                sc[nt][0] = tok <= pos_a && tok < ctx ? sc[nt][0] : -INFINITY;
+                sc[nt][1] = tok + 1 <= pos_a && tok + 1 < ctx ? sc[nt][1] : -INFINITY;
+                sc[nt][2] = tok <= pos_b && tok < ctx ? sc[nt][2] : -INFINITY;
+                sc[nt][3] = tok + 1 <= pos_b && tok + 1 < ctx ? sc[nt][3] : -INFINITY;
+                ra = fmaxf(ra, fmaxf(sc[nt][0], sc[nt][1]));
+                rb = fmaxf(rb, fmaxf(sc[nt][2], sc[nt][3]));
             }
         }
+        const float mx_a = fmaxf(m_a, ra * scale_log2), mx_b = fmaxf(m_b, rb * scale_log2);
         float base_a, base_b;
         online_step<D / 8>(mx_a, mx_b, m_a, m_b, l_a, l_b, o, base_a, base_b);
-        const float sm = FAST ? scale_log2 : 1.0f; /* what the scores are multiplied by before the subtraction */
         uint32_t pa[MMA_K / 16][4];
 #pragma unroll
         for (int nt = 0; nt < MMA_K / 8; nt++) {
-            const float p0 = exp2f(fmaf(sc[nt][0], sm, -base_a)), p1 = exp2f(fmaf(sc[nt][1], sm, -base_a));
-            const float p2 = exp2f(fmaf(sc[nt][2], sm, -base_b)), p3 = exp2f(fmaf(sc[nt][3], sm, -base_b));
+            const float p0 = exp2f(fmaf(sc[nt][0], scale_log2, -base_a));
+            const float p1 = exp2f(fmaf(sc[nt][1], scale_log2, -base_a));
+            const float p2 = exp2f(fmaf(sc[nt][2], scale_log2, -base_b));
+            const float p3 = exp2f(fmaf(sc[nt][3], scale_log2, -base_b));
             l_a += p0 + p1;
             l_b += p2 + p3;
             pa[nt / 2][(nt & 1) * 2 + 0] = mma_t<T>::pack(p0, p1);
@@ -755,31 +733,25 @@ static void launch_mma(float *out, const float *q, const T *kv, const kvm_kv_geo
     __half *outf = xh && hdt == KVM_F16 ? (__half *)xh : NULL;
     /* registers capped for 3 CTAs per SM (168, no spills) unless opts.mma_occ = 1 (199 registers, 2 CTAs) */
     const int occ = g_cuda.opts.mma_occ;
-    const bool fast = g_cuda.opts.attn_fast;
     static bool attr_set = false; /* per instantiation of this template (T) */
     if (!attr_set) {
-#define KVM_MMA_ATTR(DD, OCC, F)                                                                                         \
-    cudaFuncSetAttribute(k_attn_mma<T, DD, OCC, F>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)mma_smem_bytes<T, DD>())
-        KVM_MMA_ATTR(128, 1, false), KVM_MMA_ATTR(64, 1, false), KVM_MMA_ATTR(128, 3, false), KVM_MMA_ATTR(64, 3, false);
-        KVM_MMA_ATTR(128, 1, true), KVM_MMA_ATTR(64, 1, true), KVM_MMA_ATTR(128, 3, true), KVM_MMA_ATTR(64, 3, true);
-#undef KVM_MMA_ATTR
+        cudaFuncSetAttribute(k_attn_mma<T, 128, 1>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)mma_smem_bytes<T, 128>());
+        cudaFuncSetAttribute(k_attn_mma<T, 64, 1>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)mma_smem_bytes<T, 64>());
+        cudaFuncSetAttribute(k_attn_mma<T, 128, 3>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)mma_smem_bytes<T, 128>());
+        cudaFuncSetAttribute(k_attn_mma<T, 64, 3>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)mma_smem_bytes<T, 64>());
         attr_set = true;
     }
-#define KVM_MMA(DD, OCC, F)                                                                                              \
-    k_attn_mma<T, DD, OCC, F><<<grid, 128, mma_smem_bytes<T, DD>(), S>>>(out, q, kv, g->n_layers, g->n_kv_heads, layer,   \
-                                                                         heads, group, b->row_start, b->ctx_len,          \
-                                                                         b->block_table, b->max_blocks, sl2, outb, outf,  \
-                                                                         b->q_pos)
-#define KVM_MMA_D(DD)                                                                                                    \
-    do {                                                                                                                 \
-        if (occ == 3 && fast) KVM_MMA(DD, 3, true);                                                                      \
-        else if (occ == 3) KVM_MMA(DD, 3, false);                                                                        \
-        else if (fast) KVM_MMA(DD, 1, true);                                                                             \
-        else KVM_MMA(DD, 1, false);                                                                                      \
-    } while (0)
-    if (g->head_dim == 128) KVM_MMA_D(128);
-    else KVM_MMA_D(64);
-#undef KVM_MMA_D
+#define KVM_MMA(DD, OCC)                                                                                                 \
+    k_attn_mma<T, DD, OCC><<<grid, 128, mma_smem_bytes<T, DD>(), S>>>(out, q, kv, g->n_layers, g->n_kv_heads, layer, heads, \
+                                                                      group, b->row_start, b->ctx_len, b->block_table,    \
+                                                                      b->max_blocks, sl2, outb, outf, b->q_pos)
+    if (g->head_dim == 128) {
+        if (occ == 3) KVM_MMA(128, 3);
+        else KVM_MMA(128, 1);
+    } else {
+        if (occ == 3) KVM_MMA(64, 3);
+        else KVM_MMA(64, 1);
+    }
 #undef KVM_MMA
     if (KVM_CU_LAUNCH("attention (mma)")) return;
     if (xh) kvm_cuda_set_rounded(out, n_out, hdt);

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # launch17.sh - one GPU call for issue 17 against the previous path (BASE) in the same call: this commit's default
-# and what it adds behind a switch that is off until measured (NEW, default ATTN_FAST=1: the prefill attention with
-# fewer instructions per tile). Run from the repo root on the GPU machine with .gpu-i17/ (this commit:
+# and what a commit adds behind a switch that is off until measured (NEW: a '+'-joined list of KVM_CUDA_* settings
+# without the prefix, none by default). Run from the repo root on the GPU machine with .gpu-i17/ (this commit:
 # `scripts/gpu/issue17.sh bundle` here) and BASE=DIR carried (default .gpu-base: kvmesh of 5fc863f, the decode path
 # before the 2026-12-07 changes; remade by `scripts/gpu/bundle_tests.sh base BUILD kvmesh` in a build of that
 # commit). Steps in order of need, so that a call cut
@@ -49,7 +49,7 @@ engine() {   # $1 = config; more arguments go to bench engine
   env LD_LIBRARY_PATH="$lib" "${envs[@]}" timeout 120 "$bin/kvmesh" bench engine --synthetic llama-3.1-8b --no-eager "$@" 2>&1 |
     grep -E "^\| (TTFT prefill  |decode b=1 \(graph|decode b=16 step \(graph)|^spread|rror"
 }
-NEW=${NEW:-ATTN_FAST=1}   # what this commit adds behind a switch, off by default until measured
+NEW=${NEW:-}   # what a commit adds behind a switch, off by default until measured (e.g. NEW=ATTN_FAST=1)
 if want engine; then
   { for round in $(seq 1 "${ROUNDS:-3}"); do
       for c in ${CONFIGS:-base default $NEW}; do engine "$c"; done
@@ -58,9 +58,11 @@ if want engine; then
 fi
 if want profile; then   # this commit's default, then with $NEW (eager per-op profiles and the timeline between ops)
   { echo "==== default"; LD_LIBRARY_PATH=$B/lib timeout 120 "$B/kvmesh" bench engine --synthetic llama-3.1-8b --profile
-    echo "==== $NEW"; IFS=+ read -ra kv <<< "$NEW"
-    env LD_LIBRARY_PATH=$B/lib $(for x in "${kv[@]}"; do echo "KVM_CUDA_$x"; done) timeout 120 "$B/kvmesh" bench engine \
-      --synthetic llama-3.1-8b --profile; } > "$OUT/profile.log" 2>&1
+    if [ -n "$NEW" ]; then
+      echo "==== $NEW"; IFS=+ read -ra kv <<< "$NEW"
+      env LD_LIBRARY_PATH=$B/lib $(for x in "${kv[@]}"; do echo "KVM_CUDA_$x"; done) timeout 120 "$B/kvmesh" bench engine \
+        --synthetic llama-3.1-8b --profile
+    fi; } > "$OUT/profile.log" 2>&1
   grep -E "^====|^profile|^timeline|rope|attention decode|m=16 mma|m=1 gemv|rmsnorm" "$OUT/profile.log" | head -70
 fi
 if want p4k; then   # the 4K prompt's TTFT for each of CONFIGS4K (alternated, ROUNDS4K rounds), then the per-op
