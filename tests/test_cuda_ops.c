@@ -996,6 +996,16 @@ static void check_attention(kvm_dtype_t dt, int heads, int kvh, int hd, const at
         probe_free(&pg);
     }
     float *out = host_from(dout, (size_t)total_rows * heads * hd);
+    if (kvm_cuda_get_opts().dec_merge) { /* the splits merged in the kernel: the same bits as by the merge kernel */
+        cuda_switch("dec_merge", "0");
+        float *dout2 = dev_poisoned((size_t)total_rows * heads * hd);
+        G->attention(dout2, dq, dpool, &g, layer, heads, &gb, scale);
+        float *out2 = host_from(dout2, (size_t)total_rows * heads * hd);
+        assert_memory_equal(out, out2, (size_t)total_rows * heads * hd * sizeof(float));
+        cuda_switch("dec_merge", "1");
+        G->free(dout2);
+        free(out2);
+    }
     /* the cache itself must be identical after the writes */
     void *gpool = malloc(pool_bytes);
     assert_int_equal(G->d2h(gpool, dpool, pool_bytes), 0);
@@ -1038,6 +1048,16 @@ static void test_attention_16bit_decode_kernels_match_cpu_on_decode_batches(void
     check_attention(KVM_BF16, 20, 1, 64, &DECODE_LONG, 1e-5, "long decode, tensor cores, 20 heads: two chunks");
     check_attention(KVM_BF16, 8, 2, 128, &FEW_ROWS, 1e-5, "a few rows per sequence, tensor cores");
     check_attention(KVM_F16, 8, 2, 64, &FEW_ROWS, 1e-5, "a few rows per sequence, tensor cores");
+    cuda_switch("dec_merge", "1"); /* the splits merged by each group's last CTA (each case twice, twice in a row:
+                                    * the counters must be back at 0 after a launch) */
+    for (int rep = 0; rep < 2; rep++) {
+        check_attention(KVM_BF16, 32, 8, 128, &DECODE, 1e-5, "decode, tensor cores, merged in the kernel");
+        check_attention(KVM_F16, 14, 2, 64, &DECODE, 1e-5, "decode, tensor cores, merged in the kernel");
+        check_attention(KVM_BF16, 32, 8, 128, &DECODE_LONG, 1e-5, "long decode, merged in the kernel");
+        check_attention(KVM_BF16, 20, 1, 64, &DECODE_LONG, 1e-5, "long decode, 20 heads, merged in the kernel");
+        check_attention(KVM_BF16, 8, 2, 128, &FEW_ROWS, 1e-5, "a few rows per sequence, dec_merge on");
+    }
+    cuda_switch("dec_merge", "0");
     cuda_switch("attn_dec_mma", "0"); /* the generic split-K kernel */
     check_attention(KVM_BF16, 32, 8, 128, &DECODE, 1e-5, "decode, split-K");
     check_attention(KVM_F16, 14, 2, 64, &DECODE_LONG, 1e-5, "long decode, split-K");

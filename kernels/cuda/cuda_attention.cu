@@ -187,6 +187,27 @@ __global__ void __launch_bounds__(SPLIT_WARPS * 32)
 
 /* ==== merge of the splits ===================================================================================== */
 
+/* One (row, head)'s n_splits partials pp[sp * (D + 2)] = (m, l, acc[D]): their largest m, and output dimension d
+ * combined from them (the same arithmetic wherever the merge runs; CG: loads through L2 only, for partials other
+ * CTAs of the running grid wrote) */
+template <bool CG> __device__ __forceinline__ float ld_partial(const float *p) { return CG ? __ldcg(p) : *p; }
+template <bool CG> __device__ __forceinline__ float merge_max(const float *pp, int D, int n_splits) {
+    float M = -INFINITY;
+    for (int sp = 0; sp < n_splits; sp++) M = fmaxf(M, ld_partial<CG>(pp + (size_t)sp * (D + 2)));
+    return M;
+}
+template <bool CG> __device__ __forceinline__ float merge_dim(const float *pp, int D, int n_splits, int d, float M) {
+    float a = 0.0f, l = 0.0f;
+    for (int sp = 0; sp < n_splits; sp++) {
+        const float *p = pp + (size_t)sp * (D + 2);
+        const float m = ld_partial<CG>(p);
+        const float w = m == -INFINITY ? 0.0f : __expf(m - M);
+        l += ld_partial<CG>(p + 1) * w;
+        a += ld_partial<CG>(p + 2 + d) * w;
+    }
+    return a / l;
+}
+
 /* Combines the n_splits partial results (m, l, acc[D]) of each (row, head); outh != NULL: also the output rounded
  * to 16 bits, for the skinny GEMM of the o projection (kvm_cuda_skinny_rounds). */
 template <typename TH>
@@ -195,17 +216,9 @@ __global__ void k_attn_merge(float *__restrict__ out, const float *__restrict__ 
     kvm_pdl_trigger();
     const int wi = blockIdx.x;
     const float *pp = partial + (size_t)wi * n_splits * (D + 2);
-    float M = -INFINITY;
-    for (int sp = 0; sp < n_splits; sp++) M = fmaxf(M, pp[(size_t)sp * (D + 2)]);
+    const float M = merge_max<false>(pp, D, n_splits);
     for (int d = threadIdx.x; d < D; d += blockDim.x) {
-        float a = 0.0f, l = 0.0f;
-        for (int sp = 0; sp < n_splits; sp++) {
-            const float *p = pp + (size_t)sp * (D + 2);
-            const float w = p[0] == -INFINITY ? 0.0f : __expf(p[0] - M);
-            l += p[1] * w;
-            a += p[2 + d] * w;
-        }
-        const float o = a / l;
+        const float o = merge_dim<false>(pp, D, n_splits, d, M);
         out[(size_t)wi * D + d] = o;
         if (outh) outh[(size_t)wi * D + d] = kvm_from_f32<TH>(o);
     }
@@ -497,7 +510,7 @@ __global__ void __launch_bounds__(128)
     k_attn_dec(float *__restrict__ out, float *__restrict__ partial, const float *__restrict__ q, const T *__restrict__ kv,
                int L, int H, int layer, int heads, int group, int hchunks, const int32_t *__restrict__ row_start,
                const int32_t *__restrict__ ctx_len, const int32_t *__restrict__ block_table, int n_seqs, int max_blocks,
-               float scale_log2, int n_splits, int chunk, const int32_t *__restrict__ qpos) {
+               float scale_log2, int n_splits, int chunk, const int32_t *__restrict__ qpos, int *__restrict__ counters) {
     constexpr int DP = D + 8;
     kvm_pdl_trigger();
     extern __shared__ __align__(16) unsigned char dec_smem[];
@@ -634,6 +647,24 @@ __global__ void __launch_bounds__(128)
         store_split(out, partial, (size_t)r * heads + h0 + hh, D, d, n_splits, split, a, ls,
                     M == -INFINITY ? -INFINITY : M * LN2);
     }
+    /* opts.dec_merge: the group's last CTA to finish (counted per blockIdx.x, its splits being blockIdx.y) merges
+     * the splits, as k_attn_merge would, and sets the count back to 0 for the next launch or graph replay */
+    if (counters && n_splits > 1) {
+        __shared__ bool last;
+        __threadfence(); /* this CTA's partials are visible to the whole device before it counts itself */
+        __syncthreads();
+        if (threadIdx.x == 0) last = atomicAdd(&counters[blockIdx.x], 1) == n_splits - 1;
+        __syncthreads();
+        if (!last) return;
+        __threadfence();
+        for (int e = threadIdx.x; e < G * D; e += blockDim.x) {
+            const int hh = e / D, d = e % D;
+            const size_t wi = (size_t)r * heads + h0 + hh;
+            const float *pp = partial + wi * n_splits * (D + 2);
+            out[wi * D + d] = merge_dim<true>(pp, D, n_splits, d, merge_max<true>(pp, D, n_splits));
+        }
+        if (threadIdx.x == 0) counters[blockIdx.x] = 0;
+    }
 }
 
 /* ==== dispatch ================================================================================================== */
@@ -672,7 +703,7 @@ static void launch_split(float *out, const float *q, const T *kv, const kvm_kv_g
         partial = (float *)(ws + poff);
     }
     dim3 grid((unsigned)ctas, (unsigned)n_splits);
-    bool launched = false;
+    bool launched = false, merged = false;
     if constexpr (sizeof(T) == 2) {
         if (dec) {
             static bool attr_set = false; /* per instantiation of this template (T) */
@@ -684,10 +715,13 @@ static void launch_split(float *out, const float *q, const T *kv, const kvm_kv_g
                 attr_set = true;
             }
             const float sl2 = scale * 1.4426950408889634f;
+            /* opts.dec_merge: the splits merged by the kernel's last CTA of each group (no 16-bit copy wanted) */
+            merged = g_cuda.opts.dec_merge && n_splits > 1 && !half_copy && ctas <= g_cuda.dec_counters_n;
+            int *ctr = merged ? g_cuda.dec_counters : NULL;
 #define KVM_DEC(DD)                                                                                                     \
     kvm_launch(k_attn_dec<T, DD>, grid, dim3(128), dec_smem_bytes<T, DD>(), out, partial, q, kv, g->n_layers, H,     \
                      layer, heads, group, hchunks, b->row_start, b->ctx_len, b->block_table, b->n_seqs, b->max_blocks, sl2, \
-                     n_splits, chunk, b->q_pos)
+                     n_splits, chunk, b->q_pos, ctr)
             if (D == 128) KVM_DEC(128);
             else KVM_DEC(64);
 #undef KVM_DEC
@@ -707,7 +741,7 @@ static void launch_split(float *out, const float *q, const T *kv, const kvm_kv_g
         if (KVM_CU_LAUNCH("attention (split)")) return;
     }
 #undef KVM_SPLIT
-    if (n_splits > 1) {
+    if (n_splits > 1 && !merged) {
         const dim3 mg((unsigned)(b->total_rows * heads)), mb(D <= 128 ? 128 : 256);
         void *xh = half_copy ? ws : NULL;
         if (xh && hdt == KVM_BF16)
