@@ -575,8 +575,7 @@ typedef struct kvm_cuda_opts {
     bool attn_dec_mma;        /* attn_dec_mma: decode attention of 16-bit caches (head_dim 64, 128) on the
                                  tensor cores; 0: the generic split-K kernel (true) */
     bool dec_merge;           /* dec_merge: the tensor-core decode attention merges its context splits in the last
-                                 CTA of each group instead of a merge kernel, where no 16-bit copy of the output is
-                                 wanted (batch 1) (false until measured on a GPU) */
+                                 CTA of each group instead of a merge kernel (false until measured on a GPU) */
     bool no_mma_attn;         /* no_mma_attn: prefill attention through the split-K kernel (false) */
     int mma_occ;              /* mma_occ: CTAs per SM the prefill attention's registers are capped for: 3, or 1
                                  (no cap) (3) */

@@ -1055,7 +1055,8 @@ static void test_attention_16bit_decode_kernels_match_cpu_on_decode_batches(void
         check_attention(KVM_F16, 14, 2, 64, &DECODE, 1e-5, "decode, tensor cores, merged in the kernel");
         check_attention(KVM_BF16, 32, 8, 128, &DECODE_LONG, 1e-5, "long decode, merged in the kernel");
         check_attention(KVM_BF16, 20, 1, 64, &DECODE_LONG, 1e-5, "long decode, 20 heads, merged in the kernel");
-        check_attention(KVM_BF16, 8, 2, 128, &FEW_ROWS, 1e-5, "a few rows per sequence, dec_merge on");
+        check_attention(KVM_BF16, 8, 2, 128, &FEW_ROWS, 1e-5, "a few rows, merged in the kernel (16-bit copy)");
+        check_attention(KVM_F16, 8, 2, 64, &FEW_ROWS, 1e-5, "a few rows, merged in the kernel (16-bit copy)");
     }
     cuda_switch("dec_merge", "0");
     cuda_switch("attn_dec_mma", "0"); /* the generic split-K kernel */

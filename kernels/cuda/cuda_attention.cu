@@ -510,7 +510,8 @@ __global__ void __launch_bounds__(128)
     k_attn_dec(float *__restrict__ out, float *__restrict__ partial, const float *__restrict__ q, const T *__restrict__ kv,
                int L, int H, int layer, int heads, int group, int hchunks, const int32_t *__restrict__ row_start,
                const int32_t *__restrict__ ctx_len, const int32_t *__restrict__ block_table, int n_seqs, int max_blocks,
-               float scale_log2, int n_splits, int chunk, const int32_t *__restrict__ qpos, int *__restrict__ counters) {
+               float scale_log2, int n_splits, int chunk, const int32_t *__restrict__ qpos, int *__restrict__ counters,
+               void *__restrict__ outh, int outh_bf16) {
     constexpr int DP = D + 8;
     kvm_pdl_trigger();
     extern __shared__ __align__(16) unsigned char dec_smem[];
@@ -648,7 +649,8 @@ __global__ void __launch_bounds__(128)
                     M == -INFINITY ? -INFINITY : M * LN2);
     }
     /* opts.dec_merge: the group's last CTA to finish (counted per blockIdx.x, its splits being blockIdx.y) merges
-     * the splits, as k_attn_merge would, and sets the count back to 0 for the next launch or graph replay */
+     * the splits, as k_attn_merge would (outh: the output rounded to 16 bits too, bf16 or f16), and sets the count
+     * back to 0 for the next launch or graph replay */
     if (counters && n_splits > 1) {
         __shared__ bool last;
         __threadfence(); /* this CTA's partials are visible to the whole device before it counts itself */
@@ -661,7 +663,10 @@ __global__ void __launch_bounds__(128)
             const int hh = e / D, d = e % D;
             const size_t wi = (size_t)r * heads + h0 + hh;
             const float *pp = partial + wi * n_splits * (D + 2);
-            out[wi * D + d] = merge_dim<true>(pp, D, n_splits, d, merge_max<true>(pp, D, n_splits));
+            const float o = merge_dim<true>(pp, D, n_splits, d, merge_max<true>(pp, D, n_splits));
+            out[wi * D + d] = o;
+            if (outh && outh_bf16) static_cast<__nv_bfloat16 *>(outh)[wi * D + d] = kvm_from_f32<__nv_bfloat16>(o);
+            else if (outh) static_cast<__half *>(outh)[wi * D + d] = kvm_from_f32<__half>(o);
         }
         if (threadIdx.x == 0) counters[blockIdx.x] = 0;
     }
@@ -715,17 +720,20 @@ static void launch_split(float *out, const float *q, const T *kv, const kvm_kv_g
                 attr_set = true;
             }
             const float sl2 = scale * 1.4426950408889634f;
-            /* opts.dec_merge: the splits merged by the kernel's last CTA of each group (no 16-bit copy wanted) */
-            merged = g_cuda.opts.dec_merge && n_splits > 1 && !half_copy && ctas <= g_cuda.dec_counters_n;
+            /* opts.dec_merge: the splits merged by the kernel's last CTA of each group */
+            merged = g_cuda.opts.dec_merge && n_splits > 1 && ctas <= g_cuda.dec_counters_n;
             int *ctr = merged ? g_cuda.dec_counters : NULL;
+            void *mh = merged && half_copy ? ws : NULL;
+            const int mbf = hdt == KVM_BF16;
 #define KVM_DEC(DD)                                                                                                     \
     kvm_launch(k_attn_dec<T, DD>, grid, dim3(128), dec_smem_bytes<T, DD>(), out, partial, q, kv, g->n_layers, H,     \
                      layer, heads, group, hchunks, b->row_start, b->ctx_len, b->block_table, b->n_seqs, b->max_blocks, sl2, \
-                     n_splits, chunk, b->q_pos, ctr)
+                     n_splits, chunk, b->q_pos, ctr, mh, mbf)
             if (D == 128) KVM_DEC(128);
             else KVM_DEC(64);
 #undef KVM_DEC
             if (KVM_CU_LAUNCH("attention (tensor-core decode)")) return;
+            if (mh) kvm_cuda_set_rounded(out, n_out, hdt);
             launched = true;
         }
     }
