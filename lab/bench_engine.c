@@ -78,7 +78,8 @@ static void bench_help(FILE *f) {
             "  --reps N           timed reps of each measurement (default 20; decode uses 5N)\n"
             "  --warmup N         untimed reps first (default 3)\n"
             "  --no-eager         skip the eager (no CUDA graph) decode measurements\n"
-            "  --profile          then time every op of one eager prefill and decode step (GPU), per op\n"
+            "  --profile          then time every op of one eager prefill and decode step (GPU), per op, and\n"
+            "                     the device timeline: time between ops, before the first op and after the last\n"
             "  --json FILE        write every rep and the summary as JSON\n"
             "  --hf-json FILE     the output of scripts/bench/hf_engine.py, shown beside ours\n");
 }

@@ -110,14 +110,23 @@ int kvm_prof_start(const char *name) {
 
 void kvm_prof_stop(int idx) { cudaEventRecord(g_prof[idx].b, g_cuda.stream); }
 
+/* events at kvm_cuda_profile_begin and _end: what the stream did outside the timed ops (uploads before the first op,
+ * the outputs' download after the last one) and how long the host took to enqueue the first op */
+static cudaEvent_t g_prof_edge[2];
+static bool g_prof_edge_ok;
+
 extern "C" void kvm_cuda_profile_begin(void) {
     g_prof_n = 0;
     g_kvm_prof_on = 1;
+    if (!g_prof_edge_ok)
+        g_prof_edge_ok = cudaEventCreate(&g_prof_edge[0]) == cudaSuccess && cudaEventCreate(&g_prof_edge[1]) == cudaSuccess;
+    if (g_prof_edge_ok && !kvm_cuda_capturing()) cudaEventRecord(g_prof_edge[0], g_cuda.stream);
 }
 
 /* Prints the ops timed since kvm_cuda_profile_begin, summed per name, largest first; returns the total ms. */
 extern "C" double kvm_cuda_profile_end(FILE *f, const char *title) {
     g_kvm_prof_on = 0;
+    const bool edges = g_prof_edge_ok && !kvm_cuda_capturing() && cudaEventRecord(g_prof_edge[1], g_cuda.stream) == cudaSuccess;
     cudaStreamSynchronize(g_cuda.stream);
     struct agg {
         char name[64];
@@ -171,6 +180,11 @@ extern "C" double kvm_cuda_profile_end(FILE *f, const char *title) {
         for (int k = 0; k < 3 && top_i[k] >= 0; k++)
             fprintf(f, "%s %.1f us (%s -> %s)", k ? "," : "; largest:", 1000.0 * top[k], g_prof[top_i[k]].name,
                     g_prof[top_i[k] + 1].name);
+        float lead = 0, tail = 0; /* profile_begin -> first op's start, last op's end -> profile_end */
+        if (edges && g_prof_n > 0 && cudaEventElapsedTime(&lead, g_prof_edge[0], g_prof[0].a) == cudaSuccess &&
+            cudaEventElapsedTime(&tail, g_prof[g_prof_n - 1].b, g_prof_edge[1]) == cudaSuccess)
+            fprintf(f, "; before the first op %.3f ms, after the last %.3f ms (uploads, host work, outputs)", lead, tail);
+        cudaGetLastError();
         fprintf(f, "\n");
         fprintf(f, "| op | calls | total ms | %% | us/call |\n|---|---|---|---|---|\n");
         for (int i = 0; i < na; i++)
