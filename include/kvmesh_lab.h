@@ -546,6 +546,13 @@ enum { KVM_ORACLE_PH = 1, KVM_ORACLE_PF = 2, KVM_ORACLE_ALL = 3 };
 int kvm_comm_prepare_oracle(kvm_comm_request_t *rq, const kvm_prompt_t *p, int which, const char *only,
                             kvm_prepared_t *out);
 
+/* The oracle of the recompute pass's selection (issue 15): with on, every REUSE call of c ranks the rows that
+ * kvcomm.recompute_frac chooses from by their true error, the squared distance of their assembled K and V (every
+ * layer and head) to a dense prefill of the same prompt, instead of by the anchors' spread; the share recomputed,
+ * the pass itself and everything else stay the production ones. It answers how far any selector of rows could take
+ * a fraction: no estimate ranks better. A diagnostic, not a policy (each call costs a dense prefill). */
+int kvm_comm_set_oracle_selection(kvm_comm_t *c, bool on);
+
 /* ================================================================================================
  * The CUDA backend's research switches and profiling hooks
  *

@@ -65,6 +65,8 @@ static void usage(void) {
             "                                      (the accuracy-vs-reuse curve of scripts/bench/kvcomm_curve.py)\n"
             "              gate@S                  the blended policy with kvcomm.recompute_frac=0 and\n"
             "                                      kvcomm.recompute_spread=S (rows whose predicted error passes S)\n"
+            "              oselect@F               blend@F with the rows ranked by their true error against a dense\n"
+            "                                      prefill (the selection oracle: how far any ranking could go)\n"
             "       --set applies after the mode (e.g. --modes full+blend --set kvcomm.recompute_frac=0.3)\n"
             "       --seed 1000            (needs a model with a tokenizer; the trained minitasks models)\n");
 }
@@ -485,6 +487,11 @@ static int run_team(const bench_model_t *bm, const opts_t *o) {
             kvm_team_blend_policy(&to.cfg);
             to.cfg.guard = false; /* a point of the static curve */
             rc = kvm_kvcomm_config_set(&to.cfg, "recompute_frac", tok + 6);
+        } else if (!strncmp(tok, "oselect@", 8)) { /* blend@F, the rows ranked by their true error (an oracle) */
+            kvm_team_blend_policy(&to.cfg);
+            to.cfg.guard = false;
+            to.oracle_select = true;
+            rc = kvm_kvcomm_config_set(&to.cfg, "recompute_frac", tok + 8);
         } else if (!strncmp(tok, "gate@", 5)) { /* the blend with the predicted-error gate instead of a fraction */
             kvm_team_blend_policy(&to.cfg);
             to.cfg.guard = false;
@@ -496,7 +503,8 @@ static int run_team(const bench_model_t *bm, const opts_t *o) {
         if (rc || (rc = apply_sets(&to.cfg, o))) break;
         kvm_kvcomm_config_str(&to.cfg, cfgs[nm], sizeof cfgs[nm]);
         size_t cl = strlen(cfgs[nm]);
-        snprintf(cfgs[nm] + cl, sizeof cfgs[nm] - cl, " oracle=%d%s%s", to.oracle, to.oracle_only ? "@" : "", to.oracle_only ? to.oracle_only : "");
+        snprintf(cfgs[nm] + cl, sizeof cfgs[nm] - cl, " oracle=%d%s%s%s", to.oracle, to.oracle_only ? "@" : "", to.oracle_only ? to.oracle_only : "",
+                 to.oracle_select ? " oracle_select=on" : "");
         snprintf(names[nm], sizeof names[nm], "%s", tok);
         rc = kvm_team_run(m, &to, dense_i >= 0 ? &res[dense_i] : NULL, &res[nm]);
         if (!strcmp(tok, "dense")) dense_i = nm;

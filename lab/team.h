@@ -58,6 +58,7 @@ typedef struct kvm_team_opts {
     bool quiet;              /* no progress on stderr */
     int oracle;              /* KVM_ORACLE_* bits (kvmesh_lab.h): REUSE agents use the true deltas */
     const char *oracle_only; /* with oracle: only this placeholder name (NULL = every shared placeholder) */
+    bool oracle_select;      /* the recompute pass picks its rows by their true error (kvm_comm_set_oracle_selection) */
 } kvm_team_opts_t;
 
 typedef struct kvm_team_result {

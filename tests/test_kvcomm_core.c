@@ -736,6 +736,7 @@ typedef struct oracle_run {
 static float g_recompute_frac = 0; /* kvcomm.recompute_frac and kvcomm.recompute_text of oracle_run's `after` */
 static int g_recompute_text = 0;
 static float g_recompute_spread = 0; /* kvcomm.recompute_spread of oracle_run's `after` */
+static bool g_oracle_select = false; /* kvm_comm_set_oracle_selection for oracle_run's context */
 
 /* Runs a prepared prompt's rest and 3 more tokens, completes the step and releases p. */
 static void generate_and_complete(kvm_model_t *m, kvm_comm_request_t *rq, kvm_prepared_t *p) {
@@ -765,6 +766,7 @@ static void oracle_run(kvm_rope_layout_t layout, bool agent_first, int which, co
     kvm_comm_t *c = kvm_comm_create(m, NULL);
     kvm_kvcomm_config_t *cfg = kvm_comm_config(c);
     cfg->force_reuse = true;
+    assert_int_equal(kvm_comm_set_oracle_selection(c, g_oracle_select), 0);
     kvm_template_t *ta = make_tmpl(c, "a", "input", NULL, 41, 30);
     kvm_template_t *tb = make_tmpl(c, "b", agent_first ? "agent:a:current" : "input",
                                    agent_first ? "input" : "agent:a:current", 51, 21);
@@ -969,6 +971,42 @@ static void test_recompute_frac_changes_only_the_selected_rows(void **st) {
     }
     assert_int_equal(changed, want);
     assert_true(r.err < r.err_before * 1.5f); /* the selected rows are computed from the model, not garbage */
+    oracle_run_free(&r);
+}
+
+/* The selection oracle (kvm_comm_set_oracle_selection): the fraction's rows are those whose assembled K/V are
+ * furthest from a dense prefill's: every recomputed row's true error (before the pass) is at least every kept
+ * placeholder row's, and the count is the fraction's. */
+static void test_the_selection_oracle_recomputes_the_rows_furthest_from_dense(void **st) {
+    (void)st;
+    oracle_run_t r;
+    g_recompute_frac = 0.25f, g_oracle_select = true;
+    oracle_run(KVM_ROPE_HALF, false, 0, NULL, 0, &r);
+    g_recompute_frac = 0, g_oracle_select = false;
+    const comm_geom_t g = {3, 2, 16, 4};
+    const int cand = r.rep.ph[0].tokens + r.rep.ph[1].tokens;
+    assert_int_equal(r.rep.selected_recomputed, (int)ceil(0.25 * cand));
+    double min_changed = INFINITY, max_kept = 0;
+    int changed = 0;
+    for (int i = 0; i < 2; i++)
+        for (int t = r.rep.ph[i].start_pos; t < r.rep.ph[i].start_pos + r.rep.ph[i].tokens && t < r.n; t++) {
+            bool same = true;
+            double err = 0;
+            for (int l = 0; l < g.L; l++)
+                for (int kv = 0; kv < 2; kv++)
+                    for (int h = 0; h < g.H; h++) {
+                        size_t o = comm_idx(&g, r.n, l, kv, h, t);
+                        same = same && !memcmp(r.before + o, r.after + o, (size_t)g.D * sizeof(float));
+                        for (int d = 0; d < g.D; d++)
+                            err += ((double)r.before[o + d] - r.dense[o + d]) * ((double)r.before[o + d] - r.dense[o + d]);
+                    }
+            if (same) max_kept = err > max_kept ? err : max_kept;
+            else min_changed = err < min_changed ? err : min_changed, changed++;
+        }
+    fprintf(stderr, "selection oracle: %d rows recomputed, least true error among them %.6g, most among the kept %.6g\n",
+            changed, min_changed, max_kept);
+    assert_int_equal(changed, r.rep.selected_recomputed);
+    assert_true(min_changed >= max_kept);
     oracle_run_free(&r);
 }
 
@@ -1551,6 +1589,7 @@ int main(void) {
         cmocka_unit_test(test_recompute_frac_one_with_the_text_recomputed_gives_the_dense_cache),
         cmocka_unit_test(test_recompute_frac_changes_only_the_selected_rows),
         cmocka_unit_test(test_recompute_spread_gate_recomputes_the_rows_whose_predicted_error_passes_it),
+        cmocka_unit_test(test_the_selection_oracle_recomputes_the_rows_furthest_from_dense),
         cmocka_unit_test(test_spread_score_is_zero_where_anchors_agree_and_grows_where_they_disagree),
         cmocka_unit_test(test_oracle_offsets_make_the_reused_cache_equal_dense_prefill_in_both_rope_layouts),
         cmocka_unit_test(test_oracle_offsets_equal_dense_with_qk_norm_and_biases),

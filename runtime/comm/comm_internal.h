@@ -76,6 +76,9 @@ struct kvm_comm {
     char kvcomm_off[160];      /* why the backend cannot run KVCOMM (no ops, a shape it does not take), or "" */
     comm_guard_t *guards;      /* kvcomm.guard: per consumer (guard.c) */
     int n_guards, cap_guards;
+    /* the selection oracle (kvm_comm_set_oracle_selection, kvmesh_comm_lab): replaces the positive row scores of a
+     * REUSE call (rows [0, n_prompt - 1) of p) before the recompute pass picks from them; NULL in production */
+    int (*score_hook)(kvm_comm_t *c, const kvm_prepared_t *p, float *row_score);
 };
 
 /* One agent template record (kvcomm.md §2.2). */

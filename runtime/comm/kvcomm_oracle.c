@@ -81,3 +81,36 @@ int kvm_comm_prepare_oracle(kvm_comm_request_t *rq, const kvm_prompt_t *p, int w
     if (one) o->free(one);
     return rc;
 }
+
+/* ---- the selection oracle ------------------------------------------------------------------------------------- */
+
+/* score_hook: each positive score becomes the row's squared distance to a dense prefill, over every layer and head
+ * (plus a tiny amount, so that a row the estimate got exactly right stays a candidate) */
+static int oracle_scores(kvm_comm_t *c, const kvm_prepared_t *p, float *row_score) {
+    const int n = p->n_prompt - 1;
+    const size_t LH2 = (size_t)c->g.L * 2 * c->g.H, D = (size_t)c->g.D, e = LH2 * (size_t)n * D;
+    kvm_seq_t dense;
+    kvm_seq_init(&dense, c->pool);
+    int rc = comm_prefill(c, &dense, p->prompt_ids, n);
+    float *A = kvm_malloc(e * sizeof(float)), *B = kvm_malloc(e * sizeof(float)); /* [L][2][H][n][D] */
+    if (!rc && (!A || !B)) rc = KVM_ENOMEM;
+    if (!rc) rc = kvm_kv_read_rows(c->pool, p->seq.blocks, 0, n, A);
+    if (!rc) rc = kvm_kv_read_rows(c->pool, dense.blocks, 0, n, B);
+    for (int r = 0; r < n && !rc; r++) {
+        if (!(row_score[r] > 0)) continue;
+        double err = 0;
+        for (size_t k = 0; k < LH2; k++)
+            for (size_t d = 0, o = (k * (size_t)n + (size_t)r) * D; d < D; d++)
+                err += ((double)A[o + d] - B[o + d]) * ((double)A[o + d] - B[o + d]);
+        row_score[r] = (float)err + 1e-30f;
+    }
+    kvm_free(A), kvm_free(B);
+    kvm_seq_free(&dense);
+    return rc;
+}
+
+int kvm_comm_set_oracle_selection(kvm_comm_t *c, bool on) {
+    if (!c) return kvm_seterr(KVM_EINVAL, "set_oracle_selection: no comm context");
+    c->score_hook = on ? oracle_scores : NULL;
+    return 0;
+}

@@ -360,6 +360,7 @@ static int stage_assemble(kvm_comm_request_t *rq, const kvm_template_t *t, const
     for (int i = 0; i < t->n_ph; i++) r->ph[i].decision = pv->ph[i].decision;
     if (comm_wants_scores(cfg) && !(pv->row_score = kvm_calloc((size_t)N, sizeof(float)))) return KVM_ENOMEM;
     int rc = comm_dev_reuse(rq, t, pv->ph, forced, out, E, N, pv->row_score);
+    if (!rc && pv->row_score && c->score_hook) rc = c->score_hook(c, out, pv->row_score);
     if (rc) return rc;
     r->exact_tokens = E;
     for (int row = E; row < N - 1; row++) {

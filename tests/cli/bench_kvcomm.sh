@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # bench_kvcomm.sh - `kvmesh bench kvcomm` on the fidelity workloads (docs/kvcomm.md §5.2) at a few requests each:
 # every workload runs with its own agents, the team's degenerate checker is named and left out of acc%, the
-# default/spec/blend@F/gate@S modes run, bad workloads and modes are refused, and scripts/bench/kvcomm_curve.py
+# default/spec/blend@F/gate@S/oselect@F modes run, bad workloads and modes are refused, and scripts/bench/kvcomm_curve.py
 # redraws its table, ASCII and SVG curve from the bench's JSON. Args: kvmesh binary, shared data dir (unused).
 # Exits 77 when the bundled model is absent.
 set -u
@@ -23,13 +23,14 @@ export KVM_THREADS=${KVM_THREADS:-2}
 tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
 out="$("$bin" bench kvcomm --model "$model" --backend cpu --workload team --requests 6 --warm 2 --cos-samples 0 \
-       --modes dense,spec,default,blend@0.9,gate@0.05 --out "$tmp/team" 2>/dev/null)"
+       --modes dense,spec,default,blend@0.9,gate@0.05,oselect@0.5 --out "$tmp/team" 2>/dev/null)"
 [ $? -eq 0 ] && ok "team exits 0" || bad "team exit status"
 has "team: the degenerate checker is named" "$out" "degenerate role left out of acc%: checker (dense 0.0%, always 'no')"
-for m in dense spec default blend@0.9 gate@0.05; do
+for m in dense spec default blend@0.9 gate@0.05 oselect@0.5; do
   printf '%s\n' "$out" | grep -q "^$m " && ok "team: mode $m" || bad "team: no line for mode $m"
 done
 has "team: the default's switches in the JSON" "$(cat "$tmp/team/kvcomm_team.json")" "recompute_below=32 recompute_text=64 recompute_frac=0.50 guard=on"
+has "team: the selection oracle's mode in the JSON" "$(cat "$tmp/team/kvcomm_team.json")" "recompute_frac=0.50 oracle=0 oracle_select=on"
 has "team: the degenerate role in the JSON" "$(tr -d ' \t\n' <"$tmp/team/kvcomm_team.json")" '"degenerate_roles":[{"role":"checker"'
 for w in pipeline:extractor:answerer revise:solver:reviser arith:result:reverse; do
   IFS=: read -r name r0 r1 <<<"$w"
