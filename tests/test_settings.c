@@ -145,6 +145,8 @@ static void test_every_cuda_switch_rejects_a_value_outside_its_list_naming_the_s
         {"pdl", "2", "cuda pdl: '2' is not one of 0, 1"},
         {"prefetch", "5", "cuda prefetch: '5' is not one of 0, 1, 2"},
         {"skinny", "gemm", "cuda skinny: 'gemm' is not one of auto, gemv, mma"},
+        {"skinny_rows", "48", "cuda skinny_rows: '48' is not one of 16, 32, 64"},
+        {"dec_merge", "yes", "cuda dec_merge: 'yes' is not one of 0, 1"},
         {"attn_dec_mma", "", "cuda attn_dec_mma: '' is not one of 0, 1"},
         {"no_mma_attn", "true", "cuda no_mma_attn: 'true' is not one of 0, 1"},
         {"mma_occ", "2", "cuda mma_occ: '2' is not one of 1, 3"},
@@ -184,6 +186,9 @@ static void test_cuda_switches_parse_into_their_fields(void **st) {
     assert_false(o.pdl);
     assert_int_equal(kvm_cuda_opts_parse(&o, "mma_occ", "1"), 0);
     assert_int_equal(o.mma_occ, 1);
+    assert_int_equal(kvm_cuda_opts_parse(&o, "dec_merge", "1"), 0);
+    assert_true(o.dec_merge);
+    assert_int_equal(kvm_cuda_opts_parse(&o, "pdl_chain", "1"), KVM_EINVAL); /* removed after the H100 call */
     assert_int_equal(kvm_cuda_opts_parse(&o, "device", "3"), 0);
     assert_int_equal(o.device, 3);
     assert_int_equal(kvm_cuda_opts_check(&o), 0);
