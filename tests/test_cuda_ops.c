@@ -1035,29 +1035,39 @@ static void test_attention_fp32_matches_cpu_on_mixed_batches(void **st) {
     check_attention(KVM_F32, 4, 2, 128, &PREFILL, 1e-5, "prefill");
 }
 
+/* The tensor-core decode kernel on decode batches (4 single rows: the merge leaves the 16-bit copy for the o
+ * projection), long contexts, 16 and 20 heads per KV head, and a few rows per sequence; `how` names the setting. */
+static void check_dec_cases(const char *how) {
+    static const struct {
+        kvm_dtype_t dt;
+        int heads, kvh, hd;
+        const attn_case_t *ac;
+        const char *what;
+    } cs[] = {{KVM_BF16, 32, 8, 128, &DECODE, "decode"},
+              {KVM_F16, 14, 2, 64, &DECODE, "decode"},
+              {KVM_BF16, 32, 8, 128, &DECODE_LONG, "long decode"},
+              {KVM_BF16, 16, 1, 128, &DECODE_LONG, "long decode, 16 heads per KV head"},
+              {KVM_BF16, 20, 1, 64, &DECODE_LONG, "long decode, 20 heads: two chunks"},
+              {KVM_BF16, 8, 2, 128, &FEW_ROWS, "a few rows per sequence"},
+              {KVM_F16, 8, 2, 64, &FEW_ROWS, "a few rows per sequence"}};
+    for (size_t i = 0; i < sizeof cs / sizeof cs[0]; i++) {
+        char label[112];
+        snprintf(label, sizeof label, "%s, %s", cs[i].what, how);
+        check_attention(cs[i].dt, cs[i].heads, cs[i].kvh, cs[i].hd, cs[i].ac, 1e-5, label);
+    }
+}
+
 static void test_attention_16bit_decode_kernels_match_cpu_on_decode_batches(void **st) {
     (void)st;
     NEED_GPU();
     /* the tensor-core kernel: Q and P as hi + lo 16-bit pairs keep the CUDA-core kernels' tolerance */
     const kvm_cuda_opts_t before = kvm_cuda_get_opts();
     cuda_switch("attn_dec_mma", "1");
-    check_attention(KVM_BF16, 32, 8, 128, &DECODE, 1e-5, "decode, tensor cores");
-    check_attention(KVM_F16, 14, 2, 64, &DECODE, 1e-5, "decode, tensor cores");
-    check_attention(KVM_BF16, 32, 8, 128, &DECODE_LONG, 1e-5, "long decode, tensor cores");
-    check_attention(KVM_BF16, 16, 1, 128, &DECODE_LONG, 1e-5, "long decode, tensor cores, 16 heads per KV head");
-    check_attention(KVM_BF16, 20, 1, 64, &DECODE_LONG, 1e-5, "long decode, tensor cores, 20 heads: two chunks");
-    check_attention(KVM_BF16, 8, 2, 128, &FEW_ROWS, 1e-5, "a few rows per sequence, tensor cores");
-    check_attention(KVM_F16, 8, 2, 64, &FEW_ROWS, 1e-5, "a few rows per sequence, tensor cores");
-    cuda_switch("dec_merge", "1"); /* the splits merged by each group's last CTA (each case twice, twice in a row:
-                                    * the counters must be back at 0 after a launch) */
-    for (int rep = 0; rep < 2; rep++) {
-        check_attention(KVM_BF16, 32, 8, 128, &DECODE, 1e-5, "decode, tensor cores, merged in the kernel");
-        check_attention(KVM_F16, 14, 2, 64, &DECODE, 1e-5, "decode, tensor cores, merged in the kernel");
-        check_attention(KVM_BF16, 32, 8, 128, &DECODE_LONG, 1e-5, "long decode, merged in the kernel");
-        check_attention(KVM_BF16, 20, 1, 64, &DECODE_LONG, 1e-5, "long decode, 20 heads, merged in the kernel");
-        check_attention(KVM_BF16, 8, 2, 128, &FEW_ROWS, 1e-5, "a few rows, merged in the kernel (16-bit copy)");
-        check_attention(KVM_F16, 8, 2, 64, &FEW_ROWS, 1e-5, "a few rows, merged in the kernel (16-bit copy)");
-    }
+    check_dec_cases("tensor cores");
+    /* the splits merged by each group's last CTA: twice in a row (the counts must be back at 0 after a launch) */
+    cuda_switch("dec_merge", "1");
+    check_dec_cases("merged in the kernel");
+    check_dec_cases("merged in the kernel, again");
     cuda_switch("dec_merge", "0");
     cuda_switch("attn_dec_mma", "0"); /* the generic split-K kernel */
     check_attention(KVM_BF16, 32, 8, 128, &DECODE, 1e-5, "decode, split-K");
