@@ -726,9 +726,10 @@ static void launch_split(float *out, const float *q, const T *kv, const kvm_kv_g
             void *mh = merged && half_copy ? ws : NULL;
             const int mbf = hdt == KVM_BF16;
 #define KVM_DEC(DD)                                                                                                     \
-    kvm_launch(k_attn_dec<T, DD>, grid, dim3(128), dec_smem_bytes<T, DD>(), out, partial, q, kv, g->n_layers, H,     \
-                     layer, heads, group, hchunks, b->row_start, b->ctx_len, b->block_table, b->n_seqs, b->max_blocks, sl2, \
-                     n_splits, chunk, b->q_pos, ctr, mh, mbf)
+    k_attn_dec<T, DD><<<grid, 128, dec_smem_bytes<T, DD>(), S>>>(out, partial, q, kv, g->n_layers, H, layer, heads, group, \
+                                                                 hchunks, b->row_start, b->ctx_len, b->block_table,      \
+                                                                 b->n_seqs, b->max_blocks, sl2, n_splits, chunk, b->q_pos, \
+                                                                 ctr, mh, mbf)
             if (D == 128) KVM_DEC(128);
             else KVM_DEC(64);
 #undef KVM_DEC
@@ -738,9 +739,9 @@ static void launch_split(float *out, const float *q, const T *kv, const kvm_kv_g
         }
     }
 #define KVM_SPLIT(DPL)                                                                                                  \
-    kvm_launch(k_attn_split<T, DPL>, grid, dim3(SPLIT_WARPS * 32), 0, out, partial, q, kv, g->n_layers, H, D, layer, \
-                     heads, group, hchunks, b->row_start, b->ctx_len, b->block_table, b->n_seqs, b->max_blocks, scale,     \
-                     n_splits, chunk, b->q_pos)
+    k_attn_split<T, DPL><<<grid, SPLIT_WARPS * 32, 0, S>>>(out, partial, q, kv, g->n_layers, H, D, layer, heads, group,  \
+                                                           hchunks, b->row_start, b->ctx_len, b->block_table, b->n_seqs, \
+                                                           b->max_blocks, scale, n_splits, chunk, b->q_pos)
     if (!launched) {
         if (D <= 32) KVM_SPLIT(1);
         else if (D <= 64) KVM_SPLIT(2);
@@ -753,9 +754,9 @@ static void launch_split(float *out, const float *q, const T *kv, const kvm_kv_g
         const dim3 mg((unsigned)(b->total_rows * heads)), mb(D <= 128 ? 128 : 256);
         void *xh = half_copy ? ws : NULL;
         if (xh && hdt == KVM_BF16)
-            kvm_launch(k_attn_merge<__nv_bfloat16>, mg, mb, 0, out, partial, D, n_splits, (__nv_bfloat16 *)xh);
-        else if (xh) kvm_launch(k_attn_merge<__half>, mg, mb, 0, out, partial, D, n_splits, (__half *)xh);
-        else kvm_launch(k_attn_merge<__half>, mg, mb, 0, out, partial, D, n_splits, (__half *)NULL);
+            k_attn_merge<__nv_bfloat16><<<mg, mb, 0, S>>>(out, partial, D, n_splits, (__nv_bfloat16 *)xh);
+        else if (xh) k_attn_merge<__half><<<mg, mb, 0, S>>>(out, partial, D, n_splits, (__half *)xh);
+        else k_attn_merge<__half><<<mg, mb, 0, S>>>(out, partial, D, n_splits, (__half *)NULL);
         if (KVM_CU_LAUNCH("attention (merge)")) return;
         if (xh) kvm_cuda_set_rounded(out, n_out, hdt);
     }

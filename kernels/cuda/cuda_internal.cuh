@@ -132,7 +132,7 @@ void kvm_cuda_attention(float *out, const float *q, const void *kv, const kvm_kv
  * PDL attribute (the GEMV/skinny GEMMs: kvm_launch_pdl) prefetch their weights, then kvm_pdl_wait for the
  * previous kernel to finish and its writes to be visible before reading activations. A kernel launched
  * without the attribute is ordered by the stream as usual (the wait is then a no-op). The small kernels launch
- * plainly (kvm_launch): chaining them with PDL too, the GEMMs triggering at their start (tried as opts.pdl_chain,
+ * plainly: chaining them with PDL too, the GEMMs triggering at their start (tried as opts.pdl_chain,
  * 2026-12-07), made the batch-16 decode step 48% slower on the H100 (7.55 -> 11.2 ms; batch 1 5.64 -> 6.15 ms):
  * the early-launched kernels' CTAs wait on SMs the GEMM still needs. */
 __device__ __forceinline__ void kvm_pdl_trigger() { asm volatile("griddepcontrol.launch_dependents;" ::: "memory"); }
@@ -161,11 +161,6 @@ static inline cudaError_t kvm_launch_pdl(void (*kernel)(KArgs...), dim3 grid, di
     cfg.attrs = at;
     cfg.numAttrs = kvm_cuda_pdl_enabled() ? 1 : 0;
     return cudaLaunchKernelEx(&cfg, kernel, ((KArgs)args)...);
-}
-/* A small kernel, as a plain launch on the op stream (errors: KVM_CU_LAUNCH after it). */
-template <typename... KArgs, typename... Args>
-static inline void kvm_launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, Args... args) {
-    kernel<<<grid, block, smem, g_cuda.stream>>>(((KArgs)args)...);
 }
 
 /* ---- small device helpers --------------------------------------------------------------------- */

@@ -30,11 +30,9 @@ __global__ void k_embed(float *__restrict__ out, const T *__restrict__ table, co
 void kvm_cuda_embed(float *out, const void *table, kvm_dtype_t dt, const int32_t *ids, int n, int dim) {
     KVM_OP("embed");
     if (n <= 0) return;
-    const dim3 grid(n), block(256);
-    if (dt == KVM_F32) kvm_launch(k_embed<float>, grid, block, 0, out, (const float *)table, ids, dim);
-    else if (dt == KVM_BF16)
-        kvm_launch(k_embed<__nv_bfloat16>, grid, block, 0, out, (const __nv_bfloat16 *)table, ids, dim);
-    else kvm_launch(k_embed<__half>, grid, block, 0, out, (const __half *)table, ids, dim);
+    if (dt == KVM_F32) k_embed<float><<<n, 256, 0, S>>>(out, (const float *)table, ids, dim);
+    else if (dt == KVM_BF16) k_embed<__nv_bfloat16><<<n, 256, 0, S>>>(out, (const __nv_bfloat16 *)table, ids, dim);
+    else k_embed<__half><<<n, 256, 0, S>>>(out, (const __half *)table, ids, dim);
     KVM_CU_LAUNCH("embed");
 }
 
@@ -165,7 +163,7 @@ static void launch_rmsnorm(float *out, float *x, const float *y, const float *w,
         const int n4 = dim / 4;
         const int thr = n4 >= 1024 ? 1024 : (n4 + 31) / 32 * 32;
         const int vpt = (n4 + thr - 1) / thr;
-#define KVM_NV(TH, P, V) kvm_launch(k_rmsnorm_v<TH, V>, dim3(n), dim3(thr), 0, fout, x, y, w, dim, eps, (TH *)(P))
+#define KVM_NV(TH, P, V) k_rmsnorm_v<TH, V><<<n, thr, 0, S>>>(fout, x, y, w, dim, eps, (TH *)(P))
 #define KVM_NVV(TH, P)                   \
     do {                                 \
         if (vpt == 1) KVM_NV(TH, P, 1);  \
@@ -181,11 +179,12 @@ static void launch_rmsnorm(float *out, float *x, const float *y, const float *w,
         if (xh) kvm_cuda_set_rounded(out, (size_t)n * dim, hd);
         return;
     }
-    const dim3 grid(n), block(norm_threads(dim));
     if (xh && hd == KVM_BF16)
-        kvm_launch(k_rmsnorm<__nv_bfloat16>, grid, block, 0, fout, x, y, w, dim, eps, (__nv_bfloat16 *)xh);
-    else if (xh) kvm_launch(k_rmsnorm<__half>, grid, block, 0, fout, x, y, w, dim, eps, (__half *)xh);
-    else kvm_launch(k_rmsnorm<__half>, grid, block, 0, out, x, y, w, dim, eps, (__half *)NULL);
+        k_rmsnorm<__nv_bfloat16><<<n, norm_threads(dim), 0, S>>>(fout, x, y, w, dim, eps, (__nv_bfloat16 *)xh);
+    else if (xh)
+        k_rmsnorm<__half><<<n, norm_threads(dim), 0, S>>>(fout, x, y, w, dim, eps, (__half *)xh);
+    else
+        k_rmsnorm<__half><<<n, norm_threads(dim), 0, S>>>(out, x, y, w, dim, eps, (__half *)NULL);
     if (KVM_CU_LAUNCH("rmsnorm")) return;
     if (xh) kvm_cuda_set_rounded(out, (size_t)n * dim, hd);
 }
@@ -342,24 +341,22 @@ __global__ void k_swiglu_half(T *__restrict__ out, const float *__restrict__ gat
 
 void kvm_cuda_swiglu_half(void *act, kvm_dtype_t dt, const float *gate, const float *up, size_t n) {
     if (!n) return; /* called by swiglu_matmul, which profiles it and owns the scratch it writes */
-    const dim3 grid(grid_for(n / 4, 256));
-    if (dt == KVM_BF16)
-        kvm_launch(k_swiglu_half<__nv_bfloat16>, grid, dim3(256), 0, (__nv_bfloat16 *)act, gate, up, n);
-    else kvm_launch(k_swiglu_half<__half>, grid, dim3(256), 0, (__half *)act, gate, up, n);
+    if (dt == KVM_BF16) k_swiglu_half<__nv_bfloat16><<<grid_for(n / 4, 256), 256, 0, S>>>((__nv_bfloat16 *)act, gate, up, n);
+    else k_swiglu_half<__half><<<grid_for(n / 4, 256), 256, 0, S>>>((__half *)act, gate, up, n);
     KVM_CU_LAUNCH("swiglu to 16 bit");
 }
 
 void kvm_cuda_swiglu(float *out, const float *gate, const float *up, size_t n) {
     KVM_OP("swiglu");
     if (!n) return;
-    kvm_launch(k_swiglu, dim3(grid_for(n, 256)), dim3(256), 0, out, gate, up, n);
+    k_swiglu<<<grid_for(n, 256), 256, 0, S>>>(out, gate, up, n);
     KVM_CU_LAUNCH("swiglu");
 }
 
 void kvm_cuda_add(float *x, const float *y, size_t n) {
     KVM_OP("add");
     if (!n) return;
-    kvm_launch(k_add, dim3(grid_for(n, 256)), dim3(256), 0, x, y, n);
+    k_add<<<grid_for(n, 256), 256, 0, S>>>(x, y, n);
     KVM_CU_LAUNCH("add");
 }
 
@@ -449,7 +446,7 @@ void kvm_cuda_rope_qk_kv_write(float *q, float *k, const float *v, int hq, int h
     const dim3 grid((unsigned)b->total_rows, (unsigned)((hq + hk + hpb - 1) / hpb));
     const dim3 block((unsigned)(hpb * half >= 256 ? 256 : (hpb * half + 31) / 32 * 32));
 #define KVM_RKV(TT)                                                                                                      \
-    kvm_launch(k_rope_kv<TT>, grid, block, 0, q, k, v, hq, hk, hd, hpb, pos, inv_freq, il, (TT *)kv, g->n_layers, layer, \
+    k_rope_kv<TT><<<grid, block, 0, S>>>(q, k, v, hq, hk, hd, hpb, pos, inv_freq, il, (TT *)kv, g->n_layers, layer, \
                b->row_start, b->block_table, b->n_seqs, b->max_blocks)
     if (g->dtype == KVM_F32) KVM_RKV(float);
     else if (g->dtype == KVM_BF16) KVM_RKV(__nv_bfloat16);
@@ -539,7 +536,7 @@ __global__ void k_argmax_rows(int32_t *out, const float *__restrict__ x, int n) 
 void kvm_cuda_argmax_rows(int32_t *out, const float *x, int rows, int n) {
     KVM_OP("argmax");
     if (rows <= 0 || n <= 0) return;
-    kvm_launch(k_argmax_rows, dim3(rows), dim3(1024), 0, out, x, n);
+    k_argmax_rows<<<rows, 1024, 0, S>>>(out, x, n);
     KVM_CU_LAUNCH("argmax");
 }
 

@@ -404,8 +404,8 @@ static const void *rounded_input(const float *x, size_t nx, kvm_dtype_t dt) {
     unsigned grid = (unsigned)((nx + 255) / 256);
     if (grid > 65535u * 16u) grid = 65535u * 16u;
     if (!grid) grid = 1;
-    if (dt == KVM_BF16) kvm_launch(k_to_half<__nv_bfloat16>, dim3(grid), dim3(256), 0, (__nv_bfloat16 *)xh, x, nx);
-    else kvm_launch(k_to_half<__half>, dim3(grid), dim3(256), 0, (__half *)xh, x, nx);
+    if (dt == KVM_BF16) k_to_half<__nv_bfloat16><<<grid, 256, 0, S>>>((__nv_bfloat16 *)xh, x, nx);
+    else k_to_half<__half><<<grid, 256, 0, S>>>((__half *)xh, x, nx);
     if (KVM_CU_LAUNCH("matmul: activations to 16 bit")) return NULL;
     g_xh_src = x;
     g_xh_n = nx;
@@ -968,27 +968,6 @@ __global__ void k_rope_kv_h(const TH *__restrict__ h, int hw, const float *__res
         v[(size_t)r * KD + i] = x0;
         kv[vbase + (i / hd) * hstride + i % hd] = kvm_from_f32<TC>(x0);
     }
-}
-
-/* 8 consecutive 16-bit values at p (16-byte aligned) to fp32, and 8 fp32 values to 8 consecutive TC at p (aligned
- * to 8 TC). */
-template <typename TH> __device__ __forceinline__ void load8f(const TH *p, float *f) {
-    unpack8(*reinterpret_cast<const uint4 *>(p), f, (const TH *)0);
-}
-template <typename TC> __device__ __forceinline__ void store8(TC *p, const float *f) {
-    if constexpr (sizeof(TC) == 4) {
-        reinterpret_cast<float4 *>(p)[0] = make_float4(f[0], f[1], f[2], f[3]);
-        reinterpret_cast<float4 *>(p)[1] = make_float4(f[4], f[5], f[6], f[7]);
-    } else {
-        __align__(16) TC h[8];
-#pragma unroll
-        for (int i = 0; i < 8; i++) h[i] = kvm_from_f32<TC>(f[i]);
-        *reinterpret_cast<uint4 *>(p) = *reinterpret_cast<const uint4 *>(h);
-    }
-}
-__device__ __forceinline__ void load8b(const float *__restrict__ bias, int at, float *f) {
-    const float4 a = reinterpret_cast<const float4 *>(bias + at)[0], b = reinterpret_cast<const float4 *>(bias + at)[1];
-    f[0] = a.x, f[1] = a.y, f[2] = a.z, f[3] = a.w, f[4] = b.x, f[5] = b.y, f[6] = b.z, f[7] = b.w;
 }
 
 /* opts.qkv_fuse = false: q/k/v through matmul_multi + rope_qk_kv_write (batch-1 decode and prefill) */
