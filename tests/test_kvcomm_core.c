@@ -1497,6 +1497,15 @@ static void test_switches_parse_and_reject_unknown_values(void **st) {
     assert_non_null(strstr(kvm_errmsg(), "recompute_below"));
     assert_int_equal(kvm_kvcomm_config_set(&c, "recompute_below", "8x"), KVM_EINVAL);
     assert_int_equal(c.recompute_below, 8);
+    /* an empty value is no number (it read as 0, switching a recompute off or a gamma to 0, until 2026-12-07) */
+    static const char *numeric[] = {"gamma", "max_anchors", "recompute_below", "recompute_text", "recompute_frac",
+                                    "recompute_spread"};
+    for (size_t i = 0; i < sizeof numeric / sizeof numeric[0]; i++) {
+        const kvm_kvcomm_config_t was = c;
+        assert_int_equal(kvm_kvcomm_config_set(&c, numeric[i], ""), KVM_EINVAL);
+        assert_non_null(strstr(kvm_errmsg(), numeric[i]));
+        assert_memory_equal(&c, &was, sizeof c);
+    }
     char buf[512];
     kvm_kvcomm_config_str(&c, buf, sizeof buf);
     assert_non_null(strstr(buf, "recompute_below=8"));

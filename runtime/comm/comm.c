@@ -89,14 +89,14 @@ int kvm_kvcomm_config_set(kvm_kvcomm_config_t *c, const char *key, const char *v
 #undef ENUMSW
     if (!strcmp(k, "gamma")) {
         double g = strtod(value, &end);
-        bad = !end || *end || !(g >= 0 && g <= 1e6);
+        bad = end == value || *end || !(g >= 0 && g <= 1e6);
         if (bad) return kvm_seterr(KVM_EINVAL, "kvcomm.gamma: '%s' is not a non-negative number", value);
         c->gamma = (float)g;
         return 0;
     }
     if (!strcmp(k, "max_anchors") || !strcmp(k, "evict_window") || !strcmp(k, "anchor_budget_bytes")) {
         long long v = strtoll(value, &end, 10);
-        if (!end || *end || v < 1) return kvm_seterr(KVM_EINVAL, "kvcomm.%s: '%s' is not a positive integer", k, value);
+        if (end == value || *end || v < 1) return kvm_seterr(KVM_EINVAL, "kvcomm.%s: '%s' is not a positive integer", k, value);
         if (!strcmp(k, "max_anchors") && v >= KVM_KVCOMM_MAX_ANCHORS)
             return kvm_seterr(KVM_EINVAL, "kvcomm.max_anchors: %lld is more than %d (a pool may reach V + 1 anchors; the "
                               "KVCOMM ops take %d)", v, KVM_KVCOMM_MAX_ANCHORS - 1, KVM_KVCOMM_MAX_ANCHORS);
@@ -107,7 +107,7 @@ int kvm_kvcomm_config_set(kvm_kvcomm_config_t *c, const char *key, const char *v
     }
     if (!strcmp(k, "recompute_below") || !strcmp(k, "recompute_text")) { /* ours: the recompute pass of kvm_comm_prepare */
         long long v = strtoll(value, &end, 10);
-        if (!end || *end || v < 0 || v > 1000000)
+        if (end == value || *end || v < 0 || v > 1000000)
             return kvm_seterr(KVM_EINVAL, "kvcomm.%s: '%s' is not a token count >= 0 (0 = off)", k, value);
         *(k[10] == 'b' ? &c->recompute_below : &c->recompute_text) = (int)v;
         return 0;
@@ -129,14 +129,14 @@ int kvm_kvcomm_config_set(kvm_kvcomm_config_t *c, const char *key, const char *v
     if (!strcmp(k, "ablation")) return kvm_kvcomm_ablation(c, value); /* the paper's Tab. 5 rows */
     if (!strcmp(k, "recompute_spread")) { /* ours: the recompute pass's gate on the predicted offset error */
         double f = strtod(value, &end);
-        if (!end || *end || !(f >= 0 && f <= 1e6))
+        if (end == value || *end || !(f >= 0 && f <= 1e6))
             return kvm_seterr(KVM_EINVAL, "kvcomm.recompute_spread: '%s' is not a non-negative number (0 = off)", value);
         c->recompute_spread = (float)f;
         return 0;
     }
     if (!strcmp(k, "recompute_frac")) { /* ours: the recompute pass of kvm_comm_prepare */
         double f = strtod(value, &end);
-        if (!end || *end || !(f >= 0 && f <= 1))
+        if (end == value || *end || !(f >= 0 && f <= 1))
             return kvm_seterr(KVM_EINVAL, "kvcomm.recompute_frac: '%s' is not a fraction in [0, 1] (0 = off)", value);
         c->recompute_frac = (float)f;
         return 0;
