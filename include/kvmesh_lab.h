@@ -584,6 +584,11 @@ typedef struct kvm_cuda_opts {
     bool dec_merge;           /* dec_merge: the tensor-core decode attention merges its context splits in the last
                                  CTA of each group instead of a merge kernel (false until measured on a GPU) */
     bool no_mma_attn;         /* no_mma_attn: prefill attention through the split-K kernel (false) */
+    int attn_wg;              /* attn_wg: prefill attention by warpgroup MMAs (wgmma) where sm_90a code was built
+                                 and the GPU is a Hopper (kvm_cuda_attn_wg_available); 0 off, 1 on; 2..4 read the
+                                 shared-memory descriptors' byte offsets the other ways (a probe of the layout
+                                 convention, for test_cuda_ops); 5 as 1 with one stage of V (3 CTAs per SM instead
+                                 of 2) (0 until measured on a GPU) */
     int mma_occ;              /* mma_occ: CTAs per SM the prefill attention's registers are capped for: 3, or 1
                                  (no cap) (3) */
     bool ffn;                 /* ffn: the fused MLP op (true) */
@@ -610,6 +615,9 @@ int kvm_cuda_opts_parse(kvm_cuda_opts_t *o, const char *key, const char *value);
 int kvm_cuda_set_opts(const kvm_cuda_opts_t *o);
 /* The CUDA backend's current settings. */
 kvm_cuda_opts_t kvm_cuda_get_opts(void);
+/* Whether this build has the wgmma prefill attention (sm_90a code) and the backend's GPU runs it (compute
+ * capability 9.0); starts the backend. */
+bool kvm_cuda_attn_wg_available(void);
 
 /* One line describing the GPU the CUDA backend uses (name, SMs, L2, memory, driver); error if none. */
 int kvm_cuda_describe(char *buf, size_t cap);

@@ -472,6 +472,29 @@ static void test_hf_fixtures_match_transformers_on_cuda_in_fp32_mode(void **st) 
     check_fixtures("f32", NULL, 1e-4, true);
 }
 
+/* The wgmma prefill attention (opts.attn_wg, Hopper with an sm_90a build): the synthetic models' greedy tokens and
+ * the HF fixtures in 16 bits, as with the mma.sync kernel. */
+static void test_wgmma_prefill_attention_keeps_tokens_and_hf_parity(void **st) {
+    (void)st;
+    NEED_GPU();
+    if (!kvm_cuda_attn_wg_available()) {
+        printf("  SKIPPED: the wgmma kernel needs an sm_90a build (CMAKE_CUDA_ARCHITECTURES with 90a) on a Hopper GPU\n");
+        skip();
+    }
+    const kvm_cuda_opts_t before = kvm_cuda_get_opts();
+    kvm_cuda_opts_t o = before;
+    for (int wg = 1; wg <= 5; wg += 4) { /* two stages of V, then one (attn_wg 5) */
+        o.attn_wg = wg;
+        assert_int_equal(kvm_cuda_set_opts(&o), 0);
+        check_synthetic("tiny-llama");
+        check_synthetic("tiny-qwen2");
+        check_synthetic("tiny-qwen3");
+        check_fixtures("16", "16", 2e-2, false);
+        check_fixtures("bf16", "f16", 2e-2, true);
+    }
+    assert_int_equal(kvm_cuda_set_opts(&before), 0);
+}
+
 int main(void) {
     if (!kvm_ops_cuda()) {
         snprintf(no_gpu, sizeof no_gpu, "%s", kvm_errmsg()[0] ? kvm_errmsg() : "no CUDA backend");
@@ -490,6 +513,7 @@ int main(void) {
         cmocka_unit_test(test_hf_fixtures_match_transformers_on_cuda_in_fp32_mode),
         cmocka_unit_test(test_hf_fixtures_match_transformers_on_cuda_with_bf16_weights_and_f16_kv),
         cmocka_unit_test(test_hf_fixtures_logits_match_transformers_on_cuda_in_16_bit),
+        cmocka_unit_test(test_wgmma_prefill_attention_keeps_tokens_and_hf_parity),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

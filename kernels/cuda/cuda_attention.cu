@@ -481,6 +481,277 @@ __global__ void __launch_bounds__(128, MINB)
     }
 }
 
+/* ==== wgmma prefill kernel (Hopper, sm_90a; opts.attn_wg) ==================================================== */
+
+/* The same work as k_attn_mma (a CTA takes 64 query rows of one head and walks 64-key tiles below their diagonal),
+ * with both products as warpgroup MMAs: S = Q K^T by wgmma m64n64k16 with Q and K in shared memory, O += P V by
+ * wgmma m64nDk16 with P from registers and V in shared memory. One wgmma does the work of 32 mma.sync and needs no
+ * ldmatrix, which is what bounds k_attn_mma (instruction issue, not the tensor cores: docs/cuda.md "Limits").
+ *
+ * Shared-memory tiles ([64 rows][D] of 16-bit values) are laid out as wgmma's canonical no-swizzle "core
+ * matrices": 8 rows x 16 bytes, 128 contiguous bytes; the 16-byte chunk c of row r sits at byte
+ * 16 * ((r / 8) * D + 8 c + r % 8). Row groups of 8 are 16 D bytes apart, chunks 128 bytes apart. The same
+ * layout serves K (K-major B: rows are keys, the reduction runs along D) and V (MN-major B, transposed by the
+ * instruction: the reduction runs along the rows). A thread's 16-byte copy number f goes to byte 16 f, so a
+ * warp's copies fill 512 contiguous bytes (no bank conflicts) and read 64 contiguous bytes of each of 8 keys. */
+template <typename T> struct wg_t;
+template <> struct wg_t<__nv_bfloat16> {
+    /* d (m64n64, fp32) = (acc ? d : 0) + A B^T: A (64 x 16) and B (64 x 16) K-major in shared memory */
+    static __device__ __forceinline__ void ss_n64(float *d, uint64_t da, uint64_t db, int acc) {
+        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+                     "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, %32, %33, p, 1, 1, 0, 0;\n}\n"
+                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+                     : "l"(da), "l"(db), "r"(acc));
+    }
+    /* d (m64n64, fp32) += A B: A (64 x 16) in registers (the m16n8k16 A fragments of the warp's 16 rows), B (16 x 64)
+     * MN-major in shared memory */
+    static __device__ __forceinline__ void rs_n64_mn(float *d, const uint32_t *a, uint64_t db) {
+        asm volatile("{\n.reg .pred p;\nsetp.eq.u32 p, 1, 1;\n"
+                     "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, {%32,%33,%34,%35}, %36, p, 1, 1, 1;\n}\n"
+                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
+    }
+    /* d (m64n128, fp32) += A B: A (64 x 16) in registers (the m16n8k16 A fragments of the warp's 16 rows), B (16 x 128)
+     * MN-major in shared memory */
+    static __device__ __forceinline__ void rs_n128_mn(float *d, const uint32_t *a, uint64_t db) {
+        asm volatile("{\n.reg .pred p;\nsetp.eq.u32 p, 1, 1;\n"
+                     "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, {%64,%65,%66,%67}, %68, p, 1, 1, 1;\n}\n"
+                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
+    }
+};
+template <> struct wg_t<__half> {
+    /* d (m64n64, fp32) = (acc ? d : 0) + A B^T: A (64 x 16) and B (64 x 16) K-major in shared memory */
+    static __device__ __forceinline__ void ss_n64(float *d, uint64_t da, uint64_t db, int acc) {
+        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+                     "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, %32, %33, p, 1, 1, 0, 0;\n}\n"
+                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+                     : "l"(da), "l"(db), "r"(acc));
+    }
+    /* d (m64n64, fp32) += A B: A (64 x 16) in registers (the m16n8k16 A fragments of the warp's 16 rows), B (16 x 64)
+     * MN-major in shared memory */
+    static __device__ __forceinline__ void rs_n64_mn(float *d, const uint32_t *a, uint64_t db) {
+        asm volatile("{\n.reg .pred p;\nsetp.eq.u32 p, 1, 1;\n"
+                     "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, {%32,%33,%34,%35}, %36, p, 1, 1, 1;\n}\n"
+                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
+    }
+    /* d (m64n128, fp32) += A B: A (64 x 16) in registers (the m16n8k16 A fragments of the warp's 16 rows), B (16 x 128)
+     * MN-major in shared memory */
+    static __device__ __forceinline__ void rs_n128_mn(float *d, const uint32_t *a, uint64_t db) {
+        asm volatile("{\n.reg .pred p;\nsetp.eq.u32 p, 1, 1;\n"
+                     "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, {%64,%65,%66,%67}, %68, p, 1, 1, 1;\n}\n"
+                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
+    }
+};
+
+
+__device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wg_wait0() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
+/* A shared-memory matrix descriptor, no swizzle: start address, leading- and stride-dimension byte offsets. */
+__device__ __forceinline__ uint64_t wg_desc(uint32_t saddr, uint32_t lbo, uint32_t sbo) {
+    return (uint64_t)((saddr & 0x3FFFFu) >> 4) | ((uint64_t)(lbo >> 4) << 16) | ((uint64_t)(sbo >> 4) << 32);
+}
+/* Row r and 16-byte chunk c of the copy number f of a [64][D] tile (its byte offset is 16 f). */
+template <int D> __device__ __forceinline__ void wg_rc(int f, int &r, int &c) {
+    r = (f / D) * 8 + (f & 7);
+    c = (f >> 3) % (D / 8);
+}
+/* Bytes of one [64][D] 16-bit tile; the CTA holds Q, two stages of K and VS of V. */
+template <int D> __host__ __device__ constexpr size_t wg_tile_bytes() { return (size_t)64 * D * 2; }
+template <int D, int VS> constexpr size_t wg_smem_bytes() { return (3 + VS) * wg_tile_bytes<D>(); }
+
+/* var (opts.attn_wg - 1) picks which byte offset of a descriptor is the leading and which the stride one, for the
+ * K-major (bit 0) and the MN-major (bit 1) operands; 0 is the PTX ISA's canonical reading. VS: stages of V. With 2
+ * (80 KiB at D = 128, 2 CTAs per SM) tile j + 1's K and V load while tile j computes; with 1 (64 KiB, 3 CTAs per SM)
+ * V j + 1 loads once P V j is done, while S = Q K^T j + 1 and its softmax run. */
+template <typename T, int D, int VS>
+__global__ void __launch_bounds__(128, VS == 1 ? 3 : 2)
+    k_attn_wg(float *__restrict__ out, const float *__restrict__ q, const T *__restrict__ kv, int L, int H, int layer,
+              int heads, int group, const int32_t *__restrict__ row_start, const int32_t *__restrict__ ctx_len,
+              const int32_t *__restrict__ block_table, int max_blocks, float scale_log2, __nv_bfloat16 *__restrict__ outb,
+              __half *__restrict__ outf, const int32_t *__restrict__ qpos, int var) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    constexpr int CH = D / 8;
+    constexpr uint32_t TILE = (uint32_t)wg_tile_bytes<D>();
+    kvm_pdl_trigger();
+    extern __shared__ __align__(128) unsigned char wg_smem[];
+    const uint32_t sbase = (uint32_t)__cvta_generic_to_shared(wg_smem);
+    const int s = blockIdx.z, h = blockIdx.x, kh = h / group;
+    const int r0 = row_start[s], nrows = row_start[s + 1] - r0;
+    const int qt0 = (gridDim.y - 1 - blockIdx.y) * 64; /* longest tiles first, as k_attn_mma */
+    if (qt0 >= nrows) return;
+    const int ctx = ctx_len[s];
+    const int first_pos = ctx - nrows;
+    const int32_t *bt = block_table + (size_t)s * max_blocks;
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t4 = lane & 3;
+
+    /* Q (64 rows of head h, rounded to 16 bits; rows past the sequence as 0) into its tile */
+    for (int f = tid; f < 64 * CH; f += 128) {
+        int r, c;
+        wg_rc<D>(f, r, c);
+        uint4 v = make_uint4(0, 0, 0, 0);
+        if (qt0 + r < nrows) {
+            const float4 *p = reinterpret_cast<const float4 *>(q + ((size_t)(r0 + qt0 + r) * heads + h) * D + c * 8);
+            const float4 x0 = p[0], x1 = p[1];
+            v = make_uint4(mma_t<T>::pack(x0.x, x0.y), mma_t<T>::pack(x0.z, x0.w), mma_t<T>::pack(x1.x, x1.y),
+                           mma_t<T>::pack(x1.z, x1.w));
+        }
+        *reinterpret_cast<uint4 *>(wg_smem + 16 * f) = v;
+    }
+    /* K (kv 0) or V (kv 1) of tile j into the tile at byte `at` (tokens past the context as zeros); no commit */
+    auto load = [&](int j, int kvi, uint32_t at) {
+        for (int f = tid; f < 64 * CH; f += 128) {
+            int r, c;
+            wg_rc<D>(f, r, c);
+            const int tok = j * 64 + r;
+            const bool ok = tok < ctx;
+            const int32_t blk = ok ? bt[tok / KVM_KV_BLOCK] : 0;
+            const T *p = ok ? kv + kvm_kv_index_dev(L, H, D, blk, layer, kvi, kh, tok % KVM_KV_BLOCK) + c * 8 : kv;
+            cp_async16(wg_smem + at + 16 * f, p, ok);
+        }
+    };
+    auto k_at = [&](int j) { return (1 + (j & 1)) * TILE; };
+    auto v_at = [&](int j) { return (3 + (VS == 2 ? (j & 1) : 0)) * TILE; };
+    /* every thread's copies so far landed (cp.async.wait_group N before): visible to the async proxy, then to all */
+    auto landed = [&]() {
+        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+        __syncthreads();
+    };
+    const int qr_a = qt0 + warp * 16 + g, qr_b = qr_a + 8;
+    auto row_pos = [&](int qr) { return qpos ? qpos[r0 + min(qr, nrows - 1)] : first_pos + qr; };
+    const int pos_a = row_pos(qr_a), pos_b = row_pos(qr_b);
+    const int wmin = row_pos(qt0 + warp * 16);
+    const int last_pos = row_pos(min(qt0 + 64, nrows) - 1);
+    const int n_tiles = last_pos / 64 + 1;
+    /* descriptor byte offsets: between 8-row groups 16 D, between 16-byte chunks 128 */
+    const uint32_t k_lbo = var & 1 ? 16 * D : 128, k_sbo = var & 1 ? 128 : 16 * D;
+    const uint32_t v_lbo = var & 2 ? 128 : 16 * D, v_sbo = var & 2 ? 16 * D : 128;
+
+    float o[D / 8][4], sc[8][4];
+#pragma unroll
+    for (int i = 0; i < D / 8; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
+#pragma unroll
+    for (int i = 0; i < 8; i++) sc[i][0] = sc[i][1] = sc[i][2] = sc[i][3] = 0.0f;
+    float m_a = -INFINITY, m_b = -INFINITY, l_a = 0.0f, l_b = 0.0f;
+    /* commit groups, in order: VS 2: (K V)0, (K V)1, ...; VS 1: K0, V0, K1, V1, ... with K j + 1 issued at the top of
+     * step j and V j + 1 at its end */
+    load(0, 0, k_at(0));
+    if (VS == 2) load(0, 1, v_at(0));
+    cp_async_commit();
+    if (VS == 1) {
+        load(0, 1, v_at(0));
+        cp_async_commit();
+    }
+    for (int j = 0; j < n_tiles; j++) {
+        const bool more = j + 1 < n_tiles;
+        if (more) {
+            load(j + 1, 0, k_at(j + 1));
+            if (VS == 2) load(j + 1, 1, v_at(j + 1));
+            cp_async_commit();
+        }
+        /* K j (and V j with VS 2) landed: after it come V j (VS 1) and the group just issued */
+        if (VS == 1) {
+            if (more) cp_async_wait<2>();
+            else cp_async_wait<1>();
+        } else {
+            if (more) cp_async_wait<1>();
+            else cp_async_wait<0>();
+        }
+        landed();
+        const uint32_t ks = sbase + k_at(j), vs = sbase + v_at(j);
+        /* S = Q K^T (64 x 64), k-steps of 16 along D: two 16-byte chunks, 256 bytes further each */
+        wg_fence();
+#pragma unroll
+        for (int kk = 0; kk < D / 16; kk++)
+            wg_t<T>::ss_n64(&sc[0][0], wg_desc(sbase + kk * 256, k_lbo, k_sbo), wg_desc(ks + kk * 256, k_lbo, k_sbo), kk);
+        wg_commit();
+        wg_wait0();
+        /* the accumulator holds, per warp, the m16n8k16 C fragments of its 16 rows: sc[nt] = keys 8 nt .. 8 nt + 7 */
+        float ra = -INFINITY, rb = -INFINITY;
+        if ((j + 1) * 64 - 1 <= wmin && (j + 1) * 64 <= ctx) {
+#pragma unroll
+            for (int nt = 0; nt < 8; nt++) {
+                ra = fmaxf(ra, fmaxf(sc[nt][0], sc[nt][1]));
+                rb = fmaxf(rb, fmaxf(sc[nt][2], sc[nt][3]));
+            }
+        } else {
+#pragma unroll
+            for (int nt = 0; nt < 8; nt++) {
+                const int tok = j * 64 + nt * 8 + 2 * t4;
+                sc[nt][0] = tok <= pos_a && tok < ctx ? sc[nt][0] : -INFINITY;
+                sc[nt][1] = tok + 1 <= pos_a && tok + 1 < ctx ? sc[nt][1] : -INFINITY;
+                sc[nt][2] = tok <= pos_b && tok < ctx ? sc[nt][2] : -INFINITY;
+                sc[nt][3] = tok + 1 <= pos_b && tok + 1 < ctx ? sc[nt][3] : -INFINITY;
+                ra = fmaxf(ra, fmaxf(sc[nt][0], sc[nt][1]));
+                rb = fmaxf(rb, fmaxf(sc[nt][2], sc[nt][3]));
+            }
+        }
+        const float mx_a = fmaxf(m_a, ra * scale_log2), mx_b = fmaxf(m_b, rb * scale_log2);
+        float base_a, base_b;
+        online_step<D / 8>(mx_a, mx_b, m_a, m_b, l_a, l_b, o, base_a, base_b);
+        uint32_t pa[4][4];
+#pragma unroll
+        for (int nt = 0; nt < 8; nt++) {
+            const float p0 = exp2f(fmaf(sc[nt][0], scale_log2, -base_a));
+            const float p1 = exp2f(fmaf(sc[nt][1], scale_log2, -base_a));
+            const float p2 = exp2f(fmaf(sc[nt][2], scale_log2, -base_b));
+            const float p3 = exp2f(fmaf(sc[nt][3], scale_log2, -base_b));
+            l_a += p0 + p1;
+            l_b += p2 + p3;
+            pa[nt / 2][(nt & 1) * 2 + 0] = mma_t<T>::pack(p0, p1);
+            pa[nt / 2][(nt & 1) * 2 + 1] = mma_t<T>::pack(p2, p3);
+        }
+        if (VS == 1) { /* V j landed: after it comes at most K j + 1 */
+            if (more) cp_async_wait<1>();
+            else cp_async_wait<0>();
+            landed();
+        }
+        /* O += P V, k-steps of 16 keys: two 8-row groups, 32 D bytes further each */
+        wg_fence();
+#pragma unroll
+        for (int kj = 0; kj < 4; kj++) {
+            const uint64_t dv = wg_desc(vs + kj * 32 * D, v_lbo, v_sbo);
+            if constexpr (D == 128) wg_t<T>::rs_n128_mn(&o[0][0], pa[kj], dv);
+            else wg_t<T>::rs_n64_mn(&o[0][0], pa[kj], dv);
+        }
+        wg_commit();
+        wg_wait0();
+        __syncthreads(); /* K's stage is reloaded two tiles later, V's (VS 1) now */
+        if (VS == 1 && more) {
+            load(j + 1, 1, v_at(j + 1));
+            cp_async_commit();
+        }
+    }
+    l_a += __shfl_xor_sync(0xffffffffu, l_a, 1);
+    l_a += __shfl_xor_sync(0xffffffffu, l_a, 2);
+    l_b += __shfl_xor_sync(0xffffffffu, l_b, 1);
+    l_b += __shfl_xor_sync(0xffffffffu, l_b, 2);
+    const float ia = 1.0f / l_a, ib = 1.0f / l_b;
+#pragma unroll
+    for (int i = 0; i < D / 8; i++) {
+        const int d = i * 8 + 2 * t4;
+        const size_t ea = ((size_t)(r0 + qr_a) * heads + h) * D + d, eb = ((size_t)(r0 + qr_b) * heads + h) * D + d;
+        if (qr_a < nrows) {
+            *reinterpret_cast<float2 *>(out + ea) = make_float2(o[i][0] * ia, o[i][1] * ia);
+            if (outb) *reinterpret_cast<__nv_bfloat162 *>(outb + ea) = __floats2bfloat162_rn(o[i][0] * ia, o[i][1] * ia);
+            if (outf) *reinterpret_cast<__half2 *>(outf + ea) = __floats2half2_rn(o[i][0] * ia, o[i][1] * ia);
+        }
+        if (qr_b < nrows) {
+            *reinterpret_cast<float2 *>(out + eb) = make_float2(o[i][2] * ib, o[i][3] * ib);
+            if (outb) *reinterpret_cast<__nv_bfloat162 *>(outb + eb) = __floats2bfloat162_rn(o[i][2] * ib, o[i][3] * ib);
+            if (outf) *reinterpret_cast<__half2 *>(outf + eb) = __floats2half2_rn(o[i][2] * ib, o[i][3] * ib);
+        }
+    }
+#else
+    (void)out, (void)q, (void)kv, (void)L, (void)H, (void)layer, (void)heads, (void)group, (void)row_start, (void)ctx_len;
+    (void)block_table, (void)max_blocks, (void)scale_log2, (void)outb, (void)outf, (void)qpos, (void)var;
+    __trap(); /* the host launches it only where sm_90a code was built (kvm_cuda_attn_wg_available) */
+#endif
+}
+
 /* ==== tensor-core decode kernel ================================================================================= */
 
 #define DM_TOK 64 /* tokens per shared-memory tile (4 cache blocks): 16 per warp */
@@ -774,6 +1045,35 @@ static void launch_mma(float *out, const float *q, const T *kv, const kvm_kv_geo
     void *xh = hdt != KVM_F32 ? kvm_cuda_scratch(n_out * 2) : NULL;
     __nv_bfloat16 *outb = xh && hdt == KVM_BF16 ? (__nv_bfloat16 *)xh : NULL;
     __half *outf = xh && hdt == KVM_F16 ? (__half *)xh : NULL;
+    /* opts.attn_wg: the warpgroup-MMA kernel (sm_90a; Q read as float4) */
+    if (g_cuda.opts.attn_wg && kvm_cuda_attn_wg_available() && ((uintptr_t)q % 16) == 0) {
+        static bool wg_attr = false; /* per instantiation of this template (T) */
+        if (!wg_attr) {
+#define KVM_WG_ATTR(DD, VS) \
+    cudaFuncSetAttribute(k_attn_wg<T, DD, VS>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)wg_smem_bytes<DD, VS>())
+            KVM_WG_ATTR(128, 1), KVM_WG_ATTR(128, 2), KVM_WG_ATTR(64, 1), KVM_WG_ATTR(64, 2);
+#undef KVM_WG_ATTR
+            wg_attr = true;
+        }
+        /* attn_wg 1..4: the descriptor readings with two V stages; 5: reading 1 with one V stage */
+        const int var = g_cuda.opts.attn_wg == 5 ? 0 : g_cuda.opts.attn_wg - 1;
+#define KVM_WG(DD, VS)                                                                                                  \
+    k_attn_wg<T, DD, VS><<<grid, 128, wg_smem_bytes<DD, VS>(), S>>>(out, q, kv, g->n_layers, g->n_kv_heads, layer, heads, \
+                                                                    group, b->row_start, b->ctx_len, b->block_table,      \
+                                                                    b->max_blocks, sl2, outb, outf, b->q_pos, var)
+        const bool v1 = g_cuda.opts.attn_wg == 5;
+        if (g->head_dim == 128) {
+            if (v1) KVM_WG(128, 1);
+            else KVM_WG(128, 2);
+        } else {
+            if (v1) KVM_WG(64, 1);
+            else KVM_WG(64, 2);
+        }
+#undef KVM_WG
+        if (KVM_CU_LAUNCH("attention (wgmma)")) return;
+        if (xh) kvm_cuda_set_rounded(out, n_out, hdt);
+        return;
+    }
     /* registers capped for 3 CTAs per SM (168, no spills) unless opts.mma_occ = 1 (199 registers, 2 CTAs) */
     const int occ = g_cuda.opts.mma_occ;
     static bool attr_set = false; /* per instantiation of this template (T) */
@@ -798,6 +1098,18 @@ static void launch_mma(float *out, const float *q, const T *kv, const kvm_kv_geo
 #undef KVM_MMA
     if (KVM_CU_LAUNCH("attention (mma)")) return;
     if (xh) kvm_cuda_set_rounded(out, n_out, hdt);
+}
+
+bool kvm_cuda_attn_wg_available(void) {
+#if defined(KVM_CUDA_SM90A)
+    if (!g_cuda.ready && !kvm_ops_cuda()) {
+        kvm_errclear(); /* no GPU: the answer is no, not an error */
+        return false;
+    }
+    return g_cuda.prop.major == 9 && g_cuda.prop.minor == 0;
+#else
+    return false;
+#endif
 }
 
 /* Rows per sequence >= this use the tensor-core kernel (when the cache dtype and head_dim allow). */

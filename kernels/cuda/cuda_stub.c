@@ -34,3 +34,5 @@ int kvm_cuda_set_opts(const kvm_cuda_opts_t *o) {
 }
 
 kvm_cuda_opts_t kvm_cuda_get_opts(void) { return g_opts_set ? g_opts : kvm_cuda_opts_default(); }
+
+bool kvm_cuda_attn_wg_available(void) { return false; }

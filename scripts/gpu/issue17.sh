@@ -34,12 +34,13 @@ mkdir -p "$OUT"
 export LD_LIBRARY_PATH=$B/lib KVM_SOURCE_DIR=$PWD PYTHONUNBUFFERED=1
 if [ -f "$B/bins.tar.xz" ] && [ ! -x "$B/kvmesh" ]; then tar xJf "$B/bins.tar.xz" -C "$B"; fi
 want() { [[ " $steps " == *" $1 "* ]]; }
-memcheck() {   # compute-sanitizer memcheck of the bundle's test binaries named
-  local cs t
+memcheck() {   # compute-sanitizer memcheck of the bundle's test binaries named (NAME or NAME:FILTER, a cmocka test filter)
+  local cs t args
   cs=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
   for t in "$@"; do
     echo "== memcheck $t ($(date -u +%T))"
-    [ -n "$cs" ] && timeout "${MEMCHECK_S:-240}" "$cs" --tool memcheck --leak-check no "$B/$t" 2>&1 |
+    args=("$B/${t%%:*}"); [[ "$t" == *:* ]] && args+=("${t#*:}")
+    [ -n "$cs" ] && timeout "${MEMCHECK_S:-240}" "$cs" --tool memcheck --leak-check no "${args[@]}" 2>&1 |
       grep -E "ERROR SUMMARY|Invalid|PASSED|FAILED" | head -8
   done
 }

@@ -26,7 +26,7 @@ export OUT
 mkdir -p "$OUT"
 export KVM_SOURCE_DIR=$PWD
 for d in "$B" "$BASE"; do if [ -f "$d/bins.tar.xz" ] && [ ! -x "$d/kvmesh" ]; then tar xJf "$d/bins.tar.xz" -C "$d"; fi; done
-steps=" ${STEPS:-parity engine profile memcheck kvcomm hf} "
+steps=" ${STEPS:-parity wgprobe engine profile memcheck kvcomm hf} "
 want() { [[ "$steps" == *" $1 "* ]]; }
 clocks() { nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv,noheader; }
 { echo "start: $(date -u)"; echo "bundle: $(cat "$B/VERSION"), base: $(cat "$BASE/VERSION")"; clocks; nvidia-smi -L; } > "$OUT/gpu.txt" 2>&1
@@ -37,6 +37,14 @@ if want parity; then
     LD_LIBRARY_PATH=$B/lib timeout 200 "$B/$t" 2>&1 | grep -vE "^\[ +(RUN|OK) +\]" | tail -80; echo "rc=${PIPESTATUS[0]}"
   done > "$OUT/parity.log" 2>&1
   grep -E "^==|launch settings|rope_qk_kv_write|skinny GEMM after|gemv|PASSED|FAILED|rc=" "$OUT/parity.log" | head -60
+fi
+if want wgprobe; then   # the wgmma kernel's other descriptor readings (attn_wg 2..4), one process each: which pass
+  for v in 2 3 4; do
+    echo "== test_cuda_ops '*wgmma*' $v ($(date -u +%T))"
+    LD_LIBRARY_PATH=$B/lib timeout 60 "$B/test_cuda_ops" '*wgmma*' $v 2>&1 | grep -E "attention|attn_wg|PASSED|FAILED|rror" | tail -12
+    echo "rc=${PIPESTATUS[0]}"
+  done > "$OUT/wgprobe.log" 2>&1
+  grep -E "^==|probe|rc=" "$OUT/wgprobe.log"
 fi
 # one engine run: $1 = base | default | KEY=V[+KEY=V...] (KVM_CUDA_ settings without the prefix)
 engine() {   # $1 = config; more arguments go to bench engine
@@ -92,12 +100,20 @@ if want ncu; then   # Nsight Compute on the prefill's attention kernel (NCU_PROM
       --no-eager --reps 1 --prompt ${NCU_PROMPT:-4096} --batch 1 2>&1 | grep -vE "^\| (TTFT|decode)" | tail -120; } > "$OUT/ncu.log" 2>&1
   tail -60 "$OUT/ncu.log"
 fi
+if want dec3k; then   # decode at the KVCOMM 5th agent's context (3.6K): batch 1 and 16 steps, each of DEC3K_CONFIGS
+  { for round in $(seq 1 "${ROUNDS:-3}"); do
+      for c in ${DEC3K_CONFIGS:-default $NEW}; do engine "$c" --prompt 3584 --reps 5; done
+    done; } > "$OUT/dec3k.log" 2>&1
+  cat "$OUT/dec3k.log"
+fi
 if want memcheck; then
-  MEMCHECK_TESTS="test_cuda_ops test_cuda_model" MEMCHECK_S=200 bash scripts/gpu/issue17.sh memcheck
+  MEMCHECK_TESTS="${MEMCHECK_TESTS:-test_cuda_ops test_cuda_model}" MEMCHECK_S=${MEMCHECK_S:-200} bash scripts/gpu/issue17.sh memcheck
 fi
 if want kvcomm; then   # the spec's policy, then the blend's mechanics without the guard (random weights make every
   # guard check differ, so the guarded blend recomputes everything) at two recompute fractions: its 5th-agent TTFT
-  { for cfg in "spec" "blend guard=off recompute_frac=0.5" "blend guard=off recompute_frac=0.25"; do
+  # (KVCOMM_CFGS: a '|'-separated list of "preset [key=value ...]")
+  IFS='|' read -ra kcfgs <<< "${KVCOMM_CFGS:-spec|blend guard=off recompute_frac=0.5|blend guard=off recompute_frac=0.25}"
+  { for cfg in "${kcfgs[@]}"; do
       set -- $cfg; pol=$1; shift; sets=(--set kvcomm.preset=$pol --set kvcomm.force_reuse=on)
       for x in "$@"; do sets+=(--set "kvcomm.$x"); done
       echo "==== bench kvcomm ${sets[*]} ($(date -u +%T))"
