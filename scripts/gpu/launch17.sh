@@ -88,13 +88,14 @@ if want p4k; then   # the 4K prompt's TTFT for each of CONFIGS4K (alternated, RO
   cat "$OUT/prefill4k.log"
 fi
 if want ncu; then   # Nsight Compute on the prefill's attention kernel (NCU_PROMPT, default 4K, the 5th layer's launch): why it runs at
-  # ~110 TFLOP/s (speed of light, occupancy, warp stalls, scheduler). Not in the default steps.
+  # ~110 TFLOP/s (speed of light, occupancy, warp stalls, scheduler). Not in the default steps. NCU_KERNEL (default
+  # k_attn_mma) and NCU_ENV (KVM_CUDA_ settings, e.g. KVM_CUDA_ATTN_WG=1) pick another kernel.
   ncu=$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)
   { echo "==== 4K prefill, this commit's default, with the per-op profile ($(date -u +%T))"
     LD_LIBRARY_PATH=$B/lib timeout 120 "$B/kvmesh" bench engine --synthetic llama-3.1-8b --prompt 4096 --batch 1 --reps 5 \
       --no-eager --profile 2>&1 | grep -E "^\| TTFT|^profile|^timeline|attention|matmul|rope|norm" | head -60
-    echo "==== ncu k_attn_mma ($(date -u +%T)) ${ncu:-no ncu}"
-    [ -n "$ncu" ] && LD_LIBRARY_PATH=$B/lib timeout ${NCU_S:-150} "$ncu" --kernel-name regex:k_attn_mma --launch-skip 4 \
+    echo "==== ncu ${NCU_KERNEL:-k_attn_mma} ${NCU_ENV:-} ($(date -u +%T)) ${ncu:-no ncu}"
+    [ -n "$ncu" ] && env LD_LIBRARY_PATH=$B/lib ${NCU_ENV:-} timeout ${NCU_S:-150} "$ncu" --kernel-name regex:${NCU_KERNEL:-k_attn_mma} --launch-skip 4 \
       --launch-count 1 --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
       --section SchedulerStats --section ComputeWorkloadAnalysis "$B/kvmesh" bench engine --synthetic llama-3.1-8b \
       --no-eager --reps 1 --prompt ${NCU_PROMPT:-4096} --batch 1 2>&1 | grep -vE "^\| (TTFT|decode)" | tail -120; } > "$OUT/ncu.log" 2>&1
