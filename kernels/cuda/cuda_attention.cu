@@ -601,16 +601,26 @@ __global__ void __launch_bounds__(128, VS == 1 ? 3 : 2)
         }
         *reinterpret_cast<uint4 *>(wg_smem + 16 * f) = v;
     }
-    /* K (kv 0) or V (kv 1) of tile j into the tile at byte `at` (tokens past the context as zeros); no commit */
+    /* K (kv 0) or V (kv 1) of tile j into the tile at byte `at` (tokens past the context as zeros); no commit.
+     * Copy i of this thread is number f = tid + 128 i: row rb + RS i (rb = (tid / D) 8 + tid % 8 < 16), chunk
+     * tid / 8 % CH, so its cache block (4 per tile) and its offset in the block are known at compile time but for
+     * rb: four block bases per tile, then one add per copy. */
+    static_assert(KVM_KV_BLOCK == 16, "k_attn_wg's copies assume 16-token cache blocks");
+    constexpr int RS = 8 * 128 / D, ITER = 64 * CH / 128;
+    const int rb = (tid / D) * 8 + (tid & 7);
+    const size_t toff = (size_t)rb * D + ((tid >> 3) % CH) * 8;
     auto load = [&](int j, int kvi, uint32_t at) {
-        for (int f = tid; f < 64 * CH; f += 128) {
-            int r, c;
-            wg_rc<D>(f, r, c);
-            const int tok = j * 64 + r;
-            const bool ok = tok < ctx;
-            const int32_t blk = ok ? bt[tok / KVM_KV_BLOCK] : 0;
-            const T *p = ok ? kv + kvm_kv_index_dev(L, H, D, blk, layer, kvi, kh, tok % KVM_KV_BLOCK) + c * 8 : kv;
-            cp_async16(wg_smem + at + 16 * f, p, ok);
+        const T *base[4];
+#pragma unroll
+        for (int b = 0; b < 4; b++) {
+            const bool ok = j * 64 + b * 16 < ctx;
+            base[b] = ok ? kv + kvm_kv_index_dev(L, H, D, bt[j * 4 + b], layer, kvi, kh, 0) + toff : kv;
+        }
+#pragma unroll
+        for (int i = 0; i < ITER; i++) {
+            const bool ok = j * 64 + rb + RS * i < ctx;
+            const T *p = ok ? base[(RS * i) >> 4] + (size_t)((RS * i) & 15) * D : kv;
+            cp_async16(wg_smem + at + 16 * (tid + 128 * i), p, ok);
         }
     };
     auto k_at = [&](int j) { return (1 + (j & 1)) * TILE; };
