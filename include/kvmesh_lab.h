@@ -588,7 +588,8 @@ typedef struct kvm_cuda_opts {
                                  and the GPU is a Hopper (kvm_cuda_attn_wg_available); 0 off, 1 on; 2..4 read the
                                  shared-memory descriptors' byte offsets the other ways (a probe of the layout
                                  convention, for test_cuda_ops); 5 as 1 with one stage of V (3 CTAs per SM instead
-                                 of 2) (0 until measured on a GPU) */
+                                 of 2); 6 as 1 with three stages and S of the next tile computed during the softmax
+                                 (0 until measured on a GPU) */
     int mma_occ;              /* mma_occ: CTAs per SM the prefill attention's registers are capped for: 3, or 1
                                  (no cap) (3) */
     bool ffn;                 /* ffn: the fused MLP op (true) */

@@ -483,7 +483,9 @@ static void test_wgmma_prefill_attention_keeps_tokens_and_hf_parity(void **st) {
     }
     const kvm_cuda_opts_t before = kvm_cuda_get_opts();
     kvm_cuda_opts_t o = before;
-    for (int wg = 1; wg <= 5; wg += 4) { /* two stages of V, then one (attn_wg 5) */
+    static const int wgs[3] = {1, 5, 6}; /* two stages of K and V, one of V, three and the pipelined S */
+    for (int i = 0; i < 3; i++) {
+        const int wg = wgs[i];
         o.attn_wg = wg;
         assert_int_equal(kvm_cuda_set_opts(&o), 0);
         check_synthetic("tiny-llama");

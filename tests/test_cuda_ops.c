@@ -1110,9 +1110,9 @@ static void test_attention_wgmma_prefill_matches_cpu(void **st) {
         skip();
     }
     const kvm_cuda_opts_t before = kvm_cuda_get_opts();
-    /* reading 1 with two stages of V, then with one (attn_wg 5); or the one reading probed */
-    const int runs[2] = {g_wg_reading, g_wg_reading == 1 ? 5 : 0};
-    for (int i = 0; i < 2 && runs[i]; i++) {
+    /* reading 1 with two stages of K and V, with one of V (attn_wg 5), pipelined (6); or the one reading probed */
+    const int runs[3] = {g_wg_reading, g_wg_reading == 1 ? 5 : 0, g_wg_reading == 1 ? 6 : 0};
+    for (int i = 0; i < 3 && runs[i]; i++) {
         char val[16];
         snprintf(val, sizeof val, "%d", runs[i]);
         cuda_switch("attn_wg", val);

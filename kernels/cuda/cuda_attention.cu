@@ -320,6 +320,84 @@ __device__ __forceinline__ void online_step(float mx_a, float mx_b, float &m_a, 
     }
 }
 
+/* Per warp of a k_attn_wg / k_attn_mma CTA: its 16 query rows (a: row g, b: row g + 8 of the m16n8k16 fragments),
+ * their positions, and the online softmax state. */
+struct attn_rows {
+    int pos_a, pos_b, wmin; /* positions of rows a, b and of the warp's first row */
+    float m_a, m_b, l_a, l_b;
+};
+
+/* Mask (causal, context end) and the online-softmax step of one 64-key tile j of scores sc (the m16n8k16 C
+ * fragments of the warp's rows: sc[nt] = keys 8 nt .. 8 nt + 7) in log2 units; o rescaled; P as A fragments. */
+template <typename T, int D>
+__device__ __forceinline__ void attn_softmax(const float (*scin)[4], float (*o)[4], uint32_t (*pa)[4], attn_rows &w, int j,
+                                             int ctx, float scale_log2) {
+    const int t4 = threadIdx.x & 3;
+    float sc[8][4]; /* the masked scores (the accumulator itself is left as the MMA wrote it) */
+#pragma unroll
+    for (int nt = 0; nt < 8; nt++) sc[nt][0] = scin[nt][0], sc[nt][1] = scin[nt][1], sc[nt][2] = scin[nt][2], sc[nt][3] = scin[nt][3];
+    float ra = -INFINITY, rb = -INFINITY;
+    if ((j + 1) * 64 - 1 <= w.wmin && (j + 1) * 64 <= ctx) { /* below the diagonal of every row, inside the context */
+#pragma unroll
+        for (int nt = 0; nt < 8; nt++) {
+            ra = fmaxf(ra, fmaxf(sc[nt][0], sc[nt][1]));
+            rb = fmaxf(rb, fmaxf(sc[nt][2], sc[nt][3]));
+        }
+    } else {
+#pragma unroll
+        for (int nt = 0; nt < 8; nt++) {
+            const int tok = j * 64 + nt * 8 + 2 * t4;
+            sc[nt][0] = tok <= w.pos_a && tok < ctx ? sc[nt][0] : -INFINITY;
+            sc[nt][1] = tok + 1 <= w.pos_a && tok + 1 < ctx ? sc[nt][1] : -INFINITY;
+            sc[nt][2] = tok <= w.pos_b && tok < ctx ? sc[nt][2] : -INFINITY;
+            sc[nt][3] = tok + 1 <= w.pos_b && tok + 1 < ctx ? sc[nt][3] : -INFINITY;
+            ra = fmaxf(ra, fmaxf(sc[nt][0], sc[nt][1]));
+            rb = fmaxf(rb, fmaxf(sc[nt][2], sc[nt][3]));
+        }
+    }
+    const float mx_a = fmaxf(w.m_a, ra * scale_log2), mx_b = fmaxf(w.m_b, rb * scale_log2);
+    float base_a, base_b;
+    online_step<D / 8>(mx_a, mx_b, w.m_a, w.m_b, w.l_a, w.l_b, o, base_a, base_b);
+#pragma unroll
+    for (int nt = 0; nt < 8; nt++) {
+        const float p0 = exp2f(fmaf(sc[nt][0], scale_log2, -base_a));
+        const float p1 = exp2f(fmaf(sc[nt][1], scale_log2, -base_a));
+        const float p2 = exp2f(fmaf(sc[nt][2], scale_log2, -base_b));
+        const float p3 = exp2f(fmaf(sc[nt][3], scale_log2, -base_b));
+        w.l_a += p0 + p1;
+        w.l_b += p2 + p3;
+        pa[nt / 2][(nt & 1) * 2 + 0] = mma_t<T>::pack(p0, p1);
+        pa[nt / 2][(nt & 1) * 2 + 1] = mma_t<T>::pack(p2, p3);
+    }
+}
+
+/* The normalised output rows qr_a, qr_b (those below nrows) of head h: fp32, and the 16-bit copy when asked. */
+template <int D>
+__device__ __forceinline__ void attn_store_rows(float *out, __nv_bfloat16 *outb, __half *outf, const float (*o)[4], float l_a,
+                                                float l_b, int r0, int qr_a, int qr_b, int nrows, int heads, int h) {
+    const int t4 = threadIdx.x & 3;
+    l_a += __shfl_xor_sync(0xffffffffu, l_a, 1);
+    l_a += __shfl_xor_sync(0xffffffffu, l_a, 2);
+    l_b += __shfl_xor_sync(0xffffffffu, l_b, 1);
+    l_b += __shfl_xor_sync(0xffffffffu, l_b, 2);
+    const float ia = 1.0f / l_a, ib = 1.0f / l_b;
+#pragma unroll
+    for (int i = 0; i < D / 8; i++) {
+        const int d = i * 8 + 2 * t4;
+        const size_t ea = ((size_t)(r0 + qr_a) * heads + h) * D + d, eb = ((size_t)(r0 + qr_b) * heads + h) * D + d;
+        if (qr_a < nrows) {
+            *reinterpret_cast<float2 *>(out + ea) = make_float2(o[i][0] * ia, o[i][1] * ia);
+            if (outb) *reinterpret_cast<__nv_bfloat162 *>(outb + ea) = __floats2bfloat162_rn(o[i][0] * ia, o[i][1] * ia);
+            if (outf) *reinterpret_cast<__half2 *>(outf + ea) = __floats2half2_rn(o[i][0] * ia, o[i][1] * ia);
+        }
+        if (qr_b < nrows) {
+            *reinterpret_cast<float2 *>(out + eb) = make_float2(o[i][2] * ib, o[i][3] * ib);
+            if (outb) *reinterpret_cast<__nv_bfloat162 *>(outb + eb) = __floats2bfloat162_rn(o[i][2] * ib, o[i][3] * ib);
+            if (outf) *reinterpret_cast<__half2 *>(outf + eb) = __floats2half2_rn(o[i][2] * ib, o[i][3] * ib);
+        }
+    }
+}
+
 /* Shared memory of k_attn_mma: two stages of K and V tiles (the next tile loads while this one computes). */
 template <typename T, int D> constexpr size_t mma_smem_bytes() { return (size_t)2 * 2 * MMA_K * (D + 8) * sizeof(T); }
 
@@ -368,13 +446,12 @@ __global__ void __launch_bounds__(128, MINB)
     /* positions: the sequence's last rows (first_pos + row), or given per row (increasing; rows past the
      * sequence take the last row's, their output is not stored) */
     auto row_pos = [&](int qr) { return qpos ? qpos[r0 + min(qr, nrows - 1)] : first_pos + qr; };
-    const int pos_a = row_pos(qr_a), pos_b = row_pos(qr_b);
     const int wmax = row_pos(qt0 + warp * 16 + 15); /* the last position of this warp's rows */
-    const int wmin = row_pos(qt0 + warp * 16);      /* and the first (positions increase with the row) */
+    /* rows a and b, and the first position (positions increase with the row) */
+    attn_rows w = {row_pos(qr_a), row_pos(qr_b), row_pos(qt0 + warp * 16), -INFINITY, -INFINITY, 0.0f, 0.0f};
     float o[D / 8][4];
 #pragma unroll
     for (int i = 0; i < D / 8; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
-    float m_a = -INFINITY, m_b = -INFINITY, l_a = 0.0f, l_b = 0.0f;
 
     const int last_pos = row_pos(min(qt0 + MMA_Q, nrows) - 1);
     const int n_tiles = last_pos / MMA_K + 1;
@@ -409,42 +486,10 @@ __global__ void __launch_bounds__(128, MINB)
             }
         }
         /* mask and the online softmax, in log2 units: the scores stay unscaled (the scale is one FMA with the
-         * subtraction below; fl(max(s) c) = max(fl(s c)) for c > 0), and a tile that lies wholly below the
-         * diagonal of every row of the warp and inside the context is not masked */
-        float ra = -INFINITY, rb = -INFINITY;
-        if ((j + 1) * MMA_K - 1 <= wmin && (j + 1) * MMA_K <= ctx) {
-#pragma unroll
-            for (int nt = 0; nt < MMA_K / 8; nt++) {
-                ra = fmaxf(ra, fmaxf(sc[nt][0], sc[nt][1]));
-                rb = fmaxf(rb, fmaxf(sc[nt][2], sc[nt][3]));
-            }
-        } else {
-#pragma unroll
-            for (int nt = 0; nt < MMA_K / 8; nt++) {
-                const int tok = j * MMA_K + nt * 8 + 2 * t4;
-                sc[nt][0] = tok <= pos_a && tok < ctx ? sc[nt][0] : -INFINITY;
-                sc[nt][1] = tok + 1 <= pos_a && tok + 1 < ctx ? sc[nt][1] : -INFINITY;
-                sc[nt][2] = tok <= pos_b && tok < ctx ? sc[nt][2] : -INFINITY;
-                sc[nt][3] = tok + 1 <= pos_b && tok + 1 < ctx ? sc[nt][3] : -INFINITY;
-                ra = fmaxf(ra, fmaxf(sc[nt][0], sc[nt][1]));
-                rb = fmaxf(rb, fmaxf(sc[nt][2], sc[nt][3]));
-            }
-        }
-        const float mx_a = fmaxf(m_a, ra * scale_log2), mx_b = fmaxf(m_b, rb * scale_log2);
-        float base_a, base_b;
-        online_step<D / 8>(mx_a, mx_b, m_a, m_b, l_a, l_b, o, base_a, base_b);
+         * subtraction; fl(max(s) c) = max(fl(s c)) for c > 0), and a tile that lies wholly below the diagonal of
+         * every row of the warp and inside the context is not masked */
         uint32_t pa[MMA_K / 16][4];
-#pragma unroll
-        for (int nt = 0; nt < MMA_K / 8; nt++) {
-            const float p0 = exp2f(fmaf(sc[nt][0], scale_log2, -base_a));
-            const float p1 = exp2f(fmaf(sc[nt][1], scale_log2, -base_a));
-            const float p2 = exp2f(fmaf(sc[nt][2], scale_log2, -base_b));
-            const float p3 = exp2f(fmaf(sc[nt][3], scale_log2, -base_b));
-            l_a += p0 + p1;
-            l_b += p2 + p3;
-            pa[nt / 2][(nt & 1) * 2 + 0] = mma_t<T>::pack(p0, p1);
-            pa[nt / 2][(nt & 1) * 2 + 1] = mma_t<T>::pack(p2, p3);
-        }
+        attn_softmax<T, D>(sc, o, pa, w, j, ctx, scale_log2);
         /* O += P V */
 #pragma unroll
         for (int kj = 0; kj < MMA_K / 16; kj++) {
@@ -459,26 +504,7 @@ __global__ void __launch_bounds__(128, MINB)
         }
         __syncthreads(); /* this stage is reloaded two tiles later */
     }
-    l_a += __shfl_xor_sync(0xffffffffu, l_a, 1);
-    l_a += __shfl_xor_sync(0xffffffffu, l_a, 2);
-    l_b += __shfl_xor_sync(0xffffffffu, l_b, 1);
-    l_b += __shfl_xor_sync(0xffffffffu, l_b, 2);
-    const float ia = 1.0f / l_a, ib = 1.0f / l_b;
-#pragma unroll
-    for (int i = 0; i < D / 8; i++) {
-        const int d = i * 8 + 2 * t4;
-        const size_t ea = ((size_t)(r0 + qr_a) * heads + h) * D + d, eb = ((size_t)(r0 + qr_b) * heads + h) * D + d;
-        if (qr_a < nrows) {
-            *reinterpret_cast<float2 *>(out + ea) = make_float2(o[i][0] * ia, o[i][1] * ia);
-            if (outb) *reinterpret_cast<__nv_bfloat162 *>(outb + ea) = __floats2bfloat162_rn(o[i][0] * ia, o[i][1] * ia);
-            if (outf) *reinterpret_cast<__half2 *>(outf + ea) = __floats2half2_rn(o[i][0] * ia, o[i][1] * ia);
-        }
-        if (qr_b < nrows) {
-            *reinterpret_cast<float2 *>(out + eb) = make_float2(o[i][2] * ib, o[i][3] * ib);
-            if (outb) *reinterpret_cast<__nv_bfloat162 *>(outb + eb) = __floats2bfloat162_rn(o[i][2] * ib, o[i][3] * ib);
-            if (outf) *reinterpret_cast<__half2 *>(outf + eb) = __floats2half2_rn(o[i][2] * ib, o[i][3] * ib);
-        }
-    }
+    attn_store_rows<D>(out, outb, outf, o, w.l_a, w.l_b, r0, qr_a, qr_b, nrows, heads, h);
 }
 
 /* ==== wgmma prefill kernel (Hopper, sm_90a; opts.attn_wg) ==================================================== */
@@ -550,48 +576,28 @@ template <> struct wg_t<__half> {
 __device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wg_wait0() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
+__device__ __forceinline__ void wg_wait1() { asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory"); }
+/* After a wait: the N accumulator registers at d count as written here, so that no read of them is scheduled
+ * before the wait (the compiler sees the wgmma's outputs as ready when it is issued) */
+template <int N> __device__ __forceinline__ void wg_hold(float *d) {
+#pragma unroll
+    for (int i = 0; i < N; i++) asm volatile("" : "+f"(d[i])::"memory");
+}
 /* A shared-memory matrix descriptor, no swizzle: start address, leading- and stride-dimension byte offsets. */
 __device__ __forceinline__ uint64_t wg_desc(uint32_t saddr, uint32_t lbo, uint32_t sbo) {
     return (uint64_t)((saddr & 0x3FFFFu) >> 4) | ((uint64_t)(lbo >> 4) << 16) | ((uint64_t)(sbo >> 4) << 32);
 }
-/* Row r and 16-byte chunk c of the copy number f of a [64][D] tile (its byte offset is 16 f). */
-template <int D> __device__ __forceinline__ void wg_rc(int f, int &r, int &c) {
-    r = (f / D) * 8 + (f & 7);
-    c = (f >> 3) % (D / 8);
-}
-/* Bytes of one [64][D] 16-bit tile; the CTA holds Q, two stages of K and VS of V. */
+/* Bytes of one [64][D] 16-bit tile. */
 template <int D> __host__ __device__ constexpr size_t wg_tile_bytes() { return (size_t)64 * D * 2; }
-template <int D, int VS> constexpr size_t wg_smem_bytes() { return (3 + VS) * wg_tile_bytes<D>(); }
+/* Shared memory of k_attn_wg: Q, then KS stages of K and VS of V. */
+template <int D, int KS, int VS> constexpr size_t wg_smem_bytes() { return (1 + KS + VS) * wg_tile_bytes<D>(); }
 
-/* var (opts.attn_wg - 1) picks which byte offset of a descriptor is the leading and which the stride one, for the
- * K-major (bit 0) and the MN-major (bit 1) operands; 0 is the PTX ISA's canonical reading. VS: stages of V. With 2
- * (80 KiB at D = 128, 2 CTAs per SM) tile j + 1's K and V load while tile j computes; with 1 (64 KiB, 3 CTAs per SM)
- * V j + 1 loads once P V j is done, while S = Q K^T j + 1 and its softmax run. */
-template <typename T, int D, int VS>
-__global__ void __launch_bounds__(128, VS == 1 ? 3 : 2)
-    k_attn_wg(float *__restrict__ out, const float *__restrict__ q, const T *__restrict__ kv, int L, int H, int layer,
-              int heads, int group, const int32_t *__restrict__ row_start, const int32_t *__restrict__ ctx_len,
-              const int32_t *__restrict__ block_table, int max_blocks, float scale_log2, __nv_bfloat16 *__restrict__ outb,
-              __half *__restrict__ outf, const int32_t *__restrict__ qpos, int var) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-    constexpr int CH = D / 8;
-    constexpr uint32_t TILE = (uint32_t)wg_tile_bytes<D>();
-    kvm_pdl_trigger();
-    extern __shared__ __align__(128) unsigned char wg_smem[];
-    const uint32_t sbase = (uint32_t)__cvta_generic_to_shared(wg_smem);
-    const int s = blockIdx.z, h = blockIdx.x, kh = h / group;
-    const int r0 = row_start[s], nrows = row_start[s + 1] - r0;
-    const int qt0 = (gridDim.y - 1 - blockIdx.y) * 64; /* longest tiles first, as k_attn_mma */
-    if (qt0 >= nrows) return;
-    const int ctx = ctx_len[s];
-    const int first_pos = ctx - nrows;
-    const int32_t *bt = block_table + (size_t)s * max_blocks;
-    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t4 = lane & 3;
-
-    /* Q (64 rows of head h, rounded to 16 bits; rows past the sequence as 0) into its tile */
-    for (int f = tid; f < 64 * CH; f += 128) {
-        int r, c;
-        wg_rc<D>(f, r, c);
+/* Q (64 rows of head h from row qt0 of the sequence's rows r0.., rounded to 16 bits; rows past nrows as 0) into the
+ * tile at smem: copy f (row (f / D) 8 + f % 8, chunk f / 8 % (D / 8)) at byte 16 f. */
+template <typename T, int D>
+__device__ __forceinline__ void wg_load_q(unsigned char *smem, const float *q, int r0, int qt0, int nrows, int heads, int h) {
+    for (int f = threadIdx.x; f < 8 * D; f += 128) {
+        const int r = (f / D) * 8 + (f & 7), c = (f >> 3) % (D / 8);
         uint4 v = make_uint4(0, 0, 0, 0);
         if (qt0 + r < nrows) {
             const float4 *p = reinterpret_cast<const float4 *>(q + ((size_t)(r0 + qt0 + r) * heads + h) * D + c * 8);
@@ -599,17 +605,28 @@ __global__ void __launch_bounds__(128, VS == 1 ? 3 : 2)
             v = make_uint4(mma_t<T>::pack(x0.x, x0.y), mma_t<T>::pack(x0.z, x0.w), mma_t<T>::pack(x1.x, x1.y),
                            mma_t<T>::pack(x1.z, x1.w));
         }
-        *reinterpret_cast<uint4 *>(wg_smem + 16 * f) = v;
+        *reinterpret_cast<uint4 *>(smem + 16 * f) = v;
     }
-    /* K (kv 0) or V (kv 1) of tile j into the tile at byte `at` (tokens past the context as zeros); no commit.
-     * Copy i of this thread is number f = tid + 128 i: row rb + RS i (rb = (tid / D) 8 + tid % 8 < 16), chunk
-     * tid / 8 % CH, so its cache block (4 per tile) and its offset in the block are known at compile time but for
-     * rb: four block bases per tile, then one add per copy. */
+}
+
+/* The K or V tiles of one KV head through the block table. Copy i of a thread is number f = tid + 128 i: row
+ * rb + RS i (rb = (tid / D) 8 + tid % 8 < 16), chunk tid / 8 % (D / 8); so its cache block (4 per tile) and its
+ * offset in the block are known at compile time but for rb: four block bases per tile, then one add per copy. */
+template <typename T, int D> struct wg_loader {
     static_assert(KVM_KV_BLOCK == 16, "k_attn_wg's copies assume 16-token cache blocks");
-    constexpr int RS = 8 * 128 / D, ITER = 64 * CH / 128;
-    const int rb = (tid / D) * 8 + (tid & 7);
-    const size_t toff = (size_t)rb * D + ((tid >> 3) % CH) * 8;
-    auto load = [&](int j, int kvi, uint32_t at) {
+    static constexpr int RS = 8 * 128 / D, ITER = 8 * D / 128;
+    const T *kv;
+    const int32_t *bt;
+    int L, H, layer, kh, ctx, rb;
+    size_t toff;
+    __device__ __forceinline__ wg_loader(const T *kv_, const int32_t *bt_, int L_, int H_, int layer_, int kh_, int ctx_)
+        : kv(kv_), bt(bt_), L(L_), H(H_), layer(layer_), kh(kh_), ctx(ctx_) {
+        const int tid = threadIdx.x;
+        rb = (tid / D) * 8 + (tid & 7);
+        toff = (size_t)rb * D + ((tid >> 3) % (D / 8)) * 8;
+    }
+    /* K (kvi 0) or V (kvi 1) of tile j (tokens 64 j ..; past the context as zeros) into the tile at dst; no commit */
+    __device__ __forceinline__ void load(int j, int kvi, unsigned char *dst) const {
         const T *base[4];
 #pragma unroll
         for (int b = 0; b < 4; b++) {
@@ -620,141 +637,172 @@ __global__ void __launch_bounds__(128, VS == 1 ? 3 : 2)
         for (int i = 0; i < ITER; i++) {
             const bool ok = j * 64 + rb + RS * i < ctx;
             const T *p = ok ? base[(RS * i) >> 4] + (size_t)((RS * i) & 15) * D : kv;
-            cp_async16(wg_smem + at + 16 * (tid + 128 * i), p, ok);
+            cp_async16(dst + 16 * (threadIdx.x + 128 * i), p, ok);
         }
-    };
-    auto k_at = [&](int j) { return (1 + (j & 1)) * TILE; };
-    auto v_at = [&](int j) { return (3 + (VS == 2 ? (j & 1) : 0)) * TILE; };
-    /* every thread's copies so far landed (cp.async.wait_group N before): visible to the async proxy, then to all */
-    auto landed = [&]() {
-        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-        __syncthreads();
-    };
+    }
+};
+
+/* Every thread's copies so far have landed (cp.async.wait_group before): visible to the tensor cores' async proxy,
+ * then to the whole CTA. */
+__device__ __forceinline__ void wg_landed() {
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+    __syncthreads();
+}
+
+/* var (opts.attn_wg - 1) picks which byte offset of a descriptor is the leading and which the stride one, for the
+ * K-major (bit 0) and the MN-major (bit 1) operands; 0 is the PTX ISA's canonical reading. KS / VS: stages of K and V.
+ *  - KS 2, VS 2 (80 KiB at D = 128, 2 CTAs per SM): tile j + 1's K and V load while tile j computes.
+ *  - KS 2, VS 1 (64 KiB, 3 CTAs per SM): V j + 1 loads once P V j is done, while S j + 1 and its softmax run.
+ *  - KS 3, VS 3 (112 KiB, 2 CTAs per SM): tiles load two ahead, and S = Q K^T of tile j + 1 is issued before the
+ *    softmax of tile j, which runs while the tensor cores compute it (FlashAttention-3's overlap within a
+ *    warpgroup; two score accumulators). */
+template <typename T, int D, int KS, int VS>
+__global__ void __launch_bounds__(128, VS == 1 ? 3 : 2)
+    k_attn_wg(float *__restrict__ out, const float *__restrict__ q, const T *__restrict__ kv, int L, int H, int layer,
+              int heads, int group, const int32_t *__restrict__ row_start, const int32_t *__restrict__ ctx_len,
+              const int32_t *__restrict__ block_table, int max_blocks, float scale_log2, __nv_bfloat16 *__restrict__ outb,
+              __half *__restrict__ outf, const int32_t *__restrict__ qpos, int var) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    static_assert((KS == 2 && (VS == 1 || VS == 2)) || (KS == 3 && VS == 3), "k_attn_wg: stages 2/2, 2/1 or 3/3");
+    constexpr bool PIPE = KS == 3;
+    constexpr uint32_t TILE = (uint32_t)wg_tile_bytes<D>();
+    kvm_pdl_trigger();
+    extern __shared__ __align__(128) unsigned char wg_smem[];
+    const uint32_t sbase = (uint32_t)__cvta_generic_to_shared(wg_smem);
+    const int s = blockIdx.z, h = blockIdx.x, kh = h / group;
+    const int r0 = row_start[s], nrows = row_start[s + 1] - r0;
+    const int qt0 = (gridDim.y - 1 - blockIdx.y) * 64; /* longest tiles first, as k_attn_mma */
+    if (qt0 >= nrows) return;
+    const int ctx = ctx_len[s];
+    const int first_pos = ctx - nrows;
+    const int warp = threadIdx.x >> 5, g = (threadIdx.x & 31) >> 2;
+    wg_load_q<T, D>(wg_smem, q, r0, qt0, nrows, heads, h);
+    const wg_loader<T, D> ld(kv, block_table + (size_t)s * max_blocks, L, H, layer, kh, ctx);
     const int qr_a = qt0 + warp * 16 + g, qr_b = qr_a + 8;
     auto row_pos = [&](int qr) { return qpos ? qpos[r0 + min(qr, nrows - 1)] : first_pos + qr; };
-    const int pos_a = row_pos(qr_a), pos_b = row_pos(qr_b);
-    const int wmin = row_pos(qt0 + warp * 16);
-    const int last_pos = row_pos(min(qt0 + 64, nrows) - 1);
-    const int n_tiles = last_pos / 64 + 1;
+    attn_rows w = {row_pos(qr_a), row_pos(qr_b), row_pos(qt0 + warp * 16), -INFINITY, -INFINITY, 0.0f, 0.0f};
+    const int n_tiles = row_pos(min(qt0 + 64, nrows) - 1) / 64 + 1;
     /* descriptor byte offsets: between 8-row groups 16 D, between 16-byte chunks 128 */
     const uint32_t k_lbo = var & 1 ? 16 * D : 128, k_sbo = var & 1 ? 128 : 16 * D;
     const uint32_t v_lbo = var & 2 ? 128 : 16 * D, v_sbo = var & 2 ? 16 * D : 128;
-
-    float o[D / 8][4], sc[8][4];
-#pragma unroll
-    for (int i = 0; i < D / 8; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
-#pragma unroll
-    for (int i = 0; i < 8; i++) sc[i][0] = sc[i][1] = sc[i][2] = sc[i][3] = 0.0f;
-    float m_a = -INFINITY, m_b = -INFINITY, l_a = 0.0f, l_b = 0.0f;
-    /* commit groups, in order: VS 2: (K V)0, (K V)1, ...; VS 1: K0, V0, K1, V1, ... with K j + 1 issued at the top of
-     * step j and V j + 1 at its end */
-    load(0, 0, k_at(0));
-    if (VS == 2) load(0, 1, v_at(0));
-    cp_async_commit();
-    if (VS == 1) {
-        load(0, 1, v_at(0));
-        cp_async_commit();
-    }
-    for (int j = 0; j < n_tiles; j++) {
-        const bool more = j + 1 < n_tiles;
-        if (more) {
-            load(j + 1, 0, k_at(j + 1));
-            if (VS == 2) load(j + 1, 1, v_at(j + 1));
-            cp_async_commit();
-        }
-        /* K j (and V j with VS 2) landed: after it come V j (VS 1) and the group just issued */
-        if (VS == 1) {
-            if (more) cp_async_wait<2>();
-            else cp_async_wait<1>();
-        } else {
-            if (more) cp_async_wait<1>();
-            else cp_async_wait<0>();
-        }
-        landed();
-        const uint32_t ks = sbase + k_at(j), vs = sbase + v_at(j);
-        /* S = Q K^T (64 x 64), k-steps of 16 along D: two 16-byte chunks, 256 bytes further each */
+    auto k_at = [&](int j) { return (1 + j % KS) * TILE; };
+    auto v_at = [&](int j) { return (1 + KS + j % VS) * TILE; };
+    /* S = Q K^T of tile j into sc (64 x 64), k-steps of 16 along D: two 16-byte chunks, 256 bytes further each */
+    auto issue_s = [&](float (*sc)[4], int j) {
         wg_fence();
 #pragma unroll
         for (int kk = 0; kk < D / 16; kk++)
-            wg_t<T>::ss_n64(&sc[0][0], wg_desc(sbase + kk * 256, k_lbo, k_sbo), wg_desc(ks + kk * 256, k_lbo, k_sbo), kk);
+            wg_t<T>::ss_n64(&sc[0][0], wg_desc(sbase + kk * 256, k_lbo, k_sbo), wg_desc(sbase + k_at(j) + kk * 256, k_lbo, k_sbo),
+                            kk);
         wg_commit();
-        wg_wait0();
-        /* the accumulator holds, per warp, the m16n8k16 C fragments of its 16 rows: sc[nt] = keys 8 nt .. 8 nt + 7 */
-        float ra = -INFINITY, rb = -INFINITY;
-        if ((j + 1) * 64 - 1 <= wmin && (j + 1) * 64 <= ctx) {
-#pragma unroll
-            for (int nt = 0; nt < 8; nt++) {
-                ra = fmaxf(ra, fmaxf(sc[nt][0], sc[nt][1]));
-                rb = fmaxf(rb, fmaxf(sc[nt][2], sc[nt][3]));
-            }
-        } else {
-#pragma unroll
-            for (int nt = 0; nt < 8; nt++) {
-                const int tok = j * 64 + nt * 8 + 2 * t4;
-                sc[nt][0] = tok <= pos_a && tok < ctx ? sc[nt][0] : -INFINITY;
-                sc[nt][1] = tok + 1 <= pos_a && tok + 1 < ctx ? sc[nt][1] : -INFINITY;
-                sc[nt][2] = tok <= pos_b && tok < ctx ? sc[nt][2] : -INFINITY;
-                sc[nt][3] = tok + 1 <= pos_b && tok + 1 < ctx ? sc[nt][3] : -INFINITY;
-                ra = fmaxf(ra, fmaxf(sc[nt][0], sc[nt][1]));
-                rb = fmaxf(rb, fmaxf(sc[nt][2], sc[nt][3]));
-            }
-        }
-        const float mx_a = fmaxf(m_a, ra * scale_log2), mx_b = fmaxf(m_b, rb * scale_log2);
-        float base_a, base_b;
-        online_step<D / 8>(mx_a, mx_b, m_a, m_b, l_a, l_b, o, base_a, base_b);
-        uint32_t pa[4][4];
-#pragma unroll
-        for (int nt = 0; nt < 8; nt++) {
-            const float p0 = exp2f(fmaf(sc[nt][0], scale_log2, -base_a));
-            const float p1 = exp2f(fmaf(sc[nt][1], scale_log2, -base_a));
-            const float p2 = exp2f(fmaf(sc[nt][2], scale_log2, -base_b));
-            const float p3 = exp2f(fmaf(sc[nt][3], scale_log2, -base_b));
-            l_a += p0 + p1;
-            l_b += p2 + p3;
-            pa[nt / 2][(nt & 1) * 2 + 0] = mma_t<T>::pack(p0, p1);
-            pa[nt / 2][(nt & 1) * 2 + 1] = mma_t<T>::pack(p2, p3);
-        }
-        if (VS == 1) { /* V j landed: after it comes at most K j + 1 */
-            if (more) cp_async_wait<1>();
-            else cp_async_wait<0>();
-            landed();
-        }
-        /* O += P V, k-steps of 16 keys: two 8-row groups, 32 D bytes further each */
+    };
+    /* O += P V of tile j, k-steps of 16 keys: two 8-row groups, 32 D bytes further each */
+    auto issue_pv = [&](float (*o)[4], uint32_t (*pa)[4], int j) {
         wg_fence();
 #pragma unroll
         for (int kj = 0; kj < 4; kj++) {
-            const uint64_t dv = wg_desc(vs + kj * 32 * D, v_lbo, v_sbo);
+            const uint64_t dv = wg_desc(sbase + v_at(j) + kj * 32 * D, v_lbo, v_sbo);
             if constexpr (D == 128) wg_t<T>::rs_n128_mn(&o[0][0], pa[kj], dv);
             else wg_t<T>::rs_n64_mn(&o[0][0], pa[kj], dv);
         }
         wg_commit();
-        wg_wait0();
-        __syncthreads(); /* K's stage is reloaded two tiles later, V's (VS 1) now */
-        if (VS == 1 && more) {
-            load(j + 1, 1, v_at(j + 1));
+    };
+
+    float o[D / 8][4], sc[8][4];
+    uint32_t pa[4][4];
+#pragma unroll
+    for (int i = 0; i < D / 8; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
+#pragma unroll
+    for (int i = 0; i < 8; i++) sc[i][0] = sc[i][1] = sc[i][2] = sc[i][3] = 0.0f;
+    if constexpr (!PIPE) {
+        /* commit groups, in order: VS 2: (K V)0, (K V)1, ...; VS 1: K0, V0, K1, V1, ... with K j + 1 issued at the
+         * top of step j and V j + 1 at its end */
+        ld.load(0, 0, wg_smem + k_at(0));
+        if (VS == 2) ld.load(0, 1, wg_smem + v_at(0));
+        cp_async_commit();
+        if (VS == 1) {
+            ld.load(0, 1, wg_smem + v_at(0));
             cp_async_commit();
         }
-    }
-    l_a += __shfl_xor_sync(0xffffffffu, l_a, 1);
-    l_a += __shfl_xor_sync(0xffffffffu, l_a, 2);
-    l_b += __shfl_xor_sync(0xffffffffu, l_b, 1);
-    l_b += __shfl_xor_sync(0xffffffffu, l_b, 2);
-    const float ia = 1.0f / l_a, ib = 1.0f / l_b;
+        for (int j = 0; j < n_tiles; j++) {
+            const bool more = j + 1 < n_tiles;
+            if (more) {
+                ld.load(j + 1, 0, wg_smem + k_at(j + 1));
+                if (VS == 2) ld.load(j + 1, 1, wg_smem + v_at(j + 1));
+                cp_async_commit();
+            }
+            /* K j (and V j with VS 2) landed: after it come V j (VS 1) and the group just issued */
+            if (VS == 1) {
+                if (more) cp_async_wait<2>();
+                else cp_async_wait<1>();
+            } else {
+                if (more) cp_async_wait<1>();
+                else cp_async_wait<0>();
+            }
+            wg_landed();
+            issue_s(sc, j);
+            wg_wait0();
+            wg_hold<32>(&sc[0][0]);
+            attn_softmax<T, D>(sc, o, pa, w, j, ctx, scale_log2);
+            if (VS == 1) { /* V j landed: after it comes at most K j + 1 */
+                if (more) cp_async_wait<1>();
+                else cp_async_wait<0>();
+                wg_landed();
+            }
+            issue_pv(o, pa, j);
+            wg_wait0();
+            wg_hold<D / 2>(&o[0][0]);
+            __syncthreads(); /* K's stage is reloaded two tiles later, V's (VS 1) now */
+            if (VS == 1 && more) {
+                ld.load(j + 1, 1, wg_smem + v_at(j + 1));
+                cp_async_commit();
+            }
+        }
+    } else {
+        /* commit groups (K V)0, (K V)1, ...: tile j + 2 is issued at the top of step j, into the stage tile j - 1 left */
+        float sc2[8][4];
 #pragma unroll
-    for (int i = 0; i < D / 8; i++) {
-        const int d = i * 8 + 2 * t4;
-        const size_t ea = ((size_t)(r0 + qr_a) * heads + h) * D + d, eb = ((size_t)(r0 + qr_b) * heads + h) * D + d;
-        if (qr_a < nrows) {
-            *reinterpret_cast<float2 *>(out + ea) = make_float2(o[i][0] * ia, o[i][1] * ia);
-            if (outb) *reinterpret_cast<__nv_bfloat162 *>(outb + ea) = __floats2bfloat162_rn(o[i][0] * ia, o[i][1] * ia);
-            if (outf) *reinterpret_cast<__half2 *>(outf + ea) = __floats2half2_rn(o[i][0] * ia, o[i][1] * ia);
+        for (int i = 0; i < 8; i++) sc2[i][0] = sc2[i][1] = sc2[i][2] = sc2[i][3] = 0.0f;
+        for (int t = 0; t < 2 && t < n_tiles; t++) {
+            ld.load(t, 0, wg_smem + k_at(t));
+            ld.load(t, 1, wg_smem + v_at(t));
+            cp_async_commit();
         }
-        if (qr_b < nrows) {
-            *reinterpret_cast<float2 *>(out + eb) = make_float2(o[i][2] * ib, o[i][3] * ib);
-            if (outb) *reinterpret_cast<__nv_bfloat162 *>(outb + eb) = __floats2bfloat162_rn(o[i][2] * ib, o[i][3] * ib);
-            if (outf) *reinterpret_cast<__half2 *>(outf + eb) = __floats2half2_rn(o[i][2] * ib, o[i][3] * ib);
+        if (n_tiles > 1) cp_async_wait<1>();
+        else cp_async_wait<0>();
+        wg_landed();
+        issue_s(sc, 0);
+        wg_wait0();
+        wg_hold<32>(&sc[0][0]);
+        /* step j: tile j's scores are in cur; S of tile j + 1 goes to nxt while tile j's softmax runs */
+        auto step = [&](float (*cur)[4], float (*nxt)[4], int j) {
+            const bool more = j + 1 < n_tiles;
+            if (j + 2 < n_tiles) {
+                ld.load(j + 2, 0, wg_smem + k_at(j + 2));
+                ld.load(j + 2, 1, wg_smem + v_at(j + 2));
+                cp_async_commit();
+                cp_async_wait<1>(); /* tile j + 1 landed; j + 2 may be in flight */
+            } else {
+                cp_async_wait<0>();
+            }
+            wg_landed();
+            if (more) issue_s(nxt, j + 1);
+            attn_softmax<T, D>(cur, o, pa, w, j, ctx, scale_log2);
+            /* S j + 1 done before P V j is issued: the softmax rescaled O, an accumulator of P V, and ptxas
+             * serializes every wgmma when one's accumulators change while another is in flight */
+            wg_wait0();
+            if (more) wg_hold<32>(&nxt[0][0]);
+            issue_pv(o, pa, j);
+            wg_wait0();
+            wg_hold<D / 2>(&o[0][0]);
+            __syncthreads(); /* tile j's stage is reloaded at the top of step j + 1 */
+        };
+        for (int j = 0; j < n_tiles; j += 2) {
+            step(sc, sc2, j);
+            if (j + 1 < n_tiles) step(sc2, sc, j + 1);
         }
     }
+    attn_store_rows<D>(out, outb, outf, o, w.l_a, w.l_b, r0, qr_a, qr_b, nrows, heads, h);
 #else
     (void)out, (void)q, (void)kv, (void)L, (void)H, (void)layer, (void)heads, (void)group, (void)row_start, (void)ctx_len;
     (void)block_table, (void)max_blocks, (void)scale_log2, (void)outb, (void)outf, (void)qpos, (void)var;
@@ -1059,25 +1107,29 @@ static void launch_mma(float *out, const float *q, const T *kv, const kvm_kv_geo
     if (g_cuda.opts.attn_wg && kvm_cuda_attn_wg_available() && ((uintptr_t)q % 16) == 0) {
         static bool wg_attr = false; /* per instantiation of this template (T) */
         if (!wg_attr) {
-#define KVM_WG_ATTR(DD, VS) \
-    cudaFuncSetAttribute(k_attn_wg<T, DD, VS>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)wg_smem_bytes<DD, VS>())
-            KVM_WG_ATTR(128, 1), KVM_WG_ATTR(128, 2), KVM_WG_ATTR(64, 1), KVM_WG_ATTR(64, 2);
+#define KVM_WG_ATTR(DD, KS, VS)                                                                                         \
+    cudaFuncSetAttribute(k_attn_wg<T, DD, KS, VS>, cudaFuncAttributeMaxDynamicSharedMemorySize,                       \
+                         (int)wg_smem_bytes<DD, KS, VS>())
+            KVM_WG_ATTR(128, 2, 1), KVM_WG_ATTR(128, 2, 2), KVM_WG_ATTR(128, 3, 3);
+            KVM_WG_ATTR(64, 2, 1), KVM_WG_ATTR(64, 2, 2), KVM_WG_ATTR(64, 3, 3);
 #undef KVM_WG_ATTR
             wg_attr = true;
         }
-        /* attn_wg 1..4: the descriptor readings with two V stages; 5: reading 1 with one V stage */
-        const int var = g_cuda.opts.attn_wg == 5 ? 0 : g_cuda.opts.attn_wg - 1;
-#define KVM_WG(DD, VS)                                                                                                  \
-    k_attn_wg<T, DD, VS><<<grid, 128, wg_smem_bytes<DD, VS>(), S>>>(out, q, kv, g->n_layers, g->n_kv_heads, layer, heads, \
-                                                                    group, b->row_start, b->ctx_len, b->block_table,      \
-                                                                    b->max_blocks, sl2, outb, outf, b->q_pos, var)
-        const bool v1 = g_cuda.opts.attn_wg == 5;
+        /* attn_wg 1..4: the descriptor readings with two stages of K and V; 5: reading 1 with one stage of V; 6:
+         * reading 1 with three stages and S of the next tile during the softmax */
+        const int sw = g_cuda.opts.attn_wg, var = sw >= 5 ? 0 : sw - 1;
+#define KVM_WG(DD, KS, VS)                                                                                              \
+    k_attn_wg<T, DD, KS, VS><<<grid, 128, wg_smem_bytes<DD, KS, VS>(), S>>>(                                           \
+        out, q, kv, g->n_layers, g->n_kv_heads, layer, heads, group, b->row_start, b->ctx_len, b->block_table,          \
+        b->max_blocks, sl2, outb, outf, b->q_pos, var)
         if (g->head_dim == 128) {
-            if (v1) KVM_WG(128, 1);
-            else KVM_WG(128, 2);
+            if (sw == 5) KVM_WG(128, 2, 1);
+            else if (sw == 6) KVM_WG(128, 3, 3);
+            else KVM_WG(128, 2, 2);
         } else {
-            if (v1) KVM_WG(64, 1);
-            else KVM_WG(64, 2);
+            if (sw == 5) KVM_WG(64, 2, 1);
+            else if (sw == 6) KVM_WG(64, 3, 3);
+            else KVM_WG(64, 2, 2);
         }
 #undef KVM_WG
         if (KVM_CU_LAUNCH("attention (wgmma)")) return;
