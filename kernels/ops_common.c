@@ -107,7 +107,7 @@ static const cuda_opt_field_t cuda_fields[] = {
     OPT(skinny, OPT_NAME, "auto, gemv, mma"), OPT(skinny_rows, OPT_NUMBER, "16, 32, 64"),
     OPT(attn_dec_mma, OPT_BOOL, "0, 1"),    OPT(dec_merge, OPT_BOOL, "0, 1"),
     OPT(no_mma_attn, OPT_BOOL, "0, 1"),     OPT(mma_occ, OPT_NUMBER, "1, 3"),
-    OPT(attn_wg, OPT_NUMBER, "0, 1, 2, 3, 4, 5, 6"),
+    OPT(attn_wg, OPT_NUMBER, "0, 1, 2, 3, 4, 5, 6, 7, 8"),
     OPT(ffn, OPT_BOOL, "0, 1"),
     OPT(ffn_gemv, OPT_BOOL, "0, 1"),        OPT(qkv_fuse, OPT_BOOL, "0, 1"),
     OPT(qkv16, OPT_BOOL, "0, 1"),           OPT(norm16, OPT_BOOL, "0, 1"),

@@ -1099,8 +1099,9 @@ static void test_attention_bf16_tensor_core_prefill_matches_cpu(void **st) {
 /* The warpgroup-MMA prefill kernel (opts.attn_wg; sm_90a build on a compute-capability-9.0 GPU) on the cases of the
  * mma.sync kernel. g_wg_reading picks the reading of the shared-memory descriptors: 1 (the default, asserted) is the
  * PTX ISA's canonical one; 2..4 swap the leading and stride byte offsets of the K-major and/or the MN-major operand
- * and only report their failures. They run one per process (`test_cuda_ops wgmma N`), since a wrong reading may
- * read past the CTA's shared memory and end the CUDA context. */
+ * and only report their failures, as do 7 and 8 (the 128-byte swizzle, V's offsets read one way or the other). They
+ * run one per process (`test_cuda_ops '*wgmma*' N`), since a wrong reading may read past the CTA's shared memory and
+ * end the CUDA context. */
 static int g_wg_reading = 1;
 static void test_attention_wgmma_prefill_matches_cpu(void **st) {
     (void)st;
@@ -1262,12 +1263,12 @@ static void test_backend_without_gpu_says_why(void **st) {
 }
 
 /* test_cuda_ops [FILTER [WG_READING]]: FILTER selects tests by name (cmocka's pattern, e.g. '*wgmma*'); WG_READING
- * the descriptor reading of the wgmma test (1..4, see test_attention_wgmma_prefill_matches_cpu). */
+ * the attn_wg setting of the wgmma test (1..8, see test_attention_wgmma_prefill_matches_cpu). */
 int main(int argc, char **argv) {
     if (argc > 1) cmocka_set_test_filter(argv[1]);
     if (argc > 2) g_wg_reading = atoi(argv[2]);
-    if (g_wg_reading < 1 || g_wg_reading > 4) {
-        fprintf(stderr, "test_cuda_ops: WG_READING must be 1..4, not '%s'\n", argv[2]);
+    if (g_wg_reading < 1 || g_wg_reading > 8) {
+        fprintf(stderr, "test_cuda_ops: WG_READING must be 1..8, not '%s'\n", argv[2]);
         return 2;
     }
     C = kvm_ops_cpu();

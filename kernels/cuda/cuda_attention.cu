@@ -640,8 +640,37 @@ template <int N> __device__ __forceinline__ void wg_hold(float *d) {
     for (int i = 0; i < N; i++) asm volatile("" : "+f"(d[i])::"memory");
 }
 /* A shared-memory matrix descriptor, no swizzle: start address, leading- and stride-dimension byte offsets. */
-__device__ __forceinline__ uint64_t wg_desc(uint32_t saddr, uint32_t lbo, uint32_t sbo) {
-    return (uint64_t)((saddr & 0x3FFFFu) >> 4) | ((uint64_t)(lbo >> 4) << 16) | ((uint64_t)(sbo >> 4) << 32);
+__device__ __forceinline__ uint64_t wg_desc(uint32_t saddr, uint32_t lbo, uint32_t sbo, int sw = 0) {
+    return (uint64_t)((saddr & 0x3FFFFu) >> 4) | ((uint64_t)(lbo >> 4) << 16) | ((uint64_t)(sbo >> 4) << 32) |
+           ((uint64_t)sw << 62);
+}
+/* Byte offset of the 16-byte chunk c of row r in a [64][D] tile. SW 0: wgmma's no-swizzle core matrices (8 rows x 16
+ * bytes, 128 contiguous bytes; 8-row groups 16 D bytes apart, chunks 128 apart). SW 1: the 128-byte swizzle (layout
+ * type 1): column blocks of 64 values (8 KiB: 64 rows of 128 bytes), chunk c % 8 of row r at position
+ * (c % 8) ^ (r % 8) of its 128 bytes, so the 8 rows of a core matrix fall in different banks. */
+template <int D, int SW> __device__ __forceinline__ uint32_t wg_chunk(int r, int c) {
+    if constexpr (SW == 0) return 16u * (uint32_t)((r >> 3) * D + c * 8 + (r & 7));
+    else return (uint32_t)((c >> 3) * 8192 + r * 128 + (((c & 7) ^ (r & 7)) << 4));
+}
+/* The descriptor of the K-major operand (Q, K) of k-step kk (16 values along D) in the tile at tile; var bit 0 reads
+ * the no-swizzle offsets the other way (the layout probe). Swizzled: 8-row groups 1024 bytes apart (the leading
+ * offset is unused), k-steps 32 bytes into the 128-byte rows of a column block. */
+template <int D, int SW> __device__ __forceinline__ uint64_t wg_desc_k(uint32_t tile, int kk, int var) {
+    if constexpr (SW == 0)
+        return var & 1 ? wg_desc(tile + kk * 256, 16 * D, 128) : wg_desc(tile + kk * 256, 128, 16 * D);
+    else return wg_desc(tile + (kk >> 2) * 8192 + (kk & 3) * 32, 16, 1024, 1);
+}
+/* The descriptor of the MN-major operand V of k-step kj (16 keys: two 8-row groups); var bit 1 reads the offsets the
+ * other way. No swizzle: key groups 16 D bytes apart (leading), 16-byte chunks along D 128 apart (stride). Swizzled:
+ * column blocks of 64 values 8 KiB apart (leading), key groups 1024 bytes apart (stride). */
+template <int D, int SW> __device__ __forceinline__ uint64_t wg_desc_v(uint32_t tile, int kj, int var) {
+    if constexpr (SW == 0) {
+        const uint32_t at = tile + kj * 32 * D;
+        return var & 2 ? wg_desc(at, 128, 16 * D) : wg_desc(at, 16 * D, 128);
+    } else {
+        const uint32_t at = tile + kj * 2048;
+        return var & 2 ? wg_desc(at, 1024, 8192, 1) : wg_desc(at, 8192, 1024, 1);
+    }
 }
 /* Bytes of one [64][D] 16-bit tile. */
 template <int D> __host__ __device__ constexpr size_t wg_tile_bytes() { return (size_t)64 * D * 2; }
@@ -649,8 +678,8 @@ template <int D> __host__ __device__ constexpr size_t wg_tile_bytes() { return (
 template <int D, int KS, int VS> constexpr size_t wg_smem_bytes() { return (1 + KS + VS) * wg_tile_bytes<D>(); }
 
 /* Q (64 rows of head h from row qt0 of the sequence's rows r0.., rounded to 16 bits; rows past nrows as 0) into the
- * tile at smem: copy f (row (f / D) 8 + f % 8, chunk f / 8 % (D / 8)) at byte 16 f. */
-template <typename T, int D>
+ * tile at smem: copy f is row (f / D) 8 + f % 8, chunk f / 8 % (D / 8). */
+template <typename T, int D, int SW>
 __device__ __forceinline__ void wg_load_q(unsigned char *smem, const float *q, int r0, int qt0, int nrows, int heads, int h) {
     for (int f = threadIdx.x; f < 8 * D; f += 128) {
         const int r = (f / D) * 8 + (f & 7), c = (f >> 3) % (D / 8);
@@ -661,25 +690,26 @@ __device__ __forceinline__ void wg_load_q(unsigned char *smem, const float *q, i
             v = make_uint4(mma_t<T>::pack(x0.x, x0.y), mma_t<T>::pack(x0.z, x0.w), mma_t<T>::pack(x1.x, x1.y),
                            mma_t<T>::pack(x1.z, x1.w));
         }
-        *reinterpret_cast<uint4 *>(smem + 16 * f) = v;
+        *reinterpret_cast<uint4 *>(smem + wg_chunk<D, SW>(r, c)) = v;
     }
 }
 
 /* The K or V tiles of one KV head through the block table. Copy i of a thread is number f = tid + 128 i: row
  * rb + RS i (rb = (tid / D) 8 + tid % 8 < 16), chunk tid / 8 % (D / 8); so its cache block (4 per tile) and its
  * offset in the block are known at compile time but for rb: four block bases per tile, then one add per copy. */
-template <typename T, int D> struct wg_loader {
+template <typename T, int D, int SW> struct wg_loader {
     static_assert(KVM_KV_BLOCK == 16, "k_attn_wg's copies assume 16-token cache blocks");
     static constexpr int RS = 8 * 128 / D, ITER = 8 * D / 128;
     const T *kv;
     const int32_t *bt;
-    int L, H, layer, kh, ctx, rb;
+    int L, H, layer, kh, ctx, rb, c;
     size_t toff;
     __device__ __forceinline__ wg_loader(const T *kv_, const int32_t *bt_, int L_, int H_, int layer_, int kh_, int ctx_)
         : kv(kv_), bt(bt_), L(L_), H(H_), layer(layer_), kh(kh_), ctx(ctx_) {
         const int tid = threadIdx.x;
         rb = (tid / D) * 8 + (tid & 7);
-        toff = (size_t)rb * D + ((tid >> 3) % (D / 8)) * 8;
+        c = (tid >> 3) % (D / 8);
+        toff = (size_t)rb * D + c * 8;
     }
     /* K (kvi 0) or V (kvi 1) of tile j (tokens 64 j ..; past the context as zeros) into the tile at dst; no commit */
     __device__ __forceinline__ void load(int j, int kvi, unsigned char *dst) const {
@@ -693,7 +723,7 @@ template <typename T, int D> struct wg_loader {
         for (int i = 0; i < ITER; i++) {
             const bool ok = j * 64 + rb + RS * i < ctx;
             const T *p = ok ? base[(RS * i) >> 4] + (size_t)((RS * i) & 15) * D : kv;
-            cp_async16(dst + 16 * (threadIdx.x + 128 * i), p, ok);
+            cp_async16(dst + wg_chunk<D, SW>(rb + RS * i, c), p, ok);
         }
     }
 };
@@ -712,7 +742,7 @@ __device__ __forceinline__ void wg_landed() {
  *  - KS 3, VS 3 (112 KiB, 2 CTAs per SM): tiles load two ahead, and S = Q K^T of tile j + 1 is issued before the
  *    softmax of tile j, which runs while the tensor cores compute it (FlashAttention-3's overlap within a
  *    warpgroup; two score accumulators). */
-template <typename T, int D, int KS, int VS>
+template <typename T, int D, int KS, int VS, int SW>
 __global__ void __launch_bounds__(128, VS == 1 ? 3 : 2)
     k_attn_wg(float *__restrict__ out, const float *__restrict__ q, const T *__restrict__ kv, int L, int H, int layer,
               int heads, int group, const int32_t *__restrict__ row_start, const int32_t *__restrict__ ctx_len,
@@ -723,7 +753,7 @@ __global__ void __launch_bounds__(128, VS == 1 ? 3 : 2)
     constexpr bool PIPE = KS == 3;
     constexpr uint32_t TILE = (uint32_t)wg_tile_bytes<D>();
     kvm_pdl_trigger();
-    extern __shared__ __align__(128) unsigned char wg_smem[];
+    extern __shared__ __align__(1024) unsigned char wg_smem[]; /* the swizzle's atoms: 1024-byte aligned tiles */
     const uint32_t sbase = (uint32_t)__cvta_generic_to_shared(wg_smem);
     const int s = blockIdx.z, h = blockIdx.x, kh = h / group;
     const int r0 = row_start[s], nrows = row_start[s + 1] - r0;
@@ -732,32 +762,28 @@ __global__ void __launch_bounds__(128, VS == 1 ? 3 : 2)
     const int ctx = ctx_len[s];
     const int first_pos = ctx - nrows;
     const int warp = threadIdx.x >> 5, g = (threadIdx.x & 31) >> 2;
-    wg_load_q<T, D>(wg_smem, q, r0, qt0, nrows, heads, h);
-    const wg_loader<T, D> ld(kv, block_table + (size_t)s * max_blocks, L, H, layer, kh, ctx);
+    wg_load_q<T, D, SW>(wg_smem, q, r0, qt0, nrows, heads, h);
+    const wg_loader<T, D, SW> ld(kv, block_table + (size_t)s * max_blocks, L, H, layer, kh, ctx);
     const int qr_a = qt0 + warp * 16 + g, qr_b = qr_a + 8;
     auto row_pos = [&](int qr) { return qpos ? qpos[r0 + min(qr, nrows - 1)] : first_pos + qr; };
     attn_rows w = {row_pos(qr_a), row_pos(qr_b), row_pos(qt0 + warp * 16), -INFINITY, -INFINITY, 0.0f, 0.0f};
     const int n_tiles = row_pos(min(qt0 + 64, nrows) - 1) / 64 + 1;
-    /* descriptor byte offsets: between 8-row groups 16 D, between 16-byte chunks 128 */
-    const uint32_t k_lbo = var & 1 ? 16 * D : 128, k_sbo = var & 1 ? 128 : 16 * D;
-    const uint32_t v_lbo = var & 2 ? 128 : 16 * D, v_sbo = var & 2 ? 16 * D : 128;
     auto k_at = [&](int j) { return (1 + j % KS) * TILE; };
     auto v_at = [&](int j) { return (1 + KS + j % VS) * TILE; };
-    /* S = Q K^T of tile j into sc (64 x 64), k-steps of 16 along D: two 16-byte chunks, 256 bytes further each */
+    /* S = Q K^T of tile j into sc (64 x 64), k-steps of 16 along D */
     auto issue_s = [&](float (*sc)[4], int j) {
         wg_fence();
 #pragma unroll
         for (int kk = 0; kk < D / 16; kk++)
-            wg_t<T>::ss_n64(&sc[0][0], wg_desc(sbase + kk * 256, k_lbo, k_sbo), wg_desc(sbase + k_at(j) + kk * 256, k_lbo, k_sbo),
-                            kk);
+            wg_t<T>::ss_n64(&sc[0][0], wg_desc_k<D, SW>(sbase, kk, var), wg_desc_k<D, SW>(sbase + k_at(j), kk, var), kk);
         wg_commit();
     };
-    /* O += P V of tile j, k-steps of 16 keys: two 8-row groups, 32 D bytes further each */
+    /* O += P V of tile j, k-steps of 16 keys */
     auto issue_pv = [&](float (*o)[4], uint32_t (*pa)[4], int j) {
         wg_fence();
 #pragma unroll
         for (int kj = 0; kj < 4; kj++) {
-            const uint64_t dv = wg_desc(sbase + v_at(j) + kj * 32 * D, v_lbo, v_sbo);
+            const uint64_t dv = wg_desc_v<D, SW>(sbase + v_at(j), kj, var);
             if constexpr (D == 128) wg_t<T>::rs_n128_mn(&o[0][0], pa[kj], dv);
             else wg_t<T>::rs_n64_mn(&o[0][0], pa[kj], dv);
         }
@@ -1163,29 +1189,32 @@ static void launch_mma(float *out, const float *q, const T *kv, const kvm_kv_geo
     if (g_cuda.opts.attn_wg && kvm_cuda_attn_wg_available() && ((uintptr_t)q % 16) == 0) {
         static bool wg_attr = false; /* per instantiation of this template (T) */
         if (!wg_attr) {
-#define KVM_WG_ATTR(DD, KS, VS)                                                                                         \
-    cudaFuncSetAttribute(k_attn_wg<T, DD, KS, VS>, cudaFuncAttributeMaxDynamicSharedMemorySize,                       \
+#define KVM_WG_ATTR(DD, KS, VS, SW)                                                                                     \
+    cudaFuncSetAttribute(k_attn_wg<T, DD, KS, VS, SW>, cudaFuncAttributeMaxDynamicSharedMemorySize,                   \
                          (int)wg_smem_bytes<DD, KS, VS>())
-            KVM_WG_ATTR(128, 2, 1), KVM_WG_ATTR(128, 2, 2), KVM_WG_ATTR(128, 3, 3);
-            KVM_WG_ATTR(64, 2, 1), KVM_WG_ATTR(64, 2, 2), KVM_WG_ATTR(64, 3, 3);
+            KVM_WG_ATTR(128, 2, 1, 0), KVM_WG_ATTR(128, 2, 2, 0), KVM_WG_ATTR(128, 3, 3, 0), KVM_WG_ATTR(128, 2, 1, 1);
+            KVM_WG_ATTR(64, 2, 1, 0), KVM_WG_ATTR(64, 2, 2, 0), KVM_WG_ATTR(64, 3, 3, 0), KVM_WG_ATTR(64, 2, 1, 1);
 #undef KVM_WG_ATTR
             wg_attr = true;
         }
-        /* attn_wg 1..4: the descriptor readings with two stages of K and V; 5: reading 1 with one stage of V; 6:
-         * reading 1 with three stages and S of the next tile during the softmax */
-        const int sw = g_cuda.opts.attn_wg, var = sw >= 5 ? 0 : sw - 1;
-#define KVM_WG(DD, KS, VS)                                                                                              \
-    k_attn_wg<T, DD, KS, VS><<<grid, 128, wg_smem_bytes<DD, KS, VS>(), S>>>(                                           \
+        /* attn_wg 1..4: the no-swizzle descriptor readings with two stages of K and V; 5: reading 1 with one stage of
+         * V; 6: reading 1 with three stages and S of the next tile during the softmax; 7: the 128-byte swizzle with
+         * one stage of V; 8: 7 with V's offsets read the other way */
+        const int sw = g_cuda.opts.attn_wg, var = sw == 8 ? 2 : sw >= 5 ? 0 : sw - 1;
+#define KVM_WG(DD, KS, VS, SW)                                                                                          \
+    k_attn_wg<T, DD, KS, VS, SW><<<grid, 128, wg_smem_bytes<DD, KS, VS>(), S>>>(                                       \
         out, q, kv, g->n_layers, g->n_kv_heads, layer, heads, group, b->row_start, b->ctx_len, b->block_table,          \
         b->max_blocks, sl2, outb, outf, b->q_pos, var)
         if (g->head_dim == 128) {
-            if (sw == 5) KVM_WG(128, 2, 1);
-            else if (sw == 6) KVM_WG(128, 3, 3);
-            else KVM_WG(128, 2, 2);
+            if (sw == 5) KVM_WG(128, 2, 1, 0);
+            else if (sw == 6) KVM_WG(128, 3, 3, 0);
+            else if (sw >= 7) KVM_WG(128, 2, 1, 1);
+            else KVM_WG(128, 2, 2, 0);
         } else {
-            if (sw == 5) KVM_WG(64, 2, 1);
-            else if (sw == 6) KVM_WG(64, 3, 3);
-            else KVM_WG(64, 2, 2);
+            if (sw == 5) KVM_WG(64, 2, 1, 0);
+            else if (sw == 6) KVM_WG(64, 3, 3, 0);
+            else if (sw >= 7) KVM_WG(64, 2, 1, 1);
+            else KVM_WG(64, 2, 2, 0);
         }
 #undef KVM_WG
         if (KVM_CU_LAUNCH("attention (wgmma)")) return;
