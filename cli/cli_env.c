@@ -57,7 +57,6 @@ static const struct {
     {"KVM_CUDA_SKINNY", "skinny"},
     {"KVM_CUDA_SKINNY_ROWS", "skinny_rows"},
     {"KVM_CUDA_ATTN_DEC_MMA", "attn_dec_mma"},
-    {"KVM_CUDA_DEC_MERGE", "dec_merge"},
     {"KVM_CUDA_NO_MMA_ATTN", "no_mma_attn"},
     {"KVM_CUDA_MMA_OCC", "mma_occ"},
     {"KVM_CUDA_ATTN_WG", "attn_wg"},

@@ -581,15 +581,13 @@ typedef struct kvm_cuda_opts {
                                  per CTA (16) */
     bool attn_dec_mma;        /* attn_dec_mma: decode attention of 16-bit caches (head_dim 64, 128) on the
                                  tensor cores; 0: the generic split-K kernel (true) */
-    bool dec_merge;           /* dec_merge: the tensor-core decode attention merges its context splits in the last
-                                 CTA of each group instead of a merge kernel (false until measured on a GPU) */
     bool no_mma_attn;         /* no_mma_attn: prefill attention through the split-K kernel (false) */
     int attn_wg;              /* attn_wg: prefill attention by warpgroup MMAs (wgmma) where sm_90a code was built
-                                 and the GPU is a Hopper (kvm_cuda_attn_wg_available); 0 off, 1 on; 2..4 read the
-                                 shared-memory descriptors' byte offsets the other ways (a probe of the layout
-                                 convention, for test_cuda_ops); 5 as 1 with one stage of V (3 CTAs per SM instead
-                                 of 2); 6 as 1 with three stages and S of the next tile computed during the softmax
-                                 (0 until measured on a GPU) */
+                                 and the GPU is a Hopper (kvm_cuda_attn_wg_available): 0 off; 1 no-swizzle tiles,
+                                 two stages of K and V; 5 one stage of V (3 CTAs per SM); 6 three stages and S of
+                                 the next tile during the softmax; 7 128-byte-swizzled tiles, one stage of V; 8 as 7
+                                 with V's descriptor offsets read the other way (7 and 8 not yet run on a GPU). 1, 5
+                                 and 6 ran 9-20% slower than k_attn_mma on the H100 (docs/perf/engine.md) (0) */
     int mma_occ;              /* mma_occ: CTAs per SM the prefill attention's registers are capped for: 3, or 1
                                  (no cap) (3) */
     bool ffn;                 /* ffn: the fused MLP op (true) */

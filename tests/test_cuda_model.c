@@ -272,21 +272,19 @@ static void run_turns5(kvm_model_t *m, int n, float *lg) {
  * the 4-row skinny GEMM with its 16-bit input left by the norms and the attention merge, captured decode graphs),
  * the same logits bit for bit with PDL off and with PDL on the GEMMs (the default), whose weight reads before the
  * PDL wait (opts.prefetch 2: into registers, 1: L2 prefetches, 0: none) would show a missing wait as a
- * difference; and with the decode attention's splits merged by its last CTA per group (opts.dec_merge). */
+ * difference. */
 static void test_bf16_decode_computes_the_same_bits_under_every_launch_setting(void **st) {
     (void)st;
     NEED_GPU();
     const kvm_cuda_opts_t before = kvm_cuda_get_opts();
-    /* pdl, prefetch, dec_merge (the decode attention's splits merged by the kernel's last CTA per group) */
-    const char *settings[5][3] = {{"0", "2", "0"}, {"1", "2", "0"}, {"1", "1", "0"}, {"1", "0", "0"}, {"1", "2", "1"}};
+    const char *settings[4][2] = {{"0", "2"}, {"1", "2"}, {"1", "1"}, {"1", "0"}}; /* pdl, prefetch */
     const int n = 24;
-    float *lg[5] = {NULL, NULL, NULL, NULL, NULL};
+    float *lg[4] = {NULL, NULL, NULL, NULL};
     int V = 0, graphs = 0;
-    for (int c = 0; c < 5; c++) {
+    for (int c = 0; c < 4; c++) {
         kvm_cuda_opts_t o = before;
         assert_int_equal(kvm_cuda_opts_parse(&o, "pdl", settings[c][0]), 0);
         assert_int_equal(kvm_cuda_opts_parse(&o, "prefetch", settings[c][1]), 0);
-        assert_int_equal(kvm_cuda_opts_parse(&o, "dec_merge", settings[c][2]), 0);
         assert_int_equal(kvm_cuda_set_opts(&o), 0);
         kvm_model_t *m = load_on("synthetic:tiny-llama", "cuda", false);
         V = m->cfg.vocab_size;
@@ -298,12 +296,11 @@ static void test_bf16_decode_computes_the_same_bits_under_every_launch_setting(v
     assert_int_equal(kvm_cuda_set_opts(&before), 0);
     const size_t bytes = (size_t)n * 5 * V * 4;
     fprintf(stderr, "launch settings: %d decode graphs; logits against pdl off: pdl on %s, + prefetch 1 %s, + prefetch 0 "
-            "%s, + dec_merge %s\n", graphs, memcmp(lg[1], lg[0], bytes) ? "DIFFER" : "identical",
-            memcmp(lg[2], lg[0], bytes) ? "DIFFER" : "identical", memcmp(lg[3], lg[0], bytes) ? "DIFFER" : "identical",
-            memcmp(lg[4], lg[0], bytes) ? "DIFFER" : "identical");
+            "%s\n", graphs, memcmp(lg[1], lg[0], bytes) ? "DIFFER" : "identical",
+            memcmp(lg[2], lg[0], bytes) ? "DIFFER" : "identical", memcmp(lg[3], lg[0], bytes) ? "DIFFER" : "identical");
     assert_int_equal(graphs, 2);
-    for (int c = 1; c < 5; c++) assert_memory_equal(lg[c], lg[0], bytes);
-    for (int c = 0; c < 5; c++) free(lg[c]);
+    for (int c = 1; c < 4; c++) assert_memory_equal(lg[c], lg[0], bytes);
+    for (int c = 0; c < 4; c++) free(lg[c]);
 }
 
 /* 32 greedy tokens of a synthetic model with bf16 weights on the GPU, identical to the CPU engine. */

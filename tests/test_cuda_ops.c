@@ -1001,16 +1001,6 @@ static void check_attention(kvm_dtype_t dt, int heads, int kvh, int hd, const at
         probe_free(&pg);
     }
     float *out = host_from(dout, (size_t)total_rows * heads * hd);
-    if (kvm_cuda_get_opts().dec_merge) { /* the splits merged in the kernel: the same bits as by the merge kernel */
-        cuda_switch("dec_merge", "0");
-        float *dout2 = dev_poisoned((size_t)total_rows * heads * hd);
-        G->attention(dout2, dq, dpool, &g, layer, heads, &gb, scale);
-        float *out2 = host_from(dout2, (size_t)total_rows * heads * hd);
-        assert_memory_equal(out, out2, (size_t)total_rows * heads * hd * sizeof(float));
-        cuda_switch("dec_merge", "1");
-        G->free(dout2);
-        free(out2);
-    }
     /* the cache itself must be identical after the writes */
     void *gpool = malloc(pool_bytes);
     assert_int_equal(G->d2h(gpool, dpool, pool_bytes), 0);
@@ -1069,11 +1059,6 @@ static void test_attention_16bit_decode_kernels_match_cpu_on_decode_batches(void
     const kvm_cuda_opts_t before = kvm_cuda_get_opts();
     cuda_switch("attn_dec_mma", "1");
     check_dec_cases("tensor cores");
-    /* the splits merged by each group's last CTA: twice in a row (the counts must be back at 0 after a launch) */
-    cuda_switch("dec_merge", "1");
-    check_dec_cases("merged in the kernel");
-    check_dec_cases("merged in the kernel, again");
-    cuda_switch("dec_merge", "0");
     cuda_switch("attn_dec_mma", "0"); /* the generic split-K kernel */
     check_attention(KVM_BF16, 32, 8, 128, &DECODE, 1e-5, "decode, split-K");
     check_attention(KVM_F16, 14, 2, 64, &DECODE_LONG, 1e-5, "long decode, split-K");
@@ -1097,12 +1082,11 @@ static void test_attention_bf16_tensor_core_prefill_matches_cpu(void **st) {
 }
 
 /* The warpgroup-MMA prefill kernel (opts.attn_wg; sm_90a build on a compute-capability-9.0 GPU) on the cases of the
- * mma.sync kernel. g_wg_reading picks the reading of the shared-memory descriptors: 1 (the default, asserted) is the
- * PTX ISA's canonical one; 2..4 swap the leading and stride byte offsets of the K-major and/or the MN-major operand
- * and only report their failures, as do 7 and 8 (the 128-byte swizzle, V's offsets read one way or the other). They
- * run one per process (`test_cuda_ops '*wgmma*' N`), since a wrong reading may read past the CTA's shared memory and
- * end the CUDA context. */
-static int g_wg_reading = 1;
+ * mma.sync kernel: attn_wg 1, 5 and 6 (no-swizzle tiles; checked on the H100), or the one setting g_wg_setting names
+ * (`test_cuda_ops '*wgmma*' N`), which only reports its failures: 7 and 8, the 128-byte swizzle with V's descriptor
+ * offsets read one way or the other, until a GPU run has told which is right (a wrong reading may read past the
+ * CTA's shared memory and end the CUDA context, so they run one per process). */
+static int g_wg_setting = 0;
 static void test_attention_wgmma_prefill_matches_cpu(void **st) {
     (void)st;
     NEED_GPU();
@@ -1111,21 +1095,20 @@ static void test_attention_wgmma_prefill_matches_cpu(void **st) {
         skip();
     }
     const kvm_cuda_opts_t before = kvm_cuda_get_opts();
-    /* reading 1 with two stages of K and V, with one of V (attn_wg 5), pipelined (6); or the one reading probed */
-    const int runs[3] = {g_wg_reading, g_wg_reading == 1 ? 5 : 0, g_wg_reading == 1 ? 6 : 0};
+    const int runs[3] = {g_wg_setting ? g_wg_setting : 1, g_wg_setting ? 0 : 5, g_wg_setting ? 0 : 6};
     for (int i = 0; i < 3 && runs[i]; i++) {
         char val[16];
         snprintf(val, sizeof val, "%d", runs[i]);
         cuda_switch("attn_wg", val);
         printf("  -- attn_wg %d\n", runs[i]);
-        g_soft = g_wg_reading != 1, g_soft_fails = 0;
+        g_soft = g_wg_setting != 0, g_soft_fails = 0;
         check_attention(KVM_BF16, 4, 2, 128, &PREFILL, 1e-2, "prefill, wgmma");
         check_attention(KVM_BF16, 8, 2, 64, &PREFILL, 1e-2, "prefill, wgmma");
         check_attention(KVM_BF16, 8, 2, 64, &MIXED, 1e-2, "mixed, wgmma");
         check_attention(KVM_F16, 16, 8, 128, &MIXED, 1e-2, "mixed, wgmma");
         check_attention(KVM_BF16, 8, 2, 128, &PREFILL_LONG, 1e-2, "long prefill, wgmma");
         check_attention(KVM_F16, 4, 4, 64, &PREFILL_LONG, 1e-2, "long prefill, wgmma");
-        if (g_soft) printf("  attn_wg %d (descriptor reading probe): %d of 6 cases over tolerance\n", runs[i], g_soft_fails);
+        if (g_soft) printf("  attn_wg %d (probe): %d of 6 cases over tolerance\n", runs[i], g_soft_fails);
         g_soft = false;
     }
     assert_int_equal(kvm_cuda_set_opts(&before), 0);
@@ -1262,14 +1245,17 @@ static void test_backend_without_gpu_says_why(void **st) {
     assert_null(kvm_ops_select("cuda"));
 }
 
-/* test_cuda_ops [FILTER [WG_READING]]: FILTER selects tests by name (cmocka's pattern, e.g. '*wgmma*'); WG_READING
- * the attn_wg setting of the wgmma test (1..8, see test_attention_wgmma_prefill_matches_cpu). */
+/* test_cuda_ops [FILTER [ATTN_WG]]: FILTER selects tests by name (cmocka's pattern, e.g. '*wgmma*'); ATTN_WG the one
+ * attn_wg setting the wgmma test probes (see test_attention_wgmma_prefill_matches_cpu). */
 int main(int argc, char **argv) {
     if (argc > 1) cmocka_set_test_filter(argv[1]);
-    if (argc > 2) g_wg_reading = atoi(argv[2]);
-    if (g_wg_reading < 1 || g_wg_reading > 8) {
-        fprintf(stderr, "test_cuda_ops: WG_READING must be 1..8, not '%s'\n", argv[2]);
-        return 2;
+    if (argc > 2) {
+        g_wg_setting = atoi(argv[2]);
+        kvm_cuda_opts_t o = kvm_cuda_opts_default();
+        if (g_wg_setting <= 0 || kvm_cuda_opts_parse(&o, "attn_wg", argv[2])) {
+            fprintf(stderr, "test_cuda_ops: ATTN_WG must be a non-zero attn_wg setting, not '%s'\n", argv[2]);
+            return 2;
+        }
     }
     C = kvm_ops_cpu();
     G = kvm_ops_cuda();

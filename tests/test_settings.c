@@ -129,7 +129,7 @@ static void test_the_synthetic_seed_option_chooses_the_weights(void **st) {
 static bool opts_equal(const kvm_cuda_opts_t *a, const kvm_cuda_opts_t *b) {
 #define SAME(f) (a->f == b->f)
     return SAME(device) && SAME(profile) && SAME(pdl) && SAME(prefetch) && SAME(skinny) &&
-           SAME(skinny_rows) && SAME(attn_dec_mma) && SAME(dec_merge) && SAME(no_mma_attn) && SAME(attn_wg) &&
+           SAME(skinny_rows) && SAME(attn_dec_mma) && SAME(no_mma_attn) && SAME(attn_wg) &&
            SAME(mma_occ) && SAME(ffn) && SAME(ffn_gemv) && SAME(qkv_fuse) &&
            SAME(qkv16) && SAME(norm16) && SAME(y16) && SAME(norm_v) && SAME(kvcomm_dist);
 #undef SAME
@@ -146,7 +146,7 @@ static void test_every_cuda_switch_rejects_a_value_outside_its_list_naming_the_s
         {"prefetch", "5", "cuda prefetch: '5' is not one of 0, 1, 2"},
         {"skinny", "gemm", "cuda skinny: 'gemm' is not one of auto, gemv, mma"},
         {"skinny_rows", "48", "cuda skinny_rows: '48' is not one of 16, 32, 64"},
-        {"dec_merge", "yes", "cuda dec_merge: 'yes' is not one of 0, 1"},
+        {"attn_wg", "2", "cuda attn_wg: '2' is not one of 0, 1, 5, 6, 7, 8"},
         {"attn_dec_mma", "", "cuda attn_dec_mma: '' is not one of 0, 1"},
         {"no_mma_attn", "true", "cuda no_mma_attn: 'true' is not one of 0, 1"},
         {"mma_occ", "2", "cuda mma_occ: '2' is not one of 1, 3"},
@@ -186,8 +186,9 @@ static void test_cuda_switches_parse_into_their_fields(void **st) {
     assert_false(o.pdl);
     assert_int_equal(kvm_cuda_opts_parse(&o, "mma_occ", "1"), 0);
     assert_int_equal(o.mma_occ, 1);
-    assert_int_equal(kvm_cuda_opts_parse(&o, "dec_merge", "1"), 0);
-    assert_true(o.dec_merge);
+    assert_int_equal(kvm_cuda_opts_parse(&o, "attn_wg", "7"), 0);
+    assert_int_equal(o.attn_wg, 7);
+    assert_int_equal(kvm_cuda_opts_parse(&o, "dec_merge", "1"), KVM_EINVAL); /* removed after the H100 call */
     assert_int_equal(kvm_cuda_opts_parse(&o, "pdl_chain", "1"), KVM_EINVAL); /* removed after the H100 call */
     assert_int_equal(kvm_cuda_opts_parse(&o, "device", "3"), 0);
     assert_int_equal(o.device, 3);

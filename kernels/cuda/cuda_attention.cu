@@ -188,22 +188,19 @@ __global__ void __launch_bounds__(SPLIT_WARPS * 32)
 /* ==== merge of the splits ===================================================================================== */
 
 /* One (row, head)'s n_splits partials pp[sp * (D + 2)] = (m, l, acc[D]): their largest m, and output dimension d
- * combined from them (the same arithmetic wherever the merge runs; CG: loads through L2 only, for partials other
- * CTAs of the running grid wrote) */
-template <bool CG> __device__ __forceinline__ float ld_partial(const float *p) { return CG ? __ldcg(p) : *p; }
-template <bool CG> __device__ __forceinline__ float merge_max(const float *pp, int D, int n_splits) {
+ * combined from them */
+__device__ __forceinline__ float merge_max(const float *pp, int D, int n_splits) {
     float M = -INFINITY;
-    for (int sp = 0; sp < n_splits; sp++) M = fmaxf(M, ld_partial<CG>(pp + (size_t)sp * (D + 2)));
+    for (int sp = 0; sp < n_splits; sp++) M = fmaxf(M, pp[(size_t)sp * (D + 2)]);
     return M;
 }
-template <bool CG> __device__ __forceinline__ float merge_dim(const float *pp, int D, int n_splits, int d, float M) {
+__device__ __forceinline__ float merge_dim(const float *pp, int D, int n_splits, int d, float M) {
     float a = 0.0f, l = 0.0f;
     for (int sp = 0; sp < n_splits; sp++) {
         const float *p = pp + (size_t)sp * (D + 2);
-        const float m = ld_partial<CG>(p);
-        const float w = m == -INFINITY ? 0.0f : __expf(m - M);
-        l += ld_partial<CG>(p + 1) * w;
-        a += ld_partial<CG>(p + 2 + d) * w;
+        const float w = p[0] == -INFINITY ? 0.0f : __expf(p[0] - M);
+        l += p[1] * w;
+        a += p[2 + d] * w;
     }
     return a / l;
 }
@@ -216,9 +213,9 @@ __global__ void k_attn_merge(float *__restrict__ out, const float *__restrict__ 
     kvm_pdl_trigger();
     const int wi = blockIdx.x;
     const float *pp = partial + (size_t)wi * n_splits * (D + 2);
-    const float M = merge_max<false>(pp, D, n_splits);
+    const float M = merge_max(pp, D, n_splits);
     for (int d = threadIdx.x; d < D; d += blockDim.x) {
-        const float o = merge_dim<false>(pp, D, n_splits, d, M);
+        const float o = merge_dim(pp, D, n_splits, d, M);
         out[(size_t)wi * D + d] = o;
         if (outh) outh[(size_t)wi * D + d] = kvm_from_f32<TH>(o);
     }
@@ -652,25 +649,21 @@ template <int D, int SW> __device__ __forceinline__ uint32_t wg_chunk(int r, int
     if constexpr (SW == 0) return 16u * (uint32_t)((r >> 3) * D + c * 8 + (r & 7));
     else return (uint32_t)((c >> 3) * 8192 + r * 128 + (((c & 7) ^ (r & 7)) << 4));
 }
-/* The descriptor of the K-major operand (Q, K) of k-step kk (16 values along D) in the tile at tile; var bit 0 reads
- * the no-swizzle offsets the other way (the layout probe). Swizzled: 8-row groups 1024 bytes apart (the leading
- * offset is unused), k-steps 32 bytes into the 128-byte rows of a column block. */
-template <int D, int SW> __device__ __forceinline__ uint64_t wg_desc_k(uint32_t tile, int kk, int var) {
-    if constexpr (SW == 0)
-        return var & 1 ? wg_desc(tile + kk * 256, 16 * D, 128) : wg_desc(tile + kk * 256, 128, 16 * D);
+/* The descriptor of the K-major operand (Q, K) of k-step kk (16 values along D) in the tile at tile. No swizzle:
+ * 16-byte chunks along D 128 bytes apart (leading offset), 8-row groups 16 D apart (stride); as measured on the H100,
+ * the other reading fails every case. Swizzled: 8-row groups 1024 bytes apart (the leading offset is unused),
+ * k-steps 32 bytes into the 128-byte rows of a column block. */
+template <int D, int SW> __device__ __forceinline__ uint64_t wg_desc_k(uint32_t tile, int kk) {
+    if constexpr (SW == 0) return wg_desc(tile + kk * 256, 128, 16 * D);
     else return wg_desc(tile + (kk >> 2) * 8192 + (kk & 3) * 32, 16, 1024, 1);
 }
-/* The descriptor of the MN-major operand V of k-step kj (16 keys: two 8-row groups); var bit 1 reads the offsets the
- * other way. No swizzle: key groups 16 D bytes apart (leading), 16-byte chunks along D 128 apart (stride). Swizzled:
- * column blocks of 64 values 8 KiB apart (leading), key groups 1024 bytes apart (stride). */
-template <int D, int SW> __device__ __forceinline__ uint64_t wg_desc_v(uint32_t tile, int kj, int var) {
-    if constexpr (SW == 0) {
-        const uint32_t at = tile + kj * 32 * D;
-        return var & 2 ? wg_desc(at, 128, 16 * D) : wg_desc(at, 16 * D, 128);
-    } else {
-        const uint32_t at = tile + kj * 2048;
-        return var & 2 ? wg_desc(at, 1024, 8192, 1) : wg_desc(at, 8192, 1024, 1);
-    }
+/* The descriptor of the MN-major operand V of k-step kj (16 keys: two 8-row groups). No swizzle: key groups 16 D
+ * bytes apart (leading), 16-byte chunks along D 128 apart (stride); measured on the H100 (the other reading reads
+ * past the tile). Swizzled: column blocks of 64 values 8 KiB apart (leading), key groups 1024 bytes apart (stride),
+ * or, swap (attn_wg 8, not yet run on a GPU), the other way round. */
+template <int D, int SW> __device__ __forceinline__ uint64_t wg_desc_v(uint32_t tile, int kj, bool swap) {
+    if constexpr (SW == 0) return wg_desc(tile + kj * 32 * D, 16 * D, 128);
+    else return swap ? wg_desc(tile + kj * 2048, 1024, 8192, 1) : wg_desc(tile + kj * 2048, 8192, 1024, 1);
 }
 /* Bytes of one [64][D] 16-bit tile. */
 template <int D> __host__ __device__ constexpr size_t wg_tile_bytes() { return (size_t)64 * D * 2; }
@@ -735,8 +728,7 @@ __device__ __forceinline__ void wg_landed() {
     __syncthreads();
 }
 
-/* var (opts.attn_wg - 1) picks which byte offset of a descriptor is the leading and which the stride one, for the
- * K-major (bit 0) and the MN-major (bit 1) operands; 0 is the PTX ISA's canonical reading. KS / VS: stages of K and V.
+/* KS / VS: stages of K and V; SW: the tiles' layout (wg_chunk); vswap: V's swizzled descriptor read the other way.
  *  - KS 2, VS 2 (80 KiB at D = 128, 2 CTAs per SM): tile j + 1's K and V load while tile j computes.
  *  - KS 2, VS 1 (64 KiB, 3 CTAs per SM): V j + 1 loads once P V j is done, while S j + 1 and its softmax run.
  *  - KS 3, VS 3 (112 KiB, 2 CTAs per SM): tiles load two ahead, and S = Q K^T of tile j + 1 is issued before the
@@ -747,7 +739,7 @@ __global__ void __launch_bounds__(128, VS == 1 ? 3 : 2)
     k_attn_wg(float *__restrict__ out, const float *__restrict__ q, const T *__restrict__ kv, int L, int H, int layer,
               int heads, int group, const int32_t *__restrict__ row_start, const int32_t *__restrict__ ctx_len,
               const int32_t *__restrict__ block_table, int max_blocks, float scale_log2, __nv_bfloat16 *__restrict__ outb,
-              __half *__restrict__ outf, const int32_t *__restrict__ qpos, int var) {
+              __half *__restrict__ outf, const int32_t *__restrict__ qpos, bool vswap) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     static_assert((KS == 2 && (VS == 1 || VS == 2)) || (KS == 3 && VS == 3), "k_attn_wg: stages 2/2, 2/1 or 3/3");
     constexpr bool PIPE = KS == 3;
@@ -775,7 +767,7 @@ __global__ void __launch_bounds__(128, VS == 1 ? 3 : 2)
         wg_fence();
 #pragma unroll
         for (int kk = 0; kk < D / 16; kk++)
-            wg_t<T>::ss_n64(&sc[0][0], wg_desc_k<D, SW>(sbase, kk, var), wg_desc_k<D, SW>(sbase + k_at(j), kk, var), kk);
+            wg_t<T>::ss_n64(&sc[0][0], wg_desc_k<D, SW>(sbase, kk), wg_desc_k<D, SW>(sbase + k_at(j), kk), kk);
         wg_commit();
     };
     /* O += P V of tile j, k-steps of 16 keys */
@@ -783,7 +775,7 @@ __global__ void __launch_bounds__(128, VS == 1 ? 3 : 2)
         wg_fence();
 #pragma unroll
         for (int kj = 0; kj < 4; kj++) {
-            const uint64_t dv = wg_desc_v<D, SW>(sbase + v_at(j), kj, var);
+            const uint64_t dv = wg_desc_v<D, SW>(sbase + v_at(j), kj, vswap);
             if constexpr (D == 128) wg_t<T>::rs_n128_mn(&o[0][0], pa[kj], dv);
             else wg_t<T>::rs_n64_mn(&o[0][0], pa[kj], dv);
         }
@@ -887,7 +879,7 @@ __global__ void __launch_bounds__(128, VS == 1 ? 3 : 2)
     attn_store_rows<D>(out, outb, outf, o, w.l_a, w.l_b, r0, qr_a, qr_b, nrows, heads, h);
 #else
     (void)out, (void)q, (void)kv, (void)L, (void)H, (void)layer, (void)heads, (void)group, (void)row_start, (void)ctx_len;
-    (void)block_table, (void)max_blocks, (void)scale_log2, (void)outb, (void)outf, (void)qpos, (void)var;
+    (void)block_table, (void)max_blocks, (void)scale_log2, (void)outb, (void)outf, (void)qpos, (void)vswap;
     __trap(); /* the host launches it only where sm_90a code was built (kvm_cuda_attn_wg_available) */
 #endif
 }
@@ -921,8 +913,7 @@ __global__ void __launch_bounds__(128)
     k_attn_dec(float *__restrict__ out, float *__restrict__ partial, const float *__restrict__ q, const T *__restrict__ kv,
                int L, int H, int layer, int heads, int group, int hchunks, const int32_t *__restrict__ row_start,
                const int32_t *__restrict__ ctx_len, const int32_t *__restrict__ block_table, int n_seqs, int max_blocks,
-               float scale_log2, int n_splits, int chunk, const int32_t *__restrict__ qpos, int *__restrict__ counters,
-               void *__restrict__ outh, int outh_bf16) {
+               float scale_log2, int n_splits, int chunk, const int32_t *__restrict__ qpos) {
     constexpr int DP = D + 8;
     kvm_pdl_trigger();
     extern __shared__ __align__(16) unsigned char dec_smem[];
@@ -1059,28 +1050,6 @@ __global__ void __launch_bounds__(128)
         store_split(out, partial, (size_t)r * heads + h0 + hh, D, d, n_splits, split, a, ls,
                     M == -INFINITY ? -INFINITY : M * LN2);
     }
-    /* opts.dec_merge: the group's last CTA to finish (counted per blockIdx.x, its splits being blockIdx.y) merges
-     * the splits, as k_attn_merge would (outh: the output rounded to 16 bits too, bf16 or f16), and sets the count
-     * back to 0 for the next launch or graph replay */
-    if (counters && n_splits > 1) {
-        __shared__ bool last;
-        __threadfence(); /* this CTA's partials are visible to the whole device before it counts itself */
-        __syncthreads();
-        if (threadIdx.x == 0) last = atomicAdd(&counters[blockIdx.x], 1) == n_splits - 1;
-        __syncthreads();
-        if (!last) return;
-        __threadfence();
-        for (int e = threadIdx.x; e < G * D; e += blockDim.x) {
-            const int hh = e / D, d = e % D;
-            const size_t wi = (size_t)r * heads + h0 + hh;
-            const float *pp = partial + wi * n_splits * (D + 2);
-            const float o = merge_dim<true>(pp, D, n_splits, d, merge_max<true>(pp, D, n_splits));
-            out[wi * D + d] = o;
-            if (outh && outh_bf16) static_cast<__nv_bfloat16 *>(outh)[wi * D + d] = kvm_from_f32<__nv_bfloat16>(o);
-            else if (outh) static_cast<__half *>(outh)[wi * D + d] = kvm_from_f32<__half>(o);
-        }
-        if (threadIdx.x == 0) counters[blockIdx.x] = 0;
-    }
 }
 
 /* ==== dispatch ================================================================================================== */
@@ -1119,7 +1088,7 @@ static void launch_split(float *out, const float *q, const T *kv, const kvm_kv_g
         partial = (float *)(ws + poff);
     }
     dim3 grid((unsigned)ctas, (unsigned)n_splits);
-    bool launched = false, merged = false;
+    bool launched = false;
     if constexpr (sizeof(T) == 2) {
         if (dec) {
             static bool attr_set = false; /* per instantiation of this template (T) */
@@ -1131,21 +1100,14 @@ static void launch_split(float *out, const float *q, const T *kv, const kvm_kv_g
                 attr_set = true;
             }
             const float sl2 = scale * 1.4426950408889634f;
-            /* opts.dec_merge: the splits merged by the kernel's last CTA of each group */
-            merged = g_cuda.opts.dec_merge && n_splits > 1 && ctas <= g_cuda.dec_counters_n;
-            int *ctr = merged ? g_cuda.dec_counters : NULL;
-            void *mh = merged && half_copy ? ws : NULL;
-            const int mbf = hdt == KVM_BF16;
 #define KVM_DEC(DD)                                                                                                     \
     k_attn_dec<T, DD><<<grid, 128, dec_smem_bytes<T, DD>(), S>>>(out, partial, q, kv, g->n_layers, H, layer, heads, group, \
                                                                  hchunks, b->row_start, b->ctx_len, b->block_table,      \
-                                                                 b->n_seqs, b->max_blocks, sl2, n_splits, chunk, b->q_pos, \
-                                                                 ctr, mh, mbf)
+                                                                 b->n_seqs, b->max_blocks, sl2, n_splits, chunk, b->q_pos)
             if (D == 128) KVM_DEC(128);
             else KVM_DEC(64);
 #undef KVM_DEC
             if (KVM_CU_LAUNCH("attention (tensor-core decode)")) return;
-            if (mh) kvm_cuda_set_rounded(out, n_out, hdt);
             launched = true;
         }
     }
@@ -1161,7 +1123,7 @@ static void launch_split(float *out, const float *q, const T *kv, const kvm_kv_g
         if (KVM_CU_LAUNCH("attention (split)")) return;
     }
 #undef KVM_SPLIT
-    if (n_splits > 1 && !merged) {
+    if (n_splits > 1) {
         const dim3 mg((unsigned)(b->total_rows * heads)), mb(D <= 128 ? 128 : 256);
         void *xh = half_copy ? ws : NULL;
         if (xh && hdt == KVM_BF16)
@@ -1197,14 +1159,14 @@ static void launch_mma(float *out, const float *q, const T *kv, const kvm_kv_geo
 #undef KVM_WG_ATTR
             wg_attr = true;
         }
-        /* attn_wg 1..4: the no-swizzle descriptor readings with two stages of K and V; 5: reading 1 with one stage of
-         * V; 6: reading 1 with three stages and S of the next tile during the softmax; 7: the 128-byte swizzle with
-         * one stage of V; 8: 7 with V's offsets read the other way */
-        const int sw = g_cuda.opts.attn_wg, var = sw == 8 ? 2 : sw >= 5 ? 0 : sw - 1;
+        /* attn_wg 1: no swizzle, two stages of K and V; 5: one stage of V; 6: three stages and S of the next tile during
+         * the softmax; 7: the 128-byte swizzle with one stage of V; 8: 7 with V's descriptor offsets the other way */
+        const int sw = g_cuda.opts.attn_wg;
+        const bool vswap = sw == 8;
 #define KVM_WG(DD, KS, VS, SW)                                                                                          \
     k_attn_wg<T, DD, KS, VS, SW><<<grid, 128, wg_smem_bytes<DD, KS, VS>(), S>>>(                                       \
         out, q, kv, g->n_layers, g->n_kv_heads, layer, heads, group, b->row_start, b->ctx_len, b->block_table,          \
-        b->max_blocks, sl2, outb, outf, b->q_pos, var)
+        b->max_blocks, sl2, outb, outf, b->q_pos, vswap)
         if (g->head_dim == 128) {
             if (sw == 5) KVM_WG(128, 2, 1, 0);
             else if (sw == 6) KVM_WG(128, 3, 3, 0);

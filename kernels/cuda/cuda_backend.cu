@@ -375,10 +375,6 @@ static int cu_init(void) {
         return kvm_seterr(KVM_ENOMEM, "cuda: cannot allocate the cuBLAS workspace: %s", cudaGetErrorString(e));
     cublasSetWorkspace(g_cuda.blas, g_cuda.blas_ws, g_cuda.blas_ws_bytes);
     if (!kvm_cuda_scratch((size_t)64 << 20)) return cu_take_error();
-    g_cuda.dec_counters_n = 1 << 16; /* CTA groups of one decode attention launch (rows x KV heads x head chunks) */
-    if ((e = cudaMalloc(&g_cuda.dec_counters, (size_t)g_cuda.dec_counters_n * sizeof(int))) != cudaSuccess ||
-        (e = cudaMemset(g_cuda.dec_counters, 0, (size_t)g_cuda.dec_counters_n * sizeof(int))) != cudaSuccess)
-        return kvm_seterr(KVM_ENOMEM, "cuda: cannot allocate the decode attention's counters: %s", cudaGetErrorString(e));
     if (g_cuda.opts.profile) g_kvm_prof_on = 1;
     g_cuda.ready = 1;
     return 0;

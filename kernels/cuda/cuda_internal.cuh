@@ -35,9 +35,6 @@ struct kvm_cuda_ctx {
     void *ws;                /* scratch of the ops (bf16 activations, attention partials, ...) */
     size_t ws_bytes;
     void *retired[48];       /* outgrown scratch buffers, kept alive (see kvm_cuda_scratch) */
-    int *dec_counters;       /* opts.dec_merge: per CTA group of the decode attention, its splits done (zero
-                                between launches: the group's last CTA resets it) */
-    int dec_counters_n;
     int n_retired;
     int err_code;            /* sticky first error of a void op (0 = none) */
     char err_msg[512];

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # launch17.sh - one GPU call for issue 17 against the previous path (BASE) in the same call: this commit's default
 # and what a commit adds behind a switch that is off until measured (NEW: a '+'-joined list of KVM_CUDA_* settings
-# without the prefix; default DEC_MERGE=1, the decode attention merging its splits in the kernel). Run from the repo root on the GPU machine with .gpu-i17/ (this commit:
+# without the prefix; default ATTN_WG=7, the wgmma prefill attention on 128-byte-swizzled tiles). Run from the repo root on the GPU machine with .gpu-i17/ (this commit:
 # `scripts/gpu/issue17.sh bundle` here) and BASE=DIR carried (default .gpu-base: kvmesh of 5fc863f, the decode path
 # before the 2026-12-07 changes; remade by `scripts/gpu/bundle_tests.sh base BUILD kvmesh` in a build of that
 # commit). Steps in order of need, so that a call cut
@@ -38,8 +38,9 @@ if want parity; then
   done > "$OUT/parity.log" 2>&1
   grep -E "^==|launch settings|rope_qk_kv_write|skinny GEMM after|gemv|PASSED|FAILED|rc=" "$OUT/parity.log" | head -60
 fi
-if want wgprobe; then   # the wgmma kernel's other descriptor readings (attn_wg 2..4), one process each: which pass
-  for v in 2 3 4; do
+if want wgprobe; then   # the wgmma kernel's swizzled settings (attn_wg 7, 8: V's descriptor offsets read either
+  # way), one process each: which passes (then time it with CONFIGS / CONFIGS4K)
+  for v in ${WG_PROBE:-7 8}; do
     echo "== test_cuda_ops '*wgmma*' $v ($(date -u +%T))"
     LD_LIBRARY_PATH=$B/lib timeout 60 "$B/test_cuda_ops" '*wgmma*' $v 2>&1 | grep -E "attention|attn_wg|PASSED|FAILED|rror" | tail -12
     echo "rc=${PIPESTATUS[0]}"
@@ -57,7 +58,7 @@ engine() {   # $1 = config; more arguments go to bench engine
   env LD_LIBRARY_PATH="$lib" "${envs[@]}" timeout 120 "$bin/kvmesh" bench engine --synthetic llama-3.1-8b --no-eager "$@" 2>&1 |
     grep -E "^\| (TTFT prefill  |decode b=1 \(graph|decode b=16 step \(graph)|^spread|rror"
 }
-NEW=${NEW:-DEC_MERGE=1}   # what a commit adds behind a switch, off by default until measured
+NEW=${NEW:-ATTN_WG=7}   # what a commit adds behind a switch, off by default until measured
 if want engine; then
   { for round in $(seq 1 "${ROUNDS:-3}"); do
       for c in ${CONFIGS:-base default $NEW}; do engine "$c"; done
