@@ -60,6 +60,7 @@ static const struct {
     {"KVM_CUDA_NO_MMA_ATTN", "no_mma_attn"},
     {"KVM_CUDA_MMA_OCC", "mma_occ"},
     {"KVM_CUDA_ATTN_WG", "attn_wg"},
+    {"KVM_CUDA_MMA_LOAD", "mma_load"},
     {"KVM_CUDA_FFN", "ffn"},
     {"KVM_CUDA_FFN_GEMV", "ffn_gemv"},
     {"KVM_CUDA_QKV_FUSE", "qkv_fuse"},

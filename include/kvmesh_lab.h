@@ -590,6 +590,9 @@ typedef struct kvm_cuda_opts {
                                  and 6 ran 9-20% slower than k_attn_mma on the H100 (docs/perf/engine.md) (0) */
     int mma_occ;              /* mma_occ: CTAs per SM the prefill attention's registers are capped for: 3, or 1
                                  (no cap) (3) */
+    bool mma_load;            /* mma_load: k_attn_mma copies its K/V tiles from four block bases per tile, one add per
+                                 copy (the same bytes in the same places; written after the 2026-12-08 device time
+                                 was spent: false until measured) */
     bool ffn;                 /* ffn: the fused MLP op (true) */
     bool ffn_gemv;            /* ffn_gemv: batch-1 gate+up GEMV with the SwiGLU in its epilogue (false) */
     bool qkv_fuse;            /* qkv_fuse: q/k/v + RoPE + KV write fused (true) */

@@ -84,7 +84,7 @@ const kvm_ops_t *kvm_ops_select(const char *name) {
 
 kvm_cuda_opts_t kvm_cuda_opts_default(void) {
     return (kvm_cuda_opts_t){.device = 0, .profile = false, .pdl = true, .prefetch = 2, .skinny = KVM_CUDA_SKINNY_AUTO,
-                             .skinny_rows = 16, .attn_dec_mma = true, .no_mma_attn = false, .attn_wg = 0, .mma_occ = 3, .ffn = true,
+                             .skinny_rows = 16, .attn_dec_mma = true, .no_mma_attn = false, .attn_wg = 0, .mma_occ = 3, .mma_load = false, .ffn = true,
                              .ffn_gemv = false, .qkv_fuse = true, .qkv16 = true, .norm16 = true, .y16 = true,
                              .norm_v = true, .kvcomm_dist = KVM_CUDA_DIST_V2};
 }
@@ -107,7 +107,7 @@ static const cuda_opt_field_t cuda_fields[] = {
     OPT(skinny, OPT_NAME, "auto, gemv, mma"), OPT(skinny_rows, OPT_NUMBER, "16, 32, 64"),
     OPT(attn_dec_mma, OPT_BOOL, "0, 1"),
     OPT(no_mma_attn, OPT_BOOL, "0, 1"),     OPT(mma_occ, OPT_NUMBER, "1, 3"),
-    OPT(attn_wg, OPT_NUMBER, "0, 1, 5, 6, 7, 8"),
+    OPT(attn_wg, OPT_NUMBER, "0, 1, 5, 6, 7, 8"), OPT(mma_load, OPT_BOOL, "0, 1"),
     OPT(ffn, OPT_BOOL, "0, 1"),
     OPT(ffn_gemv, OPT_BOOL, "0, 1"),        OPT(qkv_fuse, OPT_BOOL, "0, 1"),
     OPT(qkv16, OPT_BOOL, "0, 1"),           OPT(norm16, OPT_BOOL, "0, 1"),

@@ -1079,6 +1079,15 @@ static void test_attention_bf16_tensor_core_prefill_matches_cpu(void **st) {
     check_attention(KVM_F16, 16, 8, 128, &MIXED, 1e-2, "mixed, mma");
     check_attention(KVM_BF16, 8, 2, 128, &PREFILL_LONG, 1e-2, "long prefill, mma");
     check_attention(KVM_F16, 4, 4, 64, &PREFILL_LONG, 1e-2, "long prefill, mma");
+    /* the tiles copied from four block bases per tile (opts.mma_load): the same bytes in the same places */
+    const kvm_cuda_opts_t before = kvm_cuda_get_opts();
+    cuda_switch("mma_load", "1");
+    check_attention(KVM_BF16, 4, 2, 128, &PREFILL, 1e-2, "prefill, mma, mma_load");
+    check_attention(KVM_BF16, 8, 2, 64, &MIXED, 1e-2, "mixed, mma, mma_load");
+    check_attention(KVM_F16, 16, 8, 128, &MIXED, 1e-2, "mixed, mma, mma_load");
+    check_attention(KVM_BF16, 8, 2, 128, &PREFILL_LONG, 1e-2, "long prefill, mma, mma_load");
+    check_attention(KVM_F16, 4, 4, 64, &PREFILL_LONG, 1e-2, "long prefill, mma, mma_load");
+    assert_int_equal(kvm_cuda_set_opts(&before), 0);
 }
 
 /* The warpgroup-MMA prefill kernel (opts.attn_wg; sm_90a build on a compute-capability-9.0 GPU) on the cases of the

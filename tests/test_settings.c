@@ -129,7 +129,7 @@ static void test_the_synthetic_seed_option_chooses_the_weights(void **st) {
 static bool opts_equal(const kvm_cuda_opts_t *a, const kvm_cuda_opts_t *b) {
 #define SAME(f) (a->f == b->f)
     return SAME(device) && SAME(profile) && SAME(pdl) && SAME(prefetch) && SAME(skinny) &&
-           SAME(skinny_rows) && SAME(attn_dec_mma) && SAME(no_mma_attn) && SAME(attn_wg) &&
+           SAME(skinny_rows) && SAME(attn_dec_mma) && SAME(no_mma_attn) && SAME(attn_wg) && SAME(mma_load) &&
            SAME(mma_occ) && SAME(ffn) && SAME(ffn_gemv) && SAME(qkv_fuse) &&
            SAME(qkv16) && SAME(norm16) && SAME(y16) && SAME(norm_v) && SAME(kvcomm_dist);
 #undef SAME

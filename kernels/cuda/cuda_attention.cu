@@ -290,6 +290,34 @@ __device__ __forceinline__ void load_kv_tile(T (*Ks)[D + 8], T (*Vs)[D + 8], con
     cp_async_commit();
 }
 
+/* The copies of load_kv_tile for 64 tokens from a multiple of 16, by 128 threads, with less arithmetic
+ * (opts.mma_load): a thread's chunk c = tid % CH is fixed and its tokens tl0 + RS i (tl0 = tid / CH < 16) fall in
+ * the tile's cache block RS i / 16 at slot tl0 + RS i % 16 (no carry), so four block bases per tile and one add per
+ * copy replace a block-table lookup and two index computations per copy. The same bytes land in the same places. */
+template <typename T, int D>
+__device__ __forceinline__ void load_kv_tile64(T (*Ks)[D + 8], T (*Vs)[D + 8], const T *kv, const int32_t *bt, int L, int H,
+                                               int layer, int kh, int first, int end) {
+    static_assert(KVM_KV_BLOCK == 16, "load_kv_tile64 assumes 16-token cache blocks");
+    constexpr int CH = D / 8, RS = 128 / CH, ITER = 64 * CH / 128;
+    const int tid = threadIdx.x, c = tid % CH, tl0 = tid / CH;
+    const size_t vo = (size_t)H * KVM_KV_BLOCK * D; /* V follows K in a block */
+    const T *base[4];
+#pragma unroll
+    for (int b = 0; b < 4; b++) {
+        const bool ok = first + b * 16 < end;
+        base[b] = ok ? kv + kvm_kv_index_dev(L, H, D, bt[first / KVM_KV_BLOCK + b], layer, 0, kh, tl0) + c * 8 : kv;
+    }
+#pragma unroll
+    for (int i = 0; i < ITER; i++) {
+        const int tl = tl0 + RS * i;
+        const bool ok = first + tl < end;
+        const T *kp = ok ? base[(RS * i) >> 4] + (size_t)((RS * i) & 15) * D : kv;
+        cp_async16(&Ks[tl][c * 8], kp, ok);
+        cp_async16(&Vs[tl][c * 8], ok ? kp + vo : kv, ok);
+    }
+    cp_async_commit();
+}
+
 /* One online-softmax step of the two rows a thread of an m16n8k16 fragment holds (a: row g, b: row g + 8), in log2
  * units: the tile's maxima mx_a / mx_b (this thread's columns) reduced over the quad, the running maxima m_a / m_b
  * moved to them, l and the NO output fragments o rescaled; base_a / base_b: what the tile's scores subtract before
@@ -398,7 +426,7 @@ __device__ __forceinline__ void attn_store_rows(float *out, __nv_bfloat16 *outb,
 /* Shared memory of k_attn_mma: two stages of K and V tiles (the next tile loads while this one computes). */
 template <typename T, int D> constexpr size_t mma_smem_bytes() { return (size_t)2 * 2 * MMA_K * (D + 8) * sizeof(T); }
 
-template <typename T, int D, int MINB>
+template <typename T, int D, int MINB, bool FAST>
 __global__ void __launch_bounds__(128, MINB)
     k_attn_mma(float *__restrict__ out, const float *__restrict__ q, const T *__restrict__ kv, int L, int H, int layer,
                int heads, int group, const int32_t *__restrict__ row_start, const int32_t *__restrict__ ctx_len,
@@ -453,7 +481,8 @@ __global__ void __launch_bounds__(128, MINB)
     const int last_pos = row_pos(min(qt0 + MMA_Q, nrows) - 1);
     const int n_tiles = last_pos / MMA_K + 1;
     auto load_tile = [&](int j, int stage) {
-        load_kv_tile<T, D, MMA_K>(Ksb[stage], Vsb[stage], kv, bt, L, H, layer, kh, j * MMA_K, ctx);
+        if constexpr (FAST) load_kv_tile64<T, D>(Ksb[stage], Vsb[stage], kv, bt, L, H, layer, kh, j * MMA_K, ctx);
+        else load_kv_tile<T, D, MMA_K>(Ksb[stage], Vsb[stage], kv, bt, L, H, layer, kh, j * MMA_K, ctx);
     };
     load_tile(0, 0);
     for (int j = 0; j < n_tiles; j++) {
@@ -1187,16 +1216,30 @@ static void launch_mma(float *out, const float *q, const T *kv, const kvm_kv_geo
     const int occ = g_cuda.opts.mma_occ;
     static bool attr_set = false; /* per instantiation of this template (T) */
     if (!attr_set) {
-        cudaFuncSetAttribute(k_attn_mma<T, 128, 1>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)mma_smem_bytes<T, 128>());
-        cudaFuncSetAttribute(k_attn_mma<T, 64, 1>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)mma_smem_bytes<T, 64>());
-        cudaFuncSetAttribute(k_attn_mma<T, 128, 3>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)mma_smem_bytes<T, 128>());
-        cudaFuncSetAttribute(k_attn_mma<T, 64, 3>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)mma_smem_bytes<T, 64>());
+#define KVM_MMA_ATTR(DD, OCC)                                                                                         \
+    cudaFuncSetAttribute(k_attn_mma<T, DD, OCC, false>, cudaFuncAttributeMaxDynamicSharedMemorySize,                  \
+                         (int)mma_smem_bytes<T, DD>());                                                               \
+    cudaFuncSetAttribute(k_attn_mma<T, DD, OCC, true>, cudaFuncAttributeMaxDynamicSharedMemorySize,                   \
+                         (int)mma_smem_bytes<T, DD>())
+        KVM_MMA_ATTR(128, 1);
+        KVM_MMA_ATTR(64, 1);
+        KVM_MMA_ATTR(128, 3);
+        KVM_MMA_ATTR(64, 3);
+#undef KVM_MMA_ATTR
         attr_set = true;
     }
+    /* opts.mma_load: the tiles copied from four block bases per tile (load_kv_tile64) */
+    const bool fast = g_cuda.opts.mma_load;
+#define KVM_MMA1(DD, OCC, F)                                                                                             \
+    k_attn_mma<T, DD, OCC, F><<<grid, 128, mma_smem_bytes<T, DD>(), S>>>(out, q, kv, g->n_layers, g->n_kv_heads, layer,     \
+                                                                         heads, group, b->row_start, b->ctx_len,         \
+                                                                         b->block_table, b->max_blocks, sl2, outb, outf, \
+                                                                         b->q_pos)
 #define KVM_MMA(DD, OCC)                                                                                                 \
-    k_attn_mma<T, DD, OCC><<<grid, 128, mma_smem_bytes<T, DD>(), S>>>(out, q, kv, g->n_layers, g->n_kv_heads, layer, heads, \
-                                                                      group, b->row_start, b->ctx_len, b->block_table,    \
-                                                                      b->max_blocks, sl2, outb, outf, b->q_pos)
+    do {                                                                                                                 \
+        if (fast) KVM_MMA1(DD, OCC, true);                                                                               \
+        else KVM_MMA1(DD, OCC, false);                                                                                   \
+    } while (0)
     if (g->head_dim == 128) {
         if (occ == 3) KVM_MMA(128, 3);
         else KVM_MMA(128, 1);
@@ -1205,6 +1248,7 @@ static void launch_mma(float *out, const float *q, const T *kv, const kvm_kv_geo
         else KVM_MMA(64, 1);
     }
 #undef KVM_MMA
+#undef KVM_MMA1
     if (KVM_CU_LAUNCH("attention (mma)")) return;
     if (xh) kvm_cuda_set_rounded(out, n_out, hdt);
 }
