@@ -1069,24 +1069,32 @@ static void test_attention_16bit_decode_kernels_match_cpu_on_decode_batches(void
 
 static const attn_case_t PREFILL_LONG = {2, {1000, 300}, {1000, 1100}}; /* tiles wholly below the diagonal */
 
-/* the prefill kernel: short and long prompts, cached prefixes, tiles below every row's diagonal (no mask) */
+/* The prefill kernels' cases: short and long prompts, cached prefixes, tiles below every row's diagonal (no mask),
+ * bf16 and f16, head_dim 64 and 128; `how` names the kernel and setting. */
+static void check_prefill_cases(const char *how) {
+    static const struct {
+        kvm_dtype_t dt;
+        int heads, kvh, hd;
+        const attn_case_t *ac;
+        const char *what;
+    } cs[] = {{KVM_BF16, 4, 2, 128, &PREFILL, "prefill"},           {KVM_BF16, 8, 2, 64, &PREFILL, "prefill"},
+              {KVM_BF16, 8, 2, 64, &MIXED, "mixed"},                 {KVM_F16, 16, 8, 128, &MIXED, "mixed"},
+              {KVM_BF16, 8, 2, 128, &PREFILL_LONG, "long prefill"}, {KVM_F16, 4, 4, 64, &PREFILL_LONG, "long prefill"}};
+    for (size_t i = 0; i < sizeof cs / sizeof cs[0]; i++) {
+        char label[112];
+        snprintf(label, sizeof label, "%s, %s", cs[i].what, how);
+        check_attention(cs[i].dt, cs[i].heads, cs[i].kvh, cs[i].hd, cs[i].ac, 1e-2, label);
+    }
+}
+
 static void test_attention_bf16_tensor_core_prefill_matches_cpu(void **st) {
     (void)st;
     NEED_GPU();
-    check_attention(KVM_BF16, 4, 2, 128, &PREFILL, 1e-2, "prefill, mma");
-    check_attention(KVM_BF16, 8, 2, 64, &PREFILL, 1e-2, "prefill, mma");
-    check_attention(KVM_BF16, 8, 2, 64, &MIXED, 1e-2, "mixed, mma");
-    check_attention(KVM_F16, 16, 8, 128, &MIXED, 1e-2, "mixed, mma");
-    check_attention(KVM_BF16, 8, 2, 128, &PREFILL_LONG, 1e-2, "long prefill, mma");
-    check_attention(KVM_F16, 4, 4, 64, &PREFILL_LONG, 1e-2, "long prefill, mma");
+    check_prefill_cases("mma");
     /* the tiles copied from four block bases per tile (opts.mma_load): the same bytes in the same places */
     const kvm_cuda_opts_t before = kvm_cuda_get_opts();
     cuda_switch("mma_load", "1");
-    check_attention(KVM_BF16, 4, 2, 128, &PREFILL, 1e-2, "prefill, mma, mma_load");
-    check_attention(KVM_BF16, 8, 2, 64, &MIXED, 1e-2, "mixed, mma, mma_load");
-    check_attention(KVM_F16, 16, 8, 128, &MIXED, 1e-2, "mixed, mma, mma_load");
-    check_attention(KVM_BF16, 8, 2, 128, &PREFILL_LONG, 1e-2, "long prefill, mma, mma_load");
-    check_attention(KVM_F16, 4, 4, 64, &PREFILL_LONG, 1e-2, "long prefill, mma, mma_load");
+    check_prefill_cases("mma, mma_load");
     assert_int_equal(kvm_cuda_set_opts(&before), 0);
 }
 
@@ -1111,12 +1119,7 @@ static void test_attention_wgmma_prefill_matches_cpu(void **st) {
         cuda_switch("attn_wg", val);
         printf("  -- attn_wg %d\n", runs[i]);
         g_soft = g_wg_setting != 0, g_soft_fails = 0;
-        check_attention(KVM_BF16, 4, 2, 128, &PREFILL, 1e-2, "prefill, wgmma");
-        check_attention(KVM_BF16, 8, 2, 64, &PREFILL, 1e-2, "prefill, wgmma");
-        check_attention(KVM_BF16, 8, 2, 64, &MIXED, 1e-2, "mixed, wgmma");
-        check_attention(KVM_F16, 16, 8, 128, &MIXED, 1e-2, "mixed, wgmma");
-        check_attention(KVM_BF16, 8, 2, 128, &PREFILL_LONG, 1e-2, "long prefill, wgmma");
-        check_attention(KVM_F16, 4, 4, 64, &PREFILL_LONG, 1e-2, "long prefill, wgmma");
+        check_prefill_cases("wgmma");
         if (g_soft) printf("  attn_wg %d (probe): %d of 6 cases over tolerance\n", runs[i], g_soft_fails);
         g_soft = false;
     }
