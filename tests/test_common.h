@@ -21,6 +21,17 @@
         return cmocka_run_group_tests(tests, setup, teardown);                                             \
     }
 
+/* Skips the calling cmocka test, saying why, unless this build has the wgmma prefill attention and its GPU runs it
+ * (kvm_cuda_attn_wg_available, kvmesh_lab.h). */
+#define TC_NEED_WGMMA()                                                                                    \
+    do {                                                                                                   \
+        if (!kvm_cuda_attn_wg_available()) {                                                               \
+            printf("  SKIPPED: the wgmma kernel needs an sm_90a build (CMAKE_CUDA_ARCHITECTURES with 90a) " \
+                   "on a Hopper GPU\n");                                                                   \
+            skip();                                                                                        \
+        }                                                                                                  \
+    } while (0)
+
 static inline int tc_rm_entry(const char *p, const struct stat *sb, int flag, struct FTW *ftw) {
     (void)sb;
     (void)flag;

@@ -474,10 +474,7 @@ static void test_hf_fixtures_match_transformers_on_cuda_in_fp32_mode(void **st) 
 static void test_wgmma_prefill_attention_keeps_tokens_and_hf_parity(void **st) {
     (void)st;
     NEED_GPU();
-    if (!kvm_cuda_attn_wg_available()) {
-        printf("  SKIPPED: the wgmma kernel needs an sm_90a build (CMAKE_CUDA_ARCHITECTURES with 90a) on a Hopper GPU\n");
-        skip();
-    }
+    TC_NEED_WGMMA();
     const kvm_cuda_opts_t before = kvm_cuda_get_opts();
     kvm_cuda_opts_t o = before;
     static const int wgs[3] = {1, 5, 6}; /* two stages of K and V, one of V, three and the pipelined S */

@@ -16,6 +16,7 @@
 #include "kernels/ops.h"
 #include "runtime/core/core.h"
 #include "runtime/model/synthetic.h"
+#include "test_common.h"
 
 static const kvm_ops_t *G; /* CUDA */
 static const kvm_ops_t *C; /* CPU reference */
@@ -1107,10 +1108,7 @@ static int g_wg_setting = 0;
 static void test_attention_wgmma_prefill_matches_cpu(void **st) {
     (void)st;
     NEED_GPU();
-    if (!kvm_cuda_attn_wg_available()) {
-        printf("  SKIPPED: the wgmma kernel needs an sm_90a build (CMAKE_CUDA_ARCHITECTURES with 90a) on a Hopper GPU\n");
-        skip();
-    }
+    TC_NEED_WGMMA();
     const kvm_cuda_opts_t before = kvm_cuda_get_opts();
     const int runs[3] = {g_wg_setting ? g_wg_setting : 1, g_wg_setting ? 0 : 5, g_wg_setting ? 0 : 6};
     for (int i = 0; i < 3 && runs[i]; i++) {

@@ -610,7 +610,6 @@ KVM_WG_OPS(__half, "f16")
 __device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wg_wait0() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
-__device__ __forceinline__ void wg_wait1() { asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory"); }
 /* After a wait: the N accumulator registers at d count as written here, so that no read of them is scheduled
  * before the wait (the compiler sees the wgmma's outputs as ready when it is issued) */
 template <int N> __device__ __forceinline__ void wg_hold(float *d) {
