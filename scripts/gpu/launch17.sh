@@ -14,6 +14,7 @@
 #   profile.log   the per-op profiles (eager) and the timeline between ops of this commit's default and of NEW
 #   prefill4k.log (STEPS=... p4k) the 4K prompt's TTFT for each of CONFIGS4K, and their per-op prefill profiles
 #   ncu.log       (STEPS=... ncu) Nsight Compute sections of one prefill attention launch
+#   nsys.log      (STEPS=... nsys) Nsight Systems over a 4K prefill: CUDA API calls over 0.1 ms, GPU idle gaps
 #   memcheck.log  compute-sanitizer memcheck of test_cuda_ops and test_cuda_model
 #   kvcomm.log    kvmesh bench kvcomm --synthetic llama-3.1-8b: the spec's policy, the blend without its guard at
 #                 recompute_frac 0.5 and 0.25 (5th-agent TTFT)
@@ -101,6 +102,32 @@ if want ncu; then   # Nsight Compute on the prefill's attention kernel (NCU_PROM
       --section SchedulerStats --section ComputeWorkloadAnalysis "$B/kvmesh" bench engine --synthetic llama-3.1-8b \
       --no-eager --reps 1 --prompt ${NCU_PROMPT:-4096} --batch 1 2>&1 | grep -vE "^\| (TTFT|decode)" | tail -120; } > "$OUT/ncu.log" 2>&1
   tail -60 "$OUT/ncu.log"
+fi
+if want nsys; then   # Nsight Systems over a 4K prefill bench (NSYS_PROMPT): the CUDA API calls that took over 0.1 ms
+  # (host stalls: where the TTFT's time outside the ops goes) and the GPU's idle gaps over 0.1 ms, with what ran before
+  nsys=$(command -v nsys || ls /usr/local/cuda*/bin/nsys /opt/nvidia/nsight-systems/*/bin/nsys 2>/dev/null | head -1)
+  { echo "==== nsys, prefill ${NSYS_PROMPT:-4096} tokens ($(date -u +%T)) ${nsys:-no nsys}"
+    if [ -n "$nsys" ]; then
+      LD_LIBRARY_PATH=$B/lib timeout 200 "$nsys" profile -q -t cuda,osrt -o /tmp/k17 --force-overwrite true "$B/kvmesh" \
+        bench engine --synthetic llama-3.1-8b --prompt ${NSYS_PROMPT:-4096} --batch 1 --reps 3 --warmup 1 --no-eager 2>&1 |
+        grep -E "^\| TTFT|rror"
+      "$nsys" stats -q -r cuda_api_sum,cuda_gpu_kern_sum,cuda_gpu_mem_time_sum -f csv /tmp/k17.nsys-rep 2>&1 | head -80
+      echo "==== CUDA API calls over 0.1 ms (start ns, duration ns, name)"
+      "$nsys" stats -q -r cuda_api_trace -f csv /tmp/k17.nsys-rep 2>/dev/null | python3 -c '
+import csv, sys
+r = csv.DictReader(sys.stdin)
+for row in r:
+    d = int(row.get("Duration (ns)", 0) or 0)
+    if d > 100000: print(row.get("Start (ns)"), d, row.get("Name"))' | tail -60
+      echo "==== GPU idle gaps over 0.1 ms (start of the gap ns, gap ns, the op before, the op after)"
+      "$nsys" stats -q -r cuda_gpu_trace -f csv /tmp/k17.nsys-rep 2>/dev/null | python3 -c '
+import csv, sys
+rows = sorted(csv.DictReader(sys.stdin), key=lambda r: int(r["Start (ns)"]))
+for a, b in zip(rows, rows[1:]):
+    end = int(a["Start (ns)"]) + int(a["Duration (ns)"])
+    if int(b["Start (ns)"]) - end > 100000: print(end, int(b["Start (ns)"]) - end, a["Name"][:60], "->", b["Name"][:60])' | tail -40
+    fi; } > "$OUT/nsys.log" 2>&1
+  tail -70 "$OUT/nsys.log"
 fi
 if want dec3k; then   # decode at the KVCOMM 5th agent's context (3.6K): batch 1 and 16 steps, each of DEC3K_CONFIGS
   { for round in $(seq 1 "${ROUNDS:-3}"); do
