@@ -127,6 +127,11 @@ typedef struct kvm_ops {
     int (*graph_end)(void **graph);
     int (*graph_launch)(void *graph);
     void (*graph_free)(void *graph);
+    /* host backends with a thread pool: fn(ctx, i0, i1, tid) over the chunks of [0, n) of at most grain items, on
+     * the pool's threads (the contract of kvm_cpu_parallel_for, kernels/cpu/cpu_pool.h: ops called from fn run
+     * inline on fn's thread). The forward runs the rows of a decode step in groups through it, each group's
+     * whole step on one thread (forward.c, run_step). */
+    void (*parallel_for)(int n, int grain, void (*fn)(void *ctx, int i0, int i1, int tid), void *ctx);
     /* device-side timing: an event recorded now in the op stream; elapsed waits for b */
     void *(*event_record)(void);
     float (*event_elapsed_ms)(void *a, void *b);

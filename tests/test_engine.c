@@ -144,6 +144,85 @@ static void check_forward_consistency(bool qwen_like) {
 static void test_prefill_decode_and_batch_agree_llama_interleaved(void **st) { (void)st; check_forward_consistency(false); }
 static void test_prefill_decode_and_batch_agree_qwen3_like_gqa(void **st) { (void)st; check_forward_consistency(true); }
 
+/* One run of check_grouped_decode: N sequences of different lengths prefilled alone, then decode steps over
+ * batches of several sizes (items asking for logits, the greedy token, both or neither), on `threads` threads
+ * (2: the row groups of forward.c's run_step; 1: each op whole), or each item alone when `alone`. Writes every
+ * step's logits and tokens and, at the end, each sequence's KV rows. */
+enum { GD_N = 9, GD_STEPS = 4 };
+static void grouped_decode_run(kvm_model_t *m, kvm_kv_pool_t *pool, int V, int threads, bool alone, float *logits,
+                               int32_t *next, float *kv, size_t kv_per_seq) {
+    static const int sizes[GD_STEPS] = {GD_N, 2, 5, 8};
+    kvm_set_threads(threads);
+    kvm_seq_t s[GD_N];
+    for (int i = 0; i < GD_N; i++) {
+        kvm_seq_init(&s[i], pool);
+        int32_t toks[40];
+        const int n = 3 + 4 * i;
+        for (int t = 0; t < n; t++) toks[t] = (t * 17 + i * 5 + 1) % V;
+        kvm_batch_item_t it = {.seq = &s[i], .tokens = toks, .n_tokens = n};
+        assert_int_equal(kvm_forward(m, &it, 1), 0);
+    }
+    int32_t tok[GD_N];
+    for (int i = 0; i < GD_N; i++) tok[i] = (i * 7 + 3) % V;
+    for (int st = 0; st < GD_STEPS; st++) {
+        kvm_batch_item_t items[GD_N];
+        const int n = sizes[st];
+        for (int i = 0; i < n; i++) {
+            const int k = (st + i) % 4; /* logits, the greedy token, both, neither */
+            float *lg = logits + ((size_t)st * GD_N + i) * V;
+            items[i] = (kvm_batch_item_t){.seq = &s[i], .tokens = &tok[i], .n_tokens = 1, .logits = k == 0 || k == 2 ? lg : NULL,
+                                          .next_token = k == 1 || k == 2 ? &next[st * GD_N + i] : NULL};
+        }
+        if (alone) {
+            for (int i = 0; i < n; i++) assert_int_equal(kvm_forward(m, &items[i], 1), 0);
+        } else {
+            assert_int_equal(kvm_forward(m, items, n), 0);
+        }
+        for (int i = 0; i < n; i++) tok[i] = (tok[i] * 31 + st + 1) % V;
+    }
+    for (int i = 0; i < GD_N; i++) {
+        assert_int_equal(kvm_seq_read_rows(&s[i], 0, s[i].n_tokens, kv + (size_t)i * kv_per_seq), 0);
+        kvm_seq_free(&s[i]);
+    }
+    kvm_set_threads(0);
+}
+
+/* A decode batch gives every token the bits it gets alone, whether the step runs in row groups on two threads
+ * or op by op on one: the logits, the greedy tokens and the KV written. */
+static void check_grouped_decode(bool qwen_like) {
+    kvm_config_t c;
+    kvm_kv_pool_t *pool;
+    kvm_model_t *m = small_model(qwen_like, 23, 0, &c, &pool);
+    const int V = c.vocab_size;
+    const size_t nl = (size_t)GD_STEPS * GD_N * V, kv_per = (size_t)c.n_layers * 2 * c.n_kv_heads * 64 * c.head_dim;
+    float *lg[3], *kv[3];
+    int32_t nx[3][GD_STEPS * GD_N];
+    for (int r = 0; r < 3; r++) {
+        lg[r] = calloc(nl, sizeof(float));
+        kv[r] = calloc(kv_per * GD_N, sizeof(float));
+        memset(nx[r], 0xff, sizeof nx[r]);
+    }
+    grouped_decode_run(m, pool, V, 2, false, lg[0], nx[0], kv[0], kv_per);
+    grouped_decode_run(m, pool, V, 1, false, lg[1], nx[1], kv[1], kv_per);
+    grouped_decode_run(m, pool, V, 1, true, lg[2], nx[2], kv[2], kv_per);
+    bool some_logits = false;
+    for (size_t i = 0; i < nl; i++) some_logits |= lg[0][i] != 0.0f;
+    assert_true(some_logits);
+    for (int r = 1; r < 3; r++) {
+        assert_memory_equal(lg[0], lg[r], nl * sizeof(float));
+        assert_memory_equal(nx[0], nx[r], sizeof nx[0]);
+        assert_memory_equal(kv[0], kv[r], kv_per * GD_N * sizeof(float));
+    }
+    for (int r = 0; r < 3; r++) {
+        free(lg[r]);
+        free(kv[r]);
+    }
+    small_model_free(m, pool);
+}
+
+static void test_decode_batch_in_row_groups_gives_each_token_its_bits_llama(void **st) { (void)st; check_grouped_decode(false); }
+static void test_decode_batch_in_row_groups_gives_each_token_its_bits_qwen3_like(void **st) { (void)st; check_grouped_decode(true); }
+
 /* A forward of toks[n] into a fresh sequence of a small model (context max_seq_len; 0: the default) is refused
  * with KVM_ERANGE and a message naming `what`; with `keeps`, the sequence holds no token and no block after. */
 static void expect_forward_out_of_range(int max_seq_len, int32_t *toks, int n, const char *what, bool keeps) {
@@ -335,6 +414,8 @@ int main(void) {
         cmocka_unit_test(test_shared_partial_block_is_copied_before_append),
         cmocka_unit_test(test_prefill_decode_and_batch_agree_llama_interleaved),
         cmocka_unit_test(test_prefill_decode_and_batch_agree_qwen3_like_gqa),
+        cmocka_unit_test(test_decode_batch_in_row_groups_gives_each_token_its_bits_llama),
+        cmocka_unit_test(test_decode_batch_in_row_groups_gives_each_token_its_bits_qwen3_like),
         cmocka_unit_test(test_forward_rejects_bad_token_and_keeps_sequence),
         cmocka_unit_test(test_forward_beyond_context_is_an_error),
         cmocka_unit_test(test_positioned_item_recomputes_scattered_rows_exactly_llama),

@@ -372,45 +372,64 @@ kvm_kv_pool_t *kvm_model_kv_pool(kvm_model_t *m, size_t kv_bytes) {
 
 static inline float *rowp(float *base, int row, int width) { return base + (size_t)row * width; }
 
+/* The workspace rows one run_device_step works on: the whole step's, or a group's (run_step) */
+typedef struct step_bufs {
+    float *x, *xb, *q, *k, *v, *att, *hb, *hb2, *logits, *last;
+    int32_t *ids, *pos, *next_ids;
+} step_bufs_t;
+
+/* b's workspace from row r0 and logits row lr0 on */
+static step_bufs_t step_bufs_at(const kvm_model_t *m, int r0, int lr0) {
+    const kvm_config_t *c = &m->cfg;
+    const kvm_backend_model_t *b = m->bm;
+    const size_t qd = (size_t)c->n_heads * c->head_dim, kd = (size_t)c->n_kv_heads * c->head_dim;
+    const size_t dmax = (size_t)c->dim > qd ? (size_t)c->dim : qd, r = (size_t)r0;
+    return (step_bufs_t){.x = b->x + r * c->dim, .xb = b->xb + r * dmax, .q = b->q + r * qd, .k = b->k + r * kd,
+                         .v = b->v + r * kd, .att = b->att + r * qd, .hb = b->hb + r * c->hidden_dim,
+                         .hb2 = b->hb2 + r * c->hidden_dim, .logits = b->logits + (size_t)lr0 * c->vocab_size,
+                         .last = b->last + (size_t)lr0 * c->dim, .ids = b->ids + r, .pos = b->pos + r,
+                         .next_ids = b->next_ids + lr0};
+}
+
 /* q/k/v projections, the per-head norms (Qwen3), RoPE and the KV write of layer l through the separate ops. */
-static void run_qkv_rope_kv(kvm_model_t *m, const kvm_backend_layer_t *L, kvm_kv_pool_t *pool, int l,
-                            const kvm_attn_batch_t *ab, int rows) {
+static void run_qkv_rope_kv(kvm_model_t *m, const step_bufs_t *w, const kvm_backend_layer_t *L, kvm_kv_pool_t *pool,
+                            int l, const kvm_attn_batch_t *ab, int rows) {
     const kvm_config_t *c = &m->cfg;
     kvm_backend_model_t *b = m->bm;
     const kvm_ops_t *ops = b->ops;
     const int HD = c->head_dim;
     if (ops->matmul_multi) { /* q, k, v in one launch where the backend can */
-        float *ys[3] = {b->q, b->k, b->v};
+        float *ys[3] = {w->q, w->k, w->v};
         const kvm_wmat_t *ws[3] = {&L->wq, &L->wk, &L->wv};
         const float *bs[3] = {L->bq, L->bk, L->bv};
-        ops->matmul_multi(3, ys, ws, bs, b->xb, rows);
+        ops->matmul_multi(3, ys, ws, bs, w->xb, rows);
     } else {
-        ops->matmul(b->q, b->xb, &L->wq, L->bq, rows);
-        ops->matmul(b->k, b->xb, &L->wk, L->bk, rows);
-        ops->matmul(b->v, b->xb, &L->wv, L->bv, rows);
+        ops->matmul(w->q, w->xb, &L->wq, L->bq, rows);
+        ops->matmul(w->k, w->xb, &L->wk, L->bk, rows);
+        ops->matmul(w->v, w->xb, &L->wv, L->bv, rows);
     }
-    if (L->q_norm) ops->head_rmsnorm(b->q, L->q_norm, rows, c->n_heads, HD, c->rms_eps);
-    if (L->k_norm) ops->head_rmsnorm(b->k, L->k_norm, rows, c->n_kv_heads, HD, c->rms_eps);
+    if (L->q_norm) ops->head_rmsnorm(w->q, L->q_norm, rows, c->n_heads, HD, c->rms_eps);
+    if (L->k_norm) ops->head_rmsnorm(w->k, L->k_norm, rows, c->n_kv_heads, HD, c->rms_eps);
     /* every item shares one pool (one pool per model and backend) */
     if (ops->rope_qk_kv_write) {
-        ops->rope_qk_kv_write(b->q, b->k, b->v, c->n_heads, HD, b->pos, b->inv_freq, c->rope_layout, pool->data,
+        ops->rope_qk_kv_write(w->q, w->k, w->v, c->n_heads, HD, w->pos, b->inv_freq, c->rope_layout, pool->data,
                               &pool->geom, l, ab);
     } else {
         if (ops->rope_qk) {
-            ops->rope_qk(b->q, b->k, rows, c->n_heads, c->n_kv_heads, HD, b->pos, b->inv_freq, c->rope_layout);
+            ops->rope_qk(w->q, w->k, rows, c->n_heads, c->n_kv_heads, HD, w->pos, b->inv_freq, c->rope_layout);
         } else {
-            ops->rope(b->q, rows, c->n_heads, HD, b->pos, b->inv_freq, c->rope_layout);
-            ops->rope(b->k, rows, c->n_kv_heads, HD, b->pos, b->inv_freq, c->rope_layout);
+            ops->rope(w->q, rows, c->n_heads, HD, w->pos, b->inv_freq, c->rope_layout);
+            ops->rope(w->k, rows, c->n_kv_heads, HD, w->pos, b->inv_freq, c->rope_layout);
         }
-        ops->kv_write(pool->data, &pool->geom, l, b->k, b->v, ab);
+        ops->kv_write(pool->data, &pool->geom, l, w->k, w->v, ab);
     }
 }
 
 /* The device part of one step (no host synchronisation inside, so a decode step can be captured into a
  * graph): embedding, the layers, and the logits of the rows that want them into b->logits. Uses the fused
  * add+RMSNorm when the backend has it (the CPU reference runs the separate ops). */
-static void run_device_step(kvm_model_t *m, kvm_batch_item_t *items, int n_items, const kvm_attn_batch_t *abp,
-                            kvm_kv_pool_t *pool, int rows, int logit_rows) {
+static void run_device_step(kvm_model_t *m, const step_bufs_t *w, kvm_batch_item_t *items, int n_items,
+                            const kvm_attn_batch_t *abp, kvm_kv_pool_t *pool, int rows, int logit_rows) {
     const kvm_config_t *c = &m->cfg;
     kvm_backend_model_t *b = m->bm;
     const kvm_ops_t *ops = b->ops;
@@ -426,58 +445,58 @@ static void run_device_step(kvm_model_t *m, kvm_batch_item_t *items, int n_items
     /* ... and then the o / down projections may hand their output to that norm in 16 bits too */
     const bool y16 = fuse && ops->add_rmsnorm_16 && add_norm == ops->add_rmsnorm_16;
 
-    ops->embed(b->x, b->tok_emb.data, b->tok_emb.dtype, b->ids, rows, D);
-    if (fuse) ops->rmsnorm(b->xb, b->x, b->layers[0].attn_norm, rows, D, c->rms_eps);
+    ops->embed(w->x, b->tok_emb.data, b->tok_emb.dtype, w->ids, rows, D);
+    if (fuse) ops->rmsnorm(w->xb, w->x, b->layers[0].attn_norm, rows, D, c->rms_eps);
     const int n_run = b->layer_limit > 0 && b->layer_limit < c->n_layers ? b->layer_limit : c->n_layers;
     for (int l = 0; l < n_run; l++) {
         const kvm_backend_layer_t *L = &b->layers[l];
-        if (!fuse) ops->rmsnorm(b->xb, b->x, L->attn_norm, rows, D, c->rms_eps);
+        if (!fuse) ops->rmsnorm(w->xb, w->x, L->attn_norm, rows, D, c->rms_eps);
         /* q/k/v, RoPE and the KV write fused where the backend can (CUDA: batch-1 decode, prefill) */
         if (ops->qkv_rope_kv && !L->q_norm && !L->k_norm &&
-            ops->qkv_rope_kv(b->q, b->k, b->v, b->xb, &L->wq, &L->wk, &L->wv, L->bq, L->bk, L->bv, c->n_heads, HD, b->pos,
+            ops->qkv_rope_kv(w->q, w->k, w->v, w->xb, &L->wq, &L->wk, &L->wv, L->bq, L->bk, L->bv, c->n_heads, HD, w->pos,
                              b->inv_freq, c->rope_layout, pool->data, &pool->geom, l, &ab) == 0) {
             /* done: q rotated, this token's K/V in the cache */
         } else {
-            run_qkv_rope_kv(m, L, pool, l, &ab, rows);
+            run_qkv_rope_kv(m, w, L, pool, l, &ab, rows);
         }
-        ops->attention(b->att, b->q, pool->data, &pool->geom, l, c->n_heads, &ab, scale);
+        ops->attention(w->att, w->q, pool->data, &pool->geom, l, c->n_heads, &ab, scale);
         const bool last = l + 1 == c->n_layers;
         if (y16 && ops->matmul_add_rmsnorm_16) { /* o projection straight into the residual norm */
-            ops->matmul_add_rmsnorm_16(b->x, b->att, &L->wo, b->xb, L->ffn_norm, rows, D, c->rms_eps);
+            ops->matmul_add_rmsnorm_16(w->x, w->att, &L->wo, w->xb, L->ffn_norm, rows, D, c->rms_eps);
         } else {
-            ops->matmul(b->xb, b->att, &L->wo, NULL, rows);
+            ops->matmul(w->xb, w->att, &L->wo, NULL, rows);
             if (fuse) {
-                add_norm(b->x, b->xb, b->xb, L->ffn_norm, rows, D, c->rms_eps);
+                add_norm(w->x, w->xb, w->xb, L->ffn_norm, rows, D, c->rms_eps);
             } else {
-                ops->add(b->x, b->xb, (size_t)rows * D);
-                ops->rmsnorm(b->xb, b->x, L->ffn_norm, rows, D, c->rms_eps);
+                ops->add(w->x, w->xb, (size_t)rows * D);
+                ops->rmsnorm(w->xb, w->x, L->ffn_norm, rows, D, c->rms_eps);
             }
         }
         if (y16 && !last && ops->ffn_add_rmsnorm_16) { /* the MLP straight into the next layer's norm */
-            ops->ffn_add_rmsnorm_16(b->x, b->xb, &L->w_gate, &L->w_up, &L->w_down, b->hb, b->hb2, b->xb,
+            ops->ffn_add_rmsnorm_16(w->x, w->xb, &L->w_gate, &L->w_up, &L->w_down, w->hb, w->hb2, w->xb,
                                     b->layers[l + 1].attn_norm, rows, D, c->rms_eps);
             continue;
         }
         if (ops->ffn) {
-            ops->ffn(b->xb, b->xb, &L->w_gate, &L->w_up, &L->w_down, b->hb, b->hb2, rows);
+            ops->ffn(w->xb, w->xb, &L->w_gate, &L->w_up, &L->w_down, w->hb, w->hb2, rows);
         } else if (ops->matmul_multi) {
-            float *ys[2] = {b->hb, b->hb2};
+            float *ys[2] = {w->hb, w->hb2};
             const kvm_wmat_t *ws[2] = {&L->w_gate, &L->w_up};
-            ops->matmul_multi(2, ys, ws, NULL, b->xb, rows);
+            ops->matmul_multi(2, ys, ws, NULL, w->xb, rows);
         } else {
-            ops->matmul(b->hb, b->xb, &L->w_gate, NULL, rows);
-            ops->matmul(b->hb2, b->xb, &L->w_up, NULL, rows);
+            ops->matmul(w->hb, w->xb, &L->w_gate, NULL, rows);
+            ops->matmul(w->hb2, w->xb, &L->w_up, NULL, rows);
         }
         if (ops->ffn) {
             /* done above */
         } else if (ops->swiglu_matmul) {
-            ops->swiglu_matmul(b->xb, b->hb, b->hb2, &L->w_down, rows);
+            ops->swiglu_matmul(w->xb, w->hb, w->hb2, &L->w_down, rows);
         } else {
-            ops->swiglu(b->hb, b->hb, b->hb2, (size_t)rows * FF);
-            ops->matmul(b->xb, b->hb, &L->w_down, NULL, rows);
+            ops->swiglu(w->hb, w->hb, w->hb2, (size_t)rows * FF);
+            ops->matmul(w->xb, w->hb, &L->w_down, NULL, rows);
         }
-        if (fuse && !last) add_norm(b->x, b->xb, b->xb, b->layers[l + 1].attn_norm, rows, D, c->rms_eps);
-        else ops->add(b->x, b->xb, (size_t)rows * D);
+        if (fuse && !last) add_norm(w->x, w->xb, w->xb, b->layers[l + 1].attn_norm, rows, D, c->rms_eps);
+        else ops->add(w->x, w->xb, (size_t)rows * D);
     }
     /* logits only for the rows that want them */
     if (logit_rows > 0) {
@@ -493,7 +512,7 @@ static void run_device_step(kvm_model_t *m, kvm_batch_item_t *items, int n_items
             if (run_n > 0 && first == run_src + run_n && lr == run_dst + run_n) {
                 run_n += n;
             } else {
-                if (run_n > 0) ops->d2d(rowp(b->last, run_dst, D), rowp(b->x, run_src, D), (size_t)run_n * D * 4);
+                if (run_n > 0) ops->d2d(rowp(w->last, run_dst, D), rowp(w->x, run_src, D), (size_t)run_n * D * 4);
                 run_dst = lr;
                 run_src = first;
                 run_n = n;
@@ -501,11 +520,69 @@ static void run_device_step(kvm_model_t *m, kvm_batch_item_t *items, int n_items
             if (it->next_token) want_ids = true;
             lr += n;
         }
-        if (run_n > 0) ops->d2d(rowp(b->last, run_dst, D), rowp(b->x, run_src, D), (size_t)run_n * D * 4);
-        ops->rmsnorm(b->last, b->last, b->final_norm, logit_rows, D, c->rms_eps);
-        ops->matmul(b->logits, b->last, &b->lm_head, NULL, logit_rows);
-        if (want_ids && ops->argmax_rows) ops->argmax_rows(b->next_ids, b->logits, logit_rows, c->vocab_size);
+        if (run_n > 0) ops->d2d(rowp(w->last, run_dst, D), rowp(w->x, run_src, D), (size_t)run_n * D * 4);
+        ops->rmsnorm(w->last, w->last, b->final_norm, logit_rows, D, c->rms_eps);
+        ops->matmul(w->logits, w->last, &b->lm_head, NULL, logit_rows);
+        if (want_ids && ops->argmax_rows) ops->argmax_rows(w->next_ids, w->logits, logit_rows, c->vocab_size);
     }
+}
+
+/* A decode step (one token per item, no positions) on a backend with a thread pool runs in groups of rows,
+ * each group's whole step (every layer, then its logits) on one thread. The rows of such a step are independent
+ * (each attends to its own sequence's cache), so the groups need no barrier between ops, where splitting each op
+ * costs one hand-off per op: ~60 per step of a small model, about what they split (docs/perf/cpu.md). A token's
+ * arithmetic does not depend on the rows beside it (gemm_cpu.c, attn_cpu.c), so the outputs are the bits of the
+ * unsplit step. Groups of at most STEP_GROUP_ROWS rows (the matmul's register tile holds 4 tokens), at least one
+ * per thread; the pool hands them to whichever thread asks first, so a thread the system does not run takes none. */
+#define STEP_GROUP_ROWS 4
+
+typedef struct step_group_job {
+    kvm_model_t *m;
+    kvm_batch_item_t *items;
+    const kvm_attn_batch_t *ab;
+    kvm_kv_pool_t *pool;
+    int n_items, n_groups;
+} step_group_job_t;
+
+static void step_group_task(void *ctx, int g0, int g1, int tid) {
+    (void)tid;
+    const step_group_job_t *j = ctx;
+    for (int g = g0; g < g1; g++) {
+        const int i0 = (int)((long long)g * j->n_items / j->n_groups);
+        const int i1 = (int)((long long)(g + 1) * j->n_items / j->n_groups), n = i1 - i0;
+        int lr0 = 0, lr = 0; /* the logits rows before the group, and its own */
+        for (int i = 0; i < i1; i++) {
+            const int want = j->items[i].logits || j->items[i].next_token;
+            if (i < i0) lr0 += want;
+            else lr += want;
+        }
+        kvm_attn_batch_t ab = *j->ab;
+        ab.n_seqs = n;
+        ab.total_rows = n;
+        ab.ctx_len += i0;
+        ab.h_ctx_len += i0;
+        ab.block_table += (size_t)i0 * ab.max_blocks;
+        ab.h_block_table += (size_t)i0 * ab.max_blocks;
+        /* row_start: the step's rows are 0, 1, ... in item order, so its first n + 1 entries serve every group */
+        step_bufs_t w = step_bufs_at(j->m, i0, lr0);
+        run_device_step(j->m, &w, j->items + i0, n, &ab, j->pool, n, lr);
+    }
+}
+
+/* The eager device part of a step: in row groups where the backend and the step allow it (above), else whole. */
+static void run_step(kvm_model_t *m, kvm_batch_item_t *items, int n_items, const kvm_attn_batch_t *ab,
+                     kvm_kv_pool_t *pool, int rows, int logit_rows, bool positioned) {
+    const kvm_ops_t *ops = m->bm->ops;
+    const int threads = ops->parallel_for ? kvm_threads() : 1;
+    if (threads > 1 && rows == n_items && n_items > 1 && !positioned) {
+        int groups = (n_items + STEP_GROUP_ROWS - 1) / STEP_GROUP_ROWS;
+        if (groups < threads) groups = threads < n_items ? threads : n_items;
+        step_group_job_t j = {.m = m, .items = items, .ab = ab, .pool = pool, .n_items = n_items, .n_groups = groups};
+        ops->parallel_for(groups, 1, step_group_task, &j);
+        return;
+    }
+    step_bufs_t w = step_bufs_at(m, 0, 0);
+    run_device_step(m, &w, items, n_items, ab, pool, rows, logit_rows);
 }
 
 int kvm_forward_layers(kvm_model_t *m, kvm_batch_item_t *items, int n_items, int n_layers) {
@@ -674,7 +751,8 @@ int kvm_forward(kvm_model_t *m, kvm_batch_item_t *items, int n_items) {
         slot = graph_victim(b);
         frc = ops->graph_begin();
         if (!frc) {
-            run_device_step(m, items, n_items, &ab, pool, rows, logit_rows);
+            step_bufs_t w = step_bufs_at(m, 0, 0);
+            run_device_step(m, &w, items, n_items, &ab, pool, rows, logit_rows);
             frc = ops->graph_end(&b->graphs[slot].graph);
         }
         if (!frc) {
@@ -683,7 +761,7 @@ int kvm_forward(kvm_model_t *m, kvm_batch_item_t *items, int n_items) {
             frc = ops->graph_launch(b->graphs[slot].graph);
         }
     } else {
-        run_device_step(m, items, n_items, &ab, pool, rows, logit_rows);
+        run_step(m, items, n_items, &ab, pool, rows, logit_rows, positioned);
         if (decode) {
             b->warm[b->warm_next] = key;
             b->warm_next = (b->warm_next + 1) % KVM_GRAPH_SLOTS;
@@ -695,7 +773,7 @@ int kvm_forward(kvm_model_t *m, kvm_batch_item_t *items, int n_items) {
         kvm_errclear();
         drop_graph(b);
         b->graphs_off = true;
-        run_device_step(m, items, n_items, &ab, pool, rows, logit_rows);
+        run_step(m, items, n_items, &ab, pool, rows, logit_rows, positioned);
     }
     if (logit_rows > 0) fetch_outputs(m, items, n_items, logit_rows);
     int src = ops->sync(); /* reports a failure of any op of this step (GPU backends) */
