@@ -81,10 +81,16 @@ static void rmsnorm_task(void *ctx, int r0, int r1, int tid) {
     for (int r = r0; r < r1; r++) {
         const float *xr = t->x + (size_t)r * dim;
         float *o = t->out + (size_t)r * dim;
-        double ss = 0;
-        for (int i = 0; i < dim; i++) ss += (double)xr[i] * xr[i];
+        /* the sum of squares in fp64, in 8 chains by i mod 8 (vectorizable; a single chain of dependent adds was
+         * most of the op's time), combined in a fixed tree: one order for every row and batch */
+        double a[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        int i = 0;
+        for (; i + 8 <= dim; i += 8)
+            for (int u = 0; u < 8; u++) a[u] += (double)xr[i + u] * xr[i + u];
+        for (; i < dim; i++) a[0] += (double)xr[i] * xr[i];
+        const double ss = ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
         float inv = 1.0f / sqrtf((float)(ss / dim) + t->eps);
-        for (int i = 0; i < dim; i++) o[i] = t->w[i] * (xr[i] * inv);
+        for (i = 0; i < dim; i++) o[i] = t->w[i] * (xr[i] * inv);
     }
 }
 
