@@ -187,6 +187,12 @@ static void free_workspace(kvm_backend_model_t *b) {
 
 /* Sizes the workspace for rows tokens per step, seqs sequences, blocks block-table entries, logit_rows
  * rows of logits. Only grows. */
+/* Values per row of the workspace's xb: the model width or the q width, whichever is larger */
+static size_t xb_width(const kvm_config_t *c) {
+    const size_t qd = (size_t)c->n_heads * c->head_dim;
+    return (size_t)c->dim > qd ? (size_t)c->dim : qd;
+}
+
 static int ensure_workspace(kvm_model_t *m, int rows, int seqs, int blocks, int logit_rows) {
     kvm_backend_model_t *b = m->bm;
     const kvm_config_t *c = &m->cfg;
@@ -201,8 +207,7 @@ static int ensure_workspace(kvm_model_t *m, int rows, int seqs, int blocks, int 
     if (B < 64) B = 64;
     if (LR < 8) LR = 8;
     free_workspace(b);
-    size_t qd = (size_t)c->n_heads * c->head_dim, kd = (size_t)c->n_kv_heads * c->head_dim;
-    size_t dmax = (size_t)c->dim > qd ? (size_t)c->dim : qd;
+    const size_t qd = (size_t)c->n_heads * c->head_dim, kd = (size_t)c->n_kv_heads * c->head_dim, dmax = xb_width(c);
     b->x = bm_alloc(b, (size_t)R * c->dim * 4);
     b->xb = bm_alloc(b, (size_t)R * dmax * 4);
     b->q = bm_alloc(b, (size_t)R * qd * 4);
@@ -378,12 +383,12 @@ typedef struct step_bufs {
     int32_t *ids, *pos, *next_ids;
 } step_bufs_t;
 
-/* b's workspace from row r0 and logits row lr0 on */
+/* b's workspace from row r0 and logits row lr0 on (the row widths of ensure_workspace) */
 static step_bufs_t step_bufs_at(const kvm_model_t *m, int r0, int lr0) {
     const kvm_config_t *c = &m->cfg;
     const kvm_backend_model_t *b = m->bm;
     const size_t qd = (size_t)c->n_heads * c->head_dim, kd = (size_t)c->n_kv_heads * c->head_dim;
-    const size_t dmax = (size_t)c->dim > qd ? (size_t)c->dim : qd, r = (size_t)r0;
+    const size_t dmax = xb_width(c), r = (size_t)r0;
     return (step_bufs_t){.x = b->x + r * c->dim, .xb = b->xb + r * dmax, .q = b->q + r * qd, .k = b->k + r * kd,
                          .v = b->v + r * kd, .att = b->att + r * qd, .hb = b->hb + r * c->hidden_dim,
                          .hb2 = b->hb2 + r * c->hidden_dim, .logits = b->logits + (size_t)lr0 * c->vocab_size,
@@ -426,8 +431,8 @@ static void run_qkv_rope_kv(kvm_model_t *m, const step_bufs_t *w, const kvm_back
 }
 
 /* The device part of one step (no host synchronisation inside, so a decode step can be captured into a
- * graph): embedding, the layers, and the logits of the rows that want them into b->logits. Uses the fused
- * add+RMSNorm when the backend has it (the CPU reference runs the separate ops). */
+ * graph) on the workspace rows w: embedding, the layers, and the logits of the rows that want them into
+ * w->logits. Uses the fused add+RMSNorm when the backend has it (the CPU reference runs the separate ops). */
 static void run_device_step(kvm_model_t *m, const step_bufs_t *w, kvm_batch_item_t *items, int n_items,
                             const kvm_attn_batch_t *abp, kvm_kv_pool_t *pool, int rows, int logit_rows) {
     const kvm_config_t *c = &m->cfg;
