@@ -546,12 +546,20 @@ enum { KVM_ORACLE_PH = 1, KVM_ORACLE_PF = 2, KVM_ORACLE_ALL = 3 };
 int kvm_comm_prepare_oracle(kvm_comm_request_t *rq, const kvm_prompt_t *p, int which, const char *only,
                             kvm_prepared_t *out);
 
-/* The oracle of the recompute pass's selection (issue 15): with on, every REUSE call of c ranks the rows that
- * kvcomm.recompute_frac chooses from by their true error, the squared distance of their assembled K and V (every
- * layer and head) to a dense prefill of the same prompt, instead of by the anchors' spread; the share recomputed,
- * the pass itself and everything else stay the production ones. It answers how far any selector of rows could take
- * a fraction: no estimate ranks better. A diagnostic, not a policy (each call costs a dense prefill). */
-int kvm_comm_set_oracle_selection(kvm_comm_t *c, bool on);
+/* The oracles of the recompute pass's selection (issue 15): every REUSE call of c ranks the rows that
+ * kvcomm.recompute_frac chooses from by
+ *   KVM_ORACLE_SELECT_ERROR: their true error, the squared distance of their assembled K and V (every layer and
+ *     head) to a dense prefill of the same prompt: how far any selector of rows by their error could take a
+ *     fraction;
+ *   KVM_ORACLE_SELECT_ATTENTION: the attention they get in a dense prefill of the same prompt from the rows after
+ *     the last shared placeholder (the agent's own text and the chat suffix, whose last row picks the first token),
+ *     summed over layers and heads: how far a selector of the rows this agent reads could take it. Backends with
+ *     kvm_ops_t.attn_mass_collect (the CPU);
+ *   KVM_ORACLE_SELECT_WEIGHTED: the true error times that attention (how much of the error the agent reads);
+ * instead of by the anchors' spread (KVM_ORACLE_SELECT_OFF, the production ranking); the share recomputed, the pass
+ * itself and everything else stay the production ones. Diagnostics, not policies (each call costs a dense prefill). */
+enum { KVM_ORACLE_SELECT_OFF = 0, KVM_ORACLE_SELECT_ERROR = 1, KVM_ORACLE_SELECT_ATTENTION = 2, KVM_ORACLE_SELECT_WEIGHTED = 3 };
+int kvm_comm_set_oracle_selection(kvm_comm_t *c, int by);
 
 /* ================================================================================================
  * The CUDA backend's research switches and profiling hooks

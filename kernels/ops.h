@@ -132,6 +132,10 @@ typedef struct kvm_ops {
      * inline on fn's thread). The forward runs the rows of a decode step in groups through it, each group's
      * whole step on one thread (forward.c, run_step). */
     void (*parallel_for)(int n, int grain, void (*fn)(void *ctx, int i0, int i1, int tid), void *ctx);
+    /* lab diagnostic, NULL where a backend lacks it (the CPU has it: kernels/cpu/cpu_kernels.h): while mass is set,
+     * the attention adds each query row's probabilities (rows at positions >= from_pos, summed over heads and
+     * layers) to mass[key position < n]. The attention selection oracle of runtime/comm/kvcomm_oracle.c uses it. */
+    void (*attn_mass_collect)(float *mass, int n, int from_pos);
     /* device-side timing: an event recorded now in the op stream; elapsed waits for b */
     void *(*event_record)(void);
     float (*event_elapsed_ms)(void *a, void *b);

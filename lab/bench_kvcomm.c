@@ -66,7 +66,11 @@ static void usage(void) {
             "              gate@S                  the blended policy with kvcomm.recompute_frac=0 and\n"
             "                                      kvcomm.recompute_spread=S (rows whose predicted error passes S)\n"
             "              oselect@F               blend@F with the rows ranked by their true error against a dense\n"
-            "                                      prefill (the selection oracle: how far any ranking could go)\n"
+            "                                      prefill (the selection oracle: how far a ranking by error could go)\n"
+            "              aselect@F               blend@F with the rows ranked by the attention the agent's own rows\n"
+            "                                      give them in a dense prefill (the attention oracle; CPU backend)\n"
+            "              wselect@F               blend@F with the rows ranked by their true error times that\n"
+            "                                      attention (the weighted oracle; CPU backend)\n"
             "       --set applies after the mode (e.g. --modes full+blend --set kvcomm.recompute_frac=0.3)\n"
             "       --seed 1000            (needs a model with a tokenizer; the trained minitasks models)\n");
 }
@@ -449,14 +453,22 @@ static int run_team(const bench_model_t *bm, const opts_t *o) {
         fprintf(stderr, "kvmesh bench kvcomm: the %s workload needs a model with a tokenizer\n", o->workload);
         return 2;
     }
+    enum { MAX_MODES = 8 };
     char modes[256];
+    int n_modes = 1;
+    for (const char *c = o->modes; *c; c++) n_modes += *c == ',';
+    if (strlen(o->modes) >= sizeof modes || n_modes > MAX_MODES) {
+        fprintf(stderr, "kvmesh bench kvcomm: --modes takes at most %d modes in %zu characters ('%s' has %d); run the "
+                "others in a second command\n", MAX_MODES, sizeof modes - 1, o->modes, n_modes);
+        return 2;
+    }
     snprintf(modes, sizeof modes, "%s", o->modes);
-    kvm_team_result_t res[8];
-    char names[8][32];
+    kvm_team_result_t res[MAX_MODES];
+    char names[MAX_MODES][32];
     memset(res, 0, sizeof res);
     int nm = 0, rc = 0, dense_i = -1;
-    char cfgs[8][512];
-    for (char *tok = strtok(modes, ","); tok && nm < 8 && !rc; tok = strtok(NULL, ",")) {
+    char cfgs[MAX_MODES][512];
+    for (char *tok = strtok(modes, ","); tok && nm < MAX_MODES && !rc; tok = strtok(NULL, ",")) {
         fprintf(stderr, "mode %s ...\n", tok);
         kvm_team_opts_t to;
         kvm_team_opts_default(&to);
@@ -487,10 +499,13 @@ static int run_team(const bench_model_t *bm, const opts_t *o) {
             kvm_team_blend_policy(&to.cfg);
             to.cfg.guard = false; /* a point of the static curve */
             rc = kvm_kvcomm_config_set(&to.cfg, "recompute_frac", tok + 6);
-        } else if (!strncmp(tok, "oselect@", 8)) { /* blend@F, the rows ranked by their true error (an oracle) */
+        } else if (!strncmp(tok, "oselect@", 8) || !strncmp(tok, "aselect@", 8) || !strncmp(tok, "wselect@", 8)) {
+            /* blend@F, the rows ranked by their true error, the attention they get or both (oracles) */
             kvm_team_blend_policy(&to.cfg);
             to.cfg.guard = false;
-            to.oracle_select = true;
+            to.oracle_select = tok[0] == 'o'   ? KVM_ORACLE_SELECT_ERROR
+                               : tok[0] == 'a' ? KVM_ORACLE_SELECT_ATTENTION
+                                               : KVM_ORACLE_SELECT_WEIGHTED;
             rc = kvm_kvcomm_config_set(&to.cfg, "recompute_frac", tok + 8);
         } else if (!strncmp(tok, "gate@", 5)) { /* the blend with the predicted-error gate instead of a fraction */
             kvm_team_blend_policy(&to.cfg);
@@ -504,7 +519,10 @@ static int run_team(const bench_model_t *bm, const opts_t *o) {
         kvm_kvcomm_config_str(&to.cfg, cfgs[nm], sizeof cfgs[nm]);
         size_t cl = strlen(cfgs[nm]);
         snprintf(cfgs[nm] + cl, sizeof cfgs[nm] - cl, " oracle=%d%s%s%s", to.oracle, to.oracle_only ? "@" : "", to.oracle_only ? to.oracle_only : "",
-                 to.oracle_select ? " oracle_select=on" : "");
+                 to.oracle_select == KVM_ORACLE_SELECT_ERROR       ? " oracle_select=error"
+                 : to.oracle_select == KVM_ORACLE_SELECT_ATTENTION ? " oracle_select=attention"
+                 : to.oracle_select == KVM_ORACLE_SELECT_WEIGHTED  ? " oracle_select=weighted"
+                                                                   : "");
         snprintf(names[nm], sizeof names[nm], "%s", tok);
         rc = kvm_team_run(m, &to, dense_i >= 0 ? &res[dense_i] : NULL, &res[nm]);
         if (!strcmp(tok, "dense")) dense_i = nm;

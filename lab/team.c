@@ -344,7 +344,7 @@ int kvm_team_run(kvm_model_t *m, const kvm_team_opts_t *o, const kvm_team_result
     kvm_comm_opts_t co = {.kv_budget_bytes = o->kv_budget_bytes, .kvcomm = o->cfg, .kvcomm_set = true};
     team_ctx_t x = {.m = m, .c = kvm_comm_create(m, &co), .o = o, .dense_ref = dense_ref};
     if (!x.c) return kvm_errcode() ? kvm_errcode() : KVM_EINTERNAL;
-    if (o->oracle_select) kvm_comm_set_oracle_selection(x.c, true);
+    if (o->oracle_select) kvm_comm_set_oracle_selection(x.c, o->oracle_select);
     const int L = mi.n_layers;
     r->n_layers = L;
     r->cos_k = calloc((size_t)L * 4, sizeof(double));

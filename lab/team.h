@@ -58,7 +58,8 @@ typedef struct kvm_team_opts {
     bool quiet;              /* no progress on stderr */
     int oracle;              /* KVM_ORACLE_* bits (kvmesh_lab.h): REUSE agents use the true deltas */
     const char *oracle_only; /* with oracle: only this placeholder name (NULL = every shared placeholder) */
-    bool oracle_select;      /* the recompute pass picks its rows by their true error (kvm_comm_set_oracle_selection) */
+    int oracle_select;       /* KVM_ORACLE_SELECT_*: the recompute pass picks its rows by their true error, the attention
+                                they get or both (kvm_comm_set_oracle_selection); 0: the production ranking */
 } kvm_team_opts_t;
 
 typedef struct kvm_team_result {

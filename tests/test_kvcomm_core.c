@@ -725,6 +725,8 @@ typedef struct oracle_run {
     kvm_comm_report_t rep;   /* the final report */
     float *before, *after;   /* the cached rows [0, N-1) after prepare and at the end (host fp32) */
     float *dense;            /* the dense prefill's rows [0, N-1) */
+    float *mass;             /* with the attention oracles: the attention each row gets in a dense prefill of the whole
+                                prompt from the rows after the last shared placeholder (the CPU's collector) */
     int n;                   /* N - 1 */
 } oracle_run_t;
 
@@ -736,7 +738,7 @@ typedef struct oracle_run {
 static float g_recompute_frac = 0; /* kvcomm.recompute_frac and kvcomm.recompute_text of oracle_run's `after` */
 static int g_recompute_text = 0;
 static float g_recompute_spread = 0; /* kvcomm.recompute_spread of oracle_run's `after` */
-static bool g_oracle_select = false; /* kvm_comm_set_oracle_selection for oracle_run's context */
+static int g_oracle_select = 0; /* kvm_comm_set_oracle_selection (KVM_ORACLE_SELECT_*) for oracle_run's context */
 
 /* Runs a prepared prompt's rest and 3 more tokens, completes the step and releases p. */
 static void generate_and_complete(kvm_model_t *m, kvm_comm_request_t *rq, kvm_prepared_t *p) {
@@ -801,6 +803,17 @@ static void oracle_run(kvm_rope_layout_t layout, bool agent_first, int which, co
             out->err = max_rel(out->after, dense, e);
             out->rep = p.report;
             out->dense = dense;
+            if (g_oracle_select == KVM_ORACLE_SELECT_ATTENTION || g_oracle_select == KVM_ORACLE_SELECT_WEIGHTED) {
+                int from = 0;
+                for (int i = 0; i < p.report.n_placeholders; i++)
+                    if (p.report.ph[i].decision == KVM_PH_SHARED && p.report.ph[i].start_pos + p.report.ph[i].tokens > from)
+                        from = p.report.ph[i].start_pos + p.report.ph[i].tokens;
+                out->mass = calloc((size_t)p.n_prompt, sizeof(float));
+                const kvm_ops_t *ops = kvm_ops_cpu();
+                ops->attn_mass_collect(out->mass, p.n_prompt, from);
+                free(dense_kv(c, p.prompt_ids, p.n_prompt));
+                ops->attn_mass_collect(NULL, 0, 0);
+            }
             generate_and_complete(m, rq, &p);
         }
         assert_int_equal(kvm_comm_request_end(rq), 0);
@@ -814,6 +827,7 @@ static void oracle_run_free(oracle_run_t *r) {
     free(r->before);
     free(r->after);
     free(r->dense);
+    free(r->mass);
 }
 
 static void test_oracle_offsets_make_the_reused_cache_equal_dense_prefill_in_both_rope_layouts(void **st) {
@@ -974,15 +988,31 @@ static void test_recompute_frac_changes_only_the_selected_rows(void **st) {
     oracle_run_free(&r);
 }
 
+/* Whether row t of r changed between prepare and the end (the recompute pass took it), and its true error before
+ * (the squared distance of its K and V, every layer and head, to the dense prefill) into *err. */
+static bool row_recomputed(const oracle_run_t *r, const comm_geom_t *g, int t, double *err) {
+    bool same = true;
+    *err = 0;
+    for (int l = 0; l < g->L; l++)
+        for (int kv = 0; kv < 2; kv++)
+            for (int h = 0; h < g->H; h++) {
+                size_t o = comm_idx(g, r->n, l, kv, h, t);
+                same = same && !memcmp(r->before + o, r->after + o, (size_t)g->D * sizeof(float));
+                for (int d = 0; d < g->D; d++)
+                    *err += ((double)r->before[o + d] - r->dense[o + d]) * ((double)r->before[o + d] - r->dense[o + d]);
+            }
+    return !same;
+}
+
 /* The selection oracle (kvm_comm_set_oracle_selection): the fraction's rows are those whose assembled K/V are
  * furthest from a dense prefill's: every recomputed row's true error (before the pass) is at least every kept
  * placeholder row's, and the count is the fraction's. */
 static void test_the_selection_oracle_recomputes_the_rows_furthest_from_dense(void **st) {
     (void)st;
     oracle_run_t r;
-    g_recompute_frac = 0.25f, g_oracle_select = true;
+    g_recompute_frac = 0.25f, g_oracle_select = KVM_ORACLE_SELECT_ERROR;
     oracle_run(KVM_ROPE_HALF, false, 0, NULL, 0, &r);
-    g_recompute_frac = 0, g_oracle_select = false;
+    g_recompute_frac = 0, g_oracle_select = KVM_ORACLE_SELECT_OFF;
     const comm_geom_t g = {3, 2, 16, 4};
     const int cand = r.rep.ph[0].tokens + r.rep.ph[1].tokens;
     assert_int_equal(r.rep.selected_recomputed, (int)ceil(0.25 * cand));
@@ -990,16 +1020,8 @@ static void test_the_selection_oracle_recomputes_the_rows_furthest_from_dense(vo
     int changed = 0;
     for (int i = 0; i < 2; i++)
         for (int t = r.rep.ph[i].start_pos; t < r.rep.ph[i].start_pos + r.rep.ph[i].tokens && t < r.n; t++) {
-            bool same = true;
-            double err = 0;
-            for (int l = 0; l < g.L; l++)
-                for (int kv = 0; kv < 2; kv++)
-                    for (int h = 0; h < g.H; h++) {
-                        size_t o = comm_idx(&g, r.n, l, kv, h, t);
-                        same = same && !memcmp(r.before + o, r.after + o, (size_t)g.D * sizeof(float));
-                        for (int d = 0; d < g.D; d++)
-                            err += ((double)r.before[o + d] - r.dense[o + d]) * ((double)r.before[o + d] - r.dense[o + d]);
-                    }
+            double err;
+            const bool same = !row_recomputed(&r, &g, t, &err);
             if (same) max_kept = err > max_kept ? err : max_kept;
             else min_changed = err < min_changed ? err : min_changed, changed++;
         }
@@ -1008,6 +1030,46 @@ static void test_the_selection_oracle_recomputes_the_rows_furthest_from_dense(vo
     assert_int_equal(changed, r.rep.selected_recomputed);
     assert_true(min_changed >= max_kept);
     oracle_run_free(&r);
+}
+
+/* The attention oracles (kvm_comm_set_oracle_selection): the fraction's rows are those that get the most attention from
+ * the rows after the last shared placeholder in a dense prefill (ATTENTION), or the most of that attention times
+ * their true error (WEIGHTED); a value outside KVM_ORACLE_SELECT_* is refused. */
+static void test_the_attention_oracles_recompute_the_rows_the_agent_reads_most(void **st) {
+    (void)st;
+    const comm_geom_t g = {3, 2, 16, 4};
+    for (int by = KVM_ORACLE_SELECT_ATTENTION; by <= KVM_ORACLE_SELECT_WEIGHTED; by++) {
+        oracle_run_t r;
+        g_recompute_frac = 0.25f, g_oracle_select = by;
+        oracle_run(KVM_ROPE_HALF, false, 0, NULL, 0, &r);
+        g_recompute_frac = 0, g_oracle_select = KVM_ORACLE_SELECT_OFF;
+        assert_non_null(r.mass);
+        const int cand = r.rep.ph[0].tokens + r.rep.ph[1].tokens;
+        assert_int_equal(r.rep.selected_recomputed, (int)ceil(0.25 * cand));
+        double min_changed = INFINITY, max_kept = 0, total = 0;
+        int changed = 0;
+        for (int i = 0; i < 2; i++)
+            for (int t = r.rep.ph[i].start_pos; t < r.rep.ph[i].start_pos + r.rep.ph[i].tokens && t < r.n; t++) {
+                double err;
+                const bool same = !row_recomputed(&r, &g, t, &err);
+                const double score = by == KVM_ORACLE_SELECT_ATTENTION ? r.mass[t] : err * r.mass[t];
+                total += r.mass[t];
+                if (same) max_kept = score > max_kept ? score : max_kept;
+                else min_changed = score < min_changed ? score : min_changed, changed++;
+            }
+        fprintf(stderr, "attention oracle %d: %d rows recomputed, least score among them %.6g, most among the kept %.6g\n",
+                by, changed, min_changed, max_kept);
+        assert_true(total > 0);
+        assert_int_equal(changed, r.rep.selected_recomputed);
+        assert_true(min_changed >= max_kept * (1 - 1e-5)); /* the scores in float, here in double */
+        oracle_run_free(&r);
+    }
+    kvm_model_t *m = small_model(KVM_ROPE_HALF, 23);
+    kvm_comm_t *c = kvm_comm_create(m, NULL);
+    assert_int_equal(kvm_comm_set_oracle_selection(c, KVM_ORACLE_SELECT_WEIGHTED + 1), KVM_EINVAL);
+    assert_non_null(strstr(kvm_errmsg(), "KVM_ORACLE_SELECT_"));
+    kvm_comm_free(c);
+    kvm_model_free(m);
 }
 
 /* kvcomm.recompute_spread (ours): the gate on the predicted offset error. A gate every candidate passes (scores are
@@ -1599,6 +1661,7 @@ int main(void) {
         cmocka_unit_test(test_recompute_frac_changes_only_the_selected_rows),
         cmocka_unit_test(test_recompute_spread_gate_recomputes_the_rows_whose_predicted_error_passes_it),
         cmocka_unit_test(test_the_selection_oracle_recomputes_the_rows_furthest_from_dense),
+        cmocka_unit_test(test_the_attention_oracles_recompute_the_rows_the_agent_reads_most),
         cmocka_unit_test(test_spread_score_is_zero_where_anchors_agree_and_grows_where_they_disagree),
         cmocka_unit_test(test_oracle_offsets_make_the_reused_cache_equal_dense_prefill_in_both_rope_layouts),
         cmocka_unit_test(test_oracle_offsets_equal_dense_with_qk_norm_and_biases),

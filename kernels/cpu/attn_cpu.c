@@ -11,6 +11,7 @@
  * Decode is the tile of one row. The arithmetic of a chunk is the instruction-set path's (gemm_cpu.h): fp32,
  * exp within 2e-7 relative of expf. */
 #include <math.h>
+#include <pthread.h>
 #include <stdbool.h>
 #include <stdlib.h>
 
@@ -79,6 +80,69 @@ void kvm_cpu_load_kt_portable(float *kt, const void *k, kvm_dtype_t dt, int d, i
         }
 }
 
+/* ---- the attention-mass diagnostic (kvm_cpu_attn_mass_collect, cpu_kernels.h) ---------------------------- */
+
+static struct {
+    pthread_mutex_t mu;
+    float *mass; /* NULL: off */
+    int n, from_pos;
+} g_mass = {.mu = PTHREAD_MUTEX_INITIALIZER};
+
+void kvm_cpu_attn_mass_collect(float *mass, int n, int from_pos) {
+    pthread_mutex_lock(&g_mass.mu);
+    g_mass.mass = mass;
+    g_mass.n = n;
+    g_mass.from_pos = from_pos;
+    pthread_mutex_unlock(&g_mass.mu);
+}
+
+/* What the collector keeps of one item while it runs: per query of its rows at positions >= from_pos, exp(s - m)
+ * of every key as each chunk's softmax left it, and that m (the running max after the chunk). */
+typedef struct mass_item {
+    float *e, *m;
+    int *qpos; /* the position of each query's row */
+    int nq, nkeys, nch;
+} mass_item_t;
+
+static bool mass_begin(mass_item_t *mi, int nq, int nkeys, int nch) {
+    mi->nq = nq, mi->nkeys = nkeys, mi->nch = nch;
+    mi->e = calloc((size_t)nq * nkeys, sizeof(float));
+    mi->m = calloc((size_t)nq * nch, sizeof(float));
+    mi->qpos = calloc((size_t)nq, sizeof(int));
+    if (mi->e && mi->m && mi->qpos) return true;
+    free(mi->e), free(mi->m), free(mi->qpos);
+    mi->e = mi->m = NULL;
+    mi->qpos = NULL;
+    return false;
+}
+
+/* After the softmax of chunk ch (keys from p0, nv of them) for the G queries from qi of a row: keep them. */
+static void mass_keep(mass_item_t *mi, int qi, int G, int ch, int p0, int nv, const float *sc, int lds, const float *ml) {
+    for (int hh = 0; hh < G; hh++) {
+        memcpy(mi->e + (size_t)(qi + hh) * mi->nkeys + p0, sc + (size_t)hh * lds, (size_t)nv * sizeof(float));
+        mi->m[(size_t)(qi + hh) * mi->nch + ch] = ml[2 * hh];
+    }
+}
+
+/* At the end of the item: each kept query's probabilities (the chunks rescaled to the final max and sum ml) into
+ * the collector. Queries of rows before from_pos were not kept (their m stays 0 and e 0: they add nothing). */
+static void mass_end(mass_item_t *mi, const float *ml) {
+    const int *qpos = mi->qpos;
+    pthread_mutex_lock(&g_mass.mu);
+    for (int q = 0; q < mi->nq && g_mass.mass; q++) {
+        if (qpos[q] < g_mass.from_pos) continue;
+        const float mf = ml[2 * q], lf = ml[2 * q + 1];
+        for (int ch = 0; ch < mi->nch; ch++) {
+            const float f = expf(mi->m[(size_t)q * mi->nch + ch] - mf) / lf;
+            const int p0 = ch * ATT_CB * KVM_KV_BLOCK;
+            for (int i = p0; i < p0 + ATT_CB * KVM_KV_BLOCK && i <= qpos[q] && i < g_mass.n; i++)
+                g_mass.mass[i] += mi->e[(size_t)q * mi->nkeys + i] * f;
+        }
+    }
+    pthread_mutex_unlock(&g_mass.mu);
+    free(mi->e), free(mi->m), free(mi->qpos);
+}
+
 /* ---- the driver ------------------------------------------------------------------------------------------ */
 
 typedef struct attn_job {
@@ -143,6 +207,10 @@ static void attn_item(const attn_job_t *j, int s, int kh, int tile, float *buf) 
             ml[2 * qi] = -INFINITY;
             ml[2 * qi + 1] = 0.0f;
         }
+    /* the attention-mass diagnostic (off in production: g_mass.mass is NULL) */
+    mass_item_t mi = {0};
+    if (g_mass.mass && maxpos >= g_mass.from_pos && mass_begin(&mi, nq, maxpos + 1, (nkb + ATT_CB - 1) / ATT_CB))
+        for (int qi = 0; qi < nq; qi++) mi.qpos[qi] = row_pos(b, s, ra + qi / G);
     for (int c0 = 0; c0 < nkb; c0 += ATT_CB) {
         const int c1 = c0 + ATT_CB < nkb ? c0 + ATT_CB : nkb, p0 = c0 * KVM_KV_BLOCK;
         for (int kb = c0; kb < c1; kb++) {
@@ -157,9 +225,11 @@ static void attn_item(const attn_job_t *j, int s, int kh, int tile, float *buf) 
             K->scores(sc, lds, qs + (size_t)q0 * D, G, kt, (nv + KVM_KV_BLOCK - 1) / KVM_KV_BLOCK, D);
             for (int hh = 0; hh < G; hh++)
                 corr[hh] = K->softmax(sc + (size_t)hh * lds, nv, &ml[2 * (q0 + hh)], &ml[2 * (q0 + hh) + 1]);
+            if (mi.e && pos >= g_mass.from_pos) mass_keep(&mi, q0, G, c0 / ATT_CB, p0, nv, sc, lds, ml + 2 * (size_t)q0);
             K->pv(acc + (size_t)q0 * D, sc, lds, G, nv, vrows, D, corr);
         }
     }
+    if (mi.e) mass_end(&mi, ml);
     for (int r = ra; r < rb; r++)
         for (int hh = 0; hh < G; hh++) {
             int qi = (r - ra) * G + hh;

@@ -256,6 +256,7 @@ static const kvm_ops_t cpu_ops = {
     .rope_shift = cpu_rope_shift,
     .argmax = cpu_argmax,
     .parallel_for = kvm_cpu_parallel_for,
+    .attn_mass_collect = kvm_cpu_attn_mass_collect,
     .kvcomm_dist = kvm_cpu_kvcomm_dist,
     .kvcomm_softmax = kvm_cpu_kvcomm_softmax,
     .kvcomm_apply = kvm_cpu_kvcomm_apply,

@@ -109,8 +109,58 @@ static int oracle_scores(kvm_comm_t *c, const kvm_prepared_t *p, float *row_scor
     return rc;
 }
 
-int kvm_comm_set_oracle_selection(kvm_comm_t *c, bool on) {
+/* The attention each row of p's prompt gets in a dense prefill of it from the rows after the last shared placeholder
+ * (the agent's own text and the chat suffix, whose last row picks the first token), summed over layers and heads,
+ * into mass[n_prompt]. */
+static int attention_mass(kvm_comm_t *c, const kvm_prepared_t *p, float *mass) {
+    const kvm_ops_t *o = c->pool->ops;
+    if (!o->attn_mass_collect)
+        return kvm_seterr(KVM_EUNSUPPORTED, "attention selection oracle: the %s backend cannot collect attention (the CPU can)",
+                          o->name);
+    int from = 0;
+    for (int i = 0; i < p->report.n_placeholders; i++) {
+        const kvm_comm_ph_report_t *pr = &p->report.ph[i];
+        if (pr->decision == KVM_PH_SHARED && pr->start_pos + pr->tokens > from) from = pr->start_pos + pr->tokens;
+    }
+    kvm_seq_t dense;
+    kvm_seq_init(&dense, c->pool);
+    o->attn_mass_collect(mass, p->n_prompt, from);
+    int rc = comm_prefill(c, &dense, p->prompt_ids, p->n_prompt);
+    o->attn_mass_collect(NULL, 0, 0);
+    kvm_seq_free(&dense);
+    return rc;
+}
+
+/* score_hook: each positive score becomes the attention the row gets (attention_mass; plus a tiny amount, as
+ * above) */
+static int oracle_attention_scores(kvm_comm_t *c, const kvm_prepared_t *p, float *row_score) {
+    float *mass = kvm_calloc((size_t)p->n_prompt, sizeof(float));
+    int rc = mass ? attention_mass(c, p, mass) : KVM_ENOMEM;
+    for (int r = 0; r < p->n_prompt - 1 && !rc; r++)
+        if (row_score[r] > 0) row_score[r] = mass[r] + 1e-30f;
+    kvm_free(mass);
+    return rc;
+}
+
+/* score_hook: each positive score becomes the row's true error (oracle_scores) times the attention it gets
+ * (attention_mass): how much of the error the agent's own rows read */
+static int oracle_weighted_scores(kvm_comm_t *c, const kvm_prepared_t *p, float *row_score) {
+    float *mass = kvm_calloc((size_t)p->n_prompt, sizeof(float));
+    int rc = mass ? attention_mass(c, p, mass) : KVM_ENOMEM;
+    if (!rc) rc = oracle_scores(c, p, row_score);
+    for (int r = 0; r < p->n_prompt - 1 && !rc; r++)
+        if (row_score[r] > 0) row_score[r] = row_score[r] * mass[r] + 1e-30f;
+    kvm_free(mass);
+    return rc;
+}
+
+int kvm_comm_set_oracle_selection(kvm_comm_t *c, int by) {
     if (!c) return kvm_seterr(KVM_EINVAL, "set_oracle_selection: no comm context");
-    c->score_hook = on ? oracle_scores : NULL;
+    static int (*const hooks[])(kvm_comm_t *, const kvm_prepared_t *, float *) = {
+        [KVM_ORACLE_SELECT_OFF] = NULL, [KVM_ORACLE_SELECT_ERROR] = oracle_scores,
+        [KVM_ORACLE_SELECT_ATTENTION] = oracle_attention_scores, [KVM_ORACLE_SELECT_WEIGHTED] = oracle_weighted_scores};
+    if (by < KVM_ORACLE_SELECT_OFF || by > KVM_ORACLE_SELECT_WEIGHTED)
+        return kvm_seterr(KVM_EINVAL, "set_oracle_selection: %d is not a KVM_ORACLE_SELECT_* value", by);
+    c->score_hook = hooks[by];
     return 0;
 }

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # bench_kvcomm.sh - `kvmesh bench kvcomm` on the fidelity workloads (docs/kvcomm.md §5.2) at a few requests each:
 # every workload runs with its own agents, the team's degenerate checker is named and left out of acc%, the
-# default/spec/blend@F/gate@S/oselect@F modes run, bad workloads and modes are refused, and scripts/bench/kvcomm_curve.py
+# default/spec/blend@F/gate@S/oselect@F/aselect@F/wselect@F modes run, bad workloads and modes (and more than 8 of
+# them) are refused, and scripts/bench/kvcomm_curve.py
 # redraws its table, ASCII and SVG curve from the bench's JSON. Args: kvmesh binary, shared data dir (unused).
 # Exits 77 when the bundled model is absent.
 set -u
@@ -23,14 +24,16 @@ export KVM_THREADS=${KVM_THREADS:-2}
 tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
 out="$("$bin" bench kvcomm --model "$model" --backend cpu --workload team --requests 6 --warm 2 --cos-samples 0 \
-       --modes dense,spec,default,blend@0.9,gate@0.05,oselect@0.5 --out "$tmp/team" 2>/dev/null)"
+       --modes dense,spec,default,blend@0.9,gate@0.05,oselect@0.5,aselect@0.5,wselect@0.5 --out "$tmp/team" 2>/dev/null)"
 [ $? -eq 0 ] && ok "team exits 0" || bad "team exit status"
 has "team: the degenerate checker is named" "$out" "degenerate role left out of acc%: checker (dense 0.0%, always 'no')"
-for m in dense spec default blend@0.9 gate@0.05 oselect@0.5; do
+for m in dense spec default blend@0.9 gate@0.05 oselect@0.5 aselect@0.5 wselect@0.5; do
   printf '%s\n' "$out" | grep -q "^$m " && ok "team: mode $m" || bad "team: no line for mode $m"
 done
 has "team: the default's switches in the JSON" "$(cat "$tmp/team/kvcomm_team.json")" "recompute_below=32 recompute_text=64 recompute_frac=0.50 guard=on"
-has "team: the selection oracle's mode in the JSON" "$(cat "$tmp/team/kvcomm_team.json")" "recompute_frac=0.50 oracle=0 oracle_select=on"
+for x in error attention weighted; do
+  has "team: the selection oracle ($x) in the JSON" "$(cat "$tmp/team/kvcomm_team.json")" "recompute_frac=0.50 oracle=0 oracle_select=$x"
+done
 has "team: the degenerate role in the JSON" "$(tr -d ' \t\n' <"$tmp/team/kvcomm_team.json")" '"degenerate_roles":[{"role":"checker"'
 for w in pipeline:extractor:answerer revise:solver:reviser arith:result:reverse; do
   IFS=: read -r name r0 r1 <<<"$w"
@@ -41,6 +44,10 @@ for w in pipeline:extractor:answerer revise:solver:reviser arith:result:reverse;
 done
 "$bin" bench kvcomm --model "$model" --workload team --requests 2 --modes blend@2 >/dev/null 2>err.$$
 [ $? -ne 0 ] && grep -q "recompute_frac" err.$$ && ok "blend@2 is refused, naming the switch" || bad "blend@2: $(cat err.$$)"
+rm -f err.$$
+"$bin" bench kvcomm --model "$model" --workload team --requests 2 --modes dense,spec,default,dense,spec,default,dense,spec,default \
+  >/dev/null 2>err.$$
+[ $? -eq 2 ] && grep -q "at most 8 modes" err.$$ && ok "nine modes are refused (not cut to eight)" || bad "nine modes: $(cat err.$$)"
 rm -f err.$$
 
 if command -v python3 >/dev/null; then
