@@ -236,6 +236,13 @@ typedef struct kvm_kvcomm_config {
      * offset, kvcomm_spread) is at least this are recomputed in the same pass, on top of recompute_frac's share: a
      * per-row gate on the predicted offset error, so a call with agreeing anchors keeps more rows. 0 (default) = off. */
     float recompute_spread;
+    /* kvcomm.recompute_rank [ours, issue 15; a research switch]: how recompute_frac's rows are ranked. spread (0,
+     * default): the anchors' spread. attention (1): the attention the rows after the last shared placeholder (the
+     * agent's own text and the chat suffix) give each row, estimated by one positioned pass of those rows over the
+     * assembled cache (they are then recomputed again in the recompute pass). attention_spread (2): the spread times
+     * that attention. Needs a backend that collects attention (kvm_ops_t.attn_mass_collect: the CPU; elsewhere
+     * the prepare fails, naming the switch), and one prepare at a time in the process (the collector is global). */
+    int recompute_rank;
     /* kvcomm.guard [ours, issue 15; on in preset=blend]: the fidelity guard. For a deterministic sample of each
      * consumer's REUSE calls (its first 32, then every 8th) the greedy next token of the assembled cache is compared
      * with a dense prefill's; on a disagreement that consumer's recompute fraction moves up one step (f + (1-f)/2,

@@ -738,6 +738,7 @@ typedef struct oracle_run {
 static float g_recompute_frac = 0; /* kvcomm.recompute_frac and kvcomm.recompute_text of oracle_run's `after` */
 static int g_recompute_text = 0;
 static float g_recompute_spread = 0; /* kvcomm.recompute_spread of oracle_run's `after` */
+static int g_recompute_rank = 0;     /* kvcomm.recompute_rank of oracle_run's `after` */
 static int g_oracle_select = 0; /* kvm_comm_set_oracle_selection (KVM_ORACLE_SELECT_*) for oracle_run's context */
 
 /* Runs a prepared prompt's rest and 3 more tokens, completes the step and releases p. */
@@ -797,6 +798,7 @@ static void oracle_run(kvm_rope_layout_t layout, bool agent_first, int which, co
             kvm_prepared_release(&p);
             cfg->recompute_below = recompute_below, cfg->recompute_frac = g_recompute_frac;
             cfg->recompute_text = g_recompute_text, cfg->recompute_spread = g_recompute_spread;
+            cfg->recompute_rank = g_recompute_rank;
             prepare_b(rq, &pr, which, only, &p); /* the same decisions (cached per sample), now recomputing */
             assert_int_equal(p.n_prompt - 1, n);
             assert_int_equal(kvm_kv_read_rows(p.seq.pool, p.seq.blocks, 0, n, out->after), 0);
@@ -1070,6 +1072,41 @@ static void test_the_attention_oracles_recompute_the_rows_the_agent_reads_most(v
     assert_non_null(strstr(kvm_errmsg(), "KVM_ORACLE_SELECT_"));
     kvm_comm_free(c);
     kvm_model_free(m);
+}
+
+/* kvcomm.recompute_rank (ours, research): the ranking pass runs the rows after the last shared placeholder once over
+ * the assembled cache, and the recompute pass computes them again: the same number of selected rows as the spread's
+ * ranking, plus those rows (here the only short ones: recompute_below and recompute_text are off), a cache computed
+ * from the model, and a selection other than the spread's. */
+static void test_recompute_rank_by_attention_takes_the_rows_the_agent_reads(void **st) {
+    (void)st;
+    oracle_run_t sp, at;
+    g_recompute_frac = 0.25f;
+    oracle_run(KVM_ROPE_HALF, false, 0, NULL, 0, &sp);
+    g_recompute_rank = 1;
+    oracle_run(KVM_ROPE_HALF, false, 0, NULL, 0, &at);
+    g_recompute_frac = 0, g_recompute_rank = 0;
+    const int cand = sp.rep.ph[0].tokens + sp.rep.ph[1].tokens;
+    assert_int_equal(sp.rep.selected_recomputed, (int)ceil(0.25 * cand));
+    assert_int_equal(at.rep.selected_recomputed, sp.rep.selected_recomputed);
+    /* b's prompt ends with the agent's own text after its last placeholder: the pass's rows, recomputed again */
+    const int own = at.n - (at.rep.ph[1].start_pos + at.rep.ph[1].tokens);
+    assert_true(own > 0);
+    assert_int_equal(sp.rep.short_recomputed, 0);
+    assert_int_equal(at.rep.short_recomputed, own);
+    assert_true(at.err < at.err_before * 1.5f); /* computed from the model, not garbage */
+    /* the selection differs from the spread's on this model (a ranking that changed nothing would pass the counts) */
+    const comm_geom_t g = {3, 2, 16, 4};
+    int differ = 0;
+    for (int i = 0; i < 2; i++)
+        for (int t = at.rep.ph[i].start_pos; t < at.rep.ph[i].start_pos + at.rep.ph[i].tokens && t < at.n; t++) {
+            double e;
+            differ += row_recomputed(&at, &g, t, &e) != row_recomputed(&sp, &g, t, &e);
+        }
+    fprintf(stderr, "recompute_rank=attention: %d of %d candidate rows chosen differently from the spread\n", differ, cand);
+    assert_true(differ > 0);
+    oracle_run_free(&sp);
+    oracle_run_free(&at);
 }
 
 /* kvcomm.recompute_spread (ours): the gate on the predicted offset error. A gate every candidate passes (scores are
@@ -1552,6 +1589,15 @@ static void test_switches_parse_and_reject_unknown_values(void **st) {
     assert_int_equal(c.max_anchors, 31);
     assert_int_equal(kvm_kvcomm_ablation(&c, "rotation+ph"), 0);
     assert_true(c.ph_offset && !c.pf_offset && c.rotate);
+    assert_int_equal(c.recompute_rank, 0); /* the spread by default */
+    assert_int_equal(kvm_kvcomm_config_set(&c, "recompute_rank", "attention_spread"), 0);
+    assert_int_equal(c.recompute_rank, 2);
+    char rb[512];
+    kvm_kvcomm_config_str(&c, rb, sizeof rb);
+    assert_non_null(strstr(rb, " recompute_rank=attention_spread"));
+    assert_int_equal(kvm_kvcomm_config_set(&c, "recompute_rank", "error"), KVM_EINVAL);
+    assert_non_null(strstr(kvm_errmsg(), "spread|attention|attention_spread"));
+    assert_int_equal(kvm_kvcomm_config_set(&c, "recompute_rank", "spread"), 0);
     assert_int_equal(c.recompute_below, 0); /* the spec by default */
     assert_int_equal(kvm_kvcomm_config_set(&c, "kvcomm.recompute_below", "8"), 0);
     assert_int_equal(c.recompute_below, 8);
@@ -1662,6 +1708,7 @@ int main(void) {
         cmocka_unit_test(test_recompute_spread_gate_recomputes_the_rows_whose_predicted_error_passes_it),
         cmocka_unit_test(test_the_selection_oracle_recomputes_the_rows_furthest_from_dense),
         cmocka_unit_test(test_the_attention_oracles_recompute_the_rows_the_agent_reads_most),
+        cmocka_unit_test(test_recompute_rank_by_attention_takes_the_rows_the_agent_reads),
         cmocka_unit_test(test_spread_score_is_zero_where_anchors_agree_and_grows_where_they_disagree),
         cmocka_unit_test(test_oracle_offsets_make_the_reused_cache_equal_dense_prefill_in_both_rope_layouts),
         cmocka_unit_test(test_oracle_offsets_equal_dense_with_qk_norm_and_biases),

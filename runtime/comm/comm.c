@@ -51,6 +51,7 @@ static const char *const BOUND_NAMES[] = {"strict", "reference"};
 static const char *const NOANCHOR_NAMES[] = {"dense", "naive"};
 static const char *const RESP_NAMES[] = {"compute", "drop"};
 static const char *const DELTA_NAMES[] = {"q8", "kv"};
+static const char *const RANK_NAMES[] = {"spread", "attention", "attention_spread"};
 /* research switches that ran only on the removed host path (kvcomm.md §3 says why each went) */
 static const char *const REMOVED[] = {"frame", "align", "align_window", "recompute_select"};
 
@@ -85,6 +86,7 @@ int kvm_kvcomm_config_set(kvm_kvcomm_config_t *c, const char *key, const char *v
     ENUMSW("no_anchor", no_anchor, NOANCHOR_NAMES, "dense|naive")
     ENUMSW("resp_last_token", resp_last_token, RESP_NAMES, "compute|drop")
     ENUMSW("deltas", deltas, DELTA_NAMES, "q8|kv")
+    ENUMSW("recompute_rank", recompute_rank, RANK_NAMES, "spread|attention|attention_spread")
 #undef BOOLSW
 #undef ENUMSW
     if (!strcmp(k, "gamma")) {
@@ -147,7 +149,7 @@ int kvm_kvcomm_config_set(kvm_kvcomm_config_t *c, const char *key, const char *v
                               "(docs/kvcomm.md §3)", k);
     return kvm_seterr(KVM_EINVAL, "unknown KVCOMM switch '%s' (known: enable rotate ph_offset pf_offset weights criterion "
                       "gamma max_anchors evict_window dist_norm pool_bound no_anchor resp_last_token force_reuse "
-                      "anchor_budget_bytes recompute_below recompute_text recompute_frac recompute_spread guard deltas "
+                      "anchor_budget_bytes recompute_below recompute_text recompute_frac recompute_spread recompute_rank guard deltas "
                       "preset ablation)", key);
 }
 
@@ -162,10 +164,12 @@ int kvm_kvcomm_ablation(kvm_kvcomm_config_t *c, const char *name) {
 }
 
 void kvm_kvcomm_config_str(const kvm_kvcomm_config_t *c, char *buf, size_t cap) {
-    char spread[64] = ""; /* printed when on, so the lines of the other settings stay as they were */
+    char spread[128] = ""; /* printed when on, so the lines of the other settings stay as they were */
     if (c->recompute_spread > 0) snprintf(spread, sizeof spread, " recompute_spread=%g", (double)c->recompute_spread);
     if (c->guard) snprintf(spread + strlen(spread), sizeof spread - strlen(spread), " guard=on");
     if (c->deltas) snprintf(spread + strlen(spread), sizeof spread - strlen(spread), " deltas=%s", DELTA_NAMES[c->deltas % 2]);
+    if (c->recompute_rank)
+        snprintf(spread + strlen(spread), sizeof spread - strlen(spread), " recompute_rank=%s", RANK_NAMES[c->recompute_rank % 3]);
     snprintf(buf, cap,
              "enable=%s rotate=%s ph_offset=%s pf_offset=%s weights=%s criterion=%s gamma=%.2f V=%d W=%d dist_norm=%s "
              "pool_bound=%s no_anchor=%s resp_last_token=%s force_reuse=%s recompute_below=%d recompute_text=%d "

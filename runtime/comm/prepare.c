@@ -26,6 +26,7 @@ typedef struct prep_priv {
     float *row_score;   /* kvcomm.recompute_frac: [n_prompt] spread score of each offset-corrected placeholder row
                          * (0 elsewhere), or NULL */
     int guard;          /* kvcomm.guard's sample of this call (comm_guard_sample): 0, 1 now, 2 after generation */
+    int own_from;       /* kvcomm.recompute_rank: rows [own_from, n_prompt - 1) ran the ranking pass (recomputed again) */
     kvm_seq_t check;    /* guard 2: a copy-on-write fork of the assembled rows, checked in kvm_comm_complete */
 } prep_priv_t;
 
@@ -286,6 +287,7 @@ static int mark_rows(const prep_priv_t *pv, const kvm_kvcomm_config_t *cfg, floa
         }
         for (int row = a > E ? a : E; row < b && row < N - 1; row++) mark[row] = 2;
     }
+    for (int row = pv->own_from > 0 ? pv->own_from : N - 1; row < N - 1; row++) mark[row] = 2; /* the ranking pass's */
     int nc = 0, n2 = 0;
     float *cand = select ? kvm_malloc((size_t)2 * N * sizeof(float)) : NULL;
     if (select && !cand) return KVM_ENOMEM;
@@ -346,6 +348,45 @@ static int stage_recompute(kvm_comm_t *c, prep_priv_t *pv, kvm_prepared_t *p) {
     return rc;
 }
 
+/* kvcomm.recompute_rank (ours, a research switch): the rows after the last shared placeholder (the agent's own text
+ * and the chat suffix) run once, positioned, over the assembled cache with the backend's attention collector on; the
+ * attention they give each assembled row (summed over layers and heads) becomes its score (attention) or multiplies
+ * its spread (attention_spread). Their K/V now come from the estimated context, so the recompute pass computes them
+ * again (pv->own_from). Nothing after the last placeholder: the spread stays. */
+static int stage_rank(kvm_comm_t *c, prep_priv_t *pv, kvm_prepared_t *p, int E) { /* rows [E, N - 1) assembled */
+    const kvm_ops_t *o = c->pool->ops;
+    const int N = p->n_prompt;
+    if (!o->attn_mass_collect)
+        return kvm_seterr(KVM_EUNSUPPORTED, "kvcomm.recompute_rank=%s needs a backend that collects attention (the CPU); "
+                          "the %s backend does not", c->cfg.recompute_rank == 1 ? "attention" : "attention_spread", o->name);
+    int from = -1;
+    for (int j = 0; j < pv->n_ph; j++)
+        if (pv->ph[j].decision == KVM_PH_SHARED && pv->ph[j].t_ph + pv->ph[j].T > from) from = pv->ph[j].t_ph + pv->ph[j].T;
+    if (from <= E || from >= N - 1) return 0;
+    const int nb = N - 1 - from;
+    float *mass = kvm_calloc((size_t)N, sizeof(float));
+    int32_t *buf = kvm_malloc((size_t)(N + 2 * nb) * sizeof(int32_t));
+    int rc = mass && buf ? 0 : KVM_ENOMEM;
+    if (!rc) {
+        int32_t *scratch = buf, *pos = buf + N, *tok = pos + nb;
+        memcpy(scratch, p->prompt_ids, (size_t)N * sizeof(int32_t));
+        for (int i = 0; i < nb; i++) pos[i] = from + i, tok[i] = p->prompt_ids[from + i];
+        kvm_seq_t view = {.pool = c->pool, .blocks = p->seq.blocks, .n_blocks = p->seq.n_blocks,
+                          .cap_blocks = p->seq.n_blocks, .tokens = scratch, .n_tokens = N - 1, .cap_tokens = N};
+        kvm_batch_item_t item = {.seq = &view, .tokens = tok, .n_tokens = nb, .positions = pos};
+        o->attn_mass_collect(mass, N, from);
+        rc = kvm_forward(c->m, &item, 1);
+        o->attn_mass_collect(NULL, 0, 0);
+    }
+    for (int row = E; row < from && !rc; row++)
+        if (pv->row_score[row] > 0)
+            pv->row_score[row] = (c->cfg.recompute_rank == 1 ? mass[row] : pv->row_score[row] * mass[row]) + 1e-30f;
+    if (!rc) pv->own_from = from;
+    kvm_free(mass);
+    kvm_free(buf);
+    return rc;
+}
+
 /* ==== assemble (§3.6, §3.7) ================================================================================= */
 
 /* REUSE: rows [E, N-1) from the segments with offsets in F0, one shift, one scatter (kvcomm_dev.c), accounted,
@@ -361,6 +402,7 @@ static int stage_assemble(kvm_comm_request_t *rq, const kvm_template_t *t, const
     if (comm_wants_scores(cfg) && !(pv->row_score = kvm_calloc((size_t)N, sizeof(float)))) return KVM_ENOMEM;
     int rc = comm_dev_reuse(rq, t, pv->ph, forced, out, E, N, pv->row_score);
     if (!rc && pv->row_score && c->score_hook) rc = c->score_hook(c, out, pv->row_score);
+    else if (!rc && pv->row_score && cfg->recompute_rank) rc = stage_rank(c, pv, out, E);
     if (rc) return rc;
     r->exact_tokens = E;
     for (int row = E; row < N - 1; row++) {
