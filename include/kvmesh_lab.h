@@ -238,8 +238,9 @@ typedef struct kvm_kvcomm_config {
     float recompute_spread;
     /* kvcomm.recompute_rank [ours, issue 15; a research switch]: how recompute_frac's rows are ranked. spread (0,
      * default): the anchors' spread. attention (1): the attention the rows after the last shared placeholder (the
-     * agent's own text and the chat suffix) give each row, estimated by one positioned pass of those rows over the
-     * assembled cache (they are then recomputed again in the recompute pass). attention_spread (2): the spread times
+     * agent's own text and the chat suffix) and the last prompt row give each row, estimated by one positioned pass
+     * of those rows over the assembled cache (they are then computed again: by the recompute pass, and the last row by
+     * the generation's first step). attention_spread (2): the spread times
      * that attention. Needs a backend that collects attention (kvm_ops_t.attn_mass_collect: the CPU; elsewhere
      * the prepare fails, naming the switch), and one prepare at a time in the process (the collector is global). */
     int recompute_rank;

@@ -349,10 +349,11 @@ static int stage_recompute(kvm_comm_t *c, prep_priv_t *pv, kvm_prepared_t *p) {
 }
 
 /* kvcomm.recompute_rank (ours, a research switch): the rows after the last shared placeholder (the agent's own text
- * and the chat suffix) run once, positioned, over the assembled cache with the backend's attention collector on; the
- * attention they give each assembled row (summed over layers and heads) becomes its score (attention) or multiplies
- * its spread (attention_spread). Their K/V now come from the estimated context, so the recompute pass computes them
- * again (pv->own_from). Nothing after the last placeholder: the spread stays. */
+ * and the chat suffix) and the last prompt row run once, positioned, over the assembled cache with the backend's
+ * attention collector on; the attention they give each assembled row (summed over layers and heads) becomes its
+ * score (attention) or multiplies its spread (attention_spread). Their K/V now come from the estimated context, so
+ * the recompute pass computes them again (pv->own_from), and the generation's first step the last row. Nothing
+ * after the last placeholder: the spread stays. */
 static int stage_rank(kvm_comm_t *c, prep_priv_t *pv, kvm_prepared_t *p, int E) { /* rows [E, N - 1) assembled */
     const kvm_ops_t *o = c->pool->ops;
     const int N = p->n_prompt;
@@ -363,16 +364,18 @@ static int stage_rank(kvm_comm_t *c, prep_priv_t *pv, kvm_prepared_t *p, int E) 
     for (int j = 0; j < pv->n_ph; j++)
         if (pv->ph[j].decision == KVM_PH_SHARED && pv->ph[j].t_ph + pv->ph[j].T > from) from = pv->ph[j].t_ph + pv->ph[j].T;
     if (from <= E || from >= N - 1) return 0;
-    const int nb = N - 1 - from;
+    /* the last prompt row too (it picks the first token): its block is reserved ahead; the generation's first step
+     * writes that row again */
+    const int nb = N - from;
     float *mass = kvm_calloc((size_t)N, sizeof(float));
     int32_t *buf = kvm_malloc((size_t)(N + 2 * nb) * sizeof(int32_t));
-    int rc = mass && buf ? 0 : KVM_ENOMEM;
+    int rc = mass && buf ? kvm_seq_reserve(&p->seq, N) : KVM_ENOMEM;
     if (!rc) {
         int32_t *scratch = buf, *pos = buf + N, *tok = pos + nb;
         memcpy(scratch, p->prompt_ids, (size_t)N * sizeof(int32_t));
         for (int i = 0; i < nb; i++) pos[i] = from + i, tok[i] = p->prompt_ids[from + i];
         kvm_seq_t view = {.pool = c->pool, .blocks = p->seq.blocks, .n_blocks = p->seq.n_blocks,
-                          .cap_blocks = p->seq.n_blocks, .tokens = scratch, .n_tokens = N - 1, .cap_tokens = N};
+                          .cap_blocks = p->seq.n_blocks, .tokens = scratch, .n_tokens = N, .cap_tokens = N};
         kvm_batch_item_t item = {.seq = &view, .tokens = tok, .n_tokens = nb, .positions = pos};
         o->attn_mass_collect(mass, N, from);
         rc = kvm_forward(c->m, &item, 1);
