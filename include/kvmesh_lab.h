@@ -140,6 +140,10 @@ void kvm_forward_set_graphs(kvm_model_t *m, bool on);
 /* Runs one step. On success every item's seq has grown by its n_tokens. On error (KV budget, bad
  * token id, rows beyond the context) no sequence is changed and the message says which item. */
 int kvm_forward(kvm_model_t *m, kvm_batch_item_t *items, int n_items);
+/* kvm_forward, and into mass[0..n) (host) the attention probabilities that the rows at positions >= from_pos give
+ * each key position, summed over heads and layers (kvm_ops_t.attn_mass; the CPU has it, KVM_EUNSUPPORTED where a
+ * backend does not). kvcomm.recompute_rank and the attention oracles rank rows by it. */
+int kvm_forward_attn_mass(kvm_model_t *m, kvm_batch_item_t *items, int n_items, float *mass, int n, int from_pos);
 /* kvm_forward timed: *device_ms from events recorded on the backend's stream around the step where the backend
  * has them (else the host time), *host_ms from the monotonic clock around the call; either may be NULL. */
 int kvm_forward_timed(kvm_model_t *m, kvm_batch_item_t *items, int n_items, double *device_ms, double *host_ms);
@@ -240,9 +244,8 @@ typedef struct kvm_kvcomm_config {
      * default): the anchors' spread. attention (1): the attention the rows after the last shared placeholder (the
      * agent's own text and the chat suffix) and the last prompt row give each row, estimated by one positioned pass
      * of those rows over the assembled cache (they are then computed again: by the recompute pass, and the last row by
-     * the generation's first step). attention_spread (2): the spread times
-     * that attention. Needs a backend that collects attention (kvm_ops_t.attn_mass_collect: the CPU; elsewhere
-     * the prepare fails, naming the switch), and one prepare at a time in the process (the collector is global). */
+     * the generation's first step). attention_spread (2): the spread times that attention. Needs a backend with
+     * kvm_ops_t.attn_mass (the CPU and CUDA; elsewhere the prepare fails, naming the switch). */
     int recompute_rank;
     /* kvcomm.guard [ours, issue 15; on in preset=blend]: the fidelity guard. For a deterministic sample of each
      * consumer's REUSE calls (its first 32, then every 8th) the greedy next token of the assembled cache is compared
@@ -561,8 +564,8 @@ int kvm_comm_prepare_oracle(kvm_comm_request_t *rq, const kvm_prompt_t *p, int w
  *     fraction;
  *   KVM_ORACLE_SELECT_ATTENTION: the attention they get in a dense prefill of the same prompt from the rows after
  *     the last shared placeholder (the agent's own text and the chat suffix, whose last row picks the first token),
- *     summed over layers and heads: how far a selector of the rows this agent reads could take it. Backends with
- *     kvm_ops_t.attn_mass_collect (the CPU);
+ *     summed over layers and heads (kvm_forward_attn_mass): how far a selector of the rows this agent reads could
+ *     take it;
  *   KVM_ORACLE_SELECT_WEIGHTED: the true error times that attention (how much of the error the agent reads);
  * instead of by the anchors' spread (KVM_ORACLE_SELECT_OFF, the production ranking); the share recomputed, the pass
  * itself and everything else stay the production ones. Diagnostics, not policies (each call costs a dense prefill). */

@@ -132,10 +132,14 @@ typedef struct kvm_ops {
      * inline on fn's thread). The forward runs the rows of a decode step in groups through it, each group's
      * whole step on one thread (forward.c, run_step). */
     void (*parallel_for)(int n, int grain, void (*fn)(void *ctx, int i0, int i1, int tid), void *ctx);
-    /* lab diagnostic, NULL where a backend lacks it (the CPU has it: kernels/cpu/cpu_kernels.h): while mass is set,
-     * the attention adds each query row's probabilities (rows at positions >= from_pos, summed over heads and
-     * layers) to mass[key position < n]. The attention selection oracle of runtime/comm/kvcomm_oracle.c uses it. */
-    void (*attn_mass_collect)(float *mass, int n, int from_pos);
+    /* optional: for each query row of b at a position >= from_pos, its attention probabilities over the keys
+     * [0, position] (softmax of scale * q.k per head, as attention computes them), summed over the heads, are added
+     * to mass[key position] (backend memory, fp32, positions < n; the same order of additions on every call, so the
+     * sums are reproducible). q, kv, g, layer, heads, b as for attention. The forward calls it after each layer's
+     * attention when asked (kvm_forward_attn_mass): kvcomm.recompute_rank and the attention oracles rank rows by
+     * it. NULL: the backend cannot (those refuse, naming the backend). */
+    void (*attn_mass)(float *mass, int n, int from_pos, const float *q, const void *kv, const kvm_kv_geom_t *g,
+                      int layer, int heads, const kvm_attn_batch_t *b, float scale);
     /* device-side timing: an event recorded now in the op stream; elapsed waits for b */
     void *(*event_record)(void);
     float (*event_elapsed_ms)(void *a, void *b);

@@ -68,9 +68,9 @@ static void usage(void) {
             "              oselect@F               blend@F with the rows ranked by their true error against a dense\n"
             "                                      prefill (the selection oracle: how far a ranking by error could go)\n"
             "              aselect@F               blend@F with the rows ranked by the attention the agent's own rows\n"
-            "                                      give them in a dense prefill (the attention oracle; CPU backend)\n"
+            "                                      give them in a dense prefill (the attention oracle)\n"
             "              wselect@F               blend@F with the rows ranked by their true error times that\n"
-            "                                      attention (the weighted oracle; CPU backend)\n"
+            "                                      attention (the weighted oracle)\n"
             "       --set applies after the mode (e.g. --modes full+blend --set kvcomm.recompute_frac=0.3)\n"
             "       --seed 1000            (needs a model with a tokenizer; the trained minitasks models)\n");
 }

@@ -1011,6 +1011,17 @@ static void check_attention(kvm_dtype_t dt, int heads, int kvh, int hd, const at
     assert_memory_equal(gpool, pool, pool_bytes);
     snprintf(what, sizeof what, "attention %s %d/%d x %d (%s)", kvm_dtype_name(dt), heads, kvh, hd, label);
     expect_close(what, out, ref, (size_t)total_rows * heads * hd, tol);
+    /* kvm_ops_t.attn_mass on the same step: the probabilities of the rows from the middle position on, per key */
+    int n_mass = 0;
+    for (int s = 0; s < ac->n_seqs; s++) n_mass = ac->ctx[s] > n_mass ? ac->ctx[s] : n_mass;
+    float *mref = calloc((size_t)n_mass, sizeof(float)), *dmass = dev_poisoned((size_t)n_mass);
+    assert_int_equal(G->memset0(dmass, (size_t)n_mass * 4), 0);
+    C->attn_mass(mref, n_mass, n_mass / 2, q, pool, &g, layer, heads, &cb, scale);
+    G->attn_mass(dmass, n_mass, n_mass / 2, dq, dpool, &g, layer, heads, &gb, scale);
+    float *mass = host_from(dmass, (size_t)n_mass);
+    snprintf(what, sizeof what, "attention mass %s %d/%d x %d (%s)", kvm_dtype_name(dt), heads, kvh, hd, label);
+    expect_close(what, mass, mref, (size_t)n_mass, 1e-4);
+    G->free(dmass), free(mref), free(mass);
     G->free(dpool), G->free((void *)gb.row_start), G->free((void *)gb.ctx_len), G->free((void *)gb.block_table);
     G->free(dk), G->free(dv), G->free(dq), G->free(dout);
     free(pool), free(perm), free(bt), free(k), free(v), free(q), free(ref), free(out), free(gpool);

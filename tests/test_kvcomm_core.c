@@ -811,10 +811,11 @@ static void oracle_run(kvm_rope_layout_t layout, bool agent_first, int which, co
                     if (p.report.ph[i].decision == KVM_PH_SHARED && p.report.ph[i].start_pos + p.report.ph[i].tokens > from)
                         from = p.report.ph[i].start_pos + p.report.ph[i].tokens;
                 out->mass = calloc((size_t)p.n_prompt, sizeof(float));
-                const kvm_ops_t *ops = kvm_ops_cpu();
-                ops->attn_mass_collect(out->mass, p.n_prompt, from);
-                free(dense_kv(c, p.prompt_ids, p.n_prompt));
-                ops->attn_mass_collect(NULL, 0, 0);
+                kvm_seq_t d;
+                kvm_seq_init(&d, kvm_kv_store_pool(kvm_comm_store(c)));
+                kvm_batch_item_t it = {.seq = &d, .tokens = p.prompt_ids, .n_tokens = p.n_prompt};
+                assert_int_equal(kvm_forward_attn_mass(m, &it, 1, out->mass, p.n_prompt, from), 0);
+                kvm_seq_free(&d);
             }
             generate_and_complete(m, rq, &p);
         }

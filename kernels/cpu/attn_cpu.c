@@ -11,7 +11,6 @@
  * Decode is the tile of one row. The arithmetic of a chunk is the instruction-set path's (gemm_cpu.h): fp32,
  * exp within 2e-7 relative of expf. */
 #include <math.h>
-#include <pthread.h>
 #include <stdbool.h>
 #include <stdlib.h>
 
@@ -80,69 +79,6 @@ void kvm_cpu_load_kt_portable(float *kt, const void *k, kvm_dtype_t dt, int d, i
         }
 }
 
-/* ---- the attention-mass diagnostic (kvm_cpu_attn_mass_collect, cpu_kernels.h) ---------------------------- */
-
-static struct {
-    pthread_mutex_t mu;
-    float *mass; /* NULL: off */
-    int n, from_pos;
-} g_mass = {.mu = PTHREAD_MUTEX_INITIALIZER};
-
-void kvm_cpu_attn_mass_collect(float *mass, int n, int from_pos) {
-    pthread_mutex_lock(&g_mass.mu);
-    g_mass.mass = mass;
-    g_mass.n = n;
-    g_mass.from_pos = from_pos;
-    pthread_mutex_unlock(&g_mass.mu);
-}
-
-/* What the collector keeps of one item while it runs: per query of its rows at positions >= from_pos, exp(s - m)
- * of every key as each chunk's softmax left it, and that m (the running max after the chunk). */
-typedef struct mass_item {
-    float *e, *m;
-    int *qpos; /* the position of each query's row */
-    int nq, nkeys, nch;
-} mass_item_t;
-
-static bool mass_begin(mass_item_t *mi, int nq, int nkeys, int nch) {
-    mi->nq = nq, mi->nkeys = nkeys, mi->nch = nch;
-    mi->e = calloc((size_t)nq * nkeys, sizeof(float));
-    mi->m = calloc((size_t)nq * nch, sizeof(float));
-    mi->qpos = calloc((size_t)nq, sizeof(int));
-    if (mi->e && mi->m && mi->qpos) return true;
-    free(mi->e), free(mi->m), free(mi->qpos);
-    mi->e = mi->m = NULL;
-    mi->qpos = NULL;
-    return false;
-}
-
-/* After the softmax of chunk ch (keys from p0, nv of them) for the G queries from qi of a row: keep them. */
-static void mass_keep(mass_item_t *mi, int qi, int G, int ch, int p0, int nv, const float *sc, int lds, const float *ml) {
-    for (int hh = 0; hh < G; hh++) {
-        memcpy(mi->e + (size_t)(qi + hh) * mi->nkeys + p0, sc + (size_t)hh * lds, (size_t)nv * sizeof(float));
-        mi->m[(size_t)(qi + hh) * mi->nch + ch] = ml[2 * hh];
-    }
-}
-
-/* At the end of the item: each kept query's probabilities (the chunks rescaled to the final max and sum ml) into
- * the collector. Queries of rows before from_pos were not kept (their m stays 0 and e 0: they add nothing). */
-static void mass_end(mass_item_t *mi, const float *ml) {
-    const int *qpos = mi->qpos;
-    pthread_mutex_lock(&g_mass.mu);
-    for (int q = 0; q < mi->nq && g_mass.mass; q++) {
-        if (qpos[q] < g_mass.from_pos) continue;
-        const float mf = ml[2 * q], lf = ml[2 * q + 1];
-        for (int ch = 0; ch < mi->nch; ch++) {
-            const float f = expf(mi->m[(size_t)q * mi->nch + ch] - mf) / lf;
-            const int p0 = ch * ATT_CB * KVM_KV_BLOCK;
-            for (int i = p0; i < p0 + ATT_CB * KVM_KV_BLOCK && i <= qpos[q] && i < g_mass.n; i++)
-                g_mass.mass[i] += mi->e[(size_t)q * mi->nkeys + i] * f;
-        }
-    }
-    pthread_mutex_unlock(&g_mass.mu);
-    free(mi->e), free(mi->m), free(mi->qpos);
-}
-
 /* ---- the driver ------------------------------------------------------------------------------------------ */
 
 typedef struct attn_job {
@@ -207,10 +143,6 @@ static void attn_item(const attn_job_t *j, int s, int kh, int tile, float *buf) 
             ml[2 * qi] = -INFINITY;
             ml[2 * qi + 1] = 0.0f;
         }
-    /* the attention-mass diagnostic (off in production: g_mass.mass is NULL) */
-    mass_item_t mi = {0};
-    if (g_mass.mass && maxpos >= g_mass.from_pos && mass_begin(&mi, nq, maxpos + 1, (nkb + ATT_CB - 1) / ATT_CB))
-        for (int qi = 0; qi < nq; qi++) mi.qpos[qi] = row_pos(b, s, ra + qi / G);
     for (int c0 = 0; c0 < nkb; c0 += ATT_CB) {
         const int c1 = c0 + ATT_CB < nkb ? c0 + ATT_CB : nkb, p0 = c0 * KVM_KV_BLOCK;
         for (int kb = c0; kb < c1; kb++) {
@@ -225,11 +157,9 @@ static void attn_item(const attn_job_t *j, int s, int kh, int tile, float *buf) 
             K->scores(sc, lds, qs + (size_t)q0 * D, G, kt, (nv + KVM_KV_BLOCK - 1) / KVM_KV_BLOCK, D);
             for (int hh = 0; hh < G; hh++)
                 corr[hh] = K->softmax(sc + (size_t)hh * lds, nv, &ml[2 * (q0 + hh)], &ml[2 * (q0 + hh) + 1]);
-            if (mi.e && pos >= g_mass.from_pos) mass_keep(&mi, q0, G, c0 / ATT_CB, p0, nv, sc, lds, ml + 2 * (size_t)q0);
             K->pv(acc + (size_t)q0 * D, sc, lds, G, nv, vrows, D, corr);
         }
     }
-    if (mi.e) mass_end(&mi, ml);
     for (int r = ra; r < rb; r++)
         for (int hh = 0; hh < G; hh++) {
             int qi = (r - ra) * G + hh;
@@ -274,4 +204,45 @@ void kvm_cpu_attention(float *out, const float *q, const void *kv, const kvm_kv_
     if (items <= 0) return;
     int grain = kvm_cpu_pool_size() <= 1 || work < 131072.0 ? items : 1;
     kvm_cpu_parallel_for(items, grain, attn_task, &j);
+}
+
+/* kvm_ops_t.attn_mass on the CPU: fp64 scores and softmax per (row, head) over the row's keys (widened from the
+ * cache), the heads and rows added in order on the calling thread. It serves a ranking pass of a few rows, so it
+ * is plain C. */
+void kvm_cpu_attn_mass(float *mass, int n, int from_pos, const float *q, const void *kv, const kvm_kv_geom_t *g,
+                       int layer, int heads, const kvm_attn_batch_t *b, float scale) {
+    const int D = g->head_dim, G = heads / g->n_kv_heads;
+    int maxpos = -1;
+    for (int s = 0; s < b->n_seqs; s++)
+        for (int r = b->h_row_start[s]; r < b->h_row_start[s + 1]; r++) maxpos = row_pos(b, s, r) > maxpos ? row_pos(b, s, r) : maxpos;
+    if (maxpos < from_pos) return;
+    double *sc = malloc((size_t)(maxpos + 1) * sizeof(double));
+    float *k = malloc((size_t)D * sizeof(float));
+    if (!sc || !k) { /* out of memory: the error is set; the sums miss these rows */
+        kvm_seterr(KVM_ENOMEM, "attention mass: out of host memory for %d keys", maxpos + 1);
+        free(sc), free(k);
+        return;
+    }
+    for (int s = 0; s < b->n_seqs; s++) {
+        const int32_t *bt = b->h_block_table + (size_t)s * b->max_blocks;
+        for (int r = b->h_row_start[s]; r < b->h_row_start[s + 1]; r++) {
+            const int pos = row_pos(b, s, r);
+            if (pos < from_pos) continue;
+            for (int h = 0; h < heads; h++) {
+                const float *qv = q + ((size_t)r * heads + h) * D;
+                double mx = -INFINITY, sum = 0;
+                for (int p = 0; p <= pos; p++) {
+                    kv_load(k, kv, g, kv_index(g, bt[p / KVM_KV_BLOCK], layer, 0, h / G, p % KVM_KV_BLOCK));
+                    double d0 = 0;
+                    for (int d = 0; d < D; d++) d0 += (double)qv[d] * k[d];
+                    sc[p] = d0 * scale;
+                    mx = sc[p] > mx ? sc[p] : mx;
+                }
+                for (int p = 0; p <= pos; p++) sum += (sc[p] = exp(sc[p] - mx));
+                for (int p = 0; p <= pos && p < n; p++) mass[p] += (float)(sc[p] / sum);
+            }
+        }
+    }
+    free(sc);
+    free(k);
 }

@@ -14,10 +14,8 @@ void kvm_cpu_attention(float *out, const float *q, const void *kv, const kvm_kv_
  * Returns the path now in use. Process-wide and not thread-safe: call it while no kernel runs. */
 int kvm_cpu_force_isa(int isa);
 
-/* A lab diagnostic (the attention-selection oracle, kvm_comm_set_oracle_selection): while mass != NULL, every
- * kvm_cpu_attention call adds, for each query row at a position >= from_pos, its attention probabilities summed over
- * its heads (and, across calls, over layers) to mass[key position] for positions < n. NULL turns it off. Items add
- * under a lock; the forward's bits do not change (kernels/cpu/attn_cpu.c). */
-void kvm_cpu_attn_mass_collect(float *mass, int n, int from_pos);
+/* kvm_ops_t.attn_mass (kernels/ops.h) on the CPU */
+void kvm_cpu_attn_mass(float *mass, int n, int from_pos, const float *q, const void *kv, const kvm_kv_geom_t *g,
+                       int layer, int heads, const kvm_attn_batch_t *b, float scale);
 
 #endif

@@ -1246,3 +1246,115 @@ void kvm_cuda_attention(float *out, const float *q, const void *kv, const kvm_kv
     else if (g->dtype == KVM_BF16) launch_split<__nv_bfloat16>(out, q, (const __nv_bfloat16 *)kv, g, layer, heads, b, scale);
     else launch_split<__half>(out, q, (const __half *)kv, g, layer, heads, b, scale);
 }
+
+/* ==== attention mass (kvm_ops_t.attn_mass) ==================================================================== */
+
+/* The sequence and position of row r of the batch (device copies of its tables). */
+__device__ __forceinline__ void mass_row(const int32_t *row_start, const int32_t *ctx_len, const int32_t *q_pos, int n_seqs,
+                                         int r, int *s_out, int *pos_out) {
+    int s = 0;
+    while (s + 1 < n_seqs && row_start[s + 1] <= r) s++;
+    *s_out = s;
+    *pos_out = q_pos ? q_pos[r] : ctx_len[s] - (row_start[s + 1] - row_start[s]) + (r - row_start[s]);
+}
+
+struct mass_args {
+    const float *q;
+    const int32_t *row_start, *ctx_len, *q_pos, *bt;
+    int n_seqs, max_blocks, total_rows, heads, G, L, H, D, layer, from_pos;
+    float scale;
+};
+
+/* scale * q(r, h) . k(p) of row r's sequence s: one fixed order of fused multiply-adds (both kernels below) */
+template <typename T>
+__device__ __forceinline__ float mass_score(const mass_args &a, const T *kv, int s, int r, int h, int p) {
+    const T *k = kv + kvm_kv_index_dev(a.L, a.H, a.D, a.bt[(size_t)s * a.max_blocks + p / KVM_KV_BLOCK], a.layer, 0, h / a.G,
+                                       p % KVM_KV_BLOCK);
+    const float *qv = a.q + ((size_t)r * a.heads + h) * a.D;
+    float acc = 0.0f;
+    for (int d = 0; d < a.D; d++) acc = fmaf(qv[d], kvm_to_f32<T>(k[d]), acc);
+    return acc * a.scale;
+}
+
+/* (max, sum of exp(score - max)) of two parts */
+__device__ __forceinline__ void mass_merge(float &m, float &l, float m2, float l2) {
+    if (m2 == -INFINITY) return;
+    if (m == -INFINITY) {
+        m = m2, l = l2;
+        return;
+    }
+    const float M = fmaxf(m, m2);
+    l = l * expf(m - M) + l2 * expf(m2 - M);
+    m = M;
+}
+
+/* One block per (row, head): the softmax's max and sum over the row's keys into ml[2 (r heads + h) ..] (rows before
+ * from_pos: 0, 0). */
+template <typename T> __global__ void k_mass_ml(float *__restrict__ ml, const T *__restrict__ kv, mass_args a) {
+    const int r = blockIdx.x, h = blockIdx.y;
+    int s, pos;
+    mass_row(a.row_start, a.ctx_len, a.q_pos, a.n_seqs, r, &s, &pos);
+    float m = -INFINITY, l = 0.0f;
+    if (pos >= a.from_pos)
+        for (int p = threadIdx.x; p <= pos; p += blockDim.x) mass_merge(m, l, mass_score<T>(a, kv, s, r, h, p), 1.0f);
+    for (int o = 16; o > 0; o >>= 1) {
+        const float m2 = __shfl_xor_sync(0xffffffffu, m, o), l2 = __shfl_xor_sync(0xffffffffu, l, o);
+        mass_merge(m, l, m2, l2);
+    }
+    __shared__ float sm[32], sl[32];
+    const int w = threadIdx.x / 32, nw = blockDim.x / 32;
+    if ((threadIdx.x & 31) == 0) sm[w] = m, sl[w] = l;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float M = -INFINITY, Lsum = 0.0f;
+        for (int i = 0; i < nw; i++) mass_merge(M, Lsum, sm[i], sl[i]);
+        ml[2 * ((size_t)r * a.heads + h)] = M == -INFINITY ? 0.0f : M;
+        ml[2 * ((size_t)r * a.heads + h) + 1] = Lsum;
+    }
+}
+
+/* One thread per key position p < n: the probabilities every counted row (in row order, then head order) gives p,
+ * added to mass[p] (one writer per position: the same sums on every run). */
+template <typename T>
+__global__ void k_mass_add(float *__restrict__ mass, int n, const float *__restrict__ ml, const T *__restrict__ kv, mass_args a) {
+    const int p = blockIdx.x * blockDim.x + threadIdx.x;
+    if (p >= n) return;
+    float acc = 0.0f;
+    for (int r = 0; r < a.total_rows; r++) {
+        int s, pos;
+        mass_row(a.row_start, a.ctx_len, a.q_pos, a.n_seqs, r, &s, &pos);
+        if (pos < a.from_pos || p > pos) continue;
+        for (int h = 0; h < a.heads; h++) {
+            const float l = ml[2 * ((size_t)r * a.heads + h) + 1];
+            if (l > 0.0f) acc += expf(mass_score<T>(a, kv, s, r, h, p) - ml[2 * ((size_t)r * a.heads + h)]) / l;
+        }
+    }
+    mass[p] += acc;
+}
+
+void kvm_cuda_attn_mass(float *mass, int n, int from_pos, const float *q, const void *kv, const kvm_kv_geom_t *g, int layer,
+                        int heads, const kvm_attn_batch_t *b, float scale) {
+    KVM_OP("attention mass");
+    if (b->total_rows <= 0 || b->n_seqs <= 0 || n <= 0) return;
+    if (heads % g->n_kv_heads) {
+        kvm_cuda_fail(KVM_EUNSUPPORTED, "cuda attention mass: %d heads over %d KV heads", heads, g->n_kv_heads);
+        return;
+    }
+    float *ml = (float *)kvm_cuda_scratch((size_t)b->total_rows * heads * 2 * sizeof(float));
+    if (!ml) return;
+    const mass_args a = {q, b->row_start, b->ctx_len, b->q_pos, b->block_table, b->n_seqs, b->max_blocks, b->total_rows,
+                         heads, heads / g->n_kv_heads, g->n_layers, g->n_kv_heads, g->head_dim, layer, from_pos, scale};
+    const dim3 grid((unsigned)b->total_rows, (unsigned)heads);
+    const unsigned nb = (unsigned)((n + 127) / 128);
+    if (g->dtype == KVM_F32) {
+        k_mass_ml<float><<<grid, 128, 0, S>>>(ml, (const float *)kv, a);
+        k_mass_add<float><<<nb, 128, 0, S>>>(mass, n, ml, (const float *)kv, a);
+    } else if (g->dtype == KVM_BF16) {
+        k_mass_ml<__nv_bfloat16><<<grid, 128, 0, S>>>(ml, (const __nv_bfloat16 *)kv, a);
+        k_mass_add<__nv_bfloat16><<<nb, 128, 0, S>>>(mass, n, ml, (const __nv_bfloat16 *)kv, a);
+    } else {
+        k_mass_ml<__half><<<grid, 128, 0, S>>>(ml, (const __half *)kv, a);
+        k_mass_add<__half><<<nb, 128, 0, S>>>(mass, n, ml, (const __half *)kv, a);
+    }
+    KVM_CU_LAUNCH("attention mass");
+}

@@ -448,6 +448,7 @@ static kvm_ops_t make_ops(void) {
     o.add = kvm_cuda_add;
     o.kv_write = kvm_cuda_kv_write;
     o.attention = kvm_cuda_attention;
+    o.attn_mass = kvm_cuda_attn_mass;
     o.rope_shift = kvm_cuda_rope_shift;
     o.argmax = kvm_cuda_argmax;
     o.add_rmsnorm = kvm_cuda_add_rmsnorm;

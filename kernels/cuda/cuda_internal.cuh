@@ -123,6 +123,8 @@ void kvm_cuda_wrote(const float *p); /* p now holds fp32 data again */
 /* cuda_attention.cu */
 void kvm_cuda_attention(float *out, const float *q, const void *kv, const kvm_kv_geom_t *g, int layer, int heads,
                         const kvm_attn_batch_t *b, float scale);
+void kvm_cuda_attn_mass(float *mass, int n, int from_pos, const float *q, const void *kv, const kvm_kv_geom_t *g, int layer,
+                        int heads, const kvm_attn_batch_t *b, float scale);
 
 /* ---- programmatic dependent launch (PDL) --------------------------------------------------------------
  * Every small kernel lets the next one launch early (kvm_pdl_trigger at its start); kernels launched with the

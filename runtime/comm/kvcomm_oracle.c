@@ -113,10 +113,6 @@ static int oracle_scores(kvm_comm_t *c, const kvm_prepared_t *p, float *row_scor
  * (the agent's own text and the chat suffix, whose last row picks the first token), summed over layers and heads,
  * into mass[n_prompt]. */
 static int attention_mass(kvm_comm_t *c, const kvm_prepared_t *p, float *mass) {
-    const kvm_ops_t *o = c->pool->ops;
-    if (!o->attn_mass_collect)
-        return kvm_seterr(KVM_EUNSUPPORTED, "attention selection oracle: the %s backend cannot collect attention (the CPU can)",
-                          o->name);
     int from = 0;
     for (int i = 0; i < p->report.n_placeholders; i++) {
         const kvm_comm_ph_report_t *pr = &p->report.ph[i];
@@ -124,9 +120,16 @@ static int attention_mass(kvm_comm_t *c, const kvm_prepared_t *p, float *mass) {
     }
     kvm_seq_t dense;
     kvm_seq_init(&dense, c->pool);
-    o->attn_mass_collect(mass, p->n_prompt, from);
-    int rc = comm_prefill(c, &dense, p->prompt_ids, p->n_prompt);
-    o->attn_mass_collect(NULL, 0, 0);
+    int rc = comm_prefill(c, &dense, p->prompt_ids, from); /* then the rows whose attention counts, in pieces */
+    float *part = rc ? NULL : kvm_malloc((size_t)p->n_prompt * sizeof(float));
+    if (!rc && !part) rc = KVM_ENOMEM;
+    for (int i = from; i < p->n_prompt && !rc; i += 1024) {
+        const int k = p->n_prompt - i < 1024 ? p->n_prompt - i : 1024;
+        kvm_batch_item_t it = {.seq = &dense, .tokens = p->prompt_ids + i, .n_tokens = k};
+        rc = kvm_forward_attn_mass(c->m, &it, 1, part, p->n_prompt, from);
+        for (int j = 0; j < p->n_prompt && !rc; j++) mass[j] += part[j];
+    }
+    kvm_free(part);
     kvm_seq_free(&dense);
     return rc;
 }

@@ -349,17 +349,14 @@ static int stage_recompute(kvm_comm_t *c, prep_priv_t *pv, kvm_prepared_t *p) {
 }
 
 /* kvcomm.recompute_rank (ours, a research switch): the rows after the last shared placeholder (the agent's own text
- * and the chat suffix) and the last prompt row run once, positioned, over the assembled cache with the backend's
- * attention collector on; the attention they give each assembled row (summed over layers and heads) becomes its
+ * and the chat suffix) and the last prompt row run once, positioned, over the assembled cache, summing their attention
+ * (kvm_forward_attn_mass); the attention they give each assembled row (summed over layers and heads) becomes its
  * score (attention) or multiplies its spread (attention_spread). Their K/V now come from the estimated context, so
  * the recompute pass computes them again (pv->own_from), and the generation's first step the last row. Nothing
- * after the last placeholder: the spread stays. */
+ * after the last placeholder: the spread stays. A backend without kvm_ops_t.attn_mass fails the call, naming the
+ * switch. */
 static int stage_rank(kvm_comm_t *c, prep_priv_t *pv, kvm_prepared_t *p, int E) { /* rows [E, N - 1) assembled */
-    const kvm_ops_t *o = c->pool->ops;
     const int N = p->n_prompt;
-    if (!o->attn_mass_collect)
-        return kvm_seterr(KVM_EUNSUPPORTED, "kvcomm.recompute_rank=%s needs a backend that collects attention (the CPU); "
-                          "the %s backend does not", c->cfg.recompute_rank == 1 ? "attention" : "attention_spread", o->name);
     int from = -1;
     for (int j = 0; j < pv->n_ph; j++)
         if (pv->ph[j].decision == KVM_PH_SHARED && pv->ph[j].t_ph + pv->ph[j].T > from) from = pv->ph[j].t_ph + pv->ph[j].T;
@@ -377,9 +374,9 @@ static int stage_rank(kvm_comm_t *c, prep_priv_t *pv, kvm_prepared_t *p, int E) 
         kvm_seq_t view = {.pool = c->pool, .blocks = p->seq.blocks, .n_blocks = p->seq.n_blocks,
                           .cap_blocks = p->seq.n_blocks, .tokens = scratch, .n_tokens = N, .cap_tokens = N};
         kvm_batch_item_t item = {.seq = &view, .tokens = tok, .n_tokens = nb, .positions = pos};
-        o->attn_mass_collect(mass, N, from);
-        rc = kvm_forward(c->m, &item, 1);
-        o->attn_mass_collect(NULL, 0, 0);
+        rc = kvm_forward_attn_mass(c->m, &item, 1, mass, N, from);
+        if (rc)
+            kvm_errctx(rc, "kvcomm.recompute_rank=%s", c->cfg.recompute_rank == 1 ? "attention" : "attention_spread");
     }
     for (int row = E; row < from && !rc; row++)
         if (pv->row_score[row] > 0)

@@ -51,6 +51,10 @@ typedef struct kvm_backend_model {
     bool graphs_disabled; /* kvm_load_opts_t.no_cuda_graphs / kvm_forward_set_graphs */
     bool kv_dtype_set;    /* kvm_load_opts_t.kv_dtype: the dtype of the model's KV pools */
     kvm_dtype_t kv_dtype;
+    /* kvm_forward_attn_mass: while set, each layer's attention probabilities of the rows at positions >= mass_from
+     * are added to mass[mass_n] (backend memory) by ops->attn_mass */
+    float *mass;
+    int mass_n, mass_from;
 } kvm_backend_model_t;
 
 static void *bm_alloc(kvm_backend_model_t *b, size_t bytes) {
@@ -465,6 +469,7 @@ static void run_device_step(kvm_model_t *m, const step_bufs_t *w, kvm_batch_item
             run_qkv_rope_kv(m, w, L, pool, l, &ab, rows);
         }
         ops->attention(w->att, w->q, pool->data, &pool->geom, l, c->n_heads, &ab, scale);
+        if (b->mass) ops->attn_mass(b->mass, b->mass_n, b->mass_from, w->q, pool->data, &pool->geom, l, c->n_heads, &ab, scale);
         const bool last = l + 1 == c->n_layers;
         if (y16 && ops->matmul_add_rmsnorm_16) { /* o projection straight into the residual norm */
             ops->matmul_add_rmsnorm_16(w->x, w->att, &L->wo, w->xb, L->ffn_norm, rows, D, c->rms_eps);
@@ -578,7 +583,7 @@ static void step_group_task(void *ctx, int g0, int g1, int tid) {
 static void run_step(kvm_model_t *m, kvm_batch_item_t *items, int n_items, const kvm_attn_batch_t *ab,
                      kvm_kv_pool_t *pool, int rows, int logit_rows, bool positioned) {
     const kvm_ops_t *ops = m->bm->ops;
-    const int threads = ops->parallel_for ? kvm_threads() : 1;
+    const int threads = ops->parallel_for && !m->bm->mass ? kvm_threads() : 1; /* the mass sums in one order */
     if (threads > 1 && rows == n_items && n_items > 1 && !positioned) {
         int groups = (n_items + STEP_GROUP_ROWS - 1) / STEP_GROUP_ROWS;
         if (groups < threads) groups = threads < n_items ? threads : n_items;
@@ -588,6 +593,25 @@ static void run_step(kvm_model_t *m, kvm_batch_item_t *items, int n_items, const
     }
     step_bufs_t w = step_bufs_at(m, 0, 0);
     run_device_step(m, &w, items, n_items, ab, pool, rows, logit_rows);
+}
+
+int kvm_forward_attn_mass(kvm_model_t *m, kvm_batch_item_t *items, int n_items, float *mass, int n, int from_pos) {
+    kvm_backend_model_t *b = m ? m->bm : NULL;
+    if (!b) return kvm_seterr(KVM_EINVAL, "forward_attn_mass: model has no backend state");
+    if (!mass || n <= 0) return kvm_seterr(KVM_EINVAL, "forward_attn_mass: no mass array (n = %d)", n);
+    if (!b->ops->attn_mass)
+        return kvm_seterr(KVM_EUNSUPPORTED, "forward_attn_mass: the %s backend cannot sum attention probabilities (the CPU "
+                          "can)", b->ops->name);
+    float *dev = b->ops->alloc((size_t)n * sizeof(float));
+    int rc = dev ? b->ops->memset0(dev, (size_t)n * sizeof(float)) : KVM_ENOMEM;
+    if (!rc) {
+        b->mass = dev, b->mass_n = n, b->mass_from = from_pos;
+        rc = kvm_forward(m, items, n_items);
+        b->mass = NULL;
+    }
+    if (!rc) rc = b->ops->d2h(mass, dev, (size_t)n * sizeof(float));
+    if (dev) b->ops->free(dev);
+    return rc;
 }
 
 int kvm_forward_layers(kvm_model_t *m, kvm_batch_item_t *items, int n_items, int n_layers) {
@@ -706,7 +730,7 @@ int kvm_forward(kvm_model_t *m, kvm_batch_item_t *items, int n_items) {
     /* a decode step (one token per item) on a backend with graphs replays one captured graph; its block
      * table width is rounded up (to 64 blocks = 1024 tokens) so the graph stays valid as contexts grow */
     bool decode = rows == n_items && ops->graph_begin != NULL && !b->graphs_disabled;
-    if (b->graphs_off || b->layer_limit || positioned) decode = false; /* nor a partial or a positioned pass */
+    if (b->graphs_off || b->layer_limit || positioned || b->mass) decode = false; /* nor a partial, positioned or mass pass */
     if (decode) max_blocks = (max_blocks + 63) / 64 * 64;
     blocks = max_blocks * n_items;
     int rc = ensure_workspace(m, rows, n_items, blocks, logit_rows);
