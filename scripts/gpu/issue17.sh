@@ -94,15 +94,16 @@ if want kvcomm; then
     done; } > "$OUT/kvcomm.log" 2>&1
   grep -E "^====|^agent|^a[0-9] |^alignment|^anchors|rc=|rror" "$OUT/kvcomm.log" | head -30
 fi
-if want team; then   # TEAM_CELLS: "MODEL:WORKLOAD ..." (models of models/), each with TEAM_MODES
+if want team; then   # TEAM_CELLS: "MODEL:WORKLOAD ..." (models of models/), each with TEAM_MODES; TEAM_SET: more
+  # options for every cell (e.g. "--set kvcomm.recompute_rank=attention_spread", the CUDA attention-mass op)
   : > "$OUT/team.log"
   for cell in ${TEAM_CELLS:-minillama-2m:team}; do
     mdl=${cell%%:*} wl=${cell#*:}
     echo "==== $mdl $wl ($(date -u +%T))" >> "$OUT/team.log"
     timeout 240 "$B/kvmesh" bench kvcomm --model "$PWD/models/$mdl" --backend cuda --workload "$wl" --requests 300 \
-      --modes "${TEAM_MODES:-dense,full,full+blend}" --out /tmp/team >> "$OUT/team.log" 2>&1
+      --modes "${TEAM_MODES:-dense,full,full+blend}" ${TEAM_SET:-} --out /tmp/team >> "$OUT/team.log" 2>&1
     echo "team $mdl $wl rc=$?" | tee -a "$OUT/team.log"
   done
-  grep -E "^====|^mode  |^dense |^default |^spec |^full|rc=" "$OUT/team.log" | head -40
+  grep -E "^====|^mode  |^dense |^default |^spec |^full|^blend|rc=" "$OUT/team.log" | head -40
 fi
 { echo "end: $(date -u)"; clocks; } >> "$OUT/gpu.txt" 2>&1
