@@ -726,7 +726,7 @@ typedef struct oracle_run {
     float *before, *after;   /* the cached rows [0, N-1) after prepare and at the end (host fp32) */
     float *dense;            /* the dense prefill's rows [0, N-1) */
     float *mass;             /* with the attention oracles: the attention each row gets in a dense prefill of the whole
-                                prompt from the rows after the last shared placeholder (the CPU's collector) */
+                                prompt from the rows after the last shared placeholder (kvm_forward_attn_mass) */
     int n;                   /* N - 1 */
 } oracle_run_t;
 
