@@ -375,9 +375,8 @@ static int stage_rank(kvm_comm_t *c, prep_priv_t *pv, kvm_prepared_t *p, int E) 
                           .cap_blocks = p->seq.n_blocks, .tokens = scratch, .n_tokens = N, .cap_tokens = N};
         kvm_batch_item_t item = {.seq = &view, .tokens = tok, .n_tokens = nb, .positions = pos};
         rc = kvm_forward_attn_mass(c->m, &item, 1, mass, N, from);
-        if (rc)
-            kvm_errctx(rc, "kvcomm.recompute_rank=%s", c->cfg.recompute_rank == 1 ? "attention" : "attention_spread");
     }
+    if (rc) kvm_errctx(rc, "kvcomm.recompute_rank=%s", c->cfg.recompute_rank == 1 ? "attention" : "attention_spread");
     for (int row = E; row < from && !rc; row++)
         if (pv->row_score[row] > 0)
             pv->row_score[row] = (c->cfg.recompute_rank == 1 ? mass[row] : pv->row_score[row] * mass[row]) + 1e-30f;
