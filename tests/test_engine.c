@@ -223,6 +223,47 @@ static void check_grouped_decode(bool qwen_like) {
 static void test_decode_batch_in_row_groups_gives_each_token_its_bits_llama(void **st) { (void)st; check_grouped_decode(false); }
 static void test_decode_batch_in_row_groups_gives_each_token_its_bits_qwen3_like(void **st) { (void)st; check_grouped_decode(true); }
 
+/* kvm_forward_attn_mass: each (row from from_pos, head, layer) adds a probability distribution, so the sums add up to
+ * rows x heads x layers; the forward's logits are those of kvm_forward; a decode batch (the row-group path) and a
+ * call without a mass array are handled (the batch in one order, the call refused). */
+static void test_forward_attn_mass_sums_every_layer_and_head(void **st) {
+    (void)st;
+    kvm_config_t c;
+    kvm_kv_pool_t *pool;
+    kvm_model_t *m = small_model(true, 5, 0, &c, &pool);
+    const int T = 40, FROM = 25, V = c.vocab_size;
+    int32_t toks[40];
+    for (int i = 0; i < T; i++) toks[i] = (i * 11 + 2) % V;
+    float mass[40], *l1 = malloc((size_t)V * 4), *l2 = malloc((size_t)V * 4);
+    kvm_seq_t a, b;
+    kvm_seq_init(&a, pool);
+    kvm_seq_init(&b, pool);
+    kvm_batch_item_t ia = {.seq = &a, .tokens = toks, .n_tokens = T, .logits = l1};
+    assert_int_equal(kvm_forward_attn_mass(m, &ia, 1, mass, T, FROM), 0);
+    double sum = 0;
+    for (int p = 0; p < T; p++) sum += mass[p];
+    assert_true(fabs(sum - (double)(T - FROM) * c.n_heads * c.n_layers) < 1e-3 * (T - FROM) * c.n_heads * c.n_layers);
+    kvm_batch_item_t ib = {.seq = &b, .tokens = toks, .n_tokens = T, .logits = l2};
+    assert_int_equal(kvm_forward(m, &ib, 1), 0);
+    assert_memory_equal(l1, l2, (size_t)V * 4);
+    /* a decode step of two sequences, two threads: one token each, both counted */
+    kvm_set_threads(2);
+    int32_t one[2] = {3, 4};
+    kvm_batch_item_t two[2] = {{.seq = &a, .tokens = &one[0], .n_tokens = 1}, {.seq = &b, .tokens = &one[1], .n_tokens = 1}};
+    float m2[41];
+    assert_int_equal(kvm_forward_attn_mass(m, two, 2, m2, T + 1, 0), 0);
+    kvm_set_threads(0);
+    sum = 0;
+    for (int p = 0; p <= T; p++) sum += m2[p];
+    assert_true(fabs(sum - 2.0 * c.n_heads * c.n_layers) < 1e-3 * 2 * c.n_heads * c.n_layers);
+    assert_int_equal(kvm_forward_attn_mass(m, &ia, 1, NULL, T, 0), KVM_EINVAL);
+    assert_non_null(strstr(kvm_errmsg(), "mass"));
+    kvm_seq_free(&a);
+    kvm_seq_free(&b);
+    free(l1), free(l2);
+    small_model_free(m, pool);
+}
+
 /* A forward of toks[n] into a fresh sequence of a small model (context max_seq_len; 0: the default) is refused
  * with KVM_ERANGE and a message naming `what`; with `keeps`, the sequence holds no token and no block after. */
 static void expect_forward_out_of_range(int max_seq_len, int32_t *toks, int n, const char *what, bool keeps) {
@@ -416,6 +457,7 @@ int main(void) {
         cmocka_unit_test(test_prefill_decode_and_batch_agree_qwen3_like_gqa),
         cmocka_unit_test(test_decode_batch_in_row_groups_gives_each_token_its_bits_llama),
         cmocka_unit_test(test_decode_batch_in_row_groups_gives_each_token_its_bits_qwen3_like),
+        cmocka_unit_test(test_forward_attn_mass_sums_every_layer_and_head),
         cmocka_unit_test(test_forward_rejects_bad_token_and_keeps_sequence),
         cmocka_unit_test(test_forward_beyond_context_is_an_error),
         cmocka_unit_test(test_positioned_item_recomputes_scattered_rows_exactly_llama),
