@@ -1042,26 +1042,34 @@ static void test_attention_fp32_matches_cpu_on_mixed_batches(void **st) {
     check_attention(KVM_F32, 4, 2, 128, &PREFILL, 1e-5, "prefill");
 }
 
+/* One attention setting of a case list: cache dtype, heads over KV heads, head_dim, the batch, its name. */
+typedef struct attn_setting {
+    kvm_dtype_t dt;
+    int heads, kvh, hd;
+    const attn_case_t *ac;
+    const char *what;
+} attn_setting_t;
+
+/* check_attention of each of the n settings at tolerance tol, labelled "what, how". */
+static void check_settings(const attn_setting_t *cs, size_t n, double tol, const char *how) {
+    for (size_t i = 0; i < n; i++) {
+        char label[112];
+        snprintf(label, sizeof label, "%s, %s", cs[i].what, how);
+        check_attention(cs[i].dt, cs[i].heads, cs[i].kvh, cs[i].hd, cs[i].ac, tol, label);
+    }
+}
+
 /* The tensor-core decode kernel on decode batches (4 single rows: the merge leaves the 16-bit copy for the o
  * projection), long contexts, 16 and 20 heads per KV head, and a few rows per sequence; `how` names the setting. */
 static void check_dec_cases(const char *how) {
-    static const struct {
-        kvm_dtype_t dt;
-        int heads, kvh, hd;
-        const attn_case_t *ac;
-        const char *what;
-    } cs[] = {{KVM_BF16, 32, 8, 128, &DECODE, "decode"},
-              {KVM_F16, 14, 2, 64, &DECODE, "decode"},
-              {KVM_BF16, 32, 8, 128, &DECODE_LONG, "long decode"},
-              {KVM_BF16, 16, 1, 128, &DECODE_LONG, "long decode, 16 heads per KV head"},
-              {KVM_BF16, 20, 1, 64, &DECODE_LONG, "long decode, 20 heads: two chunks"},
-              {KVM_BF16, 8, 2, 128, &FEW_ROWS, "a few rows per sequence"},
-              {KVM_F16, 8, 2, 64, &FEW_ROWS, "a few rows per sequence"}};
-    for (size_t i = 0; i < sizeof cs / sizeof cs[0]; i++) {
-        char label[112];
-        snprintf(label, sizeof label, "%s, %s", cs[i].what, how);
-        check_attention(cs[i].dt, cs[i].heads, cs[i].kvh, cs[i].hd, cs[i].ac, 1e-5, label);
-    }
+    static const attn_setting_t cs[] = {{KVM_BF16, 32, 8, 128, &DECODE, "decode"},
+                                        {KVM_F16, 14, 2, 64, &DECODE, "decode"},
+                                        {KVM_BF16, 32, 8, 128, &DECODE_LONG, "long decode"},
+                                        {KVM_BF16, 16, 1, 128, &DECODE_LONG, "long decode, 16 heads per KV head"},
+                                        {KVM_BF16, 20, 1, 64, &DECODE_LONG, "long decode, 20 heads: two chunks"},
+                                        {KVM_BF16, 8, 2, 128, &FEW_ROWS, "a few rows per sequence"},
+                                        {KVM_F16, 8, 2, 64, &FEW_ROWS, "a few rows per sequence"}};
+    check_settings(cs, sizeof cs / sizeof cs[0], 1e-5, how);
 }
 
 static void test_attention_16bit_decode_kernels_match_cpu_on_decode_batches(void **st) {
@@ -1084,19 +1092,13 @@ static const attn_case_t PREFILL_LONG = {2, {1000, 300}, {1000, 1100}}; /* tiles
 /* The prefill kernels' cases: short and long prompts, cached prefixes, tiles below every row's diagonal (no mask),
  * bf16 and f16, head_dim 64 and 128; `how` names the kernel and setting. */
 static void check_prefill_cases(const char *how) {
-    static const struct {
-        kvm_dtype_t dt;
-        int heads, kvh, hd;
-        const attn_case_t *ac;
-        const char *what;
-    } cs[] = {{KVM_BF16, 4, 2, 128, &PREFILL, "prefill"},           {KVM_BF16, 8, 2, 64, &PREFILL, "prefill"},
-              {KVM_BF16, 8, 2, 64, &MIXED, "mixed"},                 {KVM_F16, 16, 8, 128, &MIXED, "mixed"},
-              {KVM_BF16, 8, 2, 128, &PREFILL_LONG, "long prefill"}, {KVM_F16, 4, 4, 64, &PREFILL_LONG, "long prefill"}};
-    for (size_t i = 0; i < sizeof cs / sizeof cs[0]; i++) {
-        char label[112];
-        snprintf(label, sizeof label, "%s, %s", cs[i].what, how);
-        check_attention(cs[i].dt, cs[i].heads, cs[i].kvh, cs[i].hd, cs[i].ac, 1e-2, label);
-    }
+    static const attn_setting_t cs[] = {{KVM_BF16, 4, 2, 128, &PREFILL, "prefill"},
+                                        {KVM_BF16, 8, 2, 64, &PREFILL, "prefill"},
+                                        {KVM_BF16, 8, 2, 64, &MIXED, "mixed"},
+                                        {KVM_F16, 16, 8, 128, &MIXED, "mixed"},
+                                        {KVM_BF16, 8, 2, 128, &PREFILL_LONG, "long prefill"},
+                                        {KVM_F16, 4, 4, 64, &PREFILL_LONG, "long prefill"}};
+    check_settings(cs, sizeof cs / sizeof cs[0], 1e-2, how);
 }
 
 static void test_attention_bf16_tensor_core_prefill_matches_cpu(void **st) {

@@ -260,6 +260,15 @@ int comm_dev_pred(kvm_comm_t *c, comm_sample_t *s, comm_anchor_t **E, int n, dou
  * the report's top anchors and times); forced: the diagnostics hook or NULL; row_score (host [N] or NULL): with
  * recompute_frac, the spread score of every offset-corrected placeholder row (kvcomm_spread) at its position */
 /* whether a REUSE call needs the spread scores: kvcomm.recompute_frac or kvcomm.recompute_spread is on */
+/* The first row after the last shared placeholder of a REUSE report: the agent's own text and the chat suffix start
+ * there (kvcomm.recompute_rank's ranking pass, the attention oracles); -1 when no placeholder is shared. */
+static inline int comm_own_rows_from(const kvm_comm_report_t *r) {
+    int from = -1;
+    for (int i = 0; i < r->n_placeholders; i++)
+        if (r->ph[i].decision == KVM_PH_SHARED && r->ph[i].start_pos + r->ph[i].tokens > from)
+            from = r->ph[i].start_pos + r->ph[i].tokens;
+    return from;
+}
 static inline bool comm_wants_scores(const kvm_kvcomm_config_t *cfg) {
     return cfg->recompute_frac > 0 || cfg->recompute_spread > 0 || cfg->guard; /* the guard may raise the fraction */
 }

@@ -113,11 +113,7 @@ static int oracle_scores(kvm_comm_t *c, const kvm_prepared_t *p, float *row_scor
  * (the agent's own text and the chat suffix, whose last row picks the first token), summed over layers and heads,
  * into mass[n_prompt]. */
 static int attention_mass(kvm_comm_t *c, const kvm_prepared_t *p, float *mass) {
-    int from = 0;
-    for (int i = 0; i < p->report.n_placeholders; i++) {
-        const kvm_comm_ph_report_t *pr = &p->report.ph[i];
-        if (pr->decision == KVM_PH_SHARED && pr->start_pos + pr->tokens > from) from = pr->start_pos + pr->tokens;
-    }
+    const int own = comm_own_rows_from(&p->report), from = own > 0 ? own : 0;
     kvm_seq_t dense;
     kvm_seq_init(&dense, c->pool);
     int rc = comm_prefill(c, &dense, p->prompt_ids, from); /* then the rows whose attention counts, in pieces */

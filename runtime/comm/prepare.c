@@ -306,6 +306,25 @@ static int mark_rows(const prep_priv_t *pv, const kvm_kvcomm_config_t *cfg, floa
     return k + n2;
 }
 
+/* One forward of the nb prompt rows at positions pos, in place in p's assembled sequence (a view of its blocks that
+ * holds n_view tokens, so that those positions are in it), as one positioned batch item; with mass, their attention
+ * is summed into it from position mass_from on (kvm_forward_attn_mass). */
+static int positioned_pass(kvm_comm_t *c, kvm_prepared_t *p, const int32_t *pos, int nb, int n_view, float *mass,
+                           int mass_from) {
+    const int N = p->n_prompt;
+    int32_t *buf = kvm_malloc((size_t)(N + nb) * sizeof(int32_t));
+    if (!buf) return KVM_ENOMEM;
+    int32_t *scratch = buf, *tok = buf + N; /* scratch: the view's token bookkeeping */
+    memcpy(scratch, p->prompt_ids, (size_t)N * sizeof(int32_t));
+    for (int i = 0; i < nb; i++) tok[i] = p->prompt_ids[pos[i]];
+    kvm_seq_t view = {.pool = c->pool, .blocks = p->seq.blocks, .n_blocks = p->seq.n_blocks,
+                      .cap_blocks = p->seq.n_blocks, .tokens = scratch, .n_tokens = n_view, .cap_tokens = N};
+    kvm_batch_item_t item = {.seq = &view, .tokens = tok, .n_tokens = nb, .positions = pos};
+    const int rc = mass ? kvm_forward_attn_mass(c->m, &item, 1, mass, N, mass_from) : kvm_forward(c->m, &item, 1);
+    kvm_free(buf);
+    return rc;
+}
+
 /* The recompute pass of a REUSE prompt (kvcomm.recompute_below / recompute_text / recompute_frac; all 0 = off):
  * the marked rows are recomputed in place by one forward of one positioned batch item on a view of the assembled
  * sequence. At every layer all of them write their K/V before the layer's attention, and row t attends to rows
@@ -323,19 +342,14 @@ static int stage_recompute(kvm_comm_t *c, prep_priv_t *pv, kvm_prepared_t *p) {
     char *mark = kvm_calloc((size_t)N, 1);
     if (!mark) return KVM_ENOMEM;
     const int nb = mark_rows(pv, cfg, comm_guard_frac(c, pv->tmpl->agent), E, N, mark);
-    int32_t *buf = nb > 0 ? kvm_malloc((size_t)(N + 2 * nb) * sizeof(int32_t)) : NULL;
-    int rc = nb < 0 ? nb : nb > 0 && !buf ? KVM_ENOMEM : 0;
+    int32_t *pos = nb > 0 ? kvm_malloc((size_t)nb * sizeof(int32_t)) : NULL;
+    int rc = nb < 0 ? nb : nb > 0 && !pos ? KVM_ENOMEM : 0;
     if (!rc && nb > 0) {
-        int32_t *scratch = buf, *pos = buf + N, *tok = pos + nb; /* scratch: the view's token bookkeeping */
-        memcpy(scratch, p->prompt_ids, (size_t)N * sizeof(int32_t));
         int i = 0;
         for (int row = E; row < N - 1; row++)
-            if (mark[row]) pos[i] = row, tok[i] = p->prompt_ids[row], i++;
-        kvm_seq_t view = {.pool = c->pool, .blocks = p->seq.blocks, .n_blocks = p->seq.n_blocks,
-                          .cap_blocks = p->seq.n_blocks, .tokens = scratch, .n_tokens = N - 1, .cap_tokens = N};
-        kvm_batch_item_t item = {.seq = &view, .tokens = tok, .n_tokens = nb, .positions = pos};
+            if (mark[row]) pos[i++] = row;
         r->recompute_items = 1;
-        rc = kvm_forward(c->m, &item, 1);
+        rc = positioned_pass(c, p, pos, nb, N - 1, NULL, 0);
         for (int k = 0; k < nb && !rc; k++) {
             account_recomputed(r, row_cat(pv, cfg, pos[k]));
             if (mark[pos[k]] == 2) r->short_recomputed++;
@@ -343,7 +357,7 @@ static int stage_recompute(kvm_comm_t *c, prep_priv_t *pv, kvm_prepared_t *p) {
         }
     }
     kvm_free(mark);
-    kvm_free(buf);
+    kvm_free(pos);
     KVM_ASSERT(rc || p->seq.n_tokens == N - 1);
     return rc;
 }
@@ -356,25 +370,17 @@ static int stage_recompute(kvm_comm_t *c, prep_priv_t *pv, kvm_prepared_t *p) {
  * after the last placeholder: the spread stays. A backend without kvm_ops_t.attn_mass fails the call, naming the
  * switch. */
 static int stage_rank(kvm_comm_t *c, prep_priv_t *pv, kvm_prepared_t *p, int E) { /* rows [E, N - 1) assembled */
-    const int N = p->n_prompt;
-    int from = -1;
-    for (int j = 0; j < pv->n_ph; j++)
-        if (pv->ph[j].decision == KVM_PH_SHARED && pv->ph[j].t_ph + pv->ph[j].T > from) from = pv->ph[j].t_ph + pv->ph[j].T;
+    const int N = p->n_prompt, from = comm_own_rows_from(&p->report);
     if (from <= E || from >= N - 1) return 0;
     /* the last prompt row too (it picks the first token): its block is reserved ahead; the generation's first step
      * writes that row again */
     const int nb = N - from;
     float *mass = kvm_calloc((size_t)N, sizeof(float));
-    int32_t *buf = kvm_malloc((size_t)(N + 2 * nb) * sizeof(int32_t));
-    int rc = mass && buf ? kvm_seq_reserve(&p->seq, N) : KVM_ENOMEM;
+    int32_t *pos = kvm_malloc((size_t)nb * sizeof(int32_t));
+    int rc = mass && pos ? kvm_seq_reserve(&p->seq, N) : KVM_ENOMEM;
     if (!rc) {
-        int32_t *scratch = buf, *pos = buf + N, *tok = pos + nb;
-        memcpy(scratch, p->prompt_ids, (size_t)N * sizeof(int32_t));
-        for (int i = 0; i < nb; i++) pos[i] = from + i, tok[i] = p->prompt_ids[from + i];
-        kvm_seq_t view = {.pool = c->pool, .blocks = p->seq.blocks, .n_blocks = p->seq.n_blocks,
-                          .cap_blocks = p->seq.n_blocks, .tokens = scratch, .n_tokens = N, .cap_tokens = N};
-        kvm_batch_item_t item = {.seq = &view, .tokens = tok, .n_tokens = nb, .positions = pos};
-        rc = kvm_forward_attn_mass(c->m, &item, 1, mass, N, from);
+        for (int i = 0; i < nb; i++) pos[i] = from + i;
+        rc = positioned_pass(c, p, pos, nb, N, mass, from);
     }
     if (rc) kvm_errctx(rc, "kvcomm.recompute_rank=%s", c->cfg.recompute_rank == 1 ? "attention" : "attention_spread");
     for (int row = E; row < from && !rc; row++)
@@ -382,7 +388,7 @@ static int stage_rank(kvm_comm_t *c, prep_priv_t *pv, kvm_prepared_t *p, int E) 
             pv->row_score[row] = (c->cfg.recompute_rank == 1 ? mass[row] : pv->row_score[row] * mass[row]) + 1e-30f;
     if (!rc) pv->own_from = from;
     kvm_free(mass);
-    kvm_free(buf);
+    kvm_free(pos);
     return rc;
 }
 
